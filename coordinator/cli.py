@@ -1,0 +1,33 @@
+"""`fleetmesh`: the operator's and the coordinator's command line.
+
+Each group of subcommands lives in a private module with a `register(subparsers)` function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from coordinator import _cli_keys
+from mesh.clikit import package_version, run
+
+_GROUPS = (_cli_keys.register,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fleetmesh", description="Operate a fleetmesh fleet and its coordinator.")
+    parser.add_argument("--version", action="version", version=f"fleetmesh {package_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in _GROUPS:
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
