@@ -1,0 +1,673 @@
+"""Build, inspect and tear down a lab: one network namespace per node, a WAN bridge namespace,
+NAT routers (iptables), WAN shaping (tbf + iptables statistic) and private mount namespaces.
+
+Nothing here touches the host's own network: every link, address, route, rule and qdisc lives
+inside a namespace named ``fm-*``; the host only gets /run/fleetmesh-lab (state and mount
+namespace files) and an empty /run/wireguard mount point directory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Final
+
+from pyroute2 import IPRoute, NetlinkError, netns
+
+from . import _host
+from ._host import (
+    MOUNT_DIR,
+    NETNS_DIR,
+    NETNS_PREFIX,
+    STATE_DIR,
+    STATE_FILE,
+    WG_RUN_DIR,
+    LabError,
+    LabUsageError,
+)
+from .topology import Topology, TopologyError, parse_topology
+
+__all__ = [
+    "WAN_BRIDGE",
+    "WAN_NETNS",
+    "Lab",
+    "LabAlreadyUp",
+    "LabError",
+    "LabNotUp",
+    "LabUsageError",
+    "Node",
+    "Router",
+    "teardown_all",
+]
+
+WAN_NETNS: Final = f"{NETNS_PREFIX}wan"
+WAN_BRIDGE: Final = "br0"
+LAN_BRIDGE: Final = "lan0"
+HOST_IF: Final = "eth0"
+WAN_IF: Final = "wan0"
+STATE_VERSION: Final = 1
+
+# tbf: the bucket must hold at least a few full-size (GSO-split) packets, and a deeper queue
+# than the classic 50 ms keeps a single TCP flow from sawing below the rate (measured with
+# iperf3 at 4mbit: ~3.8 Mbit/s both directions with these values).
+TBF_MIN_BURST_BYTES: Final = 16 * 1024
+TBF_BURST_SECONDS: Final = 0.01
+TBF_LATENCY_MS: Final = 100
+
+
+class LabAlreadyUp(LabUsageError):
+    pass
+
+
+class LabNotUp(LabError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """One namespace of the lab. underlay_ipv4 is the address on its uplink interface."""
+
+    name: str
+    role: str  # device | router | coordinator | operator
+    lan: str | None  # None for nodes on the WAN
+    netns: str
+    underlay_ipv4: str
+    prefixlen: int
+    iface: str  # the uplink interface inside the namespace
+    gateway: str | None  # next hop of the default route, None if there is none
+    mountns_path: str | None  # persistent mount namespace file (non-routers only)
+
+    @property
+    def netns_path(self) -> str:
+        return f"{NETNS_DIR}/{self.netns}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["netns_path"] = self.netns_path
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class Router(Node):
+    """A NAT router. tier "home" is a LAN's router, "carrier" the CGNAT of a nat="double" LAN.
+
+    The home router of a double LAN has nat == "double" and its WAN side on the carrier subnet.
+    """
+
+    nat: str = "firewall"
+    tier: str = "home"
+    wan_if: str = WAN_IF
+    wan_ipv4: str = ""
+    lan_if: str = LAN_BRIDGE
+    lan_ipv4: str = ""
+    lan_subnet: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Link:
+    """A veth pair: (a_ns, a_if) is the node's side, (b_ns, b_if) its upstream's side."""
+
+    a_ns: str
+    a_if: str
+    b_ns: str
+    b_if: str
+    b_master: str | None  # bridge on the b side, if any
+    shaped: bool  # tbf/loss applied to this link (both directions)
+    lan: str | None
+
+
+def _ns(node_name: str) -> str:
+    return f"{NETNS_PREFIX}{node_name}"
+
+
+def _mnt(node_name: str) -> str:
+    return str(MOUNT_DIR / node_name)
+
+
+def plan(topo: Topology) -> tuple[list[Node], list[_Link]]:
+    """The nodes and links a topology makes, in build order. Pure."""
+    nodes: list[Node] = []
+    links: list[_Link] = []
+    wan_plen = topo.wan_subnet.prefixlen
+    port = 0
+
+    def wan_port(node: str, ifname: str, shaped: bool = False, lan: str | None = None) -> None:
+        nonlocal port
+        links.append(_Link(_ns(node), ifname, WAN_NETNS, f"p{port}", WAN_BRIDGE, shaped, lan))
+        port += 1
+
+    nodes.append(
+        Node("coordinator", "coordinator", None, _ns("coordinator"), str(topo.coordinator_ipv4),
+             wan_plen, HOST_IF, None, _mnt("coordinator"))
+    )
+    wan_port("coordinator", HOST_IF)
+    op_on = topo.operator.on if topo.operator else None
+    if op_on == "wan":
+        nodes.append(
+            Node("operator", "operator", None, _ns("operator"), str(topo.operator_wan_ipv4),
+                 wan_plen, HOST_IF, None, _mnt("operator"))
+        )
+        wan_port("operator", HOST_IF)
+
+    for lan in topo.lans:
+        shaped = lan.shaping.active
+        if lan.nat == "none":
+            for n in range(1, lan.devices + 1):
+                name = lan.device_name(n)
+                nodes.append(
+                    Node(name, "device", lan.name, _ns(name), str(lan.device_ipv4(n)), wan_plen,
+                         HOST_IF, None, _mnt(name))
+                )
+                wan_port(name, HOST_IF, shaped, lan.name)
+            continue
+
+        router = f"{lan.name}-router"
+        if lan.nat == "double":
+            assert lan.carrier_subnet is not None
+            cgnat = f"{lan.name}-cgnat"
+            carrier_gw = lan.carrier_subnet.network_address + 1
+            home_wan = lan.carrier_subnet.network_address + 2
+            nodes.append(
+                Router(cgnat, "router", lan.name, _ns(cgnat), str(lan.wan_addresses[0]), wan_plen,
+                       WAN_IF, None, None, nat="firewall", tier="carrier",
+                       wan_ipv4=str(lan.wan_addresses[0]), lan_if=LAN_BRIDGE,
+                       lan_ipv4=str(carrier_gw), lan_subnet=str(lan.carrier_subnet))
+            )
+            wan_port(cgnat, WAN_IF)
+            nodes.append(
+                Router(router, "router", lan.name, _ns(router), str(home_wan),
+                       lan.carrier_subnet.prefixlen, WAN_IF, str(carrier_gw), None,
+                       nat="double", tier="home", wan_ipv4=str(home_wan),
+                       lan_ipv4=str(lan.router_lan_ipv4), lan_subnet=str(lan.subnet))
+            )
+            links.append(_Link(_ns(router), WAN_IF, _ns(cgnat), LAN_BRIDGE, None, shaped, lan.name))
+        else:
+            nodes.append(
+                Router(router, "router", lan.name, _ns(router), str(lan.wan_addresses[0]),
+                       wan_plen, WAN_IF, None, None, nat=lan.nat, tier="home",
+                       wan_ipv4=str(lan.wan_addresses[0]), lan_ipv4=str(lan.router_lan_ipv4),
+                       lan_subnet=str(lan.subnet))
+            )
+            wan_port(router, WAN_IF, shaped, lan.name)
+
+        gw = str(lan.router_lan_ipv4)
+        plen = lan.subnet.prefixlen
+        if op_on == lan.name:
+            nodes.append(
+                Node("operator", "operator", lan.name, _ns("operator"), str(lan.operator_ipv4),
+                     plen, HOST_IF, gw, _mnt("operator"))
+            )
+            links.append(_Link(_ns("operator"), HOST_IF, _ns(router), "op", LAN_BRIDGE, False,
+                               lan.name))
+        for n in range(1, lan.devices + 1):
+            name = lan.device_name(n)
+            nodes.append(
+                Node(name, "device", lan.name, _ns(name), str(lan.device_ipv4(n)), plen, HOST_IF,
+                     gw, _mnt(name))
+            )
+            links.append(_Link(_ns(name), HOST_IF, _ns(router), f"d{n}", LAN_BRIDGE, False,
+                               lan.name))
+    return nodes, links
+
+
+def nat_rules(router: Router, loss: float) -> str:
+    """iptables-restore input for a router namespace (documented verbatim in docs/lab.md)."""
+    w = router.wan_if
+    filt = ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
+    if router.nat in ("firewall", "double"):
+        filt += [
+            f"-A INPUT -i {w} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+            f"-A INPUT -i {w} -j DROP",
+            f"-A FORWARD -i {w} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+            f"-A FORWARD -i {w} -j DROP",
+        ]
+    filt.append("COMMIT")
+    masq = f"-A POSTROUTING -o {w} -j MASQUERADE"
+    if router.nat == "symmetric":
+        masq += " --random-fully"
+    nat = [
+        "*nat", ":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
+        ":POSTROUTING ACCEPT [0:0]", masq, "COMMIT",
+    ]
+    mangle: list[str] = []
+    if loss > 0:
+        mangle = [
+            "*mangle", ":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]",
+            ":OUTPUT ACCEPT [0:0]", ":POSTROUTING ACCEPT [0:0]",
+            *_loss_rules(w, loss), "COMMIT",
+        ]
+    return "\n".join(filt + nat + mangle) + "\n"
+
+
+def _loss_rules(ifname: str, loss: float) -> list[str]:
+    p = f"{loss:.6f}"
+    return [
+        f"-A PREROUTING -i {ifname} -m statistic --mode random --probability {p} -j DROP",
+        f"-A POSTROUTING -o {ifname} -m statistic --mode random --probability {p} -j DROP",
+    ]
+
+
+def loss_only_rules(ifname: str, loss: float) -> str:
+    return "\n".join(
+        ["*mangle", ":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]",
+         ":OUTPUT ACCEPT [0:0]", ":POSTROUTING ACCEPT [0:0]", *_loss_rules(ifname, loss),
+         "COMMIT"]
+    ) + "\n"
+
+
+def tbf_args(rate_bps: int) -> list[str]:
+    burst = max(TBF_MIN_BURST_BYTES, int(rate_bps / 8 * TBF_BURST_SECONDS))
+    return ["tbf", "rate", f"{rate_bps}bit", "burst", str(burst), "latency", f"{TBF_LATENCY_MS}ms"]
+
+
+_CLONE_NEWNET: Final = 0x40000000
+
+
+def _write_net_sysctls(keys: dict[str, list[str]]) -> None:
+    """Set /proc/sys/net/<key> = 1 inside each namespace, from a throwaway thread (setns moves
+    only the calling thread, and this one dies afterwards, so no other thread ever changes
+    namespace)."""
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            for ns, names in keys.items():
+                fd = os.open(f"{NETNS_DIR}/{ns}", os.O_RDONLY)
+                try:
+                    if libc.setns(fd, _CLONE_NEWNET) != 0:
+                        raise OSError(ctypes.get_errno(), f"setns {ns}")
+                finally:
+                    os.close(fd)
+                for name in names:
+                    with open(f"/proc/sys/net/{name}", "w") as f:
+                        f.write("1")
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(e)
+
+    t = threading.Thread(target=work, name="fm-lab-sysctl")
+    t.start()
+    t.join()
+    if errors:
+        raise LabError(f"setting sysctls failed: {errors[0]}")
+
+
+def _nsenter_net(ns: str) -> list[str]:
+    return ["nsenter", f"--net={NETNS_DIR}/{ns}", "--"]
+
+
+def _run_all(jobs: Sequence[tuple[list[str], str | None]], what: str) -> None:
+    """Run commands concurrently; raise LabError naming the first that failed."""
+    procs = []
+    for argv, stdin in jobs:
+        p = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin is not None else
+                             subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+        procs.append((argv, stdin, p))
+    errors = []
+    for argv, stdin, p in procs:
+        _, err = p.communicate(stdin, timeout=30)
+        if p.returncode != 0:
+            last = (err or "").strip().splitlines()[-1:] or [f"exit {p.returncode}"]
+            errors.append(f"{' '.join(argv)}: {last[0]}")
+    if errors:
+        raise LabError(f"{what} failed: {errors[0]}")
+
+
+class Lab:
+    """A running lab. Get one with Lab.up(topology) or Lab.load()."""
+
+    def __init__(self, topology: Topology, nodes: Sequence[Node], state: dict[str, Any]):
+        self.topology = topology
+        self.nodes: tuple[Node, ...] = tuple(nodes)
+        self._by_name = {n.name: n for n in self.nodes}
+        self._state = state
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    @staticmethod
+    def is_up() -> bool:
+        return STATE_FILE.exists() or bool(_host.lab_netns_names())
+
+    @classmethod
+    def up(cls, topology: Topology, *, network_only: bool = True) -> Lab:
+        """Build the lab's network. Raises LabAlreadyUp, LabError (host overlap, build failure:
+        everything made so far is removed again)."""
+        _host.require_root()
+        if Lab.is_up():
+            raise LabAlreadyUp("a lab is already up (run `fleetmesh-lab down` first)")
+        _host.check_host_overlap(topology.subnets())  # before anything is written
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        with _host.state_lock():
+            if Lab.is_up():  # again, under the lock: someone may have been faster
+                raise LabAlreadyUp("a lab is already up (run `fleetmesh-lab down` first)")
+            nodes, links = plan(topology)
+            state: dict[str, Any] = {
+                "version": STATE_VERSION,
+                "phase": "building",
+                "created": time.time(),
+                "owner_pid": os.getpid(),
+                "source": topology.source,
+                "topology": topology.to_dict(),
+                "netns": [WAN_NETNS] + [n.netns for n in nodes],
+                "mountns": {n.name: n.mountns_path for n in nodes if n.mountns_path},
+                "nodes": [n.to_dict() | {"kind": type(n).__name__} for n in nodes],
+                "processes": [],
+            }
+            _host.write_state(state)
+            try:
+                _build(topology, nodes, links)
+            except BaseException as e:
+                try:
+                    teardown_all()
+                except Exception as cleanup:  # noqa: BLE001 - the build error matters more
+                    e.add_note(f"cleanup after the failed build also failed: {cleanup}")
+                if isinstance(e, LabError):
+                    raise
+                if isinstance(e, Exception):
+                    raise LabError(f"building the lab failed: {type(e).__name__}: {e}") from e
+                raise
+            state["phase"] = "up"
+            _host.write_state(state)
+        return cls(topology, nodes, state)
+
+    @classmethod
+    def load(cls) -> Lab:
+        state = _host.read_state()
+        if state is None:
+            raise LabNotUp("no lab is up")
+        try:
+            topo = parse_topology(state["topology"], source=state.get("source"))
+        except (KeyError, TypeError, TopologyError) as e:
+            raise LabError(
+                f"{STATE_FILE}: unreadable state ({e}); run `fleetmesh-lab down`"
+            ) from None
+        nodes, _ = plan(topo)
+        return cls(topo, nodes, state)
+
+    def down(self) -> None:
+        teardown_all()
+
+    # --- nodes -----------------------------------------------------------------------------
+
+    @property
+    def routers(self) -> tuple[Router, ...]:
+        return tuple(n for n in self.nodes if isinstance(n, Router))
+
+    @property
+    def devices(self) -> tuple[Node, ...]:
+        return tuple(n for n in self.nodes if n.role == "device")
+
+    def node(self, name: str) -> Node:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            known = ", ".join(self._by_name)
+            raise LabUsageError(f"unknown node {name!r} (known: {known})") from None
+
+    def router(self, lan: str, tier: str = "home") -> Router:
+        for r in self.routers:
+            if r.lan == lan and r.tier == tier:
+                return r
+        raise LabError(f"LAN {lan!r} has no {tier} router")
+
+    # --- running things in nodes -----------------------------------------------------------
+
+    def command(self, node: str | Node, argv: Sequence[str]) -> list[str]:
+        """argv prefixed with nsenter into the node's network (and mount) namespace."""
+        n = node if isinstance(node, Node) else self.node(node)
+        cmd = ["nsenter", f"--net={n.netns_path}"]
+        if n.mountns_path:
+            # entering a mount namespace resets the cwd to its root; keep ours (same tree)
+            cmd += [f"--mount={n.mountns_path}", f"--wd={os.getcwd()}"]
+        return cmd + ["--", *argv]
+
+    def run(self, node: str | Node, argv: Sequence[str], **kwargs: Any
+            ) -> subprocess.CompletedProcess[Any]:
+        kwargs.setdefault("timeout", 120)
+        check = kwargs.pop("check", False)
+        return subprocess.run(self.command(node, argv), check=check, **kwargs)
+
+    def spawn(self, node: str | Node, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start a long-running process in a node; its PID goes into the state file so that
+        `down` stops it even if the caller dies."""
+        p = subprocess.Popen(self.command(node, argv), **kwargs)
+        name = node.name if isinstance(node, Node) else node
+        with _host.state_lock():
+            state = _host.read_state() or self._state
+            state.setdefault("processes", []).append(
+                {"pid": p.pid, "start": _host.proc_start_time(p.pid), "node": name,
+                 "argv": list(argv)}
+            )
+            _host.write_state(state)
+            self._state = state
+        return p
+
+    # --- counters and status ---------------------------------------------------------------
+
+    def link_counters(self, node: str | Node, ifname: str) -> tuple[int, int]:
+        """(rx_bytes, tx_bytes) of an interface inside a node's namespace."""
+        n = node if isinstance(node, Node) else self.node(node)
+        with IPRoute(netns=n.netns) as ipr:
+            idx = ipr.link_lookup(ifname=ifname)
+            if not idx:
+                raise LabError(f"{n.name}: no interface {ifname}")
+            link = ipr.get_links(idx[0])[0]
+        stats = link.get("stats64") or link.get("IFLA_STATS64") or {}
+        return int(stats.get("rx_bytes", 0)), int(stats.get("tx_bytes", 0))
+
+    def wan_counters(self, router: str | Router) -> tuple[int, int]:
+        r = router if isinstance(router, Router) else self.node(router)
+        assert isinstance(r, Router), f"{r.name} is not a router"
+        return self.link_counters(r, r.wan_if)
+
+    def status(self) -> dict[str, Any]:
+        routers = []
+        for r in self.routers:
+            try:
+                rx, tx = self.wan_counters(r)
+            except (LabError, OSError, NetlinkError):
+                rx = tx = -1  # a namespace vanished under us: show the rest anyway
+            routers.append({
+                "name": r.name, "lan": r.lan, "netns": r.netns, "nat": r.nat, "tier": r.tier,
+                "wan_if": r.wan_if, "wan_ipv4": r.wan_ipv4, "lan_ipv4": r.lan_ipv4,
+                "lan_subnet": r.lan_subnet, "wan_rx_bytes": rx, "wan_tx_bytes": tx,
+            })
+        lans = []
+        for lan in self.topology.lans:
+            lans.append({
+                "name": lan.name, "nat": lan.nat, "subnet": str(lan.subnet),
+                "carrier_subnet": str(lan.carrier_subnet) if lan.carrier_subnet else None,
+                "devices": lan.devices, "uplink": lan.shaping.rate_text,
+                "uplink_bps": lan.shaping.rate_bps, "loss": lan.shaping.loss,
+            })
+        return {
+            "phase": self._state.get("phase", "up"),
+            "source": self.topology.source,
+            "wan": {"subnet": str(self.topology.wan_subnet), "netns": WAN_NETNS,
+                    "bridge": WAN_BRIDGE},
+            "lans": lans,
+            "nodes": [
+                {"name": n.name, "role": n.role, "lan": n.lan, "netns": n.netns,
+                 "netns_path": n.netns_path, "mountns": n.mountns_path,
+                 "underlay_ipv4": n.underlay_ipv4, "iface": n.iface, "gateway": n.gateway}
+                for n in self.nodes
+            ],
+            "routers": routers,
+            "processes": [
+                p for p in self._state_now().get("processes", [])
+                if p.get("start") is not None and _host.proc_start_time(p["pid"]) == p["start"]
+            ],
+        }
+
+    def _state_now(self) -> dict[str, Any]:
+        return _host.read_state() or self._state
+
+
+# --- build ---------------------------------------------------------------------------------
+
+
+def _build(topo: Topology, nodes: list[Node], links: list[_Link]) -> None:
+    all_ns = [WAN_NETNS] + [n.netns for n in nodes]
+    for ns in all_ns:
+        netns.create(ns)
+    routers = [n for n in nodes if isinstance(n, Router)]
+    # Underlay interfaces per namespace: IPv6 goes off on them before they come up, so the
+    # WAN byte counters see only what the lab's nodes send (no RS/MLD/DAD chatter).
+    underlay: dict[str, list[str]] = {ns: [] for ns in all_ns}
+    up_later: list[tuple[str, str]] = []
+    ipr: dict[str, IPRoute] = {}
+    try:
+        for ns in all_ns:
+            ipr[ns] = IPRoute(netns=ns)
+            ipr[ns].link("set", index=ipr[ns].link_lookup(ifname="lo")[0], state="up")
+
+        def idx(ns: str, ifname: str) -> int:
+            found = ipr[ns].link_lookup(ifname=ifname)
+            if not found:
+                raise LabError(f"{ns}: interface {ifname} missing")
+            return int(found[0])
+
+        def addr(ns: str, ifname: str, ip: str, plen: int) -> None:
+            ipr[ns].addr("add", index=idx(ns, ifname), address=ip, prefixlen=plen)
+
+        ipr[WAN_NETNS].link("add", ifname=WAN_BRIDGE, kind="bridge")
+        underlay[WAN_NETNS].append(WAN_BRIDGE)
+        up_later.append((WAN_NETNS, WAN_BRIDGE))
+        for r in routers:
+            if r.tier == "home":
+                ipr[r.netns].link("add", ifname=LAN_BRIDGE, kind="bridge")
+                addr(r.netns, LAN_BRIDGE, r.lan_ipv4, ipaddress.IPv4Network(r.lan_subnet).prefixlen)
+                underlay[r.netns].append(LAN_BRIDGE)
+                up_later.append((r.netns, LAN_BRIDGE))
+
+        for link in links:
+            ipr[link.a_ns].link("add", ifname=link.a_if, kind="veth",
+                                peer={"ifname": link.b_if, "net_ns_fd": link.b_ns})
+            if link.b_master:
+                ipr[link.b_ns].link("set", index=idx(link.b_ns, link.b_if),
+                                    master=idx(link.b_ns, link.b_master))
+            underlay[link.a_ns].append(link.a_if)
+            underlay[link.b_ns].append(link.b_if)
+            up_later += [(link.a_ns, link.a_if), (link.b_ns, link.b_if)]
+
+        for r in routers:
+            if r.tier == "carrier":
+                addr(r.netns, LAN_BRIDGE, r.lan_ipv4, ipaddress.IPv4Network(r.lan_subnet).prefixlen)
+        for n in nodes:
+            addr(n.netns, n.iface, n.underlay_ipv4, n.prefixlen)
+
+        sysctls = {ns: [f"ipv6/conf/{i}/disable_ipv6" for i in ifs] for ns, ifs in underlay.items()}
+        for r in routers:
+            sysctls[r.netns].append("ipv4/ip_forward")
+        _write_net_sysctls(sysctls)
+
+        for ns, ifname in up_later:
+            ipr[ns].link("set", index=idx(ns, ifname), state="up")
+        for n in nodes:
+            if n.gateway:
+                ipr[n.netns].route("add", dst="0.0.0.0/0", gateway=n.gateway)
+            elif isinstance(n, Router):
+                # The WAN is one flat segment: a router's default route points straight at it.
+                ipr[n.netns].route("add", dst="0.0.0.0/0", oif=idx(n.netns, n.iface), scope=253)
+    finally:
+        for h in ipr.values():
+            h.close()
+
+    jobs: list[tuple[list[str], str | None]] = []
+    lans = {lan.name: lan for lan in topo.lans}
+    for r in routers:
+        lan = lans[r.lan] if r.lan else None
+        loss = lan.shaping.loss if (lan is not None and r.tier == "home") else 0.0
+        jobs.append((
+            _nsenter_net(r.netns) + ["iptables-restore"],
+            nat_rules(r, loss),
+        ))
+    for link in links:
+        if not link.shaped or link.lan is None:
+            continue
+        lan = lans[link.lan]
+        if lan.shaping.rate_bps is not None:
+            for ns, ifname in ((link.a_ns, link.a_if), (link.b_ns, link.b_if)):
+                jobs.append((_nsenter_net(ns) + ["tc", "qdisc", "replace", "dev", ifname, "root",
+                                                 *tbf_args(lan.shaping.rate_bps)], None))
+        if lan.nat == "none" and lan.shaping.loss > 0:
+            jobs.append((_nsenter_net(link.a_ns) + ["iptables-restore"],
+                         loss_only_rules(link.a_if, lan.shaping.loss)))
+
+    mount_nodes = [n for n in nodes if n.mountns_path]
+    if mount_nodes:
+        MOUNT_DIR.mkdir(parents=True, exist_ok=True)
+        if not _host.is_mountpoint(MOUNT_DIR):
+            subprocess.run(["mount", "--bind", str(MOUNT_DIR), str(MOUNT_DIR)], check=True)
+        subprocess.run(["mount", "--make-private", str(MOUNT_DIR)], check=True)
+        WG_RUN_DIR.mkdir(parents=True, exist_ok=True)
+        for n in mount_nodes:
+            assert n.mountns_path
+            open(n.mountns_path, "a").close()
+            jobs.append((["unshare", f"--mount={n.mountns_path}", "--propagation", "private",
+                          "mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "fm-wg",
+                          str(WG_RUN_DIR)], None))
+    _run_all(jobs, "configuring routers, shaping and mount namespaces")
+
+
+# --- teardown ------------------------------------------------------------------------------
+
+
+def teardown_all() -> list[str]:
+    """Remove everything any lab made, with or without a state file (after a crash too).
+
+    Returns the names of the network namespaces removed. Touches only fm-* namespaces, the
+    processes inside them or inside the lab's mount namespaces, and /run/fleetmesh-lab.
+    """
+    _host.require_root()
+    state = _host.read_state() or {}
+    victims: set[int] = set()
+    for p in state.get("processes", []):
+        pid, start = p.get("pid"), p.get("start")
+        if isinstance(pid, int) and start is not None and _host.proc_start_time(pid) == start:
+            victims.add(pid)
+    names = _host.lab_netns_names()
+    for ns in names:
+        ino = _host.ns_inode(NETNS_DIR / ns)
+        if ino is not None:
+            victims.update(_host.pids_in_ns("net", ino))
+    mount_files = []
+    if MOUNT_DIR.is_dir():
+        mounted = set(_host.mounts_under(MOUNT_DIR))
+        for entry in sorted(os.listdir(MOUNT_DIR)):
+            path = str(MOUNT_DIR / entry)
+            mount_files.append(path)
+            if path in mounted:
+                ino = _host.ns_inode(path)
+                if ino is not None:
+                    victims.update(_host.pids_in_ns("mnt", ino))
+    victims.discard(os.getpid())
+    if victims:
+        _host.kill_pids(victims)
+
+    # Mount namespaces first: each holds copies of the netns bind mounts made before it.
+    for mp in _host.mounts_under(STATE_DIR):
+        _host.umount(mp)
+    left = _host.mounts_under(STATE_DIR)
+    if left:
+        raise LabError(f"could not unmount {left[0]}; not removing {STATE_DIR}")
+
+    for ns in names:
+        try:
+            netns.remove(ns)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise LabError(f"could not remove network namespace {ns}: {e}") from e
+    if STATE_DIR.exists():
+        shutil.rmtree(STATE_DIR)
+    return names
+

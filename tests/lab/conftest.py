@@ -1,0 +1,61 @@
+"""Helpers for the lab tests: root/tool guards and a lab that is always torn down."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from lab import Lab, LabAlreadyUp, Topology, teardown_all
+from lab._host import lab_netns_names, read_state
+
+REPO = Path(__file__).resolve().parents[2]
+CLI = REPO / ".venv" / "bin" / "fleetmesh-lab"
+NEEDED_TOOLS = ("nsenter", "unshare", "iptables-restore", "tc", "busybox", "iperf3", "mount")
+
+
+def lab_skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "lab tests need root (network and mount namespaces)"
+    missing = [t for t in NEEDED_TOOLS if shutil.which(t) is None]
+    if missing:
+        return f"lab tests need {', '.join(missing)}"
+    return None
+
+
+def require_lab_machine() -> None:
+    reason = lab_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    if Lab.is_up():
+        pytest.skip("a lab is already up on this machine; not touching it (fleetmesh-lab down)")
+
+
+def teardown_if_ours() -> None:
+    """Remove the lab if this test process made it (or it crashed without a state file);
+    leave alone a lab someone else brought up on the same machine meanwhile."""
+    state = read_state()
+    if state is None:
+        if lab_netns_names():
+            teardown_all()  # a crashed lab: state.json is written before any namespace
+        return
+    if state.get("owner_pid") == os.getpid():
+        teardown_all()
+
+
+@contextmanager
+def lab_up(topology: Topology) -> Iterator[Lab]:
+    """Bring a lab up and ALWAYS remove it again, whatever the test does."""
+    require_lab_machine()
+    try:
+        lab = Lab.up(topology)
+    except LabAlreadyUp:
+        pytest.skip("another lab came up on this machine meanwhile")
+    try:
+        yield lab
+    finally:
+        teardown_if_ours()
