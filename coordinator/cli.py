@@ -9,10 +9,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from coordinator import _cli_keys
+from coordinator import _cli_keys, _cli_release
 from mesh.clikit import package_version, run
 
-_GROUPS = (_cli_keys.register,)
+_GROUPS = (_cli_keys.register, _cli_release.register)
 
 
 def build_parser() -> argparse.ArgumentParser:
