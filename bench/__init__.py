@@ -1,0 +1,1 @@
+"""Benchmarks: each prints ratios against the anchor tools measured in the same run."""

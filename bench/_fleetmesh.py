@@ -1,0 +1,42 @@
+"""The fleetmesh side of bench.delta, run in its own process so its peak RSS is its own.
+
+    python -m bench._fleetmesh create OLD NEW PATCH REPORT   (REPORT: JSON of what was tried)
+    python -m bench._fleetmesh apply OLD PATCH OUT
+    python -m bench._fleetmesh idle      (imports only: the interpreter's own peak RSS)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from mesh.delta import Method, apply_delta, create_delta, plan_layer
+
+
+def main(argv: list[str]) -> int:
+    if argv[0] == "create":
+        old, new = Path(argv[1]).read_bytes(), Path(argv[2]).read_bytes()
+        old_id = "sha256:" + hashlib.sha256(old).hexdigest()
+        plan = plan_layer(new, {old_id: old})
+        # When the full layer wins, ship it as a FULL container so that apply stays uniform.
+        patch = plan.patch if plan.patch is not None else create_delta(old, new,
+                                                                       method=Method.FULL)
+        Path(argv[3]).write_bytes(patch)
+        Path(argv[4]).write_text(json.dumps({
+            "full_size": plan.full_size,
+            "chosen": "delta" if plan.patch is not None else "full",
+            "tried": [[m, n] for _, m, n in plan.tried]}))
+        return 0
+    if argv[0] == "apply":
+        out = apply_delta(argv[1], Path(argv[2]).read_bytes())
+        Path(argv[3]).write_bytes(out)
+        return 0
+    if argv[0] == "idle":
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

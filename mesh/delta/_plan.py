@@ -1,0 +1,66 @@
+"""Per layer, the cheapest way to ship it: a delta from the best earlier layer, or full chunks."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from mesh.delta._container import Method
+from mesh.delta._engine import HDIFF_MAX_INPUT, WINDOW_NEW, WINDOW_PREFIX, create_delta
+from mesh.delta._tar import is_tar
+
+# Each candidate base costs one diff; releases keep deltas from the last few only
+# (mesh.release's MAX_DELTAS_PER_LAYER bounds what a manifest can carry).
+MAX_CANDIDATES: Final = 4
+
+
+@dataclass(frozen=True, slots=True)
+class LayerPlan:
+    """`patch` is None when shipping the full compressed layer is smaller than any delta."""
+
+    diff_id: str
+    full_size: int  # bytes of the full layer as compressed chunks
+    source_diff_id: str | None
+    patch: bytes | None
+    tried: tuple[tuple[str, str, int], ...]  # (source diff ID, method, patch bytes) per attempt
+
+    @property
+    def wire_size(self) -> int:
+        return self.full_size if self.patch is None else len(self.patch)
+
+
+def plan_layer(new: bytes, candidates: Mapping[str, bytes], *, full_size: int | None = None,
+               try_tar: bool = True, hdiff_max_input: int = HDIFF_MAX_INPUT) -> LayerPlan:
+    """Try each candidate base (diff ID -> layer tar, newest first) and keep the smallest.
+
+    `full_size` defaults to the size of `new` as mesh.release chunks. Tried per base: the
+    default method (HDiffPatch, or zstd windows above `hdiff_max_input`), the tar-aware method
+    when both sides are tars, and a single zstd window when both fit one. Each of these was the
+    smallest on at least one pair of the bench corpus (bench/delta.py prints what was tried).
+    """
+    if full_size is None:
+        from mesh.release import chunk_layer  # mesh.release does not depend on mesh.delta
+        full_size = sum(c.ref.stored_size for c in chunk_layer(new))
+    new_id = "sha256:" + hashlib.sha256(new).hexdigest()
+    new_is_tar = try_tar and is_tar(new)
+    best: tuple[int, str, bytes] | None = None
+    tried: list[tuple[str, str, int]] = []
+    for source_id, old in list(candidates.items())[:MAX_CANDIDATES]:
+        methods: list[Method | None] = [None]
+        if new_is_tar and is_tar(old):
+            methods.append(Method.TAR_MEMBERS)
+        if len(old) <= WINDOW_PREFIX and len(new) <= WINDOW_NEW:
+            # One window is zstd --patch-from: it wins on tiny edits, where HDiffPatch's own
+            # header is a noticeable part of a patch of a few hundred bytes.
+            methods.append(Method.ZSTD_WINDOWS)
+        for method in methods:
+            patch = create_delta(old, new, method=method, hdiff_max_input=hdiff_max_input)
+            name = method.name if method is not None else Method(patch[4]).name
+            tried.append((source_id, name, len(patch)))
+            if best is None or len(patch) < best[0]:
+                best = (len(patch), source_id, patch)
+    if best is None or best[0] >= full_size:
+        return LayerPlan(new_id, full_size, None, None, tuple(tried))
+    return LayerPlan(new_id, full_size, best[1], best[2], tuple(tried))

@@ -1,0 +1,218 @@
+"""Tar-aware deltas: layers are tars, so match members by path.
+
+Unchanged members are copied from the source, changed ones get their own HDiffPatch delta against
+the source member of the same path (or, failing that, of the same basename: `pkg-1.0.dist-info/
+RECORD` -> `pkg-1.1.dist-info/RECORD`), and everything else (tar headers, new files, padding) is a
+literal. Ops, literals and the uncompressed sub-deltas go into one zstd frame so that the
+compressor sees them together. Diffing work is proportional to what changed, not to the layer.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import io
+import lzma
+import posixpath
+import struct
+import tarfile
+from dataclasses import dataclass
+from typing import Final
+
+import hdiffpatch
+from backports import zstd
+
+from mesh.delta._container import DeltaError
+
+ZSTD_LEVEL: Final = 19
+WINDOW_LOG: Final = 27  # same bound as the other methods' decoders
+# Bound on the decompressed body relative to the target: sub-deltas of changed members can be a
+# little larger than the members themselves.
+_BODY_SLACK: Final = 16 * 1024 * 1024
+_ZSTD: Final = 0
+_ZSTD_PREFIX: Final = 1
+_LZMA2: Final = 2
+# Raw LZMA2 (no container; the patch has its own digests), 16 MiB dictionary like HDIFF's LZMA:
+# the decoder allocates the dictionary whatever the body size.
+_LZMA_FILTERS: Final = ({"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME,
+                         "dict_size": 1 << 24},)
+_MIN_PREFIX: Final = 8  # zstd refuses shorter raw dictionaries
+_OP: Final = struct.Struct(">BQQQ")
+_U64: Final = struct.Struct(">Q")
+
+
+class _Op(enum.IntEnum):
+    LITERAL = 0  # a = length
+    COPY = 1  # a = source offset, b = length
+    PATCH = 2  # a = source offset, b = source length, c = target length
+
+
+@dataclass(frozen=True, slots=True)
+class _Member:
+    name: str
+    header_offset: int
+    data_offset: int
+    size: int
+
+
+def _members(data: bytes) -> list[_Member] | None:
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            return [_Member(m.name, m.offset, m.offset_data, m.size if m.isreg() else 0)
+                    for m in tar.getmembers()]
+    except (tarfile.TarError, EOFError, ValueError):
+        return None
+
+
+def is_tar(data: bytes) -> bool:
+    return bool(data) and _members(data) is not None
+
+
+def tar_encode(old: bytes, new: bytes) -> bytes:
+    old_members = _members(old)
+    new_members = _members(new)
+    if old_members is None or new_members is None:
+        raise DeltaError("tar-aware delta needs two tar archives")
+    by_name = {m.name: m for m in old_members if m.size}
+    by_base: dict[str, list[_Member]] = {}
+    by_digest: dict[bytes, _Member] = {}
+    for m in old_members:
+        if m.size:
+            by_base.setdefault(posixpath.basename(m.name), []).append(m)
+            by_digest.setdefault(
+                hashlib.sha256(old[m.data_offset:m.data_offset + m.size]).digest(), m)
+
+    ops: list[tuple[int, int, int, int]] = []
+    literals = bytearray()
+    patches = bytearray()
+    cursor = 0
+
+    def literal(end: int) -> None:
+        nonlocal cursor
+        if end > cursor:
+            ops.append((_Op.LITERAL, end - cursor, 0, 0))
+            literals.extend(new[cursor:end])
+            cursor = end
+
+    for m in new_members:
+        if not m.size:
+            continue
+        literal(m.data_offset)
+        data = new[m.data_offset:m.data_offset + m.size]
+        same = by_digest.get(hashlib.sha256(data).digest())
+        base = by_name.get(m.name)
+        if base is None:
+            candidates = by_base.get(posixpath.basename(m.name), [])
+            base = candidates[0] if len(candidates) == 1 else None
+        if same is not None:
+            ops.append((_Op.COPY, same.data_offset, m.size, 0))
+        elif base is not None:
+            src = old[base.data_offset:base.data_offset + base.size]
+            sub = hdiffpatch.diff(src, data, compression="none", validate=False)
+            if len(sub) < len(data):
+                ops.append((_Op.PATCH, base.data_offset, base.size, m.size))
+                patches += _U64.pack(len(sub)) + sub
+            else:
+                ops.append((_Op.LITERAL, m.size, 0, 0))
+                literals += data
+        else:
+            ops.append((_Op.LITERAL, m.size, 0, 0))
+            literals += data
+        cursor = m.data_offset + m.size
+    literal(len(new))
+
+    raw = bytearray(_U64.pack(len(ops)))
+    for op in ops:
+        raw += _OP.pack(*op)
+    raw += _U64.pack(len(literals)) + literals + patches
+    # Two encodings, keep the smaller. zstd with the old tar as raw prefix lets literals (tar
+    # headers of renamed or re-stamped members, new files similar to old ones) refer back to the
+    # old layer, as zstd --patch-from does. LZMA2 has no prefix but a better entropy coder: on
+    # the bench corpus it was 0.3-1.2 % smaller than whole-layer HDiffPatch+LZMA on 4 of 6 pairs.
+    use_prefix = _MIN_PREFIX <= len(old) and len(old) + len(raw) <= 1 << WINDOW_LOG
+    options: dict[int, int] = {zstd.CompressionParameter.compression_level: ZSTD_LEVEL,
+                               zstd.CompressionParameter.window_log: WINDOW_LOG,
+                               zstd.CompressionParameter.enable_long_distance_matching: 1,
+                               zstd.CompressionParameter.content_size_flag: 0}
+    comp = zstd.ZstdCompressor(
+        options=options,
+        zstd_dict=zstd.ZstdDict(old, is_raw=True).as_prefix if use_prefix else None)
+    zstd_body = bytes([_ZSTD_PREFIX if use_prefix else _ZSTD]) + comp.compress(
+        bytes(raw), mode=zstd.ZstdCompressor.FLUSH_FRAME)
+    lzma_body = bytes([_LZMA2]) + lzma.compress(bytes(raw), format=lzma.FORMAT_RAW,
+                                                 filters=_LZMA_FILTERS)
+    return min(zstd_body, lzma_body, key=len)
+
+
+def tar_decode(old: bytes, body: bytes, target_size: int) -> bytes:
+    limit = 2 * target_size + _BODY_SLACK
+    if not body or body[0] not in (_ZSTD, _ZSTD_PREFIX, _LZMA2):
+        raise DeltaError("corrupt tar-delta body: bad flags")
+    dec: zstd.ZstdDecompressor | lzma.LZMADecompressor
+    try:
+        if body[0] == _LZMA2:
+            dec = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+        else:
+            dec = zstd.ZstdDecompressor(
+                zstd_dict=zstd.ZstdDict(old, is_raw=True).as_prefix if body[0] else None,
+                options={zstd.DecompressionParameter.window_log_max: WINDOW_LOG})
+        raw = dec.decompress(body[1:], max_length=limit + 1)
+    except (zstd.ZstdError, lzma.LZMAError, ValueError, EOFError) as exc:
+        raise DeltaError(f"corrupt tar-delta body: {exc}") from None
+    if len(raw) > limit or not dec.eof or dec.unused_data:
+        raise DeltaError("corrupt tar-delta body: bad length")
+    try:
+        return _replay(old, raw, target_size)
+    except struct.error:
+        raise DeltaError("corrupt tar-delta body: truncated") from None
+
+
+def _replay(old: bytes, raw: bytes, target_size: int) -> bytes:
+    (count,) = _U64.unpack_from(raw, 0)
+    pos = _U64.size
+    if count * _OP.size > len(raw) - pos:
+        raise DeltaError("corrupt tar-delta body: op count")
+    ops = [_OP.unpack_from(raw, pos + i * _OP.size) for i in range(count)]
+    pos += count * _OP.size
+    (lit_len,) = _U64.unpack_from(raw, pos)
+    pos += _U64.size
+    if pos + lit_len > len(raw):
+        raise DeltaError("corrupt tar-delta body: literals truncated")
+    lit_pos, patch_pos = pos, pos + lit_len
+    # Collect views and join once: one copy of the output instead of a growing buffer + copy.
+    src, body = memoryview(old), memoryview(raw)
+    pieces: list[bytes | memoryview] = []
+    produced = 0
+    for kind, a, b, c in ops:
+        if kind == _Op.LITERAL:
+            if lit_pos + a > pos + lit_len:
+                raise DeltaError("corrupt tar-delta body: literal out of bounds")
+            pieces.append(body[lit_pos:lit_pos + a])
+            produced += a
+            lit_pos += a
+        elif kind == _Op.COPY:
+            if a + b > len(old):
+                raise DeltaError("corrupt tar-delta body: copy out of bounds")
+            pieces.append(src[a:a + b])
+            produced += b
+        elif kind == _Op.PATCH:
+            (sub_len,) = _U64.unpack_from(raw, patch_pos)
+            patch_pos += _U64.size
+            if a + b > len(old) or patch_pos + sub_len > len(raw):
+                raise DeltaError("corrupt tar-delta body: patch out of bounds")
+            try:
+                piece = hdiffpatch.apply(old[a:a + b], raw[patch_pos:patch_pos + sub_len])
+            except (hdiffpatch.HDiffPatchError, ValueError, MemoryError) as exc:
+                raise DeltaError(f"corrupt member delta: {exc}") from None
+            if len(piece) != c:
+                raise DeltaError("corrupt member delta: wrong length")
+            pieces.append(piece)
+            produced += c
+            patch_pos += sub_len
+        else:
+            raise DeltaError(f"corrupt tar-delta body: unknown op {kind}")
+        if produced > target_size:
+            raise DeltaError("corrupt tar-delta body: output too long")
+    if lit_pos != pos + lit_len or patch_pos != len(raw):
+        raise DeltaError("corrupt tar-delta body: unused data")
+    return b"".join(pieces)

@@ -1,0 +1,286 @@
+"""The one place release values become bytes and back.
+
+Every value is a msgpack array whose first element is a type tag and whose fields follow in a
+fixed order, so an encoding is canonical: decode re-encodes and rejects any input that does not
+reproduce itself byte for byte (map order, integer widths, float forms), which makes the signed
+bytes the only form of a manifest. Sizes and counts are bounded before and while unpacking;
+every malformed input raises ManifestError.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
+
+import msgpack  # type: ignore[import-untyped]  # msgpack 1.2 ships no stubs
+
+from mesh.release._model import (
+    ChunkRef,
+    ContainerSettings,
+    HealthCheck,
+    Layer,
+    LayerDelta,
+    ManifestError,
+    ReleaseManifest,
+    ReleasePin,
+    RestartPolicy,
+    SignedManifest,
+    SignedPin,
+    UpdateStrategy,
+    Volume,
+)
+
+MAX_MANIFEST_BYTES: Final = 8 * 1024 * 1024
+MAX_ENVELOPE_BYTES: Final = MAX_MANIFEST_BYTES + 1024
+MAX_PIN_BYTES: Final = 4096
+MAX_LAYERS: Final = 128  # moby's overlay2 driver refuses deeper images (overlay2 maxDepth)
+MAX_CHUNKS_PER_LAYER: Final = 4096  # 16 GiB at CHUNK_SIZE = 4 MiB
+MAX_DELTAS_PER_LAYER: Final = 16  # bases kept per layer; older releases fall back to chunks
+MAX_NAME: Final = 253  # fleet/app/device names fit a DNS name (RFC 1035)
+MAX_ARG: Final = 131072  # Linux MAX_ARG_STRLEN: longest single argv/env string
+MAX_PATH: Final = 4096  # Linux PATH_MAX
+MAX_ARGS: Final = 1024
+MAX_ENV: Final = 1024
+MAX_VOLUMES: Final = 64
+MAX_IMAGE_CONFIG: Final = 1024 * 1024
+MAX_KEY_ID: Final = 64
+MAX_SIZE: Final = 1 << 40  # 1 TiB: any layer, chunk or patch size beyond is malformed
+MAX_VERSION: Final = (1 << 63) - 1
+
+_MANIFEST_TAG: Final = "fleetmesh.release/1"
+_PIN_TAG: Final = "fleetmesh.pin/1"
+_SIGNED_TAG: Final = "fleetmesh.signed-release/1"
+_SIGNED_PIN_TAG: Final = "fleetmesh.signed-pin/1"
+_DIFF_ID: Final = re.compile(r"sha256:[0-9a-f]{64}\Z")
+_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+
+T = TypeVar("T")
+
+
+# ---- encoding ------------------------------------------------------------------------------
+
+def _pack(obj: object) -> bytes:
+    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    return data
+
+
+def _manifest_obj(m: ReleaseManifest) -> list[object]:
+    c = m.container
+    hc = c.health_check
+    return [
+        _MANIFEST_TAG, m.fleet, m.app, m.version, m.created_at, m.image_config,
+        [[layer.diff_id, layer.size,
+          [[ch.id, ch.size, ch.stored_size] for ch in layer.chunks],
+          [[d.source_diff_id, d.blob_id, d.size, d.method] for d in layer.deltas]]
+         for layer in m.layers],
+        [list(c.command), [[k, v] for k, v in c.environment], c.restart_policy.value,
+         None if hc is None else [list(hc.command), float(hc.interval_s), float(hc.timeout_s),
+                                  hc.retries, float(hc.start_period_s)],
+         c.update_strategy.value,
+         [[v.source, v.target, v.read_only] for v in c.volumes]],
+    ]
+
+
+def encode_manifest(manifest: ReleaseManifest) -> bytes:
+    """Canonical bytes of `manifest`; raises ManifestError if it breaks a limit."""
+    data = _pack(_manifest_obj(manifest))
+    # Round-trip through the decoder so that nothing unencodable-back is ever signed.
+    decode_manifest(data)
+    return data
+
+
+def encode_pin(pin: ReleasePin) -> bytes:
+    data = _pack([_PIN_TAG, pin.fleet, pin.app, pin.version, pin.device])
+    decode_pin(data)
+    return data
+
+
+def encode_signed_manifest(signed: SignedManifest) -> bytes:
+    return _pack([_SIGNED_TAG, signed.manifest, signed.signature, signed.key_id])
+
+
+def encode_signed_pin(signed: SignedPin) -> bytes:
+    return _pack([_SIGNED_PIN_TAG, signed.pin, signed.signature, signed.key_id])
+
+
+# ---- decoding ------------------------------------------------------------------------------
+
+def _unpack(data: bytes, limit: int) -> Any:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ManifestError("expected bytes")
+    if len(data) > limit:
+        raise ManifestError(f"{len(data)} bytes exceeds the limit of {limit}")
+    try:
+        return msgpack.unpackb(
+            bytes(data), raw=False, use_list=True, strict_map_key=True, max_str_len=MAX_ARG,
+            max_bin_len=max(MAX_IMAGE_CONFIG, limit), max_array_len=MAX_CHUNKS_PER_LAYER,
+            max_map_len=0, max_ext_len=0)
+    # ExtraData, FormatError, StackError and UnicodeDecodeError are ValueErrors; the limits raise
+    # ValueError too.
+    except (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException) as exc:
+        raise ManifestError(f"not valid msgpack: {type(exc).__name__}") from None
+
+
+def _list(x: object, n: int | None = None, *, max_len: int | None = None,
+          what: str = "value") -> list[Any]:
+    if not isinstance(x, list):
+        raise ManifestError(f"{what}: expected an array")
+    if n is not None and len(x) != n:
+        raise ManifestError(f"{what}: expected {n} fields, got {len(x)}")
+    if max_len is not None and len(x) > max_len:
+        raise ManifestError(f"{what}: more than {max_len} entries")
+    return x
+
+
+def _str(x: object, max_len: int, what: str) -> str:
+    if not isinstance(x, str) or len(x) > max_len:
+        raise ManifestError(f"{what}: expected a string of at most {max_len} characters")
+    return x
+
+
+def _name(x: object, what: str) -> str:
+    s = _str(x, MAX_NAME, what)
+    if not _NAME.match(s):
+        raise ManifestError(f"{what}: {s!r} is not a valid name")
+    return s
+
+
+def _int(x: object, lo: int, hi: int, what: str) -> int:
+    if not isinstance(x, int) or isinstance(x, bool) or not lo <= x <= hi:
+        raise ManifestError(f"{what}: expected an integer in [{lo}, {hi}]")
+    return x
+
+
+def _float(x: object, what: str) -> float:
+    if not isinstance(x, float) or not 0.0 <= x <= 1e9:
+        raise ManifestError(f"{what}: expected a non-negative float")
+    return x
+
+
+def _bin(x: object, what: str, *, size: int | None = None, max_len: int = MAX_ARG) -> bytes:
+    if not isinstance(x, bytes):
+        raise ManifestError(f"{what}: expected bytes")
+    if size is not None and len(x) != size:
+        raise ManifestError(f"{what}: expected {size} bytes")
+    if len(x) > max_len:
+        raise ManifestError(f"{what}: more than {max_len} bytes")
+    return x
+
+
+def _bool(x: object, what: str) -> bool:
+    if not isinstance(x, bool):
+        raise ManifestError(f"{what}: expected a boolean")
+    return x
+
+
+def _diff_id(x: object, what: str) -> str:
+    s = _str(x, 71, what)
+    if not _DIFF_ID.match(s):
+        raise ManifestError(f"{what}: expected sha256:<64 hex digits>")
+    return s
+
+
+def _enum(cls: Callable[[str], T], x: object, what: str) -> T:
+    try:
+        return cls(_str(x, 64, what))
+    except ValueError:
+        raise ManifestError(f"{what}: unknown value {x!r}") from None
+
+
+def _canonical(data: bytes, obj: object, what: str) -> None:
+    if _pack(obj) != bytes(data):
+        raise ManifestError(f"{what} is not in canonical form")
+
+
+def _layer(x: object) -> Layer:
+    diff_id, size, chunks, deltas = _list(x, 4, what="layer")
+    layer_id = _diff_id(diff_id, "layer diff ID")
+    chunk_refs = tuple(
+        ChunkRef(_bin(c[0], "chunk id", size=32), _int(c[1], 0, MAX_SIZE, "chunk size"),
+                 _int(c[2], 0, MAX_SIZE, "chunk stored size"))
+        for c in (_list(c, 3, what="chunk")
+                  for c in _list(chunks, max_len=MAX_CHUNKS_PER_LAYER, what="chunks")))
+    layer_size = _int(size, 0, MAX_SIZE, "layer size")
+    if sum(c.size for c in chunk_refs) != layer_size:
+        raise ManifestError(f"layer {layer_id}: chunk sizes do not add up to the layer size")
+    delta_refs = tuple(
+        LayerDelta(_diff_id(d[0], "delta source"), _bin(d[1], "delta blob id", size=32),
+                   _int(d[2], 0, MAX_SIZE, "delta size"), _str(d[3], 32, "delta method"))
+        for d in (_list(d, 4, what="delta")
+                  for d in _list(deltas, max_len=MAX_DELTAS_PER_LAYER, what="deltas")))
+    return Layer(layer_id, layer_size, chunk_refs, delta_refs)
+
+
+def _container(x: object) -> ContainerSettings:
+    command, env, restart, health, strategy, volumes = _list(x, 6, what="container settings")
+    hc: HealthCheck | None = None
+    if health is not None:
+        h = _list(health, 5, what="health check")
+        hc = HealthCheck(
+            tuple(_str(a, MAX_ARG, "health command") for a in
+                  _list(h[0], max_len=MAX_ARGS, what="health command")),
+            _float(h[1], "health interval"), _float(h[2], "health timeout"),
+            _int(h[3], 0, 1000, "health retries"), _float(h[4], "health start period"))
+    return ContainerSettings(
+        command=tuple(_str(a, MAX_ARG, "command") for a in
+                      _list(command, max_len=MAX_ARGS, what="command")),
+        environment=tuple(
+            (_str(e[0], MAX_ARG, "environment name"), _str(e[1], MAX_ARG, "environment value"))
+            for e in (_list(e, 2, what="environment entry")
+                      for e in _list(env, max_len=MAX_ENV, what="environment"))),
+        restart_policy=_enum(RestartPolicy, restart, "restart policy"),
+        health_check=hc,
+        update_strategy=_enum(UpdateStrategy, strategy, "update strategy"),
+        volumes=tuple(
+            Volume(_str(v[0], MAX_PATH, "volume source"), _str(v[1], MAX_PATH, "volume target"),
+                   _bool(v[2], "volume read-only"))
+            for v in (_list(v, 3, what="volume")
+                      for v in _list(volumes, max_len=MAX_VOLUMES, what="volumes"))))
+
+
+def decode_manifest(data: bytes) -> ReleaseManifest:
+    """The manifest in `data`; ManifestError for anything malformed or non-canonical."""
+    obj = _unpack(data, MAX_MANIFEST_BYTES)
+    fields = _list(obj, 8, what="manifest")
+    if fields[0] != _MANIFEST_TAG:
+        raise ManifestError("not a fleetmesh release manifest")
+    manifest = ReleaseManifest(
+        fleet=_name(fields[1], "fleet"),
+        app=_name(fields[2], "app"),
+        version=_int(fields[3], 1, MAX_VERSION, "version"),
+        created_at=_int(fields[4], 0, MAX_VERSION, "creation time"),
+        image_config=_bin(fields[5], "image config", max_len=MAX_IMAGE_CONFIG),
+        layers=tuple(_layer(x) for x in _list(fields[6], max_len=MAX_LAYERS, what="layers")),
+        container=_container(fields[7]),
+    )
+    _canonical(data, _manifest_obj(manifest), "manifest")
+    return manifest
+
+
+def decode_pin(data: bytes) -> ReleasePin:
+    fields = _list(_unpack(data, MAX_PIN_BYTES), 5, what="pin")
+    if fields[0] != _PIN_TAG:
+        raise ManifestError("not a fleetmesh release pin")
+    pin = ReleasePin(_name(fields[1], "fleet"), _name(fields[2], "app"),
+                     _int(fields[3], 1, MAX_VERSION, "version"),
+                     None if fields[4] is None else _name(fields[4], "device"))
+    _canonical(data, [_PIN_TAG, pin.fleet, pin.app, pin.version, pin.device], "pin")
+    return pin
+
+
+def decode_signed_manifest(data: bytes) -> SignedManifest:
+    fields = _list(_unpack(data, MAX_ENVELOPE_BYTES), 4, what="signed manifest")
+    if fields[0] != _SIGNED_TAG:
+        raise ManifestError("not a signed fleetmesh release")
+    return SignedManifest(_bin(fields[1], "manifest", max_len=MAX_MANIFEST_BYTES),
+                          _bin(fields[2], "signature", size=64),
+                          _str(fields[3], MAX_KEY_ID, "key id"))
+
+
+def decode_signed_pin(data: bytes) -> SignedPin:
+    fields = _list(_unpack(data, MAX_PIN_BYTES + 1024), 4, what="signed pin")
+    if fields[0] != _SIGNED_PIN_TAG:
+        raise ManifestError("not a signed fleetmesh pin")
+    return SignedPin(_bin(fields[1], "pin", max_len=MAX_PIN_BYTES),
+                     _bin(fields[2], "signature", size=64), _str(fields[3], MAX_KEY_ID, "key id"))

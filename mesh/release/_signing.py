@@ -1,0 +1,131 @@
+"""Ed25519 release signatures (the operator's key; the coordinator never holds it)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+import blake3
+from nacl.exceptions import BadSignatureError, CryptoError
+from nacl.signing import SigningKey, VerifyKey
+
+from mesh.release._codec import decode_manifest, decode_pin, encode_manifest, encode_pin
+from mesh.release._model import (
+    ReleaseError,
+    ReleaseManifest,
+    ReleasePin,
+    SignedManifest,
+    SignedPin,
+    VerificationError,
+)
+
+# Domain separation: a signature over a manifest can never pass as one over a pin, or over
+# anything else signed with the same key.
+_MANIFEST_CONTEXT: Final = b"fleetmesh release manifest v1\x00"
+_PIN_CONTEXT: Final = b"fleetmesh release pin v1\x00"
+_KEY_FILE_HEADER: Final = "fleetmesh-release-signing-key-v1"
+
+
+def key_id(public_key: VerifyKey | bytes) -> str:
+    """A short name for a public key: the first 8 bytes of its blake3 hash, in hex."""
+    raw = bytes(public_key)
+    return blake3.blake3(raw).digest()[:8].hex()
+
+
+def sign_manifest(manifest: ReleaseManifest, signing_key: SigningKey) -> SignedManifest:
+    data = encode_manifest(manifest)
+    signature = signing_key.sign(_MANIFEST_CONTEXT + data).signature
+    return SignedManifest(data, signature, key_id(signing_key.verify_key))
+
+
+def sign_pin(pin: ReleasePin, signing_key: SigningKey) -> SignedPin:
+    data = encode_pin(pin)
+    signature = signing_key.sign(_PIN_CONTEXT + data).signature
+    return SignedPin(data, signature, key_id(signing_key.verify_key))
+
+
+def _check(context: bytes, data: bytes, signature: bytes, kid: str,
+           public_key: VerifyKey) -> None:
+    if kid != key_id(public_key):
+        raise VerificationError(f"signed by key {kid}, expected {key_id(public_key)}")
+    try:
+        public_key.verify(context + data, signature)
+    except (BadSignatureError, CryptoError, ValueError, TypeError):
+        raise VerificationError("bad signature") from None
+
+
+def verify_pin(signed: SignedPin, public_key: VerifyKey | bytes) -> ReleasePin:
+    key = public_key if isinstance(public_key, VerifyKey) else VerifyKey(public_key)
+    _check(_PIN_CONTEXT, signed.pin, signed.signature, signed.key_id, key)
+    return decode_pin(signed.pin)
+
+
+def verify_manifest(signed: SignedManifest, pinned_public_key: VerifyKey | bytes,
+                    running_version: int | None, *, pins: Sequence[SignedPin] = (),
+                    device: str | None = None, fleet: str | None = None,
+                    app: str | None = None) -> ReleaseManifest:
+    """The manifest, if the pinned key signed it and it may replace `running_version`.
+
+    A version not newer than the running one is a replay or a rollback and is refused, unless
+    one of `pins`, signed by the same key, names exactly this fleet, app and version (and this
+    `device`, or no device). `fleet`/`app`, when given, must match the manifest's.
+    """
+    key = (pinned_public_key if isinstance(pinned_public_key, VerifyKey)
+           else VerifyKey(pinned_public_key))
+    _check(_MANIFEST_CONTEXT, signed.manifest, signed.signature, signed.key_id, key)
+    manifest = decode_manifest(signed.manifest)
+    if fleet is not None and manifest.fleet != fleet:
+        raise VerificationError(f"release is for fleet {manifest.fleet!r}, not {fleet!r}")
+    if app is not None and manifest.app != app:
+        raise VerificationError(f"release is for app {manifest.app!r}, not {app!r}")
+    if running_version is not None and manifest.version <= running_version:
+        for signed_pin in pins:
+            try:
+                pin = verify_pin(signed_pin, key)
+            except ReleaseError:
+                continue
+            if ((pin.fleet, pin.app, pin.version) == (manifest.fleet, manifest.app,
+                                                       manifest.version)
+                    and pin.device in (None, device)):
+                return manifest
+        raise VerificationError(
+            f"version {manifest.version} is not newer than running version {running_version}"
+            " and no pin names it")
+    return manifest
+
+
+def write_signing_key(path: str | os.PathLike[str]) -> SigningKey:
+    """Generate a release key and write it to a new file readable by its owner only (0600)."""
+    key = SigningKey.generate()
+    text = f"{_KEY_FILE_HEADER}\n{bytes(key).hex()}\n".encode()
+    # O_EXCL: never overwrite an existing key; the mode applies at creation, no chmod race.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(text)
+    return key
+
+
+def read_signing_key(path: str | os.PathLike[str]) -> SigningKey:
+    """The key in `path`; refuses files that others can read (like ssh does)."""
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+        text = p.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReleaseError(f"cannot read key file {p}: {getattr(exc, 'strerror', exc)}") from None
+    if stat.S_IMODE(mode) & 0o077:
+        raise ReleaseError(f"key file {p} is accessible by others (mode "
+                           f"{stat.S_IMODE(mode):o}); chmod 600 it")
+    lines = text.split()
+    if len(lines) != 2 or lines[0] != _KEY_FILE_HEADER:
+        raise ReleaseError(f"{p} is not a fleetmesh release key file")
+    try:
+        seed = bytes.fromhex(lines[1])
+        if len(seed) != 32:
+            raise ValueError
+        return SigningKey(seed)
+    except ValueError:
+        raise ReleaseError(f"{p} holds a malformed key") from None

@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from nacl.signing import SigningKey
+
+from mesh.release import (
+    CHUNK_SIZE,
+    Chunk,
+    ChunkError,
+    ChunkRef,
+    Layer,
+    ManifestError,
+    ReleaseError,
+    ReleaseManifest,
+    ReleasePin,
+    SignedManifest,
+    VerificationError,
+    assemble,
+    chunk_layer,
+    decode_signed_manifest,
+    encode_signed_manifest,
+    read_signing_key,
+    sign_manifest,
+    sign_pin,
+    verify_manifest,
+    write_signing_key,
+)
+
+KEY = SigningKey(b"\x07" * 32)
+OTHER = SigningKey(b"\x08" * 32)
+
+
+def _manifest(version: int = 5) -> ReleaseManifest:
+    return ReleaseManifest("fleet1", "web", version, 1_700_000_000, b"{}",
+                           (Layer("sha256:" + "cd" * 32, 0, ()),))
+
+
+def test_sign_and_verify() -> None:
+    signed = sign_manifest(_manifest(), KEY)
+    wire = encode_signed_manifest(signed)
+    assert verify_manifest(decode_signed_manifest(wire), KEY.verify_key, 4) == _manifest()
+    assert verify_manifest(signed, bytes(KEY.verify_key), None) == _manifest()
+
+
+def test_tampered_manifest_rejected() -> None:
+    signed = sign_manifest(_manifest(), KEY)
+    tampered = signed.manifest.replace(b"web", b"wex")
+    with pytest.raises(VerificationError, match="bad signature"):
+        verify_manifest(dataclasses.replace(signed, manifest=tampered), KEY.verify_key, None)
+    bad_sig = bytes([signed.signature[0] ^ 1]) + signed.signature[1:]
+    with pytest.raises(VerificationError):
+        verify_manifest(dataclasses.replace(signed, signature=bad_sig), KEY.verify_key, None)
+
+
+def test_wrong_key_rejected() -> None:
+    signed = sign_manifest(_manifest(), OTHER)
+    with pytest.raises(VerificationError, match="signed by key"):
+        verify_manifest(signed, KEY.verify_key, None)
+    # A forged key id does not help either.
+    forged = SignedManifest(signed.manifest, signed.signature, sign_manifest(_manifest(),
+                                                                             KEY).key_id)
+    with pytest.raises(VerificationError, match="bad signature"):
+        verify_manifest(forged, KEY.verify_key, None)
+
+
+@pytest.mark.parametrize("running", [5, 6, 100])
+def test_replayed_or_older_version_rejected(running: int) -> None:
+    with pytest.raises(VerificationError, match="not newer"):
+        verify_manifest(sign_manifest(_manifest(5), KEY), KEY.verify_key, running)
+
+
+def test_pin_allows_older_version() -> None:
+    signed = sign_manifest(_manifest(5), KEY)
+    pin = sign_pin(ReleasePin("fleet1", "web", 5), KEY)
+    assert verify_manifest(signed, KEY.verify_key, 7, pins=[pin]).version == 5
+    device_pin = sign_pin(ReleasePin("fleet1", "web", 5, device="dev-3"), KEY)
+    assert verify_manifest(signed, KEY.verify_key, 7, pins=[device_pin], device="dev-3")
+    for wrong in [sign_pin(ReleasePin("fleet1", "web", 4), KEY),
+                  sign_pin(ReleasePin("fleet2", "web", 5), KEY),
+                  sign_pin(ReleasePin("fleet1", "web", 5), OTHER),
+                  device_pin]:
+        with pytest.raises(VerificationError):
+            verify_manifest(signed, KEY.verify_key, 7, pins=[wrong], device="dev-4")
+
+
+def test_fleet_and_app_checked_when_given() -> None:
+    signed = sign_manifest(_manifest(), KEY)
+    with pytest.raises(VerificationError):
+        verify_manifest(signed, KEY.verify_key, None, fleet="other")
+    with pytest.raises(VerificationError):
+        verify_manifest(signed, KEY.verify_key, None, app="other")
+
+
+def test_signed_envelope_rejects_garbage() -> None:
+    with pytest.raises(ManifestError):
+        decode_signed_manifest(b"\x94\xa1x\xc4\x00\xc4\x00\xa0")
+
+
+def test_key_file_is_0600_and_round_trips(tmp_path: Path) -> None:
+    path = tmp_path / "release.key"
+    key = write_signing_key(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert bytes(read_signing_key(path)) == bytes(key)
+    with pytest.raises(FileExistsError):
+        write_signing_key(path)
+    os.chmod(path, 0o644)
+    with pytest.raises(ReleaseError, match="accessible by others"):
+        read_signing_key(path)
+    junk = tmp_path / "junk.key"
+    fd = os.open(junk, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b"not a key")
+    os.close(fd)
+    with pytest.raises(ReleaseError, match="not a fleetmesh"):
+        read_signing_key(junk)
+
+
+def _layer() -> bytes:
+    return os.urandom(1000) + b"\0" * (CHUNK_SIZE + 5000)
+
+
+def test_chunks_round_trip() -> None:
+    data = _layer()
+    chunks = chunk_layer(data)
+    assert [c.ref.size for c in chunks] == [CHUNK_SIZE, 6000]
+    assert assemble(chunks, "sha256:" + hashlib.sha256(data).hexdigest()) == data
+    assert assemble((), "sha256:" + hashlib.sha256(b"").hexdigest()) == b""
+
+
+def test_truncated_or_corrupted_chunk_raises() -> None:
+    data = _layer()
+    did = "sha256:" + hashlib.sha256(data).hexdigest()
+    chunks = chunk_layer(data)
+    first = chunks[0]
+    truncated = Chunk(first.ref, first.data[:-3])
+    with pytest.raises(ChunkError):
+        assemble((truncated, chunks[1]), did)
+    truncated_ref = Chunk(ChunkRef(first.ref.id, first.ref.size, len(first.data) - 3),
+                          first.data[:-3])
+    with pytest.raises(ChunkError):
+        assemble((truncated_ref, chunks[1]), did)
+    flipped = bytearray(first.data)
+    flipped[len(flipped) // 2] ^= 0x40
+    with pytest.raises(ChunkError):
+        assemble((Chunk(first.ref, bytes(flipped)), chunks[1]), did)
+    with pytest.raises(ChunkError):
+        assemble((chunks[1], chunks[0]), did)  # reordered: every chunk fine, layer wrong
+    with pytest.raises(ChunkError):
+        assemble(chunks, "sha256:" + "00" * 32)
