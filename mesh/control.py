@@ -1,0 +1,338 @@
+"""Control-plane messages between coordinator, agents and operator tools: one place for their
+shapes, their JSON form and their limits (docs/api.md describes the HTTP API that carries them).
+
+Every `from_json` validates what arrives from the network: types, sizes, counts, formats; bad
+input raises `ControlError` with one line naming the field, which the server turns into a 4xx.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, TypeVar
+
+MAX_BODY_BYTES: Final = 256 * 1024  # a peer map of ~1,000 peers; anything larger is refused
+MAX_NAME_LEN: Final = 63  # a DNS label (RFC 1035), so device names can become host names
+MAX_ENDPOINTS: Final = 8  # LAN candidates per device: a few interfaces, v4 and v6
+MAX_PEERS: Final = 10_000
+MAX_TEXT_LEN: Final = 256
+NAME_RE: Final = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+PathKind = Literal["direct", "relay", "none"]
+PATH_KINDS: Final = ("direct", "relay", "none")
+
+
+class ControlError(ValueError):
+    """A control message is malformed; str() is one line naming the field."""
+
+
+# --------------------------------------------------------------------------- field checks
+
+T = TypeVar("T")
+
+
+def _get(obj: Mapping[str, Any], key: str, kind: type[T], where: str, optional: bool = False
+         ) -> T:
+    if not isinstance(obj, Mapping):
+        raise ControlError(f"{where}: must be an object")
+    if key not in obj or obj[key] is None:
+        if optional:
+            return None  # type: ignore[return-value]
+        raise ControlError(f"{where}.{key}: missing")
+    value = obj[key]
+    # bool is an int in Python; never accept it where a number is meant
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ControlError(f"{where}.{key}: must be an integer")
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ControlError(f"{where}.{key}: must be a number")
+    if kind not in (int, float) and not isinstance(value, kind):
+        raise ControlError(f"{where}.{key}: must be {kind.__name__}")
+    if isinstance(value, str) and len(value) > MAX_TEXT_LEN:
+        raise ControlError(f"{where}.{key}: longer than {MAX_TEXT_LEN} characters")
+    return float(value) if kind is float else value  # type: ignore[return-value]
+
+
+def check_name(name: str, where: str = "name") -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ControlError(f"{where}: must be 1-63 of a-z, 0-9 and '-' (not at either end)")
+    return name
+
+
+def check_key(key: str, where: str) -> str:
+    """A WireGuard public key in base64 (32 bytes)."""
+    try:
+        raw = base64.b64decode(key, validate=True) if isinstance(key, str) else b""
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        raise ControlError(f"{where}: not a WireGuard key (base64 of 32 bytes)")
+    return key
+
+
+def check_endpoint(text: str, where: str) -> str:
+    """host:port with an IP literal host ([v6]:port for IPv6)."""
+    if not isinstance(text, str):
+        raise ControlError(f"{where}: must be a string")
+    host, sep, port = text.rpartition(":")
+    try:
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError
+        if host.startswith("[") and host.endswith("]"):
+            ipaddress.IPv6Address(host[1:-1])
+        else:
+            ipaddress.IPv4Address(host)
+    except ValueError:
+        raise ControlError(f"{where}: must be a.b.c.d:port or [v6]:port, got {text!r}") from None
+    return text
+
+
+def _endpoints(obj: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
+    items = _get(obj, key, list, where, optional=True) or []
+    if len(items) > MAX_ENDPOINTS:
+        raise ControlError(f"{where}.{key}: more than {MAX_ENDPOINTS} endpoints")
+    return tuple(check_endpoint(e, f"{where}.{key}[{i}]") for i, e in enumerate(items))
+
+
+def _address(obj: Mapping[str, Any], key: str, version: int, where: str) -> str:
+    text = _get(obj, key, str, where)
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        raise ControlError(f"{where}.{key}: not an IP address") from None
+    if addr.version != version:
+        raise ControlError(f"{where}.{key}: must be an IPv{version} address")
+    return str(addr)
+
+
+# --------------------------------------------------------------------------- enrollment
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollRequest:
+    """A device's first call: its token, its own public key (the private key never leaves it)."""
+
+    token: str
+    public_key: str
+    name: str | None = None  # None: the token names the device (provisioned) or the server picks
+    lan_endpoints: tuple[str, ...] = ()
+    agent_version: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"token": self.token, "public_key": self.public_key, "name": self.name,
+                "lan_endpoints": list(self.lan_endpoints), "agent_version": self.agent_version}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> EnrollRequest:
+        w = "enroll"
+        name = _get(obj, "name", str, w, optional=True)
+        return cls(
+            token=_get(obj, "token", str, w),
+            public_key=check_key(_get(obj, "public_key", str, w), f"{w}.public_key"),
+            name=None if name is None else check_name(name, f"{w}.name"),
+            lan_endpoints=_endpoints(obj, "lan_endpoints", w),
+            agent_version=_get(obj, "agent_version", str, w, optional=True) or "",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HubInfo:
+    """The coordinator's WireGuard hub: every device keeps a keepalive to it."""
+
+    public_key: str
+    endpoint: str  # the hub's underlay host:port as devices reach it
+    mesh_ipv4: str
+    mesh_ipv6: str
+    api_url: str  # the API through the hub tunnel, used after enrollment
+
+    def to_json(self) -> dict[str, Any]:
+        return {"public_key": self.public_key, "endpoint": self.endpoint,
+                "mesh_ipv4": self.mesh_ipv4, "mesh_ipv6": self.mesh_ipv6, "api_url": self.api_url}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> HubInfo:
+        w = "hub"
+        return cls(check_key(_get(obj, "public_key", str, w), f"{w}.public_key"),
+                   check_endpoint(_get(obj, "endpoint", str, w), f"{w}.endpoint"),
+                   _address(obj, "mesh_ipv4", 4, w), _address(obj, "mesh_ipv6", 6, w),
+                   _get(obj, "api_url", str, w))
+
+
+@dataclass(frozen=True, slots=True)
+class Enrollment:
+    """What a device gets back once: identity, credential, addresses, the hub."""
+
+    device_id: str
+    name: str
+    fleet: str
+    credential: str  # bearer secret for the device API; the coordinator keeps only its hash
+    mesh_ipv4: str
+    mesh_ipv6: str
+    mesh_prefix_v4: str  # the whole mesh, routed into the WireGuard interface
+    mesh_prefix_v6: str
+    hub: HubInfo
+
+    def to_json(self) -> dict[str, Any]:
+        return {"device_id": self.device_id, "name": self.name, "fleet": self.fleet,
+                "credential": self.credential, "mesh_ipv4": self.mesh_ipv4,
+                "mesh_ipv6": self.mesh_ipv6, "mesh_prefix_v4": self.mesh_prefix_v4,
+                "mesh_prefix_v6": self.mesh_prefix_v6, "hub": self.hub.to_json()}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Enrollment:
+        w = "enrollment"
+        return cls(_get(obj, "device_id", str, w), check_name(_get(obj, "name", str, w)),
+                   check_name(_get(obj, "fleet", str, w), f"{w}.fleet"),
+                   _get(obj, "credential", str, w), _address(obj, "mesh_ipv4", 4, w),
+                   _address(obj, "mesh_ipv6", 6, w), _get(obj, "mesh_prefix_v4", str, w),
+                   _get(obj, "mesh_prefix_v6", str, w), HubInfo.from_json(_get(obj, "hub", dict, w)))
+
+
+# --------------------------------------------------------------------------- peer maps
+
+
+@dataclass(frozen=True, slots=True)
+class PeerEntry:
+    """One peer as a device must configure it.
+
+    `endpoints` are candidates in order of preference: the peer's LAN endpoints when both sit
+    behind the same public address, else its NAT-mapped endpoint as the hub saw it. Empty means
+    no endpoint is known yet: the pair can only use the relay.
+    """
+
+    name: str
+    public_key: str
+    mesh_ipv4: str
+    mesh_ipv6: str
+    endpoints: tuple[str, ...] = ()
+    lan: bool = False  # endpoints are LAN endpoints (same public address)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "public_key": self.public_key, "mesh_ipv4": self.mesh_ipv4,
+                "mesh_ipv6": self.mesh_ipv6, "endpoints": list(self.endpoints), "lan": self.lan}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = "peer") -> PeerEntry:
+        return cls(check_name(_get(obj, "name", str, where), f"{where}.name"),
+                   check_key(_get(obj, "public_key", str, where), f"{where}.public_key"),
+                   _address(obj, "mesh_ipv4", 4, where), _address(obj, "mesh_ipv6", 6, where),
+                   _endpoints(obj, "endpoints", where),
+                   bool(_get(obj, "lan", bool, where, optional=True)))
+
+
+@dataclass(frozen=True, slots=True)
+class PeerMap:
+    """Everything one device needs to configure its WireGuard interface, versioned.
+
+    `relay_ips` are mesh addresses always reached through the hub (operator workstations).
+    """
+
+    version: int
+    hub: HubInfo
+    peers: tuple[PeerEntry, ...] = ()
+    relay_ips: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "hub": self.hub.to_json(),
+                "peers": [p.to_json() for p in self.peers], "relay_ips": list(self.relay_ips)}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> PeerMap:
+        w = "peermap"
+        peers = _get(obj, "peers", list, w)
+        if len(peers) > MAX_PEERS:
+            raise ControlError(f"{w}.peers: more than {MAX_PEERS}")
+        relay = _get(obj, "relay_ips", list, w, optional=True) or []
+        if len(relay) > MAX_PEERS:
+            raise ControlError(f"{w}.relay_ips: more than {MAX_PEERS}")
+        for i, r in enumerate(relay):
+            try:
+                ipaddress.ip_network(r)
+            except (ValueError, TypeError):
+                raise ControlError(f"{w}.relay_ips[{i}]: not an IP network") from None
+        return cls(_get(obj, "version", int, w), HubInfo.from_json(_get(obj, "hub", dict, w)),
+                   tuple(PeerEntry.from_json(p, f"{w}.peers[{i}]") for i, p in enumerate(peers)),
+                   tuple(str(r) for r in relay))
+
+
+# --------------------------------------------------------------------------- device state
+
+
+@dataclass(frozen=True, slots=True)
+class PeerPath:
+    """How a device reaches one peer right now, as the device itself sees it."""
+
+    public_key: str
+    path: PathKind
+    endpoint: str | None = None
+    last_handshake: float | None = None  # epoch seconds of the last direct handshake
+
+    def to_json(self) -> dict[str, Any]:
+        return {"public_key": self.public_key, "path": self.path, "endpoint": self.endpoint,
+                "last_handshake": self.last_handshake}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = "peer") -> PeerPath:
+        path = _get(obj, "path", str, where)
+        if path not in PATH_KINDS:
+            raise ControlError(f"{where}.path: must be one of {', '.join(PATH_KINDS)}")
+        endpoint = _get(obj, "endpoint", str, where, optional=True)
+        return cls(check_key(_get(obj, "public_key", str, where), f"{where}.public_key"),
+                   path,  # type: ignore[arg-type]
+                   None if endpoint is None else check_endpoint(endpoint, f"{where}.endpoint"),
+                   _get(obj, "last_handshake", float, where, optional=True))
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceReport:
+    """What an agent reports about itself: LAN candidates, version, per-peer paths."""
+
+    lan_endpoints: tuple[str, ...] = ()
+    agent_version: str = ""
+    peers: tuple[PeerPath, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"lan_endpoints": list(self.lan_endpoints), "agent_version": self.agent_version,
+                "peers": [p.to_json() for p in self.peers]}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> DeviceReport:
+        w = "report"
+        peers: Sequence[Any] = _get(obj, "peers", list, w, optional=True) or []
+        if len(peers) > MAX_PEERS:
+            raise ControlError(f"{w}.peers: more than {MAX_PEERS}")
+        return cls(_endpoints(obj, "lan_endpoints", w),
+                   _get(obj, "agent_version", str, w, optional=True) or "",
+                   tuple(PeerPath.from_json(p, f"{w}.peers[{i}]") for i, p in enumerate(peers)))
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+TOKEN_PREFIX: Final = "fm1"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenParts:
+    """`fm1.<sha256 of the coordinator's certificate, hex>.<secret>`: the fingerprint lets
+    `join` verify the coordinator with no CA and no trust on first use (as k3s join tokens do)."""
+
+    fingerprint: str
+    secret: str
+
+    def __str__(self) -> str:
+        return f"{TOKEN_PREFIX}.{self.fingerprint}.{self.secret}"
+
+    @classmethod
+    def parse(cls, text: str) -> TokenParts:
+        parts = text.strip().split(".") if isinstance(text, str) else []
+        if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
+            raise ControlError("token: not a fleetmesh enrollment token (fm1.<fingerprint>.<secret>)")
+        fp, secret = parts[1], parts[2]
+        if not re.fullmatch(r"[0-9a-f]{64}", fp):
+            raise ControlError("token: fingerprint must be 64 hex digits")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{16,128}", secret):
+            raise ControlError("token: malformed secret")
+        return cls(fp, secret)
