@@ -21,7 +21,6 @@ from pyroute2 import IPRoute
 STATE_DIR: Final = Path("/run/fleetmesh-lab")
 STATE_FILE: Final = STATE_DIR / "state.json"
 LOCK_FILE: Final = STATE_DIR / "lock"
-MOUNT_DIR: Final = STATE_DIR / "mnt"
 NETNS_DIR: Final = Path("/var/run/netns")
 NETNS_PREFIX: Final = "fm-"
 WG_RUN_DIR: Final = Path("/run/wireguard")

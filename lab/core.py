@@ -2,8 +2,9 @@
 NAT routers (iptables), WAN shaping (tbf + iptables statistic) and private mount namespaces.
 
 Nothing here touches the host's own network: every link, address, route, rule and qdisc lives
-inside a namespace named ``fm-*``; the host only gets /run/fleetmesh-lab (state and mount
-namespace files) and an empty /run/wireguard mount point directory.
+inside a namespace named ``fm-*``; the host only gets /run/fleetmesh-lab (the state file) and an
+empty /run/wireguard mount point directory. Each non-router node's private mount namespace is
+kept alive by a holder process inside the node's network namespace.
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ import subprocess
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Final
 
 from pyroute2 import IPRoute, NetlinkError, netns
 
 from . import _host
 from ._host import (
-    MOUNT_DIR,
     NETNS_DIR,
     NETNS_PREFIX,
     STATE_DIR,
@@ -128,7 +128,28 @@ def _ns(node_name: str) -> str:
 
 
 def _mnt(node_name: str) -> str:
-    return str(MOUNT_DIR / node_name)
+    """Placeholder until the node's mount-namespace holder runs (see _start_holders)."""
+    return f"{HOLDER_PLACEHOLDER}{node_name}"
+
+
+HOLDER_PLACEHOLDER: Final = "holder:"
+
+
+def root_of(mountns_path: str) -> str:
+    """/proc/PID/ns/mnt -> /proc/PID/root: entering a mount namespace resets the root directory
+    to the namespace's, which is wrong inside a chroot; nsenter --root puts it back."""
+    return mountns_path.removesuffix("/ns/mnt") + "/root"
+
+
+def _with_holders(nodes: Sequence[Node], holders: dict[str, Any]) -> list[Node]:
+    out: list[Node] = []
+    for n in nodes:
+        if n.mountns_path and n.mountns_path.startswith(HOLDER_PLACEHOLDER):
+            h = holders.get(n.name)
+            out.append(replace(n, mountns_path=f"/proc/{h['pid']}/ns/mnt" if h else None))
+        else:
+            out.append(n)
+    return out
 
 
 def plan(topo: Topology) -> tuple[list[Node], list[_Link]]:
@@ -357,13 +378,19 @@ class Lab:
                 "source": topology.source,
                 "topology": topology.to_dict(),
                 "netns": [WAN_NETNS] + [n.netns for n in nodes],
-                "mountns": {n.name: n.mountns_path for n in nodes if n.mountns_path},
+                "holders": {},
                 "nodes": [n.to_dict() | {"kind": type(n).__name__} for n in nodes],
                 "processes": [],
             }
             _host.write_state(state)
             try:
                 _build(topology, nodes, links)
+                holders = _start_holders(nodes)
+                state["holders"] = holders
+                state["processes"] += [dict(h, node=name, argv=["mount-namespace holder"])
+                                       for name, h in holders.items()]
+                _host.write_state(state)
+                nodes = _with_holders(nodes, holders)
             except BaseException as e:
                 try:
                     teardown_all()
@@ -390,7 +417,7 @@ class Lab:
                 f"{STATE_FILE}: unreadable state ({e}); run `fleetmesh-lab down`"
             ) from None
         nodes, _ = plan(topo)
-        return cls(topo, nodes, state)
+        return cls(topo, _with_holders(nodes, state.get("holders", {})), state)
 
     def down(self) -> None:
         teardown_all()
@@ -425,8 +452,9 @@ class Lab:
         n = node if isinstance(node, Node) else self.node(node)
         cmd = ["nsenter", f"--net={n.netns_path}"]
         if n.mountns_path:
-            # entering a mount namespace resets the cwd to its root; keep ours (same tree)
-            cmd += [f"--mount={n.mountns_path}", f"--wd={os.getcwd()}"]
+            # entering a mount namespace resets root and cwd to the namespace's; keep ours
+            cmd += [f"--mount={n.mountns_path}", f"--root={root_of(n.mountns_path)}",
+                    f"--wd={os.getcwd()}"]
         return cmd + ["--", *argv]
 
     def run(self, node: str | Node, argv: Sequence[str], **kwargs: Any
@@ -602,20 +630,47 @@ def _build(topo: Topology, nodes: list[Node], links: list[_Link]) -> None:
             jobs.append((_nsenter_net(link.a_ns) + ["iptables-restore"],
                          loss_only_rules(link.a_if, lan.shaping.loss)))
 
-    mount_nodes = [n for n in nodes if n.mountns_path]
-    if mount_nodes:
-        MOUNT_DIR.mkdir(parents=True, exist_ok=True)
-        if not _host.is_mountpoint(MOUNT_DIR):
-            subprocess.run(["mount", "--bind", str(MOUNT_DIR), str(MOUNT_DIR)], check=True)
-        subprocess.run(["mount", "--make-private", str(MOUNT_DIR)], check=True)
-        WG_RUN_DIR.mkdir(parents=True, exist_ok=True)
-        for n in mount_nodes:
-            assert n.mountns_path
-            open(n.mountns_path, "a").close()
-            jobs.append((["unshare", f"--mount={n.mountns_path}", "--propagation", "private",
-                          "mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "fm-wg",
-                          str(WG_RUN_DIR)], None))
-    _run_all(jobs, "configuring routers, shaping and mount namespaces")
+    _run_all(jobs, "configuring routers and shaping")
+
+
+HOLDER_SCRIPT: Final = (
+    f"mkdir -p {WG_RUN_DIR} && mount -t tmpfs -o size=4m,mode=0755 fm-wg {WG_RUN_DIR}"
+    " && exec sleep infinity"
+)
+HOLDER_READY_TIMEOUT: Final = 5.0
+
+
+def _start_holders(nodes: Sequence[Node]) -> dict[str, dict[str, Any]]:
+    """One process per non-router node keeps a private mount namespace (with its own tmpfs on
+    /run/wireguard, wireguard-go's socket directory) alive; it sits in the node's network
+    namespace, so a crash cleanup finds it there. A holder process rather than a bind-mounted
+    namespace file: binding nsfs files fails (EINVAL) inside chroots such as fresh-debian's."""
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    for n in nodes:
+        if n.mountns_path:
+            procs[n.name] = subprocess.Popen(
+                _nsenter_net(n.netns) + ["unshare", "--mount", "--propagation", "private",
+                                         "sh", "-c", HOLDER_SCRIPT],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                start_new_session=True)
+    holders: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + HOLDER_READY_TIMEOUT
+    for name, p in procs.items():
+        while not _has_mount(p.pid, str(WG_RUN_DIR)):
+            if p.poll() is not None or time.monotonic() > deadline:
+                err = (p.stderr.read().decode(errors="replace").strip() if p.stderr else "")
+                raise LabError(f"{name}: mount namespace holder failed: {err or 'timed out'}")
+            time.sleep(0.01)
+        holders[name] = {"pid": p.pid, "start": _host.proc_start_time(p.pid)}
+    return holders
+
+
+def _has_mount(pid: int, mountpoint: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/mountinfo") as f:
+            return any(line.split()[4] == mountpoint for line in f)
+    except OSError:
+        return False
 
 
 # --- teardown ------------------------------------------------------------------------------
@@ -639,21 +694,11 @@ def teardown_all() -> list[str]:
         ino = _host.ns_inode(NETNS_DIR / ns)
         if ino is not None:
             victims.update(_host.pids_in_ns("net", ino))
-    mount_files = []
-    if MOUNT_DIR.is_dir():
-        mounted = set(_host.mounts_under(MOUNT_DIR))
-        for entry in sorted(os.listdir(MOUNT_DIR)):
-            path = str(MOUNT_DIR / entry)
-            mount_files.append(path)
-            if path in mounted:
-                ino = _host.ns_inode(path)
-                if ino is not None:
-                    victims.update(_host.pids_in_ns("mnt", ino))
     victims.discard(os.getpid())
     if victims:
         _host.kill_pids(victims)
 
-    # Mount namespaces first: each holds copies of the netns bind mounts made before it.
+    # Mounts a lab of an older layout may have left under the state directory.
     for mp in _host.mounts_under(STATE_DIR):
         _host.umount(mp)
     left = _host.mounts_under(STATE_DIR)

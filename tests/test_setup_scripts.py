@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,15 @@ def _as_nobody(argv: list[str]) -> subprocess.CompletedProcess[str]:
                     reason="needs root to drop privileges with setpriv")
 @pytest.mark.parametrize("script", ["setup", "test", "demo"])
 def test_scripts_refuse_non_root_with_one_line(script: str) -> None:
-    result = _as_nobody(["bash", str(ROOT / "scripts" / script)])
+    # A copy nobody can read: the checkout may sit under /root, which nobody cannot enter.
+    box = Path(tempfile.mkdtemp(prefix="fm-scripts-"))
+    try:
+        box.chmod(0o755)
+        shutil.copytree(ROOT / "scripts", box / "scripts")
+        (box / "scripts").chmod(0o755)
+        result = _as_nobody(["bash", str(box / "scripts" / script)])
+    finally:
+        shutil.rmtree(box)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

@@ -52,6 +52,18 @@ def netns_path(netns: str) -> str:
     return path
 
 
+_PROC_MNT = re.compile(r"^/proc/(\d+)/ns/mnt$")
+
+
+def mount_namespace_args(mountns: str) -> list[str]:
+    """nsenter arguments that enter a mount namespace. Entering one resets the root directory
+    to the namespace's own root, which escapes a chroot (a fresh-debian box, a container
+    build); for /proc/PID/ns/mnt, --root=/proc/PID/root restores that process's root."""
+    found = _PROC_MNT.match(mountns)
+    root = [f"--root=/proc/{found.group(1)}/root"] if found else []
+    return [f"--mount={mountns}", *root]
+
+
 class WireGuardGo:
     """Owns one wireguard-go child process: start it, find its UAPI socket, stop it by PID.
 
@@ -101,6 +113,11 @@ class WireGuardGo:
         """Path to the daemon's mount namespace, for `nsenter --mount=` (e.g. to run wg)."""
         return f"/proc/{self.pid}/ns/mnt"
 
+    def enter(self, argv: list[str]) -> list[str]:
+        """argv run in the daemon's network and mount namespaces (so `wg` finds its socket)."""
+        net = [f"--net={netns_path(self.netns)}"] if self.netns is not None else []
+        return ["nsenter", *net, *mount_namespace_args(self.mount_namespace), "--", *argv]
+
     def client(self, timeout: float = 5.0) -> UapiClient:
         return UapiClient(self.socket_path, timeout=timeout)
 
@@ -118,7 +135,8 @@ class WireGuardGo:
             if not os.path.exists(mountns):
                 raise FileNotFoundError(f"mount namespace {mountns!r} does not exist")
             # The lab's node mount namespace already has a private tmpfs on /run/wireguard.
-            return ["nsenter", *enter, f"--mount={mountns}", self.executable, "-f", ifname]
+            return ["nsenter", *enter, *mount_namespace_args(mountns), self.executable, "-f",
+                    ifname]
         # The interface name is passed as $1, never spliced into the shell text.
         script = (
             "mkdir -p /run/wireguard && mount -t tmpfs -o mode=0700 tmpfs /run/wireguard"

@@ -90,8 +90,16 @@ def test_down_removes_everything(clean: None) -> None:
         "fm-home-1",
         "fm-pub-1",
     }
-    assert len(lab_mounts()) == 1 + 4  # the private dir bind + coordinator, operator, 2 devices
-    pids = start_sleepers(lab)
+    # coordinator, operator and both devices each have a private mount namespace, kept by a
+    # holder process that down must stop too
+    holders = []
+    for name in ("coordinator", "operator", "home-1", "pub-1"):
+        path = lab.node(name).mountns_path
+        assert path is not None and path.startswith("/proc/") and os.path.exists(path)
+        holders.append(int(path.split("/")[2]))
+    assert all(alive(p) for p in holders)
+    assert lab.node("home-router").mountns_path is None
+    pids = start_sleepers(lab) + holders
     lab.down()
     assert_nothing_left(pids)
     lab.down()  # idempotent

@@ -31,6 +31,7 @@ from vpn import (
     export_wg_quick,
     generate_keypair,
     generate_preshared_key,
+    mount_namespace_args,
     netns_path,
     reconcile,
     remove_route,
@@ -61,7 +62,7 @@ class RecordingBackend:
 def run_in(ns: str, *argv: str, input: str | None = None, mountns: str | None = None) -> str:
     cmd = ["nsenter", f"--net={netns_path(ns)}"]
     if mountns:
-        cmd.append(f"--mount={mountns}")
+        cmd += mount_namespace_args(mountns)
     done = subprocess.run(
         [*cmd, *argv], input=input, capture_output=True, text=True, timeout=15, check=False
     )
