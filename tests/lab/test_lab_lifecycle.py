@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from lab import core as lab_core
 from lab._host import host_networks
 from lab.topology import Topology
 
-from .conftest import CLI, REPO, lab_skip_reason, require_lab_machine, teardown_if_ours
+from .conftest import CLI, REPO, lab_skip_reason, lab_up, require_lab_machine, teardown_if_ours
 
 pytestmark = [
     pytest.mark.lab,
@@ -73,11 +74,19 @@ def assert_nothing_left(pids: list[int]) -> None:
 
 
 def start_sleepers(lab: Lab) -> list[int]:
-    """One process the lab records and one it doesn't (found by its namespace at down)."""
+    """One process the lab records and one it doesn't (found by its namespace at down).
+
+    Returns once each has entered its node (nsenter has exec'd sleep): a process still on its
+    way in is in no lab namespace yet, so no cleanup could find it by namespace."""
     recorded = lab.spawn("home-1", ["sleep", "600"])
     unrecorded = subprocess.Popen(lab.command("pub-1", ["sleep", "600"]))
     in_router = subprocess.Popen(lab.command("home-router", ["sleep", "600"]))
-    return [recorded.pid, unrecorded.pid, in_router.pid]
+    pids = [recorded.pid, unrecorded.pid, in_router.pid]
+    deadline = time.monotonic() + 5
+    while not all(Path(f"/proc/{p}/comm").read_text().strip() == "sleep" for p in pids):
+        assert time.monotonic() < deadline, "sleepers did not start"
+        time.sleep(0.01)
+    return pids
 
 
 def test_down_removes_everything(clean: None) -> None:
@@ -182,3 +191,24 @@ def test_cli_end_to_end(clean: None) -> None:
     assert r.returncode == 1 and r.stderr.strip() == "fleetmesh-lab: no lab is up"
     r = run("exec", "home-1", "--", "true")
     assert r.returncode == 1
+
+
+def host_iptables() -> str:
+    """The host's own rules (counters stripped): the lab must never add or leave one."""
+    out = subprocess.run(["iptables-save"], check=True, capture_output=True, text=True,
+                         timeout=30).stdout
+    return "\n".join(line.split(" [")[0] if line.startswith(":") else line
+                     for line in out.splitlines() if not line.startswith("#"))
+
+
+def test_a_test_failing_midway_leaves_nothing(clean: None) -> None:
+    before = host_iptables()
+    pids: list[int] = []
+    with pytest.raises(RuntimeError, match="the test failed here"):
+        with lab_up(small()) as lab:
+            pids = start_sleepers(lab)
+            assert lab_netns()
+            raise RuntimeError("the test failed here")
+    assert pids
+    assert_nothing_left(pids)
+    assert host_iptables() == before
