@@ -12,6 +12,8 @@ from typing import Any
 from mesh.clikit import CliError, package_version, run
 from vpn import DeviceStatus, UapiBackend, UapiError, UapiProtocolError
 
+from ._commands import add_join_parser, add_run_parser
+
 
 def status_json(status: DeviceStatus) -> dict[str, Any]:
     """A device's WireGuard state for tools: never the private or preshared keys."""
@@ -69,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     wg.add_argument("--json", action="store_true", help="machine-readable output")
     wg.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the daemon")
     wg.set_defaults(handler=_wg_status)
+    add_join_parser(sub)
+    add_run_parser(sub)
     return parser
 
 

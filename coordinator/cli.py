@@ -9,10 +9,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from coordinator import _cli_keys, _cli_release
+from coordinator import _cli_keys, _cli_ops, _cli_release, _cli_server
 from mesh.clikit import package_version, run
 
-_GROUPS = (_cli_keys.register, _cli_release.register)
+_GROUPS = (_cli_keys.register, _cli_release.register, _cli_ops.register, _cli_server.register)
 
 
 def build_parser() -> argparse.ArgumentParser:

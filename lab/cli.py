@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from ._host import LabError, LabUsageError
 from .core import Lab, LabNotUp, teardown_all
+from .fleet import API_PORT, FLEET
 from .topology import TopologyError, load_topology
 
 EXIT_NOT_UP = 1
@@ -37,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="build the lab described by a topology file")
     up.add_argument("file", metavar="FILE", help="topology file (TOML)")
     up.add_argument("--network-only", action="store_true",
-                    help="build only the network (the only mode so far)")
+                    help="build only the network: no coordinator, agents or operator access")
     sub.add_parser("down", help="remove everything a lab made (also after a crash)")
     st = sub.add_parser("status", help="show nodes, addresses and router counters")
     st.add_argument("--json", action="store_true", help="machine-readable output")
@@ -59,7 +60,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     if (rc := _require_root()) is not None:
         return rc
     t0 = time.monotonic()
-    lab = Lab.up(topo, network_only=True)
+    lab = Lab.up(topo, network_only=args.network_only)
     took = time.monotonic() - t0
     print(f"lab up in {took:.1f}s: {len(lab.nodes) + 1} namespaces, "
           f"WAN {topo.wan_subnet}, coordinator {topo.coordinator_ipv4}")
@@ -74,6 +75,11 @@ def _cmd_up(args: argparse.Namespace) -> int:
               + (f", {', '.join(extra)}" if extra else ""))
     if topo.operator:
         print(f"  operator on {topo.operator.on}")
+    if not args.network_only:
+        print(f"  coordinator https://{topo.coordinator_ipv4}:{API_PORT}, "
+              f"{len(lab.devices)} agent(s) enrolled and online in fleet {FLEET!r}"
+              + ("; try: fleetmesh-lab exec operator -- fleetmesh devices list"
+                 if topo.operator else ""))
     return 0
 
 

@@ -14,6 +14,7 @@ import ipaddress
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -53,6 +54,7 @@ LAN_BRIDGE: Final = "lan0"
 HOST_IF: Final = "eth0"
 WAN_IF: Final = "wan0"
 STATE_VERSION: Final = 1
+VENV_BIN: Final = os.path.dirname(sys.executable)
 
 # tbf: the bucket must hold at least a few full-size (GSO-split) packets, and a deeper queue
 # than the classic 50 ms keeps a single TCP flow from sawing below the rate (measured with
@@ -359,8 +361,9 @@ class Lab:
 
     @classmethod
     def up(cls, topology: Topology, *, network_only: bool = True) -> Lab:
-        """Build the lab's network. Raises LabAlreadyUp, LabError (host overlap, build failure:
-        everything made so far is removed again)."""
+        """Build the lab's network and, unless network_only, start the fleet on it (lab.fleet:
+        coordinator, enrolled agents, operator access). Raises LabAlreadyUp, LabError (host
+        overlap, build or start failure: everything made so far is removed again)."""
         _host.require_root()
         if Lab.is_up():
             raise LabAlreadyUp("a lab is already up (run `fleetmesh-lab down` first)")
@@ -403,7 +406,16 @@ class Lab:
                 raise
             state["phase"] = "up"
             _host.write_state(state)
-        return cls(topology, nodes, state)
+        lab = cls(topology, nodes, state)
+        if not network_only:
+            from .fleet import start_fleet  # the fleet builds on the lab, not the other way
+
+            try:
+                start_fleet(lab)
+            except BaseException:
+                teardown_all()
+                raise
+        return lab
 
     @classmethod
     def load(cls) -> Lab:
@@ -455,7 +467,13 @@ class Lab:
             # entering a mount namespace resets root and cwd to the namespace's; keep ours
             cmd += [f"--mount={n.mountns_path}", f"--root={root_of(n.mountns_path)}",
                     f"--wd={os.getcwd()}"]
-        return cmd + ["--", *argv]
+        # fleetmesh's own commands on PATH; the operator node is configured for the CLI
+        env = [f"PATH={VENV_BIN}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"]
+        fleet = self.state_now().get("fleet") if n.role == "operator" else None
+        if fleet:
+            env += [f"FLEETMESH_URL={fleet['url']}", f"FLEETMESH_API_KEY={fleet['api_key']}",
+                    f"FLEETMESH_FINGERPRINT={fleet['fingerprint']}"]
+        return cmd + ["--", "env", *env, *argv]
 
     def run(self, node: str | Node, argv: Sequence[str], **kwargs: Any
             ) -> subprocess.CompletedProcess[Any]:
@@ -530,12 +548,13 @@ class Lab:
             ],
             "routers": routers,
             "processes": [
-                p for p in self._state_now().get("processes", [])
+                p for p in self.state_now().get("processes", [])
                 if p.get("start") is not None and _host.proc_start_time(p["pid"]) == p["start"]
             ],
         }
 
-    def _state_now(self) -> dict[str, Any]:
+    def state_now(self) -> dict[str, Any]:
+        """The state file as it is now (processes and the fleet are added after `up`)."""
         return _host.read_state() or self._state
 
 

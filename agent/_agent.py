@@ -1,0 +1,383 @@
+"""The agent's trio driver: peer-map long poll, WireGuard reconcile, state reports.
+
+    agent = Agent(data_dir, backend_factory, client_factory)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)     # returns once the first reconcile has run
+
+`backend_factory(enrollment)` is an async context manager yielding a vpn `AsyncWireGuardBackend`
+(`WireGuardGoDevice` for the real thing); `client_factory(url, credential, cert_der)` makes a
+`DeviceApi` (`coordinator.client.DeviceClient` fits). Everything that talks to the network or
+the daemon has a deadline; the coordinator being down never stops the reconcile loop, which runs
+on the last peer map (cached in the data directory), so the data plane outlives the control plane.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Final, Protocol, TypeVar
+
+import trio
+
+from mesh.clikit import package_version
+from mesh.control import DeviceReport, Enrollment, PeerMap, PeerPath
+from vpn import (
+    AsyncWireGuardBackend,
+    DeviceStatus,
+    UapiError,
+    UapiProtocolError,
+    changes_to_config,
+    diff,
+)
+
+from ._datadir import DataDir, DataDirError, Identity
+from ._paths import REJECT_AFTER_TIME, PathPlan, PathSelector
+
+T = TypeVar("T")
+
+RECONCILE_INTERVAL: Final = 1.0  # brief: read the device and converge once a second
+REPORT_INTERVAL: Final = 10.0  # well inside the coordinator's 60 s "online" window (docs/api.md)
+POLL_WAIT: Final = 25  # the coordinator's default long-poll wait (docs/api.md), < 30 s NAT timeouts
+# The SDK already adds 10 s of read slack to a long poll; ours is the outer bound on top of it.
+POLL_SLACK: Final = 15.0
+CALL_TIMEOUT: Final = 15.0  # a report or anything that is not a long poll
+BACKEND_TIMEOUT: Final = 5.0  # the UAPI client's own default deadline
+BACKOFF_INITIAL: Final = 1.0
+BACKOFF_MAX: Final = 30.0  # bounded: a device that was cut off finds the coordinator within 30 s
+# A coordinator that answers 304 at once (a bug, or a proxy) must not make us spin.
+MIN_POLL_INTERVAL: Final = 1.0
+MIN_REPORT_SPACING: Final = 1.0  # path flaps cannot turn into a report storm
+
+
+class DeviceApi(Protocol):
+    """The part of `coordinator.client.DeviceClient` the agent uses.
+
+    Errors: an exception with an integer `status` attribute is an answer from the coordinator
+    (`ApiError`); 401 means the credential was revoked. Anything else means no usable answer.
+    """
+
+    async def peermap(self, version: int, wait: float) -> PeerMap | None: ...
+
+    async def report(self, report: DeviceReport) -> None: ...
+
+
+ClientFactory = Callable[[str, str, bytes], DeviceApi]  # (url, credential, cert_der)
+BackendFactory = Callable[[Enrollment], AbstractAsyncContextManager[AsyncWireGuardBackend]]
+Log = Callable[[str], None]
+
+
+def stderr_log(message: str) -> None:
+    print(f"fleetmesh-agent: {message}", file=sys.stderr, flush=True)
+
+
+def error_status(exc: BaseException) -> int | None:
+    status = getattr(exc, "status", None)
+    return status if isinstance(status, int) and not isinstance(status, bool) else None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+async def _poll(client: DeviceApi, *, version: int, wait: float) -> PeerMap | None:
+    return await client.peermap(version, wait)
+
+
+async def _report(client: DeviceApi, *, report: DeviceReport) -> None:
+    await client.report(report)
+
+
+class Backoff:
+    """Exponential backoff with "equal jitter" (AWS Architecture Blog, "Exponential Backoff and
+    Jitter"): half the step is fixed, half random, so retries spread out but never collapse to 0."""
+
+    def __init__(self, initial: float = BACKOFF_INITIAL, maximum: float = BACKOFF_MAX,
+                 rng: random.Random | None = None) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.rng = rng or random.Random()
+        self.failures = 0
+
+    def next(self) -> float:
+        step = min(self.maximum, self.initial * 2.0 ** min(self.failures, 32))
+        self.failures += 1
+        return step / 2 + self.rng.random() * step / 2
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class Agent:
+    """One enrolled device: keeps its WireGuard interface converged on the peer map."""
+
+    def __init__(
+        self,
+        data_dir: DataDir | str,
+        backend_factory: BackendFactory,
+        client_factory: ClientFactory,
+        *,
+        wg_port: int | None = None,
+        lan_endpoints: Callable[[], Sequence[str]] | Sequence[str] | None = None,
+        agent_version: str | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        log: Log = stderr_log,
+        reconcile_interval: float = RECONCILE_INTERVAL,
+        report_interval: float = REPORT_INTERVAL,
+        poll_wait: int = POLL_WAIT,
+    ) -> None:
+        self.data = data_dir if isinstance(data_dir, DataDir) else DataDir(data_dir)
+        # Both raise DataDirError (one line) when the directory is not usable.
+        self.identity: Identity = self.data.read_identity()
+        private_key = self.data.read_key()
+        self.backend_factory = backend_factory
+        self.client_factory = client_factory
+        self.wg_port = wg_port if wg_port is not None else self.identity.wg_port
+        if lan_endpoints is None:
+            lan_endpoints = self.identity.lan_endpoints or ()
+        self._lan = lan_endpoints
+        self.agent_version = agent_version if agent_version is not None else package_version()
+        self.clock = clock
+        self.log = log
+        self.reconcile_interval = reconcile_interval
+        self.report_interval = report_interval
+        self.poll_wait = poll_wait
+        self.backoff = Backoff(rng=rng)
+        enrollment = self.identity.enrollment
+        self.selector = PathSelector(private_key, enrollment.hub, self.wg_port)
+
+        self.peermap: PeerMap | None = None
+        try:
+            self.peermap = self.data.read_peermap()
+        except DataDirError as exc:
+            self.log(f"ignoring the peer map cache: {exc}")
+        if self.peermap is not None:
+            self.log(f"peer map v{self.peermap.version} from the cache: "
+                     f"{len(self.peermap.peers)} peers")
+        self.status: DeviceStatus | None = None
+        self.plan: PathPlan | None = None
+        self.revoked = False
+        self.sets_sent = 0  # UAPI `set` requests sent: a steady state sends none
+        self.reconciles = 0
+        self._clients: dict[str, DeviceApi] = {}
+        self._last_url: str | None = None
+        self._reconcile_wake = trio.Event()
+        self._report_wake = trio.Event()
+        self._backend_error: str | None = None
+
+    # -- public ------------------------------------------------------------
+
+    @property
+    def enrollment(self) -> Enrollment:
+        return self.identity.enrollment
+
+    @property
+    def paths(self) -> tuple[PeerPath, ...]:
+        return self.plan.paths if self.plan is not None else ()
+
+    def hub_up(self) -> bool:
+        """A live hub session: the API through the tunnel is worth trying first."""
+        if self.status is None:
+            return False
+        hub = self.peermap.hub if self.peermap is not None else self.enrollment.hub
+        peer = self.status.peer(hub.public_key)
+        hs = peer.last_handshake if peer is not None else None
+        return hs is not None and self.clock() - hs < REJECT_AFTER_TIME
+
+    def lan_endpoints(self) -> tuple[str, ...]:
+        if callable(self._lan):
+            try:
+                return tuple(self._lan())
+            except OSError as exc:
+                self.log(f"cannot list LAN addresses: {_one_line(exc)}")
+                return ()
+        return tuple(self._lan)
+
+    async def run(self, *, task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Bring the interface up and run the loops until cancelled."""
+        async with self.backend_factory(self.enrollment) as backend:
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self._reconcile_loop, backend)
+                    nursery.start_soon(self._peermap_loop)
+                    nursery.start_soon(self._report_loop)
+                    task_status.started(self)
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    await self._close_clients()
+
+    # -- reconcile ---------------------------------------------------------
+
+    async def reconcile_once(self, backend: AsyncWireGuardBackend) -> PathPlan | None:
+        """Read the device, choose paths, send only what differs. Never raises for the daemon's
+        failures: they are logged once each and retried on the next tick."""
+        try:
+            with trio.fail_after(BACKEND_TIMEOUT):
+                status = await backend.aget()
+                plan = self.selector.update(self.peermap, status, self.clock())
+                changes = diff(plan.desired, status)
+                if changes:
+                    await backend.aset(changes_to_config(changes))
+                    self.sets_sent += 1
+        except (OSError, trio.TooSlowError, UapiError, UapiProtocolError) as exc:
+            message = f"WireGuard: {_one_line(exc)}"
+            if message != self._backend_error:
+                self.log(f"{message}; retrying every {self.reconcile_interval:g} s")
+                self._backend_error = message
+            return None
+        if self._backend_error is not None:
+            self.log("WireGuard answers again")
+            self._backend_error = None
+        self.reconciles += 1
+        old = self.plan
+        self.status, self.plan = status, plan
+        for change in plan.changes:
+            self.log(str(change))
+        if old is None or [(p.public_key, p.path, p.endpoint) for p in old.paths] != \
+                [(p.public_key, p.path, p.endpoint) for p in plan.paths]:
+            self._report_wake.set()
+        return plan
+
+    async def _reconcile_loop(self, backend: AsyncWireGuardBackend, *,
+                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                              ) -> None:
+        await self.reconcile_once(backend)
+        task_status.started()
+        while True:
+            with trio.move_on_after(self.reconcile_interval):
+                await self._reconcile_wake.wait()
+            self._reconcile_wake = trio.Event()
+            await self.reconcile_once(backend)
+
+    # -- coordinator -------------------------------------------------------
+
+    def _urls(self) -> list[str]:
+        tunnel = self.enrollment.hub.api_url
+        if self.hub_up() and tunnel and tunnel != self.identity.url:
+            return [tunnel, self.identity.url]
+        return [self.identity.url]
+
+    def _client(self, url: str) -> DeviceApi:
+        client = self._clients.get(url)
+        if client is None:
+            client = self.client_factory(url, self.enrollment.credential, self.identity.cert_der)
+            self._clients[url] = client
+        return client
+
+    async def _close_clients(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            aclose: Any = getattr(client, "aclose", None)
+            if aclose is not None:
+                try:
+                    await aclose()
+                except Exception:  # noqa: BLE001 - closing must not mask the real exit reason
+                    pass
+
+    async def _call(self, op: Callable[[DeviceApi], Awaitable[T]], timeout: float) -> T:
+        """Through the hub tunnel first when it is up, else (or if that gives no answer) the URL
+        given at join. An error answer from the coordinator is final: it did answer."""
+        urls = self._urls()
+        last: BaseException | None = None
+        for url in urls:
+            try:
+                with trio.fail_after(timeout):
+                    result = await op(self._client(url))
+            except trio.TooSlowError:
+                last = TimeoutError(f"no answer from {url} within {timeout:g} s")
+                continue
+            except Exception as exc:  # noqa: BLE001 - the SDK's errors, whatever their class
+                if error_status(exc) is not None:
+                    raise
+                last = exc
+                continue
+            if url != self._last_url:
+                via = "the hub tunnel" if url != self.identity.url else "the direct URL"
+                self.log(f"coordinator reached at {url} ({via})")
+                self._last_url = url
+            return result
+        assert last is not None
+        raise last
+
+    def _revoke(self, exc: BaseException) -> None:
+        if not self.revoked:
+            self.revoked = True
+            self.log(f"coordinator refused our credential ({_one_line(exc)}): this device was "
+                     "revoked; keeping the mesh as it is and no longer polling or reporting")
+
+    def accept_peermap(self, peermap: PeerMap) -> None:
+        old = self.peermap
+        self.peermap = peermap
+        was = f" (was v{old.version})" if old is not None else ""
+        self.log(f"peer map v{peermap.version}: {len(peermap.peers)} peers{was}")
+        try:
+            self.data.write_peermap(peermap)
+        except DataDirError as exc:
+            self.log(f"cannot cache the peer map: {exc}")
+        self._reconcile_wake.set()
+
+    async def _peermap_loop(self) -> None:
+        version = self.peermap.version if self.peermap is not None else 0
+        failing = False
+        while not self.revoked:
+            started = trio.current_time()
+            try:
+                peermap = await self._call(
+                    functools.partial(_poll, version=version, wait=self.poll_wait),
+                    self.poll_wait + POLL_SLACK)
+            except Exception as exc:  # noqa: BLE001 - never exit on coordinator errors
+                if error_status(exc) == 401:
+                    self._revoke(exc)
+                    return
+                delay = self.backoff.next()
+                self.log(f"peer map: {_one_line(exc)}; retrying in {delay:.1f} s")
+                failing = True
+                self._last_url = None
+                await trio.sleep(delay)
+                continue
+            self.backoff.reset()
+            if failing:
+                failing = False
+                self.log("peer map: coordinator answers again")
+            if peermap is None or peermap.version == version:
+                spent = trio.current_time() - started
+                if spent < MIN_POLL_INTERVAL:
+                    await trio.sleep(MIN_POLL_INTERVAL - spent)
+                continue
+            version = peermap.version
+            self.accept_peermap(peermap)
+
+    def report(self) -> DeviceReport:
+        return DeviceReport(self.lan_endpoints(), self.agent_version, self.paths)
+
+    async def _report_loop(self) -> None:
+        error: str | None = None
+        while not self.revoked:
+            sent_at = trio.current_time()
+            report = self.report()
+            try:
+                await self._call(functools.partial(_report, report=report), CALL_TIMEOUT)
+            except Exception as exc:  # noqa: BLE001 - never exit on coordinator errors
+                if error_status(exc) == 401:
+                    self._revoke(exc)
+                    return
+                message = _one_line(exc)
+                if message != error:
+                    self.log(f"report: {message}; retrying every {self.report_interval:g} s")
+                    error = message
+            else:
+                if error is not None:
+                    self.log("report: delivered again")
+                    error = None
+            with trio.move_on_after(self.report_interval):
+                await self._report_wake.wait()
+            self._report_wake = trio.Event()
+            spent = trio.current_time() - sent_at
+            if spent < MIN_REPORT_SPACING:
+                await trio.sleep(MIN_REPORT_SPACING - spent)

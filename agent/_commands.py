@@ -1,0 +1,318 @@
+"""`fleetmesh-agent join` and `fleetmesh-agent run`.
+
+Exit codes: 0 done, 2 bad arguments or data directory (not enrolled, already enrolled, corrupt
+file), 3 coordinator unreachable, 4 coordinator refused (bad token, name taken, certificate not
+the one the token names, malformed answer), 5 WireGuard could not be started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import trio
+
+from mesh.clikit import CliError, package_version
+from mesh.control import ControlError, Enrollment, TokenParts, check_endpoint, check_name
+from vpn import WireGuardGoError, generate_keypair, public_key_from_private
+
+from ._agent import Agent, BackendFactory, ClientFactory, stderr_log
+from ._datadir import DataDir, DataDirError, Identity
+from ._device import DEFAULT_IFNAME, DEFAULT_WG_PORT, WireGuardGoDevice, lan_endpoints
+
+EXIT_USAGE: Final = 2
+EXIT_UNREACHABLE: Final = 3
+EXIT_REFUSED: Final = 4
+EXIT_WIREGUARD: Final = 5
+MAX_CONFIG_BYTES: Final = 64 * 1024
+
+EnrollFn = Callable[..., Awaitable[tuple[Enrollment, bytes]]]
+
+
+# --------------------------------------------------------------------------- seams for tests
+# The real coordinator SDK and wireguard-go are looked up through these, so tests can replace
+# them with fakes without a coordinator or root.
+
+
+def sdk_enroll() -> EnrollFn:
+    try:
+        from coordinator.client import enroll
+    except ImportError as exc:  # pragma: no cover - the SDK ships with fleetmesh
+        raise CliError(f"the coordinator SDK is not available: {exc}") from exc
+    return enroll
+
+
+def sdk_client_factory() -> ClientFactory:
+    try:
+        from coordinator.client import DeviceClient
+    except ImportError as exc:  # pragma: no cover
+        raise CliError(f"the coordinator SDK is not available: {exc}") from exc
+    return DeviceClient
+
+
+def real_backend_factory(ifname: str, mountns: str | None = None) -> BackendFactory:
+    return WireGuardGoDevice(ifname, mountns=mountns)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"port out of range 1..65535: {value}")
+    return value
+
+
+def _endpoint(text: str) -> str:
+    try:
+        return check_endpoint(text, "--lan-endpoint")
+    except ControlError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _ifname(text: str) -> str:
+    from vpn._link import check_ifname
+
+    try:
+        return check_ifname(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _read_device_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise CliError(f"{path}: not a device.json (not JSON)") from None
+    if not isinstance(obj, dict):
+        raise CliError(f"{path}: not a device.json (not an object)")
+    for key in ("url", "token"):
+        if not isinstance(obj.get(key), str) or not obj[key]:
+            raise CliError(f"{path}: not a device.json ({key} missing)")
+    for key in ("name", "fleet"):
+        if obj.get(key) is not None and not isinstance(obj[key], str):
+            raise CliError(f"{path}: {key} must be a string")
+    return obj
+
+
+def _classify(exc: BaseException) -> CliError:
+    """The SDK's failures as one line and an exit code."""
+    name = type(exc).__name__
+    text = " ".join(str(exc).split()) or name
+    status = getattr(exc, "status", None)
+    if isinstance(status, int):
+        return CliError(f"coordinator refused the enrollment: {text}", EXIT_REFUSED)
+    if name in ("CoordinatorUnreachable", "TooSlowError") or isinstance(exc, OSError):
+        return CliError(text, EXIT_UNREACHABLE)
+    if isinstance(exc, ControlError):
+        return CliError(text, EXIT_USAGE)
+    return CliError(text, EXIT_REFUSED)  # PinError, ProtocolError
+
+
+def _data_error(exc: DataDirError, data: DataDir) -> CliError:
+    if not data.enrollment_path.exists():
+        return CliError(f"{data.path} is not enrolled ({data.enrollment_path.name} missing): "
+                        "run `fleetmesh-agent join` first")
+    return CliError(str(exc))
+
+
+# --------------------------------------------------------------------------- join
+
+ENROLL_TIMEOUT: Final = 60.0  # the SDK's own timeouts apply per request; this bounds the whole
+
+
+def _join(args: argparse.Namespace) -> int:
+    if args.config is not None:
+        if args.url is not None or args.token is not None:
+            raise CliError("give either URL --token T or --config device.json, not both")
+        conf = _read_device_json(args.config)
+        url, token = conf["url"], conf["token"]
+        name = args.name or conf.get("name")
+        fleet = conf.get("fleet")
+    else:
+        if args.url is None or args.token is None:
+            raise CliError("give URL and --token T, or --config device.json")
+        url, token, name, fleet = args.url, args.token, args.name, None
+    try:
+        TokenParts.parse(token)
+        if name is not None:
+            check_name(name, "name")
+    except ControlError as exc:
+        raise CliError(str(exc)) from None
+
+    data = DataDir(args.data)
+    if data.is_enrolled():
+        try:
+            who = data.read_identity().enrollment
+            what = f"as {who.name} in fleet {who.fleet}"
+        except DataDirError:
+            what = f"({data.enrollment_path.name} exists)"
+        raise CliError(f"{data.path} is already enrolled {what}; use another --data "
+                       "directory or remove it to join again")
+    try:
+        # A key left by an earlier join that failed is reused: it never left the device.
+        if data.has_key():
+            private = data.read_key()
+        else:
+            private = generate_keypair().private
+            data.write_key(private)
+    except DataDirError as exc:
+        raise CliError(str(exc)) from None
+    public = public_key_from_private(private)
+
+    explicit = tuple(args.lan_endpoint) if args.lan_endpoint else None
+    lan = explicit if explicit is not None else _discover_lan(args.wg_port, ())
+    enroll = sdk_enroll()
+
+    async def go() -> tuple[Enrollment, bytes]:
+        with trio.fail_after(ENROLL_TIMEOUT):
+            return await enroll(url, token, public, name, lan, package_version())
+
+    try:
+        enrollment, cert_der = trio.run(go)
+    except CliError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the SDK raises becomes one line
+        raise _classify(exc) from None
+    if fleet is not None and enrollment.fleet != fleet:
+        stderr_log(f"note: device.json names fleet {fleet}, the coordinator put this device "
+                   f"in {enrollment.fleet}")
+    try:
+        data.write_identity(Identity(url, enrollment, cert_der, args.wg_port, explicit))
+    except DataDirError as exc:
+        raise CliError(str(exc)) from None
+    print(f"enrolled as {enrollment.name} in fleet {enrollment.fleet}: mesh "
+          f"{enrollment.mesh_ipv4} {enrollment.mesh_ipv6}; "
+          f"start with: fleetmesh-agent run --data {args.data}")
+    return 0
+
+
+def _discover_lan(port: int, exclude_networks: tuple[str, ...],
+                  ifname: str = DEFAULT_IFNAME) -> tuple[str, ...]:
+    try:
+        return lan_endpoints(port, (ifname,), exclude_networks)
+    except OSError as exc:
+        stderr_log(f"cannot list LAN addresses ({exc}); enrolling without LAN endpoints")
+        return ()
+
+
+def add_join_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "join", help="enroll this device with a coordinator (once per data directory)",
+        description="Enroll with URL --token T, or with --config device.json from "
+                    "`fleetmesh devices provision`. The WireGuard private key is made here and "
+                    "never leaves the device.")
+    p.add_argument("url", nargs="?", metavar="URL", help="coordinator URL, https://host:port")
+    p.add_argument("--token", metavar="T", help="enrollment token fm1.<fingerprint>.<secret>")
+    p.add_argument("--config", metavar="DEVICE_JSON",
+                   help="device.json with url, token, name and fleet")
+    p.add_argument("--data", required=True, metavar="DIR", help="the agent's data directory")
+    p.add_argument("--name", help="device name (default: from the token or device.json)")
+    p.add_argument("--lan-endpoint", action="append", type=_endpoint, metavar="HOST:PORT",
+                   help="LAN endpoint candidate (repeatable; default: this device's IPv4 "
+                        "addresses with --wg-port)")
+    p.add_argument("--wg-port", type=_port, default=DEFAULT_WG_PORT, metavar="N",
+                   help=f"WireGuard listen port (default {DEFAULT_WG_PORT}); `run` uses it too")
+    p.set_defaults(handler=_join)
+
+
+# --------------------------------------------------------------------------- run
+
+
+async def run_agent(agent: Agent) -> None:
+    """Run until SIGINT or SIGTERM; the backend's context (wireguard-go) is left cleanly."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(agent.run)
+
+            async def stop_on_signal() -> None:
+                async for signum in signals:
+                    agent.log(f"stopping ({signal.Signals(signum).name})")
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+
+
+def _run(args: argparse.Namespace) -> int:
+    data = DataDir(args.data)
+    try:
+        identity = data.read_identity()
+        data.read_key()
+    except DataDirError as exc:
+        raise _data_error(exc, data) from None
+    port = args.wg_port if args.wg_port is not None else identity.wg_port
+    enrollment = identity.enrollment
+    lan: Any
+    if args.lan_endpoint:
+        lan = tuple(args.lan_endpoint)
+    elif identity.lan_endpoints is not None:
+        lan = identity.lan_endpoints
+    else:
+        exclude = (enrollment.mesh_prefix_v4,)
+
+        def lan() -> tuple[str, ...]:
+            return lan_endpoints(port, (args.interface,), exclude)
+
+    try:
+        backend = real_backend_factory(args.interface, args.wg_mount_namespace)
+        agent = Agent(data, backend, sdk_client_factory(),
+                      wg_port=port, lan_endpoints=lan)
+    except DataDirError as exc:
+        raise _data_error(exc, data) from None
+    agent.log(f"{enrollment.name} in fleet {enrollment.fleet}, mesh {enrollment.mesh_ipv4}, "
+              f"coordinator {identity.url}")
+    try:
+        trio.run(run_agent, agent)
+    except Exception as exc:  # noqa: BLE001 - unwrapped below; anything else is a bug
+        leaf = _leaf(exc)
+        if isinstance(leaf, WireGuardGoError):
+            raise CliError(f"cannot start WireGuard: {leaf}", EXIT_WIREGUARD) from None
+        if isinstance(leaf, (OSError, ValueError)):
+            # configure_link (not root, interface taken) and similar environment failures
+            raise CliError(f"cannot set up {args.interface}: {leaf}", EXIT_WIREGUARD) from None
+        raise
+    return 0
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """trio wraps a task's exception in ExceptionGroups; a single failure is the real one."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def add_run_parser(sub: Any) -> None:
+    p = sub.add_parser("run", help="run the agent: WireGuard up, peer map, paths, reports",
+                       description="Bring up wireguard-go on --interface in this network "
+                                   "namespace and keep it converged on the peer map until "
+                                   "SIGINT or SIGTERM.")
+    p.add_argument("--data", required=True, metavar="DIR", help="the agent's data directory")
+    p.add_argument("--wg-port", type=_port, default=None, metavar="N",
+                   help="WireGuard listen port (default: the one given to join, else "
+                        f"{DEFAULT_WG_PORT})")
+    p.add_argument("--interface", type=_ifname, default=DEFAULT_IFNAME, metavar="IF",
+                   help=f"WireGuard interface name (default {DEFAULT_IFNAME})")
+    p.add_argument("--lan-endpoint", action="append", type=_endpoint, metavar="HOST:PORT",
+                   help="LAN endpoint candidate to report (repeatable; default: as at join, "
+                        "else this device's IPv4 addresses)")
+    p.add_argument("--wg-mount-namespace", metavar="PATH", default=None,
+                   help="run wireguard-go in this mount namespace (e.g. /proc/PID/ns/mnt, whose "
+                        "/run/wireguard is private) instead of a new private one, so that `wg` "
+                        "run there sees the interface")
+    p.set_defaults(handler=_run)
+
+
+__all__ = ["add_join_parser", "add_run_parser", "run_agent"]

@@ -1,0 +1,96 @@
+"""`fleetmesh coordinator serve`: run the coordinator until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from mesh.clikit import CliError
+
+from ._server import ConfigError, Coordinator, CoordinatorConfig
+
+
+def _port(text: str) -> int:
+    # checked here, not by argparse, so that the error is one line (argparse adds its usage)
+    if not text.isdigit() or not 1 <= int(text) < 65536:
+        raise CliError(f"--wg-port: must be a port 1..65535, got {text!r}")
+    return int(text)
+
+
+async def _serve(coord: Coordinator) -> None:
+    # The receiver is open before anything starts, so an early Ctrl-C is a clean stop too.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(coord.run)
+            if coord.operator_key_created:
+                print(f"operator API key written to {coord.operator_key_path} (mode 0600)",
+                      flush=True)
+            print(f"coordinator on {coord.url} (devices join via {coord.public_url}); "
+                  f"certificate sha256 {coord.fingerprint}", flush=True)
+            async for signum in signals:
+                print(f"stopping on {signal.Signals(signum).name}", file=sys.stderr,
+                      flush=True)
+                coord.stop()
+                break
+
+
+def _run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    if not args.data:
+        raise CliError("--data DIR is required (the coordinator's state directory)")
+    wg_port = _port(args.wg_port)
+    try:
+        config = CoordinatorConfig(
+            data_dir=Path(args.data), listen=args.listen, wg_port=wg_port,
+            hub_endpoint=args.hub_endpoint, mesh_ipv4=args.mesh_ipv4, mesh_ipv6=args.mesh_ipv6,
+            hub=not args.no_hub,
+            tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+            tls_key=Path(args.tls_key) if args.tls_key else None)
+        coord = Coordinator(config)
+        trio.run(_serve, coord)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"coordinator: {exc}", code=1) from None
+    except ExceptionGroup as group:  # nursery-wrapped startup failures
+        first = group.exceptions[0]
+        while isinstance(first, ExceptionGroup):
+            first = first.exceptions[0]
+        if isinstance(first, ConfigError):
+            raise CliError(str(first)) from None
+        if isinstance(first, OSError):
+            raise CliError(f"coordinator: {first}", code=1) from None
+        raise
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    coordinator = sub.add_parser("coordinator", help="run the coordinator")
+    csub = coordinator.add_subparsers(dest="coordinator_command", metavar="COMMAND",
+                                      required=True)
+    serve = csub.add_parser(
+        "serve", help="serve the HTTPS API and the WireGuard relay hub",
+        description="Serve the coordinator API (HTTPS) and its WireGuard relay hub (fmhub0, "
+                    "wireguard-go) from DIR. The first start creates the database, a "
+                    "self-signed certificate and the operator API key in DIR.")
+    serve.add_argument("--data", metavar="DIR", help="state directory (required)")
+    serve.add_argument("--listen", default="0.0.0.0:8443", metavar="HOST:PORT",
+                       help="API address (default 0.0.0.0:8443)")
+    serve.add_argument("--wg-port", default="51820", metavar="N",
+                       help="hub WireGuard UDP port (default 51820)")
+    serve.add_argument("--hub-endpoint", metavar="HOST:PORT",
+                       help="where devices reach the hub (and the API host); required when "
+                            "--listen is a wildcard address")
+    serve.add_argument("--mesh-ipv4", default="10.250.0.0/16", metavar="PREFIX")
+    serve.add_argument("--mesh-ipv6", default="fd7a:f1ee:7000::/48", metavar="PREFIX")
+    serve.add_argument("--no-hub", action="store_true",
+                       help="no WireGuard hub (tests, benchmarks): endpoints only from reports")
+    serve.add_argument("--tls-cert", metavar="FILE", help="PEM certificate (default: "
+                       "self-signed, made at first start)")
+    serve.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
+    serve.set_defaults(handler=_run)

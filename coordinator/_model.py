@@ -1,0 +1,123 @@
+"""The coordinator's domain: devices, tokens, operators, and the errors the API turns into 4xx.
+
+These are what the `Store` speaks; no SQL and no HTTP here.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+
+class DeviceState(enum.StrEnum):
+    PROVISIONED = "provisioned"  # named by the operator, token handed out, not enrolled yet
+    ACTIVE = "active"  # enrolled: has a public key, addresses and a credential
+    REVOKED = "revoked"  # never comes back; its addresses are never given to anyone else
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    id: str
+    name: str
+    fleet: str
+    state: DeviceState
+    created_at: float
+    public_key: str | None = None
+    mesh_ipv4: str | None = None
+    mesh_ipv6: str | None = None
+    agent_version: str = ""
+    lan_endpoints: tuple[str, ...] = ()
+    last_report: float | None = None
+    enrolled_at: float | None = None
+    revoked_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollmentToken:
+    """Stored form of a token: only the SHA-256 of its secret is kept."""
+
+    secret_hash: str
+    fleet: str
+    uses_left: int
+    expires_at: float
+    created_at: float
+    name: str | None = None  # bound to this device name (provisioning)
+
+
+@dataclass(frozen=True, slots=True)
+class Operator:
+    name: str
+    public_key: str
+    mesh_ipv4: str
+    mesh_ipv6: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollParams:
+    """Everything one enrollment writes, decided before the store's transaction."""
+
+    secret_hash: str
+    public_key: str
+    credential_hash: str
+    device_id: str  # used when the enrollment creates a new device row
+    generated_name: str  # used when neither the token nor the request names the device
+    now: float
+    name: str | None = None
+    lan_endpoints: tuple[str, ...] = ()
+    agent_version: str = ""
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class CoordinatorError(Exception):
+    """A refusal with an HTTP status; str() is one line for `{"error": ...}`."""
+
+    status = 400
+
+
+class Unauthorized(CoordinatorError):
+    status = 401
+
+
+class Forbidden(CoordinatorError):
+    status = 403
+
+
+class NotFound(CoordinatorError):
+    status = 404
+
+
+class Conflict(CoordinatorError):
+    status = 409
+
+
+class TokenUnknown(Unauthorized):
+    def __init__(self) -> None:
+        super().__init__("enrollment token unknown (never issued here, or mistyped)")
+
+
+class TokenExpired(Unauthorized):
+    def __init__(self) -> None:
+        super().__init__("enrollment token expired; ask the operator for a new one")
+
+
+class TokenUsedUp(Unauthorized):
+    def __init__(self) -> None:
+        super().__init__("enrollment token already used up; ask the operator for a new one")
+
+
+class AddressSpaceExhausted(Conflict):
+    pass
+
+
+def device_info(device: Device, *, online: bool, endpoint: str | None,
+                last_seen: float | None) -> dict[str, Any]:
+    """`DeviceInfo` (docs/api.md): the stored device plus what only the running server knows."""
+    return {"name": device.name, "fleet": device.fleet, "state": str(device.state),
+            "online": online, "public_key": device.public_key, "mesh_ipv4": device.mesh_ipv4,
+            "mesh_ipv6": device.mesh_ipv6, "agent_version": device.agent_version,
+            "endpoint": endpoint, "lan_endpoints": list(device.lan_endpoints),
+            "last_seen": last_seen, "enrolled_at": device.enrolled_at}

@@ -1,0 +1,144 @@
+"""The OpenAPI 3.1 document served at /openapi.json, written by hand from docs/api.md."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mesh.control import MAX_BODY_BYTES
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str = "") -> dict[str, Any]:
+    return {"description": description or "OK",
+            "content": {"application/json": {"schema": schema}}}
+
+
+_ERR = _json(_ref("Error"), "refused: {\"error\": one line}")
+_ERRORS = {str(c): _ERR for c in (400, 401, 403, 404, 409, 413)}
+_OPERATOR: list[dict[str, list[str]]] = [{"operatorKey": []}]
+_DEVICE: list[dict[str, list[str]]] = [{"deviceCredential": []}]
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+_STR = {"type": "string"}
+_STRN = {"type": ["string", "null"]}
+_NUMN = {"type": ["number", "null"]}
+_EPS = {"type": "array", "items": _STR, "maxItems": 8}
+
+
+def _body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+def _obj(required: list[str], **props: Any) -> dict[str, Any]:
+    return {"type": "object", "required": required, "properties": props}
+
+
+SCHEMAS: dict[str, Any] = {
+    "Error": _obj(["error"], error=_STR),
+    "HubInfo": _obj(["public_key", "endpoint", "mesh_ipv4", "mesh_ipv6", "api_url"],
+                    public_key=_STR, endpoint=_STR, mesh_ipv4=_STR, mesh_ipv6=_STR,
+                    api_url=_STR),
+    "EnrollRequest": _obj(["token", "public_key"], token=_STR, public_key=_STR, name=_STRN,
+                          lan_endpoints=_EPS, agent_version=_STR),
+    "Enrollment": _obj(["device_id", "name", "fleet", "credential", "mesh_ipv4", "mesh_ipv6",
+                        "mesh_prefix_v4", "mesh_prefix_v6", "hub"],
+                       device_id=_STR, name=_STR, fleet=_STR, credential=_STR, mesh_ipv4=_STR,
+                       mesh_ipv6=_STR, mesh_prefix_v4=_STR, mesh_prefix_v6=_STR,
+                       hub=_ref("HubInfo")),
+    "PeerEntry": _obj(["name", "public_key", "mesh_ipv4", "mesh_ipv6", "endpoints", "lan"],
+                      name=_STR, public_key=_STR, mesh_ipv4=_STR, mesh_ipv6=_STR,
+                      endpoints=_EPS, lan={"type": "boolean"}),
+    "PeerMap": _obj(["version", "hub", "peers", "relay_ips"], version={"type": "integer"},
+                    hub=_ref("HubInfo"), peers={"type": "array", "items": _ref("PeerEntry")},
+                    relay_ips={"type": "array", "items": _STR}),
+    "PeerPath": _obj(["public_key", "path"], public_key=_STR,
+                     path={"enum": ["direct", "relay", "none"]}, endpoint=_STRN,
+                     last_handshake=_NUMN),
+    "DeviceReport": _obj([], lan_endpoints=_EPS, agent_version=_STR,
+                         peers={"type": "array", "items": _ref("PeerPath")}),
+    "DeviceInfo": _obj(["name", "fleet", "state", "online", "public_key", "mesh_ipv4",
+                        "mesh_ipv6", "agent_version", "endpoint", "lan_endpoints", "last_seen",
+                        "enrolled_at"],
+                       name=_STR, fleet=_STR,
+                       state={"enum": ["provisioned", "active", "revoked"]},
+                       online={"type": "boolean"}, public_key=_STRN, mesh_ipv4=_STRN,
+                       mesh_ipv6=_STRN, agent_version=_STR, endpoint=_STRN, lan_endpoints=_EPS,
+                       last_seen=_NUMN, enrolled_at=_NUMN),
+    "TokenRequest": _obj(["fleet"], fleet=_STR, uses={"type": "integer", "default": 1},
+                         expires_in={"type": "integer", "default": 3600}, name=_STRN),
+    "Token": _obj(["token", "fleet", "uses", "expires_at"], token=_STR, fleet=_STR,
+                  uses={"type": "integer"}, expires_at={"type": "number"}),
+    "Join": _obj(["url", "token", "name", "fleet"], url=_STR, token=_STR, name=_STR,
+                 fleet=_STR),
+    "PeerReport": _obj(["peer", "public_key", "path", "endpoint", "last_handshake"],
+                       peer=_STRN, public_key=_STR, path={"enum": ["direct", "relay", "none"]},
+                       endpoint=_STRN, last_handshake=_NUMN),
+    "OperatorRequest": _obj(["name", "public_key"], name=_STR, public_key=_STR),
+    "OperatorInfo": _obj(["name", "mesh_ipv4", "mesh_ipv6", "hub", "mesh_prefix_v4",
+                          "mesh_prefix_v6"], name=_STR, mesh_ipv4=_STR, mesh_ipv6=_STR,
+                         hub=_ref("HubInfo"), mesh_prefix_v4=_STR, mesh_prefix_v6=_STR),
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    paths: dict[str, Any] = {
+        "/api/v1/enroll": {"post": {
+            "summary": "enroll a device with a token (no auth)",
+            "requestBody": _body(_ref("EnrollRequest")),
+            "responses": {"201": _json(_ref("Enrollment")), **_ERRORS}}},
+        "/api/v1/device/peermap": {"get": {
+            "summary": "long poll for the device's peer map", "security": _DEVICE,
+            "parameters": [
+                {"name": "version", "in": "query", "schema": {"type": "integer", "default": 0}},
+                {"name": "wait", "in": "query",
+                 "schema": {"type": "number", "default": 25, "maximum": 30}}],
+            "responses": {"200": _json(_ref("PeerMap")),
+                          "304": {"description": "unchanged after waiting"}, **_ERRORS}}},
+        "/api/v1/device/state": {"post": {
+            "summary": "report LAN candidates, version and per-peer paths",
+            "security": _DEVICE, "requestBody": _body(_ref("DeviceReport")),
+            "responses": {"204": {"description": "recorded"}, **_ERRORS}}},
+        "/api/v1/tokens": {"post": {
+            "summary": "create an enrollment token", "security": _OPERATOR,
+            "requestBody": _body(_ref("TokenRequest")),
+            "responses": {"201": _json(_ref("Token")), **_ERRORS}}},
+        "/api/v1/devices": {
+            "get": {"summary": "list devices", "security": _OPERATOR,
+                    "parameters": [{"name": "fleet", "in": "query", "schema": _STR}],
+                    "responses": {"200": _json(_obj(["devices"], devices={
+                        "type": "array", "items": _ref("DeviceInfo")})), **_ERRORS}},
+            "post": {"summary": "provision a device", "security": _OPERATOR,
+                     "requestBody": _body(_obj(["name", "fleet"], name=_STR, fleet=_STR,
+                                               expires_in={"type": "integer"})),
+                     "responses": {"201": _json(_obj(["device", "join"],
+                                                     device=_ref("DeviceInfo"),
+                                                     join=_ref("Join"))), **_ERRORS}}},
+        "/api/v1/devices/{name}": {"get": {
+            "summary": "one device", "security": _OPERATOR, "parameters": [_NAME],
+            "responses": {"200": _json(_ref("DeviceInfo")), **_ERRORS}}},
+        "/api/v1/devices/{name}/revoke": {"post": {
+            "summary": "revoke a device", "security": _OPERATOR, "parameters": [_NAME],
+            "responses": {"200": _json(_ref("DeviceInfo")), **_ERRORS}}},
+        "/api/v1/devices/{name}/peers": {"get": {
+            "summary": "the device's last reported paths", "security": _OPERATOR,
+            "parameters": [_NAME],
+            "responses": {"200": _json(_obj(["peers"], peers={
+                "type": "array", "items": _ref("PeerReport")})), **_ERRORS}}},
+        "/api/v1/operators": {"post": {
+            "summary": "register an operator workstation as a hub peer",
+            "security": _OPERATOR, "requestBody": _body(_ref("OperatorRequest")),
+            "responses": {"201": _json(_ref("OperatorInfo")), **_ERRORS}}},
+        "/openapi.json": {"get": {"summary": "this document",
+                                  "responses": {"200": _json({"type": "object"})}}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "fleetmesh coordinator", "version": "1",
+                 "description": f"docs/api.md; request bodies at most {MAX_BODY_BYTES} bytes"},
+        "paths": paths,
+        "components": {"schemas": SCHEMAS, "securitySchemes": {
+            "operatorKey": {"type": "http", "scheme": "bearer", "description": "fmo_..."},
+            "deviceCredential": {"type": "http", "scheme": "bearer", "description": "fmd_..."}}},
+    }

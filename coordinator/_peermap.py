@@ -1,0 +1,217 @@
+"""Peer maps without I/O: who each device must configure, with which endpoints, at which version.
+
+Inputs are explicit calls (a device joined, left, was seen at an endpoint, reported LAN
+candidates; the operator set changed); outputs are versions and maps. A change marks the
+devices whose map it alters (at most the fleet: O(N)); maps are rendered only on request.
+Marks are *pending* until `publish()`, which the server's batcher calls at most one batch window
+after the first mark: every device touched by a burst gets the same new version at the same
+moment, so both sides of a pair learn each other's endpoint together (simultaneous open is what
+makes NAT hole punching work).
+
+Endpoint rule (docs/api.md, PeerEntry): when viewer and peer share a public IP (same NAT) and the
+peer has LAN candidates, the peer's LAN endpoints (`lan=True`); otherwise the peer's endpoint as
+the hub saw it; otherwise none (relay only).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from mesh.control import HubInfo, PeerEntry, PeerMap
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    name: str
+    fleet: str
+    public_key: str
+    mesh_ipv4: str
+    mesh_ipv6: str
+    lan_endpoints: tuple[str, ...] = ()
+    public_endpoint: str | None = None  # ip:port the hub saw its handshake come from
+    public_ip: str | None = None  # the address part of that, or what else saw it (no hub)
+
+
+def endpoint_ip(endpoint: str) -> str:
+    host = endpoint.rpartition(":")[0]
+    return host[1:-1] if host.startswith("[") else host
+
+
+class PeerMapCore:
+    """All active devices; versions per device. `first_version` should exceed any version a
+    previous run handed out (the server passes epoch milliseconds), so a restarted coordinator
+    never answers 304 to an agent holding a stale map whose number happens to match."""
+
+    def __init__(self, hub: HubInfo, first_version: int = 1) -> None:
+        self.hub = hub
+        self._members: dict[str, Member] = {}
+        self._fleets: dict[str, set[str]] = {}
+        self._by_ip: dict[tuple[str, str], set[str]] = {}  # (fleet, public ip) -> names
+        self._published: dict[str, int] = {}
+        self._pending: set[str] = set()
+        self._seq = first_version
+        self._relay_ips: tuple[str, ...] = ()
+        self._fragments: dict[str, tuple[str, str | None]] = {}  # name -> (WAN json, LAN json)
+        self.marks = 0  # devices marked so far: the work counter the O(N) tests watch
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._members
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def member(self, name: str) -> Member | None:
+        return self._members.get(name)
+
+    def members(self) -> Iterable[Member]:
+        return self._members.values()
+
+    def version(self, name: str) -> int:
+        """Published version of a device's map (members that joined in the current batch
+        already have one: the first version)."""
+        return self._published.get(name, 0)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
+
+    @property
+    def relay_ips(self) -> tuple[str, ...]:
+        return self._relay_ips
+
+    def _entry(self, viewer: Member, peer: Member) -> PeerEntry:
+        if viewer.public_ip is not None and viewer.public_ip == peer.public_ip \
+                and peer.lan_endpoints:
+            return PeerEntry(peer.name, peer.public_key, peer.mesh_ipv4, peer.mesh_ipv6,
+                             peer.lan_endpoints, lan=True)
+        endpoints = (peer.public_endpoint,) if peer.public_endpoint else ()
+        return PeerEntry(peer.name, peer.public_key, peer.mesh_ipv4, peer.mesh_ipv6, endpoints)
+
+    def build(self, name: str) -> PeerMap:
+        """D's map: every other member of its fleet, by name. O(fleet size)."""
+        viewer = self._members[name]
+        peers = tuple(self._entry(viewer, self._members[n])
+                      for n in sorted(self._fleets[viewer.fleet]) if n != name)
+        return PeerMap(self.version(name), self.hub, peers, self._relay_ips)
+
+    def render(self, name: str) -> bytes:
+        """`build(name).to_json()` as JSON bytes, from per-member fragments that are shared by
+        every viewer (a 5,000-peer map is then a join, not 5,000 dict builds)."""
+        viewer = self._members[name]
+        parts: list[str] = []
+        for n in sorted(self._fleets[viewer.fleet]):
+            if n == name:
+                continue
+            peer = self._members[n]
+            frag = self._fragments.get(n)
+            if frag is None:
+                wan = json.dumps(self._entry(replace(peer, public_ip=None), peer).to_json())
+                lan = (json.dumps(PeerEntry(peer.name, peer.public_key, peer.mesh_ipv4,
+                                            peer.mesh_ipv6, peer.lan_endpoints, True).to_json())
+                       if peer.lan_endpoints else None)
+                frag = self._fragments[n] = (wan, lan)
+            same_nat = viewer.public_ip is not None and viewer.public_ip == peer.public_ip
+            parts.append(frag[1] if same_nat and frag[1] is not None else frag[0])
+        head: dict[str, Any] = {"version": self.version(name), "hub": self.hub.to_json()}
+        return (json.dumps(head)[:-1] + ', "peers": [' + ", ".join(parts) + '], "relay_ips": '
+                + json.dumps(list(self._relay_ips)) + "}").encode()
+
+    # -- changes ---------------------------------------------------------------------------
+
+    def _mark(self, names: Iterable[str]) -> None:
+        for n in names:
+            self._pending.add(n)
+            self.marks += 1
+
+    def _fleet_except(self, member: Member) -> Iterable[str]:
+        return (n for n in self._fleets[member.fleet] if n != member.name)
+
+    def _index(self, m: Member, add: bool) -> None:
+        if m.public_ip is None:
+            return
+        key = (m.fleet, m.public_ip)
+        group = self._by_ip.setdefault(key, set())
+        if add:
+            group.add(m.name)
+        else:
+            group.discard(m.name)
+            if not group:
+                del self._by_ip[key]
+
+    def add(self, member: Member) -> None:
+        """A device became active (or is loaded at start): everyone in its fleet changes."""
+        if member.name in self._members:
+            self.remove(member.name)
+        self._members[member.name] = member
+        self._fleets.setdefault(member.fleet, set()).add(member.name)
+        self._index(member, True)
+        self._published.setdefault(member.name, self._seq)
+        self._mark(self._fleets[member.fleet])
+
+    def remove(self, name: str) -> None:
+        member = self._members.pop(name, None)
+        if member is None:
+            return
+        self._index(member, False)
+        fleet = self._fleets[member.fleet]
+        fleet.discard(name)
+        if not fleet:
+            del self._fleets[member.fleet]
+        self._fragments.pop(name, None)
+        self._pending.discard(name)
+        self._published.pop(name, None)
+        self._mark(fleet)
+
+    def set_public(self, name: str, endpoint: str | None, ip: str | None = None) -> bool:
+        """The hub saw the device at `endpoint` (its IP is the public IP unless `ip` is given).
+        Others' entries for it change; its own map changes only if its public IP did."""
+        old = self._members.get(name)
+        if old is None:
+            return False
+        new_ip = ip if ip is not None else (endpoint_ip(endpoint) if endpoint else None)
+        if endpoint == old.public_endpoint and new_ip == old.public_ip:
+            return False
+        new = replace(old, public_endpoint=endpoint, public_ip=new_ip)
+        self._index(old, False)
+        self._members[name] = new
+        self._index(new, True)
+        self._fragments.pop(name, None)
+        self._mark(self._fleet_except(new))
+        if new_ip != old.public_ip:
+            self._mark((name,))
+        return True
+
+    def set_lan(self, name: str, lan_endpoints: tuple[str, ...]) -> bool:
+        """New LAN candidates matter only to devices behind the same public IP."""
+        old = self._members.get(name)
+        if old is None or old.lan_endpoints == lan_endpoints:
+            return False
+        new = replace(old, lan_endpoints=lan_endpoints)
+        self._members[name] = new
+        self._fragments.pop(name, None)
+        if new.public_ip is not None:
+            self._mark(n for n in self._by_ip.get((new.fleet, new.public_ip), ()) if n != name)
+        return True
+
+    def set_relay_ips(self, relay_ips: Iterable[str]) -> bool:
+        ips = tuple(relay_ips)
+        if ips == self._relay_ips:
+            return False
+        self._relay_ips = ips
+        self._mark(self._members)
+        return True
+
+    def publish(self) -> set[str]:
+        """Give every pending device one new version (one per batch); returns their names."""
+        if not self._pending:
+            return set()
+        self._seq += 1
+        done, self._pending = self._pending, set()
+        for n in done:
+            self._published[n] = self._seq
+        return done

@@ -1,0 +1,64 @@
+"""What the coordinator needs from its database, in domain terms (coordinator/_model.py).
+
+`SqliteStore` (_store_sqlite.py) is the only implementation today; a PostgreSQL one for several
+replicas implements the same protocol and nothing else changes. Every method is one
+transaction. Methods take `now` (epoch seconds) instead of reading a clock, so expiry is
+testable exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from mesh.control import PeerPath
+
+from ._model import Device, EnrollmentToken, EnrollParams, Operator
+
+
+class Store(Protocol):
+    def close(self) -> None: ...
+
+    # -- settings fixed at the first start (prefixes, key hashes) --------------------------
+    def get_meta(self, key: str) -> str | None: ...
+
+    def set_meta(self, key: str, value: str) -> None: ...
+
+    # -- tokens ----------------------------------------------------------------------------
+    def create_token(self, token: EnrollmentToken) -> None:
+        """Creates the fleet if it is new."""
+
+    def get_token(self, secret_hash: str) -> EnrollmentToken | None: ...
+
+    # -- devices ---------------------------------------------------------------------------
+    def enroll(self, params: EnrollParams) -> Device:
+        """Check the token (TokenUnknown / TokenExpired / TokenUsedUp), use it once, and make
+        the device active with fresh addresses (or re-key a provisioned device of that name).
+        Conflict if the name belongs to another live device or the key to another device."""
+
+    def provision(self, device_id: str, name: str, fleet: str, token: EnrollmentToken,
+                  now: float) -> Device:
+        """A `provisioned` device plus its single-use token bound to its name; Conflict if a
+        live device has the name."""
+
+    def device_by_name(self, name: str) -> Device | None:
+        """The live (not revoked) device of that name, else the newest revoked one."""
+
+    def device_by_credential(self, credential_hash: str) -> Device | None:
+        """Only active devices have a working credential."""
+
+    def list_devices(self, fleet: str | None = None) -> list[Device]: ...
+
+    def revoke(self, name: str, now: float) -> Device:
+        """NotFound if no live device has the name; idempotent on an already revoked one."""
+
+    def record_report(self, device_id: str, lan_endpoints: Sequence[str], agent_version: str,
+                      peers: Sequence[PeerPath], now: float) -> None: ...
+
+    def peer_paths(self, device_id: str) -> tuple[PeerPath, ...]: ...
+
+    # -- operators -------------------------------------------------------------------------
+    def add_operator(self, name: str, public_key: str, now: float) -> Operator:
+        """Idempotent for the same name and key; Conflict otherwise."""
+
+    def list_operators(self) -> list[Operator]: ...

@@ -1,0 +1,360 @@
+"""SQLite behind `Store`: one file in the data directory, WAL, versioned migrations.
+
+One connection, used synchronously under a lock: every call is a short indexed transaction
+(well under a millisecond), which costs the trio loop less than a hop to a worker thread, and a
+single writer is all SQLite allows anyway. The only SQL in the coordinator lives here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Final
+
+from mesh.control import ControlError, PeerPath
+
+from . import _ipam
+from ._model import (
+    Conflict,
+    Device,
+    DeviceState,
+    EnrollmentToken,
+    EnrollParams,
+    NotFound,
+    Operator,
+    TokenExpired,
+    TokenUnknown,
+    TokenUsedUp,
+)
+
+# Each entry runs once, in order, inside one transaction; never edit a released one, append.
+MIGRATIONS: Final[tuple[str, ...]] = (
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE fleets (name TEXT PRIMARY KEY, created_at REAL NOT NULL);
+    CREATE TABLE tokens (
+        secret_hash TEXT PRIMARY KEY,
+        fleet TEXT NOT NULL REFERENCES fleets(name),
+        uses_left INTEGER NOT NULL,
+        expires_at REAL NOT NULL,
+        name TEXT,
+        created_at REAL NOT NULL);
+    CREATE TABLE devices (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        fleet TEXT NOT NULL REFERENCES fleets(name),
+        state TEXT NOT NULL CHECK (state IN ('provisioned', 'active', 'revoked')),
+        public_key TEXT,
+        mesh_index INTEGER UNIQUE,
+        mesh_ipv4 TEXT UNIQUE,
+        mesh_ipv6 TEXT UNIQUE,
+        credential_hash TEXT UNIQUE,
+        agent_version TEXT NOT NULL DEFAULT '',
+        lan_endpoints TEXT NOT NULL DEFAULT '[]',
+        peer_paths TEXT NOT NULL DEFAULT '[]',
+        last_report REAL,
+        created_at REAL NOT NULL,
+        enrolled_at REAL,
+        revoked_at REAL);
+    CREATE UNIQUE INDEX devices_live_name ON devices(name) WHERE state != 'revoked';
+    CREATE UNIQUE INDEX devices_live_key ON devices(public_key) WHERE state = 'active';
+    CREATE INDEX devices_fleet ON devices(fleet);
+    CREATE TABLE operators (
+        name TEXT PRIMARY KEY,
+        public_key TEXT NOT NULL UNIQUE,
+        mesh_index INTEGER NOT NULL UNIQUE,
+        mesh_ipv4 TEXT NOT NULL UNIQUE,
+        mesh_ipv6 TEXT NOT NULL UNIQUE,
+        created_at REAL NOT NULL);
+    """,
+)
+
+_DEVICE_COLS: Final = ("id, name, fleet, state, created_at, public_key, mesh_ipv4, mesh_ipv6, "
+                       "agent_version, lan_endpoints, last_report, enrolled_at, revoked_at")
+
+
+def _device(row: Sequence[Any]) -> Device:
+    return Device(id=row[0], name=row[1], fleet=row[2], state=DeviceState(row[3]),
+                  created_at=row[4], public_key=row[5], mesh_ipv4=row[6], mesh_ipv6=row[7],
+                  agent_version=row[8], lan_endpoints=tuple(json.loads(row[9])),
+                  last_report=row[10], enrolled_at=row[11], revoked_at=row[12])
+
+
+def _token(row: Sequence[Any]) -> EnrollmentToken:
+    return EnrollmentToken(secret_hash=row[0], fleet=row[1], uses_left=row[2],
+                           expires_at=row[3], name=row[4], created_at=row[5])
+
+
+class SqliteStore:
+    """`Store` on one SQLite file. `prefixes` are fixed at the first open (kept in `meta`)."""
+
+    def __init__(self, path: str | Path, mesh_ipv4: str = "10.250.0.0/16",
+                 mesh_ipv6: str = "fd7a:f1ee:7000::/48") -> None:
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable but for power loss
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self.schema_version = self._migrate()
+        v4, v6 = self.get_meta("mesh_ipv4"), self.get_meta("mesh_ipv6")
+        if v4 is None or v6 is None:
+            _ipam.parse_prefixes(mesh_ipv4, mesh_ipv6)
+            self.set_meta("mesh_ipv4", mesh_ipv4)
+            self.set_meta("mesh_ipv6", mesh_ipv6)
+            v4, v6 = mesh_ipv4, mesh_ipv6
+        elif (ipaddress.ip_network(mesh_ipv4), ipaddress.ip_network(mesh_ipv6)) != (
+                ipaddress.ip_network(v4), ipaddress.ip_network(v6)):
+            self._db.close()
+            raise ValueError(f"{path} was created for mesh {v4} and {v6}, not {mesh_ipv4} and "
+                             f"{mesh_ipv6}; addresses cannot move")
+        self.prefix_v4, self.prefix_v6 = _ipam.parse_prefixes(v4, v6)
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _migrate(self) -> int:
+        db = self._db
+        db.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
+                   "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
+        done = {r[0] for r in db.execute("SELECT version FROM schema_migrations")}
+        for version, script in enumerate(MIGRATIONS, start=1):
+            if version in done:
+                continue
+            with self._tx() as c:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        c.execute(statement)
+                c.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, time.time()))
+        if done and max(done) > len(MIGRATIONS):
+            raise ValueError(f"database schema {max(done)} is newer than this coordinator "
+                             f"({len(MIGRATIONS)})")
+        return len(MIGRATIONS)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def get_meta(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as c:
+            c.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
+                      "value = excluded.value", (key, value))
+
+    def _next_index(self, c: sqlite3.Connection) -> tuple[int, str, str]:
+        # One counter that only grows: revoked devices keep theirs, so nobody inherits them.
+        row = c.execute("SELECT value FROM meta WHERE key = 'next_mesh_index'").fetchone()
+        index = int(row[0]) if row else _ipam.FIRST_INDEX
+        v4, v6 = _ipam.addresses(self.prefix_v4, self.prefix_v6, index)
+        c.execute("INSERT INTO meta VALUES ('next_mesh_index', ?) ON CONFLICT(key) DO UPDATE "
+                  "SET value = excluded.value", (str(index + 1),))
+        return index, v4, v6
+
+    @staticmethod
+    def _ensure_fleet(c: sqlite3.Connection, fleet: str, now: float) -> None:
+        c.execute("INSERT OR IGNORE INTO fleets VALUES (?, ?)", (fleet, now))
+
+    @staticmethod
+    def _key_owner(c: sqlite3.Connection, public_key: str) -> str | None:
+        row = c.execute("SELECT name FROM devices WHERE public_key = ? AND state = 'active'",
+                        (public_key,)).fetchone()
+        if row:
+            return f"device {row[0]}"
+        row = c.execute("SELECT name FROM operators WHERE public_key = ?",
+                        (public_key,)).fetchone()
+        if row:
+            return f"operator {row[0]}"
+        hub = c.execute("SELECT value FROM meta WHERE key = 'hub_public_key'").fetchone()
+        return "the hub" if hub and hub[0] == public_key else None
+
+    # -- tokens ----------------------------------------------------------------------------
+
+    def create_token(self, token: EnrollmentToken) -> None:
+        with self._tx() as c:
+            self._ensure_fleet(c, token.fleet, token.created_at)
+            c.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?)",
+                      (token.secret_hash, token.fleet, token.uses_left, token.expires_at,
+                       token.name, token.created_at))
+
+    def get_token(self, secret_hash: str) -> EnrollmentToken | None:
+        rows = self._query("SELECT secret_hash, fleet, uses_left, expires_at, name, created_at "
+                           "FROM tokens WHERE secret_hash = ?", (secret_hash,))
+        return _token(rows[0]) if rows else None
+
+    # -- devices ---------------------------------------------------------------------------
+
+    def enroll(self, p: EnrollParams) -> Device:
+        with self._tx() as c:
+            row = c.execute("SELECT secret_hash, fleet, uses_left, expires_at, name, created_at "
+                            "FROM tokens WHERE secret_hash = ?", (p.secret_hash,)).fetchone()
+            if row is None:
+                raise TokenUnknown()
+            token = _token(row)
+            if token.uses_left <= 0:
+                raise TokenUsedUp()
+            if p.now >= token.expires_at:
+                raise TokenExpired()
+            if token.name is not None and p.name is not None and p.name != token.name:
+                raise Conflict(f"this token enrolls only device {token.name!r}, not {p.name!r}")
+            name = token.name or p.name or p.generated_name
+            live = c.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE name = ? AND "
+                             "state != 'revoked'", (name,)).fetchone()
+            existing = _device(live) if live else None
+            if existing is not None and existing.fleet != token.fleet:
+                raise Conflict(f"device name {name!r} is taken in another fleet")
+            if existing is not None and existing.state is DeviceState.ACTIVE and \
+                    existing.public_key != p.public_key:
+                raise Conflict(f"device name {name!r} is taken; pick another name or revoke it")
+            owner = self._key_owner(c, p.public_key)
+            if owner is not None and not (existing and owner == f"device {existing.name}"):
+                raise Conflict(f"public key already belongs to {owner}; make a new key pair")
+            c.execute("UPDATE tokens SET uses_left = uses_left - 1 WHERE secret_hash = ?",
+                      (p.secret_hash,))
+            lan = json.dumps(list(p.lan_endpoints))
+            if existing is not None and existing.mesh_ipv4 is not None:
+                # The same device enrolling again (its answer was lost): new credential only.
+                c.execute("UPDATE devices SET state = 'active', public_key = ?, "
+                          "credential_hash = ?, lan_endpoints = ?, agent_version = ?, "
+                          "enrolled_at = ? WHERE id = ?",
+                          (p.public_key, p.credential_hash, lan, p.agent_version, p.now,
+                           existing.id))
+                device_id = existing.id
+            else:
+                index, v4, v6 = self._next_index(c)
+                if existing is not None:  # provisioned: keep its id and creation time
+                    device_id = existing.id
+                    c.execute("UPDATE devices SET state = 'active', public_key = ?, "
+                              "mesh_index = ?, mesh_ipv4 = ?, mesh_ipv6 = ?, "
+                              "credential_hash = ?, lan_endpoints = ?, agent_version = ?, "
+                              "enrolled_at = ? WHERE id = ?",
+                              (p.public_key, index, v4, v6, p.credential_hash, lan,
+                               p.agent_version, p.now, device_id))
+                else:
+                    device_id = p.device_id
+                    c.execute("INSERT INTO devices (id, name, fleet, state, public_key, "
+                              "mesh_index, mesh_ipv4, mesh_ipv6, credential_hash, "
+                              "agent_version, lan_endpoints, created_at, enrolled_at) "
+                              "VALUES (?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                              (device_id, name, token.fleet, p.public_key, index, v4, v6,
+                               p.credential_hash, p.agent_version, lan, p.now, p.now))
+            out = c.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE id = ?",
+                            (device_id,)).fetchone()
+            return _device(out)
+
+    def provision(self, device_id: str, name: str, fleet: str, token: EnrollmentToken,
+                  now: float) -> Device:
+        with self._tx() as c:
+            if c.execute("SELECT 1 FROM devices WHERE name = ? AND state != 'revoked'",
+                         (name,)).fetchone():
+                raise Conflict(f"device {name!r} exists; revoke it first to reuse the name")
+            self._ensure_fleet(c, fleet, now)
+            c.execute("INSERT INTO devices (id, name, fleet, state, created_at) "
+                      "VALUES (?, ?, ?, 'provisioned', ?)", (device_id, name, fleet, now))
+            c.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?)",
+                      (token.secret_hash, token.fleet, token.uses_left, token.expires_at,
+                       token.name, token.created_at))
+            row = c.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE id = ?",
+                            (device_id,)).fetchone()
+            return _device(row)
+
+    def device_by_name(self, name: str) -> Device | None:
+        rows = self._query(f"SELECT {_DEVICE_COLS} FROM devices WHERE name = ? "
+                           "ORDER BY state = 'revoked', revoked_at DESC LIMIT 1", (name,))
+        return _device(rows[0]) if rows else None
+
+    def device_by_credential(self, credential_hash: str) -> Device | None:
+        rows = self._query(f"SELECT {_DEVICE_COLS} FROM devices WHERE credential_hash = ? "
+                           "AND state = 'active'", (credential_hash,))
+        return _device(rows[0]) if rows else None
+
+    def list_devices(self, fleet: str | None = None) -> list[Device]:
+        if fleet is None:
+            rows = self._query(f"SELECT {_DEVICE_COLS} FROM devices ORDER BY name, created_at")
+        else:
+            rows = self._query(f"SELECT {_DEVICE_COLS} FROM devices WHERE fleet = ? "
+                               "ORDER BY name, created_at", (fleet,))
+        return [_device(r) for r in rows]
+
+    def revoke(self, name: str, now: float) -> Device:
+        with self._tx() as c:
+            row = c.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE name = ? "
+                            "ORDER BY state = 'revoked', revoked_at DESC LIMIT 1",
+                            (name,)).fetchone()
+            if row is None:
+                raise NotFound(f"no device {name!r}")
+            device = _device(row)
+            if device.state is not DeviceState.REVOKED:
+                # The credential hash goes: nothing can ever authenticate as it again.
+                c.execute("UPDATE devices SET state = 'revoked', revoked_at = ?, "
+                          "credential_hash = NULL WHERE id = ?", (now, device.id))
+                # Tokens bound to the name would resurrect it: spend them.
+                c.execute("UPDATE tokens SET uses_left = 0 WHERE name = ?", (name,))
+                row = c.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE id = ?",
+                                (device.id,)).fetchone()
+            return _device(row)
+
+    def record_report(self, device_id: str, lan_endpoints: Sequence[str], agent_version: str,
+                      peers: Sequence[PeerPath], now: float) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE devices SET lan_endpoints = ?, agent_version = ?, peer_paths = ?, "
+                      "last_report = ? WHERE id = ?",
+                      (json.dumps(list(lan_endpoints)), agent_version,
+                       json.dumps([p.to_json() for p in peers]), now, device_id))
+
+    def peer_paths(self, device_id: str) -> tuple[PeerPath, ...]:
+        rows = self._query("SELECT peer_paths FROM devices WHERE id = ?", (device_id,))
+        if not rows:
+            return ()
+        out = []
+        for item in json.loads(rows[0][0]):
+            try:
+                out.append(PeerPath.from_json(item))
+            except ControlError:  # written by us after validation; skip rather than fail
+                continue
+        return tuple(out)
+
+    # -- operators -------------------------------------------------------------------------
+
+    def add_operator(self, name: str, public_key: str, now: float) -> Operator:
+        with self._tx() as c:
+            row = c.execute("SELECT name, public_key, mesh_ipv4, mesh_ipv6, created_at FROM "
+                            "operators WHERE name = ?", (name,)).fetchone()
+            if row is not None:
+                if row[1] != public_key:
+                    raise Conflict(f"operator {name!r} exists with another public key")
+                return Operator(*row)
+            owner = self._key_owner(c, public_key)
+            if owner is not None:
+                raise Conflict(f"public key already belongs to {owner}")
+            index, v4, v6 = self._next_index(c)
+            c.execute("INSERT INTO operators VALUES (?, ?, ?, ?, ?, ?)",
+                      (name, public_key, index, v4, v6, now))
+            return Operator(name, public_key, v4, v6, now)
+
+    def list_operators(self) -> list[Operator]:
+        rows = self._query("SELECT name, public_key, mesh_ipv4, mesh_ipv6, created_at FROM "
+                           "operators ORDER BY name")
+        return [Operator(*r) for r in rows]

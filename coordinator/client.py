@@ -1,0 +1,475 @@
+"""The Python SDK for the coordinator API (docs/api.md).
+
+Operators:
+
+    client = OperatorClient("https://coord:8443", api_key, fingerprint="ab12…")
+    token = client.create_token("cams", uses=5, expires_in=3600)["token"]
+    for d in client.list_devices(fleet="cams"):
+        print(d["name"], d["mesh_ipv4"], d["online"])
+
+Devices (trio):
+
+    enrollment, cert_der = await enroll(url, token, keypair.public, name="cam-1")
+    async with DeviceClient(url, enrollment.credential, cert_der) as dev:
+        peermap = await dev.peermap(version=0, wait=25)   # None means 304: nothing changed
+
+Every call verifies the coordinator by its pinned certificate (mesh.tlspin). Failures raise:
+`ApiError(status, message)` for an error answer (message is the server's `{"error": …}` line),
+`CoordinatorUnreachable` when no answer arrived, `mesh.tlspin.PinError` when the certificate is
+not the pinned one, `ProtocolError` when an answer does not have the documented shape.
+
+Operator methods return plain dicts with exactly the JSON fields docs/api.md lists (DeviceInfo,
+token, provision, peers), except `add_operator`, whose `hub` is parsed into `HubInfo`.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+from urllib.parse import quote
+
+import httpx
+
+from mesh.control import (
+    MAX_BODY_BYTES,
+    ControlError,
+    DeviceReport,
+    Enrollment,
+    EnrollRequest,
+    HubInfo,
+    PeerMap,
+    TokenParts,
+)
+from mesh.tlspin import (
+    DEFAULT_TIMEOUT,
+    CertificateFetchError,
+    PinError,
+    check_fingerprint,
+    connect_pinned,
+    fetch_certificate_async,
+    normalize_fingerprint,
+    pinned_ssl_context,
+    split_url,
+)
+
+__all__ = [
+    "ApiError",
+    "ClientError",
+    "ConfigError",
+    "CoordinatorUnreachable",
+    "DeviceClient",
+    "OperatorClient",
+    "OperatorConfig",
+    "PinError",
+    "ProtocolError",
+    "default_config_path",
+    "enroll",
+    "load_operator_config",
+]
+
+API: Final = "/api/v1"
+MAX_WAIT: Final = 30  # the server's long-poll limit (docs/api.md)
+# Extra read time on top of a long poll's wait: the server may batch a change for 500 ms and a
+# slow link adds more; beyond this the coordinator is treated as unreachable.
+LONG_POLL_SLACK: Final = 10.0
+MAX_ERROR_CHARS: Final = 300
+
+
+class ClientError(Exception):
+    """Base of the SDK's own errors; str() is one line."""
+
+
+class ApiError(ClientError):
+    """The coordinator answered with an error status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{message} (HTTP {status})")
+        self.status = status
+        self.message = message
+
+
+class CoordinatorUnreachable(ClientError):
+    """No answer: connection refused, DNS, timeout, connection dropped."""
+
+
+class ProtocolError(ClientError):
+    """The answer does not have the shape docs/api.md promises."""
+
+
+class ConfigError(ClientError):
+    """The operator configuration is missing or malformed."""
+
+
+# --------------------------------------------------------------------------- shared plumbing
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(str(text).split())
+    return line[:MAX_ERROR_CHARS] + ("…" if len(line) > MAX_ERROR_CHARS else "")
+
+
+def _error_from(response: httpx.Response) -> ApiError:
+    message = ""
+    try:
+        body = response.json()
+        if isinstance(body, Mapping) and isinstance(body.get("error"), str):
+            message = body["error"]
+    except ValueError:
+        pass
+    if not message:
+        message = response.reason_phrase or "error"
+        if response.status_code >= 500:
+            message = f"coordinator failed: {message}"
+    return ApiError(response.status_code, _one_line(message))
+
+
+def _check(response: httpx.Response, *ok: int) -> httpx.Response:
+    if response.status_code not in ok:
+        raise _error_from(response)
+    if len(response.content) > 16 * MAX_BODY_BYTES:
+        raise ProtocolError(f"answer of {len(response.content)} bytes is too large")
+    return response
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise ProtocolError(f"{response.request.method} {response.request.url.path}: "
+                            "answer is not JSON") from exc
+
+
+def _has_cert_failure(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            return True
+        if "CERTIFICATE_VERIFY_FAILED" in str(cur):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _transport_error(exc: httpx.TransportError, base_url: str) -> ClientError | PinError:
+    if _has_cert_failure(exc):
+        return PinError(f"coordinator at {base_url} presented a certificate other than the "
+                        "pinned one: refusing to talk to it")
+    reason = _one_line(str(exc)) or type(exc).__name__
+    if isinstance(exc, httpx.TimeoutException):
+        reason = f"timed out ({type(exc).__name__})"
+    return CoordinatorUnreachable(f"cannot reach the coordinator at {base_url}: {reason}")
+
+
+def _path_name(name: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise ValueError("name must be a non-empty string")
+    return quote(name, safe="")
+
+
+def _base(url: str) -> str:
+    split_url(url)  # https only, with a host; raises PinError otherwise
+    return url.rstrip("/")
+
+
+# --------------------------------------------------------------------------- operator (sync)
+
+
+class OperatorClient:
+    """The operator API, synchronous. Give the pinned certificate (`cert_der`) or its
+    `fingerprint`; with only a fingerprint the certificate is fetched and checked on first use.
+    """
+
+    def __init__(self, url: str, api_key: str, *, cert_der: bytes | None = None,
+                 fingerprint: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+        if cert_der is None and fingerprint is None:
+            raise ValueError("give cert_der or fingerprint: the coordinator is always pinned")
+        self.url = _base(url)
+        self._api_key = api_key
+        self._fingerprint = None if fingerprint is None else normalize_fingerprint(fingerprint)
+        if cert_der is not None and self._fingerprint is not None:
+            check_fingerprint(cert_der, self._fingerprint, self.url)
+        self._cert_der = cert_der
+        self._timeout = timeout
+        self._http: httpx.Client | None = None
+
+    def __repr__(self) -> str:
+        return f"OperatorClient({self.url!r}, api_key=<hidden>)"
+
+    @property
+    def cert_der(self) -> bytes:
+        """The pinned certificate (fetched and checked against the fingerprint if needed)."""
+        if self._cert_der is None:
+            assert self._fingerprint is not None
+            try:
+                self._cert_der = connect_pinned(self.url, self._fingerprint, self._timeout)
+            except CertificateFetchError as exc:
+                raise CoordinatorUnreachable(str(exc)) from exc
+        return self._cert_der
+
+    def _client(self) -> httpx.Client:
+        if self._http is None:
+            self._http = httpx.Client(
+                base_url=self.url, verify=pinned_ssl_context(self.cert_der),
+                timeout=httpx.Timeout(self._timeout), trust_env=False,
+                headers={"Authorization": f"Bearer {self._api_key}",
+                         "Accept": "application/json"})
+        return self._http
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
+    def __enter__(self) -> OperatorClient:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, *ok: int, **kwargs: Any) -> Any:
+        client = self._client()
+        try:
+            response = client.request(method, API + path, **kwargs)
+        except httpx.TransportError as exc:
+            raise _transport_error(exc, self.url) from exc
+        return _json(_check(response, *ok))
+
+    def _obj(self, value: Any, what: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{what}: answer is not an object")
+        return value
+
+    def create_token(self, fleet: str, uses: int = 1, expires_in: int = 3600,
+                     name: str | None = None) -> dict[str, Any]:
+        """→ `{"token", "fleet", "uses", "expires_at"}`. `name` binds the token to one device
+        name."""
+        body = {"fleet": fleet, "uses": uses, "expires_in": expires_in, "name": name}
+        out = self._obj(self._request("POST", "/tokens", 201, json=body), "token")
+        if not isinstance(out.get("token"), str):
+            raise ProtocolError("token: answer has no token")
+        return out
+
+    def list_devices(self, fleet: str | None = None) -> list[dict[str, Any]]:
+        """→ a list of DeviceInfo dicts (docs/api.md)."""
+        params = {} if fleet is None else {"fleet": fleet}
+        out = self._obj(self._request("GET", "/devices", 200, params=params), "devices")
+        devices = out.get("devices")
+        if not isinstance(devices, list) or not all(isinstance(d, dict) for d in devices):
+            raise ProtocolError("devices: answer has no list of devices")
+        return devices
+
+    def device(self, name: str) -> dict[str, Any]:
+        """→ DeviceInfo dict; ApiError 404 for an unknown name."""
+        return self._obj(self._request("GET", f"/devices/{_path_name(name)}", 200), "device")
+
+    def provision(self, name: str, fleet: str, expires_in: int | None = None
+                  ) -> dict[str, Any]:
+        """→ `{"device": DeviceInfo, "join": {"url", "token", "name", "fleet"}}`; the join
+        token lives `expires_in` seconds (server default 1 h)."""
+        body: dict[str, Any] = {"name": name, "fleet": fleet}
+        if expires_in is not None:
+            body["expires_in"] = expires_in
+        out = self._obj(self._request("POST", "/devices", 201, json=body), "provision")
+        if not isinstance(out.get("join"), dict):
+            raise ProtocolError("provision: answer has no join object")
+        return out
+
+    def revoke(self, name: str) -> dict[str, Any]:
+        """→ DeviceInfo dict with state `revoked`."""
+        return self._obj(self._request("POST", f"/devices/{_path_name(name)}/revoke", 200),
+                         "revoke")
+
+    def peers(self, name: str) -> list[dict[str, Any]]:
+        """→ list of `{"peer", "public_key", "path", "endpoint", "last_handshake"}` as the
+        device last reported them."""
+        out = self._obj(self._request("GET", f"/devices/{_path_name(name)}/peers", 200),
+                        "peers")
+        peers = out.get("peers")
+        if not isinstance(peers, list) or not all(isinstance(p, dict) for p in peers):
+            raise ProtocolError("peers: answer has no list of peers")
+        return peers
+
+    def add_operator(self, name: str, public_key: str) -> dict[str, Any]:
+        """Register a workstation's WireGuard public key → `{"name", "mesh_ipv4", "mesh_ipv6",
+        "hub": HubInfo, "mesh_prefix_v4", "mesh_prefix_v6"}` (hub parsed, the rest as sent)."""
+        out = self._obj(self._request("POST", "/operators", 201,
+                                      json={"name": name, "public_key": public_key}),
+                        "operator")
+        try:
+            out["hub"] = HubInfo.from_json(out.get("hub"))
+        except ControlError as exc:
+            raise ProtocolError(f"operator: {exc}") from exc
+        for key in ("mesh_ipv4", "mesh_ipv6", "mesh_prefix_v4", "mesh_prefix_v6"):
+            if not isinstance(out.get(key), str):
+                raise ProtocolError(f"operator.{key}: missing")
+        return out
+
+
+# --------------------------------------------------------------------------- device (trio)
+
+
+class DeviceClient:
+    """The device API, async (trio via httpx.AsyncClient), pinned to `cert_der`."""
+
+    def __init__(self, url: str, credential: str, cert_der: bytes, *,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.url = _base(url)
+        self._timeout = timeout
+        self._http = httpx.AsyncClient(
+            base_url=self.url, verify=pinned_ssl_context(cert_der),
+            timeout=httpx.Timeout(timeout), trust_env=False,
+            headers={"Authorization": f"Bearer {credential}", "Accept": "application/json"})
+
+    def __repr__(self) -> str:
+        return f"DeviceClient({self.url!r}, credential=<hidden>)"
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> DeviceClient:
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    async def _request(self, method: str, path: str, *ok: int, **kwargs: Any) -> httpx.Response:
+        try:
+            response = await self._http.request(method, API + path, **kwargs)
+        except httpx.TransportError as exc:
+            raise _transport_error(exc, self.url) from exc
+        return _check(response, *ok)
+
+    async def peermap(self, version: int = 0, wait: float = 25) -> PeerMap | None:
+        """Long poll: the peer map if its version differs from `version`, None (304) if nothing
+        changed within `wait` seconds (clamped to 0..30)."""
+        wait = max(0, min(MAX_WAIT, int(wait)))
+        timeout = httpx.Timeout(self._timeout, read=wait + LONG_POLL_SLACK)
+        response = await self._request("GET", "/device/peermap", 200, 304,
+                                       params={"version": version, "wait": wait},
+                                       timeout=timeout)
+        if response.status_code == 304:
+            return None
+        try:
+            return PeerMap.from_json(_json(response))
+        except ControlError as exc:
+            raise ProtocolError(str(exc)) from exc
+
+    async def report(self, report: DeviceReport) -> None:
+        await self._request("POST", "/device/state", 204, 200, json=report.to_json())
+
+
+async def enroll(url: str, token: str, public_key: str, name: str | None = None,
+                 lan_endpoints: tuple[str, ...] = (), agent_version: str = "", *,
+                 timeout: float = DEFAULT_TIMEOUT) -> tuple[Enrollment, bytes]:
+    """Verify the coordinator by the token's fingerprint, then enroll over the pinned channel.
+
+    Returns the enrollment and the certificate to pin from now on (e.g. for DeviceClient).
+    Raises ControlError for a malformed token or request, PinError for a coordinator whose
+    certificate does not match, ApiError for a refused enrollment (401 token, 409 name).
+    """
+    parts = TokenParts.parse(token)
+    request = EnrollRequest.from_json(EnrollRequest(
+        token, public_key, name, tuple(lan_endpoints), agent_version).to_json())
+    base = _base(url)
+    host, port = split_url(base)
+    try:
+        der = await fetch_certificate_async(host, port, timeout)
+    except CertificateFetchError as exc:
+        raise CoordinatorUnreachable(str(exc)) from exc
+    check_fingerprint(der, parts.fingerprint, f"{host}:{port}")
+    async with httpx.AsyncClient(base_url=base, verify=pinned_ssl_context(der),
+                                 timeout=httpx.Timeout(timeout), trust_env=False) as http:
+        try:
+            response = await http.post(API + "/enroll", json=request.to_json())
+        except httpx.TransportError as exc:
+            raise _transport_error(exc, base) from exc
+    _check(response, 201, 200)
+    try:
+        return Enrollment.from_json(_json(response)), der
+    except ControlError as exc:
+        raise ProtocolError(str(exc)) from exc
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+ENV_URL: Final = "FLEETMESH_URL"
+ENV_API_KEY: Final = "FLEETMESH_API_KEY"
+ENV_FINGERPRINT: Final = "FLEETMESH_FINGERPRINT"
+MAX_CONFIG_BYTES: Final = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorConfig:
+    url: str
+    api_key: str
+    fingerprint: str
+
+    def __repr__(self) -> str:
+        return (f"OperatorConfig(url={self.url!r}, api_key=<hidden>, "
+                f"fingerprint={self.fingerprint!r})")
+
+    def client(self, timeout: float = DEFAULT_TIMEOUT) -> OperatorClient:
+        return OperatorClient(self.url, self.api_key, fingerprint=self.fingerprint,
+                              timeout=timeout)
+
+
+def default_config_path(env: Mapping[str, str] | None = None) -> Path:
+    """`$XDG_CONFIG_HOME/fleetmesh/operator.toml`, i.e. `~/.config/fleetmesh/operator.toml`."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME") or Path.home()) / ".config")
+    return Path(base) / "fleetmesh" / "operator.toml"
+
+
+def load_operator_config(path: str | os.PathLike[str] | None = None,
+                         env: Mapping[str, str] | None = None) -> OperatorConfig:
+    """URL, API key and certificate fingerprint: each from its environment variable if set,
+    else from the TOML file (`path`, or the default path if it exists). An explicit `path`
+    that cannot be read is an error; the default path may be absent."""
+    env = os.environ if env is None else env
+    explicit = path is not None
+    file = Path(path) if path is not None else default_config_path(env)
+    values: dict[str, Any] = {}
+    if explicit or file.is_file():
+        try:
+            with open(file, "rb") as f:
+                raw = f.read(MAX_CONFIG_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(f"cannot read {file}: {exc.strerror or exc}") from exc
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{file}: larger than {MAX_CONFIG_BYTES} bytes")
+        try:
+            values = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{file}: not valid TOML: {_one_line(str(exc))}") from exc
+    keys = (("url", ENV_URL), ("api_key", ENV_API_KEY), ("fingerprint", ENV_FINGERPRINT))
+    got: dict[str, str] = {}
+    for key, var in keys:
+        value = env.get(var) or values.get(key)
+        if value is None or value == "":
+            continue
+        if not isinstance(value, str):
+            raise ConfigError(f"{file}: {key} must be a string")
+        got[key] = value.strip()
+    missing = [(k, v) for k, v in keys if k not in got]
+    if missing:
+        raise ConfigError(
+            "no coordinator " + ", ".join(k for k, _ in missing) + ": set "
+            + ", ".join(v for _, v in missing) + f" or {', '.join(k for k, _ in missing)} in "
+            + str(file))
+    try:
+        split_url(got["url"])
+        fp = normalize_fingerprint(got["fingerprint"])
+    except PinError as exc:
+        raise ConfigError(str(exc)) from exc
+    return OperatorConfig(got["url"].rstrip("/"), got["api_key"], fp)

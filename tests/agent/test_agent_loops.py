@@ -1,0 +1,244 @@
+"""The agent's loops against a fake coordinator and a fake WireGuard, on trio's autojump clock."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+
+from agent import DIRECT_TIMEOUT, Agent, Backoff, DataDir
+from mesh.control import PeerMap
+
+from .conftest import URL
+from .fakes import HUB, KEYS, FakeCoordinator, FakeWireGuard, host, peer, peermap
+
+A, B = "203.0.113.7:51820", "192.168.1.7:51820"
+LAN = ("192.168.1.2:51820",)
+
+
+@dataclass
+class Rig:
+    agent: Agent
+    wg: FakeWireGuard
+    coord: FakeCoordinator
+    logs: list[str] = field(default_factory=list)
+
+    def path(self, i: int) -> str:
+        return next(p.path for p in self.agent.paths if p.public_key == KEYS[i].public)
+
+    def logged(self, text: str) -> bool:
+        return any(text in line for line in self.logs)
+
+
+@asynccontextmanager
+async def running(data: DataDir, coord: FakeCoordinator, *, hub_reachable: bool = False,
+                  reachable: tuple[str, ...] = ()) -> AsyncIterator[Rig]:
+    wg = FakeWireGuard(clock=trio.current_time)
+    wg.reachable |= set(reachable)
+    if hub_reachable:
+        wg.reachable.add(HUB.endpoint)
+    logs: list[str] = []
+    agent = Agent(data, wg.factory(), coord.factory, lan_endpoints=LAN, agent_version="9.9",
+                  clock=trio.current_time, rng=random.Random(7), log=logs.append)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        yield Rig(agent, wg, coord, logs)
+        nursery.cancel_scope.cancel()
+
+
+async def test_map_arrives_punch_succeeds_and_report_says_direct(
+        enrolled: DataDir, autojump_clock: trio.abc.Clock) -> None:
+    coord = FakeCoordinator(peermap(1, peer(1, A)))
+    with trio.fail_after(60):
+        async with running(enrolled, coord, reachable=(A,)) as rig:
+            await trio.sleep(3)
+            assert rig.path(1) == "direct"
+            assert rig.logged(f"peer home-1: direct via {A} (punched)")
+            assert rig.logged("peer map v1: 1 peers")
+            assert rig.logged(f"peer home-1: trying {A} (new peer; candidate 1/1)")
+            entry = rig.wg.peers[KEYS[1].public]
+            assert set(entry.allowed) == {host(peer(1).mesh_ipv4), host(peer(1).mesh_ipv6)}
+            assert entry.keepalive == 25
+            assert rig.wg.started_with.name == "home-0"
+            # the path change was reported at once, not after REPORT_INTERVAL
+            last = coord.reports[-1][1]
+            assert [(p.public_key, p.path, p.endpoint) for p in last.peers] == [
+                (KEYS[1].public, "direct", A)]
+            assert last.lan_endpoints == LAN and last.agent_version == "9.9"
+            # the cache now holds the map
+            assert enrolled.read_peermap() == coord.peermap
+
+
+async def test_no_handshake_falls_back_to_relay(enrolled: DataDir,
+                                                autojump_clock: trio.abc.Clock) -> None:
+    coord = FakeCoordinator(peermap(1, peer(1, A, B)))
+    with trio.fail_after(60):
+        async with running(enrolled, coord) as rig:
+            await trio.sleep(1.5)
+            assert rig.path(1) == "none"
+            await trio.sleep(2 * DIRECT_TIMEOUT + 1)
+            assert rig.path(1) == "relay"
+            assert rig.logged("peer home-1: relay via hub (no direct handshake on 2 candidates")
+            assert rig.wg.peers[KEYS[1].public].allowed == []
+            hub = rig.wg.peers[HUB.public_key]
+            assert host(peer(1).mesh_ipv4) in hub.allowed
+            # the direct path starts working: the probe finds it and the addresses move back
+            rig.wg.reachable.add(A)
+            await trio.sleep(31)
+            assert rig.path(1) == "direct"
+            assert host(peer(1).mesh_ipv4) not in rig.wg.peers[HUB.public_key].allowed
+
+
+async def test_steady_state_sends_nothing_and_304s_keep_polling(
+        enrolled: DataDir, autojump_clock: trio.abc.Clock) -> None:
+    coord = FakeCoordinator(peermap(1, peer(1, A), peer(2)))
+    with trio.fail_after(600):
+        async with running(enrolled, coord, reachable=(A,), hub_reachable=True) as rig:
+            await trio.sleep(5)
+            sets, polls = rig.agent.sets_sent, len(coord.polls)
+            reconciles, reports = rig.agent.reconciles, len(coord.reports)
+            await trio.sleep(100)
+            assert rig.agent.sets_sent == sets  # converged: no UAPI set at all
+            assert rig.agent.reconciles >= reconciles + 95
+            assert 4 <= len(coord.polls) - polls <= 5  # one long poll per 25 s, all 304
+            assert all(v == 1 for _, v in coord.polls[polls:])
+            # hub session up: the API goes through the tunnel
+            assert coord.polls[-1][0] == HUB.api_url
+            assert rig.logged(f"coordinator reached at {HUB.api_url} (the hub tunnel)")
+            # reports every 10 s, and nothing else when nothing changes
+            assert 9 <= len(coord.reports) - reports <= 11
+
+
+async def test_new_map_version_is_applied_at_once(enrolled: DataDir,
+                                                  autojump_clock: trio.abc.Clock) -> None:
+    coord = FakeCoordinator(peermap(1, peer(1, A)))
+    with trio.fail_after(60):
+        async with running(enrolled, coord, reachable=(A, B)) as rig:
+            await trio.sleep(3)
+            coord.publish(peermap(2, peer(2, B)))
+            await trio.sleep(2)
+            assert set(rig.wg.peers) == {HUB.public_key, KEYS[2].public}
+            assert rig.path(2) == "direct"
+            assert rig.logged("peer map v2: 1 peers (was v1)")
+            assert rig.logged("peer home-1: removed from the peer map")
+
+
+async def test_coordinator_down_keeps_the_cached_mesh(enrolled: DataDir,
+                                                      autojump_clock: trio.abc.Clock) -> None:
+    enrolled.write_peermap(peermap(4, peer(1, A), relay_ips=("10.250.9.0/24",)))
+    coord = FakeCoordinator(peermap(5, peer(1, A), peer(2, B)))
+    coord.down = True
+    with trio.fail_after(900):
+        async with running(enrolled, coord, reachable=(A,)) as rig:
+            assert rig.logged("peer map v4 from the cache: 1 peers")
+            await trio.sleep(300)
+            assert rig.path(1) == "direct"
+            assert set(rig.wg.peers) == {HUB.public_key, KEYS[1].public}
+            # polls go on, backing off up to 30 s (and no faster than 1 s at first)
+            assert 10 <= len(coord.polls) <= 25
+            gaps = [line for line in rig.logs if line.startswith("peer map: cannot reach")]
+            assert len(gaps) == len(coord.polls)
+            delays = [float(line.rsplit(" in ", 1)[1].split()[0]) for line in gaps]
+            assert all(0.5 <= d <= 30 for d in delays) and max(delays) > 15
+            sets = rig.agent.sets_sent
+            await trio.sleep(60)
+            assert rig.agent.sets_sent == sets
+            # the coordinator comes back: within one backoff step the new map is in
+            coord.down = False
+            await trio.sleep(31)
+            assert rig.logged("peer map: coordinator answers again")
+            assert rig.logged("peer map v5: 2 peers (was v4)")
+            assert KEYS[2].public in rig.wg.peers
+            assert coord.reports
+
+
+async def test_tunnel_without_answer_falls_back_to_the_join_url(
+        enrolled: DataDir, autojump_clock: trio.abc.Clock) -> None:
+    coord = FakeCoordinator(peermap(1, peer(1, A)))
+    coord.down_urls.add(HUB.api_url)
+    with trio.fail_after(120):
+        async with running(enrolled, coord, hub_reachable=True) as rig:
+            await trio.sleep(60)
+            assert rig.agent.hub_up()
+            urls = [u for u, _ in coord.polls]
+            assert urls[-2:] == [HUB.api_url, URL]  # tunnel first, then the join URL
+            assert coord.reports and all(u == URL for u, _ in coord.reports)
+            assert not rig.logged("peer map: cannot reach")  # the fallback answered
+
+
+async def test_revoked_credential_stops_polling_and_keeps_the_mesh(
+        enrolled: DataDir, autojump_clock: trio.abc.Clock) -> None:
+    coord = FakeCoordinator(peermap(1, peer(1, A)))
+    with trio.fail_after(300):
+        async with running(enrolled, coord, reachable=(A,)) as rig:
+            await trio.sleep(3)
+            coord.revoked = True
+            coord.publish(peermap(2, peer(1, A)))  # wakes the long poll, which now gets 401
+            await trio.sleep(60)
+            polls = len(coord.polls)
+            await trio.sleep(60)
+            assert len(coord.polls) == polls
+            revoked = [line for line in rig.logs if "revoked" in line]
+            assert len(revoked) == 1 and "HTTP 401" in revoked[0]
+            assert rig.agent.revoked and rig.path(1) == "direct"
+            assert KEYS[1].public in rig.wg.peers
+
+
+async def test_wireguard_errors_are_logged_once_and_retried(
+        enrolled: DataDir, autojump_clock: trio.abc.Clock) -> None:
+    coord = FakeCoordinator(peermap(1, peer(1, A)))
+    with trio.fail_after(60):
+        async with running(enrolled, coord, reachable=(A,)) as rig:
+            await trio.sleep(2)
+            rig.wg.broken = ConnectionRefusedError(111, "Connection refused")
+            await trio.sleep(10)
+            assert len([ln for ln in rig.logs if ln.startswith("WireGuard:")]) == 1
+            rig.wg.broken = None
+            await trio.sleep(2)
+            assert rig.logged("WireGuard answers again")
+            assert rig.path(1) == "direct"
+
+
+async def test_cancel_leaves_the_backend_and_closes_clients(
+        enrolled: DataDir, autojump_clock: trio.abc.Clock) -> None:
+    coord = FakeCoordinator(peermap(1, peer(1, A)))
+    with trio.fail_after(60):
+        async with running(enrolled, coord) as rig:
+            await trio.sleep(2)
+            assert rig.wg.running
+        assert not rig.wg.running
+        assert coord.clients and all(c.closed for c in coord.clients)
+
+
+async def test_corrupt_cache_is_ignored_with_one_line(enrolled: DataDir,
+                                                     autojump_clock: trio.abc.Clock) -> None:
+    enrolled.peermap_path.write_text("{")
+    coord = FakeCoordinator(peermap(1, peer(1, A)))
+    with trio.fail_after(60):
+        async with running(enrolled, coord, reachable=(A,)) as rig:
+            await trio.sleep(3)
+            assert len([ln for ln in rig.logs if "ignoring the peer map cache" in ln]) == 1
+            assert rig.path(1) == "direct"
+            assert isinstance(enrolled.read_peermap(), PeerMap)
+
+
+def test_backoff_is_bounded_and_jittered() -> None:
+    b = Backoff(rng=random.Random(3))
+    delays = [b.next() for _ in range(12)]
+    assert 0.5 <= delays[0] <= 1.0
+    assert all(15 <= d <= 30 for d in delays[5:])
+    b.reset()
+    assert b.next() <= 1.0
+
+
+@pytest.mark.parametrize("missing", ["key", "enrollment"])
+def test_agent_refuses_an_incomplete_data_dir(enrolled: DataDir, missing: str) -> None:
+    from agent import DataDirError
+
+    (enrolled.key_path if missing == "key" else enrolled.enrollment_path).unlink()
+    with pytest.raises(DataDirError, match="missing"):
+        Agent(enrolled, FakeWireGuard().factory(), FakeCoordinator().factory)

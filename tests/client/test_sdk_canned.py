@@ -1,0 +1,138 @@
+"""The SDK and CLI against canned HTTPS answers: error mapping, 304, pin changes, rendering."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from coordinator.client import (
+    ApiError,
+    CoordinatorUnreachable,
+    DeviceClient,
+    OperatorClient,
+    ProtocolError,
+)
+from mesh.tlspin import PinError, fingerprint
+
+from ._tls import make_cert, tls_server
+
+BIN = Path(sys.executable).parent
+
+
+def http(status: str, body: bytes = b"", ctype: str = "application/json") -> bytes:
+    return (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode() + body
+
+
+def jhttp(status: str, obj: Any) -> bytes:
+    return http(status, json.dumps(obj).encode())
+
+
+DEVICE = {"name": "cam-1", "fleet": "cams", "state": "active", "online": True,
+          "public_key": "A" * 43 + "=", "mesh_ipv4": "100.96.0.2", "mesh_ipv6": "fd7a::2",
+          "agent_version": "1.0", "endpoint": "198.51.100.7:40000", "lan_endpoints": [],
+          "last_seen": 1.0, "enrolled_at": 1.0}
+
+
+def test_error_answers_become_api_errors(tmp_path: Path) -> None:
+    cert = make_cert(tmp_path, "c")
+    with tls_server(cert, jhttp("404 Not Found", {"error": "no device named nope"})) as port:
+        with OperatorClient(f"https://127.0.0.1:{port}", "k", cert_der=cert.der) as c:
+            with pytest.raises(ApiError) as exc:
+                c.device("nope")
+    assert (exc.value.status, exc.value.message) == (404, "no device named nope")
+    assert str(exc.value) == "no device named nope (HTTP 404)"
+    with tls_server(cert, http("500 Internal Server Error", b"<html>boom</html>", "text/html")
+                    ) as port:
+        with OperatorClient(f"https://127.0.0.1:{port}", "k", cert_der=cert.der) as c:
+            with pytest.raises(ApiError) as exc:
+                c.list_devices()
+    assert exc.value.status == 500 and "coordinator failed" in exc.value.message
+    with tls_server(cert, http("200 OK", b"not json", "text/plain")) as port:
+        with OperatorClient(f"https://127.0.0.1:{port}", "k", cert_der=cert.der) as c:
+            with pytest.raises(ProtocolError):
+                c.list_devices()
+    with tls_server(cert, jhttp("200 OK", {"devices": "nope"})) as port:
+        with OperatorClient(f"https://127.0.0.1:{port}", "k", cert_der=cert.der) as c:
+            with pytest.raises(ProtocolError):
+                c.list_devices()
+
+
+def test_a_changed_certificate_is_a_pin_error_not_unreachable(tmp_path: Path) -> None:
+    pinned, other = make_cert(tmp_path, "pinned"), make_cert(tmp_path, "other")
+    with tls_server(other, jhttp("200 OK", {"devices": []})) as port:
+        with OperatorClient(f"https://127.0.0.1:{port}", "k", cert_der=pinned.der) as c:
+            with pytest.raises(PinError) as exc:
+                c.list_devices()
+    assert not isinstance(exc.value, CoordinatorUnreachable)
+    with pytest.raises(PinError):  # cert and fingerprint that disagree
+        OperatorClient("https://127.0.0.1:1", "k", cert_der=pinned.der,
+                       fingerprint=fingerprint(other.der))
+    with pytest.raises(ValueError):
+        OperatorClient("https://127.0.0.1:1", "k")
+
+
+async def test_peermap_304_is_none(tmp_path: Path) -> None:
+    cert = make_cert(tmp_path, "c")
+    with tls_server(cert, http("304 Not Modified")) as port:
+        with trio.fail_after(10):
+            async with DeviceClient(f"https://127.0.0.1:{port}", "fmd_x", cert.der) as d:
+                assert await d.peermap(version=3, wait=1) is None
+    with tls_server(cert, jhttp("401 Unauthorized", {"error": "unknown credential"})) as port:
+        with trio.fail_after(10):
+            async with DeviceClient(f"https://127.0.0.1:{port}", "fmd_x", cert.der) as d:
+                with pytest.raises(ApiError) as exc:
+                    await d.peermap()
+    assert exc.value.status == 401
+
+
+def _cli(port: int, cert_der: bytes, *argv: str, home: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETMESH_")}
+    env.update(HOME=str(home), FLEETMESH_URL=f"https://127.0.0.1:{port}",
+               FLEETMESH_API_KEY="fmo_k", FLEETMESH_FINGERPRINT=fingerprint(cert_der))
+    return subprocess.run([str(BIN / "fleetmesh"), *argv], capture_output=True, text=True,
+                          timeout=60, env=env, check=False)
+
+
+def test_cli_renders_tables_and_json(tmp_path: Path) -> None:
+    cert = make_cert(tmp_path, "c")
+    with tls_server(cert, jhttp("200 OK", {"devices": [DEVICE]})) as port:
+        table = _cli(port, cert.der, "devices", "list", home=tmp_path)
+        as_json = _cli(port, cert.der, "devices", "list", "--json", home=tmp_path)
+    assert table.returncode == 0, table.stderr
+    assert "cam-1" in table.stdout and "100.96.0.2" in table.stdout and "fd7a::2" in table.stdout
+    assert json.loads(as_json.stdout) == {"devices": [DEVICE]}
+    peers = {"peers": [{"peer": "cam-2", "public_key": "B" * 43 + "=", "path": "relay",
+                        "endpoint": None, "last_handshake": None}]}
+    with tls_server(cert, jhttp("200 OK", peers)) as port:
+        shown = _cli(port, cert.der, "peers", "cam-1", home=tmp_path)
+    assert shown.returncode == 0 and "relay" in shown.stdout and "never" in shown.stdout
+    with tls_server(cert, jhttp("404 Not Found", {"error": "no device named x"})) as port:
+        missing = _cli(port, cert.der, "devices", "show", "x", home=tmp_path)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip() == "fleetmesh: no device named x (HTTP 404)"
+
+
+def test_operator_wg_quick_config() -> None:
+    from coordinator._cli_ops import operator_wg_quick
+    from mesh.control import HubInfo
+    from vpn import generate_keypair
+    me, hub = generate_keypair(), generate_keypair()
+    text = operator_wg_quick(me.private, {
+        "name": "laptop", "mesh_ipv4": "100.96.0.9", "mesh_ipv6": "fd7a:115c:a1e0::9",
+        "mesh_prefix_v4": "100.96.0.0/12", "mesh_prefix_v6": "fd7a:115c:a1e0::/48",
+        "hub": HubInfo(hub.public, "203.0.113.1:51820", "100.96.0.1", "fd7a:115c:a1e0::1",
+                       "https://100.96.0.1:8443")})
+    lines = [line.strip() for line in text.splitlines()]
+    assert f"PrivateKey = {me.private}" in lines
+    assert "Address = 100.96.0.9/32, fd7a:115c:a1e0::9/128" in lines
+    assert f"PublicKey = {hub.public}" in lines and "Endpoint = 203.0.113.1:51820" in lines
+    assert "AllowedIPs = 100.96.0.0/12, fd7a:115c:a1e0::/48" in lines
+    assert "PersistentKeepalive = 25" in lines

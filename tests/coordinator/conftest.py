@@ -1,0 +1,75 @@
+"""A real coordinator on 127.0.0.1:0 (no hub) and httpx clients that trust its certificate."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from coordinator._server import Coordinator, CoordinatorConfig
+from vpn import generate_keypair
+
+
+def client_for(coord: Coordinator, secret: str | None = None) -> httpx.AsyncClient:
+    ctx = ssl.create_default_context(cafile=str(coord.cert_path))
+    headers = {"Authorization": f"Bearer {secret}"} if secret else {}
+    return httpx.AsyncClient(base_url=coord.url, verify=ctx, headers=headers, timeout=40)
+
+
+@dataclass
+class Enrolled:
+    name: str
+    public_key: str
+    credential: str
+    enrollment: dict[str, Any]
+    client: httpx.AsyncClient
+
+
+class Harness:
+    def __init__(self, coord: Coordinator, op: httpx.AsyncClient, anon: httpx.AsyncClient):
+        self.coord, self.op, self.anon = coord, op, anon
+        self._clients: list[httpx.AsyncClient] = []
+
+    async def token(self, fleet: str = "fleet", **kw: Any) -> str:
+        r = await self.op.post("/api/v1/tokens", json={"fleet": fleet, **kw})
+        assert r.status_code == 201, r.text
+        return str(r.json()["token"])
+
+    async def enroll(self, name: str, fleet: str = "fleet", lan: list[str] | None = None,
+                     token: str | None = None) -> Enrolled:
+        keys = generate_keypair()
+        r = await self.anon.post("/api/v1/enroll", json={
+            "token": token or await self.token(fleet), "public_key": keys.public, "name": name,
+            "lan_endpoints": lan or [], "agent_version": "test"})
+        assert r.status_code == 201, r.text
+        body = r.json()
+        client = client_for(self.coord, body["credential"])
+        self._clients.append(client)
+        return Enrolled(body["name"], keys.public, body["credential"], body, client)
+
+    async def aclose(self) -> None:
+        for c in self._clients:
+            await c.aclose()
+
+
+@pytest.fixture
+async def coord(tmp_path: Path) -> AsyncIterator[Coordinator]:
+    config = CoordinatorConfig(data_dir=tmp_path / "coord", listen="127.0.0.1:0", hub=False,
+                               batch_window=0.05)
+    async with Coordinator(config) as c:
+        yield c
+
+
+@pytest.fixture
+async def h(coord: Coordinator) -> AsyncIterator[Harness]:
+    async with client_for(coord, coord.operator_key) as op, client_for(coord) as anon:
+        harness = Harness(coord, op, anon)
+        try:
+            yield harness
+        finally:
+            await harness.aclose()
