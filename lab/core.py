@@ -55,6 +55,7 @@ HOST_IF: Final = "eth0"
 WAN_IF: Final = "wan0"
 STATE_VERSION: Final = 1
 VENV_BIN: Final = os.path.dirname(sys.executable)
+MOVED_FIRST_HOST: Final = 100  # moved devices get .100 and up in their new LAN
 
 # tbf: the bucket must hold at least a few full-size (GSO-split) packets, and a deeper queue
 # than the classic 50 ms keeps a single TCP flow from sawing below the rate (measured with
@@ -349,7 +350,9 @@ class Lab:
 
     def __init__(self, topology: Topology, nodes: Sequence[Node], state: dict[str, Any]):
         self.topology = topology
-        self.nodes: tuple[Node, ...] = tuple(nodes)
+        moved = state.get("moves", {})
+        self.nodes: tuple[Node, ...] = tuple(
+            replace(n, **moved[n.name]) if n.name in moved else n for n in nodes)
         self._by_name = {n.name: n for n in self.nodes}
         self._state = state
 
@@ -456,6 +459,51 @@ class Lab:
             if r.lan == lan and r.tier == tier:
                 return r
         raise LabError(f"LAN {lan!r} has no {tier} router")
+
+    def move(self, device: str, lan: str) -> Node:
+        """Unplug a device from its LAN and plug it into another LAN's router with a new
+        address (a laptop carried to another site): its namespace, processes and mount
+        namespace stay; only its underlay link, address and default route change."""
+        n = self.node(device)
+        target = self.router(lan)
+        if n.role != "device" or n.gateway is None:
+            raise LabUsageError(f"{device}: only a device behind a router can move")
+        if n.lan == lan:
+            raise LabUsageError(f"{device} is already on LAN {lan!r}")
+        with _host.state_lock():
+            state = self.state_now()
+            moves: dict[str, Any] = state.setdefault("moves", {})
+            subnet = ipaddress.IPv4Network(target.lan_subnet)
+            taken = {x.underlay_ipv4 for x in self.nodes}
+            address = next(str(subnet.network_address + h) for h in range(MOVED_FIRST_HOST,
+                                                                          subnet.num_addresses - 1)
+                           if str(subnet.network_address + h) not in taken)
+            port = f"m{len(moves)}"
+            with IPRoute(netns=n.netns) as ipr:
+                ipr.link("del", index=ipr.link_lookup(ifname=n.iface)[0])
+            with IPRoute(netns=target.netns) as ipr:
+                ipr.link("add", ifname=port, kind="veth",
+                         peer={"ifname": n.iface, "net_ns_fd": n.netns})
+                idx = ipr.link_lookup(ifname=port)[0]
+                ipr.link("set", index=idx, master=ipr.link_lookup(ifname=target.lan_if)[0])
+            _write_net_sysctls({target.netns: [f"ipv6/conf/{port}/disable_ipv6"],
+                                n.netns: [f"ipv6/conf/{n.iface}/disable_ipv6"]})
+            with IPRoute(netns=target.netns) as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname=port)[0], state="up")
+            with IPRoute(netns=n.netns) as ipr:
+                idx = ipr.link_lookup(ifname=n.iface)[0]
+                ipr.addr("add", index=idx, address=address, prefixlen=subnet.prefixlen)
+                ipr.link("set", index=idx, state="up")
+                ipr.route("add", dst="0.0.0.0/0", gateway=target.lan_ipv4)
+            change = {"lan": lan, "underlay_ipv4": address, "prefixlen": subnet.prefixlen,
+                      "gateway": target.lan_ipv4}
+            moves[device] = change
+            _host.write_state(state)
+            self._state = state
+        moved = replace(n, **change)
+        self.nodes = tuple(moved if x.name == device else x for x in self.nodes)
+        self._by_name[device] = moved
+        return moved
 
     # --- running things in nodes -----------------------------------------------------------
 

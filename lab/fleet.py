@@ -18,7 +18,15 @@ from typing import Any, Final
 
 from mesh.tlspin import fingerprint
 
-from ._host import STATE_DIR, LabError, read_state, state_lock, write_state
+from ._host import (
+    STATE_DIR,
+    LabError,
+    kill_pids,
+    proc_start_time,
+    read_state,
+    state_lock,
+    write_state,
+)
 from .core import Lab, Node
 
 API_PORT: Final = 8443
@@ -76,36 +84,16 @@ def _checked(result: subprocess.CompletedProcess[str], what: str) -> str:
 def start_fleet(lab: Lab, timeout: float = READY_TIMEOUT) -> FleetAccess:
     """Start the coordinator and enroll and run an agent on every device; returns once every
     device is online at the coordinator (its hub handshake is up)."""
-    coord = lab.node("coordinator")
-    url = f"https://{coord.underlay_ipv4}:{API_PORT}"
-    where = f"{coord.underlay_ipv4}"
-    lab.spawn(coord, [str(BIN / "fleetmesh"), "coordinator", "serve", "--data",
-                      str(COORDINATOR_DIR), "--listen", f"{where}:{API_PORT}", "--wg-port",
-                      str(WG_PORT), "--hub-endpoint", f"{where}:{WG_PORT}"],
-              stdin=subprocess.DEVNULL, stdout=_log("coordinator"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
-    key_file, cert_file = COORDINATOR_DIR / "operator.key", COORDINATOR_DIR / "tls.crt"
-    while True:
-        if key_file.exists() and cert_file.exists():
-            acc = FleetAccess(url, key_file.read_text().strip(),
-                              fingerprint(ssl.PEM_cert_to_DER_cert(cert_file.read_text())))
-            _remember(lab, acc)
-            probe = fleetmesh(lab, coord, "devices", "list", "--json", timeout=15)
-            if probe.returncode == 0:
-                break
-        if time.monotonic() > deadline:
-            raise LabError(f"the coordinator did not answer within {timeout:.0f} s "
-                           f"(see {LOG_DIR / 'coordinator.log'})")
-        time.sleep(0.2)
-
+    acc = start_coordinator(lab, timeout)
     devices = lab.devices
     if devices:
         token = json.loads(_checked(fleetmesh(
-            lab, coord, "token", "create", "--fleet", FLEET, "--uses", str(len(devices)),
+            lab, "coordinator", "token", "create", "--fleet", FLEET, "--uses", str(len(devices)),
             "--expires", "10m", "--json"), "creating an enrollment token"))["token"]
         for d in devices:
             data = AGENTS_DIR / d.name
-            _checked(lab.run(d, [str(BIN / "fleetmesh-agent"), "join", url, "--token", token,
+            _checked(lab.run(d, [str(BIN / "fleetmesh-agent"), "join", acc.url, "--token", token,
                                  "--data", str(data), "--name", d.name, "--wg-port", str(WG_PORT)],
                              capture_output=True, text=True, timeout=60), f"{d.name}: join")
             # wireguard-go in the node's mount namespace, so `wg show` in the node sees it
@@ -114,6 +102,40 @@ def start_fleet(lab: Lab, timeout: float = READY_TIMEOUT) -> FleetAccess:
                       stdin=subprocess.DEVNULL, stdout=_log(d.name), stderr=subprocess.STDOUT)
     wait_online(lab, [d.name for d in devices], deadline - time.monotonic())
     return acc
+
+
+def start_coordinator(lab: Lab, timeout: float = READY_TIMEOUT) -> FleetAccess:
+    """Start (or restart, on the same data directory) the coordinator on its node; returns once
+    its API answers the operator."""
+    coord = lab.node("coordinator")
+    where = coord.underlay_ipv4
+    lab.spawn(coord, [str(BIN / "fleetmesh"), "coordinator", "serve", "--data",
+                      str(COORDINATOR_DIR), "--listen", f"{where}:{API_PORT}", "--wg-port",
+                      str(WG_PORT), "--hub-endpoint", f"{where}:{WG_PORT}"],
+              stdin=subprocess.DEVNULL, stdout=_log("coordinator"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    key_file, cert_file = COORDINATOR_DIR / "operator.key", COORDINATOR_DIR / "tls.crt"
+    while True:
+        if key_file.exists() and cert_file.exists():
+            acc = FleetAccess(f"https://{where}:{API_PORT}", key_file.read_text().strip(),
+                              fingerprint(ssl.PEM_cert_to_DER_cert(cert_file.read_text())))
+            _remember(lab, acc)
+            if fleetmesh(lab, coord, "devices", "list", "--json", timeout=15).returncode == 0:
+                return acc
+        if time.monotonic() > deadline:
+            raise LabError(f"the coordinator did not answer within {timeout:.0f} s "
+                           f"(see {LOG_DIR / 'coordinator.log'})")
+        time.sleep(0.2)
+
+
+def stop_coordinator(lab: Lab) -> int:
+    """Stop the coordinator process (SIGTERM, by its recorded PID); the agents and tunnels stay.
+    Returns how many coordinator processes were stopped."""
+    victims = [p["pid"] for p in lab.state_now().get("processes", [])
+               if p.get("node") == "coordinator" and "serve" in p.get("argv", [])
+               and p.get("start") is not None and proc_start_time(p["pid"]) == p["start"]]
+    kill_pids(victims, timeout=10)
+    return len(victims)
 
 
 def _remember(lab: Lab, acc: FleetAccess) -> None:

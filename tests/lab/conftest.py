@@ -51,11 +51,12 @@ def teardown_if_ours() -> None:
 
 
 @contextmanager
-def lab_up(topology: Topology) -> Iterator[Lab]:
-    """Bring a lab up and ALWAYS remove it again, whatever the test does."""
+def lab_up(topology: Topology, network_only: bool = True) -> Iterator[Lab]:
+    """Bring a lab up (with the fleet unless network_only) and ALWAYS remove it again,
+    whatever the test does."""
     require_lab_machine()
     try:
-        lab = Lab.up(topology)
+        lab = Lab.up(topology, network_only=network_only)
     except LabAlreadyUp:
         pytest.skip("another lab came up on this machine meanwhile")
     try:
