@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import random
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -51,6 +52,9 @@ BACKOFF_MAX: Final = 30.0  # bounded: a device that was cut off finds the coordi
 # A coordinator that answers 304 at once (a bug, or a proxy) must not make us spin.
 MIN_POLL_INTERVAL: Final = 1.0
 MIN_REPORT_SPACING: Final = 1.0  # path flaps cannot turn into a report storm
+# A nudge (agent/_paths.py) is one datagram into the tunnel; the discard port (RFC 863). What the
+# peer's WireGuard answers does not depend on anything listening there.
+NUDGE_PORT: Final = 9
 
 
 class DeviceApi(Protocol):
@@ -68,6 +72,21 @@ class DeviceApi(Protocol):
 ClientFactory = Callable[[str, str, bytes], DeviceApi]  # (url, credential, cert_der)
 BackendFactory = Callable[[Enrollment], AbstractAsyncContextManager[AsyncWireGuardBackend]]
 Log = Callable[[str], None]
+Nudger = Callable[[Sequence[str]], Awaitable[None]]  # send one datagram to each mesh address
+
+
+def udp_nudger(ifname: str) -> Nudger:
+    """Nudges through the WireGuard interface only (SO_BINDTODEVICE): they can never leave by
+    another route, e.g. when the interface is gone."""
+
+    async def nudge(addresses: Sequence[str]) -> None:
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+            for address in addresses:
+                await sock.sendto(b"\0", (address, NUDGE_PORT))
+
+    return nudge
 
 
 def stderr_log(message: str) -> None:
@@ -130,12 +149,20 @@ class Agent:
         reconcile_interval: float = RECONCILE_INTERVAL,
         report_interval: float = REPORT_INTERVAL,
         poll_wait: int = POLL_WAIT,
+        nudge: Nudger | None = None,
     ) -> None:
         self.data = data_dir if isinstance(data_dir, DataDir) else DataDir(data_dir)
         # Both raise DataDirError (one line) when the directory is not usable.
         self.identity: Identity = self.data.read_identity()
         private_key = self.data.read_key()
         self.backend_factory = backend_factory
+        if nudge is None:
+            # Only a real interface (WireGuardGoDevice names it) gets nudges; fakes get none.
+            ifname = getattr(backend_factory, "ifname", None)
+            nudge = udp_nudger(ifname) if isinstance(ifname, str) else None
+        self.nudge = nudge
+        self.nudges_sent = 0
+        self._nudge_error: str | None = None
         self.client_factory = client_factory
         self.wg_port = wg_port if wg_port is not None else self.identity.wg_port
         if lan_endpoints is None:
@@ -235,6 +262,8 @@ class Agent:
             self.log("WireGuard answers again")
             self._backend_error = None
         self.reconciles += 1
+        if plan.nudges and self.nudge is not None:
+            await self._send_nudges(plan.nudges)
         old = self.plan
         self.status, self.plan = status, plan
         for change in plan.changes:
@@ -243,6 +272,22 @@ class Agent:
                 [(p.public_key, p.path, p.endpoint) for p in plan.paths]:
             self._report_wake.set()
         return plan
+
+    async def _send_nudges(self, addresses: Sequence[str]) -> None:
+        """After the apply, so that each datagram goes through the peer's own entry. A failure
+        only costs the path core a slower answer: log it once, never raise."""
+        assert self.nudge is not None
+        try:
+            with trio.fail_after(BACKEND_TIMEOUT):
+                await self.nudge(addresses)
+        except (OSError, trio.TooSlowError) as exc:
+            message = f"cannot nudge peers: {_one_line(exc)}"
+            if message != self._nudge_error:
+                self.log(message)
+                self._nudge_error = message
+            return
+        self.nudges_sent += len(addresses)
+        self._nudge_error = None
 
     async def _reconcile_loop(self, backend: AsyncWireGuardBackend, *,
                               task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -3,23 +3,55 @@
 A protocol core (DESIGN principle 1): no I/O, time passed in. `PathSelector.update(peermap,
 status, now)` takes the current peer map, the WireGuard device's state and the time (epoch
 seconds, the clock WireGuard's `last_handshake` uses) and gives back the `DesiredDevice` for
-`vpn.diff`, every peer's `PeerPath` for the report, and the path changes worth one log line.
+`vpn.diff`, every peer's `PeerPath` for the report, the path changes worth one log line, and the
+mesh addresses to *nudge*: the driver applies the desired device first, then sends one small
+datagram to each (through the tunnel, bound to the WireGuard interface).
+
+The liveness signal is **received bytes on the peer's own entry** (`PeerStatus.rx_bytes`). That
+entry is only ever reached directly (relayed traffic arrives on the hub's entry), so rx growth on
+it proves a working direct path. A handshake is not a usable signal: WireGuard does not handshake
+again while a session lives (REKEY_AFTER_TIME = 120 s, whitepaper section 6.1), so a pair that
+handshook a moment before an attempt sees no newer one, and a peer that moved keeps a recent
+`last_handshake` over a dead path.
+
+Silence is no proof of a dead path either. A persistent keepalive is sent only after
+"persistent-keepalive seconds without any authenticated packet sent *or received*" (wireguard-go
+`timersAnyAuthenticatedPacketTraversal`, Linux `wg_timers_any_authenticated_packet_traversal`):
+between two idle peers the one whose timer fires first keeps re-arming the other's, so
+keepalives flow one way only, and while we punch with PUNCH_KEEPALIVE the peer sends none at all.
+The side that only sends hears nothing until the next rekey (up to ~REJECT_AFTER_TIME). What
+always draws an answer is *data*: a peer that receives a data packet and has nothing to send back
+answers with a keepalive within KEEPALIVE_TIMEOUT = 10 s (passive keepalive, section 6.5; the
+timer starts before the inner source address is checked, so it answers even while it relays us),
+and a sender whose data gets no answer at all starts a new handshake after KEEPALIVE_TIMEOUT +
+REKEY_TIMEOUT = 15 s (section 6.2), which a live peer with a lost session answers. The nudge is
+that data packet.
 
 Per peer:
 
-- `trying`: the peer entry holds the peer's mesh /32 and /128 and points at endpoint candidate
-  `i` with a short keepalive, so the punch (simultaneous open) starts at once. A handshake newer
-  than the start of the attempt means the direct path works -> `direct`. None within
-  DIRECT_TIMEOUT -> the next candidate; after the last one -> `relay`.
+- `trying` candidate `i`, since `t0`: the entry holds the peer's mesh /32 and /128, points at
+  candidate `i` with PUNCH_KEEPALIVE (a handshake starts at once when there is no session), and
+  the peer is nudged once. rx above its value at `t0`, or a handshake newer than `t0` -> `direct`.
+  Neither within the window -> the next candidate; after the last one -> `relay`. The window is
+  DIRECT_TIMEOUT (one handshake retransmission) when our entry had no live session at `t0`, and
+  DIRECT_TIMEOUT_WITH_SESSION (the passive keepalive, or the re-handshake if the peer lost the
+  session) when it had one: then no handshake comes, only the answer to the nudge.
 - `direct`: the entry holds the mesh addresses; endpoint "don't care" so WireGuard's roaming
-  keeps working. A last handshake older than REJECT_AFTER_TIME (the session is dead) -> `trying`.
+  keeps working. Every rx growth (or newer handshake) refreshes "last heard". After KEEPALIVE of
+  silence the peer is nudged, again every NUDGE_INTERVAL; no growth for DIRECT_IDLE -> `trying`
+  (candidates from the map). An entry missing from the device (daemon restarted) -> `trying`.
 - `relay`: the mesh addresses belong to the hub peer; the peer's own entry stays as a probe with
   no allowed IPs, an endpoint and a keepalive (it still handshakes, DESIGN "Relay and direct
-  probing"), cycling the candidates every RELAY_PROBE_DWELL. A handshake newer than the start of
-  the attempt -> `direct`.
+  probing"), cycling the candidates every RELAY_PROBE_DWELL. rx above its value when the current
+  probe candidate started (or a handshake newer than that) -> `direct`. No nudges: with no allowed
+  IPs on the entry, a datagram would go through the hub.
 
 A peer whose endpoints change in the map starts `trying` again; a peer without endpoints is
 relayed (its entry can still answer the peer's own punches); peers gone from the map are dropped.
+A peer seen for the first time starts `trying` even when its entry shows a live session (an agent
+restart): the nudge confirms the session within DIRECT_TIMEOUT_WITH_SESSION. An rx counter that
+goes backwards (the daemon restarted, the entry was re-created) resets the baseline and is not
+growth.
 """
 
 from __future__ import annotations
@@ -47,12 +79,30 @@ PUNCH_KEEPALIVE: Final = 1
 # WireGuard whitepaper section 6.4: REKEY_TIMEOUT = 5 s between handshake initiations (plus up
 # to 1/3 s of jitter); one retransmission plus a round trip of slack decides a candidate.
 DIRECT_TIMEOUT: Final = 6.0
-# Whitepaper section 6.1: REJECT_AFTER_TIME = 180 s; no session older than that carries data.
-# With a 25 s keepalive a live session is renewed every REKEY_AFTER_TIME (120 s).
+# Whitepaper section 6.1: REJECT_AFTER_TIME = 180 s; no session older than that carries data, so
+# a last handshake younger than this means our entry holds a live session.
 REJECT_AFTER_TIME: Final = 180.0
 # While relayed, each candidate is probed this long: more than one KEEPALIVE, so every candidate
 # gets at least one keepalive-driven handshake initiation.
 RELAY_PROBE_DWELL: Final = 30.0
+# Whitepaper section 6.5 (wireguard-go KeepaliveTimeout): a peer that received data and has
+# nothing to send back answers with a keepalive after this long.
+KEEPALIVE_TIMEOUT: Final = 10.0
+# Whitepaper section 6.4 (wireguard-go RekeyTimeout).
+REKEY_TIMEOUT: Final = 5.0
+# The longest a live peer takes to answer a nudge: its passive keepalive after KEEPALIVE_TIMEOUT,
+# or, if it lost the session, our new handshake after KEEPALIVE_TIMEOUT + REKEY_TIMEOUT
+# (section 6.2, wireguard-go `timersDataSent`) answered within a round trip. Also the spacing of
+# nudges in `direct`, so that one nudge is answered (or not) before the next.
+NUDGE_INTERVAL: Final = KEEPALIVE_TIMEOUT + REKEY_TIMEOUT
+# A candidate tried while our entry holds a live session: no handshake will come, only the
+# answer to the nudge; one second of round-trip slack.
+DIRECT_TIMEOUT_WITH_SESSION: Final = NUDGE_INTERVAL + 1.0
+# No rx growth this long on a direct path -> try again. A live path is heard every KEEPALIVE when
+# the peer's keepalives flow our way. When ours suppress them (module docstring) we nudge after
+# KEEPALIVE of silence and again NUDGE_INTERVAL later: answers due by 35 s and 50 s, so 60 s
+# means two unanswered nudges, with 10 s of slack for the round trip.
+DIRECT_IDLE: Final = 2 * KEEPALIVE + KEEPALIVE_TIMEOUT
 
 PathState = Literal["trying", "direct", "relay"]
 
@@ -84,6 +134,8 @@ class PathPlan:
     paths: tuple[PeerPath, ...]
     changes: tuple[PathChange, ...]
     next_deadline: float | None  # the next time a timer fires without new input; None: none
+    # Mesh addresses to send one datagram to, after `desired` is applied (module docstring).
+    nudges: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -93,7 +145,10 @@ class _Peer:
     state: PathState
     candidate: int  # index into endpoints (trying, and the relay probe)
     since: float  # when the current candidate (or state) began
-    attempt_start: float  # a handshake newer than this proves the direct path
+    rx: int  # rx_bytes baseline: growth above it is news from the peer
+    heard: float  # trying/relay: the candidate's start; direct: the last rx growth
+    window: float = DIRECT_TIMEOUT  # trying: how long this candidate gets
+    nudged: float | None = None  # when the peer was last nudged in this state/candidate
 
 
 def _host_net(address: str) -> IPNetwork:
@@ -125,12 +180,19 @@ class PathSelector:
 
     # -- transitions -------------------------------------------------------
 
-    def _start(self, entry: PeerEntry, now: float, reason: str) -> tuple[_Peer, PathChange]:
+    @staticmethod
+    def _window(handshake: float | None, now: float) -> float:
+        live = handshake is not None and now - handshake < REJECT_AFTER_TIME
+        return DIRECT_TIMEOUT_WITH_SESSION if live else DIRECT_TIMEOUT
+
+    def _start(self, entry: PeerEntry, now: float, rx: int, handshake: float | None,
+               reason: str) -> tuple[_Peer, PathChange]:
         if not entry.endpoints:
-            st = _Peer(entry.name, entry.endpoints, "relay", 0, now, now)
+            st = _Peer(entry.name, entry.endpoints, "relay", 0, now, rx, now)
             return st, PathChange(entry.name, entry.public_key, "relay", None,
                                   f"{reason}; no endpoints known")
-        st = _Peer(entry.name, entry.endpoints, "trying", 0, now, now)
+        st = _Peer(entry.name, entry.endpoints, "trying", 0, now, rx, now,
+                   self._window(handshake, now))
         return st, self._trying_change(entry, st, reason)
 
     @staticmethod
@@ -143,51 +205,82 @@ class PathSelector:
         key = entry.public_key
         peer_status = status.peer(key)
         handshake = peer_status.last_handshake if peer_status else None
+        rx = peer_status.rx_bytes if peer_status else 0
         actual_ep = str(peer_status.endpoint) if peer_status and peer_status.endpoint else None
         st = self._peers.get(key)
         if st is None:
-            # First sight (e.g. an agent restart): a live session already proves the direct path.
-            if handshake is not None and now - handshake < REJECT_AFTER_TIME and entry.endpoints:
-                self._peers[key] = _Peer(entry.name, entry.endpoints, "direct", 0, now, now)
-                return [PathChange(entry.name, key, "direct", actual_ep, "session already up")]
-            st, change = self._start(entry, now, "new peer")
+            # First sight (e.g. an agent restart). A live session is not assumed to be direct: it
+            # gets the longer window, and the nudge confirms it (module docstring).
+            st, change = self._start(entry, now, rx, handshake, "new peer")
             self._peers[key] = st
             return [change]
         st.name = entry.name
+        if st.endpoints != entry.endpoints and not entry.endpoints and st.state == "direct":
+            # The map no longer knows where the peer is (e.g. a coordinator restarted and has
+            # not heard from it yet): no news about a path that works, so keep it; DIRECT_IDLE
+            # still catches it if it dies.
+            st.endpoints = entry.endpoints
         if st.endpoints != entry.endpoints:
-            st, change = self._start(entry, now, "endpoints changed")
+            st, change = self._start(entry, now, rx, handshake, "endpoints changed")
             self._peers[key] = st
             return [change]
+        if rx < st.rx:
+            st.rx = rx  # the daemon restarted or re-created the entry: a new baseline, no news
+        grew = rx > st.rx
+        st.rx = rx
+        # A handshake always adds rx bytes too; accepting it as well covers a status that lacks
+        # the counters.
+        fresh = grew or (handshake is not None and handshake > st.heard)
         if st.state == "direct":
-            if handshake is None or now - handshake > REJECT_AFTER_TIME:
-                age = "no handshake" if handshake is None else \
-                    f"last handshake {now - handshake:.0f} s ago"
-                st, change = self._start(entry, now, age)
+            if peer_status is None:
+                st, change = self._start(entry, now, 0, None, "entry missing from the device")
+                self._peers[key] = st
+                return [change]
+            if fresh:
+                st.heard = now
+                st.nudged = None
+                return []
+            if now - st.heard >= DIRECT_IDLE:
+                st, change = self._start(entry, now, rx, handshake,
+                                         f"nothing received for {now - st.heard:.0f} s")
                 self._peers[key] = st
                 return [change]
             return []
-        fresh = handshake is not None and handshake > st.attempt_start
         if fresh:
             was = st.state
-            st.state, st.since = "direct", now
+            st.state, st.since, st.heard, st.nudged = "direct", now, now, None
             reason = "punched" if was == "trying" else "direct path found while relayed"
             return [PathChange(entry.name, key, "direct", actual_ep, reason)]
         if st.state == "trying":
-            if now - st.since < DIRECT_TIMEOUT:
+            if now - st.since < st.window:
                 return []
             if st.candidate + 1 < len(st.endpoints):
+                why = f"nothing received in {st.window:g} s"
                 st.candidate += 1
-                st.since = now
-                return [self._trying_change(entry, st, f"no handshake in {DIRECT_TIMEOUT:g} s")]
-            st.state, st.candidate, st.since = "relay", 0, now
+                st.since = st.heard = now
+                st.window = self._window(handshake, now)
+                st.nudged = None
+                return [self._trying_change(entry, st, why)]
+            st.state, st.candidate, st.since, st.heard, st.nudged = "relay", 0, now, now, None
             n = len(st.endpoints)
             return [PathChange(entry.name, key, "relay", None,
-                               f"no direct handshake on {n} candidate{'s' * (n != 1)}; probing")]
+                               f"nothing received from {n} candidate{'s' * (n != 1)}; probing")]
         # relay: keep probing, cycling the candidates; not worth a log line each time
         if len(st.endpoints) > 1 and now - st.since >= RELAY_PROBE_DWELL:
             st.candidate = (st.candidate + 1) % len(st.endpoints)
-            st.since = now
+            st.since = st.heard = now
         return []
+
+    def _nudge_due(self, st: _Peer, now: float) -> float | None:
+        """When the peer should next be nudged (<= now: now); None: not in this state."""
+        if st.state == "trying":
+            return st.since if st.nudged is None else None
+        if st.state == "direct":
+            due = st.heard + KEEPALIVE
+            if st.nudged is not None:
+                due = max(due, st.nudged + NUDGE_INTERVAL)
+            return due
+        return None
 
     # -- the whole plan ----------------------------------------------------
 
@@ -208,11 +301,20 @@ class PathSelector:
         peers: list[DesiredPeer] = []
         paths: list[PeerPath] = []
         deadlines: list[float] = []
+        nudges: list[str] = []
         for entry in entries:
             st = self._peers[entry.public_key]
             mesh = {_host_net(entry.mesh_ipv4), _host_net(entry.mesh_ipv6)}
             peer_status = status.peer(entry.public_key)
             handshake = peer_status.last_handshake if peer_status else None
+            due = self._nudge_due(st, now)
+            if due is not None:
+                if due <= now:
+                    nudges.append(entry.mesh_ipv4)
+                    st.nudged = now
+                    due = self._nudge_due(st, now)
+                if due is not None:
+                    deadlines.append(due)
             if st.state == "relay":
                 hub_ips |= mesh
                 ep = _endpoint(st.endpoints[st.candidate]) if st.endpoints else None
@@ -226,19 +328,18 @@ class PathSelector:
                 peers.append(DesiredPeer(entry.public_key, frozenset(mesh), ep, PUNCH_KEEPALIVE))
                 paths.append(PeerPath(entry.public_key, "none", str(ep) if ep else None,
                                       handshake))
-                deadlines.append(st.since + DIRECT_TIMEOUT)
+                deadlines.append(st.since + st.window)
             else:
                 actual = peer_status.endpoint if peer_status else None
                 peers.append(DesiredPeer(entry.public_key, frozenset(mesh), None, KEEPALIVE))
                 paths.append(PeerPath(entry.public_key, "direct",
                                       str(actual) if actual else None, handshake))
-                if handshake is not None:
-                    deadlines.append(handshake + REJECT_AFTER_TIME)
+                deadlines.append(st.heard + DIRECT_IDLE)
         hub_peer = DesiredPeer(hub.public_key, frozenset(hub_ips), Endpoint.parse(hub.endpoint),
                                KEEPALIVE)
         desired = DesiredDevice(self.private_key, (hub_peer, *peers), self.listen_port)
         return PathPlan(desired, tuple(paths), tuple(changes),
-                        min(deadlines) if deadlines else None)
+                        min(deadlines) if deadlines else None, tuple(nudges))
 
     def _usable(self, entries: Iterable[PeerEntry], hub: HubInfo,
                 relay_ips: set[IPNetwork]) -> list[PeerEntry]:

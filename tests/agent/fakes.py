@@ -4,7 +4,7 @@ and a coordinator that long-polls, fails and revokes on demand."""
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +23,8 @@ from vpn import (
 )
 
 REKEY_AFTER_TIME = 120.0  # WireGuard renews a used session this often
+HANDSHAKE_RESPONSE = 92  # bytes: what an initiator receives for a handshake (whitepaper 5.4.3)
+KEEPALIVE_BYTES = 32  # an empty transport data message (whitepaper 5.4.6)
 
 
 @dataclass
@@ -31,6 +33,7 @@ class _FakePeer:
     keepalive: int = 0
     allowed: list[IPNetwork] = field(default_factory=list)
     last_handshake: float | None = None
+    rx_bytes: int = 0
 
 
 class FakeWireGuard:
@@ -47,6 +50,7 @@ class FakeWireGuard:
         self.sets: list[DeviceConfig] = []
         self.gets = 0
         self.broken: OSError | None = None
+        self.nudged: list[str] = []
 
     # -- set semantics -----------------------------------------------------
 
@@ -84,10 +88,29 @@ class FakeWireGuard:
             public_key=public_key_from_private(self.private_key) if self.private_key else None,
             listen_port=self.listen_port,
             peers=tuple(PeerStatus(k, None, p.endpoint, tuple(p.allowed), p.keepalive,
-                                   p.last_handshake) for k, p in self.peers.items()))
+                                   p.last_handshake, p.rx_bytes)
+                  for k, p in self.peers.items()))
 
     def handshake(self, public_key: str, at: float) -> None:
+        """A completed handshake: it also brings the response's bytes in."""
         self.peers[public_key].last_handshake = at
+        self.peers[public_key].rx_bytes += HANDSHAKE_RESPONSE
+
+    def receive(self, public_key: str, nbytes: int = KEEPALIVE_BYTES) -> None:
+        """Bytes from the peer on its own entry, without a handshake (a keepalive, data)."""
+        self.peers[public_key].rx_bytes += nbytes
+
+    async def nudge(self, addresses: Sequence[str]) -> None:
+        """The agent's datagram: a reachable peer answers with its passive keepalive (here at
+        once, in WireGuard within KEEPALIVE_TIMEOUT)."""
+        await trio.lowlevel.checkpoint()
+        self.nudged.extend(addresses)
+        for address in addresses:
+            net = ipaddress.ip_network(f"{address}/32")
+            for p in self.peers.values():
+                if net in p.allowed and p.endpoint is not None \
+                        and str(p.endpoint) in self.reachable:
+                    p.rx_bytes += KEEPALIVE_BYTES
 
     def simulate(self) -> None:
         if self.clock is None:
@@ -99,6 +122,7 @@ class FakeWireGuard:
             if peer.keepalive and (peer.last_handshake is None
                                    or now - peer.last_handshake >= REKEY_AFTER_TIME):
                 peer.last_handshake = now
+                peer.rx_bytes += HANDSHAKE_RESPONSE
 
     # -- backend protocols ---------------------------------------------------
 

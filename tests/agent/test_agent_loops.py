@@ -43,7 +43,8 @@ async def running(data: DataDir, coord: FakeCoordinator, *, hub_reachable: bool 
         wg.reachable.add(HUB.endpoint)
     logs: list[str] = []
     agent = Agent(data, wg.factory(), coord.factory, lan_endpoints=LAN, agent_version="9.9",
-                  clock=trio.current_time, rng=random.Random(7), log=logs.append)
+                  clock=trio.current_time, rng=random.Random(7), log=logs.append,
+                  nudge=wg.nudge)
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.run)
         yield Rig(agent, wg, coord, logs)
@@ -82,7 +83,7 @@ async def test_no_handshake_falls_back_to_relay(enrolled: DataDir,
             assert rig.path(1) == "none"
             await trio.sleep(2 * DIRECT_TIMEOUT + 1)
             assert rig.path(1) == "relay"
-            assert rig.logged("peer home-1: relay via hub (no direct handshake on 2 candidates")
+            assert rig.logged("peer home-1: relay via hub (nothing received from 2 candidates")
             assert rig.wg.peers[KEYS[1].public].allowed == []
             hub = rig.wg.peers[HUB.public_key]
             assert host(peer(1).mesh_ipv4) in hub.allowed
@@ -242,3 +243,46 @@ def test_agent_refuses_an_incomplete_data_dir(enrolled: DataDir, missing: str) -
     (enrolled.key_path if missing == "key" else enrolled.enrollment_path).unlink()
     with pytest.raises(DataDirError, match="missing"):
         Agent(enrolled, FakeWireGuard().factory(), FakeCoordinator().factory)
+
+
+async def test_silent_direct_peer_is_nudged_and_a_dead_one_tried_again(
+        enrolled: DataDir, autojump_clock: trio.abc.Clock) -> None:
+    coord = FakeCoordinator(peermap(1, peer(1, A)))
+    with trio.fail_after(600):
+        async with running(enrolled, coord, reachable=(A,)) as rig:
+            await trio.sleep(3)
+            assert rig.path(1) == "direct"
+            # the fake peer sends nothing of its own (our keepalives suppress its): only the
+            # answers to the nudges keep it direct, well past DIRECT_IDLE
+            await trio.sleep(200)
+            assert rig.path(1) == "direct"
+            assert rig.wg.nudged.count(peer(1).mesh_ipv4) >= 200 // 40
+            rig.wg.reachable.discard(A)  # the peer moved away
+            await trio.sleep(61)
+            assert rig.logged("peer home-1: trying 203.0.113.7:51820 (nothing received for 60 s")
+
+
+async def test_nudge_failures_are_logged_once(enrolled: DataDir,
+                                              autojump_clock: trio.abc.Clock) -> None:
+    async def broken(addresses: object) -> None:
+        raise OSError("No such device")
+
+    wg = FakeWireGuard(clock=trio.current_time)
+    logs: list[str] = []
+    agent = Agent(enrolled, wg.factory(), FakeCoordinator(peermap(1, peer(1, A, B))).factory,
+                  clock=trio.current_time, log=logs.append, nudge=broken)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(agent.run)
+            await trio.sleep(15)
+            nursery.cancel_scope.cancel()
+    assert logs.count("cannot nudge peers: No such device") == 1
+    assert agent.nudges_sent == 0
+
+
+def test_only_a_real_interface_gets_the_udp_nudger(enrolled: DataDir) -> None:
+    from agent import WireGuardGoDevice
+
+    assert Agent(enrolled, FakeWireGuard().factory(), FakeCoordinator().factory).nudge is None
+    real = Agent(enrolled, WireGuardGoDevice("fm9"), FakeCoordinator().factory)
+    assert real.nudge is not None  # built, never called here: no datagram leaves this test

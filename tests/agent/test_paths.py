@@ -1,4 +1,5 @@
-"""The path core with exact timestamps: every transition, and what it asks of WireGuard."""
+"""The path core with exact timestamps: every transition, what it asks of WireGuard, and whom
+it nudges. Liveness is rx growth on the peer's own entry (agent/_paths.py docstring)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,13 @@ from agent import (
     RELAY_PROBE_DWELL,
     PathPlan,
     PathSelector,
+)
+from agent._paths import (
+    DIRECT_IDLE,
+    DIRECT_TIMEOUT_WITH_SESSION,
+    KEEPALIVE_TIMEOUT,
+    NUDGE_INTERVAL,
+    REKEY_TIMEOUT,
 )
 from mesh.control import PeerEntry, PeerMap
 from vpn import DesiredPeer, DeviceStatus, Endpoint, diff, generate_keypair
@@ -64,12 +72,22 @@ def path(plan: PathPlan, i: int) -> tuple[str, str | None]:
     return p.path, p.endpoint
 
 
+def rx(h: Harness, i: int) -> int:
+    return h.wg.peers[KEYS[i].public].rx_bytes
+
+
 def test_constants_follow_wireguard_timers() -> None:
     assert DIRECT_TIMEOUT == 6.0 and REJECT_AFTER_TIME == 180.0
     assert KEEPALIVE == 25 and PUNCH_KEEPALIVE == 1 and RELAY_PROBE_DWELL > KEEPALIVE
+    assert KEEPALIVE_TIMEOUT == 10.0 and REKEY_TIMEOUT == 5.0
+    # a nudge is answered by a passive keepalive (10 s) or a re-handshake (10 + 5 s)
+    assert NUDGE_INTERVAL == 15.0 and DIRECT_TIMEOUT_WITH_SESSION == 16.0
+    # nudges at 25 s and 40 s of silence, answers due by 35 s and 50 s, before 60 s
+    assert DIRECT_IDLE == 60.0 == 2 * KEEPALIVE + KEEPALIVE_TIMEOUT
+    assert KEEPALIVE + NUDGE_INTERVAL + KEEPALIVE_TIMEOUT < DIRECT_IDLE
 
 
-def test_new_peer_tries_first_candidate_then_goes_direct_on_handshake() -> None:
+def test_new_peer_tries_first_candidate_then_goes_direct_on_rx_growth() -> None:
     h = Harness()
     pm = peermap(1, peer(1, A, B))
     plan = h.tick(pm, 1000.0)
@@ -84,11 +102,14 @@ def test_new_peer_tries_first_candidate_then_goes_direct_on_handshake() -> None:
     assert path(plan, 1) == ("none", A)
     assert [str(c) for c in plan.changes] == [
         f"peer home-1: trying {A} (new peer; candidate 1/2)"]
-    assert plan.next_deadline == 1000.0 + DIRECT_TIMEOUT
+    assert plan.nudges == (peer(1).mesh_ipv4,)  # once per candidate, through its own entry
+    assert plan.next_deadline == 1000.0 + DIRECT_TIMEOUT  # no session: a handshake decides
 
-    # A handshake older than the attempt does not count; a newer one does.
-    h.wg.handshake(KEYS[1].public, 1000.0)
-    assert h.tick(pm, 1001.0).changes == ()
+    # A handshake older than the attempt with no bytes does not count; nothing is nudged twice.
+    h.wg.peers[KEYS[1].public].last_handshake = 999.0
+    plan = h.tick(pm, 1001.0)
+    assert plan.changes == () and plan.nudges == ()
+    # Bytes on the peer's own entry do (here a handshake response).
     h.wg.handshake(KEYS[1].public, 1002.0)
     plan = h.tick(pm, 1002.5)
     assert [str(c) for c in plan.changes] == [f"peer home-1: direct via {A} (punched)"]
@@ -97,23 +118,34 @@ def test_new_peer_tries_first_candidate_then_goes_direct_on_handshake() -> None:
     assert want.persistent_keepalive == KEEPALIVE
     assert set(want.allowed_ips) == mesh(1)
     assert path(plan, 1) == ("direct", A)
-    assert plan.next_deadline == 1002.0 + REJECT_AFTER_TIME
+    assert plan.nudges == ()
+    assert plan.next_deadline == 1002.5 + KEEPALIVE  # the first nudge, if silent
 
 
-def test_no_handshake_walks_candidates_then_relays_and_probes() -> None:
+def test_handshake_newer_than_the_attempt_counts_without_counters() -> None:
+    h = Harness()
+    pm = peermap(1, peer(1, A))
+    h.tick(pm, 1000.0)
+    h.wg.peers[KEYS[1].public].last_handshake = 1003.0  # a status without rx counters
+    assert path(h.tick(pm, 1003.5), 1) == ("direct", A)
+
+
+def test_nothing_received_walks_candidates_then_relays_and_probes() -> None:
     h = Harness()
     pm = peermap(1, peer(1, A, B))
     h.tick(pm, 1000.0)
     assert h.tick(pm, 1005.9).changes == ()
     plan = h.tick(pm, 1006.0)
     assert [str(c) for c in plan.changes] == [
-        f"peer home-1: trying {B} (no handshake in 6 s; candidate 2/2)"]
+        f"peer home-1: trying {B} (nothing received in 6 s; candidate 2/2)"]
     assert desired_peer(plan, KEYS[1].public).endpoint == Endpoint.parse(B)
+    assert plan.nudges == (peer(1).mesh_ipv4,)
     assert plan.next_deadline == 1012.0
     assert h.tick(pm, 1011.9).changes == ()
     plan = h.tick(pm, 1012.0)
     assert [str(c) for c in plan.changes] == [
-        "peer home-1: relay via hub (no direct handshake on 2 candidates; probing)"]
+        "peer home-1: relay via hub (nothing received from 2 candidates; probing)"]
+    assert plan.nudges == ()  # no allowed IPs on the probe: a datagram would take the hub
     probe = desired_peer(plan, KEYS[1].public)
     assert probe.allowed_ips == frozenset()
     assert probe.endpoint == Endpoint.parse(A) and probe.persistent_keepalive == KEEPALIVE
@@ -125,13 +157,13 @@ def test_no_handshake_walks_candidates_then_relays_and_probes() -> None:
     plan = h.tick(pm, 1041.9)
     assert desired_peer(plan, KEYS[1].public).endpoint == Endpoint.parse(A)
     plan = h.tick(pm, 1042.0)
-    assert plan.changes == ()
+    assert plan.changes == () and plan.nudges == ()
     assert desired_peer(plan, KEYS[1].public).endpoint == Endpoint.parse(B)
     plan = h.tick(pm, 1072.0)
     assert desired_peer(plan, KEYS[1].public).endpoint == Endpoint.parse(A)
 
-    # A fresh handshake while relayed moves the addresses back to the peer.
-    h.wg.handshake(KEYS[1].public, 1080.0)
+    # rx growth on the probe entry (no handshake needed) moves the addresses back to the peer.
+    h.wg.receive(KEYS[1].public)
     plan = h.tick(pm, 1080.5)
     assert [str(c) for c in plan.changes] == [
         f"peer home-1: direct via {A} (direct path found while relayed)"]
@@ -151,18 +183,115 @@ def test_single_candidate_relays_after_one_timeout_and_does_not_cycle() -> None:
     assert desired_peer(plan, KEYS[1].public).endpoint == Endpoint.parse(A)
 
 
-def test_direct_peer_with_stale_handshake_tries_again() -> None:
+def test_lan_neighbours_with_a_session_go_direct_without_a_new_handshake() -> None:
+    """The lab's failure: the pair handshook through the probe entry a moment before this side
+    started trying; WireGuard will not handshake again for REKEY_AFTER_TIME, and our 1 s punch
+    keepalives keep re-arming the peer's own keepalive timer, so only the nudge's answer (the
+    peer's passive keepalive, KEEPALIVE_TIMEOUT after our datagram) can come."""
+    h = Harness()
+    h.tick(peermap(1, peer(1)), 990.0)  # relayed: no endpoints known yet
+    h.wg.handshake(KEYS[1].public, 999.0)  # the neighbour punched through to our probe entry
+    h.wg.peers[KEYS[1].public].endpoint = Endpoint.parse(B)
+    pm = peermap(2, peer(1, B))  # ... and a moment later the map gives its LAN endpoint
+    plan = h.tick(pm, 1000.0)
+    assert [str(c) for c in plan.changes] == [
+        f"peer home-1: trying {B} (endpoints changed; candidate 1/1)"]
+    assert plan.nudges == (peer(1).mesh_ipv4,)
+    assert plan.next_deadline == 1000.0 + DIRECT_TIMEOUT_WITH_SESSION
+    assert h.tick(pm, 1006.0).changes == ()  # no newer handshake, but the session window holds
+    assert h.tick(pm, 1009.9).changes == ()
+    h.wg.receive(KEYS[1].public)  # the passive keepalive, 10 s after the nudge
+    plan = h.tick(pm, 1010.0)
+    assert [str(c) for c in plan.changes] == [f"peer home-1: direct via {B} (punched)"]
+    assert h.wg.peers[KEYS[1].public].last_handshake == 999.0  # no handshake was needed
+
+
+def test_session_window_expires_to_the_next_candidate() -> None:
+    h = Harness()
+    pm = peermap(1, peer(1, A, B))
+    h.tick(pm, 900.0)
+    h.wg.handshake(KEYS[1].public, 901.0)
+    h.tick(pm, 901.0)  # direct
+    h.sel = PathSelector(ME.private, HUB, 51820)  # restarted agent: the entry has a session
+    plan = h.tick(pm, 1000.0)
+    assert [str(c) for c in plan.changes] == [f"peer home-1: trying {A} (new peer; candidate 1/2)"]
+    assert plan.next_deadline == 1016.0
+    assert h.tick(pm, 1015.9).changes == ()
+    plan = h.tick(pm, 1016.0)
+    assert [str(c) for c in plan.changes] == [
+        f"peer home-1: trying {B} (nothing received in 16 s; candidate 2/2)"]
+    assert plan.nudges == (peer(1).mesh_ipv4,)
+    assert plan.next_deadline == 1032.0  # still a live session (99 s old): the long window
+
+
+def test_direct_peer_is_nudged_when_silent_and_stays_while_answering() -> None:
+    h = Harness()
+    pm = peermap(1, peer(1, A))
+    h.tick(pm, 1990.0)
+    h.wg.handshake(KEYS[1].public, 1991.0)
+    plan = h.tick(pm, 2000.0)
+    assert path(plan, 1) == ("direct", A) and plan.next_deadline == 2025.0
+    # the peer's keepalive every KEEPALIVE: never silent long enough for a nudge
+    for t in (2020.0, 2045.0):
+        h.wg.receive(KEYS[1].public)
+        plan = h.tick(pm, t)
+        assert plan.nudges == () and plan.changes == ()
+        assert plan.next_deadline == t + KEEPALIVE
+    # our keepalives suppress the peer's: silence, a nudge at 25 s, its answer refreshes
+    assert h.tick(pm, 2069.9).nudges == ()
+    plan = h.tick(pm, 2070.0)
+    assert plan.nudges == (peer(1).mesh_ipv4,)
+    assert plan.next_deadline == 2070.0 + NUDGE_INTERVAL
+    assert h.tick(pm, 2070.0).nudges == ()  # not twice
+    h.wg.receive(KEYS[1].public)
+    plan = h.tick(pm, 2079.0)
+    assert plan.changes == () and plan.nudges == () and plan.next_deadline == 2104.0
+    assert path(plan, 1) == ("direct", A)
+
+
+def test_moved_peer_with_recent_handshake_and_no_rx_tries_again_after_direct_idle() -> None:
     h = Harness()
     pm = peermap(1, peer(1, A, B))
     h.tick(pm, 1990.0)
     h.wg.handshake(KEYS[1].public, 2000.0)
-    assert path(h.tick(pm, 2000.5), 1) == ("direct", A)
-    assert h.tick(pm, 2180.0).changes == ()  # exactly REJECT_AFTER_TIME: still direct
-    plan = h.tick(pm, 2180.1)
+    assert path(h.tick(pm, 2000.0), 1) == ("direct", A)
+    # the peer moved: the handshake stays 2000.0 (recent), no byte arrives any more
+    assert h.tick(pm, 2025.0).nudges == (peer(1).mesh_ipv4,)
+    assert h.tick(pm, 2039.9).nudges == ()
+    plan = h.tick(pm, 2040.0)
+    assert plan.nudges == (peer(1).mesh_ipv4,) and plan.next_deadline == 2055.0
+    plan = h.tick(pm, 2055.0)
+    assert plan.nudges == (peer(1).mesh_ipv4,) and plan.next_deadline == 2060.0
+    plan = h.tick(pm, 2059.9)
+    assert plan.changes == () and path(plan, 1) == ("direct", A)
+    plan = h.tick(pm, 2060.0)  # exactly DIRECT_IDLE; the handshake is only 60 s old
     assert [str(c) for c in plan.changes] == [
-        f"peer home-1: trying {A} (last handshake 180 s ago; candidate 1/2)"]
+        f"peer home-1: trying {A} (nothing received for 60 s; candidate 1/2)"]
     want = desired_peer(plan, KEYS[1].public)
     assert want.endpoint == Endpoint.parse(A) and want.persistent_keepalive == PUNCH_KEEPALIVE
+    assert plan.nudges == (peer(1).mesh_ipv4,)
+    assert plan.next_deadline == 2060.0 + DIRECT_TIMEOUT_WITH_SESSION
+
+
+def test_rx_counter_going_backwards_is_a_new_baseline_not_growth() -> None:
+    h = Harness()
+    pm = peermap(1, peer(1, A))
+    h.tick(pm, 0.0)
+    h.wg.receive(KEYS[1].public, 500)
+    assert path(h.tick(pm, 1.0), 1) == ("direct", A)
+    h.wg.peers[KEYS[1].public].rx_bytes = 100  # the daemon restarted and counted anew
+    h.tick(pm, 2.0)
+    assert h.sel.state(KEYS[1].public).heard == 1.0  # type: ignore[union-attr]
+    h.wg.receive(KEYS[1].public)  # 132 > 100: growth over the new baseline
+    h.tick(pm, 3.0)
+    assert h.sel.state(KEYS[1].public).heard == 3.0  # type: ignore[union-attr]
+    # a reset while trying does not count as the answer either
+    h.sel = PathSelector(ME.private, HUB, 51820)
+    h.tick(pm, 10.0)
+    h.wg.peers[KEYS[1].public].rx_bytes = 0
+    assert h.tick(pm, 11.0).changes == ()
+    h.wg.receive(KEYS[1].public)
+    assert path(h.tick(pm, 12.0), 1) == ("direct", A)
 
 
 def test_direct_peer_lost_from_the_device_tries_again() -> None:
@@ -174,8 +303,9 @@ def test_direct_peer_lost_from_the_device_tries_again() -> None:
     h.wg.peers.clear()  # wireguard-go restarted under us
     plan = h.tick(pm, 12.0)
     assert [str(c) for c in plan.changes] == [
-        f"peer home-1: trying {A} (no handshake; candidate 1/1)"]
+        f"peer home-1: trying {A} (entry missing from the device; candidate 1/1)"]
     assert h.wg.peers[KEYS[1].public].endpoint == Endpoint.parse(A)
+    assert plan.next_deadline == 12.0 + DIRECT_TIMEOUT
 
 
 def test_changed_endpoints_restart_trying_with_the_new_candidates() -> None:
@@ -190,6 +320,10 @@ def test_changed_endpoints_restart_trying_with_the_new_candidates() -> None:
     assert hub_ips(plan) == {host(HUB.mesh_ipv4), host(HUB.mesh_ipv6)}
     h.wg.handshake(KEYS[1].public, 8.0)
     assert path(h.tick(pm2, 8.0), 1) == ("direct", B)
+    # a direct peer whose endpoints change tries again too
+    plan = h.tick(peermap(3, peer(1, A, B)), 9.0)
+    assert [str(c) for c in plan.changes] == [
+        f"peer home-1: trying {A} (endpoints changed; candidate 1/2)"]
 
 
 def test_peer_without_endpoints_is_relayed_but_answers_its_punches() -> None:
@@ -216,17 +350,23 @@ def test_removed_peers_disappear() -> None:
     assert KEYS[1].public not in h.wg.peers
 
 
-def test_restart_with_a_live_session_starts_direct() -> None:
+def test_restart_with_a_live_session_tries_and_the_nudge_confirms_it() -> None:
     h = Harness()
     pm = peermap(1, peer(1, A))
     h.tick(pm, 100.0)
     h.wg.handshake(KEYS[1].public, 101.0)
     h.sel = PathSelector(ME.private, HUB, 51820)  # a new agent process, same device
     plan = h.tick(pm, 150.0)
-    assert [str(c) for c in plan.changes] == [f"peer home-1: direct via {A} (session already up)"]
-    # but a session past REJECT_AFTER_TIME does not count
+    assert [str(c) for c in plan.changes] == [f"peer home-1: trying {A} (new peer; candidate 1/1)"]
+    assert plan.nudges == (peer(1).mesh_ipv4,)
+    assert plan.next_deadline == 150.0 + DIRECT_TIMEOUT_WITH_SESSION
+    h.wg.receive(KEYS[1].public)
+    assert [str(c) for c in h.tick(pm, 151.0).changes] == [
+        f"peer home-1: direct via {A} (punched)"]
+    # a session past REJECT_AFTER_TIME is none: the short window
     h.sel = PathSelector(ME.private, HUB, 51820)
-    assert path(h.tick(pm, 281.5), 1) == ("none", A)
+    plan = h.tick(pm, 281.5)
+    assert path(plan, 1) == ("none", A) and plan.next_deadline == 281.5 + DIRECT_TIMEOUT
 
 
 def test_relay_ips_self_hub_and_duplicates_are_handled() -> None:
@@ -274,6 +414,7 @@ STEP = st.one_of(
     st.tuples(st.just("handshake"), st.integers(1, 6), st.floats(-5, 0)),  # never in the future
     st.tuples(st.just("wait"), st.floats(0, 200)),
     st.tuples(st.just("forget"), st.integers(1, 6)),
+    st.tuples(st.just("rx"), st.integers(1, 6), st.integers(-1, 200)),  # -1: counter reset
 )
 
 
@@ -295,7 +436,18 @@ def test_any_sequence_converges_in_one_apply(steps: list[Any]) -> None:
             now += step[1]
         elif step[0] == "forget":
             h.wg.peers.pop(KEYS[step[1]].public, None)
+        elif step[0] == "rx" and KEYS[step[1]].public in h.wg.peers:
+            if step[2] < 0:
+                h.wg.peers[KEYS[step[1]].public].rx_bytes = 0
+            else:
+                h.wg.receive(KEYS[step[1]].public, step[2])
         plan = h.tick(pm, now)  # asserts diff(desired, applied) == []
+        # nudges only go where the peer's own entry holds its address, each once
+        nudgeable = {e.mesh_ipv4 for e in (pm.peers if pm else ())
+                     if any(q.public_key == e.public_key and q.path != "relay"
+                            for q in plan.paths)}
+        assert set(plan.nudges) <= nudgeable and len(set(plan.nudges)) == len(plan.nudges)
+        assert plan.next_deadline is None or plan.next_deadline > now
         # applying the same plan again changes nothing
         status = h.wg.status()
         assert diff(h.sel.update(pm, status, now).desired, status) == []
@@ -327,3 +479,22 @@ def test_relay_deadline_only_with_several_candidates(n: int) -> None:
         plan = h.tick(pm, k * DIRECT_TIMEOUT)
     assert path(plan, 1) == ("relay", None)
     assert plan.next_deadline == (None if n == 1 else n * DIRECT_TIMEOUT + RELAY_PROBE_DWELL)
+
+
+def test_direct_peer_stays_direct_when_the_map_forgets_its_endpoints() -> None:
+    # A restarted coordinator may hand out maps without endpoints until it hears from the
+    # devices again: no news about a path that works, so it keeps working.
+    h = Harness()
+    h.tick(peermap(1, peer(1, A)), 0.0)
+    h.wg.handshake(KEYS[1].public, 1.0)
+    assert path(h.tick(peermap(1, peer(1, A)), 1.0), 1) == ("direct", A)
+    plan = h.tick(peermap(2, peer(1)), 2.0)
+    assert not plan.changes
+    assert path(plan, 1)[0] == "direct"
+    assert set(desired_peer(plan, KEYS[1].public).allowed_ips) == mesh(1)
+    # ...until it is silent for DIRECT_IDLE: with no endpoint to try, the relay
+    plan = h.tick(peermap(2, peer(1)), 2.0 + DIRECT_IDLE + 1)
+    assert path(plan, 1)[0] == "relay"
+    # and when the map knows the endpoint again, the pair tries direct again
+    plan = h.tick(peermap(3, peer(1, A)), 3.0 + DIRECT_IDLE + 1)
+    assert path(plan, 1)[0] == "none" and [c.state for c in plan.changes] == ["trying"]
