@@ -219,10 +219,10 @@ def build_app(coord: Coordinator) -> Starlette:
             fleet = check_name(_field(body, "fleet", str), "fleet")
             expires_in = _int_range(body, "expires_in", 3600, MIN_EXPIRES_IN, MAX_EXPIRES_IN)
             return JSONResponse(coord.provision(name, fleet, expires_in), status_code=201)
-        fleet = request.query_params.get("fleet")
-        if fleet is not None:
-            check_name(fleet, "fleet")
-        return JSONResponse({"devices": coord.list_devices(fleet)})
+        wanted = request.query_params.get("fleet")
+        if wanted is not None:
+            check_name(wanted, "fleet")
+        return JSONResponse({"devices": coord.list_devices(wanted)})
 
     def path_name(request: Request) -> str:
         return check_name(request.path_params["name"], "device name")

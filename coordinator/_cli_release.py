@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ def register(subparsers: Any) -> None:
     create.add_argument("old", metavar="OLD", type=Path)
     create.add_argument("new", metavar="NEW", type=Path)
     create.add_argument("patch", metavar="PATCH", type=Path)
+    create.add_argument("--bare", action="store_true",
+                        help="write the manifest form: no self-check digests (~27 bytes less); "
+                             "applying it needs --expect")
     create.set_defaults(handler=_delta_create)
 
     apply = dsub.add_parser("apply", help="rebuild NEW from OLD and PATCH (verified)")
@@ -27,7 +31,8 @@ def register(subparsers: Any) -> None:
     apply.add_argument("patch", metavar="PATCH", type=Path)
     apply.add_argument("out", metavar="OUT", type=Path)
     apply.add_argument("--expect", metavar="DIFF_ID",
-                       help="also require the output to hash to this sha256:<hex>")
+                       help="require the output to hash to this sha256:<hex> "
+                            "(needed for a bare patch)")
     apply.set_defaults(handler=_delta_apply)
 
     release = subparsers.add_parser("release", help="release signing keys")
@@ -53,17 +58,26 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise CliError(f"cannot write {path}: {exc.strerror}") from None
 
 
+def _file_diff_id(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+
+
 def _delta_create(args: argparse.Namespace) -> int:
     _require_file(args.old, "old file")
     _require_file(args.new, "new file")
     try:
-        patch = create_delta(args.old, args.new)
+        patch = create_delta(args.old, args.new, self_check=not args.bare)
     except DeltaError as exc:
         raise CliError(str(exc)) from None
     _write_atomically(args.patch, patch)
     header = read_header(patch)
-    print(f"{args.patch}: {len(patch)} bytes, {header.method.name}, "
-          f"target {header.target_diff_id}")
+    form = "bare" if header.bare else "self-checking"
+    print(f"{args.patch}: {len(patch)} bytes, {header.method.name}, {form}, "
+          f"target {_file_diff_id(args.new)}")
     return 0
 
 
@@ -78,7 +92,7 @@ def _delta_apply(args: argparse.Namespace) -> int:
     except DeltaError as exc:
         raise CliError(f"{args.patch}: {exc}") from None
     _write_atomically(args.out, out)
-    print(f"{args.out}: {len(out)} bytes, {read_header(patch).target_diff_id}")
+    print(f"{args.out}: {len(out)} bytes, sha256:{hashlib.sha256(out).hexdigest()}")
     return 0
 
 

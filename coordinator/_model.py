@@ -31,6 +31,7 @@ class Device:
     last_report: float | None = None
     enrolled_at: float | None = None
     revoked_at: float | None = None
+    public_endpoint: str | None = None  # as the hub last saw it
 
 
 @dataclass(frozen=True, slots=True)

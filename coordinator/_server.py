@@ -218,6 +218,8 @@ class Coordinator:
         for d in self.store.list_devices():
             if d.state is DeviceState.ACTIVE:
                 self._add_member(d, None)
+                if d.public_endpoint:
+                    self.core.set_public(d.name, d.public_endpoint)
         self._set_operators()
         self.core.publish()
 
@@ -365,9 +367,15 @@ class Coordinator:
             self._rx_bytes[name] = o.rx_bytes
             if seen is not None:
                 self._last_handshake[name] = max(seen, self._last_handshake.get(name, 0.0))
-            if o.endpoint is not None:
-                self.core.set_public(name, o.endpoint)
+            if o.endpoint is not None and self.core.set_public(name, o.endpoint):
+                self._persist_endpoint(name, o.endpoint)
         self._changed()
+
+    def _persist_endpoint(self, name: str, endpoint: str) -> None:
+        assert self.store is not None
+        device = self.store.device_by_name(name)
+        if device is not None:
+            self.store.record_public_endpoint(device.id, endpoint)
 
     async def hub_changed(self) -> None:
         """Bring the hub's peers up to date now; on failure the hub's loop retries."""

@@ -55,6 +55,9 @@ class Store(Protocol):
     def record_report(self, device_id: str, lan_endpoints: Sequence[str], agent_version: str,
                       peers: Sequence[PeerPath], now: float) -> None: ...
 
+    def record_public_endpoint(self, device_id: str, endpoint: str | None) -> None:
+        """The endpoint the hub last saw the device at (kept across coordinator restarts)."""
+
     def peer_paths(self, device_id: str) -> tuple[PeerPath, ...]: ...
 
     # -- operators -------------------------------------------------------------------------

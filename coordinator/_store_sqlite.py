@@ -73,17 +73,23 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         mesh_ipv6 TEXT NOT NULL UNIQUE,
         created_at REAL NOT NULL);
     """,
+    # 2: the endpoint the hub last saw, so a restarted coordinator hands out the same peer
+    # maps at once instead of maps without endpoints (which would send every pair to the relay
+    # until the next keepalives reach the hub).
+    "ALTER TABLE devices ADD COLUMN public_endpoint TEXT;",
 )
 
 _DEVICE_COLS: Final = ("id, name, fleet, state, created_at, public_key, mesh_ipv4, mesh_ipv6, "
-                       "agent_version, lan_endpoints, last_report, enrolled_at, revoked_at")
+                       "agent_version, lan_endpoints, last_report, enrolled_at, revoked_at, "
+                       "public_endpoint")
 
 
 def _device(row: Sequence[Any]) -> Device:
     return Device(id=row[0], name=row[1], fleet=row[2], state=DeviceState(row[3]),
                   created_at=row[4], public_key=row[5], mesh_ipv4=row[6], mesh_ipv6=row[7],
                   agent_version=row[8], lan_endpoints=tuple(json.loads(row[9])),
-                  last_report=row[10], enrolled_at=row[11], revoked_at=row[12])
+                  last_report=row[10], enrolled_at=row[11], revoked_at=row[12],
+                  public_endpoint=row[13])
 
 
 def _token(row: Sequence[Any]) -> EnrollmentToken:
@@ -323,6 +329,10 @@ class SqliteStore:
                       "last_report = ? WHERE id = ?",
                       (json.dumps(list(lan_endpoints)), agent_version,
                        json.dumps([p.to_json() for p in peers]), now, device_id))
+
+    def record_public_endpoint(self, device_id: str, endpoint: str | None) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE devices SET public_endpoint = ? WHERE id = ?", (endpoint, device_id))
 
     def peer_paths(self, device_id: str) -> tuple[PeerPath, ...]:
         rows = self._query("SELECT peer_paths FROM devices WHERE id = ?", (device_id,))

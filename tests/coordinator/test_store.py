@@ -171,3 +171,14 @@ def test_operator_idempotent_and_conflicts(store: SqliteStore) -> None:
         store.add_operator("op", generate_keypair().public, NOW)
     with pytest.raises(Conflict):
         store.add_operator("op2", key, NOW)
+
+
+def test_public_endpoint_survives_a_reopen(tmp_path: Path) -> None:
+    first = SqliteStore(tmp_path / "c.db")
+    device = enroll(first, token(first), name="dev-a")
+    assert first.device_by_name("dev-a").public_endpoint is None
+    first.record_public_endpoint(device.id, "198.51.100.10:51820")
+    first.close()
+    again = SqliteStore(tmp_path / "c.db")
+    assert again.device_by_name("dev-a").public_endpoint == "198.51.100.10:51820"
+    again.close()
