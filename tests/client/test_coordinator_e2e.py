@@ -31,19 +31,6 @@ FLEETMESH = str(BIN / "fleetmesh")
 SERVER_READY_S = 30.0
 
 
-def _server_exists() -> bool:
-    if not (ROOT / "coordinator" / "_cli_server.py").exists():
-        return False
-    probe = subprocess.run([FLEETMESH, "coordinator", "serve", "--help"], capture_output=True,
-                           text=True, timeout=60, check=False)
-    return probe.returncode == 0
-
-
-pytestmark = pytest.mark.skipif(not _server_exists(),
-                                reason="coordinator server (fleetmesh coordinator serve) "
-                                       "not built yet")
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -284,3 +271,26 @@ def test_operator_config_is_a_wg_quick_file(coordinator: Coordinator, tmp_path: 
     assert ipaddress.ip_interface(v4).ip in nets[0] and ipaddress.ip_interface(v6).ip in nets[1]
     again = c.cli("operator-config", "laptop2", "--out", str(out))
     assert "exists" in _one_line(again, 2)
+
+
+def test_provisioned_device_joins_with_device_json(coordinator: Coordinator,
+                                                   tmp_path: Path) -> None:
+    """`fleetmesh devices provision NAME --fleet F > device.json`, then on first boot
+    `fleetmesh-agent join --config device.json` enrolls exactly that device."""
+    device_json = tmp_path / "device.json"
+    device_json.write_text(coordinator.ok("devices", "provision", "cam-7", "--fleet", "shop"))
+    shown = coordinator.json("devices", "show", "cam-7", "--json")
+    assert shown["state"] == "provisioned" and shown["online"] is False
+    joined = subprocess.run([str(BIN / "fleetmesh-agent"), "join", "--config", str(device_json),
+                             "--data", str(tmp_path / "agent")], capture_output=True, text=True,
+                            timeout=60, env=coordinator.env(), check=False)
+    assert joined.returncode == 0, joined.stderr
+    shown = coordinator.json("devices", "show", "cam-7", "--json")
+    assert shown["state"] == "active" and shown["fleet"] == "shop"
+    assert (tmp_path / "agent" / "private.key").stat().st_mode & 0o077 == 0
+    # the provisioning token was single-use: a second device with the same file is refused
+    again = subprocess.run([str(BIN / "fleetmesh-agent"), "join", "--config", str(device_json),
+                            "--data", str(tmp_path / "agent2")], capture_output=True, text=True,
+                           timeout=60, env=coordinator.env(), check=False)
+    assert again.returncode != 0 and "Traceback" not in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
