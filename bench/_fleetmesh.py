@@ -1,7 +1,7 @@
 """The fleetmesh side of bench.delta, run in its own process so its peak RSS is its own.
 
     python -m bench._fleetmesh create OLD NEW PATCH REPORT   (REPORT: JSON of what was tried)
-    python -m bench._fleetmesh apply OLD PATCH OUT
+    python -m bench._fleetmesh apply OLD PATCH OUT DIFF_ID   (DIFF_ID: as a manifest gives it)
     python -m bench._fleetmesh idle      (imports only: the interpreter's own peak RSS)
 """
 
@@ -19,10 +19,12 @@ def main(argv: list[str]) -> int:
     if argv[0] == "create":
         old, new = Path(argv[1]).read_bytes(), Path(argv[2]).read_bytes()
         old_id = "sha256:" + hashlib.sha256(old).hexdigest()
+        # What publishing ships in a manifest: plan_layer's bare patches (no header digests;
+        # the manifest's blob id and diff IDs cover them), applied below with the diff ID.
         plan = plan_layer(new, {old_id: old})
         # When the full layer wins, ship it as a FULL container so that apply stays uniform.
-        patch = plan.patch if plan.patch is not None else create_delta(old, new,
-                                                                       method=Method.FULL)
+        patch = plan.patch if plan.patch is not None else create_delta(
+            old, new, method=Method.FULL, self_check=False)
         Path(argv[3]).write_bytes(patch)
         Path(argv[4]).write_text(json.dumps({
             "full_size": plan.full_size,
@@ -30,7 +32,7 @@ def main(argv: list[str]) -> int:
             "tried": [[m, n] for _, m, n in plan.tried]}))
         return 0
     if argv[0] == "apply":
-        out = apply_delta(argv[1], Path(argv[2]).read_bytes())
+        out = apply_delta(argv[1], Path(argv[2]).read_bytes(), argv[4])
         Path(argv[3]).write_bytes(out)
         return 0
     if argv[0] == "idle":

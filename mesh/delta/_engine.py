@@ -23,9 +23,11 @@ from mesh.delta._container import (
     read_varint,
     varint,
 )
+from mesh.delta._hdiff import HDIFF_LZMA_WINDOW_LOG, HDIFF_ZSTD_WINDOW_LOG, hdiff_apply
 
 Source: TypeAlias = "bytes | bytearray | memoryview | str | os.PathLike[str]"
 """Data in memory, or the path of a file (str or PathLike)."""
+_Buffer: TypeAlias = "bytes | bytearray | memoryview | mmap.mmap"
 
 # HDiffPatch builds a suffix array over the source: ~5-9 bytes of RAM per source byte while
 # diffing (DESIGN.md: numpy's 57 MB tar diffs in 3.8 s). Above this total input size we switch
@@ -33,12 +35,8 @@ Source: TypeAlias = "bytes | bytearray | memoryview | str | os.PathLike[str]"
 HDIFF_MAX_INPUT: Final = 512 * 1024 * 1024
 
 # zstd level 19 is the highest "normal" level; 20-22 ("ultra") cost far more memory for a few
-# percent (zstd's own manual, "--ultra").
+# percent (zstd's own manual, "--ultra"). Window sizes: see _hdiff, whose decoder enforces them.
 HDIFF_ZSTD_LEVEL: Final = 19
-# 2**27 = 128 MiB is the largest window ZStdConfig accepts (hdiffpatch's ZStdConfig validator).
-HDIFF_ZSTD_WINDOW_LOG: Final = 27
-# LZMA dictionary of 2**24 = 16 MiB: the decoder allocates this much, whatever the patch size.
-HDIFF_LZMA_WINDOW_LOG: Final = 24
 
 # Windowed zstd: each frame encodes WINDOW_NEW target bytes with up to WINDOW_PREFIX source bytes,
 # taken around the proportionally aligned position, as raw prefix (zstd --patch-from does the
@@ -50,6 +48,18 @@ WINDOW_ZSTD_LEVEL: Final = 19
 WINDOW_LOG: Final = 27
 
 FULL_ZSTD_LEVEL: Final = 19
+
+# ZSTD_PREFIX: the whole source as raw prefix of one frame, like `zstd --patch-from`; its window
+# must span source + target, and decoders refuse windows above 2**27.
+PREFIX_MAX_INPUT: Final = 1 << WINDOW_LOG
+# Below this total input, also try the "ultra" levels: for a ~100 KB layer level 22 saves ~3 %
+# (bench/delta.py, MarkupSafe), and its tables, sized by zstd to the input, stay small.
+ULTRA_MAX_INPUT: Final = 2 * 1024 * 1024
+PREFIX_ZSTD_LEVELS: Final = (19, 22)
+# Our frames carry no checksum, no content size and no dictionary ID (the container has the
+# length; its header or the manifest has the digests), so their first 5 bytes are always this:
+# magic + a zero frame header descriptor (RFC 8878 3.1.1). Bodies store frames without them.
+_FRAME_START: Final = b"\x28\xb5\x2f\xfd\x00"
 # Apply refuses targets above this unless told otherwise: the in-memory API holds old + new.
 DEFAULT_MAX_TARGET: Final = 8 * 1024 * 1024 * 1024
 
@@ -92,10 +102,13 @@ def _sha256(data: bytes | bytearray | memoryview | mmap.mmap) -> bytes:
 
 
 def create_delta(old: Source, new: Source, *, method: Method | None = None,
-                 hdiff_max_input: int = HDIFF_MAX_INPUT) -> bytes:
+                 hdiff_max_input: int = HDIFF_MAX_INPUT, self_check: bool = True) -> bytes:
     """A patch that turns `old` into `new`.
 
     `method=None` picks HDiffPatch when old + new fit under `hdiff_max_input`, else zstd windows.
+    `self_check=False` writes a bare patch (no digests in its header, ~27 bytes less): only for
+    a patch that a signed manifest names by blob id, with its source and target diff IDs;
+    applying it requires the target's diff ID (see _container).
     """
     if method is None:
         total = sum(_size(x) for x in (old, new))
@@ -103,7 +116,10 @@ def create_delta(old: Source, new: Source, *, method: Method | None = None,
     mapped = method is Method.ZSTD_WINDOWS
     with _view(old, mapped=mapped) as o, _view(new, mapped=mapped) as n:
         body = _encode_body(method, o, n)
-        header = DeltaHeader(method, len(n), _sha256(n), len(o), _sha256(o)[:SHORT_DIGEST],
+        if not self_check:
+            return pack_header(DeltaHeader(method, len(n), None, None, None, None)) + body
+        header = DeltaHeader(method, len(n), _sha256(n)[:SHORT_DIGEST], len(o),
+                             _sha256(o)[:SHORT_DIGEST],
                              blake3.blake3(body).digest()[:SHORT_DIGEST])
         return pack_header(header) + body
 
@@ -114,6 +130,8 @@ def _encode_body(method: Method, o: bytes | bytearray | memoryview | mmap.mmap,
         return hdiff_encode(bytes(o), bytes(n))
     if method is Method.ZSTD_WINDOWS:
         return _windows_encode(o, n)
+    if method is Method.ZSTD_PREFIX:
+        return _prefix_encode(o, n)
     if method is Method.FULL:
         return zstd.compress(bytes(n), level=FULL_ZSTD_LEVEL)
     if method is Method.TAR_MEMBERS:
@@ -137,13 +155,77 @@ def hdiff_encode(old: bytes, new: bytes) -> bytes:
     return min(zstd_body, lzma_body, key=len)
 
 
-def hdiff_decode(old: bytes, body: bytes) -> bytes:
+
+
+# The frame table and the container have sizes and digests: no per-frame size, checksum, dict ID.
+_TRIMMED: Final[dict[int, int]] = {zstd.CompressionParameter.content_size_flag: 0,
+                                   zstd.CompressionParameter.checksum_flag: 0,
+                                   zstd.CompressionParameter.dict_id_flag: 0}
+
+
+def _compress_frame(data: bytes | bytearray | memoryview | mmap.mmap,
+                    prefix: bytes | bytearray | memoryview | mmap.mmap,
+                    options: dict[int, int]) -> bytes:
+    """One zstd frame of `data` with `prefix` as raw prefix, minus its constant first bytes."""
+    # A prefix applies to the next frame only, hence one compressor per frame.
+    comp = zstd.ZstdCompressor(
+        options=options,
+        zstd_dict=zstd.ZstdDict(prefix, is_raw=True).as_prefix if len(prefix) else None)
+    frame = comp.compress(data, mode=zstd.ZstdCompressor.FLUSH_FRAME)
+    if not frame.startswith(_FRAME_START):
+        raise DeltaError("unexpected zstd frame header")  # only if libzstd changed its defaults
+    return frame[len(_FRAME_START):]
+
+
+def _decompress_frame(frame: bytes | memoryview, source: _Buffer, src_off: int, src_len: int,
+                      size: int, window_log: int) -> bytes:
+    """Exactly `size` bytes from a frame stored without its constant first bytes, decoded with
+    `source[src_off:src_off + src_len]` as raw prefix.
+
+    Peak memory is the apply's: ZstdDict takes its own copy of the prefix, so a mapped source's
+    pages are dropped before decoding, and the frame is fed in two calls rather than re-joined
+    with its first bytes. What remains is the prefix copy, zstd's window buffer (as much of it as
+    the output touches) and CPython's output blocks joined into the result.
+    """
     try:
-        return hdiffpatch.apply(old, body)
-    # A crafted body can declare a huge output: hdiffpatch then fails to allocate it. (Its
-    # declared size is not checked against ours beforehand; see docs/delta.md.)
-    except (hdiffpatch.HDiffPatchError, ValueError, TypeError, MemoryError) as exc:
-        raise DeltaError(f"corrupt HDiffPatch body: {exc}") from None
+        zdict = None
+        if src_len >= _MIN_PREFIX:
+            with memoryview(source) as view, view[src_off:src_off + src_len] as prefix:
+                zdict = zstd.ZstdDict(prefix, is_raw=True)
+        _drop_pages(source)
+        dec = zstd.ZstdDecompressor(
+            zstd_dict=zdict.as_prefix if zdict is not None else None,
+            options={zstd.DecompressionParameter.window_log_max: window_log})
+        out = dec.decompress(_FRAME_START, max_length=size + 1)
+        if not out:
+            out = dec.decompress(frame, max_length=size + 1)
+    except (zstd.ZstdError, ValueError, EOFError) as exc:
+        raise DeltaError(f"corrupt zstd frame: {exc}") from None
+    if len(out) != size or not dec.eof or dec.unused_data:
+        raise DeltaError("corrupt zstd frame: wrong length")
+    return out
+
+
+def _window_log(total: int) -> int:
+    return max(10, (max(total, 1) - 1).bit_length())
+
+
+def _prefix_encode(o: bytes | bytearray | memoryview | mmap.mmap,
+                   n: bytes | bytearray | memoryview | mmap.mmap) -> bytes:
+    """`zstd --patch-from`: one frame, the whole source as prefix; the smallest of the levels
+    worth trying at this size."""
+    if len(o) + len(n) > PREFIX_MAX_INPUT:
+        raise DeltaError("source + target too large for a single zstd frame")
+    prefix = o if len(o) >= _MIN_PREFIX else b""
+    levels = PREFIX_ZSTD_LEVELS if len(o) + len(n) <= ULTRA_MAX_INPUT else PREFIX_ZSTD_LEVELS[:1]
+    bodies = []
+    for level in levels:
+        options: dict[int, int] = {
+            zstd.CompressionParameter.compression_level: level,
+            zstd.CompressionParameter.window_log: _window_log(len(o) + len(n)),
+            zstd.CompressionParameter.enable_long_distance_matching: 1, **_TRIMMED}
+        bodies.append(_compress_frame(n, prefix, options))
+    return min(bodies, key=len)
 
 
 def _windows_encode(o: bytes | bytearray | memoryview | mmap.mmap,
@@ -161,18 +243,14 @@ def _windows_encode(o: bytes | bytearray | memoryview | mmap.mmap,
             zstd.CompressionParameter.compression_level: WINDOW_ZSTD_LEVEL,
             zstd.CompressionParameter.window_log: WINDOW_LOG,
             zstd.CompressionParameter.enable_long_distance_matching: 1,
-            zstd.CompressionParameter.content_size_flag: 0}  # the frame table has the size
-        # A prefix applies to the next frame only, hence one compressor per window.
-        comp = zstd.ZstdCompressor(
-            options=options,
-            zstd_dict=zstd.ZstdDict(prefix, is_raw=True).as_prefix if prefix else None)
-        frame = comp.compress(piece, mode=zstd.ZstdCompressor.FLUSH_FRAME)
+            **_TRIMMED}
+        frame = _compress_frame(piece, prefix, options)
         frames.append(b"".join([varint(src_off), varint(len(prefix)), varint(len(piece)),
                                 varint(len(frame)), frame]))
     return varint(len(frames)) + b"".join(frames)
 
 
-def _windows_decode(old: bytes | bytearray | memoryview | mmap.mmap, body: bytes,
+def _windows_decode(old: _Buffer, body: bytes | memoryview,
                     target_size: int) -> bytes:
     count, pos = read_varint(body, 0)
     if count > target_size // WINDOW_NEW + 1:
@@ -189,23 +267,27 @@ def _windows_decode(old: bytes | bytearray | memoryview | mmap.mmap, body: bytes
             raise DeltaError("corrupt window body: frame out of bounds")
         frame = body[pos:pos + frame_len]
         pos += frame_len
-        options: dict[int, int] = {zstd.DecompressionParameter.window_log_max: WINDOW_LOG}
-        prefix = bytes(old[src_off:src_off + src_len])
-        try:
-            dec = zstd.ZstdDecompressor(
-                zstd_dict=zstd.ZstdDict(prefix, is_raw=True).as_prefix if prefix else None,
-                options=options)
-            piece = dec.decompress(frame, max_length=new_len + 1)
-        except (zstd.ZstdError, ValueError) as exc:
-            raise DeltaError(f"corrupt window frame: {exc}") from None
-        del prefix  # the ZstdDict keeps its own copy; peak RSS is old + new + ~2 windows
-        if len(piece) != new_len or not dec.eof or dec.unused_data:
-            raise DeltaError("corrupt window frame: wrong length")
-        pieces.append(piece)
+        pieces.append(_decompress_frame(frame, old, src_off, src_len, new_len, WINDOW_LOG))
         produced += new_len
     if pos != len(body):
         raise DeltaError("corrupt window body: trailing bytes")
+    if len(pieces) == 1:
+        return pieces[0]  # one window (layers up to 32 MiB): no copy
     return b"".join(pieces)
+
+
+def _drop_pages(old: _Buffer) -> None:
+    """A mapped source's pages, once copied into a ZstdDict, need not stay resident: they are
+    clean file pages, so dropping them only lowers the apply's peak RSS."""
+    if isinstance(old, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED") and len(old):
+        old.madvise(mmap.MADV_DONTNEED)
+
+
+def _prefix_decode(old: _Buffer, body: bytes | memoryview, target_size: int) -> bytes:
+    if len(old) + target_size > PREFIX_MAX_INPUT:
+        raise DeltaError("corrupt patch: source + target too large for one zstd frame")
+    return _decompress_frame(body, old, 0, len(old), target_size,
+                             _window_log(len(old) + target_size))
 
 
 def full_decode(body: bytes, target_size: int) -> bytes:
@@ -224,34 +306,73 @@ def read_header(patch: bytes | memoryview) -> DeltaHeader:
     return parse_header(patch)
 
 
+BARE_NEEDS_DIFF_ID: Final = ("a bare patch needs the expected diff ID (it carries no digest "
+                             "of its own)")
+
+
 def apply_delta(old: Source, patch: bytes, expected_diff_id: str | None = None, *,
                 max_target: int = DEFAULT_MAX_TARGET) -> bytes:
-    """The target bytes, verified against the patch header and `expected_diff_id`."""
+    """The target bytes, verified against `expected_diff_id` (the manifest's diff ID: full
+    sha256) when given. A self-checking patch can be applied without it (the output is then
+    checked only against the header's 8-byte prefix of its sha256); a bare patch cannot."""
     header = parse_header(patch)
-    if expected_diff_id is not None and header.target_diff_id != expected_diff_id:
-        raise DeltaError(f"patch produces {header.target_diff_id}, manifest wants "
+    expected: bytes | None = None
+    if expected_diff_id is not None:
+        expected = _parse_diff_id(expected_diff_id)
+    if header.bare:
+        if expected is None:
+            raise DeltaError(BARE_NEEDS_DIFF_ID)
+    elif expected is not None and expected[:SHORT_DIGEST] != header.target_sha256_prefix:
+        raise DeltaError(f"patch produces {header.target_short_id}, manifest wants "
                          f"{expected_diff_id}")
+    # Every decoder below is bounded by target_size: bound it before anything is decoded.
     if header.target_size > max_target:
         raise DeltaError(f"patch target of {header.target_size} bytes exceeds the limit "
                          f"of {max_target}")
-    body = bytes(patch[header.header_size:])
-    if blake3.blake3(body).digest()[:SHORT_DIGEST] != header.body_blake3_prefix:
+    body = memoryview(patch)[header.header_size:]  # no copy: zstd bodies are decoded from it
+    if (header.body_blake3_prefix is not None
+            and blake3.blake3(body).digest()[:SHORT_DIGEST] != header.body_blake3_prefix):
         raise DeltaError("patch body is corrupted or truncated (digest mismatch)")
     # Whole-input methods need the source as bytes: read it once rather than map and copy it.
-    with _view(old, mapped=header.method is Method.ZSTD_WINDOWS) as o:
-        if (len(o) != header.source_size
+    # The zstd methods copy it into a ZstdDict anyway: map it, and drop its pages after.
+    with _view(old, mapped=header.method in (Method.ZSTD_WINDOWS, Method.ZSTD_PREFIX)) as o:
+        # A bare patch's source was checked against the manifest's source diff ID by the caller.
+        if header.source_sha256_prefix is not None and (
+                len(o) != header.source_size
                 or _sha256(o)[:SHORT_DIGEST] != header.source_sha256_prefix):
             raise DeltaError("patch was made against a different base "
                              f"(sha256:{header.source_sha256_prefix.hex()}...)")
         if header.method is Method.HDIFF:
-            out = hdiff_decode(bytes(o), body)
+            out = hdiff_apply(bytes(o), bytes(body), header.target_size)
         elif header.method is Method.ZSTD_WINDOWS:
             out = _windows_decode(o, body, header.target_size)
+        elif header.method is Method.ZSTD_PREFIX:
+            out = _prefix_decode(o, body, header.target_size)
         elif header.method is Method.FULL:
-            out = full_decode(body, header.target_size)
+            out = full_decode(bytes(body), header.target_size)
         else:
             from mesh.delta._tar import tar_decode
-            out = tar_decode(bytes(o), body, header.target_size)
-    if len(out) != header.target_size or _sha256(out) != header.target_sha256:
+            out = tar_decode(bytes(o), bytes(body), header.target_size)
+    if len(out) != header.target_size:
+        raise DeltaError("patched output has the wrong length")
+    digest = _sha256(out)
+    if (header.target_sha256_prefix is not None
+            and digest[:SHORT_DIGEST] != header.target_sha256_prefix):
         raise DeltaError("patched output does not match the patch's target digest")
+    # The manifest path (and the only check of a bare patch's output): the full sha256.
+    if expected is not None and digest != expected:
+        raise DeltaError(f"patched output is sha256:{digest.hex()}, manifest wants "
+                         f"{expected_diff_id}"
+                         + (" (wrong base, or a corrupted patch)" if header.bare else ""))
     return out
+
+
+def _parse_diff_id(diff_id: str) -> bytes:
+    algo, _, hexdigest = diff_id.partition(":")
+    try:
+        digest = bytes.fromhex(hexdigest)
+    except ValueError:
+        digest = b""
+    if algo != "sha256" or len(digest) != 32:
+        raise DeltaError(f"not a sha256 diff ID: {diff_id!r}")
+    return digest

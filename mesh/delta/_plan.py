@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from mesh.delta._container import Method
-from mesh.delta._engine import HDIFF_MAX_INPUT, WINDOW_NEW, WINDOW_PREFIX, create_delta
+from mesh.delta._engine import HDIFF_MAX_INPUT, PREFIX_MAX_INPUT, create_delta, read_header
 from mesh.delta._tar import is_tar
 
 # Each candidate base costs one diff; releases keep deltas from the last few only
@@ -32,13 +32,19 @@ class LayerPlan:
 
 
 def plan_layer(new: bytes, candidates: Mapping[str, bytes], *, full_size: int | None = None,
-               try_tar: bool = True, hdiff_max_input: int = HDIFF_MAX_INPUT) -> LayerPlan:
+               try_tar: bool = True, hdiff_max_input: int = HDIFF_MAX_INPUT,
+               self_check: bool = False) -> LayerPlan:
     """Try each candidate base (diff ID -> layer tar, newest first) and keep the smallest.
 
     `full_size` defaults to the size of `new` as mesh.release chunks. Tried per base: the
     default method (HDiffPatch, or zstd windows above `hdiff_max_input`), the tar-aware method
-    when both sides are tars, and a single zstd window when both fit one. Each of these was the
+    when both sides are tars, and one zstd frame with the whole source as prefix when both
+    fit its window. Each of these was the
     smallest on at least one pair of the bench corpus (bench/delta.py prints what was tried).
+
+    Patches are bare by default (`self_check=False`): a release manifest names each delta by
+    blob id with its source and target diff IDs, which is everything the self-checking header's
+    digests would check (docs/delta.md, "Bare patches"). Apply them with the layer's diff ID.
     """
     if full_size is None:
         from mesh.release import chunk_layer  # mesh.release does not depend on mesh.delta
@@ -51,13 +57,15 @@ def plan_layer(new: bytes, candidates: Mapping[str, bytes], *, full_size: int | 
         methods: list[Method | None] = [None]
         if new_is_tar and is_tar(old):
             methods.append(Method.TAR_MEMBERS)
-        if len(old) <= WINDOW_PREFIX and len(new) <= WINDOW_NEW:
-            # One window is zstd --patch-from: it wins on tiny edits, where HDiffPatch's own
-            # header is a noticeable part of a patch of a few hundred bytes.
-            methods.append(Method.ZSTD_WINDOWS)
+        if len(old) + len(new) <= PREFIX_MAX_INPUT:
+            # zstd --patch-from (at levels up to 22 on small inputs, frames trimmed): it wins on
+            # tiny edits, where HDiffPatch's own header is a noticeable part of a patch of a
+            # few hundred bytes.
+            methods.append(Method.ZSTD_PREFIX)
         for method in methods:
-            patch = create_delta(old, new, method=method, hdiff_max_input=hdiff_max_input)
-            name = method.name if method is not None else Method(patch[4]).name
+            patch = create_delta(old, new, method=method, hdiff_max_input=hdiff_max_input,
+                                 self_check=self_check)
+            name = method.name if method is not None else read_header(patch).method.name
             tried.append((source_id, name, len(patch)))
             if best is None or len(patch) < best[0]:
                 best = (len(patch), source_id, patch)

@@ -23,6 +23,7 @@ import hdiffpatch
 from backports import zstd
 
 from mesh.delta._container import DeltaError
+from mesh.delta._hdiff import hdiff_apply
 
 ZSTD_LEVEL: Final = 19
 WINDOW_LOG: Final = 27  # same bound as the other methods' decoders
@@ -32,8 +33,8 @@ _BODY_SLACK: Final = 16 * 1024 * 1024
 _ZSTD: Final = 0
 _ZSTD_PREFIX: Final = 1
 _LZMA2: Final = 2
-# Raw LZMA2 (no container; the patch has its own digests), 16 MiB dictionary like HDIFF's LZMA:
-# the decoder allocates the dictionary whatever the body size.
+# Raw LZMA2 (no container: the patch header or the manifest has the digests), 16 MiB
+# dictionary like HDIFF's LZMA: the decoder allocates the dictionary whatever the body size.
 _LZMA_FILTERS: Final = ({"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME,
                          "dict_size": 1 << 24},)
 _MIN_PREFIX: Final = 8  # zstd refuses shorter raw dictionaries
@@ -198,15 +199,11 @@ def _replay(old: bytes, raw: bytes, target_size: int) -> bytes:
         elif kind == _Op.PATCH:
             (sub_len,) = _U64.unpack_from(raw, patch_pos)
             patch_pos += _U64.size
-            if a + b > len(old) or patch_pos + sub_len > len(raw):
+            if (a + b > len(old) or patch_pos + sub_len > len(raw)
+                    or produced + c > target_size):
                 raise DeltaError("corrupt tar-delta body: patch out of bounds")
-            try:
-                piece = hdiffpatch.apply(old[a:a + b], raw[patch_pos:patch_pos + sub_len])
-            except (hdiffpatch.HDiffPatchError, ValueError, MemoryError) as exc:
-                raise DeltaError(f"corrupt member delta: {exc}") from None
-            if len(piece) != c:
-                raise DeltaError("corrupt member delta: wrong length")
-            pieces.append(piece)
+            # Checks the sub-delta's declared sizes against (c, b) before HDiffPatch allocates.
+            pieces.append(hdiff_apply(old[a:a + b], raw[patch_pos:patch_pos + sub_len], c))
             produced += c
             patch_pos += sub_len
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import stat
 import subprocess
@@ -76,3 +77,45 @@ def test_subprocess_has_no_traceback(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_bare_patch_create_and_apply_with_expect(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    old, new = tmp_path / "old.tar", tmp_path / "new.tar"
+    old.write_bytes(b"layer contents " * 5000)
+    new.write_bytes(b"layer contents " * 2500 + b"new bits" + b"layer contents " * 2500)
+    diff_id = "sha256:" + hashlib.sha256(new.read_bytes()).hexdigest()
+    assert fleetmesh("delta", "create", old, new, tmp_path / "self") == 0
+    assert fleetmesh("delta", "create", "--bare", old, new, tmp_path / "bare") == 0
+    out = capsys.readouterr().out
+    assert "bare" in out and f"target {diff_id}\n" in out  # the full diff ID, to pass to --expect
+    assert (tmp_path / "bare").stat().st_size < (tmp_path / "self").stat().st_size - 24
+    assert fleetmesh("delta", "apply", old, tmp_path / "bare", tmp_path / "out",
+                     "--expect", diff_id) == 0
+    assert (tmp_path / "out").read_bytes() == new.read_bytes()
+    assert capsys.readouterr().out.strip().endswith(f"bytes, {diff_id}")
+
+
+def test_bare_patch_without_expect_is_one_line_error(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.write_bytes(b"a" * 1000)
+    new.write_bytes(b"a" * 500 + b"b" * 500)
+    assert fleetmesh("delta", "create", "--bare", old, new, tmp_path / "p") == 0
+    capsys.readouterr()
+    code = fleetmesh("delta", "apply", old, tmp_path / "p", tmp_path / "out")
+    err = capsys.readouterr().err
+    assert code != 0 and not (tmp_path / "out").exists()
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "a bare patch needs the expected diff ID (it carries no digest of its own)" in err
+
+
+def test_apply_prints_the_full_sha256_of_the_output(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.write_bytes(b"x" * 3000)
+    new.write_bytes(b"x" * 1500 + b"y" + b"x" * 1500)
+    assert fleetmesh("delta", "create", old, new, tmp_path / "p") == 0
+    assert fleetmesh("delta", "apply", old, tmp_path / "p", tmp_path / "out") == 0
+    full = "sha256:" + hashlib.sha256(new.read_bytes()).hexdigest()
+    assert capsys.readouterr().out.splitlines()[-1].endswith(full)

@@ -3,13 +3,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mesh.delta import (
+    BARE_HEADER_MIN,
+    DEFAULT_MAX_TARGET,
     HEADER_MIN,
     DeltaError,
     Method,
@@ -18,6 +23,7 @@ from mesh.delta import (
     plan_layer,
     read_header,
 )
+from mesh.delta._container import varint
 
 
 def _diff_id(data: bytes) -> str:
@@ -145,7 +151,8 @@ def test_plan_layer_picks_best_base_or_full() -> None:
     plan = plan_layer(_NEW, {_diff_id(far): far, _diff_id(_OLD): _OLD}, full_size=10**6,
                       try_tar=True)
     assert plan.source_diff_id == _diff_id(_OLD) and plan.patch is not None
-    assert apply_delta(_OLD, plan.patch) == _NEW
+    assert read_header(plan.patch).bare  # the manifest form
+    assert apply_delta(_OLD, plan.patch, _diff_id(_NEW)) == _NEW
     assert len(plan.tried) >= 2
     unrelated = plan_layer(b"abc", {_diff_id(_OLD): _OLD})
     assert unrelated.patch is None and unrelated.wire_size == unrelated.full_size
@@ -191,3 +198,206 @@ def test_tar_patch_truncated_or_against_non_tar() -> None:
             apply_delta(_TAR_OLD, patch[:cut])
     with pytest.raises(DeltaError):
         create_delta(b"not a tar" * 100, _TAR_NEW, method=Method.TAR_MEMBERS)
+
+
+def test_header_is_compact_and_carries_a_digest_prefix() -> None:
+    patch = create_delta(_OLD, _NEW)
+    header = read_header(patch)
+    assert header.header_size <= 40  # format 1 carried the full sha256: ~60 bytes
+    assert header.target_sha256_prefix == hashlib.sha256(_NEW).digest()[:8]
+    assert header.matches_diff_id(_diff_id(_NEW)) and not header.matches_diff_id(_diff_id(b"x"))
+    assert header.target_short_id == "sha256:" + hashlib.sha256(_NEW).hexdigest()[:16] + "..."
+    assert not header.bare
+
+
+@pytest.mark.parametrize("version", [0, 1, 3, 255])
+def test_old_or_unknown_format_version_is_refused(version: int) -> None:
+    patch = bytearray(create_delta(_OLD, _NEW))
+    patch[3] = version
+    with pytest.raises(DeltaError, match=f"unsupported patch format version {version}"):
+        apply_delta(_OLD, bytes(patch), _diff_id(_NEW))
+    with pytest.raises(DeltaError, match="format version"):
+        read_header(bytes(patch))
+
+
+def test_format_1_patch_is_refused() -> None:
+    """A patch as format 1 wrote it (full 32-byte target digest) is refused as such."""
+    from mesh.delta._container import MAGIC, varint
+
+    old_style = (MAGIC + bytes([1, int(Method.FULL)]) + varint(len(_NEW))
+                 + hashlib.sha256(_NEW).digest() + varint(len(_OLD)) + bytes(16) + b"body")
+    with pytest.raises(DeltaError, match="version 1"):
+        apply_delta(_OLD, old_style, _diff_id(_NEW))
+
+
+def test_expected_diff_id_is_checked_in_full() -> None:
+    """The header has only a prefix of the target digest; the manifest's diff ID is checked
+    whole against the output, and a malformed one is refused."""
+    patch = create_delta(_OLD, _NEW)
+    good = _diff_id(_NEW)
+    same_prefix = good[:7 + 16] + ("0" if good[-1] != "0" else "1") * (64 - 16)
+    with pytest.raises(DeltaError, match="manifest wants"):
+        apply_delta(_OLD, patch, same_prefix)
+    with pytest.raises(DeltaError, match="not a sha256 diff ID"):
+        apply_delta(_OLD, patch, "sha256:abc")
+    assert apply_delta(_OLD, patch, good) == _NEW
+
+
+def test_zstd_prefix_frames_are_trimmed_and_round_trip() -> None:
+    patch = create_delta(_OLD, _NEW, method=Method.ZSTD_PREFIX)
+    header = read_header(patch)
+    assert not patch[header.header_size:].startswith(b"\x28\xb5\x2f\xfd")  # magic stripped
+    assert apply_delta(_OLD, patch, _diff_id(_NEW)) == _NEW
+    assert apply_delta(b"", create_delta(b"", _NEW, method=Method.ZSTD_PREFIX)) == _NEW
+
+
+# ---- bare patches (the manifest form: no digests in the header) ------------------------------
+
+def _bare(method: Method | None = None, old: bytes = _TAR_OLD, new: bytes = _TAR_NEW) -> bytes:
+    return create_delta(old, new, method=method, self_check=False)
+
+
+@_FAST
+@given(_edited(), st.sampled_from([m for m in Method if m is not Method.TAR_MEMBERS]))
+def test_bare_patch_round_trip(pair: tuple[bytes, bytes], method: Method) -> None:
+    old, new = pair
+    patch = _bare(method, old, new)
+    header = read_header(patch)
+    assert header.bare and header.method is method and header.target_size == len(new)
+    assert header.target_short_id is None and header.source_size is None
+    assert apply_delta(old, patch, _diff_id(new)) == new
+
+
+@pytest.mark.parametrize("method", list(Method))
+def test_bare_patch_is_the_self_checking_one_minus_its_digests(method: Method) -> None:
+    full, bare = (create_delta(_TAR_OLD, _TAR_NEW, method=method, self_check=check)
+                  for check in (True, False))
+    full_header, bare_header = read_header(full), read_header(bare)
+    assert full[full_header.header_size:] == bare[bare_header.header_size:]
+    # magic, format, method|flag, target length: nothing else
+    assert bare_header.header_size == BARE_HEADER_MIN + len(varint(len(_TAR_NEW))) - 1
+    assert full_header.header_size - bare_header.header_size >= 3 * 8
+    assert apply_delta(_TAR_OLD, bare, _diff_id(_TAR_NEW)) == _TAR_NEW
+
+
+def test_bare_patch_without_expected_diff_id_is_refused() -> None:
+    with pytest.raises(DeltaError, match=r"^a bare patch needs the expected diff ID \(it carries "
+                                         r"no digest of its own\)$"):
+        apply_delta(_TAR_OLD, _bare())
+
+
+def test_bare_patch_with_wrong_expected_diff_id_is_refused() -> None:
+    patch = _bare()
+    good = _diff_id(_TAR_NEW)
+    same_prefix = good[:7 + 16] + ("0" if good[-1] != "0" else "1") * (64 - 16)
+    for wrong in (_diff_id(b"other"), same_prefix):
+        with pytest.raises(DeltaError, match="manifest wants"):
+            apply_delta(_TAR_OLD, patch, wrong)
+    with pytest.raises(DeltaError, match="not a sha256 diff ID"):
+        apply_delta(_TAR_OLD, patch, "sha256:abc")
+    # a wrong base is caught by the output check (the manifest's source diff ID guards it first)
+    with pytest.raises(DeltaError):
+        apply_delta(_TAR_OLD + b"x", patch, good)
+
+
+@pytest.mark.parametrize("method", list(Method))
+def test_truncated_bare_patch_raises(method: Method) -> None:
+    patch = _bare(method)
+    for cut in {0, 3, 4, 5, 6, BARE_HEADER_MIN, BARE_HEADER_MIN + 3, len(patch) // 2,
+                len(patch) - 1}:
+        with pytest.raises(DeltaError):
+            apply_delta(_TAR_OLD, patch[:cut], _diff_id(_TAR_NEW))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(list(Method)), st.data())
+def test_corrupted_bare_patch_raises(method: Method, data: st.DataObject) -> None:
+    """No digest stands between a bare body and the C decoders: a corrupted one (header
+    included) still only ever raises DeltaError, or yields exactly the right bytes."""
+    patch = bytearray(_bare(method))
+    for _ in range(data.draw(st.integers(1, 3))):
+        pos = data.draw(st.integers(0, len(patch) - 1))
+        patch[pos] ^= data.draw(st.integers(1, 255))
+    if data.draw(st.booleans()):
+        del patch[data.draw(st.integers(0, len(patch) - 1)):]
+    try:
+        out = apply_delta(_TAR_OLD, bytes(patch), _diff_id(_TAR_NEW))
+    except DeltaError:
+        return
+    assert out == _TAR_NEW  # a flip in padding or an unused field may be harmless
+
+
+_HUGE_LENGTHS = (len(_TAR_NEW) + 1, len(_TAR_NEW) - 1, 0, 1 << 27, (1 << 32) + 5,
+                 DEFAULT_MAX_TARGET, DEFAULT_MAX_TARGET + 1, 1 << 63, (1 << 70) - 1)
+
+
+def _with_target_length(patch: bytes, length: int) -> bytes:
+    header = read_header(patch)
+    return patch[:5] + varint(length) + patch[header.header_size:]
+
+
+@pytest.mark.parametrize("method", list(Method))
+def test_bare_patch_with_corrupt_length_varint_raises(method: Method) -> None:
+    patch = _bare(method)
+    for length in _HUGE_LENGTHS:
+        with pytest.raises(DeltaError):
+            apply_delta(_TAR_OLD, _with_target_length(patch, length), _diff_id(_TAR_NEW))
+    for bad in (b"\xff" * 10 + b"\x01", b"\x80", b"\xff\xff"):  # overlong, truncated
+        with pytest.raises(DeltaError, match="varint|truncated"):
+            apply_delta(_TAR_OLD, patch[:5] + bad, _diff_id(_TAR_NEW))
+
+
+def test_corrupt_length_varint_allocates_nothing_huge() -> None:
+    """In a child process capped at 1 GiB of address space: lengths up to the 8 GiB default
+    limit in a bare patch's header are refused before any decoder allocates from them."""
+    code = f"""
+import hashlib, resource, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+import test_delta_engine as t
+from mesh.delta import DeltaError, Method, create_delta
+for method in Method:
+    patch = create_delta(t._TAR_OLD, t._TAR_NEW, method=method, self_check=False)
+    for length in t._HUGE_LENGTHS:
+        try:
+            t.apply_delta(t._TAR_OLD, t._with_target_length(patch, length),
+                          t._diff_id(t._TAR_NEW))
+        except DeltaError as exc:
+            # zstd's own "Frame requires too much memory" is a refusal, not an allocation
+            assert not isinstance(exc.__context__, MemoryError), exc
+        else:
+            raise SystemExit("accepted a wrong length")
+print("ok", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("ok")
+    assert int(proc.stdout.split()[1]) < 400 * 1024  # KiB
+
+
+def test_hdiff_body_declaring_another_size_is_refused_before_decoding() -> None:
+    from mesh.delta._hdiff import declared_sizes
+
+    patch = _bare(Method.HDIFF, _OLD, _NEW)
+    body = patch[read_header(patch).header_size:]
+    assert declared_sizes(body) == (len(_NEW), len(_OLD))
+    with pytest.raises(DeltaError, match="declared sizes"):
+        apply_delta(_OLD[:-1], patch, _diff_id(_NEW))
+
+
+def test_hdiff_stream_asking_for_a_huge_window_is_refused_before_decoding() -> None:
+    """A body whose LZMA stream declares a 4 GiB dictionary (which HDiffPatch would allocate)
+    is refused by the checks in front of the C decoder."""
+    from mesh.delta._hdiff import _head
+
+    patch = _bare(Method.HDIFF)
+    start = read_header(patch).header_size
+    codec, fields, pos = _head(patch[start:])
+    assert codec == b"lzma"  # the smaller codec on this pair
+    pos += fields[4] or fields[3]  # skip the first stream to a compressed one
+    assert fields[6] and patch[start + pos] == 5  # props size, then lc/lp/pb, then dictionary
+    crafted = bytearray(patch)
+    crafted[start + pos + 2:start + pos + 6] = b"\xff\xff\xff\xff"
+    with pytest.raises(DeltaError, match="dictionary too large"):
+        apply_delta(_TAR_OLD, bytes(crafted), _diff_id(_TAR_NEW))
