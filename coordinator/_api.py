@@ -13,10 +13,11 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
+import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from mesh.control import (
@@ -27,9 +28,12 @@ from mesh.control import (
     check_key,
     check_name,
 )
+from mesh.release._codec import MAX_ENVELOPE_BYTES  # the largest encoded SignedManifest
 
-from ._model import CoordinatorError, Device, Forbidden, Unauthorized
+from ._blobs import MAX_BLOB_BYTES, BlobKind, OpenBlob
+from ._model import CoordinatorError, Device, Forbidden, TooLarge, Unauthorized
 from ._openapi import openapi_document
+from ._releases import MAX_MISSING_QUERY, MissingBlobs, check_app
 
 if TYPE_CHECKING:
     from ._server import Coordinator
@@ -42,27 +46,115 @@ MAX_TOKEN_USES: Final = 100_000
 MAX_EXPIRES_IN: Final = 366 * 86400
 MIN_EXPIRES_IN: Final = 60
 LINGER_BYTES: Final = 4 * MAX_BODY_BYTES  # read and drop this much of an oversized body
+MAX_RELEASE_BYTES: Final = MAX_ENVELOPE_BYTES
+# 10,000 IDs of 64 hex digits as a JSON list: ~670 KB, above MAX_BODY_BYTES
+MISSING_QUERY_BYTES: Final = 1024 * 1024
+BLOB_PIECE: Final = 256 * 1024  # bytes per read when streaming a blob out
 
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-class TooLarge(CoordinatorError):
-    status = 413
+def error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": " ".join(str(message).split()) or "error", **extra},
+                        status_code=status)
 
 
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": " ".join(str(message).split()) or "error"}, status_code=status)
-
-
-async def read_json(request: Request) -> Any:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, at most `limit` bytes (413 beyond)."""
     length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-        raise TooLarge(f"body larger than {MAX_BODY_BYTES} bytes")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise TooLarge(f"body larger than {limit} bytes")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise TooLarge(f"body larger than {MAX_BODY_BYTES} bytes")
+        if len(body) > limit:
+            raise TooLarge(f"body larger than {limit} bytes")
+    return bytes(body)
+
+
+class RangeNotSatisfiable(CoordinatorError):
+    status = 416
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The one byte range `header` asks for, as (first, last) inclusive and clamped to `size`;
+    None to send the whole blob (no header, another unit, several ranges, or a malformed
+    header, which RFC 9110 14.2 says to ignore); RangeNotSatisfiable if it selects nothing."""
+    if header is None:
+        return None
+    unit, sep, spec = header.strip().partition("=")
+    if not sep or unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    first, last = first.strip(), last.strip()
+    if not dash or (first and not first.isdigit()) or (last and not last.isdigit()) or \
+            not (first or last):
+        return None
+    if not first:  # suffix: the last N bytes
+        n = int(last)
+        if n == 0 or size == 0:
+            raise RangeNotSatisfiable(f"range {header!r} selects nothing of {size} bytes")
+        return max(0, size - n), size - 1
+    start = int(first)
+    end = int(last) if last else size - 1
+    if last and end < start:
+        return None
+    if start >= size:
+        raise RangeNotSatisfiable(f"range {header!r} starts beyond the blob's {size} bytes")
+    return start, min(end, size - 1)
+
+
+def blob_response(request: Request, blob_id: str, blob: OpenBlob) -> Response:
+    """The blob (or the range asked for) streamed from its open file; HEAD sends headers only."""
+    headers = {"accept-ranges": "bytes", "etag": f'"{blob_id}"',
+               "cache-control": "private, max-age=31536000, immutable"}
+    try:
+        wanted = parse_range(request.headers.get("range"), blob.size)
+    except RangeNotSatisfiable as exc:
+        blob.file.close()
+        response = error(416, str(exc))
+        response.headers["content-range"] = f"bytes */{blob.size}"
+        return response
+    status = 200
+    start, end = 0, blob.size - 1
+    if wanted is not None:
+        status = 206
+        start, end = wanted
+        headers["content-range"] = f"bytes {start}-{end}/{blob.size}"
+    length = end - start + 1
+    headers["content-length"] = str(length)
+    if request.method == "HEAD":
+        blob.file.close()
+        return Response(b"", status_code=status, headers=headers,
+                        media_type="application/octet-stream")
+
+    async def pieces() -> Any:
+        f = blob.file
+        try:
+            left = length
+            await trio.to_thread.run_sync(f.seek, start)
+            while left > 0:
+                piece = await trio.to_thread.run_sync(f.read, min(BLOB_PIECE, left))
+                if not piece:
+                    break
+                left -= len(piece)
+                yield piece
+        finally:
+            f.close()
+
+    return StreamingResponse(pieces(), status_code=status, headers=headers,
+                             media_type="application/octet-stream")
+
+
+async def read_json(request: Request, limit: int = MAX_BODY_BYTES) -> Any:
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise TooLarge(f"body larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise TooLarge(f"body larger than {limit} bytes")
     try:
         return json.loads(body)
     except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, absurd nesting
@@ -115,13 +207,12 @@ def _int_range(obj: Any, key: str, default: int, low: int, high: int) -> int:
 
 
 def build_app(coord: Coordinator) -> Starlette:
-    def guarded(fn: Handler) -> Handler:
+    def guarded(fn: Handler, limit: int = MAX_BODY_BYTES) -> Handler:
         async def wrapper(request: Request) -> Response:
             try:
                 length = request.headers.get("content-length")
-                if length is not None and (not length.isdigit()
-                                           or int(length) > MAX_BODY_BYTES):
-                    raise TooLarge(f"body larger than {MAX_BODY_BYTES} bytes")
+                if length is not None and (not length.isdigit() or int(length) > limit):
+                    raise TooLarge(f"body larger than {limit} bytes")
                 response = await fn(request)
                 await drain(request)  # e.g. a body sent to revoke, which reads none
                 return response
@@ -129,6 +220,9 @@ def build_app(coord: Coordinator) -> Starlette:
                 # Read on (bounded) so a client still sending sees the 413, not a reset.
                 await drain(request, LINGER_BYTES)
                 return error(exc.status, str(exc))
+            except MissingBlobs as exc:
+                await drain(request)
+                return error(exc.status, str(exc), missing=exc.missing)
             except CoordinatorError as exc:
                 await drain(request)
                 return error(exc.status, str(exc))
@@ -138,7 +232,24 @@ def build_app(coord: Coordinator) -> Starlette:
         wrapper.__name__ = fn.__name__
         return wrapper
 
-    def operator(fn: Handler) -> Handler:
+    def operator_or_device(fn: Callable[[Request, Device | None], Awaitable[Response]]
+                           ) -> Handler:
+        """Either credential; `fn` gets the device, or None for the operator."""
+        async def wrapper(request: Request) -> Response:
+            secret = _bearer(request)
+            if secret is None:
+                raise Unauthorized("operator API key or device credential required "
+                                   "(Authorization: Bearer ...)")
+            if coord.is_operator_key(secret):
+                return await fn(request, None)
+            dev = coord.device_for(secret)
+            if dev is None:
+                raise Unauthorized("unknown or revoked API key or device credential")
+            return await fn(request, dev)
+        wrapper.__name__ = fn.__name__
+        return guarded(wrapper)
+
+    def operator(fn: Handler, limit: int = MAX_BODY_BYTES) -> Handler:
         async def wrapper(request: Request) -> Response:
             secret = _bearer(request)
             if secret is None:
@@ -149,7 +260,7 @@ def build_app(coord: Coordinator) -> Starlette:
                 raise Unauthorized("unknown or revoked API key")
             return await fn(request)
         wrapper.__name__ = fn.__name__
-        return guarded(wrapper)
+        return guarded(wrapper, limit)
 
     def device(fn: Callable[[Request, Device], Awaitable[Response]]) -> Handler:
         async def wrapper(request: Request) -> Response:
@@ -249,6 +360,114 @@ def build_app(coord: Coordinator) -> Starlette:
         await coord.hub_changed()
         return JSONResponse(out, status_code=201)
 
+    # -- releases and blobs (docs/api.md "Releases and blobs") --------------------------------
+
+    releases = coord.releases
+
+    def path_blob_id(request: Request) -> str:
+        return str(request.path_params["blob_id"])
+
+    def path_release(request: Request) -> tuple[str, str, int]:
+        p = request.path_params
+        fleet = check_name(p["fleet"], "fleet")
+        app = check_app(p["app"])
+        version = str(p["version"])
+        if not version.isdigit() or len(version) > 19:
+            raise ControlError("version: must be a positive integer")
+        return fleet, app, int(version)
+
+    async def blobs_missing(request: Request) -> Response:
+        ids = _field(await read_json(request, MISSING_QUERY_BYTES), "ids", list)
+        if not isinstance(ids, list) or len(ids) > MAX_MISSING_QUERY:
+            raise ControlError(f"ids: must be a list of at most {MAX_MISSING_QUERY} blob IDs")
+        return JSONResponse({"missing": await releases.missing(ids)})
+
+    blobs_missing_route = operator(blobs_missing, MISSING_QUERY_BYTES)
+
+    async def put_blob(request: Request) -> Response:
+        kind_text = request.query_params.get("kind")
+        try:
+            kind = BlobKind(kind_text or "")
+        except ValueError:
+            raise ControlError("kind: must be chunk or delta") from None
+        new = await releases.put_blob(path_blob_id(request), kind, request.stream())
+        return JSONResponse({"id": path_blob_id(request), "kind": str(kind), "new": new},
+                            status_code=201 if new else 200)
+
+    @operator_or_device
+    async def get_blob(request: Request, dev: Device | None) -> Response:
+        blob_id = path_blob_id(request)
+        blob = releases.open_blob(blob_id, dev)
+        return blob_response(request, blob_id, blob)
+
+    async def blob(request: Request) -> Response:
+        # One path, two doors: GET/HEAD for operator or device, PUT for the operator only with
+        # the larger body limit.
+        if request.method == "PUT":
+            return await put_blob_route(request)
+        return await get_blob(request)
+
+    put_blob_route = operator(put_blob, MAX_BLOB_BYTES)
+
+    @operator
+    async def release_key(request: Request) -> Response:
+        fleet = check_name(request.path_params["fleet"], "fleet")
+        public_key = _field(await read_json(request), "public_key", str)
+        return JSONResponse(releases.set_release_key(fleet, public_key))
+
+    async def publish(request: Request) -> Response:
+        info, created = await releases.publish(await read_body(request, MAX_RELEASE_BYTES))
+        return JSONResponse(info, status_code=201 if created else 200)
+
+    async def list_or_publish(request: Request) -> Response:
+        if request.method == "POST":
+            return await publish_route(request)
+        return await list_releases_route(request)
+
+    async def list_releases(request: Request) -> Response:
+        fleet = check_name(request.query_params.get("fleet", ""), "fleet")
+        app = request.query_params.get("app")
+        if app is not None:
+            check_app(app)
+        return JSONResponse({"releases": releases.list_releases(fleet, app)})
+
+    publish_route = operator(publish, MAX_RELEASE_BYTES)
+    list_releases_route = operator(list_releases)
+
+    @operator
+    async def release(request: Request) -> Response:
+        fleet, app, version = path_release(request)
+        if request.method == "DELETE":
+            await releases.delete(fleet, app, version)
+            return Response(status_code=204)
+        return JSONResponse(releases.release_detail(fleet, app, version))
+
+    @operator_or_device
+    async def manifest(request: Request, dev: Device | None) -> Response:
+        fleet, app, version = path_release(request)
+        return Response(releases.manifest(fleet, app, version, dev),
+                        media_type="application/octet-stream")
+
+    @operator
+    async def fleet_target(request: Request) -> Response:
+        fleet = check_name(request.path_params["fleet"], "fleet")
+        body = await read_json(request)
+        app = check_app(_field(body, "app", str))
+        version = int(_field(body, "version", int))
+        if not 1 <= version < 1 << 63:
+            raise ControlError("version: must be a positive integer")
+        device_name = _field(body, "device", str, optional=True)
+        if device_name is not None:
+            check_name(device_name, "device")
+        pin = _field(body, "pin", str, optional=True)
+        if pin is not None and len(pin) > 2 * 8192:
+            raise ControlError("pin: too long")
+        return JSONResponse(releases.set_target(fleet, app, version, device_name, pin))
+
+    @device
+    async def device_target(request: Request, dev: Device) -> Response:
+        return JSONResponse({"targets": releases.device_targets(dev)})
+
     async def openapi(request: Request) -> Response:
         return JSONResponse(openapi_document())
 
@@ -270,6 +489,16 @@ def build_app(coord: Coordinator) -> Starlette:
         Route("/api/v1/devices/{name}/revoke", revoke, methods=["POST"]),
         Route("/api/v1/devices/{name}/peers", device_peers, methods=["GET"]),
         Route("/api/v1/operators", operators, methods=["POST"]),
+        Route("/api/v1/blobs/missing", blobs_missing_route, methods=["POST"]),
+        Route("/api/v1/blobs/{blob_id}", blob, methods=["GET", "HEAD", "PUT"]),
+        Route("/api/v1/fleets/{fleet}/release-key", release_key, methods=["PUT"]),
+        Route("/api/v1/fleets/{fleet}/target", fleet_target, methods=["PUT"]),
+        Route("/api/v1/device/target", device_target, methods=["GET"]),
+        Route("/api/v1/releases", list_or_publish, methods=["GET", "POST"]),
+        Route("/api/v1/releases/{fleet}/{app}/{version}", release,
+              methods=["GET", "DELETE"]),
+        Route("/api/v1/releases/{fleet}/{app}/{version}/manifest", manifest,
+              methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error,

@@ -1,4 +1,10 @@
-"""`fleetmesh delta ...` and `fleetmesh release keygen`: patches and the release signing key."""
+"""`fleetmesh delta ...` and `fleetmesh release ...`: patches, the release signing key, and
+publishing releases (create, list, show, set-key; docs/releases.md).
+
+The release commands that talk to the coordinator load their configuration and map errors to
+exit codes like `_cli_ops`: 0 ok; 1 the coordinator refused or Docker failed; 2 bad arguments,
+configuration or key file; 3 coordinator unreachable; 4 certificate not the pinned one.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,18 @@ from typing import Any
 
 from mesh.clikit import CliError
 from mesh.delta import DeltaError, apply_delta, create_delta, read_header
-from mesh.release import ReleaseError, key_id, write_signing_key
+from mesh.release import (
+    ContainerSettings,
+    HealthCheck,
+    ImageError,
+    ReleaseError,
+    RestartPolicy,
+    UpdateStrategy,
+    Volume,
+    key_id,
+    read_signing_key,
+    write_signing_key,
+)
 
 
 def register(subparsers: Any) -> None:
@@ -35,12 +52,13 @@ def register(subparsers: Any) -> None:
                             "(needed for a bare patch)")
     apply.set_defaults(handler=_delta_apply)
 
-    release = subparsers.add_parser("release", help="release signing keys")
+    release = subparsers.add_parser("release", help="publish and inspect releases; signing keys")
     rsub = release.add_subparsers(dest="release_command", metavar="ACTION", required=True)
     keygen = rsub.add_parser("keygen", help="generate the operator's Ed25519 release key")
     keygen.add_argument("--out", metavar="FILE", type=Path, required=True,
                         help="new key file (created 0600; never overwritten)")
     keygen.set_defaults(handler=_release_keygen)
+    _register_publishing(rsub)
 
 
 def _require_file(path: Path, what: str) -> None:
@@ -108,3 +126,303 @@ def _release_keygen(args: argparse.Namespace) -> int:
     public = bytes(key.verify_key)
     print(f"{public.hex()}  key-id {key_id(public)}")
     return 0
+
+
+# --------------------------------------------------------------------------- publishing
+
+
+def _default_path(env_var: str, fallback: str, *parts: str) -> Path:
+    base = os.environ.get(env_var) or str(Path(os.environ.get("HOME") or Path.home()) / fallback)
+    return Path(base, *parts)
+
+
+def default_signing_key_path() -> Path:
+    """`$XDG_CONFIG_HOME/fleetmesh/release.key`, i.e. `~/.config/fleetmesh/release.key`."""
+    return _default_path("XDG_CONFIG_HOME", ".config", "fleetmesh", "release.key")
+
+
+def default_layer_cache() -> Path:
+    """`$XDG_CACHE_HOME/fleetmesh/layers`, i.e. `~/.cache/fleetmesh/layers`."""
+    return _default_path("XDG_CACHE_HOME", ".cache", "fleetmesh", "layers")
+
+
+def _load_key(path: Path | None) -> Any:
+    key_path = default_signing_key_path() if path is None else path
+    if not key_path.exists():
+        raise CliError(f"no release signing key at {key_path}: create one with "
+                       f"`fleetmesh release keygen --out {key_path}` or pass --signing-key")
+    try:
+        return read_signing_key(key_path)
+    except ReleaseError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _split_command(text: str | None, what: str) -> tuple[str, ...]:
+    import shlex
+    if text is None:
+        return ()
+    try:
+        argv = tuple(shlex.split(text))
+    except ValueError as exc:
+        raise CliError(f"{what} {text!r}: {exc}") from None
+    if not argv:
+        raise CliError(f"{what} is empty")
+    return argv
+
+
+def _container_settings(args: argparse.Namespace) -> ContainerSettings:
+    env = []
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise CliError(f"--env {item!r}: use NAME=VALUE")
+        env.append((name, value))
+    volumes = []
+    for item in args.volume:
+        parts = item.split(":")
+        read_only = len(parts) == 3 and parts[2] == "ro"
+        if len(parts) not in (2, 3) or not parts[0] or not parts[1].startswith("/") or (
+                len(parts) == 3 and parts[2] not in ("ro", "rw")):
+            raise CliError(f"--volume {item!r}: use SOURCE:/TARGET[:ro]")
+        volumes.append(Volume(parts[0], parts[1], read_only))
+    health = None
+    if args.health_cmd is not None:
+        health = HealthCheck(_split_command(args.health_cmd, "--health-cmd"),
+                             interval_s=float(args.health_interval))
+    return ContainerSettings(
+        command=_split_command(args.command, "--command"),
+        environment=tuple(env),
+        restart_policy=RestartPolicy(args.restart),
+        health_check=health,
+        update_strategy=UpdateStrategy(args.strategy),
+        volumes=tuple(volumes))
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{n} B"
+
+
+def _short(diff_id: str | None) -> str:
+    return "-" if not diff_id else diff_id.removeprefix("sha256:")[:12]
+
+
+class _RichProgress:
+    """A rich progress bar over the upload, on stderr (stdout stays the report)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._enabled = enabled
+        self._progress: Any = None
+        self._task: Any = None
+
+    def start(self, total_bytes: int, blobs: int) -> None:
+        if not self._enabled or blobs == 0:
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TransferSpeedColumn,
+        )
+        self.stop()
+        self._progress = Progress(TextColumn("uploading {task.fields[blobs]} blobs"),
+                                  BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                                  console=Console(stderr=True), transient=True)
+        self._progress.start()
+        self._task = self._progress.add_task("upload", total=total_bytes, blobs=blobs)
+
+    def advance(self, nbytes: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, advance=nbytes)
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def _release_create(args: argparse.Namespace) -> int:
+    import sys
+
+    from coordinator._cli_ops import _api_errors, _client, _name, _print_json, _table
+    from coordinator._publish import PublishError, publish_image
+    fleet = _name(args.fleet, "fleet")
+    app = _name(args.app, "app")
+    if args.key < 0:
+        raise CliError("--key must be 0 or more")
+    if args.version is not None and args.version < 1:
+        raise CliError("--version must be 1 or more")
+    container = _container_settings(args)
+    key = _load_key(args.signing_key)
+    progress = _RichProgress(enabled=not args.json and sys.stderr.isatty())
+
+    def warn(message: str) -> None:
+        print(f"fleetmesh: warning: {message}", file=sys.stderr)
+
+    try:
+        with _api_errors(), _client(args) as client:
+            result = publish_image(
+                client, fleet=fleet, app=app, signing_key=key, image=args.image,
+                keep=args.key, version=args.version, container=container,
+                cache_dir=args.cache_dir or default_layer_cache(), progress=progress,
+                warn=warn)
+    except PublishError as exc:
+        raise CliError(str(exc), code=1) from None
+    except ImageError as exc:
+        raise CliError(str(exc), code=1) from None
+    except ReleaseError as exc:
+        raise CliError(str(exc), code=1) from None
+    finally:
+        progress.stop()
+    if args.json:
+        _print_json({
+            "fleet": result.fleet, "app": result.app, "version": result.version,
+            "created": result.created, "uploaded_blobs": result.uploaded_blobs,
+            "uploaded_bytes": result.uploaded_bytes, "release": result.info,
+            "layers": [{"diff_id": r.diff_id, "size": r.size, "stored_size": r.stored_size,
+                        "chunks": r.chunks, "reused_from": r.reused_from,
+                        "deltas": [{"source_diff_id": d.source_diff_id, "size": d.size,
+                                    "method": d.method, "blob_id": d.blob_id.hex()}
+                                   for d in r.deltas]} for r in result.layers]})
+        return 0
+    if not result.created:
+        print(f"{fleet}/{app} version {result.version}: already published, nothing to do")
+        return 0
+    rows = []
+    for r in result.layers:
+        best = r.best_delta
+        delta = "-" if best is None else f"{_size(best.size)} from {_short(best.source_diff_id)}"
+        if r.reused_from is not None:
+            delta = f"unchanged (v{r.reused_from})" + ("" if best is None else f"; {delta}")
+        saving = "-" if r.saving is None else f"{100 * r.saving:.1f} %"
+        rows.append([_short(r.diff_id), _size(r.size), f"{_size(r.stored_size)} ({r.chunks})",
+                     delta, saving])
+    _table(["LAYER", "SIZE", "STORED (CHUNKS)", "DELTA", "SAVING"], rows)
+    print(f"published {fleet}/{app} version {result.version}: uploaded {result.uploaded_blobs} "
+          f"blobs, {_size(result.uploaded_bytes)}")
+    return 0
+
+
+def _release_row(r: dict[str, Any]) -> list[str]:
+    from coordinator._cli_ops import _date, _text
+    return [_text(r.get("app")), _text(r.get("version")), _text(r.get("layers")),
+            _size(r.get("size")), _size(r.get("stored_size")), _size(r.get("delta_size")),
+            _text(r.get("key_id")), _date(r.get("published_at"))]
+
+
+_RELEASE_COLUMNS = ["APP", "VERSION", "LAYERS", "SIZE", "STORED", "DELTAS", "KEY", "PUBLISHED"]
+
+
+def _release_list(args: argparse.Namespace) -> int:
+    from coordinator._cli_ops import _api_errors, _client, _name, _print_json, _table
+    fleet = _name(args.fleet, "fleet")
+    app = None if args.app is None else _name(args.app, "app")
+    with _api_errors(), _client(args) as client:
+        releases = client.list_releases(fleet, app)
+    if args.json:
+        _print_json({"releases": releases})
+    elif not releases:
+        print(f"no releases in fleet {fleet}" + ("" if app is None else f" for app {app}"))
+    else:
+        _table(_RELEASE_COLUMNS, [_release_row(r) for r in releases])
+    return 0
+
+
+def _release_show(args: argparse.Namespace) -> int:
+    from coordinator._cli_ops import _api_errors, _client, _name, _print_json, _table, _text
+    fleet = _name(args.fleet, "fleet")
+    app = _name(args.app, "app")
+    if args.version < 1:
+        raise CliError("VERSION must be 1 or more")
+    with _api_errors(), _client(args) as client:
+        info = client.release(fleet, app, args.version)
+    if args.json:
+        _print_json(info)
+        return 0
+    _table(_RELEASE_COLUMNS, [_release_row(info)])
+    layers = info.get("layers") or []
+    rows = []
+    for layer in layers if isinstance(layers, list) else []:
+        if not isinstance(layer, dict):
+            continue
+        deltas = layer.get("deltas") or []
+        text = ", ".join(f"{_size(d.get('size'))} from {_short(d.get('source_diff_id'))} "
+                         f"({d.get('method')})" for d in deltas if isinstance(d, dict))
+        rows.append([_short(layer.get("diff_id")), _size(layer.get("size")),
+                     f"{_size(layer.get('stored_size'))} ({_text(layer.get('chunks'))})",
+                     text or "-"])
+    if rows:
+        print()
+        _table(["LAYER", "SIZE", "STORED (CHUNKS)", "DELTAS"], rows)
+    return 0
+
+
+def _release_set_key(args: argparse.Namespace) -> int:
+    from coordinator._cli_ops import _api_errors, _client, _name
+    fleet = _name(args.fleet, "fleet")
+    key = _load_key(args.signing_key)
+    public = bytes(key.verify_key)
+    with _api_errors(), _client(args) as client:
+        client.set_release_key(fleet, public.hex())
+    print(f"fleet {fleet}: release key {key_id(public)} registered; devices enrolled from now "
+          "on pin it")
+    return 0
+
+
+def _register_publishing(rsub: Any) -> None:
+    from coordinator._cli_ops import _common
+
+    create = _common(rsub.add_parser(
+        "create", help="publish a local Docker image as the app's next release",
+        description="docker save IMAGE, cut its layers into chunks, compute deltas against the "
+                    "app's last --key releases, sign with the release key and upload only the "
+                    "blobs the coordinator is missing (run again to resume)."))
+    create.add_argument("image", metavar="IMAGE", help="local image (name:tag or ID)")
+    create.add_argument("--fleet", required=True)
+    create.add_argument("--app", required=True)
+    create.add_argument("--key", type=int, default=3, metavar="K",
+                        help="how many earlier releases to compute deltas against (default 3)")
+    create.add_argument("--signing-key", type=Path, metavar="FILE",
+                        help="release signing key (default ~/.config/fleetmesh/release.key)")
+    create.add_argument("--version", type=int, metavar="N",
+                        help="release version (default: latest + 1)")
+    create.add_argument("--cache-dir", type=Path, metavar="DIR",
+                        help="earlier layers rebuilt from the coordinator "
+                             "(default ~/.cache/fleetmesh/layers)")
+    create.add_argument("--command", metavar="CMD",
+                        help="container command, shell-quoted (default: the image's)")
+    create.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    create.add_argument("--restart", default=RestartPolicy.UNLESS_STOPPED.value,
+                        choices=[p.value for p in RestartPolicy])
+    create.add_argument("--health-cmd", metavar="CMD", help="health check command, shell-quoted")
+    create.add_argument("--health-interval", type=float, default=30.0, metavar="SECONDS")
+    create.add_argument("--strategy", default=UpdateStrategy.STOP_THEN_START.value,
+                        choices=[s.value for s in UpdateStrategy])
+    create.add_argument("--volume", action="append", default=[], metavar="SOURCE:/TARGET[:ro]")
+    create.set_defaults(handler=_release_create)
+
+    lst = _common(rsub.add_parser("list", help="a fleet's releases, newest first"))
+    lst.add_argument("--fleet", required=True)
+    lst.add_argument("--app")
+    lst.set_defaults(handler=_release_list)
+
+    show = _common(rsub.add_parser("show", help="one release and its layers"))
+    show.add_argument("fleet", metavar="FLEET")
+    show.add_argument("app", metavar="APP")
+    show.add_argument("version", metavar="VERSION", type=int)
+    show.set_defaults(handler=_release_show)
+
+    setkey = _common(rsub.add_parser(
+        "set-key", help="register the release key's public half for a fleet"), json_flag=False)
+    setkey.add_argument("--fleet", required=True)
+    setkey.add_argument("--signing-key", type=Path, metavar="FILE",
+                        help="release signing key (default ~/.config/fleetmesh/release.key)")
+    setkey.set_defaults(handler=_release_set_key)

@@ -95,6 +95,10 @@ class Conflict(CoordinatorError):
     status = 409
 
 
+class TooLarge(CoordinatorError):
+    status = 413
+
+
 class TokenUnknown(Unauthorized):
     def __init__(self) -> None:
         super().__init__("enrollment token unknown (never issued here, or mistyped)")
@@ -122,3 +126,59 @@ def device_info(device: Device, *, online: bool, endpoint: str | None,
             "mesh_ipv6": device.mesh_ipv6, "agent_version": device.agent_version,
             "endpoint": endpoint, "lan_endpoints": list(device.lan_endpoints),
             "last_seen": last_seen, "enrolled_at": device.enrolled_at}
+
+
+# --------------------------------------------------------------------------- releases
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """A published release: the operator-signed manifest bytes plus what the registry lists.
+
+    `signed` is the encoded SignedManifest exactly as published (the only form devices get)."""
+
+    fleet: str
+    app: str
+    version: int
+    signed: bytes
+    key_id: str
+    created_at: int  # from the manifest
+    published_at: float
+    layers: int
+    size: int  # uncompressed layer bytes
+    stored_size: int  # chunk (zstd frame) bytes
+    delta_size: int  # delta bytes
+    blob_ids: tuple[str, ...] = ()  # every chunk and delta the manifest names (hex)
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseKey:
+    fleet: str
+    public_key: str  # Ed25519, hex
+    key_id: str
+    set_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """The release devices of `fleet` should run; `device` None means every device."""
+
+    fleet: str
+    app: str
+    version: int
+    device: str | None
+    pin: bytes | None  # an encoded SignedPin (a rollback's authorisation), as given
+    set_at: float
+
+
+def release_info(r: Release) -> dict[str, Any]:
+    """`ReleaseInfo` (docs/api.md)."""
+    return {"fleet": r.fleet, "app": r.app, "version": r.version, "created_at": r.created_at,
+            "key_id": r.key_id, "layers": r.layers, "size": r.size,
+            "stored_size": r.stored_size, "delta_size": r.delta_size,
+            "published_at": r.published_at}
+
+
+def target_info(t: Target) -> dict[str, Any]:
+    return {"fleet": t.fleet, "app": t.app, "version": t.version, "device": t.device,
+            "pin": None if t.pin is None else t.pin.hex(), "set_at": t.set_at}

@@ -18,6 +18,21 @@ def _json(schema: dict[str, Any], description: str = "") -> dict[str, Any]:
 
 _ERR = _json(_ref("Error"), "refused: {\"error\": one line}")
 _ERRORS = {str(c): _ERR for c in (400, 401, 403, 404, 409, 413)}
+_EITHER: list[dict[str, list[str]]] = [{"operatorKey": []}, {"deviceCredential": []}]
+_INT = {"type": "integer"}
+_BLOB_ID = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+_OCTETS = {"type": "string", "format": "binary"}
+_RELEASE_PARAMS = [
+    {"name": p, "in": "path", "required": True, "schema": s}
+    for p, s in (("fleet", {"type": "string"}), ("app", {"type": "string"}),
+                 ("version", {"type": "integer", "minimum": 1}))]
+_FLEET = {"name": "fleet", "in": "path", "required": True, "schema": {"type": "string"}}
+_BLOB_PARAM = {"name": "blob_id", "in": "path", "required": True, "schema": _BLOB_ID}
+
+
+def _raw(description: str = "raw bytes") -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/octet-stream": {"schema": _OCTETS}}}
 _OPERATOR: list[dict[str, list[str]]] = [{"operatorKey": []}]
 _DEVICE: list[dict[str, list[str]]] = [{"deviceCredential": []}]
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -76,6 +91,24 @@ SCHEMAS: dict[str, Any] = {
                        peer=_STRN, public_key=_STR, path={"enum": ["direct", "relay", "none"]},
                        endpoint=_STRN, last_handshake=_NUMN),
     "OperatorRequest": _obj(["name", "public_key"], name=_STR, public_key=_STR),
+    "ReleaseInfo": _obj(["fleet", "app", "version", "created_at", "key_id", "layers", "size",
+                         "stored_size", "delta_size", "published_at"],
+                        fleet=_STR, app=_STR, version=_INT, created_at=_INT, key_id=_STR,
+                        layers=_INT, size=_INT, stored_size=_INT, delta_size=_INT,
+                        published_at={"type": "number"}),
+    "ReleaseDetail": _obj(["fleet", "app", "version", "layers"], fleet=_STR, app=_STR,
+                          version=_INT, layers={"type": "array", "items": _obj(
+                              ["diff_id", "size", "chunks", "stored_size", "deltas"],
+                              diff_id=_STR, size=_INT, chunks=_INT, stored_size=_INT,
+                              deltas={"type": "array", "items": _obj(
+                                  ["source_diff_id", "size", "method"], source_diff_id=_STR,
+                                  size=_INT, method=_STR)})}),
+    "MissingBlobs": _obj(["error", "missing"], error=_STR,
+                         missing={"type": "array", "items": _BLOB_ID}),
+    "Target": _obj(["fleet", "app", "version", "device", "pin", "set_at"], fleet=_STR,
+                   app=_STR, version=_INT, device=_STRN, pin=_STRN,
+                   set_at={"type": "number"}),
+    "DeviceTarget": _obj(["app", "version", "pin"], app=_STR, version=_INT, pin=_STRN),
     "OperatorInfo": _obj(["name", "mesh_ipv4", "mesh_ipv6", "hub", "mesh_prefix_v4",
                           "mesh_prefix_v6"], name=_STR, mesh_ipv4=_STR, mesh_ipv6=_STR,
                          hub=_ref("HubInfo"), mesh_prefix_v4=_STR, mesh_prefix_v6=_STR),
@@ -130,6 +163,75 @@ def openapi_document() -> dict[str, Any]:
             "summary": "register an operator workstation as a hub peer",
             "security": _OPERATOR, "requestBody": _body(_ref("OperatorRequest")),
             "responses": {"201": _json(_ref("OperatorInfo")), **_ERRORS}}},
+        "/api/v1/blobs/missing": {"post": {
+            "summary": "which of these blobs the coordinator lacks", "security": _OPERATOR,
+            "requestBody": _body(_obj(["ids"], ids={"type": "array", "items": _BLOB_ID,
+                                                    "maxItems": 10000})),
+            "responses": {"200": _json(_obj(["missing"], missing={
+                "type": "array", "items": _BLOB_ID})), **_ERRORS}}},
+        "/api/v1/blobs/{blob_id}": {
+            "put": {"summary": "upload a blob (verified against its ID; at most 64 MiB)",
+                    "security": _OPERATOR,
+                    "parameters": [_BLOB_PARAM, {"name": "kind", "in": "query",
+                                                 "required": True,
+                                                 "schema": {"enum": ["chunk", "delta"]}}],
+                    "requestBody": {"required": True, "content": {
+                        "application/octet-stream": {"schema": _OCTETS}}},
+                    "responses": {"201": _json(_obj(["id", "kind", "new"]), "stored"),
+                                  "200": _json(_obj(["id", "kind", "new"]), "already there"),
+                                  **_ERRORS}},
+            "get": {"summary": "a blob; honours one Range (bytes=a-b, a-, -n)",
+                    "security": _EITHER,
+                    "parameters": [_BLOB_PARAM, {"name": "Range", "in": "header",
+                                                 "schema": _STR}],
+                    "responses": {"200": _raw(), "206": _raw("the range asked for"),
+                                  "416": _ERR, **_ERRORS}},
+            "head": {"summary": "a blob's headers (size, ranges)", "security": _EITHER,
+                     "parameters": [_BLOB_PARAM],
+                     "responses": {"200": {"description": "exists"}, **_ERRORS}}},
+        "/api/v1/fleets/{fleet}/release-key": {"put": {
+            "summary": "set the fleet's Ed25519 release key (hex)", "security": _OPERATOR,
+            "parameters": [_FLEET], "requestBody": _body(_obj(["public_key"],
+                                                              public_key=_STR)),
+            "responses": {"200": _json(_obj(["fleet", "public_key", "key_id"],
+                                            fleet=_STR, public_key=_STR, key_id=_STR)),
+                          **_ERRORS}}},
+        "/api/v1/fleets/{fleet}/target": {"put": {
+            "summary": "the release the fleet's devices (or one device) should run",
+            "security": _OPERATOR, "parameters": [_FLEET],
+            "requestBody": _body(_obj(["app", "version"], app=_STR, version=_INT,
+                                      device=_STRN, pin=_STRN)),
+            "responses": {"200": _json(_ref("Target")), **_ERRORS}}},
+        "/api/v1/device/target": {"get": {
+            "summary": "what this device should run", "security": _DEVICE,
+            "responses": {"200": _json(_obj(["targets"], targets={
+                "type": "array", "items": _ref("DeviceTarget")})), **_ERRORS}}},
+        "/api/v1/releases": {
+            "get": {"summary": "a fleet's releases, newest first", "security": _OPERATOR,
+                    "parameters": [{"name": "fleet", "in": "query", "required": True,
+                                    "schema": _STR},
+                                   {"name": "app", "in": "query", "schema": _STR}],
+                    "responses": {"200": _json(_obj(["releases"], releases={
+                        "type": "array", "items": _ref("ReleaseInfo")})), **_ERRORS}},
+            "post": {"summary": "publish an encoded SignedManifest", "security": _OPERATOR,
+                     "requestBody": {"required": True, "content": {
+                         "application/octet-stream": {"schema": _OCTETS}}},
+                     "responses": {"201": _json(_ref("ReleaseInfo"), "published"),
+                                   "200": _json(_ref("ReleaseInfo"), "already published"),
+                                   **_ERRORS,
+                                   "409": _json(_ref("MissingBlobs"),
+                                                "blobs missing, or version not newer")}}},
+        "/api/v1/releases/{fleet}/{app}/{version}": {
+            "get": {"summary": "one release with per-layer details", "security": _OPERATOR,
+                    "parameters": _RELEASE_PARAMS,
+                    "responses": {"200": _json(_ref("ReleaseDetail")), **_ERRORS}},
+            "delete": {"summary": "delete a release and the blobs only it names",
+                       "security": _OPERATOR, "parameters": _RELEASE_PARAMS,
+                       "responses": {"204": {"description": "deleted"}, **_ERRORS}}},
+        "/api/v1/releases/{fleet}/{app}/{version}/manifest": {"get": {
+            "summary": "the encoded SignedManifest", "security": _EITHER,
+            "parameters": _RELEASE_PARAMS,
+            "responses": {"200": _raw("the SignedManifest bytes"), **_ERRORS}}},
         "/openapi.json": {"get": {"summary": "this document",
                                   "responses": {"200": _json({"type": "object"})}}},
     }

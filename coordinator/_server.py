@@ -39,6 +39,7 @@ from vpn import generate_keypair, public_key_from_private, read_private_key, wri
 
 from . import _ipam, _secrets
 from ._api import build_app
+from ._blobs import BlobStore
 from ._hub import Hub, HubPeer, Observation
 from ._model import (
     Device,
@@ -50,6 +51,7 @@ from ._model import (
     device_info,
 )
 from ._peermap import Member, PeerMapCore
+from ._releases import ReleaseRegistry
 from ._store import Store
 from ._store_sqlite import SqliteStore
 
@@ -63,6 +65,7 @@ CERT_NAME: Final = "tls.crt"
 KEY_NAME: Final = "tls.key"
 HUB_KEY_NAME: Final = "hub.key"
 OPERATOR_KEY_NAME: Final = "operator.key"
+BLOBS_DIR: Final = "blobs"
 
 
 class ConfigError(ValueError):
@@ -146,6 +149,8 @@ class Coordinator:
         self.config = config
         self.data_dir = Path(config.data_dir)
         self.store: Store | None = None
+        self.blobs = BlobStore(self.data_dir / BLOBS_DIR)
+        self._releases: ReleaseRegistry | None = None
         self.core: PeerMapCore | None = None
         self.hub: Hub | None = None
         self.port = 0
@@ -175,6 +180,13 @@ class Coordinator:
     # ------------------------------------------------------------------ lifecycle
 
     @property
+    def releases(self) -> ReleaseRegistry:
+        """The release registry (blobs, releases, keys, targets); there once started."""
+        if self._releases is None:
+            raise RuntimeError("coordinator not started")
+        return self._releases
+
+    @property
     def operator_key(self) -> str:
         return self.operator_key_path.read_text().strip()
 
@@ -187,6 +199,8 @@ class Coordinator:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self.store = store
+        self.blobs.prepare()
+        self._releases = ReleaseRegistry(store, self.blobs, cfg.clock)
         hub_key = self.data_dir / HUB_KEY_NAME
         if not hub_key.exists():
             write_private_key(hub_key, generate_keypair().private)
@@ -419,7 +433,7 @@ class Coordinator:
         assert device.mesh_ipv4 and device.mesh_ipv6
         return Enrollment(device.id, device.name, device.fleet, credential, device.mesh_ipv4,
                           device.mesh_ipv6, str(self.prefix_v4), str(self.prefix_v6),
-                          self._hub_info)
+                          self._hub_info, release_key=self.releases.release_key(device.fleet))
 
     def report(self, device: Device, report: DeviceReport, client_ip: str | None) -> None:
         assert self.store is not None and self.core is not None

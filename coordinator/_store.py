@@ -13,7 +13,7 @@ from typing import Protocol
 
 from mesh.control import PeerPath
 
-from ._model import Device, EnrollmentToken, EnrollParams, Operator
+from ._model import Device, EnrollmentToken, EnrollParams, Operator, Release, ReleaseKey, Target
 
 
 class Store(Protocol):
@@ -65,3 +65,37 @@ class Store(Protocol):
         """Idempotent for the same name and key; Conflict otherwise."""
 
     def list_operators(self) -> list[Operator]: ...
+
+    # -- releases --------------------------------------------------------------------------
+    def add_release(self, release: Release) -> tuple[Release, bool]:
+        """Publish `release` (creating its fleet if new) → (stored release, created?).
+
+        The same signed bytes already published → (that release, False). Conflict if the
+        version is not newer than every version of the app ever published in the fleet (also
+        deleted ones: a version number never names two different releases)."""
+
+    def get_release(self, fleet: str, app: str, version: int) -> Release | None: ...
+
+    def list_releases(self, fleet: str, app: str | None = None) -> list[Release]:
+        """Newest published first."""
+
+    def latest_version(self, fleet: str, app: str) -> int | None:
+        """The newest version of the app that is published (not deleted)."""
+
+    def delete_release(self, fleet: str, app: str, version: int) -> list[str]:
+        """NotFound if unknown; Conflict if a target names it. Returns the blob IDs that no
+        remaining release names (the caller removes their files)."""
+
+    def blob_referenced(self, blob_id: str, fleet: str | None = None) -> bool:
+        """Whether any release (of `fleet`, if given) names the blob."""
+
+    # -- release keys and targets ----------------------------------------------------------
+    def set_release_key(self, key: ReleaseKey) -> None: ...
+
+    def release_key(self, fleet: str) -> ReleaseKey | None: ...
+
+    def set_target(self, target: Target) -> None:
+        """Replace the fleet's (or the device's) target for the app."""
+
+    def targets(self, fleet: str) -> list[Target]:
+        """Every target of the fleet, fleet-wide and per device."""

@@ -28,6 +28,9 @@ from ._model import (
     EnrollParams,
     NotFound,
     Operator,
+    Release,
+    ReleaseKey,
+    Target,
     TokenExpired,
     TokenUnknown,
     TokenUsedUp,
@@ -77,6 +80,49 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     # maps at once instead of maps without endpoints (which would send every pair to the relay
     # until the next keepalives reach the hub).
     "ALTER TABLE devices ADD COLUMN public_endpoint TEXT;",
+    # 3: the release registry. `signed` is the SignedManifest exactly as published;
+    # release_blobs says which releases name which blob (garbage collection on delete);
+    # app_versions keeps the highest version ever published, so a deleted release's number is
+    # never reused for other content (devices refuse versions they have seen).
+    """
+    CREATE TABLE releases (
+        id INTEGER PRIMARY KEY,
+        fleet TEXT NOT NULL REFERENCES fleets(name),
+        app TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        signed BLOB NOT NULL,
+        key_id TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        published_at REAL NOT NULL,
+        layers INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        stored_size INTEGER NOT NULL,
+        delta_size INTEGER NOT NULL,
+        UNIQUE (fleet, app, version));
+    CREATE TABLE release_blobs (
+        release_id INTEGER NOT NULL REFERENCES releases(id) ON DELETE CASCADE,
+        blob_id TEXT NOT NULL,
+        PRIMARY KEY (release_id, blob_id));
+    CREATE INDEX release_blobs_blob ON release_blobs(blob_id);
+    CREATE TABLE app_versions (
+        fleet TEXT NOT NULL REFERENCES fleets(name),
+        app TEXT NOT NULL,
+        max_version INTEGER NOT NULL,
+        PRIMARY KEY (fleet, app));
+    CREATE TABLE release_keys (
+        fleet TEXT PRIMARY KEY REFERENCES fleets(name),
+        public_key TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        set_at REAL NOT NULL);
+    CREATE TABLE targets (
+        fleet TEXT NOT NULL REFERENCES fleets(name),
+        app TEXT NOT NULL,
+        device TEXT NOT NULL DEFAULT '',
+        version INTEGER NOT NULL,
+        pin BLOB,
+        set_at REAL NOT NULL,
+        PRIMARY KEY (fleet, app, device));
+    """,
 )
 
 _DEVICE_COLS: Final = ("id, name, fleet, state, created_at, public_key, mesh_ipv4, mesh_ipv6, "
@@ -90,6 +136,21 @@ def _device(row: Sequence[Any]) -> Device:
                   agent_version=row[8], lan_endpoints=tuple(json.loads(row[9])),
                   last_report=row[10], enrolled_at=row[11], revoked_at=row[12],
                   public_endpoint=row[13])
+
+
+_RELEASE_COLS: Final = ("fleet, app, version, signed, key_id, created_at, published_at, layers, "
+                        "size, stored_size, delta_size")
+
+
+def _release(row: Sequence[Any]) -> Release:
+    return Release(fleet=row[0], app=row[1], version=row[2], signed=bytes(row[3]),
+                   key_id=row[4], created_at=row[5], published_at=row[6], layers=row[7],
+                   size=row[8], stored_size=row[9], delta_size=row[10])
+
+
+def _target(row: Sequence[Any]) -> Target:
+    return Target(fleet=row[0], app=row[1], version=row[2], device=row[3] or None,
+                  pin=None if row[4] is None else bytes(row[4]), set_at=row[5])
 
 
 def _token(row: Sequence[Any]) -> EnrollmentToken:
@@ -368,3 +429,114 @@ class SqliteStore:
         rows = self._query("SELECT name, public_key, mesh_ipv4, mesh_ipv6, created_at FROM "
                            "operators ORDER BY name")
         return [Operator(*r) for r in rows]
+
+    # -- releases --------------------------------------------------------------------------
+
+    def add_release(self, release: Release) -> tuple[Release, bool]:
+        r = release
+        with self._tx() as c:
+            row = c.execute(f"SELECT {_RELEASE_COLS} FROM releases WHERE fleet = ? AND app = ? "
+                            "AND version = ?", (r.fleet, r.app, r.version)).fetchone()
+            if row is not None:
+                existing = _release(row)
+                if existing.signed == r.signed:
+                    return existing, False
+                raise Conflict(f"{r.app} version {r.version} is already published in fleet "
+                               f"{r.fleet} with other content")
+            high = c.execute("SELECT max_version FROM app_versions WHERE fleet = ? AND app = ?",
+                             (r.fleet, r.app)).fetchone()
+            if high is not None and r.version <= high[0]:
+                raise Conflict(f"{r.app} version {r.version} is not newer than the latest "
+                               f"published in fleet {r.fleet} ({high[0]})")
+            self._ensure_fleet(c, r.fleet, r.published_at)
+            cur = c.execute(f"INSERT INTO releases ({_RELEASE_COLS}) VALUES "
+                            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (r.fleet, r.app, r.version, r.signed, r.key_id, r.created_at,
+                             r.published_at, r.layers, r.size, r.stored_size, r.delta_size))
+            c.executemany("INSERT OR IGNORE INTO release_blobs VALUES (?, ?)",
+                          [(cur.lastrowid, b) for b in r.blob_ids])
+            c.execute("INSERT INTO app_versions VALUES (?, ?, ?) ON CONFLICT(fleet, app) DO "
+                      "UPDATE SET max_version = excluded.max_version",
+                      (r.fleet, r.app, r.version))
+            return r, True
+
+    def get_release(self, fleet: str, app: str, version: int) -> Release | None:
+        rows = self._query(f"SELECT {_RELEASE_COLS} FROM releases WHERE fleet = ? AND app = ? "
+                           "AND version = ?", (fleet, app, version))
+        return _release(rows[0]) if rows else None
+
+    def list_releases(self, fleet: str, app: str | None = None) -> list[Release]:
+        if app is None:
+            rows = self._query(f"SELECT {_RELEASE_COLS} FROM releases WHERE fleet = ? "
+                               "ORDER BY id DESC", (fleet,))
+        else:
+            rows = self._query(f"SELECT {_RELEASE_COLS} FROM releases WHERE fleet = ? AND "
+                               "app = ? ORDER BY id DESC", (fleet, app))
+        return [_release(r) for r in rows]
+
+    def latest_version(self, fleet: str, app: str) -> int | None:
+        rows = self._query("SELECT max(version) FROM releases WHERE fleet = ? AND app = ?",
+                           (fleet, app))
+        return rows[0][0] if rows and rows[0][0] is not None else None
+
+    def delete_release(self, fleet: str, app: str, version: int) -> list[str]:
+        with self._tx() as c:
+            row = c.execute("SELECT id FROM releases WHERE fleet = ? AND app = ? AND "
+                            "version = ?", (fleet, app, version)).fetchone()
+            if row is None:
+                raise NotFound(f"no release {app} version {version} in fleet {fleet}")
+            target = c.execute("SELECT device FROM targets WHERE fleet = ? AND app = ? AND "
+                               "version = ? LIMIT 1", (fleet, app, version)).fetchone()
+            if target is not None:
+                who = f"device {target[0]}" if target[0] else f"fleet {fleet}"
+                raise Conflict(f"{app} version {version} is the target of {who}; set another "
+                               "target first")
+            release_id = row[0]
+            orphans = [r[0] for r in c.execute(
+                "SELECT blob_id FROM release_blobs WHERE release_id = ? AND blob_id NOT IN "
+                "(SELECT blob_id FROM release_blobs WHERE release_id != ?)",
+                (release_id, release_id))]
+            c.execute("DELETE FROM release_blobs WHERE release_id = ?", (release_id,))
+            c.execute("DELETE FROM releases WHERE id = ?", (release_id,))
+            return orphans
+
+    def blob_referenced(self, blob_id: str, fleet: str | None = None) -> bool:
+        if fleet is None:
+            rows = self._query("SELECT 1 FROM release_blobs WHERE blob_id = ? LIMIT 1",
+                               (blob_id,))
+        else:
+            rows = self._query("SELECT 1 FROM release_blobs b JOIN releases r ON "
+                               "r.id = b.release_id WHERE b.blob_id = ? AND r.fleet = ? "
+                               "LIMIT 1", (blob_id, fleet))
+        return bool(rows)
+
+    # -- release keys and targets ----------------------------------------------------------
+
+    def set_release_key(self, key: ReleaseKey) -> None:
+        with self._tx() as c:
+            self._ensure_fleet(c, key.fleet, key.set_at)
+            c.execute("INSERT INTO release_keys VALUES (?, ?, ?, ?) ON CONFLICT(fleet) DO "
+                      "UPDATE SET public_key = excluded.public_key, key_id = excluded.key_id, "
+                      "set_at = excluded.set_at",
+                      (key.fleet, key.public_key, key.key_id, key.set_at))
+
+    def release_key(self, fleet: str) -> ReleaseKey | None:
+        rows = self._query("SELECT fleet, public_key, key_id, set_at FROM release_keys WHERE "
+                           "fleet = ?", (fleet,))
+        return ReleaseKey(*rows[0]) if rows else None
+
+    def set_target(self, target: Target) -> None:
+        t = target
+        with self._tx() as c:
+            if c.execute("SELECT 1 FROM releases WHERE fleet = ? AND app = ? AND version = ?",
+                         (t.fleet, t.app, t.version)).fetchone() is None:
+                raise NotFound(f"no release {t.app} version {t.version} in fleet {t.fleet}")
+            c.execute("INSERT INTO targets VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(fleet, app, "
+                      "device) DO UPDATE SET version = excluded.version, pin = excluded.pin, "
+                      "set_at = excluded.set_at",
+                      (t.fleet, t.app, t.device or "", t.version, t.pin, t.set_at))
+
+    def targets(self, fleet: str) -> list[Target]:
+        rows = self._query("SELECT fleet, app, version, device, pin, set_at FROM targets "
+                           "WHERE fleet = ? ORDER BY app, device", (fleet,))
+        return [_target(r) for r in rows]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import ssl
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -79,6 +79,13 @@ MAX_WAIT: Final = 30  # the server's long-poll limit (docs/api.md)
 # slow link adds more; beyond this the coordinator is treated as unreachable.
 LONG_POLL_SLACK: Final = 10.0
 MAX_ERROR_CHARS: Final = 300
+MAX_BLOB_ANSWER: Final = 64 * 1024 * 1024  # the largest blob (docs/api.md)
+MAX_MANIFEST_ANSWER: Final = 8 * 1024 * 1024 + 1024  # the largest encoded SignedManifest
+MISSING_BATCH: Final = 10_000  # IDs per POST /blobs/missing (docs/api.md)
+# Blob and release transfers: httpx's timeouts bound each read or write of the connection
+# (not the whole transfer), so a slow link that keeps moving is fine; the read timeout also
+# covers the server verifying and fsyncing a 64 MiB blob before it answers.
+TRANSFER_TIMEOUT: Final = 120.0
 
 
 class ClientError(Exception):
@@ -88,10 +95,12 @@ class ClientError(Exception):
 class ApiError(ClientError):
     """The coordinator answered with an error status."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, missing: Sequence[str] = ()) -> None:
         super().__init__(f"{message} (HTTP {status})")
         self.status = status
         self.message = message
+        # publish_release's 409: the blob IDs the coordinator does not have (else empty)
+        self.missing: list[str] = list(missing)
 
 
 class CoordinatorUnreachable(ClientError):
@@ -116,25 +125,59 @@ def _one_line(text: str) -> str:
 
 def _error_from(response: httpx.Response) -> ApiError:
     message = ""
+    missing: list[str] = []
     try:
         body = response.json()
         if isinstance(body, Mapping) and isinstance(body.get("error"), str):
             message = body["error"]
+        if isinstance(body, Mapping) and isinstance(body.get("missing"), list):
+            missing = [m for m in body["missing"] if isinstance(m, str)]
     except ValueError:
         pass
     if not message:
         message = response.reason_phrase or "error"
         if response.status_code >= 500:
             message = f"coordinator failed: {message}"
-    return ApiError(response.status_code, _one_line(message))
+    return ApiError(response.status_code, _one_line(message), missing)
 
 
-def _check(response: httpx.Response, *ok: int) -> httpx.Response:
+def _check(response: httpx.Response, *ok: int, limit: int = 16 * MAX_BODY_BYTES
+           ) -> httpx.Response:
     if response.status_code not in ok:
         raise _error_from(response)
-    if len(response.content) > 16 * MAX_BODY_BYTES:
+    if len(response.content) > limit:
         raise ProtocolError(f"answer of {len(response.content)} bytes is too large")
     return response
+
+
+def _range_header(start: int | None, end: int | None) -> dict[str, str]:
+    """`Range` for the slice [start:end) of a blob (end exclusive, like Python slices); a
+    negative `start` without `end` asks for the last -start bytes."""
+    if start is None and end is None:
+        return {}
+    if start is not None and start < 0:
+        if end is not None:
+            raise ValueError("a negative start (the last N bytes) takes no end")
+        return {"Range": f"bytes={start}"}
+    first = start or 0
+    if end is None:
+        return {"Range": f"bytes={first}-"}
+    if end <= first:
+        raise ValueError("end must be greater than start")
+    return {"Range": f"bytes={first}-{end - 1}"}
+
+
+def _release_path(fleet: str, app: str, version: int) -> str:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError("version must be a positive integer")
+    return f"/releases/{_path_name(fleet)}/{_path_name(app)}/{version}"
+
+
+def _blob_path(blob_id: str) -> str:
+    if not isinstance(blob_id, str) or len(blob_id) != 64 or \
+            any(c not in "0123456789abcdef" for c in blob_id):
+        raise ValueError("blob_id must be 64 lowercase hex digits")
+    return f"/blobs/{blob_id}"
 
 
 def _json(response: httpx.Response) -> Any:
@@ -235,13 +278,21 @@ class OperatorClient:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    def _request(self, method: str, path: str, *ok: int, **kwargs: Any) -> Any:
+    def _send(self, method: str, path: str, *ok: int, limit: int = 16 * MAX_BODY_BYTES,
+              **kwargs: Any) -> httpx.Response:
         client = self._client()
         try:
             response = client.request(method, API + path, **kwargs)
         except httpx.TransportError as exc:
             raise _transport_error(exc, self.url) from exc
-        return _json(_check(response, *ok))
+        return _check(response, *ok, limit=limit)
+
+    def _request(self, method: str, path: str, *ok: int, **kwargs: Any) -> Any:
+        return _json(self._send(method, path, *ok, **kwargs))
+
+    def _transfer_timeout(self) -> httpx.Timeout:
+        t = max(self._timeout, TRANSFER_TIMEOUT)
+        return httpx.Timeout(self._timeout, read=t, write=t)
 
     def _obj(self, value: Any, what: str) -> dict[str, Any]:
         if not isinstance(value, dict):
@@ -314,6 +365,98 @@ class OperatorClient:
         return out
 
 
+    # -- releases and blobs (docs/api.md "Releases and blobs") ------------------------------
+
+    def missing_blobs(self, ids: Sequence[str]) -> list[str]:
+        """The IDs among `ids` that the coordinator does not store (batched by 10,000)."""
+        out: list[str] = []
+        ids = list(ids)
+        for start in range(0, len(ids), MISSING_BATCH):
+            body = self._obj(self._request("POST", "/blobs/missing", 200,
+                                           json={"ids": ids[start:start + MISSING_BATCH]}),
+                             "missing")
+            missing = body.get("missing")
+            if not isinstance(missing, list) or not all(isinstance(m, str) for m in missing):
+                raise ProtocolError("missing: answer has no list of IDs")
+            out.extend(missing)
+        return out
+
+    def put_blob(self, blob_id: str, data: bytes, kind: str) -> bool:
+        """Upload one blob (`kind` "chunk" or "delta", at most 64 MiB) → True if it is new,
+        False if the coordinator had it. ApiError 400 if `data` does not hash to `blob_id`."""
+        if kind not in ("chunk", "delta"):
+            raise ValueError("kind must be 'chunk' or 'delta'")
+        response = self._send("PUT", _blob_path(blob_id), 201, 200, params={"kind": kind},
+                              content=bytes(data), timeout=self._transfer_timeout(),
+                              headers={"Content-Type": "application/octet-stream"})
+        return response.status_code == 201
+
+    def get_blob(self, blob_id: str, start: int | None = None, end: int | None = None
+                 ) -> bytes:
+        """A blob, or its slice [start:end) (end exclusive; negative start: the last -start
+        bytes). ApiError 404 if unknown, 416 if the slice starts beyond the blob."""
+        headers = _range_header(start, end)
+        response = self._send("GET", _blob_path(blob_id), 200, 206, limit=MAX_BLOB_ANSWER,
+                              headers=headers, timeout=self._transfer_timeout())
+        return _ranged_content(response, start, end)
+
+    def publish_release(self, signed_manifest: bytes) -> tuple[dict[str, Any], bool]:
+        """Publish an encoded SignedManifest → (ReleaseInfo, created?); created is False when
+        these exact bytes were already published. ApiError 409 with `.missing` listing the
+        blobs still to upload (empty for other conflicts: version not newer), 403 if the fleet's
+        release key did not sign it, 400 if malformed."""
+        response = self._send("POST", "/releases", 201, 200, content=bytes(signed_manifest),
+                              headers={"Content-Type": "application/octet-stream"},
+                              timeout=self._transfer_timeout())
+        return self._obj(_json(response), "release"), response.status_code == 201
+
+    def list_releases(self, fleet: str, app: str | None = None) -> list[dict[str, Any]]:
+        """ReleaseInfo dicts, newest first."""
+        params = {"fleet": fleet} if app is None else {"fleet": fleet, "app": app}
+        out = self._obj(self._request("GET", "/releases", 200, params=params), "releases")
+        releases = out.get("releases")
+        if not isinstance(releases, list) or not all(isinstance(r, dict) for r in releases):
+            raise ProtocolError("releases: answer has no list of releases")
+        return releases
+
+    def release(self, fleet: str, app: str, version: int) -> dict[str, Any]:
+        """ReleaseInfo with `layers` as a list of per-layer details; ApiError 404 if unknown."""
+        return self._obj(self._request("GET", _release_path(fleet, app, version), 200),
+                         "release")
+
+    def release_manifest(self, fleet: str, app: str, version: int) -> bytes:
+        """The encoded SignedManifest exactly as published."""
+        return self._send("GET", _release_path(fleet, app, version) + "/manifest", 200,
+                          limit=MAX_MANIFEST_ANSWER, timeout=self._transfer_timeout()).content
+
+    def delete_release(self, fleet: str, app: str, version: int) -> None:
+        """Delete a release and the blobs no other release names; 409 if it is a target."""
+        self._send("DELETE", _release_path(fleet, app, version), 204, 200)
+
+    def set_release_key(self, fleet: str, public_key_hex: str) -> dict[str, Any]:
+        """Set the fleet's Ed25519 release key (hex) → `{"fleet", "public_key", "key_id"}`."""
+        return self._obj(self._request("PUT", f"/fleets/{_path_name(fleet)}/release-key", 200,
+                                       json={"public_key": public_key_hex}), "release key")
+
+    def set_target(self, fleet: str, app: str, version: int, device: str | None = None,
+                   pin: bytes | None = None) -> dict[str, Any]:
+        """The release the fleet's devices (or one device) should run → `{"fleet", "app",
+        "version", "device", "pin", "set_at"}`. A version older than the app's latest needs
+        `pin`: an encoded SignedPin signed with the fleet's release key."""
+        body = {"app": app, "version": version, "device": device,
+                "pin": None if pin is None else bytes(pin).hex()}
+        return self._obj(self._request("PUT", f"/fleets/{_path_name(fleet)}/target", 200,
+                                       json=body), "target")
+
+
+def _ranged_content(response: httpx.Response, start: int | None, end: int | None) -> bytes:
+    """The requested slice, also when the server sent the whole blob (200)."""
+    data = response.content
+    if response.status_code == 200 and (start is not None or end is not None):
+        return data[start:end]
+    return data
+
+
 # --------------------------------------------------------------------------- device (trio)
 
 
@@ -342,12 +485,13 @@ class DeviceClient:
                         tb: TracebackType | None) -> None:
         await self.aclose()
 
-    async def _request(self, method: str, path: str, *ok: int, **kwargs: Any) -> httpx.Response:
+    async def _request(self, method: str, path: str, *ok: int,
+                       limit: int = 16 * MAX_BODY_BYTES, **kwargs: Any) -> httpx.Response:
         try:
             response = await self._http.request(method, API + path, **kwargs)
         except httpx.TransportError as exc:
             raise _transport_error(exc, self.url) from exc
-        return _check(response, *ok)
+        return _check(response, *ok, limit=limit)
 
     async def peermap(self, version: int = 0, wait: float = 25) -> PeerMap | None:
         """Long poll: the peer map if its version differs from `version`, None (304) if nothing
@@ -366,6 +510,33 @@ class DeviceClient:
 
     async def report(self, report: DeviceReport) -> None:
         await self._request("POST", "/device/state", 204, 200, json=report.to_json())
+
+    def _transfer_timeout(self) -> httpx.Timeout:
+        t = max(self._timeout, TRANSFER_TIMEOUT)
+        return httpx.Timeout(self._timeout, read=t, write=t)
+
+    async def manifest(self, fleet: str, app: str, version: int) -> bytes:
+        """The encoded SignedManifest of a release of this device's fleet (verify it!)."""
+        response = await self._request("GET", _release_path(fleet, app, version) + "/manifest",
+                                       200, limit=MAX_MANIFEST_ANSWER,
+                                       timeout=self._transfer_timeout())
+        return response.content
+
+    async def blob(self, blob_id: str, start: int | None = None, end: int | None = None
+                   ) -> bytes:
+        """A blob a release of this device's fleet names, or its slice [start:end)."""
+        response = await self._request("GET", _blob_path(blob_id), 200, 206,
+                                       limit=MAX_BLOB_ANSWER, headers=_range_header(start, end),
+                                       timeout=self._transfer_timeout())
+        return _ranged_content(response, start, end)
+
+    async def targets(self) -> list[dict[str, Any]]:
+        """`[{"app", "version", "pin"}]`: what this device should run (pin: hex or None)."""
+        body = _json(await self._request("GET", "/device/target", 200))
+        targets = body.get("targets") if isinstance(body, dict) else None
+        if not isinstance(targets, list) or not all(isinstance(t, dict) for t in targets):
+            raise ProtocolError("targets: answer has no list of targets")
+        return targets
 
 
 async def enroll(url: str, token: str, public_key: str, name: str | None = None,

@@ -173,12 +173,18 @@ class Enrollment:
     mesh_prefix_v4: str  # the whole mesh, routed into the WireGuard interface
     mesh_prefix_v6: str
     hub: HubInfo
+    # The fleet's Ed25519 release key (hex) when the operator has set one: the agent pins it
+    # and trusts only manifests signed with it. Absent from the JSON when not set.
+    release_key: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"device_id": self.device_id, "name": self.name, "fleet": self.fleet,
-                "credential": self.credential, "mesh_ipv4": self.mesh_ipv4,
-                "mesh_ipv6": self.mesh_ipv6, "mesh_prefix_v4": self.mesh_prefix_v4,
-                "mesh_prefix_v6": self.mesh_prefix_v6, "hub": self.hub.to_json()}
+        out = {"device_id": self.device_id, "name": self.name, "fleet": self.fleet,
+               "credential": self.credential, "mesh_ipv4": self.mesh_ipv4,
+               "mesh_ipv6": self.mesh_ipv6, "mesh_prefix_v4": self.mesh_prefix_v4,
+               "mesh_prefix_v6": self.mesh_prefix_v6, "hub": self.hub.to_json()}
+        if self.release_key is not None:
+            out["release_key"] = self.release_key
+        return out
 
     @classmethod
     def from_json(cls, obj: Any) -> Enrollment:
@@ -187,7 +193,17 @@ class Enrollment:
                    check_name(_get(obj, "fleet", str, w), f"{w}.fleet"),
                    _get(obj, "credential", str, w), _address(obj, "mesh_ipv4", 4, w),
                    _address(obj, "mesh_ipv6", 6, w), _get(obj, "mesh_prefix_v4", str, w),
-                   _get(obj, "mesh_prefix_v6", str, w), HubInfo.from_json(_get(obj, "hub", dict, w)))
+                   _get(obj, "mesh_prefix_v6", str, w),
+                   HubInfo.from_json(_get(obj, "hub", dict, w)),
+                   _release_key(_get(obj, "release_key", str, w, optional=True),
+                                f"{w}.release_key"))
+
+
+def _release_key(key: str | None, where: str) -> str | None:
+    """An Ed25519 public key as 64 lowercase hex digits, or None."""
+    if key is not None and not re.fullmatch(r"[0-9a-f]{64}", key):
+        raise ControlError(f"{where}: not an Ed25519 public key (64 hex digits)")
+    return key
 
 
 # --------------------------------------------------------------------------- peer maps
@@ -329,7 +345,8 @@ class TokenParts:
     def parse(cls, text: str) -> TokenParts:
         parts = text.strip().split(".") if isinstance(text, str) else []
         if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
-            raise ControlError("token: not a fleetmesh enrollment token (fm1.<fingerprint>.<secret>)")
+            raise ControlError(
+                "token: not a fleetmesh enrollment token (fm1.<fingerprint>.<secret>)")
         fp, secret = parts[1], parts[2]
         if not re.fullmatch(r"[0-9a-f]{64}", fp):
             raise ControlError("token: fingerprint must be 64 hex digits")

@@ -19,6 +19,22 @@ from mesh.release._codec import (
     encode_signed_manifest,
     encode_signed_pin,
 )
+from mesh.release._image import (
+    ImageError,
+    LayerSource,
+    MaterializedRelease,
+    MaterializeError,
+    SavedImage,
+    SavedLayer,
+    build_loadable_image,
+    check_manifest_layers,
+    config_diff_ids,
+    docker_save,
+    export_local_layers,
+    file_diff_id,
+    materialize_release,
+    read_saved_image,
+)
 from mesh.release._model import (
     ChunkError,
     ChunkRef,
@@ -55,4 +71,9 @@ __all__ = [
     "decode_signed_manifest", "decode_signed_pin", "diff_id", "encode_manifest", "encode_pin",
     "encode_signed_manifest", "encode_signed_pin", "key_id", "open_chunk", "read_signing_key",
     "sign_manifest", "sign_pin", "verify_manifest", "verify_pin", "write_signing_key",
+    # image tars and the device-side rebuild (_image.py)
+    "ImageError", "LayerSource", "MaterializeError", "MaterializedRelease", "SavedImage",
+    "SavedLayer", "build_loadable_image", "check_manifest_layers", "config_diff_ids",
+    "docker_save", "export_local_layers", "file_diff_id", "materialize_release",
+    "read_saved_image",
 ]

@@ -1,0 +1,202 @@
+"""Content-addressed blob files under DATA/blobs/ab/cdef… (docs/api.md "Releases and blobs").
+
+A blob's ID is blake3 (hex) of the uncompressed bytes for a layer chunk (the blob is one zstd
+frame) and of the blob's own bytes for a delta. Every blob is verified before it gets its name,
+and gets it atomically: a temp file in the same directory, fsync, verify, `os.replace`, so a
+crash never leaves a partial or unverified file under a blob's name.
+
+The methods here block (disk, hashing, decompression): call them through trio.to_thread.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Final
+
+import blake3
+from backports import zstd
+
+from mesh.release import CHUNK_SIZE
+
+from ._model import CoordinatorError
+
+MAX_BLOB_BYTES: Final = 64 * 1024 * 1024  # one upload (docs/api.md); deltas of big layers fit
+READ_PIECE: Final = 1024 * 1024
+# As mesh.release._chunks: a decoder window of 2**23 = 8 MiB covers a whole CHUNK_SIZE chunk,
+# and refusing larger windows bounds the decoder's memory whatever the frame header claims.
+WINDOW_LOG_MAX: Final = 23
+BLOB_ID_RE: Final = re.compile(r"[0-9a-f]{64}\Z")
+TEMP_PREFIX: Final = ".tmp-"
+
+
+class BlobKind(enum.StrEnum):
+    CHUNK = "chunk"
+    DELTA = "delta"
+
+
+class BadBlob(CoordinatorError):
+    status = 400
+
+
+def check_blob_id(blob_id: str, where: str = "blob id") -> str:
+    if not isinstance(blob_id, str) or not BLOB_ID_RE.match(blob_id):
+        raise BadBlob(f"{where}: must be 64 lowercase hex digits (blake3)")
+    return blob_id
+
+
+@dataclass(frozen=True, slots=True)
+class OpenBlob:
+    file: BinaryIO
+    size: int
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def prepare(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Temp files of uploads cut short by a crash: never named, never needed.
+        for sub in self.root.iterdir():
+            if sub.is_dir():
+                for tmp in sub.glob(TEMP_PREFIX + "*"):
+                    tmp.unlink(missing_ok=True)
+
+    def path(self, blob_id: str) -> Path:
+        check_blob_id(blob_id)
+        return self.root / blob_id[:2] / blob_id[2:]
+
+    def exists(self, blob_id: str) -> bool:
+        return self.path(blob_id).is_file()
+
+    def size(self, blob_id: str) -> int | None:
+        try:
+            return self.path(blob_id).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def missing(self, ids: Iterable[str]) -> list[str]:
+        """The IDs (first occurrence, in order) that have no stored blob."""
+        seen: set[str] = set()
+        out = []
+        for blob_id in ids:
+            if blob_id in seen:
+                continue
+            seen.add(blob_id)
+            if not self.exists(blob_id):
+                out.append(blob_id)
+        return out
+
+    def open(self, blob_id: str) -> OpenBlob | None:
+        """The blob opened for reading (stays readable even if it is deleted meanwhile)."""
+        try:
+            f = open(self.path(blob_id), "rb")  # noqa: SIM115  # handed to the caller
+        except FileNotFoundError:
+            return None
+        return OpenBlob(f, os.fstat(f.fileno()).st_size)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def new_temp(self, blob_id: str) -> tuple[BinaryIO, Path]:
+        """A fresh temp file next to where the blob will live (same filesystem: atomic rename)."""
+        final = self.path(blob_id)
+        final.parent.mkdir(mode=0o700, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=final.parent)
+        return os.fdopen(fd, "w+b"), Path(name)
+
+    def commit(self, blob_id: str, kind: BlobKind, f: BinaryIO, tmp: Path) -> bool:
+        """Verify the temp file against `blob_id`, then give it the blob's name.
+
+        Returns True if the blob is new, False if it was already there (the temp file is
+        dropped). Raises BadBlob (400) if the bytes do not match; the temp file is always gone
+        afterwards, one way or the other.
+        """
+        final = self.path(blob_id)
+        try:
+            f.flush()
+            os.fsync(f.fileno())
+            f.seek(0)
+            verify(blob_id, kind, f)
+            f.close()
+            if final.exists():
+                return False
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+            return True
+        finally:
+            f.close()
+            tmp.unlink(missing_ok=True)
+
+    def discard(self, f: BinaryIO, tmp: Path) -> None:
+        f.close()
+        tmp.unlink(missing_ok=True)
+
+    def delete(self, blob_ids: Iterable[str]) -> int:
+        removed = 0
+        for blob_id in blob_ids:
+            try:
+                self.path(blob_id).unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def verify(blob_id: str, kind: BlobKind, f: BinaryIO) -> None:
+    """Raise BadBlob unless the bytes read from `f` are the blob `blob_id` of `kind`."""
+    if kind is BlobKind.DELTA:
+        h = blake3.blake3()
+        while piece := f.read(READ_PIECE):
+            h.update(piece)
+        if h.hexdigest() != blob_id:
+            raise BadBlob(f"delta does not hash to {blob_id[:16]}… (blake3 of its bytes)")
+        return
+    _verify_chunk(blob_id, f)
+
+
+def _verify_chunk(blob_id: str, f: BinaryIO) -> None:
+    """One zstd frame of at most CHUNK_SIZE uncompressed bytes, whose blake3 is `blob_id`.
+
+    The output is bounded as it is produced, so a decompression bomb costs at most
+    CHUNK_SIZE + 1 bytes of output before it is refused."""
+    h = blake3.blake3()
+    out_len = 0
+    try:
+        dec = zstd.ZstdDecompressor(options={zstd.DecompressionParameter.window_log_max:
+                                             WINDOW_LOG_MAX})
+        while piece := f.read(READ_PIECE):
+            if dec.eof:
+                raise BadBlob("chunk: data after the end of its zstd frame")
+            data = piece
+            while True:
+                out = dec.decompress(data, max_length=CHUNK_SIZE + 1 - out_len)
+                data = b""
+                out_len += len(out)
+                if out_len > CHUNK_SIZE:
+                    raise BadBlob(f"chunk: decompresses to more than {CHUNK_SIZE} bytes")
+                h.update(out)
+                if dec.eof or dec.needs_input:
+                    break
+    except (zstd.ZstdError, ValueError, EOFError) as exc:
+        raise BadBlob(f"chunk: not a valid zstd frame: {exc}") from None
+    if not dec.eof:
+        raise BadBlob("chunk: truncated zstd frame")
+    if dec.unused_data:
+        raise BadBlob("chunk: data after the end of its zstd frame")
+    if h.hexdigest() != blob_id:
+        raise BadBlob(f"chunk does not hash to {blob_id[:16]}… (blake3 of its uncompressed "
+                      "bytes)")

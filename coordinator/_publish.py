@@ -1,0 +1,382 @@
+"""Publishing a Docker image as a signed release: layers, chunks, deltas, upload (resumable).
+
+`publish_image` is the engine behind `fleetmesh release create`; it talks to the coordinator
+only through the `ReleaseRegistry` methods of `coordinator.client.OperatorClient`, so tests can
+hand it a fake. Nothing here holds more than one layer (plus its delta bases) in memory; chunk
+frames and patches are staged on disk until uploaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import blake3
+from nacl.signing import SigningKey
+
+from mesh.release import (
+    ChunkRef,
+    ContainerSettings,
+    Layer,
+    LayerDelta,
+    ReleaseError,
+    ReleaseManifest,
+    SavedImage,
+    chunk_id,
+    chunk_layer,
+    decode_signed_manifest,
+    docker_save,
+    encode_signed_manifest,
+    file_diff_id,
+    open_chunk,
+    read_saved_image,
+    sign_manifest,
+    verify_manifest,
+)
+from mesh.release._codec import MAX_DELTAS_PER_LAYER
+
+# Candidate bases tried per earlier release for one new layer: the layer at the same position
+# and its nearest neighbour (a Dockerfile edit usually changes the layer in place; an inserted
+# step shifts it by one). Each candidate costs up to three diffs (mesh.delta.plan_layer).
+BASES_PER_RELEASE: Final = 2
+MISSING_BATCH: Final = 10_000  # docs/api.md: POST /blobs/missing takes at most 10,000 ids
+DEFAULT_KEEP: Final = 3
+
+
+class PublishError(Exception):
+    """A one-line reason the release was not published."""
+
+
+class ReleaseRegistry(Protocol):
+    """What publishing needs of the coordinator (coordinator.client.OperatorClient)."""
+
+    def list_releases(self, fleet: str, app: str | None = None) -> list[dict[str, Any]]: ...
+    def release_manifest(self, fleet: str, app: str, version: int) -> bytes: ...
+    def get_blob(self, blob_id: str, start: int | None = None,
+                 end: int | None = None) -> bytes: ...
+    def missing_blobs(self, ids: Sequence[str]) -> list[str]: ...
+    def put_blob(self, blob_id: str, data: bytes, kind: str) -> bool: ...
+    def publish_release(self, signed_manifest: bytes) -> tuple[dict[str, Any], bool]: ...
+
+
+class UploadProgress(Protocol):
+    def start(self, total_bytes: int, blobs: int) -> None: ...
+    def advance(self, nbytes: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LayerReport:
+    index: int
+    diff_id: str
+    size: int  # uncompressed
+    stored_size: int  # sum of chunk frames
+    chunks: int
+    deltas: tuple[LayerDelta, ...]
+    reused_from: int | None  # the earlier version whose chunks this layer reuses
+
+    @property
+    def best_delta(self) -> LayerDelta | None:
+        return min(self.deltas, key=lambda d: d.size) if self.deltas else None
+
+    @property
+    def saving(self) -> float | None:
+        """1 - smallest delta / stored size: what a device holding the base saves."""
+        best = self.best_delta
+        if best is None or self.stored_size == 0:
+            return None
+        return 1.0 - best.size / self.stored_size
+
+
+@dataclass(slots=True)
+class PublishResult:
+    fleet: str
+    app: str
+    version: int
+    created: bool  # False: the coordinator already had this release (or the latest is it)
+    layers: tuple[LayerReport, ...] = ()
+    uploaded_blobs: int = 0
+    uploaded_bytes: int = 0
+    info: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class _Earlier:
+    version: int
+    manifest: ReleaseManifest
+
+
+def _hex(diff_id: str) -> str:
+    return diff_id.removeprefix("sha256:")
+
+
+def _version_of(info: dict[str, Any]) -> int:
+    v = info.get("version")
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise PublishError("the coordinator listed a release without a version")
+    return v
+
+
+class _Publisher:
+    def __init__(self, registry: ReleaseRegistry, fleet: str, app: str, key: SigningKey,
+                 work: Path, cache_dir: Path, warn: Callable[[str], None]) -> None:
+        self.registry, self.fleet, self.app, self.key = registry, fleet, app, key
+        self.work, self.cache_dir, self.warn = work, cache_dir, warn
+        self.staged: dict[str, tuple[Path, str]] = {}  # blob id hex -> (file, kind)
+        self.local: dict[str, Path] = {}  # diff id -> a verified layer file
+        (work / "blobs").mkdir(parents=True, exist_ok=True)
+
+    # ---- earlier releases ----------------------------------------------------------------
+
+    def earlier(self, releases: list[dict[str, Any]], keep: int) -> list[_Earlier]:
+        out = []
+        for info in releases[:keep]:
+            version = _version_of(info)
+            data = self.registry.release_manifest(self.fleet, self.app, version)
+            try:
+                manifest = verify_manifest(decode_signed_manifest(data), self.key.verify_key,
+                                           None, fleet=self.fleet, app=self.app)
+            except ReleaseError as exc:
+                # Signed with another (older) key, or not what it claims: not a base we trust.
+                self.warn(f"version {version} not used as a base: {exc}")
+                continue
+            out.append(_Earlier(version, manifest))
+        return out
+
+    def base_layer(self, layer: Layer) -> Path:
+        """A verified file of an earlier release's layer: from this image, the cache, or
+        rebuilt from its chunks on the coordinator (then cached)."""
+        have = self.local.get(layer.diff_id)
+        if have is not None:
+            return have
+        cached = self.cache_dir / f"{_hex(layer.diff_id)}.tar"
+        if cached.is_file() and file_diff_id(cached) == layer.diff_id:
+            self.local[layer.diff_id] = cached
+            return cached
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        part = cached.with_name(f".{cached.name}.part{os.getpid()}")
+        try:
+            h = hashlib.sha256()
+            with open(part, "wb") as f:
+                for ref in layer.chunks:
+                    piece = open_chunk(ref, self.registry.get_blob(ref.id.hex()))
+                    h.update(piece)
+                    f.write(piece)
+            if "sha256:" + h.hexdigest() != layer.diff_id:
+                raise PublishError(f"base layer {layer.diff_id[:19]} from the coordinator does "
+                                   "not match its diff ID")
+            os.replace(part, cached)
+        finally:
+            part.unlink(missing_ok=True)
+        self.local[layer.diff_id] = cached
+        return cached
+
+    # ---- staging ---------------------------------------------------------------------------
+
+    def stage(self, blob_id: bytes, data: bytes, kind: str) -> None:
+        name = blob_id.hex()
+        if name in self.staged:
+            return
+        path = self.work / "blobs" / name
+        path.write_bytes(data)
+        self.staged[name] = (path, kind)
+
+    def chunk(self, data: bytes) -> tuple[ChunkRef, ...]:
+        chunks = chunk_layer(data)
+        for c in chunks:
+            self.stage(c.ref.id, c.data, "chunk")
+        return tuple(c.ref for c in chunks)
+
+
+def _chunks_match(data: bytes, refs: Sequence[ChunkRef]) -> bool:
+    """Whether `refs` cut `data` (ids and sizes; cheap, no compression)."""
+    pos = 0
+    for ref in refs:
+        piece = data[pos:pos + ref.size]
+        if len(piece) != ref.size or chunk_id(piece) != ref.id:
+            return False
+        pos += ref.size
+    return pos == len(data)
+
+
+def _candidates(index: int, earlier: ReleaseManifest, exclude: set[str]) -> list[Layer]:
+    order = sorted(range(len(earlier.layers)), key=lambda j: (abs(j - index), j))
+    out: list[Layer] = []
+    for j in order:
+        layer = earlier.layers[j]
+        if layer.diff_id not in exclude and all(x.diff_id != layer.diff_id for x in out):
+            out.append(layer)
+        if len(out) == BASES_PER_RELEASE:
+            break
+    return out
+
+
+def publish_image(registry: ReleaseRegistry, *, fleet: str, app: str, signing_key: SigningKey,
+                  image: str | None = None, saved_tar: str | os.PathLike[str] | None = None,
+                  keep: int = DEFAULT_KEEP, version: int | None = None,
+                  container: ContainerSettings | None = None,
+                  cache_dir: str | os.PathLike[str],
+                  workdir: str | os.PathLike[str] | None = None,
+                  progress: UploadProgress | None = None, docker: str = "docker",
+                  now: Callable[[], float] = time.time,
+                  warn: Callable[[str], None] | None = None) -> PublishResult:
+    """Publish `image` (via `docker save`) or an already saved tar as the next release.
+
+    Raises PublishError (one line), ImageError, or the registry's own errors (ApiError,
+    CoordinatorUnreachable...). Interrupted runs are resumed by running again: only the blobs
+    the coordinator is missing are uploaded.
+    """
+    if (image is None) == (saved_tar is None):
+        raise ValueError("give exactly one of image and saved_tar")
+    if keep < 0:
+        raise PublishError("--key must be 0 or more")
+    warnings: list[str] = []
+
+    def _warn(message: str) -> None:
+        warnings.append(message)
+        if warn is not None:
+            warn(message)
+
+    with tempfile.TemporaryDirectory(prefix="fleetmesh-publish-",
+                                     dir=None if workdir is None else str(workdir)) as tmp:
+        work = Path(tmp)
+        if saved_tar is None:
+            assert image is not None
+            saved_tar = docker_save(image, work / "image.tar", docker=docker)
+        saved = read_saved_image(saved_tar, work / "layers")
+        if image is not None:
+            Path(saved_tar).unlink(missing_ok=True)  # the layers are extracted
+        pub = _Publisher(registry, fleet, app, signing_key, work, Path(cache_dir), _warn)
+        result = _publish(pub, saved, keep, version, container or ContainerSettings(), progress,
+                          now)
+        result.warnings = warnings
+        return result
+
+
+def _publish(pub: _Publisher, saved: SavedImage, keep: int, version: int | None,
+             container: ContainerSettings, progress: UploadProgress | None,
+             now: Callable[[], float]) -> PublishResult:
+    reg, fleet, app = pub.registry, pub.fleet, pub.app
+    for saved_layer in saved.layers:
+        assert isinstance(saved_layer.data, Path)
+        pub.local[saved_layer.diff_id] = saved_layer.data
+    releases = sorted(reg.list_releases(fleet, app), key=_version_of, reverse=True)
+    latest = _version_of(releases[0]) if releases else 0
+    earlier = pub.earlier(releases, max(keep, 1))
+    if (earlier and earlier[0].version == latest
+            and earlier[0].manifest.image_config == saved.config_bytes
+            and earlier[0].manifest.container == container
+            and version in (None, latest)):
+        return PublishResult(fleet, app, latest, created=False)
+    earlier = earlier[:keep]
+    if version is None:
+        version = latest + 1
+    elif version <= latest:
+        raise PublishError(f"version {version} is not newer than {fleet}/{app} version {latest}")
+
+    # Layers already published: reuse their chunks (and their deltas) if the coordinator still
+    # has every blob they name.
+    known: dict[str, tuple[int, Layer]] = {}
+    for e in reversed(earlier):  # newest last: it wins
+        for layer in e.manifest.layers:
+            known[layer.diff_id] = (e.version, layer)
+    wanted = {ref.id.hex() for _, layer in known.values() for ref in layer.chunks}
+    wanted |= {d.blob_id.hex() for _, layer in known.values() for d in layer.deltas}
+    gone = set(_missing(reg, sorted(wanted)))
+
+    layers: list[Layer] = []
+    reports: list[LayerReport] = []
+    new_ids = {layer.diff_id for layer in saved.layers}
+    for index, saved_layer in enumerate(saved.layers):
+        data = saved_layer.read()
+        reused = known.get(saved_layer.diff_id)
+        if (reused is not None and not any(r.id.hex() in gone for r in reused[1].chunks)
+                and _chunks_match(data, reused[1].chunks)):
+            version_from, old = reused
+            deltas = tuple(d for d in old.deltas if d.blob_id.hex() not in gone)
+            layer = Layer(saved_layer.diff_id, len(data), old.chunks, deltas)
+            layers.append(layer)
+            reports.append(LayerReport(index, layer.diff_id, layer.size,
+                                       sum(c.stored_size for c in old.chunks), len(old.chunks),
+                                       deltas, version_from))
+            continue
+        refs = pub.chunk(data)
+        stored = sum(r.stored_size for r in refs)
+        deltas_list: list[LayerDelta] = []
+        tried: set[str] = set(new_ids)
+        for e in earlier:
+            bases = _candidates(index, e.manifest, tried)
+            tried.update(b.diff_id for b in bases)
+            if not bases or len(deltas_list) >= MAX_DELTAS_PER_LAYER:
+                continue
+            from mesh.delta import plan_layer, read_header
+            plan = plan_layer(data, {b.diff_id: pub.base_layer(b).read_bytes() for b in bases},
+                              full_size=stored)
+            if plan.patch is None or plan.source_diff_id is None:
+                continue
+            blob_id = blake3.blake3(plan.patch).digest()
+            pub.stage(blob_id, plan.patch, "delta")
+            deltas_list.append(LayerDelta(plan.source_diff_id, blob_id, len(plan.patch),
+                                          read_header(plan.patch).method.name))
+        layer = Layer(saved_layer.diff_id, len(data), refs, tuple(deltas_list))
+        layers.append(layer)
+        reports.append(LayerReport(index, layer.diff_id, layer.size, stored, len(refs),
+                                   layer.deltas, None))
+        del data
+
+    manifest = ReleaseManifest(fleet, app, version, int(now()), saved.config_bytes,
+                               tuple(layers), container)
+    try:
+        signed = encode_signed_manifest(sign_manifest(manifest, pub.key))
+    except ReleaseError as exc:
+        raise PublishError(f"cannot encode the release: {exc}") from None
+
+    ids = sorted({r.id.hex() for layer in layers for r in layer.chunks}
+                 | {d.blob_id.hex() for layer in layers for d in layer.deltas})
+    missing = _missing(reg, ids)
+    count, nbytes = _upload(pub, missing, progress)
+    from coordinator.client import ApiError
+    try:
+        info, created = reg.publish_release(signed)
+    except ApiError as exc:
+        late = getattr(exc, "missing", None)
+        if exc.status != 409 or not late:
+            raise
+        # Blobs removed while we uploaded (a release deleted meanwhile): send them, once more.
+        more, more_bytes = _upload(pub, list(late), progress)
+        count, nbytes = count + more, nbytes + more_bytes
+        info, created = reg.publish_release(signed)
+    return PublishResult(fleet, app, version, created, tuple(reports), count, nbytes, info)
+
+
+def _missing(reg: ReleaseRegistry, ids: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for start in range(0, len(ids), MISSING_BATCH):
+        out.extend(reg.missing_blobs(list(ids[start:start + MISSING_BATCH])))
+    return out
+
+
+def _upload(pub: _Publisher, missing: Sequence[str], progress: UploadProgress | None
+            ) -> tuple[int, int]:
+    todo = []
+    for blob_id in missing:
+        staged = pub.staged.get(blob_id)
+        if staged is None:
+            raise PublishError(f"the coordinator lacks blob {blob_id[:16]}, which this run "
+                               "did not produce; run again")
+        todo.append((blob_id, *staged))
+    total = sum(path.stat().st_size for _, path, _ in todo)
+    if progress is not None:
+        progress.start(total, len(todo))
+    for blob_id, path, kind in todo:
+        data = path.read_bytes()
+        pub.registry.put_blob(blob_id, data, kind)
+        if progress is not None:
+            progress.advance(len(data))
+    return len(todo), total

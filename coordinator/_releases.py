@@ -1,0 +1,292 @@
+"""The release registry: publishing signed manifests, blobs, release keys and targets.
+
+The coordinator never holds a signing key. It checks what it can without one: the manifest is
+well formed, every blob it names is stored (and of the size it says), versions only grow, and,
+once the operator has set a fleet's release key, that the manifest (or a rollback pin) is
+signed with it. Devices verify everything again against the key they pinned at enrollment.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Final
+
+import trio
+from nacl.signing import VerifyKey
+
+from mesh.control import ControlError, check_name
+from mesh.release import (
+    ManifestError,
+    ReleaseManifest,
+    ReleasePin,
+    VerificationError,
+    decode_manifest,
+    decode_pin,
+    decode_signed_manifest,
+    decode_signed_pin,
+    key_id,
+    verify_manifest,
+    verify_pin,
+)
+
+from ._blobs import MAX_BLOB_BYTES, BlobKind, BlobStore, OpenBlob, check_blob_id
+from ._model import (
+    Conflict,
+    Device,
+    DeviceState,
+    Forbidden,
+    NotFound,
+    Release,
+    ReleaseKey,
+    Target,
+    TooLarge,
+    release_info,
+    target_info,
+)
+from ._store import Store
+
+MAX_MISSING_QUERY: Final = 10_000  # IDs per POST /blobs/missing (docs/api.md)
+APP_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")  # as mesh.release's codec
+MAX_APP_NAME: Final = 253
+
+
+class MissingBlobs(Conflict):
+    """409 with the IDs the client still has to upload."""
+
+    def __init__(self, missing: list[str]) -> None:
+        super().__init__(f"{len(missing)} blob(s) the manifest names are not stored; upload "
+                         "them first")
+        self.missing = missing
+
+
+def _manifest_blobs(m: ReleaseManifest) -> list[tuple[str, BlobKind, int]]:
+    """(ID, kind, stored size) of every blob the manifest names, first occurrence only."""
+    seen: set[str] = set()
+    out = []
+    for layer in m.layers:
+        refs = [(c.id.hex(), BlobKind.CHUNK, c.stored_size) for c in layer.chunks]
+        refs += [(d.blob_id.hex(), BlobKind.DELTA, d.size) for d in layer.deltas]
+        for ref in refs:
+            if ref[0] not in seen:
+                seen.add(ref[0])
+                out.append(ref)
+    return out
+
+
+def _decode(data: bytes) -> tuple[Any, ReleaseManifest]:
+    try:
+        signed = decode_signed_manifest(data)
+        return signed, decode_manifest(signed.manifest)
+    except ManifestError as exc:
+        raise ControlError(f"release: {exc}") from None
+
+
+def check_app(app: str, where: str = "app") -> str:
+    """An app name as the release format spells it (mesh.release's codec: _NAME, MAX_NAME)."""
+    if not isinstance(app, str) or len(app) > MAX_APP_NAME or not APP_RE.match(app):
+        raise ControlError(f"{where}: must be 1-{MAX_APP_NAME} of A-Z, a-z, 0-9, '.', '_' and "
+                           "'-', starting with a letter or digit")
+    return app
+
+
+class ReleaseRegistry:
+    def __init__(self, store: Store, blobs: BlobStore,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.clock = clock
+        self.max_blob_bytes = MAX_BLOB_BYTES
+        # Serialises what touches blobs and releases together (publish's existence check,
+        # delete's garbage collection, an upload's final rename), so a blob can never vanish
+        # between being checked and being named by a release.
+        self._lock = trio.Lock()
+
+    # -- blobs -------------------------------------------------------------------------------
+
+    async def missing(self, ids: list[str]) -> list[str]:
+        for i in ids:
+            check_blob_id(i, "ids[]")
+        return await trio.to_thread.run_sync(self.blobs.missing, ids)
+
+    async def put_blob(self, blob_id: str, kind: BlobKind, body: AsyncIterator[bytes]) -> bool:
+        """Stream `body` to a temp file (at most max_blob_bytes), verify, name it. → new?"""
+        check_blob_id(blob_id)
+        limit = self.max_blob_bytes
+        f, tmp = await trio.to_thread.run_sync(self.blobs.new_temp, blob_id)
+        try:
+            seen = 0
+            async for piece in body:
+                seen += len(piece)
+                if seen > limit:
+                    raise TooLarge(f"blob larger than {limit} bytes")
+                f.write(piece)  # to the page cache: short; the fsync happens in a thread
+        except BaseException:
+            self.blobs.discard(f, tmp)
+            raise
+        async with self._lock:
+            return await trio.to_thread.run_sync(self.blobs.commit, blob_id, kind, f, tmp)
+
+    def open_blob(self, blob_id: str, device: Device | None) -> OpenBlob:
+        """A blob for reading; a device only gets blobs that a release of its fleet names."""
+        check_blob_id(blob_id)
+        if device is not None and not self.store.blob_referenced(blob_id, device.fleet):
+            raise NotFound(f"no blob {blob_id} in fleet {device.fleet}")
+        blob = self.blobs.open(blob_id)
+        if blob is None:
+            raise NotFound(f"no blob {blob_id}")
+        return blob
+
+    # -- releases ----------------------------------------------------------------------------
+
+    async def publish(self, data: bytes) -> tuple[dict[str, Any], bool]:
+        signed, m = _decode(data)
+        check_name(m.fleet, "release fleet")
+        existing = self.store.get_release(m.fleet, m.app, m.version)
+        if existing is not None and existing.signed == data:
+            return release_info(existing), False
+        key = self.store.release_key(m.fleet)
+        if key is not None:
+            try:
+                verify_manifest(signed, bytes.fromhex(key.public_key), 0, fleet=m.fleet,
+                                app=m.app)
+            except VerificationError as exc:
+                raise Forbidden(f"release not signed with fleet {m.fleet}'s release key "
+                                f"{key.key_id}: {exc}") from None
+        refs = _manifest_blobs(m)
+        async with self._lock:
+            latest = self.store.latest_version(m.fleet, m.app)
+            if latest is not None and m.version <= latest:
+                raise Conflict(f"{m.app} version {m.version} is not newer than the latest "
+                               f"published in fleet {m.fleet} ({latest})")
+            sizes = await trio.to_thread.run_sync(
+                lambda: [self.blobs.size(i) for i, _, _ in refs])
+            missing = [i for (i, _, _), got in zip(refs, sizes, strict=True) if got is None]
+            if missing:
+                raise MissingBlobs(missing)
+            wrong = [(i, k, want, got) for (i, k, want), got in zip(refs, sizes, strict=True)
+                     if got != want]
+            if wrong:
+                i, k, want, got = wrong[0]
+                raise Conflict(f"{len(wrong)} blob(s) stored with another size than the "
+                               f"manifest says, e.g. {k} {i}: {got} bytes, manifest {want} "
+                               "(compress chunks exactly as the stored ones)")
+            release = Release(
+                fleet=m.fleet, app=m.app, version=m.version, signed=bytes(data),
+                key_id=signed.key_id, created_at=m.created_at, published_at=self.clock(),
+                layers=len(m.layers), size=sum(layer.size for layer in m.layers),
+                stored_size=sum(c.stored_size for layer in m.layers for c in layer.chunks),
+                delta_size=sum(d.size for layer in m.layers for d in layer.deltas),
+                blob_ids=tuple(i for i, _, _ in refs))
+            stored, created = self.store.add_release(release)
+        return release_info(stored), created
+
+    def _release(self, fleet: str, app: str, version: int) -> Release:
+        release = self.store.get_release(fleet, app, version)
+        if release is None:
+            raise NotFound(f"no release {app} version {version} in fleet {fleet}")
+        return release
+
+    def list_releases(self, fleet: str, app: str | None) -> list[dict[str, Any]]:
+        return [release_info(r) for r in self.store.list_releases(fleet, app)]
+
+    def release_detail(self, fleet: str, app: str, version: int) -> dict[str, Any]:
+        release = self._release(fleet, app, version)
+        _, m = _decode(release.signed)
+        out = release_info(release)
+        out["layers"] = [
+            {"diff_id": layer.diff_id, "size": layer.size, "chunks": len(layer.chunks),
+             "stored_size": sum(c.stored_size for c in layer.chunks),
+             "deltas": [{"source_diff_id": d.source_diff_id, "size": d.size,
+                         "method": d.method} for d in layer.deltas]}
+            for layer in m.layers]
+        return out
+
+    def manifest(self, fleet: str, app: str, version: int, device: Device | None) -> bytes:
+        if device is not None and device.fleet != fleet:
+            raise NotFound(f"no release {app} version {version} in fleet {fleet}")
+        return self._release(fleet, app, version).signed
+
+    async def delete(self, fleet: str, app: str, version: int) -> int:
+        """Remove the release and the blobs no other release names → blobs removed."""
+        async with self._lock:
+            orphans = self.store.delete_release(fleet, app, version)
+            return await trio.to_thread.run_sync(self.blobs.delete, orphans)
+
+    # -- keys and targets --------------------------------------------------------------------
+
+    def set_release_key(self, fleet: str, public_key_hex: str) -> dict[str, Any]:
+        try:
+            raw = bytes.fromhex(public_key_hex)
+            if len(raw) != 32:
+                raise ValueError
+            VerifyKey(raw)
+        except (ValueError, TypeError):
+            raise ControlError("public_key: must be an Ed25519 public key in hex "
+                               "(64 digits)") from None
+        key = ReleaseKey(fleet, raw.hex(), key_id(raw), self.clock())
+        self.store.set_release_key(key)
+        return {"fleet": fleet, "public_key": key.public_key, "key_id": key.key_id}
+
+    def release_key(self, fleet: str) -> str | None:
+        key = self.store.release_key(fleet)
+        return None if key is None else key.public_key
+
+    def set_target(self, fleet: str, app: str, version: int, device: str | None,
+                   pin_hex: str | None) -> dict[str, Any]:
+        self._release(fleet, app, version)
+        if device is not None:
+            dev = self.store.device_by_name(device)
+            if dev is None or dev.fleet != fleet or dev.state is DeviceState.REVOKED:
+                raise NotFound(f"no device {device!r} in fleet {fleet}")
+        pin_bytes: bytes | None = None
+        if pin_hex is not None:
+            try:
+                pin_bytes = bytes.fromhex(pin_hex)
+                signed_pin = decode_signed_pin(pin_bytes)
+            except (ValueError, ManifestError) as exc:
+                raise ControlError(f"pin: not a hex encoded signed pin: {exc}") from None
+        latest = self.store.latest_version(fleet, app)
+        key = self.store.release_key(fleet)
+        if latest is not None and version < latest:
+            if key is None:
+                raise Conflict(f"{app} version {version} is older than the latest ({latest}): "
+                               "a rollback needs a signed pin; set the fleet's release key "
+                               "first")
+            if pin_bytes is None:
+                raise Conflict(f"{app} version {version} is older than the latest ({latest}): "
+                               "a rollback needs a pin signed with the fleet's release key")
+        if pin_bytes is not None:
+            pin: ReleasePin
+            try:
+                if key is not None:
+                    pin = verify_pin(signed_pin, bytes.fromhex(key.public_key))
+                else:
+                    pin = decode_pin(signed_pin.pin)
+            except VerificationError as exc:
+                raise Forbidden(f"pin not signed with fleet {fleet}'s release key: "
+                                f"{exc}") from None
+            except ManifestError as exc:
+                raise ControlError(f"pin: {exc}") from None
+            if (pin.fleet, pin.app, pin.version) != (fleet, app, version) or \
+                    pin.device not in (None, device):
+                raise ControlError(
+                    f"pin names {pin.app} version {pin.version} in fleet {pin.fleet}"
+                    f"{'' if pin.device is None else ' for device ' + pin.device}, not "
+                    f"{app} version {version}{'' if device is None else ' for ' + device}")
+        target = Target(fleet, app, version, device, pin_bytes, self.clock())
+        self.store.set_target(target)
+        return target_info(target)
+
+    def device_targets(self, device: Device) -> list[dict[str, Any]]:
+        """Per app: the device's own target over the fleet's."""
+        chosen: dict[str, Target] = {}
+        for t in self.store.targets(device.fleet):
+            if t.device is None:
+                chosen.setdefault(t.app, t)
+            elif t.device == device.name:
+                chosen[t.app] = t
+        return [{"app": t.app, "version": t.version,
+                 "pin": None if t.pin is None else t.pin.hex()}
+                for t in sorted(chosen.values(), key=lambda t: t.app)]
