@@ -147,14 +147,7 @@ def blob_response(request: Request, blob_id: str, blob: OpenBlob) -> Response:
 
 
 async def read_json(request: Request, limit: int = MAX_BODY_BYTES) -> Any:
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > limit):
-        raise TooLarge(f"body larger than {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise TooLarge(f"body larger than {limit} bytes")
+    body = await read_body(request, limit)
     try:
         return json.loads(body)
     except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, absurd nesting

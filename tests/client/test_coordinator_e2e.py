@@ -8,7 +8,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,19 +21,14 @@ import trio
 
 from coordinator.client import ApiError, DeviceClient, OperatorClient, enroll
 from mesh.control import DeviceReport, PeerMap, PeerPath, TokenParts
-from mesh.tlspin import CertificateFetchError, PinError, fetch_certificate, fingerprint
+from mesh.tlspin import PinError, fingerprint
+from tests.coordinator_process import running_coordinator
 from vpn import generate_keypair
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 FLEETMESH = str(BIN / "fleetmesh")
 SERVER_READY_S = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -83,39 +77,8 @@ def _one_line(result: subprocess.CompletedProcess[str], code: int) -> str:
 def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinator]:
     data = tmp_path_factory.mktemp("coord-data")
     home = tmp_path_factory.mktemp("home")
-    port = _free_port()
-    log = open(data.parent / f"{data.name}.log", "w+")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen(
-        [FLEETMESH, "coordinator", "serve", "--data", str(data), "--listen",
-         f"127.0.0.1:{port}", "--no-hub"], stdout=log, stderr=subprocess.STDOUT,
-        env={k: v for k, v in os.environ.items() if not k.startswith("FLEETMESH_")})
-    try:
-        deadline = time.monotonic() + SERVER_READY_S
-        der = b""
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"coordinator exited with {proc.returncode}: {log.read()[-2000:]}")
-            if (data / "operator.key").exists():
-                try:
-                    der = fetch_certificate("127.0.0.1", port, timeout=2)
-                    break
-                except CertificateFetchError:
-                    pass
-            if time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"coordinator not ready in {SERVER_READY_S} s: {log.read()[-2000:]}")
-            time.sleep(0.1)
-        api_key = (data / "operator.key").read_text().strip()
-        yield Coordinator(f"https://127.0.0.1:{port}", api_key, der, data, home)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
+    with running_coordinator(data, data.parent / f"{data.name}.log") as c:
+        yield Coordinator(c.url, c.api_key, c.der, data, home)
 
 
 def test_operator_key_file_is_private(coordinator: Coordinator) -> None:

@@ -15,10 +15,8 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from mesh.release import (
     read_signing_key,
     verify_manifest,
 )
+from tests.coordinator_process import running_coordinator
 
 pytestmark = pytest.mark.lab
 
@@ -183,59 +182,12 @@ def test_round_trip_with_in_memory_registry(images: Images, tmp_path: Path) -> N
 # --------------------------------------------------------------------------- real coordinator
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def coordinator_env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    from coordinator.client import OperatorClient
-    from mesh.tlspin import CertificateFetchError, fetch_certificate, fingerprint
-    missing = [m for m in ("missing_blobs", "put_blob", "publish_release", "list_releases",
-                           "release", "release_manifest", "get_blob", "set_release_key")
-               if not hasattr(OperatorClient, m)]
-    if missing:
-        pytest.skip(f"OperatorClient lacks {', '.join(missing)} (release SDK not landed)")
-    data, home = tmp_path / "coord", tmp_path / "home"
-    data.mkdir()
-    home.mkdir()
-    port = _free_port()
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("FLEETMESH_")}
-    log = open(tmp_path / "coord.log", "w+")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen(
-        [FLEETMESH, "coordinator", "serve", "--data", str(data), "--listen",
-         f"127.0.0.1:{port}", "--no-hub"], stdout=log, stderr=subprocess.STDOUT, env=clean)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"coordinator exited: {log.read()[-2000:]}")
-            if (data / "operator.key").exists():
-                try:
-                    der = fetch_certificate("127.0.0.1", port, timeout=2)
-                    break
-                except CertificateFetchError:
-                    pass
-            if time.monotonic() > deadline:
-                pytest.fail("coordinator not ready in 30 s")
-            time.sleep(0.1)
-        clean.pop("XDG_CONFIG_HOME", None)
-        clean.pop("XDG_CACHE_HOME", None)
-        clean.update(HOME=str(home), FLEETMESH_URL=f"https://127.0.0.1:{port}",
-                     FLEETMESH_API_KEY=(data / "operator.key").read_text().strip(),
-                     FLEETMESH_FINGERPRINT=fingerprint(der))
-        yield clean
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
+    (tmp_path / "coord").mkdir()
+    (tmp_path / "home").mkdir()
+    with running_coordinator(tmp_path / "coord", tmp_path / "coord.log") as coord:
+        yield coord.operator_env(tmp_path / "home")
 
 
 def test_round_trip_with_coordinator_and_cli(images: Images, coordinator_env: dict[str, str],
