@@ -1,0 +1,386 @@
+"""BlobScheduler with explicit `now`: source choice, HRW responsibility, exact timers, bounds."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+
+import pytest
+
+from mesh.blobsched import (
+    BACKOFF_INITIAL_S,
+    COORDINATOR,
+    LAN_WAIT_FACTOR,
+    LAN_WAIT_FLOOR_S,
+    MAX_IN_FLIGHT_PER_PEER,
+    MAX_IN_FLIGHT_TOTAL,
+    MAX_WAN_IN_FLIGHT,
+    Action,
+    Announce,
+    BlobScheduler,
+    Cancel,
+    Fetch,
+    SchedConfig,
+    fetch_timeout,
+    lan_wait,
+    rendezvous_owner,
+)
+
+SIZE = 1_000_000
+CFG = SchedConfig(lan_rate=10e6, wan_rate=100e3)
+LAN = ["d1", "d2", "d3"]
+
+
+def bid(i: int) -> bytes:
+    return hashlib.sha256(b"blob-%d" % i).digest()
+
+
+def fetches(actions: list[Action]) -> list[Fetch]:
+    return [a for a in actions if isinstance(a, Fetch)]
+
+
+def owned_by(owner: str, members: list[str], n: int = 1, start: int = 0) -> list[bytes]:
+    """The first `n` blob ids (from index `start`) that `owner` is responsible for."""
+    out = []
+    i = start
+    while len(out) < n:
+        if rendezvous_owner(members, bid(i)) == owner:
+            out.append(bid(i))
+        i += 1
+    return out
+
+
+def node(lan: list[str] = LAN, wan: tuple[str, ...] = (), now: float = 0.0,
+         config: SchedConfig = CFG, have: tuple[bytes, ...] = ()) -> BlobScheduler:
+    s = BlobScheduler("d0", config=config, have=have)
+    assert s.set_peers(lan, wan, now) == []
+    return s
+
+
+# ---------------------------------------------------------------- constants and HRW
+
+
+def test_lan_wait_is_twice_the_expected_transfer_with_a_floor() -> None:
+    assert lan_wait(SIZE, CFG) == pytest.approx(LAN_WAIT_FACTOR * (SIZE / 100e3 + SIZE / 10e6))
+    assert lan_wait(10, CFG) == LAN_WAIT_FLOOR_S
+    assert fetch_timeout(SIZE, True, CFG) == pytest.approx(40.0)
+
+
+def test_hrw_spreads_1000_blobs_over_4_members() -> None:
+    members = ["d0", "d1", "d2", "d3"]
+    counts = Counter(rendezvous_owner(members, bid(i)) for i in range(1000))
+    assert set(counts) == set(members)
+    for m in members:  # binomial(1000, 1/4): sd 13.7, so +-50 is more than 3.6 sd
+        assert 200 <= counts[m] <= 300, counts
+
+
+def test_hrw_only_the_leavers_blobs_move() -> None:
+    members = ["d0", "d1", "d2", "d3"]
+    before = {bid(i): rendezvous_owner(members, bid(i)) for i in range(1000)}
+    after = {b: rendezvous_owner(["d0", "d1", "d3"], b) for b in before}
+    moved = {b for b in before if before[b] != after[b]}
+    assert moved == {b for b in before if before[b] == "d2"}
+    assert Counter(after[b] for b in moved).keys() <= {"d0", "d1", "d3"}
+    # the leaver's blobs spread over the rest, not onto one member
+    assert min(Counter(after[b] for b in moved).values()) > len(moved) // 6
+
+
+def test_scheduler_responsibility_matches_hrw_and_moves_when_member_leaves() -> None:
+    s = node()
+    members = ["d0", *LAN]
+    assert all(s.responsible(bid(i)) == rendezvous_owner(members, bid(i)) for i in range(100))
+    s.set_peers(["d1", "d3"], ["d2"], 1.0)  # d2 left the LAN (it is still a mesh peer)
+    assert all(s.responsible(bid(i)) == rendezvous_owner(["d0", "d1", "d3"], bid(i))
+               for i in range(100))
+
+
+# ---------------------------------------------------------------- source choice
+
+
+def test_lan_neighbour_preferred_over_wan_peer_and_coordinator() -> None:
+    s = node(wan=("w1",))
+    (mine,) = owned_by("d0", ["d0", *LAN])  # even a blob we are responsible for
+    s.on_have("w1", [mine], False, 0.0)
+    s.on_have("d2", [mine], False, 0.0)
+    assert fetches(s.want({mine: SIZE}, 1.0)) == [Fetch(mine, "d2", SIZE)]
+
+
+def test_responsible_member_fetches_from_wan_peer_else_coordinator_at_once() -> None:
+    s = node(wan=("w1",))
+    a, b = owned_by("d0", ["d0", *LAN], n=2)
+    s.on_have("w1", [a], False, 0.0)
+    got = fetches(s.want({a: SIZE, b: SIZE}, 5.0))
+    assert sorted(got, key=lambda f: f.source) == [Fetch(b, COORDINATOR, SIZE),
+                                                   Fetch(a, "w1", SIZE)]
+
+
+def test_least_loaded_lan_neighbour() -> None:
+    s = node()
+    blobs = [bid(i) for i in range(6)]
+    s.on_have("d1", blobs, False, 0.0)
+    s.on_have("d2", blobs, False, 0.0)
+    got = fetches(s.want(dict.fromkeys(blobs, SIZE), 1.0))
+    assert Counter(f.source for f in got) == {"d1": 3, "d2": 3}
+
+
+# ---------------------------------------------------------------- waiting for the LAN
+
+
+def test_non_responsible_waits_exactly_lan_wait_then_fetches_from_coordinator() -> None:
+    s = node(wan=("w1",))
+    (b,) = owned_by("d1", ["d0", *LAN])
+    assert fetches(s.want({b: SIZE}, 100.0)) == []
+    deadline = 100.0 + lan_wait(SIZE, CFG)
+    assert s.next_deadline() == deadline
+    assert fetches(s.tick(deadline - 1e-6)) == []
+    assert fetches(s.tick(deadline)) == [Fetch(b, COORDINATOR, SIZE)]
+
+
+def test_non_responsible_after_lan_wait_prefers_wan_peer() -> None:
+    s = node(wan=("w1",))
+    (b,) = owned_by("d1", ["d0", *LAN])
+    s.want({b: SIZE}, 0.0)
+    s.on_have("w1", [b], False, 3.0)  # a WAN peer has it: still wait for the LAN
+    assert fetches(s.tick(3.0)) == []
+    assert fetches(s.tick(lan_wait(SIZE, CFG))) == [Fetch(b, "w1", SIZE)]
+
+
+def test_blob_appearing_on_lan_during_wait_comes_from_lan() -> None:
+    s = node()
+    (b,) = owned_by("d1", ["d0", *LAN])
+    s.want({b: SIZE}, 0.0)
+    assert fetches(s.on_have("d1", [b], False, 12.0)) == [Fetch(b, "d1", SIZE)]
+
+
+def test_owner_progress_extends_the_wait() -> None:
+    s = node()
+    b, c = owned_by("d1", ["d0", *LAN], n=2)
+    s.want({b: SIZE, c: SIZE}, 0.0)
+    # d1 brings c at t=15: it is alive and working through its queue, so b may follow
+    assert fetches(s.on_have("d1", [c], False, 15.0)) == [Fetch(c, "d1", SIZE)]
+    s.on_received("d1", c, True, 16.0)
+    assert s.next_deadline() == 15.0 + lan_wait(SIZE, CFG)
+    assert fetches(s.tick(lan_wait(SIZE, CFG))) == []
+    assert fetches(s.tick(15.0 + lan_wait(SIZE, CFG))) == [Fetch(b, COORDINATOR, SIZE)]
+
+
+def test_responsibility_moves_to_us_when_owner_leaves() -> None:
+    members = ["d0", *LAN]
+    b = next(x for x in owned_by("d2", members, n=50)
+             if rendezvous_owner(["d0", "d1", "d3"], x) == "d0")
+    s = node()
+    assert fetches(s.want({b: SIZE}, 0.0)) == []
+    assert fetches(s.set_peers(["d1", "d3"], [], 4.0)) == [Fetch(b, COORDINATOR, SIZE)]
+
+
+def test_responsibility_moves_to_other_member_restarts_the_wait() -> None:
+    members = ["d0", *LAN]
+    b = next(x for x in owned_by("d2", members, n=50)
+             if rendezvous_owner(["d0", "d1", "d3"], x) == "d1")
+    s = node()
+    s.want({b: SIZE}, 0.0)
+    s.set_peers(["d1", "d3"], [], 4.0)
+    assert s.next_deadline() == 4.0 + lan_wait(SIZE, CFG)
+    assert fetches(s.tick(lan_wait(SIZE, CFG))) == []
+    assert fetches(s.tick(4.0 + lan_wait(SIZE, CFG))) == [Fetch(b, COORDINATOR, SIZE)]
+
+
+# ---------------------------------------------------------------- rarest first
+
+
+def test_rarest_first() -> None:
+    s = node(lan=["d1", "d2", "d3"], config=SchedConfig(10e6, 100e3, max_total=1))
+    x, y, z = bid(1), bid(2), bid(3)
+    s.on_have("d1", [x, y, z], False, 0.0)
+    s.on_have("d2", [x, z], False, 0.0)
+    s.on_have("d3", [x], False, 0.0)
+    order = []
+    (f,) = fetches(s.want({x: SIZE, y: SIZE, z: SIZE}, 1.0))
+    while True:
+        order.append(f.blob_id)
+        got = fetches(s.on_received(f.source, f.blob_id, True, 2.0))
+        if not got:
+            break
+        (f,) = got
+    assert order == [y, z, x]  # 1, 2, then 3 holders
+    assert s.complete
+
+
+def test_ties_are_broken_deterministically_per_device() -> None:
+    blobs = {bid(i): SIZE for i in range(20)}
+    cfg = SchedConfig(10e6, 100e3, max_total=1)
+    runs = []
+    for _ in range(2):
+        s = BlobScheduler("d0", config=cfg)
+        s.set_peers(["d1"], [], 0.0)
+        s.on_have("d1", list(blobs), False, 0.0)
+        runs.append(fetches(s.want(blobs, 0.0)))
+    assert runs[0] == runs[1]
+
+
+# ---------------------------------------------------------------- bounds and timeouts
+
+
+def test_per_peer_bound() -> None:
+    s = node()
+    blobs = [bid(i) for i in range(10)]
+    s.on_have("d1", blobs, False, 0.0)
+    got = fetches(s.want(dict.fromkeys(blobs, SIZE), 0.0))
+    assert len(got) == MAX_IN_FLIGHT_PER_PEER and {f.source for f in got} == {"d1"}
+    more = fetches(s.on_received("d1", got[0].blob_id, True, 0.5))
+    assert len(more) == 1 and len(s.in_flight()) == MAX_IN_FLIGHT_PER_PEER
+
+
+def test_total_bound() -> None:
+    peers = [f"d{i}" for i in range(1, 9)]
+    s = node(lan=peers)
+    blobs = [bid(i) for i in range(40)]
+    for p in peers:
+        s.on_have(p, blobs, False, 0.0)
+    got = fetches(s.want(dict.fromkeys(blobs, SIZE), 0.0))
+    assert len(got) == MAX_IN_FLIGHT_TOTAL
+    assert max(Counter(f.source for f in got).values()) <= MAX_IN_FLIGHT_PER_PEER
+
+
+def test_wan_bound() -> None:
+    s = node(lan=[], wan=("w1", "w2"))
+    blobs = [bid(i) for i in range(10)]
+    s.on_have("w1", blobs[:5], False, 0.0)
+    got = fetches(s.want(dict.fromkeys(blobs, SIZE), 0.0))
+    assert len(got) == MAX_WAN_IN_FLIGHT
+
+
+def test_timeout_cancels_rests_the_source_and_refetches_elsewhere() -> None:
+    s = node()
+    b = bid(1)
+    s.on_have("d1", [b], False, 0.0)
+    s.on_have("d2", [b], False, 0.0)
+    (f,) = fetches(s.want({b: SIZE}, 0.0))
+    timeout = fetch_timeout(SIZE, False, CFG)
+    assert s.next_deadline() == timeout
+    assert s.tick(timeout - 1e-6) == []
+    out = s.tick(timeout)
+    other = "d2" if f.source == "d1" else "d1"
+    assert out == [Cancel(b, f.source), Fetch(b, other, SIZE)]
+
+
+def test_failure_backoff_then_retry_same_source() -> None:
+    s = node(lan=[])
+    b = bid(1)
+    assert fetches(s.want({b: SIZE}, 0.0)) == [Fetch(b, COORDINATOR, SIZE)]
+    assert s.on_failed(COORDINATOR, b, 1.0) == []
+    assert s.next_deadline() == 1.0 + BACKOFF_INITIAL_S
+    assert fetches(s.tick(1.0 + BACKOFF_INITIAL_S)) == [Fetch(b, COORDINATOR, SIZE)]
+
+
+# ---------------------------------------------------------------- bad peers
+
+
+def test_bad_peer_banned_and_blob_refetched_elsewhere() -> None:
+    s = node()
+    b, c = bid(1), bid(2)
+    s.on_have("d1", [b, c], False, 0.0)
+    got = fetches(s.want({b: SIZE, c: SIZE}, 0.0))
+    assert {f.source for f in got} == {"d1"}
+    out = s.on_received("d1", b, False, 1.0)
+    assert "d1" in s.banned
+    # the other request to d1 is abandoned; nobody else has the blobs: WAN (we or others own them)
+    assert Cancel(c, "d1") in out
+    assert all(f.source != "d1" for f in fetches(out))
+    assert fetches(s.on_have("d1", [b, c], True, 2.0)) == []  # its Haves are ignored
+    waiting = {b, c} - set(s.in_flight())
+    assert waiting  # b at least: it was d1's, or is ours and was rescheduled
+    got = fetches(s.on_have("d2", [b, c], False, 3.0))
+    assert {(f.blob_id, f.source) for f in got} == {(x, "d2") for x in waiting}
+    for x, source in s.in_flight().items():
+        s.on_received(source, x, True, 4.0)
+    assert s.complete and all(f.source != "d1" for f in got)
+
+
+def test_banned_lan_member_loses_responsibility() -> None:
+    members = ["d0", *LAN]
+    (b,) = owned_by("d1", members)
+    s = node()
+    s.want({b: SIZE, bid(10_000): SIZE}, 0.0)
+    s.on_have("d1", [bid(10_000)], False, 0.0)
+    s.on_received("d1", bid(10_000), False, 1.0)
+    assert s.responsible(b) == rendezvous_owner(["d0", "d2", "d3"], b)
+
+
+def test_coordinator_bad_data_is_retried_not_banned() -> None:
+    s = node(lan=[])
+    b = bid(1)
+    s.want({b: SIZE}, 0.0)
+    assert s.on_received(COORDINATOR, b, False, 1.0) == []
+    assert COORDINATOR not in s.banned
+    assert fetches(s.tick(1.0 + BACKOFF_INITIAL_S)) == [Fetch(b, COORDINATOR, SIZE)]
+
+
+# ---------------------------------------------------------------- modes and completion
+
+
+def test_peer_sharing_off_everything_from_coordinator() -> None:
+    cfg = SchedConfig(10e6, 100e3, peer_sharing=False)
+    s = node(wan=("w1",), config=cfg)
+    blobs = [bid(i) for i in range(10)]
+    s.on_have("d1", blobs, True, 0.0)
+    s.on_have("w1", blobs, True, 0.0)
+    got = fetches(s.want(dict.fromkeys(blobs, SIZE), 0.0))
+    assert len(got) == MAX_WAN_IN_FLIGHT
+    seen = list(got)
+    while got:
+        f = got.pop()
+        new = fetches(s.on_received(f.source, f.blob_id, True, 1.0))
+        seen.extend(new)
+        got.extend(new)
+    assert {f.source for f in seen} == {COORDINATOR} and len(seen) == 10
+    assert s.complete
+
+
+def test_completion_announces_each_blob_and_goes_quiet() -> None:
+    s = node()
+    blobs = [bid(i) for i in range(3)]
+    s.on_have("d1", blobs, False, 0.0)
+    got = fetches(s.want(dict.fromkeys(blobs, SIZE), 0.0))
+    for f in got:
+        out = s.on_received(f.source, f.blob_id, True, 1.0)
+        assert Announce((f.blob_id,)) in out
+    assert s.complete and s.missing == frozenset()
+    assert s.next_deadline() is None and s.tick(100.0) == []
+    assert s.have == frozenset(blobs)
+
+
+def test_held_blobs_are_never_fetched_and_are_announced() -> None:
+    b, c = bid(1), bid(2)
+    s = node(have=(b,))
+    s.on_have("d1", [b, c], False, 0.0)
+    out = s.want({b: SIZE, c: SIZE}, 0.0)
+    assert out[0] == Announce((b,), complete=True)
+    assert fetches(out) == [Fetch(c, "d1", SIZE)]
+
+
+def test_have_complete_replaces_and_late_duplicate_is_cancelled() -> None:
+    s = node()
+    b = bid(1)
+    s.on_have("d1", [b], False, 0.0)
+    s.on_have("d1", [], True, 0.0)  # d1's full holding is now empty
+    s.on_have("d2", [b], False, 0.0)
+    assert fetches(s.want({b: SIZE}, 0.0)) == [Fetch(b, "d2", SIZE)]
+    # a late answer from an earlier source lands first: the live request is cancelled
+    assert s.on_received("d3", b, True, 0.1) == [Cancel(b, "d2"), Announce((b,))]
+
+
+def test_time_must_not_go_backwards() -> None:
+    s = node(now=5.0)
+    with pytest.raises(ValueError):
+        s.tick(4.0)
+
+
+def test_bad_api_input_rejected() -> None:
+    s = node()
+    with pytest.raises(ValueError):
+        s.want({b"short": 1}, 0.0)
+    with pytest.raises(ValueError):
+        s.want({bid(1): -1}, 0.0)
+    with pytest.raises(ValueError):
+        SchedConfig(lan_rate=0)
