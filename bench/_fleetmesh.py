@@ -2,21 +2,31 @@
 
     python -m bench._fleetmesh create OLD NEW PATCH REPORT   (REPORT: JSON of what was tried)
     python -m bench._fleetmesh apply OLD PATCH OUT DIFF_ID   (DIFF_ID: as a manifest gives it)
-    python -m bench._fleetmesh idle      (imports only: the interpreter's own peak RSS)
+    python -m bench._fleetmesh idle      (the apply's imports, no work: the baseline)
+
+`apply` and `idle` import exactly the same modules, and nothing an agent applying a patch
+would not: `mesh.delta` loads its decoders only (no planner, no tarfile), and the encoder's
+imports (json, plan_layer) are made in `create` alone. bench.delta subtracts idle's peak RSS
+from apply's: what remains is the apply's own memory (source, patch, output, decoder state and
+the decoder code it pages in), not the interpreter's or its imports'. A baseline importing less
+than apply would charge imports to the apply; one importing more would hide part of it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 from pathlib import Path
 
-from mesh.delta import Method, apply_delta, create_delta, plan_layer
+from mesh.delta import apply_delta
 
 
 def main(argv: list[str]) -> int:
     if argv[0] == "create":
+        import hashlib
+        import json
+
+        from mesh.delta import Method, create_delta, plan_layer
+
         old, new = Path(argv[1]).read_bytes(), Path(argv[2]).read_bytes()
         old_id = "sha256:" + hashlib.sha256(old).hexdigest()
         # What publishing ships in a manifest: plan_layer's bare patches (no header digests;

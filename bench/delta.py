@@ -175,6 +175,11 @@ def bench_pair(old: Path, new: Path, work: Path) -> tuple[list[Result], dict[str
         enc, dec = commands(tool, old, new, patch, out, report)
         encode = measure(enc, work)
         decode = measure(dec, work)
+        if tool == "fleetmesh":
+            # Its peak RSS is checked against a bar: the median of 3 runs (about ±0.1 MB of
+            # noise per run, a tenth of the budget on the smallest pairs).
+            decode = sorted([decode, measure(dec, work), measure(dec, work)],
+                            key=lambda r: r.peak_rss)[1]
         if hashlib.sha256(out.read_bytes()).digest() != want:
             raise RuntimeError(f"{tool} decoded the wrong bytes")
         results.append(Result(tool, patch.stat().st_size, encode, decode))
@@ -209,8 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"bench.delta: {exe} not found", file=sys.stderr)
             return 2
 
+    # The baseline: the same interpreter with apply's imports and no work (bench._fleetmesh:
+    # `idle` imports exactly what `apply` does), median of 5 runs.
     with tempfile.TemporaryDirectory(prefix="fm-bench-") as tmp:
-        idle = measure([sys.executable, "-m", "bench._fleetmesh", "idle"], Path(tmp)).peak_rss
+        idle = sorted(measure([sys.executable, "-m", "bench._fleetmesh", "idle"],
+                              Path(tmp)).peak_rss for _ in range(5))[2]
     rows = []
     for name, old, new in corpus(args.cache, args.only):
         with tempfile.TemporaryDirectory(prefix="fm-bench-") as tmp:
@@ -255,9 +263,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{(fleet.decode.peak_rss - idle) / budget:5.2f} "
               f"{_kb(fm['hdiff_zstd_only']):>10}  {tried}")  # type: ignore[arg-type]
     print(f"\nfm/full: fleetmesh patch / new layer at zstd -19 (one frame); chunks/full: the "
-          f"layer as {_mb(CHUNK_SIZE)} chunks / one frame;\nnet: decode peak RSS minus the bare "
-          f"interpreter's ({_mb(idle)}); hdiff+zstd: HDiffPatch with zstd only, before the "
-          "smallest-of selection\n(body only: add fleetmesh's bare header, ~8 B, to compare)")
+          f"layer as {_mb(CHUNK_SIZE)} chunks / one frame;\nnet: fleetmesh's decode peak RSS "
+          f"(median of 3) minus the same interpreter with apply's imports and no work "
+          f"({_mb(idle)}), over 1.5 x (old + new);\nhdiff+zstd: HDiffPatch with zstd only, "
+          "before the smallest-of selection\n(body only: add fleetmesh's bare header, ~8 B, "
+          "to compare)")
     print(f"\nfleetmesh <= best other on every pair: {'yes' if worst <= 1.0 else 'NO'} "
           f"(worst ratio {worst:.3f})")
     return 0

@@ -24,6 +24,8 @@ from mesh.delta._container import (
     varint,
 )
 from mesh.delta._hdiff import HDIFF_LZMA_WINDOW_LOG, HDIFF_ZSTD_WINDOW_LOG, hdiff_apply
+from mesh.delta._output import Output
+from mesh.delta._tar import tar_decode
 
 Source: TypeAlias = "bytes | bytearray | memoryview | str | os.PathLike[str]"
 """Data in memory, or the path of a file (str or PathLike)."""
@@ -135,7 +137,7 @@ def _encode_body(method: Method, o: bytes | bytearray | memoryview | mmap.mmap,
     if method is Method.FULL:
         return zstd.compress(bytes(n), level=FULL_ZSTD_LEVEL)
     if method is Method.TAR_MEMBERS:
-        from mesh.delta._tar import tar_encode  # import cycle: _tar uses hdiff_encode
+        from mesh.delta._tar import tar_encode
         return tar_encode(bytes(o), bytes(n))
     raise DeltaError(f"unsupported method {method!r}")
 
@@ -177,15 +179,46 @@ def _compress_frame(data: bytes | bytearray | memoryview | mmap.mmap,
     return frame[len(_FRAME_START):]
 
 
-def _decompress_frame(frame: bytes | memoryview, source: _Buffer, src_off: int, src_len: int,
-                      size: int, window_log: int) -> bytes:
-    """Exactly `size` bytes from a frame stored without its constant first bytes, decoded with
-    `source[src_off:src_off + src_len]` as raw prefix.
+# Decoded zstd output is taken in pieces of this size and written straight into the target,
+# and compressed input fed in pieces of this size: what the decompressor returns per call
+# (CPython's output blocks, joined) and what it keeps of unconsumed input stay this small.
+_OUT_PIECE: Final = 256 * 1024
+_IN_PIECE: Final = 64 * 1024
+
+
+def _zstd_into(out: Output, dec: zstd.ZstdDecompressor, frame: bytes | memoryview,
+               size: int) -> None:
+    """Decode the rest of `frame` into `out`: exactly `size` bytes, then the frame's end."""
+    start = out.written
+    pos = 0
+    with memoryview(frame) as view:
+        while not dec.eof:
+            if dec.needs_input:
+                if pos >= len(view):
+                    break  # truncated
+                data: bytes | memoryview = view[pos:pos + _IN_PIECE]
+                pos += len(data)
+            else:
+                data = b""
+            piece = dec.decompress(data, max_length=min(_OUT_PIECE,
+                                                        size - (out.written - start) + 1))
+            if len(piece) > size - (out.written - start):
+                raise DeltaError("corrupt zstd frame: wrong length")
+            out.write(piece)
+            del piece
+    if out.written - start != size or not dec.eof or dec.unused_data or pos != len(frame):
+        raise DeltaError("corrupt zstd frame: wrong length")
+
+
+def _decompress_frame(out: Output, frame: bytes | memoryview, source: _Buffer, src_off: int,
+                      src_len: int, size: int, window_log: int) -> None:
+    """Exactly `size` bytes, written to `out`, from a frame stored without its constant first
+    bytes, decoded with `source[src_off:src_off + src_len]` as raw prefix.
 
     Peak memory is the apply's: ZstdDict takes its own copy of the prefix, so a mapped source's
-    pages are dropped before decoding, and the frame is fed in two calls rather than re-joined
-    with its first bytes. What remains is the prefix copy, zstd's window buffer (as much of it as
-    the output touches) and CPython's output blocks joined into the result.
+    pages are dropped before decoding, and the frame is fed in pieces rather than re-joined with
+    its first bytes. What remains is the prefix copy, zstd's window buffer (as much of it as the
+    output touches) and the target itself, written in place piece by piece (see _output).
     """
     try:
         zdict = None
@@ -196,14 +229,11 @@ def _decompress_frame(frame: bytes | memoryview, source: _Buffer, src_off: int, 
         dec = zstd.ZstdDecompressor(
             zstd_dict=zdict.as_prefix if zdict is not None else None,
             options={zstd.DecompressionParameter.window_log_max: window_log})
-        out = dec.decompress(_FRAME_START, max_length=size + 1)
-        if not out:
-            out = dec.decompress(frame, max_length=size + 1)
+        if dec.decompress(_FRAME_START, max_length=size + 1):
+            raise DeltaError("corrupt zstd frame: wrong length")
+        _zstd_into(out, dec, frame, size)
     except (zstd.ZstdError, ValueError, EOFError) as exc:
         raise DeltaError(f"corrupt zstd frame: {exc}") from None
-    if len(out) != size or not dec.eof or dec.unused_data:
-        raise DeltaError("corrupt zstd frame: wrong length")
-    return out
 
 
 def _window_log(total: int) -> int:
@@ -255,7 +285,8 @@ def _windows_decode(old: _Buffer, body: bytes | memoryview,
     count, pos = read_varint(body, 0)
     if count > target_size // WINDOW_NEW + 1:
         raise DeltaError("corrupt window body: too many frames")
-    pieces: list[bytes] = []
+    # The frame table first: its sizes must add up to the target before anything is allocated.
+    frames: list[tuple[int, int, int, int, int]] = []
     produced = 0
     for _ in range(count):
         src_off, pos = read_varint(body, pos)
@@ -265,15 +296,19 @@ def _windows_decode(old: _Buffer, body: bytes | memoryview,
         if (src_len > WINDOW_PREFIX or new_len > WINDOW_NEW or src_off + src_len > len(old)
                 or pos + frame_len > len(body) or produced + new_len > target_size):
             raise DeltaError("corrupt window body: frame out of bounds")
-        frame = body[pos:pos + frame_len]
+        frames.append((src_off, src_len, new_len, pos, frame_len))
         pos += frame_len
-        pieces.append(_decompress_frame(frame, old, src_off, src_len, new_len, WINDOW_LOG))
         produced += new_len
     if pos != len(body):
         raise DeltaError("corrupt window body: trailing bytes")
-    if len(pieces) == 1:
-        return pieces[0]  # one window (layers up to 32 MiB): no copy
-    return b"".join(pieces)
+    if produced != target_size:
+        raise DeltaError("corrupt window body: frames do not add up to the target")
+    out = Output(target_size)
+    with memoryview(body) as view:
+        for src_off, src_len, new_len, start, frame_len in frames:
+            with view[start:start + frame_len] as frame:
+                _decompress_frame(out, frame, old, src_off, src_len, new_len, WINDOW_LOG)
+    return out.result()
 
 
 def _drop_pages(old: _Buffer) -> None:
@@ -286,19 +321,25 @@ def _drop_pages(old: _Buffer) -> None:
 def _prefix_decode(old: _Buffer, body: bytes | memoryview, target_size: int) -> bytes:
     if len(old) + target_size > PREFIX_MAX_INPUT:
         raise DeltaError("corrupt patch: source + target too large for one zstd frame")
-    return _decompress_frame(body, old, 0, len(old), target_size,
-                             _window_log(len(old) + target_size))
+    out = Output(target_size)  # at most 128 MiB, by the check above
+    _decompress_frame(out, body, old, 0, len(old), target_size,
+                      _window_log(len(old) + target_size))
+    return out.result()
 
 
-def full_decode(body: bytes, target_size: int) -> bytes:
+def full_decode(body: bytes | memoryview, target_size: int) -> bytes:
+    # Our FULL frames carry their content size (zstd.compress writes it): it must agree with
+    # the header before the target is allocated.
     try:
+        declared = zstd.get_frame_info(body).decompressed_size
         dec = zstd.ZstdDecompressor(options={zstd.DecompressionParameter.window_log_max: 27})
-        data = dec.decompress(body, max_length=target_size + 1)
-    except (zstd.ZstdError, ValueError) as exc:
+        if declared != target_size:
+            raise DeltaError("corrupt zstd body: wrong length")
+        out = Output(target_size)
+        _zstd_into(out, dec, body, target_size)
+    except (zstd.ZstdError, ValueError, EOFError) as exc:
         raise DeltaError(f"corrupt zstd body: {exc}") from None
-    if len(data) != target_size or not dec.eof or dec.unused_data:
-        raise DeltaError("corrupt zstd body: wrong length")
-    return data
+    return out.result()
 
 
 def read_header(patch: bytes | memoryview) -> DeltaHeader:
@@ -333,15 +374,17 @@ def apply_delta(old: Source, patch: bytes, expected_diff_id: str | None = None, 
     if (header.body_blake3_prefix is not None
             and blake3.blake3(body).digest()[:SHORT_DIGEST] != header.body_blake3_prefix):
         raise DeltaError("patch body is corrupted or truncated (digest mismatch)")
-    # Whole-input methods need the source as bytes: read it once rather than map and copy it.
-    # The zstd methods copy it into a ZstdDict anyway: map it, and drop its pages after.
-    with _view(old, mapped=header.method in (Method.ZSTD_WINDOWS, Method.ZSTD_PREFIX)) as o:
+    # HDiffPatch takes the source as bytes: read it once. The other methods map it: the zstd
+    # ones copy it into a ZstdDict and drop its pages, the tar one reads only the members it
+    # copies or patches, and drops the pages before each HDiffPatch call (see _tar).
+    with _view(old, mapped=header.method is not Method.HDIFF) as o:
         # A bare patch's source was checked against the manifest's source diff ID by the caller.
-        if header.source_sha256_prefix is not None and (
-                len(o) != header.source_size
-                or _sha256(o)[:SHORT_DIGEST] != header.source_sha256_prefix):
-            raise DeltaError("patch was made against a different base "
-                             f"(sha256:{header.source_sha256_prefix.hex()}...)")
+        if header.source_sha256_prefix is not None:
+            if (len(o) != header.source_size
+                    or _sha256(o)[:SHORT_DIGEST] != header.source_sha256_prefix):
+                raise DeltaError("patch was made against a different base "
+                                 f"(sha256:{header.source_sha256_prefix.hex()}...)")
+            _drop_pages(o)
         if header.method is Method.HDIFF:
             out = hdiff_apply(bytes(o), bytes(body), header.target_size)
         elif header.method is Method.ZSTD_WINDOWS:
@@ -349,10 +392,9 @@ def apply_delta(old: Source, patch: bytes, expected_diff_id: str | None = None, 
         elif header.method is Method.ZSTD_PREFIX:
             out = _prefix_decode(o, body, header.target_size)
         elif header.method is Method.FULL:
-            out = full_decode(bytes(body), header.target_size)
+            out = full_decode(body, header.target_size)
         else:
-            from mesh.delta._tar import tar_decode
-            out = tar_decode(bytes(o), bytes(body), header.target_size)
+            out = tar_decode(o, body, header.target_size)
     if len(out) != header.target_size:
         raise DeltaError("patched output has the wrong length")
     digest = _sha256(out)

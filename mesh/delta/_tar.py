@@ -13,17 +13,20 @@ import enum
 import hashlib
 import io
 import lzma
+import mmap
 import posixpath
 import struct
-import tarfile
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeAlias
 
 import hdiffpatch
 from backports import zstd
 
 from mesh.delta._container import DeltaError
 from mesh.delta._hdiff import hdiff_apply
+from mesh.delta._output import Output
+
+_Source: TypeAlias = "bytes | bytearray | memoryview | mmap.mmap"
 
 ZSTD_LEVEL: Final = 19
 WINDOW_LOG: Final = 27  # same bound as the other methods' decoders
@@ -57,6 +60,8 @@ class _Member:
 
 
 def _members(data: bytes) -> list[_Member] | None:
+    import tarfile  # the encoder's only: apply does not parse tars
+
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             return [_Member(m.name, m.offset, m.offset_data, m.size if m.isreg() else 0)
@@ -145,30 +150,56 @@ def tar_encode(old: bytes, new: bytes) -> bytes:
     return min(zstd_body, lzma_body, key=len)
 
 
-def tar_decode(old: bytes, body: bytes, target_size: int) -> bytes:
-    limit = 2 * target_size + _BODY_SLACK
-    if not body or body[0] not in (_ZSTD, _ZSTD_PREFIX, _LZMA2):
-        raise DeltaError("corrupt tar-delta body: bad flags")
-    dec: zstd.ZstdDecompressor | lzma.LZMADecompressor
-    try:
-        if body[0] == _LZMA2:
-            dec = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
-        else:
-            dec = zstd.ZstdDecompressor(
-                zstd_dict=zstd.ZstdDict(old, is_raw=True).as_prefix if body[0] else None,
-                options={zstd.DecompressionParameter.window_log_max: WINDOW_LOG})
-        raw = dec.decompress(body[1:], max_length=limit + 1)
-    except (zstd.ZstdError, lzma.LZMAError, ValueError, EOFError) as exc:
-        raise DeltaError(f"corrupt tar-delta body: {exc}") from None
-    if len(raw) > limit or not dec.eof or dec.unused_data:
-        raise DeltaError("corrupt tar-delta body: bad length")
+def tar_decode(old: _Source, body: bytes | memoryview, target_size: int) -> bytes:
+    """The target, from `old` (bytes, or a read-only map of the source file) and a tar body.
+
+    Memory: the body is decoded once (the decoder and, for zstd, its copy of the source as
+    prefix are freed right after), then replayed into the preallocated target (_output), whose
+    pages become resident only as it is written. A patched member is the one transient: HDiffPatch
+    takes the old member as bytes and returns the new one through a copy of its own buffer, so
+    a mapped source's pages are dropped before each call, and the member is written and freed
+    right after it.
+    """
+    raw = _decode_body(old, body, target_size)
     try:
         return _replay(old, raw, target_size)
     except struct.error:
         raise DeltaError("corrupt tar-delta body: truncated") from None
 
 
-def _replay(old: bytes, raw: bytes, target_size: int) -> bytes:
+def _decode_body(old: _Source, body: bytes | memoryview, target_size: int) -> bytes:
+    limit = 2 * target_size + _BODY_SLACK
+    if not body or body[0] not in (_ZSTD, _ZSTD_PREFIX, _LZMA2):
+        raise DeltaError("corrupt tar-delta body: bad flags")
+    dec: zstd.ZstdDecompressor | lzma.LZMADecompressor
+    with memoryview(body) as view, view[1:] as data:
+        try:
+            if body[0] == _LZMA2:
+                dec = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+            else:
+                zdict = zstd.ZstdDict(old, is_raw=True) if body[0] == _ZSTD_PREFIX else None
+                _drop_pages(old)  # the ZstdDict has its own copy
+                dec = zstd.ZstdDecompressor(
+                    zstd_dict=zdict.as_prefix if zdict is not None else None,
+                    options={zstd.DecompressionParameter.window_log_max: WINDOW_LOG})
+                del zdict  # the decompressor holds it until it is freed below
+            raw = dec.decompress(data, max_length=limit + 1)
+        except (zstd.ZstdError, lzma.LZMAError, ValueError, EOFError) as exc:
+            raise DeltaError(f"corrupt tar-delta body: {exc}") from None
+    if len(raw) > limit or not dec.eof or dec.unused_data:
+        raise DeltaError("corrupt tar-delta body: bad length")
+    del dec  # its window (and the prefix copy) go before the replay allocates the target
+    return raw
+
+
+def _drop_pages(old: _Source) -> None:
+    """A mapped source's pages are clean file pages: dropping them only lowers resident memory;
+    they are read back from the page cache if used again."""
+    if isinstance(old, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED") and len(old):
+        old.madvise(mmap.MADV_DONTNEED)
+
+
+def _replay(old: _Source, raw: bytes, target_size: int) -> bytes:
     (count,) = _U64.unpack_from(raw, 0)
     pos = _U64.size
     if count * _OP.size > len(raw) - pos:
@@ -179,37 +210,69 @@ def _replay(old: bytes, raw: bytes, target_size: int) -> bytes:
     pos += _U64.size
     if pos + lit_len > len(raw):
         raise DeltaError("corrupt tar-delta body: literals truncated")
-    lit_pos, patch_pos = pos, pos + lit_len
-    # Collect views and join once: one copy of the output instead of a growing buffer + copy.
-    src, body = memoryview(old), memoryview(raw)
-    pieces: list[bytes | memoryview] = []
-    produced = 0
+    lit_end = pos + lit_len
+    # Check every op against the body and the source, and that they add up to the target,
+    # before the target is allocated.
+    produced, lit_pos, patch_pos = 0, pos, lit_end
     for kind, a, b, c in ops:
         if kind == _Op.LITERAL:
-            if lit_pos + a > pos + lit_len:
+            if lit_pos + a > lit_end:
                 raise DeltaError("corrupt tar-delta body: literal out of bounds")
-            pieces.append(body[lit_pos:lit_pos + a])
-            produced += a
             lit_pos += a
+            produced += a
         elif kind == _Op.COPY:
             if a + b > len(old):
                 raise DeltaError("corrupt tar-delta body: copy out of bounds")
-            pieces.append(src[a:a + b])
             produced += b
         elif kind == _Op.PATCH:
             (sub_len,) = _U64.unpack_from(raw, patch_pos)
-            patch_pos += _U64.size
-            if (a + b > len(old) or patch_pos + sub_len > len(raw)
-                    or produced + c > target_size):
+            patch_pos += _U64.size + sub_len
+            if a + b > len(old) or patch_pos > len(raw):
                 raise DeltaError("corrupt tar-delta body: patch out of bounds")
-            # Checks the sub-delta's declared sizes against (c, b) before HDiffPatch allocates.
-            pieces.append(hdiff_apply(old[a:a + b], raw[patch_pos:patch_pos + sub_len], c))
             produced += c
-            patch_pos += sub_len
         else:
             raise DeltaError(f"corrupt tar-delta body: unknown op {kind}")
         if produced > target_size:
             raise DeltaError("corrupt tar-delta body: output too long")
-    if lit_pos != pos + lit_len or patch_pos != len(raw):
+    if lit_pos != lit_end or patch_pos != len(raw):
         raise DeltaError("corrupt tar-delta body: unused data")
-    return b"".join(pieces)
+    if produced != target_size:
+        raise DeltaError("corrupt tar-delta body: output too short")
+
+    # Patched members first, each from a copy of its old member (HDiffPatch takes bytes),
+    # then the target in one pass. The order matters for peak memory: HDiffPatch's transients
+    # (the old member, the sub-delta, and its own output buffer, which it copies into the
+    # returned bytes) are freed before the target is allocated, which can then reuse that
+    # memory; allocated first, the target's pages would be touched on top of it, since the C
+    # allocator keeps freed memory of this size (after the decoder's large free) mapped.
+    members: list[bytes] = []
+    patch_pos = lit_end
+    with memoryview(raw) as body, memoryview(old) as src:
+        for kind, a, b, c in ops:
+            if kind != _Op.PATCH:
+                continue
+            (sub_len,) = _U64.unpack_from(raw, patch_pos)
+            patch_pos += _U64.size
+            base = bytes(src[a:a + b])
+            sub = bytes(body[patch_pos:patch_pos + sub_len])
+            patch_pos += sub_len
+            _drop_pages(old)  # `base` is the copy HDiffPatch needs
+            # Checks the sub-delta's declared sizes against (c, b) before HDiffPatch allocates.
+            members.append(hdiff_apply(base, sub, c))
+            del base, sub
+
+    out = Output(target_size)
+    members.reverse()
+    lit_pos = pos
+    with memoryview(raw) as body, memoryview(old) as src:
+        for kind, a, b, _ in ops:
+            if kind == _Op.LITERAL:
+                with body[lit_pos:lit_pos + a] as piece:
+                    out.write(piece)
+                lit_pos += a
+            elif kind == _Op.COPY:
+                with src[a:a + b] as piece:
+                    out.write(piece)
+            else:
+                out.write(members.pop())  # and free it
+    return out.result()

@@ -401,3 +401,25 @@ def test_hdiff_stream_asking_for_a_huge_window_is_refused_before_decoding() -> N
     crafted[start + pos + 2:start + pos + 6] = b"\xff\xff\xff\xff"
     with pytest.raises(DeltaError, match="dictionary too large"):
         apply_delta(_TAR_OLD, bytes(crafted), _diff_id(_TAR_NEW))
+
+
+def test_multi_piece_outputs_round_trip_and_truncation_is_refused() -> None:
+    """Targets larger than the decoders' output pieces (256 KiB) and input pieces (64 KiB),
+    written in place into the preallocated output (mesh.delta._output)."""
+    import random
+
+    rng = random.Random(7)
+    member = bytes(rng.getrandbits(8) for _ in range(300_000))
+    old = _tar({"a.so": member * 3, "b.so": member[::-1], "c.txt": b"x" * 700_000})
+    new = _tar({"a.so": member * 2 + b"patched" + member, "b.so": member[::-1][:-5] + b"1",
+                "c.txt": b"x" * 700_001, "d.txt": member[:1000]})
+    for method in (Method.ZSTD_PREFIX, Method.FULL, Method.TAR_MEMBERS, Method.HDIFF):
+        patch = create_delta(old, new, method=method, self_check=False)
+        assert apply_delta(old, patch, _diff_id(new)) == new, method
+        with pytest.raises(DeltaError):
+            apply_delta(old, patch[:-1], _diff_id(new))
+        with pytest.raises(DeltaError):
+            apply_delta(old, patch + b"\0", _diff_id(new))
+    patch = create_delta(old, new, hdiff_max_input=1000)
+    assert read_header(patch).method is Method.ZSTD_WINDOWS
+    assert apply_delta(old, patch, _diff_id(new)) == new
