@@ -1,0 +1,488 @@
+"""SWIM membership with Lifeguard-style suspicion, as a state machine without I/O.
+
+Das, Gupta, Motivala, "SWIM: Scalable Weakly-consistent Infection-style Process Group
+Membership Protocol" (DSN 2002): one random probe per protocol period, indirect probes through
+`indirect_checks` members when the direct one times out, suspicion before death, incarnation
+numbers so a suspected member can refute, and membership updates piggybacked on probe traffic.
+Dadgar, Phillips, Currey, "Lifeguard: Local Health Awareness for More Accurate Failure
+Detection" (2018) and HashiCorp memberlist (state.go, suspicion.go): the suspicion timeout starts
+at `suspicion_max_timeout_mult` x the minimum and shrinks logarithmically with independent
+confirmations. Periodic push-pull anti-entropy with one random member repairs what gossip lost,
+and a reconnect push-pull to a random dead member (Serf's reconnect) heals partitions.
+
+Node ids are device names; the driver maps them to addresses (`address_of`). `receive` and
+`tick` return `(destination node id, message)` pairs; time is passed in; randomness comes from
+the injected `random.Random` only.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final, Literal
+
+from mesh.wire import (
+    MAX_MEMBERS,
+    MAX_UPDATES,
+    Ack,
+    Gossip,
+    MemberState,
+    Message,
+    Ping,
+    PingReq,
+    PushPull,
+    Status,
+)
+
+if TYPE_CHECKING:
+    from mesh.control import PeerMap
+
+Outgoing = list[tuple[str, Message]]
+EventKind = Literal["joined", "suspect", "dead", "alive"]
+
+PUSH_PULL_SCALE_THRESHOLD: Final = 32  # memberlist util.go pushPullScaleThreshold
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipConfig:
+    probe_interval: float = 1.0  # memberlist DefaultLANConfig ProbeInterval = 1 s
+    probe_timeout: float = 0.5  # ProbeTimeout = 500 ms (RTT bound on a LAN)
+    indirect_checks: int = 3  # IndirectChecks = 3
+    suspicion_mult: int = 4  # SuspicionMult = 4
+    suspicion_max_timeout_mult: int = 6  # SuspicionMaxTimeoutMult = 6 (Lifeguard)
+    retransmit_mult: int = 4  # RetransmitMult = 4
+    push_pull_interval: float = 30.0  # PushPullInterval = 30 s
+    gossip_nodes: int = 3  # GossipNodes = 3
+    gossip_interval: float = 0.2  # GossipInterval = 200 ms
+    reconnect_interval: float = 30.0  # Serf DefaultConfig ReconnectInterval = 30 s
+    max_piggyback: int = 8  # ~1 KB of updates worst case: stays inside memberlist's 1400 B UDP
+
+
+LAN: Final = MembershipConfig()
+# For metered (cellular) links, idle cost is what matters: memberlist's DefaultWANConfig timings
+# (ProbeInterval 5 s, ProbeTimeout 3 s, SuspicionMult 6, GossipInterval 500 ms, GossipNodes 4)
+# with push-pull every 120 s instead of WAN's 60 s. docs/gossip.md gives the idle bytes/hour.
+METERED: Final = MembershipConfig(
+    probe_interval=5.0, probe_timeout=3.0, suspicion_mult=6, push_pull_interval=120.0,
+    gossip_nodes=4, gossip_interval=0.5, reconnect_interval=300.0)
+
+
+@dataclass(frozen=True, slots=True)
+class MemberEvent:
+    kind: EventKind
+    node_id: str
+    incarnation: int
+    at: float
+
+
+def suspicion_timeout(config: MembershipConfig, n: int) -> float:
+    """memberlist util.go suspicionTimeout: SuspicionMult x max(1, log10(N)) x ProbeInterval."""
+    scale = max(1.0, math.log10(max(1, n)))
+    return config.suspicion_mult * scale * config.probe_interval
+
+
+def retransmit_limit(config: MembershipConfig, n: int) -> int:
+    """memberlist util.go retransmitLimit: RetransmitMult x ceil(log10(N + 1))."""
+    return config.retransmit_mult * math.ceil(math.log10(n + 1))
+
+
+def push_pull_interval(config: MembershipConfig, n: int) -> float:
+    """memberlist util.go pushPullScale: the interval grows with log2(N) beyond 32 nodes."""
+    if n <= PUSH_PULL_SCALE_THRESHOLD:
+        return config.push_pull_interval
+    mult = math.ceil(math.log2(n) - math.log2(PUSH_PULL_SCALE_THRESHOLD)) + 1
+    return mult * config.push_pull_interval
+
+
+def seeds_from_peer_map(peer_map: PeerMap) -> list[tuple[str, str]]:
+    """(node id, address) pairs from the coordinator's peer map: device name and mesh IPv4."""
+    return [(p.name, p.mesh_ipv4) for p in peer_map.peers]
+
+
+@dataclass(slots=True)
+class _Suspicion:
+    """Lifeguard's suspicion timer (memberlist suspicion.go)."""
+
+    start: float
+    k: int  # confirmations that bring the timeout down to `low`
+    low: float
+    high: float
+    confirmers: set[str] = field(default_factory=set)
+
+    def deadline(self) -> float:
+        if self.k < 1:
+            return self.start + self.low
+        frac = math.log(len(self.confirmers) + 1.0) / math.log(self.k + 1.0)
+        return self.start + max(self.low, self.high - (self.high - self.low) * frac)
+
+
+@dataclass(slots=True)
+class _Member:
+    node_id: str
+    address: str
+    incarnation: int
+    status: Status
+    since: float
+    suspicion: _Suspicion | None = None
+
+    def state(self) -> MemberState:
+        return MemberState(self.node_id, self.incarnation, self.status, self.address)
+
+
+@dataclass(slots=True)
+class _Broadcast:
+    state: MemberState
+    sent: int = 0  # transmissions so far; dropped at retransmit_limit
+
+
+@dataclass(slots=True)
+class _Probe:
+    target: str
+    seq: int
+    indirect_at: float | None  # None once the indirect probes went out
+    acked: bool = False
+
+
+class Membership:
+    def __init__(self, self_id: str, address: str, rng: random.Random,
+                 config: MembershipConfig = LAN) -> None:
+        self.self_id = self_id
+        self.address = address
+        self.rng = rng
+        self.config = config
+        self.incarnation = 0
+        self.events: list[MemberEvent] = []
+        self._members: dict[str, _Member] = {}
+        self._live: list[str] = []  # alive or suspect, for O(1) random choice
+        self._live_idx: dict[str, int] = {}
+        self._suspects: set[str] = set()
+        self._dead_count = 0
+        self._broadcasts: dict[str, _Broadcast] = {}
+        self._probe_order: list[str] = []
+        self._probe: _Probe | None = None
+        self._seq = 0
+        self._relays: dict[int, tuple[str, int, float]] = {}  # our seq -> requester, seq, expiry
+        self._started = False
+        self._join = False
+        self._next_probe = 0.0
+        self._next_gossip = 0.0
+        self._next_push_pull = 0.0
+        self._next_reconnect = 0.0
+
+    # ---- queries --------------------------------------------------------------------------
+
+    def live_members(self) -> list[str]:
+        """Members believed alive or suspect (not self). The returned list is shared: copy it."""
+        return self._live
+
+    def member(self, node_id: str) -> MemberState | None:
+        if node_id == self.self_id:
+            return self._self_state()
+        m = self._members.get(node_id)
+        return None if m is None else m.state()
+
+    def address_of(self, node_id: str) -> str | None:
+        m = self._members.get(node_id)
+        return None if m is None else m.address
+
+    def cluster_size(self) -> int:
+        """memberlist's estNumNodes: known, not dead, plus self."""
+        return len(self._live) + 1
+
+    def drain_events(self) -> list[MemberEvent]:
+        out, self.events = self.events, []
+        return out
+
+    # ---- API ------------------------------------------------------------------------------
+
+    def seed(self, members: Iterable[tuple[str, str]], *, join: bool = False) -> None:
+        """Known members (the coordinator's peer map); after this no coordinator is needed.
+
+        They start alive at incarnation 0: one that is not really there is probed, suspected
+        and declared dead like any failure. Every device gets the same map, so by default the
+        first push-pull waits for its (random) phase: a fleet that starts at once must not
+        flood its uplinks with full-state exchanges. `join=True` (a node that restarts, or
+        one that knows only a few seeds) push-pulls with one of them on the next tick and
+        announces itself, like memberlist's Join.
+        """
+        for node_id, address in members:
+            if node_id == self.self_id or node_id in self._members:
+                continue
+            self._add(node_id, address, 0, Status.ALIVE, 0.0)
+        if join:
+            self._join = True
+            self._queue(self._self_state())
+
+    def next_deadline(self) -> float | None:
+        if not self._started:
+            return None
+        t = self._next_probe
+        if self._probe is not None and not self._probe.acked and self._probe.indirect_at:
+            t = min(t, self._probe.indirect_at)
+        if self._broadcasts or self._join:
+            t = min(t, self._next_gossip)
+        t = min(t, self._next_push_pull)
+        if self._dead_count:
+            t = min(t, self._next_reconnect)
+        for s in self._suspects:
+            susp = self._members[s].suspicion
+            if susp is not None:
+                t = min(t, susp.deadline())
+        return t
+
+    def tick(self, now: float) -> Outgoing:
+        out: Outgoing = []
+        cfg = self.config
+        if not self._started:
+            self._started = True
+            self._next_probe = now + self.rng.random() * cfg.probe_interval  # stagger starts
+            self._next_gossip = now
+            self._next_push_pull = now + self.rng.random() * push_pull_interval(
+                cfg, self.cluster_size())
+            self._next_reconnect = now + cfg.reconnect_interval
+        if self._join:
+            self._join = False
+            self._push_pull_to_random(self._live, out)
+        if self._relays:
+            for seq in [s for s, (_, _, exp) in self._relays.items() if exp <= now]:
+                del self._relays[seq]
+        for node_id in list(self._suspects):
+            m = self._members[node_id]
+            if m.suspicion is not None and m.suspicion.deadline() <= now:
+                self._declare_dead(m, m.incarnation, now)
+        probe = self._probe
+        if (probe is not None and not probe.acked and probe.indirect_at is not None
+                and probe.indirect_at <= now):
+            probe.indirect_at = None
+            helpers = [h for h in self._sample(self._live, cfg.indirect_checks + 1)
+                       if h != probe.target][:cfg.indirect_checks]
+            for h in helpers:
+                out.append((h, PingReq(probe.seq, self.self_id, probe.target, self._piggyback())))
+        if self._next_probe <= now:
+            if probe is not None and not probe.acked:
+                tm = self._members.get(probe.target)
+                if tm is not None and tm.status == Status.ALIVE:
+                    self._on_suspect(MemberState(tm.node_id, tm.incarnation, Status.SUSPECT,
+                                                 tm.address), self.self_id, now)
+            self._probe = None
+            self._next_probe += cfg.probe_interval
+            if self._next_probe <= now:
+                self._next_probe = now + cfg.probe_interval
+            target = self._next_target()
+            if target is not None:
+                self._seq += 1
+                self._probe = _Probe(target, self._seq, now + cfg.probe_timeout)
+                out.append((target, Ping(self._seq, self.self_id, self._piggyback())))
+        if self._broadcasts and self._next_gossip <= now:
+            self._next_gossip = now + cfg.gossip_interval
+            for dest in self._sample(self._live, cfg.gossip_nodes):
+                updates = self._piggyback()
+                if updates:
+                    out.append((dest, Gossip(self.self_id, updates)))
+        elif self._next_gossip <= now:
+            self._next_gossip = now + cfg.gossip_interval
+        if self._next_push_pull <= now:
+            self._next_push_pull = now + push_pull_interval(cfg, self.cluster_size())
+            self._push_pull_to_random(self._live, out)
+        if self._next_reconnect <= now:
+            self._next_reconnect = now + cfg.reconnect_interval
+            if self._dead_count:
+                dead = [m.node_id for m in self._members.values() if m.status == Status.DEAD]
+                self._push_pull_to_random(dead, out)
+        return out
+
+    def receive(self, msg: Message, sender: str, now: float) -> Outgoing:
+        out: Outgoing = []
+        if isinstance(msg, Ping):
+            self._apply(msg.updates, sender, now)
+            out.append((sender, Ack(msg.seq, self.self_id, self._piggyback())))
+        elif isinstance(msg, PingReq):
+            self._apply(msg.updates, sender, now)
+            if msg.target_id != self.self_id:
+                self._seq += 1
+                self._relays[self._seq] = (sender, msg.seq, now + self.config.probe_timeout)
+                out.append((msg.target_id, Ping(self._seq, self.self_id, self._piggyback())))
+        elif isinstance(msg, Ack):
+            self._apply(msg.updates, sender, now)
+            relay = self._relays.pop(msg.seq, None)
+            probe = self._probe
+            if relay is not None and msg.from_id != self.self_id:
+                requester, seq, _ = relay
+                out.append((requester, Ack(seq, msg.from_id, self._piggyback())))
+            elif probe is not None and msg.seq == probe.seq and msg.from_id == probe.target:
+                probe.acked = True
+        elif isinstance(msg, Gossip):
+            self._apply(msg.updates, sender, now)
+        elif isinstance(msg, PushPull):
+            # memberlist mergeState: a remote "dead" is merged as "suspect", so a live node
+            # always gets the chance to refute before it is declared dead here.
+            for u in msg.members:
+                if u.status == Status.ALIVE:
+                    self._on_alive(u, now)
+                else:
+                    self._on_suspect(MemberState(u.node_id, u.incarnation, Status.SUSPECT,
+                                                 u.address), sender, now)
+            if not msg.is_reply:
+                out.append((sender, PushPull(self.self_id, self._states(), True)))
+        return out
+
+    # ---- state changes --------------------------------------------------------------------
+
+    def _apply(self, updates: tuple[MemberState, ...], sender: str, now: float) -> None:
+        for u in updates:
+            if u.status == Status.ALIVE:
+                self._on_alive(u, now)
+            elif u.status == Status.SUSPECT:
+                self._on_suspect(u, sender, now)
+            else:
+                self._on_dead(u, now)
+
+    def _on_alive(self, u: MemberState, now: float) -> None:
+        if u.node_id == self.self_id:
+            if u.incarnation > self.incarnation:  # an earlier life of ours got further
+                self.incarnation = u.incarnation + 1
+                self._queue(self._self_state())
+            return
+        m = self._members.get(u.node_id)
+        if m is None:
+            if len(self._members) < 4 * MAX_MEMBERS:  # bound what strangers can make us hold
+                m = self._add(u.node_id, u.address, u.incarnation, Status.ALIVE, now)
+                self._queue(m.state())
+            return
+        if u.incarnation <= m.incarnation:
+            return
+        was = m.status
+        m.incarnation, m.address = u.incarnation, u.address
+        self._set_status(m, Status.ALIVE, now)
+        if was != Status.ALIVE:
+            self.events.append(MemberEvent("alive", m.node_id, m.incarnation, now))
+        self._queue(m.state())
+
+    def _on_suspect(self, u: MemberState, sender: str, now: float) -> None:
+        if u.node_id == self.self_id:
+            if u.incarnation >= self.incarnation:
+                self._refute(u.incarnation)
+            return
+        m = self._members.get(u.node_id)
+        if m is None or u.incarnation < m.incarnation or m.status == Status.DEAD:
+            return
+        if m.status == Status.SUSPECT:
+            # Lifeguard: each independent suspicion brings the timeout closer to the minimum.
+            # Our MemberState carries no accuser, so the sender stands in for it (docs/gossip.md).
+            if m.suspicion is not None and sender != self.self_id \
+                    and sender not in m.suspicion.confirmers:
+                m.suspicion.confirmers.add(sender)
+                self._queue(m.state())
+            m.incarnation = u.incarnation
+            return
+        n = self.cluster_size()
+        k = self.config.suspicion_mult - 2
+        if n - 2 < k:  # memberlist: too few nodes to expect any confirmation
+            k = 0
+        low = suspicion_timeout(self.config, n)
+        m.incarnation = u.incarnation
+        self._set_status(m, Status.SUSPECT, now)
+        m.suspicion = _Suspicion(now, k, low, self.config.suspicion_max_timeout_mult * low)
+        self.events.append(MemberEvent("suspect", m.node_id, m.incarnation, now))
+        self._queue(m.state())
+
+    def _on_dead(self, u: MemberState, now: float) -> None:
+        if u.node_id == self.self_id:
+            if u.incarnation >= self.incarnation:
+                self._refute(u.incarnation)
+            return
+        m = self._members.get(u.node_id)
+        if m is None or u.incarnation < m.incarnation or m.status == Status.DEAD:
+            return
+        self._declare_dead(m, u.incarnation, now)
+
+    def _declare_dead(self, m: _Member, incarnation: int, now: float) -> None:
+        m.incarnation = incarnation
+        self._set_status(m, Status.DEAD, now)
+        self.events.append(MemberEvent("dead", m.node_id, m.incarnation, now))
+        self._queue(m.state())
+
+    def _refute(self, accused: int) -> None:
+        self.incarnation = max(self.incarnation, accused) + 1
+        self._queue(self._self_state())
+
+    def _add(self, node_id: str, address: str, inc: int, status: Status, now: float) -> _Member:
+        m = _Member(node_id, address, inc, Status.DEAD, now)
+        self._members[node_id] = m
+        self._dead_count += 1
+        self._set_status(m, status, now)
+        self.events.append(MemberEvent("joined", node_id, inc, now))
+        return m
+
+    def _set_status(self, m: _Member, status: Status, now: float) -> None:
+        was_live = m.status != Status.DEAD
+        m.status, m.since = status, now
+        if status != Status.SUSPECT:
+            m.suspicion = None
+            self._suspects.discard(m.node_id)
+        else:
+            self._suspects.add(m.node_id)
+        is_live = status != Status.DEAD
+        if is_live and not was_live:
+            self._live_idx[m.node_id] = len(self._live)
+            self._live.append(m.node_id)
+            self._dead_count -= 1
+        elif was_live and not is_live:
+            i = self._live_idx.pop(m.node_id)
+            last = self._live.pop()
+            if last != m.node_id:
+                self._live[i] = last
+                self._live_idx[last] = i
+            self._dead_count += 1
+
+    # ---- messages -------------------------------------------------------------------------
+
+    def _self_state(self) -> MemberState:
+        return MemberState(self.self_id, self.incarnation, Status.ALIVE, self.address)
+
+    def _states(self) -> tuple[MemberState, ...]:
+        others = list(self._members.values())
+        if len(others) >= MAX_MEMBERS:  # a random subset: successive exchanges cover the rest
+            others = self.rng.sample(others, MAX_MEMBERS - 1)
+        return (self._self_state(), *(m.state() for m in others))
+
+    def _queue(self, state: MemberState) -> None:
+        """A newer update about a node replaces the queued one (memberlist's invalidation)."""
+        self._broadcasts[state.node_id] = _Broadcast(state)
+
+    def _piggyback(self) -> tuple[MemberState, ...]:
+        if not self._broadcasts:
+            return ()
+        limit = retransmit_limit(self.config, self.cluster_size())
+        n = min(self.config.max_piggyback, MAX_UPDATES)
+        chosen = heapq.nsmallest(n, self._broadcasts.values(), key=lambda b: b.sent)
+        for b in chosen:
+            b.sent += 1
+            if b.sent >= limit:
+                del self._broadcasts[b.state.node_id]
+        return tuple(b.state for b in chosen)
+
+    def _push_pull_to_random(self, candidates: list[str], out: Outgoing) -> None:
+        if candidates:
+            dest = candidates[self.rng.randrange(len(candidates))]
+            out.append((dest, PushPull(self.self_id, self._states(), False)))
+
+    def _sample(self, pool: list[str], k: int) -> list[str]:
+        return self.rng.sample(pool, min(k, len(pool)))
+
+    def _next_target(self) -> str | None:
+        """memberlist probeNode: round-robin over a shuffled list, reshuffled after each pass."""
+        for _ in range(2):
+            while self._probe_order:
+                node_id = self._probe_order.pop()
+                m = self._members.get(node_id)
+                if m is not None and m.status != Status.DEAD:
+                    return node_id
+            if not self._live:
+                return None
+            self._probe_order = list(self._live)
+            self.rng.shuffle(self._probe_order)
+        return None

@@ -1,0 +1,196 @@
+"""mesh.membership: SWIM transitions with exact timers (explicit `now`)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from mesh.control import HubInfo, PeerEntry, PeerMap
+from mesh.membership import (
+    LAN,
+    METERED,
+    Membership,
+    push_pull_interval,
+    retransmit_limit,
+    seeds_from_peer_map,
+    suspicion_timeout,
+)
+from mesh.wire import Ack, Gossip, MemberState, Message, Ping, PingReq, PushPull, Status
+
+
+def make(n: int, seed: int = 1) -> Membership:
+    m = Membership("a", "10.0.0.1", random.Random(seed))
+    m.seed((chr(ord("b") + i), f"10.0.0.{i + 2}") for i in range(n - 1))
+    return m
+
+
+def step(m: Membership, until: float, answer: set[str]) -> list[tuple[float, str, Message]]:
+    """Tick at every deadline up to `until`; members in `answer` ack pings at once."""
+    sent: list[tuple[float, str, Message]] = []
+    while True:
+        t = m.next_deadline()
+        if t is None:
+            t = 0.0  # not started yet
+        if t > until:
+            return sent
+        for dest, msg in m.tick(t):
+            sent.append((t, dest, msg))
+            if isinstance(msg, Ping) and dest in answer:
+                m.receive(Ack(msg.seq, dest), dest, t)
+
+
+def first_probe(m: Membership) -> tuple[float, str, int]:
+    m.tick(0.0)
+    while True:
+        t = m.next_deadline()
+        assert t is not None
+        for dest, msg in m.tick(t):
+            if isinstance(msg, Ping):
+                return t, dest, msg.seq
+
+
+def test_lan_defaults_are_memberlists() -> None:
+    assert (LAN.probe_interval, LAN.probe_timeout, LAN.indirect_checks, LAN.suspicion_mult,
+            LAN.retransmit_mult, LAN.push_pull_interval, LAN.gossip_nodes,
+            LAN.gossip_interval) == (1.0, 0.5, 3, 4, 4, 30.0, 3, 0.2)
+    assert METERED.probe_interval == 5.0 and METERED.push_pull_interval == 120.0
+    assert suspicion_timeout(LAN, 3) == 4.0  # log10 floored at 1
+    assert suspicion_timeout(LAN, 100) == pytest.approx(8.0)
+    assert retransmit_limit(LAN, 100) == 12
+    assert push_pull_interval(LAN, 32) == 30.0 and push_pull_interval(LAN, 100) == 90.0
+
+
+def test_probe_then_ack_keeps_member_alive() -> None:
+    m = make(3)
+    t0, target, seq = first_probe(m)
+    assert m.receive(Ack(seq, target), target, t0 + 0.1) == []
+    out = m.tick(t0 + 0.5)  # no indirect probes: the ack came
+    assert not any(isinstance(msg, PingReq) for _, msg in out)
+    out = m.tick(t0 + 1.0)
+    assert [type(msg) for _, msg in out] == [Ping]  # next probe, exactly one interval later
+    assert m.member(target) is not None and m.member(target).status == Status.ALIVE  # type: ignore[union-attr]
+    assert not [e for e in m.drain_events() if e.kind != "joined"]
+
+
+def test_timeout_indirect_suspect_dead_exact_timers() -> None:
+    m = make(3)
+    t0, target, seq = first_probe(m)
+    other = ({"b", "c"} - {target}).pop()
+    assert m.tick(t0 + 0.499) == []
+    out = m.tick(t0 + 0.5)  # ProbeTimeout: ping-req through the one other member
+    assert out and all(isinstance(msg, PingReq) and msg.target_id == target and msg.seq == seq
+                       and dest == other for dest, msg in out)
+    m.drain_events()
+    m.tick(t0 + 1.0)  # end of the protocol period without any ack: suspect
+    ev = m.drain_events()
+    assert [(e.kind, e.node_id, e.at) for e in ev] == [("suspect", target, t0 + 1.0)]
+    # 3 nodes: too few for Lifeguard confirmations (k = 0), timeout = 4 x 1 x 1 s exactly
+    step(m, t0 + 5.0 - 1e-6, answer={other})
+    assert not [e for e in m.drain_events() if e.kind == "dead"]
+    step(m, t0 + 5.0, answer={other})
+    dead = [e for e in m.drain_events() if e.kind == "dead"]
+    assert [(e.node_id, e.at) for e in dead] == [(target, t0 + 5.0)]
+    assert target not in m.live_members()
+
+
+def test_indirect_ack_saves_the_member() -> None:
+    m = make(3)
+    t0, target, seq = first_probe(m)
+    out = m.tick(t0 + 0.5)
+    helper = out[0][0]
+    m.receive(Ack(seq, target), helper, t0 + 0.7)  # relayed by the helper
+    m.tick(t0 + 1.0)
+    assert not [e for e in m.drain_events() if e.kind == "suspect"]
+
+
+def test_helper_relays_ping_req() -> None:
+    h = make(3)
+    out = h.receive(PingReq(41, "b", "c"), "b", 5.0)
+    [(dest, ping)] = out
+    assert dest == "c" and isinstance(ping, Ping)
+    [(dest, ack)] = h.receive(Ack(ping.seq, "c"), "c", 5.1)
+    assert dest == "b" and isinstance(ack, Ack) and (ack.seq, ack.from_id) == (41, "c")
+
+
+def test_lifeguard_confirmations_shorten_the_timeout() -> None:
+    m = make(6)  # n = 6: k = SuspicionMult - 2 = 2 confirmations expected
+    m.tick(0.0)
+    sus = MemberState("b", 0, Status.SUSPECT, "10.0.0.2")
+    m.receive(Gossip("c", (sus,)), "c", 10.0)
+    low = suspicion_timeout(LAN, 6)
+    assert low == 4.0
+    deadlines = {m.next_deadline()}
+    step(m, 10.0 + 6 * low - 1e-6, answer={"c", "d", "e", "f"})
+    assert not [e for e in m.drain_events() if e.kind == "dead"]  # max = 6 x min = 24 s
+    del deadlines
+    m2 = make(6)
+    m2.tick(0.0)
+    m2.receive(Gossip("c", (sus,)), "c", 10.0)
+    m2.receive(Gossip("d", (sus,)), "d", 10.5)  # first confirmation
+    step(m2, 10.0 + 24 - (24 - 4) * math.log(2) / math.log(3) - 1e-6, answer={"c", "d", "e", "f"})
+    assert not [e for e in m2.drain_events() if e.kind == "dead"]
+    m2.receive(Gossip("e", (sus,)), "e", 12.0)  # second: timeout is now the minimum, overdue
+    step(m2, 14.0, answer={"c", "d", "e", "f"})
+    dead = [e for e in m2.drain_events() if e.kind == "dead"]
+    assert [(e.node_id, e.at) for e in dead] == [("b", 14.0)]
+
+
+def test_refutation_with_higher_incarnation() -> None:
+    a = make(3)
+    a.tick(0.0)
+    a.receive(Gossip("b", (MemberState("a", 0, Status.SUSPECT, "10.0.0.1"),)), "b", 1.0)
+    assert a.incarnation == 1
+    [(_, ping)] = a.receive(Ping(5, "c"), "c", 1.1)
+    assert isinstance(ping, Ack) and MemberState("a", 1, Status.ALIVE, "10.0.0.1") in ping.updates
+    # b suspected a at incarnation 0; the refutation (incarnation 1) clears it
+    b = Membership("b", "10.0.0.2", random.Random(2))
+    b.seed([("a", "10.0.0.1"), ("c", "10.0.0.3")])
+    b.tick(0.0)
+    b.receive(Gossip("c", (MemberState("a", 0, Status.SUSPECT, "10.0.0.1"),)), "c", 1.0)
+    assert b.member("a").status == Status.SUSPECT  # type: ignore[union-attr]
+    b.receive(Gossip("a", (MemberState("a", 1, Status.ALIVE, "10.0.0.1"),)), "a", 1.2)
+    assert b.member("a") == MemberState("a", 1, Status.ALIVE, "10.0.0.1")
+    assert [e.kind for e in b.drain_events() if e.node_id == "a"][-2:] == ["suspect", "alive"]
+    # a stale alive (same incarnation) does not revive a dead member
+    b.receive(Gossip("c", (MemberState("a", 1, Status.DEAD, "10.0.0.1"),)), "c", 2.0)
+    b.receive(Gossip("c", (MemberState("a", 1, Status.ALIVE, "10.0.0.1"),)), "c", 2.1)
+    assert b.member("a").status == Status.DEAD  # type: ignore[union-attr]
+
+
+def test_push_pull_merge() -> None:
+    a = make(3)
+    a.tick(0.0)
+    a.drain_events()
+    members = (MemberState("b", 2, Status.ALIVE, "10.0.0.2"),
+               MemberState("c", 0, Status.DEAD, "10.0.0.3"),
+               MemberState("d", 0, Status.ALIVE, "10.0.0.4"),
+               MemberState("a", 0, Status.DEAD, "10.0.0.1"))
+    out = a.receive(PushPull("b", members, False), "b", 3.0)
+    [(dest, reply)] = out
+    assert dest == "b" and isinstance(reply, PushPull) and reply.is_reply
+    got = {s.node_id: s for s in reply.members}
+    assert got["a"] == MemberState("a", 1, Status.ALIVE, "10.0.0.1")  # refuted
+    assert got["b"].incarnation == 2
+    assert got["c"].status == Status.SUSPECT  # a remote "dead" merges as "suspect"
+    assert got["d"].status == Status.ALIVE
+    kinds = {(e.kind, e.node_id) for e in a.drain_events()}
+    assert ("joined", "d") in kinds and ("suspect", "c") in kinds
+    assert a.receive(PushPull("b", members, True), "b", 3.1) == []  # replies are not answered
+
+
+def test_periodic_push_pull_without_coordinator() -> None:
+    m = make(3)
+    sent = step(m, 200.0, answer={"b", "c"})
+    pp = [t for t, _, msg in sent if isinstance(msg, PushPull)]
+    assert len(pp) >= 6
+    assert all(b - a == pytest.approx(30.0) for a, b in zip(pp, pp[1:], strict=False))
+
+
+def test_seeds_from_peer_map() -> None:
+    key = "A" * 43 + "="
+    pm = PeerMap(1, HubInfo(key, "198.51.100.1:51820", "100.64.0.1", "fd00::1", "http://x"),
+                 (PeerEntry("dev-1", key, "100.64.0.2", "fd00::2"),
+                  PeerEntry("dev-2", key, "100.64.0.3", "fd00::3")))
+    assert seeds_from_peer_map(pm) == [("dev-1", "100.64.0.2"), ("dev-2", "100.64.0.3")]

@@ -1,0 +1,51 @@
+"""mesh.sim: determinism, delivery under loss and a healed partition, failure detection."""
+
+from __future__ import annotations
+
+from mesh.membership import LAN, suspicion_timeout
+from mesh.sim import NetConfig, SimConfig, Simulator
+
+
+def run(seed: int, n: int = 60) -> tuple[object, ...]:
+    sim = Simulator(SimConfig(n=n, seed=seed, net=NetConfig(loss=0.02)))
+    sim.publish(3, 1, 2.0)
+    sim.stop(7, 5.0)
+    sim.run(40.0)
+    return sim.fingerprint()
+
+
+def test_same_seed_same_run() -> None:
+    assert run(5) == run(5)
+    assert run(5) != run(6)
+
+
+def test_delivery_at_200_with_loss_and_a_healed_partition() -> None:
+    n = 200  # 20 LANs of 10
+    sim = Simulator(SimConfig(n=n, seed=11, net=NetConfig(loss=0.05)))
+    sim.partition([range(0, 10), range(10, 20)], 1.0)
+    sim.publish(0, 1, 10.0)  # published on the first side only
+    sim.heal(60.0)
+    sim.run(59.0)
+    got = sim.stored_at[1]
+    assert all(i < 100 for i in got) and len(got) == 100  # one side has it, the other cannot
+    sim.run(240.0)
+    assert len(sim.stored_at[1]) == n
+    # the halves declared each other dead; after healing (reconnect push-pull) all are alive
+    assert all(len(nd.membership.live_members()) == n - 1 for nd in sim.nodes
+               if nd.membership is not None)
+
+
+def test_stopped_node_declared_dead_within_suspicion_time() -> None:
+    n = 50
+    sim = Simulator(SimConfig(n=n, seed=3))
+    sim.watch.add(7)
+    sim.stop(7, 10.0)
+    sim.run(80.0)
+    dead = sim.dead_seen[7]
+    assert set(dead) == set(range(n)) - {7}
+    first_suspect = min(sim.suspect_seen[7].values())
+    low = suspicion_timeout(LAN, n)
+    # Lifeguard: between the minimum (confirmed) and 6x the minimum after the first suspicion
+    assert first_suspect - 10.0 <= 3 * LAN.probe_interval
+    assert max(dead.values()) - first_suspect <= LAN.suspicion_max_timeout_mult * low + 1.0
+    assert min(dead.values()) - first_suspect >= low - 1e-9
