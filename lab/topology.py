@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_WAN_SUBNET",
     "NAT_KINDS",
     "LanSpec",
+    "AgentsSpec",
     "OperatorSpec",
     "Shaping",
     "Topology",
@@ -102,11 +103,20 @@ class OperatorSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentsSpec:
+    """How `up` runs the agents. peer_sharing = false: every device fetches release blobs only
+    from the coordinator (the comparison case for LAN-first sharing)."""
+
+    peer_sharing: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Topology:
     wan_subnet: ipaddress.IPv4Network
     lans: tuple[LanSpec, ...]
     operator: OperatorSpec | None
     source: str | None = None
+    agents: AgentsSpec = AgentsSpec()
 
     @property
     def coordinator_ipv4(self) -> ipaddress.IPv4Address:
@@ -137,6 +147,8 @@ class Topology:
         d: dict[str, Any] = {"wan": {"subnet": str(self.wan_subnet)}}
         if self.operator is not None:
             d["operator"] = {"on": self.operator.on}
+        if self.agents != AgentsSpec():
+            d["agents"] = {"peer_sharing": self.agents.peer_sharing}
         lans = []
         for lan in self.lans:
             e: dict[str, Any] = {"name": lan.name, "nat": lan.nat, "devices": lan.devices}
@@ -205,7 +217,7 @@ def _subnet(where: str, value: Any) -> ipaddress.IPv4Network:
 
 
 def parse_topology(data: dict[str, Any], source: str | None = None) -> Topology:
-    _check_keys("topology", data, {"wan", "operator", "lan"})
+    _check_keys("topology", data, {"wan", "operator", "lan", "agents"})
 
     wan = _check_keys("wan", data.get("wan", {}), {"subnet"})
     wan_subnet = _subnet("wan.subnet", wan["subnet"]) if "subnet" in wan else DEFAULT_WAN_SUBNET
@@ -326,7 +338,16 @@ def parse_topology(data: dict[str, Any], source: str | None = None) -> Topology:
             )
         )
 
-    topo = Topology(wan_subnet=wan_subnet, lans=tuple(lans), operator=operator, source=source)
+    agents = AgentsSpec()
+    if "agents" in data:
+        ag = _check_keys("agents", data["agents"], {"peer_sharing"})
+        sharing = ag.get("peer_sharing", True)
+        if not isinstance(sharing, bool):
+            raise TopologyError("agents.peer_sharing: must be true or false")
+        agents = AgentsSpec(peer_sharing=sharing)
+
+    topo = Topology(wan_subnet=wan_subnet, lans=tuple(lans), operator=operator, source=source,
+                    agents=agents)
     nets = topo.subnets()
     for a in range(len(nets)):
         for b in range(a + 1, len(nets)):

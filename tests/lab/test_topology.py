@@ -146,7 +146,15 @@ BAD = [
         '[wan]\nsubnet = "198.51.100.0/24"\nmtu = 1400\n[[lan]]\nname = "a"\n',
         "wan.mtu: unknown key (allowed: subnet)",
     ),
-    ("[lans]\n", "topology.lans: unknown key (allowed: lan, operator, wan)"),
+    ("[lans]\n", "topology.lans: unknown key (allowed: agents, lan, operator, wan)"),
+    (
+        '[agents]\npeer_sharing = "no"\n[[lan]]\nname = "a"\n',
+        "agents.peer_sharing: must be true or false",
+    ),
+    (
+        '[agents]\nsharing = false\n[[lan]]\nname = "a"\n',
+        "agents.sharing: unknown key (allowed: peer_sharing)",
+    ),
     (
         '[wan]\nsubnet = "10.201.0.0/16"\n[[lan]]\nname = "a"\n',
         "lan[0].subnet: 10.201.1.0/24 overlaps wan.subnet 10.201.0.0/16",
