@@ -1,4 +1,5 @@
-"""fleetmesh agent: enroll, keep WireGuard reconciled with the peer map, report paths.
+"""fleetmesh agent: enroll, keep WireGuard reconciled with the peer map, report paths, run the
+mesh node (gossip, manifests, blob exchange: agent/_gossip.py, docs/gossip.md).
 
 Entry points for the lab and for tests:
 
@@ -17,9 +18,11 @@ from ._agent import (
     Backoff,
     ClientFactory,
     DeviceApi,
+    GossipSettings,
     error_status,
     stderr_log,
 )
+from ._blobstore import BlobStore, BlobVerifyError, verify_blob
 from ._datadir import DataDir, DataDirError, Identity
 from ._device import (
     DEFAULT_IFNAME,
@@ -27,6 +30,14 @@ from ._device import (
     WireGuardGoDevice,
     lan_endpoints,
     mesh_addresses,
+)
+from ._gossip import (
+    GOSSIP_PORT,
+    GossipNode,
+    GossipStats,
+    TransportConfig,
+    release_verifier,
+    wanted_blobs,
 )
 from ._paths import (
     DIRECT_TIMEOUT,
@@ -43,6 +54,7 @@ __all__ = [
     "DEFAULT_IFNAME",
     "DEFAULT_WG_PORT",
     "DIRECT_TIMEOUT",
+    "GOSSIP_PORT",
     "KEEPALIVE",
     "PUNCH_KEEPALIVE",
     "REJECT_AFTER_TIME",
@@ -50,17 +62,26 @@ __all__ = [
     "Agent",
     "Backoff",
     "BackendFactory",
+    "BlobStore",
+    "BlobVerifyError",
     "ClientFactory",
     "DataDir",
     "DataDirError",
     "DeviceApi",
+    "GossipNode",
+    "GossipSettings",
+    "GossipStats",
     "Identity",
     "PathChange",
     "PathPlan",
     "PathSelector",
+    "TransportConfig",
     "WireGuardGoDevice",
     "error_status",
     "lan_endpoints",
     "mesh_addresses",
+    "release_verifier",
     "stderr_log",
+    "verify_blob",
+    "wanted_blobs",
 ]

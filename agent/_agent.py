@@ -1,4 +1,6 @@
-"""The agent's trio driver: peer-map long poll, WireGuard reconcile, state reports.
+"""The agent's trio driver: peer-map long poll, WireGuard reconcile, state reports, and (with
+`gossip=GossipSettings(...)`) the mesh node: gossip, manifests from the coordinator's targets,
+blob exchange, LAN discovery.
 
     agent = Agent(data_dir, backend_factory, client_factory)
     async with trio.open_nursery() as nursery:
@@ -20,10 +22,12 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any, Final, Protocol, TypeVar
 
 import trio
 
+from mesh.blobsched import SchedConfig
 from mesh.clikit import package_version
 from mesh.control import DeviceReport, Enrollment, PeerMap, PeerPath
 from vpn import (
@@ -33,9 +37,12 @@ from vpn import (
     UapiProtocolError,
     changes_to_config,
     diff,
+    public_key_from_private,
 )
 
+from ._blobstore import BlobStore
 from ._datadir import DataDir, DataDirError, Identity
+from ._gossip import GOSSIP_PORT, GossipNode, release_verifier
 from ._paths import REJECT_AFTER_TIME, PathPlan, PathSelector
 
 T = TypeVar("T")
@@ -73,6 +80,27 @@ ClientFactory = Callable[[str, str, bytes], DeviceApi]  # (url, credential, cert
 BackendFactory = Callable[[Enrollment], AbstractAsyncContextManager[AsyncWireGuardBackend]]
 Log = Callable[[str], None]
 Nudger = Callable[[Sequence[str]], Awaitable[None]]  # send one datagram to each mesh address
+# run_lan_discovery's signature (agent/_lan.py): (name, fleet, public key, underlay, port,
+# on_change, *, task_status) -> runs until cancelled.
+LanDiscovery = Callable[..., Awaitable[None]]
+
+TARGETS_INTERVAL: Final = 10.0  # how often the coordinator's targets are read for new manifests
+# A blob from the coordinator: the gossip node's own fetch deadline (blobsched.fetch_timeout) is
+# the real bound; this only caps one attempt per URL.
+BLOB_CALL_TIMEOUT: Final = 600.0
+GOSSIP_RETRY: Final = 5.0  # the mesh address may not be on the interface yet: retry the bind
+LAN_RETRY: Final = 60.0  # LAN discovery failed (no such underlay, mDNS socket): try again
+
+
+@dataclass(frozen=True, slots=True)
+class GossipSettings:
+    """The mesh node of `fleetmesh-agent run` (omitted: no gossip, `--no-gossip`)."""
+
+    port: int = GOSSIP_PORT
+    peer_sharing: bool = True  # False: every blob from the coordinator (`--no-peer-sharing`)
+    underlay: str | None = None  # interface or IPv4 for LAN discovery; None: no discovery
+    targets_interval: float = TARGETS_INTERVAL
+    lan_discovery: LanDiscovery | None = None  # None: agent._lan.run_lan_discovery
 
 
 def udp_nudger(ifname: str) -> Nudger:
@@ -109,6 +137,43 @@ async def _poll(client: DeviceApi, *, version: int, wait: float) -> PeerMap | No
 
 async def _report(client: DeviceApi, *, report: DeviceReport) -> None:
     await client.report(report)
+
+
+async def _targets(client: Any) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = await client.targets()
+    return result
+
+
+async def _manifest(client: Any, *, fleet: str, app: str, version: int) -> bytes:
+    result: bytes = await client.manifest(fleet, app, version)
+    return result
+
+
+async def _blob(client: Any, *, blob_id: str, start: int | None, end: int | None) -> bytes:
+    result: bytes = await client.blob(blob_id, start, end)
+    return result
+
+
+class _Started:
+    """A task_status that only calls back (the node runs in the caller's task)."""
+
+    def __init__(self, callback: Callable[[Any], None]) -> None:
+        self.callback = callback
+
+    def started(self, value: Any = None) -> None:
+        self.callback(value)
+
+
+class _CoordinatorBlobs:
+    """The gossip node's blob seed: the coordinator, through the agent's URL fallback."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    async def blob(self, blob_id: str, start: int | None = None, end: int | None = None
+                   ) -> bytes:
+        return await self.agent._call(
+            functools.partial(_blob, blob_id=blob_id, start=start, end=end), BLOB_CALL_TIMEOUT)
 
 
 class Backoff:
@@ -150,11 +215,13 @@ class Agent:
         report_interval: float = REPORT_INTERVAL,
         poll_wait: int = POLL_WAIT,
         nudge: Nudger | None = None,
+        gossip: GossipSettings | None = None,
     ) -> None:
         self.data = data_dir if isinstance(data_dir, DataDir) else DataDir(data_dir)
         # Both raise DataDirError (one line) when the directory is not usable.
         self.identity: Identity = self.data.read_identity()
         private_key = self.data.read_key()
+        self.public_key = public_key_from_private(private_key)
         self.backend_factory = backend_factory
         if nudge is None:
             # Only a real interface (WireGuardGoDevice names it) gets nudges; fakes get none.
@@ -196,6 +263,10 @@ class Agent:
         self._reconcile_wake = trio.Event()
         self._report_wake = trio.Event()
         self._backend_error: str | None = None
+        self.gossip_settings = gossip
+        self.gossip: GossipNode | None = None  # the running mesh node
+        self._lan_names: frozenset[str] = frozenset()
+        self._rng = rng or random.Random()
 
     # -- public ------------------------------------------------------------
 
@@ -234,6 +305,11 @@ class Agent:
                     await nursery.start(self._reconcile_loop, backend)
                     nursery.start_soon(self._peermap_loop)
                     nursery.start_soon(self._report_loop)
+                    if self.gossip_settings is not None:
+                        nursery.start_soon(self._gossip_loop, self.gossip_settings)
+                        nursery.start_soon(self._targets_loop, self.gossip_settings)
+                        if self.gossip_settings.underlay is not None:
+                            nursery.start_soon(self._lan_loop, self.gossip_settings)
                     task_status.started(self)
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
@@ -365,6 +441,8 @@ class Agent:
             self.data.write_peermap(peermap)
         except DataDirError as exc:
             self.log(f"cannot cache the peer map: {exc}")
+        if self.gossip is not None:
+            self.gossip.update_peers(self.gossip_peers())
         self._reconcile_wake.set()
 
     async def _peermap_loop(self) -> None:
@@ -426,3 +504,116 @@ class Agent:
             spent = trio.current_time() - sent_at
             if spent < MIN_REPORT_SPACING:
                 await trio.sleep(MIN_REPORT_SPACING - spent)
+
+    # -- mesh node (gossip, manifests, blobs, LAN discovery) ---------------
+
+    def gossip_peers(self) -> dict[str, str]:
+        """name -> mesh IPv4 of every peer in the peer map."""
+        if self.peermap is None:
+            return {}
+        return {p.name: p.mesh_ipv4 for p in self.peermap.peers}
+
+    async def _gossip_loop(self, settings: GossipSettings) -> None:
+        """Run the node on our mesh address; a bind failure (the address is not on the
+        interface yet) is retried. The node carries on without the coordinator."""
+        enrollment = self.enrollment
+        try:
+            store = BlobStore(self.data.path / "blobs")
+        except OSError as exc:
+            self.log(f"gossip: cannot open the blob store: {_one_line(exc)}; no mesh node")
+            return
+        verify = release_verifier(enrollment.release_key, enrollment.fleet)
+        error: str | None = None
+        while True:
+            node = GossipNode(
+                enrollment.name, enrollment.mesh_ipv4, peers=self.gossip_peers(), verify=verify,
+                store=store, client=_CoordinatorBlobs(self), fleet=enrollment.fleet,
+                port=settings.port, sched_config=SchedConfig(peer_sharing=settings.peer_sharing),
+                rng=random.Random(self._rng.random()), log=lambda m: self.log(f"gossip: {m}"))
+            node.set_lan(self._lan_names)
+            self.gossip = node
+
+            def started(_node: Any = None) -> None:
+                nonlocal error
+                if error is not None:
+                    self.log(f"gossip: listening on {enrollment.mesh_ipv4}:{settings.port}")
+                    error = None
+
+            try:
+                await node.run(task_status=_Started(started))
+            except OSError as exc:  # the bind; the node's tasks handle their own I/O errors
+                message = f"gossip: cannot listen on {enrollment.mesh_ipv4}:{settings.port}: " \
+                          f"{_one_line(exc)}"
+                if message != error:
+                    self.log(f"{message}; retrying every {GOSSIP_RETRY:g} s")
+                    error = message
+            finally:
+                self.gossip = None
+            await trio.sleep(GOSSIP_RETRY)
+
+    async def _targets_loop(self, settings: GossipSettings) -> None:
+        """Offer the manifests of the coordinator's targets to the node, every interval."""
+        error: str | None = None
+        progress: tuple[int, int] | None = None
+        fleet = self.enrollment.fleet
+        while not self.revoked:
+            node = self.gossip
+            try:
+                if node is not None:
+                    targets = await self._call(_targets, CALL_TIMEOUT)
+                    for t in targets:
+                        app, version = t.get("app"), t.get("version")
+                        if not isinstance(app, str) or type(version) is not int:
+                            continue
+                        held = node.rumor.newest(fleet, app)
+                        if held is not None and held[0] >= version:
+                            continue
+                        data = await self._call(functools.partial(
+                            _manifest, fleet=fleet, app=app, version=version), CALL_TIMEOUT)
+                        if node.offer_manifest(data):
+                            self.log(f"release {fleet}/{app} v{version} from the coordinator")
+            except Exception as exc:  # noqa: BLE001 - never exit on coordinator errors
+                if error_status(exc) == 401:
+                    self._revoke(exc)
+                    return
+                message = _one_line(exc)
+                if message != error:
+                    self.log(f"targets: {message}; retrying every {settings.targets_interval:g} s")
+                    error = message
+            else:
+                error = None
+            if node is not None:
+                st = node.stats
+                now = (st.blobs_done, st.blobs_total)
+                if now != progress and st.blobs_total:
+                    progress = now
+                    self.log(f"blobs {st.blobs_done}/{st.blobs_total}; received from LAN "
+                             f"{st.bytes_lan} B, WAN peers {st.bytes_wan} B, coordinator "
+                             f"{st.bytes_coordinator} B")
+            # Until the node is up (the mesh address may still be missing), look again soon.
+            await trio.sleep(settings.targets_interval if node is not None
+                             else min(1.0, settings.targets_interval))
+
+    def _on_lan_change(self, neighbours: Any) -> None:
+        self._lan_names = frozenset(n.name for n in neighbours)
+        if self.gossip is not None:
+            self.gossip.set_lan(self._lan_names)
+
+    async def _lan_loop(self, settings: GossipSettings) -> None:
+        discover = settings.lan_discovery
+        if discover is None:
+            from ._lan import run_lan_discovery
+
+            discover = run_lan_discovery
+        assert settings.underlay is not None
+        error: str | None = None
+        while True:
+            try:
+                await discover(self.enrollment.name, self.enrollment.fleet, self.public_key,
+                               settings.underlay, self.wg_port, self._on_lan_change)
+            except Exception as exc:  # noqa: BLE001 - LanDiscoveryError, OSError, zeroconf's
+                message = f"LAN discovery on {settings.underlay}: {_one_line(exc)}"
+                if message != error:
+                    self.log(f"{message}; retrying every {LAN_RETRY:g} s")
+                    error = message
+            await trio.sleep(LAN_RETRY)

@@ -19,9 +19,10 @@ from mesh.clikit import CliError, package_version
 from mesh.control import ControlError, Enrollment, TokenParts, check_endpoint, check_name
 from vpn import WireGuardGoError, generate_keypair, public_key_from_private
 
-from ._agent import Agent, BackendFactory, ClientFactory, stderr_log
+from ._agent import Agent, BackendFactory, ClientFactory, GossipSettings, stderr_log
 from ._datadir import DataDir, DataDirError, Identity
 from ._device import DEFAULT_IFNAME, DEFAULT_WG_PORT, WireGuardGoDevice, lan_endpoints
+from ._gossip import GOSSIP_PORT
 
 EXIT_USAGE: Final = 2
 EXIT_UNREACHABLE: Final = 3
@@ -266,10 +267,17 @@ def _run(args: argparse.Namespace) -> int:
         def lan() -> tuple[str, ...]:
             return lan_endpoints(port, (args.interface,), exclude)
 
+    gossip: GossipSettings | None = None
+    if not args.no_gossip:
+        underlay = args.underlay
+        if underlay is None and args.lan_endpoint:
+            underlay = args.lan_endpoint[0].rsplit(":", 1)[0]  # the LAN address we report
+        gossip = GossipSettings(port=args.gossip_port, peer_sharing=not args.no_peer_sharing,
+                                underlay=underlay)
     try:
         backend = real_backend_factory(args.interface, args.wg_mount_namespace)
         agent = Agent(data, backend, sdk_client_factory(),
-                      wg_port=port, lan_endpoints=lan)
+                      wg_port=port, lan_endpoints=lan, gossip=gossip)
     except DataDirError as exc:
         raise _data_error(exc, data) from None
     agent.log(f"{enrollment.name} in fleet {enrollment.fleet}, mesh {enrollment.mesh_ipv4}, "
@@ -312,6 +320,16 @@ def add_run_parser(sub: Any) -> None:
                    help="run wireguard-go in this mount namespace (e.g. /proc/PID/ns/mnt, whose "
                         "/run/wireguard is private) instead of a new private one, so that `wg` "
                         "run there sees the interface")
+    p.add_argument("--no-gossip", action="store_true",
+                   help="no mesh node: no membership gossip, manifest spread or blob exchange")
+    p.add_argument("--gossip-port", type=_port, default=GOSSIP_PORT, metavar="N",
+                   help=f"TCP port of the mesh node on the mesh address (default {GOSSIP_PORT}, "
+                        "memberlist's)")
+    p.add_argument("--no-peer-sharing", action="store_true",
+                   help="fetch every blob from the coordinator (the baseline for comparison)")
+    p.add_argument("--underlay", metavar="IF_OR_IPV4", default=None,
+                   help="LAN interface (or its IPv4 address) for LAN discovery (mDNS); default: "
+                        "the address of the first --lan-endpoint, else no LAN discovery")
     p.set_defaults(handler=_run)
 
 

@@ -1,0 +1,109 @@
+"""`Agent(gossip=GossipSettings(...))`: the mesh node runs beside the agent's loops, manifests
+come from the coordinator's targets, LAN neighbours from (fake) LAN discovery."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import trio
+
+from agent import Agent, DataDir, GossipSettings, Identity
+from mesh.control import Enrollment, PeerEntry
+from tests.agent.fakes import HUB, KEYS, FakeClient, FakeCoordinator, FakeWireGuard, peermap
+
+from .helpers import KEY, Blob, free_port, make_blobs, make_manifest, wait_for
+
+URL = "https://198.51.100.1:8443"
+
+
+class ReleaseCoordinator(FakeCoordinator):
+    def __init__(self, blobs: list[Blob], manifest: bytes) -> None:
+        super().__init__()
+        self.targets = [{"app": "cam", "version": 1, "pin": None}]
+        self.manifests = {("cams", "cam", 1): manifest}
+        self.blobs = {b.ref.id.hex(): b.frame for b in blobs}
+        self.blob_bytes: Counter[str] = Counter()
+
+    def factory(self, url: str, credential: str, cert_der: bytes) -> FakeClient:
+        client = ReleaseClient(self, url, credential, cert_der)
+        self.clients.append(client)
+        return client
+
+
+class ReleaseClient(FakeClient):
+    coord: ReleaseCoordinator
+
+    async def targets(self) -> list[dict[str, Any]]:
+        await self._gate()
+        return self.coord.targets
+
+    async def manifest(self, fleet: str, app: str, version: int) -> bytes:
+        await self._gate()
+        return self.coord.manifests[(fleet, app, version)]
+
+    async def blob(self, blob_id: str, start: int | None = None, end: int | None = None
+                   ) -> bytes:
+        await self._gate()
+        data = self.coord.blobs[blob_id][start:end]
+        self.coord.blob_bytes[self.credential] += len(data)
+        return data
+
+
+def device(tmp: Path, i: int, release_key: str | None) -> DataDir:
+    data = DataDir(tmp / f"d{i}")
+    data.write_key(KEYS[i].private)
+    e = Enrollment(f"dev-{i}", f"home-{i}", "cams", f"cred-{i}", f"127.0.0.{40 + i}",
+                   f"fd7a:f1ee::{40 + i:x}", "10.250.0.0/16", "fd7a:f1ee::/64", HUB, release_key)
+    data.write_identity(Identity(URL, e, b"\x30\x82fake-der", 51820, None))
+    return data
+
+
+def entry(i: int) -> PeerEntry:
+    return PeerEntry(f"home-{i}", KEYS[i].public, f"127.0.0.{40 + i}", f"fd7a:f1ee::{40 + i:x}")
+
+
+async def test_agents_fetch_the_targeted_release_over_the_mesh(tmp_path: Path) -> None:
+    blobs = make_blobs(12, large=1)
+    total = sum(b.ref.stored_size for b in blobs)
+    key = bytes(KEY.verify_key).hex()
+    port = free_port()
+    logs: dict[int, list[str]] = {0: [], 1: [], 2: []}
+
+    async def fake_lan(name: str, fleet: str, public_key: str, underlay: str, port_: int,
+                       on_change: Any) -> None:
+        # device 2 wants nothing: as an HRW owner it would only make the others wait (the
+        # "owner may not want the blob" gap, docs/blob-exchange.md), so 0 and 1 do not see it
+        seen = range(3) if name == "home-2" else range(2)
+        on_change([SimpleNamespace(name=f"home-{i}") for i in seen])
+        await trio.sleep_forever()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            agents = []
+            for i in range(3):
+                # device 2 has no pinned release key: it must not accept any manifest
+                data = device(tmp_path, i, key if i < 2 else None)
+                coord = ReleaseCoordinator(blobs, make_manifest(blobs))
+                coord.peermap = peermap(1, *[entry(j) for j in range(3) if j != i])
+                agent = Agent(data, FakeWireGuard().factory(), coord.factory,
+                              log=logs[i].append,
+                              gossip=GossipSettings(port=port, underlay="lan0",
+                                                    targets_interval=0.3,
+                                                    lan_discovery=fake_lan))
+                await nursery.start(agent.run)
+                agents.append((agent, coord))
+            await wait_for(lambda: all(a.gossip is not None and a.gossip.complete("cams", "cam")
+                                       for a, _ in agents[:2]), 0.05)
+            fetched = sum(c.blob_bytes[f"cred-{i}"] for i, (_, c) in enumerate(agents))
+            assert total <= fetched <= 1.15 * total  # the LAN pulled each byte about once
+            a2 = agents[2][0]
+            assert a2.gossip is not None and a2.gossip.releases() == {}
+            assert a2.gossip.lan == {"home-0", "home-1"}
+            await wait_for(lambda: any("no release key" in m for m in logs[2]))
+            await trio.sleep(0.5)  # more targets polls and rumors: still logged only once
+            assert sum("no release key" in m for m in logs[2]) == 1
+            await wait_for(lambda: any("blobs 12/12" in m for m in logs[0] + logs[1]))
+            nursery.cancel_scope.cancel()
