@@ -81,6 +81,11 @@ READ_SIZE: Final = 65536
 MAX_TIMER_SLEEP: Final = 1.0  # re-read the deadlines at least this often (clock skew, bugs)
 MAX_PENDING_RELEASES: Final = 16  # Haves buffered for releases whose manifest has not arrived
 MAX_PENDING_IDS: Final = 65_536  # per peer and release (= blobsched.MAX_HAVE_IDS_PER_PEER)
+# After (re)start the node waits this long before it schedules a release's first fetches, so
+# LAN discovery (mDNS answers within a second or two) and the LAN neighbours' Haves (each
+# answers our first connection with its own) are in: without them every blob looks like ours
+# to fetch across the WAN. A device back from an outage then takes what its LAN already holds.
+STARTUP_SETTLE: Final = 6.0
 
 AppKey = tuple[str, str]
 Log = Callable[[str], None]
@@ -222,6 +227,7 @@ class _Release:
     key: ReleaseKey
     sched: BlobScheduler
     wanted: dict[bytes, WantedBlob]
+    wanting: bool = False  # `want` has been given to the scheduler (see STARTUP_SETTLE)
 
 
 @dataclass(slots=True)
@@ -276,6 +282,7 @@ class GossipNode:
         self._nursery: trio.Nursery | None = None
         self._wake = trio.Event()
         self._last_now = float("-inf")
+        self._settled_at = float("inf")  # set by run(): start + STARTUP_SETTLE
         self.update_peers(peers)
 
     # ------------------------------------------------------------------ public API
@@ -291,7 +298,7 @@ class GossipNode:
 
     def complete(self, fleet: str, app: str) -> bool:
         r = self._releases.get((fleet, app))
-        return r is not None and r.sched.complete
+        return r is not None and r.wanting and r.sched.complete
 
     def update_peers(self, peers: Mapping[str, str]) -> None:
         """The peer map (name -> mesh IPv4): who may connect, where to send, membership seeds."""
@@ -331,6 +338,7 @@ class GossipNode:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self._settled_at = self.clock() + STARTUP_SETTLE
                 await nursery.start(trio.serve_listeners, self._inbound, listeners)
                 for p in self._peers.values():
                     nursery.start_soon(self._outbound, p)
@@ -360,6 +368,8 @@ class GossipNode:
 
     def _next_deadline(self) -> float | None:
         ds = [self.membership.next_deadline(), self.rumor.next_deadline()]
+        if any(not r.wanting for r in self._releases.values()):
+            ds.append(self._settled_at)
         ds.extend(r.sched.next_deadline() for r in self._releases.values())
         return min((d for d in ds if d is not None), default=None)
 
@@ -379,6 +389,8 @@ class GossipNode:
         self._send_all(self.membership.tick(now))
         self._send_all(self.rumor.tick(now))
         for r in list(self._releases.values()):
+            if not r.wanting and now >= self._settled_at:
+                self._want(r, now)
             self._do(r, r.sched.tick(now))
         self._after_cores()
 
@@ -465,11 +477,17 @@ class GossipNode:
             if rk.version == manifest.version:
                 for peer, ids in haves.items():
                     self._do(release, sched.on_have(peer, ids, False, now))
-        actions = sched.want({b: w.size for b, w in wanted.items()}, now)
-        if held and not any(isinstance(a, Announce) for a in actions):
-            actions.append(Announce(tuple(sorted(held)), complete=True))
-        self._do(release, actions)
+        if now >= self._settled_at:
+            self._want(release, now)
         self._update_progress()
+
+    def _want(self, release: _Release, now: float) -> None:
+        release.wanting = True
+        actions = release.sched.want({b: w.size for b, w in release.wanted.items()}, now)
+        held = sorted(b for b in release.wanted if self.store.has(b))
+        if held and not any(isinstance(a, Announce) for a in actions):
+            actions.append(Announce(tuple(held), complete=True))
+        self._do(release, actions)
 
     def _on_have(self, sender: str, msg: Have, now: float) -> None:
         k = msg.release_key
@@ -798,6 +816,10 @@ class GossipNode:
             p.inbound += 1
             self.stats.counters["accepted_connections"] += 1
             p.wake.set()  # the peer is (back) up: our outbound need not wait out its backoff
+            if p.inbound == 1:
+                # A (re)connecting peer learns at once what we hold: it may have just started
+                # and be about to decide where to fetch from (STARTUP_SETTLE).
+                self._send_haves(p.name)
             decoder = FrameDecoder()
             try:
                 while self._peers.get(p.name) is p:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from mesh.release import write_signing_key
 from mesh.tlspin import fingerprint
 
 from ._host import (
@@ -36,6 +37,7 @@ READY_TIMEOUT: Final = 60.0  # wireguard-go, TLS key generation, enrollments on 
 COORDINATOR_DIR: Final = STATE_DIR / "coordinator"
 AGENTS_DIR: Final = STATE_DIR / "agents"
 LOG_DIR: Final = STATE_DIR / "logs"
+RELEASE_KEY: Final = STATE_DIR / "release.key"  # the lab operator's release signing key (0600)
 BIN: Final = Path(sys.executable).parent  # the venv's console scripts
 
 
@@ -86,22 +88,46 @@ def start_fleet(lab: Lab, timeout: float = READY_TIMEOUT) -> FleetAccess:
     device is online at the coordinator (its hub handshake is up)."""
     deadline = time.monotonic() + timeout
     acc = start_coordinator(lab, timeout)
+    # The fleet's release key exists before any device enrolls: each pins it at enrollment.
+    if not RELEASE_KEY.exists():
+        write_signing_key(RELEASE_KEY)
+    _checked(fleetmesh(lab, "coordinator", "release", "set-key", "--fleet", FLEET,
+                       "--signing-key", str(RELEASE_KEY)), "setting the fleet's release key")
     devices = lab.devices
     if devices:
         token = json.loads(_checked(fleetmesh(
             lab, "coordinator", "token", "create", "--fleet", FLEET, "--uses", str(len(devices)),
             "--expires", "10m", "--json"), "creating an enrollment token"))["token"]
         for d in devices:
-            data = AGENTS_DIR / d.name
             _checked(lab.run(d, [str(BIN / "fleetmesh-agent"), "join", acc.url, "--token", token,
-                                 "--data", str(data), "--name", d.name, "--wg-port", str(WG_PORT)],
+                                 "--data", str(AGENTS_DIR / d.name), "--name", d.name,
+                                 "--wg-port", str(WG_PORT)],
                              capture_output=True, text=True, timeout=60), f"{d.name}: join")
-            # wireguard-go in the node's mount namespace, so `wg show` in the node sees it
-            wg_ns = ["--wg-mount-namespace", d.mountns_path] if d.mountns_path else []
-            lab.spawn(d, [str(BIN / "fleetmesh-agent"), "run", "--data", str(data), *wg_ns],
-                      stdin=subprocess.DEVNULL, stdout=_log(d.name), stderr=subprocess.STDOUT)
+            start_agent(lab, d.name)
     wait_online(lab, [d.name for d in devices], deadline - time.monotonic())
     return acc
+
+
+def start_agent(lab: Lab, device: str) -> int:
+    """Start (or restart) an enrolled device's agent; returns its PID."""
+    d = lab.node(device)
+    # wireguard-go in the node's mount namespace, so `wg show` in the node sees it
+    wg_ns = ["--wg-mount-namespace", d.mountns_path] if d.mountns_path else []
+    sharing = [] if lab.topology.agents.peer_sharing else ["--no-peer-sharing"]
+    p = lab.spawn(d, [str(BIN / "fleetmesh-agent"), "run", "--data", str(AGENTS_DIR / d.name),
+                      *wg_ns, "--underlay", d.iface, *sharing],
+                  stdin=subprocess.DEVNULL, stdout=_log(d.name), stderr=subprocess.STDOUT)
+    return p.pid
+
+
+def stop_agent(lab: Lab, device: str) -> int:
+    """Stop a device's agent (SIGTERM by its recorded PID; it stops its wireguard-go too).
+    Returns how many agent processes were stopped."""
+    victims = [p["pid"] for p in lab.state_now().get("processes", [])
+               if p.get("node") == device and "run" in p.get("argv", [])
+               and p.get("start") is not None and proc_start_time(p["pid"]) == p["start"]]
+    kill_pids(victims, timeout=10)
+    return len(victims)
 
 
 def start_coordinator(lab: Lab, timeout: float = READY_TIMEOUT) -> FleetAccess:
@@ -163,3 +189,25 @@ def wait_online(lab: Lab, names: list[str], timeout: float) -> None:
             raise LabError(f"not online at the coordinator: {', '.join(offline)} "
                            f"(see {LOG_DIR}/<node>.log)")
         time.sleep(0.5)
+
+
+def publish_synthetic(lab: Lab, version: int, size: int, seed: int = 1) -> dict[str, Any]:
+    """Publish lab.release's synthetic release from the coordinator node and make it the
+    fleet's target; returns its blob ids and the bytes a device must fetch (lab/release.py)."""
+    acc = access(lab)
+    if acc is None:
+        raise LabError("no fleet is running in this lab (it was brought up --network-only)")
+    env = [f"{k}={v}" for k, v in acc.env().items()]
+    out = _checked(lab.run("coordinator", [
+        "env", *env, str(BIN / "python"), "-m", "lab.release", "--fleet", FLEET, "--version",
+        str(version), "--size", str(size), "--seed", str(seed), "--signing-key",
+        str(RELEASE_KEY)], capture_output=True, text=True, timeout=300),
+        f"publishing synthetic release v{version}")
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def blobs_held(device: str) -> set[str]:
+    """The blob ids in a device agent's store (read from the host: the data dirs live there)."""
+    store = AGENTS_DIR / device / "blobs"
+    return {p.name for p in store.iterdir() if len(p.name) == 64} if store.is_dir() else set()
