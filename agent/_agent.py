@@ -30,6 +30,8 @@ import trio
 from mesh.blobsched import SchedConfig
 from mesh.clikit import package_version
 from mesh.control import DeviceReport, Enrollment, PeerMap, PeerPath
+from mesh.membership import LAN, METERED
+from mesh.rumor import LAN_RUMOR, METERED_RUMOR
 from vpn import (
     AsyncWireGuardBackend,
     DeviceStatus,
@@ -48,7 +50,9 @@ from ._paths import REJECT_AFTER_TIME, PathPlan, PathSelector
 T = TypeVar("T")
 
 RECONCILE_INTERVAL: Final = 1.0  # brief: read the device and converge once a second
-REPORT_INTERVAL: Final = 10.0  # well inside the coordinator's 60 s "online" window (docs/api.md)
+# Inside the coordinator's 60 s "online" window (docs/api.md) with a miss to spare; path
+# changes are reported at once anyway. Each report is a TLS request over a metered link.
+REPORT_INTERVAL: Final = 25.0
 POLL_WAIT: Final = 25  # the coordinator's default long-poll wait (docs/api.md), < 30 s NAT timeouts
 # The SDK already adds 10 s of read slack to a long poll; ours is the outer bound on top of it.
 POLL_SLACK: Final = 15.0
@@ -101,6 +105,9 @@ class GossipSettings:
     underlay: str | None = None  # interface or IPv4 for LAN discovery; None: no discovery
     targets_interval: float = TARGETS_INTERVAL
     lan_discovery: LanDiscovery | None = None  # None: agent._lan.run_lan_discovery
+    # Devices sit on metered links: probe and anti-entropy at memberlist's WAN pace by default
+    # (mesh.membership.METERED); "lan" is memberlist's DefaultLANConfig, faster to notice deaths.
+    profile: str = "metered"
 
 
 def udp_nudger(ifname: str) -> Nudger:
@@ -529,6 +536,8 @@ class Agent:
                 enrollment.name, enrollment.mesh_ipv4, peers=self.gossip_peers(), verify=verify,
                 store=store, client=_CoordinatorBlobs(self), fleet=enrollment.fleet,
                 port=settings.port, sched_config=SchedConfig(peer_sharing=settings.peer_sharing),
+                membership_config=METERED if settings.profile == "metered" else LAN,
+                rumor_config=METERED_RUMOR if settings.profile == "metered" else LAN_RUMOR,
                 rng=random.Random(self._rng.random()), log=lambda m: self.log(f"gossip: {m}"))
             node.set_lan(self._lan_names)
             self.gossip = node
