@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from mesh.control import ControlError, Enrollment, PeerMap, check_endpoint
-from vpn import InvalidKeyError, read_private_key, write_private_key
+from vpn import InvalidKeyError, read_private_key, write_private_file, write_private_key
 
 PRIVATE_KEY: Final = "private.key"
 ENROLLMENT: Final = "enrollment.json"
@@ -75,21 +75,6 @@ class Identity:
         return cls(url, Enrollment.from_json(obj.get("enrollment")), der, port, lan)
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Atomic, and born 0600 (umask can only narrow the mode given to os.open)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class DataDir:
@@ -149,7 +134,7 @@ class DataDir:
     def write_identity(self, identity: Identity) -> None:
         self.ensure()
         try:
-            _write_private(self.enrollment_path,
+            write_private_file(self.enrollment_path,
                            (json.dumps(identity.to_json(), indent=2) + "\n").encode())
         except OSError as exc:
             raise DataDirError(f"cannot write {self.enrollment_path}: "
@@ -166,7 +151,7 @@ class DataDir:
 
     def write_peermap(self, peermap: PeerMap) -> None:
         try:
-            _write_private(self.peermap_path, json.dumps(peermap.to_json()).encode())
+            write_private_file(self.peermap_path, json.dumps(peermap.to_json()).encode())
         except OSError as exc:
             raise DataDirError(f"cannot write {self.peermap_path}: "
                                f"{exc.strerror or exc}") from exc

@@ -12,10 +12,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
-import os
 import secrets
 from pathlib import Path
 from typing import Final
+
+from vpn import write_private_file
 
 DEVICE_PREFIX: Final = "fmd_"
 OPERATOR_PREFIX: Final = "fmo_"
@@ -45,11 +46,7 @@ def new_id(prefix: str) -> str:
 
 def write_secret_file(path: Path, text: str) -> None:
     """Create `path` 0600 (never world-readable, not even for a moment) and write `text`."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_private_file(path, text.encode())
 
 
 # --------------------------------------------------------------------------- TLS

@@ -20,6 +20,7 @@ from ._keys import (
     public_key_from_private,
     read_private_key,
     validate_key,
+    write_private_file,
     write_private_key,
 )
 from ._link import (
@@ -111,5 +112,6 @@ __all__ = [
     "remove_route",
     "routes",
     "validate_key",
+    "write_private_file",
     "write_private_key",
 ]

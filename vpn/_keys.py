@@ -95,20 +95,20 @@ def key_from_hex(hex_key: str) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def write_private_key(path: str | os.PathLike[str], key: str) -> None:
-    """Write atomically with mode 0600: a temp file created 0600 in the same directory, renamed.
-
-    The file is born with 0600 (os.open with an explicit mode, umask can only narrow it), so the
-    key is never readable by others, not even between create and chmod.
-    """
-    canonical = validate_key(key)
+def write_private_file(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write atomically with mode 0600: a temp file created 0600 in the same directory, fsynced,
+    renamed over `path`. The file is born 0600 (os.open with an explicit mode; umask can only
+    narrow it), so its content is never readable by others, not even between create and chmod.
+    Every secret fleetmesh keeps on disk goes through here (keys, credentials, API keys)."""
     target = Path(path)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         try:
             os.fchmod(fd, 0o600)  # in case the filesystem ignored the create mode
-            os.write(fd, (canonical + "\n").encode("ascii"))
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -116,6 +116,11 @@ def write_private_key(path: str | os.PathLike[str], key: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_private_key(path: str | os.PathLike[str], key: str) -> None:
+    """A WireGuard private key file: validated, written with write_private_file (0600)."""
+    write_private_file(path, (validate_key(key) + "\n").encode("ascii"))
 
 
 def read_private_key(path: str | os.PathLike[str]) -> str:
