@@ -98,11 +98,19 @@ NUDGE_INTERVAL: Final = KEEPALIVE_TIMEOUT + REKEY_TIMEOUT
 # A candidate tried while our entry holds a live session: no handshake will come, only the
 # answer to the nudge; one second of round-trip slack.
 DIRECT_TIMEOUT_WITH_SESSION: Final = NUDGE_INTERVAL + 1.0
-# No rx growth this long on a direct path -> try again. A live path is heard every KEEPALIVE when
-# the peer's keepalives flow our way. When ours suppress them (module docstring) we nudge after
-# KEEPALIVE of silence and again NUDGE_INTERVAL later: answers due by 35 s and 50 s, so 60 s
-# means two unanswered nudges, with 10 s of slack for the round trip.
-DIRECT_IDLE: Final = 2 * KEEPALIVE + KEEPALIVE_TIMEOUT
+# Whitepaper section 6.1 (wireguard-go RekeyAfterTime): a sender whose session is this old starts
+# a new handshake with its next packet, keepalives included.
+REKEY_AFTER_TIME: Final = 120.0
+# A live direct path is heard from at least this often without any extra packets: every
+# KEEPALIVE when the peer's keepalives flow our way, and when ours suppress them (module
+# docstring), through the handshake our own keepalives renew every REKEY_AFTER_TIME. Only past
+# that (plus the passive-keepalive slack) do we nudge: nudging every silent peer after KEEPALIVE
+# cost each device ~3 packets per peer per half minute of idle metered traffic.
+NUDGE_AFTER: Final = REKEY_AFTER_TIME + KEEPALIVE_TIMEOUT
+# Nothing heard this long on a direct path -> try again: the nudge at NUDGE_AFTER and the one
+# NUDGE_INTERVAL later both unanswered, with KEEPALIVE_TIMEOUT of slack for the round trip. A
+# moved peer is usually caught sooner: its new endpoint changes the peer map.
+DIRECT_IDLE: Final = NUDGE_AFTER + NUDGE_INTERVAL + KEEPALIVE_TIMEOUT
 
 PathState = Literal["trying", "direct", "relay"]
 
@@ -276,7 +284,7 @@ class PathSelector:
         if st.state == "trying":
             return st.since if st.nudged is None else None
         if st.state == "direct":
-            due = st.heard + KEEPALIVE
+            due = st.heard + NUDGE_AFTER
             if st.nudged is not None:
                 due = max(due, st.nudged + NUDGE_INTERVAL)
             return due

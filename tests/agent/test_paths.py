@@ -23,7 +23,9 @@ from agent._paths import (
     DIRECT_IDLE,
     DIRECT_TIMEOUT_WITH_SESSION,
     KEEPALIVE_TIMEOUT,
+    NUDGE_AFTER,
     NUDGE_INTERVAL,
+    REKEY_AFTER_TIME,
     REKEY_TIMEOUT,
 )
 from mesh.control import PeerEntry, PeerMap
@@ -82,9 +84,11 @@ def test_constants_follow_wireguard_timers() -> None:
     assert KEEPALIVE_TIMEOUT == 10.0 and REKEY_TIMEOUT == 5.0
     # a nudge is answered by a passive keepalive (10 s) or a re-handshake (10 + 5 s)
     assert NUDGE_INTERVAL == 15.0 and DIRECT_TIMEOUT_WITH_SESSION == 16.0
-    # nudges at 25 s and 40 s of silence, answers due by 35 s and 50 s, before 60 s
-    assert DIRECT_IDLE == 60.0 == 2 * KEEPALIVE + KEEPALIVE_TIMEOUT
-    assert KEEPALIVE + NUDGE_INTERVAL + KEEPALIVE_TIMEOUT < DIRECT_IDLE
+    # a live path renews its handshake every REKEY_AFTER_TIME: nudge only past that, then
+    # twice unanswered (130 s, 145 s; answers due by 140 s, 155 s) before trying again
+    assert REKEY_AFTER_TIME == 120.0 and NUDGE_AFTER == 130.0 > REKEY_AFTER_TIME
+    assert DIRECT_IDLE == 155.0 == NUDGE_AFTER + NUDGE_INTERVAL + KEEPALIVE_TIMEOUT
+    assert DIRECT_IDLE < REJECT_AFTER_TIME
 
 
 def test_new_peer_tries_first_candidate_then_goes_direct_on_rx_growth() -> None:
@@ -119,7 +123,7 @@ def test_new_peer_tries_first_candidate_then_goes_direct_on_rx_growth() -> None:
     assert set(want.allowed_ips) == mesh(1)
     assert path(plan, 1) == ("direct", A)
     assert plan.nudges == ()
-    assert plan.next_deadline == 1002.5 + KEEPALIVE  # the first nudge, if silent
+    assert plan.next_deadline == 1002.5 + NUDGE_AFTER  # the first nudge, if silent
 
 
 def test_handshake_newer_than_the_attempt_counts_without_counters() -> None:
@@ -230,47 +234,52 @@ def test_direct_peer_is_nudged_when_silent_and_stays_while_answering() -> None:
     h.tick(pm, 1990.0)
     h.wg.handshake(KEYS[1].public, 1991.0)
     plan = h.tick(pm, 2000.0)
-    assert path(plan, 1) == ("direct", A) and plan.next_deadline == 2025.0
+    assert path(plan, 1) == ("direct", A) and plan.next_deadline == 2000.0 + NUDGE_AFTER
     # the peer's keepalive every KEEPALIVE: never silent long enough for a nudge
     for t in (2020.0, 2045.0):
         h.wg.receive(KEYS[1].public)
         plan = h.tick(pm, t)
         assert plan.nudges == () and plan.changes == ()
-        assert plan.next_deadline == t + KEEPALIVE
-    # our keepalives suppress the peer's: silence, a nudge at 25 s, its answer refreshes
-    assert h.tick(pm, 2069.9).nudges == ()
-    plan = h.tick(pm, 2070.0)
+        assert plan.next_deadline == t + NUDGE_AFTER
+    # a renewed handshake (our keepalives renew it every REKEY_AFTER_TIME) counts as heard
+    h.wg.peers[KEYS[1].public].last_handshake = 2160.0
+    plan = h.tick(pm, 2160.0)
+    assert plan.nudges == () and plan.next_deadline == 2160.0 + NUDGE_AFTER
+    # silence past NUDGE_AFTER: a nudge; its answer refreshes
+    assert h.tick(pm, 2289.9).nudges == ()
+    plan = h.tick(pm, 2290.0)
     assert plan.nudges == (peer(1).mesh_ipv4,)
-    assert plan.next_deadline == 2070.0 + NUDGE_INTERVAL
-    assert h.tick(pm, 2070.0).nudges == ()  # not twice
+    assert plan.next_deadline == 2290.0 + NUDGE_INTERVAL
+    assert h.tick(pm, 2290.0).nudges == ()  # not twice
     h.wg.receive(KEYS[1].public)
-    plan = h.tick(pm, 2079.0)
-    assert plan.changes == () and plan.nudges == () and plan.next_deadline == 2104.0
+    plan = h.tick(pm, 2299.0)
+    assert plan.changes == () and plan.nudges == ()
+    assert plan.next_deadline == 2299.0 + NUDGE_AFTER
     assert path(plan, 1) == ("direct", A)
 
 
-def test_moved_peer_with_recent_handshake_and_no_rx_tries_again_after_direct_idle() -> None:
+def test_silent_direct_peer_tries_again_after_direct_idle() -> None:
     h = Harness()
     pm = peermap(1, peer(1, A, B))
     h.tick(pm, 1990.0)
     h.wg.handshake(KEYS[1].public, 2000.0)
     assert path(h.tick(pm, 2000.0), 1) == ("direct", A)
-    # the peer moved: the handshake stays 2000.0 (recent), no byte arrives any more
-    assert h.tick(pm, 2025.0).nudges == (peer(1).mesh_ipv4,)
-    assert h.tick(pm, 2039.9).nudges == ()
-    plan = h.tick(pm, 2040.0)
-    assert plan.nudges == (peer(1).mesh_ipv4,) and plan.next_deadline == 2055.0
-    plan = h.tick(pm, 2055.0)
-    assert plan.nudges == (peer(1).mesh_ipv4,) and plan.next_deadline == 2060.0
-    plan = h.tick(pm, 2059.9)
+    # the path broke: no byte arrives, no handshake is renewed
+    assert h.tick(pm, 2129.9).nudges == ()
+    assert h.tick(pm, 2130.0).nudges == (peer(1).mesh_ipv4,)
+    assert h.tick(pm, 2144.9).nudges == ()
+    plan = h.tick(pm, 2145.0)
+    assert plan.nudges == (peer(1).mesh_ipv4,) and plan.next_deadline == 2155.0
+    plan = h.tick(pm, 2154.9)
     assert plan.changes == () and path(plan, 1) == ("direct", A)
-    plan = h.tick(pm, 2060.0)  # exactly DIRECT_IDLE; the handshake is only 60 s old
+    plan = h.tick(pm, 2155.0)  # exactly DIRECT_IDLE, before the session's REJECT_AFTER_TIME
     assert [str(c) for c in plan.changes] == [
-        f"peer home-1: trying {A} (nothing received for 60 s; candidate 1/2)"]
+        f"peer home-1: trying {A} (nothing received for 155 s; candidate 1/2)"]
     want = desired_peer(plan, KEYS[1].public)
     assert want.endpoint == Endpoint.parse(A) and want.persistent_keepalive == PUNCH_KEEPALIVE
     assert plan.nudges == (peer(1).mesh_ipv4,)
-    assert plan.next_deadline == 2060.0 + DIRECT_TIMEOUT_WITH_SESSION
+    # the session is not past REJECT_AFTER_TIME yet: only a nudge's answer can confirm it
+    assert plan.next_deadline == 2155.0 + DIRECT_TIMEOUT_WITH_SESSION
 
 
 def test_rx_counter_going_backwards_is_a_new_baseline_not_growth() -> None:
