@@ -483,6 +483,17 @@ class Agent:
             version = peermap.version
             self.accept_peermap(peermap)
 
+    def _failed(self, what: str, exc: Exception, last: str | None, interval: float) -> bool:
+        """A coordinator call of a periodic loop failed: True if the device was revoked (the
+        loop ends); otherwise the error is logged once per distinct message."""
+        if error_status(exc) == 401:
+            self._revoke(exc)
+            return True
+        message = _one_line(exc)
+        if message != last:
+            self.log(f"{what}: {message}; retrying every {interval:g} s")
+        return False
+
     def report(self) -> DeviceReport:
         return DeviceReport(self.lan_endpoints(), self.agent_version, self.paths)
 
@@ -494,13 +505,9 @@ class Agent:
             try:
                 await self._call(functools.partial(_report, report=report), CALL_TIMEOUT)
             except Exception as exc:  # noqa: BLE001 - never exit on coordinator errors
-                if error_status(exc) == 401:
-                    self._revoke(exc)
+                if self._failed("report", exc, error, self.report_interval):
                     return
-                message = _one_line(exc)
-                if message != error:
-                    self.log(f"report: {message}; retrying every {self.report_interval:g} s")
-                    error = message
+                error = _one_line(exc)
             else:
                 if error is not None:
                     self.log("report: delivered again")
@@ -582,13 +589,9 @@ class Agent:
                         if node.offer_manifest(data):
                             self.log(f"release {fleet}/{app} v{version} from the coordinator")
             except Exception as exc:  # noqa: BLE001 - never exit on coordinator errors
-                if error_status(exc) == 401:
-                    self._revoke(exc)
+                if self._failed("targets", exc, error, settings.targets_interval):
                     return
-                message = _one_line(exc)
-                if message != error:
-                    self.log(f"targets: {message}; retrying every {settings.targets_interval:g} s")
-                    error = message
+                error = _one_line(exc)
             else:
                 error = None
             if node is not None:
