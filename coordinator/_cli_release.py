@@ -19,11 +19,16 @@ from mesh.delta import DeltaError, apply_delta, create_delta, read_header
 from mesh.release import (
     ContainerSettings,
     HealthCheck,
+    HealthKind,
     ImageError,
+    ManifestError,
+    NetworkMode,
     ReleaseError,
+    ReleaseManifest,
     RestartPolicy,
     UpdateStrategy,
     Volume,
+    encode_manifest,
     key_id,
     read_signing_key,
     write_signing_key,
@@ -170,7 +175,29 @@ def _split_command(text: str | None, what: str) -> tuple[str, ...]:
     return argv
 
 
+def _health_check(args: argparse.Namespace) -> HealthCheck | None:
+    interval = float(args.health_interval)
+    if args.health_cmd is not None:
+        return HealthCheck(HealthKind.CMD, _split_command(args.health_cmd, "--health-cmd"),
+                           interval_s=interval)
+    if args.health_tcp is not None:
+        return HealthCheck(HealthKind.TCP, port=args.health_tcp, interval_s=interval)
+    if args.health_http is not None:
+        port_text, slash, path = args.health_http.partition("/")
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise CliError(f"--health-http {args.health_http!r}: use PORT[/PATH] with a port "
+                           "in 1..65535")
+        return HealthCheck(HealthKind.HTTP, port=int(port_text), path=slash + path or "/",
+                           interval_s=interval)
+    if args.health_running is not None:
+        return HealthCheck(HealthKind.RUNNING, seconds=float(args.health_running),
+                           interval_s=interval)
+    return None
+
+
 def _container_settings(args: argparse.Namespace) -> ContainerSettings:
+    """The container settings the flags describe, checked by the manifest codec's limits (so a
+    bad value is a usage error here, not a refusal after the image was cut and uploaded)."""
     env = []
     for item in args.env:
         name, sep, value = item.partition("=")
@@ -185,17 +212,21 @@ def _container_settings(args: argparse.Namespace) -> ContainerSettings:
                 len(parts) == 3 and parts[2] not in ("ro", "rw")):
             raise CliError(f"--volume {item!r}: use SOURCE:/TARGET[:ro]")
         volumes.append(Volume(parts[0], parts[1], read_only))
-    health = None
-    if args.health_cmd is not None:
-        health = HealthCheck(_split_command(args.health_cmd, "--health-cmd"),
-                             interval_s=float(args.health_interval))
-    return ContainerSettings(
+    settings = ContainerSettings(
         command=_split_command(args.command, "--command"),
         environment=tuple(env),
         restart_policy=RestartPolicy(args.restart),
-        health_check=health,
+        health_check=_health_check(args),
         update_strategy=UpdateStrategy(args.strategy),
-        volumes=tuple(volumes))
+        volumes=tuple(volumes),
+        health_timeout_s=float(args.health_timeout),
+        hand_over_timeout_s=float(args.hand_over_timeout),
+        network=NetworkMode(args.network))
+    try:
+        encode_manifest(ReleaseManifest("check", "check", 1, 0, b"", (), settings))
+    except ManifestError as exc:
+        raise CliError(f"container settings: {exc}") from None
+    return settings
 
 
 def _size(n: int | None) -> str:
@@ -402,10 +433,29 @@ def _register_publishing(rsub: Any) -> None:
     create.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     create.add_argument("--restart", default=RestartPolicy.UNLESS_STOPPED.value,
                         choices=[p.value for p in RestartPolicy])
-    create.add_argument("--health-cmd", metavar="CMD", help="health check command, shell-quoted")
-    create.add_argument("--health-interval", type=float, default=30.0, metavar="SECONDS")
-    create.add_argument("--strategy", default=UpdateStrategy.STOP_THEN_START.value,
+    health = create.add_mutually_exclusive_group()
+    health.add_argument("--health-cmd", metavar="CMD",
+                        help="healthy when this command (shell-quoted) exits 0 in the container")
+    health.add_argument("--health-tcp", type=int, metavar="PORT",
+                        help="healthy when 127.0.0.1:PORT accepts a TCP connection")
+    health.add_argument("--health-http", metavar="PORT[/PATH]",
+                        help="healthy when GET http://127.0.0.1:PORT/PATH answers 2xx or 3xx")
+    health.add_argument("--health-running", type=float, metavar="SECONDS",
+                        help="healthy when the container has run this long without a restart")
+    create.add_argument("--health-interval", type=float, default=2.0, metavar="SECONDS",
+                        help="between health probes (default 2)")
+    create.add_argument("--health-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="a new release not healthy this long after its start is rolled "
+                             "back (default 60); without a --health-* flag the image's "
+                             "HEALTHCHECK is used, else running for 5 s")
+    create.add_argument("--strategy", default=UpdateStrategy.DOWNLOAD_THEN_KILL.value,
                         choices=[s.value for s in UpdateStrategy])
+    create.add_argument("--hand-over-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="hand-over: stop the old container after this even if the new "
+                             "one is not healthy yet (default 60)")
+    create.add_argument("--network", default=NetworkMode.HOST.value,
+                        choices=[n.value for n in NetworkMode],
+                        help="container network (default host: the device's own)")
     create.add_argument("--volume", action="append", default=[], metavar="SOURCE:/TARGET[:ro]")
     create.set_defaults(handler=_release_create)
 

@@ -40,9 +40,11 @@ from mesh.release._model import (
     ChunkRef,
     ContainerSettings,
     HealthCheck,
+    HealthKind,
     Layer,
     LayerDelta,
     ManifestError,
+    NetworkMode,
     ReleaseError,
     ReleaseManifest,
     ReleasePin,
@@ -64,8 +66,9 @@ from mesh.release._signing import (
 )
 
 __all__ = [
-    "CHUNK_SIZE", "Chunk", "ChunkError", "ChunkRef", "ContainerSettings", "HealthCheck", "Layer",
-    "LayerDelta", "ManifestError", "ReleaseError", "ReleaseManifest", "ReleasePin",
+    "CHUNK_SIZE", "Chunk", "ChunkError", "ChunkRef", "ContainerSettings", "HealthCheck",
+    "HealthKind", "Layer", "LayerDelta", "ManifestError", "NetworkMode", "ReleaseError",
+    "ReleaseManifest", "ReleasePin",
     "RestartPolicy", "SignedManifest", "SignedPin", "UpdateStrategy", "VerificationError",
     "Volume", "assemble", "chunk_id", "chunk_layer", "decode_manifest", "decode_pin",
     "decode_signed_manifest", "decode_signed_pin", "diff_id", "encode_manifest", "encode_pin",

@@ -19,9 +19,11 @@ from mesh.release._model import (
     ChunkRef,
     ContainerSettings,
     HealthCheck,
+    HealthKind,
     Layer,
     LayerDelta,
     ManifestError,
+    NetworkMode,
     ReleaseManifest,
     ReleasePin,
     RestartPolicy,
@@ -47,8 +49,16 @@ MAX_IMAGE_CONFIG: Final = 1024 * 1024
 MAX_KEY_ID: Final = 64
 MAX_SIZE: Final = 1 << 40  # 1 TiB: any layer, chunk or patch size beyond is malformed
 MAX_VERSION: Final = (1 << 63) - 1
+MAX_HTTP_PATH: Final = 2048  # far below every server's request-line limit (nginx: 8 KiB)
+# Health timing: probes at most 10 per second and at least once an hour; a commit waits at most
+# a day. Anything outside is a typo, not a policy.
+MIN_HEALTH_INTERVAL: Final = 0.1
+MAX_HEALTH_INTERVAL: Final = 3600.0
+MAX_HEALTH_WAIT: Final = 86400.0
 
-_MANIFEST_TAG: Final = "fleetmesh.release/1"
+_OLD_MANIFEST_TAG: Final = "fleetmesh.release/1"  # before health kinds and apply strategies
+
+_MANIFEST_TAG: Final = "fleetmesh.release/2"
 _PIN_TAG: Final = "fleetmesh.pin/1"
 _SIGNED_TAG: Final = "fleetmesh.signed-release/1"
 _SIGNED_PIN_TAG: Final = "fleetmesh.signed-pin/1"
@@ -75,10 +85,11 @@ def _manifest_obj(m: ReleaseManifest) -> list[object]:
           [[d.source_diff_id, d.blob_id, d.size, d.method] for d in layer.deltas]]
          for layer in m.layers],
         [list(c.command), [[k, v] for k, v in c.environment], c.restart_policy.value,
-         None if hc is None else [list(hc.command), float(hc.interval_s), float(hc.timeout_s),
-                                  hc.retries, float(hc.start_period_s)],
+         None if hc is None else [hc.kind.value, list(hc.command), hc.port, hc.path,
+                                  float(hc.seconds), float(hc.interval_s)],
          c.update_strategy.value,
-         [[v.source, v.target, v.read_only] for v in c.volumes]],
+         [[v.source, v.target, v.read_only] for v in c.volumes],
+         float(c.health_timeout_s), float(c.hand_over_timeout_s), c.network.value],
     ]
 
 
@@ -212,16 +223,56 @@ def _layer(x: object) -> Layer:
     return Layer(layer_id, layer_size, chunk_refs, delta_refs)
 
 
+def _bounded(x: object, lo: float, hi: float, what: str) -> float:
+    value = _float(x, what)
+    if not lo <= value <= hi:
+        raise ManifestError(f"{what}: must be between {lo:g} and {hi:g} seconds")
+    return value
+
+
+def _health(x: object, network: NetworkMode) -> HealthCheck:
+    kind_s, command, port, path, seconds, interval = _list(x, 6, what="health check")
+    kind = _enum(HealthKind, kind_s, "health check kind")
+    hc = HealthCheck(
+        kind,
+        tuple(_str(a, MAX_ARG, "health command") for a in
+              _list(command, max_len=MAX_ARGS, what="health command")),
+        _int(port, 0, 65535, "health port"), _str(path, MAX_HTTP_PATH, "health path"),
+        _bounded(seconds, 0.0, MAX_HEALTH_WAIT, "health running time"),
+        _bounded(interval, MIN_HEALTH_INTERVAL, MAX_HEALTH_INTERVAL, "health interval"))
+    unused = HealthCheck(kind)
+    if kind is HealthKind.CMD:
+        if not hc.command:
+            raise ManifestError("health check cmd: the command is empty")
+    elif hc.command != unused.command:
+        raise ManifestError(f"health check {kind.value}: takes no command")
+    if kind in (HealthKind.TCP, HealthKind.HTTP):
+        if hc.port == 0:
+            raise ManifestError(f"health check {kind.value}: needs a port in [1, 65535]")
+        if network is NetworkMode.NONE:
+            raise ManifestError(f"health check {kind.value}: the agent cannot reach a port of a "
+                                "container without a network; use a cmd check")
+    elif hc.port != unused.port:
+        raise ManifestError(f"health check {kind.value}: takes no port")
+    if kind is HealthKind.HTTP:
+        if not hc.path.startswith("/") or not hc.path.isprintable() or " " in hc.path:
+            raise ManifestError("health check http: the path must start with / and hold no "
+                                "spaces or control characters")
+    elif hc.path != unused.path:
+        raise ManifestError(f"health check {kind.value}: takes no path")
+    if kind is HealthKind.RUNNING:
+        if hc.seconds <= 0.0:
+            raise ManifestError("health check running: needs a time above 0 seconds")
+    elif hc.seconds != unused.seconds:
+        raise ManifestError(f"health check {kind.value}: takes no running time")
+    return hc
+
+
 def _container(x: object) -> ContainerSettings:
-    command, env, restart, health, strategy, volumes = _list(x, 6, what="container settings")
-    hc: HealthCheck | None = None
-    if health is not None:
-        h = _list(health, 5, what="health check")
-        hc = HealthCheck(
-            tuple(_str(a, MAX_ARG, "health command") for a in
-                  _list(h[0], max_len=MAX_ARGS, what="health command")),
-            _float(h[1], "health interval"), _float(h[2], "health timeout"),
-            _int(h[3], 0, 1000, "health retries"), _float(h[4], "health start period"))
+    (command, env, restart, health, strategy, volumes, health_timeout, hand_over_timeout,
+     network_s) = _list(x, 9, what="container settings")
+    network = _enum(NetworkMode, network_s, "network")
+    hc = None if health is None else _health(health, network)
     return ContainerSettings(
         command=tuple(_str(a, MAX_ARG, "command") for a in
                       _list(command, max_len=MAX_ARGS, what="command")),
@@ -236,13 +287,20 @@ def _container(x: object) -> ContainerSettings:
             Volume(_str(v[0], MAX_PATH, "volume source"), _str(v[1], MAX_PATH, "volume target"),
                    _bool(v[2], "volume read-only"))
             for v in (_list(v, 3, what="volume")
-                      for v in _list(volumes, max_len=MAX_VOLUMES, what="volumes"))))
+                      for v in _list(volumes, max_len=MAX_VOLUMES, what="volumes"))),
+        health_timeout_s=_bounded(health_timeout, 1.0, MAX_HEALTH_WAIT, "health timeout"),
+        hand_over_timeout_s=_bounded(hand_over_timeout, 0.0, MAX_HEALTH_WAIT,
+                                     "hand-over timeout"),
+        network=network)
 
 
 def decode_manifest(data: bytes) -> ReleaseManifest:
     """The manifest in `data`; ManifestError for anything malformed or non-canonical."""
     obj = _unpack(data, MAX_MANIFEST_BYTES)
     fields = _list(obj, 8, what="manifest")
+    if fields[0] == _OLD_MANIFEST_TAG:
+        raise ManifestError(f"manifest format {_OLD_MANIFEST_TAG} is no longer read: publish "
+                            "the release again")
     if fields[0] != _MANIFEST_TAG:
         raise ManifestError("not a fleetmesh release manifest")
     manifest = ReleaseManifest(

@@ -30,8 +30,27 @@ class RestartPolicy(enum.Enum):
 
 
 class UpdateStrategy(enum.Enum):
-    STOP_THEN_START = "stop-then-start"  # frees ports and volumes first; short downtime
-    START_THEN_STOP = "start-then-stop"  # new container must pass its health check first
+    # Fetch everything, load the image, then stop the old container and start the new one: the
+    # app is down only for the swap (balena's default, "download-then-kill").
+    DOWNLOAD_THEN_KILL = "download-then-kill"
+    # Stop the old container as soon as the target arrives, then download: frees disk, memory
+    # and the link for devices that cannot hold both (balena's "kill-then-download").
+    KILL_THEN_DOWNLOAD = "kill-then-download"
+    # Start the new container beside the old; stop the old once the new one is healthy or
+    # after the hand-over timeout (balena's "hand-over"). The app must tolerate two instances.
+    HAND_OVER = "hand-over"
+
+
+class HealthKind(enum.Enum):
+    CMD = "cmd"  # a command run inside the container; exit status 0 = healthy
+    TCP = "tcp"  # a TCP connect to 127.0.0.1:port succeeds (host networking)
+    HTTP = "http"  # GET http://127.0.0.1:port/path answers 2xx or 3xx
+    RUNNING = "running"  # the container has been running, unrestarted, for `seconds`
+
+
+class NetworkMode(enum.Enum):
+    HOST = "host"  # the device's network namespace (the lab's engines run with --bridge none)
+    NONE = "none"  # loopback only
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,11 +82,15 @@ class Layer:
 
 @dataclass(frozen=True, slots=True)
 class HealthCheck:
-    command: tuple[str, ...]
-    interval_s: float = 30.0  # Docker's HEALTHCHECK defaults
-    timeout_s: float = 30.0
-    retries: int = 3
-    start_period_s: float = 0.0
+    """The check that gates the commit of a new release (docs/agent-apply.md). The fields a
+    kind does not use keep their defaults (the codec refuses anything else)."""
+
+    kind: HealthKind
+    command: tuple[str, ...] = ()  # cmd
+    port: int = 0  # tcp, http
+    path: str = "/"  # http
+    seconds: float = 0.0  # running
+    interval_s: float = 2.0  # between probes
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +105,13 @@ class ContainerSettings:
     command: tuple[str, ...] = ()
     environment: tuple[tuple[str, str], ...] = ()
     restart_policy: RestartPolicy = RestartPolicy.UNLESS_STOPPED
+    # None: the image's Docker HEALTHCHECK if it has one, else "running" for 5 s.
     health_check: HealthCheck | None = None
-    update_strategy: UpdateStrategy = UpdateStrategy.STOP_THEN_START
+    update_strategy: UpdateStrategy = UpdateStrategy.DOWNLOAD_THEN_KILL
     volumes: tuple[Volume, ...] = ()
+    health_timeout_s: float = 60.0  # a check not passed this long after the start fails
+    hand_over_timeout_s: float = 60.0  # hand-over: the old one is stopped after this at most
+    network: NetworkMode = NetworkMode.HOST
 
 
 @dataclass(frozen=True, slots=True)

@@ -108,6 +108,8 @@ def test_create_list_show_set_key(env: FakeRegistry, capsys: pytest.CaptureFixtu
     assert m.container.environment == (("MODE", "prod"),)
     assert m.container.volumes[0].read_only and m.container.restart_policy.value == "always"
     assert m.container.health_check is not None and m.container.health_check.command == ("true",)
+    assert m.container.update_strategy.value == "download-then-kill"
+    assert m.container.network.value == "host" and m.container.health_timeout_s == 60.0
 
 
 @pytest.mark.parametrize(("argv", "code", "text"), [
@@ -120,6 +122,16 @@ def test_create_list_show_set_key(env: FakeRegistry, capsys: pytest.CaptureFixtu
       "/nonexistent/k"], 2, "no release signing key"),
     (["release", "create", "app:1", "--fleet", "bad name", "--app", "web"], 2, "fleet"),
     (["release", "show", "cams", "web", "7"], 1, "no such release"),
+    (["release", "create", "app:1", "--fleet", "cams", "--app", "web", "--health-http", "x/"],
+     2, "PORT[/PATH]"),
+    (["release", "create", "app:1", "--fleet", "cams", "--app", "web", "--health-tcp", "0"],
+     2, "needs a port"),
+    (["release", "create", "app:1", "--fleet", "cams", "--app", "web", "--health-running",
+      "0"], 2, "above 0 seconds"),
+    (["release", "create", "app:1", "--fleet", "cams", "--app", "web", "--health-timeout",
+      "0"], 2, "health timeout"),
+    (["release", "create", "app:1", "--fleet", "cams", "--app", "web", "--health-tcp", "80",
+      "--network", "none"], 2, "use a cmd check"),
 ])
 def test_errors_are_one_line(env: FakeRegistry, capsys: pytest.CaptureFixture[str],
                              argv: list[str], code: int, text: str) -> None:
@@ -142,3 +154,34 @@ def test_refused_and_unreachable_exit_codes(env: FakeRegistry, monkeypatch: pyte
     monkeypatch.setattr(env, "list_releases", down)
     assert fleetmesh("release", "list", "--fleet", "cams") == 3
     assert "cannot reach" in _one_line(capsys)
+
+
+def test_create_apply_settings(env: FakeRegistry, capsys: pytest.CaptureFixture[str],
+                               tmp_path: Path) -> None:
+    from mesh.release import HealthKind, decode_signed_manifest, verify_manifest
+    key = read_signing_key(tmp_path / "home" / ".config" / "fleetmesh" / "release.key")
+    assert fleetmesh("release", "create", "app:1", "--fleet", "cams", "--app", "web",
+                     "--strategy", "hand-over", "--health-http", "8080/ready?x=1",
+                     "--health-timeout", "30", "--hand-over-timeout", "5",
+                     "--health-interval", "0.5", "--network", "none") == 2  # http needs host
+    capsys.readouterr()
+    assert fleetmesh("release", "create", "app:1", "--fleet", "cams", "--app", "web",
+                     "--strategy", "hand-over", "--health-http", "8080/ready?x=1",
+                     "--health-timeout", "30", "--hand-over-timeout", "5",
+                     "--health-interval", "0.5") == 0
+    m = verify_manifest(decode_signed_manifest(env.release_manifest("cams", "web", 1)),
+                        key.verify_key, None)
+    hc = m.container.health_check
+    assert hc is not None and hc.kind is HealthKind.HTTP
+    assert (hc.port, hc.path, hc.interval_s) == (8080, "/ready?x=1", 0.5)
+    assert m.container.update_strategy.value == "hand-over"
+    assert (m.container.health_timeout_s, m.container.hand_over_timeout_s) == (30.0, 5.0)
+    assert fleetmesh("release", "create", "app:2", "--fleet", "cams", "--app", "web",
+                     "--strategy", "kill-then-download", "--health-running", "3",
+                     "--network", "none") == 0
+    m = verify_manifest(decode_signed_manifest(env.release_manifest("cams", "web", 2)),
+                        key.verify_key, None)
+    hc = m.container.health_check
+    assert hc is not None and hc.kind is HealthKind.RUNNING and hc.seconds == 3.0
+    assert m.container.network.value == "none"
+    assert m.container.update_strategy.value == "kill-then-download"

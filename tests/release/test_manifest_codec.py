@@ -9,9 +9,11 @@ from mesh.release import (
     ChunkRef,
     ContainerSettings,
     HealthCheck,
+    HealthKind,
     Layer,
     LayerDelta,
     ManifestError,
+    NetworkMode,
     ReleaseManifest,
     RestartPolicy,
     UpdateStrategy,
@@ -37,16 +39,28 @@ def _layers(draw: st.DrawFn) -> Layer:
     return Layer(draw(_diff_ids), sum(c.size for c in chunks), chunks, deltas)
 
 
-_floats = st.floats(0, 1e6, allow_nan=False)
+_intervals = st.floats(0.1, 3600, allow_nan=False)
+_health_checks = (
+    st.builds(HealthCheck, st.just(HealthKind.CMD), st.lists(_text, min_size=1, max_size=3)
+              .map(tuple), interval_s=_intervals)
+    | st.builds(HealthCheck, st.just(HealthKind.TCP), port=st.integers(1, 65535),
+                interval_s=_intervals)
+    | st.builds(HealthCheck, st.just(HealthKind.HTTP), port=st.integers(1, 65535),
+                path=st.from_regex(r"/[a-z0-9/?=&.-]{0,30}", fullmatch=True),
+                interval_s=_intervals)
+    | st.builds(HealthCheck, st.just(HealthKind.RUNNING), seconds=st.floats(0.01, 86400),
+                interval_s=_intervals))
 _containers = st.builds(
     ContainerSettings,
     command=st.lists(_text, max_size=4).map(tuple),
     environment=st.lists(st.tuples(_text, _text), max_size=4).map(tuple),
     restart_policy=st.sampled_from(list(RestartPolicy)),
-    health_check=st.none() | st.builds(HealthCheck, st.lists(_text, max_size=3).map(tuple),
-                                       _floats, _floats, st.integers(0, 10), _floats),
+    health_check=st.none() | _health_checks,
     update_strategy=st.sampled_from(list(UpdateStrategy)),
     volumes=st.lists(st.builds(Volume, _text, _text, st.booleans()), max_size=3).map(tuple),
+    health_timeout_s=st.floats(1, 86400),
+    hand_over_timeout_s=st.floats(0, 86400),
+    network=st.just(NetworkMode.HOST),
 )
 manifests = st.builds(
     ReleaseManifest, fleet=_names, app=_names, version=st.integers(1, 2**62),
@@ -95,16 +109,46 @@ def _sample() -> ReleaseManifest:
                            (Layer("sha256:" + "ab" * 32, 5, (ChunkRef(b"\1" * 32, 5, 9),)),))
 
 
+_C = [[], [], "no", None, "download-then-kill", [], 60.0, 60.0, "host"]
+
+
+def _with(index: int, value: object) -> list[object]:
+    return [value if i == index else v for i, v in enumerate(_C)]
+
+
 @pytest.mark.parametrize("obj", [
-    [], {"fleet": "x"}, ["fleetmesh.release/1"], "string", 17,
-    ["fleetmesh.release/1", "f", "a", 0, 0, b"", [], [[], [], "no", None, "stop-then-start", []]],
+    [], {"fleet": "x"}, ["fleetmesh.release/2"], "string", 17,
+    ["fleetmesh.release/2", "f", "a", 0, 0, b"", [], _C],
+    ["fleetmesh.release/3", "f", "a", 1, 0, b"", [], _C],
+    ["fleetmesh.release/2", "f", "a", 1, 0, b"", [["sha256:xyz", 0, [], []]], _C],
+    ["fleetmesh.release/2", "f", "a", 1, 0, b"", [], _with(2, "maybe")],
+    ["fleetmesh.release/2", "../f", "a", 1, 0, b"", [], _C],
+    # the settings of format 1 (six fields, the old strategy names)
     ["fleetmesh.release/2", "f", "a", 1, 0, b"", [], [[], [], "no", None, "stop-then-start", []]],
-    ["fleetmesh.release/1", "f", "a", 1, 0, b"", [["sha256:xyz", 0, [], []]],
-     [[], [], "no", None, "stop-then-start", []]],
-    ["fleetmesh.release/1", "f", "a", 1, 0, b"", [], [[], [], "maybe", None, "stop-then-start",
-                                                    []]],
-    ["fleetmesh.release/1", "../f", "a", 1, 0, b"", [], [[], [], "no", None, "stop-then-start",
-                                                       []]],
+    ["fleetmesh.release/2", "f", "a", 1, 0, b"", [], _with(4, "stop-then-start")],
+    ["fleetmesh.release/2", "f", "a", 1, 0, b"", [], _with(8, "bridge")],
+    ["fleetmesh.release/2", "f", "a", 1, 0, b"", [], _with(6, 0.0)],
+    ["fleetmesh.release/2", "f", "a", 1, 0, b"", [], _with(6, 60)],
+    ["fleetmesh.release/2", "f", "a", 1, 0, b"", [], _with(7, 1e6)],
+    # health checks: unknown kind, missing or stray fields, bad bounds
+    ["fleetmesh.release/2", "f", "a", 1, 0, b"", [],
+     _with(3, ["exec", [], 0, "/", 0.0, 2.0])],
+    ["fleetmesh.release/2", "f", "a", 1, 0, b"", [], _with(3, ["cmd", [], 0, "/", 0.0, 2.0])],
+    ["fleetmesh.release/2", "f", "a", 1, 0, b"", [],
+     _with(3, ["cmd", ["true"], 80, "/", 0.0, 2.0])],
+    ["fleetmesh.release/2", "f", "a", 1, 0, b"", [], _with(3, ["tcp", [], 0, "/", 0.0, 2.0])],
+    ["fleetmesh.release/2", "f", "a", 1, 0, b"", [],
+     _with(3, ["tcp", [], 70000, "/", 0.0, 2.0])],
+    ["fleetmesh.release/2", "f", "a", 1, 0, b"", [],
+     _with(3, ["http", [], 80, "no-slash", 0.0, 2.0])],
+    ["fleetmesh.release/2", "f", "a", 1, 0, b"", [],
+     _with(3, ["http", [], 80, "/a b", 0.0, 2.0])],
+    ["fleetmesh.release/2", "f", "a", 1, 0, b"", [],
+     _with(3, ["running", [], 0, "/", 0.0, 2.0])],
+    ["fleetmesh.release/2", "f", "a", 1, 0, b"", [],
+     _with(3, ["running", [], 0, "/", 5.0, 0.0])],
+    ["fleetmesh.release/2", "f", "a", 1, 0, b"", [],
+     [[], [], "no", ["tcp", [], 80, "/", 0.0, 2.0], "hand-over", [], 60.0, 60.0, "none"]],
 ])
 def test_rejects_malformed(obj: object) -> None:
     with pytest.raises(ManifestError):
@@ -132,3 +176,23 @@ def test_rejects_oversized_and_inconsistent() -> None:
         Layer("sha256:" + "00" * 32, 0, ()) for _ in range(129)))
     with pytest.raises(ManifestError):
         encode_manifest(too_many)
+
+
+def test_format_1_is_refused_with_a_clear_message() -> None:
+    old = ["fleetmesh.release/1", "f", "a", 1, 0, b"", [],
+           [[], [], "no", None, "stop-then-start", []]]
+    with pytest.raises(ManifestError, match="publish the release again"):
+        decode_manifest(msgpack.packb(old, use_bin_type=True))
+
+
+def test_valid_settings_round_trip() -> None:
+    settings_ = ContainerSettings(
+        health_check=HealthCheck(HealthKind.HTTP, port=8080, path="/health?x=1"),
+        update_strategy=UpdateStrategy.HAND_OVER, health_timeout_s=30.0,
+        hand_over_timeout_s=5.0, network=NetworkMode.HOST)
+    m = ReleaseManifest("f", "a", 1, 0, b"", (), settings_)
+    assert decode_manifest(encode_manifest(m)).container == settings_
+    none_net = ContainerSettings(health_check=HealthCheck(HealthKind.CMD, ("true",)),
+                                 network=NetworkMode.NONE)
+    m = ReleaseManifest("f", "a", 1, 0, b"", (), none_net)
+    assert decode_manifest(encode_manifest(m)).container == none_net
