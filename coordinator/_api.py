@@ -200,6 +200,10 @@ def _int_range(obj: Any, key: str, default: int, low: int, high: int) -> int:
 
 
 def build_app(coord: Coordinator) -> Starlette:
+    from ._dashboard import Dashboard  # here: it builds on this module's helpers
+
+    dashboard = Dashboard(coord)
+
     def guarded(fn: Handler, limit: int = MAX_BODY_BYTES) -> Handler:
         async def wrapper(request: Request) -> Response:
             try:
@@ -246,7 +250,10 @@ def build_app(coord: Coordinator) -> Starlette:
         async def wrapper(request: Request) -> Response:
             secret = _bearer(request)
             if secret is None:
-                raise Unauthorized("operator API key required (Authorization: Bearer fmo_...)")
+                if dashboard.session_allows(request):  # cookie (+ CSRF token unless GET)
+                    return await fn(request)
+                raise Unauthorized("operator API key required (Authorization: Bearer fmo_...)"
+                                   " or a dashboard session")
             if not coord.is_operator_key(secret):
                 if coord.device_for(secret) is not None:
                     raise Forbidden("a device credential cannot use operator endpoints")
@@ -493,6 +500,7 @@ def build_app(coord: Coordinator) -> Starlette:
         Route("/api/v1/releases/{fleet}/{app}/{version}/manifest", manifest,
               methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
+        *dashboard.routes(guarded),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error,
                                                         Exception: server_error})

@@ -18,6 +18,7 @@ def _json(schema: dict[str, Any], description: str = "") -> dict[str, Any]:
 
 _ERR = _json(_ref("Error"), "refused: {\"error\": one line}")
 _ERRORS = {str(c): _ERR for c in (400, 401, 403, 404, 409, 413)}
+_HTML = {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}
 _EITHER: list[dict[str, list[str]]] = [{"operatorKey": []}, {"deviceCredential": []}]
 _INT = {"type": "integer"}
 _BLOB_ID = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
@@ -33,7 +34,8 @@ _BLOB_PARAM = {"name": "blob_id", "in": "path", "required": True, "schema": _BLO
 def _raw(description: str = "raw bytes") -> dict[str, Any]:
     return {"description": description,
             "content": {"application/octet-stream": {"schema": _OCTETS}}}
-_OPERATOR: list[dict[str, list[str]]] = [{"operatorKey": []}]
+# the dashboard's session cookie stands in for the key (plus X-CSRF-Token unless GET)
+_OPERATOR: list[dict[str, list[str]]] = [{"operatorKey": []}, {"dashboardSession": []}]
 _DEVICE: list[dict[str, list[str]]] = [{"deviceCredential": []}]
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 _STR = {"type": "string"}
@@ -234,6 +236,25 @@ def openapi_document() -> dict[str, Any]:
             "responses": {"200": _raw("the SignedManifest bytes"), **_ERRORS}}},
         "/openapi.json": {"get": {"summary": "this document",
                                   "responses": {"200": _json({"type": "object"})}}},
+        # the web dashboard (docs/dashboard.md)
+        "/": {"get": {"summary": "the dashboard page", "responses": {"200": _HTML}}},
+        "/dashboard/app.js": {"get": {"summary": "the dashboard's script",
+                                      "responses": {"200": {"description": "JavaScript"}}}},
+        "/dashboard/app.css": {"get": {"summary": "the dashboard's style sheet",
+                                       "responses": {"200": {"description": "CSS"}}}},
+        "/dashboard/login": {"post": {
+            "summary": "sign in with the operator key (form field key); sets the session cookie",
+            "requestBody": {"required": True, "content": {
+                "application/x-www-form-urlencoded": {"schema": _obj(["key"], key=_STR)}}},
+            "responses": {"303": {"description": "signed in: to /"},
+                          "401": _HTML, "403": _ERR, "413": _ERR}}},
+        "/dashboard/session": {"get": {
+            "summary": "the session's CSRF token", "security": [{"dashboardSession": []}],
+            "responses": {"200": _json(_obj(["csrf", "expires_at"], csrf=_STR,
+                                            expires_at={"type": "number"})), "401": _ERR}}},
+        "/dashboard/logout": {"post": {
+            "summary": "end the session", "security": [{"dashboardSession": []}],
+            "responses": {"204": {"description": "signed out"}, "403": _ERR}}},
     }
     return {
         "openapi": "3.1.0",
@@ -242,5 +263,7 @@ def openapi_document() -> dict[str, Any]:
         "paths": paths,
         "components": {"schemas": SCHEMAS, "securitySchemes": {
             "operatorKey": {"type": "http", "scheme": "bearer", "description": "fmo_..."},
-            "deviceCredential": {"type": "http", "scheme": "bearer", "description": "fmd_..."}}},
+            "deviceCredential": {"type": "http", "scheme": "bearer", "description": "fmd_..."},
+            "dashboardSession": {"type": "apiKey", "in": "cookie", "name": "fm_session",
+                                 "description": "POST /dashboard/login"}}},
     }

@@ -1,0 +1,193 @@
+"""The dashboard in a real Chromium against a real coordinator process (see conftest.py).
+
+Each test signs in through the page's own form, reads what the page shows, and compares it
+with the API or the CLI. Screenshots go to test-artifacts/dashboard/ (or
+$FLEETMESH_TEST_ARTIFACTS/dashboard/).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.dashboard.conftest import APP, FLEET, UI_TIMEOUT_MS, Fleet, artifacts_dir
+
+
+def expect(target: Any) -> Any:
+    """playwright's expect, imported here: without playwright the browser fixture skips."""
+    from playwright.sync_api import expect as pw_expect
+    pw_expect.set_options(timeout=UI_TIMEOUT_MS)
+    return pw_expect(target)
+
+
+@pytest.fixture
+def context(browser: Any) -> Iterator[Any]:
+    # The coordinator's certificate is self-signed (pinned by fingerprint elsewhere).
+    ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 1360, "height": 900})
+    ctx.set_default_timeout(UI_TIMEOUT_MS)
+    try:
+        yield ctx
+    finally:
+        ctx.close()
+
+
+def shot(page: Any, name: str) -> None:
+    page.screenshot(path=str(artifacts_dir() / f"{name}.png"), full_page=True)
+
+
+def sign_in(context: Any, fleet: Fleet, hash_route: str = "") -> Any:
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(fleet.url + "/")
+    expect(page.locator("#signin")).to_be_visible()
+    page.fill("#key", fleet.coord.api_key)
+    page.click("#signin button[type=submit]")
+    expect(page.locator("#app")).to_be_visible()
+    page.errors = errors  # checked by the tests: a script error is a failure
+    if hash_route:
+        page.goto(fleet.url + "/" + hash_route)
+    return page
+
+
+def read_table(page: Any, selector: str) -> list[dict[str, str]]:
+    """Rows of a table at one instant (the page re-renders it every poll)."""
+    return page.eval_on_selector(selector, """t => [...t.querySelectorAll('tbody tr')].map(
+        tr => Object.fromEntries([...tr.querySelectorAll('td[data-col]')].map(
+            td => [td.dataset.col, td.innerText.trim()])))""")
+
+
+def test_sign_in_then_the_device_table_matches_the_cli(context: Any, fleet: Fleet) -> None:
+    page = sign_in(context, fleet)
+    expect(page.locator("[data-count=devices]")).to_have_text("3")  # active devices
+    expect(page.locator("[data-count=online]")).to_have_text("2")
+    expect(page.locator("[data-count=offline]")).to_have_text("1")
+    expect(page.locator(f"tr[data-release='{FLEET}/{APP}/3']")).to_be_visible()
+    shot(page, "overview")
+
+    page.click("nav a[data-nav=devices]")
+    expect(page.locator("#devices tbody tr")).to_have_count(4)
+    expect(page.locator("tr[data-device=cam-1] td[data-col=paths]")).to_have_text(
+        "1 direct · 1 relay")
+    want = {d["name"]: d for d in fleet.cli_json("devices", "list")["devices"]}
+    shown = {r["name"]: r for r in read_table(page, "#devices")}
+    assert set(shown) == set(want) == {"cam-1", "cam-2", "cam-3", "cam-4"}
+    for name, d in want.items():
+        row = shown[name]
+        online = ("online" if d["online"] else "offline") if d["state"] == "active" \
+            else d["state"]
+        assert row["online"] == online, name
+        assert row["mesh"] == (d["mesh_ipv4"] or "—"), name
+        release = d.get("release")
+        assert row["release"] == ("—" if release is None else f"v{release}"), name
+        assert row["fleet"] == d["fleet"] == FLEET
+    assert [shown[n]["online"] for n in ("cam-1", "cam-2", "cam-3", "cam-4")] == \
+        ["online", "online", "offline", "provisioned"]
+    shot(page, "devices")
+    assert page.errors == []
+
+
+def test_wrong_key_shows_no_data(context: Any, fleet: Fleet) -> None:
+    page = context.new_page()
+    page.goto(fleet.url + "/")
+    page.fill("#key", "fmo_" + "x" * 43)
+    with page.expect_response(lambda r: r.url.endswith("/dashboard/login")) as answer:
+        page.click("#signin button[type=submit]")
+    assert answer.value.status == 401
+    expect(page.locator("#signin-error")).to_be_visible()
+    shot(page, "wrong-key")
+    text = page.content()
+    for secret in ("cam-", fleet.devices["cam-1"].mesh_ipv4, FLEET):
+        assert secret not in text
+    assert context.cookies() == []
+    # The API from inside the page, without a session: nothing.
+    for path in ("/api/v1/devices", "/api/v1/releases?fleet=cams", "/dashboard/session"):
+        status = page.evaluate("p => fetch(p).then(r => r.status)", path)
+        assert status == 401, path
+    # Back on the dashboard: the sign-in form and an empty app.
+    page.goto(fleet.url + "/#/devices")
+    expect(page.locator("#signin")).to_be_visible()
+    expect(page.locator("#app")).to_be_hidden()
+    assert page.locator("#main").inner_text() == ""
+
+
+def test_csrf_token_guards_state_changes(context: Any, fleet: Fleet) -> None:
+    page = sign_in(context, fleet)
+    post = """async ([token]) => {
+        const headers = {"Content-Type": "application/json"};
+        if (token) headers["X-CSRF-Token"] = token;
+        const r = await fetch("/api/v1/tokens", {method: "POST", headers,
+                                                 body: JSON.stringify({fleet: "cams"})});
+        return r.status;
+    }"""
+    assert page.evaluate("fetch('/api/v1/devices').then(r => r.status)") == 200
+    assert page.evaluate(post, [None]) == 403
+    assert page.evaluate(post, ["not-the-token"]) == 403
+    token = page.evaluate("fetch('/dashboard/session').then(r => r.json()).then(j => j.csrf)")
+    assert page.evaluate(post, [token]) == 201
+    # The cookie itself is out of the page's reach (HttpOnly).
+    assert page.evaluate("document.cookie") == ""
+    cookie = next(c for c in context.cookies() if c["name"] == "fm_session")
+    assert cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict"
+    # Signing out ends the session for every later request.
+    page.click("#logout")
+    expect(page.locator("#signin")).to_be_visible()
+    assert page.evaluate("fetch('/api/v1/devices').then(r => r.status)") == 401
+    assert page.errors == []
+
+
+def test_device_page_shows_details_and_peer_paths(context: Any, fleet: Fleet) -> None:
+    page = sign_in(context, fleet, "#/device/cam-1")
+    cam1 = fleet.devices["cam-1"]
+    expect(page.locator("dl.grid")).to_contain_text(cam1.mesh_ipv4)
+    expect(page.locator("dl.grid")).to_contain_text("dashboard-test")
+    peers = page.locator("#peers tbody tr")
+    expect(peers).to_have_count(2)
+    expect(peers.filter(has_text="cam-2")).to_contain_text("direct")
+    expect(peers.filter(has_text="cam-2")).to_contain_text("127.0.0.1:51820")
+    expect(peers.filter(has_text="cam-3")).to_contain_text("relay")
+    shot(page, "device")
+    page.goto(fleet.url + "/#/device/no-such-device")
+    expect(page.locator("#main")).to_contain_text("No device named no-such-device")
+    assert page.errors == []
+
+
+def test_release_page_shows_layers_with_delta_savings(context: Any, fleet: Fleet) -> None:
+    page = sign_in(context, fleet, f"#/release/{FLEET}/{APP}/2")
+    with fleet.operator() as op:
+        detail = op.release(FLEET, APP, 2)
+    rows = page.locator("#layers tbody tr")
+    expect(rows).to_have_count(len(detail["layers"]) + 1)  # and a total
+    first = detail["layers"][0]
+    assert first["deltas"] and not detail["layers"][1]["deltas"]
+    saving = 100 - round(100 * first["deltas"][0]["size"] / first["stored_size"])
+    expect(page.locator("tr[data-layer='0'] td[data-col=saving]")).to_have_text(
+        f"{saving}%")
+    expect(page.locator("tr[data-layer='1'] td[data-col=saving]")).to_have_text("—")
+    shot(page, "release-layers")
+    assert page.errors == []
+
+
+def test_actions_set_target_and_pin_through_the_page(context: Any, fleet: Fleet) -> None:
+    """Last in the module: it moves the fleet's target."""
+    page = sign_in(context, fleet, f"#/release/{FLEET}/{APP}/3")
+    page.on("dialog", lambda dialog: dialog.accept())
+    assert fleet.device_targets("cam-1") == {APP: 2}
+    expect(page.locator("#pin-device option[value=cam-2]")).to_have_count(1)
+    page.select_option("#pin-device", "cam-2")
+    page.click("#pin")
+    expect(page.locator("p.flash")).to_contain_text("done")
+    assert fleet.device_targets("cam-2") == {APP: 3}
+    assert fleet.device_targets("cam-1") == {APP: 2}
+    page.click("#set-target")
+    expect(page.locator("p.flash")).to_contain_text("target of fleet cams: done")
+    assert fleet.device_targets("cam-1") == {APP: 3}
+    shot(page, "release-actions")
+    # An older version needs an operator-signed pin: the page shows the API's refusal.
+    page.goto(fleet.url + f"/#/release/{FLEET}/{APP}/1")
+    page.click("#set-target")
+    expect(page.locator("p.flash.bad")).to_contain_text("HTTP 409")
+    assert fleet.device_targets("cam-1") == {APP: 3}
+    assert page.errors == []
