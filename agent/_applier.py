@@ -1,0 +1,554 @@
+"""The apply engine's driver: targets in, containers on the device's Docker engine out.
+
+    applier = Applier(device="cam-1", fleet="cams", data_dir=Path("/var/lib/fleetmesh"),
+                      engine=DockerEngine(), store=BlobStore(data / "blobs"),
+                      release_key_hex=enrollment.release_key, log=log)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(applier.run)
+        applier.set_target("web", signed_manifest, ready=True, force=False, retry=0)
+        applier.statuses()        # [AppStatus dict] (briefs/contract.md)
+        applier.logs.take(1000)   # the app containers' log lines
+
+Each round runs, per app and in a worker thread (`trio.to_thread.run_sync`): observe the
+engine (`docker ps -a` by label, the `fleetmesh/<app>:<v>` images, the update lock), ask the
+pure core (agent/_apply.py `decide`) for one step, persist the journal it returns
+(agent/_journal.py: atomic, fsynced) or execute the one action, and repeat until nothing is
+left to do; then sleep until the next deadline (health probe, hand-over, timeout), a new target,
+the lock poll (1 s while an update waits for it) or RECONCILE_PERIOD_S. Crash points
+(agent/_crashpoints.py) sit between the journal writes and the engine calls. docs/agent-apply.md
+tells the whole story.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+from nacl.signing import VerifyKey
+
+from mesh.release import (
+    MaterializeError,
+    ReleaseError,
+    ReleaseManifest,
+    decode_signed_manifest,
+    materialize_release,
+    verify_manifest,
+)
+
+from ._applogs import LogBuffer, LogCollector
+from ._apply import (
+    LABEL_APP,
+    LABEL_DEVICE,
+    LABEL_RELEASE,
+    LOCK_FILE,
+    LOCK_MOUNT,
+    Action,
+    Create,
+    Journal,
+    Load,
+    Observed,
+    Probe,
+    Remove,
+    RemoveImage,
+    Rename,
+    RunProbe,
+    Start,
+    Step,
+    Stop,
+    Target,
+    fail_load,
+    image_id,
+    image_tag,
+    one_line,
+    running_version,
+)
+from ._blobstore import BlobStore
+from ._crashpoints import crash_point
+from ._engine import ContainerSpec, DockerEngine, EngineError
+from ._health import probe
+from ._journal import AppJournal, JournalError, journal_apps
+
+RECONCILE_PERIOD_S: Final = 10.0  # look at the engine this often even when nothing happens
+LOCK_POLL_S: Final = 1.0  # an update waiting for the app's lock proceeds within ~1 s of release
+ENGINE_RETRY_S: Final = 5.0  # after a Docker error
+MISSING_BLOB_RETRY_S: Final = 30.0  # a rebuild that lacked a blob is retried this often
+MAX_STEPS_PER_ROUND: Final = 64  # a bug that loops is logged, not spun on forever
+MAX_APPS: Final = 16  # contract: at most 16 apps per device report
+
+
+def stderr_log(message: str) -> None:
+    print(f"fleetmesh-agent: apply: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(slots=True)
+class _App:
+    name: str
+    journal: AppJournal
+    state: Journal = Journal()
+    loaded: bool = False  # journal read (or the state adopted from the engine)
+    target: Target | None = None
+    signed: dict[int, bytes] | None = None  # signed manifests of targets, by version
+    probe: Probe | None = None
+    status_state: str = "idle"
+    engine_error: str | None = None
+    missing_blob: tuple[int, float] | None = None  # (version, when) a rebuild lacked a blob
+    lock_since: float | None = None
+    bytes_done: int = 0
+    bytes_total: int = 0
+    by_source: dict[str, int] | None = None
+    running: int | None = None
+    updated_at: float = 0.0
+    wake_at: float | None = None
+    unremovable: frozenset[int] = frozenset()
+
+
+class Applier:
+    def __init__(self, *, device: str, fleet: str | None, data_dir: str | os.PathLike[str],
+                 engine: DockerEngine | Any, store: BlobStore | None, release_key_hex: str,
+                 log: Callable[[str], None] = stderr_log,
+                 crash: Callable[[str], None] = crash_point,
+                 clock: Callable[[], float] = time.time, follow_logs: bool = True,
+                 log_buffer: LogBuffer | None = None) -> None:
+        self.device = device
+        self.fleet = fleet
+        self.data_dir = Path(data_dir)
+        self.engine = engine
+        self.store = store
+        self.key = VerifyKey(bytes.fromhex(release_key_hex))
+        self.log = log
+        self.crash = crash
+        self.clock = clock
+        self.logs = log_buffer or LogBuffer()
+        self._collector = LogCollector(engine, self.logs, log) if follow_logs else None
+        self._apps: dict[str, _App] = {}
+        self._apps_lock = threading.Lock()  # set_target (trio thread) adds apps
+        self._manifests: dict[tuple[str, int], ReleaseManifest] = {}
+        self._diff_ids: frozenset[str] = frozenset()
+        self._created_here: set[str] = set()
+        self._started_at = clock()
+        self._wakeup = trio.Event()
+        self.apply_dir = self.data_dir / "apply"
+        self.work_dir = self.apply_dir / ".work"
+        self.layer_dir = self.apply_dir / ".layers"
+        for app in journal_apps(self.apply_dir):
+            self._app(app)
+
+    # ------------------------------------------------------------------ the lead's interface
+
+    def set_target(self, app: str, signed: bytes, *, ready: bool, force: bool = False,
+                   retry: int = 0) -> bool:
+        """The release `app` should run; False (logged, nothing changes) if the manifest is
+        not a valid release of this fleet's `app` signed with the pinned key."""
+        try:
+            manifest = verify_manifest(decode_signed_manifest(signed), self.key, None,
+                                       fleet=self.fleet, app=app)
+        except ReleaseError as exc:
+            self.log(f"target for {app} refused: {exc}")
+            return False
+        a = self._app(app)
+        if a is None:
+            return False
+        self._manifests[(app, manifest.version)] = manifest
+        old = a.target
+        keep = {v for v in (a.state.current, a.state.previous, a.state.to, manifest.version)
+                if v is not None}
+        a.signed = {v: b for v, b in (a.signed or {}).items() if v in keep}
+        a.signed[manifest.version] = signed  # before the target names it (worker thread)
+        a.target = Target(manifest.version, manifest, ready, force, max(0, retry))
+        if ready and a.missing_blob is not None:
+            a.missing_blob = None
+        if old != a.target:
+            self._wakeup.set()
+        return True
+
+    def clear_target(self, app: str) -> None:
+        """No target for `app` any more: it keeps running what it runs."""
+        a = self._apps.get(app)
+        if a is not None and a.target is not None:
+            a.target = None
+            self._wakeup.set()
+
+    def set_progress(self, app: str, bytes_done: int, bytes_total: int,
+                     by_source: Mapping[str, int] | None = None) -> None:
+        """Download progress of `app`'s target (from the gossip node)."""
+        a = self._apps.get(app)
+        if a is None:
+            return
+        a.bytes_done, a.bytes_total = max(0, bytes_done), max(0, bytes_total)
+        if by_source is not None:
+            a.by_source = {k: int(by_source.get(k, 0)) for k in ("lan", "wan_peer",
+                                                                 "coordinator")}
+
+    def local_diff_ids(self) -> frozenset[str]:
+        """Diff IDs of the images the device's fleetmesh containers run (the delta bases the
+        engine can export); refreshed after every round."""
+        return self._diff_ids
+
+    def status(self, app: str) -> dict[str, Any] | None:
+        a = self._apps.get(app)
+        return None if a is None else self._status(a)
+
+    def statuses(self) -> list[dict[str, Any]]:
+        return [self._status(self._apps[name]) for name in sorted(self._apps)]
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        await trio.to_thread.run_sync(self.reconcile_all)
+        task_status.started()
+        while True:
+            self._wakeup = trio.Event()
+            wake = await trio.to_thread.run_sync(self.reconcile_all)
+            delay = max(0.0, min(wake - self.clock(), RECONCILE_PERIOD_S))
+            with trio.move_on_after(delay):
+                await self._wakeup.wait()
+
+    # ------------------------------------------------------------------ synchronous core loop
+
+    def reconcile_all(self) -> float:
+        """Bring every app as far as it goes now; the time to look again."""
+        now = self.clock()
+        wake = now + RECONCILE_PERIOD_S
+        with self._apps_lock:
+            apps = sorted(self._apps.items())
+        for name, a in apps:
+            self.reconcile(name)
+            if a.wake_at is not None:
+                wake = min(wake, a.wake_at)
+        self._refresh_diff_ids()
+        return wake
+
+    def reconcile(self, app: str) -> Step | None:
+        """Steps for `app` until one has nothing to do (or waits); the last step."""
+        a = self._apps[app]
+        last: Step | None = None
+        for _ in range(MAX_STEPS_PER_ROUND):
+            try:
+                last, progressed = self.step(app)
+            except (EngineError, JournalError) as exc:
+                a.engine_error = one_line(str(exc))
+                a.wake_at = self.clock() + ENGINE_RETRY_S
+                self.log(f"{app}: {a.engine_error}")
+                return last
+            if not progressed:
+                return last
+        self.log(f"{app}: still busy after {MAX_STEPS_PER_ROUND} steps; continuing next round")
+        a.wake_at = self.clock()
+        return last
+
+    def step(self, app: str) -> tuple[Step, bool]:
+        """One observe-decide-act step; (the step, whether anything changed)."""
+        from ._apply import decide
+
+        a = self._apps[app]
+        now = self.clock()
+        if not a.loaded:
+            self._load_journal(a)
+        manifests = self._journal_manifests(a)
+        target = a.target
+        if target is not None and a.missing_blob is not None:
+            version, when = a.missing_blob
+            if version == target.version and now < when + MISSING_BLOB_RETRY_S:
+                target = replace(target, ready=False)
+        observed = self._observe(a, manifests, now)
+        s = decide(app, a.state, target, observed, now, manifests)
+        a.status_state = s.state
+        a.engine_error = None
+        a.wake_at = now + LOCK_POLL_S if s.lock_wait else s.wake_at
+        a.running = running_version(a.state, observed)
+        a.updated_at = now
+        if s.journal != a.state:
+            assert s.action is None
+            self._write_journal(a, s.journal)
+            return s, True
+        if s.action is None:
+            self._follow_logs(a, observed)
+            return s, False
+        self._execute(a, s.action, manifests, now)
+        return s, True
+
+    # ------------------------------------------------------------------ observing
+
+    def _app(self, app: str) -> _App | None:
+        a = self._apps.get(app)
+        if a is not None:
+            return a
+        with self._apps_lock:
+            if len(self._apps) >= MAX_APPS:
+                self.log(f"{app}: more than {MAX_APPS} apps; ignored")
+                return None
+            a = self._apps[app] = _App(app, AppJournal(self.apply_dir, app))
+        return a
+
+    def _load_journal(self, a: _App) -> None:
+        """Read the journal; without one (or a corrupt one) the running labelled container,
+        if any, is taken as the committed release."""
+        try:
+            state = a.journal.load()
+        except JournalError as exc:
+            self.log(f"{exc}; starting from what the engine shows")
+            state = None
+        if state is None:
+            running = [c.version for c in self.engine.containers(self.device, a.name)
+                       if c.running]
+            state = Journal(current=max(running)) if running else Journal()
+        a.state = state
+        a.loaded = True
+
+    def _manifest(self, app: str, version: int) -> ReleaseManifest | None:
+        m = self._manifests.get((app, version))
+        if m is None:
+            m = self._apps[app].journal.manifest(version, self.key, self.fleet)
+            if m is not None:
+                self._manifests[(app, version)] = m
+        return m
+
+    def _journal_manifests(self, a: _App) -> dict[int, ReleaseManifest]:
+        out = {}
+        for v in (a.state.current, a.state.previous, a.state.to):
+            if v is not None and (m := self._manifest(a.name, v)) is not None:
+                out[v] = m
+        return out
+
+    def lock_dir(self, app: str) -> Path:
+        """The host side of the app's lock directory (mounted at /run/fleetmesh/lock)."""
+        return self.data_dir / "locks" / app
+
+    def _observe(self, a: _App, manifests: Mapping[int, ReleaseManifest],
+                 now: float) -> Observed:
+        containers = tuple(self.engine.containers(self.device, a.name))
+        present = self.engine.app_images(a.name)
+        images = set()
+        for version, iid in present.items():
+            m = manifests.get(version) or (a.target.manifest if a.target is not None
+                                           and a.target.version == version else None)
+            if m is None and version in a.unremovable:
+                continue
+            if m is None or image_id(m) == iid:
+                images.add(version)
+        held = (self.lock_dir(a.name) / LOCK_FILE).exists()
+        if held and a.lock_since is None:
+            a.lock_since = now
+        elif not held:
+            a.lock_since = None
+        return Observed(containers, frozenset(images), held, a.probe)
+
+    def _refresh_diff_ids(self) -> None:
+        ids: set[str] = set()
+        for a in self._apps.values():
+            try:
+                for c in self.engine.containers(self.device, a.name):
+                    if c.running:
+                        ids.update(self.engine.image_layers(image_tag(a.name, c.version)))
+            except EngineError:
+                continue
+        self._diff_ids = frozenset(ids)
+
+    def _follow_logs(self, a: _App, observed: Observed) -> None:
+        if self._collector is None:
+            return
+        for c in observed.containers:
+            if c.running:
+                since = None if c.id in self._created_here else self._started_at
+                self._collector.follow(a.name, c.id, since)
+
+    # ------------------------------------------------------------------ acting
+
+    def _write_journal(self, a: _App, new: Journal) -> None:
+        old = a.state
+        signed = (a.signed or {}).get(new.to) if new.to is not None else None
+        if signed is not None and new.to is not None:
+            a.journal.save_release(new.to, signed)  # before the journal names it
+        committing = old.phase == "checking" and new.phase == "idle"
+        if committing:
+            self.crash("before-commit")
+        a.journal.save(new)
+        a.state = new
+        if committing:
+            self.log(f"{a.name}: release {new.current} committed")
+            self.crash("after-commit-journal")
+        if new.phase == "rolling-back" and old.phase != "rolling-back":
+            self.log(f"{a.name}: rolling back to {new.current}: {new.error or 'target changed'}")
+            self.crash("before-rollback")
+        if new.phase == "idle":
+            keep = {v for v in (new.current, new.previous) if v is not None}
+            if a.target is not None:
+                keep.add(a.target.version)
+            a.journal.prune_releases(keep)
+        if old.phase == "idle" and new.phase != "idle":
+            self.log(f"{a.name}: applying release {new.to} ({new.phase})")
+
+    def _spec(self, app: str, version: int, name: str, m: ReleaseManifest) -> ContainerSpec:
+        lock_dir = self.lock_dir(app)
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        c = m.container
+        binds = ((str(lock_dir), LOCK_MOUNT, False),) + tuple(
+            (v.source, v.target, v.read_only) for v in c.volumes)
+        return ContainerSpec(
+            name=name, image=image_tag(app, version), command=c.command,
+            environment=c.environment,
+            labels={LABEL_DEVICE: self.device, LABEL_APP: app, LABEL_RELEASE: str(version)},
+            restart_policy=c.restart_policy.value, binds=binds, network=c.network.value)
+
+    def _execute(self, a: _App, action: Action, manifests: Mapping[int, ReleaseManifest],
+                 now: float) -> None:
+        phase = a.state.phase
+        engine = self.engine
+        if isinstance(action, Load):
+            self._load(a, action.version)
+        elif isinstance(action, Stop):
+            if phase == "stopping":
+                self.crash("before-stop-old")
+            self.log(f"{a.name}: stopping release {action.version}")
+            engine.stop(action.container)
+            if phase == "stopping":
+                self.crash("after-stop-old")
+        elif isinstance(action, Remove):
+            engine.remove(action.container)
+            if phase == "idle":
+                self.crash("after-remove-old")
+            elif phase == "rolling-back":
+                self.crash("during-rollback")
+        elif isinstance(action, Create):
+            m = manifests.get(action.version) or self._manifest(a.name, action.version)
+            if m is None:
+                raise JournalError(f"{a.name}: no manifest for release {action.version}")
+            cid = engine.create(self._spec(a.name, action.version, action.name, m))
+            self._created_here.add(cid)
+            if phase == "starting":
+                self.crash("after-create-new")
+        elif isinstance(action, Start):
+            m = manifests.get(action.version) or self._manifest(a.name, action.version)
+            engine.start(action.container,
+                         None if m is None else m.container.restart_policy.value)
+            self.log(f"{a.name}: started release {action.version}")
+            if phase == "starting":
+                self.crash("after-start-new")
+            elif phase == "rolling-back":
+                self.crash("after-rollback")
+        elif isinstance(action, Rename):
+            engine.rename(action.container, action.name)
+        elif isinstance(action, RemoveImage):
+            try:
+                engine.remove_image(image_tag(a.name, action.version))
+            except EngineError as exc:
+                self.log(f"{a.name}: cannot remove image of release {action.version}: {exc}")
+                a.unremovable = a.unremovable | {action.version}
+        elif isinstance(action, RunProbe):
+            ok, detail = probe(engine, action.container, action.check)
+            a.probe = Probe(action.container, now, ok, detail)
+            self.crash("during-health")
+        else:  # pragma: no cover - the core returns nothing else
+            raise AssertionError(action)
+
+    # ------------------------------------------------------------------ the image
+
+    def _local_layers(self, app: str, manifest: ReleaseManifest) -> dict[str, Path]:
+        """Verified layer files usable for `manifest`: its own layers and its deltas' bases,
+        exported from the images of this device's releases (cached under .layers/)."""
+        wanted = {layer.diff_id for layer in manifest.layers} | {
+            d.source_diff_id for layer in manifest.layers for d in layer.deltas}
+        self.layer_dir.mkdir(parents=True, exist_ok=True)
+
+        def cached(diff_id: str) -> Path:
+            return self.layer_dir / f"{diff_id.removeprefix('sha256:')}.tar"
+
+        for other in sorted(self._apps):
+            for version in sorted(self.engine.app_images(other), reverse=True):
+                tag = image_tag(other, version)
+                layers = set(self.engine.image_layers(tag))
+                useful = layers & wanted
+                if useful and not all(cached(d).exists() for d in useful):
+                    self.engine.save_layers(tag, self.layer_dir)
+        return {d: cached(d) for d in wanted if cached(d).exists()}
+
+    def _prune_layer_cache(self) -> None:
+        keep: set[str] = set()
+        for other in self._apps:
+            for version in self.engine.app_images(other):
+                keep.update(self.engine.image_layers(image_tag(other, version)))
+        for p in self.layer_dir.glob("*.tar"):
+            if "sha256:" + p.name.removesuffix(".tar") not in keep:
+                p.unlink(missing_ok=True)
+
+    def _load(self, a: _App, version: int) -> None:
+        signed = (a.signed or {}).get(version) or a.journal.release(version)
+        if signed is None:
+            a.state = fail_load(a.state, version, "its manifest is missing")
+            a.journal.save(a.state)
+            return
+        self.crash("before-load")
+        if self.store is None:
+            raise EngineError(f"{a.name}: no blob store to rebuild release {version} from")
+        tag = image_tag(a.name, version)
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+        manifest = self._manifest(a.name, version)
+        local = {} if manifest is None else self._local_layers(a.name, manifest)
+        fetch = functools.partial(_fetch_blob, self.store)
+        self.log(f"{a.name}: rebuilding release {version} from verified blobs")
+        try:
+            try:
+                built = materialize_release(signed, self.key, None, fetch, local,
+                                            self.work_dir, tag, fleet=self.fleet, app=a.name)
+            except KeyError:
+                # A delta whose blob we lack (the gossip node took chunks): chunks alone.
+                own = {layer.diff_id for layer in manifest.layers} if manifest else set()
+                built = materialize_release(signed, self.key, None, fetch,
+                                            {d: p for d, p in local.items() if d in own},
+                                            self.work_dir, tag, fleet=self.fleet, app=a.name)
+        except KeyError as exc:
+            a.missing_blob = (version, self.clock())
+            self.log(f"{a.name}: release {version}: blob {str(exc)[:18]} not in the store yet")
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+            return
+        except (MaterializeError, ReleaseError) as exc:
+            self.log(f"{a.name}: release {version} cannot be rebuilt: {exc}")
+            a.state = fail_load(a.state, version, str(exc))
+            a.journal.save(a.state)
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+            if a.state.phase == "rolling-back":
+                self.crash("before-rollback")
+            return
+        self.crash("after-materialize")
+        try:
+            self.engine.load(built.image_tar)
+        finally:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+        loaded = self.engine.image_id(tag)
+        if loaded != image_id(built.manifest):
+            a.state = fail_load(a.state, version, f"docker loaded {loaded}, expected "
+                                                  f"{image_id(built.manifest)}")
+            a.journal.save(a.state)
+            return
+        self.log(f"{a.name}: release {version} loaded as {tag} ("
+                 + ", ".join(f"{s.method}" for s in built.layers) + ")")
+        self.crash("after-load")
+        self._prune_layer_cache()
+
+    # ------------------------------------------------------------------ status
+
+    def _status(self, a: _App) -> dict[str, Any]:
+        return {
+            "app": a.name, "running": a.running,
+            "target": None if a.target is None else a.target.version,
+            "state": a.status_state, "bytes_done": a.bytes_done, "bytes_total": a.bytes_total,
+            "by_source": dict(a.by_source or {"lan": 0, "wan_peer": 0, "coordinator": 0}),
+            "lock_since": a.lock_since, "error": a.engine_error or a.state.error,
+            "failed": list(a.state.failed), "retry_seen": a.state.retry_seen,
+            "updated_at": a.updated_at or self._started_at,
+        }
+
+
+def _fetch_blob(store: BlobStore, blob_hex: str) -> bytes:
+    return store.get(blob_hex)  # KeyError if absent: the release is not complete yet
+
+
+__all__ = ["ENGINE_RETRY_S", "LOCK_POLL_S", "RECONCILE_PERIOD_S", "Applier", "stderr_log"]

@@ -1,0 +1,146 @@
+"""Per-app apply journals and the manifests they refer to, on disk.
+
+    DATA/apply/<app>/journal.json           the Journal (agent/_apply.py), JSON
+    DATA/apply/<app>/releases/<version>     the signed manifest of each release the journal
+                                            names (current, previous, the one being applied)
+
+Every write goes to a temporary file that is fsynced, renamed over the old one, and the
+directory fsynced: after a crash the file is the old or the new version, never a mix
+(the same discipline as agent/_blobstore.py). Signed manifests are verified again whenever
+they are read back, so a damaged or planted file is never trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Final
+
+from nacl.signing import VerifyKey
+
+from mesh.release import ReleaseError, ReleaseManifest, decode_signed_manifest, verify_manifest
+
+from ._apply import Journal
+
+JOURNAL: Final = "journal.json"
+RELEASES: Final = "releases"
+MAX_JOURNAL_BYTES: Final = 64 * 1024  # a journal is a few hundred bytes
+_TMP: Final = ".tmp-"
+
+
+class JournalError(Exception):
+    """A journal file that cannot be read or written; str() is one line naming it."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path`: temporary file, fsync, rename, fsync of the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f"{_TMP}{path.name}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+class AppJournal:
+    """One app's journal directory."""
+
+    def __init__(self, root: str | os.PathLike[str], app: str) -> None:
+        self.app = app
+        self.dir = Path(root) / app
+        self.path = self.dir / JOURNAL
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def load(self) -> Journal | None:
+        """The journal, None if there is none; JournalError if it is corrupt."""
+        try:
+            with open(self.path, "rb") as f:
+                raw = f.read(MAX_JOURNAL_BYTES + 1)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise JournalError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        try:
+            if len(raw) > MAX_JOURNAL_BYTES:
+                raise ValueError("too large")
+            return Journal.from_json(json.loads(raw))
+        except ValueError as exc:
+            raise JournalError(f"{self.path}: corrupt ({exc})") from None
+
+    def save(self, journal: Journal) -> None:
+        try:
+            atomic_write(self.path, journal.dumps())
+        except OSError as exc:
+            raise JournalError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+
+    # -- signed manifests ------------------------------------------------------------------
+
+    def _release_path(self, version: int) -> Path:
+        return self.dir / RELEASES / str(int(version))
+
+    def save_release(self, version: int, signed: bytes) -> None:
+        path = self._release_path(version)
+        try:
+            if path.exists() and path.read_bytes() == signed:
+                return
+            atomic_write(path, signed)
+        except OSError as exc:
+            raise JournalError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+    def release(self, version: int) -> bytes | None:
+        try:
+            return self._release_path(version).read_bytes()
+        except OSError:
+            return None
+
+    def manifest(self, version: int, key: VerifyKey | bytes, fleet: str | None
+                 ) -> ReleaseManifest | None:
+        """The stored release `version`, verified again; None if absent or not valid."""
+        signed = self.release(version)
+        if signed is None:
+            return None
+        try:
+            m = verify_manifest(decode_signed_manifest(signed), key, None, fleet=fleet,
+                                app=self.app)
+        except ReleaseError:
+            return None
+        return m if m.version == version else None
+
+    def prune_releases(self, keep: set[int]) -> None:
+        d = self.dir / RELEASES
+        if not d.is_dir():
+            return
+        for p in d.iterdir():
+            if p.name.isdigit() and int(p.name) not in keep:
+                p.unlink(missing_ok=True)
+            elif p.name.startswith(_TMP):
+                p.unlink(missing_ok=True)
+
+
+def journal_apps(root: str | os.PathLike[str]) -> list[str]:
+    """The apps that have a journal under `root`."""
+    base = Path(root)
+    if not base.is_dir():
+        return []
+    return sorted(p.name for p in base.iterdir() if (p / JOURNAL).is_file())
+
+
+__all__ = ["AppJournal", "JournalError", "atomic_write", "journal_apps"]
