@@ -19,6 +19,7 @@
     constructor(status, message) {
       super(`${message} (HTTP ${status})`);
       this.status = status;
+      this.reason = message;
     }
   }
   class SignedOut extends Error {}
@@ -237,10 +238,22 @@
       waiting: count((r) => r.state === "waiting-lock")}};
   }
 
-  function newestPerApp(releases) {
-    const seen = new Map();
-    for (const r of releases) if (!seen.has(r.app)) seen.set(r.app, r);
-    return [...seen.values()];
+  // The releases worth a glance: per app the newest one, and any other that a device of the
+  // fleet reports as its target (the rollout under way may not be the newest release).
+  function currentReleases(fleet, releases, devices) {
+    const targets = new Set();
+    for (const d of devices) {
+      if (d.fleet !== fleet) continue;
+      for (const a of appsOf(d)) if (a.target !== null) targets.add(`${a.app}/${a.target}`);
+    }
+    const newest = new Set();
+    const out = [];
+    for (const r of releases) {
+      const first = !newest.has(r.app);
+      newest.add(r.app);
+      if (first || targets.has(`${r.app}/${r.version}`)) out.push({...r, newest: first});
+    }
+    return out;
   }
 
   function summaryLine(s) {
@@ -248,6 +261,7 @@
       h("b", {}, `${s.running}/${s.total}`), " running",
       s.downloading ? [" · ", h("b", {}, s.downloading), " downloading"] : null,
       s.waiting ? [" · ", h("b", {}, s.waiting), " waiting for lock"] : null,
+      s.pending ? [" · ", h("b", {}, s.pending), " pending"] : null,
       s.failed ? [" · ", h("b", {class: "bad"}, s.failed), " failed"] : null);
   }
 
@@ -281,13 +295,14 @@
       const rows = [];
       for (const fleet of fleetsOf(devices)) {
         const list = await get(`/releases?fleet=${enc(fleet)}`, ctx.signal);
-        for (const r of newestPerApp(list.releases)) {
+        for (const r of currentReleases(fleet, list.releases, devices)) {
           const st = await releaseStatus(fleet, r.app, r.version, devices, ctx.signal);
           const s = st.summary;
           rows.push(h("tr", {"data-release": `${fleet}/${r.app}/${r.version}`},
             h("td", {}, fleet), h("td", {}, r.app),
             h("td", {}, h("a", {href: `#/release/${enc(fleet)}/${enc(r.app)}/${r.version}`},
-              fmtVersion(r.version))),
+              fmtVersion(r.version)), r.newest ? [" ", h("span", {class: "muted"}, "newest")]
+              : null),
             h("td", {}, h("progress", {max: Math.max(1, s.total), value: s.running,
                                        "data-running": s.running})),
             h("td", {}, summaryLine(s))));
@@ -298,7 +313,7 @@
         card("Online", online, "data-count", "online"),
         card("Offline", active.length - online, "data-count", "offline"),
         card("Fleets", fleetsOf(devices).length, "data-count", "fleets"));
-      fill(rollouts, table(["Fleet", "App", "Newest release", "Progress", "Devices"], rows,
+      fill(rollouts, table(["Fleet", "App", "Release", "Running", "Devices"], rows,
                            {class: "rollouts"}));
     });
   }
@@ -416,14 +431,16 @@
     followLogs(ctx, name, logs, logNote);
   }
 
+  // The newest lines first (tail), then a long poll from there on; at most one request per
+  // POLL_MS unless a full batch says more lines are waiting.
   async function followLogs(ctx, name, pane, note) {
-    let after = 0;
-    let caughtUp = false;
+    let after = null;
     while (!ctx.signal.aborted) {
+      const started = Date.now();
       try {
-        const wait = caughtUp && !document.hidden ? LOG_WAIT_S : 0;
-        const out = await get(`/devices/${enc(name)}/logs?after=${after}&limit=${LOG_BATCH}` +
-                              `&wait=${wait}`, ctx.signal);
+        const query = after === null ? `tail=${LOG_BATCH}`
+          : `after=${after}&limit=${LOG_BATCH}&wait=${document.hidden ? 0 : LOG_WAIT_S}`;
+        const out = await get(`/devices/${enc(name)}/logs?${query}`, ctx.signal);
         const lines = out.lines || [];
         const stick = pane.scrollTop + pane.clientHeight >= pane.scrollHeight - 4;
         append(pane, lines.map((l) => h("div", {class: `log ${l.stream}`, "data-seq": l.seq},
@@ -432,14 +449,14 @@
         while (pane.childElementCount > MAX_LOG_LINES) pane.firstElementChild.remove();
         if (stick) pane.scrollTop = pane.scrollHeight;
         note.textContent = out.dropped ? `${out.dropped} lines dropped by the agent` : "";
-        if (typeof out.next === "number") after = out.next;
-        caughtUp = lines.length < LOG_BATCH;
-        if (!caughtUp) continue;
-        if (wait === 0) await sleep(POLL_MS, ctx.signal);
+        after = typeof out.next === "number" ? out.next : (after || 0);
+        if (lines.length >= LOG_BATCH && after !== null) continue;
+        await sleep(POLL_MS - (Date.now() - started), ctx.signal);
       } catch (e) {
         if (ctx.signal.aborted || e instanceof SignedOut) return;
-        note.textContent = e instanceof ApiError && e.status === 404
-          ? "This coordinator does not keep device logs." : `Logs: ${e.message}`;
+        const missing = e instanceof ApiError && e.status === 404 && e.reason === "Not Found";
+        note.textContent = missing ? "This coordinator does not keep device logs."
+          : `Logs: ${e.message}`;
         await sleep(e instanceof ApiError && e.status === 404 ? 5 * POLL_MS : POLL_MS,
                     ctx.signal);
       }
@@ -448,6 +465,7 @@
 
   function sleep(ms, signal) {
     return new Promise((resolve) => {
+      if (ms <= 0) { resolve(); return; }
       const t = setTimeout(resolve, ms);
       signal.addEventListener("abort", () => { clearTimeout(t); resolve(); }, {once: true});
     });
@@ -568,7 +586,8 @@
       const rows = st.devices.map((r) => h("tr", {"data-device": r.device},
         h("td", {}, h("a", {href: `#/device/${enc(r.device)}`}, r.device)),
         h("td", {}, onlineBadge(r.online)), h("td", {}, badge(r.state)),
-        h("td", {}, progress(r.bytes_done, r.bytes_total, {"data-device": r.device})),
+        h("td", {}, r.bytes_total > 0
+          ? progress(r.bytes_done, r.bytes_total, {"data-device": r.device}) : dash),
         h("td", {}, fmtVersion(r.running)), h("td", {}, fmtVersion(r.target)),
         h("td", {}, sources(r.by_source)), h("td", {}, lockText(r)),
         h("td", {class: "error"}, r.error || ""),
