@@ -74,6 +74,7 @@ from mesh.wire import (
 )
 
 from ._blobstore import BlobKind, BlobStore, BlobVerifyError
+from ._crashpoints import crash_point
 
 # memberlist's DefaultLANConfig BindPort (Serf and Consul's LAN gossip port): 7946.
 GOSSIP_PORT: Final = 7946
@@ -687,6 +688,7 @@ class GossipNode:
             self.stats.counters["store_errors"] += 1
             self.log(f"cannot store blob {dl.blob_id.hex()[:16]}: {exc}")
             return False  # pragma: no cover - a full disk; the scheduler retries later
+        crash_point("after-blob-stored")
         return True
 
     # ------------------------------------------------------------------ serving

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from pathlib import Path
 from typing import Final
 
@@ -23,6 +22,7 @@ from nacl.signing import VerifyKey
 from mesh.release import ReleaseError, ReleaseManifest, decode_signed_manifest, verify_manifest
 
 from ._apply import Journal
+from ._blobstore import _atomic_write
 
 JOURNAL: Final = "journal.json"
 RELEASES: Final = "releases"
@@ -34,28 +34,11 @@ class JournalError(Exception):
     """A journal file that cannot be read or written; str() is one line naming it."""
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path`: temporary file, fsync, rename, fsync of the directory."""
+    """Write `data` to `path` whole or not at all (the blob store's temporary file, fsync,
+    rename, directory fsync), creating the directory first."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f"{_TMP}{path.name}-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    _atomic_write(path, data)
 
 
 class AppJournal:

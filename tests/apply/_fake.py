@@ -10,10 +10,8 @@ applier built (mesh.release.read_saved_image), so the image ID it records is the
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from mesh.release import (
     read_saved_image,
     sign_manifest,
 )
+from tests.release._fakes import layer_tar
 
 
 class Clock:
@@ -210,16 +209,6 @@ class FakeEngine:
                 and c.spec.labels[LABEL_DEVICE] == device and c.spec.labels[LABEL_APP] == app]
 
 
-def layer_tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in sorted(files.items()):
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(data), 0o644, 1_700_000_000
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 class Releases:
     """Signed one-layer releases of one app; their chunks go into a real BlobStore."""
 
@@ -229,7 +218,7 @@ class Releases:
         self.key_hex = bytes(self.key.verify_key).hex()
         self.store = BlobStore(root / "blobs")
 
-    def make(self, version: int, settings: ContainerSettings = ContainerSettings(), *,
+    def make(self, version: int, settings: ContainerSettings | None = None, *,
              image_healthcheck: bool = False, store: bool = True,
              bad_config: bool = False) -> bytes:
         layer = layer_tar({"app/VERSION": f"{version}\n".encode(),
@@ -245,7 +234,7 @@ class Releases:
                             sort_keys=True).encode()
         manifest = ReleaseManifest(self.fleet, self.app, version, 1_700_000_000, config,
                                    (Layer(did, len(layer), tuple(c.ref for c in chunks)),),
-                                   settings)
+                                   settings or ContainerSettings())
         if store:
             for c in chunks:
                 self.store.put(c.ref.id, c.data, "chunk", ref=c.ref)

@@ -90,7 +90,7 @@ def state(a: Applier) -> str:
     return str(s["state"])
 
 
-def install(w: World, a: Applier, version: int, settings: ContainerSettings = ContainerSettings(),
+def install(w: World, a: Applier, version: int, settings: ContainerSettings | None = None,
             **kw: bool) -> None:
     assert a.set_target(APP, w.releases.make(version, settings), ready=True, **kw)
     run_until(w, a, lambda: state(a) in ("running", "failed"))

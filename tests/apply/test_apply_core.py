@@ -1,0 +1,277 @@
+"""The pure core's decisions with explicit time, the journal file, the log buffer, and the
+real crash point (a child process that SIGKILLs itself)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent._applogs import LogBuffer, LogCollector, LogLine, parse_log_line
+from agent._apply import (
+    APPLY_STATES,
+    MAX_FAILED,
+    ContainerView,
+    Create,
+    Journal,
+    Load,
+    Observed,
+    Probe,
+    RemoveImage,
+    RunProbe,
+    Stop,
+    Target,
+    decide,
+    effective_check,
+    fail_load,
+    image_has_healthcheck,
+)
+from agent._crashpoints import ALL_CRASH_POINTS, crash_point
+from agent._journal import AppJournal, JournalError
+from mesh.release import (
+    ContainerSettings,
+    HealthCheck,
+    HealthKind,
+    ReleaseManifest,
+    UpdateStrategy,
+)
+
+APP = "web"
+
+
+def manifest(version: int, settings: ContainerSettings | None = None,
+             config: bytes = b"{}") -> ReleaseManifest:
+    return ReleaseManifest("cams", APP, version, 0, config, (), settings or ContainerSettings())
+
+
+def running(version: int, name: str = "fleetmesh-web", started: float = 0.0,
+            cid: str = "") -> ContainerView:
+    return ContainerView(cid or f"c{version}", name, version, "running", started)
+
+
+def test_states_are_the_contract_set() -> None:
+    assert APPLY_STATES == ("idle", "downloading", "waiting-lock", "loading", "stopping",
+                            "starting", "checking-health", "running", "failed", "rolling-back")
+    assert len(ALL_CRASH_POINTS) >= 12 and len(set(ALL_CRASH_POINTS)) == len(ALL_CRASH_POINTS)
+
+
+def test_idle_update_steps() -> None:
+    j = Journal(current=1)
+    t = Target(2, manifest(2), ready=False)
+    obs = Observed((running(1),), frozenset({1}))
+    assert decide(APP, j, t, obs, 10.0).state == "downloading"
+    s = decide(APP, j, Target(2, manifest(2)), obs, 10.0)
+    assert s.action == Load(2) and s.state == "loading"
+    obs2 = Observed((running(1),), frozenset({1, 2}))
+    s = decide(APP, j, Target(2, manifest(2)), obs2, 10.0)
+    assert s.action is None and s.journal == Journal("stopping", 1, None, 2)
+    s = decide(APP, s.journal, Target(2, manifest(2)), obs2, 10.0)
+    assert s.action == Stop("c1", 1)
+
+
+def test_lock_waits_and_force_overrides() -> None:
+    j = Journal(current=1)
+    obs = Observed((running(1),), frozenset({1, 2}), lock_held=True)
+    s = decide(APP, j, Target(2, manifest(2)), obs, 10.0)
+    assert s.state == "waiting-lock" and s.lock_wait and s.journal == j
+    s = decide(APP, j, Target(2, manifest(2), force=True), obs, 10.0)
+    assert s.journal.phase == "stopping"
+    # A stopped app holds no lock that matters: nothing to interrupt.
+    stopped = Observed((ContainerView("c1", "fleetmesh-web", 1, "exited"),),
+                       frozenset({1, 2}), lock_held=True)
+    assert decide(APP, j, Target(2, manifest(2)), stopped, 10.0).journal.phase == "stopping"
+
+
+def test_probe_timing_is_exact() -> None:
+    hc = HealthCheck(HealthKind.TCP, port=8080, interval_s=3.0)
+    m = manifest(2, ContainerSettings(health_check=hc, health_timeout_s=20.0))
+    j = Journal("checking", 1, None, 2, health_since=100.0)
+    new = running(2, "fleetmesh-web-next", 100.0)
+    t = Target(2, m)
+    s = decide(APP, j, t, Observed((new,), frozenset({1, 2})), 100.0)
+    assert s.action == RunProbe(new.id, hc)
+    failed = Probe(new.id, 100.0, False, "refused")
+    s = decide(APP, j, t, Observed((new,), frozenset({1, 2}), probe=failed), 100.0)
+    assert s.action is None and s.wake_at == 103.0 and s.state == "checking-health"
+    s = decide(APP, j, t, Observed((new,), frozenset({1, 2}), probe=failed), 103.0)
+    assert s.action == RunProbe(new.id, hc)
+    s = decide(APP, j, t, Observed((new,), frozenset({1, 2}),
+                                   probe=Probe(new.id, 118.5, False)), 118.5)
+    assert s.wake_at == 120.0
+    s = decide(APP, j, t, Observed((new,), frozenset({1, 2}),
+                                   probe=Probe(new.id, 118.5, False)), 120.0)
+    assert s.journal.phase == "rolling-back" and s.journal.failed == (2,)
+    assert s.journal.error == "release 2: not healthy within 20 s (tcp port 8080)"
+    # A probe of an earlier container does not count.
+    s = decide(APP, j, t, Observed((new,), frozenset({1, 2}),
+                                   probe=Probe("other", 101.0, True)), 101.0)
+    assert s.action == RunProbe(new.id, hc)
+    s = decide(APP, j, t, Observed((new,), frozenset({1, 2}),
+                                   probe=Probe(new.id, 101.0, True)), 101.0)
+    assert s.journal == Journal(current=2, previous=1) and s.state == "running"
+
+
+def test_running_check_and_hand_over_deadlines() -> None:
+    m = manifest(2, ContainerSettings(update_strategy=UpdateStrategy.HAND_OVER,
+                                      hand_over_timeout_s=4.0, health_timeout_s=30.0))
+    j = Journal("checking", 1, None, 2, health_since=50.0)
+    new = running(2, "fleetmesh-web-next", 51.0)
+    obs = Observed((running(1), new), frozenset({1, 2}))
+    s = decide(APP, j, Target(2, m), obs, 50.0)
+    assert s.wake_at == 54.0  # the hand-over end comes before running-for-5-s (56.0)
+    assert decide(APP, j, Target(2, m), obs, 54.0).action == Stop("c1", 1)
+    obs = Observed((ContainerView("c1", "fleetmesh-web", 1, "exited"), new), frozenset({1, 2}))
+    assert decide(APP, j, Target(2, m), obs, 54.0).wake_at == 56.0
+    assert decide(APP, j, Target(2, m), obs, 56.0).journal.current == 2
+
+
+def test_idle_cleanup_and_pruning() -> None:
+    j = Journal(current=2, previous=1)
+    leftovers = Observed((running(2, "fleetmesh-web-next"),
+                          ContainerView("c1", "fleetmesh-web", 1, "exited")),
+                         frozenset({1, 2, 3}))
+    s = decide(APP, j, Target(2, manifest(2)), leftovers, 0.0)
+    assert s.action is not None and type(s.action).__name__ == "Remove"
+    clean = Observed((running(2, "fleetmesh-web-next"),), frozenset({1, 2, 3}))
+    assert type(decide(APP, j, Target(2, manifest(2)), clean, 0.0).action).__name__ == "Rename"
+    named = Observed((running(2),), frozenset({0, 1, 2, 3}))
+    assert decide(APP, j, Target(2, manifest(2)), named, 0.0).action == RemoveImage(0)
+    gone = Observed((), frozenset({1, 2}))
+    assert decide(APP, j, None, gone, 0.0, {2: manifest(2)}).action == Create(2, "fleetmesh-web")
+
+
+def test_failed_list_is_bounded_and_retry_clears() -> None:
+    j = Journal(current=1)
+    for v in range(2, 2 + MAX_FAILED + 5):
+        j = fail_load(j, v, "bad")
+    assert len(j.failed) == MAX_FAILED and j.failed[-1] == MAX_FAILED + 6
+    s = decide(APP, j, Target(MAX_FAILED + 6, manifest(MAX_FAILED + 6), retry=1),
+               Observed((running(1),), frozenset({1})), 0.0)
+    assert MAX_FAILED + 6 not in s.journal.failed and s.journal.retry_seen == 1
+
+
+def test_effective_checks() -> None:
+    with_hc = json.dumps({"config": {"Healthcheck": {"Test": ["CMD", "true"]}}}).encode()
+    none_hc = json.dumps({"config": {"Healthcheck": {"Test": ["NONE"]}}}).encode()
+    assert image_has_healthcheck(with_hc) and not image_has_healthcheck(none_hc)
+    assert not image_has_healthcheck(b"not json")
+    assert effective_check(manifest(1, config=with_hc)).kind == "docker"
+    c = effective_check(manifest(1, config=none_hc))
+    assert (c.kind, c.seconds) == ("running", 5.0)
+    assert effective_check(manifest(1, ContainerSettings(
+        health_check=HealthCheck(HealthKind.HTTP, port=80, path="/x")))).describe() \
+        == "http port 80/x"
+
+
+def test_journal_round_trip_and_corruption(tmp_path: Path) -> None:
+    aj = AppJournal(tmp_path, APP)
+    assert aj.load() is None
+    j = Journal("checking", 1, None, 2, 5.5, (3,), 2, "release 3: bad")
+    aj.save(j)
+    assert aj.load() == j
+    assert not list(aj.dir.glob(".tmp-*"))
+    aj.path.write_text('{"format": 1, "phase": "flying"}')
+    with pytest.raises(JournalError, match="corrupt"):
+        aj.load()
+    aj.path.write_text("{")
+    with pytest.raises(JournalError, match="corrupt"):
+        aj.load()
+    bad = Journal("stopping", 1, None, None).to_json()
+    with pytest.raises(ValueError, match="without a release"):
+        Journal.from_json(bad)
+
+
+# --------------------------------------------------------------------------- logs
+
+
+def test_log_buffer_bounds_and_put_back() -> None:
+    buf = LogBuffer(max_lines=3)
+    for i in range(5):
+        buf.append(LogLine(float(i), APP, "stdout", f"l{i}"))
+    lines, dropped = buf.take(2)
+    assert [x["line"] for x in lines] == ["l2", "l3"] and dropped == 2
+    assert set(lines[0]) == {"ts", "app", "stream", "line"}
+    buf.append(LogLine(5.0, APP, "stderr", "l5"))
+    buf.append(LogLine(6.0, APP, "stderr", "l6"))
+    buf.put_back(lines, dropped)  # the upload failed, and the buffer is full again
+    out, dropped2 = buf.take(10)
+    assert [x["line"] for x in out] == ["l4", "l5", "l6"]
+    assert dropped2 == 2 + 2  # dropped before, plus l2 and l3 that found no room
+    buf.append(LogLine(7.0, APP, "stdout", "l7"))
+    buf.put_back(out, 0)  # room for two of three: the newest two are kept
+    assert [x["line"] for x in buf.take(10)[0]] == ["l5", "l6", "l7"]
+
+
+def test_log_buffer_put_back_keeps_order_when_there_is_room() -> None:
+    buf = LogBuffer(max_lines=10)
+    for i in range(4):
+        buf.append(LogLine(float(i), APP, "stdout", f"l{i}"))
+    lines, dropped = buf.take(3)
+    buf.append(LogLine(9.0, APP, "stdout", "l9"))
+    buf.put_back(lines, dropped)
+    out, d = buf.take(100)
+    assert [x["line"] for x in out] == ["l0", "l1", "l2", "l3", "l9"] and d == 0
+
+
+def test_parse_log_line() -> None:
+    line = parse_log_line(b"2026-11-26T07:37:28.449599512Z hello world\n", APP, "stdout")
+    assert line is not None and line.line == "hello world"
+    assert line.ts == pytest.approx(1795678648.4496, abs=1e-3)
+    long = parse_log_line(b"2026-11-26T07:37:28Z " + b"x" * 10000, APP, "stderr")
+    assert long is not None and len(long.line) == 4096
+
+
+def test_collector_splits_lines_and_skips_what_it_saw() -> None:
+    class Source:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, float | None]] = []
+
+        def logs(self, cid: str, stream: str, since: float | None):  # type: ignore[no-untyped-def]
+            self.calls.append((stream, since))
+            if stream == "stderr":
+                return iter(())
+            return iter([b"2026-11-26T00:00:01Z one\n2026-11-26T00:00:02Z tw",
+                         b"o\n2026-11-26T00:00:03Z three"])
+
+    buf = LogBuffer()
+    src = Source()
+    col = LogCollector(src, buf)
+    col.follow(APP, "c1", None)
+    for t in list(col._threads.values()):
+        t.join(10)
+    lines, _ = buf.take(10)
+    assert [x["line"] for x in lines] == ["one", "two", "three"]
+    col.follow(APP, "c1", None)  # the container restarted: resume after the last line seen
+    for t in list(col._threads.values()):
+        t.join(10)
+    assert buf.take(10) == ([], 0)
+    stdout_since = [since for stream, since in src.calls if stream == "stdout"]
+    assert stdout_since[0] is None and stdout_since[1] == pytest.approx(1795651203.0)
+
+
+# --------------------------------------------------------------------------- crash points
+
+
+def test_crash_point_sigkills_the_process(tmp_path: Path) -> None:
+    (tmp_path / "crash-at").write_text("after-stop-old\n")
+    code = ("import sys; from agent._crashpoints import arm, crash_point\n"
+            f"arm({str(tmp_path)!r})\n"
+            "crash_point('before-load')\nprint('passed before-load', flush=True)\n"
+            "crash_point('after-stop-old')\nprint('not reached', flush=True)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60, check=False, cwd=Path(__file__).parents[2])
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert "passed before-load" in r.stdout and "not reached" not in r.stdout
+    assert not (tmp_path / "crash-at").exists()
+
+
+def test_unarmed_or_unknown(tmp_path: Path) -> None:
+    crash_point("after-load")  # not armed: nothing happens
+    with pytest.raises(ValueError):
+        crash_point("no-such-point")
+    assert os.getpid() > 0
