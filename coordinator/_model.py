@@ -9,6 +9,8 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+from mesh.control import LogLine
+
 
 class DeviceState(enum.StrEnum):
     PROVISIONED = "provisioned"  # named by the operator, token handed out, not enrolled yet
@@ -68,6 +70,23 @@ class EnrollParams:
     name: str | None = None
     lan_endpoints: tuple[str, ...] = ()
     agent_version: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AppControl:
+    """The operator's say over one app on one device (what /device/target adds to a target)."""
+
+    force_version: int | None = None  # forced past the update lock for this version
+    retry: int = 0  # retry counter: the agent retries a failed version when it grows
+
+
+@dataclass(frozen=True, slots=True)
+class LogPage:
+    """Stored log lines of one device, oldest first, each with its sequence number."""
+
+    lines: tuple[tuple[int, LogLine], ...]
+    last_seq: int  # the newest sequence number stored for the device (0: none yet)
+    dropped: int  # lines the agent reported dropped, in total
 
 
 # --------------------------------------------------------------------------- errors

@@ -11,9 +11,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from mesh.control import PeerPath
+from mesh.control import AppStatus, LogLine, PeerPath
 
-from ._model import Device, EnrollmentToken, EnrollParams, Operator, Release, ReleaseKey, Target
+from ._model import (
+    AppControl,
+    Device,
+    EnrollmentToken,
+    EnrollParams,
+    LogPage,
+    Operator,
+    Release,
+    ReleaseKey,
+    Target,
+)
 
 
 class Store(Protocol):
@@ -53,12 +63,38 @@ class Store(Protocol):
         """NotFound if no live device has the name; idempotent on an already revoked one."""
 
     def record_report(self, device_id: str, lan_endpoints: Sequence[str], agent_version: str,
-                      peers: Sequence[PeerPath], now: float) -> None: ...
+                      peers: Sequence[PeerPath], now: float, apps: Sequence[AppStatus] = ()
+                      ) -> list[str]:
+        """Also keeps each app's status (replacing the previous one of that app) and clears
+        the force of every app now running the forced version or a newer one → those apps."""
 
     def record_public_endpoint(self, device_id: str, endpoint: str | None) -> None:
         """The endpoint the hub last saw the device at (kept across coordinator restarts)."""
 
     def peer_paths(self, device_id: str) -> tuple[PeerPath, ...]: ...
+
+    # -- apps and logs ---------------------------------------------------------------------
+    def app_statuses(self, fleet: str | None = None) -> dict[str, list[AppStatus]]:
+        """Device ID → the last status of each app it reported, by app name."""
+
+    def app_controls(self, device_id: str) -> dict[str, AppControl]:
+        """App → the operator's force and retry counter for the device (absent: none)."""
+
+    def set_force(self, device_id: str, app: str, version: int | None) -> None: ...
+
+    def add_retry(self, device_ids: Sequence[str], app: str) -> dict[str, int]:
+        """Increment each device's retry counter for the app → device ID → new counter."""
+
+    def append_logs(self, device_id: str, lines: Sequence[LogLine], dropped: int, keep: int
+                    ) -> int:
+        """Store the lines with the next sequence numbers, keep the newest `keep` of the
+        device, add `dropped` to its total → the last sequence number."""
+
+    def read_logs(self, device_id: str, after: int, limit: int) -> LogPage:
+        """At most `limit` lines with a sequence number above `after`, oldest first."""
+
+    def tail_logs(self, device_id: str, count: int) -> LogPage:
+        """The newest `count` lines, oldest first."""
 
     # -- operators -------------------------------------------------------------------------
     def add_operator(self, name: str, public_key: str, now: float) -> Operator:

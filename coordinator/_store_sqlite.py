@@ -17,15 +17,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
-from mesh.control import ControlError, PeerPath
+from mesh.control import AppStatus, ControlError, LogLine, PeerPath
 
 from . import _ipam
 from ._model import (
+    AppControl,
     Conflict,
     Device,
     DeviceState,
     EnrollmentToken,
     EnrollParams,
+    LogPage,
     NotFound,
     Operator,
     Release,
@@ -122,6 +124,31 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         pin BLOB,
         set_at REAL NOT NULL,
         PRIMARY KEY (fleet, app, device));
+    """,
+    # 4: device app status and logs (issue 6). device_apps holds, per device and app, the
+    # AppStatus its agent last reported (JSON, validated by mesh.control on arrival) and the
+    # operator's controls: the version forced past the update lock, and the retry counter.
+    # device_logs keeps the newest lines per device; devices.log_seq numbers them (it only
+    # grows, so a follower's `after` stays valid while old lines are pruned). Keyed by device
+    # id: a name that comes back on a new device starts with no history.
+    """
+    CREATE TABLE device_apps (
+        device_id TEXT NOT NULL REFERENCES devices(id),
+        app TEXT NOT NULL,
+        status TEXT,
+        force_version INTEGER,
+        retry INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (device_id, app));
+    CREATE TABLE device_logs (
+        device_id TEXT NOT NULL REFERENCES devices(id),
+        seq INTEGER NOT NULL,
+        ts REAL NOT NULL,
+        app TEXT NOT NULL,
+        stream TEXT NOT NULL,
+        line TEXT NOT NULL,
+        PRIMARY KEY (device_id, seq)) WITHOUT ROWID;
+    ALTER TABLE devices ADD COLUMN log_seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE devices ADD COLUMN logs_dropped INTEGER NOT NULL DEFAULT 0;
     """,
 )
 
@@ -384,12 +411,96 @@ class SqliteStore:
             return _device(row)
 
     def record_report(self, device_id: str, lan_endpoints: Sequence[str], agent_version: str,
-                      peers: Sequence[PeerPath], now: float) -> None:
+                      peers: Sequence[PeerPath], now: float, apps: Sequence[AppStatus] = ()
+                      ) -> list[str]:
+        cleared = []
         with self._tx() as c:
             c.execute("UPDATE devices SET lan_endpoints = ?, agent_version = ?, peer_paths = ?, "
                       "last_report = ? WHERE id = ?",
                       (json.dumps(list(lan_endpoints)), agent_version,
                        json.dumps([p.to_json() for p in peers]), now, device_id))
+            for a in apps:
+                c.execute("INSERT INTO device_apps (device_id, app, status) VALUES (?, ?, ?) "
+                          "ON CONFLICT(device_id, app) DO UPDATE SET status = excluded.status",
+                          (device_id, a.app, json.dumps(a.to_json())))
+                if a.running is not None and c.execute(
+                        "UPDATE device_apps SET force_version = NULL WHERE device_id = ? AND "
+                        "app = ? AND force_version <= ?",
+                        (device_id, a.app, a.running)).rowcount:
+                    cleared.append(a.app)
+        return cleared
+
+    # -- apps and logs -----------------------------------------------------------------------
+
+    def app_statuses(self, fleet: str | None = None) -> dict[str, list[AppStatus]]:
+        sql = ("SELECT a.device_id, a.status FROM device_apps a JOIN devices d ON "
+               "d.id = a.device_id WHERE a.status IS NOT NULL")
+        rows = self._query(sql + " ORDER BY a.device_id, a.app") if fleet is None else \
+            self._query(sql + " AND d.fleet = ? ORDER BY a.device_id, a.app", (fleet,))
+        out: dict[str, list[AppStatus]] = {}
+        for device_id, status in rows:
+            try:
+                out.setdefault(device_id, []).append(AppStatus.from_json(json.loads(status)))
+            except ControlError:  # written by us after validation; skip rather than fail
+                continue
+        return out
+
+    def app_controls(self, device_id: str) -> dict[str, AppControl]:
+        rows = self._query("SELECT app, force_version, retry FROM device_apps WHERE "
+                           "device_id = ?", (device_id,))
+        return {app: AppControl(force, retry) for app, force, retry in rows}
+
+    def set_force(self, device_id: str, app: str, version: int | None) -> None:
+        with self._tx() as c:
+            c.execute("INSERT INTO device_apps (device_id, app, force_version) VALUES (?, ?, ?) "
+                      "ON CONFLICT(device_id, app) DO UPDATE SET "
+                      "force_version = excluded.force_version", (device_id, app, version))
+
+    def add_retry(self, device_ids: Sequence[str], app: str) -> dict[str, int]:
+        out = {}
+        with self._tx() as c:
+            for device_id in device_ids:
+                row = c.execute("INSERT INTO device_apps (device_id, app, retry) VALUES "
+                                "(?, ?, 1) ON CONFLICT(device_id, app) DO UPDATE SET "
+                                "retry = retry + 1 RETURNING retry",
+                                (device_id, app)).fetchone()
+                out[device_id] = int(row[0])
+        return out
+
+    def append_logs(self, device_id: str, lines: Sequence[LogLine], dropped: int, keep: int
+                    ) -> int:
+        with self._tx() as c:
+            row = c.execute("UPDATE devices SET log_seq = log_seq + ?, logs_dropped = "
+                            "logs_dropped + ? WHERE id = ? RETURNING log_seq",
+                            (len(lines), dropped, device_id)).fetchone()
+            if row is None:
+                raise NotFound(f"no device {device_id}")
+            last = int(row[0])
+            first = last - len(lines) + 1
+            c.executemany("INSERT INTO device_logs VALUES (?, ?, ?, ?, ?, ?)",
+                          [(device_id, first + i, x.ts, x.app, x.stream, x.line)
+                           for i, x in enumerate(lines)])
+            c.execute("DELETE FROM device_logs WHERE device_id = ? AND seq <= ?",
+                      (device_id, last - keep))
+            return last
+
+    def _log_page(self, device_id: str, rows: Sequence[Any]) -> LogPage:
+        meta = self._query("SELECT log_seq, logs_dropped FROM devices WHERE id = ?",
+                           (device_id,))
+        last, dropped = meta[0] if meta else (0, 0)
+        return LogPage(tuple((r[0], LogLine(r[1], r[2], r[3], r[4])) for r in rows),
+                       int(last), int(dropped))
+
+    def read_logs(self, device_id: str, after: int, limit: int) -> LogPage:
+        rows = self._query("SELECT seq, ts, app, stream, line FROM device_logs WHERE "
+                           "device_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                           (device_id, after, limit))
+        return self._log_page(device_id, rows)
+
+    def tail_logs(self, device_id: str, count: int) -> LogPage:
+        rows = self._query("SELECT seq, ts, app, stream, line FROM device_logs WHERE "
+                           "device_id = ? ORDER BY seq DESC LIMIT ?", (device_id, count))
+        return self._log_page(device_id, rows[::-1])
 
     def record_public_endpoint(self, device_id: str, endpoint: str | None) -> None:
         with self._tx() as c:

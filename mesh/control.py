@@ -303,16 +303,152 @@ class PeerPath:
 
 @dataclass(frozen=True, slots=True)
 class DeviceReport:
-    """What an agent reports about itself: LAN candidates, version, per-peer paths."""
+    """What an agent reports about itself: LAN candidates, version, per-peer paths, and the
+    state of each app (absent from old agents: no apps)."""
 
     lan_endpoints: tuple[str, ...] = ()
+# The agent's apply states (agent/_apply.py, docs/apply.md); a report names one per app.
+APP_STATES: Final = ("idle", "downloading", "waiting-lock", "loading", "stopping", "starting",
+                     "checking-health", "running", "failed", "rolling-back")
+BYTE_SOURCES: Final = ("lan", "wan_peer", "coordinator")
+MAX_APPS: Final = 16  # apps per device: a device runs a handful of containerised apps
+MAX_ERROR_LEN: Final = 500  # one line an operator reads, not a stack trace
+MAX_FAILED: Final = 32  # failed versions an agent remembers per app
+MAX_COUNT: Final = (1 << 63) - 1  # byte counts and versions fit SQLite's INTEGER
+MAX_APP_NAME: Final = 253  # as mesh.release's codec (MAX_NAME): app names fit a DNS name
+APP_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")  # as mesh.release's codec (_NAME)
+
+
+def check_app(app: str, where: str = "app") -> str:
+    """An app name as the release format spells it (mesh.release's codec: _NAME, MAX_NAME)."""
+    if not isinstance(app, str) or len(app) > MAX_APP_NAME or not APP_RE.match(app):
+        raise ControlError(f"{where}: must be 1-{MAX_APP_NAME} of A-Z, a-z, 0-9, '.', '_' and "
+                           "'-', starting with a letter or digit")
+    return app
+
+
+def _count(obj: Mapping[str, Any], key: str, where: str) -> int:
+    """A non-negative integer; absent or null is 0."""
+    value = _get(obj, key, int, where, optional=True)
+    if value is None:
+        return 0
+    if not 0 <= value <= MAX_COUNT:
+        raise ControlError(f"{where}.{key}: must be 0..{MAX_COUNT}")
+    return int(value)
+
+
+def _version(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_COUNT:
+        raise ControlError(f"{where}: must be a release version (a positive integer)")
+    return value
+
+
+def _opt_version(obj: Mapping[str, Any], key: str, where: str) -> int | None:
+    value = _get(obj, key, int, where, optional=True)
+    return None if value is None else _version(value, f"{where}.{key}")
+
+
+def _time(obj: Mapping[str, Any], key: str, where: str, optional: bool = False
+          ) -> float | None:
+    """Epoch seconds: finite and not negative."""
+    value = _get(obj, key, float, where, optional=optional)
+    if value is None:
+        return None
+    if not 0.0 <= value < 1e11:  # also rejects NaN and infinities
+        raise ControlError(f"{where}.{key}: must be epoch seconds")
+    return value
+
+
+def _text(obj: Mapping[str, Any], key: str, limit: int, where: str) -> str | None:
+    """A string of at most `limit` characters, optional; lone surrogates (which no database
+    or terminal takes) become '?'."""
+    if not isinstance(obj, Mapping):
+        raise ControlError(f"{where}: must be an object")
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ControlError(f"{where}.{key}: must be a string")
+    if len(value) > limit:
+        raise ControlError(f"{where}.{key}: longer than {limit} characters")
+    return value.encode("utf-8", "replace").decode("utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class SourceBytes:
+    """Where the bytes of a download came from."""
+
+    lan: int = 0  # LAN neighbours
+    wan_peer: int = 0  # peers behind another NAT (they cost WAN bytes on both ends)
+    coordinator: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return {"lan": self.lan, "wan_peer": self.wan_peer, "coordinator": self.coordinator}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = "by_source") -> SourceBytes:
+        if obj is None:
+            return cls()
+        return cls(*(_count(obj, k, where) for k in BYTE_SOURCES))
+
+
+@dataclass(frozen=True, slots=True)
+class AppStatus:
+    """One app on one device, as its agent last saw it (the coordinator keeps the newest)."""
+
+    app: str
+    state: str  # one of APP_STATES
+    running: int | None = None  # the version running now
+    target: int | None = None  # the version the agent is working towards
+    bytes_done: int = 0
+    bytes_total: int = 0  # blob bytes of the target release this device needs
+    by_source: SourceBytes = field(default_factory=SourceBytes)
+    lock_since: float | None = None  # when the app's update lock was first seen held
+    error: str | None = None  # one line
+    failed: tuple[int, ...] = ()  # versions that failed here
+    retry_seen: int = 0  # the highest operator retry counter the agent has acted on
+    updated_at: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"app": self.app, "running": self.running, "target": self.target,
+                "state": self.state, "bytes_done": self.bytes_done,
+                "bytes_total": self.bytes_total, "by_source": self.by_source.to_json(),
+                "lock_since": self.lock_since, "error": self.error,
+                "failed": list(self.failed), "retry_seen": self.retry_seen,
+                "updated_at": self.updated_at}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = "app") -> AppStatus:
+        state = _get(obj, "state", str, where)
+        if state not in APP_STATES:
+            raise ControlError(f"{where}.state: must be one of {', '.join(APP_STATES)}")
+        failed = _get(obj, "failed", list, where, optional=True) or []
+        if len(failed) > MAX_FAILED:
+            raise ControlError(f"{where}.failed: more than {MAX_FAILED} versions")
+        error = _text(obj, "error", MAX_ERROR_LEN, where)
+        return cls(
+            app=check_app(_get(obj, "app", str, where), f"{where}.app"), state=state,
+            running=_opt_version(obj, "running", where), target=_opt_version(obj, "target", where),
+            bytes_done=_count(obj, "bytes_done", where),
+            bytes_total=_count(obj, "bytes_total", where),
+            by_source=SourceBytes.from_json(_get(obj, "by_source", dict, where, optional=True),
+                                            f"{where}.by_source"),
+            lock_since=_time(obj, "lock_since", where, optional=True),
+            error=None if error is None else " ".join(error.split()) or None,
+            failed=tuple(_version(v, f"{where}.failed[{i}]") for i, v in enumerate(failed)),
+            retry_seen=_count(obj, "retry_seen", where),
+            updated_at=_time(obj, "updated_at", where, optional=True) or 0.0)
+
+
     agent_version: str = ""
     peers: tuple[PeerPath, ...] = field(default_factory=tuple)
 
     def to_json(self) -> dict[str, Any]:
         return {"lan_endpoints": list(self.lan_endpoints), "agent_version": self.agent_version,
-                "peers": [p.to_json() for p in self.peers]}
+                "peers": [p.to_json() for p in self.peers],
+                "apps": [a.to_json() for a in self.apps]}
 
+    apps: tuple[AppStatus, ...] = ()
     @classmethod
     def from_json(cls, obj: Any) -> DeviceReport:
         w = "report"
@@ -321,9 +457,71 @@ class DeviceReport:
             raise ControlError(f"{w}.peers: more than {MAX_PEERS}")
         return cls(_endpoints(obj, "lan_endpoints", w),
                    _get(obj, "agent_version", str, w, optional=True) or "",
-                   tuple(PeerPath.from_json(p, f"{w}.peers[{i}]") for i, p in enumerate(peers)))
+                   tuple(PeerPath.from_json(p, f"{w}.peers[{i}]") for i, p in enumerate(peers)),
+                   apps)
 
 
+# --------------------------------------------------------------------------- device logs
+
+
+LOG_STREAMS: Final = ("stdout", "stderr")
+MAX_LOG_LINE: Final = 4096  # characters per line; the agent cuts longer ones
+MAX_LOG_LINES: Final = 1000  # lines per upload
+MAX_LOG_BODY: Final = 1024 * 1024  # bytes per upload (the lines' JSON, escapes included)
+
+
+@dataclass(frozen=True, slots=True)
+class LogLine:
+    """One line an app's container wrote, as the agent captured it."""
+
+    ts: float  # epoch seconds
+    app: str
+    stream: str  # stdout or stderr
+    line: str  # as written, without its newline
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ts": self.ts, "app": self.app, "stream": self.stream, "line": self.line}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = "line") -> LogLine:
+        stream = _get(obj, "stream", str, where)
+        if stream not in LOG_STREAMS:
+            raise ControlError(f"{where}.stream: must be stdout or stderr")
+        line = _text(obj, "line", MAX_LOG_LINE, where)
+        if line is None:
+            raise ControlError(f"{where}.line: missing")
+        ts = _time(obj, "ts", where)
+        assert ts is not None
+        return cls(ts, check_app(_get(obj, "app", str, where), f"{where}.app"), stream, line)
+
+
+@dataclass(frozen=True, slots=True)
+class LogUpload:
+    """POST /api/v1/device/logs: lines in the order written, and how many the agent dropped
+    (its buffer was full) since its last successful upload."""
+
+    lines: tuple[LogLine, ...]
+    dropped: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"lines": [x.to_json() for x in self.lines], "dropped": self.dropped}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> LogUpload:
+        w = "logs"
+        lines: Sequence[Any] = _get(obj, "lines", list, w)
+        if len(lines) > MAX_LOG_LINES:
+            raise ControlError(f"{w}.lines: more than {MAX_LOG_LINES}")
+        return cls(tuple(LogLine.from_json(x, f"{w}.lines[{i}]") for i, x in enumerate(lines)),
+                   _count(obj, "dropped", w))
+
+
+        items: Sequence[Any] = _get(obj, "apps", list, w, optional=True) or []
+        if len(items) > MAX_APPS:
+            raise ControlError(f"{w}.apps: more than {MAX_APPS}")
+        apps = tuple(AppStatus.from_json(a, f"{w}.apps[{i}]") for i, a in enumerate(items))
+        if len({a.app for a in apps}) != len(apps):
+            raise ControlError(f"{w}.apps: an app is named twice")
 # --------------------------------------------------------------------------- tokens
 
 
