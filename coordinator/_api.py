@@ -22,9 +22,12 @@ from starlette.routing import Route
 
 from mesh.control import (
     MAX_BODY_BYTES,
+    MAX_LOG_BODY,
     ControlError,
     DeviceReport,
     EnrollRequest,
+    LogUpload,
+    check_app,
     check_key,
     check_name,
 )
@@ -33,7 +36,7 @@ from mesh.release._codec import MAX_ENVELOPE_BYTES  # the largest encoded Signed
 from ._blobs import MAX_BLOB_BYTES, BlobKind, OpenBlob
 from ._model import CoordinatorError, Device, Forbidden, TooLarge, Unauthorized
 from ._openapi import openapi_document
-from ._releases import MAX_MISSING_QUERY, MissingBlobs, check_app
+from ._releases import MAX_MISSING_QUERY, MissingBlobs
 
 if TYPE_CHECKING:
     from ._server import Coordinator
@@ -50,6 +53,9 @@ MAX_RELEASE_BYTES: Final = MAX_ENVELOPE_BYTES
 # 10,000 IDs of 64 hex digits as a JSON list: ~670 KB, above MAX_BODY_BYTES
 MISSING_QUERY_BYTES: Final = 1024 * 1024
 BLOB_PIECE: Final = 256 * 1024  # bytes per read when streaming a blob out
+MAX_LOG_WAIT: Final = 30.0  # log long-poll ceiling (docs/api.md)
+MAX_LOG_PAGE: Final = 5000  # lines per log read: everything a device keeps
+DEFAULT_LOG_PAGE: Final = 1000
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -262,7 +268,8 @@ def build_app(coord: Coordinator) -> Starlette:
         wrapper.__name__ = fn.__name__
         return guarded(wrapper, limit)
 
-    def device(fn: Callable[[Request, Device], Awaitable[Response]]) -> Handler:
+    def device(fn: Callable[[Request, Device], Awaitable[Response]],
+               limit: int = MAX_BODY_BYTES) -> Handler:
         async def wrapper(request: Request) -> Response:
             secret = _bearer(request)
             if secret is None:
@@ -275,7 +282,7 @@ def build_app(coord: Coordinator) -> Starlette:
                 raise Unauthorized("unknown or revoked device credential")
             return await fn(request, dev)
         wrapper.__name__ = fn.__name__
-        return guarded(wrapper)
+        return guarded(wrapper, limit)
 
     def client_ip(request: Request) -> str | None:
         return request.client.host if request.client else None
@@ -468,6 +475,65 @@ def build_app(coord: Coordinator) -> Starlette:
     async def device_target(request: Request, dev: Device) -> Response:
         return JSONResponse({"targets": releases.device_targets(dev)})
 
+    # -- app status, logs and operator actions (docs/api.md "Rollouts, logs, actions") ------
+
+    async def device_logs_upload(request: Request, dev: Device) -> Response:
+        upload = LogUpload.from_json(await read_json(request, MAX_LOG_BODY))
+        coord.upload_logs(dev, upload)
+        return Response(status_code=204)
+
+    def query_int(request: Request, key: str, default: int | None, low: int, high: int
+                  ) -> int | None:
+        text = request.query_params.get(key)
+        if text is None:
+            return default
+        if not text.isdigit() or len(text) > 19 or not low <= int(text) <= high:
+            raise ControlError(f"{key}: must be an integer {low}..{high}")
+        return int(text)
+
+    @operator
+    async def device_logs(request: Request) -> Response:
+        name = path_name(request)
+        try:
+            wait = float(request.query_params.get("wait", "0"))
+        except ValueError:
+            raise ControlError(f"wait: must be 0..{MAX_LOG_WAIT:g} seconds") from None
+        if not math.isfinite(wait) or not 0 <= wait <= MAX_LOG_WAIT:
+            raise ControlError(f"wait: must be 0..{MAX_LOG_WAIT:g} seconds")
+        after = query_int(request, "after", 0, 0, (1 << 63) - 1)
+        limit = query_int(request, "limit", DEFAULT_LOG_PAGE, 1, MAX_LOG_PAGE)
+        tail = query_int(request, "tail", None, 1, MAX_LOG_PAGE)
+        if tail is not None and "after" in request.query_params:
+            raise ControlError("tail and after exclude each other")
+        assert after is not None and limit is not None
+        return JSONResponse(await coord.device_logs(name, after=after, limit=limit, wait=wait,
+                                                    tail=tail))
+
+    def body_app(body: Any) -> str:
+        return check_app(_field(body, "app", str))
+
+    @operator
+    async def device_update(request: Request) -> Response:
+        body = await read_json(request)
+        app = body_app(body)
+        force = body.get("force")
+        if not isinstance(force, bool):
+            raise ControlError("force: must be true or false")
+        return JSONResponse(releases.force(path_name(request), app, force))
+
+    @operator
+    async def device_retry(request: Request) -> Response:
+        app = body_app(await read_json(request))
+        return JSONResponse(releases.retry_device(path_name(request), app))
+
+    @operator
+    async def release_status(request: Request) -> Response:
+        return JSONResponse(coord.release_status(*path_release(request)))
+
+    @operator
+    async def release_retry(request: Request) -> Response:
+        return JSONResponse(releases.retry_release(*path_release(request)))
+
     async def openapi(request: Request) -> Response:
         return JSONResponse(openapi_document())
 
@@ -499,6 +565,15 @@ def build_app(coord: Coordinator) -> Starlette:
               methods=["GET", "DELETE"]),
         Route("/api/v1/releases/{fleet}/{app}/{version}/manifest", manifest,
               methods=["GET"]),
+        Route("/api/v1/device/logs", device(device_logs_upload, MAX_LOG_BODY),
+              methods=["POST"]),
+        Route("/api/v1/devices/{name}/logs", device_logs, methods=["GET"]),
+        Route("/api/v1/devices/{name}/update", device_update, methods=["POST"]),
+        Route("/api/v1/devices/{name}/retry", device_retry, methods=["POST"]),
+        Route("/api/v1/releases/{fleet}/{app}/{version}/status", release_status,
+              methods=["GET"]),
+        Route("/api/v1/releases/{fleet}/{app}/{version}/retry", release_retry,
+              methods=["POST"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         *dashboard.routes(guarded),
     ]

@@ -12,6 +12,7 @@ import trio
 
 from mesh.clikit import CliError
 
+from ._cli_ops import parse_duration
 from ._server import ConfigError, Coordinator, CoordinatorConfig
 
 
@@ -44,11 +45,12 @@ def _run(args: argparse.Namespace) -> int:
     if not args.data:
         raise CliError("--data DIR is required (the coordinator's state directory)")
     wg_port = _port(args.wg_port)
+    lock_stale_after = parse_duration(args.lock_stale_after)
     try:
         config = CoordinatorConfig(
             data_dir=Path(args.data), listen=args.listen, wg_port=wg_port,
             hub_endpoint=args.hub_endpoint, mesh_ipv4=args.mesh_ipv4, mesh_ipv6=args.mesh_ipv6,
-            hub=not args.no_hub,
+            hub=not args.no_hub, lock_stale_after=float(lock_stale_after),
             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
             tls_key=Path(args.tls_key) if args.tls_key else None)
         coord = Coordinator(config)
@@ -93,4 +95,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--tls-cert", metavar="FILE", help="PEM certificate (default: "
                        "self-signed, made at first start)")
     serve.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
+    serve.add_argument("--lock-stale-after", default="1h", metavar="DURATION",
+                       help="show an app's update lock as stale when held longer (90s, 30m, "
+                            "1h, 2d; default 1h); never broken automatically")
     serve.set_defaults(handler=_run)

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from mesh.control import MAX_BODY_BYTES
+from mesh.control import (
+    APP_STATES,
+    LOG_STREAMS,
+    MAX_APPS,
+    MAX_BODY_BYTES,
+    MAX_ERROR_LEN,
+    MAX_FAILED,
+    MAX_LOG_BODY,
+    MAX_LOG_LINE,
+    MAX_LOG_LINES,
+)
 
 
 def _ref(name: str) -> dict[str, Any]:
@@ -41,6 +51,7 @@ _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "str
 _STR = {"type": "string"}
 _STRN = {"type": ["string", "null"]}
 _NUMN = {"type": ["number", "null"]}
+_INTN = {"type": ["integer", "null"]}
 _EPS = {"type": "array", "items": _STR, "maxItems": 8}
 
 
@@ -74,7 +85,46 @@ SCHEMAS: dict[str, Any] = {
                      path={"enum": ["direct", "relay", "none"]}, endpoint=_STRN,
                      last_handshake=_NUMN),
     "DeviceReport": _obj([], lan_endpoints=_EPS, agent_version=_STR,
-                         peers={"type": "array", "items": _ref("PeerPath")}),
+                         peers={"type": "array", "items": _ref("PeerPath")},
+                         apps={"type": "array", "items": _ref("AppStatus"),
+                               "maxItems": MAX_APPS}),
+    "SourceBytes": _obj(["lan", "wan_peer", "coordinator"], lan=_INT, wan_peer=_INT,
+                        coordinator=_INT),
+    "AppStatus": _obj(["app", "state"], app=_STR, running=_INTN, target=_INTN,
+                      state={"enum": list(APP_STATES)}, bytes_done=_INT, bytes_total=_INT,
+                      by_source=_ref("SourceBytes"), lock_since=_NUMN,
+                      error={"type": ["string", "null"], "maxLength": MAX_ERROR_LEN},
+                      failed={"type": "array", "items": _INT, "maxItems": MAX_FAILED},
+                      retry_seen=_INT, updated_at={"type": "number"}),
+    "DeviceApp": {"allOf": [_ref("AppStatus"), _obj(["lock_stale"],
+                                                    lock_stale={"type": "boolean"})]},
+    "LogUpload": _obj(["lines"], lines={"type": "array", "maxItems": MAX_LOG_LINES,
+                                        "items": _obj(["ts", "app", "stream", "line"],
+                                                      ts={"type": "number"}, app=_STR,
+                                                      stream={"enum": list(LOG_STREAMS)},
+                                                      line={"type": "string",
+                                                            "maxLength": MAX_LOG_LINE})},
+                      dropped=_INT),
+    "LogPage": _obj(["lines", "next", "dropped"], next=_INT, dropped=_INT,
+                    lines={"type": "array", "items": _obj(
+                        ["seq", "ts", "app", "stream", "line"], seq=_INT,
+                        ts={"type": "number"}, app=_STR, stream={"enum": list(LOG_STREAMS)},
+                        line=_STR)}),
+    "ReleaseStatus": _obj(["fleet", "app", "version", "devices", "summary"], fleet=_STR,
+                          app=_STR, version=_INT, devices={"type": "array", "items": _obj(
+                              ["device", "state", "bytes_done", "bytes_total", "running",
+                               "target", "online", "error", "lock_since", "lock_stale",
+                               "by_source", "updated_at"],
+                              device=_STR,
+                              state={"enum": [*APP_STATES, "pending", "superseded"]},
+                              bytes_done=_INT, bytes_total=_INT, running=_INTN, target=_INTN,
+                              online={"type": "boolean"}, error=_STRN, lock_since=_NUMN,
+                              lock_stale={"type": "boolean"}, by_source=_ref("SourceBytes"),
+                              updated_at=_NUMN)},
+                          summary=_obj(["total", "running", "failed", "downloading", "waiting",
+                                        "pending", "superseded"], total=_INT, running=_INT,
+                                       failed=_INT, downloading=_INT, waiting=_INT,
+                                       pending=_INT, superseded=_INT)),
     "DeviceInfo": _obj(["name", "fleet", "state", "online", "public_key", "mesh_ipv4",
                         "mesh_ipv6", "agent_version", "endpoint", "lan_endpoints", "last_seen",
                         "enrolled_at"],
@@ -82,7 +132,8 @@ SCHEMAS: dict[str, Any] = {
                        state={"enum": ["provisioned", "active", "revoked"]},
                        online={"type": "boolean"}, public_key=_STRN, mesh_ipv4=_STRN,
                        mesh_ipv6=_STRN, agent_version=_STR, endpoint=_STRN, lan_endpoints=_EPS,
-                       last_seen=_NUMN, enrolled_at=_NUMN),
+                       last_seen=_NUMN, enrolled_at=_NUMN, release=_INTN,
+                       apps={"type": "array", "items": _ref("DeviceApp")}),
     "TokenRequest": _obj(["fleet"], fleet=_STR, uses={"type": "integer", "default": 1},
                          expires_in={"type": "integer", "default": 3600}, name=_STRN),
     "Token": _obj(["token", "fleet", "uses", "expires_at"], token=_STR, fleet=_STR,
@@ -110,7 +161,8 @@ SCHEMAS: dict[str, Any] = {
     "Target": _obj(["fleet", "app", "version", "device", "pin", "set_at"], fleet=_STR,
                    app=_STR, version=_INT, device=_STRN, pin=_STRN,
                    set_at={"type": "number"}),
-    "DeviceTarget": _obj(["app", "version", "pin"], app=_STR, version=_INT, pin=_STRN),
+    "DeviceTarget": _obj(["app", "version", "pin", "force", "retry"], app=_STR, version=_INT,
+                         pin=_STRN, force={"type": "boolean"}, retry=_INT),
     "OperatorInfo": _obj(["name", "mesh_ipv4", "mesh_ipv6", "hub", "mesh_prefix_v4",
                           "mesh_prefix_v6"], name=_STR, mesh_ipv4=_STR, mesh_ipv6=_STR,
                          hub=_ref("HubInfo"), mesh_prefix_v4=_STR, mesh_prefix_v6=_STR),
@@ -234,6 +286,45 @@ def openapi_document() -> dict[str, Any]:
             "summary": "the encoded SignedManifest", "security": _EITHER,
             "parameters": _RELEASE_PARAMS,
             "responses": {"200": _raw("the SignedManifest bytes"), **_ERRORS}}},
+        "/api/v1/device/logs": {"post": {
+            "summary": f"upload app log lines (body at most {MAX_LOG_BODY} bytes)",
+            "security": _DEVICE, "requestBody": _body(_ref("LogUpload")),
+            "responses": {"204": {"description": "stored"}, **_ERRORS}}},
+        "/api/v1/devices/{name}/logs": {"get": {
+            "summary": "the device's log lines after a sequence number; long poll",
+            "security": _OPERATOR, "parameters": [_NAME, *(
+                {"name": n, "in": "query", "schema": s} for n, s in (
+                    ("after", {"type": "integer", "minimum": 0, "default": 0}),
+                    ("limit", {"type": "integer", "minimum": 1, "maximum": 5000,
+                               "default": 1000}),
+                    ("wait", {"type": "number", "minimum": 0, "maximum": 30, "default": 0}),
+                    ("tail", {"type": "integer", "minimum": 1, "maximum": 5000})))],
+            "responses": {"200": _json(_ref("LogPage")), **_ERRORS}}},
+        "/api/v1/devices/{name}/update": {"post": {
+            "summary": "force the device past its app's update lock (or take that back)",
+            "security": _OPERATOR, "parameters": [_NAME],
+            "requestBody": _body(_obj(["app", "force"], app=_STR, force={"type": "boolean"})),
+            "responses": {"200": _json(_obj(["device", "app", "version", "force"], device=_STR,
+                                            app=_STR, version=_INT,
+                                            force={"type": "boolean"})), **_ERRORS}}},
+        "/api/v1/devices/{name}/retry": {"post": {
+            "summary": "let the device retry the app version it marked failed",
+            "security": _OPERATOR, "parameters": [_NAME],
+            "requestBody": _body(_obj(["app"], app=_STR)),
+            "responses": {"200": _json(_obj(["device", "app", "retry"], device=_STR, app=_STR,
+                                            retry=_INT)), **_ERRORS}}},
+        "/api/v1/releases/{fleet}/{app}/{version}/status": {"get": {
+            "summary": "where each device stands in the release's rollout",
+            "security": _OPERATOR, "parameters": _RELEASE_PARAMS,
+            "responses": {"200": _json(_ref("ReleaseStatus")), **_ERRORS}}},
+        "/api/v1/releases/{fleet}/{app}/{version}/retry": {"post": {
+            "summary": "a retry for every device that failed the release",
+            "security": _OPERATOR, "parameters": _RELEASE_PARAMS,
+            "responses": {"200": _json(_obj(["fleet", "app", "version", "devices"], fleet=_STR,
+                                            app=_STR, version=_INT, devices={
+                                                "type": "array", "items": _obj(
+                                                    ["device", "retry"], device=_STR,
+                                                    retry=_INT)})), **_ERRORS}}},
         "/openapi.json": {"get": {"summary": "this document",
                                   "responses": {"200": _json({"type": "object"})}}},
         # the web dashboard (docs/dashboard.md)

@@ -8,7 +8,6 @@ signed with it. Devices verify everything again against the key they pinned at e
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
@@ -16,7 +15,7 @@ from typing import Any, Final
 import trio
 from nacl.signing import VerifyKey
 
-from mesh.control import ControlError, check_name
+from mesh.control import AppStatus, ControlError, SourceBytes, check_name
 from mesh.release import (
     ManifestError,
     ReleaseManifest,
@@ -33,6 +32,7 @@ from mesh.release import (
 
 from ._blobs import MAX_BLOB_BYTES, BlobKind, BlobStore, OpenBlob, check_blob_id
 from ._model import (
+    AppControl,
     Conflict,
     Device,
     DeviceState,
@@ -48,8 +48,6 @@ from ._model import (
 from ._store import Store
 
 MAX_MISSING_QUERY: Final = 10_000  # IDs per POST /blobs/missing (docs/api.md)
-APP_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")  # as mesh.release's codec
-MAX_APP_NAME: Final = 253
 
 
 class MissingBlobs(Conflict):
@@ -83,20 +81,15 @@ def _decode(data: bytes) -> tuple[Any, ReleaseManifest]:
         raise ControlError(f"release: {exc}") from None
 
 
-def check_app(app: str, where: str = "app") -> str:
-    """An app name as the release format spells it (mesh.release's codec: _NAME, MAX_NAME)."""
-    if not isinstance(app, str) or len(app) > MAX_APP_NAME or not APP_RE.match(app):
-        raise ControlError(f"{where}: must be 1-{MAX_APP_NAME} of A-Z, a-z, 0-9, '.', '_' and "
-                           "'-', starting with a letter or digit")
-    return app
-
-
 class ReleaseRegistry:
     def __init__(self, store: Store, blobs: BlobStore,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 targets_changed: Callable[[str, str | None], None] | None = None) -> None:
         self.store = store
         self.blobs = blobs
         self.clock = clock
+        # (fleet, device or None for all): what /device/target answers them has changed
+        self.targets_changed = targets_changed or (lambda fleet, device: None)
         self.max_blob_bytes = MAX_BLOB_BYTES
         # Serialises what touches blobs and releases together (publish's existence check,
         # delete's garbage collection, an upload's final rename), so a blob can never vanish
@@ -277,16 +270,154 @@ class ReleaseRegistry:
                     f"{app} version {version}{'' if device is None else ' for ' + device}")
         target = Target(fleet, app, version, device, pin_bytes, self.clock())
         self.store.set_target(target)
+        self.targets_changed(fleet, device)
         return target_info(target)
 
-    def device_targets(self, device: Device) -> list[dict[str, Any]]:
+    def _targets_of(self, device: Device) -> dict[str, Target]:
         """Per app: the device's own target over the fleet's."""
-        chosen: dict[str, Target] = {}
-        for t in self.store.targets(device.fleet):
-            if t.device is None:
-                chosen.setdefault(t.app, t)
-            elif t.device == device.name:
-                chosen[t.app] = t
-        return [{"app": t.app, "version": t.version,
-                 "pin": None if t.pin is None else t.pin.hex()}
-                for t in sorted(chosen.values(), key=lambda t: t.app)]
+        return chosen_targets(self.store.targets(device.fleet), device.name)
+
+    def device_targets(self, device: Device) -> list[dict[str, Any]]:
+        """Per app: the device's target, with the operator's force and retry counter."""
+        controls = self.store.app_controls(device.id)
+        out = []
+        for t in sorted(self._targets_of(device).values(), key=lambda t: t.app):
+            control = controls.get(t.app, AppControl())
+            out.append({"app": t.app, "version": t.version,
+                        "pin": None if t.pin is None else t.pin.hex(),
+                        "force": control.force_version == t.version, "retry": control.retry})
+        return out
+
+    # -- operator actions on devices (issue 6: update locks, retries) -----------------------
+
+    def _live_device(self, name: str) -> Device:
+        device = self.store.device_by_name(name)
+        if device is None or device.state is not DeviceState.ACTIVE:
+            raise NotFound(f"no enrolled device {name!r}")
+        return device
+
+    def force(self, name: str, app: str, force: bool) -> dict[str, Any]:
+        """Force the device past its update lock for its current target of `app` (or take
+        that back); the force goes by itself once the device runs that version or a newer."""
+        device = self._live_device(name)
+        target = self._targets_of(device).get(app)
+        if target is None:
+            raise Conflict(f"device {name} has no target for {app}: set one first")
+        self.store.set_force(device.id, app, target.version if force else None)
+        self.targets_changed(device.fleet, device.name)
+        return {"device": name, "app": app, "version": target.version, "force": force}
+
+    def retry_device(self, name: str, app: str) -> dict[str, Any]:
+        """Let the device try again the version of `app` it marked failed."""
+        device = self._live_device(name)
+        retry = self.store.add_retry([device.id], app)[device.id]
+        self.targets_changed(device.fleet, device.name)
+        return {"device": name, "app": app, "retry": retry}
+
+    def retry_release(self, fleet: str, app: str, version: int) -> dict[str, Any]:
+        """A retry for every device of the fleet that failed this release."""
+        self._release(fleet, app, version)
+        statuses = self.store.app_statuses(fleet)
+        failed = [d for d in self.store.list_devices(fleet) if d.state is DeviceState.ACTIVE
+                  and _failed(_status_of(statuses, d, app), version)]
+        retries = self.store.add_retry([d.id for d in failed], app)
+        for d in failed:
+            self.targets_changed(fleet, d.name)
+        return {"fleet": fleet, "app": app, "version": version,
+                "devices": [{"device": d.name, "retry": retries[d.id]} for d in failed]}
+
+    # -- rollout status ------------------------------------------------------------------------
+
+    def release_status(self, fleet: str, app: str, version: int,
+                       online: Callable[[Device], bool], lock_stale_after: float
+                       ) -> dict[str, Any]:
+        """Where every device concerned by the release stands (docs/api.md "Rollouts")."""
+        self._release(fleet, app, version)
+        now = self.clock()
+        targets = self.store.targets(fleet)
+        statuses = self.store.app_statuses(fleet)
+        rows = []
+        for d in self.store.list_devices(fleet):
+            if d.state is not DeviceState.ACTIVE:
+                continue
+            target = chosen_targets(targets, d.name).get(app)
+            status = _status_of(statuses, d, app)
+            state = device_release_state(version, None if target is None else target.version,
+                                         status)
+            if state is None:
+                continue
+            current = status is not None and status.target == version
+            rows.append({
+                "device": d.name, "state": state,
+                "bytes_done": status.bytes_done if current and status else 0,
+                "bytes_total": status.bytes_total if current and status else 0,
+                "running": None if status is None else status.running,
+                "target": (target.version if target is not None
+                           else None if status is None else status.target),
+                "online": online(d),
+                "error": status.error if status is not None and state == "failed" else None,
+                "lock_since": None if status is None else status.lock_since,
+                "lock_stale": lock_stale(status, now, lock_stale_after),
+                "by_source": (status.by_source if current and status else SourceBytes()
+                              ).to_json(),
+                "updated_at": None if status is None else status.updated_at})
+        summary = {"total": len(rows)}
+        for key, states in SUMMARY_STATES.items():
+            summary[key] = sum(1 for r in rows if r["state"] in states)
+        return {"fleet": fleet, "app": app, "version": version, "devices": rows,
+                "summary": summary}
+
+
+# States of a device in a rollout beyond the agent's APPLY_STATES (mesh.control.APP_STATES).
+SUPERSEDED: Final = "superseded"  # runs a newer version of the app
+PENDING: Final = "pending"  # targeted, but its agent has not reported working on it yet
+SUMMARY_STATES: Final = {
+    "running": ("running",), "failed": ("failed",), "downloading": ("downloading",),
+    "waiting": ("waiting-lock",), "pending": (PENDING,), "superseded": (SUPERSEDED,)}
+
+
+def chosen_targets(targets: list[Target], device: str) -> dict[str, Target]:
+    """Per app: the device's own target over the fleet's."""
+    chosen: dict[str, Target] = {}
+    for t in targets:
+        if t.device is None:
+            chosen.setdefault(t.app, t)
+        elif t.device == device:
+            chosen[t.app] = t
+    return chosen
+
+
+def _status_of(statuses: dict[str, list[AppStatus]], device: Device, app: str
+               ) -> AppStatus | None:
+    return next((s for s in statuses.get(device.id, ()) if s.app == app), None)
+
+
+def _failed(status: AppStatus | None, version: int) -> bool:
+    return status is not None and (version in status.failed or (
+        status.target == version and status.state == "failed"))
+
+
+def device_release_state(version: int, target: int | None, status: AppStatus | None
+                         ) -> str | None:
+    """The state of one device in the rollout of `version`: the agent's own state while it
+    works on that version, "running" once it runs it, "failed" if it failed it (also when its
+    target has moved on), "superseded" once it runs a newer one, "pending" while it is
+    targeted but has not reported on it yet; None if the release does not concern it."""
+    if status is not None and status.running is not None and status.running > version \
+            and target != version:  # (a rollback pin to `version` is still to come)
+        return SUPERSEDED
+    if status is not None and status.running == version:
+        return "running"
+    if _failed(status, version):
+        return "failed"
+    if status is not None and status.target == version:
+        # "idle" or "running" about a version it does not run: a report from mid-switch
+        return PENDING if status.state in ("idle", "running") else status.state
+    return PENDING if target == version else None
+
+
+def lock_stale(status: AppStatus | None, now: float, after: float) -> bool:
+    """The app has held its update lock for longer than `after` seconds: shown to the
+    operator, never acted on."""
+    return status is not None and status.lock_since is not None and \
+        now - status.lock_since > after

@@ -27,11 +27,13 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from mesh.control import (
+    AppStatus,
     ControlError,
     DeviceReport,
     Enrollment,
     EnrollRequest,
     HubInfo,
+    LogUpload,
     TokenParts,
     check_endpoint,
 )
@@ -51,7 +53,7 @@ from ._model import (
     device_info,
 )
 from ._peermap import Member, PeerMapCore
-from ._releases import ReleaseRegistry
+from ._releases import ReleaseRegistry, lock_stale
 from ._store import Store
 from ._store_sqlite import SqliteStore
 
@@ -66,6 +68,10 @@ KEY_NAME: Final = "tls.key"
 HUB_KEY_NAME: Final = "hub.key"
 OPERATOR_KEY_NAME: Final = "operator.key"
 BLOBS_DIR: Final = "blobs"
+# An update lock held longer than this is shown as stale (issue 6); an hour covers a long
+# recording or call, which is what apps hold their lock for.
+LOCK_STALE_AFTER: Final = 3600.0
+LOG_KEEP: Final = 5000  # newest log lines kept per device (docs/api.md)
 
 
 class ConfigError(ValueError):
@@ -105,6 +111,7 @@ class CoordinatorConfig:
     batch_window: float = BATCH_WINDOW
     online_window: float = ONLINE_WINDOW
     hub_poll_interval: float = 1.0
+    lock_stale_after: float = LOCK_STALE_AFTER
     clock: Callable[[], float] = field(default=time.time)
 
     def check(self) -> None:
@@ -121,6 +128,9 @@ class CoordinatorConfig:
             _ipam.parse_prefixes(self.mesh_ipv4, self.mesh_ipv6)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if not 0 < self.lock_stale_after < float("inf"):
+            raise ConfigError(f"--lock-stale-after: must be a positive number of seconds, got "
+                              f"{self.lock_stale_after}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together")
         host, _ = split_hostport(self.listen, "--listen")
@@ -173,6 +183,7 @@ class Coordinator:
         self._last_handshake: dict[str, float] = {}  # or the last time rx_bytes grew
         self._rx_bytes: dict[str, int] = {}
         self._waiters: dict[str, trio.Event] = {}
+        self._log_waiters: dict[str, trio.Event] = {}  # device id -> set on new lines
         self._dirty = trio.Event()
         self._cancel: trio.CancelScope | None = None
         self._nursery_cm: Any = None
@@ -437,8 +448,11 @@ class Coordinator:
 
     def report(self, device: Device, report: DeviceReport, client_ip: str | None) -> None:
         assert self.store is not None and self.core is not None
-        self.store.record_report(device.id, report.lan_endpoints, report.agent_version,
-                                 report.peers, self.config.clock())
+        cleared = self.store.record_report(device.id, report.lan_endpoints,
+                                           report.agent_version, report.peers,
+                                           self.config.clock(), report.apps)
+        if cleared:  # a force the device no longer needs has left its targets
+            self.releases.targets_changed(device.fleet, device.name)
         self.core.set_lan(device.name, report.lan_endpoints)
         if not self.config.hub and client_ip is not None:
             # No hub to observe handshakes: the address the report came from is the best
@@ -446,19 +460,40 @@ class Coordinator:
             self.core.set_public(device.name, None, ip=client_ip)
         self._changed()
 
+    def upload_logs(self, device: Device, upload: LogUpload) -> None:
+        assert self.store is not None
+        self.store.append_logs(device.id, upload.lines, upload.dropped, LOG_KEEP)
+        event = self._log_waiters.pop(device.id, None)
+        if event is not None:
+            event.set()
+
     # ------------------------------------------------------------------ operator API
 
-    def _info(self, d: Device) -> dict[str, Any]:
-        assert self.core is not None
+    def _seen(self, d: Device) -> tuple[bool, float | None]:
+        """(online, last seen): a hub handshake or a report within the online window."""
         live = d.state is DeviceState.ACTIVE
-        member = self.core.member(d.name) if live else None
         handshake = self._last_handshake.get(d.name) if live else None
         seen = [t for t in (d.last_report, handshake) if t is not None]
         last_seen = max(seen) if seen else None
         online = live and last_seen is not None and \
             self.config.clock() - last_seen < self.config.online_window
-        return device_info(d, online=online, last_seen=last_seen,
+        return online, last_seen
+
+    def _info(self, d: Device, apps: list[AppStatus] | None = None) -> dict[str, Any]:
+        """DeviceInfo; `apps` are the device's app statuses when the caller has them."""
+        assert self.core is not None and self.store is not None
+        member = self.core.member(d.name) if d.state is DeviceState.ACTIVE else None
+        online, last_seen = self._seen(d)
+        if apps is None:
+            apps = self.store.app_statuses(d.fleet).get(d.id, [])
+        now, stale_after = self.config.clock(), self.config.lock_stale_after
+        info = device_info(d, online=online, last_seen=last_seen,
                            endpoint=member.public_endpoint if member else None)
+        # "release": the running version of its app (the first by name if it has several)
+        info["release"] = apps[0].running if apps else None
+        info["apps"] = [{**a.to_json(), "lock_stale": lock_stale(a, now, stale_after)}
+                        for a in apps]
+        return info
 
     def create_token(self, fleet: str, uses: int, expires_in: int, name: str | None
                      ) -> dict[str, Any]:
@@ -483,7 +518,8 @@ class Coordinator:
 
     def list_devices(self, fleet: str | None) -> list[dict[str, Any]]:
         assert self.store is not None
-        return [self._info(d) for d in self.store.list_devices(fleet)]
+        apps = self.store.app_statuses(fleet)
+        return [self._info(d, apps.get(d.id, [])) for d in self.store.list_devices(fleet)]
 
     def _device(self, name: str) -> Device:
         assert self.store is not None
@@ -510,6 +546,34 @@ class Coordinator:
             self._changed()
             await self.hub_changed()
         return self._info(device)
+
+    def release_status(self, fleet: str, app: str, version: int) -> dict[str, Any]:
+        return self.releases.release_status(fleet, app, version, lambda d: self._seen(d)[0],
+                                            self.config.lock_stale_after)
+
+    async def device_logs(self, name: str, *, after: int, limit: int, wait: float,
+                          tail: int | None) -> dict[str, Any]:
+        """The device's log lines after `after` (or its newest `tail`), waiting up to `wait`
+        seconds for some to arrive; `next` is the `after` of the following call."""
+        assert self.store is not None
+        device = self._device(name)
+        if tail is not None:
+            page = self.store.tail_logs(device.id, tail)
+        else:
+            deadline = trio.current_time() + wait
+            while True:
+                page = self.store.read_logs(device.id, after, limit)
+                if page.lines or trio.current_time() >= deadline:
+                    break
+                event = self._log_waiters.setdefault(device.id, trio.Event())
+                with trio.move_on_at(deadline):
+                    await event.wait()
+        if page.lines:
+            next_seq = page.lines[-1][0]
+        else:  # never beyond what exists: a follower of a reset database is not stuck
+            next_seq = page.last_seq if tail is not None else min(after, page.last_seq)
+        return {"lines": [{"seq": seq, **line.to_json()} for seq, line in page.lines],
+                "next": next_seq, "dropped": page.dropped}
 
     def device_peers(self, name: str) -> list[dict[str, Any]]:
         assert self.store is not None

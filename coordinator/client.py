@@ -43,6 +43,8 @@ from mesh.control import (
     Enrollment,
     EnrollRequest,
     HubInfo,
+    LogLine,
+    LogUpload,
     PeerMap,
     TokenParts,
 )
@@ -82,6 +84,9 @@ MAX_ERROR_CHARS: Final = 300
 MAX_BLOB_ANSWER: Final = 64 * 1024 * 1024  # the largest blob (docs/api.md)
 MAX_MANIFEST_ANSWER: Final = 8 * 1024 * 1024 + 1024  # the largest encoded SignedManifest
 MISSING_BATCH: Final = 10_000  # IDs per POST /blobs/missing (docs/api.md)
+MAX_LOG_WAIT: Final = 30  # the server's log long-poll limit (docs/api.md)
+# A log page: up to 5,000 lines of up to 4,096 characters, JSON-escaped (6 bytes a character)
+MAX_LOG_ANSWER: Final = 5000 * (4096 * 6 + 200)
 # Blob and release transfers: httpx's timeouts bound each read or write of the connection
 # (not the whole transfer), so a slow link that keeps moving is fine; the read timeout also
 # covers the server verifying and fsyncing a 64 MiB blob before it answers.
@@ -448,6 +453,65 @@ class OperatorClient:
         return self._obj(self._request("PUT", f"/fleets/{_path_name(fleet)}/target", 200,
                                        json=body), "target")
 
+    # -- rollouts, logs and actions (docs/api.md "Rollouts, logs and operator actions") ------
+
+    def release_status(self, fleet: str, app: str, version: int) -> dict[str, Any]:
+        """→ `{"fleet", "app", "version", "devices": [{"device", "state", "bytes_done",
+        "bytes_total", "running", "target", "online", "error", "lock_since", "lock_stale",
+        "by_source", "updated_at"}], "summary": {"total", "running", "failed", "downloading",
+        "waiting", "pending", "superseded"}}`; ApiError 404 for an unknown release."""
+        out = self._obj(self._request("GET", _release_path(fleet, app, version) + "/status",
+                                      200), "status")
+        devices, summary = out.get("devices"), out.get("summary")
+        if not isinstance(devices, list) or not all(isinstance(d, dict) for d in devices) or \
+                not isinstance(summary, dict):
+            raise ProtocolError("status: answer has no devices and summary")
+        return out
+
+    def device_logs(self, name: str, after: int = 0, wait: float = 0, limit: int | None = None,
+                    tail: int | None = None) -> dict[str, Any]:
+        """→ `{"lines": [{"seq", "ts", "app", "stream", "line"}], "next", "dropped"}`: lines
+        after sequence number `after` (or the newest `tail`), waiting up to `wait` seconds
+        (≤ 30) for some to arrive. Follow by passing `next` as `after`."""
+        wait = max(0.0, min(float(MAX_LOG_WAIT), float(wait)))
+        params: dict[str, Any] = {"wait": wait} if tail is not None else {"after": after,
+                                                                          "wait": wait}
+        if limit is not None:
+            params["limit"] = limit
+        if tail is not None:
+            params["tail"] = tail
+        timeout = httpx.Timeout(self._timeout, read=self._timeout + wait + LONG_POLL_SLACK)
+        out = self._obj(_json(self._send("GET", f"/devices/{_path_name(name)}/logs", 200,
+                                         limit=MAX_LOG_ANSWER, params=params,
+                                         timeout=timeout)), "logs")
+        lines = out.get("lines")
+        if not isinstance(lines, list) or not all(isinstance(x, dict) for x in lines) or \
+                not isinstance(out.get("next"), int):
+            raise ProtocolError("logs: answer has no lines and next")
+        return out
+
+    def update_device(self, name: str, app: str, force: bool = True) -> dict[str, Any]:
+        """Force the device past its app's update lock for its current target (or take the
+        force back) → `{"device", "app", "version", "force"}`; 409 if it has no target."""
+        return self._obj(self._request("POST", f"/devices/{_path_name(name)}/update", 200,
+                                       json={"app": app, "force": force}), "update")
+
+    def retry(self, app: str, *, device: str | None = None, fleet: str | None = None,
+              version: int | None = None) -> dict[str, Any]:
+        """Let a device retry the version of `app` it marked failed (`device`) → `{"device",
+        "app", "retry"}`; or every device that failed release `version` of `fleet` → `{"fleet",
+        "app", "version", "devices": [{"device", "retry"}]}`."""
+        if device is not None:
+            return self._obj(self._request("POST", f"/devices/{_path_name(device)}/retry", 200,
+                                           json={"app": app}), "retry")
+        if fleet is None or version is None:
+            raise ValueError("give device, or fleet and version")
+        out = self._obj(self._request("POST", _release_path(fleet, app, version) + "/retry",
+                                      200), "retry")
+        if not isinstance(out.get("devices"), list):
+            raise ProtocolError("retry: answer has no list of devices")
+        return out
+
 
 def _ranged_content(response: httpx.Response, start: int | None, end: int | None) -> bytes:
     """The requested slice, also when the server sent the whole blob (200)."""
@@ -530,8 +594,15 @@ class DeviceClient:
                                        timeout=self._transfer_timeout())
         return _ranged_content(response, start, end)
 
+    async def upload_logs(self, lines: Sequence[LogLine], dropped: int = 0) -> None:
+        """Upload app log lines (≤ 1,000 per call, body ≤ 1 MiB) and how many lines were
+        dropped since the last successful upload."""
+        await self._request("POST", "/device/logs", 204, 200,
+                            json=LogUpload(tuple(lines), dropped).to_json())
+
     async def targets(self) -> list[dict[str, Any]]:
-        """`[{"app", "version", "pin"}]`: what this device should run (pin: hex or None)."""
+        """`[{"app", "version", "pin", "force", "retry"}]`: what this device should run (pin:
+        hex or None; force: past the update lock; retry: the operator's retry counter)."""
         body = _json(await self._request("GET", "/device/target", 200))
         targets = body.get("targets") if isinstance(body, dict) else None
         if not isinstance(targets, list) or not all(isinstance(t, dict) for t in targets):

@@ -301,12 +301,6 @@ class PeerPath:
                    _get(obj, "last_handshake", float, where, optional=True))
 
 
-@dataclass(frozen=True, slots=True)
-class DeviceReport:
-    """What an agent reports about itself: LAN candidates, version, per-peer paths, and the
-    state of each app (absent from old agents: no apps)."""
-
-    lan_endpoints: tuple[str, ...] = ()
 # The agent's apply states (agent/_apply.py, docs/apply.md); a report names one per app.
 APP_STATES: Final = ("idle", "downloading", "waiting-lock", "loading", "stopping", "starting",
                      "checking-health", "running", "failed", "rolling-back")
@@ -440,21 +434,33 @@ class AppStatus:
             updated_at=_time(obj, "updated_at", where, optional=True) or 0.0)
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceReport:
+    """What an agent reports about itself: LAN candidates, version, per-peer paths, and the
+    state of each app (absent from old agents: no apps)."""
+
+    lan_endpoints: tuple[str, ...] = ()
     agent_version: str = ""
     peers: tuple[PeerPath, ...] = field(default_factory=tuple)
+    apps: tuple[AppStatus, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"lan_endpoints": list(self.lan_endpoints), "agent_version": self.agent_version,
                 "peers": [p.to_json() for p in self.peers],
                 "apps": [a.to_json() for a in self.apps]}
 
-    apps: tuple[AppStatus, ...] = ()
     @classmethod
     def from_json(cls, obj: Any) -> DeviceReport:
         w = "report"
         peers: Sequence[Any] = _get(obj, "peers", list, w, optional=True) or []
         if len(peers) > MAX_PEERS:
             raise ControlError(f"{w}.peers: more than {MAX_PEERS}")
+        items: Sequence[Any] = _get(obj, "apps", list, w, optional=True) or []
+        if len(items) > MAX_APPS:
+            raise ControlError(f"{w}.apps: more than {MAX_APPS}")
+        apps = tuple(AppStatus.from_json(a, f"{w}.apps[{i}]") for i, a in enumerate(items))
+        if len({a.app for a in apps}) != len(apps):
+            raise ControlError(f"{w}.apps: an app is named twice")
         return cls(_endpoints(obj, "lan_endpoints", w),
                    _get(obj, "agent_version", str, w, optional=True) or "",
                    tuple(PeerPath.from_json(p, f"{w}.peers[{i}]") for i, p in enumerate(peers)),
@@ -516,12 +522,6 @@ class LogUpload:
                    _count(obj, "dropped", w))
 
 
-        items: Sequence[Any] = _get(obj, "apps", list, w, optional=True) or []
-        if len(items) > MAX_APPS:
-            raise ControlError(f"{w}.apps: more than {MAX_APPS}")
-        apps = tuple(AppStatus.from_json(a, f"{w}.apps[{i}]") for i, a in enumerate(items))
-        if len({a.app for a in apps}) != len(apps):
-            raise ControlError(f"{w}.apps: an app is named twice")
 # --------------------------------------------------------------------------- tokens
 
 

@@ -25,7 +25,14 @@ json_values = st.recursive(
                                                                 max_size=5),
     max_leaves=20)
 KEYS = ["token", "public_key", "name", "lan_endpoints", "agent_version", "peers", "path",
-        "endpoint", "last_handshake", "fleet", "uses", "expires_in"]
+        "endpoint", "last_handshake", "fleet", "uses", "expires_in", "apps", "lines",
+        "dropped", "app", "force"]
+APP_KEYS = ["app", "state", "running", "target", "bytes_done", "bytes_total", "by_source",
+            "lock_since", "error", "failed", "retry_seen", "updated_at"]
+app_shaped = st.fixed_dictionaries({"apps": st.lists(st.dictionaries(
+    st.sampled_from(APP_KEYS), json_values, max_size=6), max_size=3)})
+log_shaped = st.fixed_dictionaries({"lines": st.lists(st.dictionaries(
+    st.sampled_from(["ts", "app", "stream", "line"]), json_values, max_size=4), max_size=3)})
 shaped = st.dictionaries(st.sampled_from(KEYS), json_values, max_size=6)
 peer_shaped = st.fixed_dictionaries({"peers": st.lists(st.dictionaries(
     st.sampled_from(["public_key", "path", "endpoint", "last_handshake"]), json_values,
@@ -46,9 +53,10 @@ def collect(strategy: st.SearchStrategy[Any], n: int) -> list[Any]:
 
 
 POSTS = ["/api/v1/enroll", "/api/v1/device/state", "/api/v1/tokens", "/api/v1/devices",
-         "/api/v1/operators", "/api/v1/devices/a/revoke"]
+         "/api/v1/operators", "/api/v1/devices/a/revoke", "/api/v1/device/logs",
+         "/api/v1/devices/a/update", "/api/v1/devices/a/retry"]
 GETS = ["/api/v1/device/peermap", "/api/v1/devices", "/api/v1/devices/a",
-        "/api/v1/devices/a/peers", "/openapi.json"]
+        "/api/v1/devices/a/peers", "/openapi.json", "/api/v1/devices/a/logs"]
 
 
 def check(r: httpx.Response, what: str) -> None:
@@ -63,6 +71,8 @@ async def test_random_bodies_never_5xx(h: Harness) -> None:
     bodies: list[bytes] = [json.dumps(v).encode() for v in collect(json_values, 60)]
     bodies += [json.dumps(v).encode() for v in collect(shaped, 120)]
     bodies += [json.dumps(v).encode() for v in collect(peer_shaped, 40)]
+    bodies += [json.dumps(v).encode() for v in collect(app_shaped, 40)]
+    bodies += [json.dumps(v).encode() for v in collect(log_shaped, 30)]
     bodies += collect(st.binary(max_size=200), 30)
     bodies += [b"", b"{", b"[" * 100_000, b'"\xff\xfe"', b"\x00", b"null", b"1e999",
                b'{"fleet": "' + b"a" * 10_000 + b'"}', json.dumps({"peers": [{}] * 20_000}
@@ -88,6 +98,8 @@ async def test_oversized_bodies_are_413(h: Harness) -> None:
             yield big[i:i + 65536]
 
     for path in POSTS:
+        if path == "/api/v1/device/logs":
+            continue  # its own, larger bound (test_app_status.py)
         for client in (h.op, a.client, h.anon):
             r = await client.post(path, content=big)
             assert r.status_code in (401, 403, 413), (path, r.status_code)

@@ -209,9 +209,11 @@ async def test_targets_and_rollback_pins(h: Harness) -> None:
                                      "pin": good.hex()})
     assert r.status_code == 200 and r.json()["pin"] == good.hex()
     r = await cam.client.get("/api/v1/device/target")
-    assert r.json() == {"targets": [{"app": "app", "version": 1, "pin": good.hex()}]}
+    assert r.json() == {"targets": [{"app": "app", "version": 1, "pin": good.hex(),
+                                     "force": False, "retry": 0}]}
     r = await cam2.client.get("/api/v1/device/target")
-    assert r.json() == {"targets": [{"app": "app", "version": 2, "pin": None}]}
+    assert r.json() == {"targets": [{"app": "app", "version": 2, "pin": None, "force": False,
+                                     "retry": 0}]}
 
 
 async def test_enrollment_carries_the_release_key(h: Harness) -> None:
