@@ -7,11 +7,13 @@ environment wins key by key.
 
 Output: human tables (rich) by default; `--json` prints the API's own JSON: `token create` the
 token object, `devices list` `{"devices": [DeviceInfo…]}`, `devices show|revoke` one DeviceInfo,
-`peers` `{"peers": [...]}`. `devices provision` always prints the `join` object (device.json).
+`peers` `{"peers": [...]}`, `devices logs` the log page (`-f --json`: one JSON object per line),
+`devices update` the answer. `devices provision` always prints the `join` object (device.json).
 
-Exit codes: 0 ok; 1 the coordinator refused (4xx, message is its error line) or failed (5xx) or
-answered nonsense; 2 bad arguments or missing configuration; 3 coordinator unreachable;
-4 the coordinator's certificate is not the pinned one.
+Exit codes: 0 ok (also `devices logs -f` stopped with Ctrl-C); 1 the coordinator refused (4xx,
+message is its error line) or failed (5xx) or answered nonsense; 2 bad arguments or missing
+configuration; 3 coordinator unreachable; 4 the coordinator's certificate is not the pinned
+one; 5 a wait timed out (`release watch --timeout`).
 """
 
 from __future__ import annotations
@@ -39,13 +41,18 @@ from coordinator.client import (
     load_operator_config,
 )
 from mesh.clikit import EXIT_USAGE, CliError
-from mesh.control import ControlError, check_name
+from mesh.control import ControlError, check_app, check_name
 from mesh.tlspin import PinError
 from vpn import Endpoint, QuickPeer, export_wg_quick, generate_keypair
 
 EXIT_API: Final = 1
 EXIT_UNREACHABLE: Final = 3
 EXIT_UNTRUSTED: Final = 4
+EXIT_TIMEOUT: Final = 5
+REQUEST_TIMEOUT: Final = 10.0  # s per request: a coordinator slower than that is unusable
+LOG_FOLLOW_WAIT: Final = 25.0  # s per long poll while following logs (server allows 30)
+LOG_FOLLOW_BACKLOG: Final = 10  # lines shown before following, as tail -f does
+MAX_LOG_LINES: Final = 5000  # what a device keeps (docs/api.md)
 OPERATOR_KEEPALIVE: Final = 25  # wg-quick's customary value to keep NAT mappings open (wg(8))
 MAX_EXPIRY: Final = 365 * 86400
 _DURATION_RE: Final = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
@@ -179,14 +186,41 @@ def _token_create(args: argparse.Namespace) -> int:
     return 0
 
 
-_DEVICE_COLUMNS: Final = ["NAME", "FLEET", "STATE", "ONLINE", "MESH IPV4", "MESH IPV6",
-                          "ENDPOINT", "LAST SEEN", "AGENT"]
+_DEVICE_COLUMNS: Final = ["NAME", "FLEET", "STATE", "ONLINE", "RELEASE", "MESH IPV4",
+                          "MESH IPV6", "ENDPOINT", "LAST SEEN", "AGENT"]
 
 
 def _device_row(d: dict[str, Any]) -> list[str]:
     return [_text(d.get("name")), _text(d.get("fleet")), _text(d.get("state")),
-            _text(bool(d.get("online"))), _text(d.get("mesh_ipv4")), _text(d.get("mesh_ipv6")),
-            _text(d.get("endpoint")), _when(d.get("last_seen")), _text(d.get("agent_version"))]
+            _text(bool(d.get("online"))), _text(d.get("release")), _text(d.get("mesh_ipv4")),
+            _text(d.get("mesh_ipv6")), _text(d.get("endpoint")), _when(d.get("last_seen")),
+            _text(d.get("agent_version"))]
+
+
+def progress_text(done: Any, total: Any) -> str:
+    """`12.5 MB / 40.0 MB (31 %)`; `-` when nothing is known."""
+    from coordinator._cli_release import _size
+    if not isinstance(total, int) or isinstance(total, bool) or total <= 0:
+        return "-"
+    done = done if isinstance(done, int) and not isinstance(done, bool) else 0
+    return f"{_size(done)} / {_size(total)} ({100 * done // total} %)"
+
+
+def lock_text(since: Any, stale: Any) -> str:
+    """The app's update lock: `-`, `held since 5 min ago`, `… (stale)`."""
+    if since is None:
+        return "-"
+    return f"held since {_when(since)}" + (" (stale)" if stale else "")
+
+
+def _apps_table(apps: list[Any]) -> None:
+    rows = [[_text(a.get("app")), _text(a.get("running")), _text(a.get("target")),
+             _text(a.get("state")), progress_text(a.get("bytes_done"), a.get("bytes_total")),
+             lock_text(a.get("lock_since"), a.get("lock_stale")), _text(a.get("error"))]
+            for a in apps if isinstance(a, dict)]
+    if rows:
+        print()
+        _table(["APP", "RUNNING", "TARGET", "STATE", "DOWNLOAD", "LOCK", "ERROR"], rows)
 
 
 def _devices_list(args: argparse.Namespace) -> int:
@@ -211,7 +245,10 @@ def _show_device(d: dict[str, Any]) -> None:
     rows = [[k, _text(v)] for k, v in fields]
     rows.append(["last seen", _when(d.get("last_seen"))])
     rows.append(["enrolled", _date(d.get("enrolled_at"))])
+    rows.append(["release", _text(d.get("release"))])
     _table(["FIELD", "VALUE"], rows, header=False)
+    apps = d.get("apps")
+    _apps_table(apps if isinstance(apps, list) else [])
 
 
 def _devices_show(args: argparse.Namespace) -> int:
@@ -234,6 +271,73 @@ def _devices_revoke(args: argparse.Namespace) -> int:
     else:
         print(f"revoked {device.get('name', name)}")
     return 0
+
+
+def _devices_update(args: argparse.Namespace) -> int:
+    name = _name(args.name)
+    app = _app(args.app)
+    with _api_errors(), _client(args) as client:
+        out = client.update_device(name, app, force=args.force)
+    if args.json:
+        _print_json(out)
+    elif out.get("force"):
+        print(f"{name}: {app} version {out.get('version')} forced past its update lock")
+    else:
+        print(f"{name}: {app} version {out.get('version')} waits for its update lock again")
+    return 0
+
+
+def _app(text: str) -> str:
+    try:
+        return check_app(text, "--app")
+    except ControlError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _log_text(line: dict[str, Any]) -> str:
+    """`TIME APP STREAM LINE`, the line's own CR/LF shown escaped (one line stays one)."""
+    ts = line.get("ts")
+    when = "-"
+    if isinstance(ts, (int, float)) and not isinstance(ts, bool):
+        when = datetime.datetime.fromtimestamp(float(ts), datetime.UTC).strftime(
+            "%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    text = str(line.get("line", "")).replace("\r", "\\r").replace("\n", "\\n")
+    return f"{when} {line.get('app', '-')} {line.get('stream', '-')} {text}"
+
+
+def _devices_logs(args: argparse.Namespace) -> int:
+    name = _name(args.name)
+    if args.tail is not None and not 1 <= args.tail <= MAX_LOG_LINES:
+        raise CliError(f"--tail must be 1..{MAX_LOG_LINES}")
+    dropped_seen: int | None = None
+
+    def show(page: dict[str, Any], as_lines: bool) -> None:
+        nonlocal dropped_seen
+        if args.json and not as_lines:
+            _print_json(page)
+            return
+        for line in page.get("lines") or []:
+            print(json.dumps(line) if args.json else _log_text(line), flush=True)
+        dropped = page.get("dropped")
+        if isinstance(dropped, int) and dropped and dropped != dropped_seen:
+            print(f"fleetmesh: {name} dropped {dropped} log lines in all (its buffer was "
+                  "full)", file=sys.stderr, flush=True)
+            dropped_seen = dropped
+
+    try:
+        with _api_errors(), _client(args) as client:
+            if not args.follow:
+                show(client.device_logs(name, tail=args.tail or MAX_LOG_LINES), False)
+                return 0
+            page = client.device_logs(name, tail=args.tail or LOG_FOLLOW_BACKLOG)
+            show(page, True)
+            after = int(page["next"])
+            while True:
+                page = client.device_logs(name, after=after, wait=LOG_FOLLOW_WAIT)
+                show(page, True)
+                after = int(page["next"])
+    except KeyboardInterrupt:  # Ctrl-C is how one stops following
+        return 0
 
 
 def _devices_provision(args: argparse.Namespace) -> int:
@@ -317,12 +421,18 @@ def _operator_config(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- registration
 
 
-def _common(p: argparse.ArgumentParser, json_flag: bool = True) -> argparse.ArgumentParser:
+def _common(p: argparse.ArgumentParser, json_flag: bool = True, timeout_flag: bool = True
+            ) -> argparse.ArgumentParser:
+    """--config, --timeout (per request; a command whose own --timeout means something else
+    passes timeout_flag=False and gets the default) and --json."""
     p.add_argument("--config", metavar="FILE",
                    help="operator config (TOML: url, api_key, fingerprint; default "
                         "~/.config/fleetmesh/operator.toml; FLEETMESH_* variables win)")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="network timeout per request (default 10)")
+    if timeout_flag:
+        p.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT, metavar="SECONDS",
+                       help="network timeout per request (default 10)")
+    else:
+        p.set_defaults(timeout=REQUEST_TIMEOUT)
     if json_flag:
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return _one_line_errors(p)
@@ -355,6 +465,27 @@ def register(sub: Any) -> None:
         "revoke", help="revoke a device: it leaves every peer map, its credential stops working"))
     revoke.add_argument("name", metavar="NAME")
     revoke.set_defaults(handler=_devices_revoke)
+    update = _common(dsub.add_parser(
+        "update", help="force a device past its app's update lock",
+        description="--force: the device updates its app to its current target now, even "
+                    "while the app holds its update lock; the force ends by itself once the "
+                    "device runs that version. --no-force takes it back."))
+    update.add_argument("name", metavar="NAME")
+    update.add_argument("--app", required=True)
+    force = update.add_mutually_exclusive_group(required=True)
+    force.add_argument("--force", dest="force", action="store_true", default=None)
+    force.add_argument("--no-force", dest="force", action="store_false")
+    update.set_defaults(handler=_devices_update)
+    logs = _common(dsub.add_parser(
+        "logs", help="the device's app logs (TIME APP STREAM LINE); -f follows",
+        description="Print the log lines the device's apps wrote, as its agent uploaded them "
+                    "(the coordinator keeps the newest 5,000 per device). -f follows until "
+                    "Ctrl-C. --json: the API's log page, or with -f one JSON object a line."))
+    logs.add_argument("name", metavar="NAME")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument("--tail", type=int, metavar="N",
+                      help="only the newest N lines (default: all kept; 10 with -f)")
+    logs.set_defaults(handler=_devices_logs)
     prov = _common(dsub.add_parser(
         "provision", help="pre-register a device; prints its device.json (join object)"),
         json_flag=False)

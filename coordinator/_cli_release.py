@@ -64,6 +64,7 @@ def register(subparsers: Any) -> None:
                         help="new key file (created 0600; never overwritten)")
     keygen.set_defaults(handler=_release_keygen)
     _register_publishing(rsub)
+    _register_rollouts(rsub)
 
 
 def _require_file(path: Path, what: str) -> None:
@@ -476,3 +477,243 @@ def _register_publishing(rsub: Any) -> None:
     setkey.add_argument("--signing-key", type=Path, metavar="FILE",
                         help="release signing key (default ~/.config/fleetmesh/release.key)")
     setkey.set_defaults(handler=_release_set_key)
+
+
+# --------------------------------------------------------------------------- rollouts
+
+WATCH_TERMINAL = ("running", "failed", "superseded")  # states a device stays in on its own
+MIN_WATCH_INTERVAL = 0.2  # s: a watch must not hammer the coordinator
+MAX_WATCH_INTERVAL = 60.0
+
+
+def _version_arg(version: int) -> int:
+    if version < 1:
+        raise CliError("VERSION must be 1 or more")
+    return version
+
+
+def _resolve_fleet(client: Any, fleet: str | None, app: str, version: int) -> str:
+    """--fleet, or the one fleet (among those with devices) that has this release."""
+    from coordinator._cli_ops import _name
+    if fleet is not None:
+        return _name(fleet, "fleet")
+    fleets = sorted({d["fleet"] for d in client.list_devices() if isinstance(d.get("fleet"), str)})
+    having = [f for f in fleets
+              if any(r.get("version") == version for r in client.list_releases(f, app))]
+    if not having:
+        raise CliError(f"no fleet with devices has {app} version {version}; pass --fleet",
+                       code=1)
+    if len(having) > 1:
+        raise CliError(f"{app} version {version} is in fleets {', '.join(having)}: pass --fleet")
+    return str(having[0])
+
+
+def _summary_text(status: dict[str, Any]) -> str:
+    s = status.get("summary") or {}
+    parts = [f"{s.get(k, 0)} {k}" for k in ("running", "downloading", "waiting", "failed",
+                                            "pending", "superseded") if s.get(k)]
+    return (f"{status.get('app')} version {status.get('version')} in fleet "
+            f"{status.get('fleet')}: {s.get('total', 0)} devices"
+            + (f" ({', '.join(parts)})" if parts else ""))
+
+
+def _status_rows(status: dict[str, Any]) -> list[list[str]]:
+    from coordinator._cli_ops import _text, _when, lock_text, progress_text
+    return [[_text(d.get("device")), _text(d.get("state")),
+             progress_text(d.get("bytes_done"), d.get("bytes_total")), _text(d.get("running")),
+             _text(d.get("target")), _text(bool(d.get("online"))),
+             lock_text(d.get("lock_since"), d.get("lock_stale")), _text(d.get("error")),
+             _when(d.get("updated_at"))] for d in status.get("devices") or []]
+
+
+def _release_status(args: argparse.Namespace) -> int:
+    from coordinator._cli_ops import _api_errors, _app, _client, _print_json, _table
+    app = _app(args.app)
+    version = _version_arg(args.version)
+    with _api_errors(), _client(args) as client:
+        fleet = _resolve_fleet(client, args.fleet, app, version)
+        status = client.release_status(fleet, app, version)
+    if args.json:
+        _print_json(status)
+        return 0
+    rows = _status_rows(status)
+    if rows:
+        _table(["DEVICE", "STATE", "DOWNLOAD", "RUNNING", "TARGET", "ONLINE", "LOCK", "ERROR",
+                "UPDATED"], rows)
+    print(_summary_text(status))
+    return 0
+
+
+def watch_outcome(status: dict[str, Any]) -> int | None:
+    """0 once every device concerned runs the release (or a newer one), 1 once all have
+    settled and any failed it; None while some are still on their way."""
+    states = [d.get("state") for d in status.get("devices") or []]
+    if not states or any(s not in WATCH_TERMINAL for s in states):
+        return None
+    return 1 if "failed" in states else 0
+
+
+class PlainWatch:
+    """`release watch` on a pipe or file: a line when a device's state or download decile
+    changes."""
+
+    def __init__(self, out: Any) -> None:
+        self._out = out
+        self._last: dict[str, tuple[Any, int]] = {}
+
+    def update(self, status: dict[str, Any]) -> None:
+        import time
+
+        from coordinator._cli_ops import progress_text
+        stamp = time.strftime("%H:%M:%S")
+        for d in status.get("devices") or []:
+            done, total = d.get("bytes_done") or 0, d.get("bytes_total") or 0
+            decile = 10 * done // total if isinstance(total, int) and total > 0 and \
+                isinstance(done, int) else -1
+            key = (d.get("state"), decile)
+            if self._last.get(d.get("device")) != key:
+                self._last[d.get("device")] = key
+                extra = "" if decile < 0 else f" {progress_text(done, total)}"
+                error = f" error: {d['error']}" if d.get("error") else ""
+                print(f"{stamp} {d.get('device')} {d.get('state')}{extra}{error}",
+                      file=self._out, flush=True)
+
+    def stop(self) -> None:
+        pass
+
+
+class RichWatch:
+    """`release watch` on a terminal: a progress bar per device and a total."""
+
+    def __init__(self, console: Any) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn
+        # refreshed twice a second: the bars never lag the polls by more than 1 s
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                  TextColumn("{task.fields[bytes]}"),
+                                  TextColumn("{task.fields[state]}"),
+                                  console=console, refresh_per_second=2)
+        self._total = self._progress.add_task("[bold]total", total=None, state="", bytes="")
+        self._tasks: dict[str, Any] = {}
+        self._progress.start()
+
+    def update(self, status: dict[str, Any]) -> None:
+        from rich.markup import escape
+
+        from coordinator._cli_ops import progress_text
+        done_all = total_all = bytes_done = bytes_total = 0
+        for d in status.get("devices") or []:
+            name = str(d.get("device"))
+            state = str(d.get("state"))
+            done, total = d.get("bytes_done") or 0, d.get("bytes_total") or 0
+            size = progress_text(done, total)
+            if isinstance(done, int) and isinstance(total, int):
+                bytes_done, bytes_total = bytes_done + done, bytes_total + total
+            if state in ("running", "superseded") and not total:
+                done = total = 1  # reported on another target: nothing left to fetch
+            style = {"failed": "red", "running": "green"}.get(state, "")
+            text = f"[{style}]{escape(state)}[/]" if style else escape(state)
+            if d.get("lock_stale"):
+                text += " [yellow](lock stale)[/]"
+            if name not in self._tasks:
+                self._tasks[name] = self._progress.add_task(escape(name), total=None,
+                                                            state="", bytes="")
+            self._progress.update(self._tasks[name], completed=done, total=total or None,
+                                  state=text, bytes=escape(size))
+            done_all += done
+            total_all += total
+        summary = status.get("summary") or {}
+        self._progress.update(self._total, completed=done_all, total=total_all or None,
+                              bytes=escape(progress_text(bytes_done, bytes_total)),
+                              state=f"{summary.get('running', 0)}/"
+                                              f"{summary.get('total', 0)} running")
+
+    def stop(self) -> None:
+        self._progress.stop()
+
+
+def _release_watch(args: argparse.Namespace) -> int:
+    import sys
+    import time
+
+    from coordinator._cli_ops import EXIT_TIMEOUT, _api_errors, _app, _client, _console
+    app = _app(args.app)
+    version = _version_arg(args.version)
+    if not MIN_WATCH_INTERVAL <= args.interval <= MAX_WATCH_INTERVAL:
+        raise CliError(f"--interval must be {MIN_WATCH_INTERVAL:g}..{MAX_WATCH_INTERVAL:g} s")
+    if args.wait_timeout is not None and not args.wait_timeout > 0:
+        raise CliError("--timeout must be more than 0 seconds")
+    deadline = None if args.wait_timeout is None else time.monotonic() + args.wait_timeout
+    with _api_errors(), _client(args) as client:
+        fleet = _resolve_fleet(client, args.fleet, app, version)
+        view: Any = RichWatch(_console()) if sys.stdout.isatty() else PlainWatch(sys.stdout)
+        try:
+            while True:
+                status = client.release_status(fleet, app, version)
+                view.update(status)
+                outcome = watch_outcome(status)
+                if outcome is not None:
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    view.stop()
+                    raise CliError(f"timed out after {args.wait_timeout:g} s: "
+                                   f"{_summary_text(status)}", code=EXIT_TIMEOUT)
+                time.sleep(args.interval)
+        finally:
+            view.stop()
+    print(_summary_text(status), flush=True)
+    return outcome
+
+
+def _release_retry(args: argparse.Namespace) -> int:
+    from coordinator._cli_ops import _api_errors, _app, _client, _name, _print_json
+    app = _app(args.app)
+    version = _version_arg(args.version)
+    device = None if args.device is None else _name(args.device, "--device")
+    with _api_errors(), _client(args) as client:
+        if device is not None:
+            out = client.retry(app, device=device)
+        else:
+            fleet = _resolve_fleet(client, args.fleet, app, version)
+            out = client.retry(app, fleet=fleet, version=version)
+    if args.json:
+        _print_json(out)
+    elif device is not None:
+        print(f"{device}: {app} retry {out.get('retry')} (it tries again the version it "
+              "marked failed)")
+    elif not out.get("devices"):
+        print(f"no device failed {app} version {version}")
+    else:
+        names = ", ".join(str(d.get("device")) for d in out["devices"])
+        print(f"{app} version {version}: retry on {len(out['devices'])} devices ({names})")
+    return 0
+
+
+def _register_rollouts(rsub: Any) -> None:
+    from coordinator._cli_ops import _common
+
+    def add(name: str, help_text: str, description: str, watching: bool = False
+            ) -> argparse.ArgumentParser:
+        p = _common(rsub.add_parser(name, help=help_text, description=description),
+                    json_flag=not watching, timeout_flag=not watching)
+        p.add_argument("version", metavar="VERSION", type=int)
+        p.add_argument("--app", required=True)
+        p.add_argument("--fleet", help="default: the one fleet with devices that has VERSION")
+        return p
+
+    status = add("status", "where each device stands in a release's rollout",
+                 "Per device: state, download progress, running and target versions, update "
+                 "lock (stale past the coordinator's --lock-stale-after), error.")
+    status.set_defaults(handler=_release_status)
+    watch = add("watch", "follow a rollout until every device runs it",
+                "Progress bars per device and a total on a terminal (plain lines otherwise). "
+                "Exits 0 when every device concerned runs VERSION (or a newer one), 1 when "
+                "all have settled and any failed, 5 on --timeout.", watching=True)
+    watch.add_argument("--timeout", dest="wait_timeout", type=float, metavar="SECONDS",
+                       help="give up after this long (exit 5; default: never)")
+    watch.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                       help="seconds between polls (default 1)")
+    watch.set_defaults(handler=_release_watch)
+    retry = add("retry", "let devices retry a release they failed",
+                "Every device that failed VERSION (or only --device) tries it again.")
+    retry.add_argument("--device", metavar="NAME", help="only this device")
+    retry.set_defaults(handler=_release_retry)
