@@ -109,6 +109,7 @@ class _App:
     updated_at: float = 0.0
     wake_at: float | None = None
     unremovable: frozenset[int] = frozenset()
+    container_ids: frozenset[str] = frozenset()  # as last observed (log bookkeeping)
 
 
 class Applier:
@@ -224,6 +225,8 @@ class Applier:
             if a.wake_at is not None:
                 wake = min(wake, a.wake_at)
         self._refresh_diff_ids()
+        if self._collector is not None:
+            self._collector.forget(frozenset().union(*(a.container_ids for _, a in apps)))
         return wake
 
     def reconcile(self, app: str) -> Step | None:
@@ -254,6 +257,10 @@ class Applier:
             self._load_journal(a)
         manifests = self._journal_manifests(a)
         target = a.target
+        if target is None and a.state.to is not None and a.state.to in manifests:
+            # Restarted mid-update with no word from the coordinator yet: the journal's release
+            # is the target (its manifest was stored before the journal named it).
+            target = Target(a.state.to, manifests[a.state.to])
         if target is not None and a.missing_blob is not None:
             version, when = a.missing_blob
             if version == target.version and now < when + MISSING_BLOB_RETRY_S:
@@ -353,6 +360,7 @@ class Applier:
         self._diff_ids = frozenset(ids)
 
     def _follow_logs(self, a: _App, observed: Observed) -> None:
+        a.container_ids = frozenset(c.id for c in observed.containers)
         if self._collector is None:
             return
         for c in observed.containers:

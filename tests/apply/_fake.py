@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,7 +223,7 @@ class Releases:
              image_healthcheck: bool = False, store: bool = True,
              bad_config: bool = False) -> bytes:
         layer = layer_tar({"app/VERSION": f"{version}\n".encode(),
-                           "app/data.bin": os.urandom(2000)})
+                           "app/data.bin": random.Random(version).randbytes(2000)})
         chunks = chunk_layer(layer)
         did = diff_id(layer)
         cfg: dict[str, object] = {"Cmd": ["sh", "-c", f"echo v{version}"]}

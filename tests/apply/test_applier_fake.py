@@ -481,3 +481,23 @@ def test_every_crash_point_is_passed_somewhere(world: World) -> None:
         assert set(w.passed) == set(POINTS[name]), name
         seen.update(w.passed)
     assert seen | {"after-blob-stored"} == set(ALL_CRASH_POINTS)
+
+
+def test_restart_mid_download_waits_without_spinning(world: World) -> None:
+    """kill-then-download stopped the app, then the agent restarted before the blobs were in:
+    it reports downloading, tries the rebuild once per retry period, and finishes once the
+    blobs are there."""
+    a = world.applier()
+    install(world, a, 1)
+    kill = ContainerSettings(update_strategy=UpdateStrategy.KILL_THEN_DOWNLOAD)
+    a.set_target(APP, world.releases.make(2, kill, store=False), ready=False)
+    a.reconcile_all()
+    assert world.running() == [] and world.journal().phase == "starting"
+    b = world.applier()  # no target from the coordinator yet
+    b.reconcile_all()
+    b.reconcile_all()
+    assert state(b) == "downloading"
+    assert sum("not in the store" in m for m in world.messages) == 1
+    world.releases.make(2, kill)  # the same release, its chunks now stored
+    world.clock.advance(31)
+    run_until(world, b, lambda: state(b) == "running" and world.running() == [2])

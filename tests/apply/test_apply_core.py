@@ -275,3 +275,34 @@ def test_unarmed_or_unknown(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         crash_point("no-such-point")
     assert os.getpid() > 0
+
+
+def test_tcp_and_http_probes_on_loopback() -> None:
+    import http.server
+    import threading
+
+    from agent._health import probe
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            self.send_response(204 if self.path == "/ok" else 503)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        engine = None  # tcp and http probes do not use the engine
+        assert probe(engine, "c", HealthCheck(HealthKind.TCP, port=port)) == (True, "")  # type: ignore[arg-type]
+        assert probe(engine, "c", HealthCheck(HealthKind.HTTP, port=port, path="/ok"))[0]  # type: ignore[arg-type]
+        ok, why = probe(engine, "c", HealthCheck(HealthKind.HTTP, port=port, path="/bad"))  # type: ignore[arg-type]
+        assert not ok and why == f"http {port}/bad: status 503"
+    finally:
+        server.shutdown()
+        server.server_close()
+    ok, why = probe(None, "c", HealthCheck(HealthKind.TCP, port=port), timeout=2.0)  # type: ignore[arg-type]
+    assert not ok and why.startswith(f"tcp {port}:")
