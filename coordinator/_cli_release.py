@@ -152,8 +152,19 @@ def default_layer_cache() -> Path:
     return _default_path("XDG_CACHE_HOME", ".cache", "fleetmesh", "layers")
 
 
+ENV_SIGNING_KEY = "FLEETMESH_SIGNING_KEY"  # --signing-key's default before the XDG path
+ENV_FLEET = "FLEETMESH_FLEET"  # --fleet's default, e.g. set by the lab for its operator
+
+
+def _fleet_option(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get(ENV_FLEET) or None
+    p.add_argument("--fleet", required=env is None, default=env,
+                   help=f"fleet (default ${ENV_FLEET}" + (f": {env})" if env else ")"))
+
+
 def _load_key(path: Path | None) -> Any:
-    key_path = default_signing_key_path() if path is None else path
+    env = os.environ.get(ENV_SIGNING_KEY)
+    key_path = path if path is not None else Path(env) if env else default_signing_key_path()
     if not key_path.exists():
         raise CliError(f"no release signing key at {key_path}: create one with "
                        f"`fleetmesh release keygen --out {key_path}` or pass --signing-key")
@@ -418,12 +429,13 @@ def _register_publishing(rsub: Any) -> None:
                     "app's last --key releases, sign with the release key and upload only the "
                     "blobs the coordinator is missing (run again to resume)."))
     create.add_argument("image", metavar="IMAGE", help="local image (name:tag or ID)")
-    create.add_argument("--fleet", required=True)
+    _fleet_option(create)
     create.add_argument("--app", required=True)
     create.add_argument("--key", type=int, default=3, metavar="K",
                         help="how many earlier releases to compute deltas against (default 3)")
     create.add_argument("--signing-key", type=Path, metavar="FILE",
-                        help="release signing key (default ~/.config/fleetmesh/release.key)")
+                        help="release signing key (default $FLEETMESH_SIGNING_KEY, else "
+                             "~/.config/fleetmesh/release.key)")
     create.add_argument("--version", type=int, metavar="N",
                         help="release version (default: latest + 1)")
     create.add_argument("--cache-dir", type=Path, metavar="DIR",
@@ -461,7 +473,7 @@ def _register_publishing(rsub: Any) -> None:
     create.set_defaults(handler=_release_create)
 
     lst = _common(rsub.add_parser("list", help="a fleet's releases, newest first"))
-    lst.add_argument("--fleet", required=True)
+    _fleet_option(lst)
     lst.add_argument("--app")
     lst.set_defaults(handler=_release_list)
 
@@ -473,9 +485,10 @@ def _register_publishing(rsub: Any) -> None:
 
     setkey = _common(rsub.add_parser(
         "set-key", help="register the release key's public half for a fleet"), json_flag=False)
-    setkey.add_argument("--fleet", required=True)
+    _fleet_option(setkey)
     setkey.add_argument("--signing-key", type=Path, metavar="FILE",
-                        help="release signing key (default ~/.config/fleetmesh/release.key)")
+                        help="release signing key (default $FLEETMESH_SIGNING_KEY, else "
+                             "~/.config/fleetmesh/release.key)")
     setkey.set_defaults(handler=_release_set_key)
 
 
