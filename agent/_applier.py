@@ -303,10 +303,11 @@ class Applier:
         except JournalError as exc:
             self.log(f"{exc}; starting from what the engine shows")
             state = None
-        if state is None:
-            running = [c.version for c in self.engine.containers(self.device, a.name)
-                       if c.running]
-            state = Journal(current=max(running)) if running else Journal()
+        if state is None:  # the running container, else the newest one, is the committed one
+            found = self.engine.containers(self.device, a.name)
+            running = [c.version for c in found if c.running]
+            versions = running or [c.version for c in found]
+            state = Journal(current=max(versions)) if versions else Journal()
         a.state = state
         a.loaded = True
 

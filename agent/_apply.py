@@ -401,6 +401,9 @@ def fail_load(journal: Journal, version: int, error: str) -> Journal:
 def _idle(ctx: _Ctx) -> Step:
     j, t, obs = ctx.j, ctx.target, ctx.obs
     cur = j.current
+    if t is not None and t.version == cur and j.error is not None:
+        # The target is the release that runs (an operator pinned it back): nothing failed.
+        return ctx.step("running", journal=replace(j, error=None))
     if t is not None and t.retry > j.retry_seen:
         return ctx.step("idle", journal=replace(
             j, retry_seen=t.retry, failed=tuple(v for v in j.failed if v != t.version),
@@ -441,9 +444,8 @@ def _idle(ctx: _Ctx) -> Step:
 
 def _idle_state(ctx: _Ctx) -> str:
     t, j = ctx.target, ctx.j
-    if t is None:
-        return "running" if j.current is not None and j.error is None else (
-            "failed" if j.error is not None else "idle")
+    if t is None:  # no word from the coordinator (yet): what the journal says
+        return "failed" if j.error is not None else "idle"
     if t.version in j.failed:
         return "failed"
     if t.version == j.current:

@@ -500,4 +500,44 @@ def test_restart_mid_download_waits_without_spinning(world: World) -> None:
     assert sum("not in the store" in m for m in world.messages) == 1
     world.releases.make(2, kill)  # the same release, its chunks now stored
     world.clock.advance(31)
-    run_until(world, b, lambda: state(b) == "running" and world.running() == [2])
+    run_until(world, b, lambda: world.journal() == Journal(current=2, previous=1)
+              and world.running() == [2])
+    assert state(b) == "idle"  # committed; the coordinator has not named a target yet
+
+
+def test_lost_journal_adopts_the_engine_state(world: World) -> None:
+    a = world.applier()
+    install(world, a, 1)
+    calls = list(world.engine.calls)
+    (world.data / "apply" / APP / "journal.json").write_text("{broken")
+    b = world.applier()
+    b.set_target(APP, world.releases.make(1), ready=True)
+    b.reconcile_all()
+    assert world.engine.calls == calls and state(b) == "running"
+    # Stopped (the app exited under restart policy "no"), then the journal lost: kept.
+    (c,) = world.engine.containers_.values()
+    c.status = "exited"
+    (world.data / "apply" / APP / "journal.json").unlink()
+    b = world.applier()
+    b.set_target(APP, world.releases.make(1), ready=True)
+    b.reconcile_all()
+    assert list(world.engine.containers_) == [c.id] and world.engine.calls == calls
+    assert (b.status(APP) or {})["running"] is None
+    assert any("corrupt" in m for m in world.messages)
+
+
+def test_pinning_back_to_the_running_release_clears_the_error(world: World) -> None:
+    a = world.applier()
+    install(world, a, 1)
+    world.engine.behaviour[2] = Behaviour(exits=1)
+    signed1 = world.releases.make(1)
+    a.set_target(APP, world.releases.make(2, ContainerSettings(restart_policy=RestartPolicy.NO)),
+                 ready=True)
+    run_until(world, a, lambda: state(a) == "failed")
+    a.reconcile_all()
+    assert state(a) == "failed"
+    a.set_target(APP, signed1, ready=True)
+    a.reconcile_all()
+    status = a.status(APP)
+    assert status is not None and status["state"] == "running" and status["error"] is None
+    assert status["failed"] == [2]
