@@ -50,10 +50,13 @@ from ._paths import REJECT_AFTER_TIME, PathPlan, PathSelector
 T = TypeVar("T")
 
 RECONCILE_INTERVAL: Final = 1.0  # brief: read the device and converge once a second
-# Inside the coordinator's 60 s "online" window (docs/api.md) with a miss to spare; path
-# changes are reported at once anyway. Each report is a TLS request over a metered link.
-REPORT_INTERVAL: Final = 25.0
-POLL_WAIT: Final = 25  # the coordinator's default long-poll wait (docs/api.md), < 30 s NAT timeouts
+# A heartbeat only: what changes (paths, LAN candidates, app state) is reported at once, and
+# "online" comes from the hub's WireGuard session (docs/api.md). Each report is a TLS request
+# over a metered link, so the idle rate is low (docs/gossip.md "Idle cost").
+REPORT_INTERVAL: Final = 300.0
+# Long enough that an idle device costs one request every ~2 minutes (the API goes through the
+# hub tunnel, whose 25 s WireGuard keepalive holds the NAT mapping); below the server's 120 s.
+POLL_WAIT: Final = 110
 # The SDK already adds 10 s of read slack to a long poll; ours is the outer bound on top of it.
 POLL_SLACK: Final = 15.0
 CALL_TIMEOUT: Final = 15.0  # a report or anything that is not a long poll
@@ -88,7 +91,10 @@ Nudger = Callable[[Sequence[str]], Awaitable[None]]  # send one datagram to each
 # on_change, *, task_status) -> runs until cancelled.
 LanDiscovery = Callable[..., Awaitable[None]]
 
-TARGETS_INTERVAL: Final = 10.0  # how often the coordinator's targets are read for new manifests
+# The targets are read when the peer map's `targets` revision changes (the coordinator bumps it
+# on every target change) and at start; this slow poll is only a safety net.
+TARGETS_INTERVAL: Final = 600.0
+TARGETS_RETRY: Final = 30.0  # after a failed read (coordinator unreachable)
 # A blob from the coordinator: the gossip node's own fetch deadline (blobsched.fetch_timeout) is
 # the real bound; this only caps one attempt per URL.
 BLOB_CALL_TIMEOUT: Final = 600.0
@@ -269,6 +275,7 @@ class Agent:
         self._last_url: str | None = None
         self._reconcile_wake = trio.Event()
         self._report_wake = trio.Event()
+        self._targets_wake = trio.Event()
         self._backend_error: str | None = None
         self.gossip_settings = gossip
         self.gossip: GossipNode | None = None  # the running mesh node
@@ -444,6 +451,8 @@ class Agent:
         self.peermap = peermap
         was = f" (was v{old.version})" if old is not None else ""
         self.log(f"peer map v{peermap.version}: {len(peermap.peers)} peers{was}")
+        if old is not None and old.targets != peermap.targets:  # the first read is at start
+            self._targets_wake.set()
         try:
             self.data.write_peermap(peermap)
         except DataDirError as exc:
@@ -594,6 +603,11 @@ class Agent:
                 error = _one_line(exc)
             else:
                 error = None
+            wait = settings.targets_interval
+            if node is None:  # the mesh address may still be missing: look again soon
+                wait = min(1.0, wait)
+            elif error is not None:
+                wait = min(TARGETS_RETRY, wait)
             if node is not None:
                 st = node.stats
                 now = (st.blobs_done, st.blobs_total)
@@ -602,9 +616,9 @@ class Agent:
                     self.log(f"blobs {st.blobs_done}/{st.blobs_total}; received from LAN "
                              f"{st.bytes_lan} B, WAN peers {st.bytes_wan} B, coordinator "
                              f"{st.bytes_coordinator} B")
-            # Until the node is up (the mesh address may still be missing), look again soon.
-            await trio.sleep(settings.targets_interval if node is not None
-                             else min(1.0, settings.targets_interval))
+            with trio.move_on_after(wait):
+                await self._targets_wake.wait()
+            self._targets_wake = trio.Event()
 
     def _on_lan_change(self, neighbours: Any) -> None:
         self._lan_names = frozenset(n.name for n in neighbours)

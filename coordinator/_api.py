@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fleetmesh.coordinator.api")
 
-MAX_WAIT: Final = 30.0  # long-poll ceiling (docs/api.md)
+MAX_WAIT: Final = 120.0  # long-poll ceiling (docs/api.md); agents wait 110 s
 DEFAULT_WAIT: Final = 25.0
 MAX_TOKEN_USES: Final = 100_000
 MAX_EXPIRES_IN: Final = 366 * 86400

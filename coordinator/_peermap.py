@@ -55,6 +55,10 @@ class PeerMapCore:
         self._seq = first_version
         self._relay_ips: tuple[str, ...] = ()
         self._fragments: dict[str, tuple[str, str | None]] = {}  # name -> (WAN json, LAN json)
+        # name -> revision of what /device/target answers it; a change reaches the device in its
+        # peer map, so the agent reads its targets on change instead of polling them often.
+        self._targets: dict[str, int] = {}
+        self._targets_seq = 0
         self.marks = 0  # devices marked so far: the work counter the O(N) tests watch
 
     # -- reading ---------------------------------------------------------------------------
@@ -97,7 +101,8 @@ class PeerMapCore:
         viewer = self._members[name]
         peers = tuple(self._entry(viewer, self._members[n])
                       for n in sorted(self._fleets[viewer.fleet]) if n != name)
-        return PeerMap(self.version(name), self.hub, peers, self._relay_ips)
+        return PeerMap(self.version(name), self.hub, peers, self._relay_ips,
+                       self._targets.get(name, 0))
 
     def render(self, name: str) -> bytes:
         """`build(name).to_json()` as JSON bytes, from per-member fragments that are shared by
@@ -117,7 +122,8 @@ class PeerMapCore:
                 frag = self._fragments[n] = (wan, lan)
             same_nat = viewer.public_ip is not None and viewer.public_ip == peer.public_ip
             parts.append(frag[1] if same_nat and frag[1] is not None else frag[0])
-        head: dict[str, Any] = {"version": self.version(name), "hub": self.hub.to_json()}
+        head: dict[str, Any] = {"version": self.version(name), "hub": self.hub.to_json(),
+                                "targets": self._targets.get(name, 0)}
         return (json.dumps(head)[:-1] + ', "peers": [' + ", ".join(parts) + '], "relay_ips": '
                 + json.dumps(list(self._relay_ips)) + "}").encode()
 
@@ -165,6 +171,7 @@ class PeerMapCore:
         self._fragments.pop(name, None)
         self._pending.discard(name)
         self._published.pop(name, None)
+        self._targets.pop(name, None)
         self._mark(fleet)
 
     def set_public(self, name: str, endpoint: str | None, ip: str | None = None) -> bool:
@@ -197,6 +204,20 @@ class PeerMapCore:
         if new.public_ip is not None:
             self._mark(n for n in self._by_ip.get((new.fleet, new.public_ip), ()) if n != name)
         return True
+
+    def targets_changed(self, fleet: str, name: str | None = None) -> int:
+        """What /device/target answers changed for one device of `fleet` (or all of them): their
+        maps get a new `targets` revision. Returns how many devices were marked."""
+        names = self._fleets.get(fleet, set())
+        chosen = [name] if name is not None and name in names else \
+            ([] if name is not None else list(names))
+        if not chosen:
+            return 0
+        self._targets_seq += 1
+        for n in chosen:
+            self._targets[n] = self._targets_seq
+        self._mark(chosen)
+        return len(chosen)
 
     def set_relay_ips(self, relay_ips: Iterable[str]) -> bool:
         ips = tuple(relay_ips)

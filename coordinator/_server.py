@@ -211,7 +211,7 @@ class Coordinator:
             raise ConfigError(str(exc)) from None
         self.store = store
         self.blobs.prepare()
-        self._releases = ReleaseRegistry(store, self.blobs, cfg.clock)
+        self._releases = ReleaseRegistry(store, self.blobs, cfg.clock, self.targets_changed)
         hub_key = self.data_dir / HUB_KEY_NAME
         if not hub_key.exists():
             write_private_key(hub_key, generate_keypair().private)
@@ -335,6 +335,12 @@ class Coordinator:
         self._operator_names = {o.public_key: o.name for o in ops}
         self.core.set_relay_ips([ip for o in ops for ip in (f"{o.mesh_ipv4}/32",
                                                             f"{o.mesh_ipv6}/128")])
+
+    def targets_changed(self, fleet: str, device: str | None = None) -> None:
+        """The release targets of one device of `fleet` (None: all) changed: their next peer
+        map carries a new `targets` revision, which makes their agents read the targets."""
+        if self.core is not None and self.core.targets_changed(fleet, device):
+            self._changed()
 
     def _changed(self) -> None:
         if self.core is not None and self.core.pending:

@@ -76,7 +76,7 @@ __all__ = [
 ]
 
 API: Final = "/api/v1"
-MAX_WAIT: Final = 30  # the server's long-poll limit (docs/api.md)
+MAX_WAIT: Final = 120  # the server's long-poll limit (docs/api.md)
 # Extra read time on top of a long poll's wait: the server may batch a change for 500 ms and a
 # slow link adds more; beyond this the coordinator is treated as unreachable.
 LONG_POLL_SLACK: Final = 10.0
@@ -559,7 +559,7 @@ class DeviceClient:
 
     async def peermap(self, version: int = 0, wait: float = 25) -> PeerMap | None:
         """Long poll: the peer map if its version differs from `version`, None (304) if nothing
-        changed within `wait` seconds (clamped to 0..30)."""
+        changed within `wait` seconds (clamped to 0..120)."""
         wait = max(0, min(MAX_WAIT, int(wait)))
         timeout = httpx.Timeout(self._timeout, read=wait + LONG_POLL_SLACK)
         response = await self._request("GET", "/device/peermap", 200, 304,

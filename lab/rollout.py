@@ -36,7 +36,7 @@ class Rollout:
         return sum(self.idle_rx_per_s.values()) * 3600 / max(1, self.devices)
 
 
-def _outer_routers(lab: Lab) -> dict[str, Router]:
+def outer_routers(lab: Lab) -> dict[str, Router]:
     """Each LAN's router on the lab's WAN (the carrier NAT for nat=double)."""
     out: dict[str, Router] = {}
     for r in lab.routers:
@@ -45,15 +45,15 @@ def _outer_routers(lab: Lab) -> dict[str, Router]:
     return out
 
 
-def _rx(lab: Lab, routers: dict[str, Router]) -> dict[str, int]:
+def rx_by_lan(lab: Lab, routers: dict[str, Router]) -> dict[str, int]:
     return {lan: lab.wan_counters(r)[0] for lan, r in routers.items()}
 
 
 def measure_idle(lab: Lab, seconds: float = IDLE_SECONDS) -> dict[str, float]:
-    routers = _outer_routers(lab)
-    before, t0 = _rx(lab, routers), time.monotonic()
+    routers = outer_routers(lab)
+    before, t0 = rx_by_lan(lab, routers), time.monotonic()
     time.sleep(seconds)
-    after, t1 = _rx(lab, routers), time.monotonic()
+    after, t1 = rx_by_lan(lab, routers), time.monotonic()
     return {lan: (after[lan] - before[lan]) / (t1 - t0) for lan in routers}
 
 
@@ -63,9 +63,9 @@ def rollout(lab: Lab, version: int, size: int, seed: int = 1,
     """Measure idle, publish a synthetic release, wait until every device (or `devices`) holds
     all its blobs, and account the WAN bytes per LAN."""
     names = devices if devices is not None else [d.name for d in lab.devices]
-    routers = _outer_routers(lab)
+    routers = outer_routers(lab)
     idle = measure_idle(lab, idle_seconds)
-    before, t0 = _rx(lab, routers), time.monotonic()
+    before, t0 = rx_by_lan(lab, routers), time.monotonic()
     release = publish_synthetic(lab, version, size, seed)
     wanted = set(release["blobs"])
     deadline = t0 + timeout
@@ -77,7 +77,7 @@ def rollout(lab: Lab, version: int, size: int, seed: int = 1,
             raise LabError(f"rollout of v{version} incomplete after {timeout:.0f} s on: "
                            f"{', '.join(missing)}")
         time.sleep(0.25)
-    after, t1 = _rx(lab, routers), time.monotonic()
+    after, t1 = rx_by_lan(lab, routers), time.monotonic()
     took = t1 - t0
     per_lan = {lan: max(0, round(after[lan] - before[lan] - idle[lan] * took)) for lan in routers}
     return Rollout(int(release["blob_bytes"]), tuple(release["blobs"]), took, idle, per_lan,

@@ -243,16 +243,20 @@ class PeerMap:
     """Everything one device needs to configure its WireGuard interface, versioned.
 
     `relay_ips` are mesh addresses always reached through the hub (operator workstations).
+    `targets` is the revision of the device's release targets: when it changes, the agent reads
+    /device/target again (so it need not poll that often; docs/gossip.md "Idle cost").
     """
 
     version: int
     hub: HubInfo
     peers: tuple[PeerEntry, ...] = ()
     relay_ips: tuple[str, ...] = ()
+    targets: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"version": self.version, "hub": self.hub.to_json(),
-                "peers": [p.to_json() for p in self.peers], "relay_ips": list(self.relay_ips)}
+                "peers": [p.to_json() for p in self.peers], "relay_ips": list(self.relay_ips),
+                "targets": self.targets}
 
     @classmethod
     def from_json(cls, obj: Any) -> PeerMap:
@@ -268,9 +272,10 @@ class PeerMap:
                 ipaddress.ip_network(r)
             except (ValueError, TypeError):
                 raise ControlError(f"{w}.relay_ips[{i}]: not an IP network") from None
+        targets = _get(obj, "targets", int, w, optional=True) or 0
         return cls(_get(obj, "version", int, w), HubInfo.from_json(_get(obj, "hub", dict, w)),
                    tuple(PeerEntry.from_json(p, f"{w}.peers[{i}]") for i, p in enumerate(peers)),
-                   tuple(str(r) for r in relay))
+                   tuple(str(r) for r in relay), targets)
 
 
 # --------------------------------------------------------------------------- device state

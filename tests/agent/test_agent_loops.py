@@ -98,21 +98,22 @@ async def test_no_handshake_falls_back_to_relay(enrolled: DataDir,
 async def test_steady_state_sends_nothing_and_304s_keep_polling(
         enrolled: DataDir, autojump_clock: trio.abc.Clock) -> None:
     coord = FakeCoordinator(peermap(1, peer(1, A), peer(2)))
-    with trio.fail_after(600):
+    with trio.fail_after(900):
         async with running(enrolled, coord, reachable=(A,), hub_reachable=True) as rig:
             await trio.sleep(5)
             sets, polls = rig.agent.sets_sent, len(coord.polls)
             reconciles, reports = rig.agent.reconciles, len(coord.reports)
-            await trio.sleep(100)
+            await trio.sleep(600)
             assert rig.agent.sets_sent == sets  # converged: no UAPI set at all
-            assert rig.agent.reconciles >= reconciles + 95
-            assert 4 <= len(coord.polls) - polls <= 5  # one long poll per 25 s, all 304
+            assert rig.agent.reconciles >= reconciles + 590
+            # one long poll per POLL_WAIT (110 s), all 304: idle devices cost little
+            assert 5 <= len(coord.polls) - polls <= 6
             assert all(v == 1 for _, v in coord.polls[polls:])
             # hub session up: the API goes through the tunnel
             assert coord.polls[-1][0] == HUB.api_url
             assert rig.logged(f"coordinator reached at {HUB.api_url} (the hub tunnel)")
-            # reports every REPORT_INTERVAL (25 s), and nothing else when nothing changes
-            assert 3 <= len(coord.reports) - reports <= 5
+            # a heartbeat report every REPORT_INTERVAL (300 s), nothing else when nothing changes
+            assert 2 <= len(coord.reports) - reports <= 3
 
 
 async def test_new_map_version_is_applied_at_once(enrolled: DataDir,
@@ -162,9 +163,9 @@ async def test_tunnel_without_answer_falls_back_to_the_join_url(
         enrolled: DataDir, autojump_clock: trio.abc.Clock) -> None:
     coord = FakeCoordinator(peermap(1, peer(1, A)))
     coord.down_urls.add(HUB.api_url)
-    with trio.fail_after(120):
+    with trio.fail_after(400):
         async with running(enrolled, coord, hub_reachable=True) as rig:
-            await trio.sleep(60)
+            await trio.sleep(250)  # past the first long poll (POLL_WAIT) on the join URL
             assert rig.agent.hub_up()
             urls = [u for u, _ in coord.polls]
             assert urls[-2:] == [HUB.api_url, URL]  # tunnel first, then the join URL

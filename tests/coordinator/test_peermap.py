@@ -173,3 +173,27 @@ def test_render_is_the_json_of_build_and_parses() -> None:
     core.set_lan("d1", ("192.168.1.99:51820",))
     assert json.loads(core.render("d0"))["peers"][0]["endpoints"] == ["192.168.1.99:51820"]
     assert json.loads(core.render("d2"))["peers"][1]["endpoints"] == ["203.0.113.7:2"]
+
+
+def test_target_changes_reach_devices_through_their_maps() -> None:
+    core = PeerMapCore(HUB)
+    for i in range(3):
+        core.add(member(i, fleet="a" if i < 2 else "b"))
+    core.publish()
+    before = {n: core.version(n) for n in ("d0", "d1", "d2")}
+    assert core.build("d0").targets == 0
+    # one device's own target (a pin): only its map changes
+    assert core.targets_changed("a", "d1") == 1
+    assert core.publish() == {"d1"}
+    assert core.build("d1").targets > 0 and core.build("d0").targets == 0
+    rev = core.build("d1").targets
+    # the fleet's target: every device of that fleet, none of another fleet
+    assert core.targets_changed("a") == 2
+    assert core.publish() == {"d0", "d1"}
+    assert core.build("d0").targets == core.build("d1").targets > rev
+    assert core.version("d2") == before["d2"] and core.build("d2").targets == 0
+    # unknown device or fleet: nothing marked
+    assert core.targets_changed("a", "d2") == 0 and core.targets_changed("zz") == 0
+    assert core.publish() == set()
+    # what devices fetch carries it
+    assert PeerMap.from_json(json.loads(core.render("d0"))).targets == core.build("d0").targets

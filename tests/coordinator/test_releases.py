@@ -4,7 +4,9 @@ deletion with blob garbage collection, targets and pins, enrollment's release ke
 from __future__ import annotations
 
 import os
+from typing import Any
 
+import trio
 from nacl.signing import SigningKey
 
 from mesh.control import Enrollment
@@ -240,3 +242,47 @@ async def test_registry_survives_a_restart(h: Harness) -> None:
     got = store.get_release("fleet", "app", 1)
     assert got is not None and got.signed == rel.signed
     assert decode_signed_manifest(got.signed).key_id == key_id(key.verify_key)
+
+
+async def test_a_target_change_wakes_the_devices_peer_map_long_poll(h: Harness) -> None:
+    """Agents read /device/target when their map's `targets` revision changes, so a target
+    change must reach a parked long poll (docs/gossip.md "Idle cost")."""
+    key = SigningKey.generate()
+    for v in (1, 2):
+        rel = build(key, version=v)
+        await upload(h, rel)
+        await publish(h, rel)
+    cam, cam2 = await h.enroll("cam"), await h.enroll("cam2")
+
+    async def current(dev: Any) -> dict[str, Any]:
+        r = await dev.client.get("/api/v1/device/peermap", params={"version": 0})
+        assert r.status_code == 200
+        return dict(r.json())
+
+    async def next_map(dev: Any, version: int) -> dict[str, Any] | None:
+        r = await dev.client.get("/api/v1/device/peermap",
+                                 params={"version": version, "wait": 3})
+        return None if r.status_code == 304 else dict(r.json())
+
+    await trio.sleep(0.3)  # past the enrollment batch (batch_window 50 ms)
+    m1, m2 = await current(cam), await current(cam2)
+    async with trio.open_nursery() as nursery:
+        got: dict[str, Any] = {}
+
+        async def wait(name: str, dev: Any, version: int) -> None:
+            got[name] = await next_map(dev, version)
+
+        nursery.start_soon(wait, "cam", cam, m1["version"])
+        nursery.start_soon(wait, "cam2", cam2, m2["version"])
+        await trio.sleep(0.2)
+        r = await h.op.put("/api/v1/fleets/fleet/target", json={"app": "app", "version": 2})
+        assert r.status_code == 200
+    assert got["cam"] is not None and got["cam"]["targets"] > m1["targets"]
+    assert got["cam2"] is not None and got["cam2"]["targets"] > m2["targets"]
+    # a device's own target touches only its map
+    m1, m2 = got["cam"], got["cam2"]
+    await h.op.put("/api/v1/fleets/fleet/target",
+                   json={"app": "app", "version": 2, "device": "cam"})
+    after1, after2 = await next_map(cam, m1["version"]), await next_map(cam2, m2["version"])
+    assert after1 is not None and after1["targets"] > m1["targets"]
+    assert after2 is None

@@ -11,7 +11,7 @@ from typing import Any
 import trio
 
 from agent import Agent, DataDir, GossipSettings, Identity
-from mesh.control import Enrollment, PeerEntry
+from mesh.control import Enrollment, PeerEntry, PeerMap
 from tests.agent.fakes import HUB, KEYS, FakeClient, FakeCoordinator, FakeWireGuard, peermap
 
 from .helpers import KEY, Blob, free_port, make_blobs, make_manifest, wait_for
@@ -26,6 +26,7 @@ class ReleaseCoordinator(FakeCoordinator):
         self.manifests = {("cams", "cam", 1): manifest}
         self.blobs = {b.ref.id.hex(): b.frame for b in blobs}
         self.blob_bytes: Counter[str] = Counter()
+        self.target_reads = 0
 
     def factory(self, url: str, credential: str, cert_der: bytes) -> FakeClient:
         client = ReleaseClient(self, url, credential, cert_der)
@@ -38,6 +39,7 @@ class ReleaseClient(FakeClient):
 
     async def targets(self) -> list[dict[str, Any]]:
         await self._gate()
+        self.coord.target_reads += 1
         return self.coord.targets
 
     async def manifest(self, fleet: str, app: str, version: int) -> bytes:
@@ -106,4 +108,34 @@ async def test_agents_fetch_the_targeted_release_over_the_mesh(tmp_path: Path) -
             await trio.sleep(0.5)  # more targets polls and rumors: still logged only once
             assert sum("no release key" in m for m in logs[2]) == 1
             await wait_for(lambda: any("blobs 12/12" in m for m in logs[0] + logs[1]))
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_new_targets_revision_in_the_peer_map_is_read_at_once(tmp_path: Path) -> None:
+    """With the default slow targets poll (TARGETS_INTERVAL, minutes), a target change reaches
+    the agent through its peer-map long poll: it reads the targets at start and on change only."""
+    blobs = make_blobs(2)
+    logs: list[str] = []
+    data = device(tmp_path, 0, bytes(KEY.verify_key).hex())
+    coord = ReleaseCoordinator(blobs, make_manifest(blobs))
+    coord.targets = []
+    coord.peermap = peermap(1)
+    agent = Agent(data, FakeWireGuard().factory(), coord.factory, log=logs.append,
+                  gossip=GossipSettings(port=free_port()))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(agent.run)
+            await wait_for(lambda: coord.target_reads >= 1, 0.05)  # the read at start
+            await trio.sleep(2)
+            start_reads = coord.target_reads
+            await trio.sleep(3)
+            assert coord.target_reads == start_reads <= 2  # no polling
+            coord.targets = [{"app": "cam", "version": 1, "pin": None}]
+            coord.publish(PeerMap(2, HUB, (), (), targets=1))
+            await wait_for(lambda: any("release cams/cam v1 from the coordinator" in m
+                                       for m in logs), 0.05)
+            assert coord.target_reads == start_reads + 1
+            coord.publish(PeerMap(3, HUB, (), (), targets=1))  # same revision: no read
+            await trio.sleep(2)
+            assert coord.target_reads == start_reads + 1
             nursery.cancel_scope.cancel()
