@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ import trio
 from nacl.signing import SigningKey
 
 from coordinator.client import DeviceClient, OperatorClient, enroll
-from mesh.control import DeviceReport, PeerPath
+from mesh.control import AppStatus, DeviceReport, LogLine, LogUpload, PeerPath, SourceBytes
 from mesh.tlspin import pinned_ssl_context
 from tests.coordinator import releasekit
 from tests.coordinator_process import FLEETMESH, RunningCoordinator, running_coordinator
@@ -58,7 +59,7 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # closed before the rest of the suite runs
 def browser() -> Iterator[Any]:
     if not CHROMIUM.exists():
         _unavailable(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
@@ -81,6 +82,7 @@ class FakeDevice:
     credential: str = ""
     mesh_ipv4: str = ""
     der: bytes = b""
+    peers: tuple[PeerPath, ...] = ()
 
 
 @dataclass
@@ -103,13 +105,24 @@ class Fleet:
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
 
-    def report(self, name: str, *, peers: tuple[PeerPath, ...] = ()) -> None:
+    def report(self, name: str, *apps: AppStatus, peers: tuple[PeerPath, ...] | None = None
+               ) -> None:
+        """The device reports its peers (as last given) and the state of its apps."""
         dev = self.devices[name]
+        if peers is not None:
+            dev.peers = peers
 
         async def send() -> None:
             async with DeviceClient(self.url, dev.credential, dev.der) as client:
-                await client.report(DeviceReport((), "dashboard-test", peers))
+                await client.report(DeviceReport((), "dashboard-test", dev.peers, apps))
         run(send)
+
+    def upload_logs(self, name: str, *lines: tuple[str, str]) -> None:
+        """(stream, text) lines of app APP, as the agent uploads them."""
+        body = LogUpload(tuple(LogLine(time.time(), APP, stream, text)
+                               for stream, text in lines)).to_json()
+        r = self.device_call(name, "POST", "/api/v1/device/logs", body)
+        assert r.status_code == 204, r.text
 
     def device_call(self, name: str, method: str, path: str, body: Any = None
                     ) -> httpx.Response:
@@ -120,11 +133,15 @@ class Fleet:
                           timeout=30) as http:
             return http.request(method, path, json=body)
 
-    def device_targets(self, name: str) -> dict[str, int]:
-        """app -> version, as the device reads its targets."""
+    def target_entries(self, name: str) -> dict[str, dict[str, Any]]:
+        """app -> target entry ({"version", "force", "retry", ...}) as the device reads it."""
         r = self.device_call(name, "GET", "/api/v1/device/target")
         assert r.status_code == 200, r.text
-        return {t["app"]: t["version"] for t in r.json()["targets"]}
+        return {t["app"]: t for t in r.json()["targets"]}
+
+    def device_targets(self, name: str) -> dict[str, int]:
+        """app -> version, as the device reads its targets."""
+        return {app: t["version"] for app, t in self.target_entries(name).items()}
 
 
 async def _enroll_all(fleet: Fleet, names: list[str]) -> None:
@@ -136,6 +153,15 @@ async def _enroll_all(fleet: Fleet, names: list[str]) -> None:
                                        agent_version="dashboard-test")
         fleet.devices[name] = FakeDevice(name, keys.public, enrollment.credential,
                                          enrollment.mesh_ipv4, der)
+
+
+def app_status(state: str, *, running: int | None = 1, target: int | None = 2,
+               done: int = 0, total: int = 0, lan: int = 0, coordinator: int = 0,
+               lock_since: float | None = None, error: str | None = None,
+               failed: tuple[int, ...] = ()) -> AppStatus:
+    return AppStatus(APP, state, running, target, done, total,
+                     SourceBytes(lan=lan, coordinator=coordinator), lock_since, error, failed,
+                     0, time.time())
 
 
 def _publish(fleet: Fleet) -> None:
@@ -157,9 +183,9 @@ def _publish(fleet: Fleet) -> None:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    """cam-1 and cam-2 report (online), cam-3 enrolled but silent (offline), cam-4 only
-    provisioned; release web v1, v2 and v3 (v2 and v3 with a delta) published, v2 the fleet's
-    target."""
+    """cam-1 (downloading web v2 over v1) and cam-2 (running v2) report: online; cam-3
+    enrolled but silent (offline), cam-4 only provisioned. Releases web v1, v2 and v3 (v2 and
+    v3 with a delta) published, v2 the fleet's target."""
     tmp = tmp_path_factory.mktemp("dashboard")
     with running_coordinator(tmp / "coord", tmp / "coord.log") as coord:
         f = Fleet(coord, tmp / "home")
@@ -169,8 +195,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             op.provision("cam-4", FLEET)
         _publish(f)
         one, two, three = (f.devices[n] for n in ("cam-1", "cam-2", "cam-3"))
-        f.report("cam-1", peers=(
+        f.report("cam-1", app_status("downloading", total=60_000), peers=(
             PeerPath(two.public_key, "direct", "127.0.0.1:51820", 1_800_000_000.0),
             PeerPath(three.public_key, "relay")))
-        f.report("cam-2", peers=(PeerPath(one.public_key, "direct", "127.0.0.1:51821"),))
+        f.report("cam-2", app_status("running", running=2),
+                 peers=(PeerPath(one.public_key, "direct", "127.0.0.1:51821"),))
         yield f

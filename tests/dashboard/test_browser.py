@@ -7,12 +7,20 @@ $FLEETMESH_TEST_ARTIFACTS/dashboard/).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.dashboard.conftest import APP, FLEET, UI_TIMEOUT_MS, Fleet, artifacts_dir
+from tests.dashboard.conftest import (
+    APP,
+    FLEET,
+    UI_TIMEOUT_MS,
+    Fleet,
+    app_status,
+    artifacts_dir,
+)
 
 
 def expect(target: Any) -> Any:
@@ -85,6 +93,8 @@ def test_sign_in_then_the_device_table_matches_the_cli(context: Any, fleet: Flee
         assert row["fleet"] == d["fleet"] == FLEET
     assert [shown[n]["online"] for n in ("cam-1", "cam-2", "cam-3", "cam-4")] == \
         ["online", "online", "offline", "provisioned"]
+    assert [shown[n]["release"] for n in ("cam-1", "cam-2")] == ["v1", "v2"]
+    expect(page.locator("#devices progress[data-device=cam-1]")).to_have_attribute("value", "0")
     shot(page, "devices")
     assert page.errors == []
 
@@ -138,6 +148,27 @@ def test_csrf_token_guards_state_changes(context: Any, fleet: Fleet) -> None:
     assert page.errors == []
 
 
+@pytest.mark.parametrize("origin, status", [
+    ("https://127.0.0.1:1", 403),  # same site (ports do not count): the cookie goes along
+    ("https://attacker.test", 401),  # another site: SameSite=Strict keeps the cookie back
+])
+def test_a_form_posted_from_another_origin_changes_nothing(context: Any, fleet: Fleet,
+                                                           origin: str, status: int) -> None:
+    sign_in(context, fleet)  # the victim's browser holds a live session
+    # A page on the other origin (served by Playwright's router) that posts JSON-looking
+    # text/plain to the API, the classic CSRF shape: no custom header, so no CSRF token.
+    attack = f"""<!doctype html><form id=f method=post enctype=text/plain
+        action="{fleet.url}/api/v1/tokens"><input name='{{"fleet":"{FLEET}","x":"'
+        value='"}}'></form><script>document.getElementById("f").submit()</script>"""
+    context.route(f"{origin}/**", lambda route: route.fulfill(
+        status=200, content_type="text/html", body=attack))
+    page = context.new_page()
+    with page.expect_response(lambda r: r.url.endswith("/api/v1/tokens")) as answer:
+        page.goto(f"{origin}/attack.html")
+    assert answer.value.status == status
+    assert "fm1." not in answer.value.text()  # no enrollment token was made
+
+
 def test_device_page_shows_details_and_peer_paths(context: Any, fleet: Fleet) -> None:
     page = sign_in(context, fleet, "#/device/cam-1")
     cam1 = fleet.devices["cam-1"]
@@ -167,6 +198,85 @@ def test_release_page_shows_layers_with_delta_savings(context: Any, fleet: Fleet
         f"{saving}%")
     expect(page.locator("tr[data-layer='1'] td[data-col=saving]")).to_have_text("—")
     shot(page, "release-layers")
+    assert page.errors == []
+
+
+def test_device_page_shows_live_logs(context: Any, fleet: Fleet) -> None:
+    fleet.upload_logs("cam-2", ("stdout", "server listening on :8080"),
+                      ("stderr", "warning: <b>cache</b> cold <img src=x onerror=alert(1)>"))
+    page = sign_in(context, fleet, "#/device/cam-2")
+    logs = page.locator("#logs")
+    expect(logs).to_contain_text("server listening on :8080")
+    # Shown as text, never parsed as HTML.
+    expect(logs.locator(".log.stderr")).to_contain_text("warning: <b>cache</b> cold <img")
+    assert logs.locator("b, img").count() == 0
+    expect(page.locator("tr[data-app=web]")).to_contain_text("running")
+    # A line uploaded while the page is open arrives through the long poll.
+    fleet.upload_logs("cam-2", ("stdout", "GET /health 200"))
+    expect(logs).to_contain_text("GET /health 200")
+    expect(logs.locator(".log")).to_have_count(3)
+    shot(page, "device-logs")
+    assert page.errors == []
+
+
+def test_rollout_progress_bars_move(context: Any, fleet: Fleet) -> None:
+    fleet.report("cam-1", app_status("downloading", done=10_000, total=60_000, lan=6_000,
+                                     coordinator=4_000))
+    page = sign_in(context, fleet, "#/devices")
+    bar = page.locator("#devices progress[data-device=cam-1]")
+    expect(bar).to_have_attribute("max", "60000")
+    expect(bar).to_have_attribute("value", "10000")
+    shot(page, "rollout-devices-start")
+    fleet.report("cam-1", app_status("downloading", done=35_000, total=60_000, lan=25_000,
+                                     coordinator=10_000))
+    expect(bar).to_have_attribute("value", "35000")
+    shot(page, "rollout-devices-moving")
+
+    page.goto(fleet.url + f"/#/release/{FLEET}/{APP}/2")
+    row_bar = page.locator("#release-devices progress[data-device=cam-1]")
+    expect(row_bar).to_have_attribute("value", "35000")
+    expect(page.locator("#release-devices tr[data-device=cam-1]")).to_contain_text("LAN 25.0 KB")
+    expect(page.locator("[data-count=running]")).to_have_text("1")  # cam-2
+    expect(page.locator("[data-count=downloading]")).to_have_text("1")
+    fleet.report("cam-1", app_status("downloading", done=60_000, total=60_000, lan=50_000,
+                                     coordinator=10_000))
+    expect(row_bar).to_have_attribute("value", "60000")
+    fleet.report("cam-1", app_status("running", running=2, done=60_000, total=60_000))
+    expect(page.locator("[data-count=running]")).to_have_text("2")
+    expect(page.locator("[data-count=downloading]")).to_have_text("0")
+    shot(page, "rollout-release")
+    with fleet.operator() as op:
+        assert op.release_status(FLEET, APP, 2)["summary"]["running"] == 2
+    assert page.errors == []
+
+
+def test_force_past_a_lock_and_retry_through_the_page(context: Any, fleet: Fleet) -> None:
+    held = time.time() - 2 * 3600  # past the coordinator's default lock_stale_after (1 h)
+    fleet.report("cam-3", app_status("waiting-lock", lock_since=held, done=60_000,
+                                     total=60_000))
+    page = sign_in(context, fleet, f"#/release/{FLEET}/{APP}/2")
+    page.on("dialog", lambda dialog: dialog.accept())
+    row = page.locator("#release-devices tr[data-device=cam-3]")
+    expect(row).to_contain_text("waiting-lock")
+    expect(row.locator(".badge.bad")).to_have_text("stale")
+    assert fleet.target_entries("cam-3")[APP]["force"] is False
+    row.locator("button[data-action=force]").click()
+    expect(page.locator("p.flash")).to_contain_text("done")
+    assert fleet.target_entries("cam-3")[APP]["force"] is True
+    shot(page, "release-force")
+
+    fleet.report("cam-3", app_status("failed", error="health check failed: exit 1",
+                                     failed=(2,)))
+    expect(row).to_contain_text("health check failed: exit 1")
+    expect(page.locator("[data-count=failed]")).to_have_text("1")
+    retry = fleet.target_entries("cam-3")[APP]["retry"]
+    row.locator("button[data-action=retry]").click()
+    expect(page.locator("p.flash")).to_contain_text("Retry web on cam-3: done")
+    assert fleet.target_entries("cam-3")[APP]["retry"] == retry + 1
+    page.click("#retry-failed")
+    expect(page.locator("p.flash")).to_contain_text("every device that failed it: done")
+    assert fleet.target_entries("cam-3")[APP]["retry"] == retry + 2
+    shot(page, "release-retry")
     assert page.errors == []
 
 
