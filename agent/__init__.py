@@ -14,6 +14,7 @@ The CLI is `fleetmesh-agent join …` / `fleetmesh-agent run …` (agent/_comman
 
 from ._agent import (
     Agent,
+    ApplySettings,
     BackendFactory,
     Backoff,
     ClientFactory,
@@ -69,6 +70,7 @@ __all__ = [
     "DataDirError",
     "DeviceApi",
     "GossipNode",
+    "ApplySettings",
     "GossipSettings",
     "GossipStats",
     "Identity",

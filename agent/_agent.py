@@ -1,6 +1,7 @@
 """The agent's trio driver: peer-map long poll, WireGuard reconcile, state reports, and (with
 `gossip=GossipSettings(...)`) the mesh node: gossip, manifests from the coordinator's targets,
-blob exchange, LAN discovery.
+blob exchange, LAN discovery; and (with `GossipSettings(apply=ApplySettings())`) the applier,
+which runs the targeted releases on the device's Docker engine (docs/agent-apply.md).
 
     agent = Agent(data_dir, backend_factory, client_factory)
     async with trio.open_nursery() as nursery:
@@ -29,7 +30,7 @@ import trio
 
 from mesh.blobsched import SchedConfig
 from mesh.clikit import package_version
-from mesh.control import DeviceReport, Enrollment, PeerMap, PeerPath
+from mesh.control import MAX_LOG_LINES, DeviceReport, Enrollment, LogLine, PeerMap, PeerPath
 from mesh.membership import LAN, METERED
 from mesh.rumor import LAN_RUMOR, METERED_RUMOR
 from vpn import (
@@ -42,6 +43,7 @@ from vpn import (
     public_key_from_private,
 )
 
+from ._appsync import AppSync
 from ._blobstore import BlobStore
 from ._datadir import DataDir, DataDirError, Identity
 from ._gossip import GOSSIP_PORT, GossipNode, release_verifier
@@ -100,6 +102,17 @@ TARGETS_RETRY: Final = 30.0  # after a failed read (coordinator unreachable)
 BLOB_CALL_TIMEOUT: Final = 600.0
 GOSSIP_RETRY: Final = 5.0  # the mesh address may not be on the interface yet: retry the bind
 LAN_RETRY: Final = 60.0  # LAN discovery failed (no such underlay, mDNS socket): try again
+APPLY_SYNC_INTERVAL: Final = 1.0  # targets and download progress into the applier (in memory)
+ENGINE_RETRY: Final = 10.0  # the Docker engine did not answer: try again
+LOG_UPLOAD_INTERVAL: Final = 2.0  # app log lines go up in batches, at most this often
+
+
+@dataclass(frozen=True, slots=True)
+class ApplySettings:
+    """Run the targeted releases on the device's Docker engine (`--no-apply` turns it off)."""
+
+    docker_host: str | None = None  # None: DOCKER_HOST or the default socket
+    engine_factory: Callable[[], Any] | None = None  # tests: a fake engine
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +127,7 @@ class GossipSettings:
     # Devices sit on metered links: probe and anti-entropy at memberlist's WAN pace by default
     # (mesh.membership.METERED); "lan" is memberlist's DefaultLANConfig, faster to notice deaths.
     profile: str = "metered"
+    apply: ApplySettings | None = None  # None: fetch releases but do not run them
 
 
 def udp_nudger(ifname: str) -> Nudger:
@@ -150,6 +164,10 @@ async def _poll(client: DeviceApi, *, version: int, wait: float) -> PeerMap | No
 
 async def _report(client: DeviceApi, *, report: DeviceReport) -> None:
     await client.report(report)
+
+
+async def _upload_logs(client: Any, *, lines: list[LogLine], dropped: int) -> None:
+    await client.upload_logs(lines, dropped)
 
 
 async def _targets(client: Any) -> list[dict[str, Any]]:
@@ -276,6 +294,10 @@ class Agent:
         self._reconcile_wake = trio.Event()
         self._report_wake = trio.Event()
         self._targets_wake = trio.Event()
+        self._apply_wake = trio.Event()
+        self.applier: Any = None  # agent._applier.Applier once the engine answers
+        self.appsync: AppSync | None = None
+        self.store: BlobStore | None = None
         self._backend_error: str | None = None
         self.gossip_settings = gossip
         self.gossip: GossipNode | None = None  # the running mesh node
@@ -324,6 +346,8 @@ class Agent:
                         nursery.start_soon(self._targets_loop, self.gossip_settings)
                         if self.gossip_settings.underlay is not None:
                             nursery.start_soon(self._lan_loop, self.gossip_settings)
+                        if self.gossip_settings.apply is not None:
+                            nursery.start_soon(self._apply_loop, self.gossip_settings.apply)
                     task_status.started(self)
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
@@ -504,7 +528,8 @@ class Agent:
         return False
 
     def report(self) -> DeviceReport:
-        return DeviceReport(self.lan_endpoints(), self.agent_version, self.paths)
+        apps = self.appsync.app_statuses() if self.appsync is not None else ()
+        return DeviceReport(self.lan_endpoints(), self.agent_version, self.paths, apps)
 
     async def _report_loop(self) -> None:
         error: str | None = None
@@ -540,10 +565,9 @@ class Agent:
         """Run the node on our mesh address; a bind failure (the address is not on the
         interface yet) is retried. The node carries on without the coordinator."""
         enrollment = self.enrollment
-        try:
-            store = BlobStore(self.data.path / "blobs")
-        except OSError as exc:
-            self.log(f"gossip: cannot open the blob store: {_one_line(exc)}; no mesh node")
+        store = self._blob_store()
+        if store is None:
+            self.log("gossip: no blob store; no mesh node")
             return
         verify = release_verifier(enrollment.release_key, enrollment.fleet)
         error: str | None = None
@@ -554,7 +578,8 @@ class Agent:
                 port=settings.port, sched_config=SchedConfig(peer_sharing=settings.peer_sharing),
                 membership_config=METERED if settings.profile == "metered" else LAN,
                 rumor_config=METERED_RUMOR if settings.profile == "metered" else LAN_RUMOR,
-                rng=random.Random(self._rng.random()), log=lambda m: self.log(f"gossip: {m}"))
+                rng=random.Random(self._rng.random()), log=lambda m: self.log(f"gossip: {m}"),
+                local_layers=self._engine_layers)
             node.set_lan(self._lan_names)
             self.gossip = node
 
@@ -586,6 +611,8 @@ class Agent:
             try:
                 if node is not None:
                     targets = await self._call(_targets, CALL_TIMEOUT)
+                    if self.appsync is not None:
+                        self.appsync.set_targets(targets)
                     for t in targets:
                         app, version = t.get("app"), t.get("version")
                         if not isinstance(app, str) or type(version) is not int:
@@ -597,6 +624,15 @@ class Agent:
                             _manifest, fleet=fleet, app=app, version=version), CALL_TIMEOUT)
                         if node.offer_manifest(data):
                             self.log(f"release {fleet}/{app} v{version} from the coordinator")
+                    sync = self.appsync
+                    for app in list(sync.targets) if sync is not None else []:
+                        assert sync is not None
+                        version = sync.needs_manifest(app)  # a pin back to an older release
+                        if version is not None:
+                            sync.add_manifest(app, version, await self._call(functools.partial(
+                                _manifest, fleet=fleet, app=app, version=version),
+                                CALL_TIMEOUT))
+                    self._apply_wake.set()
             except Exception as exc:  # noqa: BLE001 - never exit on coordinator errors
                 if self._failed("targets", exc, error, settings.targets_interval):
                     return
@@ -619,6 +655,93 @@ class Agent:
             with trio.move_on_after(wait):
                 await self._targets_wake.wait()
             self._targets_wake = trio.Event()
+
+    # -- applying releases (agent/_applier.py, docs/agent-apply.md) --------
+
+    def _blob_store(self) -> BlobStore | None:
+        if self.store is None:
+            try:
+                self.store = BlobStore(self.data.path / "blobs")
+            except OSError as exc:
+                self.log(f"cannot open the blob store: {_one_line(exc)}")
+        return self.store
+
+    def _engine_layers(self) -> frozenset[str]:
+        return self.applier.local_diff_ids() if self.applier is not None else frozenset()
+
+    def _make_engine(self, settings: ApplySettings) -> Any:
+        if settings.engine_factory is not None:
+            return settings.engine_factory()
+        from ._engine import DockerEngine
+
+        return DockerEngine(base_url=settings.docker_host)
+
+    async def _apply_loop(self, settings: ApplySettings) -> None:
+        """Start the applier once the engine answers, then keep its inputs current and upload
+        the app's logs. The applier never stops the agent: its errors are its state."""
+        from ._applier import Applier
+        from ._crashpoints import arm
+
+        enrollment = self.enrollment
+        if enrollment.release_key is None:
+            self.log("apply: no release key was pinned at enrollment; releases are not run")
+            return
+        store = self._blob_store()
+        if store is None:
+            return
+        arm(self.data.path)
+        error: str | None = None
+        while True:
+            try:
+                engine = await trio.to_thread.run_sync(self._make_engine, settings)
+                break
+            except Exception as exc:  # noqa: BLE001 - EngineError, or a fake's
+                message = f"apply: Docker engine: {_one_line(exc)}"
+                if message != error:
+                    self.log(f"{message}; retrying every {ENGINE_RETRY:g} s")
+                    error = message
+            await trio.sleep(ENGINE_RETRY)
+        applier = Applier(device=enrollment.name, fleet=enrollment.fleet,
+                          data_dir=self.data.path, engine=engine, store=store,
+                          release_key_hex=enrollment.release_key,
+                          log=lambda m: self.log(f"apply: {m}"))
+        self.appsync = AppSync(applier, enrollment.fleet, self._newest_manifest,
+                               lambda m: self.log(f"apply: {m}"))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(applier.run)
+            self.applier = applier
+            self._targets_wake.set()  # read the targets now that they can be applied
+            nursery.start_soon(self._logs_loop, applier)
+            while True:
+                if self.appsync.sync(self.gossip, trio.current_time()):
+                    self._report_wake.set()
+                with trio.move_on_after(APPLY_SYNC_INTERVAL):
+                    await self._apply_wake.wait()
+                self._apply_wake = trio.Event()
+
+    def _newest_manifest(self, app: str) -> tuple[int, bytes] | None:
+        node = self.gossip
+        return node.rumor.newest(self.enrollment.fleet, app) if node is not None else None
+
+    async def _logs_loop(self, applier: Any) -> None:
+        """The app's log lines to the coordinator; kept (within the buffer's bound) while it
+        cannot be reached."""
+        error: str | None = None
+        while not self.revoked:
+            lines, dropped = applier.logs.take(MAX_LOG_LINES)
+            if lines or dropped:
+                try:
+                    batch = [LogLine.from_json(x) if isinstance(x, dict) else x for x in lines]
+                    await self._call(functools.partial(_upload_logs, lines=batch,
+                                                       dropped=dropped), CALL_TIMEOUT)
+                except Exception as exc:  # noqa: BLE001 - never exit on coordinator errors
+                    applier.logs.put_back(lines, dropped)
+                    if self._failed("logs", exc, error, LOG_UPLOAD_INTERVAL):
+                        return
+                    error = _one_line(exc)
+                else:
+                    error = None
+            await trio.sleep(LOG_UPLOAD_INTERVAL)
 
     def _on_lan_change(self, neighbours: Any) -> None:
         self._lan_names = frozenset(n.name for n in neighbours)

@@ -19,7 +19,14 @@ from mesh.clikit import CliError, package_version
 from mesh.control import ControlError, Enrollment, TokenParts, check_endpoint, check_name
 from vpn import WireGuardGoError, generate_keypair, public_key_from_private
 
-from ._agent import Agent, BackendFactory, ClientFactory, GossipSettings, stderr_log
+from ._agent import (
+    Agent,
+    ApplySettings,
+    BackendFactory,
+    ClientFactory,
+    GossipSettings,
+    stderr_log,
+)
 from ._datadir import DataDir, DataDirError, Identity
 from ._device import DEFAULT_IFNAME, DEFAULT_WG_PORT, WireGuardGoDevice, lan_endpoints
 from ._gossip import GOSSIP_PORT
@@ -273,7 +280,9 @@ def _run(args: argparse.Namespace) -> int:
         if underlay is None and args.lan_endpoint:
             underlay = args.lan_endpoint[0].rsplit(":", 1)[0]  # the LAN address we report
         gossip = GossipSettings(port=args.gossip_port, peer_sharing=not args.no_peer_sharing,
-                                underlay=underlay, profile=args.gossip_profile)
+                                underlay=underlay, profile=args.gossip_profile,
+                                apply=None if args.no_apply else
+                                ApplySettings(docker_host=args.docker_host))
     try:
         backend = real_backend_factory(args.interface, args.wg_mount_namespace)
         agent = Agent(data, backend, sdk_client_factory(),
@@ -329,6 +338,11 @@ def add_run_parser(sub: Any) -> None:
                    help="membership pace: metered (default; memberlist's WAN probe timings, "
                         "push-pull every 120 s) or lan (memberlist's LAN defaults: faster to "
                         "notice a dead device, ~5x the idle traffic)")
+    p.add_argument("--no-apply", action="store_true",
+                   help="fetch releases but do not run them on Docker (no engine needed)")
+    p.add_argument("--docker-host", metavar="URL", default=None,
+                   help="the device's Docker engine, e.g. unix:///run/docker.sock (default: "
+                        "DOCKER_HOST, else the default socket)")
     p.add_argument("--no-peer-sharing", action="store_true",
                    help="fetch every blob from the coordinator (the baseline for comparison)")
     p.add_argument("--underlay", metavar="IF_OR_IPV4", default=None,

@@ -147,8 +147,7 @@ def wanted_blobs(manifest: ReleaseManifest, complete_layers: Iterable[str],
 
     Per layer: nothing more if all its chunks are held; else its delta if the store holds a
     complete layer that one of its deltas names as source; else all its chunks. (The store
-    stands in for the Docker engine's layers here; the agent-apply issue makes this
-    engine-aware.)
+    and the layers of the Docker engine's images, both given as `complete_layers`.)
     """
     bases = frozenset(complete_layers)
     out: dict[bytes, WantedBlob] = {}
@@ -229,6 +228,8 @@ class _Release:
     sched: BlobScheduler
     wanted: dict[bytes, WantedBlob]
     wanting: bool = False  # `want` has been given to the scheduler (see STARTUP_SETTLE)
+    # blob bytes received for this release, by source (the agent reports them per release)
+    received: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
 @dataclass(slots=True)
@@ -254,8 +255,12 @@ class GossipNode:
                  transport: TransportConfig | None = None,
                  rng: random.Random | None = None,
                  clock: Callable[[], float] = trio.current_time,
-                 log: Log | None = None) -> None:
+                 log: Log | None = None,
+                 local_layers: Callable[[], frozenset[str]] | None = None) -> None:
         self.name = name
+        # diff IDs the device's Docker engine holds (agent/_applier.py): delta bases beside the
+        # complete layers of the blob store
+        self.local_layers = local_layers if local_layers is not None else frozenset
         self.mesh_ip = mesh_ip
         self.port = port
         self.fleet = fleet
@@ -296,6 +301,17 @@ class GossipNode:
 
     def releases(self) -> dict[AppKey, ReleaseKey]:
         return {k: r.key for k, r in self._releases.items()}
+
+    def progress(self, fleet: str, app: str) -> tuple[int, int, int, dict[str, int]] | None:
+        """(version, bytes held, bytes wanted, bytes received by source: lan, wan_peer,
+        coordinator) of the newest release of an app, None if no release is known."""
+        r = self._releases.get((fleet, app))
+        if r is None:
+            return None
+        total = sum(w.size for w in r.wanted.values())
+        done = sum(w.size for b, w in r.wanted.items() if b in r.sched.have)
+        return r.key.version, done, total, {k: r.received[k] for k in
+                                            ("lan", "wan_peer", "coordinator")}
 
     def complete(self, fleet: str, app: str) -> bool:
         r = self._releases.get((fleet, app))
@@ -455,7 +471,8 @@ class GossipNode:
                                       for layer in manifest.layers})
         except OSError as exc:
             self.log(f"cannot record the layer index: {exc}")
-        wanted = wanted_blobs(manifest, self.store.complete_layers(), self.store.has)
+        wanted = wanted_blobs(manifest, self.store.complete_layers() | self.local_layers(),
+                              self.store.has)
         key = ReleaseKey(manifest.fleet, manifest.app, manifest.version)
         if old is not None:
             for k in [k for k in self._downloads if k[0] == app]:
@@ -630,6 +647,7 @@ class GossipNode:
             self.log(f"blob {dl.blob_id.hex()[:16]} from the coordinator: {exc}")
             return None
         self.stats.bytes_coordinator += len(data)
+        dl.release.received["coordinator"] += len(data)
         return data
 
     async def _download_peer(self, dl: _Download) -> bytes | None:
@@ -668,6 +686,7 @@ class GossipNode:
                     self.stats.counters["bad_pieces"] += 1
                     return b""  # not what we asked for: fails verification below
                 setattr(self.stats, kind, getattr(self.stats, kind) + len(m.data))
+                dl.release.received["lan" if kind == "bytes_lan" else "wan_peer"] += len(m.data)
                 pieces[offset] = m.data
                 got += len(m.data)
         return b"".join(pieces[o] for o in sorted(pieces))

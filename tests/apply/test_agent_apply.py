@@ -1,0 +1,183 @@
+"""The agent with its applier (fake engine): the coordinator's target reaches the engine, the
+report carries the app's state, a target change through the peer map moves the app on."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from agent import Agent, ApplySettings, DataDir, GossipSettings, Identity
+from agent._appsync import AppSync
+from mesh.control import AppStatus, Enrollment, LogLine, PeerMap
+from mesh.release import ContainerSettings, HealthCheck, HealthKind
+from tests.agent.fakes import HUB, KEYS, FakeClient, FakeCoordinator, FakeWireGuard
+from tests.gossip.helpers import free_port, wait_for
+
+from ._fake import Clock, FakeEngine, Releases
+
+URL = "https://198.51.100.1:8443"
+QUICK = ContainerSettings(health_check=HealthCheck(HealthKind.RUNNING, seconds=0.2,
+                                                   interval_s=0.1))
+
+
+class RealClock(Clock):
+    def __call__(self) -> float:
+        return time.time()
+
+
+class AppCoordinator(FakeCoordinator):
+    def __init__(self) -> None:
+        super().__init__(PeerMap(1, HUB))
+        self.targets: list[dict[str, Any]] = []
+        self.manifests: dict[tuple[str, str, int], bytes] = {}
+        self.logs: list[LogLine] = []
+
+    def factory(self, url: str, credential: str, cert_der: bytes) -> FakeClient:
+        client = AppClient(self, url, credential, cert_der)
+        self.clients.append(client)
+        return client
+
+    def apps(self) -> dict[str, AppStatus]:
+        return {a.app: a for a in self.reports[-1][1].apps} if self.reports else {}
+
+
+class AppClient(FakeClient):
+    coord: AppCoordinator
+
+    async def targets(self) -> list[dict[str, Any]]:
+        await self._gate()
+        return self.coord.targets
+
+    async def manifest(self, fleet: str, app: str, version: int) -> bytes:
+        await self._gate()
+        return self.coord.manifests[(fleet, app, version)]
+
+    async def blob(self, blob_id: str, start: int | None = None, end: int | None = None
+                   ) -> bytes:
+        raise AssertionError("every blob is held already")
+
+    async def upload_logs(self, lines: list[LogLine], dropped: int = 0) -> None:
+        await self._gate()
+        self.coord.logs.extend(lines)
+
+
+def device(tmp: Path, release_key: str) -> DataDir:
+    data = DataDir(tmp / "dev")
+    data.write_key(KEYS[0].private)
+    e = Enrollment("dev-0", "home-0", "cams", "cred-0", "127.0.0.60", "fd7a:f1ee::60",
+                   "10.250.0.0/16", "fd7a:f1ee::/64", HUB, release_key)
+    data.write_identity(Identity(URL, e, b"\x30\x82fake-der", 51820, None))
+    return data
+
+
+async def test_targets_are_applied_and_reported(tmp_path: Path) -> None:
+    releases = Releases(tmp_path / "dev", app="web")  # its blob store is the agent's
+    data = device(tmp_path, releases.key_hex)
+    coord = AppCoordinator()
+    for v in (1, 2):
+        coord.manifests[("cams", "web", v)] = releases.make(v, QUICK)
+    coord.targets = [{"app": "web", "version": 1, "pin": None, "force": False, "retry": 0}]
+    engine = FakeEngine(RealClock())
+    logs: list[str] = []
+    agent = Agent(data, FakeWireGuard().factory(), coord.factory, log=logs.append,
+                  gossip=GossipSettings(port=free_port(),
+                                        apply=ApplySettings(engine_factory=lambda: engine)))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(agent.run)
+            await wait_for(lambda: coord.apps().get("web") is not None
+                           and coord.apps()["web"].state == "running", 0.05)
+            web = coord.apps()["web"]
+            assert (web.running, web.target) == (1, 1)
+            assert [c.version for c in engine.running("home-0", "web")] == [1]
+            # v2 becomes the target: the peer map's targets revision tells the agent
+            coord.targets = [{"app": "web", "version": 2, "pin": None, "force": False,
+                              "retry": 0}]
+            coord.publish(PeerMap(2, HUB, targets=1))
+            await wait_for(lambda: coord.apps()["web"].running == 2
+                           and coord.apps()["web"].state == "running", 0.05)
+            assert [c.version for c in engine.running("home-0", "web")] == [2]
+            assert not any("refused" in m for m in logs)
+            nursery.cancel_scope.cancel()
+
+
+class _Applier:
+    def __init__(self) -> None:
+        self.targets: dict[str, tuple[bytes, bool, bool, int]] = {}
+        self.progress: dict[str, tuple[int, int]] = {}
+        self.cleared: list[str] = []
+        self.state = "downloading"
+
+    def set_target(self, app: str, signed: bytes, *, ready: bool, force: bool = False,
+                   retry: int = 0) -> bool:
+        self.targets[app] = (signed, ready, force, retry)
+        return signed != b"bad"
+
+    def clear_target(self, app: str) -> None:
+        self.cleared.append(app)
+        self.targets.pop(app, None)
+
+    def set_progress(self, app: str, bytes_done: int, bytes_total: int,
+                     by_source: dict[str, int]) -> None:
+        self.progress[app] = (bytes_done, bytes_total)
+
+    def statuses(self) -> list[dict[str, Any]]:
+        done, total = self.progress.get("web", (0, 0))
+        return [{"app": "web", "state": self.state, "running": None, "target": 2,
+                 "bytes_done": done, "bytes_total": total, "by_source": None,
+                 "lock_since": None, "error": None, "failed": [], "retry_seen": 0,
+                 "updated_at": 1.0}]
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.done = 0
+
+    def progress(self, fleet: str, app: str) -> tuple[int, int, int, dict[str, int]] | None:
+        return (2, self.done, 100, {"lan": self.done}) if app == "web" else None
+
+    def complete(self, fleet: str, app: str) -> bool:
+        return self.done == 100
+
+
+def test_appsync_readiness_progress_and_report_pace() -> None:
+    applier, node = _Applier(), _Node()
+    newest = {"web": (2, b"m2")}
+    logs: list[str] = []
+    sync = AppSync(applier, "cams", newest.get, logs.append)
+    sync.set_targets([{"app": "web", "version": 2, "force": True, "retry": 3},
+                      {"app": "x", "version": "2"}, {"version": 1}])  # malformed: skipped
+    assert list(sync.targets) == ["web"]
+    assert sync.sync(node, 0.0)  # first status: report now
+    assert applier.targets["web"] == (b"m2", False, True, 3)
+    node.done = 10
+    assert not sync.sync(node, 1.0)  # bytes moved, but within PROGRESS_REPORT_SPACING
+    node.done = 20
+    assert sync.sync(node, 2.5)  # bytes moved, 2 s since the last report
+    assert applier.progress["web"] == (20, 100)
+    node.done = 100
+    applier.state = "loading"
+    assert sync.sync(node, 2.6)  # a state change is reported at once
+    assert applier.targets["web"][1] is True  # ready: every wanted blob held
+    # a pin back to v1: the node holds only v2's manifest, so the agent fetches v1's
+    sync.set_targets([{"app": "web", "version": 1}])
+    assert sync.needs_manifest("web") == 1
+    sync.add_manifest("web", 1, b"m1")
+    assert sync.needs_manifest("web") is None
+    sync.sync(node, 3.0)
+    assert applier.targets["web"][:2] == (b"m1", True)
+    # a newer target than gossip holds arrives by gossip/offer, not by a second fetch
+    sync.set_targets([{"app": "web", "version": 3}])
+    assert sync.needs_manifest("web") is None
+    # a refused manifest is logged once
+    sync.set_targets([{"app": "web", "version": 1}])
+    sync.add_manifest("web", 1, b"bad")
+    sync.sync(node, 4.0)
+    sync.sync(node, 5.0)
+    assert sum("manifest refused" in m for m in logs) == 1
+    sync.set_targets([])
+    assert applier.cleared == ["web"]
+    assert [a.app for a in sync.app_statuses()] == ["web"]
