@@ -43,7 +43,7 @@ from vpn import (
     public_key_from_private,
 )
 
-from ._appsync import AppSync
+from ._appsync import AppSync, pin_checker
 from ._blobstore import BlobStore
 from ._datadir import DataDir, DataDirError, Identity
 from ._gossip import GOSSIP_PORT, GossipNode, release_verifier
@@ -706,7 +706,9 @@ class Agent:
                           release_key_hex=enrollment.release_key,
                           log=lambda m: self.log(f"apply: {m}"))
         self.appsync = AppSync(applier, enrollment.fleet, self._newest_manifest,
-                               lambda m: self.log(f"apply: {m}"))
+                               lambda m: self.log(f"apply: {m}"),
+                               pin_checker(enrollment.release_key, enrollment.fleet,
+                                           enrollment.name))
         async with trio.open_nursery() as nursery:
             await nursery.start(applier.run)
             self.applier = applier

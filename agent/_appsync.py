@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final, Protocol
 
 from mesh.control import AppStatus, ControlError
+from mesh.release import ReleaseError, decode_signed_pin, verify_pin
 
 # While bytes arrive, a progress report at most this often: each is a TLS request over the
 # same metered link the release is crossing (docs/gossip.md "Idle cost").
@@ -46,12 +47,34 @@ def _shape(status: dict[str, Any]) -> tuple[Any, ...]:
                  if k not in ("bytes_done", "by_source", "updated_at"))
 
 
+def pin_checker(release_key_hex: str, fleet: str, device: str
+                ) -> Callable[[str, int, object], bool]:
+    """(app, version, pin hex) -> True if the pin is signed with the device's pinned release
+    key and names that release for this fleet and for this device or every device."""
+    key = bytes.fromhex(release_key_hex)
+
+    def ok(app: str, version: int, pin_hex: object) -> bool:
+        if not isinstance(pin_hex, str):
+            return False
+        try:
+            pin = verify_pin(decode_signed_pin(bytes.fromhex(pin_hex)), key)
+        except (ValueError, ReleaseError):
+            return False
+        return (pin.fleet, pin.app, pin.version) == (fleet, app, version) and \
+            pin.device in (None, device)
+
+    return ok
+
+
 class AppSync:
     def __init__(self, applier: ApplierView, fleet: str,
                  newest_manifest: Callable[[str], tuple[int, bytes] | None],
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None],
+                 pin_ok: Callable[[str, int, object], bool] = lambda app, version, pin: False
+                 ) -> None:
         self.applier = applier
         self.fleet = fleet
+        self.pin_ok = pin_ok  # a rollback needs a pin the operator signed (pin_checker)
         self.newest_manifest = newest_manifest  # app -> the gossip node's (version, signed)
         self.log = log
         self.targets: dict[str, dict[str, Any]] = {}  # app -> the coordinator's target entry
@@ -98,8 +121,19 @@ class AppSync:
     def sync(self, node: NodeView | None, now: float) -> bool:
         """Push targets and progress into the applier; True if the apps' report changed enough
         to send it now (a state change at once, byte progress at most every 2 s)."""
+        running = {s.get("app"): s.get("running") for s in self.applier.statuses()}
         for app, t in self.targets.items():
             version = int(t["version"])
+            now_running = running.get(app)
+            if isinstance(now_running, int) and version < now_running \
+                    and not self.pin_ok(app, version, t.get("pin")):
+                # never back without a pin the operator signed: not on the coordinator's word
+                # alone, nor when the newest release was deleted and an older one is newest
+                if (app, version) not in self._refused:
+                    self._refused.add((app, version))
+                    self.log(f"release {self.fleet}/{app} v{version}: older than the running "
+                             f"v{now_running} and no valid signed pin; staying")
+                continue
             newest = self.newest_manifest(app)
             signed = newest[1] if newest is not None and newest[0] == version else \
                 self._manifests.get((app, version))

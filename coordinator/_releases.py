@@ -173,6 +173,8 @@ class ReleaseRegistry:
                 delta_size=sum(d.size for layer in m.layers for d in layer.deltas),
                 blob_ids=tuple(i for i, _, _ in refs))
             stored, created = self.store.add_release(release)
+        if created:  # the fleet's newest: the target of every device nobody pinned
+            self.targets_changed(m.fleet, None)
         return release_info(stored), created
 
     def _release(self, fleet: str, app: str, version: int) -> Release:
@@ -205,7 +207,8 @@ class ReleaseRegistry:
         """Remove the release and the blobs no other release names → blobs removed."""
         async with self._lock:
             orphans = self.store.delete_release(fleet, app, version)
-            return await trio.to_thread.run_sync(self.blobs.delete, orphans)
+        self.targets_changed(fleet, None)  # it may have been the newest: devices re-read
+        return await trio.to_thread.run_sync(self.blobs.delete, orphans)
 
     # -- keys and targets --------------------------------------------------------------------
 
@@ -273,9 +276,18 @@ class ReleaseRegistry:
         self.targets_changed(fleet, device)
         return target_info(target)
 
+    def _newest(self, fleet: str) -> dict[str, Target]:
+        """Per app: the fleet's newest release, as the target of devices nobody pinned."""
+        newest: dict[str, Target] = {}
+        for r in self.store.list_releases(fleet):
+            if r.app not in newest or r.version > newest[r.app].version:
+                newest[r.app] = Target(fleet, r.app, r.version, None, None, r.published_at)
+        return newest
+
     def _targets_of(self, device: Device) -> dict[str, Target]:
-        """Per app: the device's own target over the fleet's."""
-        return chosen_targets(self.store.targets(device.fleet), device.name)
+        """Per app: the device's own target over the fleet's over the newest release."""
+        return chosen_targets(self.store.targets(device.fleet), device.name,
+                              self._newest(device.fleet))
 
     def device_targets(self, device: Device) -> list[dict[str, Any]]:
         """Per app: the device's target, with the operator's force and retry counter."""
@@ -335,12 +347,13 @@ class ReleaseRegistry:
         self._release(fleet, app, version)
         now = self.clock()
         targets = self.store.targets(fleet)
+        newest = self._newest(fleet)
         statuses = self.store.app_statuses(fleet)
         rows = []
         for d in self.store.list_devices(fleet):
             if d.state is not DeviceState.ACTIVE:
                 continue
-            target = chosen_targets(targets, d.name).get(app)
+            target = chosen_targets(targets, d.name, newest).get(app)
             status = _status_of(statuses, d, app)
             state = device_release_state(version, None if target is None else target.version,
                                          status)
@@ -376,12 +389,18 @@ SUMMARY_STATES: Final = {
     "waiting": ("waiting-lock",), "pending": (PENDING,), "superseded": (SUPERSEDED,)}
 
 
-def chosen_targets(targets: list[Target], device: str) -> dict[str, Target]:
-    """Per app: the device's own target over the fleet's."""
-    chosen: dict[str, Target] = {}
+def chosen_targets(targets: list[Target], device: str,
+                   newest: dict[str, Target] | None = None) -> dict[str, Target]:
+    """Per app: the device's own target (a pin) over the fleet's (the operator holds the
+    fleet on a release) over the fleet's newest release."""
+    chosen: dict[str, Target] = dict(newest or {})
+    fleet_set: set[str] = set()
     for t in targets:
         if t.device is None:
-            chosen.setdefault(t.app, t)
+            if t.app not in fleet_set:
+                fleet_set.add(t.app)
+                if chosen.get(t.app) is None or chosen[t.app].device is None:
+                    chosen[t.app] = t
         elif t.device == device:
             chosen[t.app] = t
     return chosen

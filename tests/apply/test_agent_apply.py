@@ -3,16 +3,25 @@ report carries the app's state, a target change through the peer map moves the a
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import trio
+from nacl.signing import SigningKey
 
 from agent import Agent, ApplySettings, DataDir, GossipSettings, Identity
-from agent._appsync import AppSync
+from agent._appsync import AppSync, pin_checker
 from mesh.control import AppStatus, Enrollment, LogLine, PeerMap
-from mesh.release import ContainerSettings, HealthCheck, HealthKind
+from mesh.release import (
+    ContainerSettings,
+    HealthCheck,
+    HealthKind,
+    ReleasePin,
+    encode_signed_pin,
+    sign_pin,
+)
 from tests.agent.fakes import HUB, KEYS, FakeClient, FakeCoordinator, FakeWireGuard
 from tests.gossip.helpers import free_port, wait_for
 
@@ -110,6 +119,7 @@ class _Applier:
         self.progress: dict[str, tuple[int, int]] = {}
         self.cleared: list[str] = []
         self.state = "downloading"
+        self.running: int | None = None
 
     def set_target(self, app: str, signed: bytes, *, ready: bool, force: bool = False,
                    retry: int = 0) -> bool:
@@ -126,7 +136,7 @@ class _Applier:
 
     def statuses(self) -> list[dict[str, Any]]:
         done, total = self.progress.get("web", (0, 0))
-        return [{"app": "web", "state": self.state, "running": None, "target": 2,
+        return [{"app": "web", "state": self.state, "running": self.running, "target": 2,
                  "bytes_done": done, "bytes_total": total, "by_source": None,
                  "lock_since": None, "error": None, "failed": [], "retry_seen": 0,
                  "updated_at": 1.0}]
@@ -181,3 +191,29 @@ def test_appsync_readiness_progress_and_report_pace() -> None:
     sync.set_targets([])
     assert applier.cleared == ["web"]
     assert [a.app for a in sync.app_statuses()] == ["web"]
+
+
+def test_appsync_goes_back_only_with_a_signed_pin() -> None:
+    key, other = SigningKey(os.urandom(32)), SigningKey(os.urandom(32))
+    applier, node = _Applier(), _Node()
+    applier.running = 2
+    logs: list[str] = []
+    ok = pin_checker(bytes(key.verify_key).hex(), "cams", "home-0")
+    sync = AppSync(applier, "cams", {"web": (2, b"m2")}.get, logs.append, ok)
+
+    def pin(k: SigningKey, version: int = 1, device: str | None = None) -> str:
+        return encode_signed_pin(sign_pin(ReleasePin("cams", "web", version, device), k)).hex()
+
+    sync.add_manifest("web", 1, b"m1")
+    for bad in (None, "zz", pin(other), pin(key, version=3), pin(key, device="home-9")):
+        sync.set_targets([{"app": "web", "version": 1, "pin": bad}])
+        sync.add_manifest("web", 1, b"m1")
+        sync.sync(node, 0.0)
+        assert "web" not in applier.targets, bad  # the running v2 stays
+    assert sum("no valid signed pin" in m for m in logs) == 1
+    for good in (pin(key), pin(key, device="home-0")):
+        applier.targets.clear()
+        sync.set_targets([{"app": "web", "version": 1, "pin": good}])
+        sync.add_manifest("web", 1, b"m1")
+        sync.sync(node, 0.0)
+        assert applier.targets["web"][0] == b"m1"

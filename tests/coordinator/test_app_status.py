@@ -139,8 +139,10 @@ async def test_release_status_derives_each_state(h: Harness) -> None:
 async def test_force_and_retry_reach_the_targets_and_force_clears(h: Harness) -> None:
     await releases(h, 1, 2)
     a, b, c = await h.enroll("a"), await h.enroll("b"), await h.enroll("c")
-    r = await h.op.post("/api/v1/devices/a/update", json={"app": "app", "force": True})
+    r = await h.op.post("/api/v1/devices/a/update", json={"app": "ghost", "force": True})
     assert r.status_code == 409 and "no target" in r.json()["error"]
+    # with no target set, the fleet's newest release is every device's target
+    assert (await targets(a))["app"]["version"] == 2
     await set_target(h, 2)
     assert (await targets(a))["app"] == {"app": "app", "version": 2, "pin": None,
                                          "force": False, "retry": 0}

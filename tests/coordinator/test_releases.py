@@ -286,3 +286,41 @@ async def test_a_target_change_wakes_the_devices_peer_map_long_poll(h: Harness) 
     after1, after2 = await next_map(cam, m1["version"]), await next_map(cam2, m2["version"])
     assert after1 is not None and after1["targets"] > m1["targets"]
     assert after2 is None
+
+
+async def test_the_newest_release_is_the_default_target_and_publishing_wakes_devices(
+        h: Harness) -> None:
+    key = SigningKey.generate()
+    cam = await h.enroll("cam")
+    r = await cam.client.get("/api/v1/device/target")
+    assert r.json() == {"targets": []}
+    await trio.sleep(0.3)  # past the enrollment batch
+    m = (await cam.client.get("/api/v1/device/peermap", params={"version": 0})).json()
+    rel = build(key, version=1)
+    await upload(h, rel)
+    got: dict[str, Any] = {}
+
+    async def poll() -> None:
+        r = await cam.client.get("/api/v1/device/peermap",
+                                 params={"version": m["version"], "wait": 3})
+        got["map"] = r.json() if r.status_code == 200 else None
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(poll)
+        await trio.sleep(0.2)
+        await publish(h, rel)
+    assert got["map"] is not None and got["map"]["targets"] > m["targets"]
+    targets = (await cam.client.get("/api/v1/device/target")).json()["targets"]
+    assert [(t["app"], t["version"]) for t in targets] == [("app", 1)]
+    rel2 = build(key, version=2)
+    await upload(h, rel2)
+    await publish(h, rel2)
+    targets = (await cam.client.get("/api/v1/device/target")).json()["targets"]
+    assert [(t["app"], t["version"]) for t in targets] == [("app", 2)]
+    # the operator holds the fleet on 2; a newer release does not move it
+    await h.op.put("/api/v1/fleets/fleet/target", json={"app": "app", "version": 2})
+    rel3 = build(key, version=3)
+    await upload(h, rel3)
+    await publish(h, rel3)
+    targets = (await cam.client.get("/api/v1/device/target")).json()["targets"]
+    assert [(t["app"], t["version"]) for t in targets] == [("app", 2)]
