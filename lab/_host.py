@@ -24,6 +24,7 @@ LOCK_FILE: Final = STATE_DIR / "lock"
 NETNS_DIR: Final = Path("/var/run/netns")
 NETNS_PREFIX: Final = "fm-"
 WG_RUN_DIR: Final = Path("/run/wireguard")
+CONTAINERD_RUN_DIR: Final = Path("/run/containerd")
 
 MNT_DETACH: Final = 2
 

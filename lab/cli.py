@@ -1,8 +1,10 @@
 """fleetmesh-lab: bring a namespace fleet up, look at it, run things in it, tear it down.
 
-Exit codes: 0 ok; 1 nothing is up (status, exec); 2 bad input (usage, topology file, unknown
-node, not root, a lab already up, a subnet that overlaps the host); 3 the lab operation itself
-failed (a kernel or tool error while building or tearing down). exec returns the command's code.
+Exit codes: 0 ok; 1 nothing is up (status, exec, agent); 2 bad input (usage, topology file,
+unknown node, not root, a lab already up, a subnet that overlaps the host; agent: a node that is
+not a device, a lab without a fleet, killing an agent that is not running); 3 the lab operation
+itself failed (a kernel or tool error while building or tearing down, an agent that does not
+start). exec returns the command's code.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Sequence
 
 from ._host import LabError, LabUsageError
 from .core import Lab, LabNotUp, teardown_all
-from .fleet import API_PORT, FLEET
+from .fleet import API_PORT, FLEET, kill_agent, start_agent, stop_agent
 from .topology import TopologyError, load_topology
 
 EXIT_NOT_UP = 1
@@ -45,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("exec", help="run a command in a node: exec NODE -- CMD...")
     ex.add_argument("node", metavar="NODE")
     ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="CMD")
+    ag = sub.add_parser("agent", help="stop, start or kill (SIGKILL) a device's agent")
+    ag.add_argument("node", metavar="NODE")
+    ag.add_argument("action", choices=("stop", "start", "kill"), metavar="stop|start|kill")
     return p
 
 
@@ -80,6 +85,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
               f"{len(lab.devices)} agent(s) enrolled and online in fleet {FLEET!r}"
               + ("; try: fleetmesh-lab exec operator -- fleetmesh devices list"
                  if topo.operator else ""))
+        st = lab.status()
+        print(f"  dashboard {st['dashboard_url']} (from this host), operator key "
+              f"{st['operator_key']}")
+        if st["engines"]:
+            print(f"  {len(st['engines'])} Docker engine(s): "
+                  f"fleetmesh-lab exec NODE -- docker ...")
     return 0
 
 
@@ -126,6 +137,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
                         f"{r['wan_if']} {r['wan_ipv4']}", r["lan_subnet"],
                         str(r["wan_rx_bytes"]), str(r["wan_tx_bytes"]))
     console.print(routers)
+    if st["agents"]:
+        agents = Table(title="agents")
+        for col in ("device", "state", "pid", "restarts", "engine"):
+            agents.add_column(col)
+        engines = {e["node"]: e for e in st["engines"]}
+        for a in st["agents"]:
+            e = engines.get(a["node"])
+            agents.add_row(a["node"], a["state"], str(a["pid"] or "-"), str(a["restarts"]),
+                           (e["docker_host"] if e["running"] else "not running") if e else "-")
+        console.print(agents)
+    if st["dashboard_url"]:
+        console.print(f"dashboard {st['dashboard_url']}  operator key {st['operator_key']}")
     return 0
 
 
@@ -136,13 +159,9 @@ def _cmd_exec(args: argparse.Namespace) -> int:
     if not argv:
         _err("exec: no command given (usage: exec NODE -- CMD...)")
         return EXIT_USAGE
-    if (rc := _require_root()) is not None:
-        return rc
-    try:
-        lab = Lab.load()
-    except LabNotUp:
-        _err("no lab is up")
-        return EXIT_NOT_UP
+    lab = _lab_that_is_up()
+    if isinstance(lab, int):
+        return lab
     node = lab.node(args.node)  # LabError (exit 2) for an unknown node
     try:
         proc = subprocess.Popen(lab.command(node, argv))
@@ -158,6 +177,32 @@ def _cmd_exec(args: argparse.Namespace) -> int:
     return rc if rc >= 0 else 128 - rc
 
 
+def _lab_that_is_up() -> Lab | int:
+    """The lab that is up, or the exit code to return (not root, nothing up)."""
+    if (rc := _require_root()) is not None:
+        return rc
+    try:
+        return Lab.load()
+    except LabNotUp:
+        _err("no lab is up")
+        return EXIT_NOT_UP
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    lab = _lab_that_is_up()
+    if isinstance(lab, int):
+        return lab
+    if args.action == "stop":
+        n = stop_agent(lab, args.node)
+        print(f"{args.node}: agent stopped" if n else f"{args.node}: agent was not running")
+    elif args.action == "start":
+        print(f"{args.node}: agent running, pid {start_agent(lab, args.node)}")
+    else:
+        pid = kill_agent(lab, args.node)
+        print(f"{args.node}: agent pid {pid} killed (SIGKILL); its supervisor restarts it")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -167,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_down(args)
         if args.cmd == "status":
             return _cmd_status(args)
+        if args.cmd == "agent":
+            return _cmd_agent(args)
         return _cmd_exec(args)
     except TopologyError as e:
         _err(str(e))

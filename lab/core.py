@@ -25,6 +25,7 @@ from pyroute2 import IPRoute, NetlinkError, netns
 
 from . import _host
 from ._host import (
+    CONTAINERD_RUN_DIR,
     NETNS_DIR,
     NETNS_PREFIX,
     STATE_DIR,
@@ -136,6 +137,8 @@ def _mnt(node_name: str) -> str:
 
 
 HOLDER_PLACEHOLDER: Final = "holder:"
+SUPERVISOR_MODULE: Final = "lab.supervise"  # in the argv of every agent supervisor
+TEARDOWN_ROUNDS: Final = 5
 
 
 def root_of(mountns_path: str) -> str:
@@ -515,13 +518,24 @@ class Lab:
             # entering a mount namespace resets root and cwd to the namespace's; keep ours
             cmd += [f"--mount={n.mountns_path}", f"--root={root_of(n.mountns_path)}",
                     f"--wd={os.getcwd()}"]
-        # fleetmesh's own commands on PATH; the operator node is configured for the CLI
-        env = [f"PATH={VENV_BIN}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"]
-        fleet = self.state_now().get("fleet") if n.role == "operator" else None
+        return cmd + ["--", "env", *(f"{k}={v}" for k, v in self.node_env(n).items()), *argv]
+
+    def node_env(self, node: str | Node) -> dict[str, str]:
+        """What `command` sets in a node: fleetmesh's own commands on PATH; DOCKER_HOST for a
+        node with an engine; on the operator the fleet's operator config, release key and fleet
+        name, so `fleetmesh release create IMAGE --app A` needs no flags."""
+        n = node if isinstance(node, Node) else self.node(node)
+        state = self.state_now()
+        env = {"PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"}
+        engine = state.get("engines", {}).get(n.name)
+        if engine:
+            env["DOCKER_HOST"] = engine["docker_host"]
+        fleet = state.get("fleet") if n.role == "operator" else None
         if fleet:
-            env += [f"FLEETMESH_URL={fleet['url']}", f"FLEETMESH_API_KEY={fleet['api_key']}",
-                    f"FLEETMESH_FINGERPRINT={fleet['fingerprint']}"]
-        return cmd + ["--", "env", *env, *argv]
+            env |= {"FLEETMESH_URL": fleet["url"], "FLEETMESH_API_KEY": fleet["api_key"],
+                    "FLEETMESH_FINGERPRINT": fleet["fingerprint"]}
+            env |= fleet.get("operator_env", {})
+        return env
 
     def run(self, node: str | Node, argv: Sequence[str], **kwargs: Any
             ) -> subprocess.CompletedProcess[Any]:
@@ -563,6 +577,10 @@ class Lab:
         return self.link_counters(r, r.wan_if)
 
     def status(self) -> dict[str, Any]:
+        from .fleet import API_PORT, agent_status  # the fleet builds on the lab
+
+        state = self.state_now()
+        fleet = state.get("fleet") if state.get("fleet", {}).get("api_key") else None
         routers = []
         for r in self.routers:
             try:
@@ -596,9 +614,20 @@ class Lab:
             ],
             "routers": routers,
             "processes": [
-                p for p in self.state_now().get("processes", [])
+                p for p in state.get("processes", [])
                 if p.get("start") is not None and _host.proc_start_time(p["pid"]) == p["start"]
             ],
+            "engines": [
+                {"node": name, "pid": e["pid"], "docker_host": e["docker_host"],
+                 "data_root": e["data_root"],
+                 "running": _host.proc_start_time(e["pid"]) == e["start"]}
+                for name, e in sorted(state.get("engines", {}).items())
+            ],
+            "agents": [agent_status(self, d.name) for d in self.devices] if fleet else [],
+            "dashboard_url": (f"https://{self.topology.coordinator_ipv4}:{API_PORT}/"
+                              if fleet else None),
+            "operator_key": fleet["api_key"] if fleet else None,
+            "host_link": state.get("host_link"),
         }
 
     def state_now(self) -> dict[str, Any]:
@@ -700,8 +729,12 @@ def _build(topo: Topology, nodes: list[Node], links: list[_Link]) -> None:
     _run_all(jobs, "configuring routers and shaping")
 
 
+# containerd puts its shims' sockets in /run/containerd/s (a path it does not let us change);
+# a private tmpfs there keeps a node engine's sockets off the host's and out of its containerd.
 HOLDER_SCRIPT: Final = (
-    f"mkdir -p {WG_RUN_DIR} && mount -t tmpfs -o size=4m,mode=0755 fm-wg {WG_RUN_DIR}"
+    f"mkdir -p {WG_RUN_DIR} {CONTAINERD_RUN_DIR}"
+    f" && mount -t tmpfs -o size=4m,mode=0755 fm-wg {WG_RUN_DIR}"
+    f" && mount -t tmpfs -o size=4m,mode=0711 fm-containerd {CONTAINERD_RUN_DIR}"
     " && exec sleep infinity"
 )
 HOLDER_READY_TIMEOUT: Final = 5.0
@@ -747,23 +780,36 @@ def teardown_all() -> list[str]:
     """Remove everything any lab made, with or without a state file (after a crash too).
 
     Returns the names of the network namespaces removed. Touches only fm-* namespaces, the
-    processes inside them or inside the lab's mount namespaces, and /run/fleetmesh-lab.
+    host's fm-lab0 link and its two `fleetmesh-lab` FORWARD rules, the processes inside the lab's
+    namespaces or its container cgroups, the lab's cgroups, /run/fleetmesh-lab and
+    /var/lib/fleetmesh-lab (the engines' data roots).
     """
+    from . import engines, hostlink
+    from .supervise import STOP_TIMEOUT
+
     _host.require_root()
+    hostlink.unlink_host()  # first: the host stops reaching into the lab
     state = _host.read_state() or {}
-    victims: set[int] = set()
-    for p in state.get("processes", []):
-        pid, start = p.get("pid"), p.get("start")
-        if isinstance(pid, int) and start is not None and _host.proc_start_time(pid) == start:
-            victims.add(pid)
+    recorded = [p for p in state.get("processes", []) if isinstance(p.get("pid"), int)
+                and p.get("start") is not None and _host.proc_start_time(p["pid"]) == p["start"]]
+    # Supervisors first (they stop their agents, which stop their wireguard-go), so that none
+    # restarts an agent the sweep below has just stopped.
+    supervisors = [p["pid"] for p in recorded if SUPERVISOR_MODULE in p.get("argv", [])]
+    if supervisors:
+        _host.kill_pids(supervisors, timeout=STOP_TIMEOUT + 2)
     names = _host.lab_netns_names()
-    for ns in names:
-        ino = _host.ns_inode(NETNS_DIR / ns)
-        if ino is not None:
+    inodes = [i for i in (_host.ns_inode(NETNS_DIR / ns) for ns in names) if i is not None]
+    for _ in range(TEARDOWN_ROUNDS):  # a process may start while we kill: look again
+        victims = {p["pid"] for p in recorded}
+        for ino in inodes:
             victims.update(_host.pids_in_ns("net", ino))
-    victims.discard(os.getpid())
-    if victims:
+        victims |= engines.cgroup_pids()  # containers with a network namespace of their own
+        victims.discard(os.getpid())
+        victims = {v for v in victims if _host.proc_start_time(v) is not None}
+        if not victims:
+            break
         _host.kill_pids(victims)
+        recorded = []
 
     # Mounts a lab of an older layout may have left under the state directory.
     for mp in _host.mounts_under(STATE_DIR):
@@ -779,7 +825,10 @@ def teardown_all() -> list[str]:
             pass
         except OSError as e:
             raise LabError(f"could not remove network namespace {ns}: {e}") from e
+    stuck = engines.remove_cgroups()
+    if stuck:
+        raise LabError(f"could not remove cgroup {stuck[0]}")
+    engines.remove_data()
     if STATE_DIR.exists():
         shutil.rmtree(STATE_DIR)
     return names
-

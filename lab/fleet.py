@@ -8,6 +8,8 @@ stops them even after a crash); the host talks to the lab only through those pro
 from __future__ import annotations
 
 import json
+import os
+import signal
 import ssl
 import subprocess
 import sys
@@ -19,16 +21,19 @@ from typing import Any, Final
 from mesh.release import write_signing_key
 from mesh.tlspin import fingerprint
 
+from . import engines, hostlink
 from ._host import (
     STATE_DIR,
     LabError,
+    LabUsageError,
     kill_pids,
     proc_start_time,
     read_state,
     state_lock,
     write_state,
 )
-from .core import Lab, Node
+from .core import SUPERVISOR_MODULE, WAN_BRIDGE, WAN_NETNS, Lab, Node
+from .supervise import STOP_TIMEOUT, read_status
 
 API_PORT: Final = 8443
 WG_PORT: Final = 51820  # WireGuard's conventional port, for the hub and every agent
@@ -38,6 +43,11 @@ COORDINATOR_DIR: Final = STATE_DIR / "coordinator"
 AGENTS_DIR: Final = STATE_DIR / "agents"
 LOG_DIR: Final = STATE_DIR / "logs"
 RELEASE_KEY: Final = STATE_DIR / "release.key"  # the lab operator's release signing key (0600)
+SUPERVISE_DIR: Final = STATE_DIR / "supervise"  # one status file per device's agent supervisor
+# The operator's layer cache (`release create` keeps earlier releases' layers there): on disk,
+# with the engines' data, not in the operator's home.
+OPERATOR_CACHE: Final = engines.DATA_DIR / "operator-cache"
+SUPERVISED_START_TIMEOUT: Final = 10.0
 BIN: Final = Path(sys.executable).parent  # the venv's console scripts
 
 
@@ -87,10 +97,22 @@ def start_fleet(lab: Lab, timeout: float = READY_TIMEOUT) -> FleetAccess:
     """Start the coordinator and enroll and run an agent on every device; returns once every
     device is online at the coordinator (its hub handshake is up)."""
     deadline = time.monotonic() + timeout
+    with_engine = engines.engine_nodes(lab)
+    if with_engine:
+        engines.start_engines(lab, with_engine, timeout)
     acc = start_coordinator(lab, timeout)
+    _route_host(lab)
     # The fleet's release key exists before any device enrolls: each pins it at enrollment.
     if not RELEASE_KEY.exists():
         write_signing_key(RELEASE_KEY)
+    _remember_operator_env(lab, {
+        "FLEETMESH_FLEET": FLEET, "FLEETMESH_SIGNING_KEY": str(RELEASE_KEY),
+        "XDG_CACHE_HOME": str(OPERATOR_CACHE),
+        # the engines are 20.10 without buildx: the classic builder, and no warning about it
+        "DOCKER_BUILDKIT": "0"})
+    operator = [n for n in with_engine if n.role == "operator"]
+    if operator:
+        engines.load_busybox(lab.node_env(operator[0])["DOCKER_HOST"])
     _checked(fleetmesh(lab, "coordinator", "release", "set-key", "--fleet", FLEET,
                        "--signing-key", str(RELEASE_KEY)), "setting the fleet's release key")
     devices = lab.devices
@@ -108,26 +130,112 @@ def start_fleet(lab: Lab, timeout: float = READY_TIMEOUT) -> FleetAccess:
     return acc
 
 
+def _device(lab: Lab, device: str) -> Node:
+    d = lab.node(device)  # LabUsageError for an unknown node
+    if d.role != "device":
+        raise LabUsageError(f"{device} is a {d.role}, not a device: it runs no agent")
+    if access(lab) is None:
+        raise LabUsageError("no fleet is running in this lab (it was brought up --network-only)")
+    return d
+
+
+def _status_file(device: str) -> Path:
+    return SUPERVISE_DIR / f"{device}.json"
+
+
+def _supervisors(lab: Lab, device: str) -> list[int]:
+    """PIDs of the device's live agent supervisors (normally none or one)."""
+    return [p["pid"] for p in lab.state_now().get("processes", [])
+            if p.get("node") == device and SUPERVISOR_MODULE in p.get("argv", [])
+            and p.get("start") is not None and proc_start_time(p["pid"]) == p["start"]]
+
+
+def agent_status(lab: Lab, device: str) -> dict[str, Any]:
+    """{"node", "state" (running | restarting | stopping | stopped), "pid" (the agent's, None
+    unless running), "restarts" (since its supervisor started), "supervisor_pid"}."""
+    sups = _supervisors(lab, device)
+    st = read_status(_status_file(device)) or {}
+    if not sups or st.get("supervisor_pid") not in sups:
+        return {"node": device, "state": "stopped", "pid": None,
+                "restarts": st.get("restarts", 0), "supervisor_pid": None}
+    pid = st.get("pid")
+    alive = isinstance(pid, int) and proc_start_time(pid) == st.get("start")
+    state = st.get("state", "starting")
+    return {"node": device, "state": "restarting" if state == "running" and not alive else state,
+            "pid": pid if alive else None, "restarts": st.get("restarts", 0),
+            "supervisor_pid": st["supervisor_pid"]}
+
+
 def start_agent(lab: Lab, device: str) -> int:
-    """Start (or restart) an enrolled device's agent; returns its PID."""
-    d = lab.node(device)
+    """Start an enrolled device's agent under its supervisor (restarted whenever it exits, as
+    systemd's Restart=always); returns the agent's PID. Already running: its current PID."""
+    d = _device(lab, device)
+    if _supervisors(lab, device):
+        return _wait_agent(lab, device, time.monotonic() + SUPERVISED_START_TIMEOUT)
+    SUPERVISE_DIR.mkdir(parents=True, exist_ok=True)
+    _status_file(device).unlink(missing_ok=True)
     # wireguard-go in the node's mount namespace, so `wg show` in the node sees it
     wg_ns = ["--wg-mount-namespace", d.mountns_path] if d.mountns_path else []
     sharing = [] if lab.topology.agents.peer_sharing else ["--no-peer-sharing"]
-    p = lab.spawn(d, [str(BIN / "fleetmesh-agent"), "run", "--data", str(AGENTS_DIR / d.name),
-                      *wg_ns, "--underlay", d.iface, *sharing],
-                  stdin=subprocess.DEVNULL, stdout=_log(d.name), stderr=subprocess.STDOUT)
-    return p.pid
+    lab.spawn(d, [str(BIN / "python"), "-m", SUPERVISOR_MODULE, "--status",
+                  str(_status_file(device)), "--",
+                  str(BIN / "fleetmesh-agent"), "run", "--data", str(AGENTS_DIR / d.name),
+                  *wg_ns, "--underlay", d.iface, *sharing],
+              stdin=subprocess.DEVNULL, stdout=_log(d.name), stderr=subprocess.STDOUT)
+    return _wait_agent(lab, device, time.monotonic() + SUPERVISED_START_TIMEOUT)
+
+
+def _wait_agent(lab: Lab, device: str, deadline: float) -> int:
+    while True:
+        st = agent_status(lab, device)
+        if st["state"] == "running" and st["pid"]:
+            return int(st["pid"])
+        if time.monotonic() > deadline:
+            raise LabError(f"{device}: the agent did not start (see {LOG_DIR / device}.log)")
+        time.sleep(0.05)
 
 
 def stop_agent(lab: Lab, device: str) -> int:
-    """Stop a device's agent (SIGTERM by its recorded PID; it stops its wireguard-go too).
-    Returns how many agent processes were stopped."""
-    victims = [p["pid"] for p in lab.state_now().get("processes", [])
-               if p.get("node") == device and "run" in p.get("argv", [])
-               and p.get("start") is not None and proc_start_time(p["pid"]) == p["start"]]
-    kill_pids(victims, timeout=10)
-    return len(victims)
+    """Stop a device's agent for good: its supervisor gets SIGTERM, passes it on and waits for
+    the agent (which stops its wireguard-go), without restarting it. Returns how many
+    supervisors were stopped (0: it was not running)."""
+    _device(lab, device)
+    sups = _supervisors(lab, device)
+    kill_pids(sups, timeout=STOP_TIMEOUT + 2)
+    return len(sups)
+
+
+def kill_agent(lab: Lab, device: str) -> int:
+    """SIGKILL a device's agent (its supervisor is left alone and restarts it, as after a
+    crash); returns the killed PID."""
+    _device(lab, device)
+    st = agent_status(lab, device)
+    if st["pid"] is None:
+        raise LabUsageError(f"{device}: the agent is not running ({st['state']})")
+    os.kill(st["pid"], signal.SIGKILL)
+    return int(st["pid"])
+
+
+def wait_restarted(lab: Lab, device: str, old_pid: int, timeout: float = 30.0) -> int:
+    """The PID of the agent that replaced old_pid, once its supervisor has restarted it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = agent_status(lab, device)
+        if st["pid"] and st["pid"] != old_pid:
+            return int(st["pid"])
+        if time.monotonic() > deadline:
+            raise LabError(f"{device}: the agent was not restarted within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def _route_host(lab: Lab) -> None:
+    """The host's route to the coordinator's API (the dashboard), see lab/hostlink.py."""
+    topo = lab.topology
+    link = hostlink.link_host(WAN_NETNS, WAN_BRIDGE, topo.host_ipv4, topo.coordinator_ipv4)
+    with state_lock():
+        state = read_state() or lab.state_now()
+        state["host_link"] = link
+        write_state(state)
 
 
 def start_coordinator(lab: Lab, timeout: float = READY_TIMEOUT) -> FleetAccess:
@@ -167,8 +275,15 @@ def stop_coordinator(lab: Lab) -> int:
 def _remember(lab: Lab, acc: FleetAccess) -> None:
     with state_lock():
         state = read_state() or lab.state_now()
-        state["fleet"] = {"url": acc.url, "api_key": acc.api_key,
+        state["fleet"] = {**state.get("fleet", {}), "url": acc.url, "api_key": acc.api_key,
                           "fingerprint": acc.fingerprint}
+        write_state(state)
+
+
+def _remember_operator_env(lab: Lab, env: dict[str, str]) -> None:
+    with state_lock():
+        state = read_state() or lab.state_now()
+        state.setdefault("fleet", {})["operator_env"] = env
         write_state(state)
 
 

@@ -39,7 +39,8 @@ MAX_DEVICES: Final = 200
 LAN_ROUTER_HOST: Final = 1
 LAN_OPERATOR_HOST: Final = 10
 LAN_FIRST_DEVICE_HOST: Final = 11
-# Host offsets on the WAN: coordinator .1, operator .2, then LAN uplinks from .10 in file order.
+# Host offsets on the WAN: coordinator .1, operator .2, then LAN uplinks from .10 in file order;
+# the last usable address is the host's own (its route to the coordinator, see lab/hostlink.py).
 WAN_COORDINATOR_HOST: Final = 1
 WAN_OPERATOR_HOST: Final = 2
 WAN_FIRST_LAN_HOST: Final = 10
@@ -105,9 +106,11 @@ class OperatorSpec:
 @dataclass(frozen=True, slots=True)
 class AgentsSpec:
     """How `up` runs the agents. peer_sharing = false: every device fetches release blobs only
-    from the coordinator (the comparison case for LAN-first sharing)."""
+    from the coordinator (the comparison case for LAN-first sharing). docker = false: no Docker
+    engine per device and operator (saves ~0.1 GB of memory per node where no test needs one)."""
 
     peer_sharing: bool = True
+    docker: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +128,12 @@ class Topology:
     @property
     def operator_wan_ipv4(self) -> ipaddress.IPv4Address:
         return self.wan_subnet.network_address + WAN_OPERATOR_HOST
+
+    @property
+    def host_ipv4(self) -> ipaddress.IPv4Address:
+        """The host's own address on the lab's WAN (a /32 on its link into the lab, used only
+        to reach the coordinator's API): the WAN's last usable address, never given to a node."""
+        return self.wan_subnet.broadcast_address - 1
 
     def lan(self, name: str) -> LanSpec:
         for lan in self.lans:
@@ -148,7 +157,8 @@ class Topology:
         if self.operator is not None:
             d["operator"] = {"on": self.operator.on}
         if self.agents != AgentsSpec():
-            d["agents"] = {"peer_sharing": self.agents.peer_sharing}
+            d["agents"] = {"peer_sharing": self.agents.peer_sharing,
+                           "docker": self.agents.docker}
         lans = []
         for lan in self.lans:
             e: dict[str, Any] = {"name": lan.name, "nat": lan.nat, "devices": lan.devices}
@@ -314,7 +324,7 @@ def parse_topology(data: dict[str, Any], source: str | None = None) -> Topology:
     # Addressing plan: WAN hosts in file order from .10; carrier /24s from 100.64.1.0.
     next_wan = WAN_FIRST_LAN_HOST
     next_carrier = 1
-    wan_last_host = wan_subnet.num_addresses - 2
+    wan_last_host = wan_subnet.num_addresses - 3  # the last usable one is the host's
     lans: list[LanSpec] = []
     for i, p in enumerate(parsed):
         count = p["devices"] if p["nat"] == "none" else 1
@@ -340,11 +350,12 @@ def parse_topology(data: dict[str, Any], source: str | None = None) -> Topology:
 
     agents = AgentsSpec()
     if "agents" in data:
-        ag = _check_keys("agents", data["agents"], {"peer_sharing"})
-        sharing = ag.get("peer_sharing", True)
-        if not isinstance(sharing, bool):
-            raise TopologyError("agents.peer_sharing: must be true or false")
-        agents = AgentsSpec(peer_sharing=sharing)
+        ag = _check_keys("agents", data["agents"], {"peer_sharing", "docker"})
+        for key in ("peer_sharing", "docker"):
+            if not isinstance(ag.get(key, True), bool):
+                raise TopologyError(f"agents.{key}: must be true or false")
+        agents = AgentsSpec(peer_sharing=ag.get("peer_sharing", True),
+                            docker=ag.get("docker", True))
 
     topo = Topology(wan_subnet=wan_subnet, lans=tuple(lans), operator=operator, source=source,
                     agents=agents)

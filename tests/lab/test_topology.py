@@ -153,7 +153,7 @@ BAD = [
     ),
     (
         '[agents]\nsharing = false\n[[lan]]\nname = "a"\n',
-        "agents.sharing: unknown key (allowed: peer_sharing)",
+        "agents.sharing: unknown key (allowed: docker, peer_sharing)",
     ),
     (
         '[wan]\nsubnet = "10.201.0.0/16"\n[[lan]]\nname = "a"\n',
