@@ -697,7 +697,7 @@ class GossipNode:
             self.stats.counters["bad_blobs"] += 1
             return False
         try:
-            await trio.to_thread.run_sync(functools.partial(
+            stored = await trio.to_thread.run_sync(functools.partial(
                 self.store.put, dl.blob_id, data, w.kind, ref=w.ref, size=w.size))
         except BlobVerifyError as exc:
             self.stats.counters["bad_blobs"] += 1
@@ -707,6 +707,10 @@ class GossipNode:
             self.stats.counters["store_errors"] += 1
             self.log(f"cannot store blob {dl.blob_id.hex()[:16]}: {exc}")
             return False  # pragma: no cover - a full disk; the scheduler retries later
+        # one line per verified download: what the lab's crash test counts (a blob fetched
+        # twice would show twice)
+        self.log(f"blob {dl.blob_id.hex()[:16]} ({len(data)} B) from {dl.source}: "
+                 f"{'stored' if stored else 'already held'}")
         crash_point("after-blob-stored")
         return True
 
