@@ -44,8 +44,8 @@ DATA_ROOTS: Final = DATA_DIR / "docker"
 CGROUP_ROOT: Final = Path("/sys/fs/cgroup")
 CGROUP_PARENT: Final = "fleetmesh-lab"
 BUSYBOX_IMAGE: Final = "fleetmesh-lab/busybox:latest"
-# Measured on 2 cores: one engine answers in ~0.2 s, twelve started together in a few seconds;
-# the deadline is for a machine under load (tests running beside the lab).
+# Measured on 2 cores: one engine answers in ~0.2 s, twelve started together within 1 s; the
+# deadline is for a machine under load (tests running beside the lab).
 READY_TIMEOUT: Final = 60.0
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL (unix(7)).
 MAX_SOCKET_PATH: Final = 107
