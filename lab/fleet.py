@@ -133,7 +133,7 @@ def start_fleet(lab: Lab, timeout: float = READY_TIMEOUT) -> FleetAccess:
 def _device(lab: Lab, device: str) -> Node:
     d = lab.node(device)  # LabUsageError for an unknown node
     if d.role != "device":
-        raise LabUsageError(f"{device} is a {d.role}, not a device: it runs no agent")
+        raise LabUsageError(f"{device} is not a device (role: {d.role}): it runs no agent")
     if access(lab) is None:
         raise LabUsageError("no fleet is running in this lab (it was brought up --network-only)")
     return d

@@ -280,8 +280,8 @@ def test_agent_command_errors(lab: Lab) -> None:
     assert r.returncode == 2 and r.stderr.startswith("fleetmesh-lab: unknown node 'nosuch'")
     r = cli("agent", "home-router", "stop")
     assert r.returncode == 2
-    assert r.stderr.strip() == "fleetmesh-lab: home-router is a router, not a device: it runs " \
-                               "no agent"
+    assert r.stderr.strip() == ("fleetmesh-lab: home-router is not a device (role: router): "
+                                "it runs no agent")
     r = cli("agent", "home-1", "restart")
     assert r.returncode == 2 and "invalid choice: 'restart'" in r.stderr
 
