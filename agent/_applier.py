@@ -36,11 +36,14 @@ import trio
 from nacl.signing import VerifyKey
 
 from mesh.release import (
+    ChunkError,
     MaterializeError,
     ReleaseError,
     ReleaseManifest,
     decode_signed_manifest,
+    diff_id,
     materialize_release,
+    open_stored_chunk,
     verify_manifest,
 )
 
@@ -75,7 +78,7 @@ from ._blobstore import BlobStore
 from ._crashpoints import crash_point
 from ._engine import ContainerSpec, DockerEngine, EngineError
 from ._health import probe
-from ._journal import AppJournal, JournalError, journal_apps
+from ._journal import AppJournal, JournalError, atomic_write, journal_apps
 
 RECONCILE_PERIOD_S: Final = 10.0  # look at the engine this often even when nothing happens
 LOCK_POLL_S: Final = 1.0  # an update waiting for the app's lock proceeds within ~1 s of release
@@ -477,6 +480,22 @@ class Applier:
                 useful = layers & wanted
                 if useful and not all(cached(d).exists() for d in useful):
                     self.engine.save_layers(tag, self.layer_dir)
+        # A base the engine lacks but whose chunks the store holds (an earlier release that was
+        # downloaded, never run: the gossip node counts those as delta bases too).
+        store = self.store
+        for d in sorted(wanted):
+            if store is None:
+                break
+            ids = store.layer_chunks(d)
+            if ids is None or cached(d).exists():
+                continue
+            try:
+                layer = b"".join(open_stored_chunk(i, store.get(i)) for i in ids)
+            except (KeyError, ChunkError) as exc:
+                self.log(f"{app}: layer {d[7:19]} from stored chunks: {exc}")
+                continue
+            if diff_id(layer) == d:
+                atomic_write(cached(d), layer)
         return {d: cached(d) for d in wanted if cached(d).exists()}
 
     def _prune_layer_cache(self) -> None:
@@ -501,6 +520,14 @@ class Applier:
         shutil.rmtree(self.work_dir, ignore_errors=True)
         manifest = self._manifest(a.name, version)
         local = {} if manifest is None else self._local_layers(a.name, manifest)
+        if manifest is not None and self.store is not None:
+            # materialize takes the smallest delta over any local base; offer only the bases
+            # whose delta the gossip node fetched, so it never picks one we do not hold
+            store = self.store
+            usable = {layer.diff_id for layer in manifest.layers} | {
+                d.source_diff_id for layer in manifest.layers for d in layer.deltas
+                if store.has(d.blob_id)}
+            local = {k: v for k, v in local.items() if k in usable}
         fetch = functools.partial(_fetch_blob, self.store)
         self.log(f"{a.name}: rebuilding release {version} from verified blobs")
         try:

@@ -210,6 +210,11 @@ class BlobStore:
             data = {k: [c.hex() for c in v] for k, v in self._layers.items()}
             _atomic_write(self.root / "layers.json", json.dumps(data).encode())
 
+    def layer_chunks(self, diff_id: str) -> tuple[bytes, ...] | None:
+        """The chunk ids of a layer if every one is in the store, else None."""
+        ids = self._layers.get(diff_id)
+        return ids if ids is not None and all(c in self._ids for c in ids) else None
+
     def complete_layers(self) -> frozenset[str]:
         """Diff ids of the layers whose every chunk is in the store."""
         return frozenset(d for d, ids in self._layers.items()

@@ -156,8 +156,9 @@ def wanted_blobs(manifest: ReleaseManifest, complete_layers: Iterable[str],
             for c in layer.chunks:
                 out[c.id] = WantedBlob(c.stored_size, "chunk", c)
             continue
-        delta: LayerDelta | None = next(
-            (d for d in layer.deltas if d.source_diff_id in bases), None)
+        delta: LayerDelta | None = min(
+            (d for d in layer.deltas if d.source_diff_id in bases), key=lambda d: d.size,
+            default=None)  # the smallest, as materialize_release picks among local bases
         if delta is not None:
             out[delta.blob_id] = WantedBlob(delta.size, "delta")
         else:

@@ -177,10 +177,13 @@ def start_agent(lab: Lab, device: str) -> int:
     # wireguard-go in the node's mount namespace, so `wg show` in the node sees it
     wg_ns = ["--wg-mount-namespace", d.mountns_path] if d.mountns_path else []
     sharing = [] if lab.topology.agents.peer_sharing else ["--no-peer-sharing"]
+    # No engine of its own ([agents] docker = false): the agent must not fall back to the
+    # default socket, which is the host's engine.
+    apply = [] if "DOCKER_HOST" in lab.node_env(d) else ["--no-apply"]
     lab.spawn(d, [str(BIN / "python"), "-m", SUPERVISOR_MODULE, "--status",
                   str(_status_file(device)), "--",
                   str(BIN / "fleetmesh-agent"), "run", "--data", str(AGENTS_DIR / d.name),
-                  *wg_ns, "--underlay", d.iface, *sharing],
+                  *wg_ns, "--underlay", d.iface, *sharing, *apply],
               stdin=subprocess.DEVNULL, stdout=_log(d.name), stderr=subprocess.STDOUT)
     return _wait_agent(lab, device, time.monotonic() + SUPERVISED_START_TIMEOUT)
 

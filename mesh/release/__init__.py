@@ -8,6 +8,7 @@ from mesh.release._chunks import (
     chunk_layer,
     diff_id,
     open_chunk,
+    open_stored_chunk,
 )
 from mesh.release._codec import (
     decode_manifest,
@@ -72,7 +73,8 @@ __all__ = [
     "RestartPolicy", "SignedManifest", "SignedPin", "UpdateStrategy", "VerificationError",
     "Volume", "assemble", "chunk_id", "chunk_layer", "decode_manifest", "decode_pin",
     "decode_signed_manifest", "decode_signed_pin", "diff_id", "encode_manifest", "encode_pin",
-    "encode_signed_manifest", "encode_signed_pin", "key_id", "open_chunk", "read_signing_key",
+    "encode_signed_manifest", "encode_signed_pin", "key_id", "open_chunk", "open_stored_chunk",
+    "read_signing_key",
     "sign_manifest", "sign_pin", "verify_manifest", "verify_pin", "write_signing_key",
     # image tars and the device-side rebuild (_image.py)
     "ImageError", "LayerSource", "MaterializeError", "MaterializedRelease", "SavedImage",

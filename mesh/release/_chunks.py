@@ -67,6 +67,22 @@ def open_chunk(ref: ChunkRef, frame: bytes) -> bytes:
     return piece
 
 
+def open_stored_chunk(chunk_id_: bytes, frame: bytes) -> bytes:
+    """The uncompressed bytes of a chunk known only by its id (a blob store's copy, whose
+    manifest entry is gone): bounded by CHUNK_SIZE, checked against the id."""
+    try:
+        dec = zstd.ZstdDecompressor(options={zstd.DecompressionParameter.window_log_max:
+                                             _WINDOW_LOG_MAX})
+        piece = dec.decompress(frame, max_length=CHUNK_SIZE + 1)
+    except (zstd.ZstdError, ValueError) as exc:
+        raise ChunkError(f"chunk {chunk_id_.hex()[:16]}: corrupt: {exc}") from None
+    if len(piece) > CHUNK_SIZE or not dec.eof or dec.unused_data:
+        raise ChunkError(f"chunk {chunk_id_.hex()[:16]}: wrong length")
+    if chunk_id(piece) != chunk_id_:
+        raise ChunkError(f"chunk {chunk_id_.hex()[:16]}: content does not match its id")
+    return piece
+
+
 def assemble(chunks: Sequence[Chunk], expected_diff_id: str) -> bytes:
     """The layer tar from its chunks, checked chunk by chunk and as a whole."""
     layer = b"".join(open_chunk(c.ref, c.data) for c in chunks)
