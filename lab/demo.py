@@ -1,8 +1,10 @@
-"""Steps of `scripts/demo` on the lab that is up: `python -m lab.demo reach|mesh`."""
+"""Steps of `scripts/demo` on the lab that is up: `python -m lab.demo reach|mesh|dashboard|
+release VERSION`."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 
@@ -10,7 +12,11 @@ from rich.console import Console
 from rich.table import Table
 
 from .core import Lab
-from .fleet import devices, fleetmesh
+from .fleet import BIN, devices, fleetmesh
+from .rollout import outer_routers, rx_by_lan
+
+APP = "sample"
+RATIO_MIN = 100_000  # bytes: below this a release is lost in the mesh's own traffic
 
 SETTLE_SECONDS = 45.0
 
@@ -73,10 +79,80 @@ def _peers(lab: Lab, name: str) -> dict[str, dict[str, object]]:
     return {p["peer"]: p for p in json.loads(r.stdout)["peers"]} if r.returncode == 0 else {}
 
 
+def _operator(*argv: str, capture: bool = False) -> subprocess.CompletedProcess[str]:
+    """`fleetmesh-lab exec operator -- ARGV`: the operator's own environment and engine."""
+    return subprocess.run([str(BIN / "fleetmesh-lab"), "exec", "operator", "--", *argv],
+                          capture_output=capture, text=True, timeout=900, check=False)
+
+
+def dashboard(lab: Lab) -> bool:
+    """Where the operator's browser goes (the lab routes the host to the coordinator)."""
+    st = lab.status()
+    url, key = st.get("dashboard_url"), st.get("operator_key")
+    if not url:
+        console.print("[red]no dashboard: the lab runs no fleet[/]")
+        return False
+    console.print(f"dashboard: [bold]{url}[/] (self-signed certificate; sign in with the "
+                  f"operator key)\noperator key: [bold]{key}[/]")
+    return True
+
+
+def release(lab: Lab, version: int) -> bool:
+    """Build vVERSION of the sample app in the operator's engine, publish it, follow the
+    rollout live, and sum up: devices updated, time, WAN bytes per LAN against what a device
+    needed."""
+    console.print(f"[bold]building fleetmesh-sample:v{version}[/] in the operator's engine")
+    if _operator("python", "-m", "lab.sampleapp", str(version)).returncode != 0:
+        return False
+    routers = outer_routers(lab)
+    before, t0 = rx_by_lan(lab, routers), time.monotonic()
+    if _operator("fleetmesh", "release", "create", f"fleetmesh-sample:v{version}", "--app",
+                 APP, "--health-http", "8080", "--health-timeout", "30").returncode != 0:
+        return False
+    console.print(f"[bold]rollout of v{version}[/] (fleetmesh release watch)")
+    watched = _operator("fleetmesh", "release", "watch", str(version), "--app", APP,
+                        "--timeout", "600")
+    took = time.monotonic() - t0
+    after = rx_by_lan(lab, routers)
+    r = _operator("fleetmesh", "release", "status", str(version), "--app", APP, "--json",
+                  capture=True)
+    if r.returncode != 0:
+        console.print(f"[red]release status: {r.stderr.strip()}[/]")
+        return False
+    rows = json.loads(r.stdout)["devices"]
+    updated = sum(1 for d in rows if d["state"] == "running")
+    # B: the new bytes (chunks, deltas) one device had to get for this release, whatever the
+    # source; what it already held from earlier releases is not counted
+    fetched = max((sum((d.get("by_source") or {}).values()) for d in rows), default=0)
+    table = Table("LAN", "devices", "WAN bytes received", "B (new bytes a device got)",
+                  "WAN / B", title=f"v{version}: {updated}/{len(rows)} devices updated in "
+                                   f"{took:.0f} s")
+    for lan in sorted(routers):
+        n = sum(1 for d in lab.devices if d.lan == lan)
+        got = after[lan] - before[lan]
+        table.add_row(f"{lan} ({lab.topology.lan(lan).nat})", str(n), f"{got:,}",
+                      f"{fetched:,}", f"x{got / fetched:.2f}" if fetched >= RATIO_MIN else "-")
+    console.print(table)
+    console.print("WAN bytes are everything the LAN received meanwhile (keepalives, gossip, "
+                  "reports too); each LAN pulls the release's new bytes about once"
+                  + ("" if fetched >= RATIO_MIN else
+                     f"; B is below {RATIO_MIN // 1000} kB (a delta), so the WAN bytes here are "
+                     "that traffic, not the release"))
+    show = lab.devices[0].name
+    out = subprocess.run([str(BIN / "fleetmesh-lab"), "exec", show, "--", "docker", "ps",
+                          "--format", "{{.Names}}  {{.Image}}  {{.Status}}  "
+                          '{{.Label "io.fleetmesh.release"}}'],
+                         capture_output=True, text=True, timeout=60, check=False)
+    console.print(f"docker ps on {show}:\n{out.stdout.strip()}")
+    return watched.returncode == 0 and updated == len(rows)
+
+
 def main(argv: list[str]) -> int:
-    steps = {"reach": reach, "mesh": mesh}
+    steps = {"reach": reach, "mesh": mesh, "dashboard": dashboard}
+    if len(argv) == 2 and argv[0] == "release" and argv[1].isdigit():
+        return 0 if release(Lab.load(), int(argv[1])) else 1
     if len(argv) != 1 or argv[0] not in steps:
-        print(f"usage: python -m lab.demo {'|'.join(steps)}", file=sys.stderr)
+        print(f"usage: python -m lab.demo {'|'.join(steps)}|release VERSION", file=sys.stderr)
         return 2
     return 0 if steps[argv[0]](Lab.load()) else 1
 
