@@ -51,7 +51,8 @@ def topology():  # noqa: ANN201 - a Topology
 
 
 def lab_cli(*argv: str, timeout: float = 300, check: bool = True) -> str:
-    r = subprocess.run([str(CLI), *argv], capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run([str(CLI), *argv], capture_output=True, text=True, timeout=timeout,
+                       check=False)
     if check and r.returncode != 0:
         raise AssertionError(f"fleetmesh-lab {' '.join(argv)}: exit {r.returncode}: "
                              f"{(r.stderr or r.stdout).strip()[-2000:]}")
@@ -188,6 +189,8 @@ def test_v2_waits_for_the_update_lock_then_runs_within_seconds(
     assert took <= 5.0
     wait(lambda: settled(2, devices), 60, "v2 committed everywhere")
     for d in devices:
+        # the labelled v2 container runs in the device's own engine, and the app says v2
+        assert [(v, state) for v, state, _ in containers(d)] == [(2, "running")], d
         assert "fleetmesh-sample v2" in app_output(d)
 
 
@@ -197,6 +200,9 @@ def test_an_unhealthy_v3_is_rolled_back_everywhere(fleet: Lab, devices: list[str
     print(f"v3 failed and rolled back on every device {took:.1f} s after publishing "
           f"(health timeout {UNHEALTHY_TIMEOUT} s)")
     assert time.monotonic() - published >= UNHEALTHY_TIMEOUT
+    # issue 6: back on v2 within the health timeout plus 10 s (here counted from the publish,
+    # so download and load are inside the bound too)
+    assert took <= UNHEALTHY_TIMEOUT + 10
     for d in devices:
         assert running(d) == {2}, d
         row = status(3)[d]
@@ -223,11 +229,11 @@ def test_sigkill_at_every_point_of_the_apply_path_converges(
         restarts = agent_status(fleet, VICTIM)["restarts"]
         crash_file.write_text(point + "\n")
         release(version, unhealthy=unhealthy)
-        wait(lambda: agent_status(fleet, VICTIM)["restarts"] > restarts, 240,
+        wait(lambda r=restarts: agent_status(fleet, VICTIM)["restarts"] > r, 240,
              f"{VICTIM}'s agent killed at {point}")
         assert not crash_file.exists()
         expected = ("failed",) if unhealthy else ("running",)
-        wait(lambda: settled(version, [VICTIM], expected), 240,
+        wait(lambda v=version, e=expected: settled(v, [VICTIM], e), 240,
              f"{VICTIM} converges on v{version} after a kill at {point}")
         now = running(VICTIM)
         if unhealthy:
@@ -236,7 +242,8 @@ def test_sigkill_at_every_point_of_the_apply_path_converges(
             assert now == {version}, (point, now)
             good = version
         print(f"killed at {point}: converged, running v{good}")
-        wait(lambda: settled(version, [d for d in devices if d != VICTIM], expected), 240,
+        wait(lambda v=version, e=expected: settled(v, [d for d in devices if d != VICTIM], e),
+             240,
              f"v{version} settled on the other devices")
     twice = {b: n for b, n in _fetched(VICTIM).items() if n > 1}
     assert not twice, f"verified blobs fetched more than once: {twice}"
