@@ -514,6 +514,13 @@ def _checking(ctx: _Ctx) -> Step:
         return _fail(ctx, why)
     deadline = since + manifest.container.health_timeout_s
     if now >= deadline:
+        p = obs.probe
+        if check.kind in ("cmd", "tcp", "http") and new.running and check.check is not None \
+                and (p is None or p.container != new.id or p.at < deadline):
+            # The verdict comes from a probe taken now, never from time alone: an agent that
+            # was down (killed, restarting with backoff) past the deadline must not roll back
+            # a release that is healthy.
+            return ctx.step("checking-health", RunProbe(new.id, check.check))
         return _fail(ctx, f"not healthy within {manifest.container.health_timeout_s:g} s "
                           f"({check.describe()})")
     wake = deadline

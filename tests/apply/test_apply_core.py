@@ -103,8 +103,12 @@ def test_probe_timing_is_exact() -> None:
     s = decide(APP, j, t, Observed((new,), frozenset({1, 2}),
                                    probe=Probe(new.id, 118.5, False)), 118.5)
     assert s.wake_at == 120.0
+    # at the deadline, one more probe decides (not the clock alone)
     s = decide(APP, j, t, Observed((new,), frozenset({1, 2}),
                                    probe=Probe(new.id, 118.5, False)), 120.0)
+    assert s.action == RunProbe(new.id, hc)
+    s = decide(APP, j, t, Observed((new,), frozenset({1, 2}),
+                                   probe=Probe(new.id, 120.0, False)), 120.0)
     assert s.journal.phase == "rolling-back" and s.journal.failed == (2,)
     assert s.journal.error == "release 2: not healthy within 20 s (tcp port 8080)"
     # A probe of an earlier container does not count.
@@ -306,3 +310,21 @@ def test_tcp_and_http_probes_on_loopback() -> None:
         server.server_close()
     ok, why = probe(None, "c", HealthCheck(HealthKind.TCP, port=port), timeout=2.0)  # type: ignore[arg-type]
     assert not ok and why.startswith(f"tcp {port}:")
+
+
+def test_an_agent_back_after_the_health_deadline_probes_before_judging() -> None:
+    """Killed while checking and restarted after the deadline (its supervisor's backoff): the
+    healthy release is committed on a fresh probe, not rolled back for the time it was down."""
+    hc = HealthCheck(HealthKind.HTTP, port=8080, interval_s=2.0)
+    m = manifest(2, ContainerSettings(health_check=hc, health_timeout_s=20.0))
+    j = Journal("checking", 1, None, 2, health_since=100.0)
+    new = running(2, "fleetmesh-web-next", 100.0)
+    t = Target(2, m)
+    s = decide(APP, j, t, Observed((new,), frozenset({1, 2})), 150.0)  # no probe in memory
+    assert s.action == RunProbe(new.id, hc) and s.journal == j
+    s = decide(APP, j, t, Observed((new,), frozenset({1, 2}),
+                                   probe=Probe(new.id, 150.0, True)), 150.0)
+    assert s.journal == Journal(current=2, previous=1) and s.state == "running"
+    s = decide(APP, j, t, Observed((new,), frozenset({1, 2}),
+                                   probe=Probe(new.id, 150.0, False)), 150.0)
+    assert s.journal.phase == "rolling-back"
