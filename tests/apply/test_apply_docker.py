@@ -208,8 +208,13 @@ async def test_update_lock_and_rollback(env: Env) -> None:
 
         # The app holds its lock (the agent's directory is mounted into the container).
         (env.data / "locks" / env.app / LOCK_FILE).write_text("busy\n")
-        inside = _docker("exec", env.container, "ls", "/run/fleetmesh/lock").stdout.split()
-        assert inside == [LOCK_FILE]
+        # (read from the engine, not with `docker exec`: inside a chroot, as in a fresh-Debian
+        # box, runc's exec lands in the mount namespace's root, not the container's)
+        mounts = json.loads(_docker("inspect", "-f", "{{json .Mounts}}", env.container).stdout)
+        lock_dir = env.data / "locks" / env.app
+        assert [(m["Source"], m["Destination"], m["RW"]) for m in mounts] == [
+            (str(lock_dir), "/run/fleetmesh/lock", True)]
+        assert [p.name for p in lock_dir.iterdir()] == [LOCK_FILE]
 
         # v2 arrives: its changed layer as a delta against the layer the engine runs.
         v2, signed2 = env.publish(2, quick)
