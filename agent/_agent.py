@@ -30,7 +30,15 @@ import trio
 
 from mesh.blobsched import SchedConfig
 from mesh.clikit import package_version
-from mesh.control import MAX_LOG_LINES, DeviceReport, Enrollment, LogLine, PeerMap, PeerPath
+from mesh.control import (
+    MAX_LOG_LINES,
+    ControlError,
+    DeviceReport,
+    Enrollment,
+    LogLine,
+    PeerMap,
+    PeerPath,
+)
 from mesh.membership import LAN, METERED
 from mesh.rumor import LAN_RUMOR, METERED_RUMOR
 from vpn import (
@@ -731,9 +739,15 @@ class Agent:
         error: str | None = None
         while not self.revoked:
             lines, dropped = applier.logs.take(MAX_LOG_LINES)
-            if lines or dropped:
+            batch: list[LogLine] = []
+            for x in lines:  # one the coordinator would refuse is dropped, not retried forever
                 try:
-                    batch = [LogLine.from_json(x) if isinstance(x, dict) else x for x in lines]
+                    batch.append(LogLine.from_json(x) if isinstance(x, dict) else x)
+                except ControlError:
+                    dropped += 1
+            lines = [x.to_json() for x in batch]
+            if batch or dropped:
+                try:
                     await self._call(functools.partial(_upload_logs, lines=batch,
                                                        dropped=dropped), CALL_TIMEOUT)
                 except Exception as exc:  # noqa: BLE001 - never exit on coordinator errors

@@ -217,3 +217,32 @@ def test_appsync_goes_back_only_with_a_signed_pin() -> None:
         sync.add_manifest("web", 1, b"m1")
         sync.sync(node, 0.0)
         assert applier.targets["web"][0] == b"m1"
+
+
+async def test_app_logs_are_kept_while_the_coordinator_is_down_and_bad_lines_dropped(
+        tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from agent._applogs import LogBuffer
+    from agent._applogs import LogLine as AppLogLine
+
+    releases = Releases(tmp_path / "dev", app="web")
+    data = device(tmp_path, releases.key_hex)
+    coord = AppCoordinator()
+    agent = Agent(data, FakeWireGuard().factory(), coord.factory, log=lambda m: None)
+    buffer = LogBuffer(max_lines=100)
+    applier = SimpleNamespace(logs=buffer)
+    buffer.append(AppLogLine(1.0, "web", "stdout", "one"))
+    buffer.append(AppLogLine(2.0, "web", "bogus-stream", "refused by the coordinator"))
+    buffer.append(AppLogLine(3.0, "web", "stderr", "two"))
+    coord.down = True
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(agent._logs_loop, applier)
+            await trio.sleep(3)
+            assert coord.logs == [] and len(buffer) == 2  # kept, the bad one counted dropped
+            coord.down = False
+            await wait_for(lambda: len(coord.logs) == 2, 0.05)
+            assert [x.line for x in coord.logs] == ["one", "two"]
+            assert len(buffer) == 0
+            nursery.cancel_scope.cancel()
