@@ -143,6 +143,8 @@ class AppSync:
             if progress is not None and progress[0] == version:
                 ready = node is not None and node.complete(self.fleet, app)
                 self.applier.set_progress(app, progress[1], progress[2], progress[3])
+            elif node is None:
+                ready = False  # the mesh node is (re)starting: nothing to judge by yet
             else:
                 # an older release (a pin back): its blobs are most likely held; the applier
                 # says "downloading" if one is not, and the node does not fetch old releases

@@ -188,6 +188,8 @@ def test_appsync_readiness_progress_and_report_pace() -> None:
     sync.sync(node, 4.0)
     sync.sync(node, 5.0)
     assert sum("manifest refused" in m for m in logs) == 1
+    sync.sync(None, 6.0)  # the mesh node restarting: not ready, whatever the version
+    assert applier.targets["web"][1] is False
     sync.set_targets([])
     assert applier.cleared == ["web"]
     assert [a.app for a in sync.app_statuses()] == ["web"]
