@@ -80,7 +80,10 @@ SCHEMAS: dict[str, Any] = {
                       endpoints=_EPS, lan={"type": "boolean"}),
     "PeerMap": _obj(["version", "hub", "peers", "relay_ips"], version={"type": "integer"},
                     hub=_ref("HubInfo"), peers={"type": "array", "items": _ref("PeerEntry")},
-                    relay_ips={"type": "array", "items": _STR}),
+                    relay_ips={"type": "array", "items": _STR},
+                    targets={"type": "integer",
+                             "description": "revision of this device's release targets: "
+                                            "read /device/target again when it changes"}),
     "PeerPath": _obj(["public_key", "path"], public_key=_STR,
                      path={"enum": ["direct", "relay", "none"]}, endpoint=_STRN,
                      last_handshake=_NUMN),
