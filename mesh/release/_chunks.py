@@ -49,38 +49,36 @@ def chunk_layer(data: bytes, chunk_size: int = CHUNK_SIZE) -> tuple[Chunk, ...]:
     return tuple(chunks)
 
 
+def _inflate(chunk_id_: bytes, frame: bytes, max_length: int) -> bytes:
+    """One zstd frame, at most `max_length` bytes out, whose blake3 must be `chunk_id_`."""
+    try:
+        dec = zstd.ZstdDecompressor(options={zstd.DecompressionParameter.window_log_max:
+                                             _WINDOW_LOG_MAX})
+        piece = dec.decompress(frame, max_length=max_length + 1)
+    except (zstd.ZstdError, ValueError) as exc:
+        raise ChunkError(f"chunk {chunk_id_.hex()[:16]}: corrupt: {exc}") from None
+    if len(piece) > max_length or not dec.eof or dec.unused_data:
+        raise ChunkError(f"chunk {chunk_id_.hex()[:16]}: wrong length")
+    if chunk_id(piece) != chunk_id_:
+        raise ChunkError(f"chunk {chunk_id_.hex()[:16]}: content does not match its id")
+    return piece
+
+
 def open_chunk(ref: ChunkRef, frame: bytes) -> bytes:
     """The uncompressed bytes of one chunk, checked against `ref`."""
     if len(frame) != ref.stored_size:
         raise ChunkError(f"chunk {ref.id.hex()[:16]}: {len(frame)} bytes, expected "
                          f"{ref.stored_size}")
-    try:
-        dec = zstd.ZstdDecompressor(options={zstd.DecompressionParameter.window_log_max:
-                                             _WINDOW_LOG_MAX})
-        piece = dec.decompress(frame, max_length=ref.size + 1)
-    except (zstd.ZstdError, ValueError) as exc:
-        raise ChunkError(f"chunk {ref.id.hex()[:16]}: corrupt: {exc}") from None
-    if len(piece) != ref.size or not dec.eof or dec.unused_data:
+    piece = _inflate(ref.id, frame, ref.size)
+    if len(piece) != ref.size:
         raise ChunkError(f"chunk {ref.id.hex()[:16]}: wrong length")
-    if chunk_id(piece) != ref.id:
-        raise ChunkError(f"chunk {ref.id.hex()[:16]}: content does not match its id")
     return piece
 
 
 def open_stored_chunk(chunk_id_: bytes, frame: bytes) -> bytes:
     """The uncompressed bytes of a chunk known only by its id (a blob store's copy, whose
     manifest entry is gone): bounded by CHUNK_SIZE, checked against the id."""
-    try:
-        dec = zstd.ZstdDecompressor(options={zstd.DecompressionParameter.window_log_max:
-                                             _WINDOW_LOG_MAX})
-        piece = dec.decompress(frame, max_length=CHUNK_SIZE + 1)
-    except (zstd.ZstdError, ValueError) as exc:
-        raise ChunkError(f"chunk {chunk_id_.hex()[:16]}: corrupt: {exc}") from None
-    if len(piece) > CHUNK_SIZE or not dec.eof or dec.unused_data:
-        raise ChunkError(f"chunk {chunk_id_.hex()[:16]}: wrong length")
-    if chunk_id(piece) != chunk_id_:
-        raise ChunkError(f"chunk {chunk_id_.hex()[:16]}: content does not match its id")
-    return piece
+    return _inflate(chunk_id_, frame, CHUNK_SIZE)
 
 
 def assemble(chunks: Sequence[Chunk], expected_diff_id: str) -> bytes:

@@ -152,3 +152,20 @@ def test_truncated_or_corrupted_chunk_raises() -> None:
         assemble((chunks[1], chunks[0]), did)  # reordered: every chunk fine, layer wrong
     with pytest.raises(ChunkError):
         assemble(chunks, "sha256:" + "00" * 32)
+
+
+def test_a_stored_chunk_opens_by_its_id_alone() -> None:
+    from mesh.release import CHUNK_SIZE, ChunkError, chunk_layer, open_stored_chunk
+
+    data = os.urandom(3000)
+    (c,) = chunk_layer(data)
+    assert open_stored_chunk(c.ref.id, c.data) == data
+    with pytest.raises(ChunkError, match="does not match its id"):
+        open_stored_chunk(bytes(32), c.data)
+    with pytest.raises(ChunkError, match="wrong length"):  # a cut frame never ends
+        open_stored_chunk(c.ref.id, c.data[:-3])
+    from backports import zstd  # the same zstd the chunks use
+
+    bomb = zstd.compress(bytes(CHUNK_SIZE + 1))  # a frame that inflates past one chunk
+    with pytest.raises(ChunkError, match="wrong length"):
+        open_stored_chunk(bytes(32), bomb)
