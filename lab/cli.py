@@ -139,13 +139,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     console.print(routers)
     if st["agents"]:
         agents = Table(title="agents")
-        for col in ("device", "state", "pid", "restarts", "engine"):
+        for col in ("device", "state", "pid", "restarts", "engine", "engine memory"):
             agents.add_column(col)
         engines = {e["node"]: e for e in st["engines"]}
         for a in st["agents"]:
             e = engines.get(a["node"])
+            memory = f"{e['memory_kib'] / 1024:.0f} MiB" if e and e["memory_kib"] else "-"
             agents.add_row(a["node"], a["state"], str(a["pid"] or "-"), str(a["restarts"]),
-                           (e["docker_host"] if e["running"] else "not running") if e else "-")
+                           (e["docker_host"] if e["running"] else "not running") if e else "-",
+                           memory)
         console.print(agents)
     if st["dashboard_url"]:
         console.print(f"dashboard {st['dashboard_url']}  operator key {st['operator_key']}")

@@ -577,6 +577,7 @@ class Lab:
         return self.link_counters(r, r.wan_if)
 
     def status(self) -> dict[str, Any]:
+        from .engines import memory_kib
         from .fleet import API_PORT, agent_status  # the fleet builds on the lab
 
         state = self.state_now()
@@ -619,9 +620,11 @@ class Lab:
             ],
             "engines": [
                 {"node": name, "pid": e["pid"], "docker_host": e["docker_host"],
-                 "data_root": e["data_root"],
-                 "running": _host.proc_start_time(e["pid"]) == e["start"]}
+                 "data_root": e["data_root"], "running": running,
+                 # dockerd + containerd + shims: what one engine per device costs
+                 "memory_kib": memory_kib(e["pid"]) if running else None}
                 for name, e in sorted(state.get("engines", {}).items())
+                for running in [_host.proc_start_time(e["pid"]) == e["start"]]
             ],
             "agents": [agent_status(self, d.name) for d in self.devices] if fleet else [],
             "dashboard_url": (f"https://{self.topology.coordinator_ipv4}:{API_PORT}/"

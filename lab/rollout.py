@@ -31,10 +31,6 @@ class Rollout:
     def ratio(self, lan: str) -> float:
         return self.rollout_rx[lan] / self.release_bytes
 
-    def idle_bytes_per_device_hour(self) -> float:
-        """WAN bytes received per device per hour with no release in flight."""
-        return sum(self.idle_rx_per_s.values()) * 3600 / max(1, self.devices)
-
 
 def outer_routers(lab: Lab) -> dict[str, Router]:
     """Each LAN's router on the lab's WAN (the carrier NAT for nat=double)."""
