@@ -19,12 +19,13 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any, Final, Protocol
+
+from mesh.control import MAX_LOG_LINE, LogLine
 
 from ._engine import parse_docker_time
 
-MAX_LINE_CHARS: Final = 4096  # contract: one line of at most 4096 characters
+MAX_LINE_CHARS: Final = MAX_LOG_LINE  # what the coordinator takes per line
 # At the contract's 1000 lines per upload this is ten uploads' worth; ~20 MB at worst.
 MAX_BUFFERED_LINES: Final = 10_000
 _MAX_PARTIAL: Final = 64 * 1024  # an unterminated line longer than this is cut
@@ -35,15 +36,6 @@ class LogSource(Protocol):
     def logs(self, container_id: str, stream: str, since: float | None) -> Iterator[bytes]: ...
 
 
-@dataclass(frozen=True, slots=True)
-class LogLine:
-    ts: float
-    app: str
-    stream: str
-    line: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"ts": self.ts, "app": self.app, "stream": self.stream, "line": self.line}
 
 
 class LogBuffer:

@@ -226,7 +226,6 @@ async def test_app_logs_are_kept_while_the_coordinator_is_down_and_bad_lines_dro
     from types import SimpleNamespace
 
     from agent._applogs import LogBuffer
-    from agent._applogs import LogLine as AppLogLine
 
     releases = Releases(tmp_path / "dev", app="web")
     data = device(tmp_path, releases.key_hex)
@@ -234,9 +233,9 @@ async def test_app_logs_are_kept_while_the_coordinator_is_down_and_bad_lines_dro
     agent = Agent(data, FakeWireGuard().factory(), coord.factory, log=lambda m: None)
     buffer = LogBuffer(max_lines=100)
     applier = SimpleNamespace(logs=buffer)
-    buffer.append(AppLogLine(1.0, "web", "stdout", "one"))
-    buffer.append(AppLogLine(2.0, "web", "bogus-stream", "refused by the coordinator"))
-    buffer.append(AppLogLine(3.0, "web", "stderr", "two"))
+    buffer.append(LogLine(1.0, "web", "stdout", "one"))
+    buffer.append(LogLine(2.0, "web", "bogus-stream", "refused by the coordinator"))
+    buffer.append(LogLine(3.0, "web", "stderr", "two"))
     coord.down = True
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
