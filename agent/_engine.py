@@ -24,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
-import docker  # type: ignore[import-untyped]  # docker-py 7.2 ships no stubs
+import docker
 import requests
 
 from mesh.release import ReleaseError, read_saved_image

@@ -268,7 +268,7 @@ def pick_underlay(addrs: Iterable[tuple[str, str, int]], spec: str) -> tuple[str
 
 def local_ipv4_addresses() -> list[tuple[str, str, int]]:
     """(ifname, ipv4, prefixlen) for this network namespace (pyroute2)."""
-    from pyroute2 import IPRoute  # type: ignore[import-untyped]
+    from pyroute2 import IPRoute
 
     ipr: Any = IPRoute()
     try:

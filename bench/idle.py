@@ -83,7 +83,7 @@ def measure_idle_breakdown(lab: Lab, device: str, seconds: float) -> IdleBreakdo
         r = lab.run(node, ["iptables", "-w", *argv], capture_output=True, text=True, timeout=30)
         if r.returncode != 0:
             raise RuntimeError(f"iptables {' '.join(argv)} in {device}: {r.stderr.strip()}")
-        return r.stdout
+        return str(r.stdout)
 
     ipt("-N", CHAIN)
     try:

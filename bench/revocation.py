@@ -50,8 +50,8 @@ def one_round(round_no: int) -> float:
         if r.returncode != 0:
             raise SystemExit(f"revoke failed: {r.stderr.strip()}")
         last_reply = revoked_at
-        for p in pingers:
-            out, _ = p.communicate(timeout=PING_COUNT * PING_INTERVAL + 30)
+        for pinger in pingers:
+            out, _ = pinger.communicate(timeout=PING_COUNT * PING_INTERVAL + 30)
             for line in out.splitlines():
                 m = REPLY.match(line)
                 if m:

@@ -503,7 +503,8 @@ class Lab:
             moves[device] = change
             _host.write_state(state)
             self._state = state
-        moved = replace(n, **change)
+        moved = replace(n, lan=lan, underlay_ipv4=address, prefixlen=subnet.prefixlen,
+                        gateway=target.lan_ipv4)
         self.nodes = tuple(moved if x.name == device else x for x in self.nodes)
         self._by_name[device] = moved
         return moved

@@ -103,7 +103,7 @@ class WireGuardLab:
         hub_endpoint = Endpoint(ipaddress.IPv4Address(hub.node.underlay_ipv4), WG_PORT)
         reconcile(DesiredDevice(
             private_key=hub.keys.private, listen_port=WG_PORT,
-            peers=tuple(DesiredPeer(m.keys.public, allowed_ips=m.host_routes)
+            peers=tuple(DesiredPeer(m.keys.public, allowed_ips=frozenset(m.host_routes))
                         for name, m in self.members.items() if name != "coordinator")),
             hub.wg.backend())
         for name, m in self.members.items():
@@ -112,7 +112,7 @@ class WireGuardLab:
             reconcile(DesiredDevice(
                 private_key=m.keys.private, listen_port=WG_PORT,
                 peers=(DesiredPeer(hub.keys.public, endpoint=hub_endpoint,
-                                   allowed_ips=hub.host_routes,
+                                   allowed_ips=frozenset(hub.host_routes),
                                    persistent_keepalive=KEEPALIVE),)),
                 m.wg.backend())
 

@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
-import msgpack  # type: ignore[import-untyped]  # msgpack 1.2 ships no stubs
+import msgpack
 
 HEADER_LEN: Final = 4
 MAX_PIECE: Final = 1024 * 1024  # largest BlobData.data: one 1 MiB piece of a 4 MiB chunk

@@ -186,7 +186,7 @@ class KernelBackend:
         return f"KernelBackend({self.ifname!r}, netns={self.netns!r})"
 
     def _socket(self) -> Any:
-        from pyroute2 import WireGuard  # type: ignore[import-untyped]
+        from pyroute2 import WireGuard
 
         if self.netns is None:
             return WireGuard()

@@ -258,7 +258,7 @@ class WireGuardGo:
 
 @contextmanager
 def _iproute(netns: str | None) -> Iterator[Any]:
-    from pyroute2 import IPRoute  # type: ignore[import-untyped]
+    from pyroute2 import IPRoute
 
     if netns is None:
         ipr = IPRoute()
@@ -338,7 +338,7 @@ def add_route(dst: IPNetwork, ifname: str, netns: str | None = None) -> None:
 
 def remove_route(dst: IPNetwork, ifname: str, netns: str | None = None) -> bool:
     """Remove the route if present; returns whether one was removed."""
-    from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+    from pyroute2.netlink.exceptions import NetlinkError
 
     with _iproute(netns) as ipr:
         idx = _index(ipr, ifname)

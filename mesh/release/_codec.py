@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
-import msgpack  # type: ignore[import-untyped]  # msgpack 1.2 ships no stubs
+import msgpack
 
 from mesh.release._model import (
     ChunkRef,
