@@ -6,7 +6,7 @@
     async with trio.open_nursery() as nursery:
         await nursery.start(applier.run)
         applier.set_target("web", signed_manifest, ready=True, force=False, retry=0)
-        applier.statuses()        # [AppStatus dict] (briefs/contract.md)
+        applier.statuses()        # [AppStatus dict] (docs/api.md, "App status")
         applier.logs.take(1000)   # the app containers' log lines
 
 Each round runs, per app and in a worker thread (`trio.to_thread.run_sync`): observe the

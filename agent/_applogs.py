@@ -10,7 +10,7 @@ counted. The agent's uploader drains it:
     try: upload(lines, dropped)
     except Unreachable: buffer.put_back(lines, dropped)   # kept, within the bound
 
-Line format (briefs/contract.md): {"ts": float, "app": str, "stream": "stdout"|"stderr",
+Line format (docs/api.md, "App status"): {"ts": float, "app": str, "stream": "stdout"|"stderr",
 "line": str of at most 4096 characters}.
 """
 

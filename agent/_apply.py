@@ -6,8 +6,8 @@ persisted), the target (what the coordinator wants), and what the Docker engine 
 `Step`: a new journal to persist before anything else, or one action for the driver
 (agent/_applier.py) to execute, plus the state to report and when to look again. The driver
 runs `decide` again after every journal write and action, so the machine converges from any
-journal phase and any engine state (DESIGN.md, principle 2): run twice, it does nothing the
-second time, and a process killed anywhere resumes from the journal and `docker ps -a`.
+journal phase and any engine state (docs/architecture.md, principle 2): run twice, it does nothing
+the second time, and a process killed anywhere resumes from the journal and `docker ps -a`.
 
 Phases of the journal (`Journal.phase`):
 
@@ -41,7 +41,7 @@ from mesh.release import (
     UpdateStrategy,
 )
 
-# The contract's states (briefs/contract.md, mesh/control.py validates the same set).
+# The contract's states (docs/api.md, "App status"; mesh/control.py validates the same set).
 APPLY_STATES: Final = ("idle", "downloading", "waiting-lock", "loading", "stopping", "starting",
                        "checking-health", "running", "failed", "rolling-back")
 PHASES: Final = ("idle", "stopping", "starting", "checking", "rolling-back")

@@ -4,7 +4,7 @@ A blob is a release's chunk (one zstd frame, named by blake3 of its *uncompresse
 layer delta (named by blake3 of the patch bytes). `put` verifies before anything touches the
 disk and then writes atomically (temporary file, fsync, rename, fsync of the directory), so a
 blob in the store is whole and verified, or absent: corrupt bytes never enter it, and a crash
-leaves at most a `.tmp-*` file, removed at the next start (DESIGN.md, principle 5).
+leaves at most a `.tmp-*` file, removed at the next start (docs/architecture.md, principle 5).
 
 A small index (`layers.json`) remembers which chunk ids make up each layer (by diff id) of the
 manifests seen, so the driver can tell which layers the store holds completely: those are the

@@ -1,8 +1,9 @@
 """The mesh node's trio driver: membership, manifest dissemination and blob exchange over TCP.
 
-One `GossipNode` per device drives three pure cores (DESIGN.md, principle 1): `mesh.membership`
-(SWIM), `mesh.rumor` (manifests, verified with the fleet's pinned release key) and one
-`mesh.blobsched.BlobScheduler` per (fleet, app) release it is fetching. The node does the I/O:
+One `GossipNode` per device drives three pure cores (docs/architecture.md, principle 1):
+`mesh.membership` (SWIM), `mesh.rumor` (manifests, verified with the fleet's pinned release key)
+and one `mesh.blobsched.BlobScheduler` per (fleet, app) release it is fetching. The node does the
+I/O:
 
     node = GossipNode("cam-1", "10.250.0.2", peers={"cam-2": "10.250.0.3"}, verify=verify,
                       store=BlobStore(data / "blobs"), client=device_client, fleet="cams")

@@ -1,11 +1,11 @@
 """Path selection for every mesh peer: punched direct, still trying, or relayed through the hub.
 
-A protocol core (DESIGN principle 1): no I/O, time passed in. `PathSelector.update(peermap,
-status, now)` takes the current peer map, the WireGuard device's state and the time (epoch
-seconds, the clock WireGuard's `last_handshake` uses) and gives back the `DesiredDevice` for
-`vpn.diff`, every peer's `PeerPath` for the report, the path changes worth one log line, and the
-mesh addresses to *nudge*: the driver applies the desired device first, then sends one small
-datagram to each (through the tunnel, bound to the WireGuard interface).
+A protocol core (docs/architecture.md, principle 1): no I/O, time passed in.
+`PathSelector.update(peermap, status, now)` takes the current peer map, the WireGuard device's
+state and the time (epoch seconds, the clock WireGuard's `last_handshake` uses) and gives back the
+`DesiredDevice` for `vpn.diff`, every peer's `PeerPath` for the report, the path changes worth one
+log line, and the mesh addresses to *nudge*: the driver applies the desired device first, then
+sends one small datagram to each (through the tunnel, bound to the WireGuard interface).
 
 The liveness signal is **received bytes on the peer's own entry** (`PeerStatus.rx_bytes`). That
 entry is only ever reached directly (relayed traffic arrives on the hub's entry), so rx growth on
@@ -41,8 +41,8 @@ Per peer:
   silence the peer is nudged, again every NUDGE_INTERVAL; no growth for DIRECT_IDLE -> `trying`
   (candidates from the map). An entry missing from the device (daemon restarted) -> `trying`.
 - `relay`: the mesh addresses belong to the hub peer; the peer's own entry stays as a probe with
-  no allowed IPs, an endpoint and a keepalive (it still handshakes, DESIGN "Relay and direct
-  probing"), cycling the candidates every RELAY_PROBE_DWELL. rx above its value when the current
+  no allowed IPs, an endpoint and a keepalive (it still handshakes, docs/architecture.md "Platform
+  facts"), cycling the candidates every RELAY_PROBE_DWELL. rx above its value when the current
   probe candidate started (or a handshake newer than that) -> `direct`. No nudges: with no allowed
   IPs on the entry, a datagram would go through the hub.
 

@@ -90,9 +90,10 @@ class EnginePaths:
 
 
 def dockerd_argv(paths: EnginePaths) -> list[str]:
-    """DESIGN.md's recipe: no bridge, no iptables or masquerading (the node's namespace is the
-    lab's, the host's iptables are not ours), plus a config file of our own so that the host's
-    /etc/docker/daemon.json and /etc/docker/key.json are neither read nor written."""
+    """The recipe of docs/architecture.md "Platform facts": no bridge, no iptables or
+    masquerading (the node's namespace is the lab's, the host's iptables are not ours), plus a
+    config file of our own so that the host's /etc/docker/daemon.json and /etc/docker/key.json
+    are neither read nor written."""
     return ["dockerd", "--config-file", str(paths.config), "--data-root", str(paths.data_root),
             "--exec-root", str(paths.exec_root), "-H", paths.docker_host,
             "--pidfile", str(paths.pidfile), "--bridge", "none", "--iptables=false",

@@ -1,9 +1,9 @@
 """Where each blob of a release comes from, on one device: the pure core of blob exchange.
 
-No I/O, no clock, no randomness (DESIGN.md, principle 1). The caller (a trio driver) feeds it API
-calls with an explicit `now` and carries out the actions it returns: `Fetch` a blob from a peer
-or from the coordinator, `Cancel` a fetch that timed out, `Announce` what we now hold. It asks
-`next_deadline()` when to call `tick` next. docs/blob-exchange.md describes the policy:
+No I/O, no clock, no randomness (docs/architecture.md, principle 1). The caller (a trio driver)
+feeds it API calls with an explicit `now` and carries out the actions it returns: `Fetch` a blob
+from a peer or from the coordinator, `Cancel` a fetch that timed out, `Announce` what we now hold.
+It asks `next_deadline()` when to call `tick` next. docs/blob-exchange.md describes the policy:
 
 1. a blob a LAN neighbour holds comes from a LAN neighbour (the least loaded one);
 2. otherwise exactly one LAN member, chosen by rendezvous hashing over the LAN members (self

@@ -1,8 +1,8 @@
 """Manifest dissemination: rumor mongering plus anti-entropy, as a state machine without I/O.
 
 State: for each (fleet, app), the newest verified signed manifest (its encoded bytes). Nothing is
-stored or forwarded before the injected `verify` accepted it (DESIGN.md principle 5); what it
-refuses is dropped and counted in `stats.invalid`.
+stored or forwarded before the injected `verify` accepted it (docs/architecture.md, principle 5);
+what it refuses is dropped and counted in `stats.invalid`.
 
 Demers et al., "Epidemic Algorithms for Replicated Database Maintenance" (PODC 1987):
 - *Rumor mongering*: a node that learns a new manifest keeps it "hot" and pushes it to `fanout`

@@ -4,7 +4,8 @@ A frame is a 4-byte big-endian body length followed by a msgpack body `[type, *f
 Everything that arrives from a peer passes through `decode` (or `FrameDecoder.feed`), which
 checks types, arities, sizes and counts, and accepts only the canonical encoding (the one
 `encode` produces), so a message has exactly one byte form. Anything else raises `WireError`,
-and nothing else escapes: the driver counts it and drops the frame (DESIGN.md, principle 5).
+and nothing else escapes: the driver counts it and drops the frame (docs/architecture.md, principle
+5).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ Source: TypeAlias = "bytes | bytearray | memoryview | str | os.PathLike[str]"
 _Buffer: TypeAlias = "bytes | bytearray | memoryview | mmap.mmap"
 
 # HDiffPatch builds a suffix array over the source: ~5-9 bytes of RAM per source byte while
-# diffing (DESIGN.md: numpy's 57 MB tar diffs in 3.8 s). Above this total input size we switch
+# diffing (docs/delta.md: numpy's 57 MB tar diffs in 3.8 s). Above this total input size we switch
 # to zstd windows, whose memory is bounded by the window constants below.
 HDIFF_MAX_INPUT: Final = 512 * 1024 * 1024
 

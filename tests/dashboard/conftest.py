@@ -29,7 +29,8 @@ from tests.coordinator_process import FLEETMESH, RunningCoordinator, running_coo
 from vpn import generate_keypair
 
 CHROMIUM: Final = Path(os.environ.get("FLEETMESH_CHROMIUM", "/usr/bin/chromium"))
-# DESIGN.md "Web": what Debian's chromium needs to run headless as root with no network.
+# docs/architecture.md "Platform facts": what Debian's chromium needs to run headless as root with
+# no network.
 CHROMIUM_ARGS: Final = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                         "--disable-component-update", "--disable-sync", "--no-first-run"]
 REPO: Final = Path(__file__).resolve().parents[2]
