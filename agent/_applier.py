@@ -45,6 +45,7 @@ from mesh.release import (
     materialize_release,
     open_stored_chunk,
     verify_manifest,
+    verify_release,
 )
 
 from ._applogs import LogBuffer, LogCollector
@@ -531,15 +532,15 @@ class Applier:
         fetch = functools.partial(_fetch_blob, self.store)
         self.log(f"{a.name}: rebuilding release {version} from verified blobs")
         try:
+            release = verify_release(signed, self.key, fleet=self.fleet, app=a.name)
             try:
-                built = materialize_release(signed, self.key, None, fetch, local,
-                                            self.work_dir, tag, fleet=self.fleet, app=a.name)
+                built = materialize_release(release, fetch, local, self.work_dir, tag)
             except KeyError:
                 # A delta whose blob we lack (the gossip node took chunks): chunks alone.
                 own = {layer.diff_id for layer in manifest.layers} if manifest else set()
-                built = materialize_release(signed, self.key, None, fetch,
+                built = materialize_release(release, fetch,
                                             {d: p for d, p in local.items() if d in own},
-                                            self.work_dir, tag, fleet=self.fleet, app=a.name)
+                                            self.work_dir, tag)
         except KeyError as exc:
             a.missing_blob = (version, self.clock())
             self.log(f"{a.name}: release {version}: blob {str(exc)[:18]} not in the store yet")

@@ -57,12 +57,15 @@ from mesh.release._model import (
     Volume,
 )
 from mesh.release._signing import (
+    VerifiedRelease,
+    admit_release,
     key_id,
     read_signing_key,
     sign_manifest,
     sign_pin,
     verify_manifest,
     verify_pin,
+    verify_release,
     write_signing_key,
 )
 
@@ -76,6 +79,7 @@ __all__ = [
     "encode_signed_manifest", "encode_signed_pin", "key_id", "open_chunk", "open_stored_chunk",
     "read_signing_key",
     "sign_manifest", "sign_pin", "verify_manifest", "verify_pin", "write_signing_key",
+    "VerifiedRelease", "admit_release", "verify_release",
     # image tars and the device-side rebuild (_image.py)
     "ImageError", "LayerSource", "MaterializeError", "MaterializedRelease", "SavedImage",
     "SavedLayer", "build_loadable_image", "check_manifest_layers", "config_diff_ids",

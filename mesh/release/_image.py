@@ -27,18 +27,16 @@ from pathlib import Path
 from typing import IO, Final, NamedTuple
 
 import blake3
-from nacl.signing import VerifyKey
 
 from mesh.release._chunks import open_chunk
-from mesh.release._codec import MAX_IMAGE_CONFIG, decode_signed_manifest
+from mesh.release._codec import MAX_IMAGE_CONFIG
 from mesh.release._model import (
     ChunkError,
     Layer,
     ReleaseError,
     ReleaseManifest,
-    SignedPin,
 )
-from mesh.release._signing import verify_manifest
+from mesh.release._signing import VerifiedRelease
 
 _COPY_BLOCK: Final = 1024 * 1024
 _MAX_MANIFEST_JSON: Final = 1024 * 1024  # a saved manifest.json lists a few images' paths
@@ -332,25 +330,21 @@ def check_manifest_layers(manifest: ReleaseManifest) -> None:
         raise MaterializeError("release layers do not match its image config's diff IDs")
 
 
-def materialize_release(signed_manifest: bytes, pinned_key: VerifyKey | bytes,
-                        running_version: int | None, fetch_blob: FetchBlob,
+def materialize_release(release: VerifiedRelease, fetch_blob: FetchBlob,
                         local_layers: Mapping[str, str | os.PathLike[str]],
-                        workdir: str | os.PathLike[str], repo_tag: str, *,
-                        pins: Sequence[SignedPin] = (), device: str | None = None,
-                        fleet: str | None = None, app: str | None = None) -> MaterializedRelease:
+                        workdir: str | os.PathLike[str], repo_tag: str) -> MaterializedRelease:
     """Rebuild a release as a `docker load`-able tar in `workdir`, fetching as little as possible.
 
-    The signed manifest is verified first (key, signature, newer than `running_version` unless a
-    pin names it); nothing is written before that. Per layer: a local layer with the same diff
+    The release's signature was verified where its bytes arrived (`verify_release`), and whether
+    it may replace the running version was decided there too; nothing is written before the
+    manifest's layers are checked. Per layer: a local layer with the same diff
     ID is reused; else a delta whose base is local is fetched (checked against its blake3 blob
     ID) and applied to the base (checked against the delta's source diff ID), the output checked
     against the layer's diff ID; else every chunk is fetched and checked against its ID, the
     layer against its diff ID. Any mismatch raises a ReleaseError subclass (MaterializeError,
-    ChunkError, VerificationError, ManifestError) and leaves no file behind.
+    ChunkError, ManifestError) and leaves no file behind.
     """
-    signed = decode_signed_manifest(signed_manifest)
-    manifest = verify_manifest(signed, pinned_key, running_version, pins=pins, device=device,
-                               fleet=fleet, app=app)
+    manifest = release.manifest
     check_manifest_layers(manifest)
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)

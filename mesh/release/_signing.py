@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -12,7 +13,13 @@ import blake3
 from nacl.exceptions import BadSignatureError, CryptoError
 from nacl.signing import SigningKey, VerifyKey
 
-from mesh.release._codec import decode_manifest, decode_pin, encode_manifest, encode_pin
+from mesh.release._codec import (
+    decode_manifest,
+    decode_pin,
+    decode_signed_manifest,
+    encode_manifest,
+    encode_pin,
+)
 from mesh.release._model import (
     ReleaseError,
     ReleaseManifest,
@@ -58,7 +65,7 @@ def _check(context: bytes, data: bytes, signature: bytes, kid: str,
 
 
 def verify_pin(signed: SignedPin, public_key: VerifyKey | bytes) -> ReleasePin:
-    key = public_key if isinstance(public_key, VerifyKey) else VerifyKey(public_key)
+    key = _verify_key(public_key)
     _check(_PIN_CONTEXT, signed.pin, signed.signature, signed.key_id, key)
     return decode_pin(signed.pin)
 
@@ -73,28 +80,72 @@ def verify_manifest(signed: SignedManifest, pinned_public_key: VerifyKey | bytes
     one of `pins`, signed by the same key, names exactly this fleet, app and version (and this
     `device`, or no device). `fleet`/`app`, when given, must match the manifest's.
     """
-    key = (pinned_public_key if isinstance(pinned_public_key, VerifyKey)
-           else VerifyKey(pinned_public_key))
+    key = _verify_key(pinned_public_key)
     _check(_MANIFEST_CONTEXT, signed.manifest, signed.signature, signed.key_id, key)
     manifest = decode_manifest(signed.manifest)
     if fleet is not None and manifest.fleet != fleet:
         raise VerificationError(f"release is for fleet {manifest.fleet!r}, not {fleet!r}")
     if app is not None and manifest.app != app:
         raise VerificationError(f"release is for app {manifest.app!r}, not {app!r}")
-    if running_version is not None and manifest.version <= running_version:
-        for signed_pin in pins:
-            try:
-                pin = verify_pin(signed_pin, key)
-            except ReleaseError:
-                continue
-            if ((pin.fleet, pin.app, pin.version) == (manifest.fleet, manifest.app,
-                                                       manifest.version)
-                    and pin.device in (None, device)):
-                return manifest
-        raise VerificationError(
-            f"version {manifest.version} is not newer than running version {running_version}"
-            " and no pin names it")
+    admit_release(manifest, key, running_version, pins=pins, device=device)
     return manifest
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedRelease:
+    """A signed manifest whose signature the fleet's pinned key has checked, and its contents.
+
+    What a process passes on instead of manifest bytes, so that bytes are decoded and verified
+    once where they arrive (gossip, the coordinator, the journal read back from disk) and every
+    later consumer (blob exchange, the applier, the image rebuild) trusts the object. Only
+    `verify_release` makes one. `encoded` is the signed manifest as received: what is stored,
+    forwarded to peers and verified again when read back from disk.
+    """
+
+    manifest: ReleaseManifest
+    encoded: bytes
+    key_id: str
+
+
+def verify_release(encoded: bytes, pinned_public_key: VerifyKey | bytes,
+                   running_version: int | None = None, *, pins: Sequence[SignedPin] = (),
+                   device: str | None = None, fleet: str | None = None,
+                   app: str | None = None) -> VerifiedRelease:
+    """Decode and verify an encoded signed manifest (as `verify_manifest`), once."""
+    signed = decode_signed_manifest(encoded)
+    manifest = verify_manifest(signed, pinned_public_key, running_version, pins=pins,
+                               device=device, fleet=fleet, app=app)
+    return VerifiedRelease(manifest, encoded, signed.key_id)
+
+
+def admit_release(manifest: ReleaseManifest, pinned_public_key: VerifyKey | bytes,
+                  running_version: int | None, *, pins: Sequence[SignedPin] = (),
+                  device: str | None = None) -> None:
+    """Refuse (VerificationError) a verified manifest that may not replace `running_version`.
+
+    A version not newer than the running one is a replay or a rollback, allowed only when one of
+    `pins`, signed by the same key, names exactly this fleet, app and version (and `device`, or
+    no device). Cheap: the manifest's own signature is not checked again.
+    """
+    if running_version is None or manifest.version > running_version:
+        return
+    key = _verify_key(pinned_public_key)
+    for signed_pin in pins:
+        try:
+            pin = verify_pin(signed_pin, key)
+        except ReleaseError:
+            continue
+        if ((pin.fleet, pin.app, pin.version) == (manifest.fleet, manifest.app,
+                                                   manifest.version)
+                and pin.device in (None, device)):
+            return
+    raise VerificationError(
+        f"version {manifest.version} is not newer than running version {running_version}"
+        " and no pin names it")
+
+
+def _verify_key(key: VerifyKey | bytes) -> VerifyKey:
+    return key if isinstance(key, VerifyKey) else VerifyKey(key)
 
 
 def write_signing_key(path: str | os.PathLike[str]) -> SigningKey:

@@ -31,6 +31,7 @@ from mesh.release import (
     materialize_release,
     read_saved_image,
     sign_manifest,
+    verify_release,
 )
 
 from ._fakes import diff_id, image_config, layer_tar, saved_image_tar
@@ -185,7 +186,7 @@ def _loaded_layers(tar_path: Path) -> list[bytes]:
 def test_materialize_by_delta(tmp_path: Path, key: SigningKey) -> None:
     rel = Release(key)
     work = tmp_path / "work"
-    out = materialize_release(rel.signed, key.verify_key, 1, rel.fetch,
+    out = materialize_release(verify_release(rel.signed, key.verify_key, 1), rel.fetch,
                               _local(tmp_path, BASE, APP1), work, "fleetmesh-test/web:2")
     assert _loaded_layers(out.image_tar) == [BASE, APP2]
     assert [(s.method, s.base) for s in out.layers] == [("local", None),
@@ -198,7 +199,7 @@ def test_materialize_by_delta(tmp_path: Path, key: SigningKey) -> None:
 
 def test_materialize_by_chunks(tmp_path: Path, key: SigningKey) -> None:
     rel = Release(key)
-    out = materialize_release(rel.signed, key.verify_key, None, rel.fetch,
+    out = materialize_release(verify_release(rel.signed, key.verify_key, None), rel.fetch,
                               _local(tmp_path, BASE), tmp_path / "work", "t:2")
     assert _loaded_layers(out.image_tar) == [BASE, APP2]
     assert [s.method for s in out.layers] == ["local", "chunks"]
@@ -208,7 +209,7 @@ def test_materialize_by_chunks(tmp_path: Path, key: SigningKey) -> None:
 
 def test_materialize_reuses_local_layers(tmp_path: Path, key: SigningKey) -> None:
     rel = Release(key)
-    out = materialize_release(rel.signed, key.verify_key, 1, rel.fetch,
+    out = materialize_release(verify_release(rel.signed, key.verify_key, 1), rel.fetch,
                               _local(tmp_path, BASE, APP2), tmp_path / "work", "t:2")
     assert [s.method for s in out.layers] == ["local", "local"]
     assert rel.fetched == [] and out.fetched_bytes == 0
@@ -220,7 +221,7 @@ def test_local_layer_that_lies_about_its_content_is_not_used(tmp_path: Path,
     rel = Release(key)
     local = _local(tmp_path, BASE, APP1)
     local[diff_id(APP1)].write_bytes(_flip(APP1))  # no longer the delta's base
-    out = materialize_release(rel.signed, key.verify_key, 1, rel.fetch, local,
+    out = materialize_release(verify_release(rel.signed, key.verify_key, 1), rel.fetch, local,
                               tmp_path / "work", "t:2")
     assert [s.method for s in out.layers] == ["local", "chunks"]
 
@@ -275,7 +276,7 @@ def test_rejections_leave_no_output(tmp_path: Path, key: SigningKey, case: str,
                             else _flip(rel.blobs[first]))
     work = tmp_path / "work"
     with pytest.raises(error, match=message) as caught:
-        materialize_release(signed, pinned, running, fetch, local, work, "t:2")
+        materialize_release(verify_release(signed, pinned, running), fetch, local, work, "t:2")
     assert "\n" not in str(caught.value)
     leftovers = list(work.rglob("*")) if work.exists() else []
     assert leftovers == [], leftovers
@@ -291,5 +292,6 @@ def test_manifest_whose_layers_disagree_with_its_config_is_refused(tmp_path: Pat
                           m.layers)
     signed = encode_signed_manifest(sign_manifest(bad, key))
     with pytest.raises(MaterializeError, match="do not match its image config"):
-        materialize_release(signed, key.verify_key, 1, rel.fetch, {}, tmp_path / "w", "t:2")
+        materialize_release(verify_release(signed, key.verify_key, 1), rel.fetch, {},
+                            tmp_path / "w", "t:2")
     assert rel.fetched == []

@@ -17,6 +17,7 @@ from mesh.release import (
     materialize_release,
     read_saved_image,
     verify_manifest,
+    verify_release,
 )
 
 from ._fakes import FakeRegistry, diff_id, image_config, layer_tar, saved_image_tar
@@ -89,8 +90,8 @@ def test_publish_v1_v2_delta_reuse_and_idempotence(tmp_path: Path, key: SigningK
     # A device on v1 rebuilds v2 from the delta alone.
     v1 = read_saved_image(_image(tmp_path, 1), tmp_path / "device-layers")
     local = {x.diff_id: x.data for x in v1.layers}
-    out = materialize_release(reg.release_manifest("cams", "web", 2), key.verify_key, 1,
-                              reg.get_blob, local, tmp_path / "device", "t:2")  # type: ignore[arg-type]
+    release = verify_release(reg.release_manifest("cams", "web", 2), key.verify_key, 1)
+    out = materialize_release(release, reg.get_blob, local, tmp_path / "device", "t:2")  # type: ignore[arg-type]
     assert [x.method for x in out.layers] == ["local", "delta"]
     assert [x.read() for x in read_saved_image(out.image_tar).layers] == [BASE, _app(2)]
 

@@ -31,6 +31,7 @@ from mesh.release import (
     materialize_release,
     read_signing_key,
     verify_manifest,
+    verify_release,
 )
 from tests.coordinator_process import running_coordinator
 
@@ -143,7 +144,7 @@ def _device_round_trip(imgs: Images, tmp_path: Path, verify_key: bytes,
 
     _docker("rmi", imgs.v2)  # v2 must come back from the rebuilt tar alone
     assert _docker("image", "inspect", imgs.v2, check=False).returncode != 0
-    rebuilt = materialize_release(manifest_v2, verify_key, 1, counting_fetch, local,
+    rebuilt = materialize_release(verify_release(manifest_v2, verify_key, 1), counting_fetch, local,
                                   tmp_path / "device-work", imgs.v2)
     assert [x.method for x in rebuilt.layers] == ["local", "delta"]
     _docker("load", "-i", str(rebuilt.image_tar))

@@ -21,6 +21,7 @@ from mesh.release import (
     ReleasePin,
     SignedManifest,
     VerificationError,
+    admit_release,
     assemble,
     chunk_layer,
     decode_signed_manifest,
@@ -29,6 +30,7 @@ from mesh.release import (
     sign_manifest,
     sign_pin,
     verify_manifest,
+    verify_release,
     write_signing_key,
 )
 
@@ -87,6 +89,37 @@ def test_pin_allows_older_version() -> None:
                   device_pin]:
         with pytest.raises(VerificationError):
             verify_manifest(signed, KEY.verify_key, 7, pins=[wrong], device="dev-4")
+
+
+def test_verified_release_is_the_manifest_and_the_bytes_it_came_from() -> None:
+    signed = sign_manifest(_manifest(5), KEY)
+    encoded = encode_signed_manifest(signed)
+    release = verify_release(encoded, KEY.verify_key, fleet="fleet1", app="web")
+    assert release.manifest == _manifest(5)
+    assert release.encoded == encoded
+    with pytest.raises(VerificationError, match="bad signature"):
+        bad = bytes([signed.signature[0] ^ 1]) + signed.signature[1:]
+        verify_release(encode_signed_manifest(dataclasses.replace(signed, signature=bad)),
+                       KEY.verify_key)
+    with pytest.raises(VerificationError, match="not newer"):
+        verify_release(encoded, KEY.verify_key, 5)
+
+
+def test_admission_of_a_verified_release_needs_a_newer_version_or_a_pin() -> None:
+    release = verify_release(encode_signed_manifest(sign_manifest(_manifest(5), KEY)),
+                             KEY.verify_key)
+    admit_release(release.manifest, KEY.verify_key, None)
+    admit_release(release.manifest, KEY.verify_key, 4)
+    with pytest.raises(VerificationError, match="not newer than running version 5"):
+        admit_release(release.manifest, KEY.verify_key, 5)
+    pin = sign_pin(ReleasePin("fleet1", "web", 5, device="dev-3"), KEY)
+    admit_release(release.manifest, KEY.verify_key, 7, pins=[pin], device="dev-3")
+    with pytest.raises(VerificationError):
+        admit_release(release.manifest, KEY.verify_key, 7, pins=[pin], device="dev-4")
+    forged = dataclasses.replace(sign_pin(ReleasePin("fleet1", "web", 5), OTHER),
+                                 key_id=sign_pin(ReleasePin("fleet1", "web", 5), KEY).key_id)
+    with pytest.raises(VerificationError):
+        admit_release(release.manifest, KEY.verify_key, 7, pins=[forged])
 
 
 def test_fleet_and_app_checked_when_given() -> None:
