@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import blake3
-
+from mesh.blobs import BlobVerifyError, check_digest
 from mesh.delta import DeltaError, apply_delta
 from mesh.image._saved import ImageError, build_loadable_image, config_diff_ids, file_diff_id
 from mesh.release import (
@@ -130,12 +129,14 @@ class _LocalLayers:
 
 def _fetch(fetch_blob: FetchBlob, blob_id: bytes, size: int, what: str) -> bytes:
     data = fetch_blob(blob_id.hex())
-    if not isinstance(data, (bytes, bytearray)) or len(data) != size:
-        got = len(data) if isinstance(data, (bytes, bytearray)) else type(data).__name__
-        raise MaterializeError(f"{what} {blob_id.hex()[:16]}: got {got} bytes, expected {size}")
-    if blake3.blake3(data).digest() != blob_id:
-        raise MaterializeError(f"{what} {blob_id.hex()[:16]}: content does not match its id")
-    return bytes(data)
+    if not isinstance(data, (bytes, bytearray)):
+        raise MaterializeError(f"{what} {blob_id.hex()[:16]}: fetch returned no bytes")
+    blob = bytes(data)
+    try:
+        check_digest(blob_id, blob, size=size, what=what)
+    except BlobVerifyError as exc:
+        raise MaterializeError(str(exc)) from None
+    return blob
 
 
 def _materialize_layer(layer: Layer, local: _LocalLayers, fetch_blob: FetchBlob,

@@ -248,7 +248,7 @@ REJECTIONS: list[tuple[str, type[Exception], str]] = [
     ("replayed older version", VerificationError, "not newer"),
     ("garbage envelope", ManifestError, "msgpack|signed"),
     ("truncated delta", MaterializeError, "expected"),
-    ("corrupted delta", MaterializeError, "does not match its id"),
+    ("corrupted delta", MaterializeError, "does not hash to its id"),
     ("corrupted chunk", ChunkError, "chunk"),
     ("truncated chunk", ChunkError, "chunk"),
 ]
