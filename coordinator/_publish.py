@@ -23,6 +23,7 @@ from nacl.signing import SigningKey
 from mesh.delta import read_header
 from mesh.image import SavedImage, docker_save, file_diff_id, plan_layer, read_saved_image
 from mesh.release import (
+    MAX_DELTAS_PER_LAYER,
     ChunkRef,
     ContainerSettings,
     Layer,
@@ -37,7 +38,6 @@ from mesh.release import (
     sign_manifest,
     verify_manifest,
 )
-from mesh.release._codec import MAX_DELTAS_PER_LAYER
 
 # Candidate bases tried per earlier release for one new layer: the layer at the same position
 # and its nearest neighbour (a Dockerfile edit usually changes the layer in place; an inserted

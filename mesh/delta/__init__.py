@@ -9,16 +9,19 @@ from mesh.delta._container import BARE_HEADER_MIN, HEADER_MIN, DeltaError, Delta
 from mesh.delta._engine import (
     DEFAULT_MAX_TARGET,
     HDIFF_MAX_INPUT,
+    HDIFF_ZSTD_LEVEL,
     PREFIX_MAX_INPUT,
     Source,
     apply_delta,
     create_delta,
     read_header,
 )
+from mesh.delta._hdiff import HDIFF_ZSTD_WINDOW_LOG
 from mesh.delta._tar import is_tar
 
 __all__ = [
-    "BARE_HEADER_MIN", "DEFAULT_MAX_TARGET", "HDIFF_MAX_INPUT", "HEADER_MIN", "PREFIX_MAX_INPUT",
+    "BARE_HEADER_MIN", "DEFAULT_MAX_TARGET", "HDIFF_MAX_INPUT", "HDIFF_ZSTD_LEVEL",
+    "HDIFF_ZSTD_WINDOW_LOG", "HEADER_MIN", "PREFIX_MAX_INPUT",
     "DeltaError", "DeltaHeader", "Method", "Source", "apply_delta", "create_delta", "is_tar",
     "read_header",
 ]

@@ -15,6 +15,8 @@ from mesh.release._chunks import (
     open_stored_chunk,
 )
 from mesh.release._codec import (
+    MAX_DELTAS_PER_LAYER,
+    MAX_ENVELOPE_BYTES,
     MAX_IMAGE_CONFIG,
     decode_manifest,
     decode_pin,
@@ -59,13 +61,13 @@ from mesh.release._signing import (
 )
 
 __all__ = [
-    "CHUNK_SIZE", "MAX_IMAGE_CONFIG", "Chunk", "ChunkError", "ChunkRef", "ContainerSettings",
-    "HealthCheck", "HealthKind", "Layer", "LayerDelta", "ManifestError", "NetworkMode",
-    "ReleaseError", "ReleaseManifest", "ReleasePin", "RestartPolicy", "SignedManifest",
-    "SignedPin", "UpdateStrategy", "VerificationError", "VerifiedRelease", "Volume",
-    "admit_release", "assemble", "chunk_id", "chunk_layer", "decode_manifest", "decode_pin",
-    "decode_signed_manifest", "decode_signed_pin", "diff_id", "encode_manifest", "encode_pin",
-    "encode_signed_manifest", "encode_signed_pin", "key_id", "open_chunk", "open_stored_chunk",
-    "read_signing_key", "sign_manifest", "sign_pin", "verify_manifest", "verify_pin",
-    "verify_release", "write_signing_key",
+    "CHUNK_SIZE", "MAX_DELTAS_PER_LAYER", "MAX_ENVELOPE_BYTES", "MAX_IMAGE_CONFIG", "Chunk",
+    "ChunkError", "ChunkRef", "ContainerSettings", "HealthCheck", "HealthKind", "Layer",
+    "LayerDelta", "ManifestError", "NetworkMode", "ReleaseError", "ReleaseManifest", "ReleasePin",
+    "RestartPolicy", "SignedManifest", "SignedPin", "UpdateStrategy", "VerificationError",
+    "VerifiedRelease", "Volume", "admit_release", "assemble", "chunk_id", "chunk_layer",
+    "decode_manifest", "decode_pin", "decode_signed_manifest", "decode_signed_pin", "diff_id",
+    "encode_manifest", "encode_pin", "encode_signed_manifest", "encode_signed_pin", "key_id",
+    "open_chunk", "open_stored_chunk", "read_signing_key", "sign_manifest", "sign_pin",
+    "verify_manifest", "verify_pin", "verify_release", "write_signing_key",
 ]
