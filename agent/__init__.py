@@ -12,6 +12,8 @@ Entry points for the lab and for tests:
 The CLI is `fleetmesh-agent join …` / `fleetmesh-agent run …` (agent/_commands.py).
 """
 
+from mesh.blobs import BlobVerifyError
+
 from ._agent import (
     Agent,
     ApplySettings,
@@ -23,7 +25,7 @@ from ._agent import (
     error_status,
     stderr_log,
 )
-from ._blobstore import BlobStore, BlobVerifyError, verify_blob
+from ._blobstore import BlobStore, verify_blob
 from ._datadir import DataDir, DataDirError, Identity
 from ._device import (
     DEFAULT_IFNAME,

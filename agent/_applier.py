@@ -35,14 +35,13 @@ from typing import Any, Final
 import trio
 from nacl.signing import VerifyKey
 
+from mesh.image import MaterializeError, materialize_release
 from mesh.release import (
     ChunkError,
-    MaterializeError,
     ReleaseError,
     ReleaseManifest,
     decode_signed_manifest,
     diff_id,
-    materialize_release,
     open_stored_chunk,
     verify_manifest,
     verify_release,

@@ -2,9 +2,10 @@
 
 A blob is a release's chunk (one zstd frame, named by blake3 of its *uncompressed* bytes) or a
 layer delta (named by blake3 of the patch bytes). `put` verifies before anything touches the
-disk and then writes atomically (temporary file, fsync, rename, fsync of the directory), so a
-blob in the store is whole and verified, or absent: corrupt bytes never enter it, and a crash
-leaves at most a `.tmp-*` file, removed at the next start (docs/architecture.md, principle 5).
+disk (mesh.blobs) and then writes atomically (`mesh.blobs.write_atomically`: temporary file,
+fsync, rename, fsync of the directory), so a blob in the store is whole and verified, or
+absent: corrupt bytes never enter it, and a crash leaves at most a `.tmp-*` file, removed at
+the next start (docs/architecture.md, principle 5).
 
 A small index (`layers.json`) remembers which chunk ids make up each layer (by diff id) of the
 manifests seen, so the driver can tell which layers the store holds completely: those are the
@@ -15,103 +16,47 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Final, Literal
 
-import blake3
-from backports import zstd
-
-from mesh.release import CHUNK_SIZE, ChunkError, ChunkRef, chunk_id, open_chunk
+from mesh.blobs import (
+    BlobVerifyError,
+    blob_hex,
+    check_digest,
+    inflate_frame,
+    is_blob_hex,
+    remove_temp_files,
+    write_atomically,
+)
+from mesh.release import CHUNK_SIZE, ChunkError, ChunkRef, open_chunk
 
 BlobKind = Literal["chunk", "delta"]
-BLOB_ID_LEN: Final = 32  # blake3 digest (mesh.release ChunkRef.id, LayerDelta.blob_id)
-# The decoder window mesh.release._chunks accepts (2**23 = 8 MiB covers a whole CHUNK_SIZE chunk);
-# used when a chunk is stored without its ChunkRef.
-_WINDOW_LOG_MAX: Final = 23
-# A chunk frame is never larger than zstd's worst case for CHUNK_SIZE input (ZSTD_COMPRESSBOUND:
-# size + size/256 + a little; we allow twice the margin); larger is refused before decompressing.
-MAX_CHUNK_FRAME: Final = CHUNK_SIZE + CHUNK_SIZE // 128 + 1024
 MAX_LAYER_INDEX: Final = 4096  # layers remembered in layers.json (oldest dropped first)
-_TMP_PREFIX: Final = ".tmp-"
-
-
-class BlobVerifyError(ValueError):
-    """Bytes that do not match the blob id they were offered under; nothing was stored."""
-
-
-def blob_hex(blob_id: bytes | str) -> str:
-    """The store's name for a blob id (32 bytes, or 64 lowercase hex digits)."""
-    if isinstance(blob_id, bytes):
-        if len(blob_id) != BLOB_ID_LEN:
-            raise ValueError(f"blob ids are {BLOB_ID_LEN} bytes")
-        return blob_id.hex()
-    if len(blob_id) != 2 * BLOB_ID_LEN or any(c not in "0123456789abcdef" for c in blob_id):
-        raise ValueError("blob ids are 64 lowercase hex digits")
-    return blob_id
 
 
 def verify_blob(blob_id: bytes, data: bytes, kind: BlobKind, ref: ChunkRef | None = None,
                 size: int | None = None) -> None:
-    """Raise BlobVerifyError unless `data` is the blob `blob_id` names.
+    """Raise BlobVerifyError (mesh.blobs) unless `data` is the blob `blob_id` names.
 
     chunk: a single zstd frame whose decompressed bytes (at most CHUNK_SIZE; with `ref`, exactly
     `ref.size` from exactly `ref.stored_size` bytes, via mesh.release.open_chunk) hash to the id.
     delta: blake3(data) == id (and len(data) == size when given).
     """
     if kind == "delta":
-        if size is not None and len(data) != size:
-            raise BlobVerifyError(f"delta {blob_id.hex()[:16]}: {len(data)} bytes, expected {size}")
-        if blake3.blake3(data).digest() != blob_id:
-            raise BlobVerifyError(f"delta {blob_id.hex()[:16]}: content does not match its id")
+        check_digest(blob_id, data, size=size, what="delta")
         return
     if kind != "chunk":
         raise ValueError(f"unknown blob kind {kind!r}")
-    if ref is not None:
-        if ref.id != blob_id:
-            raise ValueError("ChunkRef does not name this blob")
-        try:
-            open_chunk(ref, data)
-        except ChunkError as exc:
-            raise BlobVerifyError(str(exc)) from None
+    if ref is None:
+        inflate_frame(blob_id, data, CHUNK_SIZE)
         return
-    if len(data) > MAX_CHUNK_FRAME:
-        raise BlobVerifyError(f"chunk {blob_id.hex()[:16]}: frame of {len(data)} bytes is "
-                              "too large")
+    if ref.id != blob_id:
+        raise ValueError("ChunkRef does not name this blob")
     try:
-        dec = zstd.ZstdDecompressor(options={zstd.DecompressionParameter.window_log_max:
-                                             _WINDOW_LOG_MAX})
-        piece = dec.decompress(data, max_length=CHUNK_SIZE + 1)  # the hard bound
-    except (zstd.ZstdError, ValueError) as exc:
-        raise BlobVerifyError(f"chunk {blob_id.hex()[:16]}: corrupt: {exc}") from None
-    if len(piece) > CHUNK_SIZE or not dec.eof or dec.unused_data:
-        raise BlobVerifyError(f"chunk {blob_id.hex()[:16]}: not one frame of at most "
-                              f"{CHUNK_SIZE} bytes")
-    if chunk_id(piece) != blob_id:
-        raise BlobVerifyError(f"chunk {blob_id.hex()[:16]}: content does not match its id")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+        open_chunk(ref, data)
+    except ChunkError as exc:
+        raise BlobVerifyError(str(exc)) from None
 
 
 class BlobStore:
@@ -121,17 +66,11 @@ class BlobStore:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for leftover in self.root.glob(_TMP_PREFIX + "*"):  # an interrupted put
-            leftover.unlink(missing_ok=True)
+        remove_temp_files(self.root)  # an interrupted put
         self.rejected = 0  # puts refused by verification
         self._ids: set[bytes] = set()
-        for p in self.root.iterdir():
-            try:
-                b = bytes.fromhex(p.name)
-            except ValueError:
-                continue
-            if len(b) == BLOB_ID_LEN and p.name == b.hex():
-                self._ids.add(b)
+        self._ids.update(bytes.fromhex(p.name) for p in self.root.iterdir()
+                         if is_blob_hex(p.name))
         self._layers: dict[str, tuple[bytes, ...]] = self._read_layers()
 
     def _path(self, blob_id: bytes | str) -> Path:
@@ -179,7 +118,7 @@ class BlobStore:
             raise
         if key in self._ids:
             return False
-        _atomic_write(self._path(key), data)
+        write_atomically(self._path(key), data)
         self._ids.add(key)
         return True
 
@@ -208,7 +147,7 @@ class BlobStore:
             del self._layers[next(iter(self._layers))]
         if changed:
             data = {k: [c.hex() for c in v] for k, v in self._layers.items()}
-            _atomic_write(self.root / "layers.json", json.dumps(data).encode())
+            write_atomically(self.root / "layers.json", json.dumps(data).encode())
 
     def layer_chunks(self, diff_id: str) -> tuple[bytes, ...] | None:
         """The chunk ids of a layer if every one is in the store, else None."""
@@ -221,4 +160,4 @@ class BlobStore:
                          if all(c in self._ids for c in ids))
 
 
-__all__ = ["BlobKind", "BlobStore", "BlobVerifyError", "blob_hex", "verify_blob"]
+__all__ = ["BlobKind", "BlobStore", "verify_blob"]

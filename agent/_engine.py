@@ -27,11 +27,12 @@ from typing import Any, Final
 import docker
 import requests
 
-from mesh.release import ReleaseError, read_saved_image
+from mesh.image import read_saved_image
+from mesh.release import ReleaseError
 
 from ._apply import LABEL_APP, LABEL_DEVICE, LABEL_RELEASE, ContainerView, one_line
 
-# `docker load`/`save` of a multi-GB image on a slow SD card (mesh.release.DOCKER_TIMEOUT_S).
+# `docker load`/`save` of a multi-GB image on a slow SD card (mesh.image.DOCKER_TIMEOUT_S).
 DOCKER_TIMEOUT_S: Final = 600.0
 STOP_TIMEOUT_S: Final = 10  # Docker's own default grace period before SIGKILL
 IMAGE_REPO_PREFIX: Final = "fleetmesh/"
@@ -237,7 +238,7 @@ class DockerEngine:
     def save_layers(self, image: str, workdir: Path) -> dict[str, Path]:
         """The layers of a local image as verified files `{diff_id: workdir/<hex>.tar}` (the
         delta bases of the next release): `docker save`, each layer checked against the
-        image config's diff IDs (mesh.release.read_saved_image)."""
+        image config's diff IDs (mesh.image.read_saved_image)."""
         workdir.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=".save-", suffix=".tar", dir=workdir)
         try:

@@ -40,6 +40,7 @@ from typing import Any, Final, Protocol
 
 import trio
 
+from mesh.blobs import BlobVerifyError
 from mesh.blobsched import (
     COORDINATOR,
     Announce,
@@ -74,7 +75,7 @@ from mesh.wire import (
     encode,
 )
 
-from ._blobstore import BlobKind, BlobStore, BlobVerifyError
+from ._blobstore import BlobKind, BlobStore
 from ._crashpoints import crash_point
 
 # memberlist's DefaultLANConfig BindPort (Serf and Consul's LAN gossip port): 7946.

@@ -19,10 +19,10 @@ from typing import Final
 
 from nacl.signing import VerifyKey
 
+from mesh.blobs import write_atomically
 from mesh.release import ReleaseError, ReleaseManifest, decode_signed_manifest, verify_manifest
 
 from ._apply import Journal
-from ._blobstore import _atomic_write
 
 JOURNAL: Final = "journal.json"
 RELEASES: Final = "releases"
@@ -38,7 +38,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` whole or not at all (the blob store's temporary file, fsync,
     rename, directory fsync), creating the directory first."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _atomic_write(path, data)
+    write_atomically(path, data)
 
 
 class AppJournal:

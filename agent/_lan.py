@@ -40,9 +40,10 @@ from typing import Any, Final
 
 import trio
 
+from mesh.names import DEVICE_NAME_RE
+
 SERVICE_TYPE: Final = "_fleetmesh._udp.local."
 PROTOCOL_VERSION: Final = 1
-NAME_RE: Final = re.compile(r"[a-z0-9-]{1,63}")  # one DNS label, lower case (RFC 1035 §2.3.4)
 FP_RE: Final = re.compile(r"[0-9a-f]{16}")
 FP_HEX_DIGITS: Final = 16  # 64 bits: enough to tell LAN neighbours apart; not an identity proof
 KEY_BYTES: Final = 32  # Curve25519 public key (RFC 7748)
@@ -131,7 +132,7 @@ def fingerprint(public_key: str | bytes) -> str:
 
 
 def valid_name(name: object) -> bool:
-    return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
+    return isinstance(name, str) and DEVICE_NAME_RE.fullmatch(name) is not None
 
 
 def instance_label(fqdn: object) -> str:

@@ -25,7 +25,8 @@ def main(argv: list[str]) -> int:
         import hashlib
         import json
 
-        from mesh.delta import Method, create_delta, plan_layer
+        from mesh.delta import Method, create_delta
+        from mesh.image import plan_layer
 
         old, new = Path(argv[1]).read_bytes(), Path(argv[2]).read_bytes()
         old_id = "sha256:" + hashlib.sha256(old).hexdigest()

@@ -34,8 +34,7 @@ from typing import Final
 import hdiffpatch
 from backports import zstd
 
-from mesh.delta._engine import HDIFF_ZSTD_LEVEL
-from mesh.delta._hdiff import HDIFF_ZSTD_WINDOW_LOG
+from mesh.delta import HDIFF_ZSTD_LEVEL, HDIFF_ZSTD_WINDOW_LOG
 from mesh.release import CHUNK_SIZE, chunk_layer
 
 # (distribution, old version, new version): fixed before any tuning.

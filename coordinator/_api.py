@@ -31,7 +31,7 @@ from mesh.control import (
     check_key,
     check_name,
 )
-from mesh.release._codec import MAX_ENVELOPE_BYTES  # the largest encoded SignedManifest
+from mesh.release import MAX_ENVELOPE_BYTES  # the largest encoded SignedManifest
 
 from ._blobs import MAX_BLOB_BYTES, BlobKind, OpenBlob
 from ._model import CoordinatorError, Device, Forbidden, TooLarge, Unauthorized

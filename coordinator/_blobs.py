@@ -1,9 +1,10 @@
-"""Content-addressed blob files under DATA/blobs/ab/cdef… (docs/api.md "Releases and blobs").
+"""The coordinator's blob seed: content-addressed blob files under DATA/blobs/ab/cdef… (docs/api.md
+"Releases and blobs"), which devices fetch over the WAN when no peer has a blob.
 
 A blob's ID is blake3 (hex) of the uncompressed bytes for a layer chunk (the blob is one zstd
-frame) and of the blob's own bytes for a delta. Every blob is verified before it gets its name,
-and gets it atomically: a temp file in the same directory, fsync, verify, `os.replace`, so a
-crash never leaves a partial or unverified file under a blob's name.
+frame) and of the blob's own bytes for a delta; mesh.blobs checks both. Every blob is verified
+before it gets its name, and gets it atomically: a temp file in the same directory, fsync,
+verify, `os.replace`, so a crash never leaves a partial or unverified file under a blob's name.
 
 The methods here block (disk, hashing, decompression): call them through trio.to_thread.
 """
@@ -12,27 +13,28 @@ from __future__ import annotations
 
 import enum
 import os
-import re
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO, Final
 
-import blake3
-from backports import zstd
-
+from mesh.blobs import (
+    TEMP_PREFIX,
+    BlobVerifyError,
+    check_digest,
+    check_frame,
+    fsync_dir,
+    is_blob_hex,
+    remove_temp_files,
+)
 from mesh.release import CHUNK_SIZE
 
 from ._model import CoordinatorError
 
 MAX_BLOB_BYTES: Final = 64 * 1024 * 1024  # one upload (docs/api.md); deltas of big layers fit
 READ_PIECE: Final = 1024 * 1024
-# As mesh.release._chunks: a decoder window of 2**23 = 8 MiB covers a whole CHUNK_SIZE chunk,
-# and refusing larger windows bounds the decoder's memory whatever the frame header claims.
-WINDOW_LOG_MAX: Final = 23
-BLOB_ID_RE: Final = re.compile(r"[0-9a-f]{64}\Z")
-TEMP_PREFIX: Final = ".tmp-"
 
 
 class BlobKind(enum.StrEnum):
@@ -45,7 +47,7 @@ class BadBlob(CoordinatorError):
 
 
 def check_blob_id(blob_id: str, where: str = "blob id") -> str:
-    if not isinstance(blob_id, str) or not BLOB_ID_RE.match(blob_id):
+    if not is_blob_hex(blob_id):
         raise BadBlob(f"{where}: must be 64 lowercase hex digits (blake3)")
     return blob_id
 
@@ -56,7 +58,9 @@ class OpenBlob:
     size: int
 
 
-class BlobStore:
+class BlobSeed:
+    """Blob files under `root`, one directory per first two hex digits of the id."""
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
@@ -65,8 +69,7 @@ class BlobStore:
         # Temp files of uploads cut short by a crash: never named, never needed.
         for sub in self.root.iterdir():
             if sub.is_dir():
-                for tmp in sub.glob(TEMP_PREFIX + "*"):
-                    tmp.unlink(missing_ok=True)
+                remove_temp_files(sub)
 
     def path(self, blob_id: str) -> Path:
         check_blob_id(blob_id)
@@ -127,7 +130,7 @@ class BlobStore:
             if final.exists():
                 return False
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             return True
         finally:
             f.close()
@@ -148,55 +151,15 @@ class BlobStore:
         return removed
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def verify(blob_id: str, kind: BlobKind, f: BinaryIO) -> None:
-    """Raise BadBlob unless the bytes read from `f` are the blob `blob_id` of `kind`."""
-    if kind is BlobKind.DELTA:
-        h = blake3.blake3()
-        while piece := f.read(READ_PIECE):
-            h.update(piece)
-        if h.hexdigest() != blob_id:
-            raise BadBlob(f"delta does not hash to {blob_id[:16]}… (blake3 of its bytes)")
-        return
-    _verify_chunk(blob_id, f)
-
-
-def _verify_chunk(blob_id: str, f: BinaryIO) -> None:
-    """One zstd frame of at most CHUNK_SIZE uncompressed bytes, whose blake3 is `blob_id`.
-
-    The output is bounded as it is produced, so a decompression bomb costs at most
-    CHUNK_SIZE + 1 bytes of output before it is refused."""
-    h = blake3.blake3()
-    out_len = 0
+    """Raise BadBlob unless the bytes read from `f` are the blob `blob_id` of `kind`: a delta
+    hashes to it; a chunk is one zstd frame of at most CHUNK_SIZE bytes (bounded as it is
+    inflated) that hashes to it."""
+    pieces = iter(partial(f.read, READ_PIECE), b"")
     try:
-        dec = zstd.ZstdDecompressor(options={zstd.DecompressionParameter.window_log_max:
-                                             WINDOW_LOG_MAX})
-        while piece := f.read(READ_PIECE):
-            if dec.eof:
-                raise BadBlob("chunk: data after the end of its zstd frame")
-            data = piece
-            while True:
-                out = dec.decompress(data, max_length=CHUNK_SIZE + 1 - out_len)
-                data = b""
-                out_len += len(out)
-                if out_len > CHUNK_SIZE:
-                    raise BadBlob(f"chunk: decompresses to more than {CHUNK_SIZE} bytes")
-                h.update(out)
-                if dec.eof or dec.needs_input:
-                    break
-    except (zstd.ZstdError, ValueError, EOFError) as exc:
-        raise BadBlob(f"chunk: not a valid zstd frame: {exc}") from None
-    if not dec.eof:
-        raise BadBlob("chunk: truncated zstd frame")
-    if dec.unused_data:
-        raise BadBlob("chunk: data after the end of its zstd frame")
-    if h.hexdigest() != blob_id:
-        raise BadBlob(f"chunk does not hash to {blob_id[:16]}… (blake3 of its uncompressed "
-                      "bytes)")
+        if kind is BlobKind.DELTA:
+            check_digest(bytes.fromhex(check_blob_id(blob_id)), pieces, what="delta")
+        else:
+            check_frame(bytes.fromhex(check_blob_id(blob_id)), pieces, CHUNK_SIZE)
+    except BlobVerifyError as exc:
+        raise BadBlob(str(exc)) from None

@@ -16,11 +16,11 @@ from typing import Any
 
 from mesh.clikit import CliError
 from mesh.delta import DeltaError, apply_delta, create_delta, read_header
+from mesh.image import ImageError
 from mesh.release import (
     ContainerSettings,
     HealthCheck,
     HealthKind,
-    ImageError,
     ManifestError,
     NetworkMode,
     ReleaseError,

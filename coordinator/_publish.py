@@ -20,30 +20,28 @@ from typing import Any, Final, Protocol
 import blake3
 from nacl.signing import SigningKey
 
+from mesh.delta import read_header
+from mesh.image import SavedImage, docker_save, file_diff_id, plan_layer, read_saved_image
 from mesh.release import (
+    MAX_DELTAS_PER_LAYER,
     ChunkRef,
     ContainerSettings,
     Layer,
     LayerDelta,
     ReleaseError,
     ReleaseManifest,
-    SavedImage,
     chunk_id,
     chunk_layer,
     decode_signed_manifest,
-    docker_save,
     encode_signed_manifest,
-    file_diff_id,
     open_chunk,
-    read_saved_image,
     sign_manifest,
     verify_manifest,
 )
-from mesh.release._codec import MAX_DELTAS_PER_LAYER
 
 # Candidate bases tried per earlier release for one new layer: the layer at the same position
 # and its nearest neighbour (a Dockerfile edit usually changes the layer in place; an inserted
-# step shifts it by one). Each candidate costs up to three diffs (mesh.delta.plan_layer).
+# step shifts it by one). Each candidate costs up to three diffs (mesh.image.plan_layer).
 BASES_PER_RELEASE: Final = 2
 MISSING_BATCH: Final = 10_000  # docs/api.md: POST /blobs/missing takes at most 10,000 ids
 DEFAULT_KEEP: Final = 3
@@ -315,7 +313,6 @@ def _publish(pub: _Publisher, saved: SavedImage, keep: int, version: int | None,
             tried.update(b.diff_id for b in bases)
             if not bases or len(deltas_list) >= MAX_DELTAS_PER_LAYER:
                 continue
-            from mesh.delta import plan_layer, read_header
             plan = plan_layer(data, {b.diff_id: pub.base_layer(b).read_bytes() for b in bases},
                               full_size=stored)
             if plan.patch is None or plan.source_diff_id is None:

@@ -30,7 +30,7 @@ from mesh.release import (
     verify_pin,
 )
 
-from ._blobs import MAX_BLOB_BYTES, BlobKind, BlobStore, OpenBlob, check_blob_id
+from ._blobs import MAX_BLOB_BYTES, BlobKind, BlobSeed, OpenBlob, check_blob_id
 from ._model import (
     AppControl,
     Conflict,
@@ -82,7 +82,7 @@ def _decode(data: bytes) -> tuple[Any, ReleaseManifest]:
 
 
 class ReleaseRegistry:
-    def __init__(self, store: Store, blobs: BlobStore,
+    def __init__(self, store: Store, blobs: BlobSeed,
                  clock: Callable[[], float] = time.time,
                  targets_changed: Callable[[str, str | None], None] | None = None) -> None:
         self.store = store

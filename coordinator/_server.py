@@ -41,7 +41,7 @@ from vpn import generate_keypair, public_key_from_private, read_private_key, wri
 
 from . import _ipam, _secrets
 from ._api import build_app
-from ._blobs import BlobStore
+from ._blobs import BlobSeed
 from ._hub import Hub, HubPeer, Observation
 from ._model import (
     Device,
@@ -159,7 +159,7 @@ class Coordinator:
         self.config = config
         self.data_dir = Path(config.data_dir)
         self.store: Store | None = None
-        self.blobs = BlobStore(self.data_dir / BLOBS_DIR)
+        self.blobs = BlobSeed(self.data_dir / BLOBS_DIR)
         self._releases: ReleaseRegistry | None = None
         self.core: PeerMapCore | None = None
         self.hub: Hub | None = None

@@ -25,11 +25,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from mesh.blobs import BLOB_ID_LEN
+
 # The blob seed on the coordinator. Device names are DNS labels (mesh.control.NAME_RE), so no
 # peer can be called this.
 COORDINATOR: Final = "@coordinator"
-
-BLOB_ID_LEN: Final = 32  # blake3 digest (mesh.release.ChunkRef.id, LayerDelta.blob_id)
 
 # Requests in flight to one source. A small pipeline keeps a link busy across request round
 # trips while one slow or dead peer holds few blobs hostage (BitTorrent clients likewise keep a

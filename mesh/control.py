@@ -15,12 +15,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar
 
+from mesh.names import APP_NAME_RE, DEVICE_NAME_RE, MAX_APP_NAME
+
 MAX_BODY_BYTES: Final = 256 * 1024  # a peer map of ~1,000 peers; anything larger is refused
 MAX_NAME_LEN: Final = 63  # a DNS label (RFC 1035), so device names can become host names
 MAX_ENDPOINTS: Final = 8  # LAN candidates per device: a few interfaces, v4 and v6
 MAX_PEERS: Final = 10_000
 MAX_TEXT_LEN: Final = 256
-NAME_RE: Final = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 PathKind = Literal["direct", "relay", "none"]
 PATH_KINDS: Final = ("direct", "relay", "none")
 
@@ -56,7 +57,7 @@ def _get(obj: Mapping[str, Any], key: str, kind: type[T], where: str, optional: 
 
 
 def check_name(name: str, where: str = "name") -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not DEVICE_NAME_RE.match(name):
         raise ControlError(f"{where}: must be 1-63 of a-z, 0-9 and '-' (not at either end)")
     return name
 
@@ -314,13 +315,11 @@ MAX_APPS: Final = 16  # apps per device: a device runs a handful of containerise
 MAX_ERROR_LEN: Final = 500  # one line an operator reads, not a stack trace
 MAX_FAILED: Final = 32  # failed versions an agent remembers per app
 MAX_COUNT: Final = (1 << 63) - 1  # byte counts and versions fit SQLite's INTEGER
-MAX_APP_NAME: Final = 253  # as mesh.release's codec (MAX_NAME): app names fit a DNS name
-APP_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")  # as mesh.release's codec (_NAME)
 
 
 def check_app(app: str, where: str = "app") -> str:
-    """An app name as the release format spells it (mesh.release's codec: _NAME, MAX_NAME)."""
-    if not isinstance(app, str) or len(app) > MAX_APP_NAME or not APP_RE.match(app):
+    """An app name as the release format spells it (mesh.names)."""
+    if not isinstance(app, str) or len(app) > MAX_APP_NAME or not APP_NAME_RE.match(app):
         raise ControlError(f"{where}: must be 1-{MAX_APP_NAME} of A-Z, a-z, 0-9, '.', '_' and "
                            "'-', starting with a letter or digit")
     return app

@@ -17,6 +17,8 @@ from typing import Any, Final, TypeAlias
 
 import msgpack
 
+from mesh.blobs import BLOB_ID_LEN
+
 HEADER_LEN: Final = 4
 MAX_PIECE: Final = 1024 * 1024  # largest BlobData.data: one 1 MiB piece of a 4 MiB chunk
 MAX_BODY: Final = MAX_PIECE + 4096  # a piece plus its header fields, with room to spare
@@ -33,7 +35,6 @@ MAX_UINT: Final = (1 << 64) - 1  # sequence numbers, incarnations, request ids
 MAX_MANIFESTS: Final = 64  # signed manifests per Rumor
 MAX_MANIFEST_BYTES: Final = MAX_PIECE  # one encoded SignedManifest must fit one frame
 MAX_DIGEST: Final = 1024  # (fleet, app) entries per Digest / ManifestRequest
-BLOB_ID_LEN: Final = 32  # blake3 digest (mesh.release ChunkRef.id, LayerDelta.blob_id)
 MAX_BLOB_IDS: Final = 16_384  # per Have: 16k x 34 bytes = 544 KiB
 MAX_OFFSET: Final = 1 << 40  # mesh.release codec MAX_SIZE: no blob is larger than 1 TiB
 MAX_REASON: Final = 256

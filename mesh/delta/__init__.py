@@ -1,35 +1,27 @@
 """Binary deltas between layer tars, in a self-describing, verified patch container.
 
-Importing the package loads what `apply_delta` needs (the decoders), not the planner: a device
-that only applies patches does not pay for `plan_layer` (and, through `create_delta`'s tar
-method, `tarfile`), which are loaded on first use.
+The delta engine knows bytes and tars only: it imports nothing of mesh.release (nor the other
+way round). Choosing which delta a release ships (`mesh.image.plan_layer`) and applying one
+while rebuilding a release (`mesh.image.materialize_release`) sit in mesh.image, above both.
 """
-
-from typing import TYPE_CHECKING, Any
 
 from mesh.delta._container import BARE_HEADER_MIN, HEADER_MIN, DeltaError, DeltaHeader, Method
 from mesh.delta._engine import (
     DEFAULT_MAX_TARGET,
     HDIFF_MAX_INPUT,
+    HDIFF_ZSTD_LEVEL,
+    PREFIX_MAX_INPUT,
     Source,
     apply_delta,
     create_delta,
     read_header,
 )
-
-if TYPE_CHECKING:
-    from mesh.delta._plan import LayerPlan, plan_layer
+from mesh.delta._hdiff import HDIFF_ZSTD_WINDOW_LOG
+from mesh.delta._tar import is_tar
 
 __all__ = [
-    "BARE_HEADER_MIN", "DEFAULT_MAX_TARGET", "HDIFF_MAX_INPUT", "HEADER_MIN", "DeltaError",
-    "DeltaHeader", "LayerPlan", "Method", "Source", "apply_delta", "create_delta", "plan_layer",
+    "BARE_HEADER_MIN", "DEFAULT_MAX_TARGET", "HDIFF_MAX_INPUT", "HDIFF_ZSTD_LEVEL",
+    "HDIFF_ZSTD_WINDOW_LOG", "HEADER_MIN", "PREFIX_MAX_INPUT",
+    "DeltaError", "DeltaHeader", "Method", "Source", "apply_delta", "create_delta", "is_tar",
     "read_header",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name in ("LayerPlan", "plan_layer"):
-        from mesh.delta import _plan
-
-        return getattr(_plan, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

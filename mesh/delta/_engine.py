@@ -25,7 +25,7 @@ from mesh.delta._container import (
 )
 from mesh.delta._hdiff import HDIFF_LZMA_WINDOW_LOG, HDIFF_ZSTD_WINDOW_LOG, hdiff_apply
 from mesh.delta._output import Output
-from mesh.delta._tar import tar_decode
+from mesh.delta._tar import tar_decode, tar_encode
 
 Source: TypeAlias = "bytes | bytearray | memoryview | str | os.PathLike[str]"
 """Data in memory, or the path of a file (str or PathLike)."""
@@ -137,7 +137,6 @@ def _encode_body(method: Method, o: bytes | bytearray | memoryview | mmap.mmap,
     if method is Method.FULL:
         return zstd.compress(bytes(n), level=FULL_ZSTD_LEVEL)
     if method is Method.TAR_MEMBERS:
-        from mesh.delta._tar import tar_encode
         return tar_encode(bytes(o), bytes(n))
     raise DeltaError(f"unsupported method {method!r}")
 

@@ -1,4 +1,8 @@
-"""The release format shared by coordinator and agent: manifest, codec, signing, chunks."""
+"""The release format shared by coordinator and agent: manifest, codec, signing, chunks.
+
+It imports nothing of mesh.delta (nor the other way round); image tars and the device-side
+rebuild of a release, which need both, are mesh.image.
+"""
 
 from mesh.release._chunks import (
     CHUNK_SIZE,
@@ -11,6 +15,9 @@ from mesh.release._chunks import (
     open_stored_chunk,
 )
 from mesh.release._codec import (
+    MAX_DELTAS_PER_LAYER,
+    MAX_ENVELOPE_BYTES,
+    MAX_IMAGE_CONFIG,
     decode_manifest,
     decode_pin,
     decode_signed_manifest,
@@ -19,22 +26,6 @@ from mesh.release._codec import (
     encode_pin,
     encode_signed_manifest,
     encode_signed_pin,
-)
-from mesh.release._image import (
-    ImageError,
-    LayerSource,
-    MaterializedRelease,
-    MaterializeError,
-    SavedImage,
-    SavedLayer,
-    build_loadable_image,
-    check_manifest_layers,
-    config_diff_ids,
-    docker_save,
-    export_local_layers,
-    file_diff_id,
-    materialize_release,
-    read_saved_image,
 )
 from mesh.release._model import (
     ChunkError,
@@ -70,19 +61,13 @@ from mesh.release._signing import (
 )
 
 __all__ = [
-    "CHUNK_SIZE", "Chunk", "ChunkError", "ChunkRef", "ContainerSettings", "HealthCheck",
-    "HealthKind", "Layer", "LayerDelta", "ManifestError", "NetworkMode", "ReleaseError",
-    "ReleaseManifest", "ReleasePin",
+    "CHUNK_SIZE", "MAX_DELTAS_PER_LAYER", "MAX_ENVELOPE_BYTES", "MAX_IMAGE_CONFIG", "Chunk",
+    "ChunkError", "ChunkRef", "ContainerSettings", "HealthCheck", "HealthKind", "Layer",
+    "LayerDelta", "ManifestError", "NetworkMode", "ReleaseError", "ReleaseManifest", "ReleasePin",
     "RestartPolicy", "SignedManifest", "SignedPin", "UpdateStrategy", "VerificationError",
-    "Volume", "assemble", "chunk_id", "chunk_layer", "decode_manifest", "decode_pin",
-    "decode_signed_manifest", "decode_signed_pin", "diff_id", "encode_manifest", "encode_pin",
-    "encode_signed_manifest", "encode_signed_pin", "key_id", "open_chunk", "open_stored_chunk",
-    "read_signing_key",
-    "sign_manifest", "sign_pin", "verify_manifest", "verify_pin", "write_signing_key",
-    "VerifiedRelease", "admit_release", "verify_release",
-    # image tars and the device-side rebuild (_image.py)
-    "ImageError", "LayerSource", "MaterializeError", "MaterializedRelease", "SavedImage",
-    "SavedLayer", "build_loadable_image", "check_manifest_layers", "config_diff_ids",
-    "docker_save", "export_local_layers", "file_diff_id", "materialize_release",
-    "read_saved_image",
+    "VerifiedRelease", "Volume", "admit_release", "assemble", "chunk_id", "chunk_layer",
+    "decode_manifest", "decode_pin", "decode_signed_manifest", "decode_signed_pin", "diff_id",
+    "encode_manifest", "encode_pin", "encode_signed_manifest", "encode_signed_pin", "key_id",
+    "open_chunk", "open_stored_chunk", "read_signing_key", "sign_manifest", "sign_pin",
+    "verify_manifest", "verify_pin", "verify_release", "write_signing_key",
 ]

@@ -1,4 +1,4 @@
-"""Layers as content-addressed compressed chunks."""
+"""Layers as content-addressed compressed chunks (verified through mesh.blobs)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Final
 import blake3
 from backports import zstd
 
+from mesh.blobs import BlobVerifyError, inflate_frame
 from mesh.release._model import ChunkError, ChunkRef
 
 # 4 MiB: large enough that per-chunk zstd frames lose little ratio against one frame for the
@@ -17,9 +18,6 @@ from mesh.release._model import ChunkError, ChunkRef
 # 16 KiB blocks in up to 4 MiB+ pieces; casync and Docker's own blobs are whole-layer or 64 KiB).
 CHUNK_SIZE: Final = 4 * 1024 * 1024
 CHUNK_ZSTD_LEVEL: Final = 19
-# Decoders accept windows up to 2**23 = 8 MiB (zstd's default maximum for level 19 is 2**23),
-# which covers a whole CHUNK_SIZE chunk.
-_WINDOW_LOG_MAX: Final = 23
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,29 +47,16 @@ def chunk_layer(data: bytes, chunk_size: int = CHUNK_SIZE) -> tuple[Chunk, ...]:
     return tuple(chunks)
 
 
-def _inflate(chunk_id_: bytes, frame: bytes, max_length: int) -> bytes:
-    """One zstd frame, at most `max_length` bytes out, whose blake3 must be `chunk_id_`."""
-    try:
-        dec = zstd.ZstdDecompressor(options={zstd.DecompressionParameter.window_log_max:
-                                             _WINDOW_LOG_MAX})
-        piece = dec.decompress(frame, max_length=max_length + 1)
-    except (zstd.ZstdError, ValueError) as exc:
-        raise ChunkError(f"chunk {chunk_id_.hex()[:16]}: corrupt: {exc}") from None
-    if len(piece) > max_length or not dec.eof or dec.unused_data:
-        raise ChunkError(f"chunk {chunk_id_.hex()[:16]}: wrong length")
-    if chunk_id(piece) != chunk_id_:
-        raise ChunkError(f"chunk {chunk_id_.hex()[:16]}: content does not match its id")
-    return piece
-
-
 def open_chunk(ref: ChunkRef, frame: bytes) -> bytes:
-    """The uncompressed bytes of one chunk, checked against `ref`."""
+    """The uncompressed bytes of one chunk, checked against `ref`: exactly `ref.stored_size`
+    bytes of frame inflating to exactly `ref.size` bytes whose blake3 is `ref.id`."""
     if len(frame) != ref.stored_size:
-        raise ChunkError(f"chunk {ref.id.hex()[:16]}: {len(frame)} bytes, expected "
-                         f"{ref.stored_size}")
+        raise ChunkError(f"chunk {ref.id.hex()[:16]}: wrong length: {len(frame)} bytes, "
+                         f"expected {ref.stored_size}")
     piece = _inflate(ref.id, frame, ref.size)
     if len(piece) != ref.size:
-        raise ChunkError(f"chunk {ref.id.hex()[:16]}: wrong length")
+        raise ChunkError(f"chunk {ref.id.hex()[:16]}: wrong length: {len(piece)} bytes "
+                         f"uncompressed, expected {ref.size}")
     return piece
 
 
@@ -79,6 +64,13 @@ def open_stored_chunk(chunk_id_: bytes, frame: bytes) -> bytes:
     """The uncompressed bytes of a chunk known only by its id (a blob store's copy, whose
     manifest entry is gone): bounded by CHUNK_SIZE, checked against the id."""
     return _inflate(chunk_id_, frame, CHUNK_SIZE)
+
+
+def _inflate(chunk_id_: bytes, frame: bytes, max_size: int) -> bytes:
+    try:
+        return inflate_frame(chunk_id_, frame, max_size)
+    except BlobVerifyError as exc:
+        raise ChunkError(str(exc)) from None
 
 
 def assemble(chunks: Sequence[Chunk], expected_diff_id: str) -> bytes:

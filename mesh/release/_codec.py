@@ -15,6 +15,7 @@ from typing import Any, Final, TypeVar
 
 import msgpack
 
+from mesh.names import APP_NAME_RE, MAX_APP_NAME
 from mesh.release._model import (
     ChunkRef,
     ContainerSettings,
@@ -39,7 +40,7 @@ MAX_PIN_BYTES: Final = 4096
 MAX_LAYERS: Final = 128  # moby's overlay2 driver refuses deeper images (overlay2 maxDepth)
 MAX_CHUNKS_PER_LAYER: Final = 4096  # 16 GiB at CHUNK_SIZE = 4 MiB
 MAX_DELTAS_PER_LAYER: Final = 16  # bases kept per layer; older releases fall back to chunks
-MAX_NAME: Final = 253  # fleet/app/device names fit a DNS name (RFC 1035)
+MAX_NAME: Final = MAX_APP_NAME  # fleet and app names, and a pin's device (mesh.names)
 MAX_ARG: Final = 131072  # Linux MAX_ARG_STRLEN: longest single argv/env string
 MAX_PATH: Final = 4096  # Linux PATH_MAX
 MAX_ARGS: Final = 1024
@@ -63,7 +64,6 @@ _PIN_TAG: Final = "fleetmesh.pin/1"
 _SIGNED_TAG: Final = "fleetmesh.signed-release/1"
 _SIGNED_PIN_TAG: Final = "fleetmesh.signed-pin/1"
 _DIFF_ID: Final = re.compile(r"sha256:[0-9a-f]{64}\Z")
-_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 
 T = TypeVar("T")
 
@@ -152,7 +152,7 @@ def _str(x: object, max_len: int, what: str) -> str:
 
 def _name(x: object, what: str) -> str:
     s = _str(x, MAX_NAME, what)
-    if not _NAME.match(s):
+    if not APP_NAME_RE.match(s):
         raise ManifestError(f"{what}: {s!r} is not a valid name")
     return s
 

@@ -4,7 +4,7 @@ BlobStore: what the apply engine's unit tests run against.
 The fake keeps the state `docker ps -a` and `docker images` would show and lets a test say how
 each release's app behaves once started (keeps running, exits, crash-loops, what its health
 command returns, what its image HEALTHCHECK reports). `docker load` reads the real tar the
-applier built (mesh.release.read_saved_image), so the image ID it records is the real one.
+applier built (mesh.image.read_saved_image), so the image ID it records is the real one.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from nacl.signing import SigningKey
 from agent._apply import LABEL_APP, LABEL_DEVICE, LABEL_RELEASE, ContainerView
 from agent._blobstore import BlobStore
 from agent._engine import ContainerSpec, EngineError, NotFoundError
+from mesh.image import read_saved_image
 from mesh.release import (
     ContainerSettings,
     Layer,
@@ -29,7 +30,6 @@ from mesh.release import (
     chunk_layer,
     diff_id,
     encode_signed_manifest,
-    read_saved_image,
     sign_manifest,
 )
 from tests.release._fakes import layer_tar

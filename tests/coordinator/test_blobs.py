@@ -11,7 +11,7 @@ import pytest
 from backports import zstd
 
 from coordinator._api import RangeNotSatisfiable, parse_range
-from coordinator._blobs import BadBlob, BlobKind, BlobStore, verify
+from coordinator._blobs import BadBlob, BlobKind, BlobSeed, verify
 from mesh.release import CHUNK_SIZE, chunk_layer
 
 from .conftest import Harness
@@ -57,7 +57,7 @@ def test_decompression_bomb_is_refused_with_bounded_output() -> None:
 
 
 def test_commit_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:
-    store = BlobStore(tmp_path / "blobs")
+    store = BlobSeed(tmp_path / "blobs")
     store.prepare()
     did, patch = _delta(os.urandom(1000))
     f, tmp = store.new_temp(did)

@@ -17,10 +17,10 @@ from nacl.signing import VerifyKey
 from coordinator.client import ApiError
 from mesh.release import (
     ReleaseError,
+    decode_manifest,
     decode_signed_manifest,
     verify_manifest,
 )
-from mesh.release._codec import decode_manifest
 
 
 def layer_tar(files: dict[str, bytes]) -> bytes:

@@ -16,7 +16,8 @@ import coordinator._publish as publish
 from coordinator.cli import build_parser
 from coordinator.client import ApiError, CoordinatorUnreachable
 from mesh.clikit import run
-from mesh.release import ImageError, read_signing_key, write_signing_key
+from mesh.image import ImageError
+from mesh.release import read_signing_key, write_signing_key
 
 from ._fakes import FakeRegistry, image_config, layer_tar, saved_image_tar
 

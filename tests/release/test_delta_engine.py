@@ -20,10 +20,10 @@ from mesh.delta import (
     Method,
     apply_delta,
     create_delta,
-    plan_layer,
     read_header,
 )
 from mesh.delta._container import varint
+from mesh.image import plan_layer
 
 
 def _diff_id(data: bytes) -> str:

@@ -11,14 +11,8 @@ import pytest
 from nacl.signing import SigningKey
 
 from coordinator._publish import PublishError, PublishResult, publish_image
-from mesh.release import (
-    ContainerSettings,
-    decode_signed_manifest,
-    materialize_release,
-    read_saved_image,
-    verify_manifest,
-    verify_release,
-)
+from mesh.image import materialize_release, read_saved_image
+from mesh.release import ContainerSettings, decode_signed_manifest, verify_manifest, verify_release
 
 from ._fakes import FakeRegistry, diff_id, image_config, layer_tar, saved_image_tar
 

@@ -25,14 +25,8 @@ from pathlib import Path
 import pytest
 from nacl.signing import SigningKey
 
-from mesh.release import (
-    decode_signed_manifest,
-    export_local_layers,
-    materialize_release,
-    read_signing_key,
-    verify_manifest,
-    verify_release,
-)
+from mesh.image import export_local_layers, materialize_release
+from mesh.release import decode_signed_manifest, read_signing_key, verify_manifest, verify_release
 from tests.coordinator_process import running_coordinator
 
 pytestmark = pytest.mark.lab

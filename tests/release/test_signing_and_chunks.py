@@ -193,7 +193,7 @@ def test_a_stored_chunk_opens_by_its_id_alone() -> None:
     data = os.urandom(3000)
     (c,) = chunk_layer(data)
     assert open_stored_chunk(c.ref.id, c.data) == data
-    with pytest.raises(ChunkError, match="does not match its id"):
+    with pytest.raises(ChunkError, match="does not hash to its id"):
         open_stored_chunk(bytes(32), c.data)
     with pytest.raises(ChunkError, match="wrong length"):  # a cut frame never ends
         open_stored_chunk(c.ref.id, c.data[:-3])

@@ -7,9 +7,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from mesh.delta._container import Method
-from mesh.delta._engine import HDIFF_MAX_INPUT, PREFIX_MAX_INPUT, create_delta, read_header
-from mesh.delta._tar import is_tar
+from mesh.delta import (
+    HDIFF_MAX_INPUT,
+    PREFIX_MAX_INPUT,
+    Method,
+    create_delta,
+    is_tar,
+    read_header,
+)
+from mesh.release import chunk_layer
 
 # Each candidate base costs one diff; releases keep deltas from the last few only
 # (mesh.release's MAX_DELTAS_PER_LAYER bounds what a manifest can carry).
@@ -47,7 +53,6 @@ def plan_layer(new: bytes, candidates: Mapping[str, bytes], *, full_size: int | 
     digests would check (docs/delta.md, "Bare patches"). Apply them with the layer's diff ID.
     """
     if full_size is None:
-        from mesh.release import chunk_layer  # mesh.release does not depend on mesh.delta
         full_size = sum(c.ref.stored_size for c in chunk_layer(new))
     new_id = "sha256:" + hashlib.sha256(new).hexdigest()
     new_is_tar = try_tar and is_tar(new)
