@@ -14,6 +14,7 @@ than apply would charge imports to the apply; one importing more would hide part
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 
@@ -22,11 +23,13 @@ from mesh.delta import apply_delta
 
 def main(argv: list[str]) -> int:
     if argv[0] == "create":
-        import hashlib
-        import json
+        # Not at the top: `apply` and `idle` must import exactly what an agent applying a patch
+        # imports (the module docstring); json and the planner (mesh.delta._plan) are the
+        # encoder's alone. (hashlib is at the top: the decoders import it anyway.)
+        import json  # the encoder's, as above
 
-        from mesh.delta import Method, create_delta
-        from mesh.image import plan_layer
+        from mesh.delta import Method, create_delta  # the encoder's, as above
+        from mesh.image import plan_layer  # the encoder's, as above
 
         old, new = Path(argv[1]).read_bytes(), Path(argv[2]).read_bytes()
         old_id = "sha256:" + hashlib.sha256(old).hexdigest()

@@ -16,8 +16,7 @@ from typing import Final
 
 from agent._device import DEFAULT_IFNAME
 from agent._gossip import GOSSIP_PORT
-from lab import Lab
-from lab.fleet import API_PORT
+from lab import API_PORT, Lab
 from lab.rollout import outer_routers, rx_by_lan
 
 CHAIN: Final = "FM-BENCH-IDLE"  # lab-prefixed; only ever created inside a lab namespace

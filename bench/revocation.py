@@ -18,8 +18,7 @@ import subprocess
 import sys
 import time
 
-from lab import Lab, parse_topology, teardown_all
-from lab.fleet import devices, fleetmesh
+from lab import Lab, devices, fleetmesh, parse_topology, teardown_all
 
 PING_INTERVAL = 0.05  # seconds; root may go below ping's 0.2 s floor for users
 PING_COUNT = 300  # 15 s of pinging at most: the loop is bounded in count and time

@@ -18,8 +18,7 @@ import argparse
 import sys
 import time
 
-from lab import Lab, parse_topology, teardown_all
-from lab.fleet import wait_online
+from lab import Lab, parse_topology, teardown_all, wait_online
 from lab.rollout import rollout
 
 from .idle import measure_idle_breakdown

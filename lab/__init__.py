@@ -1,4 +1,5 @@
-"""The network-namespace fleet lab: topology files, NAT routers, WAN shaping, nodes.
+"""The network-namespace fleet lab: topology files, NAT routers, WAN shaping, nodes, engines and
+the fleet on them.
 
 Public surface::
 
@@ -9,11 +10,36 @@ Public surface::
     finally:
         lab.down()
 
-See docs/lab.md.
+This package names the lab (the session, its network's nodes, the topology model, the errors)
+and the fleet operations on a running lab. Tools that work on a lab (lab.rollout, lab.wgmesh,
+lab.sampleapp, lab.demo) and the processes the lab starts (lab.supervise, lab.release) are used
+by their module names. See docs/lab.md ("Layout": which module imports which).
 """
 
-from ._host import LabError, LabUsageError
-from .core import WAN_BRIDGE, WAN_NETNS, Lab, LabAlreadyUp, LabNotUp, Node, Router, teardown_all
+from ._host import LOG_DIR, LabError, LabUsageError
+from .engines import BUSYBOX_IMAGE
+from .fleet import (
+    AGENTS_DIR,
+    API_PORT,
+    FLEET,
+    WG_PORT,
+    FleetAccess,
+    access,
+    agent_status,
+    blobs_held,
+    devices,
+    fleetmesh,
+    kill_agent,
+    publish_synthetic,
+    start_agent,
+    start_coordinator,
+    stop_agent,
+    stop_coordinator,
+    wait_online,
+    wait_restarted,
+)
+from .network import WAN_BRIDGE, WAN_NETNS, LabNetwork, Node, Router
+from .session import Lab, LabAlreadyUp, LabNotUp, teardown_all
 from .topology import (
     NAT_KINDS,
     LanSpec,
@@ -26,12 +52,20 @@ from .topology import (
 )
 
 __all__ = [
+    "AGENTS_DIR",
+    "API_PORT",
+    "BUSYBOX_IMAGE",
+    "FLEET",
+    "LOG_DIR",
     "NAT_KINDS",
     "WAN_BRIDGE",
     "WAN_NETNS",
+    "WG_PORT",
+    "FleetAccess",
     "Lab",
     "LabAlreadyUp",
     "LabError",
+    "LabNetwork",
     "LabNotUp",
     "LabUsageError",
     "LanSpec",
@@ -41,7 +75,20 @@ __all__ = [
     "Shaping",
     "Topology",
     "TopologyError",
+    "access",
+    "agent_status",
+    "blobs_held",
+    "devices",
+    "fleetmesh",
+    "kill_agent",
     "load_topology",
     "parse_topology",
+    "publish_synthetic",
+    "start_agent",
+    "start_coordinator",
+    "stop_agent",
+    "stop_coordinator",
     "teardown_all",
+    "wait_online",
+    "wait_restarted",
 ]

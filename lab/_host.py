@@ -21,6 +21,7 @@ from pyroute2 import IPRoute
 STATE_DIR: Final = Path("/run/fleetmesh-lab")
 STATE_FILE: Final = STATE_DIR / "state.json"
 LOCK_FILE: Final = STATE_DIR / "lock"
+LOG_DIR: Final = STATE_DIR / "logs"  # the lab's processes' logs (engines, coordinator, agents)
 NETNS_DIR: Final = Path("/var/run/netns")
 NETNS_PREFIX: Final = "fm-"
 WG_RUN_DIR: Final = Path("/run/wireguard")

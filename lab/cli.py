@@ -19,8 +19,8 @@ import time
 from collections.abc import Sequence
 
 from ._host import LabError, LabUsageError
-from .core import Lab, LabNotUp, teardown_all
 from .fleet import API_PORT, FLEET, kill_agent, start_agent, stop_agent
+from .session import Lab, LabNotUp, teardown_all
 from .topology import TopologyError, load_topology
 
 EXIT_NOT_UP = 1
@@ -117,8 +117,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"up": True, **st}, indent=2))
         return 0
+    # rich only for the table: `exec` and `agent` start without it (start-up time)
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Table  # start-up time, as above
 
     # Not a terminal (a pipe, a log): don't squeeze the addresses into 80 columns.
     console = Console(width=None if sys.stdout.isatty() else 160)

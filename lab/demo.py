@@ -11,9 +11,9 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from .core import Lab
 from .fleet import BIN, devices, fleetmesh
 from .rollout import outer_routers, rx_by_lan
+from .session import Lab
 
 APP = "sample"
 RATIO_MIN = 100_000  # bytes: below this a release is lost in the mesh's own traffic

@@ -31,12 +31,20 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
-from ._host import STATE_DIR, LabError, mounts_under, proc_start_time, umount
-
-if TYPE_CHECKING:
-    from .core import Lab, Node
+from ._host import (
+    LOG_DIR,
+    STATE_DIR,
+    LabError,
+    mounts_under,
+    proc_start_time,
+    read_state,
+    state_lock,
+    umount,
+    write_state,
+)
+from .network import LabNetwork, Node
 
 ENGINE_DIR: Final = STATE_DIR / "docker"
 DATA_DIR: Final = Path("/var/lib/fleetmesh-lab")
@@ -101,7 +109,7 @@ def dockerd_argv(paths: EnginePaths) -> list[str]:
             "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
 
 
-def engine_nodes(lab: Lab) -> list[Node]:
+def engine_nodes(lab: LabNetwork) -> list[Node]:
     """The nodes that get an engine: every device and the operator (if the topology has one
     and `[agents] docker` is not false)."""
     if not lab.topology.agents.docker:
@@ -122,13 +130,11 @@ def ping(sock: Path, timeout: float = 2.0) -> bool:
     return head.startswith(b"HTTP/1.") and head[9:12] == b"200"
 
 
-def start_engines(lab: Lab, nodes: Sequence[Node], timeout: float = READY_TIMEOUT
+def start_engines(lab: LabNetwork, nodes: Sequence[Node], timeout: float = READY_TIMEOUT
                   ) -> dict[str, dict[str, Any]]:
     """Start one engine per node, all at once; return once every one answers its socket.
     The engines are recorded in the state file (`engines`, and their PIDs under `processes`)
     before the wait, so `down` finds them whatever happens next."""
-    from ._host import read_state, state_lock, write_state
-
     started: dict[str, tuple[EnginePaths, subprocess.Popen[bytes]]] = {}
     for n in nodes:
         paths = EnginePaths(n.name)
@@ -175,8 +181,6 @@ def start_engines(lab: Lab, nodes: Sequence[Node], timeout: float = READY_TIMEOU
 
 
 def lab_log(node: str) -> Path:
-    from .fleet import LOG_DIR
-
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     return LOG_DIR / f"{node}-dockerd.log"
 

@@ -1,7 +1,7 @@
 """The fleet on a lab: the coordinator on `coordinator`, an enrolled agent on every device node
 (under the node's name), and the `operator` node configured for the `fleetmesh` CLI.
 
-Everything runs as real processes inside the nodes (`Lab.spawn` records their PIDs, so `down`
+Everything runs as real processes inside the nodes (`LabNetwork.spawn` records their PIDs, so `down`
 stops them even after a crash); the host talks to the lab only through those processes.
 """
 
@@ -18,11 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from mesh.release import write_signing_key
-from mesh.tlspin import fingerprint
-
 from . import engines, hostlink
 from ._host import (
+    LOG_DIR,
     STATE_DIR,
     LabError,
     LabUsageError,
@@ -32,8 +30,8 @@ from ._host import (
     state_lock,
     write_state,
 )
-from .core import SUPERVISOR_MODULE, WAN_BRIDGE, WAN_NETNS, Lab, Node
-from .supervise import STOP_TIMEOUT, read_status
+from .network import WAN_BRIDGE, WAN_NETNS, LabNetwork, Node
+from .supervisor import STOP_TIMEOUT, read_status
 
 API_PORT: Final = 8443
 WG_PORT: Final = 51820  # WireGuard's conventional port, for the hub and every agent
@@ -41,13 +39,13 @@ FLEET: Final = "lab"
 READY_TIMEOUT: Final = 60.0  # wireguard-go, TLS key generation, enrollments on 2 busy cores
 COORDINATOR_DIR: Final = STATE_DIR / "coordinator"
 AGENTS_DIR: Final = STATE_DIR / "agents"
-LOG_DIR: Final = STATE_DIR / "logs"
 RELEASE_KEY: Final = STATE_DIR / "release.key"  # the lab operator's release signing key (0600)
 SUPERVISE_DIR: Final = STATE_DIR / "supervise"  # one status file per device's agent supervisor
 # The operator's layer cache (`release create` keeps earlier releases' layers there): on disk,
 # with the engines' data, not in the operator's home.
 OPERATOR_CACHE: Final = engines.DATA_DIR / "operator-cache"
 SUPERVISED_START_TIMEOUT: Final = 10.0
+SUPERVISOR_MODULE: Final = "lab.supervise"  # in the argv of every agent supervisor
 BIN: Final = Path(sys.executable).parent  # the venv's console scripts
 
 
@@ -64,7 +62,7 @@ class FleetAccess:
                 "FLEETMESH_FINGERPRINT": self.fingerprint}
 
 
-def access(lab: Lab) -> FleetAccess | None:
+def access(lab: LabNetwork) -> FleetAccess | None:
     """The operator credentials of the lab's running fleet, None for a network-only lab."""
     f = lab.state_now().get("fleet")
     return None if f is None else FleetAccess(f["url"], f["api_key"], f["fingerprint"])
@@ -75,7 +73,7 @@ def _log(name: str) -> Any:
     return open(LOG_DIR / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child process
 
 
-def fleetmesh(lab: Lab, node: str | Node, *argv: str, timeout: float = 30
+def fleetmesh(lab: LabNetwork, node: str | Node, *argv: str, timeout: float = 30
               ) -> subprocess.CompletedProcess[str]:
     """`fleetmesh ARGV` as the operator, run inside a node (the host is not on the lab's WAN)."""
     acc = access(lab)
@@ -93,9 +91,14 @@ def _checked(result: subprocess.CompletedProcess[str], what: str) -> str:
     return result.stdout
 
 
-def start_fleet(lab: Lab, timeout: float = READY_TIMEOUT) -> FleetAccess:
+def start_fleet(lab: LabNetwork, timeout: float = READY_TIMEOUT) -> FleetAccess:
     """Start the coordinator and enroll and run an agent on every device; returns once every
     device is online at the coordinator (its hub handshake is up)."""
+    # Start-up time: every process the lab runs in a node imports the lab package, e.g. one
+    # `python -m lab.supervise` per device (measured: 36 MB and 0.24 s with this import here,
+    # 43 MB and 0.37 s with it and mesh.tlspin's at the top). Only starting a fleet needs it.
+    from mesh.release import write_signing_key
+
     deadline = time.monotonic() + timeout
     with_engine = engines.engine_nodes(lab)
     if with_engine:
@@ -130,7 +133,7 @@ def start_fleet(lab: Lab, timeout: float = READY_TIMEOUT) -> FleetAccess:
     return acc
 
 
-def _device(lab: Lab, device: str) -> Node:
+def _device(lab: LabNetwork, device: str) -> Node:
     d = lab.node(device)  # LabUsageError for an unknown node
     if d.role != "device":
         raise LabUsageError(f"{device} is not a device (role: {d.role}): it runs no agent")
@@ -143,14 +146,14 @@ def _status_file(device: str) -> Path:
     return SUPERVISE_DIR / f"{device}.json"
 
 
-def _supervisors(lab: Lab, device: str) -> list[int]:
+def _supervisors(lab: LabNetwork, device: str) -> list[int]:
     """PIDs of the device's live agent supervisors (normally none or one)."""
     return [p["pid"] for p in lab.state_now().get("processes", [])
             if p.get("node") == device and SUPERVISOR_MODULE in p.get("argv", [])
             and p.get("start") is not None and proc_start_time(p["pid"]) == p["start"]]
 
 
-def agent_status(lab: Lab, device: str) -> dict[str, Any]:
+def agent_status(lab: LabNetwork, device: str) -> dict[str, Any]:
     """{"node", "state" (running | restarting | stopping | stopped), "pid" (the agent's, None
     unless running), "restarts" (since its supervisor started), "supervisor_pid"}."""
     sups = _supervisors(lab, device)
@@ -166,7 +169,7 @@ def agent_status(lab: Lab, device: str) -> dict[str, Any]:
             "supervisor_pid": st["supervisor_pid"]}
 
 
-def start_agent(lab: Lab, device: str) -> int:
+def start_agent(lab: LabNetwork, device: str) -> int:
     """Start an enrolled device's agent under its supervisor (restarted whenever it exits, as
     systemd's Restart=always); returns the agent's PID. Already running: its current PID."""
     d = _device(lab, device)
@@ -188,7 +191,7 @@ def start_agent(lab: Lab, device: str) -> int:
     return _wait_agent(lab, device, time.monotonic() + SUPERVISED_START_TIMEOUT)
 
 
-def _wait_agent(lab: Lab, device: str, deadline: float) -> int:
+def _wait_agent(lab: LabNetwork, device: str, deadline: float) -> int:
     while True:
         st = agent_status(lab, device)
         if st["state"] == "running" and st["pid"]:
@@ -198,7 +201,7 @@ def _wait_agent(lab: Lab, device: str, deadline: float) -> int:
         time.sleep(0.05)
 
 
-def stop_agent(lab: Lab, device: str) -> int:
+def stop_agent(lab: LabNetwork, device: str) -> int:
     """Stop a device's agent for good: its supervisor gets SIGTERM, passes it on and waits for
     the agent (which stops its wireguard-go), without restarting it. Returns how many
     supervisors were stopped (0: it was not running)."""
@@ -208,7 +211,7 @@ def stop_agent(lab: Lab, device: str) -> int:
     return len(sups)
 
 
-def kill_agent(lab: Lab, device: str) -> int:
+def kill_agent(lab: LabNetwork, device: str) -> int:
     """SIGKILL a device's agent (its supervisor is left alone and restarts it, as after a
     crash); returns the killed PID."""
     _device(lab, device)
@@ -219,7 +222,7 @@ def kill_agent(lab: Lab, device: str) -> int:
     return int(st["pid"])
 
 
-def wait_restarted(lab: Lab, device: str, old_pid: int, timeout: float = 30.0) -> int:
+def wait_restarted(lab: LabNetwork, device: str, old_pid: int, timeout: float = 30.0) -> int:
     """The PID of the agent that replaced old_pid, once its supervisor has restarted it."""
     deadline = time.monotonic() + timeout
     while True:
@@ -231,7 +234,7 @@ def wait_restarted(lab: Lab, device: str, old_pid: int, timeout: float = 30.0) -
         time.sleep(0.1)
 
 
-def _route_host(lab: Lab) -> None:
+def _route_host(lab: LabNetwork) -> None:
     """The host's route to the coordinator's API (the dashboard), see lab/hostlink.py."""
     topo = lab.topology
     link = hostlink.link_host(WAN_NETNS, WAN_BRIDGE, topo.host_ipv4, topo.coordinator_ipv4)
@@ -241,7 +244,7 @@ def _route_host(lab: Lab) -> None:
         write_state(state)
 
 
-def start_coordinator(lab: Lab, timeout: float = READY_TIMEOUT) -> FleetAccess:
+def start_coordinator(lab: LabNetwork, timeout: float = READY_TIMEOUT) -> FleetAccess:
     """Start (or restart, on the same data directory) the coordinator on its node; returns once
     its API answers the operator."""
     coord = lab.node("coordinator")
@@ -250,6 +253,9 @@ def start_coordinator(lab: Lab, timeout: float = READY_TIMEOUT) -> FleetAccess:
                       str(COORDINATOR_DIR), "--listen", f"{where}:{API_PORT}", "--wg-port",
                       str(WG_PORT), "--hub-endpoint", f"{where}:{WG_PORT}"],
               stdin=subprocess.DEVNULL, stdout=_log("coordinator"), stderr=subprocess.STDOUT)
+    # Start-up time, as in start_fleet: mesh.tlspin brings trio, which only this needs.
+    from mesh.tlspin import fingerprint
+
     deadline = time.monotonic() + timeout
     key_file, cert_file = COORDINATOR_DIR / "operator.key", COORDINATOR_DIR / "tls.crt"
     while True:
@@ -265,7 +271,7 @@ def start_coordinator(lab: Lab, timeout: float = READY_TIMEOUT) -> FleetAccess:
         time.sleep(0.2)
 
 
-def stop_coordinator(lab: Lab) -> int:
+def stop_coordinator(lab: LabNetwork) -> int:
     """Stop the coordinator process (SIGTERM, by its recorded PID); the agents and tunnels stay.
     Returns how many coordinator processes were stopped."""
     victims = [p["pid"] for p in lab.state_now().get("processes", [])
@@ -275,7 +281,7 @@ def stop_coordinator(lab: Lab) -> int:
     return len(victims)
 
 
-def _remember(lab: Lab, acc: FleetAccess) -> None:
+def _remember(lab: LabNetwork, acc: FleetAccess) -> None:
     with state_lock():
         state = read_state() or lab.state_now()
         state["fleet"] = {**state.get("fleet", {}), "url": acc.url, "api_key": acc.api_key,
@@ -283,20 +289,20 @@ def _remember(lab: Lab, acc: FleetAccess) -> None:
         write_state(state)
 
 
-def _remember_operator_env(lab: Lab, env: dict[str, str]) -> None:
+def _remember_operator_env(lab: LabNetwork, env: dict[str, str]) -> None:
     with state_lock():
         state = read_state() or lab.state_now()
         state.setdefault("fleet", {})["operator_env"] = env
         write_state(state)
 
 
-def devices(lab: Lab) -> dict[str, dict[str, Any]]:
+def devices(lab: LabNetwork) -> dict[str, dict[str, Any]]:
     """The coordinator's device list, by name."""
     out = _checked(fleetmesh(lab, "coordinator", "devices", "list", "--json"), "devices list")
     return {d["name"]: d for d in json.loads(out)["devices"]}
 
 
-def wait_online(lab: Lab, names: list[str], timeout: float) -> None:
+def wait_online(lab: LabNetwork, names: list[str], timeout: float) -> None:
     deadline = time.monotonic() + max(timeout, 1.0)
     while True:
         listed = devices(lab)
@@ -309,7 +315,7 @@ def wait_online(lab: Lab, names: list[str], timeout: float) -> None:
         time.sleep(0.5)
 
 
-def publish_synthetic(lab: Lab, version: int, size: int, seed: int = 1) -> dict[str, Any]:
+def publish_synthetic(lab: LabNetwork, version: int, size: int, seed: int = 1) -> dict[str, Any]:
     """Publish lab.release's synthetic release from the coordinator node and make it the
     fleet's target; returns its blob ids and the bytes a device must fetch (lab/release.py)."""
     acc = access(lab)

@@ -20,6 +20,7 @@ from typing import Any, Final
 from pyroute2 import IPRoute
 
 from ._host import NETNS_PREFIX, LabError
+from .network import write_net_sysctls
 
 HOST_LINK: Final = f"{NETNS_PREFIX}lab0"  # carries the lab's prefix, like its namespaces
 WAN_PORT: Final = "ph"  # its peer: a port of the WAN bridge in fm-wan
@@ -39,8 +40,6 @@ def _iptables(*argv: str) -> subprocess.CompletedProcess[str]:
 
 def link_host(wan_netns: str, bridge: str, host_ipv4: ipaddress.IPv4Address,
               coordinator_ipv4: ipaddress.IPv4Address) -> dict[str, Any]:
-    from .core import _write_net_sysctls
-
     with IPRoute() as ipr:
         if ipr.link_lookup(ifname=HOST_LINK):
             raise LabError(f"the host already has a link {HOST_LINK} (run `fleetmesh-lab down`)")
@@ -58,7 +57,7 @@ def link_host(wan_netns: str, bridge: str, host_ipv4: ipaddress.IPv4Address,
     with IPRoute(netns=wan_netns) as ipr:
         port = ipr.link_lookup(ifname=WAN_PORT)[0]
         ipr.link("set", index=port, master=ipr.link_lookup(ifname=bridge)[0])
-    _write_net_sysctls({wan_netns: [f"ipv6/conf/{WAN_PORT}/disable_ipv6"]})
+    write_net_sysctls({wan_netns: [f"ipv6/conf/{WAN_PORT}/disable_ipv6"]})
     with IPRoute(netns=wan_netns) as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname=WAN_PORT)[0], state="up")
     with IPRoute() as ipr:

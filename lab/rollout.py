@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Final
 
 from ._host import LabError
-from .core import Lab, Router
 from .fleet import blobs_held, publish_synthetic
+from .network import LabNetwork, Router
 
 IDLE_SECONDS: Final = 20.0
 ROLLOUT_TIMEOUT: Final = 300.0
@@ -32,7 +32,7 @@ class Rollout:
         return self.rollout_rx[lan] / self.release_bytes
 
 
-def outer_routers(lab: Lab) -> dict[str, Router]:
+def outer_routers(lab: LabNetwork) -> dict[str, Router]:
     """Each LAN's router on the lab's WAN (the carrier NAT for nat=double)."""
     out: dict[str, Router] = {}
     for r in lab.routers:
@@ -41,11 +41,11 @@ def outer_routers(lab: Lab) -> dict[str, Router]:
     return out
 
 
-def rx_by_lan(lab: Lab, routers: dict[str, Router]) -> dict[str, int]:
+def rx_by_lan(lab: LabNetwork, routers: dict[str, Router]) -> dict[str, int]:
     return {lan: lab.wan_counters(r)[0] for lan, r in routers.items()}
 
 
-def measure_idle(lab: Lab, seconds: float = IDLE_SECONDS) -> dict[str, float]:
+def measure_idle(lab: LabNetwork, seconds: float = IDLE_SECONDS) -> dict[str, float]:
     routers = outer_routers(lab)
     before, t0 = rx_by_lan(lab, routers), time.monotonic()
     time.sleep(seconds)
@@ -53,7 +53,7 @@ def measure_idle(lab: Lab, seconds: float = IDLE_SECONDS) -> dict[str, float]:
     return {lan: (after[lan] - before[lan]) / (t1 - t0) for lan in routers}
 
 
-def rollout(lab: Lab, version: int, size: int, seed: int = 1,
+def rollout(lab: LabNetwork, version: int, size: int, seed: int = 1,
             idle_seconds: float = IDLE_SECONDS, timeout: float = ROLLOUT_TIMEOUT,
             devices: list[str] | None = None) -> Rollout:
     """Measure idle, publish a synthetic release, wait until every device (or `devices`) holds

@@ -26,13 +26,11 @@ import random
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from ._host import LabError
 from .engines import BUSYBOX_IMAGE, docker
-
-if TYPE_CHECKING:
-    from .core import Lab
+from .network import LabNetwork
 
 REPOSITORY: Final = "fleetmesh-sample"
 DEFAULT_PORT: Final = 8080
@@ -106,7 +104,7 @@ def build(version: int, docker_host: str, *, unhealthy: bool = False) -> str:
     return tag(version)
 
 
-def build_sample(lab: Lab, version: int, *, unhealthy: bool = False) -> str:
+def build_sample(lab: LabNetwork, version: int, *, unhealthy: bool = False) -> str:
     """Build the sample app's version in the lab operator's engine; returns its tag."""
     engine = lab.state_now().get("engines", {}).get("operator")
     if engine is None:

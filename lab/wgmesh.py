@@ -28,7 +28,7 @@ from vpn import (
     reconcile,
 )
 
-from .core import Lab, Node
+from .network import LabNetwork, Node
 
 WG_IF: Final = "wg0"
 WG_PORT: Final = 51820  # WireGuard's conventional port (wg-quick examples)
@@ -57,7 +57,7 @@ class MeshMember:
 class WireGuardLab:
     """Hub on `coordinator` plus the given devices, each with a keepalive to the hub."""
 
-    def __init__(self, lab: Lab, devices: list[str]) -> None:
+    def __init__(self, lab: LabNetwork, devices: list[str]) -> None:
         self.lab = lab
         self.members: dict[str, MeshMember] = {}
         self._device_names = devices

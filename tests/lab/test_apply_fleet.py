@@ -23,8 +23,7 @@ from typing import Any
 import pytest
 
 from agent._crashpoints import ALL_CRASH_POINTS, CRASH_FILE
-from lab import Lab, parse_topology
-from lab.fleet import AGENTS_DIR, LOG_DIR, agent_status, wait_online
+from lab import AGENTS_DIR, LOG_DIR, Lab, agent_status, parse_topology, wait_online
 
 from .conftest import CLI, lab_skip_reason, lab_up
 

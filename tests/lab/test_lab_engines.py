@@ -14,9 +14,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lab import Lab, parse_topology
-from lab.engines import BUSYBOX_IMAGE, CGROUP_ROOT, DATA_DIR, busybox_rootfs_tar
-from lab.fleet import agent_status, devices, start_agent, stop_agent, wait_online
+from lab import (
+    BUSYBOX_IMAGE,
+    Lab,
+    agent_status,
+    devices,
+    parse_topology,
+    start_agent,
+    stop_agent,
+    wait_online,
+)
+from lab.engines import CGROUP_ROOT, DATA_DIR, busybox_rootfs_tar
 from lab.hostlink import HOST_LINK
 from lab.sampleapp import build_sample
 

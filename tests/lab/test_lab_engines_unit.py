@@ -19,7 +19,7 @@ from lab import TopologyError, parse_topology
 from lab.engines import EnginePaths, busybox_rootfs_tar, dockerd_argv
 from lab.sampleapp import context_files
 from lab.sampleapp import main as sampleapp_main
-from lab.supervise import MAX_DELAY, RESTART_DELAY, next_delay, read_status
+from lab.supervisor import MAX_DELAY, RESTART_DELAY, next_delay, read_status
 
 
 def test_backoff_is_bounded_and_resets_after_a_healthy_run() -> None:

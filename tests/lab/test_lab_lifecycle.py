@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from lab import Lab, LabUsageError, parse_topology
-from lab import core as lab_core
+from lab import Lab, LabError, LabUsageError, Topology, parse_topology
+from lab import network as lab_network
 from lab._host import host_networks
-from lab.topology import Topology
 
 from .conftest import CLI, REPO, lab_skip_reason, lab_up, require_lab_machine, teardown_if_ours
 
@@ -128,10 +127,10 @@ def test_down_after_a_crash(clean: None) -> None:
 
 def test_failed_build_leaves_nothing(clean: None, monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*_: object, **__: object) -> None:
-        raise lab_core.LabError("injected failure")
+        raise LabError("injected failure")
 
-    monkeypatch.setattr(lab_core, "_run_all", boom)
-    with pytest.raises(lab_core.LabError, match="injected failure"):
+    monkeypatch.setattr(lab_network, "_run_all", boom)
+    with pytest.raises(LabError, match="injected failure"):
         Lab.up(small())
     assert_nothing_left([])
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import Lab, Router, parse_topology
-from lab.topology import Topology
+from lab import Lab, Router, Topology, parse_topology
 
 from .conftest import CLI, lab_skip_reason, lab_up
 

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from lab import Lab, parse_topology
-from lab.fleet import (
+from lab import (
     WG_PORT,
+    Lab,
     devices,
+    parse_topology,
     start_coordinator,
     stop_coordinator,
     wait_online,

@@ -10,8 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from lab import Lab, parse_topology
-from lab.fleet import blobs_held, start_agent, stop_agent, wait_online
+from lab import Lab, blobs_held, parse_topology, start_agent, stop_agent, wait_online
 from lab.rollout import rollout
 
 from .conftest import lab_skip_reason, lab_up

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lab import NAT_KINDS, TopologyError, load_topology, parse_topology
-from lab.core import plan
+from lab.network import plan
 from lab.topology import parse_rate
 
 REPO = Path(__file__).resolve().parents[2]

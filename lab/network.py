@@ -1,5 +1,8 @@
-"""Build, inspect and tear down a lab: one network namespace per node, a WAN bridge namespace,
-NAT routers (iptables), WAN shaping (tbf + iptables statistic) and private mount namespaces.
+"""The lab's network: one network namespace per node, a WAN bridge namespace, NAT routers
+(iptables), WAN shaping (tbf + iptables statistic) and private mount namespaces, planned from a
+topology, built, and run in (`LabNetwork`: its nodes, `command`/`run`/`spawn` in a node, link
+counters, moving a device). It imports only lab._host and lab.topology: the engines, the fleet
+and the session build on it (docs/lab.md, "Layout"); lab.session tears it down.
 
 Nothing here touches the host's own network: every link, address, route, rule and qdisc lives
 inside a namespace named ``fm-*``; the host only gets /run/fleetmesh-lab (the state file) and an
@@ -12,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -21,32 +23,31 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Final
 
-from pyroute2 import IPRoute, NetlinkError, netns
+from pyroute2 import IPRoute, netns
 
 from . import _host
 from ._host import (
     CONTAINERD_RUN_DIR,
     NETNS_DIR,
     NETNS_PREFIX,
-    STATE_DIR,
-    STATE_FILE,
     WG_RUN_DIR,
     LabError,
     LabUsageError,
 )
-from .topology import Topology, TopologyError, parse_topology
+from .topology import Topology
 
 __all__ = [
     "WAN_BRIDGE",
     "WAN_NETNS",
-    "Lab",
-    "LabAlreadyUp",
-    "LabError",
-    "LabNotUp",
-    "LabUsageError",
+    "LabNetwork",
+    "Link",
     "Node",
     "Router",
-    "teardown_all",
+    "build",
+    "initial_state",
+    "plan",
+    "with_holders",
+    "write_net_sysctls",
 ]
 
 WAN_NETNS: Final = f"{NETNS_PREFIX}wan"
@@ -64,14 +65,6 @@ MOVED_FIRST_HOST: Final = 100  # moved devices get .100 and up in their new LAN
 TBF_MIN_BURST_BYTES: Final = 16 * 1024
 TBF_BURST_SECONDS: Final = 0.01
 TBF_LATENCY_MS: Final = 100
-
-
-class LabAlreadyUp(LabUsageError):
-    pass
-
-
-class LabNotUp(LabError):
-    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +108,7 @@ class Router(Node):
 
 
 @dataclass(frozen=True, slots=True)
-class _Link:
+class Link:
     """A veth pair: (a_ns, a_if) is the node's side, (b_ns, b_if) its upstream's side."""
 
     a_ns: str
@@ -137,8 +130,6 @@ def _mnt(node_name: str) -> str:
 
 
 HOLDER_PLACEHOLDER: Final = "holder:"
-SUPERVISOR_MODULE: Final = "lab.supervise"  # in the argv of every agent supervisor
-TEARDOWN_ROUNDS: Final = 5
 
 
 def root_of(mountns_path: str) -> str:
@@ -147,7 +138,7 @@ def root_of(mountns_path: str) -> str:
     return mountns_path.removesuffix("/ns/mnt") + "/root"
 
 
-def _with_holders(nodes: Sequence[Node], holders: dict[str, Any]) -> list[Node]:
+def with_holders(nodes: Sequence[Node], holders: dict[str, Any]) -> list[Node]:
     out: list[Node] = []
     for n in nodes:
         if n.mountns_path and n.mountns_path.startswith(HOLDER_PLACEHOLDER):
@@ -158,16 +149,16 @@ def _with_holders(nodes: Sequence[Node], holders: dict[str, Any]) -> list[Node]:
     return out
 
 
-def plan(topo: Topology) -> tuple[list[Node], list[_Link]]:
+def plan(topo: Topology) -> tuple[list[Node], list[Link]]:
     """The nodes and links a topology makes, in build order. Pure."""
     nodes: list[Node] = []
-    links: list[_Link] = []
+    links: list[Link] = []
     wan_plen = topo.wan_subnet.prefixlen
     port = 0
 
     def wan_port(node: str, ifname: str, shaped: bool = False, lan: str | None = None) -> None:
         nonlocal port
-        links.append(_Link(_ns(node), ifname, WAN_NETNS, f"p{port}", WAN_BRIDGE, shaped, lan))
+        links.append(Link(_ns(node), ifname, WAN_NETNS, f"p{port}", WAN_BRIDGE, shaped, lan))
         port += 1
 
     nodes.append(
@@ -214,7 +205,7 @@ def plan(topo: Topology) -> tuple[list[Node], list[_Link]]:
                        nat="double", tier="home", wan_ipv4=str(home_wan),
                        lan_ipv4=str(lan.router_lan_ipv4), lan_subnet=str(lan.subnet))
             )
-            links.append(_Link(_ns(router), WAN_IF, _ns(cgnat), LAN_BRIDGE, None, shaped, lan.name))
+            links.append(Link(_ns(router), WAN_IF, _ns(cgnat), LAN_BRIDGE, None, shaped, lan.name))
         else:
             nodes.append(
                 Router(router, "router", lan.name, _ns(router), str(lan.wan_addresses[0]),
@@ -231,7 +222,7 @@ def plan(topo: Topology) -> tuple[list[Node], list[_Link]]:
                 Node("operator", "operator", lan.name, _ns("operator"), str(lan.operator_ipv4),
                      plen, HOST_IF, gw, _mnt("operator"))
             )
-            links.append(_Link(_ns("operator"), HOST_IF, _ns(router), "op", LAN_BRIDGE, False,
+            links.append(Link(_ns("operator"), HOST_IF, _ns(router), "op", LAN_BRIDGE, False,
                                lan.name))
         for n in range(1, lan.devices + 1):
             name = lan.device_name(n)
@@ -239,7 +230,7 @@ def plan(topo: Topology) -> tuple[list[Node], list[_Link]]:
                 Node(name, "device", lan.name, _ns(name), str(lan.device_ipv4(n)), plen, HOST_IF,
                      gw, _mnt(name))
             )
-            links.append(_Link(_ns(name), HOST_IF, _ns(router), f"d{n}", LAN_BRIDGE, False,
+            links.append(Link(_ns(name), HOST_IF, _ns(router), f"d{n}", LAN_BRIDGE, False,
                                lan.name))
     return nodes, links
 
@@ -297,7 +288,7 @@ def tbf_args(rate_bps: int) -> list[str]:
 _CLONE_NEWNET: Final = 0x40000000
 
 
-def _write_net_sysctls(keys: dict[str, list[str]]) -> None:
+def write_net_sysctls(keys: dict[str, list[str]]) -> None:
     """Set /proc/sys/net/<key> = 1 inside each namespace, from a throwaway thread (setns moves
     only the calling thread, and this one dies afterwards, so no other thread ever changes
     namespace)."""
@@ -348,8 +339,9 @@ def _run_all(jobs: Sequence[tuple[list[str], str | None]], what: str) -> None:
         raise LabError(f"{what} failed: {errors[0]}")
 
 
-class Lab:
-    """A running lab. Get one with Lab.up(topology) or Lab.load()."""
+class LabNetwork:
+    """A built lab network: its topology, nodes and state. lab.session's Lab is one (with
+    up/load/down/status); the layers between (engines, fleet) take a LabNetwork."""
 
     def __init__(self, topology: Topology, nodes: Sequence[Node], state: dict[str, Any]):
         self.topology = topology
@@ -358,87 +350,6 @@ class Lab:
             replace(n, **moved[n.name]) if n.name in moved else n for n in nodes)
         self._by_name = {n.name: n for n in self.nodes}
         self._state = state
-
-    # --- lifecycle -------------------------------------------------------------------------
-
-    @staticmethod
-    def is_up() -> bool:
-        return STATE_FILE.exists() or bool(_host.lab_netns_names())
-
-    @classmethod
-    def up(cls, topology: Topology, *, network_only: bool = True) -> Lab:
-        """Build the lab's network and, unless network_only, start the fleet on it (lab.fleet:
-        coordinator, enrolled agents, operator access). Raises LabAlreadyUp, LabError (host
-        overlap, build or start failure: everything made so far is removed again)."""
-        _host.require_root()
-        if Lab.is_up():
-            raise LabAlreadyUp("a lab is already up (run `fleetmesh-lab down` first)")
-        _host.check_host_overlap(topology.subnets())  # before anything is written
-        STATE_DIR.mkdir(parents=True, exist_ok=True)
-        with _host.state_lock():
-            if Lab.is_up():  # again, under the lock: someone may have been faster
-                raise LabAlreadyUp("a lab is already up (run `fleetmesh-lab down` first)")
-            nodes, links = plan(topology)
-            state: dict[str, Any] = {
-                "version": STATE_VERSION,
-                "phase": "building",
-                "created": time.time(),
-                "owner_pid": os.getpid(),
-                "source": topology.source,
-                "topology": topology.to_dict(),
-                "netns": [WAN_NETNS] + [n.netns for n in nodes],
-                "holders": {},
-                "nodes": [n.to_dict() | {"kind": type(n).__name__} for n in nodes],
-                "processes": [],
-            }
-            _host.write_state(state)
-            try:
-                _build(topology, nodes, links)
-                holders = _start_holders(nodes)
-                state["holders"] = holders
-                state["processes"] += [dict(h, node=name, argv=["mount-namespace holder"])
-                                       for name, h in holders.items()]
-                _host.write_state(state)
-                nodes = _with_holders(nodes, holders)
-            except BaseException as e:
-                try:
-                    teardown_all()
-                except Exception as cleanup:  # noqa: BLE001 - the build error matters more
-                    e.add_note(f"cleanup after the failed build also failed: {cleanup}")
-                if isinstance(e, LabError):
-                    raise
-                if isinstance(e, Exception):
-                    raise LabError(f"building the lab failed: {type(e).__name__}: {e}") from e
-                raise
-            state["phase"] = "up"
-            _host.write_state(state)
-        lab = cls(topology, nodes, state)
-        if not network_only:
-            from .fleet import start_fleet  # the fleet builds on the lab, not the other way
-
-            try:
-                start_fleet(lab)
-            except BaseException:
-                teardown_all()
-                raise
-        return lab
-
-    @classmethod
-    def load(cls) -> Lab:
-        state = _host.read_state()
-        if state is None:
-            raise LabNotUp("no lab is up")
-        try:
-            topo = parse_topology(state["topology"], source=state.get("source"))
-        except (KeyError, TypeError, TopologyError) as e:
-            raise LabError(
-                f"{STATE_FILE}: unreadable state ({e}); run `fleetmesh-lab down`"
-            ) from None
-        nodes, _ = plan(topo)
-        return cls(topo, _with_holders(nodes, state.get("holders", {})), state)
-
-    def down(self) -> None:
-        teardown_all()
 
     # --- nodes -----------------------------------------------------------------------------
 
@@ -489,7 +400,7 @@ class Lab:
                          peer={"ifname": n.iface, "net_ns_fd": n.netns})
                 idx = ipr.link_lookup(ifname=port)[0]
                 ipr.link("set", index=idx, master=ipr.link_lookup(ifname=target.lan_if)[0])
-            _write_net_sysctls({target.netns: [f"ipv6/conf/{port}/disable_ipv6"],
+            write_net_sysctls({target.netns: [f"ipv6/conf/{port}/disable_ipv6"],
                                 n.netns: [f"ipv6/conf/{n.iface}/disable_ipv6"]})
             with IPRoute(netns=target.netns) as ipr:
                 ipr.link("set", index=ipr.link_lookup(ifname=port)[0], state="up")
@@ -577,63 +488,6 @@ class Lab:
         assert isinstance(r, Router), f"{r.name} is not a router"
         return self.link_counters(r, r.wan_if)
 
-    def status(self) -> dict[str, Any]:
-        from .engines import memory_kib
-        from .fleet import API_PORT, agent_status  # the fleet builds on the lab
-
-        state = self.state_now()
-        fleet = state.get("fleet") if state.get("fleet", {}).get("api_key") else None
-        routers = []
-        for r in self.routers:
-            try:
-                rx, tx = self.wan_counters(r)
-            except (LabError, OSError, NetlinkError):
-                rx = tx = -1  # a namespace vanished under us: show the rest anyway
-            routers.append({
-                "name": r.name, "lan": r.lan, "netns": r.netns, "nat": r.nat, "tier": r.tier,
-                "wan_if": r.wan_if, "wan_ipv4": r.wan_ipv4, "lan_ipv4": r.lan_ipv4,
-                "lan_subnet": r.lan_subnet, "wan_rx_bytes": rx, "wan_tx_bytes": tx,
-            })
-        lans = []
-        for lan in self.topology.lans:
-            lans.append({
-                "name": lan.name, "nat": lan.nat, "subnet": str(lan.subnet),
-                "carrier_subnet": str(lan.carrier_subnet) if lan.carrier_subnet else None,
-                "devices": lan.devices, "uplink": lan.shaping.rate_text,
-                "uplink_bps": lan.shaping.rate_bps, "loss": lan.shaping.loss,
-            })
-        return {
-            "phase": self._state.get("phase", "up"),
-            "source": self.topology.source,
-            "wan": {"subnet": str(self.topology.wan_subnet), "netns": WAN_NETNS,
-                    "bridge": WAN_BRIDGE},
-            "lans": lans,
-            "nodes": [
-                {"name": n.name, "role": n.role, "lan": n.lan, "netns": n.netns,
-                 "netns_path": n.netns_path, "mountns": n.mountns_path,
-                 "underlay_ipv4": n.underlay_ipv4, "iface": n.iface, "gateway": n.gateway}
-                for n in self.nodes
-            ],
-            "routers": routers,
-            "processes": [
-                p for p in state.get("processes", [])
-                if p.get("start") is not None and _host.proc_start_time(p["pid"]) == p["start"]
-            ],
-            "engines": [
-                {"node": name, "pid": e["pid"], "docker_host": e["docker_host"],
-                 "data_root": e["data_root"], "running": running,
-                 # dockerd + containerd + shims: what one engine per device costs
-                 "memory_kib": memory_kib(e["pid"]) if running else None}
-                for name, e in sorted(state.get("engines", {}).items())
-                for running in [_host.proc_start_time(e["pid"]) == e["start"]]
-            ],
-            "agents": [agent_status(self, d.name) for d in self.devices] if fleet else [],
-            "dashboard_url": (f"https://{self.topology.coordinator_ipv4}:{API_PORT}/"
-                              if fleet else None),
-            "operator_key": fleet["api_key"] if fleet else None,
-            "host_link": state.get("host_link"),
-        }
-
     def state_now(self) -> dict[str, Any]:
         """The state file as it is now (processes and the fleet are added after `up`)."""
         return _host.read_state() or self._state
@@ -642,7 +496,38 @@ class Lab:
 # --- build ---------------------------------------------------------------------------------
 
 
-def _build(topo: Topology, nodes: list[Node], links: list[_Link]) -> None:
+def initial_state(topo: Topology, nodes: Sequence[Node]) -> dict[str, Any]:
+    """The state file's content before the first namespace is created (phase "building"): with
+    it written, a crash at any later point leaves `down` everything it needs."""
+    return {
+        "version": STATE_VERSION,
+        "phase": "building",
+        "created": time.time(),
+        "owner_pid": os.getpid(),
+        "source": topo.source,
+        "topology": topo.to_dict(),
+        "netns": [WAN_NETNS] + [n.netns for n in nodes],
+        "holders": {},
+        "nodes": [n.to_dict() | {"kind": type(n).__name__} for n in nodes],
+        "processes": [],
+    }
+
+
+def build(topo: Topology, nodes: list[Node], links: list[Link], state: dict[str, Any]
+          ) -> list[Node]:
+    """Create what plan() gave: namespaces, links, routers, shaping, then the mount namespace
+    holders, which go into `state` (written). Returns the nodes with their mount namespace
+    paths. On failure whatever was made stays: the caller (lab.session) tears the lab down."""
+    _build(topo, nodes, links)
+    holders = _start_holders(nodes)
+    state["holders"] = holders
+    state["processes"] += [dict(h, node=name, argv=["mount-namespace holder"])
+                           for name, h in holders.items()]
+    _host.write_state(state)
+    return with_holders(nodes, holders)
+
+
+def _build(topo: Topology, nodes: list[Node], links: list[Link]) -> None:
     all_ns = [WAN_NETNS] + [n.netns for n in nodes]
     for ns in all_ns:
         netns.create(ns)
@@ -695,7 +580,7 @@ def _build(topo: Topology, nodes: list[Node], links: list[_Link]) -> None:
         sysctls = {ns: [f"ipv6/conf/{i}/disable_ipv6" for i in ifs] for ns, ifs in underlay.items()}
         for r in routers:
             sysctls[r.netns].append("ipv4/ip_forward")
-        _write_net_sysctls(sysctls)
+        write_net_sysctls(sysctls)
 
         for ns, ifname in up_later:
             ipr[ns].link("set", index=idx(ns, ifname), state="up")
@@ -775,64 +660,3 @@ def _has_mount(pid: int, mountpoint: str) -> bool:
             return any(line.split()[4] == mountpoint for line in f)
     except OSError:
         return False
-
-
-# --- teardown ------------------------------------------------------------------------------
-
-
-def teardown_all() -> list[str]:
-    """Remove everything any lab made, with or without a state file (after a crash too).
-
-    Returns the names of the network namespaces removed. Touches only fm-* namespaces, the
-    host's fm-lab0 link and its two `fleetmesh-lab` FORWARD rules, the processes inside the lab's
-    namespaces or its container cgroups, the lab's cgroups, /run/fleetmesh-lab and
-    /var/lib/fleetmesh-lab (the engines' data roots).
-    """
-    from . import engines, hostlink
-    from .supervise import STOP_TIMEOUT
-
-    _host.require_root()
-    hostlink.unlink_host()  # first: the host stops reaching into the lab
-    state = _host.read_state() or {}
-    recorded = [p for p in state.get("processes", []) if isinstance(p.get("pid"), int)
-                and p.get("start") is not None and _host.proc_start_time(p["pid"]) == p["start"]]
-    # Supervisors first (they stop their agents, which stop their wireguard-go), so that none
-    # restarts an agent the sweep below has just stopped.
-    supervisors = [p["pid"] for p in recorded if SUPERVISOR_MODULE in p.get("argv", [])]
-    if supervisors:
-        _host.kill_pids(supervisors, timeout=STOP_TIMEOUT + 2)
-    names = _host.lab_netns_names()
-    inodes = [i for i in (_host.ns_inode(NETNS_DIR / ns) for ns in names) if i is not None]
-    for _ in range(TEARDOWN_ROUNDS):  # a process may start while we kill: look again
-        victims = {p["pid"] for p in recorded}
-        for ino in inodes:
-            victims.update(_host.pids_in_ns("net", ino))
-        victims |= engines.cgroup_pids()  # containers with a network namespace of their own
-        victims.discard(os.getpid())
-        victims = {v for v in victims if _host.proc_start_time(v) is not None}
-        if not victims:
-            break
-        _host.kill_pids(victims)
-        recorded = []
-
-    # Mounts a lab of an older layout may have left under the state directory.
-    for mp in _host.mounts_under(STATE_DIR):
-        _host.umount(mp)
-    left = _host.mounts_under(STATE_DIR)
-    if left:
-        raise LabError(f"could not unmount {left[0]}; not removing {STATE_DIR}")
-
-    for ns in names:
-        try:
-            netns.remove(ns)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise LabError(f"could not remove network namespace {ns}: {e}") from e
-    stuck = engines.remove_cgroups()
-    if stuck:
-        raise LabError(f"could not remove cgroup {stuck[0]}")
-    engines.remove_data()
-    if STATE_DIR.exists():
-        shutil.rmtree(STATE_DIR)
-    return names
