@@ -47,7 +47,7 @@ EnrollFn = Callable[..., Awaitable[tuple[Enrollment, bytes]]]
 
 def sdk_enroll() -> EnrollFn:
     try:
-        from coordinator.client import enroll
+        from ops.client import enroll
     except ImportError as exc:  # pragma: no cover - the SDK ships with fleetmesh
         raise CliError(f"the coordinator SDK is not available: {exc}") from exc
     return enroll
@@ -55,7 +55,7 @@ def sdk_enroll() -> EnrollFn:
 
 def sdk_client_factory() -> ClientFactory:
     try:
-        from coordinator.client import DeviceClient
+        from ops.client import DeviceClient
     except ImportError as exc:  # pragma: no cover
         raise CliError(f"the coordinator SDK is not available: {exc}") from exc
     return DeviceClient

@@ -19,8 +19,8 @@ import pytest
 
 from agent import DataDir, _commands
 from agent.cli import main
-from coordinator.client import ApiError, CoordinatorUnreachable
 from mesh.control import Enrollment
+from ops.client import ApiError, CoordinatorUnreachable
 from vpn import WireGuardGoError, public_key_from_private
 
 from .fakes import FakeCoordinator, FakeWireGuard, enrollment, peer, peermap

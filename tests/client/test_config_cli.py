@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator._cli_ops import parse_duration
-from coordinator.client import ConfigError, default_config_path, load_operator_config
 from mesh.clikit import CliError
+from ops._cli_ops import parse_duration
+from ops.client import ConfigError, default_config_path, load_operator_config
 
 FP_A = "a" * 64
 FP_B = "b" * 64
@@ -114,7 +114,7 @@ def test_argument_errors_are_one_line_exit_2(tmp_path: Path, argv: list[str], ex
 
 
 def test_unrecognized_options_exit_2_without_traceback(tmp_path: Path) -> None:
-    # Reported by the top-level parser (mesh.clikit/coordinator.cli), which prints usage too.
+    # Reported by the top-level parser (mesh.clikit/ops.cli), which prints usage too.
     result = _cli("devices", "list", "--bogus", home=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "unrecognized arguments: --bogus" in result.stderr.strip().splitlines()[-1]

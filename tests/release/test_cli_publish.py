@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-import coordinator._cli_ops as cli_ops
-import coordinator._publish as publish
-from coordinator.cli import build_parser
-from coordinator.client import ApiError, CoordinatorUnreachable
+import ops._cli_ops as cli_ops
+import ops._publish as publish
 from mesh.clikit import run
 from mesh.release import ImageError, read_signing_key, write_signing_key
+from ops.cli import build_parser
+from ops.client import ApiError, CoordinatorUnreachable
 
 from ._fakes import FakeRegistry, image_config, layer_tar, saved_image_tar
 

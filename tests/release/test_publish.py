@@ -1,4 +1,4 @@
-"""`coordinator._publish.publish_image` against an in-memory registry with the coordinator's
+"""`ops._publish.publish_image` against an in-memory registry with the coordinator's
 checks: deltas against earlier releases, reuse of unchanged layers, idempotence, resuming an
 interrupted upload, and a device rebuilding the result."""
 
@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from nacl.signing import SigningKey
 
-from coordinator._publish import PublishError, PublishResult, publish_image
 from mesh.release import (
     ContainerSettings,
     decode_signed_manifest,
@@ -18,6 +17,7 @@ from mesh.release import (
     read_saved_image,
     verify_manifest,
 )
+from ops._publish import PublishError, PublishResult, publish_image
 
 from ._fakes import FakeRegistry, diff_id, image_config, layer_tar, saved_image_tar
 

@@ -7,13 +7,15 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from mesh.clikit import CliError
+from ops._cli_ops import parse_duration
 
-from ._cli_ops import parse_duration
-from ._server import ConfigError, Coordinator, CoordinatorConfig
+if TYPE_CHECKING:  # annotations only: the server itself is loaded by _run
+    from coordinator._server import Coordinator
 
 
 def _port(text: str) -> int:
@@ -41,6 +43,10 @@ async def _serve(coord: Coordinator) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Loaded here, not at the top: operator commands must start without loading the server
+    # (hypercorn, Starlette, the store).
+    from coordinator._server import ConfigError, Coordinator, CoordinatorConfig
+
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     if not args.data:
         raise CliError("--data DIR is required (the coordinator's state directory)")

@@ -1,7 +1,7 @@
 """Publishing a Docker image as a signed release: layers, chunks, deltas, upload (resumable).
 
 `publish_image` is the engine behind `fleetmesh release create`; it talks to the coordinator
-only through the `ReleaseRegistry` methods of `coordinator.client.OperatorClient`, so tests can
+only through the `ReleaseRegistry` methods of `ops.client.OperatorClient`, so tests can
 hand it a fake. Nothing here holds more than one layer (plus its delta bases) in memory; chunk
 frames and patches are staged on disk until uploaded.
 """
@@ -54,7 +54,7 @@ class PublishError(Exception):
 
 
 class ReleaseRegistry(Protocol):
-    """What publishing needs of the coordinator (coordinator.client.OperatorClient)."""
+    """What publishing needs of the coordinator (ops.client.OperatorClient)."""
 
     def list_releases(self, fleet: str, app: str | None = None) -> list[dict[str, Any]]: ...
     def release_manifest(self, fleet: str, app: str, version: int) -> bytes: ...
@@ -341,7 +341,7 @@ def _publish(pub: _Publisher, saved: SavedImage, keep: int, version: int | None,
                  | {d.blob_id.hex() for layer in layers for d in layer.deltas})
     missing = _missing(reg, ids)
     count, nbytes = _upload(pub, missing, progress)
-    from coordinator.client import ApiError
+    from ops.client import ApiError
     try:
         info, created = reg.publish_release(signed)
     except ApiError as exc:

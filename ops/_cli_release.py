@@ -295,8 +295,8 @@ class _RichProgress:
 def _release_create(args: argparse.Namespace) -> int:
     import sys
 
-    from coordinator._cli_ops import _api_errors, _client, _name, _print_json, _table
-    from coordinator._publish import PublishError, publish_image
+    from ops._cli_ops import _api_errors, _client, _name, _print_json, _table
+    from ops._publish import PublishError, publish_image
     fleet = _name(args.fleet, "fleet")
     app = _name(args.app, "app")
     if args.key < 0:
@@ -355,7 +355,7 @@ def _release_create(args: argparse.Namespace) -> int:
 
 
 def _release_row(r: dict[str, Any]) -> list[str]:
-    from coordinator._cli_ops import _date, _text
+    from ops._cli_ops import _date, _text
     return [_text(r.get("app")), _text(r.get("version")), _text(r.get("layers")),
             _size(r.get("size")), _size(r.get("stored_size")), _size(r.get("delta_size")),
             _text(r.get("key_id")), _date(r.get("published_at"))]
@@ -365,7 +365,7 @@ _RELEASE_COLUMNS = ["APP", "VERSION", "LAYERS", "SIZE", "STORED", "DELTAS", "KEY
 
 
 def _release_list(args: argparse.Namespace) -> int:
-    from coordinator._cli_ops import _api_errors, _client, _name, _print_json, _table
+    from ops._cli_ops import _api_errors, _client, _name, _print_json, _table
     fleet = _name(args.fleet, "fleet")
     app = None if args.app is None else _name(args.app, "app")
     with _api_errors(), _client(args) as client:
@@ -380,7 +380,7 @@ def _release_list(args: argparse.Namespace) -> int:
 
 
 def _release_show(args: argparse.Namespace) -> int:
-    from coordinator._cli_ops import _api_errors, _client, _name, _print_json, _table, _text
+    from ops._cli_ops import _api_errors, _client, _name, _print_json, _table, _text
     fleet = _name(args.fleet, "fleet")
     app = _name(args.app, "app")
     if args.version < 1:
@@ -409,7 +409,7 @@ def _release_show(args: argparse.Namespace) -> int:
 
 
 def _release_set_key(args: argparse.Namespace) -> int:
-    from coordinator._cli_ops import _api_errors, _client, _name
+    from ops._cli_ops import _api_errors, _client, _name
     fleet = _name(args.fleet, "fleet")
     key = _load_key(args.signing_key)
     public = bytes(key.verify_key)
@@ -421,7 +421,7 @@ def _release_set_key(args: argparse.Namespace) -> int:
 
 
 def _register_publishing(rsub: Any) -> None:
-    from coordinator._cli_ops import _common
+    from ops._cli_ops import _common
 
     create = _common(rsub.add_parser(
         "create", help="publish a local Docker image as the app's next release",
@@ -507,7 +507,7 @@ def _version_arg(version: int) -> int:
 
 def _resolve_fleet(client: Any, fleet: str | None, app: str, version: int) -> str:
     """--fleet, or the one fleet (among those with devices) that has this release."""
-    from coordinator._cli_ops import _name
+    from ops._cli_ops import _name
     if fleet is not None:
         return _name(fleet, "fleet")
     fleets = sorted({d["fleet"] for d in client.list_devices() if isinstance(d.get("fleet"), str)})
@@ -531,7 +531,7 @@ def _summary_text(status: dict[str, Any]) -> str:
 
 
 def _status_rows(status: dict[str, Any]) -> list[list[str]]:
-    from coordinator._cli_ops import _text, _when, lock_text, progress_text
+    from ops._cli_ops import _text, _when, lock_text, progress_text
     return [[_text(d.get("device")), _text(d.get("state")),
              progress_text(d.get("bytes_done"), d.get("bytes_total")), _text(d.get("running")),
              _text(d.get("target")), _text(bool(d.get("online"))),
@@ -540,7 +540,7 @@ def _status_rows(status: dict[str, Any]) -> list[list[str]]:
 
 
 def _release_status(args: argparse.Namespace) -> int:
-    from coordinator._cli_ops import _api_errors, _app, _client, _print_json, _table
+    from ops._cli_ops import _api_errors, _app, _client, _print_json, _table
     app = _app(args.app)
     version = _version_arg(args.version)
     with _api_errors(), _client(args) as client:
@@ -577,7 +577,7 @@ class PlainWatch:
     def update(self, status: dict[str, Any]) -> None:
         import time
 
-        from coordinator._cli_ops import progress_text
+        from ops._cli_ops import progress_text
         stamp = time.strftime("%H:%M:%S")
         for d in status.get("devices") or []:
             done, total = d.get("bytes_done") or 0, d.get("bytes_total") or 0
@@ -612,7 +612,7 @@ class RichWatch:
     def update(self, status: dict[str, Any]) -> None:
         from rich.markup import escape
 
-        from coordinator._cli_ops import progress_text
+        from ops._cli_ops import progress_text
         done_all = total_all = bytes_done = bytes_total = 0
         for d in status.get("devices") or []:
             name = str(d.get("device"))
@@ -648,7 +648,7 @@ def _release_watch(args: argparse.Namespace) -> int:
     import sys
     import time
 
-    from coordinator._cli_ops import EXIT_TIMEOUT, _api_errors, _app, _client, _console
+    from ops._cli_ops import EXIT_TIMEOUT, _api_errors, _app, _client, _console
     app = _app(args.app)
     version = _version_arg(args.version)
     if not MIN_WATCH_INTERVAL <= args.interval <= MAX_WATCH_INTERVAL:
@@ -678,7 +678,7 @@ def _release_watch(args: argparse.Namespace) -> int:
 
 
 def _release_retry(args: argparse.Namespace) -> int:
-    from coordinator._cli_ops import _api_errors, _app, _client, _name, _print_json
+    from ops._cli_ops import _api_errors, _app, _client, _name, _print_json
     app = _app(args.app)
     version = _version_arg(args.version)
     device = None if args.device is None else _name(args.device, "--device")
@@ -702,7 +702,7 @@ def _release_retry(args: argparse.Namespace) -> int:
 
 
 def _register_rollouts(rsub: Any) -> None:
-    from coordinator._cli_ops import _common
+    from ops._cli_ops import _common
 
     def add(name: str, help_text: str, description: str, watching: bool = False
             ) -> argparse.ArgumentParser:

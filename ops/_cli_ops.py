@@ -1,5 +1,5 @@
 """`fleetmesh token|devices|peers|operator-config`: the operator's everyday commands, through the
-SDK (coordinator.client) against a pinned coordinator.
+SDK (ops.client) against a pinned coordinator.
 
 Configuration: FLEETMESH_URL, FLEETMESH_API_KEY, FLEETMESH_FINGERPRINT, else the keys url,
 api_key, fingerprint of `--config FILE` (default ~/.config/fleetmesh/operator.toml); the
@@ -32,7 +32,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
-from coordinator.client import (
+from mesh.clikit import EXIT_USAGE, CliError
+from mesh.control import ControlError, check_app, check_name
+from mesh.tlspin import PinError
+from ops.client import (
     ApiError,
     ConfigError,
     CoordinatorUnreachable,
@@ -40,9 +43,6 @@ from coordinator.client import (
     ProtocolError,
     load_operator_config,
 )
-from mesh.clikit import EXIT_USAGE, CliError
-from mesh.control import ControlError, check_app, check_name
-from mesh.tlspin import PinError
 from vpn import Endpoint, QuickPeer, export_wg_quick, generate_keypair
 
 EXIT_API: Final = 1
@@ -199,7 +199,7 @@ def _device_row(d: dict[str, Any]) -> list[str]:
 
 def progress_text(done: Any, total: Any) -> str:
     """`12.5 MB / 40.0 MB (31 %)`; `-` when nothing is known."""
-    from coordinator._cli_release import _size
+    from ops._cli_release import _size
     if not isinstance(total, int) or isinstance(total, bool) or total <= 0:
         return "-"
     done = done if isinstance(done, int) and not isinstance(done, bool) else 0
