@@ -74,12 +74,12 @@ LOCK_STALE_AFTER: Final = 3600.0
 LOG_KEEP: Final = 5000  # newest log lines kept per device (docs/api.md)
 
 
-class ConfigError(ValueError):
+class CoordinatorConfigError(ValueError):
     """A bad setting; str() is one line for the CLI."""
 
 
 def split_hostport(text: str, what: str) -> tuple[str, int]:
-    """`a.b.c.d:port` or `[v6]:port` with an IP literal host; raises ConfigError."""
+    """`a.b.c.d:port` or `[v6]:port` with an IP literal host; raises CoordinatorConfigError."""
     host, sep, port = text.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -88,7 +88,7 @@ def split_hostport(text: str, what: str) -> tuple[str, int]:
             raise ValueError
         ipaddress.ip_address(host)
     except ValueError:
-        raise ConfigError(f"{what}: must be HOST:PORT with an IP address (e.g. 0.0.0.0:8443 "
+        raise CoordinatorConfigError(f"{what}: must be HOST:PORT with an IP address (e.g. 0.0.0.0:8443 "
                           f"or [::]:8443), got {text!r}") from None
     return host, int(port)
 
@@ -117,25 +117,25 @@ class CoordinatorConfig:
     def check(self) -> None:
         split_hostport(self.listen, "--listen")
         if not 1 <= self.wg_port < 65536:
-            raise ConfigError(f"--wg-port: must be 1..65535, got {self.wg_port}")
+            raise CoordinatorConfigError(f"--wg-port: must be 1..65535, got {self.wg_port}")
         if self.hub_endpoint is not None:
             split_hostport(self.hub_endpoint, "--hub-endpoint")
             try:
                 check_endpoint(self.hub_endpoint, "--hub-endpoint")
             except ControlError as exc:
-                raise ConfigError(str(exc)) from None
+                raise CoordinatorConfigError(str(exc)) from None
         try:
             _ipam.parse_prefixes(self.mesh_ipv4, self.mesh_ipv6)
         except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+            raise CoordinatorConfigError(str(exc)) from None
         if not 0 < self.lock_stale_after < float("inf"):
-            raise ConfigError(f"--lock-stale-after: must be a positive number of seconds, got "
+            raise CoordinatorConfigError(f"--lock-stale-after: must be a positive number of seconds, got "
                               f"{self.lock_stale_after}")
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise ConfigError("--tls-cert and --tls-key go together")
+            raise CoordinatorConfigError("--tls-cert and --tls-key go together")
         host, _ = split_hostport(self.listen, "--listen")
         if ipaddress.ip_address(host).is_unspecified and self.hub_endpoint is None:
-            raise ConfigError(f"--hub-endpoint HOST:PORT is required when listening on {host}: "
+            raise CoordinatorConfigError(f"--hub-endpoint HOST:PORT is required when listening on {host}: "
                               "it is the address devices reach this coordinator at")
 
 
@@ -208,7 +208,7 @@ class Coordinator:
         try:
             store = SqliteStore(self.data_dir / DB_NAME, cfg.mesh_ipv4, cfg.mesh_ipv6)
         except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+            raise CoordinatorConfigError(str(exc)) from None
         self.store = store
         self.blobs.prepare()
         self._releases = ReleaseRegistry(store, self.blobs, cfg.clock, self.targets_changed)
@@ -235,7 +235,7 @@ class Coordinator:
         try:
             self.fingerprint = _secrets.cert_fingerprint(self.cert_path.read_bytes())
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read certificate {self.cert_path}: {exc}") from None
+            raise CoordinatorConfigError(f"cannot read certificate {self.cert_path}: {exc}") from None
 
     def _load(self) -> None:
         assert self.store is not None and self._hub_info is not None
@@ -258,7 +258,7 @@ class Coordinator:
             try:
                 sock = _bind(host, port)
             except OSError as exc:
-                raise ConfigError(f"cannot listen on {cfg.listen}: {exc.strerror}") from None
+                raise CoordinatorConfigError(f"cannot listen on {cfg.listen}: {exc.strerror}") from None
             self.port = sock.getsockname()[1]
             unspecified = ipaddress.ip_address(host).is_unspecified
             public_host = split_hostport(cfg.hub_endpoint, "")[0] if cfg.hub_endpoint else host

@@ -1,8 +1,8 @@
 """Publishing a Docker image as a signed release: layers, chunks, deltas, upload (resumable).
 
 `publish_image` is the engine behind `fleetmesh release create`; it talks to the coordinator
-only through the `ReleaseRegistry` methods of `ops.client.OperatorClient`, so tests can
-hand it a fake. Nothing here holds more than one layer (plus its delta bases) in memory; chunk
+only through the `RegistryApi` methods of `ops.client.OperatorClient`, so tests can hand it
+a fake. Nothing here holds more than one layer (plus its delta bases) in memory; chunk
 frames and patches are staged on disk until uploaded.
 """
 
@@ -20,6 +20,7 @@ from typing import Any, Final, Protocol
 import blake3
 from nacl.signing import SigningKey
 
+from mesh.delta import plan_layer, read_header
 from mesh.release import (
     ChunkRef,
     ContainerSettings,
@@ -40,6 +41,7 @@ from mesh.release import (
     verify_manifest,
 )
 from mesh.release._codec import MAX_DELTAS_PER_LAYER
+from ops.client import ApiError
 
 # Candidate bases tried per earlier release for one new layer: the layer at the same position
 # and its nearest neighbour (a Dockerfile edit usually changes the layer in place; an inserted
@@ -53,7 +55,7 @@ class PublishError(Exception):
     """A one-line reason the release was not published."""
 
 
-class ReleaseRegistry(Protocol):
+class RegistryApi(Protocol):
     """What publishing needs of the coordinator (ops.client.OperatorClient)."""
 
     def list_releases(self, fleet: str, app: str | None = None) -> list[dict[str, Any]]: ...
@@ -124,7 +126,7 @@ def _version_of(info: dict[str, Any]) -> int:
 
 
 class _Publisher:
-    def __init__(self, registry: ReleaseRegistry, fleet: str, app: str, key: SigningKey,
+    def __init__(self, registry: RegistryApi, fleet: str, app: str, key: SigningKey,
                  work: Path, cache_dir: Path, warn: Callable[[str], None]) -> None:
         self.registry, self.fleet, self.app, self.key = registry, fleet, app, key
         self.work, self.cache_dir, self.warn = work, cache_dir, warn
@@ -217,7 +219,7 @@ def _candidates(index: int, earlier: ReleaseManifest, exclude: set[str]) -> list
     return out
 
 
-def publish_image(registry: ReleaseRegistry, *, fleet: str, app: str, signing_key: SigningKey,
+def publish_image(registry: RegistryApi, *, fleet: str, app: str, signing_key: SigningKey,
                   image: str | None = None, saved_tar: str | os.PathLike[str] | None = None,
                   keep: int = DEFAULT_KEEP, version: int | None = None,
                   container: ContainerSettings | None = None,
@@ -315,7 +317,6 @@ def _publish(pub: _Publisher, saved: SavedImage, keep: int, version: int | None,
             tried.update(b.diff_id for b in bases)
             if not bases or len(deltas_list) >= MAX_DELTAS_PER_LAYER:
                 continue
-            from mesh.delta import plan_layer, read_header
             plan = plan_layer(data, {b.diff_id: pub.base_layer(b).read_bytes() for b in bases},
                               full_size=stored)
             if plan.patch is None or plan.source_diff_id is None:
@@ -341,7 +342,6 @@ def _publish(pub: _Publisher, saved: SavedImage, keep: int, version: int | None,
                  | {d.blob_id.hex() for layer in layers for d in layer.deltas})
     missing = _missing(reg, ids)
     count, nbytes = _upload(pub, missing, progress)
-    from ops.client import ApiError
     try:
         info, created = reg.publish_release(signed)
     except ApiError as exc:
@@ -355,7 +355,7 @@ def _publish(pub: _Publisher, saved: SavedImage, keep: int, version: int | None,
     return PublishResult(fleet, app, version, created, tuple(reports), count, nbytes, info)
 
 
-def _missing(reg: ReleaseRegistry, ids: Sequence[str]) -> list[str]:
+def _missing(reg: RegistryApi, ids: Sequence[str]) -> list[str]:
     out: list[str] = []
     for start in range(0, len(ids), MISSING_BATCH):
         out.extend(reg.missing_blobs(list(ids[start:start + MISSING_BATCH])))

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from mesh.clikit import CliError
-from ops._cli_ops import parse_duration
-from ops.client import ConfigError, default_config_path, load_operator_config
+from ops._cli_common import parse_duration
+from ops.client import OperatorConfigError, default_config_path, load_operator_config
 
 FP_A = "a" * 64
 FP_B = "b" * 64
@@ -46,21 +46,21 @@ def test_default_path_is_used_when_present_and_optional_when_absent(tmp_path: Pa
 
 
 def test_missing_and_bad_configuration_say_what_to_set(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError) as exc:
+    with pytest.raises(OperatorConfigError) as exc:
         load_operator_config(None, env={"HOME": str(tmp_path), "FLEETMESH_URL": "https://x"})
     msg = str(exc.value)
     assert "FLEETMESH_API_KEY" in msg and "FLEETMESH_FINGERPRINT" in msg
     assert "FLEETMESH_URL" not in msg and "\n" not in msg
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(OperatorConfigError, match="cannot read"):
         load_operator_config(tmp_path / "absent.toml", env={})
     (tmp_path / "bad.toml").write_text("url = [")
-    with pytest.raises(ConfigError, match="not valid TOML"):
+    with pytest.raises(OperatorConfigError, match="not valid TOML"):
         load_operator_config(tmp_path / "bad.toml", env={})
     file = _toml(tmp_path / "op.toml", url="http://plain:1", api_key="k", fingerprint=FP_A)
-    with pytest.raises(ConfigError, match="https"):
+    with pytest.raises(OperatorConfigError, match="https"):
         load_operator_config(file, env={})
     file = _toml(tmp_path / "op.toml", url="https://x:1", api_key="k", fingerprint="abc")
-    with pytest.raises(ConfigError, match="64 hex"):
+    with pytest.raises(OperatorConfigError, match="64 hex"):
         load_operator_config(file, env={})
 
 

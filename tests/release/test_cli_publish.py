@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import ops._cli_ops as cli_ops
+import ops._cli_release as cli_release
 import ops._publish as publish
 from mesh.clikit import run
 from mesh.release import ImageError, read_signing_key, write_signing_key
@@ -35,7 +35,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeRegistr
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    monkeypatch.setattr(cli_ops, "_client", lambda args: reg)
+    monkeypatch.setattr(cli_release, "operator_client", lambda args: reg)
     images = {}
     for v in (1, 2):
         layers = [BASE, _app(v)]
