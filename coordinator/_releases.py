@@ -36,11 +36,11 @@ from ._model import (
     Conflict,
     Device,
     DeviceState,
+    FleetReleaseKey,
+    FleetTarget,
     Forbidden,
     NotFound,
     Release,
-    ReleaseKey,
-    Target,
     TooLarge,
     release_info,
     target_info,
@@ -221,7 +221,7 @@ class ReleaseRegistry:
         except (ValueError, TypeError):
             raise ControlError("public_key: must be an Ed25519 public key in hex "
                                "(64 digits)") from None
-        key = ReleaseKey(fleet, raw.hex(), key_id(raw), self.clock())
+        key = FleetReleaseKey(fleet, raw.hex(), key_id(raw), self.clock())
         self.store.set_release_key(key)
         return {"fleet": fleet, "public_key": key.public_key, "key_id": key.key_id}
 
@@ -271,20 +271,20 @@ class ReleaseRegistry:
                     f"pin names {pin.app} version {pin.version} in fleet {pin.fleet}"
                     f"{'' if pin.device is None else ' for device ' + pin.device}, not "
                     f"{app} version {version}{'' if device is None else ' for ' + device}")
-        target = Target(fleet, app, version, device, pin_bytes, self.clock())
+        target = FleetTarget(fleet, app, version, device, pin_bytes, self.clock())
         self.store.set_target(target)
         self.targets_changed(fleet, device)
         return target_info(target)
 
-    def _newest(self, fleet: str) -> dict[str, Target]:
+    def _newest(self, fleet: str) -> dict[str, FleetTarget]:
         """Per app: the fleet's newest release, as the target of devices nobody pinned."""
-        newest: dict[str, Target] = {}
+        newest: dict[str, FleetTarget] = {}
         for r in self.store.list_releases(fleet):
             if r.app not in newest or r.version > newest[r.app].version:
-                newest[r.app] = Target(fleet, r.app, r.version, None, None, r.published_at)
+                newest[r.app] = FleetTarget(fleet, r.app, r.version, None, None, r.published_at)
         return newest
 
-    def _targets_of(self, device: Device) -> dict[str, Target]:
+    def _targets_of(self, device: Device) -> dict[str, FleetTarget]:
         """Per app: the device's own target over the fleet's over the newest release."""
         return chosen_targets(self.store.targets(device.fleet), device.name,
                               self._newest(device.fleet))
@@ -389,11 +389,11 @@ SUMMARY_STATES: Final = {
     "waiting": ("waiting-lock",), "pending": (PENDING,), "superseded": (SUPERSEDED,)}
 
 
-def chosen_targets(targets: list[Target], device: str,
-                   newest: dict[str, Target] | None = None) -> dict[str, Target]:
+def chosen_targets(targets: list[FleetTarget], device: str,
+                   newest: dict[str, FleetTarget] | None = None) -> dict[str, FleetTarget]:
     """Per app: the device's own target (a pin) over the fleet's (the operator holds the
     fleet on a release) over the fleet's newest release."""
-    chosen: dict[str, Target] = dict(newest or {})
+    chosen: dict[str, FleetTarget] = dict(newest or {})
     fleet_set: set[str] = set()
     for t in targets:
         if t.device is None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from coordinator._dashboard import (
+from coordinator._sessions import (
     MAX_SESSIONS,
     SESSION_COOKIE,
     SESSION_IDLE,
