@@ -18,7 +18,11 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Final, NoReturn
+from typing import Any, Final, NoReturn
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 from mesh.clikit import (
     EXIT_REFUSED,
@@ -37,9 +41,6 @@ from ops.client import (
     ProtocolError,
     load_operator_config,
 )
-
-if TYPE_CHECKING:  # annotations only: rich loads when output is drawn (see console())
-    from rich.console import Console
 
 REQUEST_TIMEOUT: Final = 10.0  # s per request: a coordinator slower than that is unusable
 MAX_EXPIRY: Final = 365 * 86400
@@ -141,16 +142,11 @@ def print_json(obj: Any) -> None:
 
 
 def console() -> Console:
-    # rich is imported here, not at the top: commands that print no table (--json, token
-    # create, keygen) start faster without it (start-up time).
-    from rich.console import Console
     width = None if sys.stdout.isatty() else max(160, shutil.get_terminal_size().columns)
     return Console(width=width, highlight=False, soft_wrap=False)
 
 
 def table(columns: list[str], rows: list[list[str]], header: bool = True) -> None:
-    # start-up time: rich loads only when a table is drawn (see console())
-    from rich.table import Table
     drawn = Table(box=None, header_style="bold", pad_edge=False, show_header=header)
     for c in columns:
         drawn.add_column(c, overflow="fold")
@@ -161,8 +157,6 @@ def table(columns: list[str], rows: list[list[str]], header: bool = True) -> Non
 
 def text(value: Any) -> str:
     """A JSON value as table text, escaped for rich markup; empty → `-`."""
-    # start-up time: rich loads only when output is drawn (see console())
-    from rich.markup import escape
     if value is None or value == "":
         return "-"
     if isinstance(value, bool):

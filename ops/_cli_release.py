@@ -17,6 +17,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TransferSpeedColumn,
+)
+
 from mesh.clikit import EXIT_REFUSED, EXIT_TIMEOUT, CliError
 from mesh.delta import DeltaError, apply_delta, create_delta, read_header
 from mesh.release import (
@@ -275,15 +285,6 @@ class _RichProgress:
     def start(self, total_bytes: int, blobs: int) -> None:
         if not self._enabled or blobs == 0:
             return
-        # start-up time: rich loads only when a bar is drawn (ops._cli_common.console)
-        from rich.console import Console
-        from rich.progress import (  # start-up time, as above
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TransferSpeedColumn,
-        )
         self.stop()
         self._progress = Progress(TextColumn("uploading {task.fields[blobs]} blobs"),
                                   BarColumn(), DownloadColumn(), TransferSpeedColumn(),
@@ -594,8 +595,6 @@ class RichWatch:
     """`release watch` on a terminal: a progress bar per device and a total."""
 
     def __init__(self, console: Any) -> None:
-        # start-up time: rich loads only when a bar is drawn (ops._cli_common.console)
-        from rich.progress import BarColumn, Progress, TextColumn
         # refreshed twice a second: the bars never lag the polls by more than 1 s
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                   TextColumn("{task.fields[bytes]}"),
@@ -606,8 +605,6 @@ class RichWatch:
         self._progress.start()
 
     def update(self, status: dict[str, Any]) -> None:
-        # start-up time: rich loads only when a bar is drawn (ops._cli_common.console)
-        from rich.markup import escape
         done_all = total_all = bytes_done = bytes_total = 0
         for d in status.get("devices") or []:
             name = str(d.get("device"))
