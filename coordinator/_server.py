@@ -38,8 +38,8 @@ from ._service import (
     BATCH_WINDOW,
     LOCK_STALE_AFTER,
     ONLINE_WINDOW,
+    CoordinatorIdentity,
     FleetService,
-    Identity,
     ServiceSettings,
 )
 from ._store import Store
@@ -232,8 +232,9 @@ class Coordinator:
                        else self.public_url)
             hub_info = HubInfo(public_key_from_private(self._hub_private), hub_endpoint,
                                self.hub_v4, self.hub_v6, api_url)
-            identity = Identity(self.fingerprint, self._operator_hash, self.public_url,
-                                hub_info, self.prefix_v4, self.prefix_v6)
+            identity = CoordinatorIdentity(self.fingerprint, self._operator_hash,
+                                           self.public_url, hub_info, self.prefix_v4,
+                                           self.prefix_v6)
             settings = ServiceSettings(relay_hub=cfg.hub, batch_window=cfg.batch_window,
                                        online_window=cfg.online_window,
                                        lock_stale_after=cfg.lock_stale_after, clock=cfg.clock)

@@ -136,7 +136,7 @@ class ServiceSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class Identity:
+class CoordinatorIdentity:
     """What the process decided before the service starts: who it is and where it answers."""
 
     fingerprint: str  # SHA-256 of the TLS certificate, which every token carries
@@ -148,7 +148,10 @@ class Identity:
 
 
 class FleetService:
-    def __init__(self, settings: ServiceSettings, identity: Identity, store: Store,
+    """The fleet as the API sees it. Built once the process knows its identity; `batcher` runs
+    in the process's nursery; the hub (if any) reports through `observe` and asks `hub_peers`."""
+
+    def __init__(self, settings: ServiceSettings, identity: CoordinatorIdentity, store: Store,
                  blobs: BlobStore, sync_hub: Callable[[], Awaitable[None]] | None = None
                  ) -> None:
         self.settings = settings
