@@ -213,14 +213,68 @@ class FleetTarget:
     set_at: float
 
 
-def release_info(r: Release) -> dict[str, Any]:
+class ReleaseInfo(TypedDict):
     """`ReleaseInfo` (docs/api.md)."""
+
+    fleet: str
+    app: str
+    version: int
+    created_at: int
+    key_id: str
+    layers: int
+    size: int
+    stored_size: int
+    delta_size: int
+    published_at: float
+
+
+class DeltaInfo(TypedDict):
+    source_diff_id: str
+    size: int
+    method: str
+
+
+class LayerInfo(TypedDict):
+    diff_id: str
+    size: int
+    chunks: int
+    stored_size: int
+    deltas: list[DeltaInfo]
+
+
+class ReleaseDetail(TypedDict):
+    """GET /releases/{fleet}/{app}/{version}: ReleaseInfo with its layers listed."""
+
+    fleet: str
+    app: str
+    version: int
+    created_at: int
+    key_id: str
+    layers: list[LayerInfo]
+    size: int
+    stored_size: int
+    delta_size: int
+    published_at: float
+
+
+class TargetInfo(TypedDict):
+    """`Target` (docs/api.md): PUT /fleets/{fleet}/target's answer."""
+
+    fleet: str
+    app: str
+    version: int
+    device: str | None
+    pin: str | None  # hex
+    set_at: float
+
+
+def release_info(r: Release) -> ReleaseInfo:
     return {"fleet": r.fleet, "app": r.app, "version": r.version, "created_at": r.created_at,
             "key_id": r.key_id, "layers": r.layers, "size": r.size,
             "stored_size": r.stored_size, "delta_size": r.delta_size,
             "published_at": r.published_at}
 
 
-def target_info(t: FleetTarget) -> dict[str, Any]:
+def target_info(t: FleetTarget) -> TargetInfo:
     return {"fleet": t.fleet, "app": t.app, "version": t.version, "device": t.device,
             "pin": None if t.pin is None else t.pin.hex(), "set_at": t.set_at}
