@@ -27,7 +27,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from mesh.clikit import EXIT_REFUSED, EXIT_TIMEOUT, CliError
+from mesh.clikit import EXIT_OK, EXIT_REFUSED, EXIT_TIMEOUT, CliError
 from mesh.delta import DeltaError, apply_delta, create_delta, read_header
 from mesh.release import (
     ContainerSettings,
@@ -562,7 +562,7 @@ def watch_outcome(status: dict[str, Any]) -> int | None:
     states = [d.get("state") for d in status.get("devices") or []]
     if not states or any(s not in WATCH_TERMINAL for s in states):
         return None
-    return 1 if "failed" in states else 0
+    return EXIT_REFUSED if "failed" in states else EXIT_OK
 
 
 class PlainWatch:

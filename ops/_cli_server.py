@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from mesh.clikit import CliError
+from mesh.clikit import EXIT_REFUSED, CliError
 from ops._cli_common import parse_duration
 
 if TYPE_CHECKING:  # annotations only: the server itself is loaded by _run
@@ -64,7 +64,7 @@ def _run(args: argparse.Namespace) -> int:
     except CoordinatorConfigError as exc:
         raise CliError(str(exc)) from None
     except OSError as exc:
-        raise CliError(f"coordinator: {exc}", code=1) from None
+        raise CliError(f"coordinator: {exc}", code=EXIT_REFUSED) from None
     except ExceptionGroup as group:  # nursery-wrapped startup failures
         first = group.exceptions[0]
         while isinstance(first, ExceptionGroup):
@@ -72,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
         if isinstance(first, CoordinatorConfigError):
             raise CliError(str(first)) from None
         if isinstance(first, OSError):
-            raise CliError(f"coordinator: {first}", code=1) from None
+            raise CliError(f"coordinator: {first}", code=EXIT_REFUSED) from None
         raise
     return 0
 
