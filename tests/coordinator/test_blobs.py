@@ -10,8 +10,8 @@ import blake3
 import pytest
 from backports import zstd
 
-from coordinator._http import RangeNotSatisfiable, parse_range
 from coordinator._blobs import BadBlob, BlobKind, BlobStore, verify
+from coordinator._http import RangeNotSatisfiable, parse_range
 from mesh.release import CHUNK_SIZE, chunk_layer
 
 from .conftest import Harness

@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from coordinator._server import Coordinator, CoordinatorConfig
 from coordinator._sessions import (
     MAX_SESSIONS,
     SESSION_COOKIE,
@@ -16,7 +17,6 @@ from coordinator._sessions import (
     SESSION_LIFETIME,
     SessionTable,
 )
-from coordinator._server import Coordinator, CoordinatorConfig
 from tests.coordinator.conftest import client_for
 
 
