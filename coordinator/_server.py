@@ -136,6 +136,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 class Coordinator:
+    """The process around a FleetService: what is on disk, what listens, what runs."""
+
     def __init__(self, config: CoordinatorConfig) -> None:
         config.check()
         self.config = config
