@@ -4,7 +4,7 @@ mesh node (gossip, manifests, blob exchange: agent/_gossip.py, docs/gossip.md).
 Entry points for the lab and for tests:
 
     from agent import Agent, WireGuardGoDevice
-    from coordinator.client import DeviceClient
+    from ops.client import DeviceClient
     agent = Agent("/var/lib/fleetmesh", WireGuardGoDevice("fm0"), DeviceClient)
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.run)     # after the first reconcile

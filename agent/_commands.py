@@ -1,8 +1,9 @@
 """`fleetmesh-agent join` and `fleetmesh-agent run`.
 
-Exit codes: 0 done, 2 bad arguments or data directory (not enrolled, already enrolled, corrupt
-file), 3 coordinator unreachable, 4 coordinator refused (bad token, name taken, certificate not
-the one the token names, malformed answer), 5 WireGuard could not be started.
+Exit codes (mesh.clikit's table): 0 done, 1 coordinator refused (bad token, name taken, malformed
+answer), 2 bad arguments or data directory (not enrolled, already enrolled, corrupt file),
+3 coordinator unreachable, 4 certificate not the one the token names, 6 WireGuard could not be
+started.
 """
 
 from __future__ import annotations
@@ -15,8 +16,17 @@ from typing import Any, Final
 
 import trio
 
-from mesh.clikit import CliError, package_version
+from mesh.clikit import (
+    EXIT_REFUSED,
+    EXIT_UNREACHABLE,
+    EXIT_UNTRUSTED,
+    EXIT_USAGE,
+    EXIT_WIREGUARD,
+    CliError,
+    package_version,
+)
 from mesh.control import ControlError, Enrollment, TokenParts, check_endpoint, check_name
+from mesh.tlspin import PinError
 from vpn import WireGuardGoError, generate_keypair, public_key_from_private
 
 from ._agent import (
@@ -31,10 +41,6 @@ from ._datadir import DataDir, DataDirError, Identity
 from ._device import DEFAULT_IFNAME, DEFAULT_WG_PORT, WireGuardGoDevice, lan_endpoints
 from ._gossip import GOSSIP_PORT
 
-EXIT_USAGE: Final = 2
-EXIT_UNREACHABLE: Final = 3
-EXIT_REFUSED: Final = 4
-EXIT_WIREGUARD: Final = 5
 MAX_CONFIG_BYTES: Final = 64 * 1024
 
 EnrollFn = Callable[..., Awaitable[tuple[Enrollment, bytes]]]
@@ -47,7 +53,7 @@ EnrollFn = Callable[..., Awaitable[tuple[Enrollment, bytes]]]
 
 def sdk_enroll() -> EnrollFn:
     try:
-        from coordinator.client import enroll
+        from ops.client import enroll
     except ImportError as exc:  # pragma: no cover - the SDK ships with fleetmesh
         raise CliError(f"the coordinator SDK is not available: {exc}") from exc
     return enroll
@@ -55,7 +61,7 @@ def sdk_enroll() -> EnrollFn:
 
 def sdk_client_factory() -> ClientFactory:
     try:
-        from coordinator.client import DeviceClient
+        from ops.client import DeviceClient
     except ImportError as exc:  # pragma: no cover
         raise CliError(f"the coordinator SDK is not available: {exc}") from exc
     return DeviceClient
@@ -126,7 +132,9 @@ def _classify(exc: BaseException) -> CliError:
         return CliError(text, EXIT_UNREACHABLE)
     if isinstance(exc, ControlError):
         return CliError(text, EXIT_USAGE)
-    return CliError(text, EXIT_REFUSED)  # PinError, ProtocolError
+    if isinstance(exc, PinError):
+        return CliError(text, EXIT_UNTRUSTED)
+    return CliError(text, EXIT_REFUSED)  # ProtocolError
 
 
 def _data_error(exc: DataDirError, data: DataDir) -> CliError:

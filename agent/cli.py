@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from mesh.clikit import CliError, package_version, run
+from mesh.clikit import EXIT_UNREACHABLE, CliError, package_version, run
 from vpn import DeviceStatus, UapiBackend, UapiError, UapiProtocolError
 
 from ._commands import add_join_parser, add_run_parser
@@ -44,9 +44,10 @@ def _wg_status(args: argparse.Namespace) -> int:
     try:
         status = UapiBackend(args.socket, timeout=args.timeout).get()
     except (OSError, TimeoutError) as exc:
-        raise CliError(f"cannot reach WireGuard at {args.socket}: {exc}", code=3) from exc
+        raise CliError(f"cannot reach WireGuard at {args.socket}: {exc}",
+                       code=EXIT_UNREACHABLE) from exc
     except (UapiError, UapiProtocolError) as exc:
-        raise CliError(f"WireGuard at {args.socket}: {exc}", code=3) from exc
+        raise CliError(f"WireGuard at {args.socket}: {exc}", code=EXIT_UNREACHABLE) from exc
     if args.json:
         print(json.dumps(status_json(status), indent=2))
         return 0

@@ -24,7 +24,7 @@ from mesh.delta import apply_delta
 def main(argv: list[str]) -> int:
     if argv[0] == "create":
         # Not at the top: `apply` and `idle` must import exactly what an agent applying a patch
-        # imports (the module docstring); json and the planner (mesh.delta._plan) are the
+        # imports (the module docstring); json and the planner (mesh.image.plan_layer) are the
         # encoder's alone. (hashlib is at the top: the decoders import it anyway.)
         import json  # the encoder's, as above
 

@@ -97,7 +97,7 @@ async def run_size(n: int, pollers: int) -> dict[str, float]:
 
                 changer = n - 1
                 woke_at: list[float] = []
-                core = coord.core
+                core = coord.service.core
                 assert core is not None
                 publish = core.publish
 
@@ -113,7 +113,7 @@ async def run_size(n: int, pollers: int) -> dict[str, float]:
                         await nursery.start(poll, i)
                     # every poll is parked on the server once its waiter event exists
                     with trio.fail_after(60):
-                        while len(coord._waiters) < pollers:  # noqa: SLF001 (bench probe)
+                        while len(coord.service._waiters) < pollers:  # noqa: SLF001 (bench probe)
                             await trio.sleep(0.01)
                     parked.set()
                     t0 = time.perf_counter()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from mesh.control import LogLine
 
@@ -137,14 +137,35 @@ class AddressSpaceExhausted(Conflict):
     pass
 
 
+class DeviceInfo(TypedDict):
+    """`DeviceInfo` (docs/api.md)."""
+
+    name: str
+    fleet: str
+    state: str
+    online: bool
+    public_key: str | None
+    mesh_ipv4: str | None
+    mesh_ipv6: str | None
+    agent_version: str
+    endpoint: str | None
+    lan_endpoints: list[str]
+    last_seen: float | None
+    enrolled_at: float | None
+    release: int | None  # the running version of its app (the first by name if several)
+    apps: list[dict[str, Any]]  # AppStatus JSON plus lock_stale
+
+
 def device_info(device: Device, *, online: bool, endpoint: str | None,
-                last_seen: float | None) -> dict[str, Any]:
-    """`DeviceInfo` (docs/api.md): the stored device plus what only the running server knows."""
+                last_seen: float | None, release: int | None,
+                apps: list[dict[str, Any]]) -> DeviceInfo:
+    """`DeviceInfo`: the stored device plus what only the running server knows."""
     return {"name": device.name, "fleet": device.fleet, "state": str(device.state),
             "online": online, "public_key": device.public_key, "mesh_ipv4": device.mesh_ipv4,
             "mesh_ipv6": device.mesh_ipv6, "agent_version": device.agent_version,
             "endpoint": endpoint, "lan_endpoints": list(device.lan_endpoints),
-            "last_seen": last_seen, "enrolled_at": device.enrolled_at}
+            "last_seen": last_seen, "enrolled_at": device.enrolled_at, "release": release,
+            "apps": apps}
 
 
 # --------------------------------------------------------------------------- releases
@@ -171,7 +192,9 @@ class Release:
 
 
 @dataclass(frozen=True, slots=True)
-class ReleaseKey:
+class FleetReleaseKey:
+    """The public half of the key that signs `fleet`'s releases, as the operator registered it."""
+
     fleet: str
     public_key: str  # Ed25519, hex
     key_id: str
@@ -179,7 +202,7 @@ class ReleaseKey:
 
 
 @dataclass(frozen=True, slots=True)
-class Target:
+class FleetTarget:
     """The release devices of `fleet` should run; `device` None means every device."""
 
     fleet: str
@@ -190,14 +213,68 @@ class Target:
     set_at: float
 
 
-def release_info(r: Release) -> dict[str, Any]:
+class ReleaseInfo(TypedDict):
     """`ReleaseInfo` (docs/api.md)."""
+
+    fleet: str
+    app: str
+    version: int
+    created_at: int
+    key_id: str
+    layers: int
+    size: int
+    stored_size: int
+    delta_size: int
+    published_at: float
+
+
+class DeltaInfo(TypedDict):
+    source_diff_id: str
+    size: int
+    method: str
+
+
+class LayerInfo(TypedDict):
+    diff_id: str
+    size: int
+    chunks: int
+    stored_size: int
+    deltas: list[DeltaInfo]
+
+
+class ReleaseDetail(TypedDict):
+    """GET /releases/{fleet}/{app}/{version}: ReleaseInfo with its layers listed."""
+
+    fleet: str
+    app: str
+    version: int
+    created_at: int
+    key_id: str
+    layers: list[LayerInfo]
+    size: int
+    stored_size: int
+    delta_size: int
+    published_at: float
+
+
+class TargetInfo(TypedDict):
+    """`Target` (docs/api.md): PUT /fleets/{fleet}/target's answer."""
+
+    fleet: str
+    app: str
+    version: int
+    device: str | None
+    pin: str | None  # hex
+    set_at: float
+
+
+def release_info(r: Release) -> ReleaseInfo:
     return {"fleet": r.fleet, "app": r.app, "version": r.version, "created_at": r.created_at,
             "key_id": r.key_id, "layers": r.layers, "size": r.size,
             "stored_size": r.stored_size, "delta_size": r.delta_size,
             "published_at": r.published_at}
 
 
-def target_info(t: Target) -> dict[str, Any]:
+def target_info(t: FleetTarget) -> TargetInfo:
     return {"fleet": t.fleet, "app": t.app, "version": t.version, "device": t.device,
             "pin": None if t.pin is None else t.pin.hex(), "set_at": t.set_at}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Final
+from typing import Any, Final, TypedDict
 
 import trio
 from nacl.signing import VerifyKey
@@ -36,11 +36,15 @@ from ._model import (
     Conflict,
     Device,
     DeviceState,
+    FleetReleaseKey,
+    FleetTarget,
     Forbidden,
+    LayerInfo,
     NotFound,
     Release,
-    ReleaseKey,
-    Target,
+    ReleaseDetail,
+    ReleaseInfo,
+    TargetInfo,
     TooLarge,
     release_info,
     target_info,
@@ -48,6 +52,55 @@ from ._model import (
 from ._store import Store
 
 MAX_MISSING_QUERY: Final = 10_000  # IDs per POST /blobs/missing (docs/api.md)
+
+
+class ReleaseKeyInfo(TypedDict):
+    """PUT /fleets/{fleet}/release-key's answer."""
+
+    fleet: str
+    public_key: str  # Ed25519, hex
+    key_id: str
+
+
+class DeviceTargetInfo(TypedDict):
+    """One entry of GET /device/target: the target plus the operator's force and retry."""
+
+    app: str
+    version: int
+    pin: str | None  # hex
+    force: bool
+    retry: int
+
+
+class ForceAnswer(TypedDict):
+    """POST /devices/{name}/update."""
+
+    device: str
+    app: str
+    version: int
+    force: bool
+
+
+class DeviceRetryAnswer(TypedDict):
+    """POST /devices/{name}/retry."""
+
+    device: str
+    app: str
+    retry: int
+
+
+class RetriedDevice(TypedDict):
+    device: str
+    retry: int
+
+
+class ReleaseRetryAnswer(TypedDict):
+    """POST /releases/{fleet}/{app}/{version}/retry."""
+
+    fleet: str
+    app: str
+    version: int
+    devices: list[RetriedDevice]
 
 
 class MissingBlobs(Conflict):
@@ -133,7 +186,7 @@ class ReleaseRegistry:
 
     # -- releases ----------------------------------------------------------------------------
 
-    async def publish(self, data: bytes) -> tuple[dict[str, Any], bool]:
+    async def publish(self, data: bytes) -> tuple[ReleaseInfo, bool]:
         signed, m = _decode(data)
         check_name(m.fleet, "release fleet")
         existing = self.store.get_release(m.fleet, m.app, m.version)
@@ -183,20 +236,19 @@ class ReleaseRegistry:
             raise NotFound(f"no release {app} version {version} in fleet {fleet}")
         return release
 
-    def list_releases(self, fleet: str, app: str | None) -> list[dict[str, Any]]:
+    def list_releases(self, fleet: str, app: str | None) -> list[ReleaseInfo]:
         return [release_info(r) for r in self.store.list_releases(fleet, app)]
 
-    def release_detail(self, fleet: str, app: str, version: int) -> dict[str, Any]:
+    def release_detail(self, fleet: str, app: str, version: int) -> ReleaseDetail:
         release = self._release(fleet, app, version)
         _, m = _decode(release.signed)
-        out = release_info(release)
-        out["layers"] = [
+        layers: list[LayerInfo] = [
             {"diff_id": layer.diff_id, "size": layer.size, "chunks": len(layer.chunks),
              "stored_size": sum(c.stored_size for c in layer.chunks),
              "deltas": [{"source_diff_id": d.source_diff_id, "size": d.size,
                          "method": d.method} for d in layer.deltas]}
             for layer in m.layers]
-        return out
+        return {**release_info(release), "layers": layers}
 
     def manifest(self, fleet: str, app: str, version: int, device: Device | None) -> bytes:
         if device is not None and device.fleet != fleet:
@@ -212,7 +264,7 @@ class ReleaseRegistry:
 
     # -- keys and targets --------------------------------------------------------------------
 
-    def set_release_key(self, fleet: str, public_key_hex: str) -> dict[str, Any]:
+    def set_release_key(self, fleet: str, public_key_hex: str) -> ReleaseKeyInfo:
         try:
             raw = bytes.fromhex(public_key_hex)
             if len(raw) != 32:
@@ -221,7 +273,7 @@ class ReleaseRegistry:
         except (ValueError, TypeError):
             raise ControlError("public_key: must be an Ed25519 public key in hex "
                                "(64 digits)") from None
-        key = ReleaseKey(fleet, raw.hex(), key_id(raw), self.clock())
+        key = FleetReleaseKey(fleet, raw.hex(), key_id(raw), self.clock())
         self.store.set_release_key(key)
         return {"fleet": fleet, "public_key": key.public_key, "key_id": key.key_id}
 
@@ -230,7 +282,7 @@ class ReleaseRegistry:
         return None if key is None else key.public_key
 
     def set_target(self, fleet: str, app: str, version: int, device: str | None,
-                   pin_hex: str | None) -> dict[str, Any]:
+                   pin_hex: str | None) -> TargetInfo:
         self._release(fleet, app, version)
         if device is not None:
             dev = self.store.device_by_name(device)
@@ -271,28 +323,28 @@ class ReleaseRegistry:
                     f"pin names {pin.app} version {pin.version} in fleet {pin.fleet}"
                     f"{'' if pin.device is None else ' for device ' + pin.device}, not "
                     f"{app} version {version}{'' if device is None else ' for ' + device}")
-        target = Target(fleet, app, version, device, pin_bytes, self.clock())
+        target = FleetTarget(fleet, app, version, device, pin_bytes, self.clock())
         self.store.set_target(target)
         self.targets_changed(fleet, device)
         return target_info(target)
 
-    def _newest(self, fleet: str) -> dict[str, Target]:
+    def _newest(self, fleet: str) -> dict[str, FleetTarget]:
         """Per app: the fleet's newest release, as the target of devices nobody pinned."""
-        newest: dict[str, Target] = {}
+        newest: dict[str, FleetTarget] = {}
         for r in self.store.list_releases(fleet):
             if r.app not in newest or r.version > newest[r.app].version:
-                newest[r.app] = Target(fleet, r.app, r.version, None, None, r.published_at)
+                newest[r.app] = FleetTarget(fleet, r.app, r.version, None, None, r.published_at)
         return newest
 
-    def _targets_of(self, device: Device) -> dict[str, Target]:
+    def _targets_of(self, device: Device) -> dict[str, FleetTarget]:
         """Per app: the device's own target over the fleet's over the newest release."""
         return chosen_targets(self.store.targets(device.fleet), device.name,
                               self._newest(device.fleet))
 
-    def device_targets(self, device: Device) -> list[dict[str, Any]]:
+    def device_targets(self, device: Device) -> list[DeviceTargetInfo]:
         """Per app: the device's target, with the operator's force and retry counter."""
         controls = self.store.app_controls(device.id)
-        out = []
+        out: list[DeviceTargetInfo] = []
         for t in sorted(self._targets_of(device).values(), key=lambda t: t.app):
             control = controls.get(t.app, AppControl())
             out.append({"app": t.app, "version": t.version,
@@ -308,7 +360,7 @@ class ReleaseRegistry:
             raise NotFound(f"no enrolled device {name!r}")
         return device
 
-    def force(self, name: str, app: str, force: bool) -> dict[str, Any]:
+    def force(self, name: str, app: str, force: bool) -> ForceAnswer:
         """Force the device past its update lock for its current target of `app` (or take
         that back); the force goes by itself once the device runs that version or a newer."""
         device = self._live_device(name)
@@ -319,14 +371,14 @@ class ReleaseRegistry:
         self.targets_changed(device.fleet, device.name)
         return {"device": name, "app": app, "version": target.version, "force": force}
 
-    def retry_device(self, name: str, app: str) -> dict[str, Any]:
+    def retry_device(self, name: str, app: str) -> DeviceRetryAnswer:
         """Let the device try again the version of `app` it marked failed."""
         device = self._live_device(name)
         retry = self.store.add_retry([device.id], app)[device.id]
         self.targets_changed(device.fleet, device.name)
         return {"device": name, "app": app, "retry": retry}
 
-    def retry_release(self, fleet: str, app: str, version: int) -> dict[str, Any]:
+    def retry_release(self, fleet: str, app: str, version: int) -> ReleaseRetryAnswer:
         """A retry for every device of the fleet that failed this release."""
         self._release(fleet, app, version)
         statuses = self.store.app_statuses(fleet)
@@ -389,11 +441,11 @@ SUMMARY_STATES: Final = {
     "waiting": ("waiting-lock",), "pending": (PENDING,), "superseded": (SUPERSEDED,)}
 
 
-def chosen_targets(targets: list[Target], device: str,
-                   newest: dict[str, Target] | None = None) -> dict[str, Target]:
+def chosen_targets(targets: list[FleetTarget], device: str,
+                   newest: dict[str, FleetTarget] | None = None) -> dict[str, FleetTarget]:
     """Per app: the device's own target (a pin) over the fleet's (the operator holds the
     fleet on a release) over the fleet's newest release."""
-    chosen: dict[str, Target] = dict(newest or {})
+    chosen: dict[str, FleetTarget] = dict(newest or {})
     fleet_set: set[str] = set()
     for t in targets:
         if t.device is None:

@@ -16,6 +16,12 @@ import secrets
 from pathlib import Path
 from typing import Final
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 from vpn import write_private_file
 
 DEVICE_PREFIX: Final = "fmd_"
@@ -54,9 +60,6 @@ def write_secret_file(path: Path, text: str) -> None:
 
 def cert_fingerprint(cert_pem: bytes) -> str:
     """SHA-256 (hex) of the certificate's DER bytes: what tokens carry (mesh/tlspin.py)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
-
     cert = x509.load_pem_x509_certificate(cert_pem)
     return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
 
@@ -64,11 +67,6 @@ def cert_fingerprint(cert_pem: bytes) -> str:
 def make_self_signed(cert_path: Path, key_path: Path, ips: list[str], now: dt.datetime
                      ) -> None:
     """ECDSA P-256, SAN = the given IPs (plus loopback and `localhost`)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fleetmesh coordinator")])
     seen: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []

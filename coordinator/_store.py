@@ -18,11 +18,11 @@ from ._model import (
     Device,
     EnrollmentToken,
     EnrollParams,
+    FleetReleaseKey,
+    FleetTarget,
     LogPage,
     Operator,
     Release,
-    ReleaseKey,
-    Target,
 )
 
 
@@ -126,12 +126,12 @@ class Store(Protocol):
         """Whether any release (of `fleet`, if given) names the blob."""
 
     # -- release keys and targets ----------------------------------------------------------
-    def set_release_key(self, key: ReleaseKey) -> None: ...
+    def set_release_key(self, key: FleetReleaseKey) -> None: ...
 
-    def release_key(self, fleet: str) -> ReleaseKey | None: ...
+    def release_key(self, fleet: str) -> FleetReleaseKey | None: ...
 
-    def set_target(self, target: Target) -> None:
+    def set_target(self, target: FleetTarget) -> None:
         """Replace the fleet's (or the device's) target for the app."""
 
-    def targets(self, fleet: str) -> list[Target]:
+    def targets(self, fleet: str) -> list[FleetTarget]:
         """Every target of the fleet, fleet-wide and per device."""

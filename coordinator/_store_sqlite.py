@@ -27,12 +27,12 @@ from ._model import (
     DeviceState,
     EnrollmentToken,
     EnrollParams,
+    FleetReleaseKey,
+    FleetTarget,
     LogPage,
     NotFound,
     Operator,
     Release,
-    ReleaseKey,
-    Target,
     TokenExpired,
     TokenUnknown,
     TokenUsedUp,
@@ -175,8 +175,8 @@ def _release(row: Sequence[Any]) -> Release:
                    size=row[8], stored_size=row[9], delta_size=row[10])
 
 
-def _target(row: Sequence[Any]) -> Target:
-    return Target(fleet=row[0], app=row[1], version=row[2], device=row[3] or None,
+def _target(row: Sequence[Any]) -> FleetTarget:
+    return FleetTarget(fleet=row[0], app=row[1], version=row[2], device=row[3] or None,
                   pin=None if row[4] is None else bytes(row[4]), set_at=row[5])
 
 
@@ -623,7 +623,7 @@ class SqliteStore:
 
     # -- release keys and targets ----------------------------------------------------------
 
-    def set_release_key(self, key: ReleaseKey) -> None:
+    def set_release_key(self, key: FleetReleaseKey) -> None:
         with self._tx() as c:
             self._ensure_fleet(c, key.fleet, key.set_at)
             c.execute("INSERT INTO release_keys VALUES (?, ?, ?, ?) ON CONFLICT(fleet) DO "
@@ -631,12 +631,12 @@ class SqliteStore:
                       "set_at = excluded.set_at",
                       (key.fleet, key.public_key, key.key_id, key.set_at))
 
-    def release_key(self, fleet: str) -> ReleaseKey | None:
+    def release_key(self, fleet: str) -> FleetReleaseKey | None:
         rows = self._query("SELECT fleet, public_key, key_id, set_at FROM release_keys WHERE "
                            "fleet = ?", (fleet,))
-        return ReleaseKey(*rows[0]) if rows else None
+        return FleetReleaseKey(*rows[0]) if rows else None
 
-    def set_target(self, target: Target) -> None:
+    def set_target(self, target: FleetTarget) -> None:
         t = target
         with self._tx() as c:
             if c.execute("SELECT 1 FROM releases WHERE fleet = ? AND app = ? AND version = ?",
@@ -647,7 +647,7 @@ class SqliteStore:
                       "set_at = excluded.set_at",
                       (t.fleet, t.app, t.device or "", t.version, t.pin, t.set_at))
 
-    def targets(self, fleet: str) -> list[Target]:
+    def targets(self, fleet: str) -> list[FleetTarget]:
         rows = self._query("SELECT fleet, app, version, device, pin, set_at FROM targets "
                            "WHERE fleet = ? ORDER BY app, device", (fleet,))
         return [_target(r) for r in rows]

@@ -20,7 +20,6 @@ import tarfile
 import time
 from typing import Any
 
-from coordinator.client import ClientError, load_operator_config
 from mesh.release import (
     ContainerSettings,
     Layer,
@@ -31,6 +30,7 @@ from mesh.release import (
     read_signing_key,
     sign_manifest,
 )
+from ops.client import ClientError, load_operator_config
 
 APP = "lab-synthetic"
 

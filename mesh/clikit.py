@@ -2,6 +2,9 @@
 
 A subcommand sets `handler` (parsed namespace -> exit code) on its parser. User errors raise
 `CliError`: one line on stderr, a distinct exit code, never a traceback.
+
+The exit codes below are one table for `fleetmesh` and `fleetmesh-agent` (README.md, "Command
+line"): a script that calls either tool reads a code the same way.
 """
 
 from __future__ import annotations
@@ -12,7 +15,22 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Final
 
-EXIT_USAGE: Final = 2  # argparse's own code for bad arguments; bad input files use it too
+EXIT_OK: Final = 0
+# The coordinator refused (4xx; its error line is the message), failed (5xx) or answered
+# nonsense; also a rollout that settled with a failed device, a Docker or publishing failure.
+EXIT_REFUSED: Final = 1
+# argparse's own code for bad arguments; bad input files and missing configuration use it too.
+EXIT_USAGE: Final = 2
+# Nothing answered: the coordinator (connection, TLS handshake, timeout) or a local daemon's
+# socket (the WireGuard UAPI).
+EXIT_UNREACHABLE: Final = 3
+# The coordinator's certificate is not the pinned one: never retried, it may be an attack.
+EXIT_UNTRUSTED: Final = 4
+# A wait the user bounded ran out (`fleetmesh release watch --timeout`).
+EXIT_TIMEOUT: Final = 5
+# The local WireGuard interface could not be started or configured (`fleetmesh-agent run`).
+EXIT_WIREGUARD: Final = 6
+# Stopped by Ctrl-C (128 + SIGINT, as shells report it).
 EXIT_INTERRUPTED: Final = 130
 
 

@@ -19,8 +19,9 @@ import pytest
 
 from agent import DataDir, _commands
 from agent.cli import main
-from coordinator.client import ApiError, CoordinatorUnreachable
 from mesh.control import Enrollment
+from mesh.tlspin import PinError
+from ops.client import ApiError, CoordinatorUnreachable
 from vpn import WireGuardGoError, public_key_from_private
 
 from .fakes import FakeCoordinator, FakeWireGuard, enrollment, peer, peermap
@@ -118,9 +119,10 @@ def test_join_rejects_a_malformed_device_json(tmp_path: Path, fake_enroll: FakeE
 
 
 @pytest.mark.parametrize("error, code, needle", [
-    (ApiError(401, "token expired"), 4, "coordinator refused the enrollment: token expired"),
-    (ApiError(409, "name taken"), 4, "name taken (HTTP 409)"),
+    (ApiError(401, "token expired"), 1, "coordinator refused the enrollment: token expired"),
+    (ApiError(409, "name taken"), 1, "name taken (HTTP 409)"),
     (CoordinatorUnreachable("cannot reach the coordinator at x"), 3, "cannot reach"),
+    (PinError("certificate sha256 ab is not the pinned cd"), 4, "not the pinned"),
 ])
 def test_join_sdk_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                            capsys: pytest.CaptureFixture[str], error: Exception, code: int,
@@ -158,7 +160,7 @@ def test_run_wireguard_failure_is_one_line(enrolled: DataDir, monkeypatch: pytes
 
     monkeypatch.setattr(_commands, "real_backend_factory", lambda ifname, mountns=None: broken)
     monkeypatch.setattr(_commands, "sdk_client_factory", lambda: FakeCoordinator().factory)
-    assert main(["run", "--data", str(enrolled.path)]) == 5
+    assert main(["run", "--data", str(enrolled.path)]) == 6  # EXIT_WIREGUARD
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == ("fleetmesh-agent: cannot start WireGuard: wireguard-go for fm0 exited "
                        "with status 1: no TUN")

@@ -75,7 +75,7 @@ class Env:
         return f"fleetmesh-{self.app}"
 
     def publish(self, source: int, settings: ContainerSettings) -> tuple[int, bytes]:
-        from coordinator._publish import publish_image
+        from ops._publish import publish_image
 
         result = publish_image(self.registry, fleet=FLEET, app=self.app, signing_key=self.key,
                                image=self.images[source], cache_dir=self.tmp / "cache",

@@ -22,9 +22,9 @@ import trio
 from nacl.signing import SigningKey
 from rich.console import Console
 
-from coordinator._cli_release import PlainWatch, RichWatch, watch_outcome
-from coordinator.client import DeviceClient, OperatorClient, enroll
 from mesh.control import AppStatus, DeviceReport, LogLine
+from ops._cli_release import PlainWatch, RichWatch, watch_outcome
+from ops.client import DeviceClient, OperatorClient, enroll
 from tests.coordinator.releasekit import build
 from tests.coordinator_process import FLEETMESH, RunningCoordinator, running_coordinator
 from vpn import generate_keypair

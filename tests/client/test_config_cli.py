@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator._cli_ops import parse_duration
-from coordinator.client import ConfigError, default_config_path, load_operator_config
 from mesh.clikit import CliError
+from ops._cli_common import parse_duration
+from ops.client import OperatorConfigError, default_config_path, load_operator_config
 
 FP_A = "a" * 64
 FP_B = "b" * 64
@@ -46,21 +46,21 @@ def test_default_path_is_used_when_present_and_optional_when_absent(tmp_path: Pa
 
 
 def test_missing_and_bad_configuration_say_what_to_set(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError) as exc:
+    with pytest.raises(OperatorConfigError) as exc:
         load_operator_config(None, env={"HOME": str(tmp_path), "FLEETMESH_URL": "https://x"})
     msg = str(exc.value)
     assert "FLEETMESH_API_KEY" in msg and "FLEETMESH_FINGERPRINT" in msg
     assert "FLEETMESH_URL" not in msg and "\n" not in msg
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(OperatorConfigError, match="cannot read"):
         load_operator_config(tmp_path / "absent.toml", env={})
     (tmp_path / "bad.toml").write_text("url = [")
-    with pytest.raises(ConfigError, match="not valid TOML"):
+    with pytest.raises(OperatorConfigError, match="not valid TOML"):
         load_operator_config(tmp_path / "bad.toml", env={})
     file = _toml(tmp_path / "op.toml", url="http://plain:1", api_key="k", fingerprint=FP_A)
-    with pytest.raises(ConfigError, match="https"):
+    with pytest.raises(OperatorConfigError, match="https"):
         load_operator_config(file, env={})
     file = _toml(tmp_path / "op.toml", url="https://x:1", api_key="k", fingerprint="abc")
-    with pytest.raises(ConfigError, match="64 hex"):
+    with pytest.raises(OperatorConfigError, match="64 hex"):
         load_operator_config(file, env={})
 
 
@@ -114,7 +114,7 @@ def test_argument_errors_are_one_line_exit_2(tmp_path: Path, argv: list[str], ex
 
 
 def test_unrecognized_options_exit_2_without_traceback(tmp_path: Path) -> None:
-    # Reported by the top-level parser (mesh.clikit/coordinator.cli), which prints usage too.
+    # Reported by the top-level parser (mesh.clikit/ops.cli), which prints usage too.
     result = _cli("devices", "list", "--bogus", home=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "unrecognized arguments: --bogus" in result.stderr.strip().splitlines()[-1]

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import trio
 
-from coordinator.client import ApiError, DeviceClient, OperatorClient, enroll
 from mesh.control import DeviceReport, PeerMap, PeerPath, TokenParts
 from mesh.tlspin import PinError, fingerprint
+from ops.client import ApiError, DeviceClient, OperatorClient, enroll
 from tests.coordinator_process import running_coordinator
 from vpn import generate_keypair
 

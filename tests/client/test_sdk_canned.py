@@ -12,14 +12,14 @@ from typing import Any
 import pytest
 import trio
 
-from coordinator.client import (
+from mesh.tlspin import PinError, fingerprint
+from ops.client import (
     ApiError,
     CoordinatorUnreachable,
     DeviceClient,
     OperatorClient,
     ProtocolError,
 )
-from mesh.tlspin import PinError, fingerprint
 
 from ._tls import make_cert, tls_server
 
@@ -121,8 +121,8 @@ def test_cli_renders_tables_and_json(tmp_path: Path) -> None:
 
 
 def test_operator_wg_quick_config() -> None:
-    from coordinator._cli_ops import operator_wg_quick
     from mesh.control import HubInfo
+    from ops._cli_ops import operator_wg_quick
     from vpn import generate_keypair
     me, hub = generate_keypair(), generate_keypair()
     text = operator_wg_quick(me.private, {

@@ -30,10 +30,10 @@ async def test_first_start_writes_key_0600_and_cert_fingerprint_in_tokens(h: Har
 
 
 async def test_openapi_lists_every_route(coord: Coordinator) -> None:
-    from coordinator._api import build_app
+    from coordinator._app import build_app
     from coordinator._openapi import openapi_document
     doc = openapi_document()["paths"]
-    for route in build_app(coord).routes:
+    for route in build_app(coord.service).routes:
         assert route.path in doc  # type: ignore[attr-defined]
         for method in route.methods - {"HEAD"}:  # type: ignore[attr-defined]
             assert method.lower() in doc[route.path], (route.path, method)  # type: ignore
@@ -185,12 +185,13 @@ async def test_token_refusals_are_distinct(h: Harness) -> None:
     key = generate_keypair().public
     short = await h.token(expires_in=60)
     # expire it: move the coordinator's clock forward for the check
-    real = h.coord.config.clock
-    object.__setattr__(h.coord.config, "clock", lambda: real() + 120)
+    settings = h.coord.service.settings
+    real = settings.clock
+    object.__setattr__(settings, "clock", lambda: real() + 120)
     try:
         expired = await enroll_with(short)
     finally:
-        object.__setattr__(h.coord.config, "clock", real)
+        object.__setattr__(settings, "clock", real)
     results = {"forged": await enroll_with(forged), "used": await enroll_with(used),
                "expired": expired, "other": await enroll_with(other_coord),
                "garbage": await enroll_with("hello")}
@@ -297,7 +298,7 @@ async def test_hub_observations_feed_maps_and_online_state(h: Harness) -> None:
     await trio.sleep(0.2)
     v = (await a.client.get("/api/v1/device/peermap", params={"wait": 0})).json()["version"]
     assert (await h.op.get("/api/v1/devices/b")).json()["online"] is False
-    h.coord._observe([Observation(b.public_key, "203.0.113.9:4444", None, 148)])
+    h.coord.service.observe([Observation(b.public_key, "203.0.113.9:4444", None, 148)])
     with trio.fail_after(10):
         r = await a.client.get("/api/v1/device/peermap", params={"version": v, "wait": 10})
     entry = r.json()["peers"][0]

@@ -180,7 +180,7 @@ async def test_targets_changed_hook_fires_for_force_and_retry(h: Harness) -> Non
     await h.enroll("a")
     await set_target(h, 1)
     seen: list[tuple[str, str | None]] = []
-    registry = h.coord.releases
+    registry = h.coord.service.releases
     original = registry.targets_changed
     registry.targets_changed = lambda fleet, device: seen.append((fleet, device))
     try:

@@ -10,8 +10,8 @@ import blake3
 import pytest
 from backports import zstd
 
-from coordinator._api import RangeNotSatisfiable, parse_range
 from coordinator._blobs import BadBlob, BlobKind, BlobSeed, verify
+from coordinator._http import RangeNotSatisfiable, parse_range
 from mesh.release import CHUNK_SIZE, chunk_layer
 
 from .conftest import Harness
@@ -145,7 +145,7 @@ async def test_upload_above_the_json_limit_but_bounded(h: Harness) -> None:
 
 async def test_upload_over_the_blob_limit_is_413(h: Harness) -> None:
     did, patch = _delta(os.urandom(100_000))
-    h.coord.releases.max_blob_bytes = 50_000  # stands in for 64 MiB
+    h.coord.service.releases.max_blob_bytes = 50_000  # stands in for 64 MiB
 
     async def body():  # type: ignore[no-untyped-def]  # no Content-Length: chunked upload
         for start in range(0, len(patch), 20_000):

@@ -1,4 +1,4 @@
-"""The SDK's release and blob methods (coordinator.client) against a real coordinator."""
+"""The SDK's release and blob methods (ops.client) against a real coordinator."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import trio
 from nacl.signing import SigningKey
 
 from coordinator._server import Coordinator
-from coordinator.client import ApiError, DeviceClient, OperatorClient
 from mesh.release import key_id
+from ops.client import ApiError, DeviceClient, OperatorClient
 
 from .conftest import Harness
 from .releasekit import build, pin

@@ -238,7 +238,7 @@ async def test_registry_survives_a_restart(h: Harness) -> None:
     rel = build(key)
     await upload(h, rel)
     await publish(h, rel)
-    store = h.coord.releases.store
+    store = h.coord.service.releases.store
     got = store.get_release("fleet", "app", 1)
     assert got is not None and got.signed == rel.signed
     assert decode_signed_manifest(got.signed).key_id == key_id(key.verify_key)

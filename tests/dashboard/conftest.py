@@ -21,9 +21,9 @@ import pytest
 import trio
 from nacl.signing import SigningKey
 
-from coordinator.client import DeviceClient, OperatorClient, enroll
 from mesh.control import AppStatus, DeviceReport, LogLine, LogUpload, PeerPath, SourceBytes
 from mesh.tlspin import pinned_ssl_context
+from ops.client import DeviceClient, OperatorClient, enroll
 from tests.coordinator import releasekit
 from tests.coordinator_process import FLEETMESH, RunningCoordinator, running_coordinator
 from vpn import generate_keypair

@@ -9,14 +9,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from coordinator._dashboard import (
+from coordinator._server import Coordinator, CoordinatorConfig
+from coordinator._sessions import (
     MAX_SESSIONS,
     SESSION_COOKIE,
     SESSION_IDLE,
     SESSION_LIFETIME,
     SessionTable,
 )
-from coordinator._server import Coordinator, CoordinatorConfig
 from tests.coordinator.conftest import client_for
 
 

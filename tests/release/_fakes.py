@@ -14,13 +14,13 @@ from typing import Any
 import blake3
 from nacl.signing import VerifyKey
 
-from coordinator.client import ApiError
 from mesh.release import (
     ReleaseError,
     decode_manifest,
     decode_signed_manifest,
     verify_manifest,
 )
+from ops.client import ApiError
 
 
 def layer_tar(files: dict[str, bytes]) -> bytes:

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-import coordinator._cli_ops as cli_ops
-import coordinator._publish as publish
-from coordinator.cli import build_parser
-from coordinator.client import ApiError, CoordinatorUnreachable
+import ops._cli_release as cli_release
+import ops._publish as publish
 from mesh.clikit import run
 from mesh.image import ImageError
 from mesh.release import read_signing_key, write_signing_key
+from ops.cli import build_parser
+from ops.client import ApiError, CoordinatorUnreachable
 
 from ._fakes import FakeRegistry, image_config, layer_tar, saved_image_tar
 
@@ -36,7 +36,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeRegistr
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    monkeypatch.setattr(cli_ops, "_client", lambda args: reg)
+    monkeypatch.setattr(cli_release, "operator_client", lambda args: reg)
     images = {}
     for v in (1, 2):
         layers = [BASE, _app(v)]

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.cli import build_parser
 from mesh.clikit import run
+from ops.cli import build_parser
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""`coordinator._publish.publish_image` against an in-memory registry with the coordinator's
+"""`ops._publish.publish_image` against an in-memory registry with the coordinator's
 checks: deltas against earlier releases, reuse of unchanged layers, idempotence, resuming an
 interrupted upload, and a device rebuilding the result."""
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from nacl.signing import SigningKey
 
-from coordinator._publish import PublishError, PublishResult, publish_image
 from mesh.image import materialize_release, read_saved_image
 from mesh.release import ContainerSettings, decode_signed_manifest, verify_manifest, verify_release
+from ops._publish import PublishError, PublishResult, publish_image
 
 from ._fakes import FakeRegistry, diff_id, image_config, layer_tar, saved_image_tar
 

@@ -157,7 +157,7 @@ def _device_round_trip(imgs: Images, tmp_path: Path, verify_key: bytes,
 
 
 def test_round_trip_with_in_memory_registry(images: Images, tmp_path: Path) -> None:
-    from coordinator._publish import publish_image
+    from ops._publish import publish_image
 
     from ._fakes import FakeRegistry
     key = SigningKey(os.urandom(32))
@@ -187,7 +187,7 @@ def coordinator_env(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 def test_round_trip_with_coordinator_and_cli(images: Images, coordinator_env: dict[str, str],
                                              tmp_path: Path) -> None:
-    from coordinator.client import OperatorClient
+    from ops.client import OperatorClient
     env = coordinator_env
 
     def cli(*argv: str) -> subprocess.CompletedProcess[str]:

@@ -1,8 +1,8 @@
 """Publishing a Docker image as a signed release: layers, chunks, deltas, upload (resumable).
 
 `publish_image` is the engine behind `fleetmesh release create`; it talks to the coordinator
-only through the `ReleaseRegistry` methods of `coordinator.client.OperatorClient`, so tests can
-hand it a fake. Nothing here holds more than one layer (plus its delta bases) in memory; chunk
+only through the `RegistryApi` methods of `ops.client.OperatorClient`, so tests can hand it
+a fake. Nothing here holds more than one layer (plus its delta bases) in memory; chunk
 frames and patches are staged on disk until uploaded.
 """
 
@@ -38,6 +38,7 @@ from mesh.release import (
     sign_manifest,
     verify_manifest,
 )
+from ops.client import ApiError
 
 # Candidate bases tried per earlier release for one new layer: the layer at the same position
 # and its nearest neighbour (a Dockerfile edit usually changes the layer in place; an inserted
@@ -51,8 +52,8 @@ class PublishError(Exception):
     """A one-line reason the release was not published."""
 
 
-class ReleaseRegistry(Protocol):
-    """What publishing needs of the coordinator (coordinator.client.OperatorClient)."""
+class RegistryApi(Protocol):
+    """What publishing needs of the coordinator (ops.client.OperatorClient)."""
 
     def list_releases(self, fleet: str, app: str | None = None) -> list[dict[str, Any]]: ...
     def release_manifest(self, fleet: str, app: str, version: int) -> bytes: ...
@@ -122,7 +123,7 @@ def _version_of(info: dict[str, Any]) -> int:
 
 
 class _Publisher:
-    def __init__(self, registry: ReleaseRegistry, fleet: str, app: str, key: SigningKey,
+    def __init__(self, registry: RegistryApi, fleet: str, app: str, key: SigningKey,
                  work: Path, cache_dir: Path, warn: Callable[[str], None]) -> None:
         self.registry, self.fleet, self.app, self.key = registry, fleet, app, key
         self.work, self.cache_dir, self.warn = work, cache_dir, warn
@@ -215,7 +216,7 @@ def _candidates(index: int, earlier: ReleaseManifest, exclude: set[str]) -> list
     return out
 
 
-def publish_image(registry: ReleaseRegistry, *, fleet: str, app: str, signing_key: SigningKey,
+def publish_image(registry: RegistryApi, *, fleet: str, app: str, signing_key: SigningKey,
                   image: str | None = None, saved_tar: str | os.PathLike[str] | None = None,
                   keep: int = DEFAULT_KEEP, version: int | None = None,
                   container: ContainerSettings | None = None,
@@ -338,7 +339,6 @@ def _publish(pub: _Publisher, saved: SavedImage, keep: int, version: int | None,
                  | {d.blob_id.hex() for layer in layers for d in layer.deltas})
     missing = _missing(reg, ids)
     count, nbytes = _upload(pub, missing, progress)
-    from coordinator.client import ApiError
     try:
         info, created = reg.publish_release(signed)
     except ApiError as exc:
@@ -352,7 +352,7 @@ def _publish(pub: _Publisher, saved: SavedImage, keep: int, version: int | None,
     return PublishResult(fleet, app, version, created, tuple(reports), count, nbytes, info)
 
 
-def _missing(reg: ReleaseRegistry, ids: Sequence[str]) -> list[str]:
+def _missing(reg: RegistryApi, ids: Sequence[str]) -> list[str]:
     out: list[str] = []
     for start in range(0, len(ids), MISSING_BATCH):
         out.extend(reg.missing_blobs(list(ids[start:start + MISSING_BATCH])))

@@ -63,7 +63,7 @@ from mesh.tlspin import (
 __all__ = [
     "ApiError",
     "ClientError",
-    "ConfigError",
+    "OperatorConfigError",
     "CoordinatorUnreachable",
     "DeviceClient",
     "OperatorClient",
@@ -116,7 +116,7 @@ class ProtocolError(ClientError):
     """The answer does not have the shape docs/api.md promises."""
 
 
-class ConfigError(ClientError):
+class OperatorConfigError(ClientError):
     """The operator configuration is missing or malformed."""
 
 
@@ -687,13 +687,13 @@ def load_operator_config(path: str | os.PathLike[str] | None = None,
             with open(file, "rb") as f:
                 raw = f.read(MAX_CONFIG_BYTES + 1)
         except OSError as exc:
-            raise ConfigError(f"cannot read {file}: {exc.strerror or exc}") from exc
+            raise OperatorConfigError(f"cannot read {file}: {exc.strerror or exc}") from exc
         if len(raw) > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{file}: larger than {MAX_CONFIG_BYTES} bytes")
+            raise OperatorConfigError(f"{file}: larger than {MAX_CONFIG_BYTES} bytes")
         try:
             values = tomllib.loads(raw.decode("utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{file}: not valid TOML: {_one_line(str(exc))}") from exc
+            raise OperatorConfigError(f"{file}: not valid TOML: {_one_line(str(exc))}") from exc
     keys = (("url", ENV_URL), ("api_key", ENV_API_KEY), ("fingerprint", ENV_FINGERPRINT))
     got: dict[str, str] = {}
     for key, var in keys:
@@ -701,11 +701,11 @@ def load_operator_config(path: str | os.PathLike[str] | None = None,
         if value is None or value == "":
             continue
         if not isinstance(value, str):
-            raise ConfigError(f"{file}: {key} must be a string")
+            raise OperatorConfigError(f"{file}: {key} must be a string")
         got[key] = value.strip()
     missing = [(k, v) for k, v in keys if k not in got]
     if missing:
-        raise ConfigError(
+        raise OperatorConfigError(
             "no coordinator " + ", ".join(k for k, _ in missing) + ": set "
             + ", ".join(v for _, v in missing) + f" or {', '.join(k for k, _ in missing)} in "
             + str(file))
@@ -713,5 +713,5 @@ def load_operator_config(path: str | os.PathLike[str] | None = None,
         split_url(got["url"])
         fp = normalize_fingerprint(got["fingerprint"])
     except PinError as exc:
-        raise ConfigError(str(exc)) from exc
+        raise OperatorConfigError(str(exc)) from exc
     return OperatorConfig(got["url"].rstrip("/"), got["api_key"], fp)

@@ -7,13 +7,15 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
-from mesh.clikit import CliError
+from mesh.clikit import EXIT_REFUSED, CliError
+from ops._cli_common import parse_duration
 
-from ._cli_ops import parse_duration
-from ._server import ConfigError, Coordinator, CoordinatorConfig
+if TYPE_CHECKING:  # annotations only: the server itself is loaded by _run
+    from coordinator._server import Coordinator
 
 
 def _port(text: str) -> int:
@@ -41,6 +43,10 @@ async def _serve(coord: Coordinator) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Loaded here, not at the top: operator commands must start without loading the server
+    # (hypercorn, Starlette, the store).
+    from coordinator._server import Coordinator, CoordinatorConfig, CoordinatorConfigError
+
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     if not args.data:
         raise CliError("--data DIR is required (the coordinator's state directory)")
@@ -55,18 +61,18 @@ def _run(args: argparse.Namespace) -> int:
             tls_key=Path(args.tls_key) if args.tls_key else None)
         coord = Coordinator(config)
         trio.run(_serve, coord)
-    except ConfigError as exc:
+    except CoordinatorConfigError as exc:
         raise CliError(str(exc)) from None
     except OSError as exc:
-        raise CliError(f"coordinator: {exc}", code=1) from None
+        raise CliError(f"coordinator: {exc}", code=EXIT_REFUSED) from None
     except ExceptionGroup as group:  # nursery-wrapped startup failures
         first = group.exceptions[0]
         while isinstance(first, ExceptionGroup):
             first = first.exceptions[0]
-        if isinstance(first, ConfigError):
+        if isinstance(first, CoordinatorConfigError):
             raise CliError(str(first)) from None
         if isinstance(first, OSError):
-            raise CliError(f"coordinator: {first}", code=1) from None
+            raise CliError(f"coordinator: {first}", code=EXIT_REFUSED) from None
         raise
     return 0
 

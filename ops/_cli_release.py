@@ -2,8 +2,8 @@
 publishing releases (create, list, show, set-key; docs/releases.md).
 
 The release commands that talk to the coordinator load their configuration and map errors to
-exit codes like `_cli_ops`: 0 ok; 1 the coordinator refused or Docker failed; 2 bad arguments,
-configuration or key file; 3 coordinator unreachable; 4 certificate not the pinned one.
+exit codes as every operator command does (ops._cli_common, mesh.clikit's table); a Docker or
+publishing failure exits 1 (EXIT_REFUSED), a key file problem 2.
 """
 
 from __future__ import annotations
@@ -11,10 +11,23 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shlex
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from mesh.clikit import CliError
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TransferSpeedColumn,
+)
+
+from mesh.clikit import EXIT_OK, EXIT_REFUSED, EXIT_TIMEOUT, CliError
 from mesh.delta import DeltaError, apply_delta, create_delta, read_header
 from mesh.image import ImageError
 from mesh.release import (
@@ -33,6 +46,23 @@ from mesh.release import (
     read_signing_key,
     write_signing_key,
 )
+from ops._cli_common import (
+    add_common_options,
+    api_errors,
+    app_arg,
+    console,
+    date,
+    lock_text,
+    name_arg,
+    operator_client,
+    print_json,
+    progress_text,
+    size,
+    table,
+    text,
+    when,
+)
+from ops._publish import PublishError, publish_image
 
 
 def register(subparsers: Any) -> None:
@@ -175,7 +205,6 @@ def _load_key(path: Path | None) -> Any:
 
 
 def _split_command(text: str | None, what: str) -> tuple[str, ...]:
-    import shlex
     if text is None:
         return ()
     try:
@@ -241,17 +270,6 @@ def _container_settings(args: argparse.Namespace) -> ContainerSettings:
     return settings
 
 
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{n} B"
-
-
 def _short(diff_id: str | None) -> str:
     return "-" if not diff_id else diff_id.removeprefix("sha256:")[:12]
 
@@ -267,14 +285,6 @@ class _RichProgress:
     def start(self, total_bytes: int, blobs: int) -> None:
         if not self._enabled or blobs == 0:
             return
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TransferSpeedColumn,
-        )
         self.stop()
         self._progress = Progress(TextColumn("uploading {task.fields[blobs]} blobs"),
                                   BarColumn(), DownloadColumn(), TransferSpeedColumn(),
@@ -293,12 +303,9 @@ class _RichProgress:
 
 
 def _release_create(args: argparse.Namespace) -> int:
-    import sys
 
-    from coordinator._cli_ops import _api_errors, _client, _name, _print_json, _table
-    from coordinator._publish import PublishError, publish_image
-    fleet = _name(args.fleet, "fleet")
-    app = _name(args.app, "app")
+    fleet = name_arg(args.fleet, "fleet")
+    app = name_arg(args.app, "app")
     if args.key < 0:
         raise CliError("--key must be 0 or more")
     if args.version is not None and args.version < 1:
@@ -311,22 +318,22 @@ def _release_create(args: argparse.Namespace) -> int:
         print(f"fleetmesh: warning: {message}", file=sys.stderr)
 
     try:
-        with _api_errors(), _client(args) as client:
+        with api_errors(), operator_client(args) as client:
             result = publish_image(
                 client, fleet=fleet, app=app, signing_key=key, image=args.image,
                 keep=args.key, version=args.version, container=container,
                 cache_dir=args.cache_dir or default_layer_cache(), progress=progress,
                 warn=warn)
     except PublishError as exc:
-        raise CliError(str(exc), code=1) from None
+        raise CliError(str(exc), code=EXIT_REFUSED) from None
     except ImageError as exc:
-        raise CliError(str(exc), code=1) from None
+        raise CliError(str(exc), code=EXIT_REFUSED) from None
     except ReleaseError as exc:
-        raise CliError(str(exc), code=1) from None
+        raise CliError(str(exc), code=EXIT_REFUSED) from None
     finally:
         progress.stop()
     if args.json:
-        _print_json({
+        print_json({
             "fleet": result.fleet, "app": result.app, "version": result.version,
             "created": result.created, "uploaded_blobs": result.uploaded_blobs,
             "uploaded_bytes": result.uploaded_bytes, "release": result.info,
@@ -342,78 +349,74 @@ def _release_create(args: argparse.Namespace) -> int:
     rows = []
     for r in result.layers:
         best = r.best_delta
-        delta = "-" if best is None else f"{_size(best.size)} from {_short(best.source_diff_id)}"
+        delta = "-" if best is None else f"{size(best.size)} from {_short(best.source_diff_id)}"
         if r.reused_from is not None:
             delta = f"unchanged (v{r.reused_from})" + ("" if best is None else f"; {delta}")
         saving = "-" if r.saving is None else f"{100 * r.saving:.1f} %"
-        rows.append([_short(r.diff_id), _size(r.size), f"{_size(r.stored_size)} ({r.chunks})",
+        rows.append([_short(r.diff_id), size(r.size), f"{size(r.stored_size)} ({r.chunks})",
                      delta, saving])
-    _table(["LAYER", "SIZE", "STORED (CHUNKS)", "DELTA", "SAVING"], rows)
+    table(["LAYER", "SIZE", "STORED (CHUNKS)", "DELTA", "SAVING"], rows)
     print(f"published {fleet}/{app} version {result.version}: uploaded {result.uploaded_blobs} "
-          f"blobs, {_size(result.uploaded_bytes)}")
+          f"blobs, {size(result.uploaded_bytes)}")
     return 0
 
 
 def _release_row(r: dict[str, Any]) -> list[str]:
-    from coordinator._cli_ops import _date, _text
-    return [_text(r.get("app")), _text(r.get("version")), _text(r.get("layers")),
-            _size(r.get("size")), _size(r.get("stored_size")), _size(r.get("delta_size")),
-            _text(r.get("key_id")), _date(r.get("published_at"))]
+    return [text(r.get("app")), text(r.get("version")), text(r.get("layers")),
+            size(r.get("size")), size(r.get("stored_size")), size(r.get("delta_size")),
+            text(r.get("key_id")), date(r.get("published_at"))]
 
 
 _RELEASE_COLUMNS = ["APP", "VERSION", "LAYERS", "SIZE", "STORED", "DELTAS", "KEY", "PUBLISHED"]
 
 
 def _release_list(args: argparse.Namespace) -> int:
-    from coordinator._cli_ops import _api_errors, _client, _name, _print_json, _table
-    fleet = _name(args.fleet, "fleet")
-    app = None if args.app is None else _name(args.app, "app")
-    with _api_errors(), _client(args) as client:
+    fleet = name_arg(args.fleet, "fleet")
+    app = None if args.app is None else name_arg(args.app, "app")
+    with api_errors(), operator_client(args) as client:
         releases = client.list_releases(fleet, app)
     if args.json:
-        _print_json({"releases": releases})
+        print_json({"releases": releases})
     elif not releases:
         print(f"no releases in fleet {fleet}" + ("" if app is None else f" for app {app}"))
     else:
-        _table(_RELEASE_COLUMNS, [_release_row(r) for r in releases])
+        table(_RELEASE_COLUMNS, [_release_row(r) for r in releases])
     return 0
 
 
 def _release_show(args: argparse.Namespace) -> int:
-    from coordinator._cli_ops import _api_errors, _client, _name, _print_json, _table, _text
-    fleet = _name(args.fleet, "fleet")
-    app = _name(args.app, "app")
+    fleet = name_arg(args.fleet, "fleet")
+    app = name_arg(args.app, "app")
     if args.version < 1:
         raise CliError("VERSION must be 1 or more")
-    with _api_errors(), _client(args) as client:
+    with api_errors(), operator_client(args) as client:
         info = client.release(fleet, app, args.version)
     if args.json:
-        _print_json(info)
+        print_json(info)
         return 0
-    _table(_RELEASE_COLUMNS, [_release_row(info)])
+    table(_RELEASE_COLUMNS, [_release_row(info)])
     layers = info.get("layers") or []
     rows = []
     for layer in layers if isinstance(layers, list) else []:
         if not isinstance(layer, dict):
             continue
         deltas = layer.get("deltas") or []
-        text = ", ".join(f"{_size(d.get('size'))} from {_short(d.get('source_diff_id'))} "
+        delta_text = ", ".join(f"{size(d.get('size'))} from {_short(d.get('source_diff_id'))} "
                          f"({d.get('method')})" for d in deltas if isinstance(d, dict))
-        rows.append([_short(layer.get("diff_id")), _size(layer.get("size")),
-                     f"{_size(layer.get('stored_size'))} ({_text(layer.get('chunks'))})",
-                     text or "-"])
+        rows.append([_short(layer.get("diff_id")), size(layer.get("size")),
+                     f"{size(layer.get('stored_size'))} ({text(layer.get('chunks'))})",
+                     delta_text or "-"])
     if rows:
         print()
-        _table(["LAYER", "SIZE", "STORED (CHUNKS)", "DELTAS"], rows)
+        table(["LAYER", "SIZE", "STORED (CHUNKS)", "DELTAS"], rows)
     return 0
 
 
 def _release_set_key(args: argparse.Namespace) -> int:
-    from coordinator._cli_ops import _api_errors, _client, _name
-    fleet = _name(args.fleet, "fleet")
+    fleet = name_arg(args.fleet, "fleet")
     key = _load_key(args.signing_key)
     public = bytes(key.verify_key)
-    with _api_errors(), _client(args) as client:
+    with api_errors(), operator_client(args) as client:
         client.set_release_key(fleet, public.hex())
     print(f"fleet {fleet}: release key {key_id(public)} registered; devices enrolled from now "
           "on pin it")
@@ -421,9 +424,8 @@ def _release_set_key(args: argparse.Namespace) -> int:
 
 
 def _register_publishing(rsub: Any) -> None:
-    from coordinator._cli_ops import _common
 
-    create = _common(rsub.add_parser(
+    create = add_common_options(rsub.add_parser(
         "create", help="publish a local Docker image as the app's next release",
         description="docker save IMAGE, cut its layers into chunks, compute deltas against the "
                     "app's last --key releases, sign with the release key and upload only the "
@@ -472,18 +474,18 @@ def _register_publishing(rsub: Any) -> None:
     create.add_argument("--volume", action="append", default=[], metavar="SOURCE:/TARGET[:ro]")
     create.set_defaults(handler=_release_create)
 
-    lst = _common(rsub.add_parser("list", help="a fleet's releases, newest first"))
+    lst = add_common_options(rsub.add_parser("list", help="a fleet's releases, newest first"))
     _fleet_option(lst)
     lst.add_argument("--app")
     lst.set_defaults(handler=_release_list)
 
-    show = _common(rsub.add_parser("show", help="one release and its layers"))
+    show = add_common_options(rsub.add_parser("show", help="one release and its layers"))
     show.add_argument("fleet", metavar="FLEET")
     show.add_argument("app", metavar="APP")
     show.add_argument("version", metavar="VERSION", type=int)
     show.set_defaults(handler=_release_show)
 
-    setkey = _common(rsub.add_parser(
+    setkey = add_common_options(rsub.add_parser(
         "set-key", help="register the release key's public half for a fleet"), json_flag=False)
     _fleet_option(setkey)
     setkey.add_argument("--signing-key", type=Path, metavar="FILE",
@@ -507,15 +509,14 @@ def _version_arg(version: int) -> int:
 
 def _resolve_fleet(client: Any, fleet: str | None, app: str, version: int) -> str:
     """--fleet, or the one fleet (among those with devices) that has this release."""
-    from coordinator._cli_ops import _name
     if fleet is not None:
-        return _name(fleet, "fleet")
+        return name_arg(fleet, "fleet")
     fleets = sorted({d["fleet"] for d in client.list_devices() if isinstance(d.get("fleet"), str)})
     having = [f for f in fleets
               if any(r.get("version") == version for r in client.list_releases(f, app))]
     if not having:
         raise CliError(f"no fleet with devices has {app} version {version}; pass --fleet",
-                       code=1)
+                       code=EXIT_REFUSED)
     if len(having) > 1:
         raise CliError(f"{app} version {version} is in fleets {', '.join(having)}: pass --fleet")
     return str(having[0])
@@ -531,27 +532,25 @@ def _summary_text(status: dict[str, Any]) -> str:
 
 
 def _status_rows(status: dict[str, Any]) -> list[list[str]]:
-    from coordinator._cli_ops import _text, _when, lock_text, progress_text
-    return [[_text(d.get("device")), _text(d.get("state")),
-             progress_text(d.get("bytes_done"), d.get("bytes_total")), _text(d.get("running")),
-             _text(d.get("target")), _text(bool(d.get("online"))),
-             lock_text(d.get("lock_since"), d.get("lock_stale")), _text(d.get("error")),
-             _when(d.get("updated_at"))] for d in status.get("devices") or []]
+    return [[text(d.get("device")), text(d.get("state")),
+             progress_text(d.get("bytes_done"), d.get("bytes_total")), text(d.get("running")),
+             text(d.get("target")), text(bool(d.get("online"))),
+             lock_text(d.get("lock_since"), d.get("lock_stale")), text(d.get("error")),
+             when(d.get("updated_at"))] for d in status.get("devices") or []]
 
 
 def _release_status(args: argparse.Namespace) -> int:
-    from coordinator._cli_ops import _api_errors, _app, _client, _print_json, _table
-    app = _app(args.app)
+    app = app_arg(args.app)
     version = _version_arg(args.version)
-    with _api_errors(), _client(args) as client:
+    with api_errors(), operator_client(args) as client:
         fleet = _resolve_fleet(client, args.fleet, app, version)
         status = client.release_status(fleet, app, version)
     if args.json:
-        _print_json(status)
+        print_json(status)
         return 0
     rows = _status_rows(status)
     if rows:
-        _table(["DEVICE", "STATE", "DOWNLOAD", "RUNNING", "TARGET", "ONLINE", "LOCK", "ERROR",
+        table(["DEVICE", "STATE", "DOWNLOAD", "RUNNING", "TARGET", "ONLINE", "LOCK", "ERROR",
                 "UPDATED"], rows)
     print(_summary_text(status))
     return 0
@@ -563,7 +562,7 @@ def watch_outcome(status: dict[str, Any]) -> int | None:
     states = [d.get("state") for d in status.get("devices") or []]
     if not states or any(s not in WATCH_TERMINAL for s in states):
         return None
-    return 1 if "failed" in states else 0
+    return EXIT_REFUSED if "failed" in states else EXIT_OK
 
 
 class PlainWatch:
@@ -575,9 +574,6 @@ class PlainWatch:
         self._last: dict[str, tuple[Any, int]] = {}
 
     def update(self, status: dict[str, Any]) -> None:
-        import time
-
-        from coordinator._cli_ops import progress_text
         stamp = time.strftime("%H:%M:%S")
         for d in status.get("devices") or []:
             done, total = d.get("bytes_done") or 0, d.get("bytes_total") or 0
@@ -599,7 +595,6 @@ class RichWatch:
     """`release watch` on a terminal: a progress bar per device and a total."""
 
     def __init__(self, console: Any) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn
         # refreshed twice a second: the bars never lag the polls by more than 1 s
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                   TextColumn("{task.fields[bytes]}"),
@@ -610,28 +605,25 @@ class RichWatch:
         self._progress.start()
 
     def update(self, status: dict[str, Any]) -> None:
-        from rich.markup import escape
-
-        from coordinator._cli_ops import progress_text
         done_all = total_all = bytes_done = bytes_total = 0
         for d in status.get("devices") or []:
             name = str(d.get("device"))
             state = str(d.get("state"))
             done, total = d.get("bytes_done") or 0, d.get("bytes_total") or 0
-            size = progress_text(done, total)
+            fetched = progress_text(done, total)
             if isinstance(done, int) and isinstance(total, int):
                 bytes_done, bytes_total = bytes_done + done, bytes_total + total
             if state in ("running", "superseded") and not total:
                 done = total = 1  # reported on another target: nothing left to fetch
             style = {"failed": "red", "running": "green"}.get(state, "")
-            text = f"[{style}]{escape(state)}[/]" if style else escape(state)
+            label = f"[{style}]{escape(state)}[/]" if style else escape(state)
             if d.get("lock_stale"):
-                text += " [yellow](lock stale)[/]"
+                label += " [yellow](lock stale)[/]"
             if name not in self._tasks:
                 self._tasks[name] = self._progress.add_task(escape(name), total=None,
                                                             state="", bytes="")
             self._progress.update(self._tasks[name], completed=done, total=total or None,
-                                  state=text, bytes=escape(size))
+                                  state=label, bytes=escape(fetched))
             done_all += done
             total_all += total
         summary = status.get("summary") or {}
@@ -645,20 +637,17 @@ class RichWatch:
 
 
 def _release_watch(args: argparse.Namespace) -> int:
-    import sys
-    import time
 
-    from coordinator._cli_ops import EXIT_TIMEOUT, _api_errors, _app, _client, _console
-    app = _app(args.app)
+    app = app_arg(args.app)
     version = _version_arg(args.version)
     if not MIN_WATCH_INTERVAL <= args.interval <= MAX_WATCH_INTERVAL:
         raise CliError(f"--interval must be {MIN_WATCH_INTERVAL:g}..{MAX_WATCH_INTERVAL:g} s")
     if args.wait_timeout is not None and not args.wait_timeout > 0:
         raise CliError("--timeout must be more than 0 seconds")
     deadline = None if args.wait_timeout is None else time.monotonic() + args.wait_timeout
-    with _api_errors(), _client(args) as client:
+    with api_errors(), operator_client(args) as client:
         fleet = _resolve_fleet(client, args.fleet, app, version)
-        view: Any = RichWatch(_console()) if sys.stdout.isatty() else PlainWatch(sys.stdout)
+        view: Any = RichWatch(console()) if sys.stdout.isatty() else PlainWatch(sys.stdout)
         try:
             while True:
                 status = client.release_status(fleet, app, version)
@@ -678,18 +667,17 @@ def _release_watch(args: argparse.Namespace) -> int:
 
 
 def _release_retry(args: argparse.Namespace) -> int:
-    from coordinator._cli_ops import _api_errors, _app, _client, _name, _print_json
-    app = _app(args.app)
+    app = app_arg(args.app)
     version = _version_arg(args.version)
-    device = None if args.device is None else _name(args.device, "--device")
-    with _api_errors(), _client(args) as client:
+    device = None if args.device is None else name_arg(args.device, "--device")
+    with api_errors(), operator_client(args) as client:
         if device is not None:
             out = client.retry(app, device=device)
         else:
             fleet = _resolve_fleet(client, args.fleet, app, version)
             out = client.retry(app, fleet=fleet, version=version)
     if args.json:
-        _print_json(out)
+        print_json(out)
     elif device is not None:
         print(f"{device}: {app} retry {out.get('retry')} (it tries again the version it "
               "marked failed)")
@@ -702,11 +690,10 @@ def _release_retry(args: argparse.Namespace) -> int:
 
 
 def _register_rollouts(rsub: Any) -> None:
-    from coordinator._cli_ops import _common
 
     def add(name: str, help_text: str, description: str, watching: bool = False
             ) -> argparse.ArgumentParser:
-        p = _common(rsub.add_parser(name, help=help_text, description=description),
+        p = add_common_options(rsub.add_parser(name, help=help_text, description=description),
                     json_flag=not watching, timeout_flag=not watching)
         p.add_argument("version", metavar="VERSION", type=int)
         p.add_argument("--app", required=True)

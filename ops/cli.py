@@ -9,8 +9,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from coordinator import _cli_keys, _cli_ops, _cli_release, _cli_server
 from mesh.clikit import package_version, run
+from ops import _cli_keys, _cli_ops, _cli_release, _cli_server
 
 _GROUPS = (_cli_keys.register, _cli_release.register, _cli_ops.register, _cli_server.register)
 

@@ -1,0 +1,32 @@
+"""The coordinator's Starlette app: every resource's routes (coordinator.routes), the OpenAPI
+document, the API's error shape for Starlette's own refusals, and the service and dashboard
+sessions in the app's state for the routes to read."""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ._http import Deps, http_error, server_error
+from ._openapi import openapi_document
+from ._service import FleetService
+from ._sessions import SessionTable
+from .routes import dashboard, devices, logs, operators, releases, tokens
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(openapi_document())
+
+
+def build_app(service: FleetService) -> Starlette:
+    """The app over `service`, with a fresh (empty) table of dashboard sessions."""
+    routes = [*devices.ROUTES, *tokens.ROUTES, *operators.ROUTES, *releases.ROUTES,
+              *logs.ROUTES, Route("/openapi.json", openapi, methods=["GET"]),
+              *dashboard.ROUTES]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error,
+                                                       Exception: server_error})
+    app.state.deps = Deps(service, SessionTable(service.settings.clock))
+    return app

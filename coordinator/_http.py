@@ -1,0 +1,371 @@
+"""What every route of the coordinator's HTTP API (docs/api.md) and dashboard shares: bounded
+request bodies, JSON parsing and field checks, JSON and byte-range responses, the credential
+guards, and the mapping of refusals to 4xx answers.
+
+Everything that arrives is bounded (`MAX_BODY_BYTES`, 413) and validated (mesh.control or the
+small checks below, 400) before it reaches the service; refusals are `{"error": one line}` with
+a 4xx. An exception that escapes as a 500 is a bug.
+
+A route is a module-level function; the guards below give it the service (and the device a
+credential names) from the app's state (`Deps`), so no route closes over a server object.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+import trio
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from mesh.control import MAX_BODY_BYTES, ControlError, check_app, check_name
+
+from ._blobs import OpenBlob
+from ._model import CoordinatorError, Device, Forbidden, TooLarge, Unauthorized
+from ._releases import MissingBlobs
+from ._service import FleetService
+from ._sessions import SessionTable, session_allows
+
+log = logging.getLogger("fleetmesh.coordinator.api")
+
+LINGER_BYTES: Final = 4 * MAX_BODY_BYTES  # read and drop this much of an oversized body
+BLOB_PIECE: Final = 256 * 1024  # bytes per read when streaming a blob out
+MAX_VERSION_DIGITS: Final = 19  # a release version fits in 63 bits
+
+Handler = Callable[[Request], Awaitable[Response]]
+AnyoneHandler = Callable[[Request, FleetService], Awaitable[Response]]
+DeviceHandler = Callable[[Request, FleetService, Device], Awaitable[Response]]
+EitherHandler = Callable[[Request, FleetService, Device | None], Awaitable[Response]]
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class Deps:
+    """What routes read from `app.state.deps`: the service and the dashboard's sessions."""
+
+    service: FleetService
+    sessions: SessionTable
+
+
+def deps(request: Request) -> Deps:
+    found = request.app.state.deps
+    assert isinstance(found, Deps)
+    return found
+
+
+# --------------------------------------------------------------------------- requests
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, at most `limit` bytes (413 beyond)."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise TooLarge(f"body larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise TooLarge(f"body larger than {limit} bytes")
+    return bytes(body)
+
+
+async def read_json(request: Request, limit: int = MAX_BODY_BYTES) -> Any:
+    body = await read_body(request, limit)
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, absurd nesting
+        raise ControlError("body: not valid JSON") from None
+
+
+async def drain(request: Request, limit: int = MAX_BODY_BYTES) -> None:
+    """Read what is left of a refused request's body (bounded), so the connection stays usable:
+    answering before the body is read makes the server close it under a client still sending."""
+    seen = 0
+    try:
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > limit:
+                return
+    except Exception:  # already consumed, or the client went away: nothing left to drain
+        return
+
+
+def json_field(obj: Any, key: str, kind: type[_T]) -> _T:
+    """`obj[key]`, which must be there and of `kind` (str, int or list)."""
+    value = optional_field(obj, key, kind)
+    if value is None:
+        raise ControlError(f"{key}: missing")
+    return value
+
+
+def optional_field(obj: Any, key: str, kind: type[_T]) -> _T | None:
+    """`obj[key]` of `kind`, or None when absent or null."""
+    if not isinstance(obj, dict):
+        raise ControlError("body: must be a JSON object")
+    value = obj.get(key)
+    if value is None:
+        return None
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ControlError(f"{key}: must be an integer")
+    if kind is str and not isinstance(value, str):
+        raise ControlError(f"{key}: must be a string")
+    return value  # type: ignore[no-any-return]  # checked above for the kinds routes use
+
+
+def int_field(obj: Any, key: str, default: int, low: int, high: int) -> int:
+    value = optional_field(obj, key, int)
+    if value is None:
+        return default
+    if not low <= value <= high:
+        raise ControlError(f"{key}: must be between {low} and {high}")
+    return int(value)
+
+
+def query_int(request: Request, key: str, default: int | None, low: int, high: int
+              ) -> int | None:
+    text = request.query_params.get(key)
+    if text is None:
+        return default
+    if not text.isdigit() or len(text) > MAX_VERSION_DIGITS or not low <= int(text) <= high:
+        raise ControlError(f"{key}: must be an integer {low}..{high}")
+    return int(text)
+
+
+def client_ip(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def path_name(request: Request) -> str:
+    return check_name(request.path_params["name"], "device name")
+
+
+def path_fleet(request: Request) -> str:
+    return check_name(request.path_params["fleet"], "fleet")
+
+
+def path_release(request: Request) -> tuple[str, str, int]:
+    """(fleet, app, version) of /releases/{fleet}/{app}/{version}…"""
+    p = request.path_params
+    fleet = check_name(p["fleet"], "fleet")
+    app = check_app(p["app"])
+    version = str(p["version"])
+    if not version.isdigit() or len(version) > MAX_VERSION_DIGITS:
+        raise ControlError("version: must be a positive integer")
+    return fleet, app, int(version)
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": " ".join(str(message).split()) or "error", **extra},
+                        status_code=status)
+
+
+class RangeNotSatisfiable(CoordinatorError):
+    status = 416
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The one byte range `header` asks for, as (first, last) inclusive and clamped to `size`;
+    None to send the whole blob (no header, another unit, several ranges, or a malformed
+    header, which RFC 9110 14.2 says to ignore); RangeNotSatisfiable if it selects nothing."""
+    if header is None:
+        return None
+    unit, sep, spec = header.strip().partition("=")
+    if not sep or unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    first, last = first.strip(), last.strip()
+    if not dash or (first and not first.isdigit()) or (last and not last.isdigit()) or \
+            not (first or last):
+        return None
+    if not first:  # suffix: the last N bytes
+        n = int(last)
+        if n == 0 or size == 0:
+            raise RangeNotSatisfiable(f"range {header!r} selects nothing of {size} bytes")
+        return max(0, size - n), size - 1
+    start = int(first)
+    end = int(last) if last else size - 1
+    if last and end < start:
+        return None
+    if start >= size:
+        raise RangeNotSatisfiable(f"range {header!r} starts beyond the blob's {size} bytes")
+    return start, min(end, size - 1)
+
+
+def blob_response(request: Request, blob_id: str, blob: OpenBlob) -> Response:
+    """The blob (or the range asked for) streamed from its open file; HEAD sends headers only."""
+    headers = {"accept-ranges": "bytes", "etag": f'"{blob_id}"',
+               "cache-control": "private, max-age=31536000, immutable"}
+    try:
+        wanted = parse_range(request.headers.get("range"), blob.size)
+    except RangeNotSatisfiable as exc:
+        blob.file.close()
+        response = error(416, str(exc))
+        response.headers["content-range"] = f"bytes */{blob.size}"
+        return response
+    status = 200
+    start, end = 0, blob.size - 1
+    if wanted is not None:
+        status = 206
+        start, end = wanted
+        headers["content-range"] = f"bytes {start}-{end}/{blob.size}"
+    length = end - start + 1
+    headers["content-length"] = str(length)
+    if request.method == "HEAD":
+        blob.file.close()
+        return Response(b"", status_code=status, headers=headers,
+                        media_type="application/octet-stream")
+
+    async def pieces() -> AsyncIterator[bytes]:
+        f = blob.file
+        try:
+            left = length
+            await trio.to_thread.run_sync(f.seek, start)
+            while left > 0:
+                piece = await trio.to_thread.run_sync(f.read, min(BLOB_PIECE, left))
+                if not piece:
+                    break
+                left -= len(piece)
+                yield piece
+        finally:
+            f.close()
+
+    return StreamingResponse(pieces(), status_code=status, headers=headers,
+                             media_type="application/octet-stream")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def guarded(fn: Handler, limit: int = MAX_BODY_BYTES) -> Handler:
+    """`fn` with its body bounded by `limit` and refusals answered as `{"error": ...}`."""
+    async def wrapper(request: Request) -> Response:
+        try:
+            length = request.headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                raise TooLarge(f"body larger than {limit} bytes")
+            response = await fn(request)
+            await drain(request)  # e.g. a body sent to revoke, which reads none
+            return response
+        except TooLarge as exc:
+            # Read on (bounded) so a client still sending sees the 413, not a reset.
+            await drain(request, LINGER_BYTES)
+            return error(exc.status, str(exc))
+        except MissingBlobs as exc:
+            await drain(request)
+            return error(exc.status, str(exc), missing=exc.missing)
+        except CoordinatorError as exc:
+            await drain(request)
+            return error(exc.status, str(exc))
+        except ControlError as exc:
+            await drain(request)
+            return error(400, str(exc))
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (404 no route, 405 method) in the API's error shape."""
+    assert isinstance(exc, HTTPException)
+    return error(exc.status_code, exc.detail or "error")
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    log.exception("internal error on %s %s", request.method, request.url.path)
+    return error(500, "internal error (a bug; see the coordinator's log)")
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+def anyone(limit: int = MAX_BODY_BYTES) -> Callable[[AnyoneHandler], Handler]:
+    """No credential (enrollment carries its token in the body; the dashboard's sign-in)."""
+    def wrap(fn: AnyoneHandler) -> Handler:
+        async def wrapper(request: Request) -> Response:
+            return await fn(request, deps(request).service)
+        wrapper.__name__ = fn.__name__
+        return guarded(wrapper, limit)
+    return wrap
+
+
+def operator(limit: int = MAX_BODY_BYTES) -> Callable[[AnyoneHandler], Handler]:
+    """The operator API key as Bearer, or a dashboard session (its CSRF token unless GET)."""
+    def wrap(fn: AnyoneHandler) -> Handler:
+        async def wrapper(request: Request) -> Response:
+            found = deps(request)
+            secret = _bearer(request)
+            if secret is None:
+                if session_allows(found.sessions, request):
+                    return await fn(request, found.service)
+                raise Unauthorized("operator API key required (Authorization: Bearer fmo_...)"
+                                   " or a dashboard session")
+            if not found.service.is_operator_key(secret):
+                if found.service.device_for(secret) is not None:
+                    raise Forbidden("a device credential cannot use operator endpoints")
+                raise Unauthorized("unknown or revoked API key")
+            return await fn(request, found.service)
+        wrapper.__name__ = fn.__name__
+        return guarded(wrapper, limit)
+    return wrap
+
+
+def device(limit: int = MAX_BODY_BYTES) -> Callable[[DeviceHandler], Handler]:
+    """A device credential as Bearer; the route gets the device it names."""
+    def wrap(fn: DeviceHandler) -> Handler:
+        async def wrapper(request: Request) -> Response:
+            service = deps(request).service
+            secret = _bearer(request)
+            if secret is None:
+                raise Unauthorized("device credential required (Authorization: Bearer fmd_...)")
+            dev = service.device_for(secret)
+            if dev is None:
+                if service.is_operator_key(secret):
+                    raise Forbidden("device endpoints need a device credential, not the "
+                                    "operator key")
+                raise Unauthorized("unknown or revoked device credential")
+            return await fn(request, service, dev)
+        wrapper.__name__ = fn.__name__
+        return guarded(wrapper, limit)
+    return wrap
+
+
+def operator_or_device(fn: EitherHandler) -> Handler:
+    """Either credential; the route gets the device, or None for the operator."""
+    async def wrapper(request: Request) -> Response:
+        service = deps(request).service
+        secret = _bearer(request)
+        if secret is None:
+            raise Unauthorized("operator API key or device credential required "
+                               "(Authorization: Bearer ...)")
+        if service.is_operator_key(secret):
+            return await fn(request, service, None)
+        dev = service.device_for(secret)
+        if dev is None:
+            raise Unauthorized("unknown or revoked API key or device credential")
+        return await fn(request, service, dev)
+    wrapper.__name__ = fn.__name__
+    return guarded(wrapper)
+
+
+def by_method(handlers: Mapping[str, Handler]) -> Handler:
+    """One path, several doors: each method its own guard and body limit. HEAD goes where GET
+    goes (Starlette allows HEAD wherever GET is)."""
+    async def dispatch(request: Request) -> Response:
+        return await handlers.get(request.method, handlers["GET"])(request)
+    dispatch.__name__ = "_".join(h.__name__ for h in dict.fromkeys(handlers.values()))
+    return dispatch

@@ -1,0 +1,449 @@
+"""The coordinator's domain operations: enrollment, reports, tokens, provisioning, revocation,
+logs, peer maps and release targets, over the store, the release registry and the peer-map
+core.
+
+No sockets, TLS or HTTP server here: `coordinator._server.Coordinator` owns the process (data
+directory, certificate, listening sockets, hypercorn, the WireGuard hub) and hands this service
+what it decided (fingerprint, hub info, public URL); the routes in `coordinator.routes` call it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, TypedDict
+
+import trio
+
+from mesh.control import (
+    AppStatus,
+    DeviceReport,
+    Enrollment,
+    EnrollRequest,
+    HubInfo,
+    LogUpload,
+    TokenParts,
+)
+
+from . import _secrets
+from ._blobs import BlobSeed
+from ._hub import HubPeer, Observation
+from ._model import (
+    Device,
+    DeviceInfo,
+    DeviceState,
+    EnrollmentToken,
+    EnrollParams,
+    NotFound,
+    Unauthorized,
+    device_info,
+)
+from ._peermap import Member, PeerMapCore
+from ._releases import ReleaseRegistry, lock_stale
+from ._store import Store
+
+log = logging.getLogger("fleetmesh.coordinator")
+
+ONLINE_WINDOW: Final = 60.0  # s: a hub handshake (WireGuard rekeys every 120 s; devices keep
+#                              a 25 s keepalive) or a report within this counts as online
+BATCH_WINDOW: Final = 0.2  # s: coalesce a burst so both sides of a pair hear it together
+# An update lock held longer than this is shown as stale (issue 6); an hour covers a long
+# recording or call, which is what apps hold their lock for.
+LOCK_STALE_AFTER: Final = 3600.0
+LOG_KEEP: Final = 5000  # newest log lines kept per device (docs/api.md)
+MAX_SECRET_LEN: Final = 200  # longer than any credential we hand out: refused unhashed
+
+
+# --------------------------------------------------------------------------- API answers
+
+
+class TokenCreated(TypedDict):
+    """POST /tokens (docs/api.md)."""
+
+    token: str
+    fleet: str
+    uses: int
+    expires_at: float
+
+
+class JoinObject(TypedDict):
+    """What `fleetmesh-agent join --config` reads (device.json)."""
+
+    url: str
+    token: str
+    name: str
+    fleet: str
+
+
+class Provisioned(TypedDict):
+    """POST /devices (docs/api.md)."""
+
+    device: DeviceInfo
+    join: JoinObject
+
+
+class PeerPathInfo(TypedDict):
+    """One entry of GET /devices/{name}/peers."""
+
+    peer: str | None
+    public_key: str
+    path: str
+    endpoint: str | None
+    last_handshake: float | None
+
+
+class LogLineInfo(TypedDict):
+    seq: int
+    ts: float
+    app: str
+    stream: str
+    line: str
+
+
+class LogPageInfo(TypedDict):
+    """GET /devices/{name}/logs (docs/api.md)."""
+
+    lines: list[LogLineInfo]
+    next: int
+    dropped: int
+
+
+class OperatorAdded(TypedDict):
+    """POST /operators (docs/api.md)."""
+
+    name: str
+    mesh_ipv4: str
+    mesh_ipv6: str
+    hub: dict[str, Any]
+    mesh_prefix_v4: str
+    mesh_prefix_v6: str
+
+
+# --------------------------------------------------------------------------- the service
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSettings:
+    relay_hub: bool = True  # a WireGuard hub observes endpoints (else reports stand in)
+    batch_window: float = BATCH_WINDOW
+    online_window: float = ONLINE_WINDOW
+    lock_stale_after: float = LOCK_STALE_AFTER
+    clock: Callable[[], float] = field(default=time.time)
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorIdentity:
+    """What the process decided before the service starts: who it is and where it answers."""
+
+    fingerprint: str  # SHA-256 of the TLS certificate, which every token carries
+    operator_key_hash: str
+    public_url: str  # where devices reach the API (the join object's url)
+    hub: HubInfo
+    prefix_v4: ipaddress.IPv4Network
+    prefix_v6: ipaddress.IPv6Network
+
+
+class FleetService:
+    """The fleet as the API sees it. Built once the process knows its identity; `batcher` runs
+    in the process's nursery; the hub (if any) reports through `observe` and asks `hub_peers`."""
+
+    def __init__(self, settings: ServiceSettings, identity: CoordinatorIdentity, store: Store,
+                 blobs: BlobSeed, sync_hub: Callable[[], Awaitable[None]] | None = None
+                 ) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.store = store
+        self.releases = ReleaseRegistry(store, blobs, settings.clock, self.targets_changed)
+        # the process's hub, brought up to date after a change of members (None: no hub)
+        self._sync_hub = sync_hub
+        self.core = PeerMapCore(identity.hub, first_version=int(settings.clock() * 1000))
+        self._key_names: dict[str, str] = {}  # public key -> active device name
+        self._operator_names: dict[str, str] = {}
+        self._last_handshake: dict[str, float] = {}  # or the last time rx_bytes grew
+        self._rx_bytes: dict[str, int] = {}
+        self._waiters: dict[str, trio.Event] = {}
+        self._log_waiters: dict[str, trio.Event] = {}  # device id -> set on new lines
+        self._dirty = trio.Event()
+        for d in store.list_devices():
+            if d.state is DeviceState.ACTIVE:
+                self._add_member(d, None)
+                if d.public_endpoint:
+                    self.core.set_public(d.name, d.public_endpoint)
+        self._set_operators()
+        self.core.publish()
+
+    # ------------------------------------------------------------------ peer maps
+
+    def _add_member(self, d: Device, public_ip: str | None) -> None:
+        assert d.public_key and d.mesh_ipv4 and d.mesh_ipv6
+        old = self.core.member(d.name)
+        self.core.add(Member(d.name, d.fleet, d.public_key, d.mesh_ipv4, d.mesh_ipv6,
+                             d.lan_endpoints,
+                             public_endpoint=old.public_endpoint if old else None,
+                             public_ip=public_ip or (old.public_ip if old else None)))
+        if old is not None and old.public_key != d.public_key:
+            self._key_names.pop(old.public_key, None)
+        self._key_names[d.public_key] = d.name
+
+    def _set_operators(self) -> None:
+        ops = self.store.list_operators()
+        self._operator_names = {o.public_key: o.name for o in ops}
+        self.core.set_relay_ips([ip for o in ops for ip in (f"{o.mesh_ipv4}/32",
+                                                            f"{o.mesh_ipv6}/128")])
+
+    def targets_changed(self, fleet: str, device: str | None = None) -> None:
+        """The release targets of one device of `fleet` (None: all) changed: their next peer
+        map carries a new `targets` revision, which makes their agents read the targets."""
+        if self.core.targets_changed(fleet, device):
+            self._changed()
+
+    def _changed(self) -> None:
+        if self.core.pending:
+            self._dirty.set()
+
+    async def batcher(self) -> None:
+        """Publish pending peer-map changes a batch window after the first; runs until
+        cancelled (the process's nursery owns it)."""
+        while True:
+            await self._dirty.wait()
+            await trio.sleep(self.settings.batch_window)
+            self._dirty = trio.Event()
+            for name in self.core.publish():
+                event = self._waiters.pop(name, None)
+                if event is not None:
+                    event.set()
+
+    async def wait_peermap(self, device: Device, version: int, wait: float) -> bytes | None:
+        """The map as JSON if its version is not `version`, as soon as that is true within
+        `wait` seconds; None (304) otherwise. Waits on an event, never polls."""
+        core = self.core
+        deadline = trio.current_time() + wait
+        while True:
+            member = core.member(device.name)
+            if member is None or member.public_key != device.public_key:
+                raise Unauthorized("device revoked")
+            if core.version(device.name) != version:
+                return core.render(device.name)
+            if trio.current_time() >= deadline:
+                return None
+            event = self._waiters.setdefault(device.name, trio.Event())
+            with trio.move_on_at(deadline):
+                await event.wait()
+
+    # ------------------------------------------------------------------ hub
+
+    def hub_peers(self) -> list[HubPeer]:
+        """Every device and operator workstation the hub relays for."""
+        peers = [HubPeer(m.public_key, m.mesh_ipv4, m.mesh_ipv6) for m in self.core.members()]
+        peers += [HubPeer(o.public_key, o.mesh_ipv4, o.mesh_ipv6)
+                  for o in self.store.list_operators()]
+        return peers
+
+    def observe(self, observed: list[Observation]) -> None:
+        """What the hub saw of its peers: handshakes, traffic, NAT-mapped endpoints."""
+        for o in observed:
+            name = self._key_names.get(o.public_key)
+            if name is None:
+                continue
+            # A handshake happens only every ~2 minutes; the 25 s keepalives show up as
+            # growing rx_bytes, so either counts as "seen" for the 60 s online window.
+            seen = o.last_handshake
+            if o.rx_bytes > self._rx_bytes.get(name, 0):
+                seen = max(seen or 0.0, self.settings.clock())
+            self._rx_bytes[name] = o.rx_bytes
+            if seen is not None:
+                self._last_handshake[name] = max(seen, self._last_handshake.get(name, 0.0))
+            if o.endpoint is not None and self.core.set_public(name, o.endpoint):
+                self._persist_endpoint(name, o.endpoint)
+        self._changed()
+
+    def _persist_endpoint(self, name: str, endpoint: str) -> None:
+        device = self.store.device_by_name(name)
+        if device is not None:
+            self.store.record_public_endpoint(device.id, endpoint)
+
+    async def hub_changed(self) -> None:
+        """Bring the hub's peers up to date now (no-op without a hub)."""
+        if self._sync_hub is not None:
+            await self._sync_hub()
+
+    # ------------------------------------------------------------------ auth
+
+    def is_operator_key(self, secret: str) -> bool:
+        key_hash = self.identity.operator_key_hash
+        if not secret.startswith(_secrets.OPERATOR_PREFIX) or not key_hash:
+            return False
+        return hmac.compare_digest(_secrets.secret_hash(secret), key_hash)
+
+    def device_for(self, secret: str) -> Device | None:
+        if not secret.startswith(_secrets.DEVICE_PREFIX) or len(secret) > MAX_SECRET_LEN:
+            return None
+        return self.store.device_by_credential(_secrets.secret_hash(secret))
+
+    # ------------------------------------------------------------------ device side
+
+    def enroll(self, req: EnrollRequest, client_ip: str | None) -> Enrollment:
+        identity = self.identity
+        parts = TokenParts.parse(req.token)
+        if not hmac.compare_digest(parts.fingerprint, identity.fingerprint):
+            raise Unauthorized("enrollment token is for another coordinator (certificate "
+                               "fingerprint differs)")
+        credential = _secrets.new_device_credential()
+        device = self.store.enroll(EnrollParams(
+            secret_hash=_secrets.secret_hash(parts.secret), public_key=req.public_key,
+            credential_hash=_secrets.secret_hash(credential), device_id=_secrets.new_id("d_"),
+            generated_name=f"dev-{_secrets.new_id('')[:6]}", now=self.settings.clock(),
+            name=req.name, lan_endpoints=req.lan_endpoints, agent_version=req.agent_version))
+        self._add_member(device, None if self.settings.relay_hub else client_ip)
+        self._changed()
+        assert device.mesh_ipv4 and device.mesh_ipv6
+        return Enrollment(device.id, device.name, device.fleet, credential, device.mesh_ipv4,
+                          device.mesh_ipv6, str(identity.prefix_v4), str(identity.prefix_v6),
+                          identity.hub, release_key=self.releases.release_key(device.fleet))
+
+    def report(self, device: Device, report: DeviceReport, client_ip: str | None) -> None:
+        cleared = self.store.record_report(device.id, report.lan_endpoints,
+                                           report.agent_version, report.peers,
+                                           self.settings.clock(), report.apps)
+        if cleared:  # a force the device no longer needs has left its targets
+            self.releases.targets_changed(device.fleet, device.name)
+        self.core.set_lan(device.name, report.lan_endpoints)
+        if not self.settings.relay_hub and client_ip is not None:
+            # No hub to observe handshakes: the address the report came from is the best
+            # public-IP evidence there is (it decides who shares a NAT, hence LAN endpoints).
+            self.core.set_public(device.name, None, ip=client_ip)
+        self._changed()
+
+    def upload_logs(self, device: Device, upload: LogUpload) -> None:
+        self.store.append_logs(device.id, upload.lines, upload.dropped, LOG_KEEP)
+        event = self._log_waiters.pop(device.id, None)
+        if event is not None:
+            event.set()
+
+    # ------------------------------------------------------------------ operator side
+
+    def online(self, d: Device) -> bool:
+        return self._seen(d)[0]
+
+    def _seen(self, d: Device) -> tuple[bool, float | None]:
+        """(online, last seen): a hub handshake or a report within the online window."""
+        live = d.state is DeviceState.ACTIVE
+        handshake = self._last_handshake.get(d.name) if live else None
+        seen = [t for t in (d.last_report, handshake) if t is not None]
+        last_seen = max(seen) if seen else None
+        online = live and last_seen is not None and \
+            self.settings.clock() - last_seen < self.settings.online_window
+        return online, last_seen
+
+    def _info(self, d: Device, apps: list[AppStatus] | None = None) -> DeviceInfo:
+        """DeviceInfo; `apps` are the device's app statuses when the caller has them."""
+        member = self.core.member(d.name) if d.state is DeviceState.ACTIVE else None
+        online, last_seen = self._seen(d)
+        if apps is None:
+            apps = self.store.app_statuses(d.fleet).get(d.id, [])
+        now, stale_after = self.settings.clock(), self.settings.lock_stale_after
+        return device_info(
+            d, online=online, last_seen=last_seen,
+            endpoint=member.public_endpoint if member else None,
+            # "release": the running version of its app (the first by name if it has several)
+            release=apps[0].running if apps else None,
+            apps=[{**a.to_json(), "lock_stale": lock_stale(a, now, stale_after)}
+                  for a in apps])
+
+    def _token(self, fleet: str, uses: int, expires_in: int, name: str | None
+               ) -> tuple[str, EnrollmentToken]:
+        secret, now = _secrets.new_secret(), self.settings.clock()
+        token = EnrollmentToken(_secrets.secret_hash(secret), fleet, uses, now + expires_in,
+                                now, name)
+        return str(TokenParts(self.identity.fingerprint, secret)), token
+
+    def create_token(self, fleet: str, uses: int, expires_in: int, name: str | None
+                     ) -> TokenCreated:
+        text, token = self._token(fleet, uses, expires_in, name)
+        self.store.create_token(token)
+        return {"token": text, "fleet": fleet, "uses": uses, "expires_at": token.expires_at}
+
+    def provision(self, name: str, fleet: str, expires_in: int) -> Provisioned:
+        text, token = self._token(fleet, 1, expires_in, name)
+        device = self.store.provision(_secrets.new_id("d_"), name, fleet, token,
+                                      token.created_at)
+        return {"device": self._info(device),
+                "join": {"url": self.identity.public_url, "token": text, "name": name,
+                         "fleet": fleet}}
+
+    def list_devices(self, fleet: str | None) -> list[DeviceInfo]:
+        apps = self.store.app_statuses(fleet)
+        return [self._info(d, apps.get(d.id, [])) for d in self.store.list_devices(fleet)]
+
+    def _device(self, name: str) -> Device:
+        device = self.store.device_by_name(name)
+        if device is None:
+            raise NotFound(f"no device {name!r}")
+        return device
+
+    def device_info(self, name: str) -> DeviceInfo:
+        return self._info(self._device(name))
+
+    async def revoke(self, name: str) -> DeviceInfo:
+        device = self.store.revoke(name, self.settings.clock())
+        member = self.core.member(name)
+        if member is not None and member.public_key == device.public_key:
+            self.core.remove(name)
+            self._key_names.pop(member.public_key, None)
+            self._last_handshake.pop(name, None)
+            self._rx_bytes.pop(name, None)
+            event = self._waiters.pop(name, None)
+            if event is not None:
+                event.set()  # its long poll ends now, with 401
+            self._changed()
+            await self.hub_changed()
+        return self._info(device)
+
+    def release_status(self, fleet: str, app: str, version: int) -> dict[str, Any]:
+        return self.releases.release_status(fleet, app, version, self.online,
+                                            self.settings.lock_stale_after)
+
+    async def device_logs(self, name: str, *, after: int, limit: int, wait: float,
+                          tail: int | None) -> LogPageInfo:
+        """The device's log lines after `after` (or its newest `tail`), waiting up to `wait`
+        seconds for some to arrive; `next` is the `after` of the following call."""
+        device = self._device(name)
+        if tail is not None:
+            page = self.store.tail_logs(device.id, tail)
+        else:
+            deadline = trio.current_time() + wait
+            while True:
+                page = self.store.read_logs(device.id, after, limit)
+                if page.lines or trio.current_time() >= deadline:
+                    break
+                event = self._log_waiters.setdefault(device.id, trio.Event())
+                with trio.move_on_at(deadline):
+                    await event.wait()
+        if page.lines:
+            next_seq = page.lines[-1][0]
+        else:  # never beyond what exists: a follower of a reset database is not stuck
+            next_seq = page.last_seq if tail is not None else min(after, page.last_seq)
+        lines: list[LogLineInfo] = [
+            {"seq": seq, "ts": line.ts, "app": line.app, "stream": line.stream,
+             "line": line.line} for seq, line in page.lines]
+        return {"lines": lines, "next": next_seq, "dropped": page.dropped}
+
+    def device_peers(self, name: str) -> list[PeerPathInfo]:
+        device = self._device(name)
+        names = {**self._operator_names, **self._key_names}
+        return [{"peer": names.get(p.public_key), "public_key": p.public_key, "path": p.path,
+                 "endpoint": p.endpoint, "last_handshake": p.last_handshake}
+                for p in self.store.peer_paths(device.id)]
+
+    def add_operator(self, name: str, public_key: str) -> OperatorAdded:
+        op = self.store.add_operator(name, public_key, self.settings.clock())
+        self._set_operators()
+        self._changed()
+        identity = self.identity
+        return {"name": op.name, "mesh_ipv4": op.mesh_ipv4, "mesh_ipv6": op.mesh_ipv6,
+                "hub": identity.hub.to_json(), "mesh_prefix_v4": str(identity.prefix_v4),
+                "mesh_prefix_v6": str(identity.prefix_v6)}

@@ -1,0 +1,135 @@
+"""Devices: enrollment, the peer-map long poll and state reports (device side); list,
+provision, show, revoke, peers, forced update and retry (operator side)."""
+
+from __future__ import annotations
+
+import math
+from typing import Final
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from mesh.control import ControlError, DeviceReport, EnrollRequest, check_app, check_name
+
+from .._http import (
+    anyone,
+    by_method,
+    client_ip,
+    device,
+    int_field,
+    json_field,
+    operator,
+    path_name,
+    read_json,
+)
+from .._model import Device
+from .._service import FleetService
+from .tokens import DEFAULT_EXPIRES_IN, MAX_EXPIRES_IN, MIN_EXPIRES_IN
+
+MAX_WAIT: Final = 120.0  # long-poll ceiling (docs/api.md); agents wait 110 s
+DEFAULT_WAIT: Final = 25.0
+
+
+# --------------------------------------------------------------------------- device side
+
+
+@anyone()
+async def enroll(request: Request, service: FleetService) -> Response:
+    req = EnrollRequest.from_json(await read_json(request))
+    enrollment = service.enroll(req, client_ip(request))
+    await service.hub_changed()
+    return JSONResponse(enrollment.to_json(), status_code=201)
+
+
+@device()
+async def peermap(request: Request, service: FleetService, dev: Device) -> Response:
+    q = request.query_params
+    try:
+        version = int(q.get("version", "0"))
+        wait = float(q.get("wait", DEFAULT_WAIT))
+    except ValueError:
+        raise ControlError("version must be an integer and wait a number") from None
+    if not math.isfinite(wait) or not 0 <= wait <= MAX_WAIT:
+        raise ControlError(f"wait: must be 0..{MAX_WAIT:g} seconds")
+    body = await service.wait_peermap(dev, version, wait)
+    if body is None:
+        return Response(status_code=304)
+    return Response(body, media_type="application/json")
+
+
+@device()
+async def state(request: Request, service: FleetService, dev: Device) -> Response:
+    report = DeviceReport.from_json(await read_json(request))
+    service.report(dev, report, client_ip(request))
+    return Response(status_code=204)
+
+
+# --------------------------------------------------------------------------- operator side
+
+
+@operator()
+async def provision(request: Request, service: FleetService) -> Response:
+    body = await read_json(request)
+    name = check_name(json_field(body, "name", str), "name")
+    fleet = check_name(json_field(body, "fleet", str), "fleet")
+    expires_in = int_field(body, "expires_in", DEFAULT_EXPIRES_IN, MIN_EXPIRES_IN,
+                           MAX_EXPIRES_IN)
+    return JSONResponse(service.provision(name, fleet, expires_in), status_code=201)
+
+
+@operator()
+async def list_devices(request: Request, service: FleetService) -> Response:
+    wanted = request.query_params.get("fleet")
+    if wanted is not None:
+        check_name(wanted, "fleet")
+    return JSONResponse({"devices": service.list_devices(wanted)})
+
+
+@operator()
+async def device_info(request: Request, service: FleetService) -> Response:
+    return JSONResponse(service.device_info(path_name(request)))
+
+
+@operator()
+async def revoke(request: Request, service: FleetService) -> Response:
+    return JSONResponse(await service.revoke(path_name(request)))
+
+
+@operator()
+async def device_peers(request: Request, service: FleetService) -> Response:
+    return JSONResponse({"peers": service.device_peers(path_name(request))})
+
+
+def _body_app(body: object) -> str:
+    return check_app(json_field(body, "app", str))
+
+
+@operator()
+async def device_update(request: Request, service: FleetService) -> Response:
+    body = await read_json(request)
+    app = _body_app(body)
+    force = body.get("force")
+    if not isinstance(force, bool):
+        raise ControlError("force: must be true or false")
+    return JSONResponse(service.releases.force(path_name(request), app, force))
+
+
+@operator()
+async def device_retry(request: Request, service: FleetService) -> Response:
+    app = _body_app(await read_json(request))
+    return JSONResponse(service.releases.retry_device(path_name(request), app))
+
+
+ROUTES: Final = [
+    Route("/api/v1/enroll", enroll, methods=["POST"]),
+    Route("/api/v1/device/peermap", peermap, methods=["GET"]),
+    Route("/api/v1/device/state", state, methods=["POST"]),
+    Route("/api/v1/devices", by_method({"GET": list_devices, "POST": provision}),
+          methods=["GET", "POST"]),
+    Route("/api/v1/devices/{name}", device_info, methods=["GET"]),
+    Route("/api/v1/devices/{name}/revoke", revoke, methods=["POST"]),
+    Route("/api/v1/devices/{name}/peers", device_peers, methods=["GET"]),
+    Route("/api/v1/devices/{name}/update", device_update, methods=["POST"]),
+    Route("/api/v1/devices/{name}/retry", device_retry, methods=["POST"]),
+]

@@ -1,0 +1,35 @@
+"""Enrollment tokens: the operator makes them, devices spend them at /enroll."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from mesh.control import check_name
+
+from .._http import int_field, json_field, operator, optional_field, read_json
+from .._service import FleetService
+
+MAX_TOKEN_USES: Final = 100_000
+MAX_EXPIRES_IN: Final = 366 * 86400
+MIN_EXPIRES_IN: Final = 60
+DEFAULT_EXPIRES_IN: Final = 3600  # s: tokens and provisioned devices' join tokens
+
+
+@operator()
+async def create_token(request: Request, service: FleetService) -> Response:
+    body = await read_json(request)
+    fleet = check_name(json_field(body, "fleet", str), "fleet")
+    uses = int_field(body, "uses", 1, 1, MAX_TOKEN_USES)
+    expires_in = int_field(body, "expires_in", DEFAULT_EXPIRES_IN, MIN_EXPIRES_IN,
+                           MAX_EXPIRES_IN)
+    name = optional_field(body, "name", str)
+    if name is not None:
+        check_name(name, "name")
+    return JSONResponse(service.create_token(fleet, uses, expires_in, name), status_code=201)
+
+
+ROUTES: Final = [Route("/api/v1/tokens", create_token, methods=["POST"])]
