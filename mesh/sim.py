@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Final, overload
 
 from mesh.membership import LAN, Membership, MembershipConfig
-from mesh.release import ReleaseManifest, VerificationError
+from mesh.release import ReleaseManifest, VerificationError, VerifiedRelease
 from mesh.rumor import LAN_RUMOR, Dissemination, RumorConfig
 from mesh.wire import Ack, Gossip, Message, Ping, PingReq, PushPull, frame_size
 
@@ -61,12 +61,13 @@ def sim_manifest(fleet: str, app: str, version: int, size: int = 2048, *,
     return head + b"\0" * max(0, size - len(head))
 
 
-def sim_verify(data: bytes) -> ReleaseManifest:
+def sim_verify(data: bytes) -> VerifiedRelease:
     """The simulator's verifier: cheap, but it refuses forged manifests like the real one."""
     head = data.split(b"\0", 1)[0].decode("ascii", "replace").split("/")
     if len(head) != 4 or head[3] != "ok" or not head[2].isdigit():
         raise VerificationError("bad signature")
-    return ReleaseManifest(head[0], head[1], int(head[2]), 0, b"", ())
+    return VerifiedRelease(ReleaseManifest(head[0], head[1], int(head[2]), 0, b"", ()), data,
+                           "sim")
 
 
 class _Others(Sequence[str]):
