@@ -258,7 +258,8 @@ class MeshNode:
                  pieces_in_flight: int = PIECES_IN_FLIGHT,
                  max_serving_per_peer: int = MAX_SERVING_PER_PEER,
                  local_layers: Callable[[], frozenset[str]] | None = None,
-                 log: Log | None = None) -> None:
+                 log: Log | None = None, join: bool = False) -> None:
+        """`join`: a restarted node push-pulls with a seed at once (`Membership.seed`)."""
         self.name = name
         self.fleet = fleet
         self.store = store
@@ -289,7 +290,7 @@ class MeshNode:
         self._dl_seq = 0
         self._settled_at = float("inf")  # set by start(): start + STARTUP_SETTLE
         self._out: list[Action] = []
-        self._set_peer_map(peers)
+        self._set_peer_map(peers, join=join)
 
     # ------------------------------------------------------------------ queries
 
@@ -322,7 +323,8 @@ class MeshNode:
         if r is None:
             return None
         total = sum(w.size for w in r.wanted.values())
-        done = sum(w.size for b, w in r.wanted.items() if b in r.sched.have)
+        have = r.sched.have  # a copy per access: once
+        done = sum(w.size for b, w in r.wanted.items() if b in have)
         return r.key.version, done, total, {k: r.received[k] for k in
                                             ("lan", "wan_peer", "coordinator")}
 
@@ -350,7 +352,8 @@ class MeshNode:
         even if earlier frames were lost with an earlier connection."""
         out: list[Have] = []
         for r in self._releases.values():
-            held = sorted(b for b in r.wanted if b in r.sched.have)
+            have = r.sched.have
+            held = sorted(b for b in r.wanted if b in have)
             out.extend(_haves(r.key, held))
         return out
 
@@ -459,12 +462,12 @@ class MeshNode:
             raise VerificationError("no pinned release key")
         return self._verify_fn(data)
 
-    def _set_peer_map(self, peers: Mapping[str, str]) -> list[str]:
+    def _set_peer_map(self, peers: Mapping[str, str], *, join: bool = False) -> list[str]:
         """Take the new peer map; the names whose entry went away or changed address."""
         peers = {n: a for n, a in peers.items() if n != self.name}
         gone = [n for n, a in self._peers.items() if peers.get(n) != a]
-        self._peers = dict(peers)
-        self.membership.seed(peers.items())
+        self._peers = peers
+        self.membership.seed(peers.items(), join=join)
         return gone
 
     def _send_all(self, out: list[tuple[str, Message]]) -> None:
@@ -566,14 +569,16 @@ class MeshNode:
     def _send_haves(self, peer: str) -> None:
         """Everything we hold of the current releases, to one (new) peer."""
         for r in self._releases.values():
-            held = sorted(b for b in r.wanted if b in r.sched.have)
+            have = r.sched.have
+            held = sorted(b for b in r.wanted if b in have)
             self._out.extend(Send(peer, h) for h in _haves(r.key, held))
 
     def _update_progress(self) -> None:
         total = done = 0
         for r in self._releases.values():
             total += len(r.wanted)
-            done += sum(1 for b in r.wanted if b in r.sched.have)
+            have = r.sched.have
+            done += sum(1 for b in r.wanted if b in have)
         self.stats.blobs_total, self.stats.blobs_done = total, done
         self.generation += 1
 
