@@ -34,6 +34,7 @@ class MemoryNetwork:
         self.listeners: dict[tuple[str, int], MemoryListener] = {}
         self.sources: dict[int, str] = {}  # id(accepted stream) -> the connecting address
         self.connects: list[tuple[float, str, str]] = []  # (time, from, to)
+        self.lockstep: set[str] = set()  # hosts whose connections have no buffer at all
 
     async def connect(self, host: str, port: int, local_address: str) -> trio.abc.Stream:
         await trio.lowlevel.checkpoint()
@@ -41,7 +42,9 @@ class MemoryNetwork:
         listener = self.listeners.get((host, port))
         if listener is None:
             raise OSError(f"connection to {host}:{port} refused")
-        client, server = trio.testing.memory_stream_pair()
+        pair = trio.testing.lockstep_stream_pair if host in self.lockstep else \
+            trio.testing.memory_stream_pair
+        client, server = pair()
         self.sources[id(server)] = local_address
         await listener.send.send(server)
         return client

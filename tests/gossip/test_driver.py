@@ -167,3 +167,43 @@ async def test_reconnects_back_off(tmp_path: Path, autojump_clock: trio.abc.Cloc
         assert later - earlier >= 0.5 * backoff - 1e-9  # jittered: half to all of the backoff
         backoff = min(cfg.backoff_max, 2 * backoff)
     assert times[-1] - times[-2] >= 0.5 * cfg.backoff_max - 1e-9
+
+
+async def test_a_stalled_send_fails_at_the_send_timeout(
+        tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    net = MemoryNetwork()
+    net.lockstep.add(PEERS["b"])  # b accepts, never reads: a's first send_all cannot finish
+    cfg = TransportConfig()
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            (b_listener,) = await net.listen(PEERS["b"], 7946)
+            accepted: list[trio.abc.Stream] = []
+
+            async def accept_and_hold() -> None:
+                accepted.append(await b_listener.accept())
+            nursery.start_soon(accept_and_hold)
+            a = make(net, tmp_path, "a")
+            await nursery.start(a.run)
+            while not net.connects:
+                await trio.sleep(0.01)
+            t_connect = net.connects[0][0]
+            await trio.sleep_until(t_connect + cfg.send_timeout - 1e-6)
+            assert a.stats.counters["send_failures"] == 0
+            await trio.sleep_until(t_connect + cfg.send_timeout + 1e-6)
+            assert a.stats.counters["send_failures"] == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_silent_inbound_connection_closes_after_twice_the_idle_timeout(
+        tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    net = MemoryNetwork()
+    cfg = TransportConfig()
+    with trio.fail_after(600):
+        async with trio.open_nursery() as nursery:
+            a = make(net, tmp_path, "a")
+            await nursery.start(a.run)
+            silent = await net.connect(PEERS["a"], a.port, PEERS["b"])
+            t_open = trio.current_time()
+            assert await silent.receive_some(10) == b""  # nothing is sent to us on it
+            assert trio.current_time() - t_open == pytest.approx(2 * cfg.idle_timeout, abs=1e-6)
+            nursery.cancel_scope.cancel()
