@@ -263,11 +263,12 @@ class Simulator:
         release = self._releases.get(data)
         return release if release is not None else sim_verify(data)
 
-    def _make_node(self, i: int, join: bool = False) -> SimNode:
+    def _make_node(self, i: int, join: bool = False, store: SimStore | None = None) -> SimNode:
+        """Node i's process; `store`: the blob store it finds on disk (a restart)."""
         cfg = self.config
         nid = self.ids[i]
         node_rng = random.Random(f"{cfg.seed}/{i}/{self._restart_count.get(i, 0)}")
-        store = SimStore()
+        store = store if store is not None else SimStore()
         if cfg.membership is None:
             others = _Others(self.ids, i)
             rumor = Dissemination(nid, node_rng, self._verify, lambda: others, cfg.rumor)
@@ -323,12 +324,9 @@ class Simulator:
         def act() -> None:
             self._restart_count[node] = self._restart_count.get(node, 0) + 1
             old = self.nodes[node]
-            fresh = self._make_node(node, join=True)
+            fresh = self._make_node(node, join=True, store=old.store)
             fresh.sent_msgs, fresh.sent_bytes = old.sent_msgs, old.sent_bytes
             fresh.recv_msgs, fresh.recv_bytes = old.recv_msgs, old.recv_bytes
-            fresh.store = old.store  # the blob store is on disk
-            if fresh.node is not None:
-                fresh.node.store = old.store
             self.nodes[node] = fresh
             fresh.wake_at = self.now
             self._push(self.now, _WAKE, node, None)
