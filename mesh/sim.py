@@ -499,16 +499,15 @@ class Simulator:
             self._send(node, dest, msg)
 
     def _size(self, msg: Message) -> int:
+        if isinstance(msg, BlobData):  # without packing its bytes, and not cached: it is big
+            n = len(msg.data)
+            bin_header = 2 if n < 256 else (3 if n < 65536 else 5)
+            return (frame_size(dataclasses.replace(msg, data=b"")) - 2 + bin_header + n
+                    + self.config.net.per_packet_overhead)
         hit = self._sizes.get(id(msg))
         if hit is not None and hit[0] is msg:
             return hit[1]
-        if isinstance(msg, BlobData):  # without packing its bytes again: only their length
-            n = len(msg.data)
-            bin_header = 2 if n < 256 else (3 if n < 65536 else 5)
-            size = frame_size(dataclasses.replace(msg, data=b"")) - 2 + bin_header + n
-        else:
-            size = frame_size(msg)
-        size += self.config.net.per_packet_overhead
+        size = frame_size(msg) + self.config.net.per_packet_overhead
         if len(self._sizes) > 50_000:
             self._sizes.clear()
         self._sizes[id(msg)] = (msg, size)
