@@ -236,8 +236,11 @@ class _Download:
     blob_id: bytes
     source: str
     size: int
-    deadline: float | None  # None while the driver stores it
+    deadline: float  # abandoned at this time while still fetching
     lan: bool  # from a LAN neighbour (bytes counted as bytes_lan)
+    # fetching -> storing (the driver verifies and stores the whole blob) -> done; only a
+    # fetch times out, breaks with its connection or is cancelled at the seed
+    state: Literal["fetching", "storing", "done"] = "fetching"
     requests: dict[int, tuple[int, int]] = field(default_factory=dict)  # req id -> offset, len
     pieces: dict[int, bytes] = field(default_factory=dict)  # offset -> bytes
     got: int = 0
@@ -342,7 +345,7 @@ class MeshNode:
         if any(not r.wanting for r in self._releases.values()):
             ds.append(self._settled_at)
         ds.extend(r.sched.next_deadline() for r in self._releases.values())
-        ds.extend(d.deadline for d in self._by_id.values())
+        ds.extend(d.deadline for d in self._by_id.values() if d.state == "fetching")
         return min((d for d in ds if d is not None), default=None)
 
     def have_messages(self) -> list[Have]:
@@ -367,7 +370,7 @@ class MeshNode:
         self._send_all(self.membership.tick(now))
         self._send_all(self.rumor.tick(now))
         for dl in [d for d in self._by_id.values()
-                   if d.deadline is not None and d.deadline <= now]:
+                   if d.state == "fetching" and d.deadline <= now]:
             if dl.source == COORDINATOR:
                 self._out.append(CancelDownload(dl.id))
             self._report(dl, None, now)
@@ -417,7 +420,8 @@ class MeshNode:
 
     def peer_down(self, peer: str, now: float) -> None:
         """The connection to or from `peer` broke: its downloads failed."""
-        for dl in [d for d in self._by_id.values() if d.source == peer]:
+        for dl in [d for d in self._by_id.values()
+                   if d.source == peer and d.state == "fetching"]:
             self._report(dl, None, now)
 
     def send_failed(self, dest: str, msg: Message, now: float) -> None:
@@ -429,7 +433,7 @@ class MeshNode:
     def blob_received(self, download: int, data: bytes, now: float) -> None:
         """The whole blob from the coordinator's seed (a `StartDownload`)."""
         dl = self._by_id.get(download)
-        if dl is None or dl.source != COORDINATOR:
+        if dl is None or dl.source != COORDINATOR or dl.state != "fetching":
             return
         self.stats.bytes_coordinator += len(data)
         dl.release.received["coordinator"] += len(data)
@@ -438,13 +442,13 @@ class MeshNode:
 
     def download_failed(self, download: int, now: float) -> None:
         dl = self._by_id.get(download)
-        if dl is not None:
+        if dl is not None and dl.state == "fetching":
             self._report(dl, None, now)
 
     def blob_stored(self, download: int, ok: bool, now: float) -> None:
         """The result of a `StoreBlob`: ok if verified and in the store."""
         dl = self._by_id.get(download)
-        if dl is not None:
+        if dl is not None and dl.state == "storing":
             self._report(dl, ok, now)
 
     def served(self, peer: str) -> None:
@@ -669,14 +673,14 @@ class MeshNode:
             self.stats.counters["bad_blobs"] += 1
             self._report(dl, False, now)
             return
-        dl.deadline = None  # the driver's store step is not timed (a worker thread)
+        dl.state = "storing"  # not timed: a worker thread of the driver's
         self._out.append(StoreBlob(dl.id, dl.blob_id, data, w.kind, w.ref, w.size, dl.source))
 
     def _forget(self, dl: _Download) -> None:
         if self._downloads.get((dl.app, dl.blob_id)) is dl:
             del self._downloads[(dl.app, dl.blob_id)]
         if self._by_id.pop(dl.id, None) is not None and dl.source == COORDINATOR \
-                and dl.deadline is not None:
+                and dl.state == "fetching":
             self._out.append(CancelDownload(dl.id))
         for req in dl.requests:
             self._requests.pop(req, None)
@@ -687,7 +691,7 @@ class MeshNode:
         """ok: verified and stored (True), bad bytes (False), failed/timed out (None)."""
         if self._by_id.get(dl.id) is not dl:
             return  # cancelled by the scheduler or replaced: it knows already
-        dl.deadline = None  # finished: no CancelDownload from _forget
+        dl.state = "done"  # its result is in: no CancelDownload from _forget
         self._forget(dl)
         r = dl.release
         if self._releases.get(dl.app) is not r:

@@ -366,3 +366,15 @@ def test_a_connecting_peer_gets_our_haves() -> None:
     assert n.have_messages() == [Have(KEY1, (blobs[0].ref.id,))]
     n.connected("p")
     assert sent(n.drain(), Have) == [("p", Have(KEY1, (blobs[0].ref.id,)))]
+
+
+def test_a_blob_being_stored_survives_its_sources_connection() -> None:
+    (blob,) = make_blobs(1, large=0)
+    n, acts = settled({"lan1": "10.0.0.2"}, ["lan1"], [blob], {"lan1": [blob]})
+    ((_, r),) = sent(acts, BlobRequest)
+    n.receive(BlobData(r.req_id, blob.ref.id, 0, blob.frame, True), "lan1", 7.0)
+    (st,) = of(n.drain(), StoreBlob)
+    n.peer_down("lan1", 7.1)  # the bytes are all here: the store step goes on
+    n.tick(7.5)
+    n.blob_stored(st.download, True, 7.6)
+    assert n.complete(FLEET, APP) and n.banned(FLEET, APP) == frozenset()
