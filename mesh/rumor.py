@@ -1,8 +1,10 @@
 """Manifest dissemination: rumor mongering plus anti-entropy, as a state machine without I/O.
 
-State: for each (fleet, app), the newest verified signed manifest (its encoded bytes). Nothing is
-stored or forwarded before the injected `verify` accepted it (docs/architecture.md, principle 5);
-what it refuses is dropped and counted in `stats.invalid`.
+State: for each (fleet, app), the newest verified release (`mesh.release.VerifiedRelease`: the
+manifest with the encoded bytes it came from). Nothing is stored or forwarded before the injected
+`verify` accepted it (docs/architecture.md, principle 5); what it refuses is dropped and counted in
+`stats.invalid`. Bytes are verified once, here, where they arrive: `ManifestStored` events and
+`release()` hand the verified object on, so no consumer decodes or checks them again.
 
 Demers et al., "Epidemic Algorithms for Replicated Database Maintenance" (PODC 1987):
 - *Rumor mongering*: a node that learns a new manifest keeps it "hot" and pushes it to `fanout`
@@ -25,12 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from mesh.release import (
-    ReleaseError,
-    ReleaseManifest,
-    decode_signed_manifest,
-    verify_manifest,
-)
+from mesh.release import ReleaseError, VerifiedRelease, verify_release
 from mesh.wire import (
     MAX_BODY,
     MAX_DIGEST,
@@ -44,7 +41,7 @@ from mesh.wire import (
 )
 
 Outgoing = list[tuple[str, Message]]
-Verifier = Callable[[bytes], ReleaseManifest]
+Verifier = Callable[[bytes], VerifiedRelease]
 AppKey = tuple[str, str]  # (fleet, app)
 
 _SEEN_LIMIT: Final = 4096  # remembered rejected/duplicate digests before the cache is reset
@@ -77,9 +74,8 @@ def make_verifier(pinned_public_key: bytes, *, fleet: str | None = None) -> Veri
     Which version may be *installed* (not older than the running one, unless pinned) is the
     agent's decision; dissemination only keeps the newest authentic one per (fleet, app).
     """
-    def verify(data: bytes) -> ReleaseManifest:
-        return verify_manifest(decode_signed_manifest(data), pinned_public_key, None,
-                               fleet=fleet)
+    def verify(data: bytes) -> VerifiedRelease:
+        return verify_release(data, pinned_public_key, fleet=fleet)
     return verify
 
 
@@ -96,17 +92,30 @@ class RumorStats:
 
 @dataclass(frozen=True, slots=True)
 class ManifestStored:
-    fleet: str
-    app: str
-    version: int
-    signed: bytes
+    release: VerifiedRelease
     at: float
+
+    @property
+    def fleet(self) -> str:
+        return self.release.manifest.fleet
+
+    @property
+    def app(self) -> str:
+        return self.release.manifest.app
+
+    @property
+    def version(self) -> int:
+        return self.release.manifest.version
 
 
 @dataclass(slots=True)
 class _Entry:
     version: int
-    data: bytes
+    release: VerifiedRelease
+
+    @property
+    def data(self) -> bytes:
+        return self.release.encoded
 
 
 @dataclass(slots=True)
@@ -150,6 +159,11 @@ class Dissemination:
     def newest(self, fleet: str, app: str) -> tuple[int, bytes] | None:
         e = self._state.get((fleet, app))
         return None if e is None else (e.version, e.data)
+
+    def release(self, fleet: str, app: str) -> VerifiedRelease | None:
+        """The newest verified release of (fleet, app), None if none is held."""
+        e = self._state.get((fleet, app))
+        return None if e is None else e.release
 
     def versions(self) -> dict[AppKey, int]:
         return {k: e.version for k, e in self._state.items()}
@@ -232,11 +246,12 @@ class Dissemination:
             self.stats.invalid += 1
             return "invalid", None
         try:
-            manifest = self.verify(data)
+            release = self.verify(data)
         except (ReleaseError, ValueError, TypeError):
             self.stats.invalid += 1
             self._seen.add(digest)
             return "invalid", None
+        manifest = release.manifest
         key = (manifest.fleet, manifest.app)
         held = self._state.get(key)
         if held is not None and manifest.version <= held.version:
@@ -250,10 +265,9 @@ class Dissemination:
                 return "duplicate", key
             self.stats.stale += 1
             return "stale", key
-        self._state[key] = _Entry(manifest.version, data)
+        self._state[key] = _Entry(manifest.version, release)
         self.stats.stored += 1
-        self.events.append(ManifestStored(manifest.fleet, manifest.app, manifest.version, data,
-                                          now))
+        self.events.append(ManifestStored(release, now))
         if len(data) > MAX_MANIFEST_BYTES:
             self.stats.too_large += 1
             self._hot.pop(key, None)

@@ -1,37 +1,61 @@
-"""A seeded discrete-event simulator for the mesh protocol cores (membership + dissemination).
+"""A seeded discrete-event simulator of whole mesh nodes (`mesh.node.MeshNode`): membership,
+manifest dissemination and blob exchange over a simulated network with explicit time.
 
-N in-process nodes grouped in LANs; a message inside a LAN takes `lan_latency`; between LANs it
-is serialised on the sender LAN's uplink and the receiver LAN's downlink at `wan_rate` bytes/s
-(one shared WAN link per LAN, as behind a home router) and takes `wan_latency`; any message is
-lost with probability `loss`; a partition drops everything between LAN groups. One event queue
-keyed by (time, sequence number); every random choice comes from `random.Random` instances
-derived from the seed, so the same seed gives the same run, bit for bit.
+N in-process nodes grouped in LANs of `lan_size`; a message inside a LAN takes `lan_latency`
+(plus size / `lan_rate`, if set); between LANs it is serialised on the sender LAN's uplink and
+the receiver LAN's downlink at `wan_rate` bytes/s (one shared WAN link per LAN, as behind a home
+router; `shared_wan=False` gives every message the whole rate, for blob-scheduling studies that
+leave contention out) and takes `wan_latency`; `jitter` scales each transfer time by a random
+factor in [1 - jitter, 1 + jitter]; any message is lost with probability `loss`; a partition
+drops everything between LAN groups. The coordinator's blob seed sits behind the WAN: a
+download from it takes its size at `wan_rate` and a round trip. One event queue keyed by
+(time, sequence number); every random choice comes from `random.Random` instances derived from
+the seed, so the same seed gives the same run, bit for bit.
 
-`membership=None` runs dissemination only, over a static full view (every node knows every
-other, as seeded from the coordinator's peer map): that is how the 10,000-node case runs in
-seconds. Message sizes are the real encoded frame sizes (`mesh.wire.frame_size`) plus
+Nodes run exactly what a device runs; the simulator is their driver: it delivers `Send`s,
+answers `StartDownload` from the seed, stores blobs (`StoreBlob`: a blob's true bytes are its
+size in zero bytes, so a rogue's bytes fail like a bad digest) and serves ranges. Releases
+published with `release()` carry real layers and chunks; `publish()` publishes a manifest
+without blobs (dissemination studies).
+
+`membership=None` runs the dissemination core (`mesh.rumor`) alone, over a static full view
+(every node knows every other, as seeded from the coordinator's peer map): that is how the
+10,000-node case runs in seconds (a node's full peer map and per-release peer sets would take
+N x N memory). Message sizes are the real encoded frame sizes (`mesh.wire.frame_size`) plus
 `per_packet_overhead` (WireGuard data header and tag, UDP, IPv4).
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import hashlib
 import heapq
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, overload
 
+from mesh.blobsched import COORDINATOR, SchedConfig
 from mesh.membership import LAN, Membership, MembershipConfig
-from mesh.release import ReleaseManifest, VerificationError
+from mesh.node import (
+    CancelDownload,
+    MeshNode,
+    Send,
+    ServeRange,
+    StartDownload,
+    StoreBlob,
+)
+from mesh.release import ChunkRef, Layer, ReleaseManifest, VerificationError, VerifiedRelease
 from mesh.rumor import LAN_RUMOR, Dissemination, RumorConfig
-from mesh.wire import Ack, Gossip, Message, Ping, PingReq, PushPull, frame_size
+from mesh.wire import BlobData, BlobError, BlobRequest, Message, Status, frame_size
 
 WG_UDP_IP_OVERHEAD: Final = 60  # WireGuard data header 16 + Poly1305 tag 16 + UDP 8 + IPv4 20
 
 _WAKE: Final = 0
 _DELIVER: Final = 1
 _CONTROL: Final = 2
-_MEMBERSHIP_TYPES: Final = (Ping, PingReq, Ack, Gossip, PushPull)
+_SEED: Final = 3  # a download from the coordinator's seed completes
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +65,9 @@ class NetConfig:
     wan_rate: float | None = 125_000.0  # bytes/s per LAN uplink and downlink (1 Mbit/s)
     loss: float = 0.0
     per_packet_overhead: int = WG_UDP_IP_OVERHEAD
+    lan_rate: float | None = None  # bytes/s per message inside a LAN; None: latency only
+    shared_wan: bool = True  # False: every WAN message gets `wan_rate` to itself
+    jitter: float = 0.0  # transfer times x uniform(1 - jitter, 1 + jitter)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +79,9 @@ class SimConfig:
     membership: MembershipConfig | None = LAN  # None: dissemination over a static full view
     rumor: RumorConfig = LAN_RUMOR
     manifest_size: int = 2048  # bytes of a (fake) signed manifest
+    sched: SchedConfig = SchedConfig()
+    rogues: frozenset[int] = frozenset()  # nodes that serve corrupt bytes
+    start_spread: float = 0.0  # nodes start at uniform(0, start_spread)
 
 
 def sim_manifest(fleet: str, app: str, version: int, size: int = 2048, *,
@@ -61,12 +91,60 @@ def sim_manifest(fleet: str, app: str, version: int, size: int = 2048, *,
     return head + b"\0" * max(0, size - len(head))
 
 
-def sim_verify(data: bytes) -> ReleaseManifest:
+def sim_verify(data: bytes) -> VerifiedRelease:
     """The simulator's verifier: cheap, but it refuses forged manifests like the real one."""
     head = data.split(b"\0", 1)[0].decode("ascii", "replace").split("/")
     if len(head) != 4 or head[3] != "ok" or not head[2].isdigit():
         raise VerificationError("bad signature")
-    return ReleaseManifest(head[0], head[1], int(head[2]), 0, b"", ())
+    return VerifiedRelease(ReleaseManifest(head[0], head[1], int(head[2]), 0, b"", ()), data,
+                           "sim")
+
+
+def sim_blob_ids(n: int, seed: int = 1) -> list[bytes]:
+    return [hashlib.sha256(b"blob-%d-%d" % (seed, i)).digest() for i in range(n)]
+
+
+def sim_release(fleet: str, app: str, version: int, blobs: Mapping[bytes, int],
+                size: int = 2048) -> VerifiedRelease:
+    """A release whose chunks are `blobs` (id -> bytes), one layer per 16 chunks."""
+    ids = list(blobs)
+    layers = []
+    for i in range(0, len(ids), 16):
+        refs = tuple(ChunkRef(b, blobs[b], blobs[b]) for b in ids[i:i + 16])
+        digest = hashlib.sha256(b"".join(r.id for r in refs)).hexdigest()
+        layers.append(Layer("sha256:" + digest, sum(r.size for r in refs), refs))
+    manifest = ReleaseManifest(fleet, app, version, 0, b"{}", tuple(layers))
+    return VerifiedRelease(manifest, sim_manifest(fleet, app, version, size), "sim")
+
+
+class SimStore:
+    """A node's blob store: ids and sizes only; the true bytes of a blob are its size in zeros."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[bytes, int] = {}
+        self.rejected = 0
+
+    def has(self, blob_id: bytes) -> bool:
+        return blob_id in self.blobs
+
+    def size(self, blob_id: bytes) -> int | None:
+        return self.blobs.get(blob_id)
+
+    def complete_layers(self) -> frozenset[str]:
+        return frozenset()
+
+    def record_layers(self, layers: Mapping[str, Iterable[bytes]]) -> None:
+        return None
+
+    def put(self, blob_id: bytes, data: bytes, size: int) -> bool:
+        """Verify, then keep: False (nothing kept) if `data` is not the blob. (Its ends stand
+        for a digest: a rogue's bytes differ everywhere, and a scan of every byte would cost
+        more than the rest of a blob simulation.)"""
+        if len(data) != size or data[:64].count(0) + data[-64:].count(0) != min(size, 64) * 2:
+            self.rejected += 1
+            return False
+        self.blobs[blob_id] = size
+        return True
 
 
 class _Others(Sequence[str]):
@@ -101,14 +179,21 @@ class SimNode:
     index: int
     node_id: str
     lan: int
-    membership: Membership | None
+    node: MeshNode | None  # None: the dissemination core alone (static full view)
     rumor: Dissemination
+    store: SimStore
     up: bool = True
+    started: bool = False
+    stored: int = 0  # manifests its rumor core stored, when last looked
     wake_at: float | None = None
     sent_msgs: int = 0
     sent_bytes: int = 0
     recv_msgs: int = 0
     recv_bytes: int = 0
+
+    @property
+    def membership(self) -> Membership | None:
+        return self.node.membership if self.node is not None else None
 
 
 @dataclass(slots=True)
@@ -121,15 +206,33 @@ class SimStats:
     msgs_by_type: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class BlobStats:
+    """Blob exchange: every download a node started, by where it crossed."""
+
+    fetches: list[tuple[float, int, str, bytes]] = field(default_factory=list)  # t, node, src
+    wan_fetches: collections.Counter[int] = field(default_factory=collections.Counter)  # by LAN
+    lan_fetches: collections.Counter[int] = field(default_factory=collections.Counter)
+    coordinator_fetches: int = 0
+    bad_deliveries: int = 0  # blobs that failed verification (a rogue's)
+    finished_at: dict[int, float] = field(default_factory=dict)  # node -> all releases held
+
+
 class Simulator:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.now = 0.0
-        self.rng = random.Random(config.seed)  # the network's own randomness (loss)
+        self.rng = random.Random(config.seed)  # the network's own randomness (loss, jitter)
         self.stats = SimStats()
+        self.blob_stats = BlobStats()
         self.ids = [f"n{i:05d}" for i in range(config.n)]
         self.index = {nid: i for i, nid in enumerate(self.ids)}
+        # Node ids stand for addresses (the simulator routes by id); empty addresses keep
+        # membership messages at the sizes the published figures were measured with.
+        self.addresses = dict.fromkeys(self.ids, "")
         self._restart_count: dict[int, int] = {}
+        self._releases: dict[bytes, VerifiedRelease] = {}  # encoded -> release (release())
+        self._apps: set[tuple[str, str]] = set()  # apps with blobs, for finished_at
         self.nodes = [self._make_node(i) for i in range(config.n)]
         self.stored_at: dict[int, dict[int, float]] = {}  # version -> node -> first stored
         self.hops: dict[int, dict[int, int]] = {}  # version -> node -> forwards from publisher
@@ -143,45 +246,72 @@ class Simulator:
         self._downlink_free = [0.0] * (config.n // config.lan_size + 1)
         self._group: dict[int, int] | None = None  # lan -> partition group
         self._sizes: dict[int, tuple[Message, int]] = {}
+        self._seed_pending: set[tuple[int, int]] = set()  # (node, download) from the seed
         for node in self.nodes:
-            self._push(0.0, _WAKE, node.index, None)
-            node.wake_at = 0.0
+            t = self.rng.uniform(0.0, config.start_spread) if config.start_spread else 0.0
+            self._push(t, _WAKE, node.index, None)
+            node.wake_at = t
 
     # ---- building -------------------------------------------------------------------------
 
-    def _make_node(self, i: int, join: bool = False) -> SimNode:
+    def lan_members(self, i: int) -> list[str]:
+        size = self.config.lan_size
+        first = i // size * size
+        return [self.ids[j] for j in range(first, min(first + size, self.config.n)) if j != i]
+
+    def _verify(self, data: bytes) -> VerifiedRelease:
+        release = self._releases.get(data)
+        return release if release is not None else sim_verify(data)
+
+    def _make_node(self, i: int, join: bool = False, store: SimStore | None = None) -> SimNode:
+        """Node i's process; `store`: the blob store it finds on disk (a restart)."""
         cfg = self.config
         nid = self.ids[i]
         node_rng = random.Random(f"{cfg.seed}/{i}/{self._restart_count.get(i, 0)}")
-        membership: Membership | None = None
-        peers: Callable[[], Sequence[str]]
-        if cfg.membership is not None:
-            membership = Membership(nid, f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", node_rng,
-                                    cfg.membership)
-            membership.seed(((self.ids[j], "") for j in range(cfg.n) if j != i), join=join)
-            peers = membership.live_members
-        else:
+        store = store if store is not None else SimStore()
+        if cfg.membership is None:
             others = _Others(self.ids, i)
-            peers = lambda: others  # noqa: E731
-        rumor = Dissemination(nid, node_rng, sim_verify, peers, cfg.rumor)
-        return SimNode(i, nid, i // cfg.lan_size, membership, rumor)
+            rumor = Dissemination(nid, node_rng, self._verify, lambda: others, cfg.rumor)
+            return SimNode(i, nid, i // cfg.lan_size, None, rumor, store)
+        node = MeshNode(nid, _address(i), peers=self.addresses, verify=self._verify,
+                        store=store, rng=node_rng, sched_config=cfg.sched,
+                        membership_config=cfg.membership, rumor_config=cfg.rumor, join=join)
+        node.set_lan(self.lan_members(i), 0.0)
+        return SimNode(i, nid, i // cfg.lan_size, node, node.rumor, store)
 
     # ---- scenario -------------------------------------------------------------------------
 
     def at(self, t: float, action: Callable[[], None]) -> None:
         self._push(t, _CONTROL, -1, action)
 
-    def publish(self, node: int, version: int, t: float, *, fleet: str = "fleet",
-                app: str = "app", valid: bool = True) -> None:
-        data = sim_manifest(fleet, app, version, self.config.manifest_size, valid=valid)
-
+    def _offer(self, node: int, data: bytes, t: float) -> None:
         def act() -> None:
             n = self.nodes[node]
             if n.up:
                 self._src = None
-                n.rumor.publish(data, self.now)
+                if n.node is not None:
+                    n.node.offer_manifest(data, self.now)
+                else:
+                    n.rumor.publish(data, self.now)
                 self._after(n)
         self.at(t, act)
+
+    def publish(self, node: int, version: int, t: float, *, fleet: str = "fleet",
+                app: str = "app", valid: bool = True) -> None:
+        """A manifest without blobs, offered to `node` at `t`."""
+        self._offer(node, sim_manifest(fleet, app, version, self.config.manifest_size,
+                                       valid=valid), t)
+
+    def release(self, blobs: Mapping[bytes, int], t: float, *, nodes: Iterable[int] | None = None,
+                fleet: str = "fleet", app: str = "app", version: int = 1) -> VerifiedRelease:
+        """A release of `blobs` (id -> size), offered at `t` to `nodes` (default: every node,
+        as the coordinator's targets do); its blobs come from the seed and from peers."""
+        release = sim_release(fleet, app, version, blobs, self.config.manifest_size)
+        self._releases[release.encoded] = release
+        self._apps.add((fleet, app))
+        for i in range(self.config.n) if nodes is None else nodes:
+            self._offer(i, release.encoded, t)
+        return release
 
     def stop(self, node: int, t: float) -> None:
         def act() -> None:
@@ -194,7 +324,7 @@ class Simulator:
         def act() -> None:
             self._restart_count[node] = self._restart_count.get(node, 0) + 1
             old = self.nodes[node]
-            fresh = self._make_node(node, join=True)
+            fresh = self._make_node(node, join=True, store=old.store)
             fresh.sent_msgs, fresh.sent_bytes = old.sent_msgs, old.sent_bytes
             fresh.recv_msgs, fresh.recv_bytes = old.recv_msgs, old.recv_bytes
             self.nodes[node] = fresh
@@ -217,7 +347,8 @@ class Simulator:
 
     # ---- running --------------------------------------------------------------------------
 
-    def run(self, until: float) -> None:
+    def run(self, until: float, *, stop: Callable[[], bool] | None = None) -> None:
+        """Process events up to `until`, or until `stop()` is true after an event."""
         q = self._queue
         while q and q[0][0] <= until:
             t, _, kind, idx, payload = heapq.heappop(q)
@@ -225,68 +356,154 @@ class Simulator:
             if kind == _CONTROL:
                 assert callable(payload)
                 payload()
-                continue
-            node = self.nodes[idx]
-            if kind == _WAKE:
-                if not node.up or node.wake_at != t:
-                    continue  # superseded
-                node.wake_at = None
-                self._src = None
-                out = node.rumor.tick(t)
-                if node.membership is not None:
-                    out += node.membership.tick(t)
-                self._send_all(node, out)
-                self._after(node)
             else:
-                assert isinstance(payload, tuple)
-                src, msg, size = payload
-                if not node.up:
-                    self.stats.dropped_down += 1
-                    continue
-                self.stats.delivered += 1
-                node.recv_msgs += 1
-                node.recv_bytes += size
-                sender = self.ids[src]
-                self._src = src
-                if isinstance(msg, _MEMBERSHIP_TYPES):
-                    out = node.membership.receive(msg, sender, t) if node.membership else []
-                else:
-                    out = node.rumor.receive(msg, sender, t)
-                self._send_all(node, out)
-                self._after(node)
+                self._event(t, kind, self.nodes[idx], payload)
+            if stop is not None and stop():
+                return
         self.now = max(self.now, until)
 
+    def all_finished(self) -> bool:
+        """Every node that is up holds every blob of every release()."""
+        return all(n.index in self.blob_stats.finished_at for n in self.nodes if n.up)
+
+    def _event(self, t: float, kind: int, node: SimNode, payload: object) -> None:
+        if kind == _WAKE:
+            if not node.up or node.wake_at != t:
+                return  # superseded
+            node.wake_at = None
+            self._src = None
+            if node.node is not None and not node.started:
+                node.started = True
+                node.node.start(t)  # the first wake: the process starts
+            elif node.node is not None:
+                node.node.tick(t)
+            else:
+                self._send_all(node, node.rumor.tick(t))
+            self._after(node)
+        elif kind == _SEED:
+            assert isinstance(payload, tuple)
+            download, size = payload
+            if (node.index, download) not in self._seed_pending or node.node is None:
+                return  # cancelled
+            self._seed_pending.discard((node.index, download))
+            self._src = None
+            if node.up:
+                node.node.blob_received(download, bytes(size), t)
+                self._after(node)
+        else:
+            assert isinstance(payload, tuple)
+            src, msg, size = payload
+            if not node.up:
+                self.stats.dropped_down += 1
+                return
+            self.stats.delivered += 1
+            node.recv_msgs += 1
+            node.recv_bytes += size
+            sender = self.ids[src]
+            self._src = src
+            if node.node is not None:
+                node.node.receive(msg, sender, t)
+            else:
+                self._send_all(node, node.rumor.receive(msg, sender, t))
+            self._after(node)
+
     def _after(self, node: SimNode) -> None:
-        for ev in node.rumor.drain_events():
-            self.stored_at.setdefault(ev.version, {}).setdefault(node.index, self.now)
-            hops = self.hops.setdefault(ev.version, {})
-            if node.index not in hops:
-                hops[node.index] = 0 if self._src is None else hops.get(self._src, 0) + 1
-        if node.membership is not None:
-            for mev in node.membership.drain_events():
-                subject = self.index.get(mev.node_id)
-                if subject in self.watch and subject is not None:
-                    table = self.dead_seen if mev.kind == "dead" else (
-                        self.suspect_seen if mev.kind == "suspect" else None)
-                    if table is not None:
-                        table.setdefault(subject, {}).setdefault(node.index, self.now)
+        """Carry out what the node asked for; note what it stored and who it suspects."""
+        mesh = node.node
+        if mesh is not None:
+            while actions := mesh.drain():
+                for a in actions:
+                    self._carry_out(node, mesh, a)
+            self._note_members(node, mesh.membership)
+            for fleet, app in self._apps:
+                if node.index not in self.blob_stats.finished_at and \
+                        mesh.complete(fleet, app):
+                    self.blob_stats.finished_at[node.index] = self.now
+            if mesh.rumor.stats.stored != node.stored:  # a new manifest is in
+                node.stored = mesh.rumor.stats.stored
+                for v in mesh.rumor.versions().values():
+                    if node.index not in self.stored_at.get(v, {}):
+                        self._stored(node, v)
+        else:
+            for ev in node.rumor.drain_events():
+                self._stored(node, ev.version)
         if not node.up:
             return
-        d = node.rumor.next_deadline()
-        if node.membership is not None:
-            m = node.membership.next_deadline()
-            d = m if d is None else (d if m is None else min(d, m))
+        d = node.rumor.next_deadline() if mesh is None else mesh.next_deadline()
         if d is not None:
             d = max(d, self.now)
             if node.wake_at is None or d < node.wake_at:
                 node.wake_at = d
                 self._push(d, _WAKE, node.index, None)
 
+    def _carry_out(self, node: SimNode, mesh: MeshNode, a: object) -> None:
+        bs = self.blob_stats
+        if isinstance(a, Send):
+            if isinstance(a.msg, BlobRequest) and a.msg.offset == 0:
+                self._fetched(node, a.dest, a.msg.blob_id)
+            self._send(node, a.dest, a.msg)
+        elif isinstance(a, StartDownload):
+            self._fetched(node, COORDINATOR, a.blob_id)
+            self._seed_pending.add((node.index, a.download))
+            net = self.config.net
+            rate = net.wan_rate or float("inf")
+            self._push(self.now + 2 * net.wan_latency + a.size / rate * self._jitter(),
+                       _SEED, node.index, (a.download, a.size))
+        elif isinstance(a, CancelDownload):
+            self._seed_pending.discard((node.index, a.download))
+        elif isinstance(a, StoreBlob):
+            ok = node.store.put(a.blob_id, a.data, a.size)
+            if not ok:
+                bs.bad_deliveries += 1
+            mesh.blob_stored(a.download, ok, self.now)
+        elif isinstance(a, ServeRange):
+            size = node.store.size(a.blob_id)
+            if size is None:
+                self._send(node, a.peer, BlobError(a.req_id, "read failed"))
+            else:
+                length = max(0, min(a.length, size - a.offset))
+                fill = 0x5A if node.index in self.config.rogues else 0
+                self._send(node, a.peer, BlobData(a.req_id, a.blob_id, a.offset,
+                                                  bytes([fill]) * length,
+                                                  a.offset + length >= size))
+            mesh.served(a.peer)
+
+    def _fetched(self, node: SimNode, source: str, blob_id: bytes) -> None:
+        bs = self.blob_stats
+        bs.fetches.append((self.now, node.index, source, blob_id))
+        if source == COORDINATOR:
+            bs.coordinator_fetches += 1
+        if source == COORDINATOR or self.nodes[self.index[source]].lan != node.lan:
+            bs.wan_fetches[node.lan] += 1
+        else:
+            bs.lan_fetches[node.lan] += 1
+
+    def _stored(self, node: SimNode, version: int) -> None:
+        self.stored_at.setdefault(version, {}).setdefault(node.index, self.now)
+        hops = self.hops.setdefault(version, {})
+        if node.index not in hops:
+            hops[node.index] = 0 if self._src is None else hops.get(self._src, 0) + 1
+
+    def _note_members(self, node: SimNode, membership: Membership) -> None:
+        for subject in self.watch:
+            state = membership.member(self.ids[subject])
+            if state is None or subject == node.index:
+                continue
+            table = self.dead_seen if state.status == Status.DEAD else (
+                self.suspect_seen if state.status == Status.SUSPECT else None)
+            if table is not None:
+                table.setdefault(subject, {}).setdefault(node.index, self.now)
+
     def _send_all(self, node: SimNode, out: list[tuple[str, Message]]) -> None:
         for dest, msg in out:
             self._send(node, dest, msg)
 
     def _size(self, msg: Message) -> int:
+        if isinstance(msg, BlobData):  # without packing its bytes, and not cached: it is big
+            n = len(msg.data)
+            bin_header = 2 if n < 256 else (3 if n < 65536 else 5)
+            return (frame_size(dataclasses.replace(msg, data=b"")) - 2 + bin_header + n
+                    + self.config.net.per_packet_overhead)
         hit = self._sizes.get(id(msg))
         if hit is not None and hit[0] is msg:
             return hit[1]
@@ -295,6 +512,10 @@ class Simulator:
             self._sizes.clear()
         self._sizes[id(msg)] = (msg, size)
         return size
+
+    def _jitter(self) -> float:
+        j = self.config.net.jitter
+        return self.rng.uniform(1.0 - j, 1.0 + j) if j else 1.0
 
     def _send(self, node: SimNode, dest: str, msg: Message) -> None:
         dst = self.index.get(dest)
@@ -318,6 +539,10 @@ class Simulator:
         t = self.now
         if src_lan == dst_lan:
             t += net.lan_latency
+            if net.lan_rate:
+                t += size / net.lan_rate * self._jitter()
+        elif net.wan_rate and not net.shared_wan:
+            t += net.wan_latency + size / net.wan_rate * self._jitter()
         else:
             if net.wan_rate:
                 t = max(t, self._uplink_free[src_lan]) + size / net.wan_rate
@@ -343,3 +568,7 @@ class Simulator:
                 tuple(sorted((v, tuple(sorted(d.items()))) for v, d in self.stored_at.items())),
                 tuple((n.sent_msgs, n.sent_bytes, n.recv_msgs) for n in self.nodes),
                 tuple(sorted(self.stats.bytes_by_type.items())))
+
+
+def _address(i: int) -> str:
+    return f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}"

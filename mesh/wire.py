@@ -394,7 +394,7 @@ class FrameDecoder:
     def closed(self) -> bool:
         return self._closed
 
-    def feed(self, data: bytes) -> list[Message]:
+    def feed(self, data: bytes | bytearray) -> list[Message]:
         if self._closed:
             raise WireError("stream already failed framing")
         view = memoryview(data)

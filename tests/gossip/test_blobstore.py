@@ -9,8 +9,8 @@ import pytest
 from backports import zstd
 
 from agent._blobstore import BlobStore, verify_blob
-from agent._gossip import wanted_blobs
 from mesh.blobs import BlobVerifyError
+from mesh.node import wanted_blobs
 from mesh.release import CHUNK_SIZE, Layer, LayerDelta, ReleaseManifest, chunk_id
 
 from .helpers import make_blobs

@@ -169,8 +169,7 @@ async def test_a_rogue_peer_is_banned_and_its_bytes_never_stored(tmp_path: Path)
             for n in honest:
                 check_store(n, blobs)
                 assert n.store.rejected == n.stats.counters["bad_blobs"]
-                r = n._releases[("cams", "cam")]
-                banned += "rogue" in r.sched.banned
+                banned += "rogue" in n.core.banned("cams", "cam")
             assert banned == len(honest)
             assert sum(n.stats.counters["bad_blobs"] for n in honest) >= len(honest)
             nursery.cancel_scope.cancel()

@@ -1,0 +1,209 @@
+"""agent._gossip.GossipNode, the trio driver of mesh.node.MeshNode, on `trio.testing` memory
+streams and the autojump clock: the timers it runs from `next_deadline()` fire at exact times."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from agent._blobstore import BlobStore
+from agent._gossip import GossipNode, TransportConfig
+from mesh.blobsched import SchedConfig, fetch_timeout
+from mesh.node import STARTUP_SETTLE
+from mesh.rumor import make_verifier
+from mesh.wire import Ping, encode
+
+from .helpers import APP, FLEET, KEY, make_blobs, make_manifest
+from .memnet import MemoryNetwork
+
+PEERS = {"a": "10.0.0.1", "b": "10.0.0.2"}
+
+
+@pytest.fixture
+def thread_safe_clock() -> trio.testing.MockClock:
+    """An autojump clock that waits for 20 ms of real idleness before it jumps: the driver
+    verifies and stores blobs in worker threads, and with pytest-trio's `autojump_clock`
+    (threshold 0) virtual time races through every timer while a thread works, so transfers
+    time out that took milliseconds."""
+    return trio.testing.MockClock(autojump_threshold=0.02)
+
+
+def make(net: MemoryNetwork, tmp: Path, name: str, peers: dict[str, str] | None = None,
+         client: object = None) -> GossipNode:
+    peers = PEERS if peers is None else peers
+    return GossipNode(name, peers[name], peers=peers,
+                      verify=make_verifier(bytes(KEY.verify_key), fleet=FLEET),
+                      store=BlobStore(tmp / name / "blobs"), client=client,  # type: ignore[arg-type]
+                      fleet=FLEET, rng=random.Random(name), network=net)
+
+
+async def test_a_lan_neighbour_fetches_when_the_settle_gate_opens(
+        tmp_path: Path, thread_safe_clock: trio.abc.Clock) -> None:
+    net = MemoryNetwork()
+    blobs = make_blobs(4, large=1)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            a, b = make(net, tmp_path, "a"), make(net, tmp_path, "b")
+            for blob in blobs:
+                a.store.put(blob.ref.id, blob.frame, "chunk", ref=blob.ref)
+            t0 = trio.current_time()
+            await nursery.start(a.run)
+            await nursery.start(b.run)
+            a.set_lan({"b"})
+            b.set_lan({"a"})
+            assert a.offer_manifest(make_manifest(blobs))
+            while b.newest(FLEET, APP) is None:
+                await b.changed().wait()
+            assert trio.current_time() - t0 < 2 * 1.0  # within two rumor rounds
+            # nothing moves before the gate opens
+            await trio.sleep_until(t0 + STARTUP_SETTLE - 0.001)
+            assert b.progress(FLEET, APP) == (1, 0, sum(blob.ref.stored_size for blob in blobs),
+                                              {"lan": 0, "wan_peer": 0, "coordinator": 0})
+            while not b.complete(FLEET, APP):
+                await b.changed().wait()
+            # the LAN transfer itself takes no virtual time
+            assert trio.current_time() - t0 == pytest.approx(STARTUP_SETTLE, abs=0.05)
+            total = sum(blob.ref.stored_size for blob in blobs)
+            assert b.progress(FLEET, APP) == (1, total, total, {"lan": total, "wan_peer": 0,
+                                                                "coordinator": 0})
+            assert all(b.store.has(blob.ref.id) for blob in blobs)
+            assert b.stats.bytes_lan == total and a.stats.counters["pieces_served"] >= 4
+            nursery.cancel_scope.cancel()
+
+
+async def test_changed_fires_at_a_change_and_is_fresh_after(tmp_path: Path) -> None:
+    a = make(MemoryNetwork(), tmp_path, "a")
+    event = a.changed()
+    assert a.changed() is event and not event.is_set()
+    blobs = make_blobs(1, large=0)
+    assert a.offer_manifest(make_manifest(blobs))
+    assert event.is_set()
+    fresh = a.changed()
+    assert fresh is not event and not fresh.is_set()
+    newest = a.newest(FLEET, APP)
+    assert newest is not None and newest.manifest.version == 1
+    assert not a.offer_manifest(make_manifest(blobs))  # nothing new: nothing changed
+    assert not fresh.is_set()
+
+
+class HangingSeed:
+    """A coordinator blob seed that never answers: records when each request starts and ends."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+
+    async def blob(self, blob_id: str, start: int | None = None, end: int | None = None
+                   ) -> bytes:
+        self.starts.append(trio.current_time())
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.ends.append(trio.current_time())
+
+
+async def test_a_seed_download_is_cancelled_at_the_schedulers_timeout(
+        tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    (blob,) = make_blobs(1, large=0)
+    seed = HangingSeed()
+    alone = {"a": "10.0.0.1"}
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            a = make(MemoryNetwork(), tmp_path, "a", alone, client=seed)
+            t0 = trio.current_time()
+            await nursery.start(a.run)
+            a.offer_manifest(make_manifest([blob]))
+            while len(seed.ends) < 1:
+                await trio.sleep(0.5)
+            timeout = fetch_timeout(blob.ref.stored_size, True, SchedConfig())
+            assert seed.starts[0] - t0 == pytest.approx(STARTUP_SETTLE, abs=1e-6)
+            assert seed.ends[0] - seed.starts[0] == pytest.approx(timeout, abs=1e-6)
+            nursery.cancel_scope.cancel()
+
+
+async def test_strangers_refused_and_garbage_closes_only_its_connection(
+        tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    net = MemoryNetwork()
+    peers = PEERS | {"ghost": "10.0.0.9"}
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            a, b = make(net, tmp_path, "a", peers), make(net, tmp_path, "b", peers)
+            await nursery.start(a.run)
+            await nursery.start(b.run)
+            stranger = await net.connect(PEERS["a"], a.port, "10.0.0.99")
+            assert await stranger.receive_some(10) == b""
+            assert a.stats.counters["refused_connections"] == 1
+            junk = await net.connect(PEERS["a"], a.port, "10.0.0.9")
+            await junk.send_all(b"\xff\xff\xff\xff" + b"x" * 100)
+            while await junk.receive_some(10):
+                pass
+            assert a.stats.counters["wire_errors"] == 1
+            # a peer's well-formed frames on a connection of its own are taken
+            ok = await net.connect(PEERS["a"], a.port, "10.0.0.9")
+            await ok.send_all(encode(Ping(1, "ghost")))
+            await trio.sleep(1.0)
+            assert a.stats.counters["accepted_connections"] >= 2
+            assert "b" in a.membership.live_members()
+            nursery.cancel_scope.cancel()
+
+
+async def test_reconnects_back_off(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    net = MemoryNetwork()
+    cfg = TransportConfig()
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            a = make(net, tmp_path, "a")  # b never listens
+            await nursery.start(a.run)
+            await trio.sleep(60.0)
+            nursery.cancel_scope.cancel()
+    times = [t for t, _, to in net.connects if to == PEERS["b"]]
+    assert len(times) >= 5 and a.stats.counters["connect_failures"] == len(times)
+    backoff = cfg.backoff_initial
+    for earlier, later in zip(times, times[1:], strict=False):
+        assert later - earlier >= 0.5 * backoff - 1e-9  # jittered: half to all of the backoff
+        backoff = min(cfg.backoff_max, 2 * backoff)
+    assert times[-1] - times[-2] >= 0.5 * cfg.backoff_max - 1e-9
+
+
+async def test_a_stalled_send_fails_at_the_send_timeout(
+        tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    net = MemoryNetwork()
+    net.lockstep.add(PEERS["b"])  # b accepts, never reads: a's first send_all cannot finish
+    cfg = TransportConfig()
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            (b_listener,) = await net.listen(PEERS["b"], 7946)
+            accepted: list[trio.abc.Stream] = []
+
+            async def accept_and_hold() -> None:
+                accepted.append(await b_listener.accept())
+            nursery.start_soon(accept_and_hold)
+            a = make(net, tmp_path, "a")
+            await nursery.start(a.run)
+            while not net.connects:
+                await trio.sleep(0.01)
+            t_connect = net.connects[0][0]
+            await trio.sleep_until(t_connect + cfg.send_timeout - 1e-6)
+            assert a.stats.counters["send_failures"] == 0
+            await trio.sleep_until(t_connect + cfg.send_timeout + 1e-6)
+            assert a.stats.counters["send_failures"] == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_silent_inbound_connection_closes_after_twice_the_idle_timeout(
+        tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    net = MemoryNetwork()
+    cfg = TransportConfig()
+    with trio.fail_after(600):
+        async with trio.open_nursery() as nursery:
+            a = make(net, tmp_path, "a")
+            await nursery.start(a.run)
+            silent = await net.connect(PEERS["a"], a.port, PEERS["b"])
+            t_open = trio.current_time()
+            assert await silent.receive_some(10) == b""  # nothing is sent to us on it
+            assert trio.current_time() - t_open == pytest.approx(2 * cfg.idle_timeout, abs=1e-6)
+            nursery.cancel_scope.cancel()

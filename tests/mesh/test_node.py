@@ -1,0 +1,380 @@
+"""mesh.node.MeshNode, the gossip protocol without I/O: exact times, no sockets, no clock.
+
+Release lifecycle and the settle gate, early Haves, LAN-first, delta vs chunks, piece
+validation (a bad piece is refused, counted and never stored), download timeouts, serving.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TypeVar
+
+from nacl.signing import SigningKey
+
+from mesh.blobsched import COORDINATOR, SchedConfig, fetch_timeout
+from mesh.node import (
+    MAX_SERVING_PER_PEER,
+    STARTUP_SETTLE,
+    Action,
+    CancelDownload,
+    MeshNode,
+    Send,
+    ServeRange,
+    StartDownload,
+    StoreBlob,
+)
+from mesh.release import (
+    Layer,
+    LayerDelta,
+    ReleaseManifest,
+    VerifiedRelease,
+    encode_signed_manifest,
+    sign_manifest,
+)
+from mesh.rumor import make_verifier
+from mesh.wire import MAX_PIECE, BlobData, BlobError, BlobRequest, Have, ReleaseKey, Rumor
+from tests.gossip.helpers import APP, FLEET, KEY, Blob, make_blobs, make_manifest
+
+VERIFY = make_verifier(bytes(KEY.verify_key), fleet=FLEET)
+A = TypeVar("A")
+
+
+class MemStore:
+    """The blob index MeshNode reads (agent/_blobstore.py BlobStore's), in memory."""
+
+    def __init__(self, complete: Iterable[str] = ()) -> None:
+        self.blobs: dict[bytes, bytes] = {}
+        self.complete = frozenset(complete)
+        self.layers: dict[str, tuple[bytes, ...]] = {}
+
+    def has(self, blob_id: bytes) -> bool:
+        return blob_id in self.blobs
+
+    def size(self, blob_id: bytes) -> int | None:
+        data = self.blobs.get(blob_id)
+        return None if data is None else len(data)
+
+    def complete_layers(self) -> frozenset[str]:
+        return self.complete
+
+    def record_layers(self, layers: Mapping[str, Iterable[bytes]]) -> None:
+        self.layers.update({k: tuple(v) for k, v in layers.items()})
+
+
+def node(peers: Mapping[str, str] | None = None, *, store: MemStore | None = None,
+         lan: Iterable[str] = (), config: SchedConfig | None = None,
+         local_layers: frozenset[str] = frozenset()) -> MeshNode:
+    n = MeshNode("me", "10.0.0.1", peers=peers or {}, verify=VERIFY,
+                 store=store if store is not None else MemStore(), rng=random.Random(1),
+                 fleet=FLEET, sched_config=config, local_layers=lambda: local_layers)
+    n.set_lan(lan, 0.0)
+    return n
+
+
+def of(actions: Sequence[Action], cls: type[A]) -> list[A]:
+    return [a for a in actions if isinstance(a, cls)]
+
+
+def sent(actions: Sequence[Action], cls: type[A]) -> list[tuple[str, A]]:
+    return [(a.dest, a.msg) for a in of(actions, Send) if isinstance(a.msg, cls)]
+
+
+KEY1 = ReleaseKey(FLEET, APP, 1)
+
+
+def test_release_lifecycle_settle_gate_and_replacement() -> None:
+    blobs = make_blobs(3, large=0)
+    store = MemStore()
+    n = node(store=store)
+    n.start(100.0)
+    n.drain()
+    gen = n.generation
+    assert n.offer_manifest(make_manifest(blobs), 100.0)
+    assert not of(n.drain(), StartDownload)
+    assert n.generation > gen
+    total = sum(b.ref.stored_size for b in blobs)
+    assert n.progress(FLEET, APP) == (1, 0, total, {"lan": 0, "wan_peer": 0, "coordinator": 0})
+    assert n.releases() == {(FLEET, APP): KEY1} and not n.complete(FLEET, APP)
+    assert store.layers  # the layer index is recorded for later delta bases
+    # nothing is fetched before the settle gate opens, STARTUP_SETTLE after start
+    n.tick(100.0 + STARTUP_SETTLE - 0.001)
+    assert not of(n.drain(), StartDownload)
+    n.tick(100.0 + STARTUP_SETTLE)
+    starts = of(n.drain(), StartDownload)
+    assert sorted(s.blob_id for s in starts) == sorted(b.ref.id for b in blobs)
+    by_id = {b.ref.id: b for b in blobs}
+    for s in starts:
+        n.blob_received(s.download, by_id[s.blob_id].frame, 107.0)
+    stores = of(n.drain(), StoreBlob)
+    assert [(s.blob_id, s.kind, s.ref, s.size, s.source) for s in stores] == [
+        (s.blob_id, "chunk", by_id[s.blob_id].ref, by_id[s.blob_id].ref.stored_size,
+         COORDINATOR) for s in starts]
+    assert n.progress(FLEET, APP) == (1, 0, total, {"lan": 0, "wan_peer": 0,
+                                                     "coordinator": total})
+    for s in stores:
+        store.blobs[s.blob_id] = s.data
+        n.blob_stored(s.download, True, 107.5)
+    assert n.complete(FLEET, APP) and n.stats.blobs_done == n.stats.blobs_total == 3
+
+    # v2 replaces v1; its in-flight downloads of v1's blobs are cancelled, late results ignored
+    more = make_blobs(2, seed=7, large=0)
+    assert n.offer_manifest(make_manifest(more, version=2), 110.0)
+    starts2 = of(n.drain(), StartDownload)  # settled: fetched at once
+    assert len(starts2) == 2 and n.releases() == {(FLEET, APP): ReleaseKey(FLEET, APP, 2)}
+    assert not n.offer_manifest(make_manifest(blobs), 111.0)  # older: refused
+    assert n.releases()[(FLEET, APP)].version == 2
+    assert n.offer_manifest(make_manifest(more[:1], version=3), 112.0)
+    acts = n.drain()
+    assert {c.download for c in of(acts, CancelDownload)} == {s.download for s in starts2}
+    n.blob_received(starts2[1].download, more[1].frame, 113.0)
+    assert not of(n.drain(), StoreBlob)
+
+
+def test_verified_once_and_handed_on() -> None:
+    calls: list[bytes] = []
+
+    def verify(data: bytes) -> VerifiedRelease:
+        calls.append(data)
+        return VERIFY(data)
+
+    encoded = make_manifest(make_blobs(2, large=0))
+    n = MeshNode("me", "10.0.0.1", peers={"p": "10.0.0.2"}, verify=verify, store=MemStore(),
+                 rng=random.Random(1), fleet=FLEET)
+    n.start(0.0)
+    n.receive(Rumor((encoded,)), "p", 1.0)
+    assert len(calls) == 1  # decoded and checked once; the release is built from that object
+    release = n.newest(FLEET, APP)
+    assert release is not None and release.encoded == encoded and release.manifest.version == 1
+    assert n.releases() == {(FLEET, APP): KEY1}
+    forged = make_manifest(make_blobs(2, large=0), version=2, key=SigningKey(b"\x33" * 32))
+    assert not n.offer_manifest(forged, 2.0)
+    assert n.rumor.stats.invalid == 1 and n.newest(FLEET, APP) == release
+
+
+def test_no_release_key_accepts_nothing_and_says_so_once() -> None:
+    logs: list[str] = []
+    n = MeshNode("me", "10.0.0.1", peers={}, verify=None, store=MemStore(),
+                 rng=random.Random(1), log=logs.append)
+    blobs = make_blobs(1, large=0)
+    assert not n.offer_manifest(make_manifest(blobs), 0.0)
+    assert not n.offer_manifest(make_manifest(blobs, version=2), 0.0)
+    assert [m for m in logs if "no release key" in m] == [
+        "no release key pinned for this fleet: manifests are not accepted"]
+
+
+def settled(peers: Mapping[str, str], lan: Iterable[str], blobs: Sequence[Blob],
+            haves: Mapping[str, Sequence[Blob]], *, early: bool = False,
+            store: MemStore | None = None) -> tuple[MeshNode, list[Action]]:
+    """A node told the manifest at 1.0 and the peers' Haves at 2.0 (before it with `early`);
+    the actions of the settle tick at STARTUP_SETTLE."""
+    n = node(peers, lan=lan, store=store)
+    n.start(0.0)
+    if early:
+        for p, held in haves.items():
+            n.receive(Have(KEY1, tuple(b.ref.id for b in held)), p, 0.5)
+    n.offer_manifest(make_manifest(blobs), 1.0)
+    if not early:
+        for p, held in haves.items():
+            n.receive(Have(KEY1, tuple(b.ref.id for b in held)), p, 2.0)
+    n.drain()
+    n.tick(STARTUP_SETTLE)
+    return n, n.drain()
+
+
+def test_lan_first() -> None:
+    blobs = make_blobs(1, large=0)
+    peers = {"lan1": "10.0.0.2", "wan1": "10.0.1.2"}
+    _, acts = settled(peers, ["lan1"], blobs, {"lan1": blobs, "wan1": blobs})
+    assert [(d, m.blob_id) for d, m in sent(acts, BlobRequest)] == [("lan1", blobs[0].ref.id)]
+    assert not of(acts, StartDownload)
+
+
+def test_early_haves_are_buffered_and_used() -> None:
+    blobs = make_blobs(4, large=0)
+    peers = {"lan1": "10.0.0.2"}
+    n, acts = settled(peers, ["lan1"], blobs, {"lan1": blobs}, early=True)
+    # the Have came before the manifest: every blob comes from the LAN, none from the seed
+    assert sorted(m.blob_id for _, m in sent(acts, BlobRequest)) == sorted(
+        b.ref.id for b in blobs)
+    assert not of(acts, StartDownload)
+    # Haves of an older version, or another fleet, are not buffered
+    n.receive(Have(ReleaseKey(FLEET, APP, 0), (blobs[0].ref.id,)), "lan1", 7.0)
+    n.receive(Have(ReleaseKey("other", APP, 9), (blobs[0].ref.id,)), "lan1", 7.0)
+    assert n.drain() == []
+
+
+def test_early_haves_are_bounded() -> None:
+    n = node({"p": "10.0.0.2"})
+    n.start(0.0)
+    for v in range(1, 18):  # MAX_PENDING_RELEASES = 16 releases buffered
+        n.receive(Have(ReleaseKey(FLEET, APP, v), (b"\x01" * 32,)), "p", 1.0)
+    assert n.stats.counters["pending_haves_dropped"] == 1
+
+
+def delta_manifest(base: str, blobs: Sequence[Blob], delta_id: bytes, delta_size: int) -> bytes:
+    layer = Layer("sha256:" + "ab" * 32, sum(b.ref.size for b in blobs),
+                  tuple(b.ref for b in blobs), (LayerDelta(base, delta_id, delta_size, "HDIFF"),))
+    m = ReleaseManifest(FLEET, APP, 1, 1_700_000_000, b'{"rootfs":{}}', (layer,))
+    return encode_signed_manifest(sign_manifest(m, KEY))
+
+
+def test_delta_when_its_base_is_complete_chunks_otherwise() -> None:
+    blobs = make_blobs(3, large=0)
+    base, delta_id = "sha256:" + "cd" * 32, b"\x42" * 32
+    for complete, local in ((frozenset({base}), frozenset()), (frozenset(), frozenset({base}))):
+        n = node(store=MemStore(complete), local_layers=local)
+        n.start(0.0)
+        n.offer_manifest(delta_manifest(base, blobs, delta_id, 5000), 0.0)
+        n.tick(STARTUP_SETTLE)
+        starts = of(n.drain(), StartDownload)
+        assert [(s.blob_id, s.size) for s in starts] == [(delta_id, 5000)]
+        n.blob_received(starts[0].download, b"d" * 5000, 7.0)
+        (st,) = of(n.drain(), StoreBlob)
+        assert (st.kind, st.ref, st.size) == ("delta", None, 5000)
+    n = node()  # no base: the chunks
+    n.start(0.0)
+    n.offer_manifest(delta_manifest(base, blobs, delta_id, 5000), 0.0)
+    n.tick(STARTUP_SETTLE)
+    assert sorted(s.blob_id for s in of(n.drain(), StartDownload)) == sorted(
+        b.ref.id for b in blobs)
+
+
+def test_pieces_assembled_from_a_peer_and_counted() -> None:
+    (blob,) = make_blobs(1, large=1)
+    size = blob.ref.stored_size
+    n, acts = settled({"lan1": "10.0.0.2"}, ["lan1"], [blob], {"lan1": [blob]})
+    reqs = [m for _, m in sent(acts, BlobRequest)]
+    assert [(r.offset, r.length) for r in reqs] == [
+        (o, min(MAX_PIECE, size - o)) for o in range(0, size, MAX_PIECE)]
+    for r in reversed(reqs):  # any order
+        n.receive(BlobData(r.req_id, blob.ref.id, r.offset,
+                           blob.frame[r.offset:r.offset + r.length],
+                           r.offset + r.length == size), "lan1", 7.0)
+    (st,) = of(n.drain(), StoreBlob)
+    assert st.data == blob.frame and st.source == "lan1"
+    progress = n.progress(FLEET, APP)
+    assert n.stats.bytes_lan == size and progress is not None and progress[3]["lan"] == size
+
+
+def test_a_bad_piece_is_refused_counted_and_never_stored() -> None:
+    (blob,) = make_blobs(1, large=1)
+    n, acts = settled({"lan1": "10.0.0.2", "lan2": "10.0.0.3"}, ["lan1", "lan2"], [blob],
+                      {"lan1": [blob]})
+    first, second = [m for _, m in sent(acts, BlobRequest)][:2]
+    # an answer from a peer we did not ask is not used
+    n.receive(BlobData(first.req_id, blob.ref.id, 0, blob.frame[:first.length], False),
+              "lan2", 7.0)
+    assert n.stats.counters["unsolicited_blob_answers"] == 1
+    # the asked peer answers with a shorter piece than requested
+    n.receive(BlobData(first.req_id, blob.ref.id, 0, blob.frame[:first.length - 1], False),
+              "lan1", 7.0)
+    acts = n.drain()
+    assert not of(acts, StoreBlob)
+    assert n.stats.counters["bad_pieces"] == 1 and n.stats.counters["bad_blobs"] == 1
+    assert n.banned(FLEET, APP) == {"lan1"} and n.stats.bytes_lan == 0
+    # its other pieces, still in flight, are not used either
+    n.receive(BlobData(second.req_id, blob.ref.id, second.offset,
+                       blob.frame[second.offset:second.offset + second.length], False),
+              "lan1", 7.1)
+    assert not of(n.drain(), StoreBlob)
+    assert n.stats.counters["unsolicited_blob_answers"] == 2
+
+
+def test_wrong_blob_offset_or_last_flag_is_a_bad_piece() -> None:
+    (blob,) = make_blobs(1, large=1)
+    for bad in ("blob", "offset", "last"):
+        n, acts = settled({"lan1": "10.0.0.2"}, ["lan1"], [blob], {"lan1": [blob]})
+        r = [m for _, m in sent(acts, BlobRequest)][0]
+        n.receive(BlobData(r.req_id, b"\x00" * 32 if bad == "blob" else blob.ref.id,
+                           r.offset + (1 if bad == "offset" else 0),
+                           blob.frame[:r.length], bad == "last"), "lan1", 7.0)
+        assert not of(n.drain(), StoreBlob)
+        assert n.stats.counters["bad_pieces"] == 1, bad
+        assert n.banned(FLEET, APP) == {"lan1"}
+
+
+def test_a_blob_error_or_an_unsent_request_fails_the_download_without_a_ban() -> None:
+    (blob,) = make_blobs(1, large=1)
+    for how in ("error", "unsent", "down"):
+        n, acts = settled({"lan1": "10.0.0.2"}, ["lan1"], [blob], {"lan1": [blob]})
+        dest, r = sent(acts, BlobRequest)[0]
+        if how == "error":
+            n.receive(BlobError(r.req_id, "busy"), "lan1", 7.0)
+            assert n.stats.counters["blob_errors_received"] == 1
+        elif how == "unsent":
+            n.send_failed(dest, r, 7.0)
+        else:
+            n.peer_down("lan1", 7.0)
+        n.drain()
+        assert n.banned(FLEET, APP) == frozenset()
+        # the download is gone: a late answer is not used
+        n.receive(BlobData(r.req_id, blob.ref.id, 0, blob.frame[:r.length], False), "lan1",
+                  7.5)
+        assert n.stats.counters["unsolicited_blob_answers"] == 1, how
+
+
+def test_download_timeout_exact() -> None:
+    (blob,) = make_blobs(1, large=0)
+    cfg = SchedConfig()
+    n = node(config=cfg)
+    n.start(0.0)
+    n.offer_manifest(make_manifest([blob]), 0.0)
+    n.tick(STARTUP_SETTLE)
+    (start,) = of(n.drain(), StartDownload)
+    limit = STARTUP_SETTLE + fetch_timeout(blob.ref.stored_size, True, cfg)
+    deadline = n.next_deadline()
+    assert deadline is not None and deadline <= limit
+    n.tick(limit - 0.001)
+    assert not of(n.drain(), CancelDownload)
+    n.tick(limit)
+    assert of(n.drain(), CancelDownload) == [CancelDownload(start.download)]
+    n.blob_received(start.download, blob.frame, limit + 1)  # too late: ignored
+    assert not of(n.drain(), StoreBlob)
+
+
+def test_serving_ranges_of_held_blobs() -> None:
+    store = MemStore()
+    store.blobs[b"\x07" * 32] = b"x" * 1000
+    n = node({"p": "10.0.0.2"}, store=store)
+    n.receive(BlobRequest(1, b"\x07" * 32, 100, 50), "p", 0.0)
+    n.receive(BlobRequest(2, b"\x08" * 32, 0, 50), "p", 0.0)
+    n.receive(BlobRequest(3, b"\x07" * 32, 1001, 50), "p", 0.0)
+    n.receive(BlobRequest(4, b"\x07" * 32, 0, 50), "stranger", 0.0)
+    acts = n.drain()
+    assert of(acts, ServeRange) == [ServeRange("p", 1, b"\x07" * 32, 100, 50, 1000)]
+    assert [(d, m) for d, m in sent(acts, BlobError)] == [
+        ("p", BlobError(2, "not held")), ("p", BlobError(3, "range"))]
+    for i in range(MAX_SERVING_PER_PEER - 1):
+        n.receive(BlobRequest(10 + i, b"\x07" * 32, 0, 10), "p", 1.0)
+    n.receive(BlobRequest(99, b"\x07" * 32, 0, 10), "p", 1.0)
+    assert sent(n.drain(), BlobError)[-1] == ("p", BlobError(99, "busy"))
+    assert n.stats.counters["serve_busy"] == 1
+    n.served("p")
+    n.receive(BlobRequest(100, b"\x07" * 32, 0, 10), "p", 1.0)
+    assert of(n.drain(), ServeRange)
+
+
+def test_a_connecting_peer_gets_our_haves() -> None:
+    blobs = make_blobs(2, large=0)
+    store = MemStore()
+    store.blobs[blobs[0].ref.id] = blobs[0].frame
+    n = node({"p": "10.0.0.2"}, store=store)
+    n.start(0.0)
+    n.offer_manifest(make_manifest(blobs), 0.0)
+    n.drain()
+    assert n.have_messages() == [Have(KEY1, (blobs[0].ref.id,))]
+    n.connected("p")
+    assert sent(n.drain(), Have) == [("p", Have(KEY1, (blobs[0].ref.id,)))]
+
+
+def test_a_blob_being_stored_survives_its_sources_connection() -> None:
+    (blob,) = make_blobs(1, large=0)
+    n, acts = settled({"lan1": "10.0.0.2"}, ["lan1"], [blob], {"lan1": [blob]})
+    ((_, r),) = sent(acts, BlobRequest)
+    n.receive(BlobData(r.req_id, blob.ref.id, 0, blob.frame, True), "lan1", 7.0)
+    (st,) = of(n.drain(), StoreBlob)
+    n.peer_down("lan1", 7.1)  # the bytes are all here: the store step goes on
+    n.tick(7.5)
+    n.blob_stored(st.download, True, 7.6)
+    assert n.complete(FLEET, APP) and n.banned(FLEET, APP) == frozenset()
