@@ -19,17 +19,12 @@ from mesh.clikit import CliError, package_version
 from mesh.control import ControlError, Enrollment, TokenParts, check_endpoint, check_name
 from vpn import WireGuardGoError, generate_keypair, public_key_from_private
 
-from ._agent import (
-    Agent,
-    ApplySettings,
-    BackendFactory,
-    ClientFactory,
-    GossipSettings,
-    stderr_log,
-)
+from ._agent import Agent, BackendFactory, stderr_log
 from ._datadir import DataDir, DataDirError, Identity
 from ._device import DEFAULT_IFNAME, DEFAULT_WG_PORT, WireGuardGoDevice, lan_endpoints
 from ._gossip import GOSSIP_PORT
+from ._link import ClientFactory
+from ._release_sync import ApplySettings, GossipSettings
 
 EXIT_USAGE: Final = 2
 EXIT_UNREACHABLE: Final = 3

@@ -15,7 +15,8 @@ import trio
 from mesh.control import MAX_ENDPOINTS, Enrollment
 from vpn import UapiBackend, WireGuardGo, configure_link
 
-from ._agent import Log, stderr_log
+from ._agent import stderr_log
+from ._link import Log
 
 DEFAULT_IFNAME: Final = "fm0"
 DEFAULT_WG_PORT: Final = 51820  # WireGuard's customary port (wg-quick examples, IANA-unassigned)

@@ -29,7 +29,7 @@ import requests
 
 from mesh.release import ReleaseError, read_saved_image
 
-from ._apply import LABEL_APP, LABEL_DEVICE, LABEL_RELEASE, ContainerView, one_line
+from ._apply_core import LABEL_APP, LABEL_DEVICE, LABEL_RELEASE, ContainerView, one_line
 
 # `docker load`/`save` of a multi-GB image on a slow SD card (mesh.release.DOCKER_TIMEOUT_S).
 DOCKER_TIMEOUT_S: Final = 600.0

@@ -3,24 +3,33 @@ report carries the app's state, a target change through the peer map moves the a
 
 from __future__ import annotations
 
-import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
-from nacl.signing import SigningKey
 
 from agent import Agent, ApplySettings, DataDir, GossipSettings, Identity
-from agent._appsync import AppSync, pin_checker
-from mesh.control import AppStatus, Enrollment, LogLine, PeerMap
+from agent._applogs import LogBuffer
+from agent._appsync import AppSync
+from agent._uploads import LogUploader
+from mesh.control import (
+    MAX_SIGNED_PIN_BYTES,
+    AppStatus,
+    ControlError,
+    DeviceTarget,
+    Enrollment,
+    LogLine,
+    PeerMap,
+)
 from mesh.release import (
     ContainerSettings,
     HealthCheck,
     HealthKind,
-    ReleasePin,
-    encode_signed_pin,
-    sign_pin,
+    ReleaseManifest,
+    VerifiedRelease,
 )
 from tests.agent.fakes import HUB, KEYS, FakeClient, FakeCoordinator, FakeWireGuard
 from tests.gossip.helpers import free_port, wait_for
@@ -113,38 +122,45 @@ async def test_targets_are_applied_and_reported(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
 
 
+def release(version: int) -> VerifiedRelease:
+    """A release as the node or the link passes it on (verified where it arrived)."""
+    m = ReleaseManifest("cams", "web", version, 0, b"{}", (), ContainerSettings())
+    return VerifiedRelease(m, f"m{version}".encode(), "kid")
+
+
 class _Applier:
     def __init__(self) -> None:
-        self.targets: dict[str, tuple[bytes, bool, bool, int]] = {}
+        self.targets: dict[str, tuple[bytes, bool, bool, int, bytes | None]] = {}
         self.progress: dict[str, tuple[int, int]] = {}
         self.cleared: list[str] = []
         self.state = "downloading"
         self.running: int | None = None
 
-    def set_target(self, app: str, signed: bytes, *, ready: bool, force: bool = False,
-                   retry: int = 0) -> bool:
-        self.targets[app] = (signed, ready, force, retry)
-        return signed != b"bad"
+    def set_target(self, release: VerifiedRelease, *, ready: bool, force: bool = False,
+                   retry: int = 0, pin: bytes | None = None) -> bool:
+        self.targets[release.manifest.app] = (release.encoded, ready, force, retry, pin)
+        return True
 
     def clear_target(self, app: str) -> None:
         self.cleared.append(app)
         self.targets.pop(app, None)
 
     def set_progress(self, app: str, bytes_done: int, bytes_total: int,
-                     by_source: dict[str, int]) -> None:
+                     by_source: Mapping[str, int] | None = None) -> None:
         self.progress[app] = (bytes_done, bytes_total)
 
-    def statuses(self) -> list[dict[str, Any]]:
+    def statuses(self) -> list[AppStatus]:
         done, total = self.progress.get("web", (0, 0))
-        return [{"app": "web", "state": self.state, "running": self.running, "target": 2,
-                 "bytes_done": done, "bytes_total": total, "by_source": None,
-                 "lock_since": None, "error": None, "failed": [], "retry_seen": 0,
-                 "updated_at": 1.0}]
+        return [AppStatus("web", self.state, self.running, 2, done, total, updated_at=1.0)]
 
 
 class _Node:
     def __init__(self) -> None:
         self.done = 0
+        self.held: dict[str, VerifiedRelease] = {"web": release(2)}
+
+    def newest(self, fleet: str, app: str) -> VerifiedRelease | None:
+        return self.held.get(app)
 
     def progress(self, fleet: str, app: str) -> tuple[int, int, int, dict[str, int]] | None:
         return (2, self.done, 100, {"lan": self.done}) if app == "web" else None
@@ -153,16 +169,29 @@ class _Node:
         return self.done == 100
 
 
+def test_device_targets_are_validated_once() -> None:
+    t = DeviceTarget.from_json({"app": "web", "version": 2, "pin": "0a0b", "force": True,
+                                "retry": 3})
+    assert t == DeviceTarget("web", 2, b"\x0a\x0b", True, 3)
+    assert DeviceTarget.from_json(t.to_json()) == t
+    assert DeviceTarget.from_json({"app": "web", "version": 1, "pin": None}) == \
+        DeviceTarget("web", 1)  # force and retry absent: an older coordinator
+    for bad in ({"app": "x", "version": "2"}, {"version": 1}, {"app": "web", "version": 0},
+                {"app": "web", "version": 1, "force": "yes"}, {"app": "web", "version": 1,
+                                                               "pin": "zz"},
+                {"app": "web", "version": 1, "retry": -1}, {"app": "../x", "version": 1},
+                {"app": "web", "version": 1, "pin": "00" * (MAX_SIGNED_PIN_BYTES + 1)}, []):
+        with pytest.raises(ControlError):
+            DeviceTarget.from_json(bad)
+
+
 def test_appsync_readiness_progress_and_report_pace() -> None:
     applier, node = _Applier(), _Node()
-    newest = {"web": (2, b"m2")}
-    logs: list[str] = []
-    sync = AppSync(applier, "cams", newest.get, logs.append)
-    sync.set_targets([{"app": "web", "version": 2, "force": True, "retry": 3},
-                      {"app": "x", "version": "2"}, {"version": 1}])  # malformed: skipped
+    sync = AppSync(applier, "cams")
+    sync.set_targets([DeviceTarget("web", 2, None, True, 3)])
     assert list(sync.targets) == ["web"]
     assert sync.sync(node, 0.0)  # first status: report now
-    assert applier.targets["web"] == (b"m2", False, True, 3)
+    assert applier.targets["web"] == (b"m2", False, True, 3, None)
     node.done = 10
     assert not sync.sync(node, 1.0)  # bytes moved, but within PROGRESS_REPORT_SPACING
     node.done = 20
@@ -172,74 +201,38 @@ def test_appsync_readiness_progress_and_report_pace() -> None:
     applier.state = "loading"
     assert sync.sync(node, 2.6)  # a state change is reported at once
     assert applier.targets["web"][1] is True  # ready: every wanted blob held
-    # a pin back to v1: the node holds only v2's manifest, so the agent fetches v1's
-    sync.set_targets([{"app": "web", "version": 1}])
-    assert sync.needs_manifest("web") == 1
-    sync.add_manifest("web", 1, b"m1")
-    assert sync.needs_manifest("web") is None
+    # a pin back to v1: the node holds only v2's release, so the agent fetches v1's
+    sync.set_targets([DeviceTarget("web", 1, b"pin")])
+    assert sync.needs_manifest("web", node) == 1
+    assert sync.needs_manifest("web", None) is None  # no node (yet): nothing to compare
+    sync.add_release(release(1))
+    assert sync.needs_manifest("web", node) is None
     sync.sync(node, 3.0)
-    assert applier.targets["web"][:2] == (b"m1", True)
-    # a newer target than gossip holds arrives by gossip/offer, not by a second fetch
-    sync.set_targets([{"app": "web", "version": 3}])
-    assert sync.needs_manifest("web") is None
-    # a refused manifest is logged once
-    sync.set_targets([{"app": "web", "version": 1}])
-    sync.add_manifest("web", 1, b"bad")
-    sync.sync(node, 4.0)
-    sync.sync(node, 5.0)
-    assert sum("manifest refused" in m for m in logs) == 1
+    assert applier.targets["web"] == (b"m1", True, False, 0, b"pin")  # the pin goes along
     sync.sync(None, 6.0)  # the mesh node restarting: not ready, whatever the version
-    assert applier.targets["web"][1] is False
+    assert applier.targets["web"][:2] == (b"m1", False)
+    # a newer target than gossip holds arrives by gossip/offer, not by a second fetch
+    sync.set_targets([DeviceTarget("web", 3)])
+    assert sync.needs_manifest("web", node) is None
     sync.set_targets([])
     assert applier.cleared == ["web"]
     assert [a.app for a in sync.app_statuses()] == ["web"]
 
 
-def test_appsync_goes_back_only_with_a_signed_pin() -> None:
-    key, other = SigningKey(os.urandom(32)), SigningKey(os.urandom(32))
-    applier, node = _Applier(), _Node()
-    applier.running = 2
-    logs: list[str] = []
-    ok = pin_checker(bytes(key.verify_key).hex(), "cams", "home-0")
-    sync = AppSync(applier, "cams", {"web": (2, b"m2")}.get, logs.append, ok)
-
-    def pin(k: SigningKey, version: int = 1, device: str | None = None) -> str:
-        return encode_signed_pin(sign_pin(ReleasePin("cams", "web", version, device), k)).hex()
-
-    sync.add_manifest("web", 1, b"m1")
-    for bad in (None, "zz", pin(other), pin(key, version=3), pin(key, device="home-9")):
-        sync.set_targets([{"app": "web", "version": 1, "pin": bad}])
-        sync.add_manifest("web", 1, b"m1")
-        sync.sync(node, 0.0)
-        assert "web" not in applier.targets, bad  # the running v2 stays
-    assert sum("no valid signed pin" in m for m in logs) == 1
-    for good in (pin(key), pin(key, device="home-0")):
-        applier.targets.clear()
-        sync.set_targets([{"app": "web", "version": 1, "pin": good}])
-        sync.add_manifest("web", 1, b"m1")
-        sync.sync(node, 0.0)
-        assert applier.targets["web"][0] == b"m1"
-
-
 async def test_app_logs_are_kept_while_the_coordinator_is_down_and_bad_lines_dropped(
         tmp_path: Path) -> None:
-    from types import SimpleNamespace
-
-    from agent._applogs import LogBuffer
-
     releases = Releases(tmp_path / "dev", app="web")
     data = device(tmp_path, releases.key_hex)
     coord = AppCoordinator()
     agent = Agent(data, FakeWireGuard().factory(), coord.factory, log=lambda m: None)
     buffer = LogBuffer(max_lines=100)
-    applier = SimpleNamespace(logs=buffer)
     buffer.append(LogLine(1.0, "web", "stdout", "one"))
     buffer.append(LogLine(2.0, "web", "bogus-stream", "refused by the coordinator"))
     buffer.append(LogLine(3.0, "web", "stderr", "two"))
     coord.down = True
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(agent._logs_loop, applier)
+            await nursery.start(LogUploader(agent.link, buffer, lambda m: None).run)
             await trio.sleep(3)
             assert coord.logs == [] and len(buffer) == 2  # kept, the bad one counted dropped
             coord.down = False
