@@ -36,7 +36,7 @@ from typing import Any, Final
 import trio
 from nacl.signing import VerifyKey
 
-from mesh.control import AppStatus, SourceBytes
+from mesh.control import MAX_APPS, AppStatus, SourceBytes
 from mesh.release import (
     ChunkError,
     MaterializeError,
@@ -91,7 +91,6 @@ RECONCILE_PERIOD_S: Final = 10.0  # look at the engine this often even when noth
 LOCK_POLL_S: Final = 1.0  # an update waiting for the app's lock proceeds within ~1 s of release
 ENGINE_RETRY_S: Final = 5.0  # after a Docker error
 MAX_STEPS_PER_ROUND: Final = 64  # a bug that loops is logged, not spun on forever
-MAX_APPS: Final = 16  # contract: at most 16 apps per device report
 
 
 def stderr_log(message: str) -> None:

@@ -18,6 +18,7 @@ import trio
 from mesh.clikit import CliError, package_version
 from mesh.control import ControlError, Enrollment, TokenParts, check_endpoint, check_name
 from vpn import WireGuardGoError, generate_keypair, public_key_from_private
+from vpn._link import check_ifname
 
 from ._agent import Agent, BackendFactory, stderr_log
 from ._datadir import DataDir, DataDirError, Identity
@@ -42,6 +43,7 @@ EnrollFn = Callable[..., Awaitable[tuple[Enrollment, bytes]]]
 
 def sdk_enroll() -> EnrollFn:
     try:
+        # start-up time: the SDK brings httpx (~170 ms of imports), for join and run only
         from coordinator.client import enroll
     except ImportError as exc:  # pragma: no cover - the SDK ships with fleetmesh
         raise CliError(f"the coordinator SDK is not available: {exc}") from exc
@@ -50,6 +52,7 @@ def sdk_enroll() -> EnrollFn:
 
 def sdk_client_factory() -> ClientFactory:
     try:
+        # start-up time: the SDK brings httpx (~170 ms of imports), for join and run only
         from coordinator.client import DeviceClient
     except ImportError as exc:  # pragma: no cover
         raise CliError(f"the coordinator SDK is not available: {exc}") from exc
@@ -81,8 +84,6 @@ def _endpoint(text: str) -> str:
 
 
 def _ifname(text: str) -> str:
-    from vpn._link import check_ifname
-
     try:
         return check_ifname(text)
     except ValueError as exc:

@@ -16,7 +16,7 @@ answer from that URL, and the next one is tried.
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Final, Protocol, TypeVar
 
 import trio
@@ -57,7 +57,7 @@ class DeviceApi(Protocol):
     async def report(self, report: DeviceReport) -> None: ...
 
     # the JSON entries of `GET /device/target`; the link validates them (DeviceTarget)
-    async def targets(self) -> Sequence[object]: ...
+    async def targets(self) -> Sequence[Mapping[str, object]]: ...
 
     async def manifest(self, fleet: str, app: str, version: int) -> bytes: ...
 

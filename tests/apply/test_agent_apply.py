@@ -3,15 +3,25 @@ report carries the app's state, a target change through the peer map moves the a
 
 from __future__ import annotations
 
+import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from agent import Agent, ApplySettings, DataDir, GossipSettings, Identity
+from agent import (
+    Agent,
+    ApplySettings,
+    CoordinatorLink,
+    DataDir,
+    GossipSettings,
+    GossipStats,
+    Identity,
+    ReleaseSync,
+)
 from agent._applogs import LogBuffer
 from agent._appsync import AppSync
 from agent._uploads import LogUploader
@@ -239,4 +249,138 @@ async def test_app_logs_are_kept_while_the_coordinator_is_down_and_bad_lines_dro
             await wait_for(lambda: len(coord.logs) == 2, 0.05)
             assert [x.line for x in coord.logs] == ["one", "two"]
             assert len(buffer) == 0
+            nursery.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------------- release sync
+
+
+class FakeNode:
+    """The gossip node's surface release sync uses (agent/_gossip.py GossipNode), with
+    `newest` and `changed` as wip/node adds them: `fire()` stands for a change."""
+
+    def __init__(self, releases: Releases) -> None:
+        self.releases = releases
+        self.held: dict[str, VerifiedRelease] = {}
+        self.offered: list[int] = []
+        self.done, self.total = 0, 100
+        self.stats = GossipStats()
+        self._changed = trio.Event()
+
+    def newest(self, fleet: str, app: str) -> VerifiedRelease | None:
+        return self.held.get(app)
+
+    def changed(self) -> trio.Event:
+        return self._changed
+
+    def fire(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def progress(self, fleet: str, app: str) -> tuple[int, int, int, dict[str, int]] | None:
+        r = self.held.get(app)
+        return None if r is None else (r.manifest.version, self.done, self.total,
+                                       {"lan": self.done, "wan_peer": 0, "coordinator": 0})
+
+    def complete(self, fleet: str, app: str) -> bool:
+        return app in self.held and self.done == self.total
+
+    def offer_manifest(self, signed: bytes) -> bool:
+        r = self.releases.verified(signed)
+        self.offered.append(r.manifest.version)
+        self.held[r.manifest.app] = r
+        self.fire()
+        return True
+
+    def update_peers(self, peers: Mapping[str, str]) -> None:
+        pass
+
+    def set_lan(self, names: Iterable[str]) -> None:
+        pass
+
+
+def release_sync(tmp: Path, coord: AppCoordinator, logs: list[str], engine: FakeEngine,
+                 releases: Releases, on_apps_changed: Callable[[], None] = lambda: None
+                 ) -> tuple[ReleaseSync, FakeNode]:
+    data = device(tmp, releases.key_hex)
+    identity = data.read_identity()
+    link = CoordinatorLink(identity, coord.factory, hub_up=lambda: False, log=logs.append)
+    settings = GossipSettings(apply=ApplySettings(engine_factory=lambda: engine))
+    sync = ReleaseSync(data.path, identity.enrollment, KEYS[0].public, 51820, link, settings,
+                       peers=dict, log=logs.append, rng=random.Random(1),
+                       on_apps_changed=on_apps_changed)
+    node = FakeNode(releases)
+    sync.node = node  # type: ignore[assignment]  # the fake stands in for GossipNode
+    return sync, node
+
+
+async def test_targets_reach_the_node_and_a_pin_back_is_verified_once(tmp_path: Path) -> None:
+    releases = Releases(tmp_path / "dev", app="web")
+    coord = AppCoordinator()
+    for v in (1, 2):
+        coord.manifests[("cams", "web", v)] = releases.make(v, QUICK)
+    logs: list[str] = []
+    sync, node = release_sync(tmp_path, coord, logs, FakeEngine(RealClock()), releases)
+    applier = _Applier()
+    sync.appsync = AppSync(applier, "cams")
+    coord.targets = [{"app": "web", "version": 2, "pin": None, "force": False, "retry": 0},
+                     {"app": "bad app", "version": 1}]  # does not validate: left out, logged
+    await sync._read_targets(node)  # type: ignore[arg-type]
+    await sync._read_targets(node)  # type: ignore[arg-type]
+    assert node.offered == [2]  # offered once: then the node holds it
+    assert sum("release cams/web v2 from the coordinator" in m for m in logs) == 1
+    assert sum("does not validate" in m for m in logs) == 1
+    # a pin back to v1: the node keeps only v2, so v1's manifest is fetched and verified here
+    coord.targets = [{"app": "web", "version": 1, "pin": "00", "force": False, "retry": 0}]
+    coord.manifests[("cams", "web", 1)] = coord.manifests[("cams", "web", 2)]  # wrong one
+    await sync._read_targets(node)  # type: ignore[arg-type]
+    await sync._read_targets(node)  # type: ignore[arg-type]
+    assert sum("web v1: manifest refused" in m for m in logs) == 1
+    assert sync.appsync.needs_manifest("web", node) == 1
+    coord.manifests[("cams", "web", 1)] = releases.make(1, QUICK)
+    await sync._read_targets(node)  # type: ignore[arg-type]
+    assert sync.appsync.needs_manifest("web", node) is None
+    sync.appsync.sync(node, 0.0)
+    assert applier.targets["web"][0] == coord.manifests[("cams", "web", 1)]
+    assert applier.targets["web"][4] == b"\0"  # the pin goes to the applier's admit_release
+
+
+async def test_release_sync_runs_on_events_not_a_poll(tmp_path: Path) -> None:
+    releases = Releases(tmp_path / "dev", app="web")
+    coord = AppCoordinator()
+    coord.manifests[("cams", "web", 1)] = releases.make(1, QUICK)
+    coord.targets = [{"app": "web", "version": 1, "pin": None, "force": False, "retry": 0}]
+    engine = FakeEngine(RealClock())
+    reports: list[float] = []
+    sync, node = release_sync(tmp_path, coord, [], engine, releases,
+                              lambda: reports.append(trio.current_time()))
+    syncs = 0
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sync._apply_loop, ApplySettings(engine_factory=lambda: engine))
+            await wait_for(lambda: sync.appsync is not None, 0.01)
+            appsync = sync.appsync
+            assert appsync is not None
+            real_sync = appsync.sync
+
+            def counted(n: Any, now: float) -> bool:
+                nonlocal syncs
+                syncs += 1
+                return real_sync(n, now)
+
+            appsync.sync = counted  # type: ignore[method-assign]
+            await sync._read_targets(node)  # type: ignore[arg-type]
+            node.done = 100  # every blob held
+            node.fire()
+            await wait_for(lambda: [c.version for c in engine.running("home-0", "web")] == [1]
+                           and appsync.app_statuses()[0].state == "running", 0.05)
+            await wait_for(lambda: bool(reports), 0.05)  # the state change was reported
+            await trio.sleep(0.5)
+            before = syncs
+            await trio.sleep(3)  # nothing changes: no sync at all (was: one a second)
+            assert syncs == before
+            node.done, node.total = 100, 200  # progress from the node: synced at once
+            node.fire()
+            await wait_for(lambda: appsync.app_statuses()[0].bytes_total == 200, 0.01)
+            assert syncs == before + 1
             nursery.cancel_scope.cancel()
