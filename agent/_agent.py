@@ -109,7 +109,7 @@ class Agent:
         if gossip is not None:
             self.releases = ReleaseSync(
                 self.data.path, enrollment, self.public_key, self.wg_port, self.link, gossip,
-                peers=self.gossip_peers, log=log, rng=random.Random(rng.random()),
+                peers=self.gossip_peers, log=log, rng=rng,
                 on_apps_changed=self._report_now)
 
     @property
