@@ -237,6 +237,8 @@ async def test_update_lock_and_rollback(env: Env) -> None:
         await wait_for("v2 running after the lock went", lambda: _status(
             applier, env.app)["running"] == v2 and _status(applier, env.app)["state"]
             == "running", applier)
+        # "running" comes with the commit; the old container goes in the next step
+        await wait_for("v1's container removed", lambda: len(env.ps()) == 1, applier)
         (row,) = env.ps()
         assert row["Names"] == env.container and row["labels"]["io.fleetmesh.release"] == str(v2)
         await wait_for("v2's output", lambda: saw(applier, logs, "app v2"), applier)
