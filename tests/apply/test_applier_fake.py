@@ -586,3 +586,21 @@ def test_goes_back_only_with_a_signed_pin(world: World) -> None:
     for good in (pin(world.releases.key), pin(world.releases.key, device=DEVICE)):
         assert a.set_target(world.release(signed1), ready=True, pin=good)
     run_until(world, a, lambda: world.running() == [1] and state(a) == "running")
+
+
+def test_the_files_on_disk_keep_the_format_an_upgraded_agent_reads(world: World) -> None:
+    """journal.json and releases/<version> (the signed manifest as received) are what earlier
+    agents wrote and read: an agent upgraded in place picks its apps up from them."""
+    a = world.applier()
+    signed = world.releases.make(1)
+    a.set_target(world.release(signed), ready=True)
+    run_until(world, a, lambda: state(a) == "running")
+    app_dir = world.data / "apply" / APP
+    assert json.loads((app_dir / "journal.json").read_text()) == {
+        "format": 1, "phase": "idle", "current": 1, "previous": None, "to": None,
+        "health_since": None, "failed": [], "retry_seen": 0, "error": None}
+    assert (app_dir / "releases" / "1").read_bytes() == signed
+    calls = list(world.engine.calls)
+    b = world.applier()  # restarted, no word from the coordinator yet
+    b.reconcile_all()
+    assert world.engine.calls == calls and status_of(b)["running"] == 1
