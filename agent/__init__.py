@@ -14,17 +14,7 @@ The CLI is `fleetmesh-agent join …` / `fleetmesh-agent run …` (agent/_comman
 
 from mesh.blobs import BlobVerifyError
 
-from ._agent import (
-    Agent,
-    ApplySettings,
-    BackendFactory,
-    Backoff,
-    ClientFactory,
-    DeviceApi,
-    GossipSettings,
-    error_status,
-    stderr_log,
-)
+from ._agent import Agent, BackendFactory, Intervals, stderr_log
 from ._blobstore import BlobStore, verify_blob
 from ._datadir import DataDir, DataDirError, Identity
 from ._device import (
@@ -42,6 +32,7 @@ from ._gossip import (
     release_verifier,
     wanted_blobs,
 )
+from ._link import Backoff, ClientFactory, CoordinatorLink, DeviceApi, error_status
 from ._paths import (
     DIRECT_TIMEOUT,
     KEEPALIVE,
@@ -52,6 +43,8 @@ from ._paths import (
     PathPlan,
     PathSelector,
 )
+from ._release_sync import ApplySettings, GossipSettings, ReleaseSync
+from ._wg_sync import WireGuardSync
 
 __all__ = [
     "DEFAULT_IFNAME",
@@ -68,6 +61,7 @@ __all__ = [
     "BlobStore",
     "BlobVerifyError",
     "ClientFactory",
+    "CoordinatorLink",
     "DataDir",
     "DataDirError",
     "DeviceApi",
@@ -76,11 +70,14 @@ __all__ = [
     "GossipSettings",
     "GossipStats",
     "Identity",
+    "Intervals",
     "PathChange",
     "PathPlan",
     "PathSelector",
+    "ReleaseSync",
     "TransportConfig",
     "WireGuardGoDevice",
+    "WireGuardSync",
     "error_status",
     "lan_endpoints",
     "mesh_addresses",

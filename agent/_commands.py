@@ -28,18 +28,14 @@ from mesh.clikit import (
 from mesh.control import ControlError, Enrollment, TokenParts, check_endpoint, check_name
 from mesh.tlspin import PinError
 from vpn import WireGuardGoError, generate_keypair, public_key_from_private
+from vpn._link import check_ifname
 
-from ._agent import (
-    Agent,
-    ApplySettings,
-    BackendFactory,
-    ClientFactory,
-    GossipSettings,
-    stderr_log,
-)
+from ._agent import Agent, BackendFactory, stderr_log
 from ._datadir import DataDir, DataDirError, Identity
 from ._device import DEFAULT_IFNAME, DEFAULT_WG_PORT, WireGuardGoDevice, lan_endpoints
 from ._gossip import GOSSIP_PORT
+from ._link import ClientFactory
+from ._release_sync import ApplySettings, GossipSettings
 
 MAX_CONFIG_BYTES: Final = 64 * 1024
 
@@ -53,6 +49,7 @@ EnrollFn = Callable[..., Awaitable[tuple[Enrollment, bytes]]]
 
 def sdk_enroll() -> EnrollFn:
     try:
+        # start-up time: the SDK brings httpx (~170 ms of imports), for join and run only
         from ops.client import enroll
     except ImportError as exc:  # pragma: no cover - the SDK ships with fleetmesh
         raise CliError(f"the coordinator SDK is not available: {exc}") from exc
@@ -61,6 +58,7 @@ def sdk_enroll() -> EnrollFn:
 
 def sdk_client_factory() -> ClientFactory:
     try:
+        # start-up time: the SDK brings httpx (~170 ms of imports), for join and run only
         from ops.client import DeviceClient
     except ImportError as exc:  # pragma: no cover
         raise CliError(f"the coordinator SDK is not available: {exc}") from exc
@@ -92,8 +90,6 @@ def _endpoint(text: str) -> str:
 
 
 def _ifname(text: str) -> str:
-    from vpn._link import check_ifname
-
     try:
         return check_ifname(text)
     except ValueError as exc:

@@ -15,7 +15,8 @@ import trio
 from mesh.control import MAX_ENDPOINTS, Enrollment
 from vpn import UapiBackend, WireGuardGo, configure_link
 
-from ._agent import Log, stderr_log
+from ._agent import stderr_log
+from ._link import Log
 
 DEFAULT_IFNAME: Final = "fm0"
 DEFAULT_WG_PORT: Final = 51820  # WireGuard's customary port (wg-quick examples, IANA-unassigned)
@@ -68,7 +69,7 @@ def lan_endpoints(port: int, exclude_ifnames: Iterable[str] = (),
                   exclude_networks: Iterable[str] = ()) -> tuple[str, ...]:
     """`a.b.c.d:port` for every non-loopback, non-link-local IPv4 address of this network
     namespace (pyroute2), skipping the given interfaces, container bridges and mesh prefixes."""
-    from pyroute2 import IPRoute
+    from pyroute2 import IPRoute  # start-up time: ~190 ms of imports, for `run` only
 
     skip = set(exclude_ifnames)
     nets = [ipaddress.ip_network(n, strict=False) for n in exclude_networks]

@@ -30,7 +30,7 @@ import requests
 from mesh.image import read_saved_image
 from mesh.release import ReleaseError
 
-from ._apply import LABEL_APP, LABEL_DEVICE, LABEL_RELEASE, ContainerView, one_line
+from ._apply_core import LABEL_APP, LABEL_DEVICE, LABEL_RELEASE, ContainerView, one_line
 
 # `docker load`/`save` of a multi-GB image on a slow SD card (mesh.image.DOCKER_TIMEOUT_S).
 DOCKER_TIMEOUT_S: Final = 600.0

@@ -83,7 +83,7 @@ Log = Callable[[str], None]
 
 
 class BlobSource(Protocol):
-    """The part of `coordinator.client.DeviceClient` the node uses (the WAN seed)."""
+    """The part of `ops.client.DeviceClient` the node uses (the WAN seed)."""
 
     async def blob(self, blob_id: str, start: int | None = None, end: int | None = None
                    ) -> bytes: ...

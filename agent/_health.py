@@ -1,6 +1,6 @@
 """Health probes the agent runs itself for a new release: cmd, tcp and http checks.
 
-Whether a release has passed is decided by the pure core (agent/_apply.py `health_verdict`);
+Whether a release has passed is decided by the pure core (agent/_apply_core.py `health_verdict`);
 `running` checks and the image's own Docker HEALTHCHECK need no probe (the engine's container
 state says it). The probes run in the applier's worker thread and each is bounded by
 PROBE_TIMEOUT_S, so a hung app cannot stall the agent:
@@ -18,7 +18,7 @@ from typing import Final, Protocol
 
 from mesh.release import HealthCheck, HealthKind
 
-from ._apply import one_line
+from ._apply_core import one_line
 
 # Docker's HEALTHCHECK --timeout default is 30 s; a device check that takes longer than this
 # is a failed probe, and the next one follows after the check's interval.

@@ -1,6 +1,6 @@
 """Per-app apply journals and the manifests they refer to, on disk.
 
-    DATA/apply/<app>/journal.json           the Journal (agent/_apply.py), JSON
+    DATA/apply/<app>/journal.json           the Journal (agent/_apply_core.py), JSON
     DATA/apply/<app>/releases/<version>     the signed manifest of each release the journal
                                             names (current, previous, the one being applied)
 
@@ -20,9 +20,9 @@ from typing import Final
 from nacl.signing import VerifyKey
 
 from mesh.blobs import write_atomically
-from mesh.release import ReleaseError, ReleaseManifest, decode_signed_manifest, verify_manifest
+from mesh.release import ReleaseError, VerifiedRelease, verify_release
 
-from ._apply import Journal
+from ._apply_core import Journal
 
 JOURNAL: Final = "journal.json"
 RELEASES: Final = "releases"
@@ -79,33 +79,29 @@ class AppJournal:
     def _release_path(self, version: int) -> Path:
         return self.dir / RELEASES / str(int(version))
 
-    def save_release(self, version: int, signed: bytes) -> None:
-        path = self._release_path(version)
+    def save_release(self, release: VerifiedRelease) -> None:
+        """Store the release's signed manifest as received (`encoded`), under its version."""
+        path = self._release_path(release.manifest.version)
         try:
-            if path.exists() and path.read_bytes() == signed:
+            if path.exists() and path.read_bytes() == release.encoded:
                 return
-            atomic_write(path, signed)
+            atomic_write(path, release.encoded)
         except OSError as exc:
             raise JournalError(f"cannot write {path}: {exc.strerror or exc}") from None
 
-    def release(self, version: int) -> bytes | None:
+    def release(self, version: int, key: VerifyKey | bytes, fleet: str | None
+                ) -> VerifiedRelease | None:
+        """The stored release `version`, verified again (it comes back from disk); None if
+        absent or not valid."""
         try:
-            return self._release_path(version).read_bytes()
+            encoded = self._release_path(version).read_bytes()
         except OSError:
             return None
-
-    def manifest(self, version: int, key: VerifyKey | bytes, fleet: str | None
-                 ) -> ReleaseManifest | None:
-        """The stored release `version`, verified again; None if absent or not valid."""
-        signed = self.release(version)
-        if signed is None:
-            return None
         try:
-            m = verify_manifest(decode_signed_manifest(signed), key, None, fleet=fleet,
-                                app=self.app)
+            release = verify_release(encoded, key, fleet=fleet, app=self.app)
         except ReleaseError:
             return None
-        return m if m.version == version else None
+        return release if release.manifest.version == version else None
 
     def prune_releases(self, keep: set[int]) -> None:
         d = self.dir / RELEASES

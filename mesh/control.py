@@ -307,7 +307,8 @@ class PeerPath:
                    _get(obj, "last_handshake", float, where, optional=True))
 
 
-# The agent's apply states (agent/_apply.py, docs/apply.md); a report names one per app.
+# The agent's apply states, one definition for the agent's core (agent/_apply_core.py) and the
+# reports that name one per app (docs/apply.md).
 APP_STATES: Final = ("idle", "downloading", "waiting-lock", "loading", "stopping", "starting",
                      "checking-health", "running", "failed", "rolling-back")
 BYTE_SOURCES: Final = ("lan", "wan_peer", "coordinator")
@@ -469,6 +470,55 @@ class DeviceReport:
                    _get(obj, "agent_version", str, w, optional=True) or "",
                    tuple(PeerPath.from_json(p, f"{w}.peers[{i}]") for i, p in enumerate(peers)),
                    apps)
+
+
+# --------------------------------------------------------------------------- device targets
+
+
+# An encoded SignedPin, as mesh.release's codec bounds it (MAX_PIN_BYTES + 1024).
+MAX_SIGNED_PIN_BYTES: Final = 5 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceTarget:
+    """What `GET /device/target` answers for one app: the release this device should run.
+
+    `pin` is the operator's encoded SignedPin when the target goes back to an older release
+    (hex in JSON; the agent checks its signature, the coordinator only passes it on); `force`
+    goes past the app's update lock; `retry` is the operator's retry counter for this device.
+    """
+
+    app: str
+    version: int
+    pin: bytes | None = None
+    force: bool = False
+    retry: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"app": self.app, "version": self.version,
+                "pin": None if self.pin is None else self.pin.hex(), "force": self.force,
+                "retry": self.retry}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = "target") -> DeviceTarget:
+        app = check_app(_get(obj, "app", str, where), f"{where}.app")
+        version = _version(obj.get("version"), f"{where}.version")
+        raw = obj.get("pin")
+        pin: bytes | None = None
+        if raw is not None:
+            if not isinstance(raw, str) or len(raw) > 2 * MAX_SIGNED_PIN_BYTES:
+                raise ControlError(f"{where}.pin: must be hex of at most "
+                                   f"{MAX_SIGNED_PIN_BYTES} bytes")
+            try:
+                pin = bytes.fromhex(raw)
+            except ValueError:
+                raise ControlError(f"{where}.pin: not hex") from None
+        force = obj.get("force", False)
+        if force is None:
+            force = False
+        if not isinstance(force, bool):
+            raise ControlError(f"{where}.force: must be true or false")
+        return cls(app, version, pin, force, _count(obj, "retry", where))
 
 
 # --------------------------------------------------------------------------- device logs

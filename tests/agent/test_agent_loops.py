@@ -29,7 +29,7 @@ class Rig:
     logs: list[str] = field(default_factory=list)
 
     def path(self, i: int) -> str:
-        return next(p.path for p in self.agent.paths if p.public_key == KEYS[i].public)
+        return next(p.path for p in self.agent.wg.paths if p.public_key == KEYS[i].public)
 
     def logged(self, text: str) -> bool:
         return any(text in line for line in self.logs)
@@ -101,11 +101,11 @@ async def test_steady_state_sends_nothing_and_304s_keep_polling(
     with trio.fail_after(900):
         async with running(enrolled, coord, reachable=(A,), hub_reachable=True) as rig:
             await trio.sleep(5)
-            sets, polls = rig.agent.sets_sent, len(coord.polls)
-            reconciles, reports = rig.agent.reconciles, len(coord.reports)
+            sets, polls = rig.agent.wg.sets_sent, len(coord.polls)
+            reconciles, reports = rig.agent.wg.reconciles, len(coord.reports)
             await trio.sleep(600)
-            assert rig.agent.sets_sent == sets  # converged: no UAPI set at all
-            assert rig.agent.reconciles >= reconciles + 590
+            assert rig.agent.wg.sets_sent == sets  # converged: no UAPI set at all
+            assert rig.agent.wg.reconciles >= reconciles + 590
             # one long poll per POLL_WAIT (110 s), all 304: idle devices cost little
             assert 5 <= len(coord.polls) - polls <= 6
             assert all(v == 1 for _, v in coord.polls[polls:])
@@ -147,9 +147,9 @@ async def test_coordinator_down_keeps_the_cached_mesh(enrolled: DataDir,
             assert len(gaps) == len(coord.polls)
             delays = [float(line.rsplit(" in ", 1)[1].split()[0]) for line in gaps]
             assert all(0.5 <= d <= 30 for d in delays) and max(delays) > 15
-            sets = rig.agent.sets_sent
+            sets = rig.agent.wg.sets_sent
             await trio.sleep(60)
-            assert rig.agent.sets_sent == sets
+            assert rig.agent.wg.sets_sent == sets
             # the coordinator comes back: within one backoff step the new map is in
             coord.down = False
             await trio.sleep(31)
@@ -166,7 +166,7 @@ async def test_tunnel_without_answer_falls_back_to_the_join_url(
     with trio.fail_after(400):
         async with running(enrolled, coord, hub_reachable=True) as rig:
             await trio.sleep(250)  # past the first long poll (POLL_WAIT) on the join URL
-            assert rig.agent.hub_up()
+            assert rig.agent.wg.hub_up()
             urls = [u for u, _ in coord.polls]
             assert urls[-2:] == [HUB.api_url, URL]  # tunnel first, then the join URL
             assert coord.reports and all(u == URL for u, _ in coord.reports)
@@ -187,7 +187,7 @@ async def test_revoked_credential_stops_polling_and_keeps_the_mesh(
             assert len(coord.polls) == polls
             revoked = [line for line in rig.logs if "revoked" in line]
             assert len(revoked) == 1 and "HTTP 401" in revoked[0]
-            assert rig.agent.revoked and rig.path(1) == "direct"
+            assert rig.agent.link.revoked and rig.path(1) == "direct"
             assert KEYS[1].public in rig.wg.peers
 
 
@@ -281,12 +281,12 @@ async def test_nudge_failures_are_logged_once(enrolled: DataDir,
             await trio.sleep(15)
             nursery.cancel_scope.cancel()
     assert logs.count("cannot nudge peers: No such device") == 1
-    assert agent.nudges_sent == 0
+    assert agent.wg.nudges_sent == 0
 
 
 def test_only_a_real_interface_gets_the_udp_nudger(enrolled: DataDir) -> None:
     from agent import WireGuardGoDevice
 
-    assert Agent(enrolled, FakeWireGuard().factory(), FakeCoordinator().factory).nudge is None
+    assert Agent(enrolled, FakeWireGuard().factory(), FakeCoordinator().factory).wg.nudge is None
     real = Agent(enrolled, WireGuardGoDevice("fm9"), FakeCoordinator().factory)
-    assert real.nudge is not None  # built, never called here: no datagram leaves this test
+    assert real.wg.nudge is not None  # built, never called here: no datagram leaves this test

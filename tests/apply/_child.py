@@ -15,10 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-from agent._applier import Applier
+from agent._apply_driver import Applier
 from agent._blobstore import BlobStore
 from agent._crashpoints import arm
 from agent._engine import DockerEngine
+from mesh.release import ReleaseError, verify_release
 
 DEADLINE_S = 240.0
 
@@ -30,18 +31,24 @@ def main(argv: list[str]) -> int:
                       store=BlobStore(Path(data) / "blobs"), release_key_hex=key_hex,
                       log=lambda m: print(f"child: {m}", file=sys.stderr, flush=True),
                       follow_logs=False)
-    if not applier.set_target(app, Path(target_file).read_bytes(), ready=True):
+    try:  # verified once, where the bytes arrive (as the agent does)
+        release = verify_release(Path(target_file).read_bytes(), bytes.fromhex(key_hex),
+                                 fleet=fleet, app=app)
+    except ReleaseError:
+        return 2
+    if not applier.set_target(release, ready=True):
         return 2
     end = time.monotonic() + DEADLINE_S
     while time.monotonic() < end:
         wake = applier.reconcile_all()
         status = applier.status(app)
         journal = json.loads((Path(data) / "apply" / app / "journal.json").read_text())
-        if status and status["state"] in ("running", "failed") and journal["phase"] == "idle":
-            print(json.dumps(status), flush=True)
+        if status and status.state in ("running", "failed") and journal["phase"] == "idle":
+            print(json.dumps(status.to_json()), flush=True)
             return 0
         time.sleep(max(0.05, min(wake - time.time(), 0.5)))
-    print(json.dumps(applier.status(app)), flush=True)
+    last = applier.status(app)
+    print(json.dumps(None if last is None else last.to_json()), flush=True)
     return 3
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from nacl.signing import SigningKey
 
-from agent._apply import LABEL_APP, LABEL_DEVICE, LABEL_RELEASE, ContainerView
+from agent._apply_core import LABEL_APP, LABEL_DEVICE, LABEL_RELEASE, ContainerView
 from agent._blobstore import BlobStore
 from agent._engine import ContainerSpec, EngineError, NotFoundError
 from mesh.image import read_saved_image
@@ -27,10 +27,12 @@ from mesh.release import (
     ContainerSettings,
     Layer,
     ReleaseManifest,
+    VerifiedRelease,
     chunk_layer,
     diff_id,
     encode_signed_manifest,
     sign_manifest,
+    verify_release,
 )
 from tests.release._fakes import layer_tar
 
@@ -240,3 +242,7 @@ class Releases:
             for c in chunks:
                 self.store.put(c.ref.id, c.data, "chunk", ref=c.ref)
         return encode_signed_manifest(sign_manifest(manifest, self.key))
+
+    def verified(self, signed: bytes) -> VerifiedRelease:
+        """`signed` as the agent passes it on once it arrived: verified (with our key)."""
+        return verify_release(signed, self.key.verify_key)

@@ -3,24 +3,43 @@ report carries the app's state, a target change through the peer map moves the a
 
 from __future__ import annotations
 
-import os
+import random
 import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
-from nacl.signing import SigningKey
 
-from agent import Agent, ApplySettings, DataDir, GossipSettings, Identity
-from agent._appsync import AppSync, pin_checker
-from mesh.control import AppStatus, Enrollment, LogLine, PeerMap
+from agent import (
+    Agent,
+    ApplySettings,
+    CoordinatorLink,
+    DataDir,
+    GossipSettings,
+    GossipStats,
+    Identity,
+    ReleaseSync,
+)
+from agent._applogs import LogBuffer
+from agent._appsync import AppSync
+from agent._uploads import LogUploader
+from mesh.control import (
+    MAX_SIGNED_PIN_BYTES,
+    AppStatus,
+    ControlError,
+    DeviceTarget,
+    Enrollment,
+    LogLine,
+    PeerMap,
+)
 from mesh.release import (
     ContainerSettings,
     HealthCheck,
     HealthKind,
-    ReleasePin,
-    encode_signed_pin,
-    sign_pin,
+    ReleaseManifest,
+    VerifiedRelease,
 )
 from tests.agent.fakes import HUB, KEYS, FakeClient, FakeCoordinator, FakeWireGuard
 from tests.gossip.helpers import free_port, wait_for
@@ -113,38 +132,45 @@ async def test_targets_are_applied_and_reported(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
 
 
+def release(version: int) -> VerifiedRelease:
+    """A release as the node or the link passes it on (verified where it arrived)."""
+    m = ReleaseManifest("cams", "web", version, 0, b"{}", (), ContainerSettings())
+    return VerifiedRelease(m, f"m{version}".encode(), "kid")
+
+
 class _Applier:
     def __init__(self) -> None:
-        self.targets: dict[str, tuple[bytes, bool, bool, int]] = {}
+        self.targets: dict[str, tuple[bytes, bool, bool, int, bytes | None]] = {}
         self.progress: dict[str, tuple[int, int]] = {}
         self.cleared: list[str] = []
         self.state = "downloading"
         self.running: int | None = None
 
-    def set_target(self, app: str, signed: bytes, *, ready: bool, force: bool = False,
-                   retry: int = 0) -> bool:
-        self.targets[app] = (signed, ready, force, retry)
-        return signed != b"bad"
+    def set_target(self, release: VerifiedRelease, *, ready: bool, force: bool = False,
+                   retry: int = 0, pin: bytes | None = None) -> bool:
+        self.targets[release.manifest.app] = (release.encoded, ready, force, retry, pin)
+        return True
 
     def clear_target(self, app: str) -> None:
         self.cleared.append(app)
         self.targets.pop(app, None)
 
     def set_progress(self, app: str, bytes_done: int, bytes_total: int,
-                     by_source: dict[str, int]) -> None:
+                     by_source: Mapping[str, int] | None = None) -> None:
         self.progress[app] = (bytes_done, bytes_total)
 
-    def statuses(self) -> list[dict[str, Any]]:
+    def statuses(self) -> list[AppStatus]:
         done, total = self.progress.get("web", (0, 0))
-        return [{"app": "web", "state": self.state, "running": self.running, "target": 2,
-                 "bytes_done": done, "bytes_total": total, "by_source": None,
-                 "lock_since": None, "error": None, "failed": [], "retry_seen": 0,
-                 "updated_at": 1.0}]
+        return [AppStatus("web", self.state, self.running, 2, done, total, updated_at=1.0)]
 
 
 class _Node:
     def __init__(self) -> None:
         self.done = 0
+        self.held: dict[str, VerifiedRelease] = {"web": release(2)}
+
+    def newest(self, fleet: str, app: str) -> VerifiedRelease | None:
+        return self.held.get(app)
 
     def progress(self, fleet: str, app: str) -> tuple[int, int, int, dict[str, int]] | None:
         return (2, self.done, 100, {"lan": self.done}) if app == "web" else None
@@ -153,16 +179,29 @@ class _Node:
         return self.done == 100
 
 
+def test_device_targets_are_validated_once() -> None:
+    t = DeviceTarget.from_json({"app": "web", "version": 2, "pin": "0a0b", "force": True,
+                                "retry": 3})
+    assert t == DeviceTarget("web", 2, b"\x0a\x0b", True, 3)
+    assert DeviceTarget.from_json(t.to_json()) == t
+    assert DeviceTarget.from_json({"app": "web", "version": 1, "pin": None}) == \
+        DeviceTarget("web", 1)  # force and retry absent: an older coordinator
+    for bad in ({"app": "x", "version": "2"}, {"version": 1}, {"app": "web", "version": 0},
+                {"app": "web", "version": 1, "force": "yes"}, {"app": "web", "version": 1,
+                                                               "pin": "zz"},
+                {"app": "web", "version": 1, "retry": -1}, {"app": "../x", "version": 1},
+                {"app": "web", "version": 1, "pin": "00" * (MAX_SIGNED_PIN_BYTES + 1)}, []):
+        with pytest.raises(ControlError):
+            DeviceTarget.from_json(bad)
+
+
 def test_appsync_readiness_progress_and_report_pace() -> None:
     applier, node = _Applier(), _Node()
-    newest = {"web": (2, b"m2")}
-    logs: list[str] = []
-    sync = AppSync(applier, "cams", newest.get, logs.append)
-    sync.set_targets([{"app": "web", "version": 2, "force": True, "retry": 3},
-                      {"app": "x", "version": "2"}, {"version": 1}])  # malformed: skipped
+    sync = AppSync(applier, "cams")
+    sync.set_targets([DeviceTarget("web", 2, None, True, 3)])
     assert list(sync.targets) == ["web"]
     assert sync.sync(node, 0.0)  # first status: report now
-    assert applier.targets["web"] == (b"m2", False, True, 3)
+    assert applier.targets["web"] == (b"m2", False, True, 3, None)
     node.done = 10
     assert not sync.sync(node, 1.0)  # bytes moved, but within PROGRESS_REPORT_SPACING
     node.done = 20
@@ -172,78 +211,176 @@ def test_appsync_readiness_progress_and_report_pace() -> None:
     applier.state = "loading"
     assert sync.sync(node, 2.6)  # a state change is reported at once
     assert applier.targets["web"][1] is True  # ready: every wanted blob held
-    # a pin back to v1: the node holds only v2's manifest, so the agent fetches v1's
-    sync.set_targets([{"app": "web", "version": 1}])
-    assert sync.needs_manifest("web") == 1
-    sync.add_manifest("web", 1, b"m1")
-    assert sync.needs_manifest("web") is None
+    # a pin back to v1: the node holds only v2's release, so the agent fetches v1's
+    sync.set_targets([DeviceTarget("web", 1, b"pin")])
+    assert sync.needs_manifest("web", node) == 1
+    assert sync.needs_manifest("web", None) is None  # no node (yet): nothing to compare
+    sync.add_release(release(1))
+    assert sync.needs_manifest("web", node) is None
     sync.sync(node, 3.0)
-    assert applier.targets["web"][:2] == (b"m1", True)
-    # a newer target than gossip holds arrives by gossip/offer, not by a second fetch
-    sync.set_targets([{"app": "web", "version": 3}])
-    assert sync.needs_manifest("web") is None
-    # a refused manifest is logged once
-    sync.set_targets([{"app": "web", "version": 1}])
-    sync.add_manifest("web", 1, b"bad")
-    sync.sync(node, 4.0)
-    sync.sync(node, 5.0)
-    assert sum("manifest refused" in m for m in logs) == 1
+    assert applier.targets["web"] == (b"m1", True, False, 0, b"pin")  # the pin goes along
     sync.sync(None, 6.0)  # the mesh node restarting: not ready, whatever the version
-    assert applier.targets["web"][1] is False
+    assert applier.targets["web"][:2] == (b"m1", False)
+    # a newer target than gossip holds arrives by gossip/offer, not by a second fetch
+    sync.set_targets([DeviceTarget("web", 3)])
+    assert sync.needs_manifest("web", node) is None
     sync.set_targets([])
     assert applier.cleared == ["web"]
     assert [a.app for a in sync.app_statuses()] == ["web"]
 
 
-def test_appsync_goes_back_only_with_a_signed_pin() -> None:
-    key, other = SigningKey(os.urandom(32)), SigningKey(os.urandom(32))
-    applier, node = _Applier(), _Node()
-    applier.running = 2
-    logs: list[str] = []
-    ok = pin_checker(bytes(key.verify_key).hex(), "cams", "home-0")
-    sync = AppSync(applier, "cams", {"web": (2, b"m2")}.get, logs.append, ok)
-
-    def pin(k: SigningKey, version: int = 1, device: str | None = None) -> str:
-        return encode_signed_pin(sign_pin(ReleasePin("cams", "web", version, device), k)).hex()
-
-    sync.add_manifest("web", 1, b"m1")
-    for bad in (None, "zz", pin(other), pin(key, version=3), pin(key, device="home-9")):
-        sync.set_targets([{"app": "web", "version": 1, "pin": bad}])
-        sync.add_manifest("web", 1, b"m1")
-        sync.sync(node, 0.0)
-        assert "web" not in applier.targets, bad  # the running v2 stays
-    assert sum("no valid signed pin" in m for m in logs) == 1
-    for good in (pin(key), pin(key, device="home-0")):
-        applier.targets.clear()
-        sync.set_targets([{"app": "web", "version": 1, "pin": good}])
-        sync.add_manifest("web", 1, b"m1")
-        sync.sync(node, 0.0)
-        assert applier.targets["web"][0] == b"m1"
-
-
 async def test_app_logs_are_kept_while_the_coordinator_is_down_and_bad_lines_dropped(
         tmp_path: Path) -> None:
-    from types import SimpleNamespace
-
-    from agent._applogs import LogBuffer
-
     releases = Releases(tmp_path / "dev", app="web")
     data = device(tmp_path, releases.key_hex)
     coord = AppCoordinator()
     agent = Agent(data, FakeWireGuard().factory(), coord.factory, log=lambda m: None)
     buffer = LogBuffer(max_lines=100)
-    applier = SimpleNamespace(logs=buffer)
     buffer.append(LogLine(1.0, "web", "stdout", "one"))
     buffer.append(LogLine(2.0, "web", "bogus-stream", "refused by the coordinator"))
     buffer.append(LogLine(3.0, "web", "stderr", "two"))
     coord.down = True
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(agent._logs_loop, applier)
+            await nursery.start(LogUploader(agent.link, buffer, lambda m: None).run)
             await trio.sleep(3)
             assert coord.logs == [] and len(buffer) == 2  # kept, the bad one counted dropped
             coord.down = False
             await wait_for(lambda: len(coord.logs) == 2, 0.05)
             assert [x.line for x in coord.logs] == ["one", "two"]
             assert len(buffer) == 0
+            nursery.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------------- release sync
+
+
+class FakeNode:
+    """The gossip node's surface release sync uses (agent/_gossip.py GossipNode), with
+    `newest` and `changed` as wip/node adds them: `fire()` stands for a change."""
+
+    def __init__(self, releases: Releases) -> None:
+        self.releases = releases
+        self.held: dict[str, VerifiedRelease] = {}
+        self.offered: list[int] = []
+        self.done, self.total = 0, 100
+        self.stats = GossipStats()
+        self._changed = trio.Event()
+
+    def newest(self, fleet: str, app: str) -> VerifiedRelease | None:
+        return self.held.get(app)
+
+    def changed(self) -> trio.Event:
+        return self._changed
+
+    def fire(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def progress(self, fleet: str, app: str) -> tuple[int, int, int, dict[str, int]] | None:
+        r = self.held.get(app)
+        return None if r is None else (r.manifest.version, self.done, self.total,
+                                       {"lan": self.done, "wan_peer": 0, "coordinator": 0})
+
+    def complete(self, fleet: str, app: str) -> bool:
+        return app in self.held and self.done == self.total
+
+    def offer_manifest(self, signed: bytes) -> bool:
+        r = self.releases.verified(signed)
+        self.offered.append(r.manifest.version)
+        self.held[r.manifest.app] = r
+        self.fire()
+        return True
+
+    def update_peers(self, peers: Mapping[str, str]) -> None:
+        pass
+
+    def set_lan(self, names: Iterable[str]) -> None:
+        pass
+
+
+def release_sync(tmp: Path, coord: AppCoordinator, logs: list[str], engine: FakeEngine,
+                 releases: Releases, on_apps_changed: Callable[[], None] = lambda: None
+                 ) -> tuple[ReleaseSync, FakeNode]:
+    data = device(tmp, releases.key_hex)
+    identity = data.read_identity()
+    link = CoordinatorLink(identity, coord.factory, hub_up=lambda: False, log=logs.append)
+    settings = GossipSettings(apply=ApplySettings(engine_factory=lambda: engine))
+    sync = ReleaseSync(data.path, identity.enrollment, KEYS[0].public, 51820, link, settings,
+                       peers=dict, log=logs.append, rng=random.Random(1),
+                       on_apps_changed=on_apps_changed)
+    node = FakeNode(releases)
+    sync.node = node  # type: ignore[assignment]  # the fake stands in for GossipNode
+    return sync, node
+
+
+async def test_targets_reach_the_node_and_a_pin_back_is_verified_once(tmp_path: Path) -> None:
+    releases = Releases(tmp_path / "dev", app="web")
+    coord = AppCoordinator()
+    for v in (1, 2):
+        coord.manifests[("cams", "web", v)] = releases.make(v, QUICK)
+    logs: list[str] = []
+    sync, node = release_sync(tmp_path, coord, logs, FakeEngine(RealClock()), releases)
+    applier = _Applier()
+    sync.appsync = AppSync(applier, "cams")
+    coord.targets = [{"app": "web", "version": 2, "pin": None, "force": False, "retry": 0},
+                     {"app": "bad app", "version": 1}]  # does not validate: left out, logged
+    await sync._read_targets(node)  # type: ignore[arg-type]
+    await sync._read_targets(node)  # type: ignore[arg-type]
+    assert node.offered == [2]  # offered once: then the node holds it
+    assert sum("release cams/web v2 from the coordinator" in m for m in logs) == 1
+    assert sum("does not validate" in m for m in logs) == 1
+    # a pin back to v1: the node keeps only v2, so v1's manifest is fetched and verified here
+    coord.targets = [{"app": "web", "version": 1, "pin": "00", "force": False, "retry": 0}]
+    coord.manifests[("cams", "web", 1)] = coord.manifests[("cams", "web", 2)]  # wrong one
+    await sync._read_targets(node)  # type: ignore[arg-type]
+    await sync._read_targets(node)  # type: ignore[arg-type]
+    assert sum("web v1: manifest refused" in m for m in logs) == 1
+    assert sync.appsync.needs_manifest("web", node) == 1
+    coord.manifests[("cams", "web", 1)] = releases.make(1, QUICK)
+    await sync._read_targets(node)  # type: ignore[arg-type]
+    assert sync.appsync.needs_manifest("web", node) is None
+    sync.appsync.sync(node, 0.0)
+    assert applier.targets["web"][0] == coord.manifests[("cams", "web", 1)]
+    assert applier.targets["web"][4] == b"\0"  # the pin goes to the applier's admit_release
+
+
+async def test_release_sync_runs_on_events_not_a_poll(tmp_path: Path) -> None:
+    releases = Releases(tmp_path / "dev", app="web")
+    coord = AppCoordinator()
+    coord.manifests[("cams", "web", 1)] = releases.make(1, QUICK)
+    coord.targets = [{"app": "web", "version": 1, "pin": None, "force": False, "retry": 0}]
+    engine = FakeEngine(RealClock())
+    reports: list[float] = []
+    sync, node = release_sync(tmp_path, coord, [], engine, releases,
+                              lambda: reports.append(trio.current_time()))
+    syncs = 0
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sync._apply_loop, ApplySettings(engine_factory=lambda: engine))
+            await wait_for(lambda: sync.appsync is not None, 0.01)
+            appsync = sync.appsync
+            assert appsync is not None
+            real_sync = appsync.sync
+
+            def counted(n: Any, now: float) -> bool:
+                nonlocal syncs
+                syncs += 1
+                return real_sync(n, now)
+
+            appsync.sync = counted  # type: ignore[method-assign]
+            await sync._read_targets(node)  # type: ignore[arg-type]
+            node.done = 100  # every blob held
+            node.fire()
+            await wait_for(lambda: [c.version for c in engine.running("home-0", "web")] == [1]
+                           and appsync.app_statuses()[0].state == "running", 0.05)
+            await wait_for(lambda: bool(reports), 0.05)  # the state change was reported
+            await trio.sleep(0.5)
+            before = syncs
+            await trio.sleep(3)  # nothing changes: no sync at all (was: one a second)
+            assert syncs == before
+            node.done, node.total = 100, 200  # progress from the node: synced at once
+            node.fire()
+            await wait_for(lambda: appsync.app_statuses()[0].bytes_total == 200, 0.01)
+            assert syncs == before + 1
             nursery.cancel_scope.cancel()

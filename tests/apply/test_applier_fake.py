@@ -5,20 +5,28 @@ idempotence, and a restart from every crash point."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from nacl.signing import SigningKey
 
-from agent._applier import Applier
-from agent._apply import LOCK_FILE, Journal
+from agent._apply_core import LOCK_FILE, Journal
+from agent._apply_driver import Applier
 from agent._crashpoints import ALL_CRASH_POINTS
 from mesh.release import (
     ContainerSettings,
     HealthCheck,
     HealthKind,
+    ReleaseError,
+    ReleasePin,
     RestartPolicy,
     UpdateStrategy,
+    VerifiedRelease,
+    encode_signed_pin,
+    sign_pin,
 )
 
 from ._fake import Behaviour, Clock, FakeEngine, Releases
@@ -57,6 +65,9 @@ class World:
                        log=self.messages.append, crash=self.crash, clock=self.clock,
                        follow_logs=False)
 
+    def release(self, signed: bytes) -> VerifiedRelease:
+        return self.releases.verified(signed)
+
     def running(self) -> list[int]:
         return sorted(c.version for c in self.engine.running(DEVICE, APP))
 
@@ -87,12 +98,19 @@ def run_until(w: World, a: Applier, pred: Callable[[], bool], limit_s: float = 6
 def state(a: Applier) -> str:
     s = a.status(APP)
     assert s is not None
-    return str(s["state"])
+    return s.state
+
+
+def status_of(a: Applier) -> dict[str, Any]:
+    """The app's status in its contract form (what the report carries)."""
+    s = a.status(APP)
+    assert s is not None
+    return s.to_json()
 
 
 def install(w: World, a: Applier, version: int, settings: ContainerSettings | None = None,
             **kw: bool) -> None:
-    assert a.set_target(APP, w.releases.make(version, settings), ready=True, **kw)
+    assert a.set_target(w.release(w.releases.make(version, settings)), ready=True, **kw)
     run_until(w, a, lambda: state(a) in ("running", "failed"))
 
 
@@ -110,8 +128,8 @@ def test_first_install_labels_name_lock_mount_and_status(world: World) -> None:
     assert (str(world.data / "locks" / APP), "/run/fleetmesh/lock", False) in c.spec.binds
     assert c.restart_policy == "always" and c.spec.environment == (("MODE", "x"),)
     assert c.spec.network == "host"
-    status = a.status(APP)
-    assert status is not None and set(status) == CONTRACT_KEYS
+    status = status_of(a)
+    assert set(status) == CONTRACT_KEYS
     assert status["running"] == 1 and status["target"] == 1 and status["state"] == "running"
     assert status["failed"] == [] and status["error"] is None
     assert world.journal() == Journal(current=1)
@@ -127,7 +145,7 @@ def test_applying_twice_changes_nothing(world: World) -> None:
     assert world.engine.calls == calls
     # A new process on the same data directory changes nothing either.
     b = world.applier()
-    b.set_target(APP, world.releases.make(1), ready=True)
+    b.set_target(world.release(world.releases.make(1)), ready=True)
     b.reconcile_all()
     assert world.engine.calls == calls and state(b) == "running"
 
@@ -135,19 +153,22 @@ def test_applying_twice_changes_nothing(world: World) -> None:
 def test_bad_manifests_are_refused(world: World) -> None:
     a = world.applier()
     other = Releases(world.tmp / "other")
-    assert not a.set_target(APP, other.make(1), ready=True)  # another key
-    assert not a.set_target("cam", world.releases.make(1), ready=True)  # another app
-    assert not a.set_target(APP, b"garbage", ready=True)
+    assert not a.set_target(other.verified(other.make(1)), ready=True)  # another key
+    dogs = Releases(world.tmp / "dogs", fleet="dogs")
+    dogs.key = world.releases.key
+    assert not a.set_target(dogs.verified(dogs.make(1)), ready=True)  # another fleet
+    with pytest.raises(ReleaseError):  # garbage never becomes a release to pass on
+        world.release(b"garbage")
     assert a.statuses() == [] and any("refused" in m for m in world.messages)
 
 
 def test_engine_down_is_reported_and_retried(world: World) -> None:
     a = world.applier()
-    a.set_target(APP, world.releases.make(1), ready=True)
+    a.set_target(world.release(world.releases.make(1)), ready=True)
     world.engine.down = True
     a.reconcile_all()
-    status = a.status(APP)
-    assert status is not None and "Cannot connect" in str(status["error"])
+    status = status_of(a)
+    assert "Cannot connect" in str(status["error"])
     world.engine.down = False
     run_until(world, a, lambda: state(a) == "running")
     assert world.running() == [1]
@@ -159,10 +180,10 @@ def test_engine_down_is_reported_and_retried(world: World) -> None:
 def test_download_then_kill_waits_for_blobs_and_swaps(world: World) -> None:
     a = world.applier()
     install(world, a, 1)
-    a.set_target(APP, world.releases.make(2), ready=False)
+    a.set_target(world.release(world.releases.make(2)), ready=False)
     a.reconcile_all()
     assert state(a) == "downloading" and world.running() == [1]
-    a.set_target(APP, world.releases.make(2), ready=True)
+    a.set_target(world.release(world.releases.make(2)), ready=True)
     run_until(world, a, lambda: state(a) == "running" and world.running() == [2])
     (c,) = world.engine.containers_.values()
     assert c.spec.name == "fleetmesh-web" and c.version == 2
@@ -176,7 +197,8 @@ def test_download_then_kill_waits_for_blobs_and_swaps(world: World) -> None:
 def test_missing_blob_means_downloading(world: World) -> None:
     a = world.applier()
     install(world, a, 1)
-    a.set_target(APP, world.releases.make(2, store=False), ready=True)  # the lead was wrong
+    # the lead was wrong: a blob is missing
+    a.set_target(world.release(world.releases.make(2, store=False)), ready=True)
     a.reconcile_all()
     assert state(a) == "downloading" and world.running() == [1]
     assert any("not in the store" in m for m in world.messages)
@@ -186,11 +208,11 @@ def test_kill_then_download_stops_the_app_before_the_download(world: World) -> N
     a = world.applier()
     install(world, a, 1)
     kill = ContainerSettings(update_strategy=UpdateStrategy.KILL_THEN_DOWNLOAD)
-    a.set_target(APP, world.releases.make(2, kill), ready=False)
+    a.set_target(world.release(world.releases.make(2, kill)), ready=False)
     a.reconcile_all()
     assert world.running() == [] and state(a) == "downloading"
     assert world.journal().phase == "starting"
-    a.set_target(APP, world.releases.make(2, kill), ready=True)
+    a.set_target(world.release(world.releases.make(2, kill)), ready=True)
     run_until(world, a, lambda: state(a) == "running")
     assert world.running() == [2]
 
@@ -200,7 +222,7 @@ def test_hand_over_runs_both_until_the_new_one_is_healthy(world: World) -> None:
     install(world, a, 1)
     hand = ContainerSettings(update_strategy=UpdateStrategy.HAND_OVER,
                              health_check=HealthCheck(HealthKind.RUNNING, seconds=10.0))
-    a.set_target(APP, world.releases.make(2, hand), ready=True)
+    a.set_target(world.release(world.releases.make(2, hand)), ready=True)
     run_until(world, a, lambda: state(a) == "checking-health")
     assert world.running() == [1, 2]
     names = {c.spec.name for c in world.engine.containers_.values()}
@@ -219,7 +241,7 @@ def test_hand_over_timeout_stops_the_old_one_then_rolls_back(world: World) -> No
     hand = ContainerSettings(update_strategy=UpdateStrategy.HAND_OVER, hand_over_timeout_s=5.0,
                              health_timeout_s=20.0,
                              health_check=HealthCheck(HealthKind.CMD, ("check",)))
-    a.set_target(APP, world.releases.make(2, hand), ready=True)
+    a.set_target(world.release(world.releases.make(2, hand)), ready=True)
     run_until(world, a, lambda: state(a) == "checking-health")
     t0 = world.clock.t
     run_until(world, a, lambda: world.running() == [2])
@@ -236,7 +258,7 @@ def test_lock_holds_the_update_and_release_lets_it_through(world: World) -> None
     a = world.applier()
     install(world, a, 1)
     world.lock().write_text("held by the app")
-    a.set_target(APP, world.releases.make(2), ready=True)
+    a.set_target(world.release(world.releases.make(2)), ready=True)
     t_lock = world.clock.t
     run_until(world, a, lambda: state(a) == "waiting-lock")
     assert "fleetmesh/web:2" in world.engine.images  # downloaded and loaded meanwhile
@@ -245,23 +267,23 @@ def test_lock_holds_the_update_and_release_lets_it_through(world: World) -> None
     assert wake - world.clock.t == pytest.approx(1.0)  # the lock is polled every second
     world.clock.advance(3600)
     a.reconcile_all()
-    status = a.status(APP)
-    assert status is not None and status["lock_since"] == pytest.approx(t_lock, abs=1)
+    status = status_of(a)
+    assert status["lock_since"] == pytest.approx(t_lock, abs=1)
     assert state(a) == "waiting-lock" and world.running() == [1]
     world.lock().unlink()
     run_until(world, a, lambda: state(a) == "running", limit_s=30)
     assert world.running() == [2]
-    status = a.status(APP)
-    assert status is not None and status["lock_since"] is None
+    status = status_of(a)
+    assert status["lock_since"] is None
 
 
 def test_force_goes_past_the_lock_and_never_removes_it(world: World) -> None:
     a = world.applier()
     install(world, a, 1)
     world.lock().write_text("")
-    a.set_target(APP, world.releases.make(2), ready=True)
+    a.set_target(world.release(world.releases.make(2)), ready=True)
     run_until(world, a, lambda: state(a) == "waiting-lock")
-    a.set_target(APP, world.releases.make(2), ready=True, force=True)
+    a.set_target(world.release(world.releases.make(2)), ready=True, force=True)
     run_until(world, a, lambda: state(a) == "running")
     assert world.running() == [2] and world.lock().exists()
 
@@ -271,7 +293,7 @@ def test_kill_then_download_respects_the_lock(world: World) -> None:
     install(world, a, 1)
     world.lock().write_text("")
     kill = ContainerSettings(update_strategy=UpdateStrategy.KILL_THEN_DOWNLOAD)
-    a.set_target(APP, world.releases.make(2, kill), ready=False)
+    a.set_target(world.release(world.releases.make(2, kill)), ready=False)
     a.reconcile_all()
     assert state(a) == "waiting-lock" and world.running() == [1]
 
@@ -286,14 +308,14 @@ def test_failing_health_command_rolls_back_and_is_not_retried(world: World) -> N
     bad = ContainerSettings(health_check=HealthCheck(HealthKind.CMD, ("check",), interval_s=1.0),
                             health_timeout_s=8.0)
     signed2 = world.releases.make(2, bad)
-    a.set_target(APP, signed2, ready=True)
+    a.set_target(world.release(signed2), ready=True)
     run_until(world, a, lambda: state(a) == "checking-health")
     t0 = world.clock.t
     run_until(world, a, lambda: state(a) == "failed")
     assert world.clock.t - t0 == pytest.approx(8.0, abs=0.01)  # exactly the health timeout
     assert world.running() == [1]
-    status = a.status(APP)
-    assert status is not None and status["failed"] == [2] and status["running"] == 1
+    status = status_of(a)
+    assert status["failed"] == [2] and status["running"] == 1
     assert "release 2: not healthy within 8 s" in str(status["error"])
     assert "\n" not in str(status["error"])
     (c,) = world.engine.containers_.values()
@@ -301,23 +323,23 @@ def test_failing_health_command_rolls_back_and_is_not_retried(world: World) -> N
     # Not retried: same target, even in a new process.
     calls = list(world.engine.calls)
     b = world.applier()
-    b.set_target(APP, signed2, ready=True)
+    b.set_target(world.release(signed2), ready=True)
     for _ in range(3):
         b.reconcile_all()
         world.clock.advance(60)
     assert world.engine.calls == calls and state(b) == "failed"
     # An operator retry: tried again (and fails again).
-    b.set_target(APP, signed2, ready=True, retry=1)
+    b.set_target(world.release(signed2), ready=True, retry=1)
     run_until(world, b, lambda: state(b) == "checking-health")
     run_until(world, b, lambda: state(b) == "failed")
-    status = b.status(APP)
-    assert status is not None and status["retry_seen"] == 1 and status["failed"] == [2]
+    status = status_of(b)
+    assert status["retry_seen"] == 1 and status["failed"] == [2]
     # A newer release is applied.
-    b.set_target(APP, world.releases.make(3), ready=True, retry=1)
+    b.set_target(world.release(world.releases.make(3)), ready=True, retry=1)
     run_until(world, b, lambda: state(b) == "running")
     assert world.running() == [3]
-    status = b.status(APP)
-    assert status is not None and status["failed"] == [2] and status["error"] is None
+    status = status_of(b)
+    assert status["failed"] == [2] and status["error"] is None
 
 
 def test_container_that_exits_fails_at_once(world: World) -> None:
@@ -325,13 +347,13 @@ def test_container_that_exits_fails_at_once(world: World) -> None:
     install(world, a, 1)
     world.engine.behaviour[2] = Behaviour(exits=3)
     t0 = world.clock.t
-    a.set_target(APP, world.releases.make(2, ContainerSettings(restart_policy=RestartPolicy.NO)),
-                 ready=True)
+    no_restart = ContainerSettings(restart_policy=RestartPolicy.NO)
+    a.set_target(world.release(world.releases.make(2, no_restart)), ready=True)
     run_until(world, a, lambda: state(a) == "failed")
     assert world.clock.t == t0  # no waiting for the health timeout
     assert ("start", "2") in world.engine.calls
-    status = a.status(APP)
-    assert status is not None and "exited with code 3" in str(status["error"])
+    status = status_of(a)
+    assert "exited with code 3" in str(status["error"])
     assert world.running() == [1]
 
 
@@ -339,24 +361,25 @@ def test_crash_loop_times_out(world: World) -> None:
     a = world.applier()
     install(world, a, 1)
     world.engine.behaviour[2] = Behaviour(restarting=True)
-    a.set_target(APP, world.releases.make(2, ContainerSettings(health_timeout_s=30.0)),
+    a.set_target(world.release(world.releases.make(2, ContainerSettings(
+                     health_timeout_s=30.0))),
                  ready=True)
     run_until(world, a, lambda: state(a) == "checking-health")
     t0 = world.clock.t
     run_until(world, a, lambda: state(a) == "failed")
     assert world.clock.t - t0 == pytest.approx(30.0, abs=0.01)
-    assert "running for 5 s" in str((a.status(APP) or {})["error"])
+    assert "running for 5 s" in str(status_of(a)["error"])
 
 
 def test_image_healthcheck_is_used_without_a_manifest_check(world: World) -> None:
     a = world.applier()
     install(world, a, 1)
     world.engine.behaviour[2] = Behaviour(docker_health="unhealthy")
-    a.set_target(APP, world.releases.make(2, image_healthcheck=True), ready=True)
+    a.set_target(world.release(world.releases.make(2, image_healthcheck=True)), ready=True)
     run_until(world, a, lambda: state(a) == "failed")
-    assert "HEALTHCHECK reports unhealthy" in str((a.status(APP) or {})["error"])
+    assert "HEALTHCHECK reports unhealthy" in str(status_of(a)["error"])
     world.engine.behaviour[3] = Behaviour(docker_health="healthy")
-    a.set_target(APP, world.releases.make(3, image_healthcheck=True), ready=True)
+    a.set_target(world.release(world.releases.make(3, image_healthcheck=True)), ready=True)
     run_until(world, a, lambda: state(a) == "running")
     assert world.running() == [3]
 
@@ -364,10 +387,10 @@ def test_image_healthcheck_is_used_without_a_manifest_check(world: World) -> Non
 def test_release_that_does_not_verify_fails_without_stopping_the_app(world: World) -> None:
     a = world.applier()
     install(world, a, 1)
-    a.set_target(APP, world.releases.make(2, bad_config=True), ready=True)
+    a.set_target(world.release(world.releases.make(2, bad_config=True)), ready=True)
     run_until(world, a, lambda: state(a) == "failed")
     assert world.running() == [1] and ("stop", "1") not in world.engine.calls
-    assert "do not match" in str((a.status(APP) or {})["error"])
+    assert "do not match" in str(status_of(a)["error"])
 
 
 def test_first_release_failing_leaves_nothing_running(world: World) -> None:
@@ -375,19 +398,19 @@ def test_first_release_failing_leaves_nothing_running(world: World) -> None:
     world.engine.behaviour[1] = Behaviour(exits=1)
     install(world, a, 1, ContainerSettings(restart_policy=RestartPolicy.NO))
     assert state(a) == "failed" and world.engine.containers_ == {}
-    assert (a.status(APP) or {})["running"] is None
+    assert status_of(a)["running"] is None
 
 
 def test_target_back_to_the_running_release_before_the_swap(world: World) -> None:
     a = world.applier()
     install(world, a, 1)
     kill = ContainerSettings(update_strategy=UpdateStrategy.KILL_THEN_DOWNLOAD)
-    a.set_target(APP, world.releases.make(2, kill), ready=False)
+    a.set_target(world.release(world.releases.make(2, kill)), ready=False)
     a.reconcile_all()
     assert world.running() == []
-    a.set_target(APP, world.releases.make(1), ready=True)
+    a.set_target(world.release(world.releases.make(1)), ready=True)
     run_until(world, a, lambda: state(a) == "running")
-    assert world.running() == [1] and (a.status(APP) or {})["failed"] == []
+    assert world.running() == [1] and status_of(a)["failed"] == []
 
 
 # --------------------------------------------------------------------------- crash safety
@@ -433,13 +456,13 @@ def test_killed_at_any_point_converges(world: World, scenario: str, point: str) 
     signed = world.releases.make(2, settings)
     world.passed.clear()
     world.crash_at = point
-    a.set_target(APP, signed, ready=True)
+    a.set_target(world.release(signed), ready=True)
     with pytest.raises(SimulatedCrash):
         run_until(world, a, lambda: state(a) in ("running", "failed")
                   and world.journal().phase == "idle")
     # A new process: same data directory, same engine; the target arrives again.
     b = world.applier()
-    b.set_target(APP, signed, ready=True)
+    b.set_target(world.release(signed), ready=True)
     run_until(world, b, lambda: state(b) in ("running", "failed")
               and world.journal().phase == "idle")
     want = 2 if healthy else 1
@@ -459,7 +482,7 @@ def test_restart_without_a_target_still_converges(world: World) -> None:
     install(world, a, 1)
     world.engine.behaviour[2] = Behaviour()
     world.crash_at = "after-stop-old"
-    a.set_target(APP, world.releases.make(2), ready=True)
+    a.set_target(world.release(world.releases.make(2)), ready=True)
     with pytest.raises(SimulatedCrash):
         run_until(world, a, lambda: False)
     b = world.applier()  # no set_target
@@ -475,7 +498,7 @@ def test_every_crash_point_is_passed_somewhere(world: World) -> None:
         install(w, a, 1)
         w.passed.clear()
         w.engine.behaviour[2] = Behaviour(health_cmd_code=0 if healthy else 1)
-        a.set_target(APP, w.releases.make(2, settings), ready=True)
+        a.set_target(w.release(w.releases.make(2, settings)), ready=True)
         run_until(w, a, lambda a=a, w=w: state(a) in ("running", "failed")  # type: ignore[misc]
                   and w.journal().phase == "idle")
         assert set(w.passed) == set(POINTS[name]), name
@@ -490,7 +513,7 @@ def test_restart_mid_download_waits_without_spinning(world: World) -> None:
     a = world.applier()
     install(world, a, 1)
     kill = ContainerSettings(update_strategy=UpdateStrategy.KILL_THEN_DOWNLOAD)
-    a.set_target(APP, world.releases.make(2, kill, store=False), ready=False)
+    a.set_target(world.release(world.releases.make(2, kill, store=False)), ready=False)
     a.reconcile_all()
     assert world.running() == [] and world.journal().phase == "starting"
     b = world.applier()  # no target from the coordinator yet
@@ -511,7 +534,7 @@ def test_lost_journal_adopts_the_engine_state(world: World) -> None:
     calls = list(world.engine.calls)
     (world.data / "apply" / APP / "journal.json").write_text("{broken")
     b = world.applier()
-    b.set_target(APP, world.releases.make(1), ready=True)
+    b.set_target(world.release(world.releases.make(1)), ready=True)
     b.reconcile_all()
     assert world.engine.calls == calls and state(b) == "running"
     # Stopped (the app exited under restart policy "no"), then the journal lost: kept.
@@ -519,10 +542,10 @@ def test_lost_journal_adopts_the_engine_state(world: World) -> None:
     c.status = "exited"
     (world.data / "apply" / APP / "journal.json").unlink()
     b = world.applier()
-    b.set_target(APP, world.releases.make(1), ready=True)
+    b.set_target(world.release(world.releases.make(1)), ready=True)
     b.reconcile_all()
     assert list(world.engine.containers_) == [c.id] and world.engine.calls == calls
-    assert (b.status(APP) or {})["running"] is None
+    assert status_of(b)["running"] is None
     assert any("corrupt" in m for m in world.messages)
 
 
@@ -531,13 +554,53 @@ def test_pinning_back_to_the_running_release_clears_the_error(world: World) -> N
     install(world, a, 1)
     world.engine.behaviour[2] = Behaviour(exits=1)
     signed1 = world.releases.make(1)
-    a.set_target(APP, world.releases.make(2, ContainerSettings(restart_policy=RestartPolicy.NO)),
-                 ready=True)
+    no_restart = ContainerSettings(restart_policy=RestartPolicy.NO)
+    a.set_target(world.release(world.releases.make(2, no_restart)), ready=True)
     run_until(world, a, lambda: state(a) == "failed")
     a.reconcile_all()
     assert state(a) == "failed"
-    a.set_target(APP, signed1, ready=True)
+    a.set_target(world.release(signed1), ready=True)
     a.reconcile_all()
-    status = a.status(APP)
-    assert status is not None and status["state"] == "running" and status["error"] is None
+    status = status_of(a)
+    assert status["state"] == "running" and status["error"] is None
     assert status["failed"] == [2]
+
+
+def test_goes_back_only_with_a_signed_pin(world: World) -> None:
+    """An older target replaces the running release only with a pin the operator signed for
+    this fleet, app, version and device (or every device): never on the coordinator's word."""
+    a = world.applier()
+    install(world, a, 1)
+    install(world, a, 2)
+    other = SigningKey(os.urandom(32))
+    signed1 = world.releases.make(1)
+
+    def pin(k: SigningKey, version: int = 1, device: str | None = None) -> bytes:
+        return encode_signed_pin(sign_pin(ReleasePin("cams", APP, version, device), k))
+
+    for bad in (None, b"zz", pin(other), pin(world.releases.key, version=3),
+                pin(world.releases.key, device="cam-9")):
+        assert not a.set_target(world.release(signed1), ready=True, pin=bad), bad
+        assert status_of(a)["target"] == 2  # the running v2 stays the target
+    assert sum("no valid signed pin" in m for m in world.messages) == 1  # logged once
+    for good in (pin(world.releases.key), pin(world.releases.key, device=DEVICE)):
+        assert a.set_target(world.release(signed1), ready=True, pin=good)
+    run_until(world, a, lambda: world.running() == [1] and state(a) == "running")
+
+
+def test_the_files_on_disk_keep_the_format_an_upgraded_agent_reads(world: World) -> None:
+    """journal.json and releases/<version> (the signed manifest as received) are what earlier
+    agents wrote and read: an agent upgraded in place picks its apps up from them."""
+    a = world.applier()
+    signed = world.releases.make(1)
+    a.set_target(world.release(signed), ready=True)
+    run_until(world, a, lambda: state(a) == "running")
+    app_dir = world.data / "apply" / APP
+    assert json.loads((app_dir / "journal.json").read_text()) == {
+        "format": 1, "phase": "idle", "current": 1, "previous": None, "to": None,
+        "health_since": None, "failed": [], "retry_seen": 0, "error": None}
+    assert (app_dir / "releases" / "1").read_bytes() == signed
+    calls = list(world.engine.calls)
+    b = world.applier()  # restarted, no word from the coordinator yet
+    b.reconcile_all()
+    assert world.engine.calls == calls and status_of(b)["running"] == 1

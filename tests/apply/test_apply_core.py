@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 from agent._applogs import LogBuffer, LogCollector, LogLine, parse_log_line
-from agent._apply import (
-    APPLY_STATES,
-    MAX_FAILED,
+from agent._apply_core import (
+    MISSING_BLOB_RETRY_S,
     ContainerView,
     Create,
     Journal,
     Load,
+    MissingBlob,
     Observed,
     Probe,
     RemoveImage,
@@ -33,6 +33,7 @@ from agent._apply import (
 )
 from agent._crashpoints import ALL_CRASH_POINTS, crash_point
 from agent._journal import AppJournal, JournalError
+from mesh.control import APP_STATES, MAX_FAILED
 from mesh.release import (
     ContainerSettings,
     HealthCheck,
@@ -55,9 +56,37 @@ def running(version: int, name: str = "fleetmesh-web", started: float = 0.0,
 
 
 def test_states_are_the_contract_set() -> None:
-    assert APPLY_STATES == ("idle", "downloading", "waiting-lock", "loading", "stopping",
+    assert APP_STATES == ("idle", "downloading", "waiting-lock", "loading", "stopping",
                             "starting", "checking-health", "running", "failed", "rolling-back")
     assert len(ALL_CRASH_POINTS) >= 12 and len(set(ALL_CRASH_POINTS)) == len(ALL_CRASH_POINTS)
+
+
+def test_a_rebuild_that_lacked_a_blob_waits_exactly_the_retry_time() -> None:
+    j = Journal(current=1)
+    obs = Observed((running(1),), frozenset({1}), missing_blob=MissingBlob(2, 100.0))
+    t = Target(2, manifest(2))  # the node says every blob is held
+    assert decide(APP, j, t, obs, 100.0).state == "downloading"
+    assert decide(APP, j, t, obs, 100.0 + MISSING_BLOB_RETRY_S - 0.001).state == "downloading"
+    s = decide(APP, j, t, obs, 100.0 + MISSING_BLOB_RETRY_S)
+    assert s.action == Load(2) and s.state == "loading"
+    # another release than the one that lacked a blob is not held back
+    assert decide(APP, j, Target(3, manifest(3)), obs, 100.0).action == Load(3)
+
+
+def test_restarted_mid_update_the_journal_release_is_the_target() -> None:
+    j = Journal(phase="starting", current=1, to=2)
+    obs = Observed((), frozenset({1}))
+    # no word from the coordinator yet: the journal's release (manifest on disk) goes on
+    s = decide(APP, j, None, obs, 10.0, {1: manifest(1), 2: manifest(2)})
+    assert s.action == Load(2) and s.state == "loading"
+    # ...unless its rebuild lacked a blob less than MISSING_BLOB_RETRY_S ago
+    late = Observed((), frozenset({1}), missing_blob=MissingBlob(2, 5.0))
+    s = decide(APP, j, None, late, 5.0 + MISSING_BLOB_RETRY_S - 1, {1: manifest(1),
+                                                                   2: manifest(2)})
+    assert s.action is None and s.state == "downloading"
+    # without its manifest there is nothing to infer: the update is given up
+    s = decide(APP, j, None, obs, 10.0, {1: manifest(1)})
+    assert s.journal.phase == "rolling-back" and 2 in s.journal.failed
 
 
 def test_idle_update_steps() -> None:

@@ -28,8 +28,8 @@ import pytest
 import trio
 from nacl.signing import SigningKey
 
-from agent._applier import Applier
-from agent._apply import LOCK_FILE
+from agent._apply_core import LOCK_FILE
+from agent._apply_driver import Applier
 from agent._blobstore import BlobStore
 from agent._crashpoints import CRASH_FILE
 from agent._engine import DockerEngine
@@ -40,8 +40,8 @@ from mesh.release import (
     HealthKind,
     ReleaseManifest,
     RestartPolicy,
-    decode_signed_manifest,
-    verify_manifest,
+    VerifiedRelease,
+    verify_release,
 )
 from tests.release._fakes import FakeRegistry
 from tests.release.test_release_docker import _docker, _docker_skip_reason
@@ -92,8 +92,12 @@ class Env:
                            size=w.size)
         return want
 
+    def verified(self, signed: bytes) -> VerifiedRelease:
+        """As the agent passes a release on: verified once, where it arrived."""
+        return verify_release(signed, self.key.verify_key, fleet=FLEET, app=self.app)
+
     def manifest(self, signed: bytes) -> ReleaseManifest:
-        return verify_manifest(decode_signed_manifest(signed), self.key.verify_key, None)
+        return self.verified(signed).manifest
 
     def ps(self) -> list[dict[str, str]]:
         out = _docker("ps", "-a", "--filter", f"label=io.fleetmesh.device={self.device}",
@@ -177,9 +181,10 @@ def saw(applier: Applier, seen: list[str], text: str) -> bool:
 
 
 def _status(applier: Applier, app: str) -> dict[str, Any]:
+    """The app's status in its contract form (what the report carries)."""
     s = applier.status(app)
     assert s is not None
-    return s
+    return s.to_json()
 
 
 async def test_update_lock_and_rollback(env: Env) -> None:
@@ -196,7 +201,7 @@ async def test_update_lock_and_rollback(env: Env) -> None:
         v1, signed1 = env.publish(1, quick)
         want1 = env.fill_store(signed1, applier.local_diff_ids())
         assert {w.kind for w in want1.values()} == {"chunk"}
-        applier.set_target(env.app, signed1, ready=True)
+        applier.set_target(env.verified(signed1), ready=True)
         await wait_for("v1 running", lambda: _status(applier, env.app)["running"] == v1
                        and _status(applier, env.app)["state"] == "running", applier)
         (row,) = env.ps()
@@ -220,7 +225,7 @@ async def test_update_lock_and_rollback(env: Env) -> None:
         v2, signed2 = env.publish(2, quick)
         want2 = env.fill_store(signed2, applier.local_diff_ids())
         assert "delta" in {w.kind for w in want2.values()}
-        applier.set_target(env.app, signed2, ready=True)
+        applier.set_target(env.verified(signed2), ready=True)
         await wait_for("v2 waiting for the lock",
                        lambda: _status(applier, env.app)["state"] == "waiting-lock", applier)
         status = _status(applier, env.app)
@@ -232,6 +237,8 @@ async def test_update_lock_and_rollback(env: Env) -> None:
         await wait_for("v2 running after the lock went", lambda: _status(
             applier, env.app)["running"] == v2 and _status(applier, env.app)["state"]
             == "running", applier)
+        # "running" comes with the commit; the old container goes in the next step
+        await wait_for("v1's container removed", lambda: len(env.ps()) == 1, applier)
         (row,) = env.ps()
         assert row["Names"] == env.container and row["labels"]["io.fleetmesh.release"] == str(v2)
         await wait_for("v2's output", lambda: saw(applier, logs, "app v2"), applier)
@@ -244,7 +251,7 @@ async def test_update_lock_and_rollback(env: Env) -> None:
                                 health_timeout_s=4.0)
         v3, signed3 = env.publish(2, bad)
         env.fill_store(signed3, applier.local_diff_ids())
-        applier.set_target(env.app, signed3, ready=True)
+        applier.set_target(env.verified(signed3), ready=True)
         await wait_for("v3 failed", lambda: _status(applier, env.app)["state"] == "failed",
                        applier)
         status = _status(applier, env.app)

@@ -5,18 +5,19 @@
                       release_key_hex=enrollment.release_key, log=log)
     async with trio.open_nursery() as nursery:
         await nursery.start(applier.run)
-        applier.set_target("web", signed_manifest, ready=True, force=False, retry=0)
-        applier.statuses()        # [AppStatus dict] (docs/api.md, "App status")
+        applier.set_target(release, ready=True, force=False, retry=0, pin=None)
+        applier.statuses()        # [mesh.control.AppStatus] (docs/api.md, "App status")
+        await applier.changed().wait()   # a status changed (state, running, target, error)
         applier.logs.take(1000)   # the app containers' log lines
 
 Each round runs, per app and in a worker thread (`trio.to_thread.run_sync`): observe the
-engine (`docker ps -a` by label, the `fleetmesh/<app>:<v>` images, the update lock), ask the
-pure core (agent/_apply.py `decide`) for one step, persist the journal it returns
-(agent/_journal.py: atomic, fsynced) or execute the one action, and repeat until nothing is
-left to do; then sleep until the next deadline (health probe, hand-over, timeout), a new target,
-the lock poll (1 s while an update waits for it) or RECONCILE_PERIOD_S. Crash points
-(agent/_crashpoints.py) sit between the journal writes and the engine calls. docs/agent-apply.md
-tells the whole story.
+engine (`docker ps -a` by label, the `fleetmesh/<app>:<v>` images, the update lock, a rebuild
+that lacked a blob), ask the pure core (agent/_apply_core.py `decide`, which makes every
+decision) for one step, persist the journal it returns (agent/_journal.py: atomic, fsynced) or
+execute the one action, and repeat until nothing is left to do; then sleep until the next
+deadline (health probe, hand-over, timeout), a new target, the lock poll (1 s while an update
+waits for it) or RECONCILE_PERIOD_S. Crash points (agent/_crashpoints.py) sit between the
+journal writes and the engine calls. docs/agent-apply.md tells the whole story.
 """
 
 from __future__ import annotations
@@ -35,20 +36,23 @@ from typing import Any, Final
 import trio
 from nacl.signing import VerifyKey
 
+from mesh.control import MAX_APPS, AppStatus, SourceBytes
 from mesh.image import MaterializeError, materialize_release
 from mesh.release import (
     ChunkError,
     ReleaseError,
     ReleaseManifest,
-    decode_signed_manifest,
+    SignedPin,
+    VerifiedRelease,
+    admit_release,
+    decode_signed_pin,
     diff_id,
+    key_id,
     open_stored_chunk,
-    verify_manifest,
-    verify_release,
 )
 
 from ._applogs import LogBuffer, LogCollector
-from ._apply import (
+from ._apply_core import (
     LABEL_APP,
     LABEL_DEVICE,
     LABEL_RELEASE,
@@ -58,6 +62,7 @@ from ._apply import (
     Create,
     Journal,
     Load,
+    MissingBlob,
     Observed,
     Probe,
     Remove,
@@ -68,6 +73,7 @@ from ._apply import (
     Step,
     Stop,
     Target,
+    decide,
     fail_load,
     image_id,
     image_tag,
@@ -83,9 +89,7 @@ from ._journal import AppJournal, JournalError, atomic_write, journal_apps
 RECONCILE_PERIOD_S: Final = 10.0  # look at the engine this often even when nothing happens
 LOCK_POLL_S: Final = 1.0  # an update waiting for the app's lock proceeds within ~1 s of release
 ENGINE_RETRY_S: Final = 5.0  # after a Docker error
-MISSING_BLOB_RETRY_S: Final = 30.0  # a rebuild that lacked a blob is retried this often
 MAX_STEPS_PER_ROUND: Final = 64  # a bug that loops is logged, not spun on forever
-MAX_APPS: Final = 16  # contract: at most 16 apps per device report
 
 
 def stderr_log(message: str) -> None:
@@ -99,11 +103,11 @@ class _App:
     state: Journal = Journal()
     loaded: bool = False  # journal read (or the state adopted from the engine)
     target: Target | None = None
-    signed: dict[int, bytes] | None = None  # signed manifests of targets, by version
+    releases: dict[int, VerifiedRelease] | None = None  # the targets' releases, by version
     probe: Probe | None = None
     status_state: str = "idle"
     engine_error: str | None = None
-    missing_blob: tuple[int, float] | None = None  # (version, when) a rebuild lacked a blob
+    missing_blob: MissingBlob | None = None  # the last rebuild lacked a blob
     lock_since: float | None = None
     bytes_done: int = 0
     bytes_total: int = 0
@@ -128,6 +132,7 @@ class Applier:
         self.engine = engine
         self.store = store
         self.key = VerifyKey(bytes.fromhex(release_key_hex))
+        self.key_id = key_id(self.key)
         self.log = log
         self.crash = crash
         self.clock = clock
@@ -135,11 +140,15 @@ class Applier:
         self._collector = LogCollector(engine, self.logs, log) if follow_logs else None
         self._apps: dict[str, _App] = {}
         self._apps_lock = threading.Lock()  # set_target (trio thread) adds apps
-        self._manifests: dict[tuple[str, int], ReleaseManifest] = {}
+        self._releases: dict[tuple[str, int], VerifiedRelease] = {}
+        self._refused: set[tuple[str, int]] = set()  # logged once each
         self._diff_ids: frozenset[str] = frozenset()
         self._created_here: set[str] = set()
         self._started_at = clock()
         self._wakeup = trio.Event()
+        self._changed = trio.Event()
+        self._token: trio.lowlevel.TrioToken | None = None  # run(): statuses change in threads
+        self._reported: dict[str, AppStatus] = {}  # as last announced by changed()
         self.apply_dir = self.data_dir / "apply"
         self.work_dir = self.apply_dir / ".work"
         self.layer_dir = self.apply_dir / ".layers"
@@ -148,26 +157,39 @@ class Applier:
 
     # ------------------------------------------------------------------ the lead's interface
 
-    def set_target(self, app: str, signed: bytes, *, ready: bool, force: bool = False,
-                   retry: int = 0) -> bool:
-        """The release `app` should run; False (logged, nothing changes) if the manifest is
-        not a valid release of this fleet's `app` signed with the pinned key."""
-        try:
-            manifest = verify_manifest(decode_signed_manifest(signed), self.key, None,
-                                       fleet=self.fleet, app=app)
-        except ReleaseError as exc:
-            self.log(f"target for {app} refused: {exc}")
+    def set_target(self, release: VerifiedRelease, *, ready: bool, force: bool = False,
+                   retry: int = 0, pin: bytes | None = None) -> bool:
+        """The release its app should run; False (logged once, nothing changes) if it is not
+        signed with the pinned key for this fleet, or is older than the running release
+        without `pin`, an encoded SignedPin the operator signed for it (mesh.release
+        `admit_release`: never back on the coordinator's word alone)."""
+        manifest = release.manifest
+        app, version = manifest.app, manifest.version
+        if release.key_id != self.key_id or (self.fleet is not None
+                                              and manifest.fleet != self.fleet):
+            self._refuse(app, version, f"target for {app} refused: release {manifest.fleet}/"
+                                       f"{app} v{version} signed by key {release.key_id}")
             return False
         a = self._app(app)
         if a is None:
             return False
-        self._manifests[(app, manifest.version)] = manifest
+        running = a.running
+        try:
+            # the running release itself is not a replay: only an older one needs a pin
+            admit_release(manifest, self.key, None if running == version else running,
+                          pins=_pins(pin), device=self.device)
+        except ReleaseError:
+            self._refuse(app, version, f"release {manifest.fleet}/{app} v{version}: older "
+                                       f"than the running v{running} and no valid signed pin; "
+                                       "staying")
+            return False
+        self._releases[(app, version)] = release
         old = a.target
-        keep = {v for v in (a.state.current, a.state.previous, a.state.to, manifest.version)
+        keep = {v for v in (a.state.current, a.state.previous, a.state.to, version)
                 if v is not None}
-        a.signed = {v: b for v, b in (a.signed or {}).items() if v in keep}
-        a.signed[manifest.version] = signed  # before the target names it (worker thread)
-        a.target = Target(manifest.version, manifest, ready, force, max(0, retry))
+        a.releases = {v: r for v, r in (a.releases or {}).items() if v in keep}
+        a.releases[version] = release  # before the target names it (worker thread)
+        a.target = Target(version, manifest, ready, force, max(0, retry))
         if ready and a.missing_blob is not None:
             a.missing_blob = None
         if old != a.target:
@@ -197,15 +219,22 @@ class Applier:
         engine can export); refreshed after every round."""
         return self._diff_ids
 
-    def status(self, app: str) -> dict[str, Any] | None:
+    def status(self, app: str) -> AppStatus | None:
         a = self._apps.get(app)
         return None if a is None else self._status(a)
 
-    def statuses(self) -> list[dict[str, Any]]:
+    def statuses(self) -> list[AppStatus]:
         return [self._status(self._apps[name]) for name in sorted(self._apps)]
+
+    def changed(self) -> trio.Event:
+        """Set at the next change of an app's status other than its byte counts and time
+        (state, running, target, error…), also while a round runs (a long "loading" shows);
+        each call after it fired returns a fresh event."""
+        return self._changed
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
+        self._token = trio.lowlevel.current_trio_token()
         await trio.to_thread.run_sync(self.reconcile_all)
         task_status.started()
         while True:
@@ -243,6 +272,7 @@ class Applier:
                 a.engine_error = one_line(str(exc))
                 a.wake_at = self.clock() + ENGINE_RETRY_S
                 self.log(f"{app}: {a.engine_error}")
+                self._announce(a)
                 return last
             if not progressed:
                 return last
@@ -252,29 +282,19 @@ class Applier:
 
     def step(self, app: str) -> tuple[Step, bool]:
         """One observe-decide-act step; (the step, whether anything changed)."""
-        from ._apply import decide
-
         a = self._apps[app]
         now = self.clock()
         if not a.loaded:
             self._load_journal(a)
         manifests = self._journal_manifests(a)
-        target = a.target
-        if target is None and a.state.to is not None and a.state.to in manifests:
-            # Restarted mid-update with no word from the coordinator yet: the journal's release
-            # is the target (its manifest was stored before the journal named it).
-            target = Target(a.state.to, manifests[a.state.to])
-        if target is not None and a.missing_blob is not None:
-            version, when = a.missing_blob
-            if version == target.version and now < when + MISSING_BLOB_RETRY_S:
-                target = replace(target, ready=False)
         observed = self._observe(a, manifests, now)
-        s = decide(app, a.state, target, observed, now, manifests)
+        s = decide(app, a.state, a.target, observed, now, manifests)
         a.status_state = s.state
         a.engine_error = None
         a.wake_at = now + LOCK_POLL_S if s.lock_wait else s.wake_at
         a.running = running_version(a.state, observed)
         a.updated_at = now
+        self._announce(a)
         if s.journal != a.state:
             assert s.action is None
             self._write_journal(a, s.journal)
@@ -314,13 +334,18 @@ class Applier:
         a.state = state
         a.loaded = True
 
+    def _release(self, app: str, version: int) -> VerifiedRelease | None:
+        """A release this process verified, else the journal's copy, verified on reading."""
+        r = self._releases.get((app, version))
+        if r is None:
+            r = self._apps[app].journal.release(version, self.key, self.fleet)
+            if r is not None:
+                self._releases[(app, version)] = r
+        return r
+
     def _manifest(self, app: str, version: int) -> ReleaseManifest | None:
-        m = self._manifests.get((app, version))
-        if m is None:
-            m = self._apps[app].journal.manifest(version, self.key, self.fleet)
-            if m is not None:
-                self._manifests[(app, version)] = m
-        return m
+        r = self._release(app, version)
+        return None if r is None else r.manifest
 
     def _journal_manifests(self, a: _App) -> dict[int, ReleaseManifest]:
         out = {}
@@ -350,7 +375,7 @@ class Applier:
             a.lock_since = now
         elif not held:
             a.lock_since = None
-        return Observed(containers, frozenset(images), held, a.probe)
+        return Observed(containers, frozenset(images), held, a.probe, a.missing_blob)
 
     def _refresh_diff_ids(self) -> None:
         ids: set[str] = set()
@@ -376,9 +401,9 @@ class Applier:
 
     def _write_journal(self, a: _App, new: Journal) -> None:
         old = a.state
-        signed = (a.signed or {}).get(new.to) if new.to is not None else None
-        if signed is not None and new.to is not None:
-            a.journal.save_release(new.to, signed)  # before the journal names it
+        release = (a.releases or {}).get(new.to) if new.to is not None else None
+        if release is not None:
+            a.journal.save_release(release)  # before the journal names it
         committing = old.phase == "checking" and new.phase == "idle"
         if committing:
             self.crash("before-commit")
@@ -508,8 +533,8 @@ class Applier:
                 p.unlink(missing_ok=True)
 
     def _load(self, a: _App, version: int) -> None:
-        signed = (a.signed or {}).get(version) or a.journal.release(version)
-        if signed is None:
+        release = (a.releases or {}).get(version) or self._release(a.name, version)
+        if release is None:
             a.state = fail_load(a.state, version, "its manifest is missing")
             a.journal.save(a.state)
             return
@@ -518,9 +543,9 @@ class Applier:
             raise EngineError(f"{a.name}: no blob store to rebuild release {version} from")
         tag = image_tag(a.name, version)
         shutil.rmtree(self.work_dir, ignore_errors=True)
-        manifest = self._manifest(a.name, version)
-        local = {} if manifest is None else self._local_layers(a.name, manifest)
-        if manifest is not None and self.store is not None:
+        manifest = release.manifest
+        local = self._local_layers(a.name, manifest)
+        if self.store is not None:
             # materialize takes the smallest delta over any local base; offer only the bases
             # whose delta the gossip node fetched, so it never picks one we do not hold
             store = self.store
@@ -531,17 +556,16 @@ class Applier:
         fetch = functools.partial(_fetch_blob, self.store)
         self.log(f"{a.name}: rebuilding release {version} from verified blobs")
         try:
-            release = verify_release(signed, self.key, fleet=self.fleet, app=a.name)
             try:
                 built = materialize_release(release, fetch, local, self.work_dir, tag)
             except KeyError:
                 # A delta whose blob we lack (the gossip node took chunks): chunks alone.
-                own = {layer.diff_id for layer in manifest.layers} if manifest else set()
+                own = {layer.diff_id for layer in manifest.layers}
                 built = materialize_release(release, fetch,
                                             {d: p for d, p in local.items() if d in own},
                                             self.work_dir, tag)
         except KeyError as exc:
-            a.missing_blob = (version, self.clock())
+            a.missing_blob = MissingBlob(version, self.clock())
             self.log(f"{a.name}: release {version}: blob {str(exc)[:18]} not in the store yet")
             shutil.rmtree(self.work_dir, ignore_errors=True)
             return
@@ -571,16 +595,51 @@ class Applier:
 
     # ------------------------------------------------------------------ status
 
-    def _status(self, a: _App) -> dict[str, Any]:
-        return {
-            "app": a.name, "running": a.running,
-            "target": None if a.target is None else a.target.version,
-            "state": a.status_state, "bytes_done": a.bytes_done, "bytes_total": a.bytes_total,
-            "by_source": dict(a.by_source or {"lan": 0, "wan_peer": 0, "coordinator": 0}),
-            "lock_since": a.lock_since, "error": a.engine_error or a.state.error,
-            "failed": list(a.state.failed), "retry_seen": a.state.retry_seen,
-            "updated_at": a.updated_at or self._started_at,
-        }
+    def _status(self, a: _App) -> AppStatus:
+        by_source = a.by_source or {}
+        return AppStatus(
+            app=a.name, state=a.status_state, running=a.running,
+            target=None if a.target is None else a.target.version,
+            bytes_done=a.bytes_done, bytes_total=a.bytes_total,
+            by_source=SourceBytes(by_source.get("lan", 0), by_source.get("wan_peer", 0),
+                                  by_source.get("coordinator", 0)),
+            lock_since=a.lock_since, error=a.engine_error or a.state.error,
+            failed=a.state.failed, retry_seen=a.state.retry_seen,
+            updated_at=a.updated_at or self._started_at)
+
+    def _announce(self, a: _App) -> None:
+        """Fire changed() if `a`'s status moved (not its byte counts or time); called from
+        the worker thread, so the event is set in trio's thread (TrioToken.run_sync_soon)."""
+        shape = replace(self._status(a), bytes_done=0, bytes_total=0, by_source=SourceBytes(),
+                        updated_at=0.0)
+        if self._reported.get(a.name) == shape:
+            return
+        self._reported[a.name] = shape
+        if self._token is not None:
+            try:
+                self._token.run_sync_soon(self._fire)
+            except trio.RunFinishedError:
+                pass  # the agent is exiting: nobody waits any more
+
+    def _fire(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _refuse(self, app: str, version: int, message: str) -> None:
+        if (app, version) not in self._refused:
+            self._refused.add((app, version))
+            self.log(message)
+
+
+def _pins(pin: bytes | None) -> tuple[SignedPin, ...]:
+    """The operator's pin, decoded; one that does not decode is no pin (admit_release then
+    refuses the rollback)."""
+    if pin is None:
+        return ()
+    try:
+        return (decode_signed_pin(pin),)
+    except (ValueError, ReleaseError):
+        return ()
 
 
 def _fetch_blob(store: BlobStore, blob_hex: str) -> bytes:

@@ -4,7 +4,7 @@
 persisted), the target (what the coordinator wants), and what the Docker engine shows right now
 (containers by label, loaded images, the update lock, the last health probe), and returns one
 `Step`: a new journal to persist before anything else, or one action for the driver
-(agent/_applier.py) to execute, plus the state to report and when to look again. The driver
+(agent/_apply_driver.py) to execute, plus the state to report and when to look again. The driver
 runs `decide` again after every journal write and action, so the machine converges from any
 journal phase and any engine state (docs/architecture.md, principle 2): run twice, it does nothing
 the second time, and a process killed anywhere resumes from the journal and `docker ps -a`.
@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
+from mesh.control import APP_STATES, MAX_ERROR_LEN, MAX_FAILED
 from mesh.release import (
     HealthCheck,
     HealthKind,
@@ -41,12 +42,13 @@ from mesh.release import (
     UpdateStrategy,
 )
 
-# The contract's states (docs/api.md, "App status"; mesh/control.py validates the same set).
-APPLY_STATES: Final = ("idle", "downloading", "waiting-lock", "loading", "stopping", "starting",
-                       "checking-health", "running", "failed", "rolling-back")
+# A step's `state` is one of the contract's states (docs/api.md, "App status"), defined once in
+# mesh.control.APP_STATES; "failed" keeps at most MAX_FAILED versions, an error is one line of at
+# most MAX_ERROR_LEN characters (mesh/control.py).
 PHASES: Final = ("idle", "stopping", "starting", "checking", "rolling-back")
-MAX_FAILED: Final = 32  # contract: "failed" lists at most 32 versions (the newest kept)
-MAX_ERROR: Final = 500  # contract: error is one line of at most 500 characters
+# A rebuild that lacked a blob (the gossip node said the release was complete, yet the store
+# misses one) is not tried again for this long: the target counts as still downloading.
+MISSING_BLOB_RETRY_S: Final = 30.0
 # No health check in the manifest and no HEALTHCHECK in the image: the container must run this
 # long without exiting or restarting (balena's supervisor waits for "running" the same way).
 DEFAULT_RUNNING_S: Final = 5.0
@@ -82,7 +84,7 @@ def image_id(manifest: ReleaseManifest) -> str:
 
 def one_line(text: str) -> str:
     line = " ".join(str(text).split())
-    return line if len(line) <= MAX_ERROR else line[:MAX_ERROR - 3] + "..."
+    return line if len(line) <= MAX_ERROR_LEN else line[:MAX_ERROR_LEN - 3] + "..."
 
 
 # --------------------------------------------------------------------------- the journal
@@ -193,11 +195,20 @@ class Probe:
 
 
 @dataclass(frozen=True, slots=True)
+class MissingBlob:
+    """The driver's last rebuild of `version`, at `at`, found a blob missing from the store."""
+
+    version: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
 class Observed:
     containers: tuple[ContainerView, ...] = ()  # this app's, by label
     images: frozenset[int] = frozenset()  # versions whose verified image is loaded
     lock_held: bool = False
     probe: Probe | None = None
+    missing_blob: MissingBlob | None = None
 
 
 # --------------------------------------------------------------------------- actions
@@ -263,7 +274,7 @@ class Step:
     lock_wait: bool = False  # the update waits for the app's lock: poll it
 
     def __post_init__(self) -> None:
-        assert self.state in APPLY_STATES, self.state
+        assert self.state in APP_STATES, self.state
 
 
 # --------------------------------------------------------------------------- health
@@ -377,6 +388,7 @@ def decide(app: str, journal: Journal, target: Target | None, observed: Observed
     """The next step for `app`. `manifests` holds the verified manifests of the journal's
     releases (current, to) as kept on disk; the target's own manifest is added to them."""
     known = dict(manifests or {})
+    target = effective_target(journal, target, observed, now, known)
     if target is not None:
         known[target.version] = target.manifest
     ctx = _Ctx(app, journal, target, observed, now, known)
@@ -387,6 +399,20 @@ def decide(app: str, journal: Journal, target: Target | None, observed: Observed
     if journal.phase == "checking":
         return _checking(ctx)
     return _rolling_back(ctx)
+
+
+def effective_target(journal: Journal, target: Target | None, observed: Observed, now: float,
+                     manifests: Mapping[int, ReleaseManifest]) -> Target | None:
+    """The target the step works towards: the coordinator's, or, restarted mid-update with no
+    word from it yet, the journal's release (its manifest was stored before the journal named
+    it); not ready while a rebuild that lacked a blob waits MISSING_BLOB_RETRY_S."""
+    if target is None and journal.to is not None and journal.to in manifests:
+        target = Target(journal.to, manifests[journal.to])
+    missing = observed.missing_blob
+    if target is not None and missing is not None and missing.version == target.version \
+            and now < missing.at + MISSING_BLOB_RETRY_S:
+        target = replace(target, ready=False)
+    return target
 
 
 def fail_load(journal: Journal, version: int, error: str) -> Journal:
@@ -582,10 +608,10 @@ def running_version(journal: Journal, observed: Observed) -> int | None:
 
 
 __all__ = [
-    "APPLY_STATES", "DEFAULT_RUNNING_S", "LABEL_APP", "LABEL_DEVICE", "LABEL_RELEASE",
-    "LOCK_FILE", "LOCK_MOUNT", "MAX_FAILED", "Action", "ContainerView", "Create",
-    "EffectiveCheck", "Journal", "Load", "Observed", "Probe", "Remove", "RemoveImage", "Rename",
+    "DEFAULT_RUNNING_S", "LABEL_APP", "LABEL_DEVICE", "LABEL_RELEASE", "LOCK_FILE",
+    "LOCK_MOUNT", "MISSING_BLOB_RETRY_S", "Action", "ContainerView", "Create", "EffectiveCheck",
+    "Journal", "Load", "MissingBlob", "Observed", "Probe", "Remove", "RemoveImage", "Rename",
     "RunProbe", "Start", "Step", "Stop", "Target", "container_name", "decide", "effective_check",
-    "fail_load", "health_verdict", "image_has_healthcheck", "image_id", "image_tag",
-    "next_container_name", "one_line", "running_version",
+    "effective_target", "fail_load", "health_verdict", "image_has_healthcheck", "image_id",
+    "image_tag", "next_container_name", "one_line", "running_version",
 ]

@@ -1,0 +1,262 @@
+"""The agent's link to the coordinator: every device API call, with its deadline, the URL
+fallback (the hub tunnel first when it is up, else the URL given at join), backoff, revocation
+detection, and the one way the agent logs an error that repeats: once per distinct message.
+
+    link = CoordinatorLink(identity, client_factory, hub_up=wg.hub_up, log=log)
+    peermap = await link.peermap(version, wait)      # None: unchanged within `wait`
+    targets = await link.targets()                   # [mesh.control.DeviceTarget], validated
+    ...
+    if link.failed(exc, errors): return              # revoked (401): the caller's loop ends
+
+An exception with an integer `status` attribute is an answer from the coordinator (the SDK's
+`ApiError`) and is final; 401 means the credential was revoked. Anything else means no usable
+answer from that URL, and the next one is tried.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Final, Protocol, TypeVar
+
+import trio
+
+from mesh.control import (
+    MAX_APPS,
+    ControlError,
+    DeviceReport,
+    DeviceTarget,
+    LogLine,
+    PeerMap,
+)
+
+from ._datadir import Identity
+
+T = TypeVar("T")
+Log = Callable[[str], None]
+
+# The SDK already adds 10 s of read slack to a long poll; ours is the outer bound on top of it.
+POLL_SLACK: Final = 15.0
+CALL_TIMEOUT: Final = 15.0  # a report or anything that is not a long poll
+# A blob from the coordinator: the gossip node's own fetch deadline (blobsched.fetch_timeout) is
+# the real bound; this only caps one attempt per URL.
+BLOB_CALL_TIMEOUT: Final = 600.0
+BACKOFF_INITIAL: Final = 1.0
+BACKOFF_MAX: Final = 30.0  # bounded: a device that was cut off finds the coordinator within 30 s
+
+
+class DeviceApi(Protocol):
+    """Every coordinator call the agent makes (the SDK's `DeviceClient` fits).
+
+    Errors: an exception with an integer `status` attribute is an answer from the coordinator
+    (`ApiError`); 401 means the credential was revoked. Anything else means no usable answer.
+    """
+
+    async def peermap(self, version: int, wait: float) -> PeerMap | None: ...
+
+    async def report(self, report: DeviceReport) -> None: ...
+
+    # the JSON entries of `GET /device/target`; the link validates them (DeviceTarget)
+    async def targets(self) -> Sequence[Mapping[str, object]]: ...
+
+    async def manifest(self, fleet: str, app: str, version: int) -> bytes: ...
+
+    async def blob(self, blob_id: str, start: int | None = None, end: int | None = None
+                   ) -> bytes: ...
+
+    async def upload_logs(self, lines: Sequence[LogLine], dropped: int = 0) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+ClientFactory = Callable[[str, str, bytes], DeviceApi]  # (url, credential, cert_der)
+
+
+def error_status(exc: BaseException) -> int | None:
+    status = getattr(exc, "status", None)
+    return status if isinstance(status, int) and not isinstance(status, bool) else None
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+class ErrorOnce:
+    """An error that repeats is logged once per distinct message (with the retry interval when
+    given), and its end once (when a message for that is given)."""
+
+    def __init__(self, log: Log, retry_every: float | None = None) -> None:
+        self.log = log
+        self.retry_every = retry_every
+        self.last: str | None = None
+
+    def failed(self, message: str) -> None:
+        if message != self.last:
+            suffix = "" if self.retry_every is None else f"; retrying every {self.retry_every:g} s"
+            self.log(message + suffix)
+            self.last = message
+
+    def ok(self, message: str | None = None) -> None:
+        """The call worked again; `message` is logged if it had failed."""
+        if self.last is not None and message is not None:
+            self.log(message)
+        self.last = None
+
+
+class Backoff:
+    """Exponential backoff with "equal jitter" (AWS Architecture Blog, "Exponential Backoff and
+    Jitter"): half the step is fixed, half random, so retries spread out but never collapse to 0."""
+
+    def __init__(self, initial: float = BACKOFF_INITIAL, maximum: float = BACKOFF_MAX,
+                 rng: random.Random | None = None) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.rng = rng or random.Random()
+        self.failures = 0
+
+    def next(self) -> float:
+        step = min(self.maximum, self.initial * 2.0 ** min(self.failures, 32))
+        self.failures += 1
+        return step / 2 + self.rng.random() * step / 2
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class CoordinatorLink:
+    """One device's calls to the coordinator; `revoked` once it refused our credential."""
+
+    def __init__(self, identity: Identity, client_factory: ClientFactory, *,
+                 hub_up: Callable[[], bool], log: Log, rng: random.Random | None = None
+                 ) -> None:
+        self.identity = identity
+        self.client_factory = client_factory
+        self.hub_up = hub_up
+        self.log = log
+        self.backoff = Backoff(rng=rng)
+        self.revoked = False
+        self._clients: dict[str, DeviceApi] = {}
+        self._last_url: str | None = None
+        self._bad_targets = ErrorOnce(lambda m: log(f"targets: {m}"))
+
+    # -- the calls -----------------------------------------------------------------------------
+
+    async def peermap(self, version: int, wait: int) -> PeerMap | None:
+        """Long poll: the peer map if its version differs from `version`, None if unchanged."""
+        return await self.call(lambda c: c.peermap(version, wait), wait + POLL_SLACK)
+
+    async def report(self, report: DeviceReport) -> None:
+        await self.call(lambda c: c.report(report), CALL_TIMEOUT)
+
+    async def targets(self) -> list[DeviceTarget]:
+        """The coordinator's targets, validated; an entry that is not (or names an app twice,
+        or is past MAX_APPS) is left out and logged once (docs/architecture.md, principle 5)."""
+        entries = await self.call(lambda c: c.targets(), CALL_TIMEOUT)
+        out: dict[str, DeviceTarget] = {}
+        problem: str | None = None
+        for i, entry in enumerate(entries):
+            try:
+                t = DeviceTarget.from_json(entry, f"targets[{i}]")
+            except ControlError as exc:
+                problem = str(exc)
+                continue
+            if t.app in out or len(out) >= MAX_APPS:
+                problem = f"targets[{i}]: {t.app} named twice or past {MAX_APPS} apps"
+                continue
+            out[t.app] = t
+        if problem is None:
+            self._bad_targets.ok()
+        else:
+            self._bad_targets.failed(f"ignoring what does not validate: {problem}")
+        return list(out.values())
+
+    async def manifest(self, fleet: str, app: str, version: int) -> bytes:
+        return await self.call(lambda c: c.manifest(fleet, app, version), CALL_TIMEOUT)
+
+    async def blob(self, blob_id: str, start: int | None = None, end: int | None = None
+                   ) -> bytes:
+        """A blob from the coordinator: the gossip node's seed (agent/_gossip.py BlobSource)."""
+        return await self.call(lambda c: c.blob(blob_id, start, end), BLOB_CALL_TIMEOUT)
+
+    async def upload_logs(self, lines: Sequence[LogLine], dropped: int) -> None:
+        await self.call(lambda c: c.upload_logs(lines, dropped), CALL_TIMEOUT)
+
+    # -- errors --------------------------------------------------------------------------------
+
+    def failed(self, exc: Exception, errors: ErrorOnce, what: str) -> bool:
+        """A call of a periodic loop failed: True if the device was revoked (the loop ends);
+        otherwise the error is logged once per distinct message."""
+        if self.revoked_by(exc):
+            return True
+        errors.failed(f"{what}: {one_line(exc)}")
+        return False
+
+    def revoked_by(self, exc: Exception) -> bool:
+        """True (logged once) if `exc` is the coordinator refusing our credential (401)."""
+        if error_status(exc) == 401:
+            self.revoke(exc)
+            return True
+        return False
+
+    def revoke(self, exc: BaseException) -> None:
+        if not self.revoked:
+            self.revoked = True
+            self.log(f"coordinator refused our credential ({one_line(exc)}): this device was "
+                     "revoked; keeping the mesh as it is and no longer polling or reporting")
+
+    def lost(self) -> None:
+        """No answer at all: the next call logs which URL answers again."""
+        self._last_url = None
+
+    # -- clients and URLs ----------------------------------------------------------------------
+
+    def _urls(self) -> list[str]:
+        tunnel = self.identity.enrollment.hub.api_url
+        if self.hub_up() and tunnel and tunnel != self.identity.url:
+            return [tunnel, self.identity.url]
+        return [self.identity.url]
+
+    def _client(self, url: str) -> DeviceApi:
+        client = self._clients.get(url)
+        if client is None:
+            client = self.client_factory(url, self.identity.enrollment.credential,
+                                         self.identity.cert_der)
+            self._clients[url] = client
+        return client
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            try:
+                await client.aclose()
+            except Exception:  # noqa: BLE001 - closing must not mask the real exit reason
+                pass
+
+    async def call(self, op: Callable[[DeviceApi], Awaitable[T]], timeout: float) -> T:
+        """Through the hub tunnel first when it is up, else (or if that gives no answer) the URL
+        given at join. An error answer from the coordinator is final: it did answer."""
+        last: BaseException | None = None
+        for url in self._urls():
+            try:
+                with trio.fail_after(timeout):
+                    result = await op(self._client(url))
+            except trio.TooSlowError:
+                last = TimeoutError(f"no answer from {url} within {timeout:g} s")
+                continue
+            except Exception as exc:  # noqa: BLE001 - the SDK's errors, whatever their class
+                if error_status(exc) is not None:
+                    raise
+                last = exc
+                continue
+            if url != self._last_url:
+                via = "the hub tunnel" if url != self.identity.url else "the direct URL"
+                self.log(f"coordinator reached at {url} ({via})")
+                self._last_url = url
+            return result
+        assert last is not None
+        raise last
+
+
+__all__ = ["BLOB_CALL_TIMEOUT", "CALL_TIMEOUT", "POLL_SLACK", "Backoff", "ClientFactory",
+           "CoordinatorLink", "DeviceApi", "ErrorOnce", "error_status", "one_line"]

@@ -1,0 +1,355 @@
+"""Release sync: the coordinator's targets, through the gossip node, into the applier.
+
+    sync = ReleaseSync(data, enrollment, link, GossipSettings(...), peers=..., log=log,
+                       on_apps_changed=reporter.wake)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sync.run)
+    sync.targets_changed()   # the peer map's targets revision moved: read them now
+
+Four loops, each retried on its own errors and never stopping the agent:
+
+- the mesh node (agent/_gossip.py) on the device's mesh address: gossip, blob exchange; a bind
+  failure (the address is not on the interface yet) is retried every GOSSIP_RETRY;
+- the targets: read at start, when the peer map says they changed, and every
+  `targets_interval` as a safety net; the manifests of newer releases are offered to the node,
+  the manifest of an older target (a pin back: the node keeps only the newest) is fetched and
+  verified here, once;
+- with `apply=ApplySettings()`: the applier (agent/_apply_driver.py) once the Docker engine
+  answers, and AppSync (agent/_appsync.py) fed by events — the node's `changed()`, the
+  applier's `changed()`, new targets, a node (re)start — not by a poll; the app's log lines go
+  up through agent/_uploads.py LogUploader;
+- with an underlay: LAN discovery (agent/_lan.py), whose neighbours the node prefers.
+
+Manifest bytes are verified once where they arrive (the node for gossip and offers, here for a
+pin back) and passed on as `mesh.release.VerifiedRelease`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+import trio
+
+from mesh.blobsched import SchedConfig
+from mesh.control import AppStatus, DeviceTarget, Enrollment
+from mesh.membership import LAN, METERED
+from mesh.release import ReleaseError, VerifiedRelease, verify_release
+from mesh.rumor import LAN_RUMOR, METERED_RUMOR
+
+from ._appsync import AppSync
+from ._blobstore import BlobStore
+from ._crashpoints import arm
+from ._gossip import GOSSIP_PORT, GossipNode, release_verifier
+from ._lan import run_lan_discovery
+from ._link import CoordinatorLink, ErrorOnce, Log, one_line
+from ._uploads import LogUploader
+
+if TYPE_CHECKING:
+    from ._apply_driver import Applier
+
+# The targets are read when the peer map's `targets` revision changes (the coordinator bumps it
+# on every target change) and at start; this slow poll is only a safety net.
+TARGETS_INTERVAL: Final = 600.0
+TARGETS_RETRY: Final = 30.0  # after a failed read (coordinator unreachable)
+GOSSIP_RETRY: Final = 5.0  # the mesh address may not be on the interface yet: retry the bind
+LAN_RETRY: Final = 60.0  # LAN discovery failed (no such underlay, mDNS socket): try again
+ENGINE_RETRY: Final = 10.0  # the Docker engine did not answer: try again
+
+# run_lan_discovery's signature (agent/_lan.py): (name, fleet, public key, underlay, port,
+# on_change, *, task_status) -> runs until cancelled.
+LanDiscovery = Callable[..., Awaitable[None]]
+
+
+class Neighbour(Protocol):
+    """A LAN neighbour as discovery reports it (agent/_lan.py)."""
+
+    @property
+    def name(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ApplySettings:
+    """Run the targeted releases on the device's Docker engine (`--no-apply` turns it off)."""
+
+    docker_host: str | None = None  # None: DOCKER_HOST or the default socket
+    engine_factory: Callable[[], Any] | None = None  # tests: a fake engine
+
+
+@dataclass(frozen=True, slots=True)
+class GossipSettings:
+    """The mesh node of `fleetmesh-agent run` (omitted: no gossip, `--no-gossip`)."""
+
+    port: int = GOSSIP_PORT
+    peer_sharing: bool = True  # False: every blob from the coordinator (`--no-peer-sharing`)
+    underlay: str | None = None  # interface or IPv4 for LAN discovery; None: no discovery
+    targets_interval: float = TARGETS_INTERVAL
+    lan_discovery: LanDiscovery | None = None  # None: agent._lan.run_lan_discovery
+    # Devices sit on metered links: probe and anti-entropy at memberlist's WAN pace by default
+    # (mesh.membership.METERED); "lan" is memberlist's DefaultLANConfig, faster to notice deaths.
+    profile: str = "metered"
+    apply: ApplySettings | None = None  # None: fetch releases but do not run them
+
+
+async def _wait_any(events: Iterable[trio.Event]) -> None:
+    """Until one of `events` is set."""
+    async with trio.open_nursery() as nursery:
+        async def wait(event: trio.Event) -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+
+        for event in events:
+            nursery.start_soon(wait, event)
+
+
+class ReleaseSync:
+    """The device's releases: mesh node, targets, applier, LAN discovery (module docstring)."""
+
+    def __init__(self, data_path: Path, enrollment: Enrollment, public_key: str, wg_port: int,
+                 link: CoordinatorLink, settings: GossipSettings, *,
+                 peers: Callable[[], Mapping[str, str]], log: Log, rng: random.Random,
+                 on_apps_changed: Callable[[], None] = lambda: None) -> None:
+        self.data_path = data_path
+        self.enrollment = enrollment
+        self.public_key = public_key
+        self.wg_port = wg_port
+        self.link = link
+        self.settings = settings
+        self.peers = peers
+        self.log = log
+        self.rng = rng
+        self.on_apps_changed = on_apps_changed
+        self.node: GossipNode | None = None  # the running mesh node
+        self.store: BlobStore | None = None
+        self.applier: Applier | None = None  # once the engine answers
+        self.appsync: AppSync | None = None
+        self._lan_names: frozenset[str] = frozenset()
+        self._targets_wake = trio.Event()
+        self._sync_wake = trio.Event()
+        self._refused: set[tuple[str, int]] = set()
+
+    # -- inputs from the rest of the agent -----------------------------------------------------
+
+    def targets_changed(self) -> None:
+        self._targets_wake.set()
+
+    def update_peers(self) -> None:
+        if self.node is not None:
+            self.node.update_peers(self.peers())
+
+    def app_statuses(self) -> tuple[AppStatus, ...]:
+        return self.appsync.app_statuses() if self.appsync is not None else ()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._gossip_loop)
+            nursery.start_soon(self._targets_loop)
+            if self.settings.underlay is not None:
+                nursery.start_soon(self._lan_loop, self.settings.underlay)
+            if self.settings.apply is not None:
+                nursery.start_soon(self._apply_loop, self.settings.apply)
+            task_status.started()
+
+    # -- the mesh node -------------------------------------------------------------------------
+
+    def _blob_store(self) -> BlobStore | None:
+        if self.store is None:
+            try:
+                self.store = BlobStore(self.data_path / "blobs")
+            except OSError as exc:
+                self.log(f"cannot open the blob store: {one_line(exc)}")
+        return self.store
+
+    def _node_changed(self, node: GossipNode | None) -> None:
+        self.node = node
+        self._sync_wake.set()
+
+    async def _gossip_loop(self) -> None:
+        """Run the node on our mesh address; a bind failure (the address is not on the
+        interface yet) is retried. The node carries on without the coordinator."""
+        settings, enrollment = self.settings, self.enrollment
+        store = self._blob_store()
+        if store is None:
+            self.log("gossip: no blob store; no mesh node")
+            return
+        verify = release_verifier(enrollment.release_key, enrollment.fleet)
+        address = f"{enrollment.mesh_ipv4}:{settings.port}"
+        errors = ErrorOnce(self.log, GOSSIP_RETRY)
+        while True:
+            node = GossipNode(
+                enrollment.name, enrollment.mesh_ipv4, peers=self.peers(), verify=verify,
+                store=store, client=self.link, fleet=enrollment.fleet,
+                port=settings.port, sched_config=SchedConfig(peer_sharing=settings.peer_sharing),
+                membership_config=METERED if settings.profile == "metered" else LAN,
+                rumor_config=METERED_RUMOR if settings.profile == "metered" else LAN_RUMOR,
+                rng=random.Random(self.rng.random()), log=lambda m: self.log(f"gossip: {m}"),
+                local_layers=self._engine_layers)
+            node.set_lan(self._lan_names)
+            self._node_changed(node)
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(node.run)
+                    errors.ok(f"gossip: listening on {address}")
+            except* OSError as group:  # the bind; the node's tasks handle their own I/O errors
+                errors.failed(f"gossip: cannot listen on {address}: "
+                              f"{one_line(group.exceptions[0])}")
+            finally:
+                self._node_changed(None)
+            await trio.sleep(GOSSIP_RETRY)
+
+    def _engine_layers(self) -> frozenset[str]:
+        return self.applier.local_diff_ids() if self.applier is not None else frozenset()
+
+    # -- the targets ---------------------------------------------------------------------------
+
+    async def _targets_loop(self) -> None:
+        """Offer the manifests of the coordinator's targets to the node, every interval."""
+        interval = self.settings.targets_interval
+        errors = ErrorOnce(self.log, interval)
+        progress: tuple[int, int] | None = None
+        while not self.link.revoked:
+            node = self.node
+            try:
+                if node is not None:
+                    await self._read_targets(node)
+            except Exception as exc:  # noqa: BLE001 - never exit on coordinator errors
+                if self.link.failed(exc, errors, "targets"):
+                    return
+            else:
+                errors.ok()
+            wait = interval
+            if node is None:  # the mesh address may still be missing: look again soon
+                wait = min(1.0, wait)
+            elif errors.last is not None:
+                wait = min(TARGETS_RETRY, wait)
+            if node is not None:
+                st = node.stats
+                now = (st.blobs_done, st.blobs_total)
+                if now != progress and st.blobs_total:
+                    progress = now
+                    self.log(f"blobs {st.blobs_done}/{st.blobs_total}; received from LAN "
+                             f"{st.bytes_lan} B, WAN peers {st.bytes_wan} B, coordinator "
+                             f"{st.bytes_coordinator} B")
+            with trio.move_on_after(wait):
+                await self._targets_wake.wait()
+            self._targets_wake = trio.Event()
+
+    async def _read_targets(self, node: GossipNode) -> None:
+        fleet = self.enrollment.fleet
+        targets = await self.link.targets()
+        sync = self.appsync
+        if sync is not None:
+            sync.set_targets(targets)
+        for t in targets:
+            held = node.newest(fleet, t.app)
+            if held is not None and held.manifest.version >= t.version:
+                continue
+            data = await self.link.manifest(fleet, t.app, t.version)
+            if node.offer_manifest(data):
+                self.log(f"release {fleet}/{t.app} v{t.version} from the coordinator")
+        if sync is not None:
+            for t in list(sync.targets.values()):
+                if sync.needs_manifest(t.app, node) is not None:  # a pin back to an older one
+                    release = self._verify(t, await self.link.manifest(fleet, t.app, t.version))
+                    if release is not None:
+                        sync.add_release(release)
+        self._sync_wake.set()
+
+    def _verify(self, target: DeviceTarget, data: bytes) -> VerifiedRelease | None:
+        """An older release's manifest from the coordinator, verified once, here."""
+        key = self.enrollment.release_key
+        assert key is not None  # the applier (and so AppSync) runs only with a release key
+        try:
+            release = verify_release(data, bytes.fromhex(key), fleet=self.enrollment.fleet,
+                                     app=target.app)
+            if release.manifest.version != target.version:
+                raise ReleaseError(f"it is version {release.manifest.version}")
+        except ReleaseError as exc:
+            if (target.app, target.version) not in self._refused:
+                self._refused.add((target.app, target.version))
+                self.log(f"apply: release {self.enrollment.fleet}/{target.app} "
+                         f"v{target.version}: manifest refused: {exc}")
+            return None
+        return release
+
+    # -- applying releases (agent/_apply_driver.py, docs/agent-apply.md) -----------------------
+
+    async def _apply_loop(self, settings: ApplySettings) -> None:
+        """Start the applier once the engine answers, then keep its inputs current and upload
+        the app's logs. The applier never stops the agent: its errors are its state."""
+        enrollment = self.enrollment
+        if enrollment.release_key is None:
+            self.log("apply: no release key was pinned at enrollment; releases are not run")
+            return
+        store = self._blob_store()
+        if store is None:
+            return
+        # Start-up time: the applier brings the Docker SDK (~130 ms of imports), which only
+        # `run` with releases applied needs, not every fleetmesh-agent command.
+        from ._apply_driver import Applier
+
+        arm(self.data_path)
+        errors = ErrorOnce(self.log, ENGINE_RETRY)
+        while True:
+            try:
+                engine = await trio.to_thread.run_sync(_make_engine, settings)
+                break
+            except Exception as exc:  # noqa: BLE001 - EngineError, or a fake's
+                errors.failed(f"apply: Docker engine: {one_line(exc)}")
+            await trio.sleep(ENGINE_RETRY)
+        applier = Applier(device=enrollment.name, fleet=enrollment.fleet,
+                          data_dir=self.data_path, engine=engine, store=store,
+                          release_key_hex=enrollment.release_key,
+                          log=lambda m: self.log(f"apply: {m}"))
+        appsync = self.appsync = AppSync(applier, enrollment.fleet)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(applier.run)
+            self.applier = applier
+            self._targets_wake.set()  # read the targets now that they can be applied
+            await nursery.start(LogUploader(self.link, applier.logs, self.log).run)
+            while True:
+                # taken before the sync: a change while it runs is not missed
+                changes = [applier.changed(), self._sync_wake]
+                node = self.node
+                if node is not None:
+                    changes.append(node.changed())
+                if appsync.sync(node, trio.current_time()):
+                    self.on_apps_changed()
+                await _wait_any(changes)
+                if self._sync_wake.is_set():
+                    self._sync_wake = trio.Event()
+
+    # -- LAN discovery -------------------------------------------------------------------------
+
+    def _on_lan_change(self, neighbours: Iterable[Neighbour]) -> None:
+        self._lan_names = frozenset(n.name for n in neighbours)
+        if self.node is not None:
+            self.node.set_lan(self._lan_names)
+
+    async def _lan_loop(self, underlay: str) -> None:
+        discover = self.settings.lan_discovery or run_lan_discovery
+        errors = ErrorOnce(self.log, LAN_RETRY)
+        while True:
+            try:
+                await discover(self.enrollment.name, self.enrollment.fleet, self.public_key,
+                               underlay, self.wg_port, self._on_lan_change)
+            except Exception as exc:  # noqa: BLE001 - LanDiscoveryError, OSError, zeroconf's
+                errors.failed(f"LAN discovery on {underlay}: {one_line(exc)}")
+            await trio.sleep(LAN_RETRY)
+
+
+def _make_engine(settings: ApplySettings) -> Any:
+    if settings.engine_factory is not None:
+        return settings.engine_factory()
+    # start-up time: the Docker SDK (~130 ms of imports), only when releases are applied
+    from ._engine import DockerEngine
+
+    return DockerEngine(base_url=settings.docker_host)
+
+
+__all__ = ["ENGINE_RETRY", "GOSSIP_RETRY", "LAN_RETRY", "TARGETS_INTERVAL", "TARGETS_RETRY",
+           "ApplySettings", "GossipSettings", "LanDiscovery", "ReleaseSync"]

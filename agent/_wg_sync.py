@@ -1,0 +1,217 @@
+"""WireGuard reconcile: the peer map (long-polled from the coordinator, cached in the data
+directory) goes through the path selector (agent/_paths.py) into a desired device state, which
+`vpn.diff` compares with the interface (UAPI `get`) and the backend applies: only what differs.
+
+    wg = WireGuardSync(data, private_key, enrollment, wg_port, ...)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(wg.run, backend, link)   # returns after the first reconcile
+
+Without the coordinator the reconcile goes on, on the last peer map (docs/architecture.md,
+principle 4); the interface's errors are logged once each and retried every tick.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final
+
+import trio
+
+from mesh.control import Enrollment, PeerMap, PeerPath
+from vpn import (
+    AsyncWireGuardBackend,
+    DeviceStatus,
+    UapiError,
+    UapiProtocolError,
+    changes_to_config,
+    diff,
+)
+
+from ._datadir import DataDir, DataDirError
+from ._link import CoordinatorLink, ErrorOnce, Log, one_line
+from ._paths import REJECT_AFTER_TIME, PathPlan, PathSelector
+
+RECONCILE_INTERVAL: Final = 1.0  # read the device and converge once a second
+# Long enough that an idle device costs one request every ~2 minutes (the API goes through the
+# hub tunnel, whose 25 s WireGuard keepalive holds the NAT mapping); below the server's 120 s.
+POLL_WAIT: Final = 110
+BACKEND_TIMEOUT: Final = 5.0  # the UAPI client's own default deadline
+# A coordinator that answers 304 at once (a bug, or a proxy) must not make us spin.
+MIN_POLL_INTERVAL: Final = 1.0
+# A nudge (agent/_paths.py) is one datagram into the tunnel; the discard port (RFC 863). What the
+# peer's WireGuard answers does not depend on anything listening there.
+NUDGE_PORT: Final = 9
+
+Nudger = Callable[[Sequence[str]], Awaitable[None]]  # send one datagram to each mesh address
+
+
+def udp_nudger(ifname: str) -> Nudger:
+    """Nudges through the WireGuard interface only (SO_BINDTODEVICE): they can never leave by
+    another route, e.g. when the interface is gone."""
+
+    async def nudge(addresses: Sequence[str]) -> None:
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+            for address in addresses:
+                await sock.sendto(b"\0", (address, NUDGE_PORT))
+
+    return nudge
+
+
+class WireGuardSync:
+    """Keeps the interface converged on the peer map; owns the peer-map poll and the reconcile
+    loops. `on_peermap(old, new)` hears of every new map, `on_paths()` of changed paths."""
+
+    def __init__(self, data: DataDir, selector: PathSelector, enrollment: Enrollment, *,
+                 clock: Callable[[], float] = time.time, log: Log,
+                 nudge: Nudger | None = None,
+                 reconcile_interval: float = RECONCILE_INTERVAL, poll_wait: int = POLL_WAIT,
+                 on_peermap: Callable[[PeerMap | None, PeerMap], None] = lambda old, new: None,
+                 on_paths: Callable[[], None] = lambda: None) -> None:
+        self.data = data
+        self.selector = selector
+        self.enrollment = enrollment
+        self.clock = clock
+        self.log = log
+        self.nudge = nudge
+        self.reconcile_interval = reconcile_interval
+        self.poll_wait = poll_wait
+        self.on_peermap = on_peermap
+        self.on_paths = on_paths
+        self.status: DeviceStatus | None = None
+        self.plan: PathPlan | None = None
+        self.sets_sent = 0  # UAPI `set` requests sent: a steady state sends none
+        self.reconciles = 0
+        self.nudges_sent = 0
+        self._wake = trio.Event()
+        self._backend_errors = ErrorOnce(log, reconcile_interval)
+        self._nudge_errors = ErrorOnce(log)
+        self.peermap: PeerMap | None = None
+        try:
+            self.peermap = data.read_peermap()
+        except DataDirError as exc:
+            log(f"ignoring the peer map cache: {exc}")
+        if self.peermap is not None:
+            log(f"peer map v{self.peermap.version} from the cache: "
+                f"{len(self.peermap.peers)} peers")
+
+    @property
+    def paths(self) -> tuple[PeerPath, ...]:
+        return self.plan.paths if self.plan is not None else ()
+
+    def hub_up(self) -> bool:
+        """A live hub session: the API through the tunnel is worth trying first."""
+        if self.status is None:
+            return False
+        hub = self.peermap.hub if self.peermap is not None else self.enrollment.hub
+        peer = self.status.peer(hub.public_key)
+        hs = peer.last_handshake if peer is not None else None
+        return hs is not None and self.clock() - hs < REJECT_AFTER_TIME
+
+    async def run(self, backend: AsyncWireGuardBackend, link: CoordinatorLink, *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The reconcile loop (started once the first reconcile ran) and the peer-map poll."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._reconcile_loop, backend)
+            nursery.start_soon(self._peermap_loop, link)
+            task_status.started()
+
+    # -- the peer map --------------------------------------------------------------------------
+
+    def accept_peermap(self, peermap: PeerMap) -> None:
+        old = self.peermap
+        self.peermap = peermap
+        was = f" (was v{old.version})" if old is not None else ""
+        self.log(f"peer map v{peermap.version}: {len(peermap.peers)} peers{was}")
+        try:
+            self.data.write_peermap(peermap)
+        except DataDirError as exc:
+            self.log(f"cannot cache the peer map: {exc}")
+        self.on_peermap(old, peermap)
+        self._wake.set()
+
+    async def _peermap_loop(self, link: CoordinatorLink) -> None:
+        version = self.peermap.version if self.peermap is not None else 0
+        failing = False
+        while not link.revoked:
+            started = trio.current_time()
+            try:
+                peermap = await link.peermap(version, self.poll_wait)
+            except Exception as exc:  # noqa: BLE001 - never exit on coordinator errors
+                if link.revoked_by(exc):
+                    return
+                delay = link.backoff.next()
+                self.log(f"peer map: {one_line(exc)}; retrying in {delay:.1f} s")
+                failing = True
+                link.lost()
+                await trio.sleep(delay)
+                continue
+            link.backoff.reset()
+            if failing:
+                failing = False
+                self.log("peer map: coordinator answers again")
+            if peermap is None or peermap.version == version:
+                spent = trio.current_time() - started
+                if spent < MIN_POLL_INTERVAL:
+                    await trio.sleep(MIN_POLL_INTERVAL - spent)
+                continue
+            version = peermap.version
+            self.accept_peermap(peermap)
+
+    # -- reconcile -----------------------------------------------------------------------------
+
+    async def reconcile_once(self, backend: AsyncWireGuardBackend) -> PathPlan | None:
+        """Read the device, choose paths, send only what differs. Never raises for the daemon's
+        failures: they are logged once each and retried on the next tick."""
+        try:
+            with trio.fail_after(BACKEND_TIMEOUT):
+                status = await backend.aget()
+                plan = self.selector.update(self.peermap, status, self.clock())
+                changes = diff(plan.desired, status)
+                if changes:
+                    await backend.aset(changes_to_config(changes))
+                    self.sets_sent += 1
+        except (OSError, trio.TooSlowError, UapiError, UapiProtocolError) as exc:
+            self._backend_errors.failed(f"WireGuard: {one_line(exc)}")
+            return None
+        self._backend_errors.ok("WireGuard answers again")
+        self.reconciles += 1
+        if plan.nudges and self.nudge is not None:
+            await self._send_nudges(self.nudge, plan.nudges)
+        old = self.plan
+        self.status, self.plan = status, plan
+        for change in plan.changes:
+            self.log(str(change))
+        if old is None or [(p.public_key, p.path, p.endpoint) for p in old.paths] != \
+                [(p.public_key, p.path, p.endpoint) for p in plan.paths]:
+            self.on_paths()
+        return plan
+
+    async def _send_nudges(self, nudge: Nudger, addresses: Sequence[str]) -> None:
+        """After the apply, so that each datagram goes through the peer's own entry. A failure
+        only costs the path core a slower answer: log it once, never raise."""
+        try:
+            with trio.fail_after(BACKEND_TIMEOUT):
+                await nudge(addresses)
+        except (OSError, trio.TooSlowError) as exc:
+            self._nudge_errors.failed(f"cannot nudge peers: {one_line(exc)}")
+            return
+        self.nudges_sent += len(addresses)
+        self._nudge_errors.ok()
+
+    async def _reconcile_loop(self, backend: AsyncWireGuardBackend, *,
+                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                              ) -> None:
+        await self.reconcile_once(backend)
+        task_status.started()
+        while True:
+            with trio.move_on_after(self.reconcile_interval):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            await self.reconcile_once(backend)
+
+
+__all__ = ["POLL_WAIT", "RECONCILE_INTERVAL", "Nudger", "WireGuardSync", "udp_nudger"]

@@ -1,0 +1,80 @@
+"""The coordinator link on its own: validated targets, revocation, errors logged once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from agent import CoordinatorLink, DataDir
+from agent._link import ErrorOnce
+from mesh.control import DeviceTarget
+
+from .fakes import FakeClient, FakeCoordinator
+
+
+class TargetsClient(FakeClient):
+    answer: list[dict[str, Any]] = []
+
+    async def targets(self) -> list[dict[str, Any]]:
+        await self._gate()
+        return self.answer
+
+
+def link(enrolled: DataDir, coord: FakeCoordinator, logs: list[str]) -> CoordinatorLink:
+    def factory(url: str, credential: str, cert: bytes) -> TargetsClient:
+        return TargetsClient(coord, url, credential, cert)
+
+    return CoordinatorLink(enrolled.read_identity(), factory, hub_up=lambda: False,
+                           log=logs.append)
+
+
+def test_error_once_logs_each_distinct_error_and_the_recovery_once() -> None:
+    logs: list[str] = []
+    errors = ErrorOnce(logs.append, 30)
+    for message in ("report: down", "report: down", "report: refused", "report: refused"):
+        errors.failed(message)
+    errors.ok("report: delivered again")
+    errors.ok("report: delivered again")
+    assert logs == ["report: down; retrying every 30 s", "report: refused; retrying every 30 s",
+                    "report: delivered again"]
+
+
+async def test_targets_are_validated_and_bad_entries_left_out(enrolled: DataDir) -> None:
+    logs: list[str] = []
+    coord = FakeCoordinator()
+    TargetsClient.answer = [
+        {"app": "web", "version": 2, "pin": None, "force": True, "retry": 1},
+        {"app": "web", "version": 3},  # the same app twice: the first one counts
+        {"app": "db", "version": "7"},  # not a version
+        {"app": "cam", "version": 1},  # an older coordinator: no force, no retry
+    ]
+    ours = link(enrolled, coord, logs)
+    with trio.fail_after(5):
+        for _ in range(2):
+            assert await ours.targets() == [DeviceTarget("web", 2, None, True, 1),
+                                            DeviceTarget("cam", 1)]
+    assert len([m for m in logs if m.startswith("targets: ignoring")]) == 1  # once
+
+
+async def test_a_401_revokes_once_and_other_errors_do_not(enrolled: DataDir) -> None:
+    logs: list[str] = []
+    coord = FakeCoordinator()
+    ours = link(enrolled, coord, logs)
+    errors = ErrorOnce(logs.append, 2)
+    coord.down = True
+    with trio.fail_after(5):
+        for _ in range(2):
+            try:
+                await ours.targets()
+            except Exception as exc:  # noqa: BLE001 - whatever the SDK raises
+                assert not ours.failed(exc, errors, "targets")
+        assert not ours.revoked
+        assert sum("targets: cannot reach" in m for m in logs) == 1
+        coord.down, coord.revoked = False, True
+        for _ in range(2):
+            try:
+                await ours.targets()
+            except Exception as exc:  # noqa: BLE001
+                assert ours.failed(exc, errors, "targets")
+    assert ours.revoked and sum("revoked" in m for m in logs) == 1
