@@ -18,9 +18,10 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 
 from mesh.blobs import (
+    BlobKind,
     BlobVerifyError,
     blob_hex,
     check_digest,
@@ -31,7 +32,6 @@ from mesh.blobs import (
 )
 from mesh.release import CHUNK_SIZE, ChunkError, ChunkRef, open_chunk
 
-BlobKind = Literal["chunk", "delta"]
 MAX_LAYER_INDEX: Final = 4096  # layers remembered in layers.json (oldest dropped first)
 
 
@@ -43,10 +43,10 @@ def verify_blob(blob_id: bytes, data: bytes, kind: BlobKind, ref: ChunkRef | Non
     `ref.size` from exactly `ref.stored_size` bytes, via mesh.release.open_chunk) hash to the id.
     delta: blake3(data) == id (and len(data) == size when given).
     """
-    if kind == "delta":
+    if kind == BlobKind.DELTA:
         check_digest(blob_id, data, size=size, what="delta")
         return
-    if kind != "chunk":
+    if kind != BlobKind.CHUNK:
         raise ValueError(f"unknown blob kind {kind!r}")
     if ref is None:
         inflate_frame(blob_id, data, CHUNK_SIZE)
@@ -160,4 +160,4 @@ class BlobStore:
                          if all(c in self._ids for c in ids))
 
 
-__all__ = ["BlobKind", "BlobStore", "verify_blob"]
+__all__ = ["BlobStore", "verify_blob"]

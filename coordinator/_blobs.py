@@ -11,7 +11,6 @@ The methods here block (disk, hashing, decompression): call them through trio.to
 
 from __future__ import annotations
 
-import enum
 import os
 import tempfile
 from collections.abc import Iterable
@@ -22,6 +21,7 @@ from typing import BinaryIO, Final
 
 from mesh.blobs import (
     TEMP_PREFIX,
+    BlobKind,
     BlobVerifyError,
     check_digest,
     check_frame,
@@ -35,11 +35,6 @@ from ._model import CoordinatorError
 
 MAX_BLOB_BYTES: Final = 64 * 1024 * 1024  # one upload (docs/api.md); deltas of big layers fit
 READ_PIECE: Final = 1024 * 1024
-
-
-class BlobKind(enum.StrEnum):
-    CHUNK = "chunk"
-    DELTA = "delta"
 
 
 class BadBlob(CoordinatorError):

@@ -15,6 +15,7 @@ from typing import Any, Final, TypedDict
 import trio
 from nacl.signing import VerifyKey
 
+from mesh.blobs import BlobKind
 from mesh.control import AppStatus, ControlError, SourceBytes, check_name
 from mesh.release import (
     ManifestError,
@@ -30,7 +31,7 @@ from mesh.release import (
     verify_pin,
 )
 
-from ._blobs import MAX_BLOB_BYTES, BlobKind, BlobSeed, OpenBlob, check_blob_id
+from ._blobs import MAX_BLOB_BYTES, BlobSeed, OpenBlob, check_blob_id
 from ._model import (
     AppControl,
     Conflict,

@@ -18,6 +18,7 @@ This module imports nothing else of mesh: mesh.release, mesh.wire and mesh.blobs
 
 from __future__ import annotations
 
+import enum
 import os
 import re
 import secrets
@@ -27,6 +28,13 @@ from typing import Final
 
 import blake3
 from backports import zstd
+
+
+class BlobKind(enum.StrEnum):
+    """What a blob is: a zstd frame of one chunk of a layer, or a whole delta patch."""
+
+    CHUNK = "chunk"
+    DELTA = "delta"
 
 BLOB_ID_LEN: Final = 32  # blake3 digest (mesh.release ChunkRef.id, LayerDelta.blob_id)
 BLOB_HEX_RE: Final = re.compile(r"[0-9a-f]{64}\Z")
@@ -186,7 +194,8 @@ def remove_temp_files(directory: Path) -> None:
 
 
 __all__ = [
-    "BLOB_HEX_RE", "BLOB_ID_LEN", "TEMP_PREFIX", "WINDOW_LOG_MAX", "BlobVerifyError", "Pieces",
+    "BLOB_HEX_RE", "BLOB_ID_LEN", "TEMP_PREFIX", "WINDOW_LOG_MAX", "BlobKind", "BlobVerifyError",
+    "Pieces",
     "blob_hex", "check_digest", "check_frame", "fsync_dir", "frame_bound", "inflate_frame",
     "is_blob_hex", "remove_temp_files", "write_atomically",
 ]

@@ -51,6 +51,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal, Protocol
 
+from mesh.blobs import BlobKind
 from mesh.blobsched import (
     COORDINATOR,
     Announce,
@@ -99,7 +100,6 @@ DOWNLOAD_TIMEOUT_FACTOR: Final = 2.0
 
 AppKey = tuple[str, str]
 Log = Callable[[str], None]
-BlobKind = Literal["chunk", "delta"]
 
 
 class BlobIndex(Protocol):
@@ -205,16 +205,16 @@ def wanted_blobs(manifest: ReleaseManifest, complete_layers: Iterable[str],
     for layer in manifest.layers:
         if all(held(c.id) for c in layer.chunks):
             for c in layer.chunks:
-                out[c.id] = WantedBlob(c.stored_size, "chunk", c)
+                out[c.id] = WantedBlob(c.stored_size, BlobKind.CHUNK, c)
             continue
         delta: LayerDelta | None = min(
             (d for d in layer.deltas if d.source_diff_id in bases), key=lambda d: d.size,
             default=None)  # the smallest, as materialize_release picks among local bases
         if delta is not None:
-            out[delta.blob_id] = WantedBlob(delta.size, "delta")
+            out[delta.blob_id] = WantedBlob(delta.size, BlobKind.DELTA)
         else:
             for c in layer.chunks:
-                out[c.id] = WantedBlob(c.stored_size, "chunk", c)
+                out[c.id] = WantedBlob(c.stored_size, BlobKind.CHUNK, c)
     return out
 
 
@@ -736,5 +736,5 @@ def _haves(key: ReleaseKey, ids: list[bytes]) -> list[Have]:
 
 __all__ = ["DOWNLOAD_TIMEOUT_FACTOR", "MAX_PENDING_IDS", "MAX_PENDING_RELEASES",
            "MAX_SERVING_PER_PEER", "PIECES_IN_FLIGHT", "STARTUP_SETTLE", "Action", "BlobIndex",
-           "BlobKind", "CancelDownload", "GossipStats", "MeshNode", "Send", "ServeRange",
+           "CancelDownload", "GossipStats", "MeshNode", "Send", "ServeRange",
            "StartDownload", "StoreBlob", "WantedBlob", "wanted_blobs"]

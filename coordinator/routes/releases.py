@@ -10,10 +10,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from mesh.blobs import BlobKind
 from mesh.control import ControlError, check_app, check_name
 from mesh.release import MAX_ENVELOPE_BYTES  # the largest encoded SignedManifest
 
-from .._blobs import MAX_BLOB_BYTES, BlobKind
+from .._blobs import MAX_BLOB_BYTES
 from .._http import (
     blob_response,
     by_method,

@@ -10,8 +10,9 @@ import blake3
 import pytest
 from backports import zstd
 
-from coordinator._blobs import BadBlob, BlobKind, BlobSeed, verify
+from coordinator._blobs import BadBlob, BlobSeed, verify
 from coordinator._http import RangeNotSatisfiable, parse_range
+from mesh.blobs import BlobKind
 from mesh.release import CHUNK_SIZE, chunk_layer
 
 from .conftest import Harness
