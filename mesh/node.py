@@ -270,7 +270,7 @@ class MeshNode:
         self.sched_config = sched_config if sched_config is not None else SchedConfig()
         self.pieces_in_flight = pieces_in_flight
         self.max_serving_per_peer = max_serving_per_peer
-        # diff IDs the device's Docker engine holds (agent/_applier.py): delta bases beside the
+        # diff IDs the device's Docker engine holds (agent/_apply_driver.py): delta bases beside the
         # complete layers of the blob store
         self.local_layers = local_layers if local_layers is not None else frozenset
         self.log: Log = log if log is not None else (lambda _m: None)
