@@ -447,8 +447,9 @@ class GossipNode:
             return False
         try:
             frame = encode(msg)
-        except WireError:  # pragma: no cover - the cores stay within the codec's limits
+        except WireError as exc:  # the cores stay within the codec's limits: a bug, not fatal
             self.stats.counters["dropped_unencodable"] += 1
+            self.log(f"not sending a {type(msg).__name__} to {dest}: {exc}")
             return False
         if not p.queue.try_put(frame):
             self.stats.counters["dropped_queue_full"] += 1

@@ -278,7 +278,8 @@ class MeshNode:
         self.generation = 0  # grows when newest/progress/complete may have changed
         self._verify_fn = verify
         self._warned_no_key = False
-        self.membership = Membership(name, mesh_ip, rng, membership_config)
+        self.membership = Membership(name, mesh_ip, rng, membership_config,
+                                     counters=self.stats.counters)
         self.rumor = Dissemination(name, rng, self._verify, self.membership.live_members,
                                    rumor_config)
         self._peers: dict[str, str] = {}
@@ -381,6 +382,17 @@ class MeshNode:
         self._after_cores(now)
 
     def receive(self, msg: Message, sender: str, now: float) -> None:
+        """One frame from `sender`. Whatever its handler raises drops that frame, counted
+        (`frame_errors`) and logged: no frame takes the node down (docs/architecture.md,
+        principle 5)."""
+        try:
+            self._receive(msg, sender, now)
+        except Exception as exc:  # noqa: BLE001 - any handler's failure: drop the frame
+            self.stats.counters["frame_errors"] += 1
+            self.log(f"dropped a {type(msg).__name__} from {sender}: "
+                     f"{type(exc).__name__}: {exc}")
+
+    def _receive(self, msg: Message, sender: str, now: float) -> None:
         if isinstance(msg, Ping | PingReq | Ack | Gossip | PushPull):
             self._send_all(self.membership.receive(msg, sender, now))
         elif isinstance(msg, Rumor | Digest | ManifestRequest):
