@@ -22,7 +22,7 @@ Inputs (each returns None; the actions it caused are collected for `drain()`):
     send_failed(dest, msg, now)       a `Send` could not be queued
     blob_received(download, data, now) / download_failed(download, now)
                                       the result of a `StartDownload` (the coordinator's seed)
-    blob_stored(download, ok, now)    the result of a `StoreBlob`
+    blob_stored(download, ok, now)    the result of a `StoreBlob` (ok None: not stored here)
     served(peer)                      a `ServeRange` is finished
     tick(now)                         at `next_deadline()` (or earlier)
 
@@ -145,7 +145,8 @@ class CancelDownload:
 @dataclass(frozen=True, slots=True)
 class StoreBlob:
     """Verify `data` against `blob_id` (and `ref`, `size`: from the signed manifest) and store
-    it; report `blob_stored(download, ok, now)`: ok is False if it is not that blob."""
+    it; report `blob_stored(download, ok, now)`: ok is False if it is not that blob, None if
+    it could not be stored (a full disk)."""
 
     download: int
     blob_id: bytes
@@ -457,8 +458,11 @@ class MeshNode:
         if dl is not None and dl.state == "fetching":
             self._report(dl, None, now)
 
-    def blob_stored(self, download: int, ok: bool, now: float) -> None:
-        """The result of a `StoreBlob`: ok if verified and in the store."""
+    def blob_stored(self, download: int, ok: bool | None, now: float) -> None:
+        """The result of a `StoreBlob`: True if verified and in the store, False if the bytes
+        are not that blob (the source is banned for the release), None if they could not be
+        stored here (a full disk: nobody's fault but ours, so the download failed and is
+        retried like a lost connection, and no one is banned)."""
         dl = self._by_id.get(download)
         if dl is not None and dl.state == "storing":
             self._report(dl, ok, now)
