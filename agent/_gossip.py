@@ -36,6 +36,7 @@ release. We serve only whole, verified blobs from the store.
 from __future__ import annotations
 
 import collections
+import errno
 import functools
 import random
 from collections.abc import Callable, Iterable, Mapping
@@ -397,16 +398,25 @@ class GossipNode:
         self._run_actions()
 
     async def _store(self, a: StoreBlob) -> None:
-        ok = False
+        ok: bool | None = False
         try:
             stored = await trio.to_thread.run_sync(functools.partial(
                 self.store.put, a.blob_id, a.data, a.kind, ref=a.ref, size=a.size))
         except BlobVerifyError as exc:
             self.stats.counters["bad_blobs"] += 1
             self.log(f"blob from {a.source} failed verification: {exc}")
-        except OSError as exc:  # pragma: no cover - a full disk; the scheduler retries later
+        except OSError as exc:
+            # Our disk, not the source's bytes (they were verified before the write): nobody
+            # is banned; the download failed and the scheduler retries after its backoff, so
+            # fetching resumes by itself once there is room again.
+            ok = None
             self.stats.counters["store_errors"] += 1
-            self.log(f"cannot store blob {a.blob_id.hex()[:16]}: {exc}")
+            if exc.errno == errno.ENOSPC:
+                self.stats.counters["disk_full"] += 1
+                self.log(f"disk full: cannot store blob {a.blob_id.hex()[:16]} "
+                         f"({len(a.data)} B) from {a.source}; retrying later")
+            else:
+                self.log(f"cannot store blob {a.blob_id.hex()[:16]}: {exc}")
         else:
             # one line per verified download: what the lab's crash test counts (a blob fetched
             # twice would show twice)
@@ -447,8 +457,9 @@ class GossipNode:
             return False
         try:
             frame = encode(msg)
-        except WireError:  # pragma: no cover - the cores stay within the codec's limits
+        except WireError as exc:  # the cores stay within the codec's limits: a bug, not fatal
             self.stats.counters["dropped_unencodable"] += 1
+            self.log(f"not sending a {type(msg).__name__} to {dest}: {exc}")
             return False
         if not p.queue.try_put(frame):
             self.stats.counters["dropped_queue_full"] += 1

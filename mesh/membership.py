@@ -17,6 +17,7 @@ the injected `random.Random` only.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import math
 import random
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Final, Literal
 
 from mesh.wire import (
     MAX_MEMBERS,
+    MAX_UINT,
     MAX_UPDATES,
     Ack,
     Gossip,
@@ -41,9 +43,16 @@ if TYPE_CHECKING:
     from mesh.control import PeerMap
 
 Outgoing = list[tuple[str, Message]]
-EventKind = Literal["joined", "suspect", "dead", "alive"]
+EventKind = Literal["joined", "suspect", "dead", "alive", "left"]
 
 PUSH_PULL_SCALE_THRESHOLD: Final = 32  # memberlist util.go pushPullScaleThreshold
+# Incarnations live in the codec's range [0, MAX_INCARNATION]; we never produce one above it.
+MAX_INCARNATION: Final = MAX_UINT
+# An honest incarnation grows by one per refutation, so a claim about a member more than this
+# far above what we know of it is implausible: a third party's such claim is dropped, and a
+# claim about ourselves moves us up by at most this much. Reaching the top then takes 2^48
+# accepted frames (docs/security.md, "Gossip frames cannot take a node down").
+MAX_INCARNATION_STEP: Final = 1 << 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,13 +157,16 @@ class _Probe:
 
 class Membership:
     def __init__(self, self_id: str, address: str, rng: random.Random,
-                 config: MembershipConfig = LAN) -> None:
+                 config: MembershipConfig = LAN,
+                 counters: collections.Counter[str] | None = None) -> None:
+        """`counters`: where dropped updates are counted (the node's stats)."""
         self.self_id = self_id
         self.address = address
         self.rng = rng
         self.config = config
         self.incarnation = 0
         self.events: list[MemberEvent] = []
+        self.counters = counters if counters is not None else collections.Counter()
         self._members: dict[str, _Member] = {}
         self._live: list[str] = []  # alive or suspect, for O(1) random choice
         self._live_idx: dict[str, int] = {}
@@ -199,19 +211,27 @@ class Membership:
     # ---- API ------------------------------------------------------------------------------
 
     def seed(self, members: Iterable[tuple[str, str]], *, join: bool = False) -> None:
-        """Known members (the coordinator's peer map); after this no coordinator is needed.
+        """The members (the coordinator's peer map): exactly these, nobody else, ever.
 
-        They start alive at incarnation 0: one that is not really there is probed, suspected
+        Updates about any other node id are dropped and counted (`unknown_members`): a peer
+        cannot invent members. A member no longer listed leaves (event "left"). New ones
+        start alive at incarnation 0: one that is not really there is probed, suspected
         and declared dead like any failure. Every device gets the same map, so by default the
         first push-pull waits for its (random) phase: a fleet that starts at once must not
         flood its uplinks with full-state exchanges. `join=True` (a node that restarts, or
         one that knows only a few seeds) push-pulls with one of them on the next tick and
         announces itself, like memberlist's Join.
         """
-        for node_id, address in members:
-            if node_id == self.self_id or node_id in self._members:
-                continue
-            self._add(node_id, address, 0, Status.ALIVE, 0.0)
+        listed = {node_id: address for node_id, address in members
+                  if node_id != self.self_id}
+        for node_id in [n for n in self._members if n not in listed]:
+            self._remove(node_id)
+        for node_id, address in listed.items():
+            m = self._members.get(node_id)
+            if m is None:
+                self._add(node_id, address, 0, Status.ALIVE, 0.0)
+            else:
+                m.address = address
         if join:
             self._join = True
             self._queue(self._self_state())
@@ -301,7 +321,9 @@ class Membership:
             out.append((sender, Ack(msg.seq, self.self_id, self._piggyback())))
         elif isinstance(msg, PingReq):
             self._apply(msg.updates, sender, now)
-            if msg.target_id != self.self_id:
+            if msg.target_id not in self._members:
+                self.counters["unknown_members"] += 1
+            elif msg.target_id != self.self_id:
                 self._seq += 1
                 self._relays[self._seq] = (sender, msg.seq, now + self.config.probe_timeout)
                 out.append((msg.target_id, Ping(self._seq, self.self_id, self._piggyback())))
@@ -321,7 +343,7 @@ class Membership:
             # always gets the chance to refute before it is declared dead here.
             for u in msg.members:
                 if u.status == Status.ALIVE:
-                    self._on_alive(u, now)
+                    self._on_alive(u, sender, now)
                 else:
                     self._on_suspect(MemberState(u.node_id, u.incarnation, Status.SUSPECT,
                                                  u.address), sender, now)
@@ -334,28 +356,37 @@ class Membership:
     def _apply(self, updates: tuple[MemberState, ...], sender: str, now: float) -> None:
         for u in updates:
             if u.status == Status.ALIVE:
-                self._on_alive(u, now)
+                self._on_alive(u, sender, now)
             elif u.status == Status.SUSPECT:
                 self._on_suspect(u, sender, now)
             else:
-                self._on_dead(u, now)
+                self._on_dead(u, sender, now)
 
-    def _on_alive(self, u: MemberState, now: float) -> None:
-        if u.node_id == self.self_id:
-            if u.incarnation > self.incarnation:  # an earlier life of ours got further
-                self.incarnation = u.incarnation + 1
-                self._queue(self._self_state())
-            return
+    def _known(self, u: MemberState, sender: str) -> _Member | None:
+        """The member an update about someone else is about, if we take it: a member of the
+        peer map, and an incarnation within MAX_INCARNATION_STEP of what we know of it unless
+        the member says so itself (it is the authority on its own incarnation: its frames come
+        over its own connection, and that is how a member whose count ran ahead of ours, an
+        attacker's doing, brings us back in step)."""
         m = self._members.get(u.node_id)
         if m is None:
-            if len(self._members) < 4 * MAX_MEMBERS:  # bound what strangers can make us hold
-                m = self._add(u.node_id, u.address, u.incarnation, Status.ALIVE, now)
-                self._queue(m.state())
+            self.counters["unknown_members"] += 1
+            return None
+        if sender != u.node_id and u.incarnation > m.incarnation + MAX_INCARNATION_STEP:
+            self.counters["implausible_incarnation"] += 1
+            return None
+        return m
+
+    def _on_alive(self, u: MemberState, sender: str, now: float) -> None:
+        if u.node_id == self.self_id:
+            if u.incarnation > self.incarnation:  # an earlier life of ours got further
+                self._refute(u.incarnation)
             return
-        if u.incarnation <= m.incarnation:
+        m = self._known(u, sender)
+        if m is None or u.incarnation <= m.incarnation:
             return
         was = m.status
-        m.incarnation, m.address = u.incarnation, u.address
+        m.incarnation = u.incarnation  # the address is the peer map's, not a peer's word
         self._set_status(m, Status.ALIVE, now)
         if was != Status.ALIVE:
             self.events.append(MemberEvent("alive", m.node_id, m.incarnation, now))
@@ -366,7 +397,7 @@ class Membership:
             if u.incarnation >= self.incarnation:
                 self._refute(u.incarnation)
             return
-        m = self._members.get(u.node_id)
+        m = self._known(u, sender)
         if m is None or u.incarnation < m.incarnation or m.status == Status.DEAD:
             return
         if m.status == Status.SUSPECT:
@@ -389,12 +420,12 @@ class Membership:
         self.events.append(MemberEvent("suspect", m.node_id, m.incarnation, now))
         self._queue(m.state())
 
-    def _on_dead(self, u: MemberState, now: float) -> None:
+    def _on_dead(self, u: MemberState, sender: str, now: float) -> None:
         if u.node_id == self.self_id:
             if u.incarnation >= self.incarnation:
                 self._refute(u.incarnation)
             return
-        m = self._members.get(u.node_id)
+        m = self._known(u, sender)
         if m is None or u.incarnation < m.incarnation or m.status == Status.DEAD:
             return
         self._declare_dead(m, u.incarnation, now)
@@ -405,8 +436,18 @@ class Membership:
         self.events.append(MemberEvent("dead", m.node_id, m.incarnation, now))
         self._queue(m.state())
 
-    def _refute(self, accused: int) -> None:
-        self.incarnation = max(self.incarnation, accused) + 1
+    def _refute(self, claimed: int) -> None:
+        """Beat a claim about us at incarnation `claimed` (an accusation, or an earlier life
+        of ours). A claim more than MAX_INCARNATION_STEP ahead is counted and moves us up by
+        that step only: a restarted node catches up with what its peers hold a step at a
+        time, and an attacker needs 2^48 frames to reach the top. At the top we stay there
+        (counted): no incarnation outside the codec's range is ever produced."""
+        if claimed > self.incarnation + MAX_INCARNATION_STEP:
+            self.counters["implausible_incarnation"] += 1
+            claimed = self.incarnation + MAX_INCARNATION_STEP - 1
+        if claimed >= MAX_INCARNATION:
+            self.counters["incarnation_exhausted"] += 1
+        self.incarnation = min(max(self.incarnation, claimed) + 1, MAX_INCARNATION)
         self._queue(self._self_state())
 
     def _add(self, node_id: str, address: str, inc: int, status: Status, now: float) -> _Member:
@@ -416,6 +457,18 @@ class Membership:
         self._set_status(m, status, now)
         self.events.append(MemberEvent("joined", node_id, inc, now))
         return m
+
+    def _remove(self, node_id: str) -> None:
+        """`node_id` left the peer map: forget it."""
+        m = self._members[node_id]
+        if m.status != Status.DEAD:
+            self._set_status(m, Status.DEAD, m.since)  # out of the live list
+        del self._members[node_id]
+        self._dead_count -= 1
+        self._broadcasts.pop(node_id, None)
+        if self._probe is not None and self._probe.target == node_id:
+            self._probe = None
+        self.events.append(MemberEvent("left", node_id, m.incarnation, m.since))
 
     def _set_status(self, m: _Member, status: Status, now: float) -> None:
         was_live = m.status != Status.DEAD

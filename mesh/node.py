@@ -22,7 +22,7 @@ Inputs (each returns None; the actions it caused are collected for `drain()`):
     send_failed(dest, msg, now)       a `Send` could not be queued
     blob_received(download, data, now) / download_failed(download, now)
                                       the result of a `StartDownload` (the coordinator's seed)
-    blob_stored(download, ok, now)    the result of a `StoreBlob`
+    blob_stored(download, ok, now)    the result of a `StoreBlob` (ok None: not stored here)
     served(peer)                      a `ServeRange` is finished
     tick(now)                         at `next_deadline()` (or earlier)
 
@@ -145,7 +145,8 @@ class CancelDownload:
 @dataclass(frozen=True, slots=True)
 class StoreBlob:
     """Verify `data` against `blob_id` (and `ref`, `size`: from the signed manifest) and store
-    it; report `blob_stored(download, ok, now)`: ok is False if it is not that blob."""
+    it; report `blob_stored(download, ok, now)`: ok is False if it is not that blob, None if
+    it could not be stored (a full disk)."""
 
     download: int
     blob_id: bytes
@@ -278,7 +279,8 @@ class MeshNode:
         self.generation = 0  # grows when newest/progress/complete may have changed
         self._verify_fn = verify
         self._warned_no_key = False
-        self.membership = Membership(name, mesh_ip, rng, membership_config)
+        self.membership = Membership(name, mesh_ip, rng, membership_config,
+                                     counters=self.stats.counters)
         self.rumor = Dissemination(name, rng, self._verify, self.membership.live_members,
                                    rumor_config)
         self._peers: dict[str, str] = {}
@@ -381,6 +383,17 @@ class MeshNode:
         self._after_cores(now)
 
     def receive(self, msg: Message, sender: str, now: float) -> None:
+        """One frame from `sender`. Whatever its handler raises drops that frame, counted
+        (`frame_errors`) and logged: no frame takes the node down (docs/architecture.md,
+        principle 5)."""
+        try:
+            self._receive(msg, sender, now)
+        except Exception as exc:  # noqa: BLE001 - any handler's failure: drop the frame
+            self.stats.counters["frame_errors"] += 1
+            self.log(f"dropped a {type(msg).__name__} from {sender}: "
+                     f"{type(exc).__name__}: {exc}")
+
+    def _receive(self, msg: Message, sender: str, now: float) -> None:
         if isinstance(msg, Ping | PingReq | Ack | Gossip | PushPull):
             self._send_all(self.membership.receive(msg, sender, now))
         elif isinstance(msg, Rumor | Digest | ManifestRequest):
@@ -445,8 +458,11 @@ class MeshNode:
         if dl is not None and dl.state == "fetching":
             self._report(dl, None, now)
 
-    def blob_stored(self, download: int, ok: bool, now: float) -> None:
-        """The result of a `StoreBlob`: ok if verified and in the store."""
+    def blob_stored(self, download: int, ok: bool | None, now: float) -> None:
+        """The result of a `StoreBlob`: True if verified and in the store, False if the bytes
+        are not that blob (the source is banned for the release), None if they could not be
+        stored here (a full disk: nobody's fault but ours, so the download failed and is
+        retried like a lost connection, and no one is banned)."""
         dl = self._by_id.get(download)
         if dl is not None and dl.state == "storing":
             self._report(dl, ok, now)

@@ -203,8 +203,13 @@ def _obj(msg: Message) -> list[object]:
 
 
 def encode_body(msg: Message) -> bytes:
-    """The msgpack body alone; `decode(encode_body(m)) == m` for every valid message."""
-    body = msgpack.packb(_obj(msg), use_bin_type=True)
+    """The msgpack body alone; `decode(encode_body(m)) == m` for every valid message. A message
+    the codec cannot carry (an integer out of range, a wrong type) raises `WireError`, like
+    every other encoding failure: the caller drops and counts it."""
+    try:
+        body = msgpack.packb(_obj(msg), use_bin_type=True)
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise WireError(f"cannot encode {type(msg).__name__}: {exc}") from None
     assert isinstance(body, bytes)
     if len(body) > MAX_BODY:
         raise WireError(f"message of {len(body)} bytes exceeds the frame limit of {MAX_BODY}")

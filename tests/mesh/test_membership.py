@@ -10,6 +10,8 @@ import pytest
 from mesh.control import HubInfo, PeerEntry, PeerMap
 from mesh.membership import (
     LAN,
+    MAX_INCARNATION,
+    MAX_INCARNATION_STEP,
     METERED,
     Membership,
     push_pull_interval,
@@ -17,7 +19,17 @@ from mesh.membership import (
     seeds_from_peer_map,
     suspicion_timeout,
 )
-from mesh.wire import Ack, Gossip, MemberState, Message, Ping, PingReq, PushPull, Status
+from mesh.wire import (
+    Ack,
+    Gossip,
+    MemberState,
+    Message,
+    Ping,
+    PingReq,
+    PushPull,
+    Status,
+    encode,
+)
 
 
 def make(n: int, seed: int = 1) -> Membership:
@@ -174,10 +186,51 @@ def test_push_pull_merge() -> None:
     assert got["a"] == MemberState("a", 1, Status.ALIVE, "10.0.0.1")  # refuted
     assert got["b"].incarnation == 2
     assert got["c"].status == Status.SUSPECT  # a remote "dead" merges as "suspect"
-    assert got["d"].status == Status.ALIVE
+    # d is not in the peer map: it never becomes a member (tests/adversarial/test_gossip_ghosts)
+    assert "d" not in got and a.member("d") is None and a.counters["unknown_members"] == 1
     kinds = {(e.kind, e.node_id) for e in a.drain_events()}
-    assert ("joined", "d") in kinds and ("suspect", "c") in kinds
+    assert ("suspect", "c") in kinds and not any(n == "d" for _, n in kinds)
     assert a.receive(PushPull("b", members, True), "b", 3.1) == []  # replies are not answered
+
+
+def test_a_member_leaves_with_the_peer_map() -> None:
+    a = make(4)
+    a.tick(0.0)
+    a.receive(Gossip("c", (MemberState("b", 0, Status.SUSPECT, "10.0.0.2"),)), "c", 1.0)
+    a.drain_events()
+    a.seed([("c", "10.0.0.3"), ("d", "10.0.0.9")])  # b is gone, d moved
+    assert sorted(a.live_members()) == ["c", "d"] and a.member("b") is None
+    assert a.address_of("d") == "10.0.0.9"
+    assert [(e.kind, e.node_id) for e in a.drain_events()] == [("left", "b")]
+    assert all(dest in ("c", "d") for _, dest, _ in step(a, 60.0, answer={"c", "d"}))
+
+
+def test_incarnations_stay_in_range_and_plausible() -> None:
+    a = make(3)
+    a.tick(0.0)
+    step_ = MAX_INCARNATION_STEP
+    # a third party's claim far ahead of what we know is dropped; the member's own is taken
+    a.receive(Gossip("c", (MemberState("b", step_ + 1, Status.DEAD, "10.0.0.2"),)), "c", 1.0)
+    assert a.member("b").status == Status.ALIVE  # type: ignore[union-attr]
+    assert a.counters["implausible_incarnation"] == 1
+    a.receive(Gossip("b", (MemberState("b", MAX_INCARNATION, Status.ALIVE, "10.0.0.2"),)),
+              "b", 1.1)
+    assert a.member("b").incarnation == MAX_INCARNATION  # type: ignore[union-attr]
+    # a claim about us far ahead moves us up by one step at most
+    a.receive(Gossip("c", (MemberState("a", MAX_INCARNATION, Status.DEAD, "10.0.0.1"),)),
+              "c", 1.2)
+    assert a.incarnation == step_ and a.counters["implausible_incarnation"] == 2
+    # at the top we stay at the top, counted
+    a.incarnation = MAX_INCARNATION - 1
+    for t in (1.3, 1.4):
+        a.receive(Gossip("c", (MemberState("a", MAX_INCARNATION, Status.DEAD, "10.0.0.1"),)),
+                  "c", t)
+        assert a.incarnation == MAX_INCARNATION
+    assert a.counters["incarnation_exhausted"] == 2
+    [(_, ack)] = a.receive(Ping(5, "c"), "c", 1.5)
+    assert isinstance(ack, Ack) and MemberState("a", MAX_INCARNATION, Status.ALIVE,
+                                                "10.0.0.1") in ack.updates
+    encode(ack)
 
 
 def test_periodic_push_pull_without_coordinator() -> None:
