@@ -3,14 +3,18 @@ against a real coordinator on loopback (tests/coordinator/conftest.py), over rea
 
 from __future__ import annotations
 
+import base64
 import ssl
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import trio
 
-from mesh.control import TokenParts
+from coordinator._server import Coordinator, CoordinatorConfig
+from coordinator._service import CHALLENGE_TTL
+from mesh.control import TokenParts, key_proof_mac, x25519_secret
 from ops.client import ApiError, DeviceClient, enroll
 from tests.coordinator.conftest import Harness, client_for, coord, h
 from vpn import KeyPair, generate_keypair
@@ -186,3 +190,33 @@ async def test_malformed_and_misdirected_proofs_are_refused_without_a_5xx(h: Har
                          key_proof={"challenge": challenge, "mac": "00" * 32})
     assert r.status_code == 403, r.text  # the challenge was for this key, but is used up
     assert await works(h, victim)
+
+
+async def test_a_challenge_expires_and_a_low_order_key_proves_nothing(tmp_path: Path) -> None:
+    """A challenge answered after CHALLENGE_TTL (coordinator clock moved explicitly) is refused
+    even with the right key; a device enrolled with a low-order public key (X25519 secret all
+    zero, which anybody could "compute") can never be re-enrolled by a key proof."""
+    now = [1_000_000.0]
+    config = CoordinatorConfig(data_dir=tmp_path / "coord", listen="127.0.0.1:0", hub=False,
+                               batch_window=0.05, clock=lambda: now[0])
+    async with Coordinator(config) as c, client_for(c, c.operator_key) as op, \
+            client_for(c) as anon:
+        h = Harness(c, op, anon)
+        token = await h.token(uses=10)
+        keys = generate_keypair()
+        victim = (await enroll_raw(h, token, keys, "cam-1")).json()["credential"]
+        challenge = (await enroll_raw(h, token, keys, "cam-1")).json()["challenge"]
+        hub = x25519_secret(keys.private, c.service.identity.hub.public_key)
+        mac = key_proof_mac(hub, challenge, keys.public)
+        now[0] += CHALLENGE_TTL
+        late = await enroll_raw(h, token, keys, "cam-1",
+                                key_proof={"challenge": challenge, "mac": mac})
+        assert late.status_code == 403 and "expired" in late.text
+        assert await works(h, victim)
+        zero = base64.b64encode(bytes(32)).decode()
+        assert (await enroll_raw(h, token, zero, "odd-1")).status_code == 201
+        challenge = (await enroll_raw(h, token, zero, "odd-1")).json()["challenge"]
+        forged = key_proof_mac(bytes(32), challenge, zero)
+        r = await enroll_raw(h, token, zero, "odd-1",
+                             key_proof={"challenge": challenge, "mac": forged})
+        assert r.status_code == 403, r.text
