@@ -190,7 +190,10 @@ def _join(args: argparse.Namespace) -> int:
 
     async def go() -> tuple[Enrollment, bytes]:
         with trio.fail_after(ENROLL_TIMEOUT):
-            return await enroll(url, token, public, name, lan, package_version())
+            # The private key stays here: the SDK uses it only to answer the coordinator's
+            # challenge when this device is enrolled already (its enrollment.json was lost).
+            return await enroll(url, token, public, name, lan, package_version(),
+                                private_key=private)
 
     try:
         enrollment, cert_der = trio.run(go)

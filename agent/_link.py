@@ -6,11 +6,14 @@ detection, and the one way the agent logs an error that repeats: once per distin
     peermap = await link.peermap(version, wait)      # None: unchanged within `wait`
     targets = await link.targets()                   # [mesh.control.DeviceTarget], validated
     ...
-    if link.failed(exc, errors): return              # revoked (401): the caller's loop ends
+    if link.failed(exc, errors): return              # revoked: the caller's loop ends
 
 An exception with an integer `status` attribute is an answer from the coordinator (the SDK's
-`ApiError`) and is final; 401 means the credential was revoked. Anything else means no usable
-answer from that URL, and the next one is tried.
+`ApiError`) and is final for that call. Only a 401 that says so explicitly (`revoked` true,
+from the coordinator's `{"revoked": true}`) means the device was revoked; any other 401 (an
+unknown credential, e.g. one replaced by somebody's enrollment under our name) is an error
+like others: the mesh stays up and the loops retry with backoff (docs/security.md). Anything
+else means no usable answer from that URL, and the next one is tried.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ class DeviceApi(Protocol):
     """Every coordinator call the agent makes (the SDK's `DeviceClient` fits).
 
     Errors: an exception with an integer `status` attribute is an answer from the coordinator
-    (`ApiError`); 401 means the credential was revoked. Anything else means no usable answer.
+    (`ApiError`); a 401 with `revoked` true means the device was revoked. Anything else means
+    no usable answer.
     """
 
     async def peermap(self, version: int, wait: float) -> PeerMap | None: ...
@@ -75,6 +79,11 @@ ClientFactory = Callable[[str, str, bytes], DeviceApi]  # (url, credential, cert
 def error_status(exc: BaseException) -> int | None:
     status = getattr(exc, "status", None)
     return status if isinstance(status, int) and not isinstance(status, bool) else None
+
+
+def revoked_answer(exc: BaseException) -> bool:
+    """The coordinator said explicitly that this device was revoked (not merely 401)."""
+    return error_status(exc) == 401 and getattr(exc, "revoked", False) is True
 
 
 def one_line(exc: BaseException) -> str:
@@ -189,15 +198,25 @@ class CoordinatorLink:
         otherwise the error is logged once per distinct message."""
         if self.revoked_by(exc):
             return True
-        errors.failed(f"{what}: {one_line(exc)}")
+        errors.failed(f"{what}: {self.describe(exc)}")
         return False
 
     def revoked_by(self, exc: Exception) -> bool:
-        """True (logged once) if `exc` is the coordinator refusing our credential (401)."""
-        if error_status(exc) == 401:
+        """True (logged once) if `exc` is the coordinator saying our device was revoked. A 401
+        without that is not proof of revocation: whoever holds a fleet token could otherwise
+        silence a device for good."""
+        if revoked_answer(exc):
             self.revoke(exc)
             return True
         return False
+
+    @staticmethod
+    def describe(exc: Exception) -> str:
+        """One line for the log; a 401 that is no revocation says what the agent does."""
+        if error_status(exc) == 401:
+            return (f"coordinator refused our credential ({one_line(exc)}) without saying "
+                    "the device was revoked: keeping the mesh up and retrying")
+        return one_line(exc)
 
     def revoke(self, exc: BaseException) -> None:
         if not self.revoked:
@@ -259,4 +278,5 @@ class CoordinatorLink:
 
 
 __all__ = ["BLOB_CALL_TIMEOUT", "CALL_TIMEOUT", "POLL_SLACK", "Backoff", "ClientFactory",
-           "CoordinatorLink", "DeviceApi", "ErrorOnce", "error_status", "one_line"]
+           "CoordinatorLink", "DeviceApi", "ErrorOnce", "error_status", "one_line",
+           "revoked_answer"]

@@ -26,7 +26,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from mesh.control import MAX_BODY_BYTES, ControlError, check_app, check_name
 
 from ._blobs import OpenBlob
-from ._model import CoordinatorError, Device, Forbidden, TooLarge, Unauthorized
+from ._model import (
+    CoordinatorError,
+    CredentialRevoked,
+    Device,
+    Forbidden,
+    TooLarge,
+    Unauthorized,
+)
 from ._releases import MissingBlobs
 from ._service import FleetService
 from ._sessions import SessionTable, session_allows
@@ -269,6 +276,9 @@ def guarded(fn: Handler, limit: int = MAX_BODY_BYTES) -> Handler:
         except MissingBlobs as exc:
             await drain(request)
             return error(exc.status, str(exc), missing=exc.missing)
+        except CredentialRevoked as exc:  # explicit: only this stops an agent for good
+            await drain(request)
+            return error(exc.status, str(exc), revoked=True)
         except CoordinatorError as exc:
             await drain(request)
             return error(exc.status, str(exc))
@@ -337,7 +347,7 @@ def device(limit: int = MAX_BODY_BYTES) -> Callable[[DeviceHandler], Handler]:
                 if service.is_operator_key(secret):
                     raise Forbidden("device endpoints need a device credential, not the "
                                     "operator key")
-                raise Unauthorized("unknown or revoked device credential")
+                raise service.credential_refusal(secret)
             return await fn(request, service, dev)
         wrapper.__name__ = fn.__name__
         return guarded(wrapper, limit)
@@ -356,6 +366,9 @@ def operator_or_device(fn: EitherHandler) -> Handler:
             return await fn(request, service, None)
         dev = service.device_for(secret)
         if dev is None:
+            refusal = service.credential_refusal(secret)
+            if isinstance(refusal, CredentialRevoked):
+                raise refusal
             raise Unauthorized("unknown or revoked API key or device credential")
         return await fn(request, service, dev)
     wrapper.__name__ = fn.__name__

@@ -70,6 +70,9 @@ class EnrollParams:
     name: str | None = None
     lan_endpoints: tuple[str, ...] = ()
     agent_version: str = ""
+    # The id of the device the caller proved to be (its credential or its private key), the
+    # only way to enroll again a name that is active (docs/security.md)
+    proven_device_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +134,27 @@ class TokenExpired(Unauthorized):
 class TokenUsedUp(Unauthorized):
     def __init__(self) -> None:
         super().__init__("enrollment token already used up; ask the operator for a new one")
+
+
+class ProofRequired(Conflict):
+    """Enrolling again an active device without proving to be it: its credential stays."""
+
+    def __init__(self, name: str, public_key: str) -> None:
+        super().__init__(
+            f"device {name!r} is enrolled; enrolling it again needs a proof of possession "
+            "(its current credential, or the answer to this challenge made with its WireGuard "
+            "private key; docs/security.md)")
+        self.name = name
+        self.public_key = public_key
+        self.challenge: str | None = None  # set by the service when it can check a key proof
+
+
+class CredentialRevoked(Unauthorized):
+    """The credential belonged to a device the operator revoked: the agent stops for good.
+    Any other refused credential is not a revocation (docs/security.md)."""
+
+    def __init__(self) -> None:
+        super().__init__("device revoked by the operator")
 
 
 class AddressSpaceExhausted(Conflict):

@@ -64,12 +64,16 @@ def _obj(required: list[str], **props: Any) -> dict[str, Any]:
 
 
 SCHEMAS: dict[str, Any] = {
-    "Error": _obj(["error"], error=_STR),
+    # revoked: a revoked device's credential (401); challenge, hub_public_key: enroll's 409
+    "Error": _obj(["error"], error=_STR, revoked={"type": "boolean"}, challenge=_STR,
+                  hub_public_key=_STR),
     "HubInfo": _obj(["public_key", "endpoint", "mesh_ipv4", "mesh_ipv6", "api_url"],
                     public_key=_STR, endpoint=_STR, mesh_ipv4=_STR, mesh_ipv6=_STR,
                     api_url=_STR),
+    # credential or key_proof: enrolling again an active device (docs/security.md)
     "EnrollRequest": _obj(["token", "public_key"], token=_STR, public_key=_STR, name=_STRN,
-                          lan_endpoints=_EPS, agent_version=_STR),
+                          lan_endpoints=_EPS, agent_version=_STR, credential=_STRN,
+                          key_proof=_obj(["challenge", "mac"], challenge=_STR, mac=_STR)),
     "Enrollment": _obj(["device_id", "name", "fleet", "credential", "mesh_ipv4", "mesh_ipv6",
                         "mesh_prefix_v4", "mesh_prefix_v6", "hub"],
                        device_id=_STR, name=_STR, fleet=_STR, credential=_STR, mesh_ipv4=_STR,

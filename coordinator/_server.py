@@ -236,7 +236,7 @@ class Coordinator:
                                self.hub_v4, self.hub_v6, api_url)
             identity = CoordinatorIdentity(self.fingerprint, self._operator_hash,
                                            self.public_url, hub_info, self.prefix_v4,
-                                           self.prefix_v6)
+                                           self.prefix_v6, self._hub_private)
             settings = ServiceSettings(relay_hub=cfg.hub, batch_window=cfg.batch_window,
                                        online_window=cfg.online_window,
                                        lock_stale_after=cfg.lock_stale_after, clock=cfg.clock)

@@ -27,18 +27,23 @@ from mesh.control import (
     HubInfo,
     LogUpload,
     TokenParts,
+    key_proof_mac,
+    x25519_secret,
 )
 
 from . import _secrets
 from ._blobs import BlobSeed
 from ._hub import HubPeer, Observation
 from ._model import (
+    CredentialRevoked,
     Device,
     DeviceInfo,
     DeviceState,
     EnrollmentToken,
     EnrollParams,
+    Forbidden,
     NotFound,
+    ProofRequired,
     Unauthorized,
     device_info,
 )
@@ -56,6 +61,10 @@ BATCH_WINDOW: Final = 0.2  # s: coalesce a burst so both sides of a pair hear it
 LOCK_STALE_AFTER: Final = 3600.0
 LOG_KEEP: Final = 5000  # newest log lines kept per device (docs/api.md)
 MAX_SECRET_LEN: Final = 200  # longer than any credential we hand out: refused unhashed
+# An enrollment challenge (docs/security.md): answered within seconds by the SDK; a minute
+# covers a slow link. The table is bounded (oldest dropped) and only a valid token fills it.
+CHALLENGE_TTL: Final = 60.0
+MAX_CHALLENGES: Final = 4096
 
 
 # --------------------------------------------------------------------------- API answers
@@ -145,6 +154,8 @@ class CoordinatorIdentity:
     hub: HubInfo
     prefix_v4: ipaddress.IPv4Network
     prefix_v6: ipaddress.IPv6Network
+    # the hub's WireGuard private key: checks a device's key proof at re-enrollment ("": none)
+    hub_private_key: str = field(default="", repr=False)
 
 
 class FleetService:
@@ -167,6 +178,8 @@ class FleetService:
         self._rx_bytes: dict[str, int] = {}
         self._waiters: dict[str, trio.Event] = {}
         self._log_waiters: dict[str, trio.Event] = {}  # device id -> set on new lines
+        # enrollment challenges: nonce -> (device name, public key, expiry)
+        self._challenges: dict[str, tuple[str, str, float]] = {}
         self._dirty = trio.Event()
         for d in store.list_devices():
             if d.state is DeviceState.ACTIVE:
@@ -225,7 +238,7 @@ class FleetService:
         while True:
             member = core.member(device.name)
             if member is None or member.public_key != device.public_key:
-                raise Unauthorized("device revoked")
+                raise CredentialRevoked()  # revoke() took it out of the core just now
             if core.version(device.name) != version:
                 return core.render(device.name)
             if trio.current_time() >= deadline:
@@ -284,6 +297,15 @@ class FleetService:
             return None
         return self.store.device_by_credential(_secrets.secret_hash(secret))
 
+    def credential_refusal(self, secret: str) -> Unauthorized:
+        """Why a device credential does not work: revoked (the agent stops for good) or only
+        unknown (e.g. replaced by a later enrollment: the agent keeps its mesh and retries)."""
+        if secret.startswith(_secrets.DEVICE_PREFIX) and len(secret) <= MAX_SECRET_LEN and \
+                self.store.credential_revoked(_secrets.secret_hash(secret)):
+            return CredentialRevoked()
+        return Unauthorized("unknown device credential (never issued here, or replaced by a "
+                            "later enrollment)")
+
     # ------------------------------------------------------------------ device side
 
     def enroll(self, req: EnrollRequest, client_ip: str | None) -> Enrollment:
@@ -293,17 +315,65 @@ class FleetService:
             raise Unauthorized("enrollment token is for another coordinator (certificate "
                                "fingerprint differs)")
         credential = _secrets.new_device_credential()
-        device = self.store.enroll(EnrollParams(
-            secret_hash=_secrets.secret_hash(parts.secret), public_key=req.public_key,
-            credential_hash=_secrets.secret_hash(credential), device_id=_secrets.new_id("d_"),
-            generated_name=f"dev-{_secrets.new_id('')[:6]}", now=self.settings.clock(),
-            name=req.name, lan_endpoints=req.lan_endpoints, agent_version=req.agent_version))
+        try:
+            device = self.store.enroll(EnrollParams(
+                secret_hash=_secrets.secret_hash(parts.secret), public_key=req.public_key,
+                credential_hash=_secrets.secret_hash(credential),
+                device_id=_secrets.new_id("d_"),
+                generated_name=f"dev-{_secrets.new_id('')[:6]}", now=self.settings.clock(),
+                name=req.name, lan_endpoints=req.lan_endpoints, agent_version=req.agent_version,
+                proven_device_id=self._proven_device(req)))
+        except ProofRequired as exc:
+            if identity.hub_private_key:
+                exc.challenge = self._challenge(exc.name, exc.public_key)
+            raise
         self._add_member(device, None if self.settings.relay_hub else client_ip)
         self._changed()
         assert device.mesh_ipv4 and device.mesh_ipv6
         return Enrollment(device.id, device.name, device.fleet, credential, device.mesh_ipv4,
                           device.mesh_ipv6, str(identity.prefix_v4), str(identity.prefix_v6),
                           identity.hub, release_key=self.releases.release_key(device.fleet))
+
+    def _proven_device(self, req: EnrollRequest) -> str | None:
+        """The id of the device the request proves to be (docs/security.md), None if it
+        carries no proof; Forbidden for a proof that does not hold."""
+        if req.credential is not None:
+            device = self.device_for(req.credential)
+            if device is None or device.public_key != req.public_key or \
+                    req.name not in (None, device.name):
+                raise Forbidden("the credential given as proof is not the current one of the "
+                                "active device with this name and public key")
+            return device.id
+        if req.key_proof is None:
+            return None
+        entry = self._challenges.pop(req.key_proof.challenge, None)
+        if entry is None or entry[2] <= self.settings.clock() or entry[1] != req.public_key \
+                or req.name not in (None, entry[0]):
+            raise Forbidden("enrollment challenge unknown, used or expired, or for another "
+                            "device; enroll again without a proof for a new one")
+        name = entry[0]
+        try:
+            secret = x25519_secret(self.identity.hub_private_key, req.public_key)
+        except (ValueError, RuntimeError):  # RuntimeError: a low-order key (all-zero secret)
+            raise Forbidden("key proof: no usable X25519 secret with this public key") from None
+        expected = key_proof_mac(secret, req.key_proof.challenge, req.public_key)
+        if not hmac.compare_digest(expected, req.key_proof.mac):
+            raise Forbidden("key proof does not match: not made with this device's private key")
+        device = self.store.device_by_name(name)
+        if device is None or device.state is not DeviceState.ACTIVE:
+            return None  # gone meanwhile: enrolls as a new device, as any first enrollment
+        return device.id
+
+    def _challenge(self, name: str, public_key: str) -> str:
+        now = self.settings.clock()
+        for nonce, (_, _, expires) in list(self._challenges.items()):
+            if expires <= now:
+                del self._challenges[nonce]
+        while len(self._challenges) >= MAX_CHALLENGES:
+            del self._challenges[next(iter(self._challenges))]
+        nonce = _secrets.new_secret()
+        self._challenges[nonce] = (name, public_key, now + CHALLENGE_TTL)
+        return nonce
 
     def report(self, device: Device, report: DeviceReport, client_ip: str | None) -> None:
         cleared = self.store.record_report(device.id, report.lan_endpoints,

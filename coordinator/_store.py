@@ -44,7 +44,9 @@ class Store(Protocol):
     def enroll(self, params: EnrollParams) -> Device:
         """Check the token (TokenUnknown / TokenExpired / TokenUsedUp), use it once, and make
         the device active with fresh addresses (or re-key a provisioned device of that name).
-        Conflict if the name belongs to another live device or the key to another device."""
+        Conflict if the name belongs to another live device or the key to another device,
+        ProofRequired if the name is active and `proven_device_id` is not its id, Conflict if
+        the name is provisioned and the token is not its own."""
 
     def provision(self, device_id: str, name: str, fleet: str, token: EnrollmentToken,
                   now: float) -> Device:
@@ -56,6 +58,10 @@ class Store(Protocol):
 
     def device_by_credential(self, credential_hash: str) -> Device | None:
         """Only active devices have a working credential."""
+
+    def credential_revoked(self, credential_hash: str) -> bool:
+        """True if the credential was that of a device the operator revoked (not merely
+        replaced by a later enrollment, nor unknown)."""
 
     def list_devices(self, fleet: str | None = None) -> list[Device]: ...
 

@@ -32,6 +32,7 @@ from ._model import (
     LogPage,
     NotFound,
     Operator,
+    ProofRequired,
     Release,
     TokenExpired,
     TokenUnknown,
@@ -149,6 +150,12 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         PRIMARY KEY (device_id, seq)) WITHOUT ROWID;
     ALTER TABLE devices ADD COLUMN log_seq INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE devices ADD COLUMN logs_dropped INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 5: the hash of a revoked device's last credential, so that a refusal can say "revoked"
+    # explicitly: an agent stops only on that, not on any 401 (docs/security.md).
+    """
+    ALTER TABLE devices ADD COLUMN revoked_credential_hash TEXT;
+    CREATE INDEX devices_revoked_credential ON devices(revoked_credential_hash);
     """,
 )
 
@@ -322,6 +329,15 @@ class SqliteStore:
             if existing is not None and existing.state is DeviceState.ACTIVE and \
                     existing.public_key != p.public_key:
                 raise Conflict(f"device name {name!r} is taken; pick another name or revoke it")
+            # Whoever holds a fleet token must not take over a device: an active name only
+            # with a proof of being it, a provisioned name only with its own token.
+            if existing is not None and existing.state is DeviceState.ACTIVE and \
+                    p.proven_device_id != existing.id:
+                raise ProofRequired(name, existing.public_key or p.public_key)
+            if existing is not None and existing.state is DeviceState.PROVISIONED and \
+                    token.name != name:
+                raise Conflict(f"device {name!r} is provisioned: it joins only with its own "
+                               "provisioning token")
             owner = self._key_owner(c, p.public_key)
             if owner is not None and not (existing and owner == f"device {existing.name}"):
                 raise Conflict(f"public key already belongs to {owner}; make a new key pair")
@@ -384,6 +400,10 @@ class SqliteStore:
                            "AND state = 'active'", (credential_hash,))
         return _device(rows[0]) if rows else None
 
+    def credential_revoked(self, credential_hash: str) -> bool:
+        return bool(self._query("SELECT 1 FROM devices WHERE revoked_credential_hash = ? AND "
+                                "state = 'revoked'", (credential_hash,)))
+
     def list_devices(self, fleet: str | None = None) -> list[Device]:
         if fleet is None:
             rows = self._query(f"SELECT {_DEVICE_COLS} FROM devices ORDER BY name, created_at")
@@ -401,9 +421,11 @@ class SqliteStore:
                 raise NotFound(f"no device {name!r}")
             device = _device(row)
             if device.state is not DeviceState.REVOKED:
-                # The credential hash goes: nothing can ever authenticate as it again.
+                # The credential hash goes: nothing can ever authenticate as it again. It is
+                # kept aside only to answer that credential with an explicit "revoked".
                 c.execute("UPDATE devices SET state = 'revoked', revoked_at = ?, "
-                          "credential_hash = NULL WHERE id = ?", (now, device.id))
+                          "revoked_credential_hash = credential_hash, credential_hash = NULL "
+                          "WHERE id = ?", (now, device.id))
                 # Tokens bound to the name would resurrect it: spend them.
                 c.execute("UPDATE tokens SET uses_left = 0 WHERE name = ?", (name,))
                 row = c.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE id = ?",

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar
+
+from nacl.bindings import crypto_scalarmult
 
 from mesh.names import APP_NAME_RE, DEVICE_NAME_RE, MAX_APP_NAME
 
@@ -111,30 +115,95 @@ def _address(obj: Mapping[str, Any], key: str, version: int, where: str) -> str:
 # --------------------------------------------------------------------------- enrollment
 
 
+# A proof of possession of a device's WireGuard private key (docs/security.md, "Enrollment
+# cannot take over a device"): X25519 is no signature scheme, so the device answers the
+# coordinator's challenge with an HMAC keyed by the Diffie-Hellman secret of its key and the
+# hub's key, which only the two holders of those private keys can compute.
+KEY_PROOF_LABEL: Final = b"fleetmesh enroll key proof v1"
+MAX_CHALLENGE_LEN: Final = 64  # the coordinator's nonces are 43 characters (32 bytes, base64url)
+MAC_HEX_LEN: Final = 64  # HMAC-SHA256
+
+
+def key_proof_mac(shared_secret: bytes, challenge: str, public_key: str) -> str:
+    """HMAC-SHA256(X25519 secret, label | challenge | public key), hex. The coordinator bound
+    the challenge to one device name and key and accepts it once, so the MAC proves nothing
+    anywhere else."""
+    message = b"\0".join((KEY_PROOF_LABEL, challenge.encode(), public_key.encode()))
+    return hmac.new(shared_secret, message, hashlib.sha256).hexdigest()
+
+
+def x25519_secret(private_key: str, peer_public_key: str) -> bytes:
+    """The X25519 shared secret of a base64 private key and a base64 public key (RFC 7748)."""
+    return bytes(crypto_scalarmult(base64.b64decode(private_key),
+                                   base64.b64decode(peer_public_key)))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyProof:
+    """The answer to an enrollment challenge: `key_proof_mac` under X25519(device, hub)."""
+
+    challenge: str
+    mac: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"challenge": self.challenge, "mac": self.mac}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> KeyProof:
+        w = "enroll.key_proof"
+        challenge, mac = _get(obj, "challenge", str, w), _get(obj, "mac", str, w)
+        if not 0 < len(challenge) <= MAX_CHALLENGE_LEN:
+            raise ControlError(f"{w}.challenge: 1-{MAX_CHALLENGE_LEN} characters")
+        if len(mac) != MAC_HEX_LEN or not all(c in "0123456789abcdef" for c in mac):
+            raise ControlError(f"{w}.mac: must be {MAC_HEX_LEN} lowercase hex digits")
+        return cls(challenge, mac)
+
+
 @dataclass(frozen=True, slots=True)
 class EnrollRequest:
-    """A device's first call: its token, its own public key (the private key never leaves it)."""
+    """A device's first call: its token, its own public key (the private key never leaves it).
+
+    Enrolling a name that is already active needs a proof that the caller is that device: its
+    current `credential`, or a `key_proof` answering the coordinator's challenge. A first
+    enrollment carries neither (and is unchanged)."""
 
     token: str
     public_key: str
     name: str | None = None  # None: the token names the device (provisioned) or the server picks
     lan_endpoints: tuple[str, ...] = ()
     agent_version: str = ""
+    credential: str | None = None
+    key_proof: KeyProof | None = None
+
+    def __repr__(self) -> str:
+        # Keep the token and the credential out of logs and tracebacks by accident.
+        return (f"EnrollRequest(public_key={self.public_key!r}, name={self.name!r}, "
+                f"credential={'<hidden>' if self.credential else None}, "
+                f"key_proof={self.key_proof is not None})")
 
     def to_json(self) -> dict[str, Any]:
-        return {"token": self.token, "public_key": self.public_key, "name": self.name,
-                "lan_endpoints": list(self.lan_endpoints), "agent_version": self.agent_version}
+        out: dict[str, Any] = {
+            "token": self.token, "public_key": self.public_key, "name": self.name,
+            "lan_endpoints": list(self.lan_endpoints), "agent_version": self.agent_version}
+        if self.credential is not None:
+            out["credential"] = self.credential
+        if self.key_proof is not None:
+            out["key_proof"] = self.key_proof.to_json()
+        return out
 
     @classmethod
     def from_json(cls, obj: Any) -> EnrollRequest:
         w = "enroll"
         name = _get(obj, "name", str, w, optional=True)
+        proof = _get(obj, "key_proof", dict, w, optional=True)
         return cls(
             token=_get(obj, "token", str, w),
             public_key=check_key(_get(obj, "public_key", str, w), f"{w}.public_key"),
             name=None if name is None else check_name(name, f"{w}.name"),
             lan_endpoints=_endpoints(obj, "lan_endpoints", w),
             agent_version=_get(obj, "agent_version", str, w, optional=True) or "",
+            credential=_get(obj, "credential", str, w, optional=True),
+            key_proof=None if proof is None else KeyProof.from_json(proof),
         )
 
 

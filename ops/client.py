@@ -28,7 +28,7 @@ import os
 import ssl
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
@@ -43,10 +43,14 @@ from mesh.control import (
     Enrollment,
     EnrollRequest,
     HubInfo,
+    KeyProof,
     LogLine,
     LogUpload,
     PeerMap,
     TokenParts,
+    check_key,
+    key_proof_mac,
+    x25519_secret,
 )
 from mesh.tlspin import (
     DEFAULT_TIMEOUT,
@@ -100,12 +104,17 @@ class ClientError(Exception):
 class ApiError(ClientError):
     """The coordinator answered with an error status."""
 
-    def __init__(self, status: int, message: str, missing: Sequence[str] = ()) -> None:
+    def __init__(self, status: int, message: str, missing: Sequence[str] = (), *,
+                 revoked: bool = False, challenge: tuple[str, str] | None = None) -> None:
         super().__init__(f"{message} (HTTP {status})")
         self.status = status
         self.message = message
         # publish_release's 409: the blob IDs the coordinator does not have (else empty)
         self.missing: list[str] = list(missing)
+        # a 401 that says the device was revoked, explicitly; any other 401 is not proof
+        self.revoked = revoked
+        # enroll's 409 for an enrolled name: (nonce, hub public key) to answer with the key
+        self.challenge = challenge
 
 
 class CoordinatorUnreachable(ClientError):
@@ -131,19 +140,27 @@ def _one_line(text: str) -> str:
 def _error_from(response: httpx.Response) -> ApiError:
     message = ""
     missing: list[str] = []
+    revoked = False
+    challenge: tuple[str, str] | None = None
     try:
         body = response.json()
         if isinstance(body, Mapping) and isinstance(body.get("error"), str):
             message = body["error"]
         if isinstance(body, Mapping) and isinstance(body.get("missing"), list):
             missing = [m for m in body["missing"] if isinstance(m, str)]
+        if isinstance(body, Mapping):
+            revoked = response.status_code == 401 and body.get("revoked") is True
+            nonce, hub_key = body.get("challenge"), body.get("hub_public_key")
+            if isinstance(nonce, str) and isinstance(hub_key, str):
+                challenge = (nonce, hub_key)
     except ValueError:
         pass
     if not message:
         message = response.reason_phrase or "error"
         if response.status_code >= 500:
             message = f"coordinator failed: {message}"
-    return ApiError(response.status_code, _one_line(message), missing)
+    return ApiError(response.status_code, _one_line(message), missing, revoked=revoked,
+                    challenge=challenge)
 
 
 def _check(response: httpx.Response, *ok: int, limit: int = 16 * MAX_BODY_BYTES
@@ -612,16 +629,24 @@ class DeviceClient:
 
 async def enroll(url: str, token: str, public_key: str, name: str | None = None,
                  lan_endpoints: tuple[str, ...] = (), agent_version: str = "", *,
-                 timeout: float = DEFAULT_TIMEOUT) -> tuple[Enrollment, bytes]:
+                 timeout: float = DEFAULT_TIMEOUT, credential: str | None = None,
+                 private_key: str | None = None) -> tuple[Enrollment, bytes]:
     """Verify the coordinator by the token's fingerprint, then enroll over the pinned channel.
+
+    Enrolling again a device that is active needs a proof of being it (docs/security.md):
+    its current `credential`, or its WireGuard `private_key` (which never leaves this
+    process: it answers the coordinator's challenge with a MAC keyed by X25519(private key,
+    hub key)). A first enrollment needs neither.
 
     Returns the enrollment and the certificate to pin from now on (e.g. for DeviceClient).
     Raises ControlError for a malformed token or request, PinError for a coordinator whose
-    certificate does not match, ApiError for a refused enrollment (401 token, 409 name).
+    certificate does not match, ApiError for a refused enrollment (401 token, 409 name, 403
+    a proof that does not hold).
     """
     parts = TokenParts.parse(token)
     request = EnrollRequest.from_json(EnrollRequest(
-        token, public_key, name, tuple(lan_endpoints), agent_version).to_json())
+        token, public_key, name, tuple(lan_endpoints), agent_version,
+        credential=credential).to_json())
     base = _base(url)
     host, port = split_url(base)
     try:
@@ -633,6 +658,14 @@ async def enroll(url: str, token: str, public_key: str, name: str | None = None,
                                  timeout=httpx.Timeout(timeout), trust_env=False) as http:
         try:
             response = await http.post(API + "/enroll", json=request.to_json())
+            challenge = _error_from(response).challenge if response.status_code == 409 \
+                else None
+            if challenge is not None and private_key is not None:
+                nonce, hub_key = challenge
+                check_key(hub_key, "enroll challenge: hub_public_key")
+                mac = key_proof_mac(x25519_secret(private_key, hub_key), nonce, public_key)
+                proven = replace(request, key_proof=KeyProof(nonce, mac))
+                response = await http.post(API + "/enroll", json=proven.to_json())
         except httpx.TransportError as exc:
             raise _transport_error(exc, base) from exc
     _check(response, 201, 200)

@@ -17,13 +17,14 @@ from .._http import (
     by_method,
     client_ip,
     device,
+    error,
     int_field,
     json_field,
     operator,
     path_name,
     read_json,
 )
-from .._model import Device
+from .._model import Device, ProofRequired
 from .._service import FleetService
 from .tokens import DEFAULT_EXPIRES_IN, MAX_EXPIRES_IN, MIN_EXPIRES_IN
 
@@ -37,7 +38,12 @@ DEFAULT_WAIT: Final = 25.0
 @anyone()
 async def enroll(request: Request, service: FleetService) -> Response:
     req = EnrollRequest.from_json(await read_json(request))
-    enrollment = service.enroll(req, client_ip(request))
+    try:
+        enrollment = service.enroll(req, client_ip(request))
+    except ProofRequired as exc:  # the challenge a device answers with its private key
+        extra = {} if exc.challenge is None else {
+            "challenge": exc.challenge, "hub_public_key": service.identity.hub.public_key}
+        return error(exc.status, str(exc), **extra)
     await service.hub_changed()
     return JSONResponse(enrollment.to_json(), status_code=201)
 

@@ -163,9 +163,10 @@ class FakeWireGuard:
 
 
 class FakeApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, revoked: bool = False) -> None:
         super().__init__(f"{message} (HTTP {status})")
         self.status = status
+        self.revoked = revoked  # the coordinator's explicit {"revoked": true} on a 401
 
 
 class FakeUnreachable(Exception):
@@ -180,7 +181,8 @@ class FakeCoordinator:
         self.changed = trio.Event()
         self.down = False
         self.down_urls: set[str] = set()
-        self.revoked = False
+        self.revoked = False  # 401 saying "revoked" (the operator revoked the device)
+        self.unknown_credential = False  # 401 without it (e.g. replaced by an enrollment)
         self.polls: list[tuple[str, int]] = []
         self.reports: list[tuple[str, DeviceReport]] = []
         self.clients: list[FakeClient] = []
@@ -206,7 +208,9 @@ class FakeClient:
         if self.coord.down or self.url in self.coord.down_urls:
             raise FakeUnreachable(f"cannot reach the coordinator at {self.url}")
         if self.coord.revoked:
-            raise FakeApiError(401, "credential revoked")
+            raise FakeApiError(401, "device revoked by the operator", revoked=True)
+        if self.coord.unknown_credential:
+            raise FakeApiError(401, "unknown device credential")
 
     async def peermap(self, version: int, wait: float) -> PeerMap | None:
         self.coord.polls.append((self.url, version))

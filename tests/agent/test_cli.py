@@ -34,11 +34,14 @@ BIN = Path(sys.executable).parent
 class FakeEnroll:
     def __init__(self, error: BaseException | None = None) -> None:
         self.calls: list[tuple[Any, ...]] = []
+        self.private_keys: list[str | None] = []
         self.error = error
 
     async def __call__(self, url: str, token: str, public_key: str, name: str | None,
-                       lan: tuple[str, ...], version: str) -> tuple[Enrollment, bytes]:
+                       lan: tuple[str, ...], version: str, *, private_key: str | None = None
+                       ) -> tuple[Enrollment, bytes]:
         self.calls.append((url, token, public_key, name, lan, version))
+        self.private_keys.append(private_key)
         if self.error is not None:
             raise self.error
         return enrollment(name or "home-0"), b"DER"
@@ -70,6 +73,8 @@ def test_join_enrolls_once_and_stores_0600(tmp_path: Path, fake_enroll: FakeEnro
     (url, token, public, name, lan, version) = fake_enroll.calls[0]
     assert (url, token, name, lan) == (URL, TOKEN, "home-0", ("192.168.1.2:51820",))
     assert public == public_key_from_private(dd.read_key())  # only the public key is sent
+    # the SDK gets the private key in-process, only to answer a re-enrollment challenge
+    assert fake_enroll.private_keys == [dd.read_key()]
     ident = dd.read_identity()
     assert ident.url == URL and ident.cert_der == b"DER" and ident.wg_port == 51821
     assert ident.lan_endpoints == ("192.168.1.2:51820",)

@@ -57,24 +57,39 @@ async def test_targets_are_validated_and_bad_entries_left_out(enrolled: DataDir)
     assert len([m for m in logs if m.startswith("targets: ignoring")]) == 1  # once
 
 
+async def failed_calls(ours: CoordinatorLink, errors: ErrorOnce, calls: int = 2) -> list[bool]:
+    """`failed()` of each of `calls` failing targets calls (True: revoked)."""
+    out: list[bool] = []
+    with trio.fail_after(5):
+        for _ in range(calls):
+            try:
+                await ours.targets()
+            except Exception as exc:  # noqa: BLE001 - whatever the SDK raises
+                out.append(ours.failed(exc, errors, "targets"))
+    return out
+
+
 async def test_a_401_revokes_once_and_other_errors_do_not(enrolled: DataDir) -> None:
     logs: list[str] = []
     coord = FakeCoordinator()
     ours = link(enrolled, coord, logs)
     errors = ErrorOnce(logs.append, 2)
     coord.down = True
-    with trio.fail_after(5):
-        for _ in range(2):
-            try:
-                await ours.targets()
-            except Exception as exc:  # noqa: BLE001 - whatever the SDK raises
-                assert not ours.failed(exc, errors, "targets")
-        assert not ours.revoked
-        assert sum("targets: cannot reach" in m for m in logs) == 1
-        coord.down, coord.revoked = False, True
-        for _ in range(2):
-            try:
-                await ours.targets()
-            except Exception as exc:  # noqa: BLE001
-                assert ours.failed(exc, errors, "targets")
+    assert await failed_calls(ours, errors) == [False, False]
+    assert not ours.revoked
+    assert sum("targets: cannot reach" in m for m in logs) == 1
+    coord.down, coord.revoked = False, True
+    assert await failed_calls(ours, errors) == [True, True]
     assert ours.revoked and sum("revoked" in m for m in logs) == 1
+
+
+async def test_a_401_without_the_revoked_marker_is_an_error_not_a_revocation(
+        enrolled: DataDir) -> None:
+    """Somebody's enrollment under our name (or any unknown credential) is no revocation."""
+    logs: list[str] = []
+    coord = FakeCoordinator()
+    coord.unknown_credential = True
+    ours = link(enrolled, coord, logs)
+    assert await failed_calls(ours, ErrorOnce(logs.append, 2)) == [False, False]
+    assert not ours.revoked
+    assert sum("without saying the device was revoked" in m for m in logs) == 1

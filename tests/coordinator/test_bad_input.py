@@ -26,7 +26,7 @@ json_values = st.recursive(
     max_leaves=20)
 KEYS = ["token", "public_key", "name", "lan_endpoints", "agent_version", "peers", "path",
         "endpoint", "last_handshake", "fleet", "uses", "expires_in", "apps", "lines",
-        "dropped", "app", "force"]
+        "dropped", "app", "force", "credential", "key_proof", "challenge", "mac"]
 APP_KEYS = ["app", "state", "running", "target", "bytes_done", "bytes_total", "by_source",
             "lock_since", "error", "failed", "retry_seen", "updated_at"]
 app_shaped = st.fixed_dictionaries({"apps": st.lists(st.dictionaries(

@@ -13,6 +13,7 @@ from coordinator._model import (
     EnrollmentToken,
     EnrollParams,
     NotFound,
+    ProofRequired,
     TokenExpired,
     TokenUnknown,
     TokenUsedUp,
@@ -33,12 +34,12 @@ def token(store: SqliteStore, fleet: str = "f", uses: int = 1, ttl: float = 3600
 
 
 def enroll(store: SqliteStore, secret: str, name: str | None = None, key: str | None = None,
-           now: float = NOW, gen: str = "gen"):
+           now: float = NOW, gen: str = "gen", proven: str | None = None):
     return store.enroll(EnrollParams(
         secret_hash=secret_hash(secret), public_key=key or generate_keypair().public,
         credential_hash=secret_hash(new_secret()), device_id="d_" + new_secret()[:8],
         generated_name=gen + new_secret()[:4].lower().replace("_", "a").replace("-", "a"),
-        now=now, name=name))
+        now=now, name=name, proven_device_id=proven))
 
 
 @pytest.fixture
@@ -119,8 +120,24 @@ def test_name_and_key_conflicts(store: SqliteStore) -> None:
         enroll(store, t, name="a")
     with pytest.raises(Conflict, match="already belongs"):
         enroll(store, t, name="b", key=key)
-    again = enroll(store, t, name="a", key=key)  # lost answer: same device, same addresses
+    with pytest.raises(ProofRequired, match="proof of possession"):
+        enroll(store, t, name="a", key=key)  # the same name and key, but nothing proven
+    # lost answer: the same device, proven (credential or key), keeps its addresses
+    again = enroll(store, t, name="a", key=key, proven=first.id)
     assert (again.id, again.mesh_ipv4) == (first.id, first.mesh_ipv4)
+
+
+def test_revoked_credential_is_told_apart_from_an_unknown_one(store: SqliteStore) -> None:
+    t = token(store, uses=10)
+    credential = new_secret()
+    store.enroll(EnrollParams(secret_hash=secret_hash(t), public_key=generate_keypair().public,
+                              credential_hash=secret_hash(credential), device_id="d_rev",
+                              generated_name="gen", now=NOW, name="a"))
+    assert not store.credential_revoked(secret_hash(credential))
+    store.revoke("a", NOW)
+    assert store.device_by_credential(secret_hash(credential)) is None
+    assert store.credential_revoked(secret_hash(credential))
+    assert not store.credential_revoked(secret_hash(new_secret()))
 
 
 def test_provision_then_bound_token_enrolls_that_name(store: SqliteStore) -> None:
