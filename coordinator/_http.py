@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -36,6 +37,13 @@ log = logging.getLogger("fleetmesh.coordinator.api")
 LINGER_BYTES: Final = 4 * MAX_BODY_BYTES  # read and drop this much of an oversized body
 BLOB_PIECE: Final = 256 * 1024  # bytes per read when streaming a blob out
 MAX_VERSION_DIGITS: Final = 19  # a release version fits in 63 bits
+MAX_INT: Final = (1 << 63) - 1  # versions, sequence numbers, byte offsets: SQLite INTEGERs
+# Numbers in paths, queries and headers are ASCII digits only: `str.isdigit` takes '²' (which
+# `int` then refuses: a 500) and `int` takes '١', ' 1', '+1' and '1_0' (values the API never
+# documented). At most 19 digits, so the text is bounded before anything converts it.
+_UINT_RE: Final = re.compile(rf"[0-9]{{1,{MAX_VERSION_DIGITS}}}\Z")
+# Seconds to wait: plain decimal, no exponent, no sign, no inf/nan.
+_SECONDS_RE: Final = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?\Z")
 
 Handler = Callable[[Request], Awaitable[Response]]
 AnyoneHandler = Callable[[Request, FleetService], Awaitable[Response]]
@@ -61,11 +69,19 @@ def deps(request: Request) -> Deps:
 # --------------------------------------------------------------------------- requests
 
 
+def check_length(request: Request, limit: int) -> None:
+    """TooLarge (413) if the Content-Length header says more than `limit` bytes; a malformed
+    one is refused too (h11 refuses it before us, but no route relies on that)."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        value = ascii_uint(length)
+        if value is None or value > limit:
+            raise TooLarge(f"body larger than {limit} bytes")
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The raw body, at most `limit` bytes (413 beyond)."""
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > limit):
-        raise TooLarge(f"body larger than {limit} bytes")
+    check_length(request, limit)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -126,14 +142,33 @@ def int_field(obj: Any, key: str, default: int, low: int, high: int) -> int:
     return int(value)
 
 
+def ascii_uint(text: str) -> int | None:
+    """`text` as a non-negative integer if it is 1-19 ASCII digits and nothing else; else None."""
+    return int(text) if _UINT_RE.match(text) else None
+
+
+def parse_uint(text: str, key: str, low: int, high: int) -> int:
+    """`text` as an integer in low..high written in ASCII digits; ControlError (400) otherwise."""
+    value = ascii_uint(text)
+    if value is None or not low <= value <= high:
+        raise ControlError(f"{key}: must be an integer {low}..{high}")
+    return value
+
+
 def query_int(request: Request, key: str, default: int | None, low: int, high: int
               ) -> int | None:
     text = request.query_params.get(key)
+    return default if text is None else parse_uint(text, key, low, high)
+
+
+def query_seconds(request: Request, key: str, default: float, high: float) -> float:
+    """A wait in seconds, 0..high, as plain ASCII decimal (no sign, exponent, inf or nan)."""
+    text = request.query_params.get(key)
     if text is None:
         return default
-    if not text.isdigit() or len(text) > MAX_VERSION_DIGITS or not low <= int(text) <= high:
-        raise ControlError(f"{key}: must be an integer {low}..{high}")
-    return int(text)
+    if not _SECONDS_RE.match(text) or not 0 <= float(text) <= high:
+        raise ControlError(f"{key}: must be 0..{high:g} seconds")
+    return float(text)
 
 
 def client_ip(request: Request) -> str | None:
@@ -153,10 +188,10 @@ def path_release(request: Request) -> tuple[str, str, int]:
     p = request.path_params
     fleet = check_name(p["fleet"], "fleet")
     app = check_app(p["app"])
-    version = str(p["version"])
-    if not version.isdigit() or len(version) > MAX_VERSION_DIGITS:
+    version = ascii_uint(str(p["version"]))
+    if version is None or not 1 <= version <= MAX_INT:
         raise ControlError("version: must be a positive integer")
-    return fleet, app, int(version)
+    return fleet, app, version
 
 
 def _bearer(request: Request) -> str | None:
@@ -190,17 +225,17 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None
     first, dash, last = spec.strip().partition("-")
     first, last = first.strip(), last.strip()
-    if not dash or (first and not first.isdigit()) or (last and not last.isdigit()) or \
-            not (first or last):
+    start, end = ascii_uint(first), ascii_uint(last)  # ASCII digits only: '²' is not a number
+    if not dash or (first and start is None) or (last and end is None) or not (first or last):
         return None
-    if not first:  # suffix: the last N bytes
-        n = int(last)
-        if n == 0 or size == 0:
+    if start is None:  # suffix: the last N bytes
+        assert end is not None
+        if end == 0 or size == 0:
             raise RangeNotSatisfiable(f"range {header!r} selects nothing of {size} bytes")
-        return max(0, size - n), size - 1
-    start = int(first)
-    end = int(last) if last else size - 1
-    if last and end < start:
+        return max(0, size - end), size - 1
+    if end is None:
+        end = size - 1
+    elif end < start:
         return None
     if start >= size:
         raise RangeNotSatisfiable(f"range {header!r} starts beyond the blob's {size} bytes")
@@ -256,9 +291,7 @@ def guarded(fn: Handler, limit: int = MAX_BODY_BYTES) -> Handler:
     """`fn` with its body bounded by `limit` and refusals answered as `{"error": ...}`."""
     async def wrapper(request: Request) -> Response:
         try:
-            length = request.headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > limit):
-                raise TooLarge(f"body larger than {limit} bytes")
+            check_length(request, limit)
             response = await fn(request)
             await drain(request)  # e.g. a body sent to revoke, which reads none
             return response
