@@ -114,6 +114,10 @@ class Conflict(CoordinatorError):
     status = 409
 
 
+class FleetFull(Conflict):
+    """The fleet holds its quota of devices (ServiceSettings.max_fleet_devices)."""
+
+
 class TooLarge(CoordinatorError):
     status = 413
 

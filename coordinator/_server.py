@@ -37,6 +37,7 @@ from ._hub import Hub
 from ._service import (
     BATCH_WINDOW,
     LOCK_STALE_AFTER,
+    MAX_FLEET_DEVICES,
     ONLINE_WINDOW,
     CoordinatorIdentity,
     FleetService,
@@ -93,6 +94,7 @@ class CoordinatorConfig:
     online_window: float = ONLINE_WINDOW
     hub_poll_interval: float = 1.0
     lock_stale_after: float = LOCK_STALE_AFTER
+    max_fleet_devices: int = MAX_FLEET_DEVICES
     clock: Callable[[], float] = field(default=time.time)
 
     def check(self) -> None:
@@ -112,6 +114,10 @@ class CoordinatorConfig:
         if not 0 < self.lock_stale_after < float("inf"):
             raise CoordinatorConfigError(f"--lock-stale-after: must be a positive number of "
                                          f"seconds, got {self.lock_stale_after}")
+        if not 1 <= self.max_fleet_devices <= MAX_FLEET_DEVICES:
+            raise CoordinatorConfigError(
+                f"--max-fleet-devices: must be 1..{MAX_FLEET_DEVICES} (agents refuse a peer map "
+                f"of more peers), got {self.max_fleet_devices}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise CoordinatorConfigError("--tls-cert and --tls-key go together")
         host, _ = split_hostport(self.listen, "--listen")
@@ -239,7 +245,8 @@ class Coordinator:
                                            self.prefix_v6)
             settings = ServiceSettings(relay_hub=cfg.hub, batch_window=cfg.batch_window,
                                        online_window=cfg.online_window,
-                                       lock_stale_after=cfg.lock_stale_after, clock=cfg.clock)
+                                       lock_stale_after=cfg.lock_stale_after,
+                                       max_fleet_devices=cfg.max_fleet_devices, clock=cfg.clock)
             service = FleetService(settings, identity, self.store, self.blobs,
                                    self._sync_hub if cfg.hub else None)
             self._service = service

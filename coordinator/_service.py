@@ -20,6 +20,7 @@ from typing import Any, Final, TypedDict
 import trio
 
 from mesh.control import (
+    MAX_PEERS,
     AppStatus,
     DeviceReport,
     Enrollment,
@@ -38,6 +39,7 @@ from ._model import (
     DeviceState,
     EnrollmentToken,
     EnrollParams,
+    FleetFull,
     NotFound,
     Unauthorized,
     device_info,
@@ -56,6 +58,11 @@ BATCH_WINDOW: Final = 0.2  # s: coalesce a burst so both sides of a pair hear it
 LOCK_STALE_AFTER: Final = 3600.0
 LOG_KEEP: Final = 5000  # newest log lines kept per device (docs/api.md)
 MAX_SECRET_LEN: Final = 200  # longer than any credential we hand out: refused unhashed
+# Devices per fleet, by default: a device's peer map lists every other device of its fleet and
+# agents refuse a map of more than MAX_PEERS peers, so a larger fleet would cut all of them
+# off; it also keeps one fleet's token from spending the whole mesh address range (a /16 holds
+# 65,533 devices across all fleets). Operators may set it lower, never higher.
+MAX_FLEET_DEVICES: Final = MAX_PEERS
 
 
 # --------------------------------------------------------------------------- API answers
@@ -132,6 +139,7 @@ class ServiceSettings:
     batch_window: float = BATCH_WINDOW
     online_window: float = ONLINE_WINDOW
     lock_stale_after: float = LOCK_STALE_AFTER
+    max_fleet_devices: int = MAX_FLEET_DEVICES  # also the most uses a token may have
     clock: Callable[[], float] = field(default=time.time)
 
 
@@ -292,6 +300,7 @@ class FleetService:
         if not hmac.compare_digest(parts.fingerprint, identity.fingerprint):
             raise Unauthorized("enrollment token is for another coordinator (certificate "
                                "fingerprint differs)")
+        self._check_enroll_room(_secrets.secret_hash(parts.secret), req.name)
         credential = _secrets.new_device_credential()
         device = self.store.enroll(EnrollParams(
             secret_hash=_secrets.secret_hash(parts.secret), public_key=req.public_key,
@@ -304,6 +313,26 @@ class FleetService:
         return Enrollment(device.id, device.name, device.fleet, credential, device.mesh_ipv4,
                           device.mesh_ipv6, str(identity.prefix_v4), str(identity.prefix_v6),
                           identity.hub, release_key=self.releases.release_key(device.fleet))
+
+    def _check_enroll_room(self, secret_hash: str, name: str | None) -> None:
+        """FleetFull (409) if this enrollment would add a device to a full fleet. A device that
+        is already the fleet's (provisioned, or enrolling again) takes no new place; a bad
+        token is left to the store, which refuses it with its own message."""
+        token = self.store.get_token(secret_hash)
+        if token is None:
+            return
+        wanted = token.name or name
+        existing = self.store.device_by_name(wanted) if wanted is not None else None
+        if existing is None or existing.state is DeviceState.REVOKED or \
+                existing.fleet != token.fleet:
+            self._check_fleet_room(token.fleet)
+
+    def _check_fleet_room(self, fleet: str) -> None:
+        quota = self.settings.max_fleet_devices
+        size = self.store.fleet_size(fleet)
+        if size >= quota:
+            raise FleetFull(f"fleet {fleet!r} is full: it has {size} devices, at most {quota} "
+                            "allowed; revoke one or use another fleet")
 
     def report(self, device: Device, report: DeviceReport, client_ip: str | None) -> None:
         cleared = self.store.record_report(device.id, report.lan_endpoints,
@@ -368,6 +397,7 @@ class FleetService:
         return {"token": text, "fleet": fleet, "uses": uses, "expires_at": token.expires_at}
 
     def provision(self, name: str, fleet: str, expires_in: int) -> Provisioned:
+        self._check_fleet_room(fleet)
         text, token = self._token(fleet, 1, expires_in, name)
         device = self.store.provision(_secrets.new_id("d_"), name, fleet, token,
                                       token.created_at)

@@ -15,8 +15,8 @@ import blake3
 import httpx
 import pytest
 
-from coordinator._server import Coordinator, CoordinatorConfig
-from tests.coordinator.conftest import Harness, client_for
+from coordinator._server import CoordinatorConfig
+from tests.coordinator.conftest import Harness, running_harness
 
 BAD_NUMBERS = ["²", "1²", "١", "١٢", "𝟙", "１", " 1", "1 ", "\t1", "+1", "-1", "1_0", "0x1",
                "1e3", "1.0", "", "9" * 20, "9" * 400, "99999999999999999999999"]
@@ -32,15 +32,10 @@ BAD_RANGES = [b"bytes=\xb2-", b"bytes=-\xb2", b"bytes=0-\xb2", b"bytes=\xd9\xa1-
 
 @pytest.fixture
 async def h(tmp_path: Path) -> AsyncIterator[Harness]:
-    config = CoordinatorConfig(data_dir=tmp_path / "coord", listen="127.0.0.1:0", hub=False,
-                               batch_window=0.05)
-    async with Coordinator(config) as coord, client_for(coord, coord.operator_key) as op, \
-            client_for(coord) as anon:
-        harness = Harness(coord, op, anon)
-        try:
-            yield harness
-        finally:
-            await harness.aclose()
+    async with running_harness(CoordinatorConfig(
+            data_dir=tmp_path / "coord", listen="127.0.0.1:0", hub=False, batch_window=0.05)
+            ) as harness:
+        yield harness
 
 
 def seg(text: str) -> str:
