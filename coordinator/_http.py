@@ -27,7 +27,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from mesh.control import MAX_BODY_BYTES, ControlError, check_app, check_name
 
 from ._blobs import OpenBlob
-from ._model import CoordinatorError, Device, Forbidden, TooLarge, Unauthorized
+from ._listen import HttpLimits, SourceGate, peer_of
+from ._model import CoordinatorError, Device, Forbidden, RequestTimeout, TooLarge, Unauthorized
 from ._releases import MissingBlobs
 from ._service import FleetService
 from ._sessions import SessionTable, session_allows
@@ -58,6 +59,8 @@ class Deps:
 
     service: FleetService
     sessions: SessionTable
+    limits: HttpLimits
+    gate: SourceGate
 
 
 def deps(request: Request) -> Deps:
@@ -79,15 +82,39 @@ def check_length(request: Request, limit: int) -> None:
             raise TooLarge(f"body larger than {limit} bytes")
 
 
+async def _next_piece(pieces: AsyncIterator[bytes], limits: HttpLimits) -> bytes | None:
+    """The body's next piece (None at its end) within `body_piece_timeout`, else
+    RequestTimeout (408): a client that stops sending mid-body holds nothing for long."""
+    with trio.move_on_after(limits.body_piece_timeout):
+        try:
+            return await anext(pieces)
+        except StopAsyncIteration:
+            return None
+    raise RequestTimeout(f"request body stalled: nothing for {limits.body_piece_timeout:g} s")
+
+
+async def body_pieces(request: Request) -> AsyncIterator[bytes]:
+    """The body as it arrives, each piece within its deadline (for bodies streamed to disk,
+    which may rightly take longer than `body_timeout` as a whole)."""
+    limits = deps(request).limits
+    pieces = aiter(request.stream())
+    while (piece := await _next_piece(pieces, limits)) is not None:
+        yield piece
+
+
 async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body, at most `limit` bytes (413 beyond)."""
+    """The raw body, at most `limit` bytes (413 beyond), whole within `body_timeout` (408)."""
     check_length(request, limit)
+    limits = deps(request).limits
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise TooLarge(f"body larger than {limit} bytes")
-    return bytes(body)
+    pieces = aiter(request.stream())
+    with trio.move_on_after(limits.body_timeout):
+        while (piece := await _next_piece(pieces, limits)) is not None:
+            body += piece
+            if len(body) > limit:
+                raise TooLarge(f"body larger than {limit} bytes")
+        return bytes(body)
+    raise RequestTimeout(f"request body not received within {limits.body_timeout:g} s")
 
 
 async def read_json(request: Request, limit: int = MAX_BODY_BYTES) -> Any:
@@ -98,17 +125,26 @@ async def read_json(request: Request, limit: int = MAX_BODY_BYTES) -> Any:
         raise ControlError("body: not valid JSON") from None
 
 
-async def drain(request: Request, limit: int = MAX_BODY_BYTES) -> None:
-    """Read what is left of a refused request's body (bounded), so the connection stays usable:
-    answering before the body is read makes the server close it under a client still sending."""
+async def drain(request: Request, limit: int = MAX_BODY_BYTES) -> bool:
+    """Read what is left of a refused request's body (at most `limit` bytes, within the body
+    deadlines), so the connection stays usable: answering before the body is read makes the
+    server close it under a client still sending. False if the body was left unread (the
+    answer should then close the connection)."""
+    limits = deps(request).limits
     seen = 0
     try:
-        async for chunk in request.stream():
-            seen += len(chunk)
-            if seen > limit:
-                return
+        pieces = aiter(request.stream())
+        with trio.move_on_after(limits.body_timeout):
+            while (piece := await _next_piece(pieces, limits)) is not None:
+                seen += len(piece)
+                if seen > limit:
+                    return False
+            return True
+        return False
+    except RequestTimeout:
+        return False
     except Exception:  # already consumed, or the client went away: nothing left to drain
-        return
+        return True
 
 
 def json_field(obj: Any, key: str, kind: type[_T]) -> _T:
@@ -290,26 +326,33 @@ def blob_response(request: Request, blob_id: str, blob: OpenBlob) -> Response:
 def guarded(fn: Handler, limit: int = MAX_BODY_BYTES) -> Handler:
     """`fn` with its body bounded by `limit` and refusals answered as `{"error": ...}`."""
     async def wrapper(request: Request) -> Response:
+        linger = MAX_BODY_BYTES
         try:
             check_length(request, limit)
-            response = await fn(request)
-            await drain(request)  # e.g. a body sent to revoke, which reads none
-            return response
+            response = await fn(request)  # then drain, e.g. a body sent to revoke
+        except RequestTimeout as exc:
+            return _closing(error(exc.status, str(exc)))  # no second wait for the same body
         except TooLarge as exc:
             # Read on (bounded) so a client still sending sees the 413, not a reset.
-            await drain(request, LINGER_BYTES)
-            return error(exc.status, str(exc))
+            linger = LINGER_BYTES
+            response = error(exc.status, str(exc))
         except MissingBlobs as exc:
-            await drain(request)
-            return error(exc.status, str(exc), missing=exc.missing)
+            response = error(exc.status, str(exc), missing=exc.missing)
         except CoordinatorError as exc:
-            await drain(request)
-            return error(exc.status, str(exc))
+            response = error(exc.status, str(exc))
         except ControlError as exc:
-            await drain(request)
-            return error(400, str(exc))
+            response = error(400, str(exc))
+        if not await drain(request, linger):
+            _closing(response)
+        return response
     wrapper.__name__ = fn.__name__
     return wrapper
+
+
+def _closing(response: Response) -> Response:
+    """`response` with the connection closed after it (its request's body was left unread)."""
+    response.headers["connection"] = "close"
+    return response
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -324,6 +367,12 @@ async def server_error(request: Request, exc: Exception) -> Response:
 
 
 # --------------------------------------------------------------------------- credentials
+
+
+def _authenticated(request: Request) -> None:
+    """The request's connection presented a valid credential: it no longer counts against its
+    source's unauthenticated connections (coordinator._listen.SourceGate)."""
+    deps(request).gate.authenticated(peer_of(request.client))
 
 
 def anyone(limit: int = MAX_BODY_BYTES) -> Callable[[AnyoneHandler], Handler]:
@@ -344,6 +393,7 @@ def operator(limit: int = MAX_BODY_BYTES) -> Callable[[AnyoneHandler], Handler]:
             secret = _bearer(request)
             if secret is None:
                 if session_allows(found.sessions, request):
+                    _authenticated(request)
                     return await fn(request, found.service)
                 raise Unauthorized("operator API key required (Authorization: Bearer fmo_...)"
                                    " or a dashboard session")
@@ -351,6 +401,7 @@ def operator(limit: int = MAX_BODY_BYTES) -> Callable[[AnyoneHandler], Handler]:
                 if found.service.device_for(secret) is not None:
                     raise Forbidden("a device credential cannot use operator endpoints")
                 raise Unauthorized("unknown or revoked API key")
+            _authenticated(request)
             return await fn(request, found.service)
         wrapper.__name__ = fn.__name__
         return guarded(wrapper, limit)
@@ -371,6 +422,7 @@ def device(limit: int = MAX_BODY_BYTES) -> Callable[[DeviceHandler], Handler]:
                     raise Forbidden("device endpoints need a device credential, not the "
                                     "operator key")
                 raise Unauthorized("unknown or revoked device credential")
+            _authenticated(request)
             return await fn(request, service, dev)
         wrapper.__name__ = fn.__name__
         return guarded(wrapper, limit)
@@ -386,10 +438,12 @@ def operator_or_device(fn: EitherHandler) -> Handler:
             raise Unauthorized("operator API key or device credential required "
                                "(Authorization: Bearer ...)")
         if service.is_operator_key(secret):
+            _authenticated(request)
             return await fn(request, service, None)
         dev = service.device_for(secret)
         if dev is None:
             raise Unauthorized("unknown or revoked API key or device credential")
+        _authenticated(request)
         return await fn(request, service, dev)
     wrapper.__name__ = fn.__name__
     return guarded(wrapper)
