@@ -185,8 +185,13 @@ async def serve(app: Starlette, hc: HypercornConfig, socks: list[socket.socket],
         finally:
             gate.release(peer)
 
-    async with trio.open_nursery() as nursery:
-        for listener in listeners:
-            nursery.start_soon(partial(trio.serve_listeners, partial(handle, listener),
-                                       [listener]))
-        task_status.started()
+    try:
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(partial(trio.serve_listeners, partial(handle, listener),
+                                           [listener]))
+            task_status.started()
+    finally:  # the port is free again once the coordinator stops (a restart binds it anew)
+        with trio.CancelScope(shield=True):
+            for listener in listeners:
+                await listener.aclose()
