@@ -34,6 +34,7 @@ from . import _secrets
 from ._blobs import BlobSeed
 from ._hub import HubPeer, Observation
 from ._model import (
+    Conflict,
     Device,
     DeviceInfo,
     DeviceState,
@@ -63,6 +64,9 @@ MAX_SECRET_LEN: Final = 200  # longer than any credential we hand out: refused u
 # off; it also keeps one fleet's token from spending the whole mesh address range (a /16 holds
 # 65,533 devices across all fleets). Operators may set it lower, never higher.
 MAX_FLEET_DEVICES: Final = MAX_PEERS
+# Each operator workstation adds its two mesh addresses to every peer map's relay_ips, which
+# agents bound by MAX_PEERS too.
+MAX_OPERATORS: Final = MAX_PEERS // 2
 
 
 # --------------------------------------------------------------------------- API answers
@@ -470,6 +474,11 @@ class FleetService:
                 for p in self.store.peer_paths(device.id)]
 
     def add_operator(self, name: str, public_key: str) -> OperatorAdded:
+        known = self.store.list_operators()
+        if len(known) >= MAX_OPERATORS and \
+                not any(o.name == name and o.public_key == public_key for o in known):
+            raise Conflict(f"at most {MAX_OPERATORS} operator workstations (each adds two "
+                           "addresses to every peer map); remove one first")
         op = self.store.add_operator(name, public_key, self.settings.clock())
         self._set_operators()
         self._changed()

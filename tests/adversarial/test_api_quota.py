@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from coordinator._server import Coordinator, CoordinatorConfig, CoordinatorConfigError
-from mesh.control import MAX_PEERS
+from mesh.control import MAX_PEERS, PeerMap
 from tests.coordinator.conftest import Harness, running_harness
 from vpn import generate_keypair
 
@@ -82,3 +82,25 @@ def test_quota_beyond_what_agents_accept_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CoordinatorConfigError, match="max-fleet-devices"):
         Coordinator(CoordinatorConfig(data_dir=tmp_path, listen="127.0.0.1:0", hub=False,
                                       max_fleet_devices=0))
+
+
+async def test_operators_cannot_push_peer_maps_past_what_agents_accept(h: Harness) -> None:
+    """Each operator workstation adds two relay addresses to every device's peer map, which
+    agents bound by MAX_PEERS: once MAX_PEERS // 2 are registered, one more is a 409 (the same
+    one registering again still works)."""
+    store = h.coord.service.store
+    for i in range(MAX_PEERS // 2 - 1):
+        store.add_operator(f"op-{i}", generate_keypair().public, 0.0)
+    last = generate_keypair().public
+    r = await h.op.post("/api/v1/operators", json={"name": "op-last", "public_key": last})
+    assert r.status_code == 201, r.text
+    r = await h.op.post("/api/v1/operators", json={"name": "op-more",
+                                                   "public_key": generate_keypair().public})
+    assert r.status_code == 409, r.text
+    assert "operator" in r.json()["error"]
+    r = await h.op.post("/api/v1/operators", json={"name": "op-last", "public_key": last})
+    assert r.status_code == 201, r.text
+    device = await h.enroll("cam-0", fleet="cams")
+    r = await device.client.get("/api/v1/device/peermap", params={"version": 0, "wait": 0})
+    assert r.status_code == 200, r.text
+    assert len(PeerMap.from_json(r.json()).relay_ips) == MAX_PEERS  # what an agent accepts
