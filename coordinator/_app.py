@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ._http import Deps, http_error, server_error
+from ._listen import HttpLimits, SourceGate
 from ._openapi import openapi_document
 from ._service import FleetService
 from ._sessions import SessionTable
@@ -21,12 +22,17 @@ async def openapi(request: Request) -> Response:
     return JSONResponse(openapi_document())
 
 
-def build_app(service: FleetService) -> Starlette:
-    """The app over `service`, with a fresh (empty) table of dashboard sessions."""
+def build_app(service: FleetService, limits: HttpLimits | None = None,
+              gate: SourceGate | None = None) -> Starlette:
+    """The app over `service`, with a fresh (empty) table of dashboard sessions; `limits` are
+    its body deadlines and `gate` learns which connections authenticated (a fresh one with
+    the default limits if None: the app alone, without coordinator._listen's listener)."""
+    limits = limits or HttpLimits()
     routes = [*devices.ROUTES, *tokens.ROUTES, *operators.ROUTES, *releases.ROUTES,
               *logs.ROUTES, Route("/openapi.json", openapi, methods=["GET"]),
               *dashboard.ROUTES]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error,
                                                        Exception: server_error})
-    app.state.deps = Deps(service, SessionTable(service.settings.clock))
+    app.state.deps = Deps(service, SessionTable(service.settings.clock), limits,
+                          gate or SourceGate(limits.max_unauthenticated_per_source))
     return app

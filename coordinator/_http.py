@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -26,11 +27,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from mesh.control import MAX_BODY_BYTES, ControlError, check_app, check_name
 
 from ._blobs import OpenBlob
+from ._listen import HttpLimits, SourceGate, peer_of
 from ._model import (
     CoordinatorError,
     CredentialRevoked,
     Device,
     Forbidden,
+    RequestTimeout,
     TooLarge,
     Unauthorized,
 )
@@ -43,6 +46,13 @@ log = logging.getLogger("fleetmesh.coordinator.api")
 LINGER_BYTES: Final = 4 * MAX_BODY_BYTES  # read and drop this much of an oversized body
 BLOB_PIECE: Final = 256 * 1024  # bytes per read when streaming a blob out
 MAX_VERSION_DIGITS: Final = 19  # a release version fits in 63 bits
+MAX_INT: Final = (1 << 63) - 1  # versions, sequence numbers, byte offsets: SQLite INTEGERs
+# Numbers in paths, queries and headers are ASCII digits only: `str.isdigit` takes '²' (which
+# `int` then refuses: a 500) and `int` takes '١', ' 1', '+1' and '1_0' (values the API never
+# documented). At most 19 digits, so the text is bounded before anything converts it.
+_UINT_RE: Final = re.compile(rf"[0-9]{{1,{MAX_VERSION_DIGITS}}}\Z")
+# Seconds to wait: plain decimal, no exponent, no sign, no inf/nan.
+_SECONDS_RE: Final = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?\Z")
 
 Handler = Callable[[Request], Awaitable[Response]]
 AnyoneHandler = Callable[[Request, FleetService], Awaitable[Response]]
@@ -57,6 +67,8 @@ class Deps:
 
     service: FleetService
     sessions: SessionTable
+    limits: HttpLimits
+    gate: SourceGate
 
 
 def deps(request: Request) -> Deps:
@@ -68,17 +80,49 @@ def deps(request: Request) -> Deps:
 # --------------------------------------------------------------------------- requests
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body, at most `limit` bytes (413 beyond)."""
+def check_length(request: Request, limit: int) -> None:
+    """TooLarge (413) if the Content-Length header says more than `limit` bytes; a malformed
+    one is refused too (h11 refuses it before us, but no route relies on that)."""
     length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > limit):
-        raise TooLarge(f"body larger than {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
+    if length is not None:
+        value = ascii_uint(length)
+        if value is None or value > limit:
             raise TooLarge(f"body larger than {limit} bytes")
-    return bytes(body)
+
+
+async def _next_piece(pieces: AsyncIterator[bytes], limits: HttpLimits) -> bytes | None:
+    """The body's next piece (None at its end) within `body_piece_timeout`, else
+    RequestTimeout (408): a client that stops sending mid-body holds nothing for long."""
+    with trio.move_on_after(limits.body_piece_timeout):
+        try:
+            return await anext(pieces)
+        except StopAsyncIteration:
+            return None
+    raise RequestTimeout(f"request body stalled: nothing for {limits.body_piece_timeout:g} s")
+
+
+async def body_pieces(request: Request) -> AsyncIterator[bytes]:
+    """The body as it arrives, each piece within its deadline (for bodies streamed to disk,
+    which may rightly take longer than `body_timeout` as a whole)."""
+    limits = deps(request).limits
+    pieces = aiter(request.stream())
+    while (piece := await _next_piece(pieces, limits)) is not None:
+        yield piece
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, at most `limit` bytes (413 beyond), whole within `body_timeout` (408)."""
+    check_length(request, limit)
+    limits = deps(request).limits
+    body = bytearray()
+    pieces = aiter(request.stream())
+    with trio.move_on_after(limits.body_timeout):
+        while (piece := await _next_piece(pieces, limits)) is not None:
+            body += piece
+            if len(body) > limit:
+                raise TooLarge(f"body larger than {limit} bytes")
+        return bytes(body)
+    raise RequestTimeout(f"request body not received within {limits.body_timeout:g} s")
 
 
 async def read_json(request: Request, limit: int = MAX_BODY_BYTES) -> Any:
@@ -89,17 +133,26 @@ async def read_json(request: Request, limit: int = MAX_BODY_BYTES) -> Any:
         raise ControlError("body: not valid JSON") from None
 
 
-async def drain(request: Request, limit: int = MAX_BODY_BYTES) -> None:
-    """Read what is left of a refused request's body (bounded), so the connection stays usable:
-    answering before the body is read makes the server close it under a client still sending."""
+async def drain(request: Request, limit: int = MAX_BODY_BYTES) -> bool:
+    """Read what is left of a refused request's body (at most `limit` bytes, within the body
+    deadlines), so the connection stays usable: answering before the body is read makes the
+    server close it under a client still sending. False if the body was left unread (the
+    answer should then close the connection)."""
+    limits = deps(request).limits
     seen = 0
     try:
-        async for chunk in request.stream():
-            seen += len(chunk)
-            if seen > limit:
-                return
+        pieces = aiter(request.stream())
+        with trio.move_on_after(limits.body_timeout):
+            while (piece := await _next_piece(pieces, limits)) is not None:
+                seen += len(piece)
+                if seen > limit:
+                    return False
+            return True
+        return False
+    except RequestTimeout:
+        return False
     except Exception:  # already consumed, or the client went away: nothing left to drain
-        return
+        return True
 
 
 def json_field(obj: Any, key: str, kind: type[_T]) -> _T:
@@ -133,14 +186,33 @@ def int_field(obj: Any, key: str, default: int, low: int, high: int) -> int:
     return int(value)
 
 
+def ascii_uint(text: str) -> int | None:
+    """`text` as a non-negative integer if it is 1-19 ASCII digits and nothing else; else None."""
+    return int(text) if _UINT_RE.match(text) else None
+
+
+def parse_uint(text: str, key: str, low: int, high: int) -> int:
+    """`text` as an integer in low..high written in ASCII digits; ControlError (400) otherwise."""
+    value = ascii_uint(text)
+    if value is None or not low <= value <= high:
+        raise ControlError(f"{key}: must be an integer {low}..{high}")
+    return value
+
+
 def query_int(request: Request, key: str, default: int | None, low: int, high: int
               ) -> int | None:
     text = request.query_params.get(key)
+    return default if text is None else parse_uint(text, key, low, high)
+
+
+def query_seconds(request: Request, key: str, default: float, high: float) -> float:
+    """A wait in seconds, 0..high, as plain ASCII decimal (no sign, exponent, inf or nan)."""
+    text = request.query_params.get(key)
     if text is None:
         return default
-    if not text.isdigit() or len(text) > MAX_VERSION_DIGITS or not low <= int(text) <= high:
-        raise ControlError(f"{key}: must be an integer {low}..{high}")
-    return int(text)
+    if not _SECONDS_RE.match(text) or not 0 <= float(text) <= high:
+        raise ControlError(f"{key}: must be 0..{high:g} seconds")
+    return float(text)
 
 
 def client_ip(request: Request) -> str | None:
@@ -160,10 +232,10 @@ def path_release(request: Request) -> tuple[str, str, int]:
     p = request.path_params
     fleet = check_name(p["fleet"], "fleet")
     app = check_app(p["app"])
-    version = str(p["version"])
-    if not version.isdigit() or len(version) > MAX_VERSION_DIGITS:
+    version = ascii_uint(str(p["version"]))
+    if version is None or not 1 <= version <= MAX_INT:
         raise ControlError("version: must be a positive integer")
-    return fleet, app, int(version)
+    return fleet, app, version
 
 
 def _bearer(request: Request) -> str | None:
@@ -197,17 +269,17 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None
     first, dash, last = spec.strip().partition("-")
     first, last = first.strip(), last.strip()
-    if not dash or (first and not first.isdigit()) or (last and not last.isdigit()) or \
-            not (first or last):
+    start, end = ascii_uint(first), ascii_uint(last)  # ASCII digits only: '²' is not a number
+    if not dash or (first and start is None) or (last and end is None) or not (first or last):
         return None
-    if not first:  # suffix: the last N bytes
-        n = int(last)
-        if n == 0 or size == 0:
+    if start is None:  # suffix: the last N bytes
+        assert end is not None
+        if end == 0 or size == 0:
             raise RangeNotSatisfiable(f"range {header!r} selects nothing of {size} bytes")
-        return max(0, size - n), size - 1
-    start = int(first)
-    end = int(last) if last else size - 1
-    if last and end < start:
+        return max(0, size - end), size - 1
+    if end is None:
+        end = size - 1
+    elif end < start:
         return None
     if start >= size:
         raise RangeNotSatisfiable(f"range {header!r} starts beyond the blob's {size} bytes")
@@ -262,31 +334,35 @@ def blob_response(request: Request, blob_id: str, blob: OpenBlob) -> Response:
 def guarded(fn: Handler, limit: int = MAX_BODY_BYTES) -> Handler:
     """`fn` with its body bounded by `limit` and refusals answered as `{"error": ...}`."""
     async def wrapper(request: Request) -> Response:
+        linger = MAX_BODY_BYTES
         try:
-            length = request.headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > limit):
-                raise TooLarge(f"body larger than {limit} bytes")
-            response = await fn(request)
-            await drain(request)  # e.g. a body sent to revoke, which reads none
-            return response
+            check_length(request, limit)
+            response = await fn(request)  # then drain, e.g. a body sent to revoke
+        except RequestTimeout as exc:
+            return _closing(error(exc.status, str(exc)))  # no second wait for the same body
         except TooLarge as exc:
             # Read on (bounded) so a client still sending sees the 413, not a reset.
-            await drain(request, LINGER_BYTES)
-            return error(exc.status, str(exc))
+            linger = LINGER_BYTES
+            response = error(exc.status, str(exc))
         except MissingBlobs as exc:
-            await drain(request)
-            return error(exc.status, str(exc), missing=exc.missing)
+            response = error(exc.status, str(exc), missing=exc.missing)
         except CredentialRevoked as exc:  # explicit: only this stops an agent for good
-            await drain(request)
-            return error(exc.status, str(exc), revoked=True)
+            response = error(exc.status, str(exc), revoked=True)
         except CoordinatorError as exc:
-            await drain(request)
-            return error(exc.status, str(exc))
+            response = error(exc.status, str(exc))
         except ControlError as exc:
-            await drain(request)
-            return error(400, str(exc))
+            response = error(400, str(exc))
+        if not await drain(request, linger):
+            _closing(response)
+        return response
     wrapper.__name__ = fn.__name__
     return wrapper
+
+
+def _closing(response: Response) -> Response:
+    """`response` with the connection closed after it (its request's body was left unread)."""
+    response.headers["connection"] = "close"
+    return response
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -301,6 +377,12 @@ async def server_error(request: Request, exc: Exception) -> Response:
 
 
 # --------------------------------------------------------------------------- credentials
+
+
+def _authenticated(request: Request) -> None:
+    """The request's connection presented a valid credential: it no longer counts against its
+    source's unauthenticated connections (coordinator._listen.SourceGate)."""
+    deps(request).gate.authenticated(peer_of(request.client))
 
 
 def anyone(limit: int = MAX_BODY_BYTES) -> Callable[[AnyoneHandler], Handler]:
@@ -321,6 +403,7 @@ def operator(limit: int = MAX_BODY_BYTES) -> Callable[[AnyoneHandler], Handler]:
             secret = _bearer(request)
             if secret is None:
                 if session_allows(found.sessions, request):
+                    _authenticated(request)
                     return await fn(request, found.service)
                 raise Unauthorized("operator API key required (Authorization: Bearer fmo_...)"
                                    " or a dashboard session")
@@ -328,6 +411,7 @@ def operator(limit: int = MAX_BODY_BYTES) -> Callable[[AnyoneHandler], Handler]:
                 if found.service.device_for(secret) is not None:
                     raise Forbidden("a device credential cannot use operator endpoints")
                 raise Unauthorized("unknown or revoked API key")
+            _authenticated(request)
             return await fn(request, found.service)
         wrapper.__name__ = fn.__name__
         return guarded(wrapper, limit)
@@ -348,6 +432,7 @@ def device(limit: int = MAX_BODY_BYTES) -> Callable[[DeviceHandler], Handler]:
                     raise Forbidden("device endpoints need a device credential, not the "
                                     "operator key")
                 raise service.credential_refusal(secret)
+            _authenticated(request)
             return await fn(request, service, dev)
         wrapper.__name__ = fn.__name__
         return guarded(wrapper, limit)
@@ -363,6 +448,7 @@ def operator_or_device(fn: EitherHandler) -> Handler:
             raise Unauthorized("operator API key or device credential required "
                                "(Authorization: Bearer ...)")
         if service.is_operator_key(secret):
+            _authenticated(request)
             return await fn(request, service, None)
         dev = service.device_for(secret)
         if dev is None:
@@ -370,6 +456,7 @@ def operator_or_device(fn: EitherHandler) -> Handler:
             if isinstance(refusal, CredentialRevoked):
                 raise refusal
             raise Unauthorized("unknown or revoked API key or device credential")
+        _authenticated(request)
         return await fn(request, service, dev)
     wrapper.__name__ = fn.__name__
     return guarded(wrapper)

@@ -117,6 +117,16 @@ class Conflict(CoordinatorError):
     status = 409
 
 
+class FleetFull(Conflict):
+    """The fleet holds its quota of devices (ServiceSettings.max_fleet_devices)."""
+
+
+class RequestTimeout(CoordinatorError):
+    """A request's body did not arrive within its deadline (coordinator._listen.HttpLimits)."""
+
+    status = 408
+
+
 class TooLarge(CoordinatorError):
     status = 413
 

@@ -24,8 +24,6 @@ from types import TracebackType
 from typing import Any, Final
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 
 from mesh.control import ControlError, HubInfo, check_endpoint
 from vpn import generate_keypair, public_key_from_private, read_private_key, write_private_key
@@ -34,9 +32,11 @@ from . import _ipam, _secrets
 from ._app import build_app
 from ._blobs import BlobSeed
 from ._hub import Hub
+from ._listen import HttpLimits, SourceGate, hypercorn_config, serve
 from ._service import (
     BATCH_WINDOW,
     LOCK_STALE_AFTER,
+    MAX_FLEET_DEVICES,
     ONLINE_WINDOW,
     CoordinatorIdentity,
     FleetService,
@@ -93,6 +93,8 @@ class CoordinatorConfig:
     online_window: float = ONLINE_WINDOW
     hub_poll_interval: float = 1.0
     lock_stale_after: float = LOCK_STALE_AFTER
+    max_fleet_devices: int = MAX_FLEET_DEVICES
+    http_limits: HttpLimits = HttpLimits()
     clock: Callable[[], float] = field(default=time.time)
 
     def check(self) -> None:
@@ -112,6 +114,12 @@ class CoordinatorConfig:
         if not 0 < self.lock_stale_after < float("inf"):
             raise CoordinatorConfigError(f"--lock-stale-after: must be a positive number of "
                                          f"seconds, got {self.lock_stale_after}")
+        if not 1 <= self.max_fleet_devices <= MAX_FLEET_DEVICES:
+            raise CoordinatorConfigError(
+                f"--max-fleet-devices: must be 1..{MAX_FLEET_DEVICES} (agents refuse a peer map "
+                f"of more peers), got {self.max_fleet_devices}")
+        for problem in self.http_limits.problems():
+            raise CoordinatorConfigError(f"http limits: {problem}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise CoordinatorConfigError("--tls-cert and --tls-key go together")
         host, _ = split_hostport(self.listen, "--listen")
@@ -239,11 +247,12 @@ class Coordinator:
                                            self.prefix_v6, self._hub_private)
             settings = ServiceSettings(relay_hub=cfg.hub, batch_window=cfg.batch_window,
                                        online_window=cfg.online_window,
-                                       lock_stale_after=cfg.lock_stale_after, clock=cfg.clock)
+                                       lock_stale_after=cfg.lock_stale_after,
+                                       max_fleet_devices=cfg.max_fleet_devices, clock=cfg.clock)
             service = FleetService(settings, identity, self.store, self.blobs,
                                    self._sync_hub if cfg.hub else None)
             self._service = service
-            fds = [sock.detach()]
+            socks = [sock]
             async with trio.open_nursery() as nursery:
                 self._cancel = nursery.cancel_scope
                 if cfg.hub:
@@ -254,16 +263,13 @@ class Coordinator:
                     await nursery.start(self.hub.run)
                     if not unspecified and host != self.hub_v4:
                         # the API through the tunnel (HubInfo.api_url), same port
-                        fds.append(_bind(self.hub_v4, self.port).detach())
-                hc = HypercornConfig()
-                hc.bind = [f"fd://{fd}" for fd in fds]
-                hc.certfile, hc.keyfile = str(self.cert_path), str(self.key_path)
-                hc.accesslog = None
-                hc.errorlog = logging.getLogger("fleetmesh.coordinator.http")
-                hc.graceful_timeout = 1.0
-                hc.include_server_header = False
+                        socks.append(_bind(self.hub_v4, self.port))
+                limits = cfg.http_limits
+                gate = SourceGate(limits.max_unauthenticated_per_source)
+                hc = hypercorn_config(limits, str(self.cert_path), str(self.key_path))
                 nursery.start_soon(service.batcher)
-                await nursery.start(partial(serve, build_app(service), hc))  # type: ignore[arg-type]
+                await nursery.start(partial(serve, build_app(service, limits, gate), hc, socks,
+                                            gate))
                 log.info("coordinator listening on %s (fingerprint %s)", self.url,
                          self.fingerprint)
                 task_status.started(self)

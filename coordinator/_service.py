@@ -20,6 +20,7 @@ from typing import Any, Final, TypedDict
 import trio
 
 from mesh.control import (
+    MAX_PEERS,
     AppStatus,
     DeviceReport,
     Enrollment,
@@ -35,12 +36,14 @@ from . import _secrets
 from ._blobs import BlobSeed
 from ._hub import HubPeer, Observation
 from ._model import (
+    Conflict,
     CredentialRevoked,
     Device,
     DeviceInfo,
     DeviceState,
     EnrollmentToken,
     EnrollParams,
+    FleetFull,
     Forbidden,
     NotFound,
     ProofRequired,
@@ -65,6 +68,14 @@ MAX_SECRET_LEN: Final = 200  # longer than any credential we hand out: refused u
 # covers a slow link. The table is bounded (oldest dropped) and only a valid token fills it.
 CHALLENGE_TTL: Final = 60.0
 MAX_CHALLENGES: Final = 4096
+# Devices per fleet, by default: a device's peer map lists every other device of its fleet and
+# agents refuse a map of more than MAX_PEERS peers, so a larger fleet would cut all of them
+# off; it also keeps one fleet's token from spending the whole mesh address range (a /16 holds
+# 65,533 devices across all fleets). Operators may set it lower, never higher.
+MAX_FLEET_DEVICES: Final = MAX_PEERS
+# Each operator workstation adds its two mesh addresses to every peer map's relay_ips, which
+# agents bound by MAX_PEERS too.
+MAX_OPERATORS: Final = MAX_PEERS // 2
 
 
 # --------------------------------------------------------------------------- API answers
@@ -141,6 +152,7 @@ class ServiceSettings:
     batch_window: float = BATCH_WINDOW
     online_window: float = ONLINE_WINDOW
     lock_stale_after: float = LOCK_STALE_AFTER
+    max_fleet_devices: int = MAX_FLEET_DEVICES  # also the most uses a token may have
     clock: Callable[[], float] = field(default=time.time)
 
 
@@ -314,6 +326,7 @@ class FleetService:
         if not hmac.compare_digest(parts.fingerprint, identity.fingerprint):
             raise Unauthorized("enrollment token is for another coordinator (certificate "
                                "fingerprint differs)")
+        self._check_enroll_room(_secrets.secret_hash(parts.secret), req.name)
         credential = _secrets.new_device_credential()
         try:
             device = self.store.enroll(EnrollParams(
@@ -374,6 +387,25 @@ class FleetService:
         nonce = _secrets.new_secret()
         self._challenges[nonce] = (name, public_key, now + CHALLENGE_TTL)
         return nonce
+    def _check_enroll_room(self, secret_hash: str, name: str | None) -> None:
+        """FleetFull (409) if this enrollment would add a device to a full fleet. A device that
+        is already the fleet's (provisioned, or enrolling again) takes no new place; a bad
+        token is left to the store, which refuses it with its own message."""
+        token = self.store.get_token(secret_hash)
+        if token is None:
+            return
+        wanted = token.name or name
+        existing = self.store.device_by_name(wanted) if wanted is not None else None
+        if existing is None or existing.state is DeviceState.REVOKED or \
+                existing.fleet != token.fleet:
+            self._check_fleet_room(token.fleet)
+
+    def _check_fleet_room(self, fleet: str) -> None:
+        quota = self.settings.max_fleet_devices
+        size = self.store.fleet_size(fleet)
+        if size >= quota:
+            raise FleetFull(f"fleet {fleet!r} is full: it has {size} devices, at most {quota} "
+                            "allowed; revoke one or use another fleet")
 
     def report(self, device: Device, report: DeviceReport, client_ip: str | None) -> None:
         cleared = self.store.record_report(device.id, report.lan_endpoints,
@@ -438,6 +470,7 @@ class FleetService:
         return {"token": text, "fleet": fleet, "uses": uses, "expires_at": token.expires_at}
 
     def provision(self, name: str, fleet: str, expires_in: int) -> Provisioned:
+        self._check_fleet_room(fleet)
         text, token = self._token(fleet, 1, expires_in, name)
         device = self.store.provision(_secrets.new_id("d_"), name, fleet, token,
                                       token.created_at)
@@ -510,6 +543,11 @@ class FleetService:
                 for p in self.store.peer_paths(device.id)]
 
     def add_operator(self, name: str, public_key: str) -> OperatorAdded:
+        known = self.store.list_operators()
+        if len(known) >= MAX_OPERATORS and \
+                not any(o.name == name and o.public_key == public_key for o in known):
+            raise Conflict(f"at most {MAX_OPERATORS} operator workstations (each adds two "
+                           "addresses to every peer map); remove one first")
         op = self.store.add_operator(name, public_key, self.settings.clock())
         self._set_operators()
         self._changed()

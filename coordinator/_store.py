@@ -65,6 +65,9 @@ class Store(Protocol):
 
     def list_devices(self, fleet: str | None = None) -> list[Device]: ...
 
+    def fleet_size(self, fleet: str) -> int:
+        """How many devices of `fleet` hold or await a place: active and provisioned ones."""
+
     def revoke(self, name: str, now: float) -> Device:
         """NotFound if no live device has the name; idempotent on an already revoked one."""
 

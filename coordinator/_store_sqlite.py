@@ -412,6 +412,11 @@ class SqliteStore:
                                "ORDER BY name, created_at", (fleet,))
         return [_device(r) for r in rows]
 
+    def fleet_size(self, fleet: str) -> int:
+        rows = self._query("SELECT COUNT(*) FROM devices WHERE fleet = ? AND state != 'revoked'",
+                           (fleet,))
+        return int(rows[0][0])
+
     def revoke(self, name: str, now: float) -> Device:
         with self._tx() as c:
             row = c.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE name = ? "

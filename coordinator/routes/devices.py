@@ -3,7 +3,6 @@ provision, show, revoke, peers, forced update and retry (operator side)."""
 
 from __future__ import annotations
 
-import math
 from typing import Final
 
 from starlette.requests import Request
@@ -13,6 +12,7 @@ from starlette.routing import Route
 from mesh.control import ControlError, DeviceReport, EnrollRequest, check_app, check_name
 
 from .._http import (
+    MAX_INT,
     anyone,
     by_method,
     client_ip,
@@ -22,6 +22,8 @@ from .._http import (
     json_field,
     operator,
     path_name,
+    query_int,
+    query_seconds,
     read_json,
 )
 from .._model import Device, ProofRequired
@@ -50,14 +52,9 @@ async def enroll(request: Request, service: FleetService) -> Response:
 
 @device()
 async def peermap(request: Request, service: FleetService, dev: Device) -> Response:
-    q = request.query_params
-    try:
-        version = int(q.get("version", "0"))
-        wait = float(q.get("wait", DEFAULT_WAIT))
-    except ValueError:
-        raise ControlError("version must be an integer and wait a number") from None
-    if not math.isfinite(wait) or not 0 <= wait <= MAX_WAIT:
-        raise ControlError(f"wait: must be 0..{MAX_WAIT:g} seconds")
+    version = query_int(request, "version", 0, 0, MAX_INT)
+    wait = query_seconds(request, "wait", DEFAULT_WAIT, MAX_WAIT)
+    assert version is not None
     body = await service.wait_peermap(dev, version, wait)
     if body is None:
         return Response(status_code=304)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Final
 
 from starlette.requests import Request
@@ -12,14 +11,13 @@ from starlette.routing import Route
 
 from mesh.control import MAX_LOG_BODY, ControlError, LogUpload
 
-from .._http import device, operator, path_name, query_int, read_json
+from .._http import MAX_INT, device, operator, path_name, query_int, query_seconds, read_json
 from .._model import Device
 from .._service import FleetService
 
 MAX_LOG_WAIT: Final = 30.0  # log long-poll ceiling (docs/api.md)
 MAX_LOG_PAGE: Final = 5000  # lines per log read: everything a device keeps
 DEFAULT_LOG_PAGE: Final = 1000
-MAX_SEQ: Final = (1 << 63) - 1
 
 
 @device(MAX_LOG_BODY)
@@ -32,13 +30,8 @@ async def upload_logs(request: Request, service: FleetService, dev: Device) -> R
 @operator()
 async def device_logs(request: Request, service: FleetService) -> Response:
     name = path_name(request)
-    try:
-        wait = float(request.query_params.get("wait", "0"))
-    except ValueError:
-        raise ControlError(f"wait: must be 0..{MAX_LOG_WAIT:g} seconds") from None
-    if not math.isfinite(wait) or not 0 <= wait <= MAX_LOG_WAIT:
-        raise ControlError(f"wait: must be 0..{MAX_LOG_WAIT:g} seconds")
-    after = query_int(request, "after", 0, 0, MAX_SEQ)
+    wait = query_seconds(request, "wait", 0.0, MAX_LOG_WAIT)
+    after = query_int(request, "after", 0, 0, MAX_INT)
     limit = query_int(request, "limit", DEFAULT_LOG_PAGE, 1, MAX_LOG_PAGE)
     tail = query_int(request, "tail", None, 1, MAX_LOG_PAGE)
     if tail is not None and "after" in request.query_params:

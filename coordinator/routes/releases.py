@@ -17,6 +17,7 @@ from mesh.release import MAX_ENVELOPE_BYTES  # the largest encoded SignedManifes
 from .._blobs import MAX_BLOB_BYTES
 from .._http import (
     blob_response,
+    body_pieces,
     by_method,
     device,
     json_field,
@@ -61,7 +62,7 @@ async def put_blob(request: Request, service: FleetService) -> Response:
         kind = BlobKind(kind_text or "")
     except ValueError:
         raise ControlError("kind: must be chunk or delta") from None
-    new = await service.releases.put_blob(_blob_id(request), kind, request.stream())
+    new = await service.releases.put_blob(_blob_id(request), kind, body_pieces(request))
     return JSONResponse({"id": _blob_id(request), "kind": str(kind), "new": new},
                         status_code=201 if new else 200)
 

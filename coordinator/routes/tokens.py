@@ -13,7 +13,6 @@ from mesh.control import check_name
 from .._http import int_field, json_field, operator, optional_field, read_json
 from .._service import FleetService
 
-MAX_TOKEN_USES: Final = 100_000
 MAX_EXPIRES_IN: Final = 366 * 86400
 MIN_EXPIRES_IN: Final = 60
 DEFAULT_EXPIRES_IN: Final = 3600  # s: tokens and provisioned devices' join tokens
@@ -23,7 +22,8 @@ DEFAULT_EXPIRES_IN: Final = 3600  # s: tokens and provisioned devices' join toke
 async def create_token(request: Request, service: FleetService) -> Response:
     body = await read_json(request)
     fleet = check_name(json_field(body, "fleet", str), "fleet")
-    uses = int_field(body, "uses", 1, 1, MAX_TOKEN_USES)
+    # a token can enroll at most a fleet's worth of devices (FleetService's quota)
+    uses = int_field(body, "uses", 1, 1, service.settings.max_fleet_devices)
     expires_in = int_field(body, "expires_in", DEFAULT_EXPIRES_IN, MIN_EXPIRES_IN,
                            MAX_EXPIRES_IN)
     name = optional_field(body, "name", str)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,18 @@ class Harness:
     async def aclose(self) -> None:
         for c in self._clients:
             await c.aclose()
+
+
+@asynccontextmanager
+async def running_harness(config: CoordinatorConfig) -> AsyncIterator[Harness]:
+    """A coordinator started with `config` and its harness (for tests that need settings)."""
+    async with Coordinator(config) as c, client_for(c, c.operator_key) as op, \
+            client_for(c) as anon:
+        harness = Harness(c, op, anon)
+        try:
+            yield harness
+        finally:
+            await harness.aclose()
 
 
 @pytest.fixture
