@@ -204,7 +204,7 @@ class DockerEngine:
         for img in images:
             for tag in img.get("RepoTags") or []:
                 name, _, version = tag.rpartition(":")
-                if name == repo and version.isdigit() and int(version) > 0:
+                if name == repo and version.isascii() and version.isdigit() and int(version) > 0:
                     out[int(version)] = str(img["Id"])
         return out
 
@@ -273,7 +273,8 @@ def _explain(exc: BaseException) -> str:
 def _view(info: Mapping[str, Any]) -> ContainerView | None:
     labels = (info.get("Config") or {}).get("Labels") or {}
     release = labels.get(LABEL_RELEASE, "")
-    if not isinstance(release, str) or not release.isdigit() or int(release) < 1:
+    if not isinstance(release, str) or not (release.isascii() and release.isdigit()) \
+            or int(release) < 1:
         return None  # not one of ours, or damaged: left alone
     state = info.get("State") or {}
     health = (state.get("Health") or {}).get("Status")

@@ -108,7 +108,7 @@ class AppJournal:
         if not d.is_dir():
             return
         for p in d.iterdir():
-            if p.name.isdigit() and int(p.name) not in keep:
+            if p.name.isascii() and p.name.isdigit() and int(p.name) not in keep:
                 p.unlink(missing_ok=True)
             elif p.name.startswith(_TMP):
                 p.unlink(missing_ok=True)

@@ -65,7 +65,7 @@ def split_hostport(text: str, what: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     try:
-        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
             raise ValueError
         ipaddress.ip_address(host)
     except ValueError:

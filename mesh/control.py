@@ -83,7 +83,7 @@ def check_endpoint(text: str, where: str) -> str:
         raise ControlError(f"{where}: must be a string")
     host, sep, port = text.rpartition(":")
     try:
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise ValueError
         if host.startswith("[") and host.endswith("]"):
             ipaddress.IPv6Address(host[1:-1])

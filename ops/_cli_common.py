@@ -54,7 +54,7 @@ def parse_duration(text: str) -> int:
     """`90s`, `30m`, `1h`, `2d`, combinations in that order (`1h30m`) or plain seconds → seconds.
     Raises CliError (exit 2)."""
     t = text.strip().lower() if isinstance(text, str) else ""
-    if t.isdigit():
+    if t.isascii() and t.isdigit():
         seconds = int(t)
     else:
         m = _DURATION_RE.match(t)

@@ -225,7 +225,7 @@ def _health_check(args: argparse.Namespace) -> HealthCheck | None:
         return HealthCheck(HealthKind.TCP, port=args.health_tcp, interval_s=interval)
     if args.health_http is not None:
         port_text, slash, path = args.health_http.partition("/")
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
             raise CliError(f"--health-http {args.health_http!r}: use PORT[/PATH] with a port "
                            "in 1..65535")
         return HealthCheck(HealthKind.HTTP, port=int(port_text), path=slash + path or "/",

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # annotations only: the server itself is loaded by _run
 
 def _port(text: str) -> int:
     # checked here, not by argparse, so that the error is one line (argparse adds its usage)
-    if not text.isdigit() or not 1 <= int(text) < 65536:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) < 65536:
         raise CliError(f"--wg-port: must be a port 1..65535, got {text!r}")
     return int(text)
 

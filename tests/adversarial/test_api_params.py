@@ -17,6 +17,7 @@ import pytest
 
 from coordinator._server import CoordinatorConfig
 from tests.coordinator.conftest import Harness, running_harness
+from vpn import generate_keypair
 
 BAD_NUMBERS = ["²", "1²", "١", "١٢", "𝟙", "１", " 1", "1 ", "\t1", "+1", "-1", "1_0", "0x1",
                "1e3", "1.0", "", "9" * 20, "9" * 400, "99999999999999999999999"]
@@ -122,3 +123,15 @@ async def test_bad_blob_ids_kinds_and_ranges_are_refused(h: Harness) -> None:
         assert r.status_code in (200, 416), (bad_range, r.status_code, r.text[:200])
         if r.status_code == 200:
             assert r.content == data
+
+
+@pytest.mark.parametrize("port", ["١", "٥١٨٢٠", "²", "１", " 1", "+1", "0", "65536"])
+async def test_endpoint_ports_in_bodies_are_ascii_numbers(h: Harness, port: str) -> None:
+    """A LAN endpoint whose port a lax parser takes for a number (`int('١') == 1`) is refused
+    at enrollment with a 4xx, and no device is made."""
+    r = await h.anon.post("/api/v1/enroll", json={
+        "token": await h.token("fleet"), "public_key": generate_keypair().public,
+        "name": "cam-port", "lan_endpoints": [f"192.168.1.5:{port}"], "agent_version": "test"})
+    assert 400 <= r.status_code < 500, r.text
+    listed = (await h.op.get("/api/v1/devices", params={"fleet": "fleet"})).json()["devices"]
+    assert [d["name"] for d in listed] == []

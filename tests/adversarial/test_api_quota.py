@@ -31,8 +31,8 @@ async def h(tmp_path: Path) -> AsyncIterator[Harness]:
 async def test_a_full_fleet_refuses_enrollment_with_409_naming_it(h: Harness) -> None:
     """Multi-use tokens enroll QUOTA devices of fleet `cams`; the next enrollment (with uses
     left on a token) gets 409 naming `cams`; provisioning into it is refused the same way;
-    fleet `doors` still enrolls; the same device enrolling again (its answer was lost) takes no
-    new place and still works."""
+    fleet `doors` still enrolls; the same device enrolling again (its answer was lost; it proves
+    itself with its credential, docs/security.md) takes no new place and still works."""
     first = await h.enroll("cam-0", token=await h.token("cams", uses=1))
     token = await h.token("cams", uses=QUOTA)
     for i in range(1, QUOTA):
@@ -49,7 +49,7 @@ async def test_a_full_fleet_refuses_enrollment_with_409_naming_it(h: Harness) ->
     await h.enroll("door-0", fleet="doors")
     r = await h.anon.post("/api/v1/enroll", json={
         "token": token, "public_key": first.public_key, "name": first.name,
-        "lan_endpoints": [], "agent_version": "test"})
+        "lan_endpoints": [], "agent_version": "test", "credential": first.credential})
     assert r.status_code == 201, r.text
     listed = (await h.op.get("/api/v1/devices", params={"fleet": "cams"})).json()["devices"]
     assert sorted(d["name"] for d in listed) == [f"cam-{i}" for i in range(QUOTA)]
