@@ -299,12 +299,15 @@ class Applier:
         now = self.clock()
         if not a.loaded:
             self._load_journal(a)
+        # set_target raises the mark before it sets the target: with the target taken first,
+        # the mark written here covers it, before any step acts on it
+        target = a.target
         if a.high_water is not None and a.high_water != a.high_water_saved:
-            a.journal.save_high_water(a.high_water)  # before any step acts on the target
+            a.journal.save_high_water(a.high_water)
             a.high_water_saved = a.high_water
         manifests = self._journal_manifests(a)
         observed = self._observe(a, manifests, now)
-        s = decide(app, a.state, a.target, observed, now, manifests)
+        s = decide(app, a.state, target, observed, now, manifests)
         a.status_state = s.state
         a.engine_error = None
         a.wake_at = now + LOCK_POLL_S if s.lock_wait else s.wake_at
@@ -327,13 +330,13 @@ class Applier:
         a = self._apps.get(app)
         if a is not None:
             return a
-        with self._apps_lock:
-            if len(self._apps) >= MAX_APPS:
-                self.log(f"{app}: more than {MAX_APPS} apps; ignored")
-                return None
-            a = self._apps[app] = _App(app, AppJournal(self.apply_dir, app))
-        self._seed_high_water(a)
-        return a
+        if len(self._apps) >= MAX_APPS:
+            self.log(f"{app}: more than {MAX_APPS} apps; ignored")
+            return None
+        a = _App(app, AppJournal(self.apply_dir, app))
+        self._seed_high_water(a)  # before the worker thread can see the app
+        with self._apps_lock:  # only set_target and the constructor add apps, one at a time
+            return self._apps.setdefault(app, a)
 
     def _seed_high_water(self, a: _App) -> None:
         """The persisted mark, raised to what the journal names: an agent upgraded from one
