@@ -89,9 +89,10 @@ _new["app/VERSION"] = b"2\n"
 TARGET = layer_tar(_new)
 
 
-def zeros_frame(n: int) -> bytes:
+def zeros_frame(n: int, options: dict[int, int] | None = None) -> bytes:
     """A zstd frame of `n` zero bytes, compressed piecewise (a few KB for hundreds of MiB)."""
-    comp = zstd.ZstdCompressor(level=19)
+    comp = zstd.ZstdCompressor(options=options or {
+        zstd.CompressionParameter.compression_level: 19})
     piece = bytes(MiB)
     out = [comp.compress(piece[:min(MiB, n - i)]) for i in range(0, n, MiB)]
     return b"".join(out) + comp.flush()
@@ -102,6 +103,19 @@ def bare_tar_patch(target_size: int, inflated: int) -> bytes:
     inflates to `inflated` zero bytes: no op table a real encoder would write."""
     header = MAGIC + bytes([FORMAT_VERSION, int(Method.TAR_MEMBERS) | FLAG_BARE])
     return header + varint(target_size) + b"\x00" + zeros_frame(inflated)
+
+
+def bare_prefix_patch(target_size: int, inflated: int) -> bytes:
+    """A bare ZSTD_PREFIX patch declaring `target_size`, its one frame inflating to `inflated`
+    zero bytes (stored as the engine stores frames: without their constant first 5 bytes)."""
+    frame = zeros_frame(inflated, {zstd.CompressionParameter.compression_level: 19,
+                                   zstd.CompressionParameter.window_log: 17,
+                                   zstd.CompressionParameter.content_size_flag: 0,
+                                   zstd.CompressionParameter.checksum_flag: 0,
+                                   zstd.CompressionParameter.dict_id_flag: 0})
+    assert frame[:5] == b"\x28\xb5\x2f\xfd\x00"
+    header = MAGIC + bytes([FORMAT_VERSION, int(Method.ZSTD_PREFIX) | FLAG_BARE])
+    return header + varint(target_size) + frame[5:]
 
 
 def rebuild(tmp: Path, patch: bytes) -> tuple[dict[str, object], int]:
@@ -115,7 +129,7 @@ def rebuild(tmp: Path, patch: bytes) -> tuple[dict[str, object], int]:
         (blobs / c.ref.id.hex()).write_bytes(c.data)
     blob_id = blake3.blake3(patch).digest()
     (blobs / blob_id.hex()).write_bytes(patch)
-    delta = LayerDelta(diff_id(BASE), blob_id, len(patch), Method.TAR_MEMBERS.name)
+    delta = LayerDelta(diff_id(BASE), blob_id, len(patch), read_header(patch).method.name)
     layer = Layer(diff_id(TARGET), len(TARGET), tuple(c.ref for c in chunks), (delta,))
     manifest = ReleaseManifest("cams", "web", 2, 1_700_000_000, image_config([TARGET]),
                                (layer,))
@@ -173,3 +187,13 @@ def test_a_tar_delta_body_inflating_past_its_target_is_cut_off(tmp_path: Path,
     assert isinstance(error, str) and error.startswith("MaterializeError: layer ")
     assert "corrupt tar-delta body" in error and "\n" not in error
     assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_a_zstd_prefix_delta_inflating_past_its_target_is_cut_off(tmp_path: Path) -> None:
+    """The same bomb in the other zstd method: its decoder writes into the target piece by
+    piece and stops one byte past it."""
+    report, bound = rebuild(tmp_path, bare_prefix_patch(len(TARGET), 64 * MiB))
+    assert growth_kib(report) <= bound, (report, bound)
+    error = report["error"]
+    assert isinstance(error, str) and error.startswith("MaterializeError: layer ")
+    assert "corrupt zstd frame" in error
