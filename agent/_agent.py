@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import trio
 
@@ -37,6 +37,7 @@ from vpn import AsyncWireGuardBackend, public_key_from_private
 
 from ._datadir import DataDir, Identity
 from ._gossip import GossipNode
+from ._lan import LanPeerJoin, run_lan_discovery
 from ._link import ClientFactory, CoordinatorLink, Log, one_line
 from ._paths import PathSelector
 from ._release_sync import GossipSettings, ReleaseSync
@@ -106,7 +107,12 @@ class Agent:
                                     log=log, rng=rng)
         self.reporter = Reporter(self.link, self.report, log, intervals.report)
         self.releases: ReleaseSync | None = None
+        # LAN discovery's neighbours reach the node only once joined with the peer map: a
+        # name counts with the fingerprint of its peer-map key (docs/security.md)
+        self.lan_join = LanPeerJoin(self.peer_keys, log)
         if gossip is not None:
+            gossip = replace(gossip, lan_discovery=self.lan_join.wrap(
+                gossip.lan_discovery or run_lan_discovery))
             self.releases = ReleaseSync(
                 self.data.path, enrollment, self.public_key, self.wg_port, self.link, gossip,
                 peers=self.gossip_peers, log=log, rng=rng,
@@ -135,6 +141,11 @@ class Agent:
         peermap = self.wg.peermap
         return {} if peermap is None else {p.name: p.mesh_ipv4 for p in peermap.peers}
 
+    def peer_keys(self) -> dict[str, str]:
+        """name -> WireGuard public key of every peer in the peer map."""
+        peermap = self.wg.peermap
+        return {} if peermap is None else {p.name: p.public_key for p in peermap.peers}
+
     def report(self) -> DeviceReport:
         apps = self.releases.app_statuses() if self.releases is not None else ()
         paths: tuple[PeerPath, ...] = self.wg.paths
@@ -144,6 +155,7 @@ class Agent:
         self.reporter.wake()
 
     def _on_peermap(self, old: PeerMap | None, new: PeerMap) -> None:
+        self.lan_join.peers_changed()
         if self.releases is not None:
             if old is not None and old.targets != new.targets:  # the first read is at start
                 self.releases.targets_changed()

@@ -117,6 +117,14 @@ class _App:
     wake_at: float | None = None
     unremovable: frozenset[int] = frozenset()
     container_ids: frozenset[str] = frozenset()  # as last observed (log bookkeeping)
+    # The newest version ever accepted as a target (or named by the journal): an older target
+    # needs a signed pin even while no container runs. Kept in high_water.json (_journal).
+    high_water: int | None = None
+    high_water_saved: int | None = None  # what the file says
+
+    def raise_high_water(self, *versions: int | None) -> None:
+        self.high_water = max((v for v in (self.high_water, *versions) if v is not None),
+                              default=None)
 
 
 class Applier:
@@ -160,9 +168,11 @@ class Applier:
     def set_target(self, release: VerifiedRelease, *, ready: bool, force: bool = False,
                    retry: int = 0, pin: bytes | None = None) -> bool:
         """The release its app should run; False (logged once, nothing changes) if it is not
-        signed with the pinned key for this fleet, or is older than the running release
-        without `pin`, an encoded SignedPin the operator signed for it (mesh.release
-        `admit_release`: never back on the coordinator's word alone)."""
+        signed with the pinned key for this fleet, or, without `pin` (an encoded SignedPin the
+        operator signed for it), is not newer than the running or committed release or is
+        older than the app's high-water mark, the newest version this device ever accepted
+        (mesh.release `admit_release`: never back on the coordinator's word alone, also while
+        no container runs: a crash loop, a stopped app, a kill-then-download update)."""
         manifest = release.manifest
         app, version = manifest.app, manifest.version
         if release.key_id != self.key_id or (self.fleet is not None
@@ -173,16 +183,19 @@ class Applier:
         a = self._app(app)
         if a is None:
             return False
-        running = a.running
+        running, committed = a.running, a.state.current
+        # the release that runs, or is committed, is no replay: only an older one needs a pin
+        in_place = version in (running, committed)
+        newest_in_place = max((v for v in (running, committed) if v is not None), default=None)
         try:
-            # the running release itself is not a replay: only an older one needs a pin
-            admit_release(manifest, self.key, None if running == version else running,
-                          pins=_pins(pin), device=self.device)
-        except ReleaseError:
-            self._refuse(app, version, f"release {manifest.fleet}/{app} v{version}: older "
-                                       f"than the running v{running} and no valid signed pin; "
-                                       "staying")
+            admit_release(manifest, self.key, None if in_place else newest_in_place,
+                          pins=_pins(pin), device=self.device,
+                          newest_accepted=None if in_place else a.high_water)
+        except ReleaseError as exc:
+            self._refuse(app, version, f"release {manifest.fleet}/{app} v{version} refused: "
+                                       f"{exc}: no valid signed pin; staying")
             return False
+        a.raise_high_water(version)  # persisted by the next step, before anything acts on it
         self._releases[(app, version)] = release
         old = a.target
         keep = {v for v in (a.state.current, a.state.previous, a.state.to, version)
@@ -286,9 +299,15 @@ class Applier:
         now = self.clock()
         if not a.loaded:
             self._load_journal(a)
+        # set_target raises the mark before it sets the target: with the target taken first,
+        # the mark written here covers it, before any step acts on it
+        target = a.target
+        if a.high_water is not None and a.high_water != a.high_water_saved:
+            a.journal.save_high_water(a.high_water)
+            a.high_water_saved = a.high_water
         manifests = self._journal_manifests(a)
         observed = self._observe(a, manifests, now)
-        s = decide(app, a.state, a.target, observed, now, manifests)
+        s = decide(app, a.state, target, observed, now, manifests)
         a.status_state = s.state
         a.engine_error = None
         a.wake_at = now + LOCK_POLL_S if s.lock_wait else s.wake_at
@@ -311,12 +330,27 @@ class Applier:
         a = self._apps.get(app)
         if a is not None:
             return a
-        with self._apps_lock:
-            if len(self._apps) >= MAX_APPS:
-                self.log(f"{app}: more than {MAX_APPS} apps; ignored")
-                return None
-            a = self._apps[app] = _App(app, AppJournal(self.apply_dir, app))
-        return a
+        if len(self._apps) >= MAX_APPS:
+            self.log(f"{app}: more than {MAX_APPS} apps; ignored")
+            return None
+        a = _App(app, AppJournal(self.apply_dir, app))
+        self._seed_high_water(a)  # before the worker thread can see the app
+        with self._apps_lock:  # only set_target and the constructor add apps, one at a time
+            return self._apps.setdefault(app, a)
+
+    def _seed_high_water(self, a: _App) -> None:
+        """The persisted mark, raised to what the journal names: an agent upgraded from one
+        that kept no mark starts from the releases it committed, applied or saw fail."""
+        try:
+            a.high_water = a.high_water_saved = a.journal.high_water()
+        except JournalError as exc:
+            self.log(f"{exc}; taking the newest release the journal names")
+        try:
+            j = a.journal.load()
+        except JournalError:
+            j = None  # reported when the step loads it
+        if j is not None:
+            a.raise_high_water(j.current, j.to, *j.failed)
 
     def _load_journal(self, a: _App) -> None:
         """Read the journal; without one (or a corrupt one) the running labelled container,
@@ -333,6 +367,7 @@ class Applier:
             state = Journal(current=max(versions)) if versions else Journal()
         a.state = state
         a.loaded = True
+        a.raise_high_water(state.current, state.to, *state.failed)
 
     def _release(self, app: str, version: int) -> VerifiedRelease | None:
         """A release this process verified, else the journal's copy, verified on reading."""

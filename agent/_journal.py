@@ -3,6 +3,9 @@
     DATA/apply/<app>/journal.json           the Journal (agent/_apply_core.py), JSON
     DATA/apply/<app>/releases/<version>     the signed manifest of each release the journal
                                             names (current, previous, the one being applied)
+    DATA/apply/<app>/high_water.json        the newest version ever accepted as the app's
+                                            target: older ones need an operator-signed pin
+                                            (docs/security.md, "No replay of an old release")
 
 Every write goes to a temporary file that is fsynced, renamed over the old one, and the
 directory fsynced: after a crash the file is the old or the new version, never a mix
@@ -15,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from nacl.signing import VerifyKey
 
@@ -25,6 +28,7 @@ from mesh.release import ReleaseError, VerifiedRelease, verify_release
 from ._apply_core import Journal
 
 JOURNAL: Final = "journal.json"
+HIGH_WATER: Final = "high_water.json"
 RELEASES: Final = "releases"
 MAX_JOURNAL_BYTES: Final = 64 * 1024  # a journal is a few hundred bytes
 _TMP: Final = ".tmp-"
@@ -54,17 +58,11 @@ class AppJournal:
 
     def load(self) -> Journal | None:
         """The journal, None if there is none; JournalError if it is corrupt."""
-        try:
-            with open(self.path, "rb") as f:
-                raw = f.read(MAX_JOURNAL_BYTES + 1)
-        except FileNotFoundError:
+        obj = _read_json(self.path)
+        if obj is None:
             return None
-        except OSError as exc:
-            raise JournalError(f"cannot read {self.path}: {exc.strerror or exc}") from None
         try:
-            if len(raw) > MAX_JOURNAL_BYTES:
-                raise ValueError("too large")
-            return Journal.from_json(json.loads(raw))
+            return Journal.from_json(obj)
         except ValueError as exc:
             raise JournalError(f"{self.path}: corrupt ({exc})") from None
 
@@ -73,6 +71,31 @@ class AppJournal:
             atomic_write(self.path, journal.dumps())
         except OSError as exc:
             raise JournalError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+
+    # -- the high-water mark ------------------------------------------------------------------
+
+    def high_water(self) -> int | None:
+        """The newest version ever accepted for the app, None if none was recorded;
+        JournalError if the file is unreadable or corrupt."""
+        path = self.dir / HIGH_WATER
+        obj = _read_json(path)
+        if obj is None:
+            return None
+        version = obj.get("version") if isinstance(obj, dict) else None
+        if (not isinstance(obj, dict) or obj.get("format") != 1 or obj.get("app") != self.app
+                or isinstance(version, bool) or not isinstance(version, int) or version < 1):
+            raise JournalError(f"{path}: corrupt (not a format-1 high-water mark of {self.app})")
+        return version
+
+    def save_high_water(self, version: int) -> None:
+        """Record `version` as the newest accepted (atomic: the old mark or the new one)."""
+        path = self.dir / HIGH_WATER
+        data = json.dumps({"format": 1, "app": self.app, "version": int(version)},
+                          sort_keys=True).encode()
+        try:
+            atomic_write(path, data)
+        except OSError as exc:
+            raise JournalError(f"cannot write {path}: {exc.strerror or exc}") from None
 
     # -- signed manifests ------------------------------------------------------------------
 
@@ -112,6 +135,24 @@ class AppJournal:
                 p.unlink(missing_ok=True)
             elif p.name.startswith(_TMP):
                 p.unlink(missing_ok=True)
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON value in `path` (at most MAX_JOURNAL_BYTES), None if there is no such file;
+    JournalError if it cannot be read or is not JSON."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JOURNAL_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise JournalError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        if len(raw) > MAX_JOURNAL_BYTES:
+            raise ValueError("too large")
+        return json.loads(raw)
+    except ValueError as exc:
+        raise JournalError(f"{path}: corrupt ({exc})") from None
 
 
 def journal_apps(root: str | os.PathLike[str]) -> list[str]:

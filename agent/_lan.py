@@ -8,7 +8,9 @@ device name -> (underlay IPv4, port, fingerprint, last seen).
 
 Trust: everything received here is a *hint* about who might be on this LAN. mDNS is
 unauthenticated; anyone on the segment can claim any name, address or fingerprint. A neighbour
-found here is only a candidate LAN endpoint for a peer the coordinator already told us about;
+found here is only a candidate LAN endpoint for a peer the coordinator already told us about,
+and counts only if it advertises the fingerprint of the key the peer map has for its name, from
+an address on our subnet (`lan_peers`, joined again on every peer-map change by the agent);
 the WireGuard handshake (which proves possession of the peer's private key) is what establishes
 identity. Never use TXT contents for authorisation, key material or anything but "try this
 address first". Every received record is validated and size-bounded; malformed input is counted
@@ -32,7 +34,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from ipaddress import IPv4Address, IPv4Interface
@@ -211,6 +213,88 @@ def parse_advert(fqdn: str, port: object, addresses: Sequence[object],
     if chosen is None:
         raise InvalidAdvert("address", "no IPv4 address inside the underlay subnet")
     return Neighbour(name, chosen, port, fp, now)
+
+
+def lan_peers(neighbours: Iterable[Neighbour], peer_keys: Mapping[str, str]
+              ) -> frozenset[Neighbour]:
+    """The neighbours that count as this device's LAN peers: those the peer map (`peer_keys`:
+    name -> WireGuard public key, base64) has by name, advertising that key's fingerprint.
+    Their address was checked against our underlay subnet by `parse_advert`. Anyone on the
+    LAN can advertise any name; only the peer map says which key a name has, and a host
+    outside the fleet does not know it. Pure: run again whenever either side changes."""
+    out = []
+    for n in neighbours:
+        key = peer_keys.get(n.name)
+        if key is None:
+            continue
+        try:
+            expected = fingerprint(key)
+        except ValueError:
+            continue  # not a key: the peer map is validated elsewhere, count nobody for it
+        if n.fp == expected:
+            out.append(n)
+    return frozenset(out)
+
+
+# (name, fingerprint) pairs refused and logged once each; a LAN that churns through more is
+# hostile, and only the logging forgets.
+MAX_REFUSED_LOGGED: Final = 4 * MAX_NEIGHBOURS
+LanDiscoveryFn = Callable[..., Awaitable[None]]
+
+
+class LanPeerJoin:
+    """LAN discovery's adverts joined with the peer map (`lan_peers`): whoever consumes the
+    neighbours gets only the admitted ones, again after every change of either side (a peer
+    map can arrive after the adverts, or give a name another key).
+
+        join = LanPeerJoin(peer_keys, log)           # peer_keys() -> {name: public key}
+        discover = join.wrap(run_lan_discovery)      # same signature, filtered on_change
+        join.peers_changed()                         # the peer map changed
+    """
+
+    def __init__(self, peer_keys: Callable[[], Mapping[str, str]],
+                 log: Callable[[str], None]) -> None:
+        self.peer_keys = peer_keys
+        self.log = log
+        self._adverts: frozenset[Neighbour] = frozenset()
+        self._sink: Callable[[frozenset[Neighbour]], None] | None = None
+        self._told: frozenset[Neighbour] | None = None
+        self._refused: set[tuple[str, str]] = set()
+
+    def wrap(self, discover: LanDiscoveryFn) -> LanDiscoveryFn:
+        """`discover` (run_lan_discovery's signature), its `on_change` told the admitted
+        neighbours only."""
+        async def discover_lan_peers(name: str, fleet: str, public_key: str | bytes,
+                                     underlay: str, port: int,
+                                     on_change: Callable[[frozenset[Neighbour]], None],
+                                     **kw: Any) -> None:
+            self._sink, self._told = on_change, None
+            await discover(name, fleet, public_key, underlay, port, self.set_adverts, **kw)
+
+        return discover_lan_peers
+
+    def set_adverts(self, neighbours: Iterable[Neighbour]) -> None:
+        self._adverts = frozenset(neighbours)
+        self._tell()
+
+    def peers_changed(self) -> None:
+        self._tell()
+
+    def _tell(self) -> None:
+        if self._sink is None:
+            return
+        keys = self.peer_keys()
+        admitted = lan_peers(self._adverts, keys)
+        for n in self._adverts - admitted:
+            if n.name in keys and (n.name, n.fp) not in self._refused:
+                if len(self._refused) >= MAX_REFUSED_LOGGED:
+                    self._refused.clear()
+                self._refused.add((n.name, n.fp))
+                self.log(f"LAN: {n.name} advertised from {n.ipv4} with key fingerprint {n.fp}, "
+                         "not the peer map's: not taken for a LAN neighbour")
+        if admitted != self._told:
+            self._told = admitted
+            self._sink(admitted)
 
 
 class LanNeighbours:

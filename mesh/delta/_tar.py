@@ -30,9 +30,11 @@ _Source: TypeAlias = "bytes | bytearray | memoryview | mmap.mmap"
 
 ZSTD_LEVEL: Final = 19
 WINDOW_LOG: Final = 27  # same bound as the other methods' decoders
-# Bound on the decompressed body relative to the target: sub-deltas of changed members can be a
-# little larger than the members themselves.
-_BODY_SLACK: Final = 16 * 1024 * 1024
+# A tar member's data follows its 512-byte header, which is part of a literal: every
+# member op comes after a literal of at least 512 bytes and yields at least one byte, so a
+# body has at most one op per 256 target bytes, plus the final literal (the encoder writes no
+# empty op). See _body_limit.
+_BYTES_PER_OP: Final = 256
 _ZSTD: Final = 0
 _ZSTD_PREFIX: Final = 1
 _LZMA2: Final = 2
@@ -167,8 +169,20 @@ def tar_decode(old: _Source, body: bytes | memoryview, target_size: int) -> byte
         raise DeltaError("corrupt tar-delta body: truncated") from None
 
 
+def _body_limit(target_size: int) -> int:
+    """The most a decoded body can hold for a target of `target_size` bytes, as tar_encode
+    writes it: the op count and table, the literal length, then literals and sub-deltas, which
+    together are at most the target (a member goes in as a literal, or as a sub-delta only when
+    that is smaller than the member, or is copied), each sub-delta with its 8-byte length."""
+    ops = target_size // _BYTES_PER_OP + 1
+    return 2 * _U64.size + ops * (_OP.size + _U64.size) + target_size
+
+
 def _decode_body(old: _Source, body: bytes | memoryview, target_size: int) -> bytes:
-    limit = 2 * target_size + _BODY_SLACK
+    # Inflated at most one byte past this: a body that is longer cannot be one tar_encode wrote,
+    # and its bytes are never all held (the old limit, 2 x target + 16 MiB, let a few KB of
+    # patch take hundreds of MiB before any op was checked).
+    limit = _body_limit(target_size)
     if not body or body[0] not in (_ZSTD, _ZSTD_PREFIX, _LZMA2):
         raise DeltaError("corrupt tar-delta body: bad flags")
     dec: zstd.ZstdDecompressor | lzma.LZMADecompressor
@@ -202,7 +216,7 @@ def _drop_pages(old: _Source) -> None:
 def _replay(old: _Source, raw: bytes, target_size: int) -> bytes:
     (count,) = _U64.unpack_from(raw, 0)
     pos = _U64.size
-    if count * _OP.size > len(raw) - pos:
+    if count > target_size // _BYTES_PER_OP + 1 or count * _OP.size > len(raw) - pos:
         raise DeltaError("corrupt tar-delta body: op count")
     ops = [_OP.unpack_from(raw, pos + i * _OP.size) for i in range(count)]
     pos += count * _OP.size

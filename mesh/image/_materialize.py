@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from mesh.blobs import BlobVerifyError, check_digest
-from mesh.delta import DeltaError, apply_delta
+from mesh.delta import DeltaError, apply_delta, read_header
 from mesh.image._saved import ImageError, build_loadable_image, config_diff_ids, file_diff_id
 from mesh.release import (
     ChunkError,
@@ -71,12 +71,13 @@ def materialize_release(release: VerifiedRelease, fetch_blob: FetchBlob,
 
     The release's signature was verified where its bytes arrived (`verify_release`), and whether
     it may replace the running version was decided there too; nothing is written before the
-    manifest's layers are checked. Per layer: a local layer with the same diff
-    ID is reused; else a delta whose base is local is fetched (checked against its blake3 blob
-    ID) and applied to the base (checked against the delta's source diff ID), the output checked
-    against the layer's diff ID; else every chunk is fetched and checked against its ID, the
-    layer against its diff ID. Any mismatch raises a ReleaseError subclass (MaterializeError,
-    ChunkError, ManifestError) and leaves no file behind.
+    manifest's layers are checked. Per layer: a local layer with the same diff ID is reused;
+    else a delta whose base is local is fetched (checked against its blake3 blob ID and size),
+    its declared target size checked against the layer's size (which bounds every allocation
+    of the apply), and applied to the base (checked against the delta's source diff ID), the
+    output checked against the layer's diff ID; else every chunk is fetched and checked against
+    its ID, the layer against its diff ID. Any mismatch raises a ReleaseError subclass
+    (MaterializeError, ChunkError, ManifestError) and leaves no file behind.
     """
     manifest = release.manifest
     check_manifest_layers(manifest)
@@ -150,11 +151,19 @@ def _materialize_layer(layer: Layer, local: _LocalLayers, fetch_blob: FetchBlob,
     if usable:
         delta, base = min(usable, key=lambda db: db[0].size)
         patch = _fetch(fetch_blob, delta.blob_id, delta.size, "delta")
+        where = f"layer {layer.diff_id[:19]}: delta from {delta.source_diff_id[:19]}"
         try:
-            data = apply_delta(base, patch, expected_diff_id=layer.diff_id)
+            # The signed manifest's layer size is the target's, exactly: every decoder is
+            # bounded by the patch's declared target, so that must be it (not the engine's
+            # 8 GiB default) before the body is decoded.
+            declared = read_header(patch).target_size
+            if declared != layer.size:
+                raise MaterializeError(f"{where} declares a {declared}-byte target, the "
+                                       f"manifest's layer has {layer.size} bytes")
+            data = apply_delta(base, patch, expected_diff_id=layer.diff_id,
+                               max_target=layer.size)
         except DeltaError as exc:
-            raise MaterializeError(f"layer {layer.diff_id[:19]}: delta from "
-                                   f"{delta.source_diff_id[:19]}: {exc}") from None
+            raise MaterializeError(f"{where}: {exc}") from None
         out.write_bytes(data)
         return out, LayerSource(layer.diff_id, "delta", len(patch), layer.size,
                                 delta.source_diff_id)

@@ -120,14 +120,17 @@ def verify_release(encoded: bytes, pinned_public_key: VerifyKey | bytes,
 
 def admit_release(manifest: ReleaseManifest, pinned_public_key: VerifyKey | bytes,
                   running_version: int | None, *, pins: Sequence[SignedPin] = (),
-                  device: str | None = None) -> None:
+                  device: str | None = None, newest_accepted: int | None = None) -> None:
     """Refuse (VerificationError) a verified manifest that may not replace `running_version`.
 
-    A version not newer than the running one is a replay or a rollback, allowed only when one of
-    `pins`, signed by the same key, names exactly this fleet, app and version (and `device`, or
-    no device). Cheap: the manifest's own signature is not checked again.
+    A version not newer than the running one, or older than `newest_accepted` (the newest
+    version the device ever accepted for the app: its high-water mark, which holds also while
+    nothing runs), is a replay or a rollback, allowed only when one of `pins`, signed by the
+    same key, names exactly this fleet, app and version (and `device`, or no device). Cheap: the
+    manifest's own signature is not checked again.
     """
-    if running_version is None or manifest.version > running_version:
+    newer = running_version is None or manifest.version > running_version
+    if newer and (newest_accepted is None or manifest.version >= newest_accepted):
         return
     key = _verify_key(pinned_public_key)
     for signed_pin in pins:
@@ -139,9 +142,13 @@ def admit_release(manifest: ReleaseManifest, pinned_public_key: VerifyKey | byte
                                                    manifest.version)
                 and pin.device in (None, device)):
             return
+    if not newer:
+        raise VerificationError(
+            f"version {manifest.version} is not newer than running version {running_version}"
+            " and no pin names it")
     raise VerificationError(
-        f"version {manifest.version} is not newer than running version {running_version}"
-        " and no pin names it")
+        f"version {manifest.version} is older than version {newest_accepted}, the newest this"
+        " device accepted, and no pin names it")
 
 
 def _verify_key(key: VerifyKey | bytes) -> VerifyKey:

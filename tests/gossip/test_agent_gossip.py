@@ -4,13 +4,14 @@ come from the coordinator's targets, LAN neighbours from (fake) LAN discovery.""
 from __future__ import annotations
 
 from collections import Counter
+from ipaddress import IPv4Address
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import trio
 
 from agent import Agent, DataDir, GossipSettings, Identity
+from agent._lan import Neighbour, fingerprint
 from mesh.control import Enrollment, PeerEntry, PeerMap
 from tests.agent.fakes import HUB, KEYS, FakeClient, FakeCoordinator, FakeWireGuard, peermap
 
@@ -79,7 +80,10 @@ async def test_agents_fetch_the_targeted_release_over_the_mesh(tmp_path: Path) -
         # device 2 wants nothing: as an HRW owner it would only make the others wait (the
         # "owner may not want the blob" gap, docs/blob-exchange.md), so 0 and 1 do not see it
         seen = range(3) if name == "home-2" else range(2)
-        on_change([SimpleNamespace(name=f"home-{i}") for i in seen])
+        # as discovery reports them: with the fingerprint of the key the peer map has (the
+        # agent takes no neighbour without it, docs/security.md)
+        on_change([Neighbour(f"home-{i}", IPv4Address(f"10.201.1.{20 + i}"), 51820,
+                             fingerprint(KEYS[i].public), 0.0) for i in seen])
         await trio.sleep_forever()
 
     with trio.fail_after(30):
