@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.coordinator.test_hub_lab import HELPER
 from vpn import DesiredDevice, DesiredPeer, Endpoint, UapiBackend, generate_keypair, reconcile
 
 pytestmark = pytest.mark.lab
@@ -39,15 +40,6 @@ WG_PORT = 51820
 API_PORT = 8443
 BEHIND_HOST = "203.0.113.1"  # the coordinator host's address towards the network behind it
 BEHIND_PEER = "203.0.113.2"  # a host on that network (RFC 5737 TEST-NET-3)
-
-HELPER = r"""
-import json, sys, httpx
-url, cert, method, path, auth, body = sys.argv[1:7]
-headers = {"Authorization": "Bearer " + auth} if auth else {}
-r = httpx.request(method, url + path, verify=cert, headers=headers,
-                  json=json.loads(body) if body else None, timeout=20)
-print(json.dumps({"status": r.status_code, "body": r.json() if r.content else None}))
-"""
 
 CONNECT = r"""
 import socket, sys
@@ -64,6 +56,14 @@ def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 def in_ns(ns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return run("ip", "netns", "exec", ns, *argv, check=check)
+
+
+def veth(ns_a: str, name_a: str, addr_a: str, ns_b: str, name_b: str, addr_b: str) -> None:
+    run("ip", "link", "add", name_a, "netns", ns_a, "type", "veth", "peer", "name", name_b,
+        "netns", ns_b)
+    for ns, name, addr in ((ns_a, name_a, addr_a), (ns_b, name_b, addr_b)):
+        in_ns(ns, "ip", "addr", "add", addr, "dev", name)
+        in_ns(ns, "ip", "link", "set", name, "up")
 
 
 def pings(ns: str, addr: str) -> bool:
@@ -107,20 +107,10 @@ def world() -> Iterator[World]:
             created.append(ns)
             in_ns(ns, "ip", "link", "set", "lo", "up")
         for i, (name, ns) in enumerate(devices.items()):
-            a, b = f"fmt{tag}{name}a", f"fmt{tag}{name}b"
-            run("ip", "link", "add", a, "netns", coord, "type", "veth", "peer", "name", b,
-                "netns", ns)
-            in_ns(coord, "ip", "addr", "add", f"198.51.100.{4 * i + 1}/30", "dev", a)
-            in_ns(ns, "ip", "addr", "add", f"198.51.100.{4 * i + 2}/30", "dev", b)
-            in_ns(coord, "ip", "link", "set", a, "up")
-            in_ns(ns, "ip", "link", "set", b, "up")
-        a, b = f"fmt{tag}xa", f"fmt{tag}xb"
-        run("ip", "link", "add", a, "netns", coord, "type", "veth", "peer", "name", b,
-            "netns", behind)
-        in_ns(coord, "ip", "addr", "add", f"{BEHIND_HOST}/24", "dev", a)
-        in_ns(behind, "ip", "addr", "add", f"{BEHIND_PEER}/24", "dev", b)
-        in_ns(coord, "ip", "link", "set", a, "up")
-        in_ns(behind, "ip", "link", "set", b, "up")
+            veth(coord, f"fmt{tag}{name}a", f"198.51.100.{4 * i + 1}/30",
+                 ns, f"fmt{tag}{name}b", f"198.51.100.{4 * i + 2}/30")
+        a = f"fmt{tag}xa"
+        veth(coord, a, f"{BEHIND_HOST}/24", behind, f"fmt{tag}xb", f"{BEHIND_PEER}/24")
         in_ns(behind, "ip", "route", "add", "default", "via", BEHIND_HOST)
         # an interface that takes router advertisements, as a host's uplink does, on a host
         # that does not forward (a new namespace inherits the machine's setting)
