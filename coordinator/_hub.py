@@ -3,7 +3,9 @@ coordinator process's network namespace.
 
 Every active device and every operator workstation is a hub peer whose allowed IPs are its mesh
 /32 and /128; with forwarding on, packets that arrive on the tunnel for another mesh address
-leave on it again, to that peer (device<->device relay, operator<->device). Desired peers go
+leave on it again, to that peer (device<->device relay within a fleet, operator->device), and
+nothing else: coordinator/_hubfilter.py's nftables table drops what a device sends to another
+fleet, to the coordinator host's other services or to the networks behind it. Desired peers go
 through `vpn.areconcile` (get, pure diff, one set), so a sync is idempotent. The watcher reads
 the UAPI `get` once a second: the endpoint each handshake came from is the device's NAT-mapped
 endpoint, the handshake time makes it online.
@@ -15,7 +17,6 @@ import ipaddress
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final
 
 import trio
@@ -30,13 +31,13 @@ from vpn import (
     configure_link,
 )
 
+from ._hubfilter import FilterPeer, HostFilter
+
 log = logging.getLogger("fleetmesh.coordinator.hub")
 
 IFNAME: Final = "fmhub0"
 UAPI_TIMEOUT: Final = 5.0
 SYNC_INTERVAL: Final = 10.0  # re-converge even if nobody asked (a peer removed by hand, ...)
-FORWARDING_SYSCTLS: Final = ("/proc/sys/net/ipv4/ip_forward",
-                             "/proc/sys/net/ipv6/conf/all/forwarding")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,7 @@ class HubPeer:
     public_key: str
     mesh_ipv4: str
     mesh_ipv6: str
+    fleet: str | None  # None: an operator workstation (may reach every device)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +70,8 @@ def observations(status: DeviceStatus) -> list[Observation]:
                         p.rx_bytes) for p in status.peers]
 
 
-def enable_forwarding() -> None:
-    for path in FORWARDING_SYSCTLS:
-        Path(path).write_text("1\n")
+def filter_peers(peers: Iterable[HubPeer]) -> list[FilterPeer]:
+    return [FilterPeer(p.mesh_ipv4, p.mesh_ipv6, p.fleet) for p in peers]
 
 
 class Hub:
@@ -81,7 +82,7 @@ class Hub:
     def __init__(self, private_key: str, listen_port: int, addresses: list[str],
                  peers: Callable[[], list[HubPeer]],
                  observe: Callable[[list[Observation]], None],
-                 poll_interval: float = 1.0) -> None:
+                 poll_interval: float = 1.0, *, api_port: int) -> None:
         self.private_key = private_key
         self.listen_port = listen_port
         self.addresses = [ipaddress.ip_interface(a) for a in addresses]
@@ -92,15 +93,22 @@ class Hub:
         self._backend: UapiBackend | None = None
         self._lock = trio.Lock()
         self._wanted = trio.Event()
+        hub4 = next(str(a.ip) for a in self.addresses if a.version == 4)
+        hub6 = next(str(a.ip) for a in self.addresses if a.version == 6)
+        self._filter = HostFilter(IFNAME, hub4, hub6, api_port)
 
     async def sync(self) -> None:
         """Make the hub's peers exactly the desired ones, now (revocation calls this)."""
         if self._backend is None:
             return
         async with self._lock:
+            peers = self._peers()
             with trio.fail_after(UAPI_TIMEOUT):
-                await areconcile(desired_device(self.private_key, self.listen_port,
-                                                self._peers()), self._backend)
+                await areconcile(desired_device(self.private_key, self.listen_port, peers),
+                                 self._backend)
+            # a revoked peer is gone from the tunnel already; its addresses leave the filter
+            # (and a new device's join it) right after
+            await trio.to_thread.run_sync(self._filter.update, filter_peers(peers))
 
     def request_sync(self) -> None:
         self._wanted.set()
@@ -113,7 +121,7 @@ class Hub:
             self.wg = wg
             self._backend = wg.backend()
             await trio.to_thread.run_sync(configure_link, IFNAME, None, self.addresses)
-            await trio.to_thread.run_sync(enable_forwarding)
+            await trio.to_thread.run_sync(self._filter.start, filter_peers(self._peers()))
             await self.sync()
             task_status.started()
             async with trio.open_nursery() as nursery:
@@ -122,6 +130,7 @@ class Hub:
         finally:
             self._backend = None
             with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._filter.stop)
                 await trio.to_thread.run_sync(wg.stop)
 
     async def _sync_loop(self) -> None:
@@ -131,7 +140,7 @@ class Hub:
             self._wanted = trio.Event()
             try:
                 await self.sync()
-            except (OSError, ValueError, trio.TooSlowError) as exc:
+            except (OSError, ValueError, trio.TooSlowError) as exc:  # FilterError is an OSError
                 log.warning("hub sync failed (retrying): %s", exc)
 
     async def _watch_loop(self) -> None:

@@ -259,7 +259,8 @@ class Coordinator:
                     self.hub = Hub(self._hub_private, cfg.wg_port,
                                    [f"{self.hub_v4}/{self.prefix_v4.prefixlen}",
                                     f"{self.hub_v6}/{self.prefix_v6.prefixlen}"],
-                                   service.hub_peers, service.observe, cfg.hub_poll_interval)
+                                   service.hub_peers, service.observe, cfg.hub_poll_interval,
+                                   api_port=self.port)
                     await nursery.start(self.hub.run)
                     if not unspecified and host != self.hub_v4:
                         # the API through the tunnel (HubInfo.api_url), same port

@@ -263,8 +263,9 @@ class FleetService:
 
     def hub_peers(self) -> list[HubPeer]:
         """Every device and operator workstation the hub relays for."""
-        peers = [HubPeer(m.public_key, m.mesh_ipv4, m.mesh_ipv6) for m in self.core.members()]
-        peers += [HubPeer(o.public_key, o.mesh_ipv4, o.mesh_ipv6)
+        peers = [HubPeer(m.public_key, m.mesh_ipv4, m.mesh_ipv6, m.fleet)
+                 for m in self.core.members()]
+        peers += [HubPeer(o.public_key, o.mesh_ipv4, o.mesh_ipv6, None)
                   for o in self.store.list_operators()]
         return peers
 
