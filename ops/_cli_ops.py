@@ -179,7 +179,8 @@ def _devices_logs(args: argparse.Namespace) -> int:
         dropped = page.get("dropped")
         if isinstance(dropped, int) and dropped and dropped != dropped_seen:
             print(f"fleetmesh: {name} dropped {dropped} log lines in all (its buffer was "
-                  "full)", file=sys.stderr, flush=True)
+                  "full, or over the coordinator's log rate limit)", file=sys.stderr,
+                  flush=True)
             dropped_seen = dropped
 
     try:
