@@ -160,6 +160,42 @@ async def drain(request: Request, limit: int = MAX_BODY_BYTES) -> bool:
         return True
 
 
+class ClientGone(ClientDisconnect):
+    """The client closed the connection `when` (e.g. "mid-long-poll")."""
+
+    def __init__(self, when: str) -> None:
+        super().__init__(when)
+        self.when = when
+
+
+async def unless_gone(request: Request, wait: Callable[[], Awaitable[_T]]) -> _T:
+    """`await wait()` (a long poll), cut short if the client closes the connection meanwhile:
+    ClientGone, which the guards log as one line. Without this a poll whose client left (an
+    agent's poll cut by its own deadline on a saturated link) held its task until its deadline.
+    The request's (empty) body is read first, within the body deadlines; then the next ASGI
+    message can only be the disconnect."""
+    await read_body(request, MAX_BODY_BYTES)
+    outcome: list[_T] = []
+    failure: list[Exception] = []  # raised outside the nursery: no ExceptionGroup around it
+    async with trio.open_nursery() as nursery:
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch)
+        try:
+            outcome.append(await wait())
+        except Exception as exc:  # noqa: BLE001 - re-raised as is below
+            failure.append(exc)
+        nursery.cancel_scope.cancel()
+    if failure:
+        raise failure[0]
+    if not outcome:
+        raise ClientGone("mid-long-poll")
+    return outcome[0]
+
+
 def json_field(obj: Any, key: str, kind: type[_T]) -> _T:
     """`obj[key]`, which must be there and of `kind` (str, int or list)."""
     value = optional_field(obj, key, kind)
@@ -381,8 +417,8 @@ def guarded(fn: Handler, limit: int = MAX_BODY_BYTES) -> Handler:
             response = await fn(request)  # then drain, e.g. a body sent to revoke
         except RequestTimeout as exc:
             return _closing(error(exc.status, str(exc)))  # no second wait for the same body
-        except ClientDisconnect:
-            client_gone(request, "mid-body")
+        except ClientDisconnect as exc:
+            client_gone(request, exc.when if isinstance(exc, ClientGone) else "mid-body")
             return _closing(error(400, "client disconnected"))  # sent to no one
         except TooLarge as exc:
             # Read on (bounded) so a client still sending sees the 413, not a reset.

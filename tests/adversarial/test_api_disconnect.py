@@ -4,7 +4,9 @@ operator's blob download is dropped after the headers. Before, the first reached
 handler of coordinator/_http.py and was logged as "internal error" with a traceback, which
 buried real bugs and alarmed operators. Expected, against a real running coordinator: one log
 line per cut request, at INFO, naming the route and who sent it (the device's name, or
-"operator"), with no traceback and no "internal error"; the coordinator serves on."""
+"operator"), with no traceback and no "internal error"; the coordinator serves on. A long poll
+whose client left (an agent's poll cut by its own deadline on a saturated link) ends at once
+with the same one line instead of holding its task until the poll's deadline."""
 
 from __future__ import annotations
 
@@ -94,4 +96,27 @@ async def test_download_dropped_mid_response_is_one_line(
     assert record.levelno == logging.INFO and record.exc_info is None
     _no_internal_error(caplog)
     r = await h.op.get("/api/v1/devices")
+    assert r.status_code == 200, r.text
+
+
+async def test_long_poll_whose_client_left_ends_at_once(
+        h: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    """A peer-map long poll asking to wait 100 s is closed by its client: within seconds (not
+    100 s) one INFO line says so, naming the route and the device; the device's next poll is
+    answered as usual."""
+    caplog.set_level(logging.DEBUG)
+    cam = await h.enroll("cam-7")
+    first = await cam.client.get("/api/v1/device/peermap", params={"version": 0, "wait": 0})
+    version = first.json()["version"]
+    stream = await _tls(h)
+    await stream.send_all((f"GET /api/v1/device/peermap?version={version}&wait=100 HTTP/1.1\r\n"
+                           f"Host: 127.0.0.1\r\nAuthorization: Bearer {cam.credential}\r\n"
+                           "\r\n").encode())
+    await stream.aclose()
+    record = await _wait_for_record(caplog, "client went away")  # SLACK, far below 100 s
+    text = record.getMessage()
+    assert "mid-long-poll" in text and "GET /api/v1/device/peermap" in text, text
+    assert "device cam-7" in text and record.levelno == logging.INFO
+    _no_internal_error(caplog)
+    r = await cam.client.get("/api/v1/device/peermap", params={"version": 0, "wait": 0})
     assert r.status_code == 200, r.text
