@@ -17,7 +17,6 @@ import argparse
 import datetime
 import ipaddress
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +40,7 @@ from ops._cli_common import (
     when,
 )
 from ops.client import ProtocolError
-from vpn import Endpoint, QuickPeer, export_wg_quick, generate_keypair
+from vpn import Endpoint, QuickPeer, export_wg_quick, generate_keypair, write_private_file
 
 LOG_FOLLOW_WAIT: Final = 25.0  # s per long poll while following logs (server allows 30)
 LOG_FOLLOW_BACKLOG: Final = 10  # lines shown before following, as tail -f does
@@ -243,13 +242,9 @@ def operator_wg_quick(private_key: str, registered: dict[str, Any]) -> str:
 
 
 def _write_secret(path: Path, text: str, force: bool) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if force else os.O_EXCL)
-    fd = os.open(path, flags, 0o600)  # born 0600: it holds a private key
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, text.encode("ascii"))
-    finally:
-        os.close(fd)
+    """0600 (it holds a private key), whole or absent after a crash, durable; an existing file
+    is replaced only with `force` (else FileExistsError)."""
+    write_private_file(path, text.encode("ascii"), exclusive=not force)
 
 
 def _operator_config(args: argparse.Namespace) -> int:

@@ -20,6 +20,8 @@ import pytest
 
 from agent._datadir import DataDir, Identity
 from coordinator._server import Coordinator, CoordinatorConfig
+from mesh.release import read_signing_key, write_signing_key
+from ops._cli_ops import _write_secret
 from tests.agent.fakes import enrollment
 from vpn import generate_keypair
 
@@ -28,8 +30,8 @@ URL = "https://198.51.100.1:8443"
 
 @dataclass
 class DiskLog:
-    """What reached the disk calls, in order: ("replace", target) and ("fsync", path,
-    is_dir)."""
+    """What reached the disk calls, in order: ("replace", target) for a rename or link that
+    names a file, and ("fsync", path, is_dir)."""
 
     events: list[tuple[str, str, bool]] = field(default_factory=list)
 
@@ -46,11 +48,15 @@ class DiskLog:
 @pytest.fixture
 def disk(monkeypatch: pytest.MonkeyPatch) -> DiskLog:
     log = DiskLog()
-    real_replace, real_fsync = os.replace, os.fsync
+    real_replace, real_fsync, real_link = os.replace, os.fsync, os.link
 
     def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str], **kw: object) -> None:
         real_replace(src, dst, **kw)  # type: ignore[arg-type]
         log.events.append(("replace", str(Path(dst).resolve()), False))
+
+    def link(src: str | os.PathLike[str], dst: str | os.PathLike[str], **kw: object) -> None:
+        real_link(src, dst, **kw)  # type: ignore[arg-type]
+        log.events.append(("replace", str(Path(dst).resolve()), False))  # named, never overwriting
 
     def fsync(fd: int) -> None:
         real_fsync(fd)
@@ -58,6 +64,7 @@ def disk(monkeypatch: pytest.MonkeyPatch) -> DiskLog:
         log.events.append(("fsync", path, stat.S_ISDIR(os.fstat(fd).st_mode)))
 
     monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "link", link)
     monkeypatch.setattr(os, "fsync", fsync)
     return log
 
@@ -88,3 +95,25 @@ def test_coordinator_keys_are_durable(tmp_path: Path, disk: DiskLog) -> None:
             assert disk.durable(root / name), (name, disk.events)
     finally:
         coord.store.close()
+
+
+def test_operator_secrets_are_durable(tmp_path: Path, disk: DiskLog) -> None:
+    """The operator's side: the release signing key (`fleetmesh release keygen`) and the
+    workstation's wg-quick config (`fleetmesh operator config --out`) are whole or absent after
+    a crash, and their directory is fsynced; an existing file is still never overwritten
+    unless asked (--force)."""
+    key_path = tmp_path / "release.key"
+    write_signing_key(key_path)
+    assert disk.durable(key_path.resolve()), disk.events
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    with pytest.raises(FileExistsError):
+        write_signing_key(key_path)
+    assert read_signing_key(key_path)  # still the first key, whole
+    config = tmp_path / "operator.conf"
+    _write_secret(config, "[Interface]\nPrivateKey = x\n", force=False)
+    assert disk.durable(config.resolve()), disk.events
+    with pytest.raises(FileExistsError):
+        _write_secret(config, "[Interface]\n", force=False)
+    _write_secret(config, "[Interface]\nPrivateKey = y\n", force=True)
+    assert config.read_text().endswith("= y\n") and stat.S_IMODE(config.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp left
