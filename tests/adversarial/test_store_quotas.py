@@ -76,6 +76,11 @@ async def test_app_rows_per_device_are_bounded(h: Harness) -> None:
         assert _app_rows(h, device_id) <= MAX_APPS
     shown = (await h.op.get("/api/v1/devices/cam-1")).json()
     assert sorted(a["app"] for a in shown["apps"]) == sorted(names)
+    # One report naming more than MAX_APPS is refused whole (400, one line), nothing stored.
+    r = await cam.client.post("/api/v1/device/state", json={
+        "agent_version": "test", "apps": [_app(f"many-{i}") for i in range(MAX_APPS + 1)]})
+    assert r.status_code == 400 and "more than" in r.json()["error"], r.text
+    assert _app_rows(h, device_id) <= MAX_APPS
     # Below the bound nothing changes: an app left out of a report keeps its status.
     dog = await h.enroll("dog-1")
     for name in ("web", "db"):
