@@ -23,12 +23,14 @@ from ._link import CoordinatorLink, ErrorOnce, Log
 # "online" comes from the hub's WireGuard session (docs/api.md). Each report is a TLS request
 # over a metered link, so the idle rate is low (docs/gossip.md "Idle cost").
 REPORT_INTERVAL: Final = 300.0
-# While a release is in flight (an app neither idle, running nor failed) the operator watches
-# the rollout: a report reaches the coordinator at least every 30 s even when nothing moves
-# (a download stalled behind a slow link reports no progress). 10 s leaves room for one
-# attempt cut at its deadline (agent/_link.py CALL_TIMEOUT) before 30 s are up.
+# While a release is in flight (an app downloading, loading or switching over) the operator
+# watches the rollout: a report reaches the coordinator at least every 30 s even when nothing
+# moves (a download stalled behind a slow link reports no progress). 10 s leaves room for one
+# attempt cut at its deadline (agent/_link.py CALL_TIMEOUT) before 30 s are up. Waiting for the
+# app's update lock is no work in flight: it may last an hour (a recording), its start and end
+# are reported at once, and 10 s reports for that long would cost a metered link ~1 MB/h.
 ROLLOUT_REPORT_INTERVAL: Final = 10.0
-SETTLED_STATES: Final = frozenset({"idle", "running", "failed"})
+SETTLED_STATES: Final = frozenset({"idle", "running", "failed", "waiting-lock"})
 MIN_REPORT_SPACING: Final = 1.0  # path flaps cannot turn into a report storm
 LOG_UPLOAD_INTERVAL: Final = 2.0  # app log lines go up in batches, at most this often
 

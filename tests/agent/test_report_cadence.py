@@ -59,7 +59,8 @@ def _gaps(times: list[float]) -> list[float]:
 async def test_reports_every_few_seconds_while_a_release_is_in_flight(
         enrolled: DataDir, autojump_clock: trio.abc.Clock) -> None:
     """Five minutes with an app downloading and no progress at all: a report at least every
-    30 s (every ROLLOUT_REPORT_INTERVAL); once it runs, the heartbeat is REPORT_INTERVAL."""
+    30 s (every ROLLOUT_REPORT_INTERVAL); once it waits for its update lock (which may last an
+    hour), the heartbeat is REPORT_INTERVAL again."""
     coord = TimedCoordinator()
     state = ["downloading"]
     async with trio.open_nursery() as nursery:
@@ -67,7 +68,7 @@ async def test_reports_every_few_seconds_while_a_release_is_in_flight(
         # (the test wakes half an interval off the reporter's beat: no tie in virtual time)
         await trio.sleep(300 + ROLLOUT_REPORT_INTERVAL / 2)
         during = list(coord.arrived)
-        state[0] = "running"
+        state[0] = "waiting-lock"  # no work in flight: the app holds its update lock
         await trio.sleep(ROLLOUT_REPORT_INTERVAL)  # the report that says so
         settled = len(coord.arrived)
         await trio.sleep(2 * REPORT_INTERVAL)
