@@ -23,6 +23,14 @@ from ._link import CoordinatorLink, ErrorOnce, Log
 # "online" comes from the hub's WireGuard session (docs/api.md). Each report is a TLS request
 # over a metered link, so the idle rate is low (docs/gossip.md "Idle cost").
 REPORT_INTERVAL: Final = 300.0
+# While a release is in flight (an app downloading, loading or switching over) the operator
+# watches the rollout: a report reaches the coordinator at least every 30 s even when nothing
+# moves (a download stalled behind a slow link reports no progress). 10 s leaves room for one
+# attempt cut at its deadline (agent/_link.py CALL_TIMEOUT) before 30 s are up. Waiting for the
+# app's update lock is no work in flight: it may last an hour (a recording), its start and end
+# are reported at once, and 10 s reports for that long would cost a metered link ~1 MB/h.
+ROLLOUT_REPORT_INTERVAL: Final = 10.0
+SETTLED_STATES: Final = frozenset({"idle", "running", "failed", "waiting-lock"})
 MIN_REPORT_SPACING: Final = 1.0  # path flaps cannot turn into a report storm
 LOG_UPLOAD_INTERVAL: Final = 2.0  # app log lines go up in batches, at most this often
 
@@ -35,9 +43,15 @@ class LogSource(Protocol):
     def put_back(self, lines: Iterable[dict[str, Any]], dropped: int) -> None: ...
 
 
+def in_flight(report: DeviceReport) -> bool:
+    """The report shows a release on its way (an app downloading, loading, switching...)."""
+    return any(a.state not in SETTLED_STATES for a in report.apps)
+
+
 class Reporter:
-    """Sends `make_report()` every `interval`, and at once (at most every MIN_REPORT_SPACING)
-    after `wake()`."""
+    """Sends `make_report()` every `interval` (every ROLLOUT_REPORT_INTERVAL while a release is
+    in flight), and at once (at most every MIN_REPORT_SPACING) after `wake()`. Each attempt is
+    bounded by the link's per-call deadline, so nothing queues a report for long."""
 
     def __init__(self, link: CoordinatorLink, make_report: Callable[[], DeviceReport],
                  log: Log, interval: float = REPORT_INTERVAL) -> None:
@@ -56,14 +70,17 @@ class Reporter:
         errors = ErrorOnce(self.log, self.interval)
         while not self.link.revoked:
             sent_at = trio.current_time()
+            report = self.make_report()
             try:
-                await self.link.report(self.make_report())
+                await self.link.report(report)
             except Exception as exc:  # noqa: BLE001 - never exit on coordinator errors
                 if self.link.failed(exc, errors, "report"):
                     return
             else:
                 errors.ok("report: delivered again")
-            with trio.move_on_after(self.interval):
+            interval = min(self.interval, ROLLOUT_REPORT_INTERVAL) if in_flight(report) \
+                else self.interval
+            with trio.move_on_at(sent_at + interval):
                 await self._wake.wait()
             self._wake = trio.Event()
             spent = trio.current_time() - sent_at
@@ -104,5 +121,5 @@ class LogUploader:
             await trio.sleep(LOG_UPLOAD_INTERVAL)
 
 
-__all__ = ["LOG_UPLOAD_INTERVAL", "MIN_REPORT_SPACING", "REPORT_INTERVAL", "LogUploader",
-           "Reporter"]
+__all__ = ["LOG_UPLOAD_INTERVAL", "MIN_REPORT_SPACING", "REPORT_INTERVAL",
+           "ROLLOUT_REPORT_INTERVAL", "LogUploader", "Reporter", "in_flight"]

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ._http import Deps, http_error, server_error
+from ._http import Deps, disconnected, http_error, server_error
 from ._listen import HttpLimits, SourceGate
 from ._openapi import openapi_document
 from ._service import FleetService
@@ -32,6 +32,7 @@ def build_app(service: FleetService, limits: HttpLimits | None = None,
               *logs.ROUTES, Route("/openapi.json", openapi, methods=["GET"]),
               *dashboard.ROUTES]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error,
+                                                       ClientDisconnect: disconnected,
                                                        Exception: server_error})
     app.state.deps = Deps(service, SessionTable(service.settings.clock), limits,
                           gate or SourceGate(limits.max_unauthenticated_per_source))

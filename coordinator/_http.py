@@ -8,6 +8,10 @@ a 4xx. An exception that escapes as a 500 is a bug.
 
 A route is a module-level function; the guards below give it the service (and the device a
 credential names) from the app's state (`Deps`), so no route closes over a server object.
+
+A client that goes away mid-request (a body cut short on a saturated link) or mid-response (a
+download dropped) is no bug: it is one INFO line naming the route and the caller
+(`client_gone`), never a traceback or an "internal error".
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from typing import Any, Final, TypeVar
 
 import trio
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from mesh.control import MAX_BODY_BYTES, ControlError, check_app, check_name
 
@@ -155,6 +160,42 @@ async def drain(request: Request, limit: int = MAX_BODY_BYTES) -> bool:
         return True
 
 
+class ClientGone(ClientDisconnect):
+    """The client closed the connection `when` (e.g. "mid-long-poll")."""
+
+    def __init__(self, when: str) -> None:
+        super().__init__(when)
+        self.when = when
+
+
+async def unless_gone(request: Request, wait: Callable[[], Awaitable[_T]]) -> _T:
+    """`await wait()` (a long poll), cut short if the client closes the connection meanwhile:
+    ClientGone, which the guards log as one line. Without this a poll whose client left (an
+    agent's poll cut by its own deadline on a saturated link) held its task until its deadline.
+    The request's (empty) body is read first, within the body deadlines; then the next ASGI
+    message can only be the disconnect."""
+    await read_body(request, MAX_BODY_BYTES)
+    outcome: list[_T] = []
+    failure: list[Exception] = []  # raised outside the nursery: no ExceptionGroup around it
+    async with trio.open_nursery() as nursery:
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch)
+        try:
+            outcome.append(await wait())
+        except Exception as exc:  # noqa: BLE001 - re-raised as is below
+            failure.append(exc)
+        nursery.cancel_scope.cancel()
+    if failure:
+        raise failure[0]
+    if not outcome:
+        raise ClientGone("mid-long-poll")
+    return outcome[0]
+
+
 def json_field(obj: Any, key: str, kind: type[_T]) -> _T:
     """`obj[key]`, which must be there and of `kind` (str, int or list)."""
     value = optional_field(obj, key, kind)
@@ -236,6 +277,23 @@ def path_release(request: Request) -> tuple[str, str, int]:
     if version is None or not 1 <= version <= MAX_INT:
         raise ControlError("version: must be a positive integer")
     return fleet, app, version
+
+
+def caller(request: Request) -> str:
+    """Who sent the request, for the log: "device NAME", "operator", or the peer address
+    until a guard has checked a credential."""
+    who = getattr(request.state, "caller", None)
+    if isinstance(who, str):
+        return who
+    peer = request.client
+    return f"unauthenticated {peer.host}:{peer.port}" if peer else "unauthenticated client"
+
+
+def client_gone(request: Request, when: str) -> None:
+    """One line, no traceback: the client closed the connection `when` (mid-body,
+    mid-response). Expected on flaky or saturated links, so INFO, not an error."""
+    log.info("client went away %s: %s %s from %s", when, request.method, request.url.path,
+             caller(request))
 
 
 def _bearer(request: Request) -> str | None:
@@ -324,8 +382,27 @@ def blob_response(request: Request, blob_id: str, blob: OpenBlob) -> Response:
         finally:
             f.close()
 
-    return StreamingResponse(pieces(), status_code=status, headers=headers,
-                             media_type="application/octet-stream")
+    return _Download(request, pieces(), status_code=status, headers=headers,
+                     media_type="application/octet-stream")
+
+
+class _Download(StreamingResponse):
+    """A streamed blob that says so (`client_gone`) when its client leaves before the end:
+    Starlette then cancels the stream quietly (ASGI `http.disconnect`)."""
+
+    def __init__(self, request: Request, content: AsyncIterator[bytes], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.request = request
+        self.finished = False
+
+    async def stream_response(self, send: Send) -> None:
+        await super().stream_response(send)
+        self.finished = True
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await super().__call__(scope, receive, send)
+        if not self.finished:
+            client_gone(self.request, "mid-response")
 
 
 # --------------------------------------------------------------------------- errors
@@ -340,6 +417,9 @@ def guarded(fn: Handler, limit: int = MAX_BODY_BYTES) -> Handler:
             response = await fn(request)  # then drain, e.g. a body sent to revoke
         except RequestTimeout as exc:
             return _closing(error(exc.status, str(exc)))  # no second wait for the same body
+        except ClientDisconnect as exc:
+            client_gone(request, exc.when if isinstance(exc, ClientGone) else "mid-body")
+            return _closing(error(400, "client disconnected"))  # sent to no one
         except TooLarge as exc:
             # Read on (bounded) so a client still sending sees the 413, not a reset.
             linger = LINGER_BYTES
@@ -371,6 +451,12 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return error(exc.status_code, exc.detail or "error")
 
 
+async def disconnected(request: Request, exc: Exception) -> Response:
+    """A disconnect that no guard saw (a route outside them): the same one line."""
+    client_gone(request, "mid-body")
+    return _closing(error(400, "client disconnected"))
+
+
 async def server_error(request: Request, exc: Exception) -> Response:
     log.exception("internal error on %s %s", request.method, request.url.path)
     return error(500, "internal error (a bug; see the coordinator's log)")
@@ -379,9 +465,11 @@ async def server_error(request: Request, exc: Exception) -> Response:
 # --------------------------------------------------------------------------- credentials
 
 
-def _authenticated(request: Request) -> None:
-    """The request's connection presented a valid credential: it no longer counts against its
-    source's unauthenticated connections (coordinator._listen.SourceGate)."""
+def _authenticated(request: Request, who: str) -> None:
+    """The request's connection presented a valid credential (of `who`, for the log): it no
+    longer counts against its source's unauthenticated connections
+    (coordinator._listen.SourceGate)."""
+    request.state.caller = who
     deps(request).gate.authenticated(peer_of(request.client))
 
 
@@ -403,7 +491,7 @@ def operator(limit: int = MAX_BODY_BYTES) -> Callable[[AnyoneHandler], Handler]:
             secret = _bearer(request)
             if secret is None:
                 if session_allows(found.sessions, request):
-                    _authenticated(request)
+                    _authenticated(request, "operator (dashboard)")
                     return await fn(request, found.service)
                 raise Unauthorized("operator API key required (Authorization: Bearer fmo_...)"
                                    " or a dashboard session")
@@ -411,7 +499,7 @@ def operator(limit: int = MAX_BODY_BYTES) -> Callable[[AnyoneHandler], Handler]:
                 if found.service.device_for(secret) is not None:
                     raise Forbidden("a device credential cannot use operator endpoints")
                 raise Unauthorized("unknown or revoked API key")
-            _authenticated(request)
+            _authenticated(request, "operator")
             return await fn(request, found.service)
         wrapper.__name__ = fn.__name__
         return guarded(wrapper, limit)
@@ -432,7 +520,7 @@ def device(limit: int = MAX_BODY_BYTES) -> Callable[[DeviceHandler], Handler]:
                     raise Forbidden("device endpoints need a device credential, not the "
                                     "operator key")
                 raise service.credential_refusal(secret)
-            _authenticated(request)
+            _authenticated(request, f"device {dev.name}")
             return await fn(request, service, dev)
         wrapper.__name__ = fn.__name__
         return guarded(wrapper, limit)
@@ -448,7 +536,7 @@ def operator_or_device(fn: EitherHandler) -> Handler:
             raise Unauthorized("operator API key or device credential required "
                                "(Authorization: Bearer ...)")
         if service.is_operator_key(secret):
-            _authenticated(request)
+            _authenticated(request, "operator")
             return await fn(request, service, None)
         dev = service.device_for(secret)
         if dev is None:
@@ -456,7 +544,7 @@ def operator_or_device(fn: EitherHandler) -> Handler:
             if isinstance(refusal, CredentialRevoked):
                 raise refusal
             raise Unauthorized("unknown or revoked API key or device credential")
-        _authenticated(request)
+        _authenticated(request, f"device {dev.name}")
         return await fn(request, service, dev)
     wrapper.__name__ = fn.__name__
     return guarded(wrapper)

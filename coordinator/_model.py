@@ -185,6 +185,7 @@ class DeviceInfo(TypedDict):
     endpoint: str | None
     lan_endpoints: list[str]
     last_seen: float | None
+    last_report: float | None  # when its last state report arrived (coordinator clock)
     enrolled_at: float | None
     release: int | None  # the running version of its app (the first by name if several)
     apps: list[dict[str, Any]]  # AppStatus JSON plus lock_stale
@@ -198,7 +199,8 @@ def device_info(device: Device, *, online: bool, endpoint: str | None,
             "online": online, "public_key": device.public_key, "mesh_ipv4": device.mesh_ipv4,
             "mesh_ipv6": device.mesh_ipv6, "agent_version": device.agent_version,
             "endpoint": endpoint, "lan_endpoints": list(device.lan_endpoints),
-            "last_seen": last_seen, "enrolled_at": device.enrolled_at, "release": release,
+            "last_seen": last_seen, "last_report": device.last_report,
+            "enrolled_at": device.enrolled_at, "release": release,
             "apps": apps}
 
 

@@ -257,11 +257,17 @@ class ReleaseRegistry:
         return self._release(fleet, app, version).signed
 
     async def delete(self, fleet: str, app: str, version: int) -> int:
-        """Remove the release and the blobs no other release names → blobs removed."""
+        """Remove the release and the blobs no other release names → blobs removed.
+
+        Finding the orphans and unlinking them happen under one hold of the lock: a publish
+        (or an upload's final rename) between the two would otherwise be told a blob is stored
+        and then lose it to this GC (docs/security.md, "Blob GC cannot delete a published
+        blob")."""
         async with self._lock:
             orphans = self.store.delete_release(fleet, app, version)
+            removed = await trio.to_thread.run_sync(self.blobs.delete, orphans)
         self.targets_changed(fleet, None)  # it may have been the newest: devices re-read
-        return await trio.to_thread.run_sync(self.blobs.delete, orphans)
+        return removed
 
     # -- keys and targets --------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from mesh.blobs import write_atomically
 from vpn import write_private_file
 
 DEVICE_PREFIX: Final = "fmd_"
@@ -98,4 +99,5 @@ def make_self_signed(cert_path: Path, key_path: Path, ips: list[str], now: dt.da
     write_secret_file(key_path, key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()).decode())
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    # atomic and durable like the key: a torn certificate would stop every later start
+    write_atomically(cert_path, cert.public_bytes(serialization.Encoding.PEM))

@@ -20,12 +20,14 @@ from typing import Any, Final, TypedDict
 import trio
 
 from mesh.control import (
+    MAX_LOG_LINES,
     MAX_PEERS,
     AppStatus,
     DeviceReport,
     Enrollment,
     EnrollRequest,
     HubInfo,
+    LogLine,
     LogUpload,
     TokenParts,
     key_proof_mac,
@@ -63,6 +65,15 @@ BATCH_WINDOW: Final = 0.2  # s: coalesce a burst so both sides of a pair hear it
 # recording or call, which is what apps hold their lock for.
 LOCK_STALE_AFTER: Final = 3600.0
 LOG_KEEP: Final = 5000  # newest log lines kept per device (docs/api.md)
+# Log lines a device may store, per second on average and in one burst (docs/security.md,
+# "Log uploads are rate-limited"). The agent sends at most MAX_LOG_LINES every 2 s (500 lines/s);
+# an app that logs 50 lines a second for long is flooding, and every line is a database write.
+# The burst takes two full uploads, e.g. the backlog an agent kept while the coordinator was away.
+LOG_RATE: Final = 50.0
+LOG_BURST: Final = 2 * MAX_LOG_LINES
+# At most one "dropped N lines" marker line per device this often: the markers of a flooding
+# device must not become the flood.
+LOG_MARKER_SPACING: Final = 10.0
 MAX_SECRET_LEN: Final = 200  # longer than any credential we hand out: refused unhashed
 # An enrollment challenge (docs/security.md): answered within seconds by the SDK; a minute
 # covers a slow link. The table is bounded (oldest dropped) and only a valid token fills it.
@@ -143,6 +154,36 @@ class OperatorAdded(TypedDict):
     mesh_prefix_v6: str
 
 
+# --------------------------------------------------------------------------- log rate
+
+
+@dataclass(slots=True)
+class LogBucket:
+    """One device's log budget: a token bucket of `burst` lines refilled at `rate` per second,
+    and the lines dropped since the last marker line told the operator."""
+
+    tokens: float
+    at: float  # when `tokens` was computed
+    unreported: int = 0  # dropped lines no marker has counted yet
+    app: str = ""  # the app of the first of them (the marker is filed under it)
+    marker_at: float = float("-inf")
+
+    def take(self, wanted: int, now: float, rate: float, burst: float) -> int:
+        """How many of `wanted` lines fit now (spent from the bucket)."""
+        self.tokens = min(burst, self.tokens + max(0.0, now - self.at) * rate)
+        self.at = now
+        granted = min(wanted, int(self.tokens))
+        self.tokens -= granted
+        return granted
+
+
+def drop_marker(count: int, app: str, now: float) -> LogLine:
+    """The line the operator sees where the coordinator dropped `count` lines."""
+    return LogLine(now, app, "stderr",
+                   f"[fleetmesh coordinator] dropped {count} log lines of this device: over "
+                   f"the log rate limit ({LOG_RATE:g} lines/s, bursts of {LOG_BURST})")
+
+
 # --------------------------------------------------------------------------- the service
 
 
@@ -190,6 +231,7 @@ class FleetService:
         self._rx_bytes: dict[str, int] = {}
         self._waiters: dict[str, trio.Event] = {}
         self._log_waiters: dict[str, trio.Event] = {}  # device id -> set on new lines
+        self._log_buckets: dict[str, LogBucket] = {}  # device id -> its log budget
         # enrollment challenges: nonce -> (device name, public key, expiry)
         self._challenges: dict[str, tuple[str, str, float]] = {}
         self._dirty = trio.Event()
@@ -422,7 +464,22 @@ class FleetService:
         self._changed()
 
     def upload_logs(self, device: Device, upload: LogUpload) -> None:
-        self.store.append_logs(device.id, upload.lines, upload.dropped, LOG_KEEP)
+        """Store the lines within the device's log rate; the rest are dropped, counted in the
+        device's `dropped` total and told by a marker line (at most one per
+        LOG_MARKER_SPACING, counting every line dropped since the last)."""
+        now = self.settings.clock()
+        bucket = self._log_buckets.setdefault(device.id, LogBucket(LOG_BURST, now))
+        granted = bucket.take(len(upload.lines), now, LOG_RATE, LOG_BURST)
+        lines = list(upload.lines[:granted])
+        over = len(upload.lines) - granted
+        if over:
+            if not bucket.unreported:
+                bucket.app = upload.lines[granted].app
+            bucket.unreported += over
+        if bucket.unreported and now - bucket.marker_at >= LOG_MARKER_SPACING:
+            lines.append(drop_marker(bucket.unreported, bucket.app, now))
+            bucket.unreported, bucket.marker_at = 0, now
+        self.store.append_logs(device.id, lines, upload.dropped + over, LOG_KEEP)
         event = self._log_waiters.pop(device.id, None)
         if event is not None:
             event.set()
@@ -500,6 +557,7 @@ class FleetService:
             self._key_names.pop(member.public_key, None)
             self._last_handshake.pop(name, None)
             self._rx_bytes.pop(name, None)
+            self._log_buckets.pop(device.id, None)
             event = self._waiters.pop(name, None)
             if event is not None:
                 event.set()  # its long poll ends now, with 401

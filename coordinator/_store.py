@@ -74,8 +74,10 @@ class Store(Protocol):
     def record_report(self, device_id: str, lan_endpoints: Sequence[str], agent_version: str,
                       peers: Sequence[PeerPath], now: float, apps: Sequence[AppStatus] = ()
                       ) -> list[str]:
-        """Also keeps each app's status (replacing the previous one of that app) and clears
-        the force of every app now running the forced version or a newer one → those apps."""
+        """Also keeps each app's status (replacing the previous one of that app; at most
+        mesh.control.MAX_APPS per device, past which the apps this report leaves out lose
+        theirs) and clears the force of every app now running the forced version or a newer
+        one → those apps."""
 
     def record_public_endpoint(self, device_id: str, endpoint: str | None) -> None:
         """The endpoint the hub last saw the device at (kept across coordinator restarts)."""

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
-from mesh.control import AppStatus, ControlError, LogLine, PeerPath
+from mesh.control import MAX_APPS, AppStatus, ControlError, LogLine, PeerPath
 
 from . import _ipam
 from ._model import (
@@ -200,7 +200,10 @@ class SqliteStore:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable but for power loss
+        # WAL + NORMAL: durable but for power loss, which may take the last commits back. That
+        # is fine for reports and logs (the next one restates them) but not for what hands out
+        # or takes back a credential: those transactions commit under FULL (`durable=True`).
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
         self.schema_version = self._migrate()
@@ -238,15 +241,25 @@ class SqliteStore:
         return len(MIGRATIONS)
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction. `durable`: it commits under `synchronous=FULL`, so a power
+        loss right after cannot take it back (the WAL is fsynced at its commit): for what hands
+        out, spends or takes back a secret (enrollment, tokens, revocation, keys), where the
+        other side acts on our answer at once. Everything else commits under NORMAL."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if durable:  # a connection-level setting; SQLite takes it outside a transaction
+                self._db.execute("PRAGMA synchronous=FULL")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if durable:
+                    self._db.execute("PRAGMA synchronous=NORMAL")
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         with self._lock:
@@ -261,7 +274,7 @@ class SqliteStore:
         return rows[0][0] if rows else None
 
     def set_meta(self, key: str, value: str) -> None:
-        with self._tx() as c:
+        with self._tx(durable=True) as c:
             c.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
                       "value = excluded.value", (key, value))
 
@@ -294,7 +307,7 @@ class SqliteStore:
     # -- tokens ----------------------------------------------------------------------------
 
     def create_token(self, token: EnrollmentToken) -> None:
-        with self._tx() as c:
+        with self._tx(durable=True) as c:
             self._ensure_fleet(c, token.fleet, token.created_at)
             c.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?)",
                       (token.secret_hash, token.fleet, token.uses_left, token.expires_at,
@@ -308,7 +321,7 @@ class SqliteStore:
     # -- devices ---------------------------------------------------------------------------
 
     def enroll(self, p: EnrollParams) -> Device:
-        with self._tx() as c:
+        with self._tx(durable=True) as c:
             row = c.execute("SELECT secret_hash, fleet, uses_left, expires_at, name, created_at "
                             "FROM tokens WHERE secret_hash = ?", (p.secret_hash,)).fetchone()
             if row is None:
@@ -376,7 +389,7 @@ class SqliteStore:
 
     def provision(self, device_id: str, name: str, fleet: str, token: EnrollmentToken,
                   now: float) -> Device:
-        with self._tx() as c:
+        with self._tx(durable=True) as c:
             if c.execute("SELECT 1 FROM devices WHERE name = ? AND state != 'revoked'",
                          (name,)).fetchone():
                 raise Conflict(f"device {name!r} exists; revoke it first to reuse the name")
@@ -418,7 +431,7 @@ class SqliteStore:
         return int(rows[0][0])
 
     def revoke(self, name: str, now: float) -> Device:
-        with self._tx() as c:
+        with self._tx(durable=True) as c:
             row = c.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE name = ? "
                             "ORDER BY state = 'revoked', revoked_at DESC LIMIT 1",
                             (name,)).fetchone()
@@ -455,7 +468,25 @@ class SqliteStore:
                         "app = ? AND force_version <= ?",
                         (device_id, a.app, a.running)).rowcount:
                     cleared.append(a.app)
+            self._bound_app_rows(c, device_id, [a.app for a in apps])
         return cleared
+
+    @staticmethod
+    def _bound_app_rows(c: sqlite3.Connection, device_id: str, reported: Sequence[str]) -> None:
+        """At most MAX_APPS app statuses per device (docs/security.md, "Bounded app rows"):
+        a report is at most MAX_APPS apps, but apps it leaves out keep their status, so a
+        device naming new apps in every report would grow the table without bound. Past the
+        bound, the statuses of the apps this report leaves out go (rows the operator's force
+        or retry still needs keep those, without a status)."""
+        count = c.execute("SELECT COUNT(*) FROM device_apps WHERE device_id = ? AND status IS "
+                          "NOT NULL", (device_id,)).fetchone()[0]
+        if count <= MAX_APPS:
+            return
+        marks = ", ".join("?" * len(reported))
+        c.execute(f"UPDATE device_apps SET status = NULL WHERE device_id = ? AND app NOT IN "
+                  f"({marks})", (device_id, *reported))
+        c.execute("DELETE FROM device_apps WHERE device_id = ? AND status IS NULL AND "
+                  "force_version IS NULL AND retry = 0", (device_id,))
 
     # -- apps and logs -----------------------------------------------------------------------
 
@@ -548,7 +579,7 @@ class SqliteStore:
     # -- operators -------------------------------------------------------------------------
 
     def add_operator(self, name: str, public_key: str, now: float) -> Operator:
-        with self._tx() as c:
+        with self._tx(durable=True) as c:
             row = c.execute("SELECT name, public_key, mesh_ipv4, mesh_ipv6, created_at FROM "
                             "operators WHERE name = ?", (name,)).fetchone()
             if row is not None:
@@ -651,7 +682,7 @@ class SqliteStore:
     # -- release keys and targets ----------------------------------------------------------
 
     def set_release_key(self, key: FleetReleaseKey) -> None:
-        with self._tx() as c:
+        with self._tx(durable=True) as c:
             self._ensure_fleet(c, key.fleet, key.set_at)
             c.execute("INSERT INTO release_keys VALUES (?, ?, ?, ?) ON CONFLICT(fleet) DO "
                       "UPDATE SET public_key = excluded.public_key, key_id = excluded.key_id, "

@@ -17,7 +17,6 @@ import argparse
 import datetime
 import ipaddress
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +40,7 @@ from ops._cli_common import (
     when,
 )
 from ops.client import ProtocolError
-from vpn import Endpoint, QuickPeer, export_wg_quick, generate_keypair
+from vpn import Endpoint, QuickPeer, export_wg_quick, generate_keypair, write_private_file
 
 LOG_FOLLOW_WAIT: Final = 25.0  # s per long poll while following logs (server allows 30)
 LOG_FOLLOW_BACKLOG: Final = 10  # lines shown before following, as tail -f does
@@ -179,7 +178,8 @@ def _devices_logs(args: argparse.Namespace) -> int:
         dropped = page.get("dropped")
         if isinstance(dropped, int) and dropped and dropped != dropped_seen:
             print(f"fleetmesh: {name} dropped {dropped} log lines in all (its buffer was "
-                  "full)", file=sys.stderr, flush=True)
+                  "full, or over the coordinator's log rate limit)", file=sys.stderr,
+                  flush=True)
             dropped_seen = dropped
 
     try:
@@ -242,13 +242,9 @@ def operator_wg_quick(private_key: str, registered: dict[str, Any]) -> str:
 
 
 def _write_secret(path: Path, text: str, force: bool) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if force else os.O_EXCL)
-    fd = os.open(path, flags, 0o600)  # born 0600: it holds a private key
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, text.encode("ascii"))
-    finally:
-        os.close(fd)
+    """0600 (it holds a private key), whole or absent after a crash, durable; an existing file
+    is replaced only with `force` (else FileExistsError)."""
+    write_private_file(path, text.encode("ascii"), exclusive=not force)
 
 
 def _operator_config(args: argparse.Namespace) -> int:

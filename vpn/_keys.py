@@ -95,11 +95,16 @@ def key_from_hex(hex_key: str) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def write_private_file(path: str | os.PathLike[str], data: bytes) -> None:
+def write_private_file(path: str | os.PathLike[str], data: bytes, *,
+                       exclusive: bool = False) -> None:
     """Write atomically with mode 0600: a temp file created 0600 in the same directory, fsynced,
-    renamed over `path`. The file is born 0600 (os.open with an explicit mode; umask can only
-    narrow it), so its content is never readable by others, not even between create and chmod.
-    Every secret fleetmesh keeps on disk goes through here (keys, credentials, API keys)."""
+    renamed over `path`, then the directory fsynced: the rename lives in the directory, and
+    without that fsync a power loss can bring back the old file or none (a device that loses
+    its credential or key that way has lost its identity). The file is born 0600 (os.open with
+    an explicit mode; umask can only narrow it), so its content is never readable by others,
+    not even between create and chmod. Every secret fleetmesh keeps on disk goes through here
+    (keys, credentials, API keys). `exclusive`: never replace an existing file
+    (FileExistsError): the temp file is hard-linked to `path`, which fails if it exists."""
     target = Path(path)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -112,10 +117,17 @@ def write_private_file(path: str | os.PathLike[str], data: bytes) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        if exclusive:
+            os.link(tmp, target)
+        else:
+            os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)  # the link's other name, or what an error left
+    dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def write_private_key(path: str | os.PathLike[str], key: str) -> None:

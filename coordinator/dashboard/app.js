@@ -448,7 +448,7 @@
           h("span", {class: "app"}, l.app), " ", h("span", {class: "text"}, l.line))));
         while (pane.childElementCount > MAX_LOG_LINES) pane.firstElementChild.remove();
         if (stick) pane.scrollTop = pane.scrollHeight;
-        note.textContent = out.dropped ? `${out.dropped} lines dropped by the agent` : "";
+        note.textContent = out.dropped ? `${out.dropped} lines dropped (agent buffer full, or over the log rate limit)` : "";
         after = typeof out.next === "number" ? out.next : (after || 0);
         if (lines.length >= LOG_BATCH && after !== null) continue;
         await sleep(POLL_MS - (Date.now() - started), ctx.signal);

@@ -25,6 +25,7 @@ from .._http import (
     query_int,
     query_seconds,
     read_json,
+    unless_gone,
 )
 from .._model import Device, ProofRequired
 from .._service import FleetService
@@ -55,7 +56,7 @@ async def peermap(request: Request, service: FleetService, dev: Device) -> Respo
     version = query_int(request, "version", 0, 0, MAX_INT)
     wait = query_seconds(request, "wait", DEFAULT_WAIT, MAX_WAIT)
     assert version is not None
-    body = await service.wait_peermap(dev, version, wait)
+    body = await unless_gone(request, lambda: service.wait_peermap(dev, version, wait))
     if body is None:
         return Response(status_code=304)
     return Response(body, media_type="application/json")

@@ -11,7 +11,16 @@ from starlette.routing import Route
 
 from mesh.control import MAX_LOG_BODY, ControlError, LogUpload
 
-from .._http import MAX_INT, device, operator, path_name, query_int, query_seconds, read_json
+from .._http import (
+    MAX_INT,
+    device,
+    operator,
+    path_name,
+    query_int,
+    query_seconds,
+    read_json,
+    unless_gone,
+)
 from .._model import Device
 from .._service import FleetService
 
@@ -37,8 +46,8 @@ async def device_logs(request: Request, service: FleetService) -> Response:
     if tail is not None and "after" in request.query_params:
         raise ControlError("tail and after exclude each other")
     assert after is not None and limit is not None
-    return JSONResponse(await service.device_logs(name, after=after, limit=limit, wait=wait,
-                                                  tail=tail))
+    return JSONResponse(await unless_gone(request, lambda: service.device_logs(
+        name, after=after, limit=limit, wait=wait, tail=tail)))
 
 
 ROUTES: Final = [

@@ -28,6 +28,7 @@ from mesh.release._model import (
     SignedPin,
     VerificationError,
 )
+from vpn import write_private_file
 
 # Domain separation: a signature over a manifest can never pass as one over a pin, or over
 # anything else signed with the same key.
@@ -159,10 +160,9 @@ def write_signing_key(path: str | os.PathLike[str]) -> SigningKey:
     """Generate a release key and write it to a new file readable by its owner only (0600)."""
     key = SigningKey.generate()
     text = f"{_KEY_FILE_HEADER}\n{bytes(key).hex()}\n".encode()
-    # O_EXCL: never overwrite an existing key; the mode applies at creation, no chmod race.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(text)
+    # Never overwrite an existing key (FileExistsError); whole or absent after a crash, and
+    # durable (file and directory fsynced): losing it means re-keying the fleet.
+    write_private_file(path, text, exclusive=True)
     return key
 
 

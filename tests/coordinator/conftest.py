@@ -16,6 +16,16 @@ from coordinator._server import Coordinator, CoordinatorConfig
 from vpn import generate_keypair
 
 
+class Clock:
+    """A coordinator's wall clock (`CoordinatorConfig.clock`), moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def client_for(coord: Coordinator, secret: str | None = None) -> httpx.AsyncClient:
     ctx = ssl.create_default_context(cafile=str(coord.cert_path))
     headers = {"Authorization": f"Bearer {secret}"} if secret else {}

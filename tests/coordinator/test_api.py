@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import stat
 import time
+from pathlib import Path
 
 import trio
 
-from coordinator._server import Coordinator
+from coordinator._server import Coordinator, CoordinatorConfig
 from mesh.control import Enrollment, PeerMap, TokenParts
 from vpn import generate_keypair
 
-from .conftest import Harness, client_for
+from .conftest import Harness, client_for, running_harness
 
 
 async def test_first_start_writes_key_0600_and_cert_fingerprint_in_tokens(h: Harness) -> None:
@@ -305,3 +306,22 @@ async def test_hub_observations_feed_maps_and_online_state(h: Harness) -> None:
     assert entry["endpoints"] == ["203.0.113.9:4444"] and entry["lan"] is False
     info = (await h.op.get("/api/v1/devices/b")).json()
     assert info["endpoint"] == "203.0.113.9:4444" and info["online"] is True
+
+
+async def test_device_list_shows_when_each_device_last_reported(tmp_path: Path) -> None:
+    """`last_report` (docs/api.md DeviceInfo): null before the first report, then the
+    coordinator's time of the newest one, in the list and in the device's own view."""
+    now = [1_800_000_000.0]
+    async with running_harness(CoordinatorConfig(
+            data_dir=tmp_path / "coord", listen="127.0.0.1:0", hub=False, batch_window=0.05,
+            clock=lambda: now[0])) as h:
+        cam = await h.enroll("cam-1")
+        listed = (await h.op.get("/api/v1/devices")).json()["devices"]
+        assert [d["last_report"] for d in listed] == [None]
+        for step in (0.0, 12.5):
+            now[0] += step
+            r = await cam.client.post("/api/v1/device/state", json={"agent_version": "test"})
+            assert r.status_code == 204, r.text
+        listed = (await h.op.get("/api/v1/devices")).json()["devices"]
+        assert [d["last_report"] for d in listed] == [now[0]]
+        assert (await h.op.get("/api/v1/devices/cam-1")).json()["last_report"] == now[0]

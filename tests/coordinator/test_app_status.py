@@ -14,6 +14,7 @@ import trio
 from nacl.signing import SigningKey
 
 from coordinator._server import Coordinator, CoordinatorConfig
+from coordinator._service import LOG_RATE
 from mesh.control import (
     APP_STATES,
     MAX_APPS,
@@ -24,7 +25,7 @@ from mesh.control import (
     MAX_LOG_LINES,
 )
 
-from .conftest import Enrolled, Harness, client_for
+from .conftest import Enrolled, Harness, client_for, running_harness
 from .releasekit import build
 from .test_releases import publish, upload
 
@@ -225,16 +226,25 @@ async def test_logs_seq_after_limit_tail_and_dropped(h: Harness) -> None:
     assert (await h.op.get("/api/v1/devices/b/logs")).json()["lines"] == []
 
 
-async def test_logs_keep_the_newest_5000(h: Harness) -> None:
-    a = await h.enroll("a")
-    for batch in range(6):
-        await upload_logs(a, [log_line(batch * 1000 + i) for i in range(1, 1001)])
-    body = (await h.op.get("/api/v1/devices/a/logs", params={"limit": 5000})).json()
-    seqs = [x["seq"] for x in body["lines"]]
-    assert len(seqs) == 5000 and seqs[0] == 1001 and seqs[-1] == 6000
-    # a follower that fell behind the pruning resumes at the oldest line kept
-    body = (await h.op.get("/api/v1/devices/a/logs", params={"after": 10, "limit": 1})).json()
-    assert body["lines"][0]["seq"] == 1001
+async def test_logs_keep_the_newest_5000(tmp_path: Path) -> None:
+    # The uploads are spaced (by the coordinator's clock) so that the per-device log rate
+    # limit (docs/security.md) takes none of them: this test is about pruning.
+    now = [1_800_000_000.0]
+    async with running_harness(CoordinatorConfig(
+            data_dir=tmp_path / "coord", listen="127.0.0.1:0", hub=False, batch_window=0.05,
+            clock=lambda: now[0])) as h:
+        a = await h.enroll("a")
+        for batch in range(6):
+            now[0] += MAX_LOG_LINES / LOG_RATE
+            await upload_logs(a, [log_line(batch * 1000 + i) for i in range(1, 1001)])
+        body = (await h.op.get("/api/v1/devices/a/logs", params={"limit": 5000})).json()
+        seqs = [x["seq"] for x in body["lines"]]
+        assert len(seqs) == 5000 and seqs[0] == 1001 and seqs[-1] == 6000
+        assert body["dropped"] == 0
+        # a follower that fell behind the pruning resumes at the oldest line kept
+        body = (await h.op.get("/api/v1/devices/a/logs", params={"after": 10, "limit": 1})
+                ).json()
+        assert body["lines"][0]["seq"] == 1001
 
 
 async def test_logs_long_poll_answers_when_lines_arrive(h: Harness) -> None:

@@ -17,15 +17,7 @@ from coordinator._sessions import (
     SESSION_LIFETIME,
     SessionTable,
 )
-from tests.coordinator.conftest import client_for
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.coordinator.conftest import Clock, client_for
 
 
 @pytest.fixture
