@@ -94,9 +94,10 @@ def rollout(lab: LabNetwork, version: int, size: int, seed: int = 1,
 # Issue 12's control allowance: what the mesh may spend on control traffic during a rollout.
 ALLOWANCE_PER_DEVICE: Final = 4_000
 ALLOWANCE_PER_LAN: Final = 8_000
-# TCP over IPv4 over WireGuard: an ACK is a 52-byte TCP/IP packet (timestamps) sealed into a
-# 32-byte WireGuard data header + 16-byte tag, padded to 16, in a 28-byte UDP/IP packet.
-ACK_WIRE_BYTES: Final = 52 + 32 + 16 + 28 + 12
+# TCP over IPv4 over WireGuard, as the router's interface counts it: a 52-byte TCP/IP ACK (with
+# timestamps) padded to 64, a 16-byte WireGuard data header and a 16-byte tag, in UDP/IP (28)
+# in an Ethernet frame (14).
+ACK_WIRE_BYTES: Final = 64 + 16 + 16 + 28 + 14
 SAMPLE_INTERVAL: Final = 1.0  # s between two reads of the coordinator's device list
 
 
@@ -153,10 +154,12 @@ class ImageRollout:
         return self.release_bytes * 8 / min(rates) if rates else 0.0
 
     def ack_bytes(self, lan: str) -> int:
-        """An estimate of the TCP ACKs the LAN sends for what it receives: its outgoing packets
-        (every one at most an ACK's size is counted as one) x ACK_WIRE_BYTES."""
+        """An estimate of the TCP ACKs the LAN sends for what it receives: one ACK per two
+        packets received (Linux's delayed ACK) x ACK_WIRE_BYTES, at most what it sent. The
+        counters do not tell data from ACKs, so inbound ACKs of the LAN's own uploads count as
+        received packets too: an upper estimate when the LAN also serves."""
         w = self.wan[lan]
-        return min(w.tx, w.tx_packets * ACK_WIRE_BYTES)
+        return min(w.tx, (w.rx_packets + 1) // 2 * ACK_WIRE_BYTES)
 
     def lines(self) -> list[str]:
         b = self.release_bytes
@@ -168,9 +171,9 @@ class ImageRollout:
                f"{self.max_report_gap:.1f} s ({self.gap_device}), status unchanged for at most "
                f"{self.max_progress_gap:.1f} s"]
         for lan, w in sorted(self.wan.items()):
-            out.append(f"  {lan}: WAN in {w.rx} (x{w.rx / b:.2f} B), out {w.tx} (x{w.tx / b:.3f} "
-                       f"B; {w.tx_packets} packets, ACK estimate {self.ack_bytes(lan)}), "
-                       f"allowance {self.allowance(lan)}")
+            out.append(f"  {lan}: WAN in {w.rx} (x{w.rx / b:.2f} B, {w.rx_packets} packets), out "
+                       f"{w.tx} (x{w.tx / b:.3f} B, {w.tx_packets} packets; ACK estimate "
+                       f"{self.ack_bytes(lan)}), allowance {self.allowance(lan)}")
         return out
 
     def failures(self, report_gap_limit: float | None = None) -> list[str]:
