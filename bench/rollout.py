@@ -74,6 +74,9 @@ def realistic(uplink: str, cross_lan: bool, seed_ratio: float, cap: float
     try:
         wait_online(lab, [d.name for d in lab.devices], 120)
         built = [build_in_lab(lab, v) for v in (1, 2)]
+        for image in built:  # the same inputs give the same IDs, run after run
+            print(f"{label:18} {image.tag}: numpy {image.numpy}, {image.unpacked_bytes} bytes, "
+                  f"layers {' '.join(d.removeprefix('sha256:')[:12] for d in image.diff_ids)}")
         time.sleep(10)  # LAN discovery
         for image in built:
             r = rollout_image(lab, image.tag, APP_NAME, int(image.tag.rsplit("v", 1)[1]),

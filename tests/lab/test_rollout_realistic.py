@@ -48,6 +48,8 @@ def fleet() -> Iterator[tuple[Lab, list[Built]]]:
 def test_v1_then_v2_reach_every_device_within_issue_12_bounds(
         fleet: tuple[Lab, list[Built]]) -> None:
     lab, built = fleet
+    for image in built:
+        print(f"{image.tag}: layers {' '.join(d[7:19] for d in image.diff_ids)}")
     assert built[0].diff_ids[:-2] == built[1].diff_ids[:-2], "v2 changes only the wheels layer"
     assert built[0].diff_ids[-1] == built[1].diff_ids[-1], "the app layer is the same in v2"
     failures: list[str] = []
