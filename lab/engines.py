@@ -198,6 +198,15 @@ def docker(docker_host: str, *argv: str, timeout: float = 120, input: bytes | No
                           env={**base, **(env or {}), "DOCKER_HOST": docker_host}, check=False)
 
 
+def operator_docker_host(lab: LabNetwork) -> str:
+    """DOCKER_HOST of the lab operator's engine (where sample and bench images are built)."""
+    engine = lab.state_now().get("engines", {}).get("operator")
+    if engine is None:
+        raise LabError("the lab has no operator engine (no [operator], --network-only, or "
+                       "[agents] docker = false)")
+    return str(engine["docker_host"])
+
+
 def busybox_rootfs_tar(busybox: Path = Path("/bin/busybox")) -> bytes:
     """A minimal root file system from Debian's busybox-static: /bin/busybox, a symlink per
     applet, /tmp. Deterministic (sorted, mtime 0, uid 0), so every lab imports the same layer."""

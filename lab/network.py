@@ -55,6 +55,7 @@ WAN_BRIDGE: Final = "br0"
 LAN_BRIDGE: Final = "lan0"
 HOST_IF: Final = "eth0"
 WAN_IF: Final = "wan0"
+LINK_STATS: Final = ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets")
 STATE_VERSION: Final = 1
 VENV_BIN: Final = os.path.dirname(sys.executable)
 MOVED_FIRST_HOST: Final = 100  # moved devices get .100 and up in their new LAN
@@ -472,8 +473,8 @@ class LabNetwork:
 
     # --- counters and status ---------------------------------------------------------------
 
-    def link_counters(self, node: str | Node, ifname: str) -> tuple[int, int]:
-        """(rx_bytes, tx_bytes) of an interface inside a node's namespace."""
+    def link_stats(self, node: str | Node, ifname: str) -> dict[str, int]:
+        """The kernel's 64-bit counters of an interface inside a node's namespace (LINK_STATS)."""
         n = node if isinstance(node, Node) else self.node(node)
         with IPRoute(netns=n.netns) as ipr:
             idx = ipr.link_lookup(ifname=ifname)
@@ -481,12 +482,24 @@ class LabNetwork:
                 raise LabError(f"{n.name}: no interface {ifname}")
             link = ipr.get_links(idx[0])[0]
         stats = link.get("stats64") or link.get("IFLA_STATS64") or {}
-        return int(stats.get("rx_bytes", 0)), int(stats.get("tx_bytes", 0))
+        return {k: int(stats.get(k) or 0) for k in LINK_STATS}
+
+    def link_counters(self, node: str | Node, ifname: str) -> tuple[int, int]:
+        """(rx_bytes, tx_bytes) of an interface inside a node's namespace."""
+        stats = self.link_stats(node, ifname)
+        return stats.get("rx_bytes", 0), stats.get("tx_bytes", 0)
 
     def wan_counters(self, router: str | Router) -> tuple[int, int]:
+        """(rx_bytes, tx_bytes) of a router's WAN interface."""
         r = router if isinstance(router, Router) else self.node(router)
         assert isinstance(r, Router), f"{r.name} is not a router"
         return self.link_counters(r, r.wan_if)
+
+    def wan_stats(self, router: str | Router) -> dict[str, int]:
+        """All counters of a router's WAN interface (bytes and packets, both ways)."""
+        r = router if isinstance(router, Router) else self.node(router)
+        assert isinstance(r, Router), f"{r.name} is not a router"
+        return self.link_stats(r, r.wan_if)
 
     def state_now(self) -> dict[str, Any]:
         """The state file as it is now (processes and the fleet are added after `up`)."""

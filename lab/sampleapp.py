@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Final
 
 from ._host import LabError
-from .engines import BUSYBOX_IMAGE, docker
+from .engines import BUSYBOX_IMAGE, docker, operator_docker_host
 from .network import LabNetwork
 
 REPOSITORY: Final = "fleetmesh-sample"
@@ -106,11 +106,7 @@ def build(version: int, docker_host: str, *, unhealthy: bool = False) -> str:
 
 def build_sample(lab: LabNetwork, version: int, *, unhealthy: bool = False) -> str:
     """Build the sample app's version in the lab operator's engine; returns its tag."""
-    engine = lab.state_now().get("engines", {}).get("operator")
-    if engine is None:
-        raise LabError("the lab has no operator engine (no [operator], --network-only, or "
-                       "[agents] docker = false)")
-    return build(version, engine["docker_host"], unhealthy=unhealthy)
+    return build(version, operator_docker_host(lab), unhealthy=unhealthy)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,7 @@ _RATE_RE: Final = re.compile(r"(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit)")
 _RATE_UNITS: Final = {"bit": 1, "kbit": 1_000, "mbit": 1_000_000, "gbit": 1_000_000_000}
 _MIN_RATE: Final = 8_000  # 1 kB/s; below that tbf's burst arithmetic stops making sense
 _MAX_RATE: Final = 100_000_000_000
+MAX_SEED_RATIO: Final = 1000.0  # copies of a release a LAN may upload; beyond is a typo
 
 
 class TopologyError(ValueError):
@@ -79,6 +80,16 @@ class LanSpec:
     # Filled in by the addressing plan:
     carrier_subnet: ipaddress.IPv4Network | None  # only for nat == "double"
     wan_addresses: tuple[ipaddress.IPv4Address, ...]  # router/cgnat, or each device for "none"
+    # Cross-LAN serving by this LAN's agents (`--seed-ratio R`, `--unmetered`): how many copies
+    # of a release's bytes they may upload across the WAN (None: the agent's default), and
+    # whether their WAN link is unmetered (so serving other LANs costs nothing).
+    seed_ratio: float | None = None
+    metered: bool = True
+
+    def agent_args(self) -> list[str]:
+        """The agent flags this LAN's settings give its devices."""
+        ratio = [] if self.seed_ratio is None else ["--seed-ratio", f"{self.seed_ratio:g}"]
+        return ratio + ([] if self.metered else ["--unmetered"])
 
     @property
     def router_lan_ipv4(self) -> ipaddress.IPv4Address:
@@ -168,6 +179,10 @@ class Topology:
                 e["uplink"] = lan.shaping.rate_text
             if lan.shaping.loss:
                 e["loss"] = lan.shaping.loss
+            if lan.seed_ratio is not None:
+                e["seed_ratio"] = lan.seed_ratio
+            if not lan.metered:
+                e["metered"] = False
             lans.append(e)
         d["lan"] = lans
         return d
@@ -244,7 +259,8 @@ def parse_topology(data: dict[str, Any], source: str | None = None) -> Topology:
     parsed: list[dict[str, Any]] = []
     for i, raw in enumerate(raw_lans):
         where = f"lan[{i}]"
-        lan = _check_keys(where, raw, {"name", "nat", "devices", "uplink", "loss", "subnet"})
+        lan = _check_keys(where, raw, {"name", "nat", "devices", "uplink", "loss", "subnet",
+                                       "seed_ratio", "metered"})
         name = lan.get("name")
         if name is None:
             raise TopologyError(f"{where}.name: required")
@@ -283,6 +299,17 @@ def parse_topology(data: dict[str, Any], source: str | None = None) -> Topology:
         if not 0.0 <= loss < 1.0:
             raise TopologyError(f"{where}.loss: must be in [0, 1)")
 
+        seed_ratio = lan.get("seed_ratio")
+        if seed_ratio is not None:
+            if isinstance(seed_ratio, bool) or not isinstance(seed_ratio, (int, float)):
+                raise TopologyError(f"{where}.seed_ratio: must be a number >= 0")
+            seed_ratio = float(seed_ratio)
+            if not 0.0 <= seed_ratio <= MAX_SEED_RATIO:
+                raise TopologyError(f"{where}.seed_ratio: must be between 0 and {MAX_SEED_RATIO:g}")
+        metered = lan.get("metered", True)
+        if not isinstance(metered, bool):
+            raise TopologyError(f"{where}.metered: must be true or false")
+
         if "subnet" in lan:
             if nat == "none":
                 raise TopologyError(f"{where}.subnet: a nat=\"none\" LAN has no subnet of its own")
@@ -302,6 +329,8 @@ def parse_topology(data: dict[str, Any], source: str | None = None) -> Topology:
                 "devices": devices,
                 "subnet": subnet,
                 "shaping": Shaping(rate_bps=rate_bps, rate_text=rate_text, loss=loss),
+                "seed_ratio": seed_ratio,
+                "metered": metered,
             }
         )
 
@@ -345,6 +374,8 @@ def parse_topology(data: dict[str, Any], source: str | None = None) -> Topology:
                 shaping=p["shaping"],
                 carrier_subnet=carrier,
                 wan_addresses=wan_addrs,
+                seed_ratio=p["seed_ratio"],
+                metered=p["metered"],
             )
         )
 

@@ -140,8 +140,13 @@ BAD = [
     ('[[lan]]\nname = "a"\nloss = "lots"\n', "lan[0].loss: must be a number in [0, 1)"),
     (
         '[[lan]]\nname = "a"\ncolour = "red"\n',
-        "lan[0].colour: unknown key (allowed: devices, loss, name, nat, subnet, uplink)",
+        "lan[0].colour: unknown key (allowed: devices, loss, metered, name, nat, seed_ratio, "
+        "subnet, uplink)",
     ),
+    ('[[lan]]\nname = "a"\nseed_ratio = -1\n', "lan[0].seed_ratio: must be between 0 and 1000"),
+    ('[[lan]]\nname = "a"\nseed_ratio = "x"\n', "lan[0].seed_ratio: must be a number >= 0"),
+    ('[[lan]]\nname = "a"\nseed_ratio = true\n', "lan[0].seed_ratio: must be a number >= 0"),
+    ('[[lan]]\nname = "a"\nmetered = "no"\n', "lan[0].metered: must be true or false"),
     (
         '[wan]\nsubnet = "198.51.100.0/24"\nmtu = 1400\n[[lan]]\nname = "a"\n',
         "wan.mtu: unknown key (allowed: subnet)",
@@ -300,3 +305,13 @@ def test_cli_missing_file(tmp_path: Path) -> None:
 def test_cli_exec_without_command() -> None:
     r = run_cli("exec", "home-1")
     assert r.returncode == 2 and "no command" in r.stderr
+
+
+def test_cross_lan_serving_keys_become_that_lans_agent_flags() -> None:
+    topo = parse_topology({"lan": [
+        {"name": "a", "seed_ratio": 1.5, "metered": False}, {"name": "b"},
+        {"name": "c", "seed_ratio": 2}]})
+    assert topo.lan("a").agent_args() == ["--seed-ratio", "1.5", "--unmetered"]
+    assert topo.lan("b").agent_args() == []
+    assert topo.lan("c").agent_args() == ["--seed-ratio", "2"]
+    assert parse_topology(topo.to_dict()) == topo
