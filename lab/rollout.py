@@ -141,7 +141,7 @@ class ImageRollout:
     uplink_bps: dict[str, int | None]
     wan: dict[str, WanWindow]  # LAN -> WAN counters during the rollout, idle removed
     max_report_gap: float  # the longest interval between two reports reaching the coordinator
-    gap_device: str  # (its device list's last_seen, from publish until the device runs it)
+    gap_device: str  # (its device list's last_report, from publish until the device runs it)
     max_progress_gap: float  # the longest interval without a change in any device's app status
     states: dict[str, str]  # device -> "state running/target bytes_done/bytes_total" at the end
 
@@ -267,8 +267,8 @@ def rollout_image(lab: LabNetwork, image: str, app: str, version: int, *,
         detail = (published.stderr or published.stdout).strip().splitlines()[-1:] or ["failed"]
         raise LabError(f"fleetmesh release create {image}: {detail[0]}")
     b, stored = release_bytes(json.loads(published.stdout))
-    wall0 = time.time()  # last_seen is the coordinator's wall clock (same host)
-    last_seen: dict[str, float] = {}
+    wall0 = time.time()  # last_report is the coordinator's wall clock (same host)
+    last_report: dict[str, float] = {}
     last_change: dict[str, float] = {n: t0 for n in names}
     seen: dict[str, tuple[Any, ...]] = {}
     gap, gap_device, progress_gap = 0.0, "", 0.0
@@ -284,15 +284,16 @@ def rollout_image(lab: LabNetwork, image: str, app: str, version: int, *,
                 d = listed.get(n, {})
                 a = _app_of(d, app)
                 running = a.get("state") == "running" and a.get("running") == version
-                reported = d.get("last_seen")
+                # when its last state report arrived; last_seen also counts hub keepalives
+                reported = d.get("last_report")
                 if isinstance(reported, (int, float)) and not running:
-                    previous = max(last_seen.get(n, wall0), wall0)
+                    previous = max(last_report.get(n, wall0), wall0)
                     open_gap = max(reported, wall) - previous if reported <= previous else \
                         reported - previous
                     if open_gap > gap:
                         gap, gap_device = open_gap, n
                 if isinstance(reported, (int, float)):
-                    last_seen[n] = max(reported, last_seen.get(n, 0.0))
+                    last_report[n] = max(reported, last_report.get(n, 0.0))
                 progress = (a.get("state"), a.get("running"), a.get("target"),
                             a.get("bytes_done"), a.get("updated_at"))
                 if progress != seen.get(n) or not running:
