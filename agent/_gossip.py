@@ -53,6 +53,7 @@ from mesh.node import (
     GossipStats,
     MeshNode,
     Send,
+    ServePolicy,
     ServeRange,
     StartDownload,
     StoreBlob,
@@ -211,7 +212,8 @@ class GossipNode:
                  clock: Callable[[], float] = trio.current_time,
                  log: Log | None = None,
                  local_layers: Callable[[], frozenset[str]] | None = None,
-                 network: StreamNetwork | None = None) -> None:
+                 network: StreamNetwork | None = None,
+                 serve: ServePolicy | None = None) -> None:
         self.name = name
         self.mesh_ip = mesh_ip
         self.port = port
@@ -228,7 +230,7 @@ class GossipNode:
                              membership_config=membership_config, rumor_config=rumor_config,
                              pieces_in_flight=self.transport.pieces_in_flight,
                              max_serving_per_peer=self.transport.max_serving_per_peer,
-                             local_layers=local_layers, log=self.log)
+                             local_layers=local_layers, log=self.log, serve=serve)
         # the cores, for inspection (their stats, what the rumor core holds)
         self.membership = self.core.membership
         self.rumor = self.core.rumor
@@ -494,7 +496,7 @@ class GossipNode:
                 backoff = cfg.backoff_initial
                 try:
                     async with stream:
-                        for have in self.core.have_messages():
+                        for have in self.core.have_messages(p.name):
                             with trio.fail_after(cfg.send_timeout):
                                 await stream.send_all(encode(have))
                         while True:

@@ -97,9 +97,41 @@ MAX_SERVING_PER_PEER: Final = 32  # BlobRequests we serve at once for one peer
 # timeout for it (`blobsched.fetch_timeout`): the scheduler's timer acts first, this one frees
 # the node's state if the scheduler's Cancel never came.
 DOWNLOAD_TIMEOUT_FACTOR: Final = 2.0
+# The coordinator counts as unreachable after this many seed downloads in a row failed with an
+# error from the driver (a refused connection, a 5xx, a cut stream; not our own timer): the
+# scheduler then rests it with backoff, and a metered node opens its uplink to other LANs so
+# that the fleet's peers carry the release through the outage (ServePolicy, "outage").
+OUTAGE_SEED_FAILURES: Final = 3
+# What a node answers a WAN BlobRequest it will not serve (metered, or its allowance spent);
+# the requester then forgets what that peer offered for the release.
+REFUSED_WAN: Final = "not serving other LANs"
 
 AppKey = tuple[str, str]
 Log = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ServePolicy:
+    """What this device's uplink carries for peers outside its LAN (docs/blob-exchange.md,
+    "Cross-LAN serving").
+
+    Default (metered): nothing but control traffic. It sends no Haves to other LANs' peers and
+    answers their `BlobRequest`s with `BlobError(REFUSED_WAN)`. `seed_ratio` R > 0: serve other
+    LANs at most R x the bytes it holds of a release, counted per release, then refuse.
+    `unmetered`: serve other LANs without bound. Whatever the policy, during a coordinator
+    outage (OUTAGE_SEED_FAILURES seed downloads in a row failed, or the driver says the
+    coordinator is unreachable) the node announces to and serves other LANs, so that peers
+    carry a release the seed cannot.
+    """
+
+    seed_ratio: float = 0.0
+    unmetered: bool = False
+
+    def __post_init__(self) -> None:
+        r = self.seed_ratio
+        if isinstance(r, bool) or not isinstance(r, int | float) or not r >= 0 \
+                or r == float("inf"):
+            raise ValueError("seed ratio must be a finite number >= 0")
 
 
 class BlobIndex(Protocol):
@@ -182,6 +214,7 @@ class GossipStats:
     bytes_lan: int = 0  # blob bytes received from LAN peers
     bytes_wan: int = 0  # ... from other mesh peers
     bytes_coordinator: int = 0  # ... from the coordinator's blob seed
+    bytes_served_wan: int = 0  # blob bytes we agreed to serve to peers outside our LAN
     blobs_done: int = 0  # wanted blobs of the current releases held in the store
     blobs_total: int = 0  # wanted blobs of the current releases
 
@@ -262,8 +295,10 @@ class MeshNode:
                  pieces_in_flight: int = PIECES_IN_FLIGHT,
                  max_serving_per_peer: int = MAX_SERVING_PER_PEER,
                  local_layers: Callable[[], frozenset[str]] | None = None,
-                 log: Log | None = None, join: bool = False) -> None:
-        """`join`: a restarted node push-pulls with a seed at once (`Membership.seed`)."""
+                 log: Log | None = None, join: bool = False,
+                 serve: ServePolicy | None = None) -> None:
+        """`join`: a restarted node push-pulls with a seed at once (`Membership.seed`);
+        `serve`: what we serve to other LANs (default: metered, nothing)."""
         self.name = name
         self.fleet = fleet
         self.store = store
@@ -271,6 +306,7 @@ class MeshNode:
         self.sched_config = sched_config if sched_config is not None else SchedConfig()
         self.pieces_in_flight = pieces_in_flight
         self.max_serving_per_peer = max_serving_per_peer
+        self.serve = serve if serve is not None else ServePolicy()
         # diff IDs the device's Docker engine holds (agent/_apply_driver.py): delta bases beside the
         # complete layers of the blob store
         self.local_layers = local_layers if local_layers is not None else frozenset
@@ -290,6 +326,9 @@ class MeshNode:
         self._by_id: dict[int, _Download] = {}
         self._requests: dict[int, _Download] = {}
         self._serving: collections.Counter[str] = collections.Counter()
+        self._served_wan: collections.Counter[ReleaseKey] = collections.Counter()
+        self._seed_failures = 0  # seed downloads in a row the driver reported failed
+        self._coordinator_unreachable = False  # the driver's word (its control calls fail)
         self._pending_haves: dict[ReleaseKey, dict[str, set[bytes]]] = {}
         self._req_seq = 0
         self._dl_seq = 0
@@ -350,17 +389,31 @@ class MeshNode:
         ds.extend(d.deadline for d in self._by_id.values() if d.state == "fetching")
         return min((d for d in ds if d is not None), default=None)
 
-    def have_messages(self) -> list[Have]:
-        """Everything we hold of the current releases. The driver opens every new outbound
-        connection with these: whatever we send a peer later (a manifest above all) arrives
-        after what we hold, so its first schedule for a release already sees us as a holder,
-        even if earlier frames were lost with an earlier connection."""
+    def have_messages(self, peer: str) -> list[Have]:
+        """Everything we hold of the current releases that we offer `peer` (all of it to a LAN
+        neighbour; to another LAN's peer only what `ServePolicy` lets us serve it). The driver
+        opens every new outbound connection with these: whatever we send a peer later (a
+        manifest above all) arrives after what we hold, so its first schedule for a release
+        already sees us as a holder, even if earlier frames were lost with an earlier
+        connection."""
         out: list[Have] = []
         for r in self._releases.values():
-            have = r.sched.have
-            held = sorted(b for b in r.wanted if b in have)
-            out.extend(_haves(r.key, held))
+            if self._offers(peer, r):
+                have = r.sched.have
+                held = sorted(b for b in r.wanted if b in have)
+                out.extend(_haves(r.key, held))
         return out
+
+    @property
+    def outage(self) -> bool:
+        """The coordinator looks unreachable: its seed failed OUTAGE_SEED_FAILURES times in a
+        row, or the driver said so (`coordinator_reachable(False)`)."""
+        return self._coordinator_unreachable or self._seed_failures >= OUTAGE_SEED_FAILURES
+
+    def serves_wan(self, release: ReleaseKey | None = None) -> bool:
+        """Whether we offer other LANs' peers blobs (of `release`, or of any release)."""
+        rs = [r for r in self._releases.values() if release is None or r.key == release]
+        return any(self._offers_wan(r) for r in rs)
 
     # ------------------------------------------------------------------ inputs
 
@@ -428,8 +481,15 @@ class MeshNode:
     def connected(self, peer: str) -> None:
         """`peer` (re)connected to us: it learns at once what we hold, as it may have just
         started and be about to decide where to fetch from (STARTUP_SETTLE)."""
-        for have in self.have_messages():
+        for have in self.have_messages(peer):
             self._out.append(Send(peer, have))
+
+    def coordinator_reachable(self, ok: bool, now: float) -> None:
+        """The driver's view of the coordinator (its control calls answer or fail): False
+        opens the metered uplink to other LANs like failing seed downloads do."""
+        was = self.outage
+        self._coordinator_unreachable = not ok
+        self._outage_changed(was, now)
 
     def peer_down(self, peer: str, now: float) -> None:
         """The connection to or from `peer` broke: its downloads failed."""
@@ -449,6 +509,7 @@ class MeshNode:
         if dl is None or dl.source != COORDINATOR or dl.state != "fetching":
             return
         self.stats.bytes_coordinator += len(data)
+        self._seed_answered(now)
         dl.release.received["coordinator"] += len(data)
         self.generation += 1
         self._store(dl, data, now)
@@ -456,6 +517,10 @@ class MeshNode:
     def download_failed(self, download: int, now: float) -> None:
         dl = self._by_id.get(download)
         if dl is not None and dl.state == "fetching":
+            if dl.source == COORDINATOR:
+                was = self.outage
+                self._seed_failures += 1
+                self._outage_changed(was, now)
             self._report(dl, None, now)
 
     def blob_stored(self, download: int, ok: bool | None, now: float) -> None:
@@ -587,11 +652,55 @@ class MeshNode:
             ids.add(b)
 
     def _send_haves(self, peer: str) -> None:
-        """Everything we hold of the current releases, to one (new) peer."""
+        """Everything we hold of the current releases and offer `peer`, to that (new) peer."""
+        self._out.extend(Send(peer, h) for h in self.have_messages(peer))
+
+    # ------------------------------------------------------------------ cross-LAN policy
+
+    def _offers_wan(self, r: _Release) -> bool:
+        """Do we offer other LANs the blobs of `r`? (ServePolicy)"""
+        p = self.serve
+        if p.unmetered or self.outage:
+            return True
+        # while at least one more byte fits the allowance
+        return p.seed_ratio > 0 and self._served_wan[r.key] + 1 <= p.seed_ratio * _held_bytes(r)
+
+    def _offers(self, peer: str, r: _Release) -> bool:
+        return peer in self._lan_names or self._offers_wan(r)
+
+    def _may_serve_wan(self, blob_id: bytes, length: int) -> bool:
+        """A request from another LAN's peer for `length` bytes of `blob_id`: within our
+        policy? If so, its bytes are counted against the release's allowance."""
+        p = self.serve
         for r in self._releases.values():
-            have = r.sched.have
-            held = sorted(b for b in r.wanted if b in have)
-            self._out.extend(Send(peer, h) for h in _haves(r.key, held))
+            if blob_id not in r.wanted:
+                continue
+            if not (p.unmetered or self.outage
+                    or self._served_wan[r.key] + length <= p.seed_ratio * _held_bytes(r)):
+                return False
+            self._served_wan[r.key] += length
+            self.stats.bytes_served_wan += length
+            return True
+        return False  # a blob of no current release: never served across the WAN
+
+    def _seed_answered(self, now: float) -> None:
+        if self._seed_failures:
+            was = self.outage
+            self._seed_failures = 0
+            self._outage_changed(was, now)
+
+    def _outage_changed(self, was: bool, now: float) -> None:
+        if self.outage == was:
+            return
+        if not was:
+            self.stats.counters["coordinator_outages"] += 1
+            self.log("the coordinator looks unreachable: serving and announcing to other LANs")
+            lan = self._lan_names
+            for peer in self.membership.live_members():
+                if peer not in lan:
+                    self._send_haves(peer)
+        else:
+            self.log("the coordinator answers again: back to the serving policy")
 
     def _update_progress(self) -> None:
         total = done = 0
@@ -614,8 +723,11 @@ class MeshNode:
                     self._forget(dl)
             else:
                 ids = list(a.blob_ids)
+                wan = self._offers_wan(release)
+                lan = self._lan_names
                 for peer in list(self.membership.live_members()):
-                    self._out.extend(Send(peer, h) for h in _haves(release.key, ids))
+                    if wan or peer in lan:
+                        self._out.extend(Send(peer, h) for h in _haves(release.key, ids))
 
     def _start_fetch(self, release: _Release, f: Fetch, now: float) -> None:
         app = (release.key.fleet, release.key.app)
@@ -655,6 +767,12 @@ class MeshNode:
         offset, length = dl.requests.pop(msg.req_id)
         if isinstance(msg, BlobError):
             self.stats.counters["blob_errors_received"] += 1
+            r = dl.release
+            if msg.reason == REFUSED_WAN and self._releases.get(dl.app) is r:
+                # it withdrew its offer (metered, or its allowance is spent): forget what it
+                # holds of this release until it announces again
+                self.stats.counters["refused_by_wan_peer"] += 1
+                self._do(r, r.sched.on_have(sender, (), True, now), now)
             self._report(dl, None, now)
             return
         end = offset + len(msg.data)
@@ -741,9 +859,19 @@ class MeshNode:
         if msg.offset > size:
             self._out.append(Send(sender, BlobError(msg.req_id, "range")))
             return
+        if sender not in self._lan_names and not self._may_serve_wan(msg.blob_id, msg.length):
+            # our uplink is metered (ServePolicy): the requester's config cannot spend it
+            self.stats.counters["serve_refused_wan"] += 1
+            self._out.append(Send(sender, BlobError(msg.req_id, REFUSED_WAN)))
+            return
         self._serving[sender] += 1
         self._out.append(ServeRange(sender, msg.req_id, msg.blob_id, msg.offset, msg.length,
                                     size))
+
+
+def _held_bytes(r: _Release) -> int:
+    have = r.sched.have
+    return sum(w.size for b, w in r.wanted.items() if b in have)
 
 
 def _haves(key: ReleaseKey, ids: list[bytes]) -> list[Have]:
@@ -751,6 +879,7 @@ def _haves(key: ReleaseKey, ids: list[bytes]) -> list[Have]:
 
 
 __all__ = ["DOWNLOAD_TIMEOUT_FACTOR", "MAX_PENDING_IDS", "MAX_PENDING_RELEASES",
-           "MAX_SERVING_PER_PEER", "PIECES_IN_FLIGHT", "STARTUP_SETTLE", "Action", "BlobIndex",
-           "CancelDownload", "GossipStats", "MeshNode", "Send", "ServeRange",
-           "StartDownload", "StoreBlob", "WantedBlob", "wanted_blobs"]
+           "MAX_SERVING_PER_PEER", "OUTAGE_SEED_FAILURES", "PIECES_IN_FLIGHT", "REFUSED_WAN",
+           "STARTUP_SETTLE", "Action", "BlobIndex", "CancelDownload", "GossipStats", "MeshNode",
+           "Send", "ServePolicy", "ServeRange", "StartDownload", "StoreBlob", "WantedBlob",
+           "wanted_blobs"]

@@ -42,6 +42,7 @@ from mesh.node import (
     CancelDownload,
     MeshNode,
     Send,
+    ServePolicy,
     ServeRange,
     StartDownload,
     StoreBlob,
@@ -80,6 +81,7 @@ class SimConfig:
     rumor: RumorConfig = LAN_RUMOR
     manifest_size: int = 2048  # bytes of a (fake) signed manifest
     sched: SchedConfig = SchedConfig()
+    serve: ServePolicy = ServePolicy()  # what each node serves to other LANs (metered)
     rogues: frozenset[int] = frozenset()  # nodes that serve corrupt bytes
     start_spread: float = 0.0  # nodes start at uniform(0, start_spread)
 
@@ -275,7 +277,8 @@ class Simulator:
             return SimNode(i, nid, i // cfg.lan_size, None, rumor, store)
         node = MeshNode(nid, _address(i), peers=self.addresses, verify=self._verify,
                         store=store, rng=node_rng, sched_config=cfg.sched,
-                        membership_config=cfg.membership, rumor_config=cfg.rumor, join=join)
+                        membership_config=cfg.membership, rumor_config=cfg.rumor, join=join,
+                        serve=cfg.serve)
         node.set_lan(self.lan_members(i), 0.0)
         return SimNode(i, nid, i // cfg.lan_size, node, node.rumor, store)
 

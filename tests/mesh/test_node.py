@@ -15,11 +15,14 @@ from nacl.signing import SigningKey
 from mesh.blobsched import COORDINATOR, SchedConfig, fetch_timeout
 from mesh.node import (
     MAX_SERVING_PER_PEER,
+    OUTAGE_SEED_FAILURES,
+    REFUSED_WAN,
     STARTUP_SETTLE,
     Action,
     CancelDownload,
     MeshNode,
     Send,
+    ServePolicy,
     ServeRange,
     StartDownload,
     StoreBlob,
@@ -64,10 +67,12 @@ class MemStore:
 
 def node(peers: Mapping[str, str] | None = None, *, store: MemStore | None = None,
          lan: Iterable[str] = (), config: SchedConfig | None = None,
-         local_layers: frozenset[str] = frozenset()) -> MeshNode:
+         local_layers: frozenset[str] = frozenset(),
+         serve: ServePolicy | None = None) -> MeshNode:
     n = MeshNode("me", "10.0.0.1", peers=peers or {}, verify=VERIFY,
                  store=store if store is not None else MemStore(), rng=random.Random(1),
-                 fleet=FLEET, sched_config=config, local_layers=lambda: local_layers)
+                 fleet=FLEET, sched_config=config, local_layers=lambda: local_layers,
+                 serve=serve)
     n.set_lan(lan, 0.0)
     return n
 
@@ -336,7 +341,9 @@ def test_download_timeout_exact() -> None:
 def test_serving_ranges_of_held_blobs() -> None:
     store = MemStore()
     store.blobs[b"\x07" * 32] = b"x" * 1000
-    n = node({"p": "10.0.0.2"}, store=store)
+    # p is a LAN neighbour: a peer on another LAN is not served by default (metered uplink;
+    # test_serve_policy_* below)
+    n = node({"p": "10.0.0.2"}, store=store, lan=["p"])
     n.receive(BlobRequest(1, b"\x07" * 32, 100, 50), "p", 0.0)
     n.receive(BlobRequest(2, b"\x08" * 32, 0, 50), "p", 0.0)
     n.receive(BlobRequest(3, b"\x07" * 32, 1001, 50), "p", 0.0)
@@ -359,13 +366,17 @@ def test_a_connecting_peer_gets_our_haves() -> None:
     blobs = make_blobs(2, large=0)
     store = MemStore()
     store.blobs[blobs[0].ref.id] = blobs[0].frame
-    n = node({"p": "10.0.0.2"}, store=store)
+    n = node({"p": "10.0.0.2", "wan": "10.0.1.2"}, store=store, lan=["p"])
     n.start(0.0)
     n.offer_manifest(make_manifest(blobs), 0.0)
     n.drain()
-    assert n.have_messages() == [Have(KEY1, (blobs[0].ref.id,))]
+    assert n.have_messages("p") == [Have(KEY1, (blobs[0].ref.id,))]
     n.connected("p")
     assert sent(n.drain(), Have) == [("p", Have(KEY1, (blobs[0].ref.id,)))]
+    # a peer on another LAN is offered nothing by a metered node (the default)
+    assert n.have_messages("wan") == []
+    n.connected("wan")
+    assert sent(n.drain(), Have) == []
 
 
 def test_a_blob_being_stored_survives_its_sources_connection() -> None:
@@ -378,3 +389,106 @@ def test_a_blob_being_stored_survives_its_sources_connection() -> None:
     n.tick(7.5)
     n.blob_stored(st.download, True, 7.6)
     assert n.complete(FLEET, APP) and n.banned(FLEET, APP) == frozenset()
+
+
+# ---------------------------------------------------------------- cross-LAN serving policy
+
+def holder(serve: ServePolicy | None = None) -> tuple[MeshNode, list[Blob]]:
+    """A node that holds 2 of a release's 3 blobs, a LAN neighbour "lan1" and a peer "wan1"
+    on another LAN, both live members."""
+    blobs = make_blobs(3, large=0)
+    store = MemStore()
+    for b in blobs[:2]:
+        store.blobs[b.ref.id] = b.frame
+    n = node({"lan1": "10.0.0.2", "wan1": "10.0.1.2"}, store=store, lan=["lan1"],
+             serve=serve)
+    n.start(0.0)
+    for p in ("lan1", "wan1"):  # both answer a probe: live members
+        n.membership.seed([(p, "")])
+    n.offer_manifest(make_manifest(blobs), 0.0)
+    n.drain()
+    return n, blobs
+
+
+def test_serve_policy_metered_default_serves_and_announces_only_to_the_lan() -> None:
+    n, blobs = holder()
+    b0 = blobs[0].ref.id
+    n.receive(BlobRequest(1, b0, 0, 100), "lan1", 1.0)
+    n.receive(BlobRequest(2, b0, 0, 100), "wan1", 1.0)
+    acts = n.drain()
+    assert [a.peer for a in of(acts, ServeRange)] == ["lan1"]
+    assert sent(acts, BlobError) == [("wan1", BlobError(2, REFUSED_WAN))]
+    assert n.stats.counters["serve_refused_wan"] == 1 and n.stats.bytes_served_wan == 0
+    assert n.have_messages("wan1") == [] and n.have_messages("lan1")
+    assert not n.serves_wan()
+
+
+def test_serve_policy_seed_ratio_bounds_the_bytes_served_per_release() -> None:
+    n, blobs = holder(ServePolicy(seed_ratio=0.5))
+    held = sum(b.ref.stored_size for b in blobs[:2])
+    allowance = int(0.5 * held)
+    b0 = blobs[0].ref.id
+    assert n.have_messages("wan1")  # offered while the allowance lasts
+    n.receive(BlobRequest(1, b0, 0, allowance), "wan1", 1.0)  # within: served
+    n.receive(BlobRequest(2, b0, 0, 1), "wan1", 1.0)  # one byte more: refused
+    acts = n.drain()
+    assert [a.req_id for a in of(acts, ServeRange)] == [1]
+    assert sent(acts, BlobError) == [("wan1", BlobError(2, REFUSED_WAN))]
+    assert n.stats.bytes_served_wan == allowance
+    assert n.have_messages("wan1") == [] and not n.serves_wan()  # spent: no more offers
+    n.receive(BlobRequest(3, b0, 0, 100), "lan1", 1.0)  # the LAN is never counted
+    assert [a.req_id for a in of(n.drain(), ServeRange)] == [3]
+
+
+def test_serve_policy_unmetered_serves_other_lans_without_bound() -> None:
+    n, blobs = holder(ServePolicy(unmetered=True))
+    for i in range(20):
+        n.receive(BlobRequest(i, blobs[0].ref.id, 0, 100), "wan1", 1.0)
+        n.served("wan1")
+    assert len(of(n.drain(), ServeRange)) == 20 and n.have_messages("wan1")
+
+
+def test_a_coordinator_outage_opens_a_metered_uplink_until_the_seed_answers() -> None:
+    n, blobs = holder()
+    n.tick(STARTUP_SETTLE)
+    starts = of(n.drain(), StartDownload)
+    assert [s.blob_id for s in starts] == [blobs[2].ref.id]
+    t = STARTUP_SETTLE
+    for _ in range(OUTAGE_SEED_FAILURES):
+        assert not n.outage
+        n.download_failed(starts[-1].download, t)
+        n.drain()
+        while not (starts := of(n.drain(), StartDownload)):  # after the seed's rest
+            t += 1.0
+            n.tick(t)
+    assert n.outage and n.stats.counters["coordinator_outages"] == 1
+    # what we hold reaches the other LANs, and their requests are served
+    n2, _ = holder()
+    assert n.have_messages("wan1") and not n2.have_messages("wan1")
+    n.receive(BlobRequest(7, blobs[0].ref.id, 0, 100), "wan1", t)
+    assert [a.req_id for a in of(n.drain(), ServeRange)] == [7]
+    # the seed answers again: back to the metered policy
+    n.blob_received(starts[-1].download, blobs[2].frame, t + 1)
+    assert not n.outage and n.have_messages("wan1") == []
+    # the driver's own view (control calls failing) opens it too
+    n.coordinator_reachable(False, t + 2)
+    assert n.outage and n.have_messages("wan1")
+    n.coordinator_reachable(True, t + 3)
+    assert not n.outage
+
+
+def test_a_wan_peer_that_refuses_loses_its_offer() -> None:
+    (blob,) = make_blobs(1, large=0)
+    n, acts = settled({"wan1": "10.0.1.2"}, [], [blob], {"wan1": [blob]})
+    # offered by a peer on another LAN: fetched from it (it is the HRW owner's WAN source)
+    ((dest, r),) = sent(acts, BlobRequest)
+    assert dest == "wan1" and not of(acts, StartDownload)
+    n.receive(BlobError(r.req_id, REFUSED_WAN), "wan1", 7.0)
+    assert n.stats.counters["refused_by_wan_peer"] == 1
+    n.drain()
+    t = 7.0
+    while not (starts := of(n.drain(), StartDownload)):
+        assert not sent(n.drain(), BlobRequest)  # never asked again
+        t += 1.0
+        n.tick(t)
+    assert starts[0].blob_id == blob.ref.id
