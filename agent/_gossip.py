@@ -79,6 +79,9 @@ from ._crashpoints import crash_point
 GOSSIP_PORT: Final = 7946
 READ_SIZE: Final = 65536
 MAX_TIMER_SLEEP: Final = 1.0  # re-read the deadlines at least this often (clock skew, bugs)
+# A seed download is fetched in HTTP Range requests of this size (a peer's piece,
+# mesh.wire.MAX_PIECE), each reported as it arrives: a cut transfer loses at most one range.
+SEED_RANGE: Final = MAX_PIECE
 
 AppKey = tuple[str, str]
 Log = Callable[[str], None]
@@ -379,24 +382,48 @@ class GossipNode:
     # ------------------------------------------------------------------ blob contents
 
     async def _download_seed(self, a: StartDownload, scope: trio.CancelScope) -> None:
-        """A whole blob from the coordinator's seed; cancelled by `CancelDownload`."""
-        data: bytes | None = None
+        """Blob bytes [a.offset, a.size) from the coordinator's seed, in SEED_RANGE HTTP Range
+        requests, each handed to the core as it arrives (`blob_part`): a transfer cut or
+        cancelled (`CancelDownload`) keeps every range that came, and the next download of the
+        blob resumes there (mesh.node, MAX_PARTIAL_BYTES)."""
+        failed = self.client is None
+        offset = a.offset
         with scope:
-            if self.client is not None:
+            while self.client is not None and offset < a.size:
+                end = min(a.size, offset + SEED_RANGE)
                 try:
-                    data = await self.client.blob(a.blob_id.hex())
+                    data = await self.client.blob(a.blob_id.hex(), offset, end)
                 except trio.Cancelled:
                     raise
                 except Exception as exc:  # noqa: BLE001 - the SDK's errors, whatever their class
                     self.stats.counters["coordinator_errors"] += 1
                     self.log(f"blob {a.blob_id.hex()[:16]} from the coordinator: {exc}")
+                    failed = True
+                    break
+                if len(data) != end - offset:  # the SDK checks ranges; a short body is a cut
+                    self.stats.counters["coordinator_errors"] += 1
+                    failed = True
+                    break
+                offset = end
+                if offset < a.size:
+                    self.core.blob_part(a.download, data, self._now())
+                    self._run_actions()
+                    if a.download not in self._seed_downloads:
+                        return  # the core let it go (its timer, or a replaced release)
+                else:
+                    self._seed_downloads.pop(a.download, None)
+                    self.core.blob_received(a.download, data, self._now())
+                    self._run_actions()
+                    return
+            if not failed:  # an empty blob, or one resumed at its end
+                self._seed_downloads.pop(a.download, None)
+                self.core.blob_received(a.download, b"", self._now())
+                self._run_actions()
+                return
         if scope.cancel_called:
             return
         self._seed_downloads.pop(a.download, None)
-        if data is None:
-            self.core.download_failed(a.download, self._now())
-        else:
-            self.core.blob_received(a.download, data, self._now())
+        self.core.download_failed(a.download, self._now())
         self._run_actions()
 
     async def _store(self, a: StoreBlob) -> None:

@@ -58,8 +58,8 @@ from mesh.blobsched import (
     BlobScheduler,
     Cancel,
     Fetch,
+    LinkRates,
     SchedConfig,
-    fetch_timeout,
 )
 from mesh.blobsched import Action as SchedAction
 from mesh.membership import LAN, Membership, MembershipConfig
@@ -105,6 +105,11 @@ OUTAGE_SEED_FAILURES: Final = 3
 # What a node answers a WAN BlobRequest it will not serve (metered, or its allowance spent);
 # the requester then forgets what that peer offered for the release.
 REFUSED_WAN: Final = "not serving other LANs"
+# Received prefixes of blobs whose download stopped (cancelled, timed out, connection lost)
+# are kept for the next download of that blob, from any source, which starts where they end:
+# no byte crosses a link twice. Bounded in total (least recently kept dropped first): 16
+# chunks of 4 MiB; what downloads in flight hold comes on top (at most max_total blobs).
+MAX_PARTIAL_BYTES: Final = 64 * 1024 * 1024
 
 AppKey = tuple[str, str]
 Log = Callable[[str], None]
@@ -159,12 +164,16 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class StartDownload:
-    """Fetch the whole blob `blob_id` (at most `size` bytes) from the coordinator's seed; report
-    `blob_received(download, data, now)` or `download_failed(download, now)`."""
+    """Fetch blob `blob_id` (`size` bytes in all) from the coordinator's seed, from `offset`
+    on (the bytes before it are held from an earlier download: an HTTP Range request).
+    Report the bytes in order as they arrive, `blob_part(download, data, now)` (a cut
+    transfer keeps what came), or the rest at once, `blob_received(download, data, now)`;
+    `download_failed(download, now)` if the transfer breaks."""
 
     download: int
     blob_id: bytes
     size: int
+    offset: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,9 +285,13 @@ class _Download:
     # fetch times out, breaks with its connection or is cancelled at the seed
     state: Literal["fetching", "storing", "done"] = "fetching"
     requests: dict[int, tuple[int, int]] = field(default_factory=dict)  # req id -> offset, len
-    pieces: dict[int, bytes] = field(default_factory=dict)  # offset -> bytes
-    got: int = 0
+    buf: bytearray = field(default_factory=bytearray)  # the contiguous prefix received
+    pieces: dict[int, bytes] = field(default_factory=dict)  # offset -> bytes beyond `buf`
     next_offset: int = 0
+    # who sent the prefix it resumed from (empty: it started at 0); a blob joined from
+    # several sources that fails verification bans none of them
+    prior: frozenset[str] = frozenset()
+    start: int = 0  # bytes it resumed from
 
     @property
     def app(self) -> AppKey:
@@ -304,6 +317,7 @@ class MeshNode:
         self.store = store
         self.rng = rng
         self.sched_config = sched_config if sched_config is not None else SchedConfig()
+        self.rates = LinkRates(self.sched_config)  # measured, shared by the releases' schedulers
         self.pieces_in_flight = pieces_in_flight
         self.max_serving_per_peer = max_serving_per_peer
         self.serve = serve if serve is not None else ServePolicy()
@@ -327,6 +341,10 @@ class MeshNode:
         self._requests: dict[int, _Download] = {}
         self._serving: collections.Counter[str] = collections.Counter()
         self._served_wan: collections.Counter[ReleaseKey] = collections.Counter()
+        # blob id -> (received prefix, who sent it), least recently kept first
+        self._partials: collections.OrderedDict[bytes, tuple[bytes, frozenset[str]]] = \
+            collections.OrderedDict()
+        self._partial_bytes = 0
         self._seed_failures = 0  # seed downloads in a row the driver reported failed
         self._coordinator_unreachable = False  # the driver's word (its control calls fail)
         self._pending_haves: dict[ReleaseKey, dict[str, set[bytes]]] = {}
@@ -504,15 +522,31 @@ class MeshNode:
                 self._report(dl, None, now)
 
     def blob_received(self, download: int, data: bytes, now: float) -> None:
-        """The whole blob from the coordinator's seed (a `StartDownload`)."""
+        """The rest of the blob from the coordinator's seed (a `StartDownload`), from where
+        it started or the last `blob_part` on: the download is over."""
+        dl = self._seed_bytes(download, data, now)
+        if dl is not None and dl.state == "fetching":
+            self._store(dl, bytes(dl.buf), now)
+
+    def blob_part(self, download: int, data: bytes, now: float) -> None:
+        """The next bytes of a seed download, in order, as they arrive; the last of them
+        completes it."""
+        dl = self._seed_bytes(download, data, now)
+        if dl is not None and dl.state == "fetching" and len(dl.buf) >= dl.size:
+            self._store(dl, bytes(dl.buf), now)
+
+    def _seed_bytes(self, download: int, data: bytes, now: float) -> _Download | None:
         dl = self._by_id.get(download)
         if dl is None or dl.source != COORDINATOR or dl.state != "fetching":
-            return
-        self.stats.bytes_coordinator += len(data)
+            return None
         self._seed_answered(now)
+        if not data:
+            return dl
+        self.stats.bytes_coordinator += len(data)
         dl.release.received["coordinator"] += len(data)
         self.generation += 1
-        self._store(dl, data, now)
+        dl.buf += data
+        return dl if self._progressed(dl, len(data), now) else None
 
     def download_failed(self, download: int, now: float) -> None:
         dl = self._by_id.get(download)
@@ -530,6 +564,12 @@ class MeshNode:
         retried like a lost connection, and no one is banned)."""
         dl = self._by_id.get(download)
         if dl is not None and dl.state == "storing":
+            if ok is False and dl.prior - {dl.source}:
+                # joined from a resumed prefix and this source's rest: which one sent the bad
+                # bytes cannot be told, so nobody is banned; nothing of it is kept, so the next
+                # download is whole from one source, and if that fails it names its sender
+                self.stats.counters["bad_joined_blobs"] += 1
+                ok = None
             self._report(dl, ok, now)
 
     def served(self, peer: str) -> None:
@@ -601,7 +641,7 @@ class MeshNode:
             for dl in [d for d in self._by_id.values() if d.app == app]:
                 self._forget(dl)
         held = [b for b in wanted if self.store.has(b)]
-        sched = BlobScheduler(self.name, have=held, config=self.sched_config)
+        sched = BlobScheduler(self.name, have=held, config=self.sched_config, rates=self.rates)
         release = _Release(verified, key, sched, wanted)
         self._releases[app] = release
         self.log(f"release {manifest.fleet}/{manifest.app} v{manifest.version}: "
@@ -735,13 +775,22 @@ class MeshNode:
         if old is not None:
             self._forget(old)
         lan = f.source != COORDINATOR and f.source in self.lan
-        limit = DOWNLOAD_TIMEOUT_FACTOR * fetch_timeout(f.size, not lan, self.sched_config)
+        limit = DOWNLOAD_TIMEOUT_FACTOR * release.sched.fetch_limit(f.size, not lan)
         self._dl_seq += 1
         dl = _Download(self._dl_seq, release, f.blob_id, f.source, f.size, now + limit, lan)
+        partial = self._partials.pop(f.blob_id, None)
+        if partial is not None:
+            self._partial_bytes -= len(partial[0])
+            if len(partial[0]) < f.size:
+                dl.buf += partial[0]
+                dl.prior = partial[1]
+                dl.next_offset = dl.start = len(dl.buf)
+                self.stats.counters["resumed_downloads"] += 1
+                self.stats.counters["resumed_bytes"] += len(dl.buf)
         self._downloads[(app, f.blob_id)] = dl
         self._by_id[dl.id] = dl
         if f.source == COORDINATOR:
-            self._out.append(StartDownload(dl.id, f.blob_id, f.size))
+            self._out.append(StartDownload(dl.id, f.blob_id, f.size, len(dl.buf)))
         elif dl.size == 0:
             self._store(dl, b"", now)
         else:
@@ -792,25 +841,60 @@ class MeshNode:
             dl.release.received["wan_peer"] += len(msg.data)
         self.generation += 1
         dl.pieces[offset] = msg.data
-        dl.got += len(msg.data)
-        if dl.got >= dl.size:
-            self._store(dl, b"".join(dl.pieces[o] for o in sorted(dl.pieces)), now)
+        while len(dl.buf) in dl.pieces:  # pieces answer in any order; the prefix grows
+            dl.buf += dl.pieces.pop(len(dl.buf))
+        if not self._progressed(dl, len(msg.data), now):
+            return
+        if len(dl.buf) >= dl.size:
+            self._store(dl, bytes(dl.buf), now)
         else:
             self._request_pieces(dl)
+
+    def _progressed(self, dl: _Download, nbytes: int, now: float) -> bool:
+        """Bytes of `dl` arrived: the scheduler hears of it (not stalled; a rate sample) and
+        the node's own deadline moves on with the scheduler's. False if `dl` is gone (its
+        scheduler timer ran out at this very moment)."""
+        r = dl.release
+        if self._releases.get(dl.app) is r:
+            self._do(r, r.sched.on_progress(dl.source, dl.blob_id, nbytes, now), now)
+            if self.sched_config.follow_rates:
+                dl.deadline = now + DOWNLOAD_TIMEOUT_FACTOR * r.sched.fetch_limit(
+                    dl.size, not dl.lan)
+        return self._by_id.get(dl.id) is dl
 
     def _store(self, dl: _Download, data: bytes, now: float) -> None:
         """Whole blob bytes: checked against the signed manifest's size here, then handed to
         the driver to verify their digest and store them."""
         dl.pieces.clear()
+        dl.buf = bytearray()
         w = dl.release.wanted.get(dl.blob_id)
         if w is None or len(data) != w.size:
             self.stats.counters["bad_blobs"] += 1
             self._report(dl, False, now)
             return
         dl.state = "storing"  # not timed: a worker thread of the driver's
+        if self._releases.get(dl.app) is dl.release:
+            dl.release.sched.on_fetched(dl.source, dl.blob_id)
         self._out.append(StoreBlob(dl.id, dl.blob_id, data, w.kind, w.ref, w.size, dl.source))
 
+    def _keep_prefix(self, dl: _Download) -> None:
+        """A download that stops while fetching leaves its prefix for the next one."""
+        n = len(dl.buf)
+        if dl.state != "fetching" or n == 0 or n >= dl.size or self.store.has(dl.blob_id):
+            return
+        old = self._partials.pop(dl.blob_id, None)
+        if old is not None:
+            self._partial_bytes -= len(old[0])
+        sources = dl.prior | {dl.source} if n > dl.start else dl.prior
+        self._partials[dl.blob_id] = (bytes(dl.buf), sources)
+        self._partial_bytes += n
+        while self._partial_bytes > MAX_PARTIAL_BYTES:
+            _, (dropped, _) = self._partials.popitem(last=False)
+            self._partial_bytes -= len(dropped)
+            self.stats.counters["partials_dropped"] += 1
+
     def _forget(self, dl: _Download) -> None:
+        self._keep_prefix(dl)
         if self._downloads.get((dl.app, dl.blob_id)) is dl:
             del self._downloads[(dl.app, dl.blob_id)]
         if self._by_id.pop(dl.id, None) is not None and dl.source == COORDINATOR \
@@ -820,11 +904,14 @@ class MeshNode:
             self._requests.pop(req, None)
         dl.requests.clear()
         dl.pieces.clear()
+        dl.buf = bytearray()
 
     def _report(self, dl: _Download, ok: bool | None, now: float) -> None:
         """ok: verified and stored (True), bad bytes (False), failed/timed out (None)."""
         if self._by_id.get(dl.id) is not dl:
             return  # cancelled by the scheduler or replaced: it knows already
+        if ok is None:
+            self._keep_prefix(dl)  # failed or timed out: the next download resumes
         dl.state = "done"  # its result is in: no CancelDownload from _forget
         self._forget(dl)
         r = dl.release

@@ -93,3 +93,41 @@ async def test_a_401_without_the_revoked_marker_is_an_error_not_a_revocation(
     assert await failed_calls(ours, ErrorOnce(logs.append, 2)) == [False, False]
     assert not ours.revoked
     assert sum("without saying the device was revoked" in m for m in logs) == 1
+
+
+class BlobClient(TargetsClient):
+    """Records which client (connection pool) each call used."""
+
+    calls: list[tuple[str, int]] = []
+
+    async def blob(self, blob_id: str, start: int | None = None, end: int | None = None
+                   ) -> bytes:
+        self.calls.append(("blob", id(self)))
+        return b"x" * ((end or 1) - (start or 0))
+
+    async def targets(self) -> list[dict[str, Any]]:
+        self.calls.append(("targets", id(self)))
+        return []
+
+
+async def test_seed_downloads_use_clients_of_their_own(enrolled: DataDir) -> None:
+    coord = FakeCoordinator()
+    made: list[BlobClient] = []
+
+    def factory(url: str, credential: str, cert: bytes) -> BlobClient:
+        made.append(BlobClient(coord, url, credential, cert))
+        return made[-1]
+
+    BlobClient.calls = []
+    lk = CoordinatorLink(enrolled.read_identity(), factory, hub_up=lambda: False,
+                         log=lambda _m: None)
+    assert await lk.blob("ab" * 32, 0, 4) == b"xxxx"
+    await lk.targets()
+    await lk.blob("ab" * 32, 4, 8)
+    await lk.targets()
+    (blob_client,) = {c for what, c in BlobClient.calls if what == "blob"}
+    (control_client,) = {c for what, c in BlobClient.calls if what == "targets"}
+    # a bulk transfer never holds up a control call on one connection pool
+    assert blob_client != control_client and len(made) == 2
+    await lk.aclose()
+    assert all(c.closed for c in made)

@@ -10,9 +10,10 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeVar
 
+import pytest
 from nacl.signing import SigningKey
 
-from mesh.blobsched import COORDINATOR, SchedConfig, fetch_timeout
+from mesh.blobsched import COORDINATOR, SchedConfig, fetch_timeout, stall_timeout
 from mesh.node import (
     MAX_SERVING_PER_PEER,
     OUTAGE_SEED_FAILURES,
@@ -86,12 +87,15 @@ def sent(actions: Sequence[Action], cls: type[A]) -> list[tuple[str, A]]:
 
 
 KEY1 = ReleaseKey(FLEET, APP, 1)
+WAN3 = SchedConfig(max_wan=3)
 
 
 def test_release_lifecycle_settle_gate_and_replacement() -> None:
     blobs = make_blobs(3, large=0)
     store = MemStore()
-    n = node(store=store)
+    # room for all three seed downloads at once (the default WAN bound is 2 per device since
+    # issue 12; this test is about the lifecycle)
+    n = node(store=store, config=WAN3)
     n.start(100.0)
     n.drain()
     gen = n.generation
@@ -237,7 +241,7 @@ def test_delta_when_its_base_is_complete_chunks_otherwise() -> None:
         n.blob_received(starts[0].download, b"d" * 5000, 7.0)
         (st,) = of(n.drain(), StoreBlob)
         assert (st.kind, st.ref, st.size) == ("delta", None, 5000)
-    n = node()  # no base: the chunks
+    n = node(config=WAN3)  # no base: the chunks (all three at once)
     n.start(0.0)
     n.offer_manifest(delta_manifest(base, blobs, delta_id, 5000), 0.0)
     n.tick(STARTUP_SETTLE)
@@ -319,15 +323,18 @@ def test_a_blob_error_or_an_unsent_request_fails_the_download_without_a_ban() ->
         assert n.stats.counters["unsolicited_blob_answers"] == 1, how
 
 
-def test_download_timeout_exact() -> None:
+@pytest.mark.parametrize("follow_rates", [True, False])
+def test_download_timeout_exact(follow_rates: bool) -> None:
     (blob,) = make_blobs(1, large=0)
-    cfg = SchedConfig()
+    cfg = SchedConfig(follow_rates=follow_rates)
     n = node(config=cfg)
     n.start(0.0)
     n.offer_manifest(make_manifest([blob]), 0.0)
     n.tick(STARTUP_SETTLE)
     (start,) = of(n.drain(), StartDownload)
-    limit = STARTUP_SETTLE + fetch_timeout(blob.ref.stored_size, True, cfg)
+    # a stall (no byte) at the configured WAN rate, or the static whole-transfer timeout
+    limit = STARTUP_SETTLE + (stall_timeout(cfg.wan_rate) if follow_rates
+                              else fetch_timeout(blob.ref.stored_size, True, cfg))
     deadline = n.next_deadline()
     assert deadline is not None and deadline <= limit
     n.tick(limit - 0.001)
@@ -492,3 +499,93 @@ def test_a_wan_peer_that_refuses_loses_its_offer() -> None:
         t += 1.0
         n.tick(t)
     assert starts[0].blob_id == blob.ref.id
+
+
+# ---------------------------------------------------------------- resume: no byte twice
+
+def until(n: MeshNode, t: float, cls: type[A], step: float = 0.5) -> tuple[float, list[A]]:
+    """Tick until the node asks for a `cls` action (after a source's rest)."""
+    while not (got := of(n.drain(), cls)):
+        t += step
+        n.tick(t)
+        assert t < 1000.0
+    return t, got
+
+
+def until_requests(n: MeshNode, t: float) -> tuple[float, list[tuple[str, BlobRequest]]]:
+    while not (got := sent(n.drain(), BlobRequest)):
+        t += 0.5
+        n.tick(t)
+        assert t < 1000.0
+    return t, got
+
+
+def test_a_cut_seed_download_resumes_at_its_offset() -> None:
+    (blob,) = make_blobs(1, large=1)
+    n = node()
+    n.start(0.0)
+    n.offer_manifest(make_manifest([blob]), 0.0)
+    n.tick(STARTUP_SETTLE)
+    (first,) = of(n.drain(), StartDownload)
+    assert first.offset == 0
+    n.blob_part(first.download, blob.frame[:MAX_PIECE], 7.0)  # streamed: 1 MiB arrives
+    assert not of(n.drain(), StoreBlob)
+    n.download_failed(first.download, 8.0)  # then the connection breaks
+    t, (again,) = until(n, 8.0, StartDownload)
+    assert (again.blob_id, again.offset) == (blob.ref.id, MAX_PIECE)
+    n.blob_received(again.download, blob.frame[MAX_PIECE:], t + 1)
+    (st,) = of(n.drain(), StoreBlob)
+    assert st.data == blob.frame
+    assert n.stats.counters["resumed_bytes"] == MAX_PIECE
+    assert n.stats.bytes_coordinator == len(blob.frame)  # every byte once
+
+
+def test_a_cut_peer_download_resumes_from_any_source() -> None:
+    (blob,) = make_blobs(1, large=1)
+    n, acts = settled({"lan1": "10.0.0.2"}, ["lan1"], [blob], {"lan1": [blob]})
+    reqs = sent(acts, BlobRequest)
+    assert [r.offset for _, r in reqs][0] == 0
+    r0 = reqs[0][1]
+    n.receive(BlobData(r0.req_id, blob.ref.id, 0, blob.frame[:r0.length], False), "lan1", 7.0)
+    n.peer_down("lan1", 7.5)
+    t, again = until_requests(n, 7.5)
+    assert min(m.offset for _, m in again) == MAX_PIECE  # the received MiB is not asked again
+    for dest, m in again:
+        end = m.offset + m.length
+        n.receive(BlobData(m.req_id, m.blob_id, m.offset, blob.frame[m.offset:end],
+                           end == len(blob.frame)), dest, t + 1)
+    (st,) = of(n.drain(), StoreBlob)
+    assert st.data == blob.frame
+    assert n.stats.bytes_lan == len(blob.frame)
+
+
+def test_a_blob_joined_from_two_sources_that_fails_bans_nobody() -> None:
+    (blob,) = make_blobs(1, large=1)
+    n = node({"w": "10.0.1.2"})  # w: another LAN's peer, which may offer what it holds
+    n.start(0.0)
+    n.offer_manifest(make_manifest([blob]), 0.0)
+    n.tick(STARTUP_SETTLE)
+    (first,) = of(n.drain(), StartDownload)
+    n.blob_part(first.download, blob.frame[:MAX_PIECE], 7.0)  # a prefix from the seed...
+    n.download_failed(first.download, 7.1)
+    n.receive(Have(KEY1, (blob.ref.id,)), "w", 7.2)  # ...the rest from w (seed resting)
+    reqs = sent(n.drain(), BlobRequest)
+    assert reqs and all(d == "w" and r.offset >= MAX_PIECE for d, r in reqs)
+    for _, m in reqs:
+        end = m.offset + m.length
+        n.receive(BlobData(m.req_id, m.blob_id, m.offset, blob.frame[m.offset:end],
+                           end == len(blob.frame)), "w", 8.0)
+    (st,) = of(n.drain(), StoreBlob)
+    n.blob_stored(st.download, False, 8.5)  # the joined bytes fail verification
+    assert n.banned(FLEET, APP) == frozenset()  # which source lied cannot be told
+    assert n.stats.counters["bad_joined_blobs"] == 1
+    # nothing of it is kept: the next download is whole, from one source, which a second
+    # failure would name
+    t, nxt = 8.5, []
+    while not nxt:
+        t += 0.5
+        n.tick(t)
+        acts = n.drain()
+        nxt = [a.offset for a in of(acts, StartDownload)] + [
+            m.offset for _, m in sent(acts, BlobRequest)]
+    assert nxt == [0]
