@@ -288,6 +288,12 @@ class GossipNode:
         self._run_actions()
         return new
 
+    def coordinator_reachable(self, ok: bool) -> None:
+        """The agent's control calls reach the coordinator (True) or no longer do (False):
+        during an outage peers on other LANs help (mesh.node.ServePolicy)."""
+        self.core.coordinator_reachable(ok, self._now())
+        self._run_actions()
+
     def set_lan(self, names: Iterable[str]) -> None:
         """The LAN neighbours (names from LAN discovery; only peer-map names count)."""
         self.core.set_lan(names, self._now())

@@ -46,6 +46,10 @@ CALL_TIMEOUT: Final = 15.0  # a report or anything that is not a long poll
 BLOB_CALL_TIMEOUT: Final = 600.0
 BACKOFF_INITIAL: Final = 1.0
 BACKOFF_MAX: Final = 30.0  # bounded: a device that was cut off finds the coordinator within 30 s
+# Calls in a row with no answer from any URL after which the coordinator counts as unreachable
+# (the mesh node then lets peers on other LANs help: mesh.node.ServePolicy); the same count as
+# the node's own rule for seed downloads (mesh.node.OUTAGE_SEED_FAILURES).
+UNREACHABLE_AFTER: Final = 3
 
 
 class DeviceApi(Protocol):
@@ -151,6 +155,9 @@ class CoordinatorLink:
         self._bulk_clients: dict[str, DeviceApi] = {}
         self._last_url: str | None = None
         self._bad_targets = ErrorOnce(lambda m: log(f"targets: {m}"))
+        self._unanswered = 0  # calls in a row that no URL answered
+        # called with False when the coordinator becomes unreachable, True when it answers again
+        self.reachability: list[Callable[[bool], None]] = []
 
     # -- the calls -----------------------------------------------------------------------------
 
@@ -274,6 +281,7 @@ class CoordinatorLink:
                 continue
             except Exception as exc:  # noqa: BLE001 - the SDK's errors, whatever their class
                 if error_status(exc) is not None:
+                    self._answered(True)  # an error answer is an answer
                     raise
                 last = exc
                 continue
@@ -281,11 +289,24 @@ class CoordinatorLink:
                 via = "the hub tunnel" if url != self.identity.url else "the direct URL"
                 self.log(f"coordinator reached at {url} ({via})")
                 self._last_url = url
+            self._answered(True)
             return result
         assert last is not None
+        self._answered(False)
         raise last
 
+    @property
+    def reachable(self) -> bool:
+        return self._unanswered < UNREACHABLE_AFTER
 
-__all__ = ["BLOB_CALL_TIMEOUT", "CALL_TIMEOUT", "POLL_SLACK", "Backoff", "ClientFactory",
-           "CoordinatorLink", "DeviceApi", "ErrorOnce", "error_status", "one_line",
-           "revoked_answer"]
+    def _answered(self, ok: bool) -> None:
+        was = self.reachable
+        self._unanswered = 0 if ok else self._unanswered + 1
+        if self.reachable != was:
+            for watcher in self.reachability:
+                watcher(self.reachable)
+
+
+__all__ = ["BLOB_CALL_TIMEOUT", "CALL_TIMEOUT", "POLL_SLACK", "UNREACHABLE_AFTER", "Backoff",
+           "ClientFactory", "CoordinatorLink", "DeviceApi", "ErrorOnce", "error_status",
+           "one_line", "revoked_answer"]

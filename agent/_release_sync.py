@@ -133,6 +133,11 @@ class ReleaseSync:
         self._targets_wake = trio.Event()
         self._sync_wake = trio.Event()
         self._refused: set[tuple[str, int]] = set()
+        link.reachability.append(self._coordinator_reachable)
+
+    def _coordinator_reachable(self, ok: bool) -> None:
+        if self.node is not None:
+            self.node.coordinator_reachable(ok)
 
     # -- inputs from the rest of the agent -----------------------------------------------------
 
@@ -192,6 +197,8 @@ class ReleaseSync:
                 rng=random.Random(self.rng.random()), log=lambda m: self.log(f"gossip: {m}"),
                 local_layers=self._engine_layers, serve=settings.serve)
             node.set_lan(self._lan_names)
+            if not self.link.reachable:
+                node.coordinator_reachable(False)
             self._node_changed(node)
             try:
                 async with trio.open_nursery() as nursery:

@@ -92,6 +92,12 @@ MAX_PENDING_IDS: Final = 65_536  # per peer and release (= blobsched.MAX_HAVE_ID
 # to fetch across the WAN. A device back from an outage then takes what its LAN already holds.
 STARTUP_SETTLE: Final = 6.0
 PIECES_IN_FLIGHT: Final = 4  # BlobRequests outstanding per download (4 MiB chunk = 4 pieces)
+# ... from a peer on another LAN. Its uplink is slow and shared by every LAN that fetches from
+# it: with 4 pieces per download each of them gets a sliver, none arrives within a stall
+# timeout, and the pieces on the wire when a download is given up are sent for nothing. One
+# piece at a time keeps each transfer's progress steady; a request round trip per MiB costs
+# little next to a MiB's seconds on such a link, and several downloads keep it full.
+WAN_PIECES_IN_FLIGHT: Final = 1
 MAX_SERVING_PER_PEER: Final = 32  # BlobRequests we serve at once for one peer
 # A download from a peer or the seed is abandoned after this many times the scheduler's own
 # timeout for it (`blobsched.fetch_timeout`): the scheduler's timer acts first, this one frees
@@ -797,7 +803,9 @@ class MeshNode:
             self._request_pieces(dl)
 
     def _request_pieces(self, dl: _Download) -> None:
-        while len(dl.requests) < self.pieces_in_flight and dl.next_offset < dl.size:
+        limit = self.pieces_in_flight if dl.lan else min(self.pieces_in_flight,
+                                                         WAN_PIECES_IN_FLIGHT)
+        while len(dl.requests) < limit and dl.next_offset < dl.size:
             self._req_seq += 1
             req = self._req_seq
             length = min(MAX_PIECE, dl.size - dl.next_offset)

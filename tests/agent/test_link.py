@@ -7,7 +7,7 @@ from typing import Any
 import trio
 
 from agent import CoordinatorLink, DataDir
-from agent._link import ErrorOnce
+from agent._link import UNREACHABLE_AFTER, ErrorOnce
 from mesh.control import DeviceTarget
 
 from .fakes import FakeClient, FakeCoordinator
@@ -131,3 +131,36 @@ async def test_seed_downloads_use_clients_of_their_own(enrolled: DataDir) -> Non
     assert blob_client != control_client and len(made) == 2
     await lk.aclose()
     assert all(c.closed for c in made)
+
+
+class DownClient(TargetsClient):
+    down = True
+
+    async def targets(self) -> list[dict[str, Any]]:
+        if DownClient.down:
+            raise OSError("connection refused")
+        return []
+
+
+async def test_the_coordinator_is_unreachable_after_calls_in_a_row_go_unanswered(
+        enrolled: DataDir) -> None:
+    coord = FakeCoordinator()
+    seen: list[bool] = []
+
+    def factory(url: str, credential: str, cert: bytes) -> DownClient:
+        return DownClient(coord, url, credential, cert)
+
+    lk = CoordinatorLink(enrolled.read_identity(), factory, hub_up=lambda: False,
+                         log=lambda _m: None)
+    lk.reachability.append(seen.append)
+    DownClient.down = True
+    for i in range(UNREACHABLE_AFTER):
+        assert lk.reachable and seen == [], i
+        try:
+            await lk.targets()
+        except OSError:
+            pass
+    assert not lk.reachable and seen == [False]  # told once
+    DownClient.down = False
+    await lk.targets()
+    assert lk.reachable and seen == [False, True]

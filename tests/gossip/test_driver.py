@@ -228,7 +228,7 @@ class CuttingSeed:
 
 
 async def test_a_cut_seed_download_resumes_where_it_stopped(
-        tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+        tmp_path: Path, thread_safe_clock: trio.abc.Clock) -> None:
     (blob,) = make_blobs(1, large=1)  # > 1 MiB: several ranges
     size = blob.ref.stored_size
     seed = CuttingSeed(blob.frame, cut_after=1)
