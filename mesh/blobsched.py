@@ -13,7 +13,8 @@ It asks `next_deadline()` when to call `tick` next. docs/blob-exchange.md descri
 3. rarest first, ties broken by a per-device hash;
 4. a peer that serves bad bytes is banned for the release;
 5. `peer_sharing=False`: everything from the coordinator;
-6. bounded requests in flight (per source, across the WAN, in total), each with a timeout.
+6. bounded requests in flight (per source, across the WAN, in total), each failing when it
+   stalls: no bytes for a time derived from the measured rate of its link (`LinkRates`).
 
 So a LAN pulls each byte across its WAN link once, and the work is spread over its members.
 """

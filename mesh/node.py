@@ -20,14 +20,16 @@ Inputs (each returns None; the actions it caused are collected for `drain()`):
     connected(peer)                   a peer opened its first connection to us: it gets our Haves
     peer_down(peer, now)              the connection to or from a peer broke
     send_failed(dest, msg, now)       a `Send` could not be queued
+    blob_part(download, data, now)    the next bytes of a `StartDownload`, as they arrive
     blob_received(download, data, now) / download_failed(download, now)
-                                      the result of a `StartDownload` (the coordinator's seed)
+                                      the end of a `StartDownload` (the coordinator's seed)
+    coordinator_reachable(ok, now)    the agent's control calls reach the coordinator, or not
     blob_stored(download, ok, now)    the result of a `StoreBlob` (ok None: not stored here)
     served(peer)                      a `ServeRange` is finished
     tick(now)                         at `next_deadline()` (or earlier)
 
-Outputs (`drain()`): `Send` a message; `StartDownload` / `CancelDownload` a blob from the
-coordinator's seed; `StoreBlob` verify-and-store whole blob bytes; `ServeRange` read a range of
+Outputs (`drain()`): `Send` a message; `StartDownload` / `CancelDownload` a blob (from an
+offset: a resumed download) from the coordinator's seed; `StoreBlob` verify-and-store whole blob bytes; `ServeRange` read a range of
 a held blob and answer a peer's `BlobRequest` with it. `generation` grows whenever what
 `newest`, `progress` or `complete` report may have changed.
 
@@ -41,6 +43,10 @@ the requested blob, offset and length, and the joined blob must have the size th
 manifest gives; anything else is counted (`bad_pieces`, `bad_blobs`), never stored, and reported
 to the scheduler as a bad delivery, which bans the source for the release (docs/architecture.md,
 principle 5).
+
+Cross-LAN serving is a policy (`ServePolicy`, metered by default: serve and announce only to the
+LAN, except during a coordinator outage), and a download that stops leaves its received prefix
+for the next download of the blob, from any source (docs/blob-exchange.md).
 """
 
 from __future__ import annotations
