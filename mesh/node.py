@@ -29,9 +29,9 @@ Inputs (each returns None; the actions it caused are collected for `drain()`):
     tick(now)                         at `next_deadline()` (or earlier)
 
 Outputs (`drain()`): `Send` a message; `StartDownload` / `CancelDownload` a blob (from an
-offset: a resumed download) from the coordinator's seed; `StoreBlob` verify-and-store whole blob bytes; `ServeRange` read a range of
-a held blob and answer a peer's `BlobRequest` with it. `generation` grows whenever what
-`newest`, `progress` or `complete` report may have changed.
+offset: a resumed download) from the coordinator's seed; `StoreBlob` verify-and-store whole
+blob bytes; `ServeRange` read a range of a held blob and answer a peer's `BlobRequest` with it.
+`generation` grows whenever what `newest`, `progress` or `complete` report may have changed.
 
 Blob bytes and the store: the node reads the store's index through a small injected interface
 (`BlobIndex`: `has`, `size`, `complete_layers`, `record_layers`, as agent/_blobstore.py's
