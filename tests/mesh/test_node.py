@@ -13,6 +13,7 @@ from typing import TypeVar
 import pytest
 from nacl.signing import SigningKey
 
+import mesh.node as node_module
 from mesh.blobsched import COORDINATOR, SchedConfig, fetch_timeout, stall_timeout
 from mesh.node import (
     MAX_SERVING_PER_PEER,
@@ -589,3 +590,26 @@ def test_a_blob_joined_from_two_sources_that_fails_bans_nobody() -> None:
         nxt = [a.offset for a in of(acts, StartDownload)] + [
             m.offset for _, m in sent(acts, BlobRequest)]
     assert nxt == [0]
+
+
+def test_kept_prefixes_are_bounded_oldest_dropped_first(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    monkeypatch.setattr(node_module, "MAX_PARTIAL_BYTES", MAX_PIECE + MAX_PIECE // 2)
+    blobs = make_blobs(2, large=2)
+    by_id = {b.ref.id: b for b in blobs}
+    n = node()
+    n.start(0.0)
+    n.offer_manifest(make_manifest(blobs), 0.0)
+    n.tick(STARTUP_SETTLE)
+    first, second = of(n.drain(), StartDownload)
+    for s in (first, second):
+        n.blob_part(s.download, by_id[s.blob_id].frame[:MAX_PIECE], 7.0)
+    n.download_failed(first.download, 8.0)  # kept first...
+    n.download_failed(second.download, 8.0)  # ...so this one pushes it out
+    assert n.stats.counters["partials_dropped"] == 1
+    t, starts = until(n, 8.0, StartDownload)
+    if len(starts) < 2:
+        _, more = until(n, t, StartDownload)
+        starts += more
+    offsets = {s.blob_id: s.offset for s in starts}
+    assert offsets == {first.blob_id: 0, second.blob_id: MAX_PIECE}
