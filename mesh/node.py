@@ -504,8 +504,15 @@ class MeshNode:
         self._refresh_peers(now)
 
     def set_lan(self, names: Iterable[str], now: float) -> None:
-        """The LAN neighbours (names from LAN discovery; only peer-map names count)."""
-        self._lan_names = frozenset(names)
+        """The LAN neighbours (names from LAN discovery; only peer-map names count). A
+        neighbour found after its connection opened learns now what we hold: the snapshot on
+        that connection offered it only what another LAN's peer gets."""
+        new = frozenset(names)
+        added, self._lan_names = new - self._lan_names, new
+        live = set(self.membership.live_members())
+        for peer in sorted(added):
+            if peer in live and peer in self._peers:
+                self._send_haves(peer)
         self._refresh_peers(now)
 
     def connected(self, peer: str) -> None:

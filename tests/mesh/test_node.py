@@ -613,3 +613,11 @@ def test_kept_prefixes_are_bounded_oldest_dropped_first(monkeypatch: pytest.Monk
         starts += more
     offsets = {s.blob_id: s.offset for s in starts}
     assert offsets == {first.blob_id: 0, second.blob_id: MAX_PIECE}
+
+
+def test_a_neighbour_found_late_gets_what_we_hold() -> None:
+    n, blobs = holder()  # lan1 is a LAN neighbour, wan1 is not (yet)
+    assert n.have_messages("wan1") == []
+    n.set_lan(["lan1", "wan1"], 1.0)  # LAN discovery finds wan1 on our LAN after all
+    held = tuple(sorted(b.ref.id for b in blobs[:2]))
+    assert sent(n.drain(), Have) == [("wan1", Have(KEY1, held))]
