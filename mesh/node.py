@@ -967,7 +967,8 @@ class MeshNode:
         if msg.offset > size:
             self._out.append(Send(sender, BlobError(msg.req_id, "range")))
             return
-        if sender not in self._lan_names and not self._may_serve_wan(msg.blob_id, msg.length):
+        if sender not in self._lan_names and not self._may_serve_wan(
+                msg.blob_id, min(msg.length, size - msg.offset)):
             # our uplink is metered (ServePolicy): the requester's config cannot spend it
             self.stats.counters["serve_refused_wan"] += 1
             self._out.append(Send(sender, BlobError(msg.req_id, REFUSED_WAN)))

@@ -434,18 +434,31 @@ def test_serve_policy_metered_default_serves_and_announces_only_to_the_lan() -> 
 def test_serve_policy_seed_ratio_bounds_the_bytes_served_per_release() -> None:
     n, blobs = holder(ServePolicy(seed_ratio=0.5))
     held = sum(b.ref.stored_size for b in blobs[:2])
-    allowance = int(0.5 * held)
+    allowance = 0.5 * held
     b0 = blobs[0].ref.id
     assert n.have_messages("wan1")  # offered while the allowance lasts
-    n.receive(BlobRequest(1, b0, 0, allowance), "wan1", 1.0)  # within: served
-    n.receive(BlobRequest(2, b0, 0, 1), "wan1", 1.0)  # one byte more: refused
-    acts = n.drain()
-    assert [a.req_id for a in of(acts, ServeRange)] == [1]
-    assert sent(acts, BlobError) == [("wan1", BlobError(2, REFUSED_WAN))]
-    assert n.stats.bytes_served_wan == allowance
+    served, i = [], 0
+    while True:  # 1000-byte ranges until refused
+        i += 1
+        n.receive(BlobRequest(i, b0, 0, 1000), "wan1", 1.0)
+        n.served("wan1")
+        acts = n.drain()
+        if not of(acts, ServeRange):
+            break
+        served.append(i)
+    assert len(served) == int(allowance // 1000)  # every byte within R x held, no more
+    assert sent(acts, BlobError) == [("wan1", BlobError(i, REFUSED_WAN))]
+    assert n.stats.bytes_served_wan == 1000 * len(served)
+    assert n.have_messages("wan1")  # what is left is still offered...
+    # ...and a request past the blob's end counts only what it gets: the rest of the allowance
+    rest = int(allowance) - 1000 * len(served)
+    size0 = blobs[0].ref.stored_size
+    n.receive(BlobRequest(500, b0, size0 - rest, 5000), "wan1", 1.0)
+    assert [a.req_id for a in of(n.drain(), ServeRange)] == [500]
+    assert n.stats.bytes_served_wan == int(allowance)
     assert n.have_messages("wan1") == [] and not n.serves_wan()  # spent: no more offers
-    n.receive(BlobRequest(3, b0, 0, 100), "lan1", 1.0)  # the LAN is never counted
-    assert [a.req_id for a in of(n.drain(), ServeRange)] == [3]
+    n.receive(BlobRequest(999, b0, 0, 100), "lan1", 1.0)  # the LAN is never counted
+    assert [a.req_id for a in of(n.drain(), ServeRange)] == [999]
 
 
 def test_serve_policy_unmetered_serves_other_lans_without_bound() -> None:
