@@ -38,11 +38,15 @@ COORDINATOR: Final = "@coordinator"
 MAX_IN_FLIGHT_PER_PEER: Final = 4
 # Across all sources: what one device downloads at once (4 LAN peers' worth of pipelines).
 MAX_IN_FLIGHT_TOTAL: Final = 16
-# Across the WAN (coordinator and non-LAN peers), per device. The LAN's members share one link:
-# with 2 each, a LAN of n keeps 2n bulk flows on it, enough to keep it full while one flow
-# waits for its request's round trip, few enough that each gets a usable share (issue 12: 4
-# per device on a 3-device LAN starved 12 flows on a 4 Mbit/s link).
-MAX_WAN_IN_FLIGHT: Final = 2
+# Across the WAN (coordinator and non-LAN peers). A LAN's members share one link: together they
+# keep about LAN_WAN_FLOWS bulk fetches on it, enough to keep it full while some wait for their
+# request's round trip, few enough that each gets a usable share (issue 12: 4 per device on a
+# 3-device LAN starved 12 flows on a 4 Mbit/s link). So a device of a LAN of n members (itself
+# included) keeps ceil(LAN_WAN_FLOWS / n) in flight, at least 1 and at most MAX_WAN_IN_FLIGHT
+# (`wan_bound`): 4 alone, 2 on a LAN of 3, 1 from 6 members on. Chosen, not measured beyond the
+# simulation (docs/blob-exchange.md).
+MAX_WAN_IN_FLIGHT: Final = 4
+LAN_WAN_FLOWS: Final = 6
 
 # Per-transfer rates the timers assume, bytes/s. Conservative defaults: 100 Mbit/s Ethernet/Wi-Fi
 # at ~80 %, and a 1 Mbit/s cellular link; a deployment configures its own (SchedConfig).
@@ -131,11 +135,15 @@ class SchedConfig:
     # True: timers follow the measured rates (stall timeouts, lan_wait); False: the static
     # timers from the configured rates (fetch_timeout), for comparison with the old policy
     follow_rates: bool = True
+    # bulk WAN fetches a LAN's members keep in flight together (`wan_bound`); None: every
+    # device keeps max_wan, whatever its LAN (the behaviour before issue 12)
+    lan_wan_flows: int | None = LAN_WAN_FLOWS
 
     def __post_init__(self) -> None:
         if not (self.lan_rate > 0 and self.wan_rate > 0):
             raise ValueError("rates must be positive")
-        if min(self.max_per_peer, self.max_total, self.max_wan) < 1:
+        if min(self.max_per_peer, self.max_total, self.max_wan,
+               1 if self.lan_wan_flows is None else self.lan_wan_flows) < 1:
             raise ValueError("in-flight bounds must be at least 1")
 
 
@@ -145,6 +153,14 @@ def lan_wait(size: int, config: SchedConfig, rates: LinkRates | None = None) -> 
     wan = rates.get(True) if rates is not None else config.wan_rate
     lan = rates.get(False) if rates is not None else config.lan_rate
     return max(LAN_WAIT_FLOOR_S, LAN_WAIT_FACTOR * (size / wan + size / lan))
+
+
+def wan_bound(lan_members: int, config: SchedConfig) -> int:
+    """WAN fetches one device keeps in flight on a LAN of `lan_members` (itself included)."""
+    if config.lan_wan_flows is None:
+        return config.max_wan
+    share = -(-config.lan_wan_flows // max(1, lan_members))
+    return max(1, min(config.max_wan, share))
 
 
 def stall_timeout(rate: float) -> float:
@@ -555,6 +571,9 @@ class BlobScheduler:
         flight = self._end_flight(blob_id)
         return Cancel(blob_id, flight.source)
 
+    def _wan_bound(self) -> int:
+        return wan_bound(len(self._lan) + 1, self.config)
+
     def _usable(self, source: str, now: float) -> bool:
         return (self._load.get(source, 0) < self.config.max_per_peer
                 and self._rest_until.get(source, now) <= now)
@@ -566,7 +585,7 @@ class BlobScheduler:
     def _pick_source(self, blob_id: bytes, now: float) -> str | None:
         cfg = self.config
         if not cfg.peer_sharing:
-            ok = self._wan_load < cfg.max_wan and self._usable(COORDINATOR, now)
+            ok = self._wan_load < self._wan_bound() and self._usable(COORDINATOR, now)
             return COORDINATOR if ok else None
         holders = self._holders.get(blob_id, ())
         lan = [p for p in holders
@@ -576,7 +595,7 @@ class BlobScheduler:
             return self._least_loaded(free, blob_id) if free else None
         if blob_id in self._waiting and now < self._wait_deadline(blob_id):
             return None
-        if self._wan_load >= cfg.max_wan:
+        if self._wan_load >= self._wan_bound():
             return None
         wan = [p for p in holders if p in self._wan and self._usable(p, now)]
         if wan:
@@ -590,7 +609,7 @@ class BlobScheduler:
             return out
         # Cheap filter first (this runs on every input): a blob is a candidate if a LAN
         # neighbour holds it, or if the WAN has room and we need not wait for the LAN.
-        wan_open = self._wan_load < cfg.max_wan
+        wan_open = self._wan_load < self._wan_bound()
         if not cfg.peer_sharing:
             if not (wan_open and self._usable(COORDINATOR, now)):
                 return out

@@ -94,8 +94,8 @@ WAN3 = SchedConfig(max_wan=3)
 def test_release_lifecycle_settle_gate_and_replacement() -> None:
     blobs = make_blobs(3, large=0)
     store = MemStore()
-    # room for all three seed downloads at once (the default WAN bound is 2 per device since
-    # issue 12; this test is about the lifecycle)
+    # room for all three seed downloads at once, whatever the default WAN bound (this test is
+    # about the lifecycle)
     n = node(store=store, config=WAN3)
     n.start(100.0)
     n.drain()

@@ -28,6 +28,7 @@ from mesh.blobsched import (
     lan_wait,
     rendezvous_owner,
     stall_timeout,
+    wan_bound,
 )
 
 SIZE = 1_000_000
@@ -330,7 +331,8 @@ def test_peer_sharing_off_everything_from_coordinator() -> None:
     s.on_have("d1", blobs, True, 0.0)
     s.on_have("w1", blobs, True, 0.0)
     got = fetches(s.want(dict.fromkeys(blobs, SIZE), 0.0))
-    assert len(got) == MAX_WAN_IN_FLIGHT
+    # this device's share of its LAN's WAN flows (a LAN of 4 members here)
+    assert len(got) == wan_bound(len(LAN) + 1, cfg) == 2
     seen = list(got)
     while got:
         f = got.pop()
@@ -446,3 +448,13 @@ def test_a_stall_before_any_measurement_halves_the_assumed_rate() -> None:
     assert stall_timeout(CFG.wan_rate / 2) == 2 * stall_timeout(CFG.wan_rate)
     assert stall_timeout(1e9) == STALL_FLOOR_S
     assert stall_timeout(PROGRESS_UNIT / 10) == pytest.approx(40.0)
+
+
+def test_the_wan_bound_is_a_share_of_the_lans_flows() -> None:
+    # a LAN's members keep about LAN_WAN_FLOWS bulk WAN fetches in flight together
+    assert [wan_bound(n, CFG) for n in (1, 2, 3, 4, 6, 10)] == [4, 3, 2, 2, 1, 1]
+    assert wan_bound(3, SchedConfig(max_wan=1)) == 1
+    assert wan_bound(3, SchedConfig(lan_wan_flows=None)) == MAX_WAN_IN_FLIGHT  # the old rule
+    s = node(lan=["d1", "d2"])  # a LAN of 3: 2 each
+    blobs = owned_by("d0", ["d0", "d1", "d2"], n=5)
+    assert len(fetches(s.want(dict.fromkeys(blobs, SIZE), 0.0))) == 2

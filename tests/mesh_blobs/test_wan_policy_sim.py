@@ -2,10 +2,10 @@
 behind slow shared WAN links (per-LAN uplink and downlink, fair share per flow).
 
 The old policy (cross-LAN serving without bound, static timers from the configured rates,
-4 WAN fetches per device) collapses: transfers starve on the shared links, time out, are
-abandoned and restarted elsewhere, and each LAN's uplink carries other LANs' blobs. The new
-default (metered: the uplink carries control traffic only; one WAN fetch per blob per LAN;
-timers that follow the measured rates) pulls each byte into a LAN about once.
+4 WAN fetches per device whatever the LAN) collapses: transfers starve on the shared links,
+time out, are abandoned and restarted elsewhere, and each LAN's uplink carries other LANs'
+blobs. The new default (metered: the uplink carries control traffic only; one WAN fetch per
+blob per LAN; timers that follow the measured rates) pulls each byte into a LAN about once.
 
     .venv/bin/python -m tests.mesh_blobs.test_wan_policy_sim     # prints the numbers
 """
@@ -28,7 +28,8 @@ CHUNK = 4 * 1024 * 1024
 RELEASE_BYTES = 88_700_000  # the lab's release, as stored
 # the control traffic a LAN's WAN link may carry besides the blobs, over the whole run
 CONTROL_PER_DEVICE, CONTROL_PER_LAN = 4_000, 8_000
-OLD = (ServePolicy(unmetered=True), SchedConfig(follow_rates=False, max_wan=4))
+OLD = (ServePolicy(unmetered=True),
+       SchedConfig(follow_rates=False, max_wan=4, lan_wan_flows=None))
 NEW = (ServePolicy(), SchedConfig())
 UNMETERED = (ServePolicy(unmetered=True), SchedConfig())
 # membership (SWIM) and manifest dissemination: not blob exchange, and not governed by it
