@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -26,6 +27,7 @@ from mesh.clikit import (
     package_version,
 )
 from mesh.control import ControlError, Enrollment, TokenParts, check_endpoint, check_name
+from mesh.node import ServePolicy
 from mesh.tlspin import PinError
 from vpn import WireGuardGoError, generate_keypair, public_key_from_private
 from vpn._link import check_ifname
@@ -80,6 +82,17 @@ def _port(text: str) -> int:
     if not 0 < value < 65536:
         raise argparse.ArgumentTypeError(f"port out of range 1..65535: {value}")
     return value
+
+
+# ASCII digits with an optional fraction: no sign, exponent, "inf", "nan" or "_" separators
+_RATIO_RE: Final = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?")
+
+
+def _seed_ratio(text: str) -> float:
+    if _RATIO_RE.fullmatch(text) is None:
+        raise argparse.ArgumentTypeError(
+            f"not a seed ratio (a number >= 0 in ASCII digits, e.g. 0.5): {text!r}")
+    return float(text)
 
 
 def _endpoint(text: str) -> str:
@@ -287,6 +300,7 @@ def _run(args: argparse.Namespace) -> int:
         if underlay is None and args.lan_endpoint:
             underlay = args.lan_endpoint[0].rsplit(":", 1)[0]  # the LAN address we report
         gossip = GossipSettings(port=args.gossip_port, peer_sharing=not args.no_peer_sharing,
+                                serve=ServePolicy(args.seed_ratio, args.unmetered),
                                 underlay=underlay, profile=args.gossip_profile,
                                 apply=None if args.no_apply else
                                 ApplySettings(docker_host=args.docker_host))
@@ -352,6 +366,12 @@ def add_run_parser(sub: Any) -> None:
                         "DOCKER_HOST, else the default socket)")
     p.add_argument("--no-peer-sharing", action="store_true",
                    help="fetch every blob from the coordinator (the baseline for comparison)")
+    p.add_argument("--seed-ratio", type=_seed_ratio, default=0.0, metavar="R",
+                   help="serve devices on other LANs at most R x the bytes held of each release "
+                        "(default 0: a metered uplink serves no other LAN and announces nothing "
+                        "to it, except while the coordinator is unreachable)")
+    p.add_argument("--unmetered", action="store_true",
+                   help="serve devices on other LANs without bound (the uplink is not metered)")
     p.add_argument("--underlay", metavar="IF_OR_IPV4", default=None,
                    help="LAN interface (or its IPv4 address) for LAN discovery (mDNS); default: "
                         "the address of the first --lan-endpoint, else no LAN discovery")

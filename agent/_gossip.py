@@ -53,6 +53,7 @@ from mesh.node import (
     GossipStats,
     MeshNode,
     Send,
+    ServePolicy,
     ServeRange,
     StartDownload,
     StoreBlob,
@@ -78,6 +79,9 @@ from ._crashpoints import crash_point
 GOSSIP_PORT: Final = 7946
 READ_SIZE: Final = 65536
 MAX_TIMER_SLEEP: Final = 1.0  # re-read the deadlines at least this often (clock skew, bugs)
+# A seed download is fetched in HTTP Range requests of this size (a peer's piece,
+# mesh.wire.MAX_PIECE), each reported as it arrives: a cut transfer loses at most one range.
+SEED_RANGE: Final = MAX_PIECE
 
 AppKey = tuple[str, str]
 Log = Callable[[str], None]
@@ -211,7 +215,8 @@ class GossipNode:
                  clock: Callable[[], float] = trio.current_time,
                  log: Log | None = None,
                  local_layers: Callable[[], frozenset[str]] | None = None,
-                 network: StreamNetwork | None = None) -> None:
+                 network: StreamNetwork | None = None,
+                 serve: ServePolicy | None = None) -> None:
         self.name = name
         self.mesh_ip = mesh_ip
         self.port = port
@@ -228,7 +233,7 @@ class GossipNode:
                              membership_config=membership_config, rumor_config=rumor_config,
                              pieces_in_flight=self.transport.pieces_in_flight,
                              max_serving_per_peer=self.transport.max_serving_per_peer,
-                             local_layers=local_layers, log=self.log)
+                             local_layers=local_layers, log=self.log, serve=serve)
         # the cores, for inspection (their stats, what the rumor core holds)
         self.membership = self.core.membership
         self.rumor = self.core.rumor
@@ -282,6 +287,12 @@ class GossipNode:
         new = self.core.offer_manifest(signed, self._now())
         self._run_actions()
         return new
+
+    def coordinator_reachable(self, ok: bool) -> None:
+        """The agent's control calls reach the coordinator (True) or no longer do (False):
+        during an outage peers on other LANs help (mesh.node.ServePolicy)."""
+        self.core.coordinator_reachable(ok, self._now())
+        self._run_actions()
 
     def set_lan(self, names: Iterable[str]) -> None:
         """The LAN neighbours (names from LAN discovery; only peer-map names count)."""
@@ -377,24 +388,48 @@ class GossipNode:
     # ------------------------------------------------------------------ blob contents
 
     async def _download_seed(self, a: StartDownload, scope: trio.CancelScope) -> None:
-        """A whole blob from the coordinator's seed; cancelled by `CancelDownload`."""
-        data: bytes | None = None
+        """Blob bytes [a.offset, a.size) from the coordinator's seed, in SEED_RANGE HTTP Range
+        requests, each handed to the core as it arrives (`blob_part`): a transfer cut or
+        cancelled (`CancelDownload`) keeps every range that came, and the next download of the
+        blob resumes there (mesh.node, MAX_PARTIAL_BYTES)."""
+        failed = self.client is None
+        offset = a.offset
         with scope:
-            if self.client is not None:
+            while self.client is not None and offset < a.size:
+                end = min(a.size, offset + SEED_RANGE)
                 try:
-                    data = await self.client.blob(a.blob_id.hex())
+                    data = await self.client.blob(a.blob_id.hex(), offset, end)
                 except trio.Cancelled:
                     raise
                 except Exception as exc:  # noqa: BLE001 - the SDK's errors, whatever their class
                     self.stats.counters["coordinator_errors"] += 1
                     self.log(f"blob {a.blob_id.hex()[:16]} from the coordinator: {exc}")
+                    failed = True
+                    break
+                if len(data) != end - offset:  # the SDK checks ranges; a short body is a cut
+                    self.stats.counters["coordinator_errors"] += 1
+                    failed = True
+                    break
+                offset = end
+                if offset < a.size:
+                    self.core.blob_part(a.download, data, self._now())
+                    self._run_actions()
+                    if a.download not in self._seed_downloads:
+                        return  # the core let it go (its timer, or a replaced release)
+                else:
+                    self._seed_downloads.pop(a.download, None)
+                    self.core.blob_received(a.download, data, self._now())
+                    self._run_actions()
+                    return
+            if not failed:  # an empty blob, or one resumed at its end
+                self._seed_downloads.pop(a.download, None)
+                self.core.blob_received(a.download, b"", self._now())
+                self._run_actions()
+                return
         if scope.cancel_called:
             return
         self._seed_downloads.pop(a.download, None)
-        if data is None:
-            self.core.download_failed(a.download, self._now())
-        else:
-            self.core.blob_received(a.download, data, self._now())
+        self.core.download_failed(a.download, self._now())
         self._run_actions()
 
     async def _store(self, a: StoreBlob) -> None:
@@ -494,7 +529,7 @@ class GossipNode:
                 backoff = cfg.backoff_initial
                 try:
                     async with stream:
-                        for have in self.core.have_messages():
+                        for have in self.core.have_messages(p.name):
                             with trio.fail_after(cfg.send_timeout):
                                 await stream.send_all(encode(have))
                         while True:

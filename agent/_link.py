@@ -46,6 +46,10 @@ CALL_TIMEOUT: Final = 15.0  # a report or anything that is not a long poll
 BLOB_CALL_TIMEOUT: Final = 600.0
 BACKOFF_INITIAL: Final = 1.0
 BACKOFF_MAX: Final = 30.0  # bounded: a device that was cut off finds the coordinator within 30 s
+# Calls in a row with no answer from any URL after which the coordinator counts as unreachable
+# (the mesh node then lets peers on other LANs help: mesh.node.ServePolicy); the same count as
+# the node's own rule for seed downloads (mesh.node.OUTAGE_SEED_FAILURES).
+UNREACHABLE_AFTER: Final = 3
 
 
 class DeviceApi(Protocol):
@@ -146,8 +150,14 @@ class CoordinatorLink:
         self.backoff = Backoff(rng=rng)
         self.revoked = False
         self._clients: dict[str, DeviceApi] = {}
+        # Blob downloads get clients (connection pools) of their own: a report or the peer-map
+        # long poll never queues behind a bulk transfer on one connection (issue 12).
+        self._bulk_clients: dict[str, DeviceApi] = {}
         self._last_url: str | None = None
         self._bad_targets = ErrorOnce(lambda m: log(f"targets: {m}"))
+        self._unanswered = 0  # calls in a row that no URL answered
+        # called with False when the coordinator becomes unreachable, True when it answers again
+        self.reachability: list[Callable[[bool], None]] = []
 
     # -- the calls -----------------------------------------------------------------------------
 
@@ -185,8 +195,10 @@ class CoordinatorLink:
 
     async def blob(self, blob_id: str, start: int | None = None, end: int | None = None
                    ) -> bytes:
-        """A blob from the coordinator: the gossip node's seed (agent/_gossip.py BlobSource)."""
-        return await self.call(lambda c: c.blob(blob_id, start, end), BLOB_CALL_TIMEOUT)
+        """A blob from the coordinator, or its slice [start:end): the gossip node's seed
+        (agent/_gossip.py BlobSource), on the blob connections, apart from control calls."""
+        return await self.call(lambda c: c.blob(blob_id, start, end), BLOB_CALL_TIMEOUT,
+                               bulk=True)
 
     async def upload_logs(self, lines: Sequence[LogLine], dropped: int) -> None:
         await self.call(lambda c: c.upload_logs(lines, dropped), CALL_TIMEOUT)
@@ -236,35 +248,40 @@ class CoordinatorLink:
             return [tunnel, self.identity.url]
         return [self.identity.url]
 
-    def _client(self, url: str) -> DeviceApi:
-        client = self._clients.get(url)
+    def _client(self, url: str, bulk: bool = False) -> DeviceApi:
+        pool = self._bulk_clients if bulk else self._clients
+        client = pool.get(url)
         if client is None:
             client = self.client_factory(url, self.identity.enrollment.credential,
                                          self.identity.cert_der)
-            self._clients[url] = client
+            pool[url] = client
         return client
 
     async def aclose(self) -> None:
-        clients, self._clients = list(self._clients.values()), {}
+        clients = [*self._clients.values(), *self._bulk_clients.values()]
+        self._clients, self._bulk_clients = {}, {}
         for client in clients:
             try:
                 await client.aclose()
             except Exception:  # noqa: BLE001 - closing must not mask the real exit reason
                 pass
 
-    async def call(self, op: Callable[[DeviceApi], Awaitable[T]], timeout: float) -> T:
+    async def call(self, op: Callable[[DeviceApi], Awaitable[T]], timeout: float, *,
+                   bulk: bool = False) -> T:
         """Through the hub tunnel first when it is up, else (or if that gives no answer) the URL
-        given at join. An error answer from the coordinator is final: it did answer."""
+        given at join. An error answer from the coordinator is final: it did answer. `bulk`:
+        on the blob clients."""
         last: BaseException | None = None
         for url in self._urls():
             try:
                 with trio.fail_after(timeout):
-                    result = await op(self._client(url))
+                    result = await op(self._client(url, bulk))
             except trio.TooSlowError:
                 last = TimeoutError(f"no answer from {url} within {timeout:g} s")
                 continue
             except Exception as exc:  # noqa: BLE001 - the SDK's errors, whatever their class
                 if error_status(exc) is not None:
+                    self._answered(True)  # an error answer is an answer
                     raise
                 last = exc
                 continue
@@ -272,11 +289,24 @@ class CoordinatorLink:
                 via = "the hub tunnel" if url != self.identity.url else "the direct URL"
                 self.log(f"coordinator reached at {url} ({via})")
                 self._last_url = url
+            self._answered(True)
             return result
         assert last is not None
+        self._answered(False)
         raise last
 
+    @property
+    def reachable(self) -> bool:
+        return self._unanswered < UNREACHABLE_AFTER
 
-__all__ = ["BLOB_CALL_TIMEOUT", "CALL_TIMEOUT", "POLL_SLACK", "Backoff", "ClientFactory",
-           "CoordinatorLink", "DeviceApi", "ErrorOnce", "error_status", "one_line",
-           "revoked_answer"]
+    def _answered(self, ok: bool) -> None:
+        was = self.reachable
+        self._unanswered = 0 if ok else self._unanswered + 1
+        if self.reachable != was:
+            for watcher in self.reachability:
+                watcher(self.reachable)
+
+
+__all__ = ["BLOB_CALL_TIMEOUT", "CALL_TIMEOUT", "POLL_SLACK", "UNREACHABLE_AFTER", "Backoff",
+           "ClientFactory", "CoordinatorLink", "DeviceApi", "ErrorOnce", "error_status",
+           "one_line", "revoked_answer"]

@@ -37,6 +37,7 @@ import trio
 from mesh.blobsched import SchedConfig
 from mesh.control import AppStatus, DeviceTarget, Enrollment
 from mesh.membership import LAN, METERED
+from mesh.node import ServePolicy
 from mesh.release import ReleaseError, VerifiedRelease, verify_release
 from mesh.rumor import LAN_RUMOR, METERED_RUMOR
 
@@ -85,6 +86,8 @@ class GossipSettings:
 
     port: int = GOSSIP_PORT
     peer_sharing: bool = True  # False: every blob from the coordinator (`--no-peer-sharing`)
+    # what the uplink carries for other LANs (`--seed-ratio`, `--unmetered`); default metered
+    serve: ServePolicy = ServePolicy()
     underlay: str | None = None  # interface or IPv4 for LAN discovery; None: no discovery
     targets_interval: float = TARGETS_INTERVAL
     lan_discovery: LanDiscovery | None = None  # None: agent._lan.run_lan_discovery
@@ -130,6 +133,11 @@ class ReleaseSync:
         self._targets_wake = trio.Event()
         self._sync_wake = trio.Event()
         self._refused: set[tuple[str, int]] = set()
+        link.reachability.append(self._coordinator_reachable)
+
+    def _coordinator_reachable(self, ok: bool) -> None:
+        if self.node is not None:
+            self.node.coordinator_reachable(ok)
 
     # -- inputs from the rest of the agent -----------------------------------------------------
 
@@ -187,8 +195,10 @@ class ReleaseSync:
                 membership_config=METERED if settings.profile == "metered" else LAN,
                 rumor_config=METERED_RUMOR if settings.profile == "metered" else LAN_RUMOR,
                 rng=random.Random(self.rng.random()), log=lambda m: self.log(f"gossip: {m}"),
-                local_layers=self._engine_layers)
+                local_layers=self._engine_layers, serve=settings.serve)
             node.set_lan(self._lan_names)
+            if not self.link.reachable:
+                node.coordinator_reachable(False)
             self._node_changed(node)
             try:
                 async with trio.open_nursery() as nursery:

@@ -13,7 +13,8 @@ It asks `next_deadline()` when to call `tick` next. docs/blob-exchange.md descri
 3. rarest first, ties broken by a per-device hash;
 4. a peer that serves bad bytes is banned for the release;
 5. `peer_sharing=False`: everything from the coordinator;
-6. bounded requests in flight (per source, across the WAN, in total), each with a timeout.
+6. bounded requests in flight (per source, across the WAN, in total), each failing when it
+   stalls: no bytes for a time derived from the measured rate of its link (`LinkRates`).
 
 So a LAN pulls each byte across its WAN link once, and the work is spread over its members.
 """
@@ -37,9 +38,15 @@ COORDINATOR: Final = "@coordinator"
 MAX_IN_FLIGHT_PER_PEER: Final = 4
 # Across all sources: what one device downloads at once (4 LAN peers' worth of pipelines).
 MAX_IN_FLIGHT_TOTAL: Final = 16
-# Across the WAN (coordinator and non-LAN peers): these share one slow uplink, more parallel
-# requests only split it further and make each one likelier to time out.
+# Across the WAN (coordinator and non-LAN peers). A LAN's members share one link: together they
+# keep about LAN_WAN_FLOWS bulk fetches on it, enough to keep it full while some wait for their
+# request's round trip, few enough that each gets a usable share (issue 12: 4 per device on a
+# 3-device LAN starved 12 flows on a 4 Mbit/s link). So a device of a LAN of n members (itself
+# included) keeps ceil(LAN_WAN_FLOWS / n) in flight, at least 1 and at most MAX_WAN_IN_FLIGHT
+# (`wan_bound`): 4 alone, 2 on a LAN of 3, 1 from 6 members on. Chosen, not measured beyond the
+# simulation (docs/blob-exchange.md).
 MAX_WAN_IN_FLIGHT: Final = 4
+LAN_WAN_FLOWS: Final = 6
 
 # Per-transfer rates the timers assume, bytes/s. Conservative defaults: 100 Mbit/s Ethernet/Wi-Fi
 # at ~80 %, and a 1 Mbit/s cellular link; a deployment configures its own (SchedConfig).
@@ -52,10 +59,23 @@ DEFAULT_WAN_RATE: Final = 125_000.0
 LAN_WAIT_FACTOR: Final = 2.0
 LAN_WAIT_FLOOR_S: Final = 5.0
 
-# A fetch that takes FETCH_TIMEOUT_FACTOR x its expected time (at least the floor: connection
-# set-up over a relay) has failed.
+# Static timers (SchedConfig(follow_rates=False), the behaviour before issue 12): a fetch that
+# takes FETCH_TIMEOUT_FACTOR x its expected time at the configured rate (at least the floor:
+# connection set-up over a relay) has failed.
 FETCH_TIMEOUT_FACTOR: Final = 4.0
 FETCH_TIMEOUT_FLOOR_S: Final = 10.0
+
+# Rate-following timers (the default): a fetch fails when it *stalls*, i.e. no bytes for
+# STALL_FACTOR x the time one PROGRESS_UNIT takes at the measured per-transfer rate of its link
+# class (LAN or WAN), never less than the floor. The rate is an EWMA (weight RATE_EWMA_WEIGHT for
+# a new sample) of what transfers of that class got; the configured rate stands in until the
+# first sample, and a transfer that stalls before its first byte while nothing is measured
+# halves it (the link is slower than configured). MIN_RATE bounds the timers: ~70 min per unit.
+STALL_FACTOR: Final = 4.0
+STALL_FLOOR_S: Final = 10.0
+PROGRESS_UNIT: Final = 1 << 20  # mesh.wire.MAX_PIECE: a peer's largest piece arrives at once
+RATE_EWMA_WEIGHT: Final = 0.25
+MIN_RATE: Final = 1_000.0
 
 # After a failure a source rests, with capped exponential backoff: gRPC's connection backoff
 # (grpc/doc/connection-backoff.md: initial 1 s, multiplier 1.6, max 120 s, jitter left out here
@@ -112,18 +132,71 @@ class SchedConfig:
     max_per_peer: int = MAX_IN_FLIGHT_PER_PEER
     max_total: int = MAX_IN_FLIGHT_TOTAL
     max_wan: int = MAX_WAN_IN_FLIGHT
+    # True: timers follow the measured rates (stall timeouts, lan_wait); False: the static
+    # timers from the configured rates (fetch_timeout), for comparison with the old policy
+    follow_rates: bool = True
+    # bulk WAN fetches a LAN's members keep in flight together (`wan_bound`); None: every
+    # device keeps max_wan, whatever its LAN (the behaviour before issue 12)
+    lan_wan_flows: int | None = LAN_WAN_FLOWS
 
     def __post_init__(self) -> None:
         if not (self.lan_rate > 0 and self.wan_rate > 0):
             raise ValueError("rates must be positive")
-        if min(self.max_per_peer, self.max_total, self.max_wan) < 1:
+        if min(self.max_per_peer, self.max_total, self.max_wan,
+               1 if self.lan_wan_flows is None else self.lan_wan_flows) < 1:
             raise ValueError("in-flight bounds must be at least 1")
 
 
-def lan_wait(size: int, config: SchedConfig) -> float:
-    """How long a non-responsible member waits for a blob of `size` bytes to appear on its LAN."""
-    expected = size / config.wan_rate + size / config.lan_rate
-    return max(LAN_WAIT_FLOOR_S, LAN_WAIT_FACTOR * expected)
+def lan_wait(size: int, config: SchedConfig, rates: LinkRates | None = None) -> float:
+    """How long a non-responsible member waits for a blob of `size` bytes to appear on its LAN:
+    at the configured rates, or at the measured ones (`rates`)."""
+    wan = rates.get(True) if rates is not None else config.wan_rate
+    lan = rates.get(False) if rates is not None else config.lan_rate
+    return max(LAN_WAIT_FLOOR_S, LAN_WAIT_FACTOR * (size / wan + size / lan))
+
+
+def wan_bound(lan_members: int, config: SchedConfig) -> int:
+    """WAN fetches one device keeps in flight on a LAN of `lan_members` (itself included)."""
+    if config.lan_wan_flows is None:
+        return config.max_wan
+    share = -(-config.lan_wan_flows // max(1, lan_members))
+    return max(1, min(config.max_wan, share))
+
+
+def stall_timeout(rate: float) -> float:
+    """No bytes for this long at a per-transfer `rate` (bytes/s): the fetch has stalled."""
+    return max(STALL_FLOOR_S, STALL_FACTOR * PROGRESS_UNIT / rate)
+
+
+class LinkRates:
+    """The per-transfer rate of each link class (LAN, WAN), measured: one per device, shared by
+    the schedulers of its releases. Pure: samples come with their durations."""
+
+    def __init__(self, config: SchedConfig) -> None:
+        self._rate = {False: config.lan_rate, True: config.wan_rate}
+        self._measured = {False: False, True: False}
+
+    def get(self, wan: bool) -> float:
+        return self._rate[wan]
+
+    def measured(self, wan: bool) -> bool:
+        return self._measured[wan]
+
+    def sample(self, wan: bool, nbytes: int, seconds: float) -> None:
+        """`nbytes` of one transfer arrived over `seconds`."""
+        if nbytes <= 0 or seconds <= 0:
+            return
+        rate = max(MIN_RATE, nbytes / seconds)
+        if self._measured[wan]:
+            rate = (1 - RATE_EWMA_WEIGHT) * self._rate[wan] + RATE_EWMA_WEIGHT * rate
+        self._rate[wan] = rate
+        self._measured[wan] = True
+
+    def stalled_unmeasured(self, wan: bool) -> None:
+        """A transfer got no byte within its stall timeout and nothing is measured yet: the
+        configured rate is too high."""
+        if not self._measured[wan]:
+            self._rate[wan] = max(MIN_RATE, self._rate[wan] / 2)
 
 
 def fetch_timeout(size: int, wan: bool, config: SchedConfig) -> float:
@@ -160,23 +233,27 @@ class _Flight:
     source: str
     deadline: float
     wan: bool
+    last: float  # when it started, or last brought bytes
+    got: int = 0  # bytes it brought
+    unsampled: int = 0  # bytes that arrived at `last` and are not in a rate sample yet
 
 
 class BlobScheduler:
     """Decides, for one device and one release, which blob to fetch from where, and when."""
 
     def __init__(self, name: str, *, have: Iterable[bytes] = (),
-                 config: SchedConfig | None = None) -> None:
+                 config: SchedConfig | None = None, rates: LinkRates | None = None) -> None:
+        """`rates`: the device's measured link rates, shared with its other schedulers."""
         if name == COORDINATOR:
             raise ValueError("a device cannot be called the coordinator")
         self.name: Final = name
         self.config: Final = config if config is not None else SchedConfig()
+        self.rates: Final = rates if rates is not None else LinkRates(self.config)
         self._have: set[bytes] = set(have)
         self._wanted: dict[bytes, int] = {}
         self._pending: set[bytes] = set()  # wanted, not held, not in flight
         self._order_key: dict[bytes, bytes] = {}  # per-device tie-break among equally rare
-        self._lan_wait: dict[bytes, float] = {}
-        self._progress_wait = 0.0
+        self._largest = 0  # the largest wanted blob (the owner-progress wait)
         self._lan: frozenset[str] = frozenset()
         self._wan: frozenset[str] = frozenset()
         self._banned: set[str] = set()
@@ -230,7 +307,7 @@ class BlobScheduler:
 
     def next_deadline(self) -> float | None:
         """When to call `tick` next (None: nothing is timed; wait for an event)."""
-        times = [f.deadline for f in self._flights.values()]
+        times = [f.deadline for f in self._flights.values() if f.deadline < float("inf")]
         times.extend(t for t in self._rest_until.values() if t > self._now)
         if self.config.peer_sharing:
             for b in self._waiting:
@@ -255,8 +332,7 @@ class BlobScheduler:
         self._wanted = dict(blobs)
         self._order_key = {b: hashlib.blake2b(self.name.encode(), digest_size=8,
                                               key=b).digest() for b in blobs}
-        self._lan_wait = {b: lan_wait(size, self.config) for b, size in blobs.items()}
-        self._progress_wait = max(self._lan_wait.values(), default=0.0)
+        self._largest = max(blobs.values(), default=0)
         self._pending = {b for b in blobs if b not in self._have and b not in self._flights}
         self._waiting = {b: w for b, w in self._waiting.items()
                          if b in blobs and b not in self._have}
@@ -344,6 +420,43 @@ class BlobScheduler:
         out.extend(self._schedule(now))
         return out
 
+    def on_progress(self, source: str, blob_id: bytes, nbytes: int, now: float
+                    ) -> list[Action]:
+        """`nbytes` more of the fetch of `blob_id` from `source` arrived: it is not stalled
+        (its deadline moves on), and the bytes are a sample of its link's rate."""
+        out = self._advance(now)
+        flight = self._flights.get(blob_id)
+        if flight is None or flight.source != source or nbytes <= 0:
+            return out
+        flight.got += nbytes
+        if not self.config.follow_rates:
+            return out
+        flight.unsampled += nbytes
+        if now > flight.last:
+            self.rates.sample(flight.wan, flight.unsampled, now - flight.last)
+            flight.unsampled = 0
+            flight.last = now
+        flight.deadline = now + stall_timeout(self.rates.get(flight.wan))
+        return out
+
+    def on_fetched(self, source: str, blob_id: bytes) -> None:
+        """All bytes of the fetch of `blob_id` from `source` are in; what is left (verify and
+        store, on the device) is not the link's to time: `on_received` follows."""
+        flight = self._flights.get(blob_id)
+        if flight is not None and flight.source == source:
+            flight.deadline = float("inf")
+
+    def fetch_limit(self, size: int, wan: bool) -> float:
+        """How long a fetch starting now may go without progress (`follow_rates`), or in all
+        (static timers), before it counts as failed."""
+        if self.config.follow_rates:
+            return stall_timeout(self.rates.get(wan))
+        return fetch_timeout(size, wan, self.config)
+
+    def lan_wait(self, size: int) -> float:
+        """The wait for a blob of `size` to appear on the LAN, at the rates the timers use."""
+        return lan_wait(size, self.config, self.rates if self.config.follow_rates else None)
+
     def tick(self, now: float) -> list[Action]:
         out = self._advance(now)
         out.extend(self._schedule(now))
@@ -357,7 +470,10 @@ class BlobScheduler:
         self._now = now
         out: list[Action] = []
         for b in [b for b, f in self._flights.items() if f.deadline <= now]:
-            source = self._flights[b].source
+            flight = self._flights[b]
+            source = flight.source
+            if flight.got == 0 and self.config.follow_rates:
+                self.rates.stalled_unmeasured(flight.wan)
             out.append(self._drop_flight(b))
             self._after_failure(source, b, now)
         return out
@@ -418,20 +534,20 @@ class BlobScheduler:
 
     def _wait_deadline(self, blob_id: bytes) -> float:
         owner, since = self._waiting[blob_id]
-        deadline = since + self._lan_wait[blob_id]
+        deadline = since + self.lan_wait(self._wanted[blob_id])
         progress = self._progress.get(owner)
         if progress is not None:
             # The owner brought another blob it owns: it is alive and working through its queue
             # (a quarter of the release on a LAN of four), so keep waiting while it makes
             # progress at least once per lan_wait of the largest blob (its transfers in flight
             # may all be large ones).
-            deadline = max(deadline, progress + self._progress_wait)
+            deadline = max(deadline, progress + self.lan_wait(self._largest))
         return deadline
 
     def _start(self, blob_id: bytes, source: str, now: float) -> Fetch:
         wan = source not in self._lan
         size = self._wanted[blob_id]
-        self._flights[blob_id] = _Flight(source, now + fetch_timeout(size, wan, self.config), wan)
+        self._flights[blob_id] = _Flight(source, now + self.fetch_limit(size, wan), wan, now)
         self._load[source] = self._load.get(source, 0) + 1
         if wan:
             self._wan_load += 1
@@ -455,6 +571,9 @@ class BlobScheduler:
         flight = self._end_flight(blob_id)
         return Cancel(blob_id, flight.source)
 
+    def _wan_bound(self) -> int:
+        return wan_bound(len(self._lan) + 1, self.config)
+
     def _usable(self, source: str, now: float) -> bool:
         return (self._load.get(source, 0) < self.config.max_per_peer
                 and self._rest_until.get(source, now) <= now)
@@ -466,7 +585,7 @@ class BlobScheduler:
     def _pick_source(self, blob_id: bytes, now: float) -> str | None:
         cfg = self.config
         if not cfg.peer_sharing:
-            ok = self._wan_load < cfg.max_wan and self._usable(COORDINATOR, now)
+            ok = self._wan_load < self._wan_bound() and self._usable(COORDINATOR, now)
             return COORDINATOR if ok else None
         holders = self._holders.get(blob_id, ())
         lan = [p for p in holders
@@ -476,7 +595,7 @@ class BlobScheduler:
             return self._least_loaded(free, blob_id) if free else None
         if blob_id in self._waiting and now < self._wait_deadline(blob_id):
             return None
-        if self._wan_load >= cfg.max_wan:
+        if self._wan_load >= self._wan_bound():
             return None
         wan = [p for p in holders if p in self._wan and self._usable(p, now)]
         if wan:
@@ -490,7 +609,7 @@ class BlobScheduler:
             return out
         # Cheap filter first (this runs on every input): a blob is a candidate if a LAN
         # neighbour holds it, or if the WAN has room and we need not wait for the LAN.
-        wan_open = self._wan_load < cfg.max_wan
+        wan_open = self._wan_load < self._wan_bound()
         if not cfg.peer_sharing:
             if not (wan_open and self._usable(COORDINATOR, now)):
                 return out

@@ -20,16 +20,18 @@ Inputs (each returns None; the actions it caused are collected for `drain()`):
     connected(peer)                   a peer opened its first connection to us: it gets our Haves
     peer_down(peer, now)              the connection to or from a peer broke
     send_failed(dest, msg, now)       a `Send` could not be queued
+    blob_part(download, data, now)    the next bytes of a `StartDownload`, as they arrive
     blob_received(download, data, now) / download_failed(download, now)
-                                      the result of a `StartDownload` (the coordinator's seed)
+                                      the end of a `StartDownload` (the coordinator's seed)
+    coordinator_reachable(ok, now)    the agent's control calls reach the coordinator, or not
     blob_stored(download, ok, now)    the result of a `StoreBlob` (ok None: not stored here)
     served(peer)                      a `ServeRange` is finished
     tick(now)                         at `next_deadline()` (or earlier)
 
-Outputs (`drain()`): `Send` a message; `StartDownload` / `CancelDownload` a blob from the
-coordinator's seed; `StoreBlob` verify-and-store whole blob bytes; `ServeRange` read a range of
-a held blob and answer a peer's `BlobRequest` with it. `generation` grows whenever what
-`newest`, `progress` or `complete` report may have changed.
+Outputs (`drain()`): `Send` a message; `StartDownload` / `CancelDownload` a blob (from an
+offset: a resumed download) from the coordinator's seed; `StoreBlob` verify-and-store whole
+blob bytes; `ServeRange` read a range of a held blob and answer a peer's `BlobRequest` with it.
+`generation` grows whenever what `newest`, `progress` or `complete` report may have changed.
 
 Blob bytes and the store: the node reads the store's index through a small injected interface
 (`BlobIndex`: `has`, `size`, `complete_layers`, `record_layers`, as agent/_blobstore.py's
@@ -41,6 +43,10 @@ the requested blob, offset and length, and the joined blob must have the size th
 manifest gives; anything else is counted (`bad_pieces`, `bad_blobs`), never stored, and reported
 to the scheduler as a bad delivery, which bans the source for the release (docs/architecture.md,
 principle 5).
+
+Cross-LAN serving is a policy (`ServePolicy`, metered by default: serve and announce only to the
+LAN, except during a coordinator outage), and a download that stops leaves its received prefix
+for the next download of the blob, from any source (docs/blob-exchange.md).
 """
 
 from __future__ import annotations
@@ -58,8 +64,8 @@ from mesh.blobsched import (
     BlobScheduler,
     Cancel,
     Fetch,
+    LinkRates,
     SchedConfig,
-    fetch_timeout,
 )
 from mesh.blobsched import Action as SchedAction
 from mesh.membership import LAN, Membership, MembershipConfig
@@ -92,14 +98,57 @@ MAX_PENDING_IDS: Final = 65_536  # per peer and release (= blobsched.MAX_HAVE_ID
 # to fetch across the WAN. A device back from an outage then takes what its LAN already holds.
 STARTUP_SETTLE: Final = 6.0
 PIECES_IN_FLIGHT: Final = 4  # BlobRequests outstanding per download (4 MiB chunk = 4 pieces)
+# ... from a peer on another LAN. Its uplink is slow and shared by every LAN that fetches from
+# it: with 4 pieces per download each of them gets a sliver, none arrives within a stall
+# timeout, and the pieces on the wire when a download is given up are sent for nothing. One
+# piece at a time keeps each transfer's progress steady; a request round trip per MiB costs
+# little next to a MiB's seconds on such a link, and several downloads keep it full.
+WAN_PIECES_IN_FLIGHT: Final = 1
 MAX_SERVING_PER_PEER: Final = 32  # BlobRequests we serve at once for one peer
 # A download from a peer or the seed is abandoned after this many times the scheduler's own
 # timeout for it (`blobsched.fetch_timeout`): the scheduler's timer acts first, this one frees
 # the node's state if the scheduler's Cancel never came.
 DOWNLOAD_TIMEOUT_FACTOR: Final = 2.0
+# The coordinator counts as unreachable after this many seed downloads in a row failed with an
+# error from the driver (a refused connection, a 5xx, a cut stream; not our own timer): the
+# scheduler then rests it with backoff, and a metered node opens its uplink to other LANs so
+# that the fleet's peers carry the release through the outage (ServePolicy, "outage").
+OUTAGE_SEED_FAILURES: Final = 3
+# What a node answers a WAN BlobRequest it will not serve (metered, or its allowance spent);
+# the requester then forgets what that peer offered for the release.
+REFUSED_WAN: Final = "not serving other LANs"
+# Received prefixes of blobs whose download stopped (cancelled, timed out, connection lost)
+# are kept for the next download of that blob, from any source, which starts where they end:
+# no byte crosses a link twice. Bounded in total (least recently kept dropped first): 16
+# chunks of 4 MiB; what downloads in flight hold comes on top (at most max_total blobs).
+MAX_PARTIAL_BYTES: Final = 64 * 1024 * 1024
 
 AppKey = tuple[str, str]
 Log = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ServePolicy:
+    """What this device's uplink carries for peers outside its LAN (docs/blob-exchange.md,
+    "Cross-LAN serving").
+
+    Default (metered): nothing but control traffic. It sends no Haves to other LANs' peers and
+    answers their `BlobRequest`s with `BlobError(REFUSED_WAN)`. `seed_ratio` R > 0: serve other
+    LANs at most R x the bytes it holds of a release, counted per release, then refuse.
+    `unmetered`: serve other LANs without bound. Whatever the policy, during a coordinator
+    outage (OUTAGE_SEED_FAILURES seed downloads in a row failed, or the driver says the
+    coordinator is unreachable) the node announces to and serves other LANs, so that peers
+    carry a release the seed cannot.
+    """
+
+    seed_ratio: float = 0.0
+    unmetered: bool = False
+
+    def __post_init__(self) -> None:
+        r = self.seed_ratio
+        if isinstance(r, bool) or not isinstance(r, int | float) or not r >= 0 \
+                or r == float("inf"):
+            raise ValueError("seed ratio must be a finite number >= 0")
 
 
 class BlobIndex(Protocol):
@@ -127,12 +176,16 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class StartDownload:
-    """Fetch the whole blob `blob_id` (at most `size` bytes) from the coordinator's seed; report
-    `blob_received(download, data, now)` or `download_failed(download, now)`."""
+    """Fetch blob `blob_id` (`size` bytes in all) from the coordinator's seed, from `offset`
+    on (the bytes before it are held from an earlier download: an HTTP Range request).
+    Report the bytes in order as they arrive, `blob_part(download, data, now)` (a cut
+    transfer keeps what came), or the rest at once, `blob_received(download, data, now)`;
+    `download_failed(download, now)` if the transfer breaks."""
 
     download: int
     blob_id: bytes
     size: int
+    offset: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +235,7 @@ class GossipStats:
     bytes_lan: int = 0  # blob bytes received from LAN peers
     bytes_wan: int = 0  # ... from other mesh peers
     bytes_coordinator: int = 0  # ... from the coordinator's blob seed
+    bytes_served_wan: int = 0  # blob bytes we agreed to serve to peers outside our LAN
     blobs_done: int = 0  # wanted blobs of the current releases held in the store
     blobs_total: int = 0  # wanted blobs of the current releases
 
@@ -243,9 +297,13 @@ class _Download:
     # fetch times out, breaks with its connection or is cancelled at the seed
     state: Literal["fetching", "storing", "done"] = "fetching"
     requests: dict[int, tuple[int, int]] = field(default_factory=dict)  # req id -> offset, len
-    pieces: dict[int, bytes] = field(default_factory=dict)  # offset -> bytes
-    got: int = 0
+    buf: bytearray = field(default_factory=bytearray)  # the contiguous prefix received
+    pieces: dict[int, bytes] = field(default_factory=dict)  # offset -> bytes beyond `buf`
     next_offset: int = 0
+    # who sent the prefix it resumed from (empty: it started at 0); a blob joined from
+    # several sources that fails verification bans none of them
+    prior: frozenset[str] = frozenset()
+    start: int = 0  # bytes it resumed from
 
     @property
     def app(self) -> AppKey:
@@ -262,15 +320,19 @@ class MeshNode:
                  pieces_in_flight: int = PIECES_IN_FLIGHT,
                  max_serving_per_peer: int = MAX_SERVING_PER_PEER,
                  local_layers: Callable[[], frozenset[str]] | None = None,
-                 log: Log | None = None, join: bool = False) -> None:
-        """`join`: a restarted node push-pulls with a seed at once (`Membership.seed`)."""
+                 log: Log | None = None, join: bool = False,
+                 serve: ServePolicy | None = None) -> None:
+        """`join`: a restarted node push-pulls with a seed at once (`Membership.seed`);
+        `serve`: what we serve to other LANs (default: metered, nothing)."""
         self.name = name
         self.fleet = fleet
         self.store = store
         self.rng = rng
         self.sched_config = sched_config if sched_config is not None else SchedConfig()
+        self.rates = LinkRates(self.sched_config)  # measured, shared by the releases' schedulers
         self.pieces_in_flight = pieces_in_flight
         self.max_serving_per_peer = max_serving_per_peer
+        self.serve = serve if serve is not None else ServePolicy()
         # diff IDs the device's Docker engine holds (agent/_apply_driver.py): delta bases beside the
         # complete layers of the blob store
         self.local_layers = local_layers if local_layers is not None else frozenset
@@ -290,6 +352,13 @@ class MeshNode:
         self._by_id: dict[int, _Download] = {}
         self._requests: dict[int, _Download] = {}
         self._serving: collections.Counter[str] = collections.Counter()
+        self._served_wan: collections.Counter[ReleaseKey] = collections.Counter()
+        # blob id -> (received prefix, who sent it), least recently kept first
+        self._partials: collections.OrderedDict[bytes, tuple[bytes, frozenset[str]]] = \
+            collections.OrderedDict()
+        self._partial_bytes = 0
+        self._seed_failures = 0  # seed downloads in a row the driver reported failed
+        self._coordinator_unreachable = False  # the driver's word (its control calls fail)
         self._pending_haves: dict[ReleaseKey, dict[str, set[bytes]]] = {}
         self._req_seq = 0
         self._dl_seq = 0
@@ -350,17 +419,31 @@ class MeshNode:
         ds.extend(d.deadline for d in self._by_id.values() if d.state == "fetching")
         return min((d for d in ds if d is not None), default=None)
 
-    def have_messages(self) -> list[Have]:
-        """Everything we hold of the current releases. The driver opens every new outbound
-        connection with these: whatever we send a peer later (a manifest above all) arrives
-        after what we hold, so its first schedule for a release already sees us as a holder,
-        even if earlier frames were lost with an earlier connection."""
+    def have_messages(self, peer: str) -> list[Have]:
+        """Everything we hold of the current releases that we offer `peer` (all of it to a LAN
+        neighbour; to another LAN's peer only what `ServePolicy` lets us serve it). The driver
+        opens every new outbound connection with these: whatever we send a peer later (a
+        manifest above all) arrives after what we hold, so its first schedule for a release
+        already sees us as a holder, even if earlier frames were lost with an earlier
+        connection."""
         out: list[Have] = []
         for r in self._releases.values():
-            have = r.sched.have
-            held = sorted(b for b in r.wanted if b in have)
-            out.extend(_haves(r.key, held))
+            if self._offers(peer, r):
+                have = r.sched.have
+                held = sorted(b for b in r.wanted if b in have)
+                out.extend(_haves(r.key, held))
         return out
+
+    @property
+    def outage(self) -> bool:
+        """The coordinator looks unreachable: its seed failed OUTAGE_SEED_FAILURES times in a
+        row, or the driver said so (`coordinator_reachable(False)`)."""
+        return self._coordinator_unreachable or self._seed_failures >= OUTAGE_SEED_FAILURES
+
+    def serves_wan(self, release: ReleaseKey | None = None) -> bool:
+        """Whether we offer other LANs' peers blobs (of `release`, or of any release)."""
+        rs = [r for r in self._releases.values() if release is None or r.key == release]
+        return any(self._offers_wan(r) for r in rs)
 
     # ------------------------------------------------------------------ inputs
 
@@ -421,15 +504,29 @@ class MeshNode:
         self._refresh_peers(now)
 
     def set_lan(self, names: Iterable[str], now: float) -> None:
-        """The LAN neighbours (names from LAN discovery; only peer-map names count)."""
-        self._lan_names = frozenset(names)
+        """The LAN neighbours (names from LAN discovery; only peer-map names count). A
+        neighbour found after its connection opened learns now what we hold: the snapshot on
+        that connection offered it only what another LAN's peer gets."""
+        new = frozenset(names)
+        added, self._lan_names = new - self._lan_names, new
+        live = set(self.membership.live_members())
+        for peer in sorted(added):
+            if peer in live and peer in self._peers:
+                self._send_haves(peer)
         self._refresh_peers(now)
 
     def connected(self, peer: str) -> None:
         """`peer` (re)connected to us: it learns at once what we hold, as it may have just
         started and be about to decide where to fetch from (STARTUP_SETTLE)."""
-        for have in self.have_messages():
+        for have in self.have_messages(peer):
             self._out.append(Send(peer, have))
+
+    def coordinator_reachable(self, ok: bool, now: float) -> None:
+        """The driver's view of the coordinator (its control calls answer or fail): False
+        opens the metered uplink to other LANs like failing seed downloads do."""
+        was = self.outage
+        self._coordinator_unreachable = not ok
+        self._outage_changed(was, now)
 
     def peer_down(self, peer: str, now: float) -> None:
         """The connection to or from `peer` broke: its downloads failed."""
@@ -444,18 +541,39 @@ class MeshNode:
                 self._report(dl, None, now)
 
     def blob_received(self, download: int, data: bytes, now: float) -> None:
-        """The whole blob from the coordinator's seed (a `StartDownload`)."""
+        """The rest of the blob from the coordinator's seed (a `StartDownload`), from where
+        it started or the last `blob_part` on: the download is over."""
+        dl = self._seed_bytes(download, data, now)
+        if dl is not None and dl.state == "fetching":
+            self._store(dl, bytes(dl.buf), now)
+
+    def blob_part(self, download: int, data: bytes, now: float) -> None:
+        """The next bytes of a seed download, in order, as they arrive; the last of them
+        completes it."""
+        dl = self._seed_bytes(download, data, now)
+        if dl is not None and dl.state == "fetching" and len(dl.buf) >= dl.size:
+            self._store(dl, bytes(dl.buf), now)
+
+    def _seed_bytes(self, download: int, data: bytes, now: float) -> _Download | None:
         dl = self._by_id.get(download)
         if dl is None or dl.source != COORDINATOR or dl.state != "fetching":
-            return
+            return None
+        self._seed_answered(now)
+        if not data:
+            return dl
         self.stats.bytes_coordinator += len(data)
         dl.release.received["coordinator"] += len(data)
         self.generation += 1
-        self._store(dl, data, now)
+        dl.buf += data
+        return dl if self._progressed(dl, len(data), now) else None
 
     def download_failed(self, download: int, now: float) -> None:
         dl = self._by_id.get(download)
         if dl is not None and dl.state == "fetching":
+            if dl.source == COORDINATOR:
+                was = self.outage
+                self._seed_failures += 1
+                self._outage_changed(was, now)
             self._report(dl, None, now)
 
     def blob_stored(self, download: int, ok: bool | None, now: float) -> None:
@@ -465,6 +583,12 @@ class MeshNode:
         retried like a lost connection, and no one is banned)."""
         dl = self._by_id.get(download)
         if dl is not None and dl.state == "storing":
+            if ok is False and dl.prior - {dl.source}:
+                # joined from a resumed prefix and this source's rest: which one sent the bad
+                # bytes cannot be told, so nobody is banned; nothing of it is kept, so the next
+                # download is whole from one source, and if that fails it names its sender
+                self.stats.counters["bad_joined_blobs"] += 1
+                ok = None
             self._report(dl, ok, now)
 
     def served(self, peer: str) -> None:
@@ -536,7 +660,7 @@ class MeshNode:
             for dl in [d for d in self._by_id.values() if d.app == app]:
                 self._forget(dl)
         held = [b for b in wanted if self.store.has(b)]
-        sched = BlobScheduler(self.name, have=held, config=self.sched_config)
+        sched = BlobScheduler(self.name, have=held, config=self.sched_config, rates=self.rates)
         release = _Release(verified, key, sched, wanted)
         self._releases[app] = release
         self.log(f"release {manifest.fleet}/{manifest.app} v{manifest.version}: "
@@ -587,11 +711,55 @@ class MeshNode:
             ids.add(b)
 
     def _send_haves(self, peer: str) -> None:
-        """Everything we hold of the current releases, to one (new) peer."""
+        """Everything we hold of the current releases and offer `peer`, to that (new) peer."""
+        self._out.extend(Send(peer, h) for h in self.have_messages(peer))
+
+    # ------------------------------------------------------------------ cross-LAN policy
+
+    def _offers_wan(self, r: _Release) -> bool:
+        """Do we offer other LANs the blobs of `r`? (ServePolicy)"""
+        p = self.serve
+        if p.unmetered or self.outage:
+            return True
+        # while at least one more byte fits the allowance
+        return p.seed_ratio > 0 and self._served_wan[r.key] + 1 <= p.seed_ratio * _held_bytes(r)
+
+    def _offers(self, peer: str, r: _Release) -> bool:
+        return peer in self._lan_names or self._offers_wan(r)
+
+    def _may_serve_wan(self, blob_id: bytes, length: int) -> bool:
+        """A request from another LAN's peer for `length` bytes of `blob_id`: within our
+        policy? If so, its bytes are counted against the release's allowance."""
+        p = self.serve
         for r in self._releases.values():
-            have = r.sched.have
-            held = sorted(b for b in r.wanted if b in have)
-            self._out.extend(Send(peer, h) for h in _haves(r.key, held))
+            if blob_id not in r.wanted:
+                continue
+            if not (p.unmetered or self.outage
+                    or self._served_wan[r.key] + length <= p.seed_ratio * _held_bytes(r)):
+                return False
+            self._served_wan[r.key] += length
+            self.stats.bytes_served_wan += length
+            return True
+        return False  # a blob of no current release: never served across the WAN
+
+    def _seed_answered(self, now: float) -> None:
+        if self._seed_failures:
+            was = self.outage
+            self._seed_failures = 0
+            self._outage_changed(was, now)
+
+    def _outage_changed(self, was: bool, now: float) -> None:
+        if self.outage == was:
+            return
+        if not was:
+            self.stats.counters["coordinator_outages"] += 1
+            self.log("the coordinator looks unreachable: serving and announcing to other LANs")
+            lan = self._lan_names
+            for peer in self.membership.live_members():
+                if peer not in lan:
+                    self._send_haves(peer)
+        else:
+            self.log("the coordinator answers again: back to the serving policy")
 
     def _update_progress(self) -> None:
         total = done = 0
@@ -614,8 +782,11 @@ class MeshNode:
                     self._forget(dl)
             else:
                 ids = list(a.blob_ids)
+                wan = self._offers_wan(release)
+                lan = self._lan_names
                 for peer in list(self.membership.live_members()):
-                    self._out.extend(Send(peer, h) for h in _haves(release.key, ids))
+                    if wan or peer in lan:
+                        self._out.extend(Send(peer, h) for h in _haves(release.key, ids))
 
     def _start_fetch(self, release: _Release, f: Fetch, now: float) -> None:
         app = (release.key.fleet, release.key.app)
@@ -623,20 +794,31 @@ class MeshNode:
         if old is not None:
             self._forget(old)
         lan = f.source != COORDINATOR and f.source in self.lan
-        limit = DOWNLOAD_TIMEOUT_FACTOR * fetch_timeout(f.size, not lan, self.sched_config)
+        limit = DOWNLOAD_TIMEOUT_FACTOR * release.sched.fetch_limit(f.size, not lan)
         self._dl_seq += 1
         dl = _Download(self._dl_seq, release, f.blob_id, f.source, f.size, now + limit, lan)
+        partial = self._partials.pop(f.blob_id, None)
+        if partial is not None:
+            self._partial_bytes -= len(partial[0])
+            if len(partial[0]) < f.size:
+                dl.buf += partial[0]
+                dl.prior = partial[1]
+                dl.next_offset = dl.start = len(dl.buf)
+                self.stats.counters["resumed_downloads"] += 1
+                self.stats.counters["resumed_bytes"] += len(dl.buf)
         self._downloads[(app, f.blob_id)] = dl
         self._by_id[dl.id] = dl
         if f.source == COORDINATOR:
-            self._out.append(StartDownload(dl.id, f.blob_id, f.size))
+            self._out.append(StartDownload(dl.id, f.blob_id, f.size, len(dl.buf)))
         elif dl.size == 0:
             self._store(dl, b"", now)
         else:
             self._request_pieces(dl)
 
     def _request_pieces(self, dl: _Download) -> None:
-        while len(dl.requests) < self.pieces_in_flight and dl.next_offset < dl.size:
+        limit = self.pieces_in_flight if dl.lan else min(self.pieces_in_flight,
+                                                         WAN_PIECES_IN_FLIGHT)
+        while len(dl.requests) < limit and dl.next_offset < dl.size:
             self._req_seq += 1
             req = self._req_seq
             length = min(MAX_PIECE, dl.size - dl.next_offset)
@@ -655,6 +837,12 @@ class MeshNode:
         offset, length = dl.requests.pop(msg.req_id)
         if isinstance(msg, BlobError):
             self.stats.counters["blob_errors_received"] += 1
+            r = dl.release
+            if msg.reason == REFUSED_WAN and self._releases.get(dl.app) is r:
+                # it withdrew its offer (metered, or its allowance is spent): forget what it
+                # holds of this release until it announces again
+                self.stats.counters["refused_by_wan_peer"] += 1
+                self._do(r, r.sched.on_have(sender, (), True, now), now)
             self._report(dl, None, now)
             return
         end = offset + len(msg.data)
@@ -674,25 +862,60 @@ class MeshNode:
             dl.release.received["wan_peer"] += len(msg.data)
         self.generation += 1
         dl.pieces[offset] = msg.data
-        dl.got += len(msg.data)
-        if dl.got >= dl.size:
-            self._store(dl, b"".join(dl.pieces[o] for o in sorted(dl.pieces)), now)
+        while len(dl.buf) in dl.pieces:  # pieces answer in any order; the prefix grows
+            dl.buf += dl.pieces.pop(len(dl.buf))
+        if not self._progressed(dl, len(msg.data), now):
+            return
+        if len(dl.buf) >= dl.size:
+            self._store(dl, bytes(dl.buf), now)
         else:
             self._request_pieces(dl)
+
+    def _progressed(self, dl: _Download, nbytes: int, now: float) -> bool:
+        """Bytes of `dl` arrived: the scheduler hears of it (not stalled; a rate sample) and
+        the node's own deadline moves on with the scheduler's. False if `dl` is gone (its
+        scheduler timer ran out at this very moment)."""
+        r = dl.release
+        if self._releases.get(dl.app) is r:
+            self._do(r, r.sched.on_progress(dl.source, dl.blob_id, nbytes, now), now)
+            if self.sched_config.follow_rates:
+                dl.deadline = now + DOWNLOAD_TIMEOUT_FACTOR * r.sched.fetch_limit(
+                    dl.size, not dl.lan)
+        return self._by_id.get(dl.id) is dl
 
     def _store(self, dl: _Download, data: bytes, now: float) -> None:
         """Whole blob bytes: checked against the signed manifest's size here, then handed to
         the driver to verify their digest and store them."""
         dl.pieces.clear()
+        dl.buf = bytearray()
         w = dl.release.wanted.get(dl.blob_id)
         if w is None or len(data) != w.size:
             self.stats.counters["bad_blobs"] += 1
             self._report(dl, False, now)
             return
         dl.state = "storing"  # not timed: a worker thread of the driver's
+        if self._releases.get(dl.app) is dl.release:
+            dl.release.sched.on_fetched(dl.source, dl.blob_id)
         self._out.append(StoreBlob(dl.id, dl.blob_id, data, w.kind, w.ref, w.size, dl.source))
 
+    def _keep_prefix(self, dl: _Download) -> None:
+        """A download that stops while fetching leaves its prefix for the next one."""
+        n = len(dl.buf)
+        if dl.state != "fetching" or n == 0 or n >= dl.size or self.store.has(dl.blob_id):
+            return
+        old = self._partials.pop(dl.blob_id, None)
+        if old is not None:
+            self._partial_bytes -= len(old[0])
+        sources = dl.prior | {dl.source} if n > dl.start else dl.prior
+        self._partials[dl.blob_id] = (bytes(dl.buf), sources)
+        self._partial_bytes += n
+        while self._partial_bytes > MAX_PARTIAL_BYTES:
+            _, (dropped, _) = self._partials.popitem(last=False)
+            self._partial_bytes -= len(dropped)
+            self.stats.counters["partials_dropped"] += 1
+
     def _forget(self, dl: _Download) -> None:
+        self._keep_prefix(dl)
         if self._downloads.get((dl.app, dl.blob_id)) is dl:
             del self._downloads[(dl.app, dl.blob_id)]
         if self._by_id.pop(dl.id, None) is not None and dl.source == COORDINATOR \
@@ -702,11 +925,14 @@ class MeshNode:
             self._requests.pop(req, None)
         dl.requests.clear()
         dl.pieces.clear()
+        dl.buf = bytearray()
 
     def _report(self, dl: _Download, ok: bool | None, now: float) -> None:
         """ok: verified and stored (True), bad bytes (False), failed/timed out (None)."""
         if self._by_id.get(dl.id) is not dl:
             return  # cancelled by the scheduler or replaced: it knows already
+        if ok is None:
+            self._keep_prefix(dl)  # failed or timed out: the next download resumes
         dl.state = "done"  # its result is in: no CancelDownload from _forget
         self._forget(dl)
         r = dl.release
@@ -741,9 +967,20 @@ class MeshNode:
         if msg.offset > size:
             self._out.append(Send(sender, BlobError(msg.req_id, "range")))
             return
+        if sender not in self._lan_names and not self._may_serve_wan(
+                msg.blob_id, min(msg.length, size - msg.offset)):
+            # our uplink is metered (ServePolicy): the requester's config cannot spend it
+            self.stats.counters["serve_refused_wan"] += 1
+            self._out.append(Send(sender, BlobError(msg.req_id, REFUSED_WAN)))
+            return
         self._serving[sender] += 1
         self._out.append(ServeRange(sender, msg.req_id, msg.blob_id, msg.offset, msg.length,
                                     size))
+
+
+def _held_bytes(r: _Release) -> int:
+    have = r.sched.have
+    return sum(w.size for b, w in r.wanted.items() if b in have)
 
 
 def _haves(key: ReleaseKey, ids: list[bytes]) -> list[Have]:
@@ -751,6 +988,7 @@ def _haves(key: ReleaseKey, ids: list[bytes]) -> list[Have]:
 
 
 __all__ = ["DOWNLOAD_TIMEOUT_FACTOR", "MAX_PENDING_IDS", "MAX_PENDING_RELEASES",
-           "MAX_SERVING_PER_PEER", "PIECES_IN_FLIGHT", "STARTUP_SETTLE", "Action", "BlobIndex",
-           "CancelDownload", "GossipStats", "MeshNode", "Send", "ServeRange",
-           "StartDownload", "StoreBlob", "WantedBlob", "wanted_blobs"]
+           "MAX_SERVING_PER_PEER", "OUTAGE_SEED_FAILURES", "PIECES_IN_FLIGHT", "REFUSED_WAN",
+           "STARTUP_SETTLE", "Action", "BlobIndex", "CancelDownload", "GossipStats", "MeshNode",
+           "Send", "ServePolicy", "ServeRange", "StartDownload", "StoreBlob", "WantedBlob",
+           "wanted_blobs"]

@@ -2,13 +2,19 @@
 manifest dissemination and blob exchange over a simulated network with explicit time.
 
 N in-process nodes grouped in LANs of `lan_size`; a message inside a LAN takes `lan_latency`
-(plus size / `lan_rate`, if set); between LANs it is serialised on the sender LAN's uplink and
-the receiver LAN's downlink at `wan_rate` bytes/s (one shared WAN link per LAN, as behind a home
-router; `shared_wan=False` gives every message the whole rate, for blob-scheduling studies that
-leave contention out) and takes `wan_latency`; `jitter` scales each transfer time by a random
-factor in [1 - jitter, 1 + jitter]; any message is lost with probability `loss`; a partition
-drops everything between LAN groups. The coordinator's blob seed sits behind the WAN: a
-download from it takes its size at `wan_rate` and a round trip. One event queue keyed by
+(plus size / `lan_rate`, if set); between LANs it crosses the sender LAN's uplink, `wan_latency`,
+then the receiver LAN's downlink, each a link of `wan_rate` bytes/s shared by all the LAN's
+flows in fair shares (processor sharing: every message in transit on a link gets rate / n, as
+TCP flows on one bottleneck converge to; a small control message is not stuck behind a 1 MiB
+piece; no TCP ACKs, slow start or loss recovery are modelled). `shared_wan=False` gives every
+message the whole rate instead, for blob-scheduling studies that leave contention out.
+`jitter` scales each unshared transfer time by a random factor in [1 - jitter, 1 + jitter];
+any message is lost with probability `loss`; a partition drops everything between LAN groups.
+The coordinator's blob seed sits behind the WAN: a download from it sends SEED_REQUEST_BYTES on
+the LAN's uplink and, after a round trip, streams the blob (from `StartDownload.offset`) over
+the LAN's downlink in SEED_PART parts (`blob_part`); the seed's own link is not the
+bottleneck. `wan_bytes(lan)` is what crossed a LAN's WAN link each way; `stats.wan_out_by_type`
+what its members sent across it, by message type. One event queue keyed by
 (time, sequence number); every random choice comes from `random.Random` instances derived from
 the seed, so the same seed gives the same run, bit for bit.
 
@@ -42,6 +48,7 @@ from mesh.node import (
     CancelDownload,
     MeshNode,
     Send,
+    ServePolicy,
     ServeRange,
     StartDownload,
     StoreBlob,
@@ -56,6 +63,43 @@ _WAKE: Final = 0
 _DELIVER: Final = 1
 _CONTROL: Final = 2
 _SEED: Final = 3  # a download from the coordinator's seed completes
+_LINK: Final = 4  # a shared WAN link may have finished a flow
+# A seed download's HTTP request and response headers (over TLS), bytes: what the coordinator's
+# blob seed costs a LAN's uplink (the request) and downlink (beside the blob), besides the blob.
+SEED_REQUEST_BYTES: Final = 400
+SEED_RESPONSE_OVERHEAD: Final = 300
+_DONE_EPS: Final = 1e-6  # bytes left that count as none (float rounding)
+# A seed download arrives in parts of this size (blob_part), as a streamed HTTP body does
+# (coarser than TCP's segments, to keep the simulation fast): a cut transfer keeps its parts.
+SEED_PART: Final = 256 * 1024
+
+
+class _Link:
+    """One LAN's uplink or downlink: processor sharing, every flow on it gets an equal share of
+    `rate` (what TCP flows on a bottleneck converge to, with no ACKs or slow start modelled).
+    `carried` counts the bytes it moved."""
+
+    __slots__ = ("carried", "flows", "last", "rate", "version")
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.flows: dict[int, float] = {}  # flow id -> bytes left
+        self.last = 0.0
+        self.version = 0
+        self.carried = 0.0
+
+    def advance(self, now: float) -> None:
+        if self.flows and now > self.last:
+            share = (now - self.last) * self.rate / len(self.flows)
+            for f, left in self.flows.items():
+                self.carried += min(share, left)
+                self.flows[f] = left - share
+        self.last = max(self.last, now)
+
+    def next_done(self) -> float | None:
+        if not self.flows:
+            return None
+        return self.last + max(0.0, min(self.flows.values())) * len(self.flows) / self.rate
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +124,7 @@ class SimConfig:
     rumor: RumorConfig = LAN_RUMOR
     manifest_size: int = 2048  # bytes of a (fake) signed manifest
     sched: SchedConfig = SchedConfig()
+    serve: ServePolicy = ServePolicy()  # what each node serves to other LANs (metered)
     rogues: frozenset[int] = frozenset()  # nodes that serve corrupt bytes
     start_spread: float = 0.0  # nodes start at uniform(0, start_spread)
 
@@ -204,6 +249,9 @@ class SimStats:
     dropped_down: int = 0
     bytes_by_type: dict[str, int] = field(default_factory=dict)
     msgs_by_type: dict[str, int] = field(default_factory=dict)
+    # bytes a LAN sent across the WAN, by message type ("SeedRequest": to the coordinator)
+    wan_out_by_type: dict[int, collections.Counter[str]] = field(
+        default_factory=lambda: collections.defaultdict(collections.Counter))
 
 
 @dataclass(slots=True)
@@ -242,8 +290,17 @@ class Simulator:
         self.watch: set[int] = set()
         self._queue: list[tuple[float, int, int, int, object]] = []
         self._seq = 0
-        self._uplink_free = [0.0] * (config.n // config.lan_size + 1)
-        self._downlink_free = [0.0] * (config.n // config.lan_size + 1)
+        lans = config.n // config.lan_size + 1
+        rate = config.net.wan_rate or float("inf")
+        # uplinks of LANs 0..lans-1, then their downlinks (shared_wan)
+        self._links = [_Link(rate) for _ in range(2 * lans)]
+        self._lans = lans
+        self._flow_done: dict[int, Callable[[], None]] = {}
+        self._flow_seq = 0
+        self._seed_flows: dict[tuple[int, int], tuple[int, int]] = {}  # -> link, flow
+        self._wan_sent = [0] * lans  # bytes, without shared_wan (no links)
+        self._seed_up = True
+        self._wan_received = [0] * lans
         self._group: dict[int, int] | None = None  # lan -> partition group
         self._sizes: dict[int, tuple[Message, int]] = {}
         self._seed_pending: set[tuple[int, int]] = set()  # (node, download) from the seed
@@ -275,7 +332,8 @@ class Simulator:
             return SimNode(i, nid, i // cfg.lan_size, None, rumor, store)
         node = MeshNode(nid, _address(i), peers=self.addresses, verify=self._verify,
                         store=store, rng=node_rng, sched_config=cfg.sched,
-                        membership_config=cfg.membership, rumor_config=cfg.rumor, join=join)
+                        membership_config=cfg.membership, rumor_config=cfg.rumor, join=join,
+                        serve=cfg.serve)
         node.set_lan(self.lan_members(i), 0.0)
         return SimNode(i, nid, i // cfg.lan_size, node, node.rumor, store)
 
@@ -340,6 +398,18 @@ class Simulator:
             self._group = mapping
         self.at(t, act)
 
+    def coordinator_down(self, t: float, up: bool = False) -> None:
+        """From `t` the coordinator is unreachable (or reachable again, `up`): seed downloads
+        are refused, and every node hears it as its agent's control calls fail."""
+        def act() -> None:
+            self._seed_up = up
+            for n in self.nodes:
+                if n.up and n.node is not None:
+                    self._src = None
+                    n.node.coordinator_reachable(up, self.now)
+                    self._after(n)
+        self.at(t, act)
+
     def heal(self, t: float) -> None:
         def act() -> None:
             self._group = None
@@ -356,6 +426,9 @@ class Simulator:
             if kind == _CONTROL:
                 assert callable(payload)
                 payload()
+            elif kind == _LINK:
+                assert isinstance(payload, int)
+                self._link_event(idx, payload)
             else:
                 self._event(t, kind, self.nodes[idx], payload)
             if stop is not None and stop():
@@ -382,14 +455,7 @@ class Simulator:
             self._after(node)
         elif kind == _SEED:
             assert isinstance(payload, tuple)
-            download, size = payload
-            if (node.index, download) not in self._seed_pending or node.node is None:
-                return  # cancelled
-            self._seed_pending.discard((node.index, download))
-            self._src = None
-            if node.up:
-                node.node.blob_received(download, bytes(size), t)
-                self._after(node)
+            self._seed_done(node.index, *payload)
         else:
             assert isinstance(payload, tuple)
             src, msg, size = payload
@@ -445,12 +511,12 @@ class Simulator:
         elif isinstance(a, StartDownload):
             self._fetched(node, COORDINATOR, a.blob_id)
             self._seed_pending.add((node.index, a.download))
-            net = self.config.net
-            rate = net.wan_rate or float("inf")
-            self._push(self.now + 2 * net.wan_latency + a.size / rate * self._jitter(),
-                       _SEED, node.index, (a.download, a.size))
+            self._seed_start(node, a)
         elif isinstance(a, CancelDownload):
             self._seed_pending.discard((node.index, a.download))
+            flow = self._seed_flows.pop((node.index, a.download), None)
+            if flow is not None:
+                self._end_flow(*flow)
         elif isinstance(a, StoreBlob):
             ok = node.store.put(a.blob_id, a.data, a.size)
             if not ok:
@@ -467,6 +533,122 @@ class Simulator:
                                                   bytes([fill]) * length,
                                                   a.offset + length >= size))
             mesh.served(a.peer)
+
+    # ---- the coordinator's seed and the shared WAN links -------------------------------------
+
+    def _seed_start(self, node: SimNode, a: StartDownload) -> None:
+        """The request crosses the LAN's uplink, the blob its downlink (the coordinator's own
+        link is not the bottleneck); without shared_wan: its size at wan_rate."""
+        net = self.config.net
+        key = (node.index, a.download)
+        rest = a.size - a.offset
+        self.stats.wan_out_by_type[node.lan]["SeedRequest"] += SEED_REQUEST_BYTES
+        if not (net.shared_wan and net.wan_rate):
+            self._wan_sent[node.lan] += SEED_REQUEST_BYTES
+            self._wan_received[node.lan] += rest + SEED_RESPONSE_OVERHEAD
+            rate = net.wan_rate or float("inf")
+            self._push(self.now + 2 * net.wan_latency + rest / rate * self._jitter(),
+                       _SEED, node.index, (a.download, rest))
+            return
+        link = self._lans + node.lan
+        if not self._seed_up:  # refused after a round trip
+            def refused() -> None:
+                mesh = node.node
+                if key in self._seed_pending and mesh is not None and node.up:
+                    self._seed_pending.discard(key)
+                    self._src = None
+                    mesh.download_failed(a.download, self.now)
+                    self._after(node)
+            self.at(self.now + 2 * net.wan_latency, refused)
+            return
+
+        def part(offset: int) -> None:
+            """The response's next part crosses the downlink; its arrival is reported."""
+            n = min(SEED_PART, a.size - offset)
+            head = SEED_RESPONSE_OVERHEAD if offset == a.offset else 0
+
+            def arrived() -> None:
+                self._seed_flows.pop(key, None)
+                mesh = node.node
+                if key not in self._seed_pending or mesh is None or not node.up:
+                    return
+                if offset + n >= a.size:
+                    self._seed_pending.discard(key)
+                else:
+                    part(offset + n)
+                self._src = None
+                mesh.blob_part(a.download, bytes(n), self.now)
+                self._after(node)
+
+            self._seed_flows[key] = (link, self._flow(link, n + head, arrived))
+
+        def answered() -> None:
+            if key in self._seed_pending:
+                part(a.offset)
+
+        def requested() -> None:
+            self._seed_flows.pop(key, None)
+            if key in self._seed_pending:
+                self.at(self.now + 2 * net.wan_latency, answered)
+
+        self._seed_flows[key] = (node.lan, self._flow(node.lan, SEED_REQUEST_BYTES, requested))
+
+    def _seed_done(self, index: int, download: int, size: int) -> None:
+        """Without shared_wan: the rest of the blob at once (`size` bytes)."""
+        node = self.nodes[index]
+        if (index, download) not in self._seed_pending or node.node is None:
+            return  # cancelled
+        self._seed_pending.discard((index, download))
+        self._src = None
+        if node.up:
+            node.node.blob_received(download, bytes(size), self.now)
+            self._after(node)
+
+    def _flow(self, link: int, size: float, done: Callable[[], None]) -> int:
+        """Put `size` bytes on shared link `link`; call `done` when they are through."""
+        self._flow_seq += 1
+        fid = self._flow_seq
+        ln = self._links[link]
+        ln.advance(self.now)
+        ln.flows[fid] = float(size)
+        self._flow_done[fid] = done
+        self._reschedule(link)
+        return fid
+
+    def _end_flow(self, link: int, fid: int) -> None:
+        """Abandon a flow (a cancelled download): the bytes it moved stay counted."""
+        ln = self._links[link]
+        ln.advance(self.now)
+        if ln.flows.pop(fid, None) is not None:
+            self._flow_done.pop(fid, None)
+            self._reschedule(link)
+
+    def _reschedule(self, link: int) -> None:
+        ln = self._links[link]
+        ln.version += 1
+        t = ln.next_done()
+        if t is not None:
+            self._push(max(t, self.now), _LINK, link, ln.version)
+
+    def _link_event(self, link: int, version: int) -> None:
+        ln = self._links[link]
+        if version != ln.version:
+            return  # superseded by a later change of the link's flows
+        ln.advance(self.now)
+        done = [f for f, left in ln.flows.items() if left <= _DONE_EPS]
+        for f in done:
+            del ln.flows[f]
+        self._reschedule(link)
+        for f in done:
+            self._flow_done.pop(f)()
+
+    def wan_bytes(self, lan: int) -> tuple[int, int]:
+        """(bytes in, bytes out) across LAN `lan`'s WAN link so far: every message, seed
+        request and seed answer, with per-packet overhead; TCP's ACKs are not modelled."""
+        if self.config.net.shared_wan and self.config.net.wan_rate:
+            return (round(self._links[self._lans + lan].carried),
+                    round(self._links[lan].carried))
+        return self._wan_received[lan], self._wan_sent[lan]
 
     def _fetched(self, node: SimNode, source: str, blob_id: bytes) -> None:
         bs = self.blob_stats
@@ -537,20 +719,32 @@ class Simulator:
             self.stats.dropped_partition += 1
             return
         t = self.now
+        if src_lan != dst_lan:
+            self.stats.wan_out_by_type[src_lan][name] += size
         if src_lan == dst_lan:
             t += net.lan_latency
             if net.lan_rate:
                 t += size / net.lan_rate * self._jitter()
-        elif net.wan_rate and not net.shared_wan:
-            t += net.wan_latency + size / net.wan_rate * self._jitter()
+        elif net.wan_rate and net.shared_wan:
+            # the sender LAN's uplink, the WAN's latency, the receiver LAN's downlink: each
+            # link shared fairly by all its flows, so a small control message is not stuck
+            # behind a 1 MiB piece
+            payload = (node.index, msg, size)
+
+            def delivered() -> None:
+                self._push(self.now, _DELIVER, dst, payload)
+
+            def crossed() -> None:
+                self._flow(self._lans + dst_lan, size, delivered)
+
+            self._flow(src_lan, size, lambda: self.at(self.now + net.wan_latency, crossed))
+            return
         else:
-            if net.wan_rate:
-                t = max(t, self._uplink_free[src_lan]) + size / net.wan_rate
-                self._uplink_free[src_lan] = t
+            self._wan_sent[src_lan] += size
+            self._wan_received[dst_lan] += size
             t += net.wan_latency
             if net.wan_rate:
-                t = max(t, self._downlink_free[dst_lan]) + size / net.wan_rate
-                self._downlink_free[dst_lan] = t
+                t += size / net.wan_rate * self._jitter()
         self._push(t, _DELIVER, dst, (node.index, msg, size))
 
     def _push(self, t: float, kind: int, idx: int, payload: object) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 
 from agent import DataDir, _commands
+from agent._datadir import DataDirError
+from agent._release_sync import GossipSettings
 from agent.cli import main
 from mesh.control import Enrollment
 from mesh.tlspin import PinError
@@ -195,6 +197,39 @@ def test_run_stops_cleanly_on_sigterm(enrolled: DataDir, monkeypatch: pytest.Mon
     assert "stopping (SIGTERM)" in err and "peer map v1: 1 peers" in err
     assert enrolled.read_peermap() == coord.peermap
     assert coord.reports and coord.reports[0][1].lan_endpoints == ("10.0.0.2:51820",)
+
+
+@pytest.mark.parametrize(("flags", "ratio", "unmetered"), [
+    ([], 0.0, False), (["--seed-ratio", "0.5"], 0.5, False), (["--seed-ratio", "2"], 2.0, False),
+    (["--unmetered"], 0.0, True)])
+def test_run_serving_flags_reach_the_mesh_node(enrolled: DataDir,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str],
+                                              flags: list[str], ratio: float,
+                                              unmetered: bool) -> None:
+    seen: list[GossipSettings | None] = []
+
+    def agent(*args: Any, gossip: GossipSettings | None = None, **kw: Any) -> Any:
+        seen.append(gossip)
+        raise DataDirError("stop here")  # the settings are what this test looks at
+
+    monkeypatch.setattr(_commands, "real_backend_factory", lambda ifname, mountns=None: None)
+    monkeypatch.setattr(_commands, "Agent", agent)
+    assert main(["run", "--data", str(enrolled.path), *flags]) != 0
+    capsys.readouterr()
+    (settings,) = seen
+    assert settings is not None
+    assert (settings.serve.seed_ratio, settings.serve.unmetered) == (ratio, unmetered)
+
+
+@pytest.mark.parametrize("bad", ["-1", "nan", "inf", "1e3", "0x1", "1_0", "", " 1", "\u0661"])
+def test_run_seed_ratio_is_parsed_strictly(enrolled: DataDir, bad: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--data", str(enrolled.path), "--seed-ratio", bad])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "".join(err) and "not a seed ratio" in err[-1]
 
 
 def test_console_script_argument_errors(tmp_path: Path) -> None:

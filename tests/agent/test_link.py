@@ -7,7 +7,7 @@ from typing import Any
 import trio
 
 from agent import CoordinatorLink, DataDir
-from agent._link import ErrorOnce
+from agent._link import UNREACHABLE_AFTER, ErrorOnce
 from mesh.control import DeviceTarget
 
 from .fakes import FakeClient, FakeCoordinator
@@ -93,3 +93,74 @@ async def test_a_401_without_the_revoked_marker_is_an_error_not_a_revocation(
     assert await failed_calls(ours, ErrorOnce(logs.append, 2)) == [False, False]
     assert not ours.revoked
     assert sum("without saying the device was revoked" in m for m in logs) == 1
+
+
+class BlobClient(TargetsClient):
+    """Records which client (connection pool) each call used."""
+
+    calls: list[tuple[str, int]] = []
+
+    async def blob(self, blob_id: str, start: int | None = None, end: int | None = None
+                   ) -> bytes:
+        self.calls.append(("blob", id(self)))
+        return b"x" * ((end or 1) - (start or 0))
+
+    async def targets(self) -> list[dict[str, Any]]:
+        self.calls.append(("targets", id(self)))
+        return []
+
+
+async def test_seed_downloads_use_clients_of_their_own(enrolled: DataDir) -> None:
+    coord = FakeCoordinator()
+    made: list[BlobClient] = []
+
+    def factory(url: str, credential: str, cert: bytes) -> BlobClient:
+        made.append(BlobClient(coord, url, credential, cert))
+        return made[-1]
+
+    BlobClient.calls = []
+    lk = CoordinatorLink(enrolled.read_identity(), factory, hub_up=lambda: False,
+                         log=lambda _m: None)
+    assert await lk.blob("ab" * 32, 0, 4) == b"xxxx"
+    await lk.targets()
+    await lk.blob("ab" * 32, 4, 8)
+    await lk.targets()
+    (blob_client,) = {c for what, c in BlobClient.calls if what == "blob"}
+    (control_client,) = {c for what, c in BlobClient.calls if what == "targets"}
+    # a bulk transfer never holds up a control call on one connection pool
+    assert blob_client != control_client and len(made) == 2
+    await lk.aclose()
+    assert all(c.closed for c in made)
+
+
+class DownClient(TargetsClient):
+    down = True
+
+    async def targets(self) -> list[dict[str, Any]]:
+        if DownClient.down:
+            raise OSError("connection refused")
+        return []
+
+
+async def test_the_coordinator_is_unreachable_after_calls_in_a_row_go_unanswered(
+        enrolled: DataDir) -> None:
+    coord = FakeCoordinator()
+    seen: list[bool] = []
+
+    def factory(url: str, credential: str, cert: bytes) -> DownClient:
+        return DownClient(coord, url, credential, cert)
+
+    lk = CoordinatorLink(enrolled.read_identity(), factory, hub_up=lambda: False,
+                         log=lambda _m: None)
+    lk.reachability.append(seen.append)
+    DownClient.down = True
+    for i in range(UNREACHABLE_AFTER):
+        assert lk.reachable and seen == [], i
+        try:
+            await lk.targets()
+        except OSError:
+            pass
+    assert not lk.reachable and seen == [False]  # told once
+    DownClient.down = False
+    await lk.targets()
+    assert lk.reachable and seen == [False, True]

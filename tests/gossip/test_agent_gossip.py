@@ -3,15 +3,20 @@ come from the coordinator's targets, LAN neighbours from (fake) LAN discovery.""
 
 from __future__ import annotations
 
+import contextlib
+import random
 from collections import Counter
 from ipaddress import IPv4Address
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import trio
 
-from agent import Agent, DataDir, GossipSettings, Identity
+from agent import Agent, CoordinatorLink, DataDir, GossipSettings, Identity
 from agent._lan import Neighbour, fingerprint
+from agent._link import UNREACHABLE_AFTER
+from agent._release_sync import ReleaseSync
 from mesh.control import Enrollment, PeerEntry, PeerMap
 from tests.agent.fakes import HUB, KEYS, FakeClient, FakeCoordinator, FakeWireGuard, peermap
 
@@ -143,3 +148,35 @@ async def test_a_new_targets_revision_in_the_peer_map_is_read_at_once(tmp_path: 
             await trio.sleep(2)
             assert coord.target_reads == start_reads + 1
             nursery.cancel_scope.cancel()
+
+
+class DownClient(FakeClient):
+    async def targets(self) -> list[dict[str, Any]]:
+        raise OSError("connection refused")
+
+
+async def test_an_unreachable_coordinator_reaches_the_mesh_node(tmp_path: Path) -> None:
+    """The agent's control calls going unanswered tell the node (the outage rule: peers on
+    other LANs help, docs/blob-exchange.md), and an answer tells it the outage is over."""
+    data = device(tmp_path, 0, None)
+    identity = data.read_identity()
+    coord = FakeCoordinator()
+    down = True
+
+    def factory(url: str, credential: str, cert: bytes) -> FakeClient:
+        return (DownClient if down else FakeClient)(coord, url, credential, cert)
+
+    link = CoordinatorLink(identity, factory, hub_up=lambda: False, log=lambda _m: None)
+    sync = ReleaseSync(data.path, identity.enrollment, KEYS[0].public, 51820, link,
+                       GossipSettings(), peers=dict, log=lambda _m: None,
+                       rng=random.Random(1))
+    heard: list[bool] = []
+    sync.node = SimpleNamespace(coordinator_reachable=heard.append)  # type: ignore[assignment]
+    for _ in range(UNREACHABLE_AFTER):
+        with contextlib.suppress(OSError):
+            await link.targets()
+    assert heard == [False]
+    down = False
+    link._clients.clear()  # a fresh connection finds the coordinator back
+    await link.peermap(0, 0)
+    assert heard == [False, True]

@@ -12,7 +12,7 @@ import trio.testing
 
 from agent._blobstore import BlobStore
 from agent._gossip import GossipNode, TransportConfig
-from mesh.blobsched import SchedConfig, fetch_timeout
+from mesh.blobsched import SchedConfig, stall_timeout
 from mesh.node import STARTUP_SETTLE
 from mesh.rumor import make_verifier
 from mesh.wire import Ping, encode
@@ -119,7 +119,8 @@ async def test_a_seed_download_is_cancelled_at_the_schedulers_timeout(
             a.offer_manifest(make_manifest([blob]))
             while len(seed.ends) < 1:
                 await trio.sleep(0.5)
-            timeout = fetch_timeout(blob.ref.stored_size, True, SchedConfig())
+            # no byte arrives: a stall, at the configured WAN rate (nothing is measured yet)
+            timeout = stall_timeout(SchedConfig().wan_rate)
             assert seed.starts[0] - t0 == pytest.approx(STARTUP_SETTLE, abs=1e-6)
             assert seed.ends[0] - seed.starts[0] == pytest.approx(timeout, abs=1e-6)
             nursery.cancel_scope.cancel()
@@ -207,3 +208,46 @@ async def test_a_silent_inbound_connection_closes_after_twice_the_idle_timeout(
             assert await silent.receive_some(10) == b""  # nothing is sent to us on it
             assert trio.current_time() - t_open == pytest.approx(2 * cfg.idle_timeout, abs=1e-6)
             nursery.cancel_scope.cancel()
+
+
+class CuttingSeed:
+    """A seed whose transfer breaks after `cut_after` ranges; records every range asked."""
+
+    def __init__(self, frame: bytes, cut_after: int) -> None:
+        self.frame = frame
+        self.cut_after = cut_after
+        self.ranges: list[tuple[int | None, int | None]] = []
+
+    async def blob(self, blob_id: str, start: int | None = None, end: int | None = None
+                   ) -> bytes:
+        await trio.sleep(0.01)
+        self.ranges.append((start, end))
+        if len(self.ranges) == self.cut_after + 1:
+            raise OSError("connection reset by peer")
+        return self.frame[start:end]
+
+
+async def test_a_cut_seed_download_resumes_where_it_stopped(
+        tmp_path: Path, thread_safe_clock: trio.abc.Clock) -> None:
+    (blob,) = make_blobs(1, large=1)  # > 1 MiB: several ranges
+    size = blob.ref.stored_size
+    seed = CuttingSeed(blob.frame, cut_after=1)
+    alone = {"a": "10.0.0.1"}
+    with trio.fail_after(300):
+        async with trio.open_nursery() as nursery:
+            a = make(MemoryNetwork(), tmp_path, "a", alone, client=seed)
+            await nursery.start(a.run)
+            a.offer_manifest(make_manifest([blob]))
+            while not a.complete(FLEET, APP):
+                await a.changed().wait()
+            nursery.cancel_scope.cancel()
+    piece = 1 << 20
+    # the first range came, the second broke; the retry asked from the first range's end on
+    assert seed.ranges[:3] == [(0, piece), (piece, min(size, 2 * piece)),
+                               (piece, min(size, 2 * piece))]
+    served = sum(e - s for s, e in seed.ranges if s is not None and e is not None) - (
+        seed.ranges[1][1] - seed.ranges[1][0])  # the cut range sent nothing
+    assert served == size, seed.ranges  # no byte twice
+    assert a.stats.counters["resumed_downloads"] == 1
+    assert a.stats.counters["resumed_bytes"] == piece
+    assert a.store.has(blob.ref.id)

@@ -10,16 +10,21 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeVar
 
+import pytest
 from nacl.signing import SigningKey
 
-from mesh.blobsched import COORDINATOR, SchedConfig, fetch_timeout
+import mesh.node as node_module
+from mesh.blobsched import COORDINATOR, SchedConfig, fetch_timeout, stall_timeout
 from mesh.node import (
     MAX_SERVING_PER_PEER,
+    OUTAGE_SEED_FAILURES,
+    REFUSED_WAN,
     STARTUP_SETTLE,
     Action,
     CancelDownload,
     MeshNode,
     Send,
+    ServePolicy,
     ServeRange,
     StartDownload,
     StoreBlob,
@@ -64,10 +69,12 @@ class MemStore:
 
 def node(peers: Mapping[str, str] | None = None, *, store: MemStore | None = None,
          lan: Iterable[str] = (), config: SchedConfig | None = None,
-         local_layers: frozenset[str] = frozenset()) -> MeshNode:
+         local_layers: frozenset[str] = frozenset(),
+         serve: ServePolicy | None = None) -> MeshNode:
     n = MeshNode("me", "10.0.0.1", peers=peers or {}, verify=VERIFY,
                  store=store if store is not None else MemStore(), rng=random.Random(1),
-                 fleet=FLEET, sched_config=config, local_layers=lambda: local_layers)
+                 fleet=FLEET, sched_config=config, local_layers=lambda: local_layers,
+                 serve=serve)
     n.set_lan(lan, 0.0)
     return n
 
@@ -81,12 +88,15 @@ def sent(actions: Sequence[Action], cls: type[A]) -> list[tuple[str, A]]:
 
 
 KEY1 = ReleaseKey(FLEET, APP, 1)
+WAN3 = SchedConfig(max_wan=3)
 
 
 def test_release_lifecycle_settle_gate_and_replacement() -> None:
     blobs = make_blobs(3, large=0)
     store = MemStore()
-    n = node(store=store)
+    # room for all three seed downloads at once, whatever the default WAN bound (this test is
+    # about the lifecycle)
+    n = node(store=store, config=WAN3)
     n.start(100.0)
     n.drain()
     gen = n.generation
@@ -232,7 +242,7 @@ def test_delta_when_its_base_is_complete_chunks_otherwise() -> None:
         n.blob_received(starts[0].download, b"d" * 5000, 7.0)
         (st,) = of(n.drain(), StoreBlob)
         assert (st.kind, st.ref, st.size) == ("delta", None, 5000)
-    n = node()  # no base: the chunks
+    n = node(config=WAN3)  # no base: the chunks (all three at once)
     n.start(0.0)
     n.offer_manifest(delta_manifest(base, blobs, delta_id, 5000), 0.0)
     n.tick(STARTUP_SETTLE)
@@ -314,15 +324,18 @@ def test_a_blob_error_or_an_unsent_request_fails_the_download_without_a_ban() ->
         assert n.stats.counters["unsolicited_blob_answers"] == 1, how
 
 
-def test_download_timeout_exact() -> None:
+@pytest.mark.parametrize("follow_rates", [True, False])
+def test_download_timeout_exact(follow_rates: bool) -> None:
     (blob,) = make_blobs(1, large=0)
-    cfg = SchedConfig()
+    cfg = SchedConfig(follow_rates=follow_rates)
     n = node(config=cfg)
     n.start(0.0)
     n.offer_manifest(make_manifest([blob]), 0.0)
     n.tick(STARTUP_SETTLE)
     (start,) = of(n.drain(), StartDownload)
-    limit = STARTUP_SETTLE + fetch_timeout(blob.ref.stored_size, True, cfg)
+    # a stall (no byte) at the configured WAN rate, or the static whole-transfer timeout
+    limit = STARTUP_SETTLE + (stall_timeout(cfg.wan_rate) if follow_rates
+                              else fetch_timeout(blob.ref.stored_size, True, cfg))
     deadline = n.next_deadline()
     assert deadline is not None and deadline <= limit
     n.tick(limit - 0.001)
@@ -336,7 +349,9 @@ def test_download_timeout_exact() -> None:
 def test_serving_ranges_of_held_blobs() -> None:
     store = MemStore()
     store.blobs[b"\x07" * 32] = b"x" * 1000
-    n = node({"p": "10.0.0.2"}, store=store)
+    # p is a LAN neighbour: a peer on another LAN is not served by default (metered uplink;
+    # test_serve_policy_* below)
+    n = node({"p": "10.0.0.2"}, store=store, lan=["p"])
     n.receive(BlobRequest(1, b"\x07" * 32, 100, 50), "p", 0.0)
     n.receive(BlobRequest(2, b"\x08" * 32, 0, 50), "p", 0.0)
     n.receive(BlobRequest(3, b"\x07" * 32, 1001, 50), "p", 0.0)
@@ -359,13 +374,17 @@ def test_a_connecting_peer_gets_our_haves() -> None:
     blobs = make_blobs(2, large=0)
     store = MemStore()
     store.blobs[blobs[0].ref.id] = blobs[0].frame
-    n = node({"p": "10.0.0.2"}, store=store)
+    n = node({"p": "10.0.0.2", "wan": "10.0.1.2"}, store=store, lan=["p"])
     n.start(0.0)
     n.offer_manifest(make_manifest(blobs), 0.0)
     n.drain()
-    assert n.have_messages() == [Have(KEY1, (blobs[0].ref.id,))]
+    assert n.have_messages("p") == [Have(KEY1, (blobs[0].ref.id,))]
     n.connected("p")
     assert sent(n.drain(), Have) == [("p", Have(KEY1, (blobs[0].ref.id,)))]
+    # a peer on another LAN is offered nothing by a metered node (the default)
+    assert n.have_messages("wan") == []
+    n.connected("wan")
+    assert sent(n.drain(), Have) == []
 
 
 def test_a_blob_being_stored_survives_its_sources_connection() -> None:
@@ -378,3 +397,240 @@ def test_a_blob_being_stored_survives_its_sources_connection() -> None:
     n.tick(7.5)
     n.blob_stored(st.download, True, 7.6)
     assert n.complete(FLEET, APP) and n.banned(FLEET, APP) == frozenset()
+
+
+# ---------------------------------------------------------------- cross-LAN serving policy
+
+def holder(serve: ServePolicy | None = None) -> tuple[MeshNode, list[Blob]]:
+    """A node that holds 2 of a release's 3 blobs, a LAN neighbour "lan1" and a peer "wan1"
+    on another LAN, both live members."""
+    blobs = make_blobs(3, large=0)
+    store = MemStore()
+    for b in blobs[:2]:
+        store.blobs[b.ref.id] = b.frame
+    n = node({"lan1": "10.0.0.2", "wan1": "10.0.1.2"}, store=store, lan=["lan1"],
+             serve=serve)
+    n.start(0.0)
+    for p in ("lan1", "wan1"):  # both answer a probe: live members
+        n.membership.seed([(p, "")])
+    n.offer_manifest(make_manifest(blobs), 0.0)
+    n.drain()
+    return n, blobs
+
+
+def test_serve_policy_metered_default_serves_and_announces_only_to_the_lan() -> None:
+    n, blobs = holder()
+    b0 = blobs[0].ref.id
+    n.receive(BlobRequest(1, b0, 0, 100), "lan1", 1.0)
+    n.receive(BlobRequest(2, b0, 0, 100), "wan1", 1.0)
+    acts = n.drain()
+    assert [a.peer for a in of(acts, ServeRange)] == ["lan1"]
+    assert sent(acts, BlobError) == [("wan1", BlobError(2, REFUSED_WAN))]
+    assert n.stats.counters["serve_refused_wan"] == 1 and n.stats.bytes_served_wan == 0
+    assert n.have_messages("wan1") == [] and n.have_messages("lan1")
+    assert not n.serves_wan()
+
+
+def test_serve_policy_seed_ratio_bounds_the_bytes_served_per_release() -> None:
+    n, blobs = holder(ServePolicy(seed_ratio=0.5))
+    held = sum(b.ref.stored_size for b in blobs[:2])
+    allowance = 0.5 * held
+    b0 = blobs[0].ref.id
+    assert n.have_messages("wan1")  # offered while the allowance lasts
+    served, i = [], 0
+    while True:  # 1000-byte ranges until refused
+        i += 1
+        n.receive(BlobRequest(i, b0, 0, 1000), "wan1", 1.0)
+        n.served("wan1")
+        acts = n.drain()
+        if not of(acts, ServeRange):
+            break
+        served.append(i)
+    assert len(served) == int(allowance // 1000)  # every byte within R x held, no more
+    assert sent(acts, BlobError) == [("wan1", BlobError(i, REFUSED_WAN))]
+    assert n.stats.bytes_served_wan == 1000 * len(served)
+    assert n.have_messages("wan1")  # what is left is still offered...
+    # ...and a request past the blob's end counts only what it gets: the rest of the allowance
+    rest = int(allowance) - 1000 * len(served)
+    size0 = blobs[0].ref.stored_size
+    n.receive(BlobRequest(500, b0, size0 - rest, 5000), "wan1", 1.0)
+    assert [a.req_id for a in of(n.drain(), ServeRange)] == [500]
+    assert n.stats.bytes_served_wan == int(allowance)
+    assert n.have_messages("wan1") == [] and not n.serves_wan()  # spent: no more offers
+    n.receive(BlobRequest(999, b0, 0, 100), "lan1", 1.0)  # the LAN is never counted
+    assert [a.req_id for a in of(n.drain(), ServeRange)] == [999]
+
+
+def test_serve_policy_unmetered_serves_other_lans_without_bound() -> None:
+    n, blobs = holder(ServePolicy(unmetered=True))
+    for i in range(20):
+        n.receive(BlobRequest(i, blobs[0].ref.id, 0, 100), "wan1", 1.0)
+        n.served("wan1")
+    assert len(of(n.drain(), ServeRange)) == 20 and n.have_messages("wan1")
+
+
+def test_a_coordinator_outage_opens_a_metered_uplink_until_the_seed_answers() -> None:
+    n, blobs = holder()
+    n.tick(STARTUP_SETTLE)
+    starts = of(n.drain(), StartDownload)
+    assert [s.blob_id for s in starts] == [blobs[2].ref.id]
+    t = STARTUP_SETTLE
+    for _ in range(OUTAGE_SEED_FAILURES):
+        assert not n.outage
+        n.download_failed(starts[-1].download, t)
+        n.drain()
+        while not (starts := of(n.drain(), StartDownload)):  # after the seed's rest
+            t += 1.0
+            n.tick(t)
+    assert n.outage and n.stats.counters["coordinator_outages"] == 1
+    # what we hold reaches the other LANs, and their requests are served
+    n2, _ = holder()
+    assert n.have_messages("wan1") and not n2.have_messages("wan1")
+    n.receive(BlobRequest(7, blobs[0].ref.id, 0, 100), "wan1", t)
+    assert [a.req_id for a in of(n.drain(), ServeRange)] == [7]
+    # the seed answers again: back to the metered policy
+    n.blob_received(starts[-1].download, blobs[2].frame, t + 1)
+    assert not n.outage and n.have_messages("wan1") == []
+    # the driver's own view (control calls failing) opens it too
+    n.coordinator_reachable(False, t + 2)
+    assert n.outage and n.have_messages("wan1")
+    n.coordinator_reachable(True, t + 3)
+    assert not n.outage
+
+
+def test_a_wan_peer_that_refuses_loses_its_offer() -> None:
+    (blob,) = make_blobs(1, large=0)
+    n, acts = settled({"wan1": "10.0.1.2"}, [], [blob], {"wan1": [blob]})
+    # offered by a peer on another LAN: fetched from it (it is the HRW owner's WAN source)
+    ((dest, r),) = sent(acts, BlobRequest)
+    assert dest == "wan1" and not of(acts, StartDownload)
+    n.receive(BlobError(r.req_id, REFUSED_WAN), "wan1", 7.0)
+    assert n.stats.counters["refused_by_wan_peer"] == 1
+    n.drain()
+    t = 7.0
+    while not (starts := of(n.drain(), StartDownload)):
+        assert not sent(n.drain(), BlobRequest)  # never asked again
+        t += 1.0
+        n.tick(t)
+    assert starts[0].blob_id == blob.ref.id
+
+
+# ---------------------------------------------------------------- resume: no byte twice
+
+def until(n: MeshNode, t: float, cls: type[A], step: float = 0.5) -> tuple[float, list[A]]:
+    """Tick until the node asks for a `cls` action (after a source's rest)."""
+    while not (got := of(n.drain(), cls)):
+        t += step
+        n.tick(t)
+        assert t < 1000.0
+    return t, got
+
+
+def until_requests(n: MeshNode, t: float) -> tuple[float, list[tuple[str, BlobRequest]]]:
+    while not (got := sent(n.drain(), BlobRequest)):
+        t += 0.5
+        n.tick(t)
+        assert t < 1000.0
+    return t, got
+
+
+def test_a_cut_seed_download_resumes_at_its_offset() -> None:
+    (blob,) = make_blobs(1, large=1)
+    n = node()
+    n.start(0.0)
+    n.offer_manifest(make_manifest([blob]), 0.0)
+    n.tick(STARTUP_SETTLE)
+    (first,) = of(n.drain(), StartDownload)
+    assert first.offset == 0
+    n.blob_part(first.download, blob.frame[:MAX_PIECE], 7.0)  # streamed: 1 MiB arrives
+    assert not of(n.drain(), StoreBlob)
+    n.download_failed(first.download, 8.0)  # then the connection breaks
+    t, (again,) = until(n, 8.0, StartDownload)
+    assert (again.blob_id, again.offset) == (blob.ref.id, MAX_PIECE)
+    n.blob_received(again.download, blob.frame[MAX_PIECE:], t + 1)
+    (st,) = of(n.drain(), StoreBlob)
+    assert st.data == blob.frame
+    assert n.stats.counters["resumed_bytes"] == MAX_PIECE
+    assert n.stats.bytes_coordinator == len(blob.frame)  # every byte once
+
+
+def test_a_cut_peer_download_resumes_from_any_source() -> None:
+    (blob,) = make_blobs(1, large=1)
+    n, acts = settled({"lan1": "10.0.0.2"}, ["lan1"], [blob], {"lan1": [blob]})
+    reqs = sent(acts, BlobRequest)
+    assert [r.offset for _, r in reqs][0] == 0
+    r0 = reqs[0][1]
+    n.receive(BlobData(r0.req_id, blob.ref.id, 0, blob.frame[:r0.length], False), "lan1", 7.0)
+    n.peer_down("lan1", 7.5)
+    t, again = until_requests(n, 7.5)
+    assert min(m.offset for _, m in again) == MAX_PIECE  # the received MiB is not asked again
+    for dest, m in again:
+        end = m.offset + m.length
+        n.receive(BlobData(m.req_id, m.blob_id, m.offset, blob.frame[m.offset:end],
+                           end == len(blob.frame)), dest, t + 1)
+    (st,) = of(n.drain(), StoreBlob)
+    assert st.data == blob.frame
+    assert n.stats.bytes_lan == len(blob.frame)
+
+
+def test_a_blob_joined_from_two_sources_that_fails_bans_nobody() -> None:
+    (blob,) = make_blobs(1, large=1)
+    n = node({"w": "10.0.1.2"})  # w: another LAN's peer, which may offer what it holds
+    n.start(0.0)
+    n.offer_manifest(make_manifest([blob]), 0.0)
+    n.tick(STARTUP_SETTLE)
+    (first,) = of(n.drain(), StartDownload)
+    n.blob_part(first.download, blob.frame[:MAX_PIECE], 7.0)  # a prefix from the seed...
+    n.download_failed(first.download, 7.1)
+    n.receive(Have(KEY1, (blob.ref.id,)), "w", 7.2)  # ...the rest from w (seed resting)
+    reqs = sent(n.drain(), BlobRequest)
+    assert reqs and all(d == "w" and r.offset >= MAX_PIECE for d, r in reqs)
+    for _, m in reqs:
+        end = m.offset + m.length
+        n.receive(BlobData(m.req_id, m.blob_id, m.offset, blob.frame[m.offset:end],
+                           end == len(blob.frame)), "w", 8.0)
+    (st,) = of(n.drain(), StoreBlob)
+    n.blob_stored(st.download, False, 8.5)  # the joined bytes fail verification
+    assert n.banned(FLEET, APP) == frozenset()  # which source lied cannot be told
+    assert n.stats.counters["bad_joined_blobs"] == 1
+    # nothing of it is kept: the next download is whole, from one source, which a second
+    # failure would name
+    t, nxt = 8.5, []
+    while not nxt:
+        t += 0.5
+        n.tick(t)
+        acts = n.drain()
+        nxt = [a.offset for a in of(acts, StartDownload)] + [
+            m.offset for _, m in sent(acts, BlobRequest)]
+    assert nxt == [0]
+
+
+def test_kept_prefixes_are_bounded_oldest_dropped_first(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    monkeypatch.setattr(node_module, "MAX_PARTIAL_BYTES", MAX_PIECE + MAX_PIECE // 2)
+    blobs = make_blobs(2, large=2)
+    by_id = {b.ref.id: b for b in blobs}
+    n = node()
+    n.start(0.0)
+    n.offer_manifest(make_manifest(blobs), 0.0)
+    n.tick(STARTUP_SETTLE)
+    first, second = of(n.drain(), StartDownload)
+    for s in (first, second):
+        n.blob_part(s.download, by_id[s.blob_id].frame[:MAX_PIECE], 7.0)
+    n.download_failed(first.download, 8.0)  # kept first...
+    n.download_failed(second.download, 8.0)  # ...so this one pushes it out
+    assert n.stats.counters["partials_dropped"] == 1
+    t, starts = until(n, 8.0, StartDownload)
+    if len(starts) < 2:
+        _, more = until(n, t, StartDownload)
+        starts += more
+    offsets = {s.blob_id: s.offset for s in starts}
+    assert offsets == {first.blob_id: 0, second.blob_id: MAX_PIECE}
+
+
+def test_a_neighbour_found_late_gets_what_we_hold() -> None:
+    n, blobs = holder()  # lan1 is a LAN neighbour, wan1 is not (yet)
+    assert n.have_messages("wan1") == []
+    n.set_lan(["lan1", "wan1"], 1.0)  # LAN discovery finds wan1 on our LAN after all
+    held = tuple(sorted(b.ref.id for b in blobs[:2]))
+    assert sent(n.drain(), Have) == [("wan1", Have(KEY1, held))]

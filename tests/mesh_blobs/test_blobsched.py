@@ -15,15 +15,20 @@ from mesh.blobsched import (
     MAX_IN_FLIGHT_PER_PEER,
     MAX_IN_FLIGHT_TOTAL,
     MAX_WAN_IN_FLIGHT,
+    PROGRESS_UNIT,
+    STALL_FLOOR_S,
     Action,
     Announce,
     BlobScheduler,
     Cancel,
     Fetch,
+    LinkRates,
     SchedConfig,
     fetch_timeout,
     lan_wait,
     rendezvous_owner,
+    stall_timeout,
+    wan_bound,
 )
 
 SIZE = 1_000_000
@@ -326,7 +331,8 @@ def test_peer_sharing_off_everything_from_coordinator() -> None:
     s.on_have("d1", blobs, True, 0.0)
     s.on_have("w1", blobs, True, 0.0)
     got = fetches(s.want(dict.fromkeys(blobs, SIZE), 0.0))
-    assert len(got) == MAX_WAN_IN_FLIGHT
+    # this device's share of its LAN's WAN flows (a LAN of 4 members here)
+    assert len(got) == wan_bound(len(LAN) + 1, cfg) == 2
     seen = list(got)
     while got:
         f = got.pop()
@@ -384,3 +390,71 @@ def test_bad_api_input_rejected() -> None:
         s.want({bid(1): -1}, 0.0)
     with pytest.raises(ValueError):
         SchedConfig(lan_rate=0)
+
+
+# ---------------------------------------------------------------- timers follow measured rates
+
+
+def test_a_fetch_fails_on_a_stall_not_on_its_size() -> None:
+    s = node(lan=[])
+    big = 40 * SIZE  # 400 s at the configured 100 kB/s: no fixed limit applies
+    (f,) = fetches(s.want({bid(1): big}, 0.0))
+    first = stall_timeout(CFG.wan_rate)
+    assert s.next_deadline() == first
+    t = 0.0
+    for _ in range(50):  # 50 MB in 1 MB steps at 50 kB/s: slower than configured, alive
+        t += 20.0
+        assert s.on_progress(COORDINATOR, bid(1), SIZE, t) == []
+    assert s.in_flight() == {bid(1): COORDINATOR}
+    # the deadline is the last progress plus a stall at the measured rate (~50 kB/s)
+    assert s.rates.measured(True)
+    assert s.rates.get(True) == pytest.approx(SIZE / 20.0)
+    assert s.next_deadline() == pytest.approx(t + stall_timeout(SIZE / 20.0))
+    out = s.tick(t + stall_timeout(SIZE / 20.0))
+    assert Cancel(bid(1), COORDINATOR) in out  # then nothing came: stalled
+
+
+def test_static_timers_keep_the_whole_transfer_timeout() -> None:
+    cfg = SchedConfig(lan_rate=10e6, wan_rate=100e3, follow_rates=False)
+    s = node(lan=[], config=cfg)
+    s.want({bid(1): 40 * SIZE}, 0.0)
+    limit = fetch_timeout(40 * SIZE, True, cfg)
+    s.on_progress(COORDINATOR, bid(1), SIZE, 10.0)  # progress does not move it
+    assert s.next_deadline() == limit
+    assert not s.rates.measured(True)
+
+
+def test_lan_wait_follows_the_measured_wan_rate() -> None:
+    s = node(wan=("w1",))
+    (mine,) = owned_by("d0", ["d0", *LAN])
+    (theirs,) = owned_by("d1", ["d0", *LAN])
+    s.want({mine: SIZE, theirs: SIZE}, 0.0)
+    assert s.lan_wait(SIZE) == lan_wait(SIZE, CFG)  # configured until measured
+    s.on_progress(COORDINATOR, mine, SIZE // 4, 10.0)  # our own WAN fetch: 25 kB/s
+    measured = LinkRates(CFG)
+    measured.sample(True, SIZE // 4, 10.0)
+    assert s.lan_wait(SIZE) == lan_wait(SIZE, CFG, measured) > lan_wait(SIZE, CFG)
+    # the non-owner waits longer on the slower link before crossing the WAN itself
+    assert s.next_deadline() == pytest.approx(min(10.0 + stall_timeout(measured.get(True)),
+                                                  s.lan_wait(SIZE)))
+    assert fetches(s.tick(lan_wait(SIZE, CFG))) == []
+
+
+def test_a_stall_before_any_measurement_halves_the_assumed_rate() -> None:
+    s = node(lan=[])
+    s.want({bid(1): SIZE}, 0.0)
+    s.tick(stall_timeout(CFG.wan_rate))
+    assert s.rates.get(True) == CFG.wan_rate / 2 and not s.rates.measured(True)
+    assert stall_timeout(CFG.wan_rate / 2) == 2 * stall_timeout(CFG.wan_rate)
+    assert stall_timeout(1e9) == STALL_FLOOR_S
+    assert stall_timeout(PROGRESS_UNIT / 10) == pytest.approx(40.0)
+
+
+def test_the_wan_bound_is_a_share_of_the_lans_flows() -> None:
+    # a LAN's members keep about LAN_WAN_FLOWS bulk WAN fetches in flight together
+    assert [wan_bound(n, CFG) for n in (1, 2, 3, 4, 6, 10)] == [4, 3, 2, 2, 1, 1]
+    assert wan_bound(3, SchedConfig(max_wan=1)) == 1
+    assert wan_bound(3, SchedConfig(lan_wan_flows=None)) == MAX_WAN_IN_FLIGHT  # the old rule
+    s = node(lan=["d1", "d2"])  # a LAN of 3: 2 each
+    blobs = owned_by("d0", ["d0", "d1", "d2"], n=5)
+    assert len(fetches(s.want(dict.fromkeys(blobs, SIZE), 0.0))) == 2
