@@ -75,18 +75,9 @@ class AppSync:
         self._releases = {k: v for k, v in self._releases.items()
                           if k[0] in fresh and fresh[k[0]].version == k[1]}
 
-    def needs_manifest(self, app: str, node: NodeView | None) -> int | None:
-        """The target version of `app` if neither the node nor we hold its release (a pin
-        back to an older release: the node only keeps the newest)."""
-        t = self.targets.get(app)
-        if t is None:
-            return None
-        newest = self._newest_version(node, app)
-        if newest == t.version or (app, t.version) in self._releases:
-            return None
-        if newest is None or newest < t.version:
-            return None  # newer than what gossip holds: it arrives by offer_manifest
-        return t.version
+    def release(self, app: str, version: int) -> VerifiedRelease | None:
+        """A release older than the node's newest, verified earlier (`add_release`)."""
+        return self._releases.get((app, version))
 
     def add_release(self, release: VerifiedRelease) -> None:
         m = release.manifest
@@ -111,12 +102,10 @@ class AppSync:
             if progress is not None and progress[0] == t.version:
                 ready = node is not None and node.complete(self.fleet, app)
                 self.applier.set_progress(app, progress[1], progress[2], progress[3])
-            elif node is None:
-                ready = False  # the mesh node is (re)starting: nothing to judge by yet
             else:
-                # an older release (a pin back): its blobs are most likely held; the applier
-                # says "downloading" if one is not, and the node does not fetch old releases
-                ready = True
+                # the node is (re)starting, or still fetching another version: ReleaseSync
+                # hands it this target (`set_target`), then its progress tells
+                ready = False
             # refused (logged once by the applier): another key, or older than the running
             # release without a pin the operator signed
             self.applier.set_target(release, ready=ready, force=t.force, retry=t.retry,

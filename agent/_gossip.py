@@ -288,6 +288,12 @@ class GossipNode:
         self._run_actions()
         return new
 
+    def set_target(self, fleet: str, app: str, target: VerifiedRelease | None) -> None:
+        """The release the device is targeted at (None: no target): the one the node
+        fetches, whatever newer manifest circulates (mesh.node.MeshNode.set_target)."""
+        self.core.set_target(fleet, app, target, self._now())
+        self._run_actions()
+
     def coordinator_reachable(self, ok: bool) -> None:
         """The agent's control calls reach the coordinator (True) or no longer do (False):
         during an outage peers on other LANs help (mesh.node.ServePolicy)."""

@@ -12,8 +12,9 @@ Four loops, each retried on its own errors and never stopping the agent:
   failure (the address is not on the interface yet) is retried every GOSSIP_RETRY;
 - the targets: read at start, when the peer map says they changed, and every
   `targets_interval` as a safety net; the manifests of newer releases are offered to the node,
-  the manifest of an older target (a pin back: the node keeps only the newest) is fetched and
-  verified here, once;
+  the manifest of an older target (a pin back, or a newer release withdrawn while a peer still
+  gossips it) is fetched and verified here, once; each target's release is handed to the node
+  (`set_target`), which fetches that one, whatever newer manifest circulates;
 - with `apply=ApplySettings()`: the applier (agent/_apply_driver.py) once the Docker engine
   answers, and AppSync (agent/_appsync.py) fed by events — the node's `changed()`, the
   applier's `changed()`, new targets, a node (re)start — not by a poll; the app's log lines go
@@ -129,6 +130,7 @@ class ReleaseSync:
         self.store: BlobStore | None = None
         self.applier: Applier | None = None  # once the engine answers
         self.appsync: AppSync | None = None
+        self._targeted: set[str] = set()  # apps the node was given a target for
         self._lan_names: frozenset[str] = frozenset()
         self._targets_wake = trio.Event()
         self._sync_wake = trio.Event()
@@ -261,13 +263,37 @@ class ReleaseSync:
             data = await self.link.manifest(fleet, t.app, t.version)
             if node.offer_manifest(data):
                 self.log(f"release {fleet}/{t.app} v{t.version} from the coordinator")
-        if sync is not None:
-            for t in list(sync.targets.values()):
-                if sync.needs_manifest(t.app, node) is not None:  # a pin back to an older one
-                    release = self._verify(t, await self.link.manifest(fleet, t.app, t.version))
-                    if release is not None:
-                        sync.add_release(release)
+        # The node fetches what each target needs, whatever newer manifest circulates (a pin
+        # back, or a newer release the operator withdrew that a peer still gossips).
+        for t in targets:
+            release = await self._target_release(node, t)
+            if release is not None:
+                node.set_target(fleet, t.app, release)
+        for app in self._targeted - {t.app for t in targets}:
+            node.set_target(fleet, app, None)
+        self._targeted = {t.app for t in targets}
         self._sync_wake.set()
+
+    async def _target_release(self, node: GossipNode, target: DeviceTarget
+                              ) -> VerifiedRelease | None:
+        """The verified release of `target`: the node's newest if it is that version, one
+        verified earlier, or (older than the node's newest) its manifest from the coordinator,
+        verified here once. None while it is not to be had (newer than anything verified:
+        the offer above failed; or no release key)."""
+        fleet, sync = self.enrollment.fleet, self.appsync
+        newest = node.newest(fleet, target.app)
+        if newest is not None and newest.manifest.version == target.version:
+            return newest
+        if newest is None or newest.manifest.version < target.version \
+                or self.enrollment.release_key is None:
+            return None
+        known = sync.release(target.app, target.version) if sync is not None else None
+        if known is None:
+            data = await self.link.manifest(fleet, target.app, target.version)
+            known = self._verify(target, data)
+            if known is not None and sync is not None:
+                sync.add_release(known)
+        return known
 
     def _verify(self, target: DeviceTarget, data: bytes) -> VerifiedRelease | None:
         """An older release's manifest from the coordinator, verified once, here."""

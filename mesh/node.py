@@ -348,6 +348,7 @@ class MeshNode:
         self._peers: dict[str, str] = {}
         self._lan_names: frozenset[str] = frozenset()
         self._releases: dict[AppKey, _Release] = {}
+        self._targets: dict[AppKey, int] = {}  # app -> the version the device is targeted at
         self._downloads: dict[tuple[AppKey, bytes], _Download] = {}
         self._by_id: dict[int, _Download] = {}
         self._requests: dict[int, _Download] = {}
@@ -497,6 +498,32 @@ class MeshNode:
         self._after_cores(now)
         return new
 
+    def set_target(self, fleet: str, app: str, target: VerifiedRelease | None,
+                   now: float) -> None:
+        """The release this device is targeted at for (fleet, app), verified by the caller,
+        or None (no target: the newest release seen is fetched, as before any target).
+        While a target is set, its release is the one fetched, older or newer than any
+        manifest circulating in the mesh (docs/gossip.md, "Targets")."""
+        key = (fleet, app)
+        if target is None:
+            self._targets.pop(key, None)
+            newest = self.rumor.release(fleet, app)
+            current = self._releases.get(key)
+            if newest is not None and (current is None
+                                       or current.key.version < newest.manifest.version):
+                self._fetch_release(newest, now)
+            return
+        m = target.manifest
+        if (m.fleet, m.app) != key:
+            raise ValueError(f"target release is {m.fleet}/{m.app}, not {fleet}/{app}")
+        if self.fleet is not None and fleet != self.fleet:
+            return
+        self._targets[key] = m.version
+        current = self._releases.get(key)
+        if current is None or current.key.version != m.version:
+            self._fetch_release(target, now)
+        self._update_progress()
+
     def set_peers(self, peers: Mapping[str, str], now: float) -> None:
         """The peer map (name -> mesh address): who may connect, membership seeds."""
         for gone in self._set_peer_map(peers):
@@ -641,13 +668,26 @@ class MeshNode:
     # ------------------------------------------------------------------ releases and haves
 
     def _on_release(self, verified: VerifiedRelease, now: float) -> None:
+        """A newly verified manifest from the mesh or an offer: fetched if it is the newest
+        and no target names another version of its app (a target holds what is fetched:
+        a withdrawn newer release that keeps circulating must not displace it)."""
         manifest = verified.manifest
         if self.fleet is not None and manifest.fleet != self.fleet:
             return
         app = (manifest.fleet, manifest.app)
+        target = self._targets.get(app)
+        if target is not None and target != manifest.version:
+            return
         old = self._releases.get(app)
         if old is not None and old.key.version >= manifest.version:
             return
+        self._fetch_release(verified, now)
+
+    def _fetch_release(self, verified: VerifiedRelease, now: float) -> None:
+        """Make `verified` the release fetched for its app, replacing any other version."""
+        manifest = verified.manifest
+        app = (manifest.fleet, manifest.app)
+        old = self._releases.get(app)
         try:
             self.store.record_layers({layer.diff_id: [c.id for c in layer.chunks]
                                       for layer in manifest.layers})

@@ -167,13 +167,14 @@ class _Applier:
 class _Node:
     def __init__(self) -> None:
         self.done = 0
+        self.fetching = 2  # the version whose blobs the node fetches (its target, or newest)
         self.held: dict[str, VerifiedRelease] = {"web": release(2)}
 
     def newest(self, fleet: str, app: str) -> VerifiedRelease | None:
         return self.held.get(app)
 
     def progress(self, fleet: str, app: str) -> tuple[int, int, int, dict[str, int]] | None:
-        return (2, self.done, 100, {"lan": self.done}) if app == "web" else None
+        return (self.fetching, self.done, 100, {"lan": self.done}) if app == "web" else None
 
     def complete(self, fleet: str, app: str) -> bool:
         return self.done == 100
@@ -213,17 +214,21 @@ def test_appsync_readiness_progress_and_report_pace() -> None:
     assert applier.targets["web"][1] is True  # ready: every wanted blob held
     # a pin back to v1: the node holds only v2's release, so the agent fetches v1's
     sync.set_targets([DeviceTarget("web", 1, b"pin")])
-    assert sync.needs_manifest("web", node) == 1
-    assert sync.needs_manifest("web", None) is None  # no node (yet): nothing to compare
+    assert sync.release("web", 1) is None
     sync.add_release(release(1))
-    assert sync.needs_manifest("web", node) is None
+    assert sync.release("web", 1) is not None
     sync.sync(node, 3.0)
-    assert applier.targets["web"] == (b"m1", True, False, 0, b"pin")  # the pin goes along
+    # the node still fetches v2: v1 is not ready until the node works on it (ReleaseSync
+    # hands it the target) and holds all of it
+    assert applier.targets["web"] == (b"m1", False, False, 0, b"pin")  # the pin goes along
+    node.fetching = 1
+    sync.sync(node, 3.5)
+    assert applier.targets["web"] == (b"m1", True, False, 0, b"pin")
     sync.sync(None, 6.0)  # the mesh node restarting: not ready, whatever the version
     assert applier.targets["web"][:2] == (b"m1", False)
-    # a newer target than gossip holds arrives by gossip/offer, not by a second fetch
+    # a newer target: the pinned-back release is forgotten
     sync.set_targets([DeviceTarget("web", 3)])
-    assert sync.needs_manifest("web", node) is None
+    assert sync.release("web", 1) is None
     sync.set_targets([])
     assert applier.cleared == ["web"]
     assert [a.app for a in sync.app_statuses()] == ["web"]
@@ -263,6 +268,7 @@ class FakeNode:
         self.releases = releases
         self.held: dict[str, VerifiedRelease] = {}
         self.offered: list[int] = []
+        self.targets: dict[str, int | None] = {}  # app -> what set_target said last
         self.done, self.total = 0, 100
         self.stats = GossipStats()
         self._changed = trio.Event()
@@ -291,6 +297,9 @@ class FakeNode:
         self.held[r.manifest.app] = r
         self.fire()
         return True
+
+    def set_target(self, fleet: str, app: str, target: VerifiedRelease | None) -> None:
+        self.targets[app] = None if target is None else target.manifest.version
 
     def update_peers(self, peers: Mapping[str, str]) -> None:
         pass
@@ -336,10 +345,12 @@ async def test_targets_reach_the_node_and_a_pin_back_is_verified_once(tmp_path: 
     await sync._read_targets(node)  # type: ignore[arg-type]
     await sync._read_targets(node)  # type: ignore[arg-type]
     assert sum("web v1: manifest refused" in m for m in logs) == 1
-    assert sync.appsync.needs_manifest("web", node) == 1
+    assert sync.appsync.release("web", 1) is None
+    assert node.targets == {"web": 2}  # the node keeps fetching v2 until v1 is verified
     coord.manifests[("cams", "web", 1)] = releases.make(1, QUICK)
     await sync._read_targets(node)  # type: ignore[arg-type]
-    assert sync.appsync.needs_manifest("web", node) is None
+    assert sync.appsync.release("web", 1) is not None
+    assert node.targets == {"web": 1}  # ... and then v1, whatever newer it holds
     sync.appsync.sync(node, 0.0)
     assert applier.targets["web"][0] == coord.manifests[("cams", "web", 1)]
     assert applier.targets["web"][4] == b"\0"  # the pin goes to the applier's admit_release

@@ -32,6 +32,7 @@ class ReleaseCoordinator(FakeCoordinator):
         self.manifests = {("cams", "cam", 1): manifest}
         self.blobs = {b.ref.id.hex(): b.frame for b in blobs}
         self.blob_bytes: Counter[str] = Counter()
+        self.blobs_served: Counter[str] = Counter()  # blob id (hex) -> range requests answered
         self.target_reads = 0
 
     def factory(self, url: str, credential: str, cert_der: bytes) -> FakeClient:
@@ -57,6 +58,7 @@ class ReleaseClient(FakeClient):
         await self._gate()
         data = self.coord.blobs[blob_id][start:end]
         self.coord.blob_bytes[self.credential] += len(data)
+        self.coord.blobs_served[blob_id] += 1
         return data
 
 

@@ -141,6 +141,38 @@ def test_release_lifecycle_settle_gate_and_replacement() -> None:
     assert not of(n.drain(), StoreBlob)
 
 
+def test_a_target_holds_what_is_fetched_whatever_newer_manifest_circulates() -> None:
+    """docs/gossip.md "Targets": a pin back, or a newer release the operator withdrew that a
+    peer still gossips, must not displace the device's target (issue 13, item 5)."""
+    v7_blobs, v8_blobs = make_blobs(2, seed=7, large=0), make_blobs(2, seed=8, large=0)
+    v7, v8 = make_manifest(v7_blobs, version=7), make_manifest(v8_blobs, version=8)
+    n = node(config=WAN3)
+    n.start(0.0)
+    assert n.offer_manifest(v8, 0.0)
+    n.tick(STARTUP_SETTLE)
+    first = of(n.drain(), StartDownload)
+    assert {s.blob_id for s in first} == {b.ref.id for b in v8_blobs}  # no target: newest
+    # the target is v7: v8's downloads stop, v7's start
+    n.set_target(FLEET, APP, VERIFY(v7), 10.0)
+    acts = n.drain()
+    assert {c.download for c in of(acts, CancelDownload)} == {s.download for s in first}
+    assert {s.blob_id for s in of(acts, StartDownload)} == {b.ref.id for b in v7_blobs}
+    assert n.releases() == {(FLEET, APP): ReleaseKey(FLEET, APP, 7)}
+    # a newer manifest arriving now is kept and gossiped, not fetched
+    v9 = make_manifest(make_blobs(1, seed=9, large=0), version=9)
+    assert n.offer_manifest(v9, 11.0)
+    assert not of(n.drain(), StartDownload)
+    assert n.releases()[(FLEET, APP)].version == 7
+    newest = n.newest(FLEET, APP)
+    assert newest is not None and newest.manifest.version == 9
+    # no target any more: the newest seen is fetched again
+    n.set_target(FLEET, APP, None, 12.0)
+    assert n.releases()[(FLEET, APP)].version == 9
+    assert of(n.drain(), StartDownload)
+    with pytest.raises(ValueError):
+        n.set_target(FLEET, "other-app", VERIFY(v7), 13.0)
+
+
 def test_verified_once_and_handed_on() -> None:
     calls: list[bytes] = []
 
