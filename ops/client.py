@@ -87,6 +87,10 @@ LONG_POLL_SLACK: Final = 10.0
 MAX_ERROR_CHARS: Final = 300
 MAX_BLOB_ANSWER: Final = 64 * 1024 * 1024  # the largest blob (docs/api.md)
 MAX_MANIFEST_ANSWER: Final = 8 * 1024 * 1024 + 1024  # the largest encoded SignedManifest
+# A JSON answer: the largest is a device list or release status of a full fleet
+MAX_JSON_ANSWER: Final = 16 * MAX_BODY_BYTES
+# An enrollment answer: identity, addresses, the hub and a key, a few hundred bytes
+MAX_ENROLL_ANSWER: Final = MAX_BODY_BYTES
 MISSING_BATCH: Final = 10_000  # IDs per POST /blobs/missing (docs/api.md)
 MAX_LOG_WAIT: Final = 30  # the server's log long-poll limit (docs/api.md)
 # A log page: up to 5,000 lines of up to 4,096 characters, JSON-escaped (6 bytes a character)
@@ -163,13 +167,80 @@ def _error_from(response: httpx.Response) -> ApiError:
                     challenge=challenge)
 
 
-def _check(response: httpx.Response, *ok: int, limit: int = 16 * MAX_BODY_BYTES
-           ) -> httpx.Response:
+def _check(response: httpx.Response, *ok: int) -> httpx.Response:
+    """`response` (read whole, within its limit, by `_send_limited`) if its status is `ok`."""
     if response.status_code not in ok:
         raise _error_from(response)
-    if len(response.content) > limit:
-        raise ProtocolError(f"answer of {len(response.content)} bytes is too large")
     return response
+
+
+def _declared_within(response: httpx.Response, limit: int) -> None:
+    """Refuse an answer whose Content-Length already says it is over `limit`, before reading."""
+    declared = response.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
+        raise ProtocolError(f"{response.request.method} {response.request.url.path}: answer "
+                            f"declares {int(declared)} bytes, larger than {limit}")
+
+
+class _LimitedBody:
+    """The decoded body of a streamed answer, gathered piece by piece up to `limit` bytes."""
+
+    def __init__(self, response: httpx.Response, limit: int) -> None:
+        _declared_within(response, limit)
+        self._response, self._limit = response, limit
+        self._body = bytearray()
+
+    def add(self, piece: bytes) -> None:
+        self._body += piece
+        if len(self._body) > self._limit:
+            request = self._response.request
+            raise ProtocolError(f"{request.method} {request.url.path}: answer larger than "
+                                f"{self._limit} bytes, stopped reading")
+
+    def response(self) -> httpx.Response:
+        """A read-whole copy of the streamed answer, holding the decoded body."""
+        headers = [(k, v) for k, v in self._response.headers.multi_items()
+                   if k.lower() not in ("content-encoding", "content-length",
+                                        "transfer-encoding")]
+        return httpx.Response(self._response.status_code, headers=headers,
+                              content=bytes(self._body), request=self._response.request,
+                              extensions=self._response.extensions)
+
+
+def _undecodable(request: httpx.Request) -> ProtocolError:
+    return ProtocolError(f"{request.method} {request.url.path}: answer cannot be decoded")
+
+
+def _send_limited(client: httpx.Client, request: httpx.Request, limit: int
+                  ) -> httpx.Response:
+    """Send `request` and read its answer (error answers too) while counting: past `limit`
+    decoded bytes the connection is dropped (ProtocolError), so an endless or bomb body costs
+    at most `limit` bytes of memory. Transport errors propagate as httpx raises them."""
+    response = client.send(request, stream=True)
+    try:
+        body = _LimitedBody(response, limit)
+        for piece in response.iter_bytes():
+            body.add(piece)
+    except httpx.DecodingError as exc:
+        raise _undecodable(request) from exc
+    finally:
+        response.close()
+    return body.response()
+
+
+async def _send_limited_async(client: httpx.AsyncClient, request: httpx.Request, limit: int
+                              ) -> httpx.Response:
+    """`_send_limited` for the async client."""
+    response = await client.send(request, stream=True)
+    try:
+        body = _LimitedBody(response, limit)
+        async for piece in response.aiter_bytes():
+            body.add(piece)
+    except httpx.DecodingError as exc:
+        raise _undecodable(request) from exc
+    finally:
+        await response.aclose()
+    return body.response()
 
 
 def _range_header(start: int | None, end: int | None) -> dict[str, str]:
@@ -300,14 +371,15 @@ class OperatorClient:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    def _send(self, method: str, path: str, *ok: int, limit: int = 16 * MAX_BODY_BYTES,
+    def _send(self, method: str, path: str, *ok: int, limit: int = MAX_JSON_ANSWER,
               **kwargs: Any) -> httpx.Response:
         client = self._client()
         try:
-            response = client.request(method, API + path, **kwargs)
+            response = _send_limited(client, client.build_request(method, API + path, **kwargs),
+                                     limit)
         except httpx.TransportError as exc:
             raise _transport_error(exc, self.url) from exc
-        return _check(response, *ok, limit=limit)
+        return _check(response, *ok)
 
     def _request(self, method: str, path: str, *ok: int, **kwargs: Any) -> Any:
         return _json(self._send(method, path, *ok, **kwargs))
@@ -567,12 +639,13 @@ class DeviceClient:
         await self.aclose()
 
     async def _request(self, method: str, path: str, *ok: int,
-                       limit: int = 16 * MAX_BODY_BYTES, **kwargs: Any) -> httpx.Response:
+                       limit: int = MAX_JSON_ANSWER, **kwargs: Any) -> httpx.Response:
         try:
-            response = await self._http.request(method, API + path, **kwargs)
+            response = await _send_limited_async(
+                self._http, self._http.build_request(method, API + path, **kwargs), limit)
         except httpx.TransportError as exc:
             raise _transport_error(exc, self.url) from exc
-        return _check(response, *ok, limit=limit)
+        return _check(response, *ok)
 
     async def peermap(self, version: int = 0, wait: float = 25) -> PeerMap | None:
         """Long poll: the peer map if its version differs from `version`, None (304) if nothing
@@ -657,7 +730,9 @@ async def enroll(url: str, token: str, public_key: str, name: str | None = None,
     async with httpx.AsyncClient(base_url=base, verify=pinned_ssl_context(der),
                                  timeout=httpx.Timeout(timeout), trust_env=False) as http:
         try:
-            response = await http.post(API + "/enroll", json=request.to_json())
+            response = await _send_limited_async(
+                http, http.build_request("POST", API + "/enroll", json=request.to_json()),
+                MAX_ENROLL_ANSWER)
             challenge = _error_from(response).challenge if response.status_code == 409 \
                 else None
             if challenge is not None and private_key is not None:
@@ -665,7 +740,9 @@ async def enroll(url: str, token: str, public_key: str, name: str | None = None,
                 check_key(hub_key, "enroll challenge: hub_public_key")
                 mac = key_proof_mac(x25519_secret(private_key, hub_key), nonce, public_key)
                 proven = replace(request, key_proof=KeyProof(nonce, mac))
-                response = await http.post(API + "/enroll", json=proven.to_json())
+                response = await _send_limited_async(
+                    http, http.build_request("POST", API + "/enroll", json=proven.to_json()),
+                    MAX_ENROLL_ANSWER)
         except httpx.TransportError as exc:
             raise _transport_error(exc, base) from exc
     _check(response, 201, 200)
