@@ -26,6 +26,7 @@ from typing import Any, Final
 from mesh.clikit import CliError
 from ops._cli_common import (
     add_common_options,
+    add_release_key_option,
     api_errors,
     app_arg,
     date,
@@ -38,6 +39,7 @@ from ops._cli_common import (
     progress_text,
     table,
     text,
+    token_release_key,
     when,
 )
 from ops.client import ProtocolError
@@ -59,7 +61,8 @@ def _token_create(args: argparse.Namespace) -> int:
         raise CliError("--uses must be at least 1")
     name = None if args.name is None else name_arg(args.name)
     with api_errors(), operator_client(args) as client:
-        out = client.create_token(fleet, uses=args.uses, expires_in=expires, name=name)
+        out = client.create_token(fleet, uses=args.uses, expires_in=expires, name=name,
+                                  release_key=token_release_key(args.release_key))
     if args.json:
         print_json(out)
     else:
@@ -203,7 +206,8 @@ def _devices_provision(args: argparse.Namespace) -> int:
     fleet = name_arg(args.fleet, "fleet")
     expires = None if args.expires is None else parse_duration(args.expires)
     with api_errors(), operator_client(args) as client:
-        out = client.provision(name, fleet, expires)
+        out = client.provision(name, fleet, expires,
+                               release_key=token_release_key(args.release_key))
     print_json(out["join"])
     if sys.stdout.isatty():
         print("(save this as device.json for `fleetmesh-agent join --config`)", file=sys.stderr)
@@ -286,12 +290,14 @@ def register(sub: Any) -> None:
     tsub = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
     create = add_common_options(tsub.add_parser(
         "create", help="make an enrollment token (prints it)",
-        description="Make an enrollment token fm1.<fingerprint>.<secret> for a fleet."))
+        description="Make an enrollment token fm1.<fingerprint>.<secret>[.<release key "
+                    "fingerprint>] for a fleet."))
     create.add_argument("--fleet", required=True, help="fleet the enrolled devices join")
     create.add_argument("--uses", type=int, default=1, help="how many enrollments (default 1)")
     create.add_argument("--expires", default="1h", metavar="DURATION",
                         help="lifetime: 90s, 30m, 1h, 2d (default 1h)")
     create.add_argument("--name", help="bind the token to one device name")
+    add_release_key_option(create)
     create.set_defaults(handler=_token_create)
 
     devices = one_line_errors(add("devices", help="list, show, provision and revoke devices"))
@@ -335,6 +341,7 @@ def register(sub: Any) -> None:
     prov.add_argument("--fleet", required=True)
     prov.add_argument("--expires", metavar="DURATION",
                       help="lifetime of the join token: 90s, 30m, 1h, 2d (default 1h)")
+    add_release_key_option(prov)
     prov.set_defaults(handler=_devices_provision)
 
     peers = add_common_options(

@@ -57,10 +57,12 @@ from ops._cli_common import (
     operator_client,
     print_json,
     progress_text,
+    signing_key_path,
     size,
     table,
     text,
     when,
+    xdg_path,
 )
 from ops._publish import PublishError, publish_image
 
@@ -167,22 +169,11 @@ def _release_keygen(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- publishing
 
 
-def _default_path(env_var: str, fallback: str, *parts: str) -> Path:
-    base = os.environ.get(env_var) or str(Path(os.environ.get("HOME") or Path.home()) / fallback)
-    return Path(base, *parts)
-
-
-def default_signing_key_path() -> Path:
-    """`$XDG_CONFIG_HOME/fleetmesh/release.key`, i.e. `~/.config/fleetmesh/release.key`."""
-    return _default_path("XDG_CONFIG_HOME", ".config", "fleetmesh", "release.key")
-
-
 def default_layer_cache() -> Path:
     """`$XDG_CACHE_HOME/fleetmesh/layers`, i.e. `~/.cache/fleetmesh/layers`."""
-    return _default_path("XDG_CACHE_HOME", ".cache", "fleetmesh", "layers")
+    return xdg_path("XDG_CACHE_HOME", ".cache", "fleetmesh", "layers")
 
 
-ENV_SIGNING_KEY = "FLEETMESH_SIGNING_KEY"  # --signing-key's default before the XDG path
 ENV_FLEET = "FLEETMESH_FLEET"  # --fleet's default, e.g. set by the lab for its operator
 
 
@@ -193,8 +184,7 @@ def _fleet_option(p: argparse.ArgumentParser) -> None:
 
 
 def _load_key(path: Path | None) -> Any:
-    env = os.environ.get(ENV_SIGNING_KEY)
-    key_path = path if path is not None else Path(env) if env else default_signing_key_path()
+    key_path = signing_key_path(path)
     if not key_path.exists():
         raise CliError(f"no release signing key at {key_path}: create one with "
                        f"`fleetmesh release keygen --out {key_path}` or pass --signing-key")

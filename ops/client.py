@@ -24,6 +24,7 @@ token, provision, peers), except `add_operator`, whose `hub` is parsed into `Hub
 
 from __future__ import annotations
 
+import hmac
 import os
 import ssl
 import tomllib
@@ -52,6 +53,7 @@ from mesh.control import (
     key_proof_mac,
     x25519_secret,
 )
+from mesh.release import key_fingerprint
 from mesh.tlspin import (
     DEFAULT_TIMEOUT,
     CertificateFetchError,
@@ -74,6 +76,7 @@ __all__ = [
     "OperatorConfig",
     "PinError",
     "ProtocolError",
+    "ReleaseKeyMismatch",
     "default_config_path",
     "enroll",
     "load_operator_config",
@@ -127,6 +130,11 @@ class CoordinatorUnreachable(ClientError):
 
 class ProtocolError(ClientError):
     """The answer does not have the shape docs/api.md promises."""
+
+
+class ReleaseKeyMismatch(ClientError):
+    """The coordinator enrolled the device with a release key other than the one whose
+    fingerprint the token carries (or with none): nothing of the enrollment may be kept."""
 
 
 class OperatorConfigError(ClientError):
@@ -310,6 +318,24 @@ def _path_name(name: str) -> str:
     return quote(name, safe="")
 
 
+def _pin_release_key(token: str, release_key: str | None) -> str:
+    """`token` carrying the fingerprint of `release_key` (hex). A token the coordinator minted
+    with a fingerprint already must name the same key."""
+    try:
+        parts = TokenParts.parse(token)
+    except ControlError as exc:
+        raise ProtocolError(str(exc)) from exc
+    if release_key is None:
+        return token
+    if len(release_key) != 64 or any(c not in "0123456789abcdef" for c in release_key):
+        raise ValueError("release_key must be an Ed25519 public key, 64 lowercase hex digits")
+    fp = key_fingerprint(bytes.fromhex(release_key))
+    if parts.release_key_fp not in (None, fp):
+        raise ProtocolError("token: the coordinator wrote another release key's fingerprint "
+                            "into it")
+    return str(replace(parts, release_key_fp=fp))
+
+
 def _base(url: str) -> str:
     split_url(url)  # https only, with a host; raises PinError otherwise
     return url.rstrip("/")
@@ -394,13 +420,17 @@ class OperatorClient:
         return value
 
     def create_token(self, fleet: str, uses: int = 1, expires_in: int = 3600,
-                     name: str | None = None) -> dict[str, Any]:
+                     name: str | None = None, release_key: str | None = None
+                     ) -> dict[str, Any]:
         """→ `{"token", "fleet", "uses", "expires_at"}`. `name` binds the token to one device
-        name."""
+        name. `release_key` (the fleet's Ed25519 release public key, hex, as the operator
+        knows it) is written into the token as its fingerprint: a device enrolled with it
+        refuses any other key (docs/security.md)."""
         body = {"fleet": fleet, "uses": uses, "expires_in": expires_in, "name": name}
         out = self._obj(self._request("POST", "/tokens", 201, json=body), "token")
         if not isinstance(out.get("token"), str):
             raise ProtocolError("token: answer has no token")
+        out["token"] = _pin_release_key(out["token"], release_key)
         return out
 
     def list_devices(self, fleet: str | None = None) -> list[dict[str, Any]]:
@@ -416,16 +446,19 @@ class OperatorClient:
         """→ DeviceInfo dict; ApiError 404 for an unknown name."""
         return self._obj(self._request("GET", f"/devices/{_path_name(name)}", 200), "device")
 
-    def provision(self, name: str, fleet: str, expires_in: int | None = None
-                  ) -> dict[str, Any]:
+    def provision(self, name: str, fleet: str, expires_in: int | None = None,
+                  release_key: str | None = None) -> dict[str, Any]:
         """→ `{"device": DeviceInfo, "join": {"url", "token", "name", "fleet"}}`; the join
-        token lives `expires_in` seconds (server default 1 h)."""
+        token lives `expires_in` seconds (server default 1 h) and carries the fingerprint of
+        `release_key` when given (as `create_token`)."""
         body: dict[str, Any] = {"name": name, "fleet": fleet}
         if expires_in is not None:
             body["expires_in"] = expires_in
         out = self._obj(self._request("POST", "/devices", 201, json=body), "provision")
-        if not isinstance(out.get("join"), dict):
+        join = out.get("join")
+        if not isinstance(join, dict) or not isinstance(join.get("token"), str):
             raise ProtocolError("provision: answer has no join object")
+        join["token"] = _pin_release_key(join["token"], release_key)
         return out
 
     def revoke(self, name: str) -> dict[str, Any]:
@@ -711,10 +744,13 @@ async def enroll(url: str, token: str, public_key: str, name: str | None = None,
     process: it answers the coordinator's challenge with a MAC keyed by X25519(private key,
     hub key)). A first enrollment needs neither.
 
+    A token that carries a release key fingerprint (docs/security.md) admits only an
+    enrollment with that key: else ReleaseKeyMismatch, and the caller must keep nothing.
+
     Returns the enrollment and the certificate to pin from now on (e.g. for DeviceClient).
     Raises ControlError for a malformed token or request, PinError for a coordinator whose
     certificate does not match, ApiError for a refused enrollment (401 token, 409 name, 403
-    a proof that does not hold).
+    a proof that does not hold), ReleaseKeyMismatch.
     """
     parts = TokenParts.parse(token)
     request = EnrollRequest.from_json(EnrollRequest(
@@ -747,9 +783,26 @@ async def enroll(url: str, token: str, public_key: str, name: str | None = None,
             raise _transport_error(exc, base) from exc
     _check(response, 201, 200)
     try:
-        return Enrollment.from_json(_json(response)), der
+        enrollment = Enrollment.from_json(_json(response))
     except ControlError as exc:
         raise ProtocolError(str(exc)) from exc
+    _check_release_key(enrollment, parts.release_key_fp)
+    return enrollment, der
+
+
+def _check_release_key(enrollment: Enrollment, expected_fp: str | None) -> None:
+    if expected_fp is None:
+        return
+    if enrollment.release_key is None:
+        raise ReleaseKeyMismatch(
+            f"the coordinator has no release key for fleet {enrollment.fleet}, the token "
+            f"names release key {expected_fp[:16]}…: not enrolling")
+    got = key_fingerprint(bytes.fromhex(enrollment.release_key))
+    if not hmac.compare_digest(got, expected_fp):
+        raise ReleaseKeyMismatch(
+            f"the coordinator handed release key {got[:16]}… for fleet {enrollment.fleet}, "
+            f"the token names {expected_fp[:16]}…: not enrolling (a compromised coordinator, "
+            "or the fleet's key changed after the token was made)")
 
 
 # --------------------------------------------------------------------------- configuration

@@ -50,6 +50,7 @@ from mesh.release._model import (
 from mesh.release._signing import (
     VerifiedRelease,
     admit_release,
+    key_fingerprint,
     key_id,
     read_signing_key,
     sign_manifest,
@@ -67,7 +68,8 @@ __all__ = [
     "RestartPolicy", "SignedManifest", "SignedPin", "UpdateStrategy", "VerificationError",
     "VerifiedRelease", "Volume", "admit_release", "assemble", "chunk_id", "chunk_layer",
     "decode_manifest", "decode_pin", "decode_signed_manifest", "decode_signed_pin", "diff_id",
-    "encode_manifest", "encode_pin", "encode_signed_manifest", "encode_signed_pin", "key_id",
+    "encode_manifest", "encode_pin", "encode_signed_manifest", "encode_signed_pin",
+    "key_fingerprint", "key_id",
     "open_chunk", "open_stored_chunk", "read_signing_key", "sign_manifest", "sign_pin",
     "verify_manifest", "verify_pin", "verify_release", "write_signing_key",
 ]

@@ -42,6 +42,13 @@ def key_id(public_key: VerifyKey | bytes) -> str:
     return blake3.blake3(raw).digest()[:8].hex()
 
 
+def key_fingerprint(public_key: VerifyKey | bytes) -> str:
+    """What an enrollment token carries to name the fleet's release key: the whole blake3 hash
+    of the public key, in hex (64 digits). Unlike `key_id` (8 bytes, a label), it is long
+    enough that no one can make another key with the same fingerprint."""
+    return blake3.blake3(bytes(public_key)).hexdigest()
+
+
 def sign_manifest(manifest: ReleaseManifest, signing_key: SigningKey) -> SignedManifest:
     data = encode_manifest(manifest)
     signature = signing_key.sign(_MANIFEST_CONTEXT + data).signature
