@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 import blake3
@@ -12,11 +13,11 @@ from mesh.release import (
     Layer,
     LayerDelta,
     ReleaseManifest,
-    ReleasePin,
     chunk_layer,
     diff_id,
     encode_signed_manifest,
     encode_signed_pin,
+    new_pin,
     sign_manifest,
     sign_pin,
 )
@@ -61,4 +62,4 @@ def build(key: SigningKey, *, fleet: str = "fleet", app: str = "app", version: i
 
 def pin(key: SigningKey, fleet: str, app: str, version: int, device: str | None = None
         ) -> bytes:
-    return encode_signed_pin(sign_pin(ReleasePin(fleet, app, version, device), key))
+    return encode_signed_pin(sign_pin(new_pin(fleet, app, version, device, now=time.time()), key))
