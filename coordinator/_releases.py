@@ -318,6 +318,9 @@ class ReleaseRegistry:
                                 f"{exc}") from None
             except ManifestError as exc:
                 raise ControlError(f"pin: {exc}") from None
+            if pin.expires_at <= self.clock():
+                raise ControlError(f"pin expired at {pin.expires_at} (Unix time): devices "
+                                   "would refuse it; sign a new one")
             if (pin.fleet, pin.app, pin.version) != (fleet, app, version) or \
                     pin.device not in (None, device):
                 raise ControlError(

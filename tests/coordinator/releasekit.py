@@ -10,6 +10,7 @@ import blake3
 from nacl.signing import SigningKey
 
 from mesh.release import (
+    DEFAULT_PIN_LIFETIME,
     Layer,
     LayerDelta,
     ReleaseManifest,
@@ -60,6 +61,9 @@ def build(key: SigningKey, *, fleet: str = "fleet", app: str = "app", version: i
     return Built(encode_signed_manifest(sign_manifest(manifest, key)), manifest, blobs)
 
 
-def pin(key: SigningKey, fleet: str, app: str, version: int, device: str | None = None
-        ) -> bytes:
-    return encode_signed_pin(sign_pin(new_pin(fleet, app, version, device, now=time.time()), key))
+def pin(key: SigningKey, fleet: str, app: str, version: int, device: str | None = None, *,
+        now: float | None = None, lifetime: int = DEFAULT_PIN_LIFETIME) -> bytes:
+    """An encoded signed pin, signed at `now` (the wall clock by default)."""
+    at = time.time() if now is None else now
+    return encode_signed_pin(sign_pin(new_pin(fleet, app, version, device, now=at,
+                                              lifetime=lifetime), key))
