@@ -476,14 +476,20 @@ class AppStatus:
     failed: tuple[int, ...] = ()  # versions that failed here
     retry_seen: int = 0  # the highest operator retry counter the agent has acted on
     updated_at: float = 0.0
+    # The fleet's signed timestamp expired and no newer one came: the coordinator may be frozen
+    # (docs/security.md). In the JSON only when true, so older coordinators see no change.
+    stale: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"app": self.app, "running": self.running, "target": self.target,
-                "state": self.state, "bytes_done": self.bytes_done,
-                "bytes_total": self.bytes_total, "by_source": self.by_source.to_json(),
-                "lock_since": self.lock_since, "error": self.error,
-                "failed": list(self.failed), "retry_seen": self.retry_seen,
-                "updated_at": self.updated_at}
+        out = {"app": self.app, "running": self.running, "target": self.target,
+               "state": self.state, "bytes_done": self.bytes_done,
+               "bytes_total": self.bytes_total, "by_source": self.by_source.to_json(),
+               "lock_since": self.lock_since, "error": self.error,
+               "failed": list(self.failed), "retry_seen": self.retry_seen,
+               "updated_at": self.updated_at}
+        if self.stale:
+            out["stale"] = True
+        return out
 
     @classmethod
     def from_json(cls, obj: Any, where: str = "app") -> AppStatus:
@@ -505,7 +511,8 @@ class AppStatus:
             error=None if error is None else " ".join(error.split()) or None,
             failed=tuple(_version(v, f"{where}.failed[{i}]") for i, v in enumerate(failed)),
             retry_seen=_count(obj, "retry_seen", where),
-            updated_at=_time(obj, "updated_at", where, optional=True) or 0.0)
+            updated_at=_time(obj, "updated_at", where, optional=True) or 0.0,
+            stale=_get(obj, "stale", bool, where, optional=True) or False)
 
 
 @dataclass(frozen=True, slots=True)

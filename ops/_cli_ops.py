@@ -76,9 +76,19 @@ _DEVICE_COLUMNS: Final = ["NAME", "FLEET", "STATE", "ONLINE", "RELEASE", "MESH I
 
 def _device_row(d: dict[str, Any]) -> list[str]:
     return [text(d.get("name")), text(d.get("fleet")), text(d.get("state")),
-            text(bool(d.get("online"))), text(d.get("release")), text(d.get("mesh_ipv4")),
+            text(bool(d.get("online"))), _release_text(d), text(d.get("mesh_ipv4")),
             text(d.get("mesh_ipv6")), text(d.get("endpoint")), when(d.get("last_seen")),
             text(d.get("agent_version"))]
+
+
+def _release_text(d: dict[str, Any]) -> str:
+    """The running release, and "stale" when the device reports that the fleet's signed
+    timestamp expired (a frozen coordinator; docs/security.md)."""
+    apps = d.get("apps")
+    stale = isinstance(apps, list) and any(isinstance(a, dict) and a.get("stale") is True
+                                           for a in apps)
+    release = text(d.get("release"))
+    return f"{release} stale" if stale else release
 
 
 def _apps_table(apps: list[Any]) -> None:

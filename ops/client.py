@@ -565,6 +565,24 @@ class OperatorClient:
         return self._obj(self._request("PUT", f"/fleets/{_path_name(fleet)}/release-key", 200,
                                        json={"public_key": public_key_hex}), "release key")
 
+    def timestamp_key(self, fleet: str) -> str:
+        """The coordinator's online timestamp public key (hex), for the operator to grant."""
+        out = self._obj(self._request("GET", f"/fleets/{_path_name(fleet)}/timestamp-key", 200),
+                        "timestamp key")
+        key = out.get("public_key")
+        if not isinstance(key, str):
+            raise ProtocolError("timestamp key: answer has no public_key")
+        return key
+
+    def set_timestamp_grant(self, fleet: str, grant: bytes) -> dict[str, Any]:
+        """Hand the coordinator the operator's signed grant of its timestamp key (encoded, as
+        `mesh.release.sign_timestamp_grant` makes it) → `{"fleet", "public_key",
+        "granted_at"}`. 403 if not signed with the fleet's release key, 409 if it names
+        another key."""
+        return self._obj(self._request("PUT", f"/fleets/{_path_name(fleet)}/timestamp-grant",
+                                       200, json={"grant": bytes(grant).hex()}),
+                         "timestamp grant")
+
     def set_target(self, fleet: str, app: str, version: int, device: str | None = None,
                    pin: bytes | None = None) -> dict[str, Any]:
         """The release the fleet's devices (or one device) should run → `{"fleet", "app",
@@ -722,6 +740,20 @@ class DeviceClient:
         dropped since the last successful upload."""
         await self._request("POST", "/device/logs", 204, 200,
                             json=LogUpload(tuple(lines), dropped).to_json())
+
+    async def timestamp(self) -> bytes | None:
+        """The fleet's signed timestamp (verify it with `mesh.release.verify_timestamp`), or
+        None when the operator has granted no timestamp key for the fleet."""
+        body = _json(await self._request("GET", "/device/timestamp", 200))
+        stamp = body.get("timestamp") if isinstance(body, dict) else None
+        if stamp is None:
+            return None
+        try:
+            if not isinstance(stamp, str):
+                raise ValueError
+            return bytes.fromhex(stamp)
+        except ValueError:
+            raise ProtocolError("timestamp: answer is not hex or null") from None
 
     async def targets(self) -> list[dict[str, Any]]:
         """`[{"app", "version", "pin", "force", "retry"}]`: what this device should run (pin:

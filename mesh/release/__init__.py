@@ -27,6 +27,15 @@ from mesh.release._codec import (
     encode_signed_manifest,
     encode_signed_pin,
 )
+from mesh.release._freshness import (
+    Freshness,
+    Timestamp,
+    TimestampGrant,
+    sign_timestamp,
+    sign_timestamp_grant,
+    verify_timestamp,
+    verify_timestamp_grant,
+)
 from mesh.release._model import (
     ChunkError,
     ChunkRef,
@@ -69,7 +78,9 @@ __all__ = [
     "ChunkError", "ChunkRef", "ContainerSettings", "HealthCheck", "HealthKind", "Layer",
     "LayerDelta", "ManifestError", "NetworkMode", "ReleaseError", "ReleaseManifest", "ReleasePin",
     "RestartPolicy", "SignedManifest", "SignedPin", "UpdateStrategy", "VerificationError",
-    "VerifiedRelease", "Volume", "admit_release", "assemble", "chunk_id", "chunk_layer",
+    "VerifiedRelease", "Volume", "Freshness", "Timestamp", "TimestampGrant", "sign_timestamp",
+    "sign_timestamp_grant", "verify_timestamp", "verify_timestamp_grant", "admit_release",
+    "assemble", "chunk_id", "chunk_layer",
     "decode_manifest", "decode_pin", "decode_signed_manifest", "decode_signed_pin", "diff_id",
     "encode_manifest", "encode_pin", "encode_signed_manifest", "encode_signed_pin",
     "key_fingerprint", "key_id", "new_pin",

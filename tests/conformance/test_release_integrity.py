@@ -4,10 +4,9 @@ test runs the real code path a device uses (the Applier on real files, real sign
 and pins, the real gossip driver over loopback, the real SDK against a real HTTP server or a
 real coordinator process). docs/security.md has the defence behind each one.
 
-Not here, because fleetmesh does not defend against them yet (docs/security.md, "Release
+Not here, because fleetmesh does not defend against it yet (docs/security.md, "Release
 integrity: what is not defended yet"): fast-forward recovery after a release-key rotation (there
-is no rotation under an offline root key) and indefinite freeze (no signed, expiring timestamp:
-a coordinator that withholds every newer release is not detected).
+is no rotation under an offline root key).
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from mesh.release import (
 )
 from ops.client import MAX_BLOB_ANSWER, DeviceClient, OperatorClient, ProtocolError
 from tests.adversarial.test_apply_downgrade import replay, world
+from tests.adversarial.test_freeze import frozen_agent_reports_stale
 from tests.adversarial.test_sdk_endless import SLACK, endless_server
 from tests.apply._fake import Releases
 from tests.apply.test_applier_fake import APP, DEVICE, World, install, run_until, state
@@ -206,11 +206,21 @@ def test_compromised_coordinator_cannot_hand_a_new_device_its_own_key(
         assert not DataDir(tmp_path / "dev").is_enrolled()
 
 
+async def test_indefinite_freeze(tmp_path: Path) -> None:
+    """Attack: the coordinator (or a front replaying its old answers) freezes: it keeps serving
+    what was true once, or stops answering. Expected: the fleet's signed timestamp (an online
+    key the release key granted) stops being renewed; once the newest one the device holds has
+    expired, the device reports every app "stale" and logs why once; a fresh one clears it.
+    (tests/adversarial/test_freeze.py also runs it through a coordinator process and shows it
+    in `fleetmesh devices list`.)"""
+    await frozen_agent_reports_stale(tmp_path)
+
+
 def test_suite_states_attack_and_outcome_for_every_case() -> None:
     """Every case above says what the attack is and what must happen (the suite's contract)."""
     cases = [f for name, f in globals().items() if name.startswith("test_")
              and name != "test_suite_states_attack_and_outcome_for_every_case"]
-    assert len(cases) == 9
+    assert len(cases) == 10
     for f in cases:
         doc = f.__doc__ or ""
         assert "Attack:" in doc and "Expected:" in doc, f.__name__
