@@ -14,6 +14,7 @@ the fleet's key, which is exactly what such a coordinator's answer looks like to
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -57,6 +58,10 @@ def test_a_coordinator_cannot_hand_a_new_device_its_own_release_key(
         assert out.returncode == 0, out.stderr
         token = out.stdout.strip()
         assert TokenParts.parse(token).release_key_fp == key_fingerprint(fleet_key)
+        out = fleetmesh(env, "devices", "provision", "cam-9", "--fleet", "cams")
+        assert out.returncode == 0, out.stderr
+        join_token = json.loads(out.stdout)["token"]
+        assert TokenParts.parse(join_token).release_key_fp == key_fingerprint(fleet_key)
 
         # the coordinator now hands out another key (what a compromised one does)
         op.set_release_key("cams", bytes(attacker_key.verify_key).hex())
