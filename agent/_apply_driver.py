@@ -121,6 +121,15 @@ class _App:
     # needs a signed pin even while no container runs. Kept in high_water.json (_journal).
     high_water: int | None = None
     high_water_saved: int | None = None  # what the file says
+    # The serial of the newest operator pin acted on, and whether a later target without it
+    # was accepted since (the pin is spent): a pin below, or the spent one, is a replay.
+    # Kept in pin.json (_journal), written like the mark.
+    pin_state: tuple[int, bool] = (0, False)
+    pin_state_saved: tuple[int, bool] = (0, False)
+
+    def min_pin_serial(self) -> int:
+        serial, spent = self.pin_state
+        return serial + 1 if spent else serial
 
     def raise_high_water(self, *versions: int | None) -> None:
         self.high_water = max((v for v in (self.high_water, *versions) if v is not None),
@@ -188,14 +197,20 @@ class Applier:
         in_place = version in (running, committed)
         newest_in_place = max((v for v in (running, committed) if v is not None), default=None)
         try:
-            admit_release(manifest, self.key, None if in_place else newest_in_place,
-                          pins=_pins(pin), device=self.device,
-                          newest_accepted=None if in_place else a.high_water)
+            used = admit_release(manifest, self.key, None if in_place else newest_in_place,
+                                 pins=_pins(pin), device=self.device,
+                                 newest_accepted=None if in_place else a.high_water,
+                                 now=self.clock(), min_pin_serial=a.min_pin_serial())
         except ReleaseError as exc:
             self._refuse(app, version, f"release {manifest.fleet}/{app} v{version} refused: "
                                        f"{exc}: no valid signed pin; staying")
             return False
-        a.raise_high_water(version)  # persisted by the next step, before anything acts on it
+        # both persisted by the next step, before anything acts on the target
+        a.raise_high_water(version)
+        if used is not None:
+            a.pin_state = (used.serial, False)
+        elif not in_place and a.pin_state[0]:
+            a.pin_state = (a.pin_state[0], True)
         self._releases[(app, version)] = release
         old = a.target
         keep = {v for v in (a.state.current, a.state.previous, a.state.to, version)
@@ -305,6 +320,9 @@ class Applier:
         if a.high_water is not None and a.high_water != a.high_water_saved:
             a.journal.save_high_water(a.high_water)
             a.high_water_saved = a.high_water
+        if a.pin_state != a.pin_state_saved:
+            a.journal.save_pin_state(*a.pin_state)
+            a.pin_state_saved = a.pin_state
         manifests = self._journal_manifests(a)
         observed = self._observe(a, manifests, now)
         s = decide(app, a.state, target, observed, now, manifests)
@@ -345,6 +363,12 @@ class Applier:
             a.high_water = a.high_water_saved = a.journal.high_water()
         except JournalError as exc:
             self.log(f"{exc}; taking the newest release the journal names")
+        try:
+            a.pin_state = a.pin_state_saved = a.journal.pin_state()
+        except JournalError as exc:
+            # unreadable: no pin below the present time can be trusted to be new
+            a.pin_state = (int(self.clock() * 1_000_000), True)
+            self.log(f"{exc}; taking only pins signed from now on")
         try:
             j = a.journal.load()
         except JournalError:

@@ -141,7 +141,7 @@ def _classify(exc: BaseException) -> CliError:
         return CliError(text, EXIT_UNREACHABLE)
     if isinstance(exc, ControlError):
         return CliError(text, EXIT_USAGE)
-    if isinstance(exc, PinError):
+    if isinstance(exc, PinError) or name == "ReleaseKeyMismatch":
         return CliError(text, EXIT_UNTRUSTED)
     return CliError(text, EXIT_REFUSED)  # ProtocolError
 
@@ -171,7 +171,7 @@ def _join(args: argparse.Namespace) -> int:
             raise CliError("give URL and --token T, or --config device.json")
         url, token, name, fleet = args.url, args.token, args.name, None
     try:
-        TokenParts.parse(token)
+        token_parts = TokenParts.parse(token)
         if name is not None:
             check_name(name, "name")
     except ControlError as exc:
@@ -214,6 +214,9 @@ def _join(args: argparse.Namespace) -> int:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the SDK raises becomes one line
         raise _classify(exc) from None
+    if token_parts.release_key_fp is None and enrollment.release_key is not None:
+        stderr_log("note: the token carries no release key fingerprint: pinned the release key "
+                   f"the coordinator gave, {enrollment.release_key[:16]}…, on first use")
     if fleet is not None and enrollment.fleet != fleet:
         stderr_log(f"note: device.json names fleet {fleet}, the coordinator put this device "
                    f"in {enrollment.fleet}")

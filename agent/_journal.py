@@ -6,6 +6,9 @@
     DATA/apply/<app>/high_water.json        the newest version ever accepted as the app's
                                             target: older ones need an operator-signed pin
                                             (docs/security.md, "No replay of an old release")
+    DATA/apply/<app>/pin.json               the serial of the newest pin acted on, and whether
+                                            the device has moved past it (docs/security.md, "A
+                                            rollback pin expires and is spent")
 
 Every write goes to a temporary file that is fsynced, renamed over the old one, and the
 directory fsynced: after a crash the file is the old or the new version, never a mix
@@ -29,6 +32,7 @@ from ._apply_core import Journal
 
 JOURNAL: Final = "journal.json"
 HIGH_WATER: Final = "high_water.json"
+PIN_STATE: Final = "pin.json"
 RELEASES: Final = "releases"
 MAX_JOURNAL_BYTES: Final = 64 * 1024  # a journal is a few hundred bytes
 _TMP: Final = ".tmp-"
@@ -92,6 +96,31 @@ class AppJournal:
         path = self.dir / HIGH_WATER
         data = json.dumps({"format": 1, "app": self.app, "version": int(version)},
                           sort_keys=True).encode()
+        try:
+            atomic_write(path, data)
+        except OSError as exc:
+            raise JournalError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+    def pin_state(self) -> tuple[int, bool]:
+        """(serial of the newest pin acted on, spent?), (0, False) if none was recorded;
+        JournalError if the file is unreadable or corrupt."""
+        path = self.dir / PIN_STATE
+        obj = _read_json(path)
+        if obj is None:
+            return 0, False
+        serial = obj.get("serial") if isinstance(obj, dict) else None
+        spent = obj.get("spent") if isinstance(obj, dict) else None
+        if (not isinstance(obj, dict) or obj.get("format") != 1 or obj.get("app") != self.app
+                or isinstance(serial, bool) or not isinstance(serial, int) or serial < 0
+                or not isinstance(spent, bool)):
+            raise JournalError(f"{path}: corrupt (not a format-1 pin state of {self.app})")
+        return serial, spent
+
+    def save_pin_state(self, serial: int, spent: bool) -> None:
+        """Record the newest pin acted on (atomic: the old state or the new one)."""
+        path = self.dir / PIN_STATE
+        data = json.dumps({"format": 1, "app": self.app, "serial": int(serial),
+                           "spent": bool(spent)}, sort_keys=True).encode()
         try:
             atomic_write(path, data)
         except OSError as exc:

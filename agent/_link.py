@@ -67,6 +67,9 @@ class DeviceApi(Protocol):
     # the JSON entries of `GET /device/target`; the link validates them (DeviceTarget)
     async def targets(self) -> Sequence[Mapping[str, object]]: ...
 
+    # the fleet's signed timestamp, None without a grant (agent/_freshness.py verifies it)
+    async def timestamp(self) -> bytes | None: ...
+
     async def manifest(self, fleet: str, app: str, version: int) -> bytes: ...
 
     async def blob(self, blob_id: str, start: int | None = None, end: int | None = None

@@ -28,8 +28,9 @@ pin back) and passed on as `mesh.release.VerifiedRelease`.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -45,9 +46,10 @@ from mesh.rumor import LAN_RUMOR, METERED_RUMOR
 from ._appsync import AppSync
 from ._blobstore import BlobStore
 from ._crashpoints import arm
+from ._freshness import FreshnessWatch
 from ._gossip import GOSSIP_PORT, GossipNode, release_verifier
 from ._lan import run_lan_discovery
-from ._link import CoordinatorLink, ErrorOnce, Log, one_line
+from ._link import CALL_TIMEOUT, CoordinatorLink, ErrorOnce, Log, one_line
 from ._uploads import LogUploader
 
 if TYPE_CHECKING:
@@ -135,6 +137,8 @@ class ReleaseSync:
         self._targets_wake = trio.Event()
         self._sync_wake = trio.Event()
         self._refused: set[tuple[str, int]] = set()
+        self.freshness = (None if enrollment.release_key is None else FreshnessWatch(
+            enrollment.release_key, enrollment.fleet, lambda m: log(f"freshness: {m}")))
         link.reachability.append(self._coordinator_reachable)
 
     def _coordinator_reachable(self, ok: bool) -> None:
@@ -151,7 +155,10 @@ class ReleaseSync:
             self.node.update_peers(self.peers())
 
     def app_statuses(self) -> tuple[AppStatus, ...]:
-        return self.appsync.app_statuses() if self.appsync is not None else ()
+        statuses = self.appsync.app_statuses() if self.appsync is not None else ()
+        if self.freshness is not None and self.freshness.stale(time.time()):
+            return tuple(replace(s, stale=True) for s in statuses)
+        return statuses
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -253,6 +260,7 @@ class ReleaseSync:
     async def _read_targets(self, node: GossipNode) -> None:
         fleet = self.enrollment.fleet
         targets = await self.link.targets()
+        await self._read_timestamp()
         sync = self.appsync
         if sync is not None:
             sync.set_targets(targets)
@@ -294,6 +302,18 @@ class ReleaseSync:
             if known is not None and sync is not None:
                 sync.add_release(known)
         return known
+
+    async def _read_timestamp(self) -> None:
+        """The fleet's signed timestamp, with every target poll; a failure is no timestamp
+        (the last good one then expires: freeze detection), never a failed poll."""
+        if self.freshness is None:
+            return
+        try:
+            stamp = await self.link.call(lambda c: c.timestamp(), CALL_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - whatever the SDK raises: no timestamp
+            self.freshness.unanswered(one_line(exc))
+            return
+        self.freshness.update(stamp, time.time())
 
     def _verify(self, target: DeviceTarget, data: bytes) -> VerifiedRelease | None:
         """An older release's manifest from the coordinator, verified once, here."""

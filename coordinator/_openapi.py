@@ -263,6 +263,21 @@ def openapi_document() -> dict[str, Any]:
             "requestBody": _body(_obj(["app", "version"], app=_STR, version=_INT,
                                       device=_STRN, pin=_STRN)),
             "responses": {"200": _json(_ref("Target")), **_ERRORS}}},
+        "/api/v1/fleets/{fleet}/timestamp-key": {"get": {
+            "summary": "the coordinator's online timestamp public key (hex), to grant",
+            "security": _OPERATOR, "parameters": [_FLEET],
+            "responses": {"200": _json(_obj(["fleet", "public_key"], fleet=_STR,
+                                            public_key=_STR)), **_ERRORS}}},
+        "/api/v1/fleets/{fleet}/timestamp-grant": {"put": {
+            "summary": "the operator's grant (release key) of the timestamp key for the fleet",
+            "security": _OPERATOR, "parameters": [_FLEET],
+            "requestBody": _body(_obj(["grant"], grant=_STR)),
+            "responses": {"200": _json(_obj(["fleet", "public_key", "granted_at"], fleet=_STR,
+                                            public_key=_STR, granted_at=_INT)), **_ERRORS}}},
+        "/api/v1/device/timestamp": {"get": {
+            "summary": "the fleet's signed, expiring timestamp of its newest releases (hex)",
+            "security": _DEVICE,
+            "responses": {"200": _json(_obj(["timestamp"], timestamp=_STRN)), **_ERRORS}}},
         "/api/v1/device/target": {"get": {
             "summary": "what this device should run", "security": _DEVICE,
             "responses": {"200": _json(_obj(["targets"], targets={

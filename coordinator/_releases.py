@@ -13,22 +13,26 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Final, TypedDict
 
 import trio
-from nacl.signing import VerifyKey
+from nacl.signing import SigningKey, VerifyKey
 
 from mesh.blobs import BlobKind
 from mesh.control import AppStatus, ControlError, SourceBytes, check_name
 from mesh.release import (
     ManifestError,
+    ReleaseError,
     ReleaseManifest,
     ReleasePin,
+    Timestamp,
     VerificationError,
     decode_manifest,
     decode_pin,
     decode_signed_manifest,
     decode_signed_pin,
     key_id,
+    sign_timestamp,
     verify_manifest,
     verify_pin,
+    verify_timestamp_grant,
 )
 
 from ._blobs import MAX_BLOB_BYTES, BlobSeed, OpenBlob, check_blob_id
@@ -53,6 +57,12 @@ from ._model import (
 from ._store import Store
 
 MAX_MISSING_QUERY: Final = 10_000  # IDs per POST /blobs/missing (docs/api.md)
+# How long a timestamp a device fetched stays good: a device that gets no newer one within
+# this says "stale" (docs/security.md, "A frozen coordinator is detected"). A day, as TUF's
+# timestamp role suggests; agents ask with every target poll, so it is renewed long before.
+TIMESTAMP_LIFETIME: Final = 86400
+MAX_GRANT_HEX: Final = 2 * 4096
+_GRANT_META: Final = "timestamp_grant:"
 
 
 class ReleaseKeyInfo(TypedDict):
@@ -145,6 +155,10 @@ class ReleaseRegistry:
         # (fleet, device or None for all): what /device/target answers them has changed
         self.targets_changed = targets_changed or (lambda fleet, device: None)
         self.max_blob_bytes = MAX_BLOB_BYTES
+        # The online key that signs the fleets' timestamps (never the release key). The server
+        # replaces this throwaway one with the key kept in its data directory.
+        self.timestamp_key = SigningKey.generate()
+        self.timestamp_lifetime = TIMESTAMP_LIFETIME
         # Serialises what touches blobs and releases together (publish's existence check,
         # delete's garbage collection, an upload's final rename), so a blob can never vanish
         # between being checked and being named by a release.
@@ -288,6 +302,45 @@ class ReleaseRegistry:
         key = self.store.release_key(fleet)
         return None if key is None else key.public_key
 
+    # -- freeze detection: timestamps (docs/security.md) ---------------------------------------
+
+    def timestamp_public_key(self) -> str:
+        return bytes(self.timestamp_key.verify_key).hex()
+
+    def set_timestamp_grant(self, fleet: str, grant_hex: str) -> dict[str, Any]:
+        """Keep the operator's grant of our timestamp key for `fleet`, once it verifies with
+        the fleet's release key and names our key."""
+        key = self.store.release_key(fleet)
+        if key is None:
+            raise Conflict(f"fleet {fleet} has no release key: set it before granting the "
+                           "timestamp key")
+        try:
+            raw = bytes.fromhex(grant_hex)
+            grant = verify_timestamp_grant(raw, bytes.fromhex(key.public_key), fleet)
+        except VerificationError as exc:
+            raise Forbidden(f"grant not signed with fleet {fleet}'s release key: "
+                            f"{exc}") from None
+        except (ValueError, ReleaseError) as exc:
+            raise ControlError(f"grant: not a hex encoded signed timestamp grant: "
+                               f"{exc}") from None
+        if grant.public_key != bytes(self.timestamp_key.verify_key):
+            raise Conflict("grant names another timestamp key than this coordinator's "
+                           f"({self.timestamp_public_key()})")
+        self.store.set_meta(_GRANT_META + fleet, raw.hex())
+        return {"fleet": fleet, "public_key": grant.public_key.hex(),
+                "granted_at": grant.granted_at}
+
+    def device_timestamp(self, device: Device) -> bytes | None:
+        """A fresh timestamp of the device's fleet (its newest release per app), signed now;
+        None if the operator has not granted our timestamp key for the fleet."""
+        grant = self.store.get_meta(_GRANT_META + device.fleet)
+        if grant is None:
+            return None
+        now = int(self.clock())
+        newest = tuple(sorted((app, t.version) for app, t in self._newest(device.fleet).items()))
+        stamp = Timestamp(device.fleet, newest, now, now + self.timestamp_lifetime)
+        return sign_timestamp(stamp, bytes.fromhex(grant), self.timestamp_key)
+
     def set_target(self, fleet: str, app: str, version: int, device: str | None,
                    pin_hex: str | None) -> TargetInfo:
         self._release(fleet, app, version)
@@ -324,6 +377,9 @@ class ReleaseRegistry:
                                 f"{exc}") from None
             except ManifestError as exc:
                 raise ControlError(f"pin: {exc}") from None
+            if pin.expires_at <= self.clock():
+                raise ControlError(f"pin expired at {pin.expires_at} (Unix time): devices "
+                                   "would refuse it; sign a new one")
             if (pin.fleet, pin.app, pin.version) != (fleet, app, version) or \
                     pin.device not in (None, device):
                 raise ControlError(

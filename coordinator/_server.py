@@ -26,6 +26,7 @@ from typing import Any, Final
 import trio
 
 from mesh.control import ControlError, HubInfo, check_endpoint
+from mesh.release import ReleaseError, read_signing_key, write_signing_key
 from vpn import generate_keypair, public_key_from_private, read_private_key, write_private_key
 
 from . import _ipam, _secrets
@@ -52,6 +53,7 @@ CERT_NAME: Final = "tls.crt"
 KEY_NAME: Final = "tls.key"
 HUB_KEY_NAME: Final = "hub.key"
 OPERATOR_KEY_NAME: Final = "operator.key"
+TIMESTAMP_KEY_NAME: Final = "timestamp.key"
 BLOBS_DIR: Final = "blobs"
 
 
@@ -199,6 +201,14 @@ class Coordinator:
             write_private_key(hub_key, generate_keypair().private)
         self._hub_private = read_private_key(hub_key)
         store.set_meta("hub_public_key", public_key_from_private(self._hub_private))
+        # The online timestamp key (docs/security.md, "A frozen coordinator is detected"):
+        # kept across restarts, since the operator's grant names it.
+        timestamp_key = self.data_dir / TIMESTAMP_KEY_NAME
+        try:
+            self._timestamp_key = (read_signing_key(timestamp_key) if timestamp_key.exists()
+                                   else write_signing_key(timestamp_key))
+        except (OSError, ReleaseError) as exc:
+            raise CoordinatorConfigError(f"timestamp key {timestamp_key}: {exc}") from None
         self._operator_hash = store.get_meta("operator_key_hash") or ""
         if not self._operator_hash:
             key = _secrets.new_operator_key()
@@ -251,6 +261,7 @@ class Coordinator:
                                        max_fleet_devices=cfg.max_fleet_devices, clock=cfg.clock)
             service = FleetService(settings, identity, self.store, self.blobs,
                                    self._sync_hub if cfg.hub else None)
+            service.releases.timestamp_key = self._timestamp_key
             self._service = service
             socks = [sock]
             async with trio.open_nursery() as nursery:

@@ -476,14 +476,20 @@ class AppStatus:
     failed: tuple[int, ...] = ()  # versions that failed here
     retry_seen: int = 0  # the highest operator retry counter the agent has acted on
     updated_at: float = 0.0
+    # The fleet's signed timestamp expired and no newer one came: the coordinator may be frozen
+    # (docs/security.md). In the JSON only when true, so older coordinators see no change.
+    stale: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"app": self.app, "running": self.running, "target": self.target,
-                "state": self.state, "bytes_done": self.bytes_done,
-                "bytes_total": self.bytes_total, "by_source": self.by_source.to_json(),
-                "lock_since": self.lock_since, "error": self.error,
-                "failed": list(self.failed), "retry_seen": self.retry_seen,
-                "updated_at": self.updated_at}
+        out = {"app": self.app, "running": self.running, "target": self.target,
+               "state": self.state, "bytes_done": self.bytes_done,
+               "bytes_total": self.bytes_total, "by_source": self.by_source.to_json(),
+               "lock_since": self.lock_since, "error": self.error,
+               "failed": list(self.failed), "retry_seen": self.retry_seen,
+               "updated_at": self.updated_at}
+        if self.stale:
+            out["stale"] = True
+        return out
 
     @classmethod
     def from_json(cls, obj: Any, where: str = "app") -> AppStatus:
@@ -505,7 +511,8 @@ class AppStatus:
             error=None if error is None else " ".join(error.split()) or None,
             failed=tuple(_version(v, f"{where}.failed[{i}]") for i, v in enumerate(failed)),
             retry_seen=_count(obj, "retry_seen", where),
-            updated_at=_time(obj, "updated_at", where, optional=True) or 0.0)
+            updated_at=_time(obj, "updated_at", where, optional=True) or 0.0,
+            stale=_get(obj, "stale", bool, where, optional=True) or False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -653,24 +660,34 @@ TOKEN_PREFIX: Final = "fm1"
 
 @dataclass(frozen=True, slots=True)
 class TokenParts:
-    """`fm1.<sha256 of the coordinator's certificate, hex>.<secret>`: the fingerprint lets
-    `join` verify the coordinator with no CA and no trust on first use (as k3s join tokens do)."""
+    """`fm1.<sha256 of the coordinator's certificate, hex>.<secret>[.<release key fingerprint>]`.
+
+    The certificate fingerprint lets `join` verify the coordinator with no CA and no trust on
+    first use (as k3s join tokens do). The optional release key fingerprint
+    (`mesh.release.key_fingerprint` of the fleet's release key, written by the operator's
+    tooling, never by the coordinator) lets the device refuse an enrollment that hands it any
+    other key (docs/security.md). The coordinator reads only the secret."""
 
     fingerprint: str
     secret: str
+    release_key_fp: str | None = None
 
     def __str__(self) -> str:
-        return f"{TOKEN_PREFIX}.{self.fingerprint}.{self.secret}"
+        text = f"{TOKEN_PREFIX}.{self.fingerprint}.{self.secret}"
+        return text if self.release_key_fp is None else f"{text}.{self.release_key_fp}"
 
     @classmethod
     def parse(cls, text: str) -> TokenParts:
         parts = text.strip().split(".") if isinstance(text, str) else []
-        if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
-            raise ControlError(
-                "token: not a fleetmesh enrollment token (fm1.<fingerprint>.<secret>)")
+        if len(parts) not in (3, 4) or parts[0] != TOKEN_PREFIX:
+            raise ControlError("token: not a fleetmesh enrollment token "
+                               "(fm1.<fingerprint>.<secret>[.<release key fingerprint>])")
         fp, secret = parts[1], parts[2]
         if not re.fullmatch(r"[0-9a-f]{64}", fp):
             raise ControlError("token: fingerprint must be 64 hex digits")
         if not re.fullmatch(r"[A-Za-z0-9_-]{16,128}", secret):
             raise ControlError("token: malformed secret")
-        return cls(fp, secret)
+        release_key_fp = parts[3] if len(parts) == 4 else None
+        if release_key_fp is not None and not re.fullmatch(r"[0-9a-f]{64}", release_key_fp):
+            raise ControlError("token: release key fingerprint must be 64 hex digits")
+        return cls(fp, secret, release_key_fp)

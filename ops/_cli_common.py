@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import re
 import shutil
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Final, NoReturn
 
 from rich.console import Console
@@ -32,6 +34,7 @@ from mesh.clikit import (
     CliError,
 )
 from mesh.control import ControlError, check_app, check_name
+from mesh.release import ReleaseError, key_id, read_signing_key
 from mesh.tlspin import PinError
 from ops.client import (
     ApiError,
@@ -42,9 +45,62 @@ from ops.client import (
     load_operator_config,
 )
 
+ENV_SIGNING_KEY: Final = "FLEETMESH_SIGNING_KEY"  # --signing-key's default before the XDG path
 REQUEST_TIMEOUT: Final = 10.0  # s per request: a coordinator slower than that is unusable
 MAX_EXPIRY: Final = 365 * 86400
 _DURATION_RE: Final = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def xdg_path(env_var: str, fallback: str, *parts: str) -> Path:
+    base = os.environ.get(env_var) or str(Path(os.environ.get("HOME") or Path.home()) / fallback)
+    return Path(base, *parts)
+
+
+def default_signing_key_path() -> Path:
+    """`$XDG_CONFIG_HOME/fleetmesh/release.key`, i.e. `~/.config/fleetmesh/release.key`."""
+    return xdg_path("XDG_CONFIG_HOME", ".config", "fleetmesh", "release.key")
+
+
+def signing_key_path(path: Path | None) -> Path:
+    """`--signing-key`, else `$FLEETMESH_SIGNING_KEY`, else the default path."""
+    env = os.environ.get(ENV_SIGNING_KEY)
+    return path if path is not None else Path(env) if env else default_signing_key_path()
+
+
+def token_release_key(explicit: str | None) -> str | None:
+    """The release public key (hex) whose fingerprint a new enrollment token carries:
+    `--release-key`, else the public half of the operator's own signing key if there is one
+    (never the coordinator's word: the point is to catch a coordinator that lies). Says on
+    stderr which key it pins, or that it pins none."""
+    if explicit is not None:
+        key = explicit.strip().lower()
+        if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+            raise CliError("--release-key must be the release public key, 64 hex digits (as "
+                           "`fleetmesh release keygen` prints it)")
+        return key
+    path = signing_key_path(None)
+    if not path.exists():
+        print(f"note: the token carries no release key fingerprint (no --release-key, no key "
+              f"at {path}): devices will trust the key the coordinator gives them",
+              file=sys.stderr)
+        return None
+    try:
+        public = bytes(read_signing_key(path).verify_key)
+    except ReleaseError as exc:
+        raise CliError(str(exc)) from None
+    print(f"note: the token pins release key {key_id(public)} ({path})", file=sys.stderr)
+    return public.hex()
+
+
+def add_release_key_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--release-key", metavar="HEX",
+                   help="the fleet's release public key, whose fingerprint the token carries "
+                        "so that devices refuse any other (default: the public half of "
+                        f"--signing-key's default, ${ENV_SIGNING_KEY} or "
+                        "~/.config/fleetmesh/release.key, if present)")
 
 
 # --------------------------------------------------------------------------- arguments

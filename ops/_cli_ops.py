@@ -25,6 +25,7 @@ from typing import Any, Final
 from mesh.clikit import CliError
 from ops._cli_common import (
     add_common_options,
+    add_release_key_option,
     api_errors,
     app_arg,
     date,
@@ -37,6 +38,7 @@ from ops._cli_common import (
     progress_text,
     table,
     text,
+    token_release_key,
     when,
 )
 from ops.client import ProtocolError
@@ -58,7 +60,8 @@ def _token_create(args: argparse.Namespace) -> int:
         raise CliError("--uses must be at least 1")
     name = None if args.name is None else name_arg(args.name)
     with api_errors(), operator_client(args) as client:
-        out = client.create_token(fleet, uses=args.uses, expires_in=expires, name=name)
+        out = client.create_token(fleet, uses=args.uses, expires_in=expires, name=name,
+                                  release_key=token_release_key(args.release_key))
     if args.json:
         print_json(out)
     else:
@@ -72,9 +75,19 @@ _DEVICE_COLUMNS: Final = ["NAME", "FLEET", "STATE", "ONLINE", "RELEASE", "MESH I
 
 def _device_row(d: dict[str, Any]) -> list[str]:
     return [text(d.get("name")), text(d.get("fleet")), text(d.get("state")),
-            text(bool(d.get("online"))), text(d.get("release")), text(d.get("mesh_ipv4")),
+            text(bool(d.get("online"))), _release_text(d), text(d.get("mesh_ipv4")),
             text(d.get("mesh_ipv6")), text(d.get("endpoint")), when(d.get("last_seen")),
             text(d.get("agent_version"))]
+
+
+def _release_text(d: dict[str, Any]) -> str:
+    """The running release, and "stale" when the device reports that the fleet's signed
+    timestamp expired (a frozen coordinator; docs/security.md)."""
+    apps = d.get("apps")
+    stale = isinstance(apps, list) and any(isinstance(a, dict) and a.get("stale") is True
+                                           for a in apps)
+    release = text(d.get("release"))
+    return f"{release} stale" if stale else release
 
 
 def _apps_table(apps: list[Any]) -> None:
@@ -203,7 +216,8 @@ def _devices_provision(args: argparse.Namespace) -> int:
     fleet = name_arg(args.fleet, "fleet")
     expires = None if args.expires is None else parse_duration(args.expires)
     with api_errors(), operator_client(args) as client:
-        out = client.provision(name, fleet, expires)
+        out = client.provision(name, fleet, expires,
+                               release_key=token_release_key(args.release_key))
     print_json(out["join"])
     if sys.stdout.isatty():
         print("(save this as device.json for `fleetmesh-agent join --config`)", file=sys.stderr)
@@ -282,12 +296,14 @@ def register(sub: Any) -> None:
     tsub = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
     create = add_common_options(tsub.add_parser(
         "create", help="make an enrollment token (prints it)",
-        description="Make an enrollment token fm1.<fingerprint>.<secret> for a fleet."))
+        description="Make an enrollment token fm1.<fingerprint>.<secret>[.<release key "
+                    "fingerprint>] for a fleet."))
     create.add_argument("--fleet", required=True, help="fleet the enrolled devices join")
     create.add_argument("--uses", type=int, default=1, help="how many enrollments (default 1)")
     create.add_argument("--expires", default="1h", metavar="DURATION",
                         help="lifetime: 90s, 30m, 1h, 2d (default 1h)")
     create.add_argument("--name", help="bind the token to one device name")
+    add_release_key_option(create)
     create.set_defaults(handler=_token_create)
 
     devices = one_line_errors(add("devices", help="list, show, provision and revoke devices"))
@@ -331,6 +347,7 @@ def register(sub: Any) -> None:
     prov.add_argument("--fleet", required=True)
     prov.add_argument("--expires", metavar="DURATION",
                       help="lifetime of the join token: 90s, 30m, 1h, 2d (default 1h)")
+    add_release_key_option(prov)
     prov.set_defaults(handler=_devices_provision)
 
     peers = add_common_options(

@@ -1,5 +1,5 @@
 """`fleetmesh delta ...` and `fleetmesh release ...`: patches, the release signing key, and
-publishing releases (create, list, show, set-key; docs/releases.md).
+publishing releases (create, list, show, set-key, grant-timestamp; docs/releases.md).
 
 The release commands that talk to the coordinator load their configuration and map errors to
 exit codes as every operator command does (ops._cli_common, mesh.clikit's table); a Docker or
@@ -39,11 +39,13 @@ from mesh.release import (
     ReleaseError,
     ReleaseManifest,
     RestartPolicy,
+    TimestampGrant,
     UpdateStrategy,
     Volume,
     encode_manifest,
     key_id,
     read_signing_key,
+    sign_timestamp_grant,
     write_signing_key,
 )
 from ops._cli_common import (
@@ -57,10 +59,12 @@ from ops._cli_common import (
     operator_client,
     print_json,
     progress_text,
+    signing_key_path,
     size,
     table,
     text,
     when,
+    xdg_path,
 )
 from ops._publish import PublishError, publish_image
 
@@ -167,22 +171,11 @@ def _release_keygen(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- publishing
 
 
-def _default_path(env_var: str, fallback: str, *parts: str) -> Path:
-    base = os.environ.get(env_var) or str(Path(os.environ.get("HOME") or Path.home()) / fallback)
-    return Path(base, *parts)
-
-
-def default_signing_key_path() -> Path:
-    """`$XDG_CONFIG_HOME/fleetmesh/release.key`, i.e. `~/.config/fleetmesh/release.key`."""
-    return _default_path("XDG_CONFIG_HOME", ".config", "fleetmesh", "release.key")
-
-
 def default_layer_cache() -> Path:
     """`$XDG_CACHE_HOME/fleetmesh/layers`, i.e. `~/.cache/fleetmesh/layers`."""
-    return _default_path("XDG_CACHE_HOME", ".cache", "fleetmesh", "layers")
+    return xdg_path("XDG_CACHE_HOME", ".cache", "fleetmesh", "layers")
 
 
-ENV_SIGNING_KEY = "FLEETMESH_SIGNING_KEY"  # --signing-key's default before the XDG path
 ENV_FLEET = "FLEETMESH_FLEET"  # --fleet's default, e.g. set by the lab for its operator
 
 
@@ -193,8 +186,7 @@ def _fleet_option(p: argparse.ArgumentParser) -> None:
 
 
 def _load_key(path: Path | None) -> Any:
-    env = os.environ.get(ENV_SIGNING_KEY)
-    key_path = path if path is not None else Path(env) if env else default_signing_key_path()
+    key_path = signing_key_path(path)
     if not key_path.exists():
         raise CliError(f"no release signing key at {key_path}: create one with "
                        f"`fleetmesh release keygen --out {key_path}` or pass --signing-key")
@@ -412,6 +404,23 @@ def _release_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _release_grant_timestamp(args: argparse.Namespace) -> int:
+    fleet = name_arg(args.fleet, "fleet")
+    key = _load_key(args.signing_key)
+    with api_errors(), operator_client(args) as client:
+        public_hex = client.timestamp_key(fleet)
+        try:
+            public = bytes.fromhex(public_hex)
+            grant = sign_timestamp_grant(TimestampGrant(fleet, public, int(time.time())), key)
+        except (ValueError, ReleaseError):
+            raise CliError(f"the coordinator's timestamp key {public_hex!r} is not an Ed25519 "
+                           "public key") from None
+        client.set_timestamp_grant(fleet, grant)
+    print(f"fleet {fleet}: timestamp key {key_id(public)} granted; devices report 'stale' when "
+          "its timestamps stop coming")
+    return 0
+
+
 def _release_set_key(args: argparse.Namespace) -> int:
     fleet = name_arg(args.fleet, "fleet")
     key = _load_key(args.signing_key)
@@ -492,6 +501,19 @@ def _register_publishing(rsub: Any) -> None:
                         help="release signing key (default $FLEETMESH_SIGNING_KEY, else "
                              "~/.config/fleetmesh/release.key)")
     setkey.set_defaults(handler=_release_set_key)
+
+    grant = add_common_options(rsub.add_parser(
+        "grant-timestamp", help="let the coordinator's timestamp key sign the fleet's "
+        "timestamps (freeze detection)",
+        description="Sign, with the release key, a grant of the coordinator's online "
+                    "timestamp key for a fleet, and hand it to the coordinator: devices then "
+                    "get a signed, expiring timestamp of the fleet's newest releases and report "
+                    "'stale' when none newer comes (docs/security.md)."), json_flag=False)
+    _fleet_option(grant)
+    grant.add_argument("--signing-key", type=Path, metavar="FILE",
+                       help="release signing key (default $FLEETMESH_SIGNING_KEY, else "
+                            "~/.config/fleetmesh/release.key)")
+    grant.set_defaults(handler=_release_grant_timestamp)
 
 
 # --------------------------------------------------------------------------- rollouts

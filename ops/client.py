@@ -24,6 +24,7 @@ token, provision, peers), except `add_operator`, whose `hub` is parsed into `Hub
 
 from __future__ import annotations
 
+import hmac
 import os
 import ssl
 import tomllib
@@ -52,6 +53,7 @@ from mesh.control import (
     key_proof_mac,
     x25519_secret,
 )
+from mesh.release import key_fingerprint
 from mesh.tlspin import (
     DEFAULT_TIMEOUT,
     CertificateFetchError,
@@ -74,6 +76,7 @@ __all__ = [
     "OperatorConfig",
     "PinError",
     "ProtocolError",
+    "ReleaseKeyMismatch",
     "default_config_path",
     "enroll",
     "load_operator_config",
@@ -87,6 +90,10 @@ LONG_POLL_SLACK: Final = 10.0
 MAX_ERROR_CHARS: Final = 300
 MAX_BLOB_ANSWER: Final = 64 * 1024 * 1024  # the largest blob (docs/api.md)
 MAX_MANIFEST_ANSWER: Final = 8 * 1024 * 1024 + 1024  # the largest encoded SignedManifest
+# A JSON answer: the largest is a device list or release status of a full fleet
+MAX_JSON_ANSWER: Final = 16 * MAX_BODY_BYTES
+# An enrollment answer: identity, addresses, the hub and a key, a few hundred bytes
+MAX_ENROLL_ANSWER: Final = MAX_BODY_BYTES
 MISSING_BATCH: Final = 10_000  # IDs per POST /blobs/missing (docs/api.md)
 MAX_LOG_WAIT: Final = 30  # the server's log long-poll limit (docs/api.md)
 # A log page: up to 5,000 lines of up to 4,096 characters, JSON-escaped (6 bytes a character)
@@ -123,6 +130,11 @@ class CoordinatorUnreachable(ClientError):
 
 class ProtocolError(ClientError):
     """The answer does not have the shape docs/api.md promises."""
+
+
+class ReleaseKeyMismatch(ClientError):
+    """The coordinator enrolled the device with a release key other than the one whose
+    fingerprint the token carries (or with none): nothing of the enrollment may be kept."""
 
 
 class OperatorConfigError(ClientError):
@@ -163,13 +175,80 @@ def _error_from(response: httpx.Response) -> ApiError:
                     challenge=challenge)
 
 
-def _check(response: httpx.Response, *ok: int, limit: int = 16 * MAX_BODY_BYTES
-           ) -> httpx.Response:
+def _check(response: httpx.Response, *ok: int) -> httpx.Response:
+    """`response` (read whole, within its limit, by `_send_limited`) if its status is `ok`."""
     if response.status_code not in ok:
         raise _error_from(response)
-    if len(response.content) > limit:
-        raise ProtocolError(f"answer of {len(response.content)} bytes is too large")
     return response
+
+
+def _declared_within(response: httpx.Response, limit: int) -> None:
+    """Refuse an answer whose Content-Length already says it is over `limit`, before reading."""
+    declared = response.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
+        raise ProtocolError(f"{response.request.method} {response.request.url.path}: answer "
+                            f"declares {int(declared)} bytes, larger than {limit}")
+
+
+class _LimitedBody:
+    """The decoded body of a streamed answer, gathered piece by piece up to `limit` bytes."""
+
+    def __init__(self, response: httpx.Response, limit: int) -> None:
+        _declared_within(response, limit)
+        self._response, self._limit = response, limit
+        self._body = bytearray()
+
+    def add(self, piece: bytes) -> None:
+        self._body += piece
+        if len(self._body) > self._limit:
+            request = self._response.request
+            raise ProtocolError(f"{request.method} {request.url.path}: answer larger than "
+                                f"{self._limit} bytes, stopped reading")
+
+    def response(self) -> httpx.Response:
+        """A read-whole copy of the streamed answer, holding the decoded body."""
+        headers = [(k, v) for k, v in self._response.headers.multi_items()
+                   if k.lower() not in ("content-encoding", "content-length",
+                                        "transfer-encoding")]
+        return httpx.Response(self._response.status_code, headers=headers,
+                              content=bytes(self._body), request=self._response.request,
+                              extensions=self._response.extensions)
+
+
+def _undecodable(request: httpx.Request) -> ProtocolError:
+    return ProtocolError(f"{request.method} {request.url.path}: answer cannot be decoded")
+
+
+def _send_limited(client: httpx.Client, request: httpx.Request, limit: int
+                  ) -> httpx.Response:
+    """Send `request` and read its answer (error answers too) while counting: past `limit`
+    decoded bytes the connection is dropped (ProtocolError), so an endless or bomb body costs
+    at most `limit` bytes of memory. Transport errors propagate as httpx raises them."""
+    response = client.send(request, stream=True)
+    try:
+        body = _LimitedBody(response, limit)
+        for piece in response.iter_bytes():
+            body.add(piece)
+    except httpx.DecodingError as exc:
+        raise _undecodable(request) from exc
+    finally:
+        response.close()
+    return body.response()
+
+
+async def _send_limited_async(client: httpx.AsyncClient, request: httpx.Request, limit: int
+                              ) -> httpx.Response:
+    """`_send_limited` for the async client."""
+    response = await client.send(request, stream=True)
+    try:
+        body = _LimitedBody(response, limit)
+        async for piece in response.aiter_bytes():
+            body.add(piece)
+    except httpx.DecodingError as exc:
+        raise _undecodable(request) from exc
+    finally:
+        await response.aclose()
+    return body.response()
 
 
 def _range_header(start: int | None, end: int | None) -> dict[str, str]:
@@ -239,6 +318,24 @@ def _path_name(name: str) -> str:
     return quote(name, safe="")
 
 
+def _pin_release_key(token: str, release_key: str | None) -> str:
+    """`token` carrying the fingerprint of `release_key` (hex). A token the coordinator minted
+    with a fingerprint already must name the same key."""
+    try:
+        parts = TokenParts.parse(token)
+    except ControlError as exc:
+        raise ProtocolError(str(exc)) from exc
+    if release_key is None:
+        return token
+    if len(release_key) != 64 or any(c not in "0123456789abcdef" for c in release_key):
+        raise ValueError("release_key must be an Ed25519 public key, 64 lowercase hex digits")
+    fp = key_fingerprint(bytes.fromhex(release_key))
+    if parts.release_key_fp not in (None, fp):
+        raise ProtocolError("token: the coordinator wrote another release key's fingerprint "
+                            "into it")
+    return str(replace(parts, release_key_fp=fp))
+
+
 def _base(url: str) -> str:
     split_url(url)  # https only, with a host; raises PinError otherwise
     return url.rstrip("/")
@@ -300,14 +397,15 @@ class OperatorClient:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    def _send(self, method: str, path: str, *ok: int, limit: int = 16 * MAX_BODY_BYTES,
+    def _send(self, method: str, path: str, *ok: int, limit: int = MAX_JSON_ANSWER,
               **kwargs: Any) -> httpx.Response:
         client = self._client()
         try:
-            response = client.request(method, API + path, **kwargs)
+            response = _send_limited(client, client.build_request(method, API + path, **kwargs),
+                                     limit)
         except httpx.TransportError as exc:
             raise _transport_error(exc, self.url) from exc
-        return _check(response, *ok, limit=limit)
+        return _check(response, *ok)
 
     def _request(self, method: str, path: str, *ok: int, **kwargs: Any) -> Any:
         return _json(self._send(method, path, *ok, **kwargs))
@@ -322,13 +420,17 @@ class OperatorClient:
         return value
 
     def create_token(self, fleet: str, uses: int = 1, expires_in: int = 3600,
-                     name: str | None = None) -> dict[str, Any]:
+                     name: str | None = None, release_key: str | None = None
+                     ) -> dict[str, Any]:
         """→ `{"token", "fleet", "uses", "expires_at"}`. `name` binds the token to one device
-        name."""
+        name. `release_key` (the fleet's Ed25519 release public key, hex, as the operator
+        knows it) is written into the token as its fingerprint: a device enrolled with it
+        refuses any other key (docs/security.md)."""
         body = {"fleet": fleet, "uses": uses, "expires_in": expires_in, "name": name}
         out = self._obj(self._request("POST", "/tokens", 201, json=body), "token")
         if not isinstance(out.get("token"), str):
             raise ProtocolError("token: answer has no token")
+        out["token"] = _pin_release_key(out["token"], release_key)
         return out
 
     def list_devices(self, fleet: str | None = None) -> list[dict[str, Any]]:
@@ -344,16 +446,19 @@ class OperatorClient:
         """→ DeviceInfo dict; ApiError 404 for an unknown name."""
         return self._obj(self._request("GET", f"/devices/{_path_name(name)}", 200), "device")
 
-    def provision(self, name: str, fleet: str, expires_in: int | None = None
-                  ) -> dict[str, Any]:
+    def provision(self, name: str, fleet: str, expires_in: int | None = None,
+                  release_key: str | None = None) -> dict[str, Any]:
         """→ `{"device": DeviceInfo, "join": {"url", "token", "name", "fleet"}}`; the join
-        token lives `expires_in` seconds (server default 1 h)."""
+        token lives `expires_in` seconds (server default 1 h) and carries the fingerprint of
+        `release_key` when given (as `create_token`)."""
         body: dict[str, Any] = {"name": name, "fleet": fleet}
         if expires_in is not None:
             body["expires_in"] = expires_in
         out = self._obj(self._request("POST", "/devices", 201, json=body), "provision")
-        if not isinstance(out.get("join"), dict):
+        join = out.get("join")
+        if not isinstance(join, dict) or not isinstance(join.get("token"), str):
             raise ProtocolError("provision: answer has no join object")
+        join["token"] = _pin_release_key(join["token"], release_key)
         return out
 
     def revoke(self, name: str) -> dict[str, Any]:
@@ -459,6 +564,24 @@ class OperatorClient:
         """Set the fleet's Ed25519 release key (hex) → `{"fleet", "public_key", "key_id"}`."""
         return self._obj(self._request("PUT", f"/fleets/{_path_name(fleet)}/release-key", 200,
                                        json={"public_key": public_key_hex}), "release key")
+
+    def timestamp_key(self, fleet: str) -> str:
+        """The coordinator's online timestamp public key (hex), for the operator to grant."""
+        out = self._obj(self._request("GET", f"/fleets/{_path_name(fleet)}/timestamp-key", 200),
+                        "timestamp key")
+        key = out.get("public_key")
+        if not isinstance(key, str):
+            raise ProtocolError("timestamp key: answer has no public_key")
+        return key
+
+    def set_timestamp_grant(self, fleet: str, grant: bytes) -> dict[str, Any]:
+        """Hand the coordinator the operator's signed grant of its timestamp key (encoded, as
+        `mesh.release.sign_timestamp_grant` makes it) → `{"fleet", "public_key",
+        "granted_at"}`. 403 if not signed with the fleet's release key, 409 if it names
+        another key."""
+        return self._obj(self._request("PUT", f"/fleets/{_path_name(fleet)}/timestamp-grant",
+                                       200, json={"grant": bytes(grant).hex()}),
+                         "timestamp grant")
 
     def set_target(self, fleet: str, app: str, version: int, device: str | None = None,
                    pin: bytes | None = None) -> dict[str, Any]:
@@ -567,12 +690,13 @@ class DeviceClient:
         await self.aclose()
 
     async def _request(self, method: str, path: str, *ok: int,
-                       limit: int = 16 * MAX_BODY_BYTES, **kwargs: Any) -> httpx.Response:
+                       limit: int = MAX_JSON_ANSWER, **kwargs: Any) -> httpx.Response:
         try:
-            response = await self._http.request(method, API + path, **kwargs)
+            response = await _send_limited_async(
+                self._http, self._http.build_request(method, API + path, **kwargs), limit)
         except httpx.TransportError as exc:
             raise _transport_error(exc, self.url) from exc
-        return _check(response, *ok, limit=limit)
+        return _check(response, *ok)
 
     async def peermap(self, version: int = 0, wait: float = 25) -> PeerMap | None:
         """Long poll: the peer map if its version differs from `version`, None (304) if nothing
@@ -617,6 +741,20 @@ class DeviceClient:
         await self._request("POST", "/device/logs", 204, 200,
                             json=LogUpload(tuple(lines), dropped).to_json())
 
+    async def timestamp(self) -> bytes | None:
+        """The fleet's signed timestamp (verify it with `mesh.release.verify_timestamp`), or
+        None when the operator has granted no timestamp key for the fleet."""
+        body = _json(await self._request("GET", "/device/timestamp", 200))
+        stamp = body.get("timestamp") if isinstance(body, dict) else None
+        if stamp is None:
+            return None
+        try:
+            if not isinstance(stamp, str):
+                raise ValueError
+            return bytes.fromhex(stamp)
+        except ValueError:
+            raise ProtocolError("timestamp: answer is not hex or null") from None
+
     async def targets(self) -> list[dict[str, Any]]:
         """`[{"app", "version", "pin", "force", "retry"}]`: what this device should run (pin:
         hex or None; force: past the update lock; retry: the operator's retry counter)."""
@@ -638,10 +776,13 @@ async def enroll(url: str, token: str, public_key: str, name: str | None = None,
     process: it answers the coordinator's challenge with a MAC keyed by X25519(private key,
     hub key)). A first enrollment needs neither.
 
+    A token that carries a release key fingerprint (docs/security.md) admits only an
+    enrollment with that key: else ReleaseKeyMismatch, and the caller must keep nothing.
+
     Returns the enrollment and the certificate to pin from now on (e.g. for DeviceClient).
     Raises ControlError for a malformed token or request, PinError for a coordinator whose
     certificate does not match, ApiError for a refused enrollment (401 token, 409 name, 403
-    a proof that does not hold).
+    a proof that does not hold), ReleaseKeyMismatch.
     """
     parts = TokenParts.parse(token)
     request = EnrollRequest.from_json(EnrollRequest(
@@ -657,7 +798,9 @@ async def enroll(url: str, token: str, public_key: str, name: str | None = None,
     async with httpx.AsyncClient(base_url=base, verify=pinned_ssl_context(der),
                                  timeout=httpx.Timeout(timeout), trust_env=False) as http:
         try:
-            response = await http.post(API + "/enroll", json=request.to_json())
+            response = await _send_limited_async(
+                http, http.build_request("POST", API + "/enroll", json=request.to_json()),
+                MAX_ENROLL_ANSWER)
             challenge = _error_from(response).challenge if response.status_code == 409 \
                 else None
             if challenge is not None and private_key is not None:
@@ -665,14 +808,33 @@ async def enroll(url: str, token: str, public_key: str, name: str | None = None,
                 check_key(hub_key, "enroll challenge: hub_public_key")
                 mac = key_proof_mac(x25519_secret(private_key, hub_key), nonce, public_key)
                 proven = replace(request, key_proof=KeyProof(nonce, mac))
-                response = await http.post(API + "/enroll", json=proven.to_json())
+                response = await _send_limited_async(
+                    http, http.build_request("POST", API + "/enroll", json=proven.to_json()),
+                    MAX_ENROLL_ANSWER)
         except httpx.TransportError as exc:
             raise _transport_error(exc, base) from exc
     _check(response, 201, 200)
     try:
-        return Enrollment.from_json(_json(response)), der
+        enrollment = Enrollment.from_json(_json(response))
     except ControlError as exc:
         raise ProtocolError(str(exc)) from exc
+    _check_release_key(enrollment, parts.release_key_fp)
+    return enrollment, der
+
+
+def _check_release_key(enrollment: Enrollment, expected_fp: str | None) -> None:
+    if expected_fp is None:
+        return
+    if enrollment.release_key is None:
+        raise ReleaseKeyMismatch(
+            f"the coordinator has no release key for fleet {enrollment.fleet}, the token "
+            f"names release key {expected_fp[:16]}…: not enrolling")
+    got = key_fingerprint(bytes.fromhex(enrollment.release_key))
+    if not hmac.compare_digest(got, expected_fp):
+        raise ReleaseKeyMismatch(
+            f"the coordinator handed release key {got[:16]}… for fleet {enrollment.fleet}, "
+            f"the token names {expected_fp[:16]}…: not enrolling (a compromised coordinator, "
+            "or the fleet's key changed after the token was made)")
 
 
 # --------------------------------------------------------------------------- configuration

@@ -30,7 +30,7 @@ from .._http import (
     read_json,
 )
 from .._model import Device
-from .._releases import MAX_MISSING_QUERY
+from .._releases import MAX_GRANT_HEX, MAX_MISSING_QUERY
 from .._service import FleetService
 
 MAX_RELEASE_BYTES: Final = MAX_ENVELOPE_BYTES
@@ -142,6 +142,27 @@ async def device_target(request: Request, service: FleetService, dev: Device) ->
     return JSONResponse({"targets": service.releases.device_targets(dev)})
 
 
+@device()
+async def device_timestamp(request: Request, service: FleetService, dev: Device) -> Response:
+    stamp = service.releases.device_timestamp(dev)
+    return JSONResponse({"timestamp": None if stamp is None else stamp.hex()})
+
+
+@operator()
+async def timestamp_key(request: Request, service: FleetService) -> Response:
+    return JSONResponse({"fleet": path_fleet(request),
+                         "public_key": service.releases.timestamp_public_key()})
+
+
+@operator()
+async def set_timestamp_grant(request: Request, service: FleetService) -> Response:
+    fleet = path_fleet(request)
+    grant = json_field(await read_json(request), "grant", str)
+    if len(grant) > MAX_GRANT_HEX:
+        raise ControlError(f"grant: longer than {MAX_GRANT_HEX} hex digits")
+    return JSONResponse(service.releases.set_timestamp_grant(fleet, grant))
+
+
 @operator()
 async def release_status(request: Request, service: FleetService) -> Response:
     return JSONResponse(service.release_status(*path_release(request)))
@@ -159,6 +180,9 @@ ROUTES: Final = [
     Route("/api/v1/fleets/{fleet}/release-key", set_release_key, methods=["PUT"]),
     Route("/api/v1/fleets/{fleet}/target", fleet_target, methods=["PUT"]),
     Route("/api/v1/device/target", device_target, methods=["GET"]),
+    Route("/api/v1/device/timestamp", device_timestamp, methods=["GET"]),
+    Route("/api/v1/fleets/{fleet}/timestamp-key", timestamp_key, methods=["GET"]),
+    Route("/api/v1/fleets/{fleet}/timestamp-grant", set_timestamp_grant, methods=["PUT"]),
     Route("/api/v1/releases", by_method({"GET": list_releases, "POST": publish}),
           methods=["GET", "POST"]),
     Route("/api/v1/releases/{fleet}/{app}/{version}",

@@ -27,6 +27,15 @@ from mesh.release._codec import (
     encode_signed_manifest,
     encode_signed_pin,
 )
+from mesh.release._freshness import (
+    Freshness,
+    Timestamp,
+    TimestampGrant,
+    sign_timestamp,
+    sign_timestamp_grant,
+    verify_timestamp,
+    verify_timestamp_grant,
+)
 from mesh.release._model import (
     ChunkError,
     ChunkRef,
@@ -48,9 +57,12 @@ from mesh.release._model import (
     Volume,
 )
 from mesh.release._signing import (
+    DEFAULT_PIN_LIFETIME,
     VerifiedRelease,
     admit_release,
+    key_fingerprint,
     key_id,
+    new_pin,
     read_signing_key,
     sign_manifest,
     sign_pin,
@@ -61,13 +73,17 @@ from mesh.release._signing import (
 )
 
 __all__ = [
-    "CHUNK_SIZE", "MAX_DELTAS_PER_LAYER", "MAX_ENVELOPE_BYTES", "MAX_IMAGE_CONFIG", "Chunk",
+    "CHUNK_SIZE", "DEFAULT_PIN_LIFETIME", "MAX_DELTAS_PER_LAYER", "MAX_ENVELOPE_BYTES",
+    "MAX_IMAGE_CONFIG", "Chunk",
     "ChunkError", "ChunkRef", "ContainerSettings", "HealthCheck", "HealthKind", "Layer",
     "LayerDelta", "ManifestError", "NetworkMode", "ReleaseError", "ReleaseManifest", "ReleasePin",
     "RestartPolicy", "SignedManifest", "SignedPin", "UpdateStrategy", "VerificationError",
-    "VerifiedRelease", "Volume", "admit_release", "assemble", "chunk_id", "chunk_layer",
+    "VerifiedRelease", "Volume", "Freshness", "Timestamp", "TimestampGrant", "sign_timestamp",
+    "sign_timestamp_grant", "verify_timestamp", "verify_timestamp_grant", "admit_release",
+    "assemble", "chunk_id", "chunk_layer",
     "decode_manifest", "decode_pin", "decode_signed_manifest", "decode_signed_pin", "diff_id",
-    "encode_manifest", "encode_pin", "encode_signed_manifest", "encode_signed_pin", "key_id",
+    "encode_manifest", "encode_pin", "encode_signed_manifest", "encode_signed_pin",
+    "key_fingerprint", "key_id", "new_pin",
     "open_chunk", "open_stored_chunk", "read_signing_key", "sign_manifest", "sign_pin",
     "verify_manifest", "verify_pin", "verify_release", "write_signing_key",
 ]

@@ -60,7 +60,8 @@ MAX_HEALTH_WAIT: Final = 86400.0
 _OLD_MANIFEST_TAG: Final = "fleetmesh.release/1"  # before health kinds and apply strategies
 
 _MANIFEST_TAG: Final = "fleetmesh.release/2"
-_PIN_TAG: Final = "fleetmesh.pin/1"
+_OLD_PIN_TAG: Final = "fleetmesh.pin/1"  # before serials and expiry: replayable for ever
+_PIN_TAG: Final = "fleetmesh.pin/2"
 _SIGNED_TAG: Final = "fleetmesh.signed-release/1"
 _SIGNED_PIN_TAG: Final = "fleetmesh.signed-pin/1"
 _DIFF_ID: Final = re.compile(r"sha256:[0-9a-f]{64}\Z")
@@ -101,8 +102,14 @@ def encode_manifest(manifest: ReleaseManifest) -> bytes:
     return data
 
 
+def _pin_obj(pin: ReleasePin) -> list[Any]:
+    return [_PIN_TAG, pin.fleet, pin.app, pin.version, pin.device, pin.serial, pin.expires_at]
+
+
 def encode_pin(pin: ReleasePin) -> bytes:
-    data = _pack([_PIN_TAG, pin.fleet, pin.app, pin.version, pin.device])
+    """Canonical bytes of `pin`; ManifestError if it breaks a limit or lacks its serial or
+    expiry."""
+    data = _pack(_pin_obj(pin))
     decode_pin(data)
     return data
 
@@ -317,13 +324,19 @@ def decode_manifest(data: bytes) -> ReleaseManifest:
 
 
 def decode_pin(data: bytes) -> ReleasePin:
-    fields = _list(_unpack(data, MAX_PIN_BYTES), 5, what="pin")
+    obj = _unpack(data, MAX_PIN_BYTES)
+    if isinstance(obj, list) and obj and obj[0] == _OLD_PIN_TAG:
+        raise ManifestError(f"pin format {_OLD_PIN_TAG} (no serial, no expiry) is no longer "
+                            "read: sign the pin again")
+    fields = _list(obj, 7, what="pin")
     if fields[0] != _PIN_TAG:
         raise ManifestError("not a fleetmesh release pin")
     pin = ReleasePin(_name(fields[1], "fleet"), _name(fields[2], "app"),
                      _int(fields[3], 1, MAX_VERSION, "version"),
-                     None if fields[4] is None else _name(fields[4], "device"))
-    _canonical(data, [_PIN_TAG, pin.fleet, pin.app, pin.version, pin.device], "pin")
+                     None if fields[4] is None else _name(fields[4], "device"),
+                     _int(fields[5], 1, MAX_VERSION, "pin serial"),
+                     _int(fields[6], 1, MAX_VERSION, "pin expiry"))
+    _canonical(data, _pin_obj(pin), "pin")
     return pin
 
 

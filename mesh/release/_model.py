@@ -127,12 +127,19 @@ class ReleaseManifest:
 
 @dataclass(frozen=True, slots=True)
 class ReleasePin:
-    """An operator's order to run `version` even if it is not newer (a deliberate rollback)."""
+    """An operator's order to run `version` even if it is not newer (a deliberate rollback).
+
+    `serial` and `expires_at` keep an old pin from being replayed (docs/security.md): a device
+    takes no pin past its expiry, none with a serial older than the newest pin it acted on,
+    and not the same pin again once it moved on to a release without it. Both are required
+    (the codec refuses 0); `mesh.release.new_pin` fills them in."""
 
     fleet: str
     app: str
     version: int
     device: str | None = None  # None: every device of the fleet
+    serial: int = 0  # increases with every pin the operator signs: the signing time in µs
+    expires_at: int = 0  # Unix seconds; a device refuses the pin from then on
 
 
 @dataclass(frozen=True, slots=True)

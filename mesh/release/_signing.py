@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,9 @@ from vpn import write_private_file
 _MANIFEST_CONTEXT: Final = b"fleetmesh release manifest v1\x00"
 _PIN_CONTEXT: Final = b"fleetmesh release pin v1\x00"
 _KEY_FILE_HEADER: Final = "fleetmesh-release-signing-key-v1"
+# How long a rollback pin is good for by default: long enough for devices that are offline a
+# few days to take it, short enough that a coordinator cannot keep it for a later replay.
+DEFAULT_PIN_LIFETIME: Final = 7 * 86400
 
 
 def key_id(public_key: VerifyKey | bytes) -> str:
@@ -43,10 +47,27 @@ def key_id(public_key: VerifyKey | bytes) -> str:
     return blake3.blake3(raw).digest()[:8].hex()
 
 
+def key_fingerprint(public_key: VerifyKey | bytes) -> str:
+    """What an enrollment token carries to name the fleet's release key: the whole blake3 hash
+    of the public key, in hex (64 digits). Unlike `key_id` (8 bytes, a label), it is long
+    enough that no one can make another key with the same fingerprint."""
+    return blake3.blake3(bytes(public_key)).hexdigest()
+
+
 def sign_manifest(manifest: ReleaseManifest, signing_key: SigningKey) -> SignedManifest:
     data = encode_manifest(manifest)
     signature = signing_key.sign(_MANIFEST_CONTEXT + data).signature
     return SignedManifest(data, signature, key_id(signing_key.verify_key))
+
+
+def new_pin(fleet: str, app: str, version: int, device: str | None = None, *, now: float,
+            lifetime: int = DEFAULT_PIN_LIFETIME) -> ReleasePin:
+    """A pin signed at `now` (Unix seconds): its serial is `now` in microseconds (so a pin
+    signed later has a larger one), it expires `lifetime` seconds later."""
+    if lifetime < 1:
+        raise ValueError("a pin's lifetime is at least 1 s")
+    return ReleasePin(fleet, app, version, device, serial=int(now * 1_000_000),
+                      expires_at=int(now) + lifetime)
 
 
 def sign_pin(pin: ReleasePin, signing_key: SigningKey) -> SignedPin:
@@ -121,35 +142,48 @@ def verify_release(encoded: bytes, pinned_public_key: VerifyKey | bytes,
 
 def admit_release(manifest: ReleaseManifest, pinned_public_key: VerifyKey | bytes,
                   running_version: int | None, *, pins: Sequence[SignedPin] = (),
-                  device: str | None = None, newest_accepted: int | None = None) -> None:
-    """Refuse (VerificationError) a verified manifest that may not replace `running_version`.
+                  device: str | None = None, newest_accepted: int | None = None,
+                  now: float | None = None, min_pin_serial: int = 0) -> ReleasePin | None:
+    """Refuse (VerificationError) a verified manifest that may not replace `running_version`;
+    return the pin that admitted it, None if it needed none.
 
     A version not newer than the running one, or older than `newest_accepted` (the newest
     version the device ever accepted for the app: its high-water mark, which holds also while
     nothing runs), is a replay or a rollback, allowed only when one of `pins`, signed by the
-    same key, names exactly this fleet, app and version (and `device`, or no device). Cheap: the
-    manifest's own signature is not checked again.
+    same key, names exactly this fleet, app and version (and `device`, or no device), has not
+    expired at `now` (Unix seconds; the wall clock if None) and has a serial of at least
+    `min_pin_serial` (what the device derives from the newest pin it acted on: an older pin,
+    or a spent one, is a replay). Cheap: the manifest's own signature is not checked again.
     """
     newer = running_version is None or manifest.version > running_version
     if newer and (newest_accepted is None or manifest.version >= newest_accepted):
-        return
+        return None
     key = _verify_key(pinned_public_key)
+    at = time.time() if now is None else now
+    why = "no pin names it"
     for signed_pin in pins:
         try:
             pin = verify_pin(signed_pin, key)
         except ReleaseError:
             continue
-        if ((pin.fleet, pin.app, pin.version) == (manifest.fleet, manifest.app,
+        if ((pin.fleet, pin.app, pin.version) != (manifest.fleet, manifest.app,
                                                    manifest.version)
-                and pin.device in (None, device)):
-            return
+                or pin.device not in (None, device)):
+            continue
+        if pin.expires_at <= at:
+            why = f"its pin expired at {pin.expires_at} (Unix time)"
+        elif pin.serial < min_pin_serial:
+            why = (f"its pin (serial {pin.serial}) is spent or older than the newest pin this "
+                   f"device acted on")
+        else:
+            return pin
     if not newer:
         raise VerificationError(
             f"version {manifest.version} is not newer than running version {running_version}"
-            " and no pin names it")
+            f" and {why}")
     raise VerificationError(
         f"version {manifest.version} is older than version {newest_accepted}, the newest this"
-        " device accepted, and no pin names it")
+        f" device accepted, and {why}")
 
 
 def _verify_key(key: VerifyKey | bytes) -> VerifyKey:

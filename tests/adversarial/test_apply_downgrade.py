@@ -19,6 +19,7 @@ signed releases, real blobs in a BlobStore; the Docker engine is the fake of tes
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -26,10 +27,10 @@ import pytest
 from agent._apply_driver import Applier
 from mesh.release import (
     ContainerSettings,
-    ReleasePin,
     RestartPolicy,
     UpdateStrategy,
     encode_signed_pin,
+    new_pin,
     sign_pin,
 )
 from tests.apply._fake import Behaviour
@@ -152,7 +153,8 @@ def test_a_signed_pin_goes_back_and_the_mark_never_moves_down(world: World) -> N
     for c in world.engine.containers_.values():
         c.status = "restarting"
     a.reconcile_all()
-    pin = encode_signed_pin(sign_pin(ReleasePin("cams", APP, 1, DEVICE), world.releases.key))
+    pin = encode_signed_pin(sign_pin(new_pin("cams", APP, 1, DEVICE, now=time.time()),
+                                     world.releases.key))
     assert a.set_target(world.release(world.releases.make(1)), ready=True, pin=pin)
     run_until(world, a, lambda: world.running() == [1] and state(a) == "running")
     assert not replay(world, a, 2)

@@ -62,6 +62,7 @@ class AppCoordinator(FakeCoordinator):
         self.targets: list[dict[str, Any]] = []
         self.manifests: dict[tuple[str, str, int], bytes] = {}
         self.logs: list[LogLine] = []
+        self.timestamp: bytes | None = None  # GET /device/timestamp
 
     def factory(self, url: str, credential: str, cert_der: bytes) -> FakeClient:
         client = AppClient(self, url, credential, cert_der)
@@ -82,6 +83,10 @@ class AppClient(FakeClient):
     async def manifest(self, fleet: str, app: str, version: int) -> bytes:
         await self._gate()
         return self.coord.manifests[(fleet, app, version)]
+
+    async def timestamp(self) -> bytes | None:
+        await self._gate()
+        return self.coord.timestamp
 
     async def blob(self, blob_id: str, start: int | None = None, end: int | None = None
                    ) -> bytes:

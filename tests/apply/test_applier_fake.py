@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,11 @@ from mesh.release import (
     HealthCheck,
     HealthKind,
     ReleaseError,
-    ReleasePin,
     RestartPolicy,
     UpdateStrategy,
     VerifiedRelease,
     encode_signed_pin,
+    new_pin,
     sign_pin,
 )
 
@@ -576,7 +577,8 @@ def test_goes_back_only_with_a_signed_pin(world: World) -> None:
     signed1 = world.releases.make(1)
 
     def pin(k: SigningKey, version: int = 1, device: str | None = None) -> bytes:
-        return encode_signed_pin(sign_pin(ReleasePin("cams", APP, version, device), k))
+        return encode_signed_pin(sign_pin(new_pin("cams", APP, version, device,
+                                                  now=time.time()), k))
 
     for bad in (None, b"zz", pin(other), pin(world.releases.key, version=3),
                 pin(world.releases.key, device="cam-9")):

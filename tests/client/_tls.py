@@ -6,7 +6,7 @@ import datetime
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +49,12 @@ def make_cert(directory: Path, name: str, ca: bool | None = True) -> Cert:
 
 
 @contextmanager
-def tls_server(cert: Cert, reply: bytes = b"") -> Iterator[int]:
+def tls_server(cert: Cert, reply: bytes = b"",
+               handler: Callable[[ssl.SSLSocket, threading.Event], None] | None = None
+               ) -> Iterator[int]:
     """Accept TLS on 127.0.0.1:<port>; answer every connection with `reply` (e.g. an HTTP
-    response) after reading one chunk. Yields the port; stops its thread on exit."""
+    response) after reading one chunk, or hand it to `handler` (with the event set on exit).
+    Yields the port; stops its thread on exit."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert.cert_file, cert.key_file)
     listener = socket.create_server(("127.0.0.1", 0))
@@ -68,7 +71,9 @@ def tls_server(cert: Cert, reply: bytes = b"") -> Iterator[int]:
             conn.settimeout(5)
             try:
                 with ctx.wrap_socket(conn, server_side=True) as tls:
-                    if reply:
+                    if handler is not None:
+                        handler(tls, stop)
+                    elif reply:
                         tls.recv(65536)
                         tls.sendall(reply)
             except (OSError, ssl.SSLError):

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 import blake3
 from nacl.signing import SigningKey
 
 from mesh.release import (
+    DEFAULT_PIN_LIFETIME,
     Layer,
     LayerDelta,
     ReleaseManifest,
-    ReleasePin,
     chunk_layer,
     diff_id,
     encode_signed_manifest,
     encode_signed_pin,
+    new_pin,
     sign_manifest,
     sign_pin,
 )
@@ -59,6 +61,9 @@ def build(key: SigningKey, *, fleet: str = "fleet", app: str = "app", version: i
     return Built(encode_signed_manifest(sign_manifest(manifest, key)), manifest, blobs)
 
 
-def pin(key: SigningKey, fleet: str, app: str, version: int, device: str | None = None
-        ) -> bytes:
-    return encode_signed_pin(sign_pin(ReleasePin(fleet, app, version, device), key))
+def pin(key: SigningKey, fleet: str, app: str, version: int, device: str | None = None, *,
+        now: float | None = None, lifetime: int = DEFAULT_PIN_LIFETIME) -> bytes:
+    """An encoded signed pin, signed at `now` (the wall clock by default)."""
+    at = time.time() if now is None else now
+    return encode_signed_pin(sign_pin(new_pin(fleet, app, version, device, now=at,
+                                              lifetime=lifetime), key))

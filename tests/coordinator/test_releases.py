@@ -4,6 +4,7 @@ deletion with blob garbage collection, targets and pins, enrollment's release ke
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import trio
@@ -216,6 +217,25 @@ async def test_targets_and_rollback_pins(h: Harness) -> None:
     r = await cam2.client.get("/api/v1/device/target")
     assert r.json() == {"targets": [{"app": "app", "version": 2, "pin": None, "force": False,
                                      "retry": 0}]}
+
+
+async def test_an_expired_pin_is_refused_when_set(h: Harness) -> None:
+    """Devices refuse an expired pin (docs/security.md); the coordinator says so at once
+    instead of handing it out."""
+    key = SigningKey.generate()
+    for v in (1, 2):
+        rel = build(key, version=v)
+        await upload(h, rel)
+        await publish(h, rel)
+    await h.op.put("/api/v1/fleets/fleet/release-key",
+                   json={"public_key": bytes(key.verify_key).hex()})
+    expired = pin(key, "fleet", "app", 1, now=time.time() - 86400, lifetime=3600)
+    r = await h.op.put("/api/v1/fleets/fleet/target",
+                       json={"app": "app", "version": 1, "pin": expired.hex()})
+    assert r.status_code == 400 and "expired" in r.json()["error"], r.text
+    r = await h.op.put("/api/v1/fleets/fleet/target",
+                       json={"app": "app", "version": 1, "pin": pin(key, "fleet", "app", 1).hex()})
+    assert r.status_code == 200, r.text
 
 
 async def test_enrollment_carries_the_release_key(h: Harness) -> None:

@@ -150,20 +150,28 @@ class Rogue(GossipNode):
         return bytes(b ^ 0x5A for b in data[:64]) + data[64:]
 
 
+async def start_with_rogue(f: Fleet, names: list[str], blobs: list[Blob]
+                           ) -> tuple[list[GossipNode], GossipNode]:
+    """Start `rogue` (holding every blob, announcing it and the release) and the honest rest
+    of `names`, all on one LAN → (honest nodes, rogue)."""
+    rogue = f.make("rogue", Rogue)
+    for b in blobs:  # the rogue holds everything and announces it
+        rogue.store.put(b.ref.id, b.frame, "chunk", ref=b.ref)
+    await f.start(rogue)
+    honest = [await f.start(f.make(n)) for n in names if n != "rogue"]
+    for n in [*honest, rogue]:
+        n.set_lan(set(names) - {n.name})
+    rogue.offer_manifest(make_manifest(blobs))
+    return honest, rogue
+
+
 async def test_a_rogue_peer_is_banned_and_its_bytes_never_stored(tmp_path: Path) -> None:
     names = ["a", "b", "c", "rogue"]
     blobs = make_blobs(16, large=1)
     with trio.fail_after(40):
         async with trio.open_nursery() as nursery:
             f = fleet(nursery, tmp_path, names, blobs)
-            rogue = f.make("rogue", Rogue)
-            for b in blobs:  # the rogue holds everything and announces it
-                rogue.store.put(b.ref.id, b.frame, "chunk", ref=b.ref)
-            await f.start(rogue)
-            honest = [await f.start(f.make(n)) for n in names[:3]]
-            for n in [*honest, rogue]:
-                n.set_lan(set(names) - {n.name})
-            rogue.offer_manifest(make_manifest(blobs))
+            honest, _ = await start_with_rogue(f, names, blobs)
             await wait_for(lambda: all(n.complete("cams", "cam") for n in honest), 0.05)
             banned = 0
             for n in honest:

@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -18,14 +19,15 @@ from mesh.release import (
     ManifestError,
     ReleaseError,
     ReleaseManifest,
-    ReleasePin,
     SignedManifest,
+    SignedPin,
     VerificationError,
     admit_release,
     assemble,
     chunk_layer,
     decode_signed_manifest,
     encode_signed_manifest,
+    new_pin,
     read_signing_key,
     sign_manifest,
     sign_pin,
@@ -77,15 +79,21 @@ def test_replayed_or_older_version_rejected(running: int) -> None:
         verify_manifest(sign_manifest(_manifest(5), KEY), KEY.verify_key, running)
 
 
+def _pin(fleet: str, app: str, version: int, device: str | None = None,
+         key: SigningKey = KEY) -> SignedPin:
+    """A pin signed now, good for the default week (the wall clock checks it)."""
+    return sign_pin(new_pin(fleet, app, version, device, now=time.time()), key)
+
+
 def test_pin_allows_older_version() -> None:
     signed = sign_manifest(_manifest(5), KEY)
-    pin = sign_pin(ReleasePin("fleet1", "web", 5), KEY)
+    pin = _pin("fleet1", "web", 5)
     assert verify_manifest(signed, KEY.verify_key, 7, pins=[pin]).version == 5
-    device_pin = sign_pin(ReleasePin("fleet1", "web", 5, device="dev-3"), KEY)
+    device_pin = _pin("fleet1", "web", 5, device="dev-3")
     assert verify_manifest(signed, KEY.verify_key, 7, pins=[device_pin], device="dev-3")
-    for wrong in [sign_pin(ReleasePin("fleet1", "web", 4), KEY),
-                  sign_pin(ReleasePin("fleet2", "web", 5), KEY),
-                  sign_pin(ReleasePin("fleet1", "web", 5), OTHER),
+    for wrong in [_pin("fleet1", "web", 4),
+                  _pin("fleet2", "web", 5),
+                  _pin("fleet1", "web", 5, key=OTHER),
                   device_pin]:
         with pytest.raises(VerificationError):
             verify_manifest(signed, KEY.verify_key, 7, pins=[wrong], device="dev-4")
@@ -112,12 +120,12 @@ def test_admission_of_a_verified_release_needs_a_newer_version_or_a_pin() -> Non
     admit_release(release.manifest, KEY.verify_key, 4)
     with pytest.raises(VerificationError, match="not newer than running version 5"):
         admit_release(release.manifest, KEY.verify_key, 5)
-    pin = sign_pin(ReleasePin("fleet1", "web", 5, device="dev-3"), KEY)
+    pin = _pin("fleet1", "web", 5, device="dev-3")
     admit_release(release.manifest, KEY.verify_key, 7, pins=[pin], device="dev-3")
     with pytest.raises(VerificationError):
         admit_release(release.manifest, KEY.verify_key, 7, pins=[pin], device="dev-4")
-    forged = dataclasses.replace(sign_pin(ReleasePin("fleet1", "web", 5), OTHER),
-                                 key_id=sign_pin(ReleasePin("fleet1", "web", 5), KEY).key_id)
+    forged = dataclasses.replace(_pin("fleet1", "web", 5, key=OTHER),
+                                 key_id=_pin("fleet1", "web", 5).key_id)
     with pytest.raises(VerificationError):
         admit_release(release.manifest, KEY.verify_key, 7, pins=[forged])
 
