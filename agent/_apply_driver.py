@@ -22,6 +22,7 @@ journal writes and the engine calls. docs/agent-apply.md tells the whole story.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import shutil
@@ -107,6 +108,7 @@ class _App:
     probe: Probe | None = None
     status_state: str = "idle"
     engine_error: str | None = None
+    logged_error: str | None = None  # the last engine/disk error logged (logged once)
     missing_blob: MissingBlob | None = None  # the last rebuild lacked a blob
     lock_since: float | None = None
     bytes_done: int = 0
@@ -135,6 +137,13 @@ class _App:
         self.high_water = max((v for v in (self.high_water, *versions) if v is not None),
                               default=None)
 
+
+
+def _error_text(exc: BaseException) -> str:
+    """One line for an app's error; a full disk says so first."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"disk full: {one_line(str(exc))}"
+    return one_line(str(exc))
 
 class Applier:
     def __init__(self, *, device: str, fleet: str | None, data_dir: str | os.PathLike[str],
@@ -296,13 +305,20 @@ class Applier:
         for _ in range(MAX_STEPS_PER_ROUND):
             try:
                 last, progressed = self.step(app)
-            except (EngineError, JournalError) as exc:
-                a.engine_error = one_line(str(exc))
+            except (EngineError, JournalError, OSError) as exc:
+                # The engine, the journal or our own disk (a full one: ENOSPC while a release
+                # is rebuilt): the app's error, retried; never the agent's end (issue 13).
+                a.engine_error = _error_text(exc)
+                if not isinstance(exc, (EngineError, JournalError)):
+                    shutil.rmtree(self.work_dir, ignore_errors=True)  # nothing half-built
                 a.wake_at = self.clock() + ENGINE_RETRY_S
-                self.log(f"{app}: {a.engine_error}")
+                if a.engine_error != a.logged_error:  # once per distinct error, not per retry
+                    self.log(f"{app}: {a.engine_error}")
+                    a.logged_error = a.engine_error
                 self._announce(a)
                 return last
             if not progressed:
+                a.logged_error = None
                 return last
         self.log(f"{app}: still busy after {MAX_STEPS_PER_ROUND} steps; continuing next round")
         a.wake_at = self.clock()

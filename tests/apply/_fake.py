@@ -223,9 +223,9 @@ class Releases:
 
     def make(self, version: int, settings: ContainerSettings | None = None, *,
              image_healthcheck: bool = False, store: bool = True,
-             bad_config: bool = False) -> bytes:
+             bad_config: bool = False, payload: int = 2000) -> bytes:
         layer = layer_tar({"app/VERSION": f"{version}\n".encode(),
-                           "app/data.bin": random.Random(version).randbytes(2000)})
+                           "app/data.bin": random.Random(version).randbytes(payload)})
         chunks = chunk_layer(layer)
         did = diff_id(layer)
         cfg: dict[str, object] = {"Cmd": ["sh", "-c", f"echo v{version}"]}
