@@ -12,7 +12,8 @@ import hashlib
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -21,9 +22,11 @@ import blake3
 from nacl.signing import SigningKey
 
 from mesh.delta import read_header
-from mesh.image import SavedImage, docker_save, file_diff_id, plan_layer, read_saved_image
+from mesh.image import SavedImage, docker_save, file_diff_id, read_saved_image, start_plan
 from mesh.release import (
+    CHUNK_SIZE,
     MAX_DELTAS_PER_LAYER,
+    Chunk,
     ChunkRef,
     ContainerSettings,
     Layer,
@@ -31,7 +34,7 @@ from mesh.release import (
     ReleaseError,
     ReleaseManifest,
     chunk_id,
-    chunk_layer,
+    compress_chunk,
     decode_signed_manifest,
     encode_signed_manifest,
     open_chunk,
@@ -186,11 +189,27 @@ class _Publisher:
         path.write_bytes(data)
         self.staged[name] = (path, kind)
 
-    def chunk(self, data: bytes) -> tuple[ChunkRef, ...]:
-        chunks = chunk_layer(data)
-        for c in chunks:
-            self.stage(c.ref.id, c.data, "chunk")
-        return tuple(c.ref for c in chunks)
+    def chunk(self, data: bytes, pool: Executor, published: Mapping[bytes, ChunkRef]
+              ) -> tuple[ChunkRef, ...]:
+        """`data` as chunks (mesh.release.chunk_layer's cut), compressed in `pool`; a piece an
+        earlier release already has (same blake3, same size: `published`, whose blobs the
+        coordinator still holds) keeps that release's chunk instead of being compressed again."""
+        view = memoryview(data)
+        parts: list[ChunkRef | Future[Chunk]] = []
+        for start in range(0, len(data), CHUNK_SIZE):
+            piece = view[start:start + CHUNK_SIZE]
+            ref = published.get(chunk_id(piece))
+            parts.append(ref if ref is not None and ref.size == len(piece)
+                         else pool.submit(compress_chunk, piece))
+        refs = []
+        for part in parts:
+            if isinstance(part, ChunkRef):
+                refs.append(part)
+                continue
+            chunk = part.result()
+            self.stage(chunk.ref.id, chunk.data, "chunk")
+            refs.append(chunk.ref)
+        return tuple(refs)
 
 
 def _chunks_match(data: bytes, refs: Sequence[ChunkRef]) -> bool:
@@ -224,12 +243,16 @@ def publish_image(registry: RegistryApi, *, fleet: str, app: str, signing_key: S
                   workdir: str | os.PathLike[str] | None = None,
                   progress: UploadProgress | None = None, docker: str = "docker",
                   now: Callable[[], float] = time.time,
-                  warn: Callable[[str], None] | None = None) -> PublishResult:
+                  warn: Callable[[str], None] | None = None,
+                  workers: int | None = None) -> PublishResult:
     """Publish `image` (via `docker save`) or an already saved tar as the next release.
 
     Raises PublishError (one line), ImageError, or the registry's own errors (ApiError,
     CoordinatorUnreachable...). Interrupted runs are resumed by running again: only the blobs
     the coordinator is missing are uploaded.
+
+    Chunk compression and delta search run in `workers` threads (default: the CPUs this process
+    may use); the release is the same for any number of workers.
     """
     if (image is None) == (saved_tar is None):
         raise ValueError("give exactly one of image and saved_tar")
@@ -252,13 +275,16 @@ def publish_image(registry: RegistryApi, *, fleet: str, app: str, signing_key: S
         if image is not None:
             Path(saved_tar).unlink(missing_ok=True)  # the layers are extracted
         pub = _Publisher(registry, fleet, app, signing_key, work, Path(cache_dir), _warn)
-        result = _publish(pub, saved, keep, version, container or ContainerSettings(), progress,
-                          now)
+        with ThreadPoolExecutor(max_workers=workers or len(os.sched_getaffinity(0)),
+                                thread_name_prefix="fleetmesh-publish") as pool:
+            result = _publish(pub, pool, saved, keep, version, container or ContainerSettings(),
+                              progress, now)
         result.warnings = warnings
         return result
 
 
-def _publish(pub: _Publisher, saved: SavedImage, keep: int, version: int | None,
+def _publish(pub: _Publisher, pool: Executor, saved: SavedImage, keep: int,
+             version: int | None,
              container: ContainerSettings, progress: UploadProgress | None,
              now: Callable[[], float]) -> PublishResult:
     reg, fleet, app = pub.registry, pub.fleet, pub.app
@@ -288,6 +314,8 @@ def _publish(pub: _Publisher, saved: SavedImage, keep: int, version: int | None,
     wanted = {ref.id.hex() for _, layer in known.values() for ref in layer.chunks}
     wanted |= {d.blob_id.hex() for _, layer in known.values() for d in layer.deltas}
     gone = set(_missing(reg, sorted(wanted)))
+    published = {ref.id: ref for e in earlier for layer in e.manifest.layers
+                 for ref in layer.chunks if ref.id.hex() not in gone}
 
     layers: list[Layer] = []
     reports: list[LayerReport] = []
@@ -305,17 +333,27 @@ def _publish(pub: _Publisher, saved: SavedImage, keep: int, version: int | None,
                                        sum(c.stored_size for c in old.chunks), len(old.chunks),
                                        deltas, version_from))
             continue
-        refs = pub.chunk(data)
-        stored = sum(r.stored_size for r in refs)
-        deltas_list: list[LayerDelta] = []
+        # The diffs against every earlier release start first (the longest jobs), then the
+        # chunks fill the other workers; the plans are read in release order as before.
+        plans = []
         tried: set[str] = set(new_ids)
         for e in earlier:
             bases = _candidates(index, e.manifest, tried)
             tried.update(b.diff_id for b in bases)
-            if not bases or len(deltas_list) >= MAX_DELTAS_PER_LAYER:
-                continue
-            plan = plan_layer(data, {b.diff_id: pub.base_layer(b).read_bytes() for b in bases},
-                              full_size=stored)
+            # A base whose chunks the coordinator lost can come only from here or the cache.
+            bases = [b for b in bases if b.diff_id in pub.local
+                     or (pub.cache_dir / f"{_hex(b.diff_id)}.tar").is_file()
+                     or not any(r.id.hex() in gone for r in b.chunks)]
+            if bases:
+                plans.append(start_plan(
+                    data, {b.diff_id: pub.base_layer(b).read_bytes() for b in bases}, pool=pool))
+        refs = pub.chunk(data, pool, published)
+        stored = sum(r.stored_size for r in refs)
+        deltas_list: list[LayerDelta] = []
+        for pending in plans:
+            if len(deltas_list) >= MAX_DELTAS_PER_LAYER:
+                break
+            plan = pending.result(stored)
             if plan.patch is None or plan.source_diff_id is None:
                 continue
             blob_id = blake3.blake3(plan.patch).digest()

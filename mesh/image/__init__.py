@@ -14,7 +14,7 @@ from mesh.image._materialize import (
     check_manifest_layers,
     materialize_release,
 )
-from mesh.image._plan import MAX_CANDIDATES, LayerPlan, plan_layer
+from mesh.image._plan import MAX_CANDIDATES, LayerPlan, PendingPlan, plan_layer, start_plan
 from mesh.image._saved import (
     ImageError,
     SavedImage,
@@ -27,7 +27,8 @@ from mesh.image._saved import (
 
 __all__ = [
     "DOCKER_TIMEOUT_S", "MAX_CANDIDATES", "FetchBlob", "ImageError", "LayerPlan", "LayerSource",
-    "MaterializeError", "MaterializedRelease", "SavedImage", "SavedLayer", "build_loadable_image",
+    "MaterializeError", "MaterializedRelease", "PendingPlan", "SavedImage", "SavedLayer",
+    "build_loadable_image",
     "check_manifest_layers", "config_diff_ids", "docker_save", "export_local_layers",
-    "file_diff_id", "materialize_release", "plan_layer", "read_saved_image",
+    "file_diff_id", "materialize_release", "plan_layer", "read_saved_image", "start_plan",
 ]

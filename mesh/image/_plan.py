@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Final
 
@@ -52,12 +53,49 @@ def plan_layer(new: bytes, candidates: Mapping[str, bytes], *, full_size: int | 
     blob id with its source and target diff IDs, which is everything the self-checking header's
     digests would check (docs/delta.md, "Bare patches"). Apply them with the layer's diff ID.
     """
+    pending = start_plan(new, candidates, try_tar=try_tar, hdiff_max_input=hdiff_max_input,
+                         self_check=self_check)
     if full_size is None:
         full_size = sum(c.ref.stored_size for c in chunk_layer(new))
+    return pending.result(full_size)
+
+
+class PendingPlan:
+    """`plan_layer`'s diffs, started (in a pool, or run in place); `result` picks the plan.
+
+    The attempts keep their order, so the choice (the first of the smallest) is the same
+    whether they ran one after the other or at the same time.
+    """
+
+    def __init__(self, new_id: str, attempts: list[tuple[str, Method | None, Future[bytes]]]
+                 ) -> None:
+        self._new_id = new_id
+        self._attempts = attempts
+
+    def result(self, full_size: int) -> LayerPlan:
+        """The plan, given the size of `new` as chunks; waits for the diffs."""
+        best: tuple[int, str, bytes] | None = None
+        tried: list[tuple[str, str, int]] = []
+        for source_id, method, future in self._attempts:
+            patch = future.result()
+            name = method.name if method is not None else read_header(patch).method.name
+            tried.append((source_id, name, len(patch)))
+            if best is None or len(patch) < best[0]:
+                best = (len(patch), source_id, patch)
+        if best is None or best[0] >= full_size:
+            return LayerPlan(self._new_id, full_size, None, None, tuple(tried))
+        return LayerPlan(self._new_id, full_size, best[1], best[2], tuple(tried))
+
+
+def start_plan(new: bytes, candidates: Mapping[str, bytes], *, pool: Executor | None = None,
+               try_tar: bool = True, hdiff_max_input: int = HDIFF_MAX_INPUT,
+               self_check: bool = False) -> PendingPlan:
+    """Start `plan_layer`'s diffs in `pool` (its threads: the diff and compression libraries
+    release the GIL), or run them now when `pool` is None. The longest attempts are submitted
+    first, so that chunk compression submitted after them fills the other cores."""
     new_id = "sha256:" + hashlib.sha256(new).hexdigest()
     new_is_tar = try_tar and is_tar(new)
-    best: tuple[int, str, bytes] | None = None
-    tried: list[tuple[str, str, int]] = []
+    jobs: list[tuple[str, Method | None, Callable[[], bytes]]] = []
     for source_id, old in list(candidates.items())[:MAX_CANDIDATES]:
         methods: list[Method | None] = [None]
         if new_is_tar and is_tar(old):
@@ -68,12 +106,30 @@ def plan_layer(new: bytes, candidates: Mapping[str, bytes], *, full_size: int | 
             # few hundred bytes.
             methods.append(Method.ZSTD_PREFIX)
         for method in methods:
-            patch = create_delta(old, new, method=method, hdiff_max_input=hdiff_max_input,
-                                 self_check=self_check)
-            name = method.name if method is not None else read_header(patch).method.name
-            tried.append((source_id, name, len(patch)))
-            if best is None or len(patch) < best[0]:
-                best = (len(patch), source_id, patch)
-    if best is None or best[0] >= full_size:
-        return LayerPlan(new_id, full_size, None, None, tuple(tried))
-    return LayerPlan(new_id, full_size, best[1], best[2], tuple(tried))
+            jobs.append((source_id, method, _diff_job(old, new, method, hdiff_max_input,
+                                                      self_check)))
+    futures: dict[int, Future[bytes]] = {}
+    # The tar-aware method indexes the whole source at zstd -19: the longest, so first.
+    order = sorted(range(len(jobs)), key=lambda i: jobs[i][1] is not Method.TAR_MEMBERS)
+    for i in order:
+        futures[i] = _run(jobs[i][2], pool)
+    return PendingPlan(new_id, [(s, m, futures[i]) for i, (s, m, _) in enumerate(jobs)])
+
+
+def _diff_job(old: bytes, new: bytes, method: Method | None, hdiff_max_input: int,
+              self_check: bool) -> Callable[[], bytes]:
+    def job() -> bytes:
+        return create_delta(old, new, method=method, hdiff_max_input=hdiff_max_input,
+                            self_check=self_check)
+    return job
+
+
+def _run(job: Callable[[], bytes], pool: Executor | None) -> Future[bytes]:
+    if pool is not None:
+        return pool.submit(job)
+    done: Future[bytes] = Future()
+    try:
+        done.set_result(job())
+    except BaseException as exc:  # re-raised by result(), as a pool's future would
+        done.set_exception(exc)
+    return done

@@ -6,10 +6,12 @@ rebuild of a release, which need both, are mesh.image.
 
 from mesh.release._chunks import (
     CHUNK_SIZE,
+    CHUNK_ZSTD_LEVEL,
     Chunk,
     assemble,
     chunk_id,
     chunk_layer,
+    compress_chunk,
     diff_id,
     open_chunk,
     open_stored_chunk,
@@ -73,14 +75,14 @@ from mesh.release._signing import (
 )
 
 __all__ = [
-    "CHUNK_SIZE", "DEFAULT_PIN_LIFETIME", "MAX_DELTAS_PER_LAYER", "MAX_ENVELOPE_BYTES",
-    "MAX_IMAGE_CONFIG", "Chunk",
+    "CHUNK_SIZE", "CHUNK_ZSTD_LEVEL", "DEFAULT_PIN_LIFETIME", "MAX_DELTAS_PER_LAYER",
+    "MAX_ENVELOPE_BYTES", "MAX_IMAGE_CONFIG", "Chunk",
     "ChunkError", "ChunkRef", "ContainerSettings", "HealthCheck", "HealthKind", "Layer",
     "LayerDelta", "ManifestError", "NetworkMode", "ReleaseError", "ReleaseManifest", "ReleasePin",
     "RestartPolicy", "SignedManifest", "SignedPin", "UpdateStrategy", "VerificationError",
     "VerifiedRelease", "Volume", "Freshness", "Timestamp", "TimestampGrant", "sign_timestamp",
     "sign_timestamp_grant", "verify_timestamp", "verify_timestamp_grant", "admit_release",
-    "assemble", "chunk_id", "chunk_layer",
+    "assemble", "chunk_id", "chunk_layer", "compress_chunk",
     "decode_manifest", "decode_pin", "decode_signed_manifest", "decode_signed_pin", "diff_id",
     "encode_manifest", "encode_pin", "encode_signed_manifest", "encode_signed_pin",
     "key_fingerprint", "key_id", "new_pin",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Final
 
@@ -26,7 +27,7 @@ class Chunk:
     data: bytes  # zstd frame
 
 
-def chunk_id(uncompressed: bytes) -> bytes:
+def chunk_id(uncompressed: bytes | memoryview) -> bytes:
     """A chunk's name: blake3 of its uncompressed bytes (32 bytes)."""
     return blake3.blake3(uncompressed).digest()
 
@@ -35,16 +36,25 @@ def diff_id(layer: bytes) -> str:
     return "sha256:" + hashlib.sha256(layer).hexdigest()
 
 
-def chunk_layer(data: bytes, chunk_size: int = CHUNK_SIZE) -> tuple[Chunk, ...]:
-    """`data` cut into `chunk_size` pieces (the last may be shorter), each zstd-compressed."""
+def chunk_layer(data: bytes, chunk_size: int = CHUNK_SIZE, *,
+                pool: Executor | None = None) -> tuple[Chunk, ...]:
+    """`data` cut into `chunk_size` pieces (the last may be shorter), each zstd-compressed.
+
+    With `pool` (threads: zstd releases the GIL), the pieces are compressed at the same time;
+    each frame is the same either way (one frame per piece, same level and parameters)."""
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
-    chunks = []
-    for start in range(0, len(data), chunk_size):
-        piece = data[start:start + chunk_size]
-        frame = zstd.compress(piece, level=CHUNK_ZSTD_LEVEL)
-        chunks.append(Chunk(ChunkRef(chunk_id(piece), len(piece), len(frame)), frame))
-    return tuple(chunks)
+    with memoryview(data) as view:
+        pieces = [view[start:start + chunk_size] for start in range(0, len(data), chunk_size)]
+        if pool is None:
+            return tuple(compress_chunk(p) for p in pieces)
+        return tuple(pool.map(compress_chunk, pieces))
+
+
+def compress_chunk(piece: bytes | memoryview) -> Chunk:
+    """One chunk: `piece` as a zstd frame at CHUNK_ZSTD_LEVEL, named by its blake3."""
+    frame = zstd.compress(piece, level=CHUNK_ZSTD_LEVEL)
+    return Chunk(ChunkRef(chunk_id(piece), len(piece), len(frame)), frame)
 
 
 def open_chunk(ref: ChunkRef, frame: bytes) -> bytes:

@@ -158,6 +158,28 @@ def test_plan_layer_picks_best_base_or_full() -> None:
     assert unrelated.patch is None and unrelated.wire_size == unrelated.full_size
 
 
+def test_plan_in_a_pool_is_the_plan_made_one_diff_after_the_other() -> None:
+    """start_plan runs the diffs concurrently, longest first; the choice must still be the
+    first smallest in candidate then method order, as create_delta makes them one by one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mesh.image import start_plan
+
+    other = _TAR_OLD.replace(b"print('x')", b"print('z')")
+    candidates = {_diff_id(_TAR_OLD): _TAR_OLD, _diff_id(other): other}
+    expected = []
+    for source_id, old in candidates.items():
+        for method in (None, Method.TAR_MEMBERS, Method.ZSTD_PREFIX):
+            patch = create_delta(old, _TAR_NEW, method=method, self_check=False)
+            expected.append((source_id, read_header(patch).method.name, patch))
+    best = min(expected, key=lambda t: len(t[2]))  # min keeps the first of equals
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        pooled = start_plan(_TAR_NEW, candidates, pool=pool).result(10**6)
+    for plan in (pooled, plan_layer(_TAR_NEW, candidates, full_size=10**6)):
+        assert plan.tried == tuple((s, m, len(b)) for s, m, b in expected)
+        assert (plan.source_diff_id, plan.patch) == (best[0], best[2])
+
+
 _TAR_OLD = _tar({"a/lib.so": bytes(range(256)) * 40, "a/x.py": b"print('x')\n" * 50,
                  "pkg-1.0.dist-info/RECORD": b"a/x.py,sha256=abc,550\n"})
 _TAR_NEW = _tar({"a/lib.so": bytes(range(256)) * 20 + b"new" + bytes(range(256)) * 20,

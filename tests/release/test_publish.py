@@ -10,8 +10,15 @@ from pathlib import Path
 import pytest
 from nacl.signing import SigningKey
 
-from mesh.image import materialize_release, read_saved_image
-from mesh.release import ContainerSettings, decode_signed_manifest, verify_manifest, verify_release
+from mesh.image import materialize_release, plan_layer, read_saved_image
+from mesh.release import (
+    ContainerSettings,
+    Layer,
+    chunk_layer,
+    decode_signed_manifest,
+    verify_manifest,
+    verify_release,
+)
 from ops._publish import PublishError, PublishResult, publish_image
 
 from ._fakes import FakeRegistry, diff_id, image_config, layer_tar, saved_image_tar
@@ -120,3 +127,78 @@ def test_key_zero_means_no_deltas(tmp_path: Path, key: SigningKey) -> None:
     r2 = _publish(reg, key, _image(tmp_path, 2), tmp_path, keep=0)
     assert r2.version == 2 and all(not x.deltas for x in r2.layers)
     assert r2.layers[0].reused_from is None  # nothing looked at: the base is chunked again
+
+
+# ---- work not done twice: parallel chunks and deltas, chunks reused from earlier releases ----
+
+_BIG = random.Random(11).randbytes(5 * 1024 * 1024)  # > one chunk, the same in both versions
+
+
+def _big_layer(version: int) -> bytes:
+    return layer_tar({"data/big.bin": _BIG,
+                      "data/tail.bin": random.Random(100 + version).randbytes(300_000)})
+
+
+def _big_image(tmp_path: Path, version: int) -> Path:
+    layers = [BASE, _big_layer(version)]
+    return saved_image_tar(tmp_path / f"big{version}.tar", layers,
+                           image_config(layers, ("echo", f"v{version}")))
+
+
+def _cold_layer(reg: FakeRegistry, key: SigningKey, version: int) -> Layer:
+    """What the registry's manifest says of the big layer, checked against a cold computation:
+    chunk_layer on one thread and plan_layer in place, the publisher's code paths not used."""
+    manifest = verify_manifest(decode_signed_manifest(reg.release_manifest("cams", "web",
+                                                                           version)),
+                               key.verify_key, None)
+    layer = manifest.layers[1]
+    cold = chunk_layer(_big_layer(version))
+    assert layer.chunks == tuple(c.ref for c in cold)
+    for c in cold:
+        assert reg.blobs[c.ref.id.hex()] == c.data
+    return layer
+
+
+def test_chunks_reused_by_id_and_parallel_work_match_a_cold_run(tmp_path: Path,
+                                                                 key: SigningKey) -> None:
+    reg = FakeRegistry(key.verify_key)
+    _publish(reg, key, _big_image(tmp_path, 1), tmp_path, workers=2)
+    first = _cold_layer(reg, key, 1)
+    puts = len(reg.puts)
+    r2 = _publish(reg, key, _big_image(tmp_path, 2), tmp_path, workers=2)
+    second = _cold_layer(reg, key, 2)
+    # The first 4 MiB of the layer did not change: v1's chunk is named again, not sent again.
+    assert second.chunks[0] == first.chunks[0] and second.chunks[1:] != first.chunks[1:]
+    assert first.chunks[0].id.hex() not in reg.puts[puts:]
+    assert r2.uploaded_blobs == len(second.chunks) - 1 + len(second.deltas)
+    # The delta is the one plan_layer picks alone, byte for byte.
+    plan = plan_layer(_big_layer(2), {diff_id(_big_layer(1)): _big_layer(1)},
+                      full_size=sum(c.stored_size for c in second.chunks))
+    assert plan.patch is not None and len(second.deltas) == 1
+    assert reg.blobs[second.deltas[0].blob_id.hex()] == plan.patch
+
+
+def test_a_chunk_gone_from_the_coordinator_is_compressed_and_sent_again(
+        tmp_path: Path, key: SigningKey) -> None:
+    reg = FakeRegistry(key.verify_key)
+    _publish(reg, key, _big_image(tmp_path, 1), tmp_path)
+    shared = _cold_layer(reg, key, 1).chunks[0].id.hex()
+    del reg.blobs[shared]  # e.g. removed by the coordinator's blob GC, or lost
+    puts = len(reg.puts)
+    _publish(reg, key, _big_image(tmp_path, 2), tmp_path)
+    assert shared in reg.puts[puts:]
+    _cold_layer(reg, key, 2)  # same manifest entry and the very frame of a cold run
+
+
+def test_a_corrupted_cached_base_layer_is_rebuilt_not_used(tmp_path: Path,
+                                                          key: SigningKey) -> None:
+    reg = FakeRegistry(key.verify_key)
+    _publish(reg, key, _image(tmp_path, 1), tmp_path)
+    cached = tmp_path / "cache" / f"{diff_id(_app(1))[7:]}.tar"
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(_app(1)[:-10] + b"x" * 10)  # same size, wrong bytes
+    r2 = _publish(reg, key, _image(tmp_path, 2), tmp_path)
+    assert cached.read_bytes() == _app(1)  # rebuilt from the registry's chunks
+    delta = r2.layers[1].deltas[0]
+    plan = plan_layer(_app(2), {diff_id(_app(1)): _app(1)}, full_size=r2.layers[1].stored_size)
+    assert plan.patch is not None and reg.blobs[delta.blob_id.hex()] == plan.patch
