@@ -19,6 +19,8 @@ from mesh.control import (
 from mesh.names import APP_NAME_RE, DEVICE_NAME_RE, MAX_APP_NAME
 
 from ._http import MAX_INT
+from .routes.devices import DEFAULT_WAIT, MAX_WAIT
+from .routes.logs import DEFAULT_LOG_PAGE, MAX_LOG_PAGE, MAX_LOG_WAIT
 from .routes.releases import MAX_PIN_HEX
 from .routes.tokens import MAX_EXPIRES_IN, MIN_EXPIRES_IN
 
@@ -213,7 +215,8 @@ def openapi_document() -> dict[str, Any]:
             "parameters": [
                 {"name": "version", "in": "query", "schema": {**_UINT, "default": 0}},
                 {"name": "wait", "in": "query",
-                 "schema": {"type": "number", "default": 25, "minimum": 0, "maximum": 120}}],
+                 "schema": {"type": "number", "default": DEFAULT_WAIT, "minimum": 0,
+                            "maximum": MAX_WAIT}}],
             "responses": {"200": _json(_ref("PeerMap")),
                           "304": {"description": "unchanged after waiting"}, **_ERRORS}}},
         "/api/v1/device/state": {"post": {
@@ -330,10 +333,11 @@ def openapi_document() -> dict[str, Any]:
             "security": _OPERATOR, "parameters": [_NAME, *(
                 {"name": n, "in": "query", "schema": s} for n, s in (
                     ("after", {**_UINT, "default": 0}),
-                    ("limit", {"type": "integer", "minimum": 1, "maximum": 5000,
-                               "default": 1000}),
-                    ("wait", {"type": "number", "minimum": 0, "maximum": 30, "default": 0}),
-                    ("tail", {"type": "integer", "minimum": 1, "maximum": 5000})))],
+                    ("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LOG_PAGE,
+                               "default": DEFAULT_LOG_PAGE}),
+                    ("wait", {"type": "number", "minimum": 0, "maximum": MAX_LOG_WAIT,
+                              "default": 0}),
+                    ("tail", {"type": "integer", "minimum": 1, "maximum": MAX_LOG_PAGE})))],
             "responses": {"200": _json(_ref("LogPage")), **_ERRORS}}},
         "/api/v1/devices/{name}/update": {"post": {
             "summary": "force the device past its app's update lock (or take that back)",
