@@ -10,6 +10,7 @@ from mesh.control import (
     LOG_STREAMS,
     MAX_APPS,
     MAX_BODY_BYTES,
+    MAX_COUNT,
     MAX_ERROR_LEN,
     MAX_FAILED,
     MAX_LOG_BODY,
@@ -38,8 +39,12 @@ _APP = {"type": "string", "pattern": _ecma(APP_NAME_RE), "maxLength": MAX_APP_NA
 _WG_KEY = {"type": "string", "pattern": "^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$",
            "description": "a WireGuard public key: 32 bytes in base64"}
 _ED25519_HEX = {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}
-_EXPIRES = {"type": "integer", "minimum": MIN_EXPIRES_IN, "maximum": MAX_EXPIRES_IN,
+# null stands for absent in every optional number a route reads (coordinator._http.int_field,
+# mesh.control's counts)
+_EXPIRES = {"type": ["integer", "null"], "minimum": MIN_EXPIRES_IN, "maximum": MAX_EXPIRES_IN,
             "default": 3600}
+_COUNT = {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_COUNT,
+          "description": "absent or null is 0"}
 _UINT = {"type": "integer", "minimum": 0, "maximum": MAX_INT}
 
 
@@ -121,14 +126,14 @@ SCHEMAS: dict[str, Any] = {
                          peers={"type": "array", "items": _ref("PeerPath")},
                          apps={"type": "array", "items": _ref("AppStatus"),
                                "maxItems": MAX_APPS}),
-    "SourceBytes": _obj(["lan", "wan_peer", "coordinator"], lan=_INT, wan_peer=_INT,
-                        coordinator=_INT),
+    "SourceBytes": _obj(["lan", "wan_peer", "coordinator"], lan=_COUNT, wan_peer=_COUNT,
+                        coordinator=_COUNT),
     "AppStatus": _obj(["app", "state"], app=_STR, running=_INTN, target=_INTN,
-                      state={"enum": list(APP_STATES)}, bytes_done=_INT, bytes_total=_INT,
+                      state={"enum": list(APP_STATES)}, bytes_done=_COUNT, bytes_total=_COUNT,
                       by_source=_ref("SourceBytes"), lock_since=_NUMN,
                       error={"type": ["string", "null"], "maxLength": MAX_ERROR_LEN},
                       failed={"type": "array", "items": _INT, "maxItems": MAX_FAILED},
-                      retry_seen=_INT, updated_at={"type": "number"}),
+                      retry_seen=_COUNT, updated_at={"type": "number"}),
     "DeviceApp": {"allOf": [_ref("AppStatus"), _obj(["lock_stale"],
                                                     lock_stale={"type": "boolean"})]},
     "LogUpload": _obj(["lines"], lines={"type": "array", "maxItems": MAX_LOG_LINES,
@@ -137,7 +142,7 @@ SCHEMAS: dict[str, Any] = {
                                                       stream={"enum": list(LOG_STREAMS)},
                                                       line={"type": "string",
                                                             "maxLength": MAX_LOG_LINE})},
-                      dropped=_INT),
+                      dropped=_COUNT),
     "LogPage": _obj(["lines", "next", "dropped"], next=_INT, dropped=_INT,
                     lines={"type": "array", "items": _obj(
                         ["seq", "ts", "app", "stream", "line"], seq=_INT,
@@ -169,7 +174,7 @@ SCHEMAS: dict[str, Any] = {
                        apps={"type": "array", "items": _ref("DeviceApp")}),
     # uses: at most the fleet's quota of devices (the coordinator's --max-fleet-devices)
     "TokenRequest": _obj(["fleet"], fleet=_DEV,
-                         uses={"type": "integer", "minimum": 1, "default": 1},
+                         uses={"type": ["integer", "null"], "minimum": 1, "default": 1},
                          expires_in=_EXPIRES, name=_DEVN),
     "Token": _obj(["token", "fleet", "uses", "expires_at"], token=_STR, fleet=_STR,
                   uses={"type": "integer"}, expires_at={"type": "number"}),
