@@ -8,7 +8,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from ._http import Deps, disconnected, http_error, server_error
 from ._listen import HttpLimits, SourceGate
@@ -22,16 +22,19 @@ async def openapi(request: Request) -> Response:
     return JSONResponse(openapi_document())
 
 
+def app_routes() -> list[BaseRoute]:
+    """Every route the app serves (the OpenAPI document must name each one: tests/fuzz)."""
+    return [*devices.ROUTES, *tokens.ROUTES, *operators.ROUTES, *releases.ROUTES, *logs.ROUTES,
+            Route("/openapi.json", openapi, methods=["GET"]), *dashboard.ROUTES]
+
+
 def build_app(service: FleetService, limits: HttpLimits | None = None,
               gate: SourceGate | None = None) -> Starlette:
     """The app over `service`, with a fresh (empty) table of dashboard sessions; `limits` are
     its body deadlines and `gate` learns which connections authenticated (a fresh one with
     the default limits if None: the app alone, without coordinator._listen's listener)."""
     limits = limits or HttpLimits()
-    routes = [*devices.ROUTES, *tokens.ROUTES, *operators.ROUTES, *releases.ROUTES,
-              *logs.ROUTES, Route("/openapi.json", openapi, methods=["GET"]),
-              *dashboard.ROUTES]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error,
+    app = Starlette(routes=app_routes(), exception_handlers={HTTPException: http_error,
                                                        ClientDisconnect: disconnected,
                                                        Exception: server_error})
     app.state.deps = Deps(service, SessionTable(service.settings.clock), limits,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from mesh.control import (
@@ -9,12 +10,42 @@ from mesh.control import (
     LOG_STREAMS,
     MAX_APPS,
     MAX_BODY_BYTES,
+    MAX_COUNT,
     MAX_ERROR_LEN,
     MAX_FAILED,
     MAX_LOG_BODY,
     MAX_LOG_LINE,
     MAX_LOG_LINES,
 )
+from mesh.names import APP_NAME_RE, DEVICE_NAME_RE, MAX_APP_NAME
+
+from ._http import MAX_INT
+from .routes.devices import DEFAULT_WAIT, MAX_WAIT
+from .routes.logs import DEFAULT_LOG_PAGE, MAX_LOG_PAGE, MAX_LOG_WAIT
+from .routes.releases import MAX_PIN_HEX
+from .routes.tokens import MAX_EXPIRES_IN, MIN_EXPIRES_IN
+
+
+def _ecma(regex: re.Pattern[str]) -> str:
+    """A Python full-match pattern (`...\\Z`) as a JSON Schema one (ECMA-262, anchored)."""
+    return "^" + regex.pattern.removesuffix("\\Z") + "$"
+
+
+# What the coordinator accepts (mesh.control's checks), so that the document tells clients and
+# the fuzzer (tests/fuzz) the same rules the routes enforce.
+_DEV = {"type": "string", "pattern": _ecma(DEVICE_NAME_RE)}  # device and fleet names
+_DEVN = {"type": ["string", "null"], "pattern": _ecma(DEVICE_NAME_RE)}
+_APP = {"type": "string", "pattern": _ecma(APP_NAME_RE), "maxLength": MAX_APP_NAME}
+_WG_KEY = {"type": "string", "pattern": "^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$",
+           "description": "a WireGuard public key: 32 bytes in base64"}
+_ED25519_HEX = {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}
+# null stands for absent in every optional number a route reads (coordinator._http.int_field,
+# mesh.control's counts)
+_EXPIRES = {"type": ["integer", "null"], "minimum": MIN_EXPIRES_IN, "maximum": MAX_EXPIRES_IN,
+            "default": 3600}
+_COUNT = {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_COUNT,
+          "description": "absent or null is 0"}
+_UINT = {"type": "integer", "minimum": 0, "maximum": MAX_INT}
 
 
 def _ref(name: str) -> dict[str, Any]:
@@ -35,9 +66,9 @@ _BLOB_ID = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 _OCTETS = {"type": "string", "format": "binary"}
 _RELEASE_PARAMS = [
     {"name": p, "in": "path", "required": True, "schema": s}
-    for p, s in (("fleet", {"type": "string"}), ("app", {"type": "string"}),
-                 ("version", {"type": "integer", "minimum": 1}))]
-_FLEET = {"name": "fleet", "in": "path", "required": True, "schema": {"type": "string"}}
+    for p, s in (("fleet", _DEV), ("app", _APP),
+                 ("version", {"type": "integer", "minimum": 1, "maximum": MAX_INT}))]
+_FLEET = {"name": "fleet", "in": "path", "required": True, "schema": _DEV}
 _BLOB_PARAM = {"name": "blob_id", "in": "path", "required": True, "schema": _BLOB_ID}
 
 
@@ -47,7 +78,7 @@ def _raw(description: str = "raw bytes") -> dict[str, Any]:
 # the dashboard's session cookie stands in for the key (plus X-CSRF-Token unless GET)
 _OPERATOR: list[dict[str, list[str]]] = [{"operatorKey": []}, {"dashboardSession": []}]
 _DEVICE: list[dict[str, list[str]]] = [{"deviceCredential": []}]
-_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+_NAME = {"name": "name", "in": "path", "required": True, "schema": _DEV}
 _STR = {"type": "string"}
 _STRN = {"type": ["string", "null"]}
 _NUMN = {"type": ["number", "null"]}
@@ -71,7 +102,7 @@ SCHEMAS: dict[str, Any] = {
                     public_key=_STR, endpoint=_STR, mesh_ipv4=_STR, mesh_ipv6=_STR,
                     api_url=_STR),
     # credential or key_proof: enrolling again an active device (docs/security.md)
-    "EnrollRequest": _obj(["token", "public_key"], token=_STR, public_key=_STR, name=_STRN,
+    "EnrollRequest": _obj(["token", "public_key"], token=_STR, public_key=_WG_KEY, name=_DEVN,
                           lan_endpoints=_EPS, agent_version=_STR, credential=_STRN,
                           key_proof=_obj(["challenge", "mac"], challenge=_STR, mac=_STR)),
     "Enrollment": _obj(["device_id", "name", "fleet", "credential", "mesh_ipv4", "mesh_ipv6",
@@ -95,14 +126,14 @@ SCHEMAS: dict[str, Any] = {
                          peers={"type": "array", "items": _ref("PeerPath")},
                          apps={"type": "array", "items": _ref("AppStatus"),
                                "maxItems": MAX_APPS}),
-    "SourceBytes": _obj(["lan", "wan_peer", "coordinator"], lan=_INT, wan_peer=_INT,
-                        coordinator=_INT),
+    "SourceBytes": _obj(["lan", "wan_peer", "coordinator"], lan=_COUNT, wan_peer=_COUNT,
+                        coordinator=_COUNT),
     "AppStatus": _obj(["app", "state"], app=_STR, running=_INTN, target=_INTN,
-                      state={"enum": list(APP_STATES)}, bytes_done=_INT, bytes_total=_INT,
+                      state={"enum": list(APP_STATES)}, bytes_done=_COUNT, bytes_total=_COUNT,
                       by_source=_ref("SourceBytes"), lock_since=_NUMN,
                       error={"type": ["string", "null"], "maxLength": MAX_ERROR_LEN},
                       failed={"type": "array", "items": _INT, "maxItems": MAX_FAILED},
-                      retry_seen=_INT, updated_at={"type": "number"}),
+                      retry_seen=_COUNT, updated_at={"type": "number"}),
     "DeviceApp": {"allOf": [_ref("AppStatus"), _obj(["lock_stale"],
                                                     lock_stale={"type": "boolean"})]},
     "LogUpload": _obj(["lines"], lines={"type": "array", "maxItems": MAX_LOG_LINES,
@@ -111,7 +142,7 @@ SCHEMAS: dict[str, Any] = {
                                                       stream={"enum": list(LOG_STREAMS)},
                                                       line={"type": "string",
                                                             "maxLength": MAX_LOG_LINE})},
-                      dropped=_INT),
+                      dropped=_COUNT),
     "LogPage": _obj(["lines", "next", "dropped"], next=_INT, dropped=_INT,
                     lines={"type": "array", "items": _obj(
                         ["seq", "ts", "app", "stream", "line"], seq=_INT,
@@ -141,8 +172,10 @@ SCHEMAS: dict[str, Any] = {
                        mesh_ipv6=_STRN, agent_version=_STR, endpoint=_STRN, lan_endpoints=_EPS,
                        last_seen=_NUMN, last_report=_NUMN, enrolled_at=_NUMN, release=_INTN,
                        apps={"type": "array", "items": _ref("DeviceApp")}),
-    "TokenRequest": _obj(["fleet"], fleet=_STR, uses={"type": "integer", "default": 1},
-                         expires_in={"type": "integer", "default": 3600}, name=_STRN),
+    # uses: at most the fleet's quota of devices (the coordinator's --max-fleet-devices)
+    "TokenRequest": _obj(["fleet"], fleet=_DEV,
+                         uses={"type": ["integer", "null"], "minimum": 1, "default": 1},
+                         expires_in=_EXPIRES, name=_DEVN),
     "Token": _obj(["token", "fleet", "uses", "expires_at"], token=_STR, fleet=_STR,
                   uses={"type": "integer"}, expires_at={"type": "number"}),
     "Join": _obj(["url", "token", "name", "fleet"], url=_STR, token=_STR, name=_STR,
@@ -150,7 +183,7 @@ SCHEMAS: dict[str, Any] = {
     "PeerReport": _obj(["peer", "public_key", "path", "endpoint", "last_handshake"],
                        peer=_STRN, public_key=_STR, path={"enum": ["direct", "relay", "none"]},
                        endpoint=_STRN, last_handshake=_NUMN),
-    "OperatorRequest": _obj(["name", "public_key"], name=_STR, public_key=_STR),
+    "OperatorRequest": _obj(["name", "public_key"], name=_DEV, public_key=_WG_KEY),
     "ReleaseInfo": _obj(["fleet", "app", "version", "created_at", "key_id", "layers", "size",
                          "stored_size", "delta_size", "published_at"],
                         fleet=_STR, app=_STR, version=_INT, created_at=_INT, key_id=_STR,
@@ -185,9 +218,10 @@ def openapi_document() -> dict[str, Any]:
         "/api/v1/device/peermap": {"get": {
             "summary": "long poll for the device's peer map", "security": _DEVICE,
             "parameters": [
-                {"name": "version", "in": "query", "schema": {"type": "integer", "default": 0}},
+                {"name": "version", "in": "query", "schema": {**_UINT, "default": 0}},
                 {"name": "wait", "in": "query",
-                 "schema": {"type": "number", "default": 25, "maximum": 30}}],
+                 "schema": {"type": "number", "default": DEFAULT_WAIT, "minimum": 0,
+                            "maximum": MAX_WAIT}}],
             "responses": {"200": _json(_ref("PeerMap")),
                           "304": {"description": "unchanged after waiting"}, **_ERRORS}}},
         "/api/v1/device/state": {"post": {
@@ -200,12 +234,12 @@ def openapi_document() -> dict[str, Any]:
             "responses": {"201": _json(_ref("Token")), **_ERRORS}}},
         "/api/v1/devices": {
             "get": {"summary": "list devices", "security": _OPERATOR,
-                    "parameters": [{"name": "fleet", "in": "query", "schema": _STR}],
+                    "parameters": [{"name": "fleet", "in": "query", "schema": _DEV}],
                     "responses": {"200": _json(_obj(["devices"], devices={
                         "type": "array", "items": _ref("DeviceInfo")})), **_ERRORS}},
             "post": {"summary": "provision a device", "security": _OPERATOR,
-                     "requestBody": _body(_obj(["name", "fleet"], name=_STR, fleet=_STR,
-                                               expires_in={"type": "integer"})),
+                     "requestBody": _body(_obj(["name", "fleet"], name=_DEV, fleet=_DEV,
+                                               expires_in=_EXPIRES)),
                      "responses": {"201": _json(_obj(["device", "join"],
                                                      device=_ref("DeviceInfo"),
                                                      join=_ref("Join"))), **_ERRORS}}},
@@ -253,15 +287,17 @@ def openapi_document() -> dict[str, Any]:
         "/api/v1/fleets/{fleet}/release-key": {"put": {
             "summary": "set the fleet's Ed25519 release key (hex)", "security": _OPERATOR,
             "parameters": [_FLEET], "requestBody": _body(_obj(["public_key"],
-                                                              public_key=_STR)),
+                                                              public_key=_ED25519_HEX)),
             "responses": {"200": _json(_obj(["fleet", "public_key", "key_id"],
                                             fleet=_STR, public_key=_STR, key_id=_STR)),
                           **_ERRORS}}},
         "/api/v1/fleets/{fleet}/target": {"put": {
             "summary": "the release the fleet's devices (or one device) should run",
             "security": _OPERATOR, "parameters": [_FLEET],
-            "requestBody": _body(_obj(["app", "version"], app=_STR, version=_INT,
-                                      device=_STRN, pin=_STRN)),
+            "requestBody": _body(_obj(
+                ["app", "version"], app=_APP,
+                version={"type": "integer", "minimum": 1, "maximum": MAX_INT}, device=_DEVN,
+                pin={"type": ["string", "null"], "maxLength": MAX_PIN_HEX})),
             "responses": {"200": _json(_ref("Target")), **_ERRORS}}},
         "/api/v1/fleets/{fleet}/timestamp-key": {"get": {
             "summary": "the coordinator's online timestamp public key (hex), to grant",
@@ -285,8 +321,8 @@ def openapi_document() -> dict[str, Any]:
         "/api/v1/releases": {
             "get": {"summary": "a fleet's releases, newest first", "security": _OPERATOR,
                     "parameters": [{"name": "fleet", "in": "query", "required": True,
-                                    "schema": _STR},
-                                   {"name": "app", "in": "query", "schema": _STR}],
+                                    "schema": _DEV},
+                                   {"name": "app", "in": "query", "schema": _APP}],
                     "responses": {"200": _json(_obj(["releases"], releases={
                         "type": "array", "items": _ref("ReleaseInfo")})), **_ERRORS}},
             "post": {"summary": "publish an encoded SignedManifest", "security": _OPERATOR,
@@ -316,23 +352,24 @@ def openapi_document() -> dict[str, Any]:
             "summary": "the device's log lines after a sequence number; long poll",
             "security": _OPERATOR, "parameters": [_NAME, *(
                 {"name": n, "in": "query", "schema": s} for n, s in (
-                    ("after", {"type": "integer", "minimum": 0, "default": 0}),
-                    ("limit", {"type": "integer", "minimum": 1, "maximum": 5000,
-                               "default": 1000}),
-                    ("wait", {"type": "number", "minimum": 0, "maximum": 30, "default": 0}),
-                    ("tail", {"type": "integer", "minimum": 1, "maximum": 5000})))],
+                    ("after", {**_UINT, "default": 0}),
+                    ("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LOG_PAGE,
+                               "default": DEFAULT_LOG_PAGE}),
+                    ("wait", {"type": "number", "minimum": 0, "maximum": MAX_LOG_WAIT,
+                              "default": 0}),
+                    ("tail", {"type": "integer", "minimum": 1, "maximum": MAX_LOG_PAGE})))],
             "responses": {"200": _json(_ref("LogPage")), **_ERRORS}}},
         "/api/v1/devices/{name}/update": {"post": {
             "summary": "force the device past its app's update lock (or take that back)",
             "security": _OPERATOR, "parameters": [_NAME],
-            "requestBody": _body(_obj(["app", "force"], app=_STR, force={"type": "boolean"})),
+            "requestBody": _body(_obj(["app", "force"], app=_APP, force={"type": "boolean"})),
             "responses": {"200": _json(_obj(["device", "app", "version", "force"], device=_STR,
                                             app=_STR, version=_INT,
                                             force={"type": "boolean"})), **_ERRORS}}},
         "/api/v1/devices/{name}/retry": {"post": {
             "summary": "let the device retry the app version it marked failed",
             "security": _OPERATOR, "parameters": [_NAME],
-            "requestBody": _body(_obj(["app"], app=_STR)),
+            "requestBody": _body(_obj(["app"], app=_APP)),
             "responses": {"200": _json(_obj(["device", "app", "retry"], device=_STR, app=_STR,
                                             retry=_INT)), **_ERRORS}}},
         "/api/v1/releases/{fleet}/{app}/{version}/status": {"get": {

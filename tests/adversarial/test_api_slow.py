@@ -199,3 +199,28 @@ async def test_unauthenticated_connections_per_source_are_bounded(tmp_path: Path
                 break
         for s in [*idle[1:], again, authed, extra]:
             await s.aclose()
+
+
+async def test_a_connection_its_client_closed_frees_its_place_at_once(tmp_path: Path) -> None:
+    """Found by the API fuzzer (tests/fuzz): a connection closed by its client after an answer
+    stayed held until the idle deadline, so a source making short unauthenticated requests,
+    each on a new connection (dashboard sign-ins, enrollments), was refused after N of them.
+    Now each place is free once its client has closed: 3 N such requests in a row are all
+    answered, with the idle deadline (60 s) far beyond the test's."""
+    limits = HttpLimits(body_timeout=1.0, body_piece_timeout=0.5, idle_timeout=60.0,
+                        tls_handshake_timeout=60.0, max_unauthenticated_per_source=4)
+    request = b"GET /openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    async with running_harness(_config(tmp_path, limits)) as h:
+        for _ in range(3 * limits.max_unauthenticated_per_source):
+            # the server sees the previous close a moment after the client made it: a refused
+            # connection (closed before its handshake) is tried again until SLACK runs out
+            with trio.fail_after(SLACK):
+                while True:
+                    try:
+                        stream = await _tls(h.coord)
+                    except (trio.BrokenResourceError, ssl.SSLError):
+                        continue
+                    break
+            assert (await _exchange(stream, request)).startswith(b"HTTP/1.1 200")
+            await stream.aclose()
+        await _still_serving(h)
