@@ -389,7 +389,10 @@ for method in Method:
             assert not isinstance(exc.__context__, MemoryError), exc
         else:
             raise SystemExit("accepted a wrong length")
-print("ok", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM, not ru_maxrss: the kernel keeps ru_maxrss across exec, so a child of a large pytest
+# process would report the parent's peak; VmHWM belongs to this process's own memory map
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
+print("ok", hwm)
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, check=False)
