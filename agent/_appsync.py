@@ -83,10 +83,6 @@ class AppSync:
         m = release.manifest
         self._releases[(m.app, m.version)] = release
 
-    def _newest_version(self, node: NodeView | None, app: str) -> int | None:
-        newest = node.newest(self.fleet, app) if node is not None else None
-        return None if newest is None else newest.manifest.version
-
     # -- the step ----------------------------------------------------------------------------
 
     def sync(self, node: NodeView | None, now: float) -> bool:

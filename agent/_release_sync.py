@@ -133,6 +133,8 @@ class ReleaseSync:
         self.applier: Applier | None = None  # once the engine answers
         self.appsync: AppSync | None = None
         self._targeted: set[str] = set()  # apps the node was given a target for
+        # targets older than the node's newest, verified here (kept while they are targets)
+        self._older: dict[tuple[str, int], VerifiedRelease] = {}
         self._lan_names: frozenset[str] = frozenset()
         self._targets_wake = trio.Event()
         self._sync_wake = trio.Event()
@@ -280,6 +282,8 @@ class ReleaseSync:
         for app in self._targeted - {t.app for t in targets}:
             node.set_target(fleet, app, None)
         self._targeted = {t.app for t in targets}
+        current = {(t.app, t.version) for t in targets}
+        self._older = {k: v for k, v in self._older.items() if k in current}
         self._sync_wake.set()
 
     async def _target_release(self, node: GossipNode, target: DeviceTarget
@@ -295,12 +299,15 @@ class ReleaseSync:
         if newest is None or newest.manifest.version < target.version \
                 or self.enrollment.release_key is None:
             return None
-        known = sync.release(target.app, target.version) if sync is not None else None
-        if known is None:
-            data = await self.link.manifest(fleet, target.app, target.version)
-            known = self._verify(target, data)
-            if known is not None and sync is not None:
-                sync.add_release(known)
+        key = (target.app, target.version)
+        known = self._older.get(key)
+        if known is None:  # fetched and verified once, whether or not the applier runs yet
+            known = self._verify(target, await self.link.manifest(fleet, *key))
+            if known is None:
+                return None
+            self._older[key] = known
+        if sync is not None:  # an applier started later gets it too
+            sync.add_release(known)
         return known
 
     async def _read_timestamp(self) -> None:
