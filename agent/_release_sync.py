@@ -389,7 +389,10 @@ class ReleaseSync:
     # -- LAN discovery -------------------------------------------------------------------------
 
     def _on_lan_change(self, neighbours: Iterable[Neighbour]) -> None:
-        self._lan_names = frozenset(n.name for n in neighbours)
+        names = frozenset(n.name for n in neighbours)
+        if names != self._lan_names:
+            self.log(f"LAN neighbours: {', '.join(sorted(names)) or 'none'}")
+        self._lan_names = names
         if self.node is not None:
             self.node.set_lan(self._lan_names)
 

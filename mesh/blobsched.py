@@ -279,6 +279,10 @@ class BlobScheduler:
     def wanted(self) -> Mapping[bytes, int]:
         return dict(self._wanted)
 
+    def holders(self, blob_id: bytes) -> frozenset[str]:
+        """The peers that announced `blob_id`."""
+        return frozenset(self._holders.get(blob_id, ()))
+
     @property
     def missing(self) -> frozenset[bytes]:
         return frozenset(b for b in self._wanted if b not in self._have)

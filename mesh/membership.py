@@ -458,6 +458,18 @@ class Membership:
         self.events.append(MemberEvent("joined", node_id, inc, now))
         return m
 
+    def connected(self, node_id: str) -> Outgoing:
+        """`node_id` opened a connection to us. If we hold it dead, it is back from a stop or
+        a partition and does not know it was declared dead: our state goes to it (a
+        push-pull), so it refutes now rather than when a periodic push-pull or reconnect
+        happens to pick it (up to a push-pull interval; memberlist has its joiner push-pull
+        with a seed, which a device's first pick among all members may not reach). Once per
+        connection, so as often as the driver's connection backoff allows."""
+        m = self._members.get(node_id)
+        if m is None or m.status != Status.DEAD:
+            return []
+        return [(node_id, PushPull(self.self_id, self._states(), False))]
+
     def _remove(self, node_id: str) -> None:
         """`node_id` left the peer map: forget it."""
         m = self._members[node_id]

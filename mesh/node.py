@@ -280,6 +280,7 @@ class _Release:
     sched: BlobScheduler
     wanted: dict[bytes, WantedBlob]
     wanting: bool = False  # `want` has been given to the scheduler (see STARTUP_SETTLE)
+    wan_logged: bool = False  # the first fetch across the WAN was logged, with its reason
     # blob bytes received for this release, by source (the agent reports them per release)
     received: collections.Counter[str] = field(default_factory=collections.Counter)
 
@@ -533,20 +534,23 @@ class MeshNode:
     def set_lan(self, names: Iterable[str], now: float) -> None:
         """The LAN neighbours (names from LAN discovery; only peer-map names count). A
         neighbour found after its connection opened learns now what we hold: the snapshot on
-        that connection offered it only what another LAN's peer gets."""
+        that connection offered it only what another LAN's peer gets. Live or not in our
+        membership: being found on the LAN shows it is up, and a device back from a stop is
+        dead to us until it hears so and refutes, which can take a push-pull period."""
         new = frozenset(names)
         added, self._lan_names = new - self._lan_names, new
-        live = set(self.membership.live_members())
         for peer in sorted(added):
-            if peer in live and peer in self._peers:
+            if peer in self._peers:
                 self._send_haves(peer)
         self._refresh_peers(now)
 
     def connected(self, peer: str) -> None:
         """`peer` (re)connected to us: it learns at once what we hold, as it may have just
-        started and be about to decide where to fetch from (STARTUP_SETTLE)."""
+        started and be about to decide where to fetch from (STARTUP_SETTLE). One we hold dead
+        also gets our member list, so that it refutes now (Membership.connected)."""
         for have in self.have_messages(peer):
             self._out.append(Send(peer, have))
+        self._send_all(self.membership.connected(peer))
 
     def coordinator_reachable(self, ok: bool, now: float) -> None:
         """The driver's view of the coordinator (its control calls answer or fail): False
@@ -834,6 +838,14 @@ class MeshNode:
         if old is not None:
             self._forget(old)
         lan = f.source != COORDINATOR and f.source in self.lan
+        if not lan and not release.wan_logged:
+            # Once per release: why its bytes cross the WAN (what an operator of a metered
+            # fleet asks first).
+            release.wan_logged = True
+            holders = release.sched.holders(f.blob_id) & self.lan
+            self.log(f"release v{release.key.version}: first fetch across the WAN, blob "
+                     f"{f.blob_id.hex()[:16]} from {f.source} (LAN neighbours "
+                     f"{len(self.lan)}, of them holding it {len(holders)})")
         limit = DOWNLOAD_TIMEOUT_FACTOR * release.sched.fetch_limit(f.size, not lan)
         self._dl_seq += 1
         dl = _Download(self._dl_seq, release, f.blob_id, f.source, f.size, now + limit, lan)

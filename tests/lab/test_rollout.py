@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from lab import Lab, blobs_held, parse_topology, start_agent, stop_agent, wait_online
+from lab import LOG_DIR, Lab, blobs_held, parse_topology, start_agent, stop_agent, wait_online
 from lab.rollout import rollout
 
 from .conftest import lab_skip_reason, lab_up
@@ -44,6 +44,16 @@ def shared() -> Iterator[Lab]:
         yield lab
 
 
+def log_tail(device: str, lines: int = 60) -> str:
+    """The end of a device's agent log, for a failure's message: which neighbours it found,
+    where it fetched from and why."""
+    try:
+        text = (LOG_DIR / f"{device}.log").read_text(errors="replace")
+    except OSError as exc:
+        return f"(no log: {exc})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
 def test_each_lan_pulls_the_release_across_its_wan_about_once(shared: Lab) -> None:
     r = rollout(shared, version=1, size=RELEASE_BYTES)
     for lan in LANS:
@@ -63,11 +73,12 @@ def test_a_device_stopped_during_the_rollout_catches_up_on_the_lan(shared: Lab) 
     start_agent(shared, late)
     deadline = time.monotonic() + 120
     while not set(r.blobs) <= blobs_held(late):
-        assert time.monotonic() < deadline, "the returning device did not catch up"
+        assert time.monotonic() < deadline, \
+            f"the returning device did not catch up; its log:\n{log_tail(late)}"
         time.sleep(0.25)
     took = time.monotonic() - t0
     extra = shared.wan_counters(router)[0] - rx0 - r.idle_rx_per_s["lana"] * took
     print(f"returning device caught up in {took:.1f} s; its LAN's extra WAN bytes: "
           f"{extra:.0f} (release {r.release_bytes} bytes)")
     # rejoining costs a few handshakes and peer-map/gossip messages, never the release again
-    assert extra < 0.10 * r.release_bytes
+    assert extra < 0.10 * r.release_bytes, f"{late}'s log:\n{log_tail(late)}"

@@ -193,6 +193,26 @@ def test_push_pull_merge() -> None:
     assert a.receive(PushPull("b", members, True), "b", 3.1) == []  # replies are not answered
 
 
+def test_a_member_we_hold_dead_that_connects_learns_it_and_refutes_at_once() -> None:
+    """A device back from a stop starts at incarnation 0 and does not know it was declared
+    dead; its own alive claims are stale to us. Its connection is our cue to tell it."""
+    b = Membership("b", "10.0.0.2", random.Random(2))
+    b.seed([("a", "10.0.0.1"), ("c", "10.0.0.3")])
+    b.tick(0.0)
+    assert b.connected("a") == []  # alive: nothing to tell it
+    b.receive(Gossip("c", (MemberState("a", 0, Status.DEAD, "10.0.0.1"),)), "c", 1.0)
+    assert b.connected("zz") == []  # not a member
+    [(dest, pp)] = b.connected("a")
+    assert dest == "a" and isinstance(pp, PushPull) and not pp.is_reply
+    a = make(3)  # a's new life
+    a.tick(5.0)
+    [(_, reply)] = a.receive(pp, "b", 5.1)
+    assert a.incarnation == 1
+    b.receive(reply, "a", 5.2)
+    assert b.member("a") == MemberState("a", 1, Status.ALIVE, "10.0.0.1")
+    assert ("alive", "a") in {(e.kind, e.node_id) for e in b.drain_events()}
+
+
 def test_a_member_leaves_with_the_peer_map() -> None:
     a = make(4)
     a.tick(0.0)

@@ -38,7 +38,18 @@ from mesh.release import (
     sign_manifest,
 )
 from mesh.rumor import make_verifier
-from mesh.wire import MAX_PIECE, BlobData, BlobError, BlobRequest, Have, ReleaseKey, Rumor
+from mesh.wire import (
+    MAX_PIECE,
+    BlobData,
+    BlobError,
+    BlobRequest,
+    Gossip,
+    Have,
+    MemberState,
+    ReleaseKey,
+    Rumor,
+    Status,
+)
 from tests.gossip.helpers import APP, FLEET, KEY, Blob, make_blobs, make_manifest
 
 VERIFY = make_verifier(bytes(KEY.verify_key), fleet=FLEET)
@@ -666,3 +677,21 @@ def test_a_neighbour_found_late_gets_what_we_hold() -> None:
     n.set_lan(["lan1", "wan1"], 1.0)  # LAN discovery finds wan1 on our LAN after all
     held = tuple(sorted(b.ref.id for b in blobs[:2]))
     assert sent(n.drain(), Have) == [("wan1", Have(KEY1, held))]
+
+
+def test_a_neighbour_back_from_the_dead_gets_what_we_hold_when_lan_discovery_finds_it() -> None:
+    """The race behind a returning device fetching a release across the WAN (CI, issue 12):
+    lan1's agent stopped, we declared it dead and LAN discovery dropped it. It comes back and
+    connects before discovery finds it again, so that connection's snapshot offered it what
+    another LAN's peer gets (nothing, metered); discovery then finds it while membership still
+    holds it dead (it refutes only once it hears of its death). Being found on the LAN is proof
+    enough that it is up: it learns what we hold then, not after the refutation."""
+    n, blobs = holder()
+    n.set_lan([], 1.0)  # discovery: lan1 said goodbye
+    n.receive(Gossip("wan1", (MemberState("lan1", 0, Status.DEAD, ""),)), "wan1", 2.0)
+    assert "lan1" not in n.membership.live_members()
+    n.connected("lan1")  # back: its connection opens before discovery has found it
+    assert sent(n.drain(), Have) == []
+    n.set_lan(["lan1"], 3.0)
+    held = tuple(sorted(b.ref.id for b in blobs[:2]))
+    assert sent(n.drain(), Have) == [("lan1", Have(KEY1, held))]
