@@ -23,7 +23,7 @@ import trio.testing
 from agent._blobstore import BlobStore
 from agent._gossip import GossipNode
 from mesh.rumor import make_verifier
-from tests.gossip.helpers import APP, FLEET, KEY, make_blobs, make_manifest
+from tests.gossip.helpers import APP, FLEET, KEY, inline, make_blobs, make_manifest
 from tests.gossip.memnet import MemoryNetwork
 
 PEERS = {"a": "10.0.0.1", "b": "10.0.0.2"}
@@ -43,13 +43,6 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(mnt)], check=True)
 
 
-@pytest.fixture
-def thread_safe_clock() -> trio.testing.MockClock:
-    """Autojump only after 20 ms of real idleness: the driver stores blobs in worker threads
-    (tests/gossip/test_driver.py says why)."""
-    return trio.testing.MockClock(autojump_threshold=0.02)
-
-
 def fill(directory: Path) -> Path:
     """A file that takes every free block of `directory`'s file system."""
     filler = directory / "filler"
@@ -66,7 +59,8 @@ def make(net: MemoryNetwork, root: Path, name: str, log: list[str]) -> GossipNod
     return GossipNode(name, PEERS[name], peers=PEERS,
                       verify=make_verifier(bytes(KEY.verify_key), fleet=FLEET),
                       store=BlobStore(root / "blobs"), client=None, fleet=FLEET,
-                      rng=random.Random(name), network=net, log=log.append)
+                      rng=random.Random(name), network=net, log=log.append,
+                      run_blocking=inline)
 
 
 async def wait_until(predicate: object, step: float = 0.5) -> None:
@@ -76,7 +70,7 @@ async def wait_until(predicate: object, step: float = 0.5) -> None:
 
 
 async def test_a_full_disk_bans_no_one_and_fetching_resumes_when_space_returns(
-        tmp_path: Path, tiny_fs: Path, thread_safe_clock: trio.abc.Clock) -> None:
+        tmp_path: Path, tiny_fs: Path, autojump_clock: trio.abc.Clock) -> None:
     """b's store is on a full tmpfs: storing a's (honest, verified) blobs fails with ENOSPC.
     a is not banned, the failure is counted and logged as a full disk, and once the filler is
     removed b completes the release from a."""

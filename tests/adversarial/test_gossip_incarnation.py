@@ -33,7 +33,7 @@ from mesh.wire import (
     encode,
     encode_body,
 )
-from tests.gossip.helpers import APP, FLEET, KEY, make_blobs, make_manifest
+from tests.gossip.helpers import APP, FLEET, KEY, inline, make_blobs, make_manifest
 from tests.gossip.memnet import MemoryNetwork
 from tests.mesh.test_node import MemStore
 
@@ -122,7 +122,7 @@ def test_plausible_steps_toward_the_top_are_refuted_and_the_victim_recovers() ->
 def driver(net: MemoryNetwork, tmp: Path, name: str) -> GossipNode:
     return GossipNode(name, ADDRS[name], peers=ADDRS, verify=VERIFY,
                       store=BlobStore(tmp / name / "blobs"), client=None, fleet=FLEET,
-                      rng=random.Random(name), network=net)
+                      rng=random.Random(name), network=net, run_blocking=inline)
 
 
 async def test_through_the_driver_the_victim_survives_and_keeps_serving(

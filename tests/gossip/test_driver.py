@@ -17,19 +17,10 @@ from mesh.node import STARTUP_SETTLE
 from mesh.rumor import make_verifier
 from mesh.wire import Ping, encode
 
-from .helpers import APP, FLEET, KEY, make_blobs, make_manifest
+from .helpers import APP, FLEET, KEY, inline, make_blobs, make_manifest
 from .memnet import MemoryNetwork
 
 PEERS = {"a": "10.0.0.1", "b": "10.0.0.2"}
-
-
-@pytest.fixture
-def thread_safe_clock() -> trio.testing.MockClock:
-    """An autojump clock that waits for 20 ms of real idleness before it jumps: the driver
-    verifies and stores blobs in worker threads, and with pytest-trio's `autojump_clock`
-    (threshold 0) virtual time races through every timer while a thread works, so transfers
-    time out that took milliseconds."""
-    return trio.testing.MockClock(autojump_threshold=0.02)
 
 
 def make(net: MemoryNetwork, tmp: Path, name: str, peers: dict[str, str] | None = None,
@@ -38,11 +29,11 @@ def make(net: MemoryNetwork, tmp: Path, name: str, peers: dict[str, str] | None 
     return GossipNode(name, peers[name], peers=peers,
                       verify=make_verifier(bytes(KEY.verify_key), fleet=FLEET),
                       store=BlobStore(tmp / name / "blobs"), client=client,  # type: ignore[arg-type]
-                      fleet=FLEET, rng=random.Random(name), network=net)
+                      fleet=FLEET, rng=random.Random(name), network=net, run_blocking=inline)
 
 
 async def test_a_lan_neighbour_fetches_when_the_settle_gate_opens(
-        tmp_path: Path, thread_safe_clock: trio.abc.Clock) -> None:
+        tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
     net = MemoryNetwork()
     blobs = make_blobs(4, large=1)
     with trio.fail_after(60):
@@ -228,7 +219,7 @@ class CuttingSeed:
 
 
 async def test_a_cut_seed_download_resumes_where_it_stopped(
-        tmp_path: Path, thread_safe_clock: trio.abc.Clock) -> None:
+        tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
     (blob,) = make_blobs(1, large=1)  # > 1 MiB: several ranges
     size = blob.ref.stored_size
     seed = CuttingSeed(blob.frame, cut_after=1)
