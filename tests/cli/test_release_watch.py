@@ -49,9 +49,17 @@ class Fleet:
         return result.stdout
 
     def popen(self, *argv: str) -> subprocess.Popen[str]:
-        return subprocess.Popen([FLEETMESH, *argv], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True,
-                                env=self.coord.operator_env(self.home))
+        """The CLI in the background, Ctrl-C-able: a child inherits an *ignored* SIGINT (what a
+        run started in the background without job control has: `cmd &` in a script), and
+        Python then installs no KeyboardInterrupt handler; a *handled* SIGINT is reset to the
+        default at exec, so we handle it around the start."""
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            return subprocess.Popen([FLEETMESH, *argv], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True,
+                                    env=self.coord.operator_env(self.home))
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def report(self, device: str, *apps: AppStatus) -> None:
         async def go() -> None:
