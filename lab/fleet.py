@@ -14,6 +14,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -169,9 +170,11 @@ def agent_status(lab: LabNetwork, device: str) -> dict[str, Any]:
             "supervisor_pid": st["supervisor_pid"]}
 
 
-def start_agent(lab: LabNetwork, device: str) -> int:
+def start_agent(lab: LabNetwork, device: str, program: Sequence[str] | None = None) -> int:
     """Start an enrolled device's agent under its supervisor (restarted whenever it exits, as
-    systemd's Restart=always); returns the agent's PID. Already running: its current PID."""
+    systemd's Restart=always); returns the agent's PID. Already running: its current PID.
+    `program` replaces the `fleetmesh-agent` executable (same arguments): a test's hostile
+    agent."""
     d = _device(lab, device)
     if _supervisors(lab, device):
         return _wait_agent(lab, device, time.monotonic() + SUPERVISED_START_TIMEOUT)
@@ -187,7 +190,8 @@ def start_agent(lab: LabNetwork, device: str) -> int:
     apply = [] if "DOCKER_HOST" in lab.node_env(d) else ["--no-apply"]
     lab.spawn(d, [str(BIN / "python"), "-m", SUPERVISOR_MODULE, "--status",
                   str(_status_file(device)), "--",
-                  str(BIN / "fleetmesh-agent"), "run", "--data", str(AGENTS_DIR / d.name),
+                  *(program or [str(BIN / "fleetmesh-agent")]), "run",
+                  "--data", str(AGENTS_DIR / d.name),
                   *wg_ns, "--underlay", d.iface, *sharing, *apply],
               stdin=subprocess.DEVNULL, stdout=_log(d.name), stderr=subprocess.STDOUT)
     return _wait_agent(lab, device, time.monotonic() + SUPERVISED_START_TIMEOUT)
