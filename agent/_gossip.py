@@ -278,6 +278,10 @@ class GossipNode:
     def complete(self, fleet: str, app: str) -> bool:
         return self.core.complete(fleet, app)
 
+    def misbehaving_peers(self) -> dict[str, dict[str, int]]:
+        """Peer -> reason -> count since start (mesh.node.MeshNode.misbehaving_peers)."""
+        return self.core.misbehaving_peers()
+
     def changed(self) -> trio.Event:
         """Set at the next change of what `newest`, `progress` or `complete` report; once it
         fired, the next call returns a fresh event."""
@@ -596,6 +600,7 @@ class GossipNode:
                     msgs = decoder.feed(data)
                 except WireError as exc:
                     self.stats.counters["wire_errors"] += 1
+                    self.core.misbehaved(p.name, "bad_frame")
                     self.log(f"closing the connection from {p.name}: {exc}")
                     break
                 for m in msgs:

@@ -134,6 +134,8 @@ async def test_strangers_refused_and_garbage_closes_only_its_connection(
             while await junk.receive_some(10):
                 pass
             assert a.stats.counters["wire_errors"] == 1
+            # counted against the peer whose connection it was, for the operator to see
+            assert a.misbehaving_peers() == {"ghost": {"bad_frame": 1}}
             # a peer's well-formed frames on a connection of its own are taken
             ok = await net.connect(PEERS["a"], a.port, "10.0.0.9")
             await ok.send_all(encode(Ping(1, "ghost")))
