@@ -116,7 +116,7 @@ class Agent:
             self.releases = ReleaseSync(
                 self.data.path, enrollment, self.public_key, self.wg_port, self.link, gossip,
                 peers=self.gossip_peers, log=log, rng=rng,
-                on_apps_changed=self._report_now)
+                on_apps_changed=self._report_now, on_misbehaviour=self._report_now)
 
     @property
     def enrollment(self) -> Enrollment:

@@ -341,6 +341,8 @@ class MeshNode:
         self.log: Log = log if log is not None else (lambda _m: None)
         self.stats = GossipStats()
         self.generation = 0  # grows when newest/progress/complete may have changed
+        # grows when a peer is first counted for a reason (misbehaving_peers): worth a report
+        self.misbehaviour_generation = 0
         self._verify_fn = verify
         self._warned_no_key = False
         # peer -> reason -> count (mesh.control.MISBEHAVIOURS): peer-map members only
@@ -646,6 +648,8 @@ class MeshNode:
         if reason == "forged_manifest" and self._verify_fn is None:
             return  # we pinned no release key: we refuse every manifest, nobody's fault
         counts = self._misbehaving.setdefault(peer, collections.Counter())
+        if not counts[reason]:
+            self.misbehaviour_generation += 1
         counts[reason] = min(counts[reason] + 1, MAX_COUNT)
 
     def served(self, peer: str) -> None:

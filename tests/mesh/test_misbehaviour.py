@@ -110,6 +110,10 @@ def test_driver_reports_bad_frames_and_unknown_reasons_are_refused() -> None:
     n.misbehaved("h", "bad_frame")
     n.misbehaved("h", "bad_frame")
     assert n.misbehaving_peers() == {"h": {"bad_frame": 2}}
+    # a peer first counted for a reason is worth a report at once; more of the same is not
+    assert n.misbehaviour_generation == 1
+    n.misbehaved("h", "ghost_member")
+    assert n.misbehaviour_generation == 2
     with pytest.raises(ValueError, match="not a misbehaviour"):
         n.misbehaved("h", "rude")
     assert set(MISBEHAVIOURS) == {"corrupt_blob", "bad_frame", "ghost_member",
