@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 import trio
 
 from mesh.clikit import package_version
-from mesh.control import DeviceReport, Enrollment, PeerMap, PeerPath
+from mesh.control import MAX_PEERS, DeviceReport, Enrollment, PeerMap, PeerMisbehaviour, PeerPath
 from vpn import AsyncWireGuardBackend, public_key_from_private
 
 from ._datadir import DataDir, Identity
@@ -116,7 +116,7 @@ class Agent:
             self.releases = ReleaseSync(
                 self.data.path, enrollment, self.public_key, self.wg_port, self.link, gossip,
                 peers=self.gossip_peers, log=log, rng=rng,
-                on_apps_changed=self._report_now)
+                on_apps_changed=self._report_now, on_misbehaviour=self._report_now)
 
     @property
     def enrollment(self) -> Enrollment:
@@ -149,7 +149,11 @@ class Agent:
     def report(self) -> DeviceReport:
         apps = self.releases.app_statuses() if self.releases is not None else ()
         paths: tuple[PeerPath, ...] = self.wg.paths
-        return DeviceReport(self.lan_endpoints(), self.agent_version, paths, apps)
+        gossip = self.gossip
+        counted = gossip.misbehaving_peers() if gossip is not None else {}
+        misbehaving = tuple(PeerMisbehaviour(name, counts)
+                            for name, counts in list(counted.items())[:MAX_PEERS])
+        return DeviceReport(self.lan_endpoints(), self.agent_version, paths, apps, misbehaving)
 
     def _report_now(self) -> None:
         self.reporter.wake()

@@ -219,7 +219,10 @@ class GossipNode:
                  local_layers: Callable[[], frozenset[str]] | None = None,
                  network: StreamNetwork | None = None,
                  serve: ServePolicy | None = None,
-                 run_blocking: RunBlocking | None = None) -> None:
+                 run_blocking: RunBlocking | None = None,
+                 on_misbehaviour: Callable[[], None] | None = None) -> None:
+        """`on_misbehaviour`: called when a peer is first counted for a reason
+        (`misbehaving_peers`), so the agent reports it without waiting for its heartbeat."""
         self.name = name
         # Blob store reads and writes (disk, blake3/zstd verification) run here: worker threads
         # by default. Tests on trio's autojump clock pass an inline runner: a thread's real
@@ -253,6 +256,8 @@ class GossipNode:
         self._wake = trio.Event()
         self._changed = trio.Event()
         self._generation = self.core.generation
+        self.on_misbehaviour = on_misbehaviour if on_misbehaviour is not None else (lambda: None)
+        self._misbehaviour_generation = self.core.misbehaviour_generation
         self._last_now = float("-inf")
         self._sync_peers()
 
@@ -277,6 +282,10 @@ class GossipNode:
 
     def complete(self, fleet: str, app: str) -> bool:
         return self.core.complete(fleet, app)
+
+    def misbehaving_peers(self) -> dict[str, dict[str, int]]:
+        """Peer -> reason -> count since start (mesh.node.MeshNode.misbehaving_peers)."""
+        return self.core.misbehaving_peers()
 
     def changed(self) -> trio.Event:
         """Set at the next change of what `newest`, `progress` or `complete` report; once it
@@ -384,6 +393,9 @@ class GossipNode:
             self._generation = self.core.generation
             self._changed.set()
             self._changed = trio.Event()
+        if self.core.misbehaviour_generation != self._misbehaviour_generation:
+            self._misbehaviour_generation = self.core.misbehaviour_generation
+            self.on_misbehaviour()
         self._wake.set()  # the core's next deadline may be earlier now
 
     async def _timer_loop(self) -> None:
@@ -596,6 +608,8 @@ class GossipNode:
                     msgs = decoder.feed(data)
                 except WireError as exc:
                     self.stats.counters["wire_errors"] += 1
+                    self.core.misbehaved(p.name, "bad_frame")
+                    self._run_actions()
                     self.log(f"closing the connection from {p.name}: {exc}")
                     break
                 for m in msgs:

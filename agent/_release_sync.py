@@ -117,7 +117,8 @@ class ReleaseSync:
     def __init__(self, data_path: Path, enrollment: Enrollment, public_key: str, wg_port: int,
                  link: CoordinatorLink, settings: GossipSettings, *,
                  peers: Callable[[], Mapping[str, str]], log: Log, rng: random.Random,
-                 on_apps_changed: Callable[[], None] = lambda: None) -> None:
+                 on_apps_changed: Callable[[], None] = lambda: None,
+                 on_misbehaviour: Callable[[], None] = lambda: None) -> None:
         self.data_path = data_path
         self.enrollment = enrollment
         self.public_key = public_key
@@ -128,6 +129,7 @@ class ReleaseSync:
         self.log = log
         self.rng = rng
         self.on_apps_changed = on_apps_changed
+        self.on_misbehaviour = on_misbehaviour  # a peer newly counted misbehaving
         self.node: GossipNode | None = None  # the running mesh node
         self.store: BlobStore | None = None
         self.applier: Applier | None = None  # once the engine answers
@@ -206,7 +208,8 @@ class ReleaseSync:
                 membership_config=METERED if settings.profile == "metered" else LAN,
                 rumor_config=METERED_RUMOR if settings.profile == "metered" else LAN_RUMOR,
                 rng=random.Random(self.rng.random()), log=lambda m: self.log(f"gossip: {m}"),
-                local_layers=self._engine_layers, serve=settings.serve)
+                local_layers=self._engine_layers, serve=settings.serve,
+                on_misbehaviour=self.on_misbehaviour)
             node.set_lan(self._lan_names)
             if not self.link.reachable:
                 node.coordinator_reachable(False)

@@ -6,6 +6,7 @@ These are what the `Store` speaks; no SQL and no HTTP here.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
@@ -171,6 +172,17 @@ class AddressSpaceExhausted(Conflict):
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class MisbehaviourReport:
+    """What one device (`reporter`) last reported another (`offender`) doing wrong: reason ->
+    count since the reporter's agent started (mesh.control.MISBEHAVIOURS). A claim of the
+    reporter's: the operator sees who says what (docs/security.md)."""
+
+    reporter: str
+    offender: str
+    counts: dict[str, int]
+
+
 class DeviceInfo(TypedDict):
     """`DeviceInfo` (docs/api.md)."""
 
@@ -189,19 +201,31 @@ class DeviceInfo(TypedDict):
     enrolled_at: float | None
     release: int | None  # the running version of its app (the first by name if several)
     apps: list[dict[str, Any]]  # AppStatus JSON plus lock_stale
+    # what other devices report this one doing wrong: [{"reporter", "counts"}]
+    reported_by: list[dict[str, Any]]
+    # what this device reports others doing wrong: [{"name", "counts"}]
+    reports_about: list[dict[str, Any]]
+    reported_misbehaving: int  # how many devices report it misbehaving
 
 
 def device_info(device: Device, *, online: bool, endpoint: str | None,
                 last_seen: float | None, release: int | None,
-                apps: list[dict[str, Any]]) -> DeviceInfo:
-    """`DeviceInfo`: the stored device plus what only the running server knows."""
+                apps: list[dict[str, Any]],
+                reports: Sequence[MisbehaviourReport] = ()) -> DeviceInfo:
+    """`DeviceInfo`: the stored device plus what only the running server knows;
+    `reports`: its fleet's (those about or by others are left out)."""
+    reported_by = [{"reporter": r.reporter, "counts": r.counts} for r in reports
+                   if r.offender == device.name and r.reporter != device.name]
+    reports_about = [{"name": r.offender, "counts": r.counts} for r in reports
+                     if r.reporter == device.name]
     return {"name": device.name, "fleet": device.fleet, "state": str(device.state),
             "online": online, "public_key": device.public_key, "mesh_ipv4": device.mesh_ipv4,
             "mesh_ipv6": device.mesh_ipv6, "agent_version": device.agent_version,
             "endpoint": endpoint, "lan_endpoints": list(device.lan_endpoints),
             "last_seen": last_seen, "last_report": device.last_report,
             "enrolled_at": device.enrolled_at, "release": release,
-            "apps": apps}
+            "apps": apps, "reported_by": reported_by, "reports_about": reports_about,
+            "reported_misbehaving": len(reported_by)}
 
 
 # --------------------------------------------------------------------------- releases

@@ -16,6 +16,8 @@ from mesh.control import (
     MAX_LOG_BODY,
     MAX_LOG_LINE,
     MAX_LOG_LINES,
+    MAX_PEERS,
+    MISBEHAVIOURS,
 )
 from mesh.names import APP_NAME_RE, DEVICE_NAME_RE, MAX_APP_NAME
 
@@ -125,7 +127,15 @@ SCHEMAS: dict[str, Any] = {
     "DeviceReport": _obj([], lan_endpoints=_EPS, agent_version=_STR,
                          peers={"type": "array", "items": _ref("PeerPath")},
                          apps={"type": "array", "items": _ref("AppStatus"),
-                               "maxItems": MAX_APPS}),
+                               "maxItems": MAX_APPS},
+                         misbehaving_peers={
+                             "type": "array", "maxItems": MAX_PEERS,
+                             "description": "peers the device's mesh node counted "
+                                            "misbehaving since its agent started (a name once)",
+                             "items": _obj(["name", "counts"], name=_DEV,
+                                           counts=_ref("MisbehaviourCounts"))}),
+    "MisbehaviourCounts": {**_obj([], **{r: _COUNT for r in MISBEHAVIOURS}),
+                           "additionalProperties": False},
     "SourceBytes": _obj(["lan", "wan_peer", "coordinator"], lan=_COUNT, wan_peer=_COUNT,
                         coordinator=_COUNT),
     "AppStatus": _obj(["app", "state"], app=_STR, running=_INTN, target=_INTN,
@@ -171,7 +181,18 @@ SCHEMAS: dict[str, Any] = {
                        online={"type": "boolean"}, public_key=_STRN, mesh_ipv4=_STRN,
                        mesh_ipv6=_STRN, agent_version=_STR, endpoint=_STRN, lan_endpoints=_EPS,
                        last_seen=_NUMN, last_report=_NUMN, enrolled_at=_NUMN, release=_INTN,
-                       apps={"type": "array", "items": _ref("DeviceApp")}),
+                       apps={"type": "array", "items": _ref("DeviceApp")},
+                       reported_by={"type": "array", "description": "what other devices of "
+                                    "its fleet report it doing wrong (their claims)",
+                                    "items": _obj(["reporter", "counts"], reporter=_STR,
+                                                  counts=_ref("MisbehaviourCounts"))},
+                       reports_about={"type": "array", "description": "what it reports "
+                                      "other devices doing wrong",
+                                      "items": _obj(["name", "counts"], name=_STR,
+                                                    counts=_ref("MisbehaviourCounts"))},
+                       reported_misbehaving={"type": "integer", "minimum": 0,
+                                             "description": "how many devices report it "
+                                                            "misbehaving"}),
     # uses: at most the fleet's quota of devices (the coordinator's --max-fleet-devices)
     "TokenRequest": _obj(["fleet"], fleet=_DEV,
                          uses={"type": ["integer", "null"], "minimum": 1, "default": 1},
@@ -225,7 +246,7 @@ def openapi_document() -> dict[str, Any]:
             "responses": {"200": _json(_ref("PeerMap")),
                           "304": {"description": "unchanged after waiting"}, **_ERRORS}}},
         "/api/v1/device/state": {"post": {
-            "summary": "report LAN candidates, version and per-peer paths",
+            "summary": "report LAN candidates, version, per-peer paths, apps and misbehaving peers",
             "security": _DEVICE, "requestBody": _body(_ref("DeviceReport")),
             "responses": {"204": {"description": "recorded"}, **_ERRORS}}},
         "/api/v1/tokens": {"post": {

@@ -47,6 +47,7 @@ from ._model import (
     EnrollParams,
     FleetFull,
     Forbidden,
+    MisbehaviourReport,
     NotFound,
     ProofRequired,
     Unauthorized,
@@ -453,7 +454,8 @@ class FleetService:
     def report(self, device: Device, report: DeviceReport, client_ip: str | None) -> None:
         cleared = self.store.record_report(device.id, report.lan_endpoints,
                                            report.agent_version, report.peers,
-                                           self.settings.clock(), report.apps)
+                                           self.settings.clock(), report.apps,
+                                           report.misbehaving_peers)
         if cleared:  # a force the device no longer needs has left its targets
             self.releases.targets_changed(device.fleet, device.name)
         self.core.set_lan(device.name, report.lan_endpoints)
@@ -499,8 +501,12 @@ class FleetService:
             self.settings.clock() - last_seen < self.settings.online_window
         return online, last_seen
 
-    def _info(self, d: Device, apps: list[AppStatus] | None = None) -> DeviceInfo:
-        """DeviceInfo; `apps` are the device's app statuses when the caller has them."""
+    def _info(self, d: Device, apps: list[AppStatus] | None = None,
+              reports: list[MisbehaviourReport] | None = None) -> DeviceInfo:
+        """DeviceInfo; `apps` are the device's app statuses and `reports` its fleet's
+        misbehaviour reports when the caller has them."""
+        if reports is None:
+            reports = self.store.misbehaviour_reports(d.fleet)
         member = self.core.member(d.name) if d.state is DeviceState.ACTIVE else None
         online, last_seen = self._seen(d)
         if apps is None:
@@ -512,7 +518,7 @@ class FleetService:
             # "release": the running version of its app (the first by name if it has several)
             release=apps[0].running if apps else None,
             apps=[{**a.to_json(), "lock_stale": lock_stale(a, now, stale_after)}
-                  for a in apps])
+                  for a in apps], reports=reports)
 
     def _token(self, fleet: str, uses: int, expires_in: int, name: str | None
                ) -> tuple[str, EnrollmentToken]:
@@ -538,7 +544,9 @@ class FleetService:
 
     def list_devices(self, fleet: str | None) -> list[DeviceInfo]:
         apps = self.store.app_statuses(fleet)
-        return [self._info(d, apps.get(d.id, [])) for d in self.store.list_devices(fleet)]
+        reports = self.store.misbehaviour_reports(fleet)
+        return [self._info(d, apps.get(d.id, []), reports)
+                for d in self.store.list_devices(fleet)]
 
     def _device(self, name: str) -> Device:
         device = self.store.device_by_name(name)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from mesh.control import AppStatus, LogLine, PeerPath
+from mesh.control import AppStatus, LogLine, PeerMisbehaviour, PeerPath
 
 from ._model import (
     AppControl,
@@ -21,6 +21,7 @@ from ._model import (
     FleetReleaseKey,
     FleetTarget,
     LogPage,
+    MisbehaviourReport,
     Operator,
     Release,
 )
@@ -72,17 +73,22 @@ class Store(Protocol):
         """NotFound if no live device has the name; idempotent on an already revoked one."""
 
     def record_report(self, device_id: str, lan_endpoints: Sequence[str], agent_version: str,
-                      peers: Sequence[PeerPath], now: float, apps: Sequence[AppStatus] = ()
-                      ) -> list[str]:
-        """Also keeps each app's status (replacing the previous one of that app; at most
-        mesh.control.MAX_APPS per device, past which the apps this report leaves out lose
-        theirs) and clears the force of every app now running the forced version or a newer
-        one → those apps."""
+                      peers: Sequence[PeerPath], now: float, apps: Sequence[AppStatus] = (),
+                      misbehaving: Sequence[PeerMisbehaviour] = ()) -> list[str]:
+        """Also replaces what the device last said of misbehaving peers with `misbehaving`
+        (an old agent's report says nothing: none), keeps each app's status (replacing the
+        previous one of that app; at most mesh.control.MAX_APPS per device, past which the
+        apps this report leaves out lose theirs) and clears the force of every app now running
+        the forced version or a newer one → those apps."""
 
     def record_public_endpoint(self, device_id: str, endpoint: str | None) -> None:
         """The endpoint the hub last saw the device at (kept across coordinator restarts)."""
 
     def peer_paths(self, device_id: str) -> tuple[PeerPath, ...]: ...
+
+    def misbehaviour_reports(self, fleet: str | None = None) -> list[MisbehaviourReport]:
+        """What the live devices (of `fleet`) last reported of misbehaving peers, by offender
+        then reporter."""
 
     # -- apps and logs ---------------------------------------------------------------------
     def app_statuses(self, fleet: str | None = None) -> dict[str, list[AppStatus]]:

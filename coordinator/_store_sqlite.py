@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
-from mesh.control import MAX_APPS, AppStatus, ControlError, LogLine, PeerPath
+from mesh.control import MAX_APPS, AppStatus, ControlError, LogLine, PeerMisbehaviour, PeerPath
 
 from . import _ipam
 from ._model import (
@@ -30,6 +30,7 @@ from ._model import (
     FleetReleaseKey,
     FleetTarget,
     LogPage,
+    MisbehaviourReport,
     NotFound,
     Operator,
     ProofRequired,
@@ -156,6 +157,18 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     """
     ALTER TABLE devices ADD COLUMN revoked_credential_hash TEXT;
     CREATE INDEX devices_revoked_credential ON devices(revoked_credential_hash);
+    """,
+    # 6: the peers each device last reported misbehaving (mesh.control.PeerMisbehaviour): its
+    # latest totals per offender name (a live device of its fleet), replaced by each report;
+    # counts are JSON (reason -> count, validated on arrival). A claim of the reporter's
+    # (docs/security.md).
+    """
+    CREATE TABLE peer_reports (
+        reporter_id TEXT NOT NULL REFERENCES devices(id),
+        offender TEXT NOT NULL,
+        counts TEXT NOT NULL,
+        PRIMARY KEY (reporter_id, offender)) WITHOUT ROWID;
+    CREATE INDEX peer_reports_offender ON peer_reports(offender);
     """,
 )
 
@@ -451,10 +464,18 @@ class SqliteStore:
             return _device(row)
 
     def record_report(self, device_id: str, lan_endpoints: Sequence[str], agent_version: str,
-                      peers: Sequence[PeerPath], now: float, apps: Sequence[AppStatus] = ()
-                      ) -> list[str]:
+                      peers: Sequence[PeerPath], now: float, apps: Sequence[AppStatus] = (),
+                      misbehaving: Sequence[PeerMisbehaviour] = ()) -> list[str]:
         cleared = []
         with self._tx() as c:
+            # Only names of the reporter's fleet's live devices are kept: a report can name
+            # anything, but the rows stay bounded by the fleet (docs/security.md).
+            c.execute("DELETE FROM peer_reports WHERE reporter_id = ?", (device_id,))
+            c.executemany("INSERT INTO peer_reports SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM "
+                          "devices o JOIN devices r ON r.id = ? WHERE o.name = ? AND "
+                          "o.fleet = r.fleet AND o.state != 'revoked' AND o.id != r.id)",
+                          [(device_id, m.name, json.dumps(dict(m.counts)), device_id, m.name)
+                           for m in misbehaving if any(m.counts.values())])
             c.execute("UPDATE devices SET lan_endpoints = ?, agent_version = ?, peer_paths = ?, "
                       "last_report = ? WHERE id = ?",
                       (json.dumps(list(lan_endpoints)), agent_version,
@@ -559,6 +580,14 @@ class SqliteStore:
         rows = self._query("SELECT seq, ts, app, stream, line FROM device_logs WHERE "
                            "device_id = ? ORDER BY seq DESC LIMIT ?", (device_id, count))
         return self._log_page(device_id, rows[::-1])
+
+    def misbehaviour_reports(self, fleet: str | None = None) -> list[MisbehaviourReport]:
+        sql = ("SELECT d.name, r.offender, r.counts FROM peer_reports r JOIN devices d ON "
+               "d.id = r.reporter_id WHERE d.state != 'revoked'")
+        rows = self._query(sql + " ORDER BY r.offender, d.name") if fleet is None else \
+            self._query(sql + " AND d.fleet = ? ORDER BY r.offender, d.name", (fleet,))
+        return [MisbehaviourReport(reporter, offender, json.loads(counts))
+                for reporter, offender, counts in rows]
 
     def record_public_endpoint(self, device_id: str, endpoint: str | None) -> None:
         with self._tx() as c:

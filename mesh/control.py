@@ -515,20 +515,58 @@ class AppStatus:
             stale=_get(obj, "stale", bool, where, optional=True) or False)
 
 
+# What a device counts against a peer of its peer map (mesh.node.MeshNode.misbehaving_peers,
+# docs/security.md "Misbehaving peers"): a piece or blob that failed validation, an undecodable
+# frame, a membership update about a node outside the peer map, a third party's incarnation
+# claim too far ahead, a manifest the verifier refused.
+MISBEHAVIOURS: Final = ("corrupt_blob", "bad_frame", "ghost_member", "implausible_incarnation",
+                        "forged_manifest")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerMisbehaviour:
+    """A device's totals, since its agent started, of what one peer did wrong (reason ->
+    count, reasons from MISBEHAVIOURS). A claim of the reporter's, not a fact: a hostile
+    reporter can accuse an honest device (docs/security.md)."""
+
+    name: str
+    counts: Mapping[str, int]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "counts": dict(self.counts)}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = "misbehaving_peer") -> PeerMisbehaviour:
+        name = check_name(_get(obj, "name", str, where), f"{where}.name")
+        counts = _get(obj, "counts", dict, where)
+        for reason in counts:
+            if reason not in MISBEHAVIOURS:
+                raise ControlError(f"{where}.counts: unknown reason {str(reason)[:40]!r} (one of "
+                                   f"{', '.join(MISBEHAVIOURS)})")
+        out = {}
+        for reason in MISBEHAVIOURS:
+            if counts.get(reason) is not None:  # null is no count, as in every count here
+                out[reason] = _count(counts, reason, f"{where}.counts")
+        return cls(name, out)
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceReport:
-    """What an agent reports about itself: LAN candidates, version, per-peer paths, and the
-    state of each app (absent from old agents: no apps)."""
+    """What an agent reports about itself: LAN candidates, version, per-peer paths, the state
+    of each app (absent from old agents: no apps) and the peers its mesh node counted
+    misbehaving (absent from old agents: none)."""
 
     lan_endpoints: tuple[str, ...] = ()
     agent_version: str = ""
     peers: tuple[PeerPath, ...] = field(default_factory=tuple)
     apps: tuple[AppStatus, ...] = ()
+    misbehaving_peers: tuple[PeerMisbehaviour, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"lan_endpoints": list(self.lan_endpoints), "agent_version": self.agent_version,
                 "peers": [p.to_json() for p in self.peers],
-                "apps": [a.to_json() for a in self.apps]}
+                "apps": [a.to_json() for a in self.apps],
+                "misbehaving_peers": [m.to_json() for m in self.misbehaving_peers]}
 
     @classmethod
     def from_json(cls, obj: Any) -> DeviceReport:
@@ -542,10 +580,17 @@ class DeviceReport:
         apps = tuple(AppStatus.from_json(a, f"{w}.apps[{i}]") for i, a in enumerate(items))
         if len({a.app for a in apps}) != len(apps):
             raise ControlError(f"{w}.apps: an app is named twice")
+        named: Sequence[Any] = _get(obj, "misbehaving_peers", list, w, optional=True) or []
+        if len(named) > MAX_PEERS:
+            raise ControlError(f"{w}.misbehaving_peers: more than {MAX_PEERS}")
+        misbehaving = tuple(PeerMisbehaviour.from_json(m, f"{w}.misbehaving_peers[{i}]")
+                            for i, m in enumerate(named))
+        if len({m.name for m in misbehaving}) != len(misbehaving):
+            raise ControlError(f"{w}.misbehaving_peers: a peer is named twice")
         return cls(_endpoints(obj, "lan_endpoints", w),
                    _get(obj, "agent_version", str, w, optional=True) or "",
                    tuple(PeerPath.from_json(p, f"{w}.peers[{i}]") for i, p in enumerate(peers)),
-                   apps)
+                   apps, misbehaving)
 
 
 # --------------------------------------------------------------------------- device targets

@@ -21,7 +21,7 @@ import collections
 import heapq
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Literal
 
@@ -158,8 +158,11 @@ class _Probe:
 class Membership:
     def __init__(self, self_id: str, address: str, rng: random.Random,
                  config: MembershipConfig = LAN,
-                 counters: collections.Counter[str] | None = None) -> None:
-        """`counters`: where dropped updates are counted (the node's stats)."""
+                 counters: collections.Counter[str] | None = None,
+                 misbehaved: Callable[[str, str], None] | None = None) -> None:
+        """`counters`: where dropped updates are counted (the node's stats); `misbehaved`:
+        told (sender, reason) for each update dropped because of what its sender claimed
+        (`ghost_member`, `implausible_incarnation`: mesh.control.MISBEHAVIOURS)."""
         self.self_id = self_id
         self.address = address
         self.rng = rng
@@ -167,6 +170,8 @@ class Membership:
         self.incarnation = 0
         self.events: list[MemberEvent] = []
         self.counters = counters if counters is not None else collections.Counter()
+        self.misbehaved: Callable[[str, str], None] = \
+            misbehaved if misbehaved is not None else (lambda _sender, _reason: None)
         self._members: dict[str, _Member] = {}
         self._live: list[str] = []  # alive or suspect, for O(1) random choice
         self._live_idx: dict[str, int] = {}
@@ -323,6 +328,7 @@ class Membership:
             self._apply(msg.updates, sender, now)
             if msg.target_id not in self._members:
                 self.counters["unknown_members"] += 1
+                self.misbehaved(sender, "ghost_member")
             elif msg.target_id != self.self_id:
                 self._seq += 1
                 self._relays[self._seq] = (sender, msg.seq, now + self.config.probe_timeout)
@@ -371,16 +377,18 @@ class Membership:
         m = self._members.get(u.node_id)
         if m is None:
             self.counters["unknown_members"] += 1
+            self.misbehaved(sender, "ghost_member")
             return None
         if sender != u.node_id and u.incarnation > m.incarnation + MAX_INCARNATION_STEP:
             self.counters["implausible_incarnation"] += 1
+            self.misbehaved(sender, "implausible_incarnation")
             return None
         return m
 
     def _on_alive(self, u: MemberState, sender: str, now: float) -> None:
         if u.node_id == self.self_id:
             if u.incarnation > self.incarnation:  # an earlier life of ours got further
-                self._refute(u.incarnation)
+                self._refute(u.incarnation, sender)
             return
         m = self._known(u, sender)
         if m is None or u.incarnation <= m.incarnation:
@@ -395,7 +403,7 @@ class Membership:
     def _on_suspect(self, u: MemberState, sender: str, now: float) -> None:
         if u.node_id == self.self_id:
             if u.incarnation >= self.incarnation:
-                self._refute(u.incarnation)
+                self._refute(u.incarnation, sender)
             return
         m = self._known(u, sender)
         if m is None or u.incarnation < m.incarnation or m.status == Status.DEAD:
@@ -423,7 +431,7 @@ class Membership:
     def _on_dead(self, u: MemberState, sender: str, now: float) -> None:
         if u.node_id == self.self_id:
             if u.incarnation >= self.incarnation:
-                self._refute(u.incarnation)
+                self._refute(u.incarnation, sender)
             return
         m = self._known(u, sender)
         if m is None or u.incarnation < m.incarnation or m.status == Status.DEAD:
@@ -436,7 +444,7 @@ class Membership:
         self.events.append(MemberEvent("dead", m.node_id, m.incarnation, now))
         self._queue(m.state())
 
-    def _refute(self, claimed: int) -> None:
+    def _refute(self, claimed: int, sender: str) -> None:
         """Beat a claim about us at incarnation `claimed` (an accusation, or an earlier life
         of ours). A claim more than MAX_INCARNATION_STEP ahead is counted and moves us up by
         that step only: a restarted node catches up with what its peers hold a step at a
@@ -444,6 +452,8 @@ class Membership:
         (counted): no incarnation outside the codec's range is ever produced."""
         if claimed > self.incarnation + MAX_INCARNATION_STEP:
             self.counters["implausible_incarnation"] += 1
+            if sender != self.self_id:
+                self.misbehaved(sender, "implausible_incarnation")
             claimed = self.incarnation + MAX_INCARNATION_STEP - 1
         if claimed >= MAX_INCARNATION:
             self.counters["incarnation_exhausted"] += 1

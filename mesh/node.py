@@ -68,6 +68,7 @@ from mesh.blobsched import (
     SchedConfig,
 )
 from mesh.blobsched import Action as SchedAction
+from mesh.control import MAX_COUNT, MISBEHAVIOURS
 from mesh.membership import LAN, Membership, MembershipConfig
 from mesh.release import ChunkRef, LayerDelta, ReleaseManifest, VerificationError, VerifiedRelease
 from mesh.rumor import LAN_RUMOR, Dissemination, RumorConfig, Verifier
@@ -340,12 +341,16 @@ class MeshNode:
         self.log: Log = log if log is not None else (lambda _m: None)
         self.stats = GossipStats()
         self.generation = 0  # grows when newest/progress/complete may have changed
+        # grows when a peer is first counted for a reason (misbehaving_peers): worth a report
+        self.misbehaviour_generation = 0
         self._verify_fn = verify
         self._warned_no_key = False
+        # peer -> reason -> count (mesh.control.MISBEHAVIOURS): peer-map members only
+        self._misbehaving: dict[str, collections.Counter[str]] = {}
         self.membership = Membership(name, mesh_ip, rng, membership_config,
-                                     counters=self.stats.counters)
+                                     counters=self.stats.counters, misbehaved=self._misbehaved)
         self.rumor = Dissemination(name, rng, self._verify, self.membership.live_members,
-                                   rumor_config)
+                                   rumor_config, misbehaved=self._misbehaved)
         self._peers: dict[str, str] = {}
         self._lan_names: frozenset[str] = frozenset()
         self._releases: dict[AppKey, _Release] = {}
@@ -412,6 +417,12 @@ class MeshNode:
         """The peers banned for the current release of (fleet, app): they served bad bytes."""
         r = self._releases.get((fleet, app))
         return r.sched.banned if r is not None else frozenset()
+
+    def misbehaving_peers(self) -> dict[str, dict[str, int]]:
+        """Peer -> reason -> count of what each peer-map member did wrong since start
+        (reasons from mesh.control.MISBEHAVIOURS; only peers with a count). What the agent
+        reports to the coordinator; the defences (bans, drops) act on their own."""
+        return {peer: dict(counts) for peer, counts in sorted(self._misbehaving.items())}
 
     def next_deadline(self) -> float | None:
         ds = [self.membership.next_deadline(), self.rumor.next_deadline()]
@@ -622,6 +633,25 @@ class MeshNode:
                 ok = None
             self._report(dl, ok, now)
 
+    def misbehaved(self, peer: str, reason: str) -> None:
+        """`peer` did something wrong that only the driver sees (`bad_frame`: an undecodable
+        frame on its connection); counted like the cores' findings."""
+        if reason not in MISBEHAVIOURS:
+            raise ValueError(f"not a misbehaviour: {reason!r}")
+        self._misbehaved(peer, reason)
+
+    def _misbehaved(self, peer: str, reason: str) -> None:
+        """Count `reason` against `peer` if it is a peer-map member: at most the peer map's
+        names times the fixed reasons, each saturating at MAX_COUNT."""
+        if peer not in self._peers:
+            return
+        if reason == "forged_manifest" and self._verify_fn is None:
+            return  # we pinned no release key: we refuse every manifest, nobody's fault
+        counts = self._misbehaving.setdefault(peer, collections.Counter())
+        if not counts[reason]:
+            self.misbehaviour_generation += 1
+        counts[reason] = min(counts[reason] + 1, MAX_COUNT)
+
     def served(self, peer: str) -> None:
         self._serving[peer] -= 1
         if self._serving[peer] <= 0:
@@ -642,6 +672,8 @@ class MeshNode:
         peers = {n: a for n, a in peers.items() if n != self.name}
         gone = [n for n, a in self._peers.items() if peers.get(n) != a]
         self._peers = peers
+        for name in [n for n in self._misbehaving if n not in peers]:
+            del self._misbehaving[name]  # bounded by the peer map
         self.membership.seed(peers.items(), join=join)
         return gone
 
@@ -981,6 +1013,8 @@ class MeshNode:
 
     def _report(self, dl: _Download, ok: bool | None, now: float) -> None:
         """ok: verified and stored (True), bad bytes (False), failed/timed out (None)."""
+        if ok is False:  # bad bytes from one source (the coordinator is no peer: not counted)
+            self._misbehaved(dl.source, "corrupt_blob")
         if self._by_id.get(dl.id) is not dl:
             return  # cancelled by the scheduler or replaced: it knows already
         if ok is None:

@@ -138,14 +138,19 @@ class _Seen:
 
 class Dissemination:
     def __init__(self, self_id: str, rng: random.Random, verify: Verifier,
-                 peers: Callable[[], Sequence[str]], config: RumorConfig = LAN_RUMOR) -> None:
-        """`peers()` gives the current live members (e.g. `Membership.live_members`)."""
+                 peers: Callable[[], Sequence[str]], config: RumorConfig = LAN_RUMOR,
+                 misbehaved: Callable[[str, str], None] | None = None) -> None:
+        """`peers()` gives the current live members (e.g. `Membership.live_members`);
+        `misbehaved` is told (sender, "forged_manifest") for each manifest a peer sent that
+        the verifier refused (mesh.control.MISBEHAVIOURS)."""
         self.self_id = self_id
         self.rng = rng
         self.verify = verify
         self.peers = peers
         self.config = config
         self.stats = RumorStats()
+        self.misbehaved: Callable[[str, str], None] = \
+            misbehaved if misbehaved is not None else (lambda _sender, _reason: None)
         self.events: list[ManifestStored] = []
         self._state: dict[AppKey, _Entry] = {}
         self._hot: dict[AppKey, _Hot] = {}
@@ -211,7 +216,7 @@ class Dissemination:
             newer_here: list[bytes] = []
             for data in msg.manifests:
                 self.stats.received += 1
-                result, key = self._offer(data, now)
+                result, key = self._offer(data, now, sender)
                 if result == "stale" and key is not None:
                     held = self._state[key].data
                     if held not in newer_here:
@@ -239,17 +244,22 @@ class Dissemination:
 
     # ---- internals ------------------------------------------------------------------------
 
-    def _offer(self, data: bytes, now: float) -> tuple[str, AppKey | None]:
-        """('new' | 'duplicate' | 'stale' | 'invalid', the (fleet, app) if valid)."""
+    def _offer(self, data: bytes, now: float, sender: str | None = None
+               ) -> tuple[str, AppKey | None]:
+        """('new' | 'duplicate' | 'stale' | 'invalid', the (fleet, app) if valid); `sender`:
+        the peer it came from (None: from outside the mesh)."""
         digest = hashlib.blake2b(data, digest_size=16).digest()
-        if digest in self._seen.invalid:
+        refused = digest in self._seen.invalid
+        if not refused:
+            try:
+                release = self.verify(data)
+            except (ReleaseError, ValueError, TypeError):
+                refused = True
+                self._seen.add(digest)
+        if refused:
             self.stats.invalid += 1
-            return "invalid", None
-        try:
-            release = self.verify(data)
-        except (ReleaseError, ValueError, TypeError):
-            self.stats.invalid += 1
-            self._seen.add(digest)
+            if sender is not None:
+                self.misbehaved(sender, "forged_manifest")
             return "invalid", None
         manifest = release.manifest
         key = (manifest.fleet, manifest.app)

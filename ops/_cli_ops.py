@@ -70,14 +70,48 @@ def _token_create(args: argparse.Namespace) -> int:
 
 
 _DEVICE_COLUMNS: Final = ["NAME", "FLEET", "STATE", "ONLINE", "RELEASE", "MESH IPV4",
-                          "MESH IPV6", "ENDPOINT", "LAST SEEN", "AGENT"]
+                          "MESH IPV6", "ENDPOINT", "LAST SEEN", "AGENT", "REPORTED"]
 
 
 def _device_row(d: dict[str, Any]) -> list[str]:
     return [text(d.get("name")), text(d.get("fleet")), text(d.get("state")),
             text(bool(d.get("online"))), _release_text(d), text(d.get("mesh_ipv4")),
             text(d.get("mesh_ipv6")), text(d.get("endpoint")), when(d.get("last_seen")),
-            text(d.get("agent_version"))]
+            text(d.get("agent_version")), _reported_text(d.get("reported_misbehaving"))]
+
+
+def _reported_text(reporters: Any) -> str:
+    """"! by N" when N devices report the device misbehaving (`devices show` says who and
+    what), "-" otherwise."""
+    if isinstance(reporters, int) and not isinstance(reporters, bool) and reporters > 0:
+        return f"! by {reporters}"
+    return "-"
+
+
+def _counts_text(counts: Any) -> str:
+    """{"corrupt_blob": 4, "ghost_member": 12} → "corrupt_blob 4, ghost_member 12"."""
+    if not isinstance(counts, dict):
+        return "-"
+    return ", ".join(f"{_plain(reason)} {_plain(n)}" for reason, n in counts.items()
+                     if n) or "-"
+
+
+def _plain(value: Any) -> str:
+    """A server's value as one line of plain terminal text (no control characters)."""
+    return "".join(c if c.isprintable() else "?" for c in str(value))
+
+
+def _misbehaviour_lines(d: dict[str, Any]) -> list[str]:
+    """What others report this device doing wrong, and what it reports of others: claims of
+    the reporters (docs/security.md, "Misbehaving peers")."""
+    lines = []
+    for key, who, label in (("reported_by", "reporter", "reported misbehaving by"),
+                            ("reports_about", "name", "reports misbehaving")):
+        entries = d.get(key)
+        for e in entries if isinstance(entries, list) else []:
+            if isinstance(e, dict):
+                lines.append(f"{label} {_plain(e.get(who))}: {_counts_text(e.get('counts'))}")
+    return lines
 
 
 def _release_text(d: dict[str, Any]) -> str:
@@ -124,6 +158,10 @@ def _show_device(d: dict[str, Any]) -> None:
     rows.append(["enrolled", date(d.get("enrolled_at"))])
     rows.append(["release", text(d.get("release"))])
     table(["FIELD", "VALUE"], rows, header=False)
+    lines = _misbehaviour_lines(d)
+    if lines:
+        print()
+        print("\n".join(lines))
     apps = d.get("apps")
     _apps_table(apps if isinstance(apps, list) else [])
 

@@ -1,6 +1,7 @@
-"""`fleetmesh release status|watch|retry` and `devices logs|update|list|show` as an operator
-runs them: real CLI processes against a real coordinator process, with fake devices reporting
-app status and uploading logs through the device SDK."""
+"""`fleetmesh release status|watch|retry` and `devices logs|update|list|show` (apps, and who
+reports whom misbehaving: docs/security.md "Misbehaving peers") as an operator runs them: real
+CLI processes against a real coordinator process, with fake devices reporting app status and
+uploading logs through the device SDK."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import trio
 from nacl.signing import SigningKey
 from rich.console import Console
 
-from mesh.control import AppStatus, DeviceReport, LogLine
+from mesh.control import AppStatus, DeviceReport, LogLine, PeerMisbehaviour
 from ops._cli_release import PlainWatch, RichWatch, watch_outcome
 from ops.client import DeviceClient, OperatorClient, enroll
 from tests.coordinator.releasekit import build
@@ -61,10 +62,12 @@ class Fleet:
         finally:
             signal.signal(signal.SIGINT, previous)
 
-    def report(self, device: str, *apps: AppStatus) -> None:
+    def report(self, device: str, *apps: AppStatus,
+               misbehaving: tuple[PeerMisbehaviour, ...] = ()) -> None:
         async def go() -> None:
             async with DeviceClient(self.coord.url, self.creds[device], self.coord.der) as c:
-                await c.report(DeviceReport(agent_version="fake", apps=apps))
+                await c.report(DeviceReport(agent_version="fake", apps=apps,
+                                            misbehaving_peers=misbehaving))
         trio.run(go)
 
     def logs(self, device: str, *lines: str, dropped: int = 0) -> None:
@@ -257,6 +260,35 @@ def _status(*rows: tuple[str, str, int, int]) -> dict[str, Any]:
     return {"fleet": FLEET, "app": "app", "version": 1, "devices": devices,
             "summary": {"total": len(devices),
                         "running": sum(1 for x in devices if x["state"] == "running")}}
+
+
+def test_show_and_list_name_the_accused_and_the_accusers(fleet: Fleet) -> None:
+    fleet.report("d1", misbehaving=(
+        PeerMisbehaviour("d2", {"corrupt_blob": 4, "ghost_member": 12}),))
+    # the accused accuses back: the operator sees who says what
+    fleet.report("d2", misbehaving=(PeerMisbehaviour("d1", {"forged_manifest": 2}),))
+    try:
+        shown = fleet.ok("devices", "show", "d2")
+        assert "reported misbehaving by d1: corrupt_blob 4, ghost_member 12" in shown
+        assert "reports misbehaving d1: forged_manifest 2" in shown
+        as_json = json.loads(fleet.ok("devices", "show", "d2", "--json"))
+        assert as_json["reported_by"] == [
+            {"reporter": "d1", "counts": {"corrupt_blob": 4, "ghost_member": 12}}]
+        assert as_json["reports_about"] == [{"name": "d1", "counts": {"forged_manifest": 2}}]
+        listed = {d["name"]: d["reported_misbehaving"]
+                  for d in json.loads(fleet.ok("devices", "list", "--json"))["devices"]}
+        assert listed == {"d1": 1, "d2": 1}
+
+        fleet.report("d2")  # d2 takes it back: d1 is reported by nobody now
+        shown = fleet.ok("devices", "show", "d1")
+        assert "reports misbehaving d2: corrupt_blob 4, ghost_member 12" in shown
+        assert "reported misbehaving by" not in shown
+        rows = {line.split()[0]: line for line in fleet.ok("devices", "list").splitlines()
+                if line.split() and line.split()[0] in ("d1", "d2")}
+        assert "! by 1" in rows["d2"] and "!" not in rows["d1"]
+    finally:
+        fleet.report("d1")  # the other tests' views stay as they were
+        fleet.report("d2")
 
 
 def test_watch_views_and_outcome() -> None:

@@ -17,7 +17,7 @@ from agent import Agent, CoordinatorLink, DataDir, GossipSettings, Identity
 from agent._lan import Neighbour, fingerprint
 from agent._link import UNREACHABLE_AFTER
 from agent._release_sync import ReleaseSync
-from mesh.control import Enrollment, PeerEntry, PeerMap
+from mesh.control import Enrollment, PeerEntry, PeerMap, PeerMisbehaviour
 from tests.agent.fakes import HUB, KEYS, FakeClient, FakeCoordinator, FakeWireGuard, peermap
 
 from .helpers import KEY, Blob, free_port, make_blobs, make_manifest, wait_for
@@ -119,6 +119,15 @@ async def test_agents_fetch_the_targeted_release_over_the_mesh(tmp_path: Path) -
             await trio.sleep(0.5)  # more targets polls and rumors: still logged only once
             assert sum("no release key" in m for m in logs[2]) == 1
             await wait_for(lambda: any("blobs 12/12" in m for m in logs[0] + logs[1]))
+            # an honest rollout accuses nobody in the reports, not even on device 2, which
+            # refused every manifest for want of a key
+            assert [a.report().misbehaving_peers for a, _ in agents] == [(), (), ()]
+            # what the node counts goes up in the agent's next report
+            a0 = agents[0][0]
+            assert a0.gossip is not None
+            a0.gossip.core.misbehaved("home-1", "bad_frame")
+            assert a0.report().misbehaving_peers == (
+                PeerMisbehaviour("home-1", {"bad_frame": 1}),)
             nursery.cancel_scope.cancel()
 
 

@@ -124,6 +124,8 @@ async def test_strangers_refused_and_garbage_closes_only_its_connection(
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             a, b = make(net, tmp_path, "a", peers), make(net, tmp_path, "b", peers)
+            told: list[str] = []
+            a.on_misbehaviour = lambda: told.append("report now")
             await nursery.start(a.run)
             await nursery.start(b.run)
             stranger = await net.connect(PEERS["a"], a.port, "10.0.0.99")
@@ -134,6 +136,9 @@ async def test_strangers_refused_and_garbage_closes_only_its_connection(
             while await junk.receive_some(10):
                 pass
             assert a.stats.counters["wire_errors"] == 1
+            # counted against the peer whose connection it was, for the operator to see
+            assert a.misbehaving_peers() == {"ghost": {"bad_frame": 1}}
+            assert told == ["report now"]  # the agent reports a newly named peer at once
             # a peer's well-formed frames on a connection of its own are taken
             ok = await net.connect(PEERS["a"], a.port, "10.0.0.9")
             await ok.send_all(encode(Ping(1, "ghost")))
