@@ -53,7 +53,15 @@ from mesh.control import (
     key_proof_mac,
     x25519_secret,
 )
-from mesh.release import key_fingerprint
+from mesh.release import (
+    MAX_ROOT_CHAIN,
+    MAX_ROOT_DOCUMENT,
+    RootError,
+    SignedRoot,
+    encode_signed_root,
+    key_fingerprint,
+    signed_root_from_json,
+)
 from mesh.tlspin import (
     DEFAULT_TIMEOUT,
     CertificateFetchError,
@@ -95,6 +103,8 @@ MAX_JSON_ANSWER: Final = 16 * MAX_BODY_BYTES
 # An enrollment answer: identity, addresses, the hub and a key, a few hundred bytes
 MAX_ENROLL_ANSWER: Final = MAX_BODY_BYTES
 MISSING_BATCH: Final = 10_000  # IDs per POST /blobs/missing (docs/api.md)
+# GET /fleets/{fleet}/root: at most MAX_ROOT_CHAIN root documents and a little framing
+MAX_ROOT_ANSWER: Final = MAX_ROOT_CHAIN * MAX_ROOT_DOCUMENT + 1024
 MAX_LOG_WAIT: Final = 30  # the server's log long-poll limit (docs/api.md)
 # A log page: up to 5,000 lines of up to 4,096 characters, JSON-escaped (6 bytes a character)
 MAX_LOG_ANSWER: Final = 5000 * (4096 * 6 + 200)
@@ -336,6 +346,18 @@ def _pin_release_key(token: str, release_key: str | None) -> str:
     return str(replace(parts, release_key_fp=fp))
 
 
+def _roots_from(body: Any, fleet: str) -> list[SignedRoot]:
+    """The signed roots of a GET /fleets/{fleet}/root answer, decoded (not verified: that is
+    `mesh.release.verify_root_chain`'s job, against what the caller trusts)."""
+    roots = body.get("roots") if isinstance(body, dict) else None
+    if not isinstance(roots, list) or len(roots) > MAX_ROOT_CHAIN:
+        raise ProtocolError(f"roots: answer has no list of at most {MAX_ROOT_CHAIN} roots")
+    try:
+        return [signed_root_from_json(r) for r in roots]
+    except RootError as exc:
+        raise ProtocolError(f"roots of fleet {fleet}: {exc}") from None
+
+
 def _base(url: str) -> str:
     split_url(url)  # https only, with a host; raises PinError otherwise
     return url.rstrip("/")
@@ -565,6 +587,23 @@ class OperatorClient:
         return self._obj(self._request("PUT", f"/fleets/{_path_name(fleet)}/release-key", 200,
                                        json={"public_key": public_key_hex}), "release key")
 
+    def put_root(self, fleet: str, signed: SignedRoot) -> dict[str, Any]:
+        """Publish the fleet's next signed root → `{"fleet", "version", "release_key",
+        "key_id", "fingerprint"}`; its release key becomes the fleet's. 403 if it lacks the
+        signatures (of the stored root's keys and its own), 409 if its version is not the
+        next one."""
+        return self._obj(self._request("PUT", f"/fleets/{_path_name(fleet)}/root", 200,
+                                       content=encode_signed_root(signed),
+                                       headers={"Content-Type": "application/json"}),
+                         "root")
+
+    def roots(self, fleet: str, since: int = 0) -> list[SignedRoot]:
+        """The fleet's signed roots newer than version `since`, oldest first (at most
+        MAX_ROOT_CHAIN per call)."""
+        body = self._request("GET", f"/fleets/{_path_name(fleet)}/root", 200,
+                             params={"since": since}, limit=MAX_ROOT_ANSWER)
+        return _roots_from(body, fleet)
+
     def timestamp_key(self, fleet: str) -> str:
         """The coordinator's online timestamp public key (hex), for the operator to grant."""
         out = self._obj(self._request("GET", f"/fleets/{_path_name(fleet)}/timestamp-key", 200),
@@ -754,6 +793,13 @@ class DeviceClient:
             return bytes.fromhex(stamp)
         except ValueError:
             raise ProtocolError("timestamp: answer is not hex or null") from None
+
+    async def roots(self, fleet: str, since: int) -> list[SignedRoot]:
+        """The signed roots of this device's fleet newer than `since`, oldest first (at most
+        MAX_ROOT_CHAIN): verify them with `mesh.release.verify_root_chain`."""
+        response = await self._request("GET", f"/fleets/{_path_name(fleet)}/root", 200,
+                                       params={"since": since}, limit=MAX_ROOT_ANSWER)
+        return _roots_from(_json(response), fleet)
 
     async def targets(self) -> list[dict[str, Any]]:
         """`[{"app", "version", "pin", "force", "retry"}]`: what this device should run (pin:
