@@ -34,7 +34,16 @@ from mesh.clikit import (
     CliError,
 )
 from mesh.control import ControlError, check_app, check_name
-from mesh.release import ReleaseError, key_id, read_signing_key
+from mesh.release import (
+    MAX_ROOT_DOCUMENT,
+    ReleaseError,
+    RootError,
+    SignedRoot,
+    decode_root_body,
+    decode_signed_root,
+    key_id,
+    read_signing_key,
+)
 from mesh.tlspin import PinError
 from ops.client import (
     ApiError,
@@ -95,12 +104,43 @@ def token_release_key(explicit: str | None) -> str | None:
     return public.hex()
 
 
+def read_root_file(path: Path) -> SignedRoot:
+    """A `fleetmesh root` file, decoded (mesh.release's codec); CliError (exit 2) otherwise."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_ROOT_DOCUMENT + 1)
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return decode_signed_root(data)
+    except RootError as exc:
+        raise CliError(f"{path}: {exc}") from None
+
+
+def token_root(path: Path | None, fleet: str) -> SignedRoot | None:
+    """`--root`: the operator's root version 1 of `fleet`, whose fingerprint a new token
+    carries; None without the option."""
+    if path is None:
+        return None
+    signed = read_root_file(path)
+    meta = decode_root_body(signed.body)
+    if meta.version != 1 or meta.fleet != fleet:
+        raise CliError(f"{path}: a token pins root version 1 of fleet {fleet}, this is version "
+                       f"{meta.version} of fleet {meta.fleet}")
+    return signed
+
+
 def add_release_key_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--release-key", metavar="HEX",
                    help="the fleet's release public key, whose fingerprint the token carries "
                         "so that devices refuse any other (default: the public half of "
                         f"--signing-key's default, ${ENV_SIGNING_KEY} or "
                         "~/.config/fleetmesh/release.key, if present)")
+    p.add_argument("--root", type=Path, metavar="ROOT_1_JSON",
+                   help="the fleet's root version 1 (`fleetmesh root`): the token carries its "
+                        "fingerprint and devices follow the fleet's release key rotations "
+                        "(default: the coordinator's roots of the fleet, if any, once they "
+                        "verify and name the release key above)")
 
 
 # --------------------------------------------------------------------------- arguments

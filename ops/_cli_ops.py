@@ -39,6 +39,7 @@ from ops._cli_common import (
     table,
     text,
     token_release_key,
+    token_root,
     when,
 )
 from ops.client import ProtocolError
@@ -61,7 +62,8 @@ def _token_create(args: argparse.Namespace) -> int:
     name = None if args.name is None else name_arg(args.name)
     with api_errors(), operator_client(args) as client:
         out = client.create_token(fleet, uses=args.uses, expires_in=expires, name=name,
-                                  release_key=token_release_key(args.release_key))
+                                  release_key=token_release_key(args.release_key),
+                                  root=token_root(args.root, fleet))
     if args.json:
         print_json(out)
     else:
@@ -217,7 +219,8 @@ def _devices_provision(args: argparse.Namespace) -> int:
     expires = None if args.expires is None else parse_duration(args.expires)
     with api_errors(), operator_client(args) as client:
         out = client.provision(name, fleet, expires,
-                               release_key=token_release_key(args.release_key))
+                               release_key=token_release_key(args.release_key),
+                               root=token_root(args.root, fleet))
     print_json(out["join"])
     if sys.stdout.isatty():
         print("(save this as device.json for `fleetmesh-agent join --config`)", file=sys.stderr)

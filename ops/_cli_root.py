@@ -16,13 +16,11 @@ from typing import Any
 
 from mesh.clikit import CliError
 from mesh.release import (
-    MAX_ROOT_DOCUMENT,
     ReleaseError,
     RootError,
     RootMetadata,
     SignedRoot,
     decode_root_body,
-    decode_signed_root,
     encode_root_body,
     encode_signed_root,
     key_id,
@@ -38,6 +36,7 @@ from ops._cli_common import (
     one_line_errors,
     operator_client,
     print_json,
+    read_root_file,
 )
 from vpn import write_private_file
 
@@ -119,18 +118,6 @@ def _public_key(text: str, what: str) -> bytes:
         raise CliError(str(exc)) from None
 
 
-def _read_root(path: Path) -> SignedRoot:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_ROOT_DOCUMENT + 1)
-    except OSError as exc:
-        raise CliError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        return decode_signed_root(data)
-    except RootError as exc:
-        raise CliError(f"{path}: {exc}") from None
-
-
 def _write_root(path: Path, signed: SignedRoot, *, new: bool) -> None:
     """Whole or absent after a crash (write_private_file: temporary file, fsync, rename), so an
     interrupted `root sign` never loses the signatures collected so far; a new file never
@@ -170,7 +157,7 @@ def _root_init(args: argparse.Namespace) -> int:
 
 
 def _root_rotate(args: argparse.Namespace) -> int:
-    previous = decode_root_body(_read_root(args.previous).body)
+    previous = decode_root_body(read_root_file(args.previous).body)
     root_keys = args.root_key or [k.hex() for k in previous.root_keys]
     threshold = args.threshold if args.threshold is not None else previous.threshold
     meta = _build(previous.fleet, previous.version + 1, root_keys, threshold, args.release_key)
@@ -181,7 +168,7 @@ def _root_rotate(args: argparse.Namespace) -> int:
 
 
 def _root_sign(args: argparse.Namespace) -> int:
-    signed = _read_root(args.file)
+    signed = read_root_file(args.file)
     try:
         key = read_signing_key(args.key)
         signed = sign_root(signed, key)
@@ -198,12 +185,12 @@ def _root_sign(args: argparse.Namespace) -> int:
 
 
 def _root_show(args: argparse.Namespace) -> int:
-    signed = _read_root(args.file)
+    signed = read_root_file(args.file)
     meta = decode_root_body(signed.body)
     own = valid_signers(signed, meta.root_keys)
     successor = None
     if args.previous is not None:
-        previous = decode_root_body(_read_root(args.previous).body)
+        previous = decode_root_body(read_root_file(args.previous).body)
         try:
             verify_root(signed, previous)
             successor = "ok"
@@ -234,7 +221,7 @@ def _root_show(args: argparse.Namespace) -> int:
 
 
 def _root_publish(args: argparse.Namespace) -> int:
-    signed = _read_root(args.file)
+    signed = read_root_file(args.file)
     meta = decode_root_body(signed.body)
     with api_errors(), operator_client(args) as client:
         client.put_root(meta.fleet, signed)

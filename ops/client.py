@@ -57,10 +57,14 @@ from mesh.release import (
     MAX_ROOT_CHAIN,
     MAX_ROOT_DOCUMENT,
     RootError,
+    RootMetadata,
     SignedRoot,
+    decode_root_body,
     encode_signed_root,
     key_fingerprint,
+    root_fingerprint,
     signed_root_from_json,
+    verify_root_chain,
 )
 from mesh.tlspin import (
     DEFAULT_TIMEOUT,
@@ -87,6 +91,7 @@ __all__ = [
     "ReleaseKeyMismatch",
     "default_config_path",
     "enroll",
+    "enroll_with_root",
     "load_operator_config",
 ]
 
@@ -328,21 +333,26 @@ def _path_name(name: str) -> str:
     return quote(name, safe="")
 
 
-def _pin_release_key(token: str, release_key: str | None) -> str:
-    """`token` carrying the fingerprint of `release_key` (hex). A token the coordinator minted
-    with a fingerprint already must name the same key."""
+def _pin_release_key(token: str, release_key: str | None, root_fp: str | None = None) -> str:
+    """`token` carrying `r` + `root_fp` (a root version 1's fingerprint) if given, else the
+    fingerprint of `release_key` (hex), else as it is. A token the coordinator minted with a
+    fingerprint already must name the same one."""
     try:
         parts = TokenParts.parse(token)
     except ControlError as exc:
         raise ProtocolError(str(exc)) from exc
+    lied = ProtocolError("token: the coordinator wrote another fingerprint into it")
+    if root_fp is not None:
+        if parts.root_fp not in (None, root_fp) or parts.release_key_fp is not None:
+            raise lied
+        return str(replace(parts, root_fp=root_fp))
     if release_key is None:
         return token
     if len(release_key) != 64 or any(c not in "0123456789abcdef" for c in release_key):
         raise ValueError("release_key must be an Ed25519 public key, 64 lowercase hex digits")
     fp = key_fingerprint(bytes.fromhex(release_key))
-    if parts.release_key_fp not in (None, fp):
-        raise ProtocolError("token: the coordinator wrote another release key's fingerprint "
-                            "into it")
+    if parts.release_key_fp not in (None, fp) or parts.root_fp is not None:
+        raise lied
     return str(replace(parts, release_key_fp=fp))
 
 
@@ -442,18 +452,48 @@ class OperatorClient:
         return value
 
     def create_token(self, fleet: str, uses: int = 1, expires_in: int = 3600,
-                     name: str | None = None, release_key: str | None = None
-                     ) -> dict[str, Any]:
+                     name: str | None = None, release_key: str | None = None,
+                     root: SignedRoot | None = None) -> dict[str, Any]:
         """→ `{"token", "fleet", "uses", "expires_at"}`. `name` binds the token to one device
         name. `release_key` (the fleet's Ed25519 release public key, hex, as the operator
         knows it) is written into the token as its fingerprint: a device enrolled with it
-        refuses any other key (docs/security.md)."""
+        refuses any other key (docs/security.md). A fleet with root metadata gets its root
+        version 1's fingerprint instead (`token_root_fingerprint`): the device then follows
+        the fleet's key rotations."""
+        root_fp = self.token_root_fingerprint(fleet, release_key, root)
         body = {"fleet": fleet, "uses": uses, "expires_in": expires_in, "name": name}
         out = self._obj(self._request("POST", "/tokens", 201, json=body), "token")
         if not isinstance(out.get("token"), str):
             raise ProtocolError("token: answer has no token")
-        out["token"] = _pin_release_key(out["token"], release_key)
+        out["token"] = _pin_release_key(out["token"], release_key, root_fp)
         return out
+
+    def token_root_fingerprint(self, fleet: str, release_key: str | None,
+                               root: SignedRoot | None = None) -> str | None:
+        """The root fingerprint a new token of `fleet` carries: `root`'s (the operator's own
+        copy of root version 1) if given; else, if the coordinator has roots for the fleet,
+        its version 1's, once the chain verifies and (when `release_key` is known) its newest
+        root names that very release key, so that a coordinator cannot slip in roots of its
+        own. None for a fleet without roots."""
+        if root is not None:
+            meta = decode_root_body(root.body)
+            if meta.version != 1 or meta.fleet != fleet:
+                raise ValueError(f"root: a token pins version 1 of fleet {fleet}'s roots, not "
+                                 f"version {meta.version} of fleet {meta.fleet}")
+            return root_fingerprint(root)
+        chain = self.roots(fleet)
+        if not chain:
+            return None
+        try:
+            newest = verify_root_chain(None, root_fingerprint(chain[0]), chain)
+        except RootError as exc:
+            raise ProtocolError(f"the coordinator's roots of fleet {fleet}: {exc}") from None
+        if release_key is not None and newest.release_key.hex() != release_key:
+            raise ProtocolError(
+                f"the coordinator's roots of fleet {fleet} name release key "
+                f"{newest.release_key.hex()[:16]}…, not yours ({release_key[:16]}…): pass "
+                "the root file you signed (--root)")
+        return root_fingerprint(chain[0])
 
     def list_devices(self, fleet: str | None = None) -> list[dict[str, Any]]:
         """→ a list of DeviceInfo dicts (docs/api.md)."""
@@ -469,10 +509,12 @@ class OperatorClient:
         return self._obj(self._request("GET", f"/devices/{_path_name(name)}", 200), "device")
 
     def provision(self, name: str, fleet: str, expires_in: int | None = None,
-                  release_key: str | None = None) -> dict[str, Any]:
+                  release_key: str | None = None, root: SignedRoot | None = None
+                  ) -> dict[str, Any]:
         """→ `{"device": DeviceInfo, "join": {"url", "token", "name", "fleet"}}`; the join
         token lives `expires_in` seconds (server default 1 h) and carries the fingerprint of
-        `release_key` when given (as `create_token`)."""
+        the fleet's root version 1, or of `release_key` when given (as `create_token`)."""
+        root_fp = self.token_root_fingerprint(fleet, release_key, root)
         body: dict[str, Any] = {"name": name, "fleet": fleet}
         if expires_in is not None:
             body["expires_in"] = expires_in
@@ -480,7 +522,7 @@ class OperatorClient:
         join = out.get("join")
         if not isinstance(join, dict) or not isinstance(join.get("token"), str):
             raise ProtocolError("provision: answer has no join object")
-        join["token"] = _pin_release_key(join["token"], release_key)
+        join["token"] = _pin_release_key(join["token"], release_key, root_fp)
         return out
 
     def revoke(self, name: str) -> dict[str, Any]:
@@ -815,6 +857,19 @@ async def enroll(url: str, token: str, public_key: str, name: str | None = None,
                  lan_endpoints: tuple[str, ...] = (), agent_version: str = "", *,
                  timeout: float = DEFAULT_TIMEOUT, credential: str | None = None,
                  private_key: str | None = None) -> tuple[Enrollment, bytes]:
+    """`enroll_with_root` without the verified root (the enrollment's release key is the one
+    it pins, checked the same way)."""
+    enrollment, der, _root = await enroll_with_root(
+        url, token, public_key, name, lan_endpoints, agent_version, timeout=timeout,
+        credential=credential, private_key=private_key)
+    return enrollment, der
+
+
+async def enroll_with_root(url: str, token: str, public_key: str, name: str | None = None,
+                           lan_endpoints: tuple[str, ...] = (), agent_version: str = "", *,
+                           timeout: float = DEFAULT_TIMEOUT, credential: str | None = None,
+                           private_key: str | None = None
+                           ) -> tuple[Enrollment, bytes, SignedRoot | None]:
     """Verify the coordinator by the token's fingerprint, then enroll over the pinned channel.
 
     Enrolling again a device that is active needs a proof of being it (docs/security.md):
@@ -823,12 +878,16 @@ async def enroll(url: str, token: str, public_key: str, name: str | None = None,
     hub key)). A first enrollment needs neither.
 
     A token that carries a release key fingerprint (docs/security.md) admits only an
-    enrollment with that key: else ReleaseKeyMismatch, and the caller must keep nothing.
+    enrollment with that key: else ReleaseKeyMismatch, and the caller must keep nothing. A
+    token that carries a root fingerprint makes this fetch the fleet's roots, verify them from
+    version 1 (which must have that fingerprint) and pin the release key the newest names:
+    else ReleaseKeyMismatch; the newest root is returned for the caller to keep.
 
-    Returns the enrollment and the certificate to pin from now on (e.g. for DeviceClient).
-    Raises ControlError for a malformed token or request, PinError for a coordinator whose
-    certificate does not match, ApiError for a refused enrollment (401 token, 409 name, 403
-    a proof that does not hold), ReleaseKeyMismatch.
+    Returns the enrollment, the certificate to pin from now on (e.g. for DeviceClient) and
+    the verified newest root (None unless the token names one). Raises ControlError for a
+    malformed token or request, PinError for a coordinator whose certificate does not match,
+    ApiError for a refused enrollment (401 token, 409 name, 403 a proof that does not hold),
+    ReleaseKeyMismatch.
     """
     parts = TokenParts.parse(token)
     request = EnrollRequest.from_json(EnrollRequest(
@@ -859,13 +918,44 @@ async def enroll(url: str, token: str, public_key: str, name: str | None = None,
                     MAX_ENROLL_ANSWER)
         except httpx.TransportError as exc:
             raise _transport_error(exc, base) from exc
-    _check(response, 201, 200)
-    try:
-        enrollment = Enrollment.from_json(_json(response))
-    except ControlError as exc:
-        raise ProtocolError(str(exc)) from exc
-    _check_release_key(enrollment, parts.release_key_fp)
-    return enrollment, der
+        _check(response, 201, 200)
+        try:
+            enrollment = Enrollment.from_json(_json(response))
+        except ControlError as exc:
+            raise ProtocolError(str(exc)) from exc
+        _check_release_key(enrollment, parts.release_key_fp)
+        if parts.root_fp is None:
+            return enrollment, der, None
+        async with DeviceClient(url, enrollment.credential, der, timeout=timeout) as device:
+            newest, root = await _verified_roots(device, enrollment.fleet, parts.root_fp)
+    if enrollment.release_key != newest.release_key.hex():
+        raise ReleaseKeyMismatch(
+            f"the coordinator handed release key {enrollment.release_key or 'none'} for fleet "
+            f"{enrollment.fleet}, its root version {newest.version} (verified from the token's "
+            f"root) names {newest.release_key.hex()}: not enrolling")
+    return enrollment, der, root
+
+
+async def _verified_roots(device: DeviceClient, fleet: str, root_fp: str
+                          ) -> tuple[RootMetadata, SignedRoot]:
+    """The fleet's newest root, verified from version 1 pinned by `root_fp`, page by page
+    (MAX_ROOT_CHAIN roots per answer); ReleaseKeyMismatch if it does not verify."""
+    trusted: RootMetadata | None = None
+    newest: SignedRoot | None = None
+    while True:  # ends: each full page moves `trusted` on by MAX_ROOT_CHAIN versions
+        chain = await device.roots(fleet, 0 if trusted is None else trusted.version)
+        try:
+            trusted = verify_root_chain(trusted, root_fp, chain)
+        except RootError as exc:
+            raise ReleaseKeyMismatch(f"the roots of fleet {fleet} do not verify from the "
+                                     f"token's root {root_fp[:16]}…: {exc}: not "
+                                     "enrolling") from None
+        newest = chain[-1] if chain else newest
+        if len(chain) < MAX_ROOT_CHAIN:
+            break
+    if newest is None:  # not reached: verify_root_chain refuses an empty first chain
+        raise ReleaseKeyMismatch(f"fleet {fleet} has no roots: not enrolling")
+    return trusted, newest
 
 
 def _check_release_key(enrollment: Enrollment, expected_fp: str | None) -> None:
