@@ -33,7 +33,7 @@ from mesh.clikit import (
     EXIT_USAGE,
     CliError,
 )
-from mesh.control import ControlError, check_app, check_name
+from mesh.control import ControlError, TokenParts, check_app, check_name
 from mesh.release import (
     MAX_ROOT_DOCUMENT,
     ReleaseError,
@@ -128,6 +128,14 @@ def token_root(path: Path | None, fleet: str) -> SignedRoot | None:
         raise CliError(f"{path}: a token pins root version 1 of fleet {fleet}, this is version "
                        f"{meta.version} of fleet {meta.fleet}")
     return signed
+
+
+def note_token_root(token: str) -> None:
+    """Say on stderr when a token pins the fleet's root rather than (or without) a key."""
+    root_fp = TokenParts.parse(token).root_fp
+    if root_fp is not None:
+        print(f"note: the token pins the fleet's root version 1 ({root_fp[:16]}…): devices "
+              "follow its release key rotations", file=sys.stderr)
 
 
 def add_release_key_option(p: argparse.ArgumentParser) -> None:

@@ -31,6 +31,7 @@ from ops._cli_common import (
     date,
     lock_text,
     name_arg,
+    note_token_root,
     one_line_errors,
     operator_client,
     parse_duration,
@@ -64,6 +65,7 @@ def _token_create(args: argparse.Namespace) -> int:
         out = client.create_token(fleet, uses=args.uses, expires_in=expires, name=name,
                                   release_key=token_release_key(args.release_key),
                                   root=token_root(args.root, fleet))
+    note_token_root(out["token"])
     if args.json:
         print_json(out)
     else:
@@ -221,6 +223,7 @@ def _devices_provision(args: argparse.Namespace) -> int:
         out = client.provision(name, fleet, expires,
                                release_key=token_release_key(args.release_key),
                                root=token_root(args.root, fleet))
+    note_token_root(out["join"]["token"])
     print_json(out["join"])
     if sys.stdout.isatty():
         print("(save this as device.json for `fleetmesh-agent join --config`)", file=sys.stderr)

@@ -60,6 +60,7 @@ def test_a_device_pins_the_release_key_of_the_newest_verified_root(
         assert out.returncode == 0, out.stderr
         token = out.stdout.strip()
         assert TokenParts.parse(token).root_fp == root_fingerprint(v1)
+        assert "the token pins the fleet's root version 1" in out.stderr
         out = fleetmesh(env, "devices", "provision", "cam-9", "--fleet", "cams")
         assert out.returncode == 0, out.stderr
         assert TokenParts.parse(json.loads(out.stdout)["token"]).root_fp == root_fingerprint(v1)
