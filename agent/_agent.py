@@ -33,6 +33,7 @@ import trio
 
 from mesh.clikit import package_version
 from mesh.control import MAX_PEERS, DeviceReport, Enrollment, PeerMap, PeerMisbehaviour, PeerPath
+from mesh.release import RootMetadata, SignedRoot
 from vpn import AsyncWireGuardBackend, public_key_from_private
 
 from ._datadir import DataDir, Identity
@@ -41,6 +42,7 @@ from ._lan import LanPeerJoin, run_lan_discovery
 from ._link import ClientFactory, CoordinatorLink, Log, one_line
 from ._paths import PathSelector
 from ._release_sync import GossipSettings, ReleaseSync
+from ._rotation import RootWatch
 from ._uploads import REPORT_INTERVAL, Reporter
 from ._wg_sync import POLL_WAIT, RECONCILE_INTERVAL, Nudger, WireGuardSync, udp_nudger
 
@@ -110,13 +112,51 @@ class Agent:
         # LAN discovery's neighbours reach the node only once joined with the peer map: a
         # name counts with the fingerprint of its peer-map key (docs/security.md)
         self.lan_join = LanPeerJoin(self.peer_keys, log)
+        # the fleet's root metadata: a rotated release key restarts `releases` with the new
+        # key (agent/_rotation.py)
+        self.roots = RootWatch(self.data, log)
+        self._rng = rng
+        self._gossip = gossip
+        self._rotation: tuple[SignedRoot, RootMetadata] | None = None
+        self._releases_scope: trio.CancelScope | None = None
         if gossip is not None:
-            gossip = replace(gossip, lan_discovery=self.lan_join.wrap(
+            self._gossip = replace(gossip, lan_discovery=self.lan_join.wrap(
                 gossip.lan_discovery or run_lan_discovery))
-            self.releases = ReleaseSync(
-                self.data.path, enrollment, self.public_key, self.wg_port, self.link, gossip,
-                peers=self.gossip_peers, log=log, rng=rng,
-                on_apps_changed=self._report_now, on_misbehaviour=self._report_now)
+            self.releases = self._new_releases(self._gossip)
+
+    def _new_releases(self, gossip: GossipSettings) -> ReleaseSync:
+        return ReleaseSync(
+            self.data.path, self.enrollment, self.public_key, self.wg_port, self.link,
+            gossip, peers=self.gossip_peers, log=self.log, rng=self._rng,
+            on_apps_changed=self._report_now, on_misbehaviour=self._report_now,
+            roots=self.roots, on_rotation=self._on_rotation)
+
+    def _on_rotation(self, signed: SignedRoot, meta: RootMetadata) -> None:
+        """A verified root names another release key: stop the release subsystem (mesh node,
+        applier, freshness watch, all built around the pinned key); `_releases_loop` rotates
+        and starts it again."""
+        self._rotation = (signed, meta)
+        if self._releases_scope is not None:
+            self._releases_scope.cancel()
+
+    async def _releases_loop(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                             ) -> None:
+        """Run `releases`; after a rotation, again with the new key. Ends when it does."""
+        started = False
+        while self.releases is not None and self._gossip is not None:
+            with trio.CancelScope() as scope:
+                self._releases_scope = scope
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self.releases.run)
+                    if not started:
+                        task_status.started()
+                        started = True
+            rotation, self._rotation = self._rotation, None
+            if rotation is None:
+                return
+            self.identity = self.roots.rotate(self.identity, *rotation)
+            self.releases = self._new_releases(self._gossip)
+            self._report_now()
 
     @property
     def enrollment(self) -> Enrollment:
@@ -174,7 +214,7 @@ class Agent:
                     await nursery.start(self.wg.run, backend, self.link)
                     await nursery.start(self.reporter.run)
                     if self.releases is not None:
-                        await nursery.start(self.releases.run)
+                        await nursery.start(self._releases_loop)
                     task_status.started(self)
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(2):

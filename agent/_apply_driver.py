@@ -204,7 +204,7 @@ class Applier:
         running, committed = a.running, a.state.current
         # the release that runs, or is committed, is no replay: only an older one needs a pin
         in_place = version in (running, committed)
-        newest_in_place = max((v for v in (running, committed) if v is not None), default=None)
+        newest_in_place = max(self._floor(a, running, committed), default=None)
         try:
             used = admit_release(manifest, self.key, None if in_place else newest_in_place,
                                  pins=_pins(pin), device=self.device,
@@ -372,6 +372,14 @@ class Applier:
         with self._apps_lock:  # only set_target and the constructor add apps, one at a time
             return self._apps.setdefault(app, a)
 
+    def _floor(self, a: _App, *versions: int | None) -> list[int]:
+        """The versions among `versions` that hold a rollback floor: all but those whose
+        stored manifest is signed by another key than ours, i.e. accepted under a release key
+        the fleet's root metadata has since replaced (fast-forward recovery, docs/security.md
+        "Release key rotation": a thief's v1000 must not block the new key's v4)."""
+        return [v for v in versions
+                if v is not None and not a.journal.signed_by_other_key(v, self.key_id)]
+
     def _seed_high_water(self, a: _App) -> None:
         """The persisted mark, raised to what the journal names: an agent upgraded from one
         that kept no mark starts from the releases it committed, applied or saw fail."""
@@ -390,7 +398,7 @@ class Applier:
         except JournalError:
             j = None  # reported when the step loads it
         if j is not None:
-            a.raise_high_water(j.current, j.to, *j.failed)
+            a.raise_high_water(*self._floor(a, j.current, j.to, *j.failed))
 
     def _load_journal(self, a: _App) -> None:
         """Read the journal; without one (or a corrupt one) the running labelled container,
@@ -407,7 +415,7 @@ class Applier:
             state = Journal(current=max(versions)) if versions else Journal()
         a.state = state
         a.loaded = True
-        a.raise_high_water(state.current, state.to, *state.failed)
+        a.raise_high_water(*self._floor(a, state.current, state.to, *state.failed))
 
     def _release(self, app: str, version: int) -> VerifiedRelease | None:
         """A release this process verified, else the journal's copy, verified on reading."""

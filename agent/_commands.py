@@ -28,6 +28,7 @@ from mesh.clikit import (
 )
 from mesh.control import ControlError, Enrollment, TokenParts, check_endpoint, check_name
 from mesh.node import ServePolicy
+from mesh.release import SignedRoot
 from mesh.tlspin import PinError
 from vpn import WireGuardGoError, generate_keypair, public_key_from_private
 from vpn._link import check_ifname
@@ -41,7 +42,7 @@ from ._release_sync import ApplySettings, GossipSettings
 
 MAX_CONFIG_BYTES: Final = 64 * 1024
 
-EnrollFn = Callable[..., Awaitable[tuple[Enrollment, bytes]]]
+EnrollFn = Callable[..., Awaitable[tuple[Enrollment, bytes, SignedRoot | None]]]
 
 
 # --------------------------------------------------------------------------- seams for tests
@@ -52,10 +53,10 @@ EnrollFn = Callable[..., Awaitable[tuple[Enrollment, bytes]]]
 def sdk_enroll() -> EnrollFn:
     try:
         # start-up time: the SDK brings httpx (~170 ms of imports), for join and run only
-        from ops.client import enroll
+        from ops.client import enroll_with_root
     except ImportError as exc:  # pragma: no cover - the SDK ships with fleetmesh
         raise CliError(f"the coordinator SDK is not available: {exc}") from exc
-    return enroll
+    return enroll_with_root
 
 
 def sdk_client_factory() -> ClientFactory:
@@ -201,7 +202,7 @@ def _join(args: argparse.Namespace) -> int:
     lan = explicit if explicit is not None else _discover_lan(args.wg_port, ())
     enroll = sdk_enroll()
 
-    async def go() -> tuple[Enrollment, bytes]:
+    async def go() -> tuple[Enrollment, bytes, SignedRoot | None]:
         with trio.fail_after(ENROLL_TIMEOUT):
             # The private key stays here: the SDK uses it only to answer the coordinator's
             # challenge when this device is enrolled already (its enrollment.json was lost).
@@ -209,18 +210,25 @@ def _join(args: argparse.Namespace) -> int:
                                 private_key=private)
 
     try:
-        enrollment, cert_der = trio.run(go)
+        enrollment, cert_der, root = trio.run(go)
     except CliError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the SDK raises becomes one line
         raise _classify(exc) from None
-    if token_parts.release_key_fp is None and enrollment.release_key is not None:
+    if root is not None:
+        stderr_log(f"note: pinned release key {(enrollment.release_key or '')[:16]}… named by "
+                   "the fleet's root metadata, verified from the token's root")
+    elif token_parts.release_key_fp is None and enrollment.release_key is not None:
         stderr_log("note: the token carries no release key fingerprint: pinned the release key "
                    f"the coordinator gave, {enrollment.release_key[:16]}…, on first use")
     if fleet is not None and enrollment.fleet != fleet:
         stderr_log(f"note: device.json names fleet {fleet}, the coordinator put this device "
                    f"in {enrollment.fleet}")
     try:
+        # The root first: a device enrolled without the root its token named could not follow
+        # the fleet's key rotations; without enrollment.json the join simply runs again.
+        if root is not None:
+            data.write_root(root)
         data.write_identity(Identity(url, enrollment, cert_der, args.wg_port, explicit))
     except DataDirError as exc:
         raise CliError(str(exc)) from None

@@ -19,11 +19,21 @@ from pathlib import Path
 from typing import Any, Final
 
 from mesh.control import ControlError, Enrollment, PeerMap, check_endpoint
+from mesh.release import (
+    MAX_ROOT_DOCUMENT,
+    RootError,
+    SignedRoot,
+    decode_signed_root,
+    encode_signed_root,
+)
 from vpn import InvalidKeyError, read_private_key, write_private_file, write_private_key
 
 PRIVATE_KEY: Final = "private.key"
 ENROLLMENT: Final = "enrollment.json"
 PEERMAP: Final = "peermap.json"
+# The newest root metadata this device verified (docs/security.md, "Release key rotation"):
+# where its walk to newer roots starts. Absent on a device whose token named no root.
+ROOT: Final = "root.json"
 FORMAT: Final = 1
 # A peer map is at most mesh.control.MAX_BODY_BYTES as JSON on the wire; the other files are
 # a few KB. Anything bigger is not ours.
@@ -96,6 +106,10 @@ class DataDir:
     def peermap_path(self) -> Path:
         return self.path / PEERMAP
 
+    @property
+    def root_path(self) -> Path:
+        return self.path / ROOT
+
     def ensure(self) -> None:
         try:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -146,6 +160,33 @@ class DataDir:
             return Identity.from_json(obj)
         except (ValueError, ControlError) as exc:  # ControlError is a ValueError too
             raise DataDirError(f"{self.enrollment_path}: corrupt ({exc})") from None
+
+    # -- root metadata -----------------------------------------------------
+
+    def write_root(self, signed: SignedRoot) -> None:
+        """Keep the newest verified root: whole or absent after a crash (write_private_file:
+        temporary file, fsync, rename, directory fsync)."""
+        self.ensure()
+        try:
+            write_private_file(self.root_path, encode_signed_root(signed))
+        except OSError as exc:
+            raise DataDirError(f"cannot write {self.root_path}: "
+                               f"{exc.strerror or exc}") from exc
+
+    def read_root(self) -> SignedRoot | None:
+        """The newest root this device verified, None if its token named none; DataDirError
+        if the file is corrupt (it was verified when written: only the disk can break it)."""
+        try:
+            with open(self.root_path, "rb") as f:
+                raw = f.read(MAX_ROOT_DOCUMENT + 1)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise DataDirError(f"cannot read {self.root_path}: {exc.strerror or exc}") from None
+        try:
+            return decode_signed_root(raw)
+        except RootError as exc:
+            raise DataDirError(f"{self.root_path}: corrupt ({exc})") from None
 
     # -- peer map cache ----------------------------------------------------
 

@@ -25,8 +25,14 @@ from typing import Any, Final
 
 from nacl.signing import VerifyKey
 
-from mesh.blobs import write_atomically
-from mesh.release import ReleaseError, VerifiedRelease, verify_release
+from mesh.blobs import fsync_dir, write_atomically
+from mesh.release import (
+    MAX_ENVELOPE_BYTES,
+    ReleaseError,
+    VerifiedRelease,
+    decode_signed_manifest,
+    verify_release,
+)
 
 from ._apply_core import Journal
 
@@ -90,6 +96,17 @@ class AppJournal:
                 or isinstance(version, bool) or not isinstance(version, int) or version < 1):
             raise JournalError(f"{path}: corrupt (not a format-1 high-water mark of {self.app})")
         return version
+
+    def reset_high_water(self) -> None:
+        """Forget the mark (fast-forward recovery after a release-key rotation: the mark was
+        set under a key now revoked, docs/security.md "Release key rotation")."""
+        path = self.dir / HIGH_WATER
+        try:
+            path.unlink(missing_ok=True)
+            if self.dir.is_dir():
+                fsync_dir(self.dir)
+        except OSError as exc:
+            raise JournalError(f"cannot remove {path}: {exc.strerror or exc}") from None
 
     def save_high_water(self, version: int) -> None:
         """Record `version` as the newest accepted (atomic: the old mark or the new one)."""
@@ -155,6 +172,17 @@ class AppJournal:
             return None
         return release if release.manifest.version == version else None
 
+    def signed_by_other_key(self, version: int, key_id: str) -> bool:
+        """Whether the stored manifest of `version` names a key other than `key_id`: a release
+        accepted under a key since revoked, which sets no rollback floor under the new one. A
+        missing or unreadable manifest is no proof of that (False: the floor holds)."""
+        try:
+            with open(self._release_path(version), "rb") as f:
+                encoded = f.read(MAX_ENVELOPE_BYTES + 1)
+            return decode_signed_manifest(encoded).key_id != key_id
+        except (OSError, ReleaseError):
+            return False
+
     def prune_releases(self, keep: set[int]) -> None:
         d = self.dir / RELEASES
         if not d.is_dir():
@@ -192,4 +220,16 @@ def journal_apps(root: str | os.PathLike[str]) -> list[str]:
     return sorted(p.name for p in base.iterdir() if (p / JOURNAL).is_file())
 
 
-__all__ = ["AppJournal", "JournalError", "atomic_write", "journal_apps"]
+def reset_high_waters(root: str | os.PathLike[str]) -> list[str]:
+    """Forget every app's high-water mark under `root` (AppJournal.reset_high_water); the apps
+    that had one."""
+    base = Path(root)
+    if not base.is_dir():
+        return []
+    apps = sorted(p.parent.name for p in base.glob(f"*/{HIGH_WATER}"))
+    for app in apps:
+        AppJournal(base, app).reset_high_water()
+    return apps
+
+
+__all__ = ["AppJournal", "JournalError", "atomic_write", "journal_apps", "reset_high_waters"]

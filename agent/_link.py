@@ -32,6 +32,7 @@ from mesh.control import (
     LogLine,
     PeerMap,
 )
+from mesh.release import SignedRoot
 
 from ._datadir import Identity
 
@@ -71,6 +72,10 @@ class DeviceApi(Protocol):
     async def timestamp(self) -> bytes | None: ...
 
     async def manifest(self, fleet: str, app: str, version: int) -> bytes: ...
+
+    # the fleet's signed roots newer than `since`, decoded, oldest first (agent/_rotation.py
+    # verifies them)
+    async def roots(self, fleet: str, since: int) -> list[SignedRoot]: ...
 
     async def blob(self, blob_id: str, start: int | None = None, end: int | None = None
                    ) -> bytes: ...

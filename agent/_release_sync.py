@@ -40,7 +40,13 @@ from mesh.blobsched import SchedConfig
 from mesh.control import AppStatus, DeviceTarget, Enrollment
 from mesh.membership import LAN, METERED
 from mesh.node import ServePolicy
-from mesh.release import ReleaseError, VerifiedRelease, verify_release
+from mesh.release import (
+    ReleaseError,
+    RootMetadata,
+    SignedRoot,
+    VerifiedRelease,
+    verify_release,
+)
 from mesh.rumor import LAN_RUMOR, METERED_RUMOR
 
 from ._appsync import AppSync
@@ -50,6 +56,7 @@ from ._freshness import FreshnessWatch
 from ._gossip import GOSSIP_PORT, GossipNode, release_verifier
 from ._lan import run_lan_discovery
 from ._link import CALL_TIMEOUT, CoordinatorLink, ErrorOnce, Log, one_line
+from ._rotation import RootWatch
 from ._uploads import LogUploader
 
 if TYPE_CHECKING:
@@ -118,7 +125,10 @@ class ReleaseSync:
                  link: CoordinatorLink, settings: GossipSettings, *,
                  peers: Callable[[], Mapping[str, str]], log: Log, rng: random.Random,
                  on_apps_changed: Callable[[], None] = lambda: None,
-                 on_misbehaviour: Callable[[], None] = lambda: None) -> None:
+                 on_misbehaviour: Callable[[], None] = lambda: None,
+                 roots: RootWatch | None = None,
+                 on_rotation: Callable[[SignedRoot, RootMetadata], None] = lambda s, m: None
+                 ) -> None:
         self.data_path = data_path
         self.enrollment = enrollment
         self.public_key = public_key
@@ -130,6 +140,11 @@ class ReleaseSync:
         self.rng = rng
         self.on_apps_changed = on_apps_changed
         self.on_misbehaviour = on_misbehaviour  # a peer newly counted misbehaving
+        # the device's trusted root (agent/_rotation.py), read with the targets; a newer one
+        # naming another release key goes to `on_rotation`, which restarts this subsystem
+        self.roots = roots
+        self.on_rotation = on_rotation
+        self._root_errors = ErrorOnce(log, settings.targets_interval)
         self.node: GossipNode | None = None  # the running mesh node
         self.store: BlobStore | None = None
         self.applier: Applier | None = None  # once the engine answers
@@ -266,6 +281,8 @@ class ReleaseSync:
         fleet = self.enrollment.fleet
         targets = await self.link.targets()
         await self._read_timestamp()
+        if await self._read_roots():
+            return  # the release key rotated: nothing more under the old one
         sync = self.appsync
         if sync is not None:
             sync.set_targets(targets)
@@ -324,6 +341,31 @@ class ReleaseSync:
             self.freshness.unanswered(one_line(exc))
             return
         self.freshness.update(stamp, time.time())
+
+    async def _read_roots(self) -> bool:
+        """The fleet's roots newer than the trusted one, with every target poll; True when a
+        verified one names another release key (handed to `on_rotation`). A failed read is
+        logged once and tried again at the next poll, never a failed poll."""
+        watch = self.roots
+        if watch is None or watch.trusted is None:
+            return False
+        fleet, since = self.enrollment.fleet, watch.trusted.version
+        try:
+            chain = await self.link.call(lambda c: c.roots(fleet, since), CALL_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - whatever the SDK raises: no new root
+            self._root_errors.failed(f"root metadata: {one_line(exc)}")
+            return False
+        self._root_errors.ok()
+        found = watch.advance(chain)
+        if found is None:
+            return False
+        signed, meta = found
+        if meta.release_key.hex() == self.enrollment.release_key:
+            watch.adopt(signed, meta)
+            self.log(f"root metadata: version {meta.version} verified; the release key stays")
+            return False
+        self.on_rotation(signed, meta)
+        return True
 
     def _verify(self, target: DeviceTarget, data: bytes) -> VerifiedRelease | None:
         """An older release's manifest from the coordinator, verified once, here."""

@@ -20,6 +20,7 @@ from mesh.control import (
     MISBEHAVIOURS,
 )
 from mesh.names import APP_NAME_RE, DEVICE_NAME_RE, MAX_APP_NAME
+from mesh.release import MAX_ROOT_CHAIN, MAX_ROOT_KEYS
 
 from ._http import MAX_INT
 from .routes.devices import DEFAULT_WAIT, MAX_WAIT
@@ -97,6 +98,16 @@ def _obj(required: list[str], **props: Any) -> dict[str, Any]:
 
 
 SCHEMAS: dict[str, Any] = {
+    # mesh.release's root document: the msgpack body and Ed25519 signatures in base64
+    "SignedRoot": {**_obj(["format", "body", "signatures"],
+                          format={"const": "fleetmesh-signed-root-v1"},
+                          body={"type": "string", "contentEncoding": "base64"},
+                          signatures={"type": "array", "maxItems": MAX_ROOT_KEYS,
+                                      "items": _obj(["key_id", "signature"],
+                                                    key_id={"type": "string",
+                                                            "pattern": "^[0-9a-f]{16}$"},
+                                                    signature=_STR)}),
+                   "additionalProperties": False},
     # revoked: a revoked device's credential (401); challenge, hub_public_key: enroll's 409
     "Error": _obj(["error"], error=_STR, revoked={"type": "boolean"}, challenge=_STR,
                   hub_public_key=_STR),
@@ -312,6 +323,22 @@ def openapi_document() -> dict[str, Any]:
             "responses": {"200": _json(_obj(["fleet", "public_key", "key_id"],
                                             fleet=_STR, public_key=_STR, key_id=_STR)),
                           **_ERRORS}}},
+        "/api/v1/fleets/{fleet}/root": {
+            "put": {"summary": "publish the fleet's next signed root (k-of-n root keys); its "
+                               "release key becomes the fleet's",
+                    "security": _OPERATOR, "parameters": [_FLEET],
+                    "requestBody": _body(_ref("SignedRoot")),
+                    "responses": {"200": _json(_obj(
+                        ["fleet", "version", "release_key", "key_id", "fingerprint"],
+                        fleet=_STR, version=_INT, release_key=_STR, key_id=_STR,
+                        fingerprint=_STR)), **_ERRORS}},
+            "get": {"summary": "the fleet's signed roots newer than `since`, oldest first "
+                               f"(at most {MAX_ROOT_CHAIN})",
+                    "security": _EITHER,
+                    "parameters": [_FLEET, {"name": "since", "in": "query", "schema": _UINT}],
+                    "responses": {"200": _json(_obj(["fleet", "roots"], fleet=_STR, roots={
+                        "type": "array", "items": _ref("SignedRoot"),
+                        "maxItems": MAX_ROOT_CHAIN})), **_ERRORS}}},
         "/api/v1/fleets/{fleet}/target": {"put": {
             "summary": "the release the fleet's devices (or one device) should run",
             "security": _OPERATOR, "parameters": [_FLEET],

@@ -18,20 +18,29 @@ from nacl.signing import SigningKey, VerifyKey
 from mesh.blobs import BlobKind
 from mesh.control import AppStatus, ControlError, SourceBytes, check_name
 from mesh.release import (
+    MAX_ROOT_CHAIN,
     ManifestError,
     ReleaseError,
     ReleaseManifest,
     ReleasePin,
+    RootError,
+    SignedRoot,
     Timestamp,
     VerificationError,
     decode_manifest,
     decode_pin,
+    decode_root_body,
     decode_signed_manifest,
     decode_signed_pin,
+    decode_signed_root,
+    encode_signed_root,
     key_id,
+    root_fingerprint,
     sign_timestamp,
+    signed_root_to_json,
     verify_manifest,
     verify_pin,
+    verify_root,
     verify_timestamp_grant,
 )
 
@@ -71,6 +80,16 @@ class ReleaseKeyInfo(TypedDict):
     fleet: str
     public_key: str  # Ed25519, hex
     key_id: str
+
+
+class RootInfo(TypedDict):
+    """PUT /fleets/{fleet}/root's answer."""
+
+    fleet: str
+    version: int
+    release_key: str  # Ed25519, hex: now the fleet's release key
+    key_id: str
+    fingerprint: str  # sha256 of the root's body, hex
 
 
 class DeviceTargetInfo(TypedDict):
@@ -286,6 +305,9 @@ class ReleaseRegistry:
     # -- keys and targets --------------------------------------------------------------------
 
     def set_release_key(self, fleet: str, public_key_hex: str) -> ReleaseKeyInfo:
+        if self.store.latest_root(fleet) is not None:
+            raise Conflict(f"fleet {fleet} has root metadata: its release key changes only with "
+                           "a new root signed by its root keys (`fleetmesh root rotate`)")
         try:
             raw = bytes.fromhex(public_key_hex)
             if len(raw) != 32:
@@ -301,6 +323,54 @@ class ReleaseRegistry:
     def release_key(self, fleet: str) -> str | None:
         key = self.store.release_key(fleet)
         return None if key is None else key.public_key
+
+    # -- root metadata (docs/security.md, "Release key rotation") -------------------------------
+
+    def put_root(self, fleet: str, document: bytes) -> RootInfo:
+        """Keep the fleet's next root, once it verifies against the stored one (version 1:
+        against its own keys), and make the release key it names the fleet's. Devices trust no
+        root for our word; this only keeps garbage and forks out of what they are served."""
+        try:
+            signed = decode_signed_root(document)
+        except RootError as exc:
+            raise ControlError(f"body: {exc}") from None
+        meta = decode_root_body(signed.body)
+        if meta.fleet != fleet:
+            raise ControlError(f"root is for fleet {meta.fleet!r}, not {fleet!r}")
+        latest = self.store.latest_root(fleet)
+        trusted = None if latest is None else decode_root_body(decode_signed_root(latest).body)
+        current = 0 if trusted is None else trusted.version
+        if latest is not None and meta.version == current and (
+                decode_signed_root(latest).body == signed.body):
+            return self._root_info(signed)  # published again (a retried command): no change
+        if meta.version != current + 1:
+            raise Conflict(f"fleet {fleet} is at root version {current}: the next one is "
+                           f"{current + 1}, not {meta.version}")
+        try:
+            verify_root(signed, trusted, root_fingerprint(signed))
+        except RootError as exc:
+            raise Forbidden(str(exc)) from None
+        key = FleetReleaseKey(fleet, meta.release_key.hex(), key_id(meta.release_key),
+                              self.clock())
+        self.store.add_root(fleet, meta.version, encode_signed_root(signed), key)
+        self.targets_changed(fleet, None)  # devices read targets and roots together
+        return self._root_info(signed)
+
+    @staticmethod
+    def _root_info(signed: SignedRoot) -> RootInfo:
+        meta = decode_root_body(signed.body)
+        return {"fleet": meta.fleet, "version": meta.version,
+                "release_key": meta.release_key.hex(), "key_id": key_id(meta.release_key),
+                "fingerprint": root_fingerprint(signed)}
+
+    def roots(self, fleet: str, since: int, device: Device | None) -> dict[str, Any]:
+        """GET /fleets/{fleet}/root: the fleet's roots newer than `since`, oldest first, at most
+        MAX_ROOT_CHAIN (a device asks again from the last one it verified)."""
+        if device is not None and device.fleet != fleet:
+            raise NotFound(f"no fleet {fleet}")
+        documents = self.store.roots(fleet, since, MAX_ROOT_CHAIN)
+        return {"fleet": fleet,
+                "roots": [signed_root_to_json(decode_signed_root(d)) for d in documents]}
 
     # -- freeze detection: timestamps (docs/security.md) ---------------------------------------
 

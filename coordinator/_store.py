@@ -147,6 +147,18 @@ class Store(Protocol):
 
     def release_key(self, fleet: str) -> FleetReleaseKey | None: ...
 
+    def add_root(self, fleet: str, version: int, document: bytes, key: FleetReleaseKey) -> None:
+        """Store the fleet's root `version` (its signed JSON document, verified by the caller)
+        and make `key`, the release key it names, the fleet's, in one durable transaction.
+        Conflict unless `version` is the newest stored plus one (1 for the first)."""
+
+    def roots(self, fleet: str, since: int, limit: int) -> list[bytes]:
+        """The documents of the fleet's roots newer than `since`, oldest first, at most
+        `limit`."""
+
+    def latest_root(self, fleet: str) -> bytes | None:
+        """The document of the fleet's newest root, None if it has none."""
+
     def set_target(self, target: FleetTarget) -> None:
         """Replace the fleet's (or the device's) target for the app."""
 

@@ -170,6 +170,17 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         PRIMARY KEY (reporter_id, offender)) WITHOUT ROWID;
     CREATE INDEX peer_reports_offender ON peer_reports(offender);
     """,
+    # 7: root metadata (issue 13, item 14): each fleet's signed roots, one row per version, as
+    # the JSON document the operator published (mesh.release's codec). Versions only grow, one
+    # at a time; the newest names the fleet's release key (release_keys follows it).
+    """
+    CREATE TABLE fleet_roots (
+        fleet TEXT NOT NULL REFERENCES fleets(name),
+        version INTEGER NOT NULL,
+        document BLOB NOT NULL,
+        added_at REAL NOT NULL,
+        PRIMARY KEY (fleet, version)) WITHOUT ROWID;
+    """,
 )
 
 _DEVICE_COLS: Final = ("id, name, fleet, state, created_at, public_key, mesh_ipv4, mesh_ipv6, "
@@ -722,6 +733,32 @@ class SqliteStore:
         rows = self._query("SELECT fleet, public_key, key_id, set_at FROM release_keys WHERE "
                            "fleet = ?", (fleet,))
         return FleetReleaseKey(*rows[0]) if rows else None
+
+    def add_root(self, fleet: str, version: int, document: bytes, key: FleetReleaseKey) -> None:
+        with self._tx(durable=True) as c:
+            self._ensure_fleet(c, fleet, key.set_at)
+            row = c.execute("SELECT MAX(version) FROM fleet_roots WHERE fleet = ?",
+                            (fleet,)).fetchone()
+            newest = row[0] or 0
+            if version != newest + 1:
+                raise Conflict(f"fleet {fleet} is at root version {newest}: the next one is "
+                               f"{newest + 1}, not {version}")
+            c.execute("INSERT INTO fleet_roots VALUES (?, ?, ?, ?)",
+                      (fleet, version, document, key.set_at))
+            c.execute("INSERT INTO release_keys VALUES (?, ?, ?, ?) ON CONFLICT(fleet) DO "
+                      "UPDATE SET public_key = excluded.public_key, key_id = excluded.key_id, "
+                      "set_at = excluded.set_at",
+                      (key.fleet, key.public_key, key.key_id, key.set_at))
+
+    def roots(self, fleet: str, since: int, limit: int) -> list[bytes]:
+        rows = self._query("SELECT document FROM fleet_roots WHERE fleet = ? AND version > ? "
+                           "ORDER BY version LIMIT ?", (fleet, since, limit))
+        return [bytes(r[0]) for r in rows]
+
+    def latest_root(self, fleet: str) -> bytes | None:
+        rows = self._query("SELECT document FROM fleet_roots WHERE fleet = ? ORDER BY version "
+                           "DESC LIMIT 1", (fleet,))
+        return bytes(rows[0][0]) if rows else None
 
     def set_target(self, target: FleetTarget) -> None:
         t = target

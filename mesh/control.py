@@ -701,24 +701,36 @@ class LogUpload:
 
 
 TOKEN_PREFIX: Final = "fm1"
+ROOT_FP_PREFIX: Final = "r"  # a token's fourth part that names a root, not a release key
 
 
 @dataclass(frozen=True, slots=True)
 class TokenParts:
-    """`fm1.<sha256 of the coordinator's certificate, hex>.<secret>[.<release key fingerprint>]`.
+    """`fm1.<sha256 of the coordinator's certificate, hex>.<secret>[.<release key fingerprint>
+    | .r<root fingerprint>]`.
 
     The certificate fingerprint lets `join` verify the coordinator with no CA and no trust on
-    first use (as k3s join tokens do). The optional release key fingerprint
-    (`mesh.release.key_fingerprint` of the fleet's release key, written by the operator's
-    tooling, never by the coordinator) lets the device refuse an enrollment that hands it any
-    other key (docs/security.md). The coordinator reads only the secret."""
+    first use (as k3s join tokens do). The optional fourth part, written by the operator's
+    tooling, never by the coordinator, names what the device is to trust for releases
+    (docs/security.md): the fleet's release key (`mesh.release.key_fingerprint`, 64 hex
+    digits), so the device refuses an enrollment that hands it any other key; or, for a fleet
+    with root metadata, `r` and its root version 1's fingerprint (`mesh.release.
+    root_fingerprint`), so the device verifies the chain of roots from there and pins the
+    release key the newest one names. The coordinator reads only the secret."""
 
     fingerprint: str
     secret: str
     release_key_fp: str | None = None
+    root_fp: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.release_key_fp is not None and self.root_fp is not None:
+            raise ControlError("token: names a release key or a root, not both")
 
     def __str__(self) -> str:
         text = f"{TOKEN_PREFIX}.{self.fingerprint}.{self.secret}"
+        if self.root_fp is not None:
+            return f"{text}.{ROOT_FP_PREFIX}{self.root_fp}"
         return text if self.release_key_fp is None else f"{text}.{self.release_key_fp}"
 
     @classmethod
@@ -726,13 +738,18 @@ class TokenParts:
         parts = text.strip().split(".") if isinstance(text, str) else []
         if len(parts) not in (3, 4) or parts[0] != TOKEN_PREFIX:
             raise ControlError("token: not a fleetmesh enrollment token "
-                               "(fm1.<fingerprint>.<secret>[.<release key fingerprint>])")
+                               "(fm1.<fingerprint>.<secret>[.<release key fingerprint>|"
+                               ".r<root fingerprint>])")
         fp, secret = parts[1], parts[2]
         if not re.fullmatch(r"[0-9a-f]{64}", fp):
             raise ControlError("token: fingerprint must be 64 hex digits")
         if not re.fullmatch(r"[A-Za-z0-9_-]{16,128}", secret):
             raise ControlError("token: malformed secret")
-        release_key_fp = parts[3] if len(parts) == 4 else None
-        if release_key_fp is not None and not re.fullmatch(r"[0-9a-f]{64}", release_key_fp):
+        last = parts[3] if len(parts) == 4 else None
+        if last is not None and last.startswith(ROOT_FP_PREFIX):
+            if not re.fullmatch(r"[0-9a-f]{64}", last[len(ROOT_FP_PREFIX):]):
+                raise ControlError("token: root fingerprint must be r and 64 hex digits")
+            return cls(fp, secret, None, last[len(ROOT_FP_PREFIX):])
+        if last is not None and not re.fullmatch(r"[0-9a-f]{64}", last):
             raise ControlError("token: release key fingerprint must be 64 hex digits")
-        return cls(fp, secret, release_key_fp)
+        return cls(fp, secret, last)

@@ -33,8 +33,17 @@ from mesh.clikit import (
     EXIT_USAGE,
     CliError,
 )
-from mesh.control import ControlError, check_app, check_name
-from mesh.release import ReleaseError, key_id, read_signing_key
+from mesh.control import ControlError, TokenParts, check_app, check_name
+from mesh.release import (
+    MAX_ROOT_DOCUMENT,
+    ReleaseError,
+    RootError,
+    SignedRoot,
+    decode_root_body,
+    decode_signed_root,
+    key_id,
+    read_signing_key,
+)
 from mesh.tlspin import PinError
 from ops.client import (
     ApiError,
@@ -95,12 +104,51 @@ def token_release_key(explicit: str | None) -> str | None:
     return public.hex()
 
 
+def read_root_file(path: Path) -> SignedRoot:
+    """A `fleetmesh root` file, decoded (mesh.release's codec); CliError (exit 2) otherwise."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_ROOT_DOCUMENT + 1)
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return decode_signed_root(data)
+    except RootError as exc:
+        raise CliError(f"{path}: {exc}") from None
+
+
+def token_root(path: Path | None, fleet: str) -> SignedRoot | None:
+    """`--root`: the operator's root version 1 of `fleet`, whose fingerprint a new token
+    carries; None without the option."""
+    if path is None:
+        return None
+    signed = read_root_file(path)
+    meta = decode_root_body(signed.body)
+    if meta.version != 1 or meta.fleet != fleet:
+        raise CliError(f"{path}: a token pins root version 1 of fleet {fleet}, this is version "
+                       f"{meta.version} of fleet {meta.fleet}")
+    return signed
+
+
+def note_token_root(token: str) -> None:
+    """Say on stderr when a token pins the fleet's root rather than (or without) a key."""
+    root_fp = TokenParts.parse(token).root_fp
+    if root_fp is not None:
+        print(f"note: the token pins the fleet's root version 1 ({root_fp[:16]}…): devices "
+              "follow its release key rotations", file=sys.stderr)
+
+
 def add_release_key_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--release-key", metavar="HEX",
                    help="the fleet's release public key, whose fingerprint the token carries "
                         "so that devices refuse any other (default: the public half of "
                         f"--signing-key's default, ${ENV_SIGNING_KEY} or "
                         "~/.config/fleetmesh/release.key, if present)")
+    p.add_argument("--root", type=Path, metavar="ROOT_1_JSON",
+                   help="the fleet's root version 1 (`fleetmesh root`): the token carries its "
+                        "fingerprint and devices follow the fleet's release key rotations "
+                        "(default: the coordinator's roots of the fleet, if any, once they "
+                        "verify and name the release key above)")
 
 
 # --------------------------------------------------------------------------- arguments

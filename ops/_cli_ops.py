@@ -31,6 +31,7 @@ from ops._cli_common import (
     date,
     lock_text,
     name_arg,
+    note_token_root,
     one_line_errors,
     operator_client,
     parse_duration,
@@ -39,6 +40,7 @@ from ops._cli_common import (
     table,
     text,
     token_release_key,
+    token_root,
     when,
 )
 from ops.client import ProtocolError
@@ -61,7 +63,9 @@ def _token_create(args: argparse.Namespace) -> int:
     name = None if args.name is None else name_arg(args.name)
     with api_errors(), operator_client(args) as client:
         out = client.create_token(fleet, uses=args.uses, expires_in=expires, name=name,
-                                  release_key=token_release_key(args.release_key))
+                                  release_key=token_release_key(args.release_key),
+                                  root=token_root(args.root, fleet))
+    note_token_root(out["token"])
     if args.json:
         print_json(out)
     else:
@@ -255,7 +259,9 @@ def _devices_provision(args: argparse.Namespace) -> int:
     expires = None if args.expires is None else parse_duration(args.expires)
     with api_errors(), operator_client(args) as client:
         out = client.provision(name, fleet, expires,
-                               release_key=token_release_key(args.release_key))
+                               release_key=token_release_key(args.release_key),
+                               root=token_root(args.root, fleet))
+    note_token_root(out["join"]["token"])
     print_json(out["join"])
     if sys.stdout.isatty():
         print("(save this as device.json for `fleetmesh-agent join --config`)", file=sys.stderr)

@@ -53,7 +53,19 @@ from mesh.control import (
     key_proof_mac,
     x25519_secret,
 )
-from mesh.release import key_fingerprint
+from mesh.release import (
+    MAX_ROOT_CHAIN,
+    MAX_ROOT_DOCUMENT,
+    RootError,
+    RootMetadata,
+    SignedRoot,
+    decode_root_body,
+    encode_signed_root,
+    key_fingerprint,
+    root_fingerprint,
+    signed_root_from_json,
+    verify_root_chain,
+)
 from mesh.tlspin import (
     DEFAULT_TIMEOUT,
     CertificateFetchError,
@@ -79,6 +91,7 @@ __all__ = [
     "ReleaseKeyMismatch",
     "default_config_path",
     "enroll",
+    "enroll_with_root",
     "load_operator_config",
 ]
 
@@ -95,6 +108,8 @@ MAX_JSON_ANSWER: Final = 16 * MAX_BODY_BYTES
 # An enrollment answer: identity, addresses, the hub and a key, a few hundred bytes
 MAX_ENROLL_ANSWER: Final = MAX_BODY_BYTES
 MISSING_BATCH: Final = 10_000  # IDs per POST /blobs/missing (docs/api.md)
+# GET /fleets/{fleet}/root: at most MAX_ROOT_CHAIN root documents and a little framing
+MAX_ROOT_ANSWER: Final = MAX_ROOT_CHAIN * MAX_ROOT_DOCUMENT + 1024
 MAX_LOG_WAIT: Final = 30  # the server's log long-poll limit (docs/api.md)
 # A log page: up to 5,000 lines of up to 4,096 characters, JSON-escaped (6 bytes a character)
 MAX_LOG_ANSWER: Final = 5000 * (4096 * 6 + 200)
@@ -318,22 +333,39 @@ def _path_name(name: str) -> str:
     return quote(name, safe="")
 
 
-def _pin_release_key(token: str, release_key: str | None) -> str:
-    """`token` carrying the fingerprint of `release_key` (hex). A token the coordinator minted
-    with a fingerprint already must name the same key."""
+def _pin_release_key(token: str, release_key: str | None, root_fp: str | None = None) -> str:
+    """`token` carrying `r` + `root_fp` (a root version 1's fingerprint) if given, else the
+    fingerprint of `release_key` (hex), else as it is. A token the coordinator minted with a
+    fingerprint already must name the same one."""
     try:
         parts = TokenParts.parse(token)
     except ControlError as exc:
         raise ProtocolError(str(exc)) from exc
+    lied = ProtocolError("token: the coordinator wrote another fingerprint into it")
+    if root_fp is not None:
+        if parts.root_fp not in (None, root_fp) or parts.release_key_fp is not None:
+            raise lied
+        return str(replace(parts, root_fp=root_fp))
     if release_key is None:
         return token
     if len(release_key) != 64 or any(c not in "0123456789abcdef" for c in release_key):
         raise ValueError("release_key must be an Ed25519 public key, 64 lowercase hex digits")
     fp = key_fingerprint(bytes.fromhex(release_key))
-    if parts.release_key_fp not in (None, fp):
-        raise ProtocolError("token: the coordinator wrote another release key's fingerprint "
-                            "into it")
+    if parts.release_key_fp not in (None, fp) or parts.root_fp is not None:
+        raise lied
     return str(replace(parts, release_key_fp=fp))
+
+
+def _roots_from(body: Any, fleet: str) -> list[SignedRoot]:
+    """The signed roots of a GET /fleets/{fleet}/root answer, decoded (not verified: that is
+    `mesh.release.verify_root_chain`'s job, against what the caller trusts)."""
+    roots = body.get("roots") if isinstance(body, dict) else None
+    if not isinstance(roots, list) or len(roots) > MAX_ROOT_CHAIN:
+        raise ProtocolError(f"roots: answer has no list of at most {MAX_ROOT_CHAIN} roots")
+    try:
+        return [signed_root_from_json(r) for r in roots]
+    except RootError as exc:
+        raise ProtocolError(f"roots of fleet {fleet}: {exc}") from None
 
 
 def _base(url: str) -> str:
@@ -420,18 +452,53 @@ class OperatorClient:
         return value
 
     def create_token(self, fleet: str, uses: int = 1, expires_in: int = 3600,
-                     name: str | None = None, release_key: str | None = None
-                     ) -> dict[str, Any]:
+                     name: str | None = None, release_key: str | None = None,
+                     root: SignedRoot | None = None) -> dict[str, Any]:
         """→ `{"token", "fleet", "uses", "expires_at"}`. `name` binds the token to one device
         name. `release_key` (the fleet's Ed25519 release public key, hex, as the operator
         knows it) is written into the token as its fingerprint: a device enrolled with it
-        refuses any other key (docs/security.md)."""
+        refuses any other key (docs/security.md). A fleet with root metadata gets its root
+        version 1's fingerprint instead (`token_root_fingerprint`): the device then follows
+        the fleet's key rotations."""
+        root_fp = self.token_root_fingerprint(fleet, release_key, root)
         body = {"fleet": fleet, "uses": uses, "expires_in": expires_in, "name": name}
         out = self._obj(self._request("POST", "/tokens", 201, json=body), "token")
         if not isinstance(out.get("token"), str):
             raise ProtocolError("token: answer has no token")
-        out["token"] = _pin_release_key(out["token"], release_key)
+        out["token"] = _pin_release_key(out["token"], release_key, root_fp)
         return out
+
+    def token_root_fingerprint(self, fleet: str, release_key: str | None,
+                               root: SignedRoot | None = None) -> str | None:
+        """The root fingerprint a new token of `fleet` carries: `root`'s (the operator's own
+        copy of root version 1) if given; else, if the coordinator has roots for the fleet,
+        its version 1's, once the chain verifies and (when `release_key` is known) its newest
+        root names that very release key, so that a coordinator cannot slip in roots of its
+        own. None for a fleet without roots."""
+        if root is not None:
+            meta = decode_root_body(root.body)
+            if meta.version != 1 or meta.fleet != fleet:
+                raise ValueError(f"root: a token pins version 1 of fleet {fleet}'s roots, not "
+                                 f"version {meta.version} of fleet {meta.fleet}")
+            return root_fingerprint(root)
+        try:
+            chain = self.roots(fleet)
+        except ApiError as exc:
+            if exc.status in (404, 405):  # a coordinator from before root metadata
+                return None
+            raise
+        if not chain:
+            return None
+        try:
+            newest = verify_root_chain(None, root_fingerprint(chain[0]), chain)
+        except RootError as exc:
+            raise ProtocolError(f"the coordinator's roots of fleet {fleet}: {exc}") from None
+        if release_key is not None and newest.release_key.hex() != release_key:
+            raise ProtocolError(
+                f"the coordinator's roots of fleet {fleet} name release key "
+                f"{newest.release_key.hex()[:16]}…, not yours ({release_key[:16]}…): pass "
+                "the root file you signed (--root)")
+        return root_fingerprint(chain[0])
 
     def list_devices(self, fleet: str | None = None) -> list[dict[str, Any]]:
         """→ a list of DeviceInfo dicts (docs/api.md)."""
@@ -447,10 +514,12 @@ class OperatorClient:
         return self._obj(self._request("GET", f"/devices/{_path_name(name)}", 200), "device")
 
     def provision(self, name: str, fleet: str, expires_in: int | None = None,
-                  release_key: str | None = None) -> dict[str, Any]:
+                  release_key: str | None = None, root: SignedRoot | None = None
+                  ) -> dict[str, Any]:
         """→ `{"device": DeviceInfo, "join": {"url", "token", "name", "fleet"}}`; the join
         token lives `expires_in` seconds (server default 1 h) and carries the fingerprint of
-        `release_key` when given (as `create_token`)."""
+        the fleet's root version 1, or of `release_key` when given (as `create_token`)."""
+        root_fp = self.token_root_fingerprint(fleet, release_key, root)
         body: dict[str, Any] = {"name": name, "fleet": fleet}
         if expires_in is not None:
             body["expires_in"] = expires_in
@@ -458,7 +527,7 @@ class OperatorClient:
         join = out.get("join")
         if not isinstance(join, dict) or not isinstance(join.get("token"), str):
             raise ProtocolError("provision: answer has no join object")
-        join["token"] = _pin_release_key(join["token"], release_key)
+        join["token"] = _pin_release_key(join["token"], release_key, root_fp)
         return out
 
     def revoke(self, name: str) -> dict[str, Any]:
@@ -564,6 +633,23 @@ class OperatorClient:
         """Set the fleet's Ed25519 release key (hex) → `{"fleet", "public_key", "key_id"}`."""
         return self._obj(self._request("PUT", f"/fleets/{_path_name(fleet)}/release-key", 200,
                                        json={"public_key": public_key_hex}), "release key")
+
+    def put_root(self, fleet: str, signed: SignedRoot) -> dict[str, Any]:
+        """Publish the fleet's next signed root → `{"fleet", "version", "release_key",
+        "key_id", "fingerprint"}`; its release key becomes the fleet's. 403 if it lacks the
+        signatures (of the stored root's keys and its own), 409 if its version is not the
+        next one."""
+        return self._obj(self._request("PUT", f"/fleets/{_path_name(fleet)}/root", 200,
+                                       content=encode_signed_root(signed),
+                                       headers={"Content-Type": "application/json"}),
+                         "root")
+
+    def roots(self, fleet: str, since: int = 0) -> list[SignedRoot]:
+        """The fleet's signed roots newer than version `since`, oldest first (at most
+        MAX_ROOT_CHAIN per call)."""
+        body = self._request("GET", f"/fleets/{_path_name(fleet)}/root", 200,
+                             params={"since": since}, limit=MAX_ROOT_ANSWER)
+        return _roots_from(body, fleet)
 
     def timestamp_key(self, fleet: str) -> str:
         """The coordinator's online timestamp public key (hex), for the operator to grant."""
@@ -755,6 +841,13 @@ class DeviceClient:
         except ValueError:
             raise ProtocolError("timestamp: answer is not hex or null") from None
 
+    async def roots(self, fleet: str, since: int) -> list[SignedRoot]:
+        """The signed roots of this device's fleet newer than `since`, oldest first (at most
+        MAX_ROOT_CHAIN): verify them with `mesh.release.verify_root_chain`."""
+        response = await self._request("GET", f"/fleets/{_path_name(fleet)}/root", 200,
+                                       params={"since": since}, limit=MAX_ROOT_ANSWER)
+        return _roots_from(_json(response), fleet)
+
     async def targets(self) -> list[dict[str, Any]]:
         """`[{"app", "version", "pin", "force", "retry"}]`: what this device should run (pin:
         hex or None; force: past the update lock; retry: the operator's retry counter)."""
@@ -769,6 +862,19 @@ async def enroll(url: str, token: str, public_key: str, name: str | None = None,
                  lan_endpoints: tuple[str, ...] = (), agent_version: str = "", *,
                  timeout: float = DEFAULT_TIMEOUT, credential: str | None = None,
                  private_key: str | None = None) -> tuple[Enrollment, bytes]:
+    """`enroll_with_root` without the verified root (the enrollment's release key is the one
+    it pins, checked the same way)."""
+    enrollment, der, _root = await enroll_with_root(
+        url, token, public_key, name, lan_endpoints, agent_version, timeout=timeout,
+        credential=credential, private_key=private_key)
+    return enrollment, der
+
+
+async def enroll_with_root(url: str, token: str, public_key: str, name: str | None = None,
+                           lan_endpoints: tuple[str, ...] = (), agent_version: str = "", *,
+                           timeout: float = DEFAULT_TIMEOUT, credential: str | None = None,
+                           private_key: str | None = None
+                           ) -> tuple[Enrollment, bytes, SignedRoot | None]:
     """Verify the coordinator by the token's fingerprint, then enroll over the pinned channel.
 
     Enrolling again a device that is active needs a proof of being it (docs/security.md):
@@ -777,12 +883,16 @@ async def enroll(url: str, token: str, public_key: str, name: str | None = None,
     hub key)). A first enrollment needs neither.
 
     A token that carries a release key fingerprint (docs/security.md) admits only an
-    enrollment with that key: else ReleaseKeyMismatch, and the caller must keep nothing.
+    enrollment with that key: else ReleaseKeyMismatch, and the caller must keep nothing. A
+    token that carries a root fingerprint makes this fetch the fleet's roots, verify them from
+    version 1 (which must have that fingerprint) and pin the release key the newest names:
+    else ReleaseKeyMismatch; the newest root is returned for the caller to keep.
 
-    Returns the enrollment and the certificate to pin from now on (e.g. for DeviceClient).
-    Raises ControlError for a malformed token or request, PinError for a coordinator whose
-    certificate does not match, ApiError for a refused enrollment (401 token, 409 name, 403
-    a proof that does not hold), ReleaseKeyMismatch.
+    Returns the enrollment, the certificate to pin from now on (e.g. for DeviceClient) and
+    the verified newest root (None unless the token names one). Raises ControlError for a
+    malformed token or request, PinError for a coordinator whose certificate does not match,
+    ApiError for a refused enrollment (401 token, 409 name, 403 a proof that does not hold),
+    ReleaseKeyMismatch.
     """
     parts = TokenParts.parse(token)
     request = EnrollRequest.from_json(EnrollRequest(
@@ -813,13 +923,44 @@ async def enroll(url: str, token: str, public_key: str, name: str | None = None,
                     MAX_ENROLL_ANSWER)
         except httpx.TransportError as exc:
             raise _transport_error(exc, base) from exc
-    _check(response, 201, 200)
-    try:
-        enrollment = Enrollment.from_json(_json(response))
-    except ControlError as exc:
-        raise ProtocolError(str(exc)) from exc
-    _check_release_key(enrollment, parts.release_key_fp)
-    return enrollment, der
+        _check(response, 201, 200)
+        try:
+            enrollment = Enrollment.from_json(_json(response))
+        except ControlError as exc:
+            raise ProtocolError(str(exc)) from exc
+        _check_release_key(enrollment, parts.release_key_fp)
+        if parts.root_fp is None:
+            return enrollment, der, None
+        async with DeviceClient(url, enrollment.credential, der, timeout=timeout) as device:
+            newest, root = await _verified_roots(device, enrollment.fleet, parts.root_fp)
+    if enrollment.release_key != newest.release_key.hex():
+        raise ReleaseKeyMismatch(
+            f"the coordinator handed release key {enrollment.release_key or 'none'} for fleet "
+            f"{enrollment.fleet}, its root version {newest.version} (verified from the token's "
+            f"root) names {newest.release_key.hex()}: not enrolling")
+    return enrollment, der, root
+
+
+async def _verified_roots(device: DeviceClient, fleet: str, root_fp: str
+                          ) -> tuple[RootMetadata, SignedRoot]:
+    """The fleet's newest root, verified from version 1 pinned by `root_fp`, page by page
+    (MAX_ROOT_CHAIN roots per answer); ReleaseKeyMismatch if it does not verify."""
+    trusted: RootMetadata | None = None
+    newest: SignedRoot | None = None
+    while True:  # ends: each full page moves `trusted` on by MAX_ROOT_CHAIN versions
+        chain = await device.roots(fleet, 0 if trusted is None else trusted.version)
+        try:
+            trusted = verify_root_chain(trusted, root_fp, chain)
+        except RootError as exc:
+            raise ReleaseKeyMismatch(f"the roots of fleet {fleet} do not verify from the "
+                                     f"token's root {root_fp[:16]}…: {exc}: not "
+                                     "enrolling") from None
+        newest = chain[-1] if chain else newest
+        if len(chain) < MAX_ROOT_CHAIN:
+            break
+    if newest is None:  # not reached: verify_root_chain refuses an empty first chain
+        raise ReleaseKeyMismatch(f"fleet {fleet} has no roots: not enrolling")
+    return trusted, newest
 
 
 def _check_release_key(enrollment: Enrollment, expected_fp: str | None) -> None:

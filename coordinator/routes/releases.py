@@ -12,7 +12,10 @@ from starlette.routing import Route
 
 from mesh.blobs import BlobKind
 from mesh.control import ControlError, check_app, check_name
-from mesh.release import MAX_ENVELOPE_BYTES  # the largest encoded SignedManifest
+from mesh.release import (
+    MAX_ENVELOPE_BYTES,  # the largest encoded SignedManifest
+    MAX_ROOT_DOCUMENT,
+)
 
 from .._blobs import MAX_BLOB_BYTES
 from .._http import (
@@ -24,6 +27,7 @@ from .._http import (
     operator,
     operator_or_device,
     optional_field,
+    parse_uint,
     path_fleet,
     path_release,
     read_body,
@@ -82,6 +86,20 @@ async def set_release_key(request: Request, service: FleetService) -> Response:
     fleet = path_fleet(request)
     public_key = json_field(await read_json(request), "public_key", str)
     return JSONResponse(service.releases.set_release_key(fleet, public_key))
+
+
+@operator(MAX_ROOT_DOCUMENT)
+async def put_root(request: Request, service: FleetService) -> Response:
+    fleet = path_fleet(request)
+    return JSONResponse(service.releases.put_root(
+        fleet, await read_body(request, MAX_ROOT_DOCUMENT)))
+
+
+@operator_or_device
+async def get_roots(request: Request, service: FleetService, dev: Device | None) -> Response:
+    fleet = path_fleet(request)
+    since = parse_uint(request.query_params.get("since", "0"), "since", 0, MAX_VERSION)
+    return JSONResponse(service.releases.roots(fleet, since, dev))
 
 
 @operator(MAX_RELEASE_BYTES)
@@ -178,6 +196,8 @@ ROUTES: Final = [
     Route("/api/v1/blobs/{blob_id}", by_method({"GET": get_blob, "PUT": put_blob}),
           methods=["GET", "HEAD", "PUT"]),
     Route("/api/v1/fleets/{fleet}/release-key", set_release_key, methods=["PUT"]),
+    Route("/api/v1/fleets/{fleet}/root", by_method({"GET": get_roots, "PUT": put_root}),
+          methods=["GET", "PUT"]),
     Route("/api/v1/fleets/{fleet}/target", fleet_target, methods=["PUT"]),
     Route("/api/v1/device/target", device_target, methods=["GET"]),
     Route("/api/v1/device/timestamp", device_timestamp, methods=["GET"]),

@@ -20,14 +20,22 @@ from mesh.release._codec import (
     MAX_DELTAS_PER_LAYER,
     MAX_ENVELOPE_BYTES,
     MAX_IMAGE_CONFIG,
+    MAX_ROOT_BODY,
+    MAX_ROOT_DOCUMENT,
     decode_manifest,
     decode_pin,
+    decode_root_body,
     decode_signed_manifest,
     decode_signed_pin,
+    decode_signed_root,
     encode_manifest,
     encode_pin,
+    encode_root_body,
     encode_signed_manifest,
     encode_signed_pin,
+    encode_signed_root,
+    signed_root_from_json,
+    signed_root_to_json,
 )
 from mesh.release._freshness import (
     Freshness,
@@ -39,6 +47,7 @@ from mesh.release._freshness import (
     verify_timestamp_grant,
 )
 from mesh.release._model import (
+    MAX_ROOT_KEYS,
     ChunkError,
     ChunkRef,
     ContainerSettings,
@@ -52,11 +61,22 @@ from mesh.release._model import (
     ReleaseManifest,
     ReleasePin,
     RestartPolicy,
+    RootError,
+    RootMetadata,
     SignedManifest,
     SignedPin,
+    SignedRoot,
     UpdateStrategy,
     VerificationError,
     Volume,
+)
+from mesh.release._root import (
+    MAX_ROOT_CHAIN,
+    root_fingerprint,
+    sign_root,
+    valid_signers,
+    verify_root,
+    verify_root_chain,
 )
 from mesh.release._signing import (
     DEFAULT_PIN_LIFETIME,
@@ -88,4 +108,9 @@ __all__ = [
     "key_fingerprint", "key_id", "new_pin",
     "open_chunk", "open_stored_chunk", "read_signing_key", "sign_manifest", "sign_pin",
     "verify_manifest", "verify_pin", "verify_release", "write_signing_key",
+    # root metadata (k-of-n offline root keys naming the release key)
+    "MAX_ROOT_BODY", "MAX_ROOT_CHAIN", "MAX_ROOT_DOCUMENT", "MAX_ROOT_KEYS", "RootError",
+    "RootMetadata", "SignedRoot", "decode_root_body", "decode_signed_root", "encode_root_body",
+    "encode_signed_root", "root_fingerprint", "sign_root", "signed_root_from_json",
+    "signed_root_to_json", "valid_signers", "verify_root", "verify_root_chain",
 ]

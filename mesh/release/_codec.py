@@ -9,6 +9,9 @@ every malformed input raises ManifestError.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import re
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
@@ -17,6 +20,7 @@ import msgpack
 
 from mesh.names import APP_NAME_RE, MAX_APP_NAME
 from mesh.release._model import (
+    MAX_ROOT_KEYS,
     ChunkRef,
     ContainerSettings,
     HealthCheck,
@@ -28,8 +32,11 @@ from mesh.release._model import (
     ReleaseManifest,
     ReleasePin,
     RestartPolicy,
+    RootError,
+    RootMetadata,
     SignedManifest,
     SignedPin,
+    SignedRoot,
     UpdateStrategy,
     Volume,
 )
@@ -50,6 +57,10 @@ MAX_IMAGE_CONFIG: Final = 1024 * 1024
 MAX_KEY_ID: Final = 64
 MAX_SIZE: Final = 1 << 40  # 1 TiB: any layer, chunk or patch size beyond is malformed
 MAX_VERSION: Final = (1 << 63) - 1
+# A root body with 16 keys is about 700 bytes; 8 KiB bounds what a device parses before any
+# signature is checked. Its JSON document: the body in base64 and 16 signatures.
+MAX_ROOT_BODY: Final = 8 * 1024
+MAX_ROOT_DOCUMENT: Final = 32 * 1024
 MAX_HTTP_PATH: Final = 2048  # far below every server's request-line limit (nginx: 8 KiB)
 # Health timing: probes at most 10 per second and at least once an hour; a commit waits at most
 # a day. Anything outside is a typo, not a policy.
@@ -64,6 +75,8 @@ _OLD_PIN_TAG: Final = "fleetmesh.pin/1"  # before serials and expiry: replayable
 _PIN_TAG: Final = "fleetmesh.pin/2"
 _SIGNED_TAG: Final = "fleetmesh.signed-release/1"
 _SIGNED_PIN_TAG: Final = "fleetmesh.signed-pin/1"
+_ROOT_TAG: Final = "fleetmesh.root/1"
+_ROOT_DOCUMENT_FORMAT: Final = "fleetmesh-signed-root-v1"
 _DIFF_ID: Final = re.compile(r"sha256:[0-9a-f]{64}\Z")
 
 T = TypeVar("T")
@@ -355,3 +368,103 @@ def decode_signed_pin(data: bytes) -> SignedPin:
         raise ManifestError("not a signed fleetmesh pin")
     return SignedPin(_bin(fields[1], "pin", max_len=MAX_PIN_BYTES),
                      _bin(fields[2], "signature", size=64), _str(fields[3], MAX_KEY_ID, "key id"))
+
+
+
+# ---- root metadata -------------------------------------------------------------------------
+# The body is msgpack like a manifest (canonical: these bytes are what root keys sign and what
+# the fingerprint hashes); the signed root travels and is stored as a small JSON document
+# (`fleetmesh root` files, the coordinator's API, the device's copy) with the body in base64.
+
+def _root_obj(meta: RootMetadata) -> list[object]:
+    return [_ROOT_TAG, meta.fleet, meta.version, meta.threshold, list(meta.root_keys),
+            meta.release_key, meta.issued]
+
+
+def encode_root_body(meta: RootMetadata) -> bytes:
+    """The canonical bytes that root keys sign; RootError if `meta` breaks a limit."""
+    data = _pack(_root_obj(meta))
+    decode_root_body(data)
+    return data
+
+
+def decode_root_body(data: bytes) -> RootMetadata:
+    """The RootMetadata in `data`; RootError for anything malformed, non-canonical or too big."""
+    try:
+        fields = _list(_unpack(data, MAX_ROOT_BODY), 7, what="root")
+        if fields[0] != _ROOT_TAG:
+            raise ManifestError("not a fleetmesh root")
+        meta = RootMetadata(
+            fleet=_name(fields[1], "fleet"),
+            version=_int(fields[2], 1, MAX_VERSION, "root version"),
+            threshold=_int(fields[3], 1, MAX_ROOT_KEYS, "threshold"),
+            root_keys=tuple(_bin(k, "root key", size=32)
+                            for k in _list(fields[4], max_len=MAX_ROOT_KEYS, what="root keys")),
+            release_key=_bin(fields[5], "release key", size=32),
+            issued=_int(fields[6], 0, MAX_VERSION, "issue time"))
+        _canonical(data, _root_obj(meta), "root")
+    except ManifestError as exc:
+        raise RootError(f"malformed root: {exc}") from None
+    return meta
+
+
+def signed_root_to_json(signed: SignedRoot) -> dict[str, object]:
+    """The JSON object of a signed root (what files, the API and the device store hold)."""
+    return {"format": _ROOT_DOCUMENT_FORMAT,
+            "body": base64.b64encode(signed.body).decode("ascii"),
+            "signatures": [{"key_id": kid, "signature": base64.b64encode(sig).decode("ascii")}
+                           for kid, sig in signed.signatures]}
+
+
+def _b64(x: object, what: str, max_len: int) -> bytes:
+    if not isinstance(x, str) or len(x) > (max_len + 2) // 3 * 4:
+        raise RootError(f"malformed root document: {what} is not base64 of at most "
+                        f"{max_len} bytes")
+    try:
+        return base64.b64decode(x, validate=True)
+    except (binascii.Error, ValueError):
+        raise RootError(f"malformed root document: {what} is not base64") from None
+
+
+def signed_root_from_json(obj: object) -> SignedRoot:
+    """The SignedRoot in a parsed JSON object; RootError if malformed or over a limit. The body
+    is decoded too (so a malformed one never gets further), the signatures are not checked."""
+    if not isinstance(obj, dict) or obj.get("format") != _ROOT_DOCUMENT_FORMAT:
+        raise RootError(f"not a signed root document (format {_ROOT_DOCUMENT_FORMAT})")
+    if set(obj) != {"format", "body", "signatures"}:
+        raise RootError("malformed root document: expected the fields format, body, signatures")
+    body = _b64(obj["body"], "body", MAX_ROOT_BODY)
+    decode_root_body(body)
+    sigs = obj["signatures"]
+    if not isinstance(sigs, list) or len(sigs) > MAX_ROOT_KEYS:
+        raise RootError(f"malformed root document: signatures is a list of at most "
+                        f"{MAX_ROOT_KEYS}")
+    signatures = []
+    for entry in sigs:
+        if not isinstance(entry, dict) or set(entry) != {"key_id", "signature"}:
+            raise RootError("malformed root document: a signature is {key_id, signature}")
+        kid = entry["key_id"]
+        if not isinstance(kid, str) or not re.fullmatch(r"[0-9a-f]{16}", kid):
+            raise RootError("malformed root document: a key_id is 16 hex digits")
+        sig = _b64(entry["signature"], "signature", 64)
+        if len(sig) != 64:
+            raise RootError("malformed root document: a signature is 64 bytes")
+        signatures.append((kid, sig))
+    return SignedRoot(body, tuple(signatures))
+
+
+def encode_signed_root(signed: SignedRoot) -> bytes:
+    """A signed root as a JSON document (UTF-8, ends with a newline)."""
+    return (json.dumps(signed_root_to_json(signed), indent=2) + "\n").encode()
+
+
+def decode_signed_root(data: bytes) -> SignedRoot:
+    """The signed root in a JSON document; RootError if malformed or over a limit."""
+    if len(data) > MAX_ROOT_DOCUMENT:
+        raise RootError(f"root document of {len(data)} bytes exceeds the limit of "
+                        f"{MAX_ROOT_DOCUMENT}")
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError):
+        raise RootError("root document is not JSON") from None
+    return signed_root_from_json(obj)

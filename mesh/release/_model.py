@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Final
+
+# A fleet has at most 16 root-key holders, and a root at most as many signatures (TUF's roots
+# have a handful; 16 leaves room for two generations of keys signing a rotation).
+MAX_ROOT_KEYS: Final = 16
 
 
 class ReleaseError(Exception):
@@ -16,6 +21,11 @@ class ManifestError(ReleaseError):
 
 class VerificationError(ReleaseError):
     """A manifest or pin that is well formed but must not be trusted or installed."""
+
+
+class RootError(ReleaseError):
+    """Root metadata (the fleet's k-of-n statement of its release key) that is malformed, or
+    that must not be trusted."""
 
 
 class ChunkError(ReleaseError):
@@ -154,3 +164,46 @@ class SignedPin:
     pin: bytes  # canonical encoding of a ReleasePin
     signature: bytes
     key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RootMetadata:
+    """Which release key a fleet trusts, as stated by k of its n offline root keys.
+
+    `root_keys` are Ed25519 public keys (32 bytes each, distinct); `threshold` of them must sign
+    a root, and of the previous version's keys too, for a device to move to it (TUF's root
+    rotation). `issued` is Unix seconds, informative.
+    """
+
+    fleet: str
+    version: int
+    threshold: int
+    root_keys: tuple[bytes, ...]
+    release_key: bytes
+    issued: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.root_keys) <= MAX_ROOT_KEYS:
+            raise RootError(f"a root lists 1 to {MAX_ROOT_KEYS} root keys, not "
+                            f"{len(self.root_keys)}")
+        if any(not isinstance(k, bytes) or len(k) != 32 for k in self.root_keys):
+            raise RootError("a root key is a 32-byte Ed25519 public key")
+        if len(set(self.root_keys)) != len(self.root_keys):
+            raise RootError("the root keys are not distinct")
+        if not 1 <= self.threshold <= len(self.root_keys):
+            raise RootError(f"threshold {self.threshold} is not between 1 and the "
+                            f"{len(self.root_keys)} root keys")
+        if not isinstance(self.release_key, bytes) or len(self.release_key) != 32:
+            raise RootError("the release key is a 32-byte Ed25519 public key")
+        if self.version < 1:
+            raise RootError(f"root version {self.version} is below 1")
+
+
+@dataclass(frozen=True, slots=True)
+class SignedRoot:
+    """The canonical bytes of a RootMetadata and the signatures collected for them so far:
+    (key_id of the root key, 64-byte Ed25519 signature), one per root-key holder."""
+
+    body: bytes
+    signatures: tuple[tuple[str, bytes], ...] = ()
+

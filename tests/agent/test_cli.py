@@ -22,6 +22,7 @@ from agent._datadir import DataDirError
 from agent._release_sync import GossipSettings
 from agent.cli import main
 from mesh.control import Enrollment
+from mesh.release import SignedRoot
 from mesh.tlspin import PinError
 from ops.client import ApiError, CoordinatorUnreachable
 from vpn import WireGuardGoError, public_key_from_private
@@ -41,12 +42,12 @@ class FakeEnroll:
 
     async def __call__(self, url: str, token: str, public_key: str, name: str | None,
                        lan: tuple[str, ...], version: str, *, private_key: str | None = None
-                       ) -> tuple[Enrollment, bytes]:
+                       ) -> tuple[Enrollment, bytes, SignedRoot | None]:
         self.calls.append((url, token, public_key, name, lan, version))
         self.private_keys.append(private_key)
         if self.error is not None:
             raise self.error
-        return enrollment(name or "home-0"), b"DER"
+        return enrollment(name or "home-0"), b"DER", None
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import trio
 
+from mesh.release import MAX_ROOT_CHAIN, signed_root_to_json
 from mesh.tlspin import PinError, fingerprint
 from ops.client import (
     ApiError,
@@ -20,6 +21,7 @@ from ops.client import (
     OperatorClient,
     ProtocolError,
 )
+from tests.rootkit import ROOT_KEYS, root
 
 from ._tls import make_cert, tls_server
 
@@ -136,3 +138,20 @@ def test_operator_wg_quick_config() -> None:
     assert f"PublicKey = {hub.public}" in lines and "Endpoint = 203.0.113.1:51820" in lines
     assert "AllowedIPs = 100.96.0.0/12, fd7a:115c:a1e0::/48" in lines
     assert "PersistentKeepalive = 25" in lines
+
+
+def test_root_answers_are_bounded_and_an_old_coordinator_has_no_roots(tmp_path: Path) -> None:
+    """GET /fleets/{fleet}/root: a coordinator from before root metadata (404) means no root
+    fingerprint for a token; a list that is not roots, or longer than MAX_ROOT_CHAIN, is a
+    ProtocolError, never a crash."""
+    cert = make_cert(tmp_path, "c")
+    with tls_server(cert, jhttp("404 Not Found", {"error": "Not Found"})) as port:
+        with OperatorClient(f"https://127.0.0.1:{port}", "k", cert_der=cert.der) as c:
+            assert c.token_root_fingerprint("cams", None) is None
+    one = signed_root_to_json(root("cams", 1, ROOT_KEYS[0], ROOT_KEYS[0], ROOT_KEYS[1]))
+    for body in ({"roots": [{"format": "nope"}]}, {"roots": [one] * (MAX_ROOT_CHAIN + 1)},
+                 {"roots": "x"}):
+        with tls_server(cert, jhttp("200 OK", body)) as port:
+            with OperatorClient(f"https://127.0.0.1:{port}", "k", cert_der=cert.der) as c:
+                with pytest.raises(ProtocolError):
+                    c.roots("cams")

@@ -3,10 +3,6 @@ of the TUF conformance tests. Each docstring states the attack and the expected 
 test runs the real code path a device uses (the Applier on real files, real signed releases
 and pins, the real gossip driver over loopback, the real SDK against a real HTTP server or a
 real coordinator process). docs/security.md has the defence behind each one.
-
-Not here, because fleetmesh does not defend against it yet (docs/security.md, "Release
-integrity: what is not defended yet"): fast-forward recovery after a release-key rotation (there
-is no rotation under an offline root key).
 """
 
 from __future__ import annotations
@@ -16,8 +12,10 @@ from pathlib import Path
 
 import pytest
 import trio
+from nacl.signing import SigningKey
 
 from agent import DataDir
+from agent._rotation import RootWatch
 from agent.cli import main as agent_main
 from mesh.clikit import EXIT_UNTRUSTED
 from mesh.image import materialize_release
@@ -25,6 +23,7 @@ from mesh.release import (
     ChunkError,
     ReleaseError,
     VerificationError,
+    decode_root_body,
     decode_signed_manifest,
     encode_signed_manifest,
     encode_signed_pin,
@@ -38,12 +37,14 @@ from tests.adversarial.test_apply_downgrade import replay, world
 from tests.adversarial.test_freeze import frozen_agent_reports_stale
 from tests.adversarial.test_sdk_endless import SLACK, endless_server
 from tests.apply._fake import Releases
+from tests.apply.test_agent_apply import device
 from tests.apply.test_applier_fake import APP, DEVICE, World, install, run_until, state
 from tests.client._tls import make_cert
 from tests.coordinator_process import running_coordinator
 from tests.gossip.helpers import OTHER_KEY, Seed, free_port, make_blobs, make_manifest, wait_for
 from tests.gossip.helpers import Fleet as GossipFleet
 from tests.gossip.test_gossip_nodes import check_store, start_with_rogue
+from tests.rootkit import ROOT_KEYS, root
 
 __all__ = ["world"]  # the fixture this suite borrows from tests/adversarial
 
@@ -216,11 +217,58 @@ async def test_indefinite_freeze(tmp_path: Path) -> None:
     await frozen_agent_reports_stale(tmp_path)
 
 
+def test_fast_forward_recovery_after_key_rotation(world: World) -> None:
+    """Attack: the release key is stolen. The thief signs v1000 and gets it installed (that is
+    the compromise), then keeps signing releases with it; it also offers roots of its own: a
+    root v2 with one root-key signature, one signed by the coordinator's own key, one that
+    skips a version. Expected: those roots are refused (counted, logged) and change nothing;
+    root v2 signed by 2 of the 3 offline root-key holders, naming a new release key, is
+    verified; the device forgets the rollback floor v1000 set under the revoked key (TUF's
+    fast-forward recovery), refuses anything new signed by the old key, and accepts v4 signed
+    by the new key although it ran v1000. (The agent does this at runtime:
+    tests/apply/test_agent_rotation.py.)"""
+    a_, b_, c_ = ROOT_KEYS
+    thief = world.releases  # the stolen key is the fleet's release key of root v1
+    data = device(world.tmp, thief.key_hex)
+    world.data = data.path
+    data.write_root(root("cams", 1, thief.key, a_, b_))
+    a = world.applier()
+    install(world, a, 1)
+    install(world, a, 1000)  # signed with the stolen key: accepted, that is the compromise
+    assert world.running() == [1000]
+
+    new = Releases(world.tmp)  # the new release key (the same blob store)
+    messages: list[str] = []
+    watch = RootWatch(data, messages.append)  # what the agent runs with every targets poll
+    coordinators_own = SigningKey(b"\x66" * 32)
+    for forged in ([root("cams", 2, new.key, b_)],
+                   [root("cams", 2, thief.key, coordinators_own, keys=[coordinators_own],
+                         threshold=1)],
+                   [root("cams", 3, new.key, b_, c_)]):
+        assert watch.advance(forged) is None
+    assert watch.refused == 3 and len(messages) == 3
+    kept = data.read_root()
+    assert kept is not None and decode_root_body(kept.body).version == 1
+
+    v2 = root("cams", 2, new.key, b_, c_)
+    found = watch.advance([v2])
+    assert found is not None and found[1].release_key == bytes(new.key.verify_key)
+    identity = watch.rotate(data.read_identity(), *found)
+    assert identity.enrollment.release_key == new.key_hex
+    assert data.read_identity().enrollment.release_key == new.key_hex and data.read_root() == v2
+
+    world.releases = new
+    a = world.applier()  # the release subsystem, restarted with the new key
+    assert not a.set_target(thief.verified(thief.make(1001)), ready=True)
+    install(world, a, 4)
+    assert world.running() == [4] and world.journal().current == 4
+
+
 def test_suite_states_attack_and_outcome_for_every_case() -> None:
     """Every case above says what the attack is and what must happen (the suite's contract)."""
     cases = [f for name, f in globals().items() if name.startswith("test_")
              and name != "test_suite_states_attack_and_outcome_for_every_case"]
-    assert len(cases) == 10
+    assert len(cases) == 11
     for f in cases:
         doc = f.__doc__ or ""
         assert "Attack:" in doc and "Expected:" in doc, f.__name__
