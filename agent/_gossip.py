@@ -85,6 +85,7 @@ SEED_RANGE: Final = MAX_PIECE
 
 AppKey = tuple[str, str]
 Log = Callable[[str], None]
+BAD_FRAME_LOG_EVERY: Final = 60.0  # s: at most one "closing the connection" line per peer
 # How blocking work is run: `await run(fn)` returns fn()'s value or raises what it raised.
 RunBlocking = Callable[[Callable[[], Any]], Awaitable[Any]]
 
@@ -259,6 +260,9 @@ class GossipNode:
         self.on_misbehaviour = on_misbehaviour if on_misbehaviour is not None else (lambda: None)
         self._misbehaviour_generation = self.core.misbehaviour_generation
         self._last_now = float("-inf")
+        # per peer-map name: when a bad frame was last logged, and how many since (bounded by
+        # the peer map: only a known peer's connection is read)
+        self._bad_frames: dict[str, tuple[float, int]] = {}
         self._sync_peers()
 
     # ------------------------------------------------------------------ public API
@@ -575,6 +579,19 @@ class GossipNode:
                         await p.wake.wait()
                     p.wake = trio.Event()
 
+    def _log_bad_frame(self, peer: str, exc: WireError) -> None:
+        """One line per peer per BAD_FRAME_LOG_EVERY: a peer that sends garbage on every
+        connection would otherwise write a line each time (the operator sees the count,
+        `bad_frame`, in `devices show`)."""
+        now = self._now()
+        last, since = self._bad_frames.get(peer, (float("-inf"), 0))
+        if now - last < BAD_FRAME_LOG_EVERY:
+            self._bad_frames[peer] = (last, since + 1)
+            return
+        more = f" ({since} more since the last such line)" if since else ""
+        self.log(f"closing the connection from {peer}: {exc}{more}")
+        self._bad_frames[peer] = (now, 0)
+
     async def _accept(self, stream: trio.abc.Stream) -> None:
         async with stream:
             host = self.network.peer_address(stream)
@@ -610,7 +627,7 @@ class GossipNode:
                     self.stats.counters["wire_errors"] += 1
                     self.core.misbehaved(p.name, "bad_frame")
                     self._run_actions()
-                    self.log(f"closing the connection from {p.name}: {exc}")
+                    self._log_bad_frame(p.name, exc)
                     break
                 for m in msgs:
                     self.core.receive(m, p.name, self._now())

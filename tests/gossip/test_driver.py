@@ -4,6 +4,7 @@ streams and the autojump clock: the timers it runs from `next_deadline()` fire a
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,12 +25,13 @@ PEERS = {"a": "10.0.0.1", "b": "10.0.0.2"}
 
 
 def make(net: MemoryNetwork, tmp: Path, name: str, peers: dict[str, str] | None = None,
-         client: object = None) -> GossipNode:
+         client: object = None, log: Callable[[str], None] | None = None) -> GossipNode:
     peers = PEERS if peers is None else peers
     return GossipNode(name, peers[name], peers=peers,
                       verify=make_verifier(bytes(KEY.verify_key), fleet=FLEET),
                       store=BlobStore(tmp / name / "blobs"), client=client,  # type: ignore[arg-type]
-                      fleet=FLEET, rng=random.Random(name), network=net, run_blocking=inline)
+                      fleet=FLEET, rng=random.Random(name), network=net, run_blocking=inline,
+                      log=log)
 
 
 async def test_a_lan_neighbour_fetches_when_the_settle_gate_opens(
@@ -146,6 +148,30 @@ async def test_strangers_refused_and_garbage_closes_only_its_connection(
             assert a.stats.counters["accepted_connections"] >= 2
             assert "b" in a.membership.live_members()
             nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_sending_garbage_again_and_again_is_one_log_line_a_minute(
+        tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    """A hostile peer opening connection after connection of garbage (the lab's hostile
+    device did, once a second) must not flood the log: the count is what the operator sees."""
+    net = MemoryNetwork()
+    peers = PEERS | {"ghost": "10.0.0.9"}
+    lines: list[str] = []
+    with trio.fail_after(300):
+        async with trio.open_nursery() as nursery:
+            a = make(net, tmp_path, "a", peers, log=lines.append)
+            await nursery.start(a.run)
+            for _ in range(90):  # one a second for 90 s
+                junk = await net.connect(peers["a"], a.port, peers["ghost"])
+                await junk.send_all(b"\xff\xff\xff\xff" + b"x" * 100)
+                while await junk.receive_some(10):
+                    pass
+                await trio.sleep(1.0)
+            nursery.cancel_scope.cancel()
+    closing = [x for x in lines if x.startswith("closing the connection from ghost")]
+    assert a.misbehaving_peers() == {"ghost": {"bad_frame": 90}}
+    assert len(closing) == 2, closing
+    assert "more since the last such line" in closing[1]
 
 
 async def test_reconnects_back_off(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:

@@ -8,7 +8,7 @@ with its gossip driver turned against its peers. Besides following the protocol 
   for members that are not in the peer map (ghosts);
 - replays the oldest manifest it has seen once a newer one exists, and a forged copy of the
   newest (one byte of its signature flipped);
-- sends an undecodable frame now and then.
+- sends an undecodable frame on a connection of its own every GARBAGE_EVERY rounds.
 
 It logs one line per kind of attack when it first makes it ("hostile: ..."), which the test
 reads to know the attacks happened. Run as `python hostile_agent.py run --data ...`, the agent's
@@ -42,6 +42,7 @@ ATTACK_INTERVAL: Final = 1.0  # s between two rounds
 ATTACK_ROUNDS: Final = 900  # at most 15 min of attacks, then it only follows the protocol
 GHOSTS: Final = ("ghost-a", "ghost-b")
 GARBAGE: Final = b"\xff" * 64  # not a frame: the length prefix alone exceeds every limit
+GARBAGE_EVERY: Final = 10  # rounds
 
 
 class HostileNode(GossipNode):
@@ -49,6 +50,7 @@ class HostileNode(GossipNode):
         super().__init__(*args, **kwargs)
         self._seen: dict[tuple[str, str], dict[int, bytes]] = {}
         self._said: set[str] = set()
+        self._claimed: dict[tuple[str, str], int] = {}
 
     def _say(self, what: str) -> None:
         if what not in self._said:
@@ -63,6 +65,22 @@ class HostileNode(GossipNode):
         self.core.served(p.name)
         self._say(f"served {a.length} random bytes of blob {a.blob_id.hex()[:16]} to {p.name}")
 
+    def _run_actions(self) -> None:
+        super()._run_actions()
+        # A release's blobs are claimed the moment its manifest is here, before an honest
+        # neighbour can hold them: its neighbours then ask us first.
+        for fleet, app in self.rumor.versions():
+            r = self.rumor.release(fleet, app)
+            if r is not None and self._claimed.get((fleet, app)) != r.manifest.version:
+                self._claimed[(fleet, app)] = r.manifest.version
+                self._claim(r)
+
+    def _claim(self, r: Any) -> None:
+        m = r.manifest
+        ids = tuple(c.id for layer in m.layers for c in layer.chunks)
+        for dest in sorted(self.core.peers):
+            self._send(dest, Have(ReleaseKey(m.fleet, m.app, m.version), ids[:256]))
+
     async def run(self, *, task_status: trio.TaskStatus[GossipNode] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         async with trio.open_nursery() as nursery:
@@ -71,9 +89,26 @@ class HostileNode(GossipNode):
             task_status.started(self)
 
     async def _attack(self) -> None:
-        for _ in range(ATTACK_ROUNDS):
+        for n in range(ATTACK_ROUNDS):
             self._attack_round()
+            if n % GARBAGE_EVERY == 0:
+                for dest, address in sorted(self.core.peers.items()):
+                    await self._garbage(dest, address)
+                self._say("sent undecodable frames")
             await trio.sleep(ATTACK_INTERVAL)
+
+    async def _garbage(self, dest: str, address: str) -> None:
+        """An undecodable frame on a connection of its own: the peer closes that one only, and
+        what we send on our regular connection (lies, random blob bytes) still arrives."""
+        with trio.move_on_after(5):
+            try:
+                stream = await self.network.connect(address, self.port, self.mesh_ip)
+                async with stream:
+                    await stream.send_all(GARBAGE)
+                    while await stream.receive_some(4096):
+                        pass
+            except (OSError, trio.BrokenResourceError):
+                pass
 
     def _attack_round(self) -> None:
         peers = sorted(self.core.peers)
@@ -94,20 +129,15 @@ class HostileNode(GossipNode):
                 newest = max(versions)
                 r = self.rumor.release(fleet, app)
                 if r is not None and r.manifest.version == newest:
-                    ids = tuple(b for layer in r.manifest.layers for b in
-                                [c.id for c in layer.chunks])
-                    self._send(dest, Have(ReleaseKey(fleet, app, newest), ids[:256]))
                     forged = bytearray(versions[newest])
                     forged[-1] ^= 0x01
                     self._send(dest, Rumor((bytes(forged),)))
                 if len(versions) > 1:
                     self._send(dest, Rumor((versions[min(versions)],)))
-            peer = self._peers.get(dest)
-            if peer is not None:
-                peer.queue.try_put(GARBAGE)
+        for r in filter(None, (self.rumor.release(f, a) for f, a in self._seen)):
+            self._claim(r)
         self._say(f"accused {len(accusations)} peers of death at incarnation 2^64-1 and "
                   f"vouched for ghosts {', '.join(GHOSTS)} to {len(peers)} peers")
-        self._say("sent undecodable frames")
         if any(len(v) > 1 for v in self._seen.values()):
             self._say("replayed an old manifest")
         if self._seen:
