@@ -381,7 +381,12 @@ class Membership:
             return None
         if sender != u.node_id and u.incarnation > m.incarnation + MAX_INCARNATION_STEP:
             self.counters["implausible_incarnation"] += 1
-            self.misbehaved(sender, "implausible_incarnation")
+            if u.status != Status.ALIVE:
+                # Only an accusation counts against its sender. A too-high "alive" is what an
+                # honest relay of a victim's refutations looks like to a member that missed
+                # some: under an incarnation attack the victim climbs a step per lie (the
+                # hostile-device lab test had an honest device named for it).
+                self.misbehaved(sender, "implausible_incarnation")
             return None
         return m
 

@@ -25,7 +25,7 @@ def hostile_frames(n: MeshNode, sender: str, now: float) -> None:
     """A ghost member, an implausible incarnation about a third party and a forged manifest,
     each once, from `sender`."""
     n.receive(Gossip(sender, (MemberState("zz", 1, Status.ALIVE, "10.9.9.9"),)), sender, now)
-    n.receive(Gossip(sender, (MemberState("h", MAX_INCARNATION_STEP + 5, Status.ALIVE,
+    n.receive(Gossip(sender, (MemberState("h", MAX_INCARNATION_STEP + 5, Status.DEAD,
                                           PEERS["h"]),)), sender, now)
     n.receive(Rumor((make_manifest(make_blobs(1, large=0), key=FORGER),)), sender, now)
 
@@ -66,6 +66,17 @@ def test_a_whole_blob_that_fails_verification_counts_against_its_source() -> Non
     assert n.misbehaving_peers() == {}  # the pieces were what we asked for
     n.blob_stored(st.download, False, 7.5)  # the driver's hash check failed
     assert n.misbehaving_peers() == {"p": {"corrupt_blob": 1}}
+
+
+def test_a_relayed_refutation_too_far_ahead_is_dropped_but_accuses_nobody() -> None:
+    """h refuted two lies in a row (a step each); p relays its newest "alive" to us, who missed
+    the first: dropped as implausible, as before, but p did nothing wrong."""
+    n = node(PEERS)
+    n.start(0.0)
+    n.receive(Gossip("p", (MemberState("h", 2 * MAX_INCARNATION_STEP - 2, Status.ALIVE,
+                                       PEERS["h"]),)), "p", 1.0)
+    assert n.stats.counters["implausible_incarnation"] == 1
+    assert n.misbehaving_peers() == {}
 
 
 def test_a_claim_about_us_too_far_ahead_counts_against_its_sender() -> None:
