@@ -53,6 +53,10 @@ MAX_INCARNATION: Final = MAX_UINT
 # claim about ourselves moves us up by at most this much. Reaching the top then takes 2^48
 # accepted frames (docs/security.md, "Gossip frames cannot take a node down").
 MAX_INCARNATION_STEP: Final = 1 << 16
+# A member we hear of only through relays may run more than a step ahead of what we hold (an
+# attacker's lies made it refute a step up each, and we missed one): we drop those relays and
+# ask the member itself, by push-pull, at most once per this many seconds per member.
+RESYNC_INTERVAL: Final = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +186,9 @@ class Membership:
         self._probe: _Probe | None = None
         self._seq = 0
         self._relays: dict[int, tuple[str, int, float]] = {}  # our seq -> requester, seq, expiry
+        self._resync: set[str] = set()  # members we are out of step with: push-pull them
+        self._resynced: dict[str, float] = {}  # member -> when we last asked it
+        self._answer: set[str] = set()  # senders of stale accusations about us: tell them
         self._started = False
         self._join = False
         self._next_probe = 0.0
@@ -355,6 +362,24 @@ class Membership:
                                                  u.address), sender, now)
             if not msg.is_reply:
                 out.append((sender, PushPull(self.self_id, self._states(), True)))
+                self._answer.discard(sender)  # the reply carries our state
+        return self._catch_up(out, now)
+
+    def _catch_up(self, out: Outgoing, now: float) -> Outgoing:
+        """What `receive` found stale: a member we are out of step with gets a push-pull
+        (its reply is its own word on its incarnation); a sender that accused us at an
+        incarnation we have left behind gets our current state, so its suspicion clears rather
+        than times out (it missed our refutations; memberlist ignores such an accusation, which
+        is safe only while every refutation reaches everyone)."""
+        for node_id in sorted(self._resync):
+            if node_id in self._members:
+                self._resynced[node_id] = now
+                out.append((node_id, PushPull(self.self_id, self._states(), False)))
+        self._resync.clear()
+        for sender in sorted(self._answer):
+            if sender in self._members:
+                out.append((sender, Gossip(self.self_id, (self._self_state(),))))
+        self._answer.clear()
         return out
 
     # ---- state changes --------------------------------------------------------------------
@@ -368,7 +393,7 @@ class Membership:
             else:
                 self._on_dead(u, sender, now)
 
-    def _known(self, u: MemberState, sender: str) -> _Member | None:
+    def _known(self, u: MemberState, sender: str, now: float) -> _Member | None:
         """The member an update about someone else is about, if we take it: a member of the
         peer map, and an incarnation within MAX_INCARNATION_STEP of what we know of it unless
         the member says so itself (it is the authority on its own incarnation: its frames come
@@ -381,6 +406,8 @@ class Membership:
             return None
         if sender != u.node_id and u.incarnation > m.incarnation + MAX_INCARNATION_STEP:
             self.counters["implausible_incarnation"] += 1
+            if now >= self._resynced.get(u.node_id, float("-inf")) + RESYNC_INTERVAL:
+                self._resync.add(u.node_id)  # maybe we are the one out of step: ask it
             if u.status != Status.ALIVE:
                 # Only an accusation counts against its sender. A too-high "alive" is what an
                 # honest relay of a victim's refutations looks like to a member that missed
@@ -395,7 +422,7 @@ class Membership:
             if u.incarnation > self.incarnation:  # an earlier life of ours got further
                 self._refute(u.incarnation, sender)
             return
-        m = self._known(u, sender)
+        m = self._known(u, sender, now)
         if m is None or u.incarnation <= m.incarnation:
             return
         was = m.status
@@ -407,10 +434,9 @@ class Membership:
 
     def _on_suspect(self, u: MemberState, sender: str, now: float) -> None:
         if u.node_id == self.self_id:
-            if u.incarnation >= self.incarnation:
-                self._refute(u.incarnation, sender)
+            self._about_us(u, sender)
             return
-        m = self._known(u, sender)
+        m = self._known(u, sender, now)
         if m is None or u.incarnation < m.incarnation or m.status == Status.DEAD:
             return
         if m.status == Status.SUSPECT:
@@ -435,13 +461,20 @@ class Membership:
 
     def _on_dead(self, u: MemberState, sender: str, now: float) -> None:
         if u.node_id == self.self_id:
-            if u.incarnation >= self.incarnation:
-                self._refute(u.incarnation, sender)
+            self._about_us(u, sender)
             return
-        m = self._known(u, sender)
+        m = self._known(u, sender, now)
         if m is None or u.incarnation < m.incarnation or m.status == Status.DEAD:
             return
         self._declare_dead(m, u.incarnation, now)
+
+    def _about_us(self, u: MemberState, sender: str) -> None:
+        """An accusation about us: refute it, or if it is older than our incarnation, tell its
+        sender where we are (`_catch_up`)."""
+        if u.incarnation >= self.incarnation:
+            self._refute(u.incarnation, sender)
+        elif sender != self.self_id:
+            self._answer.add(sender)
 
     def _declare_dead(self, m: _Member, incarnation: int, now: float) -> None:
         m.incarnation = incarnation

@@ -190,7 +190,11 @@ def test_push_pull_merge() -> None:
     assert "d" not in got and a.member("d") is None and a.counters["unknown_members"] == 1
     kinds = {(e.kind, e.node_id) for e in a.drain_events()}
     assert ("suspect", "c") in kinds and not any(n == "d" for _, n in kinds)
-    assert a.receive(PushPull("b", members, True), "b", 3.1) == []  # replies are not answered
+    # a reply is not answered with a push-pull; one that holds us at an incarnation we left
+    # behind gets our state
+    assert a.receive(PushPull("b", members, True), "b", 3.1) == [
+        ("b", Gossip("a", (MemberState("a", 1, Status.ALIVE, "10.0.0.1"),)))]
+    assert a.receive(PushPull("b", members[:3], True), "b", 3.2) == []
 
 
 def test_a_member_we_hold_dead_that_connects_learns_it_and_refutes_at_once() -> None:
@@ -267,3 +271,55 @@ def test_seeds_from_peer_map() -> None:
                  (PeerEntry("dev-1", key, "100.64.0.2", "fd00::2"),
                   PeerEntry("dev-2", key, "100.64.0.3", "fd00::3")))
     assert seeds_from_peer_map(pm) == [("dev-1", "100.64.0.2"), ("dev-2", "100.64.0.3")]
+
+
+def _deliver(nodes: dict[str, Membership], out: list[tuple[str, str, Message]],
+             now: float) -> None:
+    """Deliver (sender, dest, message) at once, and what the answers send, until quiet."""
+    while out:
+        sender, dest, msg = out.pop(0)
+        if dest in nodes:
+            out.extend((dest, d, m) for d, m in nodes[dest].receive(msg, sender, now))
+
+
+def test_a_victim_of_incarnation_lies_is_not_declared_dead_by_members_that_missed_a_step() -> None:
+    """A hostile member accuses `v` at the top incarnation, again and again: each time `v`
+    refutes a step up. A member that hears a refutation only from a relay after missing the one
+    before drops it as implausible and so holds `v` steps behind; when it then suspects `v` (a
+    probe lost on a saturated uplink), the suspicion is stale to `v`, which did not refute it,
+    and `v` was declared dead (the hostile-device lab test: two LAN neighbours held each other
+    dead and both crossed the WAN). Now a member that finds itself out of step asks `v`
+    itself, and `v` answers a stale accusation with its current state."""
+    names = ["v", "t1", "t2", "h"]
+    nodes = {n: Membership(n, f"10.0.0.{i + 1}", random.Random(i))
+             for i, n in enumerate(names) if n != "h"}
+    for n, m in nodes.items():
+        m.seed((o, f"10.0.0.{i + 1}") for i, o in enumerate(names) if o != n)
+        m.tick(0.0)
+    lie = Gossip("h", (MemberState("v", MAX_INCARNATION, Status.DEAD, "10.0.0.1"),))
+    nodes["v"].receive(lie, "h", 1.0)
+    nodes["v"].receive(lie, "h", 1.1)
+    assert nodes["v"].incarnation == 2 * MAX_INCARNATION_STEP
+    fresh = MemberState("v", 2 * MAX_INCARNATION_STEP, Status.ALIVE, "10.0.0.1")
+    _deliver(nodes, [("v", "t2", Gossip("v", (fresh,)))], 1.2)  # t2 hears it from v
+    assert nodes["t2"].member("v") == fresh
+    # t1 missed both refutations. It suspects v at what it knows: v answers with what it is,
+    # and that answer clears the suspicion.
+    stale = MemberState("v", 0, Status.SUSPECT, "10.0.0.1")
+    out = nodes["v"].receive(Gossip("t1", (stale,)), "t1", 1.3)
+    assert out == [("t1", Gossip("v", (fresh,)))]
+    nodes["t1"].receive(Gossip("t2", (stale,)), "t2", 1.3)
+    assert nodes["t1"].member("v").status == Status.SUSPECT  # type: ignore[union-attr]
+    _deliver(nodes, [("v", "t1", out[0][1])], 1.4)
+    assert nodes["t1"].member("v") == fresh
+    # a member that hears a relayed refutation it cannot take asks the member itself (once a
+    # period: a relay's lies cost at most one push-pull per member and RESYNC_INTERVAL)
+    nodes["v"].receive(lie, "h", 2.0)
+    nodes["v"].receive(lie, "h", 2.0)
+    newer = MemberState("v", 4 * MAX_INCARNATION_STEP, Status.ALIVE, "10.0.0.1")
+    out = nodes["t2"].receive(Gossip("t1", (newer, newer)), "t1", 2.1)
+    assert [(d, type(m)) for d, m in out] == [("v", PushPull)]
+    assert nodes["t2"].receive(Gossip("t1", (newer,)), "t1", 2.2) == []
+    _deliver(nodes, [("t2", "v", out[0][1])], 2.3)
+    assert nodes["t2"].member("v") == newer
+    assert nodes["t2"].counters["implausible_incarnation"] == 3
