@@ -309,6 +309,20 @@ class BlobScheduler:
             self._owner[blob_id] = owner
         return owner
 
+    def wan_reason(self, blob_id: bytes, now: float) -> str:
+        """Why `blob_id` is fetched across the WAN now (for the log): ours by rendezvous, or
+        how long we waited for the member whose it is."""
+        if not self._lan:
+            return "no LAN neighbour"
+        owner = self.responsible(blob_id)
+        if owner == self.name:
+            return f"ours to fetch among {len(self._lan) + 1} LAN members"
+        waiting = self._waiting.get(blob_id)
+        if waiting is None:
+            return f"{owner}'s to fetch"
+        return (f"{owner}'s to fetch, waited {now - waiting[1]:.1f} s for it (limit "
+                f"{self._wait_deadline(blob_id) - waiting[1]:.1f} s)")
+
     def next_deadline(self) -> float | None:
         """When to call `tick` next (None: nothing is timed; wait for an event)."""
         times = [f.deadline for f in self._flights.values() if f.deadline < float("inf")]

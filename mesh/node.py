@@ -281,7 +281,8 @@ class _Release:
     sched: BlobScheduler
     wanted: dict[bytes, WantedBlob]
     wanting: bool = False  # `want` has been given to the scheduler (see STARTUP_SETTLE)
-    wan_logged: bool = False  # the first fetch across the WAN was logged, with its reason
+    # blobs whose first fetch across the WAN was logged, with its reason
+    wan_logged: set[bytes] = field(default_factory=set)
     # blob bytes received for this release, by source (the agent reports them per release)
     received: collections.Counter[str] = field(default_factory=collections.Counter)
 
@@ -687,6 +688,11 @@ class MeshNode:
             changed = True
             if ev.kind in ("joined", "alive"):
                 self._send_haves(ev.node_id)
+            if ev.kind in ("dead", "alive") and ev.node_id in self._lan_names:
+                # A LAN neighbour's liveness moves blobs between it and us, and the WAN:
+                # what an operator asks when a LAN pulled a release twice.
+                self.log(f"LAN neighbour {ev.node_id} {ev.kind} at incarnation "
+                         f"{ev.incarnation}")
         if changed:
             self._refresh_peers(now)
         for m in self.rumor.drain_events():
@@ -870,14 +876,15 @@ class MeshNode:
         if old is not None:
             self._forget(old)
         lan = f.source != COORDINATOR and f.source in self.lan
-        if not lan and not release.wan_logged:
-            # Once per release: why its bytes cross the WAN (what an operator of a metered
-            # fleet asks first).
-            release.wan_logged = True
+        if not lan and f.blob_id not in release.wan_logged:
+            # Once per blob and release: why its bytes cross the WAN (what an operator of a
+            # metered fleet asks first).
+            release.wan_logged.add(f.blob_id)
             holders = release.sched.holders(f.blob_id) & self.lan
-            self.log(f"release v{release.key.version}: first fetch across the WAN, blob "
-                     f"{f.blob_id.hex()[:16]} from {f.source} (LAN neighbours "
-                     f"{len(self.lan)}, of them holding it {len(holders)})")
+            self.log(f"release v{release.key.version}: blob {f.blob_id.hex()[:16]} ({f.size} B)"
+                     f" across the WAN from {f.source}: "
+                     f"{release.sched.wan_reason(f.blob_id, now)}; LAN neighbours "
+                     f"{len(self.lan)}, of them holding it {len(holders)}")
         limit = DOWNLOAD_TIMEOUT_FACTOR * release.sched.fetch_limit(f.size, not lan)
         self._dl_seq += 1
         dl = _Download(self._dl_seq, release, f.blob_id, f.source, f.size, now + limit, lan)

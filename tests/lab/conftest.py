@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import Lab, LabAlreadyUp, Topology, teardown_all
+from lab import LOG_DIR, Lab, LabAlreadyUp, Topology, teardown_all
 from lab._host import lab_netns_names, read_state
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,3 +63,13 @@ def lab_up(topology: Topology, network_only: bool = True) -> Iterator[Lab]:
         yield lab
     finally:
         teardown_if_ours()
+
+
+def log_tail(device: str, lines: int = 60) -> str:
+    """The end of a device's agent log, for a failure's message: which neighbours it found,
+    where it fetched from and why."""
+    try:
+        text = (LOG_DIR / f"{device}.log").read_text(errors="replace")
+    except OSError as exc:
+        return f"(no log: {exc})"
+    return "\n".join(text.splitlines()[-lines:])

@@ -34,7 +34,7 @@ from lab import (
 )
 from lab.rollout import rollout
 
-from .conftest import lab_skip_reason, lab_up
+from .conftest import lab_skip_reason, lab_up, log_tail
 
 pytestmark = [
     pytest.mark.lab,
@@ -141,7 +141,8 @@ def test_a_hostile_device_does_not_stop_the_rollout_and_is_named(lab: Lab,
         print(f"{lan}: honest devices fetched {mine} bytes across the WAN for a "
               f"{r.release_bytes}-byte release (x{mine / r.release_bytes:.2f}); the router "
               f"counted {rx} (x{r.ratio(lan):.2f}) in {r.seconds:.1f} s")
-        assert mine <= 1.15 * r.release_bytes, (lan, wan)
+        assert mine <= 1.15 * r.release_bytes, (lan, wan, "\n".join(
+            f"--- {n}'s log:\n{log_tail(n, 80)}" for n in honest if n.startswith(lan)))
     hostile_log = log_of(HOSTILE)
     for attack in ("served", "accused", "undecodable", "replayed an old manifest",
                    "forged manifest"):

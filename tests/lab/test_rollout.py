@@ -10,10 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from lab import LOG_DIR, Lab, blobs_held, parse_topology, start_agent, stop_agent, wait_online
+from lab import Lab, blobs_held, parse_topology, start_agent, stop_agent, wait_online
 from lab.rollout import rollout
 
-from .conftest import lab_skip_reason, lab_up
+from .conftest import lab_skip_reason, lab_up, log_tail
 
 pytestmark = [
     pytest.mark.lab,
@@ -42,16 +42,6 @@ def shared() -> Iterator[Lab]:
     with lab_up(topology(True), network_only=False) as lab:
         settle(lab)
         yield lab
-
-
-def log_tail(device: str, lines: int = 60) -> str:
-    """The end of a device's agent log, for a failure's message: which neighbours it found,
-    where it fetched from and why."""
-    try:
-        text = (LOG_DIR / f"{device}.log").read_text(errors="replace")
-    except OSError as exc:
-        return f"(no log: {exc})"
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def test_each_lan_pulls_the_release_across_its_wan_about_once(shared: Lab) -> None:

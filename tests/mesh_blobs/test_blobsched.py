@@ -141,6 +141,20 @@ def test_non_responsible_waits_exactly_lan_wait_then_fetches_from_coordinator() 
     assert fetches(s.tick(deadline)) == [Fetch(b, COORDINATOR, SIZE)]
 
 
+def test_the_reason_for_a_wan_fetch_names_the_owner_and_the_wait() -> None:
+    s = node(wan=("w1",))
+    (mine,) = owned_by("d0", ["d0", *LAN])
+    (theirs,) = owned_by("d1", ["d0", *LAN])
+    assert fetches(s.want({mine: SIZE, theirs: SIZE}, 100.0)) == [Fetch(mine, COORDINATOR, SIZE)]
+    assert s.wan_reason(mine, 100.0) == "ours to fetch among 4 LAN members"
+    deadline = 100.0 + lan_wait(SIZE, CFG)
+    assert fetches(s.tick(deadline)) == [Fetch(theirs, COORDINATOR, SIZE)]
+    assert s.wan_reason(theirs, deadline) == (
+        f"d1's to fetch, waited {deadline - 100.0:.1f} s for it (limit "
+        f"{deadline - 100.0:.1f} s)")
+    assert node(lan=[]).wan_reason(theirs, 0.0) == "no LAN neighbour"
+
+
 def test_non_responsible_after_lan_wait_prefers_wan_peer() -> None:
     s = node(wan=("w1",))
     (b,) = owned_by("d1", ["d0", *LAN])
