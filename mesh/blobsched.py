@@ -316,7 +316,8 @@ class BlobScheduler:
             return "no LAN neighbour"
         owner = self.responsible(blob_id)
         if owner == self.name:
-            return f"ours to fetch among {len(self._lan) + 1} LAN members"
+            members = sum(1 for p in self._lan if p not in self._banned) + 1
+            return f"ours to fetch among {members} LAN members"
         waiting = self._waiting.get(blob_id)
         if waiting is None:
             return f"{owner}'s to fetch"

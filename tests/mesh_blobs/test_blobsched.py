@@ -324,6 +324,8 @@ def test_banned_lan_member_loses_responsibility() -> None:
     s.on_have("d1", [bid(10_000)], False, 0.0)
     s.on_received("d1", bid(10_000), False, 1.0)
     assert s.responsible(b) == rendezvous_owner(["d0", "d2", "d3"], b)
+    (mine,) = owned_by("d0", ["d0", "d2", "d3"])
+    assert s.wan_reason(mine, 1.0) == "ours to fetch among 3 LAN members"
 
 
 def test_coordinator_bad_data_is_retried_not_banned() -> None:
