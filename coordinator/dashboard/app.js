@@ -352,10 +352,22 @@
           h("td", {"data-col": "release"}, fmtVersion(runningRelease(d))),
           h("td", {"data-col": "target"}, appLines(d, (a) => `${a.app} ${fmtVersion(a.target)}`)),
           h("td", {"data-col": "state"}, appLines(d, (a) => badge(a.state))),
-          h("td", {"data-col": "progress"}, appLines(d, (a) => appProgress(d, a)))));
+          h("td", {"data-col": "progress"}, appLines(d, (a) => appProgress(d, a))),
+          h("td", {"data-col": "reported"}, d.reported_misbehaving > 0
+            ? badge(`by ${d.reported_misbehaving}`, "bad") : dash)));
       fill(body, table(["Name", "Fleet", "Online", "Mesh address", "Paths", "Release",
-                        "Target", "Update", "Progress"], rows, {id: "devices"}));
+                        "Target", "Update", "Progress", "Reported"], rows, {id: "devices"}));
     });
+  }
+
+  // What other devices report this one doing wrong, or what it reports of others: the
+  // reporters' claims (docs/security.md, "Misbehaving peers"), one line per device.
+  function misbehaviourLines(entries, who) {
+    const lines = (entries || []).map((e) => h("div", {"data-peer": e[who]},
+      h("strong", {}, e[who]), ": ",
+      Object.entries(e.counts || {}).filter(([, n]) => n).map(([r, n]) => `${r} ${n}`)
+        .join(", ")));
+    return lines.length ? lines : dash;
   }
 
   function appActions(name, a, message) {
@@ -413,7 +425,11 @@
           (d.lan_endpoints || []).join(", ") || dash)),
         field("Agent", d.agent_version || dash),
         field("Enrolled", fmtTime(d.enrolled_at)),
-        field("Public key", h("span", {class: "mono small"}, d.public_key || dash))));
+        field("Public key", h("span", {class: "mono small"}, d.public_key || dash)),
+        field("Reported misbehaving by", h("div", {id: "reported-by"},
+          misbehaviourLines(d.reported_by, "reporter"))),
+        field("Reports misbehaving", h("div", {id: "reports-about"},
+          misbehaviourLines(d.reports_about, "name")))));
       fill(apps, table(["App", "Running", "Target", "Update", "Progress", "Lock", "Error", ""],
         appsOf(d).map((a) => h("tr", {"data-app": a.app},
           h("td", {}, a.app), h("td", {}, fmtVersion(a.running)),

@@ -21,7 +21,15 @@ import pytest
 import trio
 from nacl.signing import SigningKey
 
-from mesh.control import AppStatus, DeviceReport, LogLine, LogUpload, PeerPath, SourceBytes
+from mesh.control import (
+    AppStatus,
+    DeviceReport,
+    LogLine,
+    LogUpload,
+    PeerMisbehaviour,
+    PeerPath,
+    SourceBytes,
+)
 from mesh.tlspin import pinned_ssl_context
 from ops.client import DeviceClient, OperatorClient, enroll
 from tests.coordinator import releasekit
@@ -106,16 +114,18 @@ class Fleet:
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
 
-    def report(self, name: str, *apps: AppStatus, peers: tuple[PeerPath, ...] | None = None
-               ) -> None:
-        """The device reports its peers (as last given) and the state of its apps."""
+    def report(self, name: str, *apps: AppStatus, peers: tuple[PeerPath, ...] | None = None,
+               misbehaving: tuple[PeerMisbehaviour, ...] = ()) -> None:
+        """The device reports its peers (as last given), the state of its apps and the peers
+        its mesh node counted misbehaving."""
         dev = self.devices[name]
         if peers is not None:
             dev.peers = peers
 
         async def send() -> None:
             async with DeviceClient(self.url, dev.credential, dev.der) as client:
-                await client.report(DeviceReport((), "dashboard-test", dev.peers, apps))
+                await client.report(DeviceReport((), "dashboard-test", dev.peers, apps,
+                                                 misbehaving))
         run(send)
 
     def upload_logs(self, name: str, *lines: tuple[str, str]) -> None:

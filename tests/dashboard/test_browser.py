@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from mesh.control import PeerMisbehaviour
 from tests.dashboard.conftest import (
     APP,
     FLEET,
@@ -277,6 +278,33 @@ def test_force_past_a_lock_and_retry_through_the_page(context: Any, fleet: Fleet
     expect(page.locator("p.flash")).to_contain_text("every device that failed it: done")
     assert fleet.target_entries("cam-3")[APP]["retry"] == retry + 2
     shot(page, "release-retry")
+    assert page.errors == []
+
+
+def test_a_device_reported_misbehaving_is_named_on_the_pages(context: Any,
+                                                              fleet: Fleet) -> None:
+    """cam-2's mesh node counted cam-3 serving corrupt blobs and sending undecodable frames:
+    the device list marks cam-3, its page says who reports what, and cam-2's page what it
+    reports, as `fleetmesh devices show` does."""
+    fleet.report("cam-2", app_status("running", running=2), misbehaving=(
+        PeerMisbehaviour("cam-3", {"corrupt_blob": 2, "bad_frame": 1}),))
+    page = sign_in(context, fleet, "#/devices")
+    expect(page.locator("tr[data-device=cam-3] td[data-col=reported]")).to_have_text("by 1")
+    shown = {r["name"]: r["reported"] for r in read_table(page, "#devices")}
+    assert shown == {"cam-1": "—", "cam-2": "—", "cam-3": "by 1", "cam-4": "—"}
+    shot(page, "devices-reported")
+    page.goto(fleet.url + "/#/device/cam-3")
+    expect(page.locator("#reported-by [data-peer=cam-2]")).to_have_text(
+        "cam-2: corrupt_blob 2, bad_frame 1")
+    expect(page.locator("#reports-about")).to_have_text("—")
+    shot(page, "device-reported")
+    page.goto(fleet.url + "/#/device/cam-2")
+    expect(page.locator("#reports-about [data-peer=cam-3]")).to_have_text(
+        "cam-3: corrupt_blob 2, bad_frame 1")
+    expect(page.locator("#reported-by")).to_have_text("—")
+    cli = fleet.cli_json("devices", "show", "cam-3")
+    assert cli["reported_by"] == [{"reporter": "cam-2",
+                                   "counts": {"corrupt_blob": 2, "bad_frame": 1}}]
     assert page.errors == []
 
 
