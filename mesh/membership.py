@@ -55,7 +55,8 @@ MAX_INCARNATION: Final = MAX_UINT
 MAX_INCARNATION_STEP: Final = 1 << 16
 # A member we hear of only through relays may run more than a step ahead of what we hold (an
 # attacker's lies made it refute a step up each, and we missed one): we drop those relays and
-# ask the member itself, by push-pull, at most once per this many seconds per member.
+# tell the member what we hold of it, at most once per this many seconds per member; a member
+# held at an incarnation it has left behind answers with its own state (`_catch_up`).
 RESYNC_INTERVAL: Final = 10.0
 
 
@@ -186,9 +187,9 @@ class Membership:
         self._probe: _Probe | None = None
         self._seq = 0
         self._relays: dict[int, tuple[str, int, float]] = {}  # our seq -> requester, seq, expiry
-        self._resync: set[str] = set()  # members we are out of step with: push-pull them
+        self._resync: set[str] = set()  # members we may be out of step with: ask them
         self._resynced: dict[str, float] = {}  # member -> when we last asked it
-        self._answer: set[str] = set()  # senders of stale accusations about us: tell them
+        self._answer: set[str] = set()  # senders of a stale view of us: tell them
         self._started = False
         self._join = False
         self._next_probe = 0.0
@@ -366,15 +367,17 @@ class Membership:
         return self._catch_up(out, now)
 
     def _catch_up(self, out: Outgoing, now: float) -> Outgoing:
-        """What `receive` found stale: a member we are out of step with gets a push-pull
-        (its reply is its own word on its incarnation); a sender that accused us at an
-        incarnation we have left behind gets our current state, so its suspicion clears rather
-        than times out (it missed our refutations; memberlist ignores such an accusation, which
-        is safe only while every refutation reaches everyone)."""
+        """What `receive` found stale. A member we may be out of step with is told what we
+        hold of it (one state, a small frame); a sender that holds us at an incarnation we
+        have left behind, accusing or not, gets our current state (one state), which it takes
+        from us at any value, so its suspicion clears rather than times out (memberlist ignores
+        a stale accusation, which is safe only while every refutation reaches everyone).
+        Together: one round trip to bring a member that missed a refutation back in step."""
         for node_id in sorted(self._resync):
-            if node_id in self._members:
+            m = self._members.get(node_id)
+            if m is not None:
                 self._resynced[node_id] = now
-                out.append((node_id, PushPull(self.self_id, self._states(), False)))
+                out.append((node_id, Gossip(self.self_id, (m.state(),))))
         self._resync.clear()
         for sender in sorted(self._answer):
             if sender in self._members:
@@ -421,6 +424,8 @@ class Membership:
         if u.node_id == self.self_id:
             if u.incarnation > self.incarnation:  # an earlier life of ours got further
                 self._refute(u.incarnation, sender)
+            elif u.incarnation < self.incarnation and sender != self.self_id:
+                self._answer.add(sender)  # it holds us behind: tell it
             return
         m = self._known(u, sender, now)
         if m is None or u.incarnation <= m.incarnation:
@@ -470,7 +475,8 @@ class Membership:
 
     def _about_us(self, u: MemberState, sender: str) -> None:
         """An accusation about us: refute it, or if it is older than our incarnation, tell its
-        sender where we are (`_catch_up`)."""
+        sender where we are (`_catch_up`); not a third party's doing to refute (it missed our
+        refutations, or asks whether it did)."""
         if u.incarnation >= self.incarnation:
             self._refute(u.incarnation, sender)
         elif sender != self.self_id:
@@ -526,6 +532,7 @@ class Membership:
         del self._members[node_id]
         self._dead_count -= 1
         self._broadcasts.pop(node_id, None)
+        self._resynced.pop(node_id, None)
         if self._probe is not None and self._probe.target == node_id:
             self._probe = None
         self.events.append(MemberEvent("left", node_id, m.incarnation, m.since))

@@ -312,14 +312,21 @@ def test_a_victim_of_incarnation_lies_is_not_declared_dead_by_members_that_misse
     assert nodes["t1"].member("v").status == Status.SUSPECT  # type: ignore[union-attr]
     _deliver(nodes, [("v", "t1", out[0][1])], 1.4)
     assert nodes["t1"].member("v") == fresh
-    # a member that hears a relayed refutation it cannot take asks the member itself (once a
-    # period: a relay's lies cost at most one push-pull per member and RESYNC_INTERVAL)
+    # a member that hears a relayed refutation it cannot take tells the member what it holds
+    # of it (one state; once per RESYNC_INTERVAL per member, whatever a relay sends), and the
+    # member answers with its own
     nodes["v"].receive(lie, "h", 2.0)
     nodes["v"].receive(lie, "h", 2.0)
     newer = MemberState("v", 4 * MAX_INCARNATION_STEP, Status.ALIVE, "10.0.0.1")
     out = nodes["t2"].receive(Gossip("t1", (newer, newer)), "t1", 2.1)
-    assert [(d, type(m)) for d, m in out] == [("v", PushPull)]
+    assert out == [("v", Gossip("t2", (fresh,)))]
     assert nodes["t2"].receive(Gossip("t1", (newer,)), "t1", 2.2) == []
+    assert nodes["v"].receive(out[0][1], "t2", 2.3) == [("t2", Gossip("v", (newer,)))]
     _deliver(nodes, [("t2", "v", out[0][1])], 2.3)
     assert nodes["t2"].member("v") == newer
     assert nodes["t2"].counters["implausible_incarnation"] == 3
+    assert nodes["t2"].receive(Gossip("t1", (
+        MemberState("v", 6 * MAX_INCARNATION_STEP, Status.ALIVE, "10.0.0.1"),)), "t1", 12.2) \
+        == [("v", Gossip("t2", (newer,)))]  # the next period
+    # a member in step that is told what it already is says nothing
+    assert nodes["v"].receive(Gossip("t2", (newer,)), "t2", 12.3) == []
