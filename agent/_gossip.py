@@ -203,6 +203,7 @@ class _Peer:
     queue: _SendQueue
     wake: trio.Event = field(default_factory=trio.Event)  # inbound seen: retry now
     task: trio.CancelScope | None = None
+    conn: trio.CancelScope | None = None  # the open outbound connection (reopen: cancel it)
     inbound: int = 0
 
 
@@ -543,8 +544,11 @@ class GossipNode:
         backoff = cfg.backoff_initial
         with trio.CancelScope() as scope:
             p.task = scope
+            carry: bytes | None = None  # a frame a reopened connection did not finish
             while True:
-                frame = await p.queue.get()  # connect lazily: only with something to send
+                # connect lazily: only with something to send
+                frame = carry if carry is not None else await p.queue.get()
+                carry = None
                 try:
                     with trio.fail_after(cfg.connect_timeout):
                         stream = await self.network.connect(p.address, self.port, self.mesh_ip)
@@ -558,18 +562,25 @@ class GossipNode:
                     backoff = min(cfg.backoff_max, backoff * 2)
                     continue
                 backoff = cfg.backoff_initial
+                unsent: bytes | None = frame  # not yet sent whole on this connection
                 try:
-                    async with stream:
-                        for have in self.core.have_messages(p.name):
-                            with trio.fail_after(cfg.send_timeout):
-                                await stream.send_all(encode(have))
-                        while True:
-                            with trio.fail_after(cfg.send_timeout):
-                                await stream.send_all(frame)
-                            with trio.move_on_after(cfg.idle_timeout) as idle:
-                                frame = await p.queue.get()
-                            if idle.cancelled_caught:
-                                break
+                    with trio.CancelScope() as conn:
+                        p.conn = conn
+                        async with stream:
+                            for have in self.core.have_messages(p.name):
+                                with trio.fail_after(cfg.send_timeout):
+                                    await stream.send_all(encode(have))
+                            while True:
+                                with trio.fail_after(cfg.send_timeout):
+                                    await stream.send_all(frame)
+                                unsent = None
+                                with trio.move_on_after(cfg.idle_timeout) as idle:
+                                    frame = unsent = await p.queue.get()
+                                if idle.cancelled_caught:
+                                    break
+                    if conn.cancelled_caught:  # reopened by `_inbound`: at once, no backoff
+                        self.stats.counters["reopened_connections"] += 1
+                        carry = unsent
                 except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
                         trio.TooSlowError):
                     self.stats.counters["send_failures"] += 1
@@ -578,6 +589,8 @@ class GossipNode:
                     with trio.move_on_after(backoff * (0.5 + self.rng.random() / 2)):
                         await p.wake.wait()
                     p.wake = trio.Event()
+                finally:
+                    p.conn = None
 
     def _log_bad_frame(self, peer: str, exc: WireError) -> None:
         """One line per peer per BAD_FRAME_LOG_EVERY: a peer that sends garbage on every
@@ -608,7 +621,16 @@ class GossipNode:
         p.inbound += 1
         self.stats.counters["accepted_connections"] += 1
         p.wake.set()  # the peer is (back) up: our outbound need not wait out its backoff
-        if p.inbound == 1:
+        back = not self.core.held_alive(p.name)
+        if back and p.conn is not None:
+            # A peer we hold suspect or dead connects: it is back from an outage (a restart,
+            # a broken path). Our connection to it went dead with its tunnel, unknown to us:
+            # what we send sits in that socket until TCP's retransmission timer, backed off
+            # to tens of seconds by the outage, reaches the new peer and is reset, and until
+            # then the peer hears nothing from us (not even what its LAN holds: it crossed
+            # the WAN for a release its neighbours had, tests/lab/test_rollout.py). Reopen.
+            p.conn.cancel()
+        if p.inbound == 1 or back:
             # A (re)connecting peer learns at once what we hold: it may have just started and
             # be about to decide where to fetch from (mesh.node.STARTUP_SETTLE).
             self.core.connected(p.name)

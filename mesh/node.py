@@ -89,6 +89,7 @@ from mesh.wire import (
     PushPull,
     ReleaseKey,
     Rumor,
+    Status,
 )
 
 MAX_PENDING_RELEASES: Final = 16  # Haves buffered for releases whose manifest has not arrived
@@ -555,6 +556,13 @@ class MeshNode:
             if peer in self._peers:
                 self._send_haves(peer)
         self._refresh_peers(now)
+
+    def held_alive(self, peer: str) -> bool:
+        """Whether membership holds `peer` alive (not suspect, dead or unknown). A peer we
+        do not hold alive that connects to us is back from an outage: the driver reopens its
+        connection to it, which sat on a dead socket meanwhile."""
+        m = self.membership.member(peer)
+        return m is not None and m.status == Status.ALIVE
 
     def connected(self, peer: str) -> None:
         """`peer` (re)connected to us: it learns at once what we hold, as it may have just

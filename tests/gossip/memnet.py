@@ -26,6 +26,38 @@ class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
         await trio.lowlevel.checkpoint()
 
 
+class _Cuttable(trio.abc.Stream):
+    """One end of a connection that `MemoryNetwork.cut` can kill without a word: afterwards
+    its sends succeed and go nowhere and it receives nothing, ever, as a TCP connection whose
+    peer vanished with its tunnel looks until the retransmission timer gives up."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.dead = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.dead:
+            await trio.lowlevel.checkpoint()
+            return
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self.dead:
+            await trio.sleep_forever()
+        try:
+            return await self.inner.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if self.dead:  # cut while waiting: the peer's close never reaches us
+                await trio.sleep_forever()
+            raise
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 class MemoryNetwork:
     """connect(host, port, local) reaches the listener bound on (host, port); the accepted
     stream comes from `local`. Connections to an address nobody listens on are refused."""
@@ -35,6 +67,16 @@ class MemoryNetwork:
         self.sources: dict[int, str] = {}  # id(accepted stream) -> the connecting address
         self.connects: list[tuple[float, str, str]] = []  # (time, from, to)
         self.lockstep: set[str] = set()  # hosts whose connections have no buffer at all
+        self.open: list[tuple[str, str, _Cuttable, _Cuttable]] = []  # from, to, client, server
+
+    def cut(self, host: str) -> None:
+        """`host` vanishes: every connection to or from it open now goes silent at the other
+        end (nothing arrives, no close is seen), as when its tunnel went down."""
+        for src, dst, client, server in self.open:
+            if src == host:
+                server.dead = True
+            if dst == host:
+                client.dead = True
 
     async def connect(self, host: str, port: int, local_address: str) -> trio.abc.Stream:
         await trio.lowlevel.checkpoint()
@@ -44,7 +86,9 @@ class MemoryNetwork:
             raise OSError(f"connection to {host}:{port} refused")
         pair = trio.testing.lockstep_stream_pair if host in self.lockstep else \
             trio.testing.memory_stream_pair
-        client, server = pair()
+        inner_client, inner_server = pair()
+        client, server = _Cuttable(inner_client), _Cuttable(inner_server)
+        self.open.append((local_address, host, client, server))
         self.sources[id(server)] = local_address
         await listener.send.send(server)
         return client

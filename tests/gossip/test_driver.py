@@ -18,7 +18,7 @@ from mesh.node import STARTUP_SETTLE
 from mesh.rumor import make_verifier
 from mesh.wire import Ping, encode
 
-from .helpers import APP, FLEET, KEY, inline, make_blobs, make_manifest
+from .helpers import APP, FLEET, KEY, Seed, inline, make_blobs, make_manifest
 from .memnet import MemoryNetwork
 
 PEERS = {"a": "10.0.0.1", "b": "10.0.0.2"}
@@ -273,3 +273,56 @@ async def test_a_cut_seed_download_resumes_where_it_stopped(
     assert a.stats.counters["resumed_downloads"] == 1
     assert a.stats.counters["resumed_bytes"] == piece
     assert a.store.has(blob.ref.id)
+
+
+async def test_a_neighbour_back_from_an_outage_hears_what_we_hold_at_once(
+        tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    """b vanishes with its tunnel: a's connection to it is not closed, it goes silent, and what
+    a sends sits in it (a real socket's buffer, until TCP's retransmission timer — tens of
+    seconds after an outage — reaches the returned b and is reset). When b is back and
+    connects, a reopens its connection so that b hears at once what its LAN neighbour holds,
+    and takes the release from it rather than across the WAN (the lab's returning device
+    crossed the WAN after 24 s of hearing nothing)."""
+    net = MemoryNetwork()
+    v1, v2 = make_blobs(2, seed=1, large=0), make_blobs(3, seed=2, large=1)
+    seed = Seed(v1 + v2)
+    with trio.fail_after(600):
+        async with trio.open_nursery() as nursery:
+            a = make(net, tmp_path, "a")
+            for blob in v1 + v2:
+                a.store.put(blob.ref.id, blob.frame, "chunk", ref=blob.ref)
+            await nursery.start(a.run)
+            first = make(net, tmp_path, "b", client=seed.client("b"))
+            b_scope = trio.CancelScope()
+
+            async def run_first(task_status: trio.TaskStatus[None]) -> None:
+                with b_scope:
+                    await first.run(task_status=task_status)
+            await nursery.start(run_first)
+            a.set_lan({"b"})
+            first.set_lan({"a"})
+            a.offer_manifest(make_manifest(v1))
+            while not first.complete(FLEET, APP):
+                await first.changed().wait()
+            # b vanishes mid-life: nothing it had open is closed in a's eyes
+            net.cut(PEERS["b"])
+            b_scope.cancel()
+            while (PEERS["b"], a.port) in net.listeners:
+                await trio.sleep(0.01)
+            a.offer_manifest(make_manifest(v2, version=2))
+            await trio.sleep(60.0)  # a holds b suspect, then dead; its frames to b go nowhere
+            assert "b" not in a.membership.live_members()
+            t_back = trio.current_time()
+            back = make(net, tmp_path / "again", "b", client=seed.client("b"))
+            await nursery.start(back.run)
+            back.set_lan({"a"})  # LAN discovery; a's own cache still lists b
+            back.offer_manifest(make_manifest(v2, version=2))  # from the coordinator
+            while not back.complete(FLEET, APP):
+                await back.changed().wait()
+            assert seed.bytes["b"] == 0  # nothing across the WAN
+            total = sum(blob.ref.stored_size for blob in v2)
+            assert back.progress(FLEET, APP) == (2, total, total, {
+                "lan": total, "wan_peer": 0, "coordinator": 0})
+            assert trio.current_time() - t_back == pytest.approx(STARTUP_SETTLE, abs=0.5)
+            assert a.stats.counters["reopened_connections"] == 1
+            nursery.cancel_scope.cancel()
