@@ -25,6 +25,13 @@ BLOB_BYTES = 8 * 1024 * 1024  # larger than any socket buffer: the download is s
 
 async def _tls(h: Harness) -> trio.SSLStream[trio.SocketStream]:
     ctx = ssl.create_default_context(cafile=str(h.coord.cert_path))
+    # TLS 1.2: its session ticket comes inside the handshake. A TLS 1.3 server sends its
+    # tickets just after it, and a client that closes with them unread in its socket sends a
+    # RST, not a FIN: on a loaded machine the RST reached the server before it had read the
+    # request, which the kernel then discarded, so the route never ran and the line these
+    # tests wait for never came (seen once, beside a lab run). Closing cleanly is the case
+    # under test; a reset connection is another one.
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", h.coord.port), ctx,
                             server_hostname="127.0.0.1")
     await stream.do_handshake()
