@@ -303,11 +303,13 @@ class BlobScheduler:
         """The LAN member (maybe us) that fetches `blob_id` across the WAN, in our view."""
         owner = self._owner.get(blob_id)
         if owner is None:
-            members = [p for p in self._lan if p not in self._banned]
-            members.append(self.name)
-            owner = rendezvous_owner(members, blob_id)
+            owner = rendezvous_owner(self._rendezvous_members(), blob_id)
             self._owner[blob_id] = owner
         return owner
+
+    def _rendezvous_members(self) -> list[str]:
+        """Who the rendezvous runs over: the unbanned LAN members and us."""
+        return [*(p for p in self._lan if p not in self._banned), self.name]
 
     def wan_reason(self, blob_id: bytes, now: float) -> str:
         """Why `blob_id` is fetched across the WAN now (for the log): ours by rendezvous, or
@@ -316,8 +318,7 @@ class BlobScheduler:
             return "no LAN neighbour"
         owner = self.responsible(blob_id)
         if owner == self.name:
-            members = sum(1 for p in self._lan if p not in self._banned) + 1
-            return f"ours to fetch among {members} LAN members"
+            return f"ours to fetch among {len(self._rendezvous_members())} LAN members"
         waiting = self._waiting.get(blob_id)
         if waiting is None:
             return f"{owner}'s to fetch"

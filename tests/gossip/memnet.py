@@ -48,11 +48,14 @@ class _Cuttable(trio.abc.Stream):
         if self.dead:
             await trio.sleep_forever()
         try:
-            return await self.inner.receive_some(max_bytes)
+            data = await self.inner.receive_some(max_bytes)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             if self.dead:  # cut while waiting: the peer's close never reaches us
                 await trio.sleep_forever()
             raise
+        if self.dead:  # cut while waiting: neither its last bytes nor its EOF arrive
+            await trio.sleep_forever()
+        return data
 
     async def aclose(self) -> None:
         await self.inner.aclose()
