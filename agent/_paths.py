@@ -44,7 +44,13 @@ Per peer:
   no allowed IPs, an endpoint and a keepalive (it still handshakes, docs/architecture.md "Platform
   facts"), cycling the candidates every RELAY_PROBE_DWELL. rx above its value when the current
   probe candidate started (or a handshake newer than that) -> `direct`. No nudges: with no allowed
-  IPs on the entry, a datagram would go through the hub.
+  IPs on the entry, a datagram would go through the hub. A probe with a keepalive and no session
+  sends a handshake initiation every REKEY_TIMEOUT: ~135 KB per hour per relayed peer, the
+  largest idle cost of a device behind a symmetric NAT. So probing is free for RELAY_PROBE_FREE
+  after the relay began (a peer that restarts or moves within minutes is found at once), then
+  each round of candidates is followed by a pause with no keepalive, RELAY_PAUSE_FIRST doubling
+  up to RELAY_PAUSE_MAX. The pause ends early when the peer reaches us (rx growth), and a peer
+  whose endpoints change in the map starts `trying` anyway.
 
 A peer whose endpoints change in the map starts `trying` again; a peer without endpoints is
 relayed (its entry can still answer the peer's own punches); peers gone from the map are dropped.
@@ -85,6 +91,13 @@ REJECT_AFTER_TIME: Final = 180.0
 # While relayed, each candidate is probed this long: more than one KEEPALIVE, so every candidate
 # gets at least one keepalive-driven handshake initiation.
 RELAY_PROBE_DWELL: Final = 30.0
+# Probing without pauses this long after the relay began: six dwells, a peer back within three
+# minutes (an agent or router restart) meets probes on both sides at once.
+RELAY_PROBE_FREE: Final = 180.0
+# Then a pause after each round of candidates: 1, 2, 4 ... 60 minutes of silence. At the cap a
+# relayed peer costs one round (RELAY_PROBE_DWELL per candidate) per hour.
+RELAY_PAUSE_FIRST: Final = 60.0
+RELAY_PAUSE_MAX: Final = 3600.0
 # Whitepaper section 6.5 (wireguard-go KeepaliveTimeout): a peer that received data and has
 # nothing to send back answers with a keepalive after this long.
 KEEPALIVE_TIMEOUT: Final = 10.0
@@ -157,6 +170,9 @@ class _Peer:
     heard: float  # trying/relay: the candidate's start; direct: the last rx growth
     window: float = DIRECT_TIMEOUT  # trying: how long this candidate gets
     nudged: float | None = None  # when the peer was last nudged in this state/candidate
+    relay_since: float = 0.0  # relay: when it began
+    paused_until: float | None = None  # relay: no probing until then
+    pauses: int = 0  # relay: pauses taken, for the doubling
 
 
 def _host_net(address: str) -> IPNetwork:
@@ -196,7 +212,7 @@ class PathSelector:
     def _start(self, entry: PeerEntry, now: float, rx: int, handshake: float | None,
                reason: str) -> tuple[_Peer, PathChange]:
         if not entry.endpoints:
-            st = _Peer(entry.name, entry.endpoints, "relay", 0, now, rx, now)
+            st = _Peer(entry.name, entry.endpoints, "relay", 0, now, rx, now, relay_since=now)
             return st, PathChange(entry.name, entry.public_key, "relay", None,
                                   f"{reason}; no endpoints known")
         st = _Peer(entry.name, entry.endpoints, "trying", 0, now, rx, now,
@@ -270,13 +286,24 @@ class PathSelector:
                 st.nudged = None
                 return [self._trying_change(entry, st, why)]
             st.state, st.candidate, st.since, st.heard, st.nudged = "relay", 0, now, now, None
+            st.relay_since = now
             n = len(st.endpoints)
             return [PathChange(entry.name, key, "relay", None,
                                f"nothing received from {n} candidate{'s' * (n != 1)}; probing")]
-        # relay: keep probing, cycling the candidates; not worth a log line each time
-        if len(st.endpoints) > 1 and now - st.since >= RELAY_PROBE_DWELL:
-            st.candidate = (st.candidate + 1) % len(st.endpoints)
-            st.since = st.heard = now
+        # relay: keep probing, cycling the candidates, with pauses after RELAY_PROBE_FREE; not
+        # worth a log line each time
+        if st.paused_until is not None:
+            if now >= st.paused_until:
+                st.paused_until, st.candidate, st.since, st.heard = None, 0, now, now
+            return []
+        if st.endpoints and now - st.since >= RELAY_PROBE_DWELL:
+            if st.candidate + 1 < len(st.endpoints) or now - st.relay_since < RELAY_PROBE_FREE:
+                st.candidate = (st.candidate + 1) % len(st.endpoints)
+                st.since = st.heard = now
+            else:
+                pause = min(RELAY_PAUSE_MAX, RELAY_PAUSE_FIRST * 2 ** min(st.pauses, 16))
+                st.pauses += 1
+                st.candidate, st.paused_until = 0, now + pause
         return []
 
     def _nudge_due(self, st: _Peer, now: float) -> float | None:
@@ -326,10 +353,13 @@ class PathSelector:
             if st.state == "relay":
                 hub_ips |= mesh
                 ep = _endpoint(st.endpoints[st.candidate]) if st.endpoints else None
+                probing = ep is not None and st.paused_until is None
                 peers.append(DesiredPeer(entry.public_key, frozenset(), ep,
-                                         KEEPALIVE if ep is not None else 0))
+                                         KEEPALIVE if probing else 0))
                 paths.append(PeerPath(entry.public_key, "relay", None, handshake))
-                if len(st.endpoints) > 1:
+                if st.paused_until is not None:
+                    deadlines.append(st.paused_until)
+                elif st.endpoints:
                     deadlines.append(st.since + RELAY_PROBE_DWELL)
             elif st.state == "trying":
                 ep = _endpoint(st.endpoints[st.candidate])

@@ -27,6 +27,7 @@ from agent._paths import (
     NUDGE_INTERVAL,
     REKEY_AFTER_TIME,
     REKEY_TIMEOUT,
+    RELAY_PROBE_FREE,
 )
 from mesh.control import PeerEntry, PeerMap
 from vpn import DesiredPeer, DeviceStatus, Endpoint, diff, generate_keypair
@@ -176,15 +177,62 @@ def test_nothing_received_walks_candidates_then_relays_and_probes() -> None:
     assert set(h.wg.peers[KEYS[1].public].allowed) == mesh(1)
 
 
-def test_single_candidate_relays_after_one_timeout_and_does_not_cycle() -> None:
+def test_single_candidate_relays_after_one_timeout_and_keeps_probing_it() -> None:
     h = Harness()
     pm = peermap(1, peer(1, A))
     h.tick(pm, 0.0)
     plan = h.tick(pm, DIRECT_TIMEOUT)
     assert path(plan, 1) == ("relay", None)
-    assert plan.next_deadline is None
-    plan = h.tick(pm, 500.0)
-    assert desired_peer(plan, KEYS[1].public).endpoint == Endpoint.parse(A)
+    assert plan.next_deadline == DIRECT_TIMEOUT + RELAY_PROBE_DWELL
+    plan = h.tick(pm, 100.0)
+    probe = desired_peer(plan, KEYS[1].public)
+    assert probe.endpoint == Endpoint.parse(A) and probe.persistent_keepalive == KEEPALIVE
+
+
+def test_a_relayed_peer_is_probed_in_rounds_with_pauses_that_double_up_to_an_hour() -> None:
+    """A probe with a keepalive and no session sends a handshake initiation every 5 s, ~135 KB
+    per hour per relayed peer (a device behind a symmetric NAT paid it for each of its peers,
+    and each peer for it): free probing for RELAY_PROBE_FREE, then a round of candidates and a
+    pause with no keepalive, 1, 2, 4 ... 60 minutes."""
+    h = Harness()
+    pm = peermap(1, peer(1, A, B))
+    h.tick(pm, 0.0)
+    h.tick(pm, DIRECT_TIMEOUT)
+    plan = h.tick(pm, 2 * DIRECT_TIMEOUT)
+    assert path(plan, 1) == ("relay", None)
+    start = 2 * DIRECT_TIMEOUT
+    silent: list[tuple[float, float]] = []  # (from, until) without a keepalive
+    quiet_from: float | None = None
+    t = start
+    while t < start + 6 * 3600:
+        assert plan.next_deadline is not None and plan.next_deadline > t
+        t = plan.next_deadline
+        plan = h.tick(pm, t)
+        probe = desired_peer(plan, KEYS[1].public)
+        assert probe.allowed_ips == frozenset() and path(plan, 1) == ("relay", None)
+        keepalive = probe.persistent_keepalive
+        if keepalive == 0 and quiet_from is None:
+            quiet_from = t
+        elif keepalive == KEEPALIVE and quiet_from is not None:
+            silent.append((quiet_from, t))
+            quiet_from = None
+    free_end = start + RELAY_PROBE_FREE  # a round (two dwells) ends at or after it
+    assert silent[0][0] == free_end
+    pauses = [until - since for since, until in silent]
+    assert pauses[:7] == [60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 3600.0]
+    assert set(pauses[7:]) == {3600.0}
+    # between two pauses, one round: each candidate for one dwell
+    rounds = [b[0] - a[1] for a, b in zip(silent, silent[1:], strict=False)]
+    assert set(rounds) == {2 * RELAY_PROBE_DWELL}
+
+    # The peer reaches us during a pause: direct at once, the pause is over.
+    while desired_peer(plan, KEYS[1].public).persistent_keepalive != 0:
+        assert plan.next_deadline is not None
+        t = plan.next_deadline
+        plan = h.tick(pm, t)
+    h.wg.receive(KEYS[1].public)
+    plan = h.tick(pm, t + 1.0)
+    assert path(plan, 1)[0] == "direct"
 
 
 def test_lan_neighbours_with_a_session_go_direct_without_a_new_handshake() -> None:
@@ -480,14 +528,14 @@ def test_status_without_private_key_is_handled() -> None:
 
 
 @pytest.mark.parametrize("n", [1, 3])
-def test_relay_deadline_only_with_several_candidates(n: int) -> None:
+def test_relay_deadline_is_the_end_of_the_candidates_dwell(n: int) -> None:
     h = Harness()
     eps = [A, B, "203.0.113.9:4000"][:n]
     pm = peermap(1, peer(1, *eps))
     for k in range(n + 1):
         plan = h.tick(pm, k * DIRECT_TIMEOUT)
     assert path(plan, 1) == ("relay", None)
-    assert plan.next_deadline == (None if n == 1 else n * DIRECT_TIMEOUT + RELAY_PROBE_DWELL)
+    assert plan.next_deadline == n * DIRECT_TIMEOUT + RELAY_PROBE_DWELL
 
 
 def test_direct_peer_stays_direct_when_the_map_forgets_its_endpoints() -> None:
