@@ -1,121 +1,207 @@
-"""What an idle device costs on its WAN link, and what those bytes are.
+"""What an idle device costs on its WAN link (issue 14), and what those bytes are.
 
-Used by `scripts/bench rollout`: over one idle window the routers' WAN counters give the
-figure the issue asks for (WAN bytes received per device per hour), and counting rules inside
-one device's namespace split that device's traffic (both directions) into the coordinator's API
-(peer-map long polls, reports, targets reads, all over TLS inside the tunnel), gossip (SWIM
-probes, push-pull, rumors), and what WireGuard adds on the underlay (framing, keepalives to the
-hub and to direct peers, handshakes every two minutes).
+    scripts/bench idle [--settle 120] [--seconds 900]
+
+The lab of the issue: two `firewall` LANs of three devices and one `symmetric` LAN of one device
+(relayed: no direct path through that NAT), the operator on the WAN, the whole fleet running
+(coordinator, agents with wireguard-go, gossip, LAN discovery). After `--settle` seconds (the
+start-up exchanges: first reports, targets, push-pulls, path punching) nothing is done for
+`--seconds`, and the bench prints:
+
+- per LAN, from its router's WAN interface counters: bytes received and sent per device per hour
+  (kB = 1000 bytes), their sum against the bar (20 kB/h per device, in + out; goal 10 kB/h) and
+  the month (30 days) it makes;
+- for the first device of each LAN, counting rules in its own namespace (both directions): its
+  LAN link split by the other end — the hub (WireGuard keepalives and handshakes with the hub,
+  the coordinator API and relayed traffic inside), LAN neighbours (free: never on the WAN), other
+  WAN addresses (direct peers on other LANs, relay probes) — and inside the tunnel, the
+  coordinator API and gossip.
+
+The split is the lab's count of the device's packets, not yet the device's own byte account.
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from agent._device import DEFAULT_IFNAME
 from agent._gossip import GOSSIP_PORT
-from lab import API_PORT, Lab
-from lab.rollout import outer_routers, rx_by_lan
+from lab import API_PORT, Lab, parse_topology, teardown_all, wait_online
+from lab.network import LabNetwork, Node
+from lab.rollout import outer_routers
 
 CHAIN: Final = "FM-BENCH-IDLE"  # lab-prefixed; only ever created inside a lab namespace
+BAR: Final = 20_000  # bytes per device per hour, in + out (issue 14)
+GOAL: Final = 10_000
+IDLE_TOPOLOGY: Final[dict[str, Any]] = {"operator": {"on": "wan"}, "lan": [
+    {"name": "lana", "nat": "firewall", "devices": 3},
+    {"name": "lanb", "nat": "firewall", "devices": 3},
+    {"name": "lanc", "nat": "symmetric", "devices": 1}]}
+
+
+def _rules(lab: LabNetwork, node: Node) -> list[tuple[str, list[str]]]:
+    """(part, iptables match) for INPUT and OUTPUT, each direction counted."""
+    assert node.lan is not None
+    subnet = lab.router(node.lan).lan_subnet
+    hub = next(n for n in lab.nodes if n.role == "coordinator").underlay_ipv4
+    api, gossip = str(API_PORT), str(GOSSIP_PORT)
+    out: list[tuple[str, list[str]]] = []
+    for way, other, port in (("-i", "-s", "--sport"), ("-o", "-d", "--dport")):
+        out += [
+            ("link", [way, node.iface]),
+            ("lan", [way, node.iface, other, subnet]),
+            ("hub", [way, node.iface, other, hub]),
+            ("api", [way, DEFAULT_IFNAME, "-p", "tcp", port, api]),
+            ("gossip", [way, DEFAULT_IFNAME, "-p", "tcp", "--sport", gossip]),
+            ("gossip", [way, DEFAULT_IFNAME, "-p", "tcp", "--dport", gossip]),
+        ]
+    return out
+
+
+class Counting:
+    """Counting rules (no target: each only counts, every packet meets all of them) in one
+    chain of a lab node, hooked into INPUT and OUTPUT; `close` removes them."""
+
+    def __init__(self, lab: LabNetwork, node: Node, rules: Sequence[tuple[str, list[str]]]):
+        self.lab, self.node, self.rules = lab, node, list(rules)
+        self._ipt("-N", CHAIN)
+        try:
+            for hook in ("INPUT", "OUTPUT"):
+                self._ipt("-I", hook, "-j", CHAIN)
+            for _, match in self.rules:
+                self._ipt("-A", CHAIN, *match)
+        except BaseException:
+            self.close()
+            raise
+
+    def _ipt(self, *argv: str) -> str:
+        r = self.lab.run(self.node, ["iptables", "-w", *argv], capture_output=True, text=True,
+                         timeout=30)
+        if r.returncode != 0:
+            raise RuntimeError(f"iptables {' '.join(argv)} in {self.node.name}: "
+                               f"{r.stderr.strip()}")
+        return str(r.stdout)
+
+    def zero(self) -> None:
+        self._ipt("-Z", CHAIN)
+
+    def read(self) -> dict[str, int]:
+        """Bytes per part since the last `zero`."""
+        counted: list[int] = []
+        for line in self._ipt("-L", CHAIN, "-v", "-x", "-n").splitlines()[2:]:
+            fields = line.split()
+            if fields and fields[0].isdigit():
+                counted.append(int(fields[1]))
+        if len(counted) != len(self.rules):
+            raise RuntimeError(f"expected {len(self.rules)} counting rules, read {len(counted)}")
+        total: dict[str, int] = {}
+        for (part, _), n in zip(self.rules, counted, strict=True):
+            total[part] = total.get(part, 0) + n
+        return total
+
+    def close(self) -> None:
+        for hook in ("INPUT", "OUTPUT"):
+            self.lab.run(self.node, ["iptables", "-w", "-D", hook, "-j", CHAIN],
+                         capture_output=True)
+        self.lab.run(self.node, ["iptables", "-w", "-F", CHAIN], capture_output=True)
+        self.lab.run(self.node, ["iptables", "-w", "-X", CHAIN], capture_output=True)
 
 
 @dataclass(frozen=True, slots=True)
-class IdleBreakdown:
+class IdleCost:
     seconds: float
-    devices: int
-    wan_rx: int  # bytes all LAN routers received on their WAN links
-    api: int  # the sampled device, both directions, inner (TCP over the tunnel)
-    gossip: int
-    inner: int  # everything through the tunnel
-    underlay: int  # everything on the device's LAN interface
+    devices: dict[str, int]  # LAN -> devices on it
+    wan: dict[str, tuple[int, int]]  # LAN -> (received, sent) on its router's WAN interface
+    sampled: dict[str, tuple[str, dict[str, int]]]  # LAN -> (device, bytes per part)
 
-    def per_hour(self, n: int) -> float:
+    def hourly(self, n: int) -> float:
         return n * 3600 / self.seconds
 
-    @property
-    def wan_rx_per_device_hour(self) -> float:
-        return self.per_hour(self.wan_rx) / max(1, self.devices)
+    def per_device(self, lan: str) -> tuple[float, float]:
+        rx, tx = self.wan[lan]
+        n = max(1, self.devices[lan])
+        return self.hourly(rx) / n, self.hourly(tx) / n
 
-    def lines(self, device: str) -> list[str]:
-        def kib(n: int) -> str:
-            return f"{self.per_hour(n) / 1024:.0f} KiB/h"
+    def worst(self) -> float:
+        return max(sum(self.per_device(lan)) for lan in self.wan)
 
-        under = max(1, self.underlay)
-        wg = max(0, self.underlay - self.inner)
-        other = max(0, self.inner - self.api - self.gossip)
-        return [
-            f"idle over {self.seconds:.0f} s: WAN received {self.wan_rx_per_device_hour / 1024:.0f}"
-            f" KiB per device per hour (routers' counters; "
-            f"{self.wan_rx_per_device_hour * 24 * 30 / 2**20:.1f} MiB per device per month)",
-            f"  {device}, both directions on its LAN link: {kib(self.underlay)} = coordinator API "
-            f"{kib(self.api)} ({self.api / under:.0%}), gossip {kib(self.gossip)} "
-            f"({self.gossip / under:.0%}), other tunnel traffic {kib(other)} "
-            f"({other / under:.0%}), WireGuard framing+keepalives+handshakes {kib(wg)} "
-            f"({wg / under:.0%})"]
-
-
-def _rules(iface: str) -> list[tuple[str, list[str]]]:
-    """(name, iptables match) for INPUT and OUTPUT, each counted both ways."""
-    api, gossip = str(API_PORT), str(GOSSIP_PORT)
-    return [
-        ("api", ["-i", DEFAULT_IFNAME, "-p", "tcp", "--sport", api]),
-        ("api", ["-o", DEFAULT_IFNAME, "-p", "tcp", "--dport", api]),
-        ("gossip", ["-i", DEFAULT_IFNAME, "-p", "tcp", "--sport", gossip]),
-        ("gossip", ["-i", DEFAULT_IFNAME, "-p", "tcp", "--dport", gossip]),
-        ("gossip", ["-o", DEFAULT_IFNAME, "-p", "tcp", "--sport", gossip]),
-        ("gossip", ["-o", DEFAULT_IFNAME, "-p", "tcp", "--dport", gossip]),
-        ("inner", ["-i", DEFAULT_IFNAME]),
-        ("inner", ["-o", DEFAULT_IFNAME]),
-        ("underlay", ["-i", iface]),
-        ("underlay", ["-o", iface]),
-    ]
+    def lines(self) -> list[str]:
+        out = [f"idle over {self.seconds:.0f} s (routers' WAN counters, kB = 1000 B):"]
+        for lan in self.wan:
+            rx, tx = self.per_device(lan)
+            out.append(
+                f"  {lan} ({self.devices[lan]} device{'s' * (self.devices[lan] != 1)}): "
+                f"{(rx + tx) / 1000:7.1f} kB/h per device = in {rx / 1000:.1f} + out "
+                f"{tx / 1000:.1f}; {(rx + tx) * 24 * 30 / 1e6:.1f} MB per month; "
+                f"x{(rx + tx) / BAR:.2f} of the bar ({BAR // 1000} kB/h)")
+        for device, parts in self.sampled.values():
+            h = {k: self.hourly(v) / 1000 for k, v in parts.items()}
+            other = h["link"] - h["lan"] - h["hub"]
+            out.append(
+                f"  {device} (both ways on its LAN link, kB/h): {h['link']:.1f} = hub "
+                f"{h['hub']:.1f} + LAN neighbours {h['lan']:.1f} (free) + other WAN "
+                f"{other:.1f}; inside the tunnel: coordinator API {h['api']:.1f}, gossip "
+                f"{h['gossip']:.1f}")
+        verdict = "met" if self.worst() <= BAR else "missed"
+        out.append(f"issue 14 idle bar: {verdict} (worst LAN {self.worst() / 1000:.1f} kB/h per "
+                   f"device; goal {GOAL // 1000} kB/h)")
+        return out
 
 
-def measure_idle_breakdown(lab: Lab, device: str, seconds: float) -> IdleBreakdown:
-    node = lab.node(device)
-    rules = _rules(node.iface)
-
-    def ipt(*argv: str) -> str:
-        r = lab.run(node, ["iptables", "-w", *argv], capture_output=True, text=True, timeout=30)
-        if r.returncode != 0:
-            raise RuntimeError(f"iptables {' '.join(argv)} in {device}: {r.stderr.strip()}")
-        return str(r.stdout)
-
-    ipt("-N", CHAIN)
+def measure(lab: LabNetwork, seconds: float) -> IdleCost:
+    routers = outer_routers(lab)
+    devices = {lan: sum(1 for d in lab.devices if d.lan == lan) for lan in routers}
+    first: dict[str, Node] = {}
+    for d in lab.devices:
+        if d.lan is not None:
+            first.setdefault(d.lan, d)
+    counters: dict[str, Counting] = {}
     try:
-        for hook in ("INPUT", "OUTPUT"):
-            ipt("-I", hook, "-j", CHAIN)
-        for i, (_, match) in enumerate(rules):
-            # no target: each rule only counts, and every packet meets all of them
-            ipt("-A", CHAIN, *match, "-m", "comment", "--comment", f"r{i}")
-        routers = outer_routers(lab)
-        ipt("-Z", CHAIN)
-        before, t0 = rx_by_lan(lab, routers), time.monotonic()
+        for lan, node in first.items():
+            counters[lan] = Counting(lab, node, _rules(lab, node))
+        for c in counters.values():
+            c.zero()
+        before, t0 = {lan: lab.wan_counters(r) for lan, r in routers.items()}, time.monotonic()
         time.sleep(seconds)
-        after, t1 = rx_by_lan(lab, routers), time.monotonic()
-        counted = _read(ipt("-L", CHAIN, "-v", "-x", "-n"), len(rules))
+        after, t1 = {lan: lab.wan_counters(r) for lan, r in routers.items()}, time.monotonic()
+        sampled = {lan: (first[lan].name, c.read()) for lan, c in counters.items()}
     finally:
-        for hook in ("INPUT", "OUTPUT"):
-            lab.run(node, ["iptables", "-w", "-D", hook, "-j", CHAIN], capture_output=True)
-        lab.run(node, ["iptables", "-w", "-F", CHAIN], capture_output=True)
-        lab.run(node, ["iptables", "-w", "-X", CHAIN], capture_output=True)
-    total = {"api": 0, "gossip": 0, "inner": 0, "underlay": 0}
-    for (name, _), n in zip(rules, counted, strict=True):
-        total[name] += n
-    return IdleBreakdown(t1 - t0, len(lab.devices), sum(after.values()) - sum(before.values()),
-                         total["api"], total["gossip"], total["inner"], total["underlay"])
+        for c in counters.values():
+            c.close()
+    wan = {lan: (after[lan][0] - before[lan][0], after[lan][1] - before[lan][1])
+           for lan in routers}
+    return IdleCost(t1 - t0, devices, wan, sampled)
 
 
-def _read(listing: str, n: int) -> list[int]:
-    """Byte counters of the chain's rules, in order (iptables -L -v -x -n)."""
-    out: list[int] = []
-    for line in listing.splitlines()[2:]:
-        fields = line.split()
-        if fields and fields[0].isdigit():
-            out.append(int(fields[1]))
-    if len(out) != n:
-        raise RuntimeError(f"expected {n} counting rules, read {len(out)}")
-    return out
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="scripts/bench idle", description=__doc__.split("\n")[0])
+    p.add_argument("--settle", type=float, default=120.0,
+                   help="seconds after every device is online before counting (default 120)")
+    p.add_argument("--seconds", type=float, default=900.0,
+                   help="seconds of idle counted (default 900)")
+    args = p.parse_args(argv)
+    if args.settle < 0 or args.seconds < 10:
+        print("bench.idle: --settle must be >= 0 and --seconds >= 10", file=sys.stderr)
+        return 2
+    if Lab.is_up():
+        print("bench.idle: a lab is up; run `fleetmesh-lab down` first", file=sys.stderr)
+        return 2
+    lab = Lab.up(parse_topology(IDLE_TOPOLOGY, source="bench/idle.py"), network_only=False)
+    try:
+        wait_online(lab, [d.name for d in lab.devices], 120)
+        time.sleep(args.settle)
+        cost = measure(lab, args.seconds)
+    finally:
+        teardown_all()
+    for line in cost.lines():
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

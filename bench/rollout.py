@@ -1,5 +1,5 @@
 """WAN bytes of a release rollout on a real lab, LAN-first sharing against every device
-fetching from the coordinator, and the idle cost of the mesh.
+fetching from the coordinator. The idle cost of the mesh is `scripts/bench idle` (bench/idle.py).
 
     python -m bench.rollout [--size BYTES]
     python -m bench.rollout --realistic [--uplink 4mbit ...] [--cross-lan off|on|both]
@@ -16,10 +16,7 @@ ratio line per acceptance item. --cross-lan on gives every LAN `seed_ratio` and
 Two labs, one after the other: 3 home-router LANs x 4 devices, 4 Mbit/s uplinks, the whole
 fleet running (coordinator, agents with wireguard-go, gossip, LAN discovery). For each: the WAN
 bytes each LAN's router received while a synthetic release of B incompressible bytes rolled out,
-minus what the LAN receives idle over the same time (measured just before), as a multiple of B;
-and, in the sharing lab before the rollout, the idle figure itself over a longer window
-(`--idle-seconds`, default 600: several of every periodic exchange) as WAN bytes per device per
-hour, with what one device's bytes are (bench/idle.py).
+minus what the LAN receives idle over the same time (measured just before), as a multiple of B.
 """
 
 from __future__ import annotations
@@ -33,12 +30,10 @@ from lab.realimage import APP_NAME, PORT, build_in_lab
 from lab.rollout import ImageRollout, image_topology, rollout, rollout_image
 from lab.topology import parse_rate
 
-from .idle import measure_idle_breakdown
-
 LANS = ("lana", "lanb", "lanc")
 
 
-def one(peer_sharing: bool, size: int, idle_seconds: float) -> None:
+def one(peer_sharing: bool, size: int) -> None:
     topo = parse_topology({"agents": {"peer_sharing": peer_sharing}, "lan": [
         {"name": n, "nat": "firewall", "devices": 4, "uplink": "4mbit"} for n in LANS]},
         source="bench/rollout.py")
@@ -46,10 +41,6 @@ def one(peer_sharing: bool, size: int, idle_seconds: float) -> None:
     try:
         wait_online(lab, [d.name for d in lab.devices], 60)
         time.sleep(10)  # LAN discovery
-        idle = None
-        if idle_seconds > 0:
-            time.sleep(30)  # past the start-up exchanges (first reports, targets, push-pulls)
-            idle = measure_idle_breakdown(lab, lab.devices[0].name, idle_seconds)
         r = rollout(lab, version=1, size=size)
     finally:
         teardown_all()
@@ -57,9 +48,6 @@ def one(peer_sharing: bool, size: int, idle_seconds: float) -> None:
     ratios = ", ".join(f"{lan} x{r.ratio(lan):.2f}" for lan in LANS)
     print(f"{label:22} release {r.release_bytes} B in {r.seconds:5.1f} s; WAN bytes per LAN / B:"
           f" {ratios}")
-    if idle is not None:
-        for line in idle.lines(lab.devices[0].name):
-            print(f"{'':22} {line}")
     sys.stdout.flush()
 
 
@@ -98,8 +86,6 @@ def realistic(uplink: str, cross_lan: bool, seed_ratio: float, cap: float
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.rollout")
     p.add_argument("--size", type=int, default=1_500_000)
-    p.add_argument("--idle-seconds", type=float, default=600.0,
-                   help="idle window of the sharing lab (0: skip)")
     p.add_argument("--realistic", action="store_true",
                    help="the real image (issue 12) instead of the synthetic release")
     p.add_argument("--uplink", action="append",
@@ -129,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                     failed += bool(r.failures(30.0 if parse_rate(uplink) <= 1_000_000 else None))
         print(f"issue 12 acceptance: {'met' if not failed else f'{failed} run(s) miss it'}")
         return 0
-    one(True, args.size, args.idle_seconds)
-    one(False, args.size, 0)
+    one(True, args.size)
+    one(False, args.size)
     return 0
 
 
