@@ -131,7 +131,12 @@ SCHEMAS: dict[str, Any] = {
                     relay_ips={"type": "array", "items": _STR},
                     targets={"type": "integer",
                              "description": "revision of this device's release targets: "
-                                            "read /device/target again when it changes"}),
+                                            "read /device/target again when it changes"},
+                    punch={"type": "object", "additionalProperties": {"type": "integer",
+                                                                       "minimum": 0},
+                           "description": "peers that asked for a direct path to this "
+                                          "device, each with a stamp that grows with every "
+                                          "request: punch to them again when it changes"}),
     "PeerPath": _obj(["public_key", "path"], public_key=_STR,
                      path={"enum": ["direct", "relay", "none"]}, endpoint=_STRN,
                      last_handshake=_NUMN),
@@ -260,6 +265,12 @@ def openapi_document() -> dict[str, Any]:
             "summary": "report LAN candidates, version, per-peer paths, apps and misbehaving peers",
             "security": _DEVICE, "requestBody": _body(_ref("DeviceReport")),
             "responses": {"204": {"description": "recorded"}, **_ERRORS}}},
+        "/api/v1/device/punch": {"post": {
+            "summary": "ask a peer of the fleet to punch a direct path to this device now (its "
+                       "map names the requester with a new stamp; at most one per 10 s per "
+                       "pair is passed on)",
+            "security": _DEVICE, "requestBody": _body(_obj(["peer"], peer=_DEV)),
+            "responses": {"204": {"description": "passed on (or coalesced)"}, **_ERRORS}}},
         "/api/v1/tokens": {"post": {
             "summary": "create an enrollment token", "security": _OPERATOR,
             "requestBody": _body(_ref("TokenRequest")),

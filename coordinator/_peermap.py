@@ -59,6 +59,9 @@ class PeerMapCore:
         # peer map, so the agent reads its targets on change instead of polling them often.
         self._targets: dict[str, int] = {}
         self._targets_seq = 0
+        # viewer -> {peer that asked for a direct path to it: stamp}; bounded by the fleet
+        self._punch: dict[str, dict[str, int]] = {}
+        self._punch_seq = 0
         self.marks = 0  # devices marked so far: the work counter the O(N) tests watch
 
     # -- reading ---------------------------------------------------------------------------
@@ -102,7 +105,7 @@ class PeerMapCore:
         peers = tuple(self._entry(viewer, self._members[n])
                       for n in sorted(self._fleets[viewer.fleet]) if n != name)
         return PeerMap(self.version(name), self.hub, peers, self._relay_ips,
-                       self._targets.get(name, 0))
+                       self._targets.get(name, 0), tuple(sorted(self._punch.get(name, {}).items())))
 
     def render(self, name: str) -> bytes:
         """`build(name).to_json()` as JSON bytes, from per-member fragments that are shared by
@@ -123,7 +126,8 @@ class PeerMapCore:
             same_nat = viewer.public_ip is not None and viewer.public_ip == peer.public_ip
             parts.append(frag[1] if same_nat and frag[1] is not None else frag[0])
         head: dict[str, Any] = {"version": self.version(name), "hub": self.hub.to_json(),
-                                "targets": self._targets.get(name, 0)}
+                                "targets": self._targets.get(name, 0),
+                                "punch": dict(sorted(self._punch.get(name, {}).items()))}
         return (json.dumps(head)[:-1] + ', "peers": [' + ", ".join(parts) + '], "relay_ips": '
                 + json.dumps(list(self._relay_ips)) + "}").encode()
 
@@ -172,6 +176,9 @@ class PeerMapCore:
         self._pending.discard(name)
         self._published.pop(name, None)
         self._targets.pop(name, None)
+        self._punch.pop(name, None)
+        for n in fleet:
+            self._punch.get(n, {}).pop(name, None)
         self._mark(fleet)
 
     def set_public(self, name: str, endpoint: str | None, ip: str | None = None) -> bool:
@@ -218,6 +225,18 @@ class PeerMapCore:
             self._targets[n] = self._targets_seq
         self._mark(chosen)
         return len(chosen)
+
+    def punch(self, requester: str, peer: str) -> bool:
+        """`requester` wants a direct path to `peer` now (its lazy path woke up, docs/
+        metered.md): `peer`'s map names it with a new stamp. False if they are not two
+        members of one fleet."""
+        a, b = self._members.get(requester), self._members.get(peer)
+        if a is None or b is None or a.fleet != b.fleet or requester == peer:
+            return False
+        self._punch_seq += 1
+        self._punch.setdefault(peer, {})[requester] = self._punch_seq
+        self._mark((peer,))
+        return True
 
     def set_relay_ips(self, relay_ips: Iterable[str]) -> bool:
         ips = tuple(relay_ips)

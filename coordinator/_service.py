@@ -23,6 +23,7 @@ from mesh.control import (
     MAX_LOG_LINES,
     MAX_PEERS,
     AppStatus,
+    ControlError,
     DeviceReport,
     Enrollment,
     EnrollRequest,
@@ -62,6 +63,10 @@ log = logging.getLogger("fleetmesh.coordinator")
 ONLINE_WINDOW: Final = 60.0  # s: a hub handshake (WireGuard rekeys every 120 s; devices keep
 #                              a 25 s keepalive) or a report within this counts as online
 BATCH_WINDOW: Final = 0.2  # s: coalesce a burst so both sides of a pair hear it together
+# One punch request per (device, peer) is passed on per this many seconds; more within it are
+# answered but change nothing: a device cannot make its peers' maps churn (each new map is a
+# long-poll answer over the peer's metered link).
+PUNCH_SPACING: Final = 10.0
 # An update lock held longer than this is shown as stale (issue 6); an hour covers a long
 # recording or call, which is what apps hold their lock for.
 LOCK_STALE_AFTER: Final = 3600.0
@@ -236,6 +241,7 @@ class FleetService:
         # enrollment challenges: nonce -> (device name, public key, expiry)
         self._challenges: dict[str, tuple[str, str, float]] = {}
         self._dirty = trio.Event()
+        self._punch_at: dict[tuple[str, str], float] = {}  # (requester, peer) -> last passed on
         for d in store.list_devices():
             if d.state is DeviceState.ACTIVE:
                 self._add_member(d, None)
@@ -464,6 +470,25 @@ class FleetService:
             # public-IP evidence there is (it decides who shares a NAT, hence LAN endpoints).
             self.core.set_public(device.name, None, ip=client_ip)
         self._changed()
+
+    def punch(self, device: Device, peer: str) -> None:
+        """`device` wants a direct path to `peer` of its fleet now: `peer` hears it in its next
+        map (PeerMapCore.punch), at most once per PUNCH_SPACING per pair."""
+        if peer == device.name:
+            raise ControlError("peer: a device cannot punch to itself")
+        member = self.core.member(peer)
+        if member is None or member.fleet != device.fleet:
+            raise NotFound(f"no active device {peer!r} in fleet {device.fleet!r}")
+        now = self.settings.clock()
+        pair = (device.name, peer)
+        if now - self._punch_at.get(pair, float("-inf")) < PUNCH_SPACING:
+            return
+        if len(self._punch_at) >= 4 * self.settings.max_fleet_devices:
+            self._punch_at = {k: t for k, t in self._punch_at.items()
+                              if now - t < PUNCH_SPACING}
+        self._punch_at[pair] = now
+        if self.core.punch(device.name, peer):
+            self._changed()
 
     def upload_logs(self, device: Device, upload: LogUpload) -> None:
         """Store the lines within the device's log rate; the rest are dropped, counted in the

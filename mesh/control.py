@@ -315,6 +315,10 @@ class PeerMap:
     `relay_ips` are mesh addresses always reached through the hub (operator workstations).
     `targets` is the revision of the device's release targets: when it changes, the agent reads
     /device/target again (so it need not poll that often; docs/gossip.md "Idle cost").
+    `punch` names the peers that asked (POST /device/punch) for a direct path to this device,
+    each with a stamp that grows with every new request: a device whose path to such a peer
+    went lazy (no keepalives, docs/metered.md) punches again at once, so that both sides send
+    at the same time, which is what opens two NATs.
     """
 
     version: int
@@ -322,11 +326,12 @@ class PeerMap:
     peers: tuple[PeerEntry, ...] = ()
     relay_ips: tuple[str, ...] = ()
     targets: int = 0
+    punch: tuple[tuple[str, int], ...] = ()  # (peer name, stamp), sorted by name
 
     def to_json(self) -> dict[str, Any]:
         return {"version": self.version, "hub": self.hub.to_json(),
                 "peers": [p.to_json() for p in self.peers], "relay_ips": list(self.relay_ips),
-                "targets": self.targets}
+                "targets": self.targets, "punch": dict(self.punch)}
 
     @classmethod
     def from_json(cls, obj: Any) -> PeerMap:
@@ -343,9 +348,16 @@ class PeerMap:
             except (ValueError, TypeError):
                 raise ControlError(f"{w}.relay_ips[{i}]: not an IP network") from None
         targets = _get(obj, "targets", int, w, optional=True) or 0
+        punch = _get(obj, "punch", dict, w, optional=True) or {}
+        if len(punch) > MAX_PEERS:
+            raise ControlError(f"{w}.punch: more than {MAX_PEERS}")
+        for name, stamp in punch.items():
+            check_name(name, f"{w}.punch")
+            if not isinstance(stamp, int) or isinstance(stamp, bool) or stamp < 0:
+                raise ControlError(f"{w}.punch.{name}: must be a non-negative integer")
         return cls(_get(obj, "version", int, w), HubInfo.from_json(_get(obj, "hub", dict, w)),
                    tuple(PeerEntry.from_json(p, f"{w}.peers[{i}]") for i, p in enumerate(peers)),
-                   tuple(str(r) for r in relay), targets)
+                   tuple(str(r) for r in relay), targets, tuple(sorted(punch.items())))
 
 
 # --------------------------------------------------------------------------- device state

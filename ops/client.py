@@ -802,6 +802,10 @@ class DeviceClient:
     async def report(self, report: DeviceReport) -> None:
         await self._request("POST", "/device/state", 204, 200, json=report.to_json())
 
+    async def punch(self, peer: str) -> None:
+        """Ask `peer` (of this device's fleet) to punch a direct path to us now."""
+        await self._request("POST", "/device/punch", 204, 200, json={"peer": peer})
+
     def _transfer_timeout(self) -> httpx.Timeout:
         t = max(self._timeout, TRANSFER_TIMEOUT)
         return httpx.Timeout(self._timeout, read=t, write=t)

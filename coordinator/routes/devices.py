@@ -69,6 +69,13 @@ async def state(request: Request, service: FleetService, dev: Device) -> Respons
     return Response(status_code=204)
 
 
+@device()
+async def punch(request: Request, service: FleetService, dev: Device) -> Response:
+    peer = check_name(json_field(await read_json(request), "peer", str), "peer")
+    service.punch(dev, peer)
+    return Response(status_code=204)
+
+
 # --------------------------------------------------------------------------- operator side
 
 
@@ -129,6 +136,7 @@ ROUTES: Final = [
     Route("/api/v1/enroll", enroll, methods=["POST"]),
     Route("/api/v1/device/peermap", peermap, methods=["GET"]),
     Route("/api/v1/device/state", state, methods=["POST"]),
+    Route("/api/v1/device/punch", punch, methods=["POST"]),
     Route("/api/v1/devices", by_method({"GET": list_devices, "POST": provision}),
           methods=["GET", "POST"]),
     Route("/api/v1/devices/{name}", device_info, methods=["GET"]),

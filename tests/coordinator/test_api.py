@@ -325,3 +325,37 @@ async def test_device_list_shows_when_each_device_last_reported(tmp_path: Path) 
         listed = (await h.op.get("/api/v1/devices")).json()["devices"]
         assert [d["last_report"] for d in listed] == [now[0]]
         assert (await h.op.get("/api/v1/devices/cam-1")).json()["last_report"] == now[0]
+
+
+async def test_a_punch_request_wakes_the_peers_long_poll_and_is_spaced(h: Harness) -> None:
+    a = await h.enroll("a")
+    b = await h.enroll("b")
+    await trio.sleep(0.2)
+    vb = (await b.client.get("/api/v1/device/peermap", params={"wait": 0})).json()["version"]
+    answers: list[PeerMap] = []
+
+    async def poll(version: int) -> None:
+        r = await b.client.get("/api/v1/device/peermap", params={"version": version, "wait": 20})
+        assert r.status_code == 200
+        answers.append(PeerMap.from_json(r.json()))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(poll, vb)
+            await trio.sleep(0.1)
+            r = await a.client.post("/api/v1/device/punch", json={"peer": "b"})
+            assert r.status_code == 204
+    assert [name for name, _ in answers[0].punch] == ["a"]
+    # within the spacing a second request is answered but changes nothing
+    r = await a.client.post("/api/v1/device/punch", json={"peer": "b"})
+    assert r.status_code == 204
+    await trio.sleep(0.3)
+    r = await b.client.get("/api/v1/device/peermap",
+                           params={"version": answers[0].version, "wait": 0})
+    assert r.status_code == 304
+    # bad requests: one clear line each
+    for body, status in (({"peer": "nobody"}, 404), ({"peer": "a"}, 400),
+                         ({"peer": "B!"}, 400), ({}, 400), ([], 400)):
+        r = await a.client.post("/api/v1/device/punch", json=body)
+        assert r.status_code == status, (body, r.text)
+        assert "error" in r.json()

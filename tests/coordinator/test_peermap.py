@@ -197,3 +197,30 @@ def test_target_changes_reach_devices_through_their_maps() -> None:
     assert core.publish() == set()
     # what devices fetch carries it
     assert PeerMap.from_json(json.loads(core.render("d0"))).targets == core.build("d0").targets
+
+
+def test_a_punch_request_reaches_only_the_peer_with_a_growing_stamp() -> None:
+    core = PeerMapCore(HUB)
+    for i in range(3):
+        core.add(member(i))
+    core.add(member(3, fleet="other"))
+    core.publish()
+    before = {n: core.version(n) for n in ("d0", "d1", "d2", "d3")}
+    assert core.build("d1").punch == ()
+    assert core.punch("d0", "d1")
+    assert core.publish() == {"d1"}  # only the asked peer's map changes
+    assert core.version("d0") == before["d0"] and core.version("d2") == before["d2"]
+    first = dict(core.build("d1").punch)["d0"]
+    assert core.punch("d0", "d1") and core.punch("d2", "d1")
+    core.publish()
+    again = dict(core.build("d1").punch)
+    assert again["d0"] > first and set(again) == {"d0", "d2"}
+    assert PeerMap.from_json(json.loads(core.render("d1"))).punch == core.build("d1").punch
+    # never across fleets, never to itself, never for a stranger
+    assert not core.punch("d0", "d3") and not core.punch("d0", "d0")
+    assert not core.punch("zz", "d1") and not core.punch("d0", "zz")
+    # a requester that leaves is forgotten, and so is the map of one that leaves
+    core.remove("d0")
+    assert dict(core.build("d1").punch) == {"d2": again["d2"]}
+    core.remove("d1")
+    assert core.punch("d2", "d1") is False
