@@ -40,7 +40,7 @@ from ._datadir import DataDir, Identity
 from ._gossip import GossipNode
 from ._lan import LanPeerJoin, run_lan_discovery
 from ._link import ClientFactory, CoordinatorLink, Log, one_line
-from ._paths import PathSelector
+from ._paths import LAZY_AFTER, PathSelector
 from ._release_sync import GossipSettings, ReleaseSync
 from ._rotation import RootWatch
 from ._uploads import REPORT_INTERVAL, Reporter
@@ -56,6 +56,7 @@ class Intervals:
     reconcile: float = RECONCILE_INTERVAL
     report: float = REPORT_INTERVAL
     poll_wait: int = POLL_WAIT
+    lazy_after: float = LAZY_AFTER  # agent/_paths.py; 0: every direct path keeps its keepalive
 
 
 def stderr_log(message: str) -> None:
@@ -101,12 +102,14 @@ class Agent:
         rng = rng or random.Random()
         enrollment = self.identity.enrollment
         self.wg = WireGuardSync(
-            self.data, PathSelector(private_key, enrollment.hub, self.wg_port), enrollment,
+            self.data, PathSelector(private_key, enrollment.hub, self.wg_port,
+                                    lazy_after=intervals.lazy_after), enrollment,
             clock=clock, log=log, nudge=nudge, reconcile_interval=intervals.reconcile,
             poll_wait=intervals.poll_wait, on_peermap=self._on_peermap,
             on_paths=self._report_now)
         self.link = CoordinatorLink(self.identity, client_factory, hub_up=self.wg.hub_up,
                                     log=log, rng=rng)
+        self.link.reachability.append(self.wg.coordinator_reachable)
         self.reporter = Reporter(self.link, self.report, log, intervals.report)
         self.releases: ReleaseSync | None = None
         # LAN discovery's neighbours reach the node only once joined with the peer map: a

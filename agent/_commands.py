@@ -33,11 +33,12 @@ from mesh.tlspin import PinError
 from vpn import WireGuardGoError, generate_keypair, public_key_from_private
 from vpn._link import check_ifname
 
-from ._agent import Agent, BackendFactory, stderr_log
+from ._agent import Agent, BackendFactory, Intervals, stderr_log
 from ._datadir import DataDir, DataDirError, Identity
 from ._device import DEFAULT_IFNAME, DEFAULT_WG_PORT, WireGuardGoDevice, lan_endpoints
 from ._gossip import GOSSIP_PORT
 from ._link import ClientFactory
+from ._paths import LAZY_AFTER
 from ._release_sync import ApplySettings, GossipSettings
 
 MAX_CONFIG_BYTES: Final = 64 * 1024
@@ -93,6 +94,13 @@ def _seed_ratio(text: str) -> float:
     if _RATIO_RE.fullmatch(text) is None:
         raise argparse.ArgumentTypeError(
             f"not a seed ratio (a number >= 0 in ASCII digits, e.g. 0.5): {text!r}")
+    return float(text)
+
+
+def _seconds(text: str) -> float:
+    if _RATIO_RE.fullmatch(text) is None or float(text) > 86400:
+        raise argparse.ArgumentTypeError(
+            f"not a number of seconds from 0 to 86400 in ASCII digits: {text!r}")
     return float(text)
 
 
@@ -317,8 +325,11 @@ def _run(args: argparse.Namespace) -> int:
                                 ApplySettings(docker_host=args.docker_host))
     try:
         backend = real_backend_factory(args.interface, args.wg_mount_namespace)
+        lazy = args.lazy_after if args.lazy_after is not None else \
+            (0.0 if args.gossip_profile == "lan" else LAZY_AFTER)
         agent = Agent(data, backend, sdk_client_factory(),
-                      wg_port=port, lan_endpoints=lan, gossip=gossip)
+                      wg_port=port, lan_endpoints=lan, gossip=gossip,
+                      intervals=Intervals(lazy_after=lazy))
     except DataDirError as exc:
         raise _data_error(exc, data) from None
     agent.log(f"{enrollment.name} in fleet {enrollment.fleet}, mesh {enrollment.mesh_ipv4}, "
@@ -370,6 +381,10 @@ def add_run_parser(sub: Any) -> None:
                    help="membership pace: metered (default; memberlist's WAN probe timings, "
                         "push-pull every 120 s) or lan (memberlist's LAN defaults: faster to "
                         "notice a dead device, ~5x the idle traffic)")
+    p.add_argument("--lazy-after", type=_seconds, default=None, metavar="SECONDS",
+                   help=f"a direct path to a peer behind another NAT that carries nothing but "
+                        f"keepalives this long stops its keepalives until traffic wakes it "
+                        f"(default {LAZY_AFTER:g} with the metered profile, 0 = never with lan)")
     p.add_argument("--no-apply", action="store_true",
                    help="fetch releases but do not run them on Docker (no engine needed)")
     p.add_argument("--docker-host", metavar="URL", default=None,

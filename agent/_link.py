@@ -65,6 +65,8 @@ class DeviceApi(Protocol):
 
     async def report(self, report: DeviceReport) -> None: ...
 
+    async def punch(self, peer: str) -> None: ...
+
     # the JSON entries of `GET /device/target`; the link validates them (DeviceTarget)
     async def targets(self) -> Sequence[Mapping[str, object]]: ...
 
@@ -178,6 +180,9 @@ class CoordinatorLink:
 
     async def report(self, report: DeviceReport) -> None:
         await self.call(lambda c: c.report(report), CALL_TIMEOUT)
+
+    async def punch(self, peer: str) -> None:
+        await self.call(lambda c: c.punch(peer), CALL_TIMEOUT)
 
     async def targets(self) -> list[DeviceTarget]:
         """The coordinator's targets, validated; an entry that is not (or names an app twice,

@@ -125,7 +125,23 @@ NUDGE_AFTER: Final = REKEY_AFTER_TIME + KEEPALIVE_TIMEOUT
 # moved peer is usually caught sooner: its new endpoint changes the peer map.
 DIRECT_IDLE: Final = NUDGE_AFTER + NUDGE_INTERVAL + KEEPALIVE_TIMEOUT
 
-PathState = Literal["trying", "direct", "relay"]
+# A direct path to a peer behind another NAT that carried nothing but keepalives and
+# handshakes this long goes lazy: no keepalive, so an idle pair sends nothing at all over the
+# WAN (each keepalive-held pair cost ~20 kB/h: a keepalive every 25 s and, as keepalives are
+# traffic, a handshake every REKEY_AFTER_TIME). Traffic wakes it: `trying` at once, and the
+# peer is asked through the coordinator to punch too (both sides must send for two NATs to
+# open). 0 turns laziness off.
+LAZY_AFTER: Final = 120.0
+# Quiet is judged over windows of this length: at most QUIET_BYTES (both ways) in one, which
+# keepalives both ways (2 x 2 x 32 B), a handshake (148 + 92 B) and one retry stay under.
+QUIET_WINDOW: Final = 30.0
+QUIET_BYTES: Final = 600
+# More than this sent on a lazy peer's entry within one reconcile tick is traffic that wants
+# the peer: a handshake initiation (148 B, the session has expired) or a data packet (a ping is
+# 144 B on the wire); a handshake *response* to the peer's late rekey (92 B) is not.
+LAZY_WAKE_BYTES: Final = 100
+
+PathState = Literal["trying", "direct", "relay", "lazy"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +162,8 @@ class PathChange:
             return f"peer {self.name}: trying {self.endpoint}{tail}"
         if self.state == "relay":
             return f"peer {self.name}: relay via hub{tail}"
+        if self.state == "lazy":
+            return f"peer {self.name}: lazy, no keepalive{tail}"
         return f"peer {self.name}: removed from the peer map"
 
 
@@ -157,6 +175,8 @@ class PathPlan:
     next_deadline: float | None  # the next time a timer fires without new input; None: none
     # Mesh addresses to send one datagram to, after `desired` is applied (module docstring).
     nudges: tuple[str, ...] = ()
+    # Peers (names) to ask through the coordinator to punch to us now: a lazy path woke up.
+    punch: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -171,6 +191,10 @@ class _Peer:
     window: float = DIRECT_TIMEOUT  # trying: how long this candidate gets
     nudged: float | None = None  # when the peer was last nudged in this state/candidate
     relay_since: float = 0.0  # relay: when it began
+    active: float = 0.0  # direct: the end of the last window with more than QUIET_BYTES
+    win_from: float = 0.0  # direct: the current quiet window's start ...
+    win_base: int = 0  # ... and rx + tx then
+    tx: int = 0  # lazy: tx_bytes baseline
     paused_until: float | None = None  # relay: no probing until then
     pauses: int = 0  # relay: pauses taken, for the doubling
 
@@ -192,12 +216,19 @@ def _endpoint(text: str | None) -> Endpoint | None:
 class PathSelector:
     """Per-peer path state; see the module docstring for the rules."""
 
-    def __init__(self, private_key: str, hub: HubInfo, listen_port: int | None = None) -> None:
+    def __init__(self, private_key: str, hub: HubInfo, listen_port: int | None = None,
+                 lazy_after: float = LAZY_AFTER) -> None:
         self.private_key = private_key
         self.public_key = public_key_from_private(private_key)
         self.listen_port = listen_port
         self.hub = hub  # used until a peer map arrives
+        self.lazy_after = lazy_after
+        # The driver's view of the coordinator: while it does not answer, no path goes lazy and
+        # lazy ones wake (a punch request could not reach the peer; both sides wake alike).
+        self.coordinator_ok = True
         self._peers: dict[str, _Peer] = {}
+        self._punch_seen: dict[str, int] = {}  # peer name -> the newest punch stamp in the map
+        self._punch_out: list[str] = []
 
     def state(self, public_key: str) -> _Peer | None:
         return self._peers.get(public_key)
@@ -225,11 +256,26 @@ class PathSelector:
         return PathChange(entry.name, entry.public_key, "trying", st.endpoints[st.candidate],
                           f"{reason}; candidate {st.candidate + 1}/{n}")
 
-    def _step(self, entry: PeerEntry, status: DeviceStatus, now: float) -> list[PathChange]:
+    def _may_idle(self, entry: PeerEntry) -> bool:
+        """LAN neighbours keep their keepalives: no NAT between us, and no WAN bytes."""
+        return self.lazy_after > 0 and not entry.lan and self.coordinator_ok
+
+    @staticmethod
+    def _watch_quiet(st: _Peer, total: int, now: float) -> None:
+        if total < st.win_base:  # counters restarted
+            st.win_base = total
+        if now - st.win_from >= QUIET_WINDOW:
+            if total - st.win_base > QUIET_BYTES:
+                st.active = now
+            st.win_from, st.win_base = now, total
+
+    def _step(self, entry: PeerEntry, status: DeviceStatus, now: float,
+              punched: bool = False) -> list[PathChange]:
         key = entry.public_key
         peer_status = status.peer(key)
         handshake = peer_status.last_handshake if peer_status else None
         rx = peer_status.rx_bytes if peer_status else 0
+        tx = peer_status.tx_bytes if peer_status else 0
         actual_ep = str(peer_status.endpoint) if peer_status and peer_status.endpoint else None
         st = self._peers.get(key)
         if st is None:
@@ -248,6 +294,13 @@ class PathSelector:
             st, change = self._start(entry, now, rx, handshake, "endpoints changed")
             self._peers[key] = st
             return [change]
+        if punched and st.state in ("lazy", "relay"):
+            st, change = self._start(entry, now, rx, handshake,
+                                     f"{entry.name} asked for a direct path")
+            self._peers[key] = st
+            return [change]
+        if st.state == "lazy":
+            return self._step_lazy(entry, st, peer_status is not None, rx, tx, handshake, now)
         if rx < st.rx:
             st.rx = rx  # the daemon restarted or re-created the entry: a new baseline, no news
         grew = rx > st.rx
@@ -260,9 +313,16 @@ class PathSelector:
                 st, change = self._start(entry, now, 0, None, "entry missing from the device")
                 self._peers[key] = st
                 return [change]
+            self._watch_quiet(st, rx + tx, now)
             if fresh:
                 st.heard = now
                 st.nudged = None
+            if self._may_idle(entry) and now - st.active >= self.lazy_after:
+                st.state, st.since, st.tx, st.nudged = "lazy", now, tx, None
+                actual = str(peer_status.endpoint) if peer_status.endpoint else None
+                return [PathChange(entry.name, key, "lazy", actual,
+                                   f"nothing but keepalives for {now - st.active:.0f} s")]
+            if fresh:
                 return []
             if now - st.heard >= DIRECT_IDLE:
                 st, change = self._start(entry, now, rx, handshake,
@@ -273,6 +333,7 @@ class PathSelector:
         if fresh:
             was = st.state
             st.state, st.since, st.heard, st.nudged = "direct", now, now, None
+            st.active, st.win_from, st.win_base = now, now, rx + tx
             reason = "punched" if was == "trying" else "direct path found while relayed"
             return [PathChange(entry.name, key, "direct", actual_ep, reason)]
         if st.state == "trying":
@@ -306,6 +367,24 @@ class PathSelector:
                 st.candidate, st.paused_until = 0, now + pause
         return []
 
+    def _step_lazy(self, entry: PeerEntry, st: _Peer, present: bool, rx: int, tx: int,
+                   handshake: float | None, now: float) -> list[PathChange]:
+        """No keepalive: nothing to hear, so silence means nothing. Our own traffic to the
+        peer wakes it (and asks the peer to punch too); so does a coordinator gone away."""
+        sent, st.tx = tx - st.tx, tx
+        st.rx = rx
+        why = ("entry missing from the device" if not present
+               else "traffic to it" if sent > LAZY_WAKE_BYTES
+               else "the coordinator does not answer" if not self.coordinator_ok
+               else None)
+        if why is None:
+            return []
+        new, change = self._start(entry, now, rx, handshake, why)
+        self._peers[entry.public_key] = new
+        if present and self.coordinator_ok:
+            self._punch_out.append(entry.name)
+        return [change]
+
     def _nudge_due(self, st: _Peer, now: float) -> float | None:
         """When the peer should next be nudged (<= now: now); None: not in this state."""
         if st.state == "trying":
@@ -328,8 +407,14 @@ class PathSelector:
         wanted = {e.public_key for e in entries}
         for key in [k for k in self._peers if k not in wanted]:
             changes.append(PathChange(self._peers.pop(key).name, key, "removed"))
+        punched: set[str] = set()
+        stamps = dict(peermap.punch) if peermap is not None else {}
+        for name, stamp in stamps.items():
+            if self._punch_seen.get(name) != stamp:
+                punched.add(name)
+        self._punch_seen = stamps
         for entry in entries:
-            changes.extend(self._step(entry, status, now))
+            changes.extend(self._step(entry, status, now, entry.name in punched))
 
         hub_ips: set[IPNetwork] = {_host_net(hub.mesh_ipv4), _host_net(hub.mesh_ipv6)}
         hub_ips |= relay_ips
@@ -369,15 +454,21 @@ class PathSelector:
                 deadlines.append(st.since + st.window)
             else:
                 actual = peer_status.endpoint if peer_status else None
-                peers.append(DesiredPeer(entry.public_key, frozenset(mesh), None, KEEPALIVE))
+                lazy = st.state == "lazy"
+                peers.append(DesiredPeer(entry.public_key, frozenset(mesh), None,
+                                         0 if lazy else KEEPALIVE))
                 paths.append(PeerPath(entry.public_key, "direct",
                                       str(actual) if actual else None, handshake))
-                deadlines.append(st.heard + DIRECT_IDLE)
+                if not lazy:
+                    deadlines.append(st.heard + DIRECT_IDLE)
+                    if self._may_idle(entry):
+                        deadlines.append(st.active + self.lazy_after)
         hub_peer = DesiredPeer(hub.public_key, frozenset(hub_ips), Endpoint.parse(hub.endpoint),
                                KEEPALIVE)
         desired = DesiredDevice(self.private_key, (hub_peer, *peers), self.listen_port)
+        punch, self._punch_out = tuple(self._punch_out), []
         return PathPlan(desired, tuple(paths), tuple(changes),
-                        min(deadlines) if deadlines else None, tuple(nudges))
+                        min(deadlines) if deadlines else None, tuple(nudges), punch)
 
     def _usable(self, entries: Iterable[PeerEntry], hub: HubInfo,
                 relay_ips: set[IPNetwork]) -> list[PeerEntry]:

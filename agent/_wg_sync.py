@@ -40,6 +40,7 @@ POLL_WAIT: Final = 110
 BACKEND_TIMEOUT: Final = 5.0  # the UAPI client's own default deadline
 # A coordinator that answers 304 at once (a bug, or a proxy) must not make us spin.
 MIN_POLL_INTERVAL: Final = 1.0
+PUNCH_QUEUE: Final = 64  # punch requests waiting for the coordinator; more are dropped
 # A nudge (agent/_paths.py) is one datagram into the tunnel; the discard port (RFC 863). What the
 # peer's WireGuard answers does not depend on anything listening there.
 NUDGE_PORT: Final = 9
@@ -89,6 +90,11 @@ class WireGuardSync:
         self._wake = trio.Event()
         self._backend_errors = ErrorOnce(log, reconcile_interval)
         self._nudge_errors = ErrorOnce(log)
+        self._punch_errors = ErrorOnce(log)
+        # peers to ask through the coordinator to punch to us (a lazy path woke): one request
+        # each, the newest PUNCH_QUEUE kept if the coordinator is slow
+        self._punch_send, self._punch_recv = trio.open_memory_channel[str](PUNCH_QUEUE)
+        self.punches_sent = 0
         self.peermap: PeerMap | None = None
         try:
             self.peermap = data.read_peermap()
@@ -117,7 +123,26 @@ class WireGuardSync:
         async with trio.open_nursery() as nursery:
             await nursery.start(self._reconcile_loop, backend)
             nursery.start_soon(self._peermap_loop, link)
+            nursery.start_soon(self._punch_loop, link)
             task_status.started()
+
+    def coordinator_reachable(self, ok: bool) -> None:
+        """The link's view (CoordinatorLink.reachability): without the coordinator no path goes
+        lazy and lazy ones wake (agent/_paths.py)."""
+        self.selector.coordinator_ok = ok
+        self._wake.set()
+
+    async def _punch_loop(self, link: CoordinatorLink) -> None:
+        async for peer in self._punch_recv:
+            try:
+                await link.punch(peer)
+            except Exception as exc:  # noqa: BLE001 - the punch on our side goes on anyway
+                if link.revoked_by(exc):
+                    return
+                self._punch_errors.failed(f"cannot ask {peer} to punch: {one_line(exc)}")
+            else:
+                self.punches_sent += 1
+                self._punch_errors.ok()
 
     # -- the peer map --------------------------------------------------------------------------
 
@@ -181,6 +206,11 @@ class WireGuardSync:
         self.reconciles += 1
         if plan.nudges and self.nudge is not None:
             await self._send_nudges(self.nudge, plan.nudges)
+        for peer in plan.punch:
+            try:
+                self._punch_send.send_nowait(peer)
+            except trio.WouldBlock:
+                self._punch_errors.failed("punch requests queue up: the coordinator is slow")
         old = self.plan
         self.status, self.plan = status, plan
         for change in plan.changes:

@@ -183,6 +183,8 @@ def start_agent(lab: LabNetwork, device: str, program: Sequence[str] | None = No
     # wireguard-go in the node's mount namespace, so `wg show` in the node sees it
     wg_ns = ["--wg-mount-namespace", d.mountns_path] if d.mountns_path else []
     sharing = [] if lab.topology.agents.peer_sharing else ["--no-peer-sharing"]
+    if lab.topology.agents.lazy_after is not None:
+        sharing += ["--lazy-after", f"{lab.topology.agents.lazy_after:g}"]
     if d.lan is not None:
         sharing += lab.topology.lan(d.lan).agent_args()  # --seed-ratio, --unmetered
     # No engine of its own ([agents] docker = false): the agent must not fall back to the

@@ -118,10 +118,12 @@ class OperatorSpec:
 class AgentsSpec:
     """How `up` runs the agents. peer_sharing = false: every device fetches release blobs only
     from the coordinator (the comparison case for LAN-first sharing). docker = false: no Docker
-    engine per device and operator (saves ~0.1 GB of memory per node where no test needs one)."""
+    engine per device and operator (saves ~0.1 GB of memory per node where no test needs one).
+    lazy_after: the agents' `--lazy-after` (None: their default)."""
 
     peer_sharing: bool = True
     docker: bool = True
+    lazy_after: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +172,8 @@ class Topology:
         if self.agents != AgentsSpec():
             d["agents"] = {"peer_sharing": self.agents.peer_sharing,
                            "docker": self.agents.docker}
+            if self.agents.lazy_after is not None:
+                d["agents"]["lazy_after"] = self.agents.lazy_after
         lans = []
         for lan in self.lans:
             e: dict[str, Any] = {"name": lan.name, "nat": lan.nat, "devices": lan.devices}
@@ -381,12 +385,17 @@ def parse_topology(data: dict[str, Any], source: str | None = None) -> Topology:
 
     agents = AgentsSpec()
     if "agents" in data:
-        ag = _check_keys("agents", data["agents"], {"peer_sharing", "docker"})
+        ag = _check_keys("agents", data["agents"], {"peer_sharing", "docker", "lazy_after"})
         for key in ("peer_sharing", "docker"):
             if not isinstance(ag.get(key, True), bool):
                 raise TopologyError(f"agents.{key}: must be true or false")
+        lazy = ag.get("lazy_after")
+        if lazy is not None and (isinstance(lazy, bool) or not isinstance(lazy, (int, float))
+                                 or not 0 <= lazy <= 86400):
+            raise TopologyError("agents.lazy_after: must be seconds from 0 to 86400")
         agents = AgentsSpec(peer_sharing=ag.get("peer_sharing", True),
-                            docker=ag.get("docker", True))
+                            docker=ag.get("docker", True),
+                            lazy_after=None if lazy is None else float(lazy))
 
     topo = Topology(wan_subnet=wan_subnet, lans=tuple(lans), operator=operator, source=source,
                     agents=agents)

@@ -34,6 +34,7 @@ class _FakePeer:
     allowed: list[IPNetwork] = field(default_factory=list)
     last_handshake: float | None = None
     rx_bytes: int = 0
+    tx_bytes: int = 0
 
 
 class FakeWireGuard:
@@ -88,7 +89,7 @@ class FakeWireGuard:
             public_key=public_key_from_private(self.private_key) if self.private_key else None,
             listen_port=self.listen_port,
             peers=tuple(PeerStatus(k, None, p.endpoint, tuple(p.allowed), p.keepalive,
-                                   p.last_handshake, p.rx_bytes)
+                                   p.last_handshake, p.rx_bytes, p.tx_bytes)
                   for k, p in self.peers.items()))
 
     def handshake(self, public_key: str, at: float) -> None:
@@ -99,6 +100,10 @@ class FakeWireGuard:
     def receive(self, public_key: str, nbytes: int = KEEPALIVE_BYTES) -> None:
         """Bytes from the peer on its own entry, without a handshake (a keepalive, data)."""
         self.peers[public_key].rx_bytes += nbytes
+
+    def send(self, public_key: str, nbytes: int) -> None:
+        """Bytes we sent on the peer's own entry (a keepalive, a handshake, data)."""
+        self.peers[public_key].tx_bytes += nbytes
 
     async def nudge(self, addresses: Sequence[str]) -> None:
         """The agent's datagram: a reachable peer answers with its passive keepalive (here at
@@ -185,6 +190,7 @@ class FakeCoordinator:
         self.unknown_credential = False  # 401 without it (e.g. replaced by an enrollment)
         self.polls: list[tuple[str, int]] = []
         self.reports: list[tuple[str, DeviceReport]] = []
+        self.punches: list[str] = []  # peers this device asked to punch to it
         self.clients: list[FakeClient] = []
 
     def publish(self, peermap: PeerMap) -> None:
@@ -226,6 +232,10 @@ class FakeClient:
     async def report(self, report: DeviceReport) -> None:
         await self._gate()
         self.coord.reports.append((self.url, report))
+
+    async def punch(self, peer: str) -> None:
+        await self._gate()
+        self.coord.punches.append(peer)
 
     async def aclose(self) -> None:
         self.closed = True

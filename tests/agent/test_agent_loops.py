@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 import trio
 
-from agent import DIRECT_TIMEOUT, Agent, Backoff, DataDir
+from agent import DIRECT_TIMEOUT, Agent, Backoff, DataDir, Intervals
 from agent._paths import DIRECT_IDLE, NUDGE_AFTER
 from mesh.control import PeerMap
 
@@ -37,7 +37,9 @@ class Rig:
 
 @asynccontextmanager
 async def running(data: DataDir, coord: FakeCoordinator, *, hub_reachable: bool = False,
-                  reachable: tuple[str, ...] = ()) -> AsyncIterator[Rig]:
+                  reachable: tuple[str, ...] = (), lazy_after: float = 0
+                  ) -> AsyncIterator[Rig]:
+    """Laziness off unless a test is about it (the fake's peers exchange no keepalives)."""
     wg = FakeWireGuard(clock=trio.current_time)
     wg.reachable |= set(reachable)
     if hub_reachable:
@@ -45,7 +47,7 @@ async def running(data: DataDir, coord: FakeCoordinator, *, hub_reachable: bool 
     logs: list[str] = []
     agent = Agent(data, wg.factory(), coord.factory, lan_endpoints=LAN, agent_version="9.9",
                   clock=trio.current_time, rng=random.Random(7), log=logs.append,
-                  nudge=wg.nudge)
+                  nudge=wg.nudge, intervals=Intervals(lazy_after=lazy_after))
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.run)
         yield Rig(agent, wg, coord, logs)
@@ -290,3 +292,42 @@ def test_only_a_real_interface_gets_the_udp_nudger(enrolled: DataDir) -> None:
     assert Agent(enrolled, FakeWireGuard().factory(), FakeCoordinator().factory).wg.nudge is None
     real = Agent(enrolled, WireGuardGoDevice("fm9"), FakeCoordinator().factory)
     assert real.wg.nudge is not None  # built, never called here: no datagram leaves this test
+
+
+async def test_a_lazy_path_woken_by_our_traffic_asks_the_peer_to_punch(
+        enrolled: DataDir, autojump_clock: trio.abc.Clock) -> None:
+    coord = FakeCoordinator(peermap(1, peer(1, A)))
+    with trio.fail_after(600):
+        async with running(enrolled, coord, reachable=(A,), hub_reachable=True,
+                           lazy_after=60) as rig:
+            await trio.sleep(3)
+            assert rig.path(1) == "direct"
+            # the fake's pair exchanges nothing but its handshakes: quiet
+            await trio.sleep(70)
+            assert rig.logged("peer home-1: lazy, no keepalive (nothing but keepalives for")
+            assert rig.wg.peers[KEYS[1].public].keepalive == 0
+            assert coord.punches == []
+            rig.wg.send(KEYS[1].public, 148)  # a packet for the peer: a handshake starts
+            await trio.sleep(2)
+            assert rig.logged(f"peer home-1: trying {A} (traffic to it; candidate 1/1)")
+            assert coord.punches == ["home-1"]
+            assert rig.agent.wg.punches_sent == 1
+            await trio.sleep(3)
+            assert rig.path(1) == "direct"
+            assert rig.wg.peers[KEYS[1].public].keepalive == 25
+
+
+async def test_a_coordinator_gone_wakes_lazy_paths(
+        enrolled: DataDir, autojump_clock: trio.abc.Clock) -> None:
+    coord = FakeCoordinator(peermap(1, peer(1, A)))
+    with trio.fail_after(600):
+        async with running(enrolled, coord, reachable=(A,), hub_reachable=True,
+                           lazy_after=60) as rig:
+            await trio.sleep(80)
+            assert rig.wg.peers[KEYS[1].public].keepalive == 0
+            coord.down = True
+            coord.publish(peermap(2, peer(1, A)))  # ends the parked long poll: it fails now
+            await trio.sleep(60)
+            assert rig.logged(f"peer home-1: trying {A} (the coordinator does not answer")
+            assert rig.wg.peers[KEYS[1].public].keepalive == 25
+            assert coord.punches == []

@@ -23,6 +23,7 @@ from agent._paths import (
     DIRECT_IDLE,
     DIRECT_TIMEOUT_WITH_SESSION,
     KEEPALIVE_TIMEOUT,
+    LAZY_AFTER,
     NUDGE_AFTER,
     NUDGE_INTERVAL,
     REKEY_AFTER_TIME,
@@ -41,8 +42,10 @@ A, B = "203.0.113.7:51820", "192.168.1.7:51820"
 class Harness:
     """The selector plus a fake device that applies each plan, as the reconcile loop does."""
 
-    def __init__(self) -> None:
-        self.sel = PathSelector(ME.private, HUB, 51820)
+    def __init__(self, lazy_after: float = 0) -> None:
+        # Laziness off unless a test is about it: the keepalive-held rules below are what LAN
+        # neighbours (and a device with --lazy-after 0) live by.
+        self.sel = PathSelector(ME.private, HUB, 51820, lazy_after=lazy_after)
         self.wg = FakeWireGuard()
 
     def tick(self, pm: PeerMap | None, now: float) -> PathPlan:
@@ -555,3 +558,128 @@ def test_direct_peer_stays_direct_when_the_map_forgets_its_endpoints() -> None:
     # and when the map knows the endpoint again, the pair tries direct again
     plan = h.tick(peermap(3, peer(1, A)), 3.0 + DIRECT_IDLE + 1)
     assert path(plan, 1)[0] == "none" and [c.state for c in plan.changes] == ["trying"]
+
+
+# -- lazy paths (issue 14: nothing crosses the WAN for an idle pair) -----------------------
+
+
+def direct_at(h: Harness, pm: PeerMap, t: float) -> None:
+    h.tick(pm, t)
+    h.wg.receive(KEYS[1].public)
+    plan = h.tick(pm, t + 1)
+    assert path(plan, 1)[0] == "direct" and plan.changes[0].state == "direct"
+
+
+def keepalives(h: Harness, pm: PeerMap, start: float, end: float) -> PathPlan:
+    """What an idle pair exchanges: a keepalive each way every 25 s, a handshake every 120 s;
+    a reconcile every 5 s (the agent's is every second; the windows are 30 s)."""
+    t = start
+    plan = h.tick(pm, t)
+    while t + 5 <= end:
+        t += 5
+        if t % KEEPALIVE < 5:
+            h.wg.send(KEYS[1].public, 32)
+            h.wg.receive(KEYS[1].public, 32)
+        if t % REKEY_AFTER_TIME < 5:
+            h.wg.send(KEYS[1].public, 148)
+            h.wg.receive(KEYS[1].public, 92)
+        plan = h.tick(pm, t)
+        if plan.changes:
+            return plan
+    return plan
+
+
+def test_a_quiet_path_to_another_nat_goes_lazy_and_our_traffic_wakes_it_with_a_punch() -> None:
+    h = Harness(lazy_after=LAZY_AFTER)
+    pm = peermap(1, peer(1, A))
+    direct_at(h, pm, 0.0)
+    plan = keepalives(h, pm, 1.0, 1000.0)
+    assert [str(c) for c in plan.changes] == [
+        "peer home-1: lazy, no keepalive (nothing but keepalives for 120 s)"]
+    lazy_at = 1.0 + LAZY_AFTER
+    want = desired_peer(plan, KEYS[1].public)
+    assert want.persistent_keepalive == 0  # nothing is sent while nothing is wanted
+    assert set(want.allowed_ips) == mesh(1)  # our traffic still goes to the entry: it wakes it
+    assert path(plan, 1)[0] == "direct" and plan.punch == ()
+    assert plan.next_deadline is None  # no nudges, no idle timeout: silence means nothing
+
+    # The peer's late rekey draws a handshake response from us (92 B): not traffic of ours.
+    h.wg.send(KEYS[1].public, 92)
+    assert h.tick(pm, lazy_at + 10).changes == ()
+    for t in range(int(lazy_at) + 11, int(lazy_at) + 3600, 60):
+        assert h.tick(pm, float(t)).changes == ()
+
+    # A ping to the peer: WireGuard starts a handshake (the session has expired).
+    h.wg.send(KEYS[1].public, 148)
+    plan = h.tick(pm, 5000.0)
+    assert [str(c) for c in plan.changes] == [
+        f"peer home-1: trying {A} (traffic to it; candidate 1/1)"]
+    assert plan.punch == ("home-1",)  # the peer must send too: ask it through the coordinator
+    want = desired_peer(plan, KEYS[1].public)
+    assert want.persistent_keepalive == PUNCH_KEEPALIVE and want.endpoint == Endpoint.parse(A)
+    assert h.tick(pm, 5001.0).punch == ()  # asked once
+    h.wg.handshake(KEYS[1].public, 5002.0)
+    plan = h.tick(pm, 5002.0)
+    assert path(plan, 1) == ("direct", A)
+    assert desired_peer(plan, KEYS[1].public).persistent_keepalive == KEEPALIVE
+
+
+def test_a_busy_path_and_a_lan_neighbour_never_go_lazy() -> None:
+    h = Harness(lazy_after=LAZY_AFTER)
+    lan = PeerEntry("home-2", KEYS[2].public, "10.250.0.12", "fd7a:f1ee::c", (B,), lan=True)
+    pm = peermap(1, peer(1, A), lan)
+    h.tick(pm, 0.0)
+    h.wg.receive(KEYS[1].public)
+    h.wg.receive(KEYS[2].public)
+    assert {c.state for c in h.tick(pm, 1.0).changes} == {"direct"}
+    for t in range(2, 1200):
+        h.wg.send(KEYS[1].public, 40)  # 2.4 kB per 30 s window: data, not keepalives
+        h.wg.receive(KEYS[1].public, 40)
+        h.wg.receive(KEYS[2].public, 32)
+        plan = h.tick(pm, float(t))
+        assert plan.changes == (), plan.changes
+    assert {p.persistent_keepalive for p in plan.desired.peers} == {KEEPALIVE}
+
+
+def test_a_punch_request_in_the_map_wakes_a_lazy_or_a_relayed_peer_once() -> None:
+    h = Harness(lazy_after=LAZY_AFTER)
+    pm = peermap(1, peer(1, A), peer(2, B))
+    h.tick(pm, 0.0)
+    h.wg.receive(KEYS[1].public)
+    h.tick(pm, 1.0)  # home-1 direct, home-2 will relay
+    for t in range(2, 200):
+        plan = h.tick(pm, float(t))
+    assert path(plan, 2) == ("relay", None)
+    assert desired_peer(plan, KEYS[1].public).persistent_keepalive == 0  # lazy
+
+    asked = PeerMap(2, HUB, pm.peers, punch=(("home-1", 7), ("home-2", 3)))
+    plan = h.tick(asked, 200.0)
+    assert sorted(str(c) for c in plan.changes) == [
+        f"peer home-1: trying {A} (home-1 asked for a direct path; candidate 1/1)",
+        f"peer home-2: trying {B} (home-2 asked for a direct path; candidate 1/1)"]
+    assert plan.punch == ()  # they asked: nothing to ask back
+    # the same stamps in the next map are old news
+    again = PeerMap(3, HUB, pm.peers, punch=(("home-1", 7), ("home-2", 3)))
+    assert h.tick(again, 201.0).changes == ()
+    h.wg.receive(KEYS[1].public)
+    assert path(h.tick(again, 202.0), 1)[0] == "direct"
+    # a new stamp for a direct peer changes nothing: the path is there
+    newer = PeerMap(4, HUB, pm.peers, punch=(("home-1", 9), ("home-2", 3)))
+    assert [c.name for c in h.tick(newer, 203.0).changes] == []
+
+
+def test_without_the_coordinator_nothing_goes_lazy_and_lazy_paths_wake() -> None:
+    h = Harness(lazy_after=LAZY_AFTER)
+    pm = peermap(1, peer(1, A))
+    direct_at(h, pm, 0.0)
+    assert keepalives(h, pm, 1.0, 1000.0).changes[0].state == "lazy"
+    h.sel.coordinator_ok = False
+    plan = h.tick(pm, 1000.0)
+    assert [str(c) for c in plan.changes] == [
+        f"peer home-1: trying {A} (the coordinator does not answer; candidate 1/1)"]
+    assert plan.punch == ()  # it could not be delivered; the peer wakes for the same reason
+    h.wg.receive(KEYS[1].public)
+    assert path(h.tick(pm, 1001.0), 1)[0] == "direct"
+    plan = keepalives(h, pm, 1002.0, 2000.0)
+    assert plan.changes == ()  # no laziness while the coordinator is away
+    assert desired_peer(plan, KEYS[1].public).persistent_keepalive == KEEPALIVE

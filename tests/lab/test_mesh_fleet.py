@@ -174,6 +174,11 @@ def test_operator_joins_with_stock_wg_quick(lab: Lab) -> None:
 def test_mesh_outlives_the_coordinator(lab: Lab) -> None:
     before = listed(lab)
     direct = [("fwa-1", "fwb-1"), ("fwa-1", "fwa-2"), ("fwb-2", "pub-1")]
+    # Paths in use when the coordinator goes: a path idle for LAZY_AFTER has no keepalive
+    # (agent/_paths.py), and without the coordinator both sides wake it only once each sees
+    # it gone (a few failed calls) -- a gap of seconds this test does not measure.
+    for a, b in direct:
+        assert any(ping(lab, a, str(before[b]["mesh_ipv4"])) for _ in range(5)), (a, b)
     assert stop_coordinator(lab) == 1
     assert operator(lab, "devices", "list").returncode == 3  # unreachable, said in one line
     deadline = time.monotonic() + 20  # long enough for agents to notice and keep going
