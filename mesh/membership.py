@@ -13,6 +13,11 @@ and a reconnect push-pull to a random dead member (Serf's reconnect) heals parti
 Node ids are device names; the driver maps them to addresses (`address_of`). `receive` and
 `tick` return `(destination node id, message)` pairs; time is passed in; randomness comes from
 the injected `random.Random` only.
+
+A *scope* (`set_scope`) narrows whom we probe, ask for indirect probes, push-pull and gossip
+with to a subset of the members (a device's LAN neighbours while the coordinator answers:
+`MembershipConfig.idle_scope`, applied by mesh.node); the others stay in the table, held
+alive (their liveness is the peer map's word), and are neither probed nor suspected by us.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ if TYPE_CHECKING:
 
 Outgoing = list[tuple[str, Message]]
 EventKind = Literal["joined", "suspect", "dead", "alive", "left"]
+Scope = Literal["fleet", "lan"]
 
 PUSH_PULL_SCALE_THRESHOLD: Final = 32  # memberlist util.go pushPullScaleThreshold
 # Incarnations live in the codec's range [0, MAX_INCARNATION]; we never produce one above it.
@@ -73,15 +79,20 @@ class MembershipConfig:
     gossip_interval: float = 0.2  # GossipInterval = 200 ms
     reconnect_interval: float = 30.0  # Serf DefaultConfig ReconnectInterval = 30 s
     max_piggyback: int = 8  # ~1 KB of updates worst case: stays inside memberlist's 1400 B UDP
+    # Whom a mesh.node.MeshNode gossips with (membership and manifest rumors) while the
+    # coordinator answers: "fleet", every member; "lan", its LAN neighbours only, the whole
+    # fleet again during a coordinator outage (issue 14: an idle device's WAN cost).
+    idle_scope: Scope = "fleet"
 
 
 LAN: Final = MembershipConfig()
 # For metered (cellular) links, idle cost is what matters: memberlist's DefaultWANConfig timings
 # (ProbeInterval 5 s, ProbeTimeout 3 s, SuspicionMult 6, GossipInterval 500 ms, GossipNodes 4)
-# with push-pull every 120 s instead of WAN's 60 s. docs/gossip.md gives the idle bytes/hour.
+# with push-pull every 120 s instead of WAN's 60 s; and gossip with the LAN only while the
+# coordinator answers (releases come from it then). docs/gossip.md gives the idle bytes/hour.
 METERED: Final = MembershipConfig(
     probe_interval=5.0, probe_timeout=3.0, suspicion_mult=6, push_pull_interval=120.0,
-    gossip_nodes=4, gossip_interval=0.5, reconnect_interval=300.0)
+    gossip_nodes=4, gossip_interval=0.5, reconnect_interval=300.0, idle_scope="lan")
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +191,8 @@ class Membership:
         self._members: dict[str, _Member] = {}
         self._live: list[str] = []  # alive or suspect, for O(1) random choice
         self._live_idx: dict[str, int] = {}
+        self._scope: frozenset[str] | None = None  # None: every member (set_scope)
+        self._scoped: list[str] | None = None  # live members in scope, sorted; None: stale
         self._suspects: set[str] = set()
         self._dead_count = 0
         self._broadcasts: dict[str, _Broadcast] = {}
@@ -213,9 +226,23 @@ class Membership:
         m = self._members.get(node_id)
         return None if m is None else m.address
 
+    def gossip_peers(self) -> list[str]:
+        """The live members in scope: whom we probe and gossip with (all live members
+        without a scope). The returned list is shared: copy it."""
+        if self._scope is None:
+            return self._live
+        if self._scoped is None:
+            self._scoped = [n for n in sorted(self._scope)
+                            if (m := self._members.get(n)) is not None and m.status != Status.DEAD]
+        return self._scoped
+
+    def in_scope(self, node_id: str) -> bool:
+        return self._scope is None or node_id in self._scope
+
     def cluster_size(self) -> int:
-        """memberlist's estNumNodes: known, not dead, plus self."""
-        return len(self._live) + 1
+        """memberlist's estNumNodes: known, not dead, plus self; of the members in scope, as
+        those are the ones that probe and confirm each other."""
+        return len(self.gossip_peers()) + 1
 
     def drain_events(self) -> list[MemberEvent]:
         out, self.events = self.events, []
@@ -249,6 +276,31 @@ class Membership:
             self._join = True
             self._queue(self._self_state())
 
+    def set_scope(self, members: Iterable[str] | None, now: float) -> None:
+        """Probe, ask for indirect probes, push-pull, gossip and reconnect with `members`
+        only (None: every member, the default). The others stay in the table and keep
+        answering: a ping from any member is acked, a push-pull answered, its updates checked
+        (and misbehaviour reported) as ever. We neither probe nor suspect them: an accusation
+        about one of them only moves its incarnation, and one we held suspect or dead when
+        it leaves the scope is held alive again at its incarnation (event "alive", a local
+        view, not gossiped): a member out of scope is alive while it is in the peer map. If
+        the scope opens again, our own probes judge it afresh."""
+        scope = None if members is None else frozenset(members) - {self.self_id}
+        if scope == self._scope:
+            return
+        self._scope = scope
+        self._scoped = None
+        self._probe_order = []  # the next pass is over the new scope
+        if scope is None:
+            return
+        if self._probe is not None and self._probe.target not in scope:
+            self._probe = None
+        for m in self._members.values():
+            if m.node_id not in scope and m.status != Status.ALIVE:
+                self._broadcasts.pop(m.node_id, None)  # we no longer vouch for its state
+                self._set_status(m, Status.ALIVE, now)
+                self.events.append(MemberEvent("alive", m.node_id, m.incarnation, now))
+
     def next_deadline(self) -> float | None:
         if not self._started:
             return None
@@ -278,7 +330,7 @@ class Membership:
             self._next_reconnect = now + cfg.reconnect_interval
         if self._join:
             self._join = False
-            self._push_pull_to_random(self._live, out)
+            self._push_pull_to_random(self.gossip_peers(), out)
         if self._relays:
             for seq in [s for s, (_, _, exp) in self._relays.items() if exp <= now]:
                 del self._relays[seq]
@@ -290,7 +342,7 @@ class Membership:
         if (probe is not None and not probe.acked and probe.indirect_at is not None
                 and probe.indirect_at <= now):
             probe.indirect_at = None
-            helpers = [h for h in self._sample(self._live, cfg.indirect_checks + 1)
+            helpers = [h for h in self._sample(self.gossip_peers(), cfg.indirect_checks + 1)
                        if h != probe.target][:cfg.indirect_checks]
             for h in helpers:
                 out.append((h, PingReq(probe.seq, self.self_id, probe.target, self._piggyback())))
@@ -311,7 +363,7 @@ class Membership:
                 out.append((target, Ping(self._seq, self.self_id, self._piggyback())))
         if self._broadcasts and self._next_gossip <= now:
             self._next_gossip = now + cfg.gossip_interval
-            for dest in self._sample(self._live, cfg.gossip_nodes):
+            for dest in self._sample(self.gossip_peers(), cfg.gossip_nodes):
                 updates = self._piggyback()
                 if updates:
                     out.append((dest, Gossip(self.self_id, updates)))
@@ -319,11 +371,12 @@ class Membership:
             self._next_gossip = now + cfg.gossip_interval
         if self._next_push_pull <= now:
             self._next_push_pull = now + push_pull_interval(cfg, self.cluster_size())
-            self._push_pull_to_random(self._live, out)
+            self._push_pull_to_random(self.gossip_peers(), out)
         if self._next_reconnect <= now:
             self._next_reconnect = now + cfg.reconnect_interval
             if self._dead_count:
-                dead = [m.node_id for m in self._members.values() if m.status == Status.DEAD]
+                dead = [m.node_id for m in self._members.values()
+                        if m.status == Status.DEAD and self.in_scope(m.node_id)]
                 self._push_pull_to_random(dead, out)
         return out
 
@@ -337,6 +390,10 @@ class Membership:
             if msg.target_id not in self._members:
                 self.counters["unknown_members"] += 1
                 self.misbehaved(sender, "ghost_member")
+            elif not self.in_scope(msg.target_id):
+                # a probe of a member we do not probe (the requester's scope is wider: its
+                # coordinator outage, not ours); its other helpers may
+                self.counters["relays_out_of_scope"] += 1
             elif msg.target_id != self.self_id:
                 self._seq += 1
                 self._relays[self._seq] = (sender, msg.seq, now + self.config.probe_timeout)
@@ -409,7 +466,8 @@ class Membership:
             return None
         if sender != u.node_id and u.incarnation > m.incarnation + MAX_INCARNATION_STEP:
             self.counters["implausible_incarnation"] += 1
-            if now >= self._resynced.get(u.node_id, float("-inf")) + RESYNC_INTERVAL:
+            if self.in_scope(u.node_id) and \
+                    now >= self._resynced.get(u.node_id, float("-inf")) + RESYNC_INTERVAL:
                 self._resync.add(u.node_id)  # maybe we are the one out of step: ask it
             if u.status != Status.ALIVE:
                 # Only an accusation counts against its sender. A too-high "alive" is what an
@@ -444,6 +502,9 @@ class Membership:
         m = self._known(u, sender, now)
         if m is None or u.incarnation < m.incarnation or m.status == Status.DEAD:
             return
+        if not self.in_scope(m.node_id):
+            m.incarnation = u.incarnation  # what a refutation must beat, if it comes to us
+            return
         if m.status == Status.SUSPECT:
             # Lifeguard: each independent suspicion brings the timeout closer to the minimum.
             # Our MemberState carries no accuser, so the sender stands in for it (docs/gossip.md).
@@ -470,6 +531,9 @@ class Membership:
             return
         m = self._known(u, sender, now)
         if m is None or u.incarnation < m.incarnation or m.status == Status.DEAD:
+            return
+        if not self.in_scope(m.node_id):
+            m.incarnation = u.incarnation
             return
         self._declare_dead(m, u.incarnation, now)
 
@@ -540,6 +604,7 @@ class Membership:
     def _set_status(self, m: _Member, status: Status, now: float) -> None:
         was_live = m.status != Status.DEAD
         m.status, m.since = status, now
+        self._scoped = None
         if status != Status.SUSPECT:
             m.suspicion = None
             self._suspects.discard(m.node_id)
@@ -601,8 +666,9 @@ class Membership:
                 m = self._members.get(node_id)
                 if m is not None and m.status != Status.DEAD:
                     return node_id
-            if not self._live:
+            pool = self.gossip_peers()
+            if not pool:
                 return None
-            self._probe_order = list(self._live)
+            self._probe_order = list(pool)
             self.rng.shuffle(self._probe_order)
         return None

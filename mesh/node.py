@@ -46,7 +46,10 @@ principle 5).
 
 Cross-LAN serving is a policy (`ServePolicy`, metered by default: serve and announce only to the
 LAN, except during a coordinator outage), and a download that stops leaves its received prefix
-for the next download of the blob, from any source (docs/blob-exchange.md).
+for the next download of the blob, from any source (docs/blob-exchange.md). So is the gossip
+scope (`MembershipConfig.idle_scope`): with "lan" (METERED), membership and rumors go to the
+LAN neighbours only while the coordinator answers, to the whole fleet during an outage
+(docs/gossip.md, "Scope").
 """
 
 from __future__ import annotations
@@ -351,7 +354,9 @@ class MeshNode:
         self._misbehaving: dict[str, collections.Counter[str]] = {}
         self.membership = Membership(name, mesh_ip, rng, membership_config,
                                      counters=self.stats.counters, misbehaved=self._misbehaved)
-        self.rumor = Dissemination(name, rng, self._verify, self.membership.live_members,
+        # rumors go where membership gossips: the LAN only while the coordinator answers, if
+        # the config says so (MembershipConfig.idle_scope, `_rescope`)
+        self.rumor = Dissemination(name, rng, self._verify, self.membership.gossip_peers,
                                    rumor_config, misbehaved=self._misbehaved)
         self._peers: dict[str, str] = {}
         self._lan_names: frozenset[str] = frozenset()
@@ -374,6 +379,7 @@ class MeshNode:
         self._settled_at = float("inf")  # set by start(): start + STARTUP_SETTLE
         self._out: list[Action] = []
         self._set_peer_map(peers, join=join)
+        self._rescope(0.0)  # LAN-local: nobody until LAN discovery names the neighbours
 
     # ------------------------------------------------------------------ queries
 
@@ -542,6 +548,7 @@ class MeshNode:
         """The peer map (name -> mesh address): who may connect, membership seeds."""
         for gone in self._set_peer_map(peers):
             self.peer_down(gone, now)
+        self._rescope(now)
         self._refresh_peers(now)
 
     def set_lan(self, names: Iterable[str], now: float) -> None:
@@ -555,6 +562,7 @@ class MeshNode:
         for peer in sorted(added):
             if peer in self._peers:
                 self._send_haves(peer)
+        self._rescope(now)
         self._refresh_peers(now)
 
     def held_alive(self, peer: str) -> bool:
@@ -850,6 +858,18 @@ class MeshNode:
                     self._send_haves(peer)
         else:
             self.log("the coordinator answers again: back to the serving policy")
+        self._rescope(now)
+        self._after_cores(now)
+
+    def _rescope(self, now: float) -> None:
+        """Whom membership and rumors gossip with (MembershipConfig.idle_scope): with "lan",
+        our LAN neighbours in the peer map while the coordinator answers (releases reach every
+        device from it, so the WAN carries no gossip: issue 14), the whole fleet during an
+        outage, when peers on other LANs carry releases and must know who is alive."""
+        if self.membership.config.idle_scope == "fleet" or self.outage:
+            self.membership.set_scope(None, now)
+        else:
+            self.membership.set_scope(self._lan_names & self._peers.keys(), now)
 
     def _update_progress(self) -> None:
         total = done = 0

@@ -3,6 +3,9 @@ and connections are `trio.testing` memory streams, so driver tests run on the au
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Callable
+
 import trio
 import trio.testing
 
@@ -31,14 +34,17 @@ class _Cuttable(trio.abc.Stream):
     its sends succeed and go nowhere and it receives nothing, ever, as a TCP connection whose
     peer vanished with its tunnel looks until the retransmission timer gives up."""
 
-    def __init__(self, inner: trio.abc.Stream) -> None:
+    def __init__(self, inner: trio.abc.Stream,
+                 count: Callable[[int], None] = lambda _n: None) -> None:
         self.inner = inner
         self.dead = False
+        self.count = count  # told the size of every write that goes out
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self.dead:
             await trio.lowlevel.checkpoint()
             return
+        self.count(len(data))
         await self.inner.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -71,6 +77,8 @@ class MemoryNetwork:
         self.connects: list[tuple[float, str, str]] = []  # (time, from, to)
         self.lockstep: set[str] = set()  # hosts whose connections have no buffer at all
         self.open: list[tuple[str, str, _Cuttable, _Cuttable]] = []  # from, to, client, server
+        # bytes written on connections, by (from, to) address: what crossed which link
+        self.sent: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def cut(self, host: str) -> None:
         """`host` vanishes: every connection to or from it open now goes silent at the other
@@ -90,7 +98,11 @@ class MemoryNetwork:
         pair = trio.testing.lockstep_stream_pair if host in self.lockstep else \
             trio.testing.memory_stream_pair
         inner_client, inner_server = pair()
-        client, server = _Cuttable(inner_client), _Cuttable(inner_server)
+        link = (local_address, host)
+
+        def count(n: int) -> None:
+            self.sent[link] += n
+        client, server = _Cuttable(inner_client, count), _Cuttable(inner_server)
         self.open.append((local_address, host, client, server))
         self.sources[id(server)] = local_address
         await listener.send.send(server)

@@ -14,8 +14,9 @@ import trio.testing
 from agent._blobstore import BlobStore
 from agent._gossip import GossipNode, TransportConfig
 from mesh.blobsched import SchedConfig, stall_timeout
+from mesh.membership import METERED
 from mesh.node import STARTUP_SETTLE
-from mesh.rumor import make_verifier
+from mesh.rumor import METERED_RUMOR, make_verifier
 from mesh.wire import Ping, encode
 
 from .helpers import APP, FLEET, KEY, Seed, inline, make_blobs, make_manifest
@@ -325,4 +326,46 @@ async def test_a_neighbour_back_from_an_outage_hears_what_we_hold_at_once(
                 "lan": total, "wan_peer": 0, "coordinator": 0})
             assert trio.current_time() - t_back == pytest.approx(STARTUP_SETTLE, abs=0.5)
             assert a.stats.counters["reopened_connections"] == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_idle_metered_gossip_crosses_no_wan_until_the_coordinator_is_unreachable(
+        tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    """Issue 14: 2 LANs x 2 devices on the agent's default profile (METERED), nothing to
+    fetch. While the coordinator answers, not one byte of gossip goes to the other LAN in an
+    hour; an outage opens gossip to the whole fleet, and the coordinator's answer closes it."""
+    peers = {"a": "10.0.0.1", "b": "10.0.0.2", "c": "10.0.1.1", "d": "10.0.1.2"}
+    lans = ({"a", "b"}, {"c", "d"})
+    lan_of = {peers[name]: i for i, lan in enumerate(lans) for name in lan}
+    net = MemoryNetwork()
+
+    def wan_bytes() -> int:
+        return sum(n for (src, dst), n in net.sent.items() if lan_of[src] != lan_of[dst])
+
+    with trio.fail_after(3 * 3600):
+        async with trio.open_nursery() as nursery:
+            nodes = [GossipNode(name, peers[name], peers=peers,
+                                verify=make_verifier(bytes(KEY.verify_key), fleet=FLEET),
+                                store=BlobStore(tmp_path / name / "blobs"), client=None,  # type: ignore[arg-type]
+                                fleet=FLEET, rng=random.Random(name), network=net,
+                                run_blocking=inline, membership_config=METERED,
+                                rumor_config=METERED_RUMOR) for name in peers]
+            for node in nodes:
+                await nursery.start(node.run)
+                node.set_lan(next(lan for lan in lans if node.name in lan) - {node.name})
+            await trio.sleep(3600.0)
+            assert wan_bytes() == 0
+            assert sum(net.sent.values()) > 4 * 3600 / METERED.probe_interval * 10  # probes
+            assert all(sorted(n.membership.live_members()) == sorted(set(peers) - {n.name})
+                       for n in nodes)
+            for node in nodes:
+                node.coordinator_reachable(False)
+            await trio.sleep(600.0)
+            assert wan_bytes() > 0
+            for node in nodes:
+                node.coordinator_reachable(True)
+            await trio.sleep(METERED.probe_timeout)  # answers to what was on its way
+            settled = wan_bytes()
+            await trio.sleep(3600.0)
+            assert wan_bytes() == settled
             nursery.cancel_scope.cancel()

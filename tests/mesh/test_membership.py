@@ -330,3 +330,122 @@ def test_a_victim_of_incarnation_lies_is_not_declared_dead_by_members_that_misse
         == [("v", Gossip("t2", (newer,)))]  # the next period
     # a member in step that is told what it already is says nothing
     assert nodes["v"].receive(Gossip("t2", (newer,)), "t2", 12.3) == []
+
+
+# ---- scope (issue 14: gossip is LAN-local while the coordinator answers) ----------------------
+
+def scoped(n: int, scope: set[str] | None, seed: int = 1) -> Membership:
+    """METERED members b, c, ... (n with us) that probe and gossip only within `scope`."""
+    m = Membership("a", "10.0.0.1", random.Random(seed), METERED)
+    m.seed((chr(ord("b") + i), f"10.0.0.{i + 2}") for i in range(n - 1))
+    m.set_scope(scope, 0.0)
+    return m
+
+
+def updates_of(msg: Message) -> tuple[MemberState, ...]:
+    if isinstance(msg, PushPull):
+        return msg.members
+    return msg.updates if isinstance(msg, Ping | PingReq | Ack | Gossip) else ()
+
+
+def test_a_scope_keeps_every_probe_push_pull_and_gossip_inside_it_for_an_idle_hour() -> None:
+    m = scoped(7, {"b", "c"})
+    sent = step(m, 3600.0, answer={"b", "c"})
+    assert {dest for _, dest, _ in sent} == {"b", "c"}
+    pings = [t for t, _, msg in sent if isinstance(msg, Ping)]
+    assert len(pings) in (720, 721)  # one probe per 5 s interval
+    assert any(isinstance(msg, PushPull) for _, _, msg in sent)
+    # the members outside stay in the table, alive, and are never judged
+    assert sorted(m.live_members()) == ["b", "c", "d", "e", "f", "g"]
+    assert m.cluster_size() == 3 and m.gossip_peers() == ["b", "c"]
+    assert [e.kind for e in m.drain_events()] == ["joined"] * 6
+
+
+def test_an_empty_scope_sends_nothing() -> None:
+    m = scoped(7, set())
+    assert step(m, 3600.0, answer=set()) == []
+    assert len(m.live_members()) == 6
+
+
+def test_a_lone_neighbour_in_scope_is_the_only_one_probed_and_its_death_is_found() -> None:
+    m = scoped(7, {"b"})
+    t0, target, _ = first_probe(m)
+    assert target == "b"
+    m.drain_events()
+    low = suspicion_timeout(METERED, 2)  # 2 members in scope: no confirmations expected
+    assert low == 30.0
+    sent = step(m, t0 + METERED.probe_interval + low, answer=set())  # b stopped at t0
+    assert {dest for _, dest, _ in sent} == {"b"}
+    assert not any(isinstance(msg, PingReq) for _, _, msg in sent)  # nobody to ask
+    events = [(e.kind, e.node_id, e.at) for e in m.drain_events()]
+    assert events == [("suspect", "b", t0 + METERED.probe_interval),
+                      ("dead", "b", t0 + METERED.probe_interval + low)]
+
+
+def test_members_outside_the_scope_are_neither_suspected_nor_declared_dead_by_us() -> None:
+    m = scoped(7, {"b", "c"})
+    m.tick(0.0)
+    m.drain_events()
+    # c has a wider scope (a coordinator outage of its own): it accuses g and f
+    m.receive(Gossip("c", (MemberState("g", 3, Status.SUSPECT, ""),
+                           MemberState("f", 2, Status.DEAD, ""))), "c", 10.0)
+    for node_id, inc in (("g", 3), ("f", 2)):
+        state = m.member(node_id)
+        assert state is not None and (state.status, state.incarnation) == (Status.ALIVE, inc)
+    assert m.drain_events() == []
+    sent = step(m, 600.0, answer={"b", "c"})
+    assert {dest for _, dest, _ in sent} <= {"b", "c"}
+    # nor relayed: we do not vouch for what we do not judge
+    assert not [u for _, _, msg in sent for u in updates_of(msg)
+                if u.node_id in ("f", "g") and u.status != Status.ALIVE]
+    # a refutation is taken
+    m.receive(Gossip("c", (MemberState("g", 4, Status.ALIVE, ""),)), "c", 601.0)
+    state = m.member("g")
+    assert state is not None and state.incarnation == 4
+
+
+def test_narrowing_the_scope_holds_the_members_outside_it_alive_again() -> None:
+    m = scoped(4, None)  # b, c, d: the whole fleet (a coordinator outage)
+    m.tick(0.0)
+    m.receive(Gossip("b", (MemberState("c", 1, Status.SUSPECT, ""),
+                           MemberState("d", 2, Status.DEAD, ""))), "b", 10.0)
+    assert sorted(m.live_members()) == ["b", "c"]
+    m.drain_events()
+    m.set_scope({"b"}, 20.0)  # the coordinator answers again: b is our LAN
+    assert [(e.kind, e.node_id, e.incarnation, e.at) for e in m.drain_events()] == [
+        ("alive", "c", 1, 20.0), ("alive", "d", 2, 20.0)]
+    assert sorted(m.live_members()) == ["b", "c", "d"]
+    sent = step(m, 3600.0, answer={"b"})
+    assert {dest for _, dest, _ in sent} == {"b"}
+    assert m.drain_events() == []  # c's suspicion ran out with nobody declaring it dead
+    # the scope opens again (another outage): our own probes judge c and d afresh
+    m.set_scope(None, 3600.0)
+    sent = step(m, 3700.0, answer={"b"})
+    assert {"c", "d"} <= {dest for _, dest, _ in sent}
+    assert sorted(e.node_id for e in m.drain_events() if e.kind == "dead") == ["c", "d"]
+
+
+def test_members_outside_the_scope_are_answered_and_their_frames_checked() -> None:
+    m = scoped(7, {"b", "c"})
+    reported: list[tuple[str, str]] = []
+    m.misbehaved = lambda sender, reason: reported.append((sender, reason))
+    m.tick(0.0)
+    # g, on another LAN and in an outage of its own, probes us: it gets its ack
+    [(dest, ack)] = m.receive(Ping(5, "g"), "g", 1.0)
+    assert dest == "g" and isinstance(ack, Ack) and ack.seq == 5
+    [(dest, reply)] = m.receive(PushPull("g", (), False), "g", 1.5)
+    assert dest == "g" and isinstance(reply, PushPull) and reply.is_reply
+    # but we do not probe f for it: that would cross the WAN for a member we do not judge
+    assert m.receive(PingReq(6, "g", "f"), "g", 2.0) == []
+    assert m.counters["relays_out_of_scope"] == 1
+    # what it claims is checked and reported as ever
+    m.receive(Gossip("g", (MemberState("zz", 0, Status.ALIVE, ""),)), "g", 3.0)
+    m.receive(PingReq(7, "g", "zz"), "g", 3.5)
+    assert reported == [("g", "ghost_member"), ("g", "ghost_member")]
+    # an implausible relay about a member in scope is resynced with it; about one outside the
+    # scope it is only counted (being out of step with it costs us nothing)
+    jump = MAX_INCARNATION_STEP + 1
+    out = m.receive(Gossip("b", (MemberState("c", jump, Status.ALIVE, ""),
+                                 MemberState("f", jump, Status.ALIVE, ""))), "b", 4.0)
+    assert [dest for dest, _ in out] == ["c"]
+    assert m.counters["implausible_incarnation"] == 2

@@ -15,6 +15,7 @@ from nacl.signing import SigningKey
 
 import mesh.node as node_module
 from mesh.blobsched import COORDINATOR, SchedConfig, fetch_timeout, stall_timeout
+from mesh.membership import METERED
 from mesh.node import (
     MAX_SERVING_PER_PEER,
     OUTAGE_SEED_FAILURES,
@@ -37,15 +38,17 @@ from mesh.release import (
     encode_signed_manifest,
     sign_manifest,
 )
-from mesh.rumor import make_verifier
+from mesh.rumor import METERED_RUMOR, make_verifier
 from mesh.wire import (
     MAX_PIECE,
+    Ack,
     BlobData,
     BlobError,
     BlobRequest,
     Gossip,
     Have,
     MemberState,
+    Ping,
     ReleaseKey,
     Rumor,
     Status,
@@ -695,3 +698,71 @@ def test_a_neighbour_back_from_the_dead_gets_what_we_hold_when_lan_discovery_fin
     n.set_lan(["lan1"], 3.0)
     held = tuple(sorted(b.ref.id for b in blobs[:2]))
     assert sent(n.drain(), Have) == [("lan1", Have(KEY1, held))]
+
+
+# ---------------------------------------------------------------- LAN-local gossip (issue 14)
+
+def metered(lan: Iterable[str]) -> MeshNode:
+    """A METERED node (the agent's default) with LAN neighbours lan1, lan2 and wan1, wan2 on
+    other LANs in its peer map."""
+    peers = {"lan1": "10.0.0.2", "lan2": "10.0.0.3", "wan1": "10.0.1.2", "wan2": "10.0.2.2"}
+    n = MeshNode("me", "10.0.0.1", peers=peers, verify=VERIFY, store=MemStore(),
+                 rng=random.Random(1), fleet=FLEET, membership_config=METERED,
+                 rumor_config=METERED_RUMOR)
+    n.set_lan(lan, 0.0)
+    return n
+
+
+def run_idle(n: MeshNode, start: float, until: float, silent: Iterable[str] = ()
+             ) -> list[tuple[float, str, object]]:
+    """Tick `n` at its deadlines in [start, until]; every peer but the `silent` ones acks
+    its pings at once."""
+    out: list[tuple[float, str, object]] = []
+    t = start
+    while t <= until:
+        n.tick(t)
+        for dest, msg in sent(n.drain(), object):
+            out.append((t, dest, msg))
+            if isinstance(msg, Ping) and dest not in silent:
+                n.receive(Ack(msg.seq, dest), dest, t)
+        d = n.next_deadline()
+        assert d is not None
+        t = max(d, t + 1e-9)
+    return out
+
+
+def test_a_metered_node_gossips_only_with_its_lan_while_the_coordinator_answers() -> None:
+    n = metered(["lan1", "lan2"])
+    n.start(0.0)
+    n.offer_manifest(make_manifest(make_blobs(1, large=0)), 0.0)  # from the coordinator
+    hour = run_idle(n, 0.0, 3600.0)
+    assert {dest for _, dest, _ in hour} == {"lan1", "lan2"}
+    assert any(isinstance(m, Rumor) for _, _, m in hour)  # the manifest went to the LAN only
+    assert sum(isinstance(m, Ping) for _, _, m in hour) >= 3600 / METERED.probe_interval - 1
+    # the members on other LANs are alive while in the peer map, for the scheduler too
+    assert n.held_alive("wan1") and n.held_alive("wan2") and n.lan == {"lan1", "lan2"}
+    # an outage opens gossip to the whole fleet...
+    n.coordinator_reachable(False, 3600.0)
+    outage = run_idle(n, 3600.0, 4200.0)
+    assert {"wan1", "wan2"} <= {dest for _, dest, m in outage if isinstance(m, Ping)}
+    # ...and the coordinator's answer closes it again
+    n.coordinator_reachable(True, 4200.0)
+    after = run_idle(n, 4200.0, 7800.0)
+    assert {dest for _, dest, _ in after} == {"lan1", "lan2"}
+
+
+def test_the_lan_scope_follows_lan_discovery() -> None:
+    n = metered([])
+    n.start(0.0)
+    assert run_idle(n, 0.0, 600.0) == []  # no LAN neighbour: no gossip at all
+    n.set_lan(["lan1"], 600.0)  # found: the only member we probe
+    probed = run_idle(n, 600.0, 1200.0)
+    assert {dest for _, dest, _ in probed} == {"lan1"}
+    # it stops answering: dead within a probe period and the suspicion time of a scope of 2
+    run_idle(n, 1200.0, 1200.0 + 2 * METERED.probe_interval + 30.0, silent={"lan1"})
+    assert not n.held_alive("lan1") and n.lan == frozenset()
+    # discovery loses it: alive again for us (the peer map's word), and no longer probed
+    n.set_lan(["lan2"], 1300.0)
+    assert n.held_alive("lan1") and n.lan == {"lan2"}
+    assert {dest for _, dest, _ in run_idle(n, 1300.0, 1900.0)} == {"lan2"}
+    assert n.held_alive("lan1")

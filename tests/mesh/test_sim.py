@@ -1,8 +1,12 @@
-"""mesh.sim: determinism, delivery under loss and a healed partition, failure detection."""
+"""mesh.sim: determinism, delivery under loss and a healed partition, failure detection, and
+gossip that stays on the LAN while the coordinator answers (issue 14)."""
 
 from __future__ import annotations
 
-from mesh.membership import LAN, suspicion_timeout
+import dataclasses
+
+from mesh.membership import LAN, METERED, suspicion_timeout
+from mesh.rumor import METERED_RUMOR
 from mesh.sim import NetConfig, SimConfig, Simulator, sim_blob_ids
 
 
@@ -72,3 +76,55 @@ def test_a_release_reaches_every_store_and_a_restarted_node_takes_it_from_its_la
     again = blob_run(4)
     assert again.fingerprint() == sim.fingerprint()
     assert again.blob_stats.fetches == sim.blob_stats.fetches
+
+
+def lab_shape(seed: int = 2) -> Simulator:
+    """The lab of issue 14: 2 LANs x 3 devices and one device alone (n00006), METERED (LAN-local
+    gossip while the coordinator answers), each holding the manifest the coordinator gave it."""
+    sim = Simulator(SimConfig(n=7, lan_size=3, seed=seed, membership=METERED,
+                              rumor=METERED_RUMOR))
+    for i in range(7):
+        sim.publish(i, 1, 0.0)
+    return sim
+
+
+def test_no_gossip_crosses_the_wan_while_the_coordinator_answers() -> None:
+    sim = lab_shape()
+    sim.run(3600.0)
+    assert [sim.wan_bytes(lan) for lan in range(3)] == [(0, 0)] * 3
+    assert sim.stats.msgs_by_type["Ping"] >= 2 * 3 * 3600 / METERED.probe_interval - 12
+    # an outage opens gossip to the whole fleet; it closes again when the coordinator answers
+    sim.coordinator_down(3600.0)
+    sim.coordinator_down(4200.0, up=True)
+    sim.run(4200.0)
+    for lan in range(3):
+        assert sim.stats.wan_out_by_type[lan]["Ping"] > 0
+        assert sim.wan_bytes(lan)[0] > 0 and sim.wan_bytes(lan)[1] > 0
+    sim.run(4200.0 + METERED.probe_timeout)  # answers to what was on its way
+    settled = [sim.wan_bytes(lan) for lan in range(3)]
+    sim.run(4200.0 + 3600.0)
+    assert [sim.wan_bytes(lan) for lan in range(3)] == settled
+    assert all(len(nd.membership.live_members()) == 6 for nd in sim.nodes
+               if nd.membership is not None)
+
+
+def test_the_whole_fleet_scope_keeps_gossiping_across_the_wan() -> None:
+    sim = Simulator(SimConfig(n=7, lan_size=3, seed=2, rumor=METERED_RUMOR,
+                              membership=dataclasses.replace(METERED, idle_scope="fleet")))
+    sim.run(600.0)
+    assert all(sim.wan_bytes(lan)[1] > 0 for lan in range(3))
+
+
+def test_a_lan_neighbours_death_is_found_by_its_lan_within_the_suspicion_time() -> None:
+    sim = lab_shape()
+    sim.watch.add(1)
+    sim.stop(1, 600.0)
+    sim.run(700.0)
+    dead = sim.dead_seen[1]
+    assert set(dead) == {0, 2}  # its LAN; the other LANs do not judge it
+    # probed within a pass over its 2 neighbours, suspected at the end of that period, dead
+    # after the unconfirmed minimum of a scope of 3 (no confirmations expected)
+    bound = 3 * METERED.probe_interval + suspicion_timeout(METERED, 3)
+    assert bound == 45.0
+    assert max(dead.values()) - 600.0 <= bound
+    assert [sim.wan_bytes(lan) for lan in range(3)] == [(0, 0)] * 3
