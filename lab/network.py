@@ -290,9 +290,9 @@ _CLONE_NEWNET: Final = 0x40000000
 
 
 def write_net_sysctls(keys: dict[str, list[str]]) -> None:
-    """Set /proc/sys/net/<key> = 1 inside each namespace, from a throwaway thread (setns moves
-    only the calling thread, and this one dies afterwards, so no other thread ever changes
-    namespace)."""
+    """Set /proc/sys/net/<key> = 1 (or <key>=<value>) inside each namespace, from a throwaway
+    thread (setns moves only the calling thread, and this one dies afterwards, so no other
+    thread ever changes namespace)."""
     errors: list[BaseException] = []
 
     def work() -> None:
@@ -305,9 +305,10 @@ def write_net_sysctls(keys: dict[str, list[str]]) -> None:
                         raise OSError(ctypes.get_errno(), f"setns {ns}")
                 finally:
                     os.close(fd)
-                for name in names:
+                for entry in names:
+                    name, _, value = entry.partition("=")
                     with open(f"/proc/sys/net/{name}", "w") as f:
-                        f.write("1")
+                        f.write(value or "1")
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(e)
 
@@ -629,6 +630,12 @@ def _build(topo: Topology, nodes: list[Node], links: list[Link]) -> None:
                          loss_only_rules(link.a_if, lan.shaping.loss)))
 
     _run_all(jobs, "configuring routers and shaping")
+    # After the NAT rules: conntrack's sysctls appear in a namespace once it is in use there.
+    timeouts = {r.netns: [f"netfilter/nf_conntrack_udp_timeout={t}",
+                          f"netfilter/nf_conntrack_udp_timeout_stream={t}"]
+                for r in routers if r.lan and (t := lans[r.lan].udp_timeout) is not None}
+    if timeouts:
+        write_net_sysctls(timeouts)
 
 
 # containerd puts its shims' sockets in /run/containerd/s (a path it does not let us change);

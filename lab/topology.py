@@ -51,6 +51,8 @@ _RATE_UNITS: Final = {"bit": 1, "kbit": 1_000, "mbit": 1_000_000, "gbit": 1_000_
 _MIN_RATE: Final = 8_000  # 1 kB/s; below that tbf's burst arithmetic stops making sense
 _MAX_RATE: Final = 100_000_000_000
 MAX_SEED_RATIO: Final = 1000.0  # copies of a release a LAN may upload; beyond is a typo
+MIN_UDP_TIMEOUT: Final = 5  # lab routers' UDP binding lifetime (udp_timeout), seconds
+MAX_UDP_TIMEOUT: Final = 3600
 
 
 class TopologyError(ValueError):
@@ -85,6 +87,9 @@ class LanSpec:
     # whether their WAN link is unmetered (so serving other LANs costs nothing).
     seed_ratio: float | None = None
     metered: bool = True
+    # The routers' UDP binding lifetime in seconds (conntrack's udp timeouts, unreplied and
+    # stream); None: the kernel's (30 s unreplied, 120 s once both ways have been seen).
+    udp_timeout: int | None = None
 
     def agent_args(self) -> list[str]:
         """The agent flags this LAN's settings give its devices."""
@@ -187,6 +192,8 @@ class Topology:
                 e["seed_ratio"] = lan.seed_ratio
             if not lan.metered:
                 e["metered"] = False
+            if lan.udp_timeout is not None:
+                e["udp_timeout"] = lan.udp_timeout
             lans.append(e)
         d["lan"] = lans
         return d
@@ -264,7 +271,7 @@ def parse_topology(data: dict[str, Any], source: str | None = None) -> Topology:
     for i, raw in enumerate(raw_lans):
         where = f"lan[{i}]"
         lan = _check_keys(where, raw, {"name", "nat", "devices", "uplink", "loss", "subnet",
-                                       "seed_ratio", "metered"})
+                                       "seed_ratio", "metered", "udp_timeout"})
         name = lan.get("name")
         if name is None:
             raise TopologyError(f"{where}.name: required")
@@ -314,6 +321,15 @@ def parse_topology(data: dict[str, Any], source: str | None = None) -> Topology:
         if not isinstance(metered, bool):
             raise TopologyError(f"{where}.metered: must be true or false")
 
+        udp_timeout = lan.get("udp_timeout")
+        if udp_timeout is not None:
+            if isinstance(udp_timeout, bool) or not isinstance(udp_timeout, int) \
+                    or not MIN_UDP_TIMEOUT <= udp_timeout <= MAX_UDP_TIMEOUT:
+                raise TopologyError(f"{where}.udp_timeout: must be whole seconds from "
+                                    f"{MIN_UDP_TIMEOUT} to {MAX_UDP_TIMEOUT}")
+            if nat == "none":
+                raise TopologyError(f"{where}.udp_timeout: a nat=\"none\" LAN has no router")
+
         if "subnet" in lan:
             if nat == "none":
                 raise TopologyError(f"{where}.subnet: a nat=\"none\" LAN has no subnet of its own")
@@ -335,6 +351,7 @@ def parse_topology(data: dict[str, Any], source: str | None = None) -> Topology:
                 "shaping": Shaping(rate_bps=rate_bps, rate_text=rate_text, loss=loss),
                 "seed_ratio": seed_ratio,
                 "metered": metered,
+                "udp_timeout": udp_timeout,
             }
         )
 
@@ -380,6 +397,7 @@ def parse_topology(data: dict[str, Any], source: str | None = None) -> Topology:
                 wan_addresses=wan_addrs,
                 seed_ratio=p["seed_ratio"],
                 metered=p["metered"],
+                udp_timeout=p["udp_timeout"],
             )
         )
 

@@ -141,12 +141,20 @@ BAD = [
     (
         '[[lan]]\nname = "a"\ncolour = "red"\n',
         "lan[0].colour: unknown key (allowed: devices, loss, metered, name, nat, seed_ratio, "
-        "subnet, uplink)",
+        "subnet, udp_timeout, uplink)",
     ),
     ('[[lan]]\nname = "a"\nseed_ratio = -1\n', "lan[0].seed_ratio: must be between 0 and 1000"),
     ('[[lan]]\nname = "a"\nseed_ratio = "x"\n', "lan[0].seed_ratio: must be a number >= 0"),
     ('[[lan]]\nname = "a"\nseed_ratio = true\n', "lan[0].seed_ratio: must be a number >= 0"),
     ('[[lan]]\nname = "a"\nmetered = "no"\n', "lan[0].metered: must be true or false"),
+    ('[[lan]]\nname = "a"\nudp_timeout = 2\n',
+     "lan[0].udp_timeout: must be whole seconds from 5 to 3600"),
+    ('[[lan]]\nname = "a"\nudp_timeout = 30.5\n',
+     "lan[0].udp_timeout: must be whole seconds from 5 to 3600"),
+    ('[[lan]]\nname = "a"\nnat = "none"\nudp_timeout = 30\n',
+     'lan[0].udp_timeout: a nat="none" LAN has no router'),
+    ('[agents]\nlazy_after = -1\n[[lan]]\nname = "a"\n',
+     "agents.lazy_after: must be seconds from 0 to 86400"),
     (
         '[wan]\nsubnet = "198.51.100.0/24"\nmtu = 1400\n[[lan]]\nname = "a"\n',
         "wan.mtu: unknown key (allowed: subnet)",
@@ -158,7 +166,7 @@ BAD = [
     ),
     (
         '[agents]\nsharing = false\n[[lan]]\nname = "a"\n',
-        "agents.sharing: unknown key (allowed: docker, peer_sharing)",
+        "agents.sharing: unknown key (allowed: docker, lazy_after, peer_sharing)",
     ),
     (
         '[wan]\nsubnet = "10.201.0.0/16"\n[[lan]]\nname = "a"\n',
@@ -314,4 +322,12 @@ def test_cross_lan_serving_keys_become_that_lans_agent_flags() -> None:
     assert topo.lan("a").agent_args() == ["--seed-ratio", "1.5", "--unmetered"]
     assert topo.lan("b").agent_args() == []
     assert topo.lan("c").agent_args() == ["--seed-ratio", "2"]
+    assert parse_topology(topo.to_dict()) == topo
+
+
+def test_udp_timeout_and_lazy_after_round_trip() -> None:
+    topo = parse_topology({"agents": {"lazy_after": 20}, "lan": [
+        {"name": "a", "udp_timeout": 30}, {"name": "b"}]})
+    assert topo.lan("a").udp_timeout == 30 and topo.lan("b").udp_timeout is None
+    assert topo.agents.lazy_after == 20.0
     assert parse_topology(topo.to_dict()) == topo
