@@ -368,8 +368,9 @@ def add_run_parser(sub: Any) -> None:
                         "memberlist's)")
     p.add_argument("--gossip-profile", choices=("metered", "lan"), default="metered",
                    help="membership pace: metered (default; memberlist's WAN probe timings, "
-                        "push-pull every 120 s) or lan (memberlist's LAN defaults: faster to "
-                        "notice a dead device, ~5x the idle traffic)")
+                        "push-pull every 120 s, gossip with LAN neighbours only while the "
+                        "coordinator answers) or lan (memberlist's LAN defaults with the whole "
+                        "fleet: faster to notice a dead device, ~5x the idle traffic)")
     p.add_argument("--no-apply", action="store_true",
                    help="fetch releases but do not run them on Docker (no engine needed)")
     p.add_argument("--docker-host", metavar="URL", default=None,
