@@ -379,8 +379,10 @@ def add_run_parser(sub: Any) -> None:
                         "memberlist's)")
     p.add_argument("--gossip-profile", choices=("metered", "lan"), default="metered",
                    help="membership pace: metered (default; memberlist's WAN probe timings, "
-                        "push-pull every 120 s) or lan (memberlist's LAN defaults: faster to "
-                        "notice a dead device, ~5x the idle traffic)")
+                        "push-pull every 120 s, gossip with LAN neighbours only while the "
+                        "coordinator answers, lazy direct paths) or lan (memberlist's LAN "
+                        "defaults with the whole fleet, every path kept alive: faster to notice "
+                        "a dead device, ~5x the idle traffic)")
     p.add_argument("--lazy-after", type=_seconds, default=None, metavar="SECONDS",
                    help=f"a direct path to a peer behind another NAT that carries nothing but "
                         f"keepalives this long stops its keepalives until traffic wakes it "

@@ -101,8 +101,9 @@ class GossipSettings:
     underlay: str | None = None  # interface or IPv4 for LAN discovery; None: no discovery
     targets_interval: float = TARGETS_INTERVAL
     lan_discovery: LanDiscovery | None = None  # None: agent._lan.run_lan_discovery
-    # Devices sit on metered links: probe and anti-entropy at memberlist's WAN pace by default
-    # (mesh.membership.METERED); "lan" is memberlist's DefaultLANConfig, faster to notice deaths.
+    # Devices sit on metered links: probe and anti-entropy at memberlist's WAN pace, with the
+    # LAN only while the coordinator answers, by default (mesh.membership.METERED); "lan" is
+    # memberlist's DefaultLANConfig with the whole fleet, faster to notice deaths.
     profile: str = "metered"
     apply: ApplySettings | None = None  # None: fetch releases but do not run them
 

@@ -9,7 +9,12 @@
    Voecking, "Randomized Rumor Spreading", FOCS 2000) and the ratio.
 2. A stopped node at N = 100: time to first suspicion and until every member marks it dead,
    against the configured suspicion timeouts.
-3. Idle cost (no release) per node per hour for the LAN and METERED configurations.
+3. Idle cost (no release) per node per hour for the LAN and METERED configurations (METERED
+   with the whole fleet in scope, as before issue 14, and LAN-local, its default since).
+4. Idle WAN cost of gossip per device per hour (in + out at its LAN's WAN link) with METERED,
+   gossiping with the whole fleet (before issue 14) and LAN-local while the coordinator
+   answers (the default since), on the lab's shape (2 LANs x 3 devices + 1 alone) and at
+   N = 100.
 Network: LANs of 10 devices, 1 ms in a LAN, 40 ms between LANs, 1 Mbit/s per LAN uplink and
 downlink, bytes include 60 bytes of WireGuard/UDP/IPv4 per message.
 """
@@ -17,13 +22,14 @@ downlink, bytes include 60 bytes of WireGuard/UDP/IPv4 per message.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import time
 
 from mesh.membership import LAN, METERED, MembershipConfig, suspicion_timeout
 from mesh.rumor import LAN_RUMOR, METERED_RUMOR, RumorConfig
-from mesh.sim import NetConfig, SimConfig, Simulator
+from mesh.sim import NetConfig, SimConfig, Simulator, idle_wan_cost
 
 SETTLE = 20.0  # seconds of membership traffic before the release is published
 WINDOW = 90.0  # seconds observed after publishing
@@ -85,6 +91,13 @@ def idle(n: int, seed: int, membership: MembershipConfig, rumor: RumorConfig,
     return {"total": (sum(nd.sent_bytes for nd in sim.nodes) - sent0) * scale, **per_type}
 
 
+def idle_wan(n: int, lan_size: int, seed: int) -> dict[str, list[float]]:
+    """Per LAN, WAN bytes per device per hour of METERED gossip, by scope."""
+    return {scope: idle_wan_cost(SimConfig(
+        n=n, lan_size=lan_size, seed=seed, rumor=METERED_RUMOR,
+        membership=dataclasses.replace(METERED, idle_scope=scope))) for scope in ("fleet", "lan")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=1)
@@ -114,12 +127,24 @@ def main() -> None:
           f" / {d['dead_max']:.2f} s (min/median/max); suspicion timeout {d['low']:.1f} s"
           f" (confirmed) .. {d['high']:.1f} s (unconfirmed)")
     print("\n== idle cost per node per hour, N = 100, no release (WireGuard/UDP/IP included)")
-    for name, mcfg, rcfg in (("LAN", LAN, LAN_RUMOR), ("METERED", METERED, METERED_RUMOR)):
+    whole_fleet = dataclasses.replace(METERED, idle_scope="fleet")  # METERED before issue 14
+    for name, mcfg, rcfg in (("LAN", LAN, LAN_RUMOR), ("METERED, whole fleet", whole_fleet,
+                                                       METERED_RUMOR),
+                             ("METERED, LAN-local", METERED, METERED_RUMOR)):
         r = idle(100, args.seed, mcfg, rcfg, 1800.0)
         parts = ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in sorted(r.items())
                           if k != "total" and v)
-        print(f"{name:>8}: {r['total'] / 1024:8.0f} KiB/h = {r['total'] * 24 * 30 / 2**20:6.0f}"
+        print(f"{name:>20}: {r['total'] / 1024:8.0f} KiB/h = {r['total'] * 24 * 30 / 2**20:6.0f}"
               f" MiB/month ({parts})")
+    print("\n== idle WAN cost of gossip per device per hour, METERED (in + out at its LAN's WAN"
+          " link; no release, coordinator reachable)")
+    for n, lan_size, shape in ((7, 3, "2 LANs x 3 + 1 alone"), (100, 10, "N = 100, LANs of 10")):
+        wan = idle_wan(n, lan_size, args.seed)
+        for scope, label in (("fleet", "whole fleet"), ("lan", "LAN-local")):
+            per_lan = " / ".join(f"{x / 1024:.1f}" for x in wan[scope]) if n < 20 else (
+                f"mean {statistics.mean(wan[scope]) / 1024:.1f}, "
+                f"max {max(wan[scope]) / 1024:.1f}")
+            print(f"{shape:>22}, {label:>11}: {per_lan} KiB/h per device")
 
 
 if __name__ == "__main__":

@@ -764,5 +764,23 @@ class Simulator:
                 tuple(sorted(self.stats.bytes_by_type.items())))
 
 
+def idle_wan_cost(config: SimConfig, span: float = 3600.0) -> list[float]:
+    """Bytes per device per hour that cross each LAN's WAN link (in + out, as its router's WAN
+    interface counts them) while the fleet is idle: every node holds one manifest (offered
+    by the coordinator) and nothing else happens. Measured over `span` seconds after a warm-up
+    of two anti-entropy intervals and a minute (first push-pulls and digests are in)."""
+    sim = Simulator(config)
+    for i in range(config.n):
+        sim.publish(i, 1, 0.0)
+    warm = 2 * config.rumor.anti_entropy_interval + 60.0
+    lans = range((config.n + config.lan_size - 1) // config.lan_size)
+    sim.run(warm)
+    before = [sum(sim.wan_bytes(lan)) for lan in lans]
+    sim.run(warm + span)
+    devices = [min(config.lan_size, config.n - lan * config.lan_size) for lan in lans]
+    return [(sum(sim.wan_bytes(lan)) - b) * 3600.0 / span / d
+            for lan, b, d in zip(lans, before, devices, strict=True)]
+
+
 def _address(i: int) -> str:
     return f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}"

@@ -354,7 +354,9 @@ def test_a_scope_keeps_every_probe_push_pull_and_gossip_inside_it_for_an_idle_ho
     assert {dest for _, dest, _ in sent} == {"b", "c"}
     pings = [t for t, _, msg in sent if isinstance(msg, Ping)]
     assert len(pings) in (720, 721)  # one probe per 5 s interval
-    assert any(isinstance(msg, PushPull) for _, _, msg in sent)
+    push_pulls = [msg for _, _, msg in sent if isinstance(msg, PushPull)]
+    assert push_pulls  # with the states of the scope only: nobody in it judges the others
+    assert all(sorted(u.node_id for u in p.members) == ["a", "b", "c"] for p in push_pulls)
     # the members outside stay in the table, alive, and are never judged
     assert sorted(m.live_members()) == ["b", "c", "d", "e", "f", "g"]
     assert m.cluster_size() == 3 and m.gossip_peers() == ["b", "c"]

@@ -741,6 +741,10 @@ def test_a_metered_node_gossips_only_with_its_lan_while_the_coordinator_answers(
     assert sum(isinstance(m, Ping) for _, _, m in hour) >= 3600 / METERED.probe_interval - 1
     # the members on other LANs are alive while in the peer map, for the scheduler too
     assert n.held_alive("wan1") and n.held_alive("wan2") and n.lan == {"lan1", "lan2"}
+    # one of them may still send us frames: answered, checked and reported as ever
+    n.receive(Ping(9, "wan1", (MemberState("ghost", 0, Status.ALIVE, ""),)), "wan1", 3600.0)
+    assert sent(n.drain(), Ack) == [("wan1", Ack(9, "me", ()))]
+    assert n.misbehaving_peers() == {"wan1": {"ghost_member": 1}}
     # an outage opens gossip to the whole fleet...
     n.coordinator_reachable(False, 3600.0)
     outage = run_idle(n, 3600.0, 4200.0)

@@ -8,10 +8,15 @@ blobs. The new default (metered: the uplink carries control traffic only; one WA
 blob per LAN; timers that follow the measured rates) pulls each byte into a LAN about once.
 
     .venv/bin/python -m tests.mesh_blobs.test_wan_policy_sim     # prints the numbers
+
+Idle, the same fleet's gossip crosses the WAN only when it must (issue 14: an idle device may
+cost at most 20 KB of WAN per hour): with the coordinator answering, METERED gossips with the
+LAN only; gossiping with the whole fleet, as before, costs each device ~185 kB/h here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -21,7 +26,7 @@ from mesh.blobsched import SchedConfig
 from mesh.membership import METERED
 from mesh.node import ServePolicy
 from mesh.rumor import METERED_RUMOR
-from mesh.sim import NetConfig, SimConfig, Simulator, sim_blob_ids
+from mesh.sim import NetConfig, SimConfig, Simulator, idle_wan_cost, sim_blob_ids
 
 LANS, PER_LAN = 3, 3
 CHUNK = 4 * 1024 * 1024
@@ -122,7 +127,25 @@ def test_old_policy_collapses() -> None:
                                                                            new.row("new"))
 
 
+IDLE_ALLOWANCE = 20_000  # bytes of WAN per idle device and hour, in + out (issue 14)
+
+
+def idle(scope: str) -> list[float]:
+    """WAN bytes per device per hour of idle METERED gossip, per LAN, with `scope`."""
+    return idle_wan_cost(SimConfig(n=LANS * PER_LAN, lan_size=PER_LAN, rumor=METERED_RUMOR,
+                                   membership=dataclasses.replace(METERED, idle_scope=scope)))
+
+
+def test_idle_gossip_crosses_no_wan_while_the_coordinator_answers() -> None:
+    assert METERED.idle_scope == "lan"
+    assert idle("lan") == [0.0] * LANS
+    assert all(x > IDLE_ALLOWANCE for x in idle("fleet"))  # before: gossip alone was over
+
+
 def main() -> None:
+    for scope, label in (("fleet", "before (whole fleet)"), ("lan", "after (LAN-local)")):
+        print(f"idle gossip, {label:20}: WAN in + out per device per hour " +
+              " ".join(f"{x / 1e3:6.1f}" for x in idle(scope)) + " kB", flush=True)
     for rate in (500_000.0, 125_000.0):
         for name, policy in (("old", OLD), ("new", NEW), ("unmetered", UNMETERED)):
             print(run(policy, rate).row(name), flush=True)
