@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-from mesh.control import LogLine
+from mesh.control import LinkState, LogLine
 
 
 class DeviceState(enum.StrEnum):
@@ -35,6 +35,7 @@ class Device:
     enrolled_at: float | None = None
     revoked_at: float | None = None
     public_endpoint: str | None = None  # as the hub last saw it
+    link: LinkState | None = None  # how it holds its NAT binding (its last report that said)
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +207,7 @@ class DeviceInfo(TypedDict):
     # what this device reports others doing wrong: [{"name", "counts"}]
     reports_about: list[dict[str, Any]]
     reported_misbehaving: int  # how many devices report it misbehaving
+    link: dict[str, Any] | None  # mesh.control.LinkState JSON from its reports
 
 
 def device_info(device: Device, *, online: bool, endpoint: str | None,
@@ -225,7 +227,8 @@ def device_info(device: Device, *, online: bool, endpoint: str | None,
             "last_seen": last_seen, "last_report": device.last_report,
             "enrolled_at": device.enrolled_at, "release": release,
             "apps": apps, "reported_by": reported_by, "reports_about": reports_about,
-            "reported_misbehaving": len(reported_by)}
+            "reported_misbehaving": len(reported_by),
+            "link": device.link.to_json() if device.link is not None else None}
 
 
 # --------------------------------------------------------------------------- releases

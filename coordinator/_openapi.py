@@ -149,7 +149,17 @@ SCHEMAS: dict[str, Any] = {
                              "description": "peers the device's mesh node counted "
                                             "misbehaving since its agent started (a name once)",
                              "items": _obj(["name", "counts"], name=_DEV,
-                                           counts=_ref("MisbehaviourCounts"))}),
+                                           counts=_ref("MisbehaviourCounts"))},
+                         link=_ref("LinkState")),
+    "LinkState": _obj(
+        ["hub_keepalive"],
+        hub_keepalive={"type": "integer", "minimum": 0, "maximum": 86400,
+                       "description": "the device's keepalive to the hub, seconds"},
+        binding_survived={"type": "number", "minimum": 0, "maximum": 86400,
+                          "description": "the longest silence its NAT binding was seen to "
+                                         "survive, seconds (0: none measured)"},
+        binding_lost={"type": ["number", "null"], "minimum": 0, "maximum": 86400,
+                      "description": "the shortest silence it did not survive (null: none)"}),
     "MisbehaviourCounts": {**_obj([], **{r: _COUNT for r in MISBEHAVIOURS}),
                            "additionalProperties": False},
     "SourceBytes": _obj(["lan", "wan_peer", "coordinator"], lan=_COUNT, wan_peer=_COUNT,
@@ -208,7 +218,10 @@ SCHEMAS: dict[str, Any] = {
                                                     counts=_ref("MisbehaviourCounts"))},
                        reported_misbehaving={"type": "integer", "minimum": 0,
                                              "description": "how many devices report it "
-                                                            "misbehaving"}),
+                                                            "misbehaving"},
+                       link={"oneOf": [_ref("LinkState"), {"type": "null"}],
+                             "description": "how it holds its NAT binding to the hub, as it "
+                                            "last reported (null: not reported)"}),
     # uses: at most the fleet's quota of devices (the coordinator's --max-fleet-devices)
     "TokenRequest": _obj(["fleet"], fleet=_DEV,
                          uses={"type": ["integer", "null"], "minimum": 1, "default": 1},

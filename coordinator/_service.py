@@ -461,7 +461,7 @@ class FleetService:
         cleared = self.store.record_report(device.id, report.lan_endpoints,
                                            report.agent_version, report.peers,
                                            self.settings.clock(), report.apps,
-                                           report.misbehaving_peers)
+                                           report.misbehaving_peers, report.link)
         if cleared:  # a force the device no longer needs has left its targets
             self.releases.targets_changed(device.fleet, device.name)
         self.core.set_lan(device.name, report.lan_endpoints)
@@ -522,8 +522,13 @@ class FleetService:
         handshake = self._last_handshake.get(d.name) if live else None
         seen = [t for t in (d.last_report, handshake) if t is not None]
         last_seen = max(seen) if seen else None
+        # A device that tuned its hub keepalive to its NAT (agent/_keepalive.py) sends a packet
+        # only every hub_keepalive seconds: two of those may pass unseen before it is offline.
+        window = self.settings.online_window
+        if d.link is not None:
+            window = max(window, 2.0 * d.link.hub_keepalive + 10.0)
         online = live and last_seen is not None and \
-            self.settings.clock() - last_seen < self.settings.online_window
+            self.settings.clock() - last_seen < window
         return online, last_seen
 
     def _info(self, d: Device, apps: list[AppStatus] | None = None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from mesh.control import AppStatus, LogLine, PeerMisbehaviour, PeerPath
+from mesh.control import AppStatus, LinkState, LogLine, PeerMisbehaviour, PeerPath
 
 from ._model import (
     AppControl,
@@ -74,7 +74,8 @@ class Store(Protocol):
 
     def record_report(self, device_id: str, lan_endpoints: Sequence[str], agent_version: str,
                       peers: Sequence[PeerPath], now: float, apps: Sequence[AppStatus] = (),
-                      misbehaving: Sequence[PeerMisbehaviour] = ()) -> list[str]:
+                      misbehaving: Sequence[PeerMisbehaviour] = (),
+                      link: LinkState | None = None) -> list[str]:
         """Also replaces what the device last said of misbehaving peers with `misbehaving`
         (an old agent's report says nothing: none), keeps each app's status (replacing the
         previous one of that app; at most mesh.control.MAX_APPS per device, past which the

@@ -17,7 +17,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
-from mesh.control import MAX_APPS, AppStatus, ControlError, LogLine, PeerMisbehaviour, PeerPath
+from mesh.control import (
+    MAX_APPS,
+    AppStatus,
+    ControlError,
+    LinkState,
+    LogLine,
+    PeerMisbehaviour,
+    PeerPath,
+)
 
 from . import _ipam
 from ._model import (
@@ -181,11 +189,23 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         added_at REAL NOT NULL,
         PRIMARY KEY (fleet, version)) WITHOUT ROWID;
     """,
+    # 8: how each device holds its NAT binding to the hub (mesh.control.LinkState as JSON,
+    # from its reports): its hub keepalive decides how long "online" may go without a packet.
+    "ALTER TABLE devices ADD COLUMN link TEXT;",
 )
 
 _DEVICE_COLS: Final = ("id, name, fleet, state, created_at, public_key, mesh_ipv4, mesh_ipv6, "
                        "agent_version, lan_endpoints, last_report, enrolled_at, revoked_at, "
-                       "public_endpoint")
+                       "public_endpoint, link")
+
+
+def _link(text: str | None) -> LinkState | None:
+    if text is None:
+        return None
+    try:
+        return LinkState.from_json(json.loads(text))
+    except (ValueError, ControlError):  # validated on arrival; a damaged row is no link
+        return None
 
 
 def _device(row: Sequence[Any]) -> Device:
@@ -193,7 +213,7 @@ def _device(row: Sequence[Any]) -> Device:
                   created_at=row[4], public_key=row[5], mesh_ipv4=row[6], mesh_ipv6=row[7],
                   agent_version=row[8], lan_endpoints=tuple(json.loads(row[9])),
                   last_report=row[10], enrolled_at=row[11], revoked_at=row[12],
-                  public_endpoint=row[13])
+                  public_endpoint=row[13], link=_link(row[14]))
 
 
 _RELEASE_COLS: Final = ("fleet, app, version, signed, key_id, created_at, published_at, layers, "
@@ -476,7 +496,8 @@ class SqliteStore:
 
     def record_report(self, device_id: str, lan_endpoints: Sequence[str], agent_version: str,
                       peers: Sequence[PeerPath], now: float, apps: Sequence[AppStatus] = (),
-                      misbehaving: Sequence[PeerMisbehaviour] = ()) -> list[str]:
+                      misbehaving: Sequence[PeerMisbehaviour] = (),
+                      link: LinkState | None = None) -> list[str]:
         cleared = []
         with self._tx() as c:
             # Only names of the reporter's fleet's live devices are kept: a report can name
@@ -491,6 +512,9 @@ class SqliteStore:
                       "last_report = ? WHERE id = ?",
                       (json.dumps(list(lan_endpoints)), agent_version,
                        json.dumps([p.to_json() for p in peers]), now, device_id))
+            if link is not None:
+                c.execute("UPDATE devices SET link = ? WHERE id = ?",
+                          (json.dumps(link.to_json()), device_id))
             for a in apps:
                 c.execute("INSERT INTO device_apps (device_id, app, status) VALUES (?, ?, ?) "
                           "ON CONFLICT(device_id, app) DO UPDATE SET status = excluded.status",

@@ -562,6 +562,40 @@ class PeerMisbehaviour:
         return cls(name, out)
 
 
+MAX_LINK_SECONDS: Final = 86400.0
+
+
+def _seconds(obj: Mapping[str, Any], key: str, where: str) -> float | None:
+    value = _get(obj, key, float, where, optional=True)
+    if value is not None and not 0.0 <= value <= MAX_LINK_SECONDS:  # also NaN, infinities
+        raise ControlError(f"{where}.{key}: must be seconds from 0 to {MAX_LINK_SECONDS:g}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class LinkState:
+    """How the device holds its NAT binding to the hub (agent/_keepalive.py): the hub
+    keepalive in use, the longest silence the binding was seen to survive (0: none measured
+    yet) and the shortest it did not (None: none found)."""
+
+    hub_keepalive: int
+    binding_survived: float = 0.0
+    binding_lost: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"hub_keepalive": self.hub_keepalive, "binding_survived": self.binding_survived,
+                "binding_lost": self.binding_lost}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = "link") -> LinkState:
+        keepalive = _get(obj, "hub_keepalive", int, where)
+        if not 0 <= keepalive <= MAX_LINK_SECONDS:
+            raise ControlError(f"{where}.hub_keepalive: must be seconds from 0 to "
+                               f"{MAX_LINK_SECONDS:g}")
+        return cls(keepalive, _seconds(obj, "binding_survived", where) or 0.0,
+                   _seconds(obj, "binding_lost", where))
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceReport:
     """What an agent reports about itself: LAN candidates, version, per-peer paths, the state
@@ -573,12 +607,16 @@ class DeviceReport:
     peers: tuple[PeerPath, ...] = field(default_factory=tuple)
     apps: tuple[AppStatus, ...] = ()
     misbehaving_peers: tuple[PeerMisbehaviour, ...] = ()
+    link: LinkState | None = None  # absent from old agents
 
     def to_json(self) -> dict[str, Any]:
-        return {"lan_endpoints": list(self.lan_endpoints), "agent_version": self.agent_version,
-                "peers": [p.to_json() for p in self.peers],
-                "apps": [a.to_json() for a in self.apps],
-                "misbehaving_peers": [m.to_json() for m in self.misbehaving_peers]}
+        out: dict[str, Any] = {
+            "lan_endpoints": list(self.lan_endpoints), "agent_version": self.agent_version,
+            "peers": [p.to_json() for p in self.peers], "apps": [a.to_json() for a in self.apps],
+            "misbehaving_peers": [m.to_json() for m in self.misbehaving_peers]}
+        if self.link is not None:
+            out["link"] = self.link.to_json()
+        return out
 
     @classmethod
     def from_json(cls, obj: Any) -> DeviceReport:
@@ -602,7 +640,9 @@ class DeviceReport:
         return cls(_endpoints(obj, "lan_endpoints", w),
                    _get(obj, "agent_version", str, w, optional=True) or "",
                    tuple(PeerPath.from_json(p, f"{w}.peers[{i}]") for i, p in enumerate(peers)),
-                   apps, misbehaving)
+                   apps, misbehaving,
+                   None if obj.get("link") is None else LinkState.from_json(obj["link"],
+                                                                            f"{w}.link"))
 
 
 # --------------------------------------------------------------------------- device targets

@@ -118,6 +118,21 @@ def _misbehaviour_lines(d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _nat_text(link: Any) -> str:
+    """How the device holds its NAT binding to the hub (agent/_keepalive.py), from its last
+    report: "keepalive 80 s; binding >= 105 s, < 130 s"."""
+    if not isinstance(link, dict) or not isinstance(link.get("hub_keepalive"), int):
+        return "-"
+    out = f"keepalive {link['hub_keepalive']} s"
+    survived, lost = link.get("binding_survived"), link.get("binding_lost")
+    known = []
+    if isinstance(survived, (int, float)) and survived > 0:
+        known.append(f">= {survived:.0f} s")
+    if isinstance(lost, (int, float)):
+        known.append(f"< {lost:.0f} s")
+    return out + (f"; binding {', '.join(known)}" if known else "; binding not measured yet")
+
+
 def _release_text(d: dict[str, Any]) -> str:
     """The running release, and "stale" when the device reports that the fleet's signed
     timestamp expired (a frozen coordinator; docs/security.md)."""
@@ -161,6 +176,7 @@ def _show_device(d: dict[str, Any]) -> None:
     rows.append(["last seen", when(d.get("last_seen"))])
     rows.append(["enrolled", date(d.get("enrolled_at"))])
     rows.append(["release", text(d.get("release"))])
+    rows.append(["NAT", _nat_text(d.get("link"))])
     table(["FIELD", "VALUE"], rows, header=False)
     lines = _misbehaviour_lines(d)
     if lines:

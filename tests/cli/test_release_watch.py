@@ -23,7 +23,7 @@ import trio
 from nacl.signing import SigningKey
 from rich.console import Console
 
-from mesh.control import AppStatus, DeviceReport, LogLine, PeerMisbehaviour
+from mesh.control import AppStatus, DeviceReport, LinkState, LogLine, PeerMisbehaviour
 from ops._cli_release import PlainWatch, RichWatch, watch_outcome
 from ops.client import DeviceClient, OperatorClient, enroll
 from tests.coordinator.releasekit import build
@@ -63,11 +63,12 @@ class Fleet:
             signal.signal(signal.SIGINT, previous)
 
     def report(self, device: str, *apps: AppStatus,
-               misbehaving: tuple[PeerMisbehaviour, ...] = ()) -> None:
+               misbehaving: tuple[PeerMisbehaviour, ...] = (),
+               link: LinkState | None = None) -> None:
         async def go() -> None:
             async with DeviceClient(self.coord.url, self.creds[device], self.coord.der) as c:
                 await c.report(DeviceReport(agent_version="fake", apps=apps,
-                                            misbehaving_peers=misbehaving))
+                                            misbehaving_peers=misbehaving, link=link))
         trio.run(go)
 
     def logs(self, device: str, *lines: str, dropped: int = 0) -> None:
@@ -289,6 +290,20 @@ def test_show_and_list_name_the_accused_and_the_accusers(fleet: Fleet) -> None:
     finally:
         fleet.report("d1")  # the other tests' views stay as they were
         fleet.report("d2")
+
+
+def test_show_tells_how_the_device_holds_its_nat_binding(fleet: Fleet) -> None:
+    def nat_line() -> str:
+        return next(line for line in fleet.ok("devices", "show", "d1").splitlines()
+                    if line.startswith("NAT")).rstrip()
+    assert nat_line().split(None, 1)[1] == "-"  # nothing reported yet
+    fleet.report("d1", link=LinkState(25))
+    assert nat_line().split(None, 1)[1] == "keepalive 25 s; binding not measured yet"
+    fleet.report("d1", link=LinkState(84, 105.4, 130.0))
+    assert nat_line().split(None, 1)[1] == "keepalive 84 s; binding >= 105 s, < 130 s"
+    shown = json.loads(fleet.ok("devices", "show", "d1", "--json"))
+    assert shown["link"] == {"hub_keepalive": 84, "binding_survived": 105.4,
+                             "binding_lost": 130.0}
 
 
 def test_watch_views_and_outcome() -> None:

@@ -359,3 +359,30 @@ async def test_a_punch_request_wakes_the_peers_long_poll_and_is_spaced(h: Harnes
         r = await a.client.post("/api/v1/device/punch", json=body)
         assert r.status_code == status, (body, r.text)
         assert "error" in r.json()
+
+
+async def test_a_tuned_hub_keepalive_widens_online_and_devices_show_tells_the_nat(
+        tmp_path: Path) -> None:
+    """A device whose NAT keeps its binding for minutes sends a keepalive every
+    `hub_keepalive` s (agent/_keepalive.py): between two of them it is still online; its
+    report's `link` is kept (a report without one keeps it) and shown."""
+    now = [1_800_000_000.0]
+    async with running_harness(CoordinatorConfig(
+            data_dir=tmp_path / "coord", listen="127.0.0.1:0", hub=False, batch_window=0.05,
+            clock=lambda: now[0])) as h:
+        cam = await h.enroll("cam-1")
+        link = {"hub_keepalive": 100, "binding_survived": 130.5, "binding_lost": 170.0}
+        r = await cam.client.post("/api/v1/device/state", json={"link": link})
+        assert r.status_code == 204, r.text
+        now[0] += 150  # past the default 60 s window, within 2 x 100 + 10
+        r = await cam.client.post("/api/v1/device/state", json={"agent_version": "x"})
+        assert r.status_code == 204
+        now[0] += 200
+        info = (await h.op.get("/api/v1/devices/cam-1")).json()
+        assert info["link"] == link and info["online"] is True
+        now[0] += 11
+        assert (await h.op.get("/api/v1/devices/cam-1")).json()["online"] is False
+        for bad in ({"hub_keepalive": -1}, {"hub_keepalive": 25, "binding_lost": "x"},
+                    {"binding_survived": 3}, {"hub_keepalive": 25, "binding_survived": 1e99}):
+            r = await cam.client.post("/api/v1/device/state", json={"link": bad})
+            assert r.status_code == 400 and "report.link" in r.json()["error"], r.text
