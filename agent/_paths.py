@@ -48,7 +48,8 @@ Per peer:
   sends a handshake initiation every REKEY_TIMEOUT: ~135 KB per hour per relayed peer, the
   largest idle cost of a device behind a symmetric NAT. So probing is free for RELAY_PROBE_FREE
   after the relay began (a peer that restarts or moves within minutes is found at once), then
-  each round of candidates is followed by a pause with no keepalive, RELAY_PAUSE_FIRST doubling
+  each round of candidates is followed by a pause without the probe entry (a keepalive of 0
+  would not stop the handshake WireGuard keeps retrying for 90 s), RELAY_PAUSE_FIRST doubling
   up to RELAY_PAUSE_MAX. The pause ends early when the peer reaches us (rx growth), and a peer
   whose endpoints change in the map starts `trying` anyway.
 
@@ -438,13 +439,15 @@ class PathSelector:
             if st.state == "relay":
                 hub_ips |= mesh
                 ep = _endpoint(st.endpoints[st.candidate]) if st.endpoints else None
-                probing = ep is not None and st.paused_until is None
-                peers.append(DesiredPeer(entry.public_key, frozenset(), ep,
-                                         KEEPALIVE if probing else 0))
                 paths.append(PeerPath(entry.public_key, "relay", None, handshake))
                 if st.paused_until is not None:
+                    # No entry at all: a keepalive of 0 would not stop the handshake WireGuard
+                    # is retrying (every REKEY_TIMEOUT for 90 s after the last attempt).
                     deadlines.append(st.paused_until)
-                elif st.endpoints:
+                    continue
+                peers.append(DesiredPeer(entry.public_key, frozenset(), ep,
+                                         KEEPALIVE if ep is not None else 0))
+                if st.endpoints:
                     deadlines.append(st.since + RELAY_PROBE_DWELL)
             elif st.state == "trying":
                 ep = _endpoint(st.endpoints[st.candidate])
