@@ -63,8 +63,12 @@ if TYPE_CHECKING:
     from ._apply_driver import Applier
 
 # The targets are read when the peer map's `targets` revision changes (the coordinator bumps it
-# on every target change) and at start; this slow poll is only a safety net.
-TARGETS_INTERVAL: Final = 600.0
+# on every target change: a release, a pin, a withdrawal, a new root) and at start; this slow
+# poll is only a safety net. Each read is three TLS requests (targets, the fleet's timestamp,
+# its roots), and an idle device's budget is 20 KB/h of WAN all included (issue 14). Every 6
+# hours still renews the signed timestamp (valid for a day, coordinator/_releases.py
+# TIMESTAMP_LIFETIME) four times before it expires.
+TARGETS_INTERVAL: Final = 6 * 3600.0
 TARGETS_RETRY: Final = 30.0  # after a failed read (coordinator unreachable)
 GOSSIP_RETRY: Final = 5.0  # the mesh address may not be on the interface yet: retry the bind
 LAN_RETRY: Final = 60.0  # LAN discovery failed (no such underlay, mDNS socket): try again

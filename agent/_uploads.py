@@ -11,6 +11,7 @@ for anything else: a failed call is logged once per distinct error and retried.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any, Final, Protocol
 
 import trio
@@ -19,10 +20,13 @@ from mesh.control import MAX_LOG_LINES, ControlError, DeviceReport, LogLine
 
 from ._link import CoordinatorLink, ErrorOnce, Log
 
-# A heartbeat only: what changes (paths, LAN candidates, app state) is reported at once, and
-# "online" comes from the hub's WireGuard session (docs/api.md). Each report is a TLS request
-# over a metered link, so the idle rate is low (docs/gossip.md "Idle cost").
-REPORT_INTERVAL: Final = 300.0
+# Reports go up by exception: what changes (paths, LAN candidates, app state, misbehaving
+# peers) is reported at once, and "online" comes from the hub's WireGuard session, not from
+# reports (docs/api.md). This heartbeat is only a safety net for a report that was lost
+# (e.g. delivered to a coordinator that then lost its database). Each one is a TLS request,
+# on a new connection (idle ones close after 20 s), over a metered link: an idle device's budget
+# is 20 KB/h of WAN all included (issue 14; docs/gossip.md "Idle cost").
+REPORT_INTERVAL: Final = 6 * 3600.0
 # While a release is in flight (an app downloading, loading or switching over) the operator
 # watches the rollout: a report reaches the coordinator at least every 30 s even when nothing
 # moves (a download stalled behind a slow link reports no progress). 10 s leaves room for one
@@ -31,6 +35,12 @@ REPORT_INTERVAL: Final = 300.0
 # are reported at once, and 10 s reports for that long would cost a metered link ~1 MB/h.
 ROLLOUT_REPORT_INTERVAL: Final = 10.0
 SETTLED_STATES: Final = frozenset({"idle", "running", "failed", "waiting-lock"})
+# Some changes come with no event to wake the reporter: the device's LAN addresses (a new DHCP
+# lease), a misbehaving peer counted again for a reason already reported, the fleet's timestamp
+# expiring (the `stale` flag). The report is rebuilt locally this often and sent only when it
+# differs from the last one delivered (handshake times and status times left out): no bytes on
+# the WAN at rest. It also retries a failed report.
+REPORT_CHECK_INTERVAL: Final = 60.0
 MIN_REPORT_SPACING: Final = 1.0  # path flaps cannot turn into a report storm
 LOG_UPLOAD_INTERVAL: Final = 2.0  # app log lines go up in batches, at most this often
 
@@ -48,17 +58,29 @@ def in_flight(report: DeviceReport) -> bool:
     return any(a.state not in SETTLED_STATES for a in report.apps)
 
 
+def report_shape(report: DeviceReport) -> DeviceReport:
+    """What makes a report worth sending at rest: all but the times that move by themselves
+    (each direct peer's handshake every two minutes, each app's last status update)."""
+    return replace(report, peers=tuple(replace(p, last_handshake=None) for p in report.peers),
+                   apps=tuple(replace(a, updated_at=0.0) for a in report.apps))
+
+
 class Reporter:
-    """Sends `make_report()` every `interval` (every ROLLOUT_REPORT_INTERVAL while a release is
-    in flight), and at once (at most every MIN_REPORT_SPACING) after `wake()`. Each attempt is
-    bounded by the link's per-call deadline, so nothing queues a report for long."""
+    """Sends `make_report()` at once (at most every MIN_REPORT_SPACING) after `wake()` or when
+    the report, rebuilt every `check_interval`, differs from the last one delivered; otherwise
+    every `interval` (REPORT_INTERVAL, a safety net), every ROLLOUT_REPORT_INTERVAL while a
+    release is in flight. Each attempt is bounded by the link's per-call deadline, so nothing
+    queues a report for long."""
 
     def __init__(self, link: CoordinatorLink, make_report: Callable[[], DeviceReport],
-                 log: Log, interval: float = REPORT_INTERVAL) -> None:
+                 log: Log, interval: float = REPORT_INTERVAL,
+                 check_interval: float = REPORT_CHECK_INTERVAL) -> None:
         self.link = link
         self.make_report = make_report
         self.log = log
         self.interval = interval
+        self.check_interval = check_interval
+        self.sent = 0  # reports delivered
         self._wake = trio.Event()
 
     def wake(self) -> None:
@@ -67,7 +89,8 @@ class Reporter:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         task_status.started()
-        errors = ErrorOnce(self.log, self.interval)
+        errors = ErrorOnce(self.log, self.check_interval)
+        delivered: DeviceReport | None = None  # the shape of the last report delivered
         while not self.link.revoked:
             sent_at = trio.current_time()
             report = self.make_report()
@@ -78,14 +101,26 @@ class Reporter:
                     return
             else:
                 errors.ok("report: delivered again")
+                delivered = report_shape(report)
+                self.sent += 1
             interval = min(self.interval, ROLLOUT_REPORT_INTERVAL) if in_flight(report) \
                 else self.interval
-            with trio.move_on_at(sent_at + interval):
-                await self._wake.wait()
+            await self._wait_for_news(sent_at + interval, delivered)
             self._wake = trio.Event()
             spent = trio.current_time() - sent_at
             if spent < MIN_REPORT_SPACING:
                 await trio.sleep(MIN_REPORT_SPACING - spent)
+
+
+    async def _wait_for_news(self, heartbeat_at: float, delivered: DeviceReport | None
+                             ) -> None:
+        """Until `wake()`, `heartbeat_at`, or a rebuilt report that differs from `delivered`."""
+        while trio.current_time() < heartbeat_at:
+            with trio.move_on_at(min(heartbeat_at, trio.current_time() + self.check_interval)):
+                await self._wake.wait()
+                return
+            if report_shape(self.make_report()) != delivered:
+                return
 
 
 class LogUploader:
@@ -121,5 +156,6 @@ class LogUploader:
             await trio.sleep(LOG_UPLOAD_INTERVAL)
 
 
-__all__ = ["LOG_UPLOAD_INTERVAL", "MIN_REPORT_SPACING", "REPORT_INTERVAL",
-           "ROLLOUT_REPORT_INTERVAL", "LogUploader", "Reporter", "in_flight"]
+__all__ = ["LOG_UPLOAD_INTERVAL", "MIN_REPORT_SPACING", "REPORT_CHECK_INTERVAL",
+           "REPORT_INTERVAL", "ROLLOUT_REPORT_INTERVAL", "LogUploader", "Reporter", "in_flight",
+           "report_shape"]
