@@ -43,12 +43,17 @@ SETTLED_STATES: Final = frozenset({"idle", "running", "failed", "waiting-lock"})
 REPORT_CHECK_INTERVAL: Final = 60.0
 MIN_REPORT_SPACING: Final = 1.0  # path flaps cannot turn into a report storm
 LOG_UPLOAD_INTERVAL: Final = 2.0  # app log lines go up in batches, at most this often
+# An app that fails ships this many of its newest lines at once, read or not: what the operator
+# looks at first, and the buffer may have dropped them by the time someone reads the logs.
+FAILURE_TAIL_LINES: Final = 50
 
 
 class LogSource(Protocol):
     """The applier's log buffer (agent/_applogs.py LogBuffer)."""
 
     def take(self, max_lines: int) -> tuple[list[dict[str, Any]], int]: ...
+
+    def take_tail(self, app: str, max_lines: int) -> list[dict[str, Any]]: ...
 
     def put_back(self, lines: Iterable[dict[str, Any]], dropped: int) -> None: ...
 
@@ -124,38 +129,69 @@ class Reporter:
 
 
 class LogUploader:
-    """The app's log lines to the coordinator; kept (within the buffer's bound) while it
-    cannot be reached."""
+    """The app's log lines to the coordinator while `wanted()` (someone reads them: the peer
+    map's `logs_wanted_until`), every LOG_UPLOAD_INTERVAL; otherwise they stay in the bounded
+    buffer, which drops the oldest. `wake()`: `wanted()` may have changed. `ship_tail(app)`:
+    the app failed, its last FAILURE_TAIL_LINES go up at once, wanted or not. Lines are kept
+    (within the buffer's bound) while the coordinator cannot be reached."""
 
-    def __init__(self, link: CoordinatorLink, buffer: LogSource, log: Log) -> None:
+    def __init__(self, link: CoordinatorLink, buffer: LogSource, log: Log,
+                 wanted: Callable[[], bool] = lambda: True) -> None:
         self.link = link
         self.buffer = buffer
         self.log = log
+        self.wanted = wanted
+        self.uploads = 0  # upload calls that reached the coordinator
+        self._tails: list[str] = []
+        self._wake = trio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def ship_tail(self, app: str) -> None:
+        self._tails.append(app)
+        self._wake.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         task_status.started()
         errors = ErrorOnce(self.log, LOG_UPLOAD_INTERVAL)
         while not self.link.revoked:
+            self._wake = trio.Event()  # a wake from here on is seen below
+            tails, self._tails = self._tails, []
+            for app in tails:
+                if not await self._upload(self.buffer.take_tail(app, FAILURE_TAIL_LINES), 0,
+                                          errors):
+                    return
+            if not self.wanted():
+                await self._wake.wait()
+                continue
             lines, dropped = self.buffer.take(MAX_LOG_LINES)
-            batch: list[LogLine] = []
-            for x in lines:  # one the coordinator would refuse is dropped, not retried forever
-                try:
-                    batch.append(LogLine.from_json(x))
-                except ControlError:
-                    dropped += 1
-            if batch or dropped:
-                try:
-                    await self.link.upload_logs(batch, dropped)
-                except Exception as exc:  # noqa: BLE001 - never exit on coordinator errors
-                    self.buffer.put_back([x.to_json() for x in batch], dropped)
-                    if self.link.failed(exc, errors, "logs"):
-                        return
-                else:
-                    errors.ok()
+            if not await self._upload(lines, dropped, errors):
+                return
             await trio.sleep(LOG_UPLOAD_INTERVAL)
 
+    async def _upload(self, lines: list[dict[str, Any]], dropped: int, errors: ErrorOnce
+                      ) -> bool:
+        """Upload `lines` (put back if that fails); False once the device was revoked."""
+        batch: list[LogLine] = []
+        for x in lines:  # one the coordinator would refuse is dropped, not retried forever
+            try:
+                batch.append(LogLine.from_json(x))
+            except ControlError:
+                dropped += 1
+        if not batch and not dropped:
+            return True
+        try:
+            await self.link.upload_logs(batch, dropped)
+        except Exception as exc:  # noqa: BLE001 - never exit on coordinator errors
+            self.buffer.put_back([x.to_json() for x in batch], dropped)
+            return not self.link.failed(exc, errors, "logs")
+        errors.ok()
+        self.uploads += 1
+        return True
 
-__all__ = ["LOG_UPLOAD_INTERVAL", "MIN_REPORT_SPACING", "REPORT_CHECK_INTERVAL",
-           "REPORT_INTERVAL", "ROLLOUT_REPORT_INTERVAL", "LogUploader", "Reporter", "in_flight",
-           "report_shape"]
+
+__all__ = ["FAILURE_TAIL_LINES", "LOG_UPLOAD_INTERVAL", "MIN_REPORT_SPACING",
+           "REPORT_CHECK_INTERVAL", "REPORT_INTERVAL", "ROLLOUT_REPORT_INTERVAL", "LogUploader",
+           "Reporter", "in_flight", "report_shape"]

@@ -131,7 +131,11 @@ SCHEMAS: dict[str, Any] = {
                     relay_ips={"type": "array", "items": _STR},
                     targets={"type": "integer",
                              "description": "revision of this device's release targets: "
-                                            "read /device/target again when it changes"}),
+                                            "read /device/target again when it changes"},
+                    logs_wanted_until={"type": "number",
+                                       "description": "epoch seconds (coordinator clock): "
+                                                      "upload app logs until then; 0: keep "
+                                                      "them on the device"}),
     "PeerPath": _obj(["public_key", "path"], public_key=_STR,
                      path={"enum": ["direct", "relay", "none"]}, endpoint=_STRN,
                      last_handshake=_NUMN),

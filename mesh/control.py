@@ -315,6 +315,8 @@ class PeerMap:
     `relay_ips` are mesh addresses always reached through the hub (operator workstations).
     `targets` is the revision of the device's release targets: when it changes, the agent reads
     /device/target again (so it need not poll that often; docs/gossip.md "Idle cost").
+    `logs_wanted_until` (epoch seconds, the coordinator's clock; 0: not wanted): until then
+    someone reads the device's app logs and the agent uploads them; otherwise it keeps them.
     """
 
     version: int
@@ -322,11 +324,12 @@ class PeerMap:
     peers: tuple[PeerEntry, ...] = ()
     relay_ips: tuple[str, ...] = ()
     targets: int = 0
+    logs_wanted_until: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {"version": self.version, "hub": self.hub.to_json(),
                 "peers": [p.to_json() for p in self.peers], "relay_ips": list(self.relay_ips),
-                "targets": self.targets}
+                "targets": self.targets, "logs_wanted_until": self.logs_wanted_until}
 
     @classmethod
     def from_json(cls, obj: Any) -> PeerMap:
@@ -343,9 +346,10 @@ class PeerMap:
             except (ValueError, TypeError):
                 raise ControlError(f"{w}.relay_ips[{i}]: not an IP network") from None
         targets = _get(obj, "targets", int, w, optional=True) or 0
+        logs_wanted_until = _time(obj, "logs_wanted_until", w, optional=True) or 0.0
         return cls(_get(obj, "version", int, w), HubInfo.from_json(_get(obj, "hub", dict, w)),
                    tuple(PeerEntry.from_json(p, f"{w}.peers[{i}]") for i, p in enumerate(peers)),
-                   tuple(str(r) for r in relay), targets)
+                   tuple(str(r) for r in relay), targets, logs_wanted_until)
 
 
 # --------------------------------------------------------------------------- device state
