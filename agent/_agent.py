@@ -197,9 +197,13 @@ class Agent:
         return DeviceReport(self.lan_endpoints(), self.agent_version, paths, apps, misbehaving)
 
     def logs_wanted(self) -> bool:
-        """Someone reads this device's app logs: the peer map says so, until when."""
+        """Someone reads this device's app logs: the peer map says so, until when (a map
+        without the field comes from a coordinator that never asks: always)."""
         peermap = self.wg.peermap
-        return peermap is not None and peermap.logs_wanted_until > self.clock()
+        if peermap is None:
+            return False
+        until = peermap.logs_wanted_until
+        return until is None or until > self.clock()
 
     def _report_now(self) -> None:
         self.reporter.wake()

@@ -317,6 +317,7 @@ class PeerMap:
     /device/target again (so it need not poll that often; docs/gossip.md "Idle cost").
     `logs_wanted_until` (epoch seconds, the coordinator's clock; 0: not wanted): until then
     someone reads the device's app logs and the agent uploads them; otherwise it keeps them.
+    None (absent: a coordinator from before the field, which never asks) means always.
     """
 
     version: int
@@ -324,12 +325,16 @@ class PeerMap:
     peers: tuple[PeerEntry, ...] = ()
     relay_ips: tuple[str, ...] = ()
     targets: int = 0
-    logs_wanted_until: float = 0.0
+    logs_wanted_until: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": self.version, "hub": self.hub.to_json(),
-                "peers": [p.to_json() for p in self.peers], "relay_ips": list(self.relay_ips),
-                "targets": self.targets, "logs_wanted_until": self.logs_wanted_until}
+        out: dict[str, Any] = {
+            "version": self.version, "hub": self.hub.to_json(),
+            "peers": [p.to_json() for p in self.peers], "relay_ips": list(self.relay_ips),
+            "targets": self.targets}
+        if self.logs_wanted_until is not None:
+            out["logs_wanted_until"] = self.logs_wanted_until
+        return out
 
     @classmethod
     def from_json(cls, obj: Any) -> PeerMap:
@@ -346,7 +351,7 @@ class PeerMap:
             except (ValueError, TypeError):
                 raise ControlError(f"{w}.relay_ips[{i}]: not an IP network") from None
         targets = _get(obj, "targets", int, w, optional=True) or 0
-        logs_wanted_until = _time(obj, "logs_wanted_until", w, optional=True) or 0.0
+        logs_wanted_until = _time(obj, "logs_wanted_until", w, optional=True)
         return cls(_get(obj, "version", int, w), HubInfo.from_json(_get(obj, "hub", dict, w)),
                    tuple(PeerEntry.from_json(p, f"{w}.peers[{i}]") for i, p in enumerate(peers)),
                    tuple(str(r) for r in relay), targets, logs_wanted_until)

@@ -155,6 +155,7 @@ async def test_app_logs_go_up_while_the_peer_map_asks_for_them(tmp_path: Path) -
     them (`logs_wanted_until`, set by the coordinator when its logs are read); then they go up
     at once, through the agent's own peer-map poll, release sync and uploader."""
     agent, coord, _ = applying_agent(tmp_path, (1,), lambda m: None)
+    coord.peermap = PeerMap(1, HUB, logs_wanted_until=0.0)  # nobody reads them yet
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             await nursery.start(agent.run)

@@ -222,8 +222,9 @@ def test_logs_wanted_until_is_validated_where_maps_arrive() -> None:
     core.add(member(0))
     core.publish()
     good = core.build("d0").to_json()
-    del good["logs_wanted_until"]  # a coordinator from before the field
-    assert PeerMap.from_json(good).logs_wanted_until == 0.0
+    assert good["logs_wanted_until"] == 0.0  # not wanted, said explicitly
+    del good["logs_wanted_until"]  # a coordinator from before the field: it never asks
+    assert PeerMap.from_json(good).logs_wanted_until is None
     for bad in (-1, "soon", float("nan"), float("inf"), 1e12, True):
         with pytest.raises(ControlError, match="logs_wanted_until"):
             PeerMap.from_json({**good, "logs_wanted_until": bad})
