@@ -1,8 +1,9 @@
-"""What the agent sends up besides the peer-map poll: its state report (LAN candidates, version,
-paths, app states) and the app containers' log lines.
+"""What the agent sends up besides the peer-map poll, by exception (issue 14: an idle device
+sends nothing): its state report (LAN candidates, version, paths, app states) when it changed,
+and the app containers' log lines while someone reads them.
 
     reporter = Reporter(link, make_report, log)   # reporter.wake(): something worth reporting
-    uploader = LogUploader(link, applier.logs, log)
+    uploader = LogUploader(link, applier.logs, log, wanted)   # uploader.wake(): wanted() moved
 
 Both loops end when the coordinator refuses the credential (the device was revoked) and never
 for anything else: a failed call is logged once per distinct error and retried.
@@ -115,7 +116,6 @@ class Reporter:
             spent = trio.current_time() - sent_at
             if spent < MIN_REPORT_SPACING:
                 await trio.sleep(MIN_REPORT_SPACING - spent)
-
 
     async def _wait_for_news(self, heartbeat_at: float, delivered: DeviceReport | None
                              ) -> None:

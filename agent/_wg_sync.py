@@ -42,9 +42,9 @@ RECONCILE_INTERVAL: Final = 1.0  # read the device and converge once a second
 # (coordinator/_listen.py). The server's ceiling (coordinator/routes/devices.py MAX_WAIT).
 POLL_WAIT: Final = 1800
 # Outside the tunnel (the join URL: the hub is down, or its API does not answer) the poll's TCP
-# connection crosses the NAT itself with nothing sent while it waits, and home routers forget
-# idle TCP mappings sooner than RFC 5382's two hours: a mapping lost mid-wait would leave us
-# deaf until the wait ends. The wait of before the push channel, under common 2-5 minute ones.
+# connection crosses the NAT itself with nothing sent while it waits, and a router that forgets
+# idle TCP mappings sooner than RFC 5382's two hours would leave us deaf until the wait ends.
+# There the wait stays what it was before the push channel.
 DIRECT_POLL_WAIT: Final = 110
 # The hub answered no handshake for this long although our 25 s keepalive to it keeps asking for
 # one: its session died at REJECT_AFTER_TIME, and a live hub answers the next keepalive-driven
