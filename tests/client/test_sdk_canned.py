@@ -165,6 +165,24 @@ def test_cli_renders_tables_and_json(tmp_path: Path) -> None:
     assert missing.stderr.strip() == "fleetmesh: no device named x (HTTP 404)"
 
 
+def test_logs_of_an_offline_device_say_what_they_are(tmp_path: Path) -> None:
+    """`devices logs` (no -f) of an offline device: what it uploaded before, at once, and one
+    line on stderr saying that newer lines stay on the device until it is back and read (it
+    uploads only while someone reads them, issue 14). The canned answer serves both the log
+    page and the device's info (offline)."""
+    cert = make_cert(tmp_path, "c")
+    answer = {**DEVICE, "online": False, "next": 1, "dropped": 0,
+              "lines": [{"seq": 1, "ts": 1.0, "app": "web", "stream": "stdout",
+                         "line": "uploaded before"}]}
+    with tls_server(cert, jhttp("200 OK", answer)) as port:
+        shown = _cli(port, cert.der, "devices", "logs", "cam-1", home=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines() == ["1970-01-01T00:00:01.000Z web stdout uploaded before"]
+    assert shown.stderr.strip() == ("fleetmesh: cam-1 is offline: these are the lines it "
+                                    "uploaded before; it keeps newer ones until it is back "
+                                    "and they are read")
+
+
 def test_operator_wg_quick_config() -> None:
     from mesh.control import HubInfo
     from ops._cli_ops import operator_wg_quick
