@@ -99,6 +99,7 @@ class Agent:
         self._lan = lan_endpoints
         self.agent_version = agent_version if agent_version is not None else package_version()
         self.log = log
+        self.clock = clock
         rng = rng or random.Random()
         enrollment = self.identity.enrollment
         self.wg = WireGuardSync(
@@ -132,7 +133,7 @@ class Agent:
             self.data.path, self.enrollment, self.public_key, self.wg_port, self.link,
             gossip, peers=self.gossip_peers, log=self.log, rng=self._rng,
             on_apps_changed=self._report_now, on_misbehaviour=self._report_now,
-            roots=self.roots, on_rotation=self._on_rotation)
+            roots=self.roots, on_rotation=self._on_rotation, logs_wanted=self.logs_wanted)
 
     def _on_rotation(self, signed: SignedRoot, meta: RootMetadata) -> None:
         """A verified root names another release key: stop the release subsystem (mesh node,
@@ -198,6 +199,15 @@ class Agent:
                             for name, counts in list(counted.items())[:MAX_PEERS])
         return DeviceReport(self.lan_endpoints(), self.agent_version, paths, apps, misbehaving)
 
+    def logs_wanted(self) -> bool:
+        """Someone reads this device's app logs: the peer map says so, until when (a map
+        without the field comes from a coordinator that never asks: always)."""
+        peermap = self.wg.peermap
+        if peermap is None:
+            return False
+        until = peermap.logs_wanted_until
+        return until is None or until > self.clock()
+
     def _report_now(self) -> None:
         self.reporter.wake()
 
@@ -206,6 +216,8 @@ class Agent:
         if self.releases is not None:
             if old is not None and old.targets != new.targets:  # the first read is at start
                 self.releases.targets_changed()
+            if old is None or old.logs_wanted_until != new.logs_wanted_until:
+                self.releases.logs_wanted_changed()
             self.releases.update_peers()
 
     async def run(self, *, task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED

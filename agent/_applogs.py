@@ -72,6 +72,21 @@ class LogBuffer:
             dropped, self._dropped = self._dropped, 0
         return out, dropped
 
+    def take_tail(self, app: str, max_lines: int) -> list[dict[str, Any]]:
+        """The newest `max_lines` lines of `app`, oldest first, taken out of the buffer (the
+        last words of an app that failed); the other lines keep their order."""
+        with self._lock:
+            picked: list[dict[str, Any]] = []
+            kept: collections.deque[dict[str, Any]] = collections.deque()
+            for line in reversed(self._lines):
+                if len(picked) < max_lines and line.get("app") == app:
+                    picked.append(line)
+                else:
+                    kept.appendleft(line)
+            self._lines = kept
+        picked.reverse()
+        return picked
+
     def put_back(self, lines: Iterable[dict[str, Any]], dropped: int) -> None:
         """Return a failed upload: its lines go back in front (oldest first), as far as the
         bound allows; lines that no longer fit are counted as dropped."""

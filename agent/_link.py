@@ -174,9 +174,18 @@ class CoordinatorLink:
 
     # -- the calls -----------------------------------------------------------------------------
 
-    async def peermap(self, version: int, wait: int) -> PeerMap | None:
-        """Long poll: the peer map if its version differs from `version`, None if unchanged."""
-        return await self.call(lambda c: c.peermap(version, wait), wait + POLL_SLACK)
+    async def peermap(self, version: int, wait: int, direct_wait: int | None = None
+                      ) -> PeerMap | None:
+        """Long poll: the peer map if its version differs from `version`, None if unchanged.
+        It waits `wait` seconds through the hub tunnel and `direct_wait` (default: `wait`) on
+        the join URL, whose TCP connection crosses the NAT with nothing sent while it waits."""
+        tunnel = self.identity.enrollment.hub.api_url
+
+        def attempt(url: str) -> tuple[Callable[[DeviceApi], Awaitable[PeerMap | None]], float]:
+            w = wait if direct_wait is None or url == tunnel else direct_wait
+            return (lambda c: c.peermap(version, w)), w + POLL_SLACK
+
+        return await self._call(attempt)
 
     async def report(self, report: DeviceReport) -> None:
         await self.call(lambda c: c.report(report), CALL_TIMEOUT)
@@ -295,8 +304,14 @@ class CoordinatorLink:
         """Through the hub tunnel first when it is up, else (or if that gives no answer) the URL
         given at join. An error answer from the coordinator is final: it did answer. `bulk`:
         on the blob clients."""
+        return await self._call(lambda url: (op, timeout), bulk=bulk)
+
+    async def _call(self, attempt: Callable[[str], tuple[Callable[[DeviceApi], Awaitable[T]],
+                                                          float]], *, bulk: bool = False) -> T:
+        """`call`, with the operation and its deadline chosen per URL by `attempt(url)`."""
         last: BaseException | None = None
         for url in self._urls(bulk):
+            op, timeout = attempt(url)
             try:
                 with trio.fail_after(timeout):
                     result = await op(self._client(url, bulk))

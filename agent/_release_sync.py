@@ -18,7 +18,8 @@ Four loops, each retried on its own errors and never stopping the agent:
 - with `apply=ApplySettings()`: the applier (agent/_apply_driver.py) once the Docker engine
   answers, and AppSync (agent/_appsync.py) fed by events — the node's `changed()`, the
   applier's `changed()`, new targets, a node (re)start — not by a poll; the app's log lines go
-  up through agent/_uploads.py LogUploader;
+  up through agent/_uploads.py LogUploader while someone reads them (`logs_wanted`, and
+  `logs_wanted_changed()` when that may have changed), an app's last ones when it fails;
 - with an underlay: LAN discovery (agent/_lan.py), whose neighbours the node prefers.
 
 Manifest bytes are verified once where they arrive (the node for gossip and offers, here for a
@@ -63,8 +64,12 @@ if TYPE_CHECKING:
     from ._apply_driver import Applier
 
 # The targets are read when the peer map's `targets` revision changes (the coordinator bumps it
-# on every target change) and at start; this slow poll is only a safety net.
-TARGETS_INTERVAL: Final = 600.0
+# on every target change: a release, a pin, a withdrawal, a new root) and at start; this slow
+# poll is only a safety net. Each read is three TLS requests (targets, the fleet's timestamp,
+# its roots), and an idle device's budget is 20 KB/h of WAN all included (issue 14). Every 6
+# hours still renews the signed timestamp (valid for a day, coordinator/_releases.py
+# TIMESTAMP_LIFETIME) four times before it expires.
+TARGETS_INTERVAL: Final = 6 * 3600.0
 TARGETS_RETRY: Final = 30.0  # after a failed read (coordinator unreachable)
 GOSSIP_RETRY: Final = 5.0  # the mesh address may not be on the interface yet: retry the bind
 LAN_RETRY: Final = 60.0  # LAN discovery failed (no such underlay, mDNS socket): try again
@@ -128,8 +133,8 @@ class ReleaseSync:
                  on_apps_changed: Callable[[], None] = lambda: None,
                  on_misbehaviour: Callable[[], None] = lambda: None,
                  roots: RootWatch | None = None,
-                 on_rotation: Callable[[SignedRoot, RootMetadata], None] = lambda s, m: None
-                 ) -> None:
+                 on_rotation: Callable[[SignedRoot, RootMetadata], None] = lambda s, m: None,
+                 logs_wanted: Callable[[], bool] = lambda: True) -> None:
         self.data_path = data_path
         self.enrollment = enrollment
         self.public_key = public_key
@@ -145,6 +150,10 @@ class ReleaseSync:
         # naming another release key goes to `on_rotation`, which restarts this subsystem
         self.roots = roots
         self.on_rotation = on_rotation
+        # someone reads the app logs (the peer map's logs_wanted_until): upload them
+        self.logs_wanted = logs_wanted
+        self.uploader: LogUploader | None = None  # once the applier runs
+        self._failed_apps: set[str] = set()  # apps whose last lines were shipped on failure
         self._root_errors = ErrorOnce(log, settings.targets_interval)
         self.node: GossipNode | None = None  # the running mesh node
         self.store: BlobStore | None = None
@@ -169,6 +178,10 @@ class ReleaseSync:
 
     def targets_changed(self) -> None:
         self._targets_wake.set()
+
+    def logs_wanted_changed(self) -> None:
+        if self.uploader is not None:
+            self.uploader.wake()
 
     def update_peers(self) -> None:
         if self.node is not None:
@@ -419,7 +432,9 @@ class ReleaseSync:
             await nursery.start(applier.run)
             self.applier = applier
             self._targets_wake.set()  # read the targets now that they can be applied
-            await nursery.start(LogUploader(self.link, applier.logs, self.log).run)
+            uploader = self.uploader = LogUploader(self.link, applier.logs, self.log,
+                                                   self.logs_wanted)
+            await nursery.start(uploader.run)
             while True:
                 # taken before the sync: a change while it runs is not missed
                 changes = [applier.changed(), self._sync_wake]
@@ -428,9 +443,17 @@ class ReleaseSync:
                     changes.append(node.changed())
                 if appsync.sync(node, trio.current_time()):
                     self.on_apps_changed()
+                    self._ship_failures(uploader, appsync)
                 await _wait_any(changes)
                 if self._sync_wake.is_set():
                     self._sync_wake = trio.Event()
+
+    def _ship_failures(self, uploader: LogUploader, appsync: AppSync) -> None:
+        """An app newly failed: its last log lines go up at once, read or not."""
+        failed = {st.app for st in appsync.app_statuses() if st.state == "failed"}
+        for app in sorted(failed - self._failed_apps):
+            uploader.ship_tail(app)
+        self._failed_apps = failed
 
     # -- LAN discovery -------------------------------------------------------------------------
 

@@ -31,12 +31,28 @@ from vpn import (
 
 from ._datadir import DataDir, DataDirError
 from ._link import CoordinatorLink, ErrorOnce, Log, one_line
-from ._paths import REJECT_AFTER_TIME, PathPlan, PathSelector
+from ._paths import KEEPALIVE, REJECT_AFTER_TIME, REKEY_TIMEOUT, PathPlan, PathSelector
 
 RECONCILE_INTERVAL: Final = 1.0  # read the device and converge once a second
-# Long enough that an idle device costs one request every ~2 minutes (the API goes through the
-# hub tunnel, whose 25 s WireGuard keepalive holds the NAT mapping); below the server's 120 s.
-POLL_WAIT: Final = 110
+# Through the hub tunnel the long poll is the coordinator's push channel: it answers at once on
+# any change, so the wait only sets what an idle device pays, one TLS request per POLL_WAIT
+# (issue 14: an idle device costs <= 20 KB of WAN per hour, keepalives included). Nothing on
+# the way cuts it: the NAT sees only the tunnel's UDP, which our 25 s WireGuard keepalive to
+# the hub holds, and the coordinator's listener has no read deadline on a request in flight
+# (coordinator/_listen.py). The server's ceiling (coordinator/routes/devices.py MAX_WAIT).
+POLL_WAIT: Final = 1800
+# Outside the tunnel (the join URL: the hub is down, or its API does not answer) the poll's TCP
+# connection crosses the NAT itself with nothing sent while it waits, and a router that forgets
+# idle TCP mappings sooner than RFC 5382's two hours would leave us deaf until the wait ends.
+# There the wait stays what it was before the push channel.
+DIRECT_POLL_WAIT: Final = 110
+# The hub answered no handshake for this long although our 25 s keepalive to it keeps asking for
+# one: its session died at REJECT_AFTER_TIME, and a live hub answers the next keepalive-driven
+# initiation within KEEPALIVE + REKEY_TIMEOUT. The coordinator behind it may be gone without
+# closing our long poll (a host or a link down): that poll is abandoned and a new one made
+# (on the join URL, since the tunnel is down) instead of waiting out POLL_WAIT deaf. Free: the
+# reconcile reads the hub's last handshake every second anyway.
+HUB_SILENT_AFTER: Final = REJECT_AFTER_TIME + KEEPALIVE + REKEY_TIMEOUT
 BACKEND_TIMEOUT: Final = 5.0  # the UAPI client's own default deadline
 # A coordinator that answers 304 at once (a bug, or a proxy) must not make us spin.
 MIN_POLL_INTERVAL: Final = 1.0
@@ -95,6 +111,9 @@ class WireGuardSync:
         # each, the newest PUNCH_QUEUE kept if the coordinator is slow
         self._punch_send, self._punch_recv = trio.open_memory_channel[str](PUNCH_QUEUE)
         self.punches_sent = 0
+        # the long poll in flight: its cancel scope, and whether the hub was up when it began
+        self._poll: tuple[trio.CancelScope, bool] | None = None
+        self.polls_abandoned = 0  # long polls given up because the hub went silent
         self.peermap: PeerMap | None = None
         try:
             self.peermap = data.read_peermap()
@@ -108,14 +127,19 @@ class WireGuardSync:
     def paths(self) -> tuple[PeerPath, ...]:
         return self.plan.paths if self.plan is not None else ()
 
-    def hub_up(self) -> bool:
-        """A live hub session: the API through the tunnel is worth trying first."""
+    def hub_handshake_age(self) -> float | None:
+        """Seconds since the last handshake with the hub; None before any (or no status)."""
         if self.status is None:
-            return False
+            return None
         hub = self.peermap.hub if self.peermap is not None else self.enrollment.hub
         peer = self.status.peer(hub.public_key)
         hs = peer.last_handshake if peer is not None else None
-        return hs is not None and self.clock() - hs < REJECT_AFTER_TIME
+        return None if hs is None else self.clock() - hs
+
+    def hub_up(self) -> bool:
+        """A live hub session: the API through the tunnel is worth trying first."""
+        age = self.hub_handshake_age()
+        return age is not None and age < REJECT_AFTER_TIME
 
     async def run(self, backend: AsyncWireGuardBackend, link: CoordinatorLink, *,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -164,7 +188,16 @@ class WireGuardSync:
         while not link.revoked:
             started = trio.current_time()
             try:
-                peermap = await link.peermap(version, self.poll_wait)
+                with trio.CancelScope() as scope:
+                    self._poll = (scope, self.hub_up())
+                    try:
+                        peermap = await link.peermap(version, self.poll_wait,
+                                                     min(self.poll_wait, DIRECT_POLL_WAIT))
+                    finally:
+                        self._poll = None
+                if scope.cancelled_caught:  # the hub went silent: see _abandon_if_hub_silent
+                    link.lost()
+                    continue
             except Exception as exc:  # noqa: BLE001 - never exit on coordinator errors
                 if link.revoked_by(exc):
                     return
@@ -185,6 +218,23 @@ class WireGuardSync:
                 continue
             version = peermap.version
             self.accept_peermap(peermap)
+
+    def _abandon_if_hub_silent(self) -> None:
+        """After each reconcile: a long poll begun through a live hub session is given up once
+        the hub has answered no handshake for HUB_SILENT_AFTER (the constant says why)."""
+        if self._poll is None:
+            return
+        scope, via_hub = self._poll
+        if not via_hub or scope.cancel_called:
+            return
+        age = self.hub_handshake_age()
+        if age is not None and age <= HUB_SILENT_AFTER:
+            return
+        self.polls_abandoned += 1
+        silent = "no longer" if age is None else f"not for {age:.0f} s"
+        self.log(f"peer map: the hub answers handshakes {silent}; abandoning the long poll "
+                 "through it and asking again")
+        scope.cancel()
 
     # -- reconcile -----------------------------------------------------------------------------
 
@@ -213,6 +263,7 @@ class WireGuardSync:
                 self._punch_errors.failed("punch requests queue up: the coordinator is slow")
         old = self.plan
         self.status, self.plan = status, plan
+        self._abandon_if_hub_silent()
         for change in plan.changes:
             self.log(str(change))
         if old is None or [(p.public_key, p.path, p.endpoint) for p in old.paths] != \
@@ -244,4 +295,5 @@ class WireGuardSync:
             await self.reconcile_once(backend)
 
 
-__all__ = ["POLL_WAIT", "RECONCILE_INTERVAL", "Nudger", "WireGuardSync", "udp_nudger"]
+__all__ = ["DIRECT_POLL_WAIT", "HUB_SILENT_AFTER", "POLL_WAIT", "RECONCILE_INTERVAL", "Nudger",
+           "WireGuardSync", "udp_nudger"]

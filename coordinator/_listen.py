@@ -39,8 +39,9 @@ BODY_TIMEOUT: Final = 60.0
 # BODY_TIMEOUT as a whole): a client silent this long mid-body has stalled.
 BODY_PIECE_TIMEOUT: Final = 30.0
 # A connection with no request in flight (hypercorn's keep_alive_timeout). Agents open a new
-# long poll as soon as one ends, and the long polls themselves (peer map up to 120 s, logs up
-# to 30 s) are requests in flight, which this deadline never cuts.
+# long poll as soon as one ends, and the long polls themselves (peer map up to 30 minutes, logs
+# up to 30 s) are requests in flight, which this deadline never cuts (nor anything else here:
+# hypercorn's read_timeout is off, see the module's doc).
 IDLE_TIMEOUT: Final = 20.0
 # The TLS handshake (hypercorn's default is 60 s); a handshake is two round trips.
 TLS_HANDSHAKE_TIMEOUT: Final = 10.0

@@ -136,7 +136,11 @@ SCHEMAS: dict[str, Any] = {
                                                                        "minimum": 0},
                            "description": "peers that asked for a direct path to this "
                                           "device, each with a stamp that grows with every "
-                                          "request: punch to them again when it changes"}),
+                                          "request: punch to them again when it changes"},
+                    logs_wanted_until={"type": "number",
+                                       "description": "epoch seconds (coordinator clock): "
+                                                      "upload app logs until then; 0: keep "
+                                                      "them on the device"}),
     "PeerPath": _obj(["public_key", "path"], public_key=_STR,
                      path={"enum": ["direct", "relay", "none"]}, endpoint=_STRN,
                      last_handshake=_NUMN),

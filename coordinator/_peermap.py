@@ -62,6 +62,9 @@ class PeerMapCore:
         # viewer -> {peer that asked for a direct path to it: stamp}; bounded by the fleet
         self._punch: dict[str, dict[str, int]] = {}
         self._punch_seq = 0
+        # name -> until when someone reads its app logs (epoch seconds): the agent uploads them
+        # only then (docs/api.md, PeerMap)
+        self._logs_wanted: dict[str, float] = {}
         self.marks = 0  # devices marked so far: the work counter the O(N) tests watch
 
     # -- reading ---------------------------------------------------------------------------
@@ -105,7 +108,9 @@ class PeerMapCore:
         peers = tuple(self._entry(viewer, self._members[n])
                       for n in sorted(self._fleets[viewer.fleet]) if n != name)
         return PeerMap(self.version(name), self.hub, peers, self._relay_ips,
-                       self._targets.get(name, 0), tuple(sorted(self._punch.get(name, {}).items())))
+                       self._targets.get(name, 0),
+                       punch=tuple(sorted(self._punch.get(name, {}).items())),
+                       logs_wanted_until=self._logs_wanted.get(name, 0.0))
 
     def render(self, name: str) -> bytes:
         """`build(name).to_json()` as JSON bytes, from per-member fragments that are shared by
@@ -127,7 +132,8 @@ class PeerMapCore:
             parts.append(frag[1] if same_nat and frag[1] is not None else frag[0])
         head: dict[str, Any] = {"version": self.version(name), "hub": self.hub.to_json(),
                                 "targets": self._targets.get(name, 0),
-                                "punch": dict(sorted(self._punch.get(name, {}).items()))}
+                                "punch": dict(sorted(self._punch.get(name, {}).items())),
+                                "logs_wanted_until": self._logs_wanted.get(name, 0.0)}
         return (json.dumps(head)[:-1] + ', "peers": [' + ", ".join(parts) + '], "relay_ips": '
                 + json.dumps(list(self._relay_ips)) + "}").encode()
 
@@ -179,6 +185,7 @@ class PeerMapCore:
         self._punch.pop(name, None)
         for n in fleet:
             self._punch.get(n, {}).pop(name, None)
+        self._logs_wanted.pop(name, None)
         self._mark(fleet)
 
     def set_public(self, name: str, endpoint: str | None, ip: str | None = None) -> bool:
@@ -236,6 +243,19 @@ class PeerMapCore:
         self._punch_seq += 1
         self._punch.setdefault(peer, {})[requester] = self._punch_seq
         self._mark((peer,))
+        return True
+
+    def logs_wanted_until(self, name: str) -> float:
+        """Until when the device's map asks it to upload its app logs (0: it does not)."""
+        return self._logs_wanted.get(name, 0.0)
+
+    def want_logs(self, name: str, until: float) -> bool:
+        """Someone reads the device's app logs: its map asks for them until `until`. False
+        (nothing marked) for a device that is not a member."""
+        if name not in self._members:
+            return False
+        self._logs_wanted[name] = until
+        self._mark([name])
         return True
 
     def set_relay_ips(self, relay_ips: Iterable[str]) -> bool:

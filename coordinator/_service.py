@@ -71,6 +71,12 @@ PUNCH_SPACING: Final = 10.0
 # recording or call, which is what apps hold their lock for.
 LOCK_STALE_AFTER: Final = 3600.0
 LOG_KEEP: Final = 5000  # newest log lines kept per device (docs/api.md)
+# A read of a device's logs (`devices logs`, -f or not, the dashboard's log view) asks the
+# device, through its peer map, to upload them for this long; a follower (a read every 30 s at
+# most) renews it once less than half is left, so following costs one peer-map push per
+# LOGS_WANTED_FOR / 2, and the device stops within LOGS_WANTED_FOR of the last read. Not
+# wanted, its lines stay in its bounded buffer: no bytes at rest (issue 14).
+LOGS_WANTED_FOR: Final = 300.0
 # Log lines a device may store, per second on average and in one burst (docs/security.md,
 # "Log uploads are rate-limited"). The agent sends at most MAX_LOG_LINES every 2 s (500 lines/s);
 # an app that logs 50 lines a second for long is flooding, and every line is a database write.
@@ -612,6 +618,7 @@ class FleetService:
         """The device's log lines after `after` (or its newest `tail`), waiting up to `wait`
         seconds for some to arrive; `next` is the `after` of the following call."""
         device = self._device(name)
+        self._want_logs(device.name)
         if tail is not None:
             page = self.store.tail_logs(device.id, tail)
         else:
@@ -631,6 +638,14 @@ class FleetService:
             {"seq": seq, "ts": line.ts, "app": line.app, "stream": line.stream,
              "line": line.line} for seq, line in page.lines]
         return {"lines": lines, "next": next_seq, "dropped": page.dropped}
+
+    def _want_logs(self, name: str) -> None:
+        """Someone reads `name`'s logs: its peer map asks for them (see LOGS_WANTED_FOR)."""
+        now = self.settings.clock()
+        if self.core.logs_wanted_until(name) - now >= LOGS_WANTED_FOR / 2:
+            return
+        if self.core.want_logs(name, now + LOGS_WANTED_FOR):
+            self._changed()
 
     def device_peers(self, name: str) -> list[PeerPathInfo]:
         device = self._device(name)

@@ -319,6 +319,9 @@ class PeerMap:
     each with a stamp that grows with every new request: a device whose path to such a peer
     went lazy (no keepalives, docs/metered.md) punches again at once, so that both sides send
     at the same time, which is what opens two NATs.
+    `logs_wanted_until` (epoch seconds, the coordinator's clock; 0: not wanted): until then
+    someone reads the device's app logs and the agent uploads them; otherwise it keeps them.
+    None (absent: a coordinator from before the field, which never asks) means always.
     """
 
     version: int
@@ -327,11 +330,16 @@ class PeerMap:
     relay_ips: tuple[str, ...] = ()
     targets: int = 0
     punch: tuple[tuple[str, int], ...] = ()  # (peer name, stamp), sorted by name
+    logs_wanted_until: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": self.version, "hub": self.hub.to_json(),
-                "peers": [p.to_json() for p in self.peers], "relay_ips": list(self.relay_ips),
-                "targets": self.targets, "punch": dict(self.punch)}
+        out: dict[str, Any] = {
+            "version": self.version, "hub": self.hub.to_json(),
+            "peers": [p.to_json() for p in self.peers], "relay_ips": list(self.relay_ips),
+            "targets": self.targets, "punch": dict(self.punch)}
+        if self.logs_wanted_until is not None:
+            out["logs_wanted_until"] = self.logs_wanted_until
+        return out
 
     @classmethod
     def from_json(cls, obj: Any) -> PeerMap:
@@ -355,9 +363,11 @@ class PeerMap:
             check_name(name, f"{w}.punch")
             if not isinstance(stamp, int) or isinstance(stamp, bool) or stamp < 0:
                 raise ControlError(f"{w}.punch.{name}: must be a non-negative integer")
+        logs_wanted_until = _time(obj, "logs_wanted_until", w, optional=True)
         return cls(_get(obj, "version", int, w), HubInfo.from_json(_get(obj, "hub", dict, w)),
                    tuple(PeerEntry.from_json(p, f"{w}.peers[{i}]") for i, p in enumerate(peers)),
-                   tuple(str(r) for r in relay), targets, tuple(sorted(punch.items())))
+                   tuple(str(r) for r in relay), targets, punch=tuple(sorted(punch.items())),
+                   logs_wanted_until=logs_wanted_until)
 
 
 # --------------------------------------------------------------------------- device state

@@ -49,6 +49,11 @@ from vpn import Endpoint, QuickPeer, export_wg_quick, generate_keypair, write_pr
 LOG_FOLLOW_WAIT: Final = 25.0  # s per long poll while following logs (server allows 30)
 LOG_FOLLOW_BACKLOG: Final = 10  # lines shown before following, as tail -f does
 MAX_LOG_LINES: Final = 5000  # what a device keeps (docs/api.md)
+# Devices upload app logs only while someone reads them (docs/api.md, PeerMap
+# `logs_wanted_until`): a read asks the device, which sends what it kept within a peer-map
+# push and its next upload (2 s). `devices logs` without -f waits this long for that from an
+# online device.
+LOG_FRESH_WAIT: Final = 5.0
 OPERATOR_KEEPALIVE: Final = 25  # wg-quick's customary value to keep NAT mappings open (wg(8))
 
 
@@ -256,7 +261,18 @@ def _devices_logs(args: argparse.Namespace) -> int:
     try:
         with api_errors(), operator_client(args) as client:
             if not args.follow:
-                show(client.device_logs(name, tail=args.tail or MAX_LOG_LINES), False)
+                tail = args.tail or MAX_LOG_LINES
+                page = client.device_logs(name, tail=tail)  # this read asks the device too
+                if client.device(name).get("online") is True:
+                    fresh = client.device_logs(name, after=int(page["next"]),
+                                               wait=LOG_FRESH_WAIT)
+                    page = {"lines": [*page["lines"], *fresh["lines"]][-tail:],
+                            "next": fresh["next"], "dropped": fresh["dropped"]}
+                else:
+                    print(f"fleetmesh: {name} is offline: these are the lines it uploaded "
+                          "before; it keeps newer ones until it is back and they are read",
+                          file=sys.stderr, flush=True)
+                show(page, False)
                 return 0
             page = client.device_logs(name, tail=args.tail or LOG_FOLLOW_BACKLOG)
             show(page, True)

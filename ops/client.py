@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import socket
 import ssl
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -96,7 +97,24 @@ __all__ = [
 ]
 
 API: Final = "/api/v1"
-MAX_WAIT: Final = 120  # the server's long-poll limit (docs/api.md)
+MAX_WAIT: Final = 1800  # the server's long-poll limit (docs/api.md)
+# TCP keepalive on the device's connections: a peer-map long poll waits up to MAX_WAIT with
+# nothing sent either way, and a coordinator host that went away without closing it (a power
+# cut, a reboot: its kernel answers nothing, or a reset only once asked) must not leave the
+# agent deaf for that long. After KEEPALIVE_IDLE idle seconds the kernel probes; a reset ends
+# the poll at once, KEEPALIVE_PROBES unanswered ones after KEEPALIVE_INTERVAL each. One probe
+# and its answer are ~250 bytes on the WAN inside WireGuard (estimated: 52-byte TCP segments
+# in WireGuard data messages), two per 30-minute poll at rest: ~1 KB/h of issue 14's 20 KB/h.
+# A silent hub is caught sooner, for free, by the agent (agent/_wg_sync.py HUB_SILENT_AFTER).
+KEEPALIVE_IDLE: Final = 600
+KEEPALIVE_INTERVAL: Final = 30
+KEEPALIVE_PROBES: Final = 3
+DEVICE_SOCKET_OPTIONS: Final = (
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES),
+)
 # Extra read time on top of a long poll's wait: the server may batch a change for 500 ms and a
 # slow link adds more; beyond this the coordinator is treated as unreachable.
 LONG_POLL_SLACK: Final = 10.0
@@ -757,9 +775,12 @@ class DeviceClient:
                  timeout: float = DEFAULT_TIMEOUT) -> None:
         self.url = _base(url)
         self._timeout = timeout
+        # (with a transport of its own, httpx takes TLS settings from the transport only)
+        transport = httpx.AsyncHTTPTransport(verify=pinned_ssl_context(cert_der),
+                                             socket_options=DEVICE_SOCKET_OPTIONS)
         self._http = httpx.AsyncClient(
-            base_url=self.url, verify=pinned_ssl_context(cert_der),
-            timeout=httpx.Timeout(timeout), trust_env=False,
+            base_url=self.url, transport=transport, timeout=httpx.Timeout(timeout),
+            trust_env=False,
             headers={"Authorization": f"Bearer {credential}", "Accept": "application/json"})
 
     def __repr__(self) -> str:
@@ -786,7 +807,7 @@ class DeviceClient:
 
     async def peermap(self, version: int = 0, wait: float = 25) -> PeerMap | None:
         """Long poll: the peer map if its version differs from `version`, None (304) if nothing
-        changed within `wait` seconds (clamped to 0..120)."""
+        changed within `wait` seconds (clamped to 0..MAX_WAIT, 1800)."""
         wait = max(0, min(MAX_WAIT, int(wait)))
         timeout = httpx.Timeout(self._timeout, read=wait + LONG_POLL_SLACK)
         response = await self._request("GET", "/device/peermap", 200, 304,

@@ -31,7 +31,10 @@ from .._model import Device, ProofRequired
 from .._service import FleetService
 from .tokens import DEFAULT_EXPIRES_IN, MAX_EXPIRES_IN, MIN_EXPIRES_IN
 
-MAX_WAIT: Final = 120.0  # long-poll ceiling (docs/api.md); agents wait 110 s
+# Long-poll ceiling (docs/api.md): the agents' wait through the hub tunnel (agent/_wg_sync.py
+# POLL_WAIT), which makes the poll a push channel that costs an idle device one request per
+# half hour. Nothing cuts a request in flight that long (coordinator/_listen.py).
+MAX_WAIT: Final = 1800.0
 DEFAULT_WAIT: Final = 25.0
 
 

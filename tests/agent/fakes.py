@@ -188,7 +188,10 @@ class FakeCoordinator:
         self.down_urls: set[str] = set()
         self.revoked = False  # 401 saying "revoked" (the operator revoked the device)
         self.unknown_credential = False  # 401 without it (e.g. replaced by an enrollment)
+        # URLs that take requests and never answer nor close (a coordinator that vanished)
+        self.silent_urls: set[str] = set()
         self.polls: list[tuple[str, int]] = []
+        self.poll_waits: list[tuple[str, float]] = []  # (url, wait) of each long poll
         self.reports: list[tuple[str, DeviceReport]] = []
         self.punches: list[str] = []  # peers this device asked to punch to it
         self.clients: list[FakeClient] = []
@@ -211,6 +214,8 @@ class FakeClient:
 
     async def _gate(self) -> None:
         await trio.sleep(0.01)
+        if self.url in self.coord.silent_urls:
+            await trio.sleep_forever()
         if self.coord.down or self.url in self.coord.down_urls:
             raise FakeUnreachable(f"cannot reach the coordinator at {self.url}")
         if self.coord.revoked:
@@ -220,6 +225,7 @@ class FakeClient:
 
     async def peermap(self, version: int, wait: float) -> PeerMap | None:
         self.coord.polls.append((self.url, version))
+        self.coord.poll_waits.append((self.url, wait))
         await self._gate()
         c = self.coord
         if c.peermap is not None and c.peermap.version != version:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -12,6 +12,7 @@ import trio
 
 from agent import DIRECT_TIMEOUT, Agent, Backoff, DataDir, Intervals
 from agent._paths import DIRECT_IDLE, NUDGE_AFTER
+from agent._wg_sync import DIRECT_POLL_WAIT, HUB_SILENT_AFTER, POLL_WAIT
 from mesh.control import PeerMap
 
 from .conftest import URL
@@ -33,6 +34,12 @@ class Rig:
 
     def logged(self, text: str) -> bool:
         return any(text in line for line in self.logs)
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Until `condition()` holds, looking every 10 ms (virtual time; the caller's deadline)."""
+    while not condition():
+        await trio.sleep(0.01)
 
 
 @asynccontextmanager
@@ -99,23 +106,89 @@ async def test_no_handshake_falls_back_to_relay(enrolled: DataDir,
 
 async def test_steady_state_sends_nothing_and_304s_keep_polling(
         enrolled: DataDir, autojump_clock: trio.abc.Clock) -> None:
+    """An idle device for an hour (issue 14: <= 20 KB of WAN per hour): two long polls, both
+    304 after POLL_WAIT through the hub tunnel, no report, no UAPI set."""
     coord = FakeCoordinator(peermap(1, peer(1, A), peer(2)))
-    with trio.fail_after(900):
+    with trio.fail_after(4000):
         async with running(enrolled, coord, reachable=(A,), hub_reachable=True) as rig:
             await trio.sleep(5)
             sets, polls = rig.agent.wg.sets_sent, len(coord.polls)
             reconciles, reports = rig.agent.wg.reconciles, len(coord.reports)
-            await trio.sleep(600)
+            await trio.sleep(3600)
             assert rig.agent.wg.sets_sent == sets  # converged: no UAPI set at all
-            assert rig.agent.wg.reconciles >= reconciles + 590
-            # one long poll per POLL_WAIT (110 s), all 304: idle devices cost little
-            assert 5 <= len(coord.polls) - polls <= 6
+            assert rig.agent.wg.reconciles >= reconciles + 3590
+            # one long poll per POLL_WAIT (30 min) through the tunnel, all 304: the first, on
+            # the join URL before the hub session was up, waited DIRECT_POLL_WAIT
+            assert len(coord.polls) - polls == 2
             assert all(v == 1 for _, v in coord.polls[polls:])
+            assert coord.poll_waits[polls:] == [(HUB.api_url, POLL_WAIT)] * 2
+            assert coord.poll_waits[polls - 1] == (URL, DIRECT_POLL_WAIT)
+            assert rig.agent.wg.polls_abandoned == 0  # the hub answers its handshakes
             # hub session up: the API goes through the tunnel
             assert coord.polls[-1][0] == HUB.api_url
             assert rig.logged(f"coordinator reached at {HUB.api_url} (the hub tunnel)")
-            # a heartbeat report every REPORT_INTERVAL (300 s), nothing else when nothing changes
-            assert 2 <= len(coord.reports) - reports <= 3
+            # reports by exception: nothing changed, nothing reported (REPORT_INTERVAL: 6 h)
+            assert len(coord.reports) == reports
+
+
+async def test_a_change_ends_the_long_poll_at_once(enrolled: DataDir,
+                                                   autojump_clock: trio.abc.Clock) -> None:
+    """The 30-minute poll is a push channel: a map published 20 minutes into it is in at once."""
+    coord = FakeCoordinator(peermap(1, peer(1, A)))
+    with trio.fail_after(3000):
+        async with running(enrolled, coord, reachable=(A, B), hub_reachable=True) as rig:
+            await trio.sleep(200)  # the poll through the tunnel is parked
+            assert coord.poll_waits[-1] == (HUB.api_url, POLL_WAIT)
+            await trio.sleep(1200)
+            coord.publish(peermap(2, peer(1, A), peer(2, B)))
+            published = trio.current_time()
+            await wait_until(lambda: rig.agent.wg.peermap is not None
+                             and rig.agent.wg.peermap.version == 2)
+            assert trio.current_time() - published < 1.0
+
+
+async def test_a_silent_hub_ends_the_long_poll_through_it(
+        enrolled: DataDir, autojump_clock: trio.abc.Clock) -> None:
+    """The coordinator behind the hub vanishes without closing the long poll (its host or
+    link gone): once the hub has answered no handshake for HUB_SILENT_AFTER, the poll is
+    abandoned and a new one made on the join URL, which hears the next map: the agent is not
+    deaf for the rest of POLL_WAIT."""
+    coord = FakeCoordinator(peermap(1, peer(1, A)))
+    with trio.fail_after(3000):
+        async with running(enrolled, coord, reachable=(A,), hub_reachable=True) as rig:
+            await trio.sleep(300)
+            assert coord.poll_waits[-1] == (HUB.api_url, POLL_WAIT)
+            polls = len(coord.polls)
+            coord.silent_urls.add(HUB.api_url)  # the poll in flight hangs on, unanswered
+            rig.wg.reachable.discard(HUB.endpoint)  # and the hub answers no handshake
+            hub = rig.wg.peers[HUB.public_key]
+            assert hub.last_handshake is not None
+            lost_at = hub.last_handshake
+            await wait_until(lambda: rig.agent.wg.polls_abandoned == 1)
+            # abandoned within a reconcile of the hub going silent for HUB_SILENT_AFTER
+            assert HUB_SILENT_AFTER < trio.current_time() - lost_at <= HUB_SILENT_AFTER + 2
+            assert rig.logged("peer map: the hub answers handshakes not for")
+            await trio.sleep(1)
+            assert coord.poll_waits[polls:] == [(URL, DIRECT_POLL_WAIT)]
+            coord.publish(peermap(2, peer(1, A), peer(2)))
+            await wait_until(lambda: rig.agent.wg.peermap is not None
+                             and rig.agent.wg.peermap.version == 2)
+            assert rig.agent.wg.polls_abandoned == 1
+
+
+async def test_a_poll_on_the_join_url_is_not_abandoned(
+        enrolled: DataDir, autojump_clock: trio.abc.Clock) -> None:
+    """Without a hub session the poll goes to the join URL with DIRECT_POLL_WAIT; the hub's
+    silence says nothing about that connection."""
+    coord = FakeCoordinator(peermap(1, peer(1, A)))
+    with trio.fail_after(3000):
+        async with running(enrolled, coord, reachable=(A,)) as rig:
+            await trio.sleep(1000)
+            assert rig.agent.wg.polls_abandoned == 0
+            assert {w for _, w in coord.poll_waits[1:]} == {DIRECT_POLL_WAIT}
+            assert all(u == URL for u, _ in coord.poll_waits)
+            # the map at once, then a poll every DIRECT_POLL_WAIT from t = 0
+            assert len(coord.polls) == 2 + 1000 // DIRECT_POLL_WAIT
 
 
 async def test_new_map_version_is_applied_at_once(enrolled: DataDir,

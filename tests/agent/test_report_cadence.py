@@ -10,13 +10,19 @@ import trio
 
 from agent import CoordinatorLink, DataDir
 from agent._link import CALL_TIMEOUT
-from agent._uploads import REPORT_INTERVAL, ROLLOUT_REPORT_INTERVAL, Reporter
+from agent._uploads import (
+    REPORT_CHECK_INTERVAL,
+    REPORT_INTERVAL,
+    ROLLOUT_REPORT_INTERVAL,
+    Reporter,
+)
 from mesh.control import AppStatus, DeviceReport, PeerPath, SourceBytes
 from vpn import generate_keypair
 
 from .fakes import FakeClient, FakeCoordinator
 
 ROLLOUT_BOUND = 30.0  # s: what the operator's rollout view needs (issue 12 item 4)
+PEER = generate_keypair().public
 
 
 class TimedCoordinator(FakeCoordinator):
@@ -119,3 +125,62 @@ def test_a_rollout_report_stays_small() -> None:
     body = httpx.Request("POST", "https://127.0.0.1/api/v1/device/state",
                          json=rollout_report().to_json()).content
     assert len(body) < 2048, len(body)
+
+
+async def test_at_rest_reports_go_up_by_exception(enrolled: DataDir,
+                                                  autojump_clock: trio.abc.Clock) -> None:
+    """Issue 14: a settled device sends no report for REPORT_INTERVAL (6 h) while nothing
+    changes, not even when its direct peers' handshake times and its apps' status times move;
+    a change that wakes nobody (here a new LAN address, as a DHCP lease brings) goes up
+    within REPORT_CHECK_INTERVAL; a report that could not be delivered is tried again as
+    soon."""
+    coord = TimedCoordinator()
+    lan = ["192.168.1.2:51820"]
+    tick = [0.0]
+
+    def make_report() -> DeviceReport:  # the handshake and status times move every call
+        tick[0] += 1
+        return DeviceReport(tuple(lan), "test", (PeerPath(PEER, "direct", "203.0.113.9:51820",
+                                                         tick[0]),),
+                            (AppStatus("web", "running", running=2, target=2,
+                                       updated_at=tick[0]),))
+
+    def factory(url: str, credential: str, cert: bytes) -> TimedClient:
+        return TimedClient(coord, url, credential, cert)  # `coord.down`: unreachable
+
+    link = CoordinatorLink(enrolled.read_identity(), factory, hub_up=lambda: False,
+                           log=lambda m: None)
+    reporter = Reporter(link, make_report, lambda m: None)
+    with trio.fail_after(2 * REPORT_INTERVAL):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reporter.run)
+            await at_rest(coord, lan)
+            nursery.cancel_scope.cancel()
+    assert reporter.sent == 4
+
+
+async def at_rest(coord: TimedCoordinator, lan: list[str]) -> None:
+    """The steps of the test above, in order."""
+    await trio.sleep(REPORT_INTERVAL - 60)
+    assert len(coord.arrived) == 1  # the first report only
+    await trio.sleep(120)
+    assert len(coord.arrived) == 2  # the safety heartbeat
+    assert abs(coord.arrived[1] - coord.arrived[0] - REPORT_INTERVAL) < 1
+    lan[0] = "192.168.1.3:51820"  # a new DHCP lease: no event for it
+    changed = trio.current_time()
+    while len(coord.arrived) < 3:
+        await trio.sleep(1)
+    assert coord.arrived[2] - changed <= REPORT_CHECK_INTERVAL + 1
+    assert coord.reports[-1][1].lan_endpoints == ("192.168.1.3:51820",)
+    coord.down = True  # the next change cannot be delivered at first
+    lan[0] = "192.168.1.4:51820"
+    await trio.sleep(5 * REPORT_CHECK_INTERVAL)
+    assert len(coord.arrived) == 3
+    coord.down = False
+    restored = trio.current_time()
+    while len(coord.arrived) < 4:
+        await trio.sleep(1)
+    assert coord.arrived[3] - restored <= REPORT_CHECK_INTERVAL + 1
+    assert coord.reports[-1][1].lan_endpoints == ("192.168.1.4:51820",)
+    await trio.sleep(3600)
+    assert len(coord.arrived) == 4  # delivered: nothing more to say

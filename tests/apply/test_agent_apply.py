@@ -7,6 +7,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -106,23 +107,35 @@ def device(tmp: Path, release_key: str) -> DataDir:
     return data
 
 
-async def test_targets_are_applied_and_reported(tmp_path: Path) -> None:
+def applying_agent(tmp_path: Path, versions: Iterable[int], log: Callable[[str], None]
+                   ) -> tuple[Agent, AppCoordinator, FakeEngine]:
+    """An agent applying on a fake engine, its coordinator offering `versions` of "web" and
+    targeting version 1."""
     releases = Releases(tmp_path / "dev", app="web")  # its blob store is the agent's
     data = device(tmp_path, releases.key_hex)
     coord = AppCoordinator()
-    for v in (1, 2):
+    for v in versions:
         coord.manifests[("cams", "web", v)] = releases.make(v, QUICK)
     coord.targets = [{"app": "web", "version": 1, "pin": None, "force": False, "retry": 0}]
     engine = FakeEngine(RealClock())
-    logs: list[str] = []
-    agent = Agent(data, FakeWireGuard().factory(), coord.factory, log=logs.append,
+    agent = Agent(data, FakeWireGuard().factory(), coord.factory, log=log,
                   gossip=GossipSettings(port=free_port(),
                                         apply=ApplySettings(engine_factory=lambda: engine)))
+    return agent, coord, engine
+
+
+def web_running(coord: AppCoordinator) -> bool:
+    web = coord.apps().get("web")
+    return web is not None and web.state == "running"
+
+
+async def test_targets_are_applied_and_reported(tmp_path: Path) -> None:
+    logs: list[str] = []
+    agent, coord, engine = applying_agent(tmp_path, (1, 2), logs.append)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             await nursery.start(agent.run)
-            await wait_for(lambda: coord.apps().get("web") is not None
-                           and coord.apps()["web"].state == "running", 0.05)
+            await wait_for(lambda: web_running(coord), 0.05)
             web = coord.apps()["web"]
             assert (web.running, web.target) == (1, 1)
             assert [c.version for c in engine.running("home-0", "web")] == [1]
@@ -135,6 +148,49 @@ async def test_targets_are_applied_and_reported(tmp_path: Path) -> None:
             assert [c.version for c in engine.running("home-0", "web")] == [2]
             assert not any("refused" in m for m in logs)
             nursery.cancel_scope.cancel()
+
+
+async def test_app_logs_go_up_while_the_peer_map_asks_for_them(tmp_path: Path) -> None:
+    """Issue 14: the app's log lines stay on the device until its peer map says someone reads
+    them (`logs_wanted_until`, set by the coordinator when its logs are read); then they go up
+    at once, through the agent's own peer-map poll, release sync and uploader."""
+    agent, coord, _ = applying_agent(tmp_path, (1,), lambda m: None)
+    coord.peermap = PeerMap(1, HUB, logs_wanted_until=0.0)  # nobody reads them yet
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(agent.run)
+            await wait_for(lambda: web_running(coord), 0.05)
+            sync = agent.releases
+            assert sync is not None and sync.applier is not None and sync.uploader is not None
+            sync.applier.logs.append(LogLine(time.time(), "web", "stdout", "hello"))
+            assert not agent.logs_wanted()
+            coord.publish(PeerMap(2, HUB, targets=0, logs_wanted_until=time.time() + 300))
+            await wait_for(lambda: [x.line for x in coord.logs] == ["hello"], 0.05)
+            assert agent.logs_wanted()
+            assert sync.uploader.uploads == 1  # none before the map asked
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_app_newly_failed_ships_its_last_lines_once(tmp_path: Path) -> None:
+    """Release sync tells the uploader of each app that newly failed, once per failure."""
+    releases = Releases(tmp_path / "dev", app="web")
+    sync, _ = release_sync(tmp_path, AppCoordinator(), [], FakeEngine(RealClock()), releases)
+    shipped: list[str] = []
+    states = {"web": "running", "db": "failed"}
+    uploader: Any = SimpleNamespace(ship_tail=shipped.append)
+    appsync: Any = SimpleNamespace(app_statuses=lambda: [AppStatus(a, st)
+                                                         for a, st in states.items()])
+    sync._ship_failures(uploader, appsync)
+    assert shipped == ["db"]
+    states["web"] = "failed"
+    sync._ship_failures(uploader, appsync)
+    sync._ship_failures(uploader, appsync)  # still failed: not again
+    assert shipped == ["db", "web"]
+    states["web"] = "running"
+    sync._ship_failures(uploader, appsync)
+    states["web"] = "failed"  # fails anew
+    sync._ship_failures(uploader, appsync)
+    assert shipped == ["db", "web", "web"]
 
 
 def release(version: int) -> VerifiedRelease:

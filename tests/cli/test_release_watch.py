@@ -221,6 +221,30 @@ def test_logs_follow_prints_new_lines_and_stops_on_ctrl_c(fleet: Fleet) -> None:
             proc.wait(timeout=10)
 
 
+def test_logs_without_follow_asks_an_online_device_for_what_it_kept(fleet: Fleet) -> None:
+    """Issue 14: devices keep their app logs until someone reads them. `devices logs` asks
+    the device (its peer map's `logs_wanted_until`) and waits a few seconds for its upload:
+    the line the device kept is shown by the same command."""
+    fleet.report("d1")  # online: it reported just now
+
+    def device() -> None:  # the agent's side: upload only once the map asks for it
+        async def go() -> None:
+            async with DeviceClient(fleet.coord.url, fleet.creds["d1"], fleet.coord.der) as c:
+                m = await c.peermap(0, 0)
+                assert m is not None
+                with trio.fail_after(25):
+                    while not m.logs_wanted_until > time.time():
+                        m = await c.peermap(m.version, 20) or m
+                await c.upload_logs([LogLine(time.time(), "app", "stdout", "kept line")])
+        trio.run(go)
+
+    watcher = threading.Thread(target=device, daemon=True)
+    watcher.start()
+    out = fleet.ok("devices", "logs", "d1")
+    watcher.join(timeout=30)
+    assert out.splitlines()[-1].endswith("app stdout kept line")
+
+
 def test_update_force_retry_and_bad_arguments(fleet: Fleet) -> None:
     out = json.loads(fleet.ok("devices", "update", "d1", "--app", "app", "--force", "--json"))
     assert out == {"device": "d1", "app": "app", "version": 1, "force": True}

@@ -15,6 +15,10 @@ import trio
 from mesh.release import MAX_ROOT_CHAIN, signed_root_to_json
 from mesh.tlspin import PinError, fingerprint
 from ops.client import (
+    KEEPALIVE_IDLE,
+    KEEPALIVE_INTERVAL,
+    KEEPALIVE_PROBES,
+    MAX_WAIT,
     ApiError,
     CoordinatorUnreachable,
     DeviceClient,
@@ -95,6 +99,45 @@ async def test_peermap_304_is_none(tmp_path: Path) -> None:
     assert exc.value.status == 401
 
 
+def _keepalive_timer(local_port: int) -> tuple[int, float] | None:
+    """(timer kind, seconds until it fires) of our TCP socket on 127.0.0.1:`local_port`, as
+    the kernel shows it in /proc/net/tcp (kind 2 is the keepalive timer; clock ticks of
+    USER_HZ = 100)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == local_port:
+            kind, when = fields[5].split(":")
+            return int(kind, 16), int(when, 16) / 100
+    return None
+
+
+async def test_a_long_poll_connection_is_probed_by_tcp_keepalive(tmp_path: Path) -> None:
+    """A long poll waits up to MAX_WAIT (30 min) with nothing sent either way: the device's
+    connection carries TCP keepalive, so a coordinator host gone without closing it is found
+    after KEEPALIVE_IDLE plus the probes, not after the wait. Read from the kernel's own
+    timer on the socket while the poll is parked."""
+    cert = make_cert(tmp_path, "c")
+    peers: list[int] = []
+
+    def park(tls: Any, stop: Any) -> None:  # reads the request and never answers
+        peers.append(tls.getpeername()[1])
+        tls.recv(65536)
+        stop.wait(10)
+
+    with tls_server(cert, handler=park) as port:
+        with trio.fail_after(10):
+            async with DeviceClient(f"https://127.0.0.1:{port}", "fmd_x", cert.der) as d, \
+                    trio.open_nursery() as nursery:
+                nursery.start_soon(d.peermap, 1, MAX_WAIT)
+                timer = None
+                while timer is None or timer[0] != 2:  # until the request is sent and acked
+                    await trio.sleep(0.02)
+                    timer = _keepalive_timer(peers[0]) if peers else None
+                nursery.cancel_scope.cancel()
+    assert KEEPALIVE_IDLE - 5 <= timer[1] <= KEEPALIVE_IDLE
+    assert KEEPALIVE_IDLE + KEEPALIVE_PROBES * KEEPALIVE_INTERVAL < MAX_WAIT / 2
+
+
 def _cli(port: int, cert_der: bytes, *argv: str, home: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETMESH_")}
     env.update(HOME=str(home), FLEETMESH_URL=f"https://127.0.0.1:{port}",
@@ -120,6 +163,24 @@ def test_cli_renders_tables_and_json(tmp_path: Path) -> None:
         missing = _cli(port, cert.der, "devices", "show", "x", home=tmp_path)
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert missing.stderr.strip() == "fleetmesh: no device named x (HTTP 404)"
+
+
+def test_logs_of_an_offline_device_say_what_they_are(tmp_path: Path) -> None:
+    """`devices logs` (no -f) of an offline device: what it uploaded before, at once, and one
+    line on stderr saying that newer lines stay on the device until it is back and read (it
+    uploads only while someone reads them, issue 14). The canned answer serves both the log
+    page and the device's info (offline)."""
+    cert = make_cert(tmp_path, "c")
+    answer = {**DEVICE, "online": False, "next": 1, "dropped": 0,
+              "lines": [{"seq": 1, "ts": 1.0, "app": "web", "stream": "stdout",
+                         "line": "uploaded before"}]}
+    with tls_server(cert, jhttp("200 OK", answer)) as port:
+        shown = _cli(port, cert.der, "devices", "logs", "cam-1", home=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines() == ["1970-01-01T00:00:01.000Z web stdout uploaded before"]
+    assert shown.stderr.strip() == ("fleetmesh: cam-1 is offline: these are the lines it "
+                                    "uploaded before; it keeps newer ones until it is back "
+                                    "and they are read")
 
 
 def test_operator_wg_quick_config() -> None:

@@ -91,6 +91,31 @@ async def test_long_poll_304_after_wait_and_200_after_anothers_report(h: Harness
     assert answers[0].peers[0].endpoints == ("192.168.1.99:51820",)
 
 
+async def test_the_long_poll_ceiling_is_half_an_hour(h: Harness) -> None:
+    """Agents park their peer-map poll for 30 minutes (issue 14: an idle device costs one
+    request per half hour); the server takes that wait, answers it at once on a change, and
+    refuses a longer one with one line."""
+    a = await h.enroll("a")
+    await trio.sleep(0.2)
+    v = (await a.client.get("/api/v1/device/peermap", params={"wait": 0})).json()["version"]
+    r = await a.client.get("/api/v1/device/peermap", params={"version": v, "wait": 1801})
+    assert r.status_code == 400
+    assert r.json()["error"] == "wait: must be 0..1800 seconds"
+    answers: list[int] = []
+
+    async def poll() -> None:
+        r = await a.client.get("/api/v1/device/peermap", params={"version": v, "wait": 1800})
+        answers.append(r.status_code)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(poll)
+            await trio.sleep(0.2)  # parked
+            assert answers == []
+            await h.enroll("b")  # a's map changes: the poll answers at once
+    assert answers == [200]
+
+
 async def test_both_sides_of_a_pair_hear_in_the_same_batch(h: Harness) -> None:
     a = await h.enroll("a")
     b = await h.enroll("b")

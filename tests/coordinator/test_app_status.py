@@ -14,7 +14,7 @@ import trio
 from nacl.signing import SigningKey
 
 from coordinator._server import Coordinator, CoordinatorConfig
-from coordinator._service import LOG_RATE
+from coordinator._service import LOG_RATE, LOGS_WANTED_FOR
 from mesh.control import (
     APP_STATES,
     MAX_APPS,
@@ -377,3 +377,55 @@ async def test_bad_operator_requests_are_refused(h: Harness) -> None:
         assert (await h.op.get(path)).status_code == 400, path
     assert (await h.op.post("/api/v1/releases/fleet/app/x/retry")).status_code == 400
     assert (await h.op.post("/api/v1/releases/fleet/app/7/retry")).status_code == 404
+
+
+async def test_reading_a_devices_logs_asks_it_for_them_through_its_peer_map(
+        h: Harness) -> None:
+    """Issue 14: devices upload app logs only while someone reads them. A read (tail, follow,
+    the dashboard's view) sets `logs_wanted_until` in that device's peer map, LOGS_WANTED_FOR
+    ahead, answering its parked long poll; reads while more than half of that is left push
+    nothing more; one past that renews it. Other devices hear nothing."""
+    a, b = await h.enroll("a"), await h.enroll("b")
+    await trio.sleep(0.3)  # past the enrollment batch
+    ma, mb = [(await d.client.get("/api/v1/device/peermap", params={"version": 0})).json()
+              for d in (a, b)]
+    assert ma["logs_wanted_until"] == 0 and mb["logs_wanted_until"] == 0
+    got: dict[str, Any] = {}
+
+    async def poll(name: str, dev: Enrolled, version: int, wait: float) -> None:
+        r = await dev.client.get("/api/v1/device/peermap",
+                                 params={"version": version, "wait": wait})
+        got[name] = r.json() if r.status_code == 200 else r.status_code
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poll, "a", a, ma["version"], 1800)
+            nursery.start_soon(poll, "b", b, mb["version"], 1)
+            await trio.sleep(0.2)  # both parked
+            before = time.time()
+            assert (await h.op.get("/api/v1/devices/a/logs", params={"tail": 10})
+                    ).status_code == 200
+    until = got["a"]["logs_wanted_until"]
+    assert before + LOGS_WANTED_FOR <= until <= time.time() + LOGS_WANTED_FOR
+    assert got["b"] == 304
+    # a follower's next reads: no push for each
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poll, "a", a, got["a"]["version"], 1)
+            await trio.sleep(0.2)
+            await h.op.get("/api/v1/devices/a/logs", params={"after": 0, "wait": 0})
+    assert got["a"] == 304
+    # past half of it, a read renews it
+    version = (await a.client.get("/api/v1/device/peermap", params={"version": 0})).json()
+    settings = h.coord.service.settings
+    real = settings.clock
+    object.__setattr__(settings, "clock", lambda: real() + LOGS_WANTED_FOR / 2 + 1)
+    try:
+        await h.op.get("/api/v1/devices/a/logs", params={"tail": 1})
+    finally:
+        object.__setattr__(settings, "clock", real)
+    with trio.fail_after(10):
+        r = await a.client.get("/api/v1/device/peermap",
+                               params={"version": version["version"], "wait": 5})
+    assert r.status_code == 200
+    assert r.json()["logs_wanted_until"] >= until + LOGS_WANTED_FOR / 2

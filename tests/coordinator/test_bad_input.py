@@ -117,7 +117,7 @@ async def test_oversized_bodies_are_413(h: Harness) -> None:
 async def test_bad_queries_paths_and_methods(h: Harness) -> None:
     a = await h.enroll("a")
     for params in ({"version": "abc"}, {"wait": "-1"}, {"wait": "nan"}, {"wait": "1e309"},
-                   {"wait": "121"}, {"version": "9" * 5000}, {"wait": "inf"}):
+                   {"wait": "1801"}, {"version": "9" * 5000}, {"wait": "inf"}):
         r = await a.client.get("/api/v1/device/peermap", params=params)
         check(r, str(params))
         assert r.status_code == 400, (params, r.status_code)

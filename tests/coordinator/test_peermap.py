@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from coordinator._peermap import Member, PeerMapCore
-from mesh.control import HubInfo, PeerMap
+from mesh.control import ControlError, HubInfo, PeerMap
 from vpn import generate_keypair
 
 HUB = HubInfo(generate_keypair().public, "198.51.100.1:51820", "10.250.0.1", "fd7a:f1ee:7000::1",
@@ -224,3 +226,32 @@ def test_a_punch_request_reaches_only_the_peer_with_a_growing_stamp() -> None:
     assert dict(core.build("d1").punch) == {"d2": again["d2"]}
     core.remove("d1")
     assert core.punch("d2", "d1") is False
+
+
+def test_logs_wanted_reaches_only_that_devices_map() -> None:
+    core = PeerMapCore(HUB)
+    for i in range(3):
+        core.add(member(i))
+    core.publish()
+    assert core.want_logs("d1", 1_800_000_300.0)
+    assert not core.want_logs("nope", 1.0)
+    assert core.publish() == {"d1"}
+    assert core.build("d1").logs_wanted_until == core.logs_wanted_until("d1") == 1_800_000_300.0
+    assert core.build("d0").logs_wanted_until == 0.0
+    for name in ("d0", "d1"):
+        assert PeerMap.from_json(json.loads(core.render(name))) == core.build(name)
+    core.remove("d1")
+    assert core.logs_wanted_until("d1") == 0.0
+
+
+def test_logs_wanted_until_is_validated_where_maps_arrive() -> None:
+    core = PeerMapCore(HUB)
+    core.add(member(0))
+    core.publish()
+    good = core.build("d0").to_json()
+    assert good["logs_wanted_until"] == 0.0  # not wanted, said explicitly
+    del good["logs_wanted_until"]  # a coordinator from before the field: it never asks
+    assert PeerMap.from_json(good).logs_wanted_until is None
+    for bad in (-1, "soon", float("nan"), float("inf"), 1e12, True):
+        with pytest.raises(ControlError, match="logs_wanted_until"):
+            PeerMap.from_json({**good, "logs_wanted_until": bad})

@@ -5,7 +5,9 @@ fleet's; GET serves devices (of that fleet) and operators the roots newer than `
 from __future__ import annotations
 
 import json
+from typing import Any
 
+import trio
 from nacl.signing import SigningKey
 
 from mesh.release import decode_signed_root, encode_signed_root, key_id, root_fingerprint
@@ -93,3 +95,30 @@ async def test_a_device_reads_only_its_own_fleets_roots(h: Harness) -> None:
                              content=encode_signed_root(root("fleet", 1, RELEASE_1, A, B)),
                              headers=JSON)
     assert r.status_code == 403
+
+
+async def test_a_new_root_wakes_the_fleets_devices_at_once(h: Harness) -> None:
+    """Devices read targets, timestamp and roots together, at once when their peer map's
+    `targets` revision moves and otherwise every 6 hours (issue 14): a published root must
+    move it, through the long poll that is parked, for that fleet only."""
+    dev, stranger = await h.enroll("d1"), await h.enroll("d2", fleet="other")
+    await trio.sleep(0.3)  # past the enrollment batch
+    maps = [(await d.client.get("/api/v1/device/peermap", params={"version": 0})).json()
+            for d in (dev, stranger)]
+    got: dict[str, int] = {}
+
+    async def poll(name: str, client: Any, version: int, wait: float) -> None:
+        r = await client.get("/api/v1/device/peermap", params={"version": version, "wait": wait})
+        got[name] = r.status_code if r.status_code != 200 else r.json()["targets"]
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poll, "d1", dev.client, maps[0]["version"], 1800)
+            nursery.start_soon(poll, "d2", stranger.client, maps[1]["version"], 2)
+            await trio.sleep(0.2)  # both parked
+            r = await h.op.put("/api/v1/fleets/fleet/root",
+                               content=encode_signed_root(root("fleet", 1, RELEASE_1, A, B)),
+                               headers=JSON)
+            assert r.status_code == 200, r.text
+    assert got["d1"] > maps[0]["targets"]
+    assert got["d2"] == 304  # another fleet's root is no news to it
