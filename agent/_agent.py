@@ -57,6 +57,7 @@ class Intervals:
     report: float = REPORT_INTERVAL
     poll_wait: int = POLL_WAIT
     lazy_after: float = LAZY_AFTER  # agent/_paths.py; 0: every direct path keeps its keepalive
+    tune_keepalive: bool = True  # agent/_keepalive.py; False: the hub keepalive stays 25 s
 
 
 def stderr_log(message: str) -> None:
@@ -107,7 +108,7 @@ class Agent:
                                     lazy_after=intervals.lazy_after), enrollment,
             clock=clock, log=log, nudge=nudge, reconcile_interval=intervals.reconcile,
             poll_wait=intervals.poll_wait, on_peermap=self._on_peermap,
-            on_paths=self._report_now)
+            on_paths=self._report_now, tune_keepalive=intervals.tune_keepalive)
         self.link = CoordinatorLink(self.identity, client_factory, hub_up=self.wg.hub_up,
                                     log=log, rng=rng)
         self.link.reachability.append(self.wg.coordinator_reachable)
@@ -197,7 +198,8 @@ class Agent:
         counted = gossip.misbehaving_peers() if gossip is not None else {}
         misbehaving = tuple(PeerMisbehaviour(name, counts)
                             for name, counts in list(counted.items())[:MAX_PEERS])
-        return DeviceReport(self.lan_endpoints(), self.agent_version, paths, apps, misbehaving)
+        return DeviceReport(self.lan_endpoints(), self.agent_version, paths, apps, misbehaving,
+                            self.wg.link_state())
 
     def logs_wanted(self) -> bool:
         """Someone reads this device's app logs: the peer map says so, until when (a map

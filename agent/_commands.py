@@ -325,11 +325,12 @@ def _run(args: argparse.Namespace) -> int:
                                 ApplySettings(docker_host=args.docker_host))
     try:
         backend = real_backend_factory(args.interface, args.wg_mount_namespace)
+        lan_profile = args.gossip_profile == "lan"
         lazy = args.lazy_after if args.lazy_after is not None else \
-            (0.0 if args.gossip_profile == "lan" else LAZY_AFTER)
+            (0.0 if lan_profile else LAZY_AFTER)
         agent = Agent(data, backend, sdk_client_factory(),
                       wg_port=port, lan_endpoints=lan, gossip=gossip,
-                      intervals=Intervals(lazy_after=lazy))
+                      intervals=Intervals(lazy_after=lazy, tune_keepalive=not lan_profile))
     except DataDirError as exc:
         raise _data_error(exc, data) from None
     agent.log(f"{enrollment.name} in fleet {enrollment.fleet}, mesh {enrollment.mesh_ipv4}, "

@@ -61,7 +61,8 @@ class DeviceApi(Protocol):
     no usable answer.
     """
 
-    async def peermap(self, version: int, wait: float) -> PeerMap | None: ...
+    async def peermap(self, version: int, wait: float, hold: float = 0.0,
+                      quiet: bool = False) -> PeerMap | None: ...
 
     async def report(self, report: DeviceReport) -> None: ...
 
@@ -174,15 +175,21 @@ class CoordinatorLink:
 
     # -- the calls -----------------------------------------------------------------------------
 
-    async def peermap(self, version: int, wait: int, direct_wait: int | None = None
-                      ) -> PeerMap | None:
+    async def peermap(self, version: int, wait: int, direct_wait: int | None = None,
+                      hold: float = 0.0, quiet: bool = False) -> PeerMap | None:
         """Long poll: the peer map if its version differs from `version`, None if unchanged.
         It waits `wait` seconds through the hub tunnel and `direct_wait` (default: `wait`) on
-        the join URL, whose TCP connection crosses the NAT with nothing sent while it waits."""
+        the join URL, whose TCP connection crosses the NAT with nothing sent while it waits.
+        Through the tunnel the answer may come up to `hold` s late (our hub keepalive: a NAT
+        that forgot our binding holds it until our next packet), and is waited for; `quiet`:
+        a keepalive trial (the coordinator counts us online through the wait)."""
         tunnel = self.identity.enrollment.hub.api_url
 
         def attempt(url: str) -> tuple[Callable[[DeviceApi], Awaitable[PeerMap | None]], float]:
-            w = wait if direct_wait is None or url == tunnel else direct_wait
+            if url == tunnel:
+                return ((lambda c: c.peermap(version, wait, hold, quiet)),
+                        wait + POLL_SLACK + hold)
+            w = wait if direct_wait is None else direct_wait
             return (lambda c: c.peermap(version, w)), w + POLL_SLACK
 
         return await self._call(attempt)
@@ -335,6 +342,11 @@ class CoordinatorLink:
         assert last is not None
         self._answered(False)
         raise last
+
+    @property
+    def answered_via_tunnel(self) -> bool:
+        """The last call was answered through the hub tunnel (not the join URL)."""
+        return self._last_url == self.identity.enrollment.hub.api_url
 
     @property
     def reachable(self) -> bool:

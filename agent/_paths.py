@@ -224,6 +224,8 @@ class PathSelector:
         self.listen_port = listen_port
         self.hub = hub  # used until a peer map arrives
         self.lazy_after = lazy_after
+        # the hub peer's keepalive, set by the driver (agent/_keepalive.py tunes it to the NAT)
+        self.hub_keepalive = KEEPALIVE
         # The driver's view of the coordinator: while it does not answer, no path goes lazy and
         # lazy ones wake (a punch request could not reach the peer; both sides wake alike).
         self.coordinator_ok = True
@@ -467,7 +469,7 @@ class PathSelector:
                     if self._may_idle(entry):
                         deadlines.append(st.active + self.lazy_after)
         hub_peer = DesiredPeer(hub.public_key, frozenset(hub_ips), Endpoint.parse(hub.endpoint),
-                               KEEPALIVE)
+                               self.hub_keepalive)
         desired = DesiredDevice(self.private_key, (hub_peer, *peers), self.listen_port)
         punch, self._punch_out = tuple(self._punch_out), []
         return PathPlan(desired, tuple(paths), tuple(changes),

@@ -12,6 +12,7 @@ principle 4); the interface's errors are logged once each and retried every tick
 
 from __future__ import annotations
 
+import collections
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,7 +20,7 @@ from typing import Final
 
 import trio
 
-from mesh.control import Enrollment, PeerMap, PeerPath
+from mesh.control import Enrollment, LinkState, PeerMap, PeerPath
 from vpn import (
     AsyncWireGuardBackend,
     DeviceStatus,
@@ -30,6 +31,7 @@ from vpn import (
 )
 
 from ._datadir import DataDir, DataDirError
+from ._keepalive import ARRIVAL_SLACK, FLOOR, KeepaliveTuner, Trial
 from ._link import CoordinatorLink, ErrorOnce, Log, one_line
 from ._paths import KEEPALIVE, REJECT_AFTER_TIME, REKEY_TIMEOUT, PathPlan, PathSelector
 
@@ -51,7 +53,8 @@ DIRECT_POLL_WAIT: Final = 110
 # initiation within KEEPALIVE + REKEY_TIMEOUT. The coordinator behind it may be gone without
 # closing our long poll (a host or a link down): that poll is abandoned and a new one made
 # (on the join URL, since the tunnel is down) instead of waiting out POLL_WAIT deaf. Free: the
-# reconcile reads the hub's last handshake every second anyway.
+# reconcile reads the hub's last handshake every second anyway. With a longer hub keepalive
+# (agent/_keepalive.py) the keepalive takes KEEPALIVE's place.
 HUB_SILENT_AFTER: Final = REJECT_AFTER_TIME + KEEPALIVE + REKEY_TIMEOUT
 BACKEND_TIMEOUT: Final = 5.0  # the UAPI client's own default deadline
 # A coordinator that answers 304 at once (a bug, or a proxy) must not make us spin.
@@ -87,7 +90,8 @@ class WireGuardSync:
                  nudge: Nudger | None = None,
                  reconcile_interval: float = RECONCILE_INTERVAL, poll_wait: int = POLL_WAIT,
                  on_peermap: Callable[[PeerMap | None, PeerMap], None] = lambda old, new: None,
-                 on_paths: Callable[[], None] = lambda: None) -> None:
+                 on_paths: Callable[[], None] = lambda: None,
+                 tune_keepalive: bool = False) -> None:
         self.data = data
         self.selector = selector
         self.enrollment = enrollment
@@ -114,6 +118,13 @@ class WireGuardSync:
         # the long poll in flight: its cancel scope, and whether the hub was up when it began
         self._poll: tuple[trio.CancelScope, bool] | None = None
         self.polls_abandoned = 0  # long polls given up because the hub went silent
+        # The hub keepalive at the NAT's binding lifetime (agent/_keepalive.py), measured with
+        # the long polls (made in `run`, on trio's clock); None: the customary KEEPALIVE.
+        self._tune = tune_keepalive
+        self.tuner: KeepaliveTuner | None = None
+        self._trial: Trial | None = None
+        self._hub_tx: int | None = None
+        self._hub_tx_at: collections.deque[float] = collections.deque(maxlen=8)
         self.peermap: PeerMap | None = None
         try:
             self.peermap = data.read_peermap()
@@ -141,9 +152,30 @@ class WireGuardSync:
         age = self.hub_handshake_age()
         return age is not None and age < REJECT_AFTER_TIME
 
+    def hub_keepalive(self) -> int:
+        return self.tuner.hub_keepalive() if self.tuner is not None else KEEPALIVE
+
+    def link_state(self) -> LinkState:
+        """How we hold our NAT binding to the hub, for the report."""
+        t = self.tuner
+        if t is None:
+            return LinkState(KEEPALIVE)
+        return LinkState(t.keepalive, round(t.proven, 1),
+                         None if t.failed is None else round(t.failed, 1))
+
+    def _hub_silent_after(self) -> float:
+        return REJECT_AFTER_TIME + max(KEEPALIVE, self.hub_keepalive()) + REKEY_TIMEOUT
+
+    def _silent_since(self, before: float) -> float:
+        """When our hub entry last sent anything before `before` (a reconcile's resolution)."""
+        sent = [t for t in self._hub_tx_at if t < before]
+        return max(sent) if sent else float("-inf")
+
     async def run(self, backend: AsyncWireGuardBackend, link: CoordinatorLink, *,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The reconcile loop (started once the first reconcile ran) and the peer-map poll."""
+        if self._tune:
+            self.tuner = KeepaliveTuner(trio.current_time())
         async with trio.open_nursery() as nursery:
             await nursery.start(self._reconcile_loop, backend)
             nursery.start_soon(self._peermap_loop, link)
@@ -182,23 +214,70 @@ class WireGuardSync:
         self.on_peermap(old, peermap)
         self._wake.set()
 
+    def _poll_wait(self, now: float) -> tuple[int, Trial | None]:
+        """This poll's wait, and the keepalive trial it is (agent/_keepalive.py), if one is due
+        and the hub answers; an ordinary poll ends when the next trial is due."""
+        tuner = self.tuner
+        if tuner is None or not self.hub_up():
+            return self.poll_wait, None
+        trial = tuner.start_trial(now)
+        if trial is not None:
+            self._wake.set()  # the keepalive goes off at once
+            return trial.wait, trial
+        due = tuner.next_trial_at() - now
+        return max(FLOOR, min(self.poll_wait, int(due) + 1)), None
+
+    def _trial_over(self, trial: Trial, answered_at: float | None, link: CoordinatorLink,
+                    changed: bool) -> None:
+        """The trial's poll ended (answered at `answered_at`, None: not in time or not at all):
+        tell the tuner, put the keepalive back, log what it learned."""
+        assert self.tuner is not None
+        tuner, before = self.tuner, self.tuner.keepalive
+        now = trio.current_time()
+        if changed or (answered_at is not None and not link.answered_via_tunnel):
+            tuner.trial_done(None, float("inf"), now)  # a push or the join URL: no measure
+        else:
+            tuner.trial_done(answered_at, self._silent_since(answered_at or now), now)
+        self._wake.set()
+        if tuner.keepalive != before:
+            self.log(f"hub keepalive {tuner.keepalive} s: the NAT kept our binding through "
+                     f"{tuner.proven:.0f} s of silence")
+            self.on_paths()  # reported (the coordinator's online window follows it)
+        elif answered_at is None:
+            self.log(f"hub keepalive stays {tuner.keepalive} s: the NAT did not keep our "
+                     f"binding through {tuner.failed or 0:.0f} s of silence")
+
     async def _peermap_loop(self, link: CoordinatorLink) -> None:
         version = self.peermap.version if self.peermap is not None else 0
         failing = False
         while not link.revoked:
             started = trio.current_time()
+            wait, trial = self._poll_wait(started)
+            self._trial = trial
             try:
                 with trio.CancelScope() as scope:
+                    if trial is not None:
+                        scope.deadline = started + trial.wait + ARRIVAL_SLACK
                     self._poll = (scope, self.hub_up())
                     try:
-                        peermap = await link.peermap(version, self.poll_wait,
-                                                     min(self.poll_wait, DIRECT_POLL_WAIT))
+                        peermap = await link.peermap(version, wait, min(wait, DIRECT_POLL_WAIT),
+                                                     hold=self.hub_keepalive(),
+                                                     quiet=trial is not None)
                     finally:
                         self._poll = None
-                if scope.cancelled_caught:  # the hub went silent: see _abandon_if_hub_silent
-                    link.lost()
+                answered_at = trio.current_time()
+                if trial is not None:
+                    self._trial = None
+                    self._trial_over(trial, None if scope.cancelled_caught else answered_at,
+                                     link, peermap is not None and peermap.version != version)
+                if scope.cancelled_caught:
+                    if trial is None:  # the hub went silent (a trial's answer only came late)
+                        link.lost()
                     continue
             except Exception as exc:  # noqa: BLE001 - never exit on coordinator errors
+                if trial is not None and self._trial is not None:
+                    self._trial = None
+                    self._trial_over(trial, None, link, True)  # no answer to measure
                 if link.revoked_by(exc):
                     return
                 delay = link.backoff.next()
@@ -211,6 +290,14 @@ class WireGuardSync:
             if failing:
                 failing = False
                 self.log("peer map: coordinator answers again")
+            if trial is None and peermap is None and self.tuner is not None \
+                    and link.answered_via_tunnel and self.tuner.poll_answered(
+                        started, wait, answered_at, True, answered_at):
+                self.log(f"hub keepalive back to {self.tuner.keepalive} s: an answer due after "
+                         f"{wait} s came {answered_at - started - wait:.0f} s late, held at the "
+                         "NAT until our next packet")
+                self._wake.set()
+                self.on_paths()
             if peermap is None or peermap.version == version:
                 spent = trio.current_time() - started
                 if spent < MIN_POLL_INTERVAL:
@@ -222,13 +309,13 @@ class WireGuardSync:
     def _abandon_if_hub_silent(self) -> None:
         """After each reconcile: a long poll begun through a live hub session is given up once
         the hub has answered no handshake for HUB_SILENT_AFTER (the constant says why)."""
-        if self._poll is None:
+        if self._poll is None or self._trial is not None:  # a trial has a deadline of its own
             return
         scope, via_hub = self._poll
         if not via_hub or scope.cancel_called:
             return
         age = self.hub_handshake_age()
-        if age is not None and age <= HUB_SILENT_AFTER:
+        if age is not None and age <= self._hub_silent_after():
             return
         self.polls_abandoned += 1
         silent = "no longer" if age is None else f"not for {age:.0f} s"
@@ -244,6 +331,8 @@ class WireGuardSync:
         try:
             with trio.fail_after(BACKEND_TIMEOUT):
                 status = await backend.aget()
+                self._watch_hub_tx(status)
+                self.selector.hub_keepalive = self.hub_keepalive()
                 plan = self.selector.update(self.peermap, status, self.clock())
                 changes = diff(plan.desired, status)
                 if changes:
@@ -270,6 +359,15 @@ class WireGuardSync:
                 [(p.public_key, p.path, p.endpoint) for p in plan.paths]:
             self.on_paths()
         return plan
+
+    def _watch_hub_tx(self, status: DeviceStatus) -> None:
+        """When our hub entry last sent something (the keepalive trials' silence)."""
+        hub = self.peermap.hub if self.peermap is not None else self.enrollment.hub
+        peer = status.peer(hub.public_key)
+        tx = peer.tx_bytes if peer is not None else 0
+        if self._hub_tx is None or tx != self._hub_tx:
+            self._hub_tx_at.append(trio.current_time())
+        self._hub_tx = tx
 
     async def _send_nudges(self, nudge: Nudger, addresses: Sequence[str]) -> None:
         """After the apply, so that each datagram goes through the peer's own entry. A failure

@@ -275,7 +275,11 @@ def openapi_document() -> dict[str, Any]:
                 {"name": "version", "in": "query", "schema": {**_UINT, "default": 0}},
                 {"name": "wait", "in": "query",
                  "schema": {"type": "number", "default": DEFAULT_WAIT, "minimum": 0,
-                            "maximum": MAX_WAIT}}],
+                            "maximum": MAX_WAIT}},
+                {"name": "quiet", "in": "query",
+                 "description": "1: the device sends nothing to the hub during this wait (a "
+                                "keepalive trial); it counts as online until the wait ends",
+                 "schema": {"type": "integer", "enum": [0, 1], "default": 0}}],
             "responses": {"200": _json(_ref("PeerMap")),
                           "304": {"description": "unchanged after waiting"}, **_ERRORS}}},
         "/api/v1/device/state": {"post": {

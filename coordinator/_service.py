@@ -67,6 +67,9 @@ BATCH_WINDOW: Final = 0.2  # s: coalesce a burst so both sides of a pair hear it
 # answered but change nothing: a device cannot make its peers' maps churn (each new map is a
 # long-poll answer over the peer's metered link).
 PUNCH_SPACING: Final = 10.0
+# A device polling with quiet=1 stays silent toward the hub for the poll's wait (a keepalive
+# trial, agent/_keepalive.py): online until then, and a round trip after.
+QUIET_SLACK: Final = 10.0
 # An update lock held longer than this is shown as stale (issue 6); an hour covers a long
 # recording or call, which is what apps hold their lock for.
 LOCK_STALE_AFTER: Final = 3600.0
@@ -248,6 +251,7 @@ class FleetService:
         self._challenges: dict[str, tuple[str, str, float]] = {}
         self._dirty = trio.Event()
         self._punch_at: dict[tuple[str, str], float] = {}  # (requester, peer) -> last passed on
+        self._quiet_until: dict[str, float] = {}  # device -> end of its keepalive trial
         for d in store.list_devices():
             if d.state is DeviceState.ACTIVE:
                 self._add_member(d, None)
@@ -297,11 +301,15 @@ class FleetService:
                 if event is not None:
                     event.set()
 
-    async def wait_peermap(self, device: Device, version: int, wait: float) -> bytes | None:
+    async def wait_peermap(self, device: Device, version: int, wait: float,
+                           quiet: bool = False) -> bytes | None:
         """The map as JSON if its version is not `version`, as soon as that is true within
-        `wait` seconds; None (304) otherwise. Waits on an event, never polls."""
+        `wait` seconds; None (304) otherwise. Waits on an event, never polls. `quiet`: the
+        device sends nothing to the hub meanwhile (a keepalive trial): online until then."""
         core = self.core
         deadline = trio.current_time() + wait
+        if quiet:
+            self._quiet_until[device.name] = self.settings.clock() + wait + QUIET_SLACK
         while True:
             member = core.member(device.name)
             if member is None or member.public_key != device.public_key:
@@ -533,8 +541,9 @@ class FleetService:
         window = self.settings.online_window
         if d.link is not None:
             window = max(window, 2.0 * d.link.hub_keepalive + 10.0)
-        online = live and last_seen is not None and \
-            self.settings.clock() - last_seen < window
+        now = self.settings.clock()
+        online = live and ((last_seen is not None and now - last_seen < window)
+                           or now < self._quiet_until.get(d.name, 0.0))
         return online, last_seen
 
     def _info(self, d: Device, apps: list[AppStatus] | None = None,

@@ -805,13 +805,18 @@ class DeviceClient:
             raise _transport_error(exc, self.url) from exc
         return _check(response, *ok)
 
-    async def peermap(self, version: int = 0, wait: float = 25) -> PeerMap | None:
+    async def peermap(self, version: int = 0, wait: float = 25, hold: float = 0.0,
+                      quiet: bool = False) -> PeerMap | None:
         """Long poll: the peer map if its version differs from `version`, None (304) if nothing
-        changed within `wait` seconds (clamped to 0..MAX_WAIT, 1800)."""
+        changed within `wait` seconds (clamped to 0..MAX_WAIT, 1800). `hold`: how much longer
+        the answer may take on its way (a NAT that lost our binding holds it until our next
+        packet: agent/_keepalive.py measures that lateness instead of timing out); `quiet`:
+        we send nothing to the hub meanwhile (a keepalive trial), online all the same."""
         wait = max(0, min(MAX_WAIT, int(wait)))
-        timeout = httpx.Timeout(self._timeout, read=wait + LONG_POLL_SLACK)
-        response = await self._request("GET", "/device/peermap", 200, 304,
-                                       params={"version": version, "wait": wait},
+        hold = max(0.0, min(float(MAX_WAIT), hold))
+        timeout = httpx.Timeout(self._timeout, read=wait + LONG_POLL_SLACK + hold)
+        params = {"version": version, "wait": wait, **({"quiet": 1} if quiet else {})}
+        response = await self._request("GET", "/device/peermap", 200, 304, params=params,
                                        timeout=timeout)
         if response.status_code == 304:
             return None

@@ -58,8 +58,11 @@ async def enroll(request: Request, service: FleetService) -> Response:
 async def peermap(request: Request, service: FleetService, dev: Device) -> Response:
     version = query_int(request, "version", 0, 0, MAX_INT)
     wait = query_seconds(request, "wait", DEFAULT_WAIT, MAX_WAIT)
+    # quiet=1: the device keeps silent toward the hub for this wait (a keepalive trial,
+    # agent/_keepalive.py): it counts as online meanwhile
+    quiet = query_int(request, "quiet", 0, 0, 1) == 1
     assert version is not None
-    body = await unless_gone(request, lambda: service.wait_peermap(dev, version, wait))
+    body = await unless_gone(request, lambda: service.wait_peermap(dev, version, wait, quiet))
     if body is None:
         return Response(status_code=304)
     return Response(body, media_type="application/json")

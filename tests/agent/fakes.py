@@ -223,7 +223,8 @@ class FakeClient:
         if self.coord.unknown_credential:
             raise FakeApiError(401, "unknown device credential")
 
-    async def peermap(self, version: int, wait: float) -> PeerMap | None:
+    async def peermap(self, version: int, wait: float, hold: float = 0.0,
+                      quiet: bool = False) -> PeerMap | None:
         self.coord.polls.append((self.url, version))
         self.coord.poll_waits.append((self.url, wait))
         await self._gate()

@@ -54,7 +54,8 @@ async def running(data: DataDir, coord: FakeCoordinator, *, hub_reachable: bool 
     logs: list[str] = []
     agent = Agent(data, wg.factory(), coord.factory, lan_endpoints=LAN, agent_version="9.9",
                   clock=trio.current_time, rng=random.Random(7), log=logs.append,
-                  nudge=wg.nudge, intervals=Intervals(lazy_after=lazy_after))
+                  nudge=wg.nudge, intervals=Intervals(lazy_after=lazy_after,
+                                                      tune_keepalive=False))
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.run)
         yield Rig(agent, wg, coord, logs)

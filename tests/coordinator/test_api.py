@@ -411,3 +411,36 @@ async def test_a_tuned_hub_keepalive_widens_online_and_devices_show_tells_the_na
                     {"binding_survived": 3}, {"hub_keepalive": 25, "binding_survived": 1e99}):
             r = await cam.client.post("/api/v1/device/state", json={"link": bad})
             assert r.status_code == 400 and "report.link" in r.json()["error"], r.text
+
+
+async def test_a_quiet_long_poll_keeps_the_device_online_through_its_wait(
+        tmp_path: Path) -> None:
+    """A keepalive trial (agent/_keepalive.py) is a long poll with quiet=1: the device sends
+    nothing to the hub for its wait, and is online all the same -- until the wait is over."""
+    from coordinator._hub import Observation
+    now = [1_800_000_000.0]
+    async with running_harness(CoordinatorConfig(
+            data_dir=tmp_path / "coord", listen="127.0.0.1:0", hub=False, batch_window=0.05,
+            clock=lambda: now[0])) as h:
+        cam = await h.enroll("cam-1")
+        h.coord.service.observe([Observation(cam.public_key, "203.0.113.9:4444", None, 148)])
+        await trio.sleep(0.2)  # its own map changed (its public IP): let the batch go out
+        v = (await cam.client.get("/api/v1/device/peermap", params={"wait": 0})).json()["version"]
+        r = await cam.client.get("/api/v1/device/peermap",
+                                 params={"version": v, "wait": 0.2, "quiet": 1})
+        assert r.status_code == 304
+        # the clock says 200 s passed: the wait it announced was 0.2 s, so it is offline now
+        now[0] += 200
+        assert (await h.op.get("/api/v1/devices/cam-1")).json()["online"] is False
+        with trio.fail_after(10):
+            async with trio.open_nursery() as n:
+                async def trial() -> None:
+                    await cam.client.get("/api/v1/device/peermap",
+                                         params={"version": v, "wait": 1, "quiet": 1})
+                n.start_soon(trial)
+                await trio.sleep(0.3)
+                assert (await h.op.get("/api/v1/devices/cam-1")).json()["online"] is True
+        for bad in ("2", "yes", "-1"):
+            r = await cam.client.get("/api/v1/device/peermap",
+                                     params={"version": v, "wait": 0, "quiet": bad})
+            assert r.status_code == 400 and "quiet" in r.json()["error"], r.text
