@@ -37,7 +37,7 @@ LATE: Final = 3.0  # s: an ordinary 304 this late waited for our next packet at 
 # s: the request, the server's ACK and WireGuard's passive keepalive (10 s after data came in
 # with nothing sent back) come first; silence starts after them
 QUIET_START: Final = 15.0
-TRIAL_SPACING: Final = 60.0  # s between trials while climbing
+TRIAL_SPACING: Final = 10.0  # s between trials while climbing (the first one too)
 RETRY_AFTER: Final = 300.0  # s: after a trial our own traffic disturbed
 RETUNE_AFTER: Final = 6 * 3600.0  # s: after a failed trial, try that long again (NAT changes)
 

@@ -191,7 +191,7 @@ class _Peer:
     heard: float  # trying/relay: the candidate's start; direct: the last rx growth
     window: float = DIRECT_TIMEOUT  # trying: how long this candidate gets
     nudged: float | None = None  # when the peer was last nudged in this state/candidate
-    relay_since: float = 0.0  # relay: when it began
+    relay_since: float = 0.0  # relay: when it began (kept across endpoint changes)
     active: float = 0.0  # direct: the end of the last window with more than QUIET_BYTES
     win_from: float = 0.0  # direct: the current quiet window's start ...
     win_base: int = 0  # ... and rx + tx then
@@ -294,7 +294,13 @@ class PathSelector:
             # still catches it if it dies.
             st.endpoints = entry.endpoints
         if st.endpoints != entry.endpoints:
+            old = st
             st, change = self._start(entry, now, rx, handshake, "endpoints changed")
+            if old.state == "relay":
+                # A relayed peer behind a symmetric NAT gets a new port whenever its binding
+                # lapses: one try, and if it falls back to the relay it goes on with the
+                # pauses it had reached, not three more minutes of free probing.
+                st.relay_since, st.pauses = old.relay_since, old.pauses
             self._peers[key] = st
             return [change]
         if punched and st.state in ("lazy", "relay"):
@@ -350,7 +356,8 @@ class PathSelector:
                 st.nudged = None
                 return [self._trying_change(entry, st, why)]
             st.state, st.candidate, st.since, st.heard, st.nudged = "relay", 0, now, now, None
-            st.relay_since = now
+            if st.pauses == 0:
+                st.relay_since = now
             n = len(st.endpoints)
             return [PathChange(entry.name, key, "relay", None,
                                f"nothing received from {n} candidate{'s' * (n != 1)}; probing")]

@@ -227,14 +227,15 @@ class WireGuardSync:
         due = tuner.next_trial_at() - now
         return max(FLOOR, min(self.poll_wait, int(due) + 1)), None
 
-    def _trial_over(self, trial: Trial, answered_at: float | None, link: CoordinatorLink,
-                    changed: bool) -> None:
+    def _trial_over(self, trial: Trial, answered_at: float | None,
+                    link: CoordinatorLink | None, changed: bool) -> None:
         """The trial's poll ended (answered at `answered_at`, None: not in time or not at all):
         tell the tuner, put the keepalive back, log what it learned."""
         assert self.tuner is not None
         tuner, before = self.tuner, self.tuner.keepalive
         now = trio.current_time()
-        if changed or (answered_at is not None and not link.answered_via_tunnel):
+        if changed or (answered_at is not None and link is not None
+                       and not link.answered_via_tunnel):
             tuner.trial_done(None, float("inf"), now)  # a push or the join URL: no measure
         else:
             tuner.trial_done(answered_at, self._silent_since(answered_at or now), now)
@@ -256,9 +257,9 @@ class WireGuardSync:
             self._trial = trial
             try:
                 with trio.CancelScope() as scope:
-                    if trial is not None:
-                        scope.deadline = started + trial.wait + ARRIVAL_SLACK
-                    self._poll = (scope, self.hub_up())
+                    # a trial's poll is never abandoned: the reconcile ends the trial at its
+                    # deadline, and a held answer still comes on the same connection
+                    self._poll = (scope, self.hub_up() and trial is None)
                     try:
                         peermap = await link.peermap(version, wait, min(wait, DIRECT_POLL_WAIT),
                                                      hold=self.hub_keepalive(),
@@ -266,16 +267,15 @@ class WireGuardSync:
                     finally:
                         self._poll = None
                 answered_at = trio.current_time()
-                if trial is not None:
+                if trial is not None and self._trial is trial:  # answered within its deadline
                     self._trial = None
-                    self._trial_over(trial, None if scope.cancelled_caught else answered_at,
-                                     link, peermap is not None and peermap.version != version)
-                if scope.cancelled_caught:
-                    if trial is None:  # the hub went silent (a trial's answer only came late)
-                        link.lost()
+                    self._trial_over(trial, answered_at, link,
+                                     peermap is not None and peermap.version != version)
+                if scope.cancelled_caught:  # the hub went silent
+                    link.lost()
                     continue
             except Exception as exc:  # noqa: BLE001 - never exit on coordinator errors
-                if trial is not None and self._trial is not None:
+                if trial is not None and self._trial is trial:
                     self._trial = None
                     self._trial_over(trial, None, link, True)  # no answer to measure
                 if link.revoked_by(exc):
@@ -306,10 +306,18 @@ class WireGuardSync:
             version = peermap.version
             self.accept_peermap(peermap)
 
+    def _end_overdue_trial(self) -> None:
+        """After each reconcile: a trial whose answer did not come by its deadline failed (the
+        NAT dropped it); the keepalive comes back at once, and the held answer with it."""
+        trial = self._trial
+        if trial is not None and trio.current_time() > trial.started + trial.wait + ARRIVAL_SLACK:
+            self._trial = None
+            self._trial_over(trial, None, None, False)
+
     def _abandon_if_hub_silent(self) -> None:
         """After each reconcile: a long poll begun through a live hub session is given up once
         the hub has answered no handshake for HUB_SILENT_AFTER (the constant says why)."""
-        if self._poll is None or self._trial is not None:  # a trial has a deadline of its own
+        if self._poll is None:
             return
         scope, via_hub = self._poll
         if not via_hub or scope.cancel_called:
@@ -352,6 +360,7 @@ class WireGuardSync:
                 self._punch_errors.failed("punch requests queue up: the coordinator is slow")
         old = self.plan
         self.status, self.plan = status, plan
+        self._end_overdue_trial()
         self._abandon_if_hub_silent()
         for change in plan.changes:
             self.log(str(change))

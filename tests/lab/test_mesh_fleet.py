@@ -12,7 +12,6 @@ import json
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -26,7 +25,7 @@ from lab import (
     wait_online,
 )
 
-from .conftest import lab_skip_reason, lab_up
+from .conftest import join_operator_to_mesh, lab_skip_reason, lab_up
 
 pytestmark = [
     pytest.mark.lab,
@@ -156,14 +155,7 @@ def test_every_pair_pings_over_the_mesh_ipv4_and_ipv6(lab: Lab) -> None:
 
 
 def test_operator_joins_with_stock_wg_quick(lab: Lab) -> None:
-    conf = Path("/run/fleetmesh-lab/operator-wg/fmop.conf")
-    conf.parent.mkdir(mode=0o700, exist_ok=True)
-    r = operator(lab, "operator-config", "laptop", "--out", str(conf))
-    assert r.returncode == 0, r.stderr
-    r = lab.run("operator", ["env", "WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go",
-                             "wg-quick", "up", str(conf)], capture_output=True, text=True,
-                timeout=60)
-    assert r.returncode == 0, r.stderr
+    join_operator_to_mesh(lab)
     shown = listed(lab)
     for name in DEVICES:
         for family in ("mesh_ipv4", "mesh_ipv6"):
