@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
+from mesh.control import DeviceReport
+from mesh.meter import metered
 from mesh.release import MAX_ROOT_CHAIN, signed_root_to_json
 from mesh.tlspin import PinError, fingerprint
 from ops.client import (
@@ -216,3 +220,33 @@ def test_root_answers_are_bounded_and_an_old_coordinator_has_no_roots(tmp_path: 
             with OperatorClient(f"https://127.0.0.1:{port}", "k", cert_der=cert.der) as c:
                 with pytest.raises(ProtocolError):
                     c.roots("cams")
+
+
+async def test_a_device_call_counts_the_bytes_it_moved_into_the_open_meter(tmp_path: Path
+                                                                          ) -> None:
+    """What the agent's WAN byte account gets from one call (mesh.meter): the request and the
+    answer exactly as they crossed the connection inside TLS."""
+    cert = make_cert(tmp_path, "c")
+    received: list[bytes] = []
+    reply = http("204 No Content")
+
+    def handler(tls: ssl.SSLSocket, stop: threading.Event) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += tls.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        while len(body) < length:
+            body += tls.recv(65536)
+        received.append(head + b"\r\n\r\n" + body)
+        tls.sendall(reply)
+
+    counted: list[int] = []
+    with tls_server(cert, handler=handler) as port:
+        with trio.fail_after(10):
+            async with DeviceClient(f"https://127.0.0.1:{port}", "fmd_x", cert.der) as d:
+                with metered(counted.append):
+                    await d.report(DeviceReport(agent_version="1.0"))
+                await d.report(DeviceReport())  # no meter open: counted nowhere
+    assert counted == [len(received[0]) + len(reply)]
