@@ -25,6 +25,8 @@ from mesh.control import (
     LogLine,
     PeerMisbehaviour,
     PeerPath,
+    WanBytes,
+    wan_bytes_from_json,
 )
 
 from . import _ipam
@@ -46,6 +48,7 @@ from ._model import (
     TokenExpired,
     TokenUnknown,
     TokenUsedUp,
+    merge_wan_bytes,
 )
 
 # Each entry runs once, in order, inside one transaction; never edit a released one, append.
@@ -192,11 +195,14 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     # 8: how each device holds its NAT binding to the hub (mesh.control.LinkState as JSON,
     # from its reports): its hub keepalive decides how long "online" may go without a packet.
     "ALTER TABLE devices ADD COLUMN link TEXT;",
+    # 9: each device's own WAN byte account (mesh.control wan_bytes JSON), its reports' days
+    # merged: the newest week (coordinator/_model.py merge_wan_bytes).
+    "ALTER TABLE devices ADD COLUMN wan_bytes TEXT;",
 )
 
 _DEVICE_COLS: Final = ("id, name, fleet, state, created_at, public_key, mesh_ipv4, mesh_ipv6, "
                        "agent_version, lan_endpoints, last_report, enrolled_at, revoked_at, "
-                       "public_endpoint, link")
+                       "public_endpoint, link, wan_bytes")
 
 
 def _link(text: str | None) -> LinkState | None:
@@ -208,12 +214,21 @@ def _link(text: str | None) -> LinkState | None:
         return None
 
 
+def _wan_bytes(text: str | None) -> WanBytes | None:
+    if text is None:
+        return None
+    try:
+        return wan_bytes_from_json(json.loads(text))
+    except (ValueError, ControlError):  # validated on arrival; a damaged row is no account
+        return None
+
+
 def _device(row: Sequence[Any]) -> Device:
     return Device(id=row[0], name=row[1], fleet=row[2], state=DeviceState(row[3]),
                   created_at=row[4], public_key=row[5], mesh_ipv4=row[6], mesh_ipv6=row[7],
                   agent_version=row[8], lan_endpoints=tuple(json.loads(row[9])),
                   last_report=row[10], enrolled_at=row[11], revoked_at=row[12],
-                  public_endpoint=row[13], link=_link(row[14]))
+                  public_endpoint=row[13], link=_link(row[14]), wan_bytes=_wan_bytes(row[15]))
 
 
 _RELEASE_COLS: Final = ("fleet, app, version, signed, key_id, created_at, published_at, layers, "
@@ -497,7 +512,8 @@ class SqliteStore:
     def record_report(self, device_id: str, lan_endpoints: Sequence[str], agent_version: str,
                       peers: Sequence[PeerPath], now: float, apps: Sequence[AppStatus] = (),
                       misbehaving: Sequence[PeerMisbehaviour] = (),
-                      link: LinkState | None = None) -> list[str]:
+                      link: LinkState | None = None, wan_bytes: WanBytes | None = None
+                      ) -> list[str]:
         cleared = []
         with self._tx() as c:
             # Only names of the reporter's fleet's live devices are kept: a report can name
@@ -515,6 +531,12 @@ class SqliteStore:
             if link is not None:
                 c.execute("UPDATE devices SET link = ? WHERE id = ?",
                           (json.dumps(link.to_json()), device_id))
+            if wan_bytes is not None:
+                row = c.execute("SELECT wan_bytes FROM devices WHERE id = ?",
+                                (device_id,)).fetchone()
+                merged = merge_wan_bytes(_wan_bytes(row[0] if row else None), wan_bytes)
+                c.execute("UPDATE devices SET wan_bytes = ? WHERE id = ?",
+                          (json.dumps(merged), device_id))
             for a in apps:
                 c.execute("INSERT INTO device_apps (device_id, app, status) VALUES (?, ?, ?) "
                           "ON CONFLICT(device_id, app) DO UPDATE SET status = excluded.status",

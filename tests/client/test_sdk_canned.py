@@ -169,6 +169,26 @@ def test_cli_renders_tables_and_json(tmp_path: Path) -> None:
     assert missing.stderr.strip() == "fleetmesh: no device named x (HTTP 404)"
 
 
+def test_devices_show_prints_the_byte_account_by_day_and_purpose(tmp_path: Path) -> None:
+    cert = make_cert(tmp_path, "c")
+    wan = {"2026-12-03": {"wireguard": 1200, "control": 4100, "gossip": 0, "blobs": 2_500_000,
+                          "logs": 700},
+           "2026-12-02": {"wireguard": 9000, "control": 48_000, "gossip": 512, "blobs": 0,
+                          "logs": 0}}
+    device = {**DEVICE, "apps": [], "link": None, "wan_bytes": wan}
+    with tls_server(cert, jhttp("200 OK", device)) as port:
+        shown = _cli(port, cert.der, "devices", "show", "cam-1", home=tmp_path)
+        as_json = _cli(port, cert.der, "devices", "show", "cam-1", "--json", home=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    rows = [line.split() for line in shown.stdout.splitlines()]
+    header = rows.index(["DAY", "WIREGUARD", "CONTROL", "GOSSIP", "BLOBS", "LOGS", "TOTAL"])
+    assert rows[header + 1] == ["2026-12-03", "1.2", "KB", "4.1", "KB", "0", "B", "2.5", "MB",
+                                "700", "B", "2.5", "MB"]
+    assert rows[header + 2] == ["2026-12-02", "9.0", "KB", "48.0", "KB", "512", "B", "0", "B",
+                                "0", "B", "57.5", "KB"]
+    assert json.loads(as_json.stdout)["wan_bytes"] == wan
+
+
 def test_logs_of_an_offline_device_say_what_they_are(tmp_path: Path) -> None:
     """`devices logs` (no -f) of an offline device: what it uploaded before, at once, and one
     line on stderr saying that newer lines stay on the device until it is back and read (it
