@@ -14,13 +14,13 @@ import trio
 
 from agent import CoordinatorLink, DataDir
 from agent._account import KEEP_DAYS, AccountError, WanAccount, utc_day
-from agent._agent import Agent
+from agent._agent import Agent, Intervals
 from agent._uploads import report_shape
-from mesh.control import DeviceReport, LogLine
+from mesh.control import DeviceReport, LogLine, PeerMap
 from mesh.meter import count_bytes
 from vpn import DeviceStatus, PeerStatus, generate_keypair
 
-from .fakes import HUB, FakeClient, FakeCoordinator, FakeWireGuard
+from .fakes import HUB, FakeClient, FakeCoordinator, FakeWireGuard, peer, peermap
 
 DAY = 86400.0
 # 2026-12-03 00:00:00 UTC
@@ -127,6 +127,13 @@ class MeteredClient(FakeClient):
         await super().report(report)
         count_bytes(1000)
 
+    async def peermap(self, version: int, wait: float, hold: float = 0.0,
+                      quiet: bool = False) -> PeerMap | None:
+        try:
+            return await super().peermap(version, wait, hold, quiet)
+        finally:
+            count_bytes(700)
+
     async def upload_logs(self, lines: Sequence[LogLine], dropped: int = 0) -> None:
         await self._gate()
         count_bytes(300 * len(lines))
@@ -213,3 +220,39 @@ async def test_the_agent_keeps_its_account_across_a_restart(enrolled: DataDir) -
         ("wireguard", "control", "gossip", "blobs", "logs"), 0)}
     assert [line for line in logs if "WAN byte account" in line] == [
         f"ignoring the WAN byte account: {enrolled.wan_account_path}: days: 'x' is not a day"]
+
+
+async def test_a_new_utc_day_makes_one_report_and_counts_alone_make_none(
+        enrolled: DataDir, autojump_clock: trio.abc.Clock) -> None:
+    """An idle device 5 minutes before midnight UTC: bytes keep coming (polls, the tunnel) but
+    no report goes up for them; after midnight exactly one does, with yesterday's figure."""
+    start = trio.current_time()
+
+    def clock() -> float:
+        return T0 - 300 + (trio.current_time() - start)
+
+    coord = FakeCoordinator(peermap(1, peer(1)))
+    wg = FakeWireGuard(clock=trio.current_time)
+
+    def factory(url: str, credential: str, cert: bytes) -> MeteredClient:
+        return MeteredClient(coord, url, credential, cert)
+
+    agent = Agent(enrolled, wg.factory(), factory, lan_endpoints=("192.168.1.2:51820",),
+                  agent_version="9.9", clock=clock, log=lambda m: None,
+                  intervals=Intervals(lazy_after=0, tune_keepalive=False, poll_wait=60))
+    with trio.fail_after(4000):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(agent.run)
+            await trio.sleep(5)
+            before = len(coord.reports)
+            assert coord.reports[-1][1].wan_bytes is not None
+            assert list(coord.reports[-1][1].wan_bytes) == ["2026-12-02"]
+            await trio.sleep(290)  # 23:59:59 UTC: many polls counted, nothing reported
+            assert len(coord.reports) == before
+            assert agent.account.days(clock())["2026-12-02"]["control"] > 0
+            await trio.sleep(3000)  # past midnight by ~50 min
+            assert len(coord.reports) == before + 1
+            sent = coord.reports[-1][1].wan_bytes
+            assert sent is not None and list(sent) == ["2026-12-03", "2026-12-02"]
+            assert sent["2026-12-02"]["control"] > 0
+            nursery.cancel_scope.cancel()
