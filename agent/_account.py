@@ -35,6 +35,7 @@ from mesh.control import MAX_WAN_BYTES, WAN_PURPOSES
 from vpn import DeviceStatus
 
 KEEP_DAYS: Final = 7  # today and the six days before it
+KEEP_MONTHS: Final = 2  # this UTC month and the last: a monthly budget's `used`
 # The raw counts kept per day: the tunnel's counters and, of the purposes, how much of each
 # went through the tunnel (subtracted from the tunnel to give `wireguard`).
 _TUNNEL: Final = "tunnel"
@@ -58,6 +59,7 @@ class WanAccount:
 
     def __init__(self) -> None:
         self._days: dict[str, dict[str, int]] = {}
+        self._months: dict[str, dict[str, int]] = {}  # "YYYY-MM" -> the same raw counts
         self._counters: dict[str, int] = {}  # public key -> the last tx + rx read
         self.changed = False  # something to save since `saved()`
 
@@ -70,10 +72,10 @@ class WanAccount:
             raise ValueError(f"unknown purpose {purpose!r}")
         if n <= 0:
             return
-        day = self._day(now)
-        day[purpose] = day.get(purpose, 0) + n
-        if in_tunnel:
-            day[_IN_TUNNEL] = day.get(_IN_TUNNEL, 0) + n
+        for bucket in self._buckets(now):
+            bucket[purpose] = bucket.get(purpose, 0) + n
+            if in_tunnel:
+                bucket[_IN_TUNNEL] = bucket.get(_IN_TUNNEL, 0) + n
         self.changed = True
 
     def observe_tunnel(self, status: DeviceStatus, hub_key: str, lan_keys: Iterable[str],
@@ -95,8 +97,8 @@ class WanAccount:
                 grown += delta
         self._counters = seen  # removed entries forget their baseline
         if grown > 0:
-            day = self._day(now)
-            day[_TUNNEL] = day.get(_TUNNEL, 0) + grown
+            for bucket in self._buckets(now):
+                bucket[_TUNNEL] = bucket.get(_TUNNEL, 0) + grown
             self.changed = True
 
     # -- reading -------------------------------------------------------------------------------
@@ -115,6 +117,16 @@ class WanAccount:
                 out[day] = self._purposes(raw or {})
         return out
 
+    def used(self, now: float, period: str) -> int:
+        """All WAN bytes of `now`'s UTC day or month (`period`: "day" or "month")."""
+        if period == "day":
+            raw = self._days.get(utc_day(now), {})
+        elif period == "month":
+            raw = self._months.get(utc_day(now)[:7], {})
+        else:
+            raise ValueError(f"unknown period {period!r}")
+        return sum(self._purposes(raw).values())
+
     @staticmethod
     def _purposes(raw: Mapping[str, int]) -> dict[str, int]:
         wireguard = max(0, raw.get(_TUNNEL, 0) - raw.get(_IN_TUNNEL, 0))
@@ -125,30 +137,19 @@ class WanAccount:
     # -- persistence (the driver writes and reads the file) -----------------------------------
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "days": {d: dict(c) for d, c in sorted(self._days.items())}}
+        return {"format": FORMAT, "days": {d: dict(c) for d, c in sorted(self._days.items())},
+                "months": {m: dict(c) for m, c in sorted(self._months.items())}}
 
     @classmethod
     def from_json(cls, obj: Any) -> WanAccount:
-        """A saved account, validated (AccountError): at most KEEP_DAYS + 1 days of known
-        counts, each a non-negative integer below 2**53."""
+        """A saved account, validated (AccountError): at most KEEP_DAYS + 1 days and
+        KEEP_MONTHS + 1 months of known counts, each a non-negative integer below 2**53."""
         if not isinstance(obj, Mapping) or obj.get("format") != FORMAT:
             raise AccountError(f"not a byte account of format {FORMAT}")
-        days = obj.get("days")
-        if not isinstance(days, Mapping) or len(days) > KEEP_DAYS + 1:
-            raise AccountError(f"days: must be an object of at most {KEEP_DAYS + 1} days")
-        known = (_TUNNEL, _IN_TUNNEL, *COUNTED)
         account = cls()
-        for day, counts in days.items():
-            try:
-                datetime.date.fromisoformat(day)
-            except (TypeError, ValueError):
-                raise AccountError(f"days: {str(day)[:20]!r} is not a day") from None
-            if not isinstance(counts, Mapping) or any(
-                    k not in known or not isinstance(n, int) or isinstance(n, bool)
-                    or not 0 <= n < MAX_WAN_BYTES for k, n in counts.items()):
-                raise AccountError(f"days.{day}: counts must be {', '.join(known)}: "
-                                   "integers from 0 to 2**53 - 1")
-            account._days[day] = dict(counts)
+        account._days = _buckets_from_json(obj.get("days"), "days", KEEP_DAYS + 1, 10)
+        account._months = _buckets_from_json(obj.get("months", {}), "months",
+                                             KEEP_MONTHS + 1, 7)
         return account
 
     def saved(self) -> None:
@@ -156,7 +157,8 @@ class WanAccount:
 
     # -- days ----------------------------------------------------------------------------------
 
-    def _day(self, now: float) -> dict[str, int]:
+    def _buckets(self, now: float) -> tuple[dict[str, int], dict[str, int]]:
+        """The raw counts of `now`'s UTC day and month (made when new, the oldest let go)."""
         key = utc_day(now)
         day = self._days.get(key)
         if day is None:
@@ -165,7 +167,37 @@ class WanAccount:
                       - datetime.timedelta(days=KEEP_DAYS - 1)).isoformat()
             for old in [d for d in self._days if d < oldest]:
                 del self._days[old]
-        return day
+        month = self._months.get(key[:7])
+        if month is None:
+            month = self._months[key[:7]] = {}
+            for old in sorted(self._months)[:-KEEP_MONTHS]:
+                del self._months[old]
+        return day, month
+
+
+def _buckets_from_json(obj: Any, where: str, most: int, key_len: int
+                       ) -> dict[str, dict[str, int]]:
+    """Days (YYYY-MM-DD, `key_len` 10) or months (YYYY-MM, 7) of raw counts, validated."""
+    if not isinstance(obj, Mapping) or len(obj) > most:
+        raise AccountError(f"{where}: must be an object of at most {most} entries")
+    known = (_TUNNEL, _IN_TUNNEL, *COUNTED)
+    out: dict[str, dict[str, int]] = {}
+    for key, counts in obj.items():
+        try:
+            valid = isinstance(key, str) and len(key) == key_len and \
+                datetime.date.fromisoformat(key if key_len == 10 else key + "-01") is not None
+        except ValueError:
+            valid = False
+        if not valid:
+            raise AccountError(f"{where}: {str(key)[:20]!r} is not a "
+                               f"{'day' if key_len == 10 else 'month'}")
+        if not isinstance(counts, Mapping) or any(
+                k not in known or not isinstance(n, int) or isinstance(n, bool)
+                or not 0 <= n < MAX_WAN_BYTES for k, n in counts.items()):
+            raise AccountError(f"{where}.{key}: counts must be {', '.join(known)}: "
+                               "integers from 0 to 2**53 - 1")
+        out[key] = dict(counts)
+    return out
 
 
 __all__ = ["COUNTED", "KEEP_DAYS", "AccountError", "WanAccount", "utc_day"]

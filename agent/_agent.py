@@ -33,7 +33,16 @@ from typing import Final
 import trio
 
 from mesh.clikit import package_version
-from mesh.control import MAX_PEERS, DeviceReport, Enrollment, PeerMap, PeerMisbehaviour, PeerPath
+from mesh.control import (
+    MAX_PEERS,
+    MAX_WAN_BYTES,
+    DeviceReport,
+    Enrollment,
+    PeerMap,
+    PeerMisbehaviour,
+    PeerPath,
+    WanBudget,
+)
 from mesh.release import RootMetadata, SignedRoot
 from vpn import AsyncWireGuardBackend, public_key_from_private
 
@@ -92,7 +101,10 @@ class Agent:
         intervals: Intervals = Intervals(),
         nudge: Nudger | None = None,
         gossip: GossipSettings | None = None,
+        wan_budget: tuple[int, str] | None = None,
     ) -> None:
+        """`wan_budget`: (bytes, "day" or "month"): past it, log shipping is deferred (all
+        but the tail of an app that fails) and the reports say so."""
         self.data = data_dir if isinstance(data_dir, DataDir) else DataDir(data_dir)
         # Both raise DataDirError (one line) when the directory is not usable.
         self.identity: Identity = self.data.read_identity()
@@ -113,6 +125,8 @@ class Agent:
         rng = rng or random.Random()
         enrollment = self.identity.enrollment
         self.account = self._load_account()
+        self.wan_budget = wan_budget
+        self._over_budget = False
         self.wg = WireGuardSync(
             self.data, PathSelector(private_key, enrollment.hub, self.wg_port,
                                     lazy_after=intervals.lazy_after), enrollment,
@@ -210,7 +224,25 @@ class Agent:
         misbehaving = tuple(PeerMisbehaviour(name, counts)
                             for name, counts in list(counted.items())[:MAX_PEERS])
         return DeviceReport(self.lan_endpoints(), self.agent_version, paths, apps, misbehaving,
-                            self.wg.link_state(), self.account.days(self.clock(), REPORTED_DAYS))
+                            self.wg.link_state(), self.account.days(self.clock(), REPORTED_DAYS),
+                            self.budget())
+
+    def budget(self) -> WanBudget | None:
+        """The WAN budget and what this period used so far; crossing it (or a new period
+        freeing it) is logged once and tells the log uploader (`logs_wanted`)."""
+        if self.wan_budget is None:
+            return None
+        limit, period = self.wan_budget
+        state = WanBudget(limit, period, min(self.account.used(self.clock(), period),
+                                             MAX_WAN_BYTES - 1))
+        if state.over != self._over_budget:
+            self._over_budget = state.over
+            self.log(f"WAN budget of {limit} bytes a {period} used up: log shipping deferred "
+                     "(the tail of an app that fails still goes up)" if state.over else
+                     f"WAN budget: a new {period}, log shipping resumes")
+            if self.releases is not None:
+                self.releases.logs_wanted_changed()
+        return state
 
     # -- the WAN byte account ------------------------------------------------------------------
 
@@ -246,9 +278,13 @@ class Agent:
 
     def logs_wanted(self) -> bool:
         """Someone reads this device's app logs: the peer map says so, until when (a map
-        without the field comes from a coordinator that never asks: always)."""
+        without the field comes from a coordinator that never asks: always), and the WAN
+        budget is not used up."""
         peermap = self.wg.peermap
         if peermap is None:
+            return False
+        budget = self.budget()
+        if budget is not None and budget.over:
             return False
         until = peermap.logs_wanted_until
         return until is None or until > self.clock()

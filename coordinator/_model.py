@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-from mesh.control import LinkState, LogLine, WanBytes
+from mesh.control import LinkState, LogLine, WanBudget, WanBytes
 
 
 class DeviceState(enum.StrEnum):
@@ -38,6 +38,7 @@ class Device:
     link: LinkState | None = None  # how it holds its NAT binding (its last report that said)
     # its own WAN byte account, UTC day -> purpose -> bytes (its reports, merged by day)
     wan_bytes: WanBytes | None = None
+    wan_budget: WanBudget | None = None  # its WAN budget, as its last report said (None: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +213,7 @@ class DeviceInfo(TypedDict):
     link: dict[str, Any] | None  # mesh.control.LinkState JSON from its reports
     # the device's own WAN byte account from its reports: {"YYYY-MM-DD": {purpose: bytes}}
     wan_bytes: dict[str, dict[str, int]] | None
+    wan_budget: dict[str, Any] | None  # mesh.control.WanBudget JSON from its last report
 
 
 def device_info(device: Device, *, online: bool, endpoint: str | None,
@@ -234,7 +236,8 @@ def device_info(device: Device, *, online: bool, endpoint: str | None,
             "reported_misbehaving": len(reported_by),
             "link": device.link.to_json() if device.link is not None else None,
             "wan_bytes": None if device.wan_bytes is None else
-            {day: dict(c) for day, c in sorted(device.wan_bytes.items(), reverse=True)}}
+            {day: dict(c) for day, c in sorted(device.wan_bytes.items(), reverse=True)},
+            "wan_budget": None if device.wan_budget is None else device.wan_budget.to_json()}
 
 
 WAN_DAYS_KEPT = 7  # a device's byte account: the newest week of days it reported

@@ -20,6 +20,7 @@ from mesh.control import (
     MAX_WAN_BYTES,
     MAX_WAN_DAYS,
     MISBEHAVIOURS,
+    WAN_BUDGET_PERIODS,
     WAN_PURPOSES,
 )
 from mesh.names import APP_NAME_RE, DEVICE_NAME_RE, MAX_APP_NAME
@@ -157,7 +158,17 @@ SCHEMAS: dict[str, Any] = {
                                             "misbehaving since its agent started (a name once)",
                              "items": _obj(["name", "counts"], name=_DEV,
                                            counts=_ref("MisbehaviourCounts"))},
-                         link=_ref("LinkState"), wan_bytes=_ref("WanBytes")),
+                         link=_ref("LinkState"), wan_bytes=_ref("WanBytes"),
+                         wan_budget=_ref("WanBudget")),
+    "WanBudget": _obj(
+        ["limit", "period", "used"],
+        limit={"type": "integer", "minimum": 1, "maximum": MAX_WAN_BYTES - 1,
+               "description": "WAN bytes allowed per period (fleetmesh-agent run --wan-budget)"},
+        period={"enum": list(WAN_BUDGET_PERIODS), "description": "a UTC day or month"},
+        used={"type": "integer", "minimum": 0, "maximum": MAX_WAN_BYTES - 1,
+              "description": "bytes used this period by the device's own account"},
+        over={"type": "boolean", "description": "used >= limit: the device defers log "
+                                                "shipping (all but a failing app's tail)"}),
     "WanBytes": {
         "type": "object", "maxProperties": MAX_WAN_DAYS,
         "description": "the device's own WAN byte account: bytes per UTC day (YYYY-MM-DD) "
@@ -242,7 +253,10 @@ SCHEMAS: dict[str, Any] = {
                        wan_bytes={"oneOf": [_ref("WanBytes"), {"type": "null"}],
                                   "description": "its byte account, the newest week of days "
                                                  "its reports named, newest first (null: "
-                                                 "never reported)"}),
+                                                 "never reported)"},
+                       wan_budget={"oneOf": [_ref("WanBudget"), {"type": "null"}],
+                                   "description": "its WAN budget as its last report said "
+                                                  "(null: none)"}),
     # uses: at most the fleet's quota of devices (the coordinator's --max-fleet-devices)
     "TokenRequest": _obj(["fleet"], fleet=_DEV,
                          uses={"type": ["integer", "null"], "minimum": 1, "default": 1},

@@ -476,7 +476,7 @@ class FleetService:
                                            report.agent_version, report.peers,
                                            self.settings.clock(), report.apps,
                                            report.misbehaving_peers, report.link,
-                                           report.wan_bytes)
+                                           report.wan_bytes, report.wan_budget)
         if cleared:  # a force the device no longer needs has left its targets
             self.releases.targets_changed(device.fleet, device.name)
         self.core.set_lan(device.name, report.lan_endpoints)

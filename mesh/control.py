@@ -648,6 +648,43 @@ def wan_bytes_from_json(obj: Any, where: str = "wan_bytes") -> dict[str, dict[st
     return out
 
 
+WAN_BUDGET_PERIODS: Final = ("day", "month")  # UTC calendar days and months
+
+
+@dataclass(frozen=True, slots=True)
+class WanBudget:
+    """The device's WAN budget (`fleetmesh-agent run --wan-budget`): `limit` bytes per UTC
+    `period`, `used` so far this period by its own account. Past the limit (`over`) it defers
+    log shipping (all but the tail of an app that fails)."""
+
+    limit: int
+    period: str
+    used: int
+
+    @property
+    def over(self) -> bool:
+        return self.used >= self.limit
+
+    def to_json(self) -> dict[str, Any]:
+        return {"limit": self.limit, "period": self.period, "used": self.used,
+                "over": self.over}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = "wan_budget") -> WanBudget:
+        period = _get(obj, "period", str, where)
+        if period not in WAN_BUDGET_PERIODS:
+            raise ControlError(f"{where}.period: must be day or month")
+        values = []
+        for key in ("limit", "used"):
+            n = obj.get(key)
+            if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n < MAX_WAN_BYTES:
+                raise ControlError(f"{where}.{key}: must be an integer from 0 to 2**53 - 1")
+            values.append(n)
+        if values[0] == 0:
+            raise ControlError(f"{where}.limit: must be at least 1 byte")
+        return cls(values[0], period, values[1])
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceReport:
     """What an agent reports about itself: LAN candidates, version, per-peer paths, the state
@@ -662,6 +699,7 @@ class DeviceReport:
     link: LinkState | None = None  # absent from old agents
     # the device's own byte account, today and yesterday (absent from old agents)
     wan_bytes: WanBytes | None = field(default=None, hash=False)
+    wan_budget: WanBudget | None = None  # absent: no budget set
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -672,6 +710,8 @@ class DeviceReport:
             out["link"] = self.link.to_json()
         if self.wan_bytes is not None:
             out["wan_bytes"] = {day: dict(counts) for day, counts in self.wan_bytes.items()}
+        if self.wan_budget is not None:
+            out["wan_budget"] = self.wan_budget.to_json()
         return out
 
     @classmethod
@@ -700,7 +740,9 @@ class DeviceReport:
                    None if obj.get("link") is None else LinkState.from_json(obj["link"],
                                                                             f"{w}.link"),
                    None if obj.get("wan_bytes") is None
-                   else wan_bytes_from_json(obj["wan_bytes"], f"{w}.wan_bytes"))
+                   else wan_bytes_from_json(obj["wan_bytes"], f"{w}.wan_bytes"),
+                   None if obj.get("wan_budget") is None
+                   else WanBudget.from_json(obj["wan_budget"], f"{w}.wan_budget"))
 
 
 # --------------------------------------------------------------------------- device targets

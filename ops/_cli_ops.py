@@ -140,6 +140,18 @@ def _nat_text(link: Any) -> str:
     return out + (f"; binding {', '.join(known)}" if known else "; binding not measured yet")
 
 
+def _budget_text(budget: Any) -> str:
+    """The device's WAN budget from its last report: "12.0 MB of 50.0 MB this month" and,
+    past it, that log shipping is deferred; `-` without one."""
+    if not isinstance(budget, dict):
+        return "-"
+    limit, used, period = budget.get("limit"), budget.get("used"), budget.get("period")
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (limit, used)):
+        return "-"
+    out = f"{size(used)} of {size(limit)} this {text(period)}"
+    return out + ("; used up: log shipping deferred" if budget.get("over") else "")
+
+
 def _release_text(d: dict[str, Any]) -> str:
     """The running release, and "stale" when the device reports that the fleet's signed
     timestamp expired (a frozen coordinator; docs/security.md)."""
@@ -200,6 +212,7 @@ def _show_device(d: dict[str, Any]) -> None:
     rows.append(["enrolled", date(d.get("enrolled_at"))])
     rows.append(["release", text(d.get("release"))])
     rows.append(["NAT", _nat_text(d.get("link"))])
+    rows.append(["WAN budget", _budget_text(d.get("wan_budget"))])
     table(["FIELD", "VALUE"], rows, header=False)
     lines = _misbehaviour_lines(d)
     if lines:

@@ -16,7 +16,7 @@ from agent import CoordinatorLink, DataDir
 from agent._account import KEEP_DAYS, AccountError, WanAccount, utc_day
 from agent._agent import Agent, Intervals
 from agent._uploads import report_shape
-from mesh.control import DeviceReport, LogLine, PeerMap
+from mesh.control import DeviceReport, LogLine, PeerMap, WanBudget
 from mesh.meter import count_bytes
 from vpn import DeviceStatus, PeerStatus, generate_keypair
 
@@ -256,3 +256,48 @@ async def test_a_new_utc_day_makes_one_report_and_counts_alone_make_none(
             assert sent is not None and list(sent) == ["2026-12-03", "2026-12-02"]
             assert sent["2026-12-02"]["control"] > 0
             nursery.cancel_scope.cancel()
+
+
+def test_used_sums_the_utc_day_or_month_and_months_survive_a_save() -> None:
+    account = WanAccount()
+    account.add("control", 100, in_tunnel=False, now=T0 - 3 * DAY)  # 2026-11-30
+    account.add("logs", 10, in_tunnel=False, now=T0)  # 2026-12-03
+    account.add("blobs", 1, in_tunnel=False, now=T0 + DAY)
+    assert account.used(T0 + DAY, "day") == 1
+    assert account.used(T0 + DAY, "month") == 11
+    assert account.used(T0 - 3 * DAY, "month") == 100
+    again = WanAccount.from_json(json.loads(json.dumps(account.to_json())))
+    assert again.used(T0 + DAY, "month") == 11
+    with pytest.raises(AccountError):
+        WanAccount.from_json({**account.to_json(), "months": {"2026-13": {}}})
+
+
+async def test_past_its_budget_the_agent_defers_logs_and_reports_it(
+        enrolled: DataDir, autojump_clock: trio.abc.Clock) -> None:
+    """A budget of 10 kB a day: once the account passes it, logs are no longer wanted (the
+    failure tail does not ask), the report says `over`, and the next UTC day frees it."""
+    now = [T0 + 3600]
+    logs: list[str] = []
+    coord = FakeCoordinator(peermap(1, peer(1)))
+    agent = Agent(enrolled, FakeWireGuard().factory(), coord.factory, lan_endpoints=(),
+                  agent_version="1", clock=lambda: now[0], log=logs.append,
+                  wan_budget=(10_000, "day"))
+    agent.wg.peermap = peermap(1, peer(1))  # no logs_wanted_until: a reader, always
+    assert agent.logs_wanted()
+    report = agent.report()
+    assert report.wan_budget is not None and report.wan_budget.to_json() == {
+        "limit": 10_000, "period": "day", "used": 0, "over": False}
+    agent.account.add("control", 10_000, in_tunnel=False, now=now[0])
+    assert not agent.logs_wanted()
+    report = agent.report()
+    assert report.wan_budget is not None and report.wan_budget.over
+    assert report_shape(report) != report_shape(DeviceReport(
+        report.lan_endpoints, report.agent_version, report.peers, report.apps,
+        report.misbehaving_peers, report.link, report.wan_bytes,
+        WanBudget(10_000, "day", 0)))  # crossing it is news
+    now[0] += DAY
+    assert agent.logs_wanted()
+    assert logs[-2:] == [
+        "WAN budget of 10000 bytes a day used up: log shipping deferred (the tail of an app "
+        "that fails still goes up)", "WAN budget: a new day, log shipping resumes"]
+    assert DeviceReport.from_json(report.to_json()) == report

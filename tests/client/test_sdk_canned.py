@@ -175,7 +175,9 @@ def test_devices_show_prints_the_byte_account_by_day_and_purpose(tmp_path: Path)
                           "logs": 700},
            "2026-12-02": {"wireguard": 9000, "control": 48_000, "gossip": 512, "blobs": 0,
                           "logs": 0}}
-    device = {**DEVICE, "apps": [], "link": None, "wan_bytes": wan}
+    device = {**DEVICE, "apps": [], "link": None, "wan_bytes": wan,
+              "wan_budget": {"limit": 50_000_000, "period": "month", "used": 51_200_000,
+                             "over": True}}
     with tls_server(cert, jhttp("200 OK", device)) as port:
         shown = _cli(port, cert.der, "devices", "show", "cam-1", home=tmp_path)
         as_json = _cli(port, cert.der, "devices", "show", "cam-1", "--json", home=tmp_path)
@@ -187,6 +189,8 @@ def test_devices_show_prints_the_byte_account_by_day_and_purpose(tmp_path: Path)
     assert rows[header + 2] == ["2026-12-02", "9.0", "KB", "48.0", "KB", "512", "B", "0", "B",
                                 "0", "B", "57.5", "KB"]
     assert json.loads(as_json.stdout)["wan_bytes"] == wan
+    assert ["WAN", "budget", "51.2", "MB", "of", "50.0", "MB", "this", "month;", "used", "up:",
+            "log", "shipping", "deferred"] in rows
 
 
 def test_logs_of_an_offline_device_say_what_they_are(tmp_path: Path) -> None:

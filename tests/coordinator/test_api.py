@@ -435,6 +435,17 @@ async def test_reported_wan_bytes_are_kept_by_day_and_shown(tmp_path: Path) -> N
         assert r.status_code == 204
         info = (await h.op.get("/api/v1/devices/cam-1")).json()
         assert info["wan_bytes"] == {"2026-12-03": day2, "2026-12-02": day1}
+        assert info["wan_budget"] is None
+        budget = {"limit": 50_000_000, "period": "month", "used": 50_000_001}
+        r = await cam.client.post("/api/v1/device/state", json={"wan_budget": budget})
+        assert r.status_code == 204, r.text
+        info = (await h.op.get("/api/v1/devices/cam-1")).json()
+        assert info["wan_budget"] == {**budget, "over": True}
+        for bad_budget in ({"limit": 0, "period": "month", "used": 0},
+                           {"limit": 5, "period": "week", "used": 0},
+                           {"limit": 5, "period": "day", "used": -1}, {"limit": 5}):
+            r = await cam.client.post("/api/v1/device/state", json={"wan_budget": bad_budget})
+            assert r.status_code == 400 and "report.wan_budget" in r.json()["error"], r.text
         assert list(info["wan_bytes"]) == ["2026-12-03", "2026-12-02"]
         for bad in ({"2026-12-03": {"video": 1}}, {"2026-12-03": {"control": -1}},
                     {"yesterday": {}}, {"2026-12-03": {"control": 2**53}},
