@@ -301,3 +301,25 @@ async def test_past_its_budget_the_agent_defers_logs_and_reports_it(
         "WAN budget of 10000 bytes a day used up: log shipping deferred (the tail of an app "
         "that fails still goes up)", "WAN budget: a new day, log shipping resumes"]
     assert DeviceReport.from_json(report.to_json()) == report
+
+
+async def test_a_stopped_agent_has_saved_its_account(enrolled: DataDir,
+                                                     autojump_clock: trio.abc.Clock) -> None:
+    """The bytes counted since the last periodic save are written when the agent stops."""
+    coord = FakeCoordinator(peermap(1, peer(1)))
+
+    def factory(url: str, credential: str, cert: bytes) -> MeteredClient:
+        return MeteredClient(coord, url, credential, cert)
+
+    agent = Agent(enrolled, FakeWireGuard(clock=trio.current_time).factory(), factory,
+                  lan_endpoints=(), agent_version="1", clock=lambda: T0 + 10,
+                  log=lambda m: None, intervals=Intervals(tune_keepalive=False))
+    with trio.fail_after(100):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(agent.run)
+            await trio.sleep(30)  # before the first periodic save
+            assert not enrolled.wan_account_path.exists()
+            nursery.cancel_scope.cancel()
+    saved = WanAccount.from_json(json.loads(enrolled.wan_account_path.read_text()))
+    assert saved.days(T0 + 10) == agent.account.days(T0 + 10)
+    assert saved.days(T0 + 10)["2026-12-03"]["control"] >= 1000  # at least the first report
