@@ -28,15 +28,26 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
+from typing import Final
 
 import trio
 
 from mesh.clikit import package_version
-from mesh.control import MAX_PEERS, DeviceReport, Enrollment, PeerMap, PeerMisbehaviour, PeerPath
+from mesh.control import (
+    MAX_PEERS,
+    MAX_WAN_BYTES,
+    DeviceReport,
+    Enrollment,
+    PeerMap,
+    PeerMisbehaviour,
+    PeerPath,
+    WanBudget,
+)
 from mesh.release import RootMetadata, SignedRoot
 from vpn import AsyncWireGuardBackend, public_key_from_private
 
-from ._datadir import DataDir, Identity
+from ._account import AccountError, WanAccount
+from ._datadir import DataDir, DataDirError, Identity
 from ._gossip import GossipNode
 from ._lan import LanPeerJoin, run_lan_discovery
 from ._link import ClientFactory, CoordinatorLink, Log, one_line
@@ -45,6 +56,13 @@ from ._release_sync import GossipSettings, ReleaseSync
 from ._rotation import RootWatch
 from ._uploads import REPORT_INTERVAL, Reporter
 from ._wg_sync import POLL_WAIT, RECONCILE_INTERVAL, Nudger, WireGuardSync, udp_nudger
+
+# The WAN byte account is saved this often (when it changed) and on shutdown: a crash loses at
+# most this much of the day's count, and the flash sees a few writes an hour.
+ACCOUNT_SAVE_INTERVAL: Final = 300.0
+# Reports carry the account's last this many UTC days: today and yesterday (yesterday's final
+# figure goes up with the first report of the new day).
+REPORTED_DAYS: Final = 2
 
 BackendFactory = Callable[[Enrollment], AbstractAsyncContextManager[AsyncWireGuardBackend]]
 
@@ -83,7 +101,10 @@ class Agent:
         intervals: Intervals = Intervals(),
         nudge: Nudger | None = None,
         gossip: GossipSettings | None = None,
+        wan_budget: tuple[int, str] | None = None,
     ) -> None:
+        """`wan_budget`: (bytes, "day" or "month"): past it, log shipping is deferred (all
+        but the tail of an app that fails) and the reports say so."""
         self.data = data_dir if isinstance(data_dir, DataDir) else DataDir(data_dir)
         # Both raise DataDirError (one line) when the directory is not usable.
         self.identity: Identity = self.data.read_identity()
@@ -103,14 +124,18 @@ class Agent:
         self.clock = clock
         rng = rng or random.Random()
         enrollment = self.identity.enrollment
+        self.account = self._load_account()
+        self.wan_budget = wan_budget
+        self._over_budget = False
         self.wg = WireGuardSync(
             self.data, PathSelector(private_key, enrollment.hub, self.wg_port,
                                     lazy_after=intervals.lazy_after), enrollment,
             clock=clock, log=log, nudge=nudge, reconcile_interval=intervals.reconcile,
             poll_wait=intervals.poll_wait, on_peermap=self._on_peermap,
-            on_paths=self._report_now, tune_keepalive=intervals.tune_keepalive)
+            on_paths=self._report_now, tune_keepalive=intervals.tune_keepalive,
+            account=self.account)
         self.link = CoordinatorLink(self.identity, client_factory, hub_up=self.wg.hub_up,
-                                    log=log, rng=rng)
+                                    log=log, rng=rng, account=self.account, clock=clock)
         self.link.reachability.append(self.wg.coordinator_reachable)
         self.reporter = Reporter(self.link, self.report, log, intervals.report)
         self.releases: ReleaseSync | None = None
@@ -199,13 +224,67 @@ class Agent:
         misbehaving = tuple(PeerMisbehaviour(name, counts)
                             for name, counts in list(counted.items())[:MAX_PEERS])
         return DeviceReport(self.lan_endpoints(), self.agent_version, paths, apps, misbehaving,
-                            self.wg.link_state())
+                            self.wg.link_state(), self.account.days(self.clock(), REPORTED_DAYS),
+                            self.budget())
+
+    def budget(self) -> WanBudget | None:
+        """The WAN budget and what this period used so far; crossing it (or a new period
+        freeing it) is logged once and tells the log uploader (`logs_wanted`)."""
+        if self.wan_budget is None:
+            return None
+        limit, period = self.wan_budget
+        state = WanBudget(limit, period, min(self.account.used(self.clock(), period),
+                                             MAX_WAN_BYTES - 1))
+        if state.over != self._over_budget:
+            self._over_budget = state.over
+            self.log(f"WAN budget of {limit} bytes a {period} used up: log shipping deferred "
+                     "(the tail of an app that fails still goes up)" if state.over else
+                     f"WAN budget: a new {period}, log shipping resumes")
+            if self.releases is not None:
+                self.releases.logs_wanted_changed()
+        return state
+
+    # -- the WAN byte account ------------------------------------------------------------------
+
+    def _load_account(self) -> WanAccount:
+        """The saved account; a damaged file is ignored with one line (the count starts
+        again from zero)."""
+        try:
+            saved = self.data.read_wan_account()
+            return WanAccount() if saved is None else WanAccount.from_json(saved)
+        except DataDirError as exc:
+            self.log(f"ignoring the WAN byte account: {exc}")
+        except AccountError as exc:
+            self.log(f"ignoring the WAN byte account: {self.data.wan_account_path}: {exc}")
+        return WanAccount()
+
+    def save_account(self) -> None:
+        """Write the account if it changed since the last write; a failure is one line."""
+        if not self.account.changed:
+            return
+        try:
+            self.data.write_wan_account(self.account.to_json())
+        except DataDirError as exc:
+            self.log(str(exc))
+            return
+        self.account.saved()
+
+    async def _account_loop(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                            ) -> None:
+        task_status.started()
+        while True:
+            await trio.sleep(ACCOUNT_SAVE_INTERVAL)
+            self.save_account()
 
     def logs_wanted(self) -> bool:
         """Someone reads this device's app logs: the peer map says so, until when (a map
-        without the field comes from a coordinator that never asks: always)."""
+        without the field comes from a coordinator that never asks: always), and the WAN
+        budget is not used up."""
         peermap = self.wg.peermap
         if peermap is None:
+            return False
+        budget = self.budget()
+        if budget is not None and budget.over:
             return False
         until = peermap.logs_wanted_until
         return until is None or until > self.clock()
@@ -230,10 +309,12 @@ class Agent:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.wg.run, backend, self.link)
                     await nursery.start(self.reporter.run)
+                    await nursery.start(self._account_loop)
                     if self.releases is not None:
                         await nursery.start(self._releases_loop)
                     task_status.started(self)
             finally:
+                self.save_account()
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
                     await self.link.aclose()
 

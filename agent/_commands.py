@@ -104,6 +104,21 @@ def _seconds(text: str) -> float:
     return float(text)
 
 
+_BUDGET_RE: Final = re.compile(r"([0-9]{1,16}(?:\.[0-9]{1,9})?)(B|KB|MB|GB)/(day|month)",
+                                re.IGNORECASE)
+_BUDGET_UNITS: Final = {"B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3}
+
+
+def _wan_budget(text: str) -> tuple[int, str]:
+    """`50MB/month` -> (50000000, "month"): decimal units, a UTC day or month."""
+    m = _BUDGET_RE.fullmatch(text.strip())
+    n = 0 if m is None else int(float(m.group(1)) * _BUDGET_UNITS[m.group(2).upper()])
+    if m is None or not 1 <= n < 2**53:
+        raise argparse.ArgumentTypeError(
+            f"not a WAN budget (bytes per day or month, e.g. 50MB/month): {text!r}")
+    return n, m.group(3).lower()
+
+
 def _endpoint(text: str) -> str:
     try:
         return check_endpoint(text, "--lan-endpoint")
@@ -330,7 +345,8 @@ def _run(args: argparse.Namespace) -> int:
             (0.0 if lan_profile else LAZY_AFTER)
         agent = Agent(data, backend, sdk_client_factory(),
                       wg_port=port, lan_endpoints=lan, gossip=gossip,
-                      intervals=Intervals(lazy_after=lazy, tune_keepalive=not lan_profile))
+                      intervals=Intervals(lazy_after=lazy, tune_keepalive=not lan_profile),
+                      wan_budget=args.wan_budget)
     except DataDirError as exc:
         raise _data_error(exc, data) from None
     agent.log(f"{enrollment.name} in fleet {enrollment.fleet}, mesh {enrollment.mesh_ipv4}, "
@@ -404,6 +420,10 @@ def add_run_parser(sub: Any) -> None:
     p.add_argument("--underlay", metavar="IF_OR_IPV4", default=None,
                    help="LAN interface (or its IPv4 address) for LAN discovery (mDNS); default: "
                         "the address of the first --lan-endpoint, else no LAN discovery")
+    p.add_argument("--wan-budget", type=_wan_budget, default=None, metavar="SIZE/PERIOD",
+                   help="WAN bytes allowed per UTC day or month by the device's own account, "
+                        "e.g. 50MB/month (decimal units B, KB, MB, GB): past it, app logs are "
+                        "not shipped (but the tail of an app that fails) and reports say so")
     p.set_defaults(handler=_run)
 
 

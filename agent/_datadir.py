@@ -4,6 +4,7 @@
     DIR/enrollment.json   the Enrollment, the coordinator URL, the pinned certificate (0600)
     DIR/peermap.json      the last peer map, so a restart with the coordinator down keeps the
                           mesh (0600: it is not secret, but it is the device's view of the fleet)
+    DIR/wan_bytes.json    the WAN byte account (agent/_account.py), so a restart keeps the day
 
 Every problem with a file is a `DataDirError` whose str() is one line naming the file.
 """
@@ -34,6 +35,7 @@ PEERMAP: Final = "peermap.json"
 # The newest root metadata this device verified (docs/security.md, "Release key rotation"):
 # where its walk to newer roots starts. Absent on a device whose token named no root.
 ROOT: Final = "root.json"
+WAN_ACCOUNT: Final = "wan_bytes.json"
 FORMAT: Final = 1
 # A peer map is at most mesh.control.MAX_BODY_BYTES as JSON on the wire; the other files are
 # a few KB. Anything bigger is not ours.
@@ -206,6 +208,27 @@ class DataDir:
             return PeerMap.from_json(obj)
         except ValueError as exc:
             raise DataDirError(f"{self.peermap_path}: corrupt ({exc})") from None
+
+    # -- the WAN byte account ----------------------------------------------
+
+    @property
+    def wan_account_path(self) -> Path:
+        return self.path / WAN_ACCOUNT
+
+    def write_wan_account(self, obj: Any) -> None:
+        """Atomically (a crash leaves the old file or the new one)."""
+        try:
+            write_private_file(self.wan_account_path, json.dumps(obj).encode())
+        except OSError as exc:
+            raise DataDirError(f"cannot write {self.wan_account_path}: "
+                               f"{exc.strerror or exc}") from exc
+
+    def read_wan_account(self) -> Any:
+        """The saved account's JSON (the caller validates it), None if there is none;
+        DataDirError if it cannot be read or is no JSON."""
+        if not self.wan_account_path.exists():
+            return None
+        return self._read_json(self.wan_account_path)
 
     # -- helpers -----------------------------------------------------------
 

@@ -222,9 +222,13 @@ class GossipNode:
                  network: StreamNetwork | None = None,
                  serve: ServePolicy | None = None,
                  run_blocking: RunBlocking | None = None,
-                 on_misbehaviour: Callable[[], None] | None = None) -> None:
+                 on_misbehaviour: Callable[[], None] | None = None,
+                 wan_bytes: Callable[[int], None] | None = None) -> None:
         """`on_misbehaviour`: called when a peer is first counted for a reason
-        (`misbehaving_peers`), so the agent reports it without waiting for its heartbeat."""
+        (`misbehaving_peers`), so the agent reports it without waiting for its heartbeat.
+        `wan_bytes`: hears of the frame bytes sent to and received from peers that are not
+        LAN neighbours (`set_lan`): they cross the WAN (the agent's byte account,
+        agent/_account.py)."""
         self.name = name
         # Blob store reads and writes (disk, blake3/zstd verification) run here: worker threads
         # by default. Tests on trio's autojump clock pass an inline runner: a thread's real
@@ -252,6 +256,8 @@ class GossipNode:
         self.rumor = self.core.rumor
         self.stats: GossipStats = self.core.stats
         self._peers: dict[str, _Peer] = {}
+        self._wan_bytes = wan_bytes
+        self._lan_names: frozenset[str] = frozenset()
         self._by_addr: dict[str, str] = {}
         self._seed_downloads: dict[int, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
@@ -324,6 +330,8 @@ class GossipNode:
 
     def set_lan(self, names: Iterable[str]) -> None:
         """The LAN neighbours (names from LAN discovery; only peer-map names count)."""
+        names = frozenset(names)
+        self._lan_names = names
         self.core.set_lan(names, self._now())
         self._run_actions()
 
@@ -568,12 +576,15 @@ class GossipNode:
                         p.conn = conn
                         async with stream:
                             for have in self.core.have_messages(p.name):
+                                have_frame = encode(have)
                                 with trio.fail_after(cfg.send_timeout):
-                                    await stream.send_all(encode(have))
+                                    await stream.send_all(have_frame)
+                                self._count_wan(p.name, len(have_frame))
                             while True:
                                 with trio.fail_after(cfg.send_timeout):
                                     await stream.send_all(frame)
                                 unsent = None
+                                self._count_wan(p.name, len(frame))
                                 with trio.move_on_after(cfg.idle_timeout) as idle:
                                     frame = unsent = await p.queue.get()
                                 if idle.cancelled_caught:
@@ -591,6 +602,11 @@ class GossipNode:
                     p.wake = trio.Event()
                 finally:
                     p.conn = None
+
+    def _count_wan(self, peer: str, n: int) -> None:
+        """Frame bytes to or from `peer`: WAN bytes unless it is a LAN neighbour."""
+        if self._wan_bytes is not None and peer not in self._lan_names:
+            self._wan_bytes(n)
 
     def _log_bad_frame(self, peer: str, exc: WireError) -> None:
         """One line per peer per BAD_FRAME_LOG_EVERY: a peer that sends garbage on every
@@ -643,6 +659,7 @@ class GossipNode:
                     data = await stream.receive_some(READ_SIZE)
                 if not data:  # EOF, or idle for too long
                     break
+                self._count_wan(p.name, len(data))
                 try:
                     msgs = decoder.feed(data)
                 except WireError as exc:

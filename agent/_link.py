@@ -8,6 +8,13 @@ detection, and the one way the agent logs an error that repeats: once per distin
     ...
     if link.failed(exc, errors): return              # revoked: the caller's loop ends
 
+Every call's bytes (request and answer as httpx sees them: mesh.meter, ops/client.py
+`exchange_size`) go to the device's WAN byte account (agent/_account.py) by purpose: `blobs`
+for blob downloads, `logs` for log uploads, `control` for everything else (peer map, reports,
+targets, manifests, roots, timestamps, punches), marked in the tunnel when the call went to the
+hub's API URL. What TLS and TCP/IP add on top is not counted here; through the tunnel it lands in
+the account's `wireguard` (the tunnel's counters minus what the purposes counted).
+
 An exception with an integer `status` attribute is an answer from the coordinator (the SDK's
 `ApiError`) and is final for that call. Only a 401 that says so explicitly (`revoked` true,
 from the coordinator's `{"revoked": true}`) means the device was revoked; any other 401 (an
@@ -19,6 +26,7 @@ else means no usable answer from that URL, and the next one is tried.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Final, Protocol, TypeVar
 
@@ -32,8 +40,10 @@ from mesh.control import (
     LogLine,
     PeerMap,
 )
+from mesh.meter import metered
 from mesh.release import SignedRoot
 
+from ._account import WanAccount
 from ._datadir import Identity
 
 T = TypeVar("T")
@@ -152,9 +162,12 @@ class CoordinatorLink:
     """One device's calls to the coordinator; `revoked` once it refused our credential."""
 
     def __init__(self, identity: Identity, client_factory: ClientFactory, *,
-                 hub_up: Callable[[], bool], log: Log, rng: random.Random | None = None
+                 hub_up: Callable[[], bool], log: Log, rng: random.Random | None = None,
+                 account: WanAccount | None = None, clock: Callable[[], float] = time.time
                  ) -> None:
         self.identity = identity
+        self.account = account if account is not None else WanAccount()
+        self.clock = clock
         self.client_factory = client_factory
         self.hub_up = hub_up
         self.log = log
@@ -230,10 +243,10 @@ class CoordinatorLink:
         """A blob from the coordinator, or its slice [start:end): the gossip node's seed
         (agent/_gossip.py BlobSource), on the blob connections, apart from control calls."""
         return await self.call(lambda c: c.blob(blob_id, start, end), BLOB_CALL_TIMEOUT,
-                               bulk=True)
+                               bulk=True, purpose="blobs")
 
     async def upload_logs(self, lines: Sequence[LogLine], dropped: int) -> None:
-        await self.call(lambda c: c.upload_logs(lines, dropped), CALL_TIMEOUT)
+        await self.call(lambda c: c.upload_logs(lines, dropped), CALL_TIMEOUT, purpose="logs")
 
     # -- errors --------------------------------------------------------------------------------
 
@@ -307,20 +320,25 @@ class CoordinatorLink:
                 pass
 
     async def call(self, op: Callable[[DeviceApi], Awaitable[T]], timeout: float, *,
-                   bulk: bool = False) -> T:
+                   bulk: bool = False, purpose: str = "control") -> T:
         """Through the hub tunnel first when it is up, else (or if that gives no answer) the URL
         given at join. An error answer from the coordinator is final: it did answer. `bulk`:
-        on the blob clients."""
-        return await self._call(lambda url: (op, timeout), bulk=bulk)
+        on the blob clients. Its bytes count for `purpose` in the WAN byte account."""
+        return await self._call(lambda url: (op, timeout), bulk=bulk, purpose=purpose)
+
+    def _meter(self, purpose: str, url: str) -> Callable[[int], None]:
+        in_tunnel = url == self.identity.enrollment.hub.api_url and url != self.identity.url
+        return lambda n: self.account.add(purpose, n, in_tunnel=in_tunnel, now=self.clock())
 
     async def _call(self, attempt: Callable[[str], tuple[Callable[[DeviceApi], Awaitable[T]],
-                                                          float]], *, bulk: bool = False) -> T:
+                                                          float]], *, bulk: bool = False,
+                    purpose: str = "control") -> T:
         """`call`, with the operation and its deadline chosen per URL by `attempt(url)`."""
         last: BaseException | None = None
         for url in self._urls(bulk):
             op, timeout = attempt(url)
             try:
-                with trio.fail_after(timeout):
+                with trio.fail_after(timeout), metered(self._meter(purpose, url)):
                     result = await op(self._client(url, bulk))
             except trio.TooSlowError:
                 last = TimeoutError(f"no answer from {url} within {timeout:g} s")

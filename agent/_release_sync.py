@@ -238,7 +238,7 @@ class ReleaseSync:
                 rumor_config=METERED_RUMOR if settings.profile == "metered" else LAN_RUMOR,
                 rng=random.Random(self.rng.random()), log=lambda m: self.log(f"gossip: {m}"),
                 local_layers=self._engine_layers, serve=settings.serve,
-                on_misbehaviour=self.on_misbehaviour)
+                on_misbehaviour=self.on_misbehaviour, wan_bytes=self._gossip_bytes)
             node.set_lan(self._lan_names)
             if not self.link.reachable:
                 node.coordinator_reachable(False)
@@ -253,6 +253,10 @@ class ReleaseSync:
             finally:
                 self._node_changed(None)
             await trio.sleep(GOSSIP_RETRY)
+
+    def _gossip_bytes(self, n: int) -> None:
+        """Frames to and from peers off our LAN: through the tunnel, across the WAN."""
+        self.link.account.add("gossip", n, in_tunnel=True, now=self.link.clock())
 
     def _engine_layers(self) -> frozenset[str]:
         return self.applier.local_diff_ids() if self.applier is not None else frozenset()

@@ -66,9 +66,16 @@ def in_flight(report: DeviceReport) -> bool:
 
 def report_shape(report: DeviceReport) -> DeviceReport:
     """What makes a report worth sending at rest: all but the times that move by themselves
-    (each direct peer's handshake every two minutes, each app's last status update)."""
+    (each direct peer's handshake every two minutes, each app's last status update) and the
+    byte counts, which ride on reports that go up anyway: only a new UTC day in the account
+    makes a report of its own, at most one a day, and so does crossing the WAN budget."""
+    wan: dict[str, dict[str, int]] | None = (
+        None if report.wan_bytes is None else {day: {} for day in report.wan_bytes})
     return replace(report, peers=tuple(replace(p, last_handshake=None) for p in report.peers),
-                   apps=tuple(replace(a, updated_at=0.0) for a in report.apps))
+                   apps=tuple(replace(a, updated_at=0.0) for a in report.apps), wan_bytes=wan,
+                   wan_budget=None if report.wan_budget is None  # over or not, not how much
+                   else replace(report.wan_budget, used=report.wan_budget.limit
+                                if report.wan_budget.over else 0))
 
 
 class Reporter:

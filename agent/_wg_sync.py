@@ -30,6 +30,7 @@ from vpn import (
     diff,
 )
 
+from ._account import WanAccount
 from ._datadir import DataDir, DataDirError
 from ._keepalive import ARRIVAL_SLACK, FLOOR, KeepaliveTuner, Trial
 from ._link import CoordinatorLink, ErrorOnce, Log, one_line
@@ -91,8 +92,10 @@ class WireGuardSync:
                  reconcile_interval: float = RECONCILE_INTERVAL, poll_wait: int = POLL_WAIT,
                  on_peermap: Callable[[PeerMap | None, PeerMap], None] = lambda old, new: None,
                  on_paths: Callable[[], None] = lambda: None,
-                 tune_keepalive: bool = False) -> None:
+                 tune_keepalive: bool = False, account: WanAccount | None = None) -> None:
         self.data = data
+        # the WAN byte account's `tunnel`: fed with every reading of the device
+        self.account = account
         self.selector = selector
         self.enrollment = enrollment
         self.clock = clock
@@ -340,6 +343,7 @@ class WireGuardSync:
             with trio.fail_after(BACKEND_TIMEOUT):
                 status = await backend.aget()
                 self._watch_hub_tx(status)
+                self._count_tunnel(status)
                 self.selector.hub_keepalive = self.hub_keepalive()
                 plan = self.selector.update(self.peermap, status, self.clock())
                 changes = diff(plan.desired, status)
@@ -368,6 +372,15 @@ class WireGuardSync:
                 [(p.public_key, p.path, p.endpoint) for p in plan.paths]:
             self.on_paths()
         return plan
+
+    def _count_tunnel(self, status: DeviceStatus) -> None:
+        """The WAN byte account's tunnel: the hub entry and every peer off our LAN."""
+        if self.account is None:
+            return
+        peermap = self.peermap
+        hub = peermap.hub if peermap is not None else self.enrollment.hub
+        lan = [p.public_key for p in peermap.peers if p.lan] if peermap is not None else []
+        self.account.observe_tunnel(status, hub.public_key, lan, self.clock())
 
     def _watch_hub_tx(self, status: DeviceStatus) -> None:
         """When our hub entry last sent something (the keepalive trials' silence)."""

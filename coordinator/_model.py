@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-from mesh.control import LinkState, LogLine
+from mesh.control import LinkState, LogLine, WanBudget, WanBytes
 
 
 class DeviceState(enum.StrEnum):
@@ -36,6 +36,9 @@ class Device:
     revoked_at: float | None = None
     public_endpoint: str | None = None  # as the hub last saw it
     link: LinkState | None = None  # how it holds its NAT binding (its last report that said)
+    # its own WAN byte account, UTC day -> purpose -> bytes (its reports, merged by day)
+    wan_bytes: WanBytes | None = None
+    wan_budget: WanBudget | None = None  # its WAN budget, as its last report said (None: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +211,9 @@ class DeviceInfo(TypedDict):
     reports_about: list[dict[str, Any]]
     reported_misbehaving: int  # how many devices report it misbehaving
     link: dict[str, Any] | None  # mesh.control.LinkState JSON from its reports
+    # the device's own WAN byte account from its reports: {"YYYY-MM-DD": {purpose: bytes}}
+    wan_bytes: dict[str, dict[str, int]] | None
+    wan_budget: dict[str, Any] | None  # mesh.control.WanBudget JSON from its last report
 
 
 def device_info(device: Device, *, online: bool, endpoint: str | None,
@@ -228,7 +234,23 @@ def device_info(device: Device, *, online: bool, endpoint: str | None,
             "enrolled_at": device.enrolled_at, "release": release,
             "apps": apps, "reported_by": reported_by, "reports_about": reports_about,
             "reported_misbehaving": len(reported_by),
-            "link": device.link.to_json() if device.link is not None else None}
+            "link": device.link.to_json() if device.link is not None else None,
+            "wan_bytes": None if device.wan_bytes is None else
+            {day: dict(c) for day, c in sorted(device.wan_bytes.items(), reverse=True)},
+            "wan_budget": None if device.wan_budget is None else device.wan_budget.to_json()}
+
+
+WAN_DAYS_KEPT = 7  # a device's byte account: the newest week of days it reported
+
+
+def merge_wan_bytes(old: WanBytes | None, new: WanBytes) -> dict[str, dict[str, int]]:
+    """A device's stored account with a new report's days: the report's figure for each day
+    it names (the newest count of that day), the older days as they were, the newest
+    WAN_DAYS_KEPT days kept (a report names only today and yesterday, so yesterday's final
+    figure stays a week)."""
+    merged = {day: dict(c) for day, c in (old or {}).items()}
+    merged.update({day: dict(c) for day, c in new.items()})
+    return {day: merged[day] for day in sorted(merged, reverse=True)[:WAN_DAYS_KEPT]}
 
 
 # --------------------------------------------------------------------------- releases

@@ -17,7 +17,11 @@ from mesh.control import (
     MAX_LOG_LINE,
     MAX_LOG_LINES,
     MAX_PEERS,
+    MAX_WAN_BYTES,
+    MAX_WAN_DAYS,
     MISBEHAVIOURS,
+    WAN_BUDGET_PERIODS,
+    WAN_PURPOSES,
 )
 from mesh.names import APP_NAME_RE, DEVICE_NAME_RE, MAX_APP_NAME
 from mesh.release import MAX_ROOT_CHAIN, MAX_ROOT_KEYS
@@ -154,7 +158,27 @@ SCHEMAS: dict[str, Any] = {
                                             "misbehaving since its agent started (a name once)",
                              "items": _obj(["name", "counts"], name=_DEV,
                                            counts=_ref("MisbehaviourCounts"))},
-                         link=_ref("LinkState")),
+                         link=_ref("LinkState"), wan_bytes=_ref("WanBytes"),
+                         wan_budget=_ref("WanBudget")),
+    "WanBudget": _obj(
+        ["limit", "period", "used"],
+        limit={"type": "integer", "minimum": 1, "maximum": MAX_WAN_BYTES - 1,
+               "description": "WAN bytes allowed per period (fleetmesh-agent run --wan-budget)"},
+        period={"enum": list(WAN_BUDGET_PERIODS), "description": "a UTC day or month"},
+        used={"type": "integer", "minimum": 0, "maximum": MAX_WAN_BYTES - 1,
+              "description": "bytes used this period by the device's own account"},
+        over={"type": "boolean", "description": "used >= limit: the device defers log "
+                                                "shipping (all but a failing app's tail)"}),
+    "WanBytes": {
+        "type": "object", "maxProperties": MAX_WAN_DAYS,
+        "description": "the device's own WAN byte account: bytes per UTC day (YYYY-MM-DD) "
+                       "by purpose (docs/metered.md, \"The byte account\"); reports carry "
+                       "today and yesterday",
+        "propertyNames": {"pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"},
+        "additionalProperties": {
+            "type": "object", "additionalProperties": False,
+            "properties": {p: {"type": "integer", "minimum": 0, "maximum": MAX_WAN_BYTES - 1}
+                           for p in WAN_PURPOSES}}},
     "LinkState": _obj(
         ["hub_keepalive"],
         hub_keepalive={"type": "integer", "minimum": 0, "maximum": 86400,
@@ -225,7 +249,14 @@ SCHEMAS: dict[str, Any] = {
                                                             "misbehaving"},
                        link={"oneOf": [_ref("LinkState"), {"type": "null"}],
                              "description": "how it holds its NAT binding to the hub, as it "
-                                            "last reported (null: not reported)"}),
+                                            "last reported (null: not reported)"},
+                       wan_bytes={"oneOf": [_ref("WanBytes"), {"type": "null"}],
+                                  "description": "its byte account, the newest week of days "
+                                                 "its reports named, newest first (null: "
+                                                 "never reported)"},
+                       wan_budget={"oneOf": [_ref("WanBudget"), {"type": "null"}],
+                                   "description": "its WAN budget as its last report said "
+                                                  "(null: none)"}),
     # uses: at most the fleet's quota of devices (the coordinator's --max-fleet-devices)
     "TokenRequest": _obj(["fleet"], fleet=_DEV,
                          uses={"type": ["integer", "null"], "minimum": 1, "default": 1},

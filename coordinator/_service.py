@@ -475,7 +475,8 @@ class FleetService:
         cleared = self.store.record_report(device.id, report.lan_endpoints,
                                            report.agent_version, report.peers,
                                            self.settings.clock(), report.apps,
-                                           report.misbehaving_peers, report.link)
+                                           report.misbehaving_peers, report.link,
+                                           report.wan_bytes, report.wan_budget)
         if cleared:  # a force the device no longer needs has left its targets
             self.releases.targets_changed(device.fleet, device.name)
         self.core.set_lan(device.name, report.lan_endpoints)

@@ -11,7 +11,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from mesh.control import AppStatus, LinkState, LogLine, PeerMisbehaviour, PeerPath
+from mesh.control import (
+    AppStatus,
+    LinkState,
+    LogLine,
+    PeerMisbehaviour,
+    PeerPath,
+    WanBudget,
+    WanBytes,
+)
 
 from ._model import (
     AppControl,
@@ -75,9 +83,12 @@ class Store(Protocol):
     def record_report(self, device_id: str, lan_endpoints: Sequence[str], agent_version: str,
                       peers: Sequence[PeerPath], now: float, apps: Sequence[AppStatus] = (),
                       misbehaving: Sequence[PeerMisbehaviour] = (),
-                      link: LinkState | None = None) -> list[str]:
+                      link: LinkState | None = None, wan_bytes: WanBytes | None = None,
+                      wan_budget: WanBudget | None = None) -> list[str]:
         """Also replaces what the device last said of misbehaving peers with `misbehaving`
-        (an old agent's report says nothing: none), keeps each app's status (replacing the
+        (an old agent's report says nothing: none), merges `wan_bytes` (its byte account)
+        by day with what is stored (the newest week kept), replaces its `wan_budget` (None: it
+        runs without one), keeps each app's status (replacing the
         previous one of that app; at most mesh.control.MAX_APPS per device, past which the
         apps this report leaves out lose theirs) and clears the force of every app now running
         the forced version or a newer one → those apps."""

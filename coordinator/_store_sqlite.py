@@ -12,10 +12,10 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from mesh.control import (
     MAX_APPS,
@@ -25,6 +25,9 @@ from mesh.control import (
     LogLine,
     PeerMisbehaviour,
     PeerPath,
+    WanBudget,
+    WanBytes,
+    wan_bytes_from_json,
 )
 
 from . import _ipam
@@ -46,6 +49,7 @@ from ._model import (
     TokenExpired,
     TokenUnknown,
     TokenUsedUp,
+    merge_wan_bytes,
 )
 
 # Each entry runs once, in order, inside one transaction; never edit a released one, append.
@@ -192,19 +196,29 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     # 8: how each device holds its NAT binding to the hub (mesh.control.LinkState as JSON,
     # from its reports): its hub keepalive decides how long "online" may go without a packet.
     "ALTER TABLE devices ADD COLUMN link TEXT;",
+    # 9: each device's own WAN byte account (mesh.control wan_bytes JSON), its reports' days
+    # merged: the newest week (coordinator/_model.py merge_wan_bytes).
+    "ALTER TABLE devices ADD COLUMN wan_bytes TEXT;",
+    # 10: each device's WAN budget and what it used, as its last report said
+    # (mesh.control.WanBudget JSON; NULL: its agent runs without one)
+    "ALTER TABLE devices ADD COLUMN wan_budget TEXT;",
 )
+
+T = TypeVar("T")
 
 _DEVICE_COLS: Final = ("id, name, fleet, state, created_at, public_key, mesh_ipv4, mesh_ipv6, "
                        "agent_version, lan_endpoints, last_report, enrolled_at, revoked_at, "
-                       "public_endpoint, link")
+                       "public_endpoint, link, wan_bytes, wan_budget")
 
 
-def _link(text: str | None) -> LinkState | None:
+def _json_column(text: str | None, parse: Callable[[Any], T]) -> T | None:
+    """A JSON column written from a validated report, parsed again: a damaged row reads as
+    None (no link, no account, no budget), never as an error."""
     if text is None:
         return None
     try:
-        return LinkState.from_json(json.loads(text))
-    except (ValueError, ControlError):  # validated on arrival; a damaged row is no link
+        return parse(json.loads(text))
+    except (ValueError, ControlError):
         return None
 
 
@@ -213,7 +227,9 @@ def _device(row: Sequence[Any]) -> Device:
                   created_at=row[4], public_key=row[5], mesh_ipv4=row[6], mesh_ipv6=row[7],
                   agent_version=row[8], lan_endpoints=tuple(json.loads(row[9])),
                   last_report=row[10], enrolled_at=row[11], revoked_at=row[12],
-                  public_endpoint=row[13], link=_link(row[14]))
+                  public_endpoint=row[13], link=_json_column(row[14], LinkState.from_json),
+                  wan_bytes=_json_column(row[15], wan_bytes_from_json),
+                  wan_budget=_json_column(row[16], WanBudget.from_json))
 
 
 _RELEASE_COLS: Final = ("fleet, app, version, signed, key_id, created_at, published_at, layers, "
@@ -497,7 +513,8 @@ class SqliteStore:
     def record_report(self, device_id: str, lan_endpoints: Sequence[str], agent_version: str,
                       peers: Sequence[PeerPath], now: float, apps: Sequence[AppStatus] = (),
                       misbehaving: Sequence[PeerMisbehaviour] = (),
-                      link: LinkState | None = None) -> list[str]:
+                      link: LinkState | None = None, wan_bytes: WanBytes | None = None,
+                      wan_budget: WanBudget | None = None) -> list[str]:
         cleared = []
         with self._tx() as c:
             # Only names of the reporter's fleet's live devices are kept: a report can name
@@ -515,6 +532,16 @@ class SqliteStore:
             if link is not None:
                 c.execute("UPDATE devices SET link = ? WHERE id = ?",
                           (json.dumps(link.to_json()), device_id))
+            if wan_bytes is not None:
+                row = c.execute("SELECT wan_bytes FROM devices WHERE id = ?",
+                                (device_id,)).fetchone()
+                merged = merge_wan_bytes(_json_column(row[0] if row else None,
+                                                      wan_bytes_from_json), wan_bytes)
+                c.execute("UPDATE devices SET wan_bytes = ? WHERE id = ?",
+                          (json.dumps(merged), device_id))
+            c.execute("UPDATE devices SET wan_budget = ? WHERE id = ?",
+                      (None if wan_budget is None else json.dumps(wan_budget.to_json()),
+                       device_id))
             for a in apps:
                 c.execute("INSERT INTO device_apps (device_id, app, status) VALUES (?, ?, ?) "
                           "ON CONFLICT(device_id, app) DO UPDATE SET status = excluded.status",

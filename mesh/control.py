@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
 import hashlib
 import hmac
 import ipaddress
@@ -606,6 +607,84 @@ class LinkState:
                    _seconds(obj, "binding_lost", where))
 
 
+# What a device's WAN bytes went to (agent/_account.py; docs/metered.md, "The byte account"):
+# WireGuard's own cost (framing, keepalives, handshakes, the TCP/TLS overhead of calls through
+# the tunnel), coordinator API calls (control, logs, blobs) and gossip frames.
+WAN_PURPOSES: Final = ("wireguard", "control", "gossip", "blobs", "logs")
+MAX_WAN_DAYS: Final = 8  # a week and today
+MAX_WAN_BYTES: Final = 2**53  # exclusive: every count is exact in a JSON reader's double
+
+WanBytes = Mapping[str, Mapping[str, int]]  # UTC day (YYYY-MM-DD) -> purpose -> bytes
+
+
+def wan_bytes_from_json(obj: Any, where: str = "wan_bytes") -> dict[str, dict[str, int]]:
+    """`{"YYYY-MM-DD": {purpose: bytes}}`, validated: at most MAX_WAN_DAYS days, known
+    purposes only, integers from 0 to below MAX_WAN_BYTES."""
+    if not isinstance(obj, Mapping):
+        raise ControlError(f"{where}: must be an object")
+    if len(obj) > MAX_WAN_DAYS:
+        raise ControlError(f"{where}: more than {MAX_WAN_DAYS} days")
+    out: dict[str, dict[str, int]] = {}
+    for day, counts in obj.items():
+        try:
+            valid = isinstance(day, str) and len(day) == 10 and \
+                datetime.date.fromisoformat(day).isoformat() == day
+        except ValueError:
+            valid = False
+        if not valid:
+            raise ControlError(f"{where}: {str(day)[:20]!r} is not a day (YYYY-MM-DD)")
+        if not isinstance(counts, Mapping):
+            raise ControlError(f"{where}.{day}: must be an object")
+        day_out: dict[str, int] = {}
+        for purpose, n in counts.items():
+            if purpose not in WAN_PURPOSES:
+                raise ControlError(f"{where}.{day}: unknown purpose {str(purpose)[:20]!r} "
+                                   f"(known: {', '.join(WAN_PURPOSES)})")
+            if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n < MAX_WAN_BYTES:
+                raise ControlError(f"{where}.{day}.{purpose}: must be an integer from 0 to "
+                                   f"2**53 - 1")
+            day_out[purpose] = n
+        out[day] = day_out
+    return out
+
+
+WAN_BUDGET_PERIODS: Final = ("day", "month")  # UTC calendar days and months
+
+
+@dataclass(frozen=True, slots=True)
+class WanBudget:
+    """The device's WAN budget (`fleetmesh-agent run --wan-budget`): `limit` bytes per UTC
+    `period`, `used` so far this period by its own account. Past the limit (`over`) it defers
+    log shipping (all but the tail of an app that fails)."""
+
+    limit: int
+    period: str
+    used: int
+
+    @property
+    def over(self) -> bool:
+        return self.used >= self.limit
+
+    def to_json(self) -> dict[str, Any]:
+        return {"limit": self.limit, "period": self.period, "used": self.used,
+                "over": self.over}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = "wan_budget") -> WanBudget:
+        period = _get(obj, "period", str, where)
+        if period not in WAN_BUDGET_PERIODS:
+            raise ControlError(f"{where}.period: must be day or month")
+        values = []
+        for key in ("limit", "used"):
+            n = obj.get(key)
+            if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n < MAX_WAN_BYTES:
+                raise ControlError(f"{where}.{key}: must be an integer from 0 to 2**53 - 1")
+            values.append(n)
+        if values[0] == 0:
+            raise ControlError(f"{where}.limit: must be at least 1 byte")
+        return cls(values[0], period, values[1])
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceReport:
     """What an agent reports about itself: LAN candidates, version, per-peer paths, the state
@@ -618,6 +697,9 @@ class DeviceReport:
     apps: tuple[AppStatus, ...] = ()
     misbehaving_peers: tuple[PeerMisbehaviour, ...] = ()
     link: LinkState | None = None  # absent from old agents
+    # the device's own byte account, today and yesterday (absent from old agents)
+    wan_bytes: WanBytes | None = field(default=None, hash=False)
+    wan_budget: WanBudget | None = None  # absent: no budget set
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -626,6 +708,10 @@ class DeviceReport:
             "misbehaving_peers": [m.to_json() for m in self.misbehaving_peers]}
         if self.link is not None:
             out["link"] = self.link.to_json()
+        if self.wan_bytes is not None:
+            out["wan_bytes"] = {day: dict(counts) for day, counts in self.wan_bytes.items()}
+        if self.wan_budget is not None:
+            out["wan_budget"] = self.wan_budget.to_json()
         return out
 
     @classmethod
@@ -652,7 +738,11 @@ class DeviceReport:
                    tuple(PeerPath.from_json(p, f"{w}.peers[{i}]") for i, p in enumerate(peers)),
                    apps, misbehaving,
                    None if obj.get("link") is None else LinkState.from_json(obj["link"],
-                                                                            f"{w}.link"))
+                                                                            f"{w}.link"),
+                   None if obj.get("wan_bytes") is None
+                   else wan_bytes_from_json(obj["wan_bytes"], f"{w}.wan_bytes"),
+                   None if obj.get("wan_budget") is None
+                   else WanBudget.from_json(obj["wan_budget"], f"{w}.wan_budget"))
 
 
 # --------------------------------------------------------------------------- device targets

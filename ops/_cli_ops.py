@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from mesh.clikit import CliError
+from mesh.control import WAN_PURPOSES
 from ops._cli_common import (
     add_common_options,
     add_release_key_option,
@@ -37,6 +38,7 @@ from ops._cli_common import (
     parse_duration,
     print_json,
     progress_text,
+    size,
     table,
     text,
     token_release_key,
@@ -138,6 +140,18 @@ def _nat_text(link: Any) -> str:
     return out + (f"; binding {', '.join(known)}" if known else "; binding not measured yet")
 
 
+def _budget_text(budget: Any) -> str:
+    """The device's WAN budget from its last report: "12.0 MB of 50.0 MB this month" and,
+    past it, that log shipping is deferred; `-` without one."""
+    if not isinstance(budget, dict):
+        return "-"
+    limit, used, period = budget.get("limit"), budget.get("used"), budget.get("period")
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (limit, used)):
+        return "-"
+    out = f"{size(used)} of {size(limit)} this {text(period)}"
+    return out + ("; used up: log shipping deferred" if budget.get("over") else "")
+
+
 def _release_text(d: dict[str, Any]) -> str:
     """The running release, and "stale" when the device reports that the fleet's signed
     timestamp expired (a frozen coordinator; docs/security.md)."""
@@ -171,6 +185,22 @@ def _devices_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wan_rows(wan: Any) -> list[list[str]]:
+    """The device's byte account, a row per UTC day, newest first: DAY, a column per purpose
+    (mesh.control WAN_PURPOSES), TOTAL."""
+    if not isinstance(wan, dict):
+        return []
+    rows = []
+    for day in sorted(wan, reverse=True):
+        counts = wan[day] if isinstance(wan[day], dict) else {}
+        values = [counts.get(p) for p in WAN_PURPOSES]
+        numbers = [v if isinstance(v, int) and not isinstance(v, bool) else None
+                   for v in values]
+        rows.append([text(day), *(size(n) for n in numbers),
+                     size(sum(n for n in numbers if n is not None))])
+    return rows
+
+
 def _show_device(d: dict[str, Any]) -> None:
     fields = [("name", d.get("name")), ("fleet", d.get("fleet")), ("state", d.get("state")),
               ("online", bool(d.get("online"))), ("public key", d.get("public_key")),
@@ -182,6 +212,7 @@ def _show_device(d: dict[str, Any]) -> None:
     rows.append(["enrolled", date(d.get("enrolled_at"))])
     rows.append(["release", text(d.get("release"))])
     rows.append(["NAT", _nat_text(d.get("link"))])
+    rows.append(["WAN budget", _budget_text(d.get("wan_budget"))])
     table(["FIELD", "VALUE"], rows, header=False)
     lines = _misbehaviour_lines(d)
     if lines:
@@ -189,6 +220,11 @@ def _show_device(d: dict[str, Any]) -> None:
         print("\n".join(lines))
     apps = d.get("apps")
     _apps_table(apps if isinstance(apps, list) else [])
+    wan = _wan_rows(d.get("wan_bytes"))
+    if wan:
+        print()
+        print("WAN bytes by purpose (the device's own account, UTC days):")
+        table(["DAY", *(p.upper() for p in WAN_PURPOSES), "TOTAL"], wan)
 
 
 def _devices_show(args: argparse.Namespace) -> int:

@@ -54,6 +54,7 @@ from mesh.control import (
     key_proof_mac,
     x25519_secret,
 )
+from mesh.meter import count_bytes
 from mesh.release import (
     MAX_ROOT_CHAIN,
     MAX_ROOT_DOCUMENT,
@@ -93,6 +94,7 @@ __all__ = [
     "default_config_path",
     "enroll",
     "enroll_with_root",
+    "exchange_size",
     "load_operator_config",
 ]
 
@@ -269,9 +271,30 @@ def _send_limited(client: httpx.Client, request: httpx.Request, limit: int
     return body.response()
 
 
+def _head_size(first_line: str, headers: httpx.Headers) -> int:
+    """An HTTP/1.1 head as sent: its first line, each `name: value`, and the blank line."""
+    return len(first_line) + 2 + sum(len(k) + len(v) + 4 for k, v in headers.raw) + 2
+
+
+def exchange_size(request: httpx.Request, response: httpx.Response) -> int:
+    """The bytes of one exchange as httpx sees them: the request's line, headers and body, the
+    answer's status line, headers and body as received (compressed, if it was). TLS records
+    and TCP/IP headers come on top and are not counted."""
+    target = request.url.raw_path.decode("ascii", "replace")
+    sent = _head_size(f"{request.method} {target} HTTP/1.1", request.headers)
+    try:
+        sent += len(request.content)
+    except httpx.RequestNotRead:  # a streamed upload (the device API sends none)
+        pass
+    received = _head_size(f"HTTP/1.1 {response.status_code} {response.reason_phrase}",
+                          response.headers) + response.num_bytes_downloaded
+    return sent + received
+
+
 async def _send_limited_async(client: httpx.AsyncClient, request: httpx.Request, limit: int
                               ) -> httpx.Response:
-    """`_send_limited` for the async client."""
+    """`_send_limited` for the async client. The exchange's size goes to the task's byte meter
+    (mesh.meter: the agent's WAN byte account), error answers included."""
     response = await client.send(request, stream=True)
     try:
         body = _LimitedBody(response, limit)
@@ -280,6 +303,7 @@ async def _send_limited_async(client: httpx.AsyncClient, request: httpx.Request,
     except httpx.DecodingError as exc:
         raise _undecodable(request) from exc
     finally:
+        count_bytes(exchange_size(request, response))  # before a cancelled close could skip it
         await response.aclose()
     return body.response()
 

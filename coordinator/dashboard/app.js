@@ -395,13 +395,14 @@
     const details = h("div", {});
     const apps = h("div", {});
     const peers = h("div", {});
+    const wan = h("div", {});
     const message = h("p", {class: "flash"});
     const logs = h("div", {class: "logs", id: "logs", "aria-live": "polite"});
     const logNote = h("p", {class: "muted"});
     fill(main, h("p", {}, h("a", {href: "#/devices"}, "← Devices")),
          h("h1", {}, "Device ", h("span", {class: "mono"}, name)),
          details, h("h2", {}, "Apps"), message, apps, h("h2", {}, "Peers"), peers,
-         h("h2", {}, "Logs"), logNote, logs);
+         h("h2", {}, "WAN bytes by purpose"), wan, h("h2", {}, "Logs"), logNote, logs);
     poll(ctx, async () => {
       let d;
       try {
@@ -443,8 +444,28 @@
         h("td", {}, fmtAgo(p.last_handshake))));
       fill(peers, table(["Peer", "Path", "Endpoint", "Last handshake"], peerRows,
                         {id: "peers"}));
+      fill(wan, wanTable(d.wan_bytes));
     });
     followLogs(ctx, name, logs, logNote);
+  }
+
+  // The device's own WAN byte account (docs/metered.md, "The byte account"): a row per UTC
+  // day, newest first, a column per purpose (mesh.control WAN_PURPOSES), the total.
+  const WAN_PURPOSES = ["wireguard", "control", "gossip", "blobs", "logs"];
+
+  function wanTable(wan) {
+    if (!wan || typeof wan !== "object") {
+      return h("p", {class: "muted", id: "wan-bytes"}, "Not reported by this device's agent.");
+    }
+    const rows = Object.keys(wan).sort().reverse().map((day) => {
+      const counts = wan[day] || {};
+      const total = WAN_PURPOSES.reduce((sum, p) => sum + (counts[p] || 0), 0);
+      return h("tr", {"data-day": day}, h("td", {class: "mono"}, day),
+        ...WAN_PURPOSES.map((p) => h("td", {"data-purpose": p}, fmtBytes(counts[p]))),
+        h("td", {"data-purpose": "total"}, fmtBytes(total)));
+    });
+    return table(["Day (UTC)", "WireGuard", "Control", "Gossip", "Blobs", "Logs", "Total"],
+                 rows, {id: "wan-bytes"});
   }
 
   // The newest lines first (tail), then a long poll from there on; at most one request per

@@ -233,6 +233,36 @@ def test_run_seed_ratio_is_parsed_strictly(enrolled: DataDir, bad: str,
     assert "Traceback" not in "".join(err) and "not a seed ratio" in err[-1]
 
 
+@pytest.mark.parametrize(("flag", "budget"), [
+    ("50MB/month", (50_000_000, "month")), ("1.5gb/day", (1_500_000_000, "day")),
+    ("700B/day", (700, "day"))])
+def test_run_wan_budget_reaches_the_agent(enrolled: DataDir, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str], flag: str,
+                                          budget: tuple[int, str]) -> None:
+    seen: list[Any] = []
+
+    def agent(*args: Any, wan_budget: Any = None, **kw: Any) -> Any:
+        seen.append(wan_budget)
+        raise DataDirError("stop here")  # the budget is what this test looks at
+
+    monkeypatch.setattr(_commands, "real_backend_factory", lambda ifname, mountns=None: None)
+    monkeypatch.setattr(_commands, "Agent", agent)
+    assert main(["run", "--data", str(enrolled.path), "--wan-budget", flag]) != 0
+    capsys.readouterr()
+    assert seen == [budget]
+
+
+@pytest.mark.parametrize("bad", ["50MB", "50MB/week", "0MB/day", "1.2.3MB/day", "1e3MB/day",
+                                 "9" * 40 + "GB/day", "50 MB/month", ""])
+def test_run_wan_budget_is_parsed_strictly(enrolled: DataDir, bad: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--data", str(enrolled.path), "--wan-budget", bad])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "".join(err) and "not a WAN budget" in err[-1]
+
+
 def test_console_script_argument_errors(tmp_path: Path) -> None:
     for argv in (["join"], ["run"], ["run", "--data", str(tmp_path), "--wg-port", "0"],
                  ["run", "--data", str(tmp_path), "--interface", "bad/name"],

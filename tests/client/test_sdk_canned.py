@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
+from mesh.control import DeviceReport
+from mesh.meter import metered
 from mesh.release import MAX_ROOT_CHAIN, signed_root_to_json
 from mesh.tlspin import PinError, fingerprint
 from ops.client import (
@@ -165,6 +169,30 @@ def test_cli_renders_tables_and_json(tmp_path: Path) -> None:
     assert missing.stderr.strip() == "fleetmesh: no device named x (HTTP 404)"
 
 
+def test_devices_show_prints_the_byte_account_by_day_and_purpose(tmp_path: Path) -> None:
+    cert = make_cert(tmp_path, "c")
+    wan = {"2026-12-03": {"wireguard": 1200, "control": 4100, "gossip": 0, "blobs": 2_500_000,
+                          "logs": 700},
+           "2026-12-02": {"wireguard": 9000, "control": 48_000, "gossip": 512, "blobs": 0,
+                          "logs": 0}}
+    device = {**DEVICE, "apps": [], "link": None, "wan_bytes": wan,
+              "wan_budget": {"limit": 50_000_000, "period": "month", "used": 51_200_000,
+                             "over": True}}
+    with tls_server(cert, jhttp("200 OK", device)) as port:
+        shown = _cli(port, cert.der, "devices", "show", "cam-1", home=tmp_path)
+        as_json = _cli(port, cert.der, "devices", "show", "cam-1", "--json", home=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    rows = [line.split() for line in shown.stdout.splitlines()]
+    header = rows.index(["DAY", "WIREGUARD", "CONTROL", "GOSSIP", "BLOBS", "LOGS", "TOTAL"])
+    assert rows[header + 1] == ["2026-12-03", "1.2", "KB", "4.1", "KB", "0", "B", "2.5", "MB",
+                                "700", "B", "2.5", "MB"]
+    assert rows[header + 2] == ["2026-12-02", "9.0", "KB", "48.0", "KB", "512", "B", "0", "B",
+                                "0", "B", "57.5", "KB"]
+    assert json.loads(as_json.stdout)["wan_bytes"] == wan
+    assert ["WAN", "budget", "51.2", "MB", "of", "50.0", "MB", "this", "month;", "used", "up:",
+            "log", "shipping", "deferred"] in rows
+
+
 def test_logs_of_an_offline_device_say_what_they_are(tmp_path: Path) -> None:
     """`devices logs` (no -f) of an offline device: what it uploaded before, at once, and one
     line on stderr saying that newer lines stay on the device until it is back and read (it
@@ -216,3 +244,33 @@ def test_root_answers_are_bounded_and_an_old_coordinator_has_no_roots(tmp_path: 
             with OperatorClient(f"https://127.0.0.1:{port}", "k", cert_der=cert.der) as c:
                 with pytest.raises(ProtocolError):
                     c.roots("cams")
+
+
+async def test_a_device_call_counts_the_bytes_it_moved_into_the_open_meter(tmp_path: Path
+                                                                          ) -> None:
+    """What the agent's WAN byte account gets from one call (mesh.meter): the request and the
+    answer exactly as they crossed the connection inside TLS."""
+    cert = make_cert(tmp_path, "c")
+    received: list[bytes] = []
+    reply = http("204 No Content")
+
+    def handler(tls: ssl.SSLSocket, stop: threading.Event) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += tls.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        while len(body) < length:
+            body += tls.recv(65536)
+        received.append(head + b"\r\n\r\n" + body)
+        tls.sendall(reply)
+
+    counted: list[int] = []
+    with tls_server(cert, handler=handler) as port:
+        with trio.fail_after(10):
+            async with DeviceClient(f"https://127.0.0.1:{port}", "fmd_x", cert.der) as d:
+                with metered(counted.append):
+                    await d.report(DeviceReport(agent_version="1.0"))
+                await d.report(DeviceReport())  # no meter open: counted nowhere
+    assert counted == [len(received[0]) + len(reply)]

@@ -413,6 +413,47 @@ async def test_a_tuned_hub_keepalive_widens_online_and_devices_show_tells_the_na
             assert r.status_code == 400 and "report.link" in r.json()["error"], r.text
 
 
+async def test_reported_wan_bytes_are_kept_by_day_and_shown(tmp_path: Path) -> None:
+    """A report's byte account (today and yesterday) is merged with the days stored and
+    shown in DeviceInfo, newest day first; a report without one keeps it; a bad one is a 400
+    naming the field."""
+    async with running_harness(CoordinatorConfig(
+            data_dir=tmp_path / "coord", listen="127.0.0.1:0", hub=False,
+            batch_window=0.05)) as h:
+        cam = await h.enroll("cam-1")
+        assert (await h.op.get("/api/v1/devices/cam-1")).json()["wan_bytes"] is None
+        day1 = {"wireguard": 9000, "control": 4100, "gossip": 0, "blobs": 0, "logs": 0}
+        day2 = {"wireguard": 1200, "control": 800, "gossip": 64, "blobs": 70_000, "logs": 5}
+        r = await cam.client.post("/api/v1/device/state",
+                                  json={"wan_bytes": {"2026-12-02": day1}})
+        assert r.status_code == 204, r.text
+        r = await cam.client.post("/api/v1/device/state",
+                                  json={"wan_bytes": {"2026-12-03": day2,
+                                                      "2026-12-02": day1}})
+        assert r.status_code == 204, r.text
+        r = await cam.client.post("/api/v1/device/state", json={"agent_version": "x"})
+        assert r.status_code == 204
+        info = (await h.op.get("/api/v1/devices/cam-1")).json()
+        assert info["wan_bytes"] == {"2026-12-03": day2, "2026-12-02": day1}
+        assert info["wan_budget"] is None
+        budget = {"limit": 50_000_000, "period": "month", "used": 50_000_001}
+        r = await cam.client.post("/api/v1/device/state", json={"wan_budget": budget})
+        assert r.status_code == 204, r.text
+        info = (await h.op.get("/api/v1/devices/cam-1")).json()
+        assert info["wan_budget"] == {**budget, "over": True}
+        for bad_budget in ({"limit": 0, "period": "month", "used": 0},
+                           {"limit": 5, "period": "week", "used": 0},
+                           {"limit": 5, "period": "day", "used": -1}, {"limit": 5}):
+            r = await cam.client.post("/api/v1/device/state", json={"wan_budget": bad_budget})
+            assert r.status_code == 400 and "report.wan_budget" in r.json()["error"], r.text
+        assert list(info["wan_bytes"]) == ["2026-12-03", "2026-12-02"]
+        for bad in ({"2026-12-03": {"video": 1}}, {"2026-12-03": {"control": -1}},
+                    {"yesterday": {}}, {"2026-12-03": {"control": 2**53}},
+                    {f"2026-11-{d:02}": {} for d in range(1, 10)}, [1]):
+            r = await cam.client.post("/api/v1/device/state", json={"wan_bytes": bad})
+            assert r.status_code == 400 and "report.wan_bytes" in r.json()["error"], r.text
+
+
 async def test_a_quiet_long_poll_keeps_the_device_online_through_its_wait(
         tmp_path: Path) -> None:
     """A keepalive trial (agent/_keepalive.py) is a long poll with quiet=1: the device sends

@@ -180,6 +180,47 @@ def test_reports_round_trip(store: SqliteStore) -> None:
     assert (got.agent_version, got.last_report) == ("1.2", NOW)
 
 
+def _day(n: int) -> str:
+    return f"2026-12-{n:02}"
+
+
+def _counts(control: int) -> dict[str, int]:
+    return {"wireguard": 10, "control": control, "gossip": 0, "blobs": 0, "logs": 0}
+
+
+def test_wan_bytes_merge_by_day_keep_a_week_and_survive_a_reopen(tmp_path: Path) -> None:
+    """Each report names today and yesterday: yesterday's final figure stays, a week of days
+    is kept, and a report without the account changes nothing."""
+    store = SqliteStore(tmp_path / "c.db")
+    dev = enroll(store, token(store), name="a")
+    assert store.device_by_name("a").wan_bytes is None
+    for n in range(1, 11):  # ten days, each reported twice (early and late)
+        for control in (n, 100 * n):
+            store.record_report(dev.id, [], "1", [], NOW,
+                                wan_bytes={_day(n): _counts(control),
+                                           **({_day(n - 1): _counts(100 * (n - 1))}
+                                              if n > 1 else {})})
+    store.record_report(dev.id, [], "1", [], NOW)  # an old agent: no account
+    store.close()
+    again = SqliteStore(tmp_path / "c.db")
+    kept = again.device_by_name("a").wan_bytes
+    assert kept == {_day(n): _counts(100 * n) for n in range(4, 11)}
+    again.close()
+
+
+def test_a_damaged_wan_bytes_row_reads_as_none(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "c.db")
+    enroll(store, token(store), name="a")
+    store.close()
+    db = sqlite3.connect(tmp_path / "c.db")
+    db.execute("UPDATE devices SET wan_bytes = '{\"2026-12-01\": {\"bogus\": 1}}'")
+    db.commit()
+    db.close()
+    again = SqliteStore(tmp_path / "c.db")
+    assert again.device_by_name("a").wan_bytes is None
+    again.close()
+
+
 def test_operator_idempotent_and_conflicts(store: SqliteStore) -> None:
     key = generate_keypair().public
     a = store.add_operator("op", key, NOW)

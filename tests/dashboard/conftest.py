@@ -29,6 +29,7 @@ from mesh.control import (
     PeerMisbehaviour,
     PeerPath,
     SourceBytes,
+    WanBytes,
 )
 from mesh.tlspin import pinned_ssl_context
 from ops.client import DeviceClient, OperatorClient, enroll
@@ -115,9 +116,10 @@ class Fleet:
         return json.loads(out.stdout)
 
     def report(self, name: str, *apps: AppStatus, peers: tuple[PeerPath, ...] | None = None,
-               misbehaving: tuple[PeerMisbehaviour, ...] = ()) -> None:
-        """The device reports its peers (as last given), the state of its apps and the peers
-        its mesh node counted misbehaving."""
+               misbehaving: tuple[PeerMisbehaviour, ...] = (),
+               wan_bytes: WanBytes | None = None) -> None:
+        """The device reports its peers (as last given), the state of its apps, the peers
+        its mesh node counted misbehaving and its WAN byte account."""
         dev = self.devices[name]
         if peers is not None:
             dev.peers = peers
@@ -125,7 +127,7 @@ class Fleet:
         async def send() -> None:
             async with DeviceClient(self.url, dev.credential, dev.der) as client:
                 await client.report(DeviceReport((), "dashboard-test", dev.peers, apps,
-                                                 misbehaving))
+                                                 misbehaving, wan_bytes=wan_bytes))
         run(send)
 
     def upload_logs(self, name: str, *lines: tuple[str, str]) -> None:

@@ -329,3 +329,30 @@ def test_actions_set_target_and_pin_through_the_page(context: Any, fleet: Fleet)
     expect(page.locator("p.flash.bad")).to_contain_text("HTTP 409")
     assert fleet.device_targets("cam-1") == {APP: 3}
     assert page.errors == []
+
+
+def test_device_page_shows_the_byte_account_like_the_cli(context: Any, fleet: Fleet) -> None:
+    """cam-2 reports its own WAN byte account: its page shows a row per UTC day, a column
+    per purpose and the total, the figures `fleetmesh devices show` prints."""
+    wan = {"2026-12-03": {"wireguard": 1200, "control": 4100, "gossip": 0,
+                          "blobs": 2_500_000, "logs": 700},
+           "2026-12-02": {"wireguard": 9000, "control": 48_000, "gossip": 512, "blobs": 0,
+                          "logs": 0}}
+    fleet.report("cam-2", app_status("running", running=2), wan_bytes=wan)
+    page = sign_in(context, fleet, "#/device/cam-2")
+    rows = page.locator("#wan-bytes tbody tr")
+    expect(rows).to_have_count(2)
+    expect(rows.nth(0)).to_have_attribute("data-day", "2026-12-03")
+    today = page.locator("#wan-bytes tr[data-day='2026-12-03']")
+    expect(today.locator("td[data-purpose=wireguard]")).to_have_text("1.2 KB")
+    expect(today.locator("td[data-purpose=blobs]")).to_have_text("2.5 MB")
+    expect(today.locator("td[data-purpose=total]")).to_have_text("2.5 MB")
+    yesterday = page.locator("#wan-bytes tr[data-day='2026-12-02']")
+    expect(yesterday.locator("td[data-purpose=control]")).to_have_text("48.0 KB")
+    expect(yesterday.locator("td[data-purpose=gossip]")).to_have_text("512 B")
+    expect(yesterday.locator("td[data-purpose=total]")).to_have_text("57.5 KB")
+    assert fleet.cli_json("devices", "show", "cam-2")["wan_bytes"] == wan
+    shot(page, "device-wan-bytes")
+    page.goto(fleet.url + "/#/device/cam-3")  # a device that never reported one
+    expect(page.locator("#wan-bytes")).to_have_text("Not reported by this device's agent.")
+    assert page.errors == []

@@ -369,3 +369,39 @@ async def test_idle_metered_gossip_crosses_no_wan_until_the_coordinator_is_unrea
             await trio.sleep(3600.0)
             assert wan_bytes() == settled
             nursery.cancel_scope.cancel()
+
+
+async def test_frame_bytes_to_peers_off_our_lan_are_counted_for_the_wan_account(
+        tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    """`wan_bytes` hears of every frame byte to and from a peer that is not a LAN neighbour
+    (what `a` sends `b` receives: both count the same), and of none to or from one."""
+    net = MemoryNetwork()
+    counted: dict[str, list[int]] = {"a": [], "b": [], "c": [], "d": []}
+    peers = {"a": "10.0.0.1", "b": "10.0.0.2"}
+    lan_peers = {"c": "10.0.0.3", "d": "10.0.0.4"}
+
+    def node(name: str, group: dict[str, str]) -> GossipNode:
+        return GossipNode(name, group[name], peers=group,
+                          verify=make_verifier(bytes(KEY.verify_key), fleet=FLEET),
+                          store=BlobStore(tmp_path / name / "blobs"), client=None,
+                          fleet=FLEET, rng=random.Random(name), network=net,
+                          run_blocking=inline, wan_bytes=counted[name].append)
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            a, b = node("a", peers), node("b", peers)
+            c, d = node("c", lan_peers), node("d", lan_peers)
+            c.set_lan({"d"})
+            d.set_lan({"c"})
+            for n in (a, b, c, d):
+                await nursery.start(n.run)
+            assert a.offer_manifest(make_manifest(make_blobs(1, large=0)))
+            assert c.offer_manifest(make_manifest(make_blobs(1, large=0)))
+            while b.newest(FLEET, APP) is None or d.newest(FLEET, APP) is None:
+                await trio.sleep(0.1)
+            await trio.sleep(30)  # membership rounds
+            while sum(counted["a"]) != sum(counted["b"]):  # a frame still on its way
+                await trio.sleep(0.01)
+            assert sum(counted["a"]) > 0
+            assert counted["c"] == counted["d"] == []
+            nursery.cancel_scope.cancel()
