@@ -17,23 +17,31 @@ start-up exchanges: first reports, targets, push-pulls, path punching) nothing i
   WAN addresses (direct peers on other LANs, relay probes) — and inside the tunnel, the
   coordinator API and gossip.
 
-The split is the lab's count of the device's packets, not yet the device's own byte account.
+- for the same devices, their own byte account (agent/_account.py: WireGuard framing, keepalives
+  and handshakes; control API; gossip; blobs; logs), read from the account file each agent
+  saves in its data directory (at most every 5 minutes), between the saves nearest the window's
+  ends.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from agent._account import WanAccount
+from agent._datadir import WAN_ACCOUNT
 from agent._device import DEFAULT_IFNAME
 from agent._gossip import GOSSIP_PORT
 from lab import API_PORT, Lab, parse_topology, teardown_all, wait_online
+from lab.fleet import AGENTS_DIR
 from lab.network import LabNetwork, Node
 from lab.rollout import outer_routers
+from mesh.control import WAN_PURPOSES
 
 CHAIN: Final = "FM-BENCH-IDLE"  # lab-prefixed; only ever created inside a lab namespace
 BAR: Final = 20_000  # bytes per device per hour, in + out (issue 14)
@@ -118,6 +126,8 @@ class IdleCost:
     devices: dict[str, int]  # LAN -> devices on it
     wan: dict[str, tuple[int, int]]  # LAN -> (received, sent) on its router's WAN interface
     sampled: dict[str, tuple[str, dict[str, int]]]  # LAN -> (device, bytes per part)
+    # device -> (seconds between its two account saves, bytes per purpose between them)
+    accounts: dict[str, tuple[float, dict[str, int]]]
 
     def hourly(self, n: int) -> float:
         return n * 3600 / self.seconds
@@ -147,10 +157,30 @@ class IdleCost:
                 f"{h['hub']:.1f} + LAN neighbours {h['lan']:.1f} (free) + other WAN "
                 f"{other:.1f}; inside the tunnel: coordinator API {h['api']:.1f}, gossip "
                 f"{h['gossip']:.1f}")
+        for device, (seconds, purposes) in self.accounts.items():
+            if seconds <= 0:
+                out.append(f"  {device}'s own account: not saved twice in the window")
+                continue
+            rate = {k: v * 3600 / seconds / 1000 for k, v in purposes.items()}
+            split = ", ".join(f"{k} {rate.get(k, 0.0):.1f}" for k in WAN_PURPOSES)
+            out.append(f"  {device}'s own account (kB/h over {seconds:.0f} s): "
+                       f"{sum(rate.values()):.1f} = {split}")
         verdict = "met" if self.worst() <= BAR else "missed"
         out.append(f"issue 14 idle bar: {verdict} (worst LAN {self.worst() / 1000:.1f} kB/h per "
                    f"device; goal {GOAL // 1000} kB/h)")
         return out
+
+
+def own_account(device: str) -> tuple[float, dict[str, int]]:
+    """(when the agent last saved its account, bytes per purpose summed over its days)."""
+    path = AGENTS_DIR / device / WAN_ACCOUNT
+    saved = path.stat().st_mtime
+    account = WanAccount.from_json(json.loads(path.read_text()))
+    total = dict.fromkeys(WAN_PURPOSES, 0)
+    for day in account.days(saved, 8).values():
+        for purpose, n in day.items():
+            total[purpose] += n
+    return saved, total
 
 
 def measure(lab: LabNetwork, seconds: float) -> IdleCost:
@@ -166,16 +196,22 @@ def measure(lab: LabNetwork, seconds: float) -> IdleCost:
             counters[lan] = Counting(lab, node, _rules(lab, node))
         for c in counters.values():
             c.zero()
+        own_before = {n.name: own_account(n.name) for n in first.values()}
         before, t0 = {lan: lab.wan_counters(r) for lan, r in routers.items()}, time.monotonic()
         time.sleep(seconds)
         after, t1 = {lan: lab.wan_counters(r) for lan, r in routers.items()}, time.monotonic()
         sampled = {lan: (first[lan].name, c.read()) for lan, c in counters.items()}
+        accounts = {}
+        for name, (saved0, bytes0) in own_before.items():
+            saved1, bytes1 = own_account(name)
+            accounts[name] = (saved1 - saved0,
+                              {k: max(0, bytes1[k] - bytes0[k]) for k in WAN_PURPOSES})
     finally:
         for c in counters.values():
             c.close()
     wan = {lan: (after[lan][0] - before[lan][0], after[lan][1] - before[lan][1])
            for lan in routers}
-    return IdleCost(t1 - t0, devices, wan, sampled)
+    return IdleCost(t1 - t0, devices, wan, sampled, accounts)
 
 
 def main(argv: list[str] | None = None) -> int:

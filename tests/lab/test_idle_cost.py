@@ -11,7 +11,10 @@ def cost(lanc_tx: int) -> IdleCost:
     return IdleCost(
         seconds=900.0, devices={"lana": 3, "lanc": 1},
         wan={"lana": (6000, 3000), "lanc": (2000, lanc_tx)},
-        sampled={"lana": ("lana-1", parts)})
+        sampled={"lana": ("lana-1", parts)},
+        accounts={"lana-1": (600.0, {"wireguard": 2000, "control": 500, "gossip": 0,
+                                     "blobs": 0, "logs": 0}),
+                  "lanc-1": (0.0, {})})
 
 
 def test_bytes_per_device_per_hour_in_and_out_and_the_verdict() -> None:
@@ -26,6 +29,9 @@ def test_bytes_per_device_per_hour_in_and_out_and_the_verdict() -> None:
     assert lines[3] == ("  lana-1 (both ways on its LAN link, kB/h): 36.0 = hub 10.0 + LAN "
                         "neighbours 12.0 (free) + other WAN 14.0; inside the tunnel: "
                         "coordinator API 2.0, gossip 4.0")
+    assert lines[4] == ("  lana-1's own account (kB/h over 600 s): 15.0 = wireguard 12.0, "
+                        "control 3.0, gossip 0.0, blobs 0.0, logs 0.0")
+    assert lines[5] == "  lanc-1's own account: not saved twice in the window"
     assert lines[-1].startswith("issue 14 idle bar: met (worst LAN 12.0 kB/h")
 
 
