@@ -339,6 +339,18 @@ def publish_synthetic(lab: LabNetwork, version: int, size: int, seed: int = 1) -
     return result
 
 
+def join_operator_to_mesh(lab: LabNetwork) -> None:
+    """The operator node joins the mesh as an operator workstation with stock wg-quick (the
+    wireguard-go it starts lives in the lab's namespace and goes with the lab)."""
+    conf = STATE_DIR / "operator-wg" / "fmop.conf"
+    conf.parent.mkdir(mode=0o700, exist_ok=True)
+    _checked(lab.run("operator", ["fleetmesh", "operator-config", "laptop", "--out", str(conf)],
+                     capture_output=True, text=True, timeout=30), "operator-config")
+    _checked(lab.run("operator", ["env", "WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go",
+                                  "wg-quick", "up", str(conf)], capture_output=True, text=True,
+                     timeout=60), "wg-quick up on the operator")
+
+
 def blobs_held(device: str) -> set[str]:
     """The blob ids in a device agent's store (read from the host: the data dirs live there)."""
     store = AGENTS_DIR / device / "blobs"

@@ -65,20 +65,6 @@ def lab_up(topology: Topology, network_only: bool = True) -> Iterator[Lab]:
         teardown_if_ours()
 
 
-def join_operator_to_mesh(lab: Lab) -> None:
-    """The operator node joins the mesh as an operator workstation with stock wg-quick (the
-    wireguard-go it starts lives in the lab's namespace and goes with the lab)."""
-    conf = Path("/run/fleetmesh-lab/operator-wg/fmop.conf")
-    conf.parent.mkdir(mode=0o700, exist_ok=True)
-    r = lab.run("operator", ["fleetmesh", "operator-config", "laptop", "--out", str(conf)],
-                capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0, r.stderr
-    r = lab.run("operator", ["env", "WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go",
-                             "wg-quick", "up", str(conf)], capture_output=True, text=True,
-                timeout=60)
-    assert r.returncode == 0, r.stderr
-
-
 def log_tail(device: str, lines: int = 60) -> str:
     """The end of a device's agent log, for a failure's message: which neighbours it found,
     where it fetched from and why."""

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from lab import Lab, parse_topology, wait_online
+from lab import Lab, join_operator_to_mesh, parse_topology, wait_online
 
-from .conftest import join_operator_to_mesh, lab_skip_reason, lab_up, log_tail
+from .conftest import lab_skip_reason, lab_up, log_tail
 
 pytestmark = [
     pytest.mark.lab,

@@ -19,13 +19,14 @@ from lab import (
     WG_PORT,
     Lab,
     devices,
+    join_operator_to_mesh,
     parse_topology,
     start_coordinator,
     stop_coordinator,
     wait_online,
 )
 
-from .conftest import join_operator_to_mesh, lab_skip_reason, lab_up
+from .conftest import lab_skip_reason, lab_up
 
 pytestmark = [
     pytest.mark.lab,
