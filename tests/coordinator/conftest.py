@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from coordinator._server import Coordinator, CoordinatorConfig
+from tests.pgserver import PgServer
 from vpn import generate_keypair
 
 
@@ -96,3 +97,16 @@ async def h(coord: Coordinator) -> AsyncIterator[Harness]:
             yield harness
         finally:
             await harness.aclose()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One private PostgreSQL for the session (tests/pgserver.py); each test that needs it
+    takes a database of its own (`pg_server.new_database()`). Stopped by PID at the end, also
+    when a test failed."""
+    server = PgServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
