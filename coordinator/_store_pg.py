@@ -21,7 +21,7 @@ from typing import Any, Final
 import psycopg
 from psycopg import conninfo, errors
 
-from ._model import Conflict
+from ._model import Conflict, StoreUnavailable
 from ._store_sql import SqlStore
 
 # SQLite's column types → PostgreSQL's with SQLite's meaning: INTEGER and REAL are 64-bit there
@@ -122,33 +122,59 @@ class PostgresStore(SqlStore):
         return psycopg.connect(target, autocommit=True)
 
     def _connection(self) -> psycopg.Connection[Any]:
-        """The connection, made again if the server dropped it (a restart): the call that
-        found it dropped failed, the next one works once the server is back."""
+        """The connection, made again if the server dropped it."""
         if self._conn.closed:
             self._conn = self._connect()
         return self._conn
+
+    def _first(self, sql: str, args: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
+        """The first statement of a call: on a connection the server dropped since the last
+        call (it restarted) it fails before doing anything, so it is sent once more on a new
+        connection. A server that does not answer is StoreUnavailable (503)."""
+        try:
+            try:
+                return self._connection().execute(sql, args)
+            except psycopg.OperationalError:
+                if not self._conn.closed:
+                    raise
+                return self._connection().execute(sql, args)
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"database unavailable: {_first_line(exc)}") from None
 
     def _dialect(self, statement: str) -> str:
         return pg_dialect(statement)
 
     @contextmanager
     def _tx(self, durable: bool = False) -> Iterator[_PgTx]:
-        """Commits wait for the WAL flush (`synchronous_commit`, on by default) only when
-        `durable`; otherwise a server crash may lose the last commits but never corrupts."""
+        """BEGIN (autocommit is on, so the transaction is ours to open and close), then the
+        write lock. Commits wait for the WAL flush (`synchronous_commit`, on by default) only
+        when `durable`; otherwise a server crash may lose the last commits, never corrupt."""
         with self._lock:
-            conn = self._connection()
+            self._first("BEGIN")
+            conn = self._conn
             try:
-                with conn.transaction():
+                try:
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
                     if not durable:
                         conn.execute("SET LOCAL synchronous_commit TO OFF")
                     yield _PgTx(conn)
+                except BaseException:
+                    if not conn.closed:
+                        conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
             except errors.UniqueViolation as exc:
                 raise Conflict(f"already exists ({_first_line(exc)})") from None
+            except psycopg.OperationalError as exc:
+                raise StoreUnavailable(f"database unavailable: {_first_line(exc)}") from None
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         with self._lock:
-            return self._connection().execute(_placeholders(sql), args).fetchall()
+            cur = self._first(_placeholders(sql), args)
+            try:
+                return cur.fetchall()
+            except psycopg.OperationalError as exc:
+                raise StoreUnavailable(f"database unavailable: {_first_line(exc)}") from None
 
     def close(self) -> None:
         with self._lock:

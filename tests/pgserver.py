@@ -51,11 +51,16 @@ class PgServer:
                                "postgresql)")
         if os.geteuid() == 0:
             shutil.chown(self.dir, "postgres", "postgres")
-        data, log = self.dir / "data", self.dir / "server.log"
+        data = self.dir / "data"
         subprocess.run(_as_postgres(str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust",
                                     "-U", USER, "-E", "UTF8", "--no-sync"),
                        check=True, capture_output=True, timeout=120)
         self.port = _free_port()
+        self.start_again()
+
+    def start_again(self) -> None:
+        """Start the cluster `start()` made (after `stop_server()`), on the same port."""
+        data, log = self.dir / "data", self.dir / "server.log"
         # fsync off: a test cluster is thrown away, and fsyncs on a shared disk are slow
         options = f"-k {self.dir} -h 127.0.0.1 -p {self.port} -c fsync=off"
         done = subprocess.run(_as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-o",
@@ -76,6 +81,11 @@ class PgServer:
         return self.url(name)
 
     def stop(self) -> None:
+        """The server stopped and its directory gone."""
+        self.stop_server()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def stop_server(self) -> None:
         """SIGINT (PostgreSQL's fast shutdown) to the postmaster, SIGKILL after a grace."""
         if self.pid is not None:
             try:
@@ -88,7 +98,6 @@ class PgServer:
             except ProcessLookupError:
                 pass
             self.pid = None
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

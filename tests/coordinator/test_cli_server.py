@@ -14,7 +14,7 @@ import psycopg
 import pytest
 import trio
 
-from ops.client import DeviceClient, OperatorClient, enroll
+from ops.client import ApiError, DeviceClient, OperatorClient, enroll
 from tests.coordinator_process import running_coordinator
 from tests.pgserver import PgServer
 from vpn import generate_keypair
@@ -110,3 +110,24 @@ async def test_serve_on_postgresql_enrolls_and_serves_peer_maps(tmp_path: Path,
             OperatorClient(c.url, c.api_key, cert_der=c.der) as op:
         listed = await trio.to_thread.run_sync(op.list_devices)
     assert sorted(d["name"] for d in listed) == ["cam-1", "cam-2"]
+
+
+async def test_serve_answers_503_while_postgresql_is_down_and_recovers(tmp_path: Path) -> None:
+    """A PostgreSQL restart under a running coordinator: while the server is down the API
+    answers 503 (one line), then the first request after it is back works again."""
+    server = PgServer()  # its own: the session's server is not stopped under other tests
+    try:
+        server.start()
+        url = server.new_database()
+        with running_coordinator(tmp_path / "d", tmp_path / "c.log", "--store", url) as c, \
+                OperatorClient(c.url, c.api_key, cert_der=c.der) as op:
+            await trio.to_thread.run_sync(op.create_token, "cams")
+            server.stop_server()
+            with pytest.raises(ApiError) as down:
+                await trio.to_thread.run_sync(op.list_devices)
+            assert down.value.status == 503 and "database unavailable" in str(down.value)
+            server.start_again()
+            assert await trio.to_thread.run_sync(op.list_devices) == []
+        assert "Traceback" not in (tmp_path / "c.log").read_text()
+    finally:
+        server.stop()

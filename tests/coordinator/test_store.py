@@ -27,6 +27,7 @@ from coordinator._model import (
     NotFound,
     ProofRequired,
     Release,
+    StoreUnavailable,
     TokenExpired,
     TokenUnknown,
     TokenUsedUp,
@@ -500,17 +501,38 @@ def test_writers_on_one_postgresql_database_take_turns(pg_server: PgServer) -> N
             s.close()
 
 
+def _drop_connections(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                     "datname = current_database() AND pid != pg_backend_pid()")
+
+
 def test_postgres_store_reconnects_after_the_server_dropped_it(pg_server: PgServer) -> None:
+    """A dropped connection (a server restart) costs no failed call: the first statement of
+    the next read or write goes again on a new connection."""
     url = pg_server.new_database()
     store = PostgresStore(url)
     try:
         enroll(store, token(store), name="a")
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
-                         "datname = current_database() AND pid != pg_backend_pid()")
-        with pytest.raises(psycopg.OperationalError):
-            store.list_devices()
+        _drop_connections(url)
         assert [d.name for d in store.list_devices()] == ["a"]
+        _drop_connections(url)
+        assert enroll(store, token(store), name="b").name == "b"
+    finally:
+        store.close()
+
+
+def test_a_database_that_does_not_answer_is_unavailable(pg_server: PgServer) -> None:
+    url = pg_server.new_database()
+    store = PostgresStore(url)
+    try:
+        with psycopg.connect(pg_server.url(), autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {url.rsplit('/', 1)[1]} WITH (FORCE)")
+        with pytest.raises(StoreUnavailable, match="database unavailable") as info:
+            store.list_devices()
+        assert "\n" not in str(info.value) and info.value.status == 503
+        with pytest.raises(StoreUnavailable):
+            store.create_token(EnrollmentToken(secret_hash(new_secret()), "f", 1, NOW, NOW))
     finally:
         store.close()
 
