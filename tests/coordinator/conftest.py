@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -82,9 +83,15 @@ async def running_harness(config: CoordinatorConfig) -> AsyncIterator[Harness]:
 
 
 @pytest.fixture
-async def coord(tmp_path: Path) -> AsyncIterator[Coordinator]:
+async def coord(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Coordinator]:
+    """On SQLite; on PostgreSQL (a database of the session's server) when the environment
+    says FLEETMESH_TEST_STORE=postgresql: the whole API suite on the other store, on demand
+    (scripts/test runs the store's own tests on both either way)."""
+    store = None
+    if os.environ.get("FLEETMESH_TEST_STORE") == "postgresql":
+        store = request.getfixturevalue("pg_server").new_database()
     config = CoordinatorConfig(data_dir=tmp_path / "coord", listen="127.0.0.1:0", hub=False,
-                               batch_window=0.05)
+                               batch_window=0.05, store=store)
     async with Coordinator(config) as c:
         yield c
 
