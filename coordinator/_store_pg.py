@@ -39,6 +39,9 @@ _DIALECT: Final = (
 
 # The key of the advisory lock every write transaction takes (any constant; "fleetmsh").
 WRITE_LOCK: Final = 0x666C6565_746D7368
+# How a write transaction starts: the lock, and (unless durable) commits without the flush
+_BEGIN_DURABLE: Final = f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"
+_BEGIN: Final = _BEGIN_DURABLE + "; SET LOCAL synchronous_commit TO OFF"
 # How long a connection attempt may take unless the URL says (libpq waits forever by default).
 CONNECT_TIMEOUT: Final = 10
 SCHEMES: Final = ("postgresql://", "postgres://")  # libpq's URI schemes
@@ -127,7 +130,7 @@ class PostgresStore(SqlStore):
             self._conn = self._connect()
         return self._conn
 
-    def _first(self, sql: str, args: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
+    def _first(self, sql: str, args: Sequence[Any] | None = None) -> psycopg.Cursor[Any]:
         """The first statement of a call: on a connection the server dropped since the last
         call (it restarted) it fails before doing anything, so it is sent once more on a new
         connection. A server that does not answer is StoreUnavailable (503)."""
@@ -150,13 +153,11 @@ class PostgresStore(SqlStore):
         write lock. Commits wait for the WAL flush (`synchronous_commit`, on by default) only
         when `durable`; otherwise a server crash may lose the last commits, never corrupt."""
         with self._lock:
-            self._first("BEGIN")
+            # one round trip: several statements go together when they take no parameters
+            self._first(_BEGIN_DURABLE if durable else _BEGIN)
             conn = self._conn
             try:
                 try:
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
-                    if not durable:
-                        conn.execute("SET LOCAL synchronous_commit TO OFF")
                     yield _PgTx(conn)
                 except BaseException:
                     if not conn.closed:

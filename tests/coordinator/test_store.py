@@ -555,3 +555,21 @@ def test_an_unreachable_database_is_one_line_without_the_password(pg_server: PgS
             PostgresStore(f"postgresql://u:s3cret@127.0.0.1:{port}/db")
     assert "\n" not in str(info.value) and "s3cret" not in str(info.value)
     assert f"postgresql://u@127.0.0.1:{port}/db" in str(info.value)
+
+
+def test_postgresql_flushes_the_wal_at_commit_only_for_durable_transactions(
+        pg_server: PgServer) -> None:
+    """As SQLite's FULL and NORMAL (docs/security.md): enrollment, tokens, revocation, keys
+    wait for the WAL flush; reports and logs do not."""
+    store = PostgresStore(pg_server.new_database())
+    try:
+        with store._tx(durable=True) as c:
+            assert c.execute("SHOW synchronous_commit").fetchone()[0] == "on"
+        with store._tx() as c:
+            assert c.execute("SHOW synchronous_commit").fetchone()[0] == "off"
+            locks = c.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND "
+                              "pid = pg_backend_pid()").fetchone()[0]
+            assert locks == 1
+        assert store._query("SHOW synchronous_commit") == [("on",)]  # SET LOCAL ended there
+    finally:
+        store.close()
