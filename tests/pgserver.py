@@ -18,7 +18,15 @@ from typing import Final
 
 import psycopg
 
-PG_BIN: Final = Path("/usr/lib/postgresql/15/bin")
+
+def _newest_bin() -> Path:
+    """Debian's server binaries (15 on Debian 12), the newest major version if several."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                   key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN: Final = _newest_bin()
 USER: Final = "fleetmesh"  # the cluster's superuser (initdb -U), trusted on loopback only
 STOP_SECONDS: Final = 30.0
 

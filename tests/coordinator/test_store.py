@@ -573,3 +573,29 @@ def test_postgresql_flushes_the_wal_at_commit_only_for_durable_transactions(
         assert store._query("SHOW synchronous_commit") == [("on",)]  # SET LOCAL ended there
     finally:
         store.close()
+
+
+def test_two_coordinators_starting_at_once_migrate_one_database_once(
+        pg_server: PgServer) -> None:
+    """The migrations run under the write lock: the second store waits and finds them done."""
+    url = pg_server.new_database()
+    opened: list[SqlStore] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            opened.append(PostgresStore(url))
+        except BaseException as exc:  # noqa: B036 - reported by the assert below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for s in opened:
+        s.close()
+    assert errors == [] and len(opened) == 3
+    with psycopg.connect(url) as conn:
+        versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
+    assert sorted(versions) == list(range(1, len(MIGRATIONS) + 1))
