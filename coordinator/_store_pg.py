@@ -99,8 +99,8 @@ class _PgTx:
 
 class PostgresStore(SqlStore):
     """`Store` on a PostgreSQL database (an empty one, or one this store made). ValueError
-    (one line, no password) for a bad URL, a database that cannot be reached, or prefixes
-    other than those it was created for."""
+    (one line, no password) for a bad URL, a database that cannot be reached or refuses the
+    migrations, or prefixes other than those it was created for."""
 
     def __init__(self, url: str, mesh_ipv4: str = "10.250.0.0/16",
                  mesh_ipv6: str = "fd7a:f1ee:7000::/48") -> None:
@@ -114,6 +114,9 @@ class PostgresStore(SqlStore):
                              ) from None
         try:
             self._open(self.where, mesh_ipv4, mesh_ipv6)
+        except psycopg.Error as exc:  # e.g. a user that may not create tables there
+            self._conn.close()
+            raise ValueError(f"--store: {self.where}: {_first_line(exc)}") from None
         except BaseException:
             self._conn.close()
             raise

@@ -599,3 +599,17 @@ def test_two_coordinators_starting_at_once_migrate_one_database_once(
     with psycopg.connect(url) as conn:
         versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
     assert sorted(versions) == list(range(1, len(MIGRATIONS) + 1))
+
+
+def test_a_user_who_may_not_create_the_tables_is_one_line(pg_server: PgServer) -> None:
+    """PostgreSQL 15 lets only the database's owner create tables in `public`."""
+    url = pg_server.new_database()
+    with psycopg.connect(pg_server.url(), autocommit=True) as conn:
+        conn.execute("CREATE ROLE guest LOGIN")
+    try:
+        with pytest.raises(ValueError, match="permission denied for schema public") as info:
+            PostgresStore(url.replace("//fleetmesh@", "//guest@"))
+        assert "\n" not in str(info.value)
+    finally:
+        with psycopg.connect(pg_server.url(), autocommit=True) as conn:
+            conn.execute("DROP ROLE guest")
