@@ -136,6 +136,13 @@ class TooLarge(CoordinatorError):
     status = 413
 
 
+class StoreUnavailable(CoordinatorError, OSError):
+    """The database did not answer (a PostgreSQL server down or restarting): worth a retry.
+    An OSError too, so that the hub's loops log it and go on, as they do for a socket."""
+
+    status = 503
+
+
 class TokenUnknown(Unauthorized):
     def __init__(self) -> None:
         super().__init__("enrollment token unknown (never issued here, or mistyped)")

@@ -1,6 +1,7 @@
-"""The coordinator process: data directory, database, TLS certificate, keys, listening
-sockets, hypercorn, the WireGuard relay hub, and the service (coordinator._service) with its
-peer-map batcher, all owned by one nursery.
+"""The coordinator process: data directory, database (SQLite in the data directory, or
+PostgreSQL by URL), TLS certificate, keys, listening sockets, hypercorn, the WireGuard relay
+hub, and the service (coordinator._service) with its peer-map batcher, all owned by one
+nursery.
 
     async with Coordinator(CoordinatorConfig(data_dir=tmp, listen="127.0.0.1:0", hub=False)) as c:
         c.url, c.port, c.fingerprint, c.cert_path, c.operator_key   # ready to serve
@@ -44,6 +45,7 @@ from ._service import (
     ServiceSettings,
 )
 from ._store import Store
+from ._store_pg import PostgresStore, describe
 from ._store_sqlite import SqliteStore
 
 log = logging.getLogger("fleetmesh.coordinator")
@@ -89,6 +91,7 @@ class CoordinatorConfig:
     mesh_ipv4: str = "10.250.0.0/16"
     mesh_ipv6: str = "fd7a:f1ee:7000::/48"
     hub: bool = True
+    store: str | None = None  # a postgresql:// URL; None: SQLite in data_dir (DB_NAME)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     batch_window: float = BATCH_WINDOW
@@ -101,6 +104,11 @@ class CoordinatorConfig:
 
     def check(self) -> None:
         split_hostport(self.listen, "--listen")
+        if self.store is not None:
+            try:
+                describe(self.store)
+            except ValueError as exc:
+                raise CoordinatorConfigError(str(exc)) from None
         if not 1 <= self.wg_port < 65536:
             raise CoordinatorConfigError(f"--wg-port: must be 1..65535, got {self.wg_port}")
         if self.hub_endpoint is not None:
@@ -191,8 +199,10 @@ class Coordinator:
         cfg = self.config
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
-            store = SqliteStore(self.data_dir / DB_NAME, cfg.mesh_ipv4, cfg.mesh_ipv6)
-        except ValueError as exc:
+            store: Store = (
+                SqliteStore(self.data_dir / DB_NAME, cfg.mesh_ipv4, cfg.mesh_ipv6)
+                if cfg.store is None else PostgresStore(cfg.store, cfg.mesh_ipv4, cfg.mesh_ipv6))
+        except ValueError as exc:  # one line, without the URL's password
             raise CoordinatorConfigError(str(exc)) from None
         self.store = store
         self.blobs.prepare()

@@ -1,9 +1,10 @@
 """What the coordinator needs from its database, in domain terms (coordinator/_model.py).
 
-`SqliteStore` (_store_sqlite.py) is the only implementation today; a PostgreSQL one for several
-replicas implements the same protocol and nothing else changes. Every method is one
-transaction. Methods take `now` (epoch seconds) instead of reading a clock, so expiry is
-testable exactly.
+`SqlStore` (_store_sql.py) implements it once in SQL, on SQLite (`SqliteStore`, the default) or
+PostgreSQL (`PostgresStore`, `serve --store postgresql://...`); nothing else in the coordinator
+knows which. Every method is one transaction. Methods take `now` (epoch seconds) instead of
+reading a clock, so expiry is testable exactly. A database that does not answer raises
+StoreUnavailable (503).
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def _run(args: argparse.Namespace) -> int:
         config = CoordinatorConfig(
             data_dir=Path(args.data), listen=args.listen, wg_port=wg_port,
             hub_endpoint=args.hub_endpoint, mesh_ipv4=args.mesh_ipv4, mesh_ipv6=args.mesh_ipv6,
-            hub=not args.no_hub, lock_stale_after=float(lock_stale_after),
+            hub=not args.no_hub, store=args.store, lock_stale_after=float(lock_stale_after),
             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
             tls_key=Path(args.tls_key) if args.tls_key else None)
         coord = Coordinator(config)
@@ -94,6 +94,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--hub-endpoint", metavar="HOST:PORT",
                        help="where devices reach the hub (and the API host); required when "
                             "--listen is a wildcard address")
+    serve.add_argument("--store", metavar="URL",
+                       help="a PostgreSQL database (postgresql://USER[:PASSWORD]@HOST[:PORT]/"
+                            "DATABASE, libpq's URL; empty or made by fleetmesh) instead of the "
+                            "default SQLite file in DIR; DIR still holds the keys, "
+                            "certificate and blobs")
     serve.add_argument("--mesh-ipv4", default="10.250.0.0/16", metavar="PREFIX")
     serve.add_argument("--mesh-ipv6", default="fd7a:f1ee:7000::/48", metavar="PREFIX")
     serve.add_argument("--no-hub", action="store_true",

@@ -49,13 +49,16 @@ def _free_port() -> int:
 
 
 @contextmanager
-def running_coordinator(data: Path, log_path: Path) -> Iterator[RunningCoordinator]:
+def running_coordinator(data: Path, log_path: Path, *extra: str
+                        ) -> Iterator[RunningCoordinator]:
+    """`extra`: more arguments of `serve` (e.g. `--store URL`)."""
     port = _free_port()
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FLEETMESH_")}
     with open(log_path, "w+") as log:
         proc = subprocess.Popen(
             [FLEETMESH, "coordinator", "serve", "--data", str(data), "--listen",
-             f"127.0.0.1:{port}", "--no-hub"], stdout=log, stderr=subprocess.STDOUT, env=clean)
+             f"127.0.0.1:{port}", "--no-hub", *extra],
+            stdout=log, stderr=subprocess.STDOUT, env=clean)
         try:
             deadline = time.monotonic() + READY_SECONDS
             while True:

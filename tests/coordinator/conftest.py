@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import httpx
 import pytest
 
 from coordinator._server import Coordinator, CoordinatorConfig
+from tests.pgserver import PgServer
 from vpn import generate_keypair
 
 
@@ -81,9 +83,15 @@ async def running_harness(config: CoordinatorConfig) -> AsyncIterator[Harness]:
 
 
 @pytest.fixture
-async def coord(tmp_path: Path) -> AsyncIterator[Coordinator]:
+async def coord(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Coordinator]:
+    """On SQLite; on PostgreSQL (a database of the session's server) when the environment
+    says FLEETMESH_TEST_STORE=postgresql: the whole API suite on the other store, on demand
+    (scripts/test runs the store's own tests on both either way)."""
+    store = None
+    if os.environ.get("FLEETMESH_TEST_STORE") == "postgresql":
+        store = request.getfixturevalue("pg_server").new_database()
     config = CoordinatorConfig(data_dir=tmp_path / "coord", listen="127.0.0.1:0", hub=False,
-                               batch_window=0.05)
+                               batch_window=0.05, store=store)
     async with Coordinator(config) as c:
         yield c
 
@@ -96,3 +104,16 @@ async def h(coord: Coordinator) -> AsyncIterator[Harness]:
             yield harness
         finally:
             await harness.aclose()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One private PostgreSQL for the session (tests/pgserver.py); each test that needs it
+    takes a database of its own (`pg_server.new_database()`). Stopped by PID at the end, also
+    when a test failed."""
+    server = PgServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
