@@ -211,6 +211,25 @@ def to_json(rows: Sequence[Row], command: Sequence[str]) -> dict[str, object]:
             "geomean_ours_over_hdiffpatch": geomean([r.ratio_hdiff() for r in rows])}
 
 
+def rows_from_json(data: object) -> list[Row]:
+    """The rows of a table `to_json` wrote (ValueError if it is not one)."""
+    pairs = data.get("pairs") if isinstance(data, dict) else None
+    if not isinstance(pairs, list):
+        raise ValueError("not a bench.delta table: no list of pairs")
+    rows = []
+    try:
+        for p in pairs:
+            row = Row(p["name"], p["kind"], p["old_bytes"], p["new_bytes"], tried=p["tried"])
+            for r in p["results"]:
+                runs = [Run(**r[k]) if r[k] is not None else None for k in ("create", "apply")]
+                row.results.append(Result(r["tool"], r["patch_bytes"], runs[0], runs[1],
+                                          r["skipped"]))
+            rows.append(row)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"not a bench.delta table: {e!r}") from None
+    return rows
+
+
 # ---- measuring ----------------------------------------------------------------------------------
 
 class Timeout(Exception):
@@ -310,11 +329,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="pairs by name, or by a package they contain")
     parser.add_argument("--kinds", nargs="+", default=[], help=f"of: {', '.join(KINDS)}")
     parser.add_argument("--json", type=Path, help="also write the table to this file")
+    parser.add_argument("--report", type=Path, nargs="+", metavar="JSON",
+                        help="measure nothing: print the tables of earlier --json runs as one")
     parser.add_argument("--mem-budget", type=float, default=8.0,
                         help="GiB an anchor may need to create a patch (default 8)")
     parser.add_argument("--timeout", type=float, default=1800.0,
                         help="seconds one create or apply may take (default 1800)")
     args = parser.parse_args(argv)
+    if args.report:
+        try:
+            saved = [row for path in args.report
+                     for row in rows_from_json(json.loads(path.read_text()))]
+        except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+            print(f"bench.delta: --report: {e}", file=sys.stderr)
+            return 2
+        print(render(saved))
+        return 0
     try:
         validate(CORPUS)
         pairs = select(CORPUS, args.only, args.kinds)

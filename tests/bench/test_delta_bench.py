@@ -20,6 +20,7 @@ from bench.delta import (
     main,
     ratio,
     render,
+    rows_from_json,
     skip_reason,
     to_json,
     xdelta_window,
@@ -136,6 +137,28 @@ def test_json_round_trips_the_table() -> None:
     assert pair["ours_over_hdiffpatch"] == pytest.approx(0.75)
     assert {r["tool"]: r["skipped"] for r in pair["results"]}["bsdiff4"] == "big"
     assert data["geomean_ours_over_best"] == pytest.approx(0.9)
+
+
+def test_report_renders_saved_tables_as_one(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    first = [_row("a", {"fleetmesh": 90, "zstd": 100, "hdiffpatch": 120},
+                  skipped={"bsdiff4": "big"})]
+    second = [_row("b", {"fleetmesh": 300, "zstd": 200, "hdiffpatch": 250})]
+    for name, rows in (("1.json", first), ("2.json", second)):
+        (tmp_path / name).write_text(json.dumps(to_json(rows, ["x"])))
+    back = rows_from_json(json.loads((tmp_path / "1.json").read_text()))
+    assert render(back) == render(first)
+    assert main(["--report", str(tmp_path / "1.json"), str(tmp_path / "2.json")]) == 0
+    assert capsys.readouterr().out.strip() == render(first + second)
+
+
+@pytest.mark.parametrize("content", ["{", "{}", "[1]", '{"pairs": [{"name": "a"}]}'])
+def test_report_refuses_what_is_not_a_table(tmp_path: Path, content: str,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "t.json").write_text(content)
+    assert main(["--report", str(tmp_path / "t.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bench.delta: --report:")
 
 
 # ---- corpus spec --------------------------------------------------------------------------
