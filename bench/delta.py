@@ -183,14 +183,17 @@ def render(rows: Sequence[Row]) -> str:
                    f"{best.tool if best else '-':>10} {_fmt(row.ratio_hdiff()):>10} "
                    f"{' '.join(rss)}")
     worst = max((r for r in (row.ratio_best() for row in rows) if r is not None), default=None)
+    losses = [ours.patch_bytes - best.patch_bytes for row in rows
+              if (ours := row.result("fleetmesh")) and (best := row.best_anchor())
+              and ours.patch_bytes > best.patch_bytes]
     out += ["",
             f"geometric mean over {sum(r.ratio_best() is not None for r in rows)} pairs: "
             f"ours/best anchor {_fmt(geomean([r.ratio_best() for r in rows]))}, "
             f"ours/HDiffPatch {_fmt(geomean([r.ratio_hdiff() for r in rows]))}",
             f"ours <= best anchor on every pair: "
             f"{'yes' if worst is not None and worst <= 1.0 else 'NO'} "
-            f"(worst ours/best {_fmt(worst)}; pairs where ours loses: "
-            f"{sum(1 for r in rows if (r.ratio_best() or 0) > 1.0)})",
+            f"(worst ours/best {_fmt(worst)}; pairs where ours is larger: {len(losses)}"
+            + (f", by {min(losses)} to {max(losses)} bytes)" if losses else ")"),
             "best anchor: the smallest of zstd -19 --long=31 --patch-from, xdelta3 -9, bsdiff4 "
             "and plain HDiffPatch that ran on the pair; RSS: peak of the tool's own process "
             "(/usr/bin/time -v)"]
