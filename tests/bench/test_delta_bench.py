@@ -118,6 +118,9 @@ def test_render_shows_ratios_means_and_skips() -> None:
     assert "0.900" in lines["win"] and "2.000" in lines["lose"] and "1.333" in lines["lose"]
     assert f"ours/best anchor {math.sqrt(0.9 * 2.0):.3f}" in text
     assert f"ours/HDiffPatch {math.sqrt(0.9 * 200 / 150):.3f}" in text
+    # without HDiffPatch: 90/100 and 200/100
+    assert f"best of zstd, xdelta3, bsdiff4: geometric mean {math.sqrt(0.9 * 2.0):.3f}, " \
+           "worst 2.000" in text
     assert "every pair: NO" in text and "pairs where ours is larger: 1, by 100 to 100 bytes" in text
 
 
