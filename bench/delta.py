@@ -138,6 +138,12 @@ def xdelta_window(old: int) -> int:
     return max(XDELTA_DEFAULT_WINDOW, 1 << max(old - 1, 1).bit_length())
 
 
+def _tried(tried: Sequence[Sequence[object]]) -> str:
+    """plan_layer's candidates as `METHOD size`, e.g. "HDIFF 21.3K, TAR_MEMBERS 36.3K"."""
+    return ", ".join(f"{method} {_size(size) if isinstance(size, int) else size}"
+                     for method, size in tried)
+
+
 def _worst(values: Sequence[float | None]) -> float | None:
     return max((v for v in values if v is not None), default=None)
 
@@ -173,7 +179,8 @@ def render(rows: Sequence[Row]) -> str:
             assert r.create is not None and r.apply is not None
             out.append(f"{label:34} {r.tool:10} {_size(r.patch_bytes):>9} "
                        f"{r.create.seconds:9.2f} {r.apply.seconds:8.2f} "
-                       f"{_mib(r.create.peak_rss):>10} {_mib(r.apply.peak_rss):>9}")
+                       f"{_mib(r.create.peak_rss):>10} {_mib(r.apply.peak_rss):>9}"
+                       + (f"  tried {_tried(row.tried)}" if r.tool == "fleetmesh" else ""))
     out.append("")
     head = (f"{'pair':34} {'kind':9} {'old':>7} {'new':>7} {'zstd':>9} {'xdelta3':>9} "
             f"{'bsdiff4':>9} {'hdiff':>9} {'ours':>9} {'ours/best':>9} {'best':>10} "

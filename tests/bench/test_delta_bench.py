@@ -111,8 +111,10 @@ def test_render_shows_ratios_means_and_skips() -> None:
                          "hdiffpatch": 100}),
             _row("lose", {"fleetmesh": 200, "zstd": 100, "xdelta3": 120, "hdiffpatch": 150},
                  skipped={"bsdiff4": "needs ~9.9 GiB"})]
+    rows[0].tried = [["HDIFF", 95], ["ZSTD_PREFIX", 90]]
     text = render(rows)
     assert "skipped: needs ~9.9 GiB" in text
+    assert "tried HDIFF 95B, ZSTD_PREFIX 90B" in text
     lines = {line.split()[0]: line for line in text.splitlines() if line.startswith(("win", "lose"))
              and "pypi-ext" in line}
     assert "0.900" in lines["win"] and "2.000" in lines["lose"] and "1.333" in lines["lose"]
