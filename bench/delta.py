@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Final
@@ -319,13 +319,15 @@ def commands(tool: str, old: Path, new: Path, patch: Path, out: Path,
 
 
 def bench_pair(pair: Pair, old: Path, new: Path, work: Path, budget: int,
-               timeout: float) -> Row:
+               timeout: float, progress: Callable[[Row], None]) -> Row:
+    """Run every tool on the pair; `progress` sees the row after each tool."""
     want = _sha256(new)
     row = Row(pair.name, pair.kind, old.stat().st_size, new.stat().st_size)
     for tool in TOOLS:
         reason = skip_reason(tool, row.old_bytes, row.new_bytes, budget)
         if reason:
             row.results.append(Result(tool, skipped=reason))
+            progress(row)
             continue
         patch, out, report = work / f"{tool}.patch", work / f"{tool}.out", work / "fm.json"
         create_argv, apply_argv = commands(tool, old, new, patch, out, report, want)
@@ -334,6 +336,7 @@ def bench_pair(pair: Pair, old: Path, new: Path, work: Path, budget: int,
             apply = measure(apply_argv, work, timeout)
         except Timeout as e:
             row.results.append(Result(tool, skipped=str(e)))
+            progress(row)
             continue
         if _sha256(out) != want:
             raise RuntimeError(f"{pair.name}: {tool} decoded the wrong bytes")
@@ -342,6 +345,7 @@ def bench_pair(pair: Pair, old: Path, new: Path, work: Path, budget: int,
             row.tried = json.loads(report.read_text())["tried"]
         out.unlink()
         patch.unlink()
+        progress(row)
     return row
 
 
@@ -390,14 +394,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     command = ["python", "-m", "bench.delta", *(sys.argv[1:] if argv is None else argv)]
     rows: list[Row] = []
+
+    def save(current: Row) -> None:
+        # After every tool, so that a long run keeps what it finished (a pair cut short is
+        # saved with the tools it got to).
+        if args.json:
+            args.json.write_text(json.dumps(to_json([*rows, current], command), indent=1) + "\n")
+
     for pair in pairs:
         old, new = layers(args.cache, pair)
         with tempfile.TemporaryDirectory(prefix="fm-bench-") as tmp:
             rows.append(bench_pair(pair, old, new, Path(tmp), int(args.mem_budget * GIB),
-                                   args.timeout))
+                                   args.timeout, save))
         print(f"done {pair.name}", file=sys.stderr, flush=True)
-        if args.json:  # after every pair, so that a long run's finished pairs are kept
-            args.json.write_text(json.dumps(to_json(rows, command), indent=1) + "\n")
     print(render(rows))
     return 0
 
