@@ -2,14 +2,10 @@
 
     python -m bench._fleetmesh create OLD NEW PATCH REPORT   (REPORT: JSON of what was tried)
     python -m bench._fleetmesh apply OLD PATCH OUT DIFF_ID   (DIFF_ID: as a manifest gives it)
-    python -m bench._fleetmesh idle      (the apply's imports, no work: the baseline)
 
-`apply` and `idle` import exactly the same modules, and nothing an agent applying a patch
-would not: `mesh.delta` loads its decoders only (no planner, no tarfile), and the encoder's
-imports (json, plan_layer) are made in `create` alone. bench.delta subtracts idle's peak RSS
-from apply's: what remains is the apply's own memory (source, patch, output, decoder state and
-the decoder code it pages in), not the interpreter's or its imports'. A baseline importing less
-than apply would charge imports to the apply; one importing more would hide part of it.
+`apply` imports nothing an agent applying a patch would not: `mesh.delta` loads its decoders
+only (no planner, no tarfile), and the encoder's imports (json, plan_layer) are made in
+`create` alone, so apply's peak RSS is what a device's apply costs, interpreter included.
 """
 
 from __future__ import annotations
@@ -23,8 +19,8 @@ from mesh.delta import apply_delta
 
 def main(argv: list[str]) -> int:
     if argv[0] == "create":
-        # Not at the top: `apply` and `idle` must import exactly what an agent applying a patch
-        # imports (the module docstring); json and the planner (mesh.image.plan_layer) are the
+        # Not at the top: `apply` must import only what an agent applying a patch imports
+        # (the module docstring); json and the planner (mesh.image.plan_layer) are the
         # encoder's alone. (hashlib is at the top: the decoders import it anyway.)
         import json  # the encoder's, as above
 
@@ -48,8 +44,6 @@ def main(argv: list[str]) -> int:
     if argv[0] == "apply":
         out = apply_delta(argv[1], Path(argv[2]).read_bytes(), argv[4])
         Path(argv[3]).write_bytes(out)
-        return 0
-    if argv[0] == "idle":
         return 0
     return 2
 

@@ -1,55 +1,48 @@
-"""Delta benchmark: fleetmesh against zstd --patch-from, xdelta3 and bsdiff4 on real layers.
+"""Delta benchmark: fleetmesh against zstd --patch-from, xdelta3, bsdiff4 and plain HDiffPatch.
 
-    .venv/bin/python -m bench.delta [--cache DIR] [--only NAME ...]
+    .venv/bin/python -m bench.delta [--cache DIR] [--only NAME ...] [--kinds KIND ...]
+                                    [--json FILE] [--mem-budget GIB] [--timeout S]
 
-The corpus is fixed below (chosen before tuning): consecutive releases of real PyPI packages,
-CPython 3.11 manylinux x86_64 wheels, most with compiled extensions. Each wheel is unpacked as
-it would be in a site-packages image layer and tarred deterministically (sorted names, mtime 0,
-uid/gid 0, fixed modes), so numbers are reproducible. Every tool runs in its own process under
-`/usr/bin/time -v` (peak RSS) and every decoded output is checked against the new layer's sha256.
+The corpus (bench/delta_corpus.py) is fixed: real layer pairs of six kinds, fetched from PyPI,
+Debian and npm and tarred deterministically, so numbers are reproducible. Every tool runs in its
+own process under `/usr/bin/time -v` (its peak RSS, wall time) and every decoded output is
+checked against the new layer's sha256. An anchor whose estimated memory exceeds --mem-budget on
+a pair, or that runs past --timeout, is reported as skipped with the reason, never silently.
 
-fleetmesh's column is what a device downloads: `plan_layer`'s bare patch (the form a release
-manifest names, without the self-check digests; docs/delta.md), applied with the diff ID.
+Anchors: `zstd -19 --long=31 --patch-from`, `xdelta3 -9` (its source window raised to cover the
+old layer when that is over xdelta3's 64 MiB default), bsdiff4, and plain HDiffPatch
+(bench/_hdiff.py: the hdiffpatch module's default diff, compressed by its zstd -19 or LZMA -9
+plugin, the smaller). fleetmesh's column is what a device downloads: `plan_layer`'s bare patch
+(the form a release manifest names, without the self-check digests; docs/delta.md), applied
+with the diff ID, in memory as the agent does today.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
+import math
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
-import zipfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Final
 
-import hdiffpatch
-from backports import zstd
+from bench.delta_corpus import CORPUS, DEFAULT_CACHE, KINDS, Pair, layers, select, validate
 
-from mesh.delta import HDIFF_ZSTD_LEVEL, HDIFF_ZSTD_WINDOW_LOG
-from mesh.release import CHUNK_SIZE, chunk_layer
-
-# (distribution, old version, new version): fixed before any tuning.
-CORPUS: Final = (
-    ("msgpack", "1.0.7", "1.0.8"),
-    ("PyYAML", "6.0.1", "6.0.2"),
-    ("MarkupSafe", "2.1.4", "2.1.5"),
-    ("charset-normalizer", "3.3.1", "3.3.2"),
-    ("orjson", "3.10.6", "3.10.7"),
-    ("pydantic-core", "2.20.0", "2.20.1"),
-    ("regex", "2024.5.15", "2024.7.24"),
-)
-DEFAULT_CACHE: Final = Path.home() / ".cache" / "fleetmesh-bench"
-SITE_PACKAGES: Final = "usr/local/lib/python3.11/site-packages"
-TOOLS: Final = ("fleetmesh", "zstd", "xdelta3", "bsdiff4")
+ANCHORS: Final = ("zstd", "xdelta3", "bsdiff4", "hdiffpatch")
+CLASSIC: Final = ANCHORS[:3]
+TOOLS: Final = ("fleetmesh", *ANCHORS)
+XDELTA_DEFAULT_WINDOW: Final = 64 << 20
+GIB: Final = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,92 +54,247 @@ class Run:
 @dataclass(frozen=True, slots=True)
 class Result:
     tool: str
-    patch_bytes: int
-    encode: Run
-    decode: Run
+    patch_bytes: int = 0
+    create: Run | None = None
+    apply: Run | None = None
+    skipped: str = ""  # why the tool has no figure on this pair
 
 
-# ---- corpus --------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Row:
+    name: str
+    kind: str
+    old_bytes: int
+    new_bytes: int
+    results: list[Result] = field(default_factory=list)
+    tried: list[list[object]] = field(default_factory=list)  # fleetmesh's plan_layer candidates
 
-def _wheel(cache: Path, dist: str, version: str) -> Path:
-    wheels = cache / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    stem = re.sub(r"[-_.]+", "_", dist).lower()
-    for path in wheels.glob("*.whl"):
-        name, ver = path.name.split("-")[:2]
-        if name.lower() == stem and ver == version:
-            return path
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-                    "--only-binary=:all:", "--python-version", "3.11", "--platform",
-                    "manylinux2014_x86_64", "-d", str(wheels), f"{dist}=={version}"], check=True)
-    return _wheel(cache, dist, version)
+    def result(self, tool: str) -> Result | None:
+        found = [r for r in self.results if r.tool == tool and not r.skipped]
+        return found[0] if found else None
 
+    def best_anchor(self) -> Result | None:
+        ran = [r for r in self.results if r.tool in ANCHORS and not r.skipped]
+        return min(ran, key=lambda r: r.patch_bytes) if ran else None
 
-def layer_tar(wheel: Path) -> bytes:
-    """The wheel as a site-packages layer, tarred deterministically."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(wheel) as zf, tarfile.open(fileobj=buf, mode="w",
-                                                     format=tarfile.PAX_FORMAT) as tar:
-        files = {i.filename: i for i in zf.infolist() if not i.is_dir()}
-        dirs = {SITE_PACKAGES.rsplit("/", n)[0] for n in range(SITE_PACKAGES.count("/") + 1)}
-        for name in files:
-            parts = name.split("/")[:-1]
-            dirs.update(f"{SITE_PACKAGES}/" + "/".join(parts[:i + 1]) for i in range(len(parts)))
-        entries = sorted([(d, None) for d in dirs] +
-                         [(f"{SITE_PACKAGES}/{n}", files[n]) for n in files], key=lambda e: e[0])
-        for path, info in entries:
-            ti = tarfile.TarInfo(path)
-            ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = 0, 0, 0, "", ""
-            if info is None:
-                ti.type, ti.mode = tarfile.DIRTYPE, 0o755
-                tar.addfile(ti)
-            else:
-                data = zf.read(info)
-                ti.size = len(data)
-                ti.mode = 0o755 if (info.external_attr >> 16) & 0o111 else 0o644
-                tar.addfile(ti, io.BytesIO(data))
-    return buf.getvalue()
+    def ratio_best(self) -> float | None:
+        best = self.best_anchor()
+        return ratio(self.result("fleetmesh"), best)
+
+    def ratio_classic(self) -> float | None:
+        """ours / the best of zstd, xdelta3 and bsdiff4 (the README's older claim)."""
+        ran = [r for r in self.results if r.tool in CLASSIC and not r.skipped]
+        return ratio(self.result("fleetmesh"),
+                     min(ran, key=lambda r: r.patch_bytes) if ran else None)
+
+    def ratio_hdiff(self) -> float | None:
+        return ratio(self.result("fleetmesh"), self.result("hdiffpatch"))
 
 
-def corpus(cache: Path, only: Sequence[str]) -> list[tuple[str, Path, Path]]:
-    layers = cache / "layers"
-    layers.mkdir(parents=True, exist_ok=True)
+# ---- pure parts ---------------------------------------------------------------------------------
+
+def ratio(ours: Result | None, anchor: Result | None) -> float | None:
+    """ours / anchor by patch size; None when either has no figure."""
+    if ours is None or anchor is None:
+        return None
+    if anchor.patch_bytes <= 0:
+        raise ValueError(f"{anchor.tool}: patch of {anchor.patch_bytes} bytes")
+    return ours.patch_bytes / anchor.patch_bytes
+
+
+def geomean(values: Sequence[float | None]) -> float | None:
+    """The geometric mean of the values that exist; None if there are none."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    if any(v <= 0 for v in present):
+        raise ValueError("geometric mean of a non-positive ratio")
+    return math.exp(sum(math.log(v) for v in present) / len(present))
+
+
+def memory_estimate(tool: str, old: int, new: int) -> int:
+    """Bytes the tool needs to create a patch, by its own documentation: bsdiff's
+    max(17n, 9n + m); HDiffPatch's in-memory diff ~ old + new + 5 x old (a 32-bit suffix array
+    and its match cache) plus the bench's own copies of both; the others stream or use a
+    window of the old layer."""
+    if tool == "bsdiff4":
+        return max(17 * old, 9 * old + new) + old + new
+    if tool == "hdiffpatch":
+        return 7 * old + 2 * new
+    return 2 * (old + new)
+
+
+def skip_reason(tool: str, old: int, new: int, budget: int) -> str:
+    """Why `tool` does not run on a pair of these sizes under a memory budget ("" if it runs)."""
+    need = memory_estimate(tool, old, new)
+    if tool in ANCHORS and need > budget:
+        return (f"needs ~{need / GIB:.1f} GiB to create (estimate) > --mem-budget "
+                f"{budget / GIB:.1f} GiB")
+    return ""
+
+
+def xdelta_window(old: int) -> int:
+    """xdelta3's -B: its default 64 MiB, or the next power of two covering the old layer."""
+    return max(XDELTA_DEFAULT_WINDOW, 1 << max(old - 1, 1).bit_length())
+
+
+def _tried(tried: Sequence[Sequence[object]]) -> str:
+    """plan_layer's candidates as `METHOD size`, e.g. "HDIFF 21.3K, TAR_MEMBERS 36.3K"."""
+    return ", ".join(f"{method} {_size(size) if isinstance(size, int) else size}"
+                     for method, size in tried)
+
+
+def _worst(values: Sequence[float | None]) -> float | None:
+    return max((v for v in values if v is not None), default=None)
+
+
+def _size(n: int) -> str:
+    if n < 10_000:
+        return f"{n}B"
+    if n < 10 << 20:
+        return f"{n / 1024:,.1f}K"
+    return f"{n / 2**20:,.1f}M"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f}M"
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def render(rows: Sequence[Row]) -> str:
+    """The bench's report: per pair and tool, then per pair the ratios, then the means."""
+    out = []
+    head = (f"{'pair':34} {'tool':10} {'patch':>9} {'create s':>9} {'apply s':>8} "
+            f"{'create RSS':>10} {'apply RSS':>9}")
+    out += [head, "-" * len(head)]
+    for row in rows:
+        for i, r in enumerate(row.results):
+            label = row.name if i == 0 else ""
+            if r.skipped:
+                out.append(f"{label:34} {r.tool:10} skipped: {r.skipped}")
+                continue
+            assert r.create is not None and r.apply is not None
+            out.append(f"{label:34} {r.tool:10} {_size(r.patch_bytes):>9} "
+                       f"{r.create.seconds:9.2f} {r.apply.seconds:8.2f} "
+                       f"{_mib(r.create.peak_rss):>10} {_mib(r.apply.peak_rss):>9}"
+                       + (f"  tried {_tried(row.tried)}" if r.tool == "fleetmesh" else ""))
+    out.append("")
+    head = (f"{'pair':34} {'kind':9} {'old':>7} {'new':>7} {'zstd':>9} {'xdelta3':>9} "
+            f"{'bsdiff4':>9} {'hdiff':>9} {'ours':>9} {'ours/best':>9} {'best':>10} "
+            f"{'ours/hdiff':>10} {'apply RSS ours':>14} {'zstd -d':>7} {'hdiff':>6}")
+    out += [head, "-" * len(head)]
+    for row in rows:
+        sizes = []
+        for tool in (*ANCHORS, "fleetmesh"):
+            got = row.result(tool)
+            sizes.append(f"{_size(got.patch_bytes) if got else 'skip':>9}")
+        best = row.best_anchor()
+        rss = []
+        for tool, width in (("fleetmesh", 14), ("zstd", 7), ("hdiffpatch", 6)):
+            got = row.result(tool)
+            rss.append(f"{_mib(got.apply.peak_rss) if got and got.apply else '-':>{width}}")
+        out.append(f"{row.name:34} {row.kind:9} {_size(row.old_bytes):>7} "
+                   f"{_size(row.new_bytes):>7} {' '.join(sizes)} {_fmt(row.ratio_best()):>9} "
+                   f"{best.tool if best else '-':>10} {_fmt(row.ratio_hdiff()):>10} "
+                   f"{' '.join(rss)}")
+    worst = _worst([r.ratio_best() for r in rows])
+    losses = [ours.patch_bytes - best.patch_bytes for row in rows
+              if (ours := row.result("fleetmesh")) and (best := row.best_anchor())
+              and ours.patch_bytes > best.patch_bytes]
+    out += ["",
+            f"geometric mean over {sum(r.ratio_best() is not None for r in rows)} pairs: "
+            f"ours/best anchor {_fmt(geomean([r.ratio_best() for r in rows]))}, "
+            f"ours/HDiffPatch {_fmt(geomean([r.ratio_hdiff() for r in rows]))}",
+            f"ours <= best anchor on every pair: "
+            f"{'yes' if worst is not None and worst <= 1.0 else 'NO'} "
+            f"(worst ours/best {_fmt(worst)}; pairs where ours is larger: {len(losses)}"
+            + (f", by {min(losses)} to {max(losses)} bytes)" if losses else ")"),
+            f"without HDiffPatch: ours / best of zstd, xdelta3, bsdiff4: geometric mean "
+            f"{_fmt(geomean([r.ratio_classic() for r in rows]))}, worst "
+            f"{_fmt(_worst([r.ratio_classic() for r in rows]))}",
+            "best anchor: the smallest of zstd -19 --long=31 --patch-from, xdelta3 -9, bsdiff4 "
+            "and plain HDiffPatch that ran on the pair; RSS: peak of the tool's own process "
+            "(/usr/bin/time -v)"]
+    return "\n".join(out)
+
+
+def to_json(rows: Sequence[Row], command: Sequence[str]) -> dict[str, object]:
     pairs = []
-    for dist, old_v, new_v in CORPUS:
-        if only and dist not in only:
-            continue
-        paths = []
-        for version in (old_v, new_v):
-            path = layers / f"{dist}-{version}.tar"
-            if not path.exists():
-                path.write_bytes(layer_tar(_wheel(cache, dist, version)))
-            paths.append(path)
-        pairs.append((f"{dist} {old_v}->{new_v}", paths[0], paths[1]))
-    return pairs
+    for row in rows:
+        data = asdict(row)
+        best = row.best_anchor()
+        data["best_anchor"] = best.tool if best else None
+        data["ours_over_best"] = row.ratio_best()
+        data["ours_over_hdiffpatch"] = row.ratio_hdiff()
+        pairs.append(data)
+    return {"command": list(command), "pairs": pairs,
+            "geomean_ours_over_best": geomean([r.ratio_best() for r in rows]),
+            "geomean_ours_over_hdiffpatch": geomean([r.ratio_hdiff() for r in rows])}
 
 
-# ---- measuring -----------------------------------------------------------------------------
+def rows_from_json(data: object) -> list[Row]:
+    """The rows of a table `to_json` wrote (ValueError if it is not one)."""
+    pairs = data.get("pairs") if isinstance(data, dict) else None
+    if not isinstance(pairs, list):
+        raise ValueError("not a bench.delta table: no list of pairs")
+    rows = []
+    try:
+        for p in pairs:
+            row = Row(p["name"], p["kind"], p["old_bytes"], p["new_bytes"], tried=p["tried"])
+            for r in p["results"]:
+                runs = [Run(**r[k]) if r[k] is not None else None for k in ("create", "apply")]
+                row.results.append(Result(r["tool"], r["patch_bytes"], runs[0], runs[1],
+                                          r["skipped"]))
+            rows.append(row)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"not a bench.delta table: {e!r}") from None
+    return rows
 
-def measure(argv: Sequence[str], workdir: Path) -> Run:
+
+# ---- measuring ----------------------------------------------------------------------------------
+
+class Timeout(Exception):
+    pass
+
+
+def measure(argv: Sequence[str], workdir: Path, timeout: float) -> Run:
+    """Run argv in its own process group under /usr/bin/time -v: wall time and peak RSS."""
     report = workdir / "time.txt"
     start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", "-o", str(report), *argv],
-                          capture_output=True, text=True, cwd=Path(__file__).parent.parent,
-                          check=False)
+    proc = subprocess.Popen(["/usr/bin/time", "-v", "-o", str(report), *argv],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).parent.parent, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise Timeout(f"ran past --timeout {timeout:.0f} s") from None
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
-        raise RuntimeError(f"{argv[0]} failed: {proc.stderr.strip()[-500:]}")
+        raise RuntimeError(f"{argv[0]} failed: {err.strip()[-500:]}")
     match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", report.read_text())
     return Run(seconds, int(match.group(1)) * 1024 if match else 0)
 
 
+def _sha256(path: Path) -> bytes:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.digest()
+
+
 def commands(tool: str, old: Path, new: Path, patch: Path, out: Path,
-             report: Path) -> tuple[list[str], list[str]]:
+             report: Path, new_sha256: bytes) -> tuple[list[str], list[str]]:
     py = sys.executable
     if tool == "fleetmesh":
         # Created as publishing does (plan_layer: a bare patch) and applied as an agent does:
         # with the manifest's diff ID, so the full sha256 is checked.
-        diff_id = "sha256:" + hashlib.sha256(new.read_bytes()).hexdigest()
+        diff_id = "sha256:" + new_sha256.hex()
         return ([py, "-m", "bench._fleetmesh", "create", str(old), str(new), str(patch),
                  str(report)],
                 [py, "-m", "bench._fleetmesh", "apply", str(old), str(patch), str(out), diff_id])
@@ -156,120 +304,110 @@ def commands(tool: str, old: Path, new: Path, patch: Path, out: Path,
                 ["zstd", "-q", "-f", "-d", "--long=31", f"--patch-from={old}", str(patch), "-o",
                  str(out)])
     if tool == "xdelta3":
-        return (["xdelta3", "-9", "-f", "-e", "-s", str(old), str(new), str(patch)],
-                ["xdelta3", "-f", "-d", "-s", str(old), str(patch), str(out)])
+        window = str(xdelta_window(old.stat().st_size))
+        return (["xdelta3", "-9", "-B", window, "-f", "-e", "-s", str(old), str(new), str(patch)],
+                ["xdelta3", "-B", window, "-f", "-d", "-s", str(old), str(patch), str(out)])
     if tool == "bsdiff4":
         return ([py, "-c", "import bsdiff4, sys; bsdiff4.file_diff(*sys.argv[1:])", str(old),
                  str(new), str(patch)],
                 [py, "-c", "import bsdiff4, sys; bsdiff4.file_patch(*sys.argv[1:])", str(old),
                  str(out), str(patch)])
+    if tool == "hdiffpatch":
+        return ([py, "-m", "bench._hdiff", "create", str(old), str(new), str(patch)],
+                [py, "-m", "bench._hdiff", "apply", str(old), str(patch), str(out)])
     raise ValueError(tool)
 
 
-def bench_pair(old: Path, new: Path, work: Path) -> tuple[list[Result], dict[str, object]]:
-    want = hashlib.sha256(new.read_bytes()).digest()
-    results = []
-    fm_report: dict[str, object] = {}
+def bench_pair(pair: Pair, old: Path, new: Path, work: Path, budget: int,
+               timeout: float, progress: Callable[[Row], None]) -> Row:
+    """Run every tool on the pair; `progress` sees the row after each tool."""
+    want = _sha256(new)
+    row = Row(pair.name, pair.kind, old.stat().st_size, new.stat().st_size)
     for tool in TOOLS:
+        reason = skip_reason(tool, row.old_bytes, row.new_bytes, budget)
+        if reason:
+            row.results.append(Result(tool, skipped=reason))
+            progress(row)
+            continue
         patch, out, report = work / f"{tool}.patch", work / f"{tool}.out", work / "fm.json"
-        enc, dec = commands(tool, old, new, patch, out, report)
-        encode = measure(enc, work)
-        decode = measure(dec, work)
+        create_argv, apply_argv = commands(tool, old, new, patch, out, report, want)
+        try:
+            create = measure(create_argv, work, timeout)
+            apply = measure(apply_argv, work, timeout)
+        except Timeout as e:
+            row.results.append(Result(tool, skipped=str(e)))
+            progress(row)
+            continue
+        if _sha256(out) != want:
+            raise RuntimeError(f"{pair.name}: {tool} decoded the wrong bytes")
+        row.results.append(Result(tool, patch.stat().st_size, create, apply))
         if tool == "fleetmesh":
-            # Its peak RSS is checked against a bar: the median of 3 runs (about ±0.1 MB of
-            # noise per run, a tenth of the budget on the smallest pairs).
-            decode = sorted([decode, measure(dec, work), measure(dec, work)],
-                            key=lambda r: r.peak_rss)[1]
-        if hashlib.sha256(out.read_bytes()).digest() != want:
-            raise RuntimeError(f"{tool} decoded the wrong bytes")
-        results.append(Result(tool, patch.stat().st_size, encode, decode))
-        if tool == "fleetmesh":
-            fm_report = json.loads(report.read_text())
+            row.tried = json.loads(report.read_text())["tried"]
         out.unlink()
-    return results, fm_report
-
-
-# ---- report --------------------------------------------------------------------------------
-
-def _kb(n: int) -> str:
-    return f"{n}B" if n < 10_000 else f"{n / 1024:,.1f}K"
-
-
-def _mb(n: int) -> str:
-    return f"{n / 2**20:,.0f}M"
+        patch.unlink()
+        progress(row)
+    return row
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench.delta", description=__doc__)
+    parser = argparse.ArgumentParser(prog="bench.delta", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    parser.add_argument("--only", nargs="*", default=[], help="distribution names")
+    parser.add_argument("--only", nargs="+", default=[],
+                        help="pairs by name, or by a package they contain")
+    parser.add_argument("--kinds", nargs="+", default=[], help=f"of: {', '.join(KINDS)}")
+    parser.add_argument("--json", type=Path, help="also write the table to this file")
+    parser.add_argument("--report", type=Path, nargs="+", metavar="JSON",
+                        help="measure nothing: print the tables of earlier --json runs as one")
+    parser.add_argument("--mem-budget", type=float, default=8.0,
+                        help="GiB an anchor may need to create a patch (default 8)")
+    parser.add_argument("--timeout", type=float, default=1800.0,
+                        help="seconds one create or apply may take (default 1800)")
     args = parser.parse_args(argv)
+    if args.report:
+        try:
+            saved = [row for path in args.report
+                     for row in rows_from_json(json.loads(path.read_text()))]
+        except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+            print(f"bench.delta: --report: {e}", file=sys.stderr)
+            return 2
+        print(render(saved))
+        return 0
+    try:
+        validate(CORPUS)
+        pairs = select(CORPUS, args.only, args.kinds)
+    except ValueError as e:
+        print(f"bench.delta: {e}", file=sys.stderr)
+        return 2
+    if args.mem_budget <= 0 or args.timeout <= 0:
+        print("bench.delta: --mem-budget and --timeout must be positive", file=sys.stderr)
+        return 2
     try:
         import bsdiff4  # noqa: F401
     except ImportError:
         print("bench.delta: bsdiff4 missing: pip install 'fleetmesh[bench]'", file=sys.stderr)
         return 2
-    for exe in ("zstd", "xdelta3", "/usr/bin/time"):
+    for exe in ("zstd", "xdelta3", "/usr/bin/time", "dpkg-deb", "apt-get"):
         if shutil.which(exe) is None:
             print(f"bench.delta: {exe} not found", file=sys.stderr)
             return 2
 
-    # The baseline: the same interpreter with apply's imports and no work (bench._fleetmesh:
-    # `idle` imports exactly what `apply` does), median of 5 runs.
-    with tempfile.TemporaryDirectory(prefix="fm-bench-") as tmp:
-        idle = sorted(measure([sys.executable, "-m", "bench._fleetmesh", "idle"],
-                              Path(tmp)).peak_rss for _ in range(5))[2]
-    rows = []
-    for name, old, new in corpus(args.cache, args.only):
-        with tempfile.TemporaryDirectory(prefix="fm-bench-") as tmp:
-            results, fm = bench_pair(old, new, Path(tmp))
-        new_bytes = new.read_bytes()
-        full = len(zstd.compress(new_bytes, level=19))
-        chunked = sum(c.ref.stored_size for c in chunk_layer(new_bytes))
-        # Untimed: what HDiffPatch with zstd alone (the starting point) would have shipped.
-        fm["hdiff_zstd_only"] = len(hdiffpatch.diff(
-            old.read_bytes(), new_bytes, validate=False,
-            compression=hdiffpatch.ZStdConfig(level=HDIFF_ZSTD_LEVEL,
-                                              window=HDIFF_ZSTD_WINDOW_LOG)))
-        rows.append((name, old.stat().st_size, new.stat().st_size, full, chunked, results, fm))
-        print(f"done {name}", file=sys.stderr, flush=True)
+    command = ["python", "-m", "bench.delta", *(sys.argv[1:] if argv is None else argv)]
+    rows: list[Row] = []
 
-    header = (f"{'pair':34} {'tool':9} {'patch':>10} {'enc s':>6} {'dec s':>6} {'enc RSS':>8} "
-              f"{'dec RSS':>8}")
-    print(header)
-    print("-" * len(header))
-    for name, old_size, new_size, _full, _chunked, results, _fm in rows:
-        for i, r in enumerate(results):
-            label = f"{name} ({_mb(old_size)}->{_mb(new_size)})" if i == 0 else ""
-            print(f"{label:34} {r.tool:9} {_kb(r.patch_bytes):>10} {r.encode.seconds:6.2f} "
-                  f"{r.decode.seconds:6.2f} {_mb(r.encode.peak_rss):>8} "
-                  f"{_mb(r.decode.peak_rss):>8}")
-    print()
-    summary = (f"{'pair':34} {'fm/best':>8} {'best other':>10} {'fm/full':>8} "
-               f"{'chunks/full':>11} {'dec RSS/1.5(o+n)':>16} {'net':>5} {'hdiff+zstd':>10}"
-               "  fleetmesh tried")
-    print(summary)
-    print("-" * len(summary))
-    worst = 0.0
-    for name, old_size, new_size, full, chunked, results, fm in rows:
-        fleet = results[0]
-        best = min(results[1:], key=lambda r: r.patch_bytes)
-        ratio = fleet.patch_bytes / best.patch_bytes
-        worst = max(worst, ratio)
-        budget = 1.5 * (old_size + new_size)
-        tried = ", ".join(f"{m} {_kb(n)}" for m, n in fm["tried"])  # type: ignore[attr-defined]
-        print(f"{name:34} {ratio:8.3f} {best.tool:>10} {fleet.patch_bytes / full:8.3f} "
-              f"{chunked / full:11.3f} {fleet.decode.peak_rss / budget:16.2f} "
-              f"{(fleet.decode.peak_rss - idle) / budget:5.2f} "
-              f"{_kb(fm['hdiff_zstd_only']):>10}  {tried}")  # type: ignore[arg-type]
-    print(f"\nfm/full: fleetmesh patch / new layer at zstd -19 (one frame); chunks/full: the "
-          f"layer as {_mb(CHUNK_SIZE)} chunks / one frame;\nnet: fleetmesh's decode peak RSS "
-          f"(median of 3) minus the same interpreter with apply's imports and no work "
-          f"({_mb(idle)}), over 1.5 x (old + new);\nhdiff+zstd: HDiffPatch with zstd only, "
-          "before the smallest-of selection\n(body only: add fleetmesh's bare header, ~8 B, "
-          "to compare)")
-    print(f"\nfleetmesh <= best other on every pair: {'yes' if worst <= 1.0 else 'NO'} "
-          f"(worst ratio {worst:.3f})")
+    def save(current: Row) -> None:
+        # After every tool, so that a long run keeps what it finished (a pair cut short is
+        # saved with the tools it got to).
+        if args.json:
+            args.json.write_text(json.dumps(to_json([*rows, current], command), indent=1) + "\n")
+
+    for pair in pairs:
+        old, new = layers(args.cache, pair)
+        with tempfile.TemporaryDirectory(prefix="fm-bench-") as tmp:
+            rows.append(bench_pair(pair, old, new, Path(tmp), int(args.mem_budget * GIB),
+                                   args.timeout, save))
+        print(f"done {pair.name}", file=sys.stderr, flush=True)
+    print(render(rows))
     return 0
 
 
