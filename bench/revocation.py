@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from lab import Lab, devices, fleetmesh, parse_topology, teardown_all
+from lab import Lab, LabError, LabNetwork, devices, fleetmesh, parse_topology, teardown_all
 
 PING_INTERVAL = 0.05  # seconds; root may go below ping's 0.2 s floor for users
 PING_COUNT = 300  # 15 s of pinging at most: the loop is bounded in count and time
@@ -26,28 +26,27 @@ TARGET_SECONDS = 2.0
 REPLY = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from")
 
 
-def one_round(round_no: int) -> float:
-    topology = parse_topology({"operator": {"on": "wan"}, "lan": [
-        {"name": "fwa", "nat": "firewall", "devices": 2},
-        {"name": "pub", "nat": "none", "devices": 1}]}, source="bench/revocation.py")
-    lab = Lab.up(topology, network_only=False)
+def revoke_and_time(lab: LabNetwork, device: str, timeout: float = 60.0) -> float:
+    """Revoke `device` while it pings every peer's mesh address every PING_INTERVAL; seconds
+    from the revoke command's start to the last echo reply any peer sent it. It must reach
+    every peer first (direct or relayed): LabError if one stays silent for `timeout`."""
+    listed = devices(lab)
+    peers = [n for n in listed if n != device]
+    deadline = time.monotonic() + timeout
+    for p in peers:
+        while lab.run(device, ["ping", "-c1", "-W1", listed[p]["mesh_ipv4"]],
+                      capture_output=True, timeout=10).returncode != 0:
+            if time.monotonic() > deadline:
+                raise LabError(f"{device} never reached {p}")
+    pingers = [subprocess.Popen(lab.command(device, [
+        "ping", "-D", "-n", "-i", str(PING_INTERVAL), "-c", str(PING_COUNT), "-W", "1",
+        listed[p]["mesh_ipv4"]]), stdout=subprocess.PIPE, text=True) for p in peers]
     try:
-        listed = devices(lab)
-        peers = [n for n in listed if n != "pub-1"]
-        deadline = time.monotonic() + 60
-        for p in peers:  # wait until pub-1 reaches every peer (direct or relayed)
-            while lab.run("pub-1", ["ping", "-c1", "-W1", listed[p]["mesh_ipv4"]],
-                          capture_output=True, timeout=10).returncode != 0:
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"round {round_no}: pub-1 never reached {p}")
-        pingers = [subprocess.Popen(lab.command("pub-1", [
-            "ping", "-D", "-n", "-i", str(PING_INTERVAL), "-c", str(PING_COUNT), "-W", "1",
-            listed[p]["mesh_ipv4"]]), stdout=subprocess.PIPE, text=True) for p in peers]
         time.sleep(1.0)  # replies flowing before the revoke
         revoked_at = time.time()
-        r = fleetmesh(lab, "operator", "devices", "revoke", "pub-1")
+        r = fleetmesh(lab, "operator", "devices", "revoke", device)
         if r.returncode != 0:
-            raise SystemExit(f"revoke failed: {r.stderr.strip()}")
+            raise LabError(f"revoke failed: {r.stderr.strip()}")
         last_reply = revoked_at
         for pinger in pingers:
             out, _ = pinger.communicate(timeout=PING_COUNT * PING_INTERVAL + 30)
@@ -56,6 +55,22 @@ def one_round(round_no: int) -> float:
                 if m:
                     last_reply = max(last_reply, float(m.group(1)))
         return last_reply - revoked_at
+    finally:
+        for pinger in pingers:
+            if pinger.poll() is None:
+                pinger.kill()
+                pinger.wait()
+
+
+def one_round(round_no: int) -> float:
+    topology = parse_topology({"operator": {"on": "wan"}, "lan": [
+        {"name": "fwa", "nat": "firewall", "devices": 2},
+        {"name": "pub", "nat": "none", "devices": 1}]}, source="bench/revocation.py")
+    lab = Lab.up(topology, network_only=False)
+    try:
+        return revoke_and_time(lab, "pub-1")
+    except LabError as exc:
+        raise SystemExit(f"round {round_no}: {exc}") from None
     finally:
         teardown_all()
 
