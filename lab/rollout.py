@@ -198,6 +198,19 @@ class ImageRollout:
                        f"without a progress report (limit {report_gap_limit:.0f} s)")
         return bad
 
+    def overhead(self, lan: str) -> int:
+        """WAN bytes in and out of the LAN beyond B (the release's bytes, in once): what the
+        release cost in control (manifests, targets, reports, gossip) and transport framing."""
+        w = self.wan[lan]
+        return max(0, w.rx + w.tx - self.release_bytes)
+
+    def overhead_lines(self) -> list[str]:
+        """Issue 14 item 3: per LAN, the overhead against 4 kB per device + 8 kB per LAN."""
+        return [f"v{self.version} {lan}: WAN in + out beyond B ({self.release_bytes} B): "
+                f"{self.overhead(lan)} bytes, x{self.overhead(lan) / self.allowance(lan):.2f} of "
+                f"the allowance {self.allowance(lan)} ({self.devices_per_lan[lan]} devices)"
+                for lan in sorted(self.wan)]
+
     def ratio_lines(self) -> list[str]:
         """One ratio per acceptance item (issue 12), worst LAN."""
         b = self.release_bytes
@@ -241,7 +254,8 @@ def release_bytes(published: dict[str, Any]) -> tuple[int, int]:
 
 def rollout_image(lab: LabNetwork, image: str, app: str, version: int, *,
                   health_port: int, image_bytes: int, timeout: float,
-                  idle_seconds: float = IDLE_SECONDS) -> ImageRollout:
+                  idle_seconds: float = IDLE_SECONDS, health_path: str = "/health"
+                  ) -> ImageRollout:
     """Publish IMAGE with the operator's `fleetmesh release create` (on the operator node), wait
     until every device runs `version` or `timeout` passes, and account each LAN's WAN bytes in
     and out (idle rates, measured just before, removed) and the gaps between the devices'
@@ -258,7 +272,7 @@ def rollout_image(lab: LabNetwork, image: str, app: str, version: int, *,
                   (s1[lan]["tx_bytes"] - s0[lan]["tx_bytes"]) / (i1 - i0)) for lan in routers}
     # the operator node has the fleet's config, key and fleet name (lab/network.py node_env)
     argv = ["fleetmesh", "release", "create", image, "--app", app, "--version", str(version),
-            "--health-http", f"{health_port}/health", "--health-timeout", "120", "--timeout",
+            "--health-http", f"{health_port}{health_path}", "--health-timeout", "120", "--timeout",
             "120", "--json"]
     before, t0 = _lan_stats(lab, routers), time.monotonic()
     published = lab.run("operator", argv, capture_output=True, text=True, timeout=1800)
