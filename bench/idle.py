@@ -314,6 +314,16 @@ def seen_in_logs(offsets: dict[str, int], needle: str, since: float, timeout: fl
     return seen
 
 
+def path_lines(device: str, peer: str, n: int = 4) -> str:
+    """The last `n` lines of `device`'s log about `peer` (its path, punches), for a miss."""
+    try:
+        text = (LOG_DIR / f"{device}.log").read_text(errors="replace")
+    except OSError as exc:
+        return f"{device}: no log ({exc.strerror})"
+    lines = [x.removeprefix("fleetmesh-agent: ") for x in text.splitlines() if peer in x]
+    return f"{device}: " + " / ".join(lines[-n:] or ["nothing"])
+
+
 def _slowest(seen: dict[str, float | None]) -> tuple[float | None, str]:
     missing = [n for n, t in seen.items() if t is None]
     if missing:
@@ -338,9 +348,11 @@ def behaviours(lab: LabNetwork) -> list[Behaviour]:
         out.append(Behaviour("operator ping to lanb-2 over the mesh",
                              first_reply(lab, "operator", listed["lanb-2"]["mesh_ipv4"]),
                              REACH_BOUND, "first reply after the first echo request"))
-    out.append(Behaviour("lana-2 ping to lanb-2 (a lazy direct path)",
-                         first_reply(lab, "lana-2", listed["lanb-2"]["mesh_ipv4"]), REACH_BOUND,
-                         "first reply after the first echo request"))
+    took = first_reply(lab, "lana-2", listed["lanb-2"]["mesh_ipv4"])
+    out.append(Behaviour("lana-2 ping to lanb-2 (a lazy direct path)", took, REACH_BOUND,
+                         "first reply after the first echo request" if took is not None else
+                         "what each side last logged of the other: "
+                         f"{path_lines('lana-2', 'lanb-2')} | {path_lines('lanb-2', 'lana-2')}"))
     offsets = log_offsets(names)
     started = time.time()
     published = publish_synthetic(lab, 1, RELEASE_SIZE)
