@@ -18,13 +18,9 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Any, Final
+from typing import Any
 
 from mesh.control import HubInfo, PeerEntry, PeerMap
-
-# A device's port-only endpoint changes pushed to its fleet before its NAT counts as one that
-# maps every new binding to a new port (PeerMapCore.set_public).
-PORT_CHURN_PUSHED: Final = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +66,6 @@ class PeerMapCore:
         # only then (docs/api.md, PeerMap)
         self._logs_wanted: dict[str, float] = {}
         self.marks = 0  # devices marked so far: the work counter the O(N) tests watch
-        # name -> port-only endpoint changes in a row (set_public): a port-changing NAT
-        self._port_churn: dict[str, int] = {}
-        self.ports_kept = 0  # port-only changes kept without a push (set_public)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -193,37 +186,22 @@ class PeerMapCore:
         for n in fleet:
             self._punch.get(n, {}).pop(name, None)
         self._logs_wanted.pop(name, None)
-        self._port_churn.pop(name, None)
         self._mark(fleet)
 
     def set_public(self, name: str, endpoint: str | None, ip: str | None = None) -> bool:
         """The hub saw the device at `endpoint` (its IP is the public IP unless `ip` is given).
-        Others' entries for it change; its own map changes only if its public IP did. A NAT
-        that gave the device a new port at the same IP PORT_CHURN_PUSHED times already maps
-        each new binding to a new port (a symmetric NAT: every lapse of the binding, e.g. a
-        keepalive trial, does it): no direct path reaches such a device anyway, so from then
-        on its port-only changes are kept without a push to every device of the fleet (each
-        push is a new map, ~2 kB, and a `trying` round toward it on every one of them). The
-        next push for any other reason carries the port; the device's own traffic to a peer
-        tells that peer's WireGuard too (it roams)."""
+        Others' entries for it change; its own map changes only if its public IP did."""
         old = self._members.get(name)
         if old is None:
             return False
         new_ip = ip if ip is not None else (endpoint_ip(endpoint) if endpoint else None)
         if endpoint == old.public_endpoint and new_ip == old.public_ip:
             return False
-        port_only = new_ip == old.public_ip and endpoint is not None \
-            and old.public_endpoint is not None
-        churn = self._port_churn.get(name, 0) + 1 if port_only else 0
-        self._port_churn[name] = churn
         new = replace(old, public_endpoint=endpoint, public_ip=new_ip)
         self._index(old, False)
         self._members[name] = new
         self._index(new, True)
         self._fragments.pop(name, None)
-        if churn > PORT_CHURN_PUSHED:
-            self.ports_kept += 1
-            return True
         self._mark(self._fleet_except(new))
         if new_ip != old.public_ip:
             self._mark((name,))
