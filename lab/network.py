@@ -240,9 +240,7 @@ def nat_rules(router: Router, loss: float) -> str:
     """iptables-restore input for a router namespace (documented verbatim in docs/lab.md)."""
     w = router.wan_if
     filt = ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
-    # a symmetric NAT drops the unsolicited too, as carrier NATs do: a router that answered
-    # each with ICMP port-unreachable would double what probes toward it cost its uplink
-    if router.nat in ("firewall", "double", "symmetric"):
+    if router.nat in ("firewall", "double"):
         filt += [
             f"-A INPUT -i {w} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
             f"-A INPUT -i {w} -j DROP",
