@@ -66,15 +66,12 @@ def in_flight(report: DeviceReport) -> bool:
 
 def report_shape(report: DeviceReport) -> DeviceReport:
     """What makes a report worth sending at rest: all but the times that move by themselves
-    (each direct peer's handshake every two minutes, each app's last status update), the
-    candidate a peer not yet reached is being tried on (it cycles every few seconds), and the
+    (each direct peer's handshake every two minutes, each app's last status update) and the
     byte counts, which ride on reports that go up anyway: only a new UTC day in the account
     makes a report of its own, at most one a day, and so does crossing the WAN budget."""
     wan: dict[str, dict[str, int]] | None = (
         None if report.wan_bytes is None else {day: {} for day in report.wan_bytes})
-    return replace(report, peers=tuple(replace(p, last_handshake=None, endpoint=p.endpoint
-                                               if p.path == "direct" else None)
-                                       for p in report.peers),
+    return replace(report, peers=tuple(replace(p, last_handshake=None) for p in report.peers),
                    apps=tuple(replace(a, updated_at=0.0) for a in report.apps), wan_bytes=wan,
                    wan_budget=None if report.wan_budget is None  # over or not, not how much
                    else replace(report.wan_budget, used=report.wan_budget.limit
@@ -129,15 +126,11 @@ class Reporter:
 
     async def _wait_for_news(self, heartbeat_at: float, delivered: DeviceReport | None
                              ) -> None:
-        """Until `heartbeat_at`, or a rebuilt report that differs from `delivered`, looked at
-        after each `wake()` and every `check_interval`: a wake for a change the report does
-        not carry (a path that went lazy and woke again, a probe's next candidate) or that
-        came back as it was sends nothing."""
+        """Until `wake()`, `heartbeat_at`, or a rebuilt report that differs from `delivered`."""
         while trio.current_time() < heartbeat_at:
             with trio.move_on_at(min(heartbeat_at, trio.current_time() + self.check_interval)):
                 await self._wake.wait()
-            if self._wake.is_set():
-                self._wake = trio.Event()
+                return
             if report_shape(self.make_report()) != delivered:
                 return
 

@@ -11,14 +11,12 @@ import trio
 from agent import CoordinatorLink, DataDir
 from agent._link import CALL_TIMEOUT
 from agent._uploads import (
-    MIN_REPORT_SPACING,
     REPORT_CHECK_INTERVAL,
     REPORT_INTERVAL,
     ROLLOUT_REPORT_INTERVAL,
     Reporter,
-    report_shape,
 )
-from mesh.control import AppStatus, DeviceReport, PathKind, PeerPath, SourceBytes
+from mesh.control import AppStatus, DeviceReport, PeerPath, SourceBytes
 from vpn import generate_keypair
 
 from .fakes import FakeClient, FakeCoordinator
@@ -186,38 +184,3 @@ async def at_rest(coord: TimedCoordinator, lan: list[str]) -> None:
     assert coord.reports[-1][1].lan_endpoints == ("192.168.1.4:51820",)
     await trio.sleep(3600)
     assert len(coord.arrived) == 4  # delivered: nothing more to say
-
-
-async def test_a_wake_sends_a_report_only_when_it_says_something_new(
-        enrolled: DataDir, autojump_clock: trio.abc.Clock) -> None:
-    """A wake for something the report does not carry (a path that went lazy and woke, a
-    relay probe's next candidate) or a change that came back as it was sends nothing at rest;
-    a wake for a real change sends it at once."""
-    coord = TimedCoordinator()
-    state = ["running"]
-    reporter = _reporter(enrolled, coord, state)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(reporter.run)
-        await trio.sleep(5)
-        assert len(coord.arrived) == 1  # the first report
-        for _ in range(20):
-            reporter.wake()
-            await trio.sleep(30)
-        assert len(coord.arrived) == 1, _gaps(coord.arrived)
-        state[0] = "failed"
-        reporter.wake()
-        await trio.sleep(MIN_REPORT_SPACING)
-        assert len(coord.arrived) == 2
-        nursery.cancel_scope.cancel()
-
-
-def test_the_candidate_being_tried_is_not_news_but_a_direct_endpoint_is() -> None:
-    def report(path: PathKind, endpoint: str) -> DeviceReport:
-        return DeviceReport((), "test", (PeerPath(PEER, path, endpoint, 1.0),))
-
-    assert report_shape(report("none", "192.0.2.1:5")) == \
-        report_shape(report("none", "192.0.2.9:7"))
-    assert report_shape(report("direct", "192.0.2.1:5")) != \
-        report_shape(report("direct", "192.0.2.9:7"))
-    assert report_shape(report("none", "192.0.2.1:5")) != \
-        report_shape(report("direct", "192.0.2.1:5"))
