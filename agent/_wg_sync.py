@@ -151,12 +151,9 @@ class WireGuardSync:
         return None if hs is None else self.clock() - hs
 
     def hub_up(self) -> bool:
-        """A live hub session: the API through the tunnel is worth trying first. Not only the
-        first REJECT_AFTER_TIME after a handshake: WireGuard renews a session only with
-        something sent, so with a tuned keepalive past that a handshake comes once per
-        keepalive, and the hub counts as up until it stays silent (HUB_SILENT_AFTER)."""
+        """A live hub session: the API through the tunnel is worth trying first."""
         age = self.hub_handshake_age()
-        return age is not None and age <= self._hub_silent_after()
+        return age is not None and age < REJECT_AFTER_TIME
 
     def hub_keepalive(self) -> int:
         return self.tuner.hub_keepalive() if self.tuner is not None else KEEPALIVE
@@ -170,12 +167,7 @@ class WireGuardSync:
                          None if t.failed is None else round(t.failed, 1))
 
     def _hub_silent_after(self) -> float:
-        """HUB_SILENT_AFTER with the longest silence of ours that is due: the tuned keepalive,
-        or a trial's wait while the keepalive is off for it."""
-        t = self.tuner
-        longest = KEEPALIVE if t is None else max(
-            KEEPALIVE, t.keepalive, t.trial.wait if t.trial is not None else 0)
-        return REJECT_AFTER_TIME + longest + REKEY_TIMEOUT
+        return REJECT_AFTER_TIME + max(KEEPALIVE, self.hub_keepalive()) + REKEY_TIMEOUT
 
     def _silent_since(self, before: float) -> float:
         """When our hub entry last sent anything before `before` (a reconcile's resolution)."""

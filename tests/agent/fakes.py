@@ -103,13 +103,7 @@ class FakeWireGuard:
 
     def send(self, public_key: str, nbytes: int) -> None:
         """Bytes we sent on the peer's own entry (a keepalive, a handshake, data)."""
-        peer = self.peers[public_key]
-        peer.tx_bytes += nbytes
-        if self.clock is not None and self._renews_on_send(public_key) \
-                and self._may_handshake(peer):
-            now = self.clock()
-            if peer.last_handshake is None or now - peer.last_handshake >= REKEY_AFTER_TIME:
-                self.handshake(public_key, now)
+        self.peers[public_key].tx_bytes += nbytes
 
     async def nudge(self, addresses: Sequence[str]) -> None:
         """The agent's datagram: a reachable peer answers with its passive keepalive (here at
@@ -127,21 +121,13 @@ class FakeWireGuard:
         if self.clock is None:
             return
         now = self.clock()
-        for key, peer in self.peers.items():
-            if self._renews_on_send(key) or not self._may_handshake(peer):
+        for peer in self.peers.values():
+            if peer.endpoint is None or str(peer.endpoint) not in self.reachable:
                 continue
             if peer.keepalive and (peer.last_handshake is None
                                    or now - peer.last_handshake >= REKEY_AFTER_TIME):
                 peer.last_handshake = now
                 peer.rx_bytes += HANDSHAKE_RESPONSE
-
-    def _may_handshake(self, peer: _FakePeer) -> bool:
-        return peer.endpoint is not None and str(peer.endpoint) in self.reachable
-
-    def _renews_on_send(self, public_key: str) -> bool:
-        """True: this peer's session is renewed only by what we send once it is
-        REKEY_AFTER_TIME old (`send`), as WireGuard does, not on every `get`."""
-        return False
 
     # -- backend protocols ---------------------------------------------------
 
