@@ -682,6 +682,10 @@ class WanBudget:
             values.append(n)
         if values[0] == 0:
             raise ControlError(f"{where}.limit: must be at least 1 byte")
+        # derived from limit and used (to_json writes it), but a report may not say nonsense
+        over = obj.get("over")
+        if over is not None and not isinstance(over, bool):
+            raise ControlError(f"{where}.over: must be true or false")
         return cls(values[0], period, values[1])
 
 

@@ -443,7 +443,9 @@ async def test_reported_wan_bytes_are_kept_by_day_and_shown(tmp_path: Path) -> N
         assert info["wan_budget"] == {**budget, "over": True}
         for bad_budget in ({"limit": 0, "period": "month", "used": 0},
                            {"limit": 5, "period": "week", "used": 0},
-                           {"limit": 5, "period": "day", "used": -1}, {"limit": 5}):
+                           {"limit": 5, "period": "day", "used": -1}, {"limit": 5},
+                           # found by the API fuzzing: `over` must be a boolean when given
+                           {"limit": 5, "period": "day", "used": 0, "over": {"x": 1}}):
             r = await cam.client.post("/api/v1/device/state", json={"wan_budget": bad_budget})
             assert r.status_code == 400 and "report.wan_budget" in r.json()["error"], r.text
         assert list(info["wan_bytes"]) == ["2026-12-03", "2026-12-02"]
