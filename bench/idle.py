@@ -36,7 +36,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -297,21 +297,30 @@ def log_offsets(names: Sequence[str]) -> dict[str, int]:
     return {n: (LOG_DIR / f"{n}.log").stat().st_size for n in names}
 
 
-def seen_in_logs(offsets: dict[str, int], needle: str, since: float, timeout: float
-                 ) -> dict[str, float | None]:
-    """Per device log: seconds from `since` (time.time()) until a line with `needle` appeared
-    past its offset (polled every LOG_POLL), None if not within `timeout`."""
-    seen: dict[str, float | None] = dict.fromkeys(offsets)
+def until_each(names: Sequence[str], done: Callable[[str], bool], since: float,
+               timeout: float) -> dict[str, float | None]:
+    """Per name: seconds from `since` (time.time()) until `done(name)` held (polled every
+    LOG_POLL), None if not within `timeout`."""
+    seen: dict[str, float | None] = dict.fromkeys(names)
     deadline = since + timeout
     while any(v is None for v in seen.values()) and time.time() < deadline:
-        for name, offset in offsets.items():
-            if seen[name] is None:
-                with (LOG_DIR / f"{name}.log").open("rb") as f:
-                    f.seek(offset)
-                    if needle.encode() in f.read():
-                        seen[name] = time.time() - since
+        for name in names:
+            if seen[name] is None and done(name):
+                seen[name] = time.time() - since
         time.sleep(LOG_POLL)
     return seen
+
+
+def seen_in_logs(offsets: dict[str, int], needle: str, since: float, timeout: float
+                 ) -> dict[str, float | None]:
+    """Per device log: seconds from `since` until a line with `needle` appeared past its
+    offset, None if not within `timeout`."""
+    def logged(name: str) -> bool:
+        with (LOG_DIR / f"{name}.log").open("rb") as f:
+            f.seek(offsets[name])
+            return needle.encode() in f.read()
+
+    return until_each(list(offsets), logged, since, timeout)
 
 
 def path_lines(device: str, peer: str, n: int = 4) -> str:
@@ -362,12 +371,7 @@ def behaviours(lab: LabNetwork) -> list[Behaviour]:
     out.append(Behaviour("release target known on every device after publish", took,
                          KNOWN_BOUND, f"{detail}; the publish command took {done - started:.1f} s"))
     blobs = set(published["blobs"])
-    held: dict[str, float | None] = dict.fromkeys(names)
-    while any(v is None for v in held.values()) and time.time() < done + KNOWN_TIMEOUT:
-        for n in names:
-            if held[n] is None and blobs <= blobs_held(n):
-                held[n] = time.time() - done
-        time.sleep(LOG_POLL)
+    held = until_each(names, lambda n: blobs <= blobs_held(n), done, KNOWN_TIMEOUT)
     took, detail = _slowest(held)
     out.append(Behaviour("release blobs held on every device after publish", took,
                          KNOWN_TIMEOUT, f"{detail} ({RELEASE_SIZE // 1000} kB)"))
