@@ -15,7 +15,10 @@ What the image does (`/app/bin/run`, busybox sh):
 
 Layers above the base: ``/app/assets`` (~192 KB of fixed pseudo-random bytes, identical in every
 version, so it dedups across releases) and ``/app/bin`` + ``/app/www`` + ``/app/VERSION`` (a few
-hundred bytes that change with the version: the v1 -> v2 delta is tiny).
+hundred bytes that change with the version: the v1 -> v2 delta is tiny). ``--payload BYTES`` adds
+a layer ``/app/payload`` of that many pseudo-random bytes drawn afresh for each version: a
+release whose bytes B are about BYTES (no delta or compression shrinks them), for tests that
+measure WAN bytes against B.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ DEFAULT_PORT: Final = 8080
 DEFAULT_HEARTBEAT_S: Final = 3
 ASSET_BYTES: Final = 192 * 1024  # "a few hundred KB above busybox"
 ASSET_SEED: Final = 20240601
+MAX_PAYLOAD: Final = 256 * 1024 * 1024
 FIXED_MTIME: Final = 1_700_000_000  # same file times in every build: same layer, same diff ID
 
 _RUN: Final = """#!/bin/sh
@@ -57,7 +61,7 @@ _HTTP_OFF: Final = 'echo "fleetmesh-sample $VERSION: unhealthy build, no HTTP se
 
 _DOCKERFILE: Final = f"""FROM {BUSYBOX_IMAGE}
 COPY assets /app/assets
-COPY app /app
+{{payload}}COPY app /app
 ENV PORT={DEFAULT_PORT} HEARTBEAT={DEFAULT_HEARTBEAT_S}
 HEALTHCHECK --interval=2s --timeout=2s --retries=3 \\
   CMD wget -q -O /dev/null "http://127.0.0.1:$PORT/" || exit 1
@@ -69,27 +73,32 @@ def tag(version: int) -> str:
     return f"{REPOSITORY}:v{version}"
 
 
-def context_files(version: int, unhealthy: bool = False) -> dict[str, tuple[bytes, int]]:
+def context_files(version: int, unhealthy: bool = False, payload: int = 0
+                  ) -> dict[str, tuple[bytes, int]]:
     """The build context: path -> (content, mode)."""
     label = f"v{version}"
     run = _RUN.format(version=label, http=_HTTP_OFF if unhealthy else _HTTP_ON,
                       heartbeat=DEFAULT_HEARTBEAT_S)
-    return {
-        "Dockerfile": (_DOCKERFILE.encode(), 0o644),
+    dockerfile = _DOCKERFILE.format(payload="COPY payload /app/payload\n" if payload else "")
+    files = {
+        "Dockerfile": (dockerfile.encode(), 0o644),
         "assets/data.bin": (random.Random(ASSET_SEED).randbytes(ASSET_BYTES), 0o644),
         "app/bin/run": (run.encode(), 0o755),
         "app/www/index.html": (f"fleetmesh-sample {label}\n".encode(), 0o644),
         "app/VERSION": (f"{label}\n".encode(), 0o644),
     }
+    if payload:
+        files["payload/data.bin"] = (random.Random(ASSET_SEED + version).randbytes(payload), 0o644)
+    return files
 
 
-def build(version: int, docker_host: str, *, unhealthy: bool = False) -> str:
+def build(version: int, docker_host: str, *, unhealthy: bool = False, payload: int = 0) -> str:
     """Build fleetmesh-sample:vVERSION in the engine at docker_host; returns the tag."""
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise LabError(f"sample app version must be an integer >= 1, got {version!r}")
     with tempfile.TemporaryDirectory(prefix="fleetmesh-sample-") as tmp:
         root = Path(tmp)
-        for rel, (data, mode) in context_files(version, unhealthy).items():
+        for rel, (data, mode) in context_files(version, unhealthy, payload).items():
             path = root / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
@@ -116,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("version", metavar="VERSION", help="release number, 1 or more")
     p.add_argument("--unhealthy", action="store_true",
                    help="the app's HTTP server does not start (health checks fail)")
+    p.add_argument("--payload", type=int, default=0, metavar="BYTES",
+                   help="add a layer of BYTES pseudo-random bytes, new in every version")
     args = p.parse_args(argv)
     try:
         version = int(args.version.removeprefix("v"))
@@ -125,10 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if version < 1:
             raise LabError(f"VERSION must be an integer >= 1, got {args.version!r}")
+        if not 0 <= args.payload <= MAX_PAYLOAD:
+            raise LabError(f"--payload must be 0..{MAX_PAYLOAD} bytes, got {args.payload}")
         if not host:
             raise LabError("DOCKER_HOST is not set: run this in a lab node with an engine "
                            "(fleetmesh-lab exec operator -- python -m lab.sampleapp N)")
-        print(build(version, host, unhealthy=args.unhealthy))
+        print(build(version, host, unhealthy=args.unhealthy, payload=args.payload))
     except LabError as e:
         print(f"lab.sampleapp: {e}", file=sys.stderr)
         return 2

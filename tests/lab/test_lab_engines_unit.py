@@ -118,6 +118,24 @@ def test_sample_versions_differ_only_in_their_small_files() -> None:
     assert v2["app/www/index.html"][0] == b"fleetmesh-sample v2\n"
 
 
+def test_a_payload_is_a_layer_of_new_bytes_in_every_version() -> None:
+    v2, v3 = context_files(2, payload=50_000), context_files(3, payload=50_000)
+    assert b"COPY payload /app/payload" in v2["Dockerfile"][0]
+    assert b"payload" not in context_files(2)["Dockerfile"][0]
+    assert len(v2["payload/data.bin"][0]) == 50_000
+    # nothing shared between versions: the release's bytes are the payload's
+    a, b = v2["payload/data.bin"][0], v3["payload/data.bin"][0]
+    assert sum(x == y for x, y in zip(a, b, strict=True)) < 50_000 // 100
+    assert v2["assets/data.bin"] == v3["assets/data.bin"]
+
+
+def test_sampleapp_cli_rejects_a_bad_payload(capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent.sock")
+    assert sampleapp_main(["1", "--payload", "-1"]) == 2
+    assert capsys.readouterr().err.startswith("lab.sampleapp: --payload must be 0..")
+
+
 @pytest.mark.parametrize("argv", [["0"], ["x"], ["-3"]])
 def test_sampleapp_cli_rejects_a_bad_version(argv: list[str], capsys: pytest.CaptureFixture[str],
                                              monkeypatch: pytest.MonkeyPatch) -> None:
