@@ -98,6 +98,10 @@ class DeviceRecord:
     state: str  # one of DEVICE_STATES
     running_since: float | None = None
     error: str | None = None  # why it failed, one line
+    # Its reports still name this version failed from an earlier try (the rollout was
+    # started again): that is not a failure of this rollout until its agent acts on the retry
+    # and stops naming it; the deadline still applies.
+    retrying: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +132,8 @@ class Rollout:
                         "failed": list(p.failed), "healthy": list(p.healthy)}
                        for i, p in enumerate(self.phases)],
             "devices": {name: {"phase": d.phase, "state": d.state,
-                               "running_since": d.running_since, "error": d.error}
+                               "running_since": d.running_since, "error": d.error,
+                               "retrying": d.retrying}
                         for name, d in sorted(self.devices.items())},
             "created_at": self.created_at, "updated_at": self.updated_at,
             "events": [{"at": at, "text": text} for at, text in self.events],
@@ -147,7 +152,8 @@ class Rollout:
             devices = {str(name): DeviceRecord(int(d["phase"]), str(d["state"]),
                                                _opt_float(d["running_since"]),
                                                None if d.get("error") is None
-                                               else str(d["error"]))
+                                               else str(d["error"]),
+                                               d.get("retrying") is True)
                        for name, d in obj["devices"].items()}
             rollout = cls(
                 fleet=str(obj["fleet"]), app=str(obj["app"]), version=int(obj["version"]),
@@ -249,12 +255,18 @@ def held(fleet: str, app: str, version: int, previous: int | None, now: float) -
 
 
 def start(fleet: str, app: str, version: int, previous: int | None, spec: RolloutSpec,
-          members: Iterable[Member], now: float) -> Rollout:
-    """A new running rollout with its phases fixed and the first one started at `now`."""
+          members: Iterable[Member], now: float,
+          views: Mapping[str, DeviceView] | None = None) -> Rollout:
+    """A new running rollout with its phases fixed and the first one started at `now`.
+
+    `views` are the devices' reports at the start: a device whose report already names the
+    version failed (an earlier rollout of it halted) is `retrying`, not failed."""
     assigned = assign_phases(spec, members)
     phases = [PhaseRecord(str(p), names) for p, names in zip(spec.phases, assigned, strict=True)]
-    devices = {name: DeviceRecord(i, PENDING) for i, names in enumerate(assigned)
-               for name in names}
+    known = views or {}
+    devices = {name: DeviceRecord(i, PENDING, retrying=name in known and _failure(
+                   known[name], version) is not None)
+               for i, names in enumerate(assigned) for name in names}
     events: list[tuple[float, str]] = [
         (now, f"rollout of v{version} started: phases {spec.to_json()['phases']}, "
               f"{len(devices)} devices")]
@@ -352,7 +364,10 @@ class _Work:
                     continue
                 view = views.get(name) or DeviceView(name)
                 error = _failure(view, version)
-                if error is not None:
+                if record.retrying and error is None:
+                    record = replace(record, retrying=False)
+                    self.devices[name] = record
+                if error is not None and not record.retrying:
                     self.fail(name, error, now)
                 elif record.state == HEALTHY:
                     continue

@@ -138,9 +138,9 @@ def test_rollout_json_is_the_api_shape_and_reads_back() -> None:
                    {"index": 1, "spec": "100%", "devices": ["lan1-2"], "started_at": None,
                     "ended_at": None, "failed": [], "healthy": []}],
         "devices": {"lan1-1": {"phase": 0, "state": "failed", "running_since": None,
-                               "error": "health check …"},
+                               "error": "health check …", "retrying": False},
                     "lan1-2": {"phase": 1, "state": "pending", "running_since": None,
-                               "error": None}},
+                               "error": None, "retrying": False}},
         "created_at": 1.0, "updated_at": 2.0,
         "events": [{"at": 1.0, "text": "rollout of v2 started: phases 1,100%, 2 devices"},
                    {"at": 1.0, "text": "phase 1 (1) started: lan1-1"},
@@ -281,6 +281,34 @@ def test_a_device_that_does_not_run_the_release_by_the_deadline_fails() -> None:
     assert r.state == "halted"
     assert r.reason == f"phase 1: 1 failed of 2 (max-failures 0): {silent} failed: did not " \
                        "report v2 running healthily within 100 s of its phase start"
+
+
+def test_a_failure_left_from_an_earlier_try_waits_for_the_retry() -> None:
+    s = spec("2,100%", soak=10, deadline=100)
+    members = fleet(1, 3)
+    before = {"lan1-1": rolled_back("lan1-1"), "lan1-2": rolled_back("lan1-2"),
+              "lan1-3": rolled_back("lan1-3")}
+    r = start("f", "web", V, P, s, members, now=0.0, views=before)
+    assert Rollout.from_json(r.to_json()) == r
+    r = step(r, s, before, 1.0)
+    assert r.state == "running" and r.devices["lan1-1"].retrying
+    # lan1-1's agent acts on the retry: V is no longer failed there; then it fails V again.
+    retried = DeviceView("lan1-1", "downloading", P, V, (), None, 2.0)
+    r = step(r, s, {**before, "lan1-1": retried}, 2.0)
+    assert not r.devices["lan1-1"].retrying and r.state == "running"
+    r = step(r, s, before, 3.0)
+    assert r.state == "halted" and r.reason is not None
+    assert r.reason.startswith("phase 1: 1 failed of 1 (max-failures 0): lan1-1 failed")
+
+
+def test_a_retrying_device_that_never_retries_fails_at_the_deadline() -> None:
+    s = spec("1,100%", deadline=100)
+    stale = {"lan1-1": rolled_back("lan1-1")}
+    r = start("f", "web", V, P, s, fleet(1, 2), now=0.0, views=stale)
+    r = step(r, s, stale, 99.0)
+    assert r.state == "running"
+    r = step(r, s, stale, 100.0)
+    assert r.state == "halted" and r.reason is not None and "within 100 s" in r.reason
 
 
 # --------------------------------------------------------------------------- operator actions
