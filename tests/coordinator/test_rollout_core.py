@@ -138,9 +138,11 @@ def test_rollout_json_is_the_api_shape_and_reads_back() -> None:
                    {"index": 1, "spec": "100%", "devices": ["lan1-2"], "started_at": None,
                     "ended_at": None, "failed": [], "healthy": []}],
         "devices": {"lan1-1": {"phase": 0, "state": "failed", "running_since": None,
-                               "error": "health check …", "retrying": False},
+                               "error": "health check …", "retrying": False,
+                               "deadline_from": None},
                     "lan1-2": {"phase": 1, "state": "pending", "running_since": None,
-                               "error": None, "retrying": False}},
+                               "error": None, "retrying": False,
+                               "deadline_from": None}},
         "created_at": 1.0, "updated_at": 2.0,
         "events": [{"at": 1.0, "text": "rollout of v2 started: phases 1,100%, 2 devices"},
                    {"at": 1.0, "text": "phase 1 (1) started: lan1-1"},
@@ -309,6 +311,51 @@ def test_a_retrying_device_that_never_retries_fails_at_the_deadline() -> None:
     assert r.state == "running"
     r = step(r, s, stale, 100.0)
     assert r.state == "halted" and r.reason is not None and "within 100 s" in r.reason
+
+
+def test_waiting_for_the_maintenance_window_is_not_late() -> None:
+    s = spec("1,100%", deadline=100, soak=10)
+    r = start("f", "web", V, P, s, fleet(1, 2), now=0.0)
+    waiting = {"lan1-1": DeviceView("lan1-1", "waiting-window", P, V, (), None, 50.0)}
+    r = step(r, s, waiting, 50.0)
+    r = step(r, s, waiting, 120.0)  # past the phase's deadline, but it reports, waiting
+    assert r.state == "running" and next_deadline(r, s, 120.0) == 220.0
+    r = step(r, s, {"lan1-1": DeviceView("lan1-1", "loading", P, V, (), None, 121.0)}, 219.0)
+    assert r.state == "running"
+    r = step(r, s, {"lan1-1": DeviceView("lan1-1", "loading", P, V, (), None, 121.0)}, 220.0)
+    assert r.state == "halted"  # the window opened and it still did not run it in time
+
+
+def test_a_late_device_in_a_started_phase_has_its_own_deadline() -> None:
+    s = spec("1,100%", deadline=100, soak=10)
+    r = start("f", "web", V, P, s, fleet(1, 2), now=0.0)
+    r = promote(r, 1.0)
+    r = admit(r, s, [Member("late-1", {}, None, None, 500.0)], 500.0)
+    assert r.devices["late-1"].state == "updating"
+    devices = {n: runs(n) for n in ("lan1-1", "lan1-2")}
+    r = step(r, s, devices, 501.0)
+    assert r.state == "running" and next_deadline(r, s, 501.0) == 511.0
+    r = step(r, s, devices, 511.0)
+    assert r.state == "running" and next_deadline(r, s, 511.0) == 600.0
+    r = step(r, s, {**devices, "late-1": runs("late-1")}, 520.0)
+    r = step(r, s, {**devices, "late-1": runs("late-1")}, 530.0)
+    assert r.state == "done"
+
+
+def test_a_rollout_smaller_than_min_devices_is_judged_when_all_have_an_outcome() -> None:
+    s = spec("1,100%", max_failures="10%", min_devices=5, soak=10)
+    r = start("f", "web", V, P, s, fleet(1, 3), now=0.0)
+    canary = r.phases[0].devices[0]
+    rest = [n for n in ("lan1-1", "lan1-2", "lan1-3") if n != canary]
+    r = step(r, s, {canary: rolled_back(canary)}, 1.0)
+    assert r.state == "running" and r.phase == 1  # 1 outcome of the 3 (min-devices 5)
+    devices = {canary: rolled_back(canary), **{n: runs(n) for n in rest}}
+    r = step(r, s, devices, 2.0)
+    assert r.state == "running"
+    r = step(r, s, devices, 12.0)
+    assert r.state == "halted"  # all 3 have an outcome: 1 of 3 is above 10 %
+    assert r.reason == f"phase 2: 1 failed of 3 (max-failures 10%): {canary} failed: " \
+                       "health check failed: exit 1"
 
 
 # --------------------------------------------------------------------------- operator actions
