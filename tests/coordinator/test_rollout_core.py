@@ -8,6 +8,8 @@ import random
 from collections.abc import Iterable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from coordinator._rollout import (
     DeviceView,
@@ -28,7 +30,7 @@ from coordinator._rollout import (
     target_for,
 )
 from mesh.control import AppStatus
-from mesh.rollout import RolloutSpec
+from mesh.rollout import RolloutSpec, RolloutSpecError, cumulative_total
 
 V = 2  # the release rolled out
 P = 1  # the previous release
@@ -548,3 +550,38 @@ def test_target_in_each_state() -> None:
     assert target_for(bad, "lan1-1", None) == Target(P, pin_needed=True)
     no_previous = abort(start("f", "web", V, None, s, fleet(1, 1), now=0.0), 1.0)
     assert target_for(no_previous, "lan1-1", None) == Target(None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "c", None]),
+                          st.sampled_from(["cone", "sym", None]),
+                          st.sampled_from(["cam", "gw", ""])), max_size=30),
+       st.lists(st.sampled_from(["1", "2", "5", "2.5%", "10%", "50%", "role=cam", "role=gw"]),
+                min_size=1, max_size=5),
+       st.booleans(), st.randoms(use_true_random=False))
+def test_phase_membership_rules(devices: list[tuple[str | None, str | None, str]],
+                                items: list[str], all_last: bool, rnd: random.Random) -> None:
+    members = [Member(f"d{i}", {"role": role} if role else {}, site, nat, 0.0)
+               for i, (site, nat, role) in enumerate(devices)]
+    text = ",".join(dict.fromkeys(items))  # no item twice
+    try:
+        s = spec(text + (",100%" if all_last else ""))
+    except RolloutSpecError:
+        return  # counts or percentages out of order: refused, tested in tests/mesh
+    phases = assign_phases(s, members)
+    shuffled = list(members)
+    rnd.shuffle(shuffled)
+    assert assign_phases(s, shuffled) == phases
+    taken = [n for p in phases for n in p]
+    assert len(taken) == len(set(taken))  # no device in two phases
+    if all_last:
+        assert set(taken) == {m.name for m in members}
+    site = {m.name: m.site for m in members}
+    if s.phases[0].kind != "selector" and len(phases[0]) <= len(set(site.values())):
+        assert len({site[n] for n in phases[0]}) == len(phases[0])  # one per site first
+    total = 0
+    for phase_spec, names in zip(s.phases, phases, strict=True):
+        before, total = total, total + len(names)
+        if phase_spec.kind != "selector":
+            want = cumulative_total(phase_spec, len(members))
+            assert total == min(len(members), max(want, before + 1))
