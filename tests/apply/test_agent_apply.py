@@ -265,12 +265,15 @@ def test_device_targets_carry_hold_and_window() -> None:
     seconds = DeviceTarget.from_json({"app": "web", "version": 3,
                                       "window": "23:59:30-00:00:10"})
     assert (seconds.hold, seconds.window) == (False, "23:59:30-00:00:10")
+    # mesh.rollout.Window's canonical text: seconds only where they are not zero
+    assert DeviceTarget.from_json({"app": "web", "version": 3,
+                                   "window": "02:00:00-04:00:00"}).window == "02:00-04:00"
     # absent or null: no hold, no window (a coordinator from before rollouts)
     assert DeviceTarget.from_json({"app": "web", "version": 3, "hold": None,
                                    "window": None}) == DeviceTarget("web", 3)
     for bad in ({"hold": "true"}, {"hold": 1}, {"window": "2:00-4:00"},
                 {"window": "24:00-01:00"}, {"window": "02:60-03:00"}, {"window": "02:00"},
-                {"window": 7}, {"window": "02:00-04:00 "}, {"window": "02:00:60-04:00:00"}):
+                {"window": 7}, {"window": "02:00-04:00-05:00"}, {"window": "02:00:60-04:00:00"}):
         with pytest.raises(ControlError) as err:
             DeviceTarget.from_json({"app": "web", "version": 3, **bad})
         assert str(err.value).startswith(f"target.{next(iter(bad))}:")
