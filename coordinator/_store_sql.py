@@ -32,6 +32,7 @@ from mesh.control import (
 
 from . import _ipam
 from ._model import (
+    ROLLOUT_ACTIVE,
     AppControl,
     Conflict,
     Device,
@@ -41,7 +42,6 @@ from ._model import (
     FleetReleaseKey,
     FleetTarget,
     LogPage,
-    ROLLOUT_ACTIVE,
     MisbehaviourReport,
     NotFound,
     Operator,
