@@ -55,8 +55,9 @@ from ._model import (
     Unauthorized,
     device_info,
 )
-from ._peermap import Member, PeerMapCore
+from ._peermap import Member, PeerMapCore, endpoint_ip
 from ._releases import ReleaseRegistry, lock_stale
+from ._rollouts import RolloutService
 from ._store import Store
 
 log = logging.getLogger("fleetmesh.coordinator")
@@ -238,6 +239,7 @@ class FleetService:
         self.identity = identity
         self.store = store
         self.releases = ReleaseRegistry(store, blobs, settings.clock, self.targets_changed)
+        self.rollouts = RolloutService(store, self.releases, self._site_of)
         # the process's hub, brought up to date after a change of members (None: no hub)
         self._sync_hub = sync_hub
         self.core = PeerMapCore(identity.hub, first_version=int(settings.clock() * 1000))
@@ -273,6 +275,15 @@ class FleetService:
         if old is not None and old.public_key != d.public_key:
             self._key_names.pop(old.public_key, None)
         self._key_names[d.public_key] = d.name
+
+    def _site_of(self, name: str) -> str | None:
+        """A device's site for phase selection: its public IP as the coordinator sees it."""
+        member = self.core.member(name)
+        if member is None:
+            return None
+        if member.public_ip:
+            return member.public_ip
+        return endpoint_ip(member.public_endpoint) if member.public_endpoint else None
 
     def _set_operators(self) -> None:
         ops = self.store.list_operators()
@@ -478,9 +489,10 @@ class FleetService:
                                            self.settings.clock(), report.apps,
                                            report.misbehaving_peers, report.link,
                                            report.wan_bytes, report.wan_budget,
-                                           getattr(report, "timezone", None))
+                                           report.timezone)
         if cleared:  # a force the device no longer needs has left its targets
             self.releases.targets_changed(device.fleet, device.name)
+        self.rollouts.device_reported(device)  # its report may end a soak or fail a phase
         self.core.set_lan(device.name, report.lan_endpoints)
         if not self.settings.relay_hub and client_ip is not None:
             # No hub to observe handshakes: the address the report came from is the best
