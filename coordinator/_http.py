@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from mesh.control import MAX_BODY_BYTES, ControlError, check_app, check_name
+from mesh.rollout import RolloutSpecError
 
 from ._blobs import OpenBlob
 from ._listen import HttpLimits, SourceGate, peer_of
@@ -430,7 +431,7 @@ def guarded(fn: Handler, limit: int = MAX_BODY_BYTES) -> Handler:
             response = error(exc.status, str(exc), revoked=True)
         except CoordinatorError as exc:
             response = error(exc.status, str(exc))
-        except ControlError as exc:
+        except (ControlError, RolloutSpecError) as exc:
             response = error(400, str(exc))
         if not await drain(request, linger):
             _closing(response)

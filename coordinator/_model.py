@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, TypedDict
+from dataclasses import dataclass, field
+from typing import Any, Final, TypedDict
 
 from mesh.control import LinkState, LogLine, WanBudget, WanBytes
 
@@ -39,6 +39,9 @@ class Device:
     # its own WAN byte account, UTC day -> purpose -> bytes (its reports, merged by day)
     wan_bytes: WanBytes | None = None
     wan_budget: WanBudget | None = None  # its WAN budget, as its last report said (None: none)
+    # the operator's key=value tags (mesh.rollout.check_tags): selectors pick devices by them
+    tags: dict[str, str] = field(default_factory=dict)
+    timezone: str | None = None  # its local time zone, as its last report said (windows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +54,7 @@ class EnrollmentToken:
     expires_at: float
     created_at: float
     name: str | None = None  # bound to this device name (provisioning)
+    tags: dict[str, str] | None = None  # the tags of the device it enrolls (None: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +225,8 @@ class DeviceInfo(TypedDict):
     # the device's own WAN byte account from its reports: {"YYYY-MM-DD": {purpose: bytes}}
     wan_bytes: dict[str, dict[str, int]] | None
     wan_budget: dict[str, Any] | None  # mesh.control.WanBudget JSON from its last report
+    tags: dict[str, str]  # the operator's key=value tags
+    timezone: str | None  # its local time zone, from its last report
 
 
 def device_info(device: Device, *, online: bool, endpoint: str | None,
@@ -244,7 +250,8 @@ def device_info(device: Device, *, online: bool, endpoint: str | None,
             "link": device.link.to_json() if device.link is not None else None,
             "wan_bytes": None if device.wan_bytes is None else
             {day: dict(c) for day, c in sorted(device.wan_bytes.items(), reverse=True)},
-            "wan_budget": None if device.wan_budget is None else device.wan_budget.to_json()}
+            "wan_budget": None if device.wan_budget is None else device.wan_budget.to_json(),
+            "tags": dict(sorted(device.tags.items())), "timezone": device.timezone}
 
 
 WAN_DAYS_KEPT = 7  # a device's byte account: the newest week of days it reported
@@ -370,3 +377,27 @@ def release_info(r: Release) -> ReleaseInfo:
 def target_info(t: FleetTarget) -> TargetInfo:
     return {"fleet": t.fleet, "app": t.app, "version": t.version, "device": t.device,
             "pin": None if t.pin is None else t.pin.hex(), "set_at": t.set_at}
+
+
+ROLLOUT_ACTIVE: Final = ("running", "paused")  # a rollout that still moves devices
+ROLLOUT_BAD: Final = ("halted", "aborted")  # its release is bad: never a default target
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutRecord:
+    """A release's rollout as stored: `state` is its mesh.rollout.ROLLOUT_STATES name (also
+    inside `data`, kept apart so the store can find the active ones); `spec` the
+    RolloutSpec JSON and `data` the coordinator._rollout.Rollout JSON (both None while
+    `held`: published for nobody); `rollback_pin` the encoded SignedPin of `previous` that
+    takes devices back when the release turns bad."""
+
+    fleet: str
+    app: str
+    version: int
+    state: str
+    previous: int | None
+    created_at: float
+    updated_at: float
+    spec: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None
+    rollback_pin: bytes | None = None

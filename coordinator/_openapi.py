@@ -25,6 +25,7 @@ from mesh.control import (
 )
 from mesh.names import APP_NAME_RE, DEVICE_NAME_RE, MAX_APP_NAME
 from mesh.release import MAX_ROOT_CHAIN, MAX_ROOT_KEYS
+from mesh.rollout import MAX_SELECTOR_TEXT, MAX_TAGS, TAG_KEY_RE, TAG_VALUE_RE
 
 from ._http import MAX_INT
 from .routes.devices import DEFAULT_WAIT, MAX_WAIT
@@ -92,6 +93,15 @@ _STRN = {"type": ["string", "null"]}
 _NUMN = {"type": ["number", "null"]}
 _INTN = {"type": ["integer", "null"]}
 _EPS = {"type": "array", "items": _STR, "maxItems": 8}
+# device tags (mesh.rollout.check_tags) and selectors (docs/rollouts.md)
+_TAGS = {"type": "object", "maxProperties": MAX_TAGS,
+         "propertyNames": {"pattern": _ecma(TAG_KEY_RE)},
+         "additionalProperties": {"type": "string", "pattern": _ecma(TAG_VALUE_RE)}}
+_TAGSN = {"oneOf": [_TAGS, {"type": "null"}], "description": "the tags of the device it "
+          "enrolls (absent or null: none)"}
+_SELECTOR = {"type": "string", "minLength": 1, "maxLength": MAX_SELECTOR_TEXT,
+             "description": "key=value conditions, all must hold, separated by ',' or '+' "
+                            "(key= matches an absent or empty tag)"}
 
 
 def _body(schema: dict[str, Any]) -> dict[str, Any]:
@@ -257,11 +267,15 @@ SCHEMAS: dict[str, Any] = {
                                                  "never reported)"},
                        wan_budget={"oneOf": [_ref("WanBudget"), {"type": "null"}],
                                    "description": "its WAN budget as its last report said "
-                                                  "(null: none)"}),
+                                                  "(null: none)"},
+                       tags=_TAGS,
+                       timezone={"type": ["string", "null"],
+                                 "description": "its local time zone, as its last report "
+                                                "said (null: not said)"}),
     # uses: at most the fleet's quota of devices (the coordinator's --max-fleet-devices)
     "TokenRequest": _obj(["fleet"], fleet=_DEV,
                          uses={"type": ["integer", "null"], "minimum": 1, "default": 1},
-                         expires_in=_EXPIRES, name=_DEVN),
+                         expires_in=_EXPIRES, name=_DEVN, tags=_TAGSN),
     "Token": _obj(["token", "fleet", "uses", "expires_at"], token=_STR, fleet=_STR,
                   uses={"type": "integer"}, expires_at={"type": "number"}),
     "Join": _obj(["url", "token", "name", "fleet"], url=_STR, token=_STR, name=_STR,
@@ -330,12 +344,14 @@ def openapi_document() -> dict[str, Any]:
             "responses": {"201": _json(_ref("Token")), **_ERRORS}}},
         "/api/v1/devices": {
             "get": {"summary": "list devices", "security": _OPERATOR,
-                    "parameters": [{"name": "fleet", "in": "query", "schema": _DEV}],
+                    "parameters": [{"name": "fleet", "in": "query", "schema": _DEV},
+                                   {"name": "selector", "in": "query", "schema": _SELECTOR,
+                                    "description": "only devices whose tags match"}],
                     "responses": {"200": _json(_obj(["devices"], devices={
                         "type": "array", "items": _ref("DeviceInfo")})), **_ERRORS}},
             "post": {"summary": "provision a device", "security": _OPERATOR,
                      "requestBody": _body(_obj(["name", "fleet"], name=_DEV, fleet=_DEV,
-                                               expires_in=_EXPIRES)),
+                                               expires_in=_EXPIRES, tags=_TAGSN)),
                      "responses": {"201": _json(_obj(["device", "join"],
                                                      device=_ref("DeviceInfo"),
                                                      join=_ref("Join"))), **_ERRORS}}},
@@ -350,6 +366,15 @@ def openapi_document() -> dict[str, Any]:
             "parameters": [_NAME],
             "responses": {"200": _json(_obj(["peers"], peers={
                 "type": "array", "items": _ref("PeerReport")})), **_ERRORS}}},
+        "/api/v1/devices/{name}/tags": {"patch": {
+            "summary": "remove, then set, tags of a device (at most 32 in all)",
+            "security": _OPERATOR, "parameters": [_NAME],
+            "requestBody": _body({**_obj([], set=_TAGSN, remove={
+                "type": ["array", "null"], "maxItems": MAX_TAGS,
+                "items": {"type": "string", "pattern": _ecma(TAG_KEY_RE)}}),
+                "additionalProperties": False}),
+            "responses": {"200": _json(_obj(["device", "tags"], device=_STR, tags=_TAGS)),
+                          **_ERRORS}}},
         "/api/v1/operators": {"post": {
             "summary": "register an operator workstation as a hub peer",
             "security": _OPERATOR, "requestBody": _body(_ref("OperatorRequest")),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
 from typing import Any, Final, TypedDict
 
 import trio
@@ -43,9 +44,12 @@ from mesh.release import (
     verify_root,
     verify_timestamp_grant,
 )
+from mesh.rollout import RolloutSpecError, Window
 
+from . import _rollout as core
 from ._blobs import MAX_BLOB_BYTES, BlobSeed, OpenBlob, check_blob_id
 from ._model import (
+    ROLLOUT_BAD,
     AppControl,
     Conflict,
     Device,
@@ -58,12 +62,29 @@ from ._model import (
     Release,
     ReleaseDetail,
     ReleaseInfo,
+    RolloutRecord,
     TargetInfo,
     TooLarge,
     release_info,
     target_info,
 )
 from ._store import Store
+
+
+class RolloutSummary(TypedDict):
+    state: str
+    phase: int
+    phases: int
+    reason: str | None
+
+
+def rollout_summary(rollout: RolloutRecord | None) -> RolloutSummary | None:
+    """ReleaseStatus's `rollout`: where the release's rollout stands (None: it has none)."""
+    if rollout is None:
+        return None
+    data = rollout.data or {}
+    return {"state": rollout.state, "phase": int(data.get("phase") or 0),
+            "phases": len(data.get("phases") or []), "reason": data.get("reason")}
 
 MAX_MISSING_QUERY: Final = 10_000  # IDs per POST /blobs/missing (docs/api.md)
 # How long a timestamp a device fetched stays good: a device that gets no newer one within
@@ -93,13 +114,16 @@ class RootInfo(TypedDict):
 
 
 class DeviceTargetInfo(TypedDict):
-    """One entry of GET /device/target: the target plus the operator's force and retry."""
+    """One entry of GET /device/target: the target plus the operator's force and retry, and
+    what its rollout says (hold: download only; window: apply only inside it)."""
 
     app: str
     version: int
     pin: str | None  # hex
     force: bool
     retry: int
+    hold: bool
+    window: str | None
 
 
 class ForceAnswer(TypedDict):
@@ -220,7 +244,9 @@ class ReleaseRegistry:
 
     # -- releases ----------------------------------------------------------------------------
 
-    async def publish(self, data: bytes) -> tuple[ReleaseInfo, bool]:
+    async def publish(self, data: bytes, held: bool = False) -> tuple[ReleaseInfo, bool]:
+        """`held`: published for nobody (a rollout in state `held`) until a rollout starts;
+        else the newest release is every unpinned device's target at once."""
         signed, m = _decode(data)
         check_name(m.fleet, "release fleet")
         existing = self.store.get_release(m.fleet, m.app, m.version)
@@ -260,7 +286,12 @@ class ReleaseRegistry:
                 delta_size=sum(d.size for layer in m.layers for d in layer.deltas),
                 blob_ids=tuple(i for i, _, _ in refs))
             stored, created = self.store.add_release(release)
-        if created:  # the fleet's newest: the target of every device nobody pinned
+            if created and held:
+                now = self.clock()
+                self.store.put_rollout(RolloutRecord(
+                    m.fleet, m.app, m.version, "held", self.previous_version(
+                        m.fleet, m.app, m.version), now, now))
+        if created and not held:  # the fleet's newest: the target of every device nobody pinned
             self.targets_changed(m.fleet, None)
         return release_info(stored), created
 
@@ -461,28 +492,48 @@ class ReleaseRegistry:
         self.targets_changed(fleet, device)
         return target_info(target)
 
-    def _newest(self, fleet: str) -> dict[str, FleetTarget]:
-        """Per app: the fleet's newest release, as the target of devices nobody pinned."""
+    def _newest(self, fleet: str, rollouts: list[RolloutRecord] | None = None
+                ) -> dict[str, FleetTarget]:
+        """Per app: the fleet's newest release, as the target of devices nobody pinned. A
+        bad release (its rollout halted or aborted) is never the default, nor is a held one
+        (published for nobody): both fall to the release below them."""
+        if rollouts is None:
+            rollouts = self.store.rollouts(fleet)
+        skipped = {(r.app, r.version) for r in rollouts if r.state in (*ROLLOUT_BAD, "held")}
         newest: dict[str, FleetTarget] = {}
         for r in self.store.list_releases(fleet):
+            if (r.app, r.version) in skipped:
+                continue
             if r.app not in newest or r.version > newest[r.app].version:
                 newest[r.app] = FleetTarget(fleet, r.app, r.version, None, None, r.published_at)
         return newest
 
-    def _targets_of(self, device: Device) -> dict[str, FleetTarget]:
-        """Per app: the device's own target over the fleet's over the newest release."""
-        return chosen_targets(self.store.targets(device.fleet), device.name,
-                              self._newest(device.fleet))
+    def previous_version(self, fleet: str, app: str, version: int) -> int | None:
+        """The release a rollout of `version` falls back to: the highest published version
+        below it that is not itself bad (its rollout halted or aborted)."""
+        bad = {r.version for r in self.store.rollouts(fleet) if r.app == app and
+               r.state in ROLLOUT_BAD}
+        below = [r.version for r in self.store.list_releases(fleet, app)
+                 if r.version < version and r.version not in bad]
+        return max(below, default=None)
+
+    def _targets_of(self, device: Device) -> dict[str, DeviceChoice]:
+        rollouts = self.store.rollouts(device.fleet)
+        return resolve_targets(self.store.targets(device.fleet), device,
+                               self._newest(device.fleet, rollouts), rollouts)
 
     def device_targets(self, device: Device) -> list[DeviceTargetInfo]:
-        """Per app: the device's target, with the operator's force and retry counter."""
+        """Per app: the device's target, with the operator's force and retry counter and
+        its rollout's hold and window."""
         controls = self.store.app_controls(device.id)
         out: list[DeviceTargetInfo] = []
-        for t in sorted(self._targets_of(device).values(), key=lambda t: t.app):
-            control = controls.get(t.app, AppControl())
-            out.append({"app": t.app, "version": t.version,
+        for app, c in sorted(self._targets_of(device).items()):
+            t = c.target
+            control = controls.get(app, AppControl())
+            out.append({"app": app, "version": t.version,
                         "pin": None if t.pin is None else t.pin.hex(),
-                        "force": control.force_version == t.version, "retry": control.retry})
+                        "force": control.force_version == t.version, "retry": control.retry,
+                        "hold": c.hold, "window": c.window})
         return out
 
     # -- operator actions on devices (issue 6: update locks, retries) -----------------------
@@ -497,12 +548,12 @@ class ReleaseRegistry:
         """Force the device past its update lock for its current target of `app` (or take
         that back); the force goes by itself once the device runs that version or a newer."""
         device = self._live_device(name)
-        target = self._targets_of(device).get(app)
-        if target is None:
+        choice = self._targets_of(device).get(app)
+        if choice is None:
             raise Conflict(f"device {name} has no target for {app}: set one first")
-        self.store.set_force(device.id, app, target.version if force else None)
+        self.store.set_force(device.id, app, choice.target.version if force else None)
         self.targets_changed(device.fleet, device.name)
-        return {"device": name, "app": app, "version": target.version, "force": force}
+        return {"device": name, "app": app, "version": choice.target.version, "force": force}
 
     def retry_device(self, name: str, app: str) -> DeviceRetryAnswer:
         """Let the device try again the version of `app` it marked failed."""
@@ -532,13 +583,18 @@ class ReleaseRegistry:
         self._release(fleet, app, version)
         now = self.clock()
         targets = self.store.targets(fleet)
-        newest = self._newest(fleet)
+        rollouts = self.store.rollouts(fleet)
+        newest = self._newest(fleet, rollouts)
         statuses = self.store.app_statuses(fleet)
+        rollout = next((r for r in rollouts if (r.app, r.version) == (app, version)), None)
+        members = {} if rollout is None or rollout.data is None else \
+            rollout.data.get("devices", {})
         rows = []
         for d in self.store.list_devices(fleet):
             if d.state is not DeviceState.ACTIVE:
                 continue
-            target = chosen_targets(targets, d.name, newest).get(app)
+            choice = resolve_targets(targets, d, newest, rollouts).get(app)
+            target = None if choice is None else choice.target
             status = _status_of(statuses, d, app)
             state = device_release_state(version, None if target is None else target.version,
                                          status)
@@ -558,12 +614,13 @@ class ReleaseRegistry:
                 "lock_stale": lock_stale(status, now, lock_stale_after),
                 "by_source": (status.by_source if current and status else SourceBytes()
                               ).to_json(),
-                "updated_at": None if status is None else status.updated_at})
+                "updated_at": None if status is None else status.updated_at,
+                "phase": _member_phase(members, d.name)})
         summary = {"total": len(rows)}
         for key, states in SUMMARY_STATES.items():
             summary[key] = sum(1 for r in rows if r["state"] in states)
         return {"fleet": fleet, "app": app, "version": version, "devices": rows,
-                "summary": summary}
+                "summary": summary, "rollout": rollout_summary(rollout)}
 
 
 # States of a device in a rollout beyond the agent's APPLY_STATES (mesh.control.APP_STATES).
@@ -571,7 +628,8 @@ SUPERSEDED: Final = "superseded"  # runs a newer version of the app
 PENDING: Final = "pending"  # targeted, but its agent has not reported working on it yet
 SUMMARY_STATES: Final = {
     "running": ("running",), "failed": ("failed",), "downloading": ("downloading",),
-    "waiting": ("waiting-lock",), "pending": (PENDING,), "superseded": (SUPERSEDED,)}
+    "waiting": ("waiting-lock", "waiting-phase", "waiting-window"), "pending": (PENDING,),
+    "superseded": (SUPERSEDED,)}
 
 
 def chosen_targets(targets: list[FleetTarget], device: str,
@@ -589,6 +647,81 @@ def chosen_targets(targets: list[FleetTarget], device: str,
         elif t.device == device:
             chosen[t.app] = t
     return chosen
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceChoice:
+    """What one device should run of one app: the target, and what its rollout adds."""
+
+    target: FleetTarget
+    hold: bool = False  # download it, do not apply it: the device's phase has not started
+    window: str | None = None  # apply only inside this window, in the device's local time
+
+
+def _member_phase(members: dict[str, Any], name: str) -> int | None:
+    entry = members.get(name)
+    phase = entry.get("phase") if isinstance(entry, dict) else None
+    return phase if isinstance(phase, int) else None
+
+
+def _window_tag(device: Device) -> str | None:
+    """The device's `window` tag as a window (a tag that is not one holds nothing back)."""
+    text = device.tags.get("window")
+    if not text:
+        return None
+    try:
+        return str(Window.parse(text))
+    except RolloutSpecError:
+        return None
+
+
+def stored_rollout(record: RolloutRecord) -> core.Rollout:
+    """The core's Rollout of a stored record (a held one has no JSON of its own)."""
+    if record.data is None:
+        return core.held(record.fleet, record.app, record.version, record.previous,
+                         record.created_at)
+    return replace(core.Rollout.from_json(record.data), state=record.state)
+
+
+def resolve_targets(targets: list[FleetTarget], device: Device,
+                    newest: dict[str, FleetTarget], rollouts: list[RolloutRecord]
+                    ) -> dict[str, DeviceChoice]:
+    """Per app: what the device should run (docs/rollouts.md, "Targets"). Its own target
+    wins; a release with a rollout goes to the devices of its started phases (hold for the
+    later ones, the previous release for the others); a bad release's previous version goes
+    to everyone with the rollback pin."""
+    by_release = {(r.app, r.version): r for r in rollouts}
+    out: dict[str, DeviceChoice] = {}
+    for app, chosen in chosen_targets(targets, device.name, newest).items():
+        if chosen.device is not None:  # the operator's word for this device
+            out[app] = DeviceChoice(chosen)
+            continue
+        # The way back from a bad release above this one: its rollback pin lets the devices
+        # that ran it go back (the others already run this one).
+        back = next((r for r in sorted(rollouts, key=lambda r: -r.version)
+                     if r.app == app and r.state in ROLLOUT_BAD and r.previous == chosen.version
+                     and r.rollback_pin is not None), None)
+        t = chosen if back is None else FleetTarget(chosen.fleet, app, chosen.version, None,
+                                                     back.rollback_pin, chosen.set_at)
+        record = by_release.get((app, t.version))
+        if record is None:
+            out[app] = DeviceChoice(t, window=None if back else _window_tag(device))
+            continue
+        try:
+            rollout = stored_rollout(record)
+        except ValueError:  # a damaged row: the release is treated as held, never as out
+            rollout = core.held(record.fleet, app, record.version, record.previous, 0.0)
+        decided = core.target_for(rollout, device.name, device.tags.get("window"))
+        if decided.version is None:
+            continue
+        if decided.version == t.version:
+            out[app] = DeviceChoice(t, hold=decided.hold,
+                                    window=None if back else decided.window)
+        else:
+            pin = record.rollback_pin if decided.pin_needed else None
+            out[app] = DeviceChoice(FleetTarget(t.fleet, app, decided.version, None, pin,
+                                                t.set_at))
+    return out
 
 
 def _status_of(statuses: dict[str, list[AppStatus]], device: Device, app: str

@@ -290,6 +290,7 @@ class Coordinator:
                 gate = SourceGate(limits.max_unauthenticated_per_source)
                 hc = hypercorn_config(limits, str(self.cert_path), str(self.key_path))
                 nursery.start_soon(service.batcher)
+                await nursery.start(service.rollouts.run)
                 await nursery.start(partial(serve, build_app(service, limits, gate), hc, socks,
                                             gate))
                 log.info("coordinator listening on %s (fingerprint %s)", self.url,

@@ -34,6 +34,7 @@ from mesh.control import (
     key_proof_mac,
     x25519_secret,
 )
+from mesh.rollout import MAX_TAGS, Selector
 
 from . import _secrets
 from ._blobs import BlobSeed
@@ -54,8 +55,9 @@ from ._model import (
     Unauthorized,
     device_info,
 )
-from ._peermap import Member, PeerMapCore
+from ._peermap import Member, PeerMapCore, endpoint_ip
 from ._releases import ReleaseRegistry, lock_stale
+from ._rollouts import RolloutService
 from ._store import Store
 
 log = logging.getLogger("fleetmesh.coordinator")
@@ -237,6 +239,7 @@ class FleetService:
         self.identity = identity
         self.store = store
         self.releases = ReleaseRegistry(store, blobs, settings.clock, self.targets_changed)
+        self.rollouts = RolloutService(store, self.releases, self._site_of)
         # the process's hub, brought up to date after a change of members (None: no hub)
         self._sync_hub = sync_hub
         self.core = PeerMapCore(identity.hub, first_version=int(settings.clock() * 1000))
@@ -272,6 +275,15 @@ class FleetService:
         if old is not None and old.public_key != d.public_key:
             self._key_names.pop(old.public_key, None)
         self._key_names[d.public_key] = d.name
+
+    def _site_of(self, name: str) -> str | None:
+        """A device's site for phase selection: its public IP as the coordinator sees it."""
+        member = self.core.member(name)
+        if member is None:
+            return None
+        if member.public_ip:
+            return member.public_ip
+        return endpoint_ip(member.public_endpoint) if member.public_endpoint else None
 
     def _set_operators(self) -> None:
         ops = self.store.list_operators()
@@ -476,9 +488,11 @@ class FleetService:
                                            report.agent_version, report.peers,
                                            self.settings.clock(), report.apps,
                                            report.misbehaving_peers, report.link,
-                                           report.wan_bytes, report.wan_budget)
+                                           report.wan_bytes, report.wan_budget,
+                                           report.timezone)
         if cleared:  # a force the device no longer needs has left its targets
             self.releases.targets_changed(device.fleet, device.name)
+        self.rollouts.device_reported(device)  # its report may end a soak or fail a phase
         self.core.set_lan(device.name, report.lan_endpoints)
         if not self.settings.relay_hub and client_ip is not None:
             # No hub to observe handshakes: the address the report came from is the best
@@ -566,33 +580,47 @@ class FleetService:
             apps=[{**a.to_json(), "lock_stale": lock_stale(a, now, stale_after)}
                   for a in apps], reports=reports)
 
-    def _token(self, fleet: str, uses: int, expires_in: int, name: str | None
-               ) -> tuple[str, EnrollmentToken]:
+    def _token(self, fleet: str, uses: int, expires_in: int, name: str | None,
+               tags: dict[str, str] | None = None) -> tuple[str, EnrollmentToken]:
         secret, now = _secrets.new_secret(), self.settings.clock()
         token = EnrollmentToken(_secrets.secret_hash(secret), fleet, uses, now + expires_in,
-                                now, name)
+                                now, name, tags)
         return str(TokenParts(self.identity.fingerprint, secret)), token
 
-    def create_token(self, fleet: str, uses: int, expires_in: int, name: str | None
-                     ) -> TokenCreated:
-        text, token = self._token(fleet, uses, expires_in, name)
+    def create_token(self, fleet: str, uses: int, expires_in: int, name: str | None,
+                     tags: dict[str, str] | None = None) -> TokenCreated:
+        """`tags`: those of every device the token enrolls (None: none)."""
+        text, token = self._token(fleet, uses, expires_in, name, tags)
         self.store.create_token(token)
         return {"token": text, "fleet": fleet, "uses": uses, "expires_at": token.expires_at}
 
-    def provision(self, name: str, fleet: str, expires_in: int) -> Provisioned:
+    def provision(self, name: str, fleet: str, expires_in: int,
+                  tags: dict[str, str] | None = None) -> Provisioned:
         self._check_fleet_room(fleet)
-        text, token = self._token(fleet, 1, expires_in, name)
+        text, token = self._token(fleet, 1, expires_in, name, tags)
         device = self.store.provision(_secrets.new_id("d_"), name, fleet, token,
                                       token.created_at)
         return {"device": self._info(device),
                 "join": {"url": self.identity.public_url, "token": text, "name": name,
                          "fleet": fleet}}
 
-    def list_devices(self, fleet: str | None) -> list[DeviceInfo]:
+    def list_devices(self, fleet: str | None, selector: Selector | None = None
+                     ) -> list[DeviceInfo]:
+        """The devices (of `fleet`; whose tags match `selector`)."""
         apps = self.store.app_statuses(fleet)
         reports = self.store.misbehaviour_reports(fleet)
         return [self._info(d, apps.get(d.id, []), reports)
-                for d in self.store.list_devices(fleet)]
+                for d in self.store.list_devices(fleet)
+                if selector is None or selector.matches(d.tags)]
+
+    def tag_device(self, name: str, set_tags: dict[str, str], remove: list[str]
+                   ) -> dict[str, Any]:
+        """Set and remove tags of a live device → `{"device", "tags"}`. Its targets may
+        change with them (a rollout's selector, a window tag): its agent re-reads them."""
+        device = self.store.update_tags(name, set_tags, remove, MAX_TAGS)
+        if device.state is DeviceState.ACTIVE:
+            self.releases.targets_changed(device.fleet, device.name)
+        return {"device": device.name, "tags": dict(sorted(device.tags.items()))}
 
     def _device(self, name: str) -> Device:
         device = self.store.device_by_name(name)

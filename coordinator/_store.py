@@ -33,6 +33,7 @@ from ._model import (
     MisbehaviourReport,
     Operator,
     Release,
+    RolloutRecord,
 )
 
 
@@ -85,14 +86,16 @@ class Store(Protocol):
                       peers: Sequence[PeerPath], now: float, apps: Sequence[AppStatus] = (),
                       misbehaving: Sequence[PeerMisbehaviour] = (),
                       link: LinkState | None = None, wan_bytes: WanBytes | None = None,
-                      wan_budget: WanBudget | None = None) -> list[str]:
+                      wan_budget: WanBudget | None = None, timezone: str | None = None
+                      ) -> list[str]:
         """Also replaces what the device last said of misbehaving peers with `misbehaving`
         (an old agent's report says nothing: none), merges `wan_bytes` (its byte account)
         by day with what is stored (the newest week kept), replaces its `wan_budget` (None: it
         runs without one), keeps each app's status (replacing the
         previous one of that app; at most mesh.control.MAX_APPS per device, past which the
         apps this report leaves out lose theirs) and clears the force of every app now running
-        the forced version or a newer one → those apps."""
+        the forced version or a newer one → those apps. `timezone`: the device's, as the
+        report said (None: not said)."""
 
     def record_public_endpoint(self, device_id: str, endpoint: str | None) -> None:
         """The endpoint the hub last saw the device at (kept across coordinator restarts)."""
@@ -177,3 +180,21 @@ class Store(Protocol):
 
     def targets(self, fleet: str) -> list[FleetTarget]:
         """Every target of the fleet, fleet-wide and per device."""
+
+    # -- tags and rollouts (issue 16) --------------------------------------------------------
+
+    def update_tags(self, name: str, set_tags: dict[str, str], remove: Sequence[str],
+                    max_tags: int) -> Device:
+        """Remove the keys `remove`, then set `set_tags`, on the live device of that name
+        (NotFound if none); ControlError if it would have more than `max_tags` tags."""
+
+    def put_rollout(self, rollout: RolloutRecord, exclusive: bool = False) -> None:
+        """Store (or replace) the release's rollout; NotFound if the release is not published.
+        `exclusive`: Conflict if another rollout of the app in the fleet is running or
+        paused (checked in the same transaction)."""
+
+    def get_rollout(self, fleet: str, app: str, version: int) -> RolloutRecord | None: ...
+
+    def rollouts(self, fleet: str | None = None, states: Sequence[str] | None = None
+                 ) -> list[RolloutRecord]:
+        """The rollouts (of `fleet`, in one of `states`), newest first."""

@@ -32,6 +32,7 @@ from mesh.control import (
 
 from . import _ipam
 from ._model import (
+    ROLLOUT_ACTIVE,
     AppControl,
     Conflict,
     Device,
@@ -46,6 +47,7 @@ from ._model import (
     Operator,
     ProofRequired,
     Release,
+    RolloutRecord,
     TokenExpired,
     TokenUnknown,
     TokenUsedUp,
@@ -204,13 +206,37 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     # 10: each device's WAN budget and what it used, as its last report said
     # (mesh.control.WanBudget JSON; NULL: its agent runs without one)
     "ALTER TABLE devices ADD COLUMN wan_budget TEXT;",
+    # 11: rollouts (issue 16). Each device's tags (a JSON object, mesh.rollout.check_tags) and
+    # the time zone its last report named (maintenance windows are in local time); a token's
+    # tags go to the device it enrolls. One rollout per release: `state` is its
+    # mesh.rollout.ROLLOUT_STATES name ('held': published for nobody yet), `spec` the
+    # RolloutSpec JSON, `data` the coordinator._rollout.Rollout JSON (both NULL while held),
+    # `rollback_pin` the SignedPin of `previous` that takes devices back on a halt.
+    """
+    ALTER TABLE devices ADD COLUMN tags TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE devices ADD COLUMN timezone TEXT;
+    ALTER TABLE tokens ADD COLUMN tags TEXT;
+    CREATE TABLE rollouts (
+        fleet TEXT NOT NULL REFERENCES fleets(name),
+        app TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        previous INTEGER,
+        spec TEXT,
+        data TEXT,
+        rollback_pin BLOB,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (fleet, app, version));
+    CREATE INDEX rollouts_state ON rollouts(state);
+    """,
 )
 
 T = TypeVar("T")
 
 _DEVICE_COLS: Final = ("id, name, fleet, state, created_at, public_key, mesh_ipv4, mesh_ipv6, "
                        "agent_version, lan_endpoints, last_report, enrolled_at, revoked_at, "
-                       "public_endpoint, link, wan_bytes, wan_budget")
+                       "public_endpoint, link, wan_bytes, wan_budget, tags, timezone")
 
 
 def _json_column(text: str | None, parse: Callable[[Any], T]) -> T | None:
@@ -231,7 +257,19 @@ def _device(row: Sequence[Any]) -> Device:
                   last_report=row[10], enrolled_at=row[11], revoked_at=row[12],
                   public_endpoint=row[13], link=_json_column(row[14], LinkState.from_json),
                   wan_bytes=_json_column(row[15], wan_bytes_from_json),
-                  wan_budget=_json_column(row[16], WanBudget.from_json))
+                  wan_budget=_json_column(row[16], WanBudget.from_json),
+                  tags=_json_column(row[17], _tags) or {}, timezone=row[18])
+
+
+def _tags(obj: Any) -> dict[str, str]:
+    """Tags as stored (validated before they were written)."""
+    if not isinstance(obj, dict):
+        raise ValueError("tags: not an object")
+    return {str(k): str(v) for k, v in obj.items()}
+
+
+def _tags_text(tags: dict[str, str] | None) -> str | None:
+    return None if tags is None else json.dumps(dict(sorted(tags.items())))
 
 
 _RELEASE_COLS: Final = ("fleet, app, version, signed, key_id, created_at, published_at, layers, "
@@ -249,9 +287,30 @@ def _target(row: Sequence[Any]) -> FleetTarget:
                   pin=None if row[4] is None else bytes(row[4]), set_at=row[5])
 
 
+_TOKEN_COLS: Final = "secret_hash, fleet, uses_left, expires_at, name, created_at, tags"
+
+
 def _token(row: Sequence[Any]) -> EnrollmentToken:
     return EnrollmentToken(secret_hash=row[0], fleet=row[1], uses_left=row[2],
-                           expires_at=row[3], name=row[4], created_at=row[5])
+                           expires_at=row[3], name=row[4], created_at=row[5],
+                           tags=_json_column(row[6], _tags))
+
+
+def _token_row(t: EnrollmentToken) -> tuple[Any, ...]:
+    return (t.secret_hash, t.fleet, t.uses_left, t.expires_at, t.name, t.created_at,
+            _tags_text(t.tags))
+
+
+_ROLLOUT_COLS: Final = ("fleet, app, version, state, previous, created_at, updated_at, spec, "
+                        "data, rollback_pin")
+
+
+def _rollout(row: Sequence[Any]) -> RolloutRecord:
+    return RolloutRecord(fleet=row[0], app=row[1], version=row[2], state=row[3],
+                         previous=row[4], created_at=row[5], updated_at=row[6],
+                         spec=None if row[7] is None else json.loads(row[7]),
+                         data=None if row[8] is None else json.loads(row[8]),
+                         rollback_pin=None if row[9] is None else bytes(row[9]))
 
 
 class Cursor(Protocol):
@@ -378,21 +437,20 @@ class SqlStore(abc.ABC):
     def create_token(self, token: EnrollmentToken) -> None:
         with self._tx(durable=True) as c:
             self._ensure_fleet(c, token.fleet, token.created_at)
-            c.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?)",
-                      (token.secret_hash, token.fleet, token.uses_left, token.expires_at,
-                       token.name, token.created_at))
+            c.execute(f"INSERT INTO tokens ({_TOKEN_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      _token_row(token))
 
     def get_token(self, secret_hash: str) -> EnrollmentToken | None:
-        rows = self._query("SELECT secret_hash, fleet, uses_left, expires_at, name, created_at "
-                           "FROM tokens WHERE secret_hash = ?", (secret_hash,))
+        rows = self._query(f"SELECT {_TOKEN_COLS} FROM tokens WHERE secret_hash = ?",
+                           (secret_hash,))
         return _token(rows[0]) if rows else None
 
     # -- devices ---------------------------------------------------------------------------
 
     def enroll(self, p: EnrollParams) -> Device:
         with self._tx(durable=True) as c:
-            row = c.execute("SELECT secret_hash, fleet, uses_left, expires_at, name, created_at "
-                            "FROM tokens WHERE secret_hash = ?", (p.secret_hash,)).fetchone()
+            row = c.execute(f"SELECT {_TOKEN_COLS} FROM tokens WHERE secret_hash = ?",
+                            (p.secret_hash,)).fetchone()
             if row is None:
                 raise TokenUnknown()
             token = _token(row)
@@ -444,14 +502,18 @@ class SqlStore(abc.ABC):
                               "enrolled_at = ? WHERE id = ?",
                               (p.public_key, index, v4, v6, p.credential_hash, lan,
                                p.agent_version, p.now, device_id))
+                    if token.tags is not None:
+                        c.execute("UPDATE devices SET tags = ? WHERE id = ?",
+                                  (_tags_text(token.tags), device_id))
                 else:
                     device_id = p.device_id
                     c.execute("INSERT INTO devices (id, name, fleet, state, public_key, "
                               "mesh_index, mesh_ipv4, mesh_ipv6, credential_hash, "
-                              "agent_version, lan_endpoints, created_at, enrolled_at) "
-                              "VALUES (?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                              "agent_version, lan_endpoints, created_at, enrolled_at, tags) "
+                              "VALUES (?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                               (device_id, name, token.fleet, p.public_key, index, v4, v6,
-                               p.credential_hash, p.agent_version, lan, p.now, p.now))
+                               p.credential_hash, p.agent_version, lan, p.now, p.now,
+                               _tags_text(token.tags or {})))
             out = c.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE id = ?",
                             (device_id,)).fetchone()
             return _device(out)
@@ -463,11 +525,11 @@ class SqlStore(abc.ABC):
                          (name,)).fetchone():
                 raise Conflict(f"device {name!r} exists; revoke it first to reuse the name")
             self._ensure_fleet(c, fleet, now)
-            c.execute("INSERT INTO devices (id, name, fleet, state, created_at) "
-                      "VALUES (?, ?, ?, 'provisioned', ?)", (device_id, name, fleet, now))
-            c.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?)",
-                      (token.secret_hash, token.fleet, token.uses_left, token.expires_at,
-                       token.name, token.created_at))
+            c.execute("INSERT INTO devices (id, name, fleet, state, created_at, tags) "
+                      "VALUES (?, ?, ?, 'provisioned', ?, ?)",
+                      (device_id, name, fleet, now, _tags_text(token.tags or {})))
+            c.execute(f"INSERT INTO tokens ({_TOKEN_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      _token_row(token))
             row = c.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE id = ?",
                             (device_id,)).fetchone()
             return _device(row)
@@ -523,7 +585,8 @@ class SqlStore(abc.ABC):
                       peers: Sequence[PeerPath], now: float, apps: Sequence[AppStatus] = (),
                       misbehaving: Sequence[PeerMisbehaviour] = (),
                       link: LinkState | None = None, wan_bytes: WanBytes | None = None,
-                      wan_budget: WanBudget | None = None) -> list[str]:
+                      wan_budget: WanBudget | None = None, timezone: str | None = None
+                      ) -> list[str]:
         cleared = []
         with self._tx() as c:
             # Only names of the reporter's fleet's live devices are kept: a report can name
@@ -535,9 +598,9 @@ class SqlStore(abc.ABC):
                           [(device_id, m.name, json.dumps(dict(m.counts)), device_id, m.name)
                            for m in misbehaving if any(m.counts.values())])
             c.execute("UPDATE devices SET lan_endpoints = ?, agent_version = ?, peer_paths = ?, "
-                      "last_report = ? WHERE id = ?",
+                      "last_report = ?, timezone = ? WHERE id = ?",
                       (json.dumps(list(lan_endpoints)), agent_version,
-                       json.dumps([p.to_json() for p in peers]), now, device_id))
+                       json.dumps([p.to_json() for p in peers]), now, timezone, device_id))
             if link is not None:
                 c.execute("UPDATE devices SET link = ? WHERE id = ?",
                           (json.dumps(link.to_json()), device_id))
@@ -769,6 +832,8 @@ class SqlStore(abc.ABC):
                 "(SELECT blob_id FROM release_blobs WHERE release_id != ?)",
                 (release_id, release_id)).fetchall()]
             c.execute("DELETE FROM release_blobs WHERE release_id = ?", (release_id,))
+            c.execute("DELETE FROM rollouts WHERE fleet = ? AND app = ? AND version = ?",
+                      (fleet, app, version))
             c.execute("DELETE FROM releases WHERE id = ?", (release_id,))
             return orphans
 
@@ -838,3 +903,68 @@ class SqlStore(abc.ABC):
         rows = self._query("SELECT fleet, app, version, device, pin, set_at FROM targets "
                            "WHERE fleet = ? ORDER BY app, device", (fleet,))
         return [_target(r) for r in rows]
+
+    # -- tags and rollouts (issue 16) --------------------------------------------------------
+
+    def update_tags(self, name: str, set_tags: dict[str, str], remove: Sequence[str],
+                    max_tags: int) -> Device:
+        with self._tx() as c:
+            row = c.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE name = ? AND "
+                            "state != 'revoked'", (name,)).fetchone()
+            if row is None:
+                raise NotFound(f"no device {name!r}")
+            device = _device(row)
+            tags = {k: v for k, v in device.tags.items() if k not in remove}
+            tags.update(set_tags)
+            if len(tags) > max_tags:
+                raise ControlError(f"tags: device {name} would have {len(tags)} tags, at most "
+                                   f"{max_tags} allowed")
+            c.execute("UPDATE devices SET tags = ? WHERE id = ?", (_tags_text(tags), device.id))
+            row = c.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE id = ?",
+                            (device.id,)).fetchone()
+            return _device(row)
+
+    def put_rollout(self, rollout: RolloutRecord, exclusive: bool = False) -> None:
+        r = rollout
+        with self._tx() as c:
+            if c.execute("SELECT 1 FROM releases WHERE fleet = ? AND app = ? AND version = ?",
+                         (r.fleet, r.app, r.version)).fetchone() is None:
+                raise NotFound(f"no release {r.app} version {r.version} in fleet {r.fleet}")
+            if exclusive:
+                marks = ", ".join("?" * len(ROLLOUT_ACTIVE))
+                other = c.execute(f"SELECT version, state FROM rollouts WHERE fleet = ? AND "
+                                  f"app = ? AND version != ? AND state IN ({marks})",
+                                  (r.fleet, r.app, r.version, *ROLLOUT_ACTIVE)).fetchone()
+                if other is not None:
+                    raise Conflict(f"the rollout of {r.app} version {other[0]} in fleet "
+                                   f"{r.fleet} is {other[1]}: abort it or let it finish first")
+            c.execute(f"INSERT INTO rollouts ({_ROLLOUT_COLS}) VALUES "
+                      "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(fleet, app, version) DO UPDATE "
+                      "SET state = excluded.state, previous = excluded.previous, "
+                      "created_at = excluded.created_at, updated_at = excluded.updated_at, "
+                      "spec = excluded.spec, data = excluded.data, "
+                      "rollback_pin = excluded.rollback_pin",
+                      (r.fleet, r.app, r.version, r.state, r.previous, r.created_at,
+                       r.updated_at, None if r.spec is None else json.dumps(r.spec),
+                       None if r.data is None else json.dumps(r.data), r.rollback_pin))
+
+    def get_rollout(self, fleet: str, app: str, version: int) -> RolloutRecord | None:
+        rows = self._query(f"SELECT {_ROLLOUT_COLS} FROM rollouts WHERE fleet = ? AND app = ? "
+                           "AND version = ?", (fleet, app, version))
+        return _rollout(rows[0]) if rows else None
+
+    def rollouts(self, fleet: str | None = None, states: Sequence[str] | None = None
+                 ) -> list[RolloutRecord]:
+        where, args = [], []
+        if fleet is not None:
+            where.append("fleet = ?")
+            args.append(fleet)
+        if states is not None:
+            if not states:
+                return []
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            args.extend(states)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        rows = self._query(f"SELECT {_ROLLOUT_COLS} FROM rollouts{clause} ORDER BY "
+                           "created_at DESC, fleet, app, version DESC", args)
+        return [_rollout(r) for r in rows]

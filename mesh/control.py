@@ -402,7 +402,11 @@ class PeerPath:
 # The agent's apply states, one definition for the agent's core (agent/_apply_core.py) and the
 # reports that name one per app (docs/apply.md).
 APP_STATES: Final = ("idle", "downloading", "waiting-lock", "loading", "stopping", "starting",
-                     "checking-health", "running", "failed", "rolling-back")
+                     "checking-health", "running", "failed", "rolling-back",
+                     # downloaded, held until the device's rollout phase starts (target.hold)
+                     "waiting-phase",
+                     # downloaded, waiting for the device's maintenance window (target.window)
+                     "waiting-window")
 BYTE_SOURCES: Final = ("lan", "wan_peer", "coordinator")
 MAX_APPS: Final = 16  # apps per device: a device runs a handful of containerised apps
 MAX_ERROR_LEN: Final = 500  # one line an operator reads, not a stack trace
@@ -689,6 +693,21 @@ class WanBudget:
         return cls(values[0], period, values[1])
 
 
+MAX_TIMEZONE_LEN: Final = 64
+_TIMEZONE_RE: Final = re.compile(rf"[A-Za-z0-9_+:/-]{{1,{MAX_TIMEZONE_LEN}}}")
+
+
+def check_timezone(value: Any, where: str = "timezone") -> str | None:
+    """A device's time zone as its agent names it: an IANA name (`Europe/Berlin`) or
+    `UTC±HH:MM`; None stays None."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _TIMEZONE_RE.fullmatch(value):
+        raise ControlError(f"{where}: must be 1-{MAX_TIMEZONE_LEN} of A-Z, a-z, 0-9, '_', '+', "
+                           "':', '/' and '-'")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceReport:
     """What an agent reports about itself: LAN candidates, version, per-peer paths, the state
@@ -704,6 +723,9 @@ class DeviceReport:
     # the device's own byte account, today and yesterday (absent from old agents)
     wan_bytes: WanBytes | None = field(default=None, hash=False)
     wan_budget: WanBudget | None = None  # absent: no budget set
+    # the device's time zone (IANA name or UTC±HH:MM), in which a target's window is read;
+    # absent from old agents
+    timezone: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -716,6 +738,8 @@ class DeviceReport:
             out["wan_bytes"] = {day: dict(counts) for day, counts in self.wan_bytes.items()}
         if self.wan_budget is not None:
             out["wan_budget"] = self.wan_budget.to_json()
+        if self.timezone is not None:
+            out["timezone"] = self.timezone
         return out
 
     @classmethod
@@ -746,7 +770,8 @@ class DeviceReport:
                    None if obj.get("wan_bytes") is None
                    else wan_bytes_from_json(obj["wan_bytes"], f"{w}.wan_bytes"),
                    None if obj.get("wan_budget") is None
-                   else WanBudget.from_json(obj["wan_budget"], f"{w}.wan_budget"))
+                   else WanBudget.from_json(obj["wan_budget"], f"{w}.wan_budget"),
+                   check_timezone(obj.get("timezone"), f"{w}.timezone"))
 
 
 # --------------------------------------------------------------------------- device targets
@@ -762,7 +787,11 @@ class DeviceTarget:
 
     `pin` is the operator's encoded SignedPin when the target goes back to an older release
     (hex in JSON; the agent checks its signature, the coordinator only passes it on); `force`
-    goes past the app's update lock; `retry` is the operator's retry counter for this device.
+    goes past the app's update lock and the window (never past `hold`); `retry` is the
+    operator's retry counter for this device. `hold`: download the release but do not apply it
+    (the device's rollout phase has not started). `window`: the maintenance window's text
+    (`HH:MM-HH:MM` or `HH:MM:SS-HH:MM:SS`, mesh.rollout.Window), applied only inside it, in
+    the device's local time.
     """
 
     app: str
@@ -770,11 +799,13 @@ class DeviceTarget:
     pin: bytes | None = None
     force: bool = False
     retry: int = 0
+    hold: bool = False
+    window: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"app": self.app, "version": self.version,
                 "pin": None if self.pin is None else self.pin.hex(), "force": self.force,
-                "retry": self.retry}
+                "retry": self.retry, "hold": self.hold, "window": self.window}
 
     @classmethod
     def from_json(cls, obj: Any, where: str = "target") -> DeviceTarget:
@@ -790,12 +821,31 @@ class DeviceTarget:
                 pin = bytes.fromhex(raw)
             except ValueError:
                 raise ControlError(f"{where}.pin: not hex") from None
-        force = obj.get("force", False)
-        if force is None:
-            force = False
-        if not isinstance(force, bool):
-            raise ControlError(f"{where}.force: must be true or false")
-        return cls(app, version, pin, force, _count(obj, "retry", where))
+        return cls(app, version, pin, _flag(obj, "force", where), _count(obj, "retry", where),
+                   _flag(obj, "hold", where), check_window(obj.get("window"), f"{where}.window"))
+
+
+def _flag(obj: Mapping[str, Any], key: str, where: str) -> bool:
+    """A boolean; absent or null is false."""
+    value = obj.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ControlError(f"{where}.{key}: must be true or false")
+    return value
+
+
+_WINDOW_RE: Final = re.compile(
+    r"([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9])?-([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9])?")
+
+
+def check_window(value: Any, where: str = "window") -> str | None:
+    """A maintenance window's text (`HH:MM-HH:MM` or `HH:MM:SS-HH:MM:SS`); None stays None."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _WINDOW_RE.fullmatch(value):
+        raise ControlError(f"{where}: must be HH:MM-HH:MM or HH:MM:SS-HH:MM:SS")
+    return value
 
 
 # --------------------------------------------------------------------------- device logs

@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mesh.control import ControlError, DeviceReport, EnrollRequest, check_app, check_name
+from mesh.rollout import MAX_TAGS, TAG_KEY_RE, Selector, check_tags
 
 from .._http import (
     MAX_INT,
@@ -29,7 +30,7 @@ from .._http import (
 )
 from .._model import Device, ProofRequired
 from .._service import FleetService
-from .tokens import DEFAULT_EXPIRES_IN, MAX_EXPIRES_IN, MIN_EXPIRES_IN
+from .tokens import DEFAULT_EXPIRES_IN, MAX_EXPIRES_IN, MIN_EXPIRES_IN, body_tags
 
 # Long-poll ceiling (docs/api.md): the agents' wait through the hub tunnel (agent/_wg_sync.py
 # POLL_WAIT), which makes the poll a push channel that costs an idle device one request per
@@ -92,7 +93,8 @@ async def provision(request: Request, service: FleetService) -> Response:
     fleet = check_name(json_field(body, "fleet", str), "fleet")
     expires_in = int_field(body, "expires_in", DEFAULT_EXPIRES_IN, MIN_EXPIRES_IN,
                            MAX_EXPIRES_IN)
-    return JSONResponse(service.provision(name, fleet, expires_in), status_code=201)
+    return JSONResponse(service.provision(name, fleet, expires_in, body_tags(body)),
+                        status_code=201)
 
 
 @operator()
@@ -100,7 +102,25 @@ async def list_devices(request: Request, service: FleetService) -> Response:
     wanted = request.query_params.get("fleet")
     if wanted is not None:
         check_name(wanted, "fleet")
-    return JSONResponse({"devices": service.list_devices(wanted)})
+    selector = request.query_params.get("selector")
+    return JSONResponse({"devices": service.list_devices(
+        wanted, None if selector is None else Selector.parse(selector))})
+
+
+@operator()
+async def tag_device(request: Request, service: FleetService) -> Response:
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise ControlError("body: must be a JSON object")
+    unknown = sorted(str(k) for k in body if k not in ("set", "remove"))
+    if unknown:
+        raise ControlError(f"body: unknown field {unknown[0]!r} (set, remove)")
+    set_tags = check_tags({} if body.get("set") is None else body["set"], "set")
+    remove = [] if body.get("remove") is None else body["remove"]
+    if not isinstance(remove, list) or len(remove) > MAX_TAGS or not all(
+            isinstance(k, str) and TAG_KEY_RE.match(k) for k in remove):
+        raise ControlError(f"remove: must be a list of at most {MAX_TAGS} tag keys")
+    return JSONResponse(service.tag_device(path_name(request), set_tags, remove))
 
 
 @operator()
@@ -148,6 +168,7 @@ ROUTES: Final = [
     Route("/api/v1/devices/{name}", device_info, methods=["GET"]),
     Route("/api/v1/devices/{name}/revoke", revoke, methods=["POST"]),
     Route("/api/v1/devices/{name}/peers", device_peers, methods=["GET"]),
+    Route("/api/v1/devices/{name}/tags", tag_device, methods=["PATCH"]),
     Route("/api/v1/devices/{name}/update", device_update, methods=["POST"]),
     Route("/api/v1/devices/{name}/retry", device_retry, methods=["POST"]),
 ]

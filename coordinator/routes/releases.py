@@ -104,7 +104,12 @@ async def get_roots(request: Request, service: FleetService, dev: Device | None)
 
 @operator(MAX_RELEASE_BYTES)
 async def publish(request: Request, service: FleetService) -> Response:
-    info, created = await service.releases.publish(await read_body(request, MAX_RELEASE_BYTES))
+    mode = request.query_params.get("rollout")
+    if mode not in (None, "held"):
+        raise ControlError("rollout: the only publishing mode is held (published for no "
+                           "device until a rollout starts)")
+    info, created = await service.releases.publish(await read_body(request, MAX_RELEASE_BYTES),
+                                                   held=mode == "held")
     return JSONResponse(info, status_code=201 if created else 200)
 
 
@@ -191,6 +196,33 @@ async def release_retry(request: Request, service: FleetService) -> Response:
     return JSONResponse(service.releases.retry_release(*path_release(request)))
 
 
+@operator()
+async def start_rollout(request: Request, service: FleetService) -> Response:
+    fleet, app, version = path_release(request)
+    body = await read_json(request)
+    return JSONResponse(service.rollouts.start(fleet, app, version, body), status_code=201)
+
+
+@operator()
+async def get_rollout(request: Request, service: FleetService) -> Response:
+    return JSONResponse(service.rollouts.get(*path_release(request)))
+
+
+@operator()
+async def rollout_action(request: Request, service: FleetService) -> Response:
+    fleet, app, version = path_release(request)
+    action = str(request.path_params["action"])
+    return JSONResponse(service.rollouts.action(fleet, app, version, action))
+
+
+@operator()
+async def list_rollouts(request: Request, service: FleetService) -> Response:
+    fleet = request.query_params.get("fleet")
+    if fleet is not None:
+        check_name(fleet, "fleet")
+    return JSONResponse({"rollouts": service.rollouts.all(fleet)})
+
+
 ROUTES: Final = [
     Route("/api/v1/blobs/missing", blobs_missing, methods=["POST"]),
     Route("/api/v1/blobs/{blob_id}", by_method({"GET": get_blob, "PUT": put_blob}),
@@ -211,4 +243,9 @@ ROUTES: Final = [
     Route("/api/v1/releases/{fleet}/{app}/{version}/manifest", manifest, methods=["GET"]),
     Route("/api/v1/releases/{fleet}/{app}/{version}/status", release_status, methods=["GET"]),
     Route("/api/v1/releases/{fleet}/{app}/{version}/retry", release_retry, methods=["POST"]),
+    Route("/api/v1/releases/{fleet}/{app}/{version}/rollout",
+          by_method({"GET": get_rollout, "POST": start_rollout}), methods=["GET", "POST"]),
+    Route("/api/v1/releases/{fleet}/{app}/{version}/rollout/{action}", rollout_action,
+          methods=["POST"]),
+    Route("/api/v1/rollouts", list_rollouts, methods=["GET"]),
 ]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mesh.control import check_name
+from mesh.rollout import check_tags
 
 from .._http import int_field, json_field, operator, optional_field, read_json
 from .._service import FleetService
@@ -29,7 +30,14 @@ async def create_token(request: Request, service: FleetService) -> Response:
     name = optional_field(body, "name", str)
     if name is not None:
         check_name(name, "name")
-    return JSONResponse(service.create_token(fleet, uses, expires_in, name), status_code=201)
+    return JSONResponse(service.create_token(fleet, uses, expires_in, name, body_tags(body)),
+                        status_code=201)
+
+
+def body_tags(body: dict[str, Any]) -> dict[str, str] | None:
+    """The optional `tags` of a token or a provisioned device (absent or null: none)."""
+    raw = body.get("tags")
+    return None if raw is None else check_tags(raw)
 
 
 ROUTES: Final = [Route("/api/v1/tokens", create_token, methods=["POST"])]

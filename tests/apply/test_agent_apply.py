@@ -30,6 +30,7 @@ from mesh.control import (
     MAX_SIGNED_PIN_BYTES,
     AppStatus,
     ControlError,
+    DeviceReport,
     DeviceTarget,
     Enrollment,
     LogLine,
@@ -255,6 +256,38 @@ def test_device_targets_are_validated_once() -> None:
                 {"app": "web", "version": 1, "pin": "00" * (MAX_SIGNED_PIN_BYTES + 1)}, []):
         with pytest.raises(ControlError):
             DeviceTarget.from_json(bad)
+
+
+def test_device_targets_carry_hold_and_window() -> None:
+    t = DeviceTarget("web", 3, None, True, 0, hold=True, window="02:00-04:00")
+    assert t.to_json()["hold"] is True and t.to_json()["window"] == "02:00-04:00"
+    assert DeviceTarget.from_json(t.to_json()) == t
+    seconds = DeviceTarget.from_json({"app": "web", "version": 3,
+                                      "window": "23:59:30-00:00:10"})
+    assert (seconds.hold, seconds.window) == (False, "23:59:30-00:00:10")
+    # absent or null: no hold, no window (a coordinator from before rollouts)
+    assert DeviceTarget.from_json({"app": "web", "version": 3, "hold": None,
+                                   "window": None}) == DeviceTarget("web", 3)
+    for bad in ({"hold": "true"}, {"hold": 1}, {"window": "2:00-4:00"},
+                {"window": "24:00-01:00"}, {"window": "02:60-03:00"}, {"window": "02:00"},
+                {"window": 7}, {"window": "02:00-04:00 "}, {"window": "02:00:60-04:00:00"}):
+        with pytest.raises(ControlError) as err:
+            DeviceTarget.from_json({"app": "web", "version": 3, **bad})
+        assert str(err.value).startswith(f"target.{next(iter(bad))}:")
+
+
+def test_report_timezone_and_the_new_app_states() -> None:
+    report = DeviceReport(apps=(AppStatus("web", "waiting-window", 1, 2),
+                                AppStatus("cam", "waiting-phase", 1, 2)),
+                          timezone="Europe/Berlin")
+    assert report.to_json()["timezone"] == "Europe/Berlin"
+    assert DeviceReport.from_json(report.to_json()) == report
+    assert "timezone" not in DeviceReport().to_json()  # absent when unknown
+    assert DeviceReport.from_json({"timezone": "UTC+05:30"}).timezone == "UTC+05:30"
+    assert DeviceReport.from_json({"timezone": None}).timezone is None
+    for bad in ("", "Europe/Berlin ", "x" * 65, 5, "Europe/Berlin;rm"):
+        with pytest.raises(ControlError, match=r"^report\.timezone:"):
+            DeviceReport.from_json({"timezone": bad})
 
 
 def test_appsync_readiness_progress_and_report_pace() -> None:

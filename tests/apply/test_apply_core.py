@@ -57,7 +57,8 @@ def running(version: int, name: str = "fleetmesh-web", started: float = 0.0,
 
 def test_states_are_the_contract_set() -> None:
     assert APP_STATES == ("idle", "downloading", "waiting-lock", "loading", "stopping",
-                            "starting", "checking-health", "running", "failed", "rolling-back")
+                            "starting", "checking-health", "running", "failed", "rolling-back",
+                          "waiting-phase", "waiting-window")
     assert len(ALL_CRASH_POINTS) >= 12 and len(set(ALL_CRASH_POINTS)) == len(ALL_CRASH_POINTS)
 
 
