@@ -236,6 +236,8 @@ def _show_device(d: dict[str, Any]) -> None:
     rows.append(["last seen", when(d.get("last_seen"))])
     rows.append(["enrolled", date(d.get("enrolled_at"))])
     rows.append(["release", text(d.get("release"))])
+    rows.append(["tags", _tags_text(d.get("tags"))])
+    rows.append(["time zone", text(d.get("timezone"))])
     rows.append(["NAT", _nat_text(d.get("link"))])
     rows.append(["WAN budget", _budget_text(d.get("wan_budget"))])
     table(["FIELD", "VALUE"], rows, header=False)

@@ -572,7 +572,14 @@ def _status_rows(status: dict[str, Any]) -> list[list[str]]:
              progress_text(d.get("bytes_done"), d.get("bytes_total")), text(d.get("running")),
              text(d.get("target")), text(bool(d.get("online"))),
              lock_text(d.get("lock_since"), d.get("lock_stale")), text(d.get("error")),
-             when(d.get("updated_at"))] for d in status.get("devices") or []]
+             when(d.get("updated_at"))]
+            + ([_phase_text(d.get("phase"))] if isinstance(status.get("rollout"), dict) else [])
+            for d in status.get("devices") or []]
+
+
+def _phase_text(phase: Any) -> str:
+    """A device's rollout phase, numbered from 1 as `rollout status` numbers them."""
+    return str(phase + 1) if isinstance(phase, int) and not isinstance(phase, bool) else "-"
 
 
 def _release_status(args: argparse.Namespace) -> int:
@@ -586,8 +593,9 @@ def _release_status(args: argparse.Namespace) -> int:
         return 0
     rows = _status_rows(status)
     if rows:
+        phase = ["PHASE"] if isinstance(status.get("rollout"), dict) else []
         table(["DEVICE", "STATE", "DOWNLOAD", "RUNNING", "TARGET", "ONLINE", "LOCK", "ERROR",
-                "UPDATED"], rows)
+               "UPDATED", *phase], rows)
     print(_summary_text(status))
     return 0
 

@@ -106,6 +106,8 @@ def test_tags_from_the_token_then_set_removed_and_selected(fleet: Fleet) -> None
     table = fleet.ok("devices", "list", "--selector", "site=berlin+role=canary")
     assert "TAGS" in table and "role=canary site=berlin" in table and "d2" not in table
     assert "no devices" in fleet.ok("devices", "list", "--selector", "role=nothing")
+    shown = fleet.ok("devices", "show", "d1")
+    assert "tags" in shown and "role=canary site=berlin" in shown and "time zone" in shown
     missing = fleet.run("devices", "tag", "nobody", "a=b")
     assert "nobody" in _one_line(missing, 1)
 
@@ -144,12 +146,19 @@ def test_rollout_start_status_actions(fleet: Fleet) -> None:
     assert "rollout running" in fleet.ok("rollout", "resume", "2", "--app", "app")
     promoted = json.loads(fleet.ok("rollout", "promote", "2", "--app", "app", "--json"))
     assert promoted["phase"] == 1 and promoted["phases"][0]["ended_at"] is not None
+    status = fleet.ok("release", "status", "2", "--app", "app")
+    assert "PHASE" in status and "; rollout running, phase 2 of 3" in status
+    rows = json.loads(fleet.ok("release", "status", "2", "--app", "app", "--json"))["devices"]
+    assert {r["device"]: r["phase"] for r in rows}["d2"] == 0
     aborted = fleet.ok("rollout", "abort", "2", "--app", "app")
     assert "rollout aborted" in aborted and "reason: aborted by operator" in aborted
     # The rollback pin the CLI signed: every device is sent back to version 1 with it.
     for device in DEVICES:
         (target,) = [t for t in fleet.targets(device) if t["app"] == "app"]
         assert target["version"] == 1 and target["pin"], target
+    watched = fleet.run("release", "watch", "2", "--app", "app")  # a pipe: plain lines
+    assert watched.returncode == 1, watched.stderr
+    assert "rollout aborted, phase 2 of 3: aborted by operator" in watched.stdout
     timeline = fleet.ok("rollout", "status", "2", "--app", "app")
     assert "aborted" in timeline.split("timeline:")[1]
     listed = [r for r in fleet.op.rollouts(FLEET) if r["app"] == "app"]
