@@ -219,3 +219,22 @@ def test_release_create_no_rollout_targets_nobody(
     assert fleet.op.rollout(FLEET, "cam", 1)["state"] == "held"
     for device in DEVICES:
         assert [t for t in fleet.targets(device) if t["app"] == "cam"] == []
+
+
+def test_token_and_provisioning_tags_reach_the_enrolled_device(fleet: Fleet) -> None:
+    token = fleet.ok("token", "create", "--fleet", FLEET, "--tag", "site=lyon", "--tag",
+                     "window=02:00-04:00").strip()
+    joined = json.loads(fleet.ok("devices", "provision", "p1", "--fleet", FLEET, "--tag",
+                                 "site=nice"))
+
+    async def join() -> None:
+        await enroll(fleet.coord.url, token, generate_keypair().public, name="t1")
+        await enroll(fleet.coord.url, joined["token"], generate_keypair().public, name="p1")
+
+    trio.run(join)
+    tags = {d["name"]: d["tags"] for d in json.loads(fleet.ok(
+        "devices", "list", "--selector", "site=lyon", "--json"))["devices"]}
+    assert tags == {"t1": {"site": "lyon", "window": "02:00-04:00"}}
+    nice = json.loads(fleet.ok("devices", "list", "--selector", "site=nice", "--json"))
+    assert [(d["name"], d["tags"]) for d in nice["devices"]] == [("p1", {"site": "nice"})]
+
