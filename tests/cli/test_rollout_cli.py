@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import trio
 import ops._publish as publish
 from mesh.clikit import run
 from mesh.image import ImageError
-from mesh.release import read_signing_key, write_signing_key
+from mesh.release import decode_signed_pin, read_signing_key, verify_pin, write_signing_key
 from ops.cli import build_parser
 from ops.client import DeviceClient, OperatorClient, enroll
 from tests.coordinator.releasekit import build
@@ -153,9 +154,13 @@ def test_rollout_start_status_actions(fleet: Fleet) -> None:
     aborted = fleet.ok("rollout", "abort", "2", "--app", "app")
     assert "rollout aborted" in aborted and "reason: aborted by operator" in aborted
     # The rollback pin the CLI signed: every device is sent back to version 1 with it.
+    key = read_signing_key(fleet.home / ".config" / "fleetmesh" / "release.key")
     for device in DEVICES:
         (target,) = [t for t in fleet.targets(device) if t["app"] == "app"]
-        assert target["version"] == 1 and target["pin"], target
+        assert target["version"] == 1, target
+        pin = verify_pin(decode_signed_pin(bytes.fromhex(target["pin"])), key.verify_key)
+        assert (pin.fleet, pin.app, pin.version, pin.device) == (FLEET, "app", 1, None)
+        assert 29 * 86400 < pin.expires_at - time.time() <= 30 * 86400  # 30 days from signing
     watched = fleet.run("release", "watch", "2", "--app", "app")  # a pipe: plain lines
     assert watched.returncode == 1, watched.stderr
     assert "rollout aborted, phase 2 of 3: aborted by operator" in watched.stdout
@@ -163,6 +168,24 @@ def test_rollout_start_status_actions(fleet: Fleet) -> None:
     assert "aborted" in timeline.split("timeline:")[1]
     listed = [r for r in fleet.op.rollouts(FLEET) if r["app"] == "app"]
     assert [(r["version"], r["state"]) for r in listed] == [(2, "aborted")]
+
+
+def test_every_rollout_option_reaches_the_spec(fleet: Fleet) -> None:
+    _publish_held(fleet, "full", 1)
+    none = fleet.run("rollout", "status", "1", "--app", "other", "--fleet", FLEET)
+    _one_line(none, 1)  # no such release: the coordinator's 404 line
+    rollout = json.loads(fleet.ok(
+        "rollout", "start", "1", "--app", "full", "--fleet", FLEET, "--phases",
+        "site=paris+role=,10%,100%", "--soak", "1m30s", "--max-failures", "10%",
+        "--min-devices", "3", "--selector", "site=paris", "--window", "02:00-04:30",
+        "--deadline", "2h", "--json"))
+    assert rollout["previous"] is None  # the first release: no rollback pin to sign
+    assert rollout["spec"] == {"phases": "role=+site=paris,10%,100%", "soak": 90.0,
+                               "max_failures": "10%", "min_devices": 3,
+                               "selector": "site=paris", "window": "02:00-04:30",
+                               "deadline": 7200.0}  # conditions in canonical order
+    members = sorted(d for p in rollout["phases"] for d in p["devices"])
+    assert "d1" not in members  # site=berlin: outside the rollout's selector
 
 
 def _fleetmesh_in_process(fleet: Fleet, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
