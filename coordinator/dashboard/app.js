@@ -647,6 +647,7 @@
     const path = `/releases/${enc(fleet)}/${enc(app)}/${version}`;
     const info = h("div", {});
     const summary = h("div", {class: "cards"});
+    const rolloutLine = h("p", {id: "release-rollout"});
     const message = h("p", {class: "flash"});
     const pinSelect = h("select", {id: "pin-device", "aria-label": "device to pin"});
     const devicesBox = h("div", {});
@@ -667,7 +668,7 @@
             undefined, message)}, "Retry failed"));
     fill(main, h("p", {}, h("a", {href: "#/releases"}, "← Releases")),
          h("h1", {}, `${app} `, fmtVersion(version), h("span", {class: "muted"}, ` fleet ${fleet}`)),
-         info, summary, h("h2", {}, "Actions"), actions, message, h("h2", {}, "Devices"),
+         info, summary, rolloutLine, h("h2", {}, "Actions"), actions, message, h("h2", {}, "Devices"),
          devicesBox, h("h2", {}, "Layers"), layers);
     get(path, ctx.signal).then((detail) => {
       fill(info, h("p", {class: "muted"},
@@ -709,11 +710,18 @@
         h("td", {}, fmtVersion(r.running)), h("td", {}, fmtVersion(r.target)),
         h("td", {}, sources(r.by_source)), h("td", {}, lockText(r)),
         h("td", {class: "error"}, r.error || ""),
+        st.rollout ? h("td", {"data-col": "phase"}, typeof r.phase === "number"
+          ? r.phase + 1 : dash) : null,
         h("td", {}, appActions(r.device, {app, state: r.state, failed: []}, message))));
+      fill(rolloutLine, st.rollout ? [h("a", {href: "#/rollouts"}, "rollout"), " ",
+        badge(st.rollout.state), ` phase ${st.rollout.phase + 1} of ${st.rollout.phases}`,
+        st.rollout.reason ? h("span", {class: "bad"}, ` — ${st.rollout.reason}`) : null]
+        : null);
       fill(devicesBox, st.derived ? h("p", {class: "muted"},
         "(from the devices' own reports: this coordinator has no release status)") : null,
         table(["Device", "Online", "State", "Progress", "Running", "Target", "Bytes from",
-               "Lock", "Error", ""], rows, {id: "release-devices"}));
+               "Lock", "Error", ...(st.rollout ? ["Phase"] : []), ""], rows,
+              {id: "release-devices"}));
     });
   }
 

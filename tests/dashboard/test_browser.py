@@ -387,6 +387,13 @@ def test_tags_column_and_the_rollouts_page_with_its_buttons(context: Any, fleet:
     expect(panel.locator("button[data-action=resume]")).to_have_count(0)
     shot(page, "rollouts")
 
+    page.goto(fleet.url + f"/#/release/{FLEET}/cam/1")
+    expect(page.locator("#release-rollout")).to_contain_text("running phase 1 of 2")
+    expect(page.locator("#release-devices tr[data-device=cam-1] td[data-col=phase]")
+           ).to_have_text("1")
+    expect(page.locator("#release-devices tr[data-device=cam-2] td[data-col=phase]")
+           ).to_have_text("2")
+    page.goto(fleet.url + "/#/rollouts")
     panel.locator("button[data-action=pause]").click()
     expect(panel.locator("[data-col=state]")).to_have_text("paused")
     with fleet.operator() as op:
