@@ -54,6 +54,7 @@ from ._link import ClientFactory, CoordinatorLink, Log, one_line
 from ._paths import LAZY_AFTER, PathSelector
 from ._release_sync import GossipSettings, ReleaseSync
 from ._rotation import RootWatch
+from ._timezone import device_timezone
 from ._uploads import REPORT_INTERVAL, Reporter
 from ._wg_sync import POLL_WAIT, RECONCILE_INTERVAL, Nudger, WireGuardSync, udp_nudger
 
@@ -102,9 +103,11 @@ class Agent:
         nudge: Nudger | None = None,
         gossip: GossipSettings | None = None,
         wan_budget: tuple[int, str] | None = None,
+        timezone: Callable[[], str | None] = device_timezone,
     ) -> None:
         """`wan_budget`: (bytes, "day" or "month"): past it, log shipping is deferred (all
-        but the tail of an app that fails) and the reports say so."""
+        but the tail of an app that fails) and the reports say so. `timezone`: the device's
+        time zone name for the reports (agent/_timezone.py), looked up with each report."""
         self.data = data_dir if isinstance(data_dir, DataDir) else DataDir(data_dir)
         # Both raise DataDirError (one line) when the directory is not usable.
         self.identity: Identity = self.data.read_identity()
@@ -122,6 +125,7 @@ class Agent:
         self.agent_version = agent_version if agent_version is not None else package_version()
         self.log = log
         self.clock = clock
+        self.timezone = timezone
         rng = rng or random.Random()
         enrollment = self.identity.enrollment
         self.account = self._load_account()
@@ -225,7 +229,7 @@ class Agent:
                             for name, counts in list(counted.items())[:MAX_PEERS])
         return DeviceReport(self.lan_endpoints(), self.agent_version, paths, apps, misbehaving,
                             self.wg.link_state(), self.account.days(self.clock(), REPORTED_DAYS),
-                            self.budget())
+                            self.budget(), self.timezone())
 
     def budget(self) -> WanBudget | None:
         """The WAN budget and what this period used so far; crossing it (or a new period

@@ -23,12 +23,20 @@ Phases of the journal (`Journal.phase`):
 
 The old container is only stopped (never removed) until the commit, so a rollback starts it
 again as it was; after the commit it is removed and the new container takes the app's name.
+
+Two gates hold an update in `idle` before anything acts on it (`apply_gate`): the target's
+`hold` (its rollout phase has not started: `waiting-phase`) and its `window` (outside the
+maintenance window in the device's local time: `waiting-window`, with a wake-up at the
+opening; `force` overrides the window, never the hold). Both apply only once the release is
+downloaded (`downloading` before) and only before an update starts: an apply under way is
+never interrupted by a window closing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
@@ -41,6 +49,7 @@ from mesh.release import (
     RestartPolicy,
     UpdateStrategy,
 )
+from mesh.rollout import Window
 
 # A step's `state` is one of the contract's states (docs/api.md, "App status"), defined once in
 # mesh.control.APP_STATES; "failed" keeps at most MAX_FAILED versions, an error is one line of at
@@ -162,8 +171,10 @@ class Target:
     version: int
     manifest: ReleaseManifest  # verified against the pinned release key
     ready: bool = True  # every blob the device needs is in the store
-    force: bool = False  # operator: go past the app's update lock
+    force: bool = False  # operator: go past the app's update lock and the window
     retry: int = 0  # operator retry counter for this device and app
+    hold: bool = False  # rollout: downloaded, not applied until the device's phase starts
+    window: Window | None = None  # apply only inside it, in the device's local time
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +220,9 @@ class Observed:
     lock_held: bool = False
     probe: Probe | None = None
     missing_blob: MissingBlob | None = None
+    # The device's offset from UTC at `now`, seconds east (time.localtime().tm_gmtoff): the
+    # target's window is read in local time.
+    utc_offset: int = 0
 
 
 # --------------------------------------------------------------------------- actions
@@ -415,6 +429,25 @@ def effective_target(journal: Journal, target: Target | None, observed: Observed
     return target
 
 
+DAY: Final = 86400
+
+
+def apply_gate(target: Target, utc_offset: int, now: float) -> tuple[str, float | None] | None:
+    """Why `target` may not be applied now: ("waiting-phase", None) while held,
+    ("waiting-window", the epoch time the window next opens) outside its window, where the
+    device's local time is `now + utc_offset`; None when nothing holds it."""
+    if target.hold:
+        return "waiting-phase", None
+    window = target.window
+    if window is None or target.force:
+        return None
+    local = math.floor(now + utc_offset)  # whole local seconds: the window's resolution
+    until = window.seconds_until_open(local % DAY)
+    if until == 0:
+        return None
+    return "waiting-window", float(local + until - utc_offset)
+
+
 def fail_load(journal: Journal, version: int, error: str) -> Journal:
     """The journal after release `version` could not be rebuilt or loaded (verification)."""
     j = replace(journal, failed=_add_failed(journal.failed, version),
@@ -455,6 +488,11 @@ def _idle(ctx: _Ctx) -> Step:
     if not updating:
         return ctx.step(_idle_state(ctx))
     assert t is not None
+    gate = apply_gate(t, obs.utc_offset, ctx.now)
+    if gate is not None:  # not even kill-then-download's stop, nor the image's rebuild
+        if not t.ready:
+            return ctx.step("downloading")
+        return ctx.step(gate[0], wake_at=gate[1])
     strategy = t.manifest.container.update_strategy
     locked = obs.lock_held and not t.force and keep is not None and keep.running
     if strategy is not UpdateStrategy.KILL_THEN_DOWNLOAD and t.version not in obs.images:
@@ -476,15 +514,21 @@ def _idle_state(ctx: _Ctx) -> str:
         return "failed"
     if t.version == j.current:
         return "running"
-    return "downloading" if not t.ready else "loading"
+    if not t.ready:
+        return "downloading"
+    gate = apply_gate(t, ctx.obs.utc_offset, ctx.now)
+    return "loading" if gate is None else gate[0]
 
 
 def _retarget(ctx: _Ctx) -> Step | None:
-    """Stopping/starting: follow a target that changed before the new release was started."""
+    """Stopping/starting: follow a target that changed before the new release was started;
+    back to the committed release if the new target may not be applied now (held, or outside
+    its window: the gates of `idle` take it from there)."""
     j, t = ctx.j, ctx.target
     if t is None or t.version == j.to:
         return None
-    if t.version == j.current or t.version in j.failed:
+    if t.version == j.current or t.version in j.failed \
+            or apply_gate(t, ctx.obs.utc_offset, ctx.now) is not None:
         return ctx.step("rolling-back", journal=replace(j, phase="rolling-back"))
     return ctx.step("stopping" if j.phase == "stopping" else "starting",
                     journal=replace(j, to=t.version))
@@ -608,10 +652,11 @@ def running_version(journal: Journal, observed: Observed) -> int | None:
 
 
 __all__ = [
-    "DEFAULT_RUNNING_S", "LABEL_APP", "LABEL_DEVICE", "LABEL_RELEASE", "LOCK_FILE",
+    "DAY", "DEFAULT_RUNNING_S", "LABEL_APP", "LABEL_DEVICE", "LABEL_RELEASE", "LOCK_FILE",
     "LOCK_MOUNT", "MISSING_BLOB_RETRY_S", "Action", "ContainerView", "Create", "EffectiveCheck",
     "Journal", "Load", "MissingBlob", "Observed", "Probe", "Remove", "RemoveImage", "Rename",
-    "RunProbe", "Start", "Step", "Stop", "Target", "container_name", "decide", "effective_check",
-    "effective_target", "fail_load", "health_verdict", "image_has_healthcheck", "image_id",
-    "image_tag", "next_container_name", "one_line", "running_version",
+    "RunProbe", "Start", "Step", "Stop", "Target", "apply_gate", "container_name", "decide",
+    "effective_check", "effective_target", "fail_load", "health_verdict",
+    "image_has_healthcheck", "image_id", "image_tag", "next_container_name", "one_line",
+    "running_version",
 ]

@@ -15,9 +15,10 @@ engine (`docker ps -a` by label, the `fleetmesh/<app>:<v>` images, the update lo
 that lacked a blob), ask the pure core (agent/_apply_core.py `decide`, which makes every
 decision) for one step, persist the journal it returns (agent/_journal.py: atomic, fsynced) or
 execute the one action, and repeat until nothing is left to do; then sleep until the next
-deadline (health probe, hand-over, timeout), a new target, the lock poll (1 s while an update
-waits for it) or RECONCILE_PERIOD_S. Crash points (agent/_crashpoints.py) sit between the
-journal writes and the engine calls. docs/agent-apply.md tells the whole story.
+deadline (health probe, hand-over, timeout, a maintenance window's opening), a new target, the
+lock poll (1 s while an update waits for it) or RECONCILE_PERIOD_S. Crash points
+(agent/_crashpoints.py) sit between the journal writes and the engine calls.
+docs/agent-apply.md tells the whole story.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from mesh.release import (
     key_id,
     open_stored_chunk,
 )
+from mesh.rollout import Window
 
 from ._applogs import LogBuffer, LogCollector
 from ._apply_core import (
@@ -91,6 +93,11 @@ RECONCILE_PERIOD_S: Final = 10.0  # look at the engine this often even when noth
 LOCK_POLL_S: Final = 1.0  # an update waiting for the app's lock proceeds within ~1 s of release
 ENGINE_RETRY_S: Final = 5.0  # after a Docker error
 MAX_STEPS_PER_ROUND: Final = 64  # a bug that loops is logged, not spun on forever
+
+
+def local_utc_offset(now: float) -> int:
+    """The device's offset from UTC at `now`, seconds east (TZ, else the system's zone)."""
+    return time.localtime(now).tm_gmtoff
 
 
 def stderr_log(message: str) -> None:
@@ -151,7 +158,8 @@ class Applier:
                  log: Callable[[str], None] = stderr_log,
                  crash: Callable[[str], None] = crash_point,
                  clock: Callable[[], float] = time.time, follow_logs: bool = True,
-                 log_buffer: LogBuffer | None = None) -> None:
+                 log_buffer: LogBuffer | None = None,
+                 utc_offset: Callable[[float], int] = local_utc_offset) -> None:
         self.device = device
         self.fleet = fleet
         self.data_dir = Path(data_dir)
@@ -162,6 +170,7 @@ class Applier:
         self.log = log
         self.crash = crash
         self.clock = clock
+        self.utc_offset = utc_offset  # the local time a target's window is read in
         self.logs = log_buffer or LogBuffer()
         self._collector = LogCollector(engine, self.logs, log) if follow_logs else None
         self._apps: dict[str, _App] = {}
@@ -184,13 +193,16 @@ class Applier:
     # ------------------------------------------------------------------ the lead's interface
 
     def set_target(self, release: VerifiedRelease, *, ready: bool, force: bool = False,
-                   retry: int = 0, pin: bytes | None = None) -> bool:
-        """The release its app should run; False (logged once, nothing changes) if it is not
-        signed with the pinned key for this fleet, or, without `pin` (an encoded SignedPin the
-        operator signed for it), is not newer than the running or committed release or is
-        older than the app's high-water mark, the newest version this device ever accepted
-        (mesh.release `admit_release`: never back on the coordinator's word alone, also while
-        no container runs: a crash loop, a stopped app, a kill-then-download update)."""
+                   retry: int = 0, pin: bytes | None = None, hold: bool = False,
+                   window: Window | None = None) -> bool:
+        """The release its app should run (`hold`: download only, its rollout phase has not
+        started; `window`: apply only inside it, in local time, unless `force`); False (logged
+        once, nothing changes) if it is not signed with the pinned key for this fleet, or,
+        without `pin` (an encoded SignedPin the operator signed for it), is not newer than the
+        running or committed release or is older than the app's high-water mark, the newest
+        version this device ever accepted (mesh.release `admit_release`: never back on the
+        coordinator's word alone, also while no container runs: a crash loop, a stopped app,
+        a kill-then-download update)."""
         manifest = release.manifest
         app, version = manifest.app, manifest.version
         if release.key_id != self.key_id or (self.fleet is not None
@@ -226,7 +238,7 @@ class Applier:
                 if v is not None}
         a.releases = {v: r for v, r in (a.releases or {}).items() if v in keep}
         a.releases[version] = release  # before the target names it (worker thread)
-        a.target = Target(version, manifest, ready, force, max(0, retry))
+        a.target = Target(version, manifest, ready, force, max(0, retry), hold, window)
         if ready and a.missing_blob is not None:
             a.missing_blob = None
         if old != a.target:
@@ -458,7 +470,8 @@ class Applier:
             a.lock_since = now
         elif not held:
             a.lock_since = None
-        return Observed(containers, frozenset(images), held, a.probe, a.missing_blob)
+        return Observed(containers, frozenset(images), held, a.probe, a.missing_blob,
+                        self.utc_offset(now))
 
     def _refresh_diff_ids(self) -> None:
         ids: set[str] = set()
@@ -729,4 +742,5 @@ def _fetch_blob(store: BlobStore, blob_hex: str) -> bytes:
     return store.get(blob_hex)  # KeyError if absent: the release is not complete yet
 
 
-__all__ = ["ENGINE_RETRY_S", "LOCK_POLL_S", "RECONCILE_PERIOD_S", "Applier", "stderr_log"]
+__all__ = ["ENGINE_RETRY_S", "LOCK_POLL_S", "RECONCILE_PERIOD_S", "Applier", "local_utc_offset",
+           "stderr_log"]

@@ -1,10 +1,11 @@
 """Joins what the agent knows about releases into the applier's inputs, without I/O.
 
 Three parties meet here: the coordinator's targets (`mesh.control.DeviceTarget`: which version of
-each app this device should run, with the operator's pin, force and retry), the gossip node (the
-verified releases it holds and how far each release's blobs have come) and the applier
-(agent/_apply_driver.py), which turns a ready release into the running app and decides, with
-`admit_release`, whether an older target may replace the running one. `sync` runs whenever one
+each app this device should run, with the operator's pin, force and retry, and a rollout's hold
+and maintenance window), the gossip node (the verified releases it holds and how far each
+release's blobs have come) and the applier (agent/_apply_driver.py), which turns a ready
+release into the running app and decides, with `admit_release`, whether an older target may
+replace the running one. `sync` runs whenever one
 of them changes (agent/_release_sync.py); it pushes the current target, readiness and byte
 progress into the applier and says whether what the device reports about its apps changed
 enough to report it now.
@@ -18,6 +19,7 @@ from typing import Final, Protocol
 
 from mesh.control import AppStatus, DeviceTarget, SourceBytes
 from mesh.release import VerifiedRelease
+from mesh.rollout import Window
 
 # While bytes arrive, a progress report at most this often: each is a TLS request over the
 # same metered link the release is crossing (docs/gossip.md "Idle cost").
@@ -38,7 +40,8 @@ class ApplierView(Protocol):
     """What AppSync drives (agent/_apply_driver.py Applier)."""
 
     def set_target(self, release: VerifiedRelease, *, ready: bool, force: bool = False,
-                   retry: int = 0, pin: bytes | None = None) -> bool: ...
+                   retry: int = 0, pin: bytes | None = None, hold: bool = False,
+                   window: Window | None = None) -> bool: ...
 
     def clear_target(self, app: str) -> None: ...
 
@@ -46,6 +49,12 @@ class ApplierView(Protocol):
                      by_source: Mapping[str, int] | None = None) -> None: ...
 
     def statuses(self) -> list[AppStatus]: ...
+
+
+def _window(target: DeviceTarget) -> Window | None:
+    """The target's maintenance window (its text was checked where it arrived:
+    DeviceTarget.from_json parses it with the same Window.parse)."""
+    return None if target.window is None else Window.parse(target.window)
 
 
 def _shape(status: AppStatus) -> AppStatus:
@@ -105,7 +114,7 @@ class AppSync:
             # refused (logged once by the applier): another key, or older than the running
             # release without a pin the operator signed
             self.applier.set_target(release, ready=ready, force=t.force, retry=t.retry,
-                                    pin=t.pin)
+                                    pin=t.pin, hold=t.hold, window=_window(t))
         return self._changed(now)
 
     def _changed(self, now: float) -> bool:

@@ -33,9 +33,12 @@ REPORT_INTERVAL: Final = 6 * 3600.0
 # moves (a download stalled behind a slow link reports no progress). 10 s leaves room for one
 # attempt cut at its deadline (agent/_link.py CALL_TIMEOUT) before 30 s are up. Waiting for the
 # app's update lock is no work in flight: it may last an hour (a recording), its start and end
-# are reported at once, and 10 s reports for that long would cost a metered link ~1 MB/h.
+# are reported at once, and 10 s reports for that long would cost a metered link ~1 MB/h. The
+# same holds for a release downloaded ahead that waits for its rollout phase or its maintenance
+# window (days, maybe).
 ROLLOUT_REPORT_INTERVAL: Final = 10.0
-SETTLED_STATES: Final = frozenset({"idle", "running", "failed", "waiting-lock"})
+SETTLED_STATES: Final = frozenset({"idle", "running", "failed", "waiting-lock", "waiting-phase",
+                                   "waiting-window"})
 # Some changes come with no event to wake the reporter: the device's LAN addresses (a new DHCP
 # lease), a misbehaving peer counted again for a reason already reported, the fleet's timestamp
 # expiring (the `stale` flag). The report is rebuilt locally this often and sent only when it

@@ -25,9 +25,19 @@ from mesh.control import (
 )
 from mesh.names import APP_NAME_RE, DEVICE_NAME_RE, MAX_APP_NAME
 from mesh.release import MAX_ROOT_CHAIN, MAX_ROOT_KEYS
-from mesh.rollout import MAX_SELECTOR_TEXT, MAX_TAGS, TAG_KEY_RE, TAG_VALUE_RE
+from mesh.rollout import (
+    MAX_MIN_DEVICES,
+    MAX_PHASES_TEXT,
+    MAX_SELECTOR_TEXT,
+    MAX_TAGS,
+    ROLLOUT_STATES,
+    TAG_KEY_RE,
+    TAG_VALUE_RE,
+)
 
 from ._http import MAX_INT
+from ._rollout import DEVICE_STATES
+from ._rollouts import ACTIONS
 from .routes.devices import DEFAULT_WAIT, MAX_WAIT
 from .routes.logs import DEFAULT_LOG_PAGE, MAX_LOG_PAGE, MAX_LOG_WAIT
 from .routes.releases import MAX_PIN_HEX
@@ -233,7 +243,14 @@ SCHEMAS: dict[str, Any] = {
                               bytes_done=_INT, bytes_total=_INT, running=_INTN, target=_INTN,
                               online={"type": "boolean"}, error=_STRN, lock_since=_NUMN,
                               lock_stale={"type": "boolean"}, by_source=_ref("SourceBytes"),
-                              updated_at=_NUMN)},
+                              updated_at=_NUMN,
+                              phase={**_INTN, "description": "its phase in the release's "
+                                     "rollout (0-based; null: not part of it)"})},
+                          rollout={"oneOf": [{"type": "null"}, _obj(
+                              ["state", "phase", "phases", "reason"],
+                              state={"enum": list(ROLLOUT_STATES)}, phase=_INT, phases=_INT,
+                              reason=_STRN)], "description": "the release's rollout (null: "
+                                                            "none)"},
                           summary=_obj(["total", "running", "failed", "downloading", "waiting",
                                         "pending", "superseded"], total=_INT, running=_INT,
                                        failed=_INT, downloading=_INT, waiting=_INT,
@@ -302,7 +319,50 @@ SCHEMAS: dict[str, Any] = {
                    app=_STR, version=_INT, device=_STRN, pin=_STRN,
                    set_at={"type": "number"}),
     "DeviceTarget": _obj(["app", "version", "pin", "force", "retry"], app=_STR, version=_INT,
-                         pin=_STRN, force={"type": "boolean"}, retry=_INT),
+                         pin=_STRN, force={"type": "boolean"}, retry=_INT,
+                         hold={"type": "boolean", "description": "download, do not apply: "
+                               "the device's rollout phase has not started"},
+                         window={"type": ["string", "null"], "description": "apply only "
+                                 "inside this HH:MM-HH:MM window, device-local time"}),
+    # POST .../rollout (mesh.rollout.RolloutSpec.from_json); durations: seconds or "5m"
+    "RolloutRequest": {**_obj(
+        ["phases"],
+        phases={"type": "string", "maxLength": MAX_PHASES_TEXT,
+                "description": "comma list of counts N, percentages P% (cumulative) and "
+                               "selectors key=value+key=value"},
+        soak={"type": ["number", "string", "null"], "default": 600},
+        max_failures={"type": ["string", "integer", "null"], "default": "0",
+                      "description": "N or P%"},
+        min_devices={"type": ["integer", "null"], "minimum": 1, "maximum": MAX_MIN_DEVICES,
+                     "default": 1},
+        selector={"oneOf": [_SELECTOR, {"type": "null"}]},
+        window={"type": ["string", "null"], "description": "HH:MM-HH:MM (device-local)"},
+        deadline={"type": ["number", "string", "null"], "default": 3600},
+        rollback_pin={"type": ["string", "null"], "maxLength": MAX_PIN_HEX,
+                      "description": "hex SignedPin of the previous release for every "
+                                     "device, signed with the fleet's release key"}),
+        "additionalProperties": False},
+    "Rollout": _obj(
+        ["fleet", "app", "version", "previous", "state", "reason", "phase", "spec", "phases",
+         "devices", "created_at", "updated_at", "events"],
+        fleet=_STR, app=_STR, version=_INT, previous=_INTN,
+        state={"enum": list(ROLLOUT_STATES)}, reason=_STRN, phase=_INT,
+        spec={"type": ["object", "null"], "description": "RolloutRequest's fields as "
+                                                         "normalised (null while held)"},
+        phases={"type": "array", "items": _obj(
+            ["index", "spec", "devices", "started_at", "ended_at", "failed", "healthy"],
+            index=_INT, spec=_STR, devices={"type": "array", "items": _STR},
+            started_at=_NUMN, ended_at=_NUMN, failed={"type": "array", "items": _STR},
+            healthy={"type": "array", "items": _STR})},
+        devices={"type": "object", "additionalProperties": _obj(
+            ["phase", "state", "running_since"], phase=_INT,
+            state={"enum": list(DEVICE_STATES)}, running_since=_NUMN, error=_STRN,
+            retrying={"type": "boolean", "description": "its reports still name the version "
+                      "failed from a try before this rollout started"},
+            deadline_from=_NUMN)},
+        created_at={"type": "number"}, updated_at={"type": "number"},
+        events={"type": "array", "items": _obj(["at", "text"], at={"type": "number"},
+                                               text=_STR)}),
     "OperatorInfo": _obj(["name", "mesh_ipv4", "mesh_ipv6", "hub", "mesh_prefix_v4",
                           "mesh_prefix_v6"], name=_STR, mesh_ipv4=_STR, mesh_ipv6=_STR,
                          hub=_ref("HubInfo"), mesh_prefix_v4=_STR, mesh_prefix_v6=_STR),
@@ -463,6 +523,10 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"200": _json(_obj(["releases"], releases={
                         "type": "array", "items": _ref("ReleaseInfo")})), **_ERRORS}},
             "post": {"summary": "publish an encoded SignedManifest", "security": _OPERATOR,
+                     "parameters": [{"name": "rollout", "in": "query",
+                                     "schema": {"enum": ["held"]},
+                                     "description": "held: published for no device until "
+                                                    "its rollout starts"}],
                      "requestBody": {"required": True, "content": {
                          "application/octet-stream": {"schema": _OCTETS}}},
                      "responses": {"201": _json(_ref("ReleaseInfo"), "published"),
@@ -513,6 +577,25 @@ def openapi_document() -> dict[str, Any]:
             "summary": "where each device stands in the release's rollout",
             "security": _OPERATOR, "parameters": _RELEASE_PARAMS,
             "responses": {"200": _json(_ref("ReleaseStatus")), **_ERRORS}}},
+        "/api/v1/releases/{fleet}/{app}/{version}/rollout": {
+            "post": {"summary": "start the release's rollout (or again, after held, halted "
+                                "or aborted)", "security": _OPERATOR,
+                     "parameters": _RELEASE_PARAMS, "requestBody": _body(_ref("RolloutRequest")),
+                     "responses": {"201": _json(_ref("Rollout")), **_ERRORS}},
+            "get": {"summary": "the release's rollout", "security": _OPERATOR,
+                    "parameters": _RELEASE_PARAMS,
+                    "responses": {"200": _json(_ref("Rollout")), **_ERRORS}}},
+        "/api/v1/releases/{fleet}/{app}/{version}/rollout/{action}": {"post": {
+            "summary": "pause, resume, abort or promote (end the current phase now) the "
+                       "rollout; 409 when not applicable", "security": _OPERATOR,
+            "parameters": [*_RELEASE_PARAMS, {"name": "action", "in": "path", "required": True,
+                                              "schema": {"enum": list(ACTIONS)}}],
+            "responses": {"200": _json(_ref("Rollout")), **_ERRORS}}},
+        "/api/v1/rollouts": {"get": {
+            "summary": "rollouts, newest first", "security": _OPERATOR,
+            "parameters": [{"name": "fleet", "in": "query", "schema": _DEV}],
+            "responses": {"200": _json(_obj(["rollouts"], rollouts={
+                "type": "array", "items": _ref("Rollout")})), **_ERRORS}}},
         "/api/v1/releases/{fleet}/{app}/{version}/retry": {"post": {
             "summary": "a retry for every device that failed the release",
             "security": _OPERATOR, "parameters": _RELEASE_PARAMS,

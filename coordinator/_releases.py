@@ -25,6 +25,7 @@ from mesh.release import (
     ReleaseManifest,
     ReleasePin,
     RootError,
+    SignedPin,
     SignedRoot,
     Timestamp,
     VerificationError,
@@ -467,20 +468,7 @@ class ReleaseRegistry:
                 raise Conflict(f"{app} version {version} is older than the latest ({latest}): "
                                "a rollback needs a pin signed with the fleet's release key")
         if pin_bytes is not None:
-            pin: ReleasePin
-            try:
-                if key is not None:
-                    pin = verify_pin(signed_pin, bytes.fromhex(key.public_key))
-                else:
-                    pin = decode_pin(signed_pin.pin)
-            except VerificationError as exc:
-                raise Forbidden(f"pin not signed with fleet {fleet}'s release key: "
-                                f"{exc}") from None
-            except ManifestError as exc:
-                raise ControlError(f"pin: {exc}") from None
-            if pin.expires_at <= self.clock():
-                raise ControlError(f"pin expired at {pin.expires_at} (Unix time): devices "
-                                   "would refuse it; sign a new one")
+            pin = checked_pin(signed_pin, key, fleet, self.clock())
             if (pin.fleet, pin.app, pin.version) != (fleet, app, version) or \
                     pin.device not in (None, device):
                 raise ControlError(
@@ -722,6 +710,25 @@ def resolve_targets(targets: list[FleetTarget], device: Device,
             out[app] = DeviceChoice(FleetTarget(t.fleet, app, decided.version, None, pin,
                                                 t.set_at))
     return out
+
+
+def checked_pin(signed: SignedPin, key: FleetReleaseKey | None, fleet: str, now: float,
+                field: str = "pin") -> ReleasePin:
+    """A signed pin verified with the fleet's release key (only decoded while the fleet has
+    none) and not expired: 403 for another key, 400 otherwise."""
+    try:
+        if key is not None:
+            pin = verify_pin(signed, bytes.fromhex(key.public_key))
+        else:
+            pin = decode_pin(signed.pin)
+    except VerificationError as exc:
+        raise Forbidden(f"{field} not signed with fleet {fleet}'s release key: {exc}") from None
+    except ManifestError as exc:
+        raise ControlError(f"{field}: {exc}") from None
+    if pin.expires_at <= now:
+        raise ControlError(f"{field} expired at {pin.expires_at} (Unix time): devices would "
+                           "refuse it; sign a new one")
+    return pin
 
 
 def _status_of(statuses: dict[str, list[AppStatus]], device: Device, app: str

@@ -98,6 +98,18 @@ class DeviceRecord:
     state: str  # one of DEVICE_STATES
     running_since: float | None = None
     error: str | None = None  # why it failed, one line
+    # Its reports still name this version failed from an earlier try (the rollout was
+    # started again): that is not a failure of this rollout until its agent acts on the retry
+    # and stops naming it; the deadline still applies.
+    retrying: bool = False
+    # Its deadline counts from here instead of its phase's start: it joined a started phase
+    # late, or was last seen waiting for its maintenance window (reporting, not late).
+    deadline_from: float | None = None
+
+    def deadline(self, phase: PhaseRecord, spec: RolloutSpec) -> float:
+        assert phase.started_at is not None
+        since = phase.started_at if self.deadline_from is None else self.deadline_from
+        return since + spec.deadline
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +140,8 @@ class Rollout:
                         "failed": list(p.failed), "healthy": list(p.healthy)}
                        for i, p in enumerate(self.phases)],
             "devices": {name: {"phase": d.phase, "state": d.state,
-                               "running_since": d.running_since, "error": d.error}
+                               "running_since": d.running_since, "error": d.error,
+                               "retrying": d.retrying, "deadline_from": d.deadline_from}
                         for name, d in sorted(self.devices.items())},
             "created_at": self.created_at, "updated_at": self.updated_at,
             "events": [{"at": at, "text": text} for at, text in self.events],
@@ -147,7 +160,9 @@ class Rollout:
             devices = {str(name): DeviceRecord(int(d["phase"]), str(d["state"]),
                                                _opt_float(d["running_since"]),
                                                None if d.get("error") is None
-                                               else str(d["error"]))
+                                               else str(d["error"]),
+                                               d.get("retrying") is True,
+                                               _opt_float(d.get("deadline_from")))
                        for name, d in obj["devices"].items()}
             rollout = cls(
                 fleet=str(obj["fleet"]), app=str(obj["app"]), version=int(obj["version"]),
@@ -249,12 +264,18 @@ def held(fleet: str, app: str, version: int, previous: int | None, now: float) -
 
 
 def start(fleet: str, app: str, version: int, previous: int | None, spec: RolloutSpec,
-          members: Iterable[Member], now: float) -> Rollout:
-    """A new running rollout with its phases fixed and the first one started at `now`."""
+          members: Iterable[Member], now: float,
+          views: Mapping[str, DeviceView] | None = None) -> Rollout:
+    """A new running rollout with its phases fixed and the first one started at `now`.
+
+    `views` are the devices' reports at the start: a device whose report already names the
+    version failed (an earlier rollout of it halted) is `retrying`, not failed."""
     assigned = assign_phases(spec, members)
     phases = [PhaseRecord(str(p), names) for p, names in zip(spec.phases, assigned, strict=True)]
-    devices = {name: DeviceRecord(i, PENDING) for i, names in enumerate(assigned)
-               for name in names}
+    known = views or {}
+    devices = {name: DeviceRecord(i, PENDING, retrying=name in known and _failure(
+                   known[name], version) is not None)
+               for i, names in enumerate(assigned) for name in names}
     events: list[tuple[float, str]] = [
         (now, f"rollout of v{version} started: phases {spec.to_json()['phases']}, "
               f"{len(devices)} devices")]
@@ -287,7 +308,8 @@ def admit(rollout: Rollout, spec: RolloutSpec, members: Iterable[Member], now: f
     started = rollout.phases[last].started_at is not None
     devices = dict(rollout.devices)
     for name in joining:
-        devices[name] = DeviceRecord(last, UPDATING if started else PENDING)
+        devices[name] = (DeviceRecord(last, UPDATING, deadline_from=now) if started
+                         else DeviceRecord(last, PENDING))
     record = rollout.phases[last]
     phases = (*rollout.phases[:last],
               replace(record, devices=tuple(sorted((*record.devices, *joining)))))
@@ -352,7 +374,10 @@ class _Work:
                     continue
                 view = views.get(name) or DeviceView(name)
                 error = _failure(view, version)
-                if error is not None:
+                if record.retrying and error is None:
+                    record = replace(record, retrying=False)
+                    self.devices[name] = record
+                if error is not None and not record.retrying:
                     self.fail(name, error, now)
                 elif record.state == HEALTHY:
                     continue
@@ -366,7 +391,10 @@ class _Work:
                     else:
                         self.devices[name] = replace(record, state=RUNNING,
                                                      running_since=since)
-                elif now >= phase.started_at + spec.deadline:
+                elif view.state == "waiting-window" and view.target_version == version:
+                    self.devices[name] = replace(record, state=UPDATING, running_since=None,
+                                                 deadline_from=now)
+                elif now >= record.deadline(phase, spec):
                     late = _fmt_seconds(spec.deadline)
                     self.fail(name, f"did not report v{version} running healthily within "
                                     f"{late} of its phase start", now)
@@ -387,7 +415,9 @@ class _Work:
 
     def halt_reason(self, spec: RolloutSpec, index: int) -> str | None:
         failures, outcomes = self.counts()
-        if not spec.max_failures.exceeded(failures, outcomes, spec.min_devices):
+        # A rollout of fewer devices than min-devices is judged once all have an outcome.
+        least = min(spec.min_devices, len(self.devices))
+        if not spec.max_failures.exceeded(failures, outcomes, least):
             return None
         current = self.phases[index]
         first = current.failed[0] if current.failed else next(
@@ -467,7 +497,7 @@ def next_deadline(rollout: Rollout, spec: RolloutSpec, now: float) -> float | No
             if record.state == RUNNING and record.running_since is not None:
                 due.append(record.running_since + spec.soak)
             elif record.state == UPDATING:
-                due.append(phase.started_at + spec.deadline)
+                due.append(record.deadline(phase, spec))
     return min(due, default=None)
 
 

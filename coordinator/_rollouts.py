@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Final
 
 import trio
 
 from mesh.control import ControlError
-from mesh.release import ManifestError, VerificationError, decode_signed_pin, verify_pin
+from mesh.release import ManifestError, decode_signed_pin
 from mesh.rollout import RolloutSpec
 
 from . import _rollout as core
@@ -27,12 +28,11 @@ from ._model import (
     Conflict,
     Device,
     DeviceState,
-    Forbidden,
     NotFound,
     RolloutRecord,
 )
 from ._peermap import endpoint_ip
-from ._releases import ReleaseRegistry, stored_rollout
+from ._releases import ReleaseRegistry, checked_pin, stored_rollout
 from ._store import Store
 
 log = logging.getLogger("fleetmesh.coordinator")
@@ -125,16 +125,7 @@ class RolloutService:
         if key is None:
             raise Conflict(f"fleet {fleet} has no release key: set it before a rollback pin "
                            "can be checked")
-        try:
-            pin = verify_pin(signed, bytes.fromhex(key.public_key))
-        except VerificationError as exc:
-            raise Forbidden(f"rollback_pin not signed with fleet {fleet}'s release key: "
-                            f"{exc}") from None
-        except ManifestError as exc:
-            raise ControlError(f"rollback_pin: {exc}") from None
-        if pin.expires_at <= self.clock():
-            raise ControlError(f"rollback_pin expired at {pin.expires_at} (Unix time): devices "
-                               "would refuse it; sign a new one")
+        pin = checked_pin(signed, key, fleet, self.clock(), "rollback_pin")
         if (pin.fleet, pin.app, pin.version, pin.device) != (fleet, app, previous, None):
             raise ControlError(
                 f"rollback_pin names {pin.app} version {pin.version} in fleet {pin.fleet}"
@@ -153,7 +144,10 @@ class RolloutService:
         previous = self.releases.previous_version(fleet, app, version)
         pin = self._check_pin(fleet, app, previous, body.get("rollback_pin"))
         now = self.clock()
-        rollout = core.start(fleet, app, version, previous, spec, self._members(fleet), now)
+        # a device whose reports still name this version failed (it halted before) is
+        # retrying, not failed, until its agent acts on the retry counter bumped below
+        rollout = core.start(fleet, app, version, previous, spec, self._members(fleet), now,
+                             self._views(fleet, app))
         record = _record_of(rollout, pin)
         self.store.put_rollout(record, exclusive=True)
         if existing is not None and existing.state in ROLLOUT_BAD:
@@ -195,7 +189,8 @@ class RolloutService:
         spec = _spec(rollout)
         moved = core.admit(rollout, spec, self._members(record.fleet), now)
         moved = core.step(moved, spec, self._views(record.fleet, record.app), now)
-        if moved != rollout:
+        # a step that only observed stamps updated_at: not worth a write per report
+        if replace(moved, updated_at=rollout.updated_at) != rollout:
             self._save(record, moved)
         return moved
 
@@ -219,8 +214,12 @@ class RolloutService:
         return new
 
     def device_reported(self, device: Device) -> None:
-        """A device reported: step the active rollouts of its fleet now."""
-        self.step_fleet(device.fleet)
+        """A device reported: step the active rollouts of its fleet now. The report is kept
+        whatever happens here; a failure is logged and the driver tries again."""
+        try:
+            self.step_fleet(device.fleet)
+        except Exception:  # noqa: BLE001 - a rollout must not cost the fleet its reports
+            log.exception("stepping the rollouts of fleet %s failed", device.fleet)
 
     def step_fleet(self, fleet: str | None) -> float | None:
         """Step every active rollout (of `fleet`) → the earliest next deadline (None: none)."""

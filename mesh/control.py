@@ -21,6 +21,7 @@ from typing import Any, Final, Literal, TypeVar
 from nacl.bindings import crypto_scalarmult
 
 from mesh.names import APP_NAME_RE, DEVICE_NAME_RE, MAX_APP_NAME
+from mesh.rollout import RolloutSpecError, Window
 
 MAX_BODY_BYTES: Final = 256 * 1024  # a peer map of ~1,000 peers; anything larger is refused
 MAX_NAME_LEN: Final = 63  # a DNS label (RFC 1035), so device names can become host names
@@ -790,8 +791,8 @@ class DeviceTarget:
     goes past the app's update lock and the window (never past `hold`); `retry` is the
     operator's retry counter for this device. `hold`: download the release but do not apply it
     (the device's rollout phase has not started). `window`: the maintenance window's text
-    (`HH:MM-HH:MM` or `HH:MM:SS-HH:MM:SS`, mesh.rollout.Window), applied only inside it, in
-    the device's local time.
+    (`HH:MM-HH:MM` or `HH:MM:SS-HH:MM:SS`, mesh.rollout.Window, kept in its canonical form):
+    the release is applied only inside it, in the device's local time.
     """
 
     app: str
@@ -835,17 +836,15 @@ def _flag(obj: Mapping[str, Any], key: str, where: str) -> bool:
     return value
 
 
-_WINDOW_RE: Final = re.compile(
-    r"([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9])?-([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9])?")
-
-
 def check_window(value: Any, where: str = "window") -> str | None:
-    """A maintenance window's text (`HH:MM-HH:MM` or `HH:MM:SS-HH:MM:SS`); None stays None."""
+    """A maintenance window's text (`HH:MM-HH:MM` or `HH:MM:SS-HH:MM:SS`, mesh.rollout.Window),
+    in its canonical form; None stays None."""
     if value is None:
         return None
-    if not isinstance(value, str) or not _WINDOW_RE.fullmatch(value):
-        raise ControlError(f"{where}: must be HH:MM-HH:MM or HH:MM:SS-HH:MM:SS")
-    return value
+    try:
+        return str(Window.parse(value))
+    except RolloutSpecError as exc:
+        raise ControlError(f"{where}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- device logs

@@ -198,9 +198,8 @@ async def release_retry(request: Request, service: FleetService) -> Response:
 
 @operator()
 async def start_rollout(request: Request, service: FleetService) -> Response:
-    fleet, app, version = path_release(request)
-    body = await read_json(request)
-    return JSONResponse(service.rollouts.start(fleet, app, version, body), status_code=201)
+    release, body = path_release(request), await read_json(request)
+    return JSONResponse(service.rollouts.start(*release, body), status_code=201)
 
 
 @operator()
@@ -210,9 +209,8 @@ async def get_rollout(request: Request, service: FleetService) -> Response:
 
 @operator()
 async def rollout_action(request: Request, service: FleetService) -> Response:
-    fleet, app, version = path_release(request)
-    action = str(request.path_params["action"])
-    return JSONResponse(service.rollouts.action(fleet, app, version, action))
+    action = str(request.path_params["action"])  # pause, resume, abort or promote
+    return JSONResponse(service.rollouts.action(*path_release(request), action))
 
 
 @operator()

@@ -6,6 +6,7 @@ one still comes within 30 s. On trio's autojump clock against the fake coordinat
 from __future__ import annotations
 
 import httpx
+import pytest
 import trio
 
 from agent import CoordinatorLink, DataDir
@@ -62,11 +63,13 @@ def _gaps(times: list[float]) -> list[float]:
     return [b - a for a, b in zip(times, times[1:], strict=False)]
 
 
+@pytest.mark.parametrize("waiting", ["waiting-lock", "waiting-phase", "waiting-window"])
 async def test_reports_every_few_seconds_while_a_release_is_in_flight(
-        enrolled: DataDir, autojump_clock: trio.abc.Clock) -> None:
+        enrolled: DataDir, autojump_clock: trio.abc.Clock, waiting: str) -> None:
     """Five minutes with an app downloading and no progress at all: a report at least every
     30 s (every ROLLOUT_REPORT_INTERVAL); once it waits for its update lock (which may last an
-    hour), the heartbeat is REPORT_INTERVAL again."""
+    hour), its rollout phase or its maintenance window, the heartbeat is REPORT_INTERVAL
+    again."""
     coord = TimedCoordinator()
     state = ["downloading"]
     async with trio.open_nursery() as nursery:
@@ -74,7 +77,7 @@ async def test_reports_every_few_seconds_while_a_release_is_in_flight(
         # (the test wakes half an interval off the reporter's beat: no tie in virtual time)
         await trio.sleep(300 + ROLLOUT_REPORT_INTERVAL / 2)
         during = list(coord.arrived)
-        state[0] = "waiting-lock"  # no work in flight: the app holds its update lock
+        state[0] = waiting  # no work in flight: the release waits for the app, or the rollout
         await trio.sleep(ROLLOUT_REPORT_INTERVAL)  # the report that says so
         settled = len(coord.arrived)
         await trio.sleep(2 * REPORT_INTERVAL)

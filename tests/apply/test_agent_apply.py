@@ -3,6 +3,7 @@ report carries the app's state, a target change through the peer map moves the a
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -43,6 +44,7 @@ from mesh.release import (
     ReleaseManifest,
     VerifiedRelease,
 )
+from mesh.rollout import Window
 from tests.agent.fakes import HUB, KEYS, FakeClient, FakeCoordinator, FakeWireGuard
 from tests.gossip.helpers import free_port, wait_for
 
@@ -151,6 +153,56 @@ async def test_targets_are_applied_and_reported(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
 
 
+def local_clock_text(at: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(at))
+
+
+async def test_a_held_target_waits_for_its_phase_then_a_window_for_its_opening(
+        tmp_path: Path) -> None:
+    """Issue 16 through the whole agent (fake engine, real clock and local time zone): a held
+    v2 is downloaded but no container of it is created; lifting the hold applies it; v3 with
+    a window a few seconds ahead (HH:MM:SS, the device's local time) waits for the window,
+    and its container starts only once the window has opened."""
+    agent, coord, engine = applying_agent(tmp_path, (1, 2, 3), lambda m: None)
+
+    def web() -> AppStatus | None:
+        return coord.apps().get("web")
+
+    def retarget(revision: int, version: int, **extra: Any) -> None:
+        coord.targets = [{"app": "web", "version": version, "pin": None, "force": False,
+                          "retry": 0, **extra}]
+        coord.publish(PeerMap(revision, HUB, targets=revision))
+
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(agent.run)
+            await wait_for(lambda: web_running(coord), 0.05)
+            retarget(2, 2, hold=True)
+            await wait_for(lambda: (w := web()) is not None and w.target == 2
+                           and w.state == "waiting-phase", 0.05)
+            w = web()
+            assert w is not None and w.running == 1 and w.bytes_done == w.bytes_total
+            assert not any(c[0] == "create" and c[2] == "2" for c in engine.calls)
+            assert not any(c[0] == "load" for c in engine.calls[1:])  # no rebuild while held
+            # the phase starts: the hold is lifted, the release applied at once
+            retarget(3, 2, hold=False)
+            await wait_for(lambda: (w := web()) is not None and w.running == 2
+                           and w.state == "running", 0.05)
+            # v3 with a window a few seconds ahead, in the device's local time
+            opens = math.floor(time.time()) + 5
+            window = f"{local_clock_text(opens)}-{local_clock_text(opens + 3600)}"
+            retarget(4, 3, window=window)
+            await wait_for(lambda: (w := web()) is not None and w.running == 3
+                           and w.state == "running", 0.05)
+            states = [a.state for _, r in coord.reports for a in r.apps if a.target == 3]
+            assert "waiting-window" in states
+            assert states.index("waiting-window") < states.index("running")
+            started = [c for c in engine.containers_.values() if c.version == 3]
+            assert len(started) == 1 and started[0].started_at is not None
+            assert started[0].started_at >= opens  # not a moment before the window opened
+            nursery.cancel_scope.cancel()
+
+
 async def test_app_logs_go_up_while_the_peer_map_asks_for_them(tmp_path: Path) -> None:
     """Issue 14: the app's log lines stay on the device until its peer map says someone reads
     them (`logs_wanted_until`, set by the coordinator when its logs are read); then they go up
@@ -203,14 +255,17 @@ def release(version: int) -> VerifiedRelease:
 class _Applier:
     def __init__(self) -> None:
         self.targets: dict[str, tuple[bytes, bool, bool, int, bytes | None]] = {}
+        self.gates: dict[str, tuple[bool, Window | None]] = {}  # app -> (hold, window)
         self.progress: dict[str, tuple[int, int]] = {}
         self.cleared: list[str] = []
         self.state = "downloading"
         self.running: int | None = None
 
     def set_target(self, release: VerifiedRelease, *, ready: bool, force: bool = False,
-                   retry: int = 0, pin: bytes | None = None) -> bool:
+                   retry: int = 0, pin: bytes | None = None, hold: bool = False,
+                   window: Window | None = None) -> bool:
         self.targets[release.manifest.app] = (release.encoded, ready, force, retry, pin)
+        self.gates[release.manifest.app] = (hold, window)
         return True
 
     def clear_target(self, app: str) -> None:
@@ -265,12 +320,15 @@ def test_device_targets_carry_hold_and_window() -> None:
     seconds = DeviceTarget.from_json({"app": "web", "version": 3,
                                       "window": "23:59:30-00:00:10"})
     assert (seconds.hold, seconds.window) == (False, "23:59:30-00:00:10")
+    # mesh.rollout.Window's canonical text: seconds only where they are not zero
+    assert DeviceTarget.from_json({"app": "web", "version": 3,
+                                   "window": "02:00:00-04:00:00"}).window == "02:00-04:00"
     # absent or null: no hold, no window (a coordinator from before rollouts)
     assert DeviceTarget.from_json({"app": "web", "version": 3, "hold": None,
                                    "window": None}) == DeviceTarget("web", 3)
     for bad in ({"hold": "true"}, {"hold": 1}, {"window": "2:00-4:00"},
                 {"window": "24:00-01:00"}, {"window": "02:60-03:00"}, {"window": "02:00"},
-                {"window": 7}, {"window": "02:00-04:00 "}, {"window": "02:00:60-04:00:00"}):
+                {"window": 7}, {"window": "02:00-04:00-05:00"}, {"window": "02:00:60-04:00:00"}):
         with pytest.raises(ControlError) as err:
             DeviceTarget.from_json({"app": "web", "version": 3, **bad})
         assert str(err.value).startswith(f"target.{next(iter(bad))}:")
@@ -326,6 +384,27 @@ def test_appsync_readiness_progress_and_report_pace() -> None:
     sync.set_targets([])
     assert applier.cleared == ["web"]
     assert [a.app for a in sync.app_statuses()] == ["web"]
+
+
+def test_appsync_passes_hold_and_window_on() -> None:
+    applier, node = _Applier(), _Node()
+    node.done = 100
+    sync = AppSync(applier, "cams")
+    sync.set_targets([DeviceTarget("web", 2, hold=True)])
+    sync.sync(node, 0.0)
+    assert applier.targets["web"][:2] == (b"m2", True)  # downloaded ahead: ready
+    assert applier.gates["web"] == (True, None)
+    # the phase starts with a window: the same release, the hold lifted, the window parsed
+    sync.set_targets([DeviceTarget.from_json({"app": "web", "version": 2, "hold": False,
+                                              "window": "22:00:30-23:00:00"})])
+    sync.sync(node, 1.0)
+    assert applier.gates["web"] == (False, Window(22 * 3600 + 30, 23 * 3600))
+    applier.state = "waiting-window"
+    assert sync.sync(node, 1.1)  # the waiting state is news at once
+    sync.set_targets([DeviceTarget("web", 2, force=True, window="22:00-23:00")])
+    sync.sync(node, 2.0)
+    assert applier.targets["web"][2] is True  # force goes along; the applier weighs it
+    assert applier.gates["web"] == (False, Window(22 * 3600, 23 * 3600))
 
 
 async def test_app_logs_are_kept_while_the_coordinator_is_down_and_bad_lines_dropped(

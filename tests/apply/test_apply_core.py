@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,10 +23,12 @@ from agent._apply_core import (
     MissingBlob,
     Observed,
     Probe,
+    Remove,
     RemoveImage,
     RunProbe,
     Stop,
     Target,
+    apply_gate,
     decide,
     effective_check,
     fail_load,
@@ -41,6 +44,7 @@ from mesh.release import (
     ReleaseManifest,
     UpdateStrategy,
 )
+from mesh.rollout import Window
 
 APP = "web"
 
@@ -115,6 +119,116 @@ def test_lock_waits_and_force_overrides() -> None:
     stopped = Observed((ContainerView("c1", "fleetmesh-web", 1, "exited"),),
                        frozenset({1, 2}), lock_held=True)
     assert decide(APP, j, Target(2, manifest(2)), stopped, 10.0).journal.phase == "stopping"
+
+
+MIDNIGHT = 86400.0 * 20_000  # a UTC midnight (2024-10-04): local times below are exact
+UTC_PLUS_1 = 3600
+
+
+def test_a_held_target_downloads_but_never_applies() -> None:
+    j = Journal(current=1)
+    obs = Observed((running(1),), frozenset({1}))
+    s = decide(APP, j, Target(2, manifest(2), ready=False, hold=True), obs, 10.0)
+    assert (s.state, s.action, s.journal, s.wake_at) == ("downloading", None, j, None)
+    held = Target(2, manifest(2), hold=True)
+    s = decide(APP, j, held, obs, 10.0)
+    # downloaded: held until the phase starts; no rebuild, no wake-up of its own (the hold is
+    # lifted by a new target, which wakes the driver)
+    assert (s.state, s.action, s.journal, s.wake_at) == ("waiting-phase", None, j, None)
+    # force is for the lock and the window, never for a hold; an image already loaded
+    # changes nothing either
+    loaded = Observed((running(1),), frozenset({1, 2}))
+    for t, o in ((replace(held, force=True), obs), (held, loaded)):
+        s = decide(APP, j, t, o, 10.0)
+        assert (s.state, s.action, s.journal) == ("waiting-phase", None, j)
+    # kill-then-download stops the app as soon as a target arrives: not a held one
+    ktd = manifest(2, ContainerSettings(update_strategy=UpdateStrategy.KILL_THEN_DOWNLOAD))
+    for ready in (False, True):
+        s = decide(APP, j, Target(2, ktd, ready=ready, hold=True), obs, 10.0)
+        assert s.action is None and s.journal == j
+    # a first install is held as well: no container created
+    s = decide(APP, Journal(), held, Observed((), frozenset({2})), 10.0)
+    assert (s.state, s.action, s.journal) == ("waiting-phase", None, Journal())
+    # leftovers are still cleaned up meanwhile, and the state says why the update waits
+    stray = ContainerView("c7", "fleetmesh-web-next", 7, "exited")
+    s = decide(APP, j, held, Observed((running(1), stray), frozenset({1})), 10.0)
+    assert s.action == Remove("c7", 7) and s.state == "waiting-phase"
+    # the hold lifted: the update goes at once
+    s = decide(APP, j, replace(held, hold=False), obs, 10.0)
+    assert s.action == Load(2) and s.state == "loading"
+
+
+def test_a_window_gates_the_apply_in_local_time_and_wakes_at_its_opening() -> None:
+    j = Journal(current=1)
+    t = Target(2, manifest(2), window=Window.parse("02:00-04:00"))
+    local = Observed((running(1),), frozenset({1}), utc_offset=UTC_PLUS_1)
+    # 00:30:00.25 UTC is 01:30 local: outside; the window opens at 02:00 local = 01:00 UTC
+    s = decide(APP, j, t, local, MIDNIGHT + 1800.25)
+    assert (s.state, s.action, s.journal) == ("waiting-window", None, j)
+    assert s.wake_at == MIDNIGHT + 3600
+    assert decide(APP, j, t, local, MIDNIGHT + 3599.999).wake_at == MIDNIGHT + 3600
+    assert decide(APP, j, t, local, MIDNIGHT + 3600).action == Load(2)
+    assert decide(APP, j, t, local, MIDNIGHT + 3 * 3600 - 0.001).action == Load(2)
+    # 04:00 local, the end, is outside: the next opening is tomorrow's
+    s = decide(APP, j, t, local, MIDNIGHT + 3 * 3600)
+    assert s.state == "waiting-window" and s.wake_at == MIDNIGHT + 3600 + 86400
+    # the same instant in a device on UTC is 00:30: its window opens an hour later
+    utc = Observed((running(1),), frozenset({1}))
+    assert decide(APP, j, t, utc, MIDNIGHT + 1800.25).wake_at == MIDNIGHT + 7200
+    # still downloading outside the window: that is what it reports, with no wake-up
+    s = decide(APP, j, replace(t, ready=False), local, MIDNIGHT + 1800)
+    assert (s.state, s.wake_at) == ("downloading", None)
+    # force overrides the window
+    assert decide(APP, j, replace(t, force=True), local, MIDNIGHT + 1800).action == Load(2)
+    # with the image loaded, the switch itself waits too
+    loaded = Observed((running(1),), frozenset({1, 2}), utc_offset=UTC_PLUS_1)
+    assert decide(APP, j, t, loaded, MIDNIGHT + 1800).journal == j
+    assert decide(APP, j, t, loaded, MIDNIGHT + 3600).journal.phase == "stopping"
+
+
+def test_window_gate_exact_times_across_midnight_and_seconds() -> None:
+    late = Target(2, manifest(2), window=Window.parse("23:00-01:00"))
+    west = -5 * 3600  # UTC-05:00
+    # 04:30 UTC is 23:30 the day before in UTC-5: inside a window that wraps midnight
+    assert apply_gate(late, west, MIDNIGHT + 4.5 * 3600) is None
+    assert apply_gate(late, west, MIDNIGHT + 5.5 * 3600) is None  # 00:30 local
+    # 01:00 local (06:00 UTC) closes it until 23:00 local (04:00 UTC the next day)
+    assert apply_gate(late, west, MIDNIGHT + 6 * 3600) == ("waiting-window",
+                                                           MIDNIGHT + 86400 + 4 * 3600)
+    seconds = Target(2, manifest(2), window=Window.parse("00:00:05-00:00:09"))
+    assert apply_gate(seconds, 0, MIDNIGHT + 4.9) == ("waiting-window", MIDNIGHT + 5)
+    assert apply_gate(seconds, 0, MIDNIGHT + 5) is None
+    assert apply_gate(seconds, 0, MIDNIGHT + 9) == ("waiting-window", MIDNIGHT + 86400 + 5)
+    always = Target(2, manifest(2), window=Window.parse("03:00-03:00"))  # start == end
+    assert apply_gate(always, 0, MIDNIGHT + 1) is None
+    # a hold wins over an open window and over force
+    assert apply_gate(replace(always, hold=True, force=True), 0, MIDNIGHT) == (
+        "waiting-phase", None)
+
+
+def test_an_apply_under_way_is_not_interrupted_by_a_gate() -> None:
+    closed = Window.parse("02:00-04:00")
+    t = Target(2, manifest(2), window=closed)
+    at = MIDNIGHT + 12 * 3600  # noon, UTC device: outside the window
+    assert apply_gate(t, 0, at) is not None
+    stopping = Journal("stopping", 1, None, 2)
+    s = decide(APP, stopping, t, Observed((running(1),), frozenset({1, 2})), at)
+    assert s.action == Stop("c1", 1)
+    starting = Journal("starting", 1, None, 2)
+    s = decide(APP, starting, t, Observed((), frozenset({1, 2})), at, {1: manifest(1)})
+    assert s.action == Create(2, "fleetmesh-web-next")
+    checking = Journal("checking", 1, None, 2, health_since=at - 10)
+    s = decide(APP, checking, replace(t, hold=True),
+               Observed((running(2, "fleetmesh-web-next", at - 10),), frozenset({1, 2})), at)
+    assert s.journal.phase == "idle" and s.journal.current == 2  # committed, held or not
+    # a new target that may not be applied now, before the new release started: back to the
+    # committed release, where the gate holds it
+    s = decide(APP, stopping, Target(3, manifest(3), hold=True),
+               Observed((running(1),), frozenset({1, 2})), at)
+    assert s.journal.phase == "rolling-back" and s.journal.failed == ()
+    s = decide(APP, starting, Target(3, manifest(3), window=closed),
+               Observed((), frozenset({1, 2})), at, {1: manifest(1)})
+    assert s.journal.phase == "rolling-back"
 
 
 def test_probe_timing_is_exact() -> None:

@@ -30,7 +30,7 @@ from .releasekit import build
 from .test_releases import publish, upload
 
 STATUS_KEYS = {"device", "state", "bytes_done", "bytes_total", "running", "target", "online",
-               "error", "lock_since", "lock_stale", "by_source", "updated_at"}
+               "error", "lock_since", "lock_stale", "by_source", "updated_at", "phase"}
 
 
 def app_status(app: str = "app", state: str = "idle", **kw: Any) -> dict[str, Any]:
@@ -120,11 +120,12 @@ async def test_release_status_derives_each_state(h: Harness) -> None:
     assert r.status_code == 200, r.text
     body = r.json()
     assert (body["fleet"], body["app"], body["version"]) == ("fleet", "app", 2)
+    assert body["rollout"] is None  # published as today: no rollout, no phases
     rows = {d["device"]: d for d in body["devices"]}
     assert {n: d["state"] for n, d in rows.items()} == {
         "run": "running", "dl": "downloading", "fail": "failed", "pinned": "failed",
         "newer": "superseded", "quiet": "pending", "lock": "waiting-lock"}
-    assert all(set(d) == STATUS_KEYS for d in rows.values())
+    assert all(set(d) == STATUS_KEYS and d["phase"] is None for d in rows.values())
     assert (rows["dl"]["bytes_done"], rows["dl"]["bytes_total"]) == (3, 9)
     assert rows["dl"]["by_source"] == {"lan": 1, "wan_peer": 0, "coordinator": 2}
     assert rows["fail"]["error"] == "health check failed"
@@ -146,7 +147,8 @@ async def test_force_and_retry_reach_the_targets_and_force_clears(h: Harness) ->
     assert (await targets(a))["app"]["version"] == 2
     await set_target(h, 2)
     assert (await targets(a))["app"] == {"app": "app", "version": 2, "pin": None,
-                                         "force": False, "retry": 0}
+                                         "force": False, "retry": 0, "hold": False,
+                                         "window": None}
     r = await h.op.post("/api/v1/devices/a/update", json={"app": "app", "force": True})
     assert r.json() == {"device": "a", "app": "app", "version": 2, "force": True}
     assert (await targets(a))["app"]["force"] is True

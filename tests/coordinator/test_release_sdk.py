@@ -100,7 +100,8 @@ async def test_device_sdk_reads_manifest_blobs_targets(h: Harness) -> None:
         assert await dev.blob(cid) == rel.blobs[cid][0]
         assert await dev.blob(cid, 1, 3) == rel.blobs[cid][0][1:3]
         assert await dev.targets() == [{"app": "app", "version": 1, "pin": None,
-                                         "force": False, "retry": 0}]
+                                         "force": False, "retry": 0, "hold": False,
+                                         "window": None}]
         with pytest.raises(ApiError) as err:
             await dev.manifest("other", "app", 1)
         assert err.value.status == 404

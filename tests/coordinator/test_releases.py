@@ -213,10 +213,11 @@ async def test_targets_and_rollback_pins(h: Harness) -> None:
     assert r.status_code == 200 and r.json()["pin"] == good.hex()
     r = await cam.client.get("/api/v1/device/target")
     assert r.json() == {"targets": [{"app": "app", "version": 1, "pin": good.hex(),
-                                     "force": False, "retry": 0}]}
+                                     "force": False, "retry": 0, "hold": False,
+                                     "window": None}]}
     r = await cam2.client.get("/api/v1/device/target")
     assert r.json() == {"targets": [{"app": "app", "version": 2, "pin": None, "force": False,
-                                     "retry": 0}]}
+                                     "retry": 0, "hold": False, "window": None}]}
 
 
 async def test_an_expired_pin_is_refused_when_set(h: Harness) -> None:

@@ -4,11 +4,13 @@ promote, abort, the refusals (400, 403, 404, 409) and a restart of the coordinat
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from nacl.signing import SigningKey
 
 from coordinator._server import CoordinatorConfig
@@ -21,10 +23,19 @@ from .test_releases import OCTETS, upload
 ROLLOUT = "/api/v1/releases/fleet/app/{}/rollout"
 
 
+@pytest.fixture
+def store(request: pytest.FixtureRequest) -> str | None:
+    """The store the `coord` fixture would use (conftest.py): SQLite, or a PostgreSQL
+    database of the session's server when FLEETMESH_TEST_STORE=postgresql."""
+    if os.environ.get("FLEETMESH_TEST_STORE") == "postgresql":
+        return str(request.getfixturevalue("pg_server").new_database())
+    return None
+
+
 @asynccontextmanager
-async def clocked(tmp_path: Path, clock: Clock) -> AsyncIterator[Harness]:
+async def clocked(tmp_path: Path, clock: Clock, store: str | None) -> AsyncIterator[Harness]:
     config = CoordinatorConfig(data_dir=tmp_path / "coord", listen="127.0.0.1:0", hub=False,
-                               batch_window=0.05, clock=clock)
+                               batch_window=0.05, clock=clock, store=store)
     async with running_harness(config) as h:
         yield h
 
@@ -74,10 +85,10 @@ async def plan(devs: dict[str, Enrolled]) -> dict[str, tuple[int, bool, str | No
     return out
 
 
-async def test_held_publish_targets_nobody_then_phases_advance_to_done(tmp_path: Path
-                                                                       ) -> None:
+async def test_held_publish_targets_nobody_then_phases_advance_to_done(
+        tmp_path: Path, store: str | None) -> None:
     clock = Clock()
-    async with clocked(tmp_path, clock) as h:
+    async with clocked(tmp_path, clock, store) as h:
         key = SigningKey.generate()
         devs = {n: await h.enroll(n) for n in ("a", "b", "c")}
         await release(h, key, 1, held=True)
@@ -131,9 +142,9 @@ async def test_held_publish_targets_nobody_then_phases_advance_to_done(tmp_path:
 
 
 async def test_halt_sends_everyone_back_with_the_pin_and_skips_the_bad_release(
-        tmp_path: Path) -> None:
+        tmp_path: Path, store: str | None) -> None:
     clock = Clock()
-    async with clocked(tmp_path, clock) as h:
+    async with clocked(tmp_path, clock, store) as h:
         key = SigningKey.generate()
         await set_key(h, key)
         devs = {n: await h.enroll(n) for n in ("a", "b", "c", "d")}
@@ -167,11 +178,16 @@ async def test_halt_sends_everyone_back_with_the_pin_and_skips_the_bad_release(
         assert again["state"] == "running" and again["events"][0]["at"] == clock.now
         assert (await targets(devs["a"]))["app"]["retry"] == 1
         assert (await targets(devs["b"]))["app"]["retry"] == 0
+        # its reports still name 3 failed until its agent acts on the retry: not a new failure
+        await report(devs["a"], app_status(state="failed", running=2, target=3, failed=[3],
+                                           error="health check failed"))
+        body = await rollout(h, 3)
+        assert body["state"] == "running" and body["devices"]["a"]["retrying"] is True
 
 
-async def test_pause_resume_promote_abort(tmp_path: Path) -> None:
+async def test_pause_resume_promote_abort(tmp_path: Path, store: str | None) -> None:
     clock = Clock()
-    async with clocked(tmp_path, clock) as h:
+    async with clocked(tmp_path, clock, store) as h:
         key = SigningKey.generate()
         devs = {n: await h.enroll(n) for n in ("a", "b", "c")}
         await release(h, key, 1)
@@ -197,9 +213,9 @@ async def test_pause_resume_promote_abort(tmp_path: Path) -> None:
         await act(h, 2, "promote", expect=409)
 
 
-async def test_refusals(tmp_path: Path) -> None:
+async def test_refusals(tmp_path: Path, store: str | None) -> None:
     clock = Clock()
-    async with clocked(tmp_path, clock) as h:
+    async with clocked(tmp_path, clock, store) as h:
         key, other = SigningKey.generate(), SigningKey.generate()
         await set_key(h, key)
         await h.enroll("a")
@@ -245,10 +261,11 @@ async def test_refusals(tmp_path: Path) -> None:
         assert r.status_code in (401, 403)
 
 
-async def test_windows_in_targets_and_a_rollout_survives_a_restart(tmp_path: Path) -> None:
+async def test_windows_in_targets_and_a_rollout_survives_a_restart(
+        tmp_path: Path, store: str | None) -> None:
     clock = Clock()
     key = SigningKey.generate()
-    async with clocked(tmp_path, clock) as h:
+    async with clocked(tmp_path, clock, store) as h:
         devs = {n: await h.enroll(n) for n in ("a", "b")}
         r = await h.op.patch("/api/v1/devices/b/tags", json={"set": {"window": "02:00-04:00"}})
         assert r.status_code == 200
@@ -271,7 +288,7 @@ async def test_windows_in_targets_and_a_rollout_survives_a_restart(tmp_path: Pat
                                         json={"agent_version": "t", "timezone": "Europe/Oslo"})
         assert r.status_code == 204
     clock.now += 5
-    async with clocked(tmp_path, clock) as h:  # the same data directory
+    async with clocked(tmp_path, clock, store) as h:  # the same data directory
         a = await h.enroll("a2")
         assert (await h.op.get("/api/v1/devices/a")).json()["timezone"] == "Europe/Oslo"
         body = await rollout(h, 2)
@@ -284,3 +301,42 @@ async def test_windows_in_targets_and_a_rollout_survives_a_restart(tmp_path: Pat
         assert (t["version"], t["hold"]) == (2, False)  # enrolled later: joins the last phase
         r = await h.op.get("/api/v1/releases/fleet/app/2/status")
         assert r.json()["rollout"]["phase"] == 1
+
+
+def revision(h: Harness, name: str) -> int:
+    """The `targets` revision the device's next peer map carries."""
+    return h.coord.service.core.build(name).targets
+
+
+async def test_deadline_fails_a_silent_canary_and_targets_move_with_the_rollout(
+        tmp_path: Path, store: str | None) -> None:
+    """What the driver runs at a rollout's next deadline (`step_fleet`), with no report at
+    all; and every change of a device's target bumps its peer map's targets revision."""
+    clock = Clock()
+    async with clocked(tmp_path, clock, store) as h:
+        key = SigningKey.generate()
+        await set_key(h, key)
+        devs = {n: await h.enroll(n) for n in ("a", "b")}
+        await release(h, key, 1)
+        await release(h, key, 2, held=True)
+        before = {n: revision(h, n) for n in devs}
+        await start(h, 2, phases="1,100%", deadline=60, soak=5,
+                    rollback_pin=pin(key, "fleet", "app", 1, now=clock.now).hex())
+        assert all(revision(h, n) > before[n] for n in devs)
+        rollouts = h.coord.service.rollouts
+        assert rollouts.step_fleet(None) == clock.now + 60  # a's deadline
+        clock.now += 59
+        assert rollouts.step_fleet(None) == clock.now + 1
+        assert (await rollout(h, 2))["state"] == "running"
+        before = {n: revision(h, n) for n in devs}
+        clock.now += 1
+        assert rollouts.step_fleet(None) is None  # halted: nothing more is due
+        body = await rollout(h, 2)
+        assert body["state"] == "halted"
+        assert "a failed: did not report v2 running healthily within 60 s" in body["reason"]
+        assert all(revision(h, n) > before[n] for n in devs)
+        assert {n: (await targets(d))["app"]["version"] for n, d in devs.items()} == \
+            {"a": 1, "b": 1}
+        before = {n: revision(h, n) for n in devs}
+        assert rollouts.step_fleet(None) is None
+        assert {n: revision(h, n) for n in devs} == before  # nothing changed: no bump

@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mesh.rollout import (
     MAX_TAGS,
@@ -337,3 +339,23 @@ def test_bad_spec_bodies(body: Any, message: str) -> None:
     with pytest.raises(RolloutSpecError, match="^[^\n]*$") as info:
         RolloutSpec.from_json(body)
     assert message in str(info.value)
+
+
+# --------------------------------------------------------------------------- any input
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="0123456789%.,+=:-abcsmhd ", max_size=40))
+def test_any_text_parses_or_gives_one_error_line(text: str) -> None:
+    for parse in (parse_phases, Selector.parse, Window.parse, parse_duration,
+                  MaxFailures.parse):
+        try:
+            value = parse(text)
+        except RolloutSpecError as exc:
+            assert "\n" not in str(exc)
+            continue
+        if parse is parse_phases:  # what parses prints back to the same phases
+            assert isinstance(value, tuple)
+            assert parse_phases(",".join(map(str, value))) == value
+        elif parse is not parse_duration:
+            assert type(value).parse(str(value)) == value  # type: ignore[attr-defined]
