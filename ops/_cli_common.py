@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
+from nacl.signing import SigningKey
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -102,6 +103,18 @@ def token_release_key(explicit: str | None) -> str | None:
         raise CliError(str(exc)) from None
     print(f"note: the token pins release key {key_id(public)} ({path})", file=sys.stderr)
     return public.hex()
+
+
+def load_signing_key(path: Path | None) -> SigningKey:
+    """The release signing key `--signing-key` (or its defaults) names; CliError (exit 2)."""
+    key_path = signing_key_path(path)
+    if not key_path.exists():
+        raise CliError(f"no release signing key at {key_path}: create one with "
+                       f"`fleetmesh release keygen --out {key_path}` or pass --signing-key")
+    try:
+        return read_signing_key(key_path)
+    except ReleaseError as exc:
+        raise CliError(str(exc)) from None
 
 
 def read_root_file(path: Path) -> SignedRoot:
@@ -187,6 +200,13 @@ def app_arg(text: str) -> str:
         raise CliError(str(exc)) from exc
 
 
+def version_arg(version: int) -> int:
+    """A release VERSION argument, else a usage error."""
+    if version < 1:
+        raise CliError("VERSION must be 1 or more")
+    return version
+
+
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """argparse prints usage plus the error; fleetmesh prints one line and exits 2."""
     def error(message: str) -> NoReturn:
@@ -231,6 +251,21 @@ def api_errors() -> Iterator[None]:
     except ProtocolError as exc:
         raise CliError(f"unexpected answer from the coordinator: {exc}",
                        code=EXIT_REFUSED) from exc
+
+
+def resolve_fleet(client: OperatorClient, fleet: str | None, app: str, version: int) -> str:
+    """--fleet, or the one fleet (among those with devices) that has this release."""
+    if fleet is not None:
+        return name_arg(fleet, "fleet")
+    fleets = sorted({d["fleet"] for d in client.list_devices() if isinstance(d.get("fleet"), str)})
+    having = [f for f in fleets
+              if any(r.get("version") == version for r in client.list_releases(f, app))]
+    if not having:
+        raise CliError(f"no fleet with devices has {app} version {version}; pass --fleet",
+                       code=EXIT_REFUSED)
+    if len(having) > 1:
+        raise CliError(f"{app} version {version} is in fleets {', '.join(having)}: pass --fleet")
+    return str(having[0])
 
 
 def operator_client(args: argparse.Namespace) -> OperatorClient:

@@ -24,6 +24,7 @@ from typing import Any, Final
 
 from mesh.clikit import CliError
 from mesh.control import WAN_PURPOSES
+from mesh.rollout import TAG_KEY_RE, RolloutSpecError, Selector, parse_tag_args
 from ops._cli_common import (
     add_common_options,
     add_release_key_option,
@@ -68,10 +69,11 @@ def _token_create(args: argparse.Namespace) -> int:
     if args.uses < 1:
         raise CliError("--uses must be at least 1")
     name = None if args.name is None else name_arg(args.name)
+    tags = _tag_args(args.tag)
     with api_errors(), operator_client(args) as client:
         out = client.create_token(fleet, uses=args.uses, expires_in=expires, name=name,
                                   release_key=token_release_key(args.release_key),
-                                  root=token_root(args.root, fleet))
+                                  root=token_root(args.root, fleet), tags=tags)
     note_token_root(out["token"])
     if args.json:
         print_json(out)
@@ -80,15 +82,31 @@ def _token_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tag_args(items: list[str]) -> dict[str, str]:
+    """`--tag k=v` (repeatable) as a tags object, checked as the API checks it (exit 2)."""
+    try:
+        return parse_tag_args(items)
+    except RolloutSpecError as exc:
+        raise CliError(f"--tag: {exc}") from None
+
+
+def _tags_text(tags: Any) -> str:
+    """{"site": "berlin", "role": "cam"} → "role=cam site=berlin"; `-` without tags."""
+    if not isinstance(tags, dict) or not tags:
+        return "-"
+    return text(" ".join(f"{k}={v}" for k, v in sorted(tags.items())))
+
+
 _DEVICE_COLUMNS: Final = ["NAME", "FLEET", "STATE", "ONLINE", "RELEASE", "MESH IPV4",
-                          "MESH IPV6", "ENDPOINT", "LAST SEEN", "AGENT", "REPORTED"]
+                          "MESH IPV6", "ENDPOINT", "LAST SEEN", "AGENT", "REPORTED", "TAGS"]
 
 
 def _device_row(d: dict[str, Any]) -> list[str]:
     return [text(d.get("name")), text(d.get("fleet")), text(d.get("state")),
             text(bool(d.get("online"))), _release_text(d), text(d.get("mesh_ipv4")),
             text(d.get("mesh_ipv6")), text(d.get("endpoint")), when(d.get("last_seen")),
-            text(d.get("agent_version")), _reported_text(d.get("reported_misbehaving"))]
+            text(d.get("agent_version")), _reported_text(d.get("reported_misbehaving")),
+            _tags_text(d.get("tags"))]
 
 
 def _reported_text(reporters: Any) -> str:
@@ -174,12 +192,19 @@ def _apps_table(apps: list[Any]) -> None:
 
 def _devices_list(args: argparse.Namespace) -> int:
     fleet = None if args.fleet is None else name_arg(args.fleet, "fleet")
+    selector = None
+    if args.selector is not None:
+        try:
+            selector = str(Selector.parse(args.selector))
+        except RolloutSpecError as exc:
+            raise CliError(f"--selector {args.selector!r}: {exc}") from None
     with api_errors(), operator_client(args) as client:
-        devices = client.list_devices(fleet)
+        devices = client.list_devices(fleet, selector=selector)
     if args.json:
         print_json({"devices": devices})
     elif not devices:
-        print("no devices" + ("" if fleet is None else f" in fleet {fleet}"))
+        print("no devices" + ("" if fleet is None else f" in fleet {fleet}")
+              + ("" if selector is None else f" matching {selector}"))
     else:
         table(_DEVICE_COLUMNS, [_device_row(d) for d in devices])
     return 0
@@ -211,6 +236,8 @@ def _show_device(d: dict[str, Any]) -> None:
     rows.append(["last seen", when(d.get("last_seen"))])
     rows.append(["enrolled", date(d.get("enrolled_at"))])
     rows.append(["release", text(d.get("release"))])
+    rows.append(["tags", _tags_text(d.get("tags"))])
+    rows.append(["time zone", text(d.get("timezone"))])
     rows.append(["NAT", _nat_text(d.get("link"))])
     rows.append(["WAN budget", _budget_text(d.get("wan_budget"))])
     table(["FIELD", "VALUE"], rows, header=False)
@@ -235,6 +262,26 @@ def _devices_show(args: argparse.Namespace) -> int:
         print_json(device)
     else:
         _show_device(device)
+    return 0
+
+
+def _devices_tag(args: argparse.Namespace) -> int:
+    name = name_arg(args.name)
+    try:
+        tags = parse_tag_args(args.tags)
+    except RolloutSpecError as exc:
+        raise CliError(str(exc)) from None
+    for key in args.remove:
+        if TAG_KEY_RE.fullmatch(key) is None:
+            raise CliError(f"--remove {key!r}: not a tag key ([a-z0-9][a-z0-9._-]{{0,31}})")
+    if not tags and not args.remove:
+        raise CliError("nothing to change: give KEY=VALUE tags or --remove KEY")
+    with api_errors(), operator_client(args) as client:
+        out = client.tag_device(name, set=tags, remove=args.remove)
+    if args.json:
+        print_json(out)
+    else:
+        print(f"{out.get('device', name)}: {_tags_text(out.get('tags'))}")
     return 0
 
 
@@ -325,10 +372,11 @@ def _devices_provision(args: argparse.Namespace) -> int:
     name = name_arg(args.name)
     fleet = name_arg(args.fleet, "fleet")
     expires = None if args.expires is None else parse_duration(args.expires)
+    tags = _tag_args(args.tag)
     with api_errors(), operator_client(args) as client:
         out = client.provision(name, fleet, expires,
                                release_key=token_release_key(args.release_key),
-                               root=token_root(args.root, fleet))
+                               root=token_root(args.root, fleet), tags=tags)
     note_token_root(out["join"]["token"])
     print_json(out["join"])
     if sys.stdout.isatty():
@@ -401,6 +449,11 @@ def _operator_config(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- registration
 
 
+def _tag_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                   help="a tag the enrolled device gets (repeatable)")
+
+
 def register(sub: Any) -> None:
     add: Callable[..., argparse.ArgumentParser] = sub.add_parser
 
@@ -415,6 +468,7 @@ def register(sub: Any) -> None:
     create.add_argument("--expires", default="1h", metavar="DURATION",
                         help="lifetime: 90s, 30m, 1h, 2d (default 1h)")
     create.add_argument("--name", help="bind the token to one device name")
+    _tag_option(create)
     add_release_key_option(create)
     create.set_defaults(handler=_token_create)
 
@@ -423,7 +477,19 @@ def register(sub: Any) -> None:
     lst = add_common_options(
         dsub.add_parser("list", help="all devices (JSON: {\"devices\": [...]})"))
     lst.add_argument("--fleet", help="only this fleet")
+    lst.add_argument("--selector", metavar="SELECTOR",
+                     help="only devices whose tags match all of k=v,k2=v2 (k= : tag absent)")
     lst.set_defaults(handler=_devices_list)
+    tag = add_common_options(dsub.add_parser(
+        "tag", help="set or remove a device's tags (key=value)",
+        description="Set tags (KEY=VALUE; an empty value is allowed) and remove tags of a "
+                    "device. Rollouts select devices by their tags (docs/rollouts.md); the "
+                    "tag `window` (HH:MM-HH:MM) is the device's maintenance window."))
+    tag.add_argument("name", metavar="NAME")
+    tag.add_argument("tags", metavar="KEY=VALUE", nargs="*")
+    tag.add_argument("--remove", action="append", default=[], metavar="KEY",
+                     help="remove this tag (repeatable)")
+    tag.set_defaults(handler=_devices_tag)
     show = add_common_options(dsub.add_parser("show", help="one device"))
     show.add_argument("name", metavar="NAME")
     show.set_defaults(handler=_devices_show)
@@ -459,6 +525,7 @@ def register(sub: Any) -> None:
     prov.add_argument("--fleet", required=True)
     prov.add_argument("--expires", metavar="DURATION",
                       help="lifetime of the join token: 90s, 30m, 1h, 2d (default 1h)")
+    _tag_option(prov)
     add_release_key_option(prov)
     prov.set_defaults(handler=_devices_provision)
 

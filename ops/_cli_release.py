@@ -44,28 +44,31 @@ from mesh.release import (
     Volume,
     encode_manifest,
     key_id,
-    read_signing_key,
     sign_timestamp_grant,
     write_signing_key,
 )
+from mesh.rollout import RolloutSpec
 from ops._cli_common import (
     add_common_options,
     api_errors,
     app_arg,
     console,
     date,
+    load_signing_key,
     lock_text,
     name_arg,
     operator_client,
     print_json,
     progress_text,
-    signing_key_path,
+    resolve_fleet,
     size,
     table,
     text,
+    version_arg,
     when,
     xdg_path,
 )
+from ops._cli_rollout import add_rollout_options, rollout_spec, show_rollout, start_rollout
 from ops._publish import PublishError, publish_image
 
 
@@ -185,17 +188,6 @@ def _fleet_option(p: argparse.ArgumentParser) -> None:
                    help=f"fleet (default ${ENV_FLEET}" + (f": {env})" if env else ")"))
 
 
-def _load_key(path: Path | None) -> Any:
-    key_path = signing_key_path(path)
-    if not key_path.exists():
-        raise CliError(f"no release signing key at {key_path}: create one with "
-                       f"`fleetmesh release keygen --out {key_path}` or pass --signing-key")
-    try:
-        return read_signing_key(key_path)
-    except ReleaseError as exc:
-        raise CliError(str(exc)) from None
-
-
 def _split_command(text: str | None, what: str) -> tuple[str, ...]:
     if text is None:
         return ()
@@ -303,7 +295,9 @@ def _release_create(args: argparse.Namespace) -> int:
     if args.version is not None and args.version < 1:
         raise CliError("--version must be 1 or more")
     container = _container_settings(args)
-    key = _load_key(args.signing_key)
+    spec = rollout_spec(args)
+    held = spec is not None or args.no_rollout
+    key = load_signing_key(args.signing_key)
     progress = _RichProgress(enabled=not args.json and sys.stderr.isatty())
 
     def warn(message: str) -> None:
@@ -315,7 +309,10 @@ def _release_create(args: argparse.Namespace) -> int:
                 client, fleet=fleet, app=app, signing_key=key, image=args.image,
                 keep=args.key, version=args.version, container=container,
                 cache_dir=args.cache_dir or default_layer_cache(), progress=progress,
-                warn=warn)
+                warn=warn, rollout="held" if held else None)
+            progress.stop()
+            rollout = None if spec is None else _start_after_publish(
+                client, fleet, app, result.version, spec, args.signing_key)
     except PublishError as exc:
         raise CliError(str(exc), code=EXIT_REFUSED) from None
     except ImageError as exc:
@@ -333,10 +330,12 @@ def _release_create(args: argparse.Namespace) -> int:
                         "chunks": r.chunks, "reused_from": r.reused_from,
                         "deltas": [{"source_diff_id": d.source_diff_id, "size": d.size,
                                     "method": d.method, "blob_id": d.blob_id.hex()}
-                                   for d in r.deltas]} for r in result.layers]})
+                                   for d in r.deltas]} for r in result.layers],
+            "rollout": rollout})
         return 0
     if not result.created:
         print(f"{fleet}/{app} version {result.version}: already published, nothing to do")
+        _print_rollout(rollout, False)
         return 0
     rows = []
     for r in result.layers:
@@ -350,7 +349,29 @@ def _release_create(args: argparse.Namespace) -> int:
     table(["LAYER", "SIZE", "STORED (CHUNKS)", "DELTA", "SAVING"], rows)
     print(f"published {fleet}/{app} version {result.version}: uploaded {result.uploaded_blobs} "
           f"blobs, {size(result.uploaded_bytes)}")
+    _print_rollout(rollout, args.no_rollout)
     return 0
+
+
+def _start_after_publish(client: Any, fleet: str, app: str, version: int, spec: RolloutSpec,
+                         signing_key: Path | None) -> dict[str, Any]:
+    """The rollout of a release just published held; a failure says that the release is
+    published and held, and how to start its rollout."""
+    try:
+        with api_errors():
+            return start_rollout(client, fleet, app, version, spec, signing_key)
+    except CliError as exc:
+        raise CliError(f"published {fleet}/{app} version {version} held, but its rollout did "
+                       f"not start: {exc} (start it with `fleetmesh rollout start {version} "
+                       f"--app {app} --fleet {fleet} --phases ...`)", code=exc.code) from None
+
+
+def _print_rollout(rollout: dict[str, Any] | None, no_rollout: bool) -> None:
+    if rollout is not None:
+        print()
+        show_rollout(rollout)
+    elif no_rollout:
+        print("held: it targets no device until `fleetmesh rollout start`")
 
 
 def _release_row(r: dict[str, Any]) -> list[str]:
@@ -406,7 +427,7 @@ def _release_show(args: argparse.Namespace) -> int:
 
 def _release_grant_timestamp(args: argparse.Namespace) -> int:
     fleet = name_arg(args.fleet, "fleet")
-    key = _load_key(args.signing_key)
+    key = load_signing_key(args.signing_key)
     with api_errors(), operator_client(args) as client:
         public_hex = client.timestamp_key(fleet)
         try:
@@ -423,7 +444,7 @@ def _release_grant_timestamp(args: argparse.Namespace) -> int:
 
 def _release_set_key(args: argparse.Namespace) -> int:
     fleet = name_arg(args.fleet, "fleet")
-    key = _load_key(args.signing_key)
+    key = load_signing_key(args.signing_key)
     public = bytes(key.verify_key)
     with api_errors(), operator_client(args) as client:
         client.set_release_key(fleet, public.hex())
@@ -481,6 +502,7 @@ def _register_publishing(rsub: Any) -> None:
                         choices=[n.value for n in NetworkMode],
                         help="container network (default host: the device's own)")
     create.add_argument("--volume", action="append", default=[], metavar="SOURCE:/TARGET[:ro]")
+    add_rollout_options(create, publishing=True)
     create.set_defaults(handler=_release_create)
 
     lst = add_common_options(rsub.add_parser("list", help="a fleet's releases, newest first"))
@@ -523,34 +545,26 @@ MIN_WATCH_INTERVAL = 0.2  # s: a watch must not hammer the coordinator
 MAX_WATCH_INTERVAL = 60.0
 
 
-def _version_arg(version: int) -> int:
-    if version < 1:
-        raise CliError("VERSION must be 1 or more")
-    return version
-
-
-def _resolve_fleet(client: Any, fleet: str | None, app: str, version: int) -> str:
-    """--fleet, or the one fleet (among those with devices) that has this release."""
-    if fleet is not None:
-        return name_arg(fleet, "fleet")
-    fleets = sorted({d["fleet"] for d in client.list_devices() if isinstance(d.get("fleet"), str)})
-    having = [f for f in fleets
-              if any(r.get("version") == version for r in client.list_releases(f, app))]
-    if not having:
-        raise CliError(f"no fleet with devices has {app} version {version}; pass --fleet",
-                       code=EXIT_REFUSED)
-    if len(having) > 1:
-        raise CliError(f"{app} version {version} is in fleets {', '.join(having)}: pass --fleet")
-    return str(having[0])
-
-
 def _summary_text(status: dict[str, Any]) -> str:
     s = status.get("summary") or {}
     parts = [f"{s.get(k, 0)} {k}" for k in ("running", "downloading", "waiting", "failed",
                                             "pending", "superseded") if s.get(k)]
     return (f"{status.get('app')} version {status.get('version')} in fleet "
             f"{status.get('fleet')}: {s.get('total', 0)} devices"
-            + (f" ({', '.join(parts)})" if parts else ""))
+            + (f" ({', '.join(parts)})" if parts else "") + _rollout_text(status))
+
+
+def _rollout_text(status: dict[str, Any]) -> str:
+    """`; rollout running, phase 2 of 3` (and the reason of a halt) when the release has a
+    rollout; empty otherwise."""
+    r = status.get("rollout")
+    if not isinstance(r, dict):
+        return ""
+    phase, phases = r.get("phase"), r.get("phases")
+    where = f", phase {phase + 1} of {phases}" if isinstance(phase, int) and \
+        isinstance(phases, int) and phases else ""
+    reason = f": {r['reason']}" if r.get("reason") else ""
+    return f"; rollout {r.get('state')}{where}{reason}"
 
 
 def _status_rows(status: dict[str, Any]) -> list[list[str]]:
@@ -558,22 +572,30 @@ def _status_rows(status: dict[str, Any]) -> list[list[str]]:
              progress_text(d.get("bytes_done"), d.get("bytes_total")), text(d.get("running")),
              text(d.get("target")), text(bool(d.get("online"))),
              lock_text(d.get("lock_since"), d.get("lock_stale")), text(d.get("error")),
-             when(d.get("updated_at"))] for d in status.get("devices") or []]
+             when(d.get("updated_at"))]
+            + ([_phase_text(d.get("phase"))] if isinstance(status.get("rollout"), dict) else [])
+            for d in status.get("devices") or []]
+
+
+def _phase_text(phase: Any) -> str:
+    """A device's rollout phase, numbered from 1 as `rollout status` numbers them."""
+    return str(phase + 1) if isinstance(phase, int) and not isinstance(phase, bool) else "-"
 
 
 def _release_status(args: argparse.Namespace) -> int:
     app = app_arg(args.app)
-    version = _version_arg(args.version)
+    version = version_arg(args.version)
     with api_errors(), operator_client(args) as client:
-        fleet = _resolve_fleet(client, args.fleet, app, version)
+        fleet = resolve_fleet(client, args.fleet, app, version)
         status = client.release_status(fleet, app, version)
     if args.json:
         print_json(status)
         return 0
     rows = _status_rows(status)
     if rows:
+        phase = ["PHASE"] if isinstance(status.get("rollout"), dict) else []
         table(["DEVICE", "STATE", "DOWNLOAD", "RUNNING", "TARGET", "ONLINE", "LOCK", "ERROR",
-                "UPDATED"], rows)
+               "UPDATED", *phase], rows)
     print(_summary_text(status))
     return 0
 
@@ -581,6 +603,9 @@ def _release_status(args: argparse.Namespace) -> int:
 def watch_outcome(status: dict[str, Any]) -> int | None:
     """0 once every device concerned runs the release (or a newer one), 1 once all have
     settled and any failed it; None while some are still on their way."""
+    rollout = status.get("rollout")
+    if isinstance(rollout, dict) and rollout.get("state") in ("halted", "aborted"):
+        return EXIT_REFUSED  # every device goes back to the previous release
     states = [d.get("state") for d in status.get("devices") or []]
     if not states or any(s not in WATCH_TERMINAL for s in states):
         return None
@@ -594,9 +619,14 @@ class PlainWatch:
     def __init__(self, out: Any) -> None:
         self._out = out
         self._last: dict[str, tuple[Any, int]] = {}
+        self._rollout = ""
 
     def update(self, status: dict[str, Any]) -> None:
         stamp = time.strftime("%H:%M:%S")
+        rollout = _rollout_text(status)
+        if rollout != self._rollout:
+            self._rollout = rollout
+            print(f"{stamp} {rollout.removeprefix('; ')}", file=self._out, flush=True)
         for d in status.get("devices") or []:
             done, total = d.get("bytes_done") or 0, d.get("bytes_total") or 0
             decile = 10 * done // total if isinstance(total, int) and total > 0 and \
@@ -652,7 +682,8 @@ class RichWatch:
         self._progress.update(self._total, completed=done_all, total=total_all or None,
                               bytes=escape(progress_text(bytes_done, bytes_total)),
                               state=f"{summary.get('running', 0)}/"
-                                              f"{summary.get('total', 0)} running")
+                                    f"{summary.get('total', 0)} running"
+                                    + escape(_rollout_text(status)))
 
     def stop(self) -> None:
         self._progress.stop()
@@ -661,14 +692,14 @@ class RichWatch:
 def _release_watch(args: argparse.Namespace) -> int:
 
     app = app_arg(args.app)
-    version = _version_arg(args.version)
+    version = version_arg(args.version)
     if not MIN_WATCH_INTERVAL <= args.interval <= MAX_WATCH_INTERVAL:
         raise CliError(f"--interval must be {MIN_WATCH_INTERVAL:g}..{MAX_WATCH_INTERVAL:g} s")
     if args.wait_timeout is not None and not args.wait_timeout > 0:
         raise CliError("--timeout must be more than 0 seconds")
     deadline = None if args.wait_timeout is None else time.monotonic() + args.wait_timeout
     with api_errors(), operator_client(args) as client:
-        fleet = _resolve_fleet(client, args.fleet, app, version)
+        fleet = resolve_fleet(client, args.fleet, app, version)
         view: Any = RichWatch(console()) if sys.stdout.isatty() else PlainWatch(sys.stdout)
         try:
             while True:
@@ -690,13 +721,13 @@ def _release_watch(args: argparse.Namespace) -> int:
 
 def _release_retry(args: argparse.Namespace) -> int:
     app = app_arg(args.app)
-    version = _version_arg(args.version)
+    version = version_arg(args.version)
     device = None if args.device is None else name_arg(args.device, "--device")
     with api_errors(), operator_client(args) as client:
         if device is not None:
             out = client.retry(app, device=device)
         else:
-            fleet = _resolve_fleet(client, args.fleet, app, version)
+            fleet = resolve_fleet(client, args.fleet, app, version)
             out = client.retry(app, fleet=fleet, version=version)
     if args.json:
         print_json(out)
@@ -727,9 +758,10 @@ def _register_rollouts(rsub: Any) -> None:
                  "lock (stale past the coordinator's --lock-stale-after), error.")
     status.set_defaults(handler=_release_status)
     watch = add("watch", "follow a rollout until every device runs it",
-                "Progress bars per device and a total on a terminal (plain lines otherwise). "
-                "Exits 0 when every device concerned runs VERSION (or a newer one), 1 when "
-                "all have settled and any failed, 5 on --timeout.", watching=True)
+                "Progress bars per device and a total on a terminal (plain lines otherwise), "
+                "with the rollout's phase and state. Exits 0 when every device concerned runs "
+                "VERSION (or a newer one), 1 when all have settled and any failed or the "
+                "rollout halted or was aborted, 5 on --timeout.", watching=True)
     watch.add_argument("--timeout", dest="wait_timeout", type=float, metavar="SECONDS",
                        help="give up after this long (exit 5; default: never)")
     watch.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",

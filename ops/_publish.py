@@ -64,7 +64,8 @@ class RegistryApi(Protocol):
                  end: int | None = None) -> bytes: ...
     def missing_blobs(self, ids: Sequence[str]) -> list[str]: ...
     def put_blob(self, blob_id: str, data: bytes, kind: str) -> bool: ...
-    def publish_release(self, signed_manifest: bytes) -> tuple[dict[str, Any], bool]: ...
+    def publish_release(self, signed_manifest: bytes, rollout: str | None = None
+                        ) -> tuple[dict[str, Any], bool]: ...
 
 
 class UploadProgress(Protocol):
@@ -244,7 +245,7 @@ def publish_image(registry: RegistryApi, *, fleet: str, app: str, signing_key: S
                   progress: UploadProgress | None = None, docker: str = "docker",
                   now: Callable[[], float] = time.time,
                   warn: Callable[[str], None] | None = None,
-                  workers: int | None = None) -> PublishResult:
+                  workers: int | None = None, rollout: str | None = None) -> PublishResult:
     """Publish `image` (via `docker save`) or an already saved tar as the next release.
 
     Raises PublishError (one line), ImageError, or the registry's own errors (ApiError,
@@ -253,6 +254,9 @@ def publish_image(registry: RegistryApi, *, fleet: str, app: str, signing_key: S
 
     Chunk compression and delta search run in `workers` threads (default: the CPUs this process
     may use); the release is the same for any number of workers.
+
+    `rollout="held"` publishes the release held: it targets no device until its rollout
+    starts (docs/rollouts.md).
     """
     if (image is None) == (saved_tar is None):
         raise ValueError("give exactly one of image and saved_tar")
@@ -278,7 +282,7 @@ def publish_image(registry: RegistryApi, *, fleet: str, app: str, signing_key: S
         with ThreadPoolExecutor(max_workers=workers or len(os.sched_getaffinity(0)),
                                 thread_name_prefix="fleetmesh-publish") as pool:
             result = _publish(pub, pool, saved, keep, version, container or ContainerSettings(),
-                              progress, now)
+                              progress, now, rollout)
         result.warnings = warnings
         return result
 
@@ -286,7 +290,7 @@ def publish_image(registry: RegistryApi, *, fleet: str, app: str, signing_key: S
 def _publish(pub: _Publisher, pool: Executor, saved: SavedImage, keep: int,
              version: int | None,
              container: ContainerSettings, progress: UploadProgress | None,
-             now: Callable[[], float]) -> PublishResult:
+             now: Callable[[], float], rollout: str | None) -> PublishResult:
     reg, fleet, app = pub.registry, pub.fleet, pub.app
     for saved_layer in saved.layers:
         assert isinstance(saved_layer.data, Path)
@@ -378,7 +382,7 @@ def _publish(pub: _Publisher, pool: Executor, saved: SavedImage, keep: int,
     missing = _missing(reg, ids)
     count, nbytes = _upload(pub, missing, progress)
     try:
-        info, created = reg.publish_release(signed)
+        info, created = reg.publish_release(signed, rollout)
     except ApiError as exc:
         late = getattr(exc, "missing", None)
         if exc.status != 409 or not late:
@@ -386,7 +390,7 @@ def _publish(pub: _Publisher, pool: Executor, saved: SavedImage, keep: int,
         # Blobs removed while we uploaded (a release deleted meanwhile): send them, once more.
         more, more_bytes = _upload(pub, list(late), progress)
         count, nbytes = count + more, nbytes + more_bytes
-        info, created = reg.publish_release(signed)
+        info, created = reg.publish_release(signed, rollout)
     return PublishResult(fleet, app, version, created, tuple(reports), count, nbytes, info)
 
 

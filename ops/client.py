@@ -130,6 +130,7 @@ MAX_ENROLL_ANSWER: Final = MAX_BODY_BYTES
 MISSING_BATCH: Final = 10_000  # IDs per POST /blobs/missing (docs/api.md)
 # GET /fleets/{fleet}/root: at most MAX_ROOT_CHAIN root documents and a little framing
 MAX_ROOT_ANSWER: Final = MAX_ROOT_CHAIN * MAX_ROOT_DOCUMENT + 1024
+ROLLOUT_ACTIONS: Final = ("pause", "resume", "abort", "promote")  # docs/rollouts.md
 MAX_LOG_WAIT: Final = 30  # the server's log long-poll limit (docs/api.md)
 # A log page: up to 5,000 lines of up to 4,096 characters, JSON-escaped (6 bytes a character)
 MAX_LOG_ANSWER: Final = 5000 * (4096 * 6 + 200)
@@ -495,15 +496,20 @@ class OperatorClient:
 
     def create_token(self, fleet: str, uses: int = 1, expires_in: int = 3600,
                      name: str | None = None, release_key: str | None = None,
-                     root: SignedRoot | None = None) -> dict[str, Any]:
+                     root: SignedRoot | None = None, tags: Mapping[str, str] | None = None
+                     ) -> dict[str, Any]:
         """→ `{"token", "fleet", "uses", "expires_at"}`. `name` binds the token to one device
         name. `release_key` (the fleet's Ed25519 release public key, hex, as the operator
         knows it) is written into the token as its fingerprint: a device enrolled with it
         refuses any other key (docs/security.md). A fleet with root metadata gets its root
         version 1's fingerprint instead (`token_root_fingerprint`): the device then follows
-        the fleet's key rotations."""
+        the fleet's key rotations. `tags`: the tags every device enrolled with the token
+        gets (docs/rollouts.md)."""
         root_fp = self.token_root_fingerprint(fleet, release_key, root)
-        body = {"fleet": fleet, "uses": uses, "expires_in": expires_in, "name": name}
+        body: dict[str, Any] = {"fleet": fleet, "uses": uses, "expires_in": expires_in,
+                                "name": name}
+        if tags:
+            body["tags"] = dict(tags)
         out = self._obj(self._request("POST", "/tokens", 201, json=body), "token")
         if not isinstance(out.get("token"), str):
             raise ProtocolError("token: answer has no token")
@@ -542,9 +548,13 @@ class OperatorClient:
                 "the root file you signed (--root)")
         return root_fingerprint(chain[0])
 
-    def list_devices(self, fleet: str | None = None) -> list[dict[str, Any]]:
-        """→ a list of DeviceInfo dicts (docs/api.md)."""
+    def list_devices(self, fleet: str | None = None, selector: str | None = None
+                     ) -> list[dict[str, Any]]:
+        """→ a list of DeviceInfo dicts (docs/api.md); `selector` (`site=berlin,role=cam`)
+        keeps the devices whose tags match it."""
         params = {} if fleet is None else {"fleet": fleet}
+        if selector is not None:
+            params["selector"] = selector
         out = self._obj(self._request("GET", "/devices", 200, params=params), "devices")
         devices = out.get("devices")
         if not isinstance(devices, list) or not all(isinstance(d, dict) for d in devices):
@@ -556,20 +566,34 @@ class OperatorClient:
         return self._obj(self._request("GET", f"/devices/{_path_name(name)}", 200), "device")
 
     def provision(self, name: str, fleet: str, expires_in: int | None = None,
-                  release_key: str | None = None, root: SignedRoot | None = None
-                  ) -> dict[str, Any]:
+                  release_key: str | None = None, root: SignedRoot | None = None,
+                  tags: Mapping[str, str] | None = None) -> dict[str, Any]:
         """→ `{"device": DeviceInfo, "join": {"url", "token", "name", "fleet"}}`; the join
         token lives `expires_in` seconds (server default 1 h) and carries the fingerprint of
-        the fleet's root version 1, or of `release_key` when given (as `create_token`)."""
+        the fleet's root version 1, or of `release_key` when given (as `create_token`);
+        the device gets `tags` once it enrolls."""
         root_fp = self.token_root_fingerprint(fleet, release_key, root)
         body: dict[str, Any] = {"name": name, "fleet": fleet}
         if expires_in is not None:
             body["expires_in"] = expires_in
+        if tags:
+            body["tags"] = dict(tags)
         out = self._obj(self._request("POST", "/devices", 201, json=body), "provision")
         join = out.get("join")
         if not isinstance(join, dict) or not isinstance(join.get("token"), str):
             raise ProtocolError("provision: answer has no join object")
         join["token"] = _pin_release_key(join["token"], release_key, root_fp)
+        return out
+
+    def tag_device(self, name: str, set: Mapping[str, str] | None = None,
+                   remove: Sequence[str] = ()) -> dict[str, Any]:
+        """Set and remove tags of a device → `{"device", "tags"}` (all its tags after the
+        change); ApiError 404 for an unknown device, 400 for a bad tag."""
+        body = {"set": dict(set or {}), "remove": list(remove)}
+        out = self._obj(self._request("PATCH", f"/devices/{_path_name(name)}/tags", 200,
+                                      json=body), "tags")
+        if not isinstance(out.get("tags"), dict):
+            raise ProtocolError("tags: answer has no tags")
         return out
 
     def revoke(self, name: str) -> dict[str, Any]:
@@ -638,12 +662,18 @@ class OperatorClient:
                               headers=headers, timeout=self._transfer_timeout())
         return _ranged_content(response, start, end)
 
-    def publish_release(self, signed_manifest: bytes) -> tuple[dict[str, Any], bool]:
+    def publish_release(self, signed_manifest: bytes, rollout: str | None = None
+                        ) -> tuple[dict[str, Any], bool]:
         """Publish an encoded SignedManifest → (ReleaseInfo, created?); created is False when
         these exact bytes were already published. ApiError 409 with `.missing` listing the
         blobs still to upload (empty for other conflicts: version not newer), 403 if the fleet's
-        release key did not sign it, 400 if malformed."""
+        release key did not sign it, 400 if malformed. `rollout="held"`: the release targets
+        no device until its rollout starts (`start_rollout`)."""
+        if rollout not in (None, "held"):
+            raise ValueError("rollout must be None or 'held'")
+        params = {} if rollout is None else {"rollout": rollout}
         response = self._send("POST", "/releases", 201, 200, content=bytes(signed_manifest),
+                              params=params,
                               headers={"Content-Type": "application/octet-stream"},
                               timeout=self._transfer_timeout())
         return self._obj(_json(response), "release"), response.status_code == 201
@@ -734,6 +764,48 @@ class OperatorClient:
         if not isinstance(devices, list) or not all(isinstance(d, dict) for d in devices) or \
                 not isinstance(summary, dict):
             raise ProtocolError("status: answer has no devices and summary")
+        return out
+
+    def start_rollout(self, fleet: str, app: str, version: int, spec_json: Mapping[str, Any],
+                      rollback_pin: bytes | None = None) -> dict[str, Any]:
+        """Start (or restart) the phased rollout of a release → Rollout (docs/rollouts.md).
+        `spec_json`: `mesh.rollout.RolloutSpec.to_json()`; `rollback_pin`: an encoded
+        SignedPin of the previous release, which devices go back to on a halt. ApiError 404
+        unknown release, 409 another rollout of the app runs, 403 pin not signed with the
+        fleet's release key."""
+        body = {**spec_json, "rollback_pin": None if rollback_pin is None
+                else bytes(rollback_pin).hex()}
+        return self._rollout_answer(self._request(
+            "POST", _release_path(fleet, app, version) + "/rollout", 201, json=body))
+
+    def rollout(self, fleet: str, app: str, version: int) -> dict[str, Any]:
+        """→ the release's Rollout; ApiError 404 when it has none."""
+        return self._rollout_answer(self._request(
+            "GET", _release_path(fleet, app, version) + "/rollout", 200))
+
+    def rollout_action(self, fleet: str, app: str, version: int, action: str
+                       ) -> dict[str, Any]:
+        """`pause`, `resume`, `abort` or `promote` the release's rollout → Rollout; ApiError
+        409 when the action does not apply to its state."""
+        if action not in ROLLOUT_ACTIONS:
+            raise ValueError(f"action must be one of {', '.join(ROLLOUT_ACTIONS)}")
+        return self._rollout_answer(self._request(
+            "POST", _release_path(fleet, app, version) + f"/rollout/{action}", 200))
+
+    def rollouts(self, fleet: str) -> list[dict[str, Any]]:
+        """The fleet's Rollouts, newest first."""
+        out = self._obj(self._request("GET", "/rollouts", 200, params={"fleet": fleet}),
+                        "rollouts")
+        rollouts = out.get("rollouts")
+        if not isinstance(rollouts, list):
+            raise ProtocolError("rollouts: answer has no list of rollouts")
+        return [self._rollout_answer(r) for r in rollouts]
+
+    def _rollout_answer(self, value: Any) -> dict[str, Any]:
+        out = self._obj(value, "rollout")
+        if not isinstance(out.get("state"), str) or not isinstance(out.get("phases"), list) \
+                or not isinstance(out.get("events"), list):
+            raise ProtocolError("rollout: answer has no state, phases and events")
         return out
 
     def device_logs(self, name: str, after: int = 0, wait: float = 0, limit: int | None = None,

@@ -354,9 +354,90 @@
           h("td", {"data-col": "state"}, appLines(d, (a) => badge(a.state))),
           h("td", {"data-col": "progress"}, appLines(d, (a) => appProgress(d, a))),
           h("td", {"data-col": "reported"}, d.reported_misbehaving > 0
-            ? badge(`by ${d.reported_misbehaving}`, "bad") : dash)));
+            ? badge(`by ${d.reported_misbehaving}`, "bad") : dash),
+          h("td", {"data-col": "tags", class: "small"}, tagsText(d.tags))));
       fill(body, table(["Name", "Fleet", "Online", "Mesh address", "Paths", "Release",
-                        "Target", "Update", "Progress", "Reported"], rows, {id: "devices"}));
+                        "Target", "Update", "Progress", "Reported", "Tags"], rows,
+                       {id: "devices"}));
+    });
+  }
+
+  // A device's tags as `key=value` words, sorted by key (docs/rollouts.md).
+  function tagsText(tags) {
+    if (!tags || typeof tags !== "object") return dash;
+    const words = Object.keys(tags).sort().map((k) => `${k}=${tags[k]}`);
+    return words.length ? words.join(" ") : dash;
+  }
+
+  // The actions a rollout in `state` accepts (docs/rollouts.md); the API answers 409 to others.
+  const ROLLOUT_ACTIONS = [
+    ["pause", "Pause", ["running"]],
+    ["resume", "Resume", ["paused"]],
+    ["promote", "Promote", ["running", "paused"]],
+    ["abort", "Abort", ["running", "paused"]],
+  ];
+
+  function rolloutPanel(r, message) {
+    const path = `/releases/${enc(r.fleet)}/${enc(r.app)}/${r.version}/rollout`;
+    const label = `${r.app} v${r.version} in fleet ${r.fleet}`;
+    const devices = r.devices || {};
+    const phases = (r.phases || []).map((p) => h("tr", {"data-phase": p.index},
+      h("td", {}, p.index + 1, p.index === r.phase && r.state !== "done"
+        ? [" ", badge("current")] : null),
+      h("td", {class: "mono"}, p.spec),
+      h("td", {}, (p.devices || []).map((name) => h("span", {class: "member",
+        "data-device": name, "data-state": (devices[name] || {}).state || ""},
+        h("a", {href: `#/device/${enc(name)}`}, name), " ",
+        badge((devices[name] || {}).state || "unknown")))),
+      h("td", {}, p.started_at ? fmtTime(p.started_at) : dash),
+      h("td", {}, p.ended_at ? fmtTime(p.ended_at) : dash),
+      h("td", {}, `${(p.healthy || []).length}/${(p.devices || []).length}`),
+      h("td", {class: "error"}, (p.failed || []).join(", "))));
+    const buttons = ROLLOUT_ACTIONS.filter(([, , states]) => states.includes(r.state))
+      .map(([action, text]) => h("button", {type: "button", "data-action": action,
+        class: action === "abort" ? "warn" : null, onclick: () =>
+          act(`${text} the rollout of ${label}`, "POST", `${path}/${action}`, undefined,
+              message)}, text));
+    const events = (r.events || []).map((e) => h("div", {class: "event"},
+      h("span", {class: "ts"}, fmtTime(e.at)), " ", e.text));
+    return h("section", {class: "rollout", "data-rollout": `${r.fleet}/${r.app}/${r.version}`},
+      h("h2", {}, h("a", {href: `#/release/${enc(r.fleet)}/${enc(r.app)}/${r.version}`},
+        `${r.app} `, fmtVersion(r.version)), ` fleet ${r.fleet} `,
+        h("span", {"data-col": "state"}, badge(r.state))),
+      h("p", {class: "muted"}, r.previous === null || r.previous === undefined
+        ? "no previous release" : ["previous release ", fmtVersion(r.previous)]),
+      r.reason ? h("p", {class: "reason", "data-col": "reason"}, r.reason) : null,
+      buttons.length ? h("div", {class: "actions"}, buttons) : null,
+      table(["Phase", "Spec", "Devices", "Started", "Ended", "Healthy", "Failed"], phases,
+            {class: "phases"}),
+      events.length ? h("details", {class: "events"}, h("summary", {}, "Timeline"), events)
+        : null);
+  }
+
+  function rolloutsView(main, ctx) {
+    const body = h("div", {});
+    const message = h("p", {class: "flash", id: "rollout-message"});
+    fill(main, h("h1", {}, "Rollouts"), message, body);
+    const open = new Set();  // timelines the operator opened stay open across polls
+    poll(ctx, async () => {
+      const {devices} = await get("/devices", ctx.signal);
+      const sections = [];
+      for (const fleet of fleetsOf(devices)) {
+        const out = await optional(get(`/rollouts?fleet=${enc(fleet)}`, ctx.signal));
+        if (!out) {
+          sections.push(h("p", {class: "muted"}, "This coordinator has no rollouts."));
+          break;
+        }
+        sections.push(...out.rollouts.map((r) => rolloutPanel(r, message)));
+      }
+      for (const d of body.querySelectorAll("section.rollout details[open]")) {
+        open.add(d.parentNode.getAttribute("data-rollout"));
+      }
+      fill(body, sections.length ? sections
+        : h("p", {class: "muted"}, "No rollouts yet: `fleetmesh rollout start`."));
+      for (const d of body.querySelectorAll("section.rollout details")) {
+        if (open.has(d.parentNode.getAttribute("data-rollout"))) d.open = true;
+      }
     });
   }
 
@@ -566,6 +647,7 @@
     const path = `/releases/${enc(fleet)}/${enc(app)}/${version}`;
     const info = h("div", {});
     const summary = h("div", {class: "cards"});
+    const rolloutLine = h("p", {id: "release-rollout"});
     const message = h("p", {class: "flash"});
     const pinSelect = h("select", {id: "pin-device", "aria-label": "device to pin"});
     const devicesBox = h("div", {});
@@ -586,7 +668,7 @@
             undefined, message)}, "Retry failed"));
     fill(main, h("p", {}, h("a", {href: "#/releases"}, "← Releases")),
          h("h1", {}, `${app} `, fmtVersion(version), h("span", {class: "muted"}, ` fleet ${fleet}`)),
-         info, summary, h("h2", {}, "Actions"), actions, message, h("h2", {}, "Devices"),
+         info, summary, rolloutLine, h("h2", {}, "Actions"), actions, message, h("h2", {}, "Devices"),
          devicesBox, h("h2", {}, "Layers"), layers);
     get(path, ctx.signal).then((detail) => {
       fill(info, h("p", {class: "muted"},
@@ -628,11 +710,18 @@
         h("td", {}, fmtVersion(r.running)), h("td", {}, fmtVersion(r.target)),
         h("td", {}, sources(r.by_source)), h("td", {}, lockText(r)),
         h("td", {class: "error"}, r.error || ""),
+        st.rollout ? h("td", {"data-col": "phase"}, typeof r.phase === "number"
+          ? r.phase + 1 : dash) : null,
         h("td", {}, appActions(r.device, {app, state: r.state, failed: []}, message))));
+      fill(rolloutLine, st.rollout ? [h("a", {href: "#/rollouts"}, "rollout"), " ",
+        badge(st.rollout.state), ` phase ${st.rollout.phase + 1} of ${st.rollout.phases}`,
+        st.rollout.reason ? h("span", {class: "bad"}, ` — ${st.rollout.reason}`) : null]
+        : null);
       fill(devicesBox, st.derived ? h("p", {class: "muted"},
         "(from the devices' own reports: this coordinator has no release status)") : null,
         table(["Device", "Online", "State", "Progress", "Running", "Target", "Bytes from",
-               "Lock", "Error", ""], rows, {id: "release-devices"}));
+               "Lock", "Error", ...(st.rollout ? ["Phase"] : []), ""], rows,
+              {id: "release-devices"}));
     });
   }
 
@@ -662,6 +751,7 @@
     if (page === "devices") devicesView(main, ctx);
     else if (page === "device" && parts[1]) deviceView(main, ctx, parts[1]);
     else if (page === "releases") releasesView(main, ctx);
+    else if (page === "rollouts") rolloutsView(main, ctx);
     else if (page === "release" && parts.length === 4) releaseView(main, ctx, ...parts.slice(1));
     else overview(main, ctx);
   }

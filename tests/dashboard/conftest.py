@@ -101,6 +101,7 @@ class Fleet:
     home: Path
     devices: dict[str, FakeDevice] = field(default_factory=dict)
     versions: list[int] = field(default_factory=list)
+    key: SigningKey | None = None  # the fleet's release key, once _publish signed with it
 
     @property
     def url(self) -> str:
@@ -178,7 +179,7 @@ def app_status(state: str, *, running: int | None = 1, target: int | None = 2,
 
 
 def _publish(fleet: Fleet) -> None:
-    key = SigningKey.generate()
+    key = fleet.key = SigningKey.generate()
     base = os.urandom(48_000)
     with fleet.operator() as op:
         two = [base[:40_000] + os.urandom(8_000), os.urandom(20_000)]

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from mesh.control import PeerMisbehaviour
+from tests.coordinator import releasekit
 from tests.dashboard.conftest import (
     APP,
     FLEET,
@@ -355,4 +356,55 @@ def test_device_page_shows_the_byte_account_like_the_cli(context: Any, fleet: Fl
     shot(page, "device-wan-bytes")
     page.goto(fleet.url + "/#/device/cam-3")  # a device that never reported one
     expect(page.locator("#wan-bytes")).to_have_text("Not reported by this device's agent.")
+    assert page.errors == []
+
+
+def test_tags_column_and_the_rollouts_page_with_its_buttons(context: Any, fleet: Fleet) -> None:
+    """A phased rollout of another app (`cam`, so web's targets stay as they are): the page
+    shows its phases with their devices, and its buttons pause, resume and abort it through
+    the API (CSRF header included, as every action)."""
+    assert fleet.key is not None
+    with fleet.operator() as op:
+        op.tag_device("cam-1", set={"site": "berlin", "role": "door"})
+        built = releasekit.build(fleet.key, fleet=FLEET, app="cam", version=1)
+        for blob_id, (data, kind) in built.blobs.items():
+            op.put_blob(blob_id, data, kind)
+        op.publish_release(built.signed, rollout="held")
+        op.start_rollout(FLEET, "cam", 1, {"phases": "site=berlin,100%", "soak": 3600.0})
+    page = sign_in(context, fleet, "#/devices")
+    page.on("dialog", lambda dialog: dialog.accept())
+    expect(page.locator("tr[data-device=cam-1] td[data-col=tags]")).to_have_text(
+        "role=door site=berlin")
+    expect(page.locator("tr[data-device=cam-2] td[data-col=tags]")).to_have_text("—")
+
+    page.click("nav a[data-nav=rollouts]")
+    panel = page.locator(f"section[data-rollout='{FLEET}/cam/1']")
+    expect(panel.locator("[data-col=state]")).to_have_text("running")
+    first = panel.locator("tr[data-phase='0'] .member")
+    expect(first).to_have_count(1)
+    expect(first).to_have_attribute("data-device", "cam-1")
+    expect(panel.locator("tr[data-phase='1'] .member[data-device=cam-2]")).to_have_count(1)
+    expect(panel.locator("button[data-action=resume]")).to_have_count(0)
+    shot(page, "rollouts")
+
+    page.goto(fleet.url + f"/#/release/{FLEET}/cam/1")
+    expect(page.locator("#release-rollout")).to_contain_text("running phase 1 of 2")
+    expect(page.locator("#release-devices tr[data-device=cam-1] td[data-col=phase]")
+           ).to_have_text("1")
+    expect(page.locator("#release-devices tr[data-device=cam-2] td[data-col=phase]")
+           ).to_have_text("2")
+    page.goto(fleet.url + "/#/rollouts")
+    panel.locator("button[data-action=pause]").click()
+    expect(panel.locator("[data-col=state]")).to_have_text("paused")
+    with fleet.operator() as op:
+        assert op.rollout(FLEET, "cam", 1)["state"] == "paused"
+    panel.locator("button[data-action=resume]").click()
+    expect(panel.locator("[data-col=state]")).to_have_text("running")
+    panel.locator("button[data-action=abort]").click()
+    expect(panel.locator("[data-col=state]")).to_have_text("aborted")
+    expect(panel.locator("[data-col=reason]")).to_contain_text("aborted by operator")
+    expect(panel.locator("button")).to_have_count(0)
+    with fleet.operator() as op:
+        assert op.rollout(FLEET, "cam", 1)["state"] == "aborted"
+    shot(page, "rollouts-aborted")
     assert page.errors == []

@@ -158,7 +158,8 @@ class FakeRegistry:
                 "stored_size": sum(c.stored_size for x in m.layers for c in x.chunks),
                 "delta_size": sum(d.size for x in m.layers for d in x.deltas)}
 
-    def publish_release(self, signed_manifest: bytes) -> tuple[dict[str, Any], bool]:
+    def publish_release(self, signed_manifest: bytes, rollout: str | None = None
+                        ) -> tuple[dict[str, Any], bool]:
         signed = decode_signed_manifest(signed_manifest)
         if self.public_key is not None:
             try:

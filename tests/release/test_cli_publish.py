@@ -142,7 +142,7 @@ def test_errors_are_one_line(env: FakeRegistry, capsys: pytest.CaptureFixture[st
 
 def test_refused_and_unreachable_exit_codes(env: FakeRegistry, monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    def refuse(signed: bytes) -> tuple[dict[str, object], bool]:
+    def refuse(signed: bytes, rollout: str | None = None) -> tuple[dict[str, object], bool]:
         raise ApiError(403, "signature does not verify with the fleet's release key")
 
     monkeypatch.setattr(env, "publish_release", refuse)
