@@ -354,6 +354,8 @@ class Applier:
         manifests = self._journal_manifests(a)
         observed = self._observe(a, manifests, now)
         s = decide(app, a.state, target, observed, now, manifests)
+        if s.state != a.status_state and target is not None:
+            self._log_gate(app, s, target)
         a.status_state = s.state
         a.engine_error = None
         a.wake_at = now + LOCK_POLL_S if s.lock_wait else s.wake_at
@@ -369,6 +371,16 @@ class Applier:
             return s, False
         self._execute(a, s.action, manifests, now)
         return s, True
+
+    def _log_gate(self, app: str, s: Step, target: Target) -> None:
+        """Say once, when an app starts waiting for a rollout gate, what it waits for."""
+        if s.state == "waiting-phase":
+            self.log(f"{app}: release {target.version} downloaded; held until its rollout "
+                     "phase starts")
+        elif s.state == "waiting-window" and s.wake_at is not None:
+            opens = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.wake_at))
+            self.log(f"{app}: release {target.version} downloaded; waits for its window "
+                     f"{target.window} (device-local time), which opens at {opens}")
 
     # ------------------------------------------------------------------ observing
 

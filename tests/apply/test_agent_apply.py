@@ -163,7 +163,8 @@ async def test_a_held_target_waits_for_its_phase_then_a_window_for_its_opening(
     v2 is downloaded but no container of it is created; lifting the hold applies it; v3 with
     a window a few seconds ahead (HH:MM:SS, the device's local time) waits for the window,
     and its container starts only once the window has opened."""
-    agent, coord, engine = applying_agent(tmp_path, (1, 2, 3), lambda m: None)
+    logs: list[str] = []
+    agent, coord, engine = applying_agent(tmp_path, (1, 2, 3), logs.append)
 
     def web() -> AppStatus | None:
         return coord.apps().get("web")
@@ -200,6 +201,11 @@ async def test_a_held_target_waits_for_its_phase_then_a_window_for_its_opening(
             started = [c for c in engine.containers_.values() if c.version == 3]
             assert len(started) == 1 and started[0].started_at is not None
             assert started[0].started_at >= opens  # not a moment before the window opened
+            assert sum("held until its rollout phase starts" in m for m in logs) == 1
+            assert sum(f"waits for its window {Window.parse(window)} (device-local time), "
+                       "which opens at "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(opens))}" in m
+                       for m in logs) == 1
             nursery.cancel_scope.cancel()
 
 
