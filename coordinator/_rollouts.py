@@ -42,6 +42,7 @@ ACTIONS: Final = ("pause", "resume", "abort", "promote")
 # deadline is met when the coordinator's clock jumps, never a poll of the devices (reports
 # step rollouts at once).
 MAX_DRIVER_SLEEP: Final = 30.0
+MIN_DRIVER_SLEEP: Final = 0.05
 MAX_PIN_HEX: Final = 2 * 8192  # an encoded SignedPin, hex (as PUT .../target takes)
 
 
@@ -251,8 +252,13 @@ class RolloutService:
             except OSError as exc:  # the database did not answer: try again later
                 log.warning("rollout driver: %s", exc)
                 deadline = self.clock() + MAX_DRIVER_SLEEP
+            except Exception:  # noqa: BLE001 - a rollout must not stop the coordinator
+                log.exception("rollout driver: stepping the rollouts failed")
+                deadline = self.clock() + MAX_DRIVER_SLEEP
+            # at least MIN_DRIVER_SLEEP: a deadline the step left in the past (it should not)
+            # must not make this a busy loop
             wait = MAX_DRIVER_SLEEP if deadline is None else min(
-                MAX_DRIVER_SLEEP, max(0.0, deadline - self.clock()))
+                MAX_DRIVER_SLEEP, max(MIN_DRIVER_SLEEP, deadline - self.clock()))
             with trio.move_on_after(wait):
                 await self._wake.wait()
 

@@ -11,13 +11,16 @@ skipped with the reason when there is no engine. No timed assertions: only gener
 
 from __future__ import annotations
 
+import datetime
 import json
+import math
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,6 +46,7 @@ from mesh.release import (
     VerifiedRelease,
     verify_release,
 )
+from mesh.rollout import Window
 from tests.release._fakes import FakeRegistry
 from tests.release.test_release_docker import _docker, _docker_skip_reason
 
@@ -261,6 +265,65 @@ async def test_update_lock_and_rollback(env: Env) -> None:
         (row,) = env.ps()
         assert row["State"] == "running" and row["Names"] == env.container
         assert row["labels"]["io.fleetmesh.release"] == str(v2)
+        nursery.cancel_scope.cancel()
+
+
+def _created_at(container: str) -> float:
+    """The container's creation time as the engine recorded it (epoch seconds)."""
+    text = _docker("inspect", "-f", "{{.Created}}", container).stdout.strip()
+    day, _, rest = text.partition("T")
+    clock, _, fraction = rest.rstrip("Z").partition(".")
+    stamp = datetime.datetime.fromisoformat(f"{day}T{clock}+00:00").timestamp()
+    return stamp + float(f"0.{fraction or 0}")
+
+
+async def test_a_held_release_is_downloaded_not_applied_and_a_window_waits(env: Env) -> None:
+    """Issue 16 on the host's engine: a held v2 (its blobs in the store) creates no container
+    and loads no image; lifting the hold applies it; v3 with a window a few seconds ahead (the
+    device's local time, HH:MM:SS) waits, and its container is created once the window has
+    opened."""
+    applier = Applier(device=env.device, fleet=FLEET, data_dir=env.data, engine=DockerEngine(),
+                      store=env.store, release_key_hex=env.key_hex, log=lambda m: None)
+    quick = ContainerSettings(health_check=HealthCheck(HealthKind.RUNNING, seconds=1.0))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(applier.run)
+        v1, signed1 = env.publish(1, quick)
+        env.fill_store(signed1, applier.local_diff_ids())
+        applier.set_target(env.verified(signed1), ready=True)
+        await wait_for("v1 running", lambda: _status(applier, env.app)["state"] == "running"
+                       and _status(applier, env.app)["running"] == v1, applier)
+
+        v2, signed2 = env.publish(2, quick)
+        env.fill_store(signed2, applier.local_diff_ids())  # downloaded ahead
+        applier.set_target(env.verified(signed2), ready=True, hold=True)
+        await wait_for("v2 held", lambda: _status(applier, env.app)["state"]
+                       == "waiting-phase", applier)
+        assert [r["labels"]["io.fleetmesh.release"] for r in env.ps()] == [str(v1)]
+        assert _docker("image", "inspect", f"fleetmesh/{env.app}:{v2}",
+                       check=False).returncode != 0  # not even rebuilt
+        applier.set_target(env.verified(signed2), ready=True, hold=False)
+        await wait_for("v2 running once the hold is lifted", lambda: _status(
+            applier, env.app)["running"] == v2 and _status(applier, env.app)["state"]
+            == "running", applier)
+
+        v3, signed3 = env.publish(1, ContainerSettings(
+            environment=(("APPV", "three"),),
+            health_check=HealthCheck(HealthKind.RUNNING, seconds=1.0)))
+        env.fill_store(signed3, applier.local_diff_ids())
+        opens = math.floor(time.time()) + 8
+        window = Window.parse(f"{time.strftime('%H:%M:%S', time.localtime(opens))}-"
+                              f"{time.strftime('%H:%M:%S', time.localtime(opens + 3600))}")
+        applier.set_target(env.verified(signed3), ready=True, window=window)
+        await wait_for("v3 waiting for its window", lambda: _status(applier, env.app)["state"]
+                       == "waiting-window", applier)
+        assert [r["labels"]["io.fleetmesh.release"] for r in env.ps()] == [str(v2)]
+        await wait_for("v3 running once its window opened", lambda: _status(
+            applier, env.app)["running"] == v3 and _status(applier, env.app)["state"]
+            == "running", applier)
+        await wait_for("v2's container removed", lambda: len(env.ps()) == 1, applier)
+        (row,) = env.ps()
+        assert row["labels"]["io.fleetmesh.release"] == str(v3)
+        assert _created_at(row["ID"]) >= opens
         nursery.cancel_scope.cancel()
 
 

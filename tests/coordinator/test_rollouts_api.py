@@ -5,12 +5,14 @@ promote, abort, the refusals (400, 403, 404, 409) and a restart of the coordinat
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 from nacl.signing import SigningKey
 
 from coordinator._server import CoordinatorConfig
@@ -33,7 +35,8 @@ def store(request: pytest.FixtureRequest) -> str | None:
 
 
 @asynccontextmanager
-async def clocked(tmp_path: Path, clock: Clock, store: str | None) -> AsyncIterator[Harness]:
+async def clocked(tmp_path: Path, clock: Callable[[], float], store: str | None
+                  ) -> AsyncIterator[Harness]:
     config = CoordinatorConfig(data_dir=tmp_path / "coord", listen="127.0.0.1:0", hub=False,
                                batch_window=0.05, clock=clock, store=store)
     async with running_harness(config) as h:
@@ -340,3 +343,20 @@ async def test_deadline_fails_a_silent_canary_and_targets_move_with_the_rollout(
         before = {n: revision(h, n) for n in devs}
         assert rollouts.step_fleet(None) is None
         assert {n: revision(h, n) for n in devs} == before  # nothing changed: no bump
+
+
+async def test_the_driver_task_steps_a_rollout_at_its_deadline(tmp_path: Path,
+                                                              store: str | None) -> None:
+    """The coordinator's own task, on the wall clock: a canary that never reports fails at
+    its deadline (one second here) and the rollout halts with nobody reporting anything."""
+    async with clocked(tmp_path, time.time, store) as h:
+        key = SigningKey.generate()
+        await h.enroll("a")
+        await release(h, key, 1)
+        await release(h, key, 2, held=True)
+        await start(h, 2, phases="1", deadline=1)
+        with trio.fail_after(20):
+            while (body := await rollout(h, 2))["state"] == "running":
+                await trio.sleep(0.1)
+        assert body["state"] == "halted"
+        assert "a failed: did not report v2 running healthily within 1 s" in body["reason"]
