@@ -57,8 +57,8 @@ _SHAPING: Final[dict[str, tuple[Any, str, str]]] = {
              "how long a phase's devices run the release healthily before the next phase "
              "starts (90s, 5m, 2h; default 10m)"),
     "max_failures": (MaxFailures.parse, "N|P%",
-                     "halt when a phase's failures exceed this count or percentage "
-                     "(default 0)"),
+                     "halt when the failures in the started phases exceed this count "
+                     "or percentage (default 0)"),
     "min_devices": (_min_devices, "N",
                     "evaluate a percentage --max-failures only once N devices have an "
                     "outcome (default 1)"),
