@@ -98,7 +98,13 @@ def running(device: str) -> set[int]:
 
 
 def app_output(device: str) -> str:
-    return lab_cli("exec", device, "--", "docker", "logs", f"fleetmesh-{APP}", timeout=60)
+    """The output of the app's running container. Found by its labels, not its name: the
+    agent reports "running" when the health check passes and gives the new container the
+    app's name a moment later, after removing the old one."""
+    ids = lab_cli("exec", device, "--", "docker", "ps", "-q", "--filter",
+                  f"label=io.fleetmesh.app={APP}", timeout=60).split()
+    assert len(ids) == 1, (device, ids)
+    return lab_cli("exec", device, "--", "docker", "logs", ids[0], timeout=60)
 
 
 def wait(pred: Any, timeout: float, what: str, interval: float = 0.5) -> float:

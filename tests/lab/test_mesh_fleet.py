@@ -26,7 +26,7 @@ from lab import (
     wait_online,
 )
 
-from .conftest import lab_skip_reason, lab_up
+from .conftest import lab_skip_reason, lab_up, log_tail
 
 pytestmark = [
     pytest.mark.lab,
@@ -203,8 +203,20 @@ def test_revoked_device_reaches_no_peer(lab: Lab) -> None:
     shown = listed(lab)
     others = [n for n in DEVICES if n != "pub-1"]
     # paths may still be settling after the move above
-    until("pub-1 reaches every peer before the revoke",
-          lambda: all(ping(lab, "pub-1", str(shown[n]["mesh_ipv4"])) for n in others))
+    unreached: list[str] = []
+
+    def reaches_all() -> bool:
+        unreached[:] = [n for n in others if not ping(lab, "pub-1", str(shown[n]["mesh_ipv4"]))]
+        return not unreached
+    try:
+        until("pub-1 reaches every peer before the revoke", reaches_all)
+    except AssertionError as exc:
+        # which peers, how pub-1 and they see their paths, what their agents said last
+        paths = peers_of(lab, "pub-1")
+        detail = [f"unreached: {unreached}"] + [
+            f"pub-1 -> {n}: {paths.get(n)}" for n in unreached]
+        detail += [f"--- {d}\n{log_tail(d, 20)}" for d in ["pub-1", *unreached]]
+        raise AssertionError(f"{exc}\n" + "\n".join(detail)) from None
     start = time.monotonic()
     r = operator(lab, "devices", "revoke", "pub-1")
     assert r.returncode == 0, r.stderr

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from lab import Lab, parse_topology, start_agent, stop_agent, wait_online
+from lab import devices as listed_devices
 from lab.rollout import outer_routers, release_bytes
 
 from .conftest import CLI, lab_skip_reason, lab_up, log_tail
@@ -235,8 +236,11 @@ def test_an_unhealthy_release_halts_in_phase_one_and_goes_back(
         start_agent(fleet, d)
     t_restart = time.time()
     wait_online(fleet, restarted, 90)
-    wait(lambda: all((status(2).get(d) or {}).get("updated_at", 0) > t_restart
-                     for d in restarted), 120, "restarted agents reported", restarted)
+    # a state report since the restart (the coordinator's clock: same host) carries the
+    # apps as the new agent sees them, after it read its targets
+    wait(lambda: all(((listed_devices(fleet).get(d) or {}).get("last_report") or 0)
+                     > t_restart for d in restarted), 120, "restarted agents reported",
+         restarted)
     time.sleep(10)
     for d in others:
         assert not created_at(d, since, 3), f"{d} created a v3 container"
