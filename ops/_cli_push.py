@@ -21,7 +21,7 @@ from ops._cli_common import add_common_options, api_errors, operator_client
 from ops._cli_release import add_publish_options, publish_and_report, publish_plan
 
 TAG_PREFIX: Final = "fleetmesh/"  # default tag: fleetmesh/<app>:<version>
-_UNTAG_TIMEOUT_S: Final = 60.0
+_TAG_TIMEOUT_S: Final = 60.0
 
 
 def register(subparsers: Any) -> None:
@@ -81,10 +81,23 @@ def _next_version(client: Any, fleet: str, app: str, asked: int | None) -> int:
     return asked
 
 
-def _untag(tag: str) -> None:
-    """Drop a tag that names no new release (the image stays under its other tags)."""
-    subprocess.run(["docker", "image", "rm", "--no-prune", tag], capture_output=True,
-                   timeout=_UNTAG_TIMEOUT_S, check=False)
+def _docker_quietly(*argv: str) -> None:
+    """A tag change after the release is published: its failure costs a tag, not the release."""
+    try:
+        subprocess.run(["docker", *argv], capture_output=True, timeout=_TAG_TIMEOUT_S,
+                       check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        print(f"fleetmesh: warning: docker {' '.join(argv)}: {exc}", file=sys.stderr)
+
+
+def _fix_tag(image: str, app: str, created: bool, published: int) -> None:
+    """The default tag names the version published: none when nothing new was published (the
+    image stays under its other tags), the right one when another publisher took the version
+    between the listing and the publish."""
+    if created and image != f"{TAG_PREFIX}{app}:{published}":
+        _docker_quietly("tag", image, f"{TAG_PREFIX}{app}:{published}")
+    if not created or image != f"{TAG_PREFIX}{app}:{published}":
+        _docker_quietly("image", "rm", "--no-prune", image)
 
 
 def _push(args: argparse.Namespace) -> int:
@@ -115,8 +128,8 @@ def _push(args: argparse.Namespace) -> int:
         except BuildError as exc:
             raise CliError(str(exc), code=EXIT_REFUSED) from None
         result = publish_and_report(args, plan, client, image)
-    if not result.created and tag is None:
-        _untag(image)
+    if tag is None:
+        _fix_tag(image, plan.app, result.created, result.version)
     return 0
 
 
