@@ -4,7 +4,8 @@ The engine is reached as `release create` reaches it to save an image (mesh.imag
 the `docker` client as a child process, so DOCKER_HOST and the client's contexts apply alike.
 The build's output is read line by line: every line goes to `echo` (a terminal), the line that
 starts a build step to `step` (a pipe gets one line per step), and a failed build raises
-BuildError with the build's last error line.
+BuildError with the build's last error line (or, with a platform asked for, when the image built
+is for another platform).
 """
 
 from __future__ import annotations
@@ -110,3 +111,38 @@ def docker_build(context: Path, tag: str, *, step: Callable[[str], None],
             raise
     if proc.returncode != 0:
         raise BuildError(f"docker build {context}: {_error_line(tail, proc.returncode)}")
+    if platform is not None:
+        built = image_platform(tag, docker=docker)
+        if not same_platform(built, platform):
+            # The classic builder takes a local FROM image of another platform as it is.
+            _remove_tag(tag, docker)
+            raise BuildError(f"docker build {context}: the engine built a {built} image, not "
+                             f"{platform} (is the FROM image there for {platform}?)")
+
+
+def image_platform(image: str, *, docker: str = "docker") -> str:
+    """`os/arch[/variant]` of a local image, as its config says."""
+    try:
+        r = subprocess.run([docker, "image", "inspect", "--format",
+                            "{{.Os}}/{{.Architecture}}/{{.Variant}}", image],
+                           capture_output=True, text=True, timeout=_PROBE_TIMEOUT_S, check=False)
+    except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
+        raise BuildError(f"docker image inspect {image}: {exc}") from None
+    if r.returncode != 0:
+        raise BuildError(f"docker image inspect {image}: {' '.join(r.stderr.split())}")
+    return r.stdout.strip().rstrip("/")
+
+
+def same_platform(built: str, wanted: str) -> bool:
+    """Whether an image of `built` serves `wanted`: same os and architecture, and the variant
+    when `wanted` names one (linux/arm64 is linux/arm64/v8)."""
+    b, w = built.split("/"), wanted.split("/")
+    return b[:2] == w[:2] and (len(w) < 3 or b[2:3] == w[2:3])
+
+
+def _remove_tag(tag: str, docker: str) -> None:
+    try:
+        subprocess.run([docker, "image", "rm", "--no-prune", tag], capture_output=True,
+                       timeout=_PROBE_TIMEOUT_S, check=False)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        pass  # the BuildError that follows says what matters

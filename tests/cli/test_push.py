@@ -24,6 +24,7 @@ import pytest
 
 from lab.engines import BUSYBOX_IMAGE, busybox_rootfs_tar
 from mesh.clikit import run
+from ops._build import same_platform
 from ops.cli import build_parser
 from tests.coordinator_process import running_coordinator
 from tests.release.test_release_docker import _docker, _docker_skip_reason
@@ -96,6 +97,10 @@ def env(engine_base: None, tmp_path: Path) -> Iterator[Env]:
                 _docker("rmi", "-f", tag, check=False, timeout=120)
 
 
+def _engine_arch() -> str:
+    return _docker("version", "--format", "{{.Server.Arch}}").stdout.strip()
+
+
 def _steps(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines()
             if line.startswith("Step ") or line.startswith("#")]
@@ -112,7 +117,7 @@ def test_push_builds_and_publishes_then_ships_a_delta(env: Env) -> None:
     ctx = env.tmp / "app"
     shutil.copytree(EXAMPLE, ctx)
     r = env.cli("push", str(ctx), "--fleet", "cams", "--app", env.app, "--build-arg", BASE_ARG,
-                "--health-http", "8080/", "--json")
+                "--health-http", "8080/", "--json", "--platform", f"linux/{_engine_arch()}")
     assert r.returncode == 0, r.stderr
     v1 = json.loads(r.stdout)
     assert v1["version"] == 1 and v1["created"] is True
@@ -171,6 +176,18 @@ def test_a_broken_build_exits_1_with_its_error_and_publishes_nothing(env: Env) -
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("fleetmesh: docker build") and "exit 3" in last, r.stderr
     assert r.stdout == ""
+    assert env.versions() == []
+
+    # Another platform than the base image's: the classic builder would take the base as it
+    # is; push refuses the image and publishes nothing.
+    other = "arm64" if _engine_arch() == "amd64" else "amd64"
+    (ctx / "Dockerfile").write_text(f"FROM {BUSYBOX_IMAGE}\nCMD [\"true\"]\n")
+    r = env.cli("push", str(ctx), "--fleet", "cams", "--app", env.app, "--platform",
+                f"linux/{other}")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    last = r.stderr.strip().splitlines()[-1]
+    assert f"not linux/{other}" in last, r.stderr
+    assert _docker("image", "inspect", f"fleetmesh/{env.app}:1", check=False).returncode != 0
     assert env.versions() == []
 
     (ctx / "Dockerfile").write_text(f"FROM {BUSYBOX_IMAGE}\nCOPPY x /x\n")
@@ -262,3 +279,17 @@ def test_bad_arguments_exit_2_with_one_line(keyed_home: Path, argv: list[str], t
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err and text in err, err
 
+
+
+@pytest.mark.parametrize(("built", "wanted", "same"), [
+    ("linux/amd64", "linux/amd64", True),
+    ("linux/arm64/v8", "linux/arm64", True),
+    ("linux/arm/v7", "linux/arm/v7", True),
+    ("linux/arm/v6", "linux/arm/v7", False),
+    ("linux/arm", "linux/arm/v7", False),
+    ("linux/amd64", "linux/arm64", False),
+    ("windows/amd64", "linux/amd64", False),
+])
+def test_the_built_platform_must_be_the_one_asked_for(built: str, wanted: str,
+                                                      same: bool) -> None:
+    assert same_platform(built, wanted) is same
