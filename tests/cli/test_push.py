@@ -24,6 +24,7 @@ import pytest
 
 from lab.engines import BUSYBOX_IMAGE, busybox_rootfs_tar
 from mesh.clikit import run
+from mesh.release import write_signing_key
 from ops._build import same_platform
 from ops.cli import build_parser
 from tests.coordinator_process import running_coordinator
@@ -238,7 +239,6 @@ def test_git_push_to_a_bare_repository_publishes(env: Env) -> None:
 @pytest.fixture
 def keyed_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A release key where the CLI looks for it; no coordinator (arguments fail before)."""
-    from mesh.release import write_signing_key
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
     monkeypatch.setenv("FLEETMESH_URL", "https://127.0.0.1:9")
