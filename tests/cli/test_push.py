@@ -171,13 +171,16 @@ def test_push_builds_and_publishes_then_ships_a_delta(env: Env) -> None:
 def test_a_broken_build_exits_1_with_its_error_and_publishes_nothing(env: Env) -> None:
     ctx = env.tmp / "broken"
     ctx.mkdir()
-    (ctx / "Dockerfile").write_text(f"FROM {BUSYBOX_IMAGE}\nRUN echo building; exit 3\n")
+    (ctx / "Dockerfile").write_text(f"FROM {BUSYBOX_IMAGE}\nRUN echo {env.app}; exit 3\n")
     r = env.cli("push", str(ctx), "--fleet", "cams", "--app", env.app)
     assert r.returncode == 1, (r.stdout, r.stderr)
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("fleetmesh: docker build") and "exit 3" in last, r.stderr
     assert r.stdout == ""
     assert env.versions() == []
+    # The failed step's container does not stay behind on the operator's engine.
+    left = _docker("ps", "-a", "--no-trunc", "--format", "{{.Command}}").stdout
+    assert env.app not in left, left
 
     # Another platform than the base image's: the classic builder would take the base as it
     # is; push refuses the image and publishes nothing.
