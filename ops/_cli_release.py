@@ -14,9 +14,11 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nacl.signing import SigningKey
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -69,7 +71,7 @@ from ops._cli_common import (
     xdg_path,
 )
 from ops._cli_rollout import add_rollout_options, rollout_spec, show_rollout, start_rollout
-from ops._publish import PublishError, publish_image
+from ops._publish import PublishError, PublishResult, publish_image
 
 
 def register(subparsers: Any) -> None:
@@ -286,8 +288,21 @@ class _RichProgress:
             self._progress = None
 
 
-def _release_create(args: argparse.Namespace) -> int:
+@dataclass(frozen=True, slots=True)
+class PublishPlan:
+    """What the publishing options ask for, checked before any image is saved or built."""
 
+    fleet: str
+    app: str
+    container: ContainerSettings
+    spec: RolloutSpec | None
+    held: bool
+    key: SigningKey
+
+
+def publish_plan(args: argparse.Namespace) -> PublishPlan:
+    """The options `add_publish_options` added, checked (CliError, exit 2): a bad value is a
+    usage error here, not a refusal after the image was built, cut and uploaded."""
     fleet = name_arg(args.fleet, "fleet")
     app = name_arg(args.app, "app")
     if args.key < 0:
@@ -296,23 +311,30 @@ def _release_create(args: argparse.Namespace) -> int:
         raise CliError("--version must be 1 or more")
     container = _container_settings(args)
     spec = rollout_spec(args)
-    held = spec is not None or args.no_rollout
-    key = load_signing_key(args.signing_key)
+    return PublishPlan(fleet, app, container, spec, spec is not None or args.no_rollout,
+                       load_signing_key(args.signing_key))
+
+
+def publish_and_report(args: argparse.Namespace, plan: PublishPlan, client: Any,
+                       image: str) -> PublishResult:
+    """Publish the local `image` as `plan` says (ops._publish.publish_image), start its rollout
+    if --phases, and print the report (a table, or --json). `release create` and `push` both
+    end here."""
     progress = _RichProgress(enabled=not args.json and sys.stderr.isatty())
 
     def warn(message: str) -> None:
         print(f"fleetmesh: warning: {message}", file=sys.stderr)
 
     try:
-        with api_errors(), operator_client(args) as client:
+        with api_errors():
             result = publish_image(
-                client, fleet=fleet, app=app, signing_key=key, image=args.image,
-                keep=args.key, version=args.version, container=container,
+                client, fleet=plan.fleet, app=plan.app, signing_key=plan.key, image=image,
+                keep=args.key, version=args.version, container=plan.container,
                 cache_dir=args.cache_dir or default_layer_cache(), progress=progress,
-                warn=warn, rollout="held" if held else None)
+                warn=warn, rollout="held" if plan.held else None)
             progress.stop()
-            rollout = None if spec is None else _start_after_publish(
-                client, fleet, app, result.version, spec, args.signing_key)
+            rollout = None if plan.spec is None else _start_after_publish(
+                client, plan.fleet, plan.app, result.version, plan.spec, args.signing_key)
     except PublishError as exc:
         raise CliError(str(exc), code=EXIT_REFUSED) from None
     except ImageError as exc:
@@ -321,6 +343,20 @@ def _release_create(args: argparse.Namespace) -> int:
         raise CliError(str(exc), code=EXIT_REFUSED) from None
     finally:
         progress.stop()
+    _print_publish(args, result, rollout)
+    return result
+
+
+def _release_create(args: argparse.Namespace) -> int:
+    plan = publish_plan(args)
+    with api_errors(), operator_client(args) as client:
+        publish_and_report(args, plan, client, args.image)
+    return 0
+
+
+def _print_publish(args: argparse.Namespace, result: PublishResult,
+                   rollout: dict[str, Any] | None) -> None:
+    fleet, app = result.fleet, result.app
     if args.json:
         print_json({
             "fleet": result.fleet, "app": result.app, "version": result.version,
@@ -332,11 +368,11 @@ def _release_create(args: argparse.Namespace) -> int:
                                     "method": d.method, "blob_id": d.blob_id.hex()}
                                    for d in r.deltas]} for r in result.layers],
             "rollout": rollout})
-        return 0
+        return
     if not result.created:
         print(f"{fleet}/{app} version {result.version}: already published, nothing to do")
         _print_rollout(rollout, False)
-        return 0
+        return
     rows = []
     for r in result.layers:
         best = r.best_delta
@@ -350,7 +386,6 @@ def _release_create(args: argparse.Namespace) -> int:
     print(f"published {fleet}/{app} version {result.version}: uploaded {result.uploaded_blobs} "
           f"blobs, {size(result.uploaded_bytes)}")
     _print_rollout(rollout, args.no_rollout)
-    return 0
 
 
 def _start_after_publish(client: Any, fleet: str, app: str, version: int, spec: RolloutSpec,
@@ -453,32 +488,27 @@ def _release_set_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_publishing(rsub: Any) -> None:
-
-    create = add_common_options(rsub.add_parser(
-        "create", help="publish a local Docker image as the app's next release",
-        description="docker save IMAGE, cut its layers into chunks, compute deltas against the "
-                    "app's last --key releases, sign with the release key and upload only the "
-                    "blobs the coordinator is missing (run again to resume)."))
-    create.add_argument("image", metavar="IMAGE", help="local image (name:tag or ID)")
-    _fleet_option(create)
-    create.add_argument("--app", required=True)
-    create.add_argument("--key", type=int, default=3, metavar="K",
-                        help="how many earlier releases to compute deltas against (default 3)")
-    create.add_argument("--signing-key", type=Path, metavar="FILE",
-                        help="release signing key (default $FLEETMESH_SIGNING_KEY, else "
-                             "~/.config/fleetmesh/release.key)")
-    create.add_argument("--version", type=int, metavar="N",
-                        help="release version (default: latest + 1)")
-    create.add_argument("--cache-dir", type=Path, metavar="DIR",
-                        help="earlier layers rebuilt from the coordinator "
-                             "(default ~/.cache/fleetmesh/layers)")
-    create.add_argument("--command", metavar="CMD",
-                        help="container command, shell-quoted (default: the image's)")
-    create.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
-    create.add_argument("--restart", default=RestartPolicy.UNLESS_STOPPED.value,
-                        choices=[p.value for p in RestartPolicy])
-    health = create.add_mutually_exclusive_group()
+def add_publish_options(p: argparse.ArgumentParser) -> None:
+    """What `release create` and `push` take beside the image: fleet, app, version, signing
+    key, container settings, health checks and rollout options (publish_plan reads them)."""
+    _fleet_option(p)
+    p.add_argument("--app", required=True)
+    p.add_argument("--key", type=int, default=3, metavar="K",
+                   help="how many earlier releases to compute deltas against (default 3)")
+    p.add_argument("--signing-key", type=Path, metavar="FILE",
+                   help="release signing key (default $FLEETMESH_SIGNING_KEY, else "
+                        "~/.config/fleetmesh/release.key)")
+    p.add_argument("--version", type=int, metavar="N",
+                   help="release version (default: latest + 1)")
+    p.add_argument("--cache-dir", type=Path, metavar="DIR",
+                   help="earlier layers rebuilt from the coordinator "
+                        "(default ~/.cache/fleetmesh/layers)")
+    p.add_argument("--command", metavar="CMD",
+                   help="container command, shell-quoted (default: the image's)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--restart", default=RestartPolicy.UNLESS_STOPPED.value,
+                   choices=[r.value for r in RestartPolicy])
+    health = p.add_mutually_exclusive_group()
     health.add_argument("--health-cmd", metavar="CMD",
                         help="healthy when this command (shell-quoted) exits 0 in the container")
     health.add_argument("--health-tcp", type=int, metavar="PORT",
@@ -487,22 +517,33 @@ def _register_publishing(rsub: Any) -> None:
                         help="healthy when GET http://127.0.0.1:PORT/PATH answers 2xx or 3xx")
     health.add_argument("--health-running", type=float, metavar="SECONDS",
                         help="healthy when the container has run this long without a restart")
-    create.add_argument("--health-interval", type=float, default=2.0, metavar="SECONDS",
-                        help="between health probes (default 2)")
-    create.add_argument("--health-timeout", type=float, default=60.0, metavar="SECONDS",
-                        help="a new release not healthy this long after its start is rolled "
-                             "back (default 60); without a --health-* flag the image's "
-                             "HEALTHCHECK is used, else running for 5 s")
-    create.add_argument("--strategy", default=UpdateStrategy.DOWNLOAD_THEN_KILL.value,
-                        choices=[s.value for s in UpdateStrategy])
-    create.add_argument("--hand-over-timeout", type=float, default=60.0, metavar="SECONDS",
-                        help="hand-over: stop the old container after this even if the new "
-                             "one is not healthy yet (default 60)")
-    create.add_argument("--network", default=NetworkMode.HOST.value,
-                        choices=[n.value for n in NetworkMode],
-                        help="container network (default host: the device's own)")
-    create.add_argument("--volume", action="append", default=[], metavar="SOURCE:/TARGET[:ro]")
-    add_rollout_options(create, publishing=True)
+    p.add_argument("--health-interval", type=float, default=2.0, metavar="SECONDS",
+                   help="between health probes (default 2)")
+    p.add_argument("--health-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="a new release not healthy this long after its start is rolled "
+                        "back (default 60); without a --health-* flag the image's "
+                        "HEALTHCHECK is used, else running for 5 s")
+    p.add_argument("--strategy", default=UpdateStrategy.DOWNLOAD_THEN_KILL.value,
+                   choices=[s.value for s in UpdateStrategy])
+    p.add_argument("--hand-over-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="hand-over: stop the old container after this even if the new "
+                        "one is not healthy yet (default 60)")
+    p.add_argument("--network", default=NetworkMode.HOST.value,
+                   choices=[n.value for n in NetworkMode],
+                   help="container network (default host: the device's own)")
+    p.add_argument("--volume", action="append", default=[], metavar="SOURCE:/TARGET[:ro]")
+    add_rollout_options(p, publishing=True)
+
+
+def _register_publishing(rsub: Any) -> None:
+
+    create = add_common_options(rsub.add_parser(
+        "create", help="publish a local Docker image as the app's next release",
+        description="docker save IMAGE, cut its layers into chunks, compute deltas against the "
+                    "app's last --key releases, sign with the release key and upload only the "
+                    "blobs the coordinator is missing (run again to resume)."))
+    create.add_argument("image", metavar="IMAGE", help="local image (name:tag or ID)")
+    add_publish_options(create)
     create.set_defaults(handler=_release_create)
 
     lst = add_common_options(rsub.add_parser("list", help="a fleet's releases, newest first"))

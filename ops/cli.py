@@ -10,9 +10,17 @@ import sys
 from collections.abc import Sequence
 
 from mesh.clikit import package_version, run
-from ops import _cli_keys, _cli_ops, _cli_release, _cli_rollout, _cli_root, _cli_server
+from ops import (
+    _cli_keys,
+    _cli_ops,
+    _cli_push,
+    _cli_release,
+    _cli_rollout,
+    _cli_root,
+    _cli_server,
+)
 
-_GROUPS = (_cli_keys.register, _cli_release.register, _cli_rollout.register,
+_GROUPS = (_cli_keys.register, _cli_release.register, _cli_push.register, _cli_rollout.register,
            _cli_root.register, _cli_ops.register, _cli_server.register)
 
 
