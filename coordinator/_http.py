@@ -34,6 +34,7 @@ from mesh.rollout import RolloutSpecError
 
 from ._blobs import OpenBlob
 from ._listen import HttpLimits, SourceGate, peer_of
+from ._metrics import ApiMetrics
 from ._model import (
     CoordinatorError,
     CredentialRevoked,
@@ -69,12 +70,14 @@ _T = TypeVar("_T")
 
 @dataclass(frozen=True, slots=True)
 class Deps:
-    """What routes read from `app.state.deps`: the service and the dashboard's sessions."""
+    """What routes read from `app.state.deps`: the service, the dashboard's sessions, and
+    what `/metrics` counts as the process serves."""
 
     service: FleetService
     sessions: SessionTable
     limits: HttpLimits
     gate: SourceGate
+    metrics: ApiMetrics
 
 
 def deps(request: Request) -> Deps:
@@ -369,6 +372,8 @@ def blob_response(request: Request, blob_id: str, blob: OpenBlob) -> Response:
         return Response(b"", status_code=status, headers=headers,
                         media_type="application/octet-stream")
 
+    metrics = deps(request).metrics
+
     async def pieces() -> AsyncIterator[bytes]:
         f = blob.file
         try:
@@ -380,6 +385,7 @@ def blob_response(request: Request, blob_id: str, blob: OpenBlob) -> Response:
                     break
                 left -= len(piece)
                 yield piece
+                metrics.blob_sent(len(piece))
         finally:
             f.close()
 

@@ -606,6 +606,11 @@ def openapi_document() -> dict[str, Any]:
                                                     retry=_INT)})), **_ERRORS}}},
         "/openapi.json": {"get": {"summary": "this document",
                                   "responses": {"200": _json({"type": "object"})}}},
+        "/metrics": {"get": {
+            "summary": "Prometheus metrics, text exposition format 0.0.4 (docs/metrics.md)",
+            "security": _OPERATOR,
+            "responses": {"200": {"description": "metrics", "content": {
+                "text/plain": {"schema": {"type": "string"}}}}, **_ERRORS}}},
         # the web dashboard (docs/dashboard.md)
         "/": {"get": {"summary": "the dashboard page", "responses": {"200": _HTML}}},
         "/dashboard/app.js": {"get": {"summary": "the dashboard's script",
