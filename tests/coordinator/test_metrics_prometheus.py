@@ -7,6 +7,7 @@ Prometheus runs on 127.0.0.1 with a temporary config and data directory, stopped
 from __future__ import annotations
 
 import json
+import re
 import ssl
 import subprocess
 import time
@@ -27,6 +28,9 @@ from tests.coordinator_process import (
 from vpn import generate_keypair
 
 PROMETHEUS: Final = Path("/usr/bin/prometheus")
+EXAMPLES: Final = Path(__file__).parents[2] / "examples"
+EXAMPLE: Final = EXAMPLES / "prometheus" / "prometheus.yml"
+DASHBOARD: Final = EXAMPLES / "grafana" / "fleetmesh.json"
 READY_SECONDS: Final = 60.0
 # The coordinator counts a device online for 60 s after its last report (ONLINE_WINDOW);
 # Prometheus scrapes every second: a drop shows within the window plus a few scrapes.
@@ -54,16 +58,18 @@ def running_prometheus(work: Path, coord: RunningCoordinator) -> Iterator[str]:
     port = free_port()
     work.mkdir()
     config = work / "prometheus.yml"
-    target = coord.url.removeprefix("https://")
-    # JSON is YAML: the scrape job of examples/prometheus/prometheus.yml, with this run's paths
-    config.write_text(json.dumps({
-        "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
-        "scrape_configs": [{
-            "job_name": "fleetmesh", "scheme": "https", "metrics_path": "/metrics",
-            "authorization": {"type": "Bearer",
-                              "credentials_file": str(coord.data / "operator.key")},
-            "tls_config": {"ca_file": str(coord.data / "tls.crt")},
-            "static_configs": [{"targets": [target]}]}]}))
+    # the example scrape job (examples/prometheus/prometheus.yml) with this run's paths,
+    # address and a 1 s interval: the example itself is what gets tested
+    text = EXAMPLE.read_text()
+    for old, new in (("credentials_file: /etc/prometheus/fleetmesh.key",
+                      f"credentials_file: {coord.data / 'operator.key'}"),
+                     ("ca_file: /etc/prometheus/fleetmesh.crt",
+                      f"ca_file: {coord.data / 'tls.crt'}"),
+                     ("203.0.113.10:8443", coord.url.removeprefix("https://")),
+                     ("scrape_interval: 15s", "scrape_interval: 1s\n  scrape_timeout: 1s")):
+        assert text.count(old) == 1, f"{EXAMPLE} no longer has {old!r} once"
+        text = text.replace(old, new)
+    config.write_text(text)
     log_path = work / "prometheus.log"
     with open(log_path, "w+") as log:
         proc = subprocess.Popen(
@@ -103,6 +109,21 @@ def _value(prom: str, expr: str) -> float | None:
     return float(result[0]["value"][1]) if len(result) == 1 else None
 
 
+def _dashboard_queries_hold(prom: str, exposed: str) -> None:
+    """Every query of the example Grafana dashboard is PromQL this Prometheus accepts, and
+    names only metric families the coordinator exposes."""
+    families = set(re.findall(r"^# TYPE (\S+) ", exposed, re.MULTILINE))
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs.append(dashboard["templating"]["list"][0]["definition"]
+                 .replace("label_values(", "group by (fleet) (").replace(", fleet)", ")"))
+    assert len(exprs) > 10
+    for expr in exprs:
+        _query(prom, expr.replace("$fleet", ".*"))  # status "success", else it fails
+        for name in re.findall(r"fleetmesh_[a-z_]+", expr):
+            assert re.sub(r"_(bucket|count|sum)$", "", name) in families, (name, expr)
+
+
 def test_prometheus_scrapes_online_devices_and_sees_one_stop(tmp_path: Path) -> None:
     with running_coordinator(tmp_path / "coord", tmp_path / "coord.log") as coord, \
             httpx.Client(base_url=coord.url, timeout=10, verify=ssl.create_default_context(
@@ -136,6 +157,7 @@ def test_prometheus_scrapes_online_devices_and_sees_one_stop(tmp_path: Path) -> 
                    lambda: _value(prom, 'fleetmesh_devices_online{fleet="f"}') == 2)
             assert _value(prom, 'fleetmesh_paths{fleet="f",kind="direct"}') == 2
             assert _value(prom, 'fleetmesh_devices{fleet="f",state="offline"}') == 0
+            _dashboard_queries_hold(prom, api.get("/metrics", headers=op).text)
 
             # b's agent stops; a's goes on reporting (every 10 s, as while it works)
             last = 0.0
