@@ -37,6 +37,7 @@ def build_app(service: FleetService, limits: HttpLimits | None = None,
     the default limits if None: the app alone, without coordinator._listen's listener)."""
     limits = limits or HttpLimits()
     counted = ApiMetrics()
+    service.fanout_observer = counted.fanout.observe
     app = Starlette(routes=app_routes(), exception_handlers={HTTPException: http_error,
                                                        ClientDisconnect: disconnected,
                                                        Exception: server_error},

@@ -1,9 +1,10 @@
 """Prometheus metrics of the coordinator (`GET /metrics`, docs/metrics.md): one module.
 
 Two halves. `ApiMetrics` is what the process counts as it goes (API request latency by route
-template, method and status class; blob bytes served) and `snapshot` reads the fleet as the
-store and the service see it at scrape time (devices online/offline, reported peer paths,
-handshake ages, peer-map versions, rollout states, the figures the agents' reports carry).
+template, method and status class; blob bytes served; peer-map fan-out latency) and
+`snapshot` reads the fleet as the store and the service see it at scrape time (devices
+online/offline, reported peer paths, handshake ages, peer-map versions, rollout states, the
+figures the agents' reports carry).
 `exposition` writes both in the Prometheus text format (version 0.0.4), in a fixed order, so
 tests compare exact text. Nothing here asks a device anything: every per-device figure comes
 from the reports the agents send anyway.
@@ -34,6 +35,9 @@ API_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 1
 # Age of a direct path's last handshake as of the scrape (seconds). WireGuard re-handshakes
 # every 2 minutes on a live session; reports go up by exception, so ages of hours are normal
 # at rest (docs/api.md, `GET /api/v1/devices/{name}/peers`).
+# Peer-map fan-out (seconds): from a batch's first change to a waiting device's answer; at
+# least the batch window (0.2 s by default, coordinator._service.BATCH_WINDOW).
+FANOUT_BUCKETS: Final = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 HANDSHAKE_BUCKETS: Final = (30.0, 120.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0)
 UNMATCHED_ROUTE: Final = "unmatched"
 
@@ -121,12 +125,14 @@ def exposition(families: Iterable[Family]) -> str:
 
 class ApiMetrics:
     """What the process counts while it serves: request latency per (route template, method,
-    status class) and the blob bytes it sent. One per app; trio runs the app on one thread."""
+    status class), the blob bytes it sent, and peer-map fan-out (FleetService.fanout_observer).
+    One per app; trio runs the app on one thread."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.requests: dict[Labels, HistogramData] = {}
         self.blob_bytes_served = 0
+        self.fanout = HistogramData(FANOUT_BUCKETS)
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         key = (("route", route), ("method", method), ("code", f"{status // 100}xx"))
@@ -143,6 +149,9 @@ class ApiMetrics:
             Family("fleetmesh_api_request_duration_seconds", "histogram",
                    "API request time to the end of the answer (a long poll's: its wait)",
                    histograms=tuple(sorted(self.requests.items()))),
+            Family("fleetmesh_peermap_fanout_seconds", "histogram",
+                   "From a peer-map batch's first change to each waiting long poll's answer",
+                   histograms=(((), self.fanout),)),
             Family("fleetmesh_blob_served_bytes_total", "counter",
                    "Blob bytes sent by GET /api/v1/blobs/{id} since the process started",
                    samples=(((), float(self.blob_bytes_served)),)),

@@ -253,6 +253,13 @@ class FleetService:
         # enrollment challenges: nonce -> (device name, public key, expiry)
         self._challenges: dict[str, tuple[str, str, float]] = {}
         self._dirty = trio.Event()
+        # fan-out: when the pending batch's first change came (time.monotonic), and, per
+        # device whose long poll waited when its batch was published, that time
+        self._dirty_since: float | None = None
+        self._fanout_marks: dict[str, float] = {}
+        # told the seconds from a batch's first change to each waiting device's answer
+        # (coordinator._metrics through build_app; None: nobody listens)
+        self.fanout_observer: Callable[[float], None] | None = None
         self._punch_at: dict[tuple[str, str], float] = {}  # (requester, peer) -> last passed on
         self._quiet_until: dict[str, float] = {}  # device -> end of its keepalive trial
         for d in store.list_devices():
@@ -299,6 +306,8 @@ class FleetService:
 
     def _changed(self) -> None:
         if self.core.pending:
+            if self._dirty_since is None:
+                self._dirty_since = time.monotonic()
             self._dirty.set()
 
     async def batcher(self) -> None:
@@ -308,9 +317,12 @@ class FleetService:
             await self._dirty.wait()
             await trio.sleep(self.settings.batch_window)
             self._dirty = trio.Event()
+            since, self._dirty_since = self._dirty_since, None
             for name in self.core.publish():
                 event = self._waiters.pop(name, None)
                 if event is not None:
+                    if since is not None:
+                        self._fanout_marks[name] = since
                     event.set()
 
     async def wait_peermap(self, device: Device, version: int, wait: float,
@@ -322,17 +334,24 @@ class FleetService:
         deadline = trio.current_time() + wait
         if quiet:
             self._quiet_until[device.name] = self.settings.clock() + wait + QUIET_SLACK
+        waited = False
         while True:
             member = core.member(device.name)
             if member is None or member.public_key != device.public_key:
                 raise CredentialRevoked()  # revoke() took it out of the core just now
             if core.version(device.name) != version:
+                # a fan-out only when this poll itself was waiting (a mark left by a poll
+                # that went away is stale)
+                since = self._fanout_marks.pop(device.name, None)
+                if waited and since is not None and self.fanout_observer is not None:
+                    self.fanout_observer(time.monotonic() - since)
                 return core.render(device.name)
             if trio.current_time() >= deadline:
                 return None
             event = self._waiters.setdefault(device.name, trio.Event())
             with trio.move_on_at(deadline):
                 await event.wait()
+                waited = True
 
     # ------------------------------------------------------------------ hub
 

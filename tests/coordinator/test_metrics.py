@@ -4,9 +4,11 @@ figures follow its devices' reports."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import trio
 
 from coordinator._metrics import (
     ApiMetrics,
@@ -185,3 +187,45 @@ async def test_metrics_follow_the_devices_reports(tmp_path: Path) -> None:
         assert s['fleetmesh_devices{fleet="other",state="revoked"}'] == 1
         assert s['fleetmesh_devices{fleet="other",state="offline"}'] == 0
         assert s['fleetmesh_paths{fleet="fleet",kind="relay"}'] == 1  # b's last report stands
+
+
+async def test_fanout_counts_a_waiting_poll_answered_by_a_new_map(h: Harness) -> None:
+    """A long poll that waits when a change to its map is published is one fan-out sample,
+    no shorter than the batch window; a poll that finds a newer map at once is none."""
+    a = await h.enroll("a")
+    b = await h.enroll("b")
+    await trio.sleep(0.2)  # let the enrollments' batch settle
+    version = (await a.client.get("/api/v1/device/peermap",
+                                  params={"wait": 0})).json()["version"]
+    s = _samples((await h.op.get("/metrics")).text)
+    assert s["fleetmesh_peermap_fanout_seconds_count"] == 0
+
+    answered: list[int] = []
+
+    async def poll() -> None:
+        r = await a.client.get("/api/v1/device/peermap", params={"version": version,
+                                                                 "wait": 30})
+        answered.append(r.status_code)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poll)
+            await _until(lambda: "a" in h.coord.service._waiters)
+            r = await b.client.post("/api/v1/device/state",
+                                    json={"lan_endpoints": ["192.168.1.11:51820"]})
+            assert r.status_code == 204
+    assert answered == [200]
+    s = _samples((await h.op.get("/metrics")).text)
+    assert s["fleetmesh_peermap_fanout_seconds_count"] == 1
+    assert s["fleetmesh_peermap_fanout_seconds_sum"] >= 0.05  # the fixture's batch window
+    # a poll with an old version answers at once: no fan-out
+    r = await a.client.get("/api/v1/device/peermap", params={"version": version, "wait": 5})
+    assert r.status_code == 200
+    s = _samples((await h.op.get("/metrics")).text)
+    assert s["fleetmesh_peermap_fanout_seconds_count"] == 1
+
+
+async def _until(ready: Callable[[], object]) -> None:
+    """Until `ready()` is truthy (a bounded wait: the caller's fail_after)."""
+    while not ready():
+        await trio.sleep(0.01)
