@@ -490,8 +490,10 @@ def anyone(limit: int = MAX_BODY_BYTES) -> Callable[[AnyoneHandler], Handler]:
     return wrap
 
 
-def operator(limit: int = MAX_BODY_BYTES) -> Callable[[AnyoneHandler], Handler]:
-    """The operator API key as Bearer, or a dashboard session (its CSRF token unless GET)."""
+def operator(limit: int = MAX_BODY_BYTES, scraper: bool = False
+             ) -> Callable[[AnyoneHandler], Handler]:
+    """The operator API key as Bearer, or a dashboard session (its CSRF token unless GET);
+    `scraper`: the metrics token (`serve --metrics-token-file`) too, which opens nothing else."""
     def wrap(fn: AnyoneHandler) -> Handler:
         async def wrapper(request: Request) -> Response:
             found = deps(request)
@@ -502,6 +504,11 @@ def operator(limit: int = MAX_BODY_BYTES) -> Callable[[AnyoneHandler], Handler]:
                     return await fn(request, found.service)
                 raise Unauthorized("operator API key required (Authorization: Bearer fmo_...)"
                                    " or a dashboard session")
+            if found.service.is_metrics_token(secret):
+                if not scraper:
+                    raise Forbidden("the metrics token reads /metrics only")
+                _authenticated(request, "metrics scraper")
+                return await fn(request, found.service)
             if not found.service.is_operator_key(secret):
                 if found.service.device_for(secret) is not None:
                     raise Forbidden("a device credential cannot use operator endpoints")

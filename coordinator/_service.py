@@ -226,6 +226,8 @@ class CoordinatorIdentity:
     prefix_v6: ipaddress.IPv6Network
     # the hub's WireGuard private key: checks a device's key proof at re-enrollment ("": none)
     hub_private_key: str = field(default="", repr=False)
+    # SHA-256 of the scrape token that reads /metrics and nothing else ("": none)
+    metrics_token_hash: str = field(default="", repr=False)
 
 
 class FleetService:
@@ -398,6 +400,12 @@ class FleetService:
         if not secret.startswith(_secrets.OPERATOR_PREFIX) or not key_hash:
             return False
         return hmac.compare_digest(_secrets.secret_hash(secret), key_hash)
+
+    def is_metrics_token(self, secret: str) -> bool:
+        """`secret` is the scrape token of `serve --metrics-token-file` (reads /metrics only)."""
+        token_hash = self.identity.metrics_token_hash
+        return bool(token_hash) and hmac.compare_digest(_secrets.secret_hash(secret),
+                                                        token_hash)
 
     def device_for(self, secret: str) -> Device | None:
         if not secret.startswith(_secrets.DEVICE_PREFIX) or len(secret) > MAX_SECRET_LEN:

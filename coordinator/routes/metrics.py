@@ -1,6 +1,7 @@
 """`GET /metrics`: the coordinator's Prometheus metrics (coordinator._metrics,
-docs/metrics.md), for the operator API key as Bearer (what a Prometheus scrape job sends with
-`authorization: {credentials_file: ...}`) or a dashboard session. Never open without one."""
+docs/metrics.md), for the scrape token of `serve --metrics-token-file` or the operator API key
+as Bearer (what a Prometheus scrape job sends with `authorization: {credentials_file: ...}`),
+or a dashboard session. Never open without one."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from .._metrics import CONTENT_TYPE, render
 from .._service import FleetService
 
 
-@operator()
+@operator(scraper=True)
 async def metrics(request: Request, service: FleetService) -> Response:
     # read on the event loop like every other route: the store and ApiMetrics are not
     # shared with threads

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from coordinator._metrics import (
@@ -19,8 +20,8 @@ from coordinator._metrics import (
     exposition,
     fleet_families,
 )
-from coordinator._server import CoordinatorConfig
-from tests.coordinator.conftest import Harness, running_harness
+from coordinator._server import CoordinatorConfig, CoordinatorConfigError, read_metrics_token
+from tests.coordinator.conftest import Harness, client_for, running_harness
 
 
 def _samples(text: str) -> dict[str, float]:
@@ -229,3 +230,35 @@ async def _until(ready: Callable[[], object]) -> None:
     """Until `ready()` is truthy (a bounded wait: the caller's fail_after)."""
     while not ready():
         await trio.sleep(0.01)
+
+
+async def test_a_scrape_token_reads_metrics_and_nothing_else(tmp_path: Path) -> None:
+    token_file = tmp_path / "scrape.token"
+    token = "0123456789abcdef" * 4
+    token_file.write_text(token + "\n")
+    async with running_harness(CoordinatorConfig(
+            data_dir=tmp_path / "coord", listen="127.0.0.1:0", hub=False, batch_window=0.05,
+            metrics_token_file=token_file)) as h:
+        scraper = client_for(h.coord, token)
+        async with scraper:
+            r = await scraper.get("/metrics")
+            assert r.status_code == 200 and "fleetmesh_devices_online" in r.text
+            r = await scraper.get("/api/v1/devices")
+            assert r.status_code == 403 and "/metrics only" in r.json()["error"]
+            assert (await scraper.post("/api/v1/tokens",
+                                       json={"fleet": "f"})).status_code == 403
+        async with client_for(h.coord, "9" * 64) as wrong:
+            assert (await wrong.get("/metrics")).status_code == 401
+        assert (await h.op.get("/metrics")).status_code == 200  # the operator key still does
+
+
+@pytest.mark.parametrize("content", ["short", "x" * 300, "fmo_" + "a" * 40, "two words" * 8,
+                                     ""])
+def test_a_bad_scrape_token_file_is_one_line(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "scrape.token"
+    path.write_text(content)
+    with pytest.raises(CoordinatorConfigError) as err:
+        read_metrics_token(path)
+    assert str(err.value).startswith(f"--metrics-token-file {path}: must hold one token")
+    with pytest.raises(CoordinatorConfigError, match="No such file"):
+        read_metrics_token(tmp_path / "absent")

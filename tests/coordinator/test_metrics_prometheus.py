@@ -1,13 +1,15 @@
 """A real Prometheus (Debian's `prometheus` package, installed by scripts/setup) scrapes a real
-`fleetmesh coordinator serve` over HTTPS with the operator key, trusting exactly the
-coordinator's certificate; its HTTP API answers the number of online devices and direct paths,
-and the count drops when a device stops reporting (after the online window: docs/api.md).
+`fleetmesh coordinator serve --metrics-token-file` over HTTPS with that scrape token, trusting
+exactly the coordinator's certificate; its HTTP API answers the number of online devices and
+direct paths, and the count drops when a device stops reporting (after the online window:
+docs/api.md).
 Prometheus runs on 127.0.0.1 with a temporary config and data directory, stopped by PID."""
 
 from __future__ import annotations
 
 import json
 import re
+import secrets
 import ssl
 import subprocess
 import time
@@ -50,8 +52,10 @@ def _until(what: str, seconds: float, probe: Callable[[], Any]) -> Any:
 
 
 @contextmanager
-def running_prometheus(work: Path, coord: RunningCoordinator) -> Iterator[str]:
-    """A private Prometheus scraping `coord` every second: yields its base URL."""
+def running_prometheus(work: Path, coord: RunningCoordinator, token_file: Path
+                       ) -> Iterator[str]:
+    """A private Prometheus scraping `coord` every second with the scrape token in
+    `token_file`: yields its base URL."""
     if not PROMETHEUS.exists():
         pytest.fail(f"{PROMETHEUS} missing: run scripts/setup (it installs Debian's "
                     "prometheus package)")
@@ -61,8 +65,8 @@ def running_prometheus(work: Path, coord: RunningCoordinator) -> Iterator[str]:
     # the example scrape job (examples/prometheus/prometheus.yml) with this run's paths,
     # address and a 1 s interval: the example itself is what gets tested
     text = EXAMPLE.read_text()
-    for old, new in (("credentials_file: /etc/prometheus/fleetmesh.key",
-                      f"credentials_file: {coord.data / 'operator.key'}"),
+    for old, new in (("credentials_file: /etc/prometheus/fleetmesh.token",
+                      f"credentials_file: {token_file}"),
                      ("ca_file: /etc/prometheus/fleetmesh.crt",
                       f"ca_file: {coord.data / 'tls.crt'}"),
                      ("203.0.113.10:8443", coord.url.removeprefix("https://")),
@@ -125,7 +129,10 @@ def _dashboard_queries_hold(prom: str, exposed: str) -> None:
 
 
 def test_prometheus_scrapes_online_devices_and_sees_one_stop(tmp_path: Path) -> None:
-    with running_coordinator(tmp_path / "coord", tmp_path / "coord.log") as coord, \
+    token_file = tmp_path / "metrics.token"
+    token_file.write_text(secrets.token_hex(32) + "\n")
+    with running_coordinator(tmp_path / "coord", tmp_path / "coord.log",
+                             "--metrics-token-file", str(token_file)) as coord, \
             httpx.Client(base_url=coord.url, timeout=10, verify=ssl.create_default_context(
                 cafile=str(coord.data / "tls.crt"))) as api:
         op = {"Authorization": f"Bearer {coord.api_key}"}
@@ -150,7 +157,7 @@ def test_prometheus_scrapes_online_devices_and_sees_one_stop(tmp_path: Path) -> 
 
         report("a", "b")
         report("b", "a")
-        with running_prometheus(tmp_path / "prom", coord) as prom:
+        with running_prometheus(tmp_path / "prom", coord, token_file) as prom:
             _until("the scrape succeeds", READY_SECONDS,
                    lambda: _value(prom, 'up{job="fleetmesh"}') == 1)
             _until("2 devices online", READY_SECONDS,
@@ -175,6 +182,6 @@ def test_prometheus_scrapes_online_devices_and_sees_one_stop(tmp_path: Path) -> 
             listed = api.get("/api/v1/devices", params={"fleet": "f"}, headers=op).json()
             assert {d["name"]: d["online"] for d in listed["devices"]} == {"a": True,
                                                                            "b": False}
-            # and the scrape went through the operator key, counted like any API request
+            # the scrape went through the token, counted like any API request
             assert (_value(prom, 'sum(fleetmesh_api_request_duration_seconds_count'
                                  '{route="/metrics",code="2xx"})') or 0) >= 1
