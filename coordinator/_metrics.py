@@ -40,6 +40,9 @@ API_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 1
 FANOUT_BUCKETS: Final = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 HANDSHAKE_BUCKETS: Final = (30.0, 120.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0)
 UNMATCHED_ROUTE: Final = "unmatched"
+# Methods kept as labels; any other (a client may send any token) is "other", so nobody can
+# grow the label set (and the process's memory) by inventing methods.
+METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def _escape(value: str) -> str:
@@ -135,7 +138,8 @@ class ApiMetrics:
         self.fanout = HistogramData(FANOUT_BUCKETS)
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
-        key = (("route", route), ("method", method), ("code", f"{status // 100}xx"))
+        key = (("route", route), ("method", method if method in METHODS else "other"),
+               ("code", f"{status // 100}xx"))
         hist = self.requests.get(key)
         if hist is None:
             hist = self.requests[key] = HistogramData(API_BUCKETS)

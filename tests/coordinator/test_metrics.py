@@ -119,12 +119,17 @@ def test_api_metrics_file_requests_by_route_method_and_status_class() -> None:
     api.observe("/api/v1/devices/{name}", "GET", 200, 0.02)
     api.observe("/api/v1/devices/{name}", "GET", 404, 0.001)
     api.observe("/api/v1/devices/{name}", "GET", 204, 0.3)
+    for i in range(100):  # invented methods all land in one series
+        api.observe("unmatched", f"X{i}", 405, 0.001)
     api.blob_sent(10)
     api.blob_sent(5)
     s = _samples(exposition(api.families()))
     base = 'fleetmesh_api_request_duration_seconds_count{route="/api/v1/devices/{name}"'
     assert s[base + ',method="GET",code="2xx"}'] == 2
     assert s[base + ',method="GET",code="4xx"}'] == 1
+    assert s['fleetmesh_api_request_duration_seconds_count{route="unmatched",method="other",'
+             'code="4xx"}'] == 100
+    assert len(api.requests) == 3
     assert s["fleetmesh_blob_served_bytes_total"] == 15
 
 
