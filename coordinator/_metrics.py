@@ -233,12 +233,9 @@ def snapshot(service: FleetService) -> Snapshot:
     devices: list[DeviceFigures] = []
     for d in service.store.list_devices():
         if d.state is DeviceState.ACTIVE:
-            paths = {kind: 0 for kind in PATH_KINDS}
-            ages: list[float] = []
-            for p in service.store.peer_paths(d.id):
-                paths[p.path] += 1
-                if p.path == "direct" and p.last_handshake is not None:
-                    ages.append(max(0.0, now - p.last_handshake))
+            summary = service.path_summary(d)
+            paths = dict(summary.kinds)
+            ages = [max(0.0, now - t) for t in summary.direct_handshakes]
             newest = max(d.wan_bytes) if d.wan_bytes else None
             devices.append(DeviceFigures(
                 d.name, d.fleet, "online" if service.online(d) else "offline",
@@ -259,14 +256,13 @@ def fleet_families(snap: Snapshot) -> list[Family]:
     fleets = sorted({f.fleet for f in snap.devices} | {fl for fl, _ in snap.rollouts})
     by_state = {(fl, s): 0 for fl in fleets for s in DEVICE_STATES}
     paths = {(fl, k): 0 for fl in fleets for k in PATH_KINDS}
-    ages: dict[Labels, HistogramData] = {}
+    ages = {(("fleet", fl),): HistogramData(HANDSHAKE_BUCKETS) for fl in fleets}
     for dev in snap.devices:
         by_state[(dev.fleet, dev.state)] += 1
         for kind, count in dev.paths.items():
             paths[(dev.fleet, kind)] += count
         for age in dev.handshake_ages:
-            key = (("fleet", dev.fleet),)
-            ages.setdefault(key, HistogramData(HANDSHAKE_BUCKETS)).observe(age)
+            ages[(("fleet", dev.fleet),)].observe(age)
     active = [d for d in snap.devices if d.peermap_version is not None]
     return [
         Family("fleetmesh_devices", "gauge",

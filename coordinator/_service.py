@@ -13,7 +13,7 @@ import hmac
 import ipaddress
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypedDict
 
@@ -22,6 +22,7 @@ import trio
 from mesh.control import (
     MAX_LOG_LINES,
     MAX_PEERS,
+    PATH_KINDS,
     AppStatus,
     ControlError,
     DeviceReport,
@@ -30,6 +31,7 @@ from mesh.control import (
     HubInfo,
     LogLine,
     LogUpload,
+    PeerPath,
     TokenParts,
     key_proof_mac,
     x25519_secret,
@@ -204,6 +206,20 @@ def drop_marker(count: int, app: str, now: float) -> LogLine:
 # --------------------------------------------------------------------------- the service
 
 
+class PathSummary:
+    """A device's reported peer paths as /metrics counts them: paths per kind, and the last
+    handshake (epoch seconds) of each direct path that names one."""
+
+    __slots__ = ("kinds", "direct_handshakes")
+
+    def __init__(self, paths: Sequence[PeerPath]) -> None:
+        self.kinds = {kind: 0 for kind in PATH_KINDS}
+        for p in paths:
+            self.kinds[p.path] += 1
+        self.direct_handshakes = tuple(p.last_handshake for p in paths
+                                       if p.path == "direct" and p.last_handshake is not None)
+
+
 @dataclass(frozen=True, slots=True)
 class ServiceSettings:
     relay_hub: bool = True  # a WireGuard hub observes endpoints (else reports stand in)
@@ -262,6 +278,9 @@ class FleetService:
         # told the seconds from a batch's first change to each waiting device's answer
         # (coordinator._metrics through build_app; None: nobody listens)
         self.fanout_observer: Callable[[float], None] | None = None
+        # device id -> its PathSummary, dropped by each report (metrics: a scrape then parses
+        # only the devices that reported since the last one, not every path of the fleet)
+        self._path_summaries: dict[str, PathSummary] = {}
         self._punch_at: dict[tuple[str, str], float] = {}  # (requester, peer) -> last passed on
         self._quiet_until: dict[str, float] = {}  # device -> end of its keepalive trial
         for d in store.list_devices():
@@ -511,6 +530,7 @@ class FleetService:
                             "allowed; revoke one or use another fleet")
 
     def report(self, device: Device, report: DeviceReport, client_ip: str | None) -> None:
+        self._path_summaries.pop(device.id, None)
         cleared = self.store.record_report(device.id, report.lan_endpoints,
                                            report.agent_version, report.peers,
                                            self.settings.clock(), report.apps,
@@ -667,6 +687,7 @@ class FleetService:
             self._last_handshake.pop(name, None)
             self._rx_bytes.pop(name, None)
             self._log_buckets.pop(device.id, None)
+            self._path_summaries.pop(device.id, None)
             event = self._waiters.pop(name, None)
             if event is not None:
                 event.set()  # its long poll ends now, with 401
@@ -711,6 +732,14 @@ class FleetService:
             return
         if self.core.want_logs(name, now + LOGS_WANTED_FOR):
             self._changed()
+
+    def path_summary(self, device: Device) -> PathSummary:
+        """What `device` last reported of its paths, counted (kept until its next report)."""
+        found = self._path_summaries.get(device.id)
+        if found is None:
+            found = self._path_summaries[device.id] = PathSummary(
+                self.store.peer_paths(device.id))
+        return found
 
     def device_peers(self, name: str) -> list[PeerPathInfo]:
         device = self._device(name)

@@ -183,8 +183,10 @@ async def test_metrics_follow_the_devices_reports(tmp_path: Path) -> None:
         assert s['fleetmesh_api_request_duration_seconds_count{route="/api/v1/device/state",'
                  'method="POST",code="2xx"}'] == 2
 
-        now[0] += 61  # b stops reporting; a reports again
-        assert (await a.client.post("/api/v1/device/state", json={})).status_code == 204
+        now[0] += 61  # b stops reporting; a reports again, now with its path to b relayed
+        r = await a.client.post("/api/v1/device/state", json={
+            "peers": [{"public_key": b.public_key, "path": "relay"}]})
+        assert r.status_code == 204, r.text
         r = await h.op.post("/api/v1/devices/c/revoke")
         assert r.status_code == 200
         s = _samples((await h.op.get("/metrics")).text)
@@ -192,7 +194,10 @@ async def test_metrics_follow_the_devices_reports(tmp_path: Path) -> None:
         assert s['fleetmesh_devices{fleet="fleet",state="offline"}'] == 1
         assert s['fleetmesh_devices{fleet="other",state="revoked"}'] == 1
         assert s['fleetmesh_devices{fleet="other",state="offline"}'] == 0
-        assert s['fleetmesh_paths{fleet="fleet",kind="relay"}'] == 1  # b's last report stands
+        # a's new report replaces its paths; b's last report stands
+        assert s['fleetmesh_paths{fleet="fleet",kind="relay"}'] == 2
+        assert s['fleetmesh_paths{fleet="fleet",kind="direct"}'] == 0
+        assert s['fleetmesh_handshake_age_seconds_count{fleet="fleet"}'] == 0
 
 
 async def test_fanout_counts_a_waiting_poll_answered_by_a_new_map(h: Harness) -> None:
