@@ -34,6 +34,7 @@ from mesh.rollout import RolloutSpecError
 
 from ._blobs import OpenBlob
 from ._listen import HttpLimits, SourceGate, peer_of
+from ._metrics import ApiMetrics
 from ._model import (
     CoordinatorError,
     CredentialRevoked,
@@ -69,12 +70,14 @@ _T = TypeVar("_T")
 
 @dataclass(frozen=True, slots=True)
 class Deps:
-    """What routes read from `app.state.deps`: the service and the dashboard's sessions."""
+    """What routes read from `app.state.deps`: the service, the dashboard's sessions, and
+    what `/metrics` counts as the process serves."""
 
     service: FleetService
     sessions: SessionTable
     limits: HttpLimits
     gate: SourceGate
+    metrics: ApiMetrics
 
 
 def deps(request: Request) -> Deps:
@@ -369,6 +372,8 @@ def blob_response(request: Request, blob_id: str, blob: OpenBlob) -> Response:
         return Response(b"", status_code=status, headers=headers,
                         media_type="application/octet-stream")
 
+    metrics = deps(request).metrics
+
     async def pieces() -> AsyncIterator[bytes]:
         f = blob.file
         try:
@@ -380,6 +385,7 @@ def blob_response(request: Request, blob_id: str, blob: OpenBlob) -> Response:
                     break
                 left -= len(piece)
                 yield piece
+                metrics.blob_sent(len(piece))
         finally:
             f.close()
 
@@ -484,8 +490,10 @@ def anyone(limit: int = MAX_BODY_BYTES) -> Callable[[AnyoneHandler], Handler]:
     return wrap
 
 
-def operator(limit: int = MAX_BODY_BYTES) -> Callable[[AnyoneHandler], Handler]:
-    """The operator API key as Bearer, or a dashboard session (its CSRF token unless GET)."""
+def operator(limit: int = MAX_BODY_BYTES, scraper: bool = False
+             ) -> Callable[[AnyoneHandler], Handler]:
+    """The operator API key as Bearer, or a dashboard session (its CSRF token unless GET);
+    `scraper`: the metrics token (`serve --metrics-token-file`) too, which opens nothing else."""
     def wrap(fn: AnyoneHandler) -> Handler:
         async def wrapper(request: Request) -> Response:
             found = deps(request)
@@ -496,6 +504,11 @@ def operator(limit: int = MAX_BODY_BYTES) -> Callable[[AnyoneHandler], Handler]:
                     return await fn(request, found.service)
                 raise Unauthorized("operator API key required (Authorization: Bearer fmo_...)"
                                    " or a dashboard session")
+            if found.service.is_metrics_token(secret):
+                if not scraper:
+                    raise Forbidden("the metrics token reads /metrics only")
+                _authenticated(request, "metrics scraper")
+                return await fn(request, found.service)
             if not found.service.is_operator_key(secret):
                 if found.service.device_for(secret) is not None:
                     raise Forbidden("a device credential cannot use operator endpoints")

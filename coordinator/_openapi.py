@@ -606,6 +606,11 @@ def openapi_document() -> dict[str, Any]:
                                                     retry=_INT)})), **_ERRORS}}},
         "/openapi.json": {"get": {"summary": "this document",
                                   "responses": {"200": _json({"type": "object"})}}},
+        "/metrics": {"get": {
+            "summary": "Prometheus metrics, text exposition format 0.0.4 (docs/metrics.md)",
+            "security": [{"metricsToken": []}, *_OPERATOR],
+            "responses": {"200": {"description": "metrics", "content": {
+                "text/plain": {"schema": {"type": "string"}}}}, **_ERRORS}}},
         # the web dashboard (docs/dashboard.md)
         "/": {"get": {"summary": "the dashboard page", "responses": {"200": _HTML}}},
         "/dashboard/app.js": {"get": {"summary": "the dashboard's script",
@@ -634,6 +639,8 @@ def openapi_document() -> dict[str, Any]:
         "components": {"schemas": SCHEMAS, "securitySchemes": {
             "operatorKey": {"type": "http", "scheme": "bearer", "description": "fmo_..."},
             "deviceCredential": {"type": "http", "scheme": "bearer", "description": "fmd_..."},
+            "metricsToken": {"type": "http", "scheme": "bearer",
+                             "description": "serve --metrics-token-file: GET /metrics only"},
             "dashboardSession": {"type": "apiKey", "in": "cookie", "name": "fm_session",
                                  "description": "POST /dashboard/login"}}},
     }

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import logging
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -78,6 +79,27 @@ def split_hostport(text: str, what: str) -> tuple[str, int]:
     return host, int(port)
 
 
+# A scrape token: what `openssl rand -hex 32` or `fleetmesh`-style secrets look like, long
+# enough not to be guessed; never an operator key or a device credential.
+_METRICS_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9._~+/=-]{32,256}\Z")
+
+
+def read_metrics_token(path: Path) -> str:
+    """The scrape token in `path` (surrounding whitespace ignored); CoordinatorConfigError
+    with one line if it is unreadable or not a token."""
+    try:
+        token = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not ASCII"
+        raise CoordinatorConfigError(f"--metrics-token-file {path}: {reason}") from None
+    if not _METRICS_TOKEN_RE.match(token) or token.startswith(("fmo_", "fmd_")):
+        raise CoordinatorConfigError(
+            f"--metrics-token-file {path}: must hold one token of 32 to 256 characters "
+            "A-Z a-z 0-9 . _ ~ + / = - (e.g. `openssl rand -hex 32`), not an operator key "
+            "or device credential")
+    return token
+
+
 def join_hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -94,6 +116,7 @@ class CoordinatorConfig:
     store: str | None = None  # a postgresql:// URL; None: SQLite in data_dir (DB_NAME)
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    metrics_token_file: Path | None = None  # a scrape token for /metrics (docs/metrics.md)
     batch_window: float = BATCH_WINDOW
     online_window: float = ONLINE_WINDOW
     hub_poll_interval: float = 1.0
@@ -219,6 +242,8 @@ class Coordinator:
                                    else write_signing_key(timestamp_key))
         except (OSError, ReleaseError) as exc:
             raise CoordinatorConfigError(f"timestamp key {timestamp_key}: {exc}") from None
+        self._metrics_hash = (_secrets.secret_hash(read_metrics_token(cfg.metrics_token_file))
+                              if cfg.metrics_token_file is not None else "")
         self._operator_hash = store.get_meta("operator_key_hash") or ""
         if not self._operator_hash:
             key = _secrets.new_operator_key()
@@ -264,7 +289,8 @@ class Coordinator:
                                self.hub_v4, self.hub_v6, api_url)
             identity = CoordinatorIdentity(self.fingerprint, self._operator_hash,
                                            self.public_url, hub_info, self.prefix_v4,
-                                           self.prefix_v6, self._hub_private)
+                                           self.prefix_v6, self._hub_private,
+                                           self._metrics_hash)
             settings = ServiceSettings(relay_hub=cfg.hub, batch_window=cfg.batch_window,
                                        online_window=cfg.online_window,
                                        lock_stale_after=cfg.lock_stale_after,

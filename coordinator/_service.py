@@ -13,7 +13,7 @@ import hmac
 import ipaddress
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypedDict
 
@@ -22,6 +22,7 @@ import trio
 from mesh.control import (
     MAX_LOG_LINES,
     MAX_PEERS,
+    PATH_KINDS,
     AppStatus,
     ControlError,
     DeviceReport,
@@ -30,6 +31,7 @@ from mesh.control import (
     HubInfo,
     LogLine,
     LogUpload,
+    PeerPath,
     TokenParts,
     key_proof_mac,
     x25519_secret,
@@ -204,6 +206,20 @@ def drop_marker(count: int, app: str, now: float) -> LogLine:
 # --------------------------------------------------------------------------- the service
 
 
+class PathSummary:
+    """A device's reported peer paths as /metrics counts them: paths per kind, and the last
+    handshake (epoch seconds) of each direct path that names one."""
+
+    __slots__ = ("kinds", "direct_handshakes")
+
+    def __init__(self, paths: Sequence[PeerPath]) -> None:
+        self.kinds = {kind: 0 for kind in PATH_KINDS}
+        for p in paths:
+            self.kinds[p.path] += 1
+        self.direct_handshakes = tuple(p.last_handshake for p in paths
+                                       if p.path == "direct" and p.last_handshake is not None)
+
+
 @dataclass(frozen=True, slots=True)
 class ServiceSettings:
     relay_hub: bool = True  # a WireGuard hub observes endpoints (else reports stand in)
@@ -226,6 +242,8 @@ class CoordinatorIdentity:
     prefix_v6: ipaddress.IPv6Network
     # the hub's WireGuard private key: checks a device's key proof at re-enrollment ("": none)
     hub_private_key: str = field(default="", repr=False)
+    # SHA-256 of the scrape token that reads /metrics and nothing else ("": none)
+    metrics_token_hash: str = field(default="", repr=False)
 
 
 class FleetService:
@@ -253,6 +271,16 @@ class FleetService:
         # enrollment challenges: nonce -> (device name, public key, expiry)
         self._challenges: dict[str, tuple[str, str, float]] = {}
         self._dirty = trio.Event()
+        # fan-out: when the pending batch's first change came (time.monotonic), and, per
+        # device whose long poll waited when its batch was published, that time
+        self._dirty_since: float | None = None
+        self._fanout_marks: dict[str, float] = {}
+        # told the seconds from a batch's first change to each waiting device's answer
+        # (coordinator._metrics through build_app; None: nobody listens)
+        self.fanout_observer: Callable[[float], None] | None = None
+        # device id -> its PathSummary, dropped by each report (metrics: a scrape then parses
+        # only the devices that reported since the last one, not every path of the fleet)
+        self._path_summaries: dict[str, PathSummary] = {}
         self._punch_at: dict[tuple[str, str], float] = {}  # (requester, peer) -> last passed on
         self._quiet_until: dict[str, float] = {}  # device -> end of its keepalive trial
         for d in store.list_devices():
@@ -299,6 +327,8 @@ class FleetService:
 
     def _changed(self) -> None:
         if self.core.pending:
+            if self._dirty_since is None:
+                self._dirty_since = time.monotonic()
             self._dirty.set()
 
     async def batcher(self) -> None:
@@ -308,9 +338,12 @@ class FleetService:
             await self._dirty.wait()
             await trio.sleep(self.settings.batch_window)
             self._dirty = trio.Event()
+            since, self._dirty_since = self._dirty_since, None
             for name in self.core.publish():
                 event = self._waiters.pop(name, None)
                 if event is not None:
+                    if since is not None:
+                        self._fanout_marks[name] = since
                     event.set()
 
     async def wait_peermap(self, device: Device, version: int, wait: float,
@@ -322,17 +355,24 @@ class FleetService:
         deadline = trio.current_time() + wait
         if quiet:
             self._quiet_until[device.name] = self.settings.clock() + wait + QUIET_SLACK
+        waited = False
         while True:
             member = core.member(device.name)
             if member is None or member.public_key != device.public_key:
                 raise CredentialRevoked()  # revoke() took it out of the core just now
             if core.version(device.name) != version:
+                # a fan-out only when this poll itself was waiting (a mark left by a poll
+                # that went away is stale)
+                since = self._fanout_marks.pop(device.name, None)
+                if waited and since is not None and self.fanout_observer is not None:
+                    self.fanout_observer(time.monotonic() - since)
                 return core.render(device.name)
             if trio.current_time() >= deadline:
                 return None
             event = self._waiters.setdefault(device.name, trio.Event())
             with trio.move_on_at(deadline):
                 await event.wait()
+                waited = True
 
     # ------------------------------------------------------------------ hub
 
@@ -379,6 +419,12 @@ class FleetService:
         if not secret.startswith(_secrets.OPERATOR_PREFIX) or not key_hash:
             return False
         return hmac.compare_digest(_secrets.secret_hash(secret), key_hash)
+
+    def is_metrics_token(self, secret: str) -> bool:
+        """`secret` is the scrape token of `serve --metrics-token-file` (reads /metrics only)."""
+        token_hash = self.identity.metrics_token_hash
+        return bool(token_hash) and hmac.compare_digest(_secrets.secret_hash(secret),
+                                                        token_hash)
 
     def device_for(self, secret: str) -> Device | None:
         if not secret.startswith(_secrets.DEVICE_PREFIX) or len(secret) > MAX_SECRET_LEN:
@@ -484,6 +530,7 @@ class FleetService:
                             "allowed; revoke one or use another fleet")
 
     def report(self, device: Device, report: DeviceReport, client_ip: str | None) -> None:
+        self._path_summaries.pop(device.id, None)
         cleared = self.store.record_report(device.id, report.lan_endpoints,
                                            report.agent_version, report.peers,
                                            self.settings.clock(), report.apps,
@@ -640,6 +687,7 @@ class FleetService:
             self._last_handshake.pop(name, None)
             self._rx_bytes.pop(name, None)
             self._log_buckets.pop(device.id, None)
+            self._path_summaries.pop(device.id, None)
             event = self._waiters.pop(name, None)
             if event is not None:
                 event.set()  # its long poll ends now, with 401
@@ -684,6 +732,14 @@ class FleetService:
             return
         if self.core.want_logs(name, now + LOGS_WANTED_FOR):
             self._changed()
+
+    def path_summary(self, device: Device) -> PathSummary:
+        """What `device` last reported of its paths, counted (kept until its next report)."""
+        found = self._path_summaries.get(device.id)
+        if found is None:
+            found = self._path_summaries[device.id] = PathSummary(
+                self.store.peer_paths(device.id))
+        return found
 
     def device_peers(self, name: str) -> list[PeerPathInfo]:
         device = self._device(name)

@@ -58,7 +58,9 @@ def _run(args: argparse.Namespace) -> int:
             hub_endpoint=args.hub_endpoint, mesh_ipv4=args.mesh_ipv4, mesh_ipv6=args.mesh_ipv6,
             hub=not args.no_hub, store=args.store, lock_stale_after=float(lock_stale_after),
             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
-            tls_key=Path(args.tls_key) if args.tls_key else None)
+            tls_key=Path(args.tls_key) if args.tls_key else None,
+            metrics_token_file=Path(args.metrics_token_file) if args.metrics_token_file
+            else None)
         coord = Coordinator(config)
         trio.run(_serve, coord)
     except CoordinatorConfigError as exc:
@@ -109,4 +111,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--lock-stale-after", default="1h", metavar="DURATION",
                        help="show an app's update lock as stale when held longer (90s, 30m, "
                             "1h, 2d; default 1h); never broken automatically")
+    serve.add_argument("--metrics-token-file", metavar="FILE",
+                       help="a file holding a scrape token (32-256 characters, e.g. `openssl "
+                            "rand -hex 32`) that reads GET /metrics and nothing else; without "
+                            "it /metrics takes the operator key (docs/metrics.md)")
     serve.set_defaults(handler=_run)

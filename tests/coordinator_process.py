@@ -42,17 +42,27 @@ class RunningCoordinator:
         return env
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds; waits for the child either way."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 @contextmanager
 def running_coordinator(data: Path, log_path: Path, *extra: str
                         ) -> Iterator[RunningCoordinator]:
     """`extra`: more arguments of `serve` (e.g. `--store URL`)."""
-    port = _free_port()
+    port = free_port()
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FLEETMESH_")}
     with open(log_path, "w+") as log:
         proc = subprocess.Popen(
@@ -80,9 +90,4 @@ def running_coordinator(data: Path, log_path: Path, *extra: str
             yield RunningCoordinator(f"https://127.0.0.1:{port}",
                                      (data / "operator.key").read_text().strip(), der, data)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+            stop_process(proc)

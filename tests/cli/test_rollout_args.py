@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.coordinator_process import FLEETMESH, _free_port
+from tests.coordinator_process import FLEETMESH, free_port
 
 BAD = [
     (["rollout", "start", "2", "--app", "web", "--phases", "0"], "--phases"),
@@ -56,7 +56,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     out = {k: v for k, v in os.environ.items()
            if not k.startswith("FLEETMESH_") and k not in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
     # Nothing listens there: a command that called the coordinator would exit 3, not 2.
-    out.update(HOME=str(home), FLEETMESH_URL=f"https://127.0.0.1:{_free_port()}",
+    out.update(HOME=str(home), FLEETMESH_URL=f"https://127.0.0.1:{free_port()}",
                FLEETMESH_API_KEY="fmo_" + "a" * 43, FLEETMESH_FINGERPRINT="ab" * 32)
     return out
 

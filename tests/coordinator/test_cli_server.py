@@ -42,6 +42,8 @@ def serve(*argv: str) -> subprocess.CompletedProcess[str]:
     # port 1 on loopback: nothing listens, refused at once; the password stays out of it
     (("--store", "postgresql://u:s3cret@127.0.0.1:1/db"),
      "--store: cannot reach postgresql://u@127.0.0.1:1/db"),
+    (("--metrics-token-file", "/nonexistent"), "--metrics-token-file /nonexistent: No such"),
+    (("--metrics-token-file", "/etc/passwd"), "must hold one token of 32 to 256"),  # its colons
 ])
 def test_bad_arguments_are_one_line_exit_2(tmp_path: Path, argv: tuple[str, ...],
                                            fragment: str) -> None:
