@@ -1,4 +1,5 @@
-"""`fleetmesh coordinator serve`: run the coordinator until SIGINT/SIGTERM."""
+"""`fleetmesh coordinator serve`: run the coordinator until SIGINT/SIGTERM; `fleetmesh
+coordinator install`: its systemd unit."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import trio
 
+from mesh import services
 from mesh.clikit import EXIT_REFUSED, CliError
+from mesh.services import ServiceError, install
 from ops._cli_common import parse_duration
 
 if TYPE_CHECKING:  # annotations only: the server itself is loaded by _run
@@ -77,8 +80,84 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+UNIT: Final = "fleetmesh-coordinator.service"
+DEFAULT_DATA: Final = "/var/lib/fleetmesh"
+
+
+def _listen_port(listen: str) -> int:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not (port.isascii() and port.isdigit()) \
+            or not 1 <= int(port) < 65536:
+        raise CliError(f"--listen: must be HOST:PORT, got {listen!r}")
+    return int(port)
+
+
+def coordinator_unit(args: argparse.Namespace) -> str:
+    """The unit text for these serve options; ExecStart is this installation's `fleetmesh`."""
+    wg_port = _port(args.wg_port)
+    listen_port = _listen_port(args.listen)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise CliError("give --tls-cert and --tls-key together")
+    parse_duration(args.lock_stale_after)  # a bad one fails here, not at the service's start
+    argv = [str(services.console_script("fleetmesh")), "coordinator", "serve",
+            "--data", args.data, "--listen", args.listen, "--wg-port", str(wg_port),
+            "--mesh-ipv4", args.mesh_ipv4, "--mesh-ipv6", args.mesh_ipv6,
+            "--lock-stale-after", args.lock_stale_after]
+    for flag, value in (("--hub-endpoint", args.hub_endpoint), ("--store", args.store),
+                        ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if value:
+            argv += [flag, value]
+    caps: set[str] = set()
+    if args.no_hub:
+        argv.append("--no-hub")
+        hub = "ProtectKernelTunables=yes"
+    else:
+        caps |= {"CAP_NET_ADMIN", "CAP_SYS_ADMIN"}
+        hub = ("RuntimeDirectory=wireguard\nRuntimeDirectoryPreserve=yes\n"
+               "ReadWritePaths=/proc/sys/net")
+    if listen_port < 1024 or (not args.no_hub and wg_port < 1024):
+        caps.add("CAP_NET_BIND_SERVICE")
+    return services.unit_text("ops", UNIT, argv, args.data, "fleetmesh", caps, {"HUB": hub})
+
+
+def _install(args: argparse.Namespace) -> int:
+    try:
+        # a --store URL may carry a password: then only root reads the unit
+        install(Path(args.root), UNIT, coordinator_unit(args), 0o600 if args.store else 0o644)
+    except ServiceError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
+def _server_options(p: argparse.ArgumentParser) -> None:
+    """What `serve` takes besides --data; `install` puts the same into the unit's ExecStart."""
+    p.add_argument("--listen", default="0.0.0.0:8443", metavar="HOST:PORT",
+                   help="API address (default 0.0.0.0:8443)")
+    p.add_argument("--wg-port", default="51820", metavar="N",
+                   help="hub WireGuard UDP port (default 51820)")
+    p.add_argument("--hub-endpoint", metavar="HOST:PORT",
+                   help="where devices reach the hub (and the API host); required when "
+                        "--listen is a wildcard address")
+    p.add_argument("--store", metavar="URL",
+                   help="a PostgreSQL database (postgresql://USER[:PASSWORD]@HOST[:PORT]/"
+                        "DATABASE, libpq's URL; empty or made by fleetmesh) instead of the "
+                        "default SQLite file in DIR; DIR still holds the keys, certificate and "
+                        "blobs (`install` then writes the unit mode 0600)")
+    p.add_argument("--mesh-ipv4", default="10.250.0.0/16", metavar="PREFIX")
+    p.add_argument("--mesh-ipv6", default="fd7a:f1ee:7000::/48", metavar="PREFIX")
+    p.add_argument("--no-hub", action="store_true",
+                   help="no WireGuard hub (tests, benchmarks): endpoints only from reports; "
+                        "the unit then keeps no capability")
+    p.add_argument("--tls-cert", metavar="FILE", help="PEM certificate (default: "
+                   "self-signed, made at first start)")
+    p.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
+    p.add_argument("--lock-stale-after", default="1h", metavar="DURATION",
+                   help="show an app's update lock as stale when held longer (90s, 30m, "
+                        "1h, 2d; default 1h); never broken automatically")
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    coordinator = sub.add_parser("coordinator", help="run the coordinator")
+    coordinator = sub.add_parser("coordinator", help="run the coordinator or install its unit")
     csub = coordinator.add_subparsers(dest="coordinator_command", metavar="COMMAND",
                                       required=True)
     serve = csub.add_parser(
@@ -87,26 +166,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     "wireguard-go) from DIR. The first start creates the database, a "
                     "self-signed certificate and the operator API key in DIR.")
     serve.add_argument("--data", metavar="DIR", help="state directory (required)")
-    serve.add_argument("--listen", default="0.0.0.0:8443", metavar="HOST:PORT",
-                       help="API address (default 0.0.0.0:8443)")
-    serve.add_argument("--wg-port", default="51820", metavar="N",
-                       help="hub WireGuard UDP port (default 51820)")
-    serve.add_argument("--hub-endpoint", metavar="HOST:PORT",
-                       help="where devices reach the hub (and the API host); required when "
-                            "--listen is a wildcard address")
-    serve.add_argument("--store", metavar="URL",
-                       help="a PostgreSQL database (postgresql://USER[:PASSWORD]@HOST[:PORT]/"
-                            "DATABASE, libpq's URL; empty or made by fleetmesh) instead of the "
-                            "default SQLite file in DIR; DIR still holds the keys, "
-                            "certificate and blobs")
-    serve.add_argument("--mesh-ipv4", default="10.250.0.0/16", metavar="PREFIX")
-    serve.add_argument("--mesh-ipv6", default="fd7a:f1ee:7000::/48", metavar="PREFIX")
-    serve.add_argument("--no-hub", action="store_true",
-                       help="no WireGuard hub (tests, benchmarks): endpoints only from reports")
-    serve.add_argument("--tls-cert", metavar="FILE", help="PEM certificate (default: "
-                       "self-signed, made at first start)")
-    serve.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
-    serve.add_argument("--lock-stale-after", default="1h", metavar="DURATION",
-                       help="show an app's update lock as stale when held longer (90s, 30m, "
-                            "1h, 2d; default 1h); never broken automatically")
+    _server_options(serve)
     serve.set_defaults(handler=_run)
+
+    install = services.add_install_parser(
+        csub, UNIT, "fleetmesh coordinator serve", DEFAULT_DATA,
+        "state directory: keys, certificate, blobs, the SQLite database")
+    _server_options(install)
+    install.set_defaults(handler=_install)
