@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from mesh.tlspin import CertificateFetchError, fetch_certificate, fingerprint
+from tests.procs import stop
 
 FLEETMESH = str(Path(sys.executable).parent / "fleetmesh")
 READY_SECONDS = 30.0
@@ -80,9 +81,4 @@ def running_coordinator(data: Path, log_path: Path, *extra: str
             yield RunningCoordinator(f"https://127.0.0.1:{port}",
                                      (data / "operator.key").read_text().strip(), der, data)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+            stop(proc, 10)
