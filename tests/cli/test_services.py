@@ -16,7 +16,9 @@ from mesh.services import console_script
 from ops import cli as ops_cli
 
 HARDENING = ("NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
-             "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK", "Restart=always")
+             "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK", "Restart=always",
+             # ProtectClock's implied DeviceAllow would otherwise shut out the TUN device
+             "ProtectClock=yes", "DevicePolicy=closed", "DeviceAllow=/dev/net/tun rw")
 
 
 def unit_file(root: Path, name: str) -> Path:
