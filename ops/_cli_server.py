@@ -18,7 +18,7 @@ from mesh.services import ServiceError, install
 from ops._cli_common import parse_duration
 
 if TYPE_CHECKING:  # annotations only: the server itself is loaded by _run
-    from coordinator._server import Coordinator
+    from coordinator._server import Coordinator, CoordinatorConfig
 
 
 def _port(text: str) -> int:
@@ -45,24 +45,30 @@ async def _serve(coord: Coordinator) -> None:
                 break
 
 
+def _config(args: argparse.Namespace) -> CoordinatorConfig:
+    """`serve`'s options as the server's configuration (checked by the server, not here)."""
+    # start-up time: the server (hypercorn, Starlette, the store) only for serve and install
+    from coordinator._server import CoordinatorConfig
+
+    return CoordinatorConfig(
+        data_dir=Path(args.data), listen=args.listen, wg_port=_port(args.wg_port),
+        hub_endpoint=args.hub_endpoint, mesh_ipv4=args.mesh_ipv4, mesh_ipv6=args.mesh_ipv6,
+        hub=not args.no_hub, store=args.store,
+        lock_stale_after=float(parse_duration(args.lock_stale_after)),
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None)
+
+
 def _run(args: argparse.Namespace) -> int:
     # Loaded here, not at the top: operator commands must start without loading the server
     # (hypercorn, Starlette, the store).
-    from coordinator._server import Coordinator, CoordinatorConfig, CoordinatorConfigError
+    from coordinator._server import Coordinator, CoordinatorConfigError
 
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     if not args.data:
         raise CliError("--data DIR is required (the coordinator's state directory)")
-    wg_port = _port(args.wg_port)
-    lock_stale_after = parse_duration(args.lock_stale_after)
     try:
-        config = CoordinatorConfig(
-            data_dir=Path(args.data), listen=args.listen, wg_port=wg_port,
-            hub_endpoint=args.hub_endpoint, mesh_ipv4=args.mesh_ipv4, mesh_ipv6=args.mesh_ipv6,
-            hub=not args.no_hub, store=args.store, lock_stale_after=float(lock_stale_after),
-            tls_cert=Path(args.tls_cert) if args.tls_cert else None,
-            tls_key=Path(args.tls_key) if args.tls_key else None)
-        coord = Coordinator(config)
+        coord = Coordinator(_config(args))
         trio.run(_serve, coord)
     except CoordinatorConfigError as exc:
         raise CliError(str(exc)) from None
@@ -84,21 +90,19 @@ UNIT: Final = "fleetmesh-coordinator.service"
 DEFAULT_DATA: Final = "/var/lib/fleetmesh"
 
 
-def _listen_port(listen: str) -> int:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not (port.isascii() and port.isdigit()) \
-            or not 1 <= int(port) < 65536:
-        raise CliError(f"--listen: must be HOST:PORT, got {listen!r}")
-    return int(port)
-
-
 def coordinator_unit(args: argparse.Namespace) -> str:
     """The unit text for these serve options; ExecStart is this installation's `fleetmesh`."""
-    wg_port = _port(args.wg_port)
-    listen_port = _listen_port(args.listen)
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise CliError("give --tls-cert and --tls-key together")
-    parse_duration(args.lock_stale_after)  # a bad one fails here, not at the service's start
+    # start-up time: loaded for install only, as for serve
+    from coordinator._server import CoordinatorConfigError
+
+    # the server's own check: a unit whose service would refuse to start is not written
+    config = _config(args)
+    try:
+        config.check()
+    except CoordinatorConfigError as exc:
+        raise CliError(str(exc)) from None
+    wg_port = config.wg_port
+    listen_port = int(config.listen.rpartition(":")[2])
     argv = [str(services.console_script("fleetmesh")), "coordinator", "serve",
             "--data", args.data, "--listen", args.listen, "--wg-port", str(wg_port),
             "--mesh-ipv4", args.mesh_ipv4, "--mesh-ipv6", args.mesh_ipv6,

@@ -76,7 +76,8 @@ def test_coordinator_unit_capabilities_follow_its_options(tmp_path: Path) -> Non
     path = unit_file(tmp_path, "fleetmesh-coordinator.service")
     assert caps(path.read_text()) == {"CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_NET_BIND_SERVICE"}
     assert ops_cli.main(["coordinator", "install", "--root", str(tmp_path), "--no-hub",
-                         "--data", str(tmp_path), "--store", "postgresql://fm:pw@db/fm"]) == 0
+                         "--listen", "192.0.2.4:8443", "--data", str(tmp_path),
+                         "--store", "postgresql://fm:pw@db/fm"]) == 0
     text = path.read_text()
     assert caps(text) == set() and "ProtectKernelTunables=yes" in text
     assert options(text)["ReadWritePaths"] == [str(tmp_path)]
@@ -118,8 +119,14 @@ def test_verify_rejects_a_missing_exec_start(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("argv", "needle"), [
     (["coordinator", "install", "--listen", "nope"], "--listen: must be HOST:PORT"),
     (["coordinator", "install", "--wg-port", "0"], "--wg-port: must be a port"),
-    (["coordinator", "install", "--data", "relative/dir"], "absolute path"),
-    (["coordinator", "install", "--tls-cert", "/c.pem"], "--tls-cert and --tls-key together"),
+    (["coordinator", "install", "--data", "relative/dir", "--hub-endpoint", "192.0.2.4:51820"],
+     "absolute path"),
+    (["coordinator", "install", "--tls-cert", "/c.pem", "--hub-endpoint", "192.0.2.4:51820"],
+     "--tls-cert and --tls-key go together"),
+    # the server's own check: a service that would refuse to start is not installed
+    (["coordinator", "install"], "--hub-endpoint HOST:PORT is required when listening on 0.0.0.0"),
+    (["coordinator", "install", "--hub-endpoint", "x", "--lock-stale-after", "soon"],
+     "bad duration 'soon'"),
 ])
 def test_bad_install_options_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                           argv: list[str], needle: str) -> None:
