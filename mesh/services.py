@@ -41,11 +41,14 @@ def console_script(name: str) -> Path:
     return Path(found).absolute()
 
 
-def exec_word(word: str) -> str:
-    """One ExecStart argument as systemd reads it back unchanged."""
+def exec_word(word: str, variables: bool = True) -> str:
+    """One ExecStart argument (or, without `variables`, one path of a list setting such as
+    ReadWritePaths, where `$` is not expanded) as systemd reads it back unchanged."""
     if "\n" in word or "\x00" in word:
-        raise ServiceError(f"an ExecStart argument cannot hold a newline: {word!r}")
-    text = word.replace("%", "%%").replace("$", "$$")
+        raise ServiceError(f"a unit setting cannot hold a newline: {word!r}")
+    text = word.replace("%", "%%")
+    if variables:
+        text = text.replace("$", "$$")
     if _PLAIN_WORD.fullmatch(word):
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -72,7 +75,7 @@ def state_lines(data: str, state_name: str) -> str:
         raise ServiceError(f"--data must be an absolute path in a unit, got {data!r}")
     if path == Path("/var/lib") / state_name:
         return f"StateDirectory={state_name}\nStateDirectoryMode=0700"
-    return f"ReadWritePaths={exec_word(str(path))}"
+    return f"ReadWritePaths={exec_word(str(path), variables=False)}"
 
 
 def render(template: str, values: Mapping[str, str]) -> str:

@@ -143,3 +143,14 @@ def test_agent_install_into_an_unwritable_root_is_one_line(
     assert agent_cli.main(["install", "--root", str(blocker)]) == 2
     err = capsys.readouterr().err
     assert "cannot write" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_data_path_with_spaces_and_percent_is_quoted(tmp_path: Path) -> None:
+    data = "/srv/fleet mesh/100%$"
+    assert agent_cli.main(["install", "--root", str(tmp_path), "--data", data]) == 0
+    path = unit_file(tmp_path, "fleetmesh-agent.service")
+    text = path.read_text()
+    assert options(text)["ExecStart"][0].endswith(' run --data "/srv/fleet mesh/100%%$$"')
+    assert options(text)["ReadWritePaths"] == ['"/srv/fleet mesh/100%%$"']  # no $ expansion
+    done = verify(path)
+    assert done.returncode == 0, done.stderr
