@@ -7,12 +7,19 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Final
 
-from mesh.clikit import EXIT_UNREACHABLE, CliError, package_version, run
+from mesh import services
+from mesh.clikit import EXIT_REFUSED, EXIT_UNREACHABLE, CliError, package_version, run
+from mesh.services import ServiceError, install
 from vpn import DeviceStatus, UapiBackend, UapiError, UapiProtocolError
 
 from ._commands import add_join_parser, add_run_parser
+from ._doctor import diagnose
+
+UNIT: Final = "fleetmesh-agent.service"
+DEFAULT_DATA: Final = "/var/lib/fleetmesh-agent"
 
 
 def status_json(status: DeviceStatus) -> dict[str, Any]:
@@ -60,6 +67,34 @@ def _wg_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def agent_unit(data: str, underlay: str | None, docker_host: str | None) -> str:
+    """The unit text; ExecStart is this installation's `fleetmesh-agent run`."""
+    argv = [str(services.console_script("fleetmesh-agent")), "run", "--data", data]
+    caps = {"CAP_NET_ADMIN", "CAP_SYS_ADMIN"}
+    if underlay:
+        argv += ["--underlay", underlay]
+        caps.add("CAP_NET_BIND_SERVICE")  # mDNS: UDP 5353
+    if docker_host:
+        argv += ["--docker-host", docker_host]
+    return services.unit_text("agent", UNIT, argv, data, "fleetmesh-agent", caps)
+
+
+def _install(args: argparse.Namespace) -> int:
+    try:
+        install(Path(args.root), UNIT, agent_unit(args.data, args.underlay, args.docker_host),
+                first=f"fleetmesh-agent join URL --token T --data {args.data}  # once")
+    except ServiceError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    checks = diagnose(Path(args.data), args.docker_host)
+    for check in checks:
+        print(check.line(), flush=True)
+    return EXIT_REFUSED if any(c.ok is False for c in checks) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleetmesh-agent",
                                      description="The fleetmesh device agent.")
@@ -74,6 +109,25 @@ def build_parser() -> argparse.ArgumentParser:
     wg.set_defaults(handler=_wg_status)
     add_join_parser(sub)
     add_run_parser(sub)
+    install = services.add_install_parser(sub, UNIT, "fleetmesh-agent run", DEFAULT_DATA,
+                                          "the agent's data directory")
+    install.add_argument("--underlay", metavar="IF_OR_IPV4",
+                         help="LAN interface for LAN discovery (adds CAP_NET_BIND_SERVICE "
+                              "for mDNS)")
+    install.add_argument("--docker-host", metavar="URL", help="the device's Docker engine")
+    install.set_defaults(handler=_install)
+    doctor = sub.add_parser(
+        "doctor", help="check this host: WireGuard, TUN, Docker, clock, DNS, disk",
+        description="One line per check, ok or FAIL with what to fix (skip when it does not "
+                    "apply); exit 0 when nothing fails, 1 otherwise.")
+    doctor.add_argument("--data", default=DEFAULT_DATA, metavar="DIR",
+                        help=f"the agent's data directory (default {DEFAULT_DATA}); with an "
+                             "enrollment, the clock is compared with the coordinator's and its "
+                             "name resolved")
+    doctor.add_argument("--docker-host", metavar="URL",
+                        help="the engine to check (default: DOCKER_HOST, else the default "
+                             "socket)")
+    doctor.set_defaults(handler=_doctor)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""`fleetmesh coordinator serve`: run the coordinator until SIGINT/SIGTERM."""
+"""`fleetmesh coordinator serve`: run the coordinator until SIGINT/SIGTERM; `fleetmesh
+coordinator install`: its systemd unit."""
 
 from __future__ import annotations
 
@@ -7,15 +8,17 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import trio
 
+from mesh import services
 from mesh.clikit import EXIT_REFUSED, CliError
+from mesh.services import ServiceError, install
 from ops._cli_common import parse_duration
 
 if TYPE_CHECKING:  # annotations only: the server itself is loaded by _run
-    from coordinator._server import Coordinator
+    from coordinator._server import Coordinator, CoordinatorConfig
 
 
 def _port(text: str) -> int:
@@ -42,26 +45,31 @@ async def _serve(coord: Coordinator) -> None:
                 break
 
 
+def _config(args: argparse.Namespace) -> CoordinatorConfig:
+    """`serve`'s options as the server's configuration (checked by the server, not here)."""
+    # start-up time: the server (hypercorn, Starlette, the store) only for serve and install
+    from coordinator._server import CoordinatorConfig
+
+    return CoordinatorConfig(
+        data_dir=Path(args.data), listen=args.listen, wg_port=_port(args.wg_port),
+        hub_endpoint=args.hub_endpoint, mesh_ipv4=args.mesh_ipv4, mesh_ipv6=args.mesh_ipv6,
+        hub=not args.no_hub, store=args.store,
+        lock_stale_after=float(parse_duration(args.lock_stale_after)),
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
+        metrics_token_file=Path(args.metrics_token_file) if args.metrics_token_file else None)
+
+
 def _run(args: argparse.Namespace) -> int:
     # Loaded here, not at the top: operator commands must start without loading the server
     # (hypercorn, Starlette, the store).
-    from coordinator._server import Coordinator, CoordinatorConfig, CoordinatorConfigError
+    from coordinator._server import Coordinator, CoordinatorConfigError
 
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     if not args.data:
         raise CliError("--data DIR is required (the coordinator's state directory)")
-    wg_port = _port(args.wg_port)
-    lock_stale_after = parse_duration(args.lock_stale_after)
     try:
-        config = CoordinatorConfig(
-            data_dir=Path(args.data), listen=args.listen, wg_port=wg_port,
-            hub_endpoint=args.hub_endpoint, mesh_ipv4=args.mesh_ipv4, mesh_ipv6=args.mesh_ipv6,
-            hub=not args.no_hub, store=args.store, lock_stale_after=float(lock_stale_after),
-            tls_cert=Path(args.tls_cert) if args.tls_cert else None,
-            tls_key=Path(args.tls_key) if args.tls_key else None,
-            metrics_token_file=Path(args.metrics_token_file) if args.metrics_token_file
-            else None)
-        coord = Coordinator(config)
+        coord = Coordinator(_config(args))
         trio.run(_serve, coord)
     except CoordinatorConfigError as exc:
         raise CliError(str(exc)) from None
@@ -79,8 +87,87 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+UNIT: Final = "fleetmesh-coordinator.service"
+DEFAULT_DATA: Final = "/var/lib/fleetmesh"
+
+
+def coordinator_unit(args: argparse.Namespace) -> str:
+    """The unit text for these serve options; ExecStart is this installation's `fleetmesh`."""
+    # start-up time: loaded for install only, as for serve
+    from coordinator._server import CoordinatorConfigError
+
+    # the server's own check: a unit whose service would refuse to start is not written
+    config = _config(args)
+    try:
+        config.check()
+    except CoordinatorConfigError as exc:
+        raise CliError(str(exc)) from None
+    wg_port = config.wg_port
+    listen_port = int(config.listen.rpartition(":")[2])
+    argv = [str(services.console_script("fleetmesh")), "coordinator", "serve",
+            "--data", args.data, "--listen", args.listen, "--wg-port", str(wg_port),
+            "--mesh-ipv4", args.mesh_ipv4, "--mesh-ipv6", args.mesh_ipv6,
+            "--lock-stale-after", args.lock_stale_after]
+    for flag, value in (("--hub-endpoint", args.hub_endpoint), ("--store", args.store),
+                        ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
+                        ("--metrics-token-file", args.metrics_token_file)):
+        if value:
+            argv += [flag, value]
+    caps: set[str] = set()
+    if args.no_hub:
+        argv.append("--no-hub")
+        hub = "ProtectKernelTunables=yes"
+    else:
+        caps |= {"CAP_NET_ADMIN", "CAP_SYS_ADMIN"}
+        hub = ("RuntimeDirectory=wireguard\nRuntimeDirectoryPreserve=yes\n"
+               "ReadWritePaths=/proc/sys/net")
+    if listen_port < 1024 or (not args.no_hub and wg_port < 1024):
+        caps.add("CAP_NET_BIND_SERVICE")
+    return services.unit_text("ops", UNIT, argv, args.data, "fleetmesh", caps, {"HUB": hub})
+
+
+def _install(args: argparse.Namespace) -> int:
+    try:
+        # a --store URL may carry a password: then only root reads the unit
+        install(Path(args.root), UNIT, coordinator_unit(args), 0o600 if args.store else 0o644)
+    except ServiceError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
+def _server_options(p: argparse.ArgumentParser) -> None:
+    """What `serve` takes besides --data; `install` puts the same into the unit's ExecStart."""
+    p.add_argument("--listen", default="0.0.0.0:8443", metavar="HOST:PORT",
+                   help="API address (default 0.0.0.0:8443)")
+    p.add_argument("--wg-port", default="51820", metavar="N",
+                   help="hub WireGuard UDP port (default 51820)")
+    p.add_argument("--hub-endpoint", metavar="HOST:PORT",
+                   help="where devices reach the hub (and the API host); required when "
+                        "--listen is a wildcard address")
+    p.add_argument("--store", metavar="URL",
+                   help="a PostgreSQL database (postgresql://USER[:PASSWORD]@HOST[:PORT]/"
+                        "DATABASE, libpq's URL; empty or made by fleetmesh) instead of the "
+                        "default SQLite file in DIR; DIR still holds the keys, certificate and "
+                        "blobs (`install` then writes the unit mode 0600)")
+    p.add_argument("--mesh-ipv4", default="10.250.0.0/16", metavar="PREFIX")
+    p.add_argument("--mesh-ipv6", default="fd7a:f1ee:7000::/48", metavar="PREFIX")
+    p.add_argument("--no-hub", action="store_true",
+                   help="no WireGuard hub (tests, benchmarks): endpoints only from reports; "
+                        "the unit then keeps no capability")
+    p.add_argument("--tls-cert", metavar="FILE", help="PEM certificate (default: "
+                   "self-signed, made at first start)")
+    p.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
+    p.add_argument("--lock-stale-after", default="1h", metavar="DURATION",
+                   help="show an app's update lock as stale when held longer (90s, 30m, "
+                        "1h, 2d; default 1h); never broken automatically")
+    p.add_argument("--metrics-token-file", metavar="FILE",
+                   help="a file holding a scrape token (32-256 characters, e.g. `openssl "
+                        "rand -hex 32`) that reads GET /metrics and nothing else; without "
+                        "it /metrics takes the operator key (docs/metrics.md)")
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    coordinator = sub.add_parser("coordinator", help="run the coordinator")
+    coordinator = sub.add_parser("coordinator", help="run the coordinator or install its unit")
     csub = coordinator.add_subparsers(dest="coordinator_command", metavar="COMMAND",
                                       required=True)
     serve = csub.add_parser(
@@ -89,30 +176,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     "wireguard-go) from DIR. The first start creates the database, a "
                     "self-signed certificate and the operator API key in DIR.")
     serve.add_argument("--data", metavar="DIR", help="state directory (required)")
-    serve.add_argument("--listen", default="0.0.0.0:8443", metavar="HOST:PORT",
-                       help="API address (default 0.0.0.0:8443)")
-    serve.add_argument("--wg-port", default="51820", metavar="N",
-                       help="hub WireGuard UDP port (default 51820)")
-    serve.add_argument("--hub-endpoint", metavar="HOST:PORT",
-                       help="where devices reach the hub (and the API host); required when "
-                            "--listen is a wildcard address")
-    serve.add_argument("--store", metavar="URL",
-                       help="a PostgreSQL database (postgresql://USER[:PASSWORD]@HOST[:PORT]/"
-                            "DATABASE, libpq's URL; empty or made by fleetmesh) instead of the "
-                            "default SQLite file in DIR; DIR still holds the keys, "
-                            "certificate and blobs")
-    serve.add_argument("--mesh-ipv4", default="10.250.0.0/16", metavar="PREFIX")
-    serve.add_argument("--mesh-ipv6", default="fd7a:f1ee:7000::/48", metavar="PREFIX")
-    serve.add_argument("--no-hub", action="store_true",
-                       help="no WireGuard hub (tests, benchmarks): endpoints only from reports")
-    serve.add_argument("--tls-cert", metavar="FILE", help="PEM certificate (default: "
-                       "self-signed, made at first start)")
-    serve.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
-    serve.add_argument("--lock-stale-after", default="1h", metavar="DURATION",
-                       help="show an app's update lock as stale when held longer (90s, 30m, "
-                            "1h, 2d; default 1h); never broken automatically")
-    serve.add_argument("--metrics-token-file", metavar="FILE",
-                       help="a file holding a scrape token (32-256 characters, e.g. `openssl "
-                            "rand -hex 32`) that reads GET /metrics and nothing else; without "
-                            "it /metrics takes the operator key (docs/metrics.md)")
+    _server_options(serve)
     serve.set_defaults(handler=_run)
+
+    install = services.add_install_parser(
+        csub, UNIT, "fleetmesh coordinator serve", DEFAULT_DATA,
+        "state directory: keys, certificate, blobs, the SQLite database")
+    _server_options(install)
+    install.set_defaults(handler=_install)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from mesh.tlspin import CertificateFetchError, fetch_certificate, fingerprint
+from tests.procs import stop
 
 FLEETMESH = str(Path(sys.executable).parent / "fleetmesh")
 READY_SECONDS = 30.0
@@ -46,16 +47,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after `grace` seconds; waits for the child either way."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 @contextmanager
@@ -90,4 +81,4 @@ def running_coordinator(data: Path, log_path: Path, *extra: str
             yield RunningCoordinator(f"https://127.0.0.1:{port}",
                                      (data / "operator.key").read_text().strip(), der, data)
         finally:
-            stop_process(proc)
+            stop(proc, 10)

@@ -25,8 +25,8 @@ from tests.coordinator_process import (
     RunningCoordinator,
     free_port,
     running_coordinator,
-    stop_process,
 )
+from tests.procs import stop
 from vpn import generate_keypair
 
 PROMETHEUS: Final = Path("/usr/bin/prometheus")
@@ -96,7 +96,7 @@ def running_prometheus(work: Path, coord: RunningCoordinator, token_file: Path
             _until("prometheus ready", READY_SECONDS, ready)
             yield url
         finally:
-            stop_process(proc, grace=20)
+            stop(proc, 20)
 
 
 def _query(prom: str, expr: str) -> list[dict[str, Any]]:
