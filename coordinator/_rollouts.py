@@ -83,9 +83,12 @@ class RolloutService:
 
     # ------------------------------------------------------------------ the devices
 
-    def _members(self, fleet: str) -> list[core.Member]:
+    def _active(self, fleet: str) -> list[Device]:
+        return [d for d in self.store.list_devices(fleet) if d.state is DeviceState.ACTIVE]
+
+    def _members(self, devices: list[Device]) -> list[core.Member]:
         return [core.Member(d.name, d.tags, self._site(d), None, d.enrolled_at or d.created_at)
-                for d in self.store.list_devices(fleet) if d.state is DeviceState.ACTIVE]
+                for d in devices]
 
     def _site(self, device: Device) -> str | None:
         site = self.site_of(device.name)
@@ -93,12 +96,11 @@ class RolloutService:
             site = endpoint_ip(device.public_endpoint)
         return site
 
-    def _views(self, fleet: str, app: str) -> dict[str, core.DeviceView]:
+    def _views(self, fleet: str, app: str, devices: list[Device] | None = None
+               ) -> dict[str, core.DeviceView]:
         statuses = self.store.app_statuses(fleet)
         views = {}
-        for d in self.store.list_devices(fleet):
-            if d.state is not DeviceState.ACTIVE:
-                continue
+        for d in self._active(fleet) if devices is None else devices:
             status = next((s for s in statuses.get(d.id, ()) if s.app == app), None)
             views[d.name] = core.DeviceView.of(d.name, status)
         return views
@@ -147,8 +149,9 @@ class RolloutService:
         now = self.clock()
         # a device whose reports still name this version failed (it halted before) is
         # retrying, not failed, until its agent acts on the retry counter bumped below
-        rollout = core.start(fleet, app, version, previous, spec, self._members(fleet), now,
-                             self._views(fleet, app))
+        devices = self._active(fleet)
+        rollout = core.start(fleet, app, version, previous, spec, self._members(devices), now,
+                             self._views(fleet, app, devices))
         record = _record_of(rollout, pin)
         self.store.put_rollout(record, exclusive=True)
         if existing is not None and existing.state in ROLLOUT_BAD:
@@ -188,8 +191,9 @@ class RolloutService:
         if rollout.state not in ROLLOUT_ACTIVE:
             return rollout
         spec = _spec(rollout)
-        moved = core.admit(rollout, spec, self._members(record.fleet), now)
-        moved = core.step(moved, spec, self._views(record.fleet, record.app), now)
+        devices = self._active(record.fleet)  # one read for both
+        moved = core.admit(rollout, spec, self._members(devices), now)
+        moved = core.step(moved, spec, self._views(record.fleet, record.app, devices), now)
         # a step that only observed stamps updated_at: not worth a write per report
         if replace(moved, updated_at=rollout.updated_at) != rollout:
             self._save(record, moved)
