@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -73,3 +76,25 @@ def log_tail(device: str, lines: int = 60) -> str:
     except OSError as exc:
         return f"(no log: {exc})"
     return "\n".join(text.splitlines()[-lines:])
+
+
+def lab_cli(*argv: str, timeout: float = 300, check: bool = True) -> str:
+    """`fleetmesh-lab ARGV`'s output; a non-zero exit (with `check`) fails the test with it."""
+    r = subprocess.run([str(CLI), *argv], capture_output=True, text=True, timeout=timeout,
+                       check=False)
+    if check and r.returncode != 0:
+        raise AssertionError(f"fleetmesh-lab {' '.join(argv)}: exit {r.returncode}: "
+                             f"{(r.stderr or r.stdout).strip()[-2000:]}")
+    return r.stdout
+
+
+def operator(*argv: str, timeout: float = 300) -> str:
+    """A command on the lab's operator node (its fleet config, key and engine)."""
+    return lab_cli("exec", "operator", "--", *argv, timeout=timeout)
+
+
+def release_status(app: str, version: int) -> dict[str, dict[str, Any]]:
+    """`fleetmesh release status VERSION --app APP --json`, by device."""
+    out = json.loads(operator("fleetmesh", "release", "status", str(version), "--app", app,
+                              "--json", timeout=60))
+    return {d["device"]: d for d in out["devices"]}

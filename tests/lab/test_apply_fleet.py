@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ import pytest
 from agent._crashpoints import ALL_CRASH_POINTS, CRASH_FILE
 from lab import AGENTS_DIR, LOG_DIR, Lab, agent_status, parse_topology, wait_online
 
-from .conftest import CLI, lab_skip_reason, lab_up
+from .conftest import lab_cli, lab_skip_reason, lab_up, operator, release_status
 
 pytestmark = [
     pytest.mark.lab,
@@ -49,19 +48,6 @@ def topology():  # noqa: ANN201 - a Topology
     }, source="tests/lab/test_apply_fleet.py")
 
 
-def lab_cli(*argv: str, timeout: float = 300, check: bool = True) -> str:
-    r = subprocess.run([str(CLI), *argv], capture_output=True, text=True, timeout=timeout,
-                       check=False)
-    if check and r.returncode != 0:
-        raise AssertionError(f"fleetmesh-lab {' '.join(argv)}: exit {r.returncode}: "
-                             f"{(r.stderr or r.stdout).strip()[-2000:]}")
-    return r.stdout
-
-
-def operator(*argv: str, timeout: float = 300) -> str:
-    return lab_cli("exec", "operator", "--", *argv, timeout=timeout)
-
-
 def release(version: int, *, unhealthy: bool = False) -> float:
     """Build vN of the sample app in the operator's engine and publish it (the fleet's
     newest release is every device's target); returns when it was published."""
@@ -74,9 +60,7 @@ def release(version: int, *, unhealthy: bool = False) -> float:
 
 
 def status(version: int) -> dict[str, dict[str, Any]]:
-    out = json.loads(operator("fleetmesh", "release", "status", str(version), "--app", APP,
-                              "--json", timeout=60))
-    return {d["device"]: d for d in out["devices"]}
+    return release_status(APP, version)
 
 
 def containers(device: str) -> list[tuple[int, str, str]]:

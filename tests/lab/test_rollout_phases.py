@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -26,7 +25,7 @@ from lab import Lab, parse_topology, start_agent, stop_agent, wait_online
 from lab import devices as listed_devices
 from lab.rollout import outer_routers, release_bytes
 
-from .conftest import CLI, lab_skip_reason, lab_up, log_tail
+from .conftest import lab_cli, lab_skip_reason, lab_up, log_tail, operator, release_status
 
 pytestmark = [
     pytest.mark.lab,
@@ -49,19 +48,6 @@ def topology():  # noqa: ANN201 - a Topology
     }, source="tests/lab/test_rollout_phases.py")
 
 
-def lab_cli(*argv: str, timeout: float = 300) -> str:
-    r = subprocess.run([str(CLI), *argv], capture_output=True, text=True, timeout=timeout,
-                       check=False)
-    if r.returncode != 0:
-        raise AssertionError(f"fleetmesh-lab {' '.join(argv)}: exit {r.returncode}: "
-                             f"{(r.stderr or r.stdout).strip()[-2000:]}")
-    return r.stdout
-
-
-def operator(*argv: str, timeout: float = 300) -> str:
-    return lab_cli("exec", "operator", "--", *argv, timeout=timeout)
-
-
 def publish(version: int, *options: str, unhealthy: bool = False) -> int:
     """Build vN (with a fresh payload) on the operator's engine and publish it; returns B."""
     operator("python", "-m", "lab.sampleapp", str(version), "--payload", str(PAYLOAD),
@@ -80,9 +66,7 @@ def rollout_status(version: int) -> dict[str, Any]:
 
 
 def status(version: int) -> dict[str, dict[str, Any]]:
-    out = json.loads(operator("fleetmesh", "release", "status", str(version), "--app", APP,
-                              "--json", timeout=60))
-    return {d["device"]: d for d in out["devices"]}
+    return release_status(APP, version)
 
 
 def events(device: str, since: float, version: int | None = None) -> list[dict[str, Any]]:
