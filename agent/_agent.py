@@ -64,6 +64,9 @@ ACCOUNT_SAVE_INTERVAL: Final = 300.0
 # Reports carry the account's last this many UTC days: today and yesterday (yesterday's final
 # figure goes up with the first report of the new day).
 REPORTED_DAYS: Final = 2
+# On a deliberate stop the last report (stopping: offline now) gets this long; the stop never
+# waits longer for an unreachable coordinator.
+GOODBYE_TIMEOUT: Final = 3.0
 
 BackendFactory = Callable[[Enrollment], AbstractAsyncContextManager[AsyncWireGuardBackend]]
 
@@ -318,6 +321,11 @@ class Agent:
                         await nursery.start(self._releases_loop)
                     task_status.started(self)
             finally:
+                # Still inside the backend: the tunnel to the coordinator is up for the last
+                # report, which says the device goes offline now (its bytes are counted in the
+                # account saved just after).
+                with trio.CancelScope(shield=True), trio.move_on_after(GOODBYE_TIMEOUT):
+                    await self.reporter.goodbye()
                 self.save_account()
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
                     await self.link.aclose()

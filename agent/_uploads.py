@@ -19,7 +19,7 @@ import trio
 
 from mesh.control import MAX_LOG_LINES, ControlError, DeviceReport, LogLine
 
-from ._link import CoordinatorLink, ErrorOnce, Log
+from ._link import CoordinatorLink, ErrorOnce, Log, one_line
 
 # Reports go up by exception: what changes (paths, LAN candidates, app state, misbehaving
 # peers) is reported at once, and "online" comes from the hub's WireGuard session, not from
@@ -126,6 +126,19 @@ class Reporter:
             spent = trio.current_time() - sent_at
             if spent < MIN_REPORT_SPACING:
                 await trio.sleep(MIN_REPORT_SPACING - spent)
+
+    async def goodbye(self) -> bool:
+        """The last report, before the agent stops on purpose: `stopping` tells the coordinator
+        the device is offline now (not a minute or more later, when its online window ends).
+        One attempt within the link's deadline; a failure is one line. True if delivered."""
+        if self.link.revoked:
+            return False
+        try:
+            await self.link.report(replace(self.make_report(), stopping=True))
+        except Exception as exc:  # noqa: BLE001 - stopping anyway; the window says offline
+            self.log(f"report: could not say the agent stops: {one_line(exc)}")
+            return False
+        return True
 
     async def _wait_for_news(self, heartbeat_at: float, delivered: DeviceReport | None
                              ) -> None:

@@ -180,7 +180,12 @@ SCHEMAS: dict[str, Any] = {
                              "items": _obj(["name", "counts"], name=_DEV,
                                            counts=_ref("MisbehaviourCounts"))},
                          link=_ref("LinkState"), wan_bytes=_ref("WanBytes"),
-                         wan_budget=_ref("WanBudget")),
+                         wan_budget=_ref("WanBudget"),
+                         timezone={"type": "string", "maxLength": 64,
+                                   "description": "the device's time zone (IANA or UTC±HH:MM)"},
+                         stopping={"type": "boolean",
+                                   "description": "the agent's last report before it stops "
+                                                  "on purpose: the device is offline at once"}),
     "WanBudget": _obj(
         ["limit", "period", "used"],
         limit={"type": "integer", "minimum": 1, "maximum": MAX_WAN_BYTES - 1,

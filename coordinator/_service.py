@@ -283,6 +283,10 @@ class FleetService:
         self._path_summaries: dict[str, PathSummary] = {}
         self._punch_at: dict[tuple[str, str], float] = {}  # (requester, peer) -> last passed on
         self._quiet_until: dict[str, float] = {}  # device -> end of its keepalive trial
+        # device -> when its agent said it stops (DeviceReport.stopping): offline until it is
+        # seen again after that (a report or a hub handshake); in memory, so a restarted
+        # coordinator falls back on the online window
+        self._stopped_at: dict[str, float] = {}
         for d in store.list_devices():
             if d.state is DeviceState.ACTIVE:
                 self._add_member(d, None)
@@ -393,7 +397,9 @@ class FleetService:
             # A handshake happens only every ~2 minutes; the 25 s keepalives show up as
             # growing rx_bytes, so either counts as "seen" for the 60 s online window.
             seen = o.last_handshake
-            if o.rx_bytes > self._rx_bytes.get(name, 0):
+            # After its agent said it stops, traffic counted since (that very report, in
+            # flight) is not a sign of life: only a new handshake or report is.
+            if o.rx_bytes > self._rx_bytes.get(name, 0) and name not in self._stopped_at:
                 seen = max(seen or 0.0, self.settings.clock())
             self._rx_bytes[name] = o.rx_bytes
             if seen is not None:
@@ -539,6 +545,11 @@ class FleetService:
                                            report.timezone)
         if cleared:  # a force the device no longer needs has left its targets
             self.releases.targets_changed(device.fleet, device.name)
+        if report.stopping:
+            self._stopped_at[device.name] = self.settings.clock()
+            self._quiet_until.pop(device.name, None)
+        else:
+            self._stopped_at.pop(device.name, None)
         self.rollouts.device_reported(device)  # its report may end a soak or fail a phase
         self.core.set_lan(device.name, report.lan_endpoints)
         if not self.settings.relay_hub and client_ip is not None:
@@ -606,6 +617,9 @@ class FleetService:
         now = self.settings.clock()
         online = live and ((last_seen is not None and now - last_seen < window)
                            or now < self._quiet_until.get(d.name, 0.0))
+        stopped_at = self._stopped_at.get(d.name)
+        if stopped_at is not None and (last_seen is None or last_seen <= stopped_at):
+            online = False  # its agent said it stops, and nothing was seen of it since
         return online, last_seen
 
     def _info(self, d: Device, apps: list[AppStatus] | None = None,

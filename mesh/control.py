@@ -727,6 +727,9 @@ class DeviceReport:
     # the device's time zone (IANA name or UTC±HH:MM), in which a target's window is read;
     # absent from old agents
     timezone: str | None = None
+    # the agent's last report before it stops on purpose (SIGTERM, `systemctl stop`): the
+    # device is offline from now on, not only once the online window has passed
+    stopping: bool = False
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -741,6 +744,8 @@ class DeviceReport:
             out["wan_budget"] = self.wan_budget.to_json()
         if self.timezone is not None:
             out["timezone"] = self.timezone
+        if self.stopping:
+            out["stopping"] = True
         return out
 
     @classmethod
@@ -772,7 +777,8 @@ class DeviceReport:
                    else wan_bytes_from_json(obj["wan_bytes"], f"{w}.wan_bytes"),
                    None if obj.get("wan_budget") is None
                    else WanBudget.from_json(obj["wan_budget"], f"{w}.wan_budget"),
-                   check_timezone(obj.get("timezone"), f"{w}.timezone"))
+                   check_timezone(obj.get("timezone"), f"{w}.timezone"),
+                   _get(obj, "stopping", bool, w, optional=True) or False)
 
 
 # --------------------------------------------------------------------------- device targets

@@ -187,3 +187,43 @@ async def at_rest(coord: TimedCoordinator, lan: list[str]) -> None:
     assert coord.reports[-1][1].lan_endpoints == ("192.168.1.4:51820",)
     await trio.sleep(3600)
     assert len(coord.arrived) == 4  # delivered: nothing more to say
+
+
+async def test_an_agent_that_stops_says_so_in_its_last_report(enrolled: DataDir) -> None:
+    """SIGTERM cancels the agent: its last report says `stopping`, so the coordinator shows
+    the device offline at once; every report before it did not say so."""
+    from agent._agent import Agent, Intervals
+
+    from .fakes import FakeWireGuard, peermap
+
+    coord = FakeCoordinator(peermap(1))
+    agent = Agent(enrolled, FakeWireGuard().factory(), coord.factory, lan_endpoints=(),
+                  agent_version="1", log=lambda m: None,
+                  intervals=Intervals(lazy_after=0, tune_keepalive=False, poll_wait=1))
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(agent.run)
+            while not coord.reports:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    *before, (_, last) = coord.reports
+    assert last.stopping and last.agent_version == "1"
+    assert before and not any(r.stopping for _, r in before)
+
+
+async def test_a_goodbye_the_coordinator_cannot_take_is_one_line(enrolled: DataDir) -> None:
+    coord = TimedCoordinator()
+    coord.down = True
+    logs: list[str] = []
+
+    def factory(url: str, credential: str, cert: bytes) -> TimedClient:
+        return TimedClient(coord, url, credential, cert)
+
+    link = CoordinatorLink(enrolled.read_identity(), factory, hub_up=lambda: False,
+                           log=logs.append)
+    reporter = Reporter(link, lambda: DeviceReport((), "test"), logs.append)
+    with trio.fail_after(CALL_TIMEOUT * 4):
+        assert await reporter.goodbye() is False
+    assert not coord.reports
+    assert len(logs) == 1, logs
+    assert logs[0].startswith("report: could not say the agent stops: cannot reach"), logs

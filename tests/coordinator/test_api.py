@@ -333,6 +333,45 @@ async def test_hub_observations_feed_maps_and_online_state(h: Harness) -> None:
     assert info["endpoint"] == "203.0.113.9:4444" and info["online"] is True
 
 
+async def test_a_device_whose_agent_says_it_stops_is_offline_at_once(tmp_path: Path) -> None:
+    """A report with `stopping` (the agent's last, on SIGTERM) makes the device offline now,
+    not when the online window ends; the hub still counting that report's own packets does not
+    bring it back; its next report or a new hub handshake does."""
+    from coordinator._hub import Observation
+    now = [1_800_000_000.0]
+    async with running_harness(CoordinatorConfig(
+            data_dir=tmp_path / "coord", listen="127.0.0.1:0", hub=False, batch_window=0.05,
+            clock=lambda: now[0])) as h:
+        cam = await h.enroll("cam-1")
+
+        async def online() -> bool:
+            return bool((await h.op.get("/api/v1/devices/cam-1")).json()["online"])
+
+        h.coord.service.observe([Observation(cam.public_key, None, now[0], 100)])
+        assert (await cam.client.post("/api/v1/device/state", json={})).status_code == 204
+        assert await online()
+        now[0] += 5
+        r = await cam.client.post("/api/v1/device/state", json={"stopping": True})
+        assert r.status_code == 204, r.text
+        assert not await online()
+        listed = (await h.op.get("/api/v1/devices")).json()["devices"]
+        assert [d["online"] for d in listed] == [False]
+        now[0] += 1  # the hub counts the goodbye's own packets
+        h.coord.service.observe([Observation(cam.public_key, None, now[0] - 6, 900)])
+        assert not await online()
+        now[0] += 30  # the agent starts again: a new handshake with the hub
+        h.coord.service.observe([Observation(cam.public_key, None, now[0], 1000)])
+        assert await online()
+        r = await cam.client.post("/api/v1/device/state", json={"stopping": True})
+        assert not await online()
+        now[0] += 1
+        assert (await cam.client.post("/api/v1/device/state", json={})).status_code == 204
+        assert await online()
+        for bad in ("yes", 1, {}):
+            r = await cam.client.post("/api/v1/device/state", json={"stopping": bad})
+            assert r.status_code == 400 and "stopping" in r.json()["error"], (bad, r.text)
+
+
 async def test_device_list_shows_when_each_device_last_reported(tmp_path: Path) -> None:
     """`last_report` (docs/api.md DeviceInfo): null before the first report, then the
     coordinator's time of the newest one, in the list and in the device's own view."""
