@@ -2,7 +2,8 @@
 `coordinator` node, an enrolled agent with wireguard-go on every device behind real NAT routers,
 the operator CLI on the `operator` node. Devices find direct paths where NATs allow (across
 home routers, LAN neighbours over LAN endpoints) and the relay elsewhere; the mesh survives the
-coordinator; revocation cuts a device off; a moved device is found again."""
+coordinator; revocation cuts a device off; a moved device is found again. A real Prometheus on
+the operator node scrapes the coordinator and sees the devices, their paths and a stopped agent."""
 
 from __future__ import annotations
 
@@ -11,20 +12,27 @@ import itertools
 import json
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
 
 import pytest
 
 from lab import (
     WG_PORT,
     Lab,
+    access,
     devices,
     join_operator_to_mesh,
     parse_topology,
+    start_agent,
     start_coordinator,
+    stop_agent,
     stop_coordinator,
     wait_online,
 )
+from lab.fleet import COORDINATOR_DIR
+from tests.prometheus import running_prometheus, scrape_config
 
 from .conftest import lab_skip_reason, lab_up, log_tail
 
@@ -34,6 +42,14 @@ pytestmark = [
 ]
 
 DEVICES = ["fwa-1", "fwa-2", "fwb-1", "fwb-2", "sym-1", "pub-1"]
+STOPPED = "fwb-2"  # whose agent the Prometheus test stops and starts again
+# prints "STATUS\nBODY" of a GET (Prometheus's API inside the operator node)
+PROMETHEUS_FETCH = ("import httpx, json, sys\n"
+                    "try:\n"
+                    "    r = httpx.get(sys.argv[1], params=json.loads(sys.argv[2]), timeout=5)\n"
+                    "    print(r.status_code); print(r.text)\n"
+                    "except httpx.TransportError as exc:\n"
+                    "    print(0); print(exc)\n")
 WG_IF = "fm0"
 # Paths settle within seconds (a punch is DIRECT_TIMEOUT); generous for 2 busy cores.
 SETTLE = 60.0
@@ -115,6 +131,55 @@ def test_every_device_is_enrolled_and_online(lab: Lab) -> None:
         assert d["online"] is True, name
         assert ipaddress.ip_address(d["mesh_ipv4"]).version == 4
         assert ipaddress.ip_address(d["mesh_ipv6"]).version == 6
+
+
+def test_prometheus_on_the_operator_node_sees_devices_paths_and_a_stopped_agent(
+        lab: Lab, tmp_path: Path) -> None:
+    """Debian's Prometheus on the `operator` node scrapes the coordinator across the WAN with
+    the operator key (examples/prometheus/prometheus.yml); its HTTP API answers the online
+    devices and paths the agents reported, and a stopped agent shows in it at once (the
+    agent's last report says it stops), then its restart."""
+    acc = access(lab)
+    assert acc is not None
+    token_file = tmp_path / "operator.token"
+    token_file.write_text(acc.api_key + "\n")
+    token_file.chmod(0o600)
+    config = scrape_config(acc.url.removeprefix("https://"), COORDINATOR_DIR / "tls.crt",
+                           token_file)
+
+    def spawn(argv: Sequence[str], log: IO[Any]) -> subprocess.Popen[Any]:
+        return lab.spawn("operator", argv, stdout=log, stderr=subprocess.STDOUT)
+
+    def fetch(url: str, params: dict[str, str]) -> tuple[int, str]:
+        """The query from inside the operator node, where Prometheus listens."""
+        r = lab.run("operator", ["python", "-c", PROMETHEUS_FETCH, url, json.dumps(params)],
+                    capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        status, _, body = r.stdout.partition("\n")
+        return int(status), body
+
+    direct = sum(expected_path(a, b) == "direct" for a, b in itertools.permutations(DEVICES, 2))
+    relay = len(DEVICES) * (len(DEVICES) - 1) - direct
+    with running_prometheus(tmp_path / "prom", config, spawn=spawn, fetch=fetch) as prom:
+        until("the scrape succeeds", lambda: prom.value('up{job="fleetmesh"}') == 1)
+        until(f"{len(DEVICES)} devices online",
+              lambda: prom.value("sum(fleetmesh_devices_online)") == len(DEVICES))
+        # the paths every agent reported, as the test's NAT model predicts them, once settled
+        assert relay > 0 and direct > relay
+        until(f"{direct} direct and {relay} relayed paths", lambda: (
+            prom.value('sum(fleetmesh_paths{kind="direct"})'),
+            prom.value('sum(fleetmesh_paths{kind="relay"})')) == (direct, relay))
+        stop_agent(lab, STOPPED)
+        try:
+            took = until(f"{STOPPED}'s stopped agent shows offline",
+                         lambda: prom.value("sum(fleetmesh_devices_online)") == len(DEVICES) - 1)
+            print(f"Prometheus saw {STOPPED} offline {took:.1f} s after its agent stopped")
+            assert listed(lab)[STOPPED]["online"] is False
+        finally:
+            start_agent(lab, STOPPED)
+        until(f"{STOPPED} online again",
+              lambda: prom.value("sum(fleetmesh_devices_online)") == len(DEVICES))
+    wait_online(lab, DEVICES, SETTLE)  # the next test waits for its paths to settle again
 
 
 def test_paths_settle_direct_where_nats_allow_and_relay_elsewhere(lab: Lab) -> None:
