@@ -64,6 +64,9 @@ ACCOUNT_SAVE_INTERVAL: Final = 300.0
 # Reports carry the account's last this many UTC days: today and yesterday (yesterday's final
 # figure goes up with the first report of the new day).
 REPORTED_DAYS: Final = 2
+# The device's LAN addresses are read this often (a netlink dump: no network traffic); when
+# they change the device has moved, and the hub and the coordinator hear of it at once.
+NETWORK_CHECK_INTERVAL: Final = 2.0
 # On a deliberate stop the last report (stopping: offline now) gets this long; the stop never
 # waits longer for an unreachable coordinator.
 GOODBYE_TIMEOUT: Final = 3.0
@@ -283,6 +286,24 @@ class Agent:
             await trio.sleep(ACCOUNT_SAVE_INTERVAL)
             self.save_account()
 
+    async def _network_loop(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                            ) -> None:
+        """Watch the LAN addresses: a change means another network (and NAT) in front of us.
+        The report with the new LAN candidates goes up at once and the hub gets a datagram, so
+        peers learn both within seconds, not at the next keepalive or report check."""
+        last = self.lan_endpoints()
+        task_status.started()
+        while True:
+            await trio.sleep(NETWORK_CHECK_INTERVAL)
+            now = self.lan_endpoints()
+            if now == last:
+                continue
+            self.log(f"network changed: LAN addresses {', '.join(last) or 'none'} -> "
+                     f"{', '.join(now) or 'none'}; telling the hub and the coordinator")
+            last = now
+            self.reporter.wake()
+            self.wg.network_changed()
+
     def logs_wanted(self) -> bool:
         """Someone reads this device's app logs: the peer map says so, until when (a map
         without the field comes from a coordinator that never asks: always), and the WAN
@@ -317,6 +338,8 @@ class Agent:
                     await nursery.start(self.wg.run, backend, self.link)
                     await nursery.start(self.reporter.run)
                     await nursery.start(self._account_loop)
+                    if callable(self._lan):
+                        await nursery.start(self._network_loop)
                     if self.releases is not None:
                         await nursery.start(self._releases_loop)
                     task_status.started(self)

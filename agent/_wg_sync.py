@@ -23,9 +23,12 @@ import trio
 from mesh.control import Enrollment, LinkState, PeerMap, PeerPath
 from vpn import (
     AsyncWireGuardBackend,
+    Change,
     DeviceStatus,
+    RemovePeer,
     UapiError,
     UapiProtocolError,
+    UpdatePeer,
     changes_to_config,
     diff,
 )
@@ -82,6 +85,17 @@ def udp_nudger(ifname: str) -> Nudger:
     return nudge
 
 
+def _rebind(changes: list[Change], status: DeviceStatus) -> list[Change]:
+    """`changes` plus, for every peer with an endpoint that they leave alone, that same
+    endpoint set again (WireGuard then forgets the source address it kept for the peer)."""
+    touched = {c.public_key for c in changes
+               if isinstance(c, UpdatePeer) and c.endpoint is not None}
+    touched |= {c.public_key for c in changes if isinstance(c, RemovePeer)}
+    again = [UpdatePeer(p.public_key, endpoint=p.endpoint) for p in status.peers
+             if p.endpoint is not None and p.public_key not in touched]
+    return [*changes, *again]
+
+
 class WireGuardSync:
     """Keeps the interface converged on the peer map; owns the peer-map poll and the reconcile
     loops. `on_peermap(old, new)` hears of every new map, `on_paths()` of changed paths."""
@@ -110,6 +124,7 @@ class WireGuardSync:
         self.sets_sent = 0  # UAPI `set` requests sent: a steady state sends none
         self.reconciles = 0
         self.nudges_sent = 0
+        self._rebind = False  # the network changed: re-set endpoints, nudge the hub
         self._wake = trio.Event()
         self._backend_errors = ErrorOnce(log, reconcile_interval)
         self._nudge_errors = ErrorOnce(log)
@@ -184,6 +199,21 @@ class WireGuardSync:
             nursery.start_soon(self._peermap_loop, link)
             nursery.start_soon(self._punch_loop, link)
             task_status.started()
+
+    def network_changed(self) -> None:
+        """Our underlay moved (other LAN addresses: carried to another site, a new DHCP lease):
+        the NAT in front of us is another one. Tell the hub at once with one datagram through
+        the tunnel (the hub learns our new public endpoint from it, and peers hear it in their
+        next map, instead of at our next keepalive), tune the hub keepalive from the start (the
+        new NAT's binding lifetime is unknown; a keepalive trial in flight measured the old
+        one), and re-converge. The next reconcile sets every peer's endpoint again, to what it
+        is: that drops the source address WireGuard keeps per peer ("sticky sockets"), which
+        names an address (and interface) we no longer have."""
+        if self.tuner is not None:
+            self.tuner = KeepaliveTuner(trio.current_time())
+            self._trial = None
+        self._rebind = True
+        self._wake.set()
 
     def coordinator_reachable(self, ok: bool) -> None:
         """The link's view (CoordinatorLink.reachability): without the coordinator no path goes
@@ -347,6 +377,9 @@ class WireGuardSync:
                 self.selector.hub_keepalive = self.hub_keepalive()
                 plan = self.selector.update(self.peermap, status, self.clock())
                 changes = diff(plan.desired, status)
+                rebind = self._rebind
+                if rebind:
+                    changes = _rebind(changes, status)
                 if changes:
                     await backend.aset(changes_to_config(changes))
                     self.sets_sent += 1
@@ -355,8 +388,13 @@ class WireGuardSync:
             return None
         self._backend_errors.ok("WireGuard answers again")
         self.reconciles += 1
-        if plan.nudges and self.nudge is not None:
-            await self._send_nudges(self.nudge, plan.nudges)
+        nudges = list(plan.nudges)
+        if rebind:
+            self._rebind = False
+            hub = self.peermap.hub if self.peermap is not None else self.enrollment.hub
+            nudges.append(hub.mesh_ipv4)  # the hub sees our new public endpoint from it
+        if nudges and self.nudge is not None:
+            await self._send_nudges(self.nudge, nudges)
         for peer in plan.punch:
             try:
                 self._punch_send.send_nowait(peer)

@@ -405,3 +405,45 @@ async def test_a_coordinator_gone_wakes_lazy_paths(
             assert rig.logged(f"peer home-1: trying {A} (the coordinator does not answer")
             assert rig.wg.peers[KEYS[1].public].keepalive == 25
             assert coord.punches == []
+
+
+async def test_a_moved_device_tells_the_hub_and_the_coordinator_at_once(
+        enrolled: DataDir, autojump_clock: trio.abc.Clock) -> None:
+    """The device is carried to another network: within NETWORK_CHECK_INTERVAL of its LAN
+    addresses changing, a report with the new candidates goes up and the hub gets one datagram
+    through the tunnel (its new public endpoint shows there), long before the next keepalive or
+    report check; a network that stays put costs nothing."""
+    from agent._agent import NETWORK_CHECK_INTERVAL
+    from agent._uploads import REPORT_CHECK_INTERVAL
+
+    coord = FakeCoordinator(peermap(1, peer(1, A)))
+    wg = FakeWireGuard(clock=trio.current_time)
+    wg.reachable |= {A, HUB.endpoint}
+    lan = ["192.168.1.2:51820"]
+    logs: list[str] = []
+    agent = Agent(enrolled, wg.factory(), coord.factory, lan_endpoints=lambda: list(lan),
+                  agent_version="9.9", clock=trio.current_time, rng=random.Random(7),
+                  log=logs.append, nudge=wg.nudge,
+                  intervals=Intervals(lazy_after=0, tune_keepalive=False))
+    with trio.fail_after(600):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(agent.run)
+            await trio.sleep(30)
+            reports, nudged, sets = len(coord.reports), list(wg.nudged), len(wg.sets)
+            await trio.sleep(10 * NETWORK_CHECK_INTERVAL)  # the same network: nothing
+            assert (len(coord.reports), wg.nudged, len(wg.sets)) == (reports, nudged, sets)
+            lan[:] = ["10.201.1.100:51820"]
+            moved = trio.current_time()
+            await wait_until(lambda: len(coord.reports) > reports
+                             and coord.reports[-1][1].lan_endpoints == tuple(lan))
+            told = trio.current_time() - moved
+            assert told <= NETWORK_CHECK_INTERVAL + 2 < REPORT_CHECK_INTERVAL
+            await wait_until(lambda: HUB.mesh_ipv4 in wg.nudged[len(nudged):])
+            # every peer's endpoint set again, as it was: WireGuard forgets the source address
+            # it kept for each (an address this device no longer has)
+            again = {p.public_key: str(p.endpoint) for c in wg.sets[sets:] for p in c.peers
+                     if p.endpoint is not None}
+            assert again == {HUB.public_key: HUB.endpoint, KEYS[1].public: A}, again
+            assert any("network changed: LAN addresses 192.168.1.2:51820 -> "
+                       "10.201.1.100:51820" in line for line in logs), logs
+            nursery.cancel_scope.cancel()

@@ -7,6 +7,7 @@ shaped uplink); v2 waits for an app's update lock and runs within seconds of its
 unhealthy v3 is rolled back everywhere and shown failed; then the agent of one device is killed
 with SIGKILL at each named point of the download/apply path, and each time the device ends on
 the target or the previous release with the app running, never fetching a verified blob twice.
+Last, `fleetmesh push` builds a second app from examples/app and rolls it out, then a delta.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent._crashpoints import ALL_CRASH_POINTS, CRASH_FILE
 from lab import AGENTS_DIR, LOG_DIR, Lab, agent_status, parse_topology, wait_online
+from lab.engines import BUSYBOX_IMAGE
 
 from .conftest import lab_cli, lab_skip_reason, lab_up, operator, release_status
 
@@ -236,3 +240,52 @@ def test_sigkill_at_every_point_of_the_apply_path_converges(
              f"v{version} settled on the other devices")
     twice = {b: n for b, n in _fetched(VICTIM).items() if n > 1}
     assert not twice, f"verified blobs fetched more than once: {twice}"
+
+
+WEB = "web"  # `fleetmesh push examples/app`: busybox httpd beside the sample app
+WEB_PORT = 8081  # the sample app has 8080 on the devices' (host) network
+EXAMPLE_APP = Path(__file__).parents[2] / "examples" / "app"
+PAGE_GET = ("import sys, httpx\n"
+            "print(httpx.get(f'http://127.0.0.1:{sys.argv[1]}/', timeout=5).text)\n")
+
+
+def test_push_from_a_dockerfile_rolls_out_and_a_one_line_change_ships_a_delta(
+        fleet: Lab, devices: list[str], tmp_path: Path) -> None:
+    """Issue 17's `fleetmesh push examples/app --app web` on the operator node: built on its
+    engine from the Dockerfile, published, and running on every device; after a one-line edit
+    a second push ships the changed layer as a delta, and that is what the devices fetch."""
+    ctx = tmp_path / "app"
+    shutil.copytree(EXAMPLE_APP, ctx)
+    push = ("fleetmesh", "push", str(ctx), "--app", WEB, "--build-arg", f"BASE={BUSYBOX_IMAGE}",
+            "--command", f"httpd -f -v -p {WEB_PORT} -h /www", "--health-http", f"{WEB_PORT}/",
+            "--json")
+
+    def served(device: str) -> str:
+        return lab_cli("exec", device, "--", "python", "-c", PAGE_GET, str(WEB_PORT), timeout=60)
+
+    v1 = json.loads(operator(*push))
+    assert v1["version"] == 1 and v1["created"] is True
+    wait(lambda: all(r.get("state") == "running" for r in release_status(WEB, 1).values())
+         and len(release_status(WEB, 1)) == len(devices), 240, "web v1 running everywhere")
+    for d in devices:
+        assert "the first release of the example app" in served(d), d
+
+    page = ctx / "www" / "index.html"
+    text = page.read_text()
+    assert text.count("the first release of the example app") == 1
+    page.write_text(text.replace("the first release of the example app",
+                                 "the second release: one line changed"))
+    v2 = json.loads(operator(*push))
+    assert v2["version"] == 2 and v2["created"] is True
+    base, www = v2["layers"]
+    assert base["reused_from"] == 1 and www["reused_from"] is None
+    best = min(d["size"] for d in www["deltas"])
+    wait(lambda: all(r.get("state") == "running" for r in release_status(WEB, 2).values())
+         and len(release_status(WEB, 2)) == len(devices), 240, "web v2 running everywhere")
+    fetched = {d: r["bytes_total"] for d, r in release_status(WEB, 2).items()}
+    print(f"\npush v2: www layer {www['size']} B, its chunks {www['stored_size']} B, delta "
+          f"{best} B; uploaded {v2['uploaded_bytes']} B (v1: {v1['uploaded_bytes']} B); "
+          f"each device fetched {sorted(set(fetched.values()))} B")
+    for d in devices:
+        assert "the second release: one line changed" in served(d), d
+        assert 0 < fetched[d] < www["stored_size"], (d, fetched[d], www)  # the delta, not the layer
