@@ -18,6 +18,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from mesh.clikit import SERVER_STACK, missing_extra
+
 from ._host import LabError, LabUsageError
 from .fleet import API_PORT, FLEET, kill_agent, start_agent, stop_agent
 from .session import Lab, LabNotUp, teardown_all
@@ -208,6 +210,11 @@ def _cmd_agent(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.cmd == "up" and not args.network_only:  # it runs `fleetmesh coordinator serve`
+        line = missing_extra("the lab needs the lab extra", "lab", SERVER_STACK)
+        if line is not None:
+            _err(line)
+            return EXIT_USAGE
     try:
         if args.cmd == "up":
             return _cmd_up(args)

@@ -13,6 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
+from importlib.util import find_spec
 from typing import Final
 
 EXIT_OK: Final = 0
@@ -40,6 +41,20 @@ class CliError(Exception):
     def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
         super().__init__(message)
         self.code = code
+
+
+# What pyproject.toml's `coordinator` extra adds to the base install, by import name: the
+# server stack, which only `fleetmesh coordinator serve|install` (and the lab, which runs them)
+# loads. A device and an operator's workstation install the wheel without it.
+SERVER_STACK: Final = ("hypercorn", "starlette", "cryptography", "psycopg")
+
+
+def missing_extra(needs: str, extra: str, modules: Sequence[str]) -> str | None:
+    """The one line saying how to install `extra` when one of its `modules` is not installed
+    (looked up, not imported), else None. `needs` starts it: "the coordinator needs ..."."""
+    if all(find_spec(module) is not None for module in modules):
+        return None
+    return f"{needs}: pip install 'fleetmesh[{extra}]'"
 
 
 def package_version() -> str:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from mesh import services
-from mesh.clikit import EXIT_REFUSED, CliError
+from mesh.clikit import EXIT_REFUSED, SERVER_STACK, CliError, missing_extra
 from mesh.services import ServiceError, install
 from ops._cli_common import parse_duration
 
@@ -45,6 +45,14 @@ async def _serve(coord: Coordinator) -> None:
                 break
 
 
+def _require_server() -> None:
+    """One line and exit 2, not an ImportError's traceback, when the wheel was installed
+    without the `coordinator` extra (a device, an operator's workstation)."""
+    line = missing_extra("the coordinator needs the server extra", "coordinator", SERVER_STACK)
+    if line is not None:
+        raise CliError(line)
+
+
 def _config(args: argparse.Namespace) -> CoordinatorConfig:
     """`serve`'s options as the server's configuration (checked by the server, not here)."""
     # start-up time: the server (hypercorn, Starlette, the store) only for serve and install
@@ -61,8 +69,9 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
 
 
 def _run(args: argparse.Namespace) -> int:
+    _require_server()
     # Loaded here, not at the top: operator commands must start without loading the server
-    # (hypercorn, Starlette, the store).
+    # (hypercorn, Starlette, the store), an optional dependency (the coordinator extra).
     from coordinator._server import Coordinator, CoordinatorConfigError
 
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
@@ -93,6 +102,7 @@ DEFAULT_DATA: Final = "/var/lib/fleetmesh"
 
 def coordinator_unit(args: argparse.Namespace) -> str:
     """The unit text for these serve options; ExecStart is this installation's `fleetmesh`."""
+    _require_server()
     # start-up time: loaded for install only, as for serve
     from coordinator._server import CoordinatorConfigError
 

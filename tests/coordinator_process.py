@@ -50,14 +50,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_coordinator(data: Path, log_path: Path, *extra: str
+def running_coordinator(data: Path, log_path: Path, *extra: str, fleetmesh: str = FLEETMESH
                         ) -> Iterator[RunningCoordinator]:
-    """`extra`: more arguments of `serve` (e.g. `--store URL`)."""
+    """`extra`: more arguments of `serve` (e.g. `--store URL`); `fleetmesh`: the console script
+    to run (another installation's, e.g. a venv the wheel went into)."""
     port = free_port()
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FLEETMESH_")}
     with open(log_path, "w+") as log:
         proc = subprocess.Popen(
-            [FLEETMESH, "coordinator", "serve", "--data", str(data), "--listen",
+            [fleetmesh, "coordinator", "serve", "--data", str(data), "--listen",
              f"127.0.0.1:{port}", "--no-hub", *extra],
             stdout=log, stderr=subprocess.STDOUT, env=clean)
         try:
