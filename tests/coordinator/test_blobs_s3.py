@@ -1,0 +1,234 @@
+"""Blobs in an S3-compatible bucket (coordinator._blobs_s3, docs/scale.md): AWS Signature V4
+against AWS's published examples, the --blobs URL and credentials, and the backend against a
+real server (SeaweedFS, tests/s3server.py): verify before naming, range reads, delete,
+missing, refusals."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import blake3
+import pytest
+
+from coordinator._blobs import BadBlob, BlobStoreUnavailable
+from coordinator._blobs_s3 import S3Blobs, S3ConfigError, S3Location, read_credentials
+from coordinator._sigv4 import EMPTY_SHA256, Credentials, sign
+from mesh.blobs import BlobKind
+from mesh.release import chunk_layer
+from tests.coordinator_process import free_port
+from tests.s3server import S3Server
+
+# ---- Signature V4: the examples of AWS's S3 documentation ("Signature Calculations for the
+# Authorization Header: Transferring Payload in a Single Chunk"), same keys, same date -------
+
+AWS_EXAMPLE = Credentials("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
+AWS_EXAMPLE_DATE = dt.datetime(2013, 5, 24, tzinfo=dt.UTC)
+AWS_HOST = "examplebucket.s3.amazonaws.com"
+
+
+def _signature(method: str, path: str, headers: dict[str, str], payload: str) -> str:
+    out = sign(method, f"https://{AWS_HOST}{path}", {"host": AWS_HOST, **headers}, payload,
+               AWS_EXAMPLE, "us-east-1", AWS_EXAMPLE_DATE)
+    assert out["x-amz-date"] == "20130524T000000Z" and out["x-amz-content-sha256"] == payload
+    auth = out["authorization"]
+    assert auth.startswith("AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/"
+                           "us-east-1/s3/aws4_request, SignedHeaders=")
+    return auth.rpartition("Signature=")[2]
+
+
+def test_sigv4_get_object_with_range_matches_the_aws_example() -> None:
+    assert _signature("GET", "/test.txt", {"range": "bytes=0-9"}, EMPTY_SHA256) == (
+        "f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41")
+
+
+def test_sigv4_put_object_matches_the_aws_example() -> None:
+    payload = hashlib.sha256(b"Welcome to Amazon S3.").hexdigest()
+    headers = {"date": "Fri, 24 May 2013 00:00:00 GMT",
+               "x-amz-storage-class": "REDUCED_REDUNDANCY"}
+    assert _signature("PUT", "/test$file.text", headers, payload) == (
+        "98ad721746da40c64f1a55b78f14c238d841ea1380cd77a1b5971af0ece108bd")
+
+
+def test_sigv4_query_strings_match_the_aws_examples() -> None:
+    assert _signature("GET", "/?lifecycle", {}, EMPTY_SHA256) == (
+        "fea454ca298b7da1c68078a5d1bdbfbbe0d65c699e0f91ac7a200a0136783543")
+    assert _signature("GET", "/?max-keys=2&prefix=J", {}, EMPTY_SHA256) == (
+        "34b48302e7b5fa45bde8084f4b7868a86f0a534bc59db6670ed5711ef69dc6f7")
+
+
+def test_the_secret_key_is_never_shown() -> None:
+    assert "EXAMPLEKEY" not in repr(AWS_EXAMPLE)
+    out = sign("GET", f"https://{AWS_HOST}/x", {"host": AWS_HOST}, EMPTY_SHA256, AWS_EXAMPLE,
+               "us-east-1", AWS_EXAMPLE_DATE)
+    assert not any("EXAMPLEKEY" in v for v in out.values())
+
+
+# ---- the --blobs URL and the credentials ---------------------------------------------------
+
+def test_blobs_url_parses_bucket_prefix_endpoint_and_region() -> None:
+    loc = S3Location.parse("s3://fleet-blobs/prod/v1?endpoint=http://127.0.0.1:8333&region=eu-1")
+    assert (loc.endpoint, loc.bucket, loc.prefix, loc.region) == (
+        "http://127.0.0.1:8333", "fleet-blobs", "prod/v1/", "eu-1")
+    loc = S3Location.parse("s3://fleet-blobs")
+    assert (loc.endpoint, loc.prefix, loc.region) == (
+        "https://s3.us-east-1.amazonaws.com", "", "us-east-1")
+
+
+@pytest.mark.parametrize("url", [
+    "http://bucket", "s3://", "s3://Bad_Bucket", "s3://ab", "s3://a..b",
+    "s3://bucket?endpoint=ftp://h", "s3://bucket?endpoint=http://h/path",
+    "s3://bucket?endpoint=http://h:99999", "s3://bucket?endpoint=http://user@h",
+    "s3://bucket?colour=red", "s3://bucket?region=x&region=y", "s3://bucket?region=EU WEST",
+    "s3://bucket/a//b", "s3://bucket/white space"])
+def test_bad_blobs_urls_are_one_line(url: str) -> None:
+    with pytest.raises(S3ConfigError) as exc:
+        S3Location.parse(url)
+    assert str(exc.value).startswith("--blobs") and "\n" not in str(exc.value)
+
+
+def test_credentials_from_a_file_or_the_environment(tmp_path: Path) -> None:
+    f = tmp_path / "creds"
+    f.write_text("# ours\n[default]\naws_access_key_id = AKID1\naws_secret_access_key = s/e+c\n")
+    assert read_credentials(f, {}) == Credentials("AKID1", "s/e+c")
+    env = {"AWS_ACCESS_KEY_ID": "AKID2", "AWS_SECRET_ACCESS_KEY": "sec2"}
+    assert read_credentials(None, env) == Credentials("AKID2", "sec2")
+    with pytest.raises(S3ConfigError, match="AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
+        read_credentials(None, {"AWS_ACCESS_KEY_ID": "AKID2"})
+    with pytest.raises(S3ConfigError, match="No such file"):
+        read_credentials(tmp_path / "absent", {})
+    f.write_text("aws_access_key_id = AKID1\n")
+    with pytest.raises(S3ConfigError, match="needs aws_access_key_id and aws_secret_access_key"):
+        read_credentials(f, {})
+    f.write_text("aws_access_key_id = AKID1\npassword = topsecret\n")
+    with pytest.raises(S3ConfigError, match="line 2") as exc:
+        read_credentials(f, {})
+    assert "topsecret" not in str(exc.value)
+    f.write_text("aws_access_key_id = AK ID\naws_secret_access_key = topsecret\n")
+    with pytest.raises(S3ConfigError, match="access key is 1-128") as exc:
+        read_credentials(f, {})
+    assert "topsecret" not in str(exc.value)
+
+
+# ---- the backend against a real S3-compatible server --------------------------------------
+
+@pytest.fixture
+def bucket(s3_server: S3Server) -> str:
+    name = f"t-{secrets.token_hex(4)}"
+    s3_server.make_bucket(name)
+    return name
+
+
+@pytest.fixture
+def blobs(s3_server: S3Server, bucket: str, tmp_path: Path) -> Iterator[S3Blobs]:
+    backend = S3Blobs(S3Location.parse(s3_server.url(bucket, "fleet/one")),
+                      Credentials(s3_server.access_key, s3_server.secret_key),
+                      tmp_path / "staging")
+    backend.prepare()
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+def _put(blobs: S3Blobs, blob_id: str, kind: BlobKind, data: bytes) -> bool:
+    f, tmp = blobs.new_temp(blob_id)
+    f.write(data)
+    return blobs.commit(blob_id, kind, f, tmp)
+
+
+def _chunk(data: bytes) -> tuple[str, bytes]:
+    (c,) = chunk_layer(data)
+    return c.ref.id.hex(), c.data
+
+
+def test_put_verifies_then_names_and_reads_ranges(blobs: S3Blobs) -> None:
+    delta = os.urandom(700_000)
+    did = blake3.blake3(delta).hexdigest()
+    cid, frame = _chunk(b"layer bytes " * 5000)
+    assert blobs.missing([did, cid, did]) == [did, cid]
+    assert _put(blobs, did, BlobKind.DELTA, delta) is True
+    assert _put(blobs, did, BlobKind.DELTA, delta) is False  # already there
+    assert _put(blobs, cid, BlobKind.CHUNK, frame) is True
+    assert blobs.missing([did, cid]) == []
+    assert blobs.sizes([cid, did, "0" * 64]) == [len(frame), len(delta), None]
+    assert list(blobs.staging.iterdir()) == []  # temp files gone
+
+    opened = blobs.open(did)
+    assert opened is not None and opened.size == len(delta)
+    pieces = list(opened.reader.pieces(1000, 300_001, 65536))
+    assert b"".join(pieces) == delta[1000:301_001]
+    assert max(len(p) for p in pieces) <= 65536  # streamed in bounded pieces
+    assert b"".join(opened.reader.pieces(len(delta) - 5, 5, 65536)) == delta[-5:]
+    # a reader left early closes its GET
+    partial = opened.reader.pieces(0, len(delta), 4096)
+    assert next(partial) == delta[:4096]
+    partial.close()
+    opened.reader.close()
+
+    assert blobs.delete([did, did, "0" * 64]) == 1
+    assert blobs.open(did) is None and blobs.missing([did, cid]) == [did]
+
+
+def test_bad_bytes_never_get_the_blobs_name(blobs: S3Blobs) -> None:
+    delta = os.urandom(50_000)
+    did = blake3.blake3(delta).hexdigest()
+    with pytest.raises(BadBlob, match="does not hash"):
+        _put(blobs, did, BlobKind.DELTA, delta[:-1] + b"!")
+    cid, frame = _chunk(b"abc" * 9000)
+    with pytest.raises(BadBlob, match="truncated"):
+        _put(blobs, cid, BlobKind.CHUNK, frame[:-3])
+    assert blobs.missing([did, cid]) == [did, cid]
+    assert list(blobs.staging.iterdir()) == []
+
+
+def test_the_prefix_keeps_two_coordinators_apart(s3_server: S3Server, bucket: str,
+                                                  blobs: S3Blobs, tmp_path: Path) -> None:
+    delta = b"only under fleet/one"
+    did = blake3.blake3(delta).hexdigest()
+    assert _put(blobs, did, BlobKind.DELTA, delta)
+    other = S3Blobs(S3Location.parse(s3_server.url(bucket, "fleet/two")),
+                    Credentials(s3_server.access_key, s3_server.secret_key), tmp_path / "o")
+    try:
+        assert other.missing([did]) == [did]
+    finally:
+        other.close()
+
+
+def test_wrong_credentials_or_bucket_stop_the_start(s3_server: S3Server, bucket: str,
+                                                    tmp_path: Path) -> None:
+    wrong = S3Blobs(S3Location.parse(s3_server.url(bucket)),
+                    Credentials(s3_server.access_key, "not-the-secret"), tmp_path / "w")
+    with pytest.raises(S3ConfigError, match="refuses these credentials") as exc:
+        wrong.prepare()
+    assert "not-the-secret" not in str(exc.value)
+    wrong.close()
+    absent = S3Blobs(S3Location.parse(s3_server.url("no-such-bucket-here")),
+                     Credentials(s3_server.access_key, s3_server.secret_key), tmp_path / "n")
+    with pytest.raises(S3ConfigError, match="no such bucket"):
+        absent.prepare()
+    absent.close()
+
+
+def test_a_store_that_does_not_answer_is_unavailable(tmp_path: Path) -> None:
+    port = free_port()  # nobody listens there
+    down = S3Blobs(S3Location.parse(f"s3://blobs?endpoint=http://127.0.0.1:{port}"),
+                   Credentials("AKID", "secret"), tmp_path / "d")
+    try:
+        for call in (down.prepare, lambda: down.missing(["a" * 64, "b" * 64]),
+                     lambda: down.open("a" * 64), lambda: down.delete(["a" * 64])):
+            with pytest.raises(BlobStoreUnavailable) as exc:
+                call()
+            assert "\n" not in str(exc.value) and str(port) in str(exc.value)
+        data = b"delta"
+        f, tmp = down.new_temp(blake3.blake3(data).hexdigest())
+        f.write(data)
+        with pytest.raises(BlobStoreUnavailable):
+            down.commit(blake3.blake3(data).hexdigest(), BlobKind.DELTA, f, tmp)
+        assert not tmp.exists()
+    finally:
+        down.close()
