@@ -7,21 +7,33 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import blake3
+import httpx
 import pytest
 
-from coordinator._blobs import BadBlob, BlobStoreUnavailable
+from coordinator._blobs import (
+    BadBlob,
+    BlobBackend,
+    BlobReader,
+    BlobStoreUnavailable,
+    OpenBlob,
+)
 from coordinator._blobs_s3 import S3Blobs, S3ConfigError, S3Location, read_credentials
+from coordinator._http import BLOB_PIECE
 from coordinator._sigv4 import EMPTY_SHA256, Credentials, sign
 from mesh.blobs import BlobKind
 from mesh.release import chunk_layer
 from tests.coordinator_process import free_port
 from tests.s3server import S3Server
+
+from .conftest import Harness
 
 # ---- Signature V4: the examples of AWS's S3 documentation ("Signature Calculations for the
 # Authorization Header: Transferring Payload in a Single Chunk"), same keys, same date -------
@@ -232,3 +244,64 @@ def test_a_store_that_does_not_answer_is_unavailable(tmp_path: Path) -> None:
         assert not tmp.exists()
     finally:
         down.close()
+
+
+# ---- the API when the store fails under a download ----------------------------------------
+
+class _FailingReader:
+    """A reader whose store goes away after `good` pieces."""
+
+    def __init__(self, inner: BlobReader, good: int) -> None:
+        self.inner, self.good = inner, good
+
+    def pieces(self, start: int, length: int, piece: int) -> Generator[bytes]:
+        for i, data in enumerate(self.inner.pieces(start, length, piece)):
+            if i == self.good:
+                raise BlobStoreUnavailable("blob store http://192.0.2.1: GET cut short: test")
+            yield data
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class _FailingStore:
+    """The data directory's blobs, read through readers that fail after `good` pieces."""
+
+    def __init__(self, inner: BlobBackend, good: int) -> None:
+        self.inner, self.good = inner, good
+
+    def open(self, blob_id: str) -> OpenBlob | None:
+        opened = self.inner.open(blob_id)
+        assert opened is not None
+        return OpenBlob(_FailingReader(opened.reader, self.good), opened.size)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("good", [0, 1])
+async def test_a_store_failing_under_a_download_is_one_log_line(
+        h: Harness, good: int, caplog: pytest.LogCaptureFixture) -> None:
+    """Before the first piece: a 503. After it (headers sent): the body ends short. Either way
+    one warning line and no traceback."""
+    delta = os.urandom(3 * BLOB_PIECE)
+    did = blake3.blake3(delta).hexdigest()
+    r = await h.op.put(f"/api/v1/blobs/{did}", params={"kind": "delta"}, content=delta)
+    assert r.status_code == 201, r.text
+    releases = h.coord.service.releases
+    releases.blobs = cast(BlobBackend, _FailingStore(releases.blobs, good))
+    caplog.set_level(logging.WARNING)
+    if good == 0:
+        r = await h.op.get(f"/api/v1/blobs/{did}")
+        assert r.status_code == 503 and "GET cut short" in r.json()["error"]
+    else:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await h.op.get(f"/api/v1/blobs/{did}")
+    releases.blobs = cast(_FailingStore, releases.blobs).inner
+    r = await h.op.get(f"/api/v1/blobs/{did}", headers={"range": "bytes=5-9"})
+    assert r.status_code == 206 and r.content == delta[5:10]
+    # (after a request of its own: the server is done with the failed one, logs included)
+    records = [rec for rec in caplog.records if rec.levelno >= logging.WARNING]
+    assert [rec.getMessage() for rec in records] == [
+        "blob store http://192.0.2.1: GET cut short: test"]
+    assert not any(rec.exc_info for rec in caplog.records)
