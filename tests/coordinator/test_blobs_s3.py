@@ -25,7 +25,13 @@ from coordinator._blobs import (
     BlobStoreUnavailable,
     OpenBlob,
 )
-from coordinator._blobs_s3 import S3Blobs, S3ConfigError, S3Location, read_credentials
+from coordinator._blobs_s3 import (
+    LIST_ABOVE,
+    S3Blobs,
+    S3ConfigError,
+    S3Location,
+    read_credentials,
+)
 from coordinator._http import BLOB_PIECE
 from coordinator._sigv4 import EMPTY_SHA256, Credentials, sign
 from mesh.blobs import BlobKind
@@ -184,6 +190,42 @@ def test_put_verifies_then_names_and_reads_ranges(blobs: S3Blobs) -> None:
 
     assert blobs.delete([did, did, "0" * 64]) == 1
     assert blobs.open(did) is None and blobs.missing([did, cid]) == [did]
+
+
+def test_many_ids_are_answered_by_listing_the_bucket(blobs: S3Blobs,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above LIST_ABOVE IDs, sizes come from ListObjectsV2 per shard (pages followed), and
+    agree with HEADs."""
+    stored = {}
+    for n in range(7):
+        data = f"delta {n}".encode() * (n + 1)
+        stored[blake3.blake3(data).hexdigest()] = data
+        assert _put(blobs, blake3.blake3(data).hexdigest(), BlobKind.DELTA, data)
+    # three in one shard, so that pages of two are followed
+    same = (f"same shard {n}".encode() for n in range(100_000))
+    for data in [d for d in same if blake3.blake3(d).hexdigest()[:2] == "ab"][:3]:
+        stored[blake3.blake3(data).hexdigest()] = data
+        assert _put(blobs, blake3.blake3(data).hexdigest(), BlobKind.DELTA, data)
+    assert sum(i[:2] == "ab" for i in stored) >= 3
+    absent = [secrets.token_hex(32) for _ in range(LIST_ABOVE)]
+    ids = [*absent[:100], *stored, *absent[100:], *stored]
+    blobs.list_page = 2
+    assert blobs.missing(ids) == absent
+    assert blobs.sizes(ids) == [None] * 100 + [len(d) for d in stored.values()] + [
+        None] * (LIST_ABOVE - 100) + [len(d) for d in stored.values()]
+    assert blobs.sizes(list(stored)) == [len(d) for d in stored.values()]  # by HEAD
+    lists = []
+    send = blobs._send
+
+    def counted(method: str, key: str | None, **kw: Any) -> httpx.Response:
+        lists.append(kw.get("query"))
+        return send(method, key, **kw)
+
+    monkeypatch.setattr(blobs, "_send", counted)
+    in_ab = {i: len(d) for i, d in stored.items() if i[:2] == "ab"}
+    assert blobs._listed("ab") == in_ab
+    # pages of two followed to the end (an exactly full last page may say "truncated")
+    assert 2 <= len(lists) <= -(-len(in_ab) // 2) + 1
 
 
 def test_bad_bytes_never_get_the_blobs_name(blobs: S3Blobs) -> None:
