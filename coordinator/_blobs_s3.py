@@ -20,7 +20,7 @@ import os
 import re
 import tempfile
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Generator, Iterable, Mapping
+from collections.abc import Generator, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,16 +171,13 @@ class S3Blobs:
     """A BlobBackend on one bucket (and prefix); `staging` is a local directory for uploads
     being verified."""
 
-    def __init__(self, location: S3Location, creds: Credentials, staging: Path,
-                 clock: Callable[[], float] | None = None,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(self, location: S3Location, creds: Credentials, staging: Path) -> None:
         self.location = location
         self.staging = Path(staging)
         self._creds = creds
-        self._clock = clock
         self._host = urlsplit(location.endpoint).netloc
         self._http = httpx.Client(
-            timeout=httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT), transport=transport,
+            timeout=httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT),
             limits=httpx.Limits(max_connections=MAX_CONNECTIONS), follow_redirects=False)
         self._pool = ThreadPoolExecutor(PARALLEL_HEADS, thread_name_prefix="s3-head")
         self.list_page = LIST_PAGE
@@ -199,11 +196,6 @@ class S3Blobs:
                                              else "")
         return self.location.endpoint + path
 
-    def _now(self) -> dt.datetime:
-        if self._clock is None:
-            return dt.datetime.now(dt.UTC)
-        return dt.datetime.fromtimestamp(self._clock(), dt.UTC)
-
     def _send(self, method: str, key: str | None, *, headers: Mapping[str, str] | None = None,
               content: BinaryIO | None = None, payload_sha256: str = EMPTY_SHA256,
               stream: bool = False, query: Mapping[str, str] | None = None) -> httpx.Response:
@@ -213,7 +205,7 @@ class S3Blobs:
             url += "?" + "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}"
                                   for k, v in sorted(query.items()))
         signed = sign(method, url, {"host": self._host, **(headers or {})}, payload_sha256,
-                      self._creds, self.location.region, self._now())
+                      self._creds, self.location.region, dt.datetime.now(dt.UTC))
         extra = {"accept-encoding": "identity"}
         if content is not None:
             extra["content-length"] = str(os.fstat(content.fileno()).st_size)

@@ -344,8 +344,9 @@ class Coordinator:
         """The bucket, checked: a bad URL, credentials or bucket stop the start (one line);
         a store that does not answer yet does not (blob requests get 503 until it does)."""
         try:
+            # signed with the wall clock, never the config's (a test's clock would be refused)
             blobs = S3Blobs(S3Location.parse(url), read_credentials(credentials_file),
-                            self.data_dir / BLOBS_STAGING_DIR, self.config.clock)
+                            self.data_dir / BLOBS_STAGING_DIR)
         except S3ConfigError as exc:
             raise CoordinatorConfigError(str(exc)) from None
         try:
