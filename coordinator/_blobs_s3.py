@@ -219,7 +219,15 @@ class S3Blobs:
                                        f"{reason}") from None
 
     def _refused(self, response: httpx.Response, what: str) -> BlobStoreUnavailable:
-        body = b"" if response.request.method == "HEAD" else response.read()
+        if response.request.method == "HEAD":
+            body = b""
+        elif response.is_stream_consumed:  # read by send()
+            body = response.content
+        else:  # a streamed GET: its start is enough for the error code
+            try:
+                body = next(response.iter_raw(4096), b"")
+            except httpx.HTTPError:
+                body = b""
         response.close()
         return BlobStoreUnavailable(f"blob store {self.location.endpoint}: {what}: HTTP "
                                     f"{response.status_code}{_code(body)}")

@@ -228,6 +228,19 @@ def test_many_ids_are_answered_by_listing_the_bucket(blobs: S3Blobs,
     assert 2 <= len(lists) <= -(-len(in_ab) // 2) + 1
 
 
+def test_a_blob_deleted_after_open_is_unavailable_not_garbage(blobs: S3Blobs) -> None:
+    data = b"short-lived" * 100
+    blob_id = blake3.blake3(data).hexdigest()
+    assert _put(blobs, blob_id, BlobKind.DELTA, data)
+    opened = blobs.open(blob_id)
+    assert opened is not None
+    assert blobs.delete([blob_id]) == 1
+    with pytest.raises(BlobStoreUnavailable, match="HTTP 404 NoSuchKey") as exc:
+        b"".join(opened.reader.pieces(0, opened.size, 4096))
+    assert "\n" not in str(exc.value)
+    opened.reader.close()
+
+
 def test_bad_bytes_never_get_the_blobs_name(blobs: S3Blobs) -> None:
     delta = os.urandom(50_000)
     did = blake3.blake3(delta).hexdigest()
