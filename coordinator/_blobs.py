@@ -1,5 +1,7 @@
-"""The coordinator's blob seed: content-addressed blob files under DATA/blobs/ab/cdef… (docs/api.md
-"Releases and blobs"), which devices fetch over the WAN when no peer has a blob.
+"""The coordinator's blob seed: content-addressed blobs (docs/api.md "Releases and blobs"),
+which devices fetch over the WAN when no peer has a blob. `BlobBackend` is what the registry
+needs of a place to keep them; `BlobSeed` keeps them as files under DATA/blobs/ab/cdef… (the
+default), coordinator._blobs_s3 in an S3-compatible bucket (docs/scale.md).
 
 A blob's ID is blake3 (hex) of the uncompressed bytes for a layer chunk (the blob is one zstd
 frame) and of the blob's own bytes for a delta; mesh.blobs checks both. Every blob is verified
@@ -13,11 +15,11 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import BinaryIO, Final, Protocol
 
 from mesh.blobs import (
     TEMP_PREFIX,
@@ -47,10 +49,83 @@ def check_blob_id(blob_id: str, where: str = "blob id") -> str:
     return blob_id
 
 
+class BlobStoreUnavailable(CoordinatorError):
+    """The blob store did not answer as it should (down, refusing, timing out): str() is one
+    line for the client and the log, and the request gets a 503."""
+
+    status = 503
+
+
+class BlobReader(Protocol):
+    """A stored blob open for reading: pieces of a byte range, then close."""
+
+    def pieces(self, start: int, length: int, piece: int) -> Generator[bytes]:
+        """`length` bytes from `start`, at most `piece` bytes at a time (bounded memory)."""
+        ...
+
+    def close(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class OpenBlob:
-    file: BinaryIO
+    reader: BlobReader
     size: int
+
+
+class BlobBackend(Protocol):
+    """Where the coordinator keeps blobs. Every method blocks (disk, network, hashing): call
+    them through trio.to_thread. A store that cannot answer raises BlobStoreUnavailable.
+
+    Uploads go to a local temp file (`new_temp`), are verified by `commit`, and only then get
+    the blob's name, so a blob's name never holds partial or unverified bytes."""
+
+    def prepare(self) -> None: ...
+
+    def sizes(self, ids: list[str]) -> list[int | None]:
+        """The stored size of each blob (None: not stored), in the order of `ids`."""
+        ...
+
+    def missing(self, ids: Iterable[str]) -> list[str]:
+        """The IDs (first occurrence, in order) that have no stored blob."""
+        ...
+
+    def open(self, blob_id: str) -> OpenBlob | None: ...
+
+    def new_temp(self, blob_id: str) -> tuple[BinaryIO, Path]: ...
+
+    def commit(self, blob_id: str, kind: BlobKind, f: BinaryIO, tmp: Path) -> bool:
+        """Verify, then name → new? (BadBlob if the bytes are not the blob)."""
+        ...
+
+    def discard(self, f: BinaryIO, tmp: Path) -> None: ...
+
+    def delete(self, blob_ids: Iterable[str]) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def first_occurrences(ids: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(ids))
+
+
+class FileReader:
+    """A blob file open for reading (stays readable even if it is deleted meanwhile)."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+
+    def pieces(self, start: int, length: int, piece: int) -> Generator[bytes]:
+        self.file.seek(start)
+        left = length
+        while left > 0:
+            data = self.file.read(min(piece, left))
+            if not data:
+                return
+            left -= len(data)
+            yield data
+
+    def close(self) -> None:
+        self.file.close()
 
 
 class BlobSeed:
@@ -58,6 +133,9 @@ class BlobSeed:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+
+    def close(self) -> None:
+        pass
 
     def prepare(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -79,17 +157,12 @@ class BlobSeed:
         except FileNotFoundError:
             return None
 
+    def sizes(self, ids: list[str]) -> list[int | None]:
+        return [self.size(i) for i in ids]
+
     def missing(self, ids: Iterable[str]) -> list[str]:
         """The IDs (first occurrence, in order) that have no stored blob."""
-        seen: set[str] = set()
-        out = []
-        for blob_id in ids:
-            if blob_id in seen:
-                continue
-            seen.add(blob_id)
-            if not self.exists(blob_id):
-                out.append(blob_id)
-        return out
+        return [i for i in first_occurrences(ids) if not self.exists(i)]
 
     def open(self, blob_id: str) -> OpenBlob | None:
         """The blob opened for reading (stays readable even if it is deleted meanwhile)."""
@@ -97,7 +170,7 @@ class BlobSeed:
             f = open(self.path(blob_id), "rb")  # noqa: SIM115  # handed to the caller
         except FileNotFoundError:
             return None
-        return OpenBlob(f, os.fstat(f.fileno()).st_size)
+        return OpenBlob(FileReader(f), os.fstat(f.fileno()).st_size)
 
     # -- writing -----------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from starlette.types import Receive, Scope, Send
 from mesh.control import MAX_BODY_BYTES, ControlError, check_app, check_name
 from mesh.rollout import RolloutSpecError
 
-from ._blobs import OpenBlob
+from ._blobs import BlobStoreUnavailable, OpenBlob
 from ._listen import HttpLimits, SourceGate, peer_of
 from ._metrics import ApiMetrics
 from ._model import (
@@ -348,14 +348,16 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, min(end, size - 1)
 
 
-def blob_response(request: Request, blob_id: str, blob: OpenBlob) -> Response:
-    """The blob (or the range asked for) streamed from its open file; HEAD sends headers only."""
+async def blob_response(request: Request, blob_id: str, blob: OpenBlob) -> Response:
+    """The blob (or the range asked for) streamed from its reader; HEAD sends headers only.
+    The first piece is read before the headers go out, so a store that cannot serve the blob
+    is a 503, not a body cut short."""
     headers = {"accept-ranges": "bytes", "etag": f'"{blob_id}"',
                "cache-control": "private, max-age=31536000, immutable"}
     try:
         wanted = parse_range(request.headers.get("range"), blob.size)
     except RangeNotSatisfiable as exc:
-        blob.file.close()
+        blob.reader.close()
         response = error(416, str(exc))
         response.headers["content-range"] = f"bytes */{blob.size}"
         return response
@@ -368,26 +370,33 @@ def blob_response(request: Request, blob_id: str, blob: OpenBlob) -> Response:
     length = end - start + 1
     headers["content-length"] = str(length)
     if request.method == "HEAD":
-        blob.file.close()
+        blob.reader.close()
         return Response(b"", status_code=status, headers=headers,
                         media_type="application/octet-stream")
 
     metrics = deps(request).metrics
+    reader = blob.reader.pieces(start, length, BLOB_PIECE)
+
+    async def close() -> None:
+        await trio.to_thread.run_sync(reader.close)
+        blob.reader.close()
+
+    try:
+        first = await trio.to_thread.run_sync(next, reader, b"")
+    except BlobStoreUnavailable as exc:
+        log.warning("%s", exc)
+        await close()
+        return error(exc.status, str(exc))
 
     async def pieces() -> AsyncIterator[bytes]:
-        f = blob.file
         try:
-            left = length
-            await trio.to_thread.run_sync(f.seek, start)
-            while left > 0:
-                piece = await trio.to_thread.run_sync(f.read, min(BLOB_PIECE, left))
-                if not piece:
-                    break
-                left -= len(piece)
+            piece = first
+            while piece:
                 yield piece
                 metrics.blob_sent(len(piece))
+                piece = await trio.to_thread.run_sync(next, reader, b"")
         finally:
-            f.close()
+            await close()
 
     return _Download(request, pieces(), status_code=status, headers=headers,
                      media_type="application/octet-stream")
@@ -407,7 +416,13 @@ class _Download(StreamingResponse):
         self.finished = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await super().__call__(scope, receive, send)
+        try:
+            await super().__call__(scope, receive, send)
+        except BlobStoreUnavailable as exc:
+            # the headers are out: the connection closes with the body short, which the
+            # client sees (Content-Length) and retries; one line, no traceback
+            log.warning("%s", exc)
+            return
         if not self.finished:
             client_gone(self.request, "mid-response")
 

@@ -77,7 +77,8 @@ def _json(schema: dict[str, Any], description: str = "") -> dict[str, Any]:
 
 _ERR = _json(_ref("Error"), "refused: {\"error\": one line}")
 _ERRORS = {str(c): _ERR for c in (400, 401, 403, 404, 409, 413)} | {
-    "503": _json(_ref("Error"), "the database did not answer (a PostgreSQL store): retry")}
+    "503": _json(_ref("Error"), "the database (a PostgreSQL store) or the blob store (an S3 "
+                                "bucket) did not answer: retry")}
 _HTML = {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}
 _EITHER: list[dict[str, list[str]]] = [{"operatorKey": []}, {"deviceCredential": []}]
 _INT = {"type": "integer"}

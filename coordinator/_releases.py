@@ -8,10 +8,11 @@ signed with it. Devices verify everything again against the key they pinned at e
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
-from typing import Any, Final, TypedDict
+from typing import Any, Final, TypedDict, TypeVar
 
 import trio
 from nacl.signing import SigningKey, VerifyKey
@@ -48,7 +49,7 @@ from mesh.release import (
 from mesh.rollout import RolloutSpecError, Window
 
 from . import _rollout as core
-from ._blobs import MAX_BLOB_BYTES, BlobSeed, OpenBlob, check_blob_id
+from ._blobs import MAX_BLOB_BYTES, BlobBackend, BlobStoreUnavailable, OpenBlob, check_blob_id
 from ._model import (
     ROLLOUT_BAD,
     AppControl,
@@ -86,6 +87,10 @@ def rollout_summary(rollout: RolloutRecord | None) -> RolloutSummary | None:
     data = rollout.data or {}
     return {"state": rollout.state, "phase": int(data.get("phase") or 0),
             "phases": len(data.get("phases") or []), "reason": data.get("reason")}
+
+
+log = logging.getLogger("fleetmesh.coordinator")
+_T = TypeVar("_T")
 
 MAX_MISSING_QUERY: Final = 10_000  # IDs per POST /blobs/missing (docs/api.md)
 # How long a timestamp a device fetched stays good: a device that gets no newer one within
@@ -190,7 +195,7 @@ def _decode(data: bytes) -> tuple[Any, ReleaseManifest]:
 
 
 class ReleaseRegistry:
-    def __init__(self, store: Store, blobs: BlobSeed,
+    def __init__(self, store: Store, blobs: BlobBackend,
                  clock: Callable[[], float] = time.time,
                  targets_changed: Callable[[str, str | None], None] | None = None) -> None:
         self.store = store
@@ -210,16 +215,25 @@ class ReleaseRegistry:
 
     # -- blobs -------------------------------------------------------------------------------
 
+    async def _in_store(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """`fn(*args)` of the blob backend, in a thread; a store that does not answer is
+        logged (one line) and answered 503 (BlobStoreUnavailable)."""
+        try:
+            return await trio.to_thread.run_sync(fn, *args)
+        except BlobStoreUnavailable as exc:
+            log.warning("%s", exc)
+            raise
+
     async def missing(self, ids: list[str]) -> list[str]:
         for i in ids:
             check_blob_id(i, "ids[]")
-        return await trio.to_thread.run_sync(self.blobs.missing, ids)
+        return await self._in_store(self.blobs.missing, ids)
 
     async def put_blob(self, blob_id: str, kind: BlobKind, body: AsyncIterator[bytes]) -> bool:
         """Stream `body` to a temp file (at most max_blob_bytes), verify, name it. → new?"""
         check_blob_id(blob_id)
         limit = self.max_blob_bytes
-        f, tmp = await trio.to_thread.run_sync(self.blobs.new_temp, blob_id)
+        f, tmp = await self._in_store(self.blobs.new_temp, blob_id)
         try:
             seen = 0
             async for piece in body:
@@ -231,14 +245,14 @@ class ReleaseRegistry:
             self.blobs.discard(f, tmp)
             raise
         async with self._lock:
-            return await trio.to_thread.run_sync(self.blobs.commit, blob_id, kind, f, tmp)
+            return await self._in_store(self.blobs.commit, blob_id, kind, f, tmp)
 
-    def open_blob(self, blob_id: str, device: Device | None) -> OpenBlob:
+    async def open_blob(self, blob_id: str, device: Device | None) -> OpenBlob:
         """A blob for reading; a device only gets blobs that a release of its fleet names."""
         check_blob_id(blob_id)
         if device is not None and not self.store.blob_referenced(blob_id, device.fleet):
             raise NotFound(f"no blob {blob_id} in fleet {device.fleet}")
-        blob = self.blobs.open(blob_id)
+        blob = await self._in_store(self.blobs.open, blob_id)
         if blob is None:
             raise NotFound(f"no blob {blob_id}")
         return blob
@@ -267,8 +281,7 @@ class ReleaseRegistry:
             if latest is not None and m.version <= latest:
                 raise Conflict(f"{m.app} version {m.version} is not newer than the latest "
                                f"published in fleet {m.fleet} ({latest})")
-            sizes = await trio.to_thread.run_sync(
-                lambda: [self.blobs.size(i) for i, _, _ in refs])
+            sizes = await self._in_store(self.blobs.sizes, [i for i, _, _ in refs])
             missing = [i for (i, _, _), got in zip(refs, sizes, strict=True) if got is None]
             if missing:
                 raise MissingBlobs(missing)
@@ -330,7 +343,7 @@ class ReleaseRegistry:
         blob")."""
         async with self._lock:
             orphans = self.store.delete_release(fleet, app, version)
-            removed = await trio.to_thread.run_sync(self.blobs.delete, orphans)
+            removed = await self._in_store(self.blobs.delete, orphans)
         self.targets_changed(fleet, None)  # it may have been the newest: devices re-read
         return removed
 

@@ -1,7 +1,7 @@
 """The coordinator process: data directory, database (SQLite in the data directory, or
-PostgreSQL by URL), TLS certificate, keys, listening sockets, hypercorn, the WireGuard relay
-hub, and the service (coordinator._service) with its peer-map batcher, all owned by one
-nursery.
+PostgreSQL by URL), blobs (files in the data directory, or an S3 bucket), TLS certificate,
+keys, listening sockets, hypercorn, the WireGuard relay hub, and the service
+(coordinator._service) with its peer-map batcher, all owned by one nursery.
 
     async with Coordinator(CoordinatorConfig(data_dir=tmp, listen="127.0.0.1:0", hub=False)) as c:
         c.url, c.port, c.fingerprint, c.cert_path, c.operator_key   # ready to serve
@@ -33,7 +33,8 @@ from vpn import generate_keypair, public_key_from_private, read_private_key, wri
 
 from . import _ipam, _secrets
 from ._app import build_app
-from ._blobs import BlobSeed
+from ._blobs import BlobBackend, BlobSeed, BlobStoreUnavailable
+from ._blobs_s3 import S3Blobs, S3ConfigError, S3Location, read_credentials
 from ._hub import Hub
 from ._listen import HttpLimits, SourceGate, hypercorn_config, serve
 from ._service import (
@@ -58,6 +59,7 @@ HUB_KEY_NAME: Final = "hub.key"
 OPERATOR_KEY_NAME: Final = "operator.key"
 TIMESTAMP_KEY_NAME: Final = "timestamp.key"
 BLOBS_DIR: Final = "blobs"
+BLOBS_STAGING_DIR: Final = "blobs-staging"  # uploads being verified before they go to S3
 
 
 class CoordinatorConfigError(ValueError):
@@ -117,6 +119,8 @@ class CoordinatorConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     metrics_token_file: Path | None = None  # a scrape token for /metrics (docs/metrics.md)
+    blobs: str | None = None  # an s3:// URL (docs/scale.md); None: files in data_dir/BLOBS_DIR
+    blobs_credentials_file: Path | None = None  # else AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY
     batch_window: float = BATCH_WINDOW
     online_window: float = ONLINE_WINDOW
     hub_poll_interval: float = 1.0
@@ -127,6 +131,13 @@ class CoordinatorConfig:
 
     def check(self) -> None:
         split_hostport(self.listen, "--listen")
+        if self.blobs is not None:
+            try:
+                S3Location.parse(self.blobs)
+            except S3ConfigError as exc:
+                raise CoordinatorConfigError(str(exc)) from None
+        elif self.blobs_credentials_file is not None:
+            raise CoordinatorConfigError("--blobs-credentials-file goes with --blobs s3://…")
         if self.store is not None:
             try:
                 describe(self.store)
@@ -184,7 +195,7 @@ class Coordinator:
         self.config = config
         self.data_dir = Path(config.data_dir)
         self.store: Store | None = None
-        self.blobs = BlobSeed(self.data_dir / BLOBS_DIR)
+        self.blobs: BlobBackend = BlobSeed(self.data_dir / BLOBS_DIR)
         self._service: FleetService | None = None
         self.hub: Hub | None = None
         self.port = 0
@@ -221,6 +232,10 @@ class Coordinator:
         """Everything on disk, before any socket: data dir, DB, keys, certificate."""
         cfg = self.config
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if cfg.blobs is not None:
+            self.blobs = self._s3_blobs(cfg.blobs, cfg.blobs_credentials_file)
+        else:
+            self.blobs.prepare()
         try:
             store: Store = (
                 SqliteStore(self.data_dir / DB_NAME, cfg.mesh_ipv4, cfg.mesh_ipv6)
@@ -228,7 +243,6 @@ class Coordinator:
         except ValueError as exc:  # one line, without the URL's password
             raise CoordinatorConfigError(str(exc)) from None
         self.store = store
-        self.blobs.prepare()
         hub_key = self.data_dir / HUB_KEY_NAME
         if not hub_key.exists():
             write_private_key(hub_key, generate_keypair().private)
@@ -324,6 +338,25 @@ class Coordinator:
                 task_status.started(self)
         finally:
             self.store.close()
+            self.blobs.close()
+
+    def _s3_blobs(self, url: str, credentials_file: Path | None) -> S3Blobs:
+        """The bucket, checked: a bad URL, credentials or bucket stop the start (one line);
+        a store that does not answer yet does not (blob requests get 503 until it does)."""
+        try:
+            # signed with the wall clock, never the config's (a test's clock would be refused)
+            blobs = S3Blobs(S3Location.parse(url), read_credentials(credentials_file),
+                            self.data_dir / BLOBS_STAGING_DIR)
+        except S3ConfigError as exc:
+            raise CoordinatorConfigError(str(exc)) from None
+        try:
+            blobs.prepare()
+        except S3ConfigError as exc:
+            blobs.close()
+            raise CoordinatorConfigError(str(exc)) from None
+        except BlobStoreUnavailable as exc:
+            log.warning("%s (starting anyway: blob requests get 503 until it answers)", exc)
+        return blobs
 
     def stop(self) -> None:
         if self._cancel is not None:

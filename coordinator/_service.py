@@ -39,7 +39,7 @@ from mesh.control import (
 from mesh.rollout import MAX_TAGS, Selector
 
 from . import _secrets
-from ._blobs import BlobSeed
+from ._blobs import BlobBackend
 from ._hub import HubPeer, Observation
 from ._model import (
     Conflict,
@@ -251,7 +251,7 @@ class FleetService:
     in the process's nursery; the hub (if any) reports through `observe` and asks `hub_peers`."""
 
     def __init__(self, settings: ServiceSettings, identity: CoordinatorIdentity, store: Store,
-                 blobs: BlobSeed, sync_hub: Callable[[], Awaitable[None]] | None = None
+                 blobs: BlobBackend, sync_hub: Callable[[], Awaitable[None]] | None = None
                  ) -> None:
         self.settings = settings
         self.identity = identity

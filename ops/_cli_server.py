@@ -65,7 +65,10 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
         lock_stale_after=float(parse_duration(args.lock_stale_after)),
         tls_cert=Path(args.tls_cert) if args.tls_cert else None,
         tls_key=Path(args.tls_key) if args.tls_key else None,
-        metrics_token_file=Path(args.metrics_token_file) if args.metrics_token_file else None)
+        metrics_token_file=Path(args.metrics_token_file) if args.metrics_token_file else None,
+        blobs=args.blobs or None,
+        blobs_credentials_file=(Path(args.blobs_credentials_file)
+                                if args.blobs_credentials_file else None))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -120,7 +123,9 @@ def coordinator_unit(args: argparse.Namespace) -> str:
             "--lock-stale-after", args.lock_stale_after]
     for flag, value in (("--hub-endpoint", args.hub_endpoint), ("--store", args.store),
                         ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
-                        ("--metrics-token-file", args.metrics_token_file)):
+                        ("--metrics-token-file", args.metrics_token_file),
+                        ("--blobs", args.blobs),
+                        ("--blobs-credentials-file", args.blobs_credentials_file)):
         if value:
             argv += [flag, value]
     caps: set[str] = set()
@@ -174,6 +179,14 @@ def _server_options(p: argparse.ArgumentParser) -> None:
                    help="a file holding a scrape token (32-256 characters, e.g. `openssl "
                         "rand -hex 32`) that reads GET /metrics and nothing else; without "
                         "it /metrics takes the operator key (docs/metrics.md)")
+    p.add_argument("--blobs", metavar="URL",
+                   help="keep blobs in an S3-compatible bucket, s3://BUCKET[/PREFIX]?endpoint="
+                        "http(s)://HOST[:PORT]&region=NAME, instead of files in DIR "
+                        "(docs/scale.md)")
+    p.add_argument("--blobs-credentials-file", metavar="FILE",
+                   help="the bucket's credentials: lines aws_access_key_id = … and "
+                        "aws_secret_access_key = … (default: AWS_ACCESS_KEY_ID and "
+                        "AWS_SECRET_ACCESS_KEY from the environment)")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -74,8 +74,8 @@ async def put_blob(request: Request, service: FleetService) -> Response:
 @operator_or_device
 async def get_blob(request: Request, service: FleetService, dev: Device | None) -> Response:
     blob_id = _blob_id(request)
-    blob = service.releases.open_blob(blob_id, dev)
-    return blob_response(request, blob_id, blob)
+    blob = await service.releases.open_blob(blob_id, dev)
+    return await blob_response(request, blob_id, blob)
 
 
 # --------------------------------------------------------------------------- releases

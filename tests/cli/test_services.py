@@ -4,6 +4,7 @@ this installation's console scripts, hardened, capabilities exactly what each ne
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import stat
 import subprocess
@@ -84,6 +85,31 @@ def test_coordinator_unit_capabilities_follow_its_options(tmp_path: Path) -> Non
     assert stat.S_IMODE(path.stat().st_mode) == 0o600  # the store URL may carry a password
     done = verify(path)
     assert done.returncode == 0, done.stderr
+
+
+def test_coordinator_unit_keeps_blobs_in_s3(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    url = "s3://fleet-blobs/prod?endpoint=http://192.0.2.9:8333&region=eu-1"
+    assert ops_cli.main(["coordinator", "install", "--root", str(tmp_path), "--no-hub",
+                         "--listen", "192.0.2.4:8443", "--blobs", url,
+                         "--blobs-credentials-file", "/etc/fleetmesh/s3.credentials"]) == 0
+    path = unit_file(tmp_path, "fleetmesh-coordinator.service")
+    argv = shlex.split(options(path.read_text())["ExecStart"][0])  # systemd's quoting
+    at = argv.index("--blobs")
+    assert argv[at:at + 4] == ["--blobs", url, "--blobs-credentials-file",
+                               "/etc/fleetmesh/s3.credentials"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # no secret in it: the file holds them
+    done = verify(path)
+    assert done.returncode == 0, done.stderr
+    capsys.readouterr()
+    # a unit whose service would refuse to start is not written
+    assert ops_cli.main(["coordinator", "install", "--root", str(tmp_path / "2"), "--no-hub",
+                         "--listen", "192.0.2.4:8443", "--blobs", "s3://Bad_Bucket"]) == 2
+    err = capsys.readouterr().err
+    assert "not an S3 bucket name" in err and err.count("\n") == 1
+    assert ops_cli.main(["coordinator", "install", "--root", str(tmp_path / "2"), "--no-hub",
+                         "--listen", "192.0.2.4:8443", "--blobs-credentials-file", "f"]) == 2
+    assert "goes with --blobs" in capsys.readouterr().err
 
 
 def test_agent_unit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from coordinator._server import Coordinator, CoordinatorConfig
 from tests.pgserver import PgServer
+from tests.s3server import S3Server
 from vpn import generate_keypair
 
 
@@ -112,6 +113,18 @@ def pg_server() -> Iterator[PgServer]:
     takes a database of its own (`pg_server.new_database()`). Stopped by PID at the end, also
     when a test failed."""
     server = PgServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """One private S3-compatible server for the session (tests/s3server.py); each test that
+    needs it makes a bucket of its own. Stopped by PID at the end, also when a test failed."""
+    server = S3Server()
     try:
         server.start()
         yield server
