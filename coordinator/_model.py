@@ -339,10 +339,22 @@ class LayerInfo(TypedDict):
     chunks: int
     stored_size: int
     deltas: list[DeltaInfo]
+    platform: str  # of the image it belongs to; "" for an image stating none
+
+
+class PlatformInfo(TypedDict):
+    """One platform's image of a release (docs/releases.md, "Several platforms")."""
+
+    platform: str
+    layers: int
+    size: int  # uncompressed layer bytes
+    stored_size: int  # chunk bytes
+    delta_size: int
 
 
 class ReleaseDetail(TypedDict):
-    """GET /releases/{fleet}/{app}/{version}: ReleaseInfo with its layers listed."""
+    """GET /releases/{fleet}/{app}/{version}: ReleaseInfo with its layers and platforms
+    listed (`layers` is every platform's, in the order of `platforms`)."""
 
     fleet: str
     app: str
@@ -350,6 +362,7 @@ class ReleaseDetail(TypedDict):
     created_at: int
     key_id: str
     layers: list[LayerInfo]
+    platforms: list[PlatformInfo]
     size: int
     stored_size: int
     delta_size: int

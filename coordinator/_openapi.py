@@ -306,13 +306,19 @@ SCHEMAS: dict[str, Any] = {
                         fleet=_STR, app=_STR, version=_INT, created_at=_INT, key_id=_STR,
                         layers=_INT, size=_INT, stored_size=_INT, delta_size=_INT,
                         published_at={"type": "number"}),
-    "ReleaseDetail": _obj(["fleet", "app", "version", "layers"], fleet=_STR, app=_STR,
-                          version=_INT, layers={"type": "array", "items": _obj(
-                              ["diff_id", "size", "chunks", "stored_size", "deltas"],
+    "ReleaseDetail": _obj(["fleet", "app", "version", "layers", "platforms"], fleet=_STR,
+                          app=_STR, version=_INT, layers={"type": "array", "items": _obj(
+                              ["diff_id", "size", "chunks", "stored_size", "deltas",
+                               "platform"],
                               diff_id=_STR, size=_INT, chunks=_INT, stored_size=_INT,
+                              platform=_STR,
                               deltas={"type": "array", "items": _obj(
                                   ["source_diff_id", "size", "method"], source_diff_id=_STR,
-                                  size=_INT, method=_STR)})}),
+                                  size=_INT, method=_STR)})},
+                          platforms={"type": "array", "items": _obj(
+                              ["platform", "layers", "size", "stored_size", "delta_size"],
+                              platform=_STR, layers=_INT, size=_INT, stored_size=_INT,
+                              delta_size=_INT)}),
     "MissingBlobs": _obj(["error", "missing"], error=_STR,
                          missing={"type": "array", "items": _BLOB_ID}),
     "Target": _obj(["fleet", "app", "version", "device", "pin", "set_at"], fleet=_STR,

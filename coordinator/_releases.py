@@ -29,6 +29,7 @@ from mesh.release import (
     SignedRoot,
     Timestamp,
     VerificationError,
+    all_layers,
     decode_manifest,
     decode_pin,
     decode_root_body,
@@ -37,6 +38,7 @@ from mesh.release import (
     decode_signed_root,
     encode_signed_root,
     key_id,
+    release_images,
     root_fingerprint,
     sign_timestamp,
     signed_root_to_json,
@@ -60,6 +62,7 @@ from ._model import (
     Forbidden,
     LayerInfo,
     NotFound,
+    PlatformInfo,
     Release,
     ReleaseDetail,
     ReleaseInfo,
@@ -168,10 +171,11 @@ class MissingBlobs(Conflict):
 
 
 def _manifest_blobs(m: ReleaseManifest) -> list[tuple[str, BlobKind, int]]:
-    """(ID, kind, stored size) of every blob the manifest names, first occurrence only."""
+    """(ID, kind, stored size) of every blob the manifest names (every platform's image),
+    first occurrence only."""
     seen: set[str] = set()
     out = []
-    for layer in m.layers:
+    for layer in all_layers(m):
         refs = [(c.id.hex(), BlobKind.CHUNK, c.stored_size) for c in layer.chunks]
         refs += [(d.blob_id.hex(), BlobKind.DELTA, d.size) for d in layer.deltas]
         for ref in refs:
@@ -279,12 +283,13 @@ class ReleaseRegistry:
                 raise Conflict(f"{len(wrong)} blob(s) stored with another size than the "
                                f"manifest says, e.g. {k} {i}: {got} bytes, manifest {want} "
                                "(compress chunks exactly as the stored ones)")
+            layers = list(all_layers(m))
             release = Release(
                 fleet=m.fleet, app=m.app, version=m.version, signed=bytes(data),
                 key_id=signed.key_id, created_at=m.created_at, published_at=self.clock(),
-                layers=len(m.layers), size=sum(layer.size for layer in m.layers),
-                stored_size=sum(c.stored_size for layer in m.layers for c in layer.chunks),
-                delta_size=sum(d.size for layer in m.layers for d in layer.deltas),
+                layers=len(layers), size=sum(layer.size for layer in layers),
+                stored_size=sum(c.stored_size for layer in layers for c in layer.chunks),
+                delta_size=sum(d.size for layer in layers for d in layer.deltas),
                 blob_ids=tuple(i for i, _, _ in refs))
             stored, created = self.store.add_release(release)
             if created and held:
@@ -308,13 +313,22 @@ class ReleaseRegistry:
     def release_detail(self, fleet: str, app: str, version: int) -> ReleaseDetail:
         release = self._release(fleet, app, version)
         _, m = _decode(release.signed)
-        layers: list[LayerInfo] = [
-            {"diff_id": layer.diff_id, "size": layer.size, "chunks": len(layer.chunks),
-             "stored_size": sum(c.stored_size for c in layer.chunks),
-             "deltas": [{"source_diff_id": d.source_diff_id, "size": d.size,
-                         "method": d.method} for d in layer.deltas]}
-            for layer in m.layers]
-        return {**release_info(release), "layers": layers}
+        layers: list[LayerInfo] = []
+        platforms: list[PlatformInfo] = []
+        for image in release_images(m):
+            mine: list[LayerInfo] = [
+                {"diff_id": layer.diff_id, "size": layer.size, "chunks": len(layer.chunks),
+                 "stored_size": sum(c.stored_size for c in layer.chunks),
+                 "deltas": [{"source_diff_id": d.source_diff_id, "size": d.size,
+                             "method": d.method} for d in layer.deltas],
+                 "platform": image.platform}
+                for layer in image.layers]
+            layers += mine
+            platforms.append({"platform": image.platform, "layers": len(mine),
+                              "size": sum(x["size"] for x in mine),
+                              "stored_size": sum(x["stored_size"] for x in mine),
+                              "delta_size": sum(d["size"] for x in mine for d in x["deltas"])})
+        return {**release_info(release), "layers": layers, "platforms": platforms}
 
     def manifest(self, fleet: str, app: str, version: int, device: Device | None) -> bytes:
         if device is not None and device.fleet != fleet:
