@@ -103,6 +103,10 @@ _STRN = {"type": ["string", "null"]}
 _NUMN = {"type": ["number", "null"]}
 _INTN = {"type": ["integer", "null"]}
 _EPS = {"type": "array", "items": _STR, "maxItems": 8}
+_PLATFORM = {"type": "string", "maxLength": 64,
+             "pattern": r"^[a-z0-9]+/[a-z0-9_.-]+(/[a-z0-9_.-]+)?$",
+             "description": "the device's platform, os/arch[/variant] in canonical form "
+                            "(e.g. linux/amd64, linux/arm64, linux/arm/v7)"}
 # device tags (mesh.rollout.check_tags) and selectors (docs/rollouts.md)
 _TAGS = {"type": "object", "maxProperties": MAX_TAGS,
          "propertyNames": {"pattern": _ecma(TAG_KEY_RE)},
@@ -142,7 +146,8 @@ SCHEMAS: dict[str, Any] = {
     # credential or key_proof: enrolling again an active device (docs/security.md)
     "EnrollRequest": _obj(["token", "public_key"], token=_STR, public_key=_WG_KEY, name=_DEVN,
                           lan_endpoints=_EPS, agent_version=_STR, credential=_STRN,
-                          key_proof=_obj(["challenge", "mac"], challenge=_STR, mac=_STR)),
+                          key_proof=_obj(["challenge", "mac"], challenge=_STR, mac=_STR),
+                          platform=_PLATFORM),
     "Enrollment": _obj(["device_id", "name", "fleet", "credential", "mesh_ipv4", "mesh_ipv6",
                         "mesh_prefix_v4", "mesh_prefix_v6", "hub"],
                        device_id=_STR, name=_STR, fleet=_STR, credential=_STR, mesh_ipv4=_STR,
@@ -180,7 +185,7 @@ SCHEMAS: dict[str, Any] = {
                              "items": _obj(["name", "counts"], name=_DEV,
                                            counts=_ref("MisbehaviourCounts"))},
                          link=_ref("LinkState"), wan_bytes=_ref("WanBytes"),
-                         wan_budget=_ref("WanBudget")),
+                         wan_budget=_ref("WanBudget"), platform=_PLATFORM),
     "WanBudget": _obj(
         ["limit", "period", "used"],
         limit={"type": "integer", "minimum": 1, "maximum": MAX_WAN_BYTES - 1,
@@ -252,9 +257,11 @@ SCHEMAS: dict[str, Any] = {
                               reason=_STRN)], "description": "the release's rollout (null: "
                                                             "none)"},
                           summary=_obj(["total", "running", "failed", "downloading", "waiting",
-                                        "pending", "superseded"], total=_INT, running=_INT,
-                                       failed=_INT, downloading=_INT, waiting=_INT,
-                                       pending=_INT, superseded=_INT)),
+                                        "pending", "superseded", "no_platform"], total=_INT,
+                                       running=_INT, failed=_INT, downloading=_INT,
+                                       waiting=_INT, pending=_INT, superseded=_INT,
+                                       no_platform={**_INT, "description": "devices whose "
+                                                    "platform the release has no image for"})),
     "DeviceInfo": _obj(["name", "fleet", "state", "online", "public_key", "mesh_ipv4",
                         "mesh_ipv6", "agent_version", "endpoint", "lan_endpoints", "last_seen",
                         "last_report", "enrolled_at"],
@@ -288,7 +295,11 @@ SCHEMAS: dict[str, Any] = {
                        tags=_TAGS,
                        timezone={"type": ["string", "null"],
                                  "description": "its local time zone, as its last report "
-                                                "said (null: not said)"}),
+                                                "said (null: not said)"},
+                       platform={"type": ["string", "null"],
+                                 "description": "os/arch[/variant] (e.g. linux/arm/v7), as its "
+                                                "enrollment or last report said (null: not "
+                                                "said)"}),
     # uses: at most the fleet's quota of devices (the coordinator's --max-fleet-devices)
     "TokenRequest": _obj(["fleet"], fleet=_DEV,
                          uses={"type": ["integer", "null"], "minimum": 1, "default": 1},

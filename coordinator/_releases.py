@@ -611,7 +611,8 @@ class ReleaseRegistry:
                 "target": (target.version if target is not None
                            else None if status is None else status.target),
                 "online": online(d),
-                "error": status.error if status is not None and state == "failed" else None,
+                "error": status.error if status is not None
+                and state in ("failed", "no-platform") else None,
                 "lock_since": None if status is None else status.lock_since,
                 "lock_stale": lock_stale(status, now, lock_stale_after),
                 "by_source": (status.by_source if current and status else SourceBytes()
@@ -631,7 +632,7 @@ PENDING: Final = "pending"  # targeted, but its agent has not reported working o
 SUMMARY_STATES: Final = {
     "running": ("running",), "failed": ("failed",), "downloading": ("downloading",),
     "waiting": ("waiting-lock", "waiting-phase", "waiting-window"), "pending": (PENDING,),
-    "superseded": (SUPERSEDED,)}
+    "superseded": (SUPERSEDED,), "no_platform": ("no-platform",)}
 
 
 def chosen_targets(targets: list[FleetTarget], device: str,
