@@ -606,8 +606,9 @@ MAX_WATCH_INTERVAL = 60.0
 
 def _summary_text(status: dict[str, Any]) -> str:
     s = status.get("summary") or {}
-    parts = [f"{s.get(k, 0)} {k}" for k in ("running", "downloading", "waiting", "failed",
-                                            "pending", "superseded") if s.get(k)]
+    parts = [f"{s.get(k, 0)} {k.replace('_', ' ')}"
+             for k in ("running", "downloading", "waiting", "failed", "no_platform", "pending",
+                       "superseded") if s.get(k)]
     return (f"{status.get('app')} version {status.get('version')} in fleet "
             f"{status.get('fleet')}: {s.get('total', 0)} devices"
             + (f" ({', '.join(parts)})" if parts else "") + _rollout_text(status))
