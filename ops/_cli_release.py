@@ -447,7 +447,10 @@ def _release_show(args: argparse.Namespace) -> int:
     if args.json:
         print_json(info)
         return 0
-    table(_RELEASE_COLUMNS, [_release_row(info)])
+    listed = info.get("layers")
+    # the detail lists its layers where a release row counts them
+    table(_RELEASE_COLUMNS, [_release_row(
+        {**info, "layers": len(listed) if isinstance(listed, list) else listed})])
     platforms = [p for p in info.get("platforms") or [] if isinstance(p, dict)]
     if platforms:
         print()

@@ -306,6 +306,8 @@ def test_two_platform_release_with_coordinator_and_cli(
     assert arm_layer["deltas"], arm_layer
     text_out = cli("release", "show", "cams", "web", "2").stdout
     assert "linux/amd64" in text_out and "linux/arm64" in text_out
+    assert "diff_id" not in text_out  # the release row counts the layers (3), it does not list them
+    print(f"\n{text_out}")  # pytest -s: the platforms of v2 and their bytes
 
     with OperatorClient(env["FLEETMESH_URL"], env["FLEETMESH_API_KEY"],
                         fingerprint=env["FLEETMESH_FINGERPRINT"]) as client:
