@@ -52,7 +52,7 @@ from ._gossip import GossipNode
 from ._lan import LanPeerJoin, run_lan_discovery
 from ._link import ClientFactory, CoordinatorLink, Log, one_line
 from ._paths import LAZY_AFTER, PathSelector
-from ._release_sync import GossipSettings, ReleaseSync
+from ._release_sync import GossipSettings, ReleaseSync, host_platform
 from ._rotation import RootWatch
 from ._timezone import device_timezone
 from ._uploads import REPORT_INTERVAL, Reporter
@@ -235,7 +235,9 @@ class Agent:
                             for name, counts in list(counted.items())[:MAX_PEERS])
         return DeviceReport(self.lan_endpoints(), self.agent_version, paths, apps, misbehaving,
                             self.wg.link_state(), self.account.days(self.clock(), REPORTED_DAYS),
-                            self.budget(), self.timezone())
+                            self.budget(), self.timezone(),
+                            self.releases.platform if self.releases is not None
+                            else host_platform())
 
     def budget(self) -> WanBudget | None:
         """The WAN budget and what this period used so far; crossing it (or a new period

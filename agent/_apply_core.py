@@ -175,6 +175,9 @@ class Target:
     retry: int = 0  # operator retry counter for this device and app
     hold: bool = False  # rollout: downloaded, not applied until the device's phase starts
     window: Window | None = None  # apply only inside it, in the device's local time
+    # The release has no image for this device's platform (VerifiedRelease.platform_error):
+    # nothing to fetch or run; the app keeps what runs and reports "no-platform" with this.
+    platform_error: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,6 +491,8 @@ def _idle(ctx: _Ctx) -> Step:
     if not updating:
         return ctx.step(_idle_state(ctx))
     assert t is not None
+    if t.platform_error:  # nothing this device can run: it stays on what it runs
+        return ctx.step("no-platform")
     gate = apply_gate(t, obs.utc_offset, ctx.now)
     if gate is not None:  # not even kill-then-download's stop, nor the image's rebuild
         if not t.ready:
@@ -514,6 +519,8 @@ def _idle_state(ctx: _Ctx) -> str:
         return "failed"
     if t.version == j.current:
         return "running"
+    if t.platform_error:
+        return "no-platform"
     if not t.ready:
         return "downloading"
     gate = apply_gate(t, ctx.obs.utc_offset, ctx.now)
@@ -527,7 +534,7 @@ def _retarget(ctx: _Ctx) -> Step | None:
     j, t = ctx.j, ctx.target
     if t is None or t.version == j.to:
         return None
-    if t.version == j.current or t.version in j.failed \
+    if t.version == j.current or t.version in j.failed or t.platform_error \
             or apply_gate(t, ctx.obs.utc_offset, ctx.now) is not None:
         return ctx.step("rolling-back", journal=replace(j, phase="rolling-back"))
     return ctx.step("stopping" if j.phase == "stopping" else "starting",

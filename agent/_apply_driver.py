@@ -159,8 +159,12 @@ class Applier:
                  crash: Callable[[str], None] = crash_point,
                  clock: Callable[[], float] = time.time, follow_logs: bool = True,
                  log_buffer: LogBuffer | None = None,
-                 utc_offset: Callable[[float], int] = local_utc_offset) -> None:
+                 utc_offset: Callable[[float], int] = local_utc_offset,
+                 platform: str | None = None) -> None:
         self.device = device
+        # the device's platform: releases read back from disk are narrowed to it, as the
+        # node narrowed them when they arrived (VerifiedRelease)
+        self.platform = platform
         self.fleet = fleet
         self.data_dir = Path(data_dir)
         self.engine = engine
@@ -238,7 +242,8 @@ class Applier:
                 if v is not None}
         a.releases = {v: r for v, r in (a.releases or {}).items() if v in keep}
         a.releases[version] = release  # before the target names it (worker thread)
-        a.target = Target(version, manifest, ready, force, max(0, retry), hold, window)
+        a.target = Target(version, manifest, ready, force, max(0, retry), hold, window,
+                          release.platform_error)
         if ready and a.missing_blob is not None:
             a.missing_blob = None
         if old != a.target:
@@ -445,7 +450,7 @@ class Applier:
         """A release this process verified, else the journal's copy, verified on reading."""
         r = self._releases.get((app, version))
         if r is None:
-            r = self._apps[app].journal.release(version, self.key, self.fleet)
+            r = self._apps[app].journal.release(version, self.key, self.fleet, self.platform)
             if r is not None:
                 self._releases[(app, version)] = r
         return r
@@ -711,7 +716,10 @@ class Applier:
             bytes_done=a.bytes_done, bytes_total=a.bytes_total,
             by_source=SourceBytes(by_source.get("lan", 0), by_source.get("wan_peer", 0),
                                   by_source.get("coordinator", 0)),
-            lock_since=a.lock_since, error=a.engine_error or a.state.error,
+            lock_since=a.lock_since,
+            error=a.engine_error or (a.target.platform_error if a.target is not None
+                                     and a.status_state == "no-platform" else None)
+            or a.state.error,
             failed=a.state.failed, retry_seen=a.state.retry_seen,
             updated_at=a.updated_at or self._started_at)
 

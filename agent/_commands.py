@@ -39,7 +39,7 @@ from ._device import DEFAULT_IFNAME, DEFAULT_WG_PORT, WireGuardGoDevice, lan_end
 from ._gossip import GOSSIP_PORT
 from ._link import ClientFactory
 from ._paths import LAZY_AFTER
-from ._release_sync import ApplySettings, GossipSettings
+from ._release_sync import ApplySettings, GossipSettings, host_platform
 
 MAX_CONFIG_BYTES: Final = 64 * 1024
 
@@ -230,7 +230,7 @@ def _join(args: argparse.Namespace) -> int:
             # The private key stays here: the SDK uses it only to answer the coordinator's
             # challenge when this device is enrolled already (its enrollment.json was lost).
             return await enroll(url, token, public, name, lan, package_version(),
-                                private_key=private)
+                                private_key=private, platform=host_platform())
 
     try:
         enrollment, cert_der, root = trio.run(go)

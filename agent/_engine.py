@@ -28,7 +28,7 @@ import docker
 import requests
 
 from mesh.image import read_saved_image
-from mesh.release import ReleaseError
+from mesh.release import ManifestError, ReleaseError, normalize_platform
 
 from ._apply_core import LABEL_APP, LABEL_DEVICE, LABEL_RELEASE, ContainerView, one_line
 
@@ -99,6 +99,18 @@ class DockerEngine:
 
     def ping(self) -> None:
         self._call("docker ping", self.api.ping)
+
+    def platform(self) -> str:
+        """The engine's platform, `os/arch[/variant]` (docker info: OSType, and Architecture as
+        its kernel names it: x86_64, aarch64, armv7l); EngineError if it does not say."""
+        info = self._call("docker info", self.api.info)
+        os_type, arch = info.get("OSType"), info.get("Architecture")
+        if not isinstance(os_type, str) or not isinstance(arch, str):
+            raise EngineError("docker info: no OSType or Architecture")
+        try:
+            return normalize_platform(os_type, arch)
+        except ManifestError as exc:
+            raise EngineError(f"docker info: {exc}") from None
 
     # -- containers ------------------------------------------------------------------------
 

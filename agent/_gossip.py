@@ -143,12 +143,15 @@ class TransportConfig:
     max_serving_per_peer: int = 32  # BlobRequests we serve at once for one peer
 
 
-def release_verifier(release_key_hex: str | None, fleet: str | None) -> Verifier | None:
+def release_verifier(release_key_hex: str | None, fleet: str | None,
+                     platform: str | None = None) -> Verifier | None:
     """The rumor core's verify for the fleet's pinned release key (`Enrollment.release_key`);
-    None without a key (then no manifest is accepted)."""
+    None without a key (then no manifest is accepted). With the device's `platform`, every
+    release is narrowed to that platform's image: the node wants, stores and offers only its
+    blobs (mesh.release.verify_release)."""
     if release_key_hex is None:
         return None
-    return make_verifier(bytes.fromhex(release_key_hex), fleet=fleet)
+    return make_verifier(bytes.fromhex(release_key_hex), fleet=fleet, platform=platform)
 
 
 class _SendQueue:

@@ -158,16 +158,16 @@ class AppJournal:
         except OSError as exc:
             raise JournalError(f"cannot write {path}: {exc.strerror or exc}") from None
 
-    def release(self, version: int, key: VerifyKey | bytes, fleet: str | None
-                ) -> VerifiedRelease | None:
-        """The stored release `version`, verified again (it comes back from disk); None if
-        absent or not valid."""
+    def release(self, version: int, key: VerifyKey | bytes, fleet: str | None,
+                platform: str | None = None) -> VerifiedRelease | None:
+        """The stored release `version`, verified again (it comes back from disk) and narrowed
+        to `platform` if given; None if absent or not valid."""
         try:
             encoded = self._release_path(version).read_bytes()
         except OSError:
             return None
         try:
-            release = verify_release(encoded, key, fleet=fleet, app=self.app)
+            release = verify_release(encoded, key, fleet=fleet, app=self.app, platform=platform)
         except ReleaseError:
             return None
         return release if release.manifest.version == version else None

@@ -28,6 +28,7 @@ pin back) and passed on as `mesh.release.VerifiedRelease`.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -46,6 +47,7 @@ from mesh.release import (
     RootMetadata,
     SignedRoot,
     VerifiedRelease,
+    machine_platform,
     verify_release,
 )
 from mesh.rumor import LAN_RUMOR, METERED_RUMOR
@@ -166,6 +168,9 @@ class ReleaseSync:
         self._targets_wake = trio.Event()
         self._sync_wake = trio.Event()
         self._refused: set[tuple[str, int]] = set()
+        # The device's platform (os/arch[/variant]): the engine's at `run`, else this host's.
+        # Every release is verified narrowed to it (mesh.release.verify_release).
+        self.platform = host_platform()
         self.freshness = (None if enrollment.release_key is None else FreshnessWatch(
             enrollment.release_key, enrollment.fleet, lambda m: log(f"freshness: {m}")))
         link.reachability.append(self._coordinator_reachable)
@@ -195,6 +200,9 @@ class ReleaseSync:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
+        if self.settings.apply is not None:
+            self.platform = await trio.to_thread.run_sync(self._engine_platform,
+                                                          self.settings.apply)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._gossip_loop)
             nursery.start_soon(self._targets_loop)
@@ -203,6 +211,22 @@ class ReleaseSync:
             if self.settings.apply is not None:
                 nursery.start_soon(self._apply_loop, self.settings.apply)
             task_status.started()
+
+    def _engine_platform(self, settings: ApplySettings) -> str:
+        """The platform the engine that runs the apps reports; this host's (`uname -m`) if it
+        does not answer now (the same machine in every deployment: the engine's socket is
+        local)."""
+        try:
+            engine = _make_engine(settings)
+            try:
+                return str(engine.platform())
+            finally:
+                if settings.engine_factory is None:
+                    engine.close()
+        except Exception as exc:  # noqa: BLE001 - EngineError, or a fake's
+            self.log(f"platform: the Docker engine did not say ({one_line(exc)}); this host is "
+                     f"{self.platform}")
+            return self.platform
 
     # -- the mesh node -------------------------------------------------------------------------
 
@@ -226,7 +250,7 @@ class ReleaseSync:
         if store is None:
             self.log("gossip: no blob store; no mesh node")
             return
-        verify = release_verifier(enrollment.release_key, enrollment.fleet)
+        verify = release_verifier(enrollment.release_key, enrollment.fleet, self.platform)
         address = f"{enrollment.mesh_ipv4}:{settings.port}"
         errors = ErrorOnce(self.log, GOSSIP_RETRY)
         while True:
@@ -391,7 +415,7 @@ class ReleaseSync:
         assert key is not None  # the applier (and so AppSync) runs only with a release key
         try:
             release = verify_release(data, bytes.fromhex(key), fleet=self.enrollment.fleet,
-                                     app=target.app)
+                                     app=target.app, platform=self.platform)
             if release.manifest.version != target.version:
                 raise ReleaseError(f"it is version {release.manifest.version}")
         except ReleaseError as exc:
@@ -429,7 +453,7 @@ class ReleaseSync:
             await trio.sleep(ENGINE_RETRY)
         applier = Applier(device=enrollment.name, fleet=enrollment.fleet,
                           data_dir=self.data_path, engine=engine, store=store,
-                          release_key_hex=enrollment.release_key,
+                          release_key_hex=enrollment.release_key, platform=self.platform,
                           log=lambda m: self.log(f"apply: {m}"))
         appsync = self.appsync = AppSync(applier, enrollment.fleet)
         async with trio.open_nursery() as nursery:
@@ -479,6 +503,11 @@ class ReleaseSync:
             except Exception as exc:  # noqa: BLE001 - LanDiscoveryError, OSError, zeroconf's
                 errors.failed(f"LAN discovery on {underlay}: {one_line(exc)}")
             await trio.sleep(LAN_RETRY)
+
+
+def host_platform() -> str:
+    """This machine's platform as its kernel names it (`uname -m`: x86_64 -> linux/amd64)."""
+    return machine_platform(os.uname().machine, os.uname().sysname.lower())
 
 
 def _make_engine(settings: ApplySettings) -> Any:

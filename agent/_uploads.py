@@ -38,7 +38,7 @@ REPORT_INTERVAL: Final = 6 * 3600.0
 # window (days, maybe).
 ROLLOUT_REPORT_INTERVAL: Final = 10.0
 SETTLED_STATES: Final = frozenset({"idle", "running", "failed", "waiting-lock", "waiting-phase",
-                                   "waiting-window"})
+                                   "waiting-window", "no-platform"})
 # Some changes come with no event to wake the reporter: the device's LAN addresses (a new DHCP
 # lease), a misbehaving peer counted again for a reason already reported, the fleet's timestamp
 # expiring (the `stale` flag). The report is rebuilt locally this often and sent only when it

@@ -42,6 +42,8 @@ class Device:
     # the operator's key=value tags (mesh.rollout.check_tags): selectors pick devices by them
     tags: dict[str, str] = field(default_factory=dict)
     timezone: str | None = None  # its local time zone, as its last report said (windows)
+    # os/arch[/variant], as its enrollment or last report said (None: its agent does not say)
+    platform: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +81,7 @@ class EnrollParams:
     name: str | None = None
     lan_endpoints: tuple[str, ...] = ()
     agent_version: str = ""
+    platform: str = ""  # os/arch[/variant] ("": an old agent that does not say)
     # The id of the device the caller proved to be (its credential or its private key), the
     # only way to enroll again a name that is active (docs/security.md)
     proven_device_id: str | None = None
@@ -227,6 +230,7 @@ class DeviceInfo(TypedDict):
     wan_budget: dict[str, Any] | None  # mesh.control.WanBudget JSON from its last report
     tags: dict[str, str]  # the operator's key=value tags
     timezone: str | None  # its local time zone, from its last report
+    platform: str | None  # os/arch[/variant] from its enrollment or last report
 
 
 def device_info(device: Device, *, online: bool, endpoint: str | None,
@@ -251,7 +255,8 @@ def device_info(device: Device, *, online: bool, endpoint: str | None,
             "wan_bytes": None if device.wan_bytes is None else
             {day: dict(c) for day, c in sorted(device.wan_bytes.items(), reverse=True)},
             "wan_budget": None if device.wan_budget is None else device.wan_budget.to_json(),
-            "tags": dict(sorted(device.tags.items())), "timezone": device.timezone}
+            "tags": dict(sorted(device.tags.items())), "timezone": device.timezone,
+            "platform": device.platform}
 
 
 WAN_DAYS_KEPT = 7  # a device's byte account: the newest week of days it reported
@@ -339,10 +344,22 @@ class LayerInfo(TypedDict):
     chunks: int
     stored_size: int
     deltas: list[DeltaInfo]
+    platform: str  # of the image it belongs to; "" for an image stating none
+
+
+class PlatformInfo(TypedDict):
+    """One platform's image of a release (docs/releases.md, "Several platforms")."""
+
+    platform: str
+    layers: int
+    size: int  # uncompressed layer bytes
+    stored_size: int  # chunk bytes
+    delta_size: int
 
 
 class ReleaseDetail(TypedDict):
-    """GET /releases/{fleet}/{app}/{version}: ReleaseInfo with its layers listed."""
+    """GET /releases/{fleet}/{app}/{version}: ReleaseInfo with its layers and platforms
+    listed (`layers` is every platform's, in the order of `platforms`)."""
 
     fleet: str
     app: str
@@ -350,6 +367,7 @@ class ReleaseDetail(TypedDict):
     created_at: int
     key_id: str
     layers: list[LayerInfo]
+    platforms: list[PlatformInfo]
     size: int
     stored_size: int
     delta_size: int

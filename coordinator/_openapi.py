@@ -104,6 +104,10 @@ _STRN = {"type": ["string", "null"]}
 _NUMN = {"type": ["number", "null"]}
 _INTN = {"type": ["integer", "null"]}
 _EPS = {"type": "array", "items": _STR, "maxItems": 8}
+_PLATFORM = {"type": "string", "maxLength": 64,
+             "pattern": r"^[a-z0-9]+/[a-z0-9_.-]+(/[a-z0-9_.-]+)?$",
+             "description": "the device's platform, os/arch[/variant] in canonical form "
+                            "(e.g. linux/amd64, linux/arm64, linux/arm/v7)"}
 # device tags (mesh.rollout.check_tags) and selectors (docs/rollouts.md)
 _TAGS = {"type": "object", "maxProperties": MAX_TAGS,
          "propertyNames": {"pattern": _ecma(TAG_KEY_RE)},
@@ -143,7 +147,8 @@ SCHEMAS: dict[str, Any] = {
     # credential or key_proof: enrolling again an active device (docs/security.md)
     "EnrollRequest": _obj(["token", "public_key"], token=_STR, public_key=_WG_KEY, name=_DEVN,
                           lan_endpoints=_EPS, agent_version=_STR, credential=_STRN,
-                          key_proof=_obj(["challenge", "mac"], challenge=_STR, mac=_STR)),
+                          key_proof=_obj(["challenge", "mac"], challenge=_STR, mac=_STR),
+                          platform=_PLATFORM),
     "Enrollment": _obj(["device_id", "name", "fleet", "credential", "mesh_ipv4", "mesh_ipv6",
                         "mesh_prefix_v4", "mesh_prefix_v6", "hub"],
                        device_id=_STR, name=_STR, fleet=_STR, credential=_STR, mesh_ipv4=_STR,
@@ -181,7 +186,7 @@ SCHEMAS: dict[str, Any] = {
                              "items": _obj(["name", "counts"], name=_DEV,
                                            counts=_ref("MisbehaviourCounts"))},
                          link=_ref("LinkState"), wan_bytes=_ref("WanBytes"),
-                         wan_budget=_ref("WanBudget"),
+                         wan_budget=_ref("WanBudget"), platform=_PLATFORM,
                          timezone={"type": "string", "maxLength": 64,
                                    "description": "the device's time zone (IANA or UTC±HH:MM)"},
                          stopping={"type": "boolean",
@@ -258,9 +263,11 @@ SCHEMAS: dict[str, Any] = {
                               reason=_STRN)], "description": "the release's rollout (null: "
                                                             "none)"},
                           summary=_obj(["total", "running", "failed", "downloading", "waiting",
-                                        "pending", "superseded"], total=_INT, running=_INT,
-                                       failed=_INT, downloading=_INT, waiting=_INT,
-                                       pending=_INT, superseded=_INT)),
+                                        "pending", "superseded", "no_platform"], total=_INT,
+                                       running=_INT, failed=_INT, downloading=_INT,
+                                       waiting=_INT, pending=_INT, superseded=_INT,
+                                       no_platform={**_INT, "description": "devices whose "
+                                                    "platform the release has no image for"})),
     "DeviceInfo": _obj(["name", "fleet", "state", "online", "public_key", "mesh_ipv4",
                         "mesh_ipv6", "agent_version", "endpoint", "lan_endpoints", "last_seen",
                         "last_report", "enrolled_at"],
@@ -294,7 +301,11 @@ SCHEMAS: dict[str, Any] = {
                        tags=_TAGS,
                        timezone={"type": ["string", "null"],
                                  "description": "its local time zone, as its last report "
-                                                "said (null: not said)"}),
+                                                "said (null: not said)"},
+                       platform={"type": ["string", "null"],
+                                 "description": "os/arch[/variant] (e.g. linux/arm/v7), as its "
+                                                "enrollment or last report said (null: not "
+                                                "said)"}),
     # uses: at most the fleet's quota of devices (the coordinator's --max-fleet-devices)
     "TokenRequest": _obj(["fleet"], fleet=_DEV,
                          uses={"type": ["integer", "null"], "minimum": 1, "default": 1},
@@ -312,13 +323,19 @@ SCHEMAS: dict[str, Any] = {
                         fleet=_STR, app=_STR, version=_INT, created_at=_INT, key_id=_STR,
                         layers=_INT, size=_INT, stored_size=_INT, delta_size=_INT,
                         published_at={"type": "number"}),
-    "ReleaseDetail": _obj(["fleet", "app", "version", "layers"], fleet=_STR, app=_STR,
-                          version=_INT, layers={"type": "array", "items": _obj(
-                              ["diff_id", "size", "chunks", "stored_size", "deltas"],
+    "ReleaseDetail": _obj(["fleet", "app", "version", "layers", "platforms"], fleet=_STR,
+                          app=_STR, version=_INT, layers={"type": "array", "items": _obj(
+                              ["diff_id", "size", "chunks", "stored_size", "deltas",
+                               "platform"],
                               diff_id=_STR, size=_INT, chunks=_INT, stored_size=_INT,
+                              platform=_STR,
                               deltas={"type": "array", "items": _obj(
                                   ["source_diff_id", "size", "method"], source_diff_id=_STR,
-                                  size=_INT, method=_STR)})}),
+                                  size=_INT, method=_STR)})},
+                          platforms={"type": "array", "items": _obj(
+                              ["platform", "layers", "size", "stored_size", "delta_size"],
+                              platform=_STR, layers=_INT, size=_INT, stored_size=_INT,
+                              delta_size=_INT)}),
     "MissingBlobs": _obj(["error", "missing"], error=_STR,
                          missing={"type": "array", "items": _BLOB_ID}),
     "Target": _obj(["fleet", "app", "version", "device", "pin", "set_at"], fleet=_STR,

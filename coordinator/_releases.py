@@ -30,6 +30,7 @@ from mesh.release import (
     SignedRoot,
     Timestamp,
     VerificationError,
+    all_layers,
     decode_manifest,
     decode_pin,
     decode_root_body,
@@ -38,6 +39,7 @@ from mesh.release import (
     decode_signed_root,
     encode_signed_root,
     key_id,
+    release_images,
     root_fingerprint,
     sign_timestamp,
     signed_root_to_json,
@@ -61,6 +63,7 @@ from ._model import (
     Forbidden,
     LayerInfo,
     NotFound,
+    PlatformInfo,
     Release,
     ReleaseDetail,
     ReleaseInfo,
@@ -173,10 +176,11 @@ class MissingBlobs(Conflict):
 
 
 def _manifest_blobs(m: ReleaseManifest) -> list[tuple[str, BlobKind, int]]:
-    """(ID, kind, stored size) of every blob the manifest names, first occurrence only."""
+    """(ID, kind, stored size) of every blob the manifest names (every platform's image),
+    first occurrence only."""
     seen: set[str] = set()
     out = []
-    for layer in m.layers:
+    for layer in all_layers(m):
         refs = [(c.id.hex(), BlobKind.CHUNK, c.stored_size) for c in layer.chunks]
         refs += [(d.blob_id.hex(), BlobKind.DELTA, d.size) for d in layer.deltas]
         for ref in refs:
@@ -292,12 +296,13 @@ class ReleaseRegistry:
                 raise Conflict(f"{len(wrong)} blob(s) stored with another size than the "
                                f"manifest says, e.g. {k} {i}: {got} bytes, manifest {want} "
                                "(compress chunks exactly as the stored ones)")
+            layers = list(all_layers(m))
             release = Release(
                 fleet=m.fleet, app=m.app, version=m.version, signed=bytes(data),
                 key_id=signed.key_id, created_at=m.created_at, published_at=self.clock(),
-                layers=len(m.layers), size=sum(layer.size for layer in m.layers),
-                stored_size=sum(c.stored_size for layer in m.layers for c in layer.chunks),
-                delta_size=sum(d.size for layer in m.layers for d in layer.deltas),
+                layers=len(layers), size=sum(layer.size for layer in layers),
+                stored_size=sum(c.stored_size for layer in layers for c in layer.chunks),
+                delta_size=sum(d.size for layer in layers for d in layer.deltas),
                 blob_ids=tuple(i for i, _, _ in refs))
             stored, created = self.store.add_release(release)
             if created and held:
@@ -321,13 +326,22 @@ class ReleaseRegistry:
     def release_detail(self, fleet: str, app: str, version: int) -> ReleaseDetail:
         release = self._release(fleet, app, version)
         _, m = _decode(release.signed)
-        layers: list[LayerInfo] = [
-            {"diff_id": layer.diff_id, "size": layer.size, "chunks": len(layer.chunks),
-             "stored_size": sum(c.stored_size for c in layer.chunks),
-             "deltas": [{"source_diff_id": d.source_diff_id, "size": d.size,
-                         "method": d.method} for d in layer.deltas]}
-            for layer in m.layers]
-        return {**release_info(release), "layers": layers}
+        layers: list[LayerInfo] = []
+        platforms: list[PlatformInfo] = []
+        for image in release_images(m):
+            mine: list[LayerInfo] = [
+                {"diff_id": layer.diff_id, "size": layer.size, "chunks": len(layer.chunks),
+                 "stored_size": sum(c.stored_size for c in layer.chunks),
+                 "deltas": [{"source_diff_id": d.source_diff_id, "size": d.size,
+                             "method": d.method} for d in layer.deltas],
+                 "platform": image.platform}
+                for layer in image.layers]
+            layers += mine
+            platforms.append({"platform": image.platform, "layers": len(mine),
+                              "size": sum(x["size"] for x in mine),
+                              "stored_size": sum(x["stored_size"] for x in mine),
+                              "delta_size": sum(d["size"] for x in mine for d in x["deltas"])})
+        return {**release_info(release), "layers": layers, "platforms": platforms}
 
     def manifest(self, fleet: str, app: str, version: int, device: Device | None) -> bytes:
         if device is not None and device.fleet != fleet:
@@ -610,7 +624,8 @@ class ReleaseRegistry:
                 "target": (target.version if target is not None
                            else None if status is None else status.target),
                 "online": online(d),
-                "error": status.error if status is not None and state == "failed" else None,
+                "error": status.error if status is not None
+                and state in ("failed", "no-platform") else None,
                 "lock_since": None if status is None else status.lock_since,
                 "lock_stale": lock_stale(status, now, lock_stale_after),
                 "by_source": (status.by_source if current and status else SourceBytes()
@@ -630,7 +645,7 @@ PENDING: Final = "pending"  # targeted, but its agent has not reported working o
 SUMMARY_STATES: Final = {
     "running": ("running",), "failed": ("failed",), "downloading": ("downloading",),
     "waiting": ("waiting-lock", "waiting-phase", "waiting-window"), "pending": (PENDING,),
-    "superseded": (SUPERSEDED,)}
+    "superseded": (SUPERSEDED,), "no_platform": ("no-platform",)}
 
 
 def chosen_targets(targets: list[FleetTarget], device: str,

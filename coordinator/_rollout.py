@@ -323,9 +323,11 @@ def admit(rollout: Rollout, spec: RolloutSpec, members: Iterable[Member], now: f
 
 
 def _failure(view: DeviceView, version: int) -> str | None:
-    """Why the device failed the version, or None if it did not (yet)."""
+    """Why the device failed the version, or None if it did not (yet). A device whose platform
+    the release has no image for fails it at once, with the agent's line saying so: it would
+    only be late by the deadline, for a reason known now."""
     if version in view.failed_versions or (
-            view.state == "failed" and view.target_version == version):
+            view.state in ("failed", "no-platform") and view.target_version == version):
         return view.error or f"v{version} failed on the device"
     return None
 

@@ -463,6 +463,7 @@ class FleetService:
                 device_id=_secrets.new_id("d_"),
                 generated_name=f"dev-{_secrets.new_id('')[:6]}", now=self.settings.clock(),
                 name=req.name, lan_endpoints=req.lan_endpoints, agent_version=req.agent_version,
+                platform=req.platform,
                 proven_device_id=self._proven_device(req)))
         except ProofRequired as exc:
             if identity.hub_private_key:
@@ -542,7 +543,7 @@ class FleetService:
                                            self.settings.clock(), report.apps,
                                            report.misbehaving_peers, report.link,
                                            report.wan_bytes, report.wan_budget,
-                                           report.timezone)
+                                           report.timezone, report.platform)
         if cleared:  # a force the device no longer needs has left its targets
             self.releases.targets_changed(device.fleet, device.name)
         if report.stopping:

@@ -86,8 +86,8 @@ class Store(Protocol):
                       peers: Sequence[PeerPath], now: float, apps: Sequence[AppStatus] = (),
                       misbehaving: Sequence[PeerMisbehaviour] = (),
                       link: LinkState | None = None, wan_bytes: WanBytes | None = None,
-                      wan_budget: WanBudget | None = None, timezone: str | None = None
-                      ) -> list[str]:
+                      wan_budget: WanBudget | None = None, timezone: str | None = None,
+                      platform: str | None = None) -> list[str]:
         """Also replaces what the device last said of misbehaving peers with `misbehaving`
         (an old agent's report says nothing: none), merges `wan_bytes` (its byte account)
         by day with what is stored (the newest week kept), replaces its `wan_budget` (None: it
@@ -95,7 +95,7 @@ class Store(Protocol):
         previous one of that app; at most mesh.control.MAX_APPS per device, past which the
         apps this report leaves out lose theirs) and clears the force of every app now running
         the forced version or a newer one → those apps. `timezone`: the device's, as the
-        report said (None: not said)."""
+        report said (None: not said); `platform` likewise (None: kept as it was)."""
 
     def record_public_endpoint(self, device_id: str, endpoint: str | None) -> None:
         """The endpoint the hub last saw the device at (kept across coordinator restarts)."""

@@ -230,13 +230,16 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         PRIMARY KEY (fleet, app, version));
     CREATE INDEX rollouts_state ON rollouts(state);
     """,
+    # 12: each device's platform, os/arch[/variant], as its enrollment or last report said
+    # (docs/releases.md, "Several platforms"); NULL: an old agent that does not say
+    "ALTER TABLE devices ADD COLUMN platform TEXT;",
 )
 
 T = TypeVar("T")
 
 _DEVICE_COLS: Final = ("id, name, fleet, state, created_at, public_key, mesh_ipv4, mesh_ipv6, "
                        "agent_version, lan_endpoints, last_report, enrolled_at, revoked_at, "
-                       "public_endpoint, link, wan_bytes, wan_budget, tags, timezone")
+                       "public_endpoint, link, wan_bytes, wan_budget, tags, timezone, platform")
 
 
 def _json_column(text: str | None, parse: Callable[[Any], T]) -> T | None:
@@ -258,7 +261,7 @@ def _device(row: Sequence[Any]) -> Device:
                   public_endpoint=row[13], link=_json_column(row[14], LinkState.from_json),
                   wan_bytes=_json_column(row[15], wan_bytes_from_json),
                   wan_budget=_json_column(row[16], WanBudget.from_json),
-                  tags=_json_column(row[17], _tags) or {}, timezone=row[18])
+                  tags=_json_column(row[17], _tags) or {}, timezone=row[18], platform=row[19])
 
 
 def _tags(obj: Any) -> dict[str, str]:
@@ -514,6 +517,9 @@ class SqlStore(abc.ABC):
                               (device_id, name, token.fleet, p.public_key, index, v4, v6,
                                p.credential_hash, p.agent_version, lan, p.now, p.now,
                                _tags_text(token.tags or {})))
+            if p.platform:
+                c.execute("UPDATE devices SET platform = ? WHERE id = ?",
+                          (p.platform, device_id))
             out = c.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE id = ?",
                             (device_id,)).fetchone()
             return _device(out)
@@ -585,8 +591,8 @@ class SqlStore(abc.ABC):
                       peers: Sequence[PeerPath], now: float, apps: Sequence[AppStatus] = (),
                       misbehaving: Sequence[PeerMisbehaviour] = (),
                       link: LinkState | None = None, wan_bytes: WanBytes | None = None,
-                      wan_budget: WanBudget | None = None, timezone: str | None = None
-                      ) -> list[str]:
+                      wan_budget: WanBudget | None = None, timezone: str | None = None,
+                      platform: str | None = None) -> list[str]:
         cleared = []
         with self._tx() as c:
             # Only names of the reporter's fleet's live devices are kept: a report can name
@@ -604,6 +610,8 @@ class SqlStore(abc.ABC):
             if link is not None:
                 c.execute("UPDATE devices SET link = ? WHERE id = ?",
                           (json.dumps(link.to_json()), device_id))
+            if platform is not None:
+                c.execute("UPDATE devices SET platform = ? WHERE id = ?", (platform, device_id))
             if wan_bytes is not None:
                 row = c.execute("SELECT wan_bytes FROM devices WHERE id = ?",
                                 (device_id,)).fetchone()

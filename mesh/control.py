@@ -21,6 +21,7 @@ from typing import Any, Final, Literal, TypeVar
 from nacl.bindings import crypto_scalarmult
 
 from mesh.names import APP_NAME_RE, DEVICE_NAME_RE, MAX_APP_NAME
+from mesh.release import ManifestError, parse_platform
 from mesh.rollout import RolloutSpecError, Window
 
 MAX_BODY_BYTES: Final = 256 * 1024  # a peer map of ~1,000 peers; anything larger is refused
@@ -176,6 +177,9 @@ class EnrollRequest:
     agent_version: str = ""
     credential: str | None = None
     key_proof: KeyProof | None = None
+    # the device's platform, os/arch[/variant] (docs/releases.md, "Several platforms");
+    # "" from old agents
+    platform: str = ""
 
     def __repr__(self) -> str:
         # Keep the token and the credential out of logs and tracebacks by accident.
@@ -191,6 +195,8 @@ class EnrollRequest:
             out["credential"] = self.credential
         if self.key_proof is not None:
             out["key_proof"] = self.key_proof.to_json()
+        if self.platform:
+            out["platform"] = self.platform
         return out
 
     @classmethod
@@ -206,6 +212,7 @@ class EnrollRequest:
             agent_version=_get(obj, "agent_version", str, w, optional=True) or "",
             credential=_get(obj, "credential", str, w, optional=True),
             key_proof=None if proof is None else KeyProof.from_json(proof),
+            platform=check_platform(obj.get("platform"), f"{w}.platform") or "",
         )
 
 
@@ -407,7 +414,10 @@ APP_STATES: Final = ("idle", "downloading", "waiting-lock", "loading", "stopping
                      # downloaded, held until the device's rollout phase starts (target.hold)
                      "waiting-phase",
                      # downloaded, waiting for the device's maintenance window (target.window)
-                     "waiting-window")
+                     "waiting-window",
+                     # the target release has no image for the device's platform: it keeps
+                     # running what it runs (docs/releases.md, "Several platforms")
+                     "no-platform")
 BYTE_SOURCES: Final = ("lan", "wan_peer", "coordinator")
 MAX_APPS: Final = 16  # apps per device: a device runs a handful of containerised apps
 MAX_ERROR_LEN: Final = 500  # one line an operator reads, not a stack trace
@@ -709,6 +719,20 @@ def check_timezone(value: Any, where: str = "timezone") -> str | None:
     return value
 
 
+def check_platform(value: Any, where: str = "platform") -> str | None:
+    """A device's platform in its canonical `os/arch[/variant]` form (mesh.release
+    parse_platform); None stays None."""
+    if value is None:
+        return None
+    try:
+        platform = parse_platform(value)
+    except ManifestError as exc:
+        raise ControlError(f"{where}: {exc}") from None
+    if platform != value:
+        raise ControlError(f"{where}: {value!r} is not canonical (send {platform!r})")
+    return platform
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceReport:
     """What an agent reports about itself: LAN candidates, version, per-peer paths, the state
@@ -727,6 +751,8 @@ class DeviceReport:
     # the device's time zone (IANA name or UTC±HH:MM), in which a target's window is read;
     # absent from old agents
     timezone: str | None = None
+    # the device's platform, os/arch[/variant] (its engine's); absent from old agents
+    platform: str | None = None
     # the agent's last report before it stops on purpose (SIGTERM, `systemctl stop`): the
     # device is offline from now on, not only once the online window has passed
     stopping: bool = False
@@ -744,6 +770,8 @@ class DeviceReport:
             out["wan_budget"] = self.wan_budget.to_json()
         if self.timezone is not None:
             out["timezone"] = self.timezone
+        if self.platform is not None:
+            out["platform"] = self.platform
         if self.stopping:
             out["stopping"] = True
         return out
@@ -778,6 +806,7 @@ class DeviceReport:
                    None if obj.get("wan_budget") is None
                    else WanBudget.from_json(obj["wan_budget"], f"{w}.wan_budget"),
                    check_timezone(obj.get("timezone"), f"{w}.timezone"),
+                   check_platform(obj.get("platform"), f"{w}.platform"),
                    _get(obj, "stopping", bool, w, optional=True) or False)
 
 

@@ -68,14 +68,16 @@ def rumor_rounds(config: RumorConfig, n: int) -> int:
     return config.rumor_mult * max(1, math.ceil(math.log10(n + 1)))
 
 
-def make_verifier(pinned_public_key: bytes, *, fleet: str | None = None) -> Verifier:
-    """The verifier a driver injects: the fleet's pinned operator key, any version.
+def make_verifier(pinned_public_key: bytes, *, fleet: str | None = None,
+                  platform: str | None = None) -> Verifier:
+    """The verifier a driver injects: the fleet's pinned operator key, any version; with
+    `platform`, each release narrowed to that platform's image (`verify_release`).
 
     Which version may be *installed* (not older than the running one, unless pinned) is the
     agent's decision; dissemination only keeps the newest authentic one per (fleet, app).
     """
     def verify(data: bytes) -> VerifiedRelease:
-        return verify_release(data, pinned_public_key, fleet=fleet)
+        return verify_release(data, pinned_public_key, fleet=fleet, platform=platform)
     return verify
 
 

@@ -98,14 +98,16 @@ def _tags_text(tags: Any) -> str:
 
 
 _DEVICE_COLUMNS: Final = ["NAME", "FLEET", "STATE", "ONLINE", "RELEASE", "MESH IPV4",
-                          "MESH IPV6", "ENDPOINT", "LAST SEEN", "AGENT", "REPORTED", "TAGS"]
+                          "MESH IPV6", "ENDPOINT", "LAST SEEN", "AGENT", "PLATFORM", "REPORTED",
+                          "TAGS"]
 
 
 def _device_row(d: dict[str, Any]) -> list[str]:
     return [text(d.get("name")), text(d.get("fleet")), text(d.get("state")),
             text(bool(d.get("online"))), _release_text(d), text(d.get("mesh_ipv4")),
             text(d.get("mesh_ipv6")), text(d.get("endpoint")), when(d.get("last_seen")),
-            text(d.get("agent_version")), _reported_text(d.get("reported_misbehaving")),
+            text(d.get("agent_version")), text(d.get("platform")),
+            _reported_text(d.get("reported_misbehaving")),
             _tags_text(d.get("tags"))]
 
 
@@ -231,7 +233,7 @@ def _show_device(d: dict[str, Any]) -> None:
               ("online", bool(d.get("online"))), ("public key", d.get("public_key")),
               ("mesh IPv4", d.get("mesh_ipv4")), ("mesh IPv6", d.get("mesh_ipv6")),
               ("endpoint", d.get("endpoint")), ("LAN endpoints", d.get("lan_endpoints")),
-              ("agent", d.get("agent_version"))]
+              ("agent", d.get("agent_version")), ("platform", d.get("platform"))]
     rows = [[k, text(v)] for k, v in fields]
     rows.append(["last seen", when(d.get("last_seen"))])
     rows.append(["enrolled", date(d.get("enrolled_at"))])

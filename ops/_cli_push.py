@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from mesh.clikit import EXIT_REFUSED, CliError
+from mesh.release import MAX_PLATFORMS
 from ops._build import BuildError, buildx_available, check_tag, docker_build, parse_platforms
 from ops._cli_common import add_common_options, api_errors, operator_client
 from ops._cli_release import add_publish_options, publish_and_report, publish_plan
@@ -35,30 +36,38 @@ def register(subparsers: Any) -> None:
                       help="build context holding the Dockerfile (default .)")
     push.add_argument("--tag", metavar="IMAGE",
                       help="tag the built image so (default fleetmesh/APP:VERSION)")
-    push.add_argument("--platform", metavar="OS/ARCH",
+    push.add_argument("--platform", metavar="OS/ARCH[,OS/ARCH...]",
                       help="build for this platform (e.g. linux/arm64; the engine must be able "
-                           "to run its RUN steps). Several platforms need docker buildx and "
-                           "multi-arch releases, which do not exist yet")
+                           "to run its RUN steps). Several, comma-separated, are built one by "
+                           "one with docker buildx and published as one release with an image "
+                           "per platform")
     push.add_argument("--build-arg", action="append", default=[], metavar="NAME=VALUE",
                       help="a Dockerfile ARG (repeatable), e.g. --build-arg BASE=busybox:1.36")
     add_publish_options(push)
     push.set_defaults(handler=_push)
 
 
-def _platform(text: str | None) -> str | None:
+def _platforms(text: str | None) -> tuple[str, ...]:
+    """The platforms to build (none: the engine's own); several need buildx (exit 2 if the
+    client lacks it, before anything is built)."""
     if text is None:
-        return None
+        return ()
     try:
         platforms = parse_platforms(text)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    if len(platforms) > 1:
-        if not buildx_available():
-            raise CliError(f"--platform {text}: building for several platforms needs docker "
-                           "buildx, which this Docker client lacks")
-        raise CliError(f"--platform {text}: one release carries one image until multi-arch "
-                       "releases exist; push one platform at a time")
-    return platforms[0]
+    if len(platforms) > MAX_PLATFORMS:
+        raise CliError(f"--platform {text}: a release has at most {MAX_PLATFORMS} platforms")
+    if len(platforms) > 1 and not buildx_available():
+        raise CliError(f"--platform {text}: building for several platforms needs docker "
+                       "buildx, which this Docker client lacks")
+    return platforms
+
+
+def platform_tag(image: str, platform: str) -> str:
+    """The tag of one platform's image of a several-platform push: IMAGE-os-arch[-variant]
+    (fleetmesh/web:3 -> fleetmesh/web:3-linux-arm-v7)."""
+    return f"{image}-{platform.replace('/', '-')}"
 
 
 def _context(directory: Path) -> Path:
@@ -103,7 +112,7 @@ def _fix_tag(image: str, app: str, created: bool, published: int) -> None:
 def _push(args: argparse.Namespace) -> int:
     plan = publish_plan(args)
     context = _context(args.dir)
-    platform = _platform(args.platform)
+    platforms = _platforms(args.platform)
     tag = None if args.tag is None else _checked_tag(args.tag)
     for item in args.build_arg:
         name, sep, _ = item.partition("=")
@@ -121,14 +130,17 @@ def _push(args: argparse.Namespace) -> int:
     with api_errors(), operator_client(args) as client:
         version = _next_version(client, plan.fleet, plan.app, args.version)
         image = tag or f"{TAG_PREFIX}{plan.app}:{version}"
-        print(f"building {context} as {image}", file=sys.stderr, flush=True)
-        try:
-            docker_build(context, image, step=step, echo=echo if terminal else None,
-                         platform=platform, build_args=args.build_arg)
-        except BuildError as exc:
-            raise CliError(str(exc), code=EXIT_REFUSED) from None
-        result = publish_and_report(args, plan, client, image)
-    if tag is None:
+        several = len(platforms) > 1
+        built = [platform_tag(image, p) for p in platforms] if several else [image]
+        for name, platform in zip(built, platforms or (None,), strict=True):
+            print(f"building {context} as {name}", file=sys.stderr, flush=True)
+            try:
+                docker_build(context, name, step=step, echo=echo if terminal else None,
+                             platform=platform, build_args=args.build_arg, buildx=several)
+            except BuildError as exc:
+                raise CliError(str(exc), code=EXIT_REFUSED) from None
+        result = publish_and_report(args, plan, client, built)
+    if tag is None and not several:
         _fix_tag(image, plan.app, result.created, result.version)
     return 0
 

@@ -14,6 +14,7 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -316,10 +317,10 @@ def publish_plan(args: argparse.Namespace) -> PublishPlan:
 
 
 def publish_and_report(args: argparse.Namespace, plan: PublishPlan, client: Any,
-                       image: str) -> PublishResult:
-    """Publish the local `image` as `plan` says (ops._publish.publish_image), start its rollout
-    if --phases, and print the report (a table, or --json). `release create` and `push` both
-    end here."""
+                       image: str | Sequence[str]) -> PublishResult:
+    """Publish the local `image` (or images, one per platform) as `plan` says
+    (ops._publish.publish_image), start its rollout if --phases, and print the report (a
+    table, or --json). `release create` and `push` both end here."""
     progress = _RichProgress(enabled=not args.json and sys.stderr.isatty())
 
     def warn(message: str) -> None:
@@ -350,7 +351,7 @@ def publish_and_report(args: argparse.Namespace, plan: PublishPlan, client: Any,
 def _release_create(args: argparse.Namespace) -> int:
     plan = publish_plan(args)
     with api_errors(), operator_client(args) as client:
-        publish_and_report(args, plan, client, args.image)
+        publish_and_report(args, plan, client, args.images)
     return 0
 
 
@@ -364,6 +365,7 @@ def _print_publish(args: argparse.Namespace, result: PublishResult,
             "uploaded_bytes": result.uploaded_bytes, "release": result.info,
             "layers": [{"diff_id": r.diff_id, "size": r.size, "stored_size": r.stored_size,
                         "chunks": r.chunks, "reused_from": r.reused_from,
+                        "platform": r.platform,
                         "deltas": [{"source_diff_id": d.source_diff_id, "size": d.size,
                                     "method": d.method, "blob_id": d.blob_id.hex()}
                                    for d in r.deltas]} for r in result.layers],
@@ -373,6 +375,7 @@ def _print_publish(args: argparse.Namespace, result: PublishResult,
         print(f"{fleet}/{app} version {result.version}: already published, nothing to do")
         _print_rollout(rollout, False)
         return
+    several = len({r.platform for r in result.layers}) > 1
     rows = []
     for r in result.layers:
         best = r.best_delta
@@ -380,9 +383,11 @@ def _print_publish(args: argparse.Namespace, result: PublishResult,
         if r.reused_from is not None:
             delta = f"unchanged (v{r.reused_from})" + ("" if best is None else f"; {delta}")
         saving = "-" if r.saving is None else f"{100 * r.saving:.1f} %"
-        rows.append([_short(r.diff_id), size(r.size), f"{size(r.stored_size)} ({r.chunks})",
-                     delta, saving])
-    table(["LAYER", "SIZE", "STORED (CHUNKS)", "DELTA", "SAVING"], rows)
+        rows.append(([r.platform] if several else [])
+                    + [_short(r.diff_id), size(r.size), f"{size(r.stored_size)} ({r.chunks})",
+                       delta, saving])
+    table((["PLATFORM"] if several else []) + ["LAYER", "SIZE", "STORED (CHUNKS)", "DELTA",
+                                               "SAVING"], rows)
     print(f"published {fleet}/{app} version {result.version}: uploaded {result.uploaded_blobs} "
           f"blobs, {size(result.uploaded_bytes)}")
     _print_rollout(rollout, args.no_rollout)
@@ -442,7 +447,17 @@ def _release_show(args: argparse.Namespace) -> int:
     if args.json:
         print_json(info)
         return 0
-    table(_RELEASE_COLUMNS, [_release_row(info)])
+    listed = info.get("layers")
+    # the detail lists its layers where a release row counts them
+    table(_RELEASE_COLUMNS, [_release_row(
+        {**info, "layers": len(listed) if isinstance(listed, list) else listed})])
+    platforms = [p for p in info.get("platforms") or [] if isinstance(p, dict)]
+    if platforms:
+        print()
+        table(["PLATFORM", "LAYERS", "SIZE", "STORED", "DELTAS"],
+              [[text(p.get("platform") or "any"), text(p.get("layers")), size(p.get("size")),
+                size(p.get("stored_size")), size(p.get("delta_size"))] for p in platforms])
+    several = len(platforms) > 1
     layers = info.get("layers") or []
     rows = []
     for layer in layers if isinstance(layers, list) else []:
@@ -451,12 +466,14 @@ def _release_show(args: argparse.Namespace) -> int:
         deltas = layer.get("deltas") or []
         delta_text = ", ".join(f"{size(d.get('size'))} from {_short(d.get('source_diff_id'))} "
                          f"({d.get('method')})" for d in deltas if isinstance(d, dict))
-        rows.append([_short(layer.get("diff_id")), size(layer.get("size")),
-                     f"{size(layer.get('stored_size'))} ({text(layer.get('chunks'))})",
-                     delta_text or "-"])
+        rows.append(([text(layer.get("platform") or "any")] if several else [])
+                    + [_short(layer.get("diff_id")), size(layer.get("size")),
+                       f"{size(layer.get('stored_size'))} ({text(layer.get('chunks'))})",
+                       delta_text or "-"])
     if rows:
         print()
-        table(["LAYER", "SIZE", "STORED (CHUNKS)", "DELTAS"], rows)
+        table((["PLATFORM"] if several else []) + ["LAYER", "SIZE", "STORED (CHUNKS)",
+                                                   "DELTAS"], rows)
     return 0
 
 
@@ -541,8 +558,12 @@ def _register_publishing(rsub: Any) -> None:
         "create", help="publish a local Docker image as the app's next release",
         description="docker save IMAGE, cut its layers into chunks, compute deltas against the "
                     "app's last --key releases, sign with the release key and upload only the "
-                    "blobs the coordinator is missing (run again to resume)."))
-    create.add_argument("image", metavar="IMAGE", help="local image (name:tag or ID)")
+                    "blobs the coordinator is missing (run again to resume). Several IMAGEs "
+                    "make one release with an image per platform, each the platform its image "
+                    "config states (docker image inspect: Os/Architecture/Variant); devices "
+                    "fetch only their own platform's."))
+    create.add_argument("images", metavar="IMAGE", nargs="+",
+                        help="local image (name:tag or ID); one per platform")
     add_publish_options(create)
     create.set_defaults(handler=_release_create)
 
@@ -588,8 +609,9 @@ MAX_WATCH_INTERVAL = 60.0
 
 def _summary_text(status: dict[str, Any]) -> str:
     s = status.get("summary") or {}
-    parts = [f"{s.get(k, 0)} {k}" for k in ("running", "downloading", "waiting", "failed",
-                                            "pending", "superseded") if s.get(k)]
+    parts = [f"{s.get(k, 0)} {k.replace('_', ' ')}"
+             for k in ("running", "downloading", "waiting", "failed", "no_platform", "pending",
+                       "superseded") if s.get(k)]
     return (f"{status.get('app')} version {status.get('version')} in fleet "
             f"{status.get('fleet')}: {s.get('total', 0)} devices"
             + (f" ({', '.join(parts)})" if parts else "") + _rollout_text(status))

@@ -26,18 +26,24 @@ from mesh.image import SavedImage, docker_save, file_diff_id, read_saved_image, 
 from mesh.release import (
     CHUNK_SIZE,
     MAX_DELTAS_PER_LAYER,
+    MAX_PLATFORMS,
     Chunk,
     ChunkRef,
     ContainerSettings,
     Layer,
     LayerDelta,
+    PlatformImage,
     ReleaseError,
     ReleaseManifest,
+    all_layers,
     chunk_id,
     compress_chunk,
     decode_signed_manifest,
     encode_signed_manifest,
+    for_platform,
+    image_platform,
     open_chunk,
+    release_images,
     sign_manifest,
     verify_manifest,
 )
@@ -82,6 +88,7 @@ class LayerReport:
     chunks: int
     deltas: tuple[LayerDelta, ...]
     reused_from: int | None  # the earlier version whose chunks this layer reuses
+    platform: str = ""  # of the image it belongs to ("" for one image stating none)
 
     @property
     def best_delta(self) -> LayerDelta | None:
@@ -237,7 +244,9 @@ def _candidates(index: int, earlier: ReleaseManifest, exclude: set[str]) -> list
 
 
 def publish_image(registry: RegistryApi, *, fleet: str, app: str, signing_key: SigningKey,
-                  image: str | None = None, saved_tar: str | os.PathLike[str] | None = None,
+                  image: str | Sequence[str] | None = None,
+                  saved_tar: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+                  | None = None,
                   keep: int = DEFAULT_KEEP, version: int | None = None,
                   container: ContainerSettings | None = None,
                   cache_dir: str | os.PathLike[str],
@@ -247,6 +256,11 @@ def publish_image(registry: RegistryApi, *, fleet: str, app: str, signing_key: S
                   warn: Callable[[str], None] | None = None,
                   workers: int | None = None, rollout: str | None = None) -> PublishResult:
     """Publish `image` (via `docker save`) or an already saved tar as the next release.
+
+    Several images (or tars) make one release with an image per platform, each platform the
+    one its image config states (docs/releases.md, "Several platforms"); each image's deltas
+    are against the same platform's image of earlier releases. The first is the release's
+    first image.
 
     Raises PublishError (one line), ImageError, or the registry's own errors (ApiError,
     CoordinatorUnreachable...). Interrupted runs are resumed by running again: only the blobs
@@ -258,10 +272,16 @@ def publish_image(registry: RegistryApi, *, fleet: str, app: str, signing_key: S
     `rollout="held"` publishes the release held: it targets no device until its rollout
     starts (docs/rollouts.md).
     """
-    if (image is None) == (saved_tar is None):
+    images = [image] if isinstance(image, str) else list(image or ())
+    tars = ([saved_tar] if isinstance(saved_tar, (str, os.PathLike))
+            else list(saved_tar or ()))
+    if bool(images) == bool(tars):
         raise ValueError("give exactly one of image and saved_tar")
     if keep < 0:
         raise PublishError("--key must be 0 or more")
+    if len(images) + len(tars) > MAX_PLATFORMS:
+        raise PublishError(f"a release has at most {MAX_PLATFORMS} images (one per platform), "
+                           f"not {len(images) + len(tars)}")
     warnings: list[str] = []
 
     def _warn(message: str) -> None:
@@ -272,12 +292,13 @@ def publish_image(registry: RegistryApi, *, fleet: str, app: str, signing_key: S
     with tempfile.TemporaryDirectory(prefix="fleetmesh-publish-",
                                      dir=None if workdir is None else str(workdir)) as tmp:
         work = Path(tmp)
-        if saved_tar is None:
-            assert image is not None
-            saved_tar = docker_save(image, work / "image.tar", docker=docker)
-        saved = read_saved_image(saved_tar, work / "layers")
-        if image is not None:
-            Path(saved_tar).unlink(missing_ok=True)  # the layers are extracted
+        saved: list[tuple[str, SavedImage]] = []
+        for i, name in enumerate(images):
+            exported = docker_save(name, work / f"image{i}.tar", docker=docker)
+            saved.append((name, read_saved_image(exported, work / f"layers{i}")))
+            Path(exported).unlink(missing_ok=True)  # the layers are extracted
+        for i, tar in enumerate(tars):
+            saved.append((str(tar), read_saved_image(tar, work / f"layers{i}")))
         pub = _Publisher(registry, fleet, app, signing_key, work, Path(cache_dir), _warn)
         with ThreadPoolExecutor(max_workers=workers or len(os.sched_getaffinity(0)),
                                 thread_name_prefix="fleetmesh-publish") as pool:
@@ -287,19 +308,37 @@ def publish_image(registry: RegistryApi, *, fleet: str, app: str, signing_key: S
         return result
 
 
-def _publish(pub: _Publisher, pool: Executor, saved: SavedImage, keep: int,
-             version: int | None,
+def _platforms(saved: Sequence[tuple[str, SavedImage]]) -> list[str]:
+    """The platform of each image ("" for the one image of a release whose config states
+    none); PublishError for a second image of a platform or, among several, one stating none."""
+    out: list[str] = []
+    for name, image in saved:
+        platform = image_platform(image.config_bytes)
+        if platform is None and len(saved) > 1:
+            raise PublishError(f"image {name} states no platform (os, architecture) in its "
+                               "config; each image of a release is one platform's")
+        if platform in out:
+            raise PublishError(f"two images for {platform}: a release has one per platform")
+        out.append(platform or "")
+    return out
+
+
+def _publish(pub: _Publisher, pool: Executor, saved: Sequence[tuple[str, SavedImage]],
+             keep: int, version: int | None,
              container: ContainerSettings, progress: UploadProgress | None,
              now: Callable[[], float], rollout: str | None) -> PublishResult:
     reg, fleet, app = pub.registry, pub.fleet, pub.app
-    for saved_layer in saved.layers:
-        assert isinstance(saved_layer.data, Path)
-        pub.local[saved_layer.diff_id] = saved_layer.data
+    platforms = _platforms(saved)
+    for _, image in saved:
+        for saved_layer in image.layers:
+            assert isinstance(saved_layer.data, Path)
+            pub.local[saved_layer.diff_id] = saved_layer.data
     releases = sorted(reg.list_releases(fleet, app), key=_version_of, reverse=True)
     latest = _version_of(releases[0]) if releases else 0
     earlier = pub.earlier(releases, max(keep, 1))
     if (earlier and earlier[0].version == latest
-            and earlier[0].manifest.image_config == saved.config_bytes
+            and [i.image_config for i in release_images(earlier[0].manifest)]
+            == [image.config_bytes for _, image in saved]
             and earlier[0].manifest.container == container
             and version in (None, latest)):
         return PublishResult(fleet, app, latest, created=False)
@@ -309,20 +348,65 @@ def _publish(pub: _Publisher, pool: Executor, saved: SavedImage, keep: int,
     elif version <= latest:
         raise PublishError(f"version {version} is not newer than {fleet}/{app} version {latest}")
 
-    # Layers already published: reuse their chunks (and their deltas) if the coordinator still
-    # has every blob they name.
+    # Layers already published (by any platform's image: a diff ID is the same bytes): reuse
+    # their chunks (and their deltas) if the coordinator still has every blob they name.
     known: dict[str, tuple[int, Layer]] = {}
     for e in reversed(earlier):  # newest last: it wins
-        for layer in e.manifest.layers:
+        for layer in all_layers(e.manifest):
             known[layer.diff_id] = (e.version, layer)
     wanted = {ref.id.hex() for _, layer in known.values() for ref in layer.chunks}
     wanted |= {d.blob_id.hex() for _, layer in known.values() for d in layer.deltas}
     gone = set(_missing(reg, sorted(wanted)))
-    published = {ref.id: ref for e in earlier for layer in e.manifest.layers
+    published = {ref.id: ref for e in earlier for layer in all_layers(e.manifest)
                  for ref in layer.chunks if ref.id.hex() not in gone}
 
-    layers: list[Layer] = []
+    images: list[PlatformImage] = []
     reports: list[LayerReport] = []
+    for (_, image), platform in zip(saved, platforms, strict=True):
+        # Deltas against the same platform's image of earlier releases only: a device holds
+        # its own platform's layers, never another's.
+        same = [_Earlier(e.version, m) for e in earlier
+                if (m := e.manifest if len(saved) == 1 and not platform
+                    else for_platform(e.manifest, platform)) is not None]
+        layers = _image_layers(pub, pool, image, same, known, gone, published, platform,
+                               reports)
+        images.append(PlatformImage(platform, image.config_bytes, layers))
+
+    first = images[0]
+    manifest = ReleaseManifest(fleet, app, version, int(now()), first.image_config,
+                               first.layers, container,
+                               platform=first.platform if len(images) > 1 else "",
+                               more_images=tuple(images[1:]))
+    try:
+        signed = encode_signed_manifest(sign_manifest(manifest, pub.key))
+    except ReleaseError as exc:
+        raise PublishError(f"cannot encode the release: {exc}") from None
+
+    every = list(all_layers(manifest))
+    ids = sorted({r.id.hex() for layer in every for r in layer.chunks}
+                 | {d.blob_id.hex() for layer in every for d in layer.deltas})
+    missing = _missing(reg, ids)
+    count, nbytes = _upload(pub, missing, progress)
+    try:
+        info, created = reg.publish_release(signed, rollout)
+    except ApiError as exc:
+        late = getattr(exc, "missing", None)
+        if exc.status != 409 or not late:
+            raise
+        # Blobs removed while we uploaded (a release deleted meanwhile): send them, once more.
+        more, more_bytes = _upload(pub, list(late), progress)
+        count, nbytes = count + more, nbytes + more_bytes
+        info, created = reg.publish_release(signed, rollout)
+    return PublishResult(fleet, app, version, created, tuple(reports), count, nbytes, info)
+
+
+def _image_layers(pub: _Publisher, pool: Executor, saved: SavedImage,
+                  earlier: Sequence[_Earlier], known: Mapping[str, tuple[int, Layer]],
+                  gone: set[str], published: Mapping[bytes, ChunkRef], platform: str,
+                  reports: list[LayerReport]) -> tuple[Layer, ...]:
+    """One image's layers: chunks (reused where published) and deltas against `earlier`
+    (that platform's images); a LayerReport for each is appended to `reports`."""
+    layers: list[Layer] = []
     new_ids = {layer.diff_id for layer in saved.layers}
     for index, saved_layer in enumerate(saved.layers):
         data = saved_layer.read()
@@ -335,7 +419,7 @@ def _publish(pub: _Publisher, pool: Executor, saved: SavedImage, keep: int,
             layers.append(layer)
             reports.append(LayerReport(index, layer.diff_id, layer.size,
                                        sum(c.stored_size for c in old.chunks), len(old.chunks),
-                                       deltas, version_from))
+                                       deltas, version_from, platform))
             continue
         # The diffs against every earlier release start first (the longest jobs), then the
         # chunks fill the other workers; the plans are read in release order as before.
@@ -367,31 +451,9 @@ def _publish(pub: _Publisher, pool: Executor, saved: SavedImage, keep: int,
         layer = Layer(saved_layer.diff_id, len(data), refs, tuple(deltas_list))
         layers.append(layer)
         reports.append(LayerReport(index, layer.diff_id, layer.size, stored, len(refs),
-                                   layer.deltas, None))
+                                   layer.deltas, None, platform))
         del data
-
-    manifest = ReleaseManifest(fleet, app, version, int(now()), saved.config_bytes,
-                               tuple(layers), container)
-    try:
-        signed = encode_signed_manifest(sign_manifest(manifest, pub.key))
-    except ReleaseError as exc:
-        raise PublishError(f"cannot encode the release: {exc}") from None
-
-    ids = sorted({r.id.hex() for layer in layers for r in layer.chunks}
-                 | {d.blob_id.hex() for layer in layers for d in layer.deltas})
-    missing = _missing(reg, ids)
-    count, nbytes = _upload(pub, missing, progress)
-    try:
-        info, created = reg.publish_release(signed, rollout)
-    except ApiError as exc:
-        late = getattr(exc, "missing", None)
-        if exc.status != 409 or not late:
-            raise
-        # Blobs removed while we uploaded (a release deleted meanwhile): send them, once more.
-        more, more_bytes = _upload(pub, list(late), progress)
-        count, nbytes = count + more, nbytes + more_bytes
-        info, created = reg.publish_release(signed, rollout)
-    return PublishResult(fleet, app, version, created, tuple(reports), count, nbytes, info)
+    return tuple(layers)
 
 
 def _missing(reg: RegistryApi, ids: Sequence[str]) -> list[str]:

@@ -987,19 +987,19 @@ class DeviceClient:
 async def enroll(url: str, token: str, public_key: str, name: str | None = None,
                  lan_endpoints: tuple[str, ...] = (), agent_version: str = "", *,
                  timeout: float = DEFAULT_TIMEOUT, credential: str | None = None,
-                 private_key: str | None = None) -> tuple[Enrollment, bytes]:
+                 private_key: str | None = None, platform: str = "") -> tuple[Enrollment, bytes]:
     """`enroll_with_root` without the verified root (the enrollment's release key is the one
     it pins, checked the same way)."""
     enrollment, der, _root = await enroll_with_root(
         url, token, public_key, name, lan_endpoints, agent_version, timeout=timeout,
-        credential=credential, private_key=private_key)
+        credential=credential, private_key=private_key, platform=platform)
     return enrollment, der
 
 
 async def enroll_with_root(url: str, token: str, public_key: str, name: str | None = None,
                            lan_endpoints: tuple[str, ...] = (), agent_version: str = "", *,
                            timeout: float = DEFAULT_TIMEOUT, credential: str | None = None,
-                           private_key: str | None = None
+                           private_key: str | None = None, platform: str = ""
                            ) -> tuple[Enrollment, bytes, SignedRoot | None]:
     """Verify the coordinator by the token's fingerprint, then enroll over the pinned channel.
 
@@ -1023,7 +1023,7 @@ async def enroll_with_root(url: str, token: str, public_key: str, name: str | No
     parts = TokenParts.parse(token)
     request = EnrollRequest.from_json(EnrollRequest(
         token, public_key, name, tuple(lan_endpoints), agent_version,
-        credential=credential).to_json())
+        credential=credential, platform=platform).to_json())
     base = _base(url)
     host, port = split_url(base)
     try:

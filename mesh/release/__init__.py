@@ -20,6 +20,7 @@ from mesh.release._codec import (
     MAX_DELTAS_PER_LAYER,
     MAX_ENVELOPE_BYTES,
     MAX_IMAGE_CONFIG,
+    MAX_PLATFORMS,
     MAX_ROOT_BODY,
     MAX_ROOT_DOCUMENT,
     decode_manifest,
@@ -57,6 +58,7 @@ from mesh.release._model import (
     LayerDelta,
     ManifestError,
     NetworkMode,
+    PlatformImage,
     ReleaseError,
     ReleaseManifest,
     ReleasePin,
@@ -69,6 +71,18 @@ from mesh.release._model import (
     UpdateStrategy,
     VerificationError,
     Volume,
+)
+from mesh.release._platform import (
+    MAX_PLATFORM,
+    all_layers,
+    for_platform,
+    image_platform,
+    machine_platform,
+    missing_platform,
+    normalize_platform,
+    parse_platform,
+    release_images,
+    release_platforms,
 )
 from mesh.release._root import (
     MAX_ROOT_CHAIN,
@@ -108,6 +122,10 @@ __all__ = [
     "key_fingerprint", "key_id", "new_pin",
     "open_chunk", "open_stored_chunk", "read_signing_key", "sign_manifest", "sign_pin",
     "verify_manifest", "verify_pin", "verify_release", "write_signing_key",
+    # several platforms per release
+    "MAX_PLATFORM", "MAX_PLATFORMS", "PlatformImage", "all_layers", "for_platform",
+    "image_platform", "machine_platform", "missing_platform", "normalize_platform",
+    "parse_platform", "release_images", "release_platforms",
     # root metadata (k-of-n offline root keys naming the release key)
     "MAX_ROOT_BODY", "MAX_ROOT_CHAIN", "MAX_ROOT_DOCUMENT", "MAX_ROOT_KEYS", "RootError",
     "RootMetadata", "SignedRoot", "decode_root_body", "decode_signed_root", "encode_root_body",

@@ -29,6 +29,7 @@ from mesh.release._model import (
     LayerDelta,
     ManifestError,
     NetworkMode,
+    PlatformImage,
     ReleaseManifest,
     ReleasePin,
     RestartPolicy,
@@ -40,10 +41,14 @@ from mesh.release._model import (
     UpdateStrategy,
     Volume,
 )
+from mesh.release._platform import image_platform, parse_platform
 
 MAX_MANIFEST_BYTES: Final = 8 * 1024 * 1024
 MAX_ENVELOPE_BYTES: Final = MAX_MANIFEST_BYTES + 1024
 MAX_PIN_BYTES: Final = 4096
+# Images per release: amd64, arm64, arm/v7, arm/v6, 386, ppc64le, s390x, riscv64 are the
+# platforms official Docker images ship; 8 covers them, more is a mistake.
+MAX_PLATFORMS: Final = 8
 MAX_LAYERS: Final = 128  # moby's overlay2 driver refuses deeper images (overlay2 maxDepth)
 MAX_CHUNKS_PER_LAYER: Final = 4096  # 16 GiB at CHUNK_SIZE = 4 MiB
 MAX_DELTAS_PER_LAYER: Final = 16  # bases kept per layer; older releases fall back to chunks
@@ -70,7 +75,10 @@ MAX_HEALTH_WAIT: Final = 86400.0
 
 _OLD_MANIFEST_TAG: Final = "fleetmesh.release/1"  # before health kinds and apply strategies
 
+# /2: one image, whose platform is the one its config states; /3: one image per platform,
+# each named. A one-image release is still written as /2, byte for byte as before.
 _MANIFEST_TAG: Final = "fleetmesh.release/2"
+_MULTI_MANIFEST_TAG: Final = "fleetmesh.release/3"
 _OLD_PIN_TAG: Final = "fleetmesh.pin/1"  # before serials and expiry: replayable for ever
 _PIN_TAG: Final = "fleetmesh.pin/2"
 _SIGNED_TAG: Final = "fleetmesh.signed-release/1"
@@ -89,22 +97,28 @@ def _pack(obj: object) -> bytes:
     return data
 
 
+def _layers_obj(layers: tuple[Layer, ...]) -> list[object]:
+    return [[layer.diff_id, layer.size,
+             [[ch.id, ch.size, ch.stored_size] for ch in layer.chunks],
+             [[d.source_diff_id, d.blob_id, d.size, d.method] for d in layer.deltas]]
+            for layer in layers]
+
+
 def _manifest_obj(m: ReleaseManifest) -> list[object]:
     c = m.container
     hc = c.health_check
+    multi = bool(m.platform or m.more_images)
     return [
-        _MANIFEST_TAG, m.fleet, m.app, m.version, m.created_at, m.image_config,
-        [[layer.diff_id, layer.size,
-          [[ch.id, ch.size, ch.stored_size] for ch in layer.chunks],
-          [[d.source_diff_id, d.blob_id, d.size, d.method] for d in layer.deltas]]
-         for layer in m.layers],
+        _MULTI_MANIFEST_TAG if multi else _MANIFEST_TAG,
+        m.fleet, m.app, m.version, m.created_at, m.image_config, _layers_obj(m.layers),
         [list(c.command), [[k, v] for k, v in c.environment], c.restart_policy.value,
          None if hc is None else [hc.kind.value, list(hc.command), hc.port, hc.path,
                                   float(hc.seconds), float(hc.interval_s)],
          c.update_strategy.value,
          [[v.source, v.target, v.read_only] for v in c.volumes],
          float(c.health_timeout_s), float(c.hand_over_timeout_s), c.network.value],
-    ]
+    ] + ([m.platform, [[i.platform, i.image_config, _layers_obj(i.layers)]
+                       for i in m.more_images]] if multi else [])
 
 
 def encode_manifest(manifest: ReleaseManifest) -> bytes:
@@ -314,23 +328,62 @@ def _container(x: object) -> ContainerSettings:
         network=network)
 
 
+def _platform(x: object, config: bytes) -> str:
+    """A named image's platform: canonical, and the one its config states."""
+    text = _str(x, 64, "platform")
+    platform = parse_platform(text)
+    if platform != text:
+        raise ManifestError(f"platform {text!r} is not in canonical form ({platform})")
+    stated = image_platform(config)
+    if stated != platform:
+        raise ManifestError(f"the image for {platform} has a config for "
+                            f"{stated or 'no platform'}")
+    return platform
+
+
+def _more_images(x: object, first: str) -> tuple[PlatformImage, ...]:
+    entries = _list(x, max_len=MAX_PLATFORMS - 1, what="platform images")
+    if not entries:
+        raise ManifestError("a manifest naming its platforms has more than one image")
+    seen = {first}
+    images = []
+    for entry in entries:
+        platform_s, config_b, layers = _list(entry, 3, what="platform image")
+        config = _bin(config_b, "image config", max_len=MAX_IMAGE_CONFIG)
+        platform = _platform(platform_s, config)
+        if platform in seen:
+            raise ManifestError(f"platform {platform} has more than one image")
+        seen.add(platform)
+        images.append(PlatformImage(platform, config, tuple(
+            _layer(y) for y in _list(layers, max_len=MAX_LAYERS, what="layers"))))
+    return tuple(images)
+
+
 def decode_manifest(data: bytes) -> ReleaseManifest:
     """The manifest in `data`; ManifestError for anything malformed or non-canonical."""
     obj = _unpack(data, MAX_MANIFEST_BYTES)
-    fields = _list(obj, 8, what="manifest")
-    if fields[0] == _OLD_MANIFEST_TAG:
+    tag = obj[0] if isinstance(obj, list) and obj else None
+    if tag == _OLD_MANIFEST_TAG:
         raise ManifestError(f"manifest format {_OLD_MANIFEST_TAG} is no longer read: publish "
                             "the release again")
-    if fields[0] != _MANIFEST_TAG:
+    if tag not in (_MANIFEST_TAG, _MULTI_MANIFEST_TAG):
         raise ManifestError("not a fleetmesh release manifest")
+    fields = _list(obj, 8 if tag == _MANIFEST_TAG else 10, what="manifest")
+    image_config = _bin(fields[5], "image config", max_len=MAX_IMAGE_CONFIG)
+    platform, more = "", tuple[PlatformImage, ...]()
+    if tag == _MULTI_MANIFEST_TAG:
+        platform = _platform(fields[8], image_config)
+        more = _more_images(fields[9], platform)
     manifest = ReleaseManifest(
         fleet=_name(fields[1], "fleet"),
         app=_name(fields[2], "app"),
         version=_int(fields[3], 1, MAX_VERSION, "version"),
         created_at=_int(fields[4], 0, MAX_VERSION, "creation time"),
-        image_config=_bin(fields[5], "image config", max_len=MAX_IMAGE_CONFIG),
+        image_config=image_config,
         layers=tuple(_layer(x) for x in _list(fields[6], max_len=MAX_LAYERS, what="layers")),
         container=_container(fields[7]),
+        platform=platform,
+        more_images=more,
     )
     _canonical(data, _manifest_obj(manifest), "manifest")
     return manifest

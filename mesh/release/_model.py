@@ -125,6 +125,16 @@ class ContainerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PlatformImage:
+    """One platform's image in a release: its config and layers (docs/releases.md, "Several
+    platforms")."""
+
+    platform: str  # "os/arch[/variant]", normalised (mesh.release.parse_platform)
+    image_config: bytes
+    layers: tuple[Layer, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ReleaseManifest:
     fleet: str
     app: str
@@ -133,6 +143,11 @@ class ReleaseManifest:
     image_config: bytes  # the image config JSON exactly as Docker hashed it (its sha256 = image ID)
     layers: tuple[Layer, ...]
     container: ContainerSettings = ContainerSettings()
+    # The platform of image_config and layers. "" only with one image: then it is the one the
+    # image config states (mesh.release.release_images reads it).
+    platform: str = ""
+    # The images of the other platforms, one per platform (mesh.release.MAX_PLATFORMS in all).
+    more_images: tuple[PlatformImage, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ import os
 import stat
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
@@ -29,6 +29,7 @@ from mesh.release._model import (
     SignedPin,
     VerificationError,
 )
+from mesh.release._platform import for_platform, missing_platform
 from vpn import write_private_file
 
 # Domain separation: a signature over a manifest can never pass as one over a pin, or over
@@ -122,22 +123,37 @@ class VerifiedRelease:
     later consumer (blob exchange, the applier, the image rebuild) trusts the object. Only
     `verify_release` makes one. `encoded` is the signed manifest as received: what is stored,
     forwarded to peers and verified again when read back from disk.
+
+    Verified for a device's platform (`verify_release(platform=...)`), `manifest` is the
+    release as that device sees it: its platform's image only (`for_platform`), so the blob
+    exchange, the applier and the rebuild never see another platform's layers. A release
+    without that platform keeps no image (`image_config` empty, no layers) and says why in
+    `platform_error`; it is still gossiped (`encoded` is the whole signed manifest).
     """
 
     manifest: ReleaseManifest
     encoded: bytes
     key_id: str
+    platform_error: str = ""
 
 
 def verify_release(encoded: bytes, pinned_public_key: VerifyKey | bytes,
                    running_version: int | None = None, *, pins: Sequence[SignedPin] = (),
                    device: str | None = None, fleet: str | None = None,
-                   app: str | None = None) -> VerifiedRelease:
-    """Decode and verify an encoded signed manifest (as `verify_manifest`), once."""
+                   app: str | None = None, platform: str | None = None) -> VerifiedRelease:
+    """Decode and verify an encoded signed manifest (as `verify_manifest`), once; with
+    `platform`, narrowed to that platform's image (VerifiedRelease)."""
     signed = decode_signed_manifest(encoded)
     manifest = verify_manifest(signed, pinned_public_key, running_version, pins=pins,
                                device=device, fleet=fleet, app=app)
-    return VerifiedRelease(manifest, encoded, signed.key_id)
+    if platform is None:
+        return VerifiedRelease(manifest, encoded, signed.key_id)
+    narrowed = for_platform(manifest, platform)
+    if narrowed is None:
+        return VerifiedRelease(
+            replace(manifest, image_config=b"", layers=(), platform="", more_images=()),
+            encoded, signed.key_id, missing_platform(manifest, platform))
+    return VerifiedRelease(narrowed, encoded, signed.key_id)
 
 
 def admit_release(manifest: ReleaseManifest, pinned_public_key: VerifyKey | bytes,

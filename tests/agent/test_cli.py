@@ -19,7 +19,7 @@ import pytest
 
 from agent import DataDir, _commands
 from agent._datadir import DataDirError
-from agent._release_sync import GossipSettings
+from agent._release_sync import GossipSettings, host_platform
 from agent.cli import main
 from mesh.control import Enrollment
 from mesh.release import SignedRoot
@@ -38,13 +38,15 @@ class FakeEnroll:
     def __init__(self, error: BaseException | None = None) -> None:
         self.calls: list[tuple[Any, ...]] = []
         self.private_keys: list[str | None] = []
+        self.platforms: list[str] = []
         self.error = error
 
     async def __call__(self, url: str, token: str, public_key: str, name: str | None,
-                       lan: tuple[str, ...], version: str, *, private_key: str | None = None
-                       ) -> tuple[Enrollment, bytes, SignedRoot | None]:
+                       lan: tuple[str, ...], version: str, *, private_key: str | None = None,
+                       platform: str = "") -> tuple[Enrollment, bytes, SignedRoot | None]:
         self.calls.append((url, token, public_key, name, lan, version))
         self.private_keys.append(private_key)
+        self.platforms.append(platform)
         if self.error is not None:
             raise self.error
         return enrollment(name or "home-0"), b"DER", None
@@ -78,6 +80,7 @@ def test_join_enrolls_once_and_stores_0600(tmp_path: Path, fake_enroll: FakeEnro
     assert public == public_key_from_private(dd.read_key())  # only the public key is sent
     # the SDK gets the private key in-process, only to answer a re-enrollment challenge
     assert fake_enroll.private_keys == [dd.read_key()]
+    assert fake_enroll.platforms == [host_platform()]  # the device says its platform
     ident = dd.read_identity()
     assert ident.url == URL and ident.cert_der == b"DER" and ident.wg_port == 51821
     assert ident.lan_endpoints == ("192.168.1.2:51820",)

@@ -81,6 +81,7 @@ class FakeEngine:
     behaviour: dict[int, Behaviour] = field(default_factory=dict)
     calls: list[tuple[str, ...]] = field(default_factory=list)  # mutating calls, in order
     down: bool = False  # the engine does not answer
+    platform_: str = "linux/amd64"  # what `docker info` says
     _seq: int = 0
 
     def _check(self) -> None:
@@ -92,6 +93,10 @@ class FakeEngine:
         if c is None:
             raise NotFoundError(f"No such container: {cid}")
         return c
+
+    def platform(self) -> str:
+        self._check()
+        return self.platform_
 
     # -- what the applier reads
     def containers(self, device: str, app: str | None = None) -> list[ContainerView]:
@@ -223,7 +228,7 @@ class Releases:
 
     def make(self, version: int, settings: ContainerSettings | None = None, *,
              image_healthcheck: bool = False, store: bool = True,
-             bad_config: bool = False, payload: int = 2000) -> bytes:
+             bad_config: bool = False, payload: int = 2000, arch: str = "amd64") -> bytes:
         layer = layer_tar({"app/VERSION": f"{version}\n".encode(),
                            "app/data.bin": random.Random(version).randbytes(payload)})
         chunks = chunk_layer(layer)
@@ -232,7 +237,7 @@ class Releases:
         if image_healthcheck:
             cfg["Healthcheck"] = {"Test": ["CMD-SHELL", "true"], "Interval": 1_000_000_000}
         diff_ids = [did] if not bad_config else ["sha256:" + "0" * 64]
-        config = json.dumps({"architecture": "amd64", "os": "linux", "config": cfg,
+        config = json.dumps({"architecture": arch, "os": "linux", "config": cfg,
                              "rootfs": {"type": "layers", "diff_ids": diff_ids}},
                             sort_keys=True).encode()
         manifest = ReleaseManifest(self.fleet, self.app, version, 1_700_000_000, config,

@@ -28,6 +28,7 @@ from mesh.release import (
     encode_signed_pin,
     new_pin,
     sign_pin,
+    verify_release,
 )
 
 from ._fake import Behaviour, Clock, FakeEngine, Releases
@@ -606,3 +607,33 @@ def test_the_files_on_disk_keep_the_format_an_upgraded_agent_reads(world: World)
     b = world.applier()  # restarted, no word from the coordinator yet
     b.reconcile_all()
     assert world.engine.calls == calls and status_of(b)["running"] == 1
+
+
+# --------------------------------------------------------------------------- platforms
+
+
+def test_release_without_the_device_platform_keeps_the_running_one(world: World) -> None:
+    a = Applier(device=DEVICE, fleet="cams", data_dir=world.data, engine=world.engine,
+                store=world.releases.store, release_key_hex=world.releases.key_hex,
+                log=world.messages.append, crash=world.crash, clock=world.clock,
+                follow_logs=False, platform="linux/amd64")
+    install(world, a, 1)
+    arm_only = verify_release(world.releases.make(2, arch="arm64"),
+                              world.releases.key.verify_key, platform="linux/amd64")
+    assert arm_only.manifest.layers == ()
+    calls = len(world.engine.calls)
+    assert a.set_target(arm_only, ready=True)
+    run_until(world, a, lambda: state(a) == "no-platform")
+    status = status_of(a)
+    assert status["running"] == 1 and status["target"] == 2
+    assert status["error"] == "release 2 has no image for linux/amd64 (has linux/arm64)"
+    assert status["failed"] == []  # nothing failed: there is nothing to try
+    for _ in range(3):
+        a.reconcile_all()
+        world.clock.advance(30)
+    assert world.engine.calls[calls:] == [] and world.running() == [1]
+    # the next release that has the platform goes through
+    assert a.set_target(verify_release(world.releases.make(3), world.releases.key.verify_key,
+                                       platform="linux/amd64"), ready=True)
+    run_until(world, a, lambda: state(a) == "running" and world.running() == [3])
+    assert status_of(a)["error"] is None

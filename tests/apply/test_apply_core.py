@@ -62,7 +62,7 @@ def running(version: int, name: str = "fleetmesh-web", started: float = 0.0,
 def test_states_are_the_contract_set() -> None:
     assert APP_STATES == ("idle", "downloading", "waiting-lock", "loading", "stopping",
                             "starting", "checking-health", "running", "failed", "rolling-back",
-                          "waiting-phase", "waiting-window")
+                          "waiting-phase", "waiting-window", "no-platform")
     assert len(ALL_CRASH_POINTS) >= 12 and len(set(ALL_CRASH_POINTS)) == len(ALL_CRASH_POINTS)
 
 
@@ -76,6 +76,22 @@ def test_a_rebuild_that_lacked_a_blob_waits_exactly_the_retry_time() -> None:
     assert s.action == Load(2) and s.state == "loading"
     # another release than the one that lacked a blob is not held back
     assert decide(APP, j, Target(3, manifest(3)), obs, 100.0).action == Load(3)
+
+
+def test_a_release_without_the_device_platform_is_never_applied() -> None:
+    j = Journal(current=1)
+    obs = Observed((running(1),), frozenset({1}))
+    why = "release 2 has no image for linux/arm/v7 (has linux/amd64)"
+    for t in (Target(2, manifest(2), platform_error=why),
+              Target(2, manifest(2), force=True, platform_error=why),
+              Target(2, manifest(2, ContainerSettings(
+                  update_strategy=UpdateStrategy.KILL_THEN_DOWNLOAD)), platform_error=why)):
+        s = decide(APP, j, t, obs, 10.0)
+        assert s.state == "no-platform" and s.action is None and s.journal == j
+    # stopping for it when the target changed to it mid-update: back to the committed one
+    s = decide(APP, Journal(phase="stopping", current=1, to=3), Target(
+        2, manifest(2), platform_error=why), Observed((running(1),), frozenset({1, 3})), 10.0)
+    assert s.journal.phase == "rolling-back"
 
 
 def test_restarted_mid_update_the_journal_release_is_the_target() -> None:

@@ -296,3 +296,36 @@ def test_bad_arguments_exit_2_with_one_line(keyed_home: Path, argv: list[str], t
 def test_the_built_platform_must_be_the_one_asked_for(built: str, wanted: str,
                                                       same: bool) -> None:
     assert same_platform(built, wanted) is same
+
+
+def test_several_platforms_are_built_with_buildx_and_published_as_one_release(
+        keyed_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With buildx (absent on this host: faked), `--platform a,b` builds each platform under
+    its own tag with `docker buildx build --load`, then publishes them together."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import ops._cli_push as cli_push
+    built: list[tuple[str, str | None, bool]] = []
+    published: list[list[str]] = []
+
+    def fake_build(context: Path, tag: str, *, platform: str | None = None,
+                   buildx: bool = False, **kw: object) -> None:
+        built.append((tag, platform, buildx))
+
+    def fake_publish(args: object, plan: object, client: object,
+                     images: list[str]) -> SimpleNamespace:
+        published.append(images)
+        return SimpleNamespace(created=True, version=4)
+
+    monkeypatch.setattr(cli_push, "buildx_available", lambda: True)
+    monkeypatch.setattr(cli_push, "docker_build", fake_build)
+    monkeypatch.setattr(cli_push, "publish_and_report", fake_publish)
+    monkeypatch.setattr(cli_push, "operator_client", lambda args: contextlib.nullcontext(
+        SimpleNamespace(list_releases=lambda fleet, app: [{"version": 3}])))
+    code = run(build_parser(), ["push", str(keyed_home / "ctx"), "--app", "web", "--fleet",
+                                "cams", "--platform", "linux/amd64,linux/arm/v7"])
+    assert code == 0
+    assert built == [("fleetmesh/web:4-linux-amd64", "linux/amd64", True),
+                     ("fleetmesh/web:4-linux-arm-v7", "linux/arm/v7", True)]
+    assert published == [["fleetmesh/web:4-linux-amd64", "fleetmesh/web:4-linux-arm-v7"]]

@@ -133,7 +133,8 @@ async def test_release_status_derives_each_state(h: Harness) -> None:
     assert rows["quiet"]["online"] is False and rows["run"]["online"] is True
     assert rows["lock"]["lock_since"] is not None and rows["lock"]["lock_stale"] is False
     assert body["summary"] == {"total": 7, "running": 1, "failed": 2, "downloading": 1,
-                               "waiting": 1, "pending": 1, "superseded": 1}
+                               "waiting": 1, "pending": 1, "superseded": 1,
+                               "no_platform": 0}
     r = await h.op.get("/api/v1/releases/fleet/app/9/status")
     assert r.status_code == 404
 

@@ -216,6 +216,17 @@ def test_halts_in_phase_1_with_max_failures_0_and_sends_everyone_back() -> None:
     assert step(r, s, {n: runs(n, 3) for n in others}, 100.0) == r  # halted is final
 
 
+def test_a_device_whose_platform_the_release_lacks_fails_at_once() -> None:
+    members = fleet()
+    s = spec("1,100%", max_failures="0", soak=20)
+    r = start("f", "web", 3, V, s, members, now=0.0)
+    canary = r.phases[0].devices[0]
+    why = "release 3 has no image for linux/arm/v7 (has linux/amd64)"
+    r = step(r, s, {canary: DeviceView(canary, "no-platform", V, 3, (), why, 1.0)}, 2.0)
+    assert r.state == "halted"
+    assert r.reason == f"phase 1: 1 failed of 1 (max-failures 0): {canary} failed: {why}"
+
+
 def test_percentage_threshold_waits_for_min_devices() -> None:
     s = spec("100%", max_failures="20%", min_devices=5, soak=10)
     members = fleet(1, 10)

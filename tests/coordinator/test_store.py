@@ -263,6 +263,26 @@ def test_reports_round_trip(store: SqlStore) -> None:
     assert (got.agent_version, got.last_report) == ("1.2", NOW)
 
 
+def test_the_platform_from_enrollment_and_reports_survives_a_reopen(database: Database
+                                                                    ) -> None:
+    store = database.open()
+    secret = token(store)
+    dev = store.enroll(EnrollParams(
+        secret_hash=secret_hash(secret), public_key=generate_keypair().public,
+        credential_hash=secret_hash(new_secret()), device_id="d_pi", generated_name="g",
+        now=NOW, name="pi", platform="linux/arm/v7"))
+    assert dev.platform == "linux/arm/v7"
+    old = enroll(store, token(store), name="old")
+    assert old.platform is None  # an old agent says nothing
+    store.record_report(old.id, [], "1", [], NOW, platform="linux/arm64")
+    store.record_report(dev.id, [], "1", [], NOW)  # a report that does not say keeps it
+    store.close()
+    again = database.open()
+    assert again.device_by_name("pi").platform == "linux/arm/v7"
+    assert again.device_by_name("old").platform == "linux/arm64"
+    again.close()
+
+
 def _day(n: int) -> str:
     return f"2026-12-{n:02}"
 

@@ -33,8 +33,10 @@ from mesh.node import (
 from mesh.release import (
     Layer,
     LayerDelta,
+    PlatformImage,
     ReleaseManifest,
     VerifiedRelease,
+    diff_id,
     encode_signed_manifest,
     sign_manifest,
 )
@@ -770,3 +772,39 @@ def test_the_lan_scope_follows_lan_discovery() -> None:
     assert n.held_alive("lan1") and n.lan == {"lan2"}
     assert {dest for _, dest, _ in run_idle(n, 1300.0, 1900.0)} == {"lan2"}
     assert n.held_alive("lan1")
+
+
+# --------------------------------------------------------------------------- platforms
+
+
+def _two_platform_manifest(amd: Sequence[Blob], arm: Sequence[Blob]) -> bytes:
+    def layer(blobs: Sequence[Blob]) -> Layer:
+        tar = b"".join(b.piece for b in blobs)
+        return Layer(diff_id(tar), len(tar), tuple(b.ref for b in blobs))
+
+    config = b'{"architecture":"%s","os":"linux","rootfs":{}}'
+    m = ReleaseManifest(FLEET, APP, 1, 1_700_000_000, config % b"amd64", (layer(amd),),
+                        platform="linux/amd64", more_images=(
+                            PlatformImage("linux/arm64", config % b"arm64", (layer(arm),)),))
+    return encode_signed_manifest(sign_manifest(m, KEY))
+
+
+def test_a_node_fetches_and_offers_only_its_platform_s_blobs() -> None:
+    """An arm64 node given a release of amd64 and arm64 images asks for the arm64 blobs only
+    (even of a neighbour that holds both) and offers only what it holds: its own platform's."""
+    amd, arm = make_blobs(3, seed=1, large=0), make_blobs(2, seed=2, large=0)
+    store = MemStore()
+    store.blobs[arm[0].ref.id] = arm[0].frame
+    n = MeshNode("me", "10.0.0.1", peers={"lan1": "10.0.0.2"},
+                 verify=make_verifier(bytes(KEY.verify_key), fleet=FLEET,
+                                      platform="linux/arm64"),
+                 store=store, rng=random.Random(1), fleet=FLEET, local_layers=frozenset)
+    n.set_lan(["lan1"], 0.0)
+    n.start(0.0)
+    n.offer_manifest(_two_platform_manifest(amd, arm), 1.0)
+    n.receive(Have(KEY1, tuple(b.ref.id for b in [*amd, *arm])), "lan1", 2.0)
+    n.drain()
+    n.tick(STARTUP_SETTLE)
+    asked = {m.blob_id for _, m in sent(n.drain(), BlobRequest)}
+    assert asked == {arm[1].ref.id}
+    assert n.have_messages("lan1") == [Have(KEY1, (arm[0].ref.id,))]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import random
 import shutil
 import subprocess
@@ -26,7 +27,13 @@ import pytest
 from nacl.signing import SigningKey
 
 from mesh.image import export_local_layers, materialize_release
-from mesh.release import decode_signed_manifest, read_signing_key, verify_manifest, verify_release
+from mesh.release import (
+    decode_signed_manifest,
+    machine_platform,
+    read_signing_key,
+    verify_manifest,
+    verify_release,
+)
 from tests.coordinator_process import running_coordinator
 
 pytestmark = pytest.mark.lab
@@ -34,6 +41,7 @@ pytestmark = pytest.mark.lab
 BIN = Path(sys.executable).parent
 FLEETMESH = str(BIN / "fleetmesh")
 BUSYBOX_APPLETS = ("sh", "echo", "cat", "ls", "true")
+HOST = machine_platform(platform.machine())  # what `docker import` and builds here state
 
 
 def _docker_skip_reason() -> str | None:
@@ -138,8 +146,9 @@ def _device_round_trip(imgs: Images, tmp_path: Path, verify_key: bytes,
 
     _docker("rmi", imgs.v2)  # v2 must come back from the rebuilt tar alone
     assert _docker("image", "inspect", imgs.v2, check=False).returncode != 0
-    rebuilt = materialize_release(verify_release(manifest_v2, verify_key, 1), counting_fetch, local,
-                                  tmp_path / "device-work", imgs.v2)
+    release = verify_release(manifest_v2, verify_key, 1, platform=HOST)
+    rebuilt = materialize_release(release, counting_fetch, local, tmp_path / "device-work",
+                                  imgs.v2)
     assert [x.method for x in rebuilt.layers] == ["local", "delta"]
     _docker("load", "-i", str(rebuilt.image_tar))
     out = _docker("run", "--rm", imgs.v2).stdout.strip()
@@ -185,11 +194,11 @@ def coordinator_env(tmp_path: Path) -> Iterator[dict[str, str]]:
         yield coord.operator_env(tmp_path / "home")
 
 
-def test_round_trip_with_coordinator_and_cli(images: Images, coordinator_env: dict[str, str],
-                                             tmp_path: Path) -> None:
-    from ops.client import OperatorClient
-    env = coordinator_env
+Cli = Callable[..., subprocess.CompletedProcess[str]]
 
+
+def _operator(env: dict[str, str]) -> tuple[Cli, SigningKey]:
+    """The `fleetmesh` CLI against the coordinator of `env`, and a new release key for it."""
     def cli(*argv: str) -> subprocess.CompletedProcess[str]:
         r = subprocess.run([FLEETMESH, *argv], capture_output=True, text=True, timeout=300,
                            env=env, check=False)
@@ -199,7 +208,14 @@ def test_round_trip_with_coordinator_and_cli(images: Images, coordinator_env: di
     key_file = Path(env["HOME"]) / ".config" / "fleetmesh" / "release.key"
     key_file.parent.mkdir(parents=True)
     assert cli("release", "keygen", "--out", str(key_file)).returncode == 0
-    key = read_signing_key(key_file)
+    return cli, read_signing_key(key_file)
+
+
+def test_round_trip_with_coordinator_and_cli(images: Images, coordinator_env: dict[str, str],
+                                             tmp_path: Path) -> None:
+    from ops.client import OperatorClient
+    env = coordinator_env
+    cli, key = _operator(env)
     r = cli("release", "set-key", "--fleet", "cams")
     assert r.returncode == 0, r.stderr
     for tag in (images.v1, images.v2):
@@ -224,3 +240,92 @@ def test_round_trip_with_coordinator_and_cli(images: Images, coordinator_env: di
                                    client.get_blob)
     assert stats["fetched_bytes"] < stats["v2_full_chunk_bytes"]
 
+
+
+# --------------------------------------------------------------------------- two platforms
+
+
+@pytest.fixture
+def arm_images(images: Images, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """Two linux/arm64 images, never run: `FROM scratch` + COPY of a file, built with
+    `--platform linux/arm64` (no QEMU needed: no RUN step). --no-cache: the classic builder's
+    cache ignores the platform and would hand back an image of another one."""
+    tags = (f"{images.prefix}-arm:1", f"{images.prefix}-arm:2")
+    env = dict(os.environ, DOCKER_BUILDKIT="0")
+    rng = random.Random(64)
+    text = "\n".join(f"line {n}: {rng.random()}" for n in range(4000))
+    try:
+        for version, tag in enumerate(tags, start=1):
+            ctx = tmp_path / f"arm{version}"
+            ctx.mkdir()
+            body = text if version == 1 else text.replace("line 7:", "LINE 7:")
+            (ctx / "payload.txt").write_text(body + f"\nversion {version}\n")
+            (ctx / "Dockerfile").write_text("FROM scratch\nCOPY payload.txt /payload.txt\n")
+            _docker("build", "-q", "--no-cache", "--platform", "linux/arm64", "-t", tag,
+                    str(ctx), env=env)
+            inspected = _docker("image", "inspect", "--format", "{{.Os}}/{{.Architecture}}",
+                                tag).stdout.strip()
+            assert inspected == "linux/arm64", inspected
+        yield tags
+    finally:
+        for tag in tags:
+            _docker("rmi", "-f", tag, check=False, timeout=120)
+
+
+def test_two_platform_release_with_coordinator_and_cli(
+        images: Images, arm_images: tuple[str, str], coordinator_env: dict[str, str],
+        tmp_path: Path) -> None:
+    """`release create AMD64_IMAGE ARM64_IMAGE` publishes one release with both; deltas are per
+    platform; `release show` lists the platforms; an amd64 device rebuilds and runs its image
+    from amd64 blobs alone, an arm/v7 device is told the release has nothing for it."""
+    from ops.client import OperatorClient
+    if HOST != "linux/amd64":
+        pytest.skip(f"the first images are this engine's {HOST}, the test wants linux/amd64")
+    env = coordinator_env
+    cli, key = _operator(env)
+    assert cli("release", "set-key", "--fleet", "cams").returncode == 0
+    for amd, arm in ((images.v1, arm_images[0]), (images.v2, arm_images[1])):
+        r = cli("release", "create", amd, arm, "--fleet", "cams", "--app", "web")
+        assert r.returncode == 0, r.stderr
+        assert "PLATFORM" in r.stdout and "linux/arm64" in r.stdout, r.stdout
+    # two images of one platform: refused, one line
+    r = cli("release", "create", arm_images[0], arm_images[1], "--fleet", "cams",
+            "--app", "web")
+    assert r.returncode == 1 and "two images for linux/arm64" in r.stderr, r.stderr
+
+    shown = json.loads(cli("release", "show", "cams", "web", "2", "--json").stdout)
+    assert [p["platform"] for p in shown["platforms"]] == ["linux/amd64", "linux/arm64"]
+    assert all(p["stored_size"] > 0 for p in shown["platforms"])
+    v1 = json.loads(cli("release", "show", "cams", "web", "1", "--json").stdout)
+    v1_ids = {p: {x["diff_id"] for x in v1["layers"] if x["platform"] == p}
+              for p in ("linux/amd64", "linux/arm64")}
+    for layer in shown["layers"]:
+        for delta in layer["deltas"]:  # every base is the same platform's layer
+            assert delta["source_diff_id"] in v1_ids[layer["platform"]], layer
+    arm_layer = next(x for x in shown["layers"] if x["platform"] == "linux/arm64")
+    assert arm_layer["deltas"], arm_layer
+    text_out = cli("release", "show", "cams", "web", "2").stdout
+    assert "linux/amd64" in text_out and "linux/arm64" in text_out
+    assert "diff_id" not in text_out  # the release row counts the layers (3), it does not list them
+    print(f"\n{text_out}")  # pytest -s: the platforms of v2 and their bytes
+
+    with OperatorClient(env["FLEETMESH_URL"], env["FLEETMESH_API_KEY"],
+                        fingerprint=env["FLEETMESH_FINGERPRINT"]) as client:
+        manifest = client.release_manifest("cams", "web", 2)
+        amd = verify_release(manifest, bytes(key.verify_key), platform="linux/amd64")
+        arm = verify_release(manifest, bytes(key.verify_key), platform="linux/arm64")
+        arm_blobs = {c.id.hex() for layer in arm.manifest.layers for c in layer.chunks}
+        arm_blobs |= {d.blob_id.hex() for layer in arm.manifest.layers for d in layer.deltas}
+        fetched: list[str] = []
+
+        def fetch(blob_id: str) -> bytes:
+            fetched.append(blob_id)
+            return client.get_blob(blob_id)
+
+        stats = _device_round_trip(images, tmp_path, bytes(key.verify_key), manifest, fetch)
+    assert stats["fetched_bytes"] < stats["v2_full_chunk_bytes"]
+    assert fetched and not set(fetched) & arm_blobs
+    assert amd.manifest.layers and amd.platform_error == ""
+    none = verify_release(manifest, bytes(key.verify_key), platform="linux/arm/v7")
+    assert none.platform_error == ("release 2 has no image for linux/arm/v7 "
+                                   "(has linux/amd64, linux/arm64)")
