@@ -11,7 +11,9 @@ The first build on a machine debootstraps and downloads (minutes); with the cach
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import ssl
 import subprocess
 import sys
@@ -19,9 +21,10 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -184,3 +187,78 @@ def test_build_images_refuses_a_bad_version() -> None:
     assert r.returncode == 2
     assert r.stderr.strip() == ("build-images: bad --version 'no/slash': a Docker tag (letters, "
                                 "digits, '.', '-', '_', at most 128)")
+
+
+def _wait(what: str, ready: Callable[[], bool], cids: list[str]) -> None:
+    deadline = time.monotonic() + READY_SECONDS
+    while not ready():
+        if time.monotonic() > deadline:
+            logs = [_docker("logs", cid, check=False).stderr[-1500:] for cid in cids]
+            pytest.fail(f"{what} not within {READY_SECONDS:.0f} s: {logs}")
+        time.sleep(0.5)
+
+
+def test_agent_container_joins_runs_and_survives_sigkill(images: Images, tmp_path: Path) -> None:
+    """docs/services.md's lines (join once, then run with the restart policy) against the
+    coordinator image. On the engine's bridge with IPv6 enabled in the container rather than
+    `--network host`, so that the test's WireGuard interface stays out of this host's
+    namespace. SIGKILL of the agent (the container's PID 1, from outside) → the engine restarts
+    it and it reports again."""
+    coord_data, agent_data = tmp_path / "coordinator", tmp_path / "agent"
+    coord_data.mkdir()
+    agent_data.mkdir()
+    cids: list[str] = []
+    try:
+        coord = _docker("run", "-d", "-v", f"{coord_data}:/var/lib/fleetmesh", images.coordinator,
+                        "--listen", "0.0.0.0:8443", "--hub-endpoint", "127.0.0.1:51820",
+                        "--no-hub").stdout.strip()
+        cids.append(coord)
+        address = _docker("inspect", "-f", "{{.NetworkSettings.IPAddress}}", coord).stdout.strip()
+        _wait("the coordinator's certificate line",
+              lambda: "certificate sha256" in _docker("logs", coord).stdout, cids)
+        fingerprint = _docker("logs", coord).stdout.split("certificate sha256 ")[1].split()[0]
+        url = f"https://{address}:8443"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETMESH_")}
+        env.update(FLEETMESH_URL=url, FLEETMESH_FINGERPRINT=fingerprint, HOME=str(tmp_path),
+                   FLEETMESH_API_KEY=(coord_data / "operator.key").read_text().strip())
+
+        def operator(*argv: str) -> Any:
+            r = subprocess.run([sys.executable, "-m", "ops.cli", *argv, "--json"], env=env,
+                               capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
+            assert r.returncode == 0, r.stderr
+            return json.loads(r.stdout)
+
+        token = operator("token", "create", "--fleet", "shop")["token"]
+        volume = f"{agent_data}:/var/lib/fleetmesh-agent"
+        joined = _docker("run", "--rm", "-v", volume, images.agent, "join", url, "--token",
+                         token, "--data", "/var/lib/fleetmesh-agent", "--name", "cam-1")
+        assert "enrolled as cam-1 in fleet shop" in joined.stdout, joined.stdout
+        agent = _docker("run", "-d", "--sysctl", "net.ipv6.conf.all.disable_ipv6=0",
+                        "--cap-add", "NET_ADMIN", "--device", "/dev/net/tun",
+                        "-v", "/var/run/docker.sock:/var/run/docker.sock", "-v", volume,
+                        "--restart", "unless-stopped", images.agent).stdout.strip()
+        cids.append(agent)
+
+        def reported_after(t: float) -> Callable[[], bool]:
+            def check() -> bool:
+                device = operator("devices", "show", "cam-1")
+                return bool(device["online"]) and float(device["last_report"] or 0) > t
+            return check
+
+        _wait("cam-1 online", reported_after(0.0), cids)
+        assert "listening port: 51820" in _docker("exec", agent, "wg", "show", "fm0").stdout
+        pid = int(_docker("inspect", "-f", "{{.State.Pid}}", agent).stdout)
+        killed_at = time.time()
+        os.kill(pid, signal.SIGKILL)
+
+        def restarted() -> bool:
+            running, count = _docker("inspect", "-f", "{{.State.Running}} {{.RestartCount}}",
+                                     agent).stdout.split()
+            return running == "true" and int(count) >= 1
+
+        _wait("the agent restarted by the engine", restarted, cids)
+        _wait("cam-1 reporting again", reported_after(killed_at), cids)
+        assert "listening port: 51820" in _docker("exec", agent, "wg", "show", "fm0").stdout
+    finally:
+        for cid in reversed(cids):
+            _docker("rm", "-f", cid, check=False, timeout=120)
