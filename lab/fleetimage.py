@@ -55,10 +55,11 @@ ROOT: Final = Path(__file__).resolve().parents[1]
 DOCKERFILES: Final = ROOT / "docker"
 BASE_REPOSITORY: Final = "fleetmesh/base"
 # python3 runs the agent; wireguard-go is its WireGuard; wireguard-tools (`wg`), iproute2 and
-# iptables to look at and fix the host's network from inside; ca-certificates for https
-# coordinators with a public certificate. util-linux (nsenter, unshare) is in minbase.
+# iptables to look at and fix the host's network from inside; nftables for the coordinator's
+# relay hub filter; ca-certificates for https coordinators with a public certificate.
+# util-linux (nsenter, unshare) is in minbase.
 BASE_PACKAGES: Final = ("python3", "wireguard-go", "wireguard-tools", "iproute2", "iptables",
-                        "ca-certificates")
+                        "nftables", "ca-certificates")
 # Debian 12 has glibc 2.36: any manylinux wheel up to it runs on the base
 PLATFORMS: Final = (PLATFORM, "manylinux_2_28_x86_64", "manylinux_2_34_x86_64",
                     "manylinux_2_36_x86_64")
