@@ -4,14 +4,15 @@ image scripts/build-images builds (in the host's engine, under a version of this
 removed at the end; the lab loads it into each device's engine).
 
 One lab, 2 LANs x 2 devices, in order: every engine runs the agent container; v1 and v2 of the
-sample app roll out and each engine shows the agent and the app; killing the app container
-leaves the agent alone; SIGKILL of an agent's process → the engine's restart policy brings it
-back and it converges, the app's container having run on meanwhile.
+sample app roll out and each engine shows the agent and the app; SIGKILL of an agent's process
+→ the engine's restart policy brings it back and it converges, the app's container having run
+on meanwhile; killing the app container leaves the agent alone.
 """
 
 from __future__ import annotations
 
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -100,6 +101,22 @@ def test_v1_and_v2_roll_out_beside_the_agents(fleet: Lab, image: str) -> None:
         assert f"fleetmesh/{APP}:2" in ps.values(), (name, ps)
 
 
+def test_sigkilled_agent_is_restarted_by_the_engine_and_converges(fleet: Lab) -> None:
+    app = app_container(VICTIM)
+    before = agent_status(fleet, VICTIM)
+    killed_at = time.time()
+    pid = kill_agent(fleet, VICTIM)
+    wait_restarted(fleet, VICTIM, pid, timeout=60)
+    after = agent_status(fleet, VICTIM)
+    assert after["restarts"] == before["restarts"] + 1
+    assert after["container"] == before["container"]  # the same container, restarted
+    assert app_container(VICTIM) == app  # the app ran on while its agent was dead
+    # converged: the restarted agent reports again, and it reports v2 running
+    wait(lambda: float(devices(fleet)[VICTIM].get("last_report") or 0) > killed_at, 60,
+         f"{VICTIM} reporting after the restart")
+    wait(lambda: settled(2, [VICTIM]), 120, f"{VICTIM} on v2 after the restart")
+
+
 def test_killing_the_app_container_leaves_the_agent(fleet: Lab) -> None:
     before = agent_status(fleet, VICTIM)
     lab_cli("exec", VICTIM, "--", "docker", "kill", app_container(VICTIM), timeout=60)
@@ -108,17 +125,3 @@ def test_killing_the_app_container_leaves_the_agent(fleet: Lab) -> None:
     assert (after["pid"], after["restarts"]) == (before["pid"], before["restarts"])
     assert engine_ps(VICTIM).get(AGENT_CONTAINER)
     wait_online(fleet, [VICTIM], 60)
-
-
-def test_sigkilled_agent_is_restarted_by_the_engine_and_converges(fleet: Lab) -> None:
-    wait(lambda: settled(2, [VICTIM]), 120, f"v2 running on {VICTIM} again")
-    app = app_container(VICTIM)
-    before = agent_status(fleet, VICTIM)
-    pid = kill_agent(fleet, VICTIM)
-    wait_restarted(fleet, VICTIM, pid, timeout=60)
-    after = agent_status(fleet, VICTIM)
-    assert after["restarts"] == before["restarts"] + 1
-    assert after["container"] == before["container"]  # the same container, restarted
-    assert app_container(VICTIM) == app  # the app ran on while its agent was dead
-    wait_online(fleet, [VICTIM], 60)
-    wait(lambda: settled(2, [VICTIM]), 120, f"{VICTIM} converged on v2 after the restart")
