@@ -1,7 +1,8 @@
 """Issue 17's first acceptance line: the agents run as containers (`[agents] mode =
 "container"`), each in its device's own engine with docs/services.md's flags, from the agent
 image scripts/build-images builds (in the host's engine, under a version of this test's own,
-removed at the end; the lab loads it into each device's engine).
+removed at the end with the base if this test imported it; the lab loads it into each device's
+engine). About 2 minutes with the build cache (docs/services.md).
 
 One lab, 2 LANs x 2 devices, in order: every engine runs the agent container; v1 and v2 of the
 sample app roll out and each engine shows the agent and the app; SIGKILL of an agent's process
@@ -20,6 +21,7 @@ import pytest
 
 from lab import Lab, agent_status, kill_agent, parse_topology, wait_online, wait_restarted
 from lab.fleet import AGENT_CONTAINER, access, devices
+from lab.fleetimage import base_tag
 from tests.release.test_release_docker import _docker, _docker_skip_reason
 
 from .conftest import REPO, lab_cli, lab_skip_reason, lab_up
@@ -40,6 +42,8 @@ def image() -> Iterator[str]:
         pytest.skip(f"the host's engine builds the agent image: {reason}")
     version = f"test-{uuid.uuid4().hex[:10]}"
     tag = f"fleetmesh/agent:{version}"
+    base = base_tag()
+    base_before = _docker("image", "inspect", base, check=False).returncode == 0
     try:
         r = subprocess.run([str(REPO / "scripts" / "build-images"), "--version", version],
                            capture_output=True, text=True, timeout=1800, check=False)
@@ -51,6 +55,9 @@ def image() -> Iterator[str]:
                             check=False)
             if found.returncode == 0:
                 _docker("rmi", "-f", found.stdout.strip(), check=False, timeout=120)
+        found = _docker("image", "inspect", "-f", "{{.Id}}", base, check=False)
+        if not base_before and found.returncode == 0:
+            _docker("rmi", found.stdout.strip(), check=False, timeout=120)
 
 
 @pytest.fixture(scope="module")
