@@ -8,7 +8,8 @@
   --no-deps` of this tree) plus its console scripts in /usr/local/bin. Both are reproducible
   tars made here, so `docker build` runs with `--network none` and there is no pip, pip cache,
   apt list or compiler in the images;
-- docker/agent/Dockerfile and docker/coordinator/Dockerfile add them to the base.
+- docker/agent/Dockerfile adds them to the base; docker/coordinator/Dockerfile adds to the agent
+  image only the wheels of the coordinator's extra that the agent lacks.
 
 The agent image installs `fleetmesh`, the coordinator image `fleetmesh[coordinator]` (pip drops
 an extra the wheel does not declare, with a warning). Downloads and the root filesystem are
@@ -69,10 +70,13 @@ PLATFORMS: Final = (PLATFORM, "manylinux_2_28_x86_64", "manylinux_2_34_x86_64",
 class Kind:
     name: str  # fleetmesh/NAME:<version>, docker/NAME/Dockerfile
     extra: str | None  # the wheel's extra to install
+    # built FROM this kind's image of the same version, adding only the wheels it lacks (so
+    # the two images share every layer but the last two)
+    over: str | None = None
 
 
 TAG: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # a Docker tag
-KINDS: Final = (Kind("agent", None), Kind("coordinator", "coordinator"))
+KINDS: Final = (Kind("agent", None), Kind("coordinator", "coordinator", over="agent"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,12 +201,18 @@ def console_scripts(wheels: list[Path]) -> dict[str, tuple[bytes, int]]:
 
 
 def context(kind: Kind, own: Path, cache: Path, into: Path) -> None:
-    """The build context of KIND in INTO: its Dockerfile and the two layer tars."""
+    """The build context of KIND in INTO: its Dockerfile and its layer tars (the dependency
+    wheels, fleetmesh's own; over another kind: the wheels that one lacks)."""
     deps = dependency_wheels(own, kind.extra, cache)
     shutil.copy(DOCKERFILES / kind.name / "Dockerfile", into / "Dockerfile")
+    if kind.over is not None:
+        over = next(k for k in KINDS if k.name == kind.over)
+        has = {p.name for p in dependency_wheels(own, over.extra, cache)}
+        deps = [p for p in deps if p.name not in has]
+    else:
+        (into / "fleetmesh.tar").write_bytes(tar_of_files(site_files([own])
+                                                          | console_scripts([own])))
     (into / "deps.tar").write_bytes(tar_of_files(stripped(site_files(deps))))
-    (into / "fleetmesh.tar").write_bytes(tar_of_files(site_files([own])
-                                                      | console_scripts([own])))
     for p in into.iterdir():
         os.utime(p, (FIXED_MTIME, FIXED_MTIME))
 
@@ -219,6 +229,7 @@ def build(docker_host: str, version: str | None = None, cache: Path = CACHE_DIR,
     version = version or project_version()
     base = import_base(docker_host, cache, BASE_PACKAGES, BASE_REPOSITORY, slim=True)
     built: list[BuiltImage] = []
+    replaced: list[str] = []
     with tempfile.TemporaryDirectory(prefix="fleetmesh-images-") as tmp:
         own = fleetmesh_wheel(Path(tmp) / "wheel")
         for kind in kinds:
@@ -227,8 +238,9 @@ def build(docker_host: str, version: str | None = None, cache: Path = CACHE_DIR,
             context(kind, own, cache, ctx)
             tag = f"fleetmesh/{kind.name}:{version}"
             before = docker(docker_host, "image", "inspect", "-f", "{{.Id}}", tag)
+            on = base if kind.over is None else f"fleetmesh/{kind.over}:{version}"
             r = docker(docker_host, "build", "-q", "--network", "none", "--build-arg",
-                       f"BASE={base}", "--build-arg", f"VERSION={version}", "-t", tag,
+                       f"BASE={on}", "--build-arg", f"VERSION={version}", "-t", tag,
                        str(ctx), timeout=1800, env={"DOCKER_BUILDKIT": "0"})
             if r.returncode != 0:
                 last = r.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["failed"]
@@ -237,8 +249,11 @@ def build(docker_host: str, version: str | None = None, cache: Path = CACHE_DIR,
             built.append(BuiltImage(tag, str(info["Id"]), int(info["Size"])))
             old = before.stdout.decode().strip()
             if before.returncode == 0 and old != info["Id"]:
-                # the image this tag named before, now untagged (kept if a container uses it)
-                docker(docker_host, "rmi", old)
+                replaced.append(old)
+    # the images these tags named before, now untagged (children first; an image a container
+    # uses is kept)
+    for old in reversed(replaced):
+        docker(docker_host, "rmi", old)
     return built
 
 

@@ -72,7 +72,7 @@ def images() -> Iterator[Images]:
         yield Images(version, f"fleetmesh/agent:{version}", f"fleetmesh/coordinator:{version}",
                      r.stdout)
     finally:
-        for image in made:
+        for image in reversed(made):  # the coordinator image is the agent image's child
             _docker("rmi", "-f", image, check=False, timeout=120)
         if base_before is None and (base_id := _image_id(base)) is not None:
             _docker("rmi", base_id, check=False, timeout=120)

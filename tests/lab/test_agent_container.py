@@ -50,7 +50,7 @@ def image() -> Iterator[str]:
         assert r.returncode == 0, r.stderr
         yield tag
     finally:
-        for kind in ("agent", "coordinator"):
+        for kind in ("coordinator", "agent"):  # the coordinator image is the agent's child
             found = _docker("image", "inspect", "-f", "{{.Id}}", f"fleetmesh/{kind}:{version}",
                             check=False)
             if found.returncode == 0:
