@@ -388,7 +388,8 @@ def add_run_parser(sub: Any) -> None:
     p.add_argument("--wg-mount-namespace", metavar="PATH", default=None,
                    help="run wireguard-go in this mount namespace (e.g. /proc/PID/ns/mnt, whose "
                         "/run/wireguard is private) instead of a new private one, so that `wg` "
-                        "run there sees the interface")
+                        "run there sees the interface; `self`: the agent's own, as in a container "
+                        "whose /run is private already)")
     p.add_argument("--no-gossip", action="store_true",
                    help="no mesh node: no membership gossip, manifest spread or blob exchange")
     p.add_argument("--gossip-port", type=_port, default=GOSSIP_PORT, metavar="N",

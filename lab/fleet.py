@@ -7,6 +7,7 @@ stops them even after a crash); the host talks to the lab only through those pro
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import signal
@@ -48,6 +49,12 @@ OPERATOR_CACHE: Final = engines.DATA_DIR / "operator-cache"
 SUPERVISED_START_TIMEOUT: Final = 10.0
 SUPERVISOR_MODULE: Final = "lab.supervise"  # in the argv of every agent supervisor
 BIN: Final = Path(sys.executable).parent  # the venv's console scripts
+# [agents] mode = "container": the agent's container in its device's engine, its data directory
+# (AGENTS_DIR/<device> bind-mounted there) and the image saved once from the host's engine
+AGENT_CONTAINER: Final = "fleetmesh-agent"
+AGENT_DATA: Final = "/var/lib/fleetmesh-agent"
+AGENT_IMAGE_TAR: Final = engines.DATA_DIR / "agent-image.tar"  # on disk, not in /run
+HOST_DOCKER: Final = "unix:///var/run/docker.sock"
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,14 +131,95 @@ def start_fleet(lab: LabNetwork, timeout: float = READY_TIMEOUT) -> FleetAccess:
         token = json.loads(_checked(fleetmesh(
             lab, "coordinator", "token", "create", "--fleet", FLEET, "--uses", str(len(devices)),
             "--expires", "10m", "--json"), "creating an enrollment token"))["token"]
+        if _in_containers(lab):
+            load_agent_image(lab, devices)
         for d in devices:
-            _checked(lab.run(d, [str(BIN / "fleetmesh-agent"), "join", acc.url, "--token", token,
-                                 "--data", str(AGENTS_DIR / d.name), "--name", d.name,
-                                 "--wg-port", str(WG_PORT)],
-                             capture_output=True, text=True, timeout=60), f"{d.name}: join")
+            join = ["join", acc.url, "--token", token, "--name", d.name, "--wg-port", str(WG_PORT)]
+            if _in_containers(lab):
+                _docker_checked(lab, d, f"{d.name}: join", "run", "--rm", "--network", "host",
+                                "-v", f"{AGENTS_DIR / d.name}:{AGENT_DATA}", agent_image(lab),
+                                *join, "--data", AGENT_DATA)
+            else:
+                _checked(lab.run(d, [str(BIN / "fleetmesh-agent"), *join,
+                                     "--data", str(AGENTS_DIR / d.name)],
+                                 capture_output=True, text=True, timeout=60), f"{d.name}: join")
             start_agent(lab, d.name)
     wait_online(lab, [d.name for d in devices], deadline - time.monotonic())
     return acc
+
+
+def _in_containers(lab: LabNetwork) -> bool:
+    return lab.topology.agents.mode == "container"
+
+
+def agent_image(lab: LabNetwork) -> str:
+    """The agent image of container mode: the topology's, else fleetmesh/agent:<version>, as
+    scripts/build-images tags it."""
+    return lab.topology.agents.image or f"fleetmesh/agent:{importlib.metadata.version('fleetmesh')}"
+
+
+def _docker_checked(lab: LabNetwork, node: Node, what: str, *argv: str,
+                    timeout: float = 120) -> str:
+    r = engines.docker(lab.node_env(node)["DOCKER_HOST"], *argv, timeout=timeout)
+    if r.returncode != 0:
+        last = r.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["failed"]
+        raise LabError(f"{what}: {last[0]}")
+    return r.stdout.decode().strip()
+
+
+def load_agent_image(lab: LabNetwork, devices: Sequence[Node]) -> None:
+    """`docker save` the agent image once from the host's engine (where scripts/build-images
+    built it) and `docker load` it into each device's engine."""
+    image, host = agent_image(lab), os.environ.get("DOCKER_HOST") or HOST_DOCKER
+    AGENT_IMAGE_TAR.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        r = engines.docker(host, "save", "-o", str(AGENT_IMAGE_TAR), image, timeout=600)
+        if r.returncode != 0:
+            last = r.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["failed"]
+            raise LabError(f"the agent image {image} is not in the host's engine ({host}; "
+                           f"build it with scripts/build-images): {last[0]}")
+        for d in devices:
+            _docker_checked(lab, d, f"{d.name}: docker load {image}", "load", "-q", "-i",
+                            str(AGENT_IMAGE_TAR), timeout=600)
+    finally:
+        AGENT_IMAGE_TAR.unlink(missing_ok=True)
+
+
+def _container_state(lab: LabNetwork, d: Node) -> dict[str, Any] | None:
+    """The agent container's `docker inspect` (None: there is none)."""
+    r = engines.docker(lab.node_env(d)["DOCKER_HOST"], "inspect", AGENT_CONTAINER)
+    if r.returncode != 0:
+        return None
+    return dict(json.loads(r.stdout)[0])
+
+
+def _container_status(lab: LabNetwork, d: Node) -> dict[str, Any]:
+    info = _container_state(lab, d)
+    if info is None:
+        return {"node": d.name, "state": "stopped", "pid": None, "restarts": 0,
+                "supervisor_pid": None, "container": None}
+    st = info["State"]
+    state = ("restarting" if st.get("Restarting") else "running" if st.get("Running")
+             else "stopped")
+    pid = st.get("Pid") or None
+    return {"node": d.name, "state": state, "pid": pid if state == "running" else None,
+            "restarts": int(info.get("RestartCount", 0)), "supervisor_pid": None,
+            "container": str(info["Id"])[:12]}
+
+
+def _start_container(lab: LabNetwork, d: Node, args: list[str]) -> None:
+    """Run (or start again) the device's agent container, with docs/services.md's flags: the
+    node's network namespace is its engine's host network."""
+    if _container_state(lab, d) is not None:
+        _docker_checked(lab, d, f"{d.name}: docker start", "start", AGENT_CONTAINER)
+        return
+    socket = lab.node_env(d)["DOCKER_HOST"].removeprefix("unix://")
+    _docker_checked(lab, d, f"{d.name}: docker run {agent_image(lab)}", "run", "-d", "--name",
+                    AGENT_CONTAINER, "--restart", "unless-stopped", "--network", "host",
+                    "--cap-add", "NET_ADMIN", "--device", "/dev/net/tun",
+                    "-v", f"{socket}:/var/run/docker.sock",
+                    "-v", f"{AGENTS_DIR / d.name}:{AGENT_DATA}", agent_image(lab),
+                    "run", "--data", AGENT_DATA, "--wg-mount-namespace", "self", *args)
 
 
 def _device(lab: LabNetwork, device: str) -> Node:
@@ -156,7 +244,10 @@ def _supervisors(lab: LabNetwork, device: str) -> list[int]:
 
 def agent_status(lab: LabNetwork, device: str) -> dict[str, Any]:
     """{"node", "state" (running | restarting | stopping | stopped), "pid" (the agent's, None
-    unless running), "restarts" (since its supervisor started), "supervisor_pid"}."""
+    unless running), "restarts" (since its supervisor started), "supervisor_pid"}; in container
+    mode the container's state, restarts by the engine and "container" (its short ID)."""
+    if _in_containers(lab):
+        return _container_status(lab, lab.node(device))
     sups = _supervisors(lab, device)
     st = read_status(_status_file(device)) or {}
     if not sups or st.get("supervisor_pid") not in sups:
@@ -174,19 +265,25 @@ def start_agent(lab: LabNetwork, device: str, program: Sequence[str] | None = No
     """Start an enrolled device's agent under its supervisor (restarted whenever it exits, as
     systemd's Restart=always); returns the agent's PID. Already running: its current PID.
     `program` replaces the `fleetmesh-agent` executable (same arguments): a test's hostile
-    agent."""
+    agent. In container mode: its container, restarted by the engine (not with `program`)."""
     d = _device(lab, device)
+    sharing = [] if lab.topology.agents.peer_sharing else ["--no-peer-sharing"]
+    if lab.topology.agents.lazy_after is not None:
+        sharing += ["--lazy-after", f"{lab.topology.agents.lazy_after:g}"]
+    if d.lan is not None:
+        sharing += lab.topology.lan(d.lan).agent_args()  # --seed-ratio, --unmetered
+    if _in_containers(lab):
+        if program is not None:
+            raise LabUsageError("another agent program runs in [agents] mode = process only")
+        if _container_status(lab, d)["state"] != "running":
+            _start_container(lab, d, ["--underlay", d.iface, *sharing])
+        return _wait_agent(lab, device, time.monotonic() + SUPERVISED_START_TIMEOUT)
     if _supervisors(lab, device):
         return _wait_agent(lab, device, time.monotonic() + SUPERVISED_START_TIMEOUT)
     SUPERVISE_DIR.mkdir(parents=True, exist_ok=True)
     _status_file(device).unlink(missing_ok=True)
     # wireguard-go in the node's mount namespace, so `wg show` in the node sees it
     wg_ns = ["--wg-mount-namespace", d.mountns_path] if d.mountns_path else []
-    sharing = [] if lab.topology.agents.peer_sharing else ["--no-peer-sharing"]
-    if lab.topology.agents.lazy_after is not None:
-        sharing += ["--lazy-after", f"{lab.topology.agents.lazy_after:g}"]
-    if d.lan is not None:
-        sharing += lab.topology.lan(d.lan).agent_args()  # --seed-ratio, --unmetered
     # No engine of its own ([agents] docker = false): the agent must not fall back to the
     # default socket, which is the host's engine.
     apply = [] if "DOCKER_HOST" in lab.node_env(d) else ["--no-apply"]
@@ -205,23 +302,32 @@ def _wait_agent(lab: LabNetwork, device: str, deadline: float) -> int:
         if st["state"] == "running" and st["pid"]:
             return int(st["pid"])
         if time.monotonic() > deadline:
-            raise LabError(f"{device}: the agent did not start (see {LOG_DIR / device}.log)")
+            where = (f"docker logs {AGENT_CONTAINER} in its engine" if _in_containers(lab)
+                     else f"{LOG_DIR / device}.log")
+            raise LabError(f"{device}: the agent did not start (see {where})")
         time.sleep(0.05)
 
 
 def stop_agent(lab: LabNetwork, device: str) -> int:
     """Stop a device's agent for good: its supervisor gets SIGTERM, passes it on and waits for
     the agent (which stops its wireguard-go), without restarting it. Returns how many
-    supervisors were stopped (0: it was not running)."""
-    _device(lab, device)
+    supervisors were stopped (0: it was not running). In container mode: `docker stop` (the
+    restart policy leaves a stopped container alone); 1 if it was running."""
+    d = _device(lab, device)
+    if _in_containers(lab):
+        if _container_status(lab, d)["state"] == "stopped":
+            return 0
+        _docker_checked(lab, d, f"{device}: docker stop", "stop", "-t", f"{STOP_TIMEOUT:g}",
+                        AGENT_CONTAINER, timeout=STOP_TIMEOUT + 30)
+        return 1
     sups = _supervisors(lab, device)
     kill_pids(sups, timeout=STOP_TIMEOUT + 2)
     return len(sups)
 
 
 def kill_agent(lab: LabNetwork, device: str) -> int:
-    """SIGKILL a device's agent (its supervisor is left alone and restarts it, as after a
-    crash); returns the killed PID."""
+    """SIGKILL a device's agent (its supervisor, or in container mode its engine's restart
+    policy, restarts it, as after a crash); returns the killed PID."""
     _device(lab, device)
     st = agent_status(lab, device)
     if st["pid"] is None:

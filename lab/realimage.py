@@ -173,19 +173,29 @@ def tar_of_files(files: dict[str, tuple[bytes, int]]) -> bytes:
     return out.getvalue()
 
 
-def _dropped(rel: str, is_dir: bool) -> bool:
+# Also not in a slim root filesystem: translations, manuals and documentation, but for each
+# package's copyright file (what distributing the image requires).
+_SLIM_PREFIXES: Final = ("usr/share/locale/", "usr/share/man/", "usr/share/info/",
+                         "usr/share/lintian/")
+
+
+def _dropped(rel: str, is_dir: bool, slim: bool = False) -> bool:
     probe = rel + "/" if is_dir else rel
+    if slim and (any(probe.startswith(p) and probe != p for p in _SLIM_PREFIXES) or (
+            not is_dir and rel.startswith("usr/share/doc/") and not rel.endswith("/copyright"))):
+        return True
     return any(probe.startswith(p) and probe != p for p in _DROP_PREFIXES)
 
 
-def normalize_rootfs(root: Path, out: Path) -> None:
+def normalize_rootfs(root: Path, out: Path, slim: bool = False) -> None:
     """Write `root` as a tar with sorted names, fixed times, numeric owners and without the
-    logs, caches and per-run state listed in _DROP_PREFIXES / _EMPTY_FILES."""
+    logs, caches and per-run state listed in _DROP_PREFIXES / _EMPTY_FILES (and, when `slim`,
+    _SLIM_PREFIXES and the documentation but for copyright files)."""
     with tarfile.open(out, mode="w", format=tarfile.GNU_FORMAT) as tar:
         def add(path: Path) -> None:
             rel = path.relative_to(root).as_posix()
             is_dir = path.is_dir() and not path.is_symlink()
-            if _dropped(rel, is_dir):
+            if _dropped(rel, is_dir, slim):
                 return
             info = tar.gettarinfo(str(path), arcname=rel)
             info.mtime, info.uname, info.gname = FIXED_MTIME, "", ""
@@ -222,10 +232,12 @@ def _remove_build_dir(work: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def rootfs_tar(cache: Path = CACHE_DIR, mirror: str | None = None) -> Path:
-    """The Debian root filesystem tar, built once per (suite, variant, packages, mirror)."""
+def rootfs_tar(cache: Path = CACHE_DIR, mirror: str | None = None,
+               include: tuple[str, ...] = INCLUDE, slim: bool = False) -> Path:
+    """The Debian root filesystem tar with `include`'s packages (and without documentation
+    when `slim`), built once per (suite, variant, packages, mirror, slim)."""
     mirror = mirror or apt_mirror()
-    key = _key("rootfs", SUITE, VARIANT, INCLUDE, mirror, "amd64")
+    key = _key("rootfs", SUITE, VARIANT, include, mirror, "amd64", *(["slim"] if slim else []))
     out = cache / f"rootfs-{SUITE}-{key}.tar"
     if out.is_file():
         return out
@@ -236,13 +248,13 @@ def rootfs_tar(cache: Path = CACHE_DIR, mirror: str | None = None) -> Path:
     _remove_build_dir(work)
     try:
         r = subprocess.run(["debootstrap", f"--variant={VARIANT}", "--arch=amd64",
-                            f"--include={','.join(INCLUDE)}", SUITE, str(work), mirror],
+                            f"--include={','.join(include)}", SUITE, str(work), mirror],
                            capture_output=True, text=True, timeout=1800, check=False)
         if r.returncode != 0:
             last = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["failed"]
             raise LabError(f"debootstrap {SUITE} from {mirror}: {last[0]}")
         partial = out.with_suffix(".partial")
-        normalize_rootfs(work, partial)
+        normalize_rootfs(work, partial, slim)
         partial.rename(out)
     finally:
         _remove_build_dir(work)
@@ -281,8 +293,13 @@ def wheels(version: int, cache: Path = CACHE_DIR) -> list[Path]:
 
 
 def site_tar(wheel_files: Iterable[Path]) -> bytes:
-    """The wheels unpacked into Debian's site directory (a wheel is a zip laid out as installed;
-    none of these has scripts or data to relocate), as one reproducible tar."""
+    """The wheels unpacked into Debian's site directory, as one reproducible tar."""
+    return tar_of_files(site_files(wheel_files))
+
+
+def site_files(wheel_files: Iterable[Path]) -> dict[str, tuple[bytes, int]]:
+    """The wheels' files as installed in Debian's site directory, `path -> (content, mode)` (a
+    wheel is a zip laid out as installed; none of these has data to relocate)."""
     files: dict[str, tuple[bytes, int]] = {}
     for whl in wheel_files:
         with zipfile.ZipFile(whl) as z:
@@ -291,7 +308,7 @@ def site_tar(wheel_files: Iterable[Path]) -> bytes:
                     continue
                 mode = 0o755 if (entry.external_attr >> 16) & 0o111 else 0o644
                 files[f"{SITE}/{entry.filename}"] = (z.read(entry), mode)
-    return tar_of_files(files)
+    return files
 
 
 def app_tar() -> bytes:
@@ -322,10 +339,17 @@ def _check(r: subprocess.CompletedProcess[bytes], what: str) -> str:
     return r.stdout.decode().strip()
 
 
-def import_base(docker_host: str, cache: Path = CACHE_DIR) -> str:
-    """`docker import` the cached root filesystem (once per engine); returns its tag."""
-    rootfs = rootfs_tar(cache)
-    base = f"{BASE_REPOSITORY}:{rootfs.stem.removeprefix('rootfs-')}"
+def base_tag(rootfs: Path, repository: str = BASE_REPOSITORY) -> str:
+    """The tag import_base gives the root filesystem tar ROOTFS."""
+    return f"{repository}:{rootfs.stem.removeprefix('rootfs-')}"
+
+
+def import_base(docker_host: str, cache: Path = CACHE_DIR, include: tuple[str, ...] = INCLUDE,
+                repository: str = BASE_REPOSITORY, slim: bool = False) -> str:
+    """`docker import` the cached root filesystem with `include`'s packages (once per engine)
+    as REPOSITORY:<its key>; returns that tag."""
+    rootfs = rootfs_tar(cache, include=include, slim=slim)
+    base = base_tag(rootfs, repository)
     if docker(docker_host, "image", "inspect", base).returncode != 0:
         _check(docker(docker_host, "import", str(rootfs), base, timeout=600),
                f"docker import {rootfs.name}")

@@ -119,16 +119,28 @@ class OperatorSpec:
     on: str  # "wan" or a LAN name
 
 
+AGENT_MODES: Final = ("process", "container")
+# repository[:tag]: lower-case path components, an optional tag (Docker's reference grammar,
+# without registry ports and digests)
+_IMAGE_REF: Final = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*"
+                               r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?")
+
+
 @dataclass(frozen=True, slots=True)
 class AgentsSpec:
     """How `up` runs the agents. peer_sharing = false: every device fetches release blobs only
     from the coordinator (the comparison case for LAN-first sharing). docker = false: no Docker
     engine per device and operator (saves ~0.1 GB of memory per node where no test needs one).
-    lazy_after: the agents' `--lazy-after` (None: their default)."""
+    lazy_after: the agents' `--lazy-after` (None: their default). mode = "container": each
+    agent runs from the agent image (`image`, default fleetmesh/agent:<this version>) as a
+    container of its device's own engine, as on a real device (docs/services.md); "process"
+    (the default): as a process under a supervisor."""
 
     peer_sharing: bool = True
     docker: bool = True
     lazy_after: float | None = None
+    mode: str = "process"
+    image: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +191,10 @@ class Topology:
                            "docker": self.agents.docker}
             if self.agents.lazy_after is not None:
                 d["agents"]["lazy_after"] = self.agents.lazy_after
+            if self.agents.mode != "process":
+                d["agents"]["mode"] = self.agents.mode
+            if self.agents.image is not None:
+                d["agents"]["image"] = self.agents.image
         lans = []
         for lan in self.lans:
             e: dict[str, Any] = {"name": lan.name, "nat": lan.nat, "devices": lan.devices}
@@ -403,7 +419,8 @@ def parse_topology(data: dict[str, Any], source: str | None = None) -> Topology:
 
     agents = AgentsSpec()
     if "agents" in data:
-        ag = _check_keys("agents", data["agents"], {"peer_sharing", "docker", "lazy_after"})
+        ag = _check_keys("agents", data["agents"],
+                         {"peer_sharing", "docker", "lazy_after", "mode", "image"})
         for key in ("peer_sharing", "docker"):
             if not isinstance(ag.get(key, True), bool):
                 raise TopologyError(f"agents.{key}: must be true or false")
@@ -411,9 +428,21 @@ def parse_topology(data: dict[str, Any], source: str | None = None) -> Topology:
         if lazy is not None and (isinstance(lazy, bool) or not isinstance(lazy, (int, float))
                                  or not 0 <= lazy <= 86400):
             raise TopologyError("agents.lazy_after: must be seconds from 0 to 86400")
+        mode = ag.get("mode", "process")
+        if mode not in AGENT_MODES:
+            raise TopologyError(f"agents.mode: must be one of {', '.join(AGENT_MODES)}")
+        if mode == "container" and ag.get("docker", True) is False:
+            raise TopologyError("agents.mode = container: needs each device's engine "
+                                "(agents.docker = true)")
+        image = ag.get("image")
+        if image is not None and (mode != "container" or not isinstance(image, str)
+                                  or not _IMAGE_REF.fullmatch(image)):
+            raise TopologyError("agents.image: an image reference (repository:tag), with "
+                                "mode = container only")
         agents = AgentsSpec(peer_sharing=ag.get("peer_sharing", True),
                             docker=ag.get("docker", True),
-                            lazy_after=None if lazy is None else float(lazy))
+                            lazy_after=None if lazy is None else float(lazy),
+                            mode=mode, image=image)
 
     topo = Topology(wan_subnet=wan_subnet, lans=tuple(lans), operator=operator, source=source,
                     agents=agents)

@@ -25,6 +25,7 @@ from ._keys import (
 )
 from ._link import (
     DEFAULT_MTU,
+    OWN_MOUNT_NAMESPACE,
     WireGuardGo,
     WireGuardGoError,
     add_route,
@@ -87,6 +88,7 @@ __all__ = [
     "WireGuardBackend",
     "WireGuardGo",
     "WireGuardGoError",
+    "OWN_MOUNT_NAMESPACE",
     "add_route",
     "apply",
     "areconcile",

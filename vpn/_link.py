@@ -55,6 +55,10 @@ def netns_path(netns: str) -> str:
 _PROC_MNT = re.compile(r"^/proc/(\d+)/ns/mnt$")
 
 
+# `mountns` that runs wireguard-go in the caller's own mount namespace (in a container)
+OWN_MOUNT_NAMESPACE: Final = "self"
+
+
 def mount_namespace_args(mountns: str) -> list[str]:
     """nsenter arguments that enter a mount namespace. Entering one resets the root directory
     to the namespace's own root, which escapes a chroot (a fresh-debian box, a container
@@ -131,6 +135,10 @@ class WireGuardGo:
         enter: list[str] = []
         if netns is not None:
             enter.append(f"--net={netns_path(netns)}")
+        if mountns == OWN_MOUNT_NAMESPACE:
+            # a container's /run is its own already: nothing to make private
+            return ["nsenter", *enter, self.executable, "-f", ifname] if enter else [
+                self.executable, "-f", ifname]
         if mountns is not None:
             if not os.path.exists(mountns):
                 raise FileNotFoundError(f"mount namespace {mountns!r} does not exist")

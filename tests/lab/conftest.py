@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,9 @@ from lab._host import lab_netns_names, read_state
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = REPO / ".venv" / "bin" / "fleetmesh-lab"
+# lab_cli runs this tree's fleetmesh-lab: the venv's console script may belong to another
+# checkout, whose lab need not read a state file this tree's lab wrote
+THIS_CLI = [sys.executable, "-m", "lab.cli"]
 NEEDED_TOOLS = ("nsenter", "unshare", "iptables-restore", "tc", "busybox", "iperf3", "mount")
 
 
@@ -80,8 +84,8 @@ def log_tail(device: str, lines: int = 60) -> str:
 
 def lab_cli(*argv: str, timeout: float = 300, check: bool = True) -> str:
     """`fleetmesh-lab ARGV`'s output; a non-zero exit (with `check`) fails the test with it."""
-    r = subprocess.run([str(CLI), *argv], capture_output=True, text=True, timeout=timeout,
-                       check=False)
+    r = subprocess.run([*THIS_CLI, *argv], capture_output=True, text=True, timeout=timeout,
+                       cwd=REPO, check=False)
     if check and r.returncode != 0:
         raise AssertionError(f"fleetmesh-lab {' '.join(argv)}: exit {r.returncode}: "
                              f"{(r.stderr or r.stdout).strip()[-2000:]}")

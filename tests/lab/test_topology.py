@@ -166,8 +166,18 @@ BAD = [
     ),
     (
         '[agents]\nsharing = false\n[[lan]]\nname = "a"\n',
-        "agents.sharing: unknown key (allowed: docker, lazy_after, peer_sharing)",
+        "agents.sharing: unknown key (allowed: docker, image, lazy_after, mode, peer_sharing)",
     ),
+    ('[agents]\nmode = "vm"\n[[lan]]\nname = "a"\n',
+     "agents.mode: must be one of process, container"),
+    ('[agents]\nmode = "container"\ndocker = false\n[[lan]]\nname = "a"\n',
+     "agents.mode = container: needs each device's engine (agents.docker = true)"),
+    ('[agents]\nimage = "fleetmesh/agent:1"\n[[lan]]\nname = "a"\n',
+     "agents.image: an image reference (repository:tag), with mode = container only"),
+    ('[agents]\nmode = "container"\nimage = "Fleetmesh/Agent"\n[[lan]]\nname = "a"\n',
+     "agents.image: an image reference (repository:tag), with mode = container only"),
+    ('[agents]\nmode = "container"\nimage = 3\n[[lan]]\nname = "a"\n',
+     "agents.image: an image reference (repository:tag), with mode = container only"),
     (
         '[wan]\nsubnet = "10.201.0.0/16"\n[[lan]]\nname = "a"\n',
         "lan[0].subnet: 10.201.1.0/24 overlaps wan.subnet 10.201.0.0/16",
@@ -331,3 +341,16 @@ def test_udp_timeout_and_lazy_after_round_trip() -> None:
     assert topo.lan("a").udp_timeout == 30 and topo.lan("b").udp_timeout is None
     assert topo.agents.lazy_after == 20.0
     assert parse_topology(topo.to_dict()) == topo
+
+
+def test_agents_mode_defaults_to_process_and_container_round_trips() -> None:
+    assert parse_topology({"lan": [{"name": "a"}]}).agents.mode == "process"
+    topo = parse_topology({"agents": {"mode": "container"}, "lan": [{"name": "a"}]})
+    assert (topo.agents.mode, topo.agents.image) == ("container", None)
+    assert topo.to_dict()["agents"] == {"peer_sharing": True, "docker": True,
+                                        "mode": "container"}
+    assert parse_topology(topo.to_dict()) == topo
+    pinned = parse_topology({"agents": {"mode": "container", "image": "fleetmesh/agent:0.1.0"},
+                             "lan": [{"name": "a"}]})
+    assert pinned.agents.image == "fleetmesh/agent:0.1.0"
+    assert parse_topology(pinned.to_dict()) == pinned

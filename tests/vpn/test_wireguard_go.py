@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from vpn import (
+    OWN_MOUNT_NAMESPACE,
     DesiredDevice,
     DesiredPeer,
     DeviceConfig,
@@ -258,6 +259,19 @@ def test_bad_input_fails_fast(make_netns: MakeNetns) -> None:
     with pytest.raises(WireGuardGoError, match="exited"):
         WireGuardGo(executable="/bin/false").start("wg0", ns)
     assert time.monotonic() - t0 < 5
+
+
+def test_own_mount_namespace_runs_the_daemon_without_one(make_netns: MakeNetns) -> None:
+    """In a container (no CAP_SYS_ADMIN, /run private already) no mount namespace is made or
+    entered: wireguard-go runs as is, in the given network namespace if any."""
+    ns = make_netns("o")
+    wg = WireGuardGo()
+    assert wg.command("wg0", None, OWN_MOUNT_NAMESPACE) == ["wireguard-go", "-f", "wg0"]
+    assert wg.command("wg0", ns, OWN_MOUNT_NAMESPACE) == [
+        "nsenter", f"--net={netns_path(ns)}", "wireguard-go", "-f", "wg0"]
+    assert "unshare" in wg.command("wg0", None, None)
+    with pytest.raises(ValueError):
+        wg.command("bad name", None, OWN_MOUNT_NAMESPACE)
 
 
 def test_mountns_start_and_stop(make_netns: MakeNetns, make_wg: MakeWg) -> None:
