@@ -12,7 +12,8 @@ yields the next bytes of the target:
 The records end exactly where the target (the header's length) does, and so must the stream.
 A changed tar member is diffed against its base (same path; else the one member whose path is
 the same once version numbers and hashes are blanked: `numpy-1.26.3.dist-info/RECORD`,
-`scipy.libs/libopenblasp-r0-23e5df77.3.21.dev.so`; else the one of the same basename) in
+`scipy.libs/libgfortran-040039e1.so.5.0.0`; else the one in the same directory whose name
+starts with the same letters; else the one of the same basename) in
 pieces of at most CHUNK_NEW target bytes, each against at most CHUNK_OLD bytes of the base at
 the proportional position. So the apply holds, at any moment: the LZMA dictionary, one piece
 of the decoded stream (at most PIECE bytes of a literal), and for a PATCH the source slice, the
@@ -56,8 +57,20 @@ _MAX_VARINT: Final = 10
 _VOLATILE: Final = re.compile(r"(?=[0-9a-f]*[0-9])[0-9a-f]{6,}|[0-9]+")
 
 
+_STEM: Final = re.compile(r"[A-Za-z]*")
+
+
 def _normalized(name: str) -> str:
     return _VOLATILE.sub("#", name)
+
+
+def _stem(name: str) -> str:
+    """The normalized directory and the leading letters of the file name: a shared library
+    renamed across a version and a suffix (`libopenblasp-r0-24bff013.3.26.dev.so` ->
+    `libopenblasp-r0-01191904.3.27.so`) keeps it."""
+    directory, _, base = name.rpartition("/")
+    match = _STEM.match(base)
+    return _normalized(directory) + "/" + (match.group(0) if match else "")
 
 
 # -- encoder -------------------------------------------------------------------------------
@@ -126,6 +139,7 @@ def stream_encode(old: _Bytes, new: _Bytes, members: Members,
         raise DeltaError("tar-aware delta needs two tar archives")
     by_name: dict[str, tuple[int, int]] = {}
     by_norm: dict[str, list[tuple[int, int]]] = {}
+    by_stem: dict[str, list[tuple[int, int]]] = {}
     by_base: dict[str, list[tuple[int, int]]] = {}
     by_digest: dict[bytes, int] = {}
     with memoryview(old) as src:
@@ -134,6 +148,7 @@ def stream_encode(old: _Bytes, new: _Bytes, members: Members,
                 continue
             by_name[name] = (offset, size)
             by_norm.setdefault(_normalized(name), []).append((offset, size))
+            by_stem.setdefault(_stem(name), []).append((offset, size))
             by_base.setdefault(name.rsplit("/", 1)[-1], []).append((offset, size))
             with src[offset:offset + size] as data:
                 by_digest.setdefault(hashlib.sha256(data).digest(), offset)
@@ -141,7 +156,8 @@ def stream_encode(old: _Bytes, new: _Bytes, members: Members,
     def base_of(name: str) -> tuple[int, int] | None:
         if name in by_name:
             return by_name[name]
-        for table, key in ((by_norm, _normalized(name)), (by_base, name.rsplit("/", 1)[-1])):
+        for table, key in ((by_norm, _normalized(name)), (by_stem, _stem(name)),
+                           (by_base, name.rsplit("/", 1)[-1])):
             found = table.get(key, [])
             if len(found) == 1:
                 return found[0]

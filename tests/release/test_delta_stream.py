@@ -88,14 +88,19 @@ def test_small_pieces_round_trip(monkeypatch: pytest.MonkeyPatch, pair: tuple[by
 def test_changed_members_are_patched_and_renamed_versions_matched(tmp_path: Path) -> None:
     rng = random.Random(7)
     lib = rng.randbytes(300_000)
+    gfortran = rng.randbytes(200_000)
     old = _tar({"keep.bin": rng.randbytes(100_000), "scipy.libs/libopenblas-23e5df77.so": lib,
+                "scipy.libs/libgfortran-040039e1.so.5": gfortran,
                 "pkg-1.0.dist-info/RECORD": b"x" * 900})
-    new_lib = lib[:150_000] + b"patched" + lib[150_007:]
     new = _tar({"keep.bin": _member(old, "keep.bin"),
-                "scipy.libs/libopenblas-9c1e04b4.so": new_lib,
+                # renamed with a new hash and a new suffix: matched by directory and stem
+                "scipy.libs/libopenblas-9c1e04b4.dev.so":
+                    lib[:150_000] + b"patched" + lib[150_007:],
+                # renamed with a new hash only
+                "scipy.libs/libgfortran-7f3e2b11.so.5": gfortran[:-1] + b"!",
                 "pkg-1.1.dist-info/RECORD": b"x" * 901})
     patch = create_delta(old, new, method=Method.TAR_STREAM)
-    assert len(patch) < 3000  # the copy and both renamed members' patches, not literals
+    assert len(patch) < 3000  # the copy and the renamed members' patches, not literals
     assert _apply_file(tmp_path, old, patch, _diff_id(new)) == new
 
 
