@@ -271,6 +271,7 @@ def test_streaming_apply_of_a_300_mib_layer_stays_under_128_mib(tmp_path: Path) 
         assert lines[0].endswith(diff_id)
         _, hwm, rc = lines[-1].split()
         assert rc == "0"
+        print(f"apply peak RSS (VmHWM) {int(hwm) // 1024} MiB")  # shown with -s
         assert int(hwm) < 128 * 1024, f"peak RSS {int(hwm) // 1024} MiB"  # KiB
         with open(work / "out.tar", "rb") as f:
             assert "sha256:" + hashlib.file_digest(f, "sha256").hexdigest() == diff_id
