@@ -14,7 +14,7 @@ import hashlib
 import sys
 from pathlib import Path
 
-from mesh.delta import apply_delta
+from mesh.delta import apply_delta_file
 
 
 def main(argv: list[str]) -> int:
@@ -42,8 +42,8 @@ def main(argv: list[str]) -> int:
             "tried": [[m, n] for _, m, n in plan.tried]}))
         return 0
     if argv[0] == "apply":
-        out = apply_delta(argv[1], Path(argv[2]).read_bytes(), argv[4])
-        Path(argv[3]).write_bytes(out)
+        # The streaming apply, as `fleetmesh delta apply` and the agent's rebuild run it.
+        apply_delta_file(argv[1], argv[2], argv[3], argv[4])
         return 0
     return 2
 

@@ -319,12 +319,14 @@ def commands(tool: str, old: Path, new: Path, patch: Path, out: Path,
 
 
 def bench_pair(pair: Pair, old: Path, new: Path, work: Path, budget: int,
-               timeout: float, progress: Callable[[Row], None]) -> Row:
-    """Run every tool on the pair; `progress` sees the row after each tool."""
+               timeout: float, progress: Callable[[Row], None],
+               tools: Sequence[str] = TOOLS) -> Row:
+    """Run the tools on the pair; `progress` sees the row after each tool."""
     want = _sha256(new)
     row = Row(pair.name, pair.kind, old.stat().st_size, new.stat().st_size)
     for tool in TOOLS:
-        reason = skip_reason(tool, row.old_bytes, row.new_bytes, budget)
+        reason = ("not run (--tools)" if tool not in tools
+                  else skip_reason(tool, row.old_bytes, row.new_bytes, budget))
         if reason:
             row.results.append(Result(tool, skipped=reason))
             progress(row)
@@ -363,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="GiB an anchor may need to create a patch (default 8)")
     parser.add_argument("--timeout", type=float, default=1800.0,
                         help="seconds one create or apply may take (default 1800)")
+    parser.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS,
+                        help="run only these tools (the others are printed as not run)")
     args = parser.parse_args(argv)
     if args.report:
         try:
@@ -405,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         old, new = layers(args.cache, pair)
         with tempfile.TemporaryDirectory(prefix="fm-bench-") as tmp:
             rows.append(bench_pair(pair, old, new, Path(tmp), int(args.mem_budget * GIB),
-                                   args.timeout, save))
+                                   args.timeout, save, args.tools))
         print(f"done {pair.name}", file=sys.stderr, flush=True)
     print(render(rows))
     return 0

@@ -31,7 +31,7 @@ from rich.progress import (
 )
 
 from mesh.clikit import EXIT_OK, EXIT_REFUSED, EXIT_TIMEOUT, CliError
-from mesh.delta import DeltaError, apply_delta, create_delta, read_header
+from mesh.delta import DeltaError, apply_delta_file, create_delta, read_header
 from mesh.image import ImageError
 from mesh.release import (
     ContainerSettings,
@@ -148,15 +148,13 @@ def _delta_create(args: argparse.Namespace) -> int:
 def _delta_apply(args: argparse.Namespace) -> int:
     _require_file(args.old, "old file")
     _require_file(args.patch, "patch")
+    # Streams: the patch and the old layer are read from their files, the output is written
+    # (and hashed) piece by piece and replaces OUT only once verified (docs/delta.md).
     try:
-        patch = args.patch.read_bytes()
-        out = apply_delta(args.old, patch, args.expect)
-    except OSError as exc:
-        raise CliError(f"cannot read {args.patch}: {exc.strerror}") from None
+        diff_id = apply_delta_file(args.old, args.patch, args.out, args.expect)
     except DeltaError as exc:
         raise CliError(f"{args.patch}: {exc}") from None
-    _write_atomically(args.out, out)
-    print(f"{args.out}: {len(out)} bytes, sha256:{hashlib.sha256(out).hexdigest()}")
+    print(f"{args.out}: {args.out.stat().st_size} bytes, {diff_id}")
     return 0
 
 

@@ -13,6 +13,7 @@ from mesh.delta._engine import (
     PREFIX_MAX_INPUT,
     Source,
     apply_delta,
+    apply_delta_file,
     create_delta,
     read_header,
 )
@@ -22,6 +23,6 @@ from mesh.delta._tar import is_tar
 __all__ = [
     "BARE_HEADER_MIN", "DEFAULT_MAX_TARGET", "HDIFF_MAX_INPUT", "HDIFF_ZSTD_LEVEL",
     "HDIFF_ZSTD_WINDOW_LOG", "HEADER_MIN", "PREFIX_MAX_INPUT",
-    "DeltaError", "DeltaHeader", "Method", "Source", "apply_delta", "create_delta", "is_tar",
-    "read_header",
+    "DeltaError", "DeltaHeader", "Method", "Source", "apply_delta", "apply_delta_file",
+    "create_delta", "is_tar", "read_header",
 ]

@@ -56,6 +56,7 @@ class Method(enum.IntEnum):
     TAR_MEMBERS = 3  # tar-aware: copy unchanged members, per-member deltas, literals
     FULL = 4  # no use of the source: the target zstd-compressed (used inside TAR_MEMBERS too)
     ZSTD_PREFIX = 5  # one zstd frame with the whole source as raw prefix (zstd --patch-from)
+    TAR_STREAM = 6  # tar-aware records in target order: applies in bounded memory (_stream)
 
 
 @dataclass(frozen=True, slots=True)

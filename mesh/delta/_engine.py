@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Final, TypeAlias
+from typing import BinaryIO, Final, TypeAlias
 
 import blake3
 import hdiffpatch
@@ -24,8 +25,9 @@ from mesh.delta._container import (
     varint,
 )
 from mesh.delta._hdiff import HDIFF_LZMA_WINDOW_LOG, HDIFF_ZSTD_WINDOW_LOG, hdiff_apply
-from mesh.delta._output import Output
-from mesh.delta._tar import tar_decode, tar_encode
+from mesh.delta._output import FileSink, Output, Sink
+from mesh.delta._stream import file_reader, stream_decode, stream_encode
+from mesh.delta._tar import regular_members, tar_decode, tar_encode
 
 Source: TypeAlias = "bytes | bytearray | memoryview | str | os.PathLike[str]"
 """Data in memory, or the path of a file (str or PathLike)."""
@@ -107,15 +109,17 @@ def create_delta(old: Source, new: Source, *, method: Method | None = None,
                  hdiff_max_input: int = HDIFF_MAX_INPUT, self_check: bool = True) -> bytes:
     """A patch that turns `old` into `new`.
 
-    `method=None` picks HDiffPatch when old + new fit under `hdiff_max_input`, else zstd windows.
+    `method=None` picks HDiffPatch when old + new fit under `hdiff_max_input`, else the
+    streaming tar method when both are tars (its apply needs constant memory), else zstd windows.
     `self_check=False` writes a bare patch (no digests in its header, ~27 bytes less): only for
     a patch that a signed manifest names by blob id, with its source and target diff IDs;
     applying it requires the target's diff ID (see _container).
     """
     if method is None:
         total = sum(_size(x) for x in (old, new))
-        method = Method.HDIFF if total <= hdiff_max_input else Method.ZSTD_WINDOWS
-    mapped = method is Method.ZSTD_WINDOWS
+        method = (Method.HDIFF if total <= hdiff_max_input
+                  else Method.TAR_STREAM if _both_tars(old, new) else Method.ZSTD_WINDOWS)
+    mapped = method in (Method.ZSTD_WINDOWS, Method.TAR_STREAM)
     with _view(old, mapped=mapped) as o, _view(new, mapped=mapped) as n:
         body = _encode_body(method, o, n)
         if not self_check:
@@ -124,6 +128,15 @@ def create_delta(old: Source, new: Source, *, method: Method | None = None,
                              _sha256(o)[:SHORT_DIGEST],
                              blake3.blake3(body).digest()[:SHORT_DIGEST])
         return pack_header(header) + body
+
+
+def _both_tars(old: Source, new: Source) -> bool:
+    with _view(old) as o, _view(new) as n:
+        return regular_members(o) is not None and regular_members(n) is not None
+
+
+def _stream_diff(old: bytes, new: bytes) -> bytes:
+    return hdiffpatch.diff(old, new, compression="none", validate=False)
 
 
 def _encode_body(method: Method, o: bytes | bytearray | memoryview | mmap.mmap,
@@ -138,6 +151,8 @@ def _encode_body(method: Method, o: bytes | bytearray | memoryview | mmap.mmap,
         return zstd.compress(bytes(n), level=FULL_ZSTD_LEVEL)
     if method is Method.TAR_MEMBERS:
         return tar_encode(bytes(o), bytes(n))
+    if method is Method.TAR_STREAM:
+        return stream_encode(o, n, regular_members, _stream_diff)
     raise DeltaError(f"unsupported method {method!r}")
 
 
@@ -185,7 +200,7 @@ _OUT_PIECE: Final = 256 * 1024
 _IN_PIECE: Final = 64 * 1024
 
 
-def _zstd_into(out: Output, dec: zstd.ZstdDecompressor, frame: bytes | memoryview,
+def _zstd_into(out: Sink, dec: zstd.ZstdDecompressor, frame: bytes | memoryview,
                size: int) -> None:
     """Decode the rest of `frame` into `out`: exactly `size` bytes, then the frame's end."""
     start = out.written
@@ -209,7 +224,7 @@ def _zstd_into(out: Output, dec: zstd.ZstdDecompressor, frame: bytes | memoryvie
         raise DeltaError("corrupt zstd frame: wrong length")
 
 
-def _decompress_frame(out: Output, frame: bytes | memoryview, source: _Buffer, src_off: int,
+def _decompress_frame(out: Sink, frame: bytes | memoryview, source: _Buffer, src_off: int,
                       src_len: int, size: int, window_log: int) -> None:
     """Exactly `size` bytes, written to `out`, from a frame stored without its constant first
     bytes, decoded with `source[src_off:src_off + src_len]` as raw prefix.
@@ -279,8 +294,12 @@ def _windows_encode(o: bytes | bytearray | memoryview | mmap.mmap,
     return varint(len(frames)) + b"".join(frames)
 
 
-def _windows_decode(old: _Buffer, body: bytes | memoryview,
-                    target_size: int) -> bytes:
+NewSink = Callable[[int], Sink]
+"""Called once the body has confirmed the target's length: where the target goes."""
+
+
+def _windows_decode(old: _Buffer, body: bytes | memoryview, target_size: int,
+                    new_sink: NewSink) -> Sink:
     count, pos = read_varint(body, 0)
     if count > target_size // WINDOW_NEW + 1:
         raise DeltaError("corrupt window body: too many frames")
@@ -302,12 +321,12 @@ def _windows_decode(old: _Buffer, body: bytes | memoryview,
         raise DeltaError("corrupt window body: trailing bytes")
     if produced != target_size:
         raise DeltaError("corrupt window body: frames do not add up to the target")
-    out = Output(target_size)
+    out = new_sink(target_size)
     with memoryview(body) as view:
         for src_off, src_len, new_len, start, frame_len in frames:
             with view[start:start + frame_len] as frame:
                 _decompress_frame(out, frame, old, src_off, src_len, new_len, WINDOW_LOG)
-    return out.result()
+    return out
 
 
 def _drop_pages(old: _Buffer) -> None:
@@ -317,16 +336,17 @@ def _drop_pages(old: _Buffer) -> None:
         old.madvise(mmap.MADV_DONTNEED)
 
 
-def _prefix_decode(old: _Buffer, body: bytes | memoryview, target_size: int) -> bytes:
+def _prefix_decode(old: _Buffer, body: bytes | memoryview, target_size: int,
+                   new_sink: NewSink) -> Sink:
     if len(old) + target_size > PREFIX_MAX_INPUT:
         raise DeltaError("corrupt patch: source + target too large for one zstd frame")
-    out = Output(target_size)  # at most 128 MiB, by the check above
+    out = new_sink(target_size)  # at most 128 MiB, by the check above
     _decompress_frame(out, body, old, 0, len(old), target_size,
                       _window_log(len(old) + target_size))
-    return out.result()
+    return out
 
 
-def full_decode(body: bytes | memoryview, target_size: int) -> bytes:
+def full_decode(body: bytes | memoryview, target_size: int, new_sink: NewSink) -> Sink:
     # Our FULL frames carry their content size (zstd.compress writes it): it must agree with
     # the header before the target is allocated.
     try:
@@ -334,11 +354,11 @@ def full_decode(body: bytes | memoryview, target_size: int) -> bytes:
         dec = zstd.ZstdDecompressor(options={zstd.DecompressionParameter.window_log_max: 27})
         if declared != target_size:
             raise DeltaError("corrupt zstd body: wrong length")
-        out = Output(target_size)
+        out = new_sink(target_size)
         _zstd_into(out, dec, body, target_size)
     except (zstd.ZstdError, ValueError, EOFError) as exc:
         raise DeltaError(f"corrupt zstd body: {exc}") from None
-    return out.result()
+    return out
 
 
 def read_header(patch: bytes | memoryview) -> DeltaHeader:
@@ -350,12 +370,9 @@ BARE_NEEDS_DIFF_ID: Final = ("a bare patch needs the expected diff ID (it carrie
                              "of its own)")
 
 
-def apply_delta(old: Source, patch: bytes, expected_diff_id: str | None = None, *,
-                max_target: int = DEFAULT_MAX_TARGET) -> bytes:
-    """The target bytes, verified against `expected_diff_id` (the manifest's diff ID: full
-    sha256) when given. A self-checking patch can be applied without it (the output is then
-    checked only against the header's 8-byte prefix of its sha256); a bare patch cannot."""
-    header = parse_header(patch)
+def _check_header(header: DeltaHeader, expected_diff_id: str | None,
+                  max_target: int) -> bytes | None:
+    """The checks before any body byte is decoded; the expected full sha256, if given."""
     expected: bytes | None = None
     if expected_diff_id is not None:
         expected = _parse_diff_id(expected_diff_id)
@@ -365,10 +382,40 @@ def apply_delta(old: Source, patch: bytes, expected_diff_id: str | None = None, 
     elif expected is not None and expected[:SHORT_DIGEST] != header.target_sha256_prefix:
         raise DeltaError(f"patch produces {header.target_short_id}, manifest wants "
                          f"{expected_diff_id}")
-    # Every decoder below is bounded by target_size: bound it before anything is decoded.
+    # Every decoder is bounded by target_size: bound it before anything is decoded.
     if header.target_size > max_target:
         raise DeltaError(f"patch target of {header.target_size} bytes exceeds the limit "
                          f"of {max_target}")
+    return expected
+
+
+def _check_output(header: DeltaHeader, digest: bytes, expected: bytes | None,
+                  expected_diff_id: str | None) -> None:
+    if (header.target_sha256_prefix is not None
+            and digest[:SHORT_DIGEST] != header.target_sha256_prefix):
+        raise DeltaError("patched output does not match the patch's target digest")
+    # The manifest path (and the only check of a bare patch's output): the full sha256.
+    if expected is not None and digest != expected:
+        raise DeltaError(f"patched output is sha256:{digest.hex()}, manifest wants "
+                         f"{expected_diff_id}"
+                         + (" (wrong base, or a corrupted patch)" if header.bare else ""))
+
+
+def _wrong_base(header: DeltaHeader) -> DeltaError:
+    return DeltaError("patch was made against a different base "
+                      f"(sha256:{(header.source_sha256_prefix or b'').hex()}...)")
+
+
+def apply_delta(old: Source, patch: bytes, expected_diff_id: str | None = None, *,
+                max_target: int = DEFAULT_MAX_TARGET) -> bytes:
+    """The target bytes, verified against `expected_diff_id` (the manifest's diff ID: full
+    sha256) when given. A self-checking patch can be applied without it (the output is then
+    checked only against the header's 8-byte prefix of its sha256); a bare patch cannot.
+
+    This holds the target in memory; `apply_delta_file` writes it to a file instead, and
+    applies `TAR_STREAM` patches in bounded memory."""
+    header = parse_header(patch)
+    expected = _check_header(header, expected_diff_id, max_target)
     body = memoryview(patch)[header.header_size:]  # no copy: zstd bodies are decoded from it
     if (header.body_blake3_prefix is not None
             and blake3.blake3(body).digest()[:SHORT_DIGEST] != header.body_blake3_prefix):
@@ -381,31 +428,137 @@ def apply_delta(old: Source, patch: bytes, expected_diff_id: str | None = None, 
         if header.source_sha256_prefix is not None:
             if (len(o) != header.source_size
                     or _sha256(o)[:SHORT_DIGEST] != header.source_sha256_prefix):
-                raise DeltaError("patch was made against a different base "
-                                 f"(sha256:{header.source_sha256_prefix.hex()}...)")
+                raise _wrong_base(header)
             _drop_pages(o)
         if header.method is Method.HDIFF:
             out = hdiff_apply(bytes(o), bytes(body), header.target_size)
-        elif header.method is Method.ZSTD_WINDOWS:
-            out = _windows_decode(o, body, header.target_size)
-        elif header.method is Method.ZSTD_PREFIX:
-            out = _prefix_decode(o, body, header.target_size)
-        elif header.method is Method.FULL:
-            out = full_decode(body, header.target_size)
-        else:
+        elif header.method is Method.TAR_MEMBERS:
             out = tar_decode(o, body, header.target_size)
+        else:
+            sink = _decode_into(header, o, body, lambda size: Output(
+                size, grow=header.method is Method.TAR_STREAM))
+            if not isinstance(sink, Output):
+                raise DeltaError("internal: not an in-memory sink")  # pragma: no cover
+            out = sink.result()
     if len(out) != header.target_size:
         raise DeltaError("patched output has the wrong length")
-    digest = _sha256(out)
-    if (header.target_sha256_prefix is not None
-            and digest[:SHORT_DIGEST] != header.target_sha256_prefix):
-        raise DeltaError("patched output does not match the patch's target digest")
-    # The manifest path (and the only check of a bare patch's output): the full sha256.
-    if expected is not None and digest != expected:
-        raise DeltaError(f"patched output is sha256:{digest.hex()}, manifest wants "
-                         f"{expected_diff_id}"
-                         + (" (wrong base, or a corrupted patch)" if header.bare else ""))
+    _check_output(header, _sha256(out), expected, expected_diff_id)
     return out
+
+
+def _decode_into(header: DeltaHeader, o: _Buffer, body: bytes | memoryview,
+                 new_sink: NewSink) -> Sink:
+    """Decode a zstd or TAR_STREAM body into a sink made by `new_sink` once the body has
+    confirmed the target's length."""
+    if header.method is Method.ZSTD_WINDOWS:
+        return _windows_decode(o, body, header.target_size, new_sink)
+    if header.method is Method.ZSTD_PREFIX:
+        return _prefix_decode(o, body, header.target_size, new_sink)
+    if header.method is Method.FULL:
+        return full_decode(body, header.target_size, new_sink)
+    if header.method is Method.TAR_STREAM:
+        out = new_sink(header.target_size)
+        with memoryview(o) as src:
+            def read_at(offset: int, length: int) -> bytes:
+                return bytes(src[offset:offset + length])
+            with memoryview(body) as view:
+                stream_decode(read_at, len(o), io.BytesIO(view), header.target_size, out)
+        return out
+    raise DeltaError(f"unsupported method {header.method!r}")  # pragma: no cover
+
+
+# Hashing a file (the source's self-check, a body's digest) reads it in pieces of this size.
+_HASH_PIECE: Final = 1024 * 1024
+
+
+def apply_delta_file(old: str | os.PathLike[str], patch: bytes | str | os.PathLike[str],
+                     out: str | os.PathLike[str], expected_diff_id: str | None = None, *,
+                     max_target: int = DEFAULT_MAX_TARGET) -> str:
+    """Apply `patch` (bytes, or the path of a patch file) to the file `old`, writing the target
+    to the file `out`; returns its diff ID ("sha256:<hex>"), checked as `apply_delta` checks it.
+
+    The target is written piece by piece to a temporary file beside `out` and hashed as it is
+    written; it replaces `out` only once verified (on any error no file is left). For
+    `TAR_STREAM` the whole apply streams: the source is read with positioned reads, the patch
+    from its file, and memory stays bounded by constants (the LZMA dictionary, one piece, one
+    HDiffPatch piece: docs/delta.md, "Apply memory"). The zstd methods stream their output but
+    hold their source window (at most 128 MiB), the patch body and zstd's window buffer; `HDIFF`
+    and `TAR_MEMBERS`, whose decoders take bytes, are applied in memory and then written.
+    """
+    with _patch_reader(patch) as body_file:
+        head = body_file.read(64)
+        header = parse_header(head)
+        expected = _check_header(header, expected_diff_id, max_target)
+        if header.body_blake3_prefix is not None:
+            digest = blake3.blake3()
+            body_file.seek(header.header_size)
+            while piece := body_file.read(_HASH_PIECE):
+                digest.update(piece)
+            if digest.digest()[:SHORT_DIGEST] != header.body_blake3_prefix:
+                raise DeltaError("patch body is corrupted or truncated (digest mismatch)")
+        body_file.seek(header.header_size)
+        try:
+            src = open(old, "rb")  # noqa: SIM115 - closed below, after the decode
+        except OSError as exc:
+            raise DeltaError(f"cannot read {os.fspath(old)!s}: {exc.strerror}") from None
+        with src:
+            old_size = os.fstat(src.fileno()).st_size
+            if header.source_sha256_prefix is not None:
+                if old_size != header.source_size or _file_sha256(src)[:SHORT_DIGEST] != (
+                        header.source_sha256_prefix):
+                    raise _wrong_base(header)
+            sink = FileSink(out, header.target_size)
+            try:
+                _decode_file(header, src, old_size, body_file, sink)
+                _check_output(header, sink.digest(), expected, expected_diff_id)
+                sink.commit()
+            except BaseException:
+                sink.discard()
+                raise
+    return "sha256:" + sink.digest().hex()
+
+
+@contextmanager
+def _patch_reader(patch: bytes | str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    if isinstance(patch, bytes):
+        yield io.BytesIO(patch)  # shares the bytes: no copy
+        return
+    try:
+        f = open(patch, "rb")  # noqa: SIM115 - a context manager's own resource
+    except OSError as exc:
+        raise DeltaError(f"cannot read {os.fspath(patch)!s}: {exc.strerror}") from None
+    with f:
+        yield f
+
+
+def _file_sha256(f: BinaryIO) -> bytes:
+    h = hashlib.sha256()
+    f.seek(0)
+    while piece := f.read(_HASH_PIECE):
+        h.update(piece)
+    return h.digest()
+
+
+def _decode_file(header: DeltaHeader, src: BinaryIO, old_size: int, body: BinaryIO,
+                 sink: FileSink) -> None:
+    def same_sink(size: int) -> Sink:
+        if size != header.target_size:
+            raise DeltaError("patched output has the wrong length")  # pragma: no cover
+        return sink
+
+    if header.method is Method.TAR_STREAM:
+        stream_decode(file_reader(src.fileno()), old_size, body, header.target_size, sink)
+        return
+    data = body.read()  # the other methods decode from a buffer
+    with _view(src.name, mapped=header.method is not Method.HDIFF) as o:
+        if len(o) != old_size:
+            raise DeltaError("the source changed while it was read")
+        if header.method is Method.HDIFF:
+            sink.write(hdiff_apply(bytes(o), data, header.target_size))
+        elif header.method is Method.TAR_MEMBERS:
+            sink.write(tar_decode(o, data, header.target_size))
+        else:
+            _decode_into(header, o, data, same_sink)
 
 
 def _parse_diff_id(diff_id: str) -> bytes:

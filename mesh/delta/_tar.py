@@ -53,6 +53,39 @@ class _Op(enum.IntEnum):
     PATCH = 2  # a = source offset, b = source length, c = target length
 
 
+class _ReadOnly(io.RawIOBase):
+    """A seekable reader over a buffer or a map, without copying it (BytesIO copies all but
+    bytes)."""
+
+    def __init__(self, data: bytes | bytearray | memoryview | mmap.mmap) -> None:
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = min(len(buffer), len(self._view) - self._pos)
+        buffer[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        self._view.release()
+        super().close()
+
+
 @dataclass(frozen=True, slots=True)
 class _Member:
     name: str
@@ -61,15 +94,23 @@ class _Member:
     size: int
 
 
-def _members(data: bytes) -> list[_Member] | None:
+def _members(data: bytes | bytearray | memoryview | mmap.mmap) -> list[_Member] | None:
     import tarfile  # the encoder's only: apply does not parse tars
 
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        with tarfile.open(fileobj=_ReadOnly(data), mode="r:") as tar:
             return [_Member(m.name, m.offset, m.offset_data, m.size if m.isreg() else 0)
                     for m in tar.getmembers()]
     except (tarfile.TarError, EOFError, ValueError):
         return None
+
+
+def regular_members(data: bytes | bytearray | memoryview | mmap.mmap
+                    ) -> list[tuple[str, int, int]] | None:
+    """(name, data offset, size) of each member, size 0 unless a regular file; None if `data`
+    is not a tar."""
+    found = _members(data)
+    return None if found is None else [(m.name, m.data_offset, m.size) for m in found]
 
 
 def is_tar(data: bytes) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from mesh.blobs import BlobVerifyError, check_digest
-from mesh.delta import DeltaError, apply_delta, read_header
+from mesh.delta import DeltaError, apply_delta_file, read_header
 from mesh.image._saved import ImageError, build_loadable_image, config_diff_ids, file_diff_id
 from mesh.release import (
     ChunkError,
@@ -160,11 +160,12 @@ def _materialize_layer(layer: Layer, local: _LocalLayers, fetch_blob: FetchBlob,
             if declared != layer.size:
                 raise MaterializeError(f"{where} declares a {declared}-byte target, the "
                                        f"manifest's layer has {layer.size} bytes")
-            data = apply_delta(base, patch, expected_diff_id=layer.diff_id,
-                               max_target=layer.size)
+            # Streamed to disk: the base is read with positioned reads and the layer written
+            # and hashed piece by piece (bounded memory for TAR_STREAM patches, docs/delta.md).
+            apply_delta_file(base, patch, out, expected_diff_id=layer.diff_id,
+                             max_target=layer.size)
         except DeltaError as exc:
             raise MaterializeError(f"{where}: {exc}") from None
-        out.write_bytes(data)
         return out, LayerSource(layer.diff_id, "delta", len(patch), layer.size,
                                 delta.source_diff_id)
     h = hashlib.sha256()

@@ -44,7 +44,8 @@ def plan_layer(new: bytes, candidates: Mapping[str, bytes], *, full_size: int | 
     """Try each candidate base (diff ID -> layer tar, newest first) and keep the smallest.
 
     `full_size` defaults to the size of `new` as mesh.release chunks. Tried per base: the
-    default method (HDiffPatch, or zstd windows above `hdiff_max_input`), the tar-aware method
+    default method (HDiffPatch; above `hdiff_max_input` the streaming tar method, or zstd windows
+    for non-tars, and nothing else: docs/delta.md, "Apply memory"), both tar-aware methods
     when both sides are tars, and one zstd frame with the whole source as prefix when both
     fit its window. Each of these was the
     smallest on at least one pair of the bench corpus (bench/delta.py prints what was tried).
@@ -98,8 +99,10 @@ def start_plan(new: bytes, candidates: Mapping[str, bytes], *, pool: Executor | 
     jobs: list[tuple[str, Method | None, Callable[[], bytes]]] = []
     for source_id, old in list(candidates.items())[:MAX_CANDIDATES]:
         methods: list[Method | None] = [None]
-        if new_is_tar and is_tar(old):
-            methods.append(Method.TAR_MEMBERS)
+        # Above hdiff_max_input, only what applies in bounded memory on a small device (None
+        # is TAR_STREAM there, for tars): TAR_MEMBERS' apply would hold both layers.
+        if new_is_tar and len(old) + len(new) <= hdiff_max_input and is_tar(old):
+            methods += [Method.TAR_MEMBERS, Method.TAR_STREAM]
         if len(old) + len(new) <= PREFIX_MAX_INPUT:
             # zstd --patch-from (at levels up to 22 on small inputs, frames trimmed): it wins on
             # tiny edits, where HDiffPatch's own header is a noticeable part of a patch of a

@@ -16,6 +16,7 @@ from bench.delta import (
     Result,
     Row,
     Run,
+    bench_pair,
     geomean,
     main,
     ratio,
@@ -217,6 +218,29 @@ def test_cli_refuses_bad_selection_in_one_line(capsys: pytest.CaptureFixture[str
     assert main(["--kinds", "wheels"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown kind" in err
+
+
+def test_tools_runs_ours_alone_on_the_streaming_apply(tmp_path: Path) -> None:
+    """`--tools fleetmesh`: ours is created and applied (in child processes, through
+    apply_delta_file), its output checked; every other tool is printed as not run."""
+    layers = []
+    for side, text in (("old", b"print(1)\n" * 500), ("new", b"print(2)\n" * 501)):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            info = tarfile.TarInfo("app/main.py")
+            info.size = len(text)
+            tar.addfile(info, io.BytesIO(text))
+        (tmp_path / f"{side}.tar").write_bytes(buf.getvalue())
+        layers.append(tmp_path / f"{side}.tar")
+    work = tmp_path / "work"
+    work.mkdir()
+    row = bench_pair(Pair("tiny", "pypi-pure", ()), layers[0], layers[1], work, 1 << 30, 120.0,
+                     lambda _row: None, tools=("fleetmesh",))
+    ours = row.result("fleetmesh")
+    assert ours is not None and ours.patch_bytes > 0
+    assert ours.apply is not None and ours.apply.peak_rss > 0
+    assert {r.tool: r.skipped for r in row.results if r.tool != "fleetmesh"} == {
+        tool: "not run (--tools)" for tool in ("zstd", "xdelta3", "bsdiff4", "hdiffpatch")}
 
 
 # ---- deterministic tar ----------------------------------------------------------------------

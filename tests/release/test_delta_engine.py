@@ -62,8 +62,8 @@ def test_random_bytes_round_trip(old: bytes, new: bytes) -> None:
 @given(_edited(), st.sampled_from(list(Method)))
 def test_random_edits_round_trip_every_method(pair: tuple[bytes, bytes], method: Method) -> None:
     old, new = pair
-    if method is Method.TAR_MEMBERS:
-        return  # needs tars: covered below
+    if method in (Method.TAR_MEMBERS, Method.TAR_STREAM):
+        return  # needs tars: covered below (and in test_delta_stream)
     patch = create_delta(old, new, method=method)
     assert read_header(patch).method is method
     assert apply_delta(old, patch, _diff_id(new)) == new
@@ -169,7 +169,7 @@ def test_plan_in_a_pool_is_the_plan_made_one_diff_after_the_other() -> None:
     candidates = {_diff_id(_TAR_OLD): _TAR_OLD, _diff_id(other): other}
     expected = []
     for source_id, old in candidates.items():
-        for method in (None, Method.TAR_MEMBERS, Method.ZSTD_PREFIX):
+        for method in (None, Method.TAR_MEMBERS, Method.TAR_STREAM, Method.ZSTD_PREFIX):
             patch = create_delta(old, _TAR_NEW, method=method, self_check=False)
             expected.append((source_id, read_header(patch).method.name, patch))
     best = min(expected, key=lambda t: len(t[2]))  # min keeps the first of equals
@@ -280,7 +280,8 @@ def _bare(method: Method | None = None, old: bytes = _TAR_OLD, new: bytes = _TAR
 
 
 @_FAST
-@given(_edited(), st.sampled_from([m for m in Method if m is not Method.TAR_MEMBERS]))
+@given(_edited(), st.sampled_from([m for m in Method
+                                   if m not in (Method.TAR_MEMBERS, Method.TAR_STREAM)]))
 def test_bare_patch_round_trip(pair: tuple[bytes, bytes], method: Method) -> None:
     old, new = pair
     patch = _bare(method, old, new)
@@ -445,6 +446,8 @@ def test_multi_piece_outputs_round_trip_and_truncation_is_refused() -> None:
             apply_delta(old, patch[:-1], _diff_id(new))
         with pytest.raises(DeltaError):
             apply_delta(old, patch + b"\0", _diff_id(new))
-    patch = create_delta(old, new, hdiff_max_input=1000)
-    assert read_header(patch).method is Method.ZSTD_WINDOWS
+    patch = create_delta(old, new, method=Method.ZSTD_WINDOWS)
+    assert apply_delta(old, patch, _diff_id(new)) == new
+    patch = create_delta(old, new, hdiff_max_input=1000)  # tars above the limit: streaming
+    assert read_header(patch).method is Method.TAR_STREAM
     assert apply_delta(old, patch, _diff_id(new)) == new
