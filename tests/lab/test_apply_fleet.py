@@ -7,7 +7,8 @@ shaped uplink); v2 waits for an app's update lock and runs within seconds of its
 unhealthy v3 is rolled back everywhere and shown failed; then the agent of one device is killed
 with SIGKILL at each named point of the download/apply path, and each time the device ends on
 the target or the previous release with the app running, never fetching a verified blob twice.
-Last, `fleetmesh push` builds a second app from examples/app and rolls it out, then a delta.
+Last, `fleetmesh push` builds a second app from examples/app and rolls it out, then a delta; and
+a release with an image per platform brings these amd64 devices only the amd64 image's blobs.
 """
 
 from __future__ import annotations
@@ -25,8 +26,17 @@ from typing import Any
 import pytest
 
 from agent._crashpoints import ALL_CRASH_POINTS, CRASH_FILE
-from lab import AGENTS_DIR, LOG_DIR, Lab, agent_status, parse_topology, wait_online
+from lab import (
+    AGENTS_DIR,
+    LOG_DIR,
+    Lab,
+    agent_status,
+    blobs_held,
+    parse_topology,
+    wait_online,
+)
 from lab.engines import BUSYBOX_IMAGE
+from lab.fleet import FLEET
 
 from .conftest import lab_cli, lab_skip_reason, lab_up, operator, release_status
 
@@ -282,10 +292,63 @@ def test_push_from_a_dockerfile_rolls_out_and_a_one_line_change_ships_a_delta(
     best = min(d["size"] for d in www["deltas"])
     wait(lambda: all(r.get("state") == "running" for r in release_status(WEB, 2).values())
          and len(release_status(WEB, 2)) == len(devices), 240, "web v2 running everywhere")
-    fetched = {d: r["bytes_total"] for d, r in release_status(WEB, 2).items()}
+    # what each device fetched for v2, from its LAN, peers or the coordinator (its v1 blobs,
+    # the base layer among them, it held already)
+    fetched = {d: sum(r["by_source"].values()) for d, r in release_status(WEB, 2).items()}
     print(f"\npush v2: www layer {www['size']} B, its chunks {www['stored_size']} B, delta "
           f"{best} B; uploaded {v2['uploaded_bytes']} B (v1: {v1['uploaded_bytes']} B); "
           f"each device fetched {sorted(set(fetched.values()))} B")
     for d in devices:
         assert "the second release: one line changed" in served(d), d
         assert 0 < fetched[d] < www["stored_size"], (d, fetched[d], www)  # the delta, not the layer
+
+
+ARM_PAYLOAD = 2 * 1024 * 1024  # incompressible: a LAN that fetched it would show it at once
+
+
+def test_a_two_platform_release_brings_amd64_devices_only_amd64_blobs(
+        fleet: Lab, devices: list[str], tmp_path: Path) -> None:
+    """Issue 17's multi-architecture release: the sample app for the devices' platform plus an
+    arm64 image built on the operator's engine without running it (`FROM scratch` + `COPY` of
+    2 MiB of random bytes), published as one release. Every device runs it; no device's blob
+    store holds a blob of the arm64 image, and no LAN's WAN link carried its bytes."""
+    version = 1 + max((int(r["version"]) for r in json.loads(operator(
+        "fleetmesh", "release", "list", "--fleet", FLEET, "--app", APP, "--json",
+        timeout=60))["releases"]),
+        default=0)
+    operator("python", "-m", "lab.sampleapp", str(version))
+    ctx = tmp_path / "arm"
+    ctx.mkdir()
+    (ctx / "payload.bin").write_bytes(os.urandom(ARM_PAYLOAD))
+    (ctx / "Dockerfile").write_text("FROM scratch\nCOPY payload.bin /payload.bin\n")
+    arm = f"fleetmesh-sample-arm:v{version}"
+    operator("docker", "build", "--no-cache", "--platform", "linux/arm64", "-t", arm, str(ctx))
+    routers = {lan: fleet.router(lan) for lan in ("home", "office")}
+    before = {lan: fleet.wan_counters(r)[0] for lan, r in routers.items()}
+    t0 = time.monotonic()
+    out = json.loads(operator("fleetmesh", "release", "create", f"fleetmesh-sample:v{version}",
+                              arm, "--app", APP, "--health-http", str(PORT),
+                              "--health-timeout", str(HEALTH_TIMEOUT), "--json"))
+    platforms = {layer["platform"] for layer in out["layers"]}
+    assert platforms == {"linux/amd64", "linux/arm64"}, platforms
+    wait(lambda: settled(version, devices), 240, f"v{version} running everywhere")
+    took = time.monotonic() - t0
+    rx = {lan: fleet.wan_counters(r)[0] - before[lan] for lan, r in routers.items()}
+
+    shown = json.loads(operator("fleetmesh", "release", "show", FLEET, APP, str(version),
+                                "--json", timeout=60))
+    by_platform: dict[str, set[str]] = {"linux/amd64": set(), "linux/arm64": set()}
+    for layer in shown["layers"]:
+        by_platform[layer["platform"]] |= {c["id"] for c in layer["chunks"]}
+        by_platform[layer["platform"]] |= {d["blob_id"] for d in layer.get("deltas") or []}
+    arm_stored = sum(layer["stored_size"] for layer in shown["layers"]
+                     if layer["platform"] == "linux/arm64")
+    assert arm_stored >= ARM_PAYLOAD
+    for d in devices:
+        held = blobs_held(d)
+        assert not held & by_platform["linux/arm64"], (d, held & by_platform["linux/arm64"])
+        assert running(d) == {version}, d
+    print(f"\ntwo-platform v{version}: arm64 image {arm_stored} B stored; running everywhere "
+          f"after {took:.1f} s; WAN received per LAN meanwhile: {rx}")
+    for lan, n in rx.items():
+        assert n < arm_stored / 2, (lan, n, arm_stored)  # no arm64 bytes crossed any WAN
