@@ -17,12 +17,14 @@ import json
 import os
 import re
 import shutil
+import ssl
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from agent._crashpoints import ALL_CRASH_POINTS, CRASH_FILE
@@ -30,13 +32,15 @@ from lab import (
     AGENTS_DIR,
     LOG_DIR,
     Lab,
+    access,
     agent_status,
     blobs_held,
     parse_topology,
     wait_online,
 )
 from lab.engines import BUSYBOX_IMAGE
-from lab.fleet import FLEET
+from lab.fleet import COORDINATOR_DIR, FLEET
+from mesh.release import decode_manifest, decode_signed_manifest, release_images
 
 from .conftest import lab_cli, lab_skip_reason, lab_up, operator, release_status
 
@@ -335,14 +339,21 @@ def test_a_two_platform_release_brings_amd64_devices_only_amd64_blobs(
     took = time.monotonic() - t0
     rx = {lan: fleet.wan_counters(r)[0] - before[lan] for lan, r in routers.items()}
 
-    shown = json.loads(operator("fleetmesh", "release", "show", FLEET, APP, str(version),
-                                "--json", timeout=60))
-    by_platform: dict[str, set[str]] = {"linux/amd64": set(), "linux/arm64": set()}
-    for layer in shown["layers"]:
-        by_platform[layer["platform"]] |= {c["id"] for c in layer["chunks"]}
-        by_platform[layer["platform"]] |= {d["blob_id"] for d in layer.get("deltas") or []}
-    arm_stored = sum(layer["stored_size"] for layer in shown["layers"]
-                     if layer["platform"] == "linux/arm64")
+    # the blob ids of each platform's image, from the signed manifest the devices get
+    acc = access(fleet)
+    assert acc is not None
+    r = httpx.get(f"{acc.url}/api/v1/releases/{FLEET}/{APP}/{version}/manifest",
+                  headers={"Authorization": f"Bearer {acc.api_key}"}, timeout=30,
+                  verify=ssl.create_default_context(cafile=str(COORDINATOR_DIR / "tls.crt")))
+    assert r.status_code == 200, r.text
+    manifest = decode_manifest(decode_signed_manifest(r.content).manifest)
+    by_platform = {image.platform: {c.id.hex() for layer in image.layers for c in layer.chunks}
+                   | {d.blob_id.hex() for layer in image.layers for d in layer.deltas}
+                   for image in release_images(manifest)}
+    assert set(by_platform) == {"linux/amd64", "linux/arm64"}, set(by_platform)
+    arm_stored = sum(c.stored_size for image in release_images(manifest)
+                     if image.platform == "linux/arm64" for layer in image.layers
+                     for c in layer.chunks)
     assert arm_stored >= ARM_PAYLOAD
     for d in devices:
         held = blobs_held(d)
