@@ -266,7 +266,10 @@ class WireGuardGo:
 
 @contextmanager
 def _iproute(netns: str | None) -> Iterator[Any]:
+    """An IPRoute socket; a netlink error inside the block comes out as an OSError with its
+    errno (pyroute2's NetlinkError is not one), so callers report it like any system error."""
     from pyroute2 import IPRoute  # start-up time: pyroute2 takes ~160 ms to import
+    from pyroute2.netlink.exceptions import NetlinkError
 
     if netns is None:
         ipr = IPRoute()
@@ -275,6 +278,9 @@ def _iproute(netns: str | None) -> Iterator[Any]:
         ipr = IPRoute(netns=netns_path(netns), flags=0)
     try:
         yield ipr
+    except NetlinkError as exc:
+        code = exc.code if isinstance(exc.code, int) else errno.EIO
+        raise OSError(code, f"netlink: {os.strerror(code)}") from None
     finally:
         ipr.close()
 

@@ -1,0 +1,26 @@
+"""Netlink failures (no IPv6 in a container, no CAP_NET_ADMIN, an address taken) reach the
+agent as OSErrors with their errno, which `fleetmesh-agent run` turns into one line and exit 3,
+not a traceback (pyroute2's NetlinkError is no OSError)."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+from pyroute2.netlink.exceptions import NetlinkError
+
+from vpn._link import _iproute
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EEXIST, errno.EPERM])
+def test_a_netlink_error_comes_out_as_an_oserror_with_its_errno(code: int) -> None:
+    with pytest.raises(OSError) as caught, _iproute(None):
+        raise NetlinkError(code, "refused")
+    assert caught.value.errno == code
+    assert str(caught.value).endswith(f"netlink: {os.strerror(code)}")
+
+
+def test_other_errors_pass_unchanged() -> None:
+    with pytest.raises(KeyError), _iproute(None):
+        raise KeyError("not netlink")
