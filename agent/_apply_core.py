@@ -484,6 +484,8 @@ def _idle(ctx: _Ctx) -> Step:
             return ctx.step(_idle_state(ctx), Create(cur, container_name(ctx.app)))
         if keep is not None and keep.status == "created":
             return ctx.step(_idle_state(ctx), Start(keep.id, cur))
+        if keep is not None and _stopped_by_hand(keep, ctx.manifests.get(cur)):
+            return ctx.step(_idle_state(ctx), Start(keep.id, cur))
     wanted = {v for v in (cur, j.previous, j.to, None if t is None else t.version)
               if v is not None}
     for v in sorted(obs.images - wanted):
@@ -509,6 +511,16 @@ def _idle(ctx: _Ctx) -> Step:
     phase = "starting" if strategy is UpdateStrategy.HAND_OVER or keep is None else "stopping"
     return ctx.step("stopping" if phase == "stopping" else "starting", journal=replace(
         j, phase=phase, to=t.version, health_since=None))
+
+
+def _stopped_by_hand(c: ContainerView, m: ReleaseManifest | None) -> bool:
+    """The committed release's container is down although its restart policy keeps it up:
+    Docker restarts such a container after a crash, but not after `docker stop` or `docker
+    kill` on the device (it counts those as the owner's), nor across a daemon restart that
+    found it so. The release is the device's target, so the agent starts it again."""
+    if m is None or c.status not in ("exited", "dead"):
+        return False
+    return m.container.restart_policy in (RestartPolicy.UNLESS_STOPPED, RestartPolicy.ALWAYS)
 
 
 def _idle_state(ctx: _Ctx) -> str:

@@ -26,6 +26,7 @@ from agent._apply_core import (
     Remove,
     RemoveImage,
     RunProbe,
+    Start,
     Stop,
     Target,
     apply_gate,
@@ -42,6 +43,7 @@ from mesh.release import (
     HealthCheck,
     HealthKind,
     ReleaseManifest,
+    RestartPolicy,
     UpdateStrategy,
 )
 from mesh.rollout import Window
@@ -307,6 +309,27 @@ def test_idle_cleanup_and_pruning() -> None:
     assert decide(APP, j, Target(2, manifest(2)), named, 0.0).action == RemoveImage(0)
     gone = Observed((), frozenset({1, 2}))
     assert decide(APP, j, None, gone, 0.0, {2: manifest(2)}).action == Create(2, "fleetmesh-web")
+
+
+@pytest.mark.parametrize("policy", list(RestartPolicy))
+@pytest.mark.parametrize("status", ["exited", "dead"])
+def test_a_committed_app_stopped_by_hand_is_started_again(policy: RestartPolicy,
+                                                         status: str) -> None:
+    """`docker kill` or `docker stop` of the app on the device: Docker's restart policy
+    leaves it down (the owner stopped it), but the release is the device's target, so the
+    agent starts it again when its policy keeps it up; an app whose policy lets it end
+    (no, on-failure) stays as it ended."""
+    j = Journal(current=2, previous=1)
+    m = manifest(2, ContainerSettings(restart_policy=policy))
+    down = Observed((ContainerView("c2", "fleetmesh-web", 2, status, 0.0),), frozenset({2}))
+    s = decide(APP, j, Target(2, m), down, 0.0, {2: m})
+    keeps_up = policy in (RestartPolicy.UNLESS_STOPPED, RestartPolicy.ALWAYS)
+    assert s.action == (Start("c2", 2) if keeps_up else None), (policy, s)
+    # the same with no word from the coordinator (offline): the journal's release
+    s = decide(APP, j, None, down, 0.0, {2: m})
+    assert s.action == (Start("c2", 2) if keeps_up else None), (policy, s)
+    up = Observed((running(2),), frozenset({2}))
+    assert decide(APP, j, Target(2, m), up, 0.0, {2: m}).action is None
 
 
 def test_failed_list_is_bounded_and_retry_clears() -> None:
