@@ -531,12 +531,13 @@ def test_restart_mid_download_waits_without_spinning(world: World) -> None:
 
 
 def test_lost_journal_adopts_the_engine_state(world: World) -> None:
+    no_restart = ContainerSettings(restart_policy=RestartPolicy.NO)
     a = world.applier()
-    install(world, a, 1)
+    install(world, a, 1, no_restart)
     calls = list(world.engine.calls)
     (world.data / "apply" / APP / "journal.json").write_text("{broken")
     b = world.applier()
-    b.set_target(world.release(world.releases.make(1)), ready=True)
+    b.set_target(world.release(world.releases.make(1, no_restart)), ready=True)
     b.reconcile_all()
     assert world.engine.calls == calls and state(b) == "running"
     # Stopped (the app exited under restart policy "no"), then the journal lost: kept.
@@ -544,11 +545,25 @@ def test_lost_journal_adopts_the_engine_state(world: World) -> None:
     c.status = "exited"
     (world.data / "apply" / APP / "journal.json").unlink()
     b = world.applier()
-    b.set_target(world.release(world.releases.make(1)), ready=True)
+    b.set_target(world.release(world.releases.make(1, no_restart)), ready=True)
     b.reconcile_all()
     assert list(world.engine.containers_) == [c.id] and world.engine.calls == calls
     assert status_of(b)["running"] is None
     assert any("corrupt" in m for m in world.messages)
+
+
+def test_an_app_killed_by_hand_is_started_again_by_the_agent(world: World) -> None:
+    """Under `unless-stopped` (the default) Docker leaves a `docker kill`ed container down;
+    the agent starts that same container again and says so."""
+    a = world.applier()
+    install(world, a, 1)
+    (c,) = world.engine.containers_.values()
+    c.status = "exited"
+    said = world.messages.count(f"{APP}: started release 1")
+    a.reconcile_all()
+    assert list(world.engine.containers_) == [c.id] and c.status == "running"
+    assert state(a) == "running" and status_of(a)["running"] == 1
+    assert world.messages.count(f"{APP}: started release 1") == said + 1, world.messages
 
 
 def test_pinning_back_to_the_running_release_clears_the_error(world: World) -> None:
