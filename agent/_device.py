@@ -3,7 +3,9 @@ addressed so that the whole mesh routes into it, and the device's LAN endpoint c
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import os
 import socket
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -70,6 +72,7 @@ def lan_endpoints(port: int, exclude_ifnames: Iterable[str] = (),
     """`a.b.c.d:port` for every non-loopback, non-link-local IPv4 address of this network
     namespace (pyroute2), skipping the given interfaces, container bridges and mesh prefixes."""
     from pyroute2 import IPRoute  # start-up time: ~190 ms of imports, for `run` only
+    from pyroute2.netlink.exceptions import NetlinkError  # (the same reason)
 
     skip = set(exclude_ifnames)
     nets = [ipaddress.ip_network(n, strict=False) for n in exclude_networks]
@@ -90,6 +93,9 @@ def lan_endpoints(port: int, exclude_ifnames: Iterable[str] = (),
             if any(ip in n for n in nets):
                 continue
             out.append(f"{ip}:{port}")
+    except NetlinkError as exc:  # no OSError: the caller logs an OSError once and goes on
+        code = exc.code if isinstance(exc.code, int) else errno.EIO
+        raise OSError(code, f"netlink: {os.strerror(code)}") from None
     finally:
         ipr.close()
     return tuple(dict.fromkeys(out))[:MAX_ENDPOINTS]

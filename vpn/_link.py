@@ -269,7 +269,7 @@ def _iproute(netns: str | None) -> Iterator[Any]:
     """An IPRoute socket; a netlink error inside the block comes out as an OSError with its
     errno (pyroute2's NetlinkError is not one), so callers report it like any system error."""
     from pyroute2 import IPRoute  # start-up time: pyroute2 takes ~160 ms to import
-    from pyroute2.netlink.exceptions import NetlinkError
+    from pyroute2.netlink.exceptions import NetlinkError  # (the same reason)
 
     if netns is None:
         ipr = IPRoute()

@@ -69,7 +69,19 @@ def lab_up(topology: Topology, network_only: bool = True) -> Iterator[Lab]:
     try:
         yield lab
     finally:
+        keep_logs(topology)
         teardown_if_ours()
+
+
+def keep_logs(topology: Topology) -> None:
+    """The lab's logs (agents, coordinator, engines) outlive it in
+    test-artifacts/lab-logs/<test module>/, so a failure in CI can be read afterwards; the
+    next run of the same module replaces them."""
+    if not LOG_DIR.is_dir():
+        return
+    dest = REPO / "test-artifacts" / "lab-logs" / Path(topology.source or "lab").stem
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(LOG_DIR, dest, ignore_dangling_symlinks=True)
 
 
 def log_tail(device: str, lines: int = 60) -> str:

@@ -24,3 +24,24 @@ def test_a_netlink_error_comes_out_as_an_oserror_with_its_errno(code: int) -> No
 def test_other_errors_pass_unchanged() -> None:
     with pytest.raises(KeyError), _iproute(None):
         raise KeyError("not netlink")
+
+
+def test_listing_lan_addresses_turns_a_netlink_error_into_an_oserror(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent reads its LAN addresses every 2 s (a moved device); a netlink failure there
+    must be the OSError the agent logs once, never an exception that ends it."""
+    import pyroute2
+
+    from agent._device import lan_endpoints
+
+    class Refusing:
+        def get_links(self) -> list[object]:
+            raise NetlinkError(errno.EBUSY, "dump interrupted")
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(pyroute2, "IPRoute", Refusing)
+    with pytest.raises(OSError) as caught:
+        lan_endpoints(51820)
+    assert caught.value.errno == errno.EBUSY
