@@ -69,8 +69,10 @@ def lab_up(topology: Topology, network_only: bool = True) -> Iterator[Lab]:
     try:
         yield lab
     finally:
-        keep_logs(topology)
-        teardown_if_ours()
+        try:
+            keep_logs(topology)
+        finally:
+            teardown_if_ours()
 
 
 def keep_logs(topology: Topology) -> None:
@@ -81,7 +83,10 @@ def keep_logs(topology: Topology) -> None:
         return
     dest = REPO / "test-artifacts" / "lab-logs" / Path(topology.source or "lab").stem
     shutil.rmtree(dest, ignore_errors=True)
-    shutil.copytree(LOG_DIR, dest, ignore_dangling_symlinks=True)
+    try:
+        shutil.copytree(LOG_DIR, dest, ignore_dangling_symlinks=True)
+    except (OSError, shutil.Error) as exc:  # the copy is a help, never a reason to fail
+        print(f"lab logs not kept in {dest}: {exc}")
 
 
 def log_tail(device: str, lines: int = 60) -> str:
