@@ -3,19 +3,17 @@ addressed so that the whole mesh routes into it, and the device's LAN endpoint c
 
 from __future__ import annotations
 
-import errno
 import ipaddress
-import os
 import socket
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from ipaddress import IPv4Interface, IPv6Interface
-from typing import Any, Final
+from typing import Final
 
 import trio
 
 from mesh.control import MAX_ENDPOINTS, Enrollment
-from vpn import UapiBackend, WireGuardGo, configure_link
+from vpn import UapiBackend, WireGuardGo, configure_link, iproute
 
 from ._agent import stderr_log
 from ._link import Log
@@ -71,14 +69,11 @@ def lan_endpoints(port: int, exclude_ifnames: Iterable[str] = (),
                   exclude_networks: Iterable[str] = ()) -> tuple[str, ...]:
     """`a.b.c.d:port` for every non-loopback, non-link-local IPv4 address of this network
     namespace (pyroute2), skipping the given interfaces, container bridges and mesh prefixes."""
-    from pyroute2 import IPRoute  # start-up time: ~190 ms of imports, for `run` only
-    from pyroute2.netlink.exceptions import NetlinkError  # (the same reason)
-
     skip = set(exclude_ifnames)
     nets = [ipaddress.ip_network(n, strict=False) for n in exclude_networks]
     out: list[str] = []
-    ipr: Any = IPRoute()
-    try:
+    # vpn.iproute: a netlink failure is an OSError, which the caller logs once and goes on
+    with iproute() as ipr:
         names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         for msg in ipr.get_addr(family=socket.AF_INET):
             name = names.get(msg["index"]) or ""
@@ -93,9 +88,4 @@ def lan_endpoints(port: int, exclude_ifnames: Iterable[str] = (),
             if any(ip in n for n in nets):
                 continue
             out.append(f"{ip}:{port}")
-    except NetlinkError as exc:  # no OSError: the caller logs an OSError once and goes on
-        code = exc.code if isinstance(exc.code, int) else errno.EIO
-        raise OSError(code, f"netlink: {os.strerror(code)}") from None
-    finally:
-        ipr.close()
     return tuple(dict.fromkeys(out))[:MAX_ENDPOINTS]

@@ -160,7 +160,12 @@ def agent_image(lab: LabNetwork) -> str:
 
 def _docker_checked(lab: LabNetwork, node: Node, what: str, *argv: str,
                     timeout: float = 120) -> str:
-    r = engines.docker(lab.node_env(node)["DOCKER_HOST"], *argv, timeout=timeout)
+    return _docker_at(lab.node_env(node)["DOCKER_HOST"], what, *argv, timeout=timeout)
+
+
+def _docker_at(host: str, what: str, *argv: str, timeout: float = 120) -> str:
+    """`docker ARGV` on the engine at `host`; its stdout, or LabError with its last line."""
+    r = engines.docker(host, *argv, timeout=timeout)
     if r.returncode != 0:
         last = r.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["failed"]
         raise LabError(f"{what}: {last[0]}")
@@ -173,11 +178,9 @@ def load_agent_image(lab: LabNetwork, devices: Sequence[Node]) -> None:
     image, host = agent_image(lab), os.environ.get("DOCKER_HOST") or HOST_DOCKER
     AGENT_IMAGE_TAR.parent.mkdir(parents=True, exist_ok=True)
     try:
-        r = engines.docker(host, "save", "-o", str(AGENT_IMAGE_TAR), image, timeout=600)
-        if r.returncode != 0:
-            last = r.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["failed"]
-            raise LabError(f"the agent image {image} is not in the host's engine ({host}; "
-                           f"build it with scripts/build-images): {last[0]}")
+        _docker_at(host, f"the agent image {image} is not in the host's engine ({host}; build "
+                   "it with scripts/build-images)", "save", "-o", str(AGENT_IMAGE_TAR), image,
+                   timeout=600)
         for d in devices:
             _docker_checked(lab, d, f"{d.name}: docker load {image}", "load", "-q", "-i",
                             str(AGENT_IMAGE_TAR), timeout=600)

@@ -30,6 +30,7 @@ from ._link import (
     WireGuardGoError,
     add_route,
     configure_link,
+    iproute,
     mount_namespace_args,
     netns_path,
     remove_route,
@@ -62,6 +63,7 @@ from ._wgquick import QuickPeer, export_wg_quick
 
 __all__ = [
     "DEFAULT_MTU",
+    "iproute",
     "ZERO_KEY",
     "AddPeer",
     "AsyncWireGuardBackend",

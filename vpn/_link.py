@@ -265,7 +265,7 @@ class WireGuardGo:
 
 
 @contextmanager
-def _iproute(netns: str | None) -> Iterator[Any]:
+def iproute(netns: str | None = None) -> Iterator[Any]:
     """An IPRoute socket; a netlink error inside the block comes out as an OSError with its
     errno (pyroute2's NetlinkError is not one), so callers report it like any system error."""
     from pyroute2 import IPRoute  # start-up time: pyroute2 takes ~160 ms to import
@@ -307,7 +307,7 @@ def configure_link(
             raise TypeError(f"addresses must be ip_interface objects, got {a!r}")
     if not 68 <= mtu <= 65535:  # 68: the IPv4 minimum (RFC 791)
         raise ValueError(f"MTU {mtu} out of range 68..65535")
-    with _iproute(netns) as ipr:
+    with iproute(netns) as ipr:
         idx = _index(ipr, ifname)
         ipr.link("set", index=idx, mtu=mtu)
         current: set[IPInterface] = set()
@@ -345,7 +345,7 @@ def _route_args(dst: IPNetwork) -> dict[str, Any]:
 
 def add_route(dst: IPNetwork, ifname: str, netns: str | None = None) -> None:
     """Route `dst` into the interface; `replace` makes it idempotent."""
-    with _iproute(netns) as ipr:
+    with iproute(netns) as ipr:
         idx = _index(ipr, ifname)
         ipr.route("replace", oif=idx, **_route_args(dst))
 
@@ -355,7 +355,7 @@ def remove_route(dst: IPNetwork, ifname: str, netns: str | None = None) -> bool:
     # start-up time: pyroute2 is slow to import
     from pyroute2.netlink.exceptions import NetlinkError
 
-    with _iproute(netns) as ipr:
+    with iproute(netns) as ipr:
         idx = _index(ipr, ifname)
         try:
             ipr.route("del", oif=idx, **_route_args(dst))
@@ -369,7 +369,7 @@ def remove_route(dst: IPNetwork, ifname: str, netns: str | None = None) -> bool:
 def routes(ifname: str, netns: str | None = None) -> list[IPNetwork]:
     """Destinations routed into the interface (main table), for reconciling routes."""
     out: list[IPNetwork] = []
-    with _iproute(netns) as ipr:
+    with iproute(netns) as ipr:
         idx = _index(ipr, ifname)
         for family in (2, 10):
             for msg in ipr.route("dump", family=family, oif=idx):

@@ -129,8 +129,9 @@ def _diagnosis() -> str:
     return "\n".join(out)
 
 
-def settled(version: int, devices: list[str], states: tuple[str, ...] = ("running",)) -> bool:
-    st = status(version)
+def settled(version: int, devices: list[str], states: tuple[str, ...] = ("running",),
+            app: str = APP) -> bool:
+    st = release_status(app, version)
     return all(st.get(d, {}).get("state") in states for d in devices)
 
 
@@ -279,8 +280,7 @@ def test_push_from_a_dockerfile_rolls_out_and_a_one_line_change_ships_a_delta(
 
     v1 = json.loads(operator(*push))
     assert v1["version"] == 1 and v1["created"] is True
-    wait(lambda: all(r.get("state") == "running" for r in release_status(WEB, 1).values())
-         and len(release_status(WEB, 1)) == len(devices), 240, "web v1 running everywhere")
+    wait(lambda: settled(1, devices, app=WEB), 240, "web v1 running everywhere")
     for d in devices:
         assert "the first release of the example app" in served(d), d
 
@@ -294,8 +294,7 @@ def test_push_from_a_dockerfile_rolls_out_and_a_one_line_change_ships_a_delta(
     base, www = v2["layers"]
     assert base["reused_from"] == 1 and www["reused_from"] is None
     best = min(d["size"] for d in www["deltas"])
-    wait(lambda: all(r.get("state") == "running" for r in release_status(WEB, 2).values())
-         and len(release_status(WEB, 2)) == len(devices), 240, "web v2 running everywhere")
+    wait(lambda: settled(2, devices, app=WEB), 240, "web v2 running everywhere")
     # what each device fetched for v2, from its LAN, peers or the coordinator (its v1 blobs,
     # the base layer among them, it held already)
     fetched = {d: sum(r["by_source"].values()) for d, r in release_status(WEB, 2).items()}

@@ -10,19 +10,19 @@ import os
 import pytest
 from pyroute2.netlink.exceptions import NetlinkError
 
-from vpn._link import _iproute
+from vpn import iproute
 
 
 @pytest.mark.parametrize("code", [errno.EACCES, errno.EEXIST, errno.EPERM])
 def test_a_netlink_error_comes_out_as_an_oserror_with_its_errno(code: int) -> None:
-    with pytest.raises(OSError) as caught, _iproute(None):
+    with pytest.raises(OSError) as caught, iproute():
         raise NetlinkError(code, "refused")
     assert caught.value.errno == code
     assert str(caught.value).endswith(f"netlink: {os.strerror(code)}")
 
 
 def test_other_errors_pass_unchanged() -> None:
-    with pytest.raises(KeyError), _iproute(None):
+    with pytest.raises(KeyError), iproute():
         raise KeyError("not netlink")
 
 
