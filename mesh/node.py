@@ -3,11 +3,11 @@
 `MeshNode` is the state machine a device runs (docs/architecture.md, principle 1). It composes
 the three cores: `mesh.membership` (SWIM), `mesh.rumor` (manifest dissemination) and one
 `mesh.blobsched.BlobScheduler` per (fleet, app) release it fetches, and owns everything between
-them: the release lifecycle, which blobs a release needs on this device (`wanted_blobs`: a delta
-or the chunks), the settle gate after start, Haves that arrive before their manifest, piece
-assembly and validation, and the download timeouts. Time is passed in, randomness comes from the
-injected `random.Random`; no sockets, no clock, no trio. The same object runs in the trio driver
-(agent/_gossip.py) and in the simulator (mesh/sim.py).
+them: the release lifecycle, which blobs a release needs on this device (`wanted_blobs`: nothing
+for a layer the engine has, else a delta or the chunks), the settle gate after start, Haves that
+arrive before their manifest, piece assembly and validation, and the download timeouts. Time is
+passed in, randomness comes from the injected `random.Random`; no sockets, no clock, no trio.
+The same object runs in the trio driver (agent/_gossip.py) and in the simulator (mesh/sim.py).
 
 Inputs (each returns None; the actions it caused are collected for `drain()`):
 
@@ -256,9 +256,12 @@ def wanted_blobs(manifest: ReleaseManifest, complete_layers: Iterable[str],
                  held: Callable[[bytes], bool]) -> dict[bytes, WantedBlob]:
     """The blobs this device fetches for `manifest`.
 
-    Per layer: nothing more if all its chunks are held; else its delta if the store holds a
-    complete layer that one of its deltas names as source; else all its chunks. (The store
-    and the layers of the Docker engine's images, both given as `complete_layers`.)
+    Per layer: nothing more if all its chunks are held; nothing at all if the layer itself is
+    complete locally (an image of the Docker engine has it: the agent exports it from there,
+    e.g. the running agent's own layers under an agent release built on it); else its delta if
+    the store holds a complete layer that one of its deltas names as source; else all its
+    chunks. (The store and the layers of the Docker engine's images, both given as
+    `complete_layers`.)
     """
     bases = frozenset(complete_layers)
     out: dict[bytes, WantedBlob] = {}
@@ -266,6 +269,8 @@ def wanted_blobs(manifest: ReleaseManifest, complete_layers: Iterable[str],
         if all(held(c.id) for c in layer.chunks):
             for c in layer.chunks:
                 out[c.id] = WantedBlob(c.stored_size, BlobKind.CHUNK, c)
+            continue
+        if layer.diff_id in bases:
             continue
         delta: LayerDelta | None = min(
             (d for d in layer.deltas if d.source_diff_id in bases), key=lambda d: d.size,

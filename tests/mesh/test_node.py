@@ -29,6 +29,7 @@ from mesh.node import (
     ServeRange,
     StartDownload,
     StoreBlob,
+    wanted_blobs,
 )
 from mesh.release import (
     Layer,
@@ -36,6 +37,8 @@ from mesh.release import (
     PlatformImage,
     ReleaseManifest,
     VerifiedRelease,
+    decode_manifest,
+    decode_signed_manifest,
     diff_id,
     encode_signed_manifest,
     sign_manifest,
@@ -296,6 +299,22 @@ def test_delta_when_its_base_is_complete_chunks_otherwise() -> None:
     n.tick(STARTUP_SETTLE)
     assert sorted(s.blob_id for s in of(n.drain(), StartDownload)) == sorted(
         b.ref.id for b in blobs)
+
+
+def test_a_layer_the_engine_has_is_not_fetched_at_all() -> None:
+    """An agent release built on the running agent's image: its layers are in the engine (the
+    agent exports them from there), so only the new layers travel, and the release is complete
+    without them."""
+    blobs = make_blobs(3, large=0)
+    m = decode_signed_manifest(delta_manifest("sha256:" + "cd" * 32, blobs, b"\x42" * 32, 5000))
+    manifest = decode_manifest(m.manifest)
+    own = manifest.layers[0].diff_id
+    assert wanted_blobs(manifest, frozenset({own}), lambda _: False) == {}
+    n = node(local_layers=frozenset({own}))
+    n.start(0.0)
+    n.offer_manifest(delta_manifest("sha256:" + "cd" * 32, blobs, b"\x42" * 32, 5000), 0.0)
+    n.tick(STARTUP_SETTLE)
+    assert of(n.drain(), StartDownload) == [] and n.complete(FLEET, APP)
 
 
 def test_pieces_assembled_from_a_peer_and_counted() -> None:
