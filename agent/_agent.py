@@ -110,10 +110,14 @@ class Agent:
         gossip: GossipSettings | None = None,
         wan_budget: tuple[int, str] | None = None,
         timezone: Callable[[], str | None] = device_timezone,
+        candidate: Callable[[], bool] | None = None,
     ) -> None:
         """`wan_budget`: (bytes, "day" or "month"): past it, log shipping is deferred (all
         but the tail of an app that fails) and the reports say so. `timezone`: the device's
-        time zone name for the reports (agent/_timezone.py), looked up with each report."""
+        time zone name for the reports (agent/_timezone.py), looked up with each report.
+        `candidate`: this agent is the new agent of a hand-over (agent/_selfupdate.py): once
+        it has joined (a hub handshake and a report delivered) `candidate()` commits, in a
+        worker thread; False means the old agent took the device back, and `run` ends."""
         self.data = data_dir if isinstance(data_dir, DataDir) else DataDir(data_dir)
         # Both raise DataDirError (one line) when the directory is not usable.
         self.identity: Identity = self.data.read_identity()
@@ -159,6 +163,14 @@ class Agent:
         self._gossip = gossip
         self._rotation: tuple[SignedRoot, RootMetadata] | None = None
         self._releases_scope: trio.CancelScope | None = None
+        # the reserved app asked to hand over to (release, timeout): `run` ends, its caller
+        # starts that agent (agent/_handover.py)
+        self.handover: tuple[int, float] | None = None
+        self.candidate = candidate
+        self.replaced = False  # a candidate the old agent took the device back from
+        self._run_scope: trio.CancelScope | None = None
+        if gossip is not None and gossip.apply is not None:
+            gossip = replace(gossip, apply=replace(gossip.apply, on_handover=self._hand_over))
         if gossip is not None:
             self._gossip = replace(gossip, lan_discovery=self.lan_join.wrap(
                 gossip.lan_discovery or run_lan_discovery))
@@ -322,6 +334,36 @@ class Agent:
     def _report_now(self) -> None:
         self.reporter.wake()
 
+    def _hand_over(self, version: int, timeout_s: float) -> None:
+        """The reserved app's release is loaded: stop every component (the interface, the
+        ports, the data directory go to the new agent)."""
+        if self.handover is None:
+            self.handover = (version, timeout_s)
+            if self._run_scope is not None:
+                self._run_scope.cancel()
+
+    async def _candidate_loop(self) -> None:
+        """The new agent of a hand-over: commit once joined, in a worker thread (Docker)."""
+        assert self.candidate is not None
+        while True:
+            await trio.sleep(0.5)
+            if not (self.reporter.sent > 0 and self.wg.hub_up()):
+                continue
+            try:
+                ok = await trio.to_thread.run_sync(self.candidate)
+            except Exception as exc:  # noqa: BLE001 - EngineError, a disk error: try again
+                self.log(f"hand-over: cannot commit yet: {one_line(exc)}")
+                await trio.sleep(2)
+                continue
+            if not ok:
+                self.log("hand-over: the old agent took the device back; stopping")
+                self.replaced = True
+                if self._run_scope is not None:
+                    self._run_scope.cancel()
+            elif self.releases is not None and self.releases.applier is not None:
+                self.releases.applier.wake()  # its status: from starting to running
+            return
+
     def _on_peermap(self, old: PeerMap | None, new: PeerMap) -> None:
         self.lan_join.peers_changed()
         if self.releases is not None:
@@ -337,6 +379,9 @@ class Agent:
         async with self.backend_factory(self.enrollment) as backend:
             try:
                 async with trio.open_nursery() as nursery:
+                    self._run_scope = nursery.cancel_scope
+                    if self.handover is not None:  # asked before run: nothing to start
+                        nursery.cancel_scope.cancel()
                     await nursery.start(self.wg.run, backend, self.link)
                     await nursery.start(self.reporter.run)
                     await nursery.start(self._account_loop)
@@ -344,6 +389,8 @@ class Agent:
                         await nursery.start(self._network_loop)
                     if self.releases is not None:
                         await nursery.start(self._releases_loop)
+                    if self.candidate is not None:
+                        nursery.start_soon(self._candidate_loop)
                     task_status.started(self)
             finally:
                 # Still inside the backend: the tunnel to the coordinator is up for the last

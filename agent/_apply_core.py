@@ -279,7 +279,15 @@ class RunProbe:
     check: HealthCheck
 
 
-Action = Load | Stop | Remove | Create | Start | Rename | RemoveImage | RunProbe
+@dataclass(frozen=True, slots=True)
+class HandOver:
+    """The reserved app `fleetmesh-agent` only (agent/_selfupdate.py): stop this agent and
+    start the agent of release `version`, whose image is loaded."""
+
+    version: int
+
+
+Action = Load | Stop | Remove | Create | Start | Rename | RemoveImage | RunProbe | HandOver
 
 
 @dataclass(frozen=True, slots=True)
@@ -673,9 +681,9 @@ def running_version(journal: Journal, observed: Observed) -> int | None:
 __all__ = [
     "DAY", "DEFAULT_RUNNING_S", "LABEL_APP", "LABEL_DEVICE", "LABEL_RELEASE", "LOCK_FILE",
     "LOCK_MOUNT", "MISSING_BLOB_RETRY_S", "Action", "ContainerView", "Create", "EffectiveCheck",
-    "Journal", "Load", "MissingBlob", "Observed", "Probe", "Remove", "RemoveImage", "Rename",
-    "RunProbe", "Start", "Step", "Stop", "Target", "apply_gate", "container_name", "decide",
-    "effective_check", "effective_target", "fail_load", "health_verdict",
+    "HandOver", "Journal", "Load", "MissingBlob", "Observed", "Probe", "Remove", "RemoveImage",
+    "Rename", "RunProbe", "Start", "Step", "Stop", "Target", "apply_gate", "container_name",
+    "decide", "effective_check", "effective_target", "fail_load", "health_verdict",
     "image_has_healthcheck", "image_id", "image_tag", "next_container_name", "one_line",
     "running_version",
 ]

@@ -86,8 +86,10 @@ from ._apply_core import (
 from ._blobstore import BlobStore
 from ._crashpoints import crash_point
 from ._engine import ContainerSpec, DockerEngine, EngineError
+from ._handover import Records, self_view
 from ._health import probe
 from ._journal import AppJournal, JournalError, atomic_write, journal_apps
+from ._selfupdate import AGENT_APP, HandOver, RecordError, SelfView, decide_agent
 
 RECONCILE_PERIOD_S: Final = 10.0  # look at the engine this often even when nothing happens
 LOCK_POLL_S: Final = 1.0  # an update waiting for the app's lock proceeds within ~1 s of release
@@ -160,7 +162,13 @@ class Applier:
                  clock: Callable[[], float] = time.time, follow_logs: bool = True,
                  log_buffer: LogBuffer | None = None,
                  utc_offset: Callable[[float], int] = local_utc_offset,
-                 platform: str | None = None) -> None:
+                 platform: str | None = None,
+                 on_handover: Callable[[int, float], None] | None = None,
+                 me: SelfView | None = None) -> None:
+        """`on_handover(version, timeout_s)`: the reserved app `fleetmesh-agent` asks to hand
+        the device over to the agent of that release (agent/_selfupdate.py), called in trio's
+        thread; `me`: this agent's container (default: looked up in `engine` at the first
+        step of the reserved app)."""
         self.device = device
         # the device's platform: releases read back from disk are narrowed to it, as the
         # node narrowed them when they arrived (VerifiedRelease)
@@ -176,6 +184,9 @@ class Applier:
         self.clock = clock
         self.utc_offset = utc_offset  # the local time a target's window is read in
         self.logs = log_buffer or LogBuffer()
+        self.on_handover = on_handover
+        self._me = me
+        self._own_layers: frozenset[str] | None = None
         self._collector = LogCollector(engine, self.logs, log) if follow_logs else None
         self._apps: dict[str, _App] = {}
         self._apps_lock = threading.Lock()  # set_target (trio thread) adds apps
@@ -186,6 +197,8 @@ class Applier:
         self._started_at = clock()
         self._wakeup = trio.Event()
         self._changed = trio.Event()
+        # set once `local_diff_ids()` holds the engine's layers (the mesh node waits for it)
+        self.layers_known = trio.Event()
         self._token: trio.lowlevel.TrioToken | None = None  # run(): statuses change in threads
         self._reported: dict[str, AppStatus] = {}  # as last announced by changed()
         self.apply_dir = self.data_dir / "apply"
@@ -289,6 +302,8 @@ class Applier:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         self._token = trio.lowlevel.current_trio_token()
+        await trio.to_thread.run_sync(self._refresh_diff_ids)
+        self.layers_known.set()
         await trio.to_thread.run_sync(self.reconcile_all)
         task_status.started()
         while True:
@@ -358,13 +373,17 @@ class Applier:
             a.pin_state_saved = a.pin_state
         manifests = self._journal_manifests(a)
         observed = self._observe(a, manifests, now)
-        s = decide(app, a.state, target, observed, now, manifests)
+        if app == AGENT_APP:
+            s = decide_agent(a.state, target, observed, self._me_now(), now)
+        else:
+            s = decide(app, a.state, target, observed, now, manifests)
         if s.state != a.status_state and target is not None:
             self._log_gate(app, s, target)
         a.status_state = s.state
         a.engine_error = None
         a.wake_at = now + LOCK_POLL_S if s.lock_wait else s.wake_at
-        a.running = running_version(a.state, observed)
+        a.running = self.me().release if app == AGENT_APP else running_version(a.state,
+                                                                                observed)
         a.updated_at = now
         self._announce(a)
         if s.journal != a.state:
@@ -372,10 +391,48 @@ class Applier:
             self._write_journal(a, s.journal)
             return s, True
         if s.action is None:
-            self._follow_logs(a, observed)
+            if app != AGENT_APP:  # the agent's own output is not an app's log
+                self._follow_logs(a, observed)
             return s, False
+        if isinstance(s.action, HandOver):
+            self._hand_over(a, s.action.version)
+            return s, False  # the agent stops its components now
         self._execute(a, s.action, manifests, now)
         return s, True
+
+    def me(self) -> SelfView:
+        """This agent's container and the agent release it runs (looked up once)."""
+        if self._me is None:
+            self._me = self_view(self.engine) if isinstance(self.engine, DockerEngine) \
+                else SelfView(None)
+        return self._me
+
+    def _me_now(self) -> SelfView:
+        """`me()`, and whether we are a hand-over's new agent not committed yet."""
+        me = self.me()
+        if me.container is None:
+            return me
+        try:
+            record = Records(self.data_dir).read()
+        except RecordError as exc:
+            raise JournalError(str(exc)) from None
+        pending = record is not None and record.new == me.container \
+            and record.state == "starting"
+        return replace(me, handing_over=pending)
+
+    def wake(self) -> None:
+        """Reconcile now (called in trio's thread): the hand-over committed."""
+        self._wakeup.set()
+
+    def _hand_over(self, a: _App, version: int) -> None:
+        release = (a.releases or {}).get(version) or self._release(a.name, version)
+        if release is None:
+            raise JournalError(f"{a.name}: no manifest for release {version}")
+        if self.on_handover is None:
+            raise EngineError(f"{a.name}: this applier cannot hand the agent over")
+        timeout = release.manifest.container.health_timeout_s
+        self.log(f"{a.name}: release {version} loaded; handing over to its agent")
+        trio.from_thread.run_sync(self.on_handover, version, timeout)
 
     def _log_gate(self, app: str, s: Step, target: Target) -> None:
         """Say once, when an app starts waiting for a rollout gate, what it waits for."""
@@ -490,8 +547,22 @@ class Applier:
         return Observed(containers, frozenset(images), held, a.probe, a.missing_blob,
                         self.utc_offset(now))
 
+    def _own_image_layers(self) -> frozenset[str]:
+        """The layers of the image this agent's container runs: delta bases and layers the
+        device need not fetch for an agent release built on it."""
+        if self._own_layers is None:
+            me, layers = self.me(), frozenset[str]()
+            if me.container is not None:
+                try:
+                    image = str(self.engine.inspect(me.container).get("Image", ""))
+                    layers = frozenset(self.engine.image_layers(image))
+                except EngineError:
+                    return frozenset()  # asked again next round
+            self._own_layers = layers
+        return self._own_layers
+
     def _refresh_diff_ids(self) -> None:
-        ids: set[str] = set()
+        ids: set[str] = set(self._own_image_layers())
         for a in self._apps.values():
             try:
                 for c in self.engine.containers(self.device, a.name):
@@ -611,13 +682,16 @@ class Applier:
         def cached(diff_id: str) -> Path:
             return self.layer_dir / f"{diff_id.removeprefix('sha256:')}.tar"
 
-        for other in sorted(self._apps):
-            for version in sorted(self.engine.app_images(other), reverse=True):
-                tag = image_tag(other, version)
-                layers = set(self.engine.image_layers(tag))
-                useful = layers & wanted
-                if useful and not all(cached(d).exists() for d in useful):
-                    self.engine.save_layers(tag, self.layer_dir)
+        sources = [image_tag(other, version) for other in sorted(self._apps)
+                   for version in sorted(self.engine.app_images(other), reverse=True)]
+        me = self.me()
+        if me.container is not None and self._own_image_layers() & wanted:
+            sources.append(str(self.engine.inspect(me.container).get("Image", "")))
+        for tag in sources:
+            layers = set(self.engine.image_layers(tag))
+            useful = layers & wanted
+            if useful and not all(cached(d).exists() for d in useful):
+                self.engine.save_layers(tag, self.layer_dir)
         # A base the engine lacks but whose chunks the store holds (an earlier release that was
         # downloaded, never run: the gossip node counts those as delta bases too).
         store = self.store

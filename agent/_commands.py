@@ -9,11 +9,12 @@ started.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import signal
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import trio
 
@@ -36,12 +37,16 @@ from vpn._link import check_ifname
 from ._agent import Agent, BackendFactory, Intervals, stderr_log
 from ._datadir import DataDir, DataDirError, Identity
 from ._device import DEFAULT_IFNAME, DEFAULT_WG_PORT, WireGuardGoDevice, lan_endpoints
+from ._engine import DockerEngine, EngineError
 from ._gossip import GOSSIP_PORT
+from ._handover import Records, commit, hand_over, resolve_at_start, self_view
+from ._journal import JournalError
 from ._link import ClientFactory
 from ._paths import LAZY_AFTER
 from ._release_sync import ApplySettings, GossipSettings, host_platform
 
 MAX_CONFIG_BYTES: Final = 64 * 1024
+T = TypeVar("T")
 
 EnrollFn = Callable[..., Awaitable[tuple[Enrollment, bytes, SignedRoot | None]]]
 
@@ -294,10 +299,15 @@ def add_join_parser(sub: Any) -> None:
 
 
 async def run_agent(agent: Agent) -> None:
-    """Run until SIGINT or SIGTERM; the backend's context (wireguard-go) is left cleanly."""
+    """Run until SIGINT or SIGTERM, or until the agent ends itself (a hand-over); the
+    backend's context (wireguard-go) is left cleanly."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(agent.run)
+            async def run() -> None:
+                await agent.run()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(run)
 
             async def stop_on_signal() -> None:
                 async for signum in signals:
@@ -338,30 +348,89 @@ def _run(args: argparse.Namespace) -> int:
                                 underlay=underlay, profile=args.gossip_profile,
                                 apply=None if args.no_apply else
                                 ApplySettings(docker_host=args.docker_host))
+    # In a container of the engine that runs the apps, the agent can be replaced by an agent
+    # release (agent/_selfupdate.py): the hand-overs run between two runs of the agent.
+    engine = _engine(args) if gossip is not None and gossip.apply is not None else None
+    while True:
+        start = _sigterm_ends(_resolve_handover, engine, data) if engine is not None else "run"
+        if start in ("exit", None):
+            return 0
+        candidate = None if start != "candidate" or engine is None else \
+            functools.partial(_commit, engine, data)
+        try:
+            backend = real_backend_factory(args.interface, args.wg_mount_namespace)
+            lan_profile = args.gossip_profile == "lan"
+            lazy = args.lazy_after if args.lazy_after is not None else \
+                (0.0 if lan_profile else LAZY_AFTER)
+            agent = Agent(data, backend, sdk_client_factory(),
+                          wg_port=port, lan_endpoints=lan, gossip=gossip,
+                          intervals=Intervals(lazy_after=lazy, tune_keepalive=not lan_profile),
+                          wan_budget=args.wan_budget, candidate=candidate)
+        except DataDirError as exc:
+            raise _data_error(exc, data) from None
+        agent.log(f"{enrollment.name} in fleet {enrollment.fleet}, mesh "
+                  f"{enrollment.mesh_ipv4}, coordinator {identity.url}"
+                  + (" (the new agent of a hand-over)" if candidate is not None else ""))
+        try:
+            trio.run(run_agent, agent)
+        except Exception as exc:  # noqa: BLE001 - unwrapped below; anything else is a bug
+            leaf = _leaf(exc)
+            if isinstance(leaf, WireGuardGoError):
+                raise CliError(f"cannot start WireGuard: {leaf}", EXIT_WIREGUARD) from None
+            if isinstance(leaf, (OSError, ValueError)):
+                # configure_link (not root, interface taken) and similar environment failures
+                raise CliError(f"cannot set up {args.interface}: {leaf}",
+                               EXIT_WIREGUARD) from None
+            raise
+        if agent.handover is None or engine is None:
+            return 0
+        me = self_view(engine).container
+        if me is None:  # pragma: no cover - the applier found it a moment ago
+            return 0
+        if _sigterm_ends(hand_over, engine, data.path, me, enrollment.name,
+                         *agent.handover, agent.log) is not False:
+            return 0  # the new agent took over (True), or SIGTERM (None)
+
+
+class _Stopped(Exception):
+    """SIGTERM between two runs of the agent (during a hand-over)."""
+
+
+def _sigterm_ends(fn: Callable[..., T], *args: Any) -> T | None:
+    """`fn(*args)`, or None if SIGTERM came first: outside trio.run (which has its own
+    receiver) the agent, PID 1 of its container, would ignore it and `docker stop` (the new
+    agent's, ending us) would wait its whole timeout."""
+    def stop(signum: int, frame: object) -> None:
+        raise _Stopped
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        backend = real_backend_factory(args.interface, args.wg_mount_namespace)
-        lan_profile = args.gossip_profile == "lan"
-        lazy = args.lazy_after if args.lazy_after is not None else \
-            (0.0 if lan_profile else LAZY_AFTER)
-        agent = Agent(data, backend, sdk_client_factory(),
-                      wg_port=port, lan_endpoints=lan, gossip=gossip,
-                      intervals=Intervals(lazy_after=lazy, tune_keepalive=not lan_profile),
-                      wan_budget=args.wan_budget)
-    except DataDirError as exc:
-        raise _data_error(exc, data) from None
-    agent.log(f"{enrollment.name} in fleet {enrollment.fleet}, mesh {enrollment.mesh_ipv4}, "
-              f"coordinator {identity.url}")
+        return fn(*args)
+    except _Stopped:
+        stderr_log("stopping (SIGTERM)")
+        return None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _engine(args: argparse.Namespace) -> DockerEngine | None:
     try:
-        trio.run(run_agent, agent)
-    except Exception as exc:  # noqa: BLE001 - unwrapped below; anything else is a bug
-        leaf = _leaf(exc)
-        if isinstance(leaf, WireGuardGoError):
-            raise CliError(f"cannot start WireGuard: {leaf}", EXIT_WIREGUARD) from None
-        if isinstance(leaf, (OSError, ValueError)):
-            # configure_link (not root, interface taken) and similar environment failures
-            raise CliError(f"cannot set up {args.interface}: {leaf}", EXIT_WIREGUARD) from None
-        raise
-    return 0
+        return DockerEngine(args.docker_host, timeout=60)
+    except EngineError:
+        return None  # the applier says why, and retries
+
+
+def _resolve_handover(engine: DockerEngine, data: DataDir) -> str:
+    try:
+        return resolve_at_start(engine, data.path, stderr_log)
+    except (EngineError, OSError, JournalError) as exc:
+        stderr_log(f"hand-over record: {exc}; starting as usual")
+        return "run"
+
+
+def _commit(engine: DockerEngine, data: DataDir) -> bool:
+    me = self_view(engine).container
+    return me is not None and commit(engine, Records(data.path), me, stderr_log)
 
 
 def _leaf(exc: BaseException) -> BaseException:

@@ -170,6 +170,40 @@ class DockerEngine:
     def rename(self, container_id: str, name: str) -> None:
         self._call("docker rename", self.api.rename, container_id, name)
 
+    def inspect(self, container_id: str) -> dict[str, Any]:
+        """`docker inspect` of a container, as the engine answers it."""
+        return dict(self._call("docker inspect", self.api.inspect_container, container_id))
+
+    def image_config(self, image: str) -> dict[str, Any]:
+        """The `Config` of a local image (its Env, Labels, Cmd...)."""
+        info = self._call("docker image inspect", self.api.inspect_image, image)
+        return dict(info.get("Config") or {})
+
+    def create_like(self, name: str, image: str, command: Sequence[str] | None,
+                    environment: Sequence[str], labels: Mapping[str, str],
+                    host_config: Mapping[str, Any]) -> str:
+        """Create a container with another's raw HostConfig (as `inspect` shows it): the agent
+        starting its successor with its own binds, devices, capabilities and network."""
+        created = self._call(
+            f"docker create {name}", self.api.create_container, image,
+            command=list(command) if command else None, name=name, labels=dict(labels),
+            environment=list(environment), host_config=dict(host_config), detach=True)
+        return str(created["Id"])
+
+    def set_restart_policy(self, container_id: str, policy: str) -> None:
+        self._call("docker update", self.api.update_container, container_id,
+                   restart_policy={"Name": policy})
+
+    def last_log_line(self, container_id: str) -> str:
+        """The container's last non-empty output line (stdout and stderr), "" if none."""
+        try:
+            out = self._call("docker logs", self.api.logs, container_id, stdout=True,
+                             stderr=True, tail=5)
+        except EngineError:
+            return ""
+        lines = [x.strip() for x in bytes(out).decode("utf-8", "replace").splitlines()]
+        return one_line(next((x for x in reversed(lines) if x), ""))
+
     def exec(self, container_id: str, argv: Sequence[str], timeout: float) -> tuple[int | None,
                                                                                     str]:
         """Run `argv` in the container: (exit code, None when it did not finish in time;

@@ -76,6 +76,9 @@ TARGETS_RETRY: Final = 30.0  # after a failed read (coordinator unreachable)
 GOSSIP_RETRY: Final = 5.0  # the mesh address may not be on the interface yet: retry the bind
 LAN_RETRY: Final = 60.0  # LAN discovery failed (no such underlay, mDNS socket): try again
 ENGINE_RETRY: Final = 10.0  # the Docker engine did not answer: try again
+# The mesh node starts once the engine's image layers are known (a listing: well under a second)
+# or after this long, whichever comes first.
+LAYERS_WAIT: Final = 20.0
 
 # run_lan_discovery's signature (agent/_lan.py): (name, fleet, public key, underlay, port,
 # on_change, *, task_status) -> runs until cancelled.
@@ -95,6 +98,9 @@ class ApplySettings:
 
     docker_host: str | None = None  # None: DOCKER_HOST or the default socket
     engine_factory: Callable[[], Any] | None = None  # tests: a fake engine
+    # the reserved app `fleetmesh-agent` hands the device over to a new agent
+    # (agent/_selfupdate.py): the Agent sets this to stop itself
+    on_handover: Callable[[int, float], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +173,9 @@ class ReleaseSync:
         self._lan_names: frozenset[str] = frozenset()
         self._targets_wake = trio.Event()
         self._sync_wake = trio.Event()
+        # the engine's layers are known (or there is no engine): the node that decides what
+        # to fetch starts after it, so it never fetches a layer the engine has (agent/_selfupdate)
+        self._layers_known = trio.Event()
         self._refused: set[tuple[str, int]] = set()
         # The device's platform (os/arch[/variant]): the engine's at `run`, else this host's.
         # Every release is verified narrowed to it (mesh.release.verify_release).
@@ -252,6 +261,9 @@ class ReleaseSync:
             return
         verify = release_verifier(enrollment.release_key, enrollment.fleet, self.platform)
         address = f"{enrollment.mesh_ipv4}:{settings.port}"
+        if settings.apply is not None:
+            with trio.move_on_after(LAYERS_WAIT):
+                await self._layers_known.wait()
         errors = ErrorOnce(self.log, GOSSIP_RETRY)
         while True:
             node = GossipNode(
@@ -450,13 +462,19 @@ class ReleaseSync:
                 break
             except Exception as exc:  # noqa: BLE001 - EngineError, or a fake's
                 errors.failed(f"apply: Docker engine: {one_line(exc)}")
+                self._layers_known.set()  # none known: the node need not wait for them
             await trio.sleep(ENGINE_RETRY)
         applier = Applier(device=enrollment.name, fleet=enrollment.fleet,
                           data_dir=self.data_path, engine=engine, store=store,
                           release_key_hex=enrollment.release_key, platform=self.platform,
-                          log=lambda m: self.log(f"apply: {m}"))
+                          log=lambda m: self.log(f"apply: {m}"), on_handover=settings.on_handover)
         appsync = self.appsync = AppSync(applier, enrollment.fleet)
         async with trio.open_nursery() as nursery:
+            async def layers_known() -> None:
+                await applier.layers_known.wait()
+                self._layers_known.set()
+
+            nursery.start_soon(layers_known)
             await nursery.start(applier.run)
             self.applier = applier
             self._targets_wake.set()  # read the targets now that they can be applied

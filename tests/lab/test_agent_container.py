@@ -7,24 +7,41 @@ engine). About 2 minutes with the build cache (docs/services.md).
 One lab, 2 LANs x 2 devices, in order: every engine runs the agent container; v1 and v2 of the
 sample app roll out and each engine shows the agent and the app; SIGKILL of an agent's process
 → the engine's restart policy brings it back and it converges, the app's container having run
-on meanwhile; killing the app container leaves the agent alone.
+on meanwhile; killing the app container leaves the agent alone. Then the agent updates itself
+(issue 17's second acceptance line): an agent image built on the running one and pushed as the
+reserved app `fleetmesh-agent` replaces the agent on every device, fetching only its new
+layer; a broken one (it exits at start) leaves every device on the old agent, online, and
+`release status` says why.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from lab import Lab, agent_status, kill_agent, parse_topology, wait_online, wait_restarted
-from lab.fleet import AGENT_CONTAINER, access, devices
+from lab import (
+    AGENTS_DIR,
+    Lab,
+    agent_status,
+    blobs_held,
+    kill_agent,
+    parse_topology,
+    wait_online,
+    wait_restarted,
+)
+from lab.fleet import AGENT_CONTAINER, access, devices, load_agent_image
 from lab.fleetimage import base_tag
+from lab.rollout import outer_routers, rx_by_lan
 from tests.release.test_release_docker import _docker, _docker_skip_reason
 
-from .conftest import REPO, lab_cli, lab_skip_reason, lab_up
+from .conftest import REPO, lab_cli, lab_skip_reason, lab_up, operator, release_status
 from .test_apply_fleet import APP, release, running, settled, wait
 
 pytestmark = [
@@ -138,3 +155,114 @@ def test_killing_the_app_container_leaves_the_agent(fleet: Lab) -> None:
     took = wait(lambda: running(VICTIM) == {2}, 60, f"{VICTIM}'s app started again")
     assert app_container(VICTIM) == killed
     print(f"{VICTIM}: the killed app container was started again after {took:.1f} s")
+
+
+# --------------------------------------------------------------------------- self-update
+
+AGENT_APP = "fleetmesh-agent"
+AGENT_DOCKERFILE = """ARG BASE
+FROM ${BASE}
+COPY build.txt /etc/fleetmesh-agent-build
+"""
+BROKEN_DOCKERFILE = AGENT_DOCKERFILE + (
+    'ENTRYPOINT ["/bin/sh", "-c", "echo broken agent: refusing to start >&2; exit 3"]\n')
+
+
+def push_agent(tmp: Path, image: str, name: str, dockerfile: str) -> dict[str, Any]:
+    """`fleetmesh push` of an agent image built on `image` (what an operator does with a new
+    agent build), as the reserved app's next release."""
+    ctx = tmp / name
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(dockerfile)
+    (ctx / "build.txt").write_text(f"{name}\n")
+    return dict(json.loads(operator("fleetmesh", "push", str(ctx), "--app", AGENT_APP,
+                                    "--build-arg", f"BASE={image}", "--health-timeout", "60",
+                                    "--json", timeout=600)))
+
+
+def agent_containers(device: str) -> list[tuple[str, str, str]]:
+    """(name, image, restart policy) of every agent container in the engine, running or not:
+    after a hand-over exactly one, under the agent's name, restarted by the engine."""
+    ids = lab_cli("exec", device, "--", "docker", "ps", "-aq", "--filter",
+                  "label=org.opencontainers.image.title=fleetmesh-agent", timeout=60).split()
+    out = lab_cli("exec", device, "--", "docker", "inspect", "-f",
+                  "{{.Name}} {{.Config.Image}} {{.HostConfig.RestartPolicy.Name}}", *ids,
+                  timeout=60) if ids else ""
+    return sorted((n.lstrip("/"), i, r) for n, i, r in (x.split() for x in out.splitlines()))
+
+
+def blob_bytes(device: str, blobs: set[str]) -> int:
+    store = AGENTS_DIR / device / "blobs"
+    return sum((store / b).stat().st_size for b in blobs)
+
+
+def agent_of(device: str) -> tuple[str, str]:
+    """(the image of the device's agent container, its build file)."""
+    image = engine_ps(device).get(AGENT_CONTAINER, "")
+    build = lab_cli("exec", device, "--", "docker", "exec", AGENT_CONTAINER, "cat",
+                    "/etc/fleetmesh-agent-build", timeout=60, check=False)
+    return image, build.strip()
+
+
+@pytest.fixture(scope="module")
+def operator_has_agent_image(fleet: Lab) -> None:
+    load_agent_image(fleet, [fleet.node("operator")])
+
+
+def test_an_agent_release_rolls_out_and_every_device_runs_the_new_agent(
+        fleet: Lab, image: str, operator_has_agent_image: None, tmp_path: Path) -> None:
+    names = [d.name for d in fleet.devices]
+    routers = outer_routers(fleet)
+    rx_before, held_before = rx_by_lan(fleet, routers), {d: blobs_held(d) for d in names}
+    published = time.monotonic()
+    v1 = push_agent(tmp_path, image, "agent-good", AGENT_DOCKERFILE)
+    assert v1["version"] == 1
+    new_image = f"fleetmesh/{AGENT_APP}:1"
+    took = wait(lambda: all(agent_of(d) == (new_image, "agent-good") for d in names)
+                and settled(1, names, app=AGENT_APP), 420, "the new agent on every device")
+    print(f"\nagent release 1 running on every device {took:.1f} s after the push "
+          f"({time.monotonic() - published:.1f} s with the build)")
+    wait_online(fleet, names, 60)
+    rx = {lan: n - rx_before[lan] for lan, n in rx_by_lan(fleet, routers).items()}
+    new_blobs = {d: blob_bytes(d, blobs_held(d) - held_before[d]) for d in names}
+    size = sum(x["size"] for x in v1["layers"])
+    print(f"agent release 1: image {size} B in layers {[x['size'] for x in v1['layers']]}; "
+          f"WAN bytes received per LAN, push to done (idle traffic included): {rx}; new blob "
+          f"bytes per device: {new_blobs}")
+    for d in names:
+        assert agent_containers(d) == [(AGENT_CONTAINER, new_image, "unless-stopped")], d
+        assert running(d) == {2}, d  # the app ran on through the hand-over
+        # the devices built the new agent's image on the layers of the one they run: only the
+        # new layer travelled, not the agent's 180 MB
+        assert new_blobs[d] < 64 * 1024, (d, new_blobs[d])
+    assert all(n < 2 * 1024 * 1024 for n in rx.values()), rx
+
+
+def test_a_broken_agent_release_leaves_every_device_on_the_old_agent(
+        fleet: Lab, image: str, operator_has_agent_image: None, tmp_path: Path) -> None:
+    names = [d.name for d in fleet.devices]
+    routers = outer_routers(fleet)
+    rx_before = rx_by_lan(fleet, routers)
+    v2 = push_agent(tmp_path, image, "agent-broken", BROKEN_DOCKERFILE)
+    assert v2["version"] == 2
+    took = wait(lambda: settled(2, names, ("failed",), app=AGENT_APP), 420,
+                "the broken agent release failed on every device")
+    wait_online(fleet, names, 60)
+    st = release_status(AGENT_APP, 2)
+    rx = {lan: n - rx_before[lan] for lan, n in rx_by_lan(fleet, routers).items()}
+    print(f"\nagent release 2 (broken) failed on every device {took:.1f} s after the push; "
+          f"WAN bytes received per LAN (idle included): {rx}; blob bytes each device planned "
+          f"to fetch: {sorted({d['bytes_total'] for d in st.values()})}")
+    for d in names:
+        # the old agent, running again, plans nothing but the new layer either
+        assert st[d]["bytes_total"] < 64 * 1024, st[d]
+        assert agent_of(d) == (f"fleetmesh/{AGENT_APP}:1", "agent-good"), d
+        assert agent_containers(d) == [(AGENT_CONTAINER, f"fleetmesh/{AGENT_APP}:1",
+                                        "unless-stopped")], d
+        assert st[d]["running"] == 1, st[d]
+        why = st[d]["error"] or ""
+        assert "exited with code 3" in why and "broken agent: refusing to start" in why, st[d]
+    text = operator("fleetmesh", "release", "status", "2", "--app", AGENT_APP, timeout=60)
+    print(text)
+    assert "exited with code 3" in text
+    assert all(n < 2 * 1024 * 1024 for n in rx.values()), rx
