@@ -76,18 +76,22 @@ def _error_line(tail: deque[str], returncode: int) -> str:
 def docker_build(context: Path, tag: str, *, step: Callable[[str], None],
                  echo: Callable[[str], None] | None = None, platform: str | None = None,
                  build_args: Sequence[str] = (), docker: str = "docker",
-                 buildx: bool = False) -> None:
+                 buildx: bool = False, no_cache: bool = False) -> None:
     """`docker build --force-rm -t TAG [--platform P] [--build-arg NAME=VALUE...] CONTEXT`, its
     steps on `step` (and every line on `echo`). BuildError with the build's last error line if
     it fails. No deadline: a build takes what its Dockerfile asks (the operator stops it with
     Ctrl-C, which stops the child). `buildx`: `docker buildx build --load` instead (one of
     several platforms, whose RUN steps buildx runs under QEMU where the host has it), the
-    image loaded into the engine as the classic builder leaves it."""
+    image loaded into the engine as the classic builder leaves it. `no_cache`: without the
+    build cache (the classic builder's cache does not tell platforms apart: a step cached for
+    one platform would be reused for another)."""
     # --force-rm: a failed step's container is removed too (the engine keeps it otherwise).
     argv = ([docker, "buildx", "build", "--load", "-t", tag] if buildx
             else [docker, "build", "--force-rm", "-t", tag])
     if platform is not None:
         argv += ["--platform", platform]
+    if no_cache:
+        argv.append("--no-cache")
     for arg in build_args:
         argv += ["--build-arg", arg]
     argv.append(str(context))

@@ -39,8 +39,8 @@ def register(subparsers: Any) -> None:
     push.add_argument("--platform", metavar="OS/ARCH[,OS/ARCH...]",
                       help="build for this platform (e.g. linux/arm64; the engine must be able "
                            "to run its RUN steps). Several, comma-separated, are built one by "
-                           "one with docker buildx and published as one release with an image "
-                           "per platform")
+                           "one (with docker buildx where the client has it, else the classic "
+                           "builder) and published as one release with an image per platform")
     push.add_argument("--build-arg", action="append", default=[], metavar="NAME=VALUE",
                       help="a Dockerfile ARG (repeatable), e.g. --build-arg BASE=busybox:1.36")
     add_publish_options(push)
@@ -48,8 +48,7 @@ def register(subparsers: Any) -> None:
 
 
 def _platforms(text: str | None) -> tuple[str, ...]:
-    """The platforms to build (none: the engine's own); several need buildx (exit 2 if the
-    client lacks it, before anything is built)."""
+    """The platforms to build (none: the engine's own)."""
     if text is None:
         return ()
     try:
@@ -58,9 +57,6 @@ def _platforms(text: str | None) -> tuple[str, ...]:
         raise CliError(str(exc)) from None
     if len(platforms) > MAX_PLATFORMS:
         raise CliError(f"--platform {text}: a release has at most {MAX_PLATFORMS} platforms")
-    if len(platforms) > 1 and not buildx_available():
-        raise CliError(f"--platform {text}: building for several platforms needs docker "
-                       "buildx, which this Docker client lacks")
     return platforms
 
 
@@ -131,12 +127,18 @@ def _push(args: argparse.Namespace) -> int:
         version = _next_version(client, plan.fleet, plan.app, args.version)
         image = tag or f"{TAG_PREFIX}{plan.app}:{version}"
         several = len(platforms) > 1
+        # buildx where the client has it (its RUN steps under QEMU); else the classic builder,
+        # one platform at a time and without its cache, which does not tell platforms apart:
+        # any Dockerfile whose RUN steps the engine can run for that platform (none, or QEMU's
+        # binfmt handlers), each image's platform checked
+        buildx = several and buildx_available()
         built = [platform_tag(image, p) for p in platforms] if several else [image]
         for name, platform in zip(built, platforms or (None,), strict=True):
             print(f"building {context} as {name}", file=sys.stderr, flush=True)
             try:
                 docker_build(context, name, step=step, echo=echo if terminal else None,
-                             platform=platform, build_args=args.build_arg, buildx=several)
+                             platform=platform, build_args=args.build_arg, buildx=buildx,
+                             no_cache=several and not buildx)
             except BuildError as exc:
                 raise CliError(str(exc), code=EXIT_REFUSED) from None
         result = publish_and_report(args, plan, client, built)

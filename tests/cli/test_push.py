@@ -260,7 +260,6 @@ def keyed_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (["{tmp}/empty"], "no Dockerfile"),
     (["{tmp}/ctx", "--platform", "linux"], "not os/arch"),
     (["{tmp}/ctx", "--platform", "linux/amd64,linux/amd64"], "named twice"),
-    (["{tmp}/ctx", "--platform", "linux/amd64,linux/arm64"], "several platforms"),
     (["{tmp}/ctx", "--tag", "Bad Tag"], "not an image reference"),
     (["{tmp}/ctx", "--build-arg", "NOEQUALS"], "NAME=VALUE"),
     (["{tmp}/ctx", "--env", "X"], "NAME=VALUE"),
@@ -298,10 +297,12 @@ def test_the_built_platform_must_be_the_one_asked_for(built: str, wanted: str,
     assert same_platform(built, wanted) is same
 
 
-def test_several_platforms_are_built_with_buildx_and_published_as_one_release(
-        keyed_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With buildx (absent on this host: faked), `--platform a,b` builds each platform under
-    its own tag with `docker buildx build --load`, then publishes them together."""
+@pytest.mark.parametrize("buildx", [True, False])
+def test_several_platforms_are_built_one_by_one_and_published_as_one_release(
+        keyed_home: Path, monkeypatch: pytest.MonkeyPatch, buildx: bool) -> None:
+    """`--platform a,b` builds each platform under its own tag, with `docker buildx build
+    --load` where the client has buildx (absent on this host: faked), else with the classic
+    builder, then publishes them together (the classic path for real: below)."""
     import contextlib
     from types import SimpleNamespace
 
@@ -318,7 +319,7 @@ def test_several_platforms_are_built_with_buildx_and_published_as_one_release(
         published.append(images)
         return SimpleNamespace(created=True, version=4)
 
-    monkeypatch.setattr(cli_push, "buildx_available", lambda: True)
+    monkeypatch.setattr(cli_push, "buildx_available", lambda: buildx)
     monkeypatch.setattr(cli_push, "docker_build", fake_build)
     monkeypatch.setattr(cli_push, "publish_and_report", fake_publish)
     monkeypatch.setattr(cli_push, "operator_client", lambda args: contextlib.nullcontext(
@@ -326,6 +327,31 @@ def test_several_platforms_are_built_with_buildx_and_published_as_one_release(
     code = run(build_parser(), ["push", str(keyed_home / "ctx"), "--app", "web", "--fleet",
                                 "cams", "--platform", "linux/amd64,linux/arm/v7"])
     assert code == 0
-    assert built == [("fleetmesh/web:4-linux-amd64", "linux/amd64", True),
-                     ("fleetmesh/web:4-linux-arm-v7", "linux/arm/v7", True)]
+    assert built == [("fleetmesh/web:4-linux-amd64", "linux/amd64", buildx),
+                     ("fleetmesh/web:4-linux-arm-v7", "linux/arm/v7", buildx)]
     assert published == [["fleetmesh/web:4-linux-amd64", "fleetmesh/web:4-linux-arm-v7"]]
+
+
+@pytest.mark.lab
+def test_a_push_for_two_platforms_builds_each_and_publishes_one_release(env: Env) -> None:
+    """Without buildx (this host's client), the classic builder builds each platform in turn:
+    a Dockerfile without RUN (FROM scratch + COPY) builds for any platform, and the release
+    carries an image per platform, each with its own layer."""
+    ctx = env.tmp / "multi"
+    ctx.mkdir()
+    (ctx / "payload.txt").write_text(f"{env.app}\n")
+    (ctx / "Dockerfile").write_text("FROM scratch\nCOPY payload.txt /payload.txt\n")
+    r = env.cli("push", str(ctx), "--fleet", "cams", "--app", env.app, "--platform",
+                "linux/amd64,linux/arm64", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["version"] == 1 and out["created"] is True
+    assert sorted(layer["platform"] for layer in out["layers"]) == ["linux/amd64",
+                                                                    "linux/arm64"], out
+    for platform in ("linux-amd64", "linux-arm64"):
+        tag = f"fleetmesh/{env.app}:1-{platform}"
+        shown = _docker("image", "inspect", "--format", "{{.Os}}/{{.Architecture}}", tag)
+        assert shown.stdout.strip() == platform.replace("-", "/"), (tag, shown.stdout)
+    shown = env.cli("release", "show", "cams", env.app, "1")
+    assert shown.returncode == 0 and "linux/arm64" in shown.stdout \
+        and "linux/amd64" in shown.stdout, shown.stdout
