@@ -19,6 +19,7 @@ from nacl.signing import SigningKey, VerifyKey
 
 from mesh.blobs import BlobKind
 from mesh.control import AppStatus, ControlError, SourceBytes, check_name
+from mesh.names import unpublishable_app
 from mesh.release import (
     MAX_ROOT_CHAIN,
     ManifestError,
@@ -268,6 +269,9 @@ class ReleaseRegistry:
         else the newest release is every unpinned device's target at once."""
         signed, m = _decode(data)
         check_name(m.fleet, "release fleet")
+        reserved = unpublishable_app(m.app)
+        if reserved is not None:
+            raise ControlError(f"release: {reserved}")
         existing = self.store.get_release(m.fleet, m.app, m.version)
         if existing is not None and existing.signed == data:
             return release_info(existing), False

@@ -33,6 +33,7 @@ from rich.progress import (
 from mesh.clikit import EXIT_OK, EXIT_REFUSED, EXIT_TIMEOUT, CliError
 from mesh.delta import DeltaError, apply_delta_file, create_delta, read_header
 from mesh.image import ImageError
+from mesh.names import unpublishable_app
 from mesh.release import (
     ContainerSettings,
     HealthCheck,
@@ -304,6 +305,9 @@ def publish_plan(args: argparse.Namespace) -> PublishPlan:
     usage error here, not a refusal after the image was built, cut and uploaded."""
     fleet = name_arg(args.fleet, "fleet")
     app = name_arg(args.app, "app")
+    reserved = unpublishable_app(app)
+    if reserved is not None:
+        raise CliError(reserved)
     if args.key < 0:
         raise CliError("--key must be 0 or more")
     if args.version is not None and args.version < 1:

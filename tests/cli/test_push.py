@@ -261,6 +261,7 @@ def keyed_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (["{tmp}/ctx", "--platform", "linux"], "not os/arch"),
     (["{tmp}/ctx", "--platform", "linux/amd64,linux/amd64"], "named twice"),
     (["{tmp}/ctx", "--tag", "Bad Tag"], "not an image reference"),
+    (["{tmp}/ctx", "--app", "agent"], "fleetmesh-agent, the agent's own container"),
     (["{tmp}/ctx", "--build-arg", "NOEQUALS"], "NAME=VALUE"),
     (["{tmp}/ctx", "--env", "X"], "NAME=VALUE"),
     (["{tmp}/ctx", "--version", "0"], "--version must be 1 or more"),
@@ -273,8 +274,9 @@ def test_bad_arguments_exit_2_with_one_line(keyed_home: Path, argv: list[str], t
                                             capsys: pytest.CaptureFixture[str]) -> None:
     args = [a.replace("{tmp}", str(keyed_home)) for a in argv]
     fleet = [] if "--fleet" in args else ["--fleet", "cams"]
+    app = [] if "--app" in args else ["--app", "web"]
     try:
-        code = run(build_parser(), ["push", *args, "--app", "web", *fleet])
+        code = run(build_parser(), ["push", *args, *app, *fleet])
     except SystemExit as exc:  # argparse's own errors (one line: ops._cli_common)
         code = exc.code  # type: ignore[assignment]
     assert code == 2

@@ -32,6 +32,19 @@ async def publish(h: Harness, built: Built, expect: int = 201) -> dict:  # type:
     return r.json()  # type: ignore[no-any-return]
 
 
+async def test_the_app_named_agent_is_refused_its_container_would_be_the_agents(
+        h: Harness) -> None:
+    rel = build(SigningKey.generate(), app="agent")
+    await upload(h, rel)
+    r = await h.op.post("/api/v1/releases", content=rel.signed, headers=OCTETS)
+    assert r.status_code == 400 and "fleetmesh-agent" in r.json()["error"], r.text
+    r = await h.op.get("/api/v1/releases", params={"fleet": "fleet"})
+    assert r.json() == {"releases": []}
+    # the agent's own reserved app is published like any app
+    await upload(h, agent := build(SigningKey.generate(), app="fleetmesh-agent"))
+    assert (await publish(h, agent))["app"] == "fleetmesh-agent"
+
+
 async def test_publish_needs_blobs_then_is_idempotent(h: Harness) -> None:
     key = SigningKey.generate()
     rel = build(key, layers=[os.urandom(40_000), os.urandom(20_000)], delta=b"patch bytes")
