@@ -167,7 +167,6 @@ class Agent:
         # starts that agent (agent/_handover.py)
         self.handover: tuple[int, float] | None = None
         self.candidate = candidate
-        self.replaced = False  # a candidate the old agent took the device back from
         self._run_scope: trio.CancelScope | None = None
         if gossip is not None and gossip.apply is not None:
             gossip = replace(gossip, apply=replace(gossip.apply, on_handover=self._hand_over))
@@ -357,7 +356,6 @@ class Agent:
                 continue
             if not ok:
                 self.log("hand-over: the old agent took the device back; stopping")
-                self.replaced = True
                 if self._run_scope is not None:
                     self._run_scope.cancel()
             elif self.releases is not None and self.releases.applier is not None:
