@@ -475,9 +475,7 @@ def _idle(ctx: _Ctx) -> Step:
         # The target is the release that runs (an operator pinned it back): nothing failed.
         return ctx.step("running", journal=replace(j, error=None))
     if t is not None and t.retry > j.retry_seen:
-        return ctx.step("idle", journal=replace(
-            j, retry_seen=t.retry, failed=tuple(v for v in j.failed if v != t.version),
-            error=None if t.version in j.failed else j.error))
+        return ctx.step("idle", journal=retried(j, t))
     # Leftovers: any container that is not the committed release's (the old one after a commit,
     # the new one after a rollback, strays of an interrupted run).
     keep = _pick(obs.containers, cur, container_name(ctx.app))
@@ -519,6 +517,13 @@ def _idle(ctx: _Ctx) -> Step:
     phase = "starting" if strategy is UpdateStrategy.HAND_OVER or keep is None else "stopping"
     return ctx.step("stopping" if phase == "stopping" else "starting", journal=replace(
         j, phase=phase, to=t.version, health_since=None))
+
+
+def retried(j: Journal, t: Target) -> Journal:
+    """The journal once the operator's retry counter for `t` was acted on: its release may be
+    tried again."""
+    return replace(j, retry_seen=t.retry, failed=tuple(v for v in j.failed if v != t.version),
+                   error=None if t.version in j.failed else j.error)
 
 
 def _stopped_by_hand(c: ContainerView, m: ReleaseManifest | None) -> bool:
@@ -684,6 +689,6 @@ __all__ = [
     "HandOver", "Journal", "Load", "MissingBlob", "Observed", "Probe", "Remove", "RemoveImage",
     "Rename", "RunProbe", "Start", "Step", "Stop", "Target", "apply_gate", "container_name",
     "decide", "effective_check", "effective_target", "fail_load", "health_verdict",
-    "image_has_healthcheck", "image_id", "image_tag", "next_container_name", "one_line",
+    "image_has_healthcheck", "image_id", "image_tag", "next_container_name", "one_line", "retried",
     "running_version",
 ]

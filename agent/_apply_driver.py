@@ -187,6 +187,7 @@ class Applier:
         self.on_handover = on_handover
         self._me = me
         self._own_layers: frozenset[str] | None = None
+        self._own_image = ""  # the image ID our container runs, once looked up
         self._collector = LogCollector(engine, self.logs, log) if follow_logs else None
         self._apps: dict[str, _App] = {}
         self._apps_lock = threading.Lock()  # set_target (trio thread) adds apps
@@ -554,8 +555,8 @@ class Applier:
             me, layers = self.me(), frozenset[str]()
             if me.container is not None:
                 try:
-                    image = str(self.engine.inspect(me.container).get("Image", ""))
-                    layers = frozenset(self.engine.image_layers(image))
+                    self._own_image = str(self.engine.inspect(me.container).get("Image", ""))
+                    layers = frozenset(self.engine.image_layers(self._own_image))
                 except EngineError:
                     return frozenset()  # asked again next round
             self._own_layers = layers
@@ -684,9 +685,8 @@ class Applier:
 
         sources = [image_tag(other, version) for other in sorted(self._apps)
                    for version in sorted(self.engine.app_images(other), reverse=True)]
-        me = self.me()
-        if me.container is not None and self._own_image_layers() & wanted:
-            sources.append(str(self.engine.inspect(me.container).get("Image", "")))
+        if self._own_image_layers() & wanted and self._own_image:
+            sources.append(self._own_image)  # inspected once, with its layers
         for tag in sources:
             layers = set(self.engine.image_layers(tag))
             useful = layers & wanted

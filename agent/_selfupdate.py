@@ -34,8 +34,6 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Final, Literal
 
-from mesh.control import MAX_FAILED
-
 from ._apply_core import (
     HandOver,
     Journal,
@@ -44,8 +42,10 @@ from ._apply_core import (
     RemoveImage,
     Step,
     Target,
+    _add_failed,
     apply_gate,
     one_line,
+    retried,
 )
 
 AGENT_APP: Final = "fleetmesh-agent"
@@ -88,9 +88,7 @@ def decide_agent(journal: Journal, target: Target | None, observed: Observed, me
     if j.current != cur and j.phase == "idle":
         return Step(replace(j, current=cur), None, "idle")
     if t is not None and t.retry > j.retry_seen:
-        return Step(replace(j, retry_seen=t.retry,
-                            failed=tuple(v for v in j.failed if v != t.version),
-                            error=None if t.version in j.failed else j.error), None, "idle")
+        return Step(retried(j, t), None, "idle")
     keep = {v for v in (cur, j.to, None if t is None else t.version) if v is not None}
     if t is None or t.version == cur:
         for v in sorted(observed.images - keep):
@@ -119,8 +117,8 @@ def decide_agent(journal: Journal, target: Target | None, observed: Observed, me
 
 def handed_over_failed(journal: Journal, version: int, why: str) -> Journal:
     """The reserved app's journal once release `version`'s agent failed to take over."""
-    failed = (tuple(v for v in journal.failed if v != version) + (version,))[-MAX_FAILED:]
-    return replace(journal, phase="idle", to=None, health_since=None, failed=failed,
+    return replace(journal, phase="idle", to=None, health_since=None,
+                   failed=_add_failed(journal.failed, version),
                    error=one_line(f"release {version}: {why}"))
 
 
