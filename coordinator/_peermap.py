@@ -38,6 +38,11 @@ from mesh.control import HubInfo, PeerEntry, PeerMap, PeerMapDelta
 # further behind gets its full map, which costs what every answer cost before deltas.
 JOURNAL_PUBLISHES: Final = 256
 JOURNAL_NAMES: Final = 16_384
+# The versions each device was last handed (its last DEVICE_VERSIONS publishes): a delta starts
+# only from one of them, so a version this coordinator never gave the device (another run's or
+# another replica's, a made-up one) gets the full map, never a delta that does not fit. A device
+# whose map changed more often than this while it was away gets its full map too.
+DEVICE_VERSIONS: Final = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +127,7 @@ class PeerMapCore:
         self._journal: dict[str, _Journal] = {}
         self._changed: dict[str, set[str]] = {}
         self._full_from: dict[str, int | None] = {}
+        self._handed: dict[str, collections.deque[int]] = {}  # name -> its last versions
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -201,7 +207,7 @@ class PeerMapCore:
         start = self._full_from.get(name)
         journal = self._journal.get(viewer.fleet)
         if start is None or base < start or base >= self.version(name) or journal is None \
-                or base < journal.floor:
+                or base < journal.floor or base not in self._handed.get(name, ()):
             return None
         names = journal.since(base) | self._changed.get(viewer.fleet, set())
         names.discard(name)
@@ -292,6 +298,7 @@ class PeerMapCore:
         else:
             self._entry_changed(member)
         self._full_from.pop(name, None)
+        self._handed.pop(name, None)
         self._fragments.pop(name, None)
         self._pending.discard(name)
         self._published.pop(name, None)
@@ -391,6 +398,8 @@ class PeerMapCore:
         done, self._pending = self._pending, set()
         for n in done:
             self._published[n] = self._seq
+            self._handed.setdefault(n, collections.deque(maxlen=DEVICE_VERSIONS)).append(
+                self._seq)
             if self._full_from.get(n, 0) is None:
                 self._full_from[n] = self._seq
         for fleet, names in self._changed.items():

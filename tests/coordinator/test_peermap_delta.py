@@ -8,7 +8,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator._peermap import Member, PeerMapCore
+from coordinator._peermap import DEVICE_VERSIONS, Member, PeerMapCore
 from mesh.control import HubInfo, PeerMap, PeerMapDelta, peermap_answer
 from vpn import generate_keypair
 
@@ -111,6 +111,32 @@ def test_full_map_when_base_is_unknown_or_too_old() -> None:
     core.publish()
     delta = core.build_delta("d0", recent)
     assert delta is not None and names(delta) == (["d1"], [])
+
+
+def test_full_map_for_a_version_never_handed_to_that_device() -> None:
+    """Another replica's or a made-up version inside this run's range, and another device's
+    version, get the full map: a delta starts only from one of the device's own versions."""
+    core = fleet(10)
+    mine = core.version("d0")
+    core.set_public("d0", "203.0.113.1:4100")  # d0's own port: the others move on, d0 not
+    core.publish()
+    theirs = core.version("d1")
+    core.set_public("d1", "203.0.113.2:4200")  # now d0 moves on too
+    core.publish()
+    assert mine < theirs < core.version("d0")
+    assert core.build_delta("d0", mine) is not None
+    assert core.build_delta("d0", theirs) is None  # within d0's range, never d0's
+    assert core.build_delta("d0", theirs - 1) is not None and theirs - 1 == mine
+
+
+def test_full_map_after_more_versions_than_a_device_remembers() -> None:
+    core = fleet(4)
+    held = core.build("d0")
+    for port in range(DEVICE_VERSIONS):  # d0 missed as many maps as it remembers versions
+        core.set_public("d1", f"203.0.113.2:{5000 + port}")
+        core.publish()
+    assert core.build_delta("d0", held.version) is None
+    assert core.build_delta("d0", core.version("d0") - 1) is not None
 
 
 def test_full_map_when_the_journal_drops_names() -> None:
