@@ -12,8 +12,9 @@ Incremental maps (docs/api.md, "Incremental peer maps"): every publish records, 
 names whose entry changed (joined, left, new key, endpoint or LAN candidates) in a bounded
 journal. A device holding version B gets, instead of its whole map, the peers named since B
 (upserted or removed) and the small head: O(size of the change), not O(fleet). It gets the full
-map when B is older than its fleet's journal, unknown (another run's, or before it joined), or
-when its own public IP changed since B (then its LAN/WAN choice for every peer may flip).
+map when B is older than its fleet's journal, not one of its own last versions (another run's,
+another device's, from before it joined again, or too old), or when its own public IP changed
+since B (then its LAN/WAN choice for every peer may flip).
 
 Endpoint rule (docs/api.md, PeerEntry): when viewer and peer share a public IP (same NAT) and the
 peer has LAN candidates, the peer's LAN endpoints (`lan=True`); otherwise the peer's endpoint as
