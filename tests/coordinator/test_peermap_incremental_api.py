@@ -7,6 +7,7 @@ import ssl
 
 import trio
 
+from coordinator._openapi import openapi_document
 from mesh.control import PeerMap, PeerMapDelta, peermap_answer
 from mesh.meter import metered
 from ops.client import DeviceClient
@@ -39,6 +40,9 @@ async def test_a_device_that_asks_gets_only_the_changes(h: Harness) -> None:
         assert r.status_code == 200
         delta = peermap_answer(r.json())
         assert isinstance(delta, PeerMapDelta) and delta.base == held.version
+        # the answer has the documented shape (the API fuzzing cannot hold a map to ask with)
+        schema = openapi_document()["components"]["schemas"]["PeerMapDelta"]
+        assert set(schema["required"]) <= set(r.json()) <= set(schema["properties"])
         assert [p.name for p in delta.upsert] == ["d3"] and delta.remove == ()
         full = PeerMap.from_json((await a.client.get("/api/v1/device/peermap",
                                                      params={"wait": 0})).json())
