@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from mesh.control import ControlError, Enrollment, PeerMap, check_endpoint
+from mesh.control import MAX_PEERMAP_BYTES, ControlError, Enrollment, PeerMap, check_endpoint
 from mesh.release import (
     MAX_ROOT_DOCUMENT,
     RootError,
@@ -37,8 +37,8 @@ PEERMAP: Final = "peermap.json"
 ROOT: Final = "root.json"
 WAN_ACCOUNT: Final = "wan_bytes.json"
 FORMAT: Final = 1
-# A peer map is at most mesh.control.MAX_BODY_BYTES as JSON on the wire; the other files are
-# a few KB. Anything bigger is not ours.
+# The files other than the peer map are a few KB; the peer map is bounded as on the wire
+# (mesh.control.MAX_PEERMAP_BYTES). Anything bigger is not ours.
 MAX_FILE_BYTES: Final = 1024 * 1024
 
 
@@ -203,7 +203,7 @@ class DataDir:
         """The cached map, None if there is none; DataDirError if it is corrupt."""
         if not self.peermap_path.exists():
             return None
-        obj = self._read_json(self.peermap_path)
+        obj = self._read_json(self.peermap_path, MAX_PEERMAP_BYTES)
         try:
             return PeerMap.from_json(obj)
         except ValueError as exc:
@@ -233,16 +233,16 @@ class DataDir:
     # -- helpers -----------------------------------------------------------
 
     @staticmethod
-    def _read_json(path: Path) -> Any:
+    def _read_json(path: Path, limit: int = MAX_FILE_BYTES) -> Any:
         try:
             with open(path, "rb") as f:
-                raw = f.read(MAX_FILE_BYTES + 1)
+                raw = f.read(limit + 1)
         except FileNotFoundError:
             raise DataDirError(f"{path}: missing") from None
         except OSError as exc:
             raise DataDirError(f"cannot read {path}: {exc.strerror or exc}") from None
-        if len(raw) > MAX_FILE_BYTES:
-            raise DataDirError(f"{path}: corrupt (larger than {MAX_FILE_BYTES} bytes)")
+        if len(raw) > limit:
+            raise DataDirError(f"{path}: corrupt (larger than {limit} bytes)")
         try:
             return json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:

@@ -71,8 +71,10 @@ class DeviceApi(Protocol):
     no usable answer.
     """
 
+    # `held`: the map at `version`; the answer is then that map with the changes since applied
+    # (ops/client.py DeviceClient.peermap asks for a delta)
     async def peermap(self, version: int, wait: float, hold: float = 0.0,
-                      quiet: bool = False) -> PeerMap | None: ...
+                      quiet: bool = False, held: PeerMap | None = None) -> PeerMap | None: ...
 
     async def report(self, report: DeviceReport) -> None: ...
 
@@ -189,21 +191,23 @@ class CoordinatorLink:
     # -- the calls -----------------------------------------------------------------------------
 
     async def peermap(self, version: int, wait: int, direct_wait: int | None = None,
-                      hold: float = 0.0, quiet: bool = False) -> PeerMap | None:
+                      hold: float = 0.0, quiet: bool = False, held: PeerMap | None = None
+                      ) -> PeerMap | None:
         """Long poll: the peer map if its version differs from `version`, None if unchanged.
         It waits `wait` seconds through the hub tunnel and `direct_wait` (default: `wait`) on
         the join URL, whose TCP connection crosses the NAT with nothing sent while it waits.
         Through the tunnel the answer may come up to `hold` s late (our hub keepalive: a NAT
         that forgot our binding holds it until our next packet), and is waited for; `quiet`:
-        a keepalive trial (the coordinator counts us online through the wait)."""
+        a keepalive trial (the coordinator counts us online through the wait); `held`: the map
+        at `version`, to which only the changes since are fetched and applied."""
         tunnel = self.identity.enrollment.hub.api_url
 
         def attempt(url: str) -> tuple[Callable[[DeviceApi], Awaitable[PeerMap | None]], float]:
             if url == tunnel:
-                return ((lambda c: c.peermap(version, wait, hold, quiet)),
+                return ((lambda c: c.peermap(version, wait, hold, quiet, held=held)),
                         wait + POLL_SLACK + hold)
             w = wait if direct_wait is None else direct_wait
-            return (lambda c: c.peermap(version, w)), w + POLL_SLACK
+            return (lambda c: c.peermap(version, w, held=held)), w + POLL_SLACK
 
         return await self._call(attempt)
 

@@ -294,9 +294,11 @@ class WireGuardSync:
                     # deadline, and a held answer still comes on the same connection
                     self._poll = (scope, self.hub_up() and trial is None)
                     try:
+                        # the map we hold: only the changes since it come (a delta)
                         peermap = await link.peermap(version, wait, min(wait, DIRECT_POLL_WAIT),
                                                      hold=self.hub_keepalive(),
-                                                     quiet=trial is not None)
+                                                     quiet=trial is not None,
+                                                     held=self.peermap)
                     finally:
                         self._poll = None
                 answered_at = trio.current_time()

@@ -16,6 +16,7 @@ from mesh.control import (
     MAX_LOG_BODY,
     MAX_LOG_LINE,
     MAX_LOG_LINES,
+    MAX_MAP_PEERS,
     MAX_PEERS,
     MAX_WAN_BYTES,
     MAX_WAN_DAYS,
@@ -119,6 +120,21 @@ _SELECTOR = {"type": "string", "minLength": 1, "maxLength": MAX_SELECTOR_TEXT,
                             "(key= matches an absent or empty tag)"}
 
 
+# what a full peer map and a delta (PeerMapDelta) both carry whole
+_MAP_HEAD: dict[str, Any] = {
+    "version": {"type": "integer"}, "hub": _ref("HubInfo"),
+    "relay_ips": {"type": "array", "items": _STR},
+    "targets": {"type": "integer", "description": "revision of this device's release targets: "
+                                                  "read /device/target again when it changes"},
+    "punch": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0},
+              "description": "peers that asked for a direct path to this device, each with a "
+                             "stamp that grows with every request: punch to them again when "
+                             "it changes"},
+    "logs_wanted_until": {"type": "number",
+                          "description": "epoch seconds (coordinator clock): upload app logs "
+                                         "until then; 0: keep them on the device"}}
+
+
 def _body(schema: dict[str, Any]) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": schema}}}
 
@@ -157,21 +173,24 @@ SCHEMAS: dict[str, Any] = {
     "PeerEntry": _obj(["name", "public_key", "mesh_ipv4", "mesh_ipv6", "endpoints", "lan"],
                       name=_STR, public_key=_STR, mesh_ipv4=_STR, mesh_ipv6=_STR,
                       endpoints=_EPS, lan={"type": "boolean"}),
-    "PeerMap": _obj(["version", "hub", "peers", "relay_ips"], version={"type": "integer"},
-                    hub=_ref("HubInfo"), peers={"type": "array", "items": _ref("PeerEntry")},
-                    relay_ips={"type": "array", "items": _STR},
-                    targets={"type": "integer",
-                             "description": "revision of this device's release targets: "
-                                            "read /device/target again when it changes"},
-                    punch={"type": "object", "additionalProperties": {"type": "integer",
-                                                                       "minimum": 0},
-                           "description": "peers that asked for a direct path to this "
-                                          "device, each with a stamp that grows with every "
-                                          "request: punch to them again when it changes"},
-                    logs_wanted_until={"type": "number",
-                                       "description": "epoch seconds (coordinator clock): "
-                                                      "upload app logs until then; 0: keep "
-                                                      "them on the device"}),
+    "PeerMap": _obj(["version", "hub", "peers", "relay_ips"],
+                    peers={"type": "array", "items": _ref("PeerEntry"),
+                           "maxItems": MAX_MAP_PEERS}, **_MAP_HEAD),
+    "PeerMapDelta": {**_obj(["version", "base", "hub", "upsert", "remove", "relay_ips"],
+                            base={"type": "integer", "minimum": 0,
+                                  "description": "the version this delta applies to: the "
+                                                 "device's own map (else it asks for the full "
+                                                 "map with version=0)"},
+                            upsert={"type": "array", "items": _ref("PeerEntry"),
+                                    "maxItems": MAX_MAP_PEERS,
+                                    "description": "peers added or changed since base, whole"},
+                            remove={"type": "array", "items": _DEV, "maxItems": MAX_MAP_PEERS,
+                                    "description": "names gone since base (a name the map "
+                                                   "lacks: it came and went)"},
+                            **_MAP_HEAD),
+                     "description": "GET /device/peermap?delta=1: the changes from the map at "
+                                    "`base` to the map at `version` (docs/api.md, \"Incremental "
+                                    "peer maps\")"},
     "PeerPath": _obj(["public_key", "path"], public_key=_STR,
                      path={"enum": ["direct", "relay", "none"]}, endpoint=_STRN,
                      last_handshake=_NUMN),
@@ -408,8 +427,13 @@ def openapi_document() -> dict[str, Any]:
                 {"name": "quiet", "in": "query",
                  "description": "1: the device sends nothing to the hub during this wait (a "
                                 "keepalive trial); it counts as online until the wait ends",
+                 "schema": {"type": "integer", "enum": [0, 1], "default": 0}},
+                {"name": "delta", "in": "query",
+                 "description": "1: the device holds the map at `version`: answer with only "
+                                "the changes since (a PeerMapDelta) where the coordinator can "
+                                "tell them, else the full map; 0: always the full map",
                  "schema": {"type": "integer", "enum": [0, 1], "default": 0}}],
-            "responses": {"200": _json(_ref("PeerMap")),
+            "responses": {"200": _json({"oneOf": [_ref("PeerMap"), _ref("PeerMapDelta")]}),
                           "304": {"description": "unchanged after waiting"}, **_ERRORS}}},
         "/api/v1/device/state": {"post": {
             "summary": "report LAN candidates, version, per-peer paths, apps and misbehaving peers",

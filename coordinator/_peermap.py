@@ -8,6 +8,14 @@ after the first mark: every device touched by a burst gets the same new version 
 moment, so both sides of a pair learn each other's endpoint together (simultaneous open is what
 makes NAT hole punching work).
 
+Incremental maps (docs/api.md, "Incremental peer maps"): every publish records, per fleet, the
+names whose entry changed (joined, left, new key, endpoint or LAN candidates) in a bounded
+journal. A device holding version B gets, instead of its whole map, the peers named since B
+(upserted or removed) and the small head: O(size of the change), not O(fleet). It gets the full
+map when B is older than its fleet's journal, not one of its own last versions (another run's,
+another device's, from before it joined again, or too old), or when its own public IP changed
+since B (then its LAN/WAN choice for every peer may flip).
+
 Endpoint rule (docs/api.md, PeerEntry): when viewer and peer share a public IP (same NAT) and the
 peer has LAN candidates, the peer's LAN endpoints (`lan=True`); otherwise the peer's endpoint as
 the hub saw it; otherwise none (relay only).
@@ -15,12 +23,27 @@ the hub saw it; otherwise none (relay only).
 
 from __future__ import annotations
 
+import collections
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Final
 
-from mesh.control import HubInfo, PeerEntry, PeerMap
+from mesh.control import HubInfo, PeerEntry, PeerMap, PeerMapDelta
+
+# The journal of each fleet keeps the names changed by its last JOURNAL_PUBLISHES publishes,
+# and at most JOURNAL_NAMES names in all (oldest dropped first). Publishes come at most one per
+# batch window (200 ms), so 256 of them reach back at least ~50 s of continuous churn, and in a
+# quiet fleet much longer: an agent's long poll answers within a batch window of a change, so it
+# asks again from a version the journal still holds unless it was cut off for a while. A device
+# further behind gets its full map, which costs what every answer cost before deltas.
+JOURNAL_PUBLISHES: Final = 256
+JOURNAL_NAMES: Final = 16_384
+# The versions each device was last handed (its last DEVICE_VERSIONS publishes): a delta starts
+# only from one of them, so a version this coordinator never gave the device (another run's or
+# another replica's, a made-up one) gets the full map, never a delta that does not fit. A device
+# whose map changed more often than this while it was away gets its full map too.
+DEVICE_VERSIONS: Final = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +58,36 @@ class Member:
     public_ip: str | None = None  # the address part of that, or what else saw it (no hub)
 
 
+@dataclass(slots=True)
+class _Journal:
+    """One fleet's publishes that changed some peer entry, oldest first: (version, names).
+    Every change published after `floor` is in `entries`."""
+
+    floor: int
+    max_publishes: int
+    max_names: int
+    entries: collections.deque[tuple[int, frozenset[str]]] = field(
+        default_factory=collections.deque)
+    names: int = 0  # sum of the entries' sizes
+
+    def record(self, version: int, names: frozenset[str]) -> None:
+        self.entries.append((version, names))
+        self.names += len(names)
+        while len(self.entries) > self.max_publishes or self.names > self.max_names:
+            dropped, gone = self.entries.popleft()
+            self.names -= len(gone)
+            self.floor = dropped
+
+    def since(self, base: int) -> set[str]:
+        """Names changed by publishes after `base` (base >= floor)."""
+        out: set[str] = set()
+        for version, names in reversed(self.entries):
+            if version <= base:
+                break
+            out |= names
+        return out
+
+
 def endpoint_ip(endpoint: str) -> str:
     host = endpoint.rpartition(":")[0]
     return host[1:-1] if host.startswith("[") else host
@@ -45,8 +98,11 @@ class PeerMapCore:
     previous run handed out (the server passes epoch milliseconds), so a restarted coordinator
     never answers 304 to an agent holding a stale map whose number happens to match."""
 
-    def __init__(self, hub: HubInfo, first_version: int = 1) -> None:
+    def __init__(self, hub: HubInfo, first_version: int = 1, *,
+                 journal_publishes: int = JOURNAL_PUBLISHES,
+                 journal_names: int = JOURNAL_NAMES) -> None:
         self.hub = hub
+        self._journal_bounds = (journal_publishes, journal_names)
         self._members: dict[str, Member] = {}
         self._fleets: dict[str, set[str]] = {}
         self._by_ip: dict[tuple[str, str], set[str]] = {}  # (fleet, public ip) -> names
@@ -66,6 +122,13 @@ class PeerMapCore:
         # only then (docs/api.md, PeerMap)
         self._logs_wanted: dict[str, float] = {}
         self.marks = 0  # devices marked so far: the work counter the O(N) tests watch
+        # incremental maps: per fleet, the names whose entry changed, published (the journal)
+        # and not yet (pending); per device, the first version a delta may start from (a join
+        # or a new public IP of its own changes its view of every peer), None while pending
+        self._journal: dict[str, _Journal] = {}
+        self._changed: dict[str, set[str]] = {}
+        self._full_from: dict[str, int | None] = {}
+        self._handed: dict[str, collections.deque[int]] = {}  # name -> its last versions
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -137,7 +200,55 @@ class PeerMapCore:
         return (json.dumps(head)[:-1] + ', "peers": [' + ", ".join(parts) + '], "relay_ips": '
                 + json.dumps(list(self._relay_ips)) + "}").encode()
 
+    def _delta_names(self, name: str, base: int) -> set[str] | None:
+        """The names whose entry in `name`'s map may differ from its map at `base`, or None if
+        only the full map will do (base unknown, older than the journal, or before the device's
+        own view last changed)."""
+        viewer = self._members[name]
+        start = self._full_from.get(name)
+        journal = self._journal.get(viewer.fleet)
+        if start is None or base < start or base >= self.version(name) or journal is None \
+                or base < journal.floor or base not in self._handed.get(name, ()):
+            return None
+        names = journal.since(base) | self._changed.get(viewer.fleet, set())
+        names.discard(name)
+        # beyond about the whole fleet, the full map is as small
+        return names if len(names) < len(self._fleets[viewer.fleet]) else None
+
+    def build_delta(self, name: str, base: int) -> PeerMapDelta | None:
+        """What takes `name`'s map at version `base` to `build(name)`; None: send the full
+        map. O(size of the change)."""
+        names = self._delta_names(name, base)
+        if names is None:
+            return None
+        viewer = self._members[name]
+        upsert, remove = [], []
+        for n in sorted(names):
+            peer = self._members.get(n)
+            if peer is None or peer.fleet != viewer.fleet:
+                remove.append(n)
+            else:
+                upsert.append(self._entry(viewer, peer))
+        return PeerMapDelta(self.version(name), base, self.hub, tuple(upsert), tuple(remove),
+                            self._relay_ips, self._targets.get(name, 0),
+                            punch=tuple(sorted(self._punch.get(name, {}).items())),
+                            logs_wanted_until=self._logs_wanted.get(name, 0.0))
+
+    def render_delta(self, name: str, base: int) -> bytes | None:
+        """`build_delta(name, base).to_json()` as JSON bytes, or None (send `render(name)`)."""
+        delta = self.build_delta(name, base)
+        return None if delta is None else json.dumps(delta.to_json()).encode()
+
     # -- changes ---------------------------------------------------------------------------
+
+    def _entry_changed(self, member: Member) -> None:
+        """`member`'s entry changed (or it joined or left its fleet): the next deltas of its
+        fleet name it."""
+        self._changed.setdefault(member.fleet, set()).add(member.name)
+
+    def _view_changed(self, name: str) -> None:
+        """`name`'s view of every peer may have changed: its next map is a full one."""
+        self._full_from[name] = None
 
     def _mark(self, names: Iterable[str]) -> None:
         for n in names:
@@ -164,9 +275,14 @@ class PeerMapCore:
         if member.name in self._members:
             self.remove(member.name)
         self._members[member.name] = member
-        self._fleets.setdefault(member.fleet, set()).add(member.name)
+        if member.fleet not in self._fleets:
+            self._fleets[member.fleet] = set()
+            self._journal.setdefault(member.fleet, _Journal(self._seq, *self._journal_bounds))
+        self._fleets[member.fleet].add(member.name)
         self._index(member, True)
         self._published.setdefault(member.name, self._seq)
+        self._entry_changed(member)
+        self._view_changed(member.name)
         self._mark(self._fleets[member.fleet])
 
     def remove(self, name: str) -> None:
@@ -178,6 +294,12 @@ class PeerMapCore:
         fleet.discard(name)
         if not fleet:
             del self._fleets[member.fleet]
+            self._journal.pop(member.fleet, None)
+            self._changed.pop(member.fleet, None)
+        else:
+            self._entry_changed(member)
+        self._full_from.pop(name, None)
+        self._handed.pop(name, None)
         self._fragments.pop(name, None)
         self._pending.discard(name)
         self._published.pop(name, None)
@@ -202,8 +324,10 @@ class PeerMapCore:
         self._members[name] = new
         self._index(new, True)
         self._fragments.pop(name, None)
+        self._entry_changed(new)
         self._mark(self._fleet_except(new))
         if new_ip != old.public_ip:
+            self._view_changed(name)
             self._mark((name,))
         return True
 
@@ -215,6 +339,7 @@ class PeerMapCore:
         new = replace(old, lan_endpoints=lan_endpoints)
         self._members[name] = new
         self._fragments.pop(name, None)
+        self._entry_changed(new)
         if new.public_ip is not None:
             self._mark(n for n in self._by_ip.get((new.fleet, new.public_ip), ()) if n != name)
         return True
@@ -274,4 +399,11 @@ class PeerMapCore:
         done, self._pending = self._pending, set()
         for n in done:
             self._published[n] = self._seq
+            self._handed.setdefault(n, collections.deque(maxlen=DEVICE_VERSIONS)).append(
+                self._seq)
+            if self._full_from.get(n, 0) is None:
+                self._full_from[n] = self._seq
+        for fleet, names in self._changed.items():
+            self._journal[fleet].record(self._seq, frozenset(names))
+        self._changed = {}
         return done

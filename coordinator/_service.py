@@ -351,10 +351,12 @@ class FleetService:
                     event.set()
 
     async def wait_peermap(self, device: Device, version: int, wait: float,
-                           quiet: bool = False) -> bytes | None:
+                           quiet: bool = False, delta: bool = False) -> bytes | None:
         """The map as JSON if its version is not `version`, as soon as that is true within
         `wait` seconds; None (304) otherwise. Waits on an event, never polls. `quiet`: the
-        device sends nothing to the hub meanwhile (a keepalive trial): online until then."""
+        device sends nothing to the hub meanwhile (a keepalive trial): online until then.
+        `delta`: the device holds the map at `version` and takes the changes since (a
+        PeerMapDelta) where the core can tell them; else the full map."""
         core = self.core
         deadline = trio.current_time() + wait
         if quiet:
@@ -370,7 +372,8 @@ class FleetService:
                 since = self._fanout_marks.pop(device.name, None)
                 if waited and since is not None and self.fanout_observer is not None:
                     self.fanout_observer(time.monotonic() - since)
-                return core.render(device.name)
+                changes = core.render_delta(device.name, version) if delta else None
+                return changes if changes is not None else core.render(device.name)
             if trio.current_time() >= deadline:
                 return None
             event = self._waiters.setdefault(device.name, trio.Event())

@@ -24,10 +24,20 @@ from mesh.names import APP_NAME_RE, DEVICE_NAME_RE, MAX_APP_NAME
 from mesh.release import ManifestError, parse_platform
 from mesh.rollout import RolloutSpecError, Window
 
-MAX_BODY_BYTES: Final = 256 * 1024  # a peer map of ~1,000 peers; anything larger is refused
+# A request body (anything a device or an operator sends); answers name their own bounds
+MAX_BODY_BYTES: Final = 256 * 1024
 MAX_NAME_LEN: Final = 63  # a DNS label (RFC 1035), so device names can become host names
 MAX_ENDPOINTS: Final = 8  # LAN candidates per device: a few interfaces, v4 and v6
-MAX_PEERS: Final = 10_000
+MAX_PEERS: Final = 10_000  # a fleet's devices (the coordinator's quota), a report's peers
+# Peers an agent accepts in one peer map: twice the largest fleet, so a map is never what caps
+# a fleet. Its byte bound follows from it (MAX_PEERMAP_BYTES), not the other way round.
+MAX_MAP_PEERS: Final = 2 * MAX_PEERS
+# One peer's share of a map's JSON at its largest: an entry with a 63-character name and
+# MAX_ENDPOINTS IPv6 endpoints is < 800 bytes, its `punch` stamp < 100, and relay_ips
+# (MAX_PEERS networks) add < 50 bytes per map peer (tests/mesh/test_peermap_codec.py checks it).
+PEER_JSON_BYTES: Final = 1024
+# A whole peer map (or delta) as JSON: what the agent reads from the wire and its cache.
+MAX_PEERMAP_BYTES: Final = MAX_MAP_PEERS * PEER_JSON_BYTES + 64 * 1024
 MAX_TEXT_LEN: Final = 256
 PathKind = Literal["direct", "relay", "none"]
 PATH_KINDS: Final = ("direct", "relay", "none")
@@ -342,41 +352,127 @@ class PeerMap:
     logs_wanted_until: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "version": self.version, "hub": self.hub.to_json(),
-            "peers": [p.to_json() for p in self.peers], "relay_ips": list(self.relay_ips),
-            "targets": self.targets, "punch": dict(self.punch)}
-        if self.logs_wanted_until is not None:
-            out["logs_wanted_until"] = self.logs_wanted_until
-        return out
+        return _map_json(self, {"peers": [p.to_json() for p in self.peers]})
 
     @classmethod
     def from_json(cls, obj: Any) -> PeerMap:
         w = "peermap"
-        peers = _get(obj, "peers", list, w)
-        if len(peers) > MAX_PEERS:
-            raise ControlError(f"{w}.peers: more than {MAX_PEERS}")
-        relay = _get(obj, "relay_ips", list, w, optional=True) or []
-        if len(relay) > MAX_PEERS:
-            raise ControlError(f"{w}.relay_ips: more than {MAX_PEERS}")
-        for i, r in enumerate(relay):
-            try:
-                ipaddress.ip_network(r)
-            except (ValueError, TypeError):
-                raise ControlError(f"{w}.relay_ips[{i}]: not an IP network") from None
-        targets = _get(obj, "targets", int, w, optional=True) or 0
-        punch = _get(obj, "punch", dict, w, optional=True) or {}
-        if len(punch) > MAX_PEERS:
-            raise ControlError(f"{w}.punch: more than {MAX_PEERS}")
-        for name, stamp in punch.items():
-            check_name(name, f"{w}.punch")
-            if not isinstance(stamp, int) or isinstance(stamp, bool) or stamp < 0:
-                raise ControlError(f"{w}.punch.{name}: must be a non-negative integer")
-        logs_wanted_until = _time(obj, "logs_wanted_until", w, optional=True)
-        return cls(_get(obj, "version", int, w), HubInfo.from_json(_get(obj, "hub", dict, w)),
-                   tuple(PeerEntry.from_json(p, f"{w}.peers[{i}]") for i, p in enumerate(peers)),
-                   tuple(str(r) for r in relay), targets, punch=tuple(sorted(punch.items())),
-                   logs_wanted_until=logs_wanted_until)
+        version, hub, relay_ips, targets, punch, logs = _map_head(obj, w)
+        return cls(version, hub, _peer_entries(obj, "peers", w), relay_ips, targets,
+                   punch=punch, logs_wanted_until=logs)
+
+
+def _map_json(m: PeerMap | PeerMapDelta, body: dict[str, Any]) -> dict[str, Any]:
+    """A map's or a delta's JSON: its head around `body` (peers, or base/upsert/remove)."""
+    out: dict[str, Any] = {"version": m.version, "hub": m.hub.to_json(), **body,
+                           "relay_ips": list(m.relay_ips), "targets": m.targets,
+                           "punch": dict(m.punch)}
+    if m.logs_wanted_until is not None:
+        out["logs_wanted_until"] = m.logs_wanted_until
+    return out
+
+
+def _peer_entries(obj: Mapping[str, Any], key: str, w: str) -> tuple[PeerEntry, ...]:
+    peers = _get(obj, key, list, w)
+    if len(peers) > MAX_MAP_PEERS:
+        raise ControlError(f"{w}.{key}: more than {MAX_MAP_PEERS}")
+    return tuple(PeerEntry.from_json(p, f"{w}.{key}[{i}]") for i, p in enumerate(peers))
+
+
+_MapHead = tuple[int, HubInfo, tuple[str, ...], int, tuple[tuple[str, int], ...], float | None]
+
+
+def _map_head(obj: Mapping[str, Any], w: str) -> _MapHead:
+    """What a full map and a delta both carry whole: version, hub, relay_ips, targets, punch,
+    logs_wanted_until."""
+    relay = _get(obj, "relay_ips", list, w, optional=True) or []
+    if len(relay) > MAX_PEERS:
+        raise ControlError(f"{w}.relay_ips: more than {MAX_PEERS}")
+    for i, r in enumerate(relay):
+        try:
+            ipaddress.ip_network(r)
+        except (ValueError, TypeError):
+            raise ControlError(f"{w}.relay_ips[{i}]: not an IP network") from None
+    targets = _get(obj, "targets", int, w, optional=True) or 0
+    punch = _get(obj, "punch", dict, w, optional=True) or {}
+    if len(punch) > MAX_MAP_PEERS:
+        raise ControlError(f"{w}.punch: more than {MAX_MAP_PEERS}")
+    for name, stamp in punch.items():
+        check_name(name, f"{w}.punch")
+        if not isinstance(stamp, int) or isinstance(stamp, bool) or stamp < 0:
+            raise ControlError(f"{w}.punch.{name}: must be a non-negative integer")
+    logs_wanted_until = _time(obj, "logs_wanted_until", w, optional=True)
+    return (_get(obj, "version", int, w), HubInfo.from_json(_get(obj, "hub", dict, w)),
+            tuple(str(r) for r in relay), targets, tuple(sorted(punch.items())),
+            logs_wanted_until)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerMapDelta:
+    """The change from a device's map at version `base` to its map at `version` (docs/api.md,
+    "Incremental peer maps"): the peers added or changed since (`upsert`, whole entries), the
+    names gone (`remove`), and the head, which is small and always whole (hub, relay_ips,
+    targets, punch, logs_wanted_until). `apply` to the map at `base` gives the full map at
+    `version`, peers sorted by name as the coordinator sends them."""
+
+    version: int
+    base: int
+    hub: HubInfo
+    upsert: tuple[PeerEntry, ...] = ()
+    remove: tuple[str, ...] = ()
+    relay_ips: tuple[str, ...] = ()
+    targets: int = 0
+    punch: tuple[tuple[str, int], ...] = ()
+    logs_wanted_until: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return _map_json(self, {"base": self.base,
+                                "upsert": [p.to_json() for p in self.upsert],
+                                "remove": list(self.remove)})
+
+    @classmethod
+    def from_json(cls, obj: Any) -> PeerMapDelta:
+        w = "peermap"
+        version, hub, relay_ips, targets, punch, logs = _map_head(obj, w)
+        base = _get(obj, "base", int, w)
+        if base < 0 or base == version:
+            raise ControlError(f"{w}.base: must be a non-negative version other than "
+                               f"{w}.version")
+        upsert = _peer_entries(obj, "upsert", w)
+        remove = _get(obj, "remove", list, w)
+        if len(remove) > MAX_MAP_PEERS:
+            raise ControlError(f"{w}.remove: more than {MAX_MAP_PEERS}")
+        gone = tuple(check_name(n, f"{w}.remove[{i}]") for i, n in enumerate(remove))
+        names = [p.name for p in upsert]
+        if len(set(names)) != len(names) or len(set(gone)) != len(gone) \
+                or not set(names).isdisjoint(gone):
+            raise ControlError(f"{w}: a name is upserted or removed twice")
+        return cls(version, base, hub, upsert, gone, relay_ips, targets, punch, logs)
+
+    def apply(self, held: PeerMap) -> PeerMap:
+        """The full map at `version`, from `held`, the map at `base` (ControlError if it is
+        another version, or if the result would hold more than MAX_MAP_PEERS peers). A removal
+        of a name `held` lacks is no error: the peer came and went since `base`."""
+        if held.version != self.base:
+            raise ControlError(f"peermap.base: {self.base}, but the map held is "
+                               f"v{held.version}")
+        peers = {p.name: p for p in held.peers}
+        for name in self.remove:
+            peers.pop(name, None)
+        for p in self.upsert:
+            peers[p.name] = p
+        if len(peers) > MAX_MAP_PEERS:
+            raise ControlError(f"peermap.upsert: the map would hold more than {MAX_MAP_PEERS} "
+                               "peers")
+        return PeerMap(self.version, self.hub, tuple(peers[n] for n in sorted(peers)),
+                       self.relay_ips, self.targets, self.punch, self.logs_wanted_until)
+
+
+def peermap_answer(obj: Any) -> PeerMap | PeerMapDelta:
+    """A 200 of `GET /device/peermap`: a delta when it names a `base`, else a full map."""
+    if isinstance(obj, Mapping) and "base" in obj:
+        return PeerMapDelta.from_json(obj)
+    return PeerMap.from_json(obj)
 
 
 # --------------------------------------------------------------------------- device state

@@ -40,6 +40,7 @@ import httpx
 
 from mesh.control import (
     MAX_BODY_BYTES,
+    MAX_PEERMAP_BYTES,
     ControlError,
     DeviceReport,
     Enrollment,
@@ -49,9 +50,11 @@ from mesh.control import (
     LogLine,
     LogUpload,
     PeerMap,
+    PeerMapDelta,
     TokenParts,
     check_key,
     key_proof_mac,
+    peermap_answer,
     x25519_secret,
 )
 from mesh.meter import count_bytes
@@ -902,22 +905,42 @@ class DeviceClient:
         return _check(response, *ok)
 
     async def peermap(self, version: int = 0, wait: float = 25, hold: float = 0.0,
-                      quiet: bool = False) -> PeerMap | None:
+                      quiet: bool = False, held: PeerMap | None = None) -> PeerMap | None:
         """Long poll: the peer map if its version differs from `version`, None (304) if nothing
         changed within `wait` seconds (clamped to 0..MAX_WAIT, 1800). `hold`: how much longer
         the answer may take on its way (a NAT that lost our binding holds it until our next
         packet: agent/_keepalive.py measures that lateness instead of timing out); `quiet`:
-        we send nothing to the hub meanwhile (a keepalive trial), online all the same."""
+        we send nothing to the hub meanwhile (a keepalive trial), online all the same.
+        `held`: the map we hold at `version`: we then ask for only the changes since
+        (docs/api.md, "Incremental peer maps") and return `held` with them applied; a delta
+        from another base than `held` is never applied: the full map is asked for instead."""
         wait = max(0, min(MAX_WAIT, int(wait)))
         hold = max(0.0, min(float(MAX_WAIT), hold))
+        incremental = held is not None and held.version == version and version != 0
+        answer = await self._peermap(version, wait, hold, quiet, incremental)
+        if not isinstance(answer, PeerMapDelta):
+            return answer
+        if held is not None and answer.base == held.version:
+            try:
+                return answer.apply(held)
+            except ControlError as exc:
+                raise ProtocolError(str(exc)) from exc
+        full = await self._peermap(0, 0, hold, quiet, False)  # version 0 answers at once
+        if not isinstance(full, PeerMap):
+            raise ProtocolError("peermap: a delta where the full map was asked for")
+        return full
+
+    async def _peermap(self, version: int, wait: int, hold: float, quiet: bool, delta: bool
+                       ) -> PeerMap | PeerMapDelta | None:
         timeout = httpx.Timeout(self._timeout, read=wait + LONG_POLL_SLACK + hold)
-        params = {"version": version, "wait": wait, **({"quiet": 1} if quiet else {})}
+        params = {"version": version, "wait": wait, **({"quiet": 1} if quiet else {}),
+                  **({"delta": 1} if delta else {})}
         response = await self._request("GET", "/device/peermap", 200, 304, params=params,
-                                       timeout=timeout)
+                                       timeout=timeout, limit=MAX_PEERMAP_BYTES)
         if response.status_code == 304:
             return None
         try:
-            return PeerMap.from_json(_json(response))
+            return peermap_answer(_json(response))
         except ControlError as exc:
             raise ProtocolError(str(exc)) from exc
 

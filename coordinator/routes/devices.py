@@ -62,8 +62,12 @@ async def peermap(request: Request, service: FleetService, dev: Device) -> Respo
     # quiet=1: the device keeps silent toward the hub for this wait (a keepalive trial,
     # agent/_keepalive.py): it counts as online meanwhile
     quiet = query_int(request, "quiet", 0, 0, 1) == 1
+    # delta=1: the device holds the map at `version` and takes only the changes since
+    # (docs/api.md, "Incremental peer maps"); without it, always the full map
+    delta = query_int(request, "delta", 0, 0, 1) == 1
     assert version is not None
-    body = await unless_gone(request, lambda: service.wait_peermap(dev, version, wait, quiet))
+    body = await unless_gone(request,
+                             lambda: service.wait_peermap(dev, version, wait, quiet, delta))
     if body is None:
         return Response(status_code=304)
     return Response(body, media_type="application/json")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from mesh.control import MAX_BODY_BYTES
+from mesh.control import MAX_BODY_BYTES, MAX_PEERMAP_BYTES
 from mesh.tlspin import fingerprint
 from ops.client import (
     MAX_BLOB_ANSWER,
@@ -109,7 +109,7 @@ def test_a_declared_oversized_answer_is_refused_before_reading(tmp_path: Path) -
     assert sent.bytes <= SLACK, sent.bytes
 
 
-def test_device_sdk_stops_reading_endless_blobs_manifests_and_enrollments(
+def test_device_sdk_stops_reading_endless_blobs_manifests_maps_and_enrollments(
         tmp_path: Path) -> None:
     cert = make_cert(tmp_path, "c")
 
@@ -121,12 +121,16 @@ def test_device_sdk_stops_reading_endless_blobs_manifests_and_enrollments(
         async with DeviceClient(f"https://127.0.0.1:{port}", "cred", cert.der) as dev:
             await dev.manifest("cams", "web", 1)
 
+    async def peermap(port: int) -> None:
+        async with DeviceClient(f"https://127.0.0.1:{port}", "cred", cert.der) as dev:
+            await dev.peermap(0, 0)
+
     async def join(port: int) -> None:
         token = f"fm1.{fingerprint(cert.der)}.{'s' * 32}"
         await enroll(f"https://127.0.0.1:{port}", token, "A" * 43 + "=", name="cam-1")
 
     for call, limit in ((blob, MAX_BLOB_ANSWER), (manifest, MAX_MANIFEST_ANSWER),
-                        (join, MAX_BODY_BYTES)):
+                        (peermap, MAX_PEERMAP_BYTES), (join, MAX_BODY_BYTES)):
         with endless_server(cert) as (port, sent):
             with pytest.raises(ProtocolError):
                 trio.run(call, port)

@@ -192,6 +192,7 @@ class FakeCoordinator:
         self.silent_urls: set[str] = set()
         self.polls: list[tuple[str, int]] = []
         self.poll_waits: list[tuple[str, float]] = []  # (url, wait) of each long poll
+        self.held: list[PeerMap | None] = []  # the map each long poll said it holds
         self.reports: list[tuple[str, DeviceReport]] = []
         self.punches: list[str] = []  # peers this device asked to punch to it
         self.clients: list[FakeClient] = []
@@ -224,8 +225,9 @@ class FakeClient:
             raise FakeApiError(401, "unknown device credential")
 
     async def peermap(self, version: int, wait: float, hold: float = 0.0,
-                      quiet: bool = False) -> PeerMap | None:
+                      quiet: bool = False, held: PeerMap | None = None) -> PeerMap | None:
         self.coord.polls.append((self.url, version))
+        self.coord.held.append(held)
         self.coord.poll_waits.append((self.url, wait))
         await self._gate()
         c = self.coord

@@ -129,9 +129,9 @@ class MeteredClient(FakeClient):
         count_bytes(1000)
 
     async def peermap(self, version: int, wait: float, hold: float = 0.0,
-                      quiet: bool = False) -> PeerMap | None:
+                      quiet: bool = False, held: PeerMap | None = None) -> PeerMap | None:
         try:
-            return await super().peermap(version, wait, hold, quiet)
+            return await super().peermap(version, wait, hold, quiet, held)
         finally:
             count_bytes(700)
 

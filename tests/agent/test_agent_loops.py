@@ -206,6 +206,28 @@ async def test_new_map_version_is_applied_at_once(enrolled: DataDir,
             assert rig.logged("peer home-1: removed from the peer map")
 
 
+async def test_each_poll_names_the_map_held_so_only_changes_come(
+        enrolled: DataDir, autojump_clock: trio.abc.Clock) -> None:
+    """The agent's long poll carries the map it holds (the SDK then asks for a delta on it,
+    docs/api.md "Incremental peer maps"): none at first contact, then always the newest, also
+    the one cached across a restart."""
+    first, second = peermap(1, peer(1, A)), peermap(2, peer(2, B))
+    coord = FakeCoordinator(first)
+    with trio.fail_after(60):
+        async with running(enrolled, coord, reachable=(A, B)):
+            await trio.sleep(3)
+            coord.publish(second)
+            await trio.sleep(2)
+    assert coord.held[0] is None
+    assert [v for _, v in coord.polls] == [m.version if m else 0 for m in coord.held]
+    assert coord.held[1] == first and coord.held[-1] == second
+    coord = FakeCoordinator(second)
+    with trio.fail_after(60):
+        async with running(enrolled, coord, reachable=(A, B)):
+            await trio.sleep(1)
+    assert coord.held[0] == second  # from the data directory's cache
+
+
 async def test_coordinator_down_keeps_the_cached_mesh(enrolled: DataDir,
                                                       autojump_clock: trio.abc.Clock) -> None:
     enrolled.write_peermap(peermap(4, peer(1, A), relay_ips=("10.250.9.0/24",)))

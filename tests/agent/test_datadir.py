@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from agent import DataDir, DataDirError, Identity
+from mesh.control import MAX_PEERMAP_BYTES
 
 from .conftest import URL
 from .fakes import enrollment, peer, peermap
@@ -64,9 +66,10 @@ def test_corrupt_key_and_peermap_are_one_line(enrolled: DataDir) -> None:
     enrolled.peermap_path.write_text(json.dumps({"version": "x"}))
     with pytest.raises(DataDirError, match=r"peermap.json: corrupt \(peermap"):
         enrolled.read_peermap()
-    enrolled.peermap_path.write_bytes(b"x" * (1024 * 1024 + 1))
+    # the small files stay bounded at 1 MiB (the peer map's own bound: the test below)
+    enrolled.enrollment_path.write_bytes(b"x" * (1024 * 1024 + 1))
     with pytest.raises(DataDirError, match="larger than"):
-        enrolled.read_peermap()
+        enrolled.read_identity()
 
 
 def test_missing_files(tmp_path: Path) -> None:
@@ -76,3 +79,19 @@ def test_missing_files(tmp_path: Path) -> None:
         data.read_identity()
     with pytest.raises(DataDirError, match="missing"):
         data.read_key()
+
+
+def test_a_10000_peer_map_is_cached_and_a_larger_file_is_not_ours(enrolled: DataDir) -> None:
+    """The cache is bounded like the wire (mesh.control.MAX_PEERMAP_BYTES), not like the
+    data directory's small files: a full 10,000-device fleet's map (~2 MB) comes back."""
+    base = peer(1, "203.0.113.7:51820")
+    peers = tuple(replace(base, name=f"device-{i:05d}", mesh_ipv4=f"10.250.{i // 250}."
+                          f"{i % 250 + 2}", mesh_ipv6=f"fd7a:f1ee:7000::{i + 2:x}")
+                  for i in range(10_000))
+    pm = peermap(5, *peers)
+    enrolled.write_peermap(pm)
+    assert enrolled.peermap_path.stat().st_size > 1024 * 1024
+    assert enrolled.read_peermap() == pm
+    enrolled.peermap_path.write_bytes(b" " * (MAX_PEERMAP_BYTES + 1))
+    with pytest.raises(DataDirError, match="larger than"):
+        enrolled.read_peermap()

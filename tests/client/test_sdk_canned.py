@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import trio
 
-from mesh.control import DeviceReport
+from mesh.control import DeviceReport, HubInfo, PeerEntry, PeerMap, PeerMapDelta
 from mesh.meter import metered
 from mesh.release import MAX_ROOT_CHAIN, signed_root_to_json
 from mesh.tlspin import PinError, fingerprint
@@ -30,6 +30,7 @@ from ops.client import (
     ProtocolError,
 )
 from tests.rootkit import ROOT_KEYS, root
+from vpn import generate_keypair
 
 from ._tls import make_cert, tls_server
 
@@ -274,3 +275,29 @@ async def test_a_device_call_counts_the_bytes_it_moved_into_the_open_meter(tmp_p
                     await d.report(DeviceReport(agent_version="1.0"))
                 await d.report(DeviceReport())  # no meter open: counted nowhere
     assert counted == [len(received[0]) + len(reply)]
+
+
+async def test_a_delta_from_another_base_is_not_applied_the_full_map_is_asked(
+        tmp_path: Path) -> None:
+    """The SDK applies a delta only to the map it holds (its `base`); one from any other base
+    (a confused proxy or server) is dropped and the full map fetched with version=0."""
+    hub = HubInfo(generate_keypair().public, "198.51.100.1:51820", "10.250.0.1",
+                  "fd7a:f1ee:7000::1", "https://10.250.0.1:8443")
+    entry = PeerEntry("cam-2", generate_keypair().public, "10.250.0.3", "fd7a:f1ee:7000::3")
+    held = PeerMap(7, hub, ())
+    full = PeerMap(9, hub, (entry,))
+    wrong = PeerMapDelta(9, 8, hub, (entry,))
+    asked: list[str] = []
+
+    def handler(tls: Any, stop: threading.Event) -> None:
+        line = tls.recv(65536).split(b"\r\n", 1)[0].decode()
+        asked.append(line)
+        tls.sendall(jhttp("200 OK", (wrong if "delta=1" in line else full).to_json()))
+
+    cert = make_cert(tmp_path, "c")
+    with tls_server(cert, handler=handler) as port:
+        with trio.fail_after(10):
+            async with DeviceClient(f"https://127.0.0.1:{port}", "fmd_x", cert.der) as d:
+                assert await d.peermap(7, 1, held=held) == full
+    assert "version=7" in asked[0] and "delta=1" in asked[0]
+    assert "version=0" in asked[1] and "delta" not in asked[1]
