@@ -139,6 +139,11 @@ VALUES = ("a", "b", "")
 PORT_TEXTS = ("any", "tcp", "udp/53", "tcp/1-100", "tcp/50-200", "icmp", "udp/1-65535")
 
 
+def _matches(rule: Rule, src: FleetDevice, dst: FleetDevice) -> bool:
+    return (rule.src is None or rule.src.matches(src.tags)) and \
+        (rule.dst is None or rule.dst.matches(dst.tags))
+
+
 def _naive(policy: Policy, devices: list[FleetDevice]
            ) -> tuple[dict[str, dict[str, Ports]], dict[str, dict[str, Ports]]]:
     """Every ordered pair against every rule: O(N^2 x rules)."""
@@ -151,10 +156,6 @@ def _naive(policy: Policy, devices: list[FleetDevice]
         old = inward[b.name].get(a.name)
         inward[b.name][a.name] = ports if old is None else old | ports
 
-    def matches(rule: Rule, src: FleetDevice, dst: FleetDevice) -> bool:
-        return (rule.src is None or rule.src.matches(src.tags)) and \
-            (rule.dst is None or rule.dst.matches(dst.tags))
-
     for a in devices:
         for b in devices:
             if a.name == b.name:
@@ -162,9 +163,17 @@ def _naive(policy: Policy, devices: list[FleetDevice]
             if a.lan is not None and a.lan == b.lan:
                 grant(a, b, ANY)
             for rule in policy.rules:
-                if matches(rule, a, b) or (rule.both and matches(rule, b, a)):
+                if _matches(rule, a, b) or (rule.both and _matches(rule, b, a)):
                     grant(a, b, rule.ports)
     return reach, inward
+
+
+def _why(policy: Policy, a: FleetDevice, b: FleetDevice) -> list[str]:
+    """Why `a` may reach `b`: each allowing rule in file order, then the LAN default."""
+    out = [r.reason() for r in policy.rules
+           if _matches(r, a, b) or (r.both and _matches(r, b, a))]
+    return out + (["default: LAN neighbour (same public address)"]
+                  if a.lan is not None and a.lan == b.lan else [])
 
 
 def _selector_text(conditions: dict[str, str]) -> str:
@@ -188,7 +197,11 @@ def test_compiled_equals_naive(rule_list: list[Any], fleet: list[Any]) -> None:
     devices = [FleetDevice(f"d{i}", tags, lan) for i, (tags, lan) in enumerate(fleet)]
     compiled = compile_policy(policy, devices)
     reach, inward = _naive(policy, devices)
+    by_name = {d.name: d for d in devices}
     for d in devices:
+        assert compiled.explain(d.name)["reach"] == [
+            {"peer": peer, "ports": str(ports), "why": _why(policy, d, by_name[peer])}
+            for peer, ports in sorted(reach[d.name].items())]
         assert compiled.reach(d.name) == reach[d.name]
         assert compiled.reached_by(d.name) == inward[d.name]
         assert compiled.peers(d.name) == set(reach[d.name]) | set(inward[d.name])
