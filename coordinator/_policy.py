@@ -13,7 +13,7 @@ from typing import Any
 from mesh.control import ControlError
 from mesh.policy import FleetDevice, Policy, PolicyError, compile_policy, parse_policy
 
-from ._model import DeviceState, FleetPolicy, NotFound
+from ._model import FleetPolicy, NotFound
 from ._store import Store
 
 
@@ -56,8 +56,8 @@ class PolicyService:
         CompiledPolicy.explain), under the fleet's stored policy and its active devices."""
         stored = self._store.get_policy(fleet)
         policy = parse_policy("" if stored is None else stored.policy)
-        devices = [FleetDevice(d.name, d.tags, self._site_of(d.name))
-                   for d in self._store.list_devices(fleet) if d.state is DeviceState.ACTIVE]
+        devices = [FleetDevice(name, tags, self._site_of(name))
+                   for name, tags in self._store.active_tags(fleet)]
         compiled = compile_policy(policy, devices)
         if device not in compiled:
             raise NotFound(f"no active device {device!r} in fleet {fleet}")

@@ -999,6 +999,11 @@ class SqlStore(abc.ABC):
                             "RETURNING version", (fleet, policy, now)).fetchone()
             return FleetPolicy(fleet, policy, row[0], now)
 
+    def active_tags(self, fleet: str) -> list[tuple[str, dict[str, str]]]:
+        rows = self._query("SELECT name, tags FROM devices WHERE fleet = ? AND state = 'active' "
+                           "ORDER BY name", (fleet,))
+        return [(r[0], _json_column(r[1], _tags) or {}) for r in rows]
+
     def get_policy(self, fleet: str) -> FleetPolicy | None:
         rows = self._query("SELECT fleet, policy, version, updated_at FROM fleet_policies "
                            "WHERE fleet = ?", (fleet,))

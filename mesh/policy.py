@@ -253,6 +253,7 @@ class _Edge:
     rule: Rule
     src_groups: tuple[int, ...]
     dst_groups: tuple[int, ...]
+    reason: str  # rule.reason(), written once
 
 
 class CompiledPolicy:
@@ -287,7 +288,9 @@ class CompiledPolicy:
             dst = tuple(g for g, v in enumerate(views) if rule.dst is None or rule.dst.matches(v))
             if not src or not dst:
                 continue
-            edges = [_Edge(rule, src, dst)] + ([_Edge(rule, dst, src)] if rule.both else [])
+            why = rule.reason()
+            edges = [_Edge(rule, src, dst, why)] + ([_Edge(rule, dst, src, why)]
+                                                    if rule.both else [])
             for edge in edges:
                 for g in edge.src_groups:
                     self._out[g].append(edge)
@@ -308,10 +311,11 @@ class CompiledPolicy:
     def _grants(self, name: str, outward: bool) -> Iterator[tuple[str, Ports, str]]:
         g = self._group[name]
         for edge in (self._out if outward else self._in)[g]:
+            ports, why = edge.rule.ports, edge.reason
             for other in (edge.dst_groups if outward else edge.src_groups):
                 for peer in self._members[other]:
                     if peer != name:
-                        yield peer, edge.rule.ports, edge.rule.reason()
+                        yield peer, ports, why
         lan = self._lan.get(name)
         if lan is not None:
             for peer in self._lan_members[lan]:

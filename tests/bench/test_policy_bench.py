@@ -24,6 +24,13 @@ def test_prints_one_line_per_size_then_the_growth(capsys: pytest.CaptureFixture[
     assert lines[3].startswith("goal: < 100 ms at 10,000 devices; 200 devices: ")
 
 
+def test_store_adds_the_api_view_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--sizes", "30", "--repeat", "1", "--store"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r" +API view \(policy/compiled\?device=, SQLite\): median +[0-9.]+ ms, "
+                        r"of it the store read +[0-9.]+ ms", lines[1])
+
+
 @pytest.mark.parametrize("argv", [["--sizes", "ten"], ["--sizes", "0"], ["--repeat", "0"]])
 def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2

@@ -650,3 +650,14 @@ def test_fleet_policy_versions_and_survives_a_reopen(database: Database) -> None
     assert again.get_policy("f") == second
     assert again.get_policy("g") is not None and again.get_policy("h") is None
     again.close()
+
+
+def test_active_tags_are_the_live_devices_of_the_fleet(store: SqlStore) -> None:
+    """What the policy compiler reads: (name, tags) of active devices only, by name."""
+    for name in ("b", "a", "gone"):
+        enroll(store, token(store), name=name)
+    enroll(store, token(store, fleet="other"), name="elsewhere")
+    store.update_tags("b", {"role": "cam"}, (), 32)
+    store.revoke("gone", NOW)
+    assert store.active_tags("f") == [("a", {}), ("b", {"role": "cam"})]
+    assert store.active_tags("nobody") == []
