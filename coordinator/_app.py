@@ -17,7 +17,7 @@ from ._metrics import ApiMetrics, MetricsMiddleware
 from ._openapi import openapi_document
 from ._service import FleetService
 from ._sessions import SessionTable
-from .routes import dashboard, devices, logs, metrics, operators, releases, tokens
+from .routes import dashboard, devices, logs, metrics, operators, policy, releases, tokens
 
 
 async def openapi(request: Request) -> Response:
@@ -27,6 +27,7 @@ async def openapi(request: Request) -> Response:
 def app_routes() -> list[BaseRoute]:
     """Every route the app serves (the OpenAPI document must name each one: tests/fuzz)."""
     return [*devices.ROUTES, *tokens.ROUTES, *operators.ROUTES, *releases.ROUTES, *logs.ROUTES,
+            *policy.ROUTES,
             Route("/openapi.json", openapi, methods=["GET"]), *metrics.ROUTES, *dashboard.ROUTES]
 
 

@@ -419,3 +419,14 @@ class RolloutRecord:
     spec: dict[str, Any] | None = None
     data: dict[str, Any] | None = None
     rollback_pin: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FleetPolicy:
+    """A fleet's reachability policy as stored: the operator's text (valid mesh.policy when it
+    was stored), its version (1 for the first, one more per change) and when it was set."""
+
+    fleet: str
+    policy: str
+    version: int
+    updated_at: float

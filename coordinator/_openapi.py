@@ -25,6 +25,7 @@ from mesh.control import (
     WAN_PURPOSES,
 )
 from mesh.names import APP_NAME_RE, DEVICE_NAME_RE, MAX_APP_NAME
+from mesh.policy import MAX_POLICY_BYTES
 from mesh.release import MAX_ROOT_CHAIN, MAX_ROOT_KEYS
 from mesh.rollout import (
     MAX_MIN_DEVICES,
@@ -144,6 +145,20 @@ def _obj(required: list[str], **props: Any) -> dict[str, Any]:
 
 
 SCHEMAS: dict[str, Any] = {
+    # a fleet's reachability policy (docs/policy.md, mesh.policy)
+    "Policy": _obj(
+        ["fleet", "version", "updated_at", "policy", "rules", "default"], fleet=_STR,
+        version=_UINT, updated_at=_NUMN, policy=_STR,
+        rules={"type": "array", "items": _obj(
+            ["line", "src", "dst", "both", "ports", "text"], line=_INT, src=_STR, dst=_STR,
+            both={"type": "boolean"}, ports=_STR, text=_STR)},
+        default={"type": "array", "items": _STR}),
+    "PolicyCompiled": _obj(
+        ["fleet", "version", "device", "operators", "hubs", "reach", "reached_by"],
+        fleet=_STR, version=_UINT, device=_STR, operators=_STR, hubs=_STR,
+        **{k: {"type": "array", "items": _obj(["peer", "ports", "why"], peer=_STR, ports=_STR,
+                                               why={"type": "array", "items": _STR})}
+           for k in ("reach", "reached_by")}),
     # mesh.release's root document: the msgpack body and Ed25519 signatures in base64
     "SignedRoot": {**_obj(["format", "body", "signatures"],
                           format={"const": "fleetmesh-signed-root-v1"},
@@ -543,6 +558,23 @@ def openapi_document() -> dict[str, Any]:
                 version={"type": "integer", "minimum": 1, "maximum": MAX_INT}, device=_DEVN,
                 pin={"type": ["string", "null"], "maxLength": MAX_PIN_HEX})),
             "responses": {"200": _json(_ref("Target")), **_ERRORS}}},
+        "/api/v1/fleets/{fleet}/policy": {
+            "put": {"summary": "set the fleet's reachability policy (docs/policy.md): the file "
+                               "as text; 400 names the line that is wrong",
+                    "security": _OPERATOR, "parameters": [_FLEET],
+                    "requestBody": {"required": True, "content": {"text/plain": {"schema": {
+                        "type": "string", "maxLength": MAX_POLICY_BYTES}}}},
+                    "responses": {"200": _json(_ref("Policy")), **_ERRORS}},
+            "get": {"summary": "the fleet's reachability policy (version 0: none, the default)",
+                    "security": _OPERATOR, "parameters": [_FLEET],
+                    "responses": {"200": _json(_ref("Policy")), **_ERRORS}}},
+        "/api/v1/fleets/{fleet}/policy/compiled": {"get": {
+            "summary": "what one active device may reach and what may reach it under the "
+                       "fleet's policy, each peer with its ports and the rules that allow them",
+            "security": _OPERATOR,
+            "parameters": [_FLEET, {"name": "device", "in": "query", "required": True,
+                                    "schema": _DEV}],
+            "responses": {"200": _json(_ref("PolicyCompiled")), **_ERRORS}}},
         "/api/v1/fleets/{fleet}/timestamp-key": {"get": {
             "summary": "the coordinator's online timestamp public key (hex), to grant",
             "security": _OPERATOR, "parameters": [_FLEET],

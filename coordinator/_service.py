@@ -58,6 +58,7 @@ from ._model import (
     device_info,
 )
 from ._peermap import Member, PeerMapCore, endpoint_ip
+from ._policy import PolicyService
 from ._releases import ReleaseRegistry, lock_stale
 from ._rollouts import RolloutService
 from ._store import Store
@@ -258,6 +259,7 @@ class FleetService:
         self.store = store
         self.releases = ReleaseRegistry(store, blobs, settings.clock, self.targets_changed)
         self.rollouts = RolloutService(store, self.releases, self._site_of)
+        self.policy = PolicyService(store, settings.clock, self._site_of)
         # the process's hub, brought up to date after a change of members (None: no hub)
         self._sync_hub = sync_hub
         self.core = PeerMapCore(identity.hub, first_version=int(settings.clock() * 1000))

@@ -39,6 +39,7 @@ from ._model import (
     DeviceState,
     EnrollmentToken,
     EnrollParams,
+    FleetPolicy,
     FleetReleaseKey,
     FleetTarget,
     LogPage,
@@ -233,6 +234,16 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     # 12: each device's platform, os/arch[/variant], as its enrollment or last report said
     # (docs/releases.md, "Several platforms"); NULL: an old agent that does not say
     "ALTER TABLE devices ADD COLUMN platform TEXT;",
+    # 13: each fleet's reachability policy (issue 18 item 6, docs/policy.md): the operator's
+    # file as sent (comments kept; mesh.policy parsed it before it was stored), `version`
+    # counting its changes from 1.
+    """
+    CREATE TABLE fleet_policies (
+        fleet TEXT PRIMARY KEY REFERENCES fleets(name),
+        policy TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        updated_at REAL NOT NULL);
+    """,
 )
 
 T = TypeVar("T")
@@ -976,3 +987,24 @@ class SqlStore(abc.ABC):
         rows = self._query(f"SELECT {_ROLLOUT_COLS} FROM rollouts{clause} ORDER BY "
                            "created_at DESC, fleet, app, version DESC", args)
         return [_rollout(r) for r in rows]
+
+    # -- reachability policy (issue 18 item 6) -----------------------------------------------
+
+    def set_policy(self, fleet: str, policy: str, now: float) -> FleetPolicy:
+        with self._tx() as c:
+            self._ensure_fleet(c, fleet, now)
+            row = c.execute("INSERT INTO fleet_policies VALUES (?, ?, 1, ?) ON CONFLICT(fleet) "
+                            "DO UPDATE SET policy = excluded.policy, updated_at = "
+                            "excluded.updated_at, version = fleet_policies.version + 1 "
+                            "RETURNING version", (fleet, policy, now)).fetchone()
+            return FleetPolicy(fleet, policy, row[0], now)
+
+    def active_tags(self, fleet: str) -> list[tuple[str, dict[str, str]]]:
+        rows = self._query("SELECT name, tags FROM devices WHERE fleet = ? AND state = 'active' "
+                           "ORDER BY name", (fleet,))
+        return [(r[0], _json_column(r[1], _tags) or {}) for r in rows]
+
+    def get_policy(self, fleet: str) -> FleetPolicy | None:
+        rows = self._query("SELECT fleet, policy, version, updated_at FROM fleet_policies "
+                           "WHERE fleet = ?", (fleet,))
+        return FleetPolicy(*rows[0]) if rows else None

@@ -117,13 +117,19 @@ def load_signing_key(path: Path | None) -> SigningKey:
         raise CliError(str(exc)) from None
 
 
-def read_root_file(path: Path) -> SignedRoot:
-    """A `fleetmesh root` file, decoded (mesh.release's codec); CliError (exit 2) otherwise."""
+def read_limited(path: Path, limit: int) -> bytes:
+    """The file's first `limit` + 1 bytes (more than `limit`: too large for the caller's
+    parser, which says so); CliError (exit 2) if it cannot be read."""
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_ROOT_DOCUMENT + 1)
+            return f.read(limit + 1)
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def read_root_file(path: Path) -> SignedRoot:
+    """A `fleetmesh root` file, decoded (mesh.release's codec); CliError (exit 2) otherwise."""
+    data = read_limited(path, MAX_ROOT_DOCUMENT)
     try:
         return decode_signed_root(data)
     except RootError as exc:

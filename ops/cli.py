@@ -13,6 +13,7 @@ from mesh.clikit import package_version, run
 from ops import (
     _cli_keys,
     _cli_ops,
+    _cli_policy,
     _cli_push,
     _cli_release,
     _cli_rollout,
@@ -21,7 +22,7 @@ from ops import (
 )
 
 _GROUPS = (_cli_keys.register, _cli_release.register, _cli_push.register, _cli_rollout.register,
-           _cli_root.register, _cli_ops.register, _cli_server.register)
+           _cli_root.register, _cli_ops.register, _cli_policy.register, _cli_server.register)
 
 
 def build_parser() -> argparse.ArgumentParser:

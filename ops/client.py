@@ -726,6 +726,25 @@ class OperatorClient:
                              params={"since": since}, limit=MAX_ROOT_ANSWER)
         return _roots_from(body, fleet)
 
+    def set_policy(self, fleet: str, policy: str) -> dict[str, Any]:
+        """Set the fleet's reachability policy (the file's text, docs/policy.md) → the API's
+        `Policy`; 400 names the line that does not parse."""
+        return self._obj(self._request("PUT", f"/fleets/{_path_name(fleet)}/policy", 200,
+                                       content=policy.encode(),
+                                       headers={"Content-Type": "text/plain; charset=utf-8"}),
+                         "policy")
+
+    def policy(self, fleet: str) -> dict[str, Any]:
+        """The fleet's reachability policy → `Policy` (`version` 0: none, the default)."""
+        return self._obj(self._request("GET", f"/fleets/{_path_name(fleet)}/policy", 200),
+                         "policy")
+
+    def compiled_policy(self, fleet: str, device: str) -> dict[str, Any]:
+        """What `device` may reach and what may reach it, with the rules that allow each peer
+        (docs/api.md, "Reachability policy")."""
+        return self._obj(self._request("GET", f"/fleets/{_path_name(fleet)}/policy/compiled",
+                                       200, params={"device": device}), "compiled policy")
+
     def timestamp_key(self, fleet: str) -> str:
         """The coordinator's online timestamp public key (hex), for the operator to grant."""
         out = self._obj(self._request("GET", f"/fleets/{_path_name(fleet)}/timestamp-key", 200),

@@ -33,6 +33,17 @@ class RunningCoordinator:
     def fingerprint(self) -> str:
         return fingerprint(self.der)
 
+    def cli(self, home: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+        """`fleetmesh ARGV` as the operator whose home is `home` runs it against us."""
+        return subprocess.run([FLEETMESH, *argv], capture_output=True, text=True, timeout=60,
+                              env=self.operator_env(home), check=False)
+
+    def cli_ok(self, home: Path, *argv: str) -> str:
+        """`cli`'s output, once it exited 0."""
+        result = self.cli(home, *argv)
+        assert result.returncode == 0, (argv, result.stderr)
+        return result.stdout
+
     def operator_env(self, home: Path) -> dict[str, str]:
         """This process's environment with the operator configured for this coordinator."""
         env = {k: v for k, v in os.environ.items()

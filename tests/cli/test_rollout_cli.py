@@ -25,7 +25,7 @@ from mesh.release import decode_signed_pin, read_signing_key, verify_pin, write_
 from ops.cli import build_parser
 from ops.client import DeviceClient, OperatorClient, enroll
 from tests.coordinator.releasekit import build
-from tests.coordinator_process import FLEETMESH, RunningCoordinator, running_coordinator
+from tests.coordinator_process import RunningCoordinator, running_coordinator
 from tests.release._fakes import image_config, layer_tar, saved_image_tar
 from vpn import generate_keypair
 
@@ -41,13 +41,10 @@ class Fleet:
     op: OperatorClient
 
     def run(self, *argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([FLEETMESH, *argv], capture_output=True, text=True, timeout=60,
-                              env=self.coord.operator_env(self.home), check=False)
+        return self.coord.cli(self.home, *argv)
 
     def ok(self, *argv: str) -> str:
-        result = self.run(*argv)
-        assert result.returncode == 0, (argv, result.stderr)
-        return result.stdout
+        return self.coord.cli_ok(self.home, *argv)
 
     def targets(self, device: str) -> list[dict[str, Any]]:
         async def go() -> list[dict[str, Any]]:

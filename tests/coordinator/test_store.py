@@ -633,3 +633,31 @@ def test_a_user_who_may_not_create_the_tables_is_one_line(pg_server: PgServer) -
     finally:
         with psycopg.connect(pg_server.url(), autocommit=True) as conn:
             conn.execute("DROP ROLE guest")
+
+
+def test_fleet_policy_versions_and_survives_a_reopen(database: Database) -> None:
+    """Migration 13 (docs/policy.md): one policy per fleet, its text as sent, version + 1 per
+    change, the fleet created if it was not there."""
+    store = database.open()
+    assert store.get_policy("f") is None
+    first = store.set_policy("f", "# mine\nrole=cam -> role=nvr tcp/554\n", 10.0)
+    assert (first.fleet, first.version, first.updated_at) == ("f", 1, 10.0)
+    second = store.set_policy("f", "* -> * any", 20.0)
+    assert (second.version, second.policy) == (2, "* -> * any")
+    assert store.set_policy("g", "", 30.0).version == 1
+    store.close()
+    again = database.open()
+    assert again.get_policy("f") == second
+    assert again.get_policy("g") is not None and again.get_policy("h") is None
+    again.close()
+
+
+def test_active_tags_are_the_live_devices_of_the_fleet(store: SqlStore) -> None:
+    """What the policy compiler reads: (name, tags) of active devices only, by name."""
+    for name in ("b", "a", "gone"):
+        enroll(store, token(store), name=name)
+    enroll(store, token(store, fleet="other"), name="elsewhere")
+    store.update_tags("b", {"role": "cam"}, (), 32)
+    store.revoke("gone", NOW)
+    assert store.active_tags("f") == [("a", {}), ("b", {"role": "cam"})]
+    assert store.active_tags("nobody") == []
