@@ -35,6 +35,7 @@ from . import _ipam, _secrets
 from ._app import build_app
 from ._blobs import BlobBackend, BlobSeed, BlobStoreUnavailable
 from ._blobs_s3 import S3Blobs, S3ConfigError, S3Location, read_credentials
+from ._changes import ChangeFeed
 from ._hub import Hub
 from ._listen import HttpLimits, SourceGate, hypercorn_config, serve
 from ._service import (
@@ -197,6 +198,7 @@ class Coordinator:
         self.store: Store | None = None
         self.blobs: BlobBackend = BlobSeed(self.data_dir / BLOBS_DIR)
         self._service: FleetService | None = None
+        self.feed: ChangeFeed | None = None  # on PostgreSQL: the other replicas' changes
         self.hub: Hub | None = None
         self.port = 0
         self.url = ""
@@ -330,6 +332,13 @@ class Coordinator:
                 gate = SourceGate(limits.max_unauthenticated_per_source)
                 hc = hypercorn_config(limits, str(self.cert_path), str(self.key_path))
                 nursery.start_soon(service.batcher)
+                if isinstance(self.store, PostgresStore):
+                    # replicas on one database: hear each other's changes; the rollout driver
+                    # runs on the leader only (docs/scale.md, "Replicas")
+                    service.rollouts.leader = False
+                    self.feed = ChangeFeed(self.store.connect, self.store.replica_id,
+                                           self._leading)
+                    await nursery.start(self.feed.run, service)
                 await nursery.start(service.rollouts.run)
                 await nursery.start(partial(serve, build_app(service, limits, gate), hc, socks,
                                             gate))
@@ -339,6 +348,13 @@ class Coordinator:
         finally:
             self.store.close()
             self.blobs.close()
+
+    async def _leading(self, leader: bool) -> None:
+        """The change feed took (True) or lost (False) the leader lock."""
+        if self._service is not None:
+            self._service.rollouts.leader = leader
+            if leader:
+                self._service.rollouts.wake()
 
     def _s3_blobs(self, url: str, credentials_file: Path | None) -> S3Blobs:
         """The bucket, checked: a bad URL, credentials or bucket stop the start (one line);
