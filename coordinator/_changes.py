@@ -221,15 +221,34 @@ class ChangeFeed:
                 raise failed[0]
             task_status.started()
             async for event in receive:
-                if isinstance(event, _Heard):
-                    await apply(target, event.change,
-                                effects(event.change, self.replica_id, self.leader))
-                elif isinstance(event, _Reconnected):
-                    await target.reload()
-                elif isinstance(event, _Leading):
-                    self.leader = event.leader
-                    if self._on_leader is not None:
-                        await self._on_leader(event.leader)
+                await self.deliver(target, event)
+
+    async def deliver(self, target: Replica, event: _Event) -> None:
+        """Make the update `event` calls for. One that fails (the store did not answer while
+        re-reading) may have lost the change: everything is reloaded, retried until the
+        store answers (logged once); the replica never stops for it."""
+        try:
+            if isinstance(event, _Heard):
+                await apply(target, event.change,
+                            effects(event.change, self.replica_id, self.leader))
+            elif isinstance(event, _Reconnected):
+                await target.reload()
+            elif isinstance(event, _Leading):
+                self.leader = event.leader
+                if self._on_leader is not None:
+                    await self._on_leader(event.leader)
+            return
+        except Exception as exc:  # noqa: BLE001 - the feed must outlive a store outage
+            log.warning("change feed: applying a change failed (%s); reloading everything "
+                        "once the store answers", _first_line(exc))
+        pause = RECONNECT_MIN
+        while True:
+            await trio.sleep(pause)
+            try:
+                await target.reload()
+                return
+            except Exception:  # noqa: BLE001 - logged above; tried again
+                pause = min(RECONNECT_MAX, pause * 2)
 
     def _listen(self, post: Callable[[_Event], None], first: threading.Event) -> None:
         """The thread: LISTEN, hand over each notification, try the leader lock between

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, TypedDict
+from typing import Any, Final, NotRequired, TypedDict
 
 import trio
 
@@ -128,6 +128,7 @@ class JoinObject(TypedDict):
     token: str
     name: str
     fleet: str
+    urls: NotRequired[list[str]]  # every replica's URL, `url` first (none: one coordinator)
 
 
 class Provisioned(TypedDict):
@@ -245,6 +246,8 @@ class CoordinatorIdentity:
     hub_private_key: str = field(default="", repr=False)
     # SHA-256 of the scrape token that reads /metrics and nothing else ("": none)
     metrics_token_hash: str = field(default="", repr=False)
+    # every replica's public URL, this one's first (serve --peer-url; empty: no replicas)
+    urls: tuple[str, ...] = ()
 
 
 class FleetService:
@@ -479,7 +482,8 @@ class FleetService:
         assert device.mesh_ipv4 and device.mesh_ipv6
         return Enrollment(device.id, device.name, device.fleet, credential, device.mesh_ipv4,
                           device.mesh_ipv6, str(identity.prefix_v4), str(identity.prefix_v6),
-                          identity.hub, release_key=self.releases.release_key(device.fleet))
+                          identity.hub, release_key=self.releases.release_key(device.fleet),
+                          urls=identity.urls)
 
     def _proven_device(self, req: EnrollRequest) -> str | None:
         """The id of the device the request proves to be (docs/security.md), None if it
@@ -667,9 +671,11 @@ class FleetService:
         text, token = self._token(fleet, 1, expires_in, name, tags)
         device = self.store.provision(_secrets.new_id("d_"), name, fleet, token,
                                       token.created_at)
-        return {"device": self._info(device),
-                "join": {"url": self.identity.public_url, "token": text, "name": name,
-                         "fleet": fleet}}
+        join: JoinObject = {"url": self.identity.public_url, "token": text, "name": name,
+                            "fleet": fleet}
+        if self.identity.urls:
+            join["urls"] = list(self.identity.urls)
+        return {"device": self._info(device), "join": join}
 
     def list_devices(self, fleet: str | None, selector: Selector | None = None
                      ) -> list[DeviceInfo]:

@@ -5,33 +5,42 @@ long polls hear what the other replica wrote, also across a lost LISTEN connecti
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from types import SimpleNamespace
+from typing import Any, TypeVar, cast
 
 import psycopg
 import pytest
 import trio
 from nacl.signing import SigningKey
 
-from coordinator._changes import CHANNEL, Change, Effect, Kind, decode, effects
-from coordinator._model import EnrollmentToken, EnrollParams, TokenUnknown
-from coordinator._server import (
-    CERT_NAME,
-    HUB_KEY_NAME,
-    KEY_NAME,
-    OPERATOR_KEY_NAME,
-    TIMESTAMP_KEY_NAME,
+from coordinator._changes import (
+    CHANNEL,
+    Change,
+    ChangeFeed,
+    Effect,
+    Kind,
+    _Heard,
+    decode,
+    effects,
 )
+from coordinator._model import EnrollmentToken, EnrollParams, StoreUnavailable, TokenUnknown
+from coordinator._rollouts import RolloutService
+from coordinator._server import IDENTITY_FILES, Coordinator, CoordinatorConfig
 from coordinator._store_pg import FEED_APPLICATION, PostgresStore
 from mesh.control import PeerMap
 from ops.client import ApiError, DeviceClient, OperatorClient, enroll
-from tests.coordinator_process import RunningCoordinator, running_coordinator
+from tests.coordinator_process import FLEETMESH, RunningCoordinator, running_coordinator
 from tests.pgserver import PgServer
 from vpn import generate_keypair
 
+from .conftest import Harness, running_harness
 from .releasekit import build
 
 T = TypeVar("T")
@@ -74,6 +83,52 @@ def test_a_change_round_trips_and_never_exceeds_the_payload_limit() -> None:
         Change("r_1", Kind.DEVICE, "f", "x" * 8000).encode()
 
 
+class _FlakyReplica:
+    """A replica whose store fails `failures` times, then answers."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.done = failures, list[str]()
+
+    def _store(self, what: str) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise StoreUnavailable("database unavailable: connection refused")
+        self.done.append(what)
+
+    async def sync_device(self, name: str) -> None:
+        self._store(f"sync {name}")
+
+    def targets_changed(self, fleet: str, device: str | None = None) -> None:
+        self._store(f"targets {fleet}")
+
+    def sync_operators(self) -> None:
+        self._store("operators")
+
+    def wake_logs(self, name: str) -> None:
+        self._store(f"logs {name}")
+
+    def wake_rollouts(self) -> None:
+        self._store("rollouts")
+
+    def step_fleet(self, fleet: str) -> None:
+        self._store(f"step {fleet}")
+
+    async def reload(self) -> None:
+        self._store("reload")
+
+
+async def test_a_change_the_store_cannot_apply_is_made_good_by_a_reload(
+        autojump_clock: trio.abc.Clock) -> None:
+    """The store fails while a change is applied, and twice more: the feed goes on and, once
+    the store answers, reloads everything (the change may have been lost)."""
+    feed = ChangeFeed(lambda: cast(Any, None), "me")
+    replica = _FlakyReplica(failures=3)
+    await feed.deliver(replica, _Heard(Change("other", Kind.DEVICE, "cams", "cam-1")))
+    assert replica.done == ["reload"]
+    await feed.deliver(replica, _Heard(Change("other", Kind.DEVICE, "cams", "cam-2")))
+    assert replica.done == ["reload", "sync cam-2"]
+
+
 # ----------------------------------------------------------------------------- the store
 
 
@@ -105,14 +160,13 @@ def test_postgres_writes_notify_on_commit_only(pg_server: PgServer) -> None:
 
 # ----------------------------------------------------------------------------- two replicas
 
-SHARED = (CERT_NAME, KEY_NAME, HUB_KEY_NAME, OPERATOR_KEY_NAME, TIMESTAMP_KEY_NAME)
 
 
 def share_identity(first: Path, second: Path) -> None:
     """What the operator does for a second replica (docs/scale.md): the first one's key and
     certificate files in the second one's data directory."""
     second.mkdir(mode=0o700)
-    for name in SHARED:
+    for name in IDENTITY_FILES:
         shutil.copy2(first / name, second / name)
 
 
@@ -268,3 +322,113 @@ async def test_replicas_survive_a_postgresql_restart(tmp_path: Path) -> None:
             assert "Traceback" not in (tmp_path / name).read_text()
     finally:
         server.stop()
+
+
+async def test_the_sdk_and_a_device_fail_over_when_a_replica_dies(
+        tmp_path: Path, pg_server: PgServer) -> None:
+    """Both replicas' URLs in the operator's client and the device's: SIGKILL of the one in
+    use, and the next request goes to the other (a 4xx would not have moved them)."""
+    url = pg_server.new_database()
+    with two_replicas(tmp_path, url) as (r1, r2), \
+            OperatorClient([r1.url, r2.url], r1.api_key, fingerprint=r1.fingerprint) as op, \
+            trio.fail_after(BOUND):
+        token = (await _sync(op.create_token, "cams", 3))["token"]
+        assert op.url == r1.url
+        with pytest.raises(ApiError) as err:  # an answer, even an error, is final
+            await _sync(op.device, "nobody")
+        assert err.value.status == 404 and op.url == r1.url
+        e, der = await enroll(r1.url, token, generate_keypair().public, name="cam-1")
+        async with DeviceClient(f"{r1.url},{r2.url}", e.credential, der) as d1:
+            pm = await d1.peermap(version=0, wait=0)
+            assert pm is not None and d1.url == r1.url
+            os.kill(r1.pid, signal.SIGKILL)
+            os.waitpid(r1.pid, 0)
+            assert [d["name"] for d in await _sync(op.list_devices)] == ["cam-1"]
+            assert op.url == r2.url
+            await (await _device(r2, token, "cam-2")).aclose()
+            pm = await _until(d1, pm, lambda m: "cam-2" in _names(m))
+            assert d1.url == r2.url
+
+
+async def test_peer_urls_reach_the_device_in_its_enrollment_and_join_object(
+        tmp_path: Path, pg_server: PgServer) -> None:
+    config = CoordinatorConfig(data_dir=tmp_path / "c", listen="127.0.0.1:0", hub=False,
+                               batch_window=0.05, store=pg_server.new_database(),
+                               peer_urls=("https://r2.example:8443/", "https://r3.example:8443"))
+    async with running_harness(config) as h:
+        e = await h.enroll("cam-1", "cams")
+        own = h.coord.public_url
+        assert e.enrollment["urls"] == [own, "https://r2.example:8443",
+                                         "https://r3.example:8443"]
+        r = await h.op.post("/api/v1/devices", json={"name": "cam-2", "fleet": "cams"})
+        assert r.status_code == 201, r.text
+        join = r.json()["join"]
+        assert join["url"] == own and join["urls"] == e.enrollment["urls"]
+
+
+async def test_one_coordinator_hands_out_no_url_list(h: Harness) -> None:
+    e = await h.enroll("cam-1", "cams")
+    assert "urls" not in e.enrollment
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (("--peer-url", "https://r2:8443"), "--peer-url goes with --store"),
+    (("--store", "postgresql://u@127.0.0.1:1/db", "--peer-url", "http://r2:8443"),
+     "--peer-url:"),
+])
+def test_bad_peer_urls_stop_serve_with_one_line(tmp_path: Path, argv: tuple[str, ...],
+                                                fragment: str) -> None:
+    done = subprocess.run([FLEETMESH, "coordinator", "serve", "--data", str(tmp_path / "d"),
+                           "--listen", "127.0.0.1:0", "--no-hub", *argv],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0]
+
+
+# ----------------------------------------------------------------------------- the leader
+
+
+class _CountingStore:
+    """The one store call stepping makes first: which fleets were stepped."""
+
+    def __init__(self) -> None:
+        self.stepped: list[str | None] = []
+
+    def rollouts(self, fleet: str | None = None, states: Any = None) -> list[Any]:
+        self.stepped.append(fleet)
+        return []
+
+
+def test_only_the_leader_steps_rollouts_on_reports() -> None:
+    store = _CountingStore()
+    releases = cast(Any, SimpleNamespace(clock=lambda: 0.0))
+    rollouts = RolloutService(cast(Any, store), releases, lambda name: None)
+    rollouts.step_reported("cams")
+    rollouts.leader = False
+    rollouts.step_reported("dogs")
+    assert store.stepped == ["cams"]
+
+
+async def test_the_leader_lock_moves_to_another_replica_when_its_holder_stops(
+        tmp_path: Path, pg_server: PgServer) -> None:
+    """Two replicas in this process: the first to start leads, the other does not; when the
+    leader stops (its feed's session ends) the other takes the lock and runs the driver."""
+    url = pg_server.new_database()
+
+    def config(name: str) -> CoordinatorConfig:
+        return CoordinatorConfig(data_dir=tmp_path / name, listen="127.0.0.1:0", hub=False,
+                                 batch_window=0.05, store=url)
+
+    with trio.fail_after(BOUND):
+        async with Coordinator(config("a")) as a:
+            share_identity(tmp_path / "a", tmp_path / "b")
+            async with Coordinator(config("b")) as b:
+                while not a.service.rollouts.leader:  # the feed hands the news over
+                    await trio.sleep(0.05)
+                assert a.feed is not None and a.feed.leader and b.feed is not None
+                assert not b.feed.leader and not b.service.rollouts.leader
+                a.stop()  # its nursery ends; the feed's thread closes its connection
+                while not b.service.rollouts.leader:
+                    await trio.sleep(0.05)
+                assert b.feed.leader
