@@ -189,7 +189,6 @@ class ChangeFeed:
         self.leader = False
         self._on_leader = on_leader
         self._stop = threading.Event()
-        self.reconnects = 0  # how many times a lost connection was made again (tests, logs)
 
     async def run(self, target: Replica,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -262,7 +261,6 @@ class ChangeFeed:
                 with self._connect() as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     if lost:
-                        self.reconnects += 1
                         log.warning("change feed: reconnected; reloading everything from the "
                                     "store (a change may have been missed)")
                         post(_Reconnected())
@@ -292,9 +290,6 @@ class ChangeFeed:
                     lost = True
                 self._stop.wait(pause)
                 pause = min(RECONNECT_MAX, pause * 2)
-
-    def stop(self) -> None:
-        self._stop.set()
 
 
 def partial_thread(fn: Callable[[], None], stop: threading.Event
