@@ -22,6 +22,7 @@ from nacl.signing import SigningKey
 
 from coordinator._changes import (
     CHANNEL,
+    LEADER_LOCK,
     Change,
     ChangeFeed,
     Effect,
@@ -432,3 +433,30 @@ async def test_the_leader_lock_moves_to_another_replica_when_its_holder_stops(
                 while not b.service.rollouts.leader:
                     await trio.sleep(0.05)
                 assert b.feed.leader
+
+
+def _leader_backend(admin: psycopg.Connection[Any], dbname: str) -> int | None:
+    """The database backend (pid) that holds the leader lock, None if nobody does."""
+    row = admin.execute(
+        "SELECT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database WHERE "
+        "d.datname = %s AND l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND "
+        "((l.classid::bigint << 32) | l.objid::bigint) = %s", (dbname, LEADER_LOCK)).fetchone()
+    return None if row is None else int(row[0])
+
+
+async def test_sigkill_of_the_leading_process_hands_the_lock_to_the_other(
+        tmp_path: Path, pg_server: PgServer) -> None:
+    url = pg_server.new_database()
+    dbname = url.rsplit("/", 1)[1]
+    with two_replicas(tmp_path, url) as (r1, _r2), \
+            psycopg.connect(pg_server.url(), autocommit=True) as admin, \
+            trio.fail_after(BOUND):
+        first = _leader_backend(admin, dbname)
+        assert first is not None  # the first replica took it before it was ready
+        os.kill(r1.pid, signal.SIGKILL)
+        os.waitpid(r1.pid, 0)
+        while (holder := _leader_backend(admin, dbname)) in (None, first):
+            await trio.sleep(0.1)  # the other replica tries again every LISTEN_POLL
+        row = admin.execute("SELECT application_name FROM pg_stat_activity WHERE pid = %s",
+                            (holder,)).fetchone()
+        assert row == (FEED_APPLICATION,)
