@@ -231,7 +231,7 @@ async def test_a_change_on_one_replica_reaches_long_polls_on_the_other(
                 d2 = await _device(r1, token, "cam-2")
             assert _names(polled[0]) == {"cam-2"}
 
-            # a release target set on replica 1 reaches cam-1's poll on replica 2
+            # a release published on replica 1 reaches cam-1's poll on replica 2
             key = SigningKey.generate()
             release = build(key, fleet="cams")
             await _sync(op1.set_release_key, "cams", bytes(key.verify_key).hex())
@@ -241,9 +241,22 @@ async def test_a_change_on_one_replica_reaches_long_polls_on_the_other(
             before = polled[0]
             after = await _until(d1, before, lambda m: m.targets != before.targets)
             revision = after.targets
-            await _sync(op1.set_target, "cams", "app", 1)
-            after = await _until(d1, after, lambda m: m.targets != revision)
             assert [t["version"] for t in await d1.targets()] == [1]
+            # a rollout started on replica 1 (its release published held first)
+            v2 = build(key, fleet="cams", version=2)
+            for blob_id, (data, kind) in v2.blobs.items():
+                await _sync(op1.put_blob, blob_id, data, kind)
+            await _sync(op1.publish_release, v2.signed, "held")
+            after = await _until(d1, after, lambda m: m.targets != revision)
+            revision = after.targets
+            await _sync(op1.start_rollout, "cams", "app", 2, {"phases": "100%", "soak": 20})
+            after = await _until(d1, after, lambda m: m.targets != revision)
+            assert [t["version"] for t in await d1.targets()] == [2]
+            # and a fleet target set there
+            revision = after.targets
+            assert (await _sync(op1.set_target, "cams", "app", 2))["version"] == 2
+            after = await _until(d1, after, lambda m: m.targets != revision)
+            assert [t["version"] for t in await d1.targets()] == [2]
 
             # revoked on replica 2: its own poll on replica 1 is refused, cam-1 loses it
             async with d2, DeviceClient(r1.url, CREDENTIALS["cam-1"], r1.der) as d1_on_r1:
