@@ -27,10 +27,17 @@ from mesh.clikit import (
     CliError,
     package_version,
 )
-from mesh.control import ControlError, Enrollment, TokenParts, check_endpoint, check_name
+from mesh.control import (
+    ControlError,
+    Enrollment,
+    TokenParts,
+    check_endpoint,
+    check_name,
+    coordinator_urls,
+)
 from mesh.node import ServePolicy
 from mesh.release import SignedRoot
-from mesh.tlspin import PinError
+from mesh.tlspin import PinError, split_url
 from vpn import WireGuardGoError, generate_keypair, public_key_from_private
 from vpn._link import check_ifname
 
@@ -156,7 +163,24 @@ def _read_device_json(path: str) -> dict[str, Any]:
     for key in ("name", "fleet"):
         if obj.get(key) is not None and not isinstance(obj[key], str):
             raise CliError(f"{path}: {key} must be a string")
+    urls = obj.get("urls", [])
+    if not isinstance(urls, list) or not all(isinstance(u, str) and u for u in urls):
+        raise CliError(f"{path}: urls must be a list of URLs")
     return obj
+
+
+def join_urls(text: str) -> tuple[str, ...]:
+    """`join`'s URL argument: one coordinator URL or several replicas' separated by commas
+    (ControlError, one line, for a bad one)."""
+    urls = tuple(dict.fromkeys(u.strip().rstrip("/") for u in text.split(",") if u.strip()))
+    if not urls:
+        raise ControlError("URL: no coordinator URL given")
+    for u in urls:
+        try:
+            split_url(u)
+        except PinError as exc:
+            raise ControlError(f"URL: {exc}") from None
+    return coordinator_urls(list(urls), "URL")
 
 
 def _classify(exc: BaseException) -> CliError:
@@ -192,7 +216,7 @@ def _join(args: argparse.Namespace) -> int:
         if args.url is not None or args.token is not None:
             raise CliError("give either URL --token T or --config device.json, not both")
         conf = _read_device_json(args.config)
-        url, token = conf["url"], conf["token"]
+        url, token = ",".join((conf["url"], *conf.get("urls", ()))), conf["token"]
         name = args.name or conf.get("name")
         fleet = conf.get("fleet")
     else:
@@ -203,6 +227,7 @@ def _join(args: argparse.Namespace) -> int:
         token_parts = TokenParts.parse(token)
         if name is not None:
             check_name(name, "name")
+        urls = join_urls(url)
     except ControlError as exc:
         raise CliError(str(exc)) from None
 
@@ -230,12 +255,22 @@ def _join(args: argparse.Namespace) -> int:
     lan = explicit if explicit is not None else _discover_lan(args.wg_port, ())
     enroll = sdk_enroll()
 
+    used = urls[0]
+
     async def go() -> tuple[Enrollment, bytes, SignedRoot | None]:
+        nonlocal used
         with trio.fail_after(ENROLL_TIMEOUT):
-            # The private key stays here: the SDK uses it only to answer the coordinator's
-            # challenge when this device is enrolled already (its enrollment.json was lost).
-            return await enroll(url, token, public, name, lan, package_version(),
-                                private_key=private, platform=host_platform())
+            for i, used in enumerate(urls):  # replicas: the next one if this does not connect
+                try:
+                    # The private key stays here: the SDK uses it only to answer the
+                    # coordinator's challenge when this device is enrolled already (its
+                    # enrollment.json was lost).
+                    return await enroll(used, token, public, name, lan, package_version(),
+                                        private_key=private, platform=host_platform())
+                except Exception as exc:
+                    if type(exc).__name__ != "CoordinatorUnreachable" or i == len(urls) - 1:
+                        raise
+        raise AssertionError("unreachable: the last URL's failure raised")
 
     try:
         enrollment, cert_der, root = trio.run(go)
@@ -257,7 +292,9 @@ def _join(args: argparse.Namespace) -> int:
         # the fleet's key rotations; without enrollment.json the join simply runs again.
         if root is not None:
             data.write_root(root)
-        data.write_identity(Identity(url, enrollment, cert_der, args.wg_port, explicit))
+        others = tuple(u for u in dict.fromkeys((*urls, *enrollment.urls)) if u != used)
+        data.write_identity(Identity(used, enrollment, cert_der, args.wg_port, explicit,
+                                     others))
     except DataDirError as exc:
         raise CliError(str(exc)) from None
     print(f"enrolled as {enrollment.name} in fleet {enrollment.fleet}: mesh "
@@ -281,7 +318,9 @@ def add_join_parser(sub: Any) -> None:
         description="Enroll with URL --token T, or with --config device.json from "
                     "`fleetmesh devices provision`. The WireGuard private key is made here and "
                     "never leaves the device.")
-    p.add_argument("url", nargs="?", metavar="URL", help="coordinator URL, https://host:port")
+    p.add_argument("url", nargs="?", metavar="URL",
+                   help="coordinator URL, https://host:port; replicas: every one's URL, "
+                        "separated by commas (the first that answers enrolls)")
     p.add_argument("--token", metavar="T", help="enrollment token fm1.<fingerprint>.<secret>")
     p.add_argument("--config", metavar="DEVICE_JSON",
                    help="device.json with url, token, name and fleet")

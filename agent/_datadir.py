@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from mesh.control import MAX_PEERMAP_BYTES, ControlError, Enrollment, PeerMap, check_endpoint
+from mesh.control import (
+    MAX_PEERMAP_BYTES,
+    ControlError,
+    Enrollment,
+    PeerMap,
+    check_endpoint,
+    coordinator_urls,
+)
 from mesh.release import (
     MAX_ROOT_DOCUMENT,
     RootError,
@@ -55,12 +62,18 @@ class Identity:
     cert_der: bytes  # the coordinator certificate pinned at join
     wg_port: int
     lan_endpoints: tuple[str, ...] | None = None  # None: discover them at every start
+    # the other coordinator replicas' URLs, failed over to when `url` does not connect
+    # (given at join and by the enrollment; docs/scale.md, "Replicas")
+    urls: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "url": self.url, "enrollment": self.enrollment.to_json(),
-                "cert_der": base64.b64encode(self.cert_der).decode("ascii"),
-                "wg_port": self.wg_port,
-                "lan_endpoints": None if self.lan_endpoints is None else list(self.lan_endpoints)}
+        out = {"format": FORMAT, "url": self.url, "enrollment": self.enrollment.to_json(),
+               "cert_der": base64.b64encode(self.cert_der).decode("ascii"),
+               "wg_port": self.wg_port,
+               "lan_endpoints": None if self.lan_endpoints is None else list(self.lan_endpoints)}
+        if self.urls:
+            out["urls"] = list(self.urls)
+        return out
 
     @classmethod
     def from_json(cls, obj: Any) -> Identity:
@@ -84,7 +97,11 @@ class Identity:
             if not isinstance(lan, list):
                 raise ValueError("lan_endpoints: must be a list")
             lan = tuple(check_endpoint(e, "lan_endpoints") for e in lan)
-        return cls(url, Enrollment.from_json(obj.get("enrollment")), der, port, lan)
+        urls = obj.get("urls", [])
+        if not isinstance(urls, list):
+            raise ValueError("urls: must be a list")
+        return cls(url, Enrollment.from_json(obj.get("enrollment")), der, port, lan,
+                   coordinator_urls(urls, "urls"))
 
 
 

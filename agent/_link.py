@@ -183,6 +183,7 @@ class CoordinatorLink:
         # The URL that last answered a blob call: tried first by the next one (a direct URL
         # that does not answer costs one timeout, not one per piece).
         self._bulk_url: str | None = None
+        self._replica_url: str | None = None  # the direct URL that last answered
         self._bad_targets = ErrorOnce(lambda m: log(f"targets: {m}"))
         self._unanswered = 0  # calls in a row that no URL answered
         # called with False when the coordinator becomes unreachable, True when it answers again
@@ -297,12 +298,23 @@ class CoordinatorLink:
         WAN link, without WireGuard's ~4.5 % of headers on every byte of a release and without
         the hub's encryption work (issue 12); the tunnel if that does not answer."""
         tunnel = self.identity.enrollment.hub.api_url
+        direct = self._direct_urls()
         if not (self.hub_up() and tunnel and tunnel != self.identity.url):
-            return [self.identity.url]
-        urls = [self.identity.url, tunnel] if bulk else [tunnel, self.identity.url]
+            urls = direct
+        else:
+            urls = [direct[0], tunnel, *direct[1:]] if bulk else [tunnel, *direct]
         if bulk and self._bulk_url in urls:
             urls.remove(self._bulk_url)
             urls.insert(0, self._bulk_url)
+        return urls
+
+    def _direct_urls(self) -> list[str]:
+        """The join URL and the other replicas' (Identity.urls), the one that last answered
+        first: a replica that died costs one failed connection, not one per call."""
+        urls = list(dict.fromkeys((self.identity.url, *self.identity.urls)))
+        if self._replica_url in urls:
+            urls.remove(self._replica_url)
+            urls.insert(0, self._replica_url)
         return urls
 
     def _client(self, url: str, bulk: bool = False) -> DeviceApi:
@@ -353,10 +365,13 @@ class CoordinatorLink:
                     raise
                 last = exc
                 continue
+            if url != self.identity.enrollment.hub.api_url:
+                self._replica_url = url
             if bulk:
                 self._bulk_url = url
             elif url != self._last_url:
-                via = "the hub tunnel" if url != self.identity.url else "the direct URL"
+                via = ("the direct URL" if url == self.identity.url else "another replica"
+                       if url in self.identity.urls else "the hub tunnel")
                 self.log(f"coordinator reached at {url} ({via})")
                 self._last_url = url
             self._answered(True)

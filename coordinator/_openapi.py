@@ -102,6 +102,8 @@ _OPERATOR: list[dict[str, list[str]]] = [{"operatorKey": []}, {"dashboardSession
 _DEVICE: list[dict[str, list[str]]] = [{"deviceCredential": []}]
 _NAME = {"name": "name", "in": "path", "required": True, "schema": _DEV}
 _STR = {"type": "string"}
+# every coordinator replica's URL, this one's first (docs/scale.md, "Replicas"); absent: one
+_URLS = {"type": "array", "items": {"type": "string", "pattern": "^https://"}, "maxItems": 16}
 _STRN = {"type": ["string", "null"]}
 _NUMN = {"type": ["number", "null"]}
 _INTN = {"type": ["integer", "null"]}
@@ -184,7 +186,7 @@ SCHEMAS: dict[str, Any] = {
                         "mesh_prefix_v4", "mesh_prefix_v6", "hub"],
                        device_id=_STR, name=_STR, fleet=_STR, credential=_STR, mesh_ipv4=_STR,
                        mesh_ipv6=_STR, mesh_prefix_v4=_STR, mesh_prefix_v6=_STR,
-                       hub=_ref("HubInfo")),
+                       hub=_ref("HubInfo"), urls=_URLS),
     "PeerEntry": _obj(["name", "public_key", "mesh_ipv4", "mesh_ipv6", "endpoints", "lan"],
                       name=_STR, public_key=_STR, mesh_ipv4=_STR, mesh_ipv6=_STR,
                       endpoints=_EPS, lan={"type": "boolean"}),
@@ -347,7 +349,7 @@ SCHEMAS: dict[str, Any] = {
     "Token": _obj(["token", "fleet", "uses", "expires_at"], token=_STR, fleet=_STR,
                   uses={"type": "integer"}, expires_at={"type": "number"}),
     "Join": _obj(["url", "token", "name", "fleet"], url=_STR, token=_STR, name=_STR,
-                 fleet=_STR),
+                 fleet=_STR, urls=_URLS),
     "PeerReport": _obj(["peer", "public_key", "path", "endpoint", "last_handshake"],
                        peer=_STRN, public_key=_STR, path={"enum": ["direct", "relay", "none"]},
                        endpoint=_STRN, last_handshake=_NUMN),

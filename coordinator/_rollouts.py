@@ -56,6 +56,14 @@ class RolloutService:
         self.releases = releases
         self.site_of = site_of
         self._wake = trio.Event()
+        # Whether this process steps rollouts (reports, the driver): always on one database of
+        # its own; of replicas on one PostgreSQL, only the one that holds the leader lock
+        # (coordinator/_changes.py), so that two never step the same rollout at once.
+        self.leader = True
+
+    def wake(self) -> None:
+        """Make the driver step now (a rollout changed, or this replica began to lead)."""
+        self._wake.set()
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -220,11 +228,18 @@ class RolloutService:
 
     def device_reported(self, device: Device) -> None:
         """A device reported: step the active rollouts of its fleet now. The report is kept
-        whatever happens here; a failure is logged and the driver tries again."""
+        whatever happens here; a failure is logged and the driver tries again. Not the
+        leader: the leader hears of the report (the change feed) and steps."""
+        self.step_reported(device.fleet)
+
+    def step_reported(self, fleet: str) -> None:
+        """A device of `fleet` reported (here or on another replica): the leader steps."""
+        if not self.leader:
+            return
         try:
-            self.step_fleet(device.fleet)
+            self.step_fleet(fleet)
         except Exception:  # noqa: BLE001 - a rollout must not cost the fleet its reports
-            log.exception("stepping the rollouts of fleet %s failed", device.fleet)
+            log.exception("stepping the rollouts of fleet %s failed", fleet)
 
     def step_fleet(self, fleet: str | None) -> float | None:
         """Step every active rollout (of `fleet`) → the earliest next deadline (None: none)."""
@@ -252,7 +267,7 @@ class RolloutService:
         while True:
             self._wake = trio.Event()
             try:
-                deadline = self.step_fleet(None)
+                deadline = self.step_fleet(None) if self.leader else None
             except OSError as exc:  # the database did not answer: try again later
                 log.warning("rollout driver: %s", exc)
                 deadline = self.clock() + MAX_DRIVER_SLEEP

@@ -27,14 +27,16 @@ from typing import Any, Final
 
 import trio
 
-from mesh.control import ControlError, HubInfo, check_endpoint
+from mesh.control import MAX_COORDINATOR_URLS, ControlError, HubInfo, check_endpoint
 from mesh.release import ReleaseError, read_signing_key, write_signing_key
+from mesh.tlspin import PinError, split_url
 from vpn import generate_keypair, public_key_from_private, read_private_key, write_private_key
 
 from . import _ipam, _secrets
 from ._app import build_app
 from ._blobs import BlobBackend, BlobSeed, BlobStoreUnavailable
 from ._blobs_s3 import S3Blobs, S3ConfigError, S3Location, read_credentials
+from ._changes import ChangeFeed
 from ._hub import Hub
 from ._listen import HttpLimits, SourceGate, hypercorn_config, serve
 from ._service import (
@@ -58,6 +60,10 @@ KEY_NAME: Final = "tls.key"
 HUB_KEY_NAME: Final = "hub.key"
 OPERATOR_KEY_NAME: Final = "operator.key"
 TIMESTAMP_KEY_NAME: Final = "timestamp.key"
+# What replicas on one database share (docs/scale.md, "Replicas"): the first one's files,
+# copied into each other one's data directory before its first start.
+IDENTITY_FILES: Final = (CERT_NAME, KEY_NAME, HUB_KEY_NAME, OPERATOR_KEY_NAME,
+                         TIMESTAMP_KEY_NAME)
 BLOBS_DIR: Final = "blobs"
 BLOBS_STAGING_DIR: Final = "blobs-staging"  # uploads being verified before they go to S3
 
@@ -121,6 +127,9 @@ class CoordinatorConfig:
     metrics_token_file: Path | None = None  # a scrape token for /metrics (docs/metrics.md)
     blobs: str | None = None  # an s3:// URL (docs/scale.md); None: files in data_dir/BLOBS_DIR
     blobs_credentials_file: Path | None = None  # else AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY
+    # the other replicas' public URLs on the same database (docs/scale.md, "Replicas"):
+    # handed to devices, which fail over to them
+    peer_urls: tuple[str, ...] = ()
     batch_window: float = BATCH_WINDOW
     online_window: float = ONLINE_WINDOW
     hub_poll_interval: float = 1.0
@@ -143,6 +152,17 @@ class CoordinatorConfig:
                 describe(self.store)
             except ValueError as exc:
                 raise CoordinatorConfigError(str(exc)) from None
+        if self.peer_urls and self.store is None:
+            raise CoordinatorConfigError("--peer-url goes with --store postgresql://… (replicas "
+                                         "share one database)")
+        for url in self.peer_urls:
+            try:
+                split_url(url)
+            except PinError as exc:
+                raise CoordinatorConfigError(f"--peer-url: {exc}") from None
+        if len(self.peer_urls) >= MAX_COORDINATOR_URLS:
+            raise CoordinatorConfigError(f"--peer-url: at most {MAX_COORDINATOR_URLS - 1} other "
+                                         "replicas")
         if not 1 <= self.wg_port < 65536:
             raise CoordinatorConfigError(f"--wg-port: must be 1..65535, got {self.wg_port}")
         if self.hub_endpoint is not None:
@@ -197,6 +217,7 @@ class Coordinator:
         self.store: Store | None = None
         self.blobs: BlobBackend = BlobSeed(self.data_dir / BLOBS_DIR)
         self._service: FleetService | None = None
+        self.feed: ChangeFeed | None = None  # on PostgreSQL: the other replicas' changes
         self.hub: Hub | None = None
         self.port = 0
         self.url = ""
@@ -301,10 +322,13 @@ class Coordinator:
                        else self.public_url)
             hub_info = HubInfo(public_key_from_private(self._hub_private), hub_endpoint,
                                self.hub_v4, self.hub_v6, api_url)
+            urls = tuple(dict.fromkeys((self.public_url, *(u.rstrip("/")
+                                                           for u in cfg.peer_urls))))
             identity = CoordinatorIdentity(self.fingerprint, self._operator_hash,
                                            self.public_url, hub_info, self.prefix_v4,
                                            self.prefix_v6, self._hub_private,
-                                           self._metrics_hash)
+                                           self._metrics_hash,
+                                           urls if len(urls) > 1 else ())
             settings = ServiceSettings(relay_hub=cfg.hub, batch_window=cfg.batch_window,
                                        online_window=cfg.online_window,
                                        lock_stale_after=cfg.lock_stale_after,
@@ -330,6 +354,13 @@ class Coordinator:
                 gate = SourceGate(limits.max_unauthenticated_per_source)
                 hc = hypercorn_config(limits, str(self.cert_path), str(self.key_path))
                 nursery.start_soon(service.batcher)
+                if isinstance(self.store, PostgresStore):
+                    # replicas on one database: hear each other's changes; the rollout driver
+                    # runs on the leader only (docs/scale.md, "Replicas")
+                    service.rollouts.leader = False
+                    self.feed = ChangeFeed(self.store.connect, self.store.replica_id,
+                                           self._leading)
+                    await nursery.start(self.feed.run, service)
                 await nursery.start(service.rollouts.run)
                 await nursery.start(partial(serve, build_app(service, limits, gate), hc, socks,
                                             gate))
@@ -339,6 +370,13 @@ class Coordinator:
         finally:
             self.store.close()
             self.blobs.close()
+
+    async def _leading(self, leader: bool) -> None:
+        """The change feed took (True) or lost (False) the leader lock."""
+        if self._service is not None:
+            self._service.rollouts.leader = leader
+            if leader:
+                self._service.rollouts.wake()
 
     def _s3_blobs(self, url: str, credentials_file: Path | None) -> S3Blobs:
         """The bucket, checked: a bad URL, credentials or bucket stop the start (one line);

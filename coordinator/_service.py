@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, TypedDict
+from typing import Any, Final, NotRequired, TypedDict
 
 import trio
 
@@ -128,6 +128,7 @@ class JoinObject(TypedDict):
     token: str
     name: str
     fleet: str
+    urls: NotRequired[list[str]]  # every replica's URL, `url` first (none: one coordinator)
 
 
 class Provisioned(TypedDict):
@@ -245,6 +246,8 @@ class CoordinatorIdentity:
     hub_private_key: str = field(default="", repr=False)
     # SHA-256 of the scrape token that reads /metrics and nothing else ("": none)
     metrics_token_hash: str = field(default="", repr=False)
+    # every replica's public URL, this one's first (serve --peer-url; empty: no replicas)
+    urls: tuple[str, ...] = ()
 
 
 class FleetService:
@@ -479,7 +482,8 @@ class FleetService:
         assert device.mesh_ipv4 and device.mesh_ipv6
         return Enrollment(device.id, device.name, device.fleet, credential, device.mesh_ipv4,
                           device.mesh_ipv6, str(identity.prefix_v4), str(identity.prefix_v6),
-                          identity.hub, release_key=self.releases.release_key(device.fleet))
+                          identity.hub, release_key=self.releases.release_key(device.fleet),
+                          urls=identity.urls)
 
     def _proven_device(self, req: EnrollRequest) -> str | None:
         """The id of the device the request proves to be (docs/security.md), None if it
@@ -667,9 +671,11 @@ class FleetService:
         text, token = self._token(fleet, 1, expires_in, name, tags)
         device = self.store.provision(_secrets.new_id("d_"), name, fleet, token,
                                       token.created_at)
-        return {"device": self._info(device),
-                "join": {"url": self.identity.public_url, "token": text, "name": name,
-                         "fleet": fleet}}
+        join: JoinObject = {"url": self.identity.public_url, "token": text, "name": name,
+                            "fleet": fleet}
+        if self.identity.urls:
+            join["urls"] = list(self.identity.urls)
+        return {"device": self._info(device), "join": join}
 
     def list_devices(self, fleet: str | None, selector: Selector | None = None
                      ) -> list[DeviceInfo]:
@@ -702,18 +708,78 @@ class FleetService:
         device = self.store.revoke(name, self.settings.clock())
         member = self.core.member(name)
         if member is not None and member.public_key == device.public_key:
-            self.core.remove(name)
-            self._key_names.pop(member.public_key, None)
-            self._last_handshake.pop(name, None)
-            self._rx_bytes.pop(name, None)
-            self._log_buckets.pop(device.id, None)
-            self._path_summaries.pop(device.id, None)
+            await self._drop_member(member, device.id)
+        return self._info(device)
+
+    async def _drop_member(self, member: Member, device_id: str) -> None:
+        """`member` is no longer active (revoked, here or on another replica)."""
+        name = member.name
+        self.core.remove(name)
+        self._key_names.pop(member.public_key, None)
+        self._last_handshake.pop(name, None)
+        self._rx_bytes.pop(name, None)
+        self._log_buckets.pop(device_id, None)
+        self._path_summaries.pop(device_id, None)
+        event = self._waiters.pop(name, None)
+        if event is not None:
+            event.set()  # its long poll ends now, with 401
+        self._changed()
+        await self.hub_changed()
+
+    # ------------------------------------------------------------------ other replicas
+    # (coordinator/_changes.py: what another replica on the same PostgreSQL database wrote)
+
+    async def sync_device(self, name: str) -> None:
+        """The device's row changed: its peer-map member made as the store has it now."""
+        device = self.store.device_by_name(name)
+        member = self.core.member(name)
+        if device is None or device.state is not DeviceState.ACTIVE:
+            if member is not None:
+                await self._drop_member(member, device.id if device else "")
+            return
+        if member is None or member.public_key != device.public_key:
+            self._add_member(device, None)
             event = self._waiters.pop(name, None)
             if event is not None:
-                event.set()  # its long poll ends now, with 401
-            self._changed()
+                event.set()  # a poll with the old key ends (401)
             await self.hub_changed()
-        return self._info(device)
+        else:
+            self.core.set_lan(name, device.lan_endpoints)
+        if device.public_endpoint:
+            self.core.set_public(name, device.public_endpoint)
+        self._changed()
+
+    def sync_operators(self) -> None:
+        self._set_operators()
+        self._changed()
+
+    def wake_logs(self, name: str) -> None:
+        device = self.store.device_by_name(name)
+        event = self._log_waiters.pop(device.id, None) if device is not None else None
+        if event is not None:
+            event.set()
+
+    def wake_rollouts(self) -> None:
+        self.rollouts.wake()
+
+    def step_fleet(self, fleet: str) -> None:
+        self.rollouts.step_reported(fleet)
+
+    async def reload(self) -> None:
+        """Everything re-read from the store (changes may have been missed): members,
+        operators, and a new targets revision in every map."""
+        devices = self.store.list_devices()
+        for d in devices:
+            await self.sync_device(d.name)
+        active = {d.name for d in devices if d.state is DeviceState.ACTIVE}
+        for member in list(self.core.members()):
+            if member.name not in active:
+                await self._drop_member(member, "")
+        self._set_operators()
+        for fleet in {d.fleet for d in devices}:
+            self.core.targets_changed(fleet)
+        self._changed()
+        self.rollouts.wake()
 
     def release_status(self, fleet: str, app: str, version: int) -> dict[str, Any]:
         return self.releases.release_status(fleet, app, version, self.online,

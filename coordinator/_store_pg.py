@@ -21,8 +21,10 @@ from typing import Any, Final
 import psycopg
 from psycopg import conninfo, errors
 
+from ._changes import CHANNEL, Change, Kind
 from ._model import Conflict, StoreUnavailable
-from ._store_sql import SqlStore
+from ._secrets import new_id
+from ._store_sql import SqlStore, Tx
 
 # SQLite's column types → PostgreSQL's with SQLite's meaning: INTEGER and REAL are 64-bit there
 # (PostgreSQL's INTEGER and REAL are 32-bit), an INTEGER PRIMARY KEY numbers itself, BLOB is
@@ -45,6 +47,7 @@ _BEGIN: Final = _BEGIN_DURABLE + "; SET LOCAL synchronous_commit TO OFF"
 # How long a connection attempt may take unless the URL says (libpq waits forever by default).
 CONNECT_TIMEOUT: Final = 10
 SCHEMES: Final = ("postgresql://", "postgres://")  # libpq's URI schemes
+FEED_APPLICATION: Final = "fleetmesh change feed"  # the LISTEN connection's application_name
 
 
 def pg_dialect(statement: str) -> str:
@@ -106,6 +109,8 @@ class PostgresStore(SqlStore):
                  mesh_ipv6: str = "fd7a:f1ee:7000::/48") -> None:
         self.where = describe(url)
         self._url = url
+        # names this process's notifications (coordinator/_changes.py), so it skips its own
+        self.replica_id = new_id("r_")
         self._lock = threading.Lock()
         try:
             self._conn = self._connect()
@@ -121,11 +126,25 @@ class PostgresStore(SqlStore):
             self._conn.close()
             raise
 
-    def _connect(self) -> psycopg.Connection[Any]:
-        target = self._url
+    def _connect(self, application: str = "fleetmesh coordinator") -> psycopg.Connection[Any]:
+        target = conninfo.make_conninfo(self._url, application_name=application)
         if "connect_timeout" not in conninfo.conninfo_to_dict(target):
             target = conninfo.make_conninfo(target, connect_timeout=CONNECT_TIMEOUT)
         return psycopg.connect(target, autocommit=True)
+
+    def connect(self) -> psycopg.Connection[Any]:
+        """A new connection of its own to the database: the change feed's, named
+        `FEED_APPLICATION` in pg_stat_activity."""
+        return self._connect(FEED_APPLICATION)
+
+    def _notify(self, c: Tx, kind: Kind, fleet: str = "", device: str = "") -> None:
+        c.execute("SELECT pg_notify(?, ?)",
+                  (CHANNEL, Change(self.replica_id, kind, fleet, device).encode()))
+
+    def _notify_device(self, c: Tx, kind: Kind, device_id: str) -> None:
+        row = c.execute("SELECT name, fleet FROM devices WHERE id = ?", (device_id,)).fetchone()
+        if row is not None:
+            self._notify(c, kind, row[1], row[0])
 
     def _connection(self) -> psycopg.Connection[Any]:
         """The connection, made again if the server dropped it."""

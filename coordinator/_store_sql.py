@@ -31,6 +31,7 @@ from mesh.control import (
 )
 
 from . import _ipam
+from ._changes import Kind
 from ._model import (
     ROLLOUT_ACTIVE,
     AppControl,
@@ -393,6 +394,16 @@ class SqlStore(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
+    @abc.abstractmethod
+    def _notify(self, c: Tx, kind: Kind, fleet: str = "", device: str = "") -> None:
+        """Tell the other replicas on this database, in transaction `c`, that this write
+        changed what they keep in memory (coordinator/_changes.py). PostgresStore sends it;
+        SqliteStore has nobody to tell (one process)."""
+
+    @abc.abstractmethod
+    def _notify_device(self, c: Tx, kind: Kind, device_id: str) -> None:
+        """`_notify` for the device with that id (its name and fleet read in `c`)."""
+
     # -- plumbing --------------------------------------------------------------------------
 
     def _migrate(self) -> int:
@@ -533,6 +544,7 @@ class SqlStore(abc.ABC):
                           (p.platform, device_id))
             out = c.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE id = ?",
                             (device_id,)).fetchone()
+            self._notify(c, Kind.DEVICE, token.fleet, name)
             return _device(out)
 
     def provision(self, device_id: str, name: str, fleet: str, token: EnrollmentToken,
@@ -594,6 +606,7 @@ class SqlStore(abc.ABC):
                           "WHERE id = ?", (now, device.id))
                 # Tokens bound to the name would resurrect it: spend them.
                 c.execute("UPDATE tokens SET uses_left = 0 WHERE name = ?", (name,))
+                self._notify(c, Kind.DEVICE, device.fleet, name)
                 row = c.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE id = ?",
                                 (device.id,)).fetchone()
             return _device(row)
@@ -643,6 +656,9 @@ class SqlStore(abc.ABC):
                         (device_id, a.app, a.running)).rowcount:
                     cleared.append(a.app)
             self._bound_app_rows(c, device_id, [a.app for a in apps])
+            self._notify_device(c, Kind.REPORT, device_id)
+            if cleared:
+                self._notify_device(c, Kind.TARGETS, device_id)
         return cleared
 
     @staticmethod
@@ -689,6 +705,7 @@ class SqlStore(abc.ABC):
             c.execute("INSERT INTO device_apps (device_id, app, force_version) VALUES (?, ?, ?) "
                       "ON CONFLICT(device_id, app) DO UPDATE SET "
                       "force_version = excluded.force_version", (device_id, app, version))
+            self._notify_device(c, Kind.TARGETS, device_id)
 
     def add_retry(self, device_ids: Sequence[str], app: str) -> dict[str, int]:
         out = {}
@@ -699,6 +716,7 @@ class SqlStore(abc.ABC):
                                 "retry = device_apps.retry + 1 RETURNING retry",
                                 (device_id, app)).fetchone()
                 out[device_id] = int(row[0])
+                self._notify_device(c, Kind.TARGETS, device_id)
         return out
 
     def append_logs(self, device_id: str, lines: Sequence[LogLine], dropped: int, keep: int
@@ -716,6 +734,7 @@ class SqlStore(abc.ABC):
                            for i, x in enumerate(lines)])
             c.execute("DELETE FROM device_logs WHERE device_id = ? AND seq <= ?",
                       (device_id, last - keep))
+            self._notify_device(c, Kind.LOGS, device_id)
             return last
 
     def _log_page(self, device_id: str, rows: Sequence[Any]) -> LogPage:
@@ -747,6 +766,7 @@ class SqlStore(abc.ABC):
     def record_public_endpoint(self, device_id: str, endpoint: str | None) -> None:
         with self._tx() as c:
             c.execute("UPDATE devices SET public_endpoint = ? WHERE id = ?", (endpoint, device_id))
+            self._notify_device(c, Kind.DEVICE, device_id)
 
     def peer_paths(self, device_id: str) -> tuple[PeerPath, ...]:
         rows = self._query("SELECT peer_paths FROM devices WHERE id = ?", (device_id,))
@@ -776,6 +796,7 @@ class SqlStore(abc.ABC):
             index, v4, v6 = self._next_index(c)
             c.execute("INSERT INTO operators VALUES (?, ?, ?, ?, ?, ?)",
                       (name, public_key, index, v4, v6, now))
+            self._notify(c, Kind.OPERATORS)
             return Operator(name, public_key, v4, v6, now)
 
     def list_operators(self) -> list[Operator]:
@@ -812,6 +833,7 @@ class SqlStore(abc.ABC):
             c.execute("INSERT INTO app_versions VALUES (?, ?, ?) ON CONFLICT(fleet, app) DO "
                       "UPDATE SET max_version = excluded.max_version",
                       (r.fleet, r.app, r.version))
+            self._notify(c, Kind.TARGETS, r.fleet)
             return r, True
 
     def get_release(self, fleet: str, app: str, version: int) -> Release | None:
@@ -854,6 +876,7 @@ class SqlStore(abc.ABC):
             c.execute("DELETE FROM rollouts WHERE fleet = ? AND app = ? AND version = ?",
                       (fleet, app, version))
             c.execute("DELETE FROM releases WHERE id = ?", (release_id,))
+            self._notify(c, Kind.TARGETS, fleet)
             return orphans
 
     def blob_referenced(self, blob_id: str, fleet: str | None = None) -> bool:
@@ -892,6 +915,7 @@ class SqlStore(abc.ABC):
                                f"{newest + 1}, not {version}")
             c.execute("INSERT INTO fleet_roots VALUES (?, ?, ?, ?)",
                       (fleet, version, document, key.set_at))
+            self._notify(c, Kind.TARGETS, fleet)
             c.execute("INSERT INTO release_keys VALUES (?, ?, ?, ?) ON CONFLICT(fleet) DO "
                       "UPDATE SET public_key = excluded.public_key, key_id = excluded.key_id, "
                       "set_at = excluded.set_at",
@@ -917,6 +941,7 @@ class SqlStore(abc.ABC):
                       "device) DO UPDATE SET version = excluded.version, pin = excluded.pin, "
                       "set_at = excluded.set_at",
                       (t.fleet, t.app, t.device or "", t.version, t.pin, t.set_at))
+            self._notify(c, Kind.TARGETS, t.fleet, t.device or "")
 
     def targets(self, fleet: str) -> list[FleetTarget]:
         rows = self._query("SELECT fleet, app, version, device, pin, set_at FROM targets "
@@ -939,6 +964,8 @@ class SqlStore(abc.ABC):
                 raise ControlError(f"tags: device {name} would have {len(tags)} tags, at most "
                                    f"{max_tags} allowed")
             c.execute("UPDATE devices SET tags = ? WHERE id = ?", (_tags_text(tags), device.id))
+            if device.state is DeviceState.ACTIVE:
+                self._notify(c, Kind.TARGETS, device.fleet, name)
             row = c.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE id = ?",
                             (device.id,)).fetchone()
             return _device(row)
@@ -966,6 +993,7 @@ class SqlStore(abc.ABC):
                       (r.fleet, r.app, r.version, r.state, r.previous, r.created_at,
                        r.updated_at, None if r.spec is None else json.dumps(r.spec),
                        None if r.data is None else json.dumps(r.data), r.rollback_pin))
+            self._notify(c, Kind.ROLLOUT, r.fleet)
 
     def get_rollout(self, fleet: str, app: str, version: int) -> RolloutRecord | None:
         rows = self._query(f"SELECT {_ROLLOUT_COLS} FROM rollouts WHERE fleet = ? AND app = ? "

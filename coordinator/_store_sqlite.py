@@ -14,8 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ._changes import Kind
 from ._model import Conflict
-from ._store_sql import MIGRATIONS, SqlStore
+from ._store_sql import MIGRATIONS, SqlStore, Tx
 
 __all__ = ["MIGRATIONS", "SqliteStore"]
 
@@ -65,6 +66,14 @@ class SqliteStore(SqlStore):
             finally:
                 if durable:
                     self._db.execute("PRAGMA synchronous=NORMAL")
+
+    # One process owns a SQLite file: no other replica keeps anything of it in memory, so a
+    # write has nobody to tell (no change feed).
+    def _notify(self, c: Tx, kind: Kind, fleet: str = "", device: str = "") -> None:
+        return
+
+    def _notify_device(self, c: Tx, kind: Kind, device_id: str) -> None:
+        return
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         with self._lock:

@@ -265,6 +265,9 @@ class Enrollment:
     # The fleet's Ed25519 release key (hex) when the operator has set one: the agent pins it
     # and trusts only manifests signed with it. Absent from the JSON when not set.
     release_key: str | None = None
+    # Every coordinator replica's URL (docs/scale.md, "Replicas"): the agent fails over to
+    # them. Absent from the JSON for a single coordinator.
+    urls: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out = {"device_id": self.device_id, "name": self.name, "fleet": self.fleet,
@@ -273,6 +276,8 @@ class Enrollment:
                "mesh_prefix_v6": self.mesh_prefix_v6, "hub": self.hub.to_json()}
         if self.release_key is not None:
             out["release_key"] = self.release_key
+        if self.urls:
+            out["urls"] = list(self.urls)
         return out
 
     @classmethod
@@ -285,7 +290,25 @@ class Enrollment:
                    _get(obj, "mesh_prefix_v6", str, w),
                    HubInfo.from_json(_get(obj, "hub", dict, w)),
                    _release_key(_get(obj, "release_key", str, w, optional=True),
-                                f"{w}.release_key"))
+                                f"{w}.release_key"),
+                   coordinator_urls(_get(obj, "urls", list, w, optional=True) or [],
+                                    f"{w}.urls"))
+
+
+MAX_COORDINATOR_URLS: Final = 16  # replicas a device or operator knows at most
+MAX_URL_LEN: Final = 2048
+
+
+def coordinator_urls(urls: list[Any], where: str) -> tuple[str, ...]:
+    """Replica URLs as the wire carries them: at most MAX_COORDINATOR_URLS https:// strings.
+    (Each is checked in full, host and port, where it is used: mesh.tlspin.split_url.)"""
+    if len(urls) > MAX_COORDINATOR_URLS:
+        raise ControlError(f"{where}: more than {MAX_COORDINATOR_URLS} URLs")
+    for u in urls:
+        if not isinstance(u, str) or not u.startswith("https://") or len(u) > MAX_URL_LEN \
+                or any(c.isspace() or c == "," for c in u):
+            raise ControlError(f"{where}: each must be an https:// URL")
+    return tuple(urls)
 
 
 def _release_key(key: str | None, where: str) -> str | None:

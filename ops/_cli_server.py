@@ -68,7 +68,8 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
         metrics_token_file=Path(args.metrics_token_file) if args.metrics_token_file else None,
         blobs=args.blobs or None,
         blobs_credentials_file=(Path(args.blobs_credentials_file)
-                                if args.blobs_credentials_file else None))
+                                if args.blobs_credentials_file else None),
+        peer_urls=tuple(args.peer_url or ()))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -128,6 +129,8 @@ def coordinator_unit(args: argparse.Namespace) -> str:
                         ("--blobs-credentials-file", args.blobs_credentials_file)):
         if value:
             argv += [flag, value]
+    for url in args.peer_url or ():
+        argv += ["--peer-url", url]
     caps: set[str] = set()
     if args.no_hub:
         argv.append("--no-hub")
@@ -164,6 +167,10 @@ def _server_options(p: argparse.ArgumentParser) -> None:
                         "DATABASE, libpq's URL; empty or made by fleetmesh) instead of the "
                         "default SQLite file in DIR; DIR still holds the keys, certificate and "
                         "blobs (`install` then writes the unit mode 0600)")
+    p.add_argument("--peer-url", action="append", metavar="URL",
+                   help="another replica's public URL, https://HOST:PORT, on the same --store "
+                        "database (repeat for each): devices get every replica's URL at "
+                        "enrollment and fail over to them (docs/scale.md, \"Replicas\")")
     p.add_argument("--mesh-ipv4", default="10.250.0.0/16", metavar="PREFIX")
     p.add_argument("--mesh-ipv6", default="fd7a:f1ee:7000::/48", metavar="PREFIX")
     p.add_argument("--no-hub", action="store_true",

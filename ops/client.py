@@ -419,19 +419,51 @@ def _base(url: str) -> str:
     return url.rstrip("/")
 
 
+def coordinator_urls(url: str | Sequence[str]) -> tuple[str, ...]:
+    """Every replica's URL (docs/scale.md, "Replicas"): one URL, several separated by commas,
+    or a sequence of them; each checked (PinError), duplicates dropped, order kept."""
+    given = url.split(",") if isinstance(url, str) else list(url)
+    urls = tuple(dict.fromkeys(_base(u.strip()) for u in given if u.strip()))
+    if not urls:
+        raise PinError("no coordinator URL given")
+    return urls
+
+
+def _rotation(urls: tuple[str, ...], current: str) -> list[str]:
+    """The URLs, the one in use first."""
+    i = urls.index(current)
+    return [*urls[i:], *urls[:i]]
+
+
+def _failover(exc: httpx.TransportError, url: str, last: bool) -> None:
+    """Returns (the caller tries the next replica) if the request never reached a coordinator
+    (nothing was sent) and another URL is left; raises the client's error otherwise. A
+    failure after sending (a read timeout, a dropped answer) is not retried elsewhere: the
+    first replica may have done it."""
+    if not last and isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)) and \
+            not _has_cert_failure(exc):
+        return
+    raise _transport_error(exc, url) from exc
+
+
 # --------------------------------------------------------------------------- operator (sync)
 
 
 class OperatorClient:
     """The operator API, synchronous. Give the pinned certificate (`cert_der`) or its
     `fingerprint`; with only a fingerprint the certificate is fetched and checked on first use.
+    `url`: one coordinator, or every replica's (`coordinator_urls`): a request that cannot
+    connect goes to the next one (replicas share the pinned certificate); an answer, even an
+    error, is final.
     """
 
-    def __init__(self, url: str, api_key: str, *, cert_der: bytes | None = None,
-                 fingerprint: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, url: str | Sequence[str], api_key: str, *,
+                 cert_der: bytes | None = None, fingerprint: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
         if cert_der is None and fingerprint is None:
             raise ValueError("give cert_der or fingerprint: the coordinator is always pinned")
-        self.url = _base(url)
+        self.urls = coordinator_urls(url)
+        self.url = self.urls[0]  # the one in use
         self._api_key = api_key
         self._fingerprint = None if fingerprint is None else normalize_fingerprint(fingerprint)
         if cert_der is not None and self._fingerprint is not None:
@@ -448,10 +480,15 @@ class OperatorClient:
         """The pinned certificate (fetched and checked against the fingerprint if needed)."""
         if self._cert_der is None:
             assert self._fingerprint is not None
-            try:
-                self._cert_der = connect_pinned(self.url, self._fingerprint, self._timeout)
-            except CertificateFetchError as exc:
-                raise CoordinatorUnreachable(str(exc)) from exc
+            for i, url in enumerate(_rotation(self.urls, self.url)):
+                try:
+                    self._cert_der = connect_pinned(url, self._fingerprint, self._timeout)
+                    self.url = url
+                    break
+                except CertificateFetchError as exc:
+                    if i == len(self.urls) - 1:
+                        raise CoordinatorUnreachable(str(exc)) from exc
+        assert self._cert_der is not None
         return self._cert_der
 
     def _client(self) -> httpx.Client:
@@ -477,13 +514,18 @@ class OperatorClient:
 
     def _send(self, method: str, path: str, *ok: int, limit: int = MAX_JSON_ANSWER,
               **kwargs: Any) -> httpx.Response:
-        client = self._client()
-        try:
-            response = _send_limited(client, client.build_request(method, API + path, **kwargs),
-                                     limit)
-        except httpx.TransportError as exc:
-            raise _transport_error(exc, self.url) from exc
-        return _check(response, *ok)
+        rotation = _rotation(self.urls, self.url)
+        for url in rotation:
+            if url != self.url:  # the one before did not connect: the next replica
+                self.close()
+                self.url = url
+            client = self._client()
+            request = client.build_request(method, API + path, **kwargs)
+            try:
+                return _check(_send_limited(client, request, limit), *ok)
+            except httpx.TransportError as exc:
+                _failover(exc, url, url == rotation[-1])
+        raise AssertionError("unreachable: the last URL's failure raised")
 
     def _request(self, method: str, path: str, *ok: int, **kwargs: Any) -> Any:
         return _json(self._send(method, path, *ok, **kwargs))
@@ -887,19 +929,26 @@ def _ranged_content(response: httpx.Response, start: int | None, end: int | None
 
 
 class DeviceClient:
-    """The device API, async (trio via httpx.AsyncClient), pinned to `cert_der`."""
+    """The device API, async (trio via httpx.AsyncClient), pinned to `cert_der`. `url`: one
+    coordinator or every replica's, tried in turn on a failure to connect (as OperatorClient).
+    """
 
-    def __init__(self, url: str, credential: str, cert_der: bytes, *,
+    def __init__(self, url: str | Sequence[str], credential: str, cert_der: bytes, *,
                  timeout: float = DEFAULT_TIMEOUT) -> None:
-        self.url = _base(url)
+        self.urls = coordinator_urls(url)
+        self.url = self.urls[0]  # the one in use
         self._timeout = timeout
+        self._credential, self._cert_der = credential, cert_der
+        self._http = self._new_http()
+
+    def _new_http(self) -> httpx.AsyncClient:
         # (with a transport of its own, httpx takes TLS settings from the transport only)
-        transport = httpx.AsyncHTTPTransport(verify=pinned_ssl_context(cert_der),
+        transport = httpx.AsyncHTTPTransport(verify=pinned_ssl_context(self._cert_der),
                                              socket_options=DEVICE_SOCKET_OPTIONS)
-        self._http = httpx.AsyncClient(
-            base_url=self.url, transport=transport, timeout=httpx.Timeout(timeout),
-            trust_env=False,
-            headers={"Authorization": f"Bearer {credential}", "Accept": "application/json"})
+        return httpx.AsyncClient(
+            base_url=self.url, transport=transport, timeout=httpx.Timeout(self._timeout),
+            trust_env=False, headers={"Authorization": f"Bearer {self._credential}",
+                                      "Accept": "application/json"})
 
     def __repr__(self) -> str:
         return f"DeviceClient({self.url!r}, credential=<hidden>)"
@@ -916,12 +965,18 @@ class DeviceClient:
 
     async def _request(self, method: str, path: str, *ok: int,
                        limit: int = MAX_JSON_ANSWER, **kwargs: Any) -> httpx.Response:
-        try:
-            response = await _send_limited_async(
-                self._http, self._http.build_request(method, API + path, **kwargs), limit)
-        except httpx.TransportError as exc:
-            raise _transport_error(exc, self.url) from exc
-        return _check(response, *ok)
+        rotation = _rotation(self.urls, self.url)
+        for url in rotation:
+            if url != self.url:  # the one before did not connect: the next replica
+                await self._http.aclose()
+                self.url = url
+                self._http = self._new_http()  # (for self.url)
+            request = self._http.build_request(method, API + path, **kwargs)
+            try:
+                return _check(await _send_limited_async(self._http, request, limit), *ok)
+            except httpx.TransportError as exc:
+                _failover(exc, url, url == rotation[-1])
+        raise AssertionError("unreachable: the last URL's failure raised")
 
     async def peermap(self, version: int = 0, wait: float = 25, hold: float = 0.0,
                       quiet: bool = False, held: PeerMap | None = None) -> PeerMap | None:
@@ -1160,14 +1215,15 @@ class OperatorConfig:
     url: str
     api_key: str
     fingerprint: str
+    urls: tuple[str, ...] = ()  # every replica's URL, `url` first (empty: `url` alone)
 
     def __repr__(self) -> str:
         return (f"OperatorConfig(url={self.url!r}, api_key=<hidden>, "
                 f"fingerprint={self.fingerprint!r})")
 
     def client(self, timeout: float = DEFAULT_TIMEOUT) -> OperatorClient:
-        return OperatorClient(self.url, self.api_key, fingerprint=self.fingerprint,
-                              timeout=timeout)
+        return OperatorClient(self.urls or self.url, self.api_key,
+                              fingerprint=self.fingerprint, timeout=timeout)
 
 
 def default_config_path(env: Mapping[str, str] | None = None) -> Path:
@@ -1181,7 +1237,8 @@ def load_operator_config(path: str | os.PathLike[str] | None = None,
                          env: Mapping[str, str] | None = None) -> OperatorConfig:
     """URL, API key and certificate fingerprint: each from its environment variable if set,
     else from the TOML file (`path`, or the default path if it exists). An explicit `path`
-    that cannot be read is an error; the default path may be absent."""
+    that cannot be read is an error; the default path may be absent. Replicas: `url` is a
+    list of URLs in the file, or URLs separated by commas (also in FLEETMESH_URL)."""
     env = os.environ if env is None else env
     explicit = path is not None
     file = Path(path) if path is not None else default_config_path(env)
@@ -1204,8 +1261,12 @@ def load_operator_config(path: str | os.PathLike[str] | None = None,
         value = env.get(var) or values.get(key)
         if value is None or value == "":
             continue
+        if key == "url" and isinstance(value, list) and value and \
+                all(isinstance(u, str) for u in value):
+            value = ",".join(value)
         if not isinstance(value, str):
-            raise OperatorConfigError(f"{file}: {key} must be a string")
+            raise OperatorConfigError(f"{file}: {key} must be a string"
+                                  + (" or a list of them" if key == "url" else ""))
         got[key] = value.strip()
     missing = [(k, v) for k, v in keys if k not in got]
     if missing:
@@ -1214,8 +1275,8 @@ def load_operator_config(path: str | os.PathLike[str] | None = None,
             + ", ".join(v for _, v in missing) + f" or {', '.join(k for k, _ in missing)} in "
             + str(file))
     try:
-        split_url(got["url"])
+        urls = coordinator_urls(got["url"])
         fp = normalize_fingerprint(got["fingerprint"])
     except PinError as exc:
         raise OperatorConfigError(str(exc)) from exc
-    return OperatorConfig(got["url"].rstrip("/"), got["api_key"], fp)
+    return OperatorConfig(urls[0], got["api_key"], fp, urls if len(urls) > 1 else ())

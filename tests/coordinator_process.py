@@ -28,6 +28,7 @@ class RunningCoordinator:
     api_key: str
     der: bytes
     data: Path
+    pid: int = 0  # the serve process (a test may SIGKILL it; it is reaped at the end)
 
     @property
     def fingerprint(self) -> str:
@@ -91,6 +92,7 @@ def running_coordinator(data: Path, log_path: Path, *extra: str, fleetmesh: str 
                                 f"{log.read()[-2000:]}")
                 time.sleep(0.1)
             yield RunningCoordinator(f"https://127.0.0.1:{port}",
-                                     (data / "operator.key").read_text().strip(), der, data)
+                                     (data / "operator.key").read_text().strip(), der, data,
+                                     proc.pid)
         finally:
             stop(proc, 10)

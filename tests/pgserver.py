@@ -13,6 +13,8 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
@@ -106,6 +108,17 @@ class PgServer:
             except ProcessLookupError:
                 pass
             self.pid = None
+
+
+@contextmanager
+def running_server() -> Iterator[PgServer]:
+    """A started server, stopped by PID (its directory gone) at the end, also on failure."""
+    server = PgServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
 
 
 def _alive(pid: int) -> bool:

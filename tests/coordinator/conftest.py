@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from coordinator._server import Coordinator, CoordinatorConfig
-from tests.pgserver import PgServer
+from tests.pgserver import PgServer, running_server
 from tests.s3server import S3Server
 from vpn import generate_keypair
 
@@ -112,12 +112,8 @@ def pg_server() -> Iterator[PgServer]:
     """One private PostgreSQL for the session (tests/pgserver.py); each test that needs it
     takes a database of its own (`pg_server.new_database()`). Stopped by PID at the end, also
     when a test failed."""
-    server = PgServer()
-    try:
-        server.start()
+    with running_server() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
