@@ -199,8 +199,17 @@ def blob_bytes(device: str, blobs: set[str]) -> int:
 def agent_of(device: str) -> tuple[str, str]:
     """(the image of the device's agent container, its build file)."""
     image = engine_ps(device).get(AGENT_CONTAINER, "")
-    build = lab_cli("exec", device, "--", "docker", "exec", AGENT_CONTAINER, "cat",
-                    "/etc/fleetmesh-agent-build", timeout=60, check=False)
+    if not image:
+        return image, ""
+    # its file through /proc/PID/root (the lab's engines share this PID namespace), not with
+    # `docker exec`: inside a chroot, as in a fresh-Debian box, runc's exec lands in the mount
+    # namespace's root, not the container's
+    pid = lab_cli("exec", device, "--", "docker", "inspect", "-f", "{{.State.Pid}}",
+                  AGENT_CONTAINER, timeout=60, check=False).strip()
+    try:
+        build = Path(f"/proc/{int(pid)}/root/etc/fleetmesh-agent-build").read_text()
+    except (ValueError, OSError):  # stopped or replaced in between: asked again by the wait
+        build = ""
     return image, build.strip()
 
 
