@@ -268,6 +268,8 @@ class CompiledPolicy:
         self._group: dict[str, int] = {}
         self._lan: dict[str, str] = {}
         self._lan_members: dict[str, list[str]] = {}
+        self._links_cache: dict[int, frozenset[tuple[tuple[str, ...], bool, Ports]]] = {}
+        self._keys: dict[int, tuple[str, ...]] = {}
         for d in devices:
             tags = d.tags
             sig = tuple(tags.get(k, "") for k in keys)
@@ -347,6 +349,51 @@ class CompiledPolicy:
         """Every device `name` shares a WireGuard peering with: it reaches them or they it."""
         return {p for p, _, _ in self._grants(name, True)} | \
             {p for p, _, _ in self._grants(name, False)}
+
+    def group_of(self, name: str) -> int | None:
+        return self._group.get(name)
+
+    def lan_of(self, name: str) -> str | None:
+        return self._lan.get(name)
+
+    def pair(self, a: str, b: str) -> tuple[Ports | None, Ports | None]:
+        """(what `a` may send to `b`, what `b` may send to `a`); None: nothing. O(the rules
+        of `a`'s group), never O(fleet): a peer map checks one peer with it."""
+        ga, gb = self._group.get(a), self._group.get(b)
+        if ga is None or gb is None or a == b:
+            return None, None
+        out: Ports | None = None
+        back: Ports | None = None
+        for edge in self._out[ga]:
+            if gb in edge.dst_groups:
+                out = edge.rule.ports if out is None else out | edge.rule.ports
+        for edge in self._in[ga]:
+            if gb in edge.src_groups:
+                back = edge.rule.ports if back is None else back | edge.rule.ports
+        lan = self._lan.get(a)
+        if lan is not None and lan == self._lan.get(b):
+            out, back = ANY, ANY
+        return out, back
+
+    def links(self, name: str) -> frozenset[tuple[tuple[str, ...], bool, Ports]]:
+        """What decides `name`'s rule peers, besides its LAN: each rule edge of its group as
+        (the other group's members, outward, ports). Equal links under two compilations mean
+        equal rule peers and ports (a policy change leaves such a device's map alone)."""
+        g = self._group[name]
+        cache = self._links_cache.get(g)
+        if cache is None:
+            key = self._group_key
+            cache = frozenset(
+                [(key(o), True, e.rule.ports) for e in self._out[g] for o in e.dst_groups]
+                + [(key(o), False, e.rule.ports) for e in self._in[g] for o in e.src_groups])
+            self._links_cache[g] = cache
+        return cache
+
+    def _group_key(self, g: int) -> tuple[str, ...]:
+        key = self._keys.get(g)
+        if key is None:
+            key = self._keys[g] = tuple(sorted(self._members[g]))
+        return key
 
     def explain(self, name: str) -> dict[str, Any]:
         """What `name` may reach and what may reach it, each peer with its ports and the rules
