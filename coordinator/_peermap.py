@@ -286,6 +286,22 @@ class PeerMapCore:
             return self._fleet_except(member)
         return self._view(member.name) if member.name in self._members else ()
 
+    def filter_rules(self) -> tuple[dict[str, list[Ports]], dict[str, frozenset[str]]]:
+        """What the hub's filter enforces, as published: per fleet with a policy the ports of
+        each rule edge (by index), and per device the edge sides it is on (`"3s"`: a source of
+        edge 3, `"3d"`: a destination)."""
+        rules: dict[str, list[Ports]] = {}
+        sides: dict[str, set[str]] = {}
+        for fleet, compiled in sorted(self._compiled.items()):
+            ports = rules[fleet] = []
+            for k, (src, dst, p) in enumerate(compiled.edges()):
+                ports.append(p)
+                for n in src:
+                    sides.setdefault(n, set()).add(f"{k}s")
+                for n in dst:
+                    sides.setdefault(n, set()).add(f"{k}d")
+        return rules, {n: frozenset(v) for n, v in sides.items()}
+
     def set_policy(self, fleet: str, policy: Policy | None) -> None:
         """The fleet's stored policy (None: none, full maps). Applied at the next publish: the
         devices whose peers or ports change are marked, and get their full map."""

@@ -36,7 +36,7 @@ from mesh.control import (
     key_proof_mac,
     x25519_secret,
 )
-from mesh.policy import Policy
+from mesh.policy import Policy, Ports
 from mesh.rollout import MAX_TAGS, Selector
 
 from . import _secrets
@@ -397,12 +397,19 @@ class FleetService:
     # ------------------------------------------------------------------ hub
 
     def hub_peers(self) -> list[HubPeer]:
-        """Every device and operator workstation the hub relays for."""
-        peers = [HubPeer(m.public_key, m.mesh_ipv4, m.mesh_ipv6, m.fleet)
+        """Every device and operator workstation the hub relays for (with a fleet policy: the
+        rule-edge sides each device is on, see `hub_policies`)."""
+        sides = self.core.filter_rules()[1]
+        peers = [HubPeer(m.public_key, m.mesh_ipv4, m.mesh_ipv6, m.fleet,
+                         sides.get(m.name, frozenset()))
                  for m in self.core.members()]
         peers += [HubPeer(o.public_key, o.mesh_ipv4, o.mesh_ipv6, None)
                   for o in self.store.list_operators()]
         return peers
+
+    def hub_policies(self) -> dict[str, list[Ports]]:
+        """Per fleet with a policy, the ports of each of its rule edges (the hub's filter)."""
+        return self.core.filter_rules()[0]
 
     def observe(self, observed: list[Observation]) -> None:
         """What the hub saw of its peers: handshakes, traffic, NAT-mapped endpoints."""

@@ -33,6 +33,9 @@ MAX_POLICY_BYTES: Final = 64 * 1024
 MAX_RULES: Final = 1000
 MAX_PORT_ITEMS: Final = 64
 PROTOCOLS: Final = ("tcp", "udp", "icmp")
+# fleetmesh's own traffic between two devices of a fleet (gossip and blob exchange, the agent's
+# GOSSIP_PORT): always allowed between paired devices, whatever the policy says
+MESH_PORTS: Final = (("tcp", 7946, 7946),)
 DEFAULT_REASONS: Final = {"lan": "default: LAN neighbour (same public address)"}
 
 _PORT_RE: Final = re.compile(r"(tcp|udp)/([0-9]{1,5})(?:-([0-9]{1,5}))?\Z")
@@ -394,6 +397,18 @@ class CompiledPolicy:
         if key is None:
             key = self._keys[g] = tuple(sorted(self._members[g]))
         return key
+
+    def edges(self) -> list[tuple[list[str], list[str], Ports]]:
+        """Every rule edge once, as (its source devices, its destination devices, ports): what
+        a firewall matches on (sets of addresses per edge: rules grow with the policy's rules,
+        never with device pairs)."""
+        seen: dict[int, _Edge] = {}
+        for edges in self._out:
+            for edge in edges:
+                seen.setdefault(id(edge), edge)
+        return [([n for g in e.src_groups for n in self._members[g]],
+                 [n for g in e.dst_groups for n in self._members[g]], e.rule.ports)
+                for e in seen.values()]
 
     def explain(self, name: str) -> dict[str, Any]:
         """What `name` may reach and what may reach it, each peer with its ports and the rules
