@@ -31,18 +31,17 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from mesh.policy import MESH_PORTS, Ports
+from mesh.policy import MESH_PORTS, Ports, nft_matches
+from vpn import NftError, run_nft
 
 log = logging.getLogger("fleetmesh.coordinator.hub")
 
 TABLE: Final = "fleetmesh_hub"
-NFT_TIMEOUT: Final = 10.0
 IPV4_FORWARD: Final = Path("/proc/sys/net/ipv4/ip_forward")
 IPV6_CONF: Final = Path("/proc/sys/net/ipv6/conf")
 
@@ -59,8 +58,7 @@ class FilterPeer:
     sides: frozenset[str] = frozenset()
 
 
-class FilterError(OSError):
-    pass
+FilterError = NftError  # nft could not apply (or remove) the table: one line
 
 
 def _elements(addresses: Iterable[str]) -> str:
@@ -72,23 +70,6 @@ def _set(name: str, kind: str, addresses: Iterable[str]) -> str:
     return f"  set {name} {{ type {kind}; {_elements(addresses)} }}"
 
 
-def port_matches(ports: Ports, family: str) -> list[str]:
-    """nft matches, one per protocol, that together accept exactly `ports` ("": anything)."""
-    if any(proto == "any" for proto, _, _ in ports.ranges):
-        return [""]
-    out: list[str] = []
-    for proto in ("tcp", "udp"):
-        spans = [(lo, hi) for p, lo, hi in ports.ranges if p == proto]
-        if spans == [(0, 65535)]:
-            out.append(f"meta l4proto {proto}")
-        elif spans:
-            items = ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in spans)
-            out.append(f"{proto} dport {{ {items} }}")
-    if any(p == "icmp" for p, _, _ in ports.ranges):
-        out.append("meta l4proto icmp" if family == "4" else "meta l4proto ipv6-icmp")
-    return out
-
-
 def _rule(*parts: str) -> str:
     return "    " + " ".join(part for part in parts if part) + " accept"
 
@@ -98,17 +79,17 @@ def _policy_chain(fleet: str, i: int, members: list[FilterPeer], rules: list[Por
     """Fleet i's sets and chain under its policy (see the module docstring)."""
     mesh = Ports(MESH_PORTS)
     lines: list[str] = []
-    body = [_rule(f"ip daddr @fleet{i}_4", m) for m in port_matches(mesh, "4")]
-    body += [_rule(f"ip6 daddr @fleet{i}_6", m) for m in port_matches(mesh, "6")]
+    body = [_rule(f"ip daddr @fleet{i}_4", m) for m in nft_matches(mesh, "4")]
+    body += [_rule(f"ip6 daddr @fleet{i}_6", m) for m in nft_matches(mesh, "6")]
     for k, ports in enumerate(rules):
         for side in ("s", "d"):
             on = [p for p in members if f"{k}{side}" in p.sides]
             lines += [_set(f"f{i}e{k}{side}4", "ipv4_addr", (p.mesh_ipv4 for p in on)),
                       _set(f"f{i}e{k}{side}6", "ipv6_addr", (p.mesh_ipv6 for p in on))]
         body += [_rule(f"ip saddr @f{i}e{k}s4 ip daddr @f{i}e{k}d4", m)
-                 for m in port_matches(ports, "4")]
+                 for m in nft_matches(ports, "4")]
         body += [_rule(f"ip6 saddr @f{i}e{k}s6 ip6 daddr @f{i}e{k}d6", m)
-                 for m in port_matches(ports, "6")]
+                 for m in nft_matches(ports, "6")]
     return lines + [f"  chain fleet{i} {{", f"    comment \"fleet {_comment(fleet)} (policy)\""] \
         + body + ["  }"]
 
@@ -186,16 +167,6 @@ def _comment(fleet: str) -> str:
     return "".join(c for c in fleet if c.isascii() and (c.isalnum() or c in "-_."))[:64]
 
 
-def _nft(script: str) -> None:
-    try:
-        done = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True,
-                              timeout=NFT_TIMEOUT, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise FilterError(f"nft: {exc}") from None
-    if done.returncode != 0:
-        raise FilterError(f"nft: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
-
-
 class HostFilter:
     """The hub's host-side state: forwarding on (previous values kept) and the table. `start`
     and `stop` are synchronous (run them in a worker thread); `stop` undoes whatever `start`
@@ -228,7 +199,7 @@ class HostFilter:
                          policies)
         if script == self._applied:
             return
-        _nft(script)  # one transaction: all of it or, on error, nothing
+        run_nft(script)  # one transaction: all of it or, on error, nothing
         self._table = True
         self._applied = script
 
@@ -241,7 +212,7 @@ class HostFilter:
         self._saved.clear()
         if self._table:
             try:
-                _nft(f"add table inet {TABLE}\ndelete table inet {TABLE}\n")
+                run_nft(f"add table inet {TABLE}\ndelete table inet {TABLE}\n")
             except FilterError as exc:
                 log.warning("cannot remove the hub's nftables table: %s", exc)
             self._table = False
@@ -254,4 +225,4 @@ class HostFilter:
             path.write_text(value + "\n")
 
 
-__all__ = ["TABLE", "FilterError", "FilterPeer", "HostFilter", "port_matches", "ruleset"]
+__all__ = ["TABLE", "FilterError", "FilterPeer", "HostFilter", "ruleset"]

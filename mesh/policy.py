@@ -112,6 +112,25 @@ class Ports:
 ANY: Final = Ports((("any", 0, 65535),))
 
 
+def nft_matches(ports: Ports, family: str) -> list[str]:
+    """nftables matches, one per protocol, that together accept exactly `ports` for IPv4
+    (`family` "4") or IPv6 ("6"); [""]: anything, []: nothing. Text only: the hub's and the
+    devices' firewalls (coordinator/_hubfilter.py, agent/_devfilter.py) write them."""
+    if any(proto == "any" for proto, _, _ in ports.ranges):
+        return [""]
+    out: list[str] = []
+    for proto in ("tcp", "udp"):
+        spans = [(lo, hi) for p, lo, hi in ports.ranges if p == proto]
+        if spans == [(0, 65535)]:
+            out.append(f"meta l4proto {proto}")
+        elif spans:
+            items = ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in spans)
+            out.append(f"{proto} dport {{ {items} }}")
+    if any(p == "icmp" for p, _, _ in ports.ranges):
+        out.append("meta l4proto icmp" if family == "4" else "meta l4proto ipv6-icmp")
+    return out
+
+
 def parse_ports(text: str, where: str = "ports") -> Ports:
     """`any` or a comma list of `tcp`, `udp`, `icmp`, `tcp/N`, `udp/N-M`."""
     items = [item.strip() for item in text.split(",")]
@@ -288,6 +307,7 @@ class CompiledPolicy:
         views = [dict(zip(keys, sig, strict=True)) for sig in index]
         self._out: list[list[_Edge]] = [[] for _ in views]
         self._in: list[list[_Edge]] = [[] for _ in views]
+        self._edges: list[_Edge] = []  # in the policy's order
         for rule in policy.rules:
             src = tuple(g for g, v in enumerate(views) if rule.src is None or rule.src.matches(v))
             dst = tuple(g for g, v in enumerate(views) if rule.dst is None or rule.dst.matches(v))
@@ -296,6 +316,7 @@ class CompiledPolicy:
             why = rule.reason()
             edges = [_Edge(rule, src, dst, why)] + ([_Edge(rule, dst, src, why)]
                                                     if rule.both else [])
+            self._edges += edges
             for edge in edges:
                 for g in edge.src_groups:
                     self._out[g].append(edge)
@@ -399,16 +420,12 @@ class CompiledPolicy:
         return key
 
     def edges(self) -> list[tuple[list[str], list[str], Ports]]:
-        """Every rule edge once, as (its source devices, its destination devices, ports): what
-        a firewall matches on (sets of addresses per edge: rules grow with the policy's rules,
-        never with device pairs)."""
-        seen: dict[int, _Edge] = {}
-        for edges in self._out:
-            for edge in edges:
-                seen.setdefault(id(edge), edge)
+        """Every rule edge once, in the policy's order, as (its source devices, its destination
+        devices, ports): what a firewall matches on (sets of addresses per edge: rules grow
+        with the policy's rules, never with device pairs)."""
         return [([n for g in e.src_groups for n in self._members[g]],
                  [n for g in e.dst_groups for n in self._members[g]], e.rule.ports)
-                for e in seen.values()]
+                for e in self._edges]
 
     def explain(self, name: str) -> dict[str, Any]:
         """What `name` may reach and what may reach it, each peer with its ports and the rules

@@ -11,10 +11,10 @@ import subprocess
 
 import pytest
 
-from coordinator._hubfilter import TABLE, FilterPeer, port_matches, ruleset
+from coordinator._hubfilter import TABLE, FilterPeer, ruleset
 from coordinator._peermap import Member, PeerMapCore
 from mesh.control import HubInfo
-from mesh.policy import ANY, Ports, parse_policy, parse_ports
+from mesh.policy import ANY, Ports, nft_matches, parse_policy, parse_ports
 from vpn import generate_keypair
 
 HUB4, HUB6 = "10.250.0.1", "fd7a:f1ee:7000::1"
@@ -111,10 +111,10 @@ def test_a_policy_fleet_gets_rules_per_edge_and_its_own_port_not_any_to_any() ->
 
 
 def test_port_matches_cover_exactly_the_ports() -> None:
-    assert port_matches(ANY, "4") == [""]
-    assert port_matches(parse_ports("tcp,udp/53"), "6") == ["meta l4proto tcp",
+    assert nft_matches(ANY, "4") == [""]
+    assert nft_matches(parse_ports("tcp,udp/53"), "6") == ["meta l4proto tcp",
                                                             "udp dport { 53 }"]
-    assert port_matches(Ports(()), "4") == []
+    assert nft_matches(Ports(()), "4") == []
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("unshare"),
