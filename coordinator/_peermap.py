@@ -173,6 +173,7 @@ class PeerMapCore:
         self._touched: dict[str, set[str]] = {}  # fleet -> names joined/left/re-tagged/moved
         self._repolicy: set[str] = set()  # fleets whose policy changed
         self._asked: dict[str, set[str]] = {}  # name -> peers in its map on request (both ways)
+        self.filter_version = 0  # grows whenever `filter_rules` may answer otherwise
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -323,6 +324,7 @@ class PeerMapCore:
         """Bring `fleet`'s compiled policy and ring to its members now; mark the devices whose
         view changed (publish calls it, so the marked get this publish's version)."""
         names = self._fleets.get(fleet, set())
+        self.filter_version += 1
         touched = self._touched.pop(fleet, set())
         switched = fleet in self._repolicy
         self._repolicy.discard(fleet)

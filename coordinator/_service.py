@@ -356,12 +356,16 @@ class FleetService:
             await trio.sleep(self.settings.batch_window)
             self._dirty = trio.Event()
             since, self._dirty_since = self._dirty_since, None
+            filters = self.core.filter_version
             for name in self.core.publish():
                 event = self._waiters.pop(name, None)
                 if event is not None:
                     if since is not None:
                         self._fanout_marks[name] = since
                     event.set()
+            if self.core.filter_version != filters and self._sync_hub is not None:
+                # a fleet's compiled policy or members changed: the hub's filter follows now
+                await self._sync_hub()
 
     async def wait_peermap(self, device: Device, version: int, wait: float,
                            quiet: bool = False, delta: bool = False) -> bytes | None:

@@ -303,3 +303,21 @@ def test_ports_too_long_for_an_entry_are_widened_to_their_protocols_never_narrow
     assert entry.send == parse_ports("tcp,udp")
     assert all(entry.send.allows("tcp", 1000 + 10 * i) for i in range(40))
     assert PeerMap.from_json(json.loads(core.render("d1"))) == core.build("d1")
+
+
+def test_the_hub_filter_rules_follow_the_published_policy_and_tags() -> None:
+    core = site_fleet(20)
+    rules, sides = core.filter_rules()
+    # cam -> nvr, and nvr <-> nvr as one edge each way
+    assert rules == {"f": [parse_ports("tcp/554"), parse_ports("tcp/7000"),
+                           parse_ports("tcp/7000")]}
+    assert sides["d1"] == {"0s"} and sides["d0"] == {"0d", "1s", "1d", "2s", "2d"}
+    version = core.filter_version
+    core.set_tags("d1", [("role", "nvr")])
+    assert core.filter_rules()[1]["d1"] == {"0s"}  # what is published, until the next publish
+    core.publish()
+    assert core.filter_version > version
+    assert core.filter_rules()[1]["d1"] == {"0d", "1s", "1d", "2s", "2d"}
+    core.set_policy("f", None)  # no policy: the hub's any-to-any chain for the fleet
+    core.publish()
+    assert core.filter_rules() == ({}, {})
