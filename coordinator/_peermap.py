@@ -122,6 +122,28 @@ def _wire_ports(ports: Ports | None) -> Ports:
     return Ports.of((proto, 0, 65535) for proto, _, _ in ports.ranges)
 
 
+def _ports_changed(old: CompiledPolicy, new: CompiledPolicy, p: str, peers: Iterable[str],
+                   names: set[str]) -> list[str]:
+    """The `peers` (still in `names`) whose ports with `p` differ between the two compiled
+    policies. A pair's ports depend only on the two groups and whether they share a LAN, so
+    they are compared once per (old group, new group, LAN) of the peer, not once per peer."""
+    same: dict[tuple[int | None, int | None, bool, bool], bool] = {}
+    old_lan, new_lan = old.lan_of(p), new.lan_of(p)
+    out = []
+    for x in peers:
+        if x not in names:
+            continue
+        key = (old.group_of(x), new.group_of(x),
+               old_lan is not None and old.lan_of(x) == old_lan,
+               new_lan is not None and new.lan_of(x) == new_lan)
+        differs = same.get(key)
+        if differs is None:
+            differs = same[key] = new.pair(x, p) != old.pair(x, p)
+        if differs:
+            out.append(x)
+    return out
+
+
 def endpoint_ip(endpoint: str) -> str:
     host = endpoint.rpartition(":")[0]
     return host[1:-1] if host.startswith("[") else host
@@ -385,8 +407,8 @@ class PeerMapCore:
                 self._mark((x,))
         for p in touched:
             changed.add(p)
-            self._mark(x for x in before_peers[p] | self._policy_peers(fleet, p)
-                       if x in names and new.pair(x, p) != old.pair(x, p))
+            self._mark(_ports_changed(old, new, p, before_peers[p] | self._policy_peers(fleet, p),
+                                      names))
             if p in names:
                 self._view_changed(p)
                 self._mark((p,))
