@@ -4,11 +4,13 @@ PUT and GET the file, the compiled view of one device, and the refusals (400 nam
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from coordinator._server import CoordinatorConfig
 from mesh.policy import Ports, parse_ports
 
-from .conftest import Enrolled, Harness
+from .conftest import Enrolled, Harness, running_harness
 from .test_peermap_incremental_api import _settled
 
 POLICY = """\
@@ -155,3 +157,21 @@ async def test_a_stored_policy_gives_partial_maps_with_ports(h: Harness) -> None
     assert r.status_code == 200, r.text
     cam = {p.name: p for p in (await _settled(devs["cam-1"])).peers}
     assert cam["lamp-0"].send == parse_ports("tcp/554")
+
+
+async def test_a_restarted_coordinator_keeps_partial_maps(tmp_path: Path) -> None:
+    """The stored policy is read again at start: the maps stay partial, with their ports."""
+    config = CoordinatorConfig(data_dir=tmp_path / "coord", listen="127.0.0.1:0", hub=False,
+                               batch_window=0.05)
+    async with running_harness(config) as h:
+        for name in ("cam-1", "nvr-1"):
+            await h.enroll(name)
+            r = await h.op.patch(f"/api/v1/devices/{name}/tags",
+                                 json={"set": {"role": name.partition("-")[0]}})
+            assert r.status_code == 200, r.text
+        await _put(h, POLICY)
+    async with running_harness(config) as h:
+        core = h.coord.service.core
+        assert core.policy("fleet") is not None
+        cam = {p.name: p for p in core.build("cam-1").peers}
+        assert cam["nvr-1"].send == parse_ports("tcp/554")
