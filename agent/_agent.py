@@ -48,9 +48,10 @@ from vpn import AsyncWireGuardBackend, public_key_from_private
 
 from ._account import AccountError, WanAccount
 from ._datadir import DataDir, DataDirError, Identity
+from ._devfilter import DeviceFilter, DeviceFilterError
 from ._gossip import GossipNode
 from ._lan import LanPeerJoin, run_lan_discovery
-from ._link import ClientFactory, CoordinatorLink, Log, one_line
+from ._link import ClientFactory, CoordinatorLink, ErrorOnce, Log, one_line
 from ._paths import LAZY_AFTER, PathSelector
 from ._release_sync import GossipSettings, ReleaseSync, host_platform
 from ._rotation import RootWatch
@@ -70,6 +71,8 @@ NETWORK_CHECK_INTERVAL: Final = 2.0
 # On a deliberate stop the last report (stopping: offline now) gets this long; the stop never
 # waits longer for an unreachable coordinator.
 GOODBYE_TIMEOUT: Final = 3.0
+# the device firewall (agent/_devfilter.py) is retried this often while nft fails
+FILTER_RETRY: Final = 30.0
 
 BackendFactory = Callable[[Enrollment], AbstractAsyncContextManager[AsyncWireGuardBackend]]
 
@@ -124,10 +127,14 @@ class Agent:
         private_key = self.data.read_key()
         self.public_key = public_key_from_private(private_key)
         self.backend_factory = backend_factory
+        # Only a real interface (WireGuardGoDevice names it) gets nudges and the device's
+        # firewall (agent/_devfilter.py, installed when the map carries a policy's ports);
+        # fakes get neither.
+        ifname = getattr(backend_factory, "ifname", None)
         if nudge is None:
-            # Only a real interface (WireGuardGoDevice names it) gets nudges; fakes get none.
-            ifname = getattr(backend_factory, "ifname", None)
             nudge = udp_nudger(ifname) if isinstance(ifname, str) else None
+        self.filter = DeviceFilter(ifname) if isinstance(ifname, str) else None
+        self._filter_wanted = trio.Event()
         self.wg_port = wg_port if wg_port is not None else self.identity.wg_port
         if lan_endpoints is None:
             lan_endpoints = self.identity.lan_endpoints or ()
@@ -363,6 +370,7 @@ class Agent:
             return
 
     def _on_peermap(self, old: PeerMap | None, new: PeerMap) -> None:
+        self._filter_wanted.set()
         self.lan_join.peers_changed()
         if self.releases is not None:
             if old is not None and old.targets != new.targets:  # the first read is at start
@@ -370,6 +378,29 @@ class Agent:
             if old is None or old.logs_wanted_until != new.logs_wanted_until:
                 self.releases.logs_wanted_changed()
             self.releases.update_peers()
+
+    async def _filter_loop(self, filter_: DeviceFilter, *,
+                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                           ) -> None:
+        """Keep the device's firewall on the current peer map: applied (atomically) on each new
+        map, retried every FILTER_RETRY while it fails; removed by `run` on the way out."""
+        errors = ErrorOnce(self.log, FILTER_RETRY)
+        failing = False
+        task_status.started()
+        while True:
+            peermap = self.wg.peermap
+            if peermap is not None:
+                try:
+                    await trio.to_thread.run_sync(filter_.apply, peermap)
+                except (DeviceFilterError, ValueError) as exc:
+                    failing = True
+                    errors.failed(f"cannot apply the device firewall: {exc}")
+                else:
+                    failing = False
+                    errors.ok("the device firewall is applied again")
+            with trio.move_on_after(FILTER_RETRY if failing else float("inf")):
+                await self._filter_wanted.wait()
+            self._filter_wanted = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -381,6 +412,8 @@ class Agent:
                     if self.handover is not None:  # asked before run: nothing to start
                         nursery.cancel_scope.cancel()
                     await nursery.start(self.wg.run, backend, self.link)
+                    if self.filter is not None:
+                        await nursery.start(self._filter_loop, self.filter)
                     await nursery.start(self.reporter.run)
                     await nursery.start(self._account_loop)
                     if callable(self._lan):
@@ -399,6 +432,12 @@ class Agent:
                 self.save_account()
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
                     await self.link.aclose()
+                if self.filter is not None:
+                    with trio.CancelScope(shield=True):
+                        try:
+                            await trio.to_thread.run_sync(self.filter.stop)
+                        except DeviceFilterError as exc:
+                            self.log(f"cannot remove the device firewall: {exc}")
 
 
 __all__ = ["Agent", "BackendFactory", "Intervals", "stderr_log"]

@@ -21,6 +21,7 @@ from typing import Final
 
 import trio
 
+from mesh.policy import Ports
 from vpn import (
     DesiredDevice,
     DesiredPeer,
@@ -46,6 +47,7 @@ class HubPeer:
     mesh_ipv4: str
     mesh_ipv6: str
     fleet: str | None  # None: an operator workstation (may reach every device)
+    sides: frozenset[str] = frozenset()  # its fleet policy's rule-edge sides (FilterPeer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +73,7 @@ def observations(status: DeviceStatus) -> list[Observation]:
 
 
 def filter_peers(peers: Iterable[HubPeer]) -> list[FilterPeer]:
-    return [FilterPeer(p.mesh_ipv4, p.mesh_ipv6, p.fleet) for p in peers]
+    return [FilterPeer(p.mesh_ipv4, p.mesh_ipv6, p.fleet, p.sides) for p in peers]
 
 
 class Hub:
@@ -82,11 +84,15 @@ class Hub:
     def __init__(self, private_key: str, listen_port: int, addresses: list[str],
                  peers: Callable[[], list[HubPeer]],
                  observe: Callable[[list[Observation]], None],
-                 poll_interval: float = 1.0, *, api_port: int) -> None:
+                 poll_interval: float = 1.0, *, api_port: int,
+                 policies: Callable[[], dict[str, list[Ports]]] | None = None) -> None:
         self.private_key = private_key
         self.listen_port = listen_port
         self.addresses = [ipaddress.ip_interface(a) for a in addresses]
         self._peers = peers
+        # per fleet with a policy, its rule edges' ports (read right after `peers`, which
+        # carries the sides: no await between, so the two agree)
+        self._policies = policies or dict
         self._observe = observe
         self.poll_interval = poll_interval
         self.wg: WireGuardGo | None = None
@@ -102,13 +108,13 @@ class Hub:
         if self._backend is None:
             return
         async with self._lock:
-            peers = self._peers()
+            peers, policies = self._peers(), self._policies()
             with trio.fail_after(UAPI_TIMEOUT):
                 await areconcile(desired_device(self.private_key, self.listen_port, peers),
                                  self._backend)
             # a revoked peer is gone from the tunnel already; its addresses leave the filter
             # (and a new device's join it) right after
-            await trio.to_thread.run_sync(self._filter.update, filter_peers(peers))
+            await trio.to_thread.run_sync(self._filter.update, filter_peers(peers), policies)
 
     def request_sync(self) -> None:
         self._wanted.set()
@@ -121,7 +127,8 @@ class Hub:
             self.wg = wg
             self._backend = wg.backend()
             await trio.to_thread.run_sync(configure_link, IFNAME, None, self.addresses)
-            await trio.to_thread.run_sync(self._filter.start, filter_peers(self._peers()))
+            peers, policies = self._peers(), self._policies()
+            await trio.to_thread.run_sync(self._filter.start, filter_peers(peers), policies)
             await self.sync()
             task_status.started()
             async with trio.open_nursery() as nursery:

@@ -7,7 +7,11 @@ networks behind it. The table lets through, for traffic that enters or leaves th
 
 - forward, hub to hub: replies of allowed connections (conntrack); operator workstations to any
   device; a device to a device of its own fleet (one verdict map from source address to a chain
-  per fleet, each holding that fleet's addresses: rules grow with fleets, not with pairs);
+  per fleet, each holding that fleet's addresses: rules grow with fleets, not with pairs). A
+  fleet with a reachability policy (docs/policy.md) gets instead, in its chain, fleetmesh's own
+  port (mesh.policy MESH_PORTS: gossip and blobs) to any device of the fleet, and per rule edge
+  two address sets (its sources, its destinations) and one rule per protocol of its ports:
+  rules grow with the policy's rules, sets with its devices, never with pairs;
 - input on the hub interface: the coordinator's API port on the hub's own addresses
   (`HubInfo.api_url` points there) and ICMP echo to them;
 - everything else that enters or leaves the hub interface is counted and dropped. Traffic that
@@ -27,16 +31,17 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from mesh.policy import MESH_PORTS, Ports, nft_matches
+from vpn import NftError, run_nft
+
 log = logging.getLogger("fleetmesh.coordinator.hub")
 
 TABLE: Final = "fleetmesh_hub"
-NFT_TIMEOUT: Final = 10.0
 IPV4_FORWARD: Final = Path("/proc/sys/net/ipv4/ip_forward")
 IPV6_CONF: Final = Path("/proc/sys/net/ipv6/conf")
 
@@ -48,10 +53,12 @@ class FilterPeer:
     mesh_ipv4: str
     mesh_ipv6: str
     fleet: str | None
+    # with a fleet policy: the rule-edge sides the device is on ("3s": a source of edge 3,
+    # "3d": a destination; PeerMapCore.filter_rules)
+    sides: frozenset[str] = frozenset()
 
 
-class FilterError(OSError):
-    pass
+FilterError = NftError  # nft could not apply (or remove) the table: one line
 
 
 def _elements(addresses: Iterable[str]) -> str:
@@ -63,10 +70,36 @@ def _set(name: str, kind: str, addresses: Iterable[str]) -> str:
     return f"  set {name} {{ type {kind}; {_elements(addresses)} }}"
 
 
+def _rule(*parts: str) -> str:
+    return "    " + " ".join(part for part in parts if part) + " accept"
+
+
+def _policy_chain(fleet: str, i: int, members: list[FilterPeer], rules: list[Ports]
+                  ) -> list[str]:
+    """Fleet i's sets and chain under its policy (see the module docstring)."""
+    mesh = Ports(MESH_PORTS)
+    lines: list[str] = []
+    body = [_rule(f"ip daddr @fleet{i}_4", m) for m in nft_matches(mesh, "4")]
+    body += [_rule(f"ip6 daddr @fleet{i}_6", m) for m in nft_matches(mesh, "6")]
+    for k, ports in enumerate(rules):
+        for side in ("s", "d"):
+            on = [p for p in members if f"{k}{side}" in p.sides]
+            lines += [_set(f"f{i}e{k}{side}4", "ipv4_addr", (p.mesh_ipv4 for p in on)),
+                      _set(f"f{i}e{k}{side}6", "ipv6_addr", (p.mesh_ipv6 for p in on))]
+        body += [_rule(f"ip saddr @f{i}e{k}s4 ip daddr @f{i}e{k}d4", m)
+                 for m in nft_matches(ports, "4")]
+        body += [_rule(f"ip6 saddr @f{i}e{k}s6 ip6 daddr @f{i}e{k}d6", m)
+                 for m in nft_matches(ports, "6")]
+    return lines + [f"  chain fleet{i} {{", f"    comment \"fleet {_comment(fleet)} (policy)\""] \
+        + body + ["  }"]
+
+
 def ruleset(ifname: str, hub_ipv4: str, hub_ipv6: str, api_port: int,
-            peers: Iterable[FilterPeer]) -> str:
+            peers: Iterable[FilterPeer], policies: Mapping[str, list[Ports]] | None = None
+            ) -> str:
     """The whole `inet fleetmesh_hub` table for these peers, as an nft script that replaces an
-    earlier one atomically."""
+    earlier one atomically. `policies`: per fleet with a reachability policy, the ports of each
+    rule edge (PeerMapCore.filter_rules); other fleets reach themselves on any port."""
     hub4, hub6 = ipaddress.IPv4Address(hub_ipv4), ipaddress.IPv6Address(hub_ipv6)
     if not (0 < api_port < 65536):
         raise ValueError(f"api port {api_port} out of range")
@@ -93,7 +126,12 @@ def ruleset(ifname: str, hub_ipv4: str, hub_ipv6: str, api_port: int,
         body = ", ".join(f"{addr} : jump fleet{i}" for addr, i in entries)
         lines.append(f"  map source_fleet{family} {{ type {kind} : verdict; "
                      + (f"elements = {{ {body} }}" if body else "") + " }")
+    policies = policies or {}
     for fleet, i in index.items():
+        if fleet in policies:
+            members = [p for p in devices if p.fleet == fleet]
+            lines += _policy_chain(fleet, i, members, policies[fleet])
+            continue
         lines += [f"  chain fleet{i} {{",
                   f"    comment \"fleet {_comment(fleet)}\"",
                   f"    ip daddr @fleet{i}_4 accept",
@@ -129,16 +167,6 @@ def _comment(fleet: str) -> str:
     return "".join(c for c in fleet if c.isascii() and (c.isalnum() or c in "-_."))[:64]
 
 
-def _nft(script: str) -> None:
-    try:
-        done = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True,
-                              timeout=NFT_TIMEOUT, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise FilterError(f"nft: {exc}") from None
-    if done.returncode != 0:
-        raise FilterError(f"nft: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
-
-
 class HostFilter:
     """The hub's host-side state: forwarding on (previous values kept) and the table. `start`
     and `stop` are synchronous (run them in a worker thread); `stop` undoes whatever `start`
@@ -152,9 +180,10 @@ class HostFilter:
         self._applied: str | None = None
         self._table = False
 
-    def start(self, peers: Iterable[FilterPeer]) -> None:
+    def start(self, peers: Iterable[FilterPeer],
+              policies: Mapping[str, list[Ports]] | None = None) -> None:
         # the table first: forwarding is never on without it
-        self.update(peers)
+        self.update(peers, policies)
         for conf in sorted(IPV6_CONF.iterdir()) if IPV6_CONF.is_dir() else []:
             accept_ra = conf / "accept_ra"
             if conf.name not in ("all", "default") and accept_ra.exists() \
@@ -164,11 +193,13 @@ class HostFilter:
         if (IPV6_CONF / "all" / "forwarding").exists():
             self._write(IPV6_CONF / "all" / "forwarding", "1")
 
-    def update(self, peers: Iterable[FilterPeer]) -> None:
-        script = ruleset(self.ifname, self.hub_ipv4, self.hub_ipv6, self.api_port, peers)
+    def update(self, peers: Iterable[FilterPeer],
+               policies: Mapping[str, list[Ports]] | None = None) -> None:
+        script = ruleset(self.ifname, self.hub_ipv4, self.hub_ipv6, self.api_port, peers,
+                         policies)
         if script == self._applied:
             return
-        _nft(script)  # one transaction: all of it or, on error, nothing
+        run_nft(script)  # one transaction: all of it or, on error, nothing
         self._table = True
         self._applied = script
 
@@ -181,7 +212,7 @@ class HostFilter:
         self._saved.clear()
         if self._table:
             try:
-                _nft(f"add table inet {TABLE}\ndelete table inet {TABLE}\n")
+                run_nft(f"add table inet {TABLE}\ndelete table inet {TABLE}\n")
             except FilterError as exc:
                 log.warning("cannot remove the hub's nftables table: %s", exc)
             self._table = False

@@ -2,7 +2,8 @@
 compiled view. The format and the compiler are mesh.policy (no I/O); this module stores the
 operator's text once it parses and compiles it against the fleet's active devices on request.
 
-Not yet: peer maps and firewalls do not follow the policy (issue 18 item 6, second half).
+A stored policy is handed to the peer-map core (`on_set`), which then gives the fleet's
+devices partial maps (coordinator/_peermap.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ def check_policy(text: str) -> Policy:
         raise ControlError(f"policy: {exc}") from None
 
 
+def policy_of(stored: FleetPolicy | None) -> Policy | None:
+    """The stored text parsed (it parsed when it was stored); None: the fleet has none."""
+    return None if stored is None else parse_policy(stored.policy)
+
+
 def policy_info(p: FleetPolicy | None, fleet: str) -> dict[str, Any]:
     """What GET answers: the text as stored, its version, and the rules as parsed."""
     if p is None:
@@ -36,17 +42,23 @@ def policy_info(p: FleetPolicy | None, fleet: str) -> dict[str, Any]:
 
 class PolicyService:
     """`site_of(name)`: a device's public address as the coordinator sees it (None: not seen),
-    the key that makes devices LAN neighbours."""
+    the key that makes devices LAN neighbours; `on_set(fleet, policy)`: told each stored
+    policy."""
 
     def __init__(self, store: Store, clock: Callable[[], float],
-                 site_of: Callable[[str], str | None]) -> None:
+                 site_of: Callable[[str], str | None],
+                 on_set: Callable[[str, Policy], None] | None = None) -> None:
         self._store = store
         self._clock = clock
         self._site_of = site_of
+        self._on_set = on_set
 
     def set(self, fleet: str, text: str) -> dict[str, Any]:
-        check_policy(text)
-        return policy_info(self._store.set_policy(fleet, text, self._clock()), fleet)
+        policy = check_policy(text)
+        info = policy_info(self._store.set_policy(fleet, text, self._clock()), fleet)
+        if self._on_set is not None:
+            self._on_set(fleet, policy)
+        return info
 
     def get(self, fleet: str) -> dict[str, Any]:
         return policy_info(self._store.get_policy(fleet), fleet)

@@ -345,7 +345,7 @@ class Coordinator:
                                    [f"{self.hub_v4}/{self.prefix_v4.prefixlen}",
                                     f"{self.hub_v6}/{self.prefix_v6.prefixlen}"],
                                    service.hub_peers, service.observe, cfg.hub_poll_interval,
-                                   api_port=self.port)
+                                   api_port=self.port, policies=service.hub_policies)
                     await nursery.start(self.hub.run)
                     if not unspecified and host != self.hub_v4:
                         # the API through the tunnel (HubInfo.api_url), same port

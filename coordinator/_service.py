@@ -36,6 +36,7 @@ from mesh.control import (
     key_proof_mac,
     x25519_secret,
 )
+from mesh.policy import Policy, Ports
 from mesh.rollout import MAX_TAGS, Selector
 
 from . import _secrets
@@ -58,7 +59,7 @@ from ._model import (
     device_info,
 )
 from ._peermap import Member, PeerMapCore, endpoint_ip
-from ._policy import PolicyService
+from ._policy import PolicyService, policy_of
 from ._releases import ReleaseRegistry, lock_stale
 from ._rollouts import RolloutService
 from ._store import Store
@@ -262,7 +263,7 @@ class FleetService:
         self.store = store
         self.releases = ReleaseRegistry(store, blobs, settings.clock, self.targets_changed)
         self.rollouts = RolloutService(store, self.releases, self._site_of)
-        self.policy = PolicyService(store, settings.clock, self._site_of)
+        self.policy = PolicyService(store, settings.clock, self._site_of, self._policy_set)
         # the process's hub, brought up to date after a change of members (None: no hub)
         self._sync_hub = sync_hub
         self.core = PeerMapCore(identity.hub, first_version=int(settings.clock() * 1000))
@@ -292,6 +293,7 @@ class FleetService:
         # seen again after that (a report or a hub handshake); in memory, so a restarted
         # coordinator falls back on the online window
         self._stopped_at: dict[str, float] = {}
+        self._policy_read: set[str] = set()  # fleets whose stored policy the core was given
         for d in store.list_devices():
             if d.state is DeviceState.ACTIVE:
                 self._add_member(d, None)
@@ -305,13 +307,22 @@ class FleetService:
     def _add_member(self, d: Device, public_ip: str | None) -> None:
         assert d.public_key and d.mesh_ipv4 and d.mesh_ipv6
         old = self.core.member(d.name)
+        if d.fleet not in self._policy_read:  # partial maps follow the fleet's policy
+            self._policy_read.add(d.fleet)
+            self.core.set_policy(d.fleet, policy_of(self.store.get_policy(d.fleet)))
         self.core.add(Member(d.name, d.fleet, d.public_key, d.mesh_ipv4, d.mesh_ipv6,
                              d.lan_endpoints,
                              public_endpoint=old.public_endpoint if old else None,
-                             public_ip=public_ip or (old.public_ip if old else None)))
+                             public_ip=public_ip or (old.public_ip if old else None),
+                             tags=tuple(sorted(d.tags.items()))))
         if old is not None and old.public_key != d.public_key:
             self._key_names.pop(old.public_key, None)
         self._key_names[d.public_key] = d.name
+
+    def _policy_set(self, fleet: str, policy: Policy) -> None:
+        self._policy_read.add(fleet)
+        self.core.set_policy(fleet, policy)
+        self._changed()
 
     def _site_of(self, name: str) -> str | None:
         """A device's site for phase selection: its public IP as the coordinator sees it."""
@@ -348,12 +359,16 @@ class FleetService:
             await trio.sleep(self.settings.batch_window)
             self._dirty = trio.Event()
             since, self._dirty_since = self._dirty_since, None
+            filters = self.core.filter_version
             for name in self.core.publish():
                 event = self._waiters.pop(name, None)
                 if event is not None:
                     if since is not None:
                         self._fanout_marks[name] = since
                     event.set()
+            if self.core.filter_version != filters and self._sync_hub is not None:
+                # a fleet's compiled policy or members changed: the hub's filter follows now
+                await self._sync_hub()
 
     async def wait_peermap(self, device: Device, version: int, wait: float,
                            quiet: bool = False, delta: bool = False) -> bytes | None:
@@ -389,12 +404,19 @@ class FleetService:
     # ------------------------------------------------------------------ hub
 
     def hub_peers(self) -> list[HubPeer]:
-        """Every device and operator workstation the hub relays for."""
-        peers = [HubPeer(m.public_key, m.mesh_ipv4, m.mesh_ipv6, m.fleet)
+        """Every device and operator workstation the hub relays for (with a fleet policy: the
+        rule-edge sides each device is on, see `hub_policies`)."""
+        sides = self.core.filter_rules()[1]
+        peers = [HubPeer(m.public_key, m.mesh_ipv4, m.mesh_ipv6, m.fleet,
+                         sides.get(m.name, frozenset()))
                  for m in self.core.members()]
         peers += [HubPeer(o.public_key, o.mesh_ipv4, o.mesh_ipv6, None)
                   for o in self.store.list_operators()]
         return peers
+
+    def hub_policies(self) -> dict[str, list[Ports]]:
+        """Per fleet with a policy, the ports of each of its rule edges (the hub's filter)."""
+        return self.core.filter_rules()[0]
 
     def observe(self, observed: list[Observation]) -> None:
         """What the hub saw of its peers: handshakes, traffic, NAT-mapped endpoints."""
@@ -693,6 +715,8 @@ class FleetService:
         device = self.store.update_tags(name, set_tags, remove, MAX_TAGS)
         if device.state is DeviceState.ACTIVE:
             self.releases.targets_changed(device.fleet, device.name)
+            if self.core.set_tags(device.name, device.tags.items()):
+                self._changed()
         return {"device": device.name, "tags": dict(sorted(device.tags.items()))}
 
     def _device(self, name: str) -> Device:

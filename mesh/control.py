@@ -21,6 +21,7 @@ from typing import Any, Final, Literal, TypeVar
 from nacl.bindings import crypto_scalarmult
 
 from mesh.names import APP_NAME_RE, DEVICE_NAME_RE, MAX_APP_NAME
+from mesh.policy import PolicyError, Ports, parse_ports
 from mesh.release import ManifestError, parse_platform
 from mesh.rollout import RolloutSpecError, Window
 
@@ -32,13 +33,18 @@ MAX_PEERS: Final = 10_000  # a fleet's devices (the coordinator's quota), a repo
 # Peers an agent accepts in one peer map: twice the largest fleet, so a map is never what caps
 # a fleet. Its byte bound follows from it (MAX_PEERMAP_BYTES), not the other way round.
 MAX_MAP_PEERS: Final = 2 * MAX_PEERS
-# One peer's share of a map's JSON at its largest: an entry with a 63-character name and
-# MAX_ENDPOINTS IPv6 endpoints is < 800 bytes, its `punch` stamp < 100, and relay_ips
+# One peer's share of a map's JSON at its largest: an entry with a 63-character name,
+# MAX_ENDPOINTS IPv6 endpoints and the longest `send`/`accept` is < 900 bytes, its `punch`
+# stamp < 100, and relay_ips
 # (MAX_PEERS networks) add < 50 bytes per map peer (tests/mesh/test_peermap_codec.py checks it).
 PEER_JSON_BYTES: Final = 1024
 # A whole peer map (or delta) as JSON: what the agent reads from the wire and its cache.
 MAX_PEERMAP_BYTES: Final = MAX_MAP_PEERS * PEER_JSON_BYTES + 64 * 1024
 MAX_TEXT_LEN: Final = 256
+# a peer entry's allowed ports (PeerEntry.send/accept) as text, about 8 port ranges: the
+# coordinator widens a longer set to its whole protocols, so an entry stays within
+# PEER_JSON_BYTES
+MAX_PORTS_TEXT: Final = 96
 PathKind = Literal["direct", "relay", "none"]
 PATH_KINDS: Final = ("direct", "relay", "none")
 
@@ -328,6 +334,10 @@ class PeerEntry:
     `endpoints` are candidates in order of preference: the peer's LAN endpoints when both sit
     behind the same public address, else its NAT-mapped endpoint as the hub saw it. Empty means
     no endpoint is known yet: the pair can only use the relay.
+
+    `send` and `accept` (docs/policy.md): what the fleet's policy lets the map's holder send to
+    this peer and accept from it, beyond fleetmesh's own traffic; an empty set: nothing else.
+    None (absent: a fleet without a policy, or a coordinator from before the field): anything.
     """
 
     name: str
@@ -336,10 +346,18 @@ class PeerEntry:
     mesh_ipv6: str
     endpoints: tuple[str, ...] = ()
     lan: bool = False  # endpoints are LAN endpoints (same public address)
+    send: Ports | None = None
+    accept: Ports | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "public_key": self.public_key, "mesh_ipv4": self.mesh_ipv4,
-                "mesh_ipv6": self.mesh_ipv6, "endpoints": list(self.endpoints), "lan": self.lan}
+        out: dict[str, Any] = {"name": self.name, "public_key": self.public_key,
+                               "mesh_ipv4": self.mesh_ipv4, "mesh_ipv6": self.mesh_ipv6,
+                               "endpoints": list(self.endpoints), "lan": self.lan}
+        if self.send is not None:
+            out["send"] = self.send.text()
+        if self.accept is not None:
+            out["accept"] = self.accept.text()
+        return out
 
     @classmethod
     def from_json(cls, obj: Any, where: str = "peer") -> PeerEntry:
@@ -347,7 +365,22 @@ class PeerEntry:
                    check_key(_get(obj, "public_key", str, where), f"{where}.public_key"),
                    _address(obj, "mesh_ipv4", 4, where), _address(obj, "mesh_ipv6", 6, where),
                    _endpoints(obj, "endpoints", where),
-                   bool(_get(obj, "lan", bool, where, optional=True)))
+                   bool(_get(obj, "lan", bool, where, optional=True)),
+                   _ports(obj, "send", where), _ports(obj, "accept", where))
+
+
+def _ports(obj: Mapping[str, Any], key: str, where: str) -> Ports | None:
+    text = _get(obj, key, str, where, optional=True)
+    if text is None:
+        return None
+    if len(text) > MAX_PORTS_TEXT:
+        raise ControlError(f"{where}.{key}: longer than {MAX_PORTS_TEXT} characters")
+    if text == "":
+        return Ports(())
+    try:
+        return parse_ports(text, f"{where}.{key}")
+    except PolicyError as exc:
+        raise ControlError(str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)

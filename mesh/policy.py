@@ -33,6 +33,9 @@ MAX_POLICY_BYTES: Final = 64 * 1024
 MAX_RULES: Final = 1000
 MAX_PORT_ITEMS: Final = 64
 PROTOCOLS: Final = ("tcp", "udp", "icmp")
+# fleetmesh's own traffic between two devices of a fleet (gossip and blob exchange, the agent's
+# GOSSIP_PORT): always allowed between paired devices, whatever the policy says
+MESH_PORTS: Final = (("tcp", 7946, 7946),)
 DEFAULT_REASONS: Final = {"lan": "default: LAN neighbour (same public address)"}
 
 _PORT_RE: Final = re.compile(r"(tcp|udp)/([0-9]{1,5})(?:-([0-9]{1,5}))?\Z")
@@ -107,6 +110,25 @@ class Ports:
 
 
 ANY: Final = Ports((("any", 0, 65535),))
+
+
+def nft_matches(ports: Ports, family: str) -> list[str]:
+    """nftables matches, one per protocol, that together accept exactly `ports` for IPv4
+    (`family` "4") or IPv6 ("6"); [""]: anything, []: nothing. Text only: the hub's and the
+    devices' firewalls (coordinator/_hubfilter.py, agent/_devfilter.py) write them."""
+    if any(proto == "any" for proto, _, _ in ports.ranges):
+        return [""]
+    out: list[str] = []
+    for proto in ("tcp", "udp"):
+        spans = [(lo, hi) for p, lo, hi in ports.ranges if p == proto]
+        if spans == [(0, 65535)]:
+            out.append(f"meta l4proto {proto}")
+        elif spans:
+            items = ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in spans)
+            out.append(f"{proto} dport {{ {items} }}")
+    if any(p == "icmp" for p, _, _ in ports.ranges):
+        out.append("meta l4proto icmp" if family == "4" else "meta l4proto ipv6-icmp")
+    return out
 
 
 def parse_ports(text: str, where: str = "ports") -> Ports:
@@ -268,6 +290,8 @@ class CompiledPolicy:
         self._group: dict[str, int] = {}
         self._lan: dict[str, str] = {}
         self._lan_members: dict[str, list[str]] = {}
+        self._links_cache: dict[int, frozenset[tuple[tuple[str, ...], bool, Ports]]] = {}
+        self._keys: dict[int, tuple[str, ...]] = {}
         for d in devices:
             tags = d.tags
             sig = tuple(tags.get(k, "") for k in keys)
@@ -283,6 +307,7 @@ class CompiledPolicy:
         views = [dict(zip(keys, sig, strict=True)) for sig in index]
         self._out: list[list[_Edge]] = [[] for _ in views]
         self._in: list[list[_Edge]] = [[] for _ in views]
+        self._edges: list[_Edge] = []  # in the policy's order
         for rule in policy.rules:
             src = tuple(g for g, v in enumerate(views) if rule.src is None or rule.src.matches(v))
             dst = tuple(g for g, v in enumerate(views) if rule.dst is None or rule.dst.matches(v))
@@ -291,6 +316,7 @@ class CompiledPolicy:
             why = rule.reason()
             edges = [_Edge(rule, src, dst, why)] + ([_Edge(rule, dst, src, why)]
                                                     if rule.both else [])
+            self._edges += edges
             for edge in edges:
                 for g in edge.src_groups:
                     self._out[g].append(edge)
@@ -347,6 +373,59 @@ class CompiledPolicy:
         """Every device `name` shares a WireGuard peering with: it reaches them or they it."""
         return {p for p, _, _ in self._grants(name, True)} | \
             {p for p, _, _ in self._grants(name, False)}
+
+    def group_of(self, name: str) -> int | None:
+        return self._group.get(name)
+
+    def lan_of(self, name: str) -> str | None:
+        return self._lan.get(name)
+
+    def pair(self, a: str, b: str) -> tuple[Ports | None, Ports | None]:
+        """(what `a` may send to `b`, what `b` may send to `a`); None: nothing. O(the rules
+        of `a`'s group), never O(fleet): a peer map checks one peer with it."""
+        ga, gb = self._group.get(a), self._group.get(b)
+        if ga is None or gb is None or a == b:
+            return None, None
+        out: Ports | None = None
+        back: Ports | None = None
+        for edge in self._out[ga]:
+            if gb in edge.dst_groups:
+                out = edge.rule.ports if out is None else out | edge.rule.ports
+        for edge in self._in[ga]:
+            if gb in edge.src_groups:
+                back = edge.rule.ports if back is None else back | edge.rule.ports
+        lan = self._lan.get(a)
+        if lan is not None and lan == self._lan.get(b):
+            out, back = ANY, ANY
+        return out, back
+
+    def links(self, name: str) -> frozenset[tuple[tuple[str, ...], bool, Ports]]:
+        """What decides `name`'s rule peers, besides its LAN: each rule edge of its group as
+        (the other group's members, outward, ports). Equal links under two compilations mean
+        equal rule peers and ports (a policy change leaves such a device's map alone)."""
+        g = self._group[name]
+        cache = self._links_cache.get(g)
+        if cache is None:
+            key = self._group_key
+            cache = frozenset(
+                [(key(o), True, e.rule.ports) for e in self._out[g] for o in e.dst_groups]
+                + [(key(o), False, e.rule.ports) for e in self._in[g] for o in e.src_groups])
+            self._links_cache[g] = cache
+        return cache
+
+    def _group_key(self, g: int) -> tuple[str, ...]:
+        key = self._keys.get(g)
+        if key is None:
+            key = self._keys[g] = tuple(sorted(self._members[g]))
+        return key
+
+    def edges(self) -> list[tuple[list[str], list[str], Ports]]:
+        """Every rule edge once, in the policy's order, as (its source devices, its destination
+        devices, ports): what a firewall matches on (sets of addresses per edge: rules grow
+        with the policy's rules, never with device pairs)."""
+        return [([n for g in e.src_groups for n in self._members[g]],
+                 [n for g in e.dst_groups for n in self._members[g]], e.rule.ports)
+                for e in self._edges]
 
     def explain(self, name: str) -> dict[str, Any]:
         """What `name` may reach and what may reach it, each peer with its ports and the rules

@@ -44,6 +44,7 @@ from ._model import (
     PeerConfig,
     PeerStatus,
 )
+from ._nft import NftError, run_nft
 from ._reconcile import (
     AddPeer,
     Change,
@@ -62,6 +63,8 @@ from ._uapi import UapiClient, UapiError, UapiProtocolError, format_set, parse_e
 from ._wgquick import QuickPeer, export_wg_quick
 
 __all__ = [
+    "NftError",
+    "run_nft",
     "DEFAULT_MTU",
     "iproute",
     "ZERO_KEY",

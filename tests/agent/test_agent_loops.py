@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 
 import pytest
 import trio
+import trio.testing
 
 from agent import DIRECT_TIMEOUT, Agent, Backoff, DataDir, Intervals
+from agent._devfilter import DeviceFilter, DeviceFilterError
 from agent._paths import DIRECT_IDLE, NUDGE_AFTER
 from agent._wg_sync import DIRECT_POLL_WAIT, HUB_SILENT_AFTER, POLL_WAIT
 from mesh.control import PeerMap
@@ -469,3 +471,61 @@ async def test_a_moved_device_tells_the_hub_and_the_coordinator_at_once(
             assert any("network changed: LAN addresses 192.168.1.2:51820 -> "
                        "10.201.1.100:51820" in line for line in logs), logs
             nursery.cancel_scope.cancel()
+
+
+class RecordingFilter(DeviceFilter):
+    """The device firewall without nft: records what it was asked; fails while `failing`."""
+
+    def __init__(self) -> None:
+        super().__init__("fm0")
+        self.applied: list[int] = []
+        self.stopped = 0
+        self.failing = False
+
+    def apply(self, peermap: PeerMap) -> None:
+        if self.failing:
+            raise DeviceFilterError("nft: Operation not permitted")
+        self.applied.append(peermap.version)
+
+    def stop(self) -> None:
+        self.stopped += 1
+
+
+@pytest.fixture
+def thread_clock() -> trio.testing.MockClock:
+    """Virtual time that waits for worker threads: it jumps only after 20 ms of real idleness
+    (the device firewall runs nft in a thread; an instant jump would pass every deadline while
+    the thread works)."""
+    return trio.testing.MockClock(autojump_threshold=0.02)
+
+
+async def test_the_device_firewall_follows_each_map_retries_and_is_removed_on_stop(
+        enrolled: DataDir, thread_clock: trio.abc.Clock) -> None:
+    coord = FakeCoordinator(peermap(1, peer(1, A)))
+    wg = FakeWireGuard(clock=trio.current_time)
+    logs: list[str] = []
+    agent = Agent(enrolled, wg.factory(), coord.factory, lan_endpoints=LAN, agent_version="9.9",
+                  clock=trio.current_time, rng=random.Random(7), log=logs.append,
+                  nudge=wg.nudge, intervals=Intervals(tune_keepalive=False))
+    assert agent.filter is None  # a fake interface gets no firewall
+    fw = agent.filter = RecordingFilter()
+
+    async def until(condition: Callable[[], bool]) -> None:
+        while not condition():
+            await trio.sleep(1)
+
+    failed = "cannot apply the device firewall: nft: Operation not permitted; retrying every 30 s"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        # no deadline around the stop below: the clock may jump while its thread runs
+        with trio.fail_after(600):
+            await until(lambda: fw.applied[-1:] == [1])
+            fw.failing = True
+            coord.publish(peermap(2, peer(1, A), peer(2, A)))
+            await until(lambda: failed in logs)
+            fw.failing = False  # nft works again: the next retry applies the current map
+            await until(lambda: fw.applied[-1:] == [2])
+        assert "the device firewall is applied again" in logs
+        assert logs.count(failed) == 1  # one line however often it retried
+        nursery.cancel_scope.cancel()
+    assert fw.stopped == 1

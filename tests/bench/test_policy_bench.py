@@ -47,3 +47,16 @@ def test_the_fleet_is_seeded_and_the_policy_names_role_site_and_channel() -> Non
     # the serial tag, unique per device, splits no group
     assert compiled.groups < len(a)
     assert len(compiled) == 300
+
+
+def test_maps_adds_the_partial_map_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--sizes", "200", "--repeat", "1", "--maps"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r" +partial maps: peers per map median [0-9]+, max [0-9]+ \(of 199 "
+                        r"others\); full map median [0-9.]+ KiB", lines[1])
+    for line, what in zip(lines[2:4], ("re-tag cam -> display", "join of a sensor"),
+                          strict=True):
+        m = re.fullmatch(rf" +{what}: publish +[0-9.]+ ms, ([0-9]+) devices marked, delta "
+                         r"[0-9]+ B median \(([0-9]+) full maps\)", line)
+        assert m is not None, line
+        assert 0 < int(m.group(1)) < 200 and int(m.group(2)) == 1  # only the changed device

@@ -4,9 +4,14 @@ PUT and GET the file, the compiled view of one device, and the refusals (400 nam
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from .conftest import Harness
+from coordinator._server import CoordinatorConfig
+from mesh.policy import Ports, parse_ports
+
+from .conftest import Enrolled, Harness, running_harness
+from .test_peermap_incremental_api import _settled
 
 POLICY = """\
 # cameras stream to the recorders
@@ -122,3 +127,51 @@ async def test_compiled_refusals(h: Harness) -> None:
         assert r.status_code == 403, r.text
     r = await h.anon.get("/api/v1/fleets/fleet/policy")
     assert r.status_code == 401
+
+
+
+async def test_a_stored_policy_gives_partial_maps_with_ports(h: Harness) -> None:
+    devs: dict[str, Enrolled] = {}
+    names = ["cam-1", "nvr-1", "nvr-2"] + [f"lamp-{i}" for i in range(9)]
+    for name in names:
+        devs[name] = await h.enroll(name)
+        role = name.partition("-")[0]
+        r = await h.op.patch(f"/api/v1/devices/{name}/tags", json={"set": {"role": role}})
+        assert r.status_code == 200, r.text
+    _apart(h, *names)
+    # no stored policy: the full map, no ports (the transition rule)
+    full = await _settled(devs["cam-1"])
+    assert {p.name for p in full.peers} == set(names) - {"cam-1"}
+    assert all(p.send is None for p in full.peers)
+    await _put(h, POLICY)
+    cam = {p.name: p for p in (await _settled(devs["cam-1"])).peers}
+    assert cam["nvr-1"].send == parse_ports("tcp/554") and cam["nvr-1"].accept == Ports(())
+    nvr = {p.name: p for p in (await _settled(devs["nvr-1"])).peers}
+    assert nvr["nvr-2"].send == parse_ports("tcp/7000") == nvr["nvr-2"].accept
+    assert nvr["cam-1"].accept == parse_ports("tcp/554")
+    # a lamp reaches nobody by rule: only its few cross-LAN gossip partners
+    lamps = [{p.name for p in (await _settled(devs[n])).peers} for n in names[3:]]
+    assert min(len(peers) for peers in lamps) < len(names) - 1
+    # re-tagging a lamp as a recorder puts it in the camera's map with the rule's ports
+    r = await h.op.patch("/api/v1/devices/lamp-0/tags", json={"set": {"role": "nvr"}})
+    assert r.status_code == 200, r.text
+    cam = {p.name: p for p in (await _settled(devs["cam-1"])).peers}
+    assert cam["lamp-0"].send == parse_ports("tcp/554")
+
+
+async def test_a_restarted_coordinator_keeps_partial_maps(tmp_path: Path) -> None:
+    """The stored policy is read again at start: the maps stay partial, with their ports."""
+    config = CoordinatorConfig(data_dir=tmp_path / "coord", listen="127.0.0.1:0", hub=False,
+                               batch_window=0.05)
+    async with running_harness(config) as h:
+        for name in ("cam-1", "nvr-1"):
+            await h.enroll(name)
+            r = await h.op.patch(f"/api/v1/devices/{name}/tags",
+                                 json={"set": {"role": name.partition("-")[0]}})
+            assert r.status_code == 200, r.text
+        await _put(h, POLICY)
+    async with running_harness(config) as h:
+        core = h.coord.service.core
+        assert core.policy("fleet") is not None
+        cam = {p.name: p for p in core.build("cam-1").peers}
+        assert cam["nvr-1"].send == parse_ports("tcp/554")

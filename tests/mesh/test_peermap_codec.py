@@ -12,6 +12,7 @@ from mesh.control import (
     MAX_MAP_PEERS,
     MAX_PEERMAP_BYTES,
     MAX_PEERS,
+    MAX_PORTS_TEXT,
     PEER_JSON_BYTES,
     ControlError,
     HubInfo,
@@ -20,6 +21,7 @@ from mesh.control import (
     PeerMapDelta,
     peermap_answer,
 )
+from mesh.policy import ANY, Ports, parse_ports
 from vpn import generate_keypair
 
 HUB = HubInfo(generate_keypair().public, "198.51.100.1:51820", "10.250.0.1", "fd7a:f1ee:7000::1",
@@ -39,13 +41,41 @@ def test_a_full_10000_peer_map_is_accepted() -> None:
     assert PeerMap.from_json(json.loads(raw)) == m
 
 
+# the longest ports text the codec takes: ranges of five-digit ports up to MAX_PORTS_TEXT
+WIDEST_PORTS = parse_ports(",".join(f"udp/{10000 + 4 * i}-{10001 + 4 * i}" for i in range(64))
+                           [:MAX_PORTS_TEXT].rpartition(",")[0])
+
+
+def test_ports_are_optional_and_round_trip() -> None:
+    plain = peer(1).to_json()
+    assert "send" not in plain and "accept" not in plain  # no policy: as before the field
+    assert PeerEntry.from_json(plain).send is None
+    for send, accept in ((parse_ports("tcp/554,udp/5000-5100"), Ports(())), (ANY, WIDEST_PORTS)):
+        e = PeerEntry("p", KEY, "10.250.0.9", "fd7a:f1ee:7000::9", send=send, accept=accept)
+        back = PeerEntry.from_json(json.loads(json.dumps(e.to_json())))
+        assert (back.send, back.accept) == (send, accept)
+    assert PeerEntry.from_json({**plain, "send": ""}).send == Ports(())  # nothing beyond ours
+
+
+@pytest.mark.parametrize(("value", "error"), [
+    ("tcp/0", "peer.send: 'tcp/0' must be ports 1-65535"),
+    ("ftp", "peer.send: 'ftp' is not any"),
+    (5, "peer.send: must be str"),
+    ("tcp," * 30, "peer.send: longer than 96 characters"),
+])
+def test_bad_ports_are_one_error_line(value: object, error: str) -> None:
+    with pytest.raises(ControlError, match=error):
+        PeerEntry.from_json({**peer(1).to_json(), "send": value})
+
+
 def test_the_byte_bound_covers_the_largest_peer() -> None:
     """PEER_JSON_BYTES is what one peer can add to a map at most: its largest entry, its punch
     stamp, and its share of relay_ips (MAX_PEERS networks spread over MAX_MAP_PEERS peers)."""
     name = "a" * 63
     widest = PeerEntry(name, KEY, "255.255.255.255",
                        "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
-                       ("[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535",) * MAX_ENDPOINTS, True)
+                       ("[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535",) * MAX_ENDPOINTS, True,
+                       send=WIDEST_PORTS, accept=WIDEST_PORTS)
     entry = len(json.dumps(widest.to_json())) + len(", ")
     stamp = len(json.dumps({name: 2**63 - 1})) - 2 + len(", ")
     relay = len(json.dumps(["ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128"])) * MAX_PEERS
