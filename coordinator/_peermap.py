@@ -61,6 +61,10 @@ DEVICE_VERSIONS: Final = 32
 # Partial maps: each device picks this many cross-LAN gossip partners (and is picked by about as
 # many), among the next RING_WALK devices after it on its fleet's ring.
 GOSSIP_PARTNERS: Final = 3
+# Peers a device holds in its map on request (`punch`), each way: the oldest ask goes first.
+# The agent asks only for peers already in its map; a device that asks for the whole fleet
+# (a hostile one) neither gets the whole fleet back nor stays in every victim's map.
+MAX_ASKED: Final = 32
 RING_WALK: Final = 4 * GOSSIP_PARTNERS
 NO_PORTS: Final = Ports(())
 
@@ -194,7 +198,8 @@ class PeerMapCore:
         self._ring_lan: dict[str, str | None] = {}
         self._touched: dict[str, set[str]] = {}  # fleet -> names joined/left/re-tagged/moved
         self._repolicy: set[str] = set()  # fleets whose policy changed
-        self._asked: dict[str, set[str]] = {}  # name -> peers in its map on request (both ways)
+        # name -> peers in its map on request (both ways), oldest ask first; MAX_ASKED each
+        self._asked: dict[str, dict[str, None]] = {}
         self.filter_version = 0  # grows whenever `filter_rules` may answer otherwise
 
     # -- reading ---------------------------------------------------------------------------
@@ -277,7 +282,7 @@ class PeerMapCore:
         if viewer.fleet not in self._policies:
             return sorted(n for n in fleet if n != name)
         names = self._policy_peers(viewer.fleet, name) | self._gossip(viewer.fleet, name) \
-            | self._asked.get(name, set())
+            | set(self._asked.get(name, ()))
         return sorted(n for n in names if n in fleet and n != name)
 
     def _in_view(self, viewer: Member, name: str) -> bool:
@@ -589,8 +594,8 @@ class PeerMapCore:
         for n in fleet:
             self._punch.get(n, {}).pop(name, None)
         self._logs_wanted.pop(name, None)
-        for n in self._asked.pop(name, set()):
-            self._asked.get(n, set()).discard(name)
+        for n in self._asked.pop(name, {}):
+            self._asked.get(n, {}).pop(name, None)
         if member.fleet in self._policies:
             self._touch(member)
             self._mark(holders & fleet)
@@ -668,12 +673,25 @@ class PeerMapCore:
         self._punch.setdefault(peer, {})[requester] = self._punch_seq
         self._mark((peer,))
         if a.fleet in self._policies and not self._in_view(a, peer):
-            # a peer it asked for: in both maps from now on (until one of them leaves)
-            self._asked.setdefault(requester, set()).add(peer)
-            self._asked.setdefault(peer, set()).add(requester)
-            self._changed.setdefault(a.fleet, set()).update((requester, peer))
-            self._mark((requester,))
+            # a peer it asked for: in both maps from now on (until one of them leaves, or
+            # MAX_ASKED later asks of either push it out)
+            self._ask(a.fleet, requester, peer)
         return True
+
+    def _ask(self, fleet: str, requester: str, peer: str) -> None:
+        changed = self._changed.setdefault(fleet, set())
+        for x, y in ((requester, peer), (peer, requester)):
+            held = self._asked.setdefault(x, {})
+            held.pop(y, None)
+            held[y] = None  # the newest ask last
+            changed.update((x, y))
+            self._mark((x, y))
+            while len(held) > MAX_ASKED:
+                oldest = next(iter(held))
+                del held[oldest]
+                self._asked.get(oldest, {}).pop(x, None)
+                changed.add(oldest)
+                self._mark((oldest,))
 
     def logs_wanted_until(self, name: str) -> float:
         """Until when the device's map asks it to upload its app logs (0: it does not)."""

@@ -12,7 +12,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator._peermap import GOSSIP_PARTNERS, RING_WALK, Member, PeerMapCore
+from coordinator._peermap import GOSSIP_PARTNERS, MAX_ASKED, RING_WALK, Member, PeerMapCore
 from mesh.control import HubInfo, PeerMap
 from mesh.policy import ANY, Ports, parse_policy, parse_ports
 from vpn import generate_keypair
@@ -185,6 +185,38 @@ def test_asked_peers_join_both_maps_until_one_leaves() -> None:
     core.remove("d21")
     core.publish()
     check_exact(core)
+
+
+def test_a_device_asking_for_every_peer_holds_at_most_max_asked_of_them() -> None:
+    """A hostile device that punches every device of its fleet does not turn its partial map
+    back into the whole fleet, nor stay in every victim's map: each side holds at most
+    MAX_ASKED peers on request, the oldest asks going first (both ways)."""
+    core = site_fleet(200)
+    hostile = "d3"
+    held: dict[str, PeerMap] = {}
+    counts = {"delta": 0, "full": 0}
+    for m in core.members():
+        sync_by_delta(core, held, m.name, counts)
+    for batch in range(0, 200, 25):  # every map kept by deltas stays the full map
+        for i in range(batch, batch + 25):
+            core.punch(hostile, f"d{i}")
+        core.publish()
+        for m in core.members():
+            sync_by_delta(core, held, m.name, counts)
+    assert counts["delta"] > 0
+    members = {m.name: m for m in core.members()}
+    fleet = list(members.values())
+    own = {n for n in members if n != hostile and (
+        ref_ports(members, hostile, n) or ref_ports(members, n, hostile))} \
+        | ref_gossip(fleet, hostile)
+    asked = names(core.build(hostile)) - own
+    assert len(asked) == MAX_ASKED, len(asked)
+    # the latest asks are kept, of those that were not in its map anyway
+    latest = [f"d{i}" for i in range(199, -1, -1) if f"d{i}" not in own | {hostile}][:MAX_ASKED]
+    assert asked == set(latest)
+    holders = {m.name for m in fleet if hostile in names(core.build(m.name))}
+    assert holders - own == asked
+    check_exact(core, {hostile: asked, **{n: {hostile} for n in asked}})
 
 
 def test_map_size_at_10000_devices_follows_the_allowed_peers_not_the_fleet() -> None:
