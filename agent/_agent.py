@@ -133,7 +133,8 @@ class Agent:
         ifname = getattr(backend_factory, "ifname", None)
         if nudge is None:
             nudge = udp_nudger(ifname) if isinstance(ifname, str) else None
-        self.filter = DeviceFilter(ifname) if isinstance(ifname, str) else None
+        self.filter = DeviceFilter(ifname, gossip.port if gossip is not None else None) \
+            if isinstance(ifname, str) else None
         self._filter_wanted = trio.Event()
         self.wg_port = wg_port if wg_port is not None else self.identity.wg_port
         if lan_endpoints is None:

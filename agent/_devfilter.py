@@ -7,7 +7,8 @@ What it accepts, entering the mesh interface:
 - replies of connections (conntrack established/related);
 - anything from the hub and from operator workstations (`relay_ips`: they reach every device,
   docs/policy.md "The default");
-- fleetmesh's own port (mesh.policy MESH_PORTS: gossip and blobs) from any peer in the map;
+- fleetmesh's own port (gossip and blobs: this agent's `--gossip-port`, mesh.policy MESH_PORTS
+  by default) from any peer in the map;
 - from each peer, what its entry's `accept` says. Peers are grouped by their `accept`: one
   address set per distinct port set, one rule per protocol of it (rules grow with the distinct
   port sets, never with peers).
@@ -29,6 +30,7 @@ from mesh.policy import ANY, MESH_PORTS, Ports, nft_matches
 from vpn import NftError, run_nft
 
 TABLE: Final = "fleetmesh_dev"
+DEFAULT_MESH: Final = Ports(MESH_PORTS)  # the default --gossip-port
 
 
 DeviceFilterError = NftError  # nft could not apply (or remove) the table: one line
@@ -45,9 +47,10 @@ def _rule(*parts: str) -> str:
     return "    " + " ".join(part for part in parts if part) + " accept"
 
 
-def ruleset(ifname: str, peermap: PeerMap) -> str | None:
+def ruleset(ifname: str, peermap: PeerMap, mesh: Ports = DEFAULT_MESH) -> str | None:
     """The `inet fleetmesh_dev` table for this map as an nft script that replaces an earlier one
-    atomically; None when the map carries no ports (no policy: no table)."""
+    atomically; None when the map carries no ports (no policy: no table). `mesh`: the ports
+    of fleetmesh's own traffic, open to every peer in the map."""
     if not ifname.replace("-", "").replace("_", "").isalnum() or not ifname.isascii() \
             or len(ifname) > 15:
         raise ValueError(f"bad interface name {ifname!r}")
@@ -71,7 +74,6 @@ def ruleset(ifname: str, peermap: PeerMap) -> str | None:
             "    ct state established,related accept",
             "    ip saddr @trusted4 accept",
             "    ip6 saddr @trusted6 accept"]
-    mesh = Ports(MESH_PORTS)
     body += [_rule("ip saddr @peers4", m) for m in nft_matches(mesh, "4")]
     body += [_rule("ip6 saddr @peers6", m) for m in nft_matches(mesh, "6")]
     for k, (ports, members) in enumerate(sorted(groups.items(), key=lambda g: g[0].text())):
@@ -89,8 +91,10 @@ class DeviceFilter:
     """The table on this host. `apply` and `stop` are synchronous (run them in a worker
     thread); `apply` does nothing when the script did not change."""
 
-    def __init__(self, ifname: str) -> None:
+    def __init__(self, ifname: str, gossip_port: int | None = None) -> None:
         self.ifname = ifname
+        self.mesh = DEFAULT_MESH if gossip_port is None else \
+            Ports((("tcp", gossip_port, gossip_port),))
         self._applied: str | None = None
 
     @property
@@ -98,7 +102,7 @@ class DeviceFilter:
         return self._applied is not None
 
     def apply(self, peermap: PeerMap) -> None:
-        script = ruleset(self.ifname, peermap)
+        script = ruleset(self.ifname, peermap, self.mesh)
         if script is None:
             self.stop()
             return

@@ -214,3 +214,20 @@ def test_fleetmesh_own_port_is_the_agents_gossip_port() -> None:
     from agent import GOSSIP_PORT
     from mesh.policy import MESH_PORTS
     assert Ports(MESH_PORTS) == parse_ports(f"tcp/{GOSSIP_PORT}")
+
+
+@pytest.mark.skipif(not LAB_READY, reason="needs root, ip and nft")
+def test_an_agent_on_another_gossip_port_opens_that_port_not_7946(
+        netns: tuple[str, str]) -> None:
+    """`fleetmesh-agent run --gossip-port 7950`: its peers reach it there; 7946 is then only
+    what the map allows."""
+    peer_ns, dev_ns = netns
+    pm = peermap(entry(3, Ports(())))
+    script = ruleset("fmmesh0", pm, DeviceFilter("fmmesh0", 7950).mesh)
+    assert script is not None
+    subprocess.run(["ip", "netns", "exec", dev_ns, "nft", "-f", "-"], input=script, text=True,
+                   check=True, capture_output=True, timeout=30)
+    assert _through(peer_ns, "10.99.0.3", 7950)
+    drops = _drops(dev_ns)
+    _send_syn(peer_ns, "10.99.0.3", 7946)
+    _wait_drops(dev_ns, drops)
