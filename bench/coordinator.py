@@ -171,8 +171,8 @@ async def run_size(n: int, pollers: int, full: bool = False, store: str | None =
             assert core is not None
             publish = core.publish
 
-            def timed_publish() -> set[str]:
-                names = publish()
+            def timed_publish(floor: int = 0) -> set[str]:
+                names = publish(floor)
                 if names:
                     woke_at.append(time.perf_counter())
                 return names

@@ -158,10 +158,15 @@ class PeerMapCore:
     previous run handed out (the server passes epoch milliseconds), so a restarted coordinator
     never answers 304 to an agent holding a stale map whose number happens to match."""
 
-    def __init__(self, hub: HubInfo, first_version: int = 1, *,
+    def __init__(self, hub: HubInfo, first_version: int = 1, *, stride: int = 1,
                  journal_publishes: int = JOURNAL_PUBLISHES,
                  journal_names: int = JOURNAL_NAMES) -> None:
+        if stride < 1:
+            raise ValueError("stride must be at least 1")
         self.hub = hub
+        # every version this core hands out is first_version modulo `stride` (a replica's tag
+        # in the low bits: replicas on one database never hand out the same number)
+        self._stride = stride
         self._journal_bounds = (journal_publishes, journal_names)
         self._members: dict[str, Member] = {}
         self._fleets: dict[str, set[str]] = {}
@@ -714,13 +719,18 @@ class PeerMapCore:
         self._mark(self._members)
         return True
 
-    def publish(self) -> set[str]:
-        """Give every pending device one new version (one per batch); returns their names."""
+    def publish(self, floor: int = 0) -> set[str]:
+        """Give every pending device one new version (one per batch); returns their names.
+        The new version is the next one (`stride` on) or, when that is below `floor` (the
+        server passes its clock), the highest at most `floor` with the same low bits."""
         for fleet in sorted(set(self._touched) | self._repolicy):
             self._refresh(fleet)
         if not self._pending:
             return set()
-        self._seq += 1
+        nxt = self._seq + self._stride
+        if floor > nxt:
+            nxt = floor - (floor - nxt) % self._stride
+        self._seq = nxt
         done, self._pending = self._pending, set()
         for n in done:
             self._published[n] = self._seq

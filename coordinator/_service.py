@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +69,8 @@ log = logging.getLogger("fleetmesh.coordinator")
 
 ONLINE_WINDOW: Final = 60.0  # s: a hub handshake (WireGuard rekeys every 120 s; devices keep
 #                              a 25 s keepalive) or a report within this counts as online
+# Peer-map versions: milliseconds x VERSION_STRIDE + a per-process tag (FleetService.__init__)
+VERSION_STRIDE: Final = 1024
 BATCH_WINDOW: Final = 0.2  # s: coalesce a burst so both sides of a pair hear it together
 # One punch request per (device, peer) is passed on per this many seconds; more within it are
 # answered but change nothing: a device cannot make its peers' maps churn (each new map is a
@@ -266,7 +269,13 @@ class FleetService:
         self.policy = PolicyService(store, settings.clock, self._site_of, self._policy_set)
         # the process's hub, brought up to date after a change of members (None: no hub)
         self._sync_hub = sync_hub
-        self.core = PeerMapCore(identity.hub, first_version=int(settings.clock() * 1000))
+        # Versions are the clock's milliseconds times VERSION_STRIDE plus this process's tag:
+        # above any a previous run handed out, and never one another replica on the same
+        # database hands out (a device that fails over must not get 304, or a delta, for a
+        # number it holds from the other replica)
+        self._version_tag = secrets.randbelow(VERSION_STRIDE)
+        self.core = PeerMapCore(identity.hub, first_version=self._version_floor(),
+                                stride=VERSION_STRIDE)
         self._key_names: dict[str, str] = {}  # public key -> active device name
         self._operator_names: dict[str, str] = {}
         self._last_handshake: dict[str, float] = {}  # or the last time rx_bytes grew
@@ -300,9 +309,14 @@ class FleetService:
                 if d.public_endpoint:
                     self.core.set_public(d.name, d.public_endpoint)
         self._set_operators()
-        self.core.publish()
+        self.core.publish(self._version_floor())
 
     # ------------------------------------------------------------------ peer maps
+
+    def _version_floor(self) -> int:
+        """The lowest peer-map version a publish now hands out: the clock's milliseconds in
+        the high bits, this process's tag in the low ones."""
+        return int(self.settings.clock() * 1000) * VERSION_STRIDE + self._version_tag
 
     def _add_member(self, d: Device, public_ip: str | None) -> None:
         assert d.public_key and d.mesh_ipv4 and d.mesh_ipv6
@@ -360,7 +374,7 @@ class FleetService:
             self._dirty = trio.Event()
             since, self._dirty_since = self._dirty_since, None
             filters = self.core.filter_version
-            for name in self.core.publish():
+            for name in self.core.publish(self._version_floor()):
                 event = self._waiters.pop(name, None)
                 if event is not None:
                     if since is not None:

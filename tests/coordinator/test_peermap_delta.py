@@ -327,3 +327,29 @@ def test_the_property_exercises_deltas() -> None:
         (("endpoint", 0, IPS[2], 1), True, everyone), (("join", 7, "f", 7), True, everyone)]
     counts = _run(PeerMapCore(HUB, first_version=1000), steps)
     assert counts["delta"] >= 25 and counts["full"] >= 8, counts
+
+
+def test_two_replicas_on_one_clock_never_hand_out_the_same_version() -> None:
+    """Replicas on one database (docs/scale.md) each run their own core; a device that fails
+    over asks the other with the number it holds. Versions are milliseconds x stride + a
+    per-process tag, so the other replica never answers 304 (or a delta) for a number it
+    did not give: with version = clock ms + publishes (before), two replicas started 5 ms
+    apart handed the same device the same numbers."""
+    stride = 1024
+    cores = [PeerMapCore(HUB, first_version=1_000_000 * stride + tag, stride=stride)
+             for tag in (7, 300)]
+    handed: list[set[int]] = [set(), set()]
+    for step in range(400):
+        now_ms = 1_000_000 + step // 3  # several publishes within one millisecond too
+        for core, seen in zip(cores, handed):
+            core.add(member(step % 20))  # a change: every device of the fleet is pending
+            core.publish(now_ms * stride + (7 if core is cores[0] else 300))
+            v = core.version("d0")
+            assert v % stride == (7 if core is cores[0] else 300)
+            assert not seen or v > max(seen)  # still increasing within a run
+            seen.add(v)
+    assert not handed[0] & handed[1]
+    # a floor far ahead (the clock moved on) is taken, low bits kept
+    cores[0].add(member(21))
+    cores[0].publish(2_000_000 * stride)
+    assert cores[0].version("d0") == 2_000_000 * stride - stride + 7
