@@ -336,16 +336,17 @@ def test_two_replicas_on_one_clock_never_hand_out_the_same_version() -> None:
     did not give: with version = clock ms + publishes (before), two replicas started 5 ms
     apart handed the same device the same numbers."""
     stride = 1024
+    tags = (7, 300)
     cores = [PeerMapCore(HUB, first_version=1_000_000 * stride + tag, stride=stride)
-             for tag in (7, 300)]
+             for tag in tags]
     handed: list[set[int]] = [set(), set()]
     for step in range(400):
         now_ms = 1_000_000 + step // 3  # several publishes within one millisecond too
-        for core, seen in zip(cores, handed):
+        for core, tag, seen in zip(cores, tags, handed, strict=True):
             core.add(member(step % 20))  # a change: every device of the fleet is pending
-            core.publish(now_ms * stride + (7 if core is cores[0] else 300))
+            core.publish(now_ms * stride + tag)
             v = core.version("d0")
-            assert v % stride == (7 if core is cores[0] else 300)
+            assert v % stride == tag
             assert not seen or v > max(seen)  # still increasing within a run
             seen.add(v)
     assert not handed[0] & handed[1]
