@@ -22,12 +22,11 @@ changes, and deletes the table on `stop`.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
 from typing import Final
 
 from mesh.control import PeerMap
 from mesh.policy import ANY, MESH_PORTS, Ports, nft_matches
-from vpn import NftError, run_nft
+from vpn import NftError, nft_accept, nft_set, run_nft
 
 TABLE: Final = "fleetmesh_dev"
 DEFAULT_MESH: Final = Ports(MESH_PORTS)  # the default --gossip-port
@@ -36,15 +35,6 @@ DEFAULT_MESH: Final = Ports(MESH_PORTS)  # the default --gossip-port
 DeviceFilterError = NftError  # nft could not apply (or remove) the table: one line
 
 
-def _set(name: str, kind: str, addresses: Iterable[str], interval: bool = False) -> str:
-    items = sorted(set(addresses), key=lambda a: ipaddress.ip_network(a, strict=False))
-    flags = " flags interval;" if interval else ""
-    elements = f" elements = {{ {', '.join(items)} }}" if items else ""
-    return f"  set {name} {{ type {kind};{flags}{elements} }}"
-
-
-def _rule(*parts: str) -> str:
-    return "    " + " ".join(part for part in parts if part) + " accept"
 
 
 def ruleset(ifname: str, peermap: PeerMap, mesh: Ports = DEFAULT_MESH) -> str | None:
@@ -65,24 +55,24 @@ def ruleset(ifname: str, peermap: PeerMap, mesh: Ports = DEFAULT_MESH) -> str | 
         groups.setdefault(ports, []).append((p.mesh_ipv4, p.mesh_ipv6))
     q = f'"{ifname}"'
     lines = [f"table inet {TABLE} {{",
-             _set("trusted4", "ipv4_addr", trusted4, interval=True),
-             _set("trusted6", "ipv6_addr", trusted6, interval=True),
-             _set("peers4", "ipv4_addr", (p.mesh_ipv4 for p in peermap.peers)),
-             _set("peers6", "ipv6_addr", (p.mesh_ipv6 for p in peermap.peers))]
+             nft_set("trusted4", "ipv4_addr", trusted4, interval=True),
+             nft_set("trusted6", "ipv6_addr", trusted6, interval=True),
+             nft_set("peers4", "ipv4_addr", (p.mesh_ipv4 for p in peermap.peers)),
+             nft_set("peers6", "ipv6_addr", (p.mesh_ipv6 for p in peermap.peers))]
     body = ["    type filter hook input priority filter; policy accept;",
             f"    iifname != {q} accept",
             "    ct state established,related accept",
             "    ip saddr @trusted4 accept",
             "    ip6 saddr @trusted6 accept"]
-    body += [_rule("ip saddr @peers4", m) for m in nft_matches(mesh, "4")]
-    body += [_rule("ip6 saddr @peers6", m) for m in nft_matches(mesh, "6")]
+    body += [nft_accept("ip saddr @peers4", m) for m in nft_matches(mesh, "4")]
+    body += [nft_accept("ip6 saddr @peers6", m) for m in nft_matches(mesh, "6")]
     for k, (ports, members) in enumerate(sorted(groups.items(), key=lambda g: g[0].text())):
         if not ports.ranges:
             continue  # nothing beyond our own port: the drop below
-        lines += [_set(f"accept{k}_4", "ipv4_addr", (a for a, _ in members)),
-                  _set(f"accept{k}_6", "ipv6_addr", (b for _, b in members))]
-        body += [_rule(f"ip saddr @accept{k}_4", m) for m in nft_matches(ports, "4")]
-        body += [_rule(f"ip6 saddr @accept{k}_6", m) for m in nft_matches(ports, "6")]
+        lines += [nft_set(f"accept{k}_4", "ipv4_addr", (a for a, _ in members)),
+                  nft_set(f"accept{k}_6", "ipv6_addr", (b for _, b in members))]
+        body += [nft_accept(f"ip saddr @accept{k}_4", m) for m in nft_matches(ports, "4")]
+        body += [nft_accept(f"ip6 saddr @accept{k}_6", m) for m in nft_matches(ports, "6")]
     lines += ["  chain input {", *body, "    counter drop", "  }", "}"]
     return f"add table inet {TABLE}\ndelete table inet {TABLE}\n" + "\n".join(lines) + "\n"
 

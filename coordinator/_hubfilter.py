@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Final
 
 from mesh.policy import MESH_PORTS, Ports, nft_matches
-from vpn import NftError, run_nft
+from vpn import NftError, nft_accept, nft_set, run_nft
 
 log = logging.getLogger("fleetmesh.coordinator.hub")
 
@@ -61,17 +61,6 @@ class FilterPeer:
 FilterError = NftError  # nft could not apply (or remove) the table: one line
 
 
-def _elements(addresses: Iterable[str]) -> str:
-    items = sorted(set(addresses), key=ipaddress.ip_address)
-    return f"elements = {{ {', '.join(items)} }}" if items else ""
-
-
-def _set(name: str, kind: str, addresses: Iterable[str]) -> str:
-    return f"  set {name} {{ type {kind}; {_elements(addresses)} }}"
-
-
-def _rule(*parts: str) -> str:
-    return "    " + " ".join(part for part in parts if part) + " accept"
 
 
 def _policy_chain(fleet: str, i: int, members: list[FilterPeer], rules: list[Ports]
@@ -79,16 +68,16 @@ def _policy_chain(fleet: str, i: int, members: list[FilterPeer], rules: list[Por
     """Fleet i's sets and chain under its policy (see the module docstring)."""
     mesh = Ports(MESH_PORTS)
     lines: list[str] = []
-    body = [_rule(f"ip daddr @fleet{i}_4", m) for m in nft_matches(mesh, "4")]
-    body += [_rule(f"ip6 daddr @fleet{i}_6", m) for m in nft_matches(mesh, "6")]
+    body = [nft_accept(f"ip daddr @fleet{i}_4", m) for m in nft_matches(mesh, "4")]
+    body += [nft_accept(f"ip6 daddr @fleet{i}_6", m) for m in nft_matches(mesh, "6")]
     for k, ports in enumerate(rules):
         for side in ("s", "d"):
             on = [p for p in members if f"{k}{side}" in p.sides]
-            lines += [_set(f"f{i}e{k}{side}4", "ipv4_addr", (p.mesh_ipv4 for p in on)),
-                      _set(f"f{i}e{k}{side}6", "ipv6_addr", (p.mesh_ipv6 for p in on))]
-        body += [_rule(f"ip saddr @f{i}e{k}s4 ip daddr @f{i}e{k}d4", m)
+            lines += [nft_set(f"f{i}e{k}{side}4", "ipv4_addr", (p.mesh_ipv4 for p in on)),
+                      nft_set(f"f{i}e{k}{side}6", "ipv6_addr", (p.mesh_ipv6 for p in on))]
+        body += [nft_accept(f"ip saddr @f{i}e{k}s4 ip daddr @f{i}e{k}d4", m)
                  for m in nft_matches(ports, "4")]
-        body += [_rule(f"ip6 saddr @f{i}e{k}s6 ip6 daddr @f{i}e{k}d6", m)
+        body += [nft_accept(f"ip6 saddr @f{i}e{k}s6 ip6 daddr @f{i}e{k}d6", m)
                  for m in nft_matches(ports, "6")]
     return lines + [f"  chain fleet{i} {{", f"    comment \"fleet {_comment(fleet)} (policy)\""] \
         + body + ["  }"]
@@ -112,14 +101,14 @@ def ruleset(ifname: str, hub_ipv4: str, hub_ipv6: str, api_port: int,
     operators = [p for p in peer_list if p.fleet is None]
     q = f'"{ifname}"'
     lines = [f"table inet {TABLE} {{",
-             _set("operators4", "ipv4_addr", (p.mesh_ipv4 for p in operators)),
-             _set("operators6", "ipv6_addr", (p.mesh_ipv6 for p in operators)),
-             _set("devices4", "ipv4_addr", (p.mesh_ipv4 for p in devices)),
-             _set("devices6", "ipv6_addr", (p.mesh_ipv6 for p in devices))]
+             nft_set("operators4", "ipv4_addr", (p.mesh_ipv4 for p in operators)),
+             nft_set("operators6", "ipv6_addr", (p.mesh_ipv6 for p in operators)),
+             nft_set("devices4", "ipv4_addr", (p.mesh_ipv4 for p in devices)),
+             nft_set("devices6", "ipv6_addr", (p.mesh_ipv6 for p in devices))]
     for fleet, i in index.items():
         members = [p for p in devices if p.fleet == fleet]
-        lines += [_set(f"fleet{i}_4", "ipv4_addr", (p.mesh_ipv4 for p in members)),
-                  _set(f"fleet{i}_6", "ipv6_addr", (p.mesh_ipv6 for p in members))]
+        lines += [nft_set(f"fleet{i}_4", "ipv4_addr", (p.mesh_ipv4 for p in members)),
+                  nft_set(f"fleet{i}_6", "ipv6_addr", (p.mesh_ipv6 for p in members))]
     for family, kind in (("4", "ipv4_addr"), ("6", "ipv6_addr")):
         entries = sorted(((p.mesh_ipv4 if family == "4" else p.mesh_ipv6), index[p.fleet])
                          for p in devices if p.fleet is not None)

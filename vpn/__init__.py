@@ -44,7 +44,7 @@ from ._model import (
     PeerConfig,
     PeerStatus,
 )
-from ._nft import NftError, run_nft
+from ._nft import NftError, nft_accept, nft_set, run_nft
 from ._reconcile import (
     AddPeer,
     Change,
@@ -64,6 +64,8 @@ from ._wgquick import QuickPeer, export_wg_quick
 
 __all__ = [
     "NftError",
+    "nft_accept",
+    "nft_set",
     "run_nft",
     "DEFAULT_MTU",
     "iproute",
