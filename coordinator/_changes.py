@@ -239,7 +239,7 @@ class ChangeFeed:
             return
         except Exception as exc:  # noqa: BLE001 - the feed must outlive a store outage
             log.warning("change feed: applying a change failed (%s); reloading everything "
-                        "once the store answers", _first_line(exc))
+                        "once the store answers", first_line(exc))
         pause = RECONNECT_MIN
         while True:
             await trio.sleep(pause)
@@ -286,7 +286,7 @@ class ChangeFeed:
                     post(_Leading(False))
                 if not lost:
                     log.warning("change feed: lost the database connection (%s); reconnecting",
-                                _first_line(exc))
+                                first_line(exc))
                     lost = True
                 self._stop.wait(pause)
                 pause = min(RECONNECT_MAX, pause * 2)
@@ -305,6 +305,7 @@ def partial_thread(fn: Callable[[], None], stop: threading.Event
     return run
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception as one line (libpq's messages run over several)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

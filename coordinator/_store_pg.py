@@ -21,7 +21,7 @@ from typing import Any, Final
 import psycopg
 from psycopg import conninfo, errors
 
-from ._changes import CHANNEL, Change, Kind
+from ._changes import CHANNEL, Change, Kind, first_line
 from ._model import Conflict, StoreUnavailable
 from ._secrets import new_id
 from ._store_sql import SqlStore, Tx
@@ -71,7 +71,7 @@ def describe(url: str) -> str:
     try:
         params = conninfo.conninfo_to_dict(url)
     except psycopg.Error as exc:
-        raise ValueError(f"--store: not a PostgreSQL URL: {_first_line(exc)}") from None
+        raise ValueError(f"--store: not a PostgreSQL URL: {first_line(exc)}") from None
     if not str(params.get("port") or "0").isdigit():
         raise ValueError(f"--store: not a PostgreSQL URL: port {params['port']!r} is not a "
                          "number")
@@ -79,11 +79,6 @@ def describe(url: str) -> str:
     port = f":{params['port']}" if params.get("port") else ""
     user = f"{params['user']}@" if params.get("user") else ""
     return f"postgresql://{user}{host}{port}/{params.get('dbname') or ''}"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class _PgTx:
@@ -115,13 +110,13 @@ class PostgresStore(SqlStore):
         try:
             self._conn = self._connect()
         except psycopg.OperationalError as exc:
-            raise ValueError(f"--store: cannot reach {self.where}: {_first_line(exc)}"
+            raise ValueError(f"--store: cannot reach {self.where}: {first_line(exc)}"
                              ) from None
         try:
             self._open(self.where, mesh_ipv4, mesh_ipv6)
         except psycopg.Error as exc:  # e.g. a user that may not create tables there
             self._conn.close()
-            raise ValueError(f"--store: {self.where}: {_first_line(exc)}") from None
+            raise ValueError(f"--store: {self.where}: {first_line(exc)}") from None
         except BaseException:
             self._conn.close()
             raise
@@ -164,7 +159,7 @@ class PostgresStore(SqlStore):
                     raise
                 return self._connection().execute(sql, args)
         except psycopg.OperationalError as exc:
-            raise StoreUnavailable(f"database unavailable: {_first_line(exc)}") from None
+            raise StoreUnavailable(f"database unavailable: {first_line(exc)}") from None
 
     def _dialect(self, statement: str) -> str:
         return pg_dialect(statement)
@@ -187,9 +182,9 @@ class PostgresStore(SqlStore):
                     raise
                 conn.execute("COMMIT")
             except errors.UniqueViolation as exc:
-                raise Conflict(f"already exists ({_first_line(exc)})") from None
+                raise Conflict(f"already exists ({first_line(exc)})") from None
             except psycopg.OperationalError as exc:
-                raise StoreUnavailable(f"database unavailable: {_first_line(exc)}") from None
+                raise StoreUnavailable(f"database unavailable: {first_line(exc)}") from None
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         with self._lock:
@@ -197,7 +192,7 @@ class PostgresStore(SqlStore):
             try:
                 return cur.fetchall()
             except psycopg.OperationalError as exc:
-                raise StoreUnavailable(f"database unavailable: {_first_line(exc)}") from None
+                raise StoreUnavailable(f"database unavailable: {first_line(exc)}") from None
 
     def close(self) -> None:
         with self._lock:

@@ -203,11 +203,16 @@ print("stopped", TABLE in tables(), f.installed)
                                            "stopped False False"]
 
 
-def test_device_filter_without_a_policy_never_runs_nft() -> None:
+def test_device_filter_without_a_policy_never_runs_nft(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr("agent._devfilter.run_nft", calls.append)
     f = DeviceFilter("fmmesh0")
     f.apply(peermap(entry(1, None)))  # no ports: nothing to install, nothing to remove
     f.stop()
     assert not f.installed
+    assert calls == []
+    f.apply(peermap(entry(1, ANY)))  # the check itself sees a call when there is one
+    assert len(calls) == 1
 
 
 def test_fleetmesh_own_port_is_the_agents_gossip_port() -> None:
